@@ -1,0 +1,274 @@
+//! The event, its canonical encoding (RFC 8785) and its hash.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::id::{Digest, EventId, Origin, RunId};
+use crate::timestamp::Timestamp;
+
+/// A JSON object: the payload of an event.
+pub type Payload = Map<String, Value>;
+
+/// Abstract cost attributes of one transition (I-005). Absent means zero.
+///
+/// Every figure is a whole number no larger than 2^53 - 1, so JSON carries it exactly.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cost {
+    /// Wall-clock time spent, in microseconds.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub wall_time_us: u64,
+    /// Model input tokens.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tokens_in: u64,
+    /// Model output tokens.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tokens_out: u64,
+    /// Tool calls made.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tool_calls: u64,
+    /// Bytes read or written.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes: u64,
+    /// Credits, in millionths.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub credits_micro: u64,
+    /// Risk points, as the policy scores them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub risk: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl Cost {
+    /// Each attribute with its name, in a fixed order.
+    pub fn fields(&self) -> [(&'static str, u64); 7] {
+        [
+            ("wall_time_us", self.wall_time_us),
+            ("tokens_in", self.tokens_in),
+            ("tokens_out", self.tokens_out),
+            ("tool_calls", self.tool_calls),
+            ("bytes", self.bytes),
+            ("credits_micro", self.credits_micro),
+            ("risk", self.risk),
+        ]
+    }
+
+    /// The attribute-wise sum, saturating (a sum is a report, never a hash input).
+    pub fn saturating_add(&self, o: &Cost) -> Cost {
+        Cost {
+            wall_time_us: self.wall_time_us.saturating_add(o.wall_time_us),
+            tokens_in: self.tokens_in.saturating_add(o.tokens_in),
+            tokens_out: self.tokens_out.saturating_add(o.tokens_out),
+            tool_calls: self.tool_calls.saturating_add(o.tool_calls),
+            bytes: self.bytes.saturating_add(o.bytes),
+            credits_micro: self.credits_micro.saturating_add(o.credits_micro),
+            risk: self.risk.saturating_add(o.risk),
+        }
+    }
+}
+
+/// A recorded fact. Every field but `hash` is covered by `hash`.
+///
+/// `event_type` stays a string here so that an unknown name reaches the validator and is
+/// rejected there, by the taxonomy rule, with its name in the error.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    /// The run it belongs to.
+    pub run_id: RunId,
+    /// Its position in the run: 0, 1, 2, … with no gaps.
+    pub run_seq: u64,
+    /// A name from the closed taxonomy.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Who caused it.
+    pub origin: Origin,
+    /// When it was recorded (UTC); non-decreasing within a run.
+    pub at: Timestamp,
+    /// Declared purpose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intent: Option<String>,
+    /// Id of the grant, decision or approval that allowed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+    /// Type-specific data.
+    pub payload: Payload,
+    /// Earlier events that caused it.
+    pub causes: Vec<EventId>,
+    /// Cost attributes of this transition.
+    pub cost: Cost,
+    /// Hash of the previous event of the run; [`Digest::GENESIS`] for `run_seq` 0.
+    pub prev: Digest,
+    /// SHA-256 of the canonical encoding of every other field.
+    pub hash: Digest,
+}
+
+/// Every field of an event but `hash`: what the hash covers. Field names match [`Event`].
+#[derive(Serialize)]
+struct Unhashed<'a> {
+    run_id: &'a RunId,
+    run_seq: u64,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    origin: &'a Origin,
+    at: &'a Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    intent: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    authority: &'a Option<String>,
+    payload: &'a Payload,
+    causes: &'a [EventId],
+    cost: &'a Cost,
+    prev: &'a Digest,
+}
+
+/// Every field of an event but `hash`, owned; the stored form of an event.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnhashedOwned {
+    run_id: RunId,
+    run_seq: u64,
+    #[serde(rename = "type")]
+    event_type: String,
+    origin: Origin,
+    at: Timestamp,
+    #[serde(default)]
+    intent: Option<String>,
+    #[serde(default)]
+    authority: Option<String>,
+    payload: Payload,
+    causes: Vec<EventId>,
+    cost: Cost,
+    prev: Digest,
+}
+
+impl Event {
+    /// The event's id, `run_id:run_seq`.
+    pub fn id(&self) -> EventId {
+        EventId::new(self.run_id.clone(), self.run_seq)
+    }
+
+    /// The RFC 8785 canonical encoding of every field but `hash`: the bytes the hash covers.
+    pub fn canonical_body(&self) -> Vec<u8> {
+        let view = Unhashed {
+            run_id: &self.run_id,
+            run_seq: self.run_seq,
+            event_type: &self.event_type,
+            origin: &self.origin,
+            at: &self.at,
+            intent: &self.intent,
+            authority: &self.authority,
+            payload: &self.payload,
+            causes: &self.causes,
+            cost: &self.cost,
+            prev: &self.prev,
+        };
+        // Serialising these types cannot fail: every map key is a string and no Serialize impl
+        // here returns an error. An empty vector would fail every later hash check loudly.
+        serde_jcs::to_vec(&view).unwrap_or_default()
+    }
+
+    /// SHA-256 of [`Event::canonical_body`].
+    pub fn compute_hash(&self) -> Digest {
+        Digest::of(&self.canonical_body())
+    }
+
+    /// The canonical encoding of the whole event, `hash` included (for export and test vectors).
+    pub fn canonical_json(&self) -> Vec<u8> {
+        serde_jcs::to_vec(self).unwrap_or_default()
+    }
+
+    /// Rebuild an event from its stored body (the canonical encoding without `hash`) and hash.
+    /// This parses only; the caller checks (see [`crate::validate`]).
+    pub fn from_body(body: &[u8], hash: Digest) -> Result<Event, serde_json::Error> {
+        let u: UnhashedOwned = serde_json::from_slice(body)?;
+        Ok(Event {
+            run_id: u.run_id,
+            run_seq: u.run_seq,
+            event_type: u.event_type,
+            origin: u.origin,
+            at: u.at,
+            intent: u.intent,
+            authority: u.authority,
+            payload: u.payload,
+            causes: u.causes,
+            cost: u.cost,
+            prev: u.prev,
+            hash,
+        })
+    }
+}
+
+/// An event before the runtime places it in a run: no `run_seq`, `at`, `prev` or `hash` yet.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Draft {
+    /// A name from the taxonomy (checked when sealed).
+    pub event_type: String,
+    /// Who causes it.
+    pub origin: Origin,
+    /// Declared purpose.
+    pub intent: Option<String>,
+    /// The grant, decision or approval that allows it.
+    pub authority: Option<String>,
+    /// Type-specific data.
+    pub payload: Payload,
+    /// Earlier events that caused it.
+    pub causes: Vec<EventId>,
+    /// Cost attributes.
+    pub cost: Cost,
+}
+
+impl Draft {
+    /// A draft with an empty payload, no intent, authority, causes or cost.
+    pub fn new(event_type: impl Into<String>, origin: Origin) -> Draft {
+        Draft {
+            event_type: event_type.into(),
+            origin,
+            intent: None,
+            authority: None,
+            payload: Payload::new(),
+            causes: Vec::new(),
+            cost: Cost::default(),
+        }
+    }
+
+    /// Set the intent.
+    pub fn intent(mut self, intent: impl Into<String>) -> Draft {
+        self.intent = Some(intent.into());
+        self
+    }
+
+    /// Set the authority.
+    pub fn authority(mut self, authority: impl Into<String>) -> Draft {
+        self.authority = Some(authority.into());
+        self
+    }
+
+    /// Set the payload from a JSON value; anything but an object becomes `{"value": v}`.
+    pub fn payload(mut self, payload: Value) -> Draft {
+        self.payload = match payload {
+            Value::Object(m) => m,
+            other => {
+                let mut m = Payload::new();
+                m.insert("value".into(), other);
+                m
+            }
+        };
+        self
+    }
+
+    /// Add a cause.
+    pub fn cause(mut self, id: EventId) -> Draft {
+        self.causes.push(id);
+        self
+    }
+
+    /// Set the cost.
+    pub fn cost(mut self, cost: Cost) -> Draft {
+        self.cost = cost;
+        self
+    }
+}

@@ -1,0 +1,271 @@
+//! Identifiers: run ids, event ids, origins and SHA-256 digests.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::limits::{MAX_ID_LEN, MAX_SAFE_INTEGER};
+
+/// A SHA-256 digest. Serialised as 64 lowercase hex characters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// The `prev` of every run's first event (`run_seq` 0): 32 zero bytes.
+    pub const GENESIS: Digest = Digest([0u8; 32]);
+
+    /// SHA-256 of `bytes`.
+    pub fn of(bytes: &[u8]) -> Digest {
+        use sha2::Digest as _;
+        Digest(sha2::Sha256::digest(bytes).into())
+    }
+
+    /// Lowercase hex form.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parse exactly 64 lowercase hex characters.
+    pub fn from_hex(s: &str) -> Result<Digest, String> {
+        if s.len() != 64
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(format!("expected 64 lowercase hex characters, got {s:?}"));
+        }
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).map_err(|e| e.to_string())?;
+        Ok(Digest(out))
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", self.to_hex())
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl Serialize for Digest {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Digest::from_hex(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// The id of a run: 1 to 128 characters of `[A-Za-z0-9._-]`.
+///
+/// The character set keeps `run_id:run_seq` unambiguous and ids safe in paths and URLs.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RunId(String);
+
+impl RunId {
+    /// Check and wrap a run id.
+    pub fn new(s: impl Into<String>) -> Result<RunId, String> {
+        let s = s.into();
+        if s.is_empty() || s.len() > MAX_ID_LEN {
+            return Err(format!(
+                "run id must be 1 to {MAX_ID_LEN} characters, got {}",
+                s.len()
+            ));
+        }
+        if let Some(c) = s.chars().find(|c| !is_id_char(*c)) {
+            return Err(format!(
+                "run id {s:?} contains {c:?}; allowed are A-Z a-z 0-9 . _ -"
+            ));
+        }
+        Ok(RunId(s))
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RunId({})", self.0)
+    }
+}
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for RunId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RunId::new(s)
+    }
+}
+
+impl Serialize for RunId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for RunId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        RunId::new(s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The id of an event: `run_id:run_seq`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventId {
+    /// The run the event belongs to.
+    pub run_id: RunId,
+    /// Its position in that run.
+    pub run_seq: u64,
+}
+
+impl EventId {
+    /// Build an event id.
+    pub fn new(run_id: RunId, run_seq: u64) -> EventId {
+        EventId { run_id, run_seq }
+    }
+}
+
+impl fmt::Debug for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EventId({self})")
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.run_id, self.run_seq)
+    }
+}
+
+impl FromStr for EventId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (run, seq) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("event id {s:?} is not of the form RUN_ID:RUN_SEQ"))?;
+        let run_id = RunId::new(run)?;
+        if seq.is_empty()
+            || !seq.bytes().all(|b| b.is_ascii_digit())
+            || (seq.len() > 1 && seq.starts_with('0'))
+        {
+            return Err(format!(
+                "event id {s:?}: run_seq {seq:?} is not a plain decimal number"
+            ));
+        }
+        let run_seq: u64 = seq
+            .parse()
+            .map_err(|_| format!("event id {s:?}: run_seq out of range"))?;
+        if run_seq > MAX_SAFE_INTEGER {
+            return Err(format!("event id {s:?}: run_seq exceeds 2^53-1"));
+        }
+        Ok(EventId { run_id, run_seq })
+    }
+}
+
+impl Serialize for EventId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for EventId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Who caused an event: the runtime, an agent, or a human operator.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Origin {
+    /// ICE itself.
+    Runtime,
+    /// An agent (LLM-driven or scripted), by its id.
+    Agent(String),
+    /// A human principal, by its id.
+    Operator(String),
+}
+
+impl fmt::Debug for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Origin({self})")
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Runtime => f.write_str("runtime"),
+            Origin::Agent(id) => write!(f, "agent:{id}"),
+            Origin::Operator(id) => write!(f, "operator:{id}"),
+        }
+    }
+}
+
+fn check_principal(kind: &str, id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(format!("{kind} id must be 1 to {MAX_ID_LEN} characters"));
+    }
+    if let Some(c) = id.chars().find(|c| !(is_id_char(*c) || *c == '@')) {
+        return Err(format!(
+            "{kind} id {id:?} contains {c:?}; allowed are A-Z a-z 0-9 . _ - @"
+        ));
+    }
+    Ok(())
+}
+
+impl FromStr for Origin {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "runtime" {
+            return Ok(Origin::Runtime);
+        }
+        if let Some(id) = s.strip_prefix("agent:") {
+            check_principal("agent", id)?;
+            return Ok(Origin::Agent(id.to_string()));
+        }
+        if let Some(id) = s.strip_prefix("operator:") {
+            check_principal("operator", id)?;
+            return Ok(Origin::Operator(id.to_string()));
+        }
+        Err(format!(
+            "origin {s:?} is not `runtime`, `agent:<id>` or `operator:<id>`"
+        ))
+    }
+}
+
+impl Serialize for Origin {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Origin {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}

@@ -1,0 +1,129 @@
+//! Projections: state as a pure fold of events. Nothing here is a source of truth;
+//! each projection can be rebuilt from the log and must equal the live one.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Cost, Event};
+use crate::id::{Digest, RunId};
+use crate::state::RunState;
+use crate::taxonomy::{Category, EventType};
+use crate::timestamp::Timestamp;
+use crate::validate::{RunHead, ValidationError};
+
+/// A fold over events.
+pub trait Projection {
+    /// Take one more event into account.
+    fn apply(&mut self, event: &Event) -> Result<(), ValidationError>;
+}
+
+impl Projection for RunHead {
+    fn apply(&mut self, event: &Event) -> Result<(), ValidationError> {
+        RunHead::apply(self, event)
+    }
+}
+
+/// What an operator wants to know of a run at a glance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// The run.
+    pub run_id: RunId,
+    /// Current state.
+    pub state: RunState,
+    /// Number of events.
+    pub events: u64,
+    /// Time of the first event.
+    pub started_at: Option<Timestamp>,
+    /// Time of the last event.
+    pub last_at: Option<Timestamp>,
+    /// Hash of the last event.
+    pub head: Digest,
+    /// Sum of the events' cost attributes.
+    pub cost: Cost,
+    /// Agent proposals (cognitive events and capability requests).
+    pub proposals: u64,
+    /// Effect events.
+    pub effects: u64,
+    /// Denials (capabilities and approvals).
+    pub denials: u64,
+    /// Events per type.
+    pub by_type: BTreeMap<String, u64>,
+}
+
+impl RunSummary {
+    /// The summary of a run with no events.
+    pub fn new(run_id: RunId) -> RunSummary {
+        RunSummary {
+            run_id,
+            state: RunState::Created,
+            events: 0,
+            started_at: None,
+            last_at: None,
+            head: Digest::GENESIS,
+            cost: Cost::default(),
+            proposals: 0,
+            effects: 0,
+            denials: 0,
+            by_type: BTreeMap::new(),
+        }
+    }
+}
+
+/// A run's head and summary, folded together.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunView {
+    /// The validator's view.
+    pub head: RunHead,
+    /// The operator's view.
+    pub summary: RunSummary,
+}
+
+impl RunView {
+    /// The view of a run with no events.
+    pub fn new(run_id: RunId) -> RunView {
+        RunView {
+            head: RunHead::new(run_id.clone()),
+            summary: RunSummary::new(run_id),
+        }
+    }
+
+    /// Fold a run's events, in order.
+    pub fn fold<'a>(
+        run_id: RunId,
+        events: impl IntoIterator<Item = &'a Event>,
+    ) -> Result<RunView, ValidationError> {
+        let mut v = RunView::new(run_id);
+        for e in events {
+            v.apply(e)?;
+        }
+        Ok(v)
+    }
+}
+
+impl Projection for RunView {
+    fn apply(&mut self, e: &Event) -> Result<(), ValidationError> {
+        self.head.apply(e)?;
+        let s = &mut self.summary;
+        s.state = self.head.state();
+        s.events += 1;
+        s.started_at.get_or_insert(e.at);
+        s.last_at = Some(e.at);
+        s.head = e.hash;
+        s.cost = s.cost.saturating_add(&e.cost);
+        if let Some(t) = EventType::from_name(&e.event_type) {
+            match t.category() {
+                Category::Cognitive | Category::CapabilityRequest => s.proposals += 1,
+                _ => {}
+            }
+            if t.is_effect() {
+                s.effects += 1;
+            }
+            if matches!(t, EventType::CapabilityDenied | EventType::ApprovalDenied) {
+                s.denials += 1;
+            }
+        }
+        *s.by_type.entry(e.event_type.clone()).or_insert(0) += 1;
+        Ok(())
+    }
+}
