@@ -1,1 +1,219 @@
-//! placeholder
+//! # ice-log: ICE's durable, append-only, verifiable event log
+//!
+//! - [`EventLog`]: the interface every backend implements (append a sealed batch of one run at
+//!   an expected position; read a run; scan in log order; the Merkle tree; blobs; checkpoints).
+//! - [`sqlite::SqliteLog`]: the embedded default (one file, WAL, durable group commit).
+//! - [`merkle`]: RFC 6962 tree, proofs; [`checkpoint`]: C2SP signed checkpoints.
+//! - [`ledger::Ledger`]: the library API that writes events through the kernel's validator.
+//! - [`verify`]: streaming verification of a whole log; [`proof`]: offline proof files.
+//!
+//! This crate stores and proves; it never interprets events beyond what verification needs,
+//! and it never reorders them. It accepts only [`SealedBatch`]es, which only the kernel's
+//! validator can make.
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+pub mod clock;
+pub mod ledger;
+pub mod merkle;
+pub mod proof;
+pub mod sqlite;
+pub mod verify;
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use ice_kernel::{Digest, Event, EventId, RunId, SealedBatch};
+
+pub use merkle::NodeId;
+
+/// An event as stored: its global position, the indexed columns and the canonical body.
+///
+/// The columns are copies for indexing; the body and hash are the record. Verification checks
+/// that they agree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// Global position (0-based); also the event's leaf index in the Merkle tree.
+    pub log_seq: u64,
+    /// Run id column.
+    pub run_id: String,
+    /// Run position column.
+    pub run_seq: u64,
+    /// Type column.
+    pub event_type: String,
+    /// Hash column.
+    pub hash: Vec<u8>,
+    /// Canonical encoding of the event without its hash.
+    pub body: Vec<u8>,
+}
+
+impl StoredEvent {
+    /// Parse the stored record into an event (no validation).
+    pub fn event(&self) -> Result<Event, LogError> {
+        let hash: [u8; 32] = self
+            .hash
+            .as_slice()
+            .try_into()
+            .map_err(|_| LogError::Corrupt {
+                what: format!(
+                    "event at log_seq {}: hash column is {} bytes, not 32",
+                    self.log_seq,
+                    self.hash.len()
+                ),
+            })?;
+        Event::from_body(&self.body, Digest(hash)).map_err(|e| LogError::Corrupt {
+            what: format!(
+                "event at log_seq {}: body does not parse: {e}",
+                self.log_seq
+            ),
+        })
+    }
+}
+
+/// What a successful append returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppendReceipt {
+    /// Global position of the first event appended.
+    pub first_log_seq: u64,
+    /// Number of events appended.
+    pub count: u64,
+    /// Size of the log after the append.
+    pub tree_size: u64,
+}
+
+/// A checkpoint note as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredCheckpoint {
+    /// Tree size it covers.
+    pub size: u64,
+    /// The signed note.
+    pub note: String,
+}
+
+/// Errors of the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogError {
+    /// Someone else appended to the run first; nothing was written. Reload the run and retry.
+    #[error(
+        "conflict on run {run_id}: the batch expected to start at run_seq {expected} after {expected_prev}, but the run is at run_seq {actual}; nothing was written"
+    )]
+    Conflict {
+        /// The run.
+        run_id: String,
+        /// Where the batch wanted to start.
+        expected: u64,
+        /// The `prev` the batch assumed.
+        expected_prev: Digest,
+        /// Where the run actually is (its number of events).
+        actual: u64,
+    },
+    /// The store is not an ICE log, or of an unknown format.
+    #[error("{path}: not an ICE log: {reason}")]
+    NotALog {
+        /// The store.
+        path: String,
+        /// Why not.
+        reason: String,
+    },
+    /// Stored data is damaged.
+    #[error("log is corrupt: {what}")]
+    Corrupt {
+        /// What is damaged.
+        what: String,
+    },
+    /// The storage engine failed.
+    #[error("{context}: {message}")]
+    Storage {
+        /// What ICE was doing.
+        context: String,
+        /// The engine's message.
+        message: String,
+    },
+    /// A request is out of range or malformed.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The log was opened read-only.
+    #[error("the log is open read-only")]
+    ReadOnly,
+    /// The writer has stopped.
+    #[error("the log writer has stopped")]
+    Closed,
+}
+
+/// The interface of every log backend.
+///
+/// Backends store exactly what they are given, in the order they accept it, and never modify
+/// or delete it. A run has one writer at a time: [`EventLog::append`] succeeds only if the run
+/// ends exactly where the batch begins (`first_seq` and `prev`), so a conflicting append fails
+/// and the chain never forks.
+#[async_trait]
+pub trait EventLog: Send + Sync {
+    /// Append a sealed batch of one run, atomically and durably.
+    async fn append(&self, batch: SealedBatch) -> Result<AppendReceipt, LogError>;
+    /// Events of a run from `from_seq`, at most `limit`, in run order.
+    async fn read_run(
+        &self,
+        run_id: &RunId,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, LogError>;
+    /// Events from global position `from_log_seq`, at most `limit`, in log order.
+    async fn scan(&self, from_log_seq: u64, limit: usize) -> Result<Vec<StoredEvent>, LogError>;
+    /// One event by id.
+    async fn get(&self, id: &EventId) -> Result<Option<StoredEvent>, LogError>;
+    /// Number of events in the log (= Merkle tree size).
+    async fn size(&self) -> Result<u64, LogError>;
+    /// Run ids, in order of first appearance, from the `offset`-th, at most `limit`.
+    async fn runs(&self, offset: u64, limit: usize) -> Result<Vec<RunId>, LogError>;
+    /// Which of `ids` exist.
+    async fn existing(&self, ids: &[EventId]) -> Result<HashSet<EventId>, LogError>;
+    /// A blob's bytes.
+    async fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, LogError>;
+    /// Stored perfect-subtree hashes (missing ones are errors).
+    async fn nodes(&self, ids: &[NodeId]) -> Result<Vec<Digest>, LogError>;
+    /// Stored tree nodes in the order they were completed (by last leaf, then level), starting
+    /// with those completed by leaf `from_leaf`, at most `limit`.
+    async fn scan_nodes(
+        &self,
+        from_leaf: u64,
+        limit: usize,
+    ) -> Result<Vec<(NodeId, Vec<u8>)>, LogError>;
+    /// Store a signed checkpoint (its size must not exceed the log).
+    async fn add_checkpoint(&self, checkpoint: StoredCheckpoint) -> Result<(), LogError>;
+    /// Every stored checkpoint, by size.
+    async fn checkpoints(&self) -> Result<Vec<StoredCheckpoint>, LogError>;
+}
+
+/// The root of the first `size` events.
+pub async fn root_at(log: &dyn EventLog, size: u64) -> Result<Digest, LogError> {
+    let ids = merkle::range_nodes(0, size);
+    let hashes = log.nodes(&ids).await?;
+    let mut map: std::collections::HashMap<NodeId, Digest> = ids.into_iter().zip(hashes).collect();
+    merkle::root_at(
+        &mut |id: NodeId| map.remove(&id).ok_or_else(|| format!("{id:?}")),
+        size,
+    )
+    .map_err(|e| LogError::Corrupt {
+        what: format!("tree node missing: {e}"),
+    })
+}
+
+/// Hashes of the given ranges (for proofs), fetched in one call.
+pub async fn range_hashes(
+    log: &dyn EventLog,
+    ranges: &[(u64, u64)],
+) -> Result<Vec<Digest>, LogError> {
+    let ids: Vec<NodeId> = ranges
+        .iter()
+        .flat_map(|&(lo, hi)| merkle::range_nodes(lo, hi))
+        .collect();
+    let hashes = log.nodes(&ids).await?;
+    let map: std::collections::HashMap<NodeId, Digest> = ids.into_iter().zip(hashes).collect();
+    merkle::hashes_of(
+        &mut |id: NodeId| map.get(&id).copied().ok_or_else(|| format!("{id:?}")),
+        ranges,
+    )
+    .map_err(|e| LogError::Corrupt {
+        what: format!("tree node missing: {e}"),
+    })
+}

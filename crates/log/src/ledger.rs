@@ -1,0 +1,164 @@
+//! The library API that writes events through the kernel's validator.
+//!
+//! A [`Ledger`] keeps each run's [`RunHead`] (a fold of its events), looks up causes in other
+//! runs, takes the time from an injected clock, lets the kernel seal the drafts, and appends
+//! the sealed batch at the run's expected position. If another writer got there first the
+//! append fails with [`LogError::Conflict`], the cached head is dropped, and nothing was written.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use ice_kernel::{
+    Clock, Draft, EventId, RunHead, RunId, RunView, SealedBatch, Timestamp, ValidationError,
+};
+
+use crate::{AppendReceipt, EventLog, LogError, StoredEvent};
+
+/// Most run heads a ledger keeps in memory; past this the cache starts over (heads reload
+/// from the log on demand, so this bounds memory, not correctness).
+const MAX_CACHED_HEADS: usize = 10_000;
+/// Page size when folding a run from the log.
+const PAGE: usize = 4096;
+
+/// Why an append through the ledger failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AppendError {
+    /// The validator rejected draft number `index` of the batch; nothing was appended.
+    #[error("event {index} of the batch rejected: {error}")]
+    Rejected {
+        /// Position of the rejected draft in the batch.
+        index: usize,
+        /// Which rule it broke.
+        error: ValidationError,
+    },
+    /// The log failed or refused (a conflict included); nothing was appended.
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// Writes events through the validator into an [`EventLog`].
+pub struct Ledger {
+    log: Arc<dyn EventLog>,
+    clock: Arc<dyn Clock>,
+    heads: Mutex<HashMap<RunId, RunHead>>,
+}
+
+impl Ledger {
+    /// A ledger over `log`, taking times from `clock`.
+    pub fn new(log: Arc<dyn EventLog>, clock: Arc<dyn Clock>) -> Ledger {
+        Ledger {
+            log,
+            clock,
+            heads: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The log.
+    pub fn log(&self) -> &Arc<dyn EventLog> {
+        &self.log
+    }
+
+    /// The head of a run, from the cache or folded from the log.
+    pub async fn head(&self, run_id: &RunId) -> Result<RunHead, LogError> {
+        if let Some(h) = self.heads.lock().ok().and_then(|m| m.get(run_id).cloned()) {
+            return Ok(h);
+        }
+        let view = fold_run(self.log.as_ref(), run_id).await?;
+        self.remember(view.head.clone());
+        Ok(view.head)
+    }
+
+    fn remember(&self, head: RunHead) {
+        if let Ok(mut m) = self.heads.lock() {
+            if m.len() >= MAX_CACHED_HEADS && !m.contains_key(&head.run_id) {
+                m.clear();
+            }
+            m.insert(head.run_id.clone(), head);
+        }
+    }
+
+    fn forget(&self, run_id: &RunId) {
+        if let Ok(mut m) = self.heads.lock() {
+            m.remove(run_id);
+        }
+    }
+
+    /// Validate, seal and append `drafts` to the end of run `run_id`, atomically.
+    pub async fn append(
+        &self,
+        run_id: &RunId,
+        drafts: Vec<Draft>,
+    ) -> Result<(AppendReceipt, SealedBatch), AppendError> {
+        let mut head = self.head(run_id).await?;
+        let others: Vec<EventId> = drafts
+            .iter()
+            .flat_map(|d| d.causes.iter())
+            .filter(|c| &c.run_id != run_id)
+            .cloned()
+            .collect();
+        let index: HashSet<EventId> = if others.is_empty() {
+            HashSet::new()
+        } else {
+            self.log.existing(&others).await?
+        };
+        // Time within a run never goes back, even if the system clock does.
+        let now = self.clock.now();
+        let at: Timestamp = match head.last_at {
+            Some(last) if last > now => last,
+            _ => now,
+        };
+        let batch = head
+            .seal_batch(drafts, at, &index)
+            .map_err(|(index, error)| AppendError::Rejected { index, error })?;
+        match self.log.append(batch.clone()).await {
+            Ok(receipt) => {
+                self.remember(head);
+                Ok((receipt, batch))
+            }
+            Err(e) => {
+                self.forget(run_id);
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// Fold a run's events from the log into its head and summary.
+pub async fn fold_run(log: &dyn EventLog, run_id: &RunId) -> Result<RunView, LogError> {
+    let mut view = RunView::new(run_id.clone());
+    let mut from = 0u64;
+    loop {
+        let page = log.read_run(run_id, from, PAGE).await?;
+        let n = page.len();
+        for s in &page {
+            let e = s.event()?;
+            ice_kernel::Projection::apply(&mut view, &e).map_err(|err| LogError::Corrupt {
+                what: format!(
+                    "event {} does not follow its run's law: {err}; run `ice verify`",
+                    e.id()
+                ),
+            })?;
+        }
+        if n < PAGE {
+            return Ok(view);
+        }
+        from += n as u64;
+    }
+}
+
+/// Read all of a run's events (bounded by the run's length; use [`EventLog::read_run`] pages
+/// for very long runs).
+pub async fn read_whole_run(
+    log: &dyn EventLog,
+    run_id: &RunId,
+) -> Result<Vec<StoredEvent>, LogError> {
+    let mut out = Vec::new();
+    loop {
+        let page = log.read_run(run_id, out.len() as u64, PAGE).await?;
+        let n = page.len();
+        out.extend(page);
+        if n < PAGE {
+            return Ok(out);
+        }
+    }
+}

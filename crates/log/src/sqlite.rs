@@ -1,0 +1,756 @@
+//! The embedded backend: one SQLite file, WAL journal, `synchronous=FULL` (a commit returns only
+//! once it is on disk), and a single writer thread that commits concurrent appends as a group,
+//! so many appenders share one sync.
+//!
+//! Tables: `events` (the record: position, indexed columns, hash, canonical body), `tree`
+//! (every complete perfect Merkle subtree, keyed by the leaf that completed it), `blobs`
+//! (content-addressed payload fields), `checkpoints` (signed notes), `meta` (format). Triggers
+//! refuse UPDATE and DELETE on the record tables: the file is append-only even to a careless
+//! tool, and `verify` detects what a deliberate one does.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use ice_kernel::blob::blob_refs;
+use ice_kernel::{Digest, EventId, RunId, SealedBatch};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use tokio::sync::oneshot;
+
+use crate::merkle::{Frontier, NodeId, leaf_hash};
+use crate::{AppendReceipt, EventLog, LogError, StoredCheckpoint, StoredEvent};
+
+/// The format this code writes and reads.
+pub const FORMAT: &str = "ice-log/1";
+/// Most append requests committed in one group.
+pub const MAX_GROUP_REQUESTS: usize = 1024;
+/// Most rows one read returns.
+pub const MAX_READ_ROWS: usize = 100_000;
+/// Most queued write requests before appenders wait (back-pressure, not unbounded memory).
+const WRITE_QUEUE: usize = 4096;
+
+const SCHEMA: &str = "
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE events(
+  log_seq INTEGER PRIMARY KEY,
+  run_id TEXT NOT NULL,
+  run_seq INTEGER NOT NULL,
+  type TEXT NOT NULL,
+  hash BLOB NOT NULL,
+  body BLOB NOT NULL,
+  UNIQUE(run_id, run_seq)
+);
+CREATE INDEX events_run_start ON events(log_seq) WHERE run_seq = 0;
+CREATE TABLE tree(leaf_end INTEGER NOT NULL, level INTEGER NOT NULL, hash BLOB NOT NULL,
+  PRIMARY KEY(leaf_end, level)) WITHOUT ROWID;
+CREATE TABLE blobs(digest BLOB PRIMARY KEY, bytes BLOB NOT NULL);
+CREATE TABLE checkpoints(size INTEGER PRIMARY KEY, note TEXT NOT NULL);
+CREATE TRIGGER events_no_update BEFORE UPDATE ON events BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+CREATE TRIGGER events_no_delete BEFORE DELETE ON events BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+CREATE TRIGGER tree_no_update BEFORE UPDATE ON tree BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+CREATE TRIGGER tree_no_delete BEFORE DELETE ON tree BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+CREATE TRIGGER blobs_no_update BEFORE UPDATE ON blobs BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+CREATE TRIGGER blobs_no_delete BEFORE DELETE ON blobs BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+CREATE TRIGGER checkpoints_no_update BEFORE UPDATE ON checkpoints BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+CREATE TRIGGER checkpoints_no_delete BEFORE DELETE ON checkpoints BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+";
+
+/// How to open a log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Reads only; nothing in the file can change.
+    ReadOnly,
+    /// Reads and appends.
+    ReadWrite,
+}
+
+fn storage(context: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> LogError {
+    let context = context.into();
+    move |e| LogError::Storage {
+        context,
+        message: e.to_string(),
+    }
+}
+
+enum WriteReq {
+    Append(
+        SealedBatch,
+        oneshot::Sender<Result<AppendReceipt, LogError>>,
+    ),
+    Checkpoint(StoredCheckpoint, oneshot::Sender<Result<(), LogError>>),
+}
+
+/// The embedded SQLite log.
+pub struct SqliteLog {
+    path: PathBuf,
+    writer: Option<mpsc::SyncSender<WriteReq>>,
+    writer_thread: Option<JoinHandle<()>>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+}
+
+fn apply_write_pragmas(conn: &Connection, path: &Path) -> Result<(), LogError> {
+    let ctx = || format!("configuring {}", path.display());
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(|e| not_a_log(path, e, ctx()))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(LogError::Storage {
+            context: ctx(),
+            message: format!("journal_mode is {mode}, not wal"),
+        });
+    }
+    conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA busy_timeout=10000;")
+        .map_err(storage(ctx()))?;
+    Ok(())
+}
+
+fn not_a_log(path: &Path, e: rusqlite::Error, _ctx: String) -> LogError {
+    LogError::NotALog {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn check_format(conn: &Connection, path: &Path) -> Result<(), LogError> {
+    let v: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key='format'", [], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(|e| not_a_log(path, e, String::new()))?;
+    match v {
+        Some(f) if f == FORMAT => Ok(()),
+        Some(f) => Err(LogError::NotALog {
+            path: path.display().to_string(),
+            reason: format!("format {f:?}; this ice reads {FORMAT:?}"),
+        }),
+        None => Err(LogError::NotALog {
+            path: path.display().to_string(),
+            reason: "no format record".into(),
+        }),
+    }
+}
+
+impl SqliteLog {
+    /// Create a new, empty log file. Fails if the file exists.
+    pub fn create(path: &Path) -> Result<SqliteLog, LogError> {
+        if path.exists() {
+            return Err(LogError::Invalid(format!(
+                "{} already exists",
+                path.display()
+            )));
+        }
+        let mut conn =
+            Connection::open(path).map_err(storage(format!("creating {}", path.display())))?;
+        apply_write_pragmas(&conn, path)?;
+        let tx = conn.transaction().map_err(storage("creating schema"))?;
+        tx.execute_batch(SCHEMA)
+            .map_err(storage("creating schema"))?;
+        tx.execute(
+            "INSERT INTO meta(key, value) VALUES('format', ?1)",
+            [FORMAT],
+        )
+        .map_err(storage("creating schema"))?;
+        tx.execute(
+            "INSERT INTO meta(key, value) VALUES('taxonomy', ?1)",
+            [ice_kernel::TAXONOMY_VERSION.to_string()],
+        )
+        .map_err(storage("creating schema"))?;
+        tx.commit().map_err(storage("creating schema"))?;
+        drop(conn);
+        SqliteLog::open(path, Mode::ReadWrite)
+    }
+
+    /// Open an existing log.
+    pub fn open(path: &Path, mode: Mode) -> Result<SqliteLog, LogError> {
+        if !path.is_file() {
+            return Err(LogError::NotALog {
+                path: path.display().to_string(),
+                reason: "no such file".into(),
+            });
+        }
+        let reader = open_reader(path)?;
+        check_format(&reader, path)?;
+        let (writer, writer_thread) = match mode {
+            Mode::ReadOnly => (None, None),
+            Mode::ReadWrite => {
+                let conn = Connection::open_with_flags(
+                    path,
+                    OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )
+                .map_err(|e| not_a_log(path, e, String::new()))?;
+                apply_write_pragmas(&conn, path)?;
+                let state = WriterState::load(&conn)?;
+                let (tx, rx) = mpsc::sync_channel(WRITE_QUEUE);
+                let handle = std::thread::Builder::new()
+                    .name("ice-log-writer".into())
+                    .spawn(move || writer_loop(conn, rx, state))
+                    .map_err(|e| LogError::Storage {
+                        context: "starting the writer thread".into(),
+                        message: e.to_string(),
+                    })?;
+                (Some(tx), Some(handle))
+            }
+        };
+        Ok(SqliteLog {
+            path: path.to_path_buf(),
+            writer,
+            writer_thread,
+            readers: Arc::new(Mutex::new(vec![reader])),
+        })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, LogError> + Send + 'static,
+    ) -> Result<T, LogError> {
+        let pool = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = pool.lock().ok().and_then(|mut p| p.pop());
+            let conn = match conn {
+                Some(c) => c,
+                None => open_reader(&path)?,
+            };
+            let out = f(&conn);
+            if let Ok(mut p) = pool.lock()
+                && p.len() < 8
+            {
+                p.push(conn);
+            }
+            out
+        })
+        .await
+        .map_err(|e| LogError::Storage {
+            context: "reading the log".into(),
+            message: e.to_string(),
+        })?
+    }
+
+    async fn write<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, LogError>>) -> WriteReq,
+    ) -> Result<T, LogError> {
+        let w = self.writer.as_ref().ok_or(LogError::ReadOnly)?.clone();
+        let (tx, rx) = oneshot::channel();
+        let req = make(tx);
+        // The queue is bounded; waiting for room happens off the async threads.
+        tokio::task::spawn_blocking(move || w.send(req).map_err(|_| LogError::Closed))
+            .await
+            .map_err(|_| LogError::Closed)??;
+        rx.await.map_err(|_| LogError::Closed)?
+    }
+}
+
+impl Drop for SqliteLog {
+    fn drop(&mut self) {
+        self.writer.take();
+        if let Some(h) = self.writer_thread.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn open_reader(path: &Path) -> Result<Connection, LogError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| not_a_log(path, e, String::new()))?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(storage("configuring a reader"))?;
+    Ok(conn)
+}
+
+/// What the writer keeps in memory: the tree's right edge (O(log n) hashes).
+#[derive(Clone)]
+struct WriterState {
+    frontier: Frontier,
+}
+
+impl WriterState {
+    fn load(conn: &Connection) -> Result<WriterState, LogError> {
+        let size: u64 = conn
+            .query_row(
+                "SELECT COALESCE(MAX(log_seq) + 1, 0) FROM events",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(storage("reading the log size"))? as u64;
+        let mut missing = None;
+        let frontier = Frontier::from_nodes(size, |id| match get_node(conn, id) {
+            Ok(Some(h)) => Some(h),
+            _ => {
+                missing = Some(id);
+                None
+            }
+        });
+        match frontier {
+            Some(frontier) => Ok(WriterState { frontier }),
+            None => Err(LogError::Corrupt {
+                what: format!(
+                    "tree node {missing:?} of a log of {size} events is missing; run `ice verify`"
+                ),
+            }),
+        }
+    }
+}
+
+fn get_node(conn: &Connection, id: NodeId) -> Result<Option<Digest>, LogError> {
+    let h: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT hash FROM tree WHERE leaf_end = ?1 AND level = ?2")
+        .and_then(|mut s| {
+            s.query_row(params![id.last_leaf() as i64, id.level], |r| r.get(0))
+                .optional()
+        })
+        .map_err(storage("reading a tree node"))?;
+    match h {
+        None => Ok(None),
+        Some(b) => b
+            .as_slice()
+            .try_into()
+            .map(|a| Some(Digest(a)))
+            .map_err(|_| LogError::Corrupt {
+                what: format!("tree node {id:?} is not 32 bytes"),
+            }),
+    }
+}
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<WriteReq>, mut state: WriterState) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP_REQUESTS {
+            match rx.try_recv() {
+                Ok(r) => group.push(r),
+                Err(_) => break,
+            }
+        }
+        commit_group(&mut conn, &mut state, group);
+    }
+}
+
+enum Reply {
+    Append(
+        oneshot::Sender<Result<AppendReceipt, LogError>>,
+        Result<AppendReceipt, LogError>,
+    ),
+    Checkpoint(oneshot::Sender<Result<(), LogError>>, Result<(), LogError>),
+}
+
+/// One transaction, one sync, for every request in the group. Each request runs in its own
+/// savepoint, so a conflicting batch fails alone and leaves nothing behind.
+fn commit_group(conn: &mut Connection, state: &mut WriterState, group: Vec<WriteReq>) {
+    let saved = state.clone();
+    let mut replies = Vec::with_capacity(group.len());
+    let outcome = (|| -> Result<(), LogError> {
+        let mut tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(storage("beginning a commit"))?;
+        for req in group.into_iter() {
+            match req {
+                WriteReq::Append(batch, reply) => {
+                    let mut sp = tx.savepoint().map_err(storage("beginning an append"))?;
+                    let mut next = state.clone();
+                    let r = append_batch(&sp, &mut next, &batch);
+                    if r.is_ok() {
+                        sp.commit().map_err(storage("finishing an append"))?;
+                        *state = next;
+                    } else {
+                        sp.rollback().map_err(storage("undoing a failed append"))?;
+                    }
+                    replies.push(Reply::Append(reply, r));
+                }
+                WriteReq::Checkpoint(cp, reply) => {
+                    let r = add_checkpoint(&tx, state, &cp);
+                    replies.push(Reply::Checkpoint(reply, r));
+                }
+            }
+        }
+        tx.commit().map_err(storage("committing to disk"))
+    })();
+    if let Err(e) = outcome {
+        // Nothing of the group is on disk: every request fails, and the writer forgets it all.
+        *state = saved;
+        for r in replies {
+            match r {
+                Reply::Append(tx, _) => {
+                    let _ = tx.send(Err(e.clone()));
+                }
+                Reply::Checkpoint(tx, _) => {
+                    let _ = tx.send(Err(e.clone()));
+                }
+            }
+        }
+        return;
+    }
+    for r in replies {
+        match r {
+            Reply::Append(tx, res) => {
+                let _ = tx.send(res);
+            }
+            Reply::Checkpoint(tx, res) => {
+                let _ = tx.send(res);
+            }
+        }
+    }
+}
+
+fn append_batch(
+    conn: &Connection,
+    state: &mut WriterState,
+    batch: &SealedBatch,
+) -> Result<AppendReceipt, LogError> {
+    if batch.is_empty() {
+        return Err(LogError::Invalid("an empty batch".into()));
+    }
+    let run = batch.run_id().as_str();
+    let tip: Option<(i64, Vec<u8>)> = conn
+        .prepare_cached(
+            "SELECT run_seq, hash FROM events WHERE run_id = ?1 ORDER BY run_seq DESC LIMIT 1",
+        )
+        .and_then(|mut s| {
+            s.query_row([run], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
+        .map_err(storage(format!("reading the tip of run {run}")))?;
+    let (actual_next, actual_prev) = match tip {
+        None => (0u64, Digest::GENESIS),
+        Some((seq, h)) => (
+            seq as u64 + 1,
+            Digest(h.as_slice().try_into().map_err(|_| LogError::Corrupt {
+                what: format!("hash of {run}:{seq}"),
+            })?),
+        ),
+    };
+    if batch.first_seq() != actual_next || batch.prev() != actual_prev {
+        return Err(LogError::Conflict {
+            run_id: run.to_string(),
+            expected: batch.first_seq(),
+            expected_prev: batch.prev(),
+            actual: actual_next,
+        });
+    }
+    let mut have: HashSet<Digest> = HashSet::new();
+    {
+        let mut ins = conn
+            .prepare_cached("INSERT OR IGNORE INTO blobs(digest, bytes) VALUES(?1, ?2)")
+            .map_err(storage("storing a blob"))?;
+        for b in batch.blobs() {
+            // Assert in pairs: the digest names the bytes, here as when verified.
+            if Digest::of(&b.bytes) != b.digest {
+                return Err(LogError::Invalid(format!(
+                    "blob {} does not hash to its name",
+                    b.digest
+                )));
+            }
+            ins.execute(params![&b.digest.0[..], &b.bytes])
+                .map_err(storage("storing a blob"))?;
+            have.insert(b.digest);
+        }
+    }
+    let first_log_seq = state.frontier.size();
+    let mut ins_event = conn
+        .prepare_cached("INSERT INTO events(log_seq, run_id, run_seq, type, hash, body) VALUES(?1, ?2, ?3, ?4, ?5, ?6)")
+        .map_err(storage("appending an event"))?;
+    let mut ins_node = conn
+        .prepare_cached("INSERT INTO tree(leaf_end, level, hash) VALUES(?1, ?2, ?3)")
+        .map_err(storage("appending a tree node"))?;
+    for se in batch.events() {
+        let e = se.event();
+        if Digest::of(se.body()) != e.hash {
+            return Err(LogError::Invalid(format!(
+                "event {} does not hash to its hash",
+                e.id()
+            )));
+        }
+        for r in blob_refs(&e.payload).map_err(LogError::Invalid)? {
+            if !have.contains(&r.digest) {
+                let stored: bool = conn
+                    .query_row(
+                        "SELECT 1 FROM blobs WHERE digest = ?1",
+                        [&r.digest.0[..]],
+                        |_| Ok(true),
+                    )
+                    .optional()
+                    .map_err(storage("looking up a blob"))?
+                    .unwrap_or(false);
+                if !stored {
+                    return Err(LogError::Invalid(format!(
+                        "event {} references blob {} that is not stored",
+                        e.id(),
+                        r.digest
+                    )));
+                }
+            }
+        }
+        let log_seq = state.frontier.size();
+        ins_event
+            .execute(params![
+                log_seq as i64,
+                run,
+                e.run_seq as i64,
+                &e.event_type,
+                &e.hash.0[..],
+                se.body()
+            ])
+            .map_err(storage(format!("appending event {}", e.id())))?;
+        for (id, h) in state.frontier.push(leaf_hash(&e.hash.0)) {
+            ins_node
+                .execute(params![id.last_leaf() as i64, id.level, &h.0[..]])
+                .map_err(storage("appending a tree node"))?;
+        }
+    }
+    let tree_size = state.frontier.size();
+    Ok(AppendReceipt {
+        first_log_seq,
+        count: tree_size - first_log_seq,
+        tree_size,
+    })
+}
+
+fn add_checkpoint(
+    conn: &Connection,
+    state: &WriterState,
+    cp: &StoredCheckpoint,
+) -> Result<(), LogError> {
+    if cp.size > state.frontier.size() {
+        return Err(LogError::Invalid(format!(
+            "checkpoint covers {} events but the log has {}",
+            cp.size,
+            state.frontier.size()
+        )));
+    }
+    let existing: Option<String> = conn
+        .query_row(
+            "SELECT note FROM checkpoints WHERE size = ?1",
+            [cp.size as i64],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(storage("reading checkpoints"))?;
+    match existing {
+        Some(n) if n == cp.note => Ok(()),
+        Some(_) => Err(LogError::Invalid(format!(
+            "a different checkpoint of size {} is already stored",
+            cp.size
+        ))),
+        None => conn
+            .execute(
+                "INSERT INTO checkpoints(size, note) VALUES(?1, ?2)",
+                params![cp.size as i64, &cp.note],
+            )
+            .map(|_| ())
+            .map_err(storage("storing a checkpoint")),
+    }
+}
+
+fn row_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
+    Ok(StoredEvent {
+        log_seq: r.get::<_, i64>(0)? as u64,
+        run_id: r.get(1)?,
+        run_seq: r.get::<_, i64>(2)? as u64,
+        event_type: r.get(3)?,
+        hash: r.get(4)?,
+        body: r.get(5)?,
+    })
+}
+
+const COLS: &str = "log_seq, run_id, run_seq, type, hash, body";
+
+fn clamp(limit: usize) -> i64 {
+    limit.min(MAX_READ_ROWS) as i64
+}
+
+#[async_trait]
+impl EventLog for SqliteLog {
+    async fn append(&self, batch: SealedBatch) -> Result<AppendReceipt, LogError> {
+        self.write(|tx| WriteReq::Append(batch, tx)).await
+    }
+
+    async fn read_run(
+        &self,
+        run_id: &RunId,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, LogError> {
+        let run = run_id.as_str().to_string();
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached(&format!(
+                    "SELECT {COLS} FROM events WHERE run_id = ?1 AND run_seq >= ?2 ORDER BY run_seq LIMIT ?3"
+                ))
+                .map_err(storage("reading a run"))?;
+            let rows = s.query_map(params![run, from_seq as i64, clamp(limit)], row_event).map_err(storage("reading a run"))?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(storage("reading a run"))
+        })
+        .await
+    }
+
+    async fn scan(&self, from_log_seq: u64, limit: usize) -> Result<Vec<StoredEvent>, LogError> {
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached(&format!(
+                    "SELECT {COLS} FROM events WHERE log_seq >= ?1 ORDER BY log_seq LIMIT ?2"
+                ))
+                .map_err(storage("scanning the log"))?;
+            let rows = s
+                .query_map(params![from_log_seq as i64, clamp(limit)], row_event)
+                .map_err(storage("scanning the log"))?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(storage("scanning the log"))
+        })
+        .await
+    }
+
+    async fn get(&self, id: &EventId) -> Result<Option<StoredEvent>, LogError> {
+        let (run, seq) = (id.run_id.as_str().to_string(), id.run_seq as i64);
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {COLS} FROM events WHERE run_id = ?1 AND run_seq = ?2"
+            ))
+            .and_then(|mut s| s.query_row(params![run, seq], row_event).optional())
+            .map_err(storage("reading an event"))
+        })
+        .await
+    }
+
+    async fn size(&self) -> Result<u64, LogError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT COALESCE(MAX(log_seq) + 1, 0) FROM events",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(storage("reading the log size"))
+        })
+        .await
+    }
+
+    async fn runs(&self, offset: u64, limit: usize) -> Result<Vec<RunId>, LogError> {
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached("SELECT run_id FROM events WHERE run_seq = 0 ORDER BY log_seq LIMIT ?1 OFFSET ?2")
+                .map_err(storage("listing runs"))?;
+            let rows = s
+                .query_map(params![clamp(limit), offset as i64], |r| r.get::<_, String>(0))
+                .map_err(storage("listing runs"))?;
+            let mut out = Vec::new();
+            for r in rows {
+                let s = r.map_err(storage("listing runs"))?;
+                out.push(RunId::new(s).map_err(|e| LogError::Corrupt { what: format!("run id column: {e}") })?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn existing(&self, ids: &[EventId]) -> Result<HashSet<EventId>, LogError> {
+        let ids = ids.to_vec();
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached("SELECT 1 FROM events WHERE run_id = ?1 AND run_seq = ?2")
+                .map_err(storage("looking up causes"))?;
+            let mut out = HashSet::new();
+            for id in ids {
+                if s.exists(params![id.run_id.as_str(), id.run_seq as i64])
+                    .map_err(storage("looking up causes"))?
+                {
+                    out.insert(id);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, LogError> {
+        let d = *digest;
+        self.read(move |c| {
+            c.query_row(
+                "SELECT bytes FROM blobs WHERE digest = ?1",
+                [&d.0[..]],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(storage("reading a blob"))
+        })
+        .await
+    }
+
+    async fn nodes(&self, ids: &[NodeId]) -> Result<Vec<Digest>, LogError> {
+        let ids = ids.to_vec();
+        self.read(move |c| {
+            ids.iter()
+                .map(|id| {
+                    get_node(c, *id)?.ok_or_else(|| LogError::Corrupt {
+                        what: format!("tree node {id:?} is missing"),
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn scan_nodes(
+        &self,
+        from_leaf: u64,
+        limit: usize,
+    ) -> Result<Vec<(NodeId, Vec<u8>)>, LogError> {
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached("SELECT leaf_end, level, hash FROM tree WHERE leaf_end >= ?1 ORDER BY leaf_end, level LIMIT ?2")
+                .map_err(storage("scanning the tree"))?;
+            let rows = s
+                .query_map(params![from_leaf as i64, clamp(limit)], |r| {
+                    let leaf_end = r.get::<_, i64>(0)? as u64;
+                    let level = r.get::<_, i64>(1)?;
+                    Ok((leaf_end, level, r.get::<_, Vec<u8>>(2)?))
+                })
+                .map_err(storage("scanning the tree"))?;
+            let mut out = Vec::new();
+            for r in rows {
+                let (leaf_end, level, h) = r.map_err(storage("scanning the tree"))?;
+                if !(0..64).contains(&level) {
+                    return Err(LogError::Corrupt { what: format!("tree row at leaf {leaf_end} has level {level}") });
+                }
+                let level = level as u8;
+                // The inverse of NodeId::last_leaf; a row whose key is not a node's last leaf
+                // maps to a node verification will not expect, and is reported there.
+                out.push((NodeId { level, index: ((leaf_end + 1) >> level).wrapping_sub(1) }, h));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn add_checkpoint(&self, checkpoint: StoredCheckpoint) -> Result<(), LogError> {
+        self.write(|tx| WriteReq::Checkpoint(checkpoint, tx)).await
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<StoredCheckpoint>, LogError> {
+        self.read(|c| {
+            let mut s = c
+                .prepare_cached("SELECT size, note FROM checkpoints ORDER BY size")
+                .map_err(storage("reading checkpoints"))?;
+            let rows = s
+                .query_map([], |r| {
+                    Ok(StoredCheckpoint {
+                        size: r.get::<_, i64>(0)? as u64,
+                        note: r.get(1)?,
+                    })
+                })
+                .map_err(storage("reading checkpoints"))?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(storage("reading checkpoints"))
+        })
+        .await
+    }
+}
