@@ -1,1 +1,96 @@
-fn main() {}
+//! `ice`: the command line of the ICE runtime.
+//!
+//! Exit codes (stable, for scripts): 0 success; 1 error (bad input, I/O, internal); 2 usage;
+//! 3 a run ended aborted or failed validation; 4 a run is suspended or waiting for an operator;
+//! 5 `verify` or `verify-proof` found the log or a proof invalid.
+
+mod audit;
+mod bench;
+mod home;
+mod inspect;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code: the log or a proof is invalid.
+pub const EXIT_INVALID: u8 = 5;
+
+#[derive(Parser)]
+#[command(name = "ice", version, about = "ICE: the governed execution runtime for AI agents", long_about = None)]
+struct Cli {
+    /// The installation directory (else $ICE_HOME, else ./.ice).
+    #[arg(long, global = true, value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// The log backend URL, overriding the config (sqlite:PATH).
+    #[arg(long, global = true, value_name = "URL")]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new installation: config, checkpoint signing key and an empty log.
+    Init {
+        /// The checkpoint origin (the log's public name); a random `ice.local/<id>` if absent.
+        #[arg(long)]
+        origin: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List events, filtered by run and type; --follow keeps printing new ones.
+    Log(inspect::LogArgs),
+    /// Show one event by id (RUN_ID:RUN_SEQ).
+    Show(inspect::ShowArgs),
+    /// List runs with their state and size.
+    Runs(inspect::RunsArgs),
+    /// Verify the whole log: hashes, chains, law, Merkle tree, checkpoints, blobs. Exit 5 if invalid.
+    Verify(audit::VerifyArgs),
+    /// Sign a checkpoint of the log as it is now (C2SP tlog-checkpoint, Ed25519).
+    Checkpoint(audit::CheckpointArgs),
+    /// Write an inclusion proof of an event (or a consistency proof between checkpoints) to a file.
+    Prove(audit::ProveArgs),
+    /// Check a proof file offline, with only the log's public key. Exit 5 if invalid.
+    VerifyProof(audit::VerifyProofArgs),
+    /// Measure ICE against baselines measured in the same run.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let home = home::resolve(cli.home.as_deref());
+    let log_url = cli.log.as_deref();
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Init { origin, json } => audit::init(&home, origin, json),
+            Command::Log(a) => inspect::log(&home, log_url, a).await,
+            Command::Show(a) => inspect::show(&home, log_url, a).await,
+            Command::Runs(a) => inspect::runs(&home, log_url, a).await,
+            Command::Verify(a) => audit::verify(&home, log_url, a).await,
+            Command::Checkpoint(a) => audit::checkpoint(&home, log_url, a).await,
+            Command::Prove(a) => audit::prove(&home, log_url, a).await,
+            Command::VerifyProof(a) => audit::verify_proof(&home, a),
+            Command::Bench(a) => bench::run(a).await,
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

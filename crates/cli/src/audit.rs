@@ -1,0 +1,238 @@
+//! Audit commands: `ice init`, `verify`, `checkpoint`, `prove`, `verify-proof`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use ice_kernel::EventId;
+use ice_log::checkpoint::Checkpoint;
+use ice_log::proof::{ProofFile, prove_consistency, prove_inclusion};
+use ice_log::sqlite::Mode;
+use ice_log::{StoredCheckpoint, root_at};
+use serde_json::json;
+
+use crate::EXIT_INVALID;
+use crate::home::{Home, read_verifier};
+
+pub fn init(dir: &Path, origin: Option<String>, json: bool) -> Result<u8> {
+    let h = Home::init(dir, origin)?;
+    let vkey = h.verifier()?;
+    if json {
+        println!(
+            "{}",
+            json!({"home": h.dir, "log": h.config.log, "origin": h.config.origin, "verifier_key": vkey.to_string()})
+        );
+    } else {
+        println!("Initialised ICE home {}", h.dir.display());
+        println!("  log:           {}", h.config.log);
+        println!("  origin:        {}", h.config.origin);
+        println!("  verifier key:  {vkey}");
+        println!(
+            "                 (also in {}; give it to auditors)",
+            h.dir.join("keys/checkpoint.pub").display()
+        );
+    }
+    Ok(0)
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// Verifier key file to check checkpoint signatures with (default: the home's).
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn verify(home: &Path, url: Option<&str>, a: VerifyArgs) -> Result<u8> {
+    let h = Home::open(home)?;
+    let verifier = match &a.key {
+        Some(p) => read_verifier(p)?,
+        None => h.verifier()?,
+    };
+    let log = h.log(url, Mode::ReadOnly)?;
+    let tty = std::io::stderr().is_terminal() && !a.json;
+    let started = std::time::Instant::now();
+    let report = ice_log::verify::verify(log.as_ref(), Some(&verifier), |n| {
+        if tty {
+            eprint!("\rverifying… {n} events");
+        }
+    })
+    .await?;
+    if tty {
+        eprint!("\r\x1b[K");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else if let Some(f) = &report.failure {
+        let at = match (&f.log_seq, &f.event_id) {
+            (Some(s), Some(id)) => format!(" at log_seq {s} (event {id})"),
+            (Some(s), None) => format!(" at log_seq {s}"),
+            _ => String::new(),
+        };
+        println!("INVALID{at}: {}", f.problem);
+        println!("(checked {} events before it)", report.events);
+    } else {
+        println!(
+            "ok: {} events in {} runs; root {}; {} checkpoint(s) verified{}; {} tree nodes and {} blob(s) checked in {:.2}s",
+            report.events,
+            report.runs,
+            report.root,
+            report.checkpoints_verified,
+            report
+                .latest_checkpoint
+                .map(|s| format!(" (latest at size {s})"))
+                .unwrap_or_default(),
+            report.tree_nodes_checked,
+            report.blobs_checked,
+            secs
+        );
+        for w in &report.warnings {
+            println!("warning: {w}");
+        }
+    }
+    Ok(if report.ok() { 0 } else { EXIT_INVALID })
+}
+
+#[derive(Args)]
+pub struct CheckpointArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn checkpoint(home: &Path, url: Option<&str>, a: CheckpointArgs) -> Result<u8> {
+    let h = Home::open(home)?;
+    let signer = h.signer()?;
+    let log = h.log(url, Mode::ReadWrite)?;
+    let size = log.size().await?;
+    let root = root_at(log.as_ref(), size).await?;
+    let cp = Checkpoint {
+        origin: signer.name().to_string(),
+        size,
+        root,
+    };
+    let note = cp.sign(&signer).map_err(|e| anyhow!("{e}"))?;
+    log.add_checkpoint(StoredCheckpoint {
+        size,
+        note: note.clone(),
+    })
+    .await?;
+    if a.json {
+        println!(
+            "{}",
+            json!({"size": size, "root": root.to_hex(), "note": note})
+        );
+    } else {
+        print!("{note}");
+    }
+    Ok(0)
+}
+
+#[derive(Args)]
+pub struct ProveArgs {
+    /// The event to prove (RUN_ID:RUN_SEQ), against the latest checkpoint.
+    #[arg(required_unless_present = "from")]
+    id: Option<String>,
+    /// Instead: prove the checkpoint of this size is a prefix of a later one.
+    #[arg(long, value_name = "SIZE", conflicts_with = "id")]
+    from: Option<u64>,
+    /// With --from: the later checkpoint's size (default: the latest).
+    #[arg(long, value_name = "SIZE", requires = "from")]
+    to: Option<u64>,
+    /// Where to write the proof (default: proof-<what>.json in the current directory).
+    #[arg(long, short = 'o', value_name = "FILE")]
+    out: Option<PathBuf>,
+}
+
+pub async fn prove(home: &Path, url: Option<&str>, a: ProveArgs) -> Result<u8> {
+    let h = Home::open(home)?;
+    let log = h.log(url, Mode::ReadOnly)?;
+    let cps = log.checkpoints().await?;
+    let latest = cps
+        .last()
+        .ok_or_else(|| anyhow!("the log has no checkpoint yet; run `ice checkpoint` first"))?;
+    let (file, default_name) = match (&a.id, a.from) {
+        (Some(id), _) => {
+            let id: EventId = id.parse().map_err(|e| anyhow!("{e}"))?;
+            let f = prove_inclusion(log.as_ref(), &id, &latest.note).await?;
+            (f, format!("proof-{}-{}.json", id.run_id, id.run_seq))
+        }
+        (None, Some(from)) => {
+            let find = |size: u64| {
+                cps.iter().find(|c| c.size == size).ok_or_else(|| {
+                    anyhow!(
+                        "no checkpoint of size {size}; stored sizes: {:?}",
+                        cps.iter().map(|c| c.size).collect::<Vec<_>>()
+                    )
+                })
+            };
+            let old = find(from)?;
+            let new = match a.to {
+                Some(t) => find(t)?,
+                None => latest,
+            };
+            let f = prove_consistency(log.as_ref(), &old.note, &new.note).await?;
+            (
+                f,
+                format!("proof-consistency-{}-{}.json", old.size, new.size),
+            )
+        }
+        (None, None) => bail!("name an event id or --from SIZE"),
+    };
+    let out = a.out.unwrap_or_else(|| PathBuf::from(default_name));
+    let text = serde_json::to_string_pretty(&file)?;
+    std::fs::write(&out, format!("{text}\n"))
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("{}", out.display());
+    Ok(0)
+}
+
+#[derive(Args)]
+pub struct VerifyProofArgs {
+    /// The proof file.
+    file: PathBuf,
+    /// The log's verifier key file (default: the home's keys/checkpoint.pub).
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn verify_proof(home: &Path, a: VerifyProofArgs) -> Result<u8> {
+    let verifier = match &a.key {
+        Some(p) => read_verifier(p)?,
+        None => {
+            let h = Home::open(home)
+                .context("no --key given and no ICE home to take the verifier key from")?;
+            h.verifier()?
+        }
+    };
+    let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let outcome = ProofFile::parse(&bytes).and_then(|p| p.verify(&verifier));
+    match outcome {
+        Ok(v) => {
+            if a.json {
+                println!(
+                    "{}",
+                    json!({"valid": true, "statement": v.statement, "tree_size": v.tree_size})
+                );
+            } else {
+                println!("valid: {}", v.statement);
+            }
+            Ok(0)
+        }
+        Err(e) => {
+            if a.json {
+                println!("{}", json!({"valid": false, "problem": e}));
+            } else {
+                println!("INVALID: {}: {e}", a.file.display());
+            }
+            Ok(EXIT_INVALID)
+        }
+    }
+}

@@ -1,0 +1,454 @@
+//! `ice bench`: ICE's speed, each figure beside a baseline measured in the same run.
+//!
+//! - durable append through the validator and group commit, vs raw SQLite inserts of the same
+//!   rows (same bytes, WAL, `synchronous=FULL`), at 1 and at N concurrent appenders;
+//! - verify and replay rate, vs a raw read-and-hash of the same rows, and per CPU-second;
+//! - verify's peak memory on a log and on one four times longer (it must stay flat).
+//!
+//! Every figure is the median of `--repeat` measurements.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use ice_kernel::{Clock, Draft, Origin, RunId, Timestamp};
+use ice_log::EventLog;
+use ice_log::ledger::Ledger;
+use ice_log::sqlite::{Mode, SqliteLog};
+use rusqlite::{Connection, params};
+use serde_json::json;
+
+#[derive(Args, Clone)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(value_enum, default_value = "all")]
+    what: What,
+    /// Durable appends per measurement.
+    #[arg(long, default_value_t = 2000)]
+    appends: u64,
+    /// Concurrent appenders to measure (besides 1).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Events in the log for the verify and replay measurements.
+    #[arg(long, default_value_t = 200_000)]
+    events: u64,
+    /// Measurements per figure (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Working directory (default: a temporary one, removed afterwards).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum What {
+    All,
+    Append,
+    Verify,
+    Memory,
+}
+
+/// A deterministic clock: one microsecond per reading.
+struct TickClock(AtomicI64);
+
+impl Clock for TickClock {
+    fn now(&self) -> Timestamp {
+        let us = self.0.fetch_add(1, Ordering::Relaxed);
+        Timestamp::from_unix_us(us).unwrap_or_else(|| Timestamp::from_unix_us(0).expect("epoch"))
+    }
+}
+
+fn clock() -> Arc<dyn Clock> {
+    Arc::new(TickClock(AtomicI64::new(1_764_000_000_000_000)))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+fn run_id(i: usize) -> Result<RunId> {
+    RunId::new(format!("bench-{i}")).map_err(|e| anyhow!(e))
+}
+
+/// The events that open a run, so agent events are admitted after them.
+fn opening() -> Vec<Draft> {
+    [
+        "RunProvisioned",
+        "ResourcesAllocated",
+        "ContextResolved",
+        "ExecutionWindowOpened",
+    ]
+    .into_iter()
+    .map(|t| Draft::new(t, Origin::Runtime))
+    .collect()
+}
+
+fn step(i: u64) -> Draft {
+    Draft::new("InferenceStep", Origin::Agent("bench".into()))
+        .intent("benchmark step")
+        .payload(json!({"model": "scripted", "step": i, "output": "the quick brown fox jumps over the lazy dog; ".repeat(3)}))
+}
+
+pub async fn run(a: BenchArgs) -> Result<u8> {
+    if a.repeat == 0 || a.appends == 0 || a.concurrency == 0 || a.events == 0 {
+        bail!("--repeat, --appends, --concurrency and --events must be at least 1");
+    }
+    let tmp;
+    let dir = match &a.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::tempdir().context("creating a temporary directory")?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let mut figures = serde_json::Map::new();
+    let say = |s: String| {
+        if !a.json {
+            println!("{s}");
+        }
+    };
+    if matches!(a.what, What::All | What::Append) {
+        for c in [1usize, a.concurrency] {
+            let mut ice = Vec::new();
+            let mut raw = Vec::new();
+            let mut batched = Vec::new();
+            for r in 0..a.repeat {
+                let (ice_rate, rows) =
+                    append_ice(&dir.join(format!("append-{c}-{r}.db")), c, a.appends).await?;
+                ice.push(ice_rate);
+                raw.push(append_raw(&dir.join(format!("raw-{c}-{r}.db")), c, &rows)?);
+                batched.push(append_raw_batched(
+                    &dir.join(format!("rawb-{c}-{r}.db")),
+                    c,
+                    &rows,
+                )?);
+            }
+            let (ice, raw, batched) = (median(ice), median(raw), median(batched));
+            say(format!(
+                "durable append, {c:>2} appender(s): ICE {ice:>9.0} ev/s | raw SQLite, {c} connection(s), 1 row/commit {raw:>9.0} ev/s | ratio {:.2} (target ≥ 0.80)",
+                ice / raw
+            ));
+            if c > 1 {
+                say(format!(
+                    "                              (reference) raw SQLite, 1 connection, {c} rows/commit {batched:>9.0} ev/s | ratio {:.2}",
+                    ice / batched
+                ));
+            }
+            figures.insert(
+                format!("append_c{c}"),
+                json!({"ice_events_per_s": ice, "raw_events_per_s": raw, "ratio": ice / raw,
+                       "raw_batched_events_per_s": batched, "ratio_to_batched": ice / batched}),
+            );
+        }
+    }
+    if matches!(a.what, What::All | What::Verify) {
+        let path = dir.join("verify.db");
+        build_log(&path, a.events).await?;
+        let log = SqliteLog::open(&path, Mode::ReadOnly)?;
+        let (mut vw, mut vc, mut rw, mut rc, mut bw) = (vec![], vec![], vec![], vec![], vec![]);
+        for _ in 0..a.repeat {
+            let (w, c) = timed(|| async {
+                let r = ice_log::verify::verify(&log, None, |_| {}).await?;
+                if !r.ok() {
+                    bail!("the benchmark log does not verify: {:?}", r.failure);
+                }
+                Ok(r.events)
+            })
+            .await?;
+            vw.push(w);
+            vc.push(c);
+            let (w, c) = timed(|| replay(&log)).await?;
+            rw.push(w);
+            rc.push(c);
+            bw.push(raw_read_and_hash(&path)?);
+        }
+        let (vw, vc, rw, rc, bw) = (median(vw), median(vc), median(rw), median(rc), median(bw));
+        say(format!(
+            "verify  ({} events): {:>6.2} M ev/s wall, {:>6.2} M ev/s per CPU-second (target ≥ 1.00) | raw read + SHA-256 of the same rows {:>6.2} M ev/s | ratio {:.2}",
+            a.events,
+            vw / 1e6,
+            vc / 1e6,
+            bw / 1e6,
+            vw / bw
+        ));
+        say(format!(
+            "replay  ({} events): {:>6.2} M ev/s wall, {:>6.2} M ev/s per CPU-second (target ≥ 1.00) | raw read + SHA-256 of the same rows {:>6.2} M ev/s | ratio {:.2}",
+            a.events,
+            rw / 1e6,
+            rc / 1e6,
+            bw / 1e6,
+            rw / bw
+        ));
+        figures.insert(
+            "verify".into(),
+            json!({"events": a.events, "events_per_s": vw, "events_per_cpu_s": vc, "baseline_events_per_s": bw, "ratio": vw / bw}),
+        );
+        figures.insert(
+            "replay".into(),
+            json!({"events": a.events, "events_per_s": rw, "events_per_cpu_s": rc, "baseline_events_per_s": bw, "ratio": rw / bw}),
+        );
+    }
+    if matches!(a.what, What::All | What::Memory) {
+        let small = a.events / 4;
+        let big = a.events;
+        let mut rss = Vec::new();
+        for n in [small, big] {
+            let home = dir.join(format!("mem-{n}"));
+            crate::home::Home::init(&home, Some("ice.bench/memory".into()))?;
+            std::fs::remove_file(home.join("ice.db")).context("replacing the bench log")?;
+            build_log(&home.join("ice.db"), n).await?;
+            rss.push(child_verify_peak_rss_kib(&home)?);
+        }
+        say(format!(
+            "verify peak memory: {} events {:>7} KiB | {} events {:>7} KiB | ratio {:.2} for 4x the events (flat ≈ 1.0)",
+            small,
+            rss[0],
+            big,
+            rss[1],
+            rss[1] as f64 / rss[0] as f64
+        ));
+        figures.insert("verify_memory".into(), json!({"small_events": small, "small_peak_rss_kib": rss[0], "big_events": big, "big_peak_rss_kib": rss[1]}));
+    }
+    if a.json {
+        println!("{}", serde_json::Value::Object(figures));
+    }
+    Ok(0)
+}
+
+/// Wall-clock and per-CPU-second rates of `f`, which returns how many events it processed.
+async fn timed<F, Fut>(f: F) -> Result<(f64, f64)>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<u64>>,
+{
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    let n = f().await? as f64;
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = (cpu_seconds() - cpu0).max(1e-9);
+    Ok((n / wall, n / cpu))
+}
+
+/// CPU time of this process (all threads), in seconds.
+fn cpu_seconds() -> f64 {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct we own; RUSAGE_SELF is always valid.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Rows as stored, for the raw baselines: (log_seq, run_id, run_seq, type, hash, body).
+type Row = (i64, String, i64, String, Vec<u8>, Vec<u8>);
+
+/// ICE: `c` tasks, each on its own run, each append one durable event through the ledger.
+async fn append_ice(path: &Path, c: usize, total: u64) -> Result<(f64, Vec<Row>)> {
+    let log = Arc::new(SqliteLog::create(path)?);
+    let ledger = Arc::new(Ledger::new(log.clone(), clock()));
+    for i in 0..c {
+        ledger.append(&run_id(i)?, opening()).await?;
+    }
+    let per = total.div_ceil(c as u64);
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..c {
+        let ledger = ledger.clone();
+        let run = run_id(i)?;
+        tasks.push(tokio::spawn(async move {
+            for s in 0..per {
+                ledger.append(&run, vec![step(s)]).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await.context("an appender task failed")??;
+    }
+    let rate = (per * c as u64) as f64 / t0.elapsed().as_secs_f64();
+    // The appended rows, byte for byte, for the baselines.
+    let mut rows = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = log.scan(from, 10_000).await?;
+        if page.is_empty() {
+            break;
+        }
+        from += page.len() as u64;
+        rows.extend(
+            page.into_iter()
+                .filter(|e| e.event_type == "InferenceStep")
+                .map(|e| {
+                    (
+                        e.log_seq as i64,
+                        e.run_id,
+                        e.run_seq as i64,
+                        e.event_type,
+                        e.hash,
+                        e.body,
+                    )
+                }),
+        );
+    }
+    Ok((rate, rows))
+}
+
+fn raw_conn(path: &Path) -> Result<Connection> {
+    let c = Connection::open(path)?;
+    c.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))?;
+    c.execute_batch("PRAGMA synchronous=FULL; PRAGMA busy_timeout=60000;")?;
+    Ok(c)
+}
+
+const RAW_SCHEMA: &str = "CREATE TABLE events(log_seq INTEGER PRIMARY KEY, run_id TEXT NOT NULL, run_seq INTEGER NOT NULL, type TEXT NOT NULL, hash BLOB NOT NULL, body BLOB NOT NULL, UNIQUE(run_id, run_seq));";
+const RAW_INSERT: &str =
+    "INSERT INTO events(log_seq, run_id, run_seq, type, hash, body) VALUES(?1, ?2, ?3, ?4, ?5, ?6)";
+
+/// Baseline: `c` threads, each with its own connection, one row per transaction.
+fn append_raw(path: &Path, c: usize, rows: &[Row]) -> Result<f64> {
+    raw_conn(path)?.execute_batch(RAW_SCHEMA)?;
+    let chunks: Vec<Vec<Row>> = (0..c)
+        .map(|i| rows.iter().skip(i).step_by(c).cloned().collect())
+        .collect();
+    let t0 = Instant::now();
+    std::thread::scope(|s| -> Result<()> {
+        let hs: Vec<_> = chunks
+            .iter()
+            .map(|chunk| {
+                s.spawn(move || -> Result<()> {
+                    let conn = raw_conn(path)?;
+                    let mut st = conn.prepare(RAW_INSERT)?;
+                    for r in chunk {
+                        st.execute(params![r.0, r.1, r.2, r.3, r.4, r.5])?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join()
+                .map_err(|_| anyhow!("a baseline thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok(rows.len() as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// Reference: one connection, `c` rows per transaction (ideal grouping, no validation).
+fn append_raw_batched(path: &Path, c: usize, rows: &[Row]) -> Result<f64> {
+    let mut conn = raw_conn(path)?;
+    conn.execute_batch(RAW_SCHEMA)?;
+    let t0 = Instant::now();
+    for chunk in rows.chunks(c) {
+        let tx = conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(RAW_INSERT)?;
+            for r in chunk {
+                st.execute(params![r.0, r.1, r.2, r.3, r.4, r.5])?;
+            }
+        }
+        tx.commit()?;
+    }
+    Ok(rows.len() as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// A log of `n` events over 100 runs, appended in large batches (fast to build).
+async fn build_log(path: &Path, n: u64) -> Result<()> {
+    let log = Arc::new(SqliteLog::create(path)?);
+    let ledger = Ledger::new(log, clock());
+    let runs = 100usize;
+    for i in 0..runs {
+        ledger.append(&run_id(i)?, opening()).await?;
+    }
+    let mut left = n.saturating_sub(4 * runs as u64);
+    let mut s = 0u64;
+    while left > 0 {
+        for i in 0..runs {
+            let k = left.min(500);
+            if k == 0 {
+                break;
+            }
+            ledger
+                .append(&run_id(i)?, (0..k).map(|j| step(s + j)).collect())
+                .await?;
+            left -= k;
+            s += k;
+        }
+    }
+    Ok(())
+}
+
+/// Replay: rebuild every run's projection from the log alone, streaming.
+async fn replay(log: &dyn EventLog) -> Result<u64> {
+    let mut views: std::collections::HashMap<RunId, ice_kernel::RunView> =
+        std::collections::HashMap::new();
+    let mut from = 0u64;
+    loop {
+        let page = log.scan(from, 8192).await?;
+        if page.is_empty() {
+            break;
+        }
+        from += page.len() as u64;
+        for s in page {
+            let e = s.event()?;
+            let v = views
+                .entry(e.run_id.clone())
+                .or_insert_with(|| ice_kernel::RunView::new(e.run_id.clone()));
+            ice_kernel::Projection::apply(v, &e)?;
+        }
+    }
+    Ok(from)
+}
+
+/// Baseline: read every row and SHA-256 its body, the least any verifier must do.
+fn raw_read_and_hash(path: &Path) -> Result<f64> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let t0 = Instant::now();
+    let mut st = conn.prepare("SELECT hash, body FROM events ORDER BY log_seq")?;
+    let mut rows = st.query([])?;
+    let mut n = 0u64;
+    let mut acc = 0u8;
+    while let Some(r) = rows.next()? {
+        let body = r.get_ref(1)?.as_blob()?;
+        let d = ice_kernel::Digest::of(body);
+        acc ^= d.0[0] ^ r.get_ref(0)?.as_blob()?[0];
+        n += 1;
+    }
+    std::hint::black_box(acc);
+    Ok(n as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// Run `ice verify` on `home` in a child process and return its peak resident memory.
+fn child_verify_peak_rss_kib(home: &Path) -> Result<i64> {
+    let exe = std::env::current_exe().context("locating the ice binary")?;
+    let mut child = std::process::Command::new(exe)
+        .args(["verify", "--json", "--home"])
+        .arg(home)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("starting ice verify")?;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 on our own child, writing into structs we own.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    if r != pid {
+        let _ = child.kill();
+        bail!("waiting for ice verify failed");
+    }
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("ice verify on the benchmark log failed (status {status})");
+    }
+    Ok(ru.ru_maxrss)
+}

@@ -1,0 +1,194 @@
+//! The installation directory: `--home DIR`, else `$ICE_HOME`, else `./.ice`.
+//!
+//! ```text
+//! <home>/config.toml            what this installation is (format, log URL, checkpoint origin)
+//! <home>/ice.db                 the embedded log (sqlite:ice.db)
+//! <home>/keys/checkpoint.key    the checkpoint signing key (mode 0600)
+//! <home>/keys/checkpoint.pub    its verifier key, to hand to auditors
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use ice_log::EventLog;
+use ice_log::checkpoint::{NoteSigner, NoteVerifier};
+use ice_log::sqlite::{Mode, SqliteLog};
+use serde::{Deserialize, Serialize};
+
+/// The marker that makes a directory an ICE home.
+const HOME_FORMAT: u32 = 1;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Format of the home directory.
+    pub home_format: u32,
+    /// Where the log lives: `sqlite:PATH` (relative to the home).
+    pub log: String,
+    /// The checkpoint origin line and signing key name.
+    pub origin: String,
+}
+
+pub struct Home {
+    pub dir: PathBuf,
+    pub config: Config,
+}
+
+/// Resolve the home directory from the flag, the environment, or the default.
+pub fn resolve(flag: Option<&Path>) -> PathBuf {
+    if let Some(p) = flag {
+        return p.to_path_buf();
+    }
+    match std::env::var_os("ICE_HOME") {
+        Some(v) if !v.is_empty() => PathBuf::from(v),
+        _ => PathBuf::from(".ice"),
+    }
+}
+
+impl Home {
+    /// Create a new home: config, keys and an empty log.
+    pub fn init(dir: &Path, origin: Option<String>) -> Result<Home> {
+        if dir.join("config.toml").exists() {
+            bail!(
+                "{} is already an ICE home (config.toml exists); nothing was changed",
+                dir.display()
+            );
+        }
+        if dir.exists()
+            && dir
+                .read_dir()
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(true)
+        {
+            bail!(
+                "{} exists and is not empty; `ice init` only creates a new home",
+                dir.display()
+            );
+        }
+        let origin = match origin {
+            Some(o) => o,
+            None => {
+                let mut id = [0u8; 6];
+                getrandom::fill(&mut id).map_err(|e| anyhow!("no randomness from the OS: {e}"))?;
+                format!("ice.local/{}", hex::encode(id))
+            }
+        };
+        let signer = NoteSigner::generate(&origin)
+            .map_err(|e| anyhow!("checkpoint origin {origin:?}: {e}"))?;
+        std::fs::create_dir_all(dir.join("keys"))
+            .with_context(|| format!("creating {}", dir.display()))?;
+        write_private(
+            &dir.join("keys/checkpoint.key"),
+            &format!("{}\n", signer.to_secret_string()),
+        )?;
+        std::fs::write(
+            dir.join("keys/checkpoint.pub"),
+            format!("{}\n", signer.verifier()),
+        )
+        .with_context(|| format!("writing {}", dir.join("keys/checkpoint.pub").display()))?;
+        let config = Config {
+            home_format: HOME_FORMAT,
+            log: "sqlite:ice.db".into(),
+            origin,
+        };
+        let text = toml::to_string(&config).context("encoding config.toml")?;
+        SqliteLog::create(&dir.join("ice.db"))
+            .with_context(|| format!("creating the log in {}", dir.display()))?;
+        // config.toml last: a home is a home only once everything else is in place.
+        std::fs::write(dir.join("config.toml"), text)
+            .with_context(|| format!("writing {}/config.toml", dir.display()))?;
+        Ok(Home {
+            dir: dir.to_path_buf(),
+            config,
+        })
+    }
+
+    /// Open an existing home; refuses a directory that is not one.
+    pub fn open(dir: &Path) -> Result<Home> {
+        let cfg = dir.join("config.toml");
+        let text = match std::fs::read_to_string(&cfg) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                "{} is not an ICE home (no config.toml); create one with `ice init --home {}` or point --home / ICE_HOME at one",
+                dir.display(),
+                dir.display()
+            ),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", cfg.display())),
+        };
+        let config: Config = toml::from_str(&text)
+            .with_context(|| format!("{} is not a valid ICE config", cfg.display()))?;
+        if config.home_format != HOME_FORMAT {
+            bail!(
+                "{}: home_format {} is not supported (this ice reads {HOME_FORMAT})",
+                cfg.display(),
+                config.home_format
+            );
+        }
+        Ok(Home {
+            dir: dir.to_path_buf(),
+            config,
+        })
+    }
+
+    /// Open the log named by `url` (or the config's), read-only or for appends.
+    pub fn log(&self, url: Option<&str>, mode: Mode) -> Result<Arc<dyn EventLog>> {
+        let url = url.unwrap_or(&self.config.log);
+        if let Some(path) = url.strip_prefix("sqlite:") {
+            let p = Path::new(path);
+            let p = if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                self.dir.join(p)
+            };
+            let log =
+                SqliteLog::open(&p, mode).with_context(|| format!("opening the log {url}"))?;
+            return Ok(Arc::new(log));
+        }
+        if url.starts_with("postgres://")
+            || url.starts_with("postgresql://")
+            || url.starts_with("nats://")
+        {
+            bail!("log URL {url:?}: this build of ice has only the embedded backend (sqlite:PATH)");
+        }
+        bail!("log URL {url:?} is not of a known form; use sqlite:PATH")
+    }
+
+    pub fn signer(&self) -> Result<NoteSigner> {
+        let p = self.dir.join("keys/checkpoint.key");
+        let s = std::fs::read_to_string(&p)
+            .with_context(|| format!("reading the signing key {}", p.display()))?;
+        NoteSigner::parse(&s).map_err(|e| anyhow!("{}: {e}", p.display()))
+    }
+
+    pub fn verifier(&self) -> Result<NoteVerifier> {
+        read_verifier(&self.dir.join("keys/checkpoint.pub"))
+    }
+}
+
+pub fn read_verifier(path: &Path) -> Result<NoteVerifier> {
+    let s = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the verifier key {}", path.display()))?;
+    NoteVerifier::parse(&s).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, content: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(content.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, content: &str) -> Result<()> {
+    std::fs::write(path, content).with_context(|| format!("writing {}", path.display()))
+}

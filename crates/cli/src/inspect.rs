@@ -1,0 +1,236 @@
+//! Reading the log: `ice log`, `ice show`, `ice runs`.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use clap::Args;
+use ice_kernel::{EventId, EventType, RunId};
+use ice_log::StoredEvent;
+use ice_log::ledger::fold_run;
+use ice_log::sqlite::Mode;
+use serde_json::{Value, json};
+
+use crate::home::Home;
+
+const PAGE: usize = 4096;
+
+#[derive(Args)]
+pub struct LogArgs {
+    /// Only events of this run.
+    #[arg(long)]
+    run: Option<String>,
+    /// Only events of this type (repeatable).
+    #[arg(long = "type", value_name = "TYPE")]
+    types: Vec<String>,
+    /// Start at this global position.
+    #[arg(long, default_value_t = 0)]
+    from: u64,
+    /// Print at most this many events.
+    #[arg(long)]
+    limit: Option<u64>,
+    /// Keep waiting for new events (stop with Ctrl-C).
+    #[arg(long, short = 'f')]
+    follow: bool,
+    /// JSON Lines: one full event per line, with its log_seq.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ShowArgs {
+    /// The event id, RUN_ID:RUN_SEQ.
+    id: String,
+    /// Put blob contents in place of their references.
+    #[arg(long)]
+    blobs: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct RunsArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn event_json(s: &StoredEvent) -> Result<Value> {
+    let e = s.event()?;
+    let mut v = serde_json::to_value(&e)?;
+    if let Value::Object(m) = &mut v {
+        m.insert("log_seq".into(), json!(s.log_seq));
+    }
+    Ok(v)
+}
+
+fn line(s: &StoredEvent) -> Result<String> {
+    let e = s.event()?;
+    let intent = e
+        .intent
+        .as_deref()
+        .map(|i| format!("  \"{}\"", truncate(i, 80)))
+        .unwrap_or_default();
+    Ok(format!(
+        "{:>8}  {}  {:<14} {:<24} {}{}",
+        s.log_seq,
+        e.at,
+        e.id().to_string(),
+        e.event_type,
+        e.origin,
+        intent
+    ))
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n).collect::<String>())
+    }
+}
+
+pub async fn log(home: &Path, url: Option<&str>, a: LogArgs) -> Result<u8> {
+    let h = Home::open(home)?;
+    let log = h.log(url, Mode::ReadOnly)?;
+    for t in &a.types {
+        if EventType::from_name(t).is_none() {
+            return Err(anyhow!(
+                "--type {t:?} is not an event type of taxonomy v{}",
+                ice_kernel::TAXONOMY_VERSION
+            ));
+        }
+    }
+    let run = a
+        .run
+        .as_deref()
+        .map(RunId::new)
+        .transpose()
+        .map_err(|e| anyhow!("--run: {e}"))?;
+    let mut out = std::io::stdout().lock();
+    let mut printed = 0u64;
+    let mut next_log = a.from;
+    let mut next_run = 0u64;
+    loop {
+        let page = match &run {
+            Some(r) => {
+                let p = log.read_run(r, next_run, PAGE).await?;
+                next_run += p.len() as u64;
+                p.into_iter()
+                    .filter(|e| e.log_seq >= a.from)
+                    .collect::<Vec<_>>()
+            }
+            None => {
+                let p = log.scan(next_log, PAGE).await?;
+                next_log += p.len() as u64;
+                p
+            }
+        };
+        let full = page.len() == PAGE;
+        for s in page
+            .iter()
+            .filter(|s| a.types.is_empty() || a.types.contains(&s.event_type))
+        {
+            if a.limit.is_some_and(|l| printed >= l) {
+                return Ok(0);
+            }
+            let text = if a.json {
+                serde_json::to_string(&event_json(s)?)?
+            } else {
+                line(s)?
+            };
+            if writeln!(out, "{text}").is_err() {
+                return Ok(0); // the reader went away (e.g. `| head`)
+            }
+            printed += 1;
+        }
+        if full {
+            continue;
+        }
+        if !a.follow {
+            return Ok(0);
+        }
+        let _ = out.flush();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub async fn show(home: &Path, url: Option<&str>, a: ShowArgs) -> Result<u8> {
+    let id: EventId = a.id.parse().map_err(|e| anyhow!("{e}"))?;
+    let h = Home::open(home)?;
+    let log = h.log(url, Mode::ReadOnly)?;
+    let s = log
+        .get(&id)
+        .await?
+        .ok_or_else(|| anyhow!("no event {id} in the log"))?;
+    let mut v = event_json(&s)?;
+    if a.blobs {
+        let e = s.event()?;
+        let mut blobs = std::collections::HashMap::new();
+        for r in ice_kernel::blob::blob_refs(&e.payload).map_err(|e| anyhow!(e))? {
+            if let Some(b) = log.blob(&r.digest).await? {
+                blobs.insert(r.digest, b);
+            }
+        }
+        let payload = ice_kernel::blob::inline(&e.payload, |d| blobs.get(d).cloned());
+        v["payload"] = Value::Object(payload);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    Ok(0)
+}
+
+pub async fn runs(home: &Path, url: Option<&str>, a: RunsArgs) -> Result<u8> {
+    let h = Home::open(home)?;
+    let log = h.log(url, Mode::ReadOnly)?;
+    let mut offset = 0u64;
+    let mut out = std::io::stdout().lock();
+    let mut all = Vec::new();
+    if !a.json {
+        let _ = writeln!(
+            out,
+            "{:<28} {:<22} {:>7} {:>8} {:>8}  last event",
+            "run", "state", "events", "effects", "denials"
+        );
+    }
+    loop {
+        let ids = log.runs(offset, 1000).await?;
+        for id in &ids {
+            let v = fold_run(log.as_ref(), id)
+                .await
+                .with_context(|| format!("folding run {id}"))?;
+            let s = v.summary;
+            if a.json {
+                all.push(s);
+                continue;
+            }
+            let text = {
+                format!(
+                    "{:<28} {:<22} {:>7} {:>8} {:>8}  {}",
+                    s.run_id.as_str(),
+                    s.state.name(),
+                    s.events,
+                    s.effects,
+                    s.denials,
+                    s.last_at.map(|t| t.to_string()).unwrap_or_default()
+                )
+            };
+            if writeln!(out, "{text}").is_err() {
+                return Ok(0);
+            }
+        }
+        if ids.len() < 1000 {
+            break;
+        }
+        offset += ids.len() as u64;
+    }
+    if a.json {
+        let _ = writeln!(out, "{}", serde_json::to_string(&all)?);
+    }
+    Ok(0)
+}
