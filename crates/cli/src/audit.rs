@@ -41,6 +41,10 @@ pub struct VerifyArgs {
     /// Verifier key file to check checkpoint signatures with (default: the home's).
     #[arg(long, value_name = "FILE")]
     key: Option<PathBuf>,
+    /// Also decode every payload, re-run the structural rules and re-derive every canonical
+    /// encoding (slower; the default already checks every stored byte against its hash).
+    #[arg(long)]
+    deep: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -55,7 +59,7 @@ pub async fn verify(home: &Path, url: Option<&str>, a: VerifyArgs) -> Result<u8>
     let log = h.log(url, Mode::ReadOnly)?;
     let tty = std::io::stderr().is_terminal() && !a.json;
     let started = std::time::Instant::now();
-    let report = ice_log::verify::verify(log.as_ref(), Some(&verifier), |n| {
+    let report = ice_log::verify::verify_with(log.as_ref(), Some(&verifier), a.deep, |n| {
         if tty {
             eprint!("\rverifying… {n} events");
         }

@@ -401,11 +401,22 @@ async fn replay(log: &dyn EventLog) -> Result<u64> {
         }
         from += page.len() as u64;
         for s in page {
-            let e = s.event()?;
-            let v = views
-                .entry(e.run_id.clone())
-                .or_insert_with(|| ice_kernel::RunView::new(e.run_id.clone()));
-            ice_kernel::Projection::apply(v, &e)?;
+            let h = ice_kernel::Header::parse(&s.body)?;
+            let hash = ice_kernel::Digest(
+                s.hash
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| anyhow!("hash is not 32 bytes"))?,
+            );
+            match views.get_mut(h.run_id) {
+                Some(v) => v.apply_header(&h, hash)?,
+                None => {
+                    let id = RunId::new(h.run_id).map_err(|e| anyhow!(e))?;
+                    let mut v = ice_kernel::RunView::new(id.clone());
+                    v.apply_header(&h, hash)?;
+                    views.insert(id, v);
+                }
+            }
         }
     }
     Ok(from)

@@ -269,3 +269,9 @@ impl<'de> Deserialize<'de> for Origin {
         s.parse().map_err(serde::de::Error::custom)
     }
 }
+
+impl std::borrow::Borrow<str> for RunId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}

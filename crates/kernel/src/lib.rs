@@ -22,6 +22,7 @@
 pub mod blob;
 pub mod canonical;
 pub mod event;
+pub mod header;
 pub mod id;
 pub mod limits;
 pub mod projection;
@@ -32,6 +33,7 @@ pub mod validate;
 
 pub use blob::{Blob, BlobRef};
 pub use event::{Cost, Draft, Event, Payload};
+pub use header::Header;
 pub use id::{Digest, EventId, Origin, RunId};
 pub use projection::{Projection, RunSummary, RunView};
 pub use state::{Lifecycle, RunState, StateError, ValidationOutcome};

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{Cost, Event};
+use crate::header::Header;
 use crate::id::{Digest, RunId};
 use crate::state::RunState;
 use crate::taxonomy::{Category, EventType};
@@ -101,29 +102,41 @@ impl RunView {
     }
 }
 
-impl Projection for RunView {
-    fn apply(&mut self, e: &Event) -> Result<(), ValidationError> {
-        self.head.apply(e)?;
+impl RunView {
+    /// Fold one event, given its header and hash (what replay reads from a stored log).
+    pub fn apply_header(&mut self, h: &Header<'_>, hash: Digest) -> Result<(), ValidationError> {
+        let t = self.head.apply_header(h, hash)?;
         let s = &mut self.summary;
         s.state = self.head.state();
         s.events += 1;
-        s.started_at.get_or_insert(e.at);
-        s.last_at = Some(e.at);
-        s.head = e.hash;
-        s.cost = s.cost.saturating_add(&e.cost);
-        if let Some(t) = EventType::from_name(&e.event_type) {
-            match t.category() {
-                Category::Cognitive | Category::CapabilityRequest => s.proposals += 1,
-                _ => {}
-            }
-            if t.is_effect() {
-                s.effects += 1;
-            }
-            if matches!(t, EventType::CapabilityDenied | EventType::ApprovalDenied) {
-                s.denials += 1;
+        s.started_at.get_or_insert(h.at);
+        s.last_at = Some(h.at);
+        s.head = hash;
+        s.cost = s.cost.saturating_add(&h.cost);
+        if matches!(
+            t.category(),
+            Category::Cognitive | Category::CapabilityRequest
+        ) {
+            s.proposals += 1;
+        }
+        if t.is_effect() {
+            s.effects += 1;
+        }
+        if matches!(t, EventType::CapabilityDenied | EventType::ApprovalDenied) {
+            s.denials += 1;
+        }
+        match s.by_type.get_mut(t.name()) {
+            Some(n) => *n += 1,
+            None => {
+                s.by_type.insert(t.name().to_string(), 1);
             }
         }
-        *s.by_type.entry(e.event_type.clone()).or_insert(0) += 1;
         Ok(())
+    }
+}
+
+impl Projection for RunView {
+    fn apply(&mut self, e: &Event) -> Result<(), ValidationError> {
+        self.apply_header(&Header::of(e), e.hash)
     }
 }

@@ -216,7 +216,12 @@ impl Lifecycle {
             E::ResourcesAllocated => only_in(&[S::Provisioned])?,
             E::ContextResolved => next.state = goto(S::ContextReady)?,
             E::MemoryMounted | E::CapabilitiesBound => only_in(&[S::ContextReady])?,
-            E::ExecutionWindowOpened => next.state = goto(S::Executing)?,
+            E::ExecutionWindowOpened => {
+                // A run executes once: the window opens only from CONTEXT_READY. Coming back
+                // from SUSPENDED is RunResumed, which needs a reconfiguration record.
+                only_in(&[S::ContextReady])?;
+                next.state = goto(S::Executing)?;
+            }
             E::RunSuspended => {
                 next.state = goto(S::Suspended)?;
                 next.reconfigured = false;
@@ -284,6 +289,7 @@ impl Lifecycle {
             E::ApprovalGranted | E::ApprovalDenied => only_in(&live)?,
             E::BudgetReserved | E::BudgetSettled => only_in(&[S::Executing, S::Validating])?,
             E::CapabilityGranted => only_in(&[S::ContextReady, S::Executing])?,
+            // Spec §5: a grant is used only while the run is EXECUTING.
             E::CapabilityRequested | E::CapabilityDenied | E::CapabilityUsed => {
                 only_in(&[S::Executing])?
             }

@@ -1,31 +1,69 @@
 //! Time as the kernel sees it: an injected reading, never the system clock.
+//!
+//! The one text form is fixed-width RFC 3339 in UTC with microseconds,
+//! `YYYY-MM-DDTHH:MM:SS.ffffffZ`, so the canonical encoding of an event is byte-stable and text
+//! order equals time order. Parsing and formatting are done here, by hand, because the form is
+//! ICE's own and sits on the verify and replay hot path (no locale, no offsets, no leap seconds).
 
 use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use time::{OffsetDateTime, UtcOffset, format_description::FormatItem, macros::format_description};
 
-/// A UTC instant with microsecond precision.
-///
-/// Its one text form is `YYYY-MM-DDTHH:MM:SS.ffffffZ` (RFC 3339, fixed width), so the canonical
-/// encoding of an event is byte-stable and text order equals time order.
+/// A UTC instant with microsecond precision, from 1970-01-01 to 9999-12-31.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp {
     unix_us: i64,
 }
 
-const FORMAT: &[FormatItem<'static>] =
-    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
-
-/// Earliest representable instant: 1970-01-01T00:00:00Z.
-const MIN_UNIX_US: i64 = 0;
 /// Latest representable instant: 9999-12-31T23:59:59.999999Z.
 const MAX_UNIX_US: i64 = 253_402_300_799_999_999;
+const US_PER_DAY: i64 = 86_400_000_000;
+
+/// Days since 1970-01-01 of a civil date (proleptic Gregorian).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Civil date of a day count since 1970-01-01.
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (
+        if m <= 2 {
+            yoe + era * 400 + 1
+        } else {
+            yoe + era * 400
+        },
+        m,
+        d,
+    )
+}
+
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        _ if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        _ => 28,
+    }
+}
 
 impl Timestamp {
     /// From microseconds since the Unix epoch; `None` outside years 1970 to 9999.
     pub fn from_unix_us(unix_us: i64) -> Option<Timestamp> {
-        (MIN_UNIX_US..=MAX_UNIX_US)
+        (0..=MAX_UNIX_US)
             .contains(&unix_us)
             .then_some(Timestamp { unix_us })
     }
@@ -35,26 +73,61 @@ impl Timestamp {
         self.unix_us
     }
 
-    /// Parse the one text form; anything else (other offsets, other precision) is refused.
+    /// Parse the one text form; anything else (other offsets, other precision, impossible
+    /// dates) is refused.
     pub fn parse(s: &str) -> Result<Timestamp, String> {
         let bad = || format!("time {s:?} is not of the form YYYY-MM-DDTHH:MM:SS.ffffffZ (UTC)");
-        if s.len() != 27 {
+        let b = s.as_bytes();
+        if b.len() != 27 {
             return Err(bad());
         }
-        let dt = time::PrimitiveDateTime::parse(s, FORMAT).map_err(|_| bad())?;
-        let odt = dt.assume_offset(UtcOffset::UTC);
-        let nanos = odt.unix_timestamp_nanos();
-        let us = i64::try_from(nanos / 1000).map_err(|_| bad())?;
-        Timestamp::from_unix_us(us).ok_or_else(bad)
+        for (i, c) in b.iter().enumerate() {
+            let ok = match i {
+                4 | 7 => *c == b'-',
+                10 => *c == b'T',
+                13 | 16 => *c == b':',
+                19 => *c == b'.',
+                26 => *c == b'Z',
+                _ => c.is_ascii_digit(),
+            };
+            if !ok {
+                return Err(bad());
+            }
+        }
+        let num =
+            |r: std::ops::Range<usize>| b[r].iter().fold(0i64, |a, c| a * 10 + i64::from(c - b'0'));
+        let (y, mo, d) = (num(0..4), num(5..7), num(8..10));
+        let (h, mi, sec, us) = (num(11..13), num(14..16), num(17..19), num(20..26));
+        if y < 1970
+            || !(1..=12).contains(&mo)
+            || d < 1
+            || d > days_in_month(y, mo)
+            || h > 23
+            || mi > 59
+            || sec > 59
+        {
+            return Err(bad());
+        }
+        let unix_us =
+            days_from_civil(y, mo, d) * US_PER_DAY + ((h * 60 + mi) * 60 + sec) * 1_000_000 + us;
+        Timestamp::from_unix_us(unix_us).ok_or_else(bad)
     }
 }
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let odt = OffsetDateTime::from_unix_timestamp_nanos(self.unix_us as i128 * 1000)
-            .map_err(|_| fmt::Error)?;
-        let s = odt.format(FORMAT).map_err(|_| fmt::Error)?;
-        f.write_str(&s)
+        let days = self.unix_us.div_euclid(US_PER_DAY);
+        let rem = self.unix_us.rem_euclid(US_PER_DAY);
+        let (y, m, d) = civil_from_days(days);
+        let secs = rem / 1_000_000;
+        write!(
+            f,
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60,
+            rem % 1_000_000
+        )
     }
 }
 
@@ -81,4 +154,54 @@ impl<'de> Deserialize<'de> for Timestamp {
 pub trait Clock: Send + Sync {
     /// The current instant.
     fn now(&self) -> Timestamp;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_instants_round_trip() {
+        for (s, us) in [
+            ("1970-01-01T00:00:00.000000Z", 0i64),
+            ("2000-02-29T12:34:56.789012Z", 951_827_696_789_012),
+            ("2026-11-26T05:59:17.000001Z", 1_795_672_757_000_001),
+            ("9999-12-31T23:59:59.999999Z", MAX_UNIX_US),
+        ] {
+            let t = Timestamp::parse(s).unwrap();
+            assert_eq!(t.unix_us(), us, "{s}");
+            assert_eq!(t.to_string(), s);
+        }
+    }
+
+    #[test]
+    fn every_day_of_four_centuries_round_trips() {
+        let mut prev = None;
+        for day in (0..146_097 * 2).step_by(7) {
+            let t = Timestamp::from_unix_us(day * US_PER_DAY + 1).unwrap();
+            let s = t.to_string();
+            assert_eq!(Timestamp::parse(&s).unwrap(), t);
+            if let Some(p) = prev {
+                assert!(s > p, "text order is time order");
+            }
+            prev = Some(s);
+        }
+    }
+
+    #[test]
+    fn malformed_and_impossible_times_are_refused() {
+        for s in [
+            "2026-11-26T05:59:17Z",
+            "2026-11-26T05:59:17.000000+00:00",
+            "2026-02-29T00:00:00.000000Z",
+            "2026-13-01T00:00:00.000000Z",
+            "2026-11-26T24:00:00.000000Z",
+            "1969-12-31T23:59:59.999999Z",
+            "2026-11-26t05:59:17.000000Z",
+            "2026-11-26T05:59:60.000000Z",
+            "２026-11-26T05:59:17.000000Z",
+        ] {
+            assert!(Timestamp::parse(s).is_err(), "{s} must be refused");
+        }
+    }
 }

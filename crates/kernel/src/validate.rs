@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use crate::blob::{self, Blob};
 use crate::event::{Cost, Draft, Event, Payload};
+use crate::header::Header;
 use crate::id::{Digest, EventId, Origin, RunId};
 use crate::limits::*;
 use crate::state::{Lifecycle, RunState, StateError};
@@ -269,33 +270,29 @@ impl RunHead {
             &event.cost,
         )?;
         blob::blob_refs(&event.payload).map_err(|e| structure("payload", e))?;
-        for (k, v) in &event.payload {
-            if let Value::Object(m) = v
-                && m.contains_key(blob::BLOB_KEY)
-            {
-                continue; // a well-formed top-level blob reference (checked just above)
-            }
-            if blob::uses_reserved_key(v) {
-                return Err(structure(
-                    "payload",
-                    format!("field {k:?} uses the reserved key \"$blob\""),
-                ));
-            }
-        }
+        check_reserved(&event.payload, true)?;
+        self.check_header(&Header::of(event), others)
+    }
+
+    /// Rules 2 to 7 (taxonomy, origin law, run state, time order, causes, chain) on a header.
+    /// Returns the resolved type and the lifecycle the event leads to.
+    pub fn check_header(
+        &self,
+        h: &Header<'_>,
+        others: &dyn CauseIndex,
+    ) -> Result<(EventType, Lifecycle), ValidationError> {
         // 2. taxonomy
-        let t = EventType::from_name(&event.event_type).ok_or_else(|| {
-            ValidationError::UnknownType {
-                name: event.event_type.clone(),
-                version: TAXONOMY_VERSION,
-            }
+        let t = EventType::from_name(h.event_type).ok_or_else(|| ValidationError::UnknownType {
+            name: h.event_type.to_string(),
+            version: TAXONOMY_VERSION,
         })?;
-        if t.requires_intent() && event.intent.is_none() {
+        if t.requires_intent() && !h.has_intent {
             return Err(ValidationError::MissingField {
                 event_type: t,
                 field: "intent",
             });
         }
-        if t.requires_authority() && event.authority.is_none() {
+        if t.requires_authority() && !h.has_authority {
             return Err(ValidationError::MissingField {
                 event_type: t,
                 field: "authority",
@@ -303,9 +300,13 @@ impl RunHead {
         }
         // 3. origin law
         let cat = t.category();
-        if !cat.allows(&event.origin) {
+        let origin: Origin = h
+            .origin
+            .parse()
+            .map_err(|e: String| structure("origin", e))?;
+        if !cat.allows(&origin) {
             return Err(ValidationError::OriginForbidden {
-                origin: event.origin.clone(),
+                origin,
                 event_type: t,
                 allowed: cat.origin_row(),
             });
@@ -314,17 +315,17 @@ impl RunHead {
         let next = self.lifecycle.step(t)?;
         // 5. time order
         if let Some(prev) = self.last_at
-            && event.at < prev
+            && h.at < prev
         {
             return Err(ValidationError::TimeWentBackwards {
-                at: event.at,
+                at: h.at,
                 previous: prev,
             });
         }
         // 6. causes
-        for c in &event.causes {
-            let exists = if c.run_id == event.run_id {
-                c.run_seq < event.run_seq && c.run_seq < self.next_seq
+        for c in h.causes.iter() {
+            let exists = if c.run_id.as_str() == h.run_id {
+                c.run_seq < h.run_seq && c.run_seq < self.next_seq
             } else {
                 others.contains(c)
             };
@@ -333,31 +334,55 @@ impl RunHead {
             }
         }
         // 7. chain
-        if event.run_id != self.run_id {
+        if h.run_id != self.run_id.as_str() {
             return Err(ValidationError::Chain(ChainError::WrongRun {
                 expected: self.run_id.clone(),
-                got: event.run_id.clone(),
+                got: RunId::new(h.run_id).map_err(|e| structure("run_id", e))?,
             }));
         }
-        if event.run_seq > self.next_seq {
+        if h.run_seq > self.next_seq {
             return Err(ValidationError::Chain(ChainError::Gap {
                 expected: self.next_seq,
-                got: event.run_seq,
+                got: h.run_seq,
             }));
         }
-        if event.run_seq < self.next_seq {
+        if h.run_seq < self.next_seq {
             return Err(ValidationError::Chain(ChainError::Repeat {
                 expected: self.next_seq,
-                got: event.run_seq,
+                got: h.run_seq,
             }));
         }
-        if event.prev != self.last_hash {
+        if h.prev != self.last_hash {
             return Err(ValidationError::Chain(ChainError::WrongPrev {
                 expected: self.last_hash,
-                got: event.prev,
+                got: h.prev,
             }));
         }
         Ok((t, next))
+    }
+
+    /// Admit a stored event by its body and hash alone, reading only its header: the hash must
+    /// be the SHA-256 of the body, and the header must pass rules 2 to 7. This is how `verify`
+    /// and replay read a log at full speed; the hash vouches for the payload, which only the
+    /// validator wrote. On success the head advances and the header is returned.
+    pub fn admit_stored<'b>(
+        &mut self,
+        body: &'b [u8],
+        hash: Digest,
+        others: &dyn CauseIndex,
+    ) -> Result<Header<'b>, ValidationError> {
+        let h = Header::parse(body)
+            .map_err(|e| structure("event", format!("stored body does not parse: {e}")))?;
+        let computed = Digest::of(body);
+        if computed != hash {
+            return Err(ValidationError::Chain(ChainError::HashMismatch {
+                stored: hash,
+                computed,
+            }));
+        }
+        let (_, next) = self.check_header(&h, others)?;
+        self.advance_to(h.run_seq, hash, h.at, next);
+        Ok(h)
     }
 
     /// Check an existing event (hash included) and, if it passes, advance the head past it.
@@ -375,6 +400,10 @@ impl RunHead {
                 computed,
             }));
         }
+        // Hold the event as it reads back from its canonical form (1.0 and 1 encode alike), so
+        // what was admitted equals what a reader of the log gets.
+        let event = Event::from_body(&body, event.hash)
+            .map_err(|e| structure("event", format!("canonical form does not read back: {e}")))?;
         self.advance(&event, next);
         Ok(SealedEvent {
             event,
@@ -400,14 +429,7 @@ impl RunHead {
             causes,
             cost,
         } = draft;
-        for (k, v) in &payload {
-            if blob::uses_reserved_key(v) {
-                return Err(structure(
-                    "payload",
-                    format!("field {k:?} uses the reserved key \"$blob\""),
-                ));
-            }
-        }
+        check_reserved(&payload, false)?;
         check_payload(&payload)?;
         let blobs = blob::externalize(&mut payload).map_err(|e| structure("payload", e))?;
         // Normalise numbers through the canonical form (1.0 and 1 encode alike), so the event
@@ -530,11 +552,57 @@ impl RunHead {
     }
 
     fn advance(&mut self, event: &Event, next: Lifecycle) {
-        self.next_seq = event.run_seq + 1;
-        self.last_hash = event.hash;
-        self.last_at = Some(event.at);
+        self.advance_to(event.run_seq, event.hash, event.at, next);
+    }
+
+    fn advance_to(&mut self, run_seq: u64, hash: Digest, at: Timestamp, next: Lifecycle) {
+        self.next_seq = run_seq + 1;
+        self.last_hash = hash;
+        self.last_at = Some(at);
         self.lifecycle = next;
     }
+
+    /// Fold one header into the head without checking it (it came from a verified log).
+    pub fn apply_header(
+        &mut self,
+        h: &Header<'_>,
+        hash: Digest,
+    ) -> Result<EventType, ValidationError> {
+        let t = EventType::from_name(h.event_type).ok_or_else(|| ValidationError::UnknownType {
+            name: h.event_type.to_string(),
+            version: TAXONOMY_VERSION,
+        })?;
+        let next = self.lifecycle.step(t)?;
+        self.advance_to(h.run_seq, hash, h.at, next);
+        Ok(t)
+    }
+}
+
+/// The reserved key `$blob` appears only in blob references the kernel made: as a top-level
+/// field's `{"$blob": …, "size": …}` when `refs_allowed` (an event already sealed), nowhere in
+/// a draft.
+fn check_reserved(payload: &Payload, refs_allowed: bool) -> Result<(), ValidationError> {
+    for (k, v) in payload {
+        if k == blob::BLOB_KEY {
+            return Err(structure(
+                "payload",
+                "the key \"$blob\" is reserved for blob references",
+            ));
+        }
+        if refs_allowed
+            && let Value::Object(m) = v
+            && m.contains_key(blob::BLOB_KEY)
+        {
+            continue; // a top-level blob reference; blob_refs checked its shape
+        }
+        if blob::uses_reserved_key(v) {
+            return Err(structure(
+                "payload",
+                format!("field {k:?} uses the reserved key \"$blob\""),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_text(field: &'static str, v: &Option<String>) -> Result<(), ValidationError> {
@@ -600,27 +668,29 @@ fn check_structure(
 /// I-JSON (RFC 7493) and ICE's limits: depth, integer range. Such payloads encode identically
 /// on every platform, which the hash needs.
 fn check_payload(payload: &Payload) -> Result<(), ValidationError> {
+    // `depth` is the nesting level of `v` among arrays and objects, a payload field being level 1.
     fn walk(v: &Value, depth: usize) -> Result<(), String> {
-        if depth > MAX_JSON_DEPTH {
-            return Err(format!("nested deeper than {MAX_JSON_DEPTH} levels"));
-        }
         match v {
             Value::Number(n) => {
-                if let Some(i) = n.as_i64() {
-                    if i.unsigned_abs() > MAX_SAFE_INTEGER {
-                        return Err(format!(
-                            "integer {i} is outside ±(2^53-1); send it as a string"
-                        ));
-                    }
-                } else if let Some(u) = n.as_u64()
-                    && u > MAX_SAFE_INTEGER
-                {
+                // Every number must round-trip exactly through the canonical form: integers
+                // within ±(2^53-1); and no float in 2^53 ≤ |f| < 1e21, which RFC 8785 prints
+                // as integer digits (1e16 → 10000000000000000) that read back as an integer.
+                let big = match (n.as_i64(), n.as_u64(), n.as_f64()) {
+                    (Some(i), _, _) => i.unsigned_abs() > MAX_SAFE_INTEGER,
+                    (None, Some(u), _) => u > MAX_SAFE_INTEGER,
+                    (None, None, Some(f)) => f.abs() > MAX_SAFE_INTEGER as f64 && f.abs() < 1e21,
+                    _ => true,
+                };
+                if big {
                     return Err(format!(
-                        "integer {u} is outside ±(2^53-1); send it as a string"
+                        "number {n} is outside ±(2^53-1); send it as a string"
                     ));
                 }
                 Ok(())
             }
+            Value::Array(_) | Value::Object(_) if depth > MAX_JSON_DEPTH => Err(format!(
+                "arrays and objects nested deeper than {MAX_JSON_DEPTH} levels"
+            )),
             Value::Array(a) => a.iter().try_for_each(|x| walk(x, depth + 1)),
             Value::Object(m) => m.values().try_for_each(|x| walk(x, depth + 1)),
             _ => Ok(()),

@@ -1,0 +1,313 @@
+//! Properties of sealed histories (proptest): whatever sequence of drafts a caller offers,
+//! what the kernel seals is a hash chain; every event read back from its stored body is the
+//! event that was sealed; projections rebuilt from the log equal the live ones (A-003); the
+//! canonical encoding survives a JSON round trip (I-002); any valid history verifies, and any
+//! single change to a stored event is caught at that event (I-003).
+
+mod common;
+
+use common::*;
+use ice_kernel::limits::MAX_SAFE_INTEGER;
+use ice_kernel::{
+    Cost, Digest, Draft, Event, EventId, EventType, NoOtherRuns, Origin, Projection, RunHead,
+    RunView, SealedEvent,
+};
+use proptest::prelude::*;
+use serde_json::{Map, Value, json};
+
+// ---------------------------------------------------------------------------------------------
+// Generators
+// ---------------------------------------------------------------------------------------------
+
+fn arb_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[a-z]{0,6}",
+        prop::collection::vec(any::<char>(), 0..6).prop_map(String::from_iter),
+        prop::sample::select(vec![
+            "", "é", "😂", "A\u{30a}", "\u{0}", "\"\\/", "\u{2028}", "\r\n\t", "\u{fb33}",
+        ])
+        .prop_map(str::to_owned),
+    ]
+}
+
+fn arb_number() -> impl Strategy<Value = Value> {
+    let max = MAX_SAFE_INTEGER as i64;
+    prop_oneof![
+        (-max..=max).prop_map(Value::from),
+        (-1000i64..1000).prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("JSON numbers are finite", |f| f.is_finite())
+            .prop_map(|f| json!(f)),
+        prop::sample::select(vec![0.0, -0.0, 1.0, 0.5, 1e21, 1e-7, 5e-324, 1.5e300])
+            .prop_map(|f| json!(f)),
+    ]
+}
+
+fn arb_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        arb_number(),
+        arb_text().prop_map(Value::String),
+    ];
+    leaf.prop_recursive(4, 24, 5, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+            prop::collection::btree_map(arb_text(), inner, 0..5)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn arb_payload() -> impl Strategy<Value = Map<String, Value>> {
+    prop::collection::btree_map(arb_text(), arb_json(), 0..5).prop_map(|m| m.into_iter().collect())
+}
+
+fn arb_cost() -> impl Strategy<Value = Cost> {
+    let attr = || prop_oneof![3 => Just(0u64), 1 => 0..=MAX_SAFE_INTEGER];
+    (attr(), attr(), attr(), attr(), attr(), attr(), attr()).prop_map(
+        |(wall_time_us, tokens_in, tokens_out, tool_calls, bytes, credits_micro, risk)| Cost {
+            wall_time_us,
+            tokens_in,
+            tokens_out,
+            tool_calls,
+            bytes,
+            credits_micro,
+            risk,
+        },
+    )
+}
+
+/// What a caller offers for one step; most offers are valid, some are not.
+#[derive(Clone, Debug)]
+struct Offer {
+    /// Which kind of type to offer (see `seal_offers`).
+    coin: u8,
+    index: usize,
+    /// Below 230: the origin the spec allows; otherwise another kind.
+    origin_coin: u8,
+    intent: Option<String>,
+    authority: Option<String>,
+    payload: Map<String, Value>,
+    causes: Vec<u64>,
+    cost: Cost,
+    tick_us: i64,
+}
+
+fn arb_offer() -> impl Strategy<Value = Offer> {
+    (
+        any::<u8>(),
+        any::<usize>(),
+        any::<u8>(),
+        prop::option::weighted(0.8, "[a-z ]{1,12}"),
+        prop::option::weighted(0.8, "grant:[0-9]{1,3}"),
+        arb_payload(),
+        prop::collection::vec(0u64..12, 0..3),
+        arb_cost(),
+        0i64..2_000,
+    )
+        .prop_map(
+            |(coin, index, origin_coin, intent, authority, payload, causes, cost, tick_us)| Offer {
+                coin,
+                index,
+                origin_coin,
+                intent,
+                authority,
+                payload,
+                causes,
+                cost,
+                tick_us,
+            },
+        )
+}
+
+/// A run sealed from offers: the events that passed, the live view folded as they passed,
+/// and the head that sealed them.
+#[derive(Debug)]
+struct History {
+    head: RunHead,
+    events: Vec<SealedEvent>,
+    live: RunView,
+}
+
+fn seal_offers(offers: Vec<Offer>) -> History {
+    let run = run_id("prop-run");
+    let mut head = RunHead::new(run.clone());
+    let mut live = RunView::new(run.clone());
+    let mut events = Vec::new();
+    let mut now_us = 0;
+    for o in offers {
+        let admitted: Vec<EventType> = EventType::ALL
+            .iter()
+            .copied()
+            .filter(|t| head.lifecycle.step(*t).is_ok())
+            .collect();
+        // Mostly types that keep the run going, so histories get long; sometimes an ending or
+        // any type at all (most of which the run refuses).
+        let ending = [
+            EventType::RunAborted,
+            EventType::RunTerminatedByRuntime,
+            EventType::RunTerminated,
+        ];
+        let going: Vec<EventType> = admitted
+            .iter()
+            .copied()
+            .filter(|t| !ending.contains(t))
+            .collect();
+        let t = match o.coin {
+            0..16 => EventType::ALL[o.index % EventType::ALL.len()],
+            16..28 if !admitted.is_empty() => admitted[o.index % admitted.len()],
+            _ if !going.is_empty() => going[o.index % going.len()],
+            _ if !admitted.is_empty() => admitted[o.index % admitted.len()],
+            _ => EventType::ALL[o.index % EventType::ALL.len()],
+        };
+        let origin = if o.origin_coin < 230 {
+            spec_kind(t.name()).origin()
+        } else {
+            Kind::ALL[o.origin_coin as usize % 3].origin()
+        };
+        let mut d = Draft::new(t.name(), origin);
+        d.intent = o.intent;
+        d.authority = o.authority;
+        d.payload = o.payload;
+        d.causes = o
+            .causes
+            .into_iter()
+            .map(|s| EventId::new(run.clone(), s))
+            .collect();
+        d.cost = o.cost;
+        now_us += o.tick_us;
+        let before = head.clone();
+        match head.seal(d, time(now_us), &NoOtherRuns) {
+            Ok((e, _blobs)) => {
+                live.apply(e.event())
+                    .expect("the live view takes every sealed event");
+                events.push(e);
+            }
+            Err(_) => assert_eq!(head, before, "a refused draft moved the head"),
+        }
+    }
+    History { head, events, live }
+}
+
+fn arb_history() -> impl Strategy<Value = History> {
+    prop::collection::vec(arb_offer(), 0..64).prop_map(seal_offers)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Properties
+// ---------------------------------------------------------------------------------------------
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn sealed_events_form_a_hash_chain(h in arb_history()) {
+        let mut prev = Digest::GENESIS;
+        for (i, e) in h.events.iter().enumerate() {
+            let ev = e.event();
+            prop_assert_eq!(ev.run_seq, i as u64);
+            prop_assert_eq!(ev.prev, prev, "event {} does not link to its predecessor", i);
+            prop_assert_eq!(e.body(), &ev.canonical_body()[..]);
+            prop_assert_eq!(ev.hash, Digest::of(e.body()));
+            prop_assert_eq!(ev.hash, ev.compute_hash());
+            prev = ev.hash;
+        }
+        prop_assert_eq!(h.head.last_hash, prev);
+        prop_assert_eq!(h.head.next_seq, h.events.len() as u64);
+    }
+
+    #[test]
+    fn an_event_rebuilt_from_its_stored_body_equals_the_sealed_event(h in arb_history()) {
+        for e in &h.events {
+            let rebuilt = Event::from_body(e.body(), e.event().hash);
+            prop_assert!(rebuilt.is_ok(), "stored body does not parse: {:?}", rebuilt);
+            prop_assert_eq!(&rebuilt.unwrap(), e.event());
+        }
+    }
+
+    #[test]
+    fn a_projection_folded_from_the_log_equals_the_live_one(h in arb_history()) {
+        let run = h.head.run_id.clone();
+        let folded = RunView::fold(run, h.events.iter().map(SealedEvent::event));
+        prop_assert!(folded.is_ok(), "fold refused a sealed history: {:?}", folded);
+        let folded = folded.unwrap();
+        prop_assert_eq!(&folded, &h.live);
+        prop_assert_eq!(&folded.head, &h.head);
+        prop_assert_eq!(folded.summary.events, h.events.len() as u64);
+        prop_assert_eq!(folded.summary.head, h.head.last_hash);
+        prop_assert_eq!(folded.summary.state, h.head.state());
+    }
+
+    #[test]
+    fn canonical_body_survives_a_json_round_trip(h in arb_history()) {
+        for e in &h.events {
+            let text = serde_json::to_string(e.event()).expect("an event serialises");
+            let back: Result<Event, _> = serde_json::from_str(&text);
+            prop_assert!(back.is_ok(), "{} does not parse back: {:?}", text, back);
+            let back = back.unwrap();
+            prop_assert_eq!(back.canonical_body(), e.body().to_vec());
+            prop_assert_eq!(&back, e.event());
+            // The whole-event canonical form parses back to the same event, too.
+            let whole: Event = serde_json::from_slice(&e.event().canonical_json())
+                .expect("canonical JSON of an event parses");
+            prop_assert_eq!(&whole, e.event());
+        }
+    }
+
+    #[test]
+    fn a_sealed_history_read_back_verifies(h in arb_history()) {
+        let mut verifier = RunHead::new(h.head.run_id.clone());
+        for e in &h.events {
+            let stored = Event::from_body(e.body(), e.event().hash).expect("parses");
+            let admitted = verifier.admit(stored, &NoOtherRuns);
+            prop_assert!(admitted.is_ok(), "{} refused on read-back: {:?}", e.event().id(), admitted);
+            prop_assert_eq!(&admitted.unwrap(), e);
+        }
+        prop_assert_eq!(verifier, h.head);
+    }
+
+    #[test]
+    fn any_single_change_to_a_stored_event_is_caught_at_that_event(
+        h in arb_history(),
+        pick in any::<prop::sample::Index>(),
+        change in 0usize..10,
+    ) {
+        prop_assume!(!h.events.is_empty());
+        let k = pick.index(h.events.len());
+        let mut stored: Vec<Event> =
+            h.events.iter().map(|e| e.event().clone()).collect();
+        let original = stored[k].clone();
+        let e = &mut stored[k];
+        match change {
+            0 => { e.payload.insert("\u{0}tampered".into(), json!(true)); }
+            1 => e.at = ice_kernel::Timestamp::from_unix_us(e.at.unix_us() + 1).unwrap(),
+            2 => e.origin = match &e.origin {
+                Origin::Runtime => Origin::Operator("mallory".into()),
+                _ => Origin::Runtime,
+            },
+            3 => e.event_type = if e.event_type == "TaskStarted" {
+                "TaskCompleted".into()
+            } else {
+                "TaskStarted".into()
+            },
+            4 => e.intent = Some(format!("{} (tampered)", e.intent.clone().unwrap_or_default())),
+            5 => e.cost.risk = e.cost.risk.wrapping_add(1),
+            6 => e.causes.push(EventId::new(e.run_id.clone(), 0)),
+            7 => e.run_seq += 1,
+            8 => e.prev.0[0] ^= 1,
+            _ => e.hash.0[31] ^= 1,
+        }
+        prop_assert_ne!(&stored[k], &original);
+        let mut verifier = RunHead::new(h.head.run_id.clone());
+        for (i, ev) in stored.into_iter().enumerate() {
+            let r = verifier.admit(ev, &NoOtherRuns);
+            if i < k {
+                prop_assert!(r.is_ok(), "untouched event {} refused: {:?}", i, r);
+            } else {
+                prop_assert!(r.is_err(), "change {} to event {} went unnoticed", change, k);
+                break;
+            }
+        }
+    }
+}
