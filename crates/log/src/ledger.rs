@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use ice_kernel::{
-    Clock, Draft, EventId, RunHead, RunId, RunView, SealedBatch, Timestamp, ValidationError,
+    Clock, Digest, Draft, EventId, RunHead, RunId, RunView, SealedBatch, Timestamp, ValidationError,
 };
 
 use crate::{AppendReceipt, EventLog, LogError, StoredEvent};
@@ -131,13 +131,27 @@ pub async fn fold_run(log: &dyn EventLog, run_id: &RunId) -> Result<RunView, Log
         let page = log.read_run(run_id, from, PAGE).await?;
         let n = page.len();
         for s in &page {
-            let e = s.event()?;
-            ice_kernel::Projection::apply(&mut view, &e).map_err(|err| LogError::Corrupt {
-                what: format!(
-                    "event {} does not follow its run's law: {err}; run `ice verify`",
-                    e.id()
-                ),
+            let h = ice_kernel::Header::parse(&s.body).map_err(|e| LogError::Corrupt {
+                what: format!("event at log_seq {}: body does not parse: {e}", s.log_seq),
             })?;
+            let hash = Digest(
+                s.hash
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| LogError::Corrupt {
+                        what: format!(
+                            "event at log_seq {}: hash column is not 32 bytes",
+                            s.log_seq
+                        ),
+                    })?,
+            );
+            view.apply_header(&h, hash)
+                .map_err(|err| LogError::Corrupt {
+                    what: format!(
+                        "event {}:{} does not follow its run's law: {err}; run `ice verify`",
+                        h.run_id, h.run_seq
+                    ),
+                })?;
         }
         if n < PAGE {
             return Ok(view);

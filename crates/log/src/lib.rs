@@ -171,12 +171,13 @@ pub trait EventLog: Send + Sync {
     async fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, LogError>;
     /// Stored perfect-subtree hashes (missing ones are errors).
     async fn nodes(&self, ids: &[NodeId]) -> Result<Vec<Digest>, LogError>;
-    /// Stored tree nodes in the order they were completed (by last leaf, then level), starting
-    /// with those completed by leaf `from_leaf`, at most `limit`.
+    /// Stored tree nodes completed by leaves `from_leaf .. from_leaf + leaves`, in the order
+    /// they were completed (by last leaf, then level). Whole leaves only, so a caller paging
+    /// through never splits the nodes of one leaf.
     async fn scan_nodes(
         &self,
         from_leaf: u64,
-        limit: usize,
+        leaves: u64,
     ) -> Result<Vec<(NodeId, Vec<u8>)>, LogError>;
     /// Store a signed checkpoint (its size must not exceed the log).
     async fn add_checkpoint(&self, checkpoint: StoredCheckpoint) -> Result<(), LogError>;

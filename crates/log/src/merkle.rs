@@ -270,18 +270,21 @@ pub fn verify_consistency(
     root2: &Digest,
     proof: &[Digest],
 ) -> Result<(), String> {
+    if size1 > size2 {
+        return Err(format!(
+            "the old tree ({size1} leaves) is larger than the new one ({size2})"
+        ));
+    }
+    // RFC 9162 §2.1.4 defines consistency proofs for 0 < m only: a proof from the empty tree
+    // proves nothing, and the RFC 6962 test vectors require it to be rejected.
+    if size1 == 0 {
+        return Err("a consistency proof from the empty tree (size 0) is meaningless".into());
+    }
     if size1 == size2 {
         return if proof.is_empty() && root1 == root2 {
             Ok(())
         } else {
             Err("consistency proof between equal sizes must be empty and the roots equal".into())
-        };
-    }
-    if size1 == 0 {
-        return if proof.is_empty() {
-            Ok(())
-        } else {
-            Err("a proof from the empty tree must be empty".into())
         };
     }
     let old = RootHash::<Sha256>::new(to_output(root1), size1);
