@@ -139,6 +139,7 @@ pub async fn verify_with(
             v.check_page(log, &page, nodes)
         );
         if !outcome? {
+            v.report.events = v.next;
             return Ok(v.report);
         }
         v.report.events = v.next;

@@ -1,0 +1,480 @@
+//! The `ice` command line as scripts see it: exit codes, refusals, JSON, and the audit loop
+//! (verify, checkpoint, prove, verify-proof) on a real installation.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use ice_kernel::{Draft, EventId, Origin, RunId};
+use ice_log::clock::SystemClock;
+use ice_log::ledger::Ledger;
+use ice_log::sqlite::{Mode, SqliteLog};
+use serde_json::{Value, json};
+
+fn ice(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ice"))
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env_remove("ICE_HOME")
+        .output()
+        .expect("ice runs")
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("exited")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn rt(t: &str) -> Draft {
+    Draft::new(t, Origin::Runtime)
+}
+
+/// A home with two runs written through the validator.
+fn seeded() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let o = ice(&home, &["init", "--origin", "ice.test/cli"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let rt_ = tokio::runtime::Runtime::new().unwrap();
+    rt_.block_on(async {
+        let log = Arc::new(SqliteLog::open(&home.join("ice.db"), Mode::ReadWrite).unwrap());
+        let ledger = Ledger::new(log, Arc::new(SystemClock));
+        for name in ["alpha", "beta"] {
+            let run = RunId::new(name).unwrap();
+            ledger
+                .append(
+                    &run,
+                    vec![
+                        rt("RunProvisioned"),
+                        rt("ContextResolved"),
+                        rt("ExecutionWindowOpened"),
+                        Draft::new("InferenceStep", Origin::Agent("a1".into()))
+                            .intent("think")
+                            .payload(json!({"output": format!("plan for {name}"), "big": "x".repeat(20_000)})),
+                        Draft::new("CapabilityRequested", Origin::Agent("a1".into()))
+                            .intent("write a file")
+                            .cause(EventId::new(run.clone(), 3)),
+                    ],
+                )
+                .await
+                .unwrap();
+        }
+    });
+    (dir, home)
+}
+
+#[test]
+fn init_creates_a_home_and_refuses_to_overwrite_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("h");
+    let o = ice(&home, &["init", "--json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(v["verifier_key"].as_str().unwrap().contains('+'));
+    for f in [
+        "config.toml",
+        "ice.db",
+        "keys/checkpoint.key",
+        "keys/checkpoint.pub",
+    ] {
+        assert!(home.join(f).exists(), "{f}");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(home.join("keys/checkpoint.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "the signing key is private");
+    }
+    let before = std::fs::read(home.join("keys/checkpoint.key")).unwrap();
+    let o = ice(&home, &["init"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("already an ICE home"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(home.join("keys/checkpoint.key")).unwrap(),
+        before
+    );
+}
+
+#[test]
+fn every_command_refuses_a_directory_that_is_not_a_home() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["log"][..],
+        &["verify"],
+        &["checkpoint"],
+        &["runs"],
+        &["show", "a:0"],
+        &["prove", "a:0"],
+    ] {
+        let o = ice(dir.path(), args);
+        assert_eq!(code(&o), 1, "{args:?}");
+        assert!(
+            stderr(&o).contains("is not an ICE home"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing was created"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(code(&ice(dir.path(), &["no-such-command"])), 2);
+    assert_eq!(code(&ice(dir.path(), &["log", "--limit", "many"])), 2);
+}
+
+#[test]
+fn home_comes_from_ice_home_when_no_flag() {
+    let (_d, home) = seeded();
+    let o = Command::new(env!("CARGO_BIN_EXE_ice"))
+        .args(["runs", "--json"])
+        .env("ICE_HOME", &home)
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let runs: Vec<Value> = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0]["state"], "EXECUTING");
+    assert_eq!(runs[0]["events"], 5);
+}
+
+#[test]
+fn log_filters_by_run_and_type_and_prints_json_lines() {
+    let (_d, home) = seeded();
+    let o = ice(&home, &["log", "--json"]);
+    assert_eq!(code(&o), 0);
+    let lines: Vec<Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 10);
+    assert_eq!(lines[9]["log_seq"], 9);
+    let o = ice(
+        &home,
+        &["log", "--json", "--run", "beta", "--type", "InferenceStep"],
+    );
+    let lines: Vec<Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["run_id"], "beta");
+    assert_eq!(lines[0]["type"], "InferenceStep");
+    let o = ice(&home, &["log", "--type", "NoSuchType"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("not an event type"));
+    let o = ice(&home, &["log", "--limit", "3"]);
+    assert_eq!(stdout(&o).lines().count(), 3);
+}
+
+#[test]
+fn show_prints_one_event_and_inlines_blobs_on_request() {
+    let (_d, home) = seeded();
+    let o = ice(&home, &["show", "alpha:3", "--json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["type"], "InferenceStep");
+    assert!(
+        v["payload"]["big"]["$blob"].is_string(),
+        "a large field is kept as a blob reference"
+    );
+    let o = ice(&home, &["show", "alpha:3", "--json", "--blobs"]);
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["payload"]["big"].as_str().unwrap().len(), 20_000);
+    let o = ice(&home, &["show", "alpha:99"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("no event alpha:99"));
+    let o = ice(&home, &["show", "not an id"]);
+    assert_eq!(code(&o), 1);
+}
+
+#[test]
+fn the_audit_loop_verify_checkpoint_prove_verify_proof() {
+    let (d, home) = seeded();
+    let o = ice(&home, &["verify"]);
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("not yet covered by a signature"),
+        "{}",
+        stdout(&o)
+    );
+    let o = ice(&home, &["prove", "alpha:1"]);
+    assert_eq!(code(&o), 1, "no checkpoint yet");
+    assert!(stderr(&o).contains("ice checkpoint"));
+
+    let o = ice(&home, &["checkpoint", "--json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let cp: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(cp["size"], 10);
+    assert!(
+        cp["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("ice.test/cli\n10\n")
+    );
+
+    let o = ice(&home, &["verify", "--json"]);
+    let r: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(r["checkpoints_verified"], 1);
+    assert_eq!(r["events"], 10);
+    assert_eq!(r["blobs_checked"], 2);
+    let o = ice(&home, &["verify", "--deep", "--json"]);
+    assert_eq!(code(&o), 0, "{}", stdout(&o));
+
+    let proof = d.path().join("p.json");
+    let o = ice(&home, &["prove", "beta:3", "-o", proof.to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // Offline: only the public key, no home.
+    let key = home.join("keys/checkpoint.pub");
+    let nohome = d.path().join("nowhere");
+    let o = ice(
+        &nohome,
+        &[
+            "verify-proof",
+            proof.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("event beta:3"));
+
+    // The same proof with the event altered is invalid.
+    let mut p: Value = serde_json::from_slice(&std::fs::read(&proof).unwrap()).unwrap();
+    p["event"]["intent"] = json!("something else");
+    let bad = d.path().join("bad.json");
+    std::fs::write(&bad, serde_json::to_vec(&p).unwrap()).unwrap();
+    let o = ice(&home, &["verify-proof", bad.to_str().unwrap()]);
+    assert_eq!(code(&o), 5, "{}", stdout(&o));
+    assert!(stdout(&o).contains("altered"), "{}", stdout(&o));
+
+    // Another log's key does not accept it.
+    let other = d.path().join("other");
+    assert_eq!(code(&ice(&other, &["init", "--origin", "ice.test/cli"])), 0);
+    let o = ice(
+        &home,
+        &[
+            "verify-proof",
+            proof.to_str().unwrap(),
+            "--key",
+            other.join("keys/checkpoint.pub").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&o), 5);
+    assert!(
+        stdout(&o).contains("no signature by key") || stdout(&o).contains("does not verify"),
+        "{}",
+        stdout(&o)
+    );
+
+    // Garbage is a clear INVALID, not a crash; a missing file is an error.
+    std::fs::write(
+        &bad,
+        b"{\"format\": \"ice-inclusion-proof/1\", \"proof\": 3}",
+    )
+    .unwrap();
+    let o = ice(&home, &["verify-proof", bad.to_str().unwrap()]);
+    assert_eq!(code(&o), 5);
+    assert!(
+        stdout(&o).contains("not an ICE proof file"),
+        "{}",
+        stdout(&o)
+    );
+    let o = ice(
+        &home,
+        &[
+            "verify-proof",
+            d.path().join("missing.json").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&o), 1);
+
+    // Consistency between two checkpoints.
+    let rt_ = tokio::runtime::Runtime::new().unwrap();
+    rt_.block_on(async {
+        let log = Arc::new(SqliteLog::open(&home.join("ice.db"), Mode::ReadWrite).unwrap());
+        let ledger = Ledger::new(log, Arc::new(SystemClock));
+        ledger
+            .append(&RunId::new("gamma").unwrap(), vec![rt("RunProvisioned")])
+            .await
+            .unwrap();
+    });
+    assert_eq!(code(&ice(&home, &["checkpoint"])), 0);
+    let cons = d.path().join("c.json");
+    let o = ice(
+        &home,
+        &["prove", "--from", "10", "-o", cons.to_str().unwrap()],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = ice(&home, &["verify-proof", cons.to_str().unwrap(), "--json"]);
+    assert_eq!(code(&o), 0, "{}", stdout(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["tree_size"], 11);
+}
+
+fn tamper(db: &Path, sql: &str) {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.execute_batch("DROP TRIGGER events_no_update;").unwrap();
+    c.execute_batch(sql).unwrap();
+}
+
+#[test]
+fn verify_exits_5_naming_the_first_bad_event_and_changes_nothing() {
+    let (_d, home) = seeded();
+    assert_eq!(code(&ice(&home, &["checkpoint"])), 0);
+    let db = home.join("ice.db");
+    // One byte of one stored event changes (the run id column stays).
+    tamper(
+        &db,
+        "UPDATE events SET body = CAST(replace(CAST(body AS TEXT), 'plan for beta', 'plan for bet4') AS BLOB) WHERE log_seq = 8;",
+    );
+    // Fold everything into the main file so the before/after comparison sees all bytes.
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+        .unwrap();
+    let before = std::fs::read(&db).unwrap();
+    let o = ice(&home, &["verify"]);
+    assert_eq!(code(&o), 5, "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("INVALID at log_seq 8 (event beta:3)"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stdout(&o).contains("hash"), "{}", stdout(&o));
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        before,
+        "verify modifies nothing"
+    );
+    let o = ice(&home, &["verify", "--json"]);
+    let r: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(r["failure"]["log_seq"], 8);
+    assert_eq!(r["failure"]["event_id"], "beta:3");
+}
+
+#[test]
+fn a_corrupt_or_missing_database_is_a_clear_error_and_is_not_modified() {
+    let (_d, home) = seeded();
+    let db = home.join("ice.db");
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+        .unwrap();
+    let mut bytes = std::fs::read(&db).unwrap();
+    bytes[..16].copy_from_slice(b"this is no db!!\0");
+    std::fs::write(&db, &bytes).unwrap();
+    for args in [&["verify"][..], &["log"], &["checkpoint"]] {
+        let o = ice(&home, args);
+        assert_eq!(code(&o), 1, "{args:?}");
+        let e = stderr(&o);
+        assert!(
+            e.contains("ice.db") && e.contains("not an ICE log"),
+            "{args:?}: {e}"
+        );
+        assert_eq!(
+            std::fs::read(&db).unwrap(),
+            bytes,
+            "{args:?} modified the file"
+        );
+    }
+    // Truncated to half.
+    let (_d2, home2) = seeded();
+    let db2 = home2.join("ice.db");
+    rusqlite::Connection::open(&db2)
+        .unwrap()
+        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+        .unwrap();
+    let full = std::fs::read(&db2).unwrap();
+    std::fs::write(&db2, &full[..full.len() / 2]).unwrap();
+    let _ = std::fs::remove_file(home2.join("ice.db-wal"));
+    let _ = std::fs::remove_file(home2.join("ice.db-shm"));
+    let o = ice(&home2, &["verify"]);
+    assert_ne!(code(&o), 0, "{}", stdout(&o));
+    assert!(
+        code(&o) == 1 || code(&o) == 5,
+        "a clear failure: {} {}",
+        stdout(&o),
+        stderr(&o)
+    );
+    // Missing.
+    std::fs::remove_file(&db).unwrap();
+    let o = ice(&home, &["verify"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("no such file"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_missing_or_wrong_key_is_a_clear_error() {
+    let (d, home) = seeded();
+    std::fs::rename(home.join("keys/checkpoint.pub"), d.path().join("pub")).unwrap();
+    let o = ice(&home, &["verify"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("checkpoint.pub"), "{}", stderr(&o));
+    std::fs::write(
+        home.join("keys/checkpoint.pub"),
+        "ice.test/cli+00000000+AAAA\n",
+    )
+    .unwrap();
+    let o = ice(&home, &["verify"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("malformed key"), "{}", stderr(&o));
+    std::fs::write(home.join("keys/checkpoint.key"), "PRIVATE+KEY+nonsense\n").unwrap();
+    let o = ice(&home, &["checkpoint"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("checkpoint.key"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_log_url_of_an_unknown_kind_is_refused() {
+    let (_d, home) = seeded();
+    let o = ice(&home, &["--log", "mysql://x", "log"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("not of a known form"), "{}", stderr(&o));
+}
+
+#[test]
+fn bench_prints_each_figure_beside_its_baseline() {
+    let d = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_ice"))
+        .args([
+            "bench",
+            "--appends",
+            "16",
+            "--concurrency",
+            "4",
+            "--events",
+            "2000",
+            "--repeat",
+            "1",
+            "--json",
+            "--dir",
+        ])
+        .arg(d.path())
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    for k in ["append_c1", "append_c4"] {
+        assert!(v[k]["ice_events_per_s"].as_f64().unwrap() > 0.0, "{k}");
+        assert!(v[k]["raw_events_per_s"].as_f64().unwrap() > 0.0, "{k}");
+    }
+    assert!(v["verify"]["baseline_events_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["verify_memory"]["big_peak_rss_kib"].as_i64().unwrap() > 0);
+}
