@@ -311,3 +311,45 @@ proptest! {
         }
     }
 }
+
+// The fast path that `verify` and replay use reads only headers; it must agree with the full
+// validator on every history, and catch every single-byte change to a stored body.
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn admitting_stored_headers_agrees_with_admitting_whole_events(h in arb_history()) {
+        let mut fast = RunHead::new(h.head.run_id.clone());
+        let mut view = RunView::new(h.head.run_id.clone());
+        for e in &h.events {
+            let header = fast.admit_stored(e.body(), e.event().hash, &NoOtherRuns);
+            prop_assert!(header.is_ok(), "{} refused by the header path: {:?}", e.event().id(), header);
+            let header = header.unwrap();
+            prop_assert_eq!(&header, &ice_kernel::Header::of(e.event()));
+            view.apply_header(&header, e.event().hash).expect("a sealed history folds");
+        }
+        prop_assert_eq!(&fast, &h.head);
+        prop_assert_eq!(&view, &h.live);
+    }
+
+    #[test]
+    fn any_single_byte_change_to_a_stored_body_is_refused_by_the_header_path(
+        h in arb_history(),
+        pick in any::<prop::sample::Index>(),
+        at in any::<prop::sample::Index>(),
+        bit in 0u8..8,
+    ) {
+        prop_assume!(!h.events.is_empty());
+        let k = pick.index(h.events.len());
+        let mut head = RunHead::new(h.head.run_id.clone());
+        for e in &h.events[..k] {
+            head.admit_stored(e.body(), e.event().hash, &NoOtherRuns).expect("prefix admits");
+        }
+        let mut body = h.events[k].body().to_vec();
+        let i = at.index(body.len());
+        body[i] ^= 1 << bit;
+        let before = head.clone();
+        prop_assert!(head.admit_stored(&body, h.events[k].event().hash, &NoOtherRuns).is_err());
+        prop_assert_eq!(head, before, "a refused event moved the head");
+    }
+}
