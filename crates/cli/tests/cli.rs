@@ -478,3 +478,47 @@ fn bench_prints_each_figure_beside_its_baseline() {
     assert!(v["verify"]["baseline_events_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["verify_memory"]["big_peak_rss_kib"].as_i64().unwrap() > 0);
 }
+
+#[test]
+fn log_follow_prints_events_appended_after_it_started() {
+    use std::io::{BufRead, BufReader};
+    let (_d, home) = seeded();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ice"))
+        .arg("--home")
+        .arg(&home)
+        .args(["log", "--follow", "--json", "--run", "delta"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let rt_ = tokio::runtime::Runtime::new().unwrap();
+    rt_.block_on(async {
+        let log = Arc::new(SqliteLog::open(&home.join("ice.db"), Mode::ReadWrite).unwrap());
+        let ledger = Ledger::new(log, Arc::new(SystemClock));
+        ledger
+            .append(
+                &RunId::new("delta").unwrap(),
+                vec![rt("RunProvisioned"), rt("ContextResolved")],
+            )
+            .await
+            .unwrap();
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for _ in 0..2 {
+            let _ = tx.send(lines.next().and_then(Result::ok));
+        }
+    });
+    for want in ["RunProvisioned", "ContextResolved"] {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("follow printed in time")
+            .expect("a line");
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["type"], want);
+        assert_eq!(v["run_id"], "delta");
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+}
