@@ -81,7 +81,7 @@ pub async fn verify(home: &Path, url: Option<&str>, a: VerifyArgs) -> Result<u8>
         println!("({} events before it verified)", report.events);
     } else {
         println!(
-            "ok: {} events in {} runs; root {}; {} checkpoint(s) verified{}; {} blob(s){} checked in {:.2}s",
+            "ok: {} events in {} runs; root {}; {} checkpoint(s) verified{}; {} tree nodes, {} blob(s){} checked in {:.2}s",
             report.events,
             report.runs,
             report.root,
@@ -90,14 +90,12 @@ pub async fn verify(home: &Path, url: Option<&str>, a: VerifyArgs) -> Result<u8>
                 .latest_checkpoint
                 .map(|s| format!(" (latest at size {s})"))
                 .unwrap_or_default(),
+            report.tree_nodes_checked,
             report.blobs_checked,
             if report.deep {
-                format!(
-                    ", {} tree nodes and every canonical encoding",
-                    report.tree_nodes_checked
-                )
+                " and every canonical encoding"
             } else {
-                String::new()
+                ""
             },
             secs
         );

@@ -118,6 +118,13 @@ pub async fn prove_consistency(
             old.size, new.size
         )));
     }
+    // Every log extends the empty one; RFC 9162 defines no proof from size 0 and verifiers
+    // (ours included) reject one, so do not make a proof nobody can check.
+    if old.size == 0 {
+        return Err(LogError::Invalid(
+            "the old checkpoint is of the empty log (size 0): there is nothing to prove consistent; pick a later one".into(),
+        ));
+    }
     let proof = range_hashes(log, &merkle::consistency_ranges(old.size, new.size)).await?;
     Ok(ProofFile::Consistency {
         old_checkpoint: old_note.to_string(),

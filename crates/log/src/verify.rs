@@ -8,8 +8,9 @@
 //!
 //! Two depths:
 //! - default: each event's stored body must hash to its hash; its header (ids, type, origin,
-//!   time, causes, `prev`) must pass the validator's sequence rules; the tree, checkpoints and
-//!   blobs must match. Every stored byte is covered by a hash that is checked.
+//!   time, causes, `prev`) must pass the validator's sequence rules; every stored tree node
+//!   (whose leaves record the order events were appended in), every checkpoint and every blob
+//!   must match. Every stored byte is covered by a hash that is checked.
 //! - deep: additionally decodes every payload, re-runs the structural rules, and requires the
 //!   stored body to be exactly the RFC 8785 encoding of the event (an independent re-derivation
 //!   of every hash from the fields).
@@ -116,11 +117,7 @@ pub async fn verify_with(
         return Ok(v.report);
     }
     let mut page = log.scan(0, PAGE).await?;
-    let mut nodes = if deep {
-        log.scan_nodes(0, PAGE as u64).await?
-    } else {
-        Vec::new()
-    };
+    let mut nodes = log.scan_nodes(0, PAGE as u64).await?;
     loop {
         let n = page.len() as u64;
         let from = v.next + n;
@@ -254,16 +251,15 @@ impl Verifier {
             }
             let hash: [u8; 32] = row.hash.as_slice().try_into().unwrap_or([0; 32]);
             let completed = self.frontier.push(leaf_hash(&hash));
-            // Deep: the stored tree (which proofs are built from) must be the tree of these events.
-            if self.deep {
-                for (id, h) in completed {
-                    let ok = matches!(nodes.next(), Some((sid, sh)) if sid == id && sh == h.0);
-                    if !ok {
-                        self.fail(Some(row.log_seq), label(), tree_mismatch(id));
-                        return Ok(false);
-                    }
-                    self.report.tree_nodes_checked += 1;
+            // The stored tree (which proofs are built from, and whose leaves record the order
+            // the events were appended in) must be the tree of these events.
+            for (id, h) in completed {
+                let ok = matches!(nodes.next(), Some((sid, sh)) if sid == id && sh == h.0);
+                if !ok {
+                    self.fail(Some(row.log_seq), label(), tree_mismatch(id));
+                    return Ok(false);
                 }
+                self.report.tree_nodes_checked += 1;
             }
             self.next += 1;
             if let Some(&(size, root)) = self.checkpoints.front()
@@ -274,29 +270,31 @@ impl Verifier {
                     // Name the first event that differs from what was appended, by the leaf
                     // hashes the log stored when it appended them.
                     let (from, to) = (self.matched, size);
-                    let (at, what) = match locate(log, from, to).await? {
+                    let (at, id, what) = match locate(log, from, to).await? {
                         Some((seq, id)) => (
                             Some(seq),
+                            Some(id.clone()),
                             format!(
                                 "event {id} at log_seq {seq} is not the event that was appended there (its leaf hash differs), so the root of the first {size} events does not match the signed checkpoint: the log was rewritten"
                             ),
                         ),
                         None => (
                             Some(size - 1),
+                            None,
                             format!(
                                 "the root of the first {size} events does not match the signed checkpoint of that size: the log was rewritten between log_seq {from} and {}",
                                 size - 1
                             ),
                         ),
                     };
-                    self.fail(at, None, what);
+                    self.fail(at, id, what);
                     return Ok(false);
                 }
                 self.matched = size;
                 self.report.checkpoints_verified += 1;
             }
         }
-        if let Some((id, _)) = nodes.next().filter(|_| self.deep) {
+        if let Some((id, _)) = nodes.next() {
             self.fail(
                 Some(id.last_leaf()),
                 None,

@@ -1,0 +1,295 @@
+//! The embedded SQLite backend through the `EventLog` interface and the ledger: what is
+//! appended is read back exactly, in order, across reopenings; what the validator or the log
+//! refuses leaves nothing behind.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use ice_kernel::{Draft, EventId, NoOtherRuns, Origin, RunHead, ValidationError};
+use ice_log::ledger::{AppendError, fold_run, read_whole_run};
+use ice_log::merkle::{Frontier, leaf_hash};
+use ice_log::sqlite::{Mode, SqliteLog};
+use ice_log::{EventLog, LogError, StoredCheckpoint, root_at};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn appended_events_read_back_exactly_in_run_and_log_order() {
+    let fx = Fixture::new();
+    let a = run_id("run-a");
+    let b = run_id("run-b");
+    let (ra, batch_a) = fx.ledger.append(&a, opening()).await.unwrap();
+    assert_eq!((ra.first_log_seq, ra.count, ra.tree_size), (0, 4, 4));
+    let (rb, batch_b) = fx.ledger.append(&b, full_run(&[0, 1, 2])).await.unwrap();
+    assert_eq!((rb.first_log_seq, rb.count, rb.tree_size), (4, 12, 16));
+    let (rc, batch_c) = fx
+        .ledger
+        .append(&a, vec![working(0, 1), working(4, 2)])
+        .await
+        .unwrap();
+    assert_eq!((rc.first_log_seq, rc.tree_size), (16, 18));
+    assert_eq!(fx.log().size().await.unwrap(), 18);
+
+    // Run order: each run's events, as sealed, with their canonical bodies.
+    let stored_a = read_whole_run(fx.log(), &a).await.unwrap();
+    let sealed_a: Vec<_> = batch_a.events().iter().chain(batch_c.events()).collect();
+    assert_eq!(stored_a.len(), sealed_a.len());
+    for (s, e) in stored_a.iter().zip(&sealed_a) {
+        assert_eq!(s.body, e.body());
+        assert_eq!(s.hash, e.event().hash.0.to_vec());
+        assert_eq!(&s.event().unwrap(), e.event());
+        assert_eq!(s.run_id, "run-a");
+        assert_eq!(s.event_type, e.event().event_type);
+    }
+    assert_eq!(
+        stored_a.iter().map(|s| s.log_seq).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 16, 17]
+    );
+    // Log order: positions 0..n with no gaps, and a page boundary in the middle.
+    let all = all_events(fx.log()).await;
+    assert_eq!(
+        all.iter().map(|s| s.log_seq).collect::<Vec<_>>(),
+        (0..18).collect::<Vec<_>>()
+    );
+    let page = fx.log().scan(5, 3).await.unwrap();
+    assert_eq!(page, all[5..8].to_vec());
+    assert!(fx.log().scan(18, 10).await.unwrap().is_empty());
+    let part = fx.log().read_run(&b, 10, 100).await.unwrap();
+    assert_eq!(part.len(), 2);
+    assert_eq!(part[0].run_seq, 10);
+    assert_eq!(
+        part[0].event().unwrap(),
+        batch_b.events()[10].event().clone()
+    );
+
+    // Lookup by id, runs in order of first appearance, existence.
+    let id = EventId::new(b.clone(), 3);
+    assert_eq!(fx.log().get(&id).await.unwrap().unwrap().log_seq, 7);
+    assert_eq!(
+        fx.log().get(&EventId::new(b.clone(), 12)).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        fx.log().runs(0, 10).await.unwrap(),
+        vec![a.clone(), b.clone()]
+    );
+    assert_eq!(fx.log().runs(1, 10).await.unwrap(), vec![b.clone()]);
+    let missing = EventId::new(run_id("nope"), 0);
+    let found = fx
+        .log()
+        .existing(&[id.clone(), missing.clone()])
+        .await
+        .unwrap();
+    assert!(found.contains(&id) && !found.contains(&missing));
+
+    // The stored tree is the RFC 6962 tree over the event hashes, in log order.
+    let mut f = Frontier::new();
+    for s in &all {
+        f.push(leaf_hash(&s.hash));
+    }
+    assert_eq!(root_at(fx.log(), 18).await.unwrap(), f.root());
+    let r = assert_verifies(fx.log()).await;
+    assert_eq!((r.events, r.runs), (18, 2));
+    assert_eq!(r.root, f.root().to_hex());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reopened_log_holds_everything_and_continues_the_same_tree() {
+    let fx = Fixture::new();
+    let a = run_id("a");
+    fx.ledger.append(&a, opening()).await.unwrap();
+    for i in 0..5 {
+        fx.ledger
+            .append(&a, vec![working(i, i as u64)])
+            .await
+            .unwrap();
+    }
+    let before = all_events(fx.log()).await;
+    let (_dir, path) = fx.close();
+
+    let log = Arc::new(SqliteLog::open(&path, Mode::ReadWrite).unwrap());
+    assert_eq!(all_events(log.as_ref()).await, before);
+    // A new ledger folds the run's head from the log and continues its chain.
+    let ledger = ice_log::ledger::Ledger::new(log.clone(), Arc::new(TestClock::new()));
+    let head = ledger.head(&a).await.unwrap();
+    assert_eq!(head.next_seq, 9);
+    assert_eq!(head.last_hash.0.to_vec(), before[8].hash);
+    let (r, _) = ledger.append(&a, closing()).await.unwrap();
+    assert_eq!((r.first_log_seq, r.tree_size), (9, 14));
+    // The writer's tree frontier was rebuilt from the stored nodes: the tree is still right.
+    let all = all_events(log.as_ref()).await;
+    let mut f = Frontier::new();
+    for s in &all {
+        f.push(leaf_hash(&s.hash));
+    }
+    assert_eq!(root_at(log.as_ref(), 14).await.unwrap(), f.root());
+    assert_verifies(log.as_ref()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rejected_draft_appends_nothing_of_its_batch() {
+    let fx = Fixture::new();
+    let a = run_id("a");
+    fx.ledger.append(&a, opening()).await.unwrap();
+    // The third draft breaks the origin law: the two before it must not be written either.
+    let drafts = vec![
+        working(0, 1),
+        working(3, 2),
+        Draft::new("RunCommitted", agent()),
+        working(0, 3),
+    ];
+    let err = fx.ledger.append(&a, drafts).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            AppendError::Rejected {
+                index: 2,
+                error: ValidationError::OriginForbidden { .. }
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(fx.log().size().await.unwrap(), 4);
+    // A cause that does not exist is refused by name.
+    let ghost = EventId::new(run_id("ghost"), 0);
+    let err = fx
+        .ledger
+        .append(&a, vec![working(0, 4).cause(ghost.clone())])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, AppendError::Rejected { error: ValidationError::UnknownCause { cause }, .. } if *cause == ghost),
+        "{err:?}"
+    );
+    // A cause in another run that does exist is accepted.
+    let b = run_id("b");
+    fx.ledger.append(&b, opening()).await.unwrap();
+    let cause = EventId::new(b.clone(), 3);
+    let (_, batch) = fx
+        .ledger
+        .append(&a, vec![working(0, 5).cause(cause.clone())])
+        .await
+        .unwrap();
+    assert_eq!(batch.events()[0].event().causes, vec![cause]);
+    assert_eq!(fx.log().size().await.unwrap(), 9);
+    assert_verifies(fx.log()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_only_log_refuses_writes() {
+    let fx = Fixture::new();
+    let a = run_id("a");
+    let (_, batch) = fx.ledger.append(&a, opening()).await.unwrap();
+    let (_dir, path) = fx.close();
+    let ro = open_ro(&path);
+    let mut head = RunHead::new(a.clone());
+    for e in batch.events() {
+        head.admit(e.event().clone(), &NoOtherRuns).unwrap();
+    }
+    let next = head
+        .seal_batch(
+            vec![working(0, 0)],
+            ice_kernel::Timestamp::from_unix_us(T0_US * 2).unwrap(),
+            &NoOtherRuns,
+        )
+        .unwrap();
+    assert_eq!(ro.append(next).await, Err(LogError::ReadOnly));
+    assert_eq!(
+        ro.add_checkpoint(StoredCheckpoint {
+            size: 1,
+            note: "x".into()
+        })
+        .await,
+        Err(LogError::ReadOnly)
+    );
+    assert_eq!(ro.size().await.unwrap(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_refuses_an_existing_file_and_keeps_it() {
+    let fx = Fixture::new();
+    fx.ledger.append(&run_id("a"), opening()).await.unwrap();
+    let (_dir, path) = fx.close();
+    let bytes = std::fs::read(&path).unwrap();
+    match SqliteLog::create(&path) {
+        Err(LogError::Invalid(m)) => assert!(m.contains("already exists"), "{m}"),
+        Err(e) => panic!("unexpected error {e:?}"),
+        Ok(_) => panic!("created over an existing log"),
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checkpoints_are_stored_once_per_size_and_never_beyond_the_log() {
+    let fx = Fixture::new();
+    fx.ledger.append(&run_id("a"), opening()).await.unwrap();
+    let cp = |size: u64, note: &str| StoredCheckpoint {
+        size,
+        note: note.into(),
+    };
+    assert!(matches!(
+        fx.log().add_checkpoint(cp(5, "too far")).await,
+        Err(LogError::Invalid(_))
+    ));
+    fx.log().add_checkpoint(cp(4, "four")).await.unwrap();
+    // The same note again is a no-op; another note for the same size is refused.
+    fx.log().add_checkpoint(cp(4, "four")).await.unwrap();
+    assert!(matches!(
+        fx.log().add_checkpoint(cp(4, "other")).await,
+        Err(LogError::Invalid(_))
+    ));
+    fx.log().add_checkpoint(cp(2, "two")).await.unwrap();
+    assert_eq!(
+        fx.log().checkpoints().await.unwrap(),
+        vec![cp(2, "two"), cp(4, "four")]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_rebuilds_the_live_projections_and_the_ledger_heads() {
+    let fx = Fixture::new();
+    let runs: Vec<_> = (0..3).map(|i| run_id(&format!("r{i}"))).collect();
+    let mut live = std::collections::BTreeMap::new();
+    for (i, r) in runs.iter().enumerate() {
+        let mut drafts = opening();
+        if i != 1 {
+            drafts.extend((0..7).map(|k| working(k, k as u64)));
+            drafts.extend(closing());
+        }
+        let (_, batch) = fx.ledger.append(r, drafts).await.unwrap();
+        let view = live
+            .entry(r.clone())
+            .or_insert_with(|| ice_kernel::RunView::new(r.clone()));
+        for e in batch.events() {
+            ice_kernel::Projection::apply(view, e.event()).unwrap();
+        }
+    }
+    let replayed = replay(fx.log()).await;
+    assert_eq!(replayed, live);
+    for r in &runs {
+        assert_eq!(fold_run(fx.log(), r).await.unwrap(), live[r]);
+        assert_eq!(fx.ledger.head(r).await.unwrap(), live[r].head);
+    }
+    assert_eq!(
+        live[&runs[0]].summary.state,
+        ice_kernel::RunState::Terminated
+    );
+    assert_eq!(
+        live[&runs[1]].summary.state,
+        ice_kernel::RunState::Executing
+    );
+    // A runtime event appended for the agent is refused by the law, not by the log.
+    let err = fx
+        .ledger
+        .append(
+            &runs[1],
+            vec![Draft::new("FileWritten", Origin::Runtime).payload(json!({}))],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, AppendError::Rejected { index: 0, .. }),
+        "{err:?}"
+    );
+}
