@@ -238,13 +238,19 @@ impl SqliteLog {
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, LogError>>) -> WriteReq,
     ) -> Result<T, LogError> {
-        let w = self.writer.as_ref().ok_or(LogError::ReadOnly)?.clone();
+        let w = self.writer.as_ref().ok_or(LogError::ReadOnly)?;
         let (tx, rx) = oneshot::channel();
-        let req = make(tx);
-        // The queue is bounded; waiting for room happens off the async threads.
-        tokio::task::spawn_blocking(move || w.send(req).map_err(|_| LogError::Closed))
-            .await
-            .map_err(|_| LogError::Closed)??;
+        match w.try_send(make(tx)) {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Disconnected(_)) => return Err(LogError::Closed),
+            // The queue is bounded; waiting for room happens off the async threads.
+            Err(mpsc::TrySendError::Full(req)) => {
+                let w = w.clone();
+                tokio::task::spawn_blocking(move || w.send(req).map_err(|_| LogError::Closed))
+                    .await
+                    .map_err(|_| LogError::Closed)??;
+            }
+        }
         rx.await.map_err(|_| LogError::Closed)?
     }
 }
@@ -269,10 +275,10 @@ fn open_reader(path: &Path) -> Result<Connection, LogError> {
             "configuring a reader of {}",
             path.display()
         )))?;
-    // Scans read the file sequentially: map it rather than copy each page through a syscall,
-    // and keep a modest page cache (bounded memory however long the log grows).
-    // These pragmas read the file's header: a file SQLite cannot read is not a log.
-    conn.execute_batch("PRAGMA mmap_size=1073741824; PRAGMA cache_size=-16384;")
+    // A fixed page cache per reader, and no memory map (mapped pages would count against the
+    // process as a scan touches them): memory stays bounded however long the log grows.
+    // This reads the file's header: a file SQLite cannot read is not a log.
+    conn.execute_batch("PRAGMA mmap_size=0; PRAGMA cache_size=-8192;")
         .map_err(|e| not_a_log(path, e, String::new()))?;
     Ok(conn)
 }
