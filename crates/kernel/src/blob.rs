@@ -49,6 +49,9 @@ pub struct BlobRef {
 pub fn externalize(payload: &mut Payload) -> Result<Vec<Blob>, String> {
     let mut blobs = Vec::new();
     for (key, value) in payload.iter_mut() {
+        if max_canonical_len(value) <= BLOB_FIELD_THRESHOLD_BYTES {
+            continue; // certainly small: no need to encode it to find out
+        }
         let bytes = serde_jcs::to_vec(value).map_err(|e| format!("payload field {key:?}: {e}"))?;
         if bytes.len() <= BLOB_FIELD_THRESHOLD_BYTES {
             continue;
@@ -64,6 +67,26 @@ pub fn externalize(payload: &mut Payload) -> Result<Vec<Blob>, String> {
         blobs.push(blob);
     }
     Ok(blobs)
+}
+
+/// An upper bound of a value's canonical length, without encoding it: a string's bytes can at
+/// most sextuple (`\u00XX` escapes) plus quotes; a number takes at most 32 characters.
+fn max_canonical_len(v: &Value) -> usize {
+    fn str_len(s: &str) -> usize {
+        s.len().saturating_mul(6).saturating_add(2)
+    }
+    match v {
+        Value::Null | Value::Bool(_) => 5,
+        Value::Number(_) => 32,
+        Value::String(s) => str_len(s),
+        Value::Array(a) => a
+            .iter()
+            .fold(2 + a.len(), |n, x| n.saturating_add(max_canonical_len(x))),
+        Value::Object(m) => m.iter().fold(2 + 2 * m.len(), |n, (k, x)| {
+            n.saturating_add(str_len(k))
+                .saturating_add(max_canonical_len(x))
+        }),
+    }
 }
 
 fn blob_ref_value(digest: &Digest, size: u64) -> Value {

@@ -171,6 +171,27 @@ impl Event {
         serde_jcs::to_vec(&view).unwrap_or_default()
     }
 
+    /// Length of the canonical payload inside a canonical body of `body_len` bytes, found by
+    /// encoding the event with an empty payload (`{}`): the two encodings differ only there.
+    pub fn canonical_payload_len(&self, body_len: usize) -> usize {
+        let empty = Payload::new();
+        let view = Unhashed {
+            run_id: &self.run_id,
+            run_seq: self.run_seq,
+            event_type: &self.event_type,
+            origin: &self.origin,
+            at: &self.at,
+            intent: &self.intent,
+            authority: &self.authority,
+            payload: &empty,
+            causes: &self.causes,
+            cost: &self.cost,
+            prev: &self.prev,
+        };
+        let shell = serde_jcs::to_vec(&view).map(|v| v.len()).unwrap_or(0);
+        (body_len + 2).saturating_sub(shell)
+    }
+
     /// SHA-256 of [`Event::canonical_body`].
     pub fn compute_hash(&self) -> Digest {
         Digest::of(&self.canonical_body())

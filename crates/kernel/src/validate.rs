@@ -260,6 +260,16 @@ impl RunHead {
         event: &Event,
         others: &dyn CauseIndex,
     ) -> Result<(EventType, Lifecycle), ValidationError> {
+        self.check_with(event, None, others)
+    }
+
+    /// [`RunHead::check`], given the canonical payload's length when the caller knows it.
+    fn check_with(
+        &self,
+        event: &Event,
+        payload_len: Option<usize>,
+        others: &dyn CauseIndex,
+    ) -> Result<(EventType, Lifecycle), ValidationError> {
         // 1. structure
         check_structure(
             event.run_seq,
@@ -268,6 +278,7 @@ impl RunHead {
             &event.payload,
             &event.causes,
             &event.cost,
+            payload_len,
         )?;
         blob::blob_refs(&event.payload).map_err(|e| structure("payload", e))?;
         check_reserved(&event.payload, true)?;
@@ -391,8 +402,9 @@ impl RunHead {
         event: Event,
         others: &dyn CauseIndex,
     ) -> Result<SealedEvent, ValidationError> {
-        let (t, next) = self.check(&event, others)?;
         let body = event.canonical_body();
+        let payload_len = event.canonical_payload_len(body.len());
+        let (t, next) = self.check_with(&event, Some(payload_len), others)?;
         let computed = Digest::of(&body);
         if computed != event.hash {
             return Err(ValidationError::Chain(ChainError::HashMismatch {
@@ -432,12 +444,14 @@ impl RunHead {
         check_reserved(&payload, false)?;
         check_payload(&payload)?;
         let blobs = blob::externalize(&mut payload).map_err(|e| structure("payload", e))?;
-        // Normalise numbers through the canonical form (1.0 and 1 encode alike), so the event
-        // held in memory equals the one read back from the log.
-        let canonical =
-            serde_jcs::to_vec(&payload).map_err(|e| structure("payload", e.to_string()))?;
-        let payload: Payload =
-            serde_json::from_slice(&canonical).map_err(|e| structure("payload", e.to_string()))?;
+        // Normalise floats through the canonical form (1.0 and 1 encode alike), so the event
+        // held in memory equals the one read back from the log. Integers need no normalising.
+        if payload.values().any(has_float) {
+            let canonical =
+                serde_jcs::to_vec(&payload).map_err(|e| structure("payload", e.to_string()))?;
+            payload = serde_json::from_slice(&canonical)
+                .map_err(|e| structure("payload", e.to_string()))?;
+        }
         let mut event = Event {
             run_id: self.run_id.clone(),
             run_seq: self.next_seq,
@@ -452,8 +466,9 @@ impl RunHead {
             prev: self.last_hash,
             hash: Digest::GENESIS,
         };
-        let (t, next) = self.check(&event, others)?;
         let body = event.canonical_body();
+        let payload_len = event.canonical_payload_len(body.len());
+        let (t, next) = self.check_with(&event, Some(payload_len), others)?;
         event.hash = Digest::of(&body);
         self.advance(&event, next);
         Ok((
@@ -578,6 +593,15 @@ impl RunHead {
     }
 }
 
+fn has_float(v: &Value) -> bool {
+    match v {
+        Value::Number(n) => n.is_f64(),
+        Value::Array(a) => a.iter().any(has_float),
+        Value::Object(m) => m.values().any(has_float),
+        _ => false,
+    }
+}
+
 /// The reserved key `$blob` appears only in blob references the kernel made: as a top-level
 /// field's `{"$blob": …, "size": …}` when `refs_allowed` (an event already sealed), nowhere in
 /// a draft.
@@ -627,6 +651,7 @@ fn check_structure(
     payload: &Payload,
     causes: &[EventId],
     cost: &Cost,
+    payload_len: Option<usize>,
 ) -> Result<(), ValidationError> {
     if run_seq > MAX_SAFE_INTEGER {
         return Err(structure("run_seq", "exceeds 2^53-1"));
@@ -634,9 +659,12 @@ fn check_structure(
     check_text("intent", intent)?;
     check_text("authority", authority)?;
     check_payload(payload)?;
-    let inline = serde_jcs::to_vec(payload)
-        .map_err(|e| structure("payload", e.to_string()))?
-        .len();
+    let inline = match payload_len {
+        Some(n) => n,
+        None => serde_jcs::to_vec(payload)
+            .map_err(|e| structure("payload", e.to_string()))?
+            .len(),
+    };
     if inline > MAX_INLINE_PAYLOAD_BYTES {
         return Err(structure(
             "payload",

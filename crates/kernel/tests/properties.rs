@@ -353,3 +353,18 @@ proptest! {
         prop_assert_eq!(head, before, "a refused event moved the head");
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Sealing measures the inline payload from the event's body instead of encoding the
+    /// payload again; the two must agree exactly, or the size limit would drift.
+    #[test]
+    fn the_payload_length_read_off_the_body_is_the_canonical_payload_length(h in arb_history()) {
+        for e in &h.events {
+            let ev = e.event();
+            let direct = serde_jcs::to_vec(&ev.payload).expect("payload encodes").len();
+            prop_assert_eq!(ev.canonical_payload_len(e.body().len()), direct);
+        }
+    }
+}
