@@ -522,3 +522,27 @@ fn log_follow_prints_events_appended_after_it_started() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_ice_quietly() {
+    let (_d, home) = seeded();
+    for args in [&["verify"][..], &["show", "alpha:3"], &["runs"], &["log"]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ice"))
+            .arg("--home")
+            .arg(&home)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // like `ice … | true`: the reader is gone before ice writes
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(
+            out.status.code().is_none_or(|c| c == 0),
+            "{args:?}: {:?} {err}",
+            out.status
+        );
+    }
+}
