@@ -367,6 +367,18 @@ fn commit_group(conn: &mut Connection, state: &mut WriterState, group: Vec<Write
         let mut tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(storage("beginning a commit"))?;
+        // Holding the write lock now. Another process may have appended since this writer last
+        // committed (two `ice` processes on one home): continue from the log as it is.
+        let size: i64 = tx
+            .query_row(
+                "SELECT COALESCE(MAX(log_seq) + 1, 0) FROM events",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(storage("reading the log size"))?;
+        if size as u64 != state.frontier.size() {
+            *state = WriterState::load(&tx)?;
+        }
         for req in group.into_iter() {
             match req {
                 WriteReq::Append(batch, reply) => {

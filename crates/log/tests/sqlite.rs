@@ -293,3 +293,43 @@ async fn replay_rebuilds_the_live_projections_and_the_ledger_heads() {
         "{err:?}"
     );
 }
+
+/// Two writers on one file (two `ice` processes on one home): each continues from the log as
+/// the other left it, nothing forks, and the log verifies.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_writers_on_one_file_take_turns_without_forking() {
+    use ice_log::ledger::Ledger;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    drop(SqliteLog::create(&path).unwrap());
+    let a = Arc::new(SqliteLog::open(&path, Mode::ReadWrite).unwrap());
+    let b = Arc::new(SqliteLog::open(&path, Mode::ReadWrite).unwrap());
+    let la = Ledger::new(a.clone(), Arc::new(ice_log::clock::SystemClock));
+    let lb = Ledger::new(b.clone(), Arc::new(ice_log::clock::SystemClock));
+    let (ra, rb) = (
+        ice_kernel::RunId::new("writer-a").unwrap(),
+        ice_kernel::RunId::new("writer-b").unwrap(),
+    );
+    let open = || {
+        ["RunProvisioned", "ContextResolved", "ExecutionWindowOpened"]
+            .map(|t| ice_kernel::Draft::new(t, ice_kernel::Origin::Runtime))
+            .to_vec()
+    };
+    la.append(&ra, open()).await.unwrap();
+    lb.append(&rb, open()).await.unwrap();
+    for i in 0..20 {
+        let step = |run: &str| {
+            ice_kernel::Draft::new("TaskStarted", ice_kernel::Origin::Runtime)
+                .payload(serde_json::json!({"run": run, "i": i}))
+        };
+        let ra_receipt = la.append(&ra, vec![step("a")]).await.unwrap().0;
+        let rb_receipt = lb.append(&rb, vec![step("b")]).await.unwrap().0;
+        assert_eq!(rb_receipt.first_log_seq, ra_receipt.first_log_seq + 1);
+    }
+    assert_eq!(a.size().await.unwrap(), 46);
+    let report = ice_log::verify::verify(b.as_ref(), None, |_| {})
+        .await
+        .unwrap();
+    assert!(report.ok(), "{:?}", report.failure);
+    assert_eq!(report.events, 46);
+}
