@@ -52,7 +52,8 @@ pub fn externalize(payload: &mut Payload) -> Result<Vec<Blob>, String> {
         if max_canonical_len(value) <= BLOB_FIELD_THRESHOLD_BYTES {
             continue; // certainly small: no need to encode it to find out
         }
-        let bytes = serde_jcs::to_vec(value).map_err(|e| format!("payload field {key:?}: {e}"))?;
+        let bytes = crate::canonical::canonicalize(value)
+            .map_err(|e| format!("payload field {key:?}: {e}"))?;
         if bytes.len() <= BLOB_FIELD_THRESHOLD_BYTES {
             continue;
         }

@@ -56,6 +56,19 @@ impl Cost {
         ]
     }
 
+    /// The non-zero-able attributes in RFC 8785 key order (byte order of their ASCII names).
+    pub fn fields_in_key_order(&self) -> [(&'static str, u64); 7] {
+        [
+            ("bytes", self.bytes),
+            ("credits_micro", self.credits_micro),
+            ("risk", self.risk),
+            ("tokens_in", self.tokens_in),
+            ("tokens_out", self.tokens_out),
+            ("tool_calls", self.tool_calls),
+            ("wall_time_us", self.wall_time_us),
+        ]
+    }
+
     /// The attribute-wise sum, saturating (a sum is a report, never a hash input).
     pub fn saturating_add(&self, o: &Cost) -> Cost {
         Cost {
@@ -152,7 +165,80 @@ impl Event {
     }
 
     /// The RFC 8785 canonical encoding of every field but `hash`: the bytes the hash covers.
+    ///
+    /// Written field by field in the RFC's key order (the field names are ASCII, so that is
+    /// byte order); the tests check it against `serde_jcs` for every event they make.
     pub fn canonical_body(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        self.write_body(&self.payload, &mut out);
+        out
+    }
+
+    fn write_body(&self, payload: &Payload, out: &mut Vec<u8>) {
+        use crate::canonical::{write_object, write_str};
+        // Keys are written in RFC 8785 order; every key but the first is preceded by a comma.
+        let field = |out: &mut Vec<u8>, name: &str| {
+            if out.len() > 1 {
+                out.push(b',');
+            }
+            out.push(b'"');
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"\":");
+        };
+        out.push(b'{');
+        field(out, "at");
+        write_str(&self.at.to_string(), out);
+        if let Some(a) = &self.authority {
+            field(out, "authority");
+            write_str(a, out);
+        }
+        field(out, "causes");
+        out.push(b'[');
+        for (i, c) in self.causes.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_str(&c.to_string(), out);
+        }
+        out.push(b']');
+        field(out, "cost");
+        out.push(b'{');
+        let mut first = true;
+        for (name, v) in self.cost.fields_in_key_order() {
+            if v == 0 {
+                continue;
+            }
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            write_str(name, out);
+            out.push(b':');
+            out.extend_from_slice(v.to_string().as_bytes());
+        }
+        out.push(b'}');
+        if let Some(i) = &self.intent {
+            field(out, "intent");
+            write_str(i, out);
+        }
+        field(out, "origin");
+        write_str(&self.origin.to_string(), out);
+        field(out, "payload");
+        write_object(payload, out);
+        field(out, "prev");
+        write_str(&self.prev.to_hex(), out);
+        field(out, "run_id");
+        write_str(self.run_id.as_str(), out);
+        field(out, "run_seq");
+        out.extend_from_slice(self.run_seq.to_string().as_bytes());
+        field(out, "type");
+        write_str(&self.event_type, out);
+        out.push(b'}');
+    }
+
+    /// The canonical encoding by way of `serde_jcs`, the reference the fast writer is tested
+    /// against.
+    pub fn canonical_body_reference(&self) -> Vec<u8> {
         let view = Unhashed {
             run_id: &self.run_id,
             run_seq: self.run_seq,
@@ -166,30 +252,15 @@ impl Event {
             cost: &self.cost,
             prev: &self.prev,
         };
-        // Serialising these types cannot fail: every map key is a string and no Serialize impl
-        // here returns an error. An empty vector would fail every later hash check loudly.
         serde_jcs::to_vec(&view).unwrap_or_default()
     }
 
     /// Length of the canonical payload inside a canonical body of `body_len` bytes, found by
     /// encoding the event with an empty payload (`{}`): the two encodings differ only there.
     pub fn canonical_payload_len(&self, body_len: usize) -> usize {
-        let empty = Payload::new();
-        let view = Unhashed {
-            run_id: &self.run_id,
-            run_seq: self.run_seq,
-            event_type: &self.event_type,
-            origin: &self.origin,
-            at: &self.at,
-            intent: &self.intent,
-            authority: &self.authority,
-            payload: &empty,
-            causes: &self.causes,
-            cost: &self.cost,
-            prev: &self.prev,
-        };
-        let shell = serde_jcs::to_vec(&view).map(|v| v.len()).unwrap_or(0);
-        (body_len + 2).saturating_sub(shell)
+        let mut shell = Vec::with_capacity(256);
+        self.write_body(&Payload::new(), &mut shell);
+        (body_len + 2).saturating_sub(shell.len())
     }
 
     /// SHA-256 of [`Event::canonical_body`].

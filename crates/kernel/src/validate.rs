@@ -447,8 +447,8 @@ impl RunHead {
         // Normalise floats through the canonical form (1.0 and 1 encode alike), so the event
         // held in memory equals the one read back from the log. Integers need no normalising.
         if payload.values().any(has_float) {
-            let canonical =
-                serde_jcs::to_vec(&payload).map_err(|e| structure("payload", e.to_string()))?;
+            let mut canonical = Vec::with_capacity(256);
+            crate::canonical::write_object(&payload, &mut canonical);
             payload = serde_json::from_slice(&canonical)
                 .map_err(|e| structure("payload", e.to_string()))?;
         }
@@ -661,9 +661,11 @@ fn check_structure(
     check_payload(payload)?;
     let inline = match payload_len {
         Some(n) => n,
-        None => serde_jcs::to_vec(payload)
-            .map_err(|e| structure("payload", e.to_string()))?
-            .len(),
+        None => {
+            let mut v = Vec::with_capacity(128);
+            crate::canonical::write_object(payload, &mut v);
+            v.len()
+        }
     };
     if inline > MAX_INLINE_PAYLOAD_BYTES {
         return Err(structure(
