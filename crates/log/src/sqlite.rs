@@ -1,6 +1,7 @@
 //! The embedded backend: one SQLite file, WAL journal, `synchronous=FULL` (a commit returns only
-//! once it is on disk), and a single writer thread that commits concurrent appends as a group,
-//! so many appenders share one sync.
+//! once it is on disk), and group commit: an append that finds no commit under way commits on
+//! its caller's thread; otherwise it queues for the writer thread, which commits all queued
+//! appends as one group, so many appenders share one sync.
 //!
 //! Tables: `events` (the record: position, indexed columns, hash, canonical body), `tree`
 //! (every complete perfect Merkle subtree, keyed by the leaf that completed it), `blobs`
@@ -87,6 +88,8 @@ pub struct SqliteLog {
     path: PathBuf,
     writer: Option<mpsc::SyncSender<WriteReq>>,
     writer_thread: Option<JoinHandle<()>>,
+    /// The write connection and the tree's right edge; held by whoever commits.
+    core: Option<Arc<Mutex<Core>>>,
     readers: Arc<Mutex<Vec<Connection>>>,
 }
 
@@ -173,8 +176,8 @@ impl SqliteLog {
         }
         let reader = open_reader(path)?;
         check_format(&reader, path)?;
-        let (writer, writer_thread) = match mode {
-            Mode::ReadOnly => (None, None),
+        let (writer, writer_thread, core) = match mode {
+            Mode::ReadOnly => (None, None, None),
             Mode::ReadWrite => {
                 let conn = Connection::open_with_flags(
                     path,
@@ -183,21 +186,24 @@ impl SqliteLog {
                 .map_err(|e| not_a_log(path, e, String::new()))?;
                 apply_write_pragmas(&conn, path)?;
                 let state = WriterState::load(&conn)?;
+                let core = Arc::new(Mutex::new(Core { conn, state }));
                 let (tx, rx) = mpsc::sync_channel(WRITE_QUEUE);
+                let thread_core = core.clone();
                 let handle = std::thread::Builder::new()
                     .name("ice-log-writer".into())
-                    .spawn(move || writer_loop(conn, rx, state))
+                    .spawn(move || writer_loop(thread_core, rx))
                     .map_err(|e| LogError::Storage {
                         context: "starting the writer thread".into(),
                         message: e.to_string(),
                     })?;
-                (Some(tx), Some(handle))
+                (Some(tx), Some(handle), Some(core))
             }
         };
         Ok(SqliteLog {
             path: path.to_path_buf(),
             writer,
             writer_thread,
+            core,
             readers: Arc::new(Mutex::new(vec![reader])),
         })
     }
@@ -240,15 +246,41 @@ impl SqliteLog {
     ) -> Result<T, LogError> {
         let w = self.writer.as_ref().ok_or(LogError::ReadOnly)?;
         let (tx, rx) = oneshot::channel();
-        match w.try_send(make(tx)) {
-            Ok(()) => {}
-            Err(mpsc::TrySendError::Disconnected(_)) => return Err(LogError::Closed),
-            // The queue is bounded; waiting for room happens off the async threads.
-            Err(mpsc::TrySendError::Full(req)) => {
-                let w = w.clone();
-                tokio::task::spawn_blocking(move || w.send(req).map_err(|_| LogError::Closed))
-                    .await
-                    .map_err(|_| LogError::Closed)??;
+        let req = make(tx);
+        // When no commit is under way, commit right here: the caller waits for the disk sync
+        // anyway, and handing the request to the writer thread and back costs two wake-ups.
+        // Under load the writer thread gathers concurrent requests into one group commit.
+        let req = match &self.core {
+            Some(core) => match core.try_lock() {
+                Ok(mut c) => {
+                    let commit = move || {
+                        let Core { conn, state } = &mut *c;
+                        commit_group(conn, state, vec![req]);
+                    };
+                    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+                        // Let the runtime move its other tasks elsewhere meanwhile.
+                        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                            tokio::task::block_in_place(commit)
+                        }
+                        _ => commit(),
+                    }
+                    None
+                }
+                Err(_) => Some(req),
+            },
+            None => Some(req),
+        };
+        if let Some(req) = req {
+            match w.try_send(req) {
+                Ok(()) => {}
+                Err(mpsc::TrySendError::Disconnected(_)) => return Err(LogError::Closed),
+                // The queue is bounded; waiting for room happens off the async threads.
+                Err(mpsc::TrySendError::Full(req)) => {
+                    let w = w.clone();
+                    tokio::task::spawn_blocking(move || w.send(req).map_err(|_| LogError::Closed))
+                        .await
+                        .map_err(|_| LogError::Closed)??;
+                }
             }
         }
         rx.await.map_err(|_| LogError::Closed)?
@@ -337,7 +369,13 @@ fn get_node(conn: &Connection, id: NodeId) -> Result<Option<Digest>, LogError> {
     }
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<WriteReq>, mut state: WriterState) {
+/// The write connection and what the writer keeps in memory; whoever holds it commits.
+struct Core {
+    conn: Connection,
+    state: WriterState,
+}
+
+fn writer_loop(core: Arc<Mutex<Core>>, rx: mpsc::Receiver<WriteReq>) {
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP_REQUESTS {
@@ -346,7 +384,11 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<WriteReq>, mut state: Wr
                 Err(_) => break,
             }
         }
-        commit_group(&mut conn, &mut state, group);
+        // A poisoned lock means a commit panicked mid-way; its transaction rolled back when the
+        // connection's guard dropped, and the next group re-reads the log's size anyway.
+        let mut c = core.lock().unwrap_or_else(|p| p.into_inner());
+        let Core { conn, state } = &mut *c;
+        commit_group(conn, state, group);
     }
 }
 
