@@ -105,17 +105,7 @@ impl NoteSigner {
             CheckpointError::BadKey("a signer key starts with PRIVATE+KEY+".into())
         })?;
         let (name, id_hex, b64) = split3(rest)?;
-        let raw = B64
-            .decode(b64)
-            .map_err(|e| CheckpointError::BadKey(format!("signer key base64: {e}")))?;
-        if raw.len() != 33 || raw[0] != ALG_ED25519 {
-            return Err(CheckpointError::BadKey(
-                "signer key is not an Ed25519 key (0x01 + 32 bytes)".into(),
-            ));
-        }
-        let seed: [u8; 32] = raw[1..]
-            .try_into()
-            .map_err(|_| CheckpointError::BadKey("seed length".into()))?;
+        let seed = ed25519_key_bytes(b64, "signer")?;
         let signer = NoteSigner::from_seed(name, seed)?;
         if hex::encode(signer.id) != id_hex {
             return Err(CheckpointError::BadKey(
@@ -165,6 +155,21 @@ impl NoteSigner {
     }
 }
 
+/// The 32 key bytes of `base64(0x01 || key)`, the signed-note encoding of an Ed25519 key.
+fn ed25519_key_bytes(b64: &str, which: &str) -> Result<[u8; 32], CheckpointError> {
+    let raw = B64
+        .decode(b64)
+        .map_err(|e| CheckpointError::BadKey(format!("{which} key base64: {e}")))?;
+    match raw.split_first() {
+        Some((&ALG_ED25519, key)) if key.len() == 32 => key
+            .try_into()
+            .map_err(|_| CheckpointError::BadKey(format!("{which} key length"))),
+        _ => Err(CheckpointError::BadKey(format!(
+            "{which} key is not an Ed25519 key (0x01 + 32 bytes)"
+        ))),
+    }
+}
+
 fn split3(s: &str) -> Result<(&str, &str, &str), CheckpointError> {
     let mut it = s.splitn(3, '+');
     match (it.next(), it.next(), it.next()) {
@@ -207,17 +212,7 @@ impl NoteVerifier {
     pub fn parse(s: &str) -> Result<NoteVerifier, CheckpointError> {
         let (name, id_hex, b64) = split3(s.trim())?;
         check_name(name)?;
-        let raw = B64
-            .decode(b64)
-            .map_err(|e| CheckpointError::BadKey(format!("verifier key base64: {e}")))?;
-        if raw.len() != 33 || raw[0] != ALG_ED25519 {
-            return Err(CheckpointError::BadKey(
-                "verifier key is not an Ed25519 key (0x01 + 32 bytes)".into(),
-            ));
-        }
-        let bytes: [u8; 32] = raw[1..]
-            .try_into()
-            .map_err(|_| CheckpointError::BadKey("key length".into()))?;
+        let bytes = ed25519_key_bytes(b64, "verifier")?;
         let key = VerifyingKey::from_bytes(&bytes).map_err(|_| {
             CheckpointError::BadKey("verifier key is not a valid Ed25519 point".into())
         })?;
