@@ -1,0 +1,982 @@
+//! Cedar policies: loading and checking policy files, pre-selecting the policies that can apply
+//! to a request, and deciding it.
+//!
+//! # The decision
+//!
+//! A request is decided by the policies whose scope can match it:
+//!
+//! 1. a satisfied `forbid` denies ([`DenyReason::Forbidden`]);
+//! 2. else a `forbid` that failed to evaluate denies ([`DenyReason::ForbidFailed`]): ICE fails
+//!    closed where Cedar alone would skip the policy;
+//! 3. else a satisfied `permit` that permits outright gives [`Verdict::Permit`];
+//! 4. else a satisfied `permit` that needs approval gives [`Verdict::PermitWithApproval`];
+//! 5. else the request is denied ([`DenyReason::NoPermit`]): deny is the default.
+//!
+//! A permit needs approval when it carries `@approval("required")`. For a request whose effect
+//! class is `external`, a permit counts as outright only when it says so with
+//! `@external("permit")`; any other satisfied permit needs approval (spec I-006: external effects
+//! need an approval or an explicit policy permit for external effects).
+//!
+//! # Pre-selection
+//!
+//! At load time every policy is indexed by the actions and resource entity types its scope
+//! allows, and a small Cedar policy set is built for each (action, resource type) pair. A
+//! decision evaluates only its pair's set. Cedar evaluates a policy's scope before its
+//! conditions and stops at the first false, so a policy left out could only have been "not
+//! satisfied", without error: pre-selection never changes a decision
+//! ([`PolicySet::decide_unindexed`] is the reference the tests compare against).
+//!
+//! # Files
+//!
+//! Policies are read from the `*.cedar` files of one directory, in name order. A policy's id is
+//! its `@id("...")` annotation if it has one, else `FILE#N` for the N-th policy (from 1) in FILE.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use cedar_policy as cedar;
+use ice_kernel::Digest;
+use sha2::{Digest as _, Sha256};
+
+use crate::capability::{EffectClass, ResourceKind};
+use crate::diagnostic::{Diagnostic, Location, Severity, from_cedar};
+use crate::limits::{MAX_POLICIES, MAX_POLICY_FILE_BYTES, MAX_POLICY_FILES, MAX_POLICY_ID_LEN};
+use crate::request::{Request, ancestor_types};
+use crate::schema::Schema;
+
+/// The annotation that makes a permit need an operator's approval: `@approval("required")`.
+pub const APPROVAL_ANNOTATION: &str = "approval";
+/// The annotation that lets a permit permit external effects outright: `@external("permit")`.
+pub const EXTERNAL_ANNOTATION: &str = "external";
+/// The annotation that names a policy: `@id("...")`.
+pub const ID_ANNOTATION: &str = "id";
+
+/// One policy file's name and text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicySource {
+    /// The file's name (within its directory), as diagnostics and policy ids show it.
+    pub name: String,
+    /// The file's text.
+    pub text: String,
+}
+
+/// The version of a policy set: SHA-256 over its files' names and texts, so an approval bound to
+/// it is void once any policy text changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyVersion(pub Digest);
+
+impl PolicyVersion {
+    /// The version of these sources: SHA-256 of a domain tag, then for each file in name order
+    /// its name and its text, each prefixed by its length in bytes (8 bytes, big-endian), so no
+    /// two different sets of files share a digest by shifting bytes between names and texts.
+    pub fn of(sources: &[PolicySource]) -> PolicyVersion {
+        let mut sorted: Vec<&PolicySource> = sources.iter().collect();
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut hasher = Sha256::new();
+        hasher.update(b"ice-policy-set-v1\n");
+        for source in sorted {
+            for part in [source.name.as_bytes(), source.text.as_bytes()] {
+                hasher.update((part.len() as u64).to_be_bytes());
+                hasher.update(part);
+            }
+        }
+        PolicyVersion(Digest(hasher.finalize().into()))
+    }
+}
+
+impl fmt::Display for PolicyVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.0.to_hex())
+    }
+}
+
+/// A policy's effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PolicyEffect {
+    /// `permit`.
+    Permit,
+    /// `forbid`.
+    Forbid,
+}
+
+impl fmt::Display for PolicyEffect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PolicyEffect::Permit => "permit",
+            PolicyEffect::Forbid => "forbid",
+        })
+    }
+}
+
+/// What ICE knows about one loaded policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyInfo {
+    /// The policy's id.
+    pub id: String,
+    /// The file it came from.
+    pub file: String,
+    /// Where it starts in that file.
+    pub location: Location,
+    /// Permit or forbid.
+    pub effect: PolicyEffect,
+    /// It carries `@approval("required")`.
+    pub approval_required: bool,
+    /// It carries `@external("permit")`.
+    pub permits_external: bool,
+}
+
+/// A policy that failed to evaluate for a request.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PolicyError {
+    /// The policy's id.
+    pub policy: String,
+    /// Cedar's error.
+    pub message: String,
+}
+
+/// Why a request was denied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DenyReason {
+    /// No permit policy was satisfied (and no forbid): the default.
+    NoPermit,
+    /// These forbid policies were satisfied.
+    Forbidden {
+        /// The satisfied forbids, by id, sorted.
+        policies: Vec<String>,
+    },
+    /// No forbid was satisfied, but these forbid policies failed to evaluate, and ICE does not
+    /// let a broken forbid permit anything.
+    ForbidFailed {
+        /// The forbids that failed, by id, sorted.
+        policies: Vec<String>,
+    },
+}
+
+/// The outcome of a decision, with the policies that determined it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Permitted outright.
+    Permit {
+        /// The satisfied permits that permit outright, by id, sorted.
+        policies: Vec<String>,
+    },
+    /// Permitted once an operator approves this exact request.
+    PermitWithApproval {
+        /// The satisfied permits, all of which need approval, by id, sorted.
+        policies: Vec<String>,
+    },
+    /// Denied.
+    Deny(DenyReason),
+}
+
+/// The three kinds of decision, without their reasons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DecisionKind {
+    /// Denied.
+    Deny,
+    /// Permitted outright.
+    Permit,
+    /// Permitted with an operator's approval.
+    PermitWithApproval,
+}
+
+impl fmt::Display for DecisionKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DecisionKind::Deny => "deny",
+            DecisionKind::Permit => "permit",
+            DecisionKind::PermitWithApproval => "permit-with-approval",
+        })
+    }
+}
+
+/// A policy decision: the verdict, every policy that failed to evaluate, and the version of the
+/// policy set that decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// What was decided and by which policies.
+    pub verdict: Verdict,
+    /// Every policy that failed to evaluate for this request, sorted by id. A failed permit does
+    /// not permit; a failed forbid denies unless another forbid was satisfied.
+    pub errors: Vec<PolicyError>,
+    /// The version of the policy set that decided.
+    pub policy_version: PolicyVersion,
+}
+
+impl Decision {
+    /// Deny, permit or permit-with-approval.
+    pub fn kind(&self) -> DecisionKind {
+        match self.verdict {
+            Verdict::Permit { .. } => DecisionKind::Permit,
+            Verdict::PermitWithApproval { .. } => DecisionKind::PermitWithApproval,
+            Verdict::Deny(_) => DecisionKind::Deny,
+        }
+    }
+
+    /// The ids of the policies that determined the decision (none for a default deny).
+    pub fn determining_policies(&self) -> &[String] {
+        match &self.verdict {
+            Verdict::Permit { policies } | Verdict::PermitWithApproval { policies } => policies,
+            Verdict::Deny(DenyReason::Forbidden { policies })
+            | Verdict::Deny(DenyReason::ForbidFailed { policies }) => policies,
+            Verdict::Deny(DenyReason::NoPermit) => &[],
+        }
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.verdict {
+            Verdict::Permit { policies } => write!(f, "permit by {}", policies.join(", "))?,
+            Verdict::PermitWithApproval { policies } => write!(
+                f,
+                "permit with an operator's approval, by {}",
+                policies.join(", ")
+            )?,
+            Verdict::Deny(DenyReason::NoPermit) => f.write_str("deny: no permit policy matched")?,
+            Verdict::Deny(DenyReason::Forbidden { policies }) => {
+                write!(f, "deny: forbidden by {}", policies.join(", "))?
+            }
+            Verdict::Deny(DenyReason::ForbidFailed { policies }) => write!(
+                f,
+                "deny: forbid policies failed to evaluate: {}",
+                policies.join(", ")
+            )?,
+        }
+        write!(f, " (policy version {})", self.policy_version)
+    }
+}
+
+/// A decision with what a person needs to understand it: which policies were considered and
+/// where each policy that mattered is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    /// The decision.
+    pub decision: Decision,
+    /// The request's agent, capability and resource, as Cedar sees them.
+    pub request: String,
+    /// The effect class the runtime assigned to the request.
+    pub effect: EffectClass,
+    /// How many policies pre-selection kept for evaluation.
+    pub considered: usize,
+    /// How many policies the set holds.
+    pub total: usize,
+    /// The policies that determined the decision, then those that failed, with their places.
+    pub policies: Vec<PolicyInfo>,
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "request: {} (effect {})", self.request, self.effect)?;
+        writeln!(f, "decision: {}", self.decision)?;
+        writeln!(
+            f,
+            "considered {} of {} policies (pre-selected by action and resource type)",
+            self.considered, self.total
+        )?;
+        for p in &self.policies {
+            let mut notes = Vec::new();
+            if p.approval_required {
+                notes.push("@approval(\"required\")");
+            }
+            if p.permits_external {
+                notes.push("@external(\"permit\")");
+            }
+            writeln!(
+                f,
+                "  {} {} at {}:{} {}",
+                p.effect,
+                p.id,
+                p.file,
+                p.location,
+                notes.join(" ")
+            )?;
+        }
+        for e in &self.decision.errors {
+            writeln!(f, "  error in {}: {}", e.policy, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// Why policies could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Reading the policy directory or a file in it failed.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What ICE was doing.
+        what: &'static str,
+        /// The directory or file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The policies have errors; each diagnostic names the file, line and column.
+    #[error("{} error(s) in the policies; first: {}", count_errors(diagnostics), first_error(diagnostics))]
+    Invalid {
+        /// Every error and warning found.
+        diagnostics: Vec<Diagnostic>,
+    },
+}
+
+fn count_errors(diagnostics: &[Diagnostic]) -> usize {
+    diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .count()
+}
+
+fn first_error(diagnostics: &[Diagnostic]) -> String {
+    diagnostics
+        .iter()
+        .find(|d| d.severity == Severity::Error)
+        .map(ToString::to_string)
+        .unwrap_or_default()
+}
+
+/// Read the `*.cedar` files of a directory (not its subdirectories), in name order. This is the
+/// only I/O the authority layer does.
+pub fn read_policy_dir(dir: &Path) -> Result<Vec<PolicySource>, LoadError> {
+    let io = |what, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LoadError::Io { what, path, source }
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io("reading the policy directory", dir))? {
+        let entry = entry.map_err(io("reading the policy directory", dir))?;
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("cedar") {
+            continue;
+        }
+        if !path.is_file() {
+            continue;
+        }
+        files.push(path);
+        if files.len() > MAX_POLICY_FILES {
+            return Err(LoadError::Invalid {
+                diagnostics: vec![Diagnostic {
+                    severity: Severity::Error,
+                    file: dir.display().to_string(),
+                    location: None,
+                    policy: None,
+                    message: format!("more than {MAX_POLICY_FILES} policy files"),
+                    help: None,
+                }],
+            });
+        }
+    }
+    files.sort();
+    let mut sources = Vec::with_capacity(files.len());
+    for path in files {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let bytes = std::fs::read(&path).map_err(io("reading the policy file", &path))?;
+        let text = String::from_utf8(bytes).map_err(|e| LoadError::Io {
+            what: "reading the policy file",
+            path: path.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()),
+        })?;
+        sources.push(PolicySource { name, text });
+    }
+    Ok(sources)
+}
+
+/// Policies of one (action, resource type) pair, one set per resource kind.
+type Buckets = Vec<cedar::PolicySet>;
+
+/// A loaded, validated and indexed set of policies. Immutable: a policy change is a new set
+/// with a new [`PolicyVersion`].
+#[derive(Debug)]
+pub struct PolicySet {
+    whole: cedar::PolicySet,
+    by_action: HashMap<String, Buckets>,
+    any_action: Buckets,
+    info: HashMap<cedar::PolicyId, PolicyInfo>,
+    version: PolicyVersion,
+    warnings: Vec<Diagnostic>,
+    authorizer: cedar::Authorizer,
+}
+
+/// A parsed policy before indexing.
+struct Parsed {
+    policy: cedar::Policy,
+    info: PolicyInfo,
+}
+
+fn diag(
+    severity: Severity,
+    file: &str,
+    location: Option<Location>,
+    policy: Option<&str>,
+    message: String,
+) -> Diagnostic {
+    Diagnostic {
+        severity,
+        file: file.to_string(),
+        location,
+        policy: policy.map(str::to_string),
+        message,
+        help: None,
+    }
+}
+
+/// Parse one file: Cedar's parse errors, then ICE's own rules for each policy (no templates,
+/// known annotation values, unique ids).
+fn parse_file(
+    source: &PolicySource,
+    parsed: &mut Vec<Parsed>,
+    ids: &mut HashMap<String, String>,
+    out: &mut Vec<Diagnostic>,
+) {
+    let file = source.name.as_str();
+    let text = source.text.as_str();
+    if text.len() > MAX_POLICY_FILE_BYTES {
+        out.push(diag(
+            Severity::Error,
+            file,
+            None,
+            None,
+            format!(
+                "{} bytes is over the limit of {MAX_POLICY_FILE_BYTES} for a policy file",
+                text.len()
+            ),
+        ));
+        return;
+    }
+    let set = match cedar::PolicySet::from_str(text) {
+        Ok(set) => set,
+        Err(errors) => {
+            for e in errors.iter() {
+                out.push(from_cedar(Severity::Error, file, text, None, e));
+            }
+            return;
+        }
+    };
+    // Cedar names a file's statements `policy0`, `policy1`, … in order; its text for each is
+    // the exact slice of the file, which locates the statement.
+    let mut statements: BTreeMap<usize, StatementText> = BTreeMap::new();
+    for p in set.policies() {
+        if let Some(n) = statement_index(p.id()) {
+            statements.insert(
+                n,
+                StatementText::Policy(Box::new(p.clone()), p.to_cedar().unwrap_or_default()),
+            );
+        }
+    }
+    for t in set.templates() {
+        if let Some(n) = statement_index(t.id()) {
+            statements.insert(n, StatementText::Template(t.to_cedar()));
+        }
+    }
+    let mut search_from = 0;
+    for (n, statement) in statements {
+        let body = match &statement {
+            StatementText::Policy(_, body) | StatementText::Template(body) => body.clone(),
+        };
+        let body = body.as_str();
+        let start = text[search_from..]
+            .find(body)
+            .map_or(search_from, |i| search_from + i);
+        search_from = start + body.len();
+        let at = |needle: &str| {
+            let offset = body.find(needle).map_or(start, |i| start + i);
+            Some(Location::of_offset(text, offset))
+        };
+        let location = Location::of_offset(text, start);
+        let policy = match statement {
+            StatementText::Template(_) => {
+                out.push(Diagnostic {
+                    help: Some("write the principal and resource out in a static policy".into()),
+                    ..diag(
+                        Severity::Error,
+                        file,
+                        Some(location),
+                        None,
+                        "policy templates (with ?principal or ?resource) are not supported"
+                            .to_string(),
+                    )
+                });
+                continue;
+            }
+            StatementText::Policy(policy, _) => *policy,
+        };
+        let id = match policy.annotation(ID_ANNOTATION) {
+            Some(id) => id.to_string(),
+            None => format!("{file}#{}", n + 1),
+        };
+        if id.is_empty() || id.len() > MAX_POLICY_ID_LEN || id.chars().any(char::is_control) {
+            out.push(diag(
+                Severity::Error,
+                file,
+                at("@id"),
+                None,
+                format!(
+                    "@id must be 1 to {MAX_POLICY_ID_LEN} bytes without control characters"
+                ),
+            ));
+            continue;
+        }
+        if let Some(first) = ids.get(&id) {
+            out.push(diag(
+                Severity::Error,
+                file,
+                at("@id"),
+                Some(&id),
+                format!("policy id {id:?} is already used in {first}"),
+            ));
+            continue;
+        }
+        ids.insert(id.clone(), file.to_string());
+        let effect = match policy.effect() {
+            cedar::Effect::Permit => PolicyEffect::Permit,
+            cedar::Effect::Forbid => PolicyEffect::Forbid,
+        };
+        let approval = policy.annotation(APPROVAL_ANNOTATION);
+        let external = policy.annotation(EXTERNAL_ANNOTATION);
+        let mut ok = true;
+        let mut refuse = |needle: &str, message: String| {
+            out.push(diag(Severity::Error, file, at(needle), Some(&id), message));
+            ok = false;
+        };
+        match approval {
+            None | Some("required") => {}
+            Some(other) => refuse(
+                "@approval",
+                format!("@approval({other:?}) is not understood; write @approval(\"required\")"),
+            ),
+        }
+        match external {
+            None | Some("permit") => {}
+            Some(other) => refuse(
+                "@external",
+                format!("@external({other:?}) is not understood; write @external(\"permit\")"),
+            ),
+        }
+        if effect == PolicyEffect::Forbid && (approval.is_some() || external.is_some()) {
+            refuse(
+                if approval.is_some() { "@approval" } else { "@external" },
+                "@approval and @external apply to permit policies; a forbid always denies"
+                    .to_string(),
+            );
+        }
+        if approval.is_some() && external.is_some() {
+            refuse(
+                "@external",
+                "a permit cannot both need approval and permit external effects outright"
+                    .to_string(),
+            );
+        }
+        if !ok {
+            continue;
+        }
+        parsed.push(Parsed {
+            policy: policy.new_id(cedar::PolicyId::new(&id)),
+            info: PolicyInfo {
+                id,
+                file: file.to_string(),
+                location,
+                effect,
+                approval_required: approval.is_some(),
+                permits_external: external.is_some(),
+            },
+        });
+    }
+}
+
+enum StatementText {
+    Policy(Box<cedar::Policy>, String),
+    Template(String),
+}
+
+/// A Cedar policy id as the plain string it was made from.
+fn pid(id: &cedar::PolicyId) -> &str {
+    id.as_ref()
+}
+
+fn statement_index(id: &cedar::PolicyId) -> Option<usize> {
+    pid(id).strip_prefix("policy")?.parse().ok()
+}
+
+/// The actions and resource kinds a policy's scope can match. `None` actions means any.
+struct Scope {
+    actions: Option<Vec<String>>,
+    kinds: [bool; ResourceKind::ALL.len()],
+}
+
+fn kind_of_type(ty: &cedar::EntityTypeName) -> Option<ResourceKind> {
+    let ty = ty.to_string();
+    ResourceKind::ALL
+        .into_iter()
+        .find(|k| k.entity_type() == ty)
+}
+
+/// Could a resource of `kind` be `in` an entity of type `ty`, as the runtime builds resources?
+fn can_be_in(kind: ResourceKind, ty: &cedar::EntityTypeName) -> bool {
+    let ty = ty.to_string();
+    kind.entity_type() == ty || ancestor_types(kind).contains(&ty.as_str())
+}
+
+fn scope_of(policy: &cedar::Policy) -> Scope {
+    // Requests always name their action as `Action::"name"`, so an action of another type can
+    // never match; leaving it out of every bucket is exact.
+    let action_id = |uid: &cedar::EntityUid| {
+        (uid.type_name().to_string() == "Action").then(|| uid.id().unescaped().to_string())
+    };
+    let actions = match policy.action_constraint() {
+        cedar::ActionConstraint::Any => None,
+        cedar::ActionConstraint::Eq(uid) => Some(action_id(&uid).into_iter().collect()),
+        cedar::ActionConstraint::In(uids) => Some(uids.iter().filter_map(action_id).collect()),
+    };
+    let mut kinds = [false; ResourceKind::ALL.len()];
+    let mut allow = |pred: &dyn Fn(ResourceKind) -> bool| {
+        for kind in ResourceKind::ALL {
+            if pred(kind) {
+                kinds[kind.index()] = true;
+            }
+        }
+    };
+    match policy.resource_constraint() {
+        cedar::ResourceConstraint::Any => allow(&|_| true),
+        cedar::ResourceConstraint::Eq(uid) => {
+            let kind = kind_of_type(uid.type_name());
+            allow(&|k| Some(k) == kind)
+        }
+        cedar::ResourceConstraint::Is(ty) => {
+            let kind = kind_of_type(&ty);
+            allow(&|k| Some(k) == kind)
+        }
+        cedar::ResourceConstraint::IsIn(ty, uid) => {
+            let kind = kind_of_type(&ty);
+            allow(&|k| Some(k) == kind && can_be_in(k, uid.type_name()))
+        }
+        cedar::ResourceConstraint::In(uid) => allow(&|k| can_be_in(k, uid.type_name())),
+    }
+    Scope { actions, kinds }
+}
+
+fn internal(message: String) -> Diagnostic {
+    diag(
+        Severity::Error,
+        "<policy set>",
+        None,
+        None,
+        format!("building the policy index: {message}"),
+    )
+}
+
+fn bucket(policies: &[(&cedar::Policy, &Scope)], pred: impl Fn(&Scope) -> bool) -> Result<Buckets, Diagnostic> {
+    ResourceKind::ALL
+        .into_iter()
+        .map(|kind| {
+            let chosen = policies
+                .iter()
+                .filter(|(_, scope)| scope.kinds[kind.index()] && pred(scope))
+                .map(|(p, _)| (*p).clone());
+            cedar::PolicySet::from_policies(chosen).map_err(|e| internal(e.to_string()))
+        })
+        .collect()
+}
+
+impl PolicySet {
+    /// Read, check and index the `*.cedar` files of `dir`.
+    pub fn load_dir(dir: &Path, schema: &Schema) -> Result<PolicySet, LoadError> {
+        PolicySet::from_sources(&read_policy_dir(dir)?, schema)
+    }
+
+    /// Check policy sources against the schema and return every diagnostic (errors and
+    /// warnings), each with its file, line and column. Empty means the sources load cleanly.
+    pub fn check(sources: &[PolicySource], schema: &Schema) -> Vec<Diagnostic> {
+        match PolicySet::from_sources(sources, schema) {
+            Ok(set) => set.warnings,
+            Err(LoadError::Invalid { diagnostics }) => diagnostics,
+            Err(e @ LoadError::Io { .. }) => vec![internal(e.to_string())],
+        }
+    }
+
+    /// Check the `*.cedar` files of `dir` against the schema: [`PolicySet::check`] after reading
+    /// them.
+    pub fn check_dir(dir: &Path, schema: &Schema) -> Result<Vec<Diagnostic>, LoadError> {
+        Ok(PolicySet::check(&read_policy_dir(dir)?, schema))
+    }
+
+    /// Parse, validate (Cedar's strict mode against `schema`) and index policy sources. Any
+    /// error refuses the whole set; warnings are kept ([`PolicySet::warnings`]).
+    pub fn from_sources(sources: &[PolicySource], schema: &Schema) -> Result<PolicySet, LoadError> {
+        let mut diagnostics = Vec::new();
+        let mut names = HashSet::new();
+        let mut parsed = Vec::new();
+        let mut ids = HashMap::new();
+        let mut sorted: Vec<&PolicySource> = sources.iter().collect();
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        if sorted.len() > MAX_POLICY_FILES {
+            diagnostics.push(internal(format!("more than {MAX_POLICY_FILES} policy files")));
+        }
+        for source in sorted {
+            if !names.insert(source.name.as_str()) {
+                diagnostics.push(diag(
+                    Severity::Error,
+                    &source.name,
+                    None,
+                    None,
+                    "two policy sources have this name".to_string(),
+                ));
+                continue;
+            }
+            parse_file(source, &mut parsed, &mut ids, &mut diagnostics);
+        }
+        if parsed.len() > MAX_POLICIES {
+            diagnostics.push(internal(format!(
+                "{} policies is over the limit of {MAX_POLICIES}",
+                parsed.len()
+            )));
+        }
+        let whole = match cedar::PolicySet::from_policies(parsed.iter().map(|p| p.policy.clone())) {
+            Ok(whole) => whole,
+            Err(e) => {
+                diagnostics.push(internal(e.to_string()));
+                return Err(LoadError::Invalid { diagnostics });
+            }
+        };
+        let texts: HashMap<&str, &str> = sources
+            .iter()
+            .map(|s| (s.name.as_str(), s.text.as_str()))
+            .collect();
+        let info: HashMap<cedar::PolicyId, PolicyInfo> = parsed
+            .iter()
+            .map(|p| (p.policy.id().clone(), p.info.clone()))
+            .collect();
+        let validation = cedar::Validator::new(schema.cedar().clone())
+            .validate(&whole, cedar::ValidationMode::Strict);
+        let locate = |id: &cedar::PolicyId| {
+            let file = info.get(id).map_or("<unknown>", |i| i.file.as_str());
+            (file, texts.get(file).copied().unwrap_or(""))
+        };
+        for e in validation.validation_errors() {
+            let (file, text) = locate(e.policy_id());
+            diagnostics.push(from_cedar(
+                Severity::Error,
+                file,
+                text,
+                Some(pid(e.policy_id()).to_string()),
+                e,
+            ));
+        }
+        for w in validation.validation_warnings() {
+            let (file, text) = locate(w.policy_id());
+            diagnostics.push(from_cedar(
+                Severity::Warning,
+                file,
+                text,
+                Some(pid(w.policy_id()).to_string()),
+                w,
+            ));
+        }
+        if diagnostics.iter().any(|d| d.severity == Severity::Error) {
+            return Err(LoadError::Invalid { diagnostics });
+        }
+        let built = PolicySet::index(whole, parsed, info, PolicyVersion::of(sources), diagnostics);
+        built.map_err(|d| LoadError::Invalid { diagnostics: vec![d] })
+    }
+
+    fn index(
+        whole: cedar::PolicySet,
+        parsed: Vec<Parsed>,
+        info: HashMap<cedar::PolicyId, PolicyInfo>,
+        version: PolicyVersion,
+        warnings: Vec<Diagnostic>,
+    ) -> Result<PolicySet, Diagnostic> {
+        let scopes: Vec<Scope> = parsed.iter().map(|p| scope_of(&p.policy)).collect();
+        let pairs: Vec<(&cedar::Policy, &Scope)> =
+            parsed.iter().map(|p| &p.policy).zip(scopes.iter()).collect();
+        let mut actions: Vec<&str> = scopes
+            .iter()
+            .filter_map(|s| s.actions.as_ref())
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        actions.sort_unstable();
+        actions.dedup();
+        let mut by_action = HashMap::with_capacity(actions.len());
+        for action in actions {
+            let buckets = bucket(&pairs, |s| match &s.actions {
+                None => true,
+                Some(list) => list.iter().any(|a| a == action),
+            })?;
+            by_action.insert(action.to_string(), buckets);
+        }
+        let any_action = bucket(&pairs, |s| s.actions.is_none())?;
+        Ok(PolicySet {
+            whole,
+            by_action,
+            any_action,
+            info,
+            version,
+            warnings,
+            authorizer: cedar::Authorizer::new(),
+        })
+    }
+
+    /// The policy set's version (a digest of its files), for approvals to bind to.
+    pub fn version(&self) -> PolicyVersion {
+        self.version
+    }
+
+    /// Cedar's warnings about the policies (they did not stop loading).
+    pub fn warnings(&self) -> &[Diagnostic] {
+        &self.warnings
+    }
+
+    /// How many policies the set holds.
+    pub fn len(&self) -> usize {
+        self.info.len()
+    }
+
+    /// Whether the set holds no policy (then every request is denied).
+    pub fn is_empty(&self) -> bool {
+        self.info.is_empty()
+    }
+
+    /// What is known about a policy, by id.
+    pub fn policy(&self, id: &str) -> Option<&PolicyInfo> {
+        self.info.get(&cedar::PolicyId::new(id))
+    }
+
+    /// Every policy, sorted by file and place.
+    pub fn policies(&self) -> Vec<&PolicyInfo> {
+        let mut all: Vec<&PolicyInfo> = self.info.values().collect();
+        all.sort_by(|a, b| (&a.file, a.location).cmp(&(&b.file, b.location)));
+        all
+    }
+
+    /// The whole set as Cedar holds it, for tools and benchmarks that call Cedar directly.
+    pub fn cedar(&self) -> &cedar::PolicySet {
+        &self.whole
+    }
+
+    /// The pre-selected policies for a request: those whose scope allows its action and its
+    /// resource's entity type.
+    fn candidates(&self, request: &Request) -> &cedar::PolicySet {
+        let buckets = self
+            .by_action
+            .get(request.capability())
+            .unwrap_or(&self.any_action);
+        // Every bucket list has one set per resource kind.
+        &buckets[request.resource().kind().index()]
+    }
+
+    /// Decide a request, evaluating only the pre-selected policies.
+    pub fn decide(&self, request: &Request) -> Decision {
+        self.evaluate(self.candidates(request), request)
+    }
+
+    /// Decide a request by evaluating every policy, without pre-selection. Slower; it is the
+    /// reference [`PolicySet::decide`] is tested against.
+    pub fn decide_unindexed(&self, request: &Request) -> Decision {
+        self.evaluate(&self.whole, request)
+    }
+
+    /// Decide a request and say which policies decided it and where they are written.
+    pub fn explain(&self, request: &Request) -> Explanation {
+        let candidates = self.candidates(request);
+        let decision = self.evaluate(candidates, request);
+        let mut policies: Vec<PolicyInfo> = decision
+            .determining_policies()
+            .iter()
+            .chain(decision.errors.iter().map(|e| &e.policy))
+            .filter_map(|id| self.policy(id).cloned())
+            .collect();
+        policies.dedup_by(|a, b| a.id == b.id);
+        let (cedar_request, _) = request.cedar();
+        let request_text = format!(
+            "{} {} {}",
+            cedar_request
+                .principal()
+                .map_or_else(String::new, ToString::to_string),
+            cedar_request
+                .action()
+                .map_or_else(String::new, ToString::to_string),
+            request.resource()
+        );
+        Explanation {
+            considered: candidates.num_of_policies(),
+            total: self.len(),
+            request: request_text,
+            effect: request.effect(),
+            policies,
+            decision,
+        }
+    }
+
+    fn evaluate(&self, policies: &cedar::PolicySet, request: &Request) -> Decision {
+        let (cedar_request, entities) = request.cedar();
+        let response = self
+            .authorizer
+            .is_authorized(cedar_request, policies, entities);
+        let effect_of = |id: &cedar::PolicyId| self.info.get(id).map(|i| i.effect);
+        let mut errors: Vec<PolicyError> = Vec::new();
+        let mut failed_forbids: Vec<String> = Vec::new();
+        for e in response.diagnostics().errors() {
+            let cedar::AuthorizationError::PolicyEvaluationError(e) = e;
+            let id = e.policy_id();
+            if effect_of(id) != Some(PolicyEffect::Permit) {
+                failed_forbids.push(pid(id).to_string());
+            }
+            errors.push(PolicyError {
+                policy: pid(id).to_string(),
+                message: e.inner().to_string(),
+            });
+        }
+        errors.sort();
+        failed_forbids.sort();
+        let mut forbids = Vec::new();
+        let mut outright = Vec::new();
+        let mut with_approval = Vec::new();
+        for id in response.diagnostics().reason() {
+            let Some(info) = self.info.get(id) else {
+                // Every policy in every set came from `info`; treat a stranger as a forbid.
+                forbids.push(pid(id).to_string());
+                continue;
+            };
+            match info.effect {
+                PolicyEffect::Forbid => forbids.push(info.id.clone()),
+                PolicyEffect::Permit => {
+                    let needs_approval = info.approval_required
+                        || (request.effect() == EffectClass::External && !info.permits_external);
+                    if needs_approval {
+                        with_approval.push(info.id.clone());
+                    } else {
+                        outright.push(info.id.clone());
+                    }
+                }
+            }
+        }
+        for list in [&mut forbids, &mut outright, &mut with_approval] {
+            list.sort();
+        }
+        let verdict = if !forbids.is_empty() {
+            Verdict::Deny(DenyReason::Forbidden { policies: forbids })
+        } else if !failed_forbids.is_empty() {
+            Verdict::Deny(DenyReason::ForbidFailed {
+                policies: failed_forbids,
+            })
+        } else if response.decision() == cedar::Decision::Allow && !outright.is_empty() {
+            Verdict::Permit { policies: outright }
+        } else if response.decision() == cedar::Decision::Allow && !with_approval.is_empty() {
+            Verdict::PermitWithApproval {
+                policies: with_approval,
+            }
+        } else {
+            Verdict::Deny(DenyReason::NoPermit)
+        };
+        Decision {
+            verdict,
+            errors,
+            policy_version: self.version,
+        }
+    }
+}
