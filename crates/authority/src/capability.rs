@@ -234,7 +234,9 @@ pub fn check_capability_name(name: &str) -> Result<(), CapabilityError> {
             None => return Err(bad("has an empty segment")),
         }
         if let Some(c) = chars.find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '_' | '-')) {
-            return Err(bad(&format!("contains {c:?}; allowed are a-z 0-9 _ - and dots")));
+            return Err(bad(&format!(
+                "contains {c:?}; allowed are a-z 0-9 _ - and dots"
+            )));
         }
     }
     Ok(())
@@ -291,8 +293,18 @@ impl RegistryBuilder {
         use Classifier::{Fixed, HttpMethod};
         use EffectClass::{External, InternalWrite, Read};
         let standard: [(&str, ResourceKind, Classifier, &str); 7] = [
-            ("fs.read", ResourceKind::Path, Fixed(Read), "read a file in the workspace"),
-            ("fs.list", ResourceKind::Dir, Fixed(Read), "list a directory in the workspace"),
+            (
+                "fs.read",
+                ResourceKind::Path,
+                Fixed(Read),
+                "read a file in the workspace",
+            ),
+            (
+                "fs.list",
+                ResourceKind::Dir,
+                Fixed(Read),
+                "list a directory in the workspace",
+            ),
             (
                 "fs.write",
                 ResourceKind::Path,

@@ -77,7 +77,9 @@ impl fmt::Display for Diagnostic {
             Some(at) => write!(f, "{}:{at}: {}: {}", self.file, self.severity, self.message)?,
             None => write!(f, "{}: {}: {}", self.file, self.severity, self.message)?,
         }
-        if let Some(policy) = &self.policy {
+        if let Some(policy) = &self.policy
+            && !self.message.contains(policy.as_str())
+        {
             write!(f, " (policy {policy})")?;
         }
         if let Some(help) = &self.help {

@@ -36,6 +36,7 @@
 
 pub mod capability;
 pub mod diagnostic;
+mod index;
 pub mod limits;
 pub mod policy;
 pub mod request;

@@ -20,11 +20,12 @@
 //! # Pre-selection
 //!
 //! At load time every policy is indexed by the actions and resource entity types its scope
-//! allows, and a small Cedar policy set is built for each (action, resource type) pair. A
-//! decision evaluates only its pair's set. Cedar evaluates a policy's scope before its
-//! conditions and stops at the first false, so a policy left out could only have been "not
-//! satisfied", without error: pre-selection never changes a decision
-//! ([`PolicySet::decide_unindexed`] is the reference the tests compare against).
+//! allows, and within those by the agent and the resource entity its scope names, if any; a
+//! small Cedar policy set is built for each group. A decision evaluates only the groups that can
+//! apply to it and merges their results. Cedar evaluates a policy's scope before its conditions
+//! and stops at the first false, so a policy left out could only have been "not satisfied",
+//! without error: pre-selection never changes a decision ([`PolicySet::decide_unindexed`] is the
+//! reference the tests compare against).
 //!
 //! # Files
 //!
@@ -40,10 +41,11 @@ use cedar_policy as cedar;
 use ice_kernel::Digest;
 use sha2::{Digest as _, Sha256};
 
-use crate::capability::{EffectClass, ResourceKind};
+use crate::capability::EffectClass;
 use crate::diagnostic::{Diagnostic, Location, Severity, from_cedar};
+use crate::index::PolicyIndex;
 use crate::limits::{MAX_POLICIES, MAX_POLICY_FILE_BYTES, MAX_POLICY_FILES, MAX_POLICY_ID_LEN};
-use crate::request::{Request, ancestor_types};
+use crate::request::Request;
 use crate::schema::Schema;
 
 /// The annotation that makes a permit need an operator's approval: `@approval("required")`.
@@ -315,7 +317,11 @@ pub enum LoadError {
         source: std::io::Error,
     },
     /// The policies have errors; each diagnostic names the file, line and column.
-    #[error("{} error(s) in the policies; first: {}", count_errors(diagnostics), first_error(diagnostics))]
+    #[error(
+        "{} error(s) in the policies; first: {}",
+        count_errors(diagnostics),
+        first_error(diagnostics)
+    )]
     Invalid {
         /// Every error and warning found.
         diagnostics: Vec<Diagnostic>,
@@ -386,16 +392,12 @@ pub fn read_policy_dir(dir: &Path) -> Result<Vec<PolicySource>, LoadError> {
     Ok(sources)
 }
 
-/// Policies of one (action, resource type) pair, one set per resource kind.
-type Buckets = Vec<cedar::PolicySet>;
-
 /// A loaded, validated and indexed set of policies. Immutable: a policy change is a new set
 /// with a new [`PolicyVersion`].
 #[derive(Debug)]
 pub struct PolicySet {
     whole: cedar::PolicySet,
-    by_action: HashMap<String, Buckets>,
-    any_action: Buckets,
+    index: PolicyIndex,
     info: HashMap<cedar::PolicyId, PolicyInfo>,
     version: PolicyVersion,
     warnings: Vec<Diagnostic>,
@@ -515,9 +517,7 @@ fn parse_file(
                 file,
                 at("@id"),
                 None,
-                format!(
-                    "@id must be 1 to {MAX_POLICY_ID_LEN} bytes without control characters"
-                ),
+                format!("@id must be 1 to {MAX_POLICY_ID_LEN} bytes without control characters"),
             ));
             continue;
         }
@@ -559,7 +559,11 @@ fn parse_file(
         }
         if effect == PolicyEffect::Forbid && (approval.is_some() || external.is_some()) {
             refuse(
-                if approval.is_some() { "@approval" } else { "@external" },
+                if approval.is_some() {
+                    "@approval"
+                } else {
+                    "@external"
+                },
                 "@approval and @external apply to permit policies; a forbid always denies"
                     .to_string(),
             );
@@ -602,63 +606,6 @@ fn statement_index(id: &cedar::PolicyId) -> Option<usize> {
     pid(id).strip_prefix("policy")?.parse().ok()
 }
 
-/// The actions and resource kinds a policy's scope can match. `None` actions means any.
-struct Scope {
-    actions: Option<Vec<String>>,
-    kinds: [bool; ResourceKind::ALL.len()],
-}
-
-fn kind_of_type(ty: &cedar::EntityTypeName) -> Option<ResourceKind> {
-    let ty = ty.to_string();
-    ResourceKind::ALL
-        .into_iter()
-        .find(|k| k.entity_type() == ty)
-}
-
-/// Could a resource of `kind` be `in` an entity of type `ty`, as the runtime builds resources?
-fn can_be_in(kind: ResourceKind, ty: &cedar::EntityTypeName) -> bool {
-    let ty = ty.to_string();
-    kind.entity_type() == ty || ancestor_types(kind).contains(&ty.as_str())
-}
-
-fn scope_of(policy: &cedar::Policy) -> Scope {
-    // Requests always name their action as `Action::"name"`, so an action of another type can
-    // never match; leaving it out of every bucket is exact.
-    let action_id = |uid: &cedar::EntityUid| {
-        (uid.type_name().to_string() == "Action").then(|| uid.id().unescaped().to_string())
-    };
-    let actions = match policy.action_constraint() {
-        cedar::ActionConstraint::Any => None,
-        cedar::ActionConstraint::Eq(uid) => Some(action_id(&uid).into_iter().collect()),
-        cedar::ActionConstraint::In(uids) => Some(uids.iter().filter_map(action_id).collect()),
-    };
-    let mut kinds = [false; ResourceKind::ALL.len()];
-    let mut allow = |pred: &dyn Fn(ResourceKind) -> bool| {
-        for kind in ResourceKind::ALL {
-            if pred(kind) {
-                kinds[kind.index()] = true;
-            }
-        }
-    };
-    match policy.resource_constraint() {
-        cedar::ResourceConstraint::Any => allow(&|_| true),
-        cedar::ResourceConstraint::Eq(uid) => {
-            let kind = kind_of_type(uid.type_name());
-            allow(&|k| Some(k) == kind)
-        }
-        cedar::ResourceConstraint::Is(ty) => {
-            let kind = kind_of_type(&ty);
-            allow(&|k| Some(k) == kind)
-        }
-        cedar::ResourceConstraint::IsIn(ty, uid) => {
-            let kind = kind_of_type(&ty);
-            allow(&|k| Some(k) == kind && can_be_in(k, uid.type_name()))
-        }
-        cedar::ResourceConstraint::In(uid) => allow(&|k| can_be_in(k, uid.type_name())),
-    }
-    Scope { actions, kinds }
-}
-
 fn internal(message: String) -> Diagnostic {
     diag(
         Severity::Error,
@@ -667,19 +614,6 @@ fn internal(message: String) -> Diagnostic {
         None,
         format!("building the policy index: {message}"),
     )
-}
-
-fn bucket(policies: &[(&cedar::Policy, &Scope)], pred: impl Fn(&Scope) -> bool) -> Result<Buckets, Diagnostic> {
-    ResourceKind::ALL
-        .into_iter()
-        .map(|kind| {
-            let chosen = policies
-                .iter()
-                .filter(|(_, scope)| scope.kinds[kind.index()] && pred(scope))
-                .map(|(p, _)| (*p).clone());
-            cedar::PolicySet::from_policies(chosen).map_err(|e| internal(e.to_string()))
-        })
-        .collect()
 }
 
 impl PolicySet {
@@ -714,7 +648,9 @@ impl PolicySet {
         let mut sorted: Vec<&PolicySource> = sources.iter().collect();
         sorted.sort_by(|a, b| a.name.cmp(&b.name));
         if sorted.len() > MAX_POLICY_FILES {
-            diagnostics.push(internal(format!("more than {MAX_POLICY_FILES} policy files")));
+            diagnostics.push(internal(format!(
+                "more than {MAX_POLICY_FILES} policy files"
+            )));
         }
         for source in sorted {
             if !names.insert(source.name.as_str()) {
@@ -780,7 +716,9 @@ impl PolicySet {
             return Err(LoadError::Invalid { diagnostics });
         }
         let built = PolicySet::index(whole, parsed, info, PolicyVersion::of(sources), diagnostics);
-        built.map_err(|d| LoadError::Invalid { diagnostics: vec![d] })
+        built.map_err(|d| LoadError::Invalid {
+            diagnostics: vec![d],
+        })
     }
 
     fn index(
@@ -790,30 +728,11 @@ impl PolicySet {
         version: PolicyVersion,
         warnings: Vec<Diagnostic>,
     ) -> Result<PolicySet, Diagnostic> {
-        let scopes: Vec<Scope> = parsed.iter().map(|p| scope_of(&p.policy)).collect();
-        let pairs: Vec<(&cedar::Policy, &Scope)> =
-            parsed.iter().map(|p| &p.policy).zip(scopes.iter()).collect();
-        let mut actions: Vec<&str> = scopes
-            .iter()
-            .filter_map(|s| s.actions.as_ref())
-            .flatten()
-            .map(String::as_str)
-            .collect();
-        actions.sort_unstable();
-        actions.dedup();
-        let mut by_action = HashMap::with_capacity(actions.len());
-        for action in actions {
-            let buckets = bucket(&pairs, |s| match &s.actions {
-                None => true,
-                Some(list) => list.iter().any(|a| a == action),
-            })?;
-            by_action.insert(action.to_string(), buckets);
-        }
-        let any_action = bucket(&pairs, |s| s.actions.is_none())?;
+        let policies: Vec<cedar::Policy> = parsed.into_iter().map(|p| p.policy).collect();
+        let index = PolicyIndex::build(&policies).map_err(internal)?;
         Ok(PolicySet {
             whole,
-            by_action,
-            any_action,
+            index,
             info,
             version,
             warnings,
@@ -858,32 +777,33 @@ impl PolicySet {
         &self.whole
     }
 
-    /// The pre-selected policies for a request: those whose scope allows its action and its
-    /// resource's entity type.
-    fn candidates(&self, request: &Request) -> &cedar::PolicySet {
-        let buckets = self
-            .by_action
-            .get(request.capability())
-            .unwrap_or(&self.any_action);
-        // Every bucket list has one set per resource kind.
-        &buckets[request.resource().kind().index()]
-    }
-
     /// Decide a request, evaluating only the pre-selected policies.
     pub fn decide(&self, request: &Request) -> Decision {
-        self.evaluate(self.candidates(request), request)
+        self.explain_inner(request).0
     }
 
     /// Decide a request by evaluating every policy, without pre-selection. Slower; it is the
     /// reference [`PolicySet::decide`] is tested against.
     pub fn decide_unindexed(&self, request: &Request) -> Decision {
-        self.evaluate(&self.whole, request)
+        let mut outcome = Outcome::default();
+        outcome.add(self, &self.whole, request);
+        outcome.decide(self)
+    }
+
+    /// Evaluate the pre-selected groups; the decision and how many policies were evaluated.
+    fn explain_inner(&self, request: &Request) -> (Decision, usize) {
+        let mut outcome = Outcome::default();
+        let mut considered = 0;
+        self.index.candidates(request, |set| {
+            considered += set.num_of_policies();
+            outcome.add(self, set, request);
+        });
+        (outcome.decide(self), considered)
     }
 
     /// Decide a request and say which policies decided it and where they are written.
     pub fn explain(&self, request: &Request) -> Explanation {
-        let candidates = self.candidates(request);
-        let decision = self.evaluate(candidates, request);
+        let (decision, considered) = self.explain_inner(request);
         let mut policies: Vec<PolicyInfo> = decision
             .determining_policies()
             .iter()
@@ -903,7 +823,7 @@ impl PolicySet {
             request.resource()
         );
         Explanation {
-            considered: candidates.num_of_policies(),
+            considered,
             total: self.len(),
             request: request_text,
             effect: request.effect(),
@@ -911,72 +831,93 @@ impl PolicySet {
             decision,
         }
     }
+}
 
-    fn evaluate(&self, policies: &cedar::PolicySet, request: &Request) -> Decision {
+/// What the evaluated policy sets said, merged. Cedar reports for each set the satisfied
+/// forbids if there are any, else the satisfied permits, and every evaluation error; merging
+/// those over disjoint sets gives what one evaluation of their union reports.
+#[derive(Default)]
+struct Outcome {
+    forbids: Vec<String>,
+    outright: Vec<String>,
+    with_approval: Vec<String>,
+    failed_forbids: Vec<String>,
+    errors: Vec<PolicyError>,
+}
+
+impl Outcome {
+    fn add(&mut self, set: &PolicySet, policies: &cedar::PolicySet, request: &Request) {
         let (cedar_request, entities) = request.cedar();
-        let response = self
+        let response = set
             .authorizer
             .is_authorized(cedar_request, policies, entities);
-        let effect_of = |id: &cedar::PolicyId| self.info.get(id).map(|i| i.effect);
-        let mut errors: Vec<PolicyError> = Vec::new();
-        let mut failed_forbids: Vec<String> = Vec::new();
         for e in response.diagnostics().errors() {
             let cedar::AuthorizationError::PolicyEvaluationError(e) = e;
-            let id = e.policy_id();
-            if effect_of(id) != Some(PolicyEffect::Permit) {
-                failed_forbids.push(pid(id).to_string());
+            let id = pid(e.policy_id());
+            let is_permit =
+                set.info.get(e.policy_id()).map(|i| i.effect) == Some(PolicyEffect::Permit);
+            if !is_permit {
+                self.failed_forbids.push(id.to_string());
             }
-            errors.push(PolicyError {
-                policy: pid(id).to_string(),
+            self.errors.push(PolicyError {
+                policy: id.to_string(),
                 message: e.inner().to_string(),
             });
         }
-        errors.sort();
-        failed_forbids.sort();
-        let mut forbids = Vec::new();
-        let mut outright = Vec::new();
-        let mut with_approval = Vec::new();
         for id in response.diagnostics().reason() {
-            let Some(info) = self.info.get(id) else {
+            let Some(info) = set.info.get(id) else {
                 // Every policy in every set came from `info`; treat a stranger as a forbid.
-                forbids.push(pid(id).to_string());
+                self.forbids.push(pid(id).to_string());
                 continue;
             };
             match info.effect {
-                PolicyEffect::Forbid => forbids.push(info.id.clone()),
+                PolicyEffect::Forbid => self.forbids.push(info.id.clone()),
                 PolicyEffect::Permit => {
                     let needs_approval = info.approval_required
                         || (request.effect() == EffectClass::External && !info.permits_external);
                     if needs_approval {
-                        with_approval.push(info.id.clone());
+                        self.with_approval.push(info.id.clone());
                     } else {
-                        outright.push(info.id.clone());
+                        self.outright.push(info.id.clone());
                     }
                 }
             }
         }
-        for list in [&mut forbids, &mut outright, &mut with_approval] {
+    }
+
+    fn decide(mut self, set: &PolicySet) -> Decision {
+        self.errors.sort();
+        for list in [
+            &mut self.forbids,
+            &mut self.outright,
+            &mut self.with_approval,
+            &mut self.failed_forbids,
+        ] {
             list.sort();
         }
-        let verdict = if !forbids.is_empty() {
-            Verdict::Deny(DenyReason::Forbidden { policies: forbids })
-        } else if !failed_forbids.is_empty() {
-            Verdict::Deny(DenyReason::ForbidFailed {
-                policies: failed_forbids,
+        let verdict = if !self.forbids.is_empty() {
+            Verdict::Deny(DenyReason::Forbidden {
+                policies: self.forbids,
             })
-        } else if response.decision() == cedar::Decision::Allow && !outright.is_empty() {
-            Verdict::Permit { policies: outright }
-        } else if response.decision() == cedar::Decision::Allow && !with_approval.is_empty() {
+        } else if !self.failed_forbids.is_empty() {
+            Verdict::Deny(DenyReason::ForbidFailed {
+                policies: self.failed_forbids,
+            })
+        } else if !self.outright.is_empty() {
+            Verdict::Permit {
+                policies: self.outright,
+            }
+        } else if !self.with_approval.is_empty() {
             Verdict::PermitWithApproval {
-                policies: with_approval,
+                policies: self.with_approval,
             }
         } else {
             Verdict::Deny(DenyReason::NoPermit)
         };
         Decision {
             verdict,
-            errors,
-            policy_version: self.version,
+            errors: self.errors,
+            policy_version: set.version,
         }
     }
 }

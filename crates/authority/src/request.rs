@@ -15,7 +15,9 @@ use cedar_policy as cedar;
 use ice_kernel::{Origin, RunId};
 use serde_json::Value;
 
-use crate::capability::{CapabilityError, EffectClass, Registry, ResourceKind, check_capability_name};
+use crate::capability::{
+    CapabilityError, EffectClass, Registry, ResourceKind, check_capability_name,
+};
 use crate::limits::{
     MAX_ARGUMENT_DEPTH, MAX_ARGUMENT_STRING_BYTES, MAX_ARGUMENT_TOTAL_BYTES, MAX_ARGUMENT_VALUES,
     MAX_COMMAND_LEN, MAX_HOST_LEN, MAX_INTENT_LEN, MAX_PATH_LEN, MAX_TOOL_NAME_LEN,
@@ -38,7 +40,10 @@ struct Names {
 
 fn type_name(name: &str) -> cedar::EntityTypeName {
     // The names are constants of this crate, not input; a test parses each one.
-    #[expect(clippy::expect_used, reason = "constant entity type names always parse")]
+    #[expect(
+        clippy::expect_used,
+        reason = "constant entity type names always parse"
+    )]
     cedar::EntityTypeName::from_str(name).expect("constant entity type name")
 }
 
@@ -68,6 +73,11 @@ pub(crate) fn ancestor_types(kind: ResourceKind) -> &'static [&'static str] {
         ResourceKind::Tool => &["ToolServer"],
         ResourceKind::Command => &[],
     }
+}
+
+/// The key under which the policy index files a resource anchor: entity type and id.
+pub(crate) fn anchor_key(entity_type: &str, id: &str) -> String {
+    format!("{entity_type}\0{id}")
 }
 
 /// The target of a request, checked and in canonical form.
@@ -297,55 +307,68 @@ impl Resource {
     }
 
     /// The resource as a Cedar entity, with its ancestors (directories, domains, tool server) as
-    /// parents. The parent set is already transitively closed.
-    fn entity(&self) -> Result<cedar::Entity, RequestError> {
+    /// parents (a set that is already transitively closed), and the index's anchor keys of the
+    /// resource itself and of each ancestor.
+    fn entity(&self) -> Result<(cedar::Entity, Vec<String>), RequestError> {
         let names = &*NAMES;
         let string = |s: &str| cedar::RestrictedExpression::new_string(s.to_string());
         let mut parents = HashSet::new();
-        let (ty, attrs): (&cedar::EntityTypeName, Vec<(&str, cedar::RestrictedExpression)>) =
-            match self {
-                Resource::Path(p) | Resource::Dir(p) => {
-                    if p != "." {
-                        parents.insert(uid(&names.dir, "."));
-                        let mut end = 0;
-                        while let Some(i) = p[end..].find('/') {
-                            parents.insert(uid(&names.dir, &p[..end + i]));
-                            end += i + 1;
+        let (ty, attrs): (
+            &cedar::EntityTypeName,
+            Vec<(&str, cedar::RestrictedExpression)>,
+        ) = match self {
+            Resource::Path(p) | Resource::Dir(p) => {
+                if p != "." {
+                    parents.insert(uid(&names.dir, "."));
+                    let mut end = 0;
+                    while let Some(i) = p[end..].find('/') {
+                        parents.insert(uid(&names.dir, &p[..end + i]));
+                        end += i + 1;
+                    }
+                }
+                let ty = match self {
+                    Resource::Dir(_) => &names.dir,
+                    _ => &names.path,
+                };
+                (ty, vec![("path", string(p))])
+            }
+            Resource::Host(h) => {
+                let is_ip = Ipv4Addr::from_str(h).is_ok() || Ipv6Addr::from_str(h).is_ok();
+                if !is_ip {
+                    let mut rest = h.as_str();
+                    loop {
+                        parents.insert(uid(&names.domain, rest));
+                        match rest.split_once('.') {
+                            Some((_, parent)) => rest = parent,
+                            None => break,
                         }
                     }
-                    let ty = match self {
-                        Resource::Dir(_) => &names.dir,
-                        _ => &names.path,
-                    };
-                    (ty, vec![("path", string(p))])
                 }
-                Resource::Host(h) => {
-                    let is_ip = Ipv4Addr::from_str(h).is_ok() || Ipv6Addr::from_str(h).is_ok();
-                    if !is_ip {
-                        let mut rest = h.as_str();
-                        loop {
-                            parents.insert(uid(&names.domain, rest));
-                            match rest.split_once('.') {
-                                Some((_, parent)) => rest = parent,
-                                None => break,
-                            }
-                        }
-                    }
-                    (&names.host, vec![("name", string(h))])
-                }
-                Resource::Tool { server, tool } => {
-                    parents.insert(uid(&names.tool_server, server));
-                    (
-                        &names.tool,
-                        vec![("server", string(server)), ("name", string(tool))],
-                    )
-                }
-                Resource::Command(c) => (&names.command, vec![("program", string(c))]),
-            };
+                (&names.host, vec![("name", string(h))])
+            }
+            Resource::Tool { server, tool } => {
+                parents.insert(uid(&names.tool_server, server));
+                (
+                    &names.tool,
+                    vec![("server", string(server)), ("name", string(tool))],
+                )
+            }
+            Resource::Command(c) => (&names.command, vec![("program", string(c))]),
+        };
         let attrs: HashMap<String, cedar::RestrictedExpression> =
             attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-        cedar::Entity::new(uid(ty, &self.entity_id()), attrs, parents)
-            .map_err(|e| RequestError::Cedar(e.to_string()))
+        let id = self.entity_id();
+        let mut anchors = Vec::with_capacity(parents.len() + 1);
+        anchors.push(anchor_key(self.kind().entity_type(), &id));
+        for parent in &parents {
+            anchors.push(anchor_key(
+                &parent.type_name().to_string(),
+                parent.id().unescaped(),
+            ));
+        }
+        let entity = cedar::Entity::new(uid(ty, &id), attrs, parents)
+            .map_err(|e| RequestError::Cedar(e.to_string()))?;
+        Ok((entity, anchors))
     }
 }
 
@@ -392,7 +415,10 @@ impl BudgetLeft {
     fn to_cedar(self) -> Result<cedar::RestrictedExpression, RequestError> {
         let fields = self.fields().into_iter().filter_map(|(name, left)| {
             let left = i64::try_from(left?).unwrap_or(i64::MAX);
-            Some((name.to_string(), cedar::RestrictedExpression::new_long(left)))
+            Some((
+                name.to_string(),
+                cedar::RestrictedExpression::new_long(left),
+            ))
         });
         cedar::RestrictedExpression::new_record(fields)
             .map_err(|e| RequestError::Cedar(e.to_string()))
@@ -491,7 +517,10 @@ fn json_to_cedar(
         Value::Number(n) => match n.as_i64() {
             Some(i) => cedar::RestrictedExpression::new_long(i),
             None if n.is_u64() => {
-                return Err(fail(pointer, ArgumentProblem::IntegerOutOfRange(n.to_string())));
+                return Err(fail(
+                    pointer,
+                    ArgumentProblem::IntegerOutOfRange(n.to_string()),
+                ));
             }
             None => return Err(fail(pointer, ArgumentProblem::NotAnInteger(n.to_string()))),
         },
@@ -541,7 +570,10 @@ pub fn arguments_to_cedar(arguments: &Value) -> Result<cedar::RestrictedExpressi
             problem: ArgumentProblem::NotAnObject(kind),
         });
     }
-    let mut budget = Budget { values: 0, bytes: 0 };
+    let mut budget = Budget {
+        values: 0,
+        bytes: 0,
+    };
     json_to_cedar(arguments, "", 0, &mut budget)
 }
 
@@ -661,7 +693,8 @@ impl<'a> RequestBuilder<'a> {
             None,
         )
         .map_err(|e| RequestError::Cedar(e.to_string()))?;
-        let entities = cedar::Entities::from_entities([self.resource.entity()?], None)
+        let (entity, anchors) = self.resource.entity()?;
+        let entities = cedar::Entities::from_entities([entity], None)
             .map_err(|e| RequestError::Cedar(e.to_string()))?;
         Ok(Request {
             run: self.run.clone(),
@@ -671,6 +704,7 @@ impl<'a> RequestBuilder<'a> {
             effect,
             cedar_request,
             entities,
+            anchors,
         })
     }
 }
@@ -698,6 +732,7 @@ pub struct Request {
     effect: EffectClass,
     cedar_request: cedar::Request,
     entities: cedar::Entities,
+    anchors: Vec<String>,
 }
 
 impl Request {
@@ -743,6 +778,11 @@ impl Request {
     /// The effect class the runtime assigned (after any hint).
     pub fn effect(&self) -> EffectClass {
         self.effect
+    }
+
+    /// The index keys of the resource and its ancestors.
+    pub(crate) fn anchors(&self) -> &[String] {
+        &self.anchors
     }
 
     /// The Cedar request and entities this was converted to, for tools and benchmarks that call
