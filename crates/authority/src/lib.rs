@@ -5,7 +5,8 @@
 //! - [`request`]: a request for a decision (agent, capability, resource, context), checked and
 //!   converted to Cedar's form once.
 //! - [`policy`]: Cedar policies loaded from files and validated against [`schema`], pre-selected
-//!   by action and resource type, deciding `Deny`, `Permit` or `PermitWithApproval`.
+//!   by action and resource type (and by the agent and resource entity a scope names), deciding
+//!   `Deny`, `Permit` or `PermitWithApproval`.
 //!
 //! The authority layer decides; it never executes anything, and it does no I/O beyond reading
 //! policy files when they are loaded.

@@ -360,6 +360,22 @@ pub fn read_policy_dir(dir: &Path) -> Result<Vec<PolicySource>, LoadError> {
         if !path.is_file() {
             continue;
         }
+        let len = std::fs::metadata(&path)
+            .map_err(io("reading the policy file", &path))?
+            .len();
+        if len > MAX_POLICY_FILE_BYTES as u64 {
+            return Err(LoadError::Invalid {
+                diagnostics: vec![diag(
+                    Severity::Error,
+                    &path.display().to_string(),
+                    None,
+                    None,
+                    format!(
+                        "{len} bytes is over the limit of {MAX_POLICY_FILE_BYTES} for a policy file"
+                    ),
+                )],
+            });
+        }
         files.push(path);
         if files.len() > MAX_POLICY_FILES {
             return Err(LoadError::Invalid {
@@ -606,6 +622,10 @@ fn statement_index(id: &cedar::PolicyId) -> Option<usize> {
     pid(id).strip_prefix("policy")?.parse().ok()
 }
 
+fn limit(message: String) -> Diagnostic {
+    diag(Severity::Error, "<policy set>", None, None, message)
+}
+
 fn internal(message: String) -> Diagnostic {
     diag(
         Severity::Error,
@@ -648,9 +668,7 @@ impl PolicySet {
         let mut sorted: Vec<&PolicySource> = sources.iter().collect();
         sorted.sort_by(|a, b| a.name.cmp(&b.name));
         if sorted.len() > MAX_POLICY_FILES {
-            diagnostics.push(internal(format!(
-                "more than {MAX_POLICY_FILES} policy files"
-            )));
+            diagnostics.push(limit(format!("more than {MAX_POLICY_FILES} policy files")));
         }
         for source in sorted {
             if !names.insert(source.name.as_str()) {
@@ -666,7 +684,7 @@ impl PolicySet {
             parse_file(source, &mut parsed, &mut ids, &mut diagnostics);
         }
         if parsed.len() > MAX_POLICIES {
-            diagnostics.push(internal(format!(
+            diagnostics.push(limit(format!(
                 "{} policies is over the limit of {MAX_POLICIES}",
                 parsed.len()
             )));
@@ -810,7 +828,8 @@ impl PolicySet {
             .chain(decision.errors.iter().map(|e| &e.policy))
             .filter_map(|id| self.policy(id).cloned())
             .collect();
-        policies.dedup_by(|a, b| a.id == b.id);
+        let mut seen = HashSet::new();
+        policies.retain(|p| seen.insert(p.id.clone()));
         let (cedar_request, _) = request.cedar();
         let request_text = format!(
             "{} {} {}",

@@ -206,3 +206,10 @@ fn every_standard_capability_is_an_action_of_the_schema_on_its_resource_type() {
         );
     }
 }
+
+#[test]
+fn resource_kinds_index_their_own_position() {
+    for (i, kind) in ResourceKind::ALL.into_iter().enumerate() {
+        assert_eq!(kind.index(), i, "{kind}");
+    }
+}

@@ -274,3 +274,13 @@ fn a_schema_with_an_error_is_located() {
     assert_eq!(d.file, "mine.cedarschema");
     assert!(d.location.is_some(), "{d}");
 }
+
+#[test]
+fn an_oversized_policy_file_is_refused_before_it_is_parsed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let big = "// padding\n".repeat(100_000);
+    std::fs::write(dir.path().join("big.cedar"), big).expect("write");
+    let schema = Schema::ice().expect("ICE schema parses");
+    let err = PolicySet::load_dir(dir.path(), &schema).expect_err("too big");
+    assert!(err.to_string().contains("over the limit"), "{err}");
+}
