@@ -263,13 +263,12 @@ async fn append_ice(path: &Path, c: usize, total: u64) -> Result<(f64, Vec<Row>)
     let per = total.div_ceil(c as u64);
     // The drafts are the caller's; building them is not ICE's work, so it happens before the
     // clock starts (as the baseline's rows are built before its clock starts).
-    let mut drafts: Vec<Vec<Draft>> = (0..c).map(|_| (0..per).map(step).collect()).collect();
+    let drafts: Vec<Vec<Draft>> = (0..c).map(|_| (0..per).map(step).collect()).collect();
     let t0 = Instant::now();
     let mut tasks = Vec::new();
-    for i in 0..c {
+    for (i, mine) in drafts.into_iter().enumerate() {
         let ledger = ledger.clone();
         let run = run_id(i)?;
-        let mine = std::mem::take(&mut drafts[i]);
         tasks.push(tokio::spawn(async move {
             for d in mine {
                 ledger.append(&run, vec![d]).await?;
