@@ -1,8 +1,7 @@
 //! RFC 8785 (JSON Canonicalization Scheme), the one encoding ICE hashes.
 //!
-//! [`write_value`] is ICE's hot-path encoder for `serde_json` values: objects are written in
-//! the map's key order when that already is RFC 8785's UTF-16 order (always, unless a key holds
-//! characters from U+E000–U+FFFF beside ones above U+FFFF), numbers with `ryu-js` (ECMAScript's
+//! [`write_value`] is ICE's hot-path encoder for `serde_json` values: object members sorted by
+//! UTF-16 code units (checked, not assumed from the map), numbers with `ryu-js` (ECMAScript's
 //! `Number.prototype.toString`), strings with the RFC's escapes. `serde_jcs` is the reference:
 //! the tests check this encoder against it byte for byte, and against the RFC's own vectors.
 
@@ -44,38 +43,49 @@ pub fn write_value(v: &Value, out: &mut Vec<u8>) {
     }
 }
 
-/// Append the canonical encoding of an object.
+/// Append the canonical encoding of an object: members sorted by their keys' UTF-16 code units.
+///
+/// The map's own order is not trusted: `serde_json` keeps insertion order when any crate in the
+/// build enables its `preserve_order` feature (Cargo unifies features), and sorts otherwise.
+/// Already-sorted maps (the common case) are written as they are; others are sorted first.
 pub fn write_object(m: &Map<String, Value>, out: &mut Vec<u8>) {
+    let member = |out: &mut Vec<u8>, i: usize, k: &str, x: &Value| {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(k, out);
+        out.push(b':');
+        write_value(x, out);
+    };
     out.push(b'{');
-    if m.keys().all(|k| utf8_order_is_utf16_order(k)) {
+    let sorted = m
+        .keys()
+        .zip(m.keys().skip(1))
+        .all(|(a, b)| key_order(a, b).is_lt());
+    if sorted {
         for (i, (k, x)) in m.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            write_str(k, out);
-            out.push(b':');
-            write_value(x, out);
+            member(out, i, k, x);
         }
     } else {
         let mut entries: Vec<(&String, &Value)> = m.iter().collect();
-        entries.sort_by(|a, b| a.0.encode_utf16().cmp(b.0.encode_utf16()));
+        entries.sort_by(|a, b| key_order(a.0, b.0));
         for (i, (k, x)) in entries.into_iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            write_str(k, out);
-            out.push(b':');
-            write_value(x, out);
+            member(out, i, k, x);
         }
     }
     out.push(b'}');
 }
 
-/// Keys whose characters are all below U+E000 sort the same by code point (the map's order)
-/// and by UTF-16 code unit (the RFC's order).
-fn utf8_order_is_utf16_order(k: &str) -> bool {
+/// RFC 8785's member order: by UTF-16 code units. For keys whose characters are all below
+/// U+E000 that is byte order (UTF-8 preserves code point order, and such characters are one
+/// UTF-16 unit each); only keys with characters from U+E000 up need the UTF-16 comparison.
+fn key_order(a: &str, b: &str) -> std::cmp::Ordering {
     // Bytes 0xEE and above start characters at or above U+E000.
-    k.bytes().all(|b| b < 0xEE)
+    if a.bytes().all(|c| c < 0xEE) && b.bytes().all(|c| c < 0xEE) {
+        a.as_bytes().cmp(b.as_bytes())
+    } else {
+        a.encode_utf16().cmp(b.encode_utf16())
+    }
 }
 
 fn write_number(n: &Number, out: &mut Vec<u8>) {

@@ -92,3 +92,18 @@ fn canonical_encoding_is_idempotent_on_the_rfc8785_vectors() {
         assert_eq!(again, expected, "{} is not a fixed point", path.display());
     }
 }
+
+/// Members come out in RFC 8785 order however the map holds them: `serde_json` keeps insertion
+/// order when any crate in the build enables `preserve_order`.
+#[test]
+fn members_are_sorted_whatever_order_they_were_inserted_in() {
+    let mut m = serde_json::Map::new();
+    for k in ["zeta", "\u{e000}", "alpha", "😂", "Beta", "a\u{0}"] {
+        m.insert(k.to_string(), serde_json::Value::from(k.len()));
+    }
+    let got = ice_kernel::canonical::canonicalize(&serde_json::Value::Object(m)).unwrap();
+    assert_eq!(
+        String::from_utf8(got).unwrap(),
+        "{\"Beta\":4,\"a\\u0000\":2,\"alpha\":5,\"zeta\":4,\"😂\":4,\"\u{e000}\":3}"
+    );
+}
