@@ -243,7 +243,7 @@ pub fn check_capability_name(name: &str) -> Result<(), CapabilityError> {
 }
 
 /// Names in error messages are cut so a hostile name cannot flood a log line.
-fn truncated(s: &str) -> String {
+pub(crate) fn truncated(s: &str) -> String {
     const KEEP: usize = 80;
     if s.len() <= KEEP {
         return s.to_string();

@@ -15,6 +15,7 @@ use cedar_policy as cedar;
 use ice_kernel::{Origin, RunId};
 use serde_json::Value;
 
+use crate::capability::truncated;
 use crate::capability::{
     CapabilityError, EffectClass, Registry, ResourceKind, check_capability_name,
 };
@@ -112,23 +113,11 @@ pub struct ResourceError {
     pub problem: String,
 }
 
-fn cut(s: &str) -> String {
-    const KEEP: usize = 80;
-    if s.len() <= KEEP {
-        return s.to_string();
-    }
-    let mut end = KEEP;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
-
 fn no_control(kind: ResourceKind, s: &str) -> Result<(), ResourceError> {
     match s.chars().find(|c| c.is_control()) {
         Some(c) => Err(ResourceError {
             kind,
-            value: cut(s),
+            value: truncated(s),
             problem: format!("contains the control character {c:?}"),
         }),
         None => Ok(()),
@@ -141,7 +130,7 @@ fn no_control(kind: ResourceKind, s: &str) -> Result<(), ResourceError> {
 fn check_relative_path(kind: ResourceKind, path: &str) -> Result<(), ResourceError> {
     let bad = |problem: &str| ResourceError {
         kind,
-        value: cut(path),
+        value: truncated(path),
         problem: problem.to_string(),
     };
     if path.is_empty() || path.len() > MAX_PATH_LEN {
@@ -168,7 +157,7 @@ fn check_name(kind: ResourceKind, what: &str, name: &str, max: usize) -> Result<
     if name.is_empty() || name.len() > max {
         return Err(ResourceError {
             kind,
-            value: cut(name),
+            value: truncated(name),
             problem: format!("{what} must be 1 to {max} bytes"),
         });
     }
@@ -181,7 +170,7 @@ fn check_name(kind: ResourceKind, what: &str, name: &str, max: usize) -> Result<
 fn canonical_host(host: &str) -> Result<String, ResourceError> {
     let bad = |problem: &str| ResourceError {
         kind: ResourceKind::Host,
-        value: cut(host),
+        value: truncated(host),
         problem: problem.to_string(),
     };
     if host.is_empty() || host.len() > MAX_HOST_LEN {
@@ -250,7 +239,7 @@ impl Resource {
         if server.contains('/') {
             return Err(ResourceError {
                 kind: ResourceKind::Tool,
-                value: cut(server),
+                value: truncated(server),
                 problem: "server name contains /".to_string(),
             });
         }
@@ -278,7 +267,7 @@ impl Resource {
                 Some((server, tool)) => Resource::tool(server, tool),
                 None => Err(ResourceError {
                     kind,
-                    value: cut(id),
+                    value: truncated(id),
                     problem: "give the tool as server/tool".to_string(),
                 }),
             },
