@@ -19,6 +19,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod blob;
 pub mod canonical;
 pub mod event;
@@ -31,6 +32,7 @@ pub mod taxonomy;
 pub mod timestamp;
 pub mod validate;
 
+pub use agent::{Agent, AgentError, AgentView, CapabilityProposal, Outcome, Proposal, Thought};
 pub use blob::{Blob, BlobRef};
 pub use event::{Cost, Draft, Event, Payload};
 pub use header::Header;

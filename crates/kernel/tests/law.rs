@@ -930,3 +930,43 @@ fn a_large_payload_field_moves_to_a_blob_named_by_its_digest() {
         .insert("output".into(), json!({ "$blob": "not-hex", "size": 1 }));
     assert_structure(run.try_admit(rehashed(e2)), "payload");
 }
+
+/// A-002 as a type: every proposal an agent can make becomes an event of the agent row of the
+/// taxonomy, and the validator accepts it from that agent.
+#[test]
+fn every_proposal_is_an_agent_row_event() {
+    use ice_kernel::{CapabilityProposal, Category, EventType, Proposal, Thought};
+    let mut proposals: Vec<Proposal> = Thought::ALL
+        .iter()
+        .map(|k| Proposal::Think {
+            kind: *k,
+            intent: "think".into(),
+            payload: Default::default(),
+        })
+        .collect();
+    proposals.push(Proposal::Request(CapabilityProposal {
+        capability: "fs.write".into(),
+        target: "src/lib.rs".into(),
+        arguments: serde_json::json!({"content": "x"}),
+        intent: "write".into(),
+    }));
+    for p in &proposals {
+        let d = p.draft("a1").expect("recorded");
+        let t = EventType::from_name(&d.event_type).expect("known type");
+        assert!(
+            matches!(
+                t.category(),
+                Category::Cognitive | Category::CapabilityRequest
+            ),
+            "{t} is not an agent event"
+        );
+        assert_eq!(d.origin.to_string(), "agent:a1");
+    }
+    assert!(
+        Proposal::Finish {
+            summary: String::new()
+        }
+        .draft("a1")
+        .is_none()
+    );
+}

@@ -1,0 +1,177 @@
+//! The agent protocol: what an agent may see and what it may propose.
+//!
+//! An agent is anything that implements [`Agent`]: it is shown an [`AgentView`] (plain data) and
+//! returns a [`Proposal`] (plain data). That is all it can do. It holds no handle to the log,
+//! to the authority layer or to any effect adapter, and the crates that implement agents depend
+//! on this kernel only, so no agent code can reach an effect even by accident.
+//!
+//! The proposal types are the origin law for agents written as types: a [`Proposal`] can become
+//! only a cognitive event or a `CapabilityRequested` ([`Proposal::draft`]), which is exactly the
+//! `agent:*` row of the taxonomy. The runtime records a proposal only through that function.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::event::{Draft, Payload};
+use crate::id::{EventId, Origin, RunId};
+use crate::taxonomy::EventType;
+
+/// The cognitive events an agent may record: its row of the taxonomy, minus the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Thought {
+    /// A model call and its output.
+    InferenceStep,
+    /// A decision the agent proposes.
+    DecisionProposed,
+    /// A hypothesis.
+    HypothesisGenerated,
+    /// Something the agent is unsure of.
+    UncertaintyDeclared,
+    /// The next step of a plan.
+    PlanStepProposed,
+    /// An assumption the agent relies on.
+    AssumptionDeclared,
+}
+
+impl Thought {
+    /// Every kind, in taxonomy order.
+    pub const ALL: [Thought; 6] = [
+        Thought::InferenceStep,
+        Thought::DecisionProposed,
+        Thought::HypothesisGenerated,
+        Thought::UncertaintyDeclared,
+        Thought::PlanStepProposed,
+        Thought::AssumptionDeclared,
+    ];
+
+    /// The event type this kind is recorded as.
+    pub fn event_type(self) -> EventType {
+        match self {
+            Thought::InferenceStep => EventType::InferenceStep,
+            Thought::DecisionProposed => EventType::DecisionProposed,
+            Thought::HypothesisGenerated => EventType::HypothesisGenerated,
+            Thought::UncertaintyDeclared => EventType::UncertaintyDeclared,
+            Thought::PlanStepProposed => EventType::PlanStepProposed,
+            Thought::AssumptionDeclared => EventType::AssumptionDeclared,
+        }
+    }
+}
+
+/// A request for a capability, as the agent states it: the runtime checks the target, decides,
+/// and (maybe) acts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CapabilityProposal {
+    /// The capability type (`fs.read`, `http.request`, …).
+    pub capability: String,
+    /// The target as the agent writes it (a workspace path, a URL, `server/tool`, a program).
+    pub target: String,
+    /// The call's arguments (a JSON object).
+    pub arguments: Value,
+    /// Why.
+    pub intent: String,
+}
+
+/// What an agent may propose.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Proposal {
+    /// Record a cognitive event.
+    Think {
+        /// Which kind.
+        kind: Thought,
+        /// Why.
+        intent: String,
+        /// What the agent thought (an object).
+        payload: Payload,
+    },
+    /// Ask for a capability.
+    Request(CapabilityProposal),
+    /// The agent's work is done: the runtime moves on to validation.
+    Finish {
+        /// The agent's own summary of what it did.
+        summary: String,
+    },
+}
+
+impl Proposal {
+    /// The event that records this proposal in the name of `agent`, or `None` for
+    /// [`Proposal::Finish`] (the runtime records the end of the execution window itself).
+    ///
+    /// This is the only place an agent-origin draft is made, and it makes only the `agent:*` row
+    /// of the taxonomy.
+    pub fn draft(&self, agent: &str) -> Option<Draft> {
+        let origin = Origin::Agent(agent.to_string());
+        match self {
+            Proposal::Think {
+                kind,
+                intent,
+                payload,
+            } => Some(
+                Draft::new(kind.event_type().name(), origin)
+                    .intent(intent.clone())
+                    .payload(Value::Object(payload.clone())),
+            ),
+            Proposal::Request(r) => {
+                let mut p = Payload::new();
+                p.insert("capability".into(), Value::String(r.capability.clone()));
+                p.insert("target".into(), Value::String(r.target.clone()));
+                p.insert("arguments".into(), r.arguments.clone());
+                Some(
+                    Draft::new(EventType::CapabilityRequested.name(), origin)
+                        .intent(r.intent.clone())
+                        .payload(Value::Object(p)),
+                )
+            }
+            Proposal::Finish { .. } => None,
+        }
+    }
+}
+
+/// How the runtime answered one of the agent's requests.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "status")]
+pub enum Outcome {
+    /// The request was carried out.
+    Done {
+        /// The `CapabilityRequested` event.
+        request: EventId,
+        /// What the effect returned (file content, a listing, an HTTP status and body, …).
+        output: Value,
+    },
+    /// The request was refused.
+    Denied {
+        /// The `CapabilityRequested` event.
+        request: EventId,
+        /// The stable reason code.
+        reason: String,
+        /// The explanation.
+        detail: String,
+    },
+}
+
+/// What an agent is shown before each proposal. Plain data: nothing in it can act.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentView {
+    /// The run.
+    pub run_id: RunId,
+    /// How many proposals the agent has made in this run so far (a resumed run continues the
+    /// count, so a scripted agent picks up where it stopped).
+    pub step: u64,
+    /// The capability types the run may request, with their effect classes.
+    pub capabilities: Vec<(String, String)>,
+    /// The answer to the agent's previous request, if its previous proposal was one.
+    pub last: Option<Outcome>,
+}
+
+/// Why an agent could not propose.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct AgentError(pub String);
+
+/// An agent: shown a view, it proposes. It can do nothing else.
+pub trait Agent: Send {
+    /// The agent's id (the `agent:<id>` origin of its events).
+    fn id(&self) -> &str;
+    /// The next proposal.
+    fn propose(&mut self, view: &AgentView) -> Result<Proposal, AgentError>;
+}
