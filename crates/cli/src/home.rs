@@ -5,12 +5,15 @@
 //! <home>/ice.db                 the embedded log (sqlite:ice.db)
 //! <home>/keys/checkpoint.key    the checkpoint signing key (mode 0600)
 //! <home>/keys/checkpoint.pub    its verifier key, to hand to auditors
+//! <home>/policies/*.cedar       the Cedar policies that decide agents' requests
+//!                               (`ice init` writes a commented starter, default.cedar)
 //! ```
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
+use ice_authority::{PolicySet, Schema};
 use ice_log::EventLog;
 use ice_log::checkpoint::{NoteSigner, NoteVerifier};
 use ice_log::sqlite::{Mode, SqliteLog};
@@ -18,6 +21,9 @@ use serde::{Deserialize, Serialize};
 
 /// The marker that makes a directory an ICE home.
 const HOME_FORMAT: u32 = 1;
+
+/// The home's policy directory, relative to the home.
+pub const POLICY_DIR: &str = "policies";
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,6 +101,7 @@ impl Home {
         let text = toml::to_string(&config).context("encoding config.toml")?;
         SqliteLog::create(&dir.join("ice.db"))
             .with_context(|| format!("creating the log in {}", dir.display()))?;
+        create_policy_dir(&dir.join(POLICY_DIR))?;
         // config.toml last: a home is a home only once everything else is in place.
         std::fs::write(dir.join("config.toml"), text)
             .with_context(|| format!("writing {}/config.toml", dir.display()))?;
@@ -154,6 +161,36 @@ impl Home {
         bail!("log URL {url:?} is not of a known form; use sqlite:PATH")
     }
 
+    /// The directory whose `*.cedar` files are this installation's policies.
+    pub fn policy_dir(&self) -> PathBuf {
+        self.dir.join(POLICY_DIR)
+    }
+
+    /// The policy directory, or an error saying that it is missing and how to create it (homes
+    /// made before ICE kept policies have none).
+    pub fn existing_policy_dir(&self) -> Result<PathBuf> {
+        let dir = self.policy_dir();
+        if !dir.exists() {
+            bail!(
+                "{} does not exist: this installation has no policy directory (it was made before \
+                 ICE kept policies in the home); create it with `ice policy init --home {}`, which \
+                 writes the commented starter policy {}, or with `mkdir {}` and your own *.cedar files",
+                dir.display(),
+                self.dir.display(),
+                crate::policy::STARTER_POLICY_FILE,
+                dir.display()
+            );
+        }
+        Ok(dir)
+    }
+
+    /// Read, check and index this installation's policies against `schema`. Any error refuses
+    /// the whole set, and the error lists every diagnostic as `FILE:LINE:COL: error: …`. The
+    /// runtime commands decide requests with the set this returns.
+    pub fn policies(&self, schema: &Schema) -> Result<PolicySet> {
+        crate::policy::load(&self.existing_policy_dir()?, schema)
+    }
+
     pub fn signer(&self) -> Result<NoteSigner> {
         let p = self.dir.join("keys/checkpoint.key");
         let s = std::fs::read_to_string(&p)
@@ -164,6 +201,31 @@ impl Home {
     pub fn verifier(&self) -> Result<NoteVerifier> {
         read_verifier(&self.dir.join("keys/checkpoint.pub"))
     }
+}
+
+/// Create a policy directory holding the starter policy ([`crate::policy::STARTER_POLICY`]);
+/// refuses a directory that already exists, so no policy is ever overwritten. Returns the
+/// starter file's path.
+pub fn create_policy_dir(dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir(dir).with_context(|| {
+        if dir.exists() {
+            format!("{} already exists; nothing was changed", dir.display())
+        } else {
+            format!("creating {}", dir.display())
+        }
+    })?;
+    let file = dir.join(crate::policy::STARTER_POLICY_FILE);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&file)
+        .and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(crate::policy::STARTER_POLICY.as_bytes())?;
+            f.sync_all()
+        })
+        .with_context(|| format!("writing {}", file.display()))?;
+    Ok(file)
 }
 
 pub fn read_verifier(path: &Path) -> Result<NoteVerifier> {

@@ -8,6 +8,7 @@ mod audit;
 mod bench;
 mod home;
 mod inspect;
+mod policy;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,7 +33,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create a new installation: config, checkpoint signing key and an empty log.
+    /// Create a new installation: config, checkpoint signing key, an empty log and a starter
+    /// policy.
     Init {
         /// The checkpoint origin (the log's public name); a random `ice.local/<id>` if absent.
         #[arg(long)]
@@ -55,6 +57,9 @@ enum Command {
     Prove(audit::ProveArgs),
     /// Check a proof file offline, with only the log's public key. Exit 5 if invalid.
     VerifyProof(audit::VerifyProofArgs),
+    /// Check the Cedar policies (`policy check`) and explain how they decide a request
+    /// (`policy explain`).
+    Policy(policy::PolicyArgs),
     /// Measure ICE against baselines measured in the same run.
     Bench(bench::BenchArgs),
 }
@@ -90,6 +95,7 @@ fn main() -> ExitCode {
             Command::Checkpoint(a) => audit::checkpoint(&home, log_url, a).await,
             Command::Prove(a) => audit::prove(&home, log_url, a).await,
             Command::VerifyProof(a) => audit::verify_proof(&home, a),
+            Command::Policy(a) => policy::run(&home, a),
             Command::Bench(a) => bench::run(a).await,
         }
     });

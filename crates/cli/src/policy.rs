@@ -1,0 +1,737 @@
+//! `ice policy`: check the installation's Cedar policies against ICE's schema, explain how they
+//! decide a request, and create the policy directory of an installation that has none.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, anyhow, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use ice_authority::policy::read_policy_dir;
+use ice_authority::{
+    Decision, DenyReason, Diagnostic, EffectClass, Explanation, LoadError, PolicyInfo, PolicySet,
+    PolicySource, PolicyVersion, Registry, Request, RequestError, Resource, ResourceKind, Schema,
+    Severity, Verdict,
+};
+use ice_kernel::RunId;
+use serde_json::{Map, Value, json};
+
+use crate::home::{Home, create_policy_dir};
+
+/// The name of the starter policy file `ice init` writes.
+pub const STARTER_POLICY_FILE: &str = "default.cedar";
+
+/// The starter policy: reads anywhere in the workspace, writes and deletes with an operator's
+/// approval, never `.env` files or `.git`; nothing else (no network, commands or tools). Its
+/// comments explain how ICE's Cedar policies work; its examples are checked by a test.
+pub const STARTER_POLICY: &str = r#"// ICE policies: the starter policy `ice init` wrote. Edit it, or add more *.cedar files to
+// this directory: ICE reads every *.cedar file here (not subdirectories), in name order, as one
+// policy set. After a change, run `ice policy check`; to see how a request would be decided,
+// run for example
+//   ice policy explain --agent coder --action fs.write --resource src/lib.rs
+//
+// HOW ICE ASKS
+// Every capability an agent proposes is one Cedar request, checked against ICE's schema
+// (ice.cedarschema in ICE's authority crate; `ice policy check` applies it):
+//   principal  the agent, by id: Agent::"coder"
+//   action     the capability type: Action::"fs.read", "fs.list", "fs.write", "fs.delete",
+//              "http.request", "process.exec" or "mcp.call"
+//   resource   the target, one of these kinds:
+//     Path::"src/lib.rs"       a file (fs.read, fs.write, fs.delete), by its normalised path
+//                              relative to the workspace, `/`-separated
+//     Dir::"src"               a directory (fs.list); Dir::"." is the workspace root. Every Path
+//                              and Dir is `in` each Dir above it and in Dir::".", so
+//                              `resource in Dir::"src"` is src and everything under it
+//     Host::"api.example.com"  a host (http.request), by its parsed lower-case name; it is `in`
+//                              Domain::"example.com" and Domain::"com" (IP addresses are in no
+//                              Domain)
+//     Tool::"github/create_issue"  a tool on an MCP tool server (mcp.call), `in`
+//                              ToolServer::"github"
+//     Command::"cargo"         a program to run (process.exec)
+//   context    context.run (the run's id), context.intent (what the agent says it is doing),
+//              context.effect (the effect class the runtime assigned: EffectClass::"read",
+//              EffectClass::"internal-write" or EffectClass::"external"), context.arguments
+//              (the call's arguments: `bytes` for fs.*; `method`, `url`, `scheme`, `port`,
+//              `path` for http.request; `args` for process.exec) and context.budget (what is
+//              left of the run's budget). Optional fields need `has` before use:
+//              `context.arguments has method && context.arguments.method == "GET"`.
+// Effect classes belong to the runtime: fs.read and fs.list are read; fs.write, fs.delete and
+// process.exec are internal-write (they change the run's staged copy, which ICE can discard);
+// http.request is read for GET and HEAD and external for any other method; mcp.call is
+// external.
+//
+// HOW ICE DECIDES
+//   1. A matching `forbid` denies, whatever else matches. A forbid that fails to evaluate
+//      denies too: ICE fails closed.
+//   2. Else a matching `permit` permits, but
+//        - a permit annotated @approval("required") permits only once an operator approves
+//          that exact request;
+//        - a request whose effect class is external needs an approval unless the permit that
+//          matches it is annotated @external("permit").
+//   3. If nothing matches, the request is denied: deny is the default.
+// @id("...") names a policy in decisions; a policy without one is named FILE#N (the N-th
+// policy in FILE). Every decision names the policy version, a SHA-256 of these files, that
+// made it.
+
+// Read and list anything in the workspace.
+@id("read-workspace")
+permit (
+  principal,
+  action in [Action::"fs.read", Action::"fs.list"],
+  resource in Dir::"."
+);
+
+// Write and delete anywhere in the workspace, each time with an operator's approval.
+@id("write-with-approval")
+@approval("required")
+permit (
+  principal,
+  action in [Action::"fs.write", Action::"fs.delete"],
+  resource in Dir::"."
+);
+
+// Never the repository's own metadata, even with an approval.
+@id("no-git-writes")
+forbid (
+  principal,
+  action in [Action::"fs.write", Action::"fs.delete"],
+  resource in Dir::".git"
+);
+
+// Never .env files (.env, .env.local, ...), which commonly hold secrets, anywhere.
+@id("no-env-files")
+forbid (
+  principal,
+  action in [Action::"fs.read", Action::"fs.write", Action::"fs.delete"],
+  resource
+)
+when { resource.path like ".env*" || resource.path like "*/.env*" };
+
+// Nothing else is permitted: no network, no commands, no MCP tools. EXAMPLES (to use one,
+// remove the leading `//` from its lines, then run `ice policy check`):
+//
+// The agent "coder" writes under src/ without asking each time:
+//   @id("coder-writes-src")
+//   permit (principal == Agent::"coder", action == Action::"fs.write", resource in Dir::"src");
+//
+// Any agent may GET or HEAD (effect class read) over https from docs.rs and its subdomains:
+//   @id("read-docs-rs")
+//   permit (principal, action == Action::"http.request", resource in Domain::"docs.rs")
+//   when {
+//     context.effect == EffectClass::"read" &&
+//     context.arguments has scheme && context.arguments.scheme == "https"
+//   };
+//
+// The agent "deployer" may POST to api.example.com without an approval each time (an external
+// effect, so the permit must say @external("permit")):
+//   @id("deployer-posts")
+//   @external("permit")
+//   permit (
+//     principal == Agent::"deployer",
+//     action == Action::"http.request",
+//     resource == Host::"api.example.com"
+//   )
+//   when { context.arguments has method && context.arguments.method == "POST" };
+//
+// Run `cargo test` as a validation check:
+//   @id("cargo-test")
+//   permit (principal, action == Action::"process.exec", resource == Command::"cargo")
+//   when { context.arguments has args && context.arguments.args.contains("test") };
+//
+// Call one MCP tool; mcp.call is external, so without @external("permit") each call needs an
+// operator's approval:
+//   @id("github-issues")
+//   permit (principal, action == Action::"mcp.call", resource == Tool::"github/create_issue");
+"#;
+
+/// Check the installation's Cedar policies and explain how they decide a request.
+#[derive(Args)]
+pub struct PolicyArgs {
+    #[command(subcommand)]
+    command: PolicyCommand,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate every *.cedar policy file against ICE's schema. Prints each problem as
+    /// FILE:LINE:COL: error|warning: MESSAGE, then a summary; exit 1 if any error.
+    Check(CheckArgs),
+    /// Decide one request with the policies and say which policies decided it and why. Exit 0
+    /// whatever the decision; 1 if the request or the policies are not valid.
+    Explain(Box<ExplainArgs>),
+    /// Create the home's policy directory with the commented starter policy, for an
+    /// installation made before ICE kept policies in the home.
+    Init(InitArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// The policy directory to check (default: the home's policies/). Checking a directory
+    /// given here needs no ICE home.
+    #[arg(value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Print one JSON document: diagnostics, policies (id, effect, annotations) and the
+    /// policy version.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The kind of a request's target; each is one Cedar resource entity type.
+#[derive(Clone, Copy, ValueEnum)]
+enum KindArg {
+    /// A file in the workspace: Path::"src/lib.rs".
+    Path,
+    /// A directory in the workspace: Dir::"src" (Dir::"." is the root).
+    Dir,
+    /// A network host: Host::"api.example.com".
+    Host,
+    /// A tool on an MCP tool server, given as server/tool: Tool::"github/create_issue".
+    Tool,
+    /// A program to run: Command::"cargo".
+    Command,
+}
+
+impl From<KindArg> for ResourceKind {
+    fn from(k: KindArg) -> ResourceKind {
+        match k {
+            KindArg::Path => ResourceKind::Path,
+            KindArg::Dir => ResourceKind::Dir,
+            KindArg::Host => ResourceKind::Host,
+            KindArg::Tool => ResourceKind::Tool,
+            KindArg::Command => ResourceKind::Command,
+        }
+    }
+}
+
+#[derive(Args)]
+struct ExplainArgs {
+    /// The agent making the request (its id: A-Z a-z 0-9 . _ - @); Cedar's principal
+    /// Agent::"ID".
+    #[arg(long, value_name = "ID")]
+    agent: String,
+    /// The capability type requested (Cedar's action): fs.read, fs.list, fs.write, fs.delete,
+    /// http.request, process.exec or mcp.call.
+    #[arg(long, value_name = "CAP")]
+    action: String,
+    /// The target: a workspace path relative to the workspace (src/lib.rs; . for the root
+    /// directory), a host name (api.example.com), a tool as server/tool, or a program (cargo).
+    #[arg(long, value_name = "R")]
+    resource: String,
+    /// The kind of the target (default: the kind the capability acts on).
+    #[arg(long, value_enum, value_name = "KIND")]
+    kind: Option<KindArg>,
+    /// The agent's declared intent for the call (context.intent).
+    #[arg(long, value_name = "TEXT")]
+    intent: Option<String>,
+    /// One argument of the call (context.arguments.KEY). VALUE is read as JSON if it is JSON
+    /// (443, true, ["test"], "quoted"), else as a string (POST). Repeatable.
+    #[arg(long = "arg", value_name = "KEY=VALUE")]
+    args: Vec<String>,
+    /// The call's arguments as one JSON object; --arg adds to it (a key may not be given twice).
+    #[arg(long, value_name = "JSON")]
+    args_json: Option<String>,
+    /// The run the request is made in (context.run).
+    #[arg(long, value_name = "RUN", default_value = "explain")]
+    run: String,
+    /// The policy directory to decide with (default: the home's policies/). With it, no ICE
+    /// home is needed.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Print one JSON document: the decision, the effect class, the deciding policies and why.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Run an `ice policy` subcommand.
+pub fn run(home: &Path, a: PolicyArgs) -> Result<u8> {
+    match a.command {
+        PolicyCommand::Check(a) => check(home, a),
+        PolicyCommand::Explain(a) => explain(home, *a),
+        PolicyCommand::Init(a) => init(home, a),
+    }
+}
+
+fn schema() -> Result<Schema> {
+    Schema::ice().map_err(|e| anyhow!("ICE's built-in policy schema: {e}"))
+}
+
+/// The policy directory to use: the one given, which must exist, else the home's.
+fn policy_dir(home: &Path, given: Option<PathBuf>) -> Result<PathBuf> {
+    match given {
+        Some(dir) => {
+            if !dir.is_dir() {
+                bail!("policy directory {} does not exist", dir.display());
+            }
+            Ok(dir)
+        }
+        None => Home::open(home)?.existing_policy_dir(),
+    }
+}
+
+/// Where a diagnostic's file is: the policy file's path in `dir`, or the pseudo-file as named
+/// (`<policy set>`, or a path the loader already gave in full).
+fn diagnostic_path(dir: &Path, sources: &[PolicySource], file: &str) -> String {
+    if sources.iter().any(|s| s.name == file) {
+        dir.join(file).display().to_string()
+    } else {
+        file.to_string()
+    }
+}
+
+/// Read, check and index the policies of `dir` against `schema`; any error refuses the set and
+/// lists every diagnostic as `PATH:LINE:COL: error: …`.
+pub fn load(dir: &Path, schema: &Schema) -> Result<PolicySet> {
+    let sources = read_policy_dir(dir).map_err(|e| load_error(dir, &[], e))?;
+    PolicySet::from_sources(&sources, schema).map_err(|e| load_error(dir, &sources, e))
+}
+
+fn load_error(dir: &Path, sources: &[PolicySource], e: LoadError) -> anyhow::Error {
+    match e {
+        LoadError::Invalid { mut diagnostics } => {
+            in_place_order(&mut diagnostics);
+            let errors: Vec<String> = diagnostics
+                .iter()
+                .filter(|d| d.severity == Severity::Error)
+                .map(|d| located(dir, sources, d).to_string())
+                .collect();
+            anyhow!(
+                "the policies in {} are not valid ({} error{}):\n{}",
+                dir.display(),
+                errors.len(),
+                if errors.len() == 1 { "" } else { "s" },
+                errors.join("\n")
+            )
+        }
+        e @ LoadError::Io { .. } => anyhow!(e),
+    }
+}
+
+/// Diagnostics in the order of their places: by file, then line and column.
+fn in_place_order(diagnostics: &mut [Diagnostic]) {
+    diagnostics.sort_by(|a, b| (&a.file, a.location).cmp(&(&b.file, b.location)));
+}
+
+/// The diagnostic with its file named by its path.
+fn located(dir: &Path, sources: &[PolicySource], d: &Diagnostic) -> Diagnostic {
+    Diagnostic {
+        file: diagnostic_path(dir, sources, &d.file),
+        ..d.clone()
+    }
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+fn check(home: &Path, a: CheckArgs) -> Result<u8> {
+    let dir = policy_dir(home, a.dir)?;
+    let schema = schema()?;
+    let (sources, mut diagnostics, set) = match read_policy_dir(&dir) {
+        Ok(sources) => match PolicySet::from_sources(&sources, &schema) {
+            Ok(set) => {
+                let warnings = set.warnings().to_vec();
+                (sources, warnings, Some(set))
+            }
+            Err(LoadError::Invalid { diagnostics }) => (sources, diagnostics, None),
+            Err(e @ LoadError::Io { .. }) => return Err(anyhow!(e)),
+        },
+        // A file over the size limit, or too many files, is refused before reading.
+        Err(LoadError::Invalid { diagnostics }) => (Vec::new(), diagnostics, None),
+        Err(e @ LoadError::Io { .. }) => return Err(anyhow!(e)),
+    };
+    in_place_order(&mut diagnostics);
+    let errors = diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .count();
+    let warnings = diagnostics.len() - errors;
+    let version = PolicyVersion::of(&sources);
+    let policies: Vec<&PolicyInfo> = set.as_ref().map(PolicySet::policies).unwrap_or_default();
+    if a.json {
+        let diagnostics: Vec<Value> = diagnostics
+            .iter()
+            .map(|d| {
+                json!({
+                    "severity": d.severity.to_string(),
+                    "file": d.file,
+                    "path": diagnostic_path(&dir, &sources, &d.file),
+                    "line": d.location.map(|l| l.line),
+                    "column": d.location.map(|l| l.column),
+                    "policy": d.policy,
+                    "message": d.message,
+                    "help": d.help,
+                })
+            })
+            .collect();
+        let policies: Vec<Value> = match &set {
+            Some(set) => policies.iter().map(|p| policy_json(&dir, set, p)).collect(),
+            None => Vec::new(),
+        };
+        let doc = json!({
+            "dir": dir,
+            "valid": errors == 0,
+            "files": sources.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+            "errors": errors,
+            "warnings": warnings,
+            "diagnostics": diagnostics,
+            "policies": policies,
+            "policy_version": version.to_string(),
+        });
+        println!("{doc}");
+    } else {
+        for d in &diagnostics {
+            println!("{}", located(&dir, &sources, d));
+        }
+        let files = plural(sources.len(), "file", "files");
+        if errors == 0 {
+            println!(
+                "ok: {} in {files}{}, policy version {version}",
+                plural(policies.len(), "policy", "policies"),
+                if warnings == 0 {
+                    String::new()
+                } else {
+                    format!(" ({})", plural(warnings, "warning", "warnings"))
+                },
+            );
+            if policies.is_empty() {
+                println!(
+                    "note: {} holds no policy, so every request will be denied",
+                    dir.display()
+                );
+            }
+        } else {
+            println!(
+                "invalid: {}, {} in {files} ({}); the set would be refused",
+                plural(errors, "error", "errors"),
+                plural(warnings, "warning", "warnings"),
+                dir.display()
+            );
+        }
+    }
+    Ok(if errors == 0 { 0 } else { 1 })
+}
+
+/// Every annotation a policy carries, by key.
+fn annotations(set: &PolicySet, id: &str) -> BTreeMap<String, String> {
+    set.cedar()
+        .policies()
+        .find(|p| AsRef::<str>::as_ref(p.id()) == id)
+        .map(|p| {
+            p.annotations()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn policy_json(dir: &Path, set: &PolicySet, p: &PolicyInfo) -> Value {
+    json!({
+        "id": p.id,
+        "effect": p.effect.to_string(),
+        "file": p.file,
+        "path": dir.join(&p.file),
+        "line": p.location.line,
+        "column": p.location.column,
+        "annotations": annotations(set, &p.id),
+    })
+}
+
+fn init(home: &Path, a: InitArgs) -> Result<u8> {
+    let h = Home::open(home)?;
+    let dir = h.policy_dir();
+    if dir.exists() {
+        bail!(
+            "{} already exists; nothing was changed (check it with `ice policy check`)",
+            dir.display()
+        );
+    }
+    let file = create_policy_dir(&dir)?;
+    if a.json {
+        println!("{}", json!({"policy_dir": dir, "starter": file}));
+    } else {
+        println!("Created {} with the starter policy", dir.display());
+        println!("  {}", file.display());
+        println!("Read its comments, edit it, then run `ice policy check`.");
+    }
+    Ok(0)
+}
+
+/// The call's arguments from `--args-json` and each `--arg KEY=VALUE`.
+fn arguments(pairs: &[String], object: Option<&str>) -> Result<Value> {
+    let mut map = match object {
+        None => Map::new(),
+        Some(text) => match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(map)) => map,
+            Ok(other) => bail!(
+                "--args-json must be a JSON object, got {}",
+                match other {
+                    Value::Array(_) => "an array",
+                    Value::String(_) => "a string",
+                    Value::Number(_) => "a number",
+                    Value::Bool(_) => "a boolean",
+                    _ => "null",
+                }
+            ),
+            Err(e) => bail!("--args-json is not valid JSON: {e}"),
+        },
+    };
+    for pair in pairs {
+        let Some((key, text)) = pair.split_once('=') else {
+            bail!("--arg {pair:?}: expected KEY=VALUE");
+        };
+        if key.is_empty() {
+            bail!("--arg {pair:?}: the key is empty");
+        }
+        let value = serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()));
+        if map.insert(key.to_string(), value).is_some() {
+            bail!("--arg {pair:?}: the argument {key:?} is given twice");
+        }
+    }
+    Ok(Value::Object(map))
+}
+
+/// What was wrong with the request, named by the flag that gave it.
+fn request_error(e: RequestError) -> anyhow::Error {
+    match e {
+        RequestError::Agent(m) => anyhow!("--agent: {m}"),
+        e @ RequestError::Capability(_) => anyhow!("--action: {e}"),
+        e @ RequestError::WrongResource { .. } => anyhow!("--kind/--resource: {e}"),
+        e @ RequestError::IntentTooLong(_) => anyhow!("--intent: {e}"),
+        e @ RequestError::Arguments(_) => anyhow!("--arg/--args-json: {e}"),
+        e @ RequestError::Cedar(_) => anyhow!(e),
+    }
+}
+
+/// Why one deciding policy counts the way it does in this decision.
+fn why(p: &PolicyInfo, decision: &Decision, effect: EffectClass) -> String {
+    match &decision.verdict {
+        Verdict::Deny(DenyReason::ForbidFailed { .. }) => {
+            "this forbid failed to evaluate, and a forbid that fails denies (ICE fails closed)"
+                .to_string()
+        }
+        Verdict::Deny(_) => "this forbid matched, and a matching forbid always denies".to_string(),
+        Verdict::Permit { .. } if effect == EffectClass::External => {
+            "this permit matched, and it says @external(\"permit\"), so the external effect needs no approval"
+                .to_string()
+        }
+        Verdict::Permit { .. } => "this permit matched and needs no approval".to_string(),
+        Verdict::PermitWithApproval { .. } if p.approval_required => {
+            "this permit matched; it says @approval(\"required\")".to_string()
+        }
+        Verdict::PermitWithApproval { .. } => {
+            "this permit matched; the effect is external and it does not say @external(\"permit\"), so it needs an approval"
+                .to_string()
+        }
+    }
+}
+
+/// One line saying why the decision is what it is.
+fn summary(decision: &Decision) -> &'static str {
+    match &decision.verdict {
+        Verdict::Permit { .. } => "permitted outright",
+        Verdict::PermitWithApproval { .. } => {
+            "permitted only once an operator approves this exact request"
+        }
+        Verdict::Deny(DenyReason::NoPermit) => {
+            "no permit policy matched the request, and deny is the default"
+        }
+        Verdict::Deny(DenyReason::Forbidden { .. }) => "denied by a matching forbid",
+        Verdict::Deny(DenyReason::ForbidFailed { .. }) => {
+            "denied: a forbid policy failed to evaluate, and ICE fails closed"
+        }
+    }
+}
+
+fn reason(decision: &Decision) -> &'static str {
+    match &decision.verdict {
+        Verdict::Permit { .. } => "permit",
+        Verdict::PermitWithApproval { .. } => "approval-required",
+        Verdict::Deny(DenyReason::NoPermit) => "no-permit",
+        Verdict::Deny(DenyReason::Forbidden { .. }) => "forbidden",
+        Verdict::Deny(DenyReason::ForbidFailed { .. }) => "forbid-failed",
+    }
+}
+
+fn explain(home: &Path, a: ExplainArgs) -> Result<u8> {
+    let registry = Registry::standard();
+    let Some(capability) = registry.get(&a.action) else {
+        let known: Vec<&str> = registry.iter().map(|c| c.name()).collect();
+        bail!(
+            "--action: unknown capability {:?}; the registry has {}",
+            a.action,
+            known.join(", ")
+        );
+    };
+    let kind = a.kind.map_or(capability.resource(), ResourceKind::from);
+    let resource = Resource::parse(kind, &a.resource).map_err(|e| anyhow!("--resource: {e}"))?;
+    let run = RunId::new(a.run.as_str()).map_err(|e| anyhow!("--run: {e}"))?;
+    let args = arguments(&a.args, a.args_json.as_deref())?;
+    let request = Request::builder(&run, &a.agent, &a.action, resource)
+        .intent(a.intent.as_deref().unwrap_or_default())
+        .arguments(&args)
+        .build(&registry)
+        .map_err(request_error)?;
+    let schema = schema()?;
+    let (dir, set) = match a.dir {
+        Some(dir) => {
+            let dir = policy_dir(home, Some(dir))?;
+            let set = load(&dir, &schema)?;
+            (dir, set)
+        }
+        None => {
+            let h = Home::open(home)?;
+            let set = h.policies(&schema)?;
+            (h.policy_dir(), set)
+        }
+    };
+    let explanation = set.explain(&request);
+    let Explanation {
+        decision,
+        request: cedar_request,
+        effect,
+        considered,
+        total,
+        policies,
+    } = &explanation;
+    let effect = *effect;
+    if a.json {
+        let deciding: Vec<Value> = policies
+            .iter()
+            .map(|p| {
+                let mut v = policy_json(&dir, &set, p);
+                v["why"] = Value::String(why(p, decision, effect));
+                v
+            })
+            .collect();
+        let errors: Vec<Value> = decision
+            .errors
+            .iter()
+            .map(|e| json!({"policy": e.policy, "message": e.message}))
+            .collect();
+        let doc = json!({
+            "decision": decision.kind().to_string(),
+            "reason": reason(decision),
+            "why": summary(decision),
+            "effect": effect.as_str(),
+            "request": {
+                "agent": request.agent(),
+                "action": request.capability(),
+                "resource": {
+                    "kind": request.resource().kind().entity_type(),
+                    "id": request.resource().entity_id(),
+                },
+                "run": request.run().as_str(),
+                "intent": a.intent.unwrap_or_default(),
+                "arguments": args,
+                "cedar": cedar_request,
+            },
+            "policies": deciding,
+            "errors": errors,
+            "considered": considered,
+            "total": total,
+            "policy_dir": dir,
+            "policy_version": decision.policy_version.to_string(),
+        });
+        println!("{doc}");
+        return Ok(0);
+    }
+    let mut out = String::new();
+    let _ = writeln!(out, "decision: {}", decision.kind());
+    let _ = writeln!(out, "why:      {}", summary(decision));
+    let _ = writeln!(out, "request:  {cedar_request} (run {run})");
+    let _ = writeln!(
+        out,
+        "effect:   {effect} (assigned by the runtime: {} is {})",
+        capability.name(),
+        capability.classifier()
+    );
+    if !policies.is_empty() {
+        let _ = writeln!(out, "decided by:");
+        for p in policies {
+            let _ = writeln!(
+                out,
+                "  {} {} at {}:{}: {}",
+                p.effect,
+                p.id,
+                dir.join(&p.file).display(),
+                p.location,
+                why(p, decision, effect)
+            );
+        }
+    }
+    for e in &decision.errors {
+        let _ = writeln!(out, "  error in {}: {}", e.policy, e.message);
+    }
+    let _ = writeln!(
+        out,
+        "considered {considered} of {} (pre-selected by action, resource type, agent and resource)",
+        plural(*total, "policy", "policies")
+    );
+    let _ = writeln!(out, "policy version: {}", decision.policy_version);
+    print!("{out}");
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn diagnostics(text: &str) -> Vec<Diagnostic> {
+        let source = PolicySource {
+            name: STARTER_POLICY_FILE.to_string(),
+            text: text.to_string(),
+        };
+        PolicySet::check(&[source], &Schema::ice().unwrap())
+    }
+
+    #[test]
+    fn the_starter_policy_checks_clean() {
+        assert_eq!(diagnostics(STARTER_POLICY), []);
+    }
+
+    /// The commented examples, uncommented as the starter tells users to, check clean too.
+    #[test]
+    fn the_starter_examples_check_clean() {
+        let examples = STARTER_POLICY
+            .split_once("EXAMPLES")
+            .map(|(_, rest)| rest)
+            .unwrap();
+        let uncommented: String = examples
+            .lines()
+            .filter_map(|l| l.strip_prefix("//   "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(uncommented.matches("permit (").count(), 5);
+        let text = format!("{STARTER_POLICY}\n{uncommented}");
+        assert_eq!(diagnostics(&text), []);
+    }
+
+    #[test]
+    fn arguments_merge_json_and_pairs_and_refuse_duplicates() {
+        let args = arguments(
+            &[
+                "method=POST".into(),
+                "port=443".into(),
+                "args=[\"test\"]".into(),
+            ],
+            Some(r#"{"url": "https://x/"}"#),
+        )
+        .unwrap();
+        assert_eq!(
+            args,
+            json!({"url": "https://x/", "method": "POST", "port": 443, "args": ["test"]})
+        );
+        assert!(arguments(&["a=1".into(), "a=2".into()], None).is_err());
+        assert!(arguments(&["novalue".into()], None).is_err());
+        assert!(arguments(&["=1".into()], None).is_err());
+        assert!(arguments(&[], Some("[1]")).is_err());
+        assert!(arguments(&[], Some("{")).is_err());
+    }
+}
