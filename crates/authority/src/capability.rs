@@ -55,6 +55,19 @@ impl EffectClass {
     }
 }
 
+impl serde::Serialize for EffectClass {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for EffectClass {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Display for EffectClass {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -110,6 +123,23 @@ impl ResourceKind {
     /// The position of this kind in [`Self::ALL`].
     pub fn index(self) -> usize {
         self as usize
+    }
+
+    /// The kind's name in event payloads: `path`, `dir`, `host`, `tool`, `command` (the entity
+    /// type in lower case).
+    pub fn name(self) -> &'static str {
+        match self {
+            ResourceKind::Path => "path",
+            ResourceKind::Dir => "dir",
+            ResourceKind::Host => "host",
+            ResourceKind::Tool => "tool",
+            ResourceKind::Command => "command",
+        }
+    }
+
+    /// The kind with this payload name ([`Self::name`]), if there is one.
+    pub fn from_name(name: &str) -> Option<ResourceKind> {
+        ResourceKind::ALL.into_iter().find(|k| k.name() == name)
     }
 }
 

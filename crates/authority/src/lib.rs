@@ -7,9 +7,20 @@
 //! - [`policy`]: Cedar policies loaded from files and validated against [`schema`], pre-selected
 //!   by action and resource type (and by the agent and resource entity a scope names), deciding
 //!   `Deny`, `Permit` or `PermitWithApproval`.
+//! - [`grant`]: grants as a fold over a run's capability events ([`GrantBook`]), hierarchical
+//!   [`Scope`]s, and [`GrantBook::check_use`], the check at the moment of use and the only
+//!   source of an [`Authorization`], which the effects layer requires before it acts.
+//! - [`budget`]: a run's budget ([`BudgetLedger`]): reserve before, settle after, refuse what
+//!   does not fit; a fold over `BudgetReserved` and `BudgetSettled`.
+//! - [`approval`]: approvals bound to the digest of one exact request ([`request_digest`]),
+//!   single-use and expiring ([`ApprovalBook`]).
+//! - [`payload`]: the typed payloads of the capability, budget and approval events, shared with
+//!   the runtime that writes them, and the stable denial reason codes ([`DenialCode`]).
 //!
 //! The authority layer decides; it never executes anything, and it does no I/O beyond reading
-//! policy files when they are loaded.
+//! policy files when they are loaded. Grants, budgets and approvals are pure functions of a
+//! run's events and of the time the caller passes in, so replaying a run's events rebuilds
+//! exactly the books the live run had.
 //!
 //! ```
 //! use ice_authority::{PolicySet, PolicySource, Registry, Request, Resource, Schema};
@@ -35,18 +46,32 @@
 
 #![warn(missing_docs)]
 
+pub mod approval;
+pub mod budget;
 pub mod capability;
 pub mod diagnostic;
+pub mod grant;
 mod index;
 pub mod limits;
+pub mod payload;
 pub mod policy;
 pub mod request;
 pub mod schema;
+
+pub use approval::{Approval, ApprovalBook, ApprovalRefusal, ApprovalStatus, request_digest};
+pub use budget::{BudgetLedger, BudgetLimits, BudgetRefusal};
 
 pub use capability::{
     Capability, CapabilityError, Classifier, EffectClass, Registry, RegistryBuilder, ResourceKind,
 };
 pub use diagnostic::{Diagnostic, Location, Severity};
+pub use grant::{Authorization, Grant, GrantBook, GrantRefusal, GrantStatus, Scope, ScopeError};
+pub use payload::{
+    ApprovalDeniedPayload, ApprovalGrantedPayload, ApprovalRequestedPayload, BookError,
+    BookProblem, BudgetReservedPayload, BudgetSettledPayload, CapabilityDeniedPayload,
+    CapabilityExpiredPayload, CapabilityGrantedPayload, CapabilityRevokedPayload,
+    CapabilityUsedPayload, DenialCode, PayloadError,
+};
 pub use policy::{
     Decision, DecisionKind, DenyReason, Explanation, LoadError, PolicyEffect, PolicyError,
     PolicyInfo, PolicySet, PolicySource, PolicyVersion, Verdict,

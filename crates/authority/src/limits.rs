@@ -30,3 +30,9 @@ pub const MAX_ARGUMENT_VALUES: usize = 4096;
 pub const MAX_ARGUMENT_STRING_BYTES: usize = 64 * 1024;
 /// Most bytes of strings and keys in a call's arguments, in all.
 pub const MAX_ARGUMENT_TOTAL_BYTES: usize = 1024 * 1024;
+
+/// Longest grant scope in its text form, in bytes (a path at [`MAX_PATH_LEN`] with every byte
+/// escaped still fits).
+pub const MAX_SCOPE_LEN: usize = 4 * MAX_PATH_LEN;
+/// Longest budget reservation id, in bytes.
+pub const MAX_RESERVATION_ID_LEN: usize = 128;

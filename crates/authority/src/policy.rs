@@ -88,6 +88,33 @@ impl PolicyVersion {
     }
 }
 
+impl PolicyVersion {
+    /// The digest as 64 lower-case hex characters, the form event payloads carry (and the form
+    /// `policy:<hex>` authorities name).
+    pub fn to_hex(&self) -> String {
+        self.0.to_hex()
+    }
+
+    /// Parse 64 lower-case hex characters.
+    pub fn from_hex(s: &str) -> Result<PolicyVersion, String> {
+        Digest::from_hex(s).map(PolicyVersion)
+    }
+}
+
+/// In event payloads a policy version is its bare hex digest (no `sha256:` prefix).
+impl serde::Serialize for PolicyVersion {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PolicyVersion {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        PolicyVersion::from_hex(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Display for PolicyVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "sha256:{}", self.0.to_hex())

@@ -361,6 +361,50 @@ impl Resource {
     }
 }
 
+/// The payload form of a resource: `{"kind": "path", "id": "src/lib.rs"}`.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResourceRecord<'a> {
+    kind: std::borrow::Cow<'a, str>,
+    id: std::borrow::Cow<'a, str>,
+}
+
+/// A resource in an event payload is `{"kind": "<ResourceKind::name>", "id":
+/// "<Resource::entity_id>"}`, e.g. `{"kind": "tool", "id": "github/create_issue"}`.
+/// Reading one checks it like [`Resource::parse`] and also requires the canonical form (a host in
+/// lower case, an IP address in its standard form), so a resource has one payload form.
+impl serde::Serialize for Resource {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        ResourceRecord {
+            kind: self.kind().name().into(),
+            id: self.entity_id().into(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Resource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let record = ResourceRecord::deserialize(d)?;
+        let kind = ResourceKind::from_name(&record.kind).ok_or_else(|| {
+            D::Error::custom(format!(
+                "resource kind {:?} is not one of path, dir, host, tool, command",
+                truncated(&record.kind)
+            ))
+        })?;
+        let resource = Resource::parse(kind, &record.id).map_err(D::Error::custom)?;
+        if resource.entity_id() != record.id {
+            return Err(D::Error::custom(format!(
+                "{kind} {:?} is not in canonical form; write {:?}",
+                truncated(&record.id),
+                resource.entity_id()
+            )));
+        }
+        Ok(resource)
+    }
+}
+
 impl fmt::Display for Resource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}::{:?}", self.kind(), self.entity_id())
