@@ -181,6 +181,13 @@ impl BudgetLedger {
         &self.limits
     }
 
+    /// Replace the limits (an operator's reconfiguration of a suspended run, recorded as an
+    /// event the runtime folds). What was spent and reserved stays; later reservations are
+    /// checked against the new limits.
+    pub fn set_limits(&mut self, limits: BudgetLimits) {
+        self.limits = limits;
+    }
+
     /// What settled reservations cost in all.
     pub fn spent(&self) -> Cost {
         self.spent
