@@ -1,0 +1,428 @@
+//! The HTTP adapter (`http.request`).
+//!
+//! A URL is parsed once, the WHATWG way ([`url`] crate), and everything after that is decided on
+//! the parsed form: the host a policy and a grant name is the host the parser found
+//! ([`ice_authority::Resource::host`] of it), and the request sent is the parser's own
+//! serialisation of the URL, so what is checked is what is contacted. Numeric IPv4 forms
+//! (`http://2130706433/`, `http://0x7f.1/`, `http://127.1/`) arrive as dotted quads, percent-
+//! encoded hosts are decoded, upper case and one trailing dot are folded, and a fragment is
+//! never part of the host (`http://evil.com#@allowed.com` is `evil.com`). URLs with user
+//! information (`http://allowed.com@evil.com/`, `http://a:b@host/`) are refused: they are a
+//! classic way to make a string look like another host, and ICE never sends credentials in a
+//! URL. Only `http` and `https` are accepted.
+//!
+//! A request is refused, before any connection, unless the authorization is `http.request` on
+//! exactly the parsed host and its effect class covers the method (`GET` and `HEAD` are
+//! `read`; every other method is `external`, as the capability registry classifies them, so a
+//! `GET` authorization cannot make a `POST`). Redirects are **not followed**: a 3xx is
+//! returned as the response (its `Location` in the evidence), since following it would contact
+//! a host nobody authorised. No proxy from the environment is used: the connection goes to the
+//! authorised host itself. Names are resolved by the system resolver, so a grant on a name
+//! trusts what that name resolves to.
+//!
+//! # Client
+//!
+//! `ureq` 3 with `rustls` on the `ring` provider (webpki roots; no gzip, no cookies, no
+//! native TLS). It was chosen over `reqwest` because it is much lighter to build here: no
+//! `hyper`, `hyper-util`, `tower`, `h2` or `http-body` stack, and no build script needing more
+//! than a C compiler (`ring`); it exposes exactly the knobs this adapter needs (a global
+//! timeout, zero redirects returned as responses, status codes not turned into errors, no
+//! proxy). It is blocking: the tokio runtime calls [`HttpClient::request`] from
+//! `spawn_blocking`. Each [`HttpClient`] keeps its own connection pool; a pooled connection is
+//! only ever reused for the same scheme, host and port.
+
+use std::io::Read;
+use std::time::Duration;
+
+use ice_authority::{Classifier, EffectClass, Resource};
+use serde_json::json;
+use ureq::http;
+use url::Url;
+
+use crate::auth::{Auth, AuthorizationError, require, require_effect};
+use crate::evidence::{Detail, Digested, Evidence};
+use crate::limits::{MAX_HTTP_HEADERS, MAX_URL_LEN};
+
+/// Why a URL was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    /// It does not parse as a URL.
+    #[error("{url:?}: not a URL: {problem}")]
+    Parse {
+        /// The URL as given (cut to 200 bytes).
+        url: String,
+        /// The parser's reason.
+        problem: String,
+    },
+    /// Its scheme is not `http` or `https`.
+    #[error("{url:?}: scheme {scheme:?} is not http or https")]
+    Scheme {
+        /// The URL as given.
+        url: String,
+        /// Its scheme.
+        scheme: String,
+    },
+    /// It carries user information (`user@host`, `user:password@host`).
+    #[error("{url:?}: carries user information before the host (user@host); refused")]
+    UserInfo {
+        /// The URL as given.
+        url: String,
+    },
+    /// It has no host.
+    #[error("{url:?}: has no host")]
+    NoHost {
+        /// The URL as given.
+        url: String,
+    },
+    /// Its host is not one ICE can name.
+    #[error("{url:?}: host {host:?}: {problem}")]
+    Host {
+        /// The URL as given.
+        url: String,
+        /// The parsed host.
+        host: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+fn cut(url: &str) -> String {
+    let mut end = url.len().min(200);
+    while !url.is_char_boundary(end) {
+        end -= 1;
+    }
+    url[..end].to_string()
+}
+
+/// A parsed request target: the URL (fragment removed) and its host as a resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpTarget {
+    url: Url,
+    host: Resource,
+}
+
+impl HttpTarget {
+    /// The URL as it will be sent (the parser's serialisation, without fragment).
+    pub fn url(&self) -> &Url {
+        &self.url
+    }
+
+    /// The host as a resource (`Host::"127.0.0.1"`): what a grant must name.
+    pub fn host(&self) -> &Resource {
+        &self.host
+    }
+
+    /// The port that will be contacted.
+    pub fn port(&self) -> u16 {
+        // http and https always have a known default port.
+        self.url.port_or_known_default().unwrap_or(0)
+    }
+}
+
+/// Parse a URL for an HTTP request: WHATWG parsing; `http` or `https` only; no user
+/// information; the host canonicalised by [`Resource::host`].
+pub fn parse_target(url: &str) -> Result<HttpTarget, UrlError> {
+    if url.len() > MAX_URL_LEN {
+        return Err(UrlError::Parse {
+            url: cut(url),
+            problem: format!("longer than {MAX_URL_LEN} bytes"),
+        });
+    }
+    let mut parsed = Url::parse(url).map_err(|e| UrlError::Parse {
+        url: cut(url),
+        problem: e.to_string(),
+    })?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(UrlError::Scheme {
+            url: cut(url),
+            scheme: parsed.scheme().to_string(),
+        });
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(UrlError::UserInfo { url: cut(url) });
+    }
+    let host_text = match parsed.host() {
+        Some(url::Host::Domain(name)) => name.to_string(),
+        Some(url::Host::Ipv4(ip)) => ip.to_string(),
+        Some(url::Host::Ipv6(ip)) => ip.to_string(),
+        None => return Err(UrlError::NoHost { url: cut(url) }),
+    };
+    let host = Resource::host(&host_text).map_err(|e| UrlError::Host {
+        url: cut(url),
+        host: host_text.clone(),
+        problem: e.problem,
+    })?;
+    parsed.set_fragment(None);
+    Ok(HttpTarget { url: parsed, host })
+}
+
+/// Limits of one client's requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// The whole request, from resolving the name to the end of the response body.
+    pub timeout: Duration,
+    /// The most response body bytes kept; a longer body is cut and marked truncated.
+    pub max_response_bytes: u64,
+}
+
+impl Default for HttpLimits {
+    fn default() -> HttpLimits {
+        HttpLimits {
+            timeout: Duration::from_secs(30),
+            max_response_bytes: 10 * 1024 * 1024,
+        }
+    }
+}
+
+/// An HTTP request as an agent proposes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpRequest {
+    /// The method, case-sensitive (`GET`, `POST`, …).
+    pub method: String,
+    /// The URL.
+    pub url: String,
+    /// Extra request headers. `Host`, `Content-Length`, `Transfer-Encoding`, `Connection`,
+    /// `TE`, `Upgrade` and `Proxy-*` are refused: the adapter sets what framing needs, and the
+    /// host is the URL's.
+    pub headers: Vec<(String, String)>,
+    /// The request body (must be empty for `GET` and `HEAD`).
+    pub body: Vec<u8>,
+}
+
+/// The response to an HTTP request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpResponse {
+    /// The status code (a redirect is a response like any other).
+    pub status: u16,
+    /// The response headers, in order (values that are not UTF-8 are decoded lossily).
+    pub headers: Vec<(String, String)>,
+    /// The body, up to the limit.
+    pub body: Vec<u8>,
+    /// Whether the body was cut at the limit.
+    pub body_truncated: bool,
+    /// The evidence of the request (an `APIRequestExecuted` event's payload).
+    pub evidence: Evidence,
+}
+
+/// Why an HTTP request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The URL was refused.
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    /// The authorization does not cover the request.
+    #[error(transparent)]
+    Refused(Box<AuthorizationError>),
+    /// The request itself is not one the adapter sends (method, header, body).
+    #[error("request refused: {0}")]
+    Request(String),
+    /// The request ran out of time.
+    #[error("{url}: timed out after {timeout:?}")]
+    Timeout {
+        /// The URL.
+        url: String,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The connection, TLS or HTTP exchange failed.
+    #[error("{url}: {source}")]
+    Transport {
+        /// The URL.
+        url: String,
+        /// The client's error.
+        #[source]
+        source: Box<ureq::Error>,
+    },
+}
+
+impl From<AuthorizationError> for HttpError {
+    fn from(e: AuthorizationError) -> HttpError {
+        HttpError::Refused(Box::new(e))
+    }
+}
+
+/// Methods the adapter sends. `CONNECT` (a tunnel) and `TRACE` are not among them.
+const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+
+/// Request headers the adapter sets itself or refuses outright.
+fn forbidden_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    matches!(
+        name.as_str(),
+        "host"
+            | "content-length"
+            | "transfer-encoding"
+            | "connection"
+            | "te"
+            | "upgrade"
+            | "keep-alive"
+    ) || name.starts_with("proxy-")
+}
+
+/// An HTTP client bound to limits; requests go through [`HttpClient::request`].
+#[derive(Debug, Clone)]
+pub struct HttpClient {
+    agent: ureq::Agent,
+    limits: HttpLimits,
+}
+
+impl HttpClient {
+    /// A client with these limits: no redirects followed, status codes returned as responses,
+    /// no proxy.
+    pub fn new(limits: HttpLimits) -> HttpClient {
+        let config = ureq::Agent::config_builder()
+            .timeout_global(Some(limits.timeout))
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .proxy(None)
+            .user_agent(concat!("ice/", env!("CARGO_PKG_VERSION")))
+            .build();
+        HttpClient {
+            agent: ureq::Agent::new_with_config(config),
+            limits,
+        }
+    }
+
+    /// The client's limits.
+    pub fn limits(&self) -> HttpLimits {
+        self.limits
+    }
+
+    /// Send `request` under `auth` (`http.request` on exactly the URL's parsed host, with an
+    /// effect class that covers the method). Everything is checked before any connection.
+    pub fn request(&self, auth: &Auth, request: &HttpRequest) -> Result<HttpResponse, HttpError> {
+        let target = parse_target(&request.url)?;
+        require(auth, "http.request", target.host())?;
+        let method = request.method.as_str();
+        let effect = method_effect(method);
+        require_effect(auth, effect)?;
+        if !METHODS.contains(&method) {
+            return Err(HttpError::Request(format!(
+                "method {method:?} is not one of {}",
+                METHODS.join(", ")
+            )));
+        }
+        if matches!(method, "GET" | "HEAD") && !request.body.is_empty() {
+            return Err(HttpError::Request(format!(
+                "a {method} request has no body"
+            )));
+        }
+        if request.headers.len() > MAX_HTTP_HEADERS {
+            return Err(HttpError::Request(format!(
+                "more than {MAX_HTTP_HEADERS} headers"
+            )));
+        }
+        let mut builder = http::Request::builder()
+            .method(method)
+            .uri(target.url().as_str());
+        for (name, value) in &request.headers {
+            if forbidden_header(name) {
+                return Err(HttpError::Request(format!(
+                    "header {name:?} is set by the adapter, not the request"
+                )));
+            }
+            let name = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| HttpError::Request(format!("header name {name:?}: {e}")))?;
+            let value = http::HeaderValue::from_str(value)
+                .map_err(|e| HttpError::Request(format!("header {name}: {e}")))?;
+            builder = builder.header(name, value);
+        }
+        let built = builder
+            .body(request.body.clone())
+            .map_err(|e| HttpError::Request(e.to_string()))?;
+        // Assert in pairs: the client's own reading of the URL must name the same host and
+        // port the authorization was checked against.
+        let uri_host = built.uri().host().map(Resource::host);
+        let uri_port = built.uri().port_u16().or(match built.uri().scheme_str() {
+            Some("https") => Some(443),
+            Some("http") => Some(80),
+            _ => None,
+        });
+        if !matches!(&uri_host, Some(Ok(h)) if h == target.host())
+            || uri_port != Some(target.port())
+        {
+            return Err(HttpError::Request(format!(
+                "the client reads {} differently from the URL parser",
+                target.url()
+            )));
+        }
+        let url = target.url().to_string();
+        let transport = |e: ureq::Error| match e {
+            ureq::Error::Timeout(_) => HttpError::Timeout {
+                url: url.clone(),
+                timeout: self.limits.timeout,
+            },
+            other => HttpError::Transport {
+                url: url.clone(),
+                source: Box::new(other),
+            },
+        };
+        let response = if request.body.is_empty() {
+            self.agent.run(built.map(|_| ()))
+        } else {
+            self.agent.run(built)
+        }
+        .map_err(transport)?;
+        let status = response.status().as_u16();
+        let headers: Vec<(String, String)> = response
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let location = if (300..400).contains(&status) {
+            response
+                .headers()
+                .get(http::header::LOCATION)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        } else {
+            None
+        };
+        let limit = self.limits.max_response_bytes;
+        let mut body = Vec::new();
+        let reader = response
+            .into_body()
+            .into_with_config()
+            .limit(u64::MAX)
+            .reader();
+        reader
+            .take(limit.saturating_add(1))
+            .read_to_end(&mut body)
+            .map_err(|e| transport(ureq::Error::from(e)))?;
+        let body_truncated = body.len() as u64 > limit;
+        if body_truncated {
+            body.truncate(limit as usize);
+        }
+        let evidence = Evidence {
+            effect,
+            capability: "http.request".into(),
+            target: target.host().clone(),
+            grant: Some(auth.grant().to_string()),
+            inputs: vec![Digested::of("request_body", &request.body)],
+            outputs: vec![Digested::of("response_body", &body)],
+            detail: Detail::Http {
+                method: method.to_string(),
+                url,
+                status,
+                location,
+                body_truncated,
+            },
+        };
+        Ok(HttpResponse {
+            status,
+            headers,
+            body,
+            body_truncated,
+            evidence,
+        })
+    }
+}
+
+/// The class an HTTP method has, as the capability registry classifies it.
+pub fn method_effect(method: &str) -> EffectClass {
+    Classifier::HttpMethod.classify(&json!({ "method": method }))
+}

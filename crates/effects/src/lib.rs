@@ -1,0 +1,47 @@
+//! ICE's effects layer: the adapters through which the runtime acts on the world, each of which
+//! acts only under an authorization the runtime hands over (spec §2).
+//!
+//! - [`workspace`]: filesystem access confined to a directory (no `..`, no absolute path, no
+//!   symbolic link followed, no hard-linked file read or written).
+//! - [`staging`]: a run's internal writes, staged outside the workspace; reads see the staged
+//!   view; a crash-safe commit applies them (journal, then write-to-temp + fsync + rename);
+//!   recovery rolls a journalled commit forward.
+//! - [`http`]: HTTP requests to exactly the authorised host, parsed the WHATWG way, without
+//!   following redirects.
+//! - [`exec`]: running a command in a materialised copy of the workspace, with a timeout and
+//!   bounded output.
+//! - [`evidence`]: what each effect leaves behind for its event.
+//!
+//! Every adapter function an agent's request can reach takes the authorization and refuses
+//! unless it names exactly the capability and resource of the operation. The runtime's own acts
+//! (computing a diff, materialising, committing, recovering, running the run spec's validation
+//! checks) take none: they are not an agent's requests.
+#![warn(missing_docs)]
+// The adapters take the crate-private stand-in for `ice_authority::Authorization` until that
+// type lands; the bound is deliberately unnameable outside the crate.
+#![allow(private_bounds, private_interfaces)]
+
+mod auth;
+pub mod evidence;
+pub mod http;
+pub mod limits;
+pub mod staging;
+pub mod workspace;
+
+#[cfg(test)]
+mod tests;
+
+pub use auth::AuthorizationError;
+pub use evidence::{Detail, Digested, Evidence};
+pub use http::{
+    HttpClient, HttpError, HttpLimits, HttpRequest, HttpResponse, HttpTarget, UrlError,
+    parse_target,
+};
+pub use staging::{
+    Change, ChangeKind, CommitPoint, CommitReport, Materialized, Recovery, Stage, StageError,
+    StagedEffect, StagedOp, recover,
+};
+pub use workspace::{
+    Confinement, ConfinementError, Entry, EntryKind, FileRead, FileState, FsError, Listing, Stat,
+    Workspace,
+};

@@ -1,0 +1,405 @@
+//! The HTTP adapter: requests reach exactly the authorised parsed host; URL tricks map to the
+//! host they really name or are refused; nothing is sent on a refusal; redirects are returned.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ice_authority::{EffectClass, Resource};
+use ice_kernel::Digest;
+
+use crate::auth::testing::TestAuth;
+use crate::http::{HttpClient, HttpError, HttpLimits, HttpRequest, UrlError, parse_target};
+use crate::{AuthorizationError, Detail};
+
+/// One request as the test server saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    path: String,
+    host: String,
+    body: Vec<u8>,
+}
+
+/// A tiny HTTP/1.1 server on 127.0.0.1 that answers each connection once and closes it:
+/// `/redirect` → 302 to another host; `/big` → 1000 bytes; `/slow` → answers after 3 s;
+/// anything else → 200 `hello METHOD BODY`.
+struct Server {
+    port: u16,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    connections: Arc<Mutex<usize>>,
+}
+
+impl Server {
+    fn start() -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(Mutex::new(0));
+        let (s, c) = (seen.clone(), connections.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { break };
+                *c.lock().unwrap() += 1;
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(stream, &s);
+                });
+            }
+        });
+        Server {
+            port,
+            seen,
+            connections,
+        }
+    }
+
+    fn url(&self, host: &str, path: &str) -> String {
+        format!("http://{host}:{}{path}", self.port)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn connections(&self) -> usize {
+        *self.connections.lock().unwrap()
+    }
+}
+
+fn serve(stream: TcpStream, seen: &Mutex<Vec<Seen>>) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let path = parts.next().unwrap_or("").to_string();
+    let (mut length, mut host) = (0usize, String::new());
+    loop {
+        let mut header = String::new();
+        reader.read_line(&mut header)?;
+        let header = header.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            match name.to_ascii_lowercase().as_str() {
+                "content-length" => length = value.trim().parse().unwrap_or(0),
+                "host" => host = value.trim().to_string(),
+                _ => {}
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    seen.lock().unwrap().push(Seen {
+        method: method.clone(),
+        path: path.clone(),
+        host,
+        body: body.clone(),
+    });
+    let mut stream = stream;
+    let (status, extra, payload): (&str, &str, Vec<u8>) = match path.as_str() {
+        "/redirect" => (
+            "302 Found",
+            "Location: http://evil.example/steal\r\n",
+            b"moved".to_vec(),
+        ),
+        "/big" => ("200 OK", "", vec![b'x'; 1000]),
+        "/slow" => {
+            std::thread::sleep(Duration::from_secs(3));
+            ("200 OK", "", b"late".to_vec())
+        }
+        _ => {
+            let mut text = format!("hello {method} ").into_bytes();
+            text.extend_from_slice(&body);
+            ("200 OK", "", text)
+        }
+    };
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        payload.len()
+    )?;
+    stream.write_all(&payload)?;
+    stream.flush()
+}
+
+fn host_auth(host: &str, effect: EffectClass) -> TestAuth {
+    TestAuth::new("http.request", Resource::host(host).unwrap(), effect)
+}
+
+fn get(url: String) -> HttpRequest {
+    HttpRequest {
+        method: "GET".into(),
+        url,
+        headers: vec![],
+        body: vec![],
+    }
+}
+
+fn client() -> HttpClient {
+    HttpClient::new(HttpLimits {
+        timeout: Duration::from_secs(10),
+        max_response_bytes: 1 << 20,
+    })
+}
+
+fn refused(result: Result<crate::http::HttpResponse, HttpError>) -> AuthorizationError {
+    match result {
+        Err(HttpError::Refused(e)) => *e,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn get_records_status_and_body_digest() {
+    let server = Server::start();
+    let auth = host_auth("127.0.0.1", EffectClass::Read);
+    let response = client()
+        .request(&auth, &get(server.url("127.0.0.1", "/hello?x=1#frag")))
+        .unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, b"hello GET ");
+    assert!(!response.body_truncated);
+    let evidence = &response.evidence;
+    assert_eq!(evidence.effect, EffectClass::Read);
+    assert_eq!(evidence.target, Resource::Host("127.0.0.1".into()));
+    assert_eq!(evidence.outputs[0].digest, Digest::of(b"hello GET "));
+    assert_eq!(evidence.outputs[0].bytes, 10);
+    let json = evidence.to_json();
+    assert_eq!(json["http"]["status"], 200);
+    assert_eq!(json["http"]["method"], "GET");
+    assert_eq!(
+        json["http"]["url"],
+        format!("http://127.0.0.1:{}/hello?x=1", server.port)
+    );
+    let seen = server.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        (seen[0].method.as_str(), seen[0].path.as_str()),
+        ("GET", "/hello?x=1")
+    );
+    assert_eq!(seen[0].host, format!("127.0.0.1:{}", server.port));
+}
+
+#[test]
+fn post_sends_its_body_and_needs_an_external_authorization() {
+    let server = Server::start();
+    let post = HttpRequest {
+        method: "POST".into(),
+        url: server.url("127.0.0.1", "/submit"),
+        headers: vec![("Content-Type".into(), "text/plain".into())],
+        body: b"data".to_vec(),
+    };
+    // A read (GET/HEAD) authorization cannot make a POST.
+    let err = refused(client().request(&host_auth("127.0.0.1", EffectClass::Read), &post));
+    assert!(matches!(
+        err,
+        AuthorizationError::Effect {
+            needed: EffectClass::External,
+            ..
+        }
+    ));
+    assert_eq!(server.connections(), 0);
+
+    let response = client()
+        .request(&host_auth("127.0.0.1", EffectClass::External), &post)
+        .unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, b"hello POST data");
+    assert_eq!(response.evidence.effect, EffectClass::External);
+    assert_eq!(response.evidence.inputs[0].digest, Digest::of(b"data"));
+    assert_eq!(server.seen()[0].body, b"data");
+}
+
+#[test]
+fn a_mismatched_host_is_refused_before_any_connection() {
+    let server = Server::start();
+    let c = client();
+    let err = refused(c.request(
+        &host_auth("allowed.com", EffectClass::External),
+        &get(server.url("127.0.0.1", "/")),
+    ));
+    assert!(matches!(err, AuthorizationError::Mismatch { .. }));
+    // A name is not its address: a grant on 127.0.0.1 does not cover localhost.
+    refused(c.request(
+        &host_auth("127.0.0.1", EffectClass::Read),
+        &get(server.url("localhost", "/")),
+    ));
+    // Another capability on the right host is refused too.
+    let wrong = TestAuth::new(
+        "fs.read",
+        Resource::host("127.0.0.1").unwrap(),
+        EffectClass::Read,
+    );
+    refused(c.request(&wrong, &get(server.url("127.0.0.1", "/"))));
+    assert_eq!(server.connections(), 0, "the server saw nothing");
+    // The same server is reachable with the right authorization.
+    c.request(
+        &host_auth("127.0.0.1", EffectClass::Read),
+        &get(server.url("127.0.0.1", "/")),
+    )
+    .unwrap();
+    assert_eq!(server.connections(), 1);
+}
+
+#[test]
+fn numeric_and_encoded_forms_of_an_address_contact_that_address() {
+    let server = Server::start();
+    let auth = host_auth("127.0.0.1", EffectClass::Read);
+    let c = client();
+    for host in [
+        "2130706433",
+        "0x7f.1",
+        "127.1",
+        "0177.0.0.1",
+        "%31%32%37.0.0.1",
+        "127.0.0.1.",
+    ] {
+        let url = server.url(host, "/n");
+        let target = parse_target(&url).unwrap();
+        assert_eq!(target.host(), &Resource::Host("127.0.0.1".into()), "{host}");
+        let response = c.request(&auth, &get(url)).unwrap();
+        assert_eq!(response.status, 200, "{host}");
+    }
+    let seen = server.seen();
+    assert_eq!(seen.len(), 6);
+    assert!(seen.iter().all(|s| s.host.starts_with("127.0.0.1")));
+}
+
+#[test]
+fn url_tricks_map_to_the_host_they_name_or_are_refused() {
+    let ok = |url: &str, host: &str| {
+        let target = parse_target(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert_eq!(target.host(), &Resource::host(host).unwrap(), "{url}");
+    };
+    let err = |url: &str| parse_target(url).expect_err(url);
+
+    assert!(matches!(
+        err("http://allowed.com@evil.com/"),
+        UrlError::UserInfo { .. }
+    ));
+    assert!(matches!(
+        err("http://a:b@allowed.com/"),
+        UrlError::UserInfo { .. }
+    ));
+    assert!(matches!(
+        err("http://allowed.com:80@evil.com/"),
+        UrlError::UserInfo { .. }
+    ));
+    assert!(matches!(
+        err("http://evil.com%2F@allowed.com/"),
+        UrlError::UserInfo { .. }
+    ));
+    ok("http://evil.com#@allowed.com", "evil.com");
+    ok("http://evil.com?@allowed.com/", "evil.com");
+    ok("http://evil.com\\@allowed.com/", "evil.com");
+    ok("http://ALLOWED.com./", "allowed.com");
+    ok("HTTP://Allowed.COM/x", "allowed.com");
+    ok("http://allowed%2Ecom/", "allowed.com");
+    ok("http://%61llowed.com/", "allowed.com");
+    ok("http:///allowed.com/", "allowed.com");
+    ok("http://[::1]/", "::1");
+    ok("http://[0:0:0:0:0:0:0:1]:8080/", "::1");
+    ok("http://[::ffff:127.0.0.1]/", "::ffff:127.0.0.1");
+    ok("http://2130706433/", "127.0.0.1");
+    ok("http://0x7f.1/", "127.0.0.1");
+    ok("http://127.1/", "127.0.0.1");
+    ok("https://bücher.example/", "xn--bcher-kva.example");
+    assert!(matches!(
+        err("http://allowed.com%40evil.com/"),
+        UrlError::Parse { .. }
+    ));
+    assert!(matches!(err("http://1.2.3.4.5/"), UrlError::Parse { .. }));
+    assert!(matches!(err("http://foo.0x10/"), UrlError::Parse { .. }));
+    assert!(matches!(err("http://[::1/"), UrlError::Parse { .. }));
+    assert!(matches!(err("ftp://allowed.com/"), UrlError::Scheme { .. }));
+    assert!(matches!(err("file:///etc/passwd"), UrlError::Scheme { .. }));
+    assert!(matches!(
+        err("javascript:alert(1)"),
+        UrlError::Scheme { .. }
+    ));
+    assert!(matches!(err("//allowed.com/"), UrlError::Parse { .. }));
+    // The fragment is not sent.
+    assert_eq!(
+        parse_target("http://a.example/p#frag")
+            .unwrap()
+            .url()
+            .as_str(),
+        "http://a.example/p"
+    );
+}
+
+#[test]
+fn a_redirect_is_returned_not_followed() {
+    let server = Server::start();
+    let response = client()
+        .request(
+            &host_auth("127.0.0.1", EffectClass::Read),
+            &get(server.url("127.0.0.1", "/redirect")),
+        )
+        .unwrap();
+    assert_eq!(response.status, 302);
+    assert_eq!(response.body, b"moved");
+    match &response.evidence.detail {
+        Detail::Http { location, .. } => {
+            assert_eq!(location.as_deref(), Some("http://evil.example/steal"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(server.seen().len(), 1);
+}
+
+#[test]
+fn the_body_is_cut_at_the_limit_and_a_slow_server_times_out() {
+    let server = Server::start();
+    let auth = host_auth("127.0.0.1", EffectClass::Read);
+    let small = HttpClient::new(HttpLimits {
+        timeout: Duration::from_millis(500),
+        max_response_bytes: 100,
+    });
+    let response = small
+        .request(&auth, &get(server.url("127.0.0.1", "/big")))
+        .unwrap();
+    assert_eq!(response.body.len(), 100);
+    assert!(response.body_truncated);
+    assert_eq!(response.evidence.to_json()["http"]["body_truncated"], true);
+    let started = std::time::Instant::now();
+    let err = small
+        .request(&auth, &get(server.url("127.0.0.1", "/slow")))
+        .unwrap_err();
+    assert!(matches!(err, HttpError::Timeout { .. }), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn requests_the_adapter_does_not_send() {
+    let server = Server::start();
+    let auth = host_auth("127.0.0.1", EffectClass::External);
+    let c = client();
+    let with = |method: &str, headers: Vec<(String, String)>, body: &[u8]| HttpRequest {
+        method: method.into(),
+        url: server.url("127.0.0.1", "/"),
+        headers,
+        body: body.to_vec(),
+    };
+    for request in [
+        with("GET", vec![("Host".into(), "allowed.com".into())], b""),
+        with("POST", vec![("content-length".into(), "1".into())], b"xy"),
+        with("GET", vec![("Proxy-Authorization".into(), "x".into())], b""),
+        with("GET", vec![], b"body"),
+        with("CONNECT", vec![], b""),
+        with("get", vec![], b""),
+        with("GET", vec![("X-Bad".into(), "a\r\nb".into())], b""),
+    ] {
+        let result = c.request(&auth, &request);
+        assert!(
+            matches!(result, Err(HttpError::Request(_))),
+            "{request:?}: {result:?}"
+        );
+    }
+    assert_eq!(server.connections(), 0);
+}

@@ -1,0 +1,509 @@
+//! Staging: reads see the staged view, an abort discards, a commit applies exactly the diff,
+//! a stage rebuilt from its ops equals the live one, and a commit refuses paths that became
+//! escapes after staging.
+
+use std::os::unix::fs::{PermissionsExt, symlink};
+
+use ice_kernel::{Digest, RunId};
+
+use super::{Node, Scratch, tree};
+use crate::auth::testing::{delete, list, read, write};
+use crate::staging::{ChangeKind, CommitPoint, Recovery, Stage, StageError, StagedOp, recover};
+use crate::workspace::{Confinement, ConfinementError, EntryKind, FsError, Workspace};
+use crate::{AuthorizationError, Detail};
+
+fn run() -> RunId {
+    RunId::new("run-1").unwrap()
+}
+
+fn setup() -> (Scratch, Stage) {
+    let s = Scratch::new();
+    s.file("a.txt", b"old a");
+    s.file("b.txt", b"old b");
+    s.file("src/lib.rs", b"lib");
+    let ws = Workspace::open(&s.ws).unwrap();
+    let stage = Stage::create(s.stage_dir(), ws, run()).unwrap();
+    (s, stage)
+}
+
+/// Stage a representative set of ops: modify, delete, add in new directories, add then
+/// delete (no change), rewrite with the same content (no change).
+fn stage_some(stage: &mut Stage) {
+    stage.write(&write("a.txt"), "a.txt", b"new a").unwrap();
+    stage.delete(&delete("b.txt"), "b.txt").unwrap();
+    stage
+        .write(&write("new/dir/c.txt"), "new/dir/c.txt", b"c")
+        .unwrap();
+    stage.write(&write("tmp.txt"), "tmp.txt", b"t").unwrap();
+    stage.delete(&delete("tmp.txt"), "tmp.txt").unwrap();
+    stage
+        .write(&write("src/lib.rs"), "src/lib.rs", b"lib")
+        .unwrap();
+}
+
+fn stage_err_fs(err: StageError) -> FsError {
+    match err {
+        StageError::Fs(e) => e,
+        other => panic!("expected a workspace error, got {other:?}"),
+    }
+}
+
+#[test]
+fn reads_and_listings_see_the_staged_view_and_the_workspace_is_untouched() {
+    let (s, mut stage) = setup();
+    let before = tree(&s.ws);
+    stage_some(&mut stage);
+    assert_eq!(tree(&s.ws), before, "staging never touches the workspace");
+
+    let a = stage.read(&read("a.txt"), "a.txt", 100).unwrap();
+    assert_eq!(a.content, b"new a");
+    assert!(matches!(
+        a.evidence.detail,
+        Detail::FileRead { staged: true, .. }
+    ));
+    let lib = stage.read(&read("src/lib.rs"), "src/lib.rs", 100).unwrap();
+    assert_eq!(lib.content, b"lib");
+    assert!(matches!(
+        stage_err_fs(stage.read(&read("b.txt"), "b.txt", 100).unwrap_err()),
+        FsError::NotFound { .. }
+    ));
+    assert!(matches!(
+        stage_err_fs(stage.read(&read("tmp.txt"), "tmp.txt", 100).unwrap_err()),
+        FsError::NotFound { .. }
+    ));
+    let c = stage
+        .read(&read("new/dir/c.txt"), "new/dir/c.txt", 0)
+        .unwrap();
+    assert!(c.truncated);
+    assert!(c.content.is_empty());
+
+    let root = stage.list(&list("."), ".").unwrap();
+    let names: Vec<_> = root
+        .entries
+        .iter()
+        .map(|e| (e.name.as_str(), e.kind, e.size))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("a.txt", EntryKind::File, 5),
+            ("new", EntryKind::Dir, 0),
+            ("src", EntryKind::Dir, names[2].2),
+        ]
+    );
+    let new = stage.list(&list("new"), "new").unwrap();
+    assert_eq!(new.entries[0].name, "dir");
+    assert_eq!(
+        stage.stat(&list("new/dir"), "new/dir").unwrap().kind,
+        EntryKind::Dir
+    );
+    assert_eq!(stage.stat(&read("a.txt"), "a.txt").unwrap().size, 5);
+    assert!(matches!(
+        stage_err_fs(stage.list(&list("nowhere"), "nowhere").unwrap_err()),
+        FsError::NotFound { .. }
+    ));
+}
+
+#[test]
+fn the_diff_names_each_changed_path_with_before_and_after() {
+    let (_s, mut stage) = setup();
+    stage_some(&mut stage);
+    let diff = stage.diff().unwrap();
+    let summary: Vec<_> = diff
+        .iter()
+        .map(|c| {
+            (
+                c.path.as_str(),
+                c.kind,
+                c.before.map(|b| (b.digest, b.size)),
+                c.after.map(|a| (a.digest, a.size)),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (
+                "a.txt",
+                ChangeKind::Modified,
+                Some((Digest::of(b"old a"), 5)),
+                Some((Digest::of(b"new a"), 5))
+            ),
+            (
+                "b.txt",
+                ChangeKind::Deleted,
+                Some((Digest::of(b"old b"), 5)),
+                None
+            ),
+            (
+                "new/dir/c.txt",
+                ChangeKind::Added,
+                None,
+                Some((Digest::of(b"c"), 1))
+            ),
+        ]
+    );
+    let evidence = diff[0].evidence().to_json();
+    assert_eq!(evidence["applied"]["change"], "modified");
+    assert_eq!(
+        evidence["inputs"][0]["digest"],
+        Digest::of(b"old a").to_hex()
+    );
+}
+
+#[test]
+fn discard_removes_everything_staged_and_leaves_the_workspace() {
+    let (s, mut stage) = setup();
+    let before = tree(&s.ws);
+    stage_some(&mut stage);
+    stage.discard().unwrap();
+    assert!(!s.stage_dir().exists());
+    assert_eq!(tree(&s.ws), before);
+}
+
+#[test]
+fn commit_applies_exactly_the_diff() {
+    let (s, mut stage) = setup();
+    std::fs::set_permissions(s.ws.join("a.txt"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    stage_some(&mut stage);
+    let diff = stage.diff().unwrap();
+    let mut expected = tree(&s.ws);
+    for change in &diff {
+        match change.after {
+            Some(_) => {
+                let content = stage
+                    .read(&read(&change.path), &change.path, u64::MAX)
+                    .unwrap()
+                    .content;
+                expected.insert(change.path.clone(), Node::File(content));
+            }
+            None => {
+                expected.remove(&change.path);
+            }
+        }
+    }
+    expected.insert("new".into(), Node::Dir);
+    expected.insert("new/dir".into(), Node::Dir);
+
+    let mut points = Vec::new();
+    let report = stage
+        .commit_with_hook(&mut |p| {
+            points.push(match p {
+                CommitPoint::Prepared { changes } => format!("prepared {}", changes.len()),
+                CommitPoint::JournalDurable => "journal".to_string(),
+                CommitPoint::Applied { index, change } => format!("{index} {}", change.path),
+            })
+        })
+        .unwrap();
+    assert_eq!(report.changes, diff);
+    assert_eq!(tree(&s.ws), expected);
+    assert_eq!(
+        points,
+        [
+            "prepared 3",
+            "journal",
+            "0 a.txt",
+            "1 b.txt",
+            "2 new/dir/c.txt"
+        ]
+    );
+    // The file's permissions survive its replacement; the stage is gone.
+    let mode = std::fs::metadata(s.ws.join("a.txt"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o755);
+    assert!(!s.stage_dir().exists());
+    assert_eq!(
+        recover(s.stage_dir(), &Workspace::open(&s.ws).unwrap()).unwrap(),
+        Recovery::NothingPending
+    );
+}
+
+#[test]
+fn a_stage_rebuilt_from_its_ops_equals_the_live_one() {
+    let (s, mut live) = setup();
+    stage_some(&mut live);
+    // Ops go through their JSON form, as they would through the log.
+    let recorded: Vec<_> = live.ops().iter().map(StagedOp::to_json).collect();
+    let ops: Vec<_> = recorded
+        .iter()
+        .map(|v| StagedOp::from_json(v).unwrap())
+        .collect();
+    let ws = Workspace::open(&s.ws).unwrap();
+    let rebuilt = Stage::from_ops(s.stage_dir(), ws, run(), ops).unwrap();
+    assert_eq!(rebuilt.ops(), live.ops());
+    assert_eq!(rebuilt.diff().unwrap(), live.diff().unwrap());
+    for dir in [".", "new", "new/dir", "src"] {
+        assert_eq!(
+            rebuilt.list(&list(dir), dir).unwrap(),
+            live.list(&list(dir), dir).unwrap()
+        );
+    }
+    for path in ["a.txt", "src/lib.rs", "new/dir/c.txt"] {
+        assert_eq!(
+            rebuilt.read(&read(path), path, 100).unwrap(),
+            live.read(&read(path), path, 100).unwrap()
+        );
+    }
+    assert_eq!(
+        recorded[0],
+        serde_json::json!({"op": "write", "path": "a.txt",
+                           "digest": Digest::of(b"new a").to_hex(), "size": 5})
+    );
+    assert_eq!(
+        recorded[1],
+        serde_json::json!({"op": "delete", "path": "b.txt"})
+    );
+}
+
+#[test]
+fn a_rebuild_refuses_missing_or_altered_content() {
+    let (s, mut live) = setup();
+    live.write(&write("a.txt"), "a.txt", b"new a").unwrap();
+    let ops = live.ops().to_vec();
+    let object = s
+        .stage_dir()
+        .join("objects")
+        .join(Digest::of(b"new a").to_hex());
+    std::fs::write(&object, b"tampered").unwrap();
+    let ws = Workspace::open(&s.ws).unwrap();
+    assert!(matches!(
+        Stage::from_ops(s.stage_dir(), ws.clone(), run(), ops.clone()),
+        Err(StageError::Object { .. })
+    ));
+    std::fs::remove_file(&object).unwrap();
+    assert!(matches!(
+        Stage::from_ops(s.stage_dir(), ws.clone(), run(), ops),
+        Err(StageError::Object { .. })
+    ));
+    assert!(StagedOp::from_json(&serde_json::json!({"op": "delete", "path": "../x"})).is_err());
+    assert!(StagedOp::from_json(&serde_json::json!({"op": "chmod", "path": "x"})).is_err());
+}
+
+#[test]
+fn staging_needs_the_matching_authorization_of_the_same_run() {
+    let (_s, mut stage) = setup();
+    let err = stage.write(&write("a.txt"), "b.txt", b"x").unwrap_err();
+    assert!(matches!(
+        stage_err_fs(err),
+        FsError::Refused(e) if matches!(*e, AuthorizationError::Mismatch { .. })
+    ));
+    let err = stage.write(&read("a.txt"), "a.txt", b"x").unwrap_err();
+    assert!(matches!(stage_err_fs(err), FsError::Refused(_)));
+    let err = stage.delete(&write("a.txt"), "a.txt").unwrap_err();
+    assert!(matches!(stage_err_fs(err), FsError::Refused(_)));
+    let err = stage
+        .write(&write("a.txt").in_run("run-2"), "a.txt", b"x")
+        .unwrap_err();
+    assert!(matches!(
+        stage_err_fs(err),
+        FsError::Refused(e) if matches!(*e, AuthorizationError::Run { .. })
+    ));
+    let err = stage
+        .read(&read("a.txt").in_run("run-2"), "a.txt", 1)
+        .unwrap_err();
+    assert!(matches!(stage_err_fs(err), FsError::Refused(_)));
+    assert!(stage.ops().is_empty());
+}
+
+#[test]
+fn staged_paths_are_confined_like_reads() {
+    let (s, mut stage) = setup();
+    symlink("/etc", s.ws.join("etc")).unwrap();
+    symlink(&s.outside, s.ws.join("out")).unwrap();
+    symlink("loop", s.ws.join("loop")).unwrap();
+    std::fs::hard_link(s.outside.join("secret.txt"), s.ws.join("hl")).unwrap();
+    for path in [
+        "etc/passwd",
+        "out/secret.txt",
+        "out/new.txt",
+        "loop",
+        "loop/x",
+        "etc",
+    ] {
+        let err = stage_err_fs(stage.write(&write(path), path, b"x").unwrap_err());
+        assert!(
+            matches!(
+                err,
+                FsError::Confinement(ConfinementError {
+                    problem: Confinement::Symlink { .. },
+                    ..
+                })
+            ),
+            "{path}: {err:?}"
+        );
+    }
+    for err in [
+        stage.write(&write("hl"), "hl", b"x").unwrap_err(),
+        stage.delete(&delete("hl"), "hl").unwrap_err(),
+    ] {
+        assert!(matches!(
+            stage_err_fs(err),
+            FsError::Confinement(ConfinementError {
+                problem: Confinement::HardLink { links: 2 },
+                ..
+            })
+        ));
+    }
+    for path in ["../x", "/etc/passwd", "a/../../x"] {
+        let auth = crate::auth::testing::TestAuth::new(
+            "fs.write",
+            ice_authority::Resource::Path(path.to_string()),
+            ice_authority::EffectClass::InternalWrite,
+        );
+        let err = stage_err_fs(stage.write(&auth, path, b"x").unwrap_err());
+        assert!(matches!(
+            err,
+            FsError::Confinement(ConfinementError {
+                problem: Confinement::InvalidPath(_),
+                ..
+            })
+        ));
+    }
+    assert!(matches!(
+        stage_err_fs(stage.write(&write("src"), "src", b"x").unwrap_err()),
+        FsError::IsADirectory { .. }
+    ));
+    assert!(matches!(
+        stage_err_fs(stage.write(&write("a.txt/x"), "a.txt/x", b"x").unwrap_err()),
+        FsError::NotADirectory { .. }
+    ));
+    stage.write(&write("n/f"), "n/f", b"x").unwrap();
+    assert!(matches!(
+        stage_err_fs(stage.write(&write("n"), "n", b"x").unwrap_err()),
+        FsError::IsADirectory { .. }
+    ));
+    assert!(matches!(
+        stage_err_fs(stage.write(&write("n/f/g"), "n/f/g", b"x").unwrap_err()),
+        FsError::NotADirectory { .. }
+    ));
+    assert!(matches!(
+        stage_err_fs(stage.delete(&delete("zz"), "zz").unwrap_err()),
+        FsError::NotFound { .. }
+    ));
+    assert_eq!(
+        std::fs::read(s.outside.join("secret.txt")).unwrap(),
+        b"SECRET"
+    );
+    assert_eq!(stage.ops().len(), 1);
+}
+
+#[test]
+fn commit_refuses_a_parent_that_became_a_symlink_after_staging() {
+    let (s, mut stage) = setup();
+    s.file("sub/keep.txt", b"k");
+    stage.write(&write("sub/x.txt"), "sub/x.txt", b"x").unwrap();
+    std::fs::rename(s.ws.join("sub"), s.base.join("moved")).unwrap();
+    symlink(&s.outside, s.ws.join("sub")).unwrap();
+    let before = tree(&s.ws);
+    let err = stage.commit().unwrap_err();
+    assert!(matches!(
+        stage_err_fs(err),
+        FsError::Confinement(ConfinementError {
+            problem: Confinement::Symlink { .. },
+            ..
+        })
+    ));
+    assert!(!s.outside.join("x.txt").exists());
+    assert_eq!(tree(&s.ws), before);
+    assert!(!s.stage_dir().join("journal.json").exists());
+}
+
+#[test]
+fn commit_refuses_a_file_that_became_a_hard_link_after_staging() {
+    let (s, mut stage) = setup();
+    stage.write(&write("a.txt"), "a.txt", b"new a").unwrap();
+    std::fs::remove_file(s.ws.join("a.txt")).unwrap();
+    std::fs::hard_link(s.outside.join("secret.txt"), s.ws.join("a.txt")).unwrap();
+    let err = stage.commit().unwrap_err();
+    assert!(matches!(
+        stage_err_fs(err),
+        FsError::Confinement(ConfinementError {
+            problem: Confinement::HardLink { .. },
+            ..
+        })
+    ));
+    assert_eq!(
+        std::fs::read(s.outside.join("secret.txt")).unwrap(),
+        b"SECRET"
+    );
+}
+
+#[test]
+fn confinement_is_checked_again_as_each_change_is_applied() {
+    let (s, mut stage) = setup();
+    s.file("sub/keep.txt", b"k");
+    stage.write(&write("a.txt"), "a.txt", b"new a").unwrap();
+    stage.write(&write("sub/x.txt"), "sub/x.txt", b"x").unwrap();
+    let (ws_path, outside, base) = (s.ws.clone(), s.outside.clone(), s.base.clone());
+    // Swap the directory for a symlink after the commit point, before it is applied.
+    let err = stage
+        .commit_with_hook(&mut |p| {
+            if let CommitPoint::JournalDurable = p {
+                std::fs::rename(ws_path.join("sub"), base.join("moved")).unwrap();
+                symlink(&outside, ws_path.join("sub")).unwrap();
+            }
+        })
+        .unwrap_err();
+    match err {
+        StageError::Apply {
+            index,
+            path,
+            source,
+        } => {
+            assert_eq!((index, path.as_str()), (1, "sub/x.txt"));
+            assert!(source.is_confinement());
+        }
+        other => panic!("expected an apply error, got {other:?}"),
+    }
+    assert!(!s.outside.join("x.txt").exists());
+    // The journal stays, so the run is visibly part-way and recovery refuses the same way.
+    assert!(s.stage_dir().join("journal.json").exists());
+    let ws = Workspace::open(&s.ws).unwrap();
+    assert!(matches!(
+        recover(s.stage_dir(), &ws),
+        Err(StageError::Apply { .. })
+    ));
+    assert!(!s.outside.join("x.txt").exists());
+}
+
+#[test]
+fn materialize_copies_the_workspace_with_the_diff_applied() {
+    let (s, mut stage) = setup();
+    s.file("run.sh", b"#!/bin/sh\n");
+    std::fs::set_permissions(s.ws.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    symlink("src/lib.rs", s.ws.join("link")).unwrap();
+    stage_some(&mut stage);
+    let before = tree(&s.ws);
+    let dest = s.base.join("copy");
+    let made = stage.materialize(&dest).unwrap();
+    assert_eq!(tree(&s.ws), before, "the workspace is unchanged");
+    let copy = tree(&dest);
+    assert_eq!(copy["a.txt"], Node::File(b"new a".to_vec()));
+    assert!(!copy.contains_key("b.txt"));
+    assert_eq!(copy["new/dir/c.txt"], Node::File(b"c".to_vec()));
+    assert_eq!(copy["link"], Node::Symlink("src/lib.rs".into()));
+    assert!(!copy.keys().any(|k| k.contains(".ice-commit")));
+    let mode = std::fs::metadata(dest.join("run.sh"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o755);
+    assert_eq!((made.symlinks, made.skipped.len()), (1, 0));
+    // A second materialisation into the same (now non-empty) directory is refused.
+    assert!(matches!(
+        stage.materialize(&dest),
+        Err(StageError::Layout { .. })
+    ));
+}
+
+#[test]
+fn a_stage_directory_inside_the_workspace_is_refused() {
+    let s = Scratch::new();
+    let ws = Workspace::open(&s.ws).unwrap();
+    assert!(matches!(
+        Stage::create(s.ws.join(".stage"), ws, run()),
+        Err(StageError::Layout { .. })
+    ));
+}
