@@ -7,33 +7,12 @@
 //! operation it is asked to do is that capability on that resource: an `fs.write`
 //! authorization for `src/a.rs` cannot write `src/b.rs`, and an `fs.read` one cannot write
 //! anything.
+//!
+//! Only the authority crate can make an [`Authorization`] (from `GrantBook::check_use`), so no
+//! caller of an adapter can forge one.
 
-use ice_authority::{EffectClass, Resource};
-use ice_kernel::{EventId, RunId};
-
-/// Stand-in for `ice_authority::Authorization` until it lands: the getters it will have.
-///
-/// The trait is private to this crate, so no other crate can implement it, and so no other
-/// crate can call an adapter yet. When the real type lands, [`Auth`] becomes that type and the
-/// adapters' signatures do not change.
-pub(crate) trait Authorizes {
-    /// The run the grant is bound to.
-    fn run(&self) -> &RunId;
-    /// The grant event that allowed this use.
-    fn grant(&self) -> &EventId;
-    /// The capability used (`fs.write`).
-    fn capability(&self) -> &str;
-    /// The exact target of this use.
-    fn resource(&self) -> &Resource;
-    /// The effect class the runtime assigned to this use.
-    fn effect(&self) -> EffectClass;
-    /// The grant's constraints.
-    #[allow(dead_code)]
-    fn constraints(&self) -> &serde_json::Map<String, serde_json::Value>;
-}
-
-/// The authorization adapters take.
-pub(crate) type Auth = dyn Authorizes;
+use ice_authority::{Authorization, EffectClass, Resource};
+use ice_kernel::RunId;
 
 /// Why an adapter refused an authorization.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,7 +59,7 @@ pub enum AuthorizationError {
 
 /// Refuse unless `auth` is for exactly `capability` on exactly `resource`.
 pub(crate) fn require(
-    auth: &Auth,
+    auth: &Authorization,
     capability: &str,
     resource: &Resource,
 ) -> Result<(), AuthorizationError> {
@@ -97,7 +76,10 @@ pub(crate) fn require(
 }
 
 /// Refuse unless `auth`'s effect class is at least `needed`.
-pub(crate) fn require_effect(auth: &Auth, needed: EffectClass) -> Result<(), AuthorizationError> {
+pub(crate) fn require_effect(
+    auth: &Authorization,
+    needed: EffectClass,
+) -> Result<(), AuthorizationError> {
     if auth.effect() < needed {
         return Err(AuthorizationError::Effect {
             grant: auth.grant().to_string(),
@@ -109,7 +91,7 @@ pub(crate) fn require_effect(auth: &Auth, needed: EffectClass) -> Result<(), Aut
 }
 
 /// Refuse unless `auth` belongs to `run`.
-pub(crate) fn require_run(auth: &Auth, run: &RunId) -> Result<(), AuthorizationError> {
+pub(crate) fn require_run(auth: &Authorization, run: &RunId) -> Result<(), AuthorizationError> {
     if auth.run() != run {
         return Err(AuthorizationError::Run {
             grant: auth.grant().to_string(),
@@ -122,88 +104,143 @@ pub(crate) fn require_run(auth: &Auth, run: &RunId) -> Result<(), AuthorizationE
 
 #[cfg(test)]
 pub(crate) mod testing {
-    //! A test authorization, standing in for one the authority crate makes.
+    //! Authorizations made the only way they can be: a grant recorded in a run's log (events
+    //! sealed by the kernel's validator), folded by `GrantBook`, and checked at the moment of
+    //! use by `GrantBook::check_use`.
 
-    use super::Authorizes;
-    use ice_authority::{EffectClass, Resource};
-    use ice_kernel::{EventId, RunId};
+    use ice_authority::{
+        Authorization, CapabilityGrantedPayload, EffectClass, GrantBook, PolicyVersion, Resource,
+        Scope,
+    };
+    use ice_kernel::{
+        Digest, Draft, EventType, NoOtherRuns, Origin, RunHead, RunId, RunState, Timestamp,
+    };
+    use serde_json::{Map, Value, json};
 
-    pub(crate) struct TestAuth {
-        run: RunId,
-        grant: EventId,
-        capability: String,
+    /// `capability` on `resource` in run `run`, from a grant whose scope is `scope` (the
+    /// resource's own scope when `None`).
+    pub(crate) fn authorize_scoped(
+        run: &str,
+        capability: &str,
+        resource: Resource,
+        scope: Option<&str>,
+        effect: EffectClass,
+    ) -> Authorization {
+        let run_id = RunId::new(run).expect("run id");
+        let mut head = RunHead::new(run_id.clone());
+        const T0_US: i64 = 1_700_000_000_000_000;
+        let mut clock_us: i64 = T0_US;
+        let mut events = Vec::new();
+        let mut seal = |draft: Draft| {
+            clock_us += 1_000;
+            let at = Timestamp::from_unix_us(clock_us).expect("time");
+            let (sealed, _) = head.seal(draft, at, &NoOtherRuns).expect("sealed");
+            let event = sealed.into_event();
+            events.push(event.clone());
+            event
+        };
+        for t in [
+            EventType::RunProvisioned,
+            EventType::ContextResolved,
+            EventType::ExecutionWindowOpened,
+        ] {
+            seal(Draft::new(t.name(), Origin::Runtime));
+        }
+        let target = resource.entity_id();
+        let request = seal(
+            Draft::new(
+                EventType::CapabilityRequested.name(),
+                Origin::Agent("coder".into()),
+            )
+            .intent(format!("{capability} on {target}"))
+            .payload(json!({ "capability": capability, "target": target })),
+        )
+        .id();
+        let scope = match scope {
+            Some(text) => Scope::parse(text).expect("scope"),
+            None => Scope::for_target(capability, &resource).expect("scope"),
+        };
+        let payload = CapabilityGrantedPayload {
+            capability: capability.to_string(),
+            resource: resource.clone(),
+            scope,
+            agent: "coder".into(),
+            effect,
+            expires_at: Timestamp::from_unix_us(T0_US + 3_600_000_000).expect("time"),
+            max_uses: 10,
+            constraints: Map::new(),
+            policy_version: PolicyVersion(Digest([1; 32])),
+            policies: vec!["test.cedar#1".into()],
+            approval: None,
+            request,
+        };
+        let mut draft = Draft::new(EventType::CapabilityGranted.name(), Origin::Runtime)
+            .intent("grant for the test")
+            .payload(Value::Object(payload.to_payload()));
+        draft.authority = Some(payload.authority());
+        let grant = seal(draft).id();
+        let now = Timestamp::from_unix_us(T0_US + 60_000_000).expect("time");
+        let mut book = GrantBook::new(run_id.clone());
+        for event in &events {
+            book.apply(event).expect("the book folds the grant");
+        }
+        book.check_use(
+            &grant,
+            &run_id,
+            capability,
+            &resource,
+            now,
+            RunState::Executing,
+        )
+        .expect("the grant covers its own target")
+    }
+
+    /// `capability` on `resource` in run `run-1`.
+    pub(crate) fn authorize(
+        capability: &str,
         resource: Resource,
         effect: EffectClass,
-        constraints: serde_json::Map<String, serde_json::Value>,
-    }
-
-    impl TestAuth {
-        pub(crate) fn new(capability: &str, resource: Resource, effect: EffectClass) -> TestAuth {
-            let run = RunId::new("run-1").expect("run id");
-            TestAuth {
-                grant: EventId::new(run.clone(), 7),
-                run,
-                capability: capability.to_string(),
-                resource,
-                effect,
-                constraints: serde_json::Map::new(),
-            }
-        }
-
-        pub(crate) fn in_run(mut self, run: &str) -> TestAuth {
-            self.run = RunId::new(run).expect("run id");
-            self
-        }
-    }
-
-    impl Authorizes for TestAuth {
-        fn run(&self) -> &RunId {
-            &self.run
-        }
-        fn grant(&self) -> &EventId {
-            &self.grant
-        }
-        fn capability(&self) -> &str {
-            &self.capability
-        }
-        fn resource(&self) -> &Resource {
-            &self.resource
-        }
-        fn effect(&self) -> EffectClass {
-            self.effect
-        }
-        fn constraints(&self) -> &serde_json::Map<String, serde_json::Value> {
-            &self.constraints
-        }
+    ) -> Authorization {
+        authorize_scoped("run-1", capability, resource, None, effect)
     }
 
     /// `fs.read` on a path.
-    pub(crate) fn read(path: &str) -> TestAuth {
-        TestAuth::new(
+    pub(crate) fn read(path: &str) -> Authorization {
+        authorize(
             "fs.read",
             Resource::path(path).expect("path"),
             EffectClass::Read,
         )
     }
     /// `fs.list` on a directory.
-    pub(crate) fn list(dir: &str) -> TestAuth {
-        TestAuth::new(
+    pub(crate) fn list(dir: &str) -> Authorization {
+        authorize(
             "fs.list",
             Resource::dir(dir).expect("dir"),
             EffectClass::Read,
         )
     }
     /// `fs.write` on a path.
-    pub(crate) fn write(path: &str) -> TestAuth {
-        TestAuth::new(
+    pub(crate) fn write(path: &str) -> Authorization {
+        authorize(
             "fs.write",
             Resource::path(path).expect("path"),
             EffectClass::InternalWrite,
         )
     }
+    /// `fs.write` on a path, in another run.
+    pub(crate) fn write_in(run: &str, path: &str) -> Authorization {
+        authorize_scoped(
+            run,
+            "fs.write",
+            Resource::path(path).expect("path"),
+            None,
+            EffectClass::InternalWrite,
+        )
+    }
     /// `fs.delete` on a path.
-    pub(crate) fn delete(path: &str) -> TestAuth {
-        TestAuth::new(
+    pub(crate) fn delete(path: &str) -> Authorization {
+        authorize(
             "fs.delete",
             Resource::path(path).expect("path"),
             EffectClass::InternalWrite,

@@ -34,12 +34,12 @@
 use std::io::Read;
 use std::time::Duration;
 
-use ice_authority::{Classifier, EffectClass, Resource};
+use ice_authority::{Authorization, Classifier, EffectClass, Resource};
 use serde_json::json;
 use ureq::http;
 use url::Url;
 
-use crate::auth::{Auth, AuthorizationError, require, require_effect};
+use crate::auth::{AuthorizationError, require, require_effect};
 use crate::evidence::{Detail, Digested, Evidence};
 use crate::limits::{MAX_HTTP_HEADERS, MAX_URL_LEN};
 
@@ -290,7 +290,11 @@ impl HttpClient {
 
     /// Send `request` under `auth` (`http.request` on exactly the URL's parsed host, with an
     /// effect class that covers the method). Everything is checked before any connection.
-    pub fn request(&self, auth: &Auth, request: &HttpRequest) -> Result<HttpResponse, HttpError> {
+    pub fn request(
+        &self,
+        auth: &Authorization,
+        request: &HttpRequest,
+    ) -> Result<HttpResponse, HttpError> {
         let target = parse_target(&request.url)?;
         require(auth, "http.request", target.host())?;
         let method = request.method.as_str();

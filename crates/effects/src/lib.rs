@@ -17,9 +17,6 @@
 //! (computing a diff, materialising, committing, recovering, running the run spec's validation
 //! checks) take none: they are not an agent's requests.
 #![warn(missing_docs)]
-// The adapters take the crate-private stand-in for `ice_authority::Authorization` until that
-// type lands; the bound is deliberately unnameable outside the crate.
-#![allow(private_bounds, private_interfaces)]
 
 mod auth;
 pub mod evidence;
@@ -37,6 +34,7 @@ pub use http::{
     HttpClient, HttpError, HttpLimits, HttpRequest, HttpResponse, HttpTarget, UrlError,
     parse_target,
 };
+pub use ice_authority::Authorization;
 pub use staging::{
     Change, ChangeKind, CommitPoint, CommitReport, Materialized, Recovery, Stage, StageError,
     StagedEffect, StagedOp, recover,

@@ -42,12 +42,12 @@ use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use ice_authority::{EffectClass, Resource};
+use ice_authority::{Authorization, EffectClass, Resource};
 use ice_kernel::{Digest, RunId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::auth::{Auth, require, require_run};
+use crate::auth::{require, require_run};
 use crate::evidence::{Detail, Digested, Evidence};
 use crate::limits::{MAX_JOURNAL_BYTES, MAX_STAGED_FILE_BYTES};
 use crate::workspace::{
@@ -556,7 +556,7 @@ impl Stage {
     /// before the op is returned, so the runtime can record it and rebuild from the record.
     pub fn write(
         &mut self,
-        auth: &Auth,
+        auth: &Authorization,
         path: &str,
         content: &[u8],
     ) -> Result<StagedEffect, StageError> {
@@ -588,7 +588,7 @@ impl Stage {
 
     /// Stage deleting the file at `path` (`fs.delete`, this run). It must exist in the staged
     /// view as a regular file.
-    pub fn delete(&mut self, auth: &Auth, path: &str) -> Result<StagedEffect, StageError> {
+    pub fn delete(&mut self, auth: &Authorization, path: &str) -> Result<StagedEffect, StageError> {
         let segs = file_segments(path).map_err(FsError::from)?;
         require(auth, "fs.delete", &Resource::Path(path.to_string())).map_err(FsError::from)?;
         require_run(auth, &self.run).map_err(FsError::from)?;
@@ -614,7 +614,12 @@ impl Stage {
     }
 
     /// Read `path` in the staged view (`fs.read`, this run), at most `limit` bytes.
-    pub fn read(&self, auth: &Auth, path: &str, limit: u64) -> Result<FileRead, StageError> {
+    pub fn read(
+        &self,
+        auth: &Authorization,
+        path: &str,
+        limit: u64,
+    ) -> Result<FileRead, StageError> {
         let segs = file_segments(path).map_err(FsError::from)?;
         require(auth, "fs.read", &Resource::Path(path.to_string())).map_err(FsError::from)?;
         require_run(auth, &self.run).map_err(FsError::from)?;
@@ -655,7 +660,7 @@ impl Stage {
     /// List `dir` in the staged view (`fs.list`, this run): the workspace's entries with
     /// staged files added or replaced, deleted files left out, and directories that only staged
     /// files create shown as directories.
-    pub fn list(&self, auth: &Auth, dir: &str) -> Result<Listing, StageError> {
+    pub fn list(&self, auth: &Authorization, dir: &str) -> Result<Listing, StageError> {
         let segs = dir_segments(dir).map_err(FsError::from)?;
         require(auth, "fs.list", &Resource::Dir(dir.to_string())).map_err(FsError::from)?;
         require_run(auth, &self.run).map_err(FsError::from)?;
@@ -735,7 +740,7 @@ impl Stage {
 
     /// What is at `path` in the staged view (`fs.read` on a file path, `fs.list` on a
     /// directory path; this run).
-    pub fn stat(&self, auth: &Auth, path: &str) -> Result<Stat, StageError> {
+    pub fn stat(&self, auth: &Authorization, path: &str) -> Result<Stat, StageError> {
         authorize_stat(auth, path)?;
         require_run(auth, &self.run).map_err(FsError::from)?;
         if path != "." {
@@ -887,7 +892,7 @@ impl Stage {
 }
 
 fn staged_evidence(
-    auth: &Auth,
+    auth: &Authorization,
     path: &str,
     op: &'static str,
     content: Option<&FileState>,

@@ -31,12 +31,12 @@ use std::sync::Arc;
 
 use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt};
 use cap_std::fs::{Dir, File, Metadata, MetadataExt, OpenOptions, OpenOptionsExt};
-use ice_authority::{EffectClass, Resource};
+use ice_authority::{Authorization, EffectClass, Resource};
 use ice_kernel::Digest;
 use rustix::io::Errno;
 use sha2::Digest as _;
 
-use crate::auth::{Auth, AuthorizationError, require};
+use crate::auth::{AuthorizationError, require};
 use crate::evidence::{Detail, Digested, Evidence};
 use crate::limits::MAX_LIST_ENTRIES;
 
@@ -470,7 +470,7 @@ impl Workspace {
 
     /// Read the file at `path` (`fs.read`), at most `limit` bytes; [`FileRead::truncated`] says
     /// whether the file holds more.
-    pub fn read(&self, auth: &Auth, path: &str, limit: u64) -> Result<FileRead, FsError> {
+    pub fn read(&self, auth: &Authorization, path: &str, limit: u64) -> Result<FileRead, FsError> {
         file_segments(path)?;
         require(auth, "fs.read", &Resource::Path(path.to_string()))?;
         let (content, size, truncated) = self.read_file(path, limit)?;
@@ -485,7 +485,7 @@ impl Workspace {
     }
 
     /// List the directory at `dir` (`fs.list`; `.` is the root).
-    pub fn list(&self, auth: &Auth, dir: &str) -> Result<Listing, FsError> {
+    pub fn list(&self, auth: &Authorization, dir: &str) -> Result<Listing, FsError> {
         dir_segments(dir)?;
         require(auth, "fs.list", &Resource::Dir(dir.to_string()))?;
         self.list_dir(dir)
@@ -493,13 +493,13 @@ impl Workspace {
 
     /// What is at `path`, without following it: `fs.read` on the path, or `fs.list` when it
     /// is given as a directory.
-    pub fn stat(&self, auth: &Auth, path: &str) -> Result<Stat, FsError> {
+    pub fn stat(&self, auth: &Authorization, path: &str) -> Result<Stat, FsError> {
         authorize_stat(auth, path)?;
         self.stat_path(path)
     }
 
     /// The SHA-256 and size of the whole file at `path` (`fs.read`).
-    pub fn digest(&self, auth: &Auth, path: &str) -> Result<FileState, FsError> {
+    pub fn digest(&self, auth: &Authorization, path: &str) -> Result<FileState, FsError> {
         file_segments(path)?;
         require(auth, "fs.read", &Resource::Path(path.to_string()))?;
         match self.file_state(path)? {
@@ -898,7 +898,7 @@ fn copy_hashing(input: &mut impl Read, out: &mut impl Write) -> io::Result<FileS
 }
 
 /// `stat` needs `fs.read` on the path as a file, or `fs.list` on it as a directory.
-pub(crate) fn authorize_stat(auth: &Auth, path: &str) -> Result<(), FsError> {
+pub(crate) fn authorize_stat(auth: &Authorization, path: &str) -> Result<(), FsError> {
     dir_segments(path)?;
     match auth.resource() {
         Resource::Dir(_) => require(auth, "fs.list", &Resource::Dir(path.to_string()))?,
@@ -908,7 +908,7 @@ pub(crate) fn authorize_stat(auth: &Auth, path: &str) -> Result<(), FsError> {
 }
 
 pub(crate) fn read_evidence(
-    auth: &Auth,
+    auth: &Authorization,
     path: &str,
     content: &[u8],
     size: u64,

@@ -9,7 +9,8 @@ use std::time::Duration;
 use ice_authority::{EffectClass, Resource};
 use ice_kernel::Digest;
 
-use crate::auth::testing::TestAuth;
+use crate::Authorization;
+use crate::auth::testing::{authorize, read};
 use crate::http::{HttpClient, HttpError, HttpLimits, HttpRequest, UrlError, parse_target};
 use crate::{AuthorizationError, Detail};
 
@@ -127,8 +128,8 @@ fn serve(stream: TcpStream, seen: &Mutex<Vec<Seen>>) -> std::io::Result<()> {
     stream.flush()
 }
 
-fn host_auth(host: &str, effect: EffectClass) -> TestAuth {
-    TestAuth::new("http.request", Resource::host(host).unwrap(), effect)
+fn host_auth(host: &str, effect: EffectClass) -> Authorization {
+    authorize("http.request", Resource::host(host).unwrap(), effect)
 }
 
 fn get(url: String) -> HttpRequest {
@@ -230,12 +231,7 @@ fn a_mismatched_host_is_refused_before_any_connection() {
         &get(server.url("localhost", "/")),
     ));
     // Another capability on the right host is refused too.
-    let wrong = TestAuth::new(
-        "fs.read",
-        Resource::host("127.0.0.1").unwrap(),
-        EffectClass::Read,
-    );
-    refused(c.request(&wrong, &get(server.url("127.0.0.1", "/"))));
+    refused(c.request(&read("127.0.0.1"), &get(server.url("127.0.0.1", "/"))));
     assert_eq!(server.connections(), 0, "the server saw nothing");
     // The same server is reachable with the right authorization.
     c.request(

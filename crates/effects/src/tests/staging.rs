@@ -7,7 +7,7 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use ice_kernel::{Digest, RunId};
 
 use super::{Node, Scratch, tree};
-use crate::auth::testing::{delete, list, read, write};
+use crate::auth::testing::{authorize_scoped, delete, list, read, write, write_in};
 use crate::staging::{ChangeKind, CommitPoint, Recovery, Stage, StageError, StagedOp, recover};
 use crate::workspace::{Confinement, ConfinementError, EntryKind, FsError, Workspace};
 use crate::{AuthorizationError, Detail};
@@ -289,22 +289,43 @@ fn staging_needs_the_matching_authorization_of_the_same_run() {
         stage_err_fs(err),
         FsError::Refused(e) if matches!(*e, AuthorizationError::Mismatch { .. })
     ));
+    // A grant on src covers src/a.rs and src/b.rs, but each authorization is for one target.
+    let auth = authorize_scoped(
+        "run-1",
+        "fs.write",
+        ice_authority::Resource::path("src/a.rs").unwrap(),
+        Some("fs.write:src"),
+        ice_authority::EffectClass::InternalWrite,
+    );
+    stage.write(&auth, "src/a.rs", b"a").unwrap();
+    let err = stage.write(&auth, "src/b.rs", b"b").unwrap_err();
+    assert!(matches!(stage_err_fs(err), FsError::Refused(_)));
     let err = stage.write(&read("a.txt"), "a.txt", b"x").unwrap_err();
     assert!(matches!(stage_err_fs(err), FsError::Refused(_)));
     let err = stage.delete(&write("a.txt"), "a.txt").unwrap_err();
     assert!(matches!(stage_err_fs(err), FsError::Refused(_)));
     let err = stage
-        .write(&write("a.txt").in_run("run-2"), "a.txt", b"x")
+        .write(&write_in("run-2", "a.txt"), "a.txt", b"x")
         .unwrap_err();
     assert!(matches!(
         stage_err_fs(err),
         FsError::Refused(e) if matches!(*e, AuthorizationError::Run { .. })
     ));
     let err = stage
-        .read(&read("a.txt").in_run("run-2"), "a.txt", 1)
+        .read(
+            &authorize_scoped(
+                "run-2",
+                "fs.read",
+                ice_authority::Resource::path("a.txt").unwrap(),
+                None,
+                ice_authority::EffectClass::Read,
+            ),
+            "a.txt",
+            1,
+        )
         .unwrap_err();
     assert!(matches!(stage_err_fs(err), FsError::Refused(_)));
-    assert!(stage.ops().is_empty());
+    assert_eq!(stage.ops().len(), 1);
 }
 
 #[test]
@@ -347,12 +368,7 @@ fn staged_paths_are_confined_like_reads() {
         ));
     }
     for path in ["../x", "/etc/passwd", "a/../../x"] {
-        let auth = crate::auth::testing::TestAuth::new(
-            "fs.write",
-            ice_authority::Resource::Path(path.to_string()),
-            ice_authority::EffectClass::InternalWrite,
-        );
-        let err = stage_err_fs(stage.write(&auth, path, b"x").unwrap_err());
+        let err = stage_err_fs(stage.write(&write("a.txt"), path, b"x").unwrap_err());
         assert!(matches!(
             err,
             FsError::Confinement(ConfinementError {

@@ -6,7 +6,7 @@ use std::os::unix::fs::symlink;
 use ice_kernel::Digest;
 
 use super::Scratch;
-use crate::auth::testing::{list, read, write};
+use crate::auth::testing::{authorize_scoped, list, read, write};
 use crate::workspace::{Confinement, ConfinementError, EntryKind, FsError, Workspace};
 use crate::{AuthorizationError, Detail};
 
@@ -36,7 +36,11 @@ fn reads_a_file_with_evidence_and_reports_truncation() {
         whole.evidence.outputs[0].digest,
         Digest::of(b"pub fn f() {}\n")
     );
-    assert_eq!(whole.evidence.grant.as_deref(), Some("run-1:7"));
+    assert_eq!(
+        whole.evidence.grant.as_deref(),
+        Some("run-1:4"),
+        "the grant event"
+    );
 
     let cut = ws.read(&read("src/lib.rs"), "src/lib.rs", 4).unwrap();
     assert_eq!(cut.content, b"pub ");
@@ -102,6 +106,18 @@ fn an_authorization_covers_exactly_its_capability_and_resource() {
     // fs.read on a path does not list it.
     let err = ws.list(&read("src"), "src").unwrap_err();
     assert!(matches!(err, FsError::Refused(_)));
+    // A grant over a directory authorises each use for one target: the authorization made for
+    // src/lib.rs does not read src/other.rs.
+    let auth = authorize_scoped(
+        "run-1",
+        "fs.read",
+        ice_authority::Resource::path("src/lib.rs").unwrap(),
+        Some("fs.read:src"),
+        ice_authority::EffectClass::Read,
+    );
+    ws.read(&auth, "src/lib.rs", 10).unwrap();
+    let err = ws.read(&auth, "src/other.rs", 10).unwrap_err();
+    assert!(matches!(err, FsError::Refused(_)));
 }
 
 #[test]
@@ -119,23 +135,14 @@ fn dot_dot_and_absolute_paths_are_refused_before_anything_is_opened() {
         "",
         "src\\lib.rs",
     ] {
-        // The authorization names the same string, so only confinement can refuse.
-        let auth = crate::auth::testing::TestAuth::new(
-            "fs.read",
-            ice_authority::Resource::Path(path.to_string()),
-            ice_authority::EffectClass::Read,
-        );
-        let err = ws.read(&auth, path, 100).unwrap_err();
+        // No grant can name such a path; the path is refused before the authorization is
+        // looked at, as a confinement error.
+        let err = ws.read(&read("README.md"), path, 100).unwrap_err();
         assert!(
             matches!(confinement(err), Confinement::InvalidPath(_)),
             "{path}"
         );
-        let auth = crate::auth::testing::TestAuth::new(
-            "fs.list",
-            ice_authority::Resource::Dir(path.to_string()),
-            ice_authority::EffectClass::Read,
-        );
-        let err = ws.list(&auth, path).unwrap_err();
+        let err = ws.list(&list("."), path).unwrap_err();
         assert!(
             matches!(confinement(err), Confinement::InvalidPath(_)),
             "{path}"
