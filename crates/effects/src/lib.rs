@@ -20,6 +20,7 @@
 
 mod auth;
 pub mod evidence;
+pub mod exec;
 pub mod http;
 pub mod limits;
 pub mod staging;
@@ -30,6 +31,7 @@ mod tests;
 
 pub use auth::AuthorizationError;
 pub use evidence::{Detail, Digested, Evidence};
+pub use exec::{ExecError, ExecOutput, ExecSpec, run, run_check};
 pub use http::{
     HttpClient, HttpError, HttpLimits, HttpRequest, HttpResponse, HttpTarget, UrlError,
     parse_target,

@@ -1,6 +1,7 @@
 //! Tests as specifications of the effects layer.
 
 mod crash;
+mod exec;
 mod http;
 mod staging;
 mod workspace;

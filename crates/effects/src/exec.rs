@@ -1,0 +1,341 @@
+//! Running a command (`process.exec`): a program and its arguments, in a directory (a
+//! materialised copy of the workspace, [`crate::Stage::materialize`]), with a timeout and
+//! bounded captured output.
+//!
+//! Two entry points:
+//!
+//! - [`run`] for commands an agent requested: it takes the [`Authorization`] and refuses unless
+//!   it is `process.exec` on exactly this program (`Command::"cargo"` does not cover
+//!   `/usr/bin/cargo` or `sh`).
+//! - [`run_check`] for the runtime's own validation checks. Those come from the run spec, a
+//!   file the operator wrote, not from an agent, so no grant stands behind them; the runtime
+//!   records them under the run's own authority. No agent-facing path may call it.
+//!
+//! # What is confined, honestly
+//!
+//! Only the working directory and the environment. The command starts in the given directory
+//! with the environment cleared except `PATH` (the runtime's), `HOME` (set to that directory) and
+//! `LANG` (the runtime's, or `C.UTF-8`); stdin is empty. It runs as the runtime's user, with that
+//! user's access to the whole filesystem and to the network: **nothing here isolates the network
+//! or the filesystem**, so a command can read or write outside its directory and reach any host.
+//! That is why agent-requested commands need a grant on the exact program, and why the class of
+//! `process.exec` is the runtime's (a policy can require approval for it).
+//!
+//! The command runs in a process group of its own. When it exits or times out, the whole group
+//! is killed (SIGKILL), so background children it left do not outlive it or hold its output
+//! open; a process that leaves the group (`setsid`) escapes that kill, and its output after the
+//! command ends is not waited for beyond a short grace period.
+//!
+//! The functions block; the tokio runtime calls them from `spawn_blocking`.
+
+use std::io::Read;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ice_authority::{Authorization, EffectClass, Resource};
+use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
+
+use crate::auth::{AuthorizationError, require};
+use crate::evidence::{Detail, Digested, Evidence};
+use crate::limits::MAX_EXEC_ARGS;
+
+/// How long output is still collected after the command's process group is gone.
+const OUTPUT_GRACE: Duration = Duration::from_secs(2);
+
+/// The `PATH` a command gets when the runtime itself has none.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// A command to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecSpec {
+    /// The program: a name looked up on `PATH`, or a path (a relative one is taken from `dir`).
+    pub program: String,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// The directory it runs in (and its `HOME`).
+    pub dir: PathBuf,
+    /// How long it may run before its process group is killed.
+    pub timeout: Duration,
+    /// The most bytes kept of stdout, and of stderr; the rest is read and dropped.
+    pub max_output_bytes: u64,
+}
+
+/// How a command ended and what it printed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Its exit code, if it exited.
+    pub exit_code: Option<i32>,
+    /// The signal that ended it, if one did (9 after a timeout).
+    pub signal: Option<i32>,
+    /// Whether it was killed for running out of time.
+    pub timed_out: bool,
+    /// Its stdout, up to the limit.
+    pub stdout: Vec<u8>,
+    /// Whether stdout was cut (or not complete when collection stopped).
+    pub stdout_truncated: bool,
+    /// Its stderr, up to the limit.
+    pub stderr: Vec<u8>,
+    /// Whether stderr was cut (or not complete when collection stopped).
+    pub stderr_truncated: bool,
+    /// How long it ran.
+    pub wall_time: Duration,
+    /// The evidence (a `ToolInvoked` event's payload).
+    pub evidence: Evidence,
+}
+
+impl ExecOutput {
+    /// Whether it exited with code 0 in time.
+    pub fn success(&self) -> bool {
+        self.exit_code == Some(0) && !self.timed_out
+    }
+}
+
+/// Why a command could not be run.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The authorization does not cover the command.
+    #[error(transparent)]
+    Refused(Box<AuthorizationError>),
+    /// The command itself is not one the adapter runs.
+    #[error("command refused: {0}")]
+    Spec(String),
+    /// It could not be started.
+    #[error("{program:?}: cannot start: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Waiting for it failed.
+    #[error("{program:?}: {source}")]
+    Wait {
+        /// The program.
+        program: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<AuthorizationError> for ExecError {
+    fn from(e: AuthorizationError) -> ExecError {
+        ExecError::Refused(Box::new(e))
+    }
+}
+
+/// Run a command an agent requested, under `auth` (`process.exec` on exactly
+/// `spec.program`).
+pub fn run(auth: &Authorization, spec: &ExecSpec) -> Result<ExecOutput, ExecError> {
+    let program = check_spec(spec)?;
+    require(auth, "process.exec", &program)?;
+    execute(spec, program, Some(auth), "agent")
+}
+
+/// Run one of the run spec's validation checks. The operator wrote it; no agent asked for it,
+/// so it takes no authorization (the runtime records it under the run's own authority).
+pub fn run_check(spec: &ExecSpec) -> Result<ExecOutput, ExecError> {
+    let program = check_spec(spec)?;
+    execute(spec, program, None, "check")
+}
+
+fn check_spec(spec: &ExecSpec) -> Result<Resource, ExecError> {
+    let program = Resource::command(&spec.program).map_err(|e| ExecError::Spec(e.to_string()))?;
+    if spec.args.len() > MAX_EXEC_ARGS {
+        return Err(ExecError::Spec(format!(
+            "more than {MAX_EXEC_ARGS} arguments"
+        )));
+    }
+    if let Some(arg) = spec.args.iter().find(|a| a.contains('\0')) {
+        return Err(ExecError::Spec(format!("argument {arg:?} contains NUL")));
+    }
+    if !spec.dir.is_dir() {
+        return Err(ExecError::Spec(format!(
+            "{} is not a directory",
+            spec.dir.display()
+        )));
+    }
+    Ok(program)
+}
+
+/// Output captured from one pipe: the bytes kept and how many were read in all.
+#[derive(Default)]
+struct Capture {
+    kept: Vec<u8>,
+    total: u64,
+}
+
+fn capture(
+    mut pipe: impl Read + Send + 'static,
+    limit: u64,
+) -> (Arc<Mutex<Capture>>, mpsc::Receiver<()>) {
+    let shared = Arc::new(Mutex::new(Capture::default()));
+    let (tx, rx) = mpsc::channel();
+    let out = shared.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match pipe.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            let mut c = out.lock().unwrap_or_else(|p| p.into_inner());
+            let room = limit.saturating_sub(c.kept.len() as u64) as usize;
+            let keep = room.min(n);
+            c.kept.extend_from_slice(&buf[..keep]);
+            c.total += n as u64;
+        }
+        let _ = tx.send(());
+    });
+    (shared, rx)
+}
+
+fn take(capture: &Mutex<Capture>, finished: bool, limit: u64) -> (Vec<u8>, bool) {
+    let c = capture.lock().unwrap_or_else(|p| p.into_inner());
+    (c.kept.clone(), !finished || c.total > limit)
+}
+
+fn kill_group(pid: Pid) {
+    // ESRCH (the group is already gone) is the expected case after a clean exit.
+    let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+}
+
+fn execute(
+    spec: &ExecSpec,
+    program: Resource,
+    auth: Option<&Authorization>,
+    origin: &'static str,
+) -> Result<ExecOutput, ExecError> {
+    let name = spec.program.clone();
+    let executable: PathBuf =
+        if spec.program.contains('/') && !Path::new(&spec.program).is_absolute() {
+            spec.dir.join(&spec.program)
+        } else {
+            PathBuf::from(&spec.program)
+        };
+    let mut command = Command::new(&executable);
+    command
+        .args(&spec.args)
+        .current_dir(&spec.dir)
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
+        )
+        .env("HOME", &spec.dir)
+        .env(
+            "LANG",
+            std::env::var_os("LANG").unwrap_or_else(|| "C.UTF-8".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let started = Instant::now();
+    let mut child = command.spawn().map_err(|source| ExecError::Spawn {
+        program: name.clone(),
+        source,
+    })?;
+    let pid = Pid::from_child(&child);
+    let limit = spec.max_output_bytes;
+    let (stdout, stdout_done) = match child.stdout.take() {
+        Some(pipe) => capture(pipe, limit),
+        None => return Err(wait_err(&name, "stdout was not captured")),
+    };
+    let (stderr, stderr_done) = match child.stderr.take() {
+        Some(pipe) => capture(pipe, limit),
+        None => return Err(wait_err(&name, "stderr was not captured")),
+    };
+
+    // Wait for the leader to exit without reaping it, so its pid (the group's id) cannot be
+    // reused before the group is killed.
+    let (exited_tx, exited_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let result = loop {
+            match rustix::process::waitid(
+                WaitId::Pid(pid),
+                WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
+            ) {
+                Err(rustix::io::Errno::INTR) => continue,
+                other => break other.map(|_| ()),
+            }
+        };
+        let _ = exited_tx.send(result);
+    });
+    let timed_out = match exited_rx.recv_timeout(spec.timeout) {
+        Ok(result) => {
+            result.map_err(|e| ExecError::Wait {
+                program: name.clone(),
+                source: e.into(),
+            })?;
+            false
+        }
+        Err(_) => true,
+    };
+    kill_group(pid);
+    let status = child.wait().map_err(|source| ExecError::Wait {
+        program: name.clone(),
+        source,
+    })?;
+    let wall_time = started.elapsed();
+    let deadline = Instant::now() + OUTPUT_GRACE;
+    let stdout_finished = stdout_done
+        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        .is_ok();
+    let stderr_finished = stderr_done
+        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        .is_ok();
+    let (stdout, stdout_truncated) = take(&stdout, stdout_finished, limit);
+    let (stderr, stderr_truncated) = take(&stderr, stderr_finished, limit);
+
+    let mut invocation = vec![spec.program.clone()];
+    invocation.extend(spec.args.iter().cloned());
+    let invocation = serde_json::to_vec(&invocation).unwrap_or_default();
+    let evidence = Evidence {
+        effect: auth.map_or(EffectClass::InternalWrite, Authorization::effect),
+        capability: "process.exec".into(),
+        target: program,
+        grant: auth.map(|a| a.grant().to_string()),
+        inputs: vec![Digested::of("command", &invocation)],
+        outputs: vec![
+            Digested::of("stdout", &stdout),
+            Digested::of("stderr", &stderr),
+        ],
+        detail: Detail::Exec {
+            program: spec.program.clone(),
+            args: spec.args.clone(),
+            origin,
+            exit_code: status.code(),
+            signal: status.signal(),
+            timed_out,
+            wall_time_ms: u64::try_from(wall_time.as_millis()).unwrap_or(u64::MAX),
+            stdout_truncated,
+            stderr_truncated,
+        },
+    };
+    Ok(ExecOutput {
+        exit_code: status.code(),
+        signal: status.signal(),
+        timed_out,
+        stdout,
+        stdout_truncated,
+        stderr,
+        stderr_truncated,
+        wall_time,
+        evidence,
+    })
+}
+
+fn wait_err(program: &str, problem: &str) -> ExecError {
+    ExecError::Wait {
+        program: program.to_string(),
+        source: std::io::Error::other(problem.to_string()),
+    }
+}

@@ -1,0 +1,151 @@
+//! Running commands: only the authorised program; in its directory with a cleared environment;
+//! killed (with its process group) on timeout; output bounded.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use ice_authority::{EffectClass, Resource};
+use ice_kernel::Digest;
+
+use crate::auth::testing::{authorize, read};
+use crate::exec::{ExecError, ExecSpec, run, run_check};
+use crate::{Authorization, Detail};
+
+fn spec(dir: &std::path::Path, program: &str, args: &[&str]) -> ExecSpec {
+    ExecSpec {
+        program: program.into(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        dir: dir.to_path_buf(),
+        timeout: Duration::from_secs(20),
+        max_output_bytes: 64 * 1024,
+    }
+}
+
+fn exec_auth(program: &str) -> Authorization {
+    authorize(
+        "process.exec",
+        Resource::command(program).unwrap(),
+        EffectClass::InternalWrite,
+    )
+}
+
+#[test]
+fn runs_the_authorised_program_in_its_directory_with_a_cleared_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(&exec_auth("env"), &spec(dir.path(), "env", &[])).unwrap();
+    assert!(out.success());
+    let text = String::from_utf8(out.stdout.clone()).unwrap();
+    let keys: BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .collect();
+    assert_eq!(keys, BTreeSet::from(["HOME", "LANG", "PATH"]));
+    assert!(text.contains(&format!("HOME={}\n", dir.path().display())));
+
+    let out = run(&exec_auth("pwd"), &spec(dir.path(), "pwd", &[])).unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim_end(),
+        dir.path().canonicalize().unwrap().display().to_string()
+    );
+    let json = out.evidence.to_json();
+    assert_eq!(json["exec"]["origin"], "agent");
+    assert_eq!(json["exec"]["exit_code"], 0);
+    assert_eq!(json["target"]["id"], "pwd");
+    assert!(json["grant"].is_string());
+}
+
+#[test]
+fn another_program_or_capability_is_refused_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let touch = spec(dir.path(), "touch", &[marker.to_str().unwrap()]);
+    for auth in [exec_auth("sh"), exec_auth("/usr/bin/touch"), read("touch")] {
+        assert!(matches!(run(&auth, &touch), Err(ExecError::Refused(_))));
+    }
+    assert!(!marker.exists());
+    run(&exec_auth("touch"), &touch).unwrap();
+    assert!(marker.exists());
+}
+
+#[test]
+fn exit_codes_and_a_relative_program_in_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(
+        &exec_auth("sh"),
+        &spec(dir.path(), "sh", &["-c", "echo oops >&2; exit 3"]),
+    )
+    .unwrap();
+    assert_eq!(out.exit_code, Some(3));
+    assert!(!out.success());
+    assert_eq!(out.stderr, b"oops\n");
+    assert_eq!(out.evidence.outputs[1].digest, Digest::of(b"oops\n"));
+
+    let script = dir.path().join("check.sh");
+    std::fs::write(&script, "#!/bin/sh\necho checked \"$1\"\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = run(
+        &exec_auth("./check.sh"),
+        &spec(dir.path(), "./check.sh", &["x"]),
+    )
+    .unwrap();
+    assert_eq!(out.stdout, b"checked x\n");
+}
+
+#[test]
+fn a_command_that_runs_too_long_is_killed_with_its_children() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut slow = spec(dir.path(), "sh", &["-c", "sleep 30 & sleep 30; echo never"]);
+    slow.timeout = Duration::from_millis(300);
+    let started = Instant::now();
+    let out = run_check(&slow).unwrap();
+    assert!(out.timed_out);
+    assert_eq!(out.signal, Some(9));
+    assert!(!out.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the background sleep did not hold the output open: {:?}",
+        started.elapsed()
+    );
+    assert!(out.stdout.is_empty());
+    match &out.evidence.detail {
+        Detail::Exec {
+            timed_out, origin, ..
+        } => assert!(*timed_out && *origin == "check"),
+        other => panic!("{other:?}"),
+    }
+    assert!(out.evidence.grant.is_none());
+}
+
+#[test]
+fn output_is_bounded_without_blocking_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut loud = spec(dir.path(), "head", &["-c", "1000000", "/dev/zero"]);
+    loud.max_output_bytes = 1000;
+    let out = run_check(&loud).unwrap();
+    assert!(out.success(), "{out:?}");
+    assert_eq!(out.stdout.len(), 1000);
+    assert!(out.stdout_truncated);
+    assert!(!out.stderr_truncated);
+}
+
+#[test]
+fn commands_the_adapter_does_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        run_check(&spec(dir.path(), "", &[])),
+        Err(ExecError::Spec(_))
+    ));
+    assert!(matches!(
+        run_check(&spec(&dir.path().join("missing"), "true", &[])),
+        Err(ExecError::Spec(_))
+    ));
+    assert!(matches!(
+        run_check(&spec(dir.path(), "echo", &["a\0b"])),
+        Err(ExecError::Spec(_))
+    ));
+    assert!(matches!(
+        run_check(&spec(dir.path(), "no-such-program-ice", &[])),
+        Err(ExecError::Spawn { .. })
+    ));
+}
