@@ -523,3 +523,30 @@ fn a_stage_directory_inside_the_workspace_is_refused() {
         Err(StageError::Layout { .. })
     ));
 }
+
+#[test]
+fn materialize_refuses_a_hard_link_and_skips_special_files() {
+    let (s, stage) = setup();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        s.ws.join("fifo"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    let made = stage.materialize(s.base.join("copy1")).unwrap();
+    assert_eq!(made.skipped, ["fifo"]);
+    assert!(!s.base.join("copy1/fifo").exists());
+
+    std::fs::hard_link(s.outside.join("secret.txt"), s.ws.join("src/hl")).unwrap();
+    let err = stage.materialize(s.base.join("copy2")).unwrap_err();
+    assert!(matches!(
+        stage_err_fs(err),
+        FsError::Confinement(ConfinementError {
+            problem: Confinement::HardLink { links: 2 },
+            ..
+        })
+    ));
+    assert!(!s.base.join("copy2/src/hl").exists());
+}
