@@ -1,0 +1,554 @@
+//! The runtime's side of acting: resolving an agent's target, estimating what a call will
+//! cost, and calling the effects layer with the authorization the grant check produced.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ice_authority::payload::DenialCode;
+use ice_authority::{Authorization, EffectClass, Registry, Resource, ResourceKind};
+use ice_effects::{Stage, StageError};
+use ice_kernel::{CapabilityProposal, Cost, Digest, EventType};
+use serde_json::{Map, Value, json};
+
+use crate::RuntimeError;
+use crate::spec::Check;
+
+/// Most bytes one `fs.read` returns.
+pub const MAX_READ_BYTES: u64 = 1 << 20;
+/// Most response bytes one `http.request` keeps.
+pub const MAX_HTTP_BYTES: u64 = 1 << 20;
+/// Most bytes of an output shown to the agent as text.
+pub const MAX_SHOWN_BYTES: usize = 64 << 10;
+/// Time limit of one HTTP request.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most bytes of a check's output kept in its event.
+pub const MAX_CHECK_OUTPUT: usize = 4 << 10;
+
+/// A checked target.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// A workspace file.
+    Path(String),
+    /// A workspace directory.
+    Dir(String),
+    /// A URL whose host is the resource.
+    Http(String),
+    /// A program.
+    Command(String),
+    /// A tool on a tool server.
+    Tool,
+}
+
+/// What an effect produced.
+pub struct Performed {
+    pub event_type: EventType,
+    pub payload: Map<String, Value>,
+    pub output: Value,
+    pub actual: Cost,
+}
+
+/// Resolve the agent's target for its capability into a checked resource.
+pub fn resolve_target(
+    registry: &Registry,
+    r: &CapabilityProposal,
+) -> Result<(Resource, EffectClass, Target), (DenialCode, String)> {
+    let Some(cap) = registry.get(&r.capability) else {
+        return Err((
+            DenialCode::UnknownCapability,
+            format!("no capability type {:?} is registered", r.capability),
+        ));
+    };
+    if !r.arguments.is_object() {
+        return Err((
+            DenialCode::InvalidTarget,
+            "the arguments must be a JSON object".into(),
+        ));
+    }
+    let escape = |t: &str| t.starts_with('/') || t.split('/').any(|s| s == "..");
+    let (resource, target) = match cap.resource() {
+        ResourceKind::Path | ResourceKind::Dir => {
+            if escape(&r.target) {
+                return Err((
+                    DenialCode::Confinement,
+                    format!(
+                        "{:?} leaves the workspace (absolute paths and .. segments are refused)",
+                        r.target
+                    ),
+                ));
+            }
+            if cap.resource() == ResourceKind::Path {
+                let res = Resource::path(&r.target)
+                    .map_err(|e| (DenialCode::InvalidTarget, e.to_string()))?;
+                (res, Target::Path(r.target.clone()))
+            } else {
+                let res = Resource::dir(&r.target)
+                    .map_err(|e| (DenialCode::InvalidTarget, e.to_string()))?;
+                (res, Target::Dir(r.target.clone()))
+            }
+        }
+        ResourceKind::Host => {
+            let t = ice_effects::http::parse_target(&r.target)
+                .map_err(|e| (DenialCode::InvalidTarget, e.to_string()))?;
+            (t.host().clone(), Target::Http(r.target.clone()))
+        }
+        ResourceKind::Command => {
+            let res = Resource::command(&r.target)
+                .map_err(|e| (DenialCode::InvalidTarget, e.to_string()))?;
+            (res, Target::Command(r.target.clone()))
+        }
+        ResourceKind::Tool => {
+            let (server, tool) = r.target.split_once('/').ok_or((
+                DenialCode::InvalidTarget,
+                "give the tool as server/tool".to_string(),
+            ))?;
+            let res = Resource::tool(server, tool)
+                .map_err(|e| (DenialCode::InvalidTarget, e.to_string()))?;
+            (res, Target::Tool)
+        }
+    };
+    let effect = registry.classify(&r.capability, &r.arguments, None);
+    Ok((resource, effect, target))
+}
+
+/// The arguments Cedar sees: bounded facts about the call, never file contents.
+pub fn policy_arguments(capability: &str, arguments: &Value, target: &Target) -> Value {
+    match capability {
+        "fs.write" => json!({"bytes": content_of(arguments).len() as i64}),
+        "fs.read" | "fs.list" | "fs.delete" => json!({}),
+        "http.request" => {
+            let method = arguments
+                .get("method")
+                .and_then(Value::as_str)
+                .unwrap_or("GET")
+                .to_ascii_uppercase();
+            let url = match target {
+                Target::Http(u) => u.clone(),
+                _ => String::new(),
+            };
+            json!({"method": method, "url": url})
+        }
+        "process.exec" => json!({"args": args_of(arguments)}),
+        _ => arguments.clone(),
+    }
+}
+
+fn content_of(arguments: &Value) -> &str {
+    arguments
+        .get("content")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+}
+
+fn args_of(arguments: &Value) -> Vec<String> {
+    arguments
+        .get("args")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What a call reserves: one tool call, and the most bytes it can move (bounded by what the
+/// budget has left, so reads never spend past it).
+pub fn estimate(
+    _stage: &Staging,
+    capability: &str,
+    _target: &Target,
+    arguments: &Value,
+    left: &ice_authority::BudgetLeft,
+) -> Cost {
+    let cap_bytes = |max: u64| match left.bytes {
+        Some(0) => 1, // nothing left: a reservation of one byte will not fit
+        Some(l) => max.min(l),
+        None => max,
+    };
+    let bytes = match capability {
+        "fs.read" => cap_bytes(MAX_READ_BYTES),
+        "fs.write" => content_of(arguments).len() as u64,
+        "http.request" => {
+            let body = arguments
+                .get("body")
+                .and_then(Value::as_str)
+                .map_or(0, |b| b.len() as u64);
+            body + cap_bytes(MAX_HTTP_BYTES)
+        }
+        "process.exec" => cap_bytes(2 * MAX_CHECK_OUTPUT as u64),
+        _ => 0,
+    };
+    Cost {
+        tool_calls: 1,
+        bytes,
+        ..Cost::default()
+    }
+}
+
+/// The run's stage (absent once committed or discarded).
+pub struct Staging {
+    pub(crate) stage: Option<Stage>,
+    pub(crate) dir: PathBuf,
+}
+
+impl Staging {
+    pub(crate) fn discard(&mut self) {
+        if let Some(s) = self.stage.take() {
+            let _ = s.discard();
+        }
+    }
+
+    pub(crate) fn remove_store(&mut self) {
+        self.stage = None;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    fn get(&mut self) -> Result<&mut Stage, (DenialCode, String)> {
+        self.stage.as_mut().ok_or((
+            DenialCode::EffectFailed,
+            "the run's stage is closed".to_string(),
+        ))
+    }
+}
+
+fn fs_refusal(e: StageError) -> (DenialCode, String) {
+    let confinement = matches!(&e, StageError::Fs(f) if f.is_confinement());
+    let code = if confinement {
+        DenialCode::Confinement
+    } else {
+        DenialCode::EffectFailed
+    };
+    (code, e.to_string())
+}
+
+fn text(bytes: &[u8]) -> String {
+    let shown = &bytes[..bytes.len().min(MAX_SHOWN_BYTES)];
+    String::from_utf8_lossy(shown).into_owned()
+}
+
+/// A filesystem effect, on the stage.
+pub fn perform_fs(
+    staging: &mut Staging,
+    auth: &Authorization,
+    target: &Target,
+    arguments: &Value,
+    reserved: &Cost,
+) -> Result<Performed, (DenialCode, String)> {
+    let stage = staging.get()?;
+    match (auth.capability(), target) {
+        ("fs.read", Target::Path(p)) => {
+            let read = stage.read(auth, p, reserved.bytes).map_err(fs_refusal)?;
+            let n = read.content.len() as u64;
+            Ok(Performed {
+                event_type: EventType::FileRead,
+                payload: obj(json!({
+                    "path": p,
+                    "bytes": n,
+                    "size": read.size,
+                    "truncated": read.truncated,
+                    "digest": Digest::of(&read.content).to_hex(),
+                    "evidence": read.evidence.to_json(),
+                })),
+                output: json!({"content": text(&read.content), "bytes": n, "truncated": read.truncated}),
+                actual: Cost {
+                    bytes: n,
+                    ..Cost::default()
+                },
+            })
+        }
+        ("fs.list", Target::Dir(d)) => {
+            let listing = stage.list(auth, d).map_err(fs_refusal)?;
+            let entries: Vec<Value> = listing
+                .entries
+                .iter()
+                .map(|e| json!({"name": e.name, "kind": e.kind.as_str(), "size": e.size}))
+                .collect();
+            Ok(Performed {
+                event_type: EventType::FileRead,
+                payload: obj(json!({
+                    "dir": d,
+                    "entries": entries.len(),
+                    "digest": listing.digest().to_hex(),
+                    "evidence": listing.evidence(Some(&auth.grant().to_string())).to_json(),
+                })),
+                output: json!({"entries": entries}),
+                actual: Cost::default(),
+            })
+        }
+        ("fs.write", Target::Path(p)) => {
+            let content = content_of(arguments).as_bytes();
+            let staged = stage.write(auth, p, content).map_err(fs_refusal)?;
+            Ok(staged_performed(p, staged, content.len() as u64))
+        }
+        ("fs.delete", Target::Path(p)) => {
+            let staged = stage.delete(auth, p).map_err(fs_refusal)?;
+            Ok(staged_performed(p, staged, 0))
+        }
+        (cap, _) => Err((
+            DenialCode::EffectFailed,
+            format!("{cap} is not a filesystem capability"),
+        )),
+    }
+}
+
+fn staged_performed(path: &str, staged: ice_effects::StagedEffect, bytes: u64) -> Performed {
+    let after = match &staged.op {
+        ice_effects::StagedOp::Write { digest, .. } => Some(*digest),
+        ice_effects::StagedOp::Delete { .. } => None,
+    };
+    Performed {
+        event_type: EventType::EffectStaged,
+        payload: obj(json!({
+            "path": path,
+            "staged": staged.op.to_json(),
+            "after": after.map(|d| d.to_hex()),
+            "bytes": bytes,
+            "evidence": staged.evidence.to_json(),
+        })),
+        output: json!({"staged": path, "digest": after.map(|d| d.to_hex())}),
+        actual: Cost {
+            bytes,
+            ..Cost::default()
+        },
+    }
+}
+
+/// A network or process effect.
+pub async fn perform_remote(
+    auth: &Authorization,
+    target: &Target,
+    arguments: &Value,
+    reserved: &Cost,
+) -> Result<Performed, (DenialCode, String)> {
+    match (auth.capability(), target) {
+        ("http.request", Target::Http(url)) => {
+            let method = arguments
+                .get("method")
+                .and_then(Value::as_str)
+                .unwrap_or("GET")
+                .to_ascii_uppercase();
+            let body = arguments
+                .get("body")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .as_bytes()
+                .to_vec();
+            let limit = reserved.bytes.saturating_sub(body.len() as u64);
+            let client = ice_effects::http::HttpClient::new(ice_effects::http::HttpLimits {
+                timeout: HTTP_TIMEOUT,
+                max_response_bytes: limit,
+            });
+            let request = ice_effects::http::HttpRequest {
+                method: method.clone(),
+                url: url.clone(),
+                headers: Vec::new(),
+                body: body.clone(),
+            };
+            let auth = auth.clone();
+            let response = tokio::task::spawn_blocking(move || client.request(&auth, &request))
+                .await
+                .map_err(|e| {
+                    (
+                        DenialCode::EffectFailed,
+                        format!("the HTTP call failed: {e}"),
+                    )
+                })?
+                .map_err(|e| {
+                    let code = match &e {
+                        ice_effects::http::HttpError::Url(_) => DenialCode::InvalidTarget,
+                        ice_effects::http::HttpError::Refused(_) => DenialCode::Confinement,
+                        _ => DenialCode::EffectFailed,
+                    };
+                    (code, e.to_string())
+                })?;
+            let n = response.body.len() as u64 + body.len() as u64;
+            Ok(Performed {
+                event_type: EventType::APIRequestExecuted,
+                payload: obj(json!({
+                    "method": method,
+                    "url": url,
+                    "status": response.status,
+                    "bytes": response.body.len(),
+                    "truncated": response.body_truncated,
+                    "evidence": response.evidence.to_json(),
+                })),
+                output: json!({"status": response.status, "body": text(&response.body), "truncated": response.body_truncated}),
+                actual: Cost {
+                    bytes: n.min(reserved.bytes),
+                    ..Cost::default()
+                },
+            })
+        }
+        (cap, _) => Err((
+            DenialCode::EffectFailed,
+            format!(
+                "{cap} cannot be carried out by this runtime yet (no adapter is configured for it)"
+            ),
+        )),
+    }
+}
+
+/// A copy of the workspace with the staged writes applied, for a command to run in.
+pub fn prepare_exec(staging: &Staging) -> Result<tempfile::TempDir, (DenialCode, String)> {
+    let Some(stage) = staging.stage.as_ref() else {
+        return Err((DenialCode::EffectFailed, "the run's stage is closed".into()));
+    };
+    let copy = tempfile::Builder::new()
+        .prefix("ice-exec-")
+        .tempdir()
+        .map_err(|e| (DenialCode::EffectFailed, format!("temp dir: {e}")))?;
+    stage
+        .materialize(copy.path().join("workspace"))
+        .map_err(fs_refusal)?;
+    Ok(copy)
+}
+
+/// `process.exec`: run the authorised program in a throw-away copy of the staged workspace
+/// (what it changes there is discarded with the copy).
+pub async fn perform_exec(
+    auth: &Authorization,
+    program: &str,
+    arguments: &Value,
+    copy: tempfile::TempDir,
+) -> Result<Performed, (DenialCode, String)> {
+    let timeout = arguments
+        .get("timeout_ms")
+        .and_then(Value::as_u64)
+        .unwrap_or(60_000)
+        .min(600_000);
+    let spec = ice_effects::exec::ExecSpec {
+        program: program.to_string(),
+        args: args_of(arguments),
+        dir: copy.path().join("workspace"),
+        timeout: Duration::from_millis(timeout),
+        max_output_bytes: MAX_CHECK_OUTPUT as u64,
+    };
+    let auth = auth.clone();
+    let o = tokio::task::spawn_blocking(move || {
+        let r = ice_effects::exec::run(&auth, &spec);
+        drop(copy);
+        r
+    })
+    .await
+    .map_err(|e| {
+        (
+            DenialCode::EffectFailed,
+            format!("the command could not run: {e}"),
+        )
+    })?
+    .map_err(|e| (DenialCode::EffectFailed, e.to_string()))?;
+    let n = (o.stdout.len() + o.stderr.len()) as u64;
+    Ok(Performed {
+        event_type: EventType::ToolInvoked,
+        payload: obj(json!({
+            "program": program,
+            "args": args_of(arguments),
+            "exit": o.exit_code,
+            "timed_out": o.timed_out,
+            "evidence": o.evidence.to_json(),
+        })),
+        output: json!({"exit": o.exit_code, "timed_out": o.timed_out,
+                       "stdout": text(&o.stdout), "stderr": text(&o.stderr)}),
+        actual: Cost {
+            bytes: n,
+            ..Cost::default()
+        },
+    })
+}
+
+fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+/// A workspace file's digest as the world sees it (not the staged view), for assumptions.
+pub fn workspace_digest(workspace: &Path, path: &str) -> Option<Digest> {
+    std::fs::read(workspace.join(path))
+        .ok()
+        .map(|b| Digest::of(&b))
+}
+
+/// Run the declared checks on a copy of the workspace with the staged writes applied.
+pub async fn run_checks(staging: &Staging, checks: &[Check]) -> Vec<Result<Value, String>> {
+    let Some(stage) = staging.stage.as_ref() else {
+        return checks
+            .iter()
+            .map(|_| Err("the run's stage is closed".to_string()))
+            .collect();
+    };
+    let copy = match tempfile::Builder::new().prefix("ice-check-").tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            return checks
+                .iter()
+                .map(|_| Err(format!("temp dir: {e}")))
+                .collect();
+        }
+    };
+    let dest = copy.path().join("workspace");
+    if let Err(e) = stage.materialize(&dest) {
+        return checks
+            .iter()
+            .map(|_| Err(format!("materializing the staged workspace: {e}")))
+            .collect();
+    }
+    let mut out = Vec::new();
+    for c in checks {
+        let spec = ice_effects::exec::ExecSpec {
+            program: c.run[0].clone(),
+            args: c.run[1..].to_vec(),
+            dir: dest.clone(),
+            timeout: Duration::from_millis(c.timeout_ms),
+            max_output_bytes: MAX_CHECK_OUTPUT as u64,
+        };
+        let res = tokio::task::spawn_blocking(move || ice_effects::exec::run_check(&spec))
+            .await
+            .map_err(|e| format!("the check could not run: {e}"))
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        out.push(match res {
+            Ok(o) => Ok(json!({
+                "check": c.name,
+                "passed": o.success(),
+                "exit": o.exit_code,
+                "timed_out": o.timed_out,
+                "stdout": text(&o.stdout),
+                "stderr": text(&o.stderr),
+                "evidence": o.evidence.to_json(),
+            })),
+            Err(e) => Err(e),
+        });
+    }
+    out
+}
+
+/// Apply the staged writes to the workspace (crash-safe: the journal is the commit point).
+pub fn commit(staging: &mut Staging) -> Result<Vec<ice_effects::Change>, RuntimeError> {
+    let Some(stage) = staging.stage.take() else {
+        return Err(RuntimeError::Io("the run's stage is closed".into()));
+    };
+    // Crash tests only: ICE_TEST_PAUSE_IN_COMMIT=N stops the commit after N applied changes
+    // (0: before the journal is written) so the test can kill the process there.
+    let pause: Option<usize> = std::env::var("ICE_TEST_PAUSE_IN_COMMIT")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let mut hook = |p: ice_effects::CommitPoint<'_>| {
+        let at = match p {
+            ice_effects::CommitPoint::Prepared { .. } => Some(0),
+            ice_effects::CommitPoint::Applied { index, .. } => Some(index + 1),
+            ice_effects::CommitPoint::JournalDurable => None,
+        };
+        if pause.is_some() && at == pause {
+            eprintln!(
+                "ICE_TEST: paused in commit after {} change(s)",
+                at.unwrap_or(0)
+            );
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    };
+    let report = stage
+        .commit_with_hook(&mut hook)
+        .map_err(|e| RuntimeError::Io(format!("commit: {e}")))?;
+    Ok(report.changes)
+}

@@ -1,0 +1,283 @@
+//! A run's state as a fold of its events: lifecycle, grants, approvals, budget ledger, staged
+//! writes, and what the runtime needs to continue it. The live run and a replay from the
+//! log use this same fold, so they cannot disagree.
+
+use std::collections::BTreeMap;
+
+use ice_authority::{ApprovalBook, BudgetLedger, BudgetLimits, GrantBook, PolicyVersion};
+use ice_kernel::{Digest, Event, EventId, EventType, RunHead, RunId, RunState, Timestamp};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::spec::{Assumption, BudgetSpec, RunSpec};
+
+/// One staged write, as recorded by its `EffectStaged` event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedOp {
+    /// Workspace path.
+    pub path: String,
+    /// The new content's digest; `None` for a delete.
+    pub after: Option<Digest>,
+    /// The op as the effects layer records it (to rebuild the stage after a restart).
+    pub op: ice_effects::StagedOp,
+    /// The `EffectStaged` event.
+    pub event: EventId,
+    /// The grant it was staged under.
+    pub grant: String,
+    /// The intent it was staged with.
+    pub intent: String,
+}
+
+/// Everything the runtime knows about a run, folded from its events.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Books {
+    /// The validator's view (state, next position).
+    pub head: RunHead,
+    /// Grants.
+    pub grants: GrantBook,
+    /// Approvals.
+    pub approvals: ApprovalBook,
+    /// The budget ledger.
+    pub budget: BudgetLedger,
+    /// The spec the run was provisioned with (from `RunProvisioned`).
+    pub spec: Option<RunSpec>,
+    /// Assumptions with the digests they must keep (from `ContextResolved`, renewed by a
+    /// reconfiguration).
+    pub assumptions: Vec<Assumption>,
+    /// The policy version bound at context time or by the last reconfiguration / revocation.
+    pub policy_version: Option<PolicyVersion>,
+    /// Agent proposals recorded so far.
+    pub proposals: u64,
+    /// Staged ops in order.
+    pub staged: Vec<StagedOp>,
+    /// `RunKillRequested`: by whom and why.
+    pub kill: Option<(String, String)>,
+    /// The latest `RunSuspended` payload.
+    pub suspension: Option<Value>,
+    /// The latest `ReconfigurationRecorded` since the suspension.
+    pub reconfiguration: Option<(EventId, Value)>,
+    /// When the execution window opened.
+    pub window_opened: Option<Timestamp>,
+    /// Effects applied at commit.
+    pub applied: u64,
+    /// Denials.
+    pub denials: u64,
+    /// Number of reservations made (for the next id).
+    pub reservations: u64,
+}
+
+/// Why an event could not be folded.
+#[derive(Debug, thiserror::Error)]
+#[error("event {event}: {problem}")]
+pub struct FoldError {
+    /// The event.
+    pub event: EventId,
+    /// What is wrong.
+    pub problem: String,
+}
+
+pub(crate) fn limits_of(b: &BudgetSpec) -> BudgetLimits {
+    BudgetLimits {
+        wall_time_us: None,
+        tokens_in: b.tokens_in,
+        tokens_out: b.tokens_out,
+        tool_calls: b.tool_calls,
+        bytes: b.bytes,
+        credits_micro: b.credits_micro,
+        risk: b.risk,
+    }
+}
+
+impl Books {
+    /// Empty books for a run.
+    pub fn new(run: RunId) -> Books {
+        Books {
+            head: RunHead::new(run.clone()),
+            grants: GrantBook::new(run.clone()),
+            approvals: ApprovalBook::new(run.clone()),
+            budget: BudgetLedger::new(run, BudgetLimits::unlimited()),
+            spec: None,
+            assumptions: Vec::new(),
+            policy_version: None,
+            proposals: 0,
+            staged: Vec::new(),
+            kill: None,
+            suspension: None,
+            reconfiguration: None,
+            window_opened: None,
+            applied: 0,
+            denials: 0,
+            reservations: 0,
+        }
+    }
+
+    /// The run.
+    pub fn run(&self) -> &RunId {
+        &self.head.run_id
+    }
+
+    /// The run's state.
+    pub fn state(&self) -> RunState {
+        self.head.state()
+    }
+
+    /// The position the next event will take.
+    pub fn next_seq(&self) -> u64 {
+        self.head.next_seq
+    }
+
+    /// Fold one event (of this run, in order).
+    pub fn apply(&mut self, e: &Event) -> Result<(), FoldError> {
+        let fail = |problem: String| FoldError {
+            event: e.id(),
+            problem,
+        };
+        self.head.apply(e).map_err(|err| fail(err.to_string()))?;
+        self.grants.apply(e).map_err(|err| fail(err.to_string()))?;
+        self.approvals
+            .apply(e)
+            .map_err(|err| fail(err.to_string()))?;
+        let Some(t) = EventType::from_name(&e.event_type) else {
+            return Ok(());
+        };
+        match t {
+            EventType::RunProvisioned => {
+                let spec: RunSpec =
+                    serde_json::from_value(e.payload.get("spec").cloned().unwrap_or(Value::Null))
+                        .map_err(|err| fail(format!("RunProvisioned spec: {err}")))?;
+                self.budget = BudgetLedger::new(self.run().clone(), limits_of(&spec.budget));
+                self.spec = Some(spec);
+            }
+            EventType::ContextResolved => {
+                self.assumptions = serde_json::from_value(
+                    e.payload.get("assumptions").cloned().unwrap_or(Value::Null),
+                )
+                .map_err(|err| fail(format!("ContextResolved assumptions: {err}")))?;
+                self.policy_version = policy_version(e.payload.get("policy_version"))
+                    .map_err(|err| fail(format!("ContextResolved policy_version: {err}")))?;
+            }
+            EventType::ExecutionWindowOpened => self.window_opened = Some(e.at),
+            EventType::InferenceStep
+            | EventType::DecisionProposed
+            | EventType::HypothesisGenerated
+            | EventType::UncertaintyDeclared
+            | EventType::PlanStepProposed
+            | EventType::AssumptionDeclared
+            | EventType::CapabilityRequested => self.proposals += 1,
+            EventType::CapabilityDenied => self.denials += 1,
+            EventType::BudgetReserved => {
+                self.budget.apply(e).map_err(|err| fail(err.to_string()))?;
+                self.reservations += 1;
+            }
+            EventType::BudgetSettled => {
+                self.budget.apply(e).map_err(|err| fail(err.to_string()))?;
+            }
+            EventType::CapabilityRevoked => {
+                if let Ok(v) = policy_version(e.payload.get("policy_version"))
+                    && v.is_some()
+                {
+                    self.policy_version = v;
+                }
+            }
+            EventType::EffectStaged => {
+                let op: StagedPayload = serde_json::from_value(Value::Object(e.payload.clone()))
+                    .map_err(|err| fail(format!("EffectStaged: {err}")))?;
+                let staged = ice_effects::StagedOp::from_json(&op.staged)
+                    .map_err(|err| fail(format!("EffectStaged op: {err}")))?;
+                self.staged.push(StagedOp {
+                    path: op.path,
+                    after: op.after,
+                    op: staged,
+                    event: e.id(),
+                    grant: e.authority.clone().unwrap_or_default(),
+                    intent: e.intent.clone().unwrap_or_default(),
+                });
+            }
+            EventType::EffectApplied => self.applied += 1,
+            EventType::RunKillRequested => {
+                let reason = e
+                    .payload
+                    .get("reason")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                self.kill = Some((e.origin.to_string(), reason));
+            }
+            EventType::RunSuspended => {
+                self.suspension = Some(Value::Object(e.payload.clone()));
+                self.reconfiguration = None;
+            }
+            EventType::ReconfigurationRecorded => {
+                let p = Value::Object(e.payload.clone());
+                if let Some(new) = p.get("new") {
+                    if let Some(b) = new.get("budget") {
+                        let spec: BudgetSpec = serde_json::from_value(b.clone())
+                            .map_err(|err| fail(format!("reconfiguration budget: {err}")))?;
+                        self.budget.set_limits(limits_of(&spec));
+                        if let Some(s) = self.spec.as_mut() {
+                            s.budget = spec;
+                        }
+                    }
+                    if let Some(a) = new.get("assumptions") {
+                        self.assumptions = serde_json::from_value(a.clone())
+                            .map_err(|err| fail(format!("reconfiguration assumptions: {err}")))?;
+                    }
+                    if let Some(v) = new.get("policy_version") {
+                        self.policy_version = policy_version(Some(v))
+                            .map_err(|err| fail(format!("reconfiguration policy: {err}")))?;
+                    }
+                }
+                self.reconfiguration = Some((e.id(), p));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Fold a whole run.
+    pub fn fold<'a>(
+        run: RunId,
+        events: impl IntoIterator<Item = &'a Event>,
+    ) -> Result<Books, FoldError> {
+        let mut b = Books::new(run);
+        for e in events {
+            b.apply(e)?;
+        }
+        Ok(b)
+    }
+
+    /// The staged view: each path's last op.
+    pub fn staged_view(&self) -> BTreeMap<String, &StagedOp> {
+        let mut m = BTreeMap::new();
+        for op in &self.staged {
+            m.insert(op.path.clone(), op);
+        }
+        m
+    }
+}
+
+fn policy_version(v: Option<&Value>) -> Result<Option<PolicyVersion>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => PolicyVersion::from_hex(s).map(Some),
+        Some(other) => Err(format!("expected a hex string, got {other}")),
+    }
+}
+
+/// The payload of `EffectStaged`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StagedPayload {
+    /// Workspace path.
+    pub path: String,
+    /// The effects layer's op.
+    pub staged: Value,
+    /// Digest after (absent: deleted).
+    #[serde(default)]
+    pub after: Option<Digest>,
+    /// Bytes written.
+    #[serde(default)]
+    pub bytes: u64,
+    /// Evidence from the effects layer.
+    #[serde(default)]
+    pub evidence: Value,
+}

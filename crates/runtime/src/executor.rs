@@ -1,0 +1,1291 @@
+//! The run executor: every phase of the lifecycle, the governed call, validation, commit,
+//! abort, suspension and teardown.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ice_authority::payload::{
+    ApprovalRequestedPayload, BudgetReservedPayload, BudgetSettledPayload, CapabilityDeniedPayload,
+    CapabilityExpiredPayload, CapabilityGrantedPayload, CapabilityRevokedPayload,
+    CapabilityUsedPayload, DenialCode,
+};
+use ice_authority::{
+    ApprovalStatus, BudgetLimits, DecisionKind, PolicySet, Request, Resource, ResourceKind,
+    approval::request_digest,
+};
+use ice_kernel::{
+    Agent, AgentView, CapabilityProposal, Cost, Digest, Draft, Event, EventId, EventType, Origin,
+    Outcome, Proposal, RunId, RunState, Timestamp,
+};
+use ice_log::LogError;
+use ice_log::ledger::AppendError;
+use serde_json::{Map, Value, json};
+use tokio::sync::Mutex;
+
+use crate::act;
+use crate::books::Books;
+use crate::lock::RunLock;
+use crate::spec::{Assumption, OnExhaustion, RunSpec};
+use crate::{Observer, Runtime, RuntimeError};
+
+/// How a run ended (or stopped) in this process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// Validation passed and the staged writes were applied.
+    Committed,
+    /// The run was aborted; nothing staged reached the workspace.
+    Aborted {
+        /// Why.
+        reason: String,
+    },
+    /// The run is suspended, waiting for an operator's reconfiguration.
+    Suspended {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What a run did, for the final summary.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    /// The run.
+    pub run: RunId,
+    /// How it ended.
+    pub outcome: RunOutcome,
+    /// Its state now.
+    pub state: RunState,
+    /// Events recorded in all.
+    pub events: u64,
+    /// Effects applied to the workspace at commit.
+    pub applied: u64,
+    /// Writes staged (each path's last op).
+    pub staged: usize,
+    /// Denials: (the `CapabilityDenied` event, reason code, detail).
+    pub denials: Vec<(EventId, String, String)>,
+    /// Spent against the budget.
+    pub spent: Cost,
+    /// The budget's limits.
+    pub limits: BudgetLimits,
+    /// The books as this process kept them live (a replay from the log must equal them).
+    pub books: Books,
+}
+
+/// Stamp of a policy directory's files, to notice edits cheaply.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub(crate) struct PolicyStamp(Vec<(String, u64, i128)>);
+
+impl PolicyStamp {
+    pub(crate) fn of(dir: &std::path::Path) -> PolicyStamp {
+        let mut v = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !name.ends_with(".cedar") {
+                    continue;
+                }
+                if let Ok(m) = e.metadata() {
+                    let mtime = m
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_nanos() as i128);
+                    v.push((name, m.len(), mtime));
+                }
+            }
+        }
+        v.sort();
+        PolicyStamp(v)
+    }
+}
+
+/// A run being driven by this process.
+pub(crate) struct Live {
+    pub(crate) books: Books,
+    pub(crate) spec: RunSpec,
+    pub(crate) policy: Arc<PolicySet>,
+    pub(crate) policy_dir: PathBuf,
+    pub(crate) policy_stamp: PolicyStamp,
+    pub(crate) stage: act::Staging,
+    pub(crate) last: Option<Outcome>,
+    pub(crate) window_started: Instant,
+}
+
+pub(crate) struct Ctx<'a> {
+    pub(crate) rt: &'a Runtime,
+    pub(crate) run: RunId,
+    pub(crate) observer: &'a dyn Observer,
+    pub(crate) live: Mutex<Live>,
+    pub(crate) _lock: RunLock,
+}
+
+/// What a governed call left behind.
+pub(crate) struct CallEnd {
+    pub(crate) outcome: Outcome,
+    pub(crate) exhausted: Option<String>,
+}
+
+fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+fn rt_draft(t: EventType, payload: Value) -> Draft {
+    Draft::new(t.name(), Origin::Runtime).payload(payload)
+}
+
+impl Ctx<'_> {
+    fn eid(&self, seq: u64) -> EventId {
+        EventId::new(self.run.clone(), seq)
+    }
+
+    pub(crate) fn now(&self) -> Timestamp {
+        self.rt.clock.now()
+    }
+
+    /// Append drafts built for the run's next position; on a conflict (an operator wrote to
+    /// the run meanwhile) fold what they wrote and build again.
+    pub(crate) async fn append(
+        &self,
+        live: &mut Live,
+        build: impl Fn(u64) -> Vec<Draft>,
+    ) -> Result<Vec<Event>, RuntimeError> {
+        let mut attempts = 0;
+        loop {
+            let drafts = build(live.books.next_seq());
+            match self.rt.ledger.append(&self.run, drafts).await {
+                Ok((_, batch)) => {
+                    let mut out = Vec::with_capacity(batch.events().len());
+                    for s in batch.events() {
+                        let e = s.event();
+                        live.books.apply(e)?;
+                        self.observer.recorded(e);
+                        out.push(e.clone());
+                    }
+                    return Ok(out);
+                }
+                Err(AppendError::Log(LogError::Conflict { .. })) if attempts < 8 => {
+                    attempts += 1;
+                    self.catch_up(live).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Fold events others (operators) appended to the run since we last looked.
+    pub(crate) async fn catch_up(&self, live: &mut Live) -> Result<(), RuntimeError> {
+        loop {
+            let page = self
+                .rt
+                .ledger
+                .log()
+                .read_run(&self.run, live.books.next_seq(), 256)
+                .await?;
+            if page.is_empty() {
+                return Ok(());
+            }
+            for s in &page {
+                let e = s.event()?;
+                live.books.apply(&e)?;
+                self.observer.recorded(&e);
+            }
+        }
+    }
+
+    /// Record a denial of the request `request` (already recorded).
+    async fn deny(
+        &self,
+        live: &mut Live,
+        mut denial: CapabilityDeniedPayload,
+        request: &EventId,
+    ) -> Result<Outcome, RuntimeError> {
+        denial.request = Some(request.clone());
+        let payload = Value::Object(denial.to_payload());
+        let req = request.clone();
+        self.append(live, |_| {
+            vec![rt_draft(EventType::CapabilityDenied, payload.clone()).cause(req.clone())]
+        })
+        .await?;
+        Ok(Outcome::Denied {
+            request: request.clone(),
+            reason: denial.reason.as_str().to_string(),
+            detail: denial.detail,
+        })
+    }
+
+    fn denial(
+        r: &CapabilityProposal,
+        resource: Option<&Resource>,
+        reason: DenialCode,
+        detail: String,
+    ) -> CapabilityDeniedPayload {
+        CapabilityDeniedPayload {
+            capability: r.capability.clone(),
+            resource: resource.cloned(),
+            target: cut(&r.target, 512),
+            reason,
+            detail,
+            policies: Vec::new(),
+            grant: None,
+            approval: None,
+            request: None,
+        }
+    }
+
+    /// The governed call: record the request, decide, reserve, use the grant, act, settle.
+    pub(crate) async fn governed_call(
+        &self,
+        agent: &str,
+        r: &CapabilityProposal,
+    ) -> Result<CallEnd, RuntimeError> {
+        let mut guard = self.live.lock().await;
+        let live = &mut *guard;
+        let capability = r.capability.clone();
+        // 1. The target, checked and in canonical form.
+        let (resource, effect, target) = match act::resolve_target(&self.rt.registry, r) {
+            Ok(t) => t,
+            Err((code, detail)) => {
+                let d = Self::denial(r, None, code, detail);
+                return self.refuse(live, agent, r, None, d, None).await;
+            }
+        };
+        let now = self.now();
+        // 2. A live grant that covers the target, or a policy decision.
+        if let Some(g) = live
+            .books
+            .grants
+            .find_covering(&capability, &resource, now)
+            .map(|g| g.id.clone())
+        {
+            return self
+                .proceed(
+                    guard,
+                    agent,
+                    r,
+                    &resource,
+                    &target,
+                    Grant::Existing(g),
+                    None,
+                )
+                .await;
+        }
+        let policy_args = act::policy_arguments(&capability, &r.arguments, &target);
+        let built = Request::builder(&self.run, agent, &capability, resource.clone())
+            .intent(&r.intent)
+            .arguments(&policy_args)
+            .budget_left(live.books.budget.left())
+            .build(&self.rt.registry);
+        let request = match built {
+            Ok(q) => q,
+            Err(e) => {
+                let d = Self::denial(r, Some(&resource), DenialCode::InvalidTarget, e.to_string());
+                return self.refuse(live, agent, r, None, d, None).await;
+            }
+        };
+        let decision = live.policy.decide(&request);
+        let policies = decision.determining_policies().to_vec();
+        let version = decision.policy_version.clone();
+        match decision.kind() {
+            DecisionKind::Deny => {
+                let mut d = Self::denial(
+                    r,
+                    Some(&resource),
+                    DenialCode::PolicyDenied,
+                    decision.to_string(),
+                );
+                d.policies = policies;
+                self.refuse(live, agent, r, None, d, None).await
+            }
+            DecisionKind::Permit => {
+                let g = self.grant_payload(
+                    live, agent, r, &resource, effect, &version, policies, None, now,
+                );
+                self.proceed(guard, agent, r, &resource, &target, Grant::New(g), None)
+                    .await
+            }
+            DecisionKind::PermitWithApproval => {
+                // Record the request and the approval request; wait for an operator.
+                let digest =
+                    request_digest(&self.run, &capability, &resource, &r.arguments, &version);
+                let timeout = Duration::from_millis(live.spec.approval_timeout_ms);
+                let expires_at = add_ms(now, live.spec.approval_timeout_ms);
+                let draft = request_draft(agent, r);
+                let rec = self
+                    .append(live, |next| {
+                        let req = self.eid(next);
+                        let p = ApprovalRequestedPayload {
+                            digest,
+                            capability: capability.clone(),
+                            resource: resource.clone(),
+                            arguments: obj(r.arguments.clone()),
+                            agent: agent.to_string(),
+                            policy_version: version.clone(),
+                            policies: policies.clone(),
+                            expires_at,
+                            request: req.clone(),
+                        };
+                        vec![
+                            draft.clone(),
+                            rt_draft(EventType::ApprovalRequested, Value::Object(p.to_payload()))
+                                .cause(req),
+                        ]
+                    })
+                    .await?;
+                let req = rec[0].id();
+                let approval = rec[1].id();
+                drop(guard);
+                self.observer.waiting(&format!(
+                    "approval {approval} for {capability} {}: answer with `ice approve {approval}` or `ice deny {approval}` (times out in {}s)",
+                    cut(&r.target, 120),
+                    timeout.as_secs_f64()
+                ));
+                let answered = self.wait_for_approval(&approval, timeout).await?;
+                let mut guard = self.live.lock().await;
+                let live = &mut *guard;
+                let now = self.now();
+                let refusal = match answered {
+                    ApprovalWait::Granted => {
+                        match live.books.approvals.authorize(&approval, &digest, now) {
+                            Ok(()) => None,
+                            Err(e) => Some((e.code(), e.to_string())),
+                        }
+                    }
+                    ApprovalWait::Denied(reason) => Some((
+                        DenialCode::ApprovalDenied,
+                        format!("operator denied approval {approval}: {reason}"),
+                    )),
+                    ApprovalWait::TimedOut => Some((
+                        DenialCode::ApprovalTimeout,
+                        format!(
+                            "nobody answered approval {approval} within {}s",
+                            timeout.as_secs_f64()
+                        ),
+                    )),
+                    ApprovalWait::Killed => Some((
+                        DenialCode::ApprovalDenied,
+                        "the run was killed while waiting for approval".to_string(),
+                    )),
+                };
+                if let Some((code, detail)) = refusal {
+                    let mut d = Self::denial(r, Some(&resource), code, detail);
+                    d.approval = Some(approval.clone());
+                    d.policies = policies;
+                    return self.refuse(live, agent, r, Some(req), d, None).await;
+                }
+                let g = self.grant_payload(
+                    live,
+                    agent,
+                    r,
+                    &resource,
+                    effect,
+                    &version,
+                    policies,
+                    Some((approval, req.clone())),
+                    now,
+                );
+                self.proceed(
+                    guard,
+                    agent,
+                    r,
+                    &resource,
+                    &target,
+                    Grant::New(g),
+                    Some(req),
+                )
+                .await
+            }
+        }
+    }
+
+    /// Record the request (unless already recorded) and its denial.
+    async fn refuse(
+        &self,
+        live: &mut Live,
+        agent: &str,
+        r: &CapabilityProposal,
+        recorded: Option<EventId>,
+        denial: CapabilityDeniedPayload,
+        exhausted: Option<String>,
+    ) -> Result<CallEnd, RuntimeError> {
+        let req = match recorded {
+            Some(req) => req,
+            None => {
+                let draft = request_draft(agent, r);
+                let rec = self.append(live, |_| vec![draft.clone()]).await?;
+                rec[0].id()
+            }
+        };
+        let outcome = self.deny(live, denial, &req).await?;
+        Ok(CallEnd { outcome, exhausted })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn grant_payload(
+        &self,
+        live: &Live,
+        agent: &str,
+        r: &CapabilityProposal,
+        resource: &Resource,
+        effect: ice_authority::EffectClass,
+        version: &ice_authority::PolicyVersion,
+        policies: Vec<String>,
+        approval: Option<(EventId, EventId)>,
+        now: Timestamp,
+    ) -> CapabilityGrantedPayload {
+        let scope = ice_authority::Scope::for_target(&r.capability, resource)
+            .expect("a checked resource has a scope");
+        let (approval, request) = match approval {
+            Some((a, req)) => (Some(a), req),
+            // The request's id is filled in when its batch is built.
+            None => (None, EventId::new(self.run.clone(), 0)),
+        };
+        CapabilityGrantedPayload {
+            capability: r.capability.clone(),
+            resource: resource.clone(),
+            scope,
+            agent: agent.to_string(),
+            effect,
+            expires_at: add_ms(now, live.spec.grant_ttl_ms),
+            max_uses: u64::from(live.spec.grant_uses),
+            constraints: Map::new(),
+            policy_version: version.clone(),
+            policies,
+            approval,
+            request,
+        }
+    }
+
+    /// Reserve the budget, record the request and grant, check the grant at the moment of use,
+    /// record the use, act, and settle.
+    #[allow(clippy::too_many_arguments)]
+    async fn proceed(
+        &self,
+        mut guard: tokio::sync::MutexGuard<'_, Live>,
+        agent: &str,
+        r: &CapabilityProposal,
+        resource: &Resource,
+        target: &act::Target,
+        grant: Grant,
+        recorded: Option<EventId>,
+    ) -> Result<CallEnd, RuntimeError> {
+        let live = &mut *guard;
+        let capability = r.capability.clone();
+        let amount = act::estimate(
+            &live.stage,
+            &capability,
+            target,
+            &r.arguments,
+            &live.books.budget.left(),
+        );
+        let reservation = format!("r{}", live.books.reservations + 1);
+        // a. A reservation that does not fit is refused before any grant is issued or used.
+        if let Err(refusal) = live.books.budget.clone().reserve(&reservation, amount) {
+            let d = Self::denial(
+                r,
+                Some(resource),
+                DenialCode::BudgetExhausted,
+                refusal.to_string(),
+            );
+            return self
+                .refuse(live, agent, r, recorded, d, Some(refusal.to_string()))
+                .await;
+        }
+        // b. The request and the new grant, if not yet recorded.
+        let (req, grant) = match (&grant, &recorded) {
+            (Grant::Existing(g), Some(req)) => (req.clone(), g.clone()),
+            _ => {
+                let draft = request_draft(agent, r);
+                let recorded = recorded.clone();
+                let rec = self
+                    .append(live, |next| {
+                        let mut v = Vec::new();
+                        let req = match &recorded {
+                            Some(req) => req.clone(),
+                            None => {
+                                v.push(draft.clone());
+                                self.eid(next)
+                            }
+                        };
+                        if let Grant::New(p) = &grant {
+                            let mut p = p.clone();
+                            if p.approval.is_none() {
+                                p.request = req.clone();
+                            }
+                            v.push(
+                                rt_draft(
+                                    EventType::CapabilityGranted,
+                                    Value::Object(p.to_payload()),
+                                )
+                                .authority(p.authority())
+                                .cause(req),
+                            );
+                        }
+                        v
+                    })
+                    .await?;
+                let req = recorded.unwrap_or_else(|| rec[0].id());
+                let grant = match &grant {
+                    Grant::Existing(g) => g.clone(),
+                    Grant::New(_) => rec.last().expect("grant recorded").id(),
+                };
+                (req, grant)
+            }
+        };
+        // c. The grant, checked at the moment of use.
+        let now = self.now();
+        let auth = match live.books.grants.check_use(
+            &grant,
+            &self.run,
+            &capability,
+            resource,
+            now,
+            live.books.state(),
+        ) {
+            Ok(a) => a,
+            Err(refusal) => {
+                let mut d = Self::denial(r, Some(resource), refusal.code(), refusal.to_string());
+                d.grant = Some(grant);
+                return self.refuse(live, agent, r, Some(req), d, None).await;
+            }
+        };
+        // d. Reserve and use.
+        let intent = r.intent.clone();
+        let rec = self
+            .append(live, |_| {
+                vec![
+                    rt_draft(
+                        EventType::BudgetReserved,
+                        Value::Object(
+                            BudgetReservedPayload {
+                                reservation: reservation.clone(),
+                                amount,
+                            }
+                            .to_payload(),
+                        ),
+                    )
+                    .cause(req.clone()),
+                    Draft::new(EventType::CapabilityUsed.name(), Origin::Runtime)
+                        .intent(intent.clone())
+                        .authority(grant.to_string())
+                        .payload(Value::Object(
+                            CapabilityUsedPayload {
+                                grant: grant.clone(),
+                                capability: capability.clone(),
+                                resource: resource.clone(),
+                            }
+                            .to_payload(),
+                        ))
+                        .cause(req.clone())
+                        .cause(grant.clone()),
+                ]
+            })
+            .await?;
+        let used = rec[1].id();
+        // e. Act. Filesystem effects touch only the stage (under the lock); network and process
+        //    effects run without it.
+        let started = Instant::now();
+        let performed = match target {
+            act::Target::Http(_) => {
+                drop(guard);
+                let p = act::perform_remote(&auth, target, &r.arguments, &amount).await;
+                guard = self.live.lock().await;
+                p
+            }
+            act::Target::Command(program) => match act::prepare_exec(&guard.stage) {
+                Ok(copy) => {
+                    drop(guard);
+                    let p = act::perform_exec(&auth, program, &r.arguments, copy).await;
+                    guard = self.live.lock().await;
+                    p
+                }
+                Err(e) => Err(e),
+            },
+            _ => act::perform_fs(&mut guard.stage, &auth, target, &r.arguments, &amount),
+        };
+        let live = &mut *guard;
+        let wall = started.elapsed().as_micros() as u64;
+        let settle = |actual: Cost| {
+            rt_draft(
+                EventType::BudgetSettled,
+                Value::Object(
+                    BudgetSettledPayload {
+                        reservation: reservation.clone(),
+                        actual,
+                    }
+                    .to_payload(),
+                ),
+            )
+            .cause(req.clone())
+        };
+        // f. Record the effect and settle.
+        match performed {
+            Ok(p) => {
+                let actual = Cost {
+                    tool_calls: amount.tool_calls,
+                    ..p.actual
+                };
+                let cost = Cost {
+                    wall_time_us: wall,
+                    ..actual
+                };
+                let payload = Value::Object(p.payload.clone());
+                self.append(live, |_| {
+                    vec![
+                        Draft::new(p.event_type.name(), Origin::Runtime)
+                            .intent(intent.clone())
+                            .authority(grant.to_string())
+                            .payload(payload.clone())
+                            .cost(cost)
+                            .cause(req.clone())
+                            .cause(used.clone()),
+                        settle(actual),
+                    ]
+                })
+                .await?;
+                Ok(CallEnd {
+                    outcome: Outcome::Done {
+                        request: req,
+                        output: p.output,
+                    },
+                    exhausted: None,
+                })
+            }
+            Err((code, detail)) => {
+                // The adapter refused or failed: settle at the call's fixed cost, record why.
+                let actual = Cost {
+                    tool_calls: amount.tool_calls,
+                    ..Cost::default()
+                };
+                self.append(live, |_| vec![settle(actual)]).await?;
+                let mut d = Self::denial(r, Some(resource), code, detail);
+                d.grant = Some(grant);
+                self.refuse(live, agent, r, Some(req), d, None).await
+            }
+        }
+    }
+
+    async fn wait_for_approval(
+        &self,
+        approval: &EventId,
+        timeout: Duration,
+    ) -> Result<ApprovalWait, RuntimeError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let mut live = self.live.lock().await;
+                self.catch_up(&mut live).await?;
+                if live.books.kill.is_some() {
+                    return Ok(ApprovalWait::Killed);
+                }
+                match live.books.approvals.get(approval).map(|a| a.status.clone()) {
+                    Some(ApprovalStatus::Granted { .. }) => return Ok(ApprovalWait::Granted),
+                    Some(ApprovalStatus::Denied { reason, .. }) => {
+                        return Ok(ApprovalWait::Denied(reason));
+                    }
+                    _ => {}
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(ApprovalWait::TimedOut);
+            }
+            tokio::time::sleep(left.min(Duration::from_millis(50))).await;
+        }
+    }
+}
+
+/// The grant a call will use.
+enum Grant {
+    Existing(EventId),
+    New(CapabilityGrantedPayload),
+}
+
+fn request_draft(agent: &str, r: &CapabilityProposal) -> Draft {
+    Proposal::Request(r.clone())
+        .draft(agent)
+        .expect("a request is recorded")
+}
+
+enum ApprovalWait {
+    Granted,
+    Denied(String),
+    TimedOut,
+    Killed,
+}
+
+pub(crate) fn add_ms(t: Timestamp, ms: u64) -> Timestamp {
+    Timestamp::from_unix_us(t.unix_us().saturating_add((ms as i64).saturating_mul(1000)))
+        .unwrap_or(t)
+}
+
+pub(crate) fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run loop.
+
+impl Ctx<'_> {
+    /// Drive the execution window until the agent finishes, the run is suspended or aborted.
+    pub(crate) async fn drive(&self, agent: &mut dyn Agent) -> Result<RunOutcome, RuntimeError> {
+        let agent_id = agent.id().to_string();
+        loop {
+            let view = {
+                let mut guard = self.live.lock().await;
+                let live = &mut *guard;
+                self.catch_up(live).await?;
+                if let Some(stop) = self.between_steps(live).await? {
+                    return Ok(stop);
+                }
+                AgentView {
+                    run_id: self.run.clone(),
+                    step: live.books.proposals,
+                    capabilities: self
+                        .rt
+                        .registry
+                        .iter()
+                        .map(|c| (c.name().to_string(), c.resource().to_string()))
+                        .collect(),
+                    last: live.last.take(),
+                }
+            };
+            let proposal = match agent.propose(&view) {
+                Ok(p) => p,
+                Err(e) => {
+                    let mut live = self.live.lock().await;
+                    return self
+                        .abort(&mut live, "agent_failed", &format!("the agent failed: {e}"))
+                        .await;
+                }
+            };
+            match &proposal {
+                Proposal::Think { .. } => {
+                    let draft = proposal.draft(&agent_id).expect("recorded");
+                    let mut live = self.live.lock().await;
+                    self.append(&mut live, |_| vec![draft.clone()]).await?;
+                }
+                Proposal::Request(r) => {
+                    let end = self.governed_call(&agent_id, r).await?;
+                    let mut live = self.live.lock().await;
+                    live.last = Some(end.outcome);
+                    if let Some(why) = end.exhausted {
+                        return self.exhausted(&mut live, &why).await;
+                    }
+                }
+                Proposal::Finish { .. } => return Ok(RunOutcome::Committed),
+            }
+        }
+    }
+
+    /// Checks between two proposals: kill, deadline, grant expiry, policy change, assumptions.
+    pub(crate) async fn between_steps(
+        &self,
+        live: &mut Live,
+    ) -> Result<Option<RunOutcome>, RuntimeError> {
+        if let Some((who, why)) = live.books.kill.clone() {
+            let detail = if why.is_empty() {
+                format!("killed by {who}")
+            } else {
+                format!("killed by {who}: {why}")
+            };
+            return self.abort(live, "killed", &detail).await.map(Some);
+        }
+        if let Some(limit) = live.spec.budget.wall_time_us {
+            let used = live.window_started.elapsed().as_micros() as u64;
+            if used > limit {
+                let why = format!(
+                    "wall_time: the execution window has run {}ms, over its budget of {}ms",
+                    used / 1000,
+                    limit / 1000
+                );
+                return self.exhausted(live, &why).await.map(Some);
+            }
+        }
+        let now = self.now();
+        let due: Vec<EventId> = live
+            .books
+            .grants
+            .due_to_expire(now)
+            .map(|g| g.id.clone())
+            .collect();
+        if !due.is_empty() {
+            self.append(live, |_| {
+                due.iter()
+                    .map(|g| {
+                        rt_draft(
+                            EventType::CapabilityExpired,
+                            Value::Object(
+                                CapabilityExpiredPayload { grant: g.clone() }.to_payload(),
+                            ),
+                        )
+                        .cause(g.clone())
+                    })
+                    .collect()
+            })
+            .await?;
+        }
+        if let Some(stop) = self.policy_check(live).await? {
+            return Ok(Some(stop));
+        }
+        if let Some(why) = self.broken_assumption(live) {
+            return self
+                .suspend(live, "assumption_invalidated", &why)
+                .await
+                .map(Some);
+        }
+        Ok(None)
+    }
+
+    /// Notice a policy edit: re-evaluate live grants and revoke those no longer permitted, or
+    /// suspend when the run assumed the policy would not change.
+    async fn policy_check(&self, live: &mut Live) -> Result<Option<RunOutcome>, RuntimeError> {
+        let stamp = PolicyStamp::of(&live.policy_dir);
+        if stamp == live.policy_stamp {
+            return Ok(None);
+        }
+        live.policy_stamp = stamp;
+        let loaded = PolicySet::load_dir(&live.policy_dir, &self.rt.schema);
+        let new = match loaded {
+            Ok(p) => p,
+            Err(e) => {
+                let why = format!("the policy changed and no longer loads: {e}");
+                return self.suspend(live, "policy_invalid", &why).await.map(Some);
+            }
+        };
+        if new.version() == live.policy.version() {
+            return Ok(None);
+        }
+        let old_version = live.policy.version();
+        let new_version = new.version();
+        let pinned = live
+            .books
+            .assumptions
+            .iter()
+            .any(|a| matches!(a, Assumption::PolicyVersion { .. }));
+        live.policy = Arc::new(new);
+        if pinned {
+            let why = format!(
+                "the policy changed from version {} to {} and the run assumed it would not",
+                short(&old_version.to_hex()),
+                short(&new_version.to_hex())
+            );
+            return self
+                .suspend(live, "assumption_invalidated", &why)
+                .await
+                .map(Some);
+        }
+        let now = self.now();
+        let mut revoke = Vec::new();
+        for g in live.books.grants.live(now) {
+            let request = Request::builder(&self.run, &g.agent, &g.capability, g.resource.clone())
+                .build(&self.rt.registry);
+            let keep = match request {
+                Ok(q) => {
+                    let d = live.policy.decide(&q);
+                    match d.kind() {
+                        DecisionKind::Permit => None,
+                        DecisionKind::PermitWithApproval if g.approval.is_some() => None,
+                        k => Some(format!(
+                            "policy reload: the new policy ({}) decides {k} for {} on {}",
+                            short(&new_version.to_hex()),
+                            g.capability,
+                            g.resource
+                        )),
+                    }
+                }
+                Err(e) => Some(format!("policy reload: {e}")),
+            };
+            if let Some(reason) = keep {
+                revoke.push((g.id.clone(), reason));
+            }
+        }
+        if !revoke.is_empty() {
+            self.append(live, |_| {
+                revoke
+                    .iter()
+                    .map(|(g, reason)| {
+                        rt_draft(
+                            EventType::CapabilityRevoked,
+                            Value::Object(
+                                CapabilityRevokedPayload {
+                                    grant: g.clone(),
+                                    reason: reason.clone(),
+                                    policy_version: Some(new_version.clone()),
+                                }
+                                .to_payload(),
+                            ),
+                        )
+                        .cause(g.clone())
+                    })
+                    .collect()
+            })
+            .await?;
+        }
+        Ok(None)
+    }
+
+    /// The first assumption that no longer holds, described.
+    pub(crate) fn broken_assumption(&self, live: &Live) -> Option<String> {
+        for a in &live.books.assumptions {
+            match a {
+                Assumption::File { path, sha256 } => {
+                    let now = act::workspace_digest(&live.spec.workspace, path);
+                    if now != *sha256 {
+                        return Some(format!(
+                            "{path} changed: assumed sha256 {}, now {}",
+                            sha256.map_or("absent".into(), |d| short(&d.to_hex()).to_string()),
+                            now.map_or("absent".into(), |d| short(&d.to_hex()).to_string())
+                        ));
+                    }
+                }
+                Assumption::PolicyVersion { version } => {
+                    let v = live.policy.version();
+                    if version.is_some_and(|d| d != v.0) {
+                        return Some(format!(
+                            "the policy version is {}, not the assumed {}",
+                            short(&v.to_hex()),
+                            short(&version.map(|d| d.to_hex()).unwrap_or_default())
+                        ));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    pub(crate) async fn exhausted(
+        &self,
+        live: &mut Live,
+        why: &str,
+    ) -> Result<RunOutcome, RuntimeError> {
+        match live.spec.budget.on_exhaustion {
+            OnExhaustion::Abort => {
+                self.abort(
+                    live,
+                    "budget_exhausted",
+                    &format!("budget exhausted: {why}"),
+                )
+                .await
+            }
+            OnExhaustion::Suspend => {
+                self.suspend(
+                    live,
+                    "budget_exhausted",
+                    &format!("budget exhausted: {why}"),
+                )
+                .await
+            }
+        }
+    }
+
+    pub(crate) async fn suspend(
+        &self,
+        live: &mut Live,
+        code: &str,
+        detail: &str,
+    ) -> Result<RunOutcome, RuntimeError> {
+        let payload = json!({"reason": code, "detail": detail});
+        self.append(live, |_| {
+            vec![rt_draft(EventType::RunSuspended, payload.clone())]
+        })
+        .await?;
+        Ok(RunOutcome::Suspended {
+            reason: detail.to_string(),
+        })
+    }
+
+    /// Abort: discard the stage, record why, tear down.
+    pub(crate) async fn abort(
+        &self,
+        live: &mut Live,
+        code: &str,
+        detail: &str,
+    ) -> Result<RunOutcome, RuntimeError> {
+        let staged = live.books.staged_view().len();
+        live.stage.discard();
+        let a = json!({"reason": code, "discarded": staged});
+        let b = json!({"reason": code, "detail": detail});
+        self.append(live, |_| {
+            vec![
+                rt_draft(EventType::RunAborted, a.clone()),
+                rt_draft(EventType::AbortReasonDeclared, b.clone()),
+            ]
+        })
+        .await?;
+        self.teardown(live, "aborted").await?;
+        Ok(RunOutcome::Aborted {
+            reason: detail.to_string(),
+        })
+    }
+
+    pub(crate) async fn teardown(
+        &self,
+        live: &mut Live,
+        outcome: &str,
+    ) -> Result<(), RuntimeError> {
+        let released = json!({"stage": "released"});
+        let done = json!({"outcome": outcome});
+        self.append(live, |_| {
+            vec![
+                rt_draft(EventType::ResourcesReleased, released.clone()),
+                rt_draft(EventType::RunTerminated, done.clone()),
+            ]
+        })
+        .await?;
+        live.stage.remove_store();
+        Ok(())
+    }
+
+    /// Validate, then commit or abort, then tear down.
+    pub(crate) async fn finish(&self) -> Result<RunOutcome, RuntimeError> {
+        let mut guard = self.live.lock().await;
+        let live = &mut *guard;
+        self.catch_up(live).await?;
+        if let Some((who, why)) = live.books.kill.clone() {
+            return self
+                .abort(live, "killed", &format!("killed by {who} {why}"))
+                .await;
+        }
+        let started = json!({"checks": live_check_names(&live.spec)});
+        self.append(live, |_| {
+            vec![rt_draft(EventType::ValidationStarted, started.clone())]
+        })
+        .await?;
+        let mut results = Vec::new();
+        let mut failed: Option<String> = None;
+        // 1. Every effect has valid authority evidence.
+        match self.authority_evidence(live).await? {
+            Ok(n) => results.push(json!({"check": "authority", "passed": true, "effects": n})),
+            Err(why) => {
+                results.push(json!({"check": "authority", "passed": false, "detail": why}));
+                failed.get_or_insert(why);
+            }
+        }
+        // 2. Budgets held.
+        let spent = live.books.budget.spent();
+        let over = live
+            .books
+            .budget
+            .limits()
+            .fields()
+            .into_iter()
+            .zip(spent.fields())
+            .find(|((_, lim), (_, s))| lim.is_some_and(|l| *s > l))
+            .map(|((n, l), (_, s))| format!("{n}: spent {s} of {}", l.unwrap_or(0)));
+        match over {
+            None => results.push(json!({"check": "budget", "passed": true})),
+            Some(why) => {
+                results.push(json!({"check": "budget", "passed": false, "detail": why}));
+                failed.get_or_insert(format!("budget overspent: {why}"));
+            }
+        }
+        // 3. Assumptions still hold.
+        match self.broken_assumption(live) {
+            None => results.push(json!({"check": "assumptions", "passed": true})),
+            Some(why) => {
+                results.push(json!({"check": "assumptions", "passed": false, "detail": why}));
+                failed.get_or_insert(format!("assumption invalidated: {why}"));
+            }
+        }
+        // 4. The declared checks, on a copy of the workspace with the staged writes applied.
+        if failed.is_none() && !live.spec.checks.is_empty() {
+            let outcomes = act::run_checks(&live.stage, &live.spec.checks).await;
+            for (check, res) in live.spec.checks.iter().zip(outcomes) {
+                match res {
+                    Ok(v) => {
+                        let passed = v.get("passed").and_then(Value::as_bool).unwrap_or(false);
+                        if !passed {
+                            failed.get_or_insert(format!("check {:?} failed", check.name));
+                        }
+                        results.push(v);
+                    }
+                    Err(why) => {
+                        results.push(json!({"check": check.name, "passed": false, "detail": why}));
+                        failed.get_or_insert(format!("check {:?}: {why}", check.name));
+                    }
+                }
+            }
+        }
+        let verdict = if failed.is_none() {
+            EventType::ValidationPassed
+        } else {
+            EventType::ValidationFailed
+        };
+        let payload = json!({"results": results});
+        self.append(live, |_| vec![rt_draft(verdict, payload.clone())])
+            .await?;
+        if let Some(why) = failed {
+            return self.abort(live, "validation_failed", &why).await;
+        }
+        self.commit(live).await?;
+        Ok(RunOutcome::Committed)
+    }
+
+    /// Apply the staged writes (crash-safe, see the effects layer's journal) and record them.
+    pub(crate) async fn commit(&self, live: &mut Live) -> Result<(), RuntimeError> {
+        let changes = act::commit(&mut live.stage)?;
+        self.record_commit(live, &changes, false).await
+    }
+
+    /// Record applied changes and the commit, then tear down.
+    pub(crate) async fn record_commit(
+        &self,
+        live: &mut Live,
+        changes: &[ice_effects::Change],
+        recovered: bool,
+    ) -> Result<(), RuntimeError> {
+        let view: std::collections::BTreeMap<String, crate::books::StagedOp> = live
+            .books
+            .staged_view()
+            .into_iter()
+            .map(|(k, v)| (k, v.clone()))
+            .collect();
+        let applied: Vec<Draft> = changes
+            .iter()
+            .map(|c| {
+                let op = view.get(&c.path);
+                let mut d = Draft::new(EventType::EffectApplied.name(), Origin::Runtime)
+                    .intent(
+                        op.map_or_else(|| "apply a staged write".to_string(), |o| o.intent.clone()),
+                    )
+                    .authority(op.map_or_else(|| "run-commit".to_string(), |o| o.grant.clone()))
+                    .payload(json!({
+                        "path": c.path,
+                        "change": c.kind.as_str(),
+                        "before": c.before.map(|s| s.digest.to_hex()),
+                        "after": c.after.map(|s| s.digest.to_hex()),
+                        "evidence": c.evidence().to_json(),
+                    }));
+                if let Some(o) = op {
+                    d = d.cause(o.event.clone());
+                }
+                d
+            })
+            .collect();
+        drop(view);
+        let n = applied.len();
+        self.append(live, |_| {
+            let mut v = applied.clone();
+            v.push(rt_draft(
+                EventType::RunCommitted,
+                json!({"applied": n, "completed_by_recovery": recovered}),
+            ));
+            v
+        })
+        .await?;
+        self.teardown(live, "committed").await?;
+        Ok(())
+    }
+
+    /// Check that every effect event of the run names a grant of the run and follows a recorded
+    /// use of it. Returns the number of effects checked, or why one fails.
+    async fn authority_evidence(&self, live: &Live) -> Result<Result<u64, String>, RuntimeError> {
+        let events = crate::read_run(self.rt.ledger.log().as_ref(), &self.run).await?;
+        let mut n = 0;
+        for e in &events {
+            let Some(t) = EventType::from_name(&e.event_type) else {
+                continue;
+            };
+            if !matches!(
+                t,
+                EventType::FileRead
+                    | EventType::EffectStaged
+                    | EventType::APIRequestExecuted
+                    | EventType::ToolInvoked
+            ) {
+                continue;
+            }
+            n += 1;
+            let Some(g) = e
+                .authority
+                .as_deref()
+                .and_then(|a| a.parse::<EventId>().ok())
+            else {
+                return Ok(Err(format!("{} names no grant as its authority", e.id())));
+            };
+            if live.books.grants.get(&g).is_none() {
+                return Ok(Err(format!(
+                    "{}: authority {g} is not a grant of this run",
+                    e.id()
+                )));
+            }
+            let used = e.causes.iter().any(|c| {
+                c.run_id == self.run
+                    && events.get(c.run_seq as usize).is_some_and(|u| {
+                        u.event_type == EventType::CapabilityUsed.name()
+                            && u.authority.as_deref() == Some(&g.to_string())
+                    })
+            });
+            if !used {
+                return Ok(Err(format!(
+                    "{}: no recorded use of grant {g} caused it",
+                    e.id()
+                )));
+            }
+        }
+        Ok(Ok(n))
+    }
+}
+
+fn live_check_names(spec: &RunSpec) -> Vec<String> {
+    spec.checks.iter().map(|c| c.name.clone()).collect()
+}
+
+pub(crate) fn short(hex: &str) -> &str {
+    &hex[..hex.len().min(12)]
+}
+
+/// The report of a run, folded from the log.
+pub(crate) async fn report(
+    rt: &Runtime,
+    run: &RunId,
+    outcome: RunOutcome,
+    live: Books,
+) -> Result<RunReport, RuntimeError> {
+    let events = crate::read_run(rt.ledger.log().as_ref(), run).await?;
+    let books = live;
+    let denials = events
+        .iter()
+        .filter(|e| e.event_type == EventType::CapabilityDenied.name())
+        .map(|e| {
+            (
+                e.id(),
+                e.payload
+                    .get("reason")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                e.payload
+                    .get("detail")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+            )
+        })
+        .collect();
+    Ok(RunReport {
+        run: run.clone(),
+        outcome,
+        state: books.state(),
+        events: events.len() as u64,
+        applied: books.applied,
+        staged: books.staged_view().len(),
+        denials,
+        spent: books.budget.spent(),
+        limits: *books.budget.limits(),
+        books,
+    })
+}
+
+#[allow(dead_code)]
+fn _kinds(_: ResourceKind, _: Digest) {}

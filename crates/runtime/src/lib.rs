@@ -1,0 +1,165 @@
+//! # ice-runtime: the run executor
+//!
+//! The runtime runs each unit of work as a Run through every phase of the spec's lifecycle
+//! (provision → context → execute → validate → commit or abort → teardown). During the
+//! execution window it shows the agent a view, records what the agent proposes, and for each
+//! capability request decides (grant, policy, approval, budget) and acts through the effects
+//! layer, recording every step as an event. Internal writes are staged and land only at commit,
+//! after validation.
+//!
+//! - [`spec`]: the run spec file.
+//! - [`books`]: a run's state as a fold of its events (the live run and a replay share it).
+//! - [`Runtime`]: starting, resuming, recovering, killing and reconfiguring runs; approvals.
+#![warn(missing_docs)]
+
+mod act;
+pub mod books;
+mod executor;
+mod lock;
+pub mod operator;
+pub mod spec;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ice_authority::{Registry, Schema};
+use ice_kernel::{Clock, Event, RunId, RunState};
+use ice_log::ledger::Ledger;
+
+pub use books::{Books, FoldError, StagedOp};
+pub use executor::{RunOutcome, RunReport};
+pub use operator::{PendingApproval, Recovered, Session};
+pub use spec::{Assumption, BudgetSpec, Check, OnExhaustion, RunSpec, SpecError};
+
+/// Something that wants to see each event a run records, as it is recorded (progress lines).
+pub trait Observer: Send + Sync {
+    /// An event of the run was recorded.
+    fn recorded(&self, event: &Event);
+    /// The run waits for something (an approval); `what` says for what and how to answer.
+    fn waiting(&self, _what: &str) {}
+}
+
+/// An observer that ignores everything.
+pub struct Quiet;
+
+impl Observer for Quiet {
+    fn recorded(&self, _event: &Event) {}
+}
+
+/// Why the runtime could not do what was asked. Bad input names what was wrong; nothing was
+/// executed when a run could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The run spec is unusable.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// The policy could not be loaded.
+    #[error("policy: {0}")]
+    Policy(String),
+    /// The log failed.
+    #[error("log: {0}")]
+    Log(#[from] ice_log::LogError),
+    /// An append was refused by the validator (a runtime bug or a concurrent writer).
+    #[error("append: {0}")]
+    Append(#[from] ice_log::ledger::AppendError),
+    /// The run's events do not fold.
+    #[error(transparent)]
+    Fold(#[from] FoldError),
+    /// No such run.
+    #[error("no run {0}")]
+    NoRun(String),
+    /// The run is not in a state that allows this.
+    #[error("run {run} is {state}: {what}")]
+    State {
+        /// The run.
+        run: String,
+        /// Its state.
+        state: RunState,
+        /// What was refused.
+        what: String,
+    },
+    /// Another process is running this run.
+    #[error("run {0} is being run by another process (its lock is held)")]
+    Busy(String),
+    /// A run id is taken.
+    #[error("run {0} already exists; give another [run] id or leave it out")]
+    Exists(String),
+    /// Bad input to an operator command.
+    #[error("{0}")]
+    Invalid(String),
+    /// A file-system or effects problem the run cannot continue past.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Where the runtime keeps per-run files inside an installation.
+#[derive(Clone, Debug)]
+pub struct Installation {
+    /// `<home>/runs`: one directory per run (lock, staged content, commit journal).
+    pub runs_dir: PathBuf,
+    /// The installation's policy directory (used when a run spec names none).
+    pub policy_dir: PathBuf,
+}
+
+/// The runtime of one installation.
+pub struct Runtime {
+    pub(crate) ledger: Arc<Ledger>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) schema: Arc<Schema>,
+    pub(crate) install: Installation,
+}
+
+impl Runtime {
+    /// A runtime writing through `ledger`, with the standard capability registry.
+    pub fn new(
+        ledger: Arc<Ledger>,
+        clock: Arc<dyn Clock>,
+        install: Installation,
+    ) -> Result<Runtime, RuntimeError> {
+        let schema = Schema::ice().map_err(|e| RuntimeError::Policy(e.to_string()))?;
+        Ok(Runtime {
+            ledger,
+            clock,
+            registry: Arc::new(Registry::standard()),
+            schema: Arc::new(schema),
+            install,
+        })
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
+    }
+
+    /// A run's directory.
+    pub(crate) fn run_dir(&self, run: &RunId) -> PathBuf {
+        self.install.runs_dir.join(run.as_str())
+    }
+
+    /// Fold a run's events from the log.
+    pub async fn books(&self, run: &RunId) -> Result<Books, RuntimeError> {
+        let events = read_run(self.ledger.log().as_ref(), run).await?;
+        if events.is_empty() {
+            return Err(RuntimeError::NoRun(run.to_string()));
+        }
+        Ok(Books::fold(run.clone(), events.iter())?)
+    }
+}
+
+/// Every event of a run, in order.
+pub async fn read_run(
+    log: &dyn ice_log::EventLog,
+    run: &RunId,
+) -> Result<Vec<Event>, ice_log::LogError> {
+    let mut out = Vec::new();
+    loop {
+        let page = log.read_run(run, out.len() as u64, 4096).await?;
+        if page.is_empty() {
+            return Ok(out);
+        }
+        for s in &page {
+            out.push(s.event()?);
+        }
+    }
+}

@@ -1,0 +1,979 @@
+//! Starting and resuming runs, start-up recovery, and what operators do: approve, deny, kill,
+//! reconfigure.
+//!
+//! Crash recovery ([`Runtime::recover`]) runs before a command starts or resumes a run. For
+//! every run whose lock no live process holds and that is not terminated:
+//!
+//! | found in | becomes | why |
+//! |---|---|---|
+//! | CREATED, PROVISIONED, CONTEXT_READY | TERMINATED_BY_RUNTIME → TERMINATED | nothing executed; the state machine has no abort edge here |
+//! | EXECUTING | SUSPENDED (`crash_recovery`) | an operator decides: reconfigure and resume, or kill |
+//! | VALIDATING with a durable commit journal | COMMITTED → TERMINATED | the commit point was passed: roll forward |
+//! | VALIDATING without one | ABORTED → TERMINATED | validation was interrupted; staged writes discarded |
+//! | COMMITTED, ABORTED, TERMINATED_BY_RUNTIME | TERMINATED | teardown finished |
+//! | SUSPENDED | unchanged | already waiting for an operator |
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use ice_authority::payload::{ApprovalDeniedPayload, ApprovalGrantedPayload};
+use ice_authority::{ApprovalStatus, PolicySet};
+use ice_effects::{Recovery, Stage, Workspace};
+use ice_kernel::{Agent, Digest, Draft, EventId, EventType, Origin, RunId, RunState, Timestamp};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+use crate::act::Staging;
+use crate::books::Books;
+use crate::executor::{Ctx, Live, PolicyStamp, RunOutcome, RunReport, report, short};
+use crate::lock::RunLock;
+use crate::spec::{Assumption, BudgetSpec, RunSpec};
+use crate::{Observer, Runtime, RuntimeError};
+
+/// An approval waiting for an operator.
+#[derive(Clone, Debug, Serialize)]
+pub struct PendingApproval {
+    /// Its id (the `ApprovalRequested` event).
+    pub id: String,
+    /// The run.
+    pub run: String,
+    /// The agent asking.
+    pub agent: String,
+    /// What it asks for.
+    pub capability: String,
+    /// On what.
+    pub resource: String,
+    /// With which arguments.
+    pub arguments: Value,
+    /// The digest an approval binds to.
+    pub digest: String,
+    /// When it times out.
+    pub expires_at: String,
+    /// The policies that asked for approval.
+    pub policies: Vec<String>,
+    /// The agent's intent.
+    pub intent: String,
+}
+
+/// What recovery did to one run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Recovered {
+    /// The run.
+    pub run: String,
+    /// Its state before.
+    pub from: String,
+    /// Its state after.
+    pub to: String,
+    /// Why.
+    pub detail: String,
+}
+
+/// A reconfiguration record, as an operator writes it (TOML):
+///
+/// ```toml
+/// reason = "config.toml was updated on purpose; continue against the new content"
+/// accept_files = true          # re-baseline file assumptions to their current digests
+/// accept_policy = true         # re-baseline the policy version assumption
+/// [budget]                     # optional: new limits (same keys as the run spec's [budget])
+/// tool_calls = 40
+/// ```
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconfigurationFile {
+    /// Why the run may continue.
+    pub reason: String,
+    /// Re-baseline file assumptions.
+    #[serde(default)]
+    pub accept_files: bool,
+    /// Re-baseline the policy version assumption.
+    #[serde(default)]
+    pub accept_policy: bool,
+    /// New budget limits.
+    pub budget: Option<toml::Table>,
+}
+
+fn now_id() -> String {
+    let mut b = [0u8; 4];
+    let _ = getrandom::fill(&mut b);
+    hex::encode(b)
+}
+
+impl Runtime {
+    fn policy_dir(&self, spec: &RunSpec) -> std::path::PathBuf {
+        spec.policy
+            .clone()
+            .unwrap_or_else(|| self.install.policy_dir.clone())
+    }
+
+    fn load_policy(&self, spec: &RunSpec) -> Result<(PolicySet, std::path::PathBuf), RuntimeError> {
+        let dir = self.policy_dir(spec);
+        let set = PolicySet::load_dir(&dir, &self.schema)
+            .map_err(|e| RuntimeError::Policy(format!("{}: {e}", dir.display())))?;
+        Ok((set, dir))
+    }
+
+    fn open_stage(
+        &self,
+        run: &RunId,
+        spec: &RunSpec,
+        books: Option<&Books>,
+    ) -> Result<Staging, RuntimeError> {
+        let dir = self.run_dir(run).join("stage");
+        let ws = Workspace::open(&spec.workspace)
+            .map_err(|e| RuntimeError::Io(format!("workspace: {e}")))?;
+        let ops: Vec<ice_effects::StagedOp> = books
+            .map(|b| b.staged.iter().map(|o| o.op.clone()).collect())
+            .unwrap_or_default();
+        let stage = Stage::from_ops(&dir, ws, run.clone(), ops)
+            .map_err(|e| RuntimeError::Io(format!("stage: {e}")))?;
+        Ok(Staging {
+            stage: Some(stage),
+            dir,
+        })
+    }
+
+    /// Start a run from its spec with `agent` and drive it to its end (or suspension).
+    /// Everything that can be wrong with the spec, the policy or the workspace is found before
+    /// the first event is recorded.
+    pub async fn start(
+        &self,
+        spec: RunSpec,
+        agent: &mut dyn Agent,
+        observer: &dyn Observer,
+    ) -> Result<RunReport, RuntimeError> {
+        let session = self.open_session(spec, agent.id(), observer).await?;
+        let outcome = self.drive_to_end(&session.ctx, agent).await?;
+        session.into_report(outcome).await
+    }
+
+    /// Provision a run and open its execution window, for proposals made through
+    /// [`Session::propose`] (one at a time or concurrently) instead of by an [`Agent`].
+    pub async fn open_session<'a>(
+        &'a self,
+        mut spec: RunSpec,
+        agent_id: &str,
+        observer: &'a dyn Observer,
+    ) -> Result<Session<'a>, RuntimeError> {
+        let run = match &spec.id {
+            Some(id) => id.clone(),
+            None => {
+                let stem = spec
+                    .file
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "run".into());
+                let clean: String = stem
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                            c
+                        } else {
+                            '-'
+                        }
+                    })
+                    .take(40)
+                    .collect();
+                RunId::new(format!("{clean}-{}", now_id())).map_err(RuntimeError::Invalid)?
+            }
+        };
+        spec.id = Some(run.clone());
+        // Pre-flight: nothing is recorded unless all of this holds.
+        if !self.ledger.log().read_run(&run, 0, 1).await?.is_empty() {
+            return Err(RuntimeError::Exists(run.to_string()));
+        }
+        let (policy, policy_dir) = self.load_policy(&spec)?;
+        let mut assumptions = Vec::new();
+        for a in &spec.assumptions {
+            assumptions.push(match a {
+                Assumption::File { path, sha256 } => {
+                    let now =
+                        crate::act::workspace_digest(&spec.workspace, path).ok_or_else(|| {
+                            RuntimeError::Spec(crate::SpecError {
+                                file: spec.file.display().to_string(),
+                                at: None,
+                                problem: format!(
+                                    "[[assume]] file {path:?} cannot be read in the workspace"
+                                ),
+                            })
+                        })?;
+                    if let Some(want) = sha256
+                        && *want != now
+                    {
+                        return Err(RuntimeError::Spec(crate::SpecError {
+                            file: spec.file.display().to_string(),
+                            at: None,
+                            problem: format!(
+                                "[[assume]] file {path:?} has sha256 {}, not the assumed {}",
+                                now.to_hex(),
+                                want.to_hex()
+                            ),
+                        }));
+                    }
+                    Assumption::File {
+                        path: path.clone(),
+                        sha256: Some(now),
+                    }
+                }
+                Assumption::PolicyVersion { version } => {
+                    let v = policy.version();
+                    if let Some(want) = version
+                        && *want != v.0
+                    {
+                        return Err(RuntimeError::Policy(format!(
+                            "the run assumes policy version {}, but it is {}",
+                            want.to_hex(),
+                            v.to_hex()
+                        )));
+                    }
+                    Assumption::PolicyVersion { version: Some(v.0) }
+                }
+            });
+        }
+        let dir = self.run_dir(&run);
+        let lock = RunLock::try_take(&dir)
+            .map_err(|e| RuntimeError::Io(format!("{}: {e}", dir.display())))?
+            .ok_or_else(|| RuntimeError::Busy(run.to_string()))?;
+        let stage = self.open_stage(&run, &spec, None)?;
+        let policy_stamp = PolicyStamp::of(&policy_dir);
+        let version = policy.version();
+        let live = Live {
+            books: Books::new(run.clone()),
+            spec: spec.clone(),
+            policy: Arc::new(policy),
+            policy_dir: policy_dir.clone(),
+            policy_stamp,
+            stage,
+            last: None,
+            window_started: Instant::now(),
+        };
+        let ctx = Ctx {
+            rt: self,
+            run: run.clone(),
+            observer,
+            live: Mutex::new(live),
+            _lock: lock,
+        };
+        // Provision, context, bind, open the window.
+        {
+            let mut g = ctx.live.lock().await;
+            let live = &mut *g;
+            let spec_json = serde_json::to_value(&spec).unwrap_or(Value::Null);
+            let caps: Vec<Value> = self
+                .registry
+                .iter()
+                .map(|c| {
+                    json!({"name": c.name(), "resource": c.resource().to_string(),
+                           "effect": c.classifier().floor().as_str()})
+                })
+                .collect();
+            let agent_id = agent_id.to_string();
+            let ctx_payload = json!({
+                "assumptions": serde_json::to_value(&assumptions).unwrap_or(Value::Null),
+                "policy_version": version.to_hex(),
+                "policy_dir": policy_dir.display().to_string(),
+                "workspace": spec.workspace.display().to_string(),
+            });
+            ctx.append(live, |_| {
+                vec![
+                    Draft::new(EventType::RunProvisioned.name(), Origin::Runtime).payload(json!({
+                        "spec": spec_json,
+                        "agent": agent_id,
+                        "driver": "plan",
+                        "taxonomy": ice_kernel::TAXONOMY_VERSION,
+                    })),
+                    Draft::new(EventType::ResourcesAllocated.name(), Origin::Runtime)
+                        .payload(json!({"stage": dir.join("stage").display().to_string()})),
+                    Draft::new(EventType::ContextResolved.name(), Origin::Runtime)
+                        .payload(ctx_payload.clone()),
+                    Draft::new(EventType::CapabilitiesBound.name(), Origin::Runtime)
+                        .payload(json!({"capabilities": caps, "policy_version": version.to_hex()})),
+                    Draft::new(EventType::ExecutionWindowOpened.name(), Origin::Runtime)
+                        .payload(json!({"agent": agent_id})),
+                ]
+            })
+            .await?;
+            live.window_started = Instant::now();
+        }
+        Ok(Session {
+            ctx,
+            agent: agent_id.to_string(),
+            stopped: std::sync::Mutex::new(None),
+        })
+    }
+
+    async fn drive_to_end(
+        &self,
+        ctx: &Ctx<'_>,
+        agent: &mut dyn Agent,
+    ) -> Result<RunOutcome, RuntimeError> {
+        match ctx.drive(agent).await? {
+            RunOutcome::Committed => ctx.finish().await,
+            other => Ok(other),
+        }
+    }
+
+    /// Take a stopped run's lock and rebuild its live state from the log.
+    async fn attach<'a>(
+        &'a self,
+        run: &RunId,
+        observer: &'a dyn Observer,
+    ) -> Result<Ctx<'a>, RuntimeError> {
+        let dir = self.run_dir(run);
+        let lock = RunLock::try_take(&dir)
+            .map_err(|e| RuntimeError::Io(format!("{}: {e}", dir.display())))?
+            .ok_or_else(|| RuntimeError::Busy(run.to_string()))?;
+        let books = self.books(run).await?;
+        let spec = books
+            .spec
+            .clone()
+            .ok_or_else(|| RuntimeError::Invalid(format!("run {run} has no recorded spec")))?;
+        let (policy, policy_dir) = self.load_policy(&spec)?;
+        let stage = if books.state().is_non_terminal() {
+            match self.open_stage(run, &spec, Some(&books)) {
+                Ok(s) => s,
+                Err(_) => Staging {
+                    stage: None,
+                    dir: dir.join("stage"),
+                },
+            }
+        } else {
+            Staging {
+                stage: None,
+                dir: dir.join("stage"),
+            }
+        };
+        let live = Live {
+            books,
+            spec,
+            policy: Arc::new(policy),
+            policy_stamp: PolicyStamp::of(&policy_dir),
+            policy_dir,
+            stage,
+            last: None,
+            window_started: Instant::now(),
+        };
+        Ok(Ctx {
+            rt: self,
+            run: run.clone(),
+            observer,
+            live: Mutex::new(live),
+            _lock: lock,
+        })
+    }
+
+    /// Resume a suspended run that has a reconfiguration record, with `agent`.
+    pub async fn resume(
+        &self,
+        run: &RunId,
+        agent: &mut dyn Agent,
+        observer: &dyn Observer,
+    ) -> Result<RunReport, RuntimeError> {
+        let ctx = self.attach(run, observer).await?;
+        {
+            let mut g = ctx.live.lock().await;
+            let live = &mut *g;
+            let state = live.books.state();
+            if state != RunState::Suspended {
+                return Err(RuntimeError::State {
+                    run: run.to_string(),
+                    state,
+                    what: "only a suspended run can be resumed".into(),
+                });
+            }
+            let Some((rec, _)) = live.books.reconfiguration.clone() else {
+                return Err(RuntimeError::State {
+                    run: run.to_string(),
+                    state,
+                    what: "resuming needs a reconfiguration record first (ice reconfigure RUN --record FILE)".into(),
+                });
+            };
+            if let Some(why) = ctx.broken_assumption(live) {
+                return Err(RuntimeError::State {
+                    run: run.to_string(),
+                    state,
+                    what: format!(
+                        "an assumption still does not hold after the reconfiguration: {why}; record one that accepts it"
+                    ),
+                });
+            }
+            ctx.append(live, |_| {
+                vec![
+                    Draft::new(EventType::RunResumed.name(), Origin::Runtime)
+                        .payload(json!({"reconfiguration": rec.to_string()}))
+                        .cause(rec.clone()),
+                ]
+            })
+            .await?;
+            live.window_started = Instant::now();
+        }
+        let outcome = self.drive_to_end(&ctx, agent).await?;
+        let books = ctx.live.into_inner().books;
+        report(self, run, outcome, books).await
+    }
+
+    /// Record an operator's reconfiguration of a suspended run (I-004).
+    pub async fn reconfigure(
+        &self,
+        run: &RunId,
+        operator: &str,
+        record: &ReconfigurationFile,
+    ) -> Result<EventId, RuntimeError> {
+        if record.reason.trim().is_empty() {
+            return Err(RuntimeError::Invalid(
+                "the reconfiguration record needs a `reason`".into(),
+            ));
+        }
+        let books = self.books(run).await?;
+        if books.state() != RunState::Suspended {
+            return Err(RuntimeError::State {
+                run: run.to_string(),
+                state: books.state(),
+                what: "only a suspended run can be reconfigured".into(),
+            });
+        }
+        let spec = books
+            .spec
+            .clone()
+            .ok_or_else(|| RuntimeError::Invalid(format!("run {run} has no recorded spec")))?;
+        let mut new = serde_json::Map::new();
+        let mut evidence = serde_json::Map::new();
+        if record.accept_files || record.accept_policy {
+            let policy = if record.accept_policy {
+                Some(self.load_policy(&spec)?.0.version())
+            } else {
+                None
+            };
+            let mut renewed = Vec::new();
+            for a in &books.assumptions {
+                renewed.push(match a {
+                    Assumption::File { path, sha256 } if record.accept_files => {
+                        let now = crate::act::workspace_digest(&spec.workspace, path);
+                        evidence.insert(
+                            path.clone(),
+                            json!({"was": sha256.map(|d| d.to_hex()), "now": now.map(|d| d.to_hex())}),
+                        );
+                        Assumption::File {
+                            path: path.clone(),
+                            sha256: now,
+                        }
+                    }
+                    Assumption::PolicyVersion { version } if record.accept_policy => {
+                        let now = policy.as_ref().map(|v| v.0);
+                        evidence.insert(
+                            "policy_version".into(),
+                            json!({"was": version.map(|d| d.to_hex()), "now": now.map(|d| d.to_hex())}),
+                        );
+                        Assumption::PolicyVersion { version: now }
+                    }
+                    other => other.clone(),
+                });
+            }
+            new.insert(
+                "assumptions".into(),
+                serde_json::to_value(&renewed).unwrap_or(Value::Null),
+            );
+            if let Some(v) = policy {
+                new.insert("policy_version".into(), Value::String(v.to_hex()));
+            }
+        }
+        if let Some(b) = &record.budget {
+            let text = format!("[budget]\n{}", toml::to_string(b).unwrap_or_default());
+            let probe = format!(
+                "[run]\nagent = \"x\"\nworkspace = \".\"\n[agent]\ndriver = \"plan\"\nplan = \"{}\"\n{text}",
+                spec.plan
+                    .display()
+                    .to_string()
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+            );
+            let parsed = RunSpec::parse(
+                std::path::Path::new("reconfiguration"),
+                &probe,
+                &spec.workspace,
+            )
+            .map_err(|e| RuntimeError::Invalid(format!("[budget]: {}", e.problem)))?;
+            let budget: BudgetSpec = parsed.budget;
+            new.insert(
+                "budget".into(),
+                serde_json::to_value(budget).unwrap_or(Value::Null),
+            );
+        }
+        let prior = json!({
+            "assumptions": serde_json::to_value(&books.assumptions).unwrap_or(Value::Null),
+            "budget": serde_json::to_value(spec.budget).unwrap_or(Value::Null),
+            "policy_version": books.policy_version.as_ref().map(|v| v.to_hex()),
+        });
+        let payload = json!({
+            "invalidation": books.suspension.clone().unwrap_or(Value::Null),
+            "prior": prior,
+            "new": Value::Object(new),
+            "scope": "run",
+            "authority": format!("operator:{operator}"),
+            "reason": record.reason,
+            "evidence": Value::Object(evidence),
+        });
+        let origin = operator_origin(operator)?;
+        let (_, batch) = self
+            .ledger
+            .append(
+                run,
+                vec![
+                    Draft::new(EventType::ReconfigurationRecorded.name(), origin).payload(payload),
+                ],
+            )
+            .await?;
+        Ok(batch.events()[0].event().id())
+    }
+
+    /// Record an operator's request to kill a run. If no process is driving it, the run is
+    /// aborted (or terminated) here and now.
+    pub async fn kill(
+        &self,
+        run: &RunId,
+        operator: &str,
+        reason: &str,
+        observer: &dyn Observer,
+    ) -> Result<RunState, RuntimeError> {
+        let books = self.books(run).await?;
+        if !books.state().is_non_terminal() {
+            return Err(RuntimeError::State {
+                run: run.to_string(),
+                state: books.state(),
+                what: "the run has already ended".into(),
+            });
+        }
+        let origin = operator_origin(operator)?;
+        self.ledger
+            .append(
+                run,
+                vec![
+                    Draft::new(EventType::RunKillRequested.name(), origin)
+                        .payload(json!({"reason": reason})),
+                ],
+            )
+            .await?;
+        match self.attach(run, observer).await {
+            Ok(ctx) => {
+                let mut g = ctx.live.lock().await;
+                let live = &mut *g;
+                let detail = format!("killed by operator:{operator}: {reason}");
+                match live.books.state() {
+                    RunState::Executing | RunState::Suspended | RunState::Validating => {
+                        ctx.abort(live, "killed", &detail).await?;
+                    }
+                    s if s.is_non_terminal() => {
+                        ctx.terminate_by_runtime(live, &detail).await?;
+                    }
+                    _ => {}
+                }
+                Ok(live.books.state())
+            }
+            // A live process drives it: it sees the request before its next step.
+            Err(RuntimeError::Busy(_)) => Ok(books.state()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Approvals waiting for an operator, across runs (or in one run).
+    pub async fn pending_approvals(
+        &self,
+        only: Option<&RunId>,
+    ) -> Result<Vec<PendingApproval>, RuntimeError> {
+        let runs = match only {
+            Some(r) => vec![r.clone()],
+            None => all_runs(self).await?,
+        };
+        let now = self.clock.now();
+        let mut out = Vec::new();
+        for run in runs {
+            let events = crate::read_run(self.ledger.log().as_ref(), &run).await?;
+            if !events
+                .iter()
+                .any(|e| e.event_type == EventType::ApprovalRequested.name())
+            {
+                continue;
+            }
+            let books = Books::fold(run.clone(), events.iter())?;
+            if !books.state().is_non_terminal() {
+                continue;
+            }
+            for a in books.approvals.pending(now) {
+                let ev = events.get(a.id.run_seq as usize);
+                let intent = events
+                    .get(a.request.run_seq as usize)
+                    .and_then(|e| e.intent.clone())
+                    .unwrap_or_default();
+                let _ = ev;
+                out.push(PendingApproval {
+                    id: a.id.to_string(),
+                    run: run.to_string(),
+                    agent: a.agent.clone(),
+                    capability: a.capability.clone(),
+                    resource: a.resource.to_string(),
+                    arguments: Value::Object(a.arguments.clone()),
+                    digest: a.digest.to_hex(),
+                    expires_at: a.expires_at.to_string(),
+                    policies: a.policies.clone(),
+                    intent,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// An operator grants (`Ok(true)`) or denies an approval.
+    pub async fn answer_approval(
+        &self,
+        approval: &EventId,
+        operator: &str,
+        grant: bool,
+        reason: &str,
+    ) -> Result<(), RuntimeError> {
+        let run = &approval.run_id;
+        let books = self.books(run).await?;
+        let Some(a) = books.approvals.get(approval) else {
+            return Err(RuntimeError::Invalid(format!(
+                "{approval} is not an approval request of run {run}"
+            )));
+        };
+        if !matches!(a.status, ApprovalStatus::Pending) {
+            return Err(RuntimeError::Invalid(format!(
+                "approval {approval} was already answered ({:?})",
+                a.status
+            )));
+        }
+        if self.clock.now() >= a.expires_at {
+            return Err(RuntimeError::Invalid(format!(
+                "approval {approval} expired at {}",
+                a.expires_at
+            )));
+        }
+        let origin = operator_origin(operator)?;
+        let draft = if grant {
+            books
+                .approvals
+                .check_grant(approval, &a.digest)
+                .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+            Draft::new(EventType::ApprovalGranted.name(), origin).payload(Value::Object(
+                ApprovalGrantedPayload {
+                    approval: approval.clone(),
+                    digest: a.digest,
+                }
+                .to_payload(),
+            ))
+        } else {
+            Draft::new(EventType::ApprovalDenied.name(), origin).payload(Value::Object(
+                ApprovalDeniedPayload {
+                    approval: approval.clone(),
+                    reason: if reason.is_empty() {
+                        "denied by operator".into()
+                    } else {
+                        reason.to_string()
+                    },
+                }
+                .to_payload(),
+            ))
+        };
+        let draft = draft.cause(approval.clone());
+        // The run's process may append at the same moment: retry on a conflict.
+        for _ in 0..8 {
+            match self.ledger.append(run, vec![draft.clone()]).await {
+                Ok(_) => return Ok(()),
+                Err(ice_log::ledger::AppendError::Log(ice_log::LogError::Conflict { .. })) => {
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(RuntimeError::Invalid(format!(
+            "run {run} kept moving; try again"
+        )))
+    }
+
+    /// Start-up recovery: move every run no live process drives to a defined state (see the
+    /// module documentation), with events.
+    pub async fn recover(&self, observer: &dyn Observer) -> Result<Vec<Recovered>, RuntimeError> {
+        let mut out = Vec::new();
+        for run in all_runs(self).await? {
+            let head = self.ledger.head(&run).await?;
+            let state = head.state();
+            if !state.is_non_terminal() || state == RunState::Suspended {
+                continue;
+            }
+            let ctx = match self.attach(&run, observer).await {
+                Ok(c) => c,
+                Err(RuntimeError::Busy(_)) => continue,
+                Err(e) => {
+                    out.push(Recovered {
+                        run: run.to_string(),
+                        from: state.to_string(),
+                        to: state.to_string(),
+                        detail: format!("not recovered: {e}"),
+                    });
+                    continue;
+                }
+            };
+            let mut g = ctx.live.lock().await;
+            let live = &mut *g;
+            let detail = match state {
+                RunState::Created | RunState::Provisioned | RunState::ContextReady => {
+                    ctx.terminate_by_runtime(
+                        live,
+                        "the process starting the run stopped before it executed",
+                    )
+                    .await?;
+                    "terminated: it stopped before executing".to_string()
+                }
+                RunState::Executing => {
+                    ctx.suspend(
+                        live,
+                        "crash_recovery",
+                        "the process driving the run stopped; an operator may reconfigure and resume it, or kill it",
+                    )
+                    .await?;
+                    "suspended for operator review".to_string()
+                }
+                RunState::Validating => {
+                    let ws = Workspace::open(&live.spec.workspace)
+                        .map_err(|e| RuntimeError::Io(format!("workspace: {e}")))?;
+                    let rec = ice_effects::recover(&live.stage.dir, &ws)
+                        .map_err(|e| RuntimeError::Io(format!("recovery: {e}")))?;
+                    match rec {
+                        Recovery::RolledForward { changes } => {
+                            live.stage.stage = None;
+                            ctx.record_commit(live, &changes, true).await?;
+                            format!(
+                                "committed: the interrupted commit was completed ({} change(s))",
+                                changes.len()
+                            )
+                        }
+                        Recovery::NothingPending => {
+                            ctx.abort(
+                                live,
+                                "crash_recovery",
+                                "the process stopped during validation, before the commit point; nothing was applied",
+                            )
+                            .await?;
+                            "aborted: interrupted before the commit point".to_string()
+                        }
+                    }
+                }
+                RunState::Committed => {
+                    ctx.teardown(live, "committed").await?;
+                    "teardown finished".to_string()
+                }
+                RunState::Aborted => {
+                    ctx.teardown(live, "aborted").await?;
+                    "teardown finished".to_string()
+                }
+                RunState::TerminatedByRuntime => {
+                    ctx.teardown(live, "terminated by runtime").await?;
+                    "teardown finished".to_string()
+                }
+                _ => continue,
+            };
+            out.push(Recovered {
+                run: run.to_string(),
+                from: state.to_string(),
+                to: live.books.state().to_string(),
+                detail,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The run's staged (or, once committed, applied) changes.
+    pub async fn diff(&self, run: &RunId) -> Result<Vec<Value>, RuntimeError> {
+        let events = crate::read_run(self.ledger.log().as_ref(), run).await?;
+        if events.is_empty() {
+            return Err(RuntimeError::NoRun(run.to_string()));
+        }
+        let books = Books::fold(run.clone(), events.iter())?;
+        let applied: Vec<&ice_kernel::Event> = events
+            .iter()
+            .filter(|e| e.event_type == EventType::EffectApplied.name())
+            .collect();
+        if !applied.is_empty() {
+            return Ok(applied
+                .iter()
+                .map(|e| {
+                    let mut p = e.payload.clone();
+                    p.insert("status".into(), json!("applied"));
+                    p.insert("event".into(), json!(e.id().to_string()));
+                    p.remove("evidence");
+                    Value::Object(p)
+                })
+                .collect());
+        }
+        let status = match books.state() {
+            RunState::Aborted | RunState::Terminated | RunState::TerminatedByRuntime => "discarded",
+            _ => "staged",
+        };
+        let spec = books.spec.clone();
+        let mut out = Vec::new();
+        for (path, op) in books.staged_view() {
+            let before = spec
+                .as_ref()
+                .and_then(|s| crate::act::workspace_digest(&s.workspace, &path));
+            out.push(json!({
+                "path": path,
+                "change": match (before.is_some(), op.after.is_some()) {
+                    (false, true) => "added",
+                    (true, true) => "modified",
+                    (_, false) => "deleted",
+                },
+                "before": before.map(|d| d.to_hex()),
+                "after": op.after.map(|d| d.to_hex()),
+                "status": status,
+                "event": op.event.to_string(),
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Content of a staged write (for `ice diff` to show text), if still in the stage store.
+    pub fn staged_content(&self, run: &RunId, digest: &Digest) -> Option<Vec<u8>> {
+        let p = self
+            .run_dir(run)
+            .join("stage")
+            .join("objects")
+            .join(digest.to_hex());
+        std::fs::read(p).ok()
+    }
+}
+
+/// A run open for proposals: what an in-process agent host (or the MCP gateway) drives.
+/// Proposals may come concurrently; each is decided, acted on and recorded in turn where the
+/// run's books require it, and in parallel where the effect allows (network calls).
+pub struct Session<'a> {
+    pub(crate) ctx: Ctx<'a>,
+    agent: String,
+    stopped: std::sync::Mutex<Option<RunOutcome>>,
+}
+
+impl Session<'_> {
+    /// The run.
+    pub fn run(&self) -> &RunId {
+        &self.ctx.run
+    }
+
+    /// Make one proposal in the agent's name. A request returns how it was answered; a
+    /// thought is recorded and returns `None`; `Finish` returns `None` (call [`Self::finish`]).
+    /// Once the run has stopped (aborted, suspended, killed) every proposal is refused.
+    pub async fn propose(
+        &self,
+        proposal: &ice_kernel::Proposal,
+    ) -> Result<Option<ice_kernel::Outcome>, RuntimeError> {
+        self.check_open().await?;
+        {
+            let mut g = self.ctx.live.lock().await;
+            let live = &mut *g;
+            self.ctx.catch_up(live).await?;
+            if let Some(stop) = self.ctx.between_steps(live).await? {
+                return Err(self.stop(stop, live.books.state()));
+            }
+        }
+        match proposal {
+            ice_kernel::Proposal::Think { .. } => {
+                let draft = proposal.draft(&self.agent).expect("recorded");
+                let mut live = self.ctx.live.lock().await;
+                self.ctx.append(&mut live, |_| vec![draft.clone()]).await?;
+                Ok(None)
+            }
+            ice_kernel::Proposal::Request(r) => {
+                let end = self.ctx.governed_call(&self.agent, r).await?;
+                if let Some(why) = &end.exhausted {
+                    let mut live = self.ctx.live.lock().await;
+                    let stop = self.ctx.exhausted(&mut live, why).await?;
+                    self.stop(stop, live.books.state());
+                }
+                Ok(Some(end.outcome))
+            }
+            ice_kernel::Proposal::Finish { .. } => Ok(None),
+        }
+    }
+
+    async fn check_open(&self) -> Result<(), RuntimeError> {
+        if self.stopped.lock().map(|s| s.is_some()).unwrap_or(true) {
+            let state = self.ctx.live.lock().await.books.state();
+            return Err(RuntimeError::State {
+                run: self.ctx.run.to_string(),
+                state,
+                what: "the run has stopped taking proposals".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn stop(&self, outcome: RunOutcome, state: RunState) -> RuntimeError {
+        let what = format!("the run stopped: {outcome:?}");
+        if let Ok(mut s) = self.stopped.lock() {
+            *s = Some(outcome);
+        }
+        RuntimeError::State {
+            run: self.ctx.run.to_string(),
+            state,
+            what,
+        }
+    }
+
+    /// Validate and commit (or abort), tear down, and report. If the run already stopped,
+    /// report how.
+    pub async fn finish(self) -> Result<RunReport, RuntimeError> {
+        let stopped = self.stopped.lock().ok().and_then(|mut s| s.take());
+        let outcome = match stopped {
+            Some(o) => o,
+            None => self.ctx.finish().await?,
+        };
+        self.into_report(outcome).await
+    }
+
+    async fn into_report(self, outcome: RunOutcome) -> Result<RunReport, RuntimeError> {
+        let rt = self.ctx.rt;
+        let run = self.ctx.run.clone();
+        let books = self.ctx.live.into_inner().books;
+        report(rt, &run, outcome, books).await
+    }
+}
+
+impl Ctx<'_> {
+    pub(crate) async fn terminate_by_runtime(
+        &self,
+        live: &mut Live,
+        detail: &str,
+    ) -> Result<(), RuntimeError> {
+        live.stage.discard();
+        let p = json!({"reason": detail});
+        self.append(live, |_| {
+            vec![
+                Draft::new(EventType::RunTerminatedByRuntime.name(), Origin::Runtime)
+                    .payload(p.clone()),
+            ]
+        })
+        .await?;
+        self.teardown(live, "terminated by runtime").await
+    }
+}
+
+fn operator_origin(operator: &str) -> Result<Origin, RuntimeError> {
+    format!("operator:{operator}")
+        .parse::<Origin>()
+        .map_err(|e| RuntimeError::Invalid(format!("operator {operator:?}: {e}")))
+}
+
+async fn all_runs(rt: &Runtime) -> Result<Vec<RunId>, RuntimeError> {
+    let mut out = Vec::new();
+    loop {
+        let page = rt.ledger.log().runs(out.len() as u64, 1000).await?;
+        if page.is_empty() {
+            return Ok(out);
+        }
+        out.extend(page);
+    }
+}
+
+#[allow(dead_code)]
+fn _unused(_: Timestamp, _: &str) -> &str {
+    short("")
+}

@@ -1,0 +1,512 @@
+//! The run spec: the file a user writes to start a run (TOML).
+//!
+//! ```toml
+//! [run]
+//! id = "fix-greeting"          # optional; default: the file's stem and a random suffix
+//! agent = "planner"            # the agent:<id> its proposals are recorded under
+//! workspace = "workspace"      # relative to this file
+//! policy = "policies"          # optional: a directory of *.cedar files (default: the home's)
+//!
+//! [agent]
+//! driver = "plan"              # the scripted plan driver
+//! plan = "plan.toml"           # relative to this file
+//!
+//! [budget]                     # any of: tool_calls, bytes, wall_time, tokens_in, tokens_out,
+//! tool_calls = 20              #         credits_micro, risk
+//! bytes = 1_000_000
+//! wall_time = "60s"
+//! on_exhaustion = "abort"      # or "suspend"
+//!
+//! [grants]
+//! ttl = "10m"                  # a grant expires this long after it is issued
+//! uses = 1                     # how many uses one grant allows
+//!
+//! [approvals]
+//! timeout = "30s"              # a request waiting for an operator is denied after this
+//!
+//! [[assume]]
+//! file = "config.toml"         # this file keeps its content (sha256 = "…" pins a digest;
+//!                              # without it, the digest when the run starts)
+//! [[assume]]
+//! policy_version = "current"   # or a hex digest: the policy does not change under the run
+//!
+//! [[check]]
+//! name = "greeting present"
+//! run = ["grep", "-q", "hello", "hello.txt"]   # run in a copy of the workspace with the
+//! timeout = "30s"                              # staged writes applied; must exit 0
+//! ```
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ice_kernel::{Digest, RunId};
+use serde::{Deserialize, Serialize};
+
+/// Largest run spec file read.
+pub const MAX_SPEC_BYTES: u64 = 1 << 20;
+
+/// A run spec that cannot be used: the file, where, and what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct SpecError {
+    /// The file, as given.
+    pub file: String,
+    /// 1-based line and column, when known.
+    pub at: Option<(usize, usize)>,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.at {
+            Some((l, c)) => write!(f, "{}:{l}:{c}: {}", self.file, self.problem),
+            None => write!(f, "{}: {}", self.file, self.problem),
+        }
+    }
+}
+
+/// What happens when a budget is exhausted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExhaustion {
+    /// Abort the run (staged writes discarded).
+    #[default]
+    Abort,
+    /// Suspend it for an operator, who may reconfigure (for instance raise the budget) and resume.
+    Suspend,
+}
+
+/// Budget limits of a run (absent = unlimited).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct BudgetSpec {
+    /// Tool calls.
+    pub tool_calls: Option<u64>,
+    /// Bytes read or written.
+    pub bytes: Option<u64>,
+    /// Wall-clock time of the execution window, in microseconds.
+    pub wall_time_us: Option<u64>,
+    /// Model input tokens.
+    pub tokens_in: Option<u64>,
+    /// Model output tokens.
+    pub tokens_out: Option<u64>,
+    /// Credits, in millionths.
+    pub credits_micro: Option<u64>,
+    /// Risk points.
+    pub risk: Option<u64>,
+    /// What exhaustion does.
+    pub on_exhaustion: OnExhaustion,
+}
+
+/// A declared assumption.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Assumption {
+    /// A workspace file keeps its content.
+    File {
+        /// Workspace-relative path.
+        path: String,
+        /// The digest it must keep; `None` until the run starts and takes it.
+        sha256: Option<Digest>,
+    },
+    /// The policy version does not change.
+    PolicyVersion {
+        /// The version it must keep; `None` until the run starts and takes it.
+        version: Option<Digest>,
+    },
+}
+
+/// A validation check: a command run against a copy of the workspace with the staged writes
+/// applied; it passes when it exits 0 within its timeout.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    /// Its name in events and output.
+    pub name: String,
+    /// Program and arguments.
+    pub run: Vec<String>,
+    /// Time limit.
+    pub timeout_ms: u64,
+}
+
+/// A parsed, checked run spec. Paths are absolute.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSpec {
+    /// The run id (given, or made when the run starts).
+    pub id: Option<RunId>,
+    /// The agent id.
+    pub agent: String,
+    /// The workspace directory.
+    pub workspace: PathBuf,
+    /// A policy directory, if the spec names one.
+    pub policy: Option<PathBuf>,
+    /// The plan file (the plan driver's input).
+    pub plan: PathBuf,
+    /// Budget limits.
+    pub budget: BudgetSpec,
+    /// Grant lifetime, in milliseconds.
+    pub grant_ttl_ms: u64,
+    /// Uses per grant.
+    pub grant_uses: u32,
+    /// How long a request waits for an operator, in milliseconds.
+    pub approval_timeout_ms: u64,
+    /// Assumptions.
+    pub assumptions: Vec<Assumption>,
+    /// Validation checks.
+    pub checks: Vec<Check>,
+    /// The spec file.
+    pub file: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    run: toml::Spanned<RawRun>,
+    agent: toml::Spanned<RawAgent>,
+    #[serde(default)]
+    budget: Option<toml::Spanned<RawBudget>>,
+    #[serde(default)]
+    grants: Option<toml::Spanned<RawGrants>>,
+    #[serde(default)]
+    approvals: Option<toml::Spanned<RawApprovals>>,
+    #[serde(default)]
+    assume: Vec<toml::Spanned<RawAssume>>,
+    #[serde(default)]
+    check: Vec<toml::Spanned<RawCheck>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRun {
+    id: Option<String>,
+    agent: String,
+    workspace: String,
+    policy: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    driver: String,
+    plan: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    tool_calls: Option<u64>,
+    bytes: Option<u64>,
+    wall_time: Option<String>,
+    tokens_in: Option<u64>,
+    tokens_out: Option<u64>,
+    credits_micro: Option<u64>,
+    risk: Option<u64>,
+    on_exhaustion: Option<OnExhaustion>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrants {
+    ttl: Option<String>,
+    uses: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApprovals {
+    timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAssume {
+    file: Option<String>,
+    sha256: Option<String>,
+    policy_version: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    name: String,
+    run: Vec<String>,
+    timeout: Option<String>,
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// Parse a duration such as `250ms`, `30s`, `5m`, `2h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m or h)"))?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("duration {s:?} must start with a whole number"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(format!("duration {s:?}: unit must be ms, s, m or h")),
+    }
+    .filter(|ms| *ms <= 366 * 86_400_000)
+    .ok_or_else(|| format!("duration {s:?} is longer than a year"))?;
+    Ok(Duration::from_millis(ms))
+}
+
+impl RunSpec {
+    /// Read and check a run spec file. Relative paths in it are taken from its directory.
+    pub fn load(path: &Path) -> Result<RunSpec, SpecError> {
+        let file = path.display().to_string();
+        let io = |e: std::io::Error| SpecError {
+            file: file.clone(),
+            at: None,
+            problem: e.to_string(),
+        };
+        let meta = std::fs::metadata(path).map_err(io)?;
+        if meta.len() > MAX_SPEC_BYTES {
+            return Err(SpecError {
+                file,
+                at: None,
+                problem: format!(
+                    "{} bytes; a run spec may have at most {MAX_SPEC_BYTES}",
+                    meta.len()
+                ),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(io)?;
+        let base = std::path::absolute(path)
+            .map_err(io)?
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        RunSpec::parse(path, &text, &base)
+    }
+
+    /// Parse a run spec's text; relative paths are taken from `base`. Checks that the workspace
+    /// and plan exist.
+    pub fn parse(path: &Path, text: &str, base: &Path) -> Result<RunSpec, SpecError> {
+        let file = path.display().to_string();
+        let err = |offset: Option<usize>, problem: String| SpecError {
+            file: file.clone(),
+            at: offset.map(|o| line_col(text, o)),
+            problem,
+        };
+        let raw: Raw = toml::from_str(text).map_err(|e| {
+            err(
+                e.span().map(|s| s.start),
+                e.message().trim_end().to_string(),
+            )
+        })?;
+        let run_at = raw.run.span().start;
+        let run = raw.run.into_inner();
+        let id = match &run.id {
+            Some(id) => Some(
+                RunId::new(id.clone())
+                    .map_err(|e| err(Some(run_at), format!("[run] id {id:?}: {e}")))?,
+            ),
+            None => None,
+        };
+        if format!("agent:{}", run.agent)
+            .parse::<ice_kernel::Origin>()
+            .is_err()
+        {
+            return Err(err(
+                Some(run_at),
+                format!(
+                    "[run] agent {:?} is not a valid agent id (A-Z a-z 0-9 . _ - @)",
+                    run.agent
+                ),
+            ));
+        }
+        let workspace = base.join(&run.workspace);
+        if !workspace.is_dir() {
+            return Err(err(
+                Some(run_at),
+                format!(
+                    "[run] workspace {:?}: {} is not a directory",
+                    run.workspace,
+                    workspace.display()
+                ),
+            ));
+        }
+        let policy = match &run.policy {
+            Some(p) => {
+                let dir = base.join(p);
+                if !dir.is_dir() {
+                    return Err(err(
+                        Some(run_at),
+                        format!("[run] policy {p:?}: {} is not a directory", dir.display()),
+                    ));
+                }
+                Some(dir)
+            }
+            None => None,
+        };
+        let agent_at = raw.agent.span().start;
+        let agent = raw.agent.into_inner();
+        if agent.driver != "plan" {
+            return Err(err(
+                Some(agent_at),
+                format!(
+                    "[agent] driver {:?} is not available; this version has \"plan\"",
+                    agent.driver
+                ),
+            ));
+        }
+        let Some(plan) = agent.plan else {
+            return Err(err(
+                Some(agent_at),
+                "[agent] the plan driver needs `plan = \"FILE\"`".into(),
+            ));
+        };
+        let plan_path = base.join(&plan);
+        if !plan_path.is_file() {
+            return Err(err(
+                Some(agent_at),
+                format!(
+                    "[agent] plan {plan:?}: {} is not a file",
+                    plan_path.display()
+                ),
+            ));
+        }
+        let mut budget = BudgetSpec::default();
+        if let Some(b) = raw.budget {
+            let at = b.span().start;
+            let b = b.into_inner();
+            budget = BudgetSpec {
+                tool_calls: b.tool_calls,
+                bytes: b.bytes,
+                wall_time_us: match &b.wall_time {
+                    Some(w) => Some(
+                        parse_duration(w)
+                            .map_err(|e| err(Some(at), format!("[budget] wall_time: {e}")))?
+                            .as_micros() as u64,
+                    ),
+                    None => None,
+                },
+                tokens_in: b.tokens_in,
+                tokens_out: b.tokens_out,
+                credits_micro: b.credits_micro,
+                risk: b.risk,
+                on_exhaustion: b.on_exhaustion.unwrap_or_default(),
+            };
+            let max = (1u64 << 53) - 1;
+            for (name, v) in [
+                ("tool_calls", budget.tool_calls),
+                ("bytes", budget.bytes),
+                ("tokens_in", budget.tokens_in),
+                ("tokens_out", budget.tokens_out),
+                ("credits_micro", budget.credits_micro),
+                ("risk", budget.risk),
+            ] {
+                if v.is_some_and(|v| v > max) {
+                    return Err(err(Some(at), format!("[budget] {name} is above 2^53 - 1")));
+                }
+            }
+        }
+        let (mut grant_ttl_ms, mut grant_uses) = (600_000u64, 1u32);
+        if let Some(g) = raw.grants {
+            let at = g.span().start;
+            let g = g.into_inner();
+            if let Some(t) = &g.ttl {
+                grant_ttl_ms = parse_duration(t)
+                    .map_err(|e| err(Some(at), format!("[grants] ttl: {e}")))?
+                    .as_millis() as u64;
+            }
+            if let Some(u) = g.uses {
+                if u == 0 {
+                    return Err(err(Some(at), "[grants] uses must be at least 1".into()));
+                }
+                grant_uses = u;
+            }
+        }
+        let mut approval_timeout_ms = 60_000u64;
+        if let Some(a) = raw.approvals {
+            let at = a.span().start;
+            if let Some(t) = &a.into_inner().timeout {
+                approval_timeout_ms = parse_duration(t)
+                    .map_err(|e| err(Some(at), format!("[approvals] timeout: {e}")))?
+                    .as_millis() as u64;
+            }
+        }
+        let mut assumptions = Vec::new();
+        for a in raw.assume {
+            let at = a.span().start;
+            let a = a.into_inner();
+            let digest = |s: &Option<String>, what: &str| -> Result<Option<Digest>, SpecError> {
+                match s.as_deref() {
+                    None | Some("current") => Ok(None),
+                    Some(h) => Digest::from_hex(h)
+                        .map(Some)
+                        .map_err(|e| err(Some(at), format!("[[assume]] {what}: {e}"))),
+                }
+            };
+            match (&a.file, &a.policy_version) {
+                (Some(f), None) => {
+                    ice_authority::Resource::path(f)
+                        .map_err(|e| err(Some(at), format!("[[assume]] file: {e}")))?;
+                    assumptions.push(Assumption::File {
+                        path: f.clone(),
+                        sha256: digest(&a.sha256, "sha256")?,
+                    });
+                }
+                (None, Some(_)) if a.sha256.is_none() => {
+                    assumptions.push(Assumption::PolicyVersion {
+                        version: digest(&a.policy_version, "policy_version")?,
+                    });
+                }
+                _ => {
+                    return Err(err(
+                        Some(at),
+                        "[[assume]] give either `file` (and optionally `sha256`) or `policy_version`"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        let mut checks = Vec::new();
+        for c in raw.check {
+            let at = c.span().start;
+            let c = c.into_inner();
+            if c.run.is_empty() || c.run[0].is_empty() {
+                return Err(err(
+                    Some(at),
+                    format!("[[check]] {:?}: `run` needs a program", c.name),
+                ));
+            }
+            let timeout_ms = match &c.timeout {
+                Some(t) => parse_duration(t)
+                    .map_err(|e| err(Some(at), format!("[[check]] {:?} timeout: {e}", c.name)))?
+                    .as_millis() as u64,
+                None => 60_000,
+            };
+            checks.push(Check {
+                name: c.name,
+                run: c.run,
+                timeout_ms,
+            });
+        }
+        Ok(RunSpec {
+            id,
+            agent: run.agent,
+            workspace: std::fs::canonicalize(&workspace).unwrap_or(workspace),
+            policy,
+            plan: plan_path,
+            budget,
+            grant_ttl_ms,
+            grant_uses,
+            approval_timeout_ms,
+            assumptions,
+            checks,
+            file: base.join(path.file_name().unwrap_or_default()),
+        })
+    }
+}

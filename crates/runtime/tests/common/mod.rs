@@ -1,0 +1,130 @@
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ice_intelligence::{Plan, PlanAgent};
+use ice_kernel::{Agent, AgentError, AgentView, Event, EventType, Proposal, RunId};
+use ice_log::clock::SystemClock;
+use ice_log::ledger::Ledger;
+use ice_log::sqlite::SqliteLog;
+use ice_runtime::{Installation, Quiet, RunReport, RunSpec, Runtime};
+
+pub const POLICY: &str = r#"
+@id("read")
+permit(principal, action in [Action::"fs.read", Action::"fs.list"], resource in Dir::".");
+@id("write")
+permit(principal == Agent::"coder", action in [Action::"fs.write", Action::"fs.delete"], resource in Dir::".");
+@id("locked")
+forbid(principal, action in [Action::"fs.write", Action::"fs.delete"], resource in Dir::"locked");
+@id("notify")
+@approval("required")
+permit(principal == Agent::"coder", action == Action::"http.request", resource == Host::"127.0.0.1");
+"#;
+
+pub struct H {
+    pub dir: tempfile::TempDir,
+    pub rt: Runtime,
+    pub ws: PathBuf,
+    pub policies: PathBuf,
+    pub base: PathBuf,
+}
+
+impl H {
+    pub fn new(policy: &str) -> H {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().to_path_buf();
+        let home = base.join("home");
+        std::fs::create_dir_all(home.join("runs")).unwrap();
+        let policies = base.join("policies");
+        std::fs::create_dir_all(&policies).unwrap();
+        std::fs::write(policies.join("p.cedar"), policy).unwrap();
+        let ws = base.join("workspace");
+        std::fs::create_dir_all(ws.join("locked")).unwrap();
+        std::fs::write(ws.join("hello.txt"), "hello\n").unwrap();
+        std::fs::write(ws.join("config.toml"), "x = 1\n").unwrap();
+        std::fs::write(ws.join("locked/release.txt"), "1.0\n").unwrap();
+        std::fs::write(base.join("outside.txt"), "secret\n").unwrap();
+        let log = Arc::new(SqliteLog::create(&home.join("ice.db")).unwrap());
+        let ledger = Arc::new(Ledger::new(log, Arc::new(SystemClock)));
+        let rt = Runtime::new(
+            ledger,
+            Arc::new(SystemClock),
+            Installation {
+                runs_dir: home.join("runs"),
+                policy_dir: policies.clone(),
+            },
+        )
+        .unwrap();
+        H {
+            dir,
+            rt,
+            ws,
+            policies,
+            base,
+        }
+    }
+
+    /// Write a run spec (header + `extra`) and a plan, and load them.
+    pub fn spec(&self, id: &str, agent: &str, extra: &str, plan: &str) -> (RunSpec, PlanAgent) {
+        let plan_file = self.base.join(format!("{id}-plan.toml"));
+        std::fs::write(&plan_file, plan).unwrap();
+        let spec_file = self.base.join(format!("{id}.toml"));
+        std::fs::write(
+            &spec_file,
+            format!(
+                "[run]\nid = \"{id}\"\nagent = \"{agent}\"\nworkspace = \"workspace\"\npolicy = \"policies\"\n\n[agent]\ndriver = \"plan\"\nplan = \"{id}-plan.toml\"\n\n{extra}\n"
+            ),
+        )
+        .unwrap();
+        let spec = RunSpec::load(&spec_file).unwrap();
+        let plan = Plan::load(&plan_file).unwrap();
+        (spec, PlanAgent::new(agent, plan))
+    }
+
+    pub async fn run(&self, spec: RunSpec, agent: &mut dyn Agent) -> RunReport {
+        self.rt.start(spec, agent, &Quiet).await.unwrap()
+    }
+
+    pub async fn events(&self, run: &str) -> Vec<Event> {
+        ice_runtime::read_run(self.rt.ledger().log().as_ref(), &RunId::new(run).unwrap())
+            .await
+            .unwrap()
+    }
+
+    pub fn read(&self, p: &str) -> String {
+        std::fs::read_to_string(self.ws.join(p)).unwrap()
+    }
+}
+
+pub fn of_type<'a>(events: &'a [Event], t: EventType) -> Vec<&'a Event> {
+    events.iter().filter(|e| e.event_type == t.name()).collect()
+}
+
+pub fn denial_codes(events: &[Event]) -> Vec<String> {
+    of_type(events, EventType::CapabilityDenied)
+        .iter()
+        .map(|e| e.payload["reason"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// A plan agent with a hook that runs before each proposal (tests use it to change the world
+/// mid-run).
+pub struct Hooked<F: FnMut(&AgentView) + Send> {
+    pub inner: PlanAgent,
+    pub hook: F,
+}
+
+impl<F: FnMut(&AgentView) + Send> Agent for Hooked<F> {
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+    fn propose(&mut self, view: &AgentView) -> Result<Proposal, AgentError> {
+        (self.hook)(view);
+        self.inner.propose(view)
+    }
+}
+
+pub fn path(p: &Path) -> String {
+    p.display().to_string()
+}

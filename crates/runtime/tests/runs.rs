@@ -1,0 +1,443 @@
+//! Governed runs end to end, in process, on the embedded log.
+
+mod common;
+
+use common::*;
+use ice_kernel::{EventType, RunId, RunState};
+use ice_runtime::{Books, RunOutcome};
+
+const MAIN_PLAN: &str = r#"
+[[step]]
+intent = "plan"
+think = "plan_step"
+text = "read, rewrite, check"
+
+[[step]]
+intent = "list"
+capability = "fs.list"
+target = "."
+
+[[step]]
+intent = "read"
+capability = "fs.read"
+target = "hello.txt"
+
+[[step]]
+intent = "escape"
+capability = "fs.read"
+target = "../outside.txt"
+
+[[step]]
+intent = "rewrite"
+capability = "fs.write"
+target = "hello.txt"
+arguments = { content = "hello, governed world\n" }
+
+[[step]]
+intent = "new file"
+capability = "fs.write"
+target = "notes/todo.txt"
+arguments = { content = "more\n" }
+
+[[step]]
+intent = "forbidden"
+capability = "fs.write"
+target = "locked/release.txt"
+arguments = { content = "2.0\n" }
+
+[[step]]
+intent = "read back"
+capability = "fs.read"
+target = "hello.txt"
+
+[[step]]
+intent = "no such capability"
+capability = "fs.teleport"
+target = "x"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_reads_stages_validates_and_commits() {
+    let h = H::new(POLICY);
+    let (spec, plan) = h.spec(
+        "main",
+        "coder",
+        "[budget]\ntool_calls = 20\n\n[[check]]\nname = \"friendlier\"\nrun = [\"grep\", \"-q\", \"governed\", \"hello.txt\"]\n",
+        MAIN_PLAN,
+    );
+    let ws = h.ws.clone();
+    // The workspace does not change during the run: writes are staged.
+    let mut agent = Hooked {
+        inner: plan,
+        hook: move |v: &ice_kernel::AgentView| {
+            assert_eq!(
+                std::fs::read_to_string(ws.join("hello.txt")).unwrap(),
+                "hello\n"
+            );
+            if v.step == 8 {
+                // The read after the write saw the staged content.
+                match &v.last {
+                    Some(ice_kernel::Outcome::Done { output, .. }) => {
+                        assert_eq!(output["content"], "hello, governed world\n")
+                    }
+                    other => panic!("read back: {other:?}"),
+                }
+            }
+        },
+    };
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.outcome, RunOutcome::Committed, "{report:?}");
+    assert_eq!(report.state, RunState::Terminated);
+    assert_eq!(h.read("hello.txt"), "hello, governed world\n");
+    assert_eq!(h.read("notes/todo.txt"), "more\n");
+    assert_eq!(h.read("locked/release.txt"), "1.0\n");
+    let events = h.events("main").await;
+    assert_eq!(
+        denial_codes(&events),
+        ["confinement", "policy_denied", "unknown_capability"]
+    );
+    let forbidden = &of_type(&events, EventType::CapabilityDenied)[1];
+    assert_eq!(forbidden.payload["policies"][0], "locked");
+    assert_eq!(of_type(&events, EventType::EffectApplied).len(), 2);
+    assert_eq!(of_type(&events, EventType::ValidationPassed).len(), 1);
+    // Every phase, in order.
+    let phases: Vec<&str> = events
+        .iter()
+        .map(|e| e.event_type.as_str())
+        .filter(|t| {
+            [
+                "RunProvisioned",
+                "ResourcesAllocated",
+                "ContextResolved",
+                "CapabilitiesBound",
+                "ExecutionWindowOpened",
+                "ValidationStarted",
+                "ValidationPassed",
+                "RunCommitted",
+                "ResourcesReleased",
+                "RunTerminated",
+            ]
+            .contains(t)
+        })
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "RunProvisioned",
+            "ResourcesAllocated",
+            "ContextResolved",
+            "CapabilitiesBound",
+            "ExecutionWindowOpened",
+            "ValidationStarted",
+            "ValidationPassed",
+            "RunCommitted",
+            "ResourcesReleased",
+            "RunTerminated",
+        ]
+    );
+    // Every effect names a grant and follows a recorded use of it.
+    for e in &events {
+        if ["FileRead", "EffectStaged"].contains(&e.event_type.as_str()) {
+            let g = e.authority.as_deref().unwrap();
+            assert!(e.causes.iter().any(|c| {
+                let u = &events[c.run_seq as usize];
+                u.event_type == "CapabilityUsed" && u.authority.as_deref() == Some(g)
+            }));
+        }
+    }
+    // Replay: the books folded from the log equal the ones the run kept live.
+    let replayed = Books::fold(RunId::new("main").unwrap(), events.iter()).unwrap();
+    assert_eq!(replayed, report.books);
+    assert_eq!(replayed.budget.spent().tool_calls, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_validation_aborts_and_discards() {
+    let h = H::new(POLICY);
+    let plan = "[[step]]\nintent = \"w\"\ncapability = \"fs.write\"\ntarget = \"hello.txt\"\narguments = { content = \"bye\\n\" }\n";
+    let (spec, mut agent) = h.spec(
+        "bad-check",
+        "coder",
+        "[[check]]\nname = \"must say hello\"\nrun = [\"grep\", \"-q\", \"hello\", \"hello.txt\"]\n",
+        plan,
+    );
+    let report = h.run(spec, &mut agent).await;
+    assert!(
+        matches!(report.outcome, RunOutcome::Aborted { .. }),
+        "{report:?}"
+    );
+    assert_eq!(h.read("hello.txt"), "hello\n");
+    let events = h.events("bad-check").await;
+    assert_eq!(of_type(&events, EventType::ValidationFailed).len(), 1);
+    assert_eq!(of_type(&events, EventType::EffectApplied).len(), 0);
+    assert_eq!(of_type(&events, EventType::RunAborted).len(), 1);
+    let results = &of_type(&events, EventType::ValidationFailed)[0].payload["results"];
+    assert!(results.to_string().contains("must say hello"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_stops_a_runaway_loop() {
+    let h = H::new(POLICY);
+    let plan = "[[step]]\nintent = \"again\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 1000\n";
+    let (spec, mut agent) = h.spec(
+        "runaway",
+        "looper",
+        "[budget]\ntool_calls = 7\non_exhaustion = \"abort\"\n\n[grants]\nuses = 100\n",
+        plan,
+    );
+    let report = h.run(spec, &mut agent).await;
+    assert!(
+        matches!(report.outcome, RunOutcome::Aborted { .. }),
+        "{report:?}"
+    );
+    let events = h.events("runaway").await;
+    assert_eq!(of_type(&events, EventType::FileRead).len(), 7);
+    assert_eq!(denial_codes(&events), ["budget_exhausted"]);
+    assert_eq!(report.spent.tool_calls, 7);
+    // One grant served every use (uses = 100, scope covers the target).
+    assert_eq!(of_type(&events, EventType::CapabilityGranted).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhaustion_can_suspend_instead() {
+    let h = H::new(POLICY);
+    let plan = "[[step]]\nintent = \"again\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 5\n";
+    let (spec, mut agent) = h.spec(
+        "suspends",
+        "looper",
+        "[budget]\ntool_calls = 2\non_exhaustion = \"suspend\"\n",
+        plan,
+    );
+    let report = h.run(spec, &mut agent).await;
+    assert!(matches!(report.outcome, RunOutcome::Suspended { .. }));
+    assert_eq!(report.state, RunState::Suspended);
+    // Raise the budget with a reconfiguration; the run resumes where it stopped and finishes.
+    let rec = ice_runtime::operator::ReconfigurationFile {
+        reason: "give it room".into(),
+        budget: Some(toml::from_str("tool_calls = 10").unwrap()),
+        ..Default::default()
+    };
+    let run = RunId::new("suspends").unwrap();
+    h.rt.reconfigure(&run, "alice", &rec).await.unwrap();
+    let (_, mut agent) = h.spec("suspends-again", "looper", "", "[[step]]\nintent = \"again\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 5\n");
+    let report =
+        h.rt.resume(&run, &mut agent, &ice_runtime::Quiet)
+            .await
+            .unwrap();
+    assert_eq!(report.outcome, RunOutcome::Committed, "{report:?}");
+    let events = h.events("suspends").await;
+    // Two reads, one refused (the run suspended on it), then the rest of the plan: steps 3, 4.
+    assert_eq!(of_type(&events, EventType::FileRead).len(), 4);
+    assert_eq!(denial_codes(&events), ["budget_exhausted"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_assumption_suspends_and_resume_needs_a_record() {
+    let h = H::new(POLICY);
+    let plan =
+        "[[step]]\nintent = \"r\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 3\n";
+    let (spec, plan_agent) = h.spec(
+        "assumes",
+        "coder",
+        "[[assume]]\nfile = \"config.toml\"\n",
+        plan,
+    );
+    let ws = h.ws.clone();
+    let mut agent = Hooked {
+        inner: plan_agent,
+        hook: move |v: &ice_kernel::AgentView| {
+            if v.step == 1 {
+                std::fs::write(ws.join("config.toml"), "x = 2\n").unwrap();
+            }
+        },
+    };
+    let report = h.run(spec, &mut agent).await;
+    assert!(
+        matches!(report.outcome, RunOutcome::Suspended { .. }),
+        "{report:?}"
+    );
+    let run = RunId::new("assumes").unwrap();
+    // Resuming without a reconfiguration record is refused.
+    let (_, mut again) = h.spec("assumes2", "coder", "", plan);
+    let err =
+        h.rt.resume(&run, &mut again, &ice_runtime::Quiet)
+            .await
+            .unwrap_err();
+    assert!(err.to_string().contains("reconfiguration"), "{err}");
+    // A record that does not accept the change leaves the assumption broken: still refused.
+    let weak = ice_runtime::operator::ReconfigurationFile {
+        reason: "looked at it".into(),
+        ..Default::default()
+    };
+    h.rt.reconfigure(&run, "alice", &weak).await.unwrap();
+    let err =
+        h.rt.resume(&run, &mut again, &ice_runtime::Quiet)
+            .await
+            .unwrap_err();
+    assert!(err.to_string().contains("config.toml changed"), "{err}");
+    // Accepting the new content resumes it, and the record is in the log.
+    let ok = ice_runtime::operator::ReconfigurationFile {
+        reason: "the config change is intended".into(),
+        accept_files: true,
+        ..Default::default()
+    };
+    h.rt.reconfigure(&run, "alice", &ok).await.unwrap();
+    let report =
+        h.rt.resume(&run, &mut again, &ice_runtime::Quiet)
+            .await
+            .unwrap();
+    assert_eq!(report.outcome, RunOutcome::Committed, "{report:?}");
+    let events = h.events("assumes").await;
+    let recs = of_type(&events, EventType::ReconfigurationRecorded);
+    assert_eq!(recs.len(), 2);
+    assert_eq!(recs[1].origin.to_string(), "operator:alice");
+    assert!(
+        recs[1].payload["invalidation"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("config.toml")
+    );
+    assert_eq!(of_type(&events, EventType::RunResumed).len(), 1);
+    assert_eq!(of_type(&events, EventType::FileRead).len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_reload_revokes_grants_no_longer_permitted() {
+    let h = H::new(POLICY);
+    let plan =
+        "[[step]]\nintent = \"r\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 3\n";
+    let (spec, plan_agent) = h.spec("reload", "coder", "[grants]\nuses = 10\n", plan);
+    let policies = h.policies.clone();
+    let mut agent = Hooked {
+        inner: plan_agent,
+        hook: move |v: &ice_kernel::AgentView| {
+            if v.step == 1 {
+                // Reads are no longer permitted.
+                let text = POLICY.replace("@id(\"read\")\npermit(principal, action in [Action::\"fs.read\", Action::\"fs.list\"], resource in Dir::\".\");", "");
+                assert_ne!(text, POLICY);
+                std::fs::write(policies.join("p.cedar"), text).unwrap();
+            }
+        },
+    };
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.outcome, RunOutcome::Committed);
+    let events = h.events("reload").await;
+    let revoked = of_type(&events, EventType::CapabilityRevoked);
+    assert_eq!(revoked.len(), 1, "{events:#?}");
+    assert!(
+        revoked[0].payload["reason"]
+            .as_str()
+            .unwrap()
+            .contains("policy reload")
+    );
+    // Read 0 under the grant; the policy changes before read 1, which the grant still covers
+    // (the change is noticed between steps); then the grant is revoked and read 2 is decided
+    // afresh, and denied.
+    assert_eq!(of_type(&events, EventType::FileRead).len(), 2);
+    assert_eq!(denial_codes(&events), ["policy_denied"]);
+    assert!(revoked[0].run_seq < of_type(&events, EventType::CapabilityDenied)[0].run_seq);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_aborts_a_suspended_run() {
+    let h = H::new(POLICY);
+    let plan = "[[step]]\nintent = \"w\"\ncapability = \"fs.write\"\ntarget = \"hello.txt\"\narguments = { content = \"x\" }\n\n[[step]]\nintent = \"r\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 3\n";
+    let (spec, mut agent) = h.spec(
+        "killed",
+        "coder",
+        "[budget]\ntool_calls = 2\non_exhaustion = \"suspend\"\n",
+        plan,
+    );
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.state, RunState::Suspended);
+    let run = RunId::new("killed").unwrap();
+    let state =
+        h.rt.kill(&run, "bob", "enough", &ice_runtime::Quiet)
+            .await
+            .unwrap();
+    assert_eq!(state, RunState::Terminated);
+    assert_eq!(h.read("hello.txt"), "hello\n");
+    let events = h.events("killed").await;
+    assert_eq!(
+        of_type(&events, EventType::RunKillRequested)[0]
+            .origin
+            .to_string(),
+        "operator:bob"
+    );
+    assert_eq!(of_type(&events, EventType::RunAborted).len(), 1);
+    // A second kill is refused: the run has ended.
+    assert!(
+        h.rt.kill(&run, "bob", "", &ice_runtime::Quiet)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_before_anything_is_recorded() {
+    let h = H::new(POLICY);
+    // A run id that exists already.
+    let (spec, mut agent) = h.spec("twice", "coder", "", "[[step]]\nfinish = \"x\"\n");
+    h.run(spec.clone(), &mut agent).await;
+    let n = h.events("twice").await.len();
+    let err =
+        h.rt.start(spec, &mut agent, &ice_runtime::Quiet)
+            .await
+            .unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    assert_eq!(h.events("twice").await.len(), n);
+    // A policy that does not load: the error names file, line and column; nothing recorded.
+    std::fs::write(
+        h.policies.join("broken.cedar"),
+        "permit(principal, action, resource)\n",
+    )
+    .unwrap();
+    let (spec, mut agent) = h.spec("broken-policy", "coder", "", "[[step]]\nfinish = \"x\"\n");
+    let err =
+        h.rt.start(spec, &mut agent, &ice_runtime::Quiet)
+            .await
+            .unwrap_err();
+    assert!(err.to_string().contains("broken.cedar:1:"), "{err}");
+    assert!(h.events("broken-policy").await.is_empty());
+    std::fs::remove_file(h.policies.join("broken.cedar")).unwrap();
+    // An assumption that does not hold at start.
+    let (spec, mut agent) = h.spec(
+        "bad-assume",
+        "coder",
+        "[[assume]]\nfile = \"config.toml\"\nsha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\n",
+        "[[step]]\nfinish = \"x\"\n",
+    );
+    let err =
+        h.rt.start(spec, &mut agent, &ice_runtime::Quiet)
+            .await
+            .unwrap_err();
+    assert!(err.to_string().contains("config.toml"), "{err}");
+    assert!(h.events("bad-assume").await.is_empty());
+}
+
+#[test]
+fn bad_run_specs_name_file_line_and_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("ws")).unwrap();
+    std::fs::write(dir.path().join("plan.toml"), "").unwrap();
+    let head = "[run]\nagent = \"a\"\nworkspace = \"ws\"\n\n[agent]\ndriver = \"plan\"\nplan = \"plan.toml\"\n";
+    let cases = [
+        (format!("{head}[budget]\nwall_time = \"ten\"\n"), "run.toml:8:1: [budget] wall_time"),
+        (format!("{head}[budget]\nwall_tme = \"1s\"\n"), "run.toml:9:1: unknown field `wall_tme`"),
+        (format!("{head}[[check]]\nname = \"c\"\nrun = []\n"), "run.toml:8:1: [[check]] \"c\": `run` needs a program"),
+        (format!("{head}[[assume]]\nfile = \"../x\"\n"), "[[assume]] file"),
+        (format!("{head}[[assume]]\nfile = \"x\"\npolicy_version = \"current\"\n"), "either `file`"),
+        ("[run]\nagent = \"a b\"\nworkspace = \"ws\"\n[agent]\ndriver = \"plan\"\nplan = \"plan.toml\"\n".to_string(), "run.toml:1:1: [run] agent \"a b\""),
+        ("[run]\nagent = \"a\"\nworkspace = \"nope\"\n[agent]\ndriver = \"plan\"\nplan = \"plan.toml\"\n".to_string(), "[run] workspace \"nope\""),
+        ("[run]\nagent = \"a\"\nworkspace = \"ws\"\n[agent]\ndriver = \"llm\"\n".to_string(), "run.toml:4:1: [agent] driver \"llm\""),
+        ("[run]\nagent = \"a\"\nworkspace = \"ws\"\n".to_string(), "missing field `agent`"),
+        (format!("{head}[grants]\nuses = 0\n"), "uses must be at least 1"),
+    ];
+    for (text, want) in cases {
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, &text).unwrap();
+        let err = ice_runtime::RunSpec::load(&path).unwrap_err().to_string();
+        assert!(err.contains(want), "{text}\n got: {err}\nwant: {want}");
+        assert!(err.starts_with(&path.display().to_string()), "{err}");
+    }
+}
