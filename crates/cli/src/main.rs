@@ -9,6 +9,7 @@ mod bench;
 mod home;
 mod inspect;
 mod policy;
+mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +61,24 @@ enum Command {
     /// Check the Cedar policies (`policy check`) and explain how they decide a request
     /// (`policy explain`).
     Policy(policy::PolicyArgs),
+    /// Run a run spec: the agent proposes, ICE decides, acts and records; staged writes land
+    /// only at commit, after validation. Exit 0 committed, 3 aborted, 4 suspended.
+    Run(run::RunArgs),
+    /// A run's staged (or applied) changes.
+    Diff(run::DiffArgs),
+    /// The causal chain of an event: who proposed, which policy decided, which grant or
+    /// approval authorised it, intent, inputs and outputs, back to the run's start.
+    Explain(run::ExplainArgs),
+    /// Approvals waiting for an operator.
+    Approvals(run::ApprovalsArgs),
+    /// Approve a waiting request (as operator:NAME); binds to the exact request's digest.
+    Approve(run::AnswerArgs),
+    /// Deny a waiting request (as operator:NAME).
+    Deny(run::AnswerArgs),
+    /// Record an operator's reconfiguration of a suspended run, then resume it.
+    Reconfigure(run::ReconfigureArgs),
+    /// Kill a run (as operator:NAME): it is aborted, and nothing staged is applied.
+    Kill(run::KillArgs),
     /// Measure ICE against baselines measured in the same run.
     Bench(bench::BenchArgs),
 }
@@ -96,6 +115,14 @@ fn main() -> ExitCode {
             Command::Prove(a) => audit::prove(&home, log_url, a).await,
             Command::VerifyProof(a) => audit::verify_proof(&home, a),
             Command::Policy(a) => policy::run(&home, a),
+            Command::Run(a) => run::run(&home, log_url, a).await,
+            Command::Diff(a) => run::diff(&home, log_url, a).await,
+            Command::Explain(a) => run::explain(&home, log_url, a).await,
+            Command::Approvals(a) => run::approvals(&home, log_url, a).await,
+            Command::Approve(a) => run::answer(&home, log_url, a, true).await,
+            Command::Deny(a) => run::answer(&home, log_url, a, false).await,
+            Command::Reconfigure(a) => run::reconfigure(&home, log_url, a).await,
+            Command::Kill(a) => run::kill(&home, log_url, a).await,
             Command::Bench(a) => bench::run(a).await,
         }
     });

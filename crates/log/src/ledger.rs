@@ -77,7 +77,9 @@ impl Ledger {
         }
     }
 
-    fn forget(&self, run_id: &RunId) {
+    /// Drop the cached head of a run (another writer appended to it; the next append folds
+    /// the run again from the log).
+    pub fn forget(&self, run_id: &RunId) {
         if let Ok(mut m) = self.heads.lock() {
             m.remove(run_id);
         }

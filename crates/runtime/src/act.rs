@@ -160,22 +160,24 @@ pub fn estimate(
     arguments: &Value,
     left: &ice_authority::BudgetLeft,
 ) -> Cost {
-    let cap_bytes = |max: u64| match left.bytes {
-        Some(0) => 1, // nothing left: a reservation of one byte will not fit
+    // The most a call may move: `max`, or what the budget has left when that is less. A call
+    // that needs at least `min` bytes reserves `min` when less is left, which will not fit.
+    let bounded = |min: u64, max: u64| match left.bytes {
+        Some(l) if l < min.max(1) => min.max(1),
         Some(l) => max.min(l),
         None => max,
     };
     let bytes = match capability {
-        "fs.read" => cap_bytes(MAX_READ_BYTES),
+        "fs.read" => bounded(1, MAX_READ_BYTES),
         "fs.write" => content_of(arguments).len() as u64,
         "http.request" => {
             let body = arguments
                 .get("body")
                 .and_then(Value::as_str)
                 .map_or(0, |b| b.len() as u64);
-            body + cap_bytes(MAX_HTTP_BYTES)
+            bounded(body + 1, body + MAX_HTTP_BYTES)
         }
-        "process.exec" => cap_bytes(2 * MAX_CHECK_OUTPUT as u64),
+        "process.exec" => bounded(1, 2 * MAX_CHECK_OUTPUT as u64),
         _ => 0,
     };
     Cost {

@@ -64,6 +64,8 @@ pub struct Books {
     pub denials: u64,
     /// Number of reservations made (for the next id).
     pub reservations: u64,
+    /// The operator's answer (`ApprovalGranted` / `ApprovalDenied` event) to each approval.
+    pub answers: BTreeMap<EventId, EventId>,
 }
 
 /// Why an event could not be folded.
@@ -108,6 +110,7 @@ impl Books {
             applied: 0,
             denials: 0,
             reservations: 0,
+            answers: BTreeMap::new(),
         }
     }
 
@@ -194,6 +197,16 @@ impl Books {
                 });
             }
             EventType::EffectApplied => self.applied += 1,
+            EventType::ApprovalGranted | EventType::ApprovalDenied => {
+                if let Some(a) = e
+                    .payload
+                    .get("approval")
+                    .and_then(Value::as_str)
+                    .and_then(|a| a.parse::<EventId>().ok())
+                {
+                    self.answers.insert(a, e.id());
+                }
+            }
             EventType::RunKillRequested => {
                 let reason = e
                     .payload

@@ -187,6 +187,8 @@ impl Ctx<'_> {
             if page.is_empty() {
                 return Ok(());
             }
+            // Someone else wrote to the run: the ledger's cached head is stale.
+            self.rt.ledger.forget(&self.run);
             for s in &page {
                 let e = s.event()?;
                 live.books.apply(&e)?;
@@ -303,8 +305,16 @@ impl Ctx<'_> {
                 let g = self.grant_payload(
                     live, agent, r, &resource, effect, &version, policies, None, now,
                 );
-                self.proceed(guard, agent, r, &resource, &target, Grant::New(g), None)
-                    .await
+                self.proceed(
+                    guard,
+                    agent,
+                    r,
+                    &resource,
+                    &target,
+                    Grant::New(g, None),
+                    None,
+                )
+                .await
             }
             DecisionKind::PermitWithApproval => {
                 // Record the request and the approval request; wait for an operator.
@@ -375,6 +385,7 @@ impl Ctx<'_> {
                     d.policies = policies;
                     return self.refuse(live, agent, r, Some(req), d, None).await;
                 }
+                let answer = live.books.answers.get(&approval).cloned();
                 let g = self.grant_payload(
                     live,
                     agent,
@@ -392,7 +403,7 @@ impl Ctx<'_> {
                     r,
                     &resource,
                     &target,
-                    Grant::New(g),
+                    Grant::New(g, answer),
                     Some(req),
                 )
                 .await
@@ -509,19 +520,21 @@ impl Ctx<'_> {
                                 self.eid(next)
                             }
                         };
-                        if let Grant::New(p) = &grant {
+                        if let Grant::New(p, answer) = &grant {
                             let mut p = p.clone();
                             if p.approval.is_none() {
                                 p.request = req.clone();
                             }
-                            v.push(
-                                rt_draft(
-                                    EventType::CapabilityGranted,
-                                    Value::Object(p.to_payload()),
-                                )
-                                .authority(p.authority())
-                                .cause(req),
-                            );
+                            let mut d = rt_draft(
+                                EventType::CapabilityGranted,
+                                Value::Object(p.to_payload()),
+                            )
+                            .authority(p.authority())
+                            .cause(req);
+                            if let Some(a) = answer {
+                                d = d.cause(a.clone());
+                            }
+                            v.push(d);
                         }
                         v
                     })
@@ -529,7 +542,7 @@ impl Ctx<'_> {
                 let req = recorded.unwrap_or_else(|| rec[0].id());
                 let grant = match &grant {
                     Grant::Existing(g) => g.clone(),
-                    Grant::New(_) => rec.last().expect("grant recorded").id(),
+                    Grant::New(..) => rec.last().expect("grant recorded").id(),
                 };
                 (req, grant)
             }
@@ -700,7 +713,8 @@ impl Ctx<'_> {
 /// The grant a call will use.
 enum Grant {
     Existing(EventId),
-    New(CapabilityGrantedPayload),
+    /// A grant to issue, and the operator's approval event that allows it, if any.
+    New(CapabilityGrantedPayload, Option<EventId>),
 }
 
 fn request_draft(agent: &str, r: &CapabilityProposal) -> Draft {

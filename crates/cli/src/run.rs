@@ -1,0 +1,636 @@
+//! `ice run` (the main job) and the commands around a run: `diff`, `explain`, `approvals`,
+//! `approve`, `deny`, `reconfigure`, `kill`.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow};
+use clap::Args;
+use ice_intelligence::{Plan, PlanAgent};
+use ice_kernel::{Event, EventId, EventType, Origin, RunId};
+use ice_log::clock::SystemClock;
+use ice_log::ledger::Ledger;
+use ice_log::sqlite::Mode;
+use ice_runtime::operator::ReconfigurationFile;
+use ice_runtime::{Installation, Observer, RunOutcome, RunReport, RunSpec, Runtime};
+use serde_json::{Value, json};
+
+use crate::home::Home;
+
+/// Exit code: the run ended aborted or failed validation.
+const EXIT_ABORTED: u8 = 3;
+/// Exit code: the run is suspended or waits for an operator.
+const EXIT_SUSPENDED: u8 = 4;
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The run spec (TOML): agent, workspace, policy, budgets, assumptions, checks.
+    spec: PathBuf,
+    /// Print the final report as JSON (progress lines still go to stderr on a terminal).
+    #[arg(long)]
+    json: bool,
+    /// Print progress lines even when stderr is not a terminal.
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+#[derive(Args)]
+pub struct DiffArgs {
+    /// The run.
+    run: String,
+    /// One JSON document.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ExplainArgs {
+    /// The event (RUN_ID:RUN_SEQ).
+    event: String,
+    /// One JSON document.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ApprovalsArgs {
+    /// Only this run's approvals.
+    #[arg(long)]
+    run: Option<String>,
+    /// One JSON document.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct AnswerArgs {
+    /// The approval (the id `ice approvals` shows: RUN_ID:RUN_SEQ).
+    approval: String,
+    /// Who answers (recorded as operator:NAME); default $USER.
+    #[arg(long, value_name = "NAME")]
+    operator: Option<String>,
+    /// Why (recorded).
+    #[arg(long, default_value = "")]
+    reason: String,
+}
+
+#[derive(Args)]
+pub struct ReconfigureArgs {
+    /// The suspended run.
+    run: String,
+    /// The reconfiguration record (TOML: reason, accept_files, accept_policy, [budget]).
+    #[arg(long, value_name = "FILE")]
+    record: PathBuf,
+    /// Who reconfigures (recorded as operator:NAME); default $USER.
+    #[arg(long, value_name = "NAME")]
+    operator: Option<String>,
+    /// Record the reconfiguration without resuming the run.
+    #[arg(long)]
+    no_resume: bool,
+    /// Print progress lines even when stderr is not a terminal.
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+#[derive(Args)]
+pub struct KillArgs {
+    /// The run.
+    run: String,
+    /// Who (recorded as operator:NAME); default $USER.
+    #[arg(long, value_name = "NAME")]
+    operator: Option<String>,
+    /// Why (recorded).
+    #[arg(long, default_value = "")]
+    reason: String,
+}
+
+fn operator(name: &Option<String>) -> String {
+    let n = name
+        .clone()
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "operator".into());
+    n.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-@".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+fn runtime(home: &Path, url: Option<&str>) -> Result<(Home, Runtime)> {
+    let h = Home::open(home)?;
+    let log = h.log(url, Mode::ReadWrite)?;
+    let ledger = Arc::new(Ledger::new(log, Arc::new(SystemClock)));
+    let install = Installation {
+        runs_dir: h.dir.join("runs"),
+        policy_dir: h.policy_dir(),
+    };
+    let rt = Runtime::new(ledger, Arc::new(SystemClock), install)?;
+    Ok((h, rt))
+}
+
+/// Progress lines: proposal → decision → effect, one line per event that matters.
+struct Progress {
+    on: bool,
+}
+
+impl Observer for Progress {
+    fn recorded(&self, e: &Event) {
+        if !self.on {
+            return;
+        }
+        if let Some(line) = progress_line(e) {
+            let _ = writeln!(std::io::stderr(), "{line}");
+        }
+    }
+
+    fn waiting(&self, what: &str) {
+        if self.on {
+            let _ = writeln!(std::io::stderr(), "  … waiting for {what}");
+        }
+    }
+}
+
+fn s<'a>(e: &'a Event, k: &str) -> &'a str {
+    e.payload.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+fn progress_line(e: &Event) -> Option<String> {
+    let t = EventType::from_name(&e.event_type)?;
+    let id = e.id();
+    Some(match t {
+        EventType::RunProvisioned => format!("run {} started", e.run_id),
+        EventType::ExecutionWindowOpened => format!("{id} executing"),
+        EventType::CapabilityRequested => format!(
+            "{id} → {} {}  \"{}\"",
+            s(e, "capability"),
+            s(e, "target"),
+            e.intent.as_deref().unwrap_or("")
+        ),
+        EventType::CapabilityGranted => format!(
+            "{id}   ✓ granted {} ({})",
+            e.payload.get("scope").and_then(Value::as_str).unwrap_or(""),
+            e.authority.as_deref().unwrap_or("")
+        ),
+        EventType::CapabilityDenied => {
+            format!("{id}   ✗ denied: {} — {}", s(e, "reason"), s(e, "detail"))
+        }
+        EventType::ApprovalRequested => format!("{id}   ? approval requested"),
+        EventType::ApprovalGranted => format!("{id}   ✓ approved by {}", e.origin),
+        EventType::ApprovalDenied => format!("{id}   ✗ approval denied by {}", e.origin),
+        EventType::FileRead => format!(
+            "{id}   = read {}{}",
+            if s(e, "path").is_empty() {
+                s(e, "dir")
+            } else {
+                s(e, "path")
+            },
+            e.payload
+                .get("bytes")
+                .map(|b| format!(" ({b} bytes)"))
+                .unwrap_or_default()
+        ),
+        EventType::EffectStaged => format!("{id}   = staged {}", s(e, "path")),
+        EventType::APIRequestExecuted => format!(
+            "{id}   = {} {} → {}",
+            s(e, "method"),
+            s(e, "url"),
+            e.payload.get("status").cloned().unwrap_or(Value::Null)
+        ),
+        EventType::CapabilityRevoked => format!("{id}   ! grant revoked: {}", s(e, "reason")),
+        EventType::InferenceStep
+        | EventType::DecisionProposed
+        | EventType::HypothesisGenerated
+        | EventType::UncertaintyDeclared
+        | EventType::PlanStepProposed
+        | EventType::AssumptionDeclared => format!(
+            "{id} · {} \"{}\"",
+            e.event_type,
+            e.intent.as_deref().unwrap_or("")
+        ),
+        EventType::ValidationStarted => format!("{id} validating"),
+        EventType::ValidationPassed => format!("{id}   ✓ validation passed"),
+        EventType::ValidationFailed => format!("{id}   ✗ validation failed"),
+        EventType::EffectApplied => format!("{id}   = applied {}", s(e, "path")),
+        EventType::RunCommitted => format!("{id} committed"),
+        EventType::RunAborted => format!("{id} aborted: {}", s(e, "reason")),
+        EventType::RunSuspended => format!("{id} suspended: {}", s(e, "detail")),
+        EventType::RunResumed => format!("{id} resumed"),
+        EventType::RunKillRequested => format!("{id} kill requested by {}", e.origin),
+        _ => return None,
+    })
+}
+
+fn print_report(r: &RunReport, json_out: bool) -> u8 {
+    let code = match r.outcome {
+        RunOutcome::Committed => 0,
+        RunOutcome::Aborted { .. } => EXIT_ABORTED,
+        RunOutcome::Suspended { .. } => EXIT_SUSPENDED,
+    };
+    let (outcome, why) = match &r.outcome {
+        RunOutcome::Committed => ("committed", String::new()),
+        RunOutcome::Aborted { reason } => ("aborted", reason.clone()),
+        RunOutcome::Suspended { reason } => ("suspended", reason.clone()),
+    };
+    let budget: Vec<Value> = r
+        .limits
+        .fields()
+        .into_iter()
+        .zip(r.spent.fields())
+        .filter(|((_, l), (_, s))| l.is_some() || *s > 0)
+        .map(|((n, l), (_, s))| json!({"attribute": n, "spent": s, "limit": l}))
+        .collect();
+    let mut out = std::io::stdout().lock();
+    if json_out {
+        let doc = json!({
+            "run": r.run.as_str(),
+            "outcome": outcome,
+            "reason": why,
+            "state": r.state.name(),
+            "events": r.events,
+            "applied": r.applied,
+            "staged": r.staged,
+            "denials": r.denials.iter().map(|(id, code, detail)| json!({"event": id.to_string(), "reason": code, "detail": detail})).collect::<Vec<_>>(),
+            "budget": budget,
+        });
+        let _ = writeln!(out, "{doc}");
+        return code;
+    }
+    let _ = writeln!(
+        out,
+        "\nrun {}: {outcome}{}",
+        r.run,
+        if why.is_empty() {
+            String::new()
+        } else {
+            format!(" — {why}")
+        }
+    );
+    let _ = writeln!(out, "  state:    {}  ({} events)", r.state, r.events);
+    let _ = writeln!(
+        out,
+        "  effects:  {} applied to the workspace{}",
+        r.applied,
+        if r.applied == 0 && r.staged > 0 {
+            format!(" ({} staged write(s) discarded)", r.staged)
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(out, "  denials:  {}", r.denials.len());
+    for (id, code, detail) in &r.denials {
+        let _ = writeln!(out, "    {id}  {code}: {detail}");
+    }
+    let _ = write!(out, "  budget:  ");
+    if budget.is_empty() {
+        let _ = write!(out, " none set");
+    }
+    for b in &budget {
+        let _ = write!(
+            out,
+            " {} {}/{}",
+            b["attribute"].as_str().unwrap_or(""),
+            b["spent"],
+            b["limit"]
+                .as_u64()
+                .map_or("∞".to_string(), |l| l.to_string())
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "  inspect:  ice log --run {0} · ice diff {0} · ice explain {0}:N · ice verify",
+        r.run
+    );
+    if let RunOutcome::Suspended { .. } = r.outcome {
+        let _ = writeln!(
+            out,
+            "  continue: ice reconfigure {0} --record FILE   or   ice kill {0}",
+            r.run
+        );
+    }
+    code
+}
+
+fn load_agent(spec: &RunSpec) -> Result<PlanAgent> {
+    let plan = Plan::load(&spec.plan).map_err(|e| anyhow!("{e}"))?;
+    if let Some(a) = &plan.agent
+        && a != &spec.agent
+    {
+        return Err(anyhow!(
+            "{}: the plan is for agent {a:?} but the run spec names {:?}",
+            spec.plan.display(),
+            spec.agent
+        ));
+    }
+    Ok(PlanAgent::new(spec.agent.clone(), plan))
+}
+
+pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
+    // Everything that can be wrong with the input is found before anything is recorded.
+    let spec = RunSpec::load(&a.spec).map_err(|e| anyhow!("{e}"))?;
+    let mut agent = load_agent(&spec)?;
+    let (_h, rt) = runtime(home, url)?;
+    let progress = Progress {
+        on: a.verbose || std::io::stderr().is_terminal(),
+    };
+    for r in rt.recover(&progress).await? {
+        let _ = writeln!(
+            std::io::stderr(),
+            "recovered run {}: {} → {} ({})",
+            r.run,
+            r.from,
+            r.to,
+            r.detail
+        );
+    }
+    let report = rt.start(spec, &mut agent, &progress).await?;
+    Ok(print_report(&report, a.json))
+}
+
+pub async fn reconfigure(home: &Path, url: Option<&str>, a: ReconfigureArgs) -> Result<u8> {
+    let run = RunId::new(a.run.clone()).map_err(|e| anyhow!("run {:?}: {e}", a.run))?;
+    let text = std::fs::read_to_string(&a.record)
+        .with_context(|| format!("reading {}", a.record.display()))?;
+    let record: ReconfigurationFile = toml::from_str(&text).map_err(|e| {
+        let at = e
+            .span()
+            .map(|s| {
+                let before = &text[..s.start.min(text.len())];
+                format!(
+                    "{}:{}:",
+                    before.matches('\n').count() + 1,
+                    before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1
+                )
+            })
+            .unwrap_or_default();
+        anyhow!("{}:{at} {}", a.record.display(), e.message())
+    })?;
+    let (_h, rt) = runtime(home, url)?;
+    let id = rt
+        .reconfigure(&run, &operator(&a.operator), &record)
+        .await?;
+    println!("recorded reconfiguration {id}");
+    if a.no_resume {
+        return Ok(EXIT_SUSPENDED);
+    }
+    let books = rt.books(&run).await?;
+    let spec = books
+        .spec
+        .clone()
+        .ok_or_else(|| anyhow!("run {run} has no recorded spec"))?;
+    let mut agent = load_agent(&spec)?;
+    let progress = Progress {
+        on: a.verbose || std::io::stderr().is_terminal(),
+    };
+    let report = rt.resume(&run, &mut agent, &progress).await?;
+    Ok(print_report(&report, false))
+}
+
+pub async fn kill(home: &Path, url: Option<&str>, a: KillArgs) -> Result<u8> {
+    let run = RunId::new(a.run.clone()).map_err(|e| anyhow!("run {:?}: {e}", a.run))?;
+    let (_h, rt) = runtime(home, url)?;
+    let progress = Progress { on: false };
+    let state = rt
+        .kill(&run, &operator(&a.operator), &a.reason, &progress)
+        .await?;
+    if state.is_non_terminal() {
+        println!("kill requested; the process driving run {run} stops it before its next step");
+    } else {
+        println!("run {run} killed: {state}");
+    }
+    Ok(0)
+}
+
+pub async fn approvals(home: &Path, url: Option<&str>, a: ApprovalsArgs) -> Result<u8> {
+    let run = a
+        .run
+        .as_deref()
+        .map(RunId::new)
+        .transpose()
+        .map_err(|e| anyhow!("--run: {e}"))?;
+    let (_h, rt) = runtime(home, url)?;
+    let pending = rt.pending_approvals(run.as_ref()).await?;
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let _ = writeln!(out, "{}", serde_json::to_string(&pending)?);
+        return Ok(0);
+    }
+    if pending.is_empty() {
+        let _ = writeln!(out, "no approvals are waiting");
+    }
+    for p in &pending {
+        let _ = writeln!(
+            out,
+            "{}  {} {} by agent:{}  \"{}\"\n    arguments {}  digest {}  expires {}\n    answer: ice approve {} | ice deny {}",
+            p.id,
+            p.capability,
+            p.resource,
+            p.agent,
+            p.intent,
+            cut(&p.arguments.to_string(), 160),
+            &p.digest[..16],
+            p.expires_at,
+            p.id,
+            p.id
+        );
+    }
+    Ok(0)
+}
+
+fn cut(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n).collect::<String>())
+    }
+}
+
+pub async fn answer(home: &Path, url: Option<&str>, a: AnswerArgs, grant: bool) -> Result<u8> {
+    let id: EventId = a
+        .approval
+        .parse()
+        .map_err(|e| anyhow!("approval {:?}: {e}", a.approval))?;
+    let (_h, rt) = runtime(home, url)?;
+    rt.answer_approval(&id, &operator(&a.operator), grant, &a.reason)
+        .await?;
+    println!("{} {id}", if grant { "approved" } else { "denied" });
+    Ok(0)
+}
+
+pub async fn diff(home: &Path, url: Option<&str>, a: DiffArgs) -> Result<u8> {
+    let run = RunId::new(a.run.clone()).map_err(|e| anyhow!("run {:?}: {e}", a.run))?;
+    let (_h, rt) = runtime(home, url)?;
+    let changes = rt.diff(&run).await?;
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let _ = writeln!(out, "{}", Value::Array(changes));
+        return Ok(0);
+    }
+    if changes.is_empty() {
+        let _ = writeln!(out, "run {run} changed nothing");
+    }
+    for c in &changes {
+        let _ = writeln!(
+            out,
+            "{} {}  ({}, {})",
+            match c["change"].as_str() {
+                Some("added") => "A",
+                Some("deleted") => "D",
+                _ => "M",
+            },
+            c["path"].as_str().unwrap_or(""),
+            c["status"].as_str().unwrap_or(""),
+            c["event"].as_str().unwrap_or("")
+        );
+        if let Some(after) = c["after"].as_str()
+            && let Ok(d) = ice_kernel::Digest::from_hex(after)
+            && let Some(bytes) = rt.staged_content(&run, &d)
+            && let Ok(text) = std::str::from_utf8(&bytes)
+        {
+            for l in text.lines().take(40) {
+                let _ = writeln!(out, "    + {l}");
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// The causal chain of an event back to the run's start: each event's origin, intent,
+/// authority (grant → decision/approval) and evidence.
+pub async fn explain(home: &Path, url: Option<&str>, a: ExplainArgs) -> Result<u8> {
+    let id: EventId = a
+        .event
+        .parse()
+        .map_err(|e| anyhow!("event {:?}: {e}", a.event))?;
+    let h = Home::open(home)?;
+    let log = h.log(url, Mode::ReadOnly)?;
+    let events = ice_runtime::read_run(log.as_ref(), &id.run_id).await?;
+    let Some(target) = events.get(id.run_seq as usize) else {
+        return Err(anyhow!("no event {id}"));
+    };
+    let by_id: HashMap<String, &Event> = events.iter().map(|e| (e.id().to_string(), e)).collect();
+    // Walk causes and authority links breadth-first, then print in log order.
+    let mut seen: Vec<u64> = vec![target.run_seq];
+    let mut queue = vec![target];
+    let mut roles: HashMap<u64, &'static str> = HashMap::new();
+    roles.insert(target.run_seq, "explained");
+    while let Some(e) = queue.pop() {
+        let mut links: Vec<(String, &'static str)> =
+            e.causes.iter().map(|c| (c.to_string(), "cause")).collect();
+        if let Some(auth) = &e.authority
+            && by_id.contains_key(auth.as_str())
+        {
+            links.push((auth.clone(), "authority"));
+        }
+        for key in ["request", "approval", "grant"] {
+            if let Some(v) = e.payload.get(key).and_then(Value::as_str) {
+                links.push((v.to_string(), "authority"));
+            }
+        }
+        for (l, role) in links {
+            if let Some(c) = by_id.get(l.as_str())
+                && !seen.contains(&c.run_seq)
+            {
+                seen.push(c.run_seq);
+                roles.insert(c.run_seq, role);
+                queue.push(c);
+            }
+        }
+    }
+    // The run's start (provisioning, context, policy binding) always frames the chain.
+    for e in events.iter().take_while(|e| {
+        !matches!(
+            EventType::from_name(&e.event_type),
+            Some(EventType::CapabilityRequested) | None
+        ) && e.run_seq <= target.run_seq
+    }) {
+        if !seen.contains(&e.run_seq)
+            && matches!(
+                EventType::from_name(&e.event_type),
+                Some(
+                    EventType::RunProvisioned
+                        | EventType::ContextResolved
+                        | EventType::CapabilitiesBound
+                        | EventType::ExecutionWindowOpened
+                )
+            )
+        {
+            seen.push(e.run_seq);
+            roles.insert(e.run_seq, "run start");
+        }
+    }
+    seen.sort_unstable();
+    let chain: Vec<&Event> = seen
+        .iter()
+        .filter_map(|s| events.get(*s as usize))
+        .collect();
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let doc: Vec<Value> = chain
+            .iter()
+            .map(|e| {
+                let mut v = serde_json::to_value(e).unwrap_or(Value::Null);
+                if let Value::Object(m) = &mut v {
+                    m.insert(
+                        "role".into(),
+                        json!(roles.get(&e.run_seq).copied().unwrap_or("")),
+                    );
+                }
+                v
+            })
+            .collect();
+        let _ = writeln!(out, "{}", json!({"event": id.to_string(), "chain": doc}));
+        return Ok(0);
+    }
+    for e in chain {
+        let who = match &e.origin {
+            Origin::Runtime => "runtime".to_string(),
+            o => o.to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<10} {:<24} {:<22} {}",
+            e.id().to_string(),
+            e.event_type,
+            who,
+            roles.get(&e.run_seq).copied().unwrap_or("")
+        );
+        if let Some(i) = &e.intent {
+            let _ = writeln!(out, "           intent:    {i}");
+        }
+        if let Some(au) = &e.authority {
+            let _ = writeln!(out, "           authority: {au}");
+        }
+        let p = &e.payload;
+        for key in [
+            "capability",
+            "target",
+            "scope",
+            "policies",
+            "policy_version",
+            "reason",
+            "detail",
+            "digest",
+            "path",
+            "url",
+            "status",
+            "before",
+            "after",
+        ] {
+            if let Some(v) = p.get(key) {
+                let text = match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let _ = writeln!(out, "           {key:<10} {}", cut(&text, 120));
+            }
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,386 @@
+//! `ice run` and the operator commands as scripts see them, in separate processes: the
+//! quickstart example, approvals answered from another process, kill, and a SIGKILL in the
+//! middle of a commit followed by recovery.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn ice_cmd(home: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ice"));
+    c.arg("--home").arg(home).env_remove("ICE_HOME");
+    c
+}
+
+fn ice(home: &Path, args: &[&str]) -> Output {
+    ice_cmd(home).args(args).output().expect("ice runs")
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("exited")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let p = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &p);
+        } else {
+            std::fs::copy(e.path(), p).unwrap();
+        }
+    }
+}
+
+/// A fresh home and a copy of examples/quickstart, its endpoint on `port`.
+fn setup(port: u16) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let o = ice(&home, &["init", "--origin", "ice.test/runs"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let qs = dir.path().join("quickstart");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart");
+    copy_dir(&example, &qs);
+    std::fs::write(dir.path().join("outside.txt"), "not yours\n").unwrap();
+    for f in ["plan.toml", "policies/quickstart.cedar"] {
+        let p = qs.join(f);
+        let t = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("8765", &port.to_string());
+        std::fs::write(p, t).unwrap();
+    }
+    let spec = qs.join("run.toml");
+    let t = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("timeout = \"3s\"", "timeout = \"2s\"");
+    std::fs::write(&spec, t).unwrap();
+    (dir, home, qs)
+}
+
+/// A local endpoint answering every request with 200; returns its port and what it saw.
+fn endpoint() -> (u16, std::sync::mpsc::Receiver<String>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = vec![0u8; 65536];
+            let mut got = Vec::new();
+            s.set_read_timeout(Some(Duration::from_millis(500))).ok();
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+                let t = String::from_utf8_lossy(&got);
+                if let Some(i) = t.find("\r\n\r\n") {
+                    let len = t[..i]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if got.len() >= i + 4 + len {
+                        break;
+                    }
+                }
+            }
+            let _ = tx.send(String::from_utf8_lossy(&got).into_owned());
+            let _ = s.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\nconnection: close\r\n\r\nthanks\n",
+            );
+        }
+    });
+    (port, rx)
+}
+
+fn pending(home: &Path) -> Vec<Value> {
+    let o = ice(home, &["approvals", "--json"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn the_quickstart_run_commits_with_an_operator_in_another_process() {
+    let (port, seen) = endpoint();
+    let (_dir, home, qs) = setup(port);
+    let mut child = ice_cmd(&home)
+        .args(["run", qs.join("run.toml").to_str().unwrap(), "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The operator: leaves the first approval unanswered (it times out), approves the second.
+    let mut first: Option<String> = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut approved = false;
+    while !approved && Instant::now() < deadline {
+        for p in pending(&home) {
+            let id = p["id"].as_str().unwrap().to_string();
+            assert_eq!(p["capability"], "http.request");
+            match &first {
+                None => first = Some(id),
+                Some(f) if *f == id => {}
+                Some(_) => {
+                    let o = ice(&home, &["approve", &id, "--operator", "alice"]);
+                    assert_eq!(code(&o), 0, "{}", text(&o));
+                    approved = true;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(approved, "no second approval request appeared");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["outcome"], "committed");
+    let reasons: Vec<&str> = report["denials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        ["confinement", "policy_denied", "approval_timeout"]
+    );
+    assert_eq!(
+        std::fs::read_to_string(qs.join("workspace/hello.txt")).unwrap(),
+        "hello, governed world\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(qs.join("workspace/locked/release.txt")).unwrap(),
+        "release = \"1.0\"\n"
+    );
+    // The endpoint was called exactly once, after the approval.
+    let req = seen.recv_timeout(Duration::from_secs(1)).unwrap();
+    assert!(req.starts_with("POST /notify"), "{req}");
+    assert!(req.ends_with("hello.txt changed"), "{req}");
+    assert!(seen.try_recv().is_err());
+    // The approval was recorded by the operator, and explain links the call to it.
+    let log = ice(
+        &home,
+        &[
+            "log",
+            "--run",
+            "quickstart",
+            "--type",
+            "APIRequestExecuted",
+            "--json",
+        ],
+    );
+    let call: Value =
+        serde_json::from_slice(log.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    let id = format!("quickstart:{}", call["run_seq"]);
+    let o = ice(&home, &["explain", &id, "--json"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let chain: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let types: Vec<&str> = chain["chain"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    for t in [
+        "RunProvisioned",
+        "CapabilityRequested",
+        "ApprovalRequested",
+        "ApprovalGranted",
+        "CapabilityGranted",
+        "CapabilityUsed",
+        "APIRequestExecuted",
+    ] {
+        assert!(types.contains(&t), "{t} missing from {types:?}");
+    }
+    let granted = chain["chain"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "ApprovalGranted")
+        .unwrap();
+    assert_eq!(granted["origin"], "operator:alice");
+    // The diff shows what landed.
+    let o = ice(&home, &["diff", "quickstart", "--json"]);
+    let diff: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(diff[0]["path"], "hello.txt");
+    assert_eq!(diff[0]["status"], "applied");
+    // Approvals cannot be answered twice.
+    let o = ice(&home, &["approve", first.as_deref().unwrap()]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    // The runaway run is stopped by its budget: exit 3.
+    let o = ice(&home, &["run", qs.join("runaway.toml").to_str().unwrap()]);
+    assert_eq!(code(&o), 3, "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("budget_exhausted"),
+        "{}",
+        text(&o)
+    );
+    let o = ice(&home, &["verify"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+}
+
+/// Run the quickstart spec with a pause inside the commit, SIGKILL it there, recover.
+fn killed_in_commit(pause_after: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let (_port, _seen) = (0, ());
+    let (dir, home, qs) = setup(1);
+    // No approvals in this plan: only the file steps.
+    let plan = "agent = \"coder\"\n\n[[step]]\nintent = \"w\"\ncapability = \"fs.write\"\ntarget = \"hello.txt\"\narguments = { content = \"hello, governed world\\n\" }\n\n[[step]]\nintent = \"w2\"\ncapability = \"fs.write\"\ntarget = \"b.txt\"\narguments = { content = \"b\\n\" }\n\n[[step]]\nintent = \"w3\"\ncapability = \"fs.write\"\ntarget = \"c.txt\"\narguments = { content = \"c\\n\" }\n";
+    std::fs::write(qs.join("plan.toml"), plan).unwrap();
+    let mut child = ice_cmd(&home)
+        .args(["run", qs.join("run.toml").to_str().unwrap()])
+        .env("ICE_TEST_PAUSE_IN_COMMIT", pause_after)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "the run ended without pausing"
+        );
+        if line.contains("ICE_TEST: paused in commit") {
+            break;
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    (dir, home, qs)
+}
+
+fn workspace_files(qs: &Path) -> Vec<(String, String)> {
+    let ws = qs.join("workspace");
+    ["hello.txt", "b.txt", "c.txt"]
+        .iter()
+        .map(|f| {
+            (
+                f.to_string(),
+                std::fs::read_to_string(ws.join(f)).unwrap_or_else(|_| "<absent>".into()),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn sigkill_during_commit_then_recovery_leaves_everything_applied_and_says_so() {
+    let (_dir, home, qs) = killed_in_commit("1");
+    // Killed after the first of three changes was applied.
+    let before = workspace_files(&qs);
+    assert_eq!(
+        before.iter().filter(|(_, c)| c != "<absent>").count(),
+        2,
+        "{before:?}"
+    );
+    // Start-up recovery runs before the next run.
+    let o = ice(&home, &["run", qs.join("runaway.toml").to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("recovered run quickstart"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        workspace_files(&qs),
+        [
+            (
+                "hello.txt".to_string(),
+                "hello, governed world\n".to_string()
+            ),
+            ("b.txt".to_string(), "b\n".to_string()),
+            ("c.txt".to_string(), "c\n".to_string()),
+        ]
+    );
+    let o = ice(
+        &home,
+        &[
+            "log",
+            "--run",
+            "quickstart",
+            "--type",
+            "RunCommitted",
+            "--json",
+        ],
+    );
+    let e: Value = serde_json::from_slice(o.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(e["payload"]["completed_by_recovery"], true);
+    assert_eq!(code(&ice(&home, &["verify"])), 0);
+}
+
+#[test]
+fn sigkill_before_the_commit_point_leaves_nothing_applied_and_says_so() {
+    let (_dir, home, qs) = killed_in_commit("0");
+    let o = ice(&home, &["run", qs.join("runaway.toml").to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("recovered run quickstart"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        workspace_files(&qs),
+        [
+            ("hello.txt".to_string(), "hello\n".to_string()),
+            ("b.txt".to_string(), "<absent>".to_string()),
+            ("c.txt".to_string(), "<absent>".to_string()),
+        ]
+    );
+    let o = ice(
+        &home,
+        &[
+            "log",
+            "--run",
+            "quickstart",
+            "--type",
+            "RunAborted",
+            "--json",
+        ],
+    );
+    assert!(!o.stdout.is_empty(), "{}", text(&o));
+    assert_eq!(code(&ice(&home, &["verify"])), 0);
+}
+
+#[test]
+fn bad_run_specs_and_plans_are_refused_with_file_and_line() {
+    let (_dir, home, qs) = setup(1);
+    std::fs::write(
+        qs.join("plan.toml"),
+        "[[step]]\nintent = \"x\"\ncapability = \"fs.read\"\n",
+    )
+    .unwrap();
+    let o = ice(&home, &["run", qs.join("run.toml").to_str().unwrap()]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("plan.toml:1:1: step 1: `fs.read` needs a `target`"),
+        "{}",
+        text(&o)
+    );
+    std::fs::write(qs.join("run.toml"), "[run]\nagent = 5\n").unwrap();
+    let o = ice(&home, &["run", qs.join("run.toml").to_str().unwrap()]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("run.toml:2:9"),
+        "{}",
+        text(&o)
+    );
+    // Nothing was recorded.
+    let o = ice(&home, &["runs", "--json"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
+}
