@@ -52,6 +52,7 @@ enum What {
     Append,
     Verify,
     Memory,
+    Governed,
 }
 
 /// A deterministic clock: one microsecond per reading.
@@ -219,10 +220,144 @@ pub async fn run(a: BenchArgs) -> Result<u8> {
         ));
         figures.insert("verify_memory".into(), json!({"small_events": small, "small_peak_rss_kib": rss[0], "big_events": big, "big_peak_rss_kib": rss[1]}));
     }
+    if matches!(a.what, What::All | What::Governed) {
+        let calls = a.appends.max(500) as usize;
+        let mut added50 = Vec::new();
+        let mut added99 = Vec::new();
+        let mut fresh50 = Vec::new();
+        let mut gov50 = Vec::new();
+        let mut direct50 = Vec::new();
+        let (mut mem50, mut mem99) = (Vec::new(), Vec::new());
+        for r in 0..a.repeat {
+            let g = governed_calls(&format!("gov-{r}"), calls, 1_000_000, false).await?;
+            let f = governed_calls(&format!("fresh-{r}"), calls / 4, 1, false).await?;
+            let m = governed_calls(&format!("mem-{r}"), calls, 1_000_000, true).await?;
+            added50.push(g.added_p50);
+            added99.push(g.added_p99);
+            gov50.push(g.governed_p50);
+            direct50.push(g.direct_p50);
+            fresh50.push(f.added_p50);
+            mem50.push(m.added_p50);
+            mem99.push(m.added_p99);
+        }
+        let (a50, a99, f50) = (median(added50), median(added99), median(fresh50));
+        let (g50, d50) = (median(gov50), median(direct50));
+        let (m50, m99) = (median(mem50), median(mem99));
+        say(format!(
+            "governed fs.read of a 16-byte file, SQLite log on tmpfs (no disk sync): {g50:.1} µs p50 vs {d50:.1} µs calling it directly; added {a50:.1} µs p50, {a99:.1} µs p99 under a live grant (target ≤ 20 / ≤ 100); {f50:.1} µs p50 added when each call needs a policy decision and a new grant"
+        ));
+        say(format!(
+            "  the same with the log write left out (events sealed by the validator, kept in memory): added {m50:.1} µs p50, {m99:.1} µs p99"
+        ));
+        figures.insert(
+            "governed_call".into(),
+            json!({"governed_p50_us": g50, "direct_p50_us": d50, "added_p50_us": a50, "added_p99_us": a99, "added_p50_new_grant_us": f50, "added_p50_no_log_write_us": m50, "added_p99_no_log_write_us": m99}),
+        );
+    }
     if a.json {
         println!("{}", serde_json::Value::Object(figures));
     }
     Ok(0)
+}
+
+struct GovernedFigures {
+    governed_p50: f64,
+    direct_p50: f64,
+    added_p50: f64,
+    added_p99: f64,
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Latency of a governed `fs.read` through a session (request, grant or decision, budget,
+/// use, effect, settle, all recorded) against reading the same file directly, interleaved so
+/// both see the same machine. The log lives on tmpfs when the machine has one, so the disk
+/// sync costs nothing: what remains is ICE's own work.
+async fn governed_calls(
+    name: &str,
+    calls: usize,
+    grant_uses: u32,
+    in_memory: bool,
+) -> Result<GovernedFigures> {
+    use ice_kernel::{CapabilityProposal, Proposal};
+    let shm = std::path::Path::new("/dev/shm");
+    let dir = if shm.is_dir() {
+        tempfile::tempdir_in(shm)
+    } else {
+        tempfile::tempdir()
+    }
+    .context("creating a temporary directory")?;
+    let base = dir.path().join(name);
+    let ws = base.join("workspace");
+    std::fs::create_dir_all(&ws)?;
+    std::fs::create_dir_all(base.join("policies"))?;
+    std::fs::create_dir_all(base.join("runs"))?;
+    std::fs::write(ws.join("noop.txt"), "sixteen bytes!!\n")?;
+    std::fs::write(
+        base.join("policies/p.cedar"),
+        "permit(principal, action == Action::\"fs.read\", resource in Dir::\".\");\n",
+    )?;
+    std::fs::write(base.join("plan.toml"), "")?;
+    std::fs::write(
+        base.join("run.toml"),
+        format!(
+            "[run]\nid = \"bench\"\nagent = \"bench\"\nworkspace = \"workspace\"\npolicy = \"policies\"\n[agent]\ndriver = \"plan\"\nplan = \"plan.toml\"\n[grants]\nuses = {grant_uses}\nttl = \"1h\"\n"
+        ),
+    )?;
+    let spec =
+        ice_runtime::RunSpec::load(&base.join("run.toml")).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let log: Arc<dyn EventLog> = if in_memory {
+        Arc::new(MemoryLog::default())
+    } else {
+        Arc::new(SqliteLog::create(&base.join("ice.db"))?)
+    };
+    let ledger = Arc::new(Ledger::new(log, Arc::new(ice_log::clock::SystemClock)));
+    let rt = ice_runtime::Runtime::new(
+        ledger,
+        Arc::new(ice_log::clock::SystemClock),
+        ice_runtime::Installation {
+            runs_dir: base.join("runs"),
+            policy_dir: base.join("policies"),
+        },
+    )?;
+    let session = rt.open_session(spec, "bench", &ice_runtime::Quiet).await?;
+    let proposal = Proposal::Request(CapabilityProposal {
+        capability: "fs.read".into(),
+        target: "noop.txt".into(),
+        arguments: json!({}),
+        intent: "measure".into(),
+    });
+    let file = ws.join("noop.txt");
+    let mut governed = Vec::with_capacity(calls);
+    let mut direct = Vec::with_capacity(calls);
+    for i in 0..calls + calls / 10 {
+        let t = std::time::Instant::now();
+        let out = session.propose(&proposal).await?;
+        let g = t.elapsed().as_secs_f64() * 1e6;
+        if !matches!(out, Some(ice_kernel::Outcome::Done { .. })) {
+            bail!("the governed call was not carried out: {out:?}");
+        }
+        let t = std::time::Instant::now();
+        let bytes = std::hint::black_box(std::fs::read(&file)?);
+        let d = t.elapsed().as_secs_f64() * 1e6;
+        std::hint::black_box(bytes);
+        if i >= calls / 10 {
+            governed.push(g);
+            direct.push(d);
+        }
+    }
+    session.finish().await?;
+    let added: Vec<f64> = governed.iter().zip(&direct).map(|(g, d)| g - d).collect();
+    let mut added_sorted = added.clone();
+    Ok(GovernedFigures {
+        governed_p50: percentile(&mut governed, 0.5),
+        direct_p50: percentile(&mut direct, 0.5),
+        added_p50: percentile(&mut added_sorted, 0.5),
+        added_p99: percentile(&mut added_sorted.clone(), 0.99),
+    })
 }
 
 /// Wall-clock and per-CPU-second rates of `f`, which returns how many events it processed.
@@ -483,4 +618,115 @@ fn child_verify_peak_rss_kib(home: &Path) -> Result<i64> {
         bail!("could not read the verifier's memory from /proc");
     }
     Ok(peak)
+}
+
+/// A log that keeps sealed events in memory and nothing else: what a governed call costs when
+/// the log write is left out. Only what a session uses is implemented.
+#[derive(Default)]
+struct MemoryLog {
+    events: std::sync::Mutex<Vec<ice_log::StoredEvent>>,
+}
+
+#[async_trait::async_trait]
+impl EventLog for MemoryLog {
+    async fn append(
+        &self,
+        batch: ice_kernel::SealedBatch,
+    ) -> Result<ice_log::AppendReceipt, ice_log::LogError> {
+        let mut all = self.events.lock().map_err(|_| ice_log::LogError::Closed)?;
+        let at = all
+            .iter()
+            .rev()
+            .find(|e| e.run_id == batch.run_id().as_str())
+            .map_or(0, |e| e.run_seq + 1);
+        if at != batch.first_seq() {
+            return Err(ice_log::LogError::Conflict {
+                run_id: batch.run_id().to_string(),
+                expected: batch.first_seq(),
+                expected_prev: batch.prev(),
+                actual: at,
+            });
+        }
+        let first = all.len() as u64;
+        for s in batch.events() {
+            let e = s.event();
+            let log_seq = all.len() as u64;
+            all.push(ice_log::StoredEvent {
+                log_seq,
+                run_id: e.run_id.to_string(),
+                run_seq: e.run_seq,
+                event_type: e.event_type.clone(),
+                hash: e.hash.0.to_vec(),
+                body: s.body().to_vec(),
+            });
+        }
+        Ok(ice_log::AppendReceipt {
+            first_log_seq: first,
+            count: batch.events().len() as u64,
+            tree_size: all.len() as u64,
+        })
+    }
+    async fn read_run(
+        &self,
+        run_id: &RunId,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<ice_log::StoredEvent>, ice_log::LogError> {
+        let all = self.events.lock().map_err(|_| ice_log::LogError::Closed)?;
+        // One run per bench log: its events are in run_seq order from position 0.
+        Ok(all
+            .iter()
+            .skip(from_seq as usize)
+            .filter(|e| e.run_id == run_id.as_str() && e.run_seq >= from_seq)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+    async fn scan(&self, _: u64, _: usize) -> Result<Vec<ice_log::StoredEvent>, ice_log::LogError> {
+        Err(ice_log::LogError::Invalid("not kept".into()))
+    }
+    async fn get(
+        &self,
+        _: &ice_kernel::EventId,
+    ) -> Result<Option<ice_log::StoredEvent>, ice_log::LogError> {
+        Err(ice_log::LogError::Invalid("not kept".into()))
+    }
+    async fn size(&self) -> Result<u64, ice_log::LogError> {
+        Ok(self
+            .events
+            .lock()
+            .map_err(|_| ice_log::LogError::Closed)?
+            .len() as u64)
+    }
+    async fn runs(&self, _: u64, _: usize) -> Result<Vec<RunId>, ice_log::LogError> {
+        Ok(Vec::new())
+    }
+    async fn existing(
+        &self,
+        _: &[ice_kernel::EventId],
+    ) -> Result<std::collections::HashSet<ice_kernel::EventId>, ice_log::LogError> {
+        Ok(Default::default())
+    }
+    async fn blob(&self, _: &ice_kernel::Digest) -> Result<Option<Vec<u8>>, ice_log::LogError> {
+        Ok(None)
+    }
+    async fn nodes(
+        &self,
+        _: &[ice_log::merkle::NodeId],
+    ) -> Result<Vec<ice_kernel::Digest>, ice_log::LogError> {
+        Err(ice_log::LogError::Invalid("not kept".into()))
+    }
+    async fn scan_nodes(
+        &self,
+        _: u64,
+        _: u64,
+    ) -> Result<Vec<(ice_log::merkle::NodeId, Vec<u8>)>, ice_log::LogError> {
+        Err(ice_log::LogError::Invalid("not kept".into()))
+    }
+    async fn add_checkpoint(&self, _: ice_log::StoredCheckpoint) -> Result<(), ice_log::LogError> {
+        Err(ice_log::LogError::Invalid("not kept".into()))
+    }
+    async fn checkpoints(&self) -> Result<Vec<ice_log::StoredCheckpoint>, ice_log::LogError> {
+        Ok(Vec::new())
+    }
 }

@@ -121,3 +121,19 @@ fn load_reports_missing_file() {
     let e = Plan::load(&dir.path().join("nope.toml")).unwrap_err();
     assert!(e.to_string().contains("nope.toml"));
 }
+
+/// A-002 by construction: agent drivers can reach the kernel's agent protocol and nothing else
+/// of ICE (no log, authority, effects or runtime), so no driver can cause an effect.
+#[test]
+fn drivers_depend_on_the_kernel_alone() {
+    let manifest =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
+    let doc: toml::Table = manifest.parse().unwrap();
+    let ice: Vec<&String> = ["dependencies", "build-dependencies"]
+        .iter()
+        .filter_map(|s| doc.get(*s).and_then(|d| d.as_table()))
+        .flat_map(|t| t.keys())
+        .filter(|k| k.starts_with("ice-"))
+        .collect();
+    assert_eq!(ice, ["ice-kernel"]);
+}

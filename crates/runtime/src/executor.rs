@@ -109,7 +109,14 @@ pub(crate) struct Live {
     pub(crate) stage: act::Staging,
     pub(crate) last: Option<Outcome>,
     pub(crate) window_started: Instant,
+    /// When the run last looked for others' events and policy edits (see [`POLL_EVERY`]).
+    pub(crate) last_poll: Option<Instant>,
 }
+
+/// How often, at most, a run looks between steps for events others appended (a kill request)
+/// and for policy edits. Others' events are also folded whenever an append finds the run
+/// moved on, and always before validation.
+pub(crate) const POLL_EVERY: Duration = Duration::from_millis(25);
 
 pub(crate) struct Ctx<'a> {
     pub(crate) rt: &'a Runtime,
@@ -245,6 +252,13 @@ impl Ctx<'_> {
     ) -> Result<CallEnd, RuntimeError> {
         let mut guard = self.live.lock().await;
         let live = &mut *guard;
+        if live.books.state() != RunState::Executing {
+            return Err(RuntimeError::State {
+                run: self.run.to_string(),
+                state: live.books.state(),
+                what: "requests are taken only while the run is executing".into(),
+            });
+        }
         let capability = r.capability.clone();
         // 1. The target, checked and in canonical form.
         let (resource, effect, target) = match act::resolve_target(&self.rt.registry, r) {
@@ -504,12 +518,60 @@ impl Ctx<'_> {
                 .refuse(live, agent, r, recorded, d, Some(refusal.to_string()))
                 .await;
         }
-        // b. The request and the new grant, if not yet recorded.
-        let (req, grant) = match (&grant, &recorded) {
-            (Grant::Existing(g), Some(req)) => (req.clone(), g.clone()),
-            _ => {
-                let draft = request_draft(agent, r);
-                let recorded = recorded.clone();
+        let intent = r.intent.clone();
+        let draft = request_draft(agent, r);
+        // The reservation and the use, caused by the request `req` and the grant `grant`.
+        let reserve_and_use = |req: &EventId, grant: &EventId| {
+            vec![
+                rt_draft(
+                    EventType::BudgetReserved,
+                    Value::Object(
+                        BudgetReservedPayload {
+                            reservation: reservation.clone(),
+                            amount,
+                        }
+                        .to_payload(),
+                    ),
+                )
+                .cause(req.clone()),
+                Draft::new(EventType::CapabilityUsed.name(), Origin::Runtime)
+                    .intent(intent.clone())
+                    .authority(grant.to_string())
+                    .payload(Value::Object(
+                        CapabilityUsedPayload {
+                            grant: grant.clone(),
+                            capability: capability.clone(),
+                            resource: resource.clone(),
+                        }
+                        .to_payload(),
+                    ))
+                    .cause(req.clone())
+                    .cause(grant.clone()),
+            ]
+        };
+        let check = |live: &Live, grant: &EventId| {
+            live.books.grants.check_use(
+                grant,
+                &self.run,
+                &capability,
+                resource,
+                self.now(),
+                live.books.state(),
+            )
+        };
+        let (req, grant, auth, used) = match &grant {
+            // b. A live grant: checked at the moment of use, then the request (if not yet
+            //    recorded), the reservation and the use are recorded together.
+            Grant::Existing(g) => {
+                let auth = match check(live, g) {
+                    Ok(a) => a,
+                    Err(refusal) => {
+                        let mut d =
+                            Self::denial(r, Some(resource), refusal.code(), refusal.to_string());
+                        d.grant = Some(g.clone());
+                        return self.refuse(live, agent, r, recorded, d, None).await;
+                    }
+                };
                 let rec = self
                     .append(live, |next| {
                         let mut v = Vec::new();
@@ -520,83 +582,58 @@ impl Ctx<'_> {
                                 self.eid(next)
                             }
                         };
-                        if let Grant::New(p, answer) = &grant {
-                            let mut p = p.clone();
-                            if p.approval.is_none() {
-                                p.request = req.clone();
-                            }
-                            let mut d = rt_draft(
-                                EventType::CapabilityGranted,
-                                Value::Object(p.to_payload()),
-                            )
-                            .authority(p.authority())
-                            .cause(req);
-                            if let Some(a) = answer {
-                                d = d.cause(a.clone());
-                            }
-                            v.push(d);
-                        }
+                        v.extend(reserve_and_use(&req, g));
                         v
                     })
                     .await?;
-                let req = recorded.unwrap_or_else(|| rec[0].id());
-                let grant = match &grant {
-                    Grant::Existing(g) => g.clone(),
-                    Grant::New(..) => rec.last().expect("grant recorded").id(),
+                let req = recorded.clone().unwrap_or_else(|| rec[0].id());
+                let used = rec.last().expect("use recorded").id();
+                (req, g.clone(), auth, used)
+            }
+            // b'. A new grant: the request (if not yet recorded) and the grant are recorded,
+            //     the grant is checked as recorded, then the reservation and the use.
+            Grant::New(p, answer) => {
+                let rec = self
+                    .append(live, |next| {
+                        let mut v = Vec::new();
+                        let req = match &recorded {
+                            Some(req) => req.clone(),
+                            None => {
+                                v.push(draft.clone());
+                                self.eid(next)
+                            }
+                        };
+                        let mut p = p.clone();
+                        if p.approval.is_none() {
+                            p.request = req.clone();
+                        }
+                        let mut d =
+                            rt_draft(EventType::CapabilityGranted, Value::Object(p.to_payload()))
+                                .authority(p.authority())
+                                .cause(req);
+                        if let Some(a) = answer {
+                            d = d.cause(a.clone());
+                        }
+                        v.push(d);
+                        v
+                    })
+                    .await?;
+                let req = recorded.clone().unwrap_or_else(|| rec[0].id());
+                let grant = rec.last().expect("grant recorded").id();
+                let auth = match check(live, &grant) {
+                    Ok(a) => a,
+                    Err(refusal) => {
+                        let mut d =
+                            Self::denial(r, Some(resource), refusal.code(), refusal.to_string());
+                        d.grant = Some(grant);
+                        return self.refuse(live, agent, r, Some(req), d, None).await;
+                    }
                 };
-                (req, grant)
+                let rec = self.append(live, |_| reserve_and_use(&req, &grant)).await?;
+                let used = rec[1].id();
+                (req, grant, auth, used)
             }
         };
-        // c. The grant, checked at the moment of use.
-        let now = self.now();
-        let auth = match live.books.grants.check_use(
-            &grant,
-            &self.run,
-            &capability,
-            resource,
-            now,
-            live.books.state(),
-        ) {
-            Ok(a) => a,
-            Err(refusal) => {
-                let mut d = Self::denial(r, Some(resource), refusal.code(), refusal.to_string());
-                d.grant = Some(grant);
-                return self.refuse(live, agent, r, Some(req), d, None).await;
-            }
-        };
-        // d. Reserve and use.
-        let intent = r.intent.clone();
-        let rec = self
-            .append(live, |_| {
-                vec![
-                    rt_draft(
-                        EventType::BudgetReserved,
-                        Value::Object(
-                            BudgetReservedPayload {
-                                reservation: reservation.clone(),
-                                amount,
-                            }
-                            .to_payload(),
-                        ),
-                    )
-                    .cause(req.clone()),
-                    Draft::new(EventType::CapabilityUsed.name(), Origin::Runtime)
-                        .intent(intent.clone())
-                        .authority(grant.to_string())
-                        .payload(Value::Object(
-                            CapabilityUsedPayload {
-                                grant: grant.clone(),
-                                capability: capability.clone(),
-                                resource: resource.clone(),
-                            }
-                            .to_payload(),
-                        ))
-                        .cause(req.clone())
-                        .cause(grant.clone()),
-                ]
-            })
-            .await?;
-        let used = rec[1].id();
         // e. Act. Filesystem effects touch only the stage (under the lock); network and process
         //    effects run without it.
         let started = Instant::now();
@@ -757,7 +794,6 @@ impl Ctx<'_> {
             let view = {
                 let mut guard = self.live.lock().await;
                 let live = &mut *guard;
-                self.catch_up(live).await?;
                 if let Some(stop) = self.between_steps(live).await? {
                     return Ok(stop);
                 }
@@ -806,6 +842,11 @@ impl Ctx<'_> {
         &self,
         live: &mut Live,
     ) -> Result<Option<RunOutcome>, RuntimeError> {
+        let poll = live.last_poll.is_none_or(|t| t.elapsed() >= POLL_EVERY);
+        if poll {
+            live.last_poll = Some(Instant::now());
+            self.catch_up(live).await?;
+        }
         if let Some((who, why)) = live.books.kill.clone() {
             let detail = if why.is_empty() {
                 format!("killed by {who}")
@@ -848,7 +889,7 @@ impl Ctx<'_> {
             })
             .await?;
         }
-        if let Some(stop) = self.policy_check(live).await? {
+        if poll && let Some(stop) = self.policy_check(live).await? {
             return Ok(Some(stop));
         }
         if let Some(why) = self.broken_assumption(live) {

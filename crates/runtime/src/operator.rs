@@ -246,6 +246,7 @@ impl Runtime {
             stage,
             last: None,
             window_started: Instant::now(),
+            last_poll: None,
         };
         let ctx = Ctx {
             rt: self,
@@ -352,6 +353,7 @@ impl Runtime {
             stage,
             last: None,
             window_started: Instant::now(),
+            last_poll: None,
         };
         Ok(Ctx {
             rt: self,
@@ -869,7 +871,6 @@ impl Session<'_> {
         {
             let mut g = self.ctx.live.lock().await;
             let live = &mut *g;
-            self.ctx.catch_up(live).await?;
             if let Some(stop) = self.ctx.between_steps(live).await? {
                 return Err(self.stop(stop, live.books.state()));
             }

@@ -315,6 +315,8 @@ async fn a_policy_reload_revokes_grants_no_longer_permitted() {
                 // Reads are no longer permitted.
                 let text = POLICY.replace("@id(\"read\")\npermit(principal, action in [Action::\"fs.read\", Action::\"fs.list\"], resource in Dir::\".\");", "");
                 assert_ne!(text, POLICY);
+                // Edits are looked for at most every 25 ms between steps.
+                std::thread::sleep(std::time::Duration::from_millis(30));
                 std::fs::write(policies.join("p.cedar"), text).unwrap();
             }
         },
