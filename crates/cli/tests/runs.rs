@@ -120,7 +120,7 @@ fn pending(home: &Path) -> Vec<Value> {
 fn the_quickstart_run_commits_with_an_operator_in_another_process() {
     let (port, seen) = endpoint();
     let (_dir, home, qs) = setup(port);
-    let mut child = ice_cmd(&home)
+    let child = ice_cmd(&home)
         .args(["run", qs.join("run.toml").to_str().unwrap(), "--json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -238,7 +238,6 @@ fn the_quickstart_run_commits_with_an_operator_in_another_process() {
 
 /// Run the quickstart spec with a pause inside the commit, SIGKILL it there, recover.
 fn killed_in_commit(pause_after: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
-    let (_port, _seen) = (0, ());
     let (dir, home, qs) = setup(1);
     // No approvals in this plan: only the file steps.
     let plan = "agent = \"coder\"\n\n[[step]]\nintent = \"w\"\ncapability = \"fs.write\"\ntarget = \"hello.txt\"\narguments = { content = \"hello, governed world\\n\" }\n\n[[step]]\nintent = \"w2\"\ncapability = \"fs.write\"\ntarget = \"b.txt\"\narguments = { content = \"b\\n\" }\n\n[[step]]\nintent = \"w3\"\ncapability = \"fs.write\"\ntarget = \"c.txt\"\narguments = { content = \"c\\n\" }\n";

@@ -303,7 +303,7 @@ impl Ctx<'_> {
         };
         let decision = live.policy.decide(&request);
         let policies = decision.determining_policies().to_vec();
-        let version = decision.policy_version.clone();
+        let version = decision.policy_version;
         match decision.kind() {
             DecisionKind::Deny => {
                 let mut d = Self::denial(
@@ -325,7 +325,7 @@ impl Ctx<'_> {
                     r,
                     &resource,
                     &target,
-                    Grant::New(g, None),
+                    Grant::New(Box::new(g), None),
                     None,
                 )
                 .await
@@ -346,7 +346,7 @@ impl Ctx<'_> {
                             resource: resource.clone(),
                             arguments: obj(r.arguments.clone()),
                             agent: agent.to_string(),
-                            policy_version: version.clone(),
+                            policy_version: version,
                             policies: policies.clone(),
                             expires_at,
                             request: req.clone(),
@@ -417,7 +417,7 @@ impl Ctx<'_> {
                     r,
                     &resource,
                     &target,
-                    Grant::New(g, answer),
+                    Grant::New(Box::new(g), answer),
                     Some(req),
                 )
                 .await
@@ -476,7 +476,7 @@ impl Ctx<'_> {
             expires_at: add_ms(now, live.spec.grant_ttl_ms),
             max_uses: u64::from(live.spec.grant_uses),
             constraints: Map::new(),
-            policy_version: version.clone(),
+            policy_version: *version,
             policies,
             approval,
             request,
@@ -550,14 +550,17 @@ impl Ctx<'_> {
             ]
         };
         let check = |live: &Live, grant: &EventId| {
-            live.books.grants.check_use(
-                grant,
-                &self.run,
-                &capability,
-                resource,
-                self.now(),
-                live.books.state(),
-            )
+            live.books
+                .grants
+                .check_use(
+                    grant,
+                    &self.run,
+                    &capability,
+                    resource,
+                    self.now(),
+                    live.books.state(),
+                )
+                .map_err(Box::new)
         };
         let (req, grant, auth, used) = match &grant {
             // b. A live grant: checked at the moment of use, then the request (if not yet
@@ -603,7 +606,7 @@ impl Ctx<'_> {
                                 self.eid(next)
                             }
                         };
-                        let mut p = p.clone();
+                        let mut p = (**p).clone();
                         if p.approval.is_none() {
                             p.request = req.clone();
                         }
@@ -751,7 +754,7 @@ impl Ctx<'_> {
 enum Grant {
     Existing(EventId),
     /// A grant to issue, and the operator's approval event that allows it, if any.
-    New(CapabilityGrantedPayload, Option<EventId>),
+    New(Box<CapabilityGrantedPayload>, Option<EventId>),
 }
 
 fn request_draft(agent: &str, r: &CapabilityProposal) -> Draft {
@@ -975,7 +978,7 @@ impl Ctx<'_> {
                                 CapabilityRevokedPayload {
                                     grant: g.clone(),
                                     reason: reason.clone(),
-                                    policy_version: Some(new_version.clone()),
+                                    policy_version: Some(new_version),
                                 }
                                 .to_payload(),
                             ),

@@ -97,7 +97,7 @@ impl H {
     }
 }
 
-pub fn of_type<'a>(events: &'a [Event], t: EventType) -> Vec<&'a Event> {
+pub fn of_type(events: &[Event], t: EventType) -> Vec<&Event> {
     events.iter().filter(|e| e.event_type == t.name()).collect()
 }
 
