@@ -182,6 +182,23 @@ impl Runtime {
         if !self.ledger.log().read_run(&run, 0, 1).await?.is_empty() {
             return Err(RuntimeError::Exists(run.to_string()));
         }
+        let home = self
+            .install
+            .runs_dir
+            .parent()
+            .unwrap_or(&self.install.runs_dir);
+        let home = std::fs::canonicalize(home).unwrap_or_else(|_| home.to_path_buf());
+        if home.starts_with(&spec.workspace) {
+            return Err(RuntimeError::Spec(crate::SpecError {
+                file: spec.file.display().to_string(),
+                at: None,
+                problem: format!(
+                    "[run] workspace {} contains this ICE installation ({}), so an agent could read its keys and log; use a home outside the workspace (--home or ICE_HOME) or a workspace below it",
+                    spec.workspace.display(),
+                    home.display()
+                ),
+            }));
+        }
         let (policy, policy_dir) = self.load_policy(&spec)?;
         let mut assumptions = Vec::new();
         for a in &spec.assumptions {
@@ -718,7 +735,10 @@ impl Runtime {
             };
             let mut g = ctx.live.lock().await;
             let live = &mut *g;
-            let detail = match state {
+            // One run that cannot be recovered (say, its commit keeps failing to apply) is
+            // reported and left as it is; it does not stop the others or the command.
+            let detail: Result<String, RuntimeError> = async {
+                Ok(match state {
                 RunState::Created | RunState::Provisioned | RunState::ContextReady => {
                     ctx.terminate_by_runtime(
                         live,
@@ -773,7 +793,14 @@ impl Runtime {
                     ctx.teardown(live, "terminated by runtime").await?;
                     "teardown finished".to_string()
                 }
-                _ => continue,
+                _ => return Ok(String::new()),
+            })
+            }
+            .await;
+            let detail = match detail {
+                Ok(d) if d.is_empty() => continue,
+                Ok(d) => d,
+                Err(e) => format!("not recovered: {e}"),
             };
             out.push(Recovered {
                 run: run.to_string(),

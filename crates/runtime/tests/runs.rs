@@ -443,3 +443,27 @@ fn bad_run_specs_name_file_line_and_problem() {
         assert!(err.starts_with(&path.display().to_string()), "{err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workspace_holding_the_installation_is_refused() {
+    let h = H::new(POLICY);
+    // The home is <base>/home; a workspace of <base> would contain it.
+    let spec_file = h.base.join("wide.toml");
+    std::fs::write(h.base.join("wide-plan.toml"), "").unwrap();
+    std::fs::write(
+        &spec_file,
+        "[run]\nid = \"wide\"\nagent = \"coder\"\nworkspace = \".\"\npolicy = \"policies\"\n[agent]\ndriver = \"plan\"\nplan = \"wide-plan.toml\"\n",
+    )
+    .unwrap();
+    let spec = ice_runtime::RunSpec::load(&spec_file).unwrap();
+    let (_, mut agent) = h.spec("unused", "coder", "", "");
+    let err =
+        h.rt.start(spec, &mut agent, &ice_runtime::Quiet)
+            .await
+            .unwrap_err();
+    assert!(
+        err.to_string().contains("contains this ICE installation"),
+        "{err}"
+    );
+    assert!(h.events("wide").await.is_empty());
+}
