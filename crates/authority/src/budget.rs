@@ -255,6 +255,14 @@ impl BudgetLedger {
     /// used before, or if for any limited attribute `spent + outstanding + amount > limit`
     /// (the refusal names the first such attribute). On refusal nothing changes.
     pub fn reserve(&mut self, id: &str, amount: Cost) -> Result<(), BudgetRefusal> {
+        self.check_reserve(id, amount)?;
+        self.reserved.insert(id.to_string(), amount);
+        Ok(())
+    }
+
+    /// Whether [`Self::reserve`] would accept this reservation now, changing nothing (the
+    /// runtime asks before it records anything for a call).
+    pub fn check_reserve(&self, id: &str, amount: Cost) -> Result<(), BudgetRefusal> {
         check_reservation_id(id)?;
         if self.reserved.contains_key(id) || self.settled.contains(id) {
             return Err(BudgetRefusal::Duplicate(id.to_string()));
@@ -275,7 +283,6 @@ impl BudgetLedger {
                 });
             }
         }
-        self.reserved.insert(id.to_string(), amount);
         Ok(())
     }
 

@@ -507,7 +507,7 @@ impl Ctx<'_> {
         );
         let reservation = format!("r{}", live.books.reservations + 1);
         // a. A reservation that does not fit is refused before any grant is issued or used.
-        if let Err(refusal) = live.books.budget.clone().reserve(&reservation, amount) {
+        if let Err(refusal) = live.books.budget.check_reserve(&reservation, amount) {
             let d = Self::denial(
                 r,
                 Some(resource),
