@@ -556,6 +556,7 @@ pub async fn explain(home: &Path, url: Option<&str>, a: ExplainArgs) -> Result<u
                 Some(
                     EventType::RunProvisioned
                         | EventType::ContextResolved
+                        | EventType::MemoryMounted
                         | EventType::CapabilitiesBound
                         | EventType::ExecutionWindowOpened
                 )

@@ -304,6 +304,10 @@ impl Runtime {
                         .payload(json!({"stage": dir.join("stage").display().to_string()})),
                     Draft::new(EventType::ContextResolved.name(), Origin::Runtime)
                         .payload(ctx_payload.clone()),
+                    // No memories are mounted yet (memory promotion is a later layer); the
+                    // phase is recorded all the same, with the empty list.
+                    Draft::new(EventType::MemoryMounted.name(), Origin::Runtime)
+                        .payload(json!({"memories": []})),
                     Draft::new(EventType::CapabilitiesBound.name(), Origin::Runtime)
                         .payload(json!({"capabilities": caps, "policy_version": version.to_hex()})),
                     Draft::new(EventType::ExecutionWindowOpened.name(), Origin::Runtime)
