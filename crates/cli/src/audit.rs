@@ -21,7 +21,7 @@ pub fn init(dir: &Path, origin: Option<String>, json: bool) -> Result<u8> {
     if json {
         println!(
             "{}",
-            json!({"home": h.dir, "log": h.config.log, "origin": h.config.origin, "verifier_key": vkey.to_string()})
+            json!({"home": h.dir, "log": h.config.log, "origin": h.config.origin, "verifier_key": vkey.to_string(), "policies": h.policy_dir()})
         );
     } else {
         println!("Initialised ICE home {}", h.dir.display());
@@ -31,6 +31,10 @@ pub fn init(dir: &Path, origin: Option<String>, json: bool) -> Result<u8> {
         println!(
             "                 (also in {}; give it to auditors)",
             h.dir.join("keys/checkpoint.pub").display()
+        );
+        println!(
+            "  policies:      {} (a starter policy; check edits with `ice policy check`)",
+            h.policy_dir().display()
         );
     }
     Ok(0)

@@ -79,6 +79,8 @@ fn init_creates_a_home_and_refuses_to_overwrite_one() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert!(v["verifier_key"].as_str().unwrap().contains('+'));
+    assert!(v["policies"].as_str().unwrap().ends_with("policies"));
+    assert!(home.join("policies/default.cedar").exists());
     for f in [
         "config.toml",
         "ice.db",
