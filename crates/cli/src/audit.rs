@@ -117,12 +117,14 @@ pub struct CheckpointArgs {
     json: bool,
 }
 
-pub async fn checkpoint(home: &Path, url: Option<&str>, a: CheckpointArgs) -> Result<u8> {
-    let h = Home::open(home)?;
+/// Sign the log's current tree head with the home's key and store the checkpoint.
+pub async fn sign_checkpoint(
+    h: &Home,
+    log: &dyn ice_log::EventLog,
+) -> Result<(u64, ice_kernel::Digest, String)> {
     let signer = h.signer()?;
-    let log = h.log(url, Mode::ReadWrite)?;
     let size = log.size().await?;
-    let root = root_at(log.as_ref(), size).await?;
+    let root = root_at(log, size).await?;
     let cp = Checkpoint {
         origin: signer.name().to_string(),
         size,
@@ -134,6 +136,13 @@ pub async fn checkpoint(home: &Path, url: Option<&str>, a: CheckpointArgs) -> Re
         note: note.clone(),
     })
     .await?;
+    Ok((size, root, note))
+}
+
+pub async fn checkpoint(home: &Path, url: Option<&str>, a: CheckpointArgs) -> Result<u8> {
+    let h = Home::open(home)?;
+    let log = h.log(url, Mode::ReadWrite)?;
+    let (size, root, note) = sign_checkpoint(&h, log.as_ref()).await?;
     if a.json {
         println!(
             "{}",

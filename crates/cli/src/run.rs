@@ -335,7 +335,7 @@ pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
     // Everything that can be wrong with the input is found before anything is recorded.
     let spec = RunSpec::load(&a.spec).map_err(|e| anyhow!("{e}"))?;
     let mut agent = load_agent(&spec)?;
-    let (_h, rt) = runtime(home, url)?;
+    let (h, rt) = runtime(home, url)?;
     let progress = Progress {
         on: a.verbose || std::io::stderr().is_terminal(),
     };
@@ -350,7 +350,21 @@ pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
         );
     }
     let report = rt.start(spec, &mut agent, &progress).await?;
-    Ok(print_report(&report, a.json))
+    let code = print_report(&report, a.json);
+    seal_with_checkpoint(&h, &rt, a.json).await?;
+    Ok(code)
+}
+
+/// After a run stops, sign a checkpoint of the log: from then on, removing or rewriting any of
+/// the run's events (a truncated tail included) is caught by `ice verify`.
+async fn seal_with_checkpoint(h: &Home, rt: &Runtime, quiet: bool) -> Result<()> {
+    let (size, _, _) = crate::audit::sign_checkpoint(h, rt.ledger().log().as_ref())
+        .await
+        .context("signing a checkpoint after the run")?;
+    if !quiet {
+        println!("  sealed:   checkpoint signed at log size {size}");
+    }
+    Ok(())
 }
 
 pub async fn reconfigure(home: &Path, url: Option<&str>, a: ReconfigureArgs) -> Result<u8> {
@@ -371,7 +385,7 @@ pub async fn reconfigure(home: &Path, url: Option<&str>, a: ReconfigureArgs) -> 
             .unwrap_or_default();
         anyhow!("{}:{at} {}", a.record.display(), e.message())
     })?;
-    let (_h, rt) = runtime(home, url)?;
+    let (h, rt) = runtime(home, url)?;
     let id = rt
         .reconfigure(&run, &operator(&a.operator), &record)
         .await?;
@@ -389,12 +403,14 @@ pub async fn reconfigure(home: &Path, url: Option<&str>, a: ReconfigureArgs) -> 
         on: a.verbose || std::io::stderr().is_terminal(),
     };
     let report = rt.resume(&run, &mut agent, &progress).await?;
-    Ok(print_report(&report, false))
+    let code = print_report(&report, false);
+    seal_with_checkpoint(&h, &rt, false).await?;
+    Ok(code)
 }
 
 pub async fn kill(home: &Path, url: Option<&str>, a: KillArgs) -> Result<u8> {
     let run = RunId::new(a.run.clone()).map_err(|e| anyhow!("run {:?}: {e}", a.run))?;
-    let (_h, rt) = runtime(home, url)?;
+    let (h, rt) = runtime(home, url)?;
     let progress = Progress { on: false };
     let state = rt
         .kill(&run, &operator(&a.operator), &a.reason, &progress)
@@ -403,6 +419,7 @@ pub async fn kill(home: &Path, url: Option<&str>, a: KillArgs) -> Result<u8> {
         println!("kill requested; the process driving run {run} stops it before its next step");
     } else {
         println!("run {run} killed: {state}");
+        seal_with_checkpoint(&h, &rt, false).await?;
     }
     Ok(0)
 }

@@ -234,6 +234,19 @@ fn the_quickstart_run_commits_with_an_operator_in_another_process() {
     );
     let o = ice(&home, &["verify"]);
     assert_eq!(code(&o), 0, "{}", text(&o));
+    // Each run ended with a signed checkpoint, so cutting the log's tail is caught.
+    let o = ice(&home, &["verify", "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["checkpoints_verified"], 2, "{v}");
+    assert_eq!(v["latest_checkpoint"], v["events"], "{v}");
+    let db = rusqlite::Connection::open(home.join("ice.db")).unwrap();
+    db.execute_batch(
+        "DROP TRIGGER IF EXISTS events_no_delete; DELETE FROM events WHERE log_seq = (SELECT MAX(log_seq) FROM events);",
+    )
+    .unwrap();
+    drop(db);
+    let o = ice(&home, &["verify"]);
+    assert_eq!(code(&o), 5, "{}", text(&o));
 }
 
 /// Run the quickstart spec with a pause inside the commit, SIGKILL it there, recover.
