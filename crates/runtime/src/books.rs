@@ -167,7 +167,14 @@ impl Books {
             | EventType::PlanStepProposed
             | EventType::AssumptionDeclared
             | EventType::CapabilityRequested => self.proposals += 1,
-            EventType::CapabilityDenied => self.denials += 1,
+            EventType::CapabilityDenied => {
+                self.denials += 1;
+                // A request the law could not record is answered by a denial that names no
+                // request event: it still counts as one of the agent's proposals.
+                if !e.payload.contains_key("request") {
+                    self.proposals += 1;
+                }
+            }
             EventType::BudgetReserved => {
                 self.budget.apply(e).map_err(|err| fail(err.to_string()))?;
                 self.reservations += 1;

@@ -204,6 +204,18 @@ impl Ctx<'_> {
         }
     }
 
+    /// Whether the validator would accept `draft` as the run's next event: an agent's proposal
+    /// that breaks the law (a number JSON cannot carry exactly, a reserved key, an oversized
+    /// intent) is answered, never allowed to stop the run.
+    pub(crate) fn unrecordable(&self, live: &Live, draft: &Draft) -> Option<String> {
+        let mut probe = live.books.head.clone();
+        let at = probe.last_at.unwrap_or_else(|| self.now());
+        probe
+            .seal(draft.clone(), at, &ice_kernel::NoOtherRuns)
+            .err()
+            .map(|e| e.to_string())
+    }
+
     /// Record a denial of the request `request` (already recorded).
     async fn deny(
         &self,
@@ -260,6 +272,30 @@ impl Ctx<'_> {
             });
         }
         let capability = r.capability.clone();
+        // 0. A request the law will not record is refused, and the refusal recorded.
+        if let Some(why) = self.unrecordable(live, &request_draft(agent, r)) {
+            let d = Self::denial(
+                r,
+                None,
+                DenialCode::InvalidTarget,
+                format!("the request cannot be recorded: {why}"),
+            );
+            let p = Value::Object(d.to_payload());
+            let rec = self
+                .append(live, |_| {
+                    vec![rt_draft(EventType::CapabilityDenied, p.clone())]
+                })
+                .await?;
+            return Ok(CallEnd {
+                outcome: Outcome::Denied {
+                    // No request event exists: the outcome names the denial.
+                    request: rec[0].id(),
+                    reason: d.reason.as_str().to_string(),
+                    detail: d.detail,
+                },
+                exhausted: None,
+            });
+        }
         // 1. The target, checked and in canonical form.
         let (resource, effect, target) = match act::resolve_target(&self.rt.registry, r) {
             Ok(t) => t,
@@ -825,6 +861,15 @@ impl Ctx<'_> {
                 Proposal::Think { .. } => {
                     let draft = proposal.draft(&agent_id).expect("recorded");
                     let mut live = self.live.lock().await;
+                    if let Some(why) = self.unrecordable(&live, &draft) {
+                        return self
+                            .abort(
+                                &mut live,
+                                "agent_failed",
+                                &format!("the agent proposed what cannot be recorded: {why}"),
+                            )
+                            .await;
+                    }
                     self.append(&mut live, |_| vec![draft.clone()]).await?;
                 }
                 Proposal::Request(r) => {

@@ -910,6 +910,11 @@ impl Session<'_> {
             ice_kernel::Proposal::Think { .. } => {
                 let draft = proposal.draft(&self.agent).expect("recorded");
                 let mut live = self.ctx.live.lock().await;
+                if let Some(why) = self.ctx.unrecordable(&live, &draft) {
+                    return Err(RuntimeError::Invalid(format!(
+                        "the proposal cannot be recorded: {why}"
+                    )));
+                }
                 self.ctx.append(&mut live, |_| vec![draft.clone()]).await?;
                 Ok(None)
             }

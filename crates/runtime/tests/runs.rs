@@ -469,3 +469,24 @@ async fn a_workspace_holding_the_installation_is_refused() {
     );
     assert!(h.events("wide").await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_the_law_cannot_record_is_refused_not_fatal() {
+    let h = H::new(POLICY);
+    // 1e16 is a float JSON cannot carry exactly (the kernel's number rule refuses it).
+    let plan = "[[step]]\nintent = \"odd\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\narguments = { n = 1e16 }\n\n[[step]]\nintent = \"fine\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\n";
+    let (spec, mut agent) = h.spec("odd", "coder", "", plan);
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.outcome, RunOutcome::Committed, "{report:?}");
+    let events = h.events("odd").await;
+    assert_eq!(denial_codes(&events), ["invalid_target"]);
+    let d = &of_type(&events, EventType::CapabilityDenied)[0];
+    assert!(
+        d.payload["detail"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be recorded"),
+        "{d:?}"
+    );
+    assert_eq!(of_type(&events, EventType::FileRead).len(), 1);
+}
