@@ -111,6 +111,10 @@ pub(crate) struct Live {
     pub(crate) window_started: Instant,
     /// When the run last looked for others' events and policy edits (see [`POLL_EVERY`]).
     pub(crate) last_poll: Option<Instant>,
+    /// Calls that released the run's lock to act (network, process) or to wait for an
+    /// operator, and will record their outcome when they take it again. Nothing may stop the
+    /// run while any is in flight, or an effect could happen without its record.
+    pub(crate) in_flight: usize,
 }
 
 /// How often, at most, a run looks between steps for events others appended (a kill request)
@@ -396,14 +400,17 @@ impl Ctx<'_> {
                     .await?;
                 let req = rec[0].id();
                 let approval = rec[1].id();
+                guard.in_flight += 1;
                 drop(guard);
                 self.observer.waiting(&format!(
                     "approval {approval} for {capability} {}: answer with `ice approve {approval}` or `ice deny {approval}` (times out in {}s)",
                     cut(&r.target, 120),
                     timeout.as_secs_f64()
                 ));
-                let answered = self.wait_for_approval(&approval, timeout).await?;
+                let answered = self.wait_for_approval(&approval, timeout).await;
                 let mut guard = self.live.lock().await;
+                guard.in_flight -= 1;
+                let answered = answered?;
                 let live = &mut *guard;
                 let now = self.now();
                 let refusal = match answered {
@@ -678,16 +685,20 @@ impl Ctx<'_> {
         let started = Instant::now();
         let performed = match target {
             act::Target::Http(_) => {
+                guard.in_flight += 1;
                 drop(guard);
                 let p = act::perform_remote(&auth, target, &r.arguments, &amount).await;
                 guard = self.live.lock().await;
+                guard.in_flight -= 1;
                 p
             }
             act::Target::Command(program) => match act::prepare_exec(&guard.stage) {
                 Ok(copy) => {
+                    guard.in_flight += 1;
                     drop(guard);
                     let p = act::perform_exec(&auth, program, &r.arguments, copy).await;
                     guard = self.live.lock().await;
+                    guard.in_flight -= 1;
                     p
                 }
                 Err(e) => Err(e),

@@ -264,6 +264,7 @@ impl Runtime {
             last: None,
             window_started: Instant::now(),
             last_poll: None,
+            in_flight: 0,
         };
         let ctx = Ctx {
             rt: self,
@@ -321,6 +322,7 @@ impl Runtime {
             ctx,
             agent: agent_id.to_string(),
             stopped: std::sync::Mutex::new(None),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -375,6 +377,7 @@ impl Runtime {
             last: None,
             window_started: Instant::now(),
             last_poll: None,
+            in_flight: 0,
         };
         Ok(Ctx {
             rt: self,
@@ -883,6 +886,7 @@ pub struct Session<'a> {
     pub(crate) ctx: Ctx<'a>,
     agent: String,
     stopped: std::sync::Mutex<Option<RunOutcome>>,
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Session<'_> {
@@ -902,7 +906,11 @@ impl Session<'_> {
         {
             let mut g = self.ctx.live.lock().await;
             let live = &mut *g;
-            if let Some(stop) = self.ctx.between_steps(live).await? {
+            // The checks may stop the run; they wait until no call is in flight (a later
+            // proposal, or finish, runs them).
+            if live.in_flight == 0
+                && let Some(stop) = self.ctx.between_steps(live).await?
+            {
                 return Err(self.stop(stop, live.books.state()));
             }
         }
@@ -920,10 +928,23 @@ impl Session<'_> {
             }
             ice_kernel::Proposal::Request(r) => {
                 let end = self.ctx.governed_call(&self.agent, r).await?;
-                if let Some(why) = &end.exhausted {
-                    let mut live = self.ctx.live.lock().await;
-                    let stop = self.ctx.exhausted(&mut live, why).await?;
-                    self.stop(stop, live.books.state());
+                if let Some(why) = &end.exhausted
+                    && !self
+                        .stopping
+                        .swap(true, std::sync::atomic::Ordering::SeqCst)
+                {
+                    // No new proposal is taken from here on; calls in flight finish and are
+                    // recorded before the run is stopped.
+                    loop {
+                        let mut live = self.ctx.live.lock().await;
+                        if live.in_flight == 0 {
+                            let stop = self.ctx.exhausted(&mut live, why).await?;
+                            self.stop(stop, live.books.state());
+                            break;
+                        }
+                        drop(live);
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    }
                 }
                 Ok(Some(end.outcome))
             }
@@ -932,7 +953,9 @@ impl Session<'_> {
     }
 
     async fn check_open(&self) -> Result<(), RuntimeError> {
-        if self.stopped.lock().map(|s| s.is_some()).unwrap_or(true) {
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+            || self.stopped.lock().map(|s| s.is_some()).unwrap_or(true)
+        {
             let state = self.ctx.live.lock().await.books.state();
             return Err(RuntimeError::State {
                 run: self.ctx.run.to_string(),
