@@ -84,7 +84,7 @@ fn line(s: &StoredEvent) -> Result<String> {
     ))
 }
 
-fn truncate(s: &str, n: usize) -> String {
+pub(crate) fn truncate(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_string()
     } else {

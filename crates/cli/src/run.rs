@@ -18,6 +18,7 @@ use ice_runtime::{Installation, Observer, RunOutcome, RunReport, RunSpec, Runtim
 use serde_json::{Value, json};
 
 use crate::home::Home;
+use crate::inspect::truncate;
 
 /// Exit code: the run ended aborted or failed validation.
 const EXIT_ABORTED: u8 = 3;
@@ -450,7 +451,7 @@ pub async fn approvals(home: &Path, url: Option<&str>, a: ApprovalsArgs) -> Resu
             p.resource,
             p.agent,
             p.intent,
-            cut(&p.arguments.to_string(), 160),
+            truncate(&p.arguments.to_string(), 160),
             &p.digest[..16],
             p.expires_at,
             p.id,
@@ -458,14 +459,6 @@ pub async fn approvals(home: &Path, url: Option<&str>, a: ApprovalsArgs) -> Resu
         );
     }
     Ok(0)
-}
-
-fn cut(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_string()
-    } else {
-        format!("{}…", s.chars().take(n).collect::<String>())
-    }
 }
 
 pub async fn answer(home: &Path, url: Option<&str>, a: AnswerArgs, grant: bool) -> Result<u8> {
@@ -646,7 +639,7 @@ pub async fn explain(home: &Path, url: Option<&str>, a: ExplainArgs) -> Result<u
                     Value::String(s) => s.clone(),
                     other => other.to_string(),
                 };
-                let _ = writeln!(out, "           {key:<10} {}", cut(&text, 120));
+                let _ = writeln!(out, "           {key:<10} {}", truncate(&text, 120));
             }
         }
     }

@@ -153,13 +153,7 @@ fn args_of(arguments: &Value) -> Vec<String> {
 
 /// What a call reserves: one tool call, and the most bytes it can move (bounded by what the
 /// budget has left, so reads never spend past it).
-pub fn estimate(
-    _stage: &Staging,
-    capability: &str,
-    _target: &Target,
-    arguments: &Value,
-    left: &ice_authority::BudgetLeft,
-) -> Cost {
+pub fn estimate(capability: &str, arguments: &Value, left: &ice_authority::BudgetLeft) -> Cost {
     // The most a call may move: `max`, or what the budget has left when that is less. A call
     // that needs at least `min` bytes reserves `min` when less is left, which will not fit.
     let bounded = |min: u64, max: u64| match left.bytes {
@@ -458,7 +452,7 @@ pub async fn perform_exec(
     })
 }
 
-fn obj(v: Value) -> Map<String, Value> {
+pub(crate) fn obj(v: Value) -> Map<String, Value> {
     match v {
         Value::Object(m) => m,
         _ => Map::new(),

@@ -11,12 +11,12 @@ use ice_authority::payload::{
     CapabilityUsedPayload, DenialCode,
 };
 use ice_authority::{
-    ApprovalStatus, BudgetLimits, DecisionKind, PolicySet, Request, Resource, ResourceKind,
+    ApprovalStatus, BudgetLimits, DecisionKind, PolicySet, Request, Resource,
     approval::request_digest,
 };
 use ice_kernel::{
-    Agent, AgentView, CapabilityProposal, Cost, Digest, Draft, Event, EventId, EventType, Origin,
-    Outcome, Proposal, RunId, RunState, Timestamp,
+    Agent, AgentView, CapabilityProposal, Cost, Draft, Event, EventId, EventType, Origin, Outcome,
+    Proposal, RunId, RunState, Timestamp,
 };
 use ice_log::LogError;
 use ice_log::ledger::AppendError;
@@ -136,13 +136,6 @@ pub(crate) struct CallEnd {
     pub(crate) exhausted: Option<String>,
 }
 
-fn obj(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        _ => Map::new(),
-    }
-}
-
 fn rt_draft(t: EventType, payload: Value) -> Draft {
     Draft::new(t.name(), Origin::Runtime).payload(payload)
 }
@@ -205,6 +198,20 @@ impl Ctx<'_> {
                 live.books.apply(&e)?;
                 self.observer.recorded(&e);
             }
+        }
+    }
+
+    /// The request's draft to record first (none if it is `recorded` already) and its id,
+    /// for a batch that starts at position `next`.
+    fn request_unless(
+        &self,
+        recorded: &Option<EventId>,
+        draft: &Draft,
+        next: u64,
+    ) -> (Vec<Draft>, EventId) {
+        match recorded {
+            Some(req) => (Vec::new(), req.clone()),
+            None => (vec![draft.clone()], self.eid(next)),
         }
     }
 
@@ -384,7 +391,7 @@ impl Ctx<'_> {
                             digest,
                             capability: capability.clone(),
                             resource: resource.clone(),
-                            arguments: obj(r.arguments.clone()),
+                            arguments: act::obj(r.arguments.clone()),
                             agent: agent.to_string(),
                             policy_version: version,
                             policies: policies.clone(),
@@ -541,13 +548,7 @@ impl Ctx<'_> {
     ) -> Result<CallEnd, RuntimeError> {
         let live = &mut *guard;
         let capability = r.capability.clone();
-        let amount = act::estimate(
-            &live.stage,
-            &capability,
-            target,
-            &r.arguments,
-            &live.books.budget.left(),
-        );
+        let amount = act::estimate(&capability, &r.arguments, &live.books.budget.left());
         let reservation = format!("r{}", live.books.reservations + 1);
         // a. A reservation that does not fit is refused before any grant is issued or used.
         if let Err(refusal) = live.books.budget.check_reserve(&reservation, amount) {
@@ -620,14 +621,7 @@ impl Ctx<'_> {
                 };
                 let rec = self
                     .append(live, |next| {
-                        let mut v = Vec::new();
-                        let req = match &recorded {
-                            Some(req) => req.clone(),
-                            None => {
-                                v.push(draft.clone());
-                                self.eid(next)
-                            }
-                        };
+                        let (mut v, req) = self.request_unless(&recorded, &draft, next);
                         v.extend(reserve_and_use(&req, g));
                         v
                     })
@@ -641,14 +635,7 @@ impl Ctx<'_> {
             Grant::New(p, answer) => {
                 let rec = self
                     .append(live, |next| {
-                        let mut v = Vec::new();
-                        let req = match &recorded {
-                            Some(req) => req.clone(),
-                            None => {
-                                v.push(draft.clone());
-                                self.eid(next)
-                            }
-                        };
+                        let (mut v, req) = self.request_unless(&recorded, &draft, next);
                         let mut p = (**p).clone();
                         if p.approval.is_none() {
                             p.request = req.clone();
@@ -1400,6 +1387,3 @@ pub(crate) async fn report(
         books,
     })
 }
-
-#[allow(dead_code)]
-fn _kinds(_: ResourceKind, _: Digest) {}

@@ -19,14 +19,14 @@ use std::time::Instant;
 use ice_authority::payload::{ApprovalDeniedPayload, ApprovalGrantedPayload};
 use ice_authority::{ApprovalStatus, PolicySet};
 use ice_effects::{Recovery, Stage, Workspace};
-use ice_kernel::{Agent, Digest, Draft, EventId, EventType, Origin, RunId, RunState, Timestamp};
+use ice_kernel::{Agent, Digest, Draft, EventId, EventType, Origin, RunId, RunState};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use crate::act::Staging;
 use crate::books::Books;
-use crate::executor::{Ctx, Live, PolicyStamp, RunOutcome, RunReport, report, short};
+use crate::executor::{Ctx, Live, PolicyStamp, RunOutcome, RunReport, report};
 use crate::lock::RunLock;
 use crate::spec::{Assumption, BudgetSpec, RunSpec};
 use crate::{Observer, Runtime, RuntimeError};
@@ -613,6 +613,10 @@ impl Runtime {
         let now = self.clock.now();
         let mut out = Vec::new();
         for run in runs {
+            // Only live runs can wait; the head is a fold of headers, far cheaper than events.
+            if !self.ledger.head(&run).await?.state().is_non_terminal() {
+                continue;
+            }
             let events = crate::read_run(self.ledger.log().as_ref(), &run).await?;
             if !events
                 .iter()
@@ -625,12 +629,10 @@ impl Runtime {
                 continue;
             }
             for a in books.approvals.pending(now) {
-                let ev = events.get(a.id.run_seq as usize);
                 let intent = events
                     .get(a.request.run_seq as usize)
                     .and_then(|e| e.intent.clone())
                     .unwrap_or_default();
-                let _ = ev;
                 out.push(PendingApproval {
                     id: a.id.to_string(),
                     run: run.to_string(),
@@ -1031,9 +1033,4 @@ async fn all_runs(rt: &Runtime) -> Result<Vec<RunId>, RuntimeError> {
         }
         out.extend(page);
     }
-}
-
-#[allow(dead_code)]
-fn _unused(_: Timestamp, _: &str) -> &str {
-    short("")
 }
