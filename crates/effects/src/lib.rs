@@ -10,6 +10,9 @@
 //!   following redirects.
 //! - [`exec`]: running a command in a materialised copy of the workspace, with a timeout and
 //!   bounded output.
+//! - [`mcp`]: ICE's MCP client toward the operator's tool servers: starts and supervises them
+//!   (stdio or streamable HTTP), keeps their tool catalogs, and calls tools, with timeouts and
+//!   size bounds.
 //! - [`evidence`]: what each effect leaves behind for its event.
 //!
 //! Every adapter function an agent's request can reach takes the authorization and refuses
@@ -23,6 +26,7 @@ pub mod evidence;
 pub mod exec;
 pub mod http;
 pub mod limits;
+pub mod mcp;
 pub mod staging;
 pub mod workspace;
 
@@ -37,6 +41,10 @@ pub use http::{
     parse_target,
 };
 pub use ice_authority::Authorization;
+pub use mcp::{
+    McpError, ServerConfig, ServerTransport, ToolCallError, ToolCallOutput, ToolServers, ToolSpec,
+    hint_from_annotations,
+};
 pub use staging::{
     Change, ChangeKind, CommitPoint, CommitReport, Materialized, Recovery, Stage, StageError,
     StagedEffect, StagedOp, recover,

@@ -3,6 +3,7 @@
 mod crash;
 mod exec;
 mod http;
+mod mcp;
 mod staging;
 mod workspace;
 
