@@ -162,12 +162,28 @@ pub enum Classifier {
     /// or one in lower case is [`EffectClass::External`]. Methods are case-sensitive (RFC 9110
     /// §9.1), and a server may treat `get` as something other than `GET`.
     HttpMethod,
+    /// The class ICE's own configuration assigns to the target (the operator's per-tool classes
+    /// of an MCP tool server); [`EffectClass::External`] when it assigns none. A tool server's
+    /// annotations are hints and never assign a class.
+    Assigned,
 }
 
 impl Classifier {
-    /// The class of one call with these arguments.
+    /// The class of one call with these arguments, when ICE's configuration assigns the target
+    /// no class.
     pub fn classify(self, arguments: &Value) -> EffectClass {
+        self.classify_assigned(arguments, None)
+    }
+
+    /// The class of one call with these arguments and the class ICE's configuration assigns
+    /// its target, if any (only [`Classifier::Assigned`] uses it).
+    pub fn classify_assigned(
+        self,
+        arguments: &Value,
+        assigned: Option<EffectClass>,
+    ) -> EffectClass {
         match self {
+            Classifier::Assigned => assigned.unwrap_or(EffectClass::External),
             Classifier::Fixed(class) => class,
             Classifier::HttpMethod => match arguments.get("method").and_then(Value::as_str) {
                 Some("GET" | "HEAD") => EffectClass::Read,
@@ -180,7 +196,7 @@ impl Classifier {
     pub fn floor(self) -> EffectClass {
         match self {
             Classifier::Fixed(class) => class,
-            Classifier::HttpMethod => EffectClass::Read,
+            Classifier::HttpMethod | Classifier::Assigned => EffectClass::Read,
         }
     }
 }
@@ -190,6 +206,9 @@ impl fmt::Display for Classifier {
         match self {
             Classifier::Fixed(class) => write!(f, "{class}"),
             Classifier::HttpMethod => f.write_str("read for GET and HEAD, external otherwise"),
+            Classifier::Assigned => f.write_str(
+                "as the tool server's configuration assigns per tool; external otherwise",
+            ),
         }
     }
 }
@@ -320,8 +339,8 @@ impl RegistryBuilder {
     /// A builder holding ICE's standard capability types (see [`Registry::standard`]), to which
     /// more can be added.
     pub fn standard() -> RegistryBuilder {
-        use Classifier::{Fixed, HttpMethod};
-        use EffectClass::{External, InternalWrite, Read};
+        use Classifier::{Assigned, Fixed, HttpMethod};
+        use EffectClass::{InternalWrite, Read};
         let standard: [(&str, ResourceKind, Classifier, &str); 7] = [
             (
                 "fs.read",
@@ -368,7 +387,7 @@ impl RegistryBuilder {
             (
                 "mcp.call",
                 ResourceKind::Tool,
-                Fixed(External),
+                Assigned,
                 "call a tool on an MCP tool server",
             ),
         ];
@@ -421,7 +440,7 @@ impl Registry {
     /// | `fs.delete` | `Path` | internal-write |
     /// | `http.request` | `Host` | read for GET/HEAD, external otherwise |
     /// | `process.exec` | `Command` | internal-write (runs against a staged copy) |
-    /// | `mcp.call` | `Tool` | external |
+    /// | `mcp.call` | `Tool` | as configured per tool, external otherwise |
     pub fn standard() -> Registry {
         RegistryBuilder::standard().build()
     }
@@ -445,8 +464,20 @@ impl Registry {
         arguments: &Value,
         hint: Option<EffectClass>,
     ) -> EffectClass {
+        self.classify_assigned(capability, arguments, None, hint)
+    }
+
+    /// [`Self::classify`], with the class ICE's configuration assigns the target (used by
+    /// capabilities whose classifier is [`Classifier::Assigned`]; ignored by the others).
+    pub fn classify_assigned(
+        &self,
+        capability: &str,
+        arguments: &Value,
+        assigned: Option<EffectClass>,
+        hint: Option<EffectClass>,
+    ) -> EffectClass {
         let class = match self.get(capability) {
-            Some(c) => c.classifier.classify(arguments),
+            Some(c) => c.classifier.classify_assigned(arguments, assigned),
             None => EffectClass::External,
         };
         match hint {

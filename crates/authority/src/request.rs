@@ -651,6 +651,7 @@ pub struct RequestBuilder<'a> {
     arguments: Option<&'a Value>,
     budget_left: BudgetLeft,
     effect_hint: Option<EffectClass>,
+    assigned: Option<EffectClass>,
 }
 
 impl<'a> RequestBuilder<'a> {
@@ -678,6 +679,12 @@ impl<'a> RequestBuilder<'a> {
         self
     }
 
+    /// The class ICE's own configuration assigns the target (an MCP tool's configured class).
+    pub fn assigned_class(mut self, class: EffectClass) -> Self {
+        self.assigned = Some(class);
+        self
+    }
+
     /// Check every part, classify the effect with the registry, and convert to Cedar's form.
     pub fn build(self, registry: &Registry) -> Result<Request, RequestError> {
         let names = &*NAMES;
@@ -697,7 +704,8 @@ impl<'a> RequestBuilder<'a> {
         }
         let empty = Value::Object(serde_json::Map::new());
         let arguments = self.arguments.unwrap_or(&empty);
-        let effect = registry.classify(self.capability, arguments, self.effect_hint);
+        let effect =
+            registry.classify_assigned(self.capability, arguments, self.assigned, self.effect_hint);
         let context = cedar::Context::from_pairs([
             (
                 "run".to_string(),
@@ -785,6 +793,7 @@ impl Request {
             arguments: None,
             budget_left: BudgetLeft::default(),
             effect_hint: None,
+            assigned: None,
         }
     }
 

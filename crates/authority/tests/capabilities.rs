@@ -85,6 +85,36 @@ fn a_hint_raises_a_class_but_never_lowers_it() {
 }
 
 #[test]
+fn an_mcp_tool_has_the_class_ice_assigns_raised_by_the_servers_hint() {
+    let registry = Registry::standard();
+    let args = json!({"anything": 1});
+    let class = |assigned, hint| registry.classify_assigned("mcp.call", &args, assigned, hint);
+    // Nothing assigned: external, whatever the server says.
+    assert_eq!(class(None, None), EffectClass::External);
+    assert_eq!(class(None, Some(EffectClass::Read)), EffectClass::External);
+    // The operator's class holds; a hint can raise it and never lower it.
+    assert_eq!(class(Some(EffectClass::Read), None), EffectClass::Read);
+    assert_eq!(
+        class(Some(EffectClass::Read), Some(EffectClass::External)),
+        EffectClass::External
+    );
+    assert_eq!(
+        class(Some(EffectClass::External), Some(EffectClass::Read)),
+        EffectClass::External
+    );
+    // Only the Assigned classifier listens to an assignment.
+    assert_eq!(
+        registry.classify_assigned("fs.write", &args, Some(EffectClass::Read), None),
+        EffectClass::InternalWrite
+    );
+    assert_eq!(
+        registry.classify_assigned("shell.run", &args, Some(EffectClass::Read), None),
+        EffectClass::External
+    );
+    assert_eq!(Classifier::Assigned.floor(), EffectClass::Read);
+}
+
+#[test]
 fn http_get_and_head_are_reads_and_other_methods_are_external() {
     let registry = Registry::standard();
     let class = |arguments| registry.classify("http.request", &arguments, None);

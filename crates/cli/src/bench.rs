@@ -44,6 +44,13 @@ pub struct BenchArgs {
     /// Print the figures as JSON.
     #[arg(long)]
     json: bool,
+    /// The MCP tool server for `ice bench mcp` (program and arguments; its `echo` tool is
+    /// called), e.g. "node .deps/node/node_modules/@modelcontextprotocol/server-everything/dist/index.js stdio".
+    #[arg(long, value_name = "COMMAND")]
+    mcp_server: Option<String>,
+    /// MCP tool calls per measurement.
+    #[arg(long, default_value_t = 1000)]
+    mcp_calls: usize,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +60,8 @@ enum What {
     Verify,
     Memory,
     Governed,
+    /// The MCP gateway's added latency (needs --mcp-server).
+    Mcp,
 }
 
 /// A deterministic clock: one microsecond per reading.
@@ -254,10 +263,60 @@ pub async fn run(a: BenchArgs) -> Result<u8> {
             json!({"governed_p50_us": g50, "direct_p50_us": d50, "added_p50_us": a50, "added_p99_us": a99, "added_p50_new_grant_us": f50, "added_p50_no_log_write_us": m50, "added_p99_no_log_write_us": m99}),
         );
     }
+    if a.what == What::Mcp || (a.what == What::All && a.mcp_server.is_some()) {
+        let Some(server) = &a.mcp_server else {
+            bail!(
+                "ice bench mcp needs --mcp-server COMMAND, e.g. \"node .deps/node/node_modules/@modelcontextprotocol/server-everything/dist/index.js stdio\" (scripts/deps installs it)"
+            );
+        };
+        let command: Vec<String> = server.split_whitespace().map(str::to_string).collect();
+        if command.is_empty() || a.mcp_calls == 0 {
+            bail!("--mcp-server needs a program and --mcp-calls must be at least 1");
+        }
+        for (label, base) in [
+            ("tmpfs, no disk sync", shm_dir()),
+            ("disk, durable log", Some(dir.clone())),
+        ] {
+            let Some(base) = base else { continue };
+            let (mut p50s, mut p99s, mut d50s, mut d99s, mut i50s, mut i99s) = (
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+            );
+            for _ in 0..a.repeat {
+                let m = crate::bench_mcp::measure(&base, &command, a.mcp_calls).await?;
+                p50s.push(m.added_p50);
+                p99s.push(m.added_p99);
+                d50s.push(m.direct_p50);
+                d99s.push(m.direct_p99);
+                i50s.push(m.ice_p50);
+                i99s.push(m.ice_p99);
+            }
+            let (a50, a99) = (median(p50s), median(p99s));
+            let (d50, d99, i50, i99) = (median(d50s), median(d99s), median(i50s), median(i99s));
+            say(format!(
+                "MCP tools/call `echo` over stdio ({label}): through ICE {i50:.0} µs p50, {i99:.0} µs p99 | directly to the same server {d50:.0} µs p50, {d99:.0} µs p99 | added {a50:.0} µs p50 (target ≤ 1000), {a99:.0} µs p99 | ratio {:.2}",
+                i50 / d50
+            ));
+            figures.insert(
+                format!("mcp_gateway_{}", if label.starts_with("tmpfs") { "tmpfs" } else { "disk" }),
+                json!({"calls": a.mcp_calls, "ice_p50_us": i50, "ice_p99_us": i99, "direct_p50_us": d50, "direct_p99_us": d99, "added_p50_us": a50, "added_p99_us": a99}),
+            );
+        }
+    }
     if a.json {
         println!("{}", serde_json::Value::Object(figures));
     }
     Ok(0)
+}
+
+/// The machine's tmpfs, if it has one.
+fn shm_dir() -> Option<PathBuf> {
+    let d = Path::new("/dev/shm");
+    d.is_dir().then(|| d.to_path_buf())
 }
 
 struct GovernedFigures {

@@ -6,6 +6,8 @@
 
 mod audit;
 mod bench;
+mod bench_mcp;
+mod gateway;
 mod home;
 mod inspect;
 mod policy;
@@ -79,6 +81,11 @@ enum Command {
     Reconfigure(run::ReconfigureArgs),
     /// Kill a run (as operator:NAME): it is aborted, and nothing staged is applied.
     Kill(run::KillArgs),
+    /// Serve MCP over stdio to one agent: the session is a run of the spec; every tools/call
+    /// is governed and recorded; the run commits when the session ends.
+    Mcp(gateway::McpArgs),
+    /// Serve MCP over streamable HTTP at /mcp, several sessions at once, each its own run.
+    Serve(gateway::ServeArgs),
     /// Measure ICE against baselines measured in the same run.
     Bench(bench::BenchArgs),
 }
@@ -123,6 +130,8 @@ fn main() -> ExitCode {
             Command::Deny(a) => run::answer(&home, log_url, a, false).await,
             Command::Reconfigure(a) => run::reconfigure(&home, log_url, a).await,
             Command::Kill(a) => run::kill(&home, log_url, a).await,
+            Command::Mcp(a) => gateway::mcp(&home, log_url, a).await,
+            Command::Serve(a) => gateway::serve(&home, log_url, a).await,
             Command::Bench(a) => bench::run(a).await,
         }
     });

@@ -123,7 +123,7 @@ fn operator(name: &Option<String>) -> String {
         .collect()
 }
 
-fn runtime(home: &Path, url: Option<&str>) -> Result<(Home, Runtime)> {
+pub(crate) fn runtime(home: &Path, url: Option<&str>) -> Result<(Home, Runtime)> {
     let h = Home::open(home)?;
     let log = h.log(url, Mode::ReadWrite)?;
     let ledger = Arc::new(Ledger::new(log, Arc::new(SystemClock)));
@@ -228,6 +228,11 @@ fn progress_line(e: &Event) -> Option<String> {
 }
 
 fn print_report(r: &RunReport, json_out: bool) -> u8 {
+    write_report(&mut std::io::stdout().lock(), r, json_out)
+}
+
+/// The final summary of a run, to `out` (stderr where stdout carries a protocol).
+pub(crate) fn write_report(out: &mut dyn Write, r: &RunReport, json_out: bool) -> u8 {
     let code = match r.outcome {
         RunOutcome::Committed => 0,
         RunOutcome::Aborted { .. } => EXIT_ABORTED,
@@ -246,7 +251,6 @@ fn print_report(r: &RunReport, json_out: bool) -> u8 {
         .filter(|((_, l), (_, s))| l.is_some() || *s > 0)
         .map(|((n, l), (_, s))| json!({"attribute": n, "spent": s, "limit": l}))
         .collect();
-    let mut out = std::io::stdout().lock();
     if json_out {
         let doc = json!({
             "run": r.run.as_str(),
@@ -319,13 +323,20 @@ fn print_report(r: &RunReport, json_out: bool) -> u8 {
 }
 
 fn load_agent(spec: &RunSpec) -> Result<PlanAgent> {
-    let plan = Plan::load(&spec.plan).map_err(|e| anyhow!("{e}"))?;
+    let Some(plan_file) = &spec.plan else {
+        return Err(anyhow!(
+            "{}: [agent] driver {:?} has no plan to run here; an external agent connects through the MCP gateway (ice mcp --run-spec FILE, or ice serve)",
+            spec.file.display(),
+            spec.driver
+        ));
+    };
+    let plan = Plan::load(plan_file).map_err(|e| anyhow!("{e}"))?;
     if let Some(a) = &plan.agent
         && a != &spec.agent
     {
         return Err(anyhow!(
             "{}: the plan is for agent {a:?} but the run spec names {:?}",
-            spec.plan.display(),
+            plan_file.display(),
             spec.agent
         ));
     }
@@ -359,13 +370,19 @@ pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
 /// After a run stops, sign a checkpoint of the log: from then on, removing or rewriting any of
 /// the run's events (a truncated tail included) is caught by `ice verify`.
 async fn seal_with_checkpoint(h: &Home, rt: &Runtime, quiet: bool) -> Result<()> {
-    let (size, _, _) = crate::audit::sign_checkpoint(h, rt.ledger().log().as_ref())
-        .await
-        .context("signing a checkpoint after the run")?;
+    let size = seal(h, rt).await?;
     if !quiet {
         println!("  sealed:   checkpoint signed at log size {size}");
     }
     Ok(())
+}
+
+/// Sign a checkpoint of the log as it is now; returns its size.
+pub(crate) async fn seal(h: &Home, rt: &Runtime) -> Result<u64> {
+    let (size, _, _) = crate::audit::sign_checkpoint(h, rt.ledger().log().as_ref())
+        .await
+        .context("signing a checkpoint after the run")?;
+    Ok(size)
 }
 
 pub async fn reconfigure(home: &Path, url: Option<&str>, a: ReconfigureArgs) -> Result<u8> {

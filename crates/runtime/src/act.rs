@@ -11,7 +11,8 @@ use ice_kernel::{CapabilityProposal, Cost, Digest, EventType};
 use serde_json::{Map, Value, json};
 
 use crate::RuntimeError;
-use crate::spec::Check;
+use crate::spec::{Check, ToolServerSpec};
+use ice_effects::mcp::{ToolCallError, ToolServers};
 
 /// Most bytes one `fs.read` returns.
 pub const MAX_READ_BYTES: u64 = 1 << 20;
@@ -21,6 +22,9 @@ pub const MAX_HTTP_BYTES: u64 = 1 << 20;
 pub const MAX_SHOWN_BYTES: usize = 64 << 10;
 /// Time limit of one HTTP request.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most result bytes one `mcp.call` is budgeted for (a server's own `max_result_bytes` bounds
+/// what it may return; bytes spent are capped at the reservation).
+pub const MAX_TOOL_BYTES: u64 = 1 << 20;
 /// Most bytes of a check's output kept in its event.
 pub const MAX_CHECK_OUTPUT: usize = 4 << 10;
 
@@ -35,8 +39,17 @@ pub enum Target {
     Http(String),
     /// A program.
     Command(String),
-    /// A tool on a tool server.
-    Tool,
+    /// A tool on a configured MCP tool server, with ICE's class for it and the server's hint.
+    Tool {
+        /// ICE's name of the server.
+        server: String,
+        /// The tool's name on that server.
+        tool: String,
+        /// The class ICE's configuration assigns (external when it names none).
+        assigned: EffectClass,
+        /// The server's annotations as a class hint (can only raise).
+        hint: Option<EffectClass>,
+    },
 }
 
 /// What an effect produced.
@@ -51,6 +64,8 @@ pub struct Performed {
 pub fn resolve_target(
     registry: &Registry,
     r: &CapabilityProposal,
+    servers: &[ToolServerSpec],
+    tools: Option<&ToolServers>,
 ) -> Result<(Resource, EffectClass, Target), (DenialCode, String)> {
     let Some(cap) = registry.get(&r.capability) else {
         return Err((
@@ -103,10 +118,39 @@ pub fn resolve_target(
             ))?;
             let res = Resource::tool(server, tool)
                 .map_err(|e| (DenialCode::InvalidTarget, e.to_string()))?;
-            (res, Target::Tool)
+            let Some(spec) = servers.iter().find(|s| s.name == server) else {
+                return Err((
+                    DenialCode::InvalidTarget,
+                    format!("no tool server {server:?} is configured for this run"),
+                ));
+            };
+            let Some(tools) = tools else {
+                return Err((
+                    DenialCode::EffectFailed,
+                    format!("tool server {server:?} is not running for this run"),
+                ));
+            };
+            let Some(found) = tools.tool(server, tool) else {
+                return Err((
+                    DenialCode::InvalidTarget,
+                    format!("tool server {server:?} has no tool {tool:?}"),
+                ));
+            };
+            let target = Target::Tool {
+                server: server.to_string(),
+                tool: tool.to_string(),
+                assigned: spec.class_of(tool),
+                hint: found.hint,
+            };
+            (res, target)
         }
     };
-    let effect = registry.classify(&r.capability, &r.arguments, None);
+    let effect = match &target {
+        Target::Tool { assigned, hint, .. } => {
+            registry.classify_assigned(&r.capability, &r.arguments, Some(*assigned), *hint)
+        }
+        _ => registry.classify(&r.capability, &r.arguments, None),
+    };
     Ok((resource, effect, target))
 }
 
@@ -128,6 +172,8 @@ pub fn policy_arguments(capability: &str, arguments: &Value, target: &Target) ->
             json!({"method": method, "url": url})
         }
         "process.exec" => json!({"args": args_of(arguments)}),
+        // A tool's own arguments are not declared to Cedar (see the schema's ToolContext).
+        "mcp.call" => json!({}),
         _ => arguments.clone(),
     }
 }
@@ -172,6 +218,10 @@ pub fn estimate(capability: &str, arguments: &Value, left: &ice_authority::Budge
             bounded(body + 1, body + MAX_HTTP_BYTES)
         }
         "process.exec" => bounded(1, 2 * MAX_CHECK_OUTPUT as u64),
+        "mcp.call" => {
+            let sent = serde_json::to_string(arguments).map_or(0, |a| a.len() as u64);
+            bounded(sent + 1, sent + MAX_TOOL_BYTES)
+        }
         _ => 0,
     };
     Cost {
@@ -382,6 +432,95 @@ pub async fn perform_remote(
             ),
         )),
     }
+}
+
+/// `mcp.call`: call the tool on its server. A call that reached the server is a `ToolInvoked`
+/// whatever came back (a result, the tool's own error, a timeout, a crash, an oversized or
+/// malformed answer): the agent is told, and the record says what happened. A call the adapter
+/// refused before sending anything is a refusal.
+pub async fn perform_tool(
+    tools: &ToolServers,
+    run: &ice_kernel::RunId,
+    auth: &Authorization,
+    target: &Target,
+    arguments: &Value,
+    reserved: &Cost,
+) -> Result<Performed, (DenialCode, String)> {
+    let Target::Tool { server, tool, .. } = target else {
+        return Err((DenialCode::EffectFailed, "not a tool target".into()));
+    };
+    let args = match arguments {
+        Value::Object(m) => m.clone(),
+        _ => {
+            return Err((
+                DenialCode::InvalidTarget,
+                "the arguments must be a JSON object".into(),
+            ));
+        }
+    };
+    let sent = serde_json::to_string(arguments).map_or(0, |a| a.len() as u64);
+    let started = std::time::Instant::now();
+    let protocol = tools.protocol_version(server);
+    let mut payload = obj(json!({
+        "server": server,
+        "tool": tool,
+        "arguments": arguments,
+    }));
+    match tools.call(auth, run, server, tool, args).await {
+        Ok(out) => {
+            payload.insert("result".into(), out.result.clone());
+            payload.insert("is_error".into(), Value::Bool(out.is_error));
+            payload.insert("bytes".into(), json!(out.bytes));
+            payload.insert("elapsed_us".into(), json!(out.elapsed.as_micros() as u64));
+            payload.insert("protocol_version".into(), json!(out.protocol_version));
+            Ok(Performed {
+                event_type: EventType::ToolInvoked,
+                payload,
+                output: out.result,
+                actual: Cost {
+                    bytes: (sent + out.bytes as u64).min(reserved.bytes),
+                    ..Cost::default()
+                },
+            })
+        }
+        Err(
+            e @ (ToolCallError::Authorization(_)
+            | ToolCallError::UnknownServer(_)
+            | ToolCallError::UnknownTool { .. }),
+        ) => Err((DenialCode::EffectFailed, e.to_string())),
+        Err(e) => {
+            let kind = match &e {
+                ToolCallError::Timeout { .. } => "timeout",
+                ToolCallError::ServerGone { .. } => "server_gone",
+                ToolCallError::Oversized { .. } => "oversized",
+                _ => "protocol",
+            };
+            let detail = e.to_string();
+            payload.insert("error".into(), json!({"kind": kind, "detail": detail}));
+            payload.insert("is_error".into(), Value::Bool(true));
+            payload.insert(
+                "elapsed_us".into(),
+                json!(started.elapsed().as_micros() as u64),
+            );
+            payload.insert("protocol_version".into(), json!(protocol));
+            Ok(Performed {
+                event_type: EventType::ToolInvoked,
+                payload,
+                output: tool_error_result(&format!(
+                    "the call reached {server}/{tool} but failed: {detail}"
+                )),
+                actual: Cost {
+                    bytes: sent.min(reserved.bytes),
+                    ..Cost::default()
+                },
+            })
+        }
+    }
+}
+
+/// An MCP `CallToolResult` that reports an error to the agent as text it can read.
+pub fn tool_error_result(text: &str) -> Value {
+    json!({"content": [{"type": "text", "text": text}], "isError": true})
 }
 
 /// A copy of the workspace with the staged writes applied, for a command to run in.

@@ -128,6 +128,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) observer: &'a dyn Observer,
     pub(crate) live: Mutex<Live>,
     pub(crate) _lock: RunLock,
+    /// The MCP tool servers this run may call (started from its spec, or shared by the gateway).
+    pub(crate) tools: Option<std::sync::Arc<ice_effects::mcp::ToolServers>>,
 }
 
 /// What a governed call left behind.
@@ -308,7 +310,12 @@ impl Ctx<'_> {
             });
         }
         // 1. The target, checked and in canonical form.
-        let (resource, effect, target) = match act::resolve_target(&self.rt.registry, r) {
+        let (resource, effect, target) = match act::resolve_target(
+            &self.rt.registry,
+            r,
+            &live.spec.servers,
+            self.tools.as_deref(),
+        ) {
             Ok(t) => t,
             Err((code, detail)) => {
                 let d = Self::denial(r, None, code, detail);
@@ -336,11 +343,17 @@ impl Ctx<'_> {
                 .await;
         }
         let policy_args = act::policy_arguments(&capability, &r.arguments, &target);
-        let built = Request::builder(&self.run, agent, &capability, resource.clone())
+        let mut builder = Request::builder(&self.run, agent, &capability, resource.clone())
             .intent(&r.intent)
             .arguments(&policy_args)
-            .budget_left(live.books.budget.left())
-            .build(&self.rt.registry);
+            .budget_left(live.books.budget.left());
+        if let act::Target::Tool { assigned, hint, .. } = &target {
+            builder = builder.assigned_class(*assigned);
+            if let Some(h) = hint {
+                builder = builder.effect_hint(*h);
+            }
+        }
+        let built = builder.build(&self.rt.registry);
         let request = match built {
             Ok(q) => q,
             Err(e) => {
@@ -679,6 +692,22 @@ impl Ctx<'_> {
                 guard.in_flight -= 1;
                 p
             }
+            act::Target::Tool { .. } => match self.tools.clone() {
+                Some(tools) => {
+                    guard.in_flight += 1;
+                    drop(guard);
+                    let p =
+                        act::perform_tool(&tools, &self.run, &auth, target, &r.arguments, &amount)
+                            .await;
+                    guard = self.live.lock().await;
+                    guard.in_flight -= 1;
+                    p
+                }
+                None => Err((
+                    DenialCode::EffectFailed,
+                    "no tool server is running for this run".to_string(),
+                )),
+            },
             act::Target::Command(program) => match act::prepare_exec(&guard.stage) {
                 Ok(copy) => {
                     guard.in_flight += 1;
@@ -707,7 +736,34 @@ impl Ctx<'_> {
             )
             .cause(req.clone())
         };
-        // f. Record the effect and settle.
+        // f. Record the effect and settle. A result the log cannot carry (a number JSON cannot
+        //    hold exactly, a reserved key, too large) is withheld from the agent, and the record
+        //    says why instead.
+        let performed = performed.map(|mut p| {
+            if p.event_type != EventType::ToolInvoked {
+                return p;
+            }
+            let probe = Draft::new(p.event_type.name(), Origin::Runtime)
+                .intent(intent.clone())
+                .authority(grant.to_string())
+                .payload(Value::Object(p.payload.clone()));
+            if let Some(why) = self.unrecordable(live, &probe) {
+                let detail = format!("the result cannot be recorded, so it is withheld: {}", cut(&why, 400));
+                for k in ["result", "arguments"] {
+                    if let Some(v) = p.payload.remove(k) {
+                        let text = v.to_string();
+                        p.payload.insert(
+                            format!("{k}_withheld"),
+                            json!({"sha256": ice_kernel::Digest::of(text.as_bytes()).to_hex(), "bytes": text.len()}),
+                        );
+                    }
+                }
+                p.payload.insert("error".into(), json!({"kind": "unrecordable", "detail": detail}));
+                p.payload.insert("is_error".into(), Value::Bool(true));
+                p.output = act::tool_error_result(&detail);
+            }
+            p
+        });
         match performed {
             Ok(p) => {
                 let actual = Cost {

@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use ice_authority::payload::{ApprovalDeniedPayload, ApprovalGrantedPayload};
 use ice_authority::{ApprovalStatus, PolicySet};
+use ice_effects::mcp::{ToolServers, ToolSpec};
 use ice_effects::{Recovery, Stage, Workspace};
 use ice_kernel::{Agent, Digest, Draft, EventId, EventType, Origin, RunId, RunState};
 use serde::Serialize;
@@ -133,6 +134,12 @@ impl Runtime {
         })
     }
 
+    /// Check what a run of `spec` needs before anything is recorded (its policy loads), so a
+    /// long-lived host (the MCP gateway) can refuse a bad spec at start-up.
+    pub fn preflight(&self, spec: &RunSpec) -> Result<(), RuntimeError> {
+        self.load_policy(spec).map(|_| ())
+    }
+
     /// Start a run from its spec with `agent` and drive it to its end (or suspension).
     /// Everything that can be wrong with the spec, the policy or the workspace is found before
     /// the first event is recorded.
@@ -151,9 +158,23 @@ impl Runtime {
     /// [`Session::propose`] (one at a time or concurrently) instead of by an [`Agent`].
     pub async fn open_session<'a>(
         &'a self,
+        spec: RunSpec,
+        agent_id: &str,
+        observer: &'a dyn Observer,
+    ) -> Result<Session<'a>, RuntimeError> {
+        self.open_session_with_tools(spec, agent_id, observer, None)
+            .await
+    }
+
+    /// [`Self::open_session`] with MCP tool servers already running (the gateway starts the
+    /// spec's servers once and shares them between its sessions). Without them, the spec's
+    /// servers are started for this run and stopped with it.
+    pub async fn open_session_with_tools<'a>(
+        &'a self,
         mut spec: RunSpec,
         agent_id: &str,
         observer: &'a dyn Observer,
+        tools: Option<Arc<ToolServers>>,
     ) -> Result<Session<'a>, RuntimeError> {
         let run = match &spec.id {
             Some(id) => id.clone(),
@@ -247,6 +268,10 @@ impl Runtime {
                 }
             });
         }
+        let tools = match tools {
+            Some(t) => Some(t),
+            None => start_tools(&spec).await?,
+        };
         let dir = self.run_dir(&run);
         let lock = RunLock::try_take(&dir)
             .map_err(|e| RuntimeError::Io(format!("{}: {e}", dir.display())))?
@@ -266,12 +291,14 @@ impl Runtime {
             last_poll: None,
             in_flight: 0,
         };
+        let bound_tools = bound_tools(&spec, tools.as_deref());
         let ctx = Ctx {
             rt: self,
             run: run.clone(),
             observer,
             live: Mutex::new(live),
             _lock: lock,
+            tools,
         };
         // Provision, context, bind, open the window.
         {
@@ -298,7 +325,7 @@ impl Runtime {
                     Draft::new(EventType::RunProvisioned.name(), Origin::Runtime).payload(json!({
                         "spec": spec_json,
                         "agent": agent_id,
-                        "driver": "plan",
+                        "driver": spec.driver,
                         "taxonomy": ice_kernel::TAXONOMY_VERSION,
                     })),
                     Draft::new(EventType::ResourcesAllocated.name(), Origin::Runtime)
@@ -309,8 +336,13 @@ impl Runtime {
                     // phase is recorded all the same, with the empty list.
                     Draft::new(EventType::MemoryMounted.name(), Origin::Runtime)
                         .payload(json!({"memories": []})),
-                    Draft::new(EventType::CapabilitiesBound.name(), Origin::Runtime)
-                        .payload(json!({"capabilities": caps, "policy_version": version.to_hex()})),
+                    Draft::new(EventType::CapabilitiesBound.name(), Origin::Runtime).payload(
+                        json!({
+                            "capabilities": caps,
+                            "tools": bound_tools,
+                            "policy_version": version.to_hex(),
+                        }),
+                    ),
                     Draft::new(EventType::ExecutionWindowOpened.name(), Origin::Runtime)
                         .payload(json!({"agent": agent_id})),
                 ]
@@ -385,6 +417,7 @@ impl Runtime {
             observer,
             live: Mutex::new(live),
             _lock: lock,
+            tools: None,
         })
     }
 
@@ -395,7 +428,9 @@ impl Runtime {
         agent: &mut dyn Agent,
         observer: &dyn Observer,
     ) -> Result<RunReport, RuntimeError> {
-        let ctx = self.attach(run, observer).await?;
+        let mut ctx = self.attach(run, observer).await?;
+        let spec = ctx.live.lock().await.spec.clone();
+        ctx.tools = start_tools(&spec).await?;
         {
             let mut g = ctx.live.lock().await;
             let live = &mut *g;
@@ -506,12 +541,7 @@ impl Runtime {
         if let Some(b) = &record.budget {
             let text = format!("[budget]\n{}", toml::to_string(b).unwrap_or_default());
             let probe = format!(
-                "[run]\nagent = \"x\"\nworkspace = \".\"\n[agent]\ndriver = \"plan\"\nplan = \"{}\"\n{text}",
-                spec.plan
-                    .display()
-                    .to_string()
-                    .replace('\\', "\\\\")
-                    .replace('"', "\\\"")
+                "[run]\nagent = \"x\"\nworkspace = \".\"\n[agent]\ndriver = \"external\"\n{text}"
             );
             let parsed = RunSpec::parse(
                 std::path::Path::new("reconfiguration"),
@@ -897,6 +927,66 @@ impl Session<'_> {
         &self.ctx.run
     }
 
+    /// The agent's id.
+    pub fn agent(&self) -> &str {
+        &self.agent
+    }
+
+    /// The MCP tools this run's policy could permit the agent to call now, each with the
+    /// effect class ICE gives it. A tool is left out when the policy denies every call to it
+    /// (whatever the arguments and intent: tool arguments are not shown to policies), so an
+    /// agent is never offered what it may not use. A tool whose calls need an approval is
+    /// offered.
+    pub async fn permitted_tools(&self) -> Vec<(ToolSpec, ice_authority::EffectClass)> {
+        let Some(tools) = &self.ctx.tools else {
+            return Vec::new();
+        };
+        let live = self.ctx.live.lock().await;
+        let mut out = Vec::new();
+        for t in tools.tools() {
+            let Some(server) = live.spec.servers.iter().find(|s| s.name == t.server) else {
+                continue;
+            };
+            let Ok(resource) = ice_authority::Resource::tool(&t.server, &t.name) else {
+                continue;
+            };
+            let assigned = server.class_of(&t.name);
+            let class = t.hint.map_or(assigned, |h| assigned.raise(h));
+            let covered = live
+                .books
+                .grants
+                .find_covering("mcp.call", &resource, self.ctx.now())
+                .is_some();
+            let empty = json!({});
+            let mut builder = ice_authority::Request::builder(
+                &self.ctx.run,
+                &self.agent,
+                "mcp.call",
+                resource.clone(),
+            )
+            .arguments(&empty)
+            .budget_left(live.books.budget.left())
+            .assigned_class(assigned);
+            if let Some(h) = t.hint {
+                builder = builder.effect_hint(h);
+            }
+            let permitted = covered
+                || match builder.build(&self.ctx.rt.registry) {
+                    Ok(q) => live.policy.decide(&q).kind() != ice_authority::DecisionKind::Deny,
+                    Err(_) => false,
+                };
+            if permitted {
+                out.push((t, class));
+            }
+        }
+        out
+    }
+
+    /// The protocol version negotiated with an MCP tool server of this run.
+    pub fn tool_protocol(&self, server: &str) -> Option<String> {
+        self.ctx.tools.as_ref()?.protocol_version(server)
+    }
+
     /// Make one proposal in the agent's name. A request returns how it was answered; a
     /// thought is recorded and returns `None`; `Finish` returns `None` (call [`Self::finish`]).
     /// Once the run has stopped (aborted, suspended, killed) every proposal is refused.
@@ -991,6 +1081,25 @@ impl Session<'_> {
         self.into_report(outcome).await
     }
 
+    /// Abort the run (its staged writes are discarded) with a reason code and detail, tear it
+    /// down, and report; a run that already stopped reports how. Calls still in flight finish
+    /// and are recorded first.
+    pub async fn abort(self, code: &str, detail: &str) -> Result<RunReport, RuntimeError> {
+        let stopped = self.stopped.lock().ok().and_then(|mut s| s.take());
+        let outcome = match stopped {
+            Some(o) => o,
+            None => loop {
+                let mut live = self.ctx.live.lock().await;
+                if live.in_flight == 0 {
+                    break self.ctx.abort(&mut live, code, detail).await?;
+                }
+                drop(live);
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            },
+        };
+        self.into_report(outcome).await
+    }
+
     async fn into_report(self, outcome: RunOutcome) -> Result<RunReport, RuntimeError> {
         let rt = self.ctx.rt;
         let run = self.ctx.run.clone();
@@ -1016,6 +1125,69 @@ impl Ctx<'_> {
         .await?;
         self.teardown(live, "terminated by runtime").await
     }
+}
+
+/// Start the MCP tool servers a run spec names (none: `None`).
+pub async fn start_tools(spec: &RunSpec) -> Result<Option<Arc<ToolServers>>, RuntimeError> {
+    if spec.servers.is_empty() {
+        return Ok(None);
+    }
+    let configs = spec.servers.iter().map(server_config).collect();
+    ToolServers::start(configs)
+        .await
+        .map(|t| Some(Arc::new(t)))
+        .map_err(|e| RuntimeError::Io(format!("tool servers: {e}")))
+}
+
+/// The effects layer's configuration of one tool server of a spec.
+pub fn server_config(s: &crate::spec::ToolServerSpec) -> ice_effects::mcp::ServerConfig {
+    use ice_effects::mcp::{ServerConfig, ServerTransport};
+    let transport = match &s.url {
+        Some(url) => ServerTransport::Http { url: url.clone() },
+        None => ServerTransport::Stdio {
+            program: s.command[0].clone(),
+            args: s.command[1..].to_vec(),
+            env: s.env.clone(),
+            cwd: s.cwd.clone(),
+        },
+    };
+    ServerConfig {
+        name: s.name.clone(),
+        transport,
+        start_timeout: std::time::Duration::from_millis(s.start_timeout_ms),
+        call_timeout: std::time::Duration::from_millis(s.call_timeout_ms),
+        max_result_bytes: s.max_result_bytes as usize,
+    }
+}
+
+/// What `CapabilitiesBound` records of the tool servers: each tool with ICE's class for it,
+/// the server's hint, and the protocol version negotiated with its server.
+fn bound_tools(spec: &RunSpec, tools: Option<&ToolServers>) -> Vec<Value> {
+    let Some(tools) = tools else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for server in &spec.servers {
+        for t in tools
+            .tools()
+            .into_iter()
+            .filter(|t| t.server == server.name)
+        {
+            let assigned = server.class_of(&t.name);
+            let class = match t.hint {
+                Some(h) => assigned.raise(h),
+                None => assigned,
+            };
+            out.push(json!({
+                "tool": format!("{}/{}", t.server, t.name),
+                "effect": class.as_str(),
+                "assigned": assigned.as_str(),
+                "hint": t.hint.map(|h| h.as_str()),
+                "protocol_version": tools.protocol_version(&t.server),
+            }));
+        }
+    }
+    out
 }
 
 fn operator_origin(operator: &str) -> Result<Origin, RuntimeError> {

@@ -8,8 +8,8 @@
 //! policy = "policies"          # optional: a directory of *.cedar files (default: the home's)
 //!
 //! [agent]
-//! driver = "plan"              # the scripted plan driver
-//! plan = "plan.toml"           # relative to this file
+//! driver = "plan"              # the scripted plan driver ("external": an agent connected to
+//! plan = "plan.toml"           # the MCP gateway proposes instead); relative to this file
 //!
 //! [budget]                     # any of: tool_calls, bytes, wall_time, tokens_in, tokens_out,
 //! tool_calls = 20              #         credits_micro, risk
@@ -29,6 +29,16 @@
 //!                              # without it, the digest when the run starts)
 //! [[assume]]
 //! policy_version = "current"   # or a hex digest: the policy does not change under the run
+//!
+//! [servers.everything]         # an MCP tool server ICE starts and calls (its tools are
+//! command = ["node", "server.js", "stdio"]     # `mcp.call` on Tool::"everything/<tool>")
+//! # url = "http://127.0.0.1:3001/mcp"          # or a streamable-HTTP server
+//! env = { LOG = "1" }          # optional, with `cwd` (relative to this file)
+//! start_timeout = "20s"        # start and handshake
+//! call_timeout = "30s"         # one tools/call
+//! max_result_bytes = 1048576   # a larger result is refused
+//! [servers.everything.tools]   # ICE's effect class of each tool; a tool not named here is
+//! echo = "read"                # "external"; the server's annotations can raise a class only
 //!
 //! [[check]]
 //! name = "greeting present"
@@ -128,6 +138,40 @@ pub struct Check {
     pub timeout_ms: u64,
 }
 
+/// An MCP tool server the operator configured: how to reach it, its bounds, and ICE's own effect
+/// class for each of its tools.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolServerSpec {
+    /// ICE's name for it: the `server` of `Tool::"server/tool"`.
+    pub name: String,
+    /// Program and arguments of a server spoken to over stdio (empty when `url` is given).
+    pub command: Vec<String>,
+    /// The URL of a streamable-HTTP server.
+    pub url: Option<String>,
+    /// Environment of a stdio server (added to ICE's).
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Working directory of a stdio server.
+    pub cwd: Option<PathBuf>,
+    /// Time to start and handshake, in milliseconds.
+    pub start_timeout_ms: u64,
+    /// Time limit of one call, in milliseconds.
+    pub call_timeout_ms: u64,
+    /// Largest result accepted, in bytes.
+    pub max_result_bytes: u64,
+    /// ICE's effect class of each named tool; every other tool is external.
+    pub tools: std::collections::BTreeMap<String, ice_authority::EffectClass>,
+}
+
+impl ToolServerSpec {
+    /// ICE's class for one of this server's tools before any hint: as configured, else external.
+    pub fn class_of(&self, tool: &str) -> ice_authority::EffectClass {
+        self.tools
+            .get(tool)
+            .copied()
+            .unwrap_or(ice_authority::EffectClass::External)
+    }
+}
+
 /// A parsed, checked run spec. Paths are absolute.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunSpec {
@@ -139,8 +183,14 @@ pub struct RunSpec {
     pub workspace: PathBuf,
     /// A policy directory, if the spec names one.
     pub policy: Option<PathBuf>,
+    /// The agent driver: `plan` (a scripted plan) or `external` (an agent connected through the
+    /// MCP gateway).
+    pub driver: String,
     /// The plan file (the plan driver's input).
-    pub plan: PathBuf,
+    pub plan: Option<PathBuf>,
+    /// The MCP tool servers the run may call, by name.
+    #[serde(default)]
+    pub servers: Vec<ToolServerSpec>,
     /// Budget limits.
     pub budget: BudgetSpec,
     /// Grant lifetime, in milliseconds.
@@ -172,6 +222,24 @@ struct Raw {
     assume: Vec<toml::Spanned<RawAssume>>,
     #[serde(default)]
     check: Vec<toml::Spanned<RawCheck>>,
+    #[serde(default)]
+    servers: std::collections::BTreeMap<String, toml::Spanned<RawServer>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    #[serde(default)]
+    command: Vec<String>,
+    url: Option<String>,
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
+    cwd: Option<String>,
+    start_timeout: Option<String>,
+    call_timeout: Option<String>,
+    max_result_bytes: Option<u64>,
+    #[serde(default)]
+    tools: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -260,6 +328,87 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     .ok_or_else(|| format!("duration {s:?} is longer than a year"))?;
     Ok(Duration::from_millis(ms))
 }
+
+/// Check one `[servers.NAME]` table.
+fn parse_server(name: &str, raw: RawServer, base: &Path) -> Result<ToolServerSpec, String> {
+    let at = format!("[servers.{name}]");
+    ice_authority::Resource::tool(name, "tool")
+        .map_err(|e| format!("{at}: {name:?} is not a usable server name: {e}"))?;
+    match (&raw.url, raw.command.is_empty()) {
+        (Some(_), false) => return Err(format!("{at}: give either `command` or `url`, not both")),
+        (None, true) => {
+            return Err(format!(
+                "{at}: give `command = [\"program\", ...]` (stdio) or `url = \"http://...\"` (streamable HTTP)"
+            ));
+        }
+        (None, false) if raw.command[0].is_empty() => {
+            return Err(format!("{at}: `command` needs a program"));
+        }
+        (Some(u), true) => {
+            let parsed = url::Url::parse(u).map_err(|e| format!("{at}: url {u:?}: {e}"))?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err(format!("{at}: url {u:?} must be http or https"));
+            }
+            if !raw.env.is_empty() || raw.cwd.is_some() {
+                return Err(format!(
+                    "{at}: `env` and `cwd` are for stdio servers (`command`)"
+                ));
+            }
+        }
+        _ => {}
+    }
+    let ms = |v: &Option<String>, what: &str, default: u64| -> Result<u64, String> {
+        match v {
+            Some(t) => Ok(parse_duration(t)
+                .map_err(|e| format!("{at} {what}: {e}"))?
+                .as_millis() as u64),
+            None => Ok(default),
+        }
+    };
+    let max_result_bytes = raw.max_result_bytes.unwrap_or(1 << 20);
+    if max_result_bytes == 0 || max_result_bytes > MAX_TOOL_RESULT_BYTES {
+        return Err(format!(
+            "{at} max_result_bytes must be 1 to {MAX_TOOL_RESULT_BYTES}"
+        ));
+    }
+    let mut tools = std::collections::BTreeMap::new();
+    for (tool, class) in raw.tools {
+        ice_authority::Resource::tool(name, &tool)
+            .map_err(|e| format!("{at} tools: {tool:?}: {e}"))?;
+        let class = class
+            .parse::<ice_authority::EffectClass>()
+            .map_err(|e| format!("{at} tools.{tool}: {e}"))?;
+        tools.insert(tool, class);
+    }
+    let cwd = match &raw.cwd {
+        Some(c) => {
+            let dir = base.join(c);
+            if !dir.is_dir() {
+                return Err(format!(
+                    "{at} cwd {c:?}: {} is not a directory",
+                    dir.display()
+                ));
+            }
+            Some(dir)
+        }
+        None => None,
+    };
+    Ok(ToolServerSpec {
+        name: name.to_string(),
+        command: raw.command,
+        url: raw.url,
+        env: raw.env,
+        cwd,
+        start_timeout_ms: ms(&raw.start_timeout, "start_timeout", 20_000)?,
+        call_timeout_ms: ms(&raw.call_timeout, "call_timeout", 30_000)?,
+        max_result_bytes,
+        tools,
+    })
+}
+
+/// The largest `max_result_bytes` a server may be given (a result is one payload field of its
+/// `ToolInvoked` event, stored as a blob when large).
+pub const MAX_TOOL_RESULT_BYTES: u64 = 16 << 20;
 
 impl RunSpec {
     /// Read and check a run spec file. Relative paths in it are taken from its directory.
@@ -352,30 +501,49 @@ impl RunSpec {
         };
         let agent_at = raw.agent.span().start;
         let agent = raw.agent.into_inner();
-        if agent.driver != "plan" {
-            return Err(err(
-                Some(agent_at),
-                format!(
-                    "[agent] driver {:?} is not available; this version has \"plan\"",
-                    agent.driver
-                ),
-            ));
-        }
-        let Some(plan) = agent.plan else {
-            return Err(err(
-                Some(agent_at),
-                "[agent] the plan driver needs `plan = \"FILE\"`".into(),
-            ));
+        let plan = match (agent.driver.as_str(), agent.plan) {
+            ("plan", None) => {
+                return Err(err(
+                    Some(agent_at),
+                    "[agent] the plan driver needs `plan = \"FILE\"`".into(),
+                ));
+            }
+            ("plan", Some(plan)) => {
+                let plan_path = base.join(&plan);
+                if !plan_path.is_file() {
+                    return Err(err(
+                        Some(agent_at),
+                        format!(
+                            "[agent] plan {plan:?}: {} is not a file",
+                            plan_path.display()
+                        ),
+                    ));
+                }
+                Some(plan_path)
+            }
+            ("external", None) => None,
+            ("external", Some(_)) => {
+                return Err(err(
+                    Some(agent_at),
+                    "[agent] an external agent proposes through the MCP gateway; it has no `plan`"
+                        .into(),
+                ));
+            }
+            (other, _) => {
+                return Err(err(
+                    Some(agent_at),
+                    format!(
+                        "[agent] driver {other:?} is not available; this version has \"plan\" and \"external\""
+                    ),
+                ));
+            }
         };
-        let plan_path = base.join(&plan);
-        if !plan_path.is_file() {
-            return Err(err(
-                Some(agent_at),
-                format!(
-                    "[agent] plan {plan:?}: {} is not a file",
-                    plan_path.display()
-                ),
-            ));
+        let mut servers = Vec::new();
+        for (name, raw_server) in raw.servers {
+            let at = raw_server.span().start;
+            servers.push(
+                parse_server(&name, raw_server.into_inner(), base).map_err(|e| err(Some(at), e))?,
+            );
         }
         let mut budget = BudgetSpec::default();
         if let Some(b) = raw.budget {
@@ -499,7 +667,9 @@ impl RunSpec {
             agent: run.agent,
             workspace: std::fs::canonicalize(&workspace).unwrap_or(workspace),
             policy,
-            plan: plan_path,
+            driver: agent.driver,
+            plan,
+            servers,
             budget,
             grant_ttl_ms,
             grant_uses,

@@ -1,0 +1,91 @@
+//! `ice mcp` (MCP over stdio, one session = one run) and `ice serve` (MCP over streamable HTTP,
+//! several sessions at once).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow};
+use clap::Args;
+use ice_mcp::Gateway;
+use ice_runtime::{Quiet, RunSpec, Runtime};
+
+use crate::run::{runtime, seal, write_report};
+
+#[derive(Args, Debug)]
+pub struct McpArgs {
+    /// The run spec of the session's run ([agent] driver = "external"; its [servers.*] are the
+    /// tool servers offered).
+    #[arg(long = "run-spec", value_name = "FILE")]
+    pub spec: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on; MCP is served at http://ADDR/mcp.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7411")]
+    pub listen: String,
+    /// The run spec each session's run is made from (each run gets its own id).
+    #[arg(long = "run-spec", value_name = "FILE")]
+    pub spec: PathBuf,
+}
+
+/// Load the spec and the runtime, recover what an earlier crash left, and leak the runtime:
+/// the gateway's sessions live as long as the process.
+async fn open(
+    home: &Path,
+    url: Option<&str>,
+    spec: &Path,
+) -> Result<(crate::home::Home, &'static Runtime, RunSpec)> {
+    let spec = RunSpec::load(spec).map_err(|e| anyhow!("{e}"))?;
+    let (h, rt) = runtime(home, url)?;
+    for r in rt.recover(&Quiet).await? {
+        eprintln!(
+            "recovered run {}: {} → {} ({})",
+            r.run, r.from, r.to, r.detail
+        );
+    }
+    Ok((h, Box::leak(Box::new(rt)), spec))
+}
+
+/// `ice mcp`: stdout is the MCP channel, so everything for people goes to stderr.
+pub async fn mcp(home: &Path, url: Option<&str>, a: McpArgs) -> Result<u8> {
+    let (h, rt, spec) = open(home, url, &a.spec).await?;
+    let gw = Gateway::new(rt, spec, false).await?;
+    let report = gw.serve_stdio().await?;
+    let Some(report) = report else {
+        eprintln!("ice mcp: the client left before making a run");
+        return Ok(0);
+    };
+    let mut err = std::io::stderr().lock();
+    let code = write_report(&mut err, &report, false);
+    let size = seal(&h, rt).await?;
+    let _ = writeln!(err, "  sealed:   checkpoint signed at log size {size}");
+    Ok(code)
+}
+
+/// `ice serve`: until SIGINT or SIGTERM; then open sessions' runs are committed.
+pub async fn serve(home: &Path, url: Option<&str>, a: ServeArgs) -> Result<u8> {
+    let (h, rt, spec) = open(home, url, &a.spec).await?;
+    let gw = Gateway::new(rt, spec, true).await?;
+    let listener = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .with_context(|| format!("listening on {}", a.listen))?;
+    let addr = listener.local_addr()?;
+    eprintln!("ice serve: MCP at http://{addr}{}", ice_mcp::MCP_PATH);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        on_signal.cancel();
+    });
+    gw.serve_http(listener, stop).await?;
+    gw.close_all().await;
+    let size = seal(&h, rt).await?;
+    eprintln!("ice serve: stopped; checkpoint signed at log size {size}");
+    Ok(0)
+}

@@ -1,0 +1,985 @@
+//! The MCP gateway against real third-party peers: PyPI `mcp` 2.3.0 as the agent's client, npm
+//! `@modelcontextprotocol/server-everything` and `server-filesystem` as tool servers. They are
+//! installed at pinned versions by `scripts/deps` (which `scripts/test` runs first).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::{Value, json};
+
+fn deps() -> PathBuf {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.deps");
+    assert!(
+        d.join(".stamp").is_file(),
+        "the third-party MCP peers are not installed in {}: run scripts/deps",
+        d.display()
+    );
+    d
+}
+
+fn python() -> PathBuf {
+    deps().join("venv/bin/python")
+}
+
+fn npm_server(name: &str) -> PathBuf {
+    deps().join(format!(
+        "node/node_modules/@modelcontextprotocol/{name}/dist/index.js"
+    ))
+}
+
+fn agent_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/agent.py")
+}
+
+fn ice_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ice")
+}
+
+fn ice(home: &Path, args: &[&str]) -> Output {
+    Command::new(ice_bin())
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env_remove("ICE_HOME")
+        .output()
+        .expect("ice runs")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+const POLICY: &str = r#"
+@id("echo-and-sum")
+permit(principal == Agent::"assistant", action == Action::"mcp.call", resource)
+when { resource in [Tool::"everything/echo", Tool::"everything/get-sum"] };
+
+// The server's environment may hold secrets: an operator approves each look.
+@id("env-needs-approval")
+@approval("required")
+permit(principal == Agent::"assistant", action == Action::"mcp.call", resource == Tool::"everything/get-env");
+
+@id("slow-ok")
+permit(principal == Agent::"assistant", action == Action::"mcp.call",
+       resource == Tool::"everything/trigger-long-running-operation");
+
+// Reading files through the filesystem server is fine; anything that is not a read is not.
+@id("fs-reads")
+permit(principal == Agent::"assistant", action == Action::"mcp.call", resource in ToolServer::"fs")
+when { context.effect == EffectClass::"read" };
+"#;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    home: PathBuf,
+    spec: PathBuf,
+}
+
+/// A fresh installation, a workspace, the policy above and a run spec with both servers.
+/// `everything` is reached through a per-test symbolic link, so a test can find (and kill) its
+/// own server process.
+fn fixture(id: &str, approval_timeout: &str) -> Fixture {
+    fixture_with(id, approval_timeout, "", "")
+}
+
+/// [`fixture`] with more run-spec text and more policy text.
+fn fixture_with(id: &str, approval_timeout: &str, extra_spec: &str, extra_policy: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let home = root.join("home");
+    let o = ice(&home, &["init", "--origin", "ice.test/mcp"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let ws = root.join("ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::write(ws.join("notes.txt"), "hello from the workspace\n").unwrap();
+    std::fs::create_dir_all(root.join("policies")).unwrap();
+    std::fs::write(
+        root.join("policies/gateway.cedar"),
+        format!("{POLICY}\n{extra_policy}"),
+    )
+    .unwrap();
+    let everything = root.join("everything.js");
+    std::os::unix::fs::symlink(npm_server("server-everything"), &everything).unwrap();
+    let spec = root.join("run.toml");
+    let q = |p: &Path| serde_json::to_string(&p.display().to_string()).unwrap();
+    std::fs::write(
+        &spec,
+        format!(
+            r#"[run]
+id = "{id}"
+agent = "assistant"
+workspace = "ws"
+policy = "policies"
+
+[agent]
+driver = "external"
+
+[approvals]
+timeout = "{approval_timeout}"
+
+[servers.everything]
+command = ["node", {everything}, "stdio"]
+call_timeout = "20s"
+[servers.everything.tools]
+echo = "read"
+get-sum = "read"
+get-env = "read"
+trigger-long-running-operation = "read"
+
+[servers.fs]
+command = ["node", {fs}, {ws}]
+[servers.fs.tools]
+read_text_file = "read"
+list_directory = "read"
+# write_file is not named: external, so the policy above refuses it
+{extra_spec}
+"#,
+            everything = q(&everything),
+            fs = q(&npm_server("server-filesystem")),
+            ws = q(&std::fs::canonicalize(&ws).unwrap()),
+        ),
+    )
+    .unwrap();
+    Fixture {
+        _dir: dir,
+        root,
+        home,
+        spec,
+    }
+}
+
+/// Run the Python agent over stdio against `ice mcp`, with `script`; returns its JSON report
+/// and ice's exit code and stderr.
+fn agent_stdio(f: &Fixture, mode: &str, elicit: &str, script: Value) -> (Value, Output) {
+    let mut c = Command::new(python());
+    c.arg(agent_script())
+        .args(["--mode", mode, "--elicit", elicit, "--stdio", ice_bin()])
+        .arg("--home")
+        .arg(&f.home)
+        .arg("mcp")
+        .arg("--run-spec")
+        .arg(&f.spec)
+        .env_remove("ICE_HOME")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("python runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.to_string().as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let report: Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("the agent printed no report ({e}): {}", text(&o)));
+    (report, o)
+}
+
+fn events(f: &Fixture, run: &str) -> Vec<Value> {
+    let o = ice(&f.home, &["log", "--run", run, "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn of_type<'a>(events: &'a [Value], t: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["type"] == t).collect()
+}
+
+fn id_of(e: &Value) -> String {
+    format!("{}:{}", e["run_id"].as_str().unwrap(), e["run_seq"])
+}
+
+fn first_text(result: &Value) -> String {
+    result["content"][0]["text"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+fn verify(f: &Fixture) {
+    let o = ice(&f.home, &["verify"]);
+    assert!(o.status.success(), "verify: {}", text(&o));
+}
+
+/// Call a tool of a server directly with the same Python client (no ICE in between).
+fn direct_call(server: &[String], tool: &str, args: Value) -> Value {
+    let mut c = Command::new(python());
+    c.arg(agent_script())
+        .args(["--mode", "auto", "--stdio"])
+        .args(server)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let script = json!([{"op": "call", "name": tool, "args": args}]);
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.to_string().as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let r: Value =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
+    r["steps"][0]["result"].clone()
+}
+
+#[test]
+fn a_real_client_lists_and_calls_through_ice_over_stdio() {
+    let f = fixture("stdio-1", "2s");
+    let ws = std::fs::canonicalize(f.root.join("ws")).unwrap();
+    let notes = ws.join("notes.txt").display().to_string();
+    let (r, o) = agent_stdio(
+        &f,
+        "legacy",
+        "none",
+        json!([
+            {"op": "list"},
+            {"op": "call", "name": "everything__echo", "args": {"message": "hi ICE"}, "intent": "say hello"},
+            {"op": "call", "name": "everything__get-sum", "args": {"a": 2, "b": 40}},
+            {"op": "call", "name": "fs__read_text_file", "args": {"path": notes}},
+            {"op": "call", "name": "fs__write_file", "args": {"path": notes, "content": "overwritten"}},
+            {"op": "call", "name": "nosuch__tool", "args": {}},
+        ]),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("committed"),
+        "{}",
+        text(&o)
+    );
+    // tools/list shows exactly what the policy could permit.
+    let mut names: Vec<&str> = r["steps"][0]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "everything__echo",
+            "everything__get-env",
+            "everything__get-sum",
+            "everything__trigger-long-running-operation",
+            "fs__list_directory",
+            "fs__read_text_file",
+        ],
+        "{r:#}"
+    );
+    // Allowed calls return what the server returns.
+    let echo = &r["steps"][1]["result"];
+    assert_ne!(echo["isError"], true, "{echo:#}");
+    let direct = direct_call(
+        &[
+            "node".into(),
+            npm_server("server-everything").display().to_string(),
+            "stdio".into(),
+        ],
+        "echo",
+        json!({"message": "hi ICE"}),
+    );
+    assert_eq!(echo["content"], direct["content"], "through ICE vs direct");
+    let sum = &r["steps"][2]["result"];
+    let direct = direct_call(
+        &[
+            "node".into(),
+            npm_server("server-everything").display().to_string(),
+            "stdio".into(),
+        ],
+        "get-sum",
+        json!({"a": 2, "b": 40}),
+    );
+    assert_eq!(sum["content"], direct["content"]);
+    assert!(first_text(sum).contains("42"), "{sum:#}");
+    let read = &r["steps"][3]["result"];
+    assert!(
+        first_text(read).contains("hello from the workspace"),
+        "{read:#}"
+    );
+    // A write is external (not configured as read): refused, readably, and nothing written.
+    let refused = &r["steps"][4]["result"];
+    assert_eq!(refused["isError"], true, "{refused:#}");
+    assert!(first_text(refused).contains("policy_denied"), "{refused:#}");
+    assert_eq!(
+        refused["structuredContent"]["ice"]["denied"],
+        "policy_denied"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join("notes.txt")).unwrap(),
+        "hello from the workspace\n"
+    );
+    // An unknown tool is a protocol error, and the attempt is recorded.
+    let unknown = &r["steps"][5]["error"];
+    assert_eq!(unknown["code"], -32602, "{r:#}");
+
+    // The whole session is one run that verifies.
+    let ev = events(&f, "stdio-1");
+    assert_eq!(ev[0]["type"], "RunProvisioned");
+    assert_eq!(ev[0]["payload"]["driver"], "external");
+    assert!(of_type(&ev, "RunCommitted").len() == 1);
+    let invoked = of_type(&ev, "ToolInvoked");
+    assert_eq!(invoked.len(), 3, "echo, sum, read");
+    let echo_ev = invoked[0];
+    assert_eq!(echo_ev["payload"]["server"], "everything");
+    assert_eq!(echo_ev["payload"]["tool"], "echo");
+    assert_eq!(echo_ev["payload"]["arguments"]["message"], "hi ICE");
+    assert_eq!(echo_ev["payload"]["result"]["content"], echo["content"]);
+    assert_eq!(echo_ev["intent"], "say hello");
+    assert!(echo_ev["payload"]["elapsed_us"].as_u64().is_some());
+    let proto = echo_ev["payload"]["protocol_version"].as_str().unwrap();
+    assert!(
+        proto.starts_with("20"),
+        "negotiated version recorded: {proto}"
+    );
+    let denied = of_type(&ev, "CapabilityDenied");
+    assert_eq!(denied.len(), 2, "the write and the unknown tool");
+    assert_eq!(denied[0]["payload"]["reason"], "policy_denied");
+    assert_eq!(denied[1]["payload"]["reason"], "invalid_target");
+    // CapabilitiesBound lists the bound tools with ICE's classes (the server's read-only hint
+    // on write_file's neighbours changes nothing; its destructive hint keeps it external).
+    let bound = &of_type(&ev, "CapabilitiesBound")[0]["payload"]["tools"];
+    let class_of = |t: &str| {
+        bound
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["tool"] == t)
+            .map(|b| b["effect"].clone())
+    };
+    assert_eq!(class_of("fs/read_text_file"), Some(json!("read")));
+    assert_eq!(class_of("fs/write_file"), Some(json!("external")));
+    assert_eq!(class_of("everything/echo"), Some(json!("read")));
+
+    // explain on a ToolInvoked: the request, the decision, the grant and the result.
+    let o = ice(&f.home, &["explain", &id_of(echo_ev)]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for needle in [
+        "CapabilityRequested",
+        "CapabilityGranted",
+        "CapabilityUsed",
+        "ToolInvoked",
+        "echo-and-sum",
+        "say hello",
+    ] {
+        assert!(out.contains(needle), "explain lacks {needle}:\n{out}");
+    }
+    verify(&f);
+}
+
+#[test]
+fn a_modern_client_without_initialize_is_served_too() {
+    let f = fixture("modern-1", "2s");
+    let (r, o) = agent_stdio(
+        &f,
+        "2026-07-28",
+        "none",
+        json!([
+            {"op": "list"},
+            {"op": "call", "name": "everything__echo", "args": {"message": "no handshake"}},
+        ]),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(r["protocol_version"], "2026-07-28", "{r:#}");
+    assert!(
+        first_text(&r["steps"][1]["result"]).contains("no handshake"),
+        "{r:#}"
+    );
+    let ev = events(&f, "modern-1");
+    assert_eq!(of_type(&ev, "ToolInvoked").len(), 1);
+    assert_eq!(of_type(&ev, "RunCommitted").len(), 1);
+    verify(&f);
+}
+
+/// Start the Python agent over stdio without waiting for it.
+fn spawn_agent(f: &Fixture, mode: &str, elicit: &str, script: Value) -> std::process::Child {
+    let mut c = Command::new(python());
+    c.arg(agent_script())
+        .args(["--mode", mode, "--elicit", elicit, "--stdio", ice_bin()])
+        .arg("--home")
+        .arg(&f.home)
+        .arg("mcp")
+        .arg("--run-spec")
+        .arg(&f.spec)
+        .env_remove("ICE_HOME")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("python runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.to_string().as_bytes())
+        .unwrap();
+    child
+}
+
+fn finish_agent(child: std::process::Child) -> (Value, Output) {
+    let o = child.wait_with_output().unwrap();
+    let report: Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("the agent printed no report ({e}): {}", text(&o)));
+    (report, o)
+}
+
+/// Wait for a pending approval of `run` (from another process, as an operator would).
+fn pending_approval(f: &Fixture, run: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let o = ice(&f.home, &["approvals", "--run", run, "--json"]);
+        if o.status.success() {
+            let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+            if let Some(first) = v.as_array().and_then(|a| a.first()) {
+                return first.clone();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no approval appeared: {}",
+            text(&o)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_approval_gated_tool_works_once_per_approval_and_times_out_unanswered() {
+    let f = fixture("approve-1", "4s");
+    let child = spawn_agent(
+        &f,
+        "legacy",
+        "none",
+        json!([
+            {"op": "call", "name": "everything__get-env", "args": {}, "intent": "look at the server's environment"},
+            {"op": "call", "name": "everything__get-env", "args": {}, "intent": "look again"},
+        ]),
+    );
+    // An operator approves the first request from another process.
+    let pending = pending_approval(&f, "approve-1");
+    assert_eq!(pending["capability"], "mcp.call");
+    let id = pending["id"].as_str().unwrap().to_string();
+    let o = ice(&f.home, &["approve", &id, "--operator", "alice"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // The same approval cannot be answered (or used) again.
+    let again = ice(&f.home, &["approve", &id, "--operator", "alice"]);
+    assert!(!again.status.success(), "{}", text(&again));
+    // Nobody answers the second: it is denied when the timeout passes.
+    let (r, o) = finish_agent(child);
+    assert!(o.status.success(), "{}", text(&o));
+    let first = &r["steps"][0]["result"];
+    assert_ne!(first["isError"], true, "{r:#}");
+    assert!(
+        first_text(first).contains("PATH"),
+        "the environment came back: {r:#}"
+    );
+    let second = &r["steps"][1]["result"];
+    assert_eq!(second["isError"], true, "{r:#}");
+    assert_eq!(
+        second["structuredContent"]["ice"]["denied"],
+        "approval_timeout"
+    );
+
+    let ev = events(&f, "approve-1");
+    assert_eq!(of_type(&ev, "ApprovalRequested").len(), 2);
+    let granted = of_type(&ev, "ApprovalGranted");
+    assert_eq!(granted.len(), 1);
+    assert_eq!(granted[0]["origin"], "operator:alice");
+    let invoked = of_type(&ev, "ToolInvoked");
+    assert_eq!(invoked.len(), 1, "one approval, one call");
+    let grants = of_type(&ev, "CapabilityGranted");
+    assert_eq!(grants.len(), 1);
+    assert_eq!(grants[0]["payload"]["max_uses"], 1);
+    let denied = of_type(&ev, "CapabilityDenied");
+    assert_eq!(denied.len(), 1);
+    assert_eq!(denied[0]["payload"]["reason"], "approval_timeout");
+    // explain of the call names the operator's approval.
+    let o = ice(&f.home, &["explain", &id_of(invoked[0])]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("ApprovalGranted") && out.contains("alice"),
+        "{out}"
+    );
+    verify(&f);
+}
+
+#[test]
+fn a_client_that_supports_elicitation_answers_approvals_itself() {
+    let f = fixture("elicit-1", "10s");
+    let (r, o) = agent_stdio(
+        &f,
+        "legacy",
+        "approve",
+        json!([{"op": "call", "name": "everything__get-env", "args": {}}]),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(r["elicited"].as_array().unwrap().len(), 1, "{r:#}");
+    assert!(
+        r["elicited"][0]
+            .as_str()
+            .unwrap()
+            .contains("everything/get-env")
+    );
+    assert_ne!(r["steps"][0]["result"]["isError"], true, "{r:#}");
+    let ev = events(&f, "elicit-1");
+    let granted = of_type(&ev, "ApprovalGranted");
+    assert_eq!(granted.len(), 1);
+    assert!(
+        granted[0]["origin"]
+            .as_str()
+            .unwrap()
+            .starts_with("operator:mcp-client."),
+        "{:#}",
+        granted[0]
+    );
+    assert_eq!(of_type(&ev, "ToolInvoked").len(), 1);
+
+    // A user who says no: a recorded denial by that operator, and no call.
+    let f = fixture("elicit-2", "10s");
+    let (r, o) = agent_stdio(
+        &f,
+        "legacy",
+        "deny",
+        json!([{"op": "call", "name": "everything__get-env", "args": {}}]),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        r["steps"][0]["result"]["structuredContent"]["ice"]["denied"], "approval_denied",
+        "{r:#}"
+    );
+    let ev = events(&f, "elicit-2");
+    assert_eq!(of_type(&ev, "ApprovalDenied").len(), 1);
+    assert_eq!(of_type(&ev, "ToolInvoked").len(), 0);
+    verify(&f);
+}
+
+/// `ice serve` on a free port; returns the process and the MCP URL.
+fn serve(f: &Fixture) -> (std::process::Child, String) {
+    let mut child = Command::new(ice_bin())
+        .arg("--home")
+        .arg(&f.home)
+        .args(["serve", "--listen", "127.0.0.1:0", "--run-spec"])
+        .arg(&f.spec)
+        .env_remove("ICE_HOME")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    use std::io::BufRead;
+    err.read_line(&mut line).unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("ice serve: MCP at ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+        .to_string();
+    // Keep draining stderr so the server never blocks on it.
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+    });
+    (child, url)
+}
+
+fn agent_http(url: &str, mode: &str, script: Value) -> std::process::Child {
+    let mut child = Command::new(python())
+        .arg(agent_script())
+        .args(["--mode", mode, "--url", url])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.to_string().as_bytes())
+        .unwrap();
+    child
+}
+
+/// Wait until some run has used a grant for `tool` (its call is then in flight or done).
+fn wait_for_use(f: &Fixture, tool: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let o = ice(&f.home, &["log", "--type", "CapabilityUsed", "--json"]);
+        if String::from_utf8_lossy(&o.stdout).contains(tool) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{tool} was never used"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn runs(f: &Fixture) -> Vec<Value> {
+    let o = ice(&f.home, &["runs", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|_| {
+        Value::Array(
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect(),
+        )
+    });
+    v.as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn http_sessions_are_runs_and_a_killed_tool_server_fails_only_its_call() {
+    let f = fixture("served", "4s");
+    let (mut server, url) = serve(&f);
+    // Session A: a slow call whose server is killed under it, then another call.
+    let a = agent_http(
+        &url,
+        "legacy",
+        json!([
+            {"op": "list"},
+            {"op": "call", "name": "everything__trigger-long-running-operation", "args": {"duration": 10, "steps": 5}},
+            {"op": "call", "name": "everything__echo", "args": {"message": "after the crash"}},
+        ]),
+    );
+    wait_for_use(&f, "everything/trigger-long-running-operation");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let marker = f.root.join("everything.js").display().to_string();
+    let killed = Command::new("pkill")
+        .args(["-9", "-f", &marker])
+        .status()
+        .unwrap();
+    assert!(
+        killed.success(),
+        "the tool server process was found and killed"
+    );
+    // Session B (a 2026-07-28 client: no session, so each request is its own run) carries on.
+    let b = agent_http(
+        &url,
+        "2026-07-28",
+        json!([{"op": "call", "name": "everything__echo", "args": {"message": "other session"}}]),
+    );
+    let (rb, ob) = finish_agent(b);
+    assert!(ob.status.success(), "{}", text(&ob));
+    assert!(
+        first_text(&rb["steps"][0]["result"]).contains("other session"),
+        "{rb:#}"
+    );
+    let (ra, oa) = finish_agent(a);
+    assert!(oa.status.success(), "{}", text(&oa));
+    assert_eq!(ra["protocol_version"], "2025-11-25");
+    assert!(
+        ra["steps"][0]["tools"].as_array().unwrap().len() >= 4,
+        "{ra:#}"
+    );
+    let crashed = &ra["steps"][1]["result"];
+    assert_eq!(crashed["isError"], true, "{ra:#}");
+    assert!(
+        first_text(crashed).contains("everything/trigger-long-running-operation"),
+        "{ra:#}"
+    );
+    assert!(
+        first_text(&ra["steps"][2]["result"]).contains("after the crash"),
+        "{ra:#}"
+    );
+
+    // Stopping the server ends the open session's run (committed) and signs a checkpoint.
+    let _ = Command::new("kill").arg(server.id().to_string()).status();
+    let status = server.wait().unwrap();
+    assert!(
+        status.success(),
+        "ice serve exits cleanly on SIGTERM: {status:?}"
+    );
+    let all = runs(&f);
+    assert!(all.len() >= 2, "{all:#?}");
+    // Session A's run holds its three requests; the crash is recorded as a failed call.
+    let session_a = all
+        .iter()
+        .map(|r| r["run_id"].as_str().unwrap().to_string())
+        .find(|run| {
+            of_type(&events(&f, run), "ToolInvoked")
+                .iter()
+                .any(|e| e["payload"]["tool"] == "trigger-long-running-operation")
+        })
+        .expect("session A's run");
+    let ev = events(&f, &session_a);
+    let invoked = of_type(&ev, "ToolInvoked");
+    assert_eq!(invoked.len(), 2, "{invoked:#?}");
+    assert_eq!(
+        invoked[0]["payload"]["error"]["kind"], "server_gone",
+        "{:#}",
+        invoked[0]
+    );
+    assert_eq!(
+        invoked[1]["payload"]["result"]["content"][0]["text"],
+        "Echo: after the crash"
+    );
+    assert_eq!(of_type(&ev, "RunCommitted").len(), 1);
+    for r in &all {
+        let run = r["run_id"].as_str().unwrap();
+        let ev = events(&f, run);
+        assert_eq!(
+            ev.last().unwrap()["type"],
+            "RunTerminated",
+            "run {run} ended"
+        );
+    }
+    verify(&f);
+}
+
+/// A free TCP port on the loopback interface.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// server-everything over streamable HTTP on `port`; killed when dropped.
+struct HttpEverything(std::process::Child);
+
+impl HttpEverything {
+    fn start(port: u16) -> HttpEverything {
+        let child = Command::new("node")
+            .arg(npm_server("server-everything"))
+            .arg("streamableHttp")
+            .env("PORT", port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "server-everything did not listen"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        HttpEverything(child)
+    }
+}
+
+impl Drop for HttpEverything {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn ice_proxies_a_tool_server_over_streamable_http() {
+    let port = free_port();
+    let _server = HttpEverything::start(port);
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let f = fixture_with(
+        "remote-1",
+        "2s",
+        &format!(
+            "[servers.remote]\nurl = \"{url}\"\n[servers.remote.tools]\necho = \"read\"\nget-sum = \"read\"\n"
+        ),
+        "@id(\"remote-reads\")\npermit(principal, action == Action::\"mcp.call\", resource in ToolServer::\"remote\") when { context.effect == EffectClass::\"read\" };\n",
+    );
+    let (r, o) = agent_stdio(
+        &f,
+        "legacy",
+        "none",
+        json!([
+            {"op": "call", "name": "remote__echo", "args": {"message": "over HTTP"}},
+            {"op": "call", "name": "remote__get-sum", "args": {"a": 20, "b": 22}},
+            {"op": "call", "name": "remote__get-env", "args": {}},
+        ]),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    // The same calls, directly to the same server with the same client.
+    let mut direct = Command::new(python())
+        .arg(agent_script())
+        .args(["--mode", "auto", "--url", &url])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    direct
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            json!([
+                {"op": "call", "name": "echo", "args": {"message": "over HTTP"}},
+                {"op": "call", "name": "get-sum", "args": {"a": 20, "b": 22}},
+            ])
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+    let od = direct.wait_with_output().unwrap();
+    let d: Value =
+        serde_json::from_slice(&od.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&od)));
+    for i in 0..2 {
+        assert_eq!(
+            r["steps"][i]["result"]["content"], d["steps"][i]["result"]["content"],
+            "step {i}: {r:#} vs {d:#}"
+        );
+    }
+    // get-env is not configured as a read on this server: external, so refused.
+    assert_eq!(
+        r["steps"][2]["result"]["structuredContent"]["ice"]["denied"],
+        "policy_denied"
+    );
+    let ev = events(&f, "remote-1");
+    let invoked = of_type(&ev, "ToolInvoked");
+    assert_eq!(invoked.len(), 2);
+    assert_eq!(invoked[0]["payload"]["server"], "remote");
+    assert_eq!(invoked[0]["payload"]["protocol_version"], "2025-11-25");
+    verify(&f);
+}
+
+/// Raw JSON-RPC lines to `ice mcp`; returns every line it answered.
+fn raw_session(f: &Fixture, lines: &[String]) -> (Vec<Value>, Output) {
+    let mut child = Command::new(ice_bin())
+        .arg("--home")
+        .arg(&f.home)
+        .args(["mcp", "--run-spec"])
+        .arg(&f.spec)
+        .env_remove("ICE_HOME")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        while stdout.read_line(&mut line).unwrap_or(0) > 0 {
+            let _ = tx.send(line.clone());
+            line.clear();
+        }
+    });
+    let mut answers = Vec::new();
+    let parse = |a: &str| {
+        serde_json::from_str::<Value>(a)
+            .unwrap_or_else(|e| panic!("ICE wrote a non-JSON line ({e}): {a:?}"))
+    };
+    for l in lines {
+        stdin.write_all(l.as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+        // A request with an id is answered before the next line is sent.
+        // (A line over the 16 MiB line limit is dropped unanswered.)
+        let id = serde_json::from_str::<Value>(l)
+            .ok()
+            .filter(|_| l.len() < 16 << 20)
+            .and_then(|v| v.get("id").cloned());
+        if let Some(id) = id {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while std::time::Instant::now() < deadline {
+                match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                    Ok(a) => {
+                        let v = parse(&a);
+                        let done = v["id"] == id;
+                        answers.push(v);
+                        if done {
+                            break;
+                        }
+                    }
+                    Err(_) => continue,
+                }
+            }
+        }
+    }
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    while let Ok(a) = rx.try_recv() {
+        answers.push(serde_json::from_str(&a).unwrap());
+    }
+    (answers, o)
+}
+
+fn answer(answers: &[Value], id: i64) -> &Value {
+    answers
+        .iter()
+        .find(|a| a["id"] == id)
+        .unwrap_or_else(|| panic!("no answer to request {id}: {answers:#?}"))
+}
+
+#[test]
+fn malformed_and_oversized_agent_messages_get_errors_not_a_crash() {
+    let f = fixture("garbage-1", "2s");
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}});
+    let call = |id: i64, params: Value| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params}).to_string()
+    };
+    let huge = format!(
+        "{{\"jsonrpc\":\"2.0\",\"id\":90,\"method\":\"tools/call\",\"params\":{{\"name\":\"everything__echo\",\"arguments\":{{\"message\":\"{}\"}}}}}}",
+        "x".repeat(17 << 20)
+    );
+    let lines = vec![
+        init.to_string(),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}).to_string(),
+        "this is not JSON".to_string(),
+        "{\"jsonrpc\": \"2.0\", \"id\": 2, \"method\": \"tools/call\"".to_string(),
+        call(3, json!({"name": 5})),
+        call(
+            4,
+            json!({"name": "everything__echo", "arguments": "not an object"}),
+        ),
+        huge,
+        // A number JSON cannot carry exactly cannot be recorded: refused, recorded without it.
+        call(
+            5,
+            json!({"name": "everything__echo", "arguments": {"message": "n", "n": u64::MAX}}),
+        ),
+        json!({"jsonrpc": "2.0", "id": 6, "method": "no/such/method", "params": {}}).to_string(),
+        call(
+            7,
+            json!({"name": "everything__echo", "arguments": {"message": "still here"}}),
+        ),
+    ];
+    let (answers, o) = raw_session(&f, &lines);
+    assert!(o.status.success(), "ice mcp ended cleanly: {}", text(&o));
+    assert!(answer(&answers, 1)["result"]["protocolVersion"].is_string());
+    assert!(
+        answer(&answers, 3)["error"]["code"].is_i64(),
+        "{answers:#?}"
+    );
+    assert!(
+        answer(&answers, 4)["error"]["code"].is_i64(),
+        "{answers:#?}"
+    );
+    let five = &answer(&answers, 5)["result"];
+    assert_eq!(five["isError"], true, "{five:#}");
+    assert!(first_text(five).contains("outside ±(2^53-1)"), "{five:#}");
+    assert_eq!(answer(&answers, 6)["error"]["code"], -32601);
+    let seven = answer(&answers, 7);
+    assert_eq!(
+        seven["result"]["content"][0]["text"], "Echo: still here",
+        "{answers:#?}"
+    );
+    assert!(
+        answers.iter().all(|a| a["id"] != 90),
+        "the oversized line was dropped"
+    );
+    let ev = events(&f, "garbage-1");
+    assert_eq!(of_type(&ev, "RunCommitted").len(), 1);
+    verify(&f);
+}

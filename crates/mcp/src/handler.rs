@@ -1,0 +1,543 @@
+//! The MCP server an agent talks to: one handler per MCP session, one run per handler.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use ice_effects::mcp::ToolServers;
+use ice_kernel::{CapabilityProposal, Event, EventId, EventType, Outcome, Proposal, RunId};
+use ice_runtime::{Observer, RunReport, RunSpec, Runtime, RuntimeError, Session};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ElicitRequestParams,
+    ElicitationAction, ElicitationSchema, Implementation, ListToolsResult, PaginatedRequestParams,
+    ResultType, ServerCapabilities, ServerConfig, Tool, ToolAnnotations,
+};
+use rmcp::service::RequestContext;
+use rmcp::{ErrorData, Peer, RoleServer, ServerHandler, ServiceExt};
+use serde_json::{Value, json};
+use tokio::sync::{Mutex, mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// Where `ice serve` mounts the streamable-HTTP endpoint.
+pub const MCP_PATH: &str = "/mcp";
+
+/// The `_meta` key under which an agent may declare the intent of a `tools/call`.
+pub const INTENT_META_KEY: &str = "ice/intent";
+
+/// How long an HTTP session may stay idle before it is closed and its run aborted.
+const HTTP_IDLE: Duration = Duration::from_secs(30 * 60);
+
+/// Why the gateway could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The runtime refused (spec, policy, tool servers, log).
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The transport failed.
+    #[error("{0}")]
+    Transport(String),
+}
+
+/// The name an agent sees for `tool` of `server`.
+pub fn tool_name(server: &str, tool: &str) -> String {
+    format!("{server}__{tool}")
+}
+
+/// The gateway of one ICE process: the runtime, the run spec every session's run is made from,
+/// and the tool servers those runs share.
+pub struct Gateway {
+    rt: &'static Runtime,
+    spec: RunSpec,
+    tools: Option<Arc<ToolServers>>,
+    router: &'static ApprovalRouter,
+    /// Whether each session's run gets a fresh id (several sessions from one spec).
+    fresh_ids: bool,
+    /// Every session's slot, to end their runs when the gateway stops.
+    slots: StdMutex<Vec<std::sync::Weak<Slot>>>,
+}
+
+impl Gateway {
+    /// A gateway for runs made from `spec`: its tool servers are started now (a server that
+    /// cannot start is an error naming it). With `fresh_ids`, each session's run gets its own
+    /// id (`ice serve`); otherwise the spec's id is used as it is (`ice mcp`, one session).
+    pub async fn new(
+        rt: &'static Runtime,
+        spec: RunSpec,
+        fresh_ids: bool,
+    ) -> Result<Arc<Gateway>, GatewayError> {
+        if spec.driver != "external" {
+            return Err(GatewayError::Runtime(RuntimeError::Invalid(format!(
+                "{}: the MCP gateway serves runs whose agent is external; set [agent] driver = \"external\" (this spec has {:?})",
+                spec.file.display(),
+                spec.driver
+            ))));
+        }
+        rt.preflight(&spec)?;
+        let tools = ice_runtime::operator::start_tools(&spec).await?;
+        let router: &'static ApprovalRouter = Box::leak(Box::default());
+        Ok(Arc::new(Gateway {
+            rt,
+            spec,
+            tools,
+            router,
+            fresh_ids,
+            slots: StdMutex::new(Vec::new()),
+        }))
+    }
+
+    /// A handler for one new MCP session.
+    pub fn handler(self: &Arc<Self>) -> IceMcp {
+        let slot = Arc::new(Slot::default());
+        if let Ok(mut slots) = self.slots.lock() {
+            slots.retain(|s| s.strong_count() > 0);
+            slots.push(Arc::downgrade(&slot));
+        }
+        IceMcp {
+            gw: self.clone(),
+            slot,
+        }
+    }
+
+    /// End every open session's run (validate and commit), for a gateway that is stopping.
+    pub async fn close_all(&self) {
+        let slots: Vec<Arc<Slot>> = match self.slots.lock() {
+            Ok(s) => s.iter().filter_map(std::sync::Weak::upgrade).collect(),
+            Err(_) => Vec::new(),
+        };
+        for slot in slots {
+            let _ = slot.end(None).await;
+        }
+    }
+
+    /// Serve one MCP session over this process's stdin and stdout; when the client closes the
+    /// session, validate and commit its run (or abort it if the session failed) and report.
+    /// Returns `None` when the client left before its session made a run.
+    pub async fn serve_stdio(self: &Arc<Self>) -> Result<Option<RunReport>, GatewayError> {
+        let handler = self.handler();
+        let slot = handler.slot.clone();
+        let outcome = match handler.serve(rmcp::transport::stdio()).await {
+            Ok(running) => running
+                .waiting()
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("the MCP session failed: {e}")),
+            Err(e) => Err(format!("the MCP session did not start: {e}")),
+        };
+        let report = match outcome {
+            Ok(()) => slot.end(None).await?,
+            Err(why) => slot.end(Some(why)).await?,
+        };
+        Ok(report)
+    }
+
+    /// Serve MCP over streamable HTTP at [`MCP_PATH`] on `listener`, several sessions at once,
+    /// until `stop` is cancelled.
+    pub async fn serve_http(
+        self: &Arc<Self>,
+        listener: tokio::net::TcpListener,
+        stop: CancellationToken,
+    ) -> Result<(), GatewayError> {
+        use rmcp::transport::streamable_http_server::{
+            StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+        };
+        let gw = self.clone();
+        let mut sessions = LocalSessionManager::default();
+        sessions.session_config.keep_alive = Some(HTTP_IDLE);
+        let mut config = StreamableHttpServerConfig::default();
+        config.cancellation_token = stop.child_token();
+        if let Ok(addr) = listener.local_addr() {
+            config.allowed_hosts = vec![
+                "localhost".into(),
+                "127.0.0.1".into(),
+                "[::1]".into(),
+                addr.to_string(),
+                format!("localhost:{}", addr.port()),
+            ];
+        }
+        let service =
+            StreamableHttpService::new(move || Ok(gw.handler()), Arc::new(sessions), config);
+        let app = axum::Router::new().nest_service(MCP_PATH, service);
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+            .map_err(|e| GatewayError::Transport(format!("HTTP server: {e}")))
+    }
+
+    async fn open(&self, slot: &Slot) -> Result<Arc<Session<'static>>, ErrorData> {
+        let mut guard = slot.session.lock().await;
+        if let Some(s) = guard.as_ref() {
+            return Ok(s.clone());
+        }
+        if slot.ended.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ErrorData::internal_error(
+                "this MCP session has ended; its run is closed",
+                None,
+            ));
+        }
+        let mut spec = self.spec.clone();
+        if self.fresh_ids {
+            spec.id = None;
+        }
+        let session = self
+            .rt
+            .open_session_with_tools(
+                spec,
+                &self.spec.agent.clone(),
+                self.router as &dyn Observer,
+                self.tools.clone(),
+            )
+            .await
+            .map_err(|e| {
+                ErrorData::internal_error(format!("ICE could not open a run: {e}"), None)
+            })?;
+        let session = Arc::new(session);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.router.register(session.run().clone(), tx);
+        tokio::spawn(elicit_approvals(
+            self.rt,
+            rx,
+            slot.peer.clone(),
+            slot.operator_name.clone(),
+        ));
+        *guard = Some(session.clone());
+        Ok(session)
+    }
+}
+
+/// One MCP session's run, opened on first use.
+#[derive(Default)]
+struct Slot {
+    session: Mutex<Option<Arc<Session<'static>>>>,
+    ended: std::sync::atomic::AtomicBool,
+    /// The agent's peer, for elicitation (the latest request's).
+    peer: Arc<StdMutex<Option<Peer<RoleServer>>>>,
+    /// Who answers approvals by elicitation: `operator:<this>`.
+    operator_name: Arc<StdMutex<String>>,
+}
+
+impl Slot {
+    /// End the session's run: commit when `failure` is `None`, abort otherwise.
+    async fn end(&self, failure: Option<String>) -> Result<Option<RunReport>, RuntimeError> {
+        self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
+        let Some(session) = self.session.lock().await.take() else {
+            return Ok(None);
+        };
+        end_run(session, failure).await.map(Some)
+    }
+}
+
+/// End a session's run once no call holds it (each call is bounded by its timeout): commit
+/// when `failure` is `None`, abort otherwise.
+async fn end_run(
+    mut session: Arc<Session<'static>>,
+    failure: Option<String>,
+) -> Result<RunReport, RuntimeError> {
+    let session = loop {
+        match Arc::try_unwrap(session) {
+            Ok(s) => break s,
+            Err(back) => {
+                session = back;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    match failure {
+        None => session.finish().await,
+        Some(why) => session.abort("session_failed", &why).await,
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // An HTTP session closed (DELETE, idle timeout, server shutdown): end its run in the
+        // background.
+        let Some(session) = self.session.get_mut().take() else {
+            return;
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = end_run(session, None).await;
+            });
+        }
+    }
+}
+
+/// The MCP handler of one session.
+#[derive(Clone)]
+pub struct IceMcp {
+    gw: Arc<Gateway>,
+    slot: Arc<Slot>,
+}
+
+impl IceMcp {
+    fn remember_peer(&self, context: &RequestContext<RoleServer>) {
+        if let Ok(mut p) = self.slot.peer.lock() {
+            *p = Some(context.peer.clone());
+        }
+        if let (Some(info), Ok(mut name)) = (context.client_info(), self.slot.operator_name.lock())
+        {
+            *name = operator_id(&info.name);
+        }
+    }
+
+    /// Which configured server and tool an agent-facing name stands for.
+    fn resolve(&self, name: &str) -> Option<(String, String)> {
+        self.gw.spec.servers.iter().find_map(|s| {
+            name.strip_prefix(&format!("{}__", s.name))
+                .filter(|t| !t.is_empty())
+                .map(|t| (s.name.clone(), t.to_string()))
+        })
+    }
+}
+
+impl ServerHandler for IceMcp {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new("ice", env!("CARGO_PKG_VERSION")))
+            .with_instructions(
+                "ICE governs every tool call: each is decided by policy, grants, budgets and \
+                 approvals, and recorded. A refused call returns isError with the reason. You \
+                 may declare the purpose of a call in _meta[\"ice/intent\"].",
+            )
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        self.remember_peer(&context);
+        let session = self.gw.open(&self.slot).await?;
+        let mut tools = Vec::new();
+        for (t, class) in session.permitted_tools().await {
+            let Value::Object(schema) = t.input_schema.clone() else {
+                continue;
+            };
+            let mut tool = Tool::new(
+                tool_name(&t.server, &t.name),
+                format!(
+                    "{} [via ICE: tool {} of server {}; effect class {class}; every call is governed and recorded]",
+                    t.description.clone().unwrap_or_default(),
+                    t.name,
+                    t.server
+                ),
+                Arc::new(schema),
+            );
+            tool.title = t.title.clone();
+            if let Some(Value::Object(out)) = &t.output_schema {
+                tool.output_schema = Some(Arc::new(out.clone()));
+            }
+            // ICE's class, not the server's hints, is what the agent is told.
+            let read = class == ice_authority::EffectClass::Read;
+            let mut a = ToolAnnotations::new();
+            a.read_only_hint = Some(read);
+            a.destructive_hint = Some(!read);
+            a.open_world_hint = Some(class == ice_authority::EffectClass::External);
+            tool.annotations = Some(a);
+            tools.push(tool);
+        }
+        Ok(ListToolsResult::with_all_items(tools))
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        self.remember_peer(&context);
+        let session = self.gw.open(&self.slot).await?;
+        let name = request.name.to_string();
+        let intent = context
+            .meta
+            .get(INTENT_META_KEY)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("MCP tools/call {name} (the client declared no intent)"));
+        let (target, known) = match self.resolve(&name) {
+            Some((server, tool)) => (format!("{server}/{tool}"), true),
+            None => (name.clone(), false),
+        };
+        let proposal = Proposal::Request(CapabilityProposal {
+            capability: "mcp.call".into(),
+            target,
+            arguments: Value::Object(request.arguments.unwrap_or_default()),
+            intent,
+        });
+        match session.propose(&proposal).await {
+            Ok(Some(Outcome::Done { output, .. })) => Ok(to_result(output).into()),
+            Ok(Some(Outcome::Denied {
+                request,
+                reason,
+                detail,
+            })) => {
+                if !known {
+                    // An unknown tool is a protocol error (the attempt is still recorded).
+                    return Err(ErrorData::invalid_params(
+                        format!("unknown tool {name:?}: {detail} (recorded as {request})"),
+                        Some(json!({"ice": {"denied": reason, "request": request.to_string()}})),
+                    ));
+                }
+                Ok(denied(&request, &reason, &detail).into())
+            }
+            Ok(None) => Err(ErrorData::internal_error(
+                "the runtime gave no answer to the call",
+                None,
+            )),
+            Err(RuntimeError::State { state, what, .. }) => Err(ErrorData::invalid_request(
+                format!("ICE refuses the call: the run is {state}: {what}"),
+                None,
+            )),
+            Err(RuntimeError::Invalid(why)) => Err(ErrorData::invalid_params(
+                format!("ICE refuses the call: {why}"),
+                None,
+            )),
+            Err(e) => Err(ErrorData::internal_error(format!("ICE failed: {e}"), None)),
+        }
+    }
+}
+
+/// A tool's result as the effects layer recorded it, as an MCP result.
+fn to_result(output: Value) -> CallToolResult {
+    match serde_json::from_value::<CallToolResult>(output.clone()) {
+        // A tool server on an older protocol sends no result type; rmcp drops it again for
+        // agents on older protocols.
+        Ok(mut r) => {
+            r.result_type = Some(ResultType::COMPLETE);
+            r
+        }
+        Err(_) => CallToolResult::success(vec![ContentBlock::text(output.to_string())]),
+    }
+}
+
+/// A denial as a tool result the agent can read and act on.
+fn denied(request: &EventId, reason: &str, detail: &str) -> CallToolResult {
+    let mut r = CallToolResult::error(vec![ContentBlock::text(format!(
+        "ICE denied this call ({reason}): {detail}. The attempt is recorded as {request}."
+    ))]);
+    r.structured_content = Some(json!({
+        "ice": {"denied": reason, "detail": detail, "request": request.to_string()}
+    }));
+    r
+}
+
+/// An operator id made of an MCP client's name (`operator:mcp-client.<name>`).
+fn operator_id(client: &str) -> String {
+    let clean: String = client
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(48)
+        .collect();
+    format!(
+        "mcp-client.{}",
+        if clean.is_empty() { "unnamed" } else { &clean }
+    )
+}
+
+/// Passes each run's `ApprovalRequested` events to the session that owns the run.
+#[derive(Default)]
+pub(crate) struct ApprovalRouter {
+    runs: StdMutex<HashMap<RunId, mpsc::UnboundedSender<Event>>>,
+}
+
+impl ApprovalRouter {
+    fn register(&self, run: RunId, tx: mpsc::UnboundedSender<Event>) {
+        if let Ok(mut m) = self.runs.lock() {
+            m.retain(|_, s| !s.is_closed());
+            m.insert(run, tx);
+        }
+    }
+}
+
+impl Observer for ApprovalRouter {
+    fn recorded(&self, event: &Event) {
+        if event.event_type != EventType::ApprovalRequested.name() {
+            return;
+        }
+        if let Ok(m) = self.runs.lock()
+            && let Some(tx) = m.get(&event.run_id)
+        {
+            let _ = tx.send(event.clone());
+        }
+    }
+}
+
+/// For each approval the session's run asks for: when the agent's client supports elicitation,
+/// ask its user; record the answer as that operator's. Otherwise (or when the user declines to
+/// answer) the call keeps waiting for `ice approve` until the spec's timeout.
+async fn elicit_approvals(
+    rt: &'static Runtime,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    peer: Arc<StdMutex<Option<Peer<RoleServer>>>>,
+    operator: Arc<StdMutex<String>>,
+) {
+    while let Some(event) = rx.recv().await {
+        let Some(peer) = peer.lock().ok().and_then(|p| p.clone()) else {
+            continue;
+        };
+        if peer.supported_elicitation_modes().is_empty() {
+            continue;
+        }
+        let operator = operator.lock().map(|o| o.clone()).unwrap_or_default();
+        tokio::spawn(async move {
+            let id = event.id();
+            let p = &event.payload;
+            let what = format!(
+                "ICE: agent {} asks to call {} {} with arguments {} (approval {id}). Approve this one call?",
+                p.get("agent").and_then(Value::as_str).unwrap_or("?"),
+                p.get("capability").and_then(Value::as_str).unwrap_or("?"),
+                p.get("resource")
+                    .and_then(|r| r.get("id"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("?"),
+                cut(
+                    &p.get("arguments").map(Value::to_string).unwrap_or_default(),
+                    400
+                ),
+            );
+            let Ok(schema) = ElicitationSchema::builder()
+                .required_bool("approve")
+                .optional_string("reason")
+                .build()
+            else {
+                return;
+            };
+            let params = ElicitRequestParams::FormElicitationParams {
+                meta: None,
+                message: what,
+                requested_schema: schema,
+            };
+            let Ok(answer) = peer.create_elicitation(params).await else {
+                return;
+            };
+            if answer.action != ElicitationAction::Accept {
+                return;
+            }
+            let content = answer.content.unwrap_or(Value::Null);
+            let Some(approve) = content.get("approve").and_then(Value::as_bool) else {
+                return;
+            };
+            let reason = content
+                .get("reason")
+                .and_then(Value::as_str)
+                .unwrap_or("answered through MCP elicitation");
+            let _ = rt.answer_approval(&id, &operator, approve, reason).await;
+        });
+    }
+}
+
+fn cut(s: &str, n: usize) -> String {
+    if s.len() <= n {
+        return s.to_string();
+    }
+    let mut end = n;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}

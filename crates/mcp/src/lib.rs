@@ -1,0 +1,26 @@
+//! # ice-mcp: ICE's MCP gateway (interfaces layer)
+//!
+//! To an agent, ICE is an MCP server; each MCP session is one run. The tools it offers are the
+//! tools of the MCP tool servers the run spec configures (`[servers.NAME]`), under ICE-assigned
+//! names `SERVER__TOOL`, and only those the run's policy could permit. Every `tools/call` is a
+//! proposal to the runtime: `CapabilityRequested` → decision → grant or denial → the call
+//! through the effects layer → `ToolInvoked` (arguments, result or its blob digest, timing, the
+//! negotiated protocol version). The gateway itself decides nothing and keeps no state of its
+//! own beyond which run a session is.
+//!
+//! - A denial comes back as a tool result with `isError: true` whose text says why (the agent
+//!   can read it and act on it), with the denial's details under `structuredContent.ice`.
+//! - A call that needs approval waits (bounded by the spec's `[approvals] timeout`) for an
+//!   operator (`ice approve`, or MCP elicitation to the agent's user when its client supports
+//!   it) and is recorded either way.
+//! - Sessions end → the run is validated and committed; a session that ends in error or is
+//!   abandoned (idle timeout) aborts its run; `ice kill` ends it from outside.
+//! - Protocol styles: clients on 2025-06-18 / 2025-11-25 (initialize handshake and sessions) and
+//!   on 2026-07-28 (no initialize; per-request metadata) are both served by rmcp. Over HTTP a
+//!   2026-07-28 client has no session, so each of its requests that needs a run gets its own.
+
+#![warn(missing_docs)]
+
+mod handler;
+
+pub use handler::{Gateway, GatewayError, IceMcp, MCP_PATH, tool_name};
