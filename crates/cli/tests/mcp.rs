@@ -329,6 +329,11 @@ fn a_real_client_lists_and_calls_through_ice_over_stdio() {
     let ev = events(&f, "stdio-1");
     assert_eq!(ev[0]["type"], "RunProvisioned");
     assert_eq!(ev[0]["payload"]["driver"], "external");
+    // Who the agent's client is, and the protocol it negotiated, are recorded.
+    let client = &ev[0]["payload"]["client"];
+    assert_eq!(client["lifecycle"], "initialize", "{client:#}");
+    assert_eq!(client["protocol_version"], "2025-11-25", "{client:#}");
+    assert_eq!(client["name"], "mcp", "{client:#}");
     assert!(of_type(&ev, "RunCommitted").len() == 1);
     let invoked = of_type(&ev, "ToolInvoked");
     assert_eq!(invoked.len(), 3, "echo, sum, read");
@@ -399,6 +404,9 @@ fn a_modern_client_without_initialize_is_served_too() {
         "{r:#}"
     );
     let ev = events(&f, "modern-1");
+    let client = &ev[0]["payload"]["client"];
+    assert_eq!(client["lifecycle"], "per-request metadata", "{client:#}");
+    assert_eq!(client["protocol_version"], "2026-07-28", "{client:#}");
     assert_eq!(of_type(&ev, "ToolInvoked").len(), 1);
     assert_eq!(of_type(&ev, "RunCommitted").len(), 1);
     verify(&f);
@@ -981,5 +989,55 @@ fn malformed_and_oversized_agent_messages_get_errors_not_a_crash() {
     );
     let ev = events(&f, "garbage-1");
     assert_eq!(of_type(&ev, "RunCommitted").len(), 1);
+    verify(&f);
+}
+
+#[test]
+fn a_killed_session_refuses_further_calls_and_its_run_aborts() {
+    let f = fixture("killed-1", "2s");
+    let child = spawn_agent(
+        &f,
+        "legacy",
+        "none",
+        json!([
+            {"op": "call", "name": "everything__echo", "args": {"message": "before"}},
+            {"op": "sleep", "s": 2.5},
+            {"op": "call", "name": "everything__echo", "args": {"message": "after the kill"}},
+        ]),
+    );
+    wait_for_use(&f, "everything/echo");
+    let o = ice(
+        &f.home,
+        &[
+            "kill",
+            "killed-1",
+            "--operator",
+            "bob",
+            "--reason",
+            "enough",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let (r, o) = finish_agent(child);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("aborted — killed by operator:bob"),
+        "ice mcp reports the aborted run: {}",
+        text(&o)
+    );
+    assert!(first_text(&r["steps"][0]["result"]).contains("before"));
+    let refused = &r["steps"][2]["error"];
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("stopped"),
+        "{r:#}"
+    );
+    let ev = events(&f, "killed-1");
+    assert_eq!(of_type(&ev, "RunKillRequested").len(), 1);
+    assert_eq!(of_type(&ev, "RunAborted").len(), 1);
+    assert_eq!(of_type(&ev, "RunCommitted").len(), 0);
+    assert_eq!(of_type(&ev, "ToolInvoked").len(), 1);
     verify(&f);
 }

@@ -9,8 +9,9 @@ use ice_kernel::{CapabilityProposal, Event, EventId, EventType, Outcome, Proposa
 use ice_runtime::{Observer, RunReport, RunSpec, Runtime, RuntimeError, Session};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ElicitRequestParams,
-    ElicitationAction, ElicitationSchema, Implementation, ListToolsResult, PaginatedRequestParams,
-    ResultType, ServerCapabilities, ServerConfig, Tool, ToolAnnotations,
+    ElicitationAction, ElicitationSchema, Implementation, InitializeRequestParams,
+    InitializeResult, ListToolsResult, PaginatedRequestParams, ResultType, ServerCapabilities,
+    ServerConfig, Tool, ToolAnnotations,
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData, Peer, RoleServer, ServerHandler, ServiceExt};
@@ -185,6 +186,7 @@ impl Gateway {
                 &self.spec.agent.clone(),
                 self.router as &dyn Observer,
                 self.tools.clone(),
+                slot.client.lock().ok().and_then(|c| c.clone()),
             )
             .await
             .map_err(|e| {
@@ -193,6 +195,9 @@ impl Gateway {
         let session = Arc::new(session);
         let (tx, rx) = mpsc::unbounded_channel();
         self.router.register(session.run().clone(), tx);
+        if let Ok(mut r) = slot.registered.lock() {
+            *r = Some((self.router, session.run().clone()));
+        }
         tokio::spawn(elicit_approvals(
             self.rt,
             rx,
@@ -213,12 +218,27 @@ struct Slot {
     peer: Arc<StdMutex<Option<Peer<RoleServer>>>>,
     /// Who answers approvals by elicitation: `operator:<this>`.
     operator_name: Arc<StdMutex<String>>,
+    /// What the client said of itself: name, version, protocol version and style.
+    client: StdMutex<Option<Value>>,
+    /// The approval router this session's run is registered with (removed when it ends).
+    registered: StdMutex<Option<(&'static ApprovalRouter, RunId)>>,
+    /// When the session last made a request (an HTTP session idle for [`HTTP_IDLE`] is
+    /// abandoned: its run aborts).
+    last_active: StdMutex<Option<std::time::Instant>>,
 }
 
 impl Slot {
+    /// Stop routing the run's approval requests here (its elicitation task then ends).
+    fn unregister(&self) {
+        if let Some((router, run)) = self.registered.lock().ok().and_then(|mut r| r.take()) {
+            router.unregister(&run);
+        }
+    }
+
     /// End the session's run: commit when `failure` is `None`, abort otherwise.
     async fn end(&self, failure: Option<String>) -> Result<Option<RunReport>, RuntimeError> {
         self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.unregister();
         let Some(session) = self.session.lock().await.take() else {
             return Ok(None);
         };
@@ -249,14 +269,27 @@ async fn end_run(
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        // An HTTP session closed (DELETE, idle timeout, server shutdown): end its run in the
-        // background.
+        // An HTTP session closed: ended by its client (committed) or abandoned, idle past
+        // HTTP_IDLE (aborted). Its run is ended in the background.
+        self.unregister();
         let Some(session) = self.session.get_mut().take() else {
             return;
         };
+        let idle = self
+            .last_active
+            .get_mut()
+            .ok()
+            .and_then(|t| *t)
+            .is_some_and(|t| t.elapsed() >= HTTP_IDLE);
+        let failure = idle.then(|| {
+            format!(
+                "the MCP session was idle for {} minutes and was closed",
+                HTTP_IDLE.as_secs() / 60
+            )
+        });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                let _ = end_run(session, None).await;
+                let _ = end_run(session, failure).await;
             });
         }
     }
@@ -271,8 +304,23 @@ pub struct IceMcp {
 
 impl IceMcp {
     fn remember_peer(&self, context: &RequestContext<RoleServer>) {
+        if let Ok(mut t) = self.slot.last_active.lock() {
+            *t = Some(std::time::Instant::now());
+        }
         if let Ok(mut p) = self.slot.peer.lock() {
             *p = Some(context.peer.clone());
+        }
+        if let Ok(mut c) = self.slot.client.lock()
+            && c.is_none()
+        {
+            // A 2026-07-28 client says who it is in each request's metadata.
+            let info = context.client_info();
+            *c = Some(json!({
+                "name": info.as_ref().map(|i| i.name.clone()),
+                "version": info.as_ref().map(|i| i.version.clone()),
+                "protocol_version": context.protocol_version().map(|v| v.to_string()),
+                "lifecycle": "per-request metadata",
+            }));
         }
         if let (Some(info), Ok(mut name)) = (context.client_info(), self.slot.operator_name.lock())
         {
@@ -291,6 +339,28 @@ impl IceMcp {
 }
 
 impl ServerHandler for IceMcp {
+    /// The legacy handshake: negotiate, note who the client is, and open the session's run
+    /// (provision, context, execution window).
+    async fn initialize(
+        &self,
+        request: InitializeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<InitializeResult, ErrorData> {
+        context.peer.set_peer_info(request.clone());
+        let result = self.negotiate_initialize(&request)?;
+        if let Ok(mut c) = self.slot.client.lock() {
+            *c = Some(json!({
+                "name": request.client_info.name,
+                "version": request.client_info.version,
+                "protocol_version": result.protocol_version.to_string(),
+                "lifecycle": "initialize",
+            }));
+        }
+        self.remember_peer(&context);
+        self.gw.open(&self.slot).await?;
+        Ok(result)
+    }
+
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
             .with_server_info(Implementation::new("ice", env!("CARGO_PKG_VERSION")))
@@ -450,6 +520,12 @@ impl ApprovalRouter {
         if let Ok(mut m) = self.runs.lock() {
             m.retain(|_, s| !s.is_closed());
             m.insert(run, tx);
+        }
+    }
+
+    fn unregister(&self, run: &RunId) {
+        if let Ok(mut m) = self.runs.lock() {
+            m.remove(run);
         }
     }
 }

@@ -13,8 +13,11 @@
 //! - A call that needs approval waits (bounded by the spec's `[approvals] timeout`) for an
 //!   operator (`ice approve`, or MCP elicitation to the agent's user when its client supports
 //!   it) and is recorded either way.
-//! - Sessions end → the run is validated and committed; a session that ends in error or is
-//!   abandoned (idle timeout) aborts its run; `ice kill` ends it from outside.
+//! - A session's run is opened at `initialize` (or at the first request of a client without
+//!   one), recording who the client is and the protocol it negotiated. When the session ends,
+//!   the run is validated and committed; a stdio session that fails, or an HTTP session left
+//!   idle for 30 minutes, aborts its run; `ice kill` ends it from outside (later calls are
+//!   refused with the reason).
 //! - Protocol styles: clients on 2025-06-18 / 2025-11-25 (initialize handshake and sessions) and
 //!   on 2026-07-28 (no initialize; per-request metadata) are both served by rmcp. Over HTTP a
 //!   2026-07-28 client has no session, so each of its requests that needs a run gets its own.

@@ -162,19 +162,22 @@ impl Runtime {
         agent_id: &str,
         observer: &'a dyn Observer,
     ) -> Result<Session<'a>, RuntimeError> {
-        self.open_session_with_tools(spec, agent_id, observer, None)
+        self.open_session_with_tools(spec, agent_id, observer, None, None)
             .await
     }
 
     /// [`Self::open_session`] with MCP tool servers already running (the gateway starts the
-    /// spec's servers once and shares them between its sessions). Without them, the spec's
-    /// servers are started for this run and stopped with it.
+    /// spec's servers once and shares them between its sessions; without them, the spec's
+    /// servers are started for this run and stopped with it), and what the agent's side said
+    /// of itself (an MCP client's name, version and negotiated protocol), recorded in
+    /// `RunProvisioned`.
     pub async fn open_session_with_tools<'a>(
         &'a self,
         mut spec: RunSpec,
         agent_id: &str,
         observer: &'a dyn Observer,
         tools: Option<Arc<ToolServers>>,
+        client: Option<Value>,
     ) -> Result<Session<'a>, RuntimeError> {
         let run = match &spec.id {
             Some(id) => id.clone(),
@@ -326,6 +329,7 @@ impl Runtime {
                         "spec": spec_json,
                         "agent": agent_id,
                         "driver": spec.driver,
+                        "client": client.clone(),
                         "taxonomy": ice_kernel::TAXONOMY_VERSION,
                     })),
                     Draft::new(EventType::ResourcesAllocated.name(), Origin::Runtime)
