@@ -650,6 +650,16 @@ pub async fn explain(home: &Path, url: Option<&str>, a: ExplainArgs) -> Result<u
             "status",
             "before",
             "after",
+            // An MCP tool call: what was called, with what, what came back, how long it
+            // took and over which protocol version.
+            "server",
+            "tool",
+            "arguments",
+            "result",
+            "is_error",
+            "error",
+            "elapsed_us",
+            "protocol_version",
         ] {
             if let Some(v) = p.get(key) {
                 let text = match v {

@@ -379,6 +379,9 @@ fn a_real_client_lists_and_calls_through_ice_over_stdio() {
         "ToolInvoked",
         "echo-and-sum",
         "say hello",
+        "Echo: hi ICE",
+        "protocol_version",
+        "elapsed_us",
     ] {
         assert!(out.contains(needle), "explain lacks {needle}:\n{out}");
     }
