@@ -1044,3 +1044,41 @@ fn a_killed_session_refuses_further_calls_and_its_run_aborts() {
     assert_eq!(of_type(&ev, "ToolInvoked").len(), 1);
     verify(&f);
 }
+
+#[test]
+fn a_large_result_reaches_the_agent_and_the_event_keeps_its_blob_digest() {
+    let f = fixture("large-1", "2s");
+    let ws = std::fs::canonicalize(f.root.join("ws")).unwrap();
+    let big: String = (0..4000)
+        .map(|i| format!("line {i:05} of a large file\n"))
+        .collect();
+    std::fs::write(ws.join("big.txt"), &big).unwrap();
+    let (r, o) = agent_stdio(
+        &f,
+        "legacy",
+        "none",
+        json!([{"op": "call", "name": "fs__read_text_file", "args": {"path": ws.join("big.txt").display().to_string()}}]),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        first_text(&r["steps"][0]["result"]),
+        big,
+        "the agent got all of it"
+    );
+    let ev = events(&f, "large-1");
+    let invoked = of_type(&ev, "ToolInvoked");
+    let result = &invoked[0]["payload"]["result"];
+    assert!(
+        result["$blob"].is_string(),
+        "kept as a blob reference: {result:#}"
+    );
+    let o = ice(&f.home, &["show", &id_of(invoked[0]), "--blobs", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let shown: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        shown["payload"]["result"]["content"][0]["text"].as_str(),
+        Some(big.as_str()),
+        "the blob holds the whole result"
+    );
+    verify(&f);
+}
