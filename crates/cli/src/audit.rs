@@ -60,7 +60,7 @@ pub async fn verify(home: &Path, url: Option<&str>, a: VerifyArgs) -> Result<u8>
         Some(p) => read_verifier(p)?,
         None => h.verifier()?,
     };
-    let log = h.log(url, Mode::ReadOnly)?;
+    let log = h.log(url, Mode::ReadOnly).await?;
     let tty = std::io::stderr().is_terminal() && !a.json;
     let started = std::time::Instant::now();
     let report = ice_log::verify::verify_with(log.as_ref(), Some(&verifier), a.deep, |n| {
@@ -141,7 +141,7 @@ pub async fn sign_checkpoint(
 
 pub async fn checkpoint(home: &Path, url: Option<&str>, a: CheckpointArgs) -> Result<u8> {
     let h = Home::open(home)?;
-    let log = h.log(url, Mode::ReadWrite)?;
+    let log = h.log(url, Mode::ReadWrite).await?;
     let (size, root, note) = sign_checkpoint(&h, log.as_ref()).await?;
     if a.json {
         println!(
@@ -172,7 +172,7 @@ pub struct ProveArgs {
 
 pub async fn prove(home: &Path, url: Option<&str>, a: ProveArgs) -> Result<u8> {
     let h = Home::open(home)?;
-    let log = h.log(url, Mode::ReadOnly)?;
+    let log = h.log(url, Mode::ReadOnly).await?;
     let cps = log.checkpoints().await?;
     let latest = cps
         .last()
@@ -257,4 +257,63 @@ pub fn verify_proof(home: &Path, a: VerifyProofArgs) -> Result<u8> {
             Ok(EXIT_INVALID)
         }
     }
+}
+
+#[derive(Args)]
+pub struct MigrateArgs {
+    /// The log to copy: sqlite:PATH, postgres://… or nats://… (see README).
+    #[arg(long, value_name = "URL")]
+    from: String,
+    /// An empty log to copy into (an absent sqlite:PATH is created).
+    #[arg(long, value_name = "URL")]
+    to: String,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `ice migrate`: copy a whole log (events in order, blobs, checkpoints) into an empty one on
+/// another backend, then verify the copy. Exit 5 if the copy does not verify.
+pub async fn migrate(a: MigrateArgs) -> Result<u8> {
+    let from = crate::home::open_log_url(&a.from, Mode::ReadOnly, None).await?;
+    let to: std::sync::Arc<dyn ice_log::EventLog> = match a.to.strip_prefix("sqlite:") {
+        Some(p) if !Path::new(p).exists() => std::sync::Arc::new(
+            ice_log::sqlite::SqliteLog::create(Path::new(p))
+                .with_context(|| format!("creating {}", a.to))?,
+        ),
+        _ => crate::home::open_log_url(&a.to, Mode::ReadWrite, None).await?,
+    };
+    let verbose = !a.json && std::io::stderr().is_terminal();
+    let report = ice_log::migrate::copy_log(from.as_ref(), to.as_ref(), |n| {
+        if verbose {
+            eprint!("\rcopied {n} events");
+        }
+    })
+    .await
+    .context("copying the log")?;
+    if verbose {
+        eprintln!();
+    }
+    let v = ice_log::verify::verify(to.as_ref(), None, |_| {})
+        .await
+        .context("verifying the copy")?;
+    if a.json {
+        println!(
+            "{}",
+            json!({"copied": report, "verified": v.ok(), "root": v.root, "failure": v.failure})
+        );
+    } else {
+        println!(
+            "copied {} events of {} runs, {} blobs, {} checkpoints",
+            report.events, report.runs, report.blobs, report.checkpoints
+        );
+        match &v.failure {
+            None => println!("the copy verifies: root {}", v.root),
+            Some(f) => println!(
+                "the copy does NOT verify: {} (log_seq {:?})",
+                f.problem, f.log_seq
+            ),
+        }
+    }
+    Ok(if v.ok() { 0 } else { EXIT_INVALID })
 }

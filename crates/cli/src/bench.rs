@@ -48,6 +48,16 @@ pub struct BenchArgs {
     /// called), e.g. "node .deps/node/node_modules/@modelcontextprotocol/server-everything/dist/index.js stdio".
     #[arg(long, value_name = "COMMAND")]
     mcp_server: Option<String>,
+    /// PostgreSQL for `ice bench backends` (a schema of its own is made and dropped).
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    postgres: String,
+    /// NATS JetStream for `ice bench backends` (a prefix of its own is made and removed).
+    #[arg(long, value_name = "URL", default_value = "nats://127.0.0.1:4222")]
+    nats: String,
     /// MCP tool calls per measurement.
     #[arg(long, default_value_t = 1000)]
     mcp_calls: usize,
@@ -62,6 +72,8 @@ enum What {
     Governed,
     /// The MCP gateway's added latency (needs --mcp-server).
     Mcp,
+    /// Appends and verification on each log backend (embedded, PostgreSQL, NATS JetStream).
+    Backends,
 }
 
 /// A deterministic clock: one microsecond per reading.
@@ -307,6 +319,10 @@ pub async fn run(a: BenchArgs) -> Result<u8> {
             );
         }
     }
+    if a.what == What::Backends {
+        let f = crate::bench_backends::measure(&dir, &a.postgres, &a.nats, a.repeat, &say).await?;
+        figures.insert("backends".into(), f);
+    }
     if a.json {
         println!("{}", serde_json::Value::Object(figures));
     }
@@ -450,30 +466,7 @@ type Row = (i64, String, i64, String, Vec<u8>, Vec<u8>);
 /// ICE: `c` tasks, each on its own run, each append one durable event through the ledger.
 async fn append_ice(path: &Path, c: usize, total: u64) -> Result<(f64, Vec<Row>)> {
     let log = Arc::new(SqliteLog::create(path)?);
-    let ledger = Arc::new(Ledger::new(log.clone(), clock()));
-    for i in 0..c {
-        ledger.append(&run_id(i)?, opening()).await?;
-    }
-    let per = total.div_ceil(c as u64);
-    // The drafts are the caller's; building them is not ICE's work, so it happens before the
-    // clock starts (as the baseline's rows are built before its clock starts).
-    let drafts: Vec<Vec<Draft>> = (0..c).map(|_| (0..per).map(step).collect()).collect();
-    let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for (i, mine) in drafts.into_iter().enumerate() {
-        let ledger = ledger.clone();
-        let run = run_id(i)?;
-        tasks.push(tokio::spawn(async move {
-            for d in mine {
-                ledger.append(&run, vec![d]).await?;
-            }
-            Ok::<_, anyhow::Error>(())
-        }));
-    }
-    for t in tasks {
-        t.await.context("an appender task failed")??;
-    }
-    let rate = (per * c as u64) as f64 / t0.elapsed().as_secs_f64();
+    let rate = append_rate(log.clone(), c, total).await?;
     // The appended rows, byte for byte, for the baselines.
     let mut rows = Vec::new();
     let mut from = 0;
@@ -499,6 +492,35 @@ async fn append_ice(path: &Path, c: usize, total: u64) -> Result<(f64, Vec<Row>)
         );
     }
     Ok((rate, rows))
+}
+
+/// Durable single-event appends per second through the ledger, `c` appenders on their own
+/// runs, about `total` events in all.
+pub(crate) async fn append_rate(log: Arc<dyn EventLog>, c: usize, total: u64) -> Result<f64> {
+    let ledger = Arc::new(Ledger::new(log, clock()));
+    for i in 0..c {
+        ledger.append(&run_id(i)?, opening()).await?;
+    }
+    let per = total.div_ceil(c as u64);
+    // The drafts are the caller's; building them is not ICE's work, so it happens before the
+    // clock starts (as the baseline's rows are built before its clock starts).
+    let drafts: Vec<Vec<Draft>> = (0..c).map(|_| (0..per).map(step).collect()).collect();
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, mine) in drafts.into_iter().enumerate() {
+        let ledger = ledger.clone();
+        let run = run_id(i)?;
+        tasks.push(tokio::spawn(async move {
+            for d in mine {
+                ledger.append(&run, vec![d]).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await.context("an appender task failed")??;
+    }
+    Ok((per * c as u64) as f64 / t0.elapsed().as_secs_f64())
 }
 
 fn raw_conn(path: &Path) -> Result<Connection> {
@@ -562,7 +584,11 @@ fn append_raw_batched(path: &Path, c: usize, rows: &[Row]) -> Result<f64> {
 
 /// A log of `n` events over 100 runs, appended in large batches (fast to build).
 async fn build_log(path: &Path, n: u64) -> Result<()> {
-    let log = Arc::new(SqliteLog::create(path)?);
+    fill_log(Arc::new(SqliteLog::create(path)?), n).await
+}
+
+/// Fill `log` with `n` events in 100 runs, appended in batches of up to 500.
+pub(crate) async fn fill_log(log: Arc<dyn EventLog>, n: u64) -> Result<()> {
     let ledger = Ledger::new(log, clock());
     let runs = 100usize;
     for i in 0..runs {

@@ -37,7 +37,7 @@ async fn open(
     spec: &Path,
 ) -> Result<(crate::home::Home, &'static Runtime, RunSpec)> {
     let spec = RunSpec::load(spec).map_err(|e| anyhow!("{e}"))?;
-    let (h, rt) = runtime(home, url)?;
+    let (h, rt) = runtime(home, url).await?;
     for r in rt.recover(&Quiet).await? {
         eprintln!(
             "recovered run {}: {} → {} ({})",
@@ -83,7 +83,29 @@ pub async fn serve(home: &Path, url: Option<&str>, a: ServeArgs) -> Result<u8> {
         }
         on_signal.cancel();
     });
+    // On a shared log another node may die mid-run: once its claims lapse, this node recovers
+    // its runs (the crash-recovery rule), so keep looking. (Harmless on the embedded log.)
+    let recovering = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(ice_runtime::lock::claim_ttl()) => {}
+                }
+                if let Ok(done) = rt.recover(&Quiet).await {
+                    for r in done {
+                        eprintln!(
+                            "recovered run {}: {} → {} ({})",
+                            r.run, r.from, r.to, r.detail
+                        );
+                    }
+                }
+            }
+        })
+    };
     gw.serve_http(listener, stop).await?;
+    recovering.abort();
     gw.close_all().await;
     let size = seal(&h, rt).await?;
     eprintln!("ice serve: stopped; checkpoint signed at log size {size}");

@@ -139,26 +139,9 @@ impl Home {
     }
 
     /// Open the log named by `url` (or the config's), read-only or for appends.
-    pub fn log(&self, url: Option<&str>, mode: Mode) -> Result<Arc<dyn EventLog>> {
+    pub async fn log(&self, url: Option<&str>, mode: Mode) -> Result<Arc<dyn EventLog>> {
         let url = url.unwrap_or(&self.config.log);
-        if let Some(path) = url.strip_prefix("sqlite:") {
-            let p = Path::new(path);
-            let p = if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                self.dir.join(p)
-            };
-            let log =
-                SqliteLog::open(&p, mode).with_context(|| format!("opening the log {url}"))?;
-            return Ok(Arc::new(log));
-        }
-        if url.starts_with("postgres://")
-            || url.starts_with("postgresql://")
-            || url.starts_with("nats://")
-        {
-            bail!("log URL {url:?}: this build of ice has only the embedded backend (sqlite:PATH)");
-        }
-        bail!("log URL {url:?} is not of a known form; use sqlite:PATH")
+        open_log_url(url, mode, Some(&self.dir)).await
     }
 
     /// The directory whose `*.cedar` files are this installation's policies.
@@ -253,4 +236,74 @@ fn write_private(path: &Path, content: &str) -> Result<()> {
 #[cfg(not(unix))]
 fn write_private(path: &Path, content: &str) -> Result<()> {
     std::fs::write(path, content).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Open a log by URL: `sqlite:PATH` (relative to `base`, the home, when given),
+/// `postgres://USER@HOST:PORT/DB[?schema=NAME]` (tables in schema NAME, default `ice`), or
+/// `nats://HOST:PORT[?prefix=NAME]` (streams and buckets named from NAME, default `ice`).
+/// A shared backend is created on first use.
+pub async fn open_log_url(url: &str, mode: Mode, base: Option<&Path>) -> Result<Arc<dyn EventLog>> {
+    if let Some(path) = url.strip_prefix("sqlite:") {
+        let p = Path::new(path);
+        let p = match base {
+            Some(b) if !p.is_absolute() => b.join(p),
+            _ => p.to_path_buf(),
+        };
+        let log = SqliteLog::open(&p, mode).with_context(|| format!("opening the log {url}"))?;
+        return Ok(Arc::new(log));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let (conn, schema) = split_param(url, "schema");
+        let log =
+            ice_log::postgres::PgLog::connect(&conn, Some(schema.as_deref().unwrap_or("ice")))
+                .await
+                .with_context(|| format!("opening the log {}", redact(url)))?;
+        return Ok(Arc::new(log));
+    }
+    if url.starts_with("nats://") {
+        let (conn, prefix) = split_param(url, "prefix");
+        let log = ice_log::nats::NatsLog::connect(&conn, prefix.as_deref().unwrap_or("ice"))
+            .await
+            .with_context(|| format!("opening the log {}", redact(url)))?;
+        return Ok(Arc::new(log));
+    }
+    bail!("log URL {url:?} is not of a known form; use sqlite:PATH, postgres://… or nats://…")
+}
+
+/// `url` without its query parameter `name`, and that parameter's value.
+fn split_param(url: &str, name: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_string(), None);
+    };
+    let mut value = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|kv| match kv.split_once('=') {
+            Some((k, v)) if k == name => {
+                value = Some(v.to_string());
+                false
+            }
+            _ => !kv.is_empty(),
+        })
+        .collect();
+    let conn = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    (conn, value)
+}
+
+/// A URL with any password replaced, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
 }

@@ -94,7 +94,7 @@ pub(crate) fn truncate(s: &str, n: usize) -> String {
 
 pub async fn log(home: &Path, url: Option<&str>, a: LogArgs) -> Result<u8> {
     let h = Home::open(home)?;
-    let log = h.log(url, Mode::ReadOnly)?;
+    let log = h.log(url, Mode::ReadOnly).await?;
     for t in &a.types {
         if EventType::from_name(t).is_none() {
             return Err(anyhow!(
@@ -160,7 +160,7 @@ pub async fn log(home: &Path, url: Option<&str>, a: LogArgs) -> Result<u8> {
 pub async fn show(home: &Path, url: Option<&str>, a: ShowArgs) -> Result<u8> {
     let id: EventId = a.id.parse().map_err(|e| anyhow!("{e}"))?;
     let h = Home::open(home)?;
-    let log = h.log(url, Mode::ReadOnly)?;
+    let log = h.log(url, Mode::ReadOnly).await?;
     let s = log
         .get(&id)
         .await?
@@ -187,7 +187,7 @@ pub async fn show(home: &Path, url: Option<&str>, a: ShowArgs) -> Result<u8> {
 
 pub async fn runs(home: &Path, url: Option<&str>, a: RunsArgs) -> Result<u8> {
     let h = Home::open(home)?;
-    let log = h.log(url, Mode::ReadOnly)?;
+    let log = h.log(url, Mode::ReadOnly).await?;
     let mut offset = 0u64;
     let mut out = std::io::stdout().lock();
     let mut all = Vec::new();

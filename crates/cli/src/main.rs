@@ -6,6 +6,7 @@
 
 mod audit;
 mod bench;
+mod bench_backends;
 mod bench_mcp;
 mod gateway;
 mod home;
@@ -60,6 +61,9 @@ enum Command {
     Prove(audit::ProveArgs),
     /// Check a proof file offline, with only the log's public key. Exit 5 if invalid.
     VerifyProof(audit::VerifyProofArgs),
+    /// Copy a whole log into an empty one on another backend (sqlite:PATH, postgres://…,
+    /// nats://…) and verify the copy: same events, same hashes, same Merkle tree.
+    Migrate(audit::MigrateArgs),
     /// Check the Cedar policies (`policy check`) and explain how they decide a request
     /// (`policy explain`).
     Policy(policy::PolicyArgs),
@@ -121,6 +125,7 @@ fn main() -> ExitCode {
             Command::Checkpoint(a) => audit::checkpoint(&home, log_url, a).await,
             Command::Prove(a) => audit::prove(&home, log_url, a).await,
             Command::VerifyProof(a) => audit::verify_proof(&home, a),
+            Command::Migrate(a) => audit::migrate(a).await,
             Command::Policy(a) => policy::run(&home, a),
             Command::Run(a) => run::run(&home, log_url, a).await,
             Command::Diff(a) => run::diff(&home, log_url, a).await,

@@ -123,9 +123,9 @@ fn operator(name: &Option<String>) -> String {
         .collect()
 }
 
-pub(crate) fn runtime(home: &Path, url: Option<&str>) -> Result<(Home, Runtime)> {
+pub(crate) async fn runtime(home: &Path, url: Option<&str>) -> Result<(Home, Runtime)> {
     let h = Home::open(home)?;
-    let log = h.log(url, Mode::ReadWrite)?;
+    let log = h.log(url, Mode::ReadWrite).await?;
     let ledger = Arc::new(Ledger::new(log, Arc::new(SystemClock)));
     let install = Installation {
         runs_dir: h.dir.join("runs"),
@@ -347,7 +347,7 @@ pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
     // Everything that can be wrong with the input is found before anything is recorded.
     let spec = RunSpec::load(&a.spec).map_err(|e| anyhow!("{e}"))?;
     let mut agent = load_agent(&spec)?;
-    let (h, rt) = runtime(home, url)?;
+    let (h, rt) = runtime(home, url).await?;
     let progress = Progress {
         on: a.verbose || std::io::stderr().is_terminal(),
     };
@@ -403,7 +403,7 @@ pub async fn reconfigure(home: &Path, url: Option<&str>, a: ReconfigureArgs) -> 
             .unwrap_or_default();
         anyhow!("{}:{at} {}", a.record.display(), e.message())
     })?;
-    let (h, rt) = runtime(home, url)?;
+    let (h, rt) = runtime(home, url).await?;
     let id = rt
         .reconfigure(&run, &operator(&a.operator), &record)
         .await?;
@@ -428,7 +428,7 @@ pub async fn reconfigure(home: &Path, url: Option<&str>, a: ReconfigureArgs) -> 
 
 pub async fn kill(home: &Path, url: Option<&str>, a: KillArgs) -> Result<u8> {
     let run = RunId::new(a.run.clone()).map_err(|e| anyhow!("run {:?}: {e}", a.run))?;
-    let (h, rt) = runtime(home, url)?;
+    let (h, rt) = runtime(home, url).await?;
     let progress = Progress { on: false };
     let state = rt
         .kill(&run, &operator(&a.operator), &a.reason, &progress)
@@ -449,7 +449,7 @@ pub async fn approvals(home: &Path, url: Option<&str>, a: ApprovalsArgs) -> Resu
         .map(RunId::new)
         .transpose()
         .map_err(|e| anyhow!("--run: {e}"))?;
-    let (_h, rt) = runtime(home, url)?;
+    let (_h, rt) = runtime(home, url).await?;
     let pending = rt.pending_approvals(run.as_ref()).await?;
     let mut out = std::io::stdout().lock();
     if a.json {
@@ -483,7 +483,7 @@ pub async fn answer(home: &Path, url: Option<&str>, a: AnswerArgs, grant: bool) 
         .approval
         .parse()
         .map_err(|e| anyhow!("approval {:?}: {e}", a.approval))?;
-    let (_h, rt) = runtime(home, url)?;
+    let (_h, rt) = runtime(home, url).await?;
     rt.answer_approval(&id, &operator(&a.operator), grant, &a.reason)
         .await?;
     println!("{} {id}", if grant { "approved" } else { "denied" });
@@ -492,7 +492,7 @@ pub async fn answer(home: &Path, url: Option<&str>, a: AnswerArgs, grant: bool) 
 
 pub async fn diff(home: &Path, url: Option<&str>, a: DiffArgs) -> Result<u8> {
     let run = RunId::new(a.run.clone()).map_err(|e| anyhow!("run {:?}: {e}", a.run))?;
-    let (_h, rt) = runtime(home, url)?;
+    let (_h, rt) = runtime(home, url).await?;
     let changes = rt.diff(&run).await?;
     let mut out = std::io::stdout().lock();
     if a.json {
@@ -536,7 +536,7 @@ pub async fn explain(home: &Path, url: Option<&str>, a: ExplainArgs) -> Result<u
         .parse()
         .map_err(|e| anyhow!("event {:?}: {e}", a.event))?;
     let h = Home::open(home)?;
-    let log = h.log(url, Mode::ReadOnly)?;
+    let log = h.log(url, Mode::ReadOnly).await?;
     let events = ice_runtime::read_run(log.as_ref(), &id.run_id).await?;
     let Some(target) = events.get(id.run_seq as usize) else {
         return Err(anyhow!("no event {id}"));

@@ -156,31 +156,9 @@ list_directory = "read"
 }
 
 /// Run the Python agent over stdio against `ice mcp`, with `script`; returns its JSON report
-/// and ice's exit code and stderr.
+/// and its exit status and output (ice's stderr is the agent's).
 fn agent_stdio(f: &Fixture, mode: &str, elicit: &str, script: Value) -> (Value, Output) {
-    let mut c = Command::new(python());
-    c.arg(agent_script())
-        .args(["--mode", mode, "--elicit", elicit, "--stdio", ice_bin()])
-        .arg("--home")
-        .arg(&f.home)
-        .arg("mcp")
-        .arg("--run-spec")
-        .arg(&f.spec)
-        .env_remove("ICE_HOME")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().expect("python runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.to_string().as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    let report: Value = serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("the agent printed no report ({e}): {}", text(&o)));
-    (report, o)
+    finish_agent(spawn_agent(f, mode, elicit, script))
 }
 
 fn events(f: &Fixture, run: &str) -> Vec<Value> {

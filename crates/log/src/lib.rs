@@ -6,6 +6,9 @@
 //! - [`merkle`]: RFC 6962 tree, proofs; [`checkpoint`]: C2SP signed checkpoints.
 //! - [`ledger::Ledger`]: the library API that writes events through the kernel's validator.
 //! - [`verify`]: streaming verification of a whole log; [`proof`]: offline proof files.
+//! - [`postgres::PgLog`], [`nats::NatsLog`]: shared backends (several ICE nodes on one log).
+//! - [`migrate`]: copy a whole log between backends; [`conformance`]: the suite every backend
+//!   passes.
 //!
 //! This crate stores and proves; it never interprets events beyond what verification needs,
 //! and it never reorders them. It accepts only [`SealedBatch`]es, which only the kernel's
@@ -14,8 +17,12 @@
 
 pub mod checkpoint;
 pub mod clock;
+pub mod conformance;
 pub mod ledger;
 pub mod merkle;
+pub mod migrate;
+pub mod nats;
+pub mod postgres;
 pub mod proof;
 pub mod sqlite;
 pub mod verify;
@@ -138,6 +145,18 @@ pub enum LogError {
     /// The writer has stopped.
     #[error("the log writer has stopped")]
     Closed,
+    /// Another writer holds the run (another ICE node is running it).
+    #[error(
+        "run {run_id} is being written by {holder} (its claim is live until {until_unix_ms} ms); a run has one writer at a time"
+    )]
+    Claimed {
+        /// The run.
+        run_id: String,
+        /// Who holds it.
+        holder: String,
+        /// When the holder's claim lapses unless renewed (Unix time, ms).
+        until_unix_ms: i64,
+    },
 }
 
 /// The interface of every log backend.
@@ -183,6 +202,23 @@ pub trait EventLog: Send + Sync {
     async fn add_checkpoint(&self, checkpoint: StoredCheckpoint) -> Result<(), LogError>;
     /// Every stored checkpoint, by size.
     async fn checkpoints(&self) -> Result<Vec<StoredCheckpoint>, LogError>;
+    /// Claim (or renew) the right to be the one writer of `run` for `holder` (an ICE node's
+    /// id) until `until_unix_ms`. Refused with [`LogError::Claimed`] while another holder's
+    /// claim has not lapsed at `now_unix_ms`; a lapsed claim (its node died) can be taken over.
+    /// Backends one process owns (SQLite: the run's file lock does this) grant every claim.
+    async fn claim_run(
+        &self,
+        _run: &RunId,
+        _holder: &str,
+        _now_unix_ms: i64,
+        _until_unix_ms: i64,
+    ) -> Result<(), LogError> {
+        Ok(())
+    }
+    /// Give up `holder`'s claim on `run` (nothing happens if it holds none).
+    async fn release_run(&self, _run: &RunId, _holder: &str) -> Result<(), LogError> {
+        Ok(())
+    }
 }
 
 /// The root of the first `size` events.

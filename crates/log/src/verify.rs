@@ -72,7 +72,7 @@ impl VerifyReport {
 }
 
 /// Answers cause lookups from the heads of the runs verified so far.
-struct Seen<'a>(&'a HashMap<RunId, RunHead>);
+pub(crate) struct Seen<'a>(pub(crate) &'a HashMap<RunId, RunHead>);
 
 impl CauseIndex for Seen<'_> {
     fn contains(&self, id: &EventId) -> bool {

@@ -158,6 +158,12 @@ impl Ctx<'_> {
         live: &mut Live,
         build: impl Fn(u64) -> Vec<Draft>,
     ) -> Result<Vec<Event>, RuntimeError> {
+        if self._lock.lost() {
+            return Err(RuntimeError::Claimed(format!(
+                "run {} was taken over by another ICE node (this node could not renew its claim in time); nothing more is recorded here",
+                self.run
+            )));
+        }
         let mut attempts = 0;
         loop {
             let drafts = build(live.books.next_seq());

@@ -15,7 +15,7 @@
 mod act;
 pub mod books;
 mod executor;
-mod lock;
+pub mod lock;
 pub mod operator;
 pub mod spec;
 
@@ -81,6 +81,9 @@ pub enum RuntimeError {
     /// Another process is running this run.
     #[error("run {0} is being run by another process (its lock is held)")]
     Busy(String),
+    /// Another ICE node holds this run's claim in the shared log (or took it over from us).
+    #[error("{0}")]
+    Claimed(String),
     /// A run id is taken.
     #[error("run {0} already exists; give another [run] id or leave it out")]
     Exists(String),
@@ -108,6 +111,8 @@ pub struct Runtime {
     pub(crate) registry: Arc<Registry>,
     pub(crate) schema: Arc<Schema>,
     pub(crate) install: Installation,
+    /// This process's name as a run writer on a shared log (host, process, random).
+    pub(crate) node: String,
 }
 
 impl Runtime {
@@ -124,6 +129,30 @@ impl Runtime {
             registry: Arc::new(Registry::standard()),
             schema: Arc::new(schema),
             install,
+            node: node_id(),
+        })
+    }
+
+    /// This process's name as the writer of the runs it drives (`host-pid-random`).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Take a run's lock: the file lock, and on a shared log the run's claim for this node.
+    pub(crate) async fn lock_run(&self, run: &RunId) -> Result<lock::RunLock, RuntimeError> {
+        let dir = self.run_dir(run);
+        lock::RunLock::take(
+            &dir,
+            self.ledger.log().clone(),
+            self.clock.clone(),
+            run,
+            &self.node,
+        )
+        .await
+        .map_err(|e| match e {
+            lock::LockError::Busy => RuntimeError::Busy(run.to_string()),
+            lock::LockError::Claimed(e) => RuntimeError::Claimed(e.to_string()),
+            lock::LockError::Io(m) => RuntimeError::Io(m),
         })
     }
 
@@ -145,6 +174,17 @@ impl Runtime {
         }
         Ok(Books::fold(run.clone(), events.iter())?)
     }
+}
+
+fn node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    let mut b = [0u8; 3];
+    let _ = getrandom::fill(&mut b);
+    format!("{host}-{}-{}", std::process::id(), hex::encode(b))
 }
 
 /// Every event of a run, in order.

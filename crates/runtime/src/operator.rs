@@ -28,7 +28,6 @@ use tokio::sync::Mutex;
 use crate::act::Staging;
 use crate::books::Books;
 use crate::executor::{Ctx, Live, PolicyStamp, RunOutcome, RunReport, report};
-use crate::lock::RunLock;
 use crate::spec::{Assumption, BudgetSpec, RunSpec};
 use crate::{Observer, Runtime, RuntimeError};
 
@@ -276,9 +275,7 @@ impl Runtime {
             None => start_tools(&spec).await?,
         };
         let dir = self.run_dir(&run);
-        let lock = RunLock::try_take(&dir)
-            .map_err(|e| RuntimeError::Io(format!("{}: {e}", dir.display())))?
-            .ok_or_else(|| RuntimeError::Busy(run.to_string()))?;
+        let lock = self.lock_run(&run).await?;
         let stage = self.open_stage(&run, &spec, None)?;
         let policy_stamp = PolicyStamp::of(&policy_dir);
         let version = policy.version();
@@ -380,9 +377,7 @@ impl Runtime {
         observer: &'a dyn Observer,
     ) -> Result<Ctx<'a>, RuntimeError> {
         let dir = self.run_dir(run);
-        let lock = RunLock::try_take(&dir)
-            .map_err(|e| RuntimeError::Io(format!("{}: {e}", dir.display())))?
-            .ok_or_else(|| RuntimeError::Busy(run.to_string()))?;
+        let lock = self.lock_run(run).await?;
         let books = self.books(run).await?;
         let spec = books
             .spec
@@ -765,7 +760,8 @@ impl Runtime {
             }
             let ctx = match self.attach(&run, observer).await {
                 Ok(c) => c,
-                Err(RuntimeError::Busy(_)) => continue,
+                // Driven by another process, or another node's claim is live.
+                Err(RuntimeError::Busy(_) | RuntimeError::Claimed(_)) => continue,
                 Err(e) => {
                     out.push(Recovered {
                         run: run.to_string(),

@@ -1,0 +1,382 @@
+//! Several ICE nodes on one shared log (PostgreSQL at 127.0.0.1:5432, the machine's service):
+//! runs start on either node, any node lists, verifies and explains any run, a live run's
+//! claim keeps other nodes from driving it, and when a node is killed mid-run another node
+//! recovers its run under the crash-recovery rule (EXECUTING → SUSPENDED).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+fn pg_base() -> String {
+    std::env::var("ICE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn deps() -> PathBuf {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.deps");
+    assert!(
+        d.join(".stamp").is_file(),
+        "the third-party MCP peers are not installed in {}: run scripts/deps",
+        d.display()
+    );
+    d
+}
+
+fn ice_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ice")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A PostgreSQL schema of its own, dropped at the end.
+struct Schema(String);
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "test",
+                "-q",
+                "-c",
+            ])
+            .arg(format!("DROP SCHEMA IF EXISTS {} CASCADE", self.0))
+            .output();
+    }
+}
+
+struct Node {
+    home: PathBuf,
+    url: String,
+}
+
+impl Node {
+    fn ice(&self, args: &[&str]) -> Output {
+        Command::new(ice_bin())
+            .arg("--home")
+            .arg(&self.home)
+            .arg("--log")
+            .arg(&self.url)
+            .args(args)
+            .env_remove("ICE_HOME")
+            .output()
+            .unwrap()
+    }
+
+    /// One JSON document (`runs --json`).
+    fn json(&self, args: &[&str]) -> Value {
+        let o = self.ice(args);
+        assert!(o.status.success(), "{}", text(&o));
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)))
+    }
+
+    /// JSON Lines (`log --json`), as an array.
+    fn lines(&self, args: &[&str]) -> Value {
+        let o = self.ice(args);
+        assert!(o.status.success(), "{}", text(&o));
+        Value::Array(
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect(),
+        )
+    }
+
+    fn serve(&self, spec: &Path) -> (Child, String) {
+        let mut child = Command::new(ice_bin())
+            .arg("--home")
+            .arg(&self.home)
+            .arg("--log")
+            .arg(&self.url)
+            .args(["serve", "--listen", "127.0.0.1:0", "--run-spec"])
+            .arg(spec)
+            .env_remove("ICE_HOME")
+            .env("ICE_CLAIM_TTL_MS", "1500")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        use std::io::BufRead;
+        err.read_line(&mut line).unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("ice serve: MCP at ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .to_string();
+        std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+        });
+        (child, url)
+    }
+
+    fn state_of(&self, run: &str) -> String {
+        self.json(&["runs", "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["run_id"] == run)
+            .map(|r| r["state"].as_str().unwrap().to_string())
+            .unwrap_or_default()
+    }
+}
+
+fn agent(url: &str, script: Value) -> Child {
+    let mut child = Command::new(deps().join("venv/bin/python"))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/agent.py"))
+        .args(["--mode", "legacy", "--url", url])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.to_string().as_bytes())
+        .unwrap();
+    child
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn two_nodes_share_one_postgres_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let mut b = [0u8; 6];
+    getrandom::fill(&mut b).unwrap();
+    let schema = Schema(format!("ice_nodes_{}", hex::encode(b)));
+    let url = format!("{}?schema={}", pg_base(), schema.0);
+    let nodes: Vec<Node> = ["a", "b"]
+        .iter()
+        .map(|n| {
+            let home = root.join(format!("node-{n}"));
+            let o = Command::new(ice_bin())
+                .arg("--home")
+                .arg(&home)
+                .args(["init", "--origin", "ice.test/nodes"])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", text(&o));
+            Node {
+                home,
+                url: url.clone(),
+            }
+        })
+        .collect();
+    // Both nodes sign checkpoints with one key (they are one log).
+    std::fs::copy(
+        nodes[0].home.join("keys/checkpoint.key"),
+        nodes[1].home.join("keys/checkpoint.key"),
+    )
+    .unwrap();
+    std::fs::copy(
+        nodes[0].home.join("keys/checkpoint.pub"),
+        nodes[1].home.join("keys/checkpoint.pub"),
+    )
+    .unwrap();
+    let ws = root.join("ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::create_dir_all(root.join("policies")).unwrap();
+    std::fs::write(
+        root.join("policies/p.cedar"),
+        "@id(\"echo\")\npermit(principal, action == Action::\"mcp.call\", resource == Tool::\"everything/echo\");\n",
+    )
+    .unwrap();
+    let everything =
+        deps().join("node/node_modules/@modelcontextprotocol/server-everything/dist/index.js");
+    let spec = root.join("shared.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "[run]\nagent = \"assistant\"\nworkspace = \"ws\"\npolicy = \"policies\"\n[agent]\ndriver = \"external\"\n\
+             [servers.everything]\ncommand = [\"node\", {}, \"stdio\"]\n[servers.everything.tools]\necho = \"read\"\n",
+            serde_json::to_string(&everything.display().to_string()).unwrap()
+        ),
+    )
+    .unwrap();
+    let (mut serve_a, url_a) = nodes[0].serve(&spec);
+    let (mut serve_b, url_b) = nodes[1].serve(&spec);
+
+    // A session on node A that stays open.
+    let mut long = agent(
+        &url_a,
+        json!([
+            {"op": "call", "name": "everything__echo", "args": {"message": "on node a"}},
+            {"op": "sleep", "s": 60},
+        ]),
+    );
+    let mut run_a = String::new();
+    wait_until("node a's call, seen from node b", 30, || {
+        let events = nodes[1].lines(&["log", "--type", "ToolInvoked", "--json"]);
+        match events.as_array().and_then(|a| a.first()) {
+            Some(e) => {
+                run_a = e["run_id"].as_str().unwrap().to_string();
+                true
+            }
+            None => false,
+        }
+    });
+    // Node B sees, verifies and explains node A's live run...
+    assert_eq!(nodes[1].state_of(&run_a), "EXECUTING");
+    let o = nodes[1].ice(&["verify"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let invoked = nodes[1].lines(&["log", "--run", &run_a, "--type", "ToolInvoked", "--json"]);
+    let seq = invoked[0]["run_seq"].as_u64().unwrap();
+    let o = nodes[1].ice(&["explain", &format!("{run_a}:{seq}")]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("CapabilityGranted"));
+    // ...and while A renews its claim, B's recovery (every claim period) leaves the run alone.
+    std::thread::sleep(Duration::from_millis(4000));
+    assert_eq!(
+        nodes[1].state_of(&run_a),
+        "EXECUTING",
+        "node b took a live run"
+    );
+
+    // A run starts and ends on node B meanwhile.
+    let short = agent(
+        &url_b,
+        json!([{"op": "call", "name": "everything__echo", "args": {"message": "on node b"}}]),
+    );
+    let o = short.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        r["steps"][0]["result"]["content"][0]["text"],
+        "Echo: on node b"
+    );
+
+    // Node A dies mid-run. Once its claim lapses, node B recovers the run.
+    let _ = serve_a.kill();
+    let _ = serve_a.wait();
+    wait_until("node b to recover node a's run", 30, || {
+        nodes[1].state_of(&run_a) == "SUSPENDED"
+    });
+    let _ = long.kill();
+    let _ = long.wait();
+
+    // Stop B; every run verifies from either node's view, with checkpoints signed by both.
+    let _ = Command::new("kill").arg(serve_b.id().to_string()).status();
+    assert!(serve_b.wait().unwrap().success());
+    for n in &nodes {
+        let o = n.ice(&["verify"]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let runs = nodes[0].json(&["runs", "--json"]);
+    assert!(runs.as_array().unwrap().len() >= 2, "{runs:#}");
+}
+
+/// Every event hash, in log order, of the log at `url`.
+fn hashes(home: &Path, url: &str) -> Vec<(String, u64, String)> {
+    let o = Command::new(ice_bin())
+        .arg("--home")
+        .arg(home)
+        .arg("--log")
+        .arg(url)
+        .args(["log", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                v["run_id"].as_str().unwrap().to_string(),
+                v["run_seq"].as_u64().unwrap(),
+                v["hash"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn ice_migrate_copies_a_log_between_backends_hash_for_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let o = Command::new(ice_bin())
+        .arg("--home")
+        .arg(&home)
+        .args(["init", "--origin", "ice.test/migrate"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    // A real run (the quickstart's runaway: reads until its budget stops it) on the embedded log.
+    let qs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart");
+    let o = Command::new(ice_bin())
+        .arg("--home")
+        .arg(&home)
+        .arg("run")
+        .arg(qs.join("runaway.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let sqlite = format!("sqlite:{}", home.join("ice.db").display());
+    let mut b = [0u8; 6];
+    getrandom::fill(&mut b).unwrap();
+    let schema = Schema(format!("ice_migrate_{}", hex::encode(b)));
+    let pg = format!("{}?schema={}", pg_base(), schema.0);
+    let migrate = |from: &str, to: &str| {
+        Command::new(ice_bin())
+            .args(["migrate", "--from", from, "--to", to])
+            .output()
+            .unwrap()
+    };
+    let o = migrate(&sqlite, &pg);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("the copy verifies"),
+        "{}",
+        text(&o)
+    );
+    let back = format!("sqlite:{}", dir.path().join("back.db").display());
+    let o = migrate(&pg, &back);
+    assert!(o.status.success(), "{}", text(&o));
+    let original = hashes(&home, &sqlite);
+    assert!(original.len() > 20, "{original:?}");
+    assert_eq!(hashes(&home, &pg), original, "PostgreSQL copy");
+    assert_eq!(hashes(&home, &back), original, "copy of the copy");
+    // The checkpoint `ice run` signed verifies against the copy, with the home's key.
+    for url in [&pg, &back] {
+        let o = Command::new(ice_bin())
+            .arg("--home")
+            .arg(&home)
+            .arg("--log")
+            .arg(url)
+            .args(["verify", "--json"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(v["checkpoints_verified"].as_u64().unwrap() >= 1, "{v:#}");
+    }
+    // A copy into a log that is not empty is refused, and changes nothing.
+    let o = migrate(&sqlite, &pg);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert_eq!(hashes(&home, &pg), original);
+}
