@@ -552,6 +552,26 @@ fn a_client_that_supports_elicitation_answers_approvals_itself() {
     assert_eq!(of_type(&ev, "ApprovalDenied").len(), 1);
     assert_eq!(of_type(&ev, "ToolInvoked").len(), 0);
     verify(&f);
+
+    // A spec that keeps approvals to operators: the client is never asked, and the call
+    // times out unanswered.
+    let f = fixture_with("elicit-3", "1s", "", "");
+    let spec = std::fs::read_to_string(&f.spec)
+        .unwrap()
+        .replace("timeout = \"1s\"", "timeout = \"1s\"\nelicitation = false");
+    std::fs::write(&f.spec, spec).unwrap();
+    let (r, o) = agent_stdio(
+        &f,
+        "legacy",
+        "approve",
+        json!([{"op": "call", "name": "everything__get-env", "args": {}}]),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(r["elicited"].as_array().unwrap().len(), 0, "{r:#}");
+    assert_eq!(
+        r["steps"][0]["result"]["structuredContent"]["ice"]["denied"], "approval_timeout",
+        "{r:#}"
+    );
 }
 
 /// `ice serve` on a free port; returns the process and the MCP URL.

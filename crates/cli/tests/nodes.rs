@@ -1,5 +1,6 @@
-//! Several ICE nodes on one shared log (PostgreSQL at 127.0.0.1:5432, the machine's service):
-//! runs start on either node, any node lists, verifies and explains any run, a live run's
+//! Several ICE nodes on one shared log (PostgreSQL at 127.0.0.1:5432 and NATS JetStream at
+//! 127.0.0.1:4222, the machine's services), and `ice migrate` between backends: runs start on
+//! either node, any node lists, verifies and explains any run, a live run's
 //! claim keeps other nodes from driving it, and when a node is killed mid-run another node
 //! recovers its run under the crash-recovery rule (EXECUTING → SUSPENDED).
 
@@ -163,14 +164,45 @@ fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn two_nodes_share_one_postgres_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
+fn tag() -> String {
     let mut b = [0u8; 6];
     getrandom::fill(&mut b).unwrap();
-    let schema = Schema(format!("ice_nodes_{}", hex::encode(b)));
-    let url = format!("{}?schema={}", pg_base(), schema.0);
+    hex::encode(b)
+}
+
+#[test]
+fn two_nodes_share_one_postgres_log() {
+    let schema = Schema(format!("ice_nodes_{}", tag()));
+    two_nodes_share_one_log(&format!("{}?schema={}", pg_base(), schema.0));
+}
+
+/// A NATS prefix of its own, removed at the end.
+struct Prefix(String, String);
+
+impl Drop for Prefix {
+    fn drop(&mut self) {
+        let (url, prefix) = (self.0.clone(), self.1.clone());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _ = rt.block_on(ice_log::nats::destroy(&url, &prefix));
+    }
+}
+
+#[test]
+fn two_nodes_share_one_jetstream_log() {
+    let nats =
+        std::env::var("ICE_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let prefix = Prefix(nats.clone(), format!("icenodes_{}", tag()));
+    two_nodes_share_one_log(&format!("{nats}?prefix={}", prefix.1));
+}
+
+/// Two `ice serve` nodes on the log at `url`.
+fn two_nodes_share_one_log(url: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let url = url.to_string();
     let nodes: Vec<Node> = ["a", "b"]
         .iter()
         .map(|n| {
@@ -337,9 +369,7 @@ fn ice_migrate_copies_a_log_between_backends_hash_for_hash() {
         .unwrap();
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     let sqlite = format!("sqlite:{}", home.join("ice.db").display());
-    let mut b = [0u8; 6];
-    getrandom::fill(&mut b).unwrap();
-    let schema = Schema(format!("ice_migrate_{}", hex::encode(b)));
+    let schema = Schema(format!("ice_migrate_{}", tag()));
     let pg = format!("{}?schema={}", pg_base(), schema.0);
     let migrate = |from: &str, to: &str| {
         Command::new(ice_bin())

@@ -1473,19 +1473,21 @@ async fn setup(client: &Client, inner: &Inner) -> Result<(), LogError> {
     }
 }
 
-/// The head row and the events must agree on the log's size.
+/// The head row and the events must agree on the log's size. Both are read by one statement,
+/// so they come from one snapshot: other nodes may be appending while this one connects.
 async fn check_size(conn: &Conn, inner: &Inner) -> Result<(), LogError> {
     let ctx = || format!("reading the size of the log in {}", inner.location);
-    let last = format!(
-        "SELECT COALESCE(MAX(log_seq) + 1, 0) FROM {}.events",
-        inner.quoted
+    let q = &inner.quoted;
+    let both = format!(
+        "SELECT (SELECT size FROM {q}.head WHERE id = 0), \
+                (SELECT COALESCE(MAX(log_seq) + 1, 0) FROM {q}.events)"
     );
-    let (head, max) = tokio::join!(
-        conn.client.query_opt(&conn.st.size, &[]),
-        conn.client.query_one(&last, &[]),
-    );
-    let head = head.map_err(|e| storage(ctx(), &e))?;
-    let max = max.map_err(|e| storage(ctx(), &e))?;
+    let row = conn
+        .client
+        .query_one(&both, &[])
+        .await
+        .map_err(|e| storage(ctx(), &e))?;
+    let head: Option<i64> = row.try_get(0).map_err(|e| storage(ctx(), &e))?;
     let Some(head) = head else {
         return Err(LogError::Corrupt {
             what: format!(
@@ -1494,12 +1496,11 @@ async fn check_size(conn: &Conn, inner: &Inner) -> Result<(), LogError> {
             ),
         });
     };
-    let size = u64_col(&head, 0, "head row")?;
-    let events = u64_col(&max, 0, "events")?;
-    if size != events {
+    let events: i64 = row.try_get(1).map_err(|e| storage(ctx(), &e))?;
+    if head != events {
         return Err(LogError::Corrupt {
             what: format!(
-                "{}: the head row says the log holds {size} events, but the last event is at log_seq {}",
+                "{}: the head row says the log holds {head} events, but the last event is at log_seq {}",
                 inner.location,
                 events as i128 - 1
             ),

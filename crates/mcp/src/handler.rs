@@ -194,7 +194,10 @@ impl Gateway {
             })?;
         let session = Arc::new(session);
         let (tx, rx) = mpsc::unbounded_channel();
-        self.router.register(session.run().clone(), tx);
+        // With `[approvals] elicitation = false` only operators answer: nothing is routed.
+        if self.spec.approval_elicitation {
+            self.router.register(session.run().clone(), tx);
+        }
         if let Ok(mut r) = slot.registered.lock() {
             *r = Some((self.router, session.run().clone()));
         }

@@ -23,6 +23,8 @@
 //!
 //! [approvals]
 //! timeout = "30s"              # a request waiting for an operator is denied after this
+//! elicitation = true           # MCP gateway: ask the agent's user (if its client supports
+//!                              # elicitation); false: only operators (`ice approve`) answer
 //!
 //! [[assume]]
 //! file = "config.toml"         # this file keeps its content (sha256 = "…" pins a digest;
@@ -184,7 +186,8 @@ pub struct RunSpec {
     /// A policy directory, if the spec names one.
     pub policy: Option<PathBuf>,
     /// The agent driver: `plan` (a scripted plan) or `external` (an agent connected through the
-    /// MCP gateway).
+    /// MCP gateway). Specs recorded before drivers were named are `plan`.
+    #[serde(default = "plan_driver")]
     pub driver: String,
     /// The plan file (the plan driver's input).
     pub plan: Option<PathBuf>,
@@ -199,6 +202,9 @@ pub struct RunSpec {
     pub grant_uses: u32,
     /// How long a request waits for an operator, in milliseconds.
     pub approval_timeout_ms: u64,
+    /// Whether the MCP gateway may ask the agent's user to answer approvals (MCP elicitation).
+    #[serde(default = "yes")]
+    pub approval_elicitation: bool,
     /// Assumptions.
     pub assumptions: Vec<Assumption>,
     /// Validation checks.
@@ -282,6 +288,15 @@ struct RawGrants {
 #[serde(deny_unknown_fields)]
 struct RawApprovals {
     timeout: Option<String>,
+    elicitation: Option<bool>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn plan_driver() -> String {
+    "plan".into()
 }
 
 #[derive(Deserialize)]
@@ -597,13 +612,16 @@ impl RunSpec {
             }
         }
         let mut approval_timeout_ms = 60_000u64;
+        let mut approval_elicitation = true;
         if let Some(a) = raw.approvals {
             let at = a.span().start;
-            if let Some(t) = &a.into_inner().timeout {
+            let a = a.into_inner();
+            if let Some(t) = &a.timeout {
                 approval_timeout_ms = parse_duration(t)
                     .map_err(|e| err(Some(at), format!("[approvals] timeout: {e}")))?
                     .as_millis() as u64;
             }
+            approval_elicitation = a.elicitation.unwrap_or(true);
         }
         let mut assumptions = Vec::new();
         for a in raw.assume {
@@ -674,6 +692,7 @@ impl RunSpec {
             grant_ttl_ms,
             grant_uses,
             approval_timeout_ms,
+            approval_elicitation,
             assumptions,
             checks,
             file: base.join(path.file_name().unwrap_or_default()),
