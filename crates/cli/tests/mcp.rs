@@ -574,8 +574,18 @@ fn a_client_that_supports_elicitation_answers_approvals_itself() {
     );
 }
 
+/// An `ice serve` process, killed if the test ends (or fails) while it runs.
+struct Served(std::process::Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `ice serve` on a free port; returns the process and the MCP URL.
-fn serve(f: &Fixture) -> (std::process::Child, String) {
+fn serve(f: &Fixture) -> (Served, String) {
     let mut child = Command::new(ice_bin())
         .arg("--home")
         .arg(&f.home)
@@ -600,7 +610,7 @@ fn serve(f: &Fixture) -> (std::process::Child, String) {
         let mut rest = String::new();
         let _ = std::io::Read::read_to_string(&mut err, &mut rest);
     });
-    (child, url)
+    (Served(child), url)
 }
 
 fn agent_http(url: &str, mode: &str, script: Value) -> std::process::Child {
@@ -707,8 +717,8 @@ fn http_sessions_are_runs_and_a_killed_tool_server_fails_only_its_call() {
     );
 
     // Stopping the server ends the open session's run (committed) and signs a checkpoint.
-    let _ = Command::new("kill").arg(server.id().to_string()).status();
-    let status = server.wait().unwrap();
+    let _ = Command::new("kill").arg(server.0.id().to_string()).status();
+    let status = server.0.wait().unwrap();
     assert!(
         status.success(),
         "ice serve exits cleanly on SIGTERM: {status:?}"

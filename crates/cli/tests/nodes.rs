@@ -39,6 +39,16 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// An `ice serve` process, killed if the test ends (or fails) while it runs.
+struct Served(Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A PostgreSQL schema of its own, dropped at the end.
 struct Schema(String);
 
@@ -97,7 +107,7 @@ impl Node {
         )
     }
 
-    fn serve(&self, spec: &Path) -> (Child, String) {
+    fn serve(&self, spec: &Path) -> (Served, String) {
         let mut child = Command::new(ice_bin())
             .arg("--home")
             .arg(&self.home)
@@ -124,7 +134,7 @@ impl Node {
             let mut rest = String::new();
             let _ = std::io::Read::read_to_string(&mut err, &mut rest);
         });
-        (child, url)
+        (Served(child), url)
     }
 
     fn state_of(&self, run: &str) -> String {
@@ -304,8 +314,8 @@ fn two_nodes_share_one_log(url: &str) {
     );
 
     // Node A dies mid-run. Once its claim lapses, node B recovers the run.
-    let _ = serve_a.kill();
-    let _ = serve_a.wait();
+    let _ = serve_a.0.kill();
+    let _ = serve_a.0.wait();
     wait_until("node b to recover node a's run", 30, || {
         nodes[1].state_of(&run_a) == "SUSPENDED"
     });
@@ -313,8 +323,10 @@ fn two_nodes_share_one_log(url: &str) {
     let _ = long.wait();
 
     // Stop B; every run verifies from either node's view, with checkpoints signed by both.
-    let _ = Command::new("kill").arg(serve_b.id().to_string()).status();
-    assert!(serve_b.wait().unwrap().success());
+    let _ = Command::new("kill")
+        .arg(serve_b.0.id().to_string())
+        .status();
+    assert!(serve_b.0.wait().unwrap().success());
     for n in &nodes {
         let o = n.ice(&["verify"]);
         assert!(o.status.success(), "{}", text(&o));
