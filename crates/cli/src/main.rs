@@ -28,7 +28,7 @@ struct Cli {
     /// The installation directory (else $ICE_HOME, else ./.ice).
     #[arg(long, global = true, value_name = "DIR")]
     home: Option<PathBuf>,
-    /// The log backend URL, overriding the config (sqlite:PATH).
+    /// The log backend URL, overriding the config: sqlite:PATH, postgres://USER@HOST:PORT/DB?schema=NAME or nats://HOST:PORT?prefix=NAME.
     #[arg(long, global = true, value_name = "URL")]
     log: Option<String>,
     #[command(subcommand)]
