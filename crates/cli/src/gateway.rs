@@ -27,6 +27,10 @@ pub struct ServeArgs {
     /// The run spec each session's run is made from (each run gets its own id).
     #[arg(long = "run-spec", value_name = "FILE")]
     pub spec: PathBuf,
+    /// A host name clients may use to reach this server (`Host` header), besides loopback and
+    /// the listening address; repeat for more (DNS-rebinding protection refuses others).
+    #[arg(long = "allow-host", value_name = "NAME[:PORT]")]
+    pub allow_hosts: Vec<String>,
 }
 
 /// Load the spec and the runtime, recover what an earlier crash left, and leak the runtime:
@@ -104,7 +108,7 @@ pub async fn serve(home: &Path, url: Option<&str>, a: ServeArgs) -> Result<u8> {
             }
         })
     };
-    gw.serve_http(listener, stop).await?;
+    gw.serve_http(listener, stop, &a.allow_hosts).await?;
     recovering.abort();
     gw.close_all().await;
     let size = seal(&h, rt).await?;

@@ -586,11 +586,17 @@ impl Drop for Served {
 
 /// `ice serve` on a free port; returns the process and the MCP URL.
 fn serve(f: &Fixture) -> (Served, String) {
+    serve_with(f, &[])
+}
+
+/// [`serve`] with more arguments.
+fn serve_with(f: &Fixture, extra: &[&str]) -> (Served, String) {
     let mut child = Command::new(ice_bin())
         .arg("--home")
         .arg(&f.home)
         .args(["serve", "--listen", "127.0.0.1:0", "--run-spec"])
         .arg(&f.spec)
+        .args(extra)
         .env_remove("ICE_HOME")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -1089,4 +1095,43 @@ fn a_large_result_reaches_the_agent_and_the_event_keeps_its_blob_digest() {
         "the blob holds the whole result"
     );
     verify(&f);
+}
+
+/// The status code of a raw `initialize` POST to `url` naming `host` in its Host header.
+fn status_for_host(url: &str, host: &str) -> u16 {
+    use std::io::Read;
+    let addr = url
+        .strip_prefix("http://")
+        .and_then(|r| r.split('/').next())
+        .unwrap();
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}})
+    .to_string();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST /mcp HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    String::from_utf8_lossy(&head[9..12]).parse().unwrap()
+}
+
+#[test]
+fn ice_serve_refuses_unknown_host_names_unless_allowed() {
+    let f = fixture("hosts-1", "2s");
+    let (_server, url) = serve_with(&f, &["--allow-host", "ice.example"]);
+    assert_eq!(
+        status_for_host(&url, "evil.example"),
+        403,
+        "DNS rebinding refused"
+    );
+    assert_eq!(
+        status_for_host(&url, "ice.example"),
+        200,
+        "an allowed name is served"
+    );
+    assert_eq!(status_for_host(&url, "localhost"), 200);
 }

@@ -132,11 +132,13 @@ impl Gateway {
     }
 
     /// Serve MCP over streamable HTTP at [`MCP_PATH`] on `listener`, several sessions at once,
-    /// until `stop` is cancelled.
+    /// until `stop` is cancelled. Requests must name a loopback host or the listening address
+    /// in `Host` (DNS-rebinding protection), or one of `extra_hosts` (`name` or `name:port`).
     pub async fn serve_http(
         self: &Arc<Self>,
         listener: tokio::net::TcpListener,
         stop: CancellationToken,
+        extra_hosts: &[String],
     ) -> Result<(), GatewayError> {
         use rmcp::transport::streamable_http_server::{
             StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
@@ -155,6 +157,7 @@ impl Gateway {
                 format!("localhost:{}", addr.port()),
             ];
         }
+        config.allowed_hosts.extend(extra_hosts.iter().cloned());
         let service =
             StreamableHttpService::new(move || Ok(gw.handler()), Arc::new(sessions), config);
         let app = axum::Router::new().nest_service(MCP_PATH, service);
