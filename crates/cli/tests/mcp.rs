@@ -8,6 +8,9 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::{Value, json};
 
+mod common;
+use common::Served;
+
 fn deps() -> PathBuf {
     let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.deps");
     assert!(
@@ -574,16 +577,6 @@ fn a_client_that_supports_elicitation_answers_approvals_itself() {
     );
 }
 
-/// An `ice serve` process, killed if the test ends (or fails) while it runs.
-struct Served(std::process::Child);
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `ice serve` on a free port; returns the process and the MCP URL.
 fn serve(f: &Fixture) -> (Served, String) {
     serve_with(f, &[])
@@ -591,32 +584,14 @@ fn serve(f: &Fixture) -> (Served, String) {
 
 /// [`serve`] with more arguments.
 fn serve_with(f: &Fixture, extra: &[&str]) -> (Served, String) {
-    let mut child = Command::new(ice_bin())
-        .arg("--home")
+    let mut c = Command::new(ice_bin());
+    c.arg("--home")
         .arg(&f.home)
         .args(["serve", "--listen", "127.0.0.1:0", "--run-spec"])
         .arg(&f.spec)
         .args(extra)
-        .env_remove("ICE_HOME")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    use std::io::BufRead;
-    err.read_line(&mut line).unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("ice serve: MCP at ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-        .to_string();
-    // Keep draining stderr so the server never blocks on it.
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = std::io::Read::read_to_string(&mut err, &mut rest);
-    });
-    (Served(child), url)
+        .env_remove("ICE_HOME");
+    common::serve(c)
 }
 
 fn agent_http(url: &str, mode: &str, script: Value) -> std::process::Child {

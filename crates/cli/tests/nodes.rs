@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+mod common;
+use common::Served;
+
 fn pg_base() -> String {
     std::env::var("ICE_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
@@ -37,16 +40,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-/// An `ice serve` process, killed if the test ends (or fails) while it runs.
-struct Served(Child);
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A PostgreSQL schema of its own, dropped at the end.
@@ -108,33 +101,16 @@ impl Node {
     }
 
     fn serve(&self, spec: &Path) -> (Served, String) {
-        let mut child = Command::new(ice_bin())
-            .arg("--home")
+        let mut c = Command::new(ice_bin());
+        c.arg("--home")
             .arg(&self.home)
             .arg("--log")
             .arg(&self.url)
             .args(["serve", "--listen", "127.0.0.1:0", "--run-spec"])
             .arg(spec)
             .env_remove("ICE_HOME")
-            .env("ICE_CLAIM_TTL_MS", "1500")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        use std::io::BufRead;
-        err.read_line(&mut line).unwrap();
-        let url = line
-            .trim()
-            .strip_prefix("ice serve: MCP at ")
-            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-            .to_string();
-        std::thread::spawn(move || {
-            let mut rest = String::new();
-            let _ = std::io::Read::read_to_string(&mut err, &mut rest);
-        });
-        (Served(child), url)
+            .env("ICE_CLAIM_TTL_MS", "1500");
+        common::serve(c)
     }
 
     fn state_of(&self, run: &str) -> String {
