@@ -9,30 +9,12 @@ use std::process::{Command, Output, Stdio};
 use serde_json::{Value, json};
 
 mod common;
-use common::Served;
-
-fn deps() -> PathBuf {
-    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.deps");
-    assert!(
-        d.join(".stamp").is_file(),
-        "the third-party MCP peers are not installed in {}: run scripts/deps",
-        d.display()
-    );
-    d
-}
-
-fn python() -> PathBuf {
-    deps().join("venv/bin/python")
-}
+use common::{Served, agent_script, deps, python, text};
 
 fn npm_server(name: &str) -> PathBuf {
     deps().join(format!(
         "node/node_modules/@modelcontextprotocol/{name}/dist/index.js"
     ))
-}
-
-fn agent_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/agent.py")
 }
 
 fn ice_bin() -> &'static str {
@@ -47,15 +29,6 @@ fn ice(home: &Path, args: &[&str]) -> Output {
         .env_remove("ICE_HOME")
         .output()
         .expect("ice runs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 const POLICY: &str = r#"
@@ -594,24 +567,6 @@ fn serve_with(f: &Fixture, extra: &[&str]) -> (Served, String) {
     common::serve(c)
 }
 
-fn agent_http(url: &str, mode: &str, script: Value) -> std::process::Child {
-    let mut child = Command::new(python())
-        .arg(agent_script())
-        .args(["--mode", mode, "--url", url])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.to_string().as_bytes())
-        .unwrap();
-    child
-}
-
 /// Wait until some run has used a grant for `tool` (its call is then in flight or done).
 fn wait_for_use(f: &Fixture, tool: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -647,10 +602,10 @@ fn http_sessions_are_runs_and_a_killed_tool_server_fails_only_its_call() {
     let f = fixture("served", "4s");
     let (mut server, url) = serve(&f);
     // Session A: a slow call whose server is killed under it, then another call.
-    let a = agent_http(
+    let a = common::agent_http(
         &url,
         "legacy",
-        json!([
+        &json!([
             {"op": "list"},
             {"op": "call", "name": "everything__trigger-long-running-operation", "args": {"duration": 10, "steps": 5}},
             {"op": "call", "name": "everything__echo", "args": {"message": "after the crash"}},
@@ -668,10 +623,10 @@ fn http_sessions_are_runs_and_a_killed_tool_server_fails_only_its_call() {
         "the tool server process was found and killed"
     );
     // Session B (a 2026-07-28 client: no session, so each request is its own run) carries on.
-    let b = agent_http(
+    let b = common::agent_http(
         &url,
         "2026-07-28",
-        json!([{"op": "call", "name": "everything__echo", "args": {"message": "other session"}}]),
+        &json!([{"op": "call", "name": "everything__echo", "args": {"message": "other session"}}]),
     );
     let (rb, ob) = finish_agent(b);
     assert!(ob.status.success(), "{}", text(&ob));

@@ -4,42 +4,22 @@
 //! claim keeps other nodes from driving it, and when a node is killed mid-run another node
 //! recovers its run under the crash-recovery rule (EXECUTING → SUSPENDED).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 mod common;
-use common::Served;
+use common::{Served, deps, text};
 
 fn pg_base() -> String {
     std::env::var("ICE_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
-fn deps() -> PathBuf {
-    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.deps");
-    assert!(
-        d.join(".stamp").is_file(),
-        "the third-party MCP peers are not installed in {}: run scripts/deps",
-        d.display()
-    );
-    d
-}
-
 fn ice_bin() -> &'static str {
     env!("CARGO_BIN_EXE_ice")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// A PostgreSQL schema of its own, dropped at the end.
@@ -122,24 +102,6 @@ impl Node {
             .map(|r| r["state"].as_str().unwrap().to_string())
             .unwrap_or_default()
     }
-}
-
-fn agent(url: &str, script: Value) -> Child {
-    let mut child = Command::new(deps().join("venv/bin/python"))
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/agent.py"))
-        .args(["--mode", "legacy", "--url", url])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.to_string().as_bytes())
-        .unwrap();
-    child
 }
 
 fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
@@ -241,9 +203,10 @@ fn two_nodes_share_one_log(url: &str) {
     let (mut serve_b, url_b) = nodes[1].serve(&spec);
 
     // A session on node A that stays open.
-    let mut long = agent(
+    let mut long = common::agent_http(
         &url_a,
-        json!([
+        "legacy",
+        &json!([
             {"op": "call", "name": "everything__echo", "args": {"message": "on node a"}},
             {"op": "sleep", "s": 60},
         ]),
@@ -277,9 +240,10 @@ fn two_nodes_share_one_log(url: &str) {
     );
 
     // A run starts and ends on node B meanwhile.
-    let short = agent(
+    let short = common::agent_http(
         &url_b,
-        json!([{"op": "call", "name": "everything__echo", "args": {"message": "on node b"}}]),
+        "legacy",
+        &json!([{"op": "call", "name": "everything__echo", "args": {"message": "on node b"}}]),
     );
     let o = short.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", text(&o));

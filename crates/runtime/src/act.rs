@@ -154,6 +154,34 @@ pub fn resolve_target(
     Ok((resource, effect, target))
 }
 
+/// ICE's class for a tool of a configured server, before and after the server's hint: the
+/// spec's class (external when it names none), raised, never lowered, by the annotations.
+pub fn tool_class(
+    registry: &Registry,
+    server: &ToolServerSpec,
+    tool: &ice_effects::mcp::ToolSpec,
+) -> (EffectClass, EffectClass) {
+    let assigned = server.class_of(&tool.name);
+    let class = registry.classify_assigned("mcp.call", &Value::Null, Some(assigned), tool.hint);
+    (assigned, class)
+}
+
+/// A policy request for `target`, told ICE's class of a tool target and its server's hint.
+pub fn classed<'a>(
+    builder: ice_authority::RequestBuilder<'a>,
+    target: &Target,
+) -> ice_authority::RequestBuilder<'a> {
+    match target {
+        Target::Tool {
+            assigned,
+            hint: Some(h),
+            ..
+        } => builder.assigned_class(*assigned).effect_hint(*h),
+        Target::Tool { assigned, .. } => builder.assigned_class(*assigned),
+        _ => builder,
+    }
+}
+
 /// The arguments Cedar sees: bounded facts about the call, never file contents.
 pub fn policy_arguments(capability: &str, arguments: &Value, target: &Target) -> Value {
     match capability {

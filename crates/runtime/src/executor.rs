@@ -349,17 +349,11 @@ impl Ctx<'_> {
                 .await;
         }
         let policy_args = act::policy_arguments(&capability, &r.arguments, &target);
-        let mut builder = Request::builder(&self.run, agent, &capability, resource.clone())
+        let builder = Request::builder(&self.run, agent, &capability, resource.clone())
             .intent(&r.intent)
             .arguments(&policy_args)
             .budget_left(live.books.budget.left());
-        if let act::Target::Tool { assigned, hint, .. } = &target {
-            builder = builder.assigned_class(*assigned);
-            if let Some(h) = hint {
-                builder = builder.effect_hint(*h);
-            }
-        }
-        let built = builder.build(&self.rt.registry);
+        let built = act::classed(builder, &target).build(&self.rt.registry);
         let request = match built {
             Ok(q) => q,
             Err(e) => {

@@ -291,7 +291,7 @@ impl Runtime {
             last_poll: None,
             in_flight: 0,
         };
-        let bound_tools = bound_tools(&spec, tools.as_deref());
+        let bound_tools = bound_tools(&self.registry, &spec, tools.as_deref());
         let ctx = Ctx {
             rt: self,
             run: run.clone(),
@@ -950,26 +950,28 @@ impl Session<'_> {
             let Ok(resource) = ice_authority::Resource::tool(&t.server, &t.name) else {
                 continue;
             };
-            let assigned = server.class_of(&t.name);
-            let class = t.hint.map_or(assigned, |h| assigned.raise(h));
+            let (assigned, class) = crate::act::tool_class(&self.ctx.rt.registry, server, &t);
             let covered = live
                 .books
                 .grants
                 .find_covering("mcp.call", &resource, self.ctx.now())
                 .is_some();
+            let target = crate::act::Target::Tool {
+                server: t.server.clone(),
+                tool: t.name.clone(),
+                assigned,
+                hint: t.hint,
+            };
             let empty = json!({});
-            let mut builder = ice_authority::Request::builder(
+            let builder = ice_authority::Request::builder(
                 &self.ctx.run,
                 &self.agent,
                 "mcp.call",
                 resource.clone(),
             )
             .arguments(&empty)
-            .budget_left(live.books.budget.left())
-            .assigned_class(assigned);
-            if let Some(h) = t.hint {
-                builder = builder.effect_hint(h);
-            }
+            .budget_left(live.books.budget.left());
+            let builder = crate::act::classed(builder, &target);
             let permitted = covered
                 || match builder.build(&self.ctx.rt.registry) {
                     Ok(q) => live.policy.decide(&q).kind() != ice_authority::DecisionKind::Deny,
@@ -1162,7 +1164,11 @@ pub fn server_config(s: &crate::spec::ToolServerSpec) -> ice_effects::mcp::Serve
 
 /// What `CapabilitiesBound` records of the tool servers: each tool with ICE's class for it,
 /// the server's hint, and the protocol version negotiated with its server.
-fn bound_tools(spec: &RunSpec, tools: Option<&ToolServers>) -> Vec<Value> {
+fn bound_tools(
+    registry: &ice_authority::Registry,
+    spec: &RunSpec,
+    tools: Option<&ToolServers>,
+) -> Vec<Value> {
     let Some(tools) = tools else {
         return Vec::new();
     };
@@ -1173,11 +1179,7 @@ fn bound_tools(spec: &RunSpec, tools: Option<&ToolServers>) -> Vec<Value> {
             .into_iter()
             .filter(|t| t.server == server.name)
         {
-            let assigned = server.class_of(&t.name);
-            let class = match t.hint {
-                Some(h) => assigned.raise(h),
-                None => assigned,
-            };
+            let (assigned, class) = crate::act::tool_class(registry, server, &t);
             out.push(json!({
                 "tool": format!("{}/{}", t.server, t.name),
                 "effect": class.as_str(),

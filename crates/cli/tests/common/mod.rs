@@ -1,8 +1,60 @@
 //! What the gateway tests share: starting `ice serve` and stopping it with the test.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+/// The pinned third-party MCP peers `scripts/deps` installs; the tests fail (never skip) without
+/// them.
+pub fn deps() -> PathBuf {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.deps");
+    assert!(
+        d.join(".stamp").is_file(),
+        "the third-party MCP peers are not installed in {}: run scripts/deps",
+        d.display()
+    );
+    d
+}
+
+/// The virtualenv's Python, with PyPI `mcp` 2.3.0.
+pub fn python() -> PathBuf {
+    deps().join("venv/bin/python")
+}
+
+/// The test agent: a real MCP client (PyPI `mcp`) driven by a JSON script.
+pub fn agent_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/agent.py")
+}
+
+/// A process's exit status and output, for assertion messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Start the test agent against the MCP server at `url` (protocol `mode`) with `script`.
+pub fn agent_http(url: &str, mode: &str, script: &serde_json::Value) -> Child {
+    let mut child = Command::new(python())
+        .arg(agent_script())
+        .args(["--mode", mode, "--url", url])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.to_string().as_bytes())
+        .expect("the script is written");
+    child
+}
 
 /// An `ice serve` process, killed if the test ends (or fails) while it runs.
 pub struct Served(pub Child);
