@@ -31,6 +31,8 @@ fn view(step: u64) -> AgentView {
         step,
         capabilities: vec![],
         last: None,
+        memories: vec![],
+        tools: vec![],
     }
 }
 
@@ -44,6 +46,7 @@ fn proposes_steps_in_order_with_repeats_and_finishes() {
             Proposal::Request(r) => format!("{}:{}", r.capability, r.target),
             Proposal::Think { kind, .. } => format!("{kind:?}"),
             Proposal::Finish { summary } => format!("finish:{summary}"),
+            Proposal::Infer { .. } => "infer".into(),
         })
         .collect();
     assert_eq!(

@@ -12,8 +12,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::event::{Draft, Payload};
-use crate::id::{EventId, Origin, RunId};
+use crate::event::{Cost, Draft, Payload};
+use crate::id::{Digest, EventId, Origin, RunId};
 use crate::taxonomy::EventType;
 
 /// The cognitive events an agent may record: its row of the taxonomy, minus the request.
@@ -86,6 +86,15 @@ pub enum Proposal {
     },
     /// Ask for a capability.
     Request(CapabilityProposal),
+    /// The agent wants to call its model. The runtime reserves `reserve` from the run's budget
+    /// first (a reservation that does not fit stops the loop), then calls [`Agent::infer`],
+    /// records its [`Inference`] as `InferenceStep` and settles the reservation with the
+    /// reported usage.
+    Infer {
+        /// What the call may cost at most: output tokens = the request's `max_tokens`, input
+        /// tokens = the driver's estimate of the prompt.
+        reserve: Cost,
+    },
     /// The agent's work is done: the runtime moves on to validation.
     Finish {
         /// The agent's own summary of what it did.
@@ -122,9 +131,46 @@ impl Proposal {
                         .payload(Value::Object(p)),
                 )
             }
-            Proposal::Finish { .. } => None,
+            Proposal::Infer { .. } | Proposal::Finish { .. } => None,
         }
     }
+}
+
+/// One model call, as the driver reports it: recorded as `InferenceStep` in the agent's name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Inference {
+    /// Why (the driver's words: which step of its loop this is).
+    pub intent: String,
+    /// What to record: model, parameters, request digest, the full reply (or the error),
+    /// usage, latency.
+    pub payload: Payload,
+    /// What the call cost: tokens in and out as the provider reported them, wall time.
+    pub usage: Cost,
+}
+
+impl Inference {
+    /// The `InferenceStep` draft that records this inference in the name of `agent`.
+    pub fn draft(&self, agent: &str) -> Draft {
+        Draft::new(EventType::InferenceStep.name(), Origin::Agent(agent.to_string()))
+            .intent(self.intent.clone())
+            .payload(Value::Object(self.payload.clone()))
+            .cost(self.usage)
+    }
+}
+
+/// A memory mounted into the run at context time (spec §8), as the agent is shown it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MountedMemory {
+    /// The memory's id (the id of its `MemoryPromoted` event).
+    pub id: String,
+    /// Its type (`fact`, `file`, … as promoted).
+    pub kind: String,
+    /// The content.
+    pub content: Value,
+    /// SHA-256 of the content's canonical encoding.
+    pub digest: Digest,
+    /// Confidence in [0, 1].
+    pub confidence: f64,
 }
 
 /// How the runtime answered one of the agent's requests.
@@ -161,6 +207,24 @@ pub struct AgentView {
     pub capabilities: Vec<(String, String)>,
     /// The answer to the agent's previous request, if its previous proposal was one.
     pub last: Option<Outcome>,
+    /// The memories mounted into this run (empty when none).
+    pub memories: Vec<MountedMemory>,
+    /// The tools the run may call through `mcp.call`: `(server/tool, description, input
+    /// schema)`, so a model-driven agent can offer them as functions.
+    pub tools: Vec<ToolOffer>,
+}
+
+/// An MCP tool the run may call, as offered to the agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolOffer {
+    /// `server/tool` (the `mcp.call` target).
+    pub target: String,
+    /// The server's description of the tool.
+    pub description: String,
+    /// Its JSON Schema for arguments.
+    pub input_schema: Value,
+    /// ICE's effect class for it (`read`, `internal-write`, `external`).
+    pub effect: String,
 }
 
 /// Why an agent could not propose.
@@ -174,4 +238,13 @@ pub trait Agent: Send {
     fn id(&self) -> &str;
     /// The next proposal.
     fn propose(&mut self, view: &AgentView) -> Result<Proposal, AgentError>;
+    /// Call the model, after the runtime reserved what [`Proposal::Infer`] asked for. A provider
+    /// error, a timeout or a malformed reply is an [`Inference`] that says so (it is recorded);
+    /// an `Err` ends the run (the runtime aborts it). Agents that never propose
+    /// [`Proposal::Infer`] keep the default.
+    fn infer(&mut self, _view: &AgentView) -> Result<Inference, AgentError> {
+        Err(AgentError(
+            "this agent does not call a model (it never proposes Infer)".into(),
+        ))
+    }
 }

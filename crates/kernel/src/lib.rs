@@ -32,7 +32,10 @@ pub mod taxonomy;
 pub mod timestamp;
 pub mod validate;
 
-pub use agent::{Agent, AgentError, AgentView, CapabilityProposal, Outcome, Proposal, Thought};
+pub use agent::{
+    Agent, AgentError, AgentView, CapabilityProposal, Inference, MountedMemory, Outcome, Proposal,
+    Thought, ToolOffer,
+};
 pub use blob::{Blob, BlobRef};
 pub use event::{Cost, Draft, Event, Payload};
 pub use header::Header;

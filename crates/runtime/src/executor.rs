@@ -16,7 +16,7 @@ use ice_authority::{
 };
 use ice_kernel::{
     Agent, AgentView, CapabilityProposal, Cost, Draft, Event, EventId, EventType, Origin, Outcome,
-    Proposal, RunId, RunState, Timestamp,
+    Proposal, RunId, RunState, Timestamp, ToolOffer,
 };
 use ice_log::LogError;
 use ice_log::ledger::AppendError;
@@ -115,6 +115,8 @@ pub(crate) struct Live {
     /// operator, and will record their outcome when they take it again. Nothing may stop the
     /// run while any is in flight, or an effect could happen without its record.
     pub(crate) in_flight: usize,
+    /// The memories mounted at context time (`MemoryMounted`), shown to the agent.
+    pub(crate) memories: Vec<ice_kernel::MountedMemory>,
 }
 
 /// How often, at most, a run looks between steps for events others appended (a kill request)
@@ -860,6 +862,17 @@ enum ApprovalWait {
     Killed,
 }
 
+/// Run an agent's (synchronous, maybe network-bound) code without stalling the async workers
+/// that carry other runs' calls.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 pub(crate) fn add_ms(t: Timestamp, ms: u64) -> Timestamp {
     Timestamp::from_unix_us(t.unix_us().saturating_add((ms as i64).saturating_mul(1000)))
         .unwrap_or(t)
@@ -900,9 +913,20 @@ impl Ctx<'_> {
                         .map(|c| (c.name().to_string(), c.resource().to_string()))
                         .collect(),
                     last: live.last.take(),
+                    memories: live.memories.clone(),
+                    tools: self
+                        .permitted_tools(live, &agent_id)
+                        .into_iter()
+                        .map(|(t, class)| ToolOffer {
+                            target: format!("{}/{}", t.server, t.name),
+                            description: t.description.clone().unwrap_or_default(),
+                            input_schema: t.input_schema.clone(),
+                            effect: class.as_str().to_string(),
+                        })
+                        .collect(),
                 }
             };
-            let proposal = match agent.propose(&view) {
+            let proposal = match blocking(|| agent.propose(&view)) {
                 Ok(p) => p,
                 Err(e) => {
                     let mut live = self.live.lock().await;
@@ -926,6 +950,11 @@ impl Ctx<'_> {
                     }
                     self.append(&mut live, |_| vec![draft.clone()]).await?;
                 }
+                Proposal::Infer { reserve } => {
+                    if let Some(stop) = self.inference(agent, &agent_id, &view, *reserve).await? {
+                        return Ok(stop);
+                    }
+                }
                 Proposal::Request(r) => {
                     let end = self.governed_call(&agent_id, r).await?;
                     let mut live = self.live.lock().await;
@@ -937,6 +966,140 @@ impl Ctx<'_> {
                 Proposal::Finish { .. } => return Ok(RunOutcome::Committed),
             }
         }
+    }
+
+    /// One model call (I-005): reserve what it may cost, let the agent call its model, record
+    /// the `InferenceStep` and settle the reservation with the usage the provider reported. A
+    /// reservation that does not fit stops the run as the spec's `on_exhaustion` says.
+    async fn inference(
+        &self,
+        agent: &mut dyn Agent,
+        agent_id: &str,
+        view: &AgentView,
+        reserve: Cost,
+    ) -> Result<Option<RunOutcome>, RuntimeError> {
+        let (reservation, reserved) = {
+            let mut guard = self.live.lock().await;
+            let live = &mut *guard;
+            let reservation = format!("r{}", live.books.reservations + 1);
+            if let Err(refusal) = live.books.budget.check_reserve(&reservation, reserve) {
+                let why = format!("the model call was not made: {refusal}");
+                return self.exhausted(live, &why).await.map(Some);
+            }
+            let p = Value::Object(
+                BudgetReservedPayload {
+                    reservation: reservation.clone(),
+                    amount: reserve,
+                }
+                .to_payload(),
+            );
+            let rec = self
+                .append(live, |_| {
+                    vec![rt_draft(EventType::BudgetReserved, p.clone())]
+                })
+                .await?;
+            (reservation, rec[0].id())
+        };
+        let started = Instant::now();
+        let inferred = blocking(|| agent.infer(view));
+        let wall = started.elapsed().as_micros() as u64;
+        let mut guard = self.live.lock().await;
+        let live = &mut *guard;
+        let settle = |actual: Cost| {
+            rt_draft(
+                EventType::BudgetSettled,
+                Value::Object(
+                    BudgetSettledPayload {
+                        reservation: reservation.clone(),
+                        actual,
+                    }
+                    .to_payload(),
+                ),
+            )
+            .cause(reserved.clone())
+        };
+        let inference = match inferred {
+            Ok(i) => i,
+            Err(e) => {
+                let spent = Cost {
+                    wall_time_us: wall,
+                    ..Cost::default()
+                };
+                self.append(live, |_| vec![settle(spent)]).await?;
+                return self
+                    .abort(live, "agent_failed", &format!("the agent failed: {e}"))
+                    .await
+                    .map(Some);
+            }
+        };
+        let usage = Cost {
+            wall_time_us: wall,
+            ..inference.usage
+        };
+        let draft = inference.draft(agent_id).cost(usage).cause(reserved.clone());
+        if let Some(why) = self.unrecordable(live, &draft) {
+            self.append(live, |_| vec![settle(usage)]).await?;
+            return self
+                .abort(
+                    live,
+                    "agent_failed",
+                    &format!("the model's reply cannot be recorded: {why}"),
+                )
+                .await
+                .map(Some);
+        }
+        self.append(live, |_| vec![draft.clone(), settle(usage)])
+            .await?;
+        Ok(None)
+    }
+
+    /// The MCP tools this run's policy could permit `agent` to call now, each with the effect
+    /// class ICE gives it. A tool is left out when the policy denies every call to it (whatever
+    /// the arguments and intent: tool arguments are not shown to policies), so an agent is
+    /// never offered what it may not use. A tool whose calls need an approval is offered.
+    pub(crate) fn permitted_tools(
+        &self,
+        live: &Live,
+        agent: &str,
+    ) -> Vec<(ice_effects::mcp::ToolSpec, ice_authority::EffectClass)> {
+        let Some(tools) = &self.tools else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for t in tools.tools() {
+            let Some(server) = live.spec.servers.iter().find(|s| s.name == t.server) else {
+                continue;
+            };
+            let Ok(resource) = Resource::tool(&t.server, &t.name) else {
+                continue;
+            };
+            let (assigned, class) = act::tool_class(&self.rt.registry, server, &t);
+            let covered = live
+                .books
+                .grants
+                .find_covering("mcp.call", &resource, self.now())
+                .is_some();
+            let target = act::Target::Tool {
+                server: t.server.clone(),
+                tool: t.name.clone(),
+                assigned,
+                hint: t.hint,
+            };
+            let empty = json!({});
+            let builder = Request::builder(&self.run, agent, "mcp.call", resource.clone())
+                .arguments(&empty)
+                .budget_left(live.books.budget.left());
+            let builder = act::classed(builder, &target);
+            let permitted = covered
+                || match builder.build(&self.rt.registry) {
+                    Ok(q) => live.policy.decide(&q).kind() != DecisionKind::Deny,
+                    Err(_) => false,
+                };
+            if permitted {
+                out.push((t, class));
+            }
+        }
+        out
     }
 
     /// Checks between two proposals: kill, deadline, grant expiry, policy change, assumptions.

@@ -290,6 +290,7 @@ impl Runtime {
             window_started: Instant::now(),
             last_poll: None,
             in_flight: 0,
+            memories: Vec::new(),
         };
         let bound_tools = bound_tools(&self.registry, &spec, tools.as_deref());
         let ctx = Ctx {
@@ -409,6 +410,7 @@ impl Runtime {
             window_started: Instant::now(),
             last_poll: None,
             in_flight: 0,
+            memories: Vec::new(),
         };
         Ok(Ctx {
             rt: self,
@@ -938,50 +940,8 @@ impl Session<'_> {
     /// agent is never offered what it may not use. A tool whose calls need an approval is
     /// offered.
     pub async fn permitted_tools(&self) -> Vec<(ToolSpec, ice_authority::EffectClass)> {
-        let Some(tools) = &self.ctx.tools else {
-            return Vec::new();
-        };
         let live = self.ctx.live.lock().await;
-        let mut out = Vec::new();
-        for t in tools.tools() {
-            let Some(server) = live.spec.servers.iter().find(|s| s.name == t.server) else {
-                continue;
-            };
-            let Ok(resource) = ice_authority::Resource::tool(&t.server, &t.name) else {
-                continue;
-            };
-            let (assigned, class) = crate::act::tool_class(&self.ctx.rt.registry, server, &t);
-            let covered = live
-                .books
-                .grants
-                .find_covering("mcp.call", &resource, self.ctx.now())
-                .is_some();
-            let target = crate::act::Target::Tool {
-                server: t.server.clone(),
-                tool: t.name.clone(),
-                assigned,
-                hint: t.hint,
-            };
-            let empty = json!({});
-            let builder = ice_authority::Request::builder(
-                &self.ctx.run,
-                &self.agent,
-                "mcp.call",
-                resource.clone(),
-            )
-            .arguments(&empty)
-            .budget_left(live.books.budget.left());
-            let builder = crate::act::classed(builder, &target);
-            let permitted = covered
-                || match builder.build(&self.ctx.rt.registry) {
-                    Ok(q) => live.policy.decide(&q).kind() != ice_authority::DecisionKind::Deny,
-                    Err(_) => false,
-                };
-            if permitted {
-                out.push((t, class));
-            }
-        }
-        out
+        self.ctx.permitted_tools(&live, &self.agent)
     }
 
     /// The protocol version negotiated with an MCP tool server of this run.
@@ -1042,6 +1002,9 @@ impl Session<'_> {
                 }
                 Ok(Some(end.outcome))
             }
+            ice_kernel::Proposal::Infer { .. } => Err(RuntimeError::Invalid(
+                "an agent connected from outside calls its model itself; Infer is for drivers that run inside ICE".into(),
+            )),
             ice_kernel::Proposal::Finish { .. } => Ok(None),
         }
     }

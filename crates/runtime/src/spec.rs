@@ -191,6 +191,10 @@ pub struct RunSpec {
     pub driver: String,
     /// The plan file (the plan driver's input).
     pub plan: Option<PathBuf>,
+    /// The LLM driver's settings (`[agent.llm]`: endpoint, model, the name of the environment
+    /// variable holding the API key, never the key itself), checked by the driver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm: Option<serde_json::Value>,
     /// The MCP tool servers the run may call, by name.
     #[serde(default)]
     pub servers: Vec<ToolServerSpec>,
@@ -262,6 +266,7 @@ struct RawRun {
 struct RawAgent {
     driver: String,
     plan: Option<String>,
+    llm: Option<toml::Table>,
 }
 
 #[derive(Deserialize)]
@@ -516,6 +521,21 @@ impl RunSpec {
         };
         let agent_at = raw.agent.span().start;
         let agent = raw.agent.into_inner();
+        if agent.llm.is_some() && agent.driver != "llm" {
+            return Err(err(
+                Some(agent_at),
+                format!(
+                    "[agent.llm] is for driver = \"llm\", not {:?}",
+                    agent.driver
+                ),
+            ));
+        }
+        let llm = match agent.llm {
+            Some(t) => Some(serde_json::to_value(&t).map_err(|e| {
+                err(Some(agent_at), format!("[agent.llm] cannot be read: {e}"))
+            })?),
+            None => None,
+        };
         let plan = match (agent.driver.as_str(), agent.plan) {
             ("plan", None) => {
                 return Err(err(
@@ -536,23 +556,28 @@ impl RunSpec {
                 }
                 Some(plan_path)
             }
-            ("external", None) => None,
-            ("external", Some(_)) => {
+            ("external", None) | ("llm", None) => None,
+            (d @ ("external" | "llm"), Some(_)) => {
                 return Err(err(
                     Some(agent_at),
-                    "[agent] an external agent proposes through the MCP gateway; it has no `plan`"
-                        .into(),
+                    format!("[agent] the {d} driver has no `plan` (a plan is for driver = \"plan\")"),
                 ));
             }
             (other, _) => {
                 return Err(err(
                     Some(agent_at),
                     format!(
-                        "[agent] driver {other:?} is not available; this version has \"plan\" and \"external\""
+                        "[agent] driver {other:?} is not available; this version has \"plan\", \"llm\" and \"external\""
                     ),
                 ));
             }
         };
+        if agent.driver == "llm" && llm.is_none() {
+            return Err(err(
+                Some(agent_at),
+                "[agent] the llm driver needs an [agent.llm] table (base_url, model, task)".into(),
+            ));
+        }
         let mut servers = Vec::new();
         for (name, raw_server) in raw.servers {
             let at = raw_server.span().start;
@@ -687,6 +712,7 @@ impl RunSpec {
             policy,
             driver: agent.driver,
             plan,
+            llm,
             servers,
             budget,
             grant_ttl_ms,
