@@ -7,8 +7,16 @@
 //!
 //! - [`plan`]: a scripted agent that proposes the steps of a TOML file (deterministic; tests and
 //!   demos).
+//! - [`llm`]: a tool-calling loop against any OpenAI-compatible chat-completions endpoint; each
+//!   model call is recorded as `InferenceStep`, and [`RecordedModel`] replays a run without the
+//!   model.
 #![warn(missing_docs)]
 
+pub mod llm;
 pub mod plan;
 
+pub use llm::{
+    FailureKind, HttpModel, LlmAgent, LlmConfig, Model, ModelFailure, ModelReply, RecordedModel,
+    ToolBinding, Toolbox,
+};
 pub use plan::{Plan, PlanAgent, PlanError, Step};

@@ -1,0 +1,1545 @@
+//! The LLM driver: a tool-calling loop against any OpenAI-compatible chat-completions endpoint
+//! (OpenAI, Ollama, llama.cpp server, vLLM, …).
+//!
+//! ```toml
+//! [agent.llm]
+//! base_url = "http://127.0.0.1:8080/v1"   # POST {base_url}/chat/completions
+//! model = "qwen2.5-7b-instruct"
+//! api_key_env = "OPENAI_API_KEY"          # optional: the variable holding the key
+//! task = "Fix the typo in README.md"      # the user message
+//! system = "Be brief."                    # optional, added to ICE's preamble
+//! max_tokens = 1024                       # per call
+//! temperature = 0.2                       # optional
+//! max_steps = 16                          # model calls per run
+//! timeout = "120s"                        # per call: ms, s, m or h
+//! max_errors = 3                          # consecutive failed calls before giving up
+//! ```
+//!
+//! The driver only proposes (A-002). It offers the model the run's built-in capabilities
+//! (`fs_read`, `fs_list`, `fs_write`, `fs_delete`, `http_request`) and the MCP tools in
+//! [`AgentView::tools`] (`mcp__{server}__{tool}`) as functions; each tool call the model makes
+//! becomes a [`Proposal::Request`], and the runtime's answer goes back to the model as the tool's
+//! result. Each model call is a [`Proposal::Infer`] then [`Agent::infer`], recorded by the
+//! runtime as `InferenceStep` with the full reply (or the error), so a run can be replayed
+//! without the model: [`RecordedModel`] answers from the recorded payloads and reports where the
+//! replayed conversation diverges from the recording.
+//!
+//! Everything the driver sends is a pure function of the configuration, the view at the first
+//! proposal, the replies and the outcomes: the next request (and its digest) never depends on
+//! the clock or on anything not recorded.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use ice_kernel::limits::MAX_SAFE_INTEGER;
+use ice_kernel::{
+    Agent, AgentError, AgentView, CapabilityProposal, Cost, Digest, Inference, Outcome, Payload,
+    Proposal,
+};
+use serde::{Deserialize, Deserializer};
+use serde_json::{Map, Value, json};
+
+/// Default `max_tokens` per call.
+pub const DEFAULT_MAX_TOKENS: u64 = 1024;
+/// Default number of model calls per run.
+pub const DEFAULT_MAX_STEPS: u64 = 16;
+/// Default timeout of one call.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default number of consecutive failed calls before the driver gives up.
+pub const DEFAULT_MAX_ERRORS: u64 = 3;
+/// Largest `max_tokens`.
+pub const MAX_MAX_TOKENS: u64 = 1 << 20;
+/// Largest `max_steps`.
+pub const MAX_MAX_STEPS: u64 = 10_000;
+/// Largest `max_errors`.
+pub const MAX_MAX_ERRORS: u64 = 100;
+/// Longest `timeout`.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Largest reply body [`HttpModel`] reads.
+pub const MAX_REPLY_BYTES: u64 = 8 << 20;
+/// Longest intent taken from the model's text (characters).
+pub const MAX_INTENT_CHARS: usize = 500;
+/// Largest tool result passed back to the model (bytes of compact JSON); longer ones are cut.
+pub const MAX_TOOL_RESULT_BYTES: usize = 64 * 1024;
+/// Longest function name a provider accepts.
+pub const MAX_FUNCTION_NAME: usize = 64;
+/// Deepest nesting of a reply kept as structure; deeper parts are recorded as their JSON text.
+pub const MAX_REPLY_DEPTH: usize = 48;
+
+/// ICE's fixed system preamble.
+pub const PREAMBLE: &str = "You are an agent running inside ICE, a governed execution runtime. \
+You act only through the tools offered to you: every call is checked against the run's policy \
+and budget and recorded, and it may be denied (a denied call comes back as a tool result that \
+starts with DENIED). File paths are relative to the run's workspace; writes are staged and \
+kept only if the run passes validation when you finish. When the task is done, reply with a \
+short summary of what you did and call no tool.";
+
+// ---------------------------------------------------------------------------------------------
+// Configuration.
+
+/// The `[agent.llm]` table of a run spec.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmConfig {
+    /// The API root, e.g. `http://127.0.0.1:8080/v1` (http or https).
+    pub base_url: String,
+    /// The model name sent with each request.
+    pub model: String,
+    /// The environment variable holding the API key (sent as `Authorization: Bearer`), if any.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// What the agent must do (the user message).
+    pub task: String,
+    /// Extra system text, after ICE's preamble.
+    #[serde(default)]
+    pub system: Option<String>,
+    /// `max_tokens` of each call.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u64,
+    /// Sampling temperature, when set.
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    /// Most model calls per run.
+    #[serde(default = "default_max_steps")]
+    pub max_steps: u64,
+    /// Timeout of one call (`"60s"`, `"1500ms"`, `"2m"`, `"1h"`).
+    #[serde(default = "default_timeout", deserialize_with = "de_timeout")]
+    pub timeout: Duration,
+    /// Consecutive provider errors or unusable replies before the driver gives up.
+    #[serde(default = "default_max_errors")]
+    pub max_errors: u64,
+}
+
+fn default_max_tokens() -> u64 {
+    DEFAULT_MAX_TOKENS
+}
+fn default_max_steps() -> u64 {
+    DEFAULT_MAX_STEPS
+}
+fn default_timeout() -> Duration {
+    DEFAULT_TIMEOUT
+}
+fn default_max_errors() -> u64 {
+    DEFAULT_MAX_ERRORS
+}
+fn de_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("`timeout`: {e}")))
+}
+
+#[derive(Clone, Copy)]
+enum FieldType {
+    Text,
+    Count,
+    Number,
+}
+
+const FIELDS: [(&str, FieldType); 10] = [
+    ("base_url", FieldType::Text),
+    ("model", FieldType::Text),
+    ("api_key_env", FieldType::Text),
+    ("task", FieldType::Text),
+    ("system", FieldType::Text),
+    ("max_tokens", FieldType::Count),
+    ("temperature", FieldType::Number),
+    ("max_steps", FieldType::Count),
+    ("timeout", FieldType::Text),
+    ("max_errors", FieldType::Count),
+];
+
+/// Parse a duration: a whole number followed by `ms`, `s`, `m` or `h` (`"60s"`, `"1500ms"`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let s = text.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let bad = || format!("{text:?} is not a duration (a whole number and ms, s, m or h: \"60s\")");
+    if digits.is_empty() {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let per = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(per)
+        .map(Duration::from_millis)
+        .ok_or_else(bad)
+}
+
+impl LlmConfig {
+    /// A configuration with the defaults for everything but the endpoint, model and task.
+    pub fn new(
+        base_url: impl Into<String>,
+        model: impl Into<String>,
+        task: impl Into<String>,
+    ) -> LlmConfig {
+        LlmConfig {
+            base_url: base_url.into(),
+            model: model.into(),
+            api_key_env: None,
+            task: task.into(),
+            system: None,
+            max_tokens: DEFAULT_MAX_TOKENS,
+            temperature: None,
+            max_steps: DEFAULT_MAX_STEPS,
+            timeout: DEFAULT_TIMEOUT,
+            max_errors: DEFAULT_MAX_ERRORS,
+        }
+    }
+
+    /// Parse and check the `[agent.llm]` table (converted to JSON). Errors name the field.
+    ///
+    /// The API key itself is read (and its absence reported) by [`HttpModel::new`], so a
+    /// recorded run can be replayed where the key is not set.
+    pub fn from_value(value: &Value) -> Result<LlmConfig, String> {
+        let Value::Object(map) = value else {
+            return Err("[agent.llm] must be a table".into());
+        };
+        for (key, v) in map {
+            let Some((_, ty)) = FIELDS.iter().find(|(name, _)| name == key) else {
+                let known: Vec<&str> = FIELDS.iter().map(|(n, _)| *n).collect();
+                return Err(format!(
+                    "[agent.llm] unknown field `{key}`; expected one of {}",
+                    known.join(", ")
+                ));
+            };
+            let ok = match ty {
+                FieldType::Text => v.is_string(),
+                FieldType::Count => v.is_u64(),
+                FieldType::Number => v.is_number(),
+            };
+            if !ok {
+                let want = match ty {
+                    FieldType::Text => "a string",
+                    FieldType::Count => "a whole number ≥ 0",
+                    FieldType::Number => "a number",
+                };
+                return Err(format!("[agent.llm] `{key}` must be {want}, not {v}"));
+            }
+        }
+        let config: LlmConfig =
+            serde_json::from_value(value.clone()).map_err(|e| format!("[agent.llm] {e}"))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Check every field's range. Errors name the field.
+    pub fn check(&self) -> Result<(), String> {
+        let err = |field: &str, problem: String| Err(format!("[agent.llm] `{field}`: {problem}"));
+        let url = self.base_url.as_str();
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"));
+        let Some(rest) = rest else {
+            return err(
+                "base_url",
+                format!("{url:?} must start with http:// or https://"),
+            );
+        };
+        let authority = rest.split('/').next().unwrap_or("");
+        if authority.is_empty() {
+            return err("base_url", format!("{url:?} names no host"));
+        }
+        if authority.contains('@') {
+            return err(
+                "base_url",
+                "credentials do not belong in the URL; name the key's variable in `api_key_env`"
+                    .into(),
+            );
+        }
+        if url.chars().any(|c| c.is_whitespace() || c.is_control()) || url.contains(['?', '#']) {
+            return err(
+                "base_url",
+                format!("{url:?} must be a plain URL (no spaces, query or fragment)"),
+            );
+        }
+        if self.model.trim().is_empty() {
+            return err("model", "must not be empty".into());
+        }
+        if self.task.trim().is_empty() {
+            return err(
+                "task",
+                "must not be empty (it is what the agent must do)".into(),
+            );
+        }
+        if let Some(name) = &self.api_key_env {
+            let mut chars = name.chars();
+            let valid = chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return err(
+                    "api_key_env",
+                    format!("{name:?} is not an environment variable name"),
+                );
+            }
+        }
+        if !(1..=MAX_MAX_TOKENS).contains(&self.max_tokens) {
+            return err(
+                "max_tokens",
+                format!("{} must be between 1 and {MAX_MAX_TOKENS}", self.max_tokens),
+            );
+        }
+        if let Some(t) = self.temperature
+            && !(t.is_finite() && (0.0..=2.0).contains(&t))
+        {
+            return err("temperature", format!("{t} must be between 0 and 2"));
+        }
+        if !(1..=MAX_MAX_STEPS).contains(&self.max_steps) {
+            return err(
+                "max_steps",
+                format!("{} must be between 1 and {MAX_MAX_STEPS}", self.max_steps),
+            );
+        }
+        if self.timeout.is_zero() || self.timeout > MAX_TIMEOUT {
+            return err(
+                "timeout",
+                format!(
+                    "{:?} must be more than 0 and at most {}s",
+                    self.timeout,
+                    MAX_TIMEOUT.as_secs()
+                ),
+            );
+        }
+        if !(1..=MAX_MAX_ERRORS).contains(&self.max_errors) {
+            return err(
+                "max_errors",
+                format!("{} must be between 1 and {MAX_MAX_ERRORS}", self.max_errors),
+            );
+        }
+        Ok(())
+    }
+
+    /// The URL requests are POSTed to: `{base_url}/chat/completions`.
+    pub fn endpoint(&self) -> String {
+        format!("{}/chat/completions", self.base_url.trim_end_matches('/'))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The model seam.
+
+/// Why a model call produced no usable HTTP reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// The endpoint answered with a non-2xx status.
+    HttpStatus,
+    /// No complete answer within the timeout.
+    Timeout,
+    /// Connection, TLS or protocol failure.
+    Transport,
+    /// A 2xx answer whose body is not JSON.
+    MalformedJson,
+    /// A body larger than [`MAX_REPLY_BYTES`].
+    Oversized,
+    /// Replay: the request differs from the recorded one, or the recording ran out.
+    ReplayDivergence,
+}
+
+impl FailureKind {
+    /// Every kind.
+    pub const ALL: [FailureKind; 6] = [
+        FailureKind::HttpStatus,
+        FailureKind::Timeout,
+        FailureKind::Transport,
+        FailureKind::MalformedJson,
+        FailureKind::Oversized,
+        FailureKind::ReplayDivergence,
+    ];
+
+    /// The name recorded in `error.kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::HttpStatus => "http_status",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Transport => "transport",
+            FailureKind::MalformedJson => "malformed_json",
+            FailureKind::Oversized => "oversized",
+            FailureKind::ReplayDivergence => "replay_divergence",
+        }
+    }
+
+    /// The kind recorded as `name`.
+    pub fn parse(name: &str) -> Option<FailureKind> {
+        FailureKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A model call that produced no usable HTTP reply.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelFailure {
+    /// What went wrong.
+    pub kind: FailureKind,
+    /// The details (never the API key).
+    pub detail: String,
+    /// The HTTP status, when one was received.
+    pub status: Option<u16>,
+    /// Time from sending to the failure, in milliseconds.
+    pub latency_ms: u64,
+}
+
+/// What a model call returned.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelReply {
+    /// A 2xx answer with a JSON body (which may still be unusable: the driver judges it).
+    Ok {
+        /// The HTTP status.
+        status: u16,
+        /// The parsed body.
+        body: Value,
+        /// Time from sending to the end of the body, in milliseconds.
+        latency_ms: u64,
+    },
+    /// No usable answer.
+    Failed(ModelFailure),
+}
+
+/// Something that answers chat-completion requests: the network ([`HttpModel`]), a recording
+/// ([`RecordedModel`]) or a test script.
+pub trait Model: Send {
+    /// Answer one request (the JSON body of `POST /chat/completions`).
+    fn complete(&mut self, request: &Value) -> ModelReply;
+
+    /// Where a replay departed from its recording (empty for a live model).
+    fn divergences(&self) -> &[String] {
+        &[]
+    }
+}
+
+/// SHA-256 (lowercase hex) of the request's RFC 8785 encoding: `request_digest` in the record.
+pub fn request_digest(request: &Value) -> String {
+    let mut bytes = Vec::with_capacity(1024);
+    ice_kernel::canonical::write_value(request, &mut bytes);
+    Digest::of(&bytes).to_hex()
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The live model: `POST {base_url}/chat/completions` with ureq.
+pub struct HttpModel {
+    agent: ureq::Agent,
+    endpoint: String,
+    key: Option<String>,
+}
+
+impl fmt::Debug for HttpModel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpModel")
+            .field("endpoint", &self.endpoint)
+            .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl HttpModel {
+    /// A client for `config`'s endpoint, with its timeout and, if `api_key_env` names one, the
+    /// key read from the environment now (a named variable that is unset or empty is an error).
+    pub fn new(config: &LlmConfig) -> Result<HttpModel, String> {
+        config.check()?;
+        let key = match &config.api_key_env {
+            None => None,
+            Some(name) => match std::env::var(name) {
+                Ok(k) if !k.trim().is_empty() => {
+                    if !k.bytes().all(|b| b.is_ascii_graphic()) {
+                        return Err(format!(
+                            "[agent.llm] `api_key_env`: the value of {name} is not a usable API \
+                             key (it has spaces or non-ASCII characters)"
+                        ));
+                    }
+                    Some(k)
+                }
+                _ => {
+                    return Err(format!(
+                        "[agent.llm] `api_key_env`: the environment variable {name} is not set \
+                         (it must hold the API key)"
+                    ));
+                }
+            },
+        };
+        let agent_config = ureq::Agent::config_builder()
+            .timeout_global(Some(config.timeout))
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .user_agent(concat!("ice/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Ok(HttpModel {
+            agent: ureq::Agent::new_with_config(agent_config),
+            endpoint: config.endpoint(),
+            key,
+        })
+    }
+
+    /// The URL requests go to.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn redact(&self, text: String) -> String {
+        match &self.key {
+            Some(k) if text.contains(k.as_str()) => text.replace(k.as_str(), "[redacted]"),
+            _ => text,
+        }
+    }
+
+    fn redact_bytes(&self, body: Vec<u8>) -> Vec<u8> {
+        match &self.key {
+            Some(k) if body.windows(k.len()).any(|w| w == k.as_bytes()) => self
+                .redact(String::from_utf8_lossy(&body).into_owned())
+                .into_bytes(),
+            _ => body,
+        }
+    }
+}
+
+impl Model for HttpModel {
+    fn complete(&mut self, request: &Value) -> ModelReply {
+        let started = Instant::now();
+        let fail = |kind: FailureKind, detail: String, status: Option<u16>| {
+            ModelReply::Failed(ModelFailure {
+                kind,
+                detail: self.redact(detail),
+                status,
+                latency_ms: millis(started.elapsed()),
+            })
+        };
+        let from_ureq = |e: ureq::Error| match e {
+            ureq::Error::Timeout(t) => (FailureKind::Timeout, format!("timed out ({t})")),
+            other => (FailureKind::Transport, other.to_string()),
+        };
+        let body = match serde_json::to_vec(request) {
+            Ok(b) => b,
+            Err(e) => return fail(FailureKind::Transport, e.to_string(), None),
+        };
+        let mut call = self
+            .agent
+            .post(&self.endpoint)
+            .header("content-type", "application/json")
+            .header("accept", "application/json");
+        if let Some(k) = &self.key {
+            call = call.header("authorization", format!("Bearer {k}"));
+        }
+        let response = match call.send(&body[..]) {
+            Ok(r) => r,
+            Err(e) => {
+                let (kind, detail) = from_ureq(e);
+                return fail(kind, detail, None);
+            }
+        };
+        let status = response.status().as_u16();
+        let mut raw = Vec::new();
+        let read = response
+            .into_body()
+            .into_with_config()
+            .limit(u64::MAX)
+            .reader()
+            .take(MAX_REPLY_BYTES + 1)
+            .read_to_end(&mut raw);
+        if let Err(e) = read {
+            let (kind, detail) = from_ureq(ureq::Error::from(e));
+            return fail(kind, detail, Some(status));
+        }
+        if raw.len() as u64 > MAX_REPLY_BYTES {
+            return fail(
+                FailureKind::Oversized,
+                format!("the reply is larger than {MAX_REPLY_BYTES} bytes"),
+                Some(status),
+            );
+        }
+        let raw = self.redact_bytes(raw);
+        if !(200..300).contains(&status) {
+            let text = String::from_utf8_lossy(&raw);
+            return fail(
+                FailureKind::HttpStatus,
+                format!("HTTP {status}: {}", cut(text.trim(), 2000)),
+                Some(status),
+            );
+        }
+        match serde_json::from_slice::<Value>(&raw) {
+            Ok(body) => ModelReply::Ok {
+                status,
+                body,
+                latency_ms: millis(started.elapsed()),
+            },
+            Err(e) => {
+                let text = String::from_utf8_lossy(&raw);
+                fail(
+                    FailureKind::MalformedJson,
+                    format!("the reply is not JSON ({e}): {:?}", cut(&text, 200)),
+                    Some(status),
+                )
+            }
+        }
+    }
+}
+
+/// Model-free replay: answers each request with the reply (or error) recorded in the next
+/// `InferenceStep` payload, after checking that the request's digest is the recorded
+/// `request_digest`. A mismatch, or a request past the end of the recording, is answered with a
+/// [`FailureKind::ReplayDivergence`] failure and listed in [`RecordedModel::divergences`].
+#[derive(Clone, Debug)]
+pub struct RecordedModel {
+    steps: Vec<Payload>,
+    next: usize,
+    divergences: Vec<String>,
+}
+
+impl RecordedModel {
+    /// A model that replays these `InferenceStep` payloads, in order.
+    pub fn new(steps: Vec<Payload>) -> RecordedModel {
+        RecordedModel {
+            steps,
+            next: 0,
+            divergences: Vec::new(),
+        }
+    }
+
+    /// Where the replay departed from the recording, one sentence each.
+    pub fn divergences(&self) -> &[String] {
+        &self.divergences
+    }
+
+    /// How many recorded calls have not been replayed yet.
+    pub fn remaining(&self) -> usize {
+        self.steps.len().saturating_sub(self.next)
+    }
+
+    fn diverge(&mut self, detail: String) -> ModelReply {
+        self.divergences.push(detail.clone());
+        ModelReply::Failed(ModelFailure {
+            kind: FailureKind::ReplayDivergence,
+            detail,
+            status: None,
+            latency_ms: 0,
+        })
+    }
+}
+
+impl Model for RecordedModel {
+    fn complete(&mut self, request: &Value) -> ModelReply {
+        let digest = request_digest(request);
+        let n = self.next + 1;
+        let Some(step) = self.steps.get(self.next).cloned() else {
+            self.next += 1;
+            let len = self.steps.len();
+            return self.diverge(format!(
+                "model call {n}: the recording has only {len} model calls (request digest {digest})"
+            ));
+        };
+        self.next += 1;
+        let recorded = step
+            .get("request_digest")
+            .and_then(Value::as_str)
+            .unwrap_or("(none)");
+        if recorded != digest {
+            let detail = format!(
+                "model call {n}: the request digest is {digest}, the recording has {recorded}"
+            );
+            return self.diverge(detail);
+        }
+        let latency_ms = step.get("latency_ms").and_then(Value::as_u64).unwrap_or(0);
+        let status = step
+            .get("status")
+            .and_then(Value::as_u64)
+            .and_then(|s| u16::try_from(s).ok());
+        if let Some(body) = step.get("reply") {
+            return ModelReply::Ok {
+                status: status.unwrap_or(200),
+                body: body.clone(),
+                latency_ms,
+            };
+        }
+        let error = step.get("error");
+        let kind = error
+            .and_then(|e| e.get("kind"))
+            .and_then(Value::as_str)
+            .and_then(FailureKind::parse);
+        match (kind, error) {
+            (Some(kind), Some(e)) => ModelReply::Failed(ModelFailure {
+                kind,
+                detail: e
+                    .get("detail")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                status: e
+                    .get("status")
+                    .and_then(Value::as_u64)
+                    .and_then(|s| u16::try_from(s).ok()),
+                latency_ms,
+            }),
+            _ => self.diverge(format!(
+                "model call {n}: the recorded payload has neither a reply nor a provider error"
+            )),
+        }
+    }
+
+    fn divergences(&self) -> &[String] {
+        &self.divergences
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tools.
+
+/// What an offered function stands for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ToolBinding {
+    /// A built-in capability: its name and the argument that is the target.
+    Builtin {
+        /// `fs.read`, `http.request`, …
+        capability: &'static str,
+        /// The argument that becomes the target (`path`, `url`).
+        target_arg: &'static str,
+    },
+    /// An MCP tool, called through `mcp.call`.
+    Mcp {
+        /// `server/tool`.
+        target: String,
+    },
+}
+
+struct Builtin {
+    function: &'static str,
+    capability: &'static str,
+    target_arg: &'static str,
+}
+
+const BUILTINS: [Builtin; 5] = [
+    Builtin {
+        function: "fs_read",
+        capability: "fs.read",
+        target_arg: "path",
+    },
+    Builtin {
+        function: "fs_list",
+        capability: "fs.list",
+        target_arg: "path",
+    },
+    Builtin {
+        function: "fs_write",
+        capability: "fs.write",
+        target_arg: "path",
+    },
+    Builtin {
+        function: "fs_delete",
+        capability: "fs.delete",
+        target_arg: "path",
+    },
+    Builtin {
+        function: "http_request",
+        capability: "http.request",
+        target_arg: "url",
+    },
+];
+
+fn builtin_spec(function: &str) -> (&'static str, Value) {
+    let path = |what: &str| json!({"type": "string", "description": what});
+    match function {
+        "fs_read" => (
+            "Read a file of the workspace.",
+            json!({
+                "type": "object",
+                "properties": {"path": path("the file's path, relative to the workspace")},
+                "required": ["path"],
+                "additionalProperties": false,
+            }),
+        ),
+        "fs_list" => (
+            "List a directory of the workspace.",
+            json!({
+                "type": "object",
+                "properties": {"path": path("the directory's path, relative to the workspace; . for its root")},
+                "required": ["path"],
+                "additionalProperties": false,
+            }),
+        ),
+        "fs_write" => (
+            "Write a file of the workspace (created or replaced whole).",
+            json!({
+                "type": "object",
+                "properties": {
+                    "path": path("the file's path, relative to the workspace"),
+                    "content": {"type": "string", "description": "the file's whole new content"},
+                },
+                "required": ["path", "content"],
+                "additionalProperties": false,
+            }),
+        ),
+        "fs_delete" => (
+            "Delete a file of the workspace.",
+            json!({
+                "type": "object",
+                "properties": {"path": path("the file's path, relative to the workspace")},
+                "required": ["path"],
+                "additionalProperties": false,
+            }),
+        ),
+        _ => (
+            "Make an HTTP request.",
+            json!({
+                "type": "object",
+                "properties": {
+                    "url": {"type": "string", "description": "the absolute http or https URL"},
+                    "method": {
+                        "type": "string",
+                        "enum": ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                        "description": "the method (GET when not given)",
+                    },
+                    "body": {"type": "string", "description": "the request body, if any"},
+                },
+                "required": ["url"],
+                "additionalProperties": false,
+            }),
+        ),
+    }
+}
+
+/// A function name providers accept: `[A-Za-z0-9_-]`, at most [`MAX_FUNCTION_NAME`] characters.
+pub fn sanitize_function_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(MAX_FUNCTION_NAME)
+        .collect()
+}
+
+/// The functions offered to the model, fixed at the first proposal.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Toolbox {
+    /// The OpenAI `tools` array, sorted by function name.
+    pub tools: Vec<Value>,
+    /// Function name → what it stands for.
+    pub bindings: BTreeMap<String, ToolBinding>,
+}
+
+impl Toolbox {
+    /// The functions for `view`: the built-in capabilities it lists, then its MCP tools.
+    pub fn for_view(view: &AgentView) -> Toolbox {
+        let mut entries: Vec<(String, String, Value, ToolBinding)> = Vec::new();
+        for b in &BUILTINS {
+            if view.capabilities.iter().any(|(c, _)| c == b.capability) {
+                let (description, schema) = builtin_spec(b.function);
+                entries.push((
+                    b.function.to_string(),
+                    description.to_string(),
+                    schema,
+                    ToolBinding::Builtin {
+                        capability: b.capability,
+                        target_arg: b.target_arg,
+                    },
+                ));
+            }
+        }
+        let mut offers: Vec<_> = view.tools.iter().collect();
+        offers.sort_by(|a, b| a.target.cmp(&b.target));
+        offers.dedup_by(|a, b| a.target == b.target);
+        let mut used: BTreeSet<String> = entries.iter().map(|e| e.0.clone()).collect();
+        for o in offers {
+            let (server, tool) = o.target.split_once('/').unwrap_or(("", o.target.as_str()));
+            let base = sanitize_function_name(&format!("mcp__{server}__{tool}"));
+            let mut name = base.clone();
+            let mut n = 2u64;
+            while used.contains(&name) {
+                let suffix = format!("_{n}");
+                let keep = MAX_FUNCTION_NAME - suffix.len();
+                name = format!("{}{suffix}", base.chars().take(keep).collect::<String>());
+                n += 1;
+            }
+            used.insert(name.clone());
+            let schema = match &o.input_schema {
+                Value::Object(m) if m.get("type").is_none_or(|t| t == "object") => {
+                    let mut m = m.clone();
+                    m.insert("type".into(), json!("object"));
+                    Value::Object(m)
+                }
+                _ => json!({"type": "object", "properties": {}}),
+            };
+            let description = if o.description.trim().is_empty() {
+                format!("MCP tool {} (effect class {})", o.target, o.effect)
+            } else {
+                format!(
+                    "{} (MCP tool {}; effect class {})",
+                    o.description.trim(),
+                    o.target,
+                    o.effect
+                )
+            };
+            entries.push((
+                name,
+                description,
+                schema,
+                ToolBinding::Mcp {
+                    target: o.target.clone(),
+                },
+            ));
+        }
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut toolbox = Toolbox::default();
+        for (name, description, schema, binding) in entries {
+            toolbox.tools.push(json!({
+                "type": "function",
+                "function": {"name": name, "description": description, "parameters": schema},
+            }));
+            toolbox.bindings.insert(name, binding);
+        }
+        toolbox
+    }
+
+    /// The capability request a call of `function` with `arguments` (the model's JSON text, or
+    /// an object) stands for, or why it cannot be made.
+    pub fn proposal(
+        &self,
+        function: &str,
+        arguments: &Value,
+        intent: &str,
+    ) -> Result<CapabilityProposal, String> {
+        let Some(binding) = self.bindings.get(function) else {
+            let offered: Vec<&str> = self.bindings.keys().map(String::as_str).collect();
+            return Err(format!(
+                "no function {:?} is offered; the functions are: {}",
+                cut(function, 100),
+                offered.join(", ")
+            ));
+        };
+        let mut args = match arguments {
+            Value::String(s) if s.trim().is_empty() => Map::new(),
+            Value::String(s) => match serde_json::from_str::<Value>(s) {
+                Ok(Value::Object(m)) => m,
+                Ok(_) => return Err("the arguments must be a JSON object".into()),
+                Err(e) => return Err(format!("the arguments are not valid JSON ({e})")),
+            },
+            Value::Object(m) => m.clone(),
+            Value::Null => Map::new(),
+            _ => return Err("the arguments must be a JSON object".into()),
+        };
+        let (capability, target) = match binding {
+            ToolBinding::Mcp { target } => {
+                return Ok(CapabilityProposal {
+                    capability: "mcp.call".into(),
+                    target: target.clone(),
+                    arguments: Value::Object(args),
+                    intent: intent.to_string(),
+                });
+            }
+            ToolBinding::Builtin {
+                capability,
+                target_arg,
+            } => {
+                let target = match args.remove(*target_arg) {
+                    Some(Value::String(s)) if !s.is_empty() => s,
+                    None if *capability == "fs.list" => ".".to_string(),
+                    Some(Value::String(_)) if *capability == "fs.list" => ".".to_string(),
+                    _ => {
+                        return Err(format!("`{target_arg}` is required and must be a string"));
+                    }
+                };
+                (*capability, target)
+            }
+        };
+        let strings: &[&str] = match capability {
+            "fs.write" => &["content"],
+            "http.request" => &["method", "body"],
+            _ => &[],
+        };
+        for key in strings {
+            if args.get(*key).is_some_and(|v| !v.is_string()) {
+                return Err(format!("`{key}` must be a string"));
+            }
+        }
+        if capability == "fs.write" && !args.contains_key("content") {
+            return Err("`content` is required and must be a string".into());
+        }
+        Ok(CapabilityProposal {
+            capability: capability.to_string(),
+            target,
+            arguments: Value::Object(args),
+            intent: intent.to_string(),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The driver.
+
+/// Cut `s` to at most `max` characters, marking the cut with `…`.
+fn cut(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_string(),
+        Some((i, _)) => format!("{}…", &s[..i]),
+    }
+}
+
+/// Compact JSON text in RFC 8785 order, whatever the map's order: what the model is shown of a
+/// value never depends on how it was parsed (live or from the log).
+fn compact(v: &Value) -> String {
+    let mut out = Vec::with_capacity(256);
+    ice_kernel::canonical::write_value(v, &mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The reply as recordable JSON: numbers outside what the log carries exactly become strings,
+/// and structure nested deeper than [`MAX_REPLY_DEPTH`] becomes its JSON text. Idempotent, so a
+/// recorded reply replays to the same value.
+fn recordable(v: Value, depth: usize) -> Value {
+    match v {
+        Value::Number(n) => {
+            let exact = match (n.as_i64(), n.as_u64(), n.as_f64()) {
+                (Some(i), _, _) => i.unsigned_abs() <= MAX_SAFE_INTEGER,
+                (None, Some(u), _) => u <= MAX_SAFE_INTEGER,
+                (None, None, Some(f)) => !(f.abs() > MAX_SAFE_INTEGER as f64 && f.abs() < 1e21),
+                _ => false,
+            };
+            if exact {
+                Value::Number(n)
+            } else {
+                Value::String(n.to_string())
+            }
+        }
+        v @ (Value::Array(_) | Value::Object(_)) if depth >= MAX_REPLY_DEPTH => {
+            Value::String(compact(&v))
+        }
+        Value::Array(a) => Value::Array(a.into_iter().map(|x| recordable(x, depth + 1)).collect()),
+        Value::Object(m) => Value::Object(
+            m.into_iter()
+                .map(|(k, x)| (k, recordable(x, depth + 1)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+/// What the last reply asked of the driver.
+#[derive(Clone, Debug, PartialEq)]
+enum Next {
+    /// Call the model (again).
+    Infer,
+    /// The model gave its final answer.
+    Finish(String),
+    /// The model refused.
+    Refused(String),
+}
+
+/// A tool call waiting to be proposed.
+#[derive(Clone, Debug, PartialEq)]
+struct Queued {
+    call_id: String,
+    proposal: CapabilityProposal,
+}
+
+/// The LLM agent: the conversation, the offered functions and the loop's counters.
+pub struct LlmAgent {
+    id: String,
+    config: LlmConfig,
+    model: Box<dyn Model>,
+    toolbox: Option<Toolbox>,
+    messages: Vec<Value>,
+    queue: VecDeque<Queued>,
+    awaiting: Option<String>,
+    next: Next,
+    calls: u64,
+    errors: u64,
+    last_error: Option<String>,
+}
+
+impl fmt::Debug for LlmAgent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LlmAgent")
+            .field("id", &self.id)
+            .field("model", &self.config.model)
+            .field("messages", &self.messages.len())
+            .field("calls", &self.calls)
+            .field("errors", &self.errors)
+            .finish()
+    }
+}
+
+impl LlmAgent {
+    /// An agent `id` that follows `config`, asking `model`.
+    pub fn new(id: impl Into<String>, config: LlmConfig, model: Box<dyn Model>) -> LlmAgent {
+        LlmAgent {
+            id: id.into(),
+            config,
+            model,
+            toolbox: None,
+            messages: Vec::new(),
+            queue: VecDeque::new(),
+            awaiting: None,
+            next: Next::Infer,
+            calls: 0,
+            errors: 0,
+            last_error: None,
+        }
+    }
+
+    /// An agent that asks the endpoint of `config` over HTTP ([`HttpModel`]).
+    pub fn http(id: impl Into<String>, config: LlmConfig) -> Result<LlmAgent, String> {
+        let model = HttpModel::new(&config)?;
+        Ok(LlmAgent::new(id, config, Box::new(model)))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LlmConfig {
+        &self.config
+    }
+
+    /// The conversation so far (system, user, then assistant and tool messages).
+    pub fn messages(&self) -> &[Value] {
+        &self.messages
+    }
+
+    /// The functions offered, once the first proposal fixed them.
+    pub fn toolbox(&self) -> Option<&Toolbox> {
+        self.toolbox.as_ref()
+    }
+
+    /// How many times the model was called.
+    pub fn model_calls(&self) -> u64 {
+        self.calls
+    }
+
+    /// Where a replay departed from its recording (see [`RecordedModel`]).
+    pub fn divergences(&self) -> &[String] {
+        self.model.divergences()
+    }
+
+    /// The next request, exactly as it will be sent.
+    pub fn request(&self) -> Value {
+        let mut r = Map::new();
+        r.insert("model".into(), json!(self.config.model));
+        r.insert("messages".into(), Value::Array(self.messages.clone()));
+        if let Some(tb) = &self.toolbox
+            && !tb.tools.is_empty()
+        {
+            r.insert("tools".into(), Value::Array(tb.tools.clone()));
+            r.insert("tool_choice".into(), json!("auto"));
+        }
+        r.insert("max_tokens".into(), json!(self.config.max_tokens));
+        if let Some(t) = self.config.temperature {
+            r.insert("temperature".into(), json!(t));
+        }
+        Value::Object(r)
+    }
+
+    fn start(&mut self, view: &AgentView) {
+        if self.toolbox.is_some() {
+            return;
+        }
+        self.toolbox = Some(Toolbox::for_view(view));
+        let mut system = PREAMBLE.to_string();
+        if let Some(extra) = &self.config.system
+            && !extra.trim().is_empty()
+        {
+            system.push_str("\n\n");
+            system.push_str(extra.trim());
+        }
+        if !view.memories.is_empty() {
+            system.push_str("\n\nMemories mounted into this run (id, kind, confidence):");
+            for m in &view.memories {
+                let content = match &m.content {
+                    Value::String(s) => s.clone(),
+                    other => compact(other),
+                };
+                system.push_str(&format!(
+                    "\n- [{}] ({}, confidence {}): {}",
+                    m.id, m.kind, m.confidence, content
+                ));
+            }
+        }
+        self.messages
+            .push(json!({"role": "system", "content": system}));
+        self.messages
+            .push(json!({"role": "user", "content": self.config.task}));
+    }
+
+    fn answer(&mut self, call_id: &str, content: String) {
+        self.messages.push(json!({
+            "role": "tool",
+            "tool_call_id": call_id,
+            "content": content,
+        }));
+    }
+
+    fn outcome_text(outcome: &Outcome) -> String {
+        let text = match outcome {
+            Outcome::Done { output, .. } => compact(output),
+            Outcome::Denied { reason, detail, .. } => format!("DENIED ({reason}): {detail}"),
+        };
+        if text.len() <= MAX_TOOL_RESULT_BYTES {
+            return text;
+        }
+        let mut end = MAX_TOOL_RESULT_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!(
+            "{}… [cut: {} more bytes not shown]",
+            &text[..end],
+            text.len() - end
+        )
+    }
+
+    fn failed(&mut self, kind: &str, detail: &str) {
+        self.errors += 1;
+        self.last_error = Some(format!("{kind}: {}", cut(detail, 300)));
+        self.next = Next::Infer;
+    }
+
+    /// Judge a 2xx JSON reply; fills in the payload and returns the intent.
+    fn judge(&mut self, body: &Value, payload: &mut Payload, n: u64) -> String {
+        let max = self.config.max_steps;
+        let choice = body.get("choices").and_then(|c| c.get(0));
+        let finish_reason = choice
+            .and_then(|c| c.get("finish_reason"))
+            .cloned()
+            .unwrap_or(Value::Null);
+        payload.insert("finish_reason".into(), finish_reason.clone());
+        let finish_reason = finish_reason.as_str().unwrap_or("");
+        let Some(message) = choice
+            .and_then(|c| c.get("message"))
+            .and_then(Value::as_object)
+        else {
+            let detail = match body.get("error") {
+                Some(e) => format!(
+                    "the reply has no choices[0].message; it says: {}",
+                    cut(&compact(e), 500)
+                ),
+                None => "the reply has no choices[0].message".to_string(),
+            };
+            payload.insert(
+                "error".into(),
+                json!({"kind": "malformed_reply", "detail": detail}),
+            );
+            self.failed("malformed_reply", &detail);
+            return format!("model call {n}/{max}: malformed reply");
+        };
+        let content = match message.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            _ => String::new(),
+        };
+        let refusal = match message.get("refusal") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(other) => Some(compact(other)),
+        };
+        if refusal.is_some() || finish_reason == "content_filter" {
+            let why = refusal.unwrap_or_else(|| {
+                if content.trim().is_empty() {
+                    "the provider's content filter stopped the reply".to_string()
+                } else {
+                    content.clone()
+                }
+            });
+            payload.insert("error".into(), json!({"kind": "refusal", "detail": why}));
+            self.next = Next::Refused(cut(&why, 1000));
+            return format!("model call {n}/{max}: the model refused");
+        }
+        let calls: Vec<Value> = match message.get("tool_calls") {
+            Some(Value::Array(a)) => a.clone(),
+            _ => Vec::new(),
+        };
+        let mut assistant = Map::new();
+        assistant.insert("role".into(), json!("assistant"));
+        if calls.is_empty() {
+            if finish_reason == "tool_calls" {
+                let detail = "finish_reason is tool_calls but the message has no tool calls";
+                payload.insert(
+                    "error".into(),
+                    json!({"kind": "malformed_reply", "detail": detail}),
+                );
+                self.failed("malformed_reply", detail);
+                return format!("model call {n}/{max}: malformed reply");
+            }
+            assistant.insert("content".into(), json!(content));
+            self.messages.push(Value::Object(assistant));
+            if finish_reason == "length" {
+                let detail = format!(
+                    "the reply was cut at max_tokens ({}) without a tool call",
+                    self.config.max_tokens
+                );
+                payload.insert(
+                    "error".into(),
+                    json!({"kind": "truncated", "detail": detail}),
+                );
+                self.messages.push(json!({
+                    "role": "user",
+                    "content": format!(
+                        "Your reply was cut off at max_tokens ({}). Be shorter: call one tool, \
+                         or give your final answer briefly.",
+                        self.config.max_tokens
+                    ),
+                }));
+                self.failed("truncated", &detail);
+                return format!("model call {n}/{max}: reply cut at max_tokens");
+            }
+            self.errors = 0;
+            self.next = Next::Finish(content);
+            return format!("model call {n}/{max}: final answer");
+        }
+        // Tool calls: map each, answer the unusable ones at once, queue the rest.
+        let intent = if content.trim().is_empty() {
+            None
+        } else {
+            Some(cut(content.trim(), MAX_INTENT_CHARS))
+        };
+        let toolbox = self.toolbox.clone().unwrap_or_default();
+        let mut seen = BTreeSet::new();
+        let mut echoed = Vec::with_capacity(calls.len());
+        let mut queued = Vec::new();
+        let mut rejected = Vec::new();
+        for (i, call) in calls.into_iter().enumerate() {
+            let mut call = match call {
+                Value::Object(m) => m,
+                other => {
+                    let mut m = Map::new();
+                    m.insert("unexpected".into(), other);
+                    m
+                }
+            };
+            let id = match call.get("id").and_then(Value::as_str) {
+                Some(id) if !id.is_empty() && !seen.contains(id) => id.to_string(),
+                _ => {
+                    let id = format!("call_{n}_{}", i + 1);
+                    call.insert("id".into(), json!(id));
+                    id
+                }
+            };
+            seen.insert(id.clone());
+            let function = call.get("function");
+            let name = function
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let arguments = function
+                .and_then(|f| f.get("arguments"))
+                .cloned()
+                .unwrap_or(Value::Null);
+            let intent = intent.clone().unwrap_or_else(|| {
+                format!("model {} called {}", self.config.model, cut(&name, 100))
+            });
+            match toolbox.proposal(&name, &arguments, &intent) {
+                Ok(proposal) => queued.push(Queued {
+                    call_id: id.clone(),
+                    proposal,
+                }),
+                Err(problem) => rejected.push((id.clone(), name, problem)),
+            }
+            echoed.push(Value::Object(call));
+        }
+        assistant.insert(
+            "content".into(),
+            message.get("content").cloned().unwrap_or(Value::Null),
+        );
+        assistant.insert("tool_calls".into(), Value::Array(echoed));
+        self.messages.push(Value::Object(assistant));
+        for (id, _, problem) in &rejected {
+            self.answer(
+                id,
+                format!("ERROR: this call was not made: {problem}. Correct it and call again."),
+            );
+        }
+        let usable = queued.len();
+        self.queue.extend(queued);
+        self.next = Next::Infer;
+        if !rejected.is_empty() {
+            payload.insert(
+                "rejected_tool_calls".into(),
+                Value::Array(
+                    rejected
+                        .iter()
+                        .map(|(id, name, problem)| {
+                            json!({"id": id, "function": cut(name, 100), "problem": problem})
+                        })
+                        .collect(),
+                ),
+            );
+        }
+        if usable == 0 && finish_reason == "length" {
+            let detail = format!(
+                "the reply was cut at max_tokens ({}) with no usable tool call",
+                self.config.max_tokens
+            );
+            payload.insert(
+                "error".into(),
+                json!({"kind": "truncated", "detail": detail}),
+            );
+            self.messages.push(json!({
+                "role": "user",
+                "content": format!(
+                    "Your reply was cut off at max_tokens ({}), so its tool calls could not be \
+                     read. Make smaller calls.",
+                    self.config.max_tokens
+                ),
+            }));
+            self.failed("truncated", &detail);
+            return format!("model call {n}/{max}: reply cut at max_tokens");
+        }
+        if !rejected.is_empty() {
+            let detail = format!(
+                "{} of {} tool calls rejected: {}",
+                rejected.len(),
+                rejected.len() + usable,
+                cut(&rejected[0].2, 300)
+            );
+            payload.insert(
+                "error".into(),
+                json!({"kind": "rejected_tool_calls", "detail": detail}),
+            );
+            self.failed("rejected_tool_calls", &detail);
+            return format!(
+                "model call {n}/{max}: {usable} tool call(s), {} rejected",
+                rejected.len()
+            );
+        }
+        self.errors = 0;
+        format!("model call {n}/{max}: {usable} tool call(s)")
+    }
+}
+
+impl Agent for LlmAgent {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn propose(&mut self, view: &AgentView) -> Result<Proposal, AgentError> {
+        self.start(view);
+        if let Some(call_id) = self.awaiting.take() {
+            let text = match &view.last {
+                Some(outcome) => LlmAgent::outcome_text(outcome),
+                None => "ERROR: no outcome was reported for this call".to_string(),
+            };
+            self.answer(&call_id, text);
+        }
+        if let Some(q) = self.queue.pop_front() {
+            self.awaiting = Some(q.call_id);
+            return Ok(Proposal::Request(q.proposal));
+        }
+        match &self.next {
+            Next::Finish(summary) => {
+                return Ok(Proposal::Finish {
+                    summary: summary.clone(),
+                });
+            }
+            Next::Refused(why) => return Err(AgentError(format!("the model refused: {why}"))),
+            Next::Infer => {}
+        }
+        if self.calls >= self.config.max_steps {
+            return Err(AgentError(format!(
+                "loop limit: the model was called {} times (max_steps = {}) without giving a \
+                 final answer",
+                self.calls, self.config.max_steps
+            )));
+        }
+        if self.errors >= self.config.max_errors {
+            return Err(AgentError(format!(
+                "the model failed {} times in a row (max_errors = {}); the last error: {}",
+                self.errors,
+                self.config.max_errors,
+                self.last_error.as_deref().unwrap_or("unknown")
+            )));
+        }
+        let bytes = serde_json::to_vec(&self.request()).map_or(0, |b| b.len() as u64);
+        Ok(Proposal::Infer {
+            reserve: Cost {
+                tokens_in: bytes.div_ceil(3),
+                tokens_out: self.config.max_tokens,
+                ..Cost::default()
+            },
+        })
+    }
+
+    fn infer(&mut self, view: &AgentView) -> Result<Inference, AgentError> {
+        self.start(view);
+        let request = self.request();
+        let digest = request_digest(&request);
+        self.calls += 1;
+        let n = self.calls;
+        let max = self.config.max_steps;
+        let reply = self.model.complete(&request);
+        let mut payload = Payload::new();
+        payload.insert("model".into(), json!(self.config.model));
+        let mut parameters = Map::new();
+        parameters.insert("max_tokens".into(), json!(self.config.max_tokens));
+        parameters.insert(
+            "temperature".into(),
+            self.config.temperature.map_or(Value::Null, |t| json!(t)),
+        );
+        if request.get("tool_choice").is_some() {
+            parameters.insert("tool_choice".into(), json!("auto"));
+        }
+        payload.insert("parameters".into(), Value::Object(parameters));
+        payload.insert("request_digest".into(), json!(digest));
+        payload.insert("messages".into(), json!(self.messages.len()));
+        let mut usage = Cost::default();
+        let intent = match reply {
+            ModelReply::Failed(f) => {
+                payload.insert("latency_ms".into(), json!(f.latency_ms));
+                let mut error = Map::new();
+                error.insert("kind".into(), json!(f.kind.as_str()));
+                error.insert("detail".into(), json!(f.detail));
+                if let Some(s) = f.status {
+                    error.insert("status".into(), json!(s));
+                }
+                payload.insert("error".into(), Value::Object(error));
+                payload.insert("finish_reason".into(), Value::Null);
+                payload.insert(
+                    "usage".into(),
+                    json!({"prompt_tokens": null, "completion_tokens": null}),
+                );
+                self.failed(f.kind.as_str(), &f.detail);
+                format!("model call {n}/{max} failed: {}", f.kind)
+            }
+            ModelReply::Ok {
+                status,
+                body,
+                latency_ms,
+            } => {
+                let body = recordable(body, 1);
+                payload.insert("status".into(), json!(status));
+                payload.insert("latency_ms".into(), json!(latency_ms));
+                let reported = |name: &str| {
+                    body.get("usage")
+                        .and_then(|u| u.get(name))
+                        .filter(|v| v.is_u64())
+                        .cloned()
+                        .unwrap_or(Value::Null)
+                };
+                let (prompt, completion) =
+                    (reported("prompt_tokens"), reported("completion_tokens"));
+                usage.tokens_in = prompt.as_u64().unwrap_or(0).min(MAX_SAFE_INTEGER);
+                usage.tokens_out = completion.as_u64().unwrap_or(0).min(MAX_SAFE_INTEGER);
+                payload.insert(
+                    "usage".into(),
+                    json!({"prompt_tokens": prompt, "completion_tokens": completion}),
+                );
+                let intent = self.judge(&body, &mut payload, n);
+                payload.insert("reply".into(), body);
+                intent
+            }
+        };
+        Ok(Inference {
+            intent,
+            payload,
+            usage,
+        })
+    }
+}
