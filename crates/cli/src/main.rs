@@ -4,6 +4,7 @@
 //! 3 a run ended aborted or failed validation; 4 a run is suspended or waiting for an operator;
 //! 5 `verify` or `verify-proof` found the log or a proof invalid.
 
+mod agents;
 mod audit;
 mod bench;
 mod bench_backends;
@@ -11,7 +12,9 @@ mod bench_mcp;
 mod gateway;
 mod home;
 mod inspect;
+mod memory;
 mod policy;
+mod replay;
 mod run;
 
 use std::path::PathBuf;
@@ -85,11 +88,18 @@ enum Command {
     Reconfigure(run::ReconfigureArgs),
     /// Kill a run (as operator:NAME): it is aborted, and nothing staged is applied.
     Kill(run::KillArgs),
+    /// Governed memory: list, show, promote a DOMAIN event of a committed run, and invalidate
+    /// (with every memory derived from it), supersede or deprecate a memory.
+    Memory(memory::MemoryArgs),
     /// Serve MCP over stdio to one agent: the session is a run of the spec; every tools/call
     /// is governed and recorded; the run commits when the session ends.
     Mcp(gateway::McpArgs),
     /// Serve MCP over streamable HTTP at /mcp, several sessions at once, each its own run.
     Serve(gateway::ServeArgs),
+    /// Rebuild a run from the log alone (no network, no model) and report any divergence from
+    /// what it recorded; --drive also re-drives its agent from the record and re-makes the
+    /// runtime's decisions. Exit 5 if anything diverges.
+    Replay(replay::ReplayArgs),
     /// Measure ICE against baselines measured in the same run.
     Bench(bench::BenchArgs),
 }
@@ -135,8 +145,10 @@ fn main() -> ExitCode {
             Command::Deny(a) => run::answer(&home, log_url, a, false).await,
             Command::Reconfigure(a) => run::reconfigure(&home, log_url, a).await,
             Command::Kill(a) => run::kill(&home, log_url, a).await,
+            Command::Memory(a) => memory::run(&home, log_url, a).await,
             Command::Mcp(a) => gateway::mcp(&home, log_url, a).await,
             Command::Serve(a) => gateway::serve(&home, log_url, a).await,
+            Command::Replay(a) => replay::replay(&home, log_url, a).await,
             Command::Bench(a) => bench::run(a).await,
         }
     });

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
-use ice_intelligence::{Plan, PlanAgent};
 use ice_kernel::{Event, EventId, EventType, Origin, RunId};
 use ice_log::clock::SystemClock;
 use ice_log::ledger::Ledger;
@@ -322,31 +321,10 @@ pub(crate) fn write_report(out: &mut dyn Write, r: &RunReport, json_out: bool) -
     code
 }
 
-fn load_agent(spec: &RunSpec) -> Result<PlanAgent> {
-    let Some(plan_file) = &spec.plan else {
-        return Err(anyhow!(
-            "{}: [agent] driver {:?} has no plan to run here; an external agent connects through the MCP gateway (ice mcp --run-spec FILE, or ice serve)",
-            spec.file.display(),
-            spec.driver
-        ));
-    };
-    let plan = Plan::load(plan_file).map_err(|e| anyhow!("{e}"))?;
-    if let Some(a) = &plan.agent
-        && a != &spec.agent
-    {
-        return Err(anyhow!(
-            "{}: the plan is for agent {a:?} but the run spec names {:?}",
-            plan_file.display(),
-            spec.agent
-        ));
-    }
-    Ok(PlanAgent::new(spec.agent.clone(), plan))
-}
-
 pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
     // Everything that can be wrong with the input is found before anything is recorded.
     let spec = RunSpec::load(&a.spec).map_err(|e| anyhow!("{e}"))?;
-    let mut agent = load_agent(&spec)?;
+    let mut agent = crate::agents::load_agent(&spec)?;
     let (h, rt) = runtime(home, url).await?;
     let progress = Progress {
         on: a.verbose || std::io::stderr().is_terminal(),
@@ -361,7 +339,7 @@ pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
             r.detail
         );
     }
-    let report = rt.start(spec, &mut agent, &progress).await?;
+    let report = rt.start(spec, agent.as_mut(), &progress).await?;
     let code = print_report(&report, a.json);
     seal_with_checkpoint(&h, &rt, a.json).await?;
     Ok(code)
@@ -416,11 +394,11 @@ pub async fn reconfigure(home: &Path, url: Option<&str>, a: ReconfigureArgs) -> 
         .spec
         .clone()
         .ok_or_else(|| anyhow!("run {run} has no recorded spec"))?;
-    let mut agent = load_agent(&spec)?;
+    let mut agent = crate::agents::load_agent(&spec)?;
     let progress = Progress {
         on: a.verbose || std::io::stderr().is_terminal(),
     };
-    let report = rt.resume(&run, &mut agent, &progress).await?;
+    let report = rt.resume(&run, agent.as_mut(), &progress).await?;
     let code = print_report(&report, false);
     seal_with_checkpoint(&h, &rt, false).await?;
     Ok(code)

@@ -273,6 +273,17 @@ fn two_nodes_share_one_log(url: &str) {
     }
     let runs = nodes[0].json(&["runs", "--json"]);
     assert!(runs.as_array().unwrap().len() >= 2, "{runs:#}");
+    // Any node replays any run, whichever node wrote it, from the shared log alone.
+    for r in runs.as_array().unwrap() {
+        let id = r["run_id"].as_str().unwrap();
+        for n in &nodes {
+            let o = n.ice(&["replay", id, "--json"]);
+            assert!(o.status.success(), "replay {id}: {}", text(&o));
+            let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+            assert_eq!(v["divergences"], json!([]), "{v:#}");
+            assert!(v["events"].as_u64().unwrap() > 0);
+        }
+    }
 }
 
 /// Every event hash, in log order, of the log at `url`.

@@ -61,11 +61,36 @@ pub struct Performed {
 }
 
 /// Resolve the agent's target for its capability into a checked resource.
+/// Where a tool's server-side hint comes from: the running servers, or (in a replay) what
+/// `CapabilitiesBound` recorded of them.
+pub trait ToolLookup {
+    /// The tool's hint, or why it cannot be called.
+    fn hint(&self, server: &str, tool: &str) -> Result<Option<EffectClass>, (DenialCode, String)>;
+}
+
+impl ToolLookup for Option<&ToolServers> {
+    fn hint(&self, server: &str, tool: &str) -> Result<Option<EffectClass>, (DenialCode, String)> {
+        let Some(tools) = self else {
+            return Err((
+                DenialCode::EffectFailed,
+                format!("tool server {server:?} is not running for this run"),
+            ));
+        };
+        match tools.tool(server, tool) {
+            Some(found) => Ok(found.hint),
+            None => Err((
+                DenialCode::InvalidTarget,
+                format!("tool server {server:?} has no tool {tool:?}"),
+            )),
+        }
+    }
+}
+
 pub fn resolve_target(
     registry: &Registry,
     r: &CapabilityProposal,
     servers: &[ToolServerSpec],
-    tools: Option<&ToolServers>,
+    tools: &dyn ToolLookup,
 ) -> Result<(Resource, EffectClass, Target), (DenialCode, String)> {
     let Some(cap) = registry.get(&r.capability) else {
         return Err((
@@ -124,23 +149,12 @@ pub fn resolve_target(
                     format!("no tool server {server:?} is configured for this run"),
                 ));
             };
-            let Some(tools) = tools else {
-                return Err((
-                    DenialCode::EffectFailed,
-                    format!("tool server {server:?} is not running for this run"),
-                ));
-            };
-            let Some(found) = tools.tool(server, tool) else {
-                return Err((
-                    DenialCode::InvalidTarget,
-                    format!("tool server {server:?} has no tool {tool:?}"),
-                ));
-            };
+            let hint = tools.hint(server, tool)?;
             let target = Target::Tool {
                 server: server.to_string(),
                 tool: tool.to_string(),
                 assigned: spec.class_of(tool),
-                hint: found.hint,
+                hint,
             };
             (res, target)
         }

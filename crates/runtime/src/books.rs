@@ -144,6 +144,11 @@ impl Books {
             return Ok(());
         };
         match t {
+            EventType::RunProvisioned
+                if e.payload.get("kind").and_then(Value::as_str) == Some("memory") =>
+            {
+                // A memory maintenance run (see `crate::memory`): no agent, no spec, no budget.
+            }
             EventType::RunProvisioned => {
                 let spec: RunSpec =
                     serde_json::from_value(e.payload.get("spec").cloned().unwrap_or(Value::Null))
@@ -153,7 +158,10 @@ impl Books {
             }
             EventType::ContextResolved => {
                 self.assumptions = serde_json::from_value(
-                    e.payload.get("assumptions").cloned().unwrap_or(Value::Null),
+                    e.payload
+                        .get("assumptions")
+                        .cloned()
+                        .unwrap_or(Value::Array(Vec::new())),
                 )
                 .map_err(|err| fail(format!("ContextResolved assumptions: {err}")))?;
                 self.policy_version = policy_version(e.payload.get("policy_version"))
@@ -264,6 +272,66 @@ impl Books {
             b.apply(e)?;
         }
         Ok(b)
+    }
+
+    /// What the books hold, as plain data: the run's projection as `ice replay` compares it.
+    /// The runtime records it in `RunTerminated` (the books as of the events before the
+    /// teardown), so a replay that folds the log to something else is reported, naming the
+    /// fields that differ.
+    pub fn projection(&self) -> Value {
+        let cost = |c: ice_kernel::Cost| serde_json::to_value(c).unwrap_or(Value::Null);
+        let grants: Vec<Value> = self
+            .grants
+            .iter()
+            .map(|g| {
+                let status = match &g.status {
+                    ice_authority::GrantStatus::Live => "live",
+                    ice_authority::GrantStatus::Revoked { .. } => "revoked",
+                    ice_authority::GrantStatus::Expired { .. } => "expired",
+                };
+                serde_json::json!({
+                    "id": g.id.to_string(),
+                    "capability": g.capability,
+                    "resource": g.resource.entity_id(),
+                    "effect": g.effect.as_str(),
+                    "uses": g.uses,
+                    "status": status,
+                })
+            })
+            .collect();
+        let approvals: Vec<Value> = self
+            .approvals
+            .iter()
+            .map(|a| {
+                let status = match &a.status {
+                    ice_authority::ApprovalStatus::Pending => "pending",
+                    ice_authority::ApprovalStatus::Granted { .. } => "granted",
+                    ice_authority::ApprovalStatus::Mismatch { .. } => "mismatch",
+                    ice_authority::ApprovalStatus::Denied { .. } => "denied",
+                    ice_authority::ApprovalStatus::Used { .. } => "used",
+                };
+                serde_json::json!({"id": a.id.to_string(), "status": status})
+            })
+            .collect();
+        let staged: BTreeMap<String, Value> = self
+            .staged_view()
+            .into_iter()
+            .map(|(p, op)| (p, serde_json::json!(op.after.map(|d| d.to_hex()))))
+            .collect();
+        serde_json::json!({
+            "state": self.state().to_string(),
+            "events": self.next_seq(),
+            "proposals": self.proposals,
+            "denials": self.denials,
+            "reservations": self.reservations,
+            "spent": cost(self.budget.spent()),
+            "outstanding": cost(self.budget.outstanding()),
+            "grants": grants,
+            "approvals": approvals,
+            "staged": staged,
+            "applied": self.applied,
+            "policy_version": self.policy_version.map(|v| v.to_hex()),
+        })
     }
 
     /// The staged view: each path's last op.

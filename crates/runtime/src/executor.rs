@@ -322,7 +322,7 @@ impl Ctx<'_> {
             &self.rt.registry,
             r,
             &live.spec.servers,
-            self.tools.as_deref(),
+            &self.tools.as_deref(),
         ) {
             Ok(t) => t,
             Err((code, detail)) => {
@@ -741,17 +741,17 @@ impl Ctx<'_> {
         // f. Record the effect and settle. A result the log cannot carry (a number JSON cannot
         //    hold exactly, a reserved key, too large) is withheld from the agent, and the record
         //    says why instead.
+        // What the agent is shown is recorded with the effect (I-002), so a replay gives the
+        // driver exactly what it saw without touching the world again.
         let performed = performed.map(|mut p| {
-            if p.event_type != EventType::ToolInvoked {
-                return p;
-            }
+            p.payload.insert("output".into(), p.output.clone());
             let probe = Draft::new(p.event_type.name(), Origin::Runtime)
                 .intent(intent.clone())
                 .authority(grant.to_string())
                 .payload(Value::Object(p.payload.clone()));
             if let Some(why) = self.unrecordable(live, &probe) {
                 let detail = format!("the result cannot be recorded, so it is withheld: {}", cut(&why, 400));
-                for k in ["result", "arguments"] {
+                for k in ["result", "arguments", "output"] {
                     if let Some(v) = p.payload.remove(k) {
                         let text = v.to_string();
                         p.payload.insert(
@@ -763,6 +763,7 @@ impl Ctx<'_> {
                 p.payload.insert("error".into(), json!({"kind": "unrecordable", "detail": detail}));
                 p.payload.insert("is_error".into(), Value::Bool(true));
                 p.output = act::tool_error_result(&detail);
+                p.payload.insert("output".into(), p.output.clone());
             }
             p
         });
@@ -860,6 +861,47 @@ enum ApprovalWait {
     Denied(String),
     TimedOut,
     Killed,
+}
+
+/// Whether the policy could permit `agent` to call an MCP tool now (a live grant covers it, or
+/// the policy does not deny every call to it): the tools an agent is offered. The live run and
+/// a replay decide this with the same function.
+pub(crate) fn tool_permitted(
+    registry: &ice_authority::Registry,
+    policy: &PolicySet,
+    books: &Books,
+    agent: &str,
+    (server, tool): (&str, &str),
+    (assigned, hint): (
+        ice_authority::EffectClass,
+        Option<ice_authority::EffectClass>,
+    ),
+    now: Timestamp,
+) -> bool {
+    let Ok(resource) = Resource::tool(server, tool) else {
+        return false;
+    };
+    if books
+        .grants
+        .find_covering("mcp.call", &resource, now)
+        .is_some()
+    {
+        return true;
+    }
+    let target = act::Target::Tool {
+        server: server.to_string(),
+        tool: tool.to_string(),
+        assigned,
+        hint,
+    };
+    let empty = json!({});
+    let builder = Request::builder(books.run(), agent, "mcp.call", resource)
+        .arguments(&empty)
+        .budget_left(books.budget.left());
+    match act::classed(builder, &target).build(registry) {
+        Ok(q) => policy.decide(&q).kind() != DecisionKind::Deny,
+        Err(_) => false,
+    }
 }
 
 /// Run an agent's (synchronous, maybe network-bound) code without stalling the async workers
@@ -1036,7 +1078,10 @@ impl Ctx<'_> {
             wall_time_us: wall,
             ..inference.usage
         };
-        let draft = inference.draft(agent_id).cost(usage).cause(reserved.clone());
+        let draft = inference
+            .draft(agent_id)
+            .cost(usage)
+            .cause(reserved.clone());
         if let Some(why) = self.unrecordable(live, &draft) {
             self.append(live, |_| vec![settle(usage)]).await?;
             return self
@@ -1070,31 +1115,16 @@ impl Ctx<'_> {
             let Some(server) = live.spec.servers.iter().find(|s| s.name == t.server) else {
                 continue;
             };
-            let Ok(resource) = Resource::tool(&t.server, &t.name) else {
-                continue;
-            };
             let (assigned, class) = act::tool_class(&self.rt.registry, server, &t);
-            let covered = live
-                .books
-                .grants
-                .find_covering("mcp.call", &resource, self.now())
-                .is_some();
-            let target = act::Target::Tool {
-                server: t.server.clone(),
-                tool: t.name.clone(),
-                assigned,
-                hint: t.hint,
-            };
-            let empty = json!({});
-            let builder = Request::builder(&self.run, agent, "mcp.call", resource.clone())
-                .arguments(&empty)
-                .budget_left(live.books.budget.left());
-            let builder = act::classed(builder, &target);
-            let permitted = covered
-                || match builder.build(&self.rt.registry) {
-                    Ok(q) => live.policy.decide(&q).kind() != DecisionKind::Deny,
-                    Err(_) => false,
-                };
+            let permitted = tool_permitted(
+                &self.rt.registry,
+                &live.policy,
+                &live.books,
+                agent,
+                (&t.server, &t.name),
+                (assigned, t.hint),
+                self.now(),
+            );
             if permitted {
                 out.push((t, class));
             }
@@ -1354,7 +1384,7 @@ impl Ctx<'_> {
         outcome: &str,
     ) -> Result<(), RuntimeError> {
         let released = json!({"stage": "released"});
-        let done = json!({"outcome": outcome});
+        let done = json!({"outcome": outcome, "projection": live.books.projection()});
         self.append(live, |_| {
             vec![
                 rt_draft(EventType::ResourcesReleased, released.clone()),
@@ -1503,6 +1533,8 @@ impl Ctx<'_> {
             v
         })
         .await?;
+        // Governed memory: the spec's promotion rules, after RunCommitted, before teardown.
+        crate::memory::promote_at_commit(self, live).await?;
         self.teardown(live, "committed").await?;
         Ok(())
     }

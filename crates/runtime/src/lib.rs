@@ -16,7 +16,9 @@ mod act;
 pub mod books;
 mod executor;
 pub mod lock;
+pub mod memory;
 pub mod operator;
+pub mod replay;
 pub mod spec;
 
 use std::path::PathBuf;

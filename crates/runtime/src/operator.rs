@@ -107,10 +107,29 @@ impl Runtime {
     }
 
     fn load_policy(&self, spec: &RunSpec) -> Result<(PolicySet, std::path::PathBuf), RuntimeError> {
+        self.load_policy_sources(spec)
+            .map(|(set, dir, _)| (set, dir))
+    }
+
+    /// The spec's policy, with the files it was built from (recorded at context time, so a
+    /// replay can re-decide the run's requests under exactly this policy).
+    fn load_policy_sources(
+        &self,
+        spec: &RunSpec,
+    ) -> Result<
+        (
+            PolicySet,
+            std::path::PathBuf,
+            Vec<ice_authority::PolicySource>,
+        ),
+        RuntimeError,
+    > {
         let dir = self.policy_dir(spec);
-        let set = PolicySet::load_dir(&dir, &self.schema)
-            .map_err(|e| RuntimeError::Policy(format!("{}: {e}", dir.display())))?;
-        Ok((set, dir))
+        let bad =
+            |e: ice_authority::LoadError| RuntimeError::Policy(format!("{}: {e}", dir.display()));
+        let sources = ice_authority::policy::read_policy_dir(&dir).map_err(bad)?;
+        let set = PolicySet::from_sources(&sources, &self.schema).map_err(bad)?;
+        Ok((set, dir, sources))
     }
 
     fn open_stage(
@@ -222,7 +241,7 @@ impl Runtime {
                 ),
             }));
         }
-        let (policy, policy_dir) = self.load_policy(&spec)?;
+        let (policy, policy_dir, policy_sources) = self.load_policy_sources(&spec)?;
         let mut assumptions = Vec::new();
         for a in &spec.assumptions {
             assumptions.push(match a {
@@ -279,6 +298,9 @@ impl Runtime {
         let stage = self.open_stage(&run, &spec, None)?;
         let policy_stamp = PolicyStamp::of(&policy_dir);
         let version = policy.version();
+        // Governed memory: the active, unexpired memories the spec mounts (the registry stays
+        // locked until `MemoryMounted` is recorded below).
+        let mounting = crate::memory::mount(self, &spec, &run).await?;
         let live = Live {
             books: Books::new(run.clone()),
             spec: spec.clone(),
@@ -290,7 +312,7 @@ impl Runtime {
             window_started: Instant::now(),
             last_poll: None,
             in_flight: 0,
-            memories: Vec::new(),
+            memories: mounting.memories.clone(),
         };
         let bound_tools = bound_tools(&self.registry, &spec, tools.as_deref());
         let ctx = Ctx {
@@ -319,6 +341,10 @@ impl Runtime {
                 "assumptions": serde_json::to_value(&assumptions).unwrap_or(Value::Null),
                 "policy_version": version.to_hex(),
                 "policy_dir": policy_dir.display().to_string(),
+                "policy_sources": policy_sources
+                    .iter()
+                    .map(|p| json!({"name": p.name, "text": p.text}))
+                    .collect::<Vec<_>>(),
                 "workspace": spec.workspace.display().to_string(),
             });
             ctx.append(live, |_| {
@@ -334,10 +360,9 @@ impl Runtime {
                         .payload(json!({"stage": dir.join("stage").display().to_string()})),
                     Draft::new(EventType::ContextResolved.name(), Origin::Runtime)
                         .payload(ctx_payload.clone()),
-                    // No memories are mounted yet (memory promotion is a later layer); the
-                    // phase is recorded all the same, with the empty list.
+                    // The memories mounted (ids, digests, kinds) and those skipped, with why.
                     Draft::new(EventType::MemoryMounted.name(), Origin::Runtime)
-                        .payload(json!({"memories": []})),
+                        .payload(mounting.payload.clone()),
                     Draft::new(EventType::CapabilitiesBound.name(), Origin::Runtime).payload(
                         json!({
                             "capabilities": caps,
@@ -384,6 +409,8 @@ impl Runtime {
             .spec
             .clone()
             .ok_or_else(|| RuntimeError::Invalid(format!("run {run} has no recorded spec")))?;
+        let recorded = crate::read_run(self.ledger.log().as_ref(), run).await?;
+        let memories = self.mounted_memories(&recorded).await?;
         let (policy, policy_dir) = self.load_policy(&spec)?;
         let stage = if books.state().is_non_terminal() {
             match self.open_stage(run, &spec, Some(&books)) {
@@ -410,7 +437,7 @@ impl Runtime {
             window_started: Instant::now(),
             last_poll: None,
             in_flight: 0,
-            memories: Vec::new(),
+            memories,
         };
         Ok(Ctx {
             rt: self,
@@ -1149,6 +1176,8 @@ fn bound_tools(
                 "assigned": assigned.as_str(),
                 "hint": t.hint.map(|h| h.as_str()),
                 "protocol_version": tools.protocol_version(&t.server),
+                "description": t.description,
+                "input_schema": t.input_schema,
             }));
         }
     }

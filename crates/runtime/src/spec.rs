@@ -46,6 +46,18 @@
 //! name = "greeting present"
 //! run = ["grep", "-q", "hello", "hello.txt"]   # run in a copy of the workspace with the
 //! timeout = "30s"                              # staged writes applied; must exit 0
+//!
+//! [memory]                     # governed memory (see `crate::memory`): mount at context
+//! mount = { scopes = ["project"], ids = ["earlier-run:12"] }  # time the active memories
+//!                              # of these scopes and these ids
+//! [[memory.promote]]           # when the run commits, promote its DOMAIN events that match
+//! event = "FileRead"           # a DOMAIN event type
+//! path = "docs"                # optional: this workspace path or below (or, for
+//!                              # ToolInvoked, tool = "server/tool")
+//! kind = "file"                # the memory's type
+//! scope = "project"            # what later runs mount it by
+//! confidence = 0.9             # 0 to 1 (default 1)
+//! ttl = "30d"                  # optional: it expires this long after promotion
 //! ```
 
 use std::fmt;
@@ -213,6 +225,10 @@ pub struct RunSpec {
     pub assumptions: Vec<Assumption>,
     /// Validation checks.
     pub checks: Vec<Check>,
+    /// `[memory]`: what the run mounts at context time and promotes at commit. Specs recorded
+    /// before memory existed have none.
+    #[serde(default)]
+    pub memory: crate::memory::MemorySpec,
     /// The spec file.
     pub file: PathBuf,
 }
@@ -234,6 +250,38 @@ struct Raw {
     check: Vec<toml::Spanned<RawCheck>>,
     #[serde(default)]
     servers: std::collections::BTreeMap<String, toml::Spanned<RawServer>>,
+    #[serde(default)]
+    memory: Option<toml::Spanned<RawMemory>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMemory {
+    #[serde(default)]
+    mount: Option<RawMount>,
+    #[serde(default)]
+    promote: Vec<toml::Spanned<RawPromote>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMount {
+    #[serde(default)]
+    scopes: Vec<String>,
+    #[serde(default)]
+    ids: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPromote {
+    event: String,
+    path: Option<String>,
+    tool: Option<String>,
+    kind: String,
+    scope: String,
+    confidence: Option<f64>,
+    ttl: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -531,9 +579,10 @@ impl RunSpec {
             ));
         }
         let llm = match agent.llm {
-            Some(t) => Some(serde_json::to_value(&t).map_err(|e| {
-                err(Some(agent_at), format!("[agent.llm] cannot be read: {e}"))
-            })?),
+            Some(t) => Some(
+                serde_json::to_value(&t)
+                    .map_err(|e| err(Some(agent_at), format!("[agent.llm] cannot be read: {e}")))?,
+            ),
             None => None,
         };
         let plan = match (agent.driver.as_str(), agent.plan) {
@@ -560,7 +609,9 @@ impl RunSpec {
             (d @ ("external" | "llm"), Some(_)) => {
                 return Err(err(
                     Some(agent_at),
-                    format!("[agent] the {d} driver has no `plan` (a plan is for driver = \"plan\")"),
+                    format!(
+                        "[agent] the {d} driver has no `plan` (a plan is for driver = \"plan\")"
+                    ),
                 ));
             }
             (other, _) => {
@@ -705,6 +756,33 @@ impl RunSpec {
                 timeout_ms,
             });
         }
+        let mut memory = crate::memory::MemorySpec::default();
+        if let Some(m) = raw.memory {
+            let at = m.span().start;
+            let m = m.into_inner();
+            if let Some(mount) = m.mount {
+                memory.mount = crate::memory::MountSpec::new(mount.scopes, mount.ids)
+                    .map_err(|e| err(Some(at), format!("[memory] {e}")))?;
+            }
+            for (i, r) in m.promote.into_iter().enumerate() {
+                let at = r.span().start;
+                let r = r.into_inner();
+                memory.promote.push(
+                    crate::memory::PromoteRule::new(
+                        &r.event,
+                        r.path.as_deref(),
+                        r.tool.as_deref(),
+                        &r.kind,
+                        &r.scope,
+                        r.confidence,
+                        r.ttl.as_deref(),
+                    )
+                    .map_err(|e| {
+                        err(Some(at), format!("[[memory.promote]] rule {}: {e}", i + 1))
+                    })?,
+                );
+            }
+        }
         Ok(RunSpec {
             id,
             agent: run.agent,
@@ -721,6 +799,7 @@ impl RunSpec {
             approval_elicitation,
             assumptions,
             checks,
+            memory,
             file: base.join(path.file_name().unwrap_or_default()),
         })
     }

@@ -433,7 +433,8 @@ fn bad_run_specs_name_file_line_and_problem() {
         (format!("{head}[[assume]]\nfile = \"x\"\npolicy_version = \"current\"\n"), "either `file`"),
         ("[run]\nagent = \"a b\"\nworkspace = \"ws\"\n[agent]\ndriver = \"plan\"\nplan = \"plan.toml\"\n".to_string(), "run.toml:1:1: [run] agent \"a b\""),
         ("[run]\nagent = \"a\"\nworkspace = \"nope\"\n[agent]\ndriver = \"plan\"\nplan = \"plan.toml\"\n".to_string(), "[run] workspace \"nope\""),
-        ("[run]\nagent = \"a\"\nworkspace = \"ws\"\n[agent]\ndriver = \"llm\"\n".to_string(), "run.toml:4:1: [agent] driver \"llm\""),
+        ("[run]\nagent = \"a\"\nworkspace = \"ws\"\n[agent]\ndriver = \"llm\"\n".to_string(), "run.toml:4:1: [agent] the llm driver needs an [agent.llm] table"),
+        ("[run]\nagent = \"a\"\nworkspace = \"ws\"\n[agent]\ndriver = \"sorcery\"\n".to_string(), "run.toml:4:1: [agent] driver \"sorcery\" is not available"),
         ("[run]\nagent = \"a\"\nworkspace = \"ws\"\n".to_string(), "missing field `agent`"),
         (format!("{head}[grants]\nuses = 0\n"), "uses must be at least 1"),
     ];

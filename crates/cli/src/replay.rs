@@ -1,0 +1,118 @@
+//! `ice replay RUN [--drive]`: rebuild a run from the log alone and report any divergence;
+//! with `--drive`, re-drive its agent with the recorded inferences in place of the model.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Result, anyhow};
+use clap::Args;
+use ice_kernel::RunId;
+use ice_runtime::replay::{Divergence, ReplayReport};
+use serde_json::json;
+
+/// Exit code: the replay diverges from the record.
+const EXIT_DIVERGED: u8 = 5;
+
+#[derive(Args)]
+pub struct ReplayArgs {
+    /// The run.
+    run: String,
+    /// Also re-drive the run's agent from the record (no model is called) and check that the
+    /// runtime makes the same decisions.
+    #[arg(long)]
+    drive: bool,
+    /// One JSON document.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn replay(home: &Path, url: Option<&str>, a: ReplayArgs) -> Result<u8> {
+    let run = RunId::new(a.run.clone()).map_err(|e| anyhow!("run id {:?}: {e}", a.run))?;
+    let (_h, rt) = crate::run::runtime(home, url).await?;
+    let mut report = if a.drive {
+        let recorded = rt.recorded_inferences(&run).await?;
+        let replayer = match rt.recorded_spec(&run).await {
+            Ok(Some(spec)) => crate::agents::replayer(&spec, recorded),
+            Ok(None) => {
+                Err("no agent drove this run (it records an operator's memory action)".into())
+            }
+            Err(e) => Err(format!("the run's spec cannot be read back: {e}")),
+        };
+        match replayer {
+            Ok(mut r) => {
+                let mut report = rt.replay_drive(&run, r.agent()).await?;
+                for d in r.divergences() {
+                    report.divergences.push(Divergence {
+                        event: None,
+                        what: format!("recorded model: {d}"),
+                    });
+                }
+                report
+            }
+            Err(why) => {
+                let mut report = rt.replay(&run).await?;
+                report.drive = Some(ice_runtime::replay::DriveReport {
+                    unchecked: vec![why],
+                    ..Default::default()
+                });
+                report
+            }
+        }
+    } else {
+        rt.replay(&run).await?
+    };
+    report.divergences.dedup();
+    let code = if report.divergences.is_empty() {
+        0
+    } else {
+        EXIT_DIVERGED
+    };
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        writeln!(out, "{}", json!(report))?;
+    } else {
+        print(&mut out, &report)?;
+    }
+    Ok(code)
+}
+
+fn print(out: &mut dyn Write, r: &ReplayReport) -> Result<()> {
+    writeln!(
+        out,
+        "run {}: {} events replayed from the log alone, state {}, {} model calls, {} blobs",
+        r.run, r.events, r.state, r.inferences, r.blobs
+    )?;
+    if !r.compared {
+        writeln!(
+            out,
+            "  the run recorded no projection to compare with (it has not ended, or an older ICE recorded it)"
+        )?;
+    } else if r.divergences.is_empty() {
+        writeln!(
+            out,
+            "  the rebuilt projection equals the one the run recorded"
+        )?;
+    }
+    if let Some(d) = &r.drive {
+        writeln!(
+            out,
+            "  re-driven: {} proposals, {} model calls from the record, {} decisions re-made",
+            d.proposals, d.inferences, d.decisions
+        )?;
+        for u in &d.unchecked {
+            writeln!(out, "  not checked: {u}")?;
+        }
+    }
+    if r.divergences.is_empty() {
+        writeln!(out, "no divergence")?;
+    } else {
+        writeln!(out, "{} divergence(s):", r.divergences.len())?;
+        for d in &r.divergences {
+            match &d.event {
+                Some(e) => writeln!(out, "  at {e}: {}", d.what)?,
+                None => writeln!(out, "  {}", d.what)?,
+            }
+        }
+    }
+    Ok(())
+}

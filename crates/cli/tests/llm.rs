@@ -1,0 +1,415 @@
+//! The LLM driver end to end: `ice run` on examples/llm against a scripted OpenAI-compatible
+//! server this test starts (tests/peers/openai_server.py), then `ice replay` with the server
+//! gone, and tampering caught by `ice verify` and `ice replay`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+fn ice_cmd(home: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ice"));
+    c.arg("--home").arg(home).env_remove("ICE_HOME");
+    c
+}
+
+fn ice(home: &Path, args: &[&str]) -> Output {
+    ice_cmd(home).args(args).output().expect("ice runs")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let p = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &p);
+        } else {
+            std::fs::copy(e.path(), p).unwrap();
+        }
+    }
+}
+
+/// The scripted model server, killed when the test drops it.
+struct ModelServer {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl ModelServer {
+    fn start(dir: &Path, script: &Value) -> ModelServer {
+        let file = dir.join(format!("script-{}.json", rand_suffix()));
+        std::fs::write(&file, script.to_string()).unwrap();
+        let log = dir.join(format!("requests-{}.jsonl", rand_suffix()));
+        let server = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/openai_server.py");
+        let mut child = Command::new("python3")
+            .arg(server)
+            .arg(&file)
+            .env("OPENAI_LOG", &log)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 runs");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the model server said {line:?}"));
+        ModelServer { child, port, log }
+    }
+
+    /// The requests it received, in order.
+    fn requests(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for ModelServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// A fresh home and a copy of examples/llm whose spec points at `port`, with `edit` applied.
+fn setup(dir: &Path, port: u16, edit: impl Fn(String) -> String) -> (PathBuf, PathBuf) {
+    let home = dir.join("home");
+    let o = ice(&home, &["init", "--origin", "ice.test/llm"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ex = dir.join("llm");
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/llm"),
+        &ex,
+    );
+    let spec = ex.join("run.toml");
+    let t = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"));
+    std::fs::write(&spec, edit(t)).unwrap();
+    (home, ex)
+}
+
+fn call(id: &str, function: &str, args: Value) -> Value {
+    json!({"id": id, "type": "function", "function": {"name": function, "arguments": args.to_string()}})
+}
+
+fn reply(content: &str, calls: Vec<Value>, usage: (u64, u64)) -> Value {
+    let finish = if calls.is_empty() {
+        "stop"
+    } else {
+        "tool_calls"
+    };
+    let mut message = json!({"role": "assistant", "content": content});
+    if !calls.is_empty() {
+        message["tool_calls"] = Value::Array(calls);
+    }
+    json!({"message": message, "finish_reason": finish,
+           "usage": {"prompt_tokens": usage.0, "completion_tokens": usage.1}})
+}
+
+fn events(home: &Path, run: &str) -> Vec<Value> {
+    let o = ice(home, &["log", "--run", run, "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn of_type<'a>(events: &'a [Value], t: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["type"] == t).collect()
+}
+
+#[test]
+fn an_llm_driven_run_is_governed_recorded_and_replays_without_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = json!([
+        // 1. Two reads: one allowed, one the policy denies.
+        reply("I will read my notes and the key.", vec![
+            call("c1", "fs_read", json!({"path": "notes/todo.txt"})),
+            call("c2", "fs_read", json!({"path": "secret/key.txt"})),
+        ], (120, 30)),
+        // 2. The provider fails; the driver records it and asks again.
+        {"status": 500, "body": "{\"error\": \"overloaded\"}"},
+        // 3. A body that is not JSON.
+        {"raw": "this is not json"},
+        // 4. A tool call with arguments that are not JSON, and one to a function never offered.
+        {"message": {"role": "assistant", "content": null, "tool_calls": [
+            {"id": "c3", "type": "function", "function": {"name": "fs_write", "arguments": "{not json"}},
+            {"id": "c4", "type": "function", "function": {"name": "rm_rf", "arguments": "{}"}}]},
+         "finish_reason": "tool_calls", "usage": {"prompt_tokens": 300, "completion_tokens": 20}},
+        // 5. Over-long output: cut at max_tokens with no usable call.
+        {"message": {"role": "assistant", "content": "Summary: buy milk and ship the LLM dri"},
+         "finish_reason": "length", "usage": {"prompt_tokens": 320, "completion_tokens": 256}},
+        // 6. The writes: the notes (allowed) and the release (needs an operator).
+        reply("Writing the summary, then publishing it.", vec![
+            call("c5", "fs_write", json!({"path": "notes/summary.txt", "content": "buy milk; ship the LLM driver\n"})),
+            call("c6", "fs_write", json!({"path": "release/summary.txt", "content": "buy milk; ship the LLM driver\n"})),
+        ], (400, 60)),
+        // 7. Done.
+        reply("Done: summary written and published.", vec![], (450, 12)),
+    ]);
+    let model = ModelServer::start(dir.path(), &script);
+    // Four failed replies in a row (2 to 5) stay within the driver's error limit.
+    let (home, ex) = setup(dir.path(), model.port, |t| {
+        t.replace("max_steps = 12", "max_steps = 12\nmax_errors = 5")
+    });
+    let child = ice_cmd(&home)
+        .args(["run", ex.join("run.toml").to_str().unwrap(), "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The operator approves the publication from another process.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut approved = false;
+    let mut child = child;
+    while !approved && Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        let o = ice(&home, &["approvals", "--json"]);
+        let pending: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if let Some(p) = pending.first() {
+            assert_eq!(p["capability"], "fs.write");
+            let id = p["id"].as_str().unwrap();
+            let o = ice(&home, &["approve", id, "--operator", "alice"]);
+            assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+            approved = true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(approved, "no approval was requested\n{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["outcome"], "committed", "{report}");
+    let ws = ex.join("workspace");
+    assert_eq!(
+        std::fs::read_to_string(ws.join("notes/summary.txt")).unwrap(),
+        "buy milk; ship the LLM driver\n"
+    );
+    assert!(ws.join("release/summary.txt").is_file());
+
+    // The model saw seven requests; the first offered the tools as functions.
+    let requests = model.requests();
+    assert_eq!(requests.len(), 7, "{requests:#?}");
+    let names: Vec<&str> = requests[0]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"]["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"fs_read") && names.contains(&"fs_write"),
+        "{names:?}"
+    );
+    // The tool result went back to the model; the denied read said why.
+    let second = requests[1]["messages"].to_string();
+    assert!(second.contains("buy milk"), "{second}");
+    assert!(second.contains("DENIED (policy_denied)"), "{second}");
+
+    // Every model reply is recorded, with its usage, reserved before and settled after.
+    let ev = events(&home, "llm-notes");
+    let steps = of_type(&ev, "InferenceStep");
+    assert_eq!(steps.len(), 7);
+    for s in &steps {
+        assert_eq!(s["origin"], "agent:writer");
+        let p = &s["payload"];
+        assert_eq!(p["model"], "smollm2-135m-instruct");
+        assert_eq!(p["request_digest"].as_str().unwrap().len(), 64);
+    }
+    let kinds: Vec<Value> = steps
+        .iter()
+        .map(|s| s["payload"]["error"]["kind"].clone())
+        .collect();
+    assert_eq!(kinds[0], Value::Null);
+    assert_eq!(kinds[1], "http_status");
+    assert_eq!(kinds[2], "malformed_json");
+    assert_eq!(kinds[4], "truncated");
+    assert_eq!(
+        steps[0]["payload"]["reply"]["choices"][0]["message"]["content"],
+        "I will read my notes and the key."
+    );
+    assert!(
+        steps[3]["payload"]["rejected_tool_calls"]
+            .as_array()
+            .is_some_and(|r| r.len() == 2)
+    );
+    assert_eq!(steps[0]["cost"]["tokens_in"], 120);
+    assert_eq!(steps[0]["cost"]["tokens_out"], 30);
+    let reserved = of_type(&ev, "BudgetReserved");
+    assert!(
+        reserved
+            .iter()
+            .filter(|r| r["payload"]["amount"]["tokens_out"] == 256)
+            .count()
+            >= 7
+    );
+    // Requests carry the model's stated intent; the secret was denied by policy.
+    let requests_ev = of_type(&ev, "CapabilityRequested");
+    assert_eq!(requests_ev.len(), 4);
+    assert_eq!(
+        requests_ev[0]["intent"],
+        "I will read my notes and the key."
+    );
+    let denied = of_type(&ev, "CapabilityDenied");
+    assert_eq!(denied.len(), 1);
+    assert_eq!(denied[0]["payload"]["reason"], "policy_denied");
+    assert_eq!(of_type(&ev, "ApprovalGranted").len(), 1);
+
+    // The model is gone: replay rebuilds the same state from the log alone.
+    drop(model);
+    let o = ice(&home, &["replay", "llm-notes", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["divergences"], json!([]));
+    assert_eq!(r["compared"], true);
+    assert_eq!(r["state"], "TERMINATED");
+    assert_eq!(r["inferences"], 7);
+    let o = ice(&home, &["replay", "llm-notes", "--drive", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["divergences"], json!([]), "{r:#}");
+    assert_eq!(r["drive"]["inferences"], 7, "{r:#}");
+    assert_eq!(r["drive"]["decisions"], 4 + 7, "{r:#}");
+    assert_eq!(r["drive"]["unchecked"], json!([]), "{r:#}");
+
+    // Tamper with one recorded inference: verify and replay both catch it.
+    let db = home.join("ice.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch("DROP TRIGGER events_no_update;")
+        .unwrap();
+    let n = conn
+        .execute(
+            "UPDATE events SET body = CAST(replace(CAST(body AS TEXT), 'Done: summary written', 'Done: summary DELETED') AS BLOB) WHERE type = 'InferenceStep' AND run_id = 'llm-notes'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(n, 7);
+    drop(conn);
+    let o = ice(&home, &["verify"]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    let o = ice(&home, &["replay", "llm-notes"]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("hash"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn exhausting_the_token_budget_stops_the_loop_before_the_model_is_called() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = json!([
+        reply(
+            "Reading.",
+            vec![call("c1", "fs_read", json!({"path": "notes/todo.txt"}))],
+            (100, 60)
+        ),
+        reply("never sent", vec![], (1, 1)),
+    ]);
+    let model = ModelServer::start(dir.path(), &script);
+    let (home, ex) = setup(dir.path(), model.port, |t| {
+        t.replace("tokens_out = 4_000", "tokens_out = 100")
+            .replace("max_tokens = 256", "max_tokens = 64")
+    });
+    let o = ice(
+        &home,
+        &["run", ex.join("run.toml").to_str().unwrap(), "--json"],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let reason = report["reason"].as_str().unwrap_or_default().to_string()
+        + report["outcome"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("tokens_out") || report.to_string().contains("tokens_out"),
+        "{report}"
+    );
+    // One model call was made: the second did not fit (60 spent + 64 reserved > 100).
+    assert_eq!(model.requests().len(), 1);
+    let ev = events(&home, "llm-notes");
+    assert_eq!(of_type(&ev, "InferenceStep").len(), 1);
+    let abort = of_type(&ev, "AbortReasonDeclared");
+    assert_eq!(abort[0]["payload"]["reason"], "budget_exhausted");
+    // The replay re-makes that refusal from the record.
+    drop(model);
+    let o = ice(&home, &["replay", "llm-notes", "--drive", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["divergences"], json!([]), "{r:#}");
+}
+
+#[test]
+fn a_refusal_and_a_dead_endpoint_abort_the_run_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = json!([
+        {"message": {"role": "assistant", "content": null, "refusal": "I can't help with that."},
+         "finish_reason": "stop", "usage": {"prompt_tokens": 50, "completion_tokens": 5}},
+    ]);
+    let model = ModelServer::start(dir.path(), &script);
+    let (home, ex) = setup(dir.path(), model.port, |t| t);
+    let o = ice(
+        &home,
+        &["run", ex.join("run.toml").to_str().unwrap(), "--json"],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(text(&o).contains("refused"), "{}", text(&o));
+    drop(model);
+
+    // Nothing listens on the port any more: every call fails, the driver gives up after its
+    // error limit, and the run is aborted with the failures recorded.
+    let dir2 = tempfile::tempdir().unwrap();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    let (home, ex) = setup(dir2.path(), port, |t| {
+        t.replace("timeout = \"60s\"", "timeout = \"2s\"")
+    });
+    let o = ice(
+        &home,
+        &["run", ex.join("run.toml").to_str().unwrap(), "--json"],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let ev = events(&home, "llm-notes");
+    let steps = of_type(&ev, "InferenceStep");
+    assert_eq!(steps.len(), 3, "max_errors defaults to 3");
+    assert!(
+        steps
+            .iter()
+            .all(|s| s["payload"]["error"]["kind"] == "transport")
+    );
+    let o = ice(&home, &["verify"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}

@@ -1,0 +1,1110 @@
+//! Model-free replay (spec §9, I-002): rebuild a run from its log alone, and re-drive its agent
+//! with the recorded inferences in place of the model.
+//!
+//! [`Runtime::replay`] reads a run's stored events and, without any network or model:
+//! re-derives every event's canonical encoding and hash and checks the chain and the law (the
+//! validator), checks every blob the run references, folds the events into the run's books
+//! (lifecycle, grants, approvals, budget, staged writes) and compares the result with the
+//! projection the runtime recorded in `RunTerminated`; it also checks that each model call's
+//! settlement equals the usage its `InferenceStep` reports. Every difference is a
+//! [`Divergence`].
+//!
+//! [`Runtime::replay_drive`] goes further: it shows the agent driver the views the run showed
+//! it (built from the log: the outcome of each request is the output recorded with its effect
+//! or its denial) and checks that the driver proposes the recorded sequence, then re-makes each
+//! decision the runtime made (grant reuse, the policy decision under the policy files recorded
+//! at context time, the budget) and checks it matches the record. A model-driven agent is given
+//! a model that answers from the recorded `InferenceStep`s (the caller builds it), so nothing
+//! calls a model: this is a determinism check of ICE's own code and of the driver.
+
+use std::collections::{HashMap, HashSet};
+
+use ice_authority::payload::DenialCode;
+use ice_authority::{DecisionKind, EffectClass, PolicySet, PolicySource, Request};
+use ice_kernel::blob::{blob_refs, inline};
+use ice_kernel::{
+    Agent, AgentView, CapabilityProposal, Cost, Digest, Event, EventId, EventType, MountedMemory,
+    Origin, Outcome, Proposal, RunHead, RunId, RunState, ToolOffer,
+};
+use serde_json::{Map, Value};
+
+use crate::act::{self, ToolLookup};
+use crate::books::Books;
+use crate::executor::tool_permitted;
+use crate::{Runtime, RuntimeError};
+
+/// A difference between what the log says and what replaying it gives.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Divergence {
+    /// The event it was found at, when it is located at one.
+    pub event: Option<String>,
+    /// What differs.
+    pub what: String,
+}
+
+/// What a replay rebuilt and found.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ReplayReport {
+    /// The run.
+    pub run: String,
+    /// Events replayed.
+    pub events: u64,
+    /// The run's state, rebuilt.
+    pub state: String,
+    /// The rebuilt projection (the books as of the teardown, or of the last event).
+    pub projection: Value,
+    /// Whether the run recorded its projection (runs recorded before it did, and runs that
+    /// have not ended, have none to compare with).
+    pub compared: bool,
+    /// Model calls recorded.
+    pub inferences: u64,
+    /// Blobs checked.
+    pub blobs: u64,
+    /// What differs (empty: the replay agrees with the record).
+    pub divergences: Vec<Divergence>,
+    /// What re-driving the agent checked (`replay_drive`).
+    pub drive: Option<DriveReport>,
+}
+
+/// What re-driving the agent checked.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct DriveReport {
+    /// Proposals the driver made that matched the record.
+    pub proposals: u64,
+    /// Model calls re-made from the record.
+    pub inferences: u64,
+    /// Decisions re-made and compared.
+    pub decisions: u64,
+    /// What could not be re-checked, and why (never silently skipped).
+    pub unchecked: Vec<String>,
+}
+
+impl Runtime {
+    /// Replay a run from the log alone. See the module documentation.
+    pub async fn replay(&self, run: &RunId) -> Result<ReplayReport, RuntimeError> {
+        let log = self.ledger.log().clone();
+        let mut stored = Vec::new();
+        loop {
+            let page = log.read_run(run, stored.len() as u64, 4096).await?;
+            if page.is_empty() {
+                break;
+            }
+            stored.extend(page);
+        }
+        if stored.is_empty() {
+            return Err(RuntimeError::NoRun(run.to_string()));
+        }
+        let mut div = Vec::new();
+        let mut events = Vec::with_capacity(stored.len());
+        for s in &stored {
+            match s.event() {
+                Ok(e) => events.push(e),
+                Err(e) => {
+                    div.push(Divergence {
+                        event: Some(format!("{}:{}", s.run_id, s.run_seq)),
+                        what: e.to_string(),
+                    });
+                    break;
+                }
+            }
+        }
+        // Causes in other runs must exist in the log.
+        let others: Vec<EventId> = events
+            .iter()
+            .flat_map(|e| e.causes.iter())
+            .filter(|c| c.run_id != *run)
+            .cloned()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let existing = log.existing(&others).await?;
+        let mut head = RunHead::new(run.clone());
+        let mut books = Books::new(run.clone());
+        let mut snapshot: Option<Value> = None;
+        let mut recorded: Option<Value> = None;
+        let mut inferences = 0u64;
+        let mut blobs = 0u64;
+        // Reservation event → (the inference's usage, the inference event).
+        let mut inferred: HashMap<EventId, (Cost, EventId)> = HashMap::new();
+        let mut replayed = 0u64;
+        for e in &events {
+            let id = e.id();
+            let at = |what: String| Divergence {
+                event: Some(id.to_string()),
+                what,
+            };
+            if let Err(err) = head.admit(e.clone(), &existing) {
+                div.push(at(format!("the record does not replay: {err}")));
+                break;
+            }
+            match blob_refs(&e.payload) {
+                Ok(refs) => {
+                    for r in refs {
+                        blobs += 1;
+                        match log.blob(&r.digest).await? {
+                            None => div.push(at(format!(
+                                "payload field {:?} names blob {} that is not stored",
+                                r.field,
+                                r.digest.to_hex()
+                            ))),
+                            Some(b) if Digest::of(&b) != r.digest => div.push(at(format!(
+                                "blob {} of payload field {:?} was altered",
+                                r.digest.to_hex(),
+                                r.field
+                            ))),
+                            Some(_) => {}
+                        }
+                    }
+                }
+                Err(err) => div.push(at(format!("blob references: {err}"))),
+            }
+            let t = EventType::from_name(&e.event_type);
+            if t == Some(EventType::ResourcesReleased) && snapshot.is_none() {
+                snapshot = Some(books.projection());
+            }
+            if let Err(err) = books.apply(e) {
+                div.push(at(format!("the run's books do not fold: {}", err.problem)));
+                break;
+            }
+            replayed += 1;
+            match t {
+                Some(EventType::InferenceStep) => {
+                    inferences += 1;
+                    let usage = (e.cost.tokens_in, e.cost.tokens_out);
+                    if let Some(u) = e.payload.get("usage").filter(|u| u.is_object()) {
+                        let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+                        if (n("prompt_tokens"), n("completion_tokens")) != usage {
+                            div.push(at(format!(
+                                "the inference reports usage {}/{} tokens but is costed {}/{}",
+                                n("prompt_tokens"),
+                                n("completion_tokens"),
+                                usage.0,
+                                usage.1
+                            )));
+                        }
+                    }
+                    for c in &e.causes {
+                        inferred.insert(c.clone(), (e.cost, id.clone()));
+                    }
+                }
+                Some(EventType::BudgetSettled) => {
+                    for c in &e.causes {
+                        if let Some((usage, inference)) = inferred.get(c) {
+                            let actual: Cost = e
+                                .payload
+                                .get("actual")
+                                .and_then(|v| serde_json::from_value(v.clone()).ok())
+                                .unwrap_or_default();
+                            if (actual.tokens_in, actual.tokens_out)
+                                != (usage.tokens_in, usage.tokens_out)
+                            {
+                                div.push(at(format!(
+                                    "settles {}/{} tokens for inference {inference}, which used {}/{}",
+                                    actual.tokens_in,
+                                    actual.tokens_out,
+                                    usage.tokens_in,
+                                    usage.tokens_out
+                                )));
+                            }
+                        }
+                    }
+                }
+                Some(EventType::RunTerminated) => {
+                    recorded = e.payload.get("projection").cloned();
+                }
+                _ => {}
+            }
+        }
+        let projection = snapshot.clone().unwrap_or_else(|| books.projection());
+        if let (Some(want), Some(got)) = (&recorded, &snapshot) {
+            compare(want, got, "", &mut div);
+        }
+        Ok(ReplayReport {
+            run: run.to_string(),
+            events: replayed,
+            state: books.state().to_string(),
+            projection,
+            compared: recorded.is_some(),
+            inferences,
+            blobs,
+            divergences: div,
+            drive: None,
+        })
+    }
+
+    /// The recorded `InferenceStep` payloads of a run, in order, with their blobs put back:
+    /// what a recorded model answers from.
+    pub async fn recorded_inferences(
+        &self,
+        run: &RunId,
+    ) -> Result<Vec<Map<String, Value>>, RuntimeError> {
+        let events = self.inlined(run).await?;
+        Ok(events
+            .into_iter()
+            .filter(|e| e.event_type == EventType::InferenceStep.name())
+            .map(|e| e.payload)
+            .collect())
+    }
+
+    /// The spec a run was provisioned with; `None` for a run no agent drove (a memory
+    /// maintenance run).
+    pub async fn recorded_spec(&self, run: &RunId) -> Result<Option<crate::RunSpec>, RuntimeError> {
+        Ok(self.books(run).await?.spec)
+    }
+
+    /// A run's events with every blob reference replaced by its content.
+    async fn inlined(&self, run: &RunId) -> Result<Vec<Event>, RuntimeError> {
+        let log = self.ledger.log().clone();
+        let mut events = crate::read_run(log.as_ref(), run).await?;
+        if events.is_empty() {
+            return Err(RuntimeError::NoRun(run.to_string()));
+        }
+        let mut fetched: HashMap<Digest, Vec<u8>> = HashMap::new();
+        for e in &events {
+            for r in blob_refs(&e.payload).unwrap_or_default() {
+                if let std::collections::hash_map::Entry::Vacant(v) = fetched.entry(r.digest)
+                    && let Some(b) = log.blob(&r.digest).await?
+                {
+                    v.insert(b);
+                }
+            }
+        }
+        for e in &mut events {
+            e.payload = inline(&e.payload, |d| fetched.get(d).cloned());
+        }
+        Ok(events)
+    }
+
+    /// Replay a run (as [`Self::replay`]) and re-drive its agent from the record. See the
+    /// module documentation.
+    pub async fn replay_drive(
+        &self,
+        run: &RunId,
+        agent: &mut dyn Agent,
+    ) -> Result<ReplayReport, RuntimeError> {
+        let mut report = self.replay(run).await?;
+        if !report.divergences.is_empty() {
+            report.drive = Some(DriveReport {
+                unchecked: vec!["the agent was not re-driven: the record itself diverges".into()],
+                ..DriveReport::default()
+            });
+            return Ok(report);
+        }
+        let events = self.inlined(run).await?;
+        let memories = self.mounted_memories(&events).await?;
+        let mut d = Drive {
+            rt: self,
+            run: run.clone(),
+            events: &events,
+            i: 0,
+            books: Books::new(run.clone()),
+            policy: None,
+            agent: String::new(),
+            tools: Vec::new(),
+            memories,
+            report: DriveReport::default(),
+            div: Vec::new(),
+        };
+        d.walk(agent);
+        report.divergences.extend(d.div);
+        report.drive = Some(d.report);
+        Ok(report)
+    }
+
+    /// The memories a run's `MemoryMounted` lists, as its agent was shown them (a resumed run
+    /// shows them again; a replay shows the re-driven agent the same).
+    pub(crate) async fn mounted_memories(
+        &self,
+        events: &[Event],
+    ) -> Result<Vec<MountedMemory>, RuntimeError> {
+        let mut memories = Vec::new();
+        if let Some(m) = events
+            .iter()
+            .find(|e| e.event_type == EventType::MemoryMounted.name())
+        {
+            for item in m
+                .payload
+                .get("memories")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                memories.push(self.mounted(item).await?);
+            }
+        }
+        Ok(memories)
+    }
+
+    /// A memory listed by `MemoryMounted`, as the agent was shown it (from its
+    /// `MemoryPromoted` event).
+    async fn mounted(&self, item: &Value) -> Result<MountedMemory, RuntimeError> {
+        let id = item.get("id").and_then(Value::as_str).unwrap_or_default();
+        let bad = |why: &str| RuntimeError::Invalid(format!("mounted memory {id:?}: {why}"));
+        let eid: EventId = id.parse().map_err(|_| bad("not an event id"))?;
+        let stored = self
+            .ledger
+            .log()
+            .get(&eid)
+            .await?
+            .ok_or_else(|| bad("its MemoryPromoted event is not in the log"))?;
+        let mut e = stored.event()?;
+        let mut fetched = HashMap::new();
+        for r in blob_refs(&e.payload).unwrap_or_default() {
+            if let Some(b) = self.ledger.log().blob(&r.digest).await? {
+                fetched.insert(r.digest, b);
+            }
+        }
+        e.payload = inline(&e.payload, |d| fetched.get(d).cloned());
+        let content = e.payload.get("content").cloned().unwrap_or(Value::Null);
+        let digest = item
+            .get("digest")
+            .and_then(Value::as_str)
+            .and_then(|h| Digest::from_hex(h).ok())
+            .unwrap_or_else(|| {
+                Digest::of(&ice_kernel::canonical::canonicalize(&content).unwrap_or_default())
+            });
+        Ok(MountedMemory {
+            id: id.to_string(),
+            kind: e
+                .payload
+                .get("kind")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            content,
+            digest,
+            confidence: e
+                .payload
+                .get("confidence")
+                .and_then(Value::as_f64)
+                .unwrap_or(1.0),
+        })
+    }
+}
+
+/// Compare a recorded projection with a rebuilt one, naming each field that differs.
+fn compare(want: &Value, got: &Value, path: &str, div: &mut Vec<Divergence>) {
+    match (want, got) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for k in keys {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                compare(
+                    a.get(k).unwrap_or(&Value::Null),
+                    b.get(k).unwrap_or(&Value::Null),
+                    &p,
+                    div,
+                );
+            }
+        }
+        _ if want != got => div.push(Divergence {
+            event: None,
+            what: format!(
+                "projection {path}: the run recorded {}, the replay rebuilds {}",
+                cut_json(want),
+                cut_json(got)
+            ),
+        }),
+        _ => {}
+    }
+}
+
+/// Tools as `CapabilitiesBound` recorded them.
+struct Bound<'a>(&'a [Value]);
+
+impl Bound<'_> {
+    fn find(&self, server: &str, tool: &str) -> Option<&Value> {
+        let name = format!("{server}/{tool}");
+        self.0
+            .iter()
+            .find(|t| t.get("tool").and_then(Value::as_str) == Some(&name))
+    }
+}
+
+impl ToolLookup for Bound<'_> {
+    fn hint(&self, server: &str, tool: &str) -> Result<Option<EffectClass>, (DenialCode, String)> {
+        match self.find(server, tool) {
+            Some(t) => Ok(t
+                .get("hint")
+                .and_then(Value::as_str)
+                .and_then(|h| h.parse().ok())),
+            None => Err((
+                DenialCode::InvalidTarget,
+                format!("tool server {server:?} has no tool {tool:?}"),
+            )),
+        }
+    }
+}
+
+/// The walk through a run's record, driving the agent.
+struct Drive<'a> {
+    rt: &'a Runtime,
+    run: RunId,
+    events: &'a [Event],
+    i: usize,
+    books: Books,
+    policy: Option<PolicySet>,
+    agent: String,
+    tools: Vec<Value>,
+    memories: Vec<MountedMemory>,
+    report: DriveReport,
+    div: Vec<Divergence>,
+}
+
+/// Where the walk stopped folding: the next thing the agent (or the end of its window) explains.
+enum Stop {
+    /// An agent event, a reservation for a model call, or a refusal of an unrecordable request.
+    Proposal,
+    /// The window closed for validation: the agent finished.
+    Finished,
+    /// The run stopped; the detail says why (the agent may have caused it).
+    Stopped { code: String, detail: String },
+    /// The record ends.
+    End,
+}
+
+impl Drive<'_> {
+    fn diverge(&mut self, what: String) {
+        let event = self.events.get(self.i).map(|e| e.id().to_string());
+        self.div.push(Divergence { event, what });
+    }
+
+    fn fold(&mut self) {
+        let e = &self.events[self.i];
+        // The replay already folded these events once; this cannot fail differently.
+        let _ = self.books.apply(e);
+        match EventType::from_name(&e.event_type) {
+            Some(EventType::RunProvisioned) => {
+                self.agent = e
+                    .payload
+                    .get("agent")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+            }
+            Some(EventType::ContextResolved) => {
+                let sources: Option<Vec<PolicySource>> = e
+                    .payload
+                    .get("policy_sources")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .map(|s| PolicySource {
+                                name: s.get("name").and_then(Value::as_str).unwrap_or("").into(),
+                                text: s.get("text").and_then(Value::as_str).unwrap_or("").into(),
+                            })
+                            .collect()
+                    });
+                match sources {
+                    Some(s) => match PolicySet::from_sources(&s, &self.rt.schema) {
+                        Ok(p) => {
+                            let want = e.payload.get("policy_version").and_then(Value::as_str);
+                            if want != Some(p.version().to_hex().as_str()) {
+                                self.diverge(format!(
+                                    "the recorded policy files hash to version {}, not the recorded {}",
+                                    p.version().to_hex(),
+                                    want.unwrap_or("(none)")
+                                ));
+                            }
+                            self.policy = Some(p);
+                        }
+                        Err(err) => self.diverge(format!("the recorded policy files no longer load: {err}")),
+                    },
+                    None => self.report.unchecked.push(
+                        "policy decisions: the run did not record its policy files (recorded by an older ICE)".into(),
+                    ),
+                }
+            }
+            Some(EventType::CapabilitiesBound) => {
+                self.tools = e
+                    .payload
+                    .get("tools")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+            }
+            _ => {}
+        }
+        self.i += 1;
+    }
+
+    /// Fold until the next thing a proposal explains.
+    fn advance(&mut self) -> Stop {
+        while let Some(e) = self.events.get(self.i) {
+            let t = EventType::from_name(&e.event_type);
+            let window_open = self.books.state() == RunState::Executing;
+            if window_open {
+                if matches!(e.origin, Origin::Agent(_)) || t == Some(EventType::BudgetReserved) {
+                    return Stop::Proposal;
+                }
+                if t == Some(EventType::CapabilityDenied) && !e.payload.contains_key("request") {
+                    return Stop::Proposal;
+                }
+                match t {
+                    Some(EventType::ValidationStarted) => return Stop::Finished,
+                    Some(EventType::RunSuspended) | Some(EventType::RunAborted) => {
+                        let code = e
+                            .payload
+                            .get("reason")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string();
+                        let detail = self
+                            .events
+                            .iter()
+                            .skip(self.i)
+                            .find_map(|x| {
+                                x.payload
+                                    .get("detail")
+                                    .and_then(Value::as_str)
+                                    .map(str::to_string)
+                            })
+                            .unwrap_or_default();
+                        return Stop::Stopped { code, detail };
+                    }
+                    _ => {}
+                }
+            }
+            self.fold();
+        }
+        Stop::End
+    }
+
+    fn view(&self, last: Option<Outcome>) -> AgentView {
+        // The time the live run decided at is not recorded; the next event's time is the
+        // closest the record gives (a grant expiring within that gap could be judged apart).
+        let now = self.events[self.i.min(self.events.len() - 1)].at;
+        let mut tools = Vec::new();
+        if let (Some(policy), Some(spec)) = (&self.policy, &self.books.spec) {
+            for t in &self.tools {
+                let name = t.get("tool").and_then(Value::as_str).unwrap_or("");
+                let Some((server, tool)) = name.split_once('/') else {
+                    continue;
+                };
+                if !spec.servers.iter().any(|s| s.name == server) {
+                    continue;
+                }
+                let class = |k: &str| {
+                    t.get(k)
+                        .and_then(Value::as_str)
+                        .and_then(|c| c.parse().ok())
+                };
+                let assigned: EffectClass = class("assigned").unwrap_or(EffectClass::External);
+                if tool_permitted(
+                    &self.rt.registry,
+                    policy,
+                    &self.books,
+                    &self.agent,
+                    (server, tool),
+                    (assigned, class("hint")),
+                    now,
+                ) {
+                    tools.push(ToolOffer {
+                        target: name.to_string(),
+                        description: t
+                            .get("description")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_string(),
+                        input_schema: t.get("input_schema").cloned().unwrap_or(Value::Null),
+                        effect: t
+                            .get("effect")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_string(),
+                    });
+                }
+            }
+        }
+        AgentView {
+            run_id: self.run.clone(),
+            step: self.books.proposals,
+            capabilities: self
+                .rt
+                .registry
+                .iter()
+                .map(|c| (c.name().to_string(), c.resource().to_string()))
+                .collect(),
+            last,
+            memories: self.memories.clone(),
+            tools,
+        }
+    }
+
+    fn walk(&mut self, agent: &mut dyn Agent) {
+        if agent.id() != self.agent && !self.agent.is_empty() {
+            self.report.unchecked.push(format!(
+                "the driver calls itself {:?}; the run was driven as {:?}",
+                agent.id(),
+                self.agent
+            ));
+        }
+        let mut last: Option<Outcome> = None;
+        loop {
+            let stop = self.advance();
+            if let Stop::End = stop {
+                if self.books.state() == RunState::Executing {
+                    self.report
+                        .unchecked
+                        .push("the record ends while the run executes (it never finished)".into());
+                }
+                return;
+            }
+            if self.books.state() != RunState::Executing {
+                return;
+            }
+            let view = self.view(last.take());
+            let proposal = agent.propose(&view);
+            match (stop, proposal) {
+                (Stop::Stopped { code, detail }, Err(e)) if code == "agent_failed" => {
+                    if !detail.contains(&e.0) {
+                        self.diverge(format!(
+                            "the driver failed with {:?}; the run recorded {detail:?}",
+                            e.0
+                        ));
+                    }
+                    self.report.proposals += 1;
+                    return;
+                }
+                (_, Err(e)) => {
+                    self.diverge(format!("the driver failed where the run did not: {}", e.0));
+                    return;
+                }
+                (Stop::Finished, Ok(Proposal::Finish { .. })) => {
+                    self.report.proposals += 1;
+                    return;
+                }
+                (Stop::Stopped { code, detail }, Ok(Proposal::Infer { reserve }))
+                    if code == "budget_exhausted" && detail.contains("model call was not made") =>
+                {
+                    let id = format!("r{}", self.books.reservations + 1);
+                    if self.books.budget.check_reserve(&id, reserve).is_ok() {
+                        self.diverge(format!(
+                            "the run refused a model call for its budget, but a reservation of {} fits the replayed budget",
+                            cost_text(&reserve)
+                        ));
+                    }
+                    self.report.proposals += 1;
+                    self.report.decisions += 1;
+                    return;
+                }
+                (Stop::Stopped { code, detail }, Ok(p)) => {
+                    self.report.unchecked.push(format!(
+                        "the run stopped ({code}: {detail}) before the driver's next proposal ({})",
+                        proposal_name(&p)
+                    ));
+                    return;
+                }
+                (Stop::Finished, Ok(p)) => {
+                    self.diverge(format!(
+                        "the driver proposes {} where the agent finished",
+                        proposal_name(&p)
+                    ));
+                    return;
+                }
+                (Stop::Proposal, Ok(p)) => {
+                    if !self.proposal(agent, &view, p, &mut last) {
+                        return;
+                    }
+                }
+                (Stop::End, _) => return,
+            }
+        }
+    }
+
+    /// Check one proposal against the record at the cursor; false stops the walk.
+    fn proposal(
+        &mut self,
+        agent: &mut dyn Agent,
+        view: &AgentView,
+        p: Proposal,
+        last: &mut Option<Outcome>,
+    ) -> bool {
+        let e = &self.events[self.i];
+        let t = EventType::from_name(&e.event_type);
+        match p {
+            Proposal::Think { .. } => {
+                let Some(draft) = p.draft(&self.agent) else {
+                    return false;
+                };
+                if draft.event_type != e.event_type
+                    || draft.intent != e.intent
+                    || e.payload != draft.payload
+                {
+                    self.diverge(format!(
+                        "the driver proposes {} where the run recorded {}",
+                        draft.event_type, e.event_type
+                    ));
+                    return false;
+                }
+                self.report.proposals += 1;
+                self.fold();
+                true
+            }
+            Proposal::Infer { reserve } => {
+                if t != Some(EventType::BudgetReserved) {
+                    self.diverge(format!(
+                        "the driver asks for a model call where the run recorded {}",
+                        e.event_type
+                    ));
+                    return false;
+                }
+                let amount: Cost = e
+                    .payload
+                    .get("amount")
+                    .and_then(|v| serde_json::from_value(v.clone()).ok())
+                    .unwrap_or_default();
+                if amount != reserve {
+                    self.diverge(format!(
+                        "the driver reserves {} for its model call; the run reserved {}",
+                        cost_text(&reserve),
+                        cost_text(&amount)
+                    ));
+                    return false;
+                }
+                let id = format!("r{}", self.books.reservations + 1);
+                if let Err(refusal) = self.books.budget.check_reserve(&id, reserve) {
+                    self.diverge(format!(
+                        "the run reserved a model call the replayed budget refuses: {refusal}"
+                    ));
+                    return false;
+                }
+                self.report.proposals += 1;
+                self.report.decisions += 1;
+                self.fold();
+                let inference = agent.infer(view);
+                let Some(rec) = self.events.get(self.i) else {
+                    self.diverge("the record ends after a model call's reservation".into());
+                    return false;
+                };
+                match inference {
+                    Err(err) => {
+                        if rec.event_type == EventType::InferenceStep.name() {
+                            self.diverge(format!(
+                                "the driver's model call failed ({}); the run recorded an inference",
+                                err.0
+                            ));
+                            return false;
+                        }
+                    }
+                    Ok(inf) => {
+                        if rec.event_type != EventType::InferenceStep.name() {
+                            self.diverge(format!(
+                                "the driver recorded an inference; the run recorded {}",
+                                rec.event_type
+                            ));
+                            return false;
+                        }
+                        if inf.payload != rec.payload || Some(&inf.intent) != rec.intent.as_ref() {
+                            let what = first_difference(&rec.payload, &inf.payload);
+                            self.diverge(format!(
+                                "the re-driven inference differs from the recorded one: {what}"
+                            ));
+                            return false;
+                        }
+                        if (inf.usage.tokens_in, inf.usage.tokens_out)
+                            != (rec.cost.tokens_in, rec.cost.tokens_out)
+                        {
+                            self.diverge("the re-driven inference's token usage differs".into());
+                            return false;
+                        }
+                        self.report.inferences += 1;
+                        self.fold();
+                    }
+                }
+                true
+            }
+            Proposal::Request(r) => self.request(&r, last),
+            Proposal::Finish { .. } => {
+                self.diverge(format!(
+                    "the driver finishes where the run recorded {}",
+                    e.event_type
+                ));
+                false
+            }
+        }
+    }
+
+    /// Check a request, re-make its decision, and find its outcome.
+    fn request(&mut self, r: &CapabilityProposal, last: &mut Option<Outcome>) -> bool {
+        let e = &self.events[self.i];
+        let t = EventType::from_name(&e.event_type);
+        // A request the law would not record: the denial stands in for it.
+        if t == Some(EventType::CapabilityDenied) {
+            self.report.proposals += 1;
+            *last = Some(denied(e, e.id()));
+            self.fold();
+            return true;
+        }
+        let same = t == Some(EventType::CapabilityRequested)
+            && e.payload.get("capability").and_then(Value::as_str) == Some(r.capability.as_str())
+            && e.payload.get("target").and_then(Value::as_str) == Some(r.target.as_str())
+            && e.payload.get("arguments") == Some(&r.arguments)
+            && e.intent.as_deref() == Some(r.intent.as_str());
+        if !same {
+            self.diverge(format!(
+                "the driver requests {} on {:?}; the run recorded {}",
+                r.capability,
+                crate::executor::cut(&r.target, 120),
+                describe(e)
+            ));
+            return false;
+        }
+        let req = e.id();
+        let asked_at = e.at;
+        self.report.proposals += 1;
+        self.fold();
+        // What the runtime would decide now, from the replayed books.
+        let expected = self.decide(r, asked_at);
+        // What it recorded: the first decision event answering this request.
+        let recorded = self.events[self.i..].iter().find(|x| {
+            let answers = x.causes.contains(&req)
+                || x.payload.get("request").and_then(Value::as_str) == Some(&req.to_string());
+            answers
+                && matches!(
+                    EventType::from_name(&x.event_type),
+                    Some(EventType::CapabilityGranted)
+                        | Some(EventType::CapabilityDenied)
+                        | Some(EventType::ApprovalRequested)
+                        | Some(EventType::CapabilityUsed)
+                )
+        });
+        match (&expected, recorded) {
+            (_, None) => {
+                self.report.unchecked.push(format!(
+                    "request {req}: the record ends before its decision"
+                ));
+                return false;
+            }
+            (Expect::Unchecked(why), Some(_)) => {
+                self.report.unchecked.push(format!("request {req}: {why}"));
+            }
+            (want, Some(got)) => {
+                if let Some(why) = mismatch(want, got) {
+                    self.diverge(format!("request {req}: {why}"));
+                    return false;
+                }
+                self.report.decisions += 1;
+            }
+        }
+        // Fold to the request's outcome: its effect, or its denial.
+        while let Some(x) = self.events.get(self.i) {
+            let xt = EventType::from_name(&x.event_type);
+            let answers = x.causes.contains(&req)
+                || x.payload.get("request").and_then(Value::as_str) == Some(&req.to_string());
+            if answers
+                && xt.is_some_and(|t| t.category() == ice_kernel::Category::Domain)
+                && x.payload.contains_key("output")
+            {
+                *last = Some(Outcome::Done {
+                    request: req.clone(),
+                    output: x.payload.get("output").cloned().unwrap_or(Value::Null),
+                });
+                self.fold();
+                return true;
+            }
+            if answers && xt == Some(EventType::CapabilityDenied) {
+                *last = Some(denied(x, req.clone()));
+                self.fold();
+                return true;
+            }
+            if answers && xt.is_some_and(|t| t.category() == ice_kernel::Category::Domain) {
+                self.report.unchecked.push(format!(
+                    "request {req}: its effect was recorded without the output the agent saw (an older ICE); the replay stops here"
+                ));
+                return false;
+            }
+            self.fold();
+        }
+        false
+    }
+
+    /// The decision the runtime would make for `r` from the replayed books.
+    fn decide(&self, r: &CapabilityProposal, at: ice_kernel::Timestamp) -> Expect {
+        let Some(spec) = &self.books.spec else {
+            return Expect::Unchecked("no recorded spec".into());
+        };
+        let bound = Bound(&self.tools);
+        let (resource, _effect, target) =
+            match act::resolve_target(&self.rt.registry, r, &spec.servers, &bound) {
+                Ok(x) => x,
+                Err((code, _)) => return Expect::Denied(code),
+            };
+        if let Some(g) = self
+            .books
+            .grants
+            .find_covering(&r.capability, &resource, at)
+        {
+            return Expect::Reuse(g.id.clone());
+        }
+        let Some(policy) = &self.policy else {
+            return Expect::Unchecked("the run's policy files are not in the record".into());
+        };
+        if let Some(v) = self.books.policy_version
+            && v != policy.version()
+        {
+            return Expect::Unchecked(format!(
+                "decided under policy version {}, whose files are not in the record (the policy changed during the run)",
+                v.to_hex()
+            ));
+        }
+        let args = act::policy_arguments(&r.capability, &r.arguments, &target);
+        let builder = Request::builder(&self.run, &self.agent, &r.capability, resource)
+            .intent(&r.intent)
+            .arguments(&args)
+            .budget_left(self.books.budget.left());
+        let request = match act::classed(builder, &target).build(&self.rt.registry) {
+            Ok(q) => q,
+            Err(_) => return Expect::Denied(DenialCode::InvalidTarget),
+        };
+        let d = policy.decide(&request);
+        let policies = d.determining_policies().to_vec();
+        match d.kind() {
+            DecisionKind::Deny => Expect::Policy("deny", policies),
+            DecisionKind::Permit => Expect::Policy("permit", policies),
+            DecisionKind::PermitWithApproval => Expect::Policy("approval", policies),
+        }
+    }
+}
+
+/// A decision as the replay expects it.
+enum Expect {
+    /// Refused before the policy (target, capability) with this code.
+    Denied(DenialCode),
+    /// An existing grant covers it.
+    Reuse(EventId),
+    /// The policy decides: `deny`, `permit` or `approval`, by these policies.
+    Policy(&'static str, Vec<String>),
+    /// Cannot be re-made, and why.
+    Unchecked(String),
+}
+
+fn mismatch(want: &Expect, got: &Event) -> Option<String> {
+    let t = EventType::from_name(&got.event_type);
+    let reason = got
+        .payload
+        .get("reason")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let policies: Vec<String> = got
+        .payload
+        .get("policies")
+        .and_then(|p| serde_json::from_value(p.clone()).ok())
+        .unwrap_or_default();
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    match want {
+        Expect::Denied(code) => (t != Some(EventType::CapabilityDenied) || reason != code.as_str())
+            .then(|| {
+                format!(
+                    "the replay refuses it ({code}); the run recorded {}",
+                    describe(got)
+                )
+            }),
+        Expect::Reuse(g) => {
+            let grant = got.payload.get("grant").and_then(Value::as_str);
+            (grant != Some(&g.to_string())).then(|| {
+                format!(
+                    "the replay reuses grant {g}; the run recorded {}",
+                    describe(got)
+                )
+            })
+        }
+        Expect::Policy(kind, want_policies) => {
+            let recorded = match t {
+                Some(EventType::CapabilityDenied)
+                    if reason == DenialCode::PolicyDenied.as_str() =>
+                {
+                    "deny"
+                }
+                Some(EventType::CapabilityGranted)
+                    if got.payload.get("approval").is_none_or(Value::is_null) =>
+                {
+                    "permit"
+                }
+                Some(EventType::ApprovalRequested) => "approval",
+                _ => "other",
+            };
+            if recorded != *kind {
+                return Some(format!(
+                    "the policy decides {kind} now; the run recorded {}",
+                    describe(got)
+                ));
+            }
+            (sorted(policies) != sorted(want_policies.clone())).then(|| {
+                format!("the policy decides {kind} by {want_policies:?}; the run recorded it by other policies")
+            })
+        }
+        Expect::Unchecked(_) => None,
+    }
+}
+
+fn denied(e: &Event, request: EventId) -> Outcome {
+    let s = |k: &str| {
+        e.payload
+            .get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    Outcome::Denied {
+        request,
+        reason: s("reason"),
+        detail: s("detail"),
+    }
+}
+
+fn describe(e: &Event) -> String {
+    let reason = e
+        .payload
+        .get("reason")
+        .and_then(Value::as_str)
+        .map(|r| format!(" ({r})"))
+        .unwrap_or_default();
+    format!("{} {}{reason}", e.event_type, e.id())
+}
+
+fn proposal_name(p: &Proposal) -> String {
+    match p {
+        Proposal::Think { kind, .. } => kind.event_type().name().to_string(),
+        Proposal::Request(r) => format!("a {} request", r.capability),
+        Proposal::Infer { .. } => "a model call".into(),
+        Proposal::Finish { .. } => "to finish".into(),
+    }
+}
+
+fn cost_text(c: &Cost) -> String {
+    c.fields()
+        .iter()
+        .filter(|(_, v)| *v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The first field where two payloads differ, for a divergence message.
+fn first_difference(want: &Map<String, Value>, got: &Map<String, Value>) -> String {
+    let keys: std::collections::BTreeSet<&String> = want.keys().chain(got.keys()).collect();
+    for k in keys {
+        let (a, b) = (want.get(k), got.get(k));
+        if a != b {
+            return format!(
+                "field {k:?}: recorded {}, re-driven {}",
+                a.map(cut_json).unwrap_or_else(|| "(absent)".into()),
+                b.map(cut_json).unwrap_or_else(|| "(absent)".into())
+            );
+        }
+    }
+    "the intent".into()
+}
+
+/// A JSON value as short text.
+fn cut_json(v: &Value) -> String {
+    crate::executor::cut(&v.to_string(), 200)
+}

@@ -1,0 +1,182 @@
+//! Model-free replay: a run rebuilt from the log alone equals what it recorded, and re-driving
+//! its agent from the record re-makes every decision; a different agent, a changed record or
+//! a changed policy shows up as a divergence.
+
+mod common;
+
+use common::*;
+use ice_intelligence::{Plan, PlanAgent};
+use ice_kernel::RunId;
+
+const PLAN: &str = r#"
+[[step]]
+intent = "plan"
+think = "plan_step"
+text = "read, rewrite"
+
+[[step]]
+intent = "read"
+capability = "fs.read"
+target = "hello.txt"
+
+[[step]]
+intent = "escape"
+capability = "fs.read"
+target = "../outside.txt"
+
+[[step]]
+intent = "rewrite"
+capability = "fs.write"
+target = "hello.txt"
+arguments = { content = "hello, governed world\n" }
+
+[[step]]
+intent = "forbidden"
+capability = "fs.write"
+target = "locked/release.txt"
+arguments = { content = "2.0\n" }
+
+[[step]]
+intent = "read back"
+capability = "fs.read"
+target = "hello.txt"
+"#;
+
+fn plan_agent(text: &str) -> PlanAgent {
+    PlanAgent::new("coder", Plan::parse("plan.toml", text).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_rebuilds_the_recorded_projection_and_re_makes_every_decision() {
+    let h = H::new(POLICY);
+    let (spec, mut agent) = h.spec("r1", "coder", "[grants]\nuses = 5", PLAN);
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.outcome, ice_runtime::RunOutcome::Committed);
+    let run = RunId::new("r1").unwrap();
+
+    let r = h.rt.replay(&run).await.unwrap();
+    assert!(r.divergences.is_empty(), "{:?}", r.divergences);
+    assert!(r.compared, "the run recorded its projection");
+    assert_eq!(r.state, "TERMINATED");
+    assert_eq!(r.projection["applied"], 1);
+    assert_eq!(r.projection["denials"], 2);
+
+    // The same plan, re-driven from the record: every request and decision matches.
+    let mut again = plan_agent(PLAN);
+    let r = h.rt.replay_drive(&run, &mut again).await.unwrap();
+    assert!(r.divergences.is_empty(), "{:?}", r.divergences);
+    let d = r.drive.unwrap();
+    assert_eq!(d.proposals, 7, "{d:?}");
+    assert_eq!(d.decisions, 5, "{d:?}");
+    assert!(d.unchecked.is_empty(), "{:?}", d.unchecked);
+
+    // A different agent proposes something else: the replay names where it departs.
+    let other = PLAN.replace(
+        "content = \"hello, governed world\\n\"",
+        "content = \"other\\n\"",
+    );
+    let mut different = plan_agent(&other);
+    let r = h.rt.replay_drive(&run, &mut different).await.unwrap();
+    assert_eq!(r.divergences.len(), 1, "{:?}", r.divergences);
+    assert!(
+        r.divergences[0]
+            .what
+            .contains("the driver requests fs.write"),
+        "{:?}",
+        r.divergences
+    );
+    assert!(r.divergences[0].event.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_decides_differently_now_is_a_divergence() {
+    // The recorded policy files are what the replay decides with; a record whose policy text
+    // was changed (and re-hashed, as a forger would) decides differently and is reported.
+    let h = H::new(POLICY);
+    let (spec, mut agent) = h.spec("r2", "coder", "", PLAN);
+    h.run(spec, &mut agent).await;
+    let run = RunId::new("r2").unwrap();
+    // Editing the policy directory afterwards changes nothing: the replay uses the record.
+    std::fs::write(
+        h.policies.join("p.cedar"),
+        "forbid(principal, action, resource);",
+    )
+    .unwrap();
+    let mut again = plan_agent(PLAN);
+    let r = h.rt.replay_drive(&run, &mut again).await.unwrap();
+    assert!(r.divergences.is_empty(), "{:?}", r.divergences);
+}
+
+/// Copy run `from` into a new run `to` through the ledger (as a forger with write access
+/// would), changing each event's payload with `edit`.
+async fn forge(h: &H, from: &str, to: &str, edit: impl Fn(&str, &mut serde_json::Value)) {
+    let events = h.events(from).await;
+    let to_id = RunId::new(to).unwrap();
+    let mut drafts = Vec::new();
+    for e in events {
+        let text = serde_json::Value::Object(e.payload.clone())
+            .to_string()
+            .replace(&format!("\"{from}:"), &format!("\"{to}:"));
+        let mut payload: serde_json::Value = serde_json::from_str(&text).unwrap();
+        edit(&e.event_type, &mut payload);
+        let mut d = ice_kernel::Draft::new(e.event_type.clone(), e.origin.clone()).payload(payload);
+        if let Some(i) = e.intent {
+            d = d.intent(i);
+        }
+        if let Some(a) = e.authority {
+            d = d.authority(a.replace(&format!("{from}:"), &format!("{to}:")));
+        }
+        for c in e.causes {
+            d = d.cause(ice_kernel::EventId::new(to_id.clone(), c.run_seq));
+        }
+        drafts.push(d.cost(e.cost));
+    }
+    h.rt.ledger().append(&to_id, drafts).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_record_whose_policy_decides_otherwise_is_caught() {
+    let h = H::new(POLICY);
+    let (spec, mut agent) = h.spec("r3", "coder", "", PLAN);
+    h.run(spec, &mut agent).await;
+    // A forger rewrites the run with a policy that forbids reading, keeping the decisions it
+    // recorded (and a policy version that matches the forged files, so the record is
+    // self-consistent and hashes and chains verify).
+    let forged_policy = format!(
+        "{POLICY}\n@id(\"no-reading\")\nforbid(principal, action == Action::\"fs.read\", resource);\n"
+    );
+    let sources = vec![ice_authority::PolicySource {
+        name: "p.cedar".into(),
+        text: forged_policy.clone(),
+    }];
+    let schema = ice_authority::Schema::ice().unwrap();
+    let version = ice_authority::PolicySet::from_sources(&sources, &schema)
+        .unwrap()
+        .version()
+        .to_hex();
+    forge(&h, "r3", "r3-forged", |t, p| {
+        if t == "ContextResolved" {
+            p["policy_sources"] = serde_json::json!([{"name": "p.cedar", "text": forged_policy}]);
+            p["policy_version"] = serde_json::json!(version);
+        }
+        if t == "RunTerminated" {
+            p["projection"]["policy_version"] = serde_json::json!(version);
+        }
+    })
+    .await;
+    let run = RunId::new("r3-forged").unwrap();
+    // The plain replay sees a consistent record...
+    let r = h.rt.replay(&run).await.unwrap();
+    assert!(r.divergences.is_empty(), "{:?}", r.divergences);
+    // ...re-making the decisions shows the recorded ones do not follow from its policy.
+    let mut again = plan_agent(PLAN);
+    let r = h.rt.replay_drive(&run, &mut again).await.unwrap();
+    assert_eq!(r.divergences.len(), 1, "{:?}", r.divergences);
+    assert!(
+        r.divergences[0]
+            .what
+            .contains("the policy decides deny now"),
+        "{:?}",
+        r.divergences
+    );
+}
