@@ -151,10 +151,13 @@ pub struct Inference {
 impl Inference {
     /// The `InferenceStep` draft that records this inference in the name of `agent`.
     pub fn draft(&self, agent: &str) -> Draft {
-        Draft::new(EventType::InferenceStep.name(), Origin::Agent(agent.to_string()))
-            .intent(self.intent.clone())
-            .payload(Value::Object(self.payload.clone()))
-            .cost(self.usage)
+        Draft::new(
+            EventType::InferenceStep.name(),
+            Origin::Agent(agent.to_string()),
+        )
+        .intent(self.intent.clone())
+        .payload(Value::Object(self.payload.clone()))
+        .cost(self.usage)
     }
 }
 
