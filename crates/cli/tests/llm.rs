@@ -413,3 +413,52 @@ fn a_refusal_and_a_dead_endpoint_abort_the_run_cleanly() {
     let o = ice(&home, &["verify"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+#[test]
+fn a_memory_promoted_by_one_llm_run_is_shown_to_the_model_in_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = json!([
+        reply(
+            "Reading my notes.",
+            vec![call("c1", "fs_read", json!({"path": "notes/todo.txt"}))],
+            (100, 20)
+        ),
+        reply("Noted.", vec![], (150, 5)),
+        // The second run: the model answers at once.
+        reply("I remember the notes.", vec![], (200, 6)),
+    ]);
+    let model = ModelServer::start(dir.path(), &script);
+    let promote = "\n[memory]\nmount = { scopes = [\"notes\"] }\n\n[[memory.promote]]\nevent = \"FileRead\"\npath = \"notes\"\nkind = \"file\"\nscope = \"notes\"\nconfidence = 0.8\n";
+    let (home, ex) = setup(dir.path(), model.port, |t| t + promote);
+    let spec = ex.join("run.toml");
+    let o = ice(&home, &["run", spec.to_str().unwrap(), "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ev = events(&home, "llm-notes");
+    let promoted = of_type(&ev, "MemoryPromoted");
+    assert_eq!(promoted.len(), 1, "{ev:#?}");
+    let memory = format!("llm-notes:{}", promoted[0]["run_seq"]);
+
+    // A second run of the same spec mounts it, and the model is shown it.
+    let t = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("id = \"llm-notes\"", "id = \"llm-notes-2\"");
+    std::fs::write(&spec, t).unwrap();
+    let o = ice(&home, &["run", spec.to_str().unwrap(), "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ev2 = events(&home, "llm-notes-2");
+    let mounted = of_type(&ev2, "MemoryMounted");
+    assert_eq!(mounted[0]["payload"]["memories"][0]["id"], memory.as_str());
+    let requests = model.requests();
+    assert_eq!(requests.len(), 3);
+    let system = requests[2]["messages"][0]["content"].as_str().unwrap();
+    assert!(system.contains(&memory), "{system}");
+    assert!(system.contains("buy milk"), "{system}");
+
+    // Replayed without the model, the re-driven agent is shown the same memory.
+    drop(model);
+    let o = ice(&home, &["replay", "llm-notes-2", "--drive", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["divergences"], json!([]), "{r:#}");
+    assert_eq!(r["drive"]["inferences"], 1, "{r:#}");
+}
