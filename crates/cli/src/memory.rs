@@ -133,22 +133,6 @@ fn memory_id(s: &str, what: &str) -> Result<EventId> {
         .map_err(|e| anyhow!("{what} {s:?} is not a memory id (RUN_ID:RUN_SEQ): {e}"))
 }
 
-fn operator(name: &Option<String>) -> String {
-    let n = name
-        .clone()
-        .or_else(|| std::env::var("USER").ok())
-        .unwrap_or_else(|| "operator".into());
-    n.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._-@".contains(c) {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect()
-}
-
 /// A memory's status as a person reads it: an active memory past its expiry says so (its
 /// `MemoryExpired` is recorded when a run's mount or a memory command finds it).
 fn status_text(r: &MemoryRecord, now: ice_kernel::Timestamp) -> String {
@@ -321,7 +305,7 @@ async fn promote(home: &Path, url: Option<&str>, a: PromoteArgs) -> Result<u8> {
             confidence: a.confidence,
             ttl_ms,
             reason: a.reason,
-            operator: operator(&a.operator),
+            operator: crate::run::operator(&a.operator),
         })
         .await?;
     let size = crate::run::seal(&h, &rt).await?;
@@ -365,7 +349,7 @@ async fn transition(
     let id = memory_id(&a.id, "memory")?;
     let (h, rt) = crate::run::runtime(home, url).await?;
     let report = rt
-        .transition_memory(&id, action, &a.reason, &operator(&a.operator))
+        .transition_memory(&id, action, &a.reason, &crate::run::operator(&a.operator))
         .await?;
     let size = crate::run::seal(&h, &rt).await?;
     if a.json {

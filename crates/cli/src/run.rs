@@ -106,7 +106,8 @@ pub struct KillArgs {
     reason: String,
 }
 
-fn operator(name: &Option<String>) -> String {
+/// The operator's name for the record: `--operator`, else `$USER`, made a valid id.
+pub(crate) fn operator(name: &Option<String>) -> String {
     let n = name
         .clone()
         .or_else(|| std::env::var("USER").ok())

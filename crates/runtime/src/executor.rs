@@ -140,6 +140,21 @@ pub(crate) struct CallEnd {
     pub(crate) exhausted: Option<String>,
 }
 
+/// `BudgetSettled` for `reservation` at `actual`, caused by `cause`.
+fn settle_draft(reservation: &str, actual: Cost, cause: &EventId) -> Draft {
+    rt_draft(
+        EventType::BudgetSettled,
+        Value::Object(
+            BudgetSettledPayload {
+                reservation: reservation.to_string(),
+                actual,
+            }
+            .to_payload(),
+        ),
+    )
+    .cause(cause.clone())
+}
+
 fn rt_draft(t: EventType, payload: Value) -> Draft {
     Draft::new(t.name(), Origin::Runtime).payload(payload)
 }
@@ -725,19 +740,7 @@ impl Ctx<'_> {
         };
         let live = &mut *guard;
         let wall = started.elapsed().as_micros() as u64;
-        let settle = |actual: Cost| {
-            rt_draft(
-                EventType::BudgetSettled,
-                Value::Object(
-                    BudgetSettledPayload {
-                        reservation: reservation.clone(),
-                        actual,
-                    }
-                    .to_payload(),
-                ),
-            )
-            .cause(req.clone())
-        };
+        let settle = |actual: Cost| settle_draft(&reservation, actual, &req);
         // f. Record the effect and settle. A result the log cannot carry (a number JSON cannot
         //    hold exactly, a reserved key, too large) is withheld from the agent, and the record
         //    says why instead.
@@ -948,12 +951,7 @@ impl Ctx<'_> {
                 AgentView {
                     run_id: self.run.clone(),
                     step: live.books.proposals,
-                    capabilities: self
-                        .rt
-                        .registry
-                        .iter()
-                        .map(|c| (c.name().to_string(), c.resource().to_string()))
-                        .collect(),
+                    capabilities: self.rt.capability_list(),
                     last: live.last.take(),
                     memories: live.memories.clone(),
                     tools: self
@@ -1047,19 +1045,7 @@ impl Ctx<'_> {
         let wall = started.elapsed().as_micros() as u64;
         let mut guard = self.live.lock().await;
         let live = &mut *guard;
-        let settle = |actual: Cost| {
-            rt_draft(
-                EventType::BudgetSettled,
-                Value::Object(
-                    BudgetSettledPayload {
-                        reservation: reservation.clone(),
-                        actual,
-                    }
-                    .to_payload(),
-                ),
-            )
-            .cause(reserved.clone())
-        };
+        let settle = |actual: Cost| settle_draft(&reservation, actual, &reserved);
         let inference = match inferred {
             Ok(i) => i,
             Err(e) => {

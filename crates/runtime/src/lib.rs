@@ -135,6 +135,14 @@ impl Runtime {
         })
     }
 
+    /// The registered capability types with their resource kinds, as agents are shown them.
+    pub(crate) fn capability_list(&self) -> Vec<(String, String)> {
+        self.registry
+            .iter()
+            .map(|c| (c.name().to_string(), c.resource().to_string()))
+            .collect()
+    }
+
     /// This process's name as the writer of the runs it drives (`host-pid-random`).
     pub fn node(&self) -> &str {
         &self.node

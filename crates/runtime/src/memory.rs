@@ -358,28 +358,9 @@ pub fn check_confidence(c: f64) -> Result<(), String> {
 /// Parse a time to live such as `1ms`, `30s`, `5m`, `12h`, `30d` into milliseconds (at least
 /// 1 ms, at most [`MAX_TTL_MS`]).
 pub fn parse_ttl(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h or d)"))?;
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("duration {s:?} must start with a whole number"))?;
-    let per = match unit {
-        "ms" => 1,
-        "s" => 1000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return Err(format!("duration {s:?}: unit must be ms, s, m, h or d")),
-    };
-    let ms = n
-        .checked_mul(per)
-        .filter(|ms| *ms <= MAX_TTL_MS)
-        .ok_or_else(|| format!("duration {s:?} is longer than 100 years"))?;
+    let ms = crate::spec::parse_duration_up_to(s, MAX_TTL_MS, "100 years")?.as_millis() as u64;
     if ms == 0 {
-        return Err(format!("duration {s:?} must be longer than zero"));
+        return Err(format!("duration {:?} must be longer than zero", s.trim()));
     }
     Ok(ms)
 }

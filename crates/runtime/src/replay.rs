@@ -623,12 +623,7 @@ impl Drive<'_> {
         AgentView {
             run_id: self.run.clone(),
             step: self.books.proposals,
-            capabilities: self
-                .rt
-                .registry
-                .iter()
-                .map(|c| (c.name().to_string(), c.resource().to_string()))
-                .collect(),
+            capabilities: self.rt.capability_list(),
             last,
             memories: self.memories.clone(),
             tools,

@@ -375,25 +375,33 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-/// Parse a duration such as `250ms`, `30s`, `5m`, `2h`.
+/// Parse a duration such as `250ms`, `30s`, `5m`, `2h`, `7d`, of at most a year.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    parse_duration_up_to(s, 366 * 86_400_000, "a year")
+}
+
+/// Parse a duration (`ms`, `s`, `m`, `h` or `d`) of at most `max_ms` (`max_text` in words).
+pub fn parse_duration_up_to(s: &str, max_ms: u64, max_text: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
         .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m or h)"))?;
+        .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h or d)"))?;
     let (n, unit) = s.split_at(split);
     let n: u64 = n
         .parse()
         .map_err(|_| format!("duration {s:?} must start with a whole number"))?;
-    let ms = match unit {
-        "ms" => Some(n),
-        "s" => n.checked_mul(1000),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        _ => return Err(format!("duration {s:?}: unit must be ms, s, m or h")),
-    }
-    .filter(|ms| *ms <= 366 * 86_400_000)
-    .ok_or_else(|| format!("duration {s:?} is longer than a year"))?;
+    let per = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("duration {s:?}: unit must be ms, s, m, h or d")),
+    };
+    let ms = n
+        .checked_mul(per)
+        .filter(|ms| *ms <= max_ms)
+        .ok_or_else(|| format!("duration {s:?} is longer than {max_text}"))?;
     Ok(Duration::from_millis(ms))
 }
 
