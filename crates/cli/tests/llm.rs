@@ -343,7 +343,9 @@ fn exhausting_the_token_budget_stops_the_loop_before_the_model_is_called() {
     let model = ModelServer::start(dir.path(), &script);
     let (home, ex) = setup(dir.path(), model.port, |t| {
         t.replace("tokens_out = 4_000", "tokens_out = 100")
-            .replace("max_tokens = 256", "max_tokens = 64")
+            // A whole-number float: the log writes it as an integer, and replay must still
+            // see the same parameters.
+            .replace("max_tokens = 256", "max_tokens = 64\ntemperature = 0.0")
     });
     let o = ice(
         &home,

@@ -728,7 +728,10 @@ impl Drive<'_> {
                 };
                 if draft.event_type != e.event_type
                     || draft.intent != e.intent
-                    || e.payload != draft.payload
+                    || !same(
+                        &Value::Object(e.payload.clone()),
+                        &Value::Object(draft.payload.clone()),
+                    )
                 {
                     self.diverge(format!(
                         "the driver proposes {} where the run recorded {}",
@@ -794,7 +797,11 @@ impl Drive<'_> {
                             ));
                             return false;
                         }
-                        if inf.payload != rec.payload || Some(&inf.intent) != rec.intent.as_ref() {
+                        if !same(
+                            &Value::Object(inf.payload.clone()),
+                            &Value::Object(rec.payload.clone()),
+                        ) || Some(&inf.intent) != rec.intent.as_ref()
+                        {
                             let what = first_difference(&rec.payload, &inf.payload);
                             self.diverge(format!(
                                 "the re-driven inference differs from the recorded one: {what}"
@@ -838,7 +845,9 @@ impl Drive<'_> {
         let same = t == Some(EventType::CapabilityRequested)
             && e.payload.get("capability").and_then(Value::as_str) == Some(r.capability.as_str())
             && e.payload.get("target").and_then(Value::as_str) == Some(r.target.as_str())
-            && e.payload.get("arguments") == Some(&r.arguments)
+            && e.payload
+                .get("arguments")
+                .is_some_and(|a| same(a, &r.arguments))
             && e.intent.as_deref() == Some(r.intent.as_str());
         if !same {
             self.diverge(format!(
@@ -1088,7 +1097,11 @@ fn first_difference(want: &Map<String, Value>, got: &Map<String, Value>) -> Stri
     let keys: std::collections::BTreeSet<&String> = want.keys().chain(got.keys()).collect();
     for k in keys {
         let (a, b) = (want.get(k), got.get(k));
-        if a != b {
+        let equal = match (a, b) {
+            (Some(x), Some(y)) => same(x, y),
+            (x, y) => x == y,
+        };
+        if !equal {
             return format!(
                 "field {k:?}: recorded {}, re-driven {}",
                 a.map(cut_json).unwrap_or_else(|| "(absent)".into()),
@@ -1102,4 +1115,16 @@ fn first_difference(want: &Map<String, Value>, got: &Map<String, Value>) -> Stri
 /// A JSON value as short text.
 fn cut_json(v: &Value) -> String {
     crate::executor::cut(&v.to_string(), 200)
+}
+
+/// Whether two values are the same fact: equal canonical encodings (the log writes `0.0` as
+/// `0`, so a float the driver makes and the integer read back are one value).
+fn same(a: &Value, b: &Value) -> bool {
+    match (
+        ice_kernel::canonical::canonicalize(a),
+        ice_kernel::canonical::canonicalize(b),
+    ) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
 }
