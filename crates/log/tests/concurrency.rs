@@ -246,3 +246,34 @@ async fn a_ledger_that_loses_a_race_reloads_and_continues() {
     assert_eq!(l2.head(&run).await.unwrap().next_seq, 6);
     assert_verifies(fx.log()).await;
 }
+
+/// Verification while others append checks the log as it was when it started: it never reports
+/// the events (or tree nodes) appended meanwhile as a problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn verifying_while_others_append_never_reports_a_false_problem() {
+    let fx = Fixture::new();
+    let ledger = Arc::new(fx.ledger);
+    let writer = {
+        let ledger = ledger.clone();
+        tokio::spawn(async move {
+            for r in 0..40 {
+                let run = run_id(&format!("busy-{r}"));
+                let mut drafts: Vec<Draft> = opening();
+                drafts.extend((0..20).map(|i| working(i as u8, i as u64)));
+                drafts.extend(closing());
+                for d in drafts {
+                    ledger.append(&run, vec![d]).await.expect("append");
+                }
+            }
+        })
+    };
+    let mut checks = 0;
+    while !writer.is_finished() {
+        let report = verify_log(ledger.log().as_ref()).await;
+        assert!(report.failure.is_none(), "{:?}", report.failure);
+        checks += 1;
+    }
+    writer.await.unwrap();
+    assert!(checks > 1, "verification ran while appends went on");
+    assert_verifies(ledger.log().as_ref()).await;
+}
