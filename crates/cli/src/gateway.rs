@@ -67,6 +67,61 @@ pub async fn mcp(home: &Path, url: Option<&str>, a: McpArgs) -> Result<u8> {
     Ok(code)
 }
 
+/// The operator HTTP API of this installation (`/api/v1`), with the tokens its config lists;
+/// the config is read again when it changes (`ice token add` while serving).
+fn operator_api(
+    h: &crate::home::Home,
+    rt: &'static Runtime,
+    addr: std::net::SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<ice_api::Router> {
+    let creds = h.credentials()?;
+    let n = creds.operators();
+    let store = ice_api::CredentialStore::new(creds);
+    let hint = format!("ice token add --operator NAME --home {}", h.dir.display());
+    if n == 0 {
+        eprintln!(
+            "ice serve: operator API at http://{addr}{} refuses every request until an operator token exists: {hint}",
+            ice_api::BASE_PATH
+        );
+    } else {
+        eprintln!(
+            "ice serve: operator API at http://{addr}{} ({n} operator token(s))",
+            ice_api::BASE_PATH
+        );
+    }
+    let dir = h.dir.clone();
+    let watched = store.clone();
+    let watching = stop.clone();
+    tokio::spawn(async move {
+        let file = dir.join("config.toml");
+        let stamp = |f: &Path| std::fs::metadata(f).and_then(|m| m.modified()).ok();
+        let mut seen = stamp(&file);
+        loop {
+            tokio::select! {
+                _ = watching.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+            let now = stamp(&file);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match crate::home::Home::open(&dir).and_then(|h| h.credentials()) {
+                Ok(c) => watched.replace(c),
+                Err(e) => eprintln!("ice serve: keeping the operator tokens it had: {e:#}"),
+            }
+        }
+    });
+    let agents: ice_api::AgentFactory = std::sync::Arc::new(|spec: &RunSpec| {
+        crate::agents::load_agent(spec).map_err(|e| format!("{e:#}"))
+    });
+    let state = ice_api::ApiState::new(rt, h.signer()?, h.verifier()?, store, agents)
+        .with_stop(stop)
+        .with_token_hint(hint);
+    Ok(ice_api::router(state))
+}
+
 /// `ice serve`: until SIGINT or SIGTERM; then open sessions' runs are committed.
 pub async fn serve(home: &Path, url: Option<&str>, a: ServeArgs) -> Result<u8> {
     let (h, rt, spec) = open(home, url, &a.spec).await?;
@@ -108,7 +163,9 @@ pub async fn serve(home: &Path, url: Option<&str>, a: ServeArgs) -> Result<u8> {
             }
         })
     };
-    gw.serve_http(listener, stop, &a.allow_hosts).await?;
+    let api = operator_api(&h, rt, addr, stop.clone())?;
+    gw.serve_http_with(listener, stop, &a.allow_hosts, api)
+        .await?;
     recovering.abort();
     gw.close_all().await;
     let size = seal(&h, rt).await?;

@@ -34,6 +34,24 @@ pub struct Config {
     pub log: String,
     /// The checkpoint origin line and signing key name.
     pub origin: String,
+    /// `[[operators]]`: who may call the operator HTTP API (`ice serve`), each token kept only
+    /// as its SHA-256 (`ice token add --operator NAME`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub operators: Vec<TokenEntry>,
+    /// `[[agents]]`: agents' tokens, refused on operator endpoints (`ice token add --agent NAME`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<TokenEntry>,
+}
+
+/// One token of `[[operators]]` or `[[agents]]`: whose it is and its SHA-256 (hex); the token
+/// itself is shown once, when it is made, and never stored.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry {
+    /// The operator's (or agent's) name; an operator's actions are recorded as `operator:NAME`.
+    pub name: String,
+    /// SHA-256 of the token, 64 hex characters.
+    pub token_sha256: String,
 }
 
 pub struct Home {
@@ -97,6 +115,8 @@ impl Home {
             home_format: HOME_FORMAT,
             log: "sqlite:ice.db".into(),
             origin,
+            operators: Vec::new(),
+            agents: Vec::new(),
         };
         let text = toml::to_string(&config).context("encoding config.toml")?;
         SqliteLog::create(&dir.join("ice.db"))
@@ -183,6 +203,22 @@ impl Home {
 
     pub fn verifier(&self) -> Result<NoteVerifier> {
         read_verifier(&self.dir.join("keys/checkpoint.pub"))
+    }
+
+    /// The tokens `[[operators]]` and `[[agents]]` list, for the operator API; a bad entry is an
+    /// error naming config.toml.
+    pub fn credentials(&self) -> Result<ice_api::Credentials> {
+        let mut c = ice_api::Credentials::new();
+        for (role, entries) in [
+            (ice_api::Role::Operator, &self.config.operators),
+            (ice_api::Role::Agent, &self.config.agents),
+        ] {
+            for e in entries {
+                c.add(role, &e.name, &e.token_sha256)
+                    .map_err(|why| anyhow!("{}: {why}", self.dir.join("config.toml").display()))?;
+            }
+        }
+        Ok(c)
     }
 }
 

@@ -16,6 +16,7 @@ mod memory;
 mod policy;
 mod replay;
 mod run;
+mod token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -102,6 +103,9 @@ enum Command {
     Replay(replay::ReplayArgs),
     /// Measure ICE against baselines measured in the same run.
     Bench(bench::BenchArgs),
+    /// Tokens for the operator HTTP API (`ice serve`): `token add --operator NAME` (or
+    /// `--agent NAME`) makes one, stores only its SHA-256 in config.toml and prints it once.
+    Token(token::TokenArgs),
 }
 
 fn main() -> ExitCode {
@@ -150,6 +154,7 @@ fn main() -> ExitCode {
             Command::Serve(a) => gateway::serve(&home, log_url, a).await,
             Command::Replay(a) => replay::replay(&home, log_url, a).await,
             Command::Bench(a) => bench::run(a).await,
+            Command::Token(a) => token::run(&home, a),
         }
     });
     match result {

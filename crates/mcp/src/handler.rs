@@ -140,6 +140,20 @@ impl Gateway {
         stop: CancellationToken,
         extra_hosts: &[String],
     ) -> Result<(), GatewayError> {
+        self.serve_http_with(listener, stop, extra_hosts, axum::Router::new())
+            .await
+    }
+
+    /// [`Self::serve_http`], with `extra` (ICE's operator API) served beside [`MCP_PATH`] on the
+    /// same listener, behind the same `Host` check: a request naming another host is refused
+    /// (403) before it reaches `extra`'s routes or fallback.
+    pub async fn serve_http_with(
+        self: &Arc<Self>,
+        listener: tokio::net::TcpListener,
+        stop: CancellationToken,
+        extra_hosts: &[String],
+        extra: axum::Router,
+    ) -> Result<(), GatewayError> {
         use rmcp::transport::streamable_http_server::{
             StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
         };
@@ -158,9 +172,23 @@ impl Gateway {
             ];
         }
         config.allowed_hosts.extend(extra_hosts.iter().cloned());
+        let allowed: Arc<[String]> = config.allowed_hosts.clone().into();
+        let extra = extra.layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let allowed = allowed.clone();
+                async move {
+                    match host_refusal(&req, &allowed) {
+                        Some(refused) => refused,
+                        None => next.run(req).await,
+                    }
+                }
+            },
+        ));
         let service =
             StreamableHttpService::new(move || Ok(gw.handler()), Arc::new(sessions), config);
-        let app = axum::Router::new().nest_service(MCP_PATH, service);
+        let app = axum::Router::new()
+            .nest_service(MCP_PATH, service)
+            .merge(extra);
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await
@@ -469,6 +497,61 @@ impl ServerHandler for IceMcp {
             )),
             Err(e) => Err(ErrorData::internal_error(format!("ICE failed: {e}"), None)),
         }
+    }
+}
+
+/// Why a request to the routes served beside MCP is refused by the DNS-rebinding check (the
+/// same rule rmcp applies to `/mcp`: the `Host` header, or the URI's authority, must be one of
+/// `allowed`, where an entry without a port allows any port; an empty list allows all), as a
+/// JSON error response; `None` if it may pass.
+fn host_refusal(
+    req: &axum::extract::Request,
+    allowed: &[String],
+) -> Option<axum::response::Response> {
+    use axum::http::{StatusCode, header, uri::Authority};
+    let refuse = |status: StatusCode, message: &str| {
+        let body = json!({"error": {"code": "host_not_allowed", "message": message}});
+        let mut r = axum::response::Response::new(axum::body::Body::from(body.to_string()));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        Some(r)
+    };
+    if allowed.is_empty() {
+        return None;
+    }
+    let normal = |host: &str| {
+        host.trim_matches('[')
+            .trim_matches(']')
+            .to_ascii_lowercase()
+    };
+    let (host, port) = match req.headers().get(header::HOST) {
+        Some(v) => match v.to_str().ok().and_then(|s| Authority::try_from(s).ok()) {
+            Some(a) => (normal(a.host()), a.port_u16()),
+            None => return refuse(StatusCode::BAD_REQUEST, "the Host header is malformed"),
+        },
+        None => match req.uri().authority() {
+            Some(a) => (normal(a.host()), a.port_u16()),
+            None => return refuse(StatusCode::BAD_REQUEST, "the request names no Host"),
+        },
+    };
+    let ok = allowed.iter().any(|a| {
+        let a = a.trim();
+        let (ah, ap) = match Authority::try_from(a) {
+            Ok(auth) => (normal(auth.host()), auth.port_u16()),
+            Err(_) => (normal(a), None),
+        };
+        !a.is_empty() && ah == host && ap.is_none_or(|p| port == Some(p))
+    });
+    if ok {
+        None
+    } else {
+        refuse(
+            StatusCode::FORBIDDEN,
+            "the Host header names a host this server does not serve (DNS-rebinding protection); start `ice serve` with --allow-host NAME to allow it",
+        )
     }
 }
 

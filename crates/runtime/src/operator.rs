@@ -167,7 +167,21 @@ impl Runtime {
         agent: &mut dyn Agent,
         observer: &dyn Observer,
     ) -> Result<RunReport, RuntimeError> {
-        let session = self.open_session(spec, agent.id(), observer).await?;
+        self.start_by(spec, agent, observer, None).await
+    }
+
+    /// [`Self::start`], recording in `RunProvisioned` who started the run (`operator:NAME`,
+    /// when an operator asked for it through an interface).
+    pub async fn start_by(
+        &self,
+        spec: RunSpec,
+        agent: &mut dyn Agent,
+        observer: &dyn Observer,
+        started_by: Option<Origin>,
+    ) -> Result<RunReport, RuntimeError> {
+        let session = self
+            .open_session_inner(spec, agent.id(), observer, None, None, started_by)
+            .await?;
         let outcome = self.drive_to_end(&session.ctx, agent).await?;
         session.into_report(outcome).await
     }
@@ -191,11 +205,24 @@ impl Runtime {
     /// `RunProvisioned`.
     pub async fn open_session_with_tools<'a>(
         &'a self,
+        spec: RunSpec,
+        agent_id: &str,
+        observer: &'a dyn Observer,
+        tools: Option<Arc<ToolServers>>,
+        client: Option<Value>,
+    ) -> Result<Session<'a>, RuntimeError> {
+        self.open_session_inner(spec, agent_id, observer, tools, client, None)
+            .await
+    }
+
+    async fn open_session_inner<'a>(
+        &'a self,
         mut spec: RunSpec,
         agent_id: &str,
         observer: &'a dyn Observer,
         tools: Option<Arc<ToolServers>>,
         client: Option<Value>,
+        started_by: Option<Origin>,
     ) -> Result<Session<'a>, RuntimeError> {
         let run = match &spec.id {
             Some(id) => id.clone(),
@@ -354,6 +381,7 @@ impl Runtime {
                         "agent": agent_id,
                         "driver": spec.driver,
                         "client": client.clone(),
+                        "started_by": started_by.as_ref().map(|o| o.to_string()),
                         "taxonomy": ice_kernel::TAXONOMY_VERSION,
                     })),
                     Draft::new(EventType::ResourcesAllocated.name(), Origin::Runtime)
