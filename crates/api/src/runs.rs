@@ -176,7 +176,9 @@ pub(crate) async fn start(
     let rt = s.runtime;
     let st = s.clone();
     let task = tokio::spawn(async move {
-        let by = format!("operator:{operator}").parse::<ice_kernel::Origin>().ok();
+        let by = format!("operator:{operator}")
+            .parse::<ice_kernel::Origin>()
+            .ok();
         let result = rt.start_by(spec, agent.as_mut(), &observer, by).await;
         stopped(&st, &format!("started by operator:{operator}"), &result).await;
         result
