@@ -86,8 +86,9 @@ fn operator_api(
         );
     } else {
         eprintln!(
-            "ice serve: operator API at http://{addr}{} ({n} operator token(s))",
-            ice_api::BASE_PATH
+            "ice serve: operator API at http://{addr}{} ({n} operator token(s)); web UI at http://{addr}{}",
+            ice_api::BASE_PATH,
+            ice_ui::UI_PATH
         );
     }
     let dir = h.dir.clone();
@@ -119,7 +120,8 @@ fn operator_api(
     let state = ice_api::ApiState::new(rt, h.signer()?, h.verifier()?, store, agents)
         .with_stop(stop)
         .with_token_hint(hint);
-    Ok(ice_api::router(state))
+    // The operator web UI (`/ui/`, static files only; its data comes from the API above).
+    Ok(ice_api::router(state).merge(ice_ui::router()))
 }
 
 /// `ice serve`: until SIGINT or SIGTERM; then open sessions' runs are committed.

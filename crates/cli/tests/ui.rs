@@ -1,0 +1,397 @@
+//! The operator web UI served by `ice serve`, in a real headless Chromium (Debian's `chromium`
+//! driven by npm `playwright-core`, both installed by scripts/deps; this test installs
+//! nothing): a run started through the API waits for an approval; the browser opens the run,
+//! sees its timeline, approves the request, watches the run commit live, and opens the causal
+//! graph of the effect (tests/peers/ui_check.mjs). A screenshot is saved under the test's
+//! directory and copied to `target/ui-screenshot.png`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn ice(home: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ice"));
+    c.arg("--home").arg(home).env_remove("ICE_HOME");
+    c
+}
+
+fn ok(mut c: Command) -> String {
+    let out = c.output().expect("ice runs");
+    assert!(out.status.success(), "{}", common::text(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// One HTTP/1.1 request over a fresh connection: status and body.
+fn http(addr: &str, method: &str, path: &str, token: &str, body: Option<&Value>) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    req.push_str("\r\n");
+    req.push_str(&body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {resp:?}"));
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_string())
+}
+
+/// A local endpoint answering every request with 200 (the team the plan notifies); returns its
+/// port and the requests it saw.
+fn endpoint() -> (u16, std::sync::mpsc::Receiver<String>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            s.set_read_timeout(Some(Duration::from_millis(500))).ok();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+                let t = String::from_utf8_lossy(&got);
+                if let Some(i) = t.find("\r\n\r\n") {
+                    let len = t[..i]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if got.len() >= i + 4 + len {
+                        break;
+                    }
+                }
+            }
+            let _ = tx.send(String::from_utf8_lossy(&got).into_owned());
+            let _ = s.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\nconnection: close\r\n\r\nthanks\n",
+            );
+        }
+    });
+    (port, rx)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let p = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &p);
+        } else {
+            std::fs::copy(e.path(), p).unwrap();
+        }
+    }
+}
+
+/// Debian's chromium, which scripts/deps installs; the test fails (never skips) without it.
+fn chromium() -> PathBuf {
+    let out = Command::new("sh")
+        .args(["-c", "command -v chromium"])
+        .output()
+        .expect("sh runs");
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success() && !path.is_empty(),
+        "Debian's `chromium` is not installed: run scripts/deps"
+    );
+    PathBuf::from(path)
+}
+
+#[test]
+fn an_operator_approves_a_run_in_the_web_ui_and_watches_it_commit() {
+    let started = Instant::now();
+    let node_modules = common::deps().join("node/node_modules");
+    assert!(
+        node_modules.join("playwright-core/package.json").is_file(),
+        "npm playwright-core is not installed in {}: run scripts/deps",
+        node_modules.display()
+    );
+    let chromium = chromium();
+
+    // An installation, an operator, and a copy of the quickstart's workspace and policies with
+    // a plan whose second step (telling the team) needs an operator's approval.
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path();
+    let home = base.join("home");
+    ok({
+        let mut c = ice(&home);
+        c.args(["init", "--origin", "ice.test/ui"]);
+        c
+    });
+    let token: Value = serde_json::from_str(&ok({
+        let mut c = ice(&home);
+        c.args(["token", "add", "--operator", "alice", "--json"]);
+        c
+    }))
+    .unwrap();
+    let token = token["token"].as_str().unwrap().to_string();
+    let (port, calls) = endpoint();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart");
+    let spec_dir = base.join("spec");
+    copy_dir(&example.join("workspace"), &spec_dir.join("workspace"));
+    copy_dir(&example.join("policies"), &spec_dir.join("policies"));
+    let policy = spec_dir.join("policies/quickstart.cedar");
+    let text = std::fs::read_to_string(&policy).unwrap();
+    assert!(text.contains("notify-needs-approval"));
+    std::fs::write(&policy, text.replace("8765", &port.to_string())).unwrap();
+    std::fs::write(
+        spec_dir.join("plan.toml"),
+        format!(
+            r#"agent = "coder"
+
+[[step]]
+# Markup in what an agent says must reach the page as text.
+intent = "rewrite the greeting <img src=x onerror=alert(1)>"
+capability = "fs.write"
+target = "hello.txt"
+arguments = {{ content = "hello, governed world\n" }}
+
+[[step]]
+intent = "tell the team the greeting changed"
+capability = "http.request"
+target = "http://127.0.0.1:{port}/notify"
+arguments = {{ method = "POST", body = "hello.txt changed" }}
+
+[[step]]
+intent = "bump the release while at it"
+capability = "fs.write"
+target = "locked/release.txt"
+arguments = {{ content = "release = \"2.0\"\n" }}
+
+[[step]]
+finish = "greeting updated"
+"#
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        spec_dir.join("run.toml"),
+        r#"[run]
+agent = "coder"
+workspace = "workspace"
+policy = "policies"
+
+[agent]
+driver = "plan"
+plan = "plan.toml"
+
+[budget]
+tool_calls = 20
+bytes = 1_000_000
+wall_time = "300s"
+on_exhaustion = "abort"
+
+[approvals]
+timeout = "300s"
+
+[[check]]
+name = "the greeting is friendlier"
+run = ["grep", "-q", "governed", "hello.txt"]
+timeout = "10s"
+"#,
+    )
+    .unwrap();
+    // `ice serve` needs a spec for its MCP sessions; none are opened here.
+    std::fs::write(
+        base.join("mcp.toml"),
+        "[run]\nagent = \"mcp-agent\"\nworkspace = \"spec/workspace\"\n[agent]\ndriver = \"external\"\n",
+    )
+    .unwrap();
+
+    let mut serve = ice(&home);
+    serve
+        .current_dir(base)
+        .args(["serve", "--listen", "127.0.0.1:0", "--run-spec"])
+        .arg(base.join("mcp.toml"));
+    let (served, mcp) = common::serve(serve);
+    let root = mcp.strip_suffix("/mcp").unwrap().to_string();
+    let addr = root.strip_prefix("http://").unwrap().to_string();
+
+    // The run, started through the API; it stops at its second step for an approval.
+    let (status, body) = http(
+        &addr,
+        "POST",
+        "/api/v1/runs",
+        &token,
+        Some(&serde_json::json!({"spec": spec_dir.join("run.toml")})),
+    );
+    assert_eq!(status, 202, "{body}");
+    let run = serde_json::from_str::<Value>(&body).unwrap()["run"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = http(
+            &addr,
+            "GET",
+            &format!("/api/v1/approvals?run={run}"),
+            &token,
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        if v["approvals"].as_array().is_some_and(|a| !a.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no approval request appeared");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        calls.try_recv().is_err(),
+        "nothing is called before approval"
+    );
+    let ready = started.elapsed();
+
+    // The browser.
+    let shots = base.join("screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let shot = shots.join("ui.png");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/ui_check.mjs");
+    let browsing = Instant::now();
+    let mut child = Command::new("node")
+        .arg(&script)
+        .arg("--url")
+        .arg(&root)
+        .args(["--run", &run])
+        .arg("--screenshot")
+        .arg(&shot)
+        .arg("--chromium")
+        .arg(&chromium)
+        .arg("--node-modules")
+        .arg(&node_modules)
+        .env("ICE_TOKEN", &token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node runs (Node.js 20, as the README says)");
+    // Read both pipes on threads so neither fills; give up (and kill the browser) after 3 min.
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let limit = Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (stdout, stderr) = (out_t.join().unwrap(), err_t.join().unwrap());
+    let failed = shots.join("ui.failed.png");
+    let _ = std::fs::remove_file(workspace_target().join("ui-screenshot.failed.png"));
+    if failed.is_file() {
+        let _ = std::fs::copy(&failed, workspace_target().join("ui-screenshot.failed.png"));
+    }
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the browser check failed ({}; a screenshot of the page, if any, is in target/ui-screenshot.failed.png):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        match status {
+            Some(s) => format!("exit {s}"),
+            None => "timed out after 180 s".into(),
+        }
+    );
+    let browsed = browsing.elapsed();
+
+    // The screenshot is a PNG, kept where a person can look at it.
+    let png = std::fs::read(&shot).expect("the screenshot was saved");
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000,
+        "not a PNG screenshot"
+    );
+    let kept = workspace_target().join("ui-screenshot.png");
+    std::fs::create_dir_all(kept.parent().unwrap()).unwrap();
+    std::fs::copy(&shot, &kept).unwrap();
+    let _ = std::fs::copy(
+        shots.join("ui-pending.png"),
+        workspace_target().join("ui-screenshot-pending.png"),
+    );
+
+    // What the browser did happened: approved by alice, the call made once, the run committed
+    // and its write landed.
+    let call = calls
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the approved call was made");
+    assert!(
+        call.starts_with("POST /notify") && call.contains("hello.txt changed"),
+        "{call}"
+    );
+    assert!(calls.try_recv().is_err(), "the call was made once");
+    let (status, body) = http(&addr, "GET", &format!("/api/v1/runs/{run}"), &token, None);
+    assert_eq!(status, 200, "{body}");
+    let shown: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(shown["summary"]["state"], "TERMINATED", "{body}");
+    assert_eq!(shown["summary"]["by_type"]["RunCommitted"], 1, "{body}");
+    assert_eq!(shown["summary"]["by_type"]["ApprovalGranted"], 1, "{body}");
+    assert_eq!(shown["changes"][0]["status"], "applied", "{body}");
+    assert_eq!(
+        std::fs::read_to_string(spec_dir.join("workspace/hello.txt")).unwrap(),
+        "hello, governed world\n"
+    );
+    let log = ok({
+        let mut c = ice(&home);
+        c.args(["log", "--run", &run, "--type", "ApprovalGranted", "--json"]);
+        c
+    });
+    assert!(log.contains("operator:alice"), "{log}");
+
+    // The server took everything the page did, and still serves; the log verifies.
+    let (status, _) = http(&addr, "GET", "/ui/", &token, None);
+    assert_eq!(status, 200);
+    ok({
+        let mut c = ice(&home);
+        c.arg("verify");
+        c
+    });
+    drop(served);
+    eprintln!(
+        "web UI check passed: run ready in {ready:?}, browser {browsed:?}, total {:?}; screenshot {}",
+        started.elapsed(),
+        kept.display()
+    );
+}
+
+/// The workspace's `target/` directory.
+fn workspace_target() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"))
+}

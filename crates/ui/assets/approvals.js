@@ -1,0 +1,137 @@
+// Pending approvals: the exact request each one is about, and Approve / Deny.
+
+import { get, post, seg, ApiError } from './api.js';
+import { h, fill, stamp, runHref, compact } from './dom.js';
+
+const requests = new Map(); // approval id → Promise of its CapabilityRequested event (or null)
+
+/** The agent's request an approval is about (from `byId` when the page has the run's events). */
+export function requestOf(approvalId, byId) {
+  const here = byId?.get(approvalId);
+  const reqId = here?.payload?.request;
+  if (reqId && byId.get(reqId)) return Promise.resolve(byId.get(reqId));
+  if (!requests.has(approvalId)) {
+    requests.set(approvalId, (async () => {
+      const ask = here ?? await get(`/events/${seg(approvalId)}`);
+      const rid = ask?.payload?.request;
+      return rid ? await get(`/events/${seg(rid)}`) : null;
+    })().catch((e) => { requests.delete(approvalId); throw e; }));
+  }
+  return requests.get(approvalId);
+}
+
+/** Keeps every "expires in …" on the page current. */
+export function tickExpiries(now = Date.now()) {
+  for (const el of document.querySelectorAll('[data-expires]')) {
+    const t = new Date(el.dataset.expires).getTime();
+    const s = Math.round((t - now) / 1000);
+    el.textContent = s > 0 ? `expires in ${s >= 60 ? `${Math.floor(s / 60)} min ${s % 60} s` : `${s} s`}` : 'expired';
+    el.classList.toggle('expiring', s > 0 && s < 30);
+  }
+}
+
+/**
+ * One pending approval, as a card: the exact call (capability, target, arguments, the digest
+ * an approval binds to, expiry, the policies that asked) and the buttons that answer it.
+ */
+export function approvalCard(a, { byId, showRun = false, onAnswered, onError }) {
+  const target = h('span', { class: 'mono' }, '…');
+  const origin = h('span', null, a.agent ? `agent:${a.agent}` : '');
+  const requestLink = h('span', { class: 'mono' }, '');
+  requestOf(a.id, byId).then((req) => {
+    fill(target, req?.payload?.target ?? '(not recorded)');
+    if (req) {
+      fill(origin, req.origin);
+      fill(requestLink, h('a', { href: runHref(req.run_id, req.run_seq) }, `${req.run_id}:${req.run_seq}`));
+    }
+  }).catch((e) => fill(target, `(could not load the request: ${e instanceof ApiError ? e.describe() : e})`));
+  const reason = h('input', {
+    type: 'text', class: 'reason', placeholder: 'reason (recorded with a denial)', 'aria-label': 'Reason',
+    maxlength: 500,
+  });
+  const outcome = h('p', { class: 'outcome', role: 'status' });
+  const approve = h('button', { type: 'button', class: 'approve primary' }, 'Approve');
+  const deny = h('button', { type: 'button', class: 'deny danger' }, 'Deny');
+  const card = h('article', { class: 'approval card', dataset: { approval: a.id, run: a.run } },
+    h('header', null,
+      h('strong', null, 'Approval requested'),
+      showRun ? [' in ', h('a', { href: runHref(a.run) }, a.run)] : '',
+      h('span', { class: 'mono muted' }, ` ${a.id}`),
+      h('span', { class: 'expires', dataset: { expires: a.expires_at } }, '')),
+    a.intent ? h('p', { class: 'intent' }, h('q', null, a.intent)) : '',
+    h('dl', { class: 'facts' },
+      h('dt', null, 'who'), h('dd', null, origin),
+      h('dt', null, 'capability'), h('dd', { class: 'mono' }, a.capability),
+      h('dt', null, 'target'), h('dd', null, target),
+      h('dt', null, 'resource'), h('dd', { class: 'mono' }, a.resource),
+      h('dt', null, 'arguments'), h('dd', null, h('pre', { class: 'args' }, pretty(a.arguments))),
+      h('dt', null, 'digest'), h('dd', { class: 'mono digest', title: 'SHA-256 of the exact call: an approval authorises this call only, once' }, a.digest),
+      h('dt', null, 'asked by'), h('dd', null, (a.policies ?? []).join(', ') || '—'),
+      h('dt', null, 'expires'), h('dd', null, stamp(a.expires_at)),
+      h('dt', null, 'request'), h('dd', null, requestLink)),
+    h('footer', null, approve, reason, deny),
+    outcome);
+  const answer = async (yes) => {
+    approve.disabled = deny.disabled = reason.disabled = true;
+    fill(outcome, yes ? 'Approving…' : 'Denying…');
+    try {
+      const r = yes
+        ? await post(`/approvals/${seg(a.id)}/approve`)
+        : await post(`/approvals/${seg(a.id)}/deny`, { reason: reason.value });
+      card.classList.add(yes ? 'answered-yes' : 'answered-no');
+      const exp = card.querySelector('[data-expires]');
+      if (exp) { delete exp.dataset.expires; exp.textContent = 'answered'; }
+      fill(outcome, `${r.answer} by ${r.operator}`, yes ? ' — the run continues.' : '.');
+      onAnswered?.(a, r);
+    } catch (e) {
+      approve.disabled = deny.disabled = reason.disabled = false;
+      fill(outcome, h('span', { class: 'problem' }, e instanceof ApiError ? e.describe() : String(e)));
+      onError?.(e);
+    }
+  };
+  approve.addEventListener('click', () => answer(true));
+  deny.addEventListener('click', () => answer(false));
+  return card;
+}
+
+function pretty(v) {
+  if (v === undefined || v === null) return '—';
+  try { return JSON.stringify(v, null, 2); } catch { return compact(v); }
+}
+
+/** The approvals page: every pending approval, all runs. */
+export function approvalsView(root, ctx) {
+  const list = h('div', { class: 'approvals' });
+  const note = h('p', { class: 'muted' }, 'Loading…');
+  fill(root, h('section', { class: 'page' },
+    h('h1', null, 'Pending approvals'),
+    h('p', { class: 'lead' }, 'Requests the policy would permit only with an operator\'s approval. An approval authorises exactly the call shown (its digest), once, before it expires.'),
+    note, list));
+  const shown = new Map();
+  const refresh = async () => {
+    let r;
+    try { r = await get('/approvals'); } catch (e) { ctx.error(e); return; }
+    const ids = new Set(r.approvals.map((a) => a.id));
+    for (const [id, card] of shown) {
+      if (!ids.has(id) && !card.classList.contains('answered-yes') && !card.classList.contains('answered-no')) {
+        card.remove();
+        shown.delete(id);
+      }
+    }
+    for (const a of r.approvals) {
+      if (shown.has(a.id)) continue;
+      const card = approvalCard(a, {
+        showRun: true,
+        onAnswered: () => { ctx.refreshHeader(); setTimeout(() => { card.remove(); shown.delete(a.id); }, 2500); },
+        onError: ctx.error,
+      });
+      shown.set(a.id, card);
+      list.append(card);
+    }
+    fill(note, r.approvals.length ? `${r.approvals.length} waiting.` : 'Nothing is waiting for an operator.');
+    tickExpiries();
+  };
+  refresh();
+  const timer = setInterval(() => { if (!document.hidden) refresh(); }, 3000);
+  return { unmount: () => clearInterval(timer) };
+}

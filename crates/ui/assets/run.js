@@ -1,0 +1,333 @@
+// One run: its state and cost, pending approvals, staged diff, and its timeline, live, with
+// the causal graph of the selected event.
+
+import { get, seg, follow, ApiError } from './api.js';
+import { h, fill, stamp, clock, short, runHref, parseId } from './dom.js';
+import { costMeters, statePill, provisioned } from './runs.js';
+import { approvalCard, tickExpiries } from './approvals.js';
+import { causalGraph, timelineRow, links, idOf, kind } from './events.js';
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** The content an `fs.write` staged, from the agent's request (walking back from `eventId`). */
+function stagedText(eventId, byId) {
+  const seen = new Set();
+  const queue = [eventId];
+  while (queue.length) {
+    const id = queue.shift();
+    if (seen.has(id)) continue;
+    seen.add(id);
+    const e = byId.get(id);
+    if (!e) continue;
+    if (e.type === 'CapabilityRequested') return e.payload?.arguments?.content;
+    for (const l of links(e)) queue.push(l.id);
+  }
+  return undefined;
+}
+
+export function runView(root, ctx, params) {
+  const run = params.run;
+  const events = [];
+  const byId = new Map();
+  let selected = params.seq ?? null;
+  let ended = false;
+  let alive = true;
+  let info = null;
+  const abort = new AbortController();
+
+  // ------------------------------------------------------------------ layout
+  const title = h('h1', { class: 'mono' }, run);
+  const pill = h('span', null);
+  const live = h('span', { class: 'live', id: 'live' }, 'connecting…');
+  const facts = h('dl', { class: 'facts inline' });
+  const counters = h('div', { class: 'counters' });
+  const meters = h('div', { class: 'card cost-card' }, h('h2', null, 'Cost / budget'), h('p', { class: 'muted' }, '…'));
+  const approvals = h('div', { class: 'approvals' });
+  const approvalsSection = h('section', { id: 'run-approvals', hidden: true },
+    h('h2', null, 'Waiting for an operator'), approvals);
+  const diff = h('div', { class: 'diff' }, h('p', { class: 'muted' }, '…'));
+  const rows = h('tbody');
+  const inspector = h('aside', { id: 'inspector', class: 'card inspector' });
+  const eventCount = h('span', { class: 'muted' }, '');
+  fill(root, h('section', { class: 'page run-page', dataset: { run } },
+    h('p', { class: 'crumbs' }, h('a', { href: '#/runs' }, '← Runs')),
+    h('div', { class: 'page-head' }, title, pill, live),
+    facts,
+    h('div', { class: 'overview' }, counters, meters),
+    approvalsSection,
+    h('section', { id: 'diff', class: 'card' }, h('h2', null, 'Changes'), diff),
+    h('div', { class: 'split' },
+      h('section', { id: 'timeline', class: 'card' },
+        h('div', { class: 'section-head' }, h('h2', null, 'Timeline'), eventCount),
+        h('div', { class: 'table-wrap' },
+          h('table', { class: 'timeline' },
+            h('thead', null, h('tr', null,
+              h('th', { class: 'num' }, '#'), h('th', null, 'Time'), h('th', null, 'Type'),
+              h('th', null, 'Origin'), h('th', null, 'Intent · what happened'))),
+            rows))),
+      inspector)));
+  renderInspector();
+
+  // ------------------------------------------------------------------ live events
+  let pendingRows = null;
+  const onEvent = (e) => {
+    if (!e || e.run_id !== run || byId.has(idOf(e))) return;
+    events[e.run_seq] = e;
+    byId.set(idOf(e), e);
+    if (!pendingRows) {
+      pendingRows = document.createDocumentFragment();
+      queueMicrotask(() => {
+        rows.append(pendingRows);
+        pendingRows = null;
+        markSelected();
+        // The diff shows staged text from the requests' events: draw it again with the new ones.
+        if (info) renderDiff(info.changes ?? []);
+      });
+    }
+    pendingRows.append(timelineRow(e, select));
+    fill(eventCount, `${byId.size} event${byId.size === 1 ? '' : 's'}`);
+    // An event's causes all precede it, so only the selected event's own arrival changes the graph.
+    if (e.run_seq === selected) renderInspector();
+    soon();
+  };
+
+  const stream = async () => {
+    let failures = 0;
+    while (alive && !ended) {
+      const from = nextSeq();
+      setLive('live', 'live');
+      try {
+        const how = await follow(run, from, onEvent, abort.signal);
+        if (how === 'end') {
+          ended = true;
+          setLive('ended', 'run ended');
+          refresh();
+          ctx.onRunEnded?.();
+          return;
+        }
+        setLive('retry', 'reconnecting…');
+        await sleep(1000);
+      } catch (e) {
+        if (!alive || e?.name === 'AbortError') return;
+        if (e instanceof ApiError && e.auth) return;
+        if (e instanceof ApiError && e.status >= 400 && e.status < 500) {
+          setLive('error', `not followed: ${e.describe()}`);
+          return;
+        }
+        failures++;
+        setLive('retry', `stream lost: ${e instanceof ApiError ? e.describe() : e} — retrying`);
+        await sleep(Math.min(10000, 1000 * failures));
+      }
+    }
+  };
+  const nextSeq = () => {
+    let n = 0;
+    while (byId.has(`${run}:${n}`)) n++;
+    return n;
+  };
+  function setLive(cls, text) {
+    live.className = `live live-${cls}`;
+    fill(live, text);
+  }
+
+  // ------------------------------------------------------------------ summary, approvals, diff
+  let timer = null;
+  function soon() {
+    if (timer) return;
+    timer = setTimeout(() => { timer = null; refresh(); }, 250);
+  }
+  let refreshing = false;
+  let again = false;
+  async function refresh() {
+    if (refreshing) { again = true; return; }
+    refreshing = true;
+    try {
+      const [shown, pending, prov] = await Promise.all([
+        get(`/runs/${seg(run)}`),
+        get(`/approvals?run=${seg(run)}`),
+        provisioned(run).catch(() => null),
+      ]);
+      if (!alive) return;
+      info = shown;
+      renderHead(shown, pending.approvals, prov);
+      renderApprovals(pending.approvals);
+      renderDiff(shown.changes ?? []);
+    } catch (e) {
+      if (!alive) return;
+      ctx.error(e);
+      if (e instanceof ApiError && e.status >= 400 && e.status < 500 && !info) {
+        fill(root, h('section', { class: 'page' },
+          h('p', { class: 'crumbs' }, h('a', { href: '#/runs' }, '← Runs')),
+          h('div', { class: 'card' }, h('h1', { class: 'mono' }, run), h('p', { class: 'problem' }, e.describe()))));
+      }
+    } finally {
+      refreshing = false;
+      if (again && alive) { again = false; soon(); }
+    }
+  }
+
+  function budgetNow(prov) {
+    let budget = prov?.budget ?? {};
+    for (const e of events) {
+      if (e?.type === 'ReconfigurationRecorded' && e.payload?.new?.budget) budget = e.payload.new.budget;
+    }
+    return budget;
+  }
+
+  function renderHead(shown, pending, prov) {
+    const s = shown.summary;
+    fill(pill, statePill(s, pending.length > 0));
+    const kill = shown.kill ? [h('dt', null, 'kill requested'), h('dd', null, `${shown.kill.by}: ${shown.kill.reason || '(no reason)'}`)] : '';
+    const susp = shown.suspension ? [h('dt', null, 'suspended'), h('dd', null, shown.suspension.reason ?? JSON.stringify(shown.suspension))] : '';
+    fill(facts,
+      h('dt', null, 'agent'), h('dd', null, shown.agent ?? prov?.agent ?? '—'),
+      h('dt', null, 'driver'), h('dd', null, shown.driver ?? prov?.driver ?? '—'),
+      h('dt', null, 'started'), h('dd', { title: s.started_at }, stamp(s.started_at)),
+      h('dt', null, 'last event'), h('dd', { title: s.last_at }, clock(s.last_at)),
+      h('dt', null, 'head'), h('dd', { class: 'mono', title: s.head }, short(s.head, 16)),
+      kill, susp);
+    const counter = (label, value, cls) => h('div', { class: ['counter', cls] }, h('span', { class: 'counter-value' }, String(value ?? 0)), h('span', { class: 'counter-label' }, label));
+    fill(counters,
+      counter('events', s.events),
+      counter('proposals', s.proposals),
+      counter('effects', s.effects),
+      counter('writes applied', shown.books?.applied ?? s.by_type?.EffectApplied ?? 0),
+      counter('denials', s.denials, s.denials ? 'bad' : ''),
+      counter('grants', shown.books?.grants?.length ?? 0),
+      counter('approvals', shown.books?.approvals?.length ?? 0));
+    fill(meters, h('h2', null, 'Cost / budget'), costMeters(s.cost, budgetNow(prov)));
+  }
+
+  const cards = new Map();
+  function renderApprovals(list) {
+    const ids = new Set(list.map((a) => a.id));
+    for (const [id, card] of cards) {
+      if (!ids.has(id) && !card.classList.contains('answered-yes') && !card.classList.contains('answered-no')) {
+        card.remove();
+        cards.delete(id);
+      }
+    }
+    for (const a of list) {
+      if (cards.has(a.id)) continue;
+      const card = approvalCard(a, {
+        byId,
+        onAnswered: () => { ctx.refreshHeader(); soon(); setTimeout(() => { card.remove(); cards.delete(a.id); approvalsSection.hidden = cards.size === 0; }, 2500); },
+        onError: ctx.error,
+      });
+      cards.set(a.id, card);
+      approvals.append(card);
+    }
+    approvalsSection.hidden = cards.size === 0;
+    tickExpiries();
+  }
+
+  function renderDiff(changes) {
+    if (!changes.length) {
+      fill(diff, h('p', { class: 'muted' }, 'No staged writes: this run changed nothing in its workspace (so far).'));
+      return;
+    }
+    const status = changes[0].status;
+    const explain = {
+      staged: 'Staged: the workspace does not change until the run validates and commits.',
+      applied: 'Applied to the workspace when the run committed.',
+      discarded: 'Discarded: the run ended without committing, so none of this reached the workspace.',
+    }[status] ?? '';
+    fill(diff,
+      h('p', { class: 'muted' }, explain),
+      changes.map((c) => {
+        const sign = c.change === 'added' ? 'A' : c.change === 'deleted' ? 'D' : 'M';
+        const text = c.change === 'deleted' ? undefined : stagedText(c.event, byId);
+        let body;
+        if (typeof text === 'string') {
+          const lines = text.split('\n');
+          if (lines.length && lines[lines.length - 1] === '') lines.pop();
+          body = h('pre', { class: 'patch' },
+            lines.slice(0, 200).map((l) => h('span', { class: 'add' }, `+ ${l}\n`)),
+            lines.length > 200 ? h('span', { class: 'muted' }, `… ${lines.length - 200} more lines\n`) : '');
+        } else if (c.change === 'deleted') {
+          body = h('pre', { class: 'patch' }, h('span', { class: 'del' }, '- (the file is deleted)\n'));
+        } else {
+          body = h('p', { class: 'muted' }, text === undefined ? 'content: not in the loaded events' : 'content kept as a blob (see the request event)');
+        }
+        const at = parseId(c.event);
+        return h('div', { class: 'change', dataset: { path: c.path } },
+          h('div', { class: 'change-head' },
+            h('span', { class: ['change-sign', `sign-${sign}`] }, sign),
+            h('span', { class: 'mono path' }, c.path),
+            h('span', { class: `pill pill-${c.status === 'applied' ? 'good' : c.status === 'discarded' ? 'bad' : 'warn'}` }, c.status),
+            at ? h('a', { class: 'mono', href: runHref(at.run, at.seq), onclick: (ev) => { ev.preventDefault(); select(at.seq); } }, `#${at.seq}`) : '',
+            h('span', { class: 'mono muted digests' }, `${c.before ? short(c.before, 10) : '∅'} → ${c.after ? short(c.after, 10) : '∅'}`)),
+          body);
+      }));
+  }
+
+  // ------------------------------------------------------------------ selection and the inspector
+  function select(seq) {
+    selected = seq;
+    markSelected();
+    renderInspector();
+    const want = runHref(run, seq);
+    if (location.hash !== want) history.replaceState(null, '', want);
+    if (window.matchMedia('(max-width: 1100px)').matches) inspector.scrollIntoView({ behavior: 'smooth', block: 'start' });
+  }
+  function markSelected() {
+    for (const tr of rows.querySelectorAll('tr.selected')) tr.classList.remove('selected');
+    if (selected !== null) rows.querySelector(`tr[data-seq="${Number(selected)}"]`)?.classList.add('selected');
+  }
+
+  function renderInspector() {
+    const e = selected === null ? null : byId.get(`${run}:${selected}`);
+    if (!e) {
+      fill(inspector,
+        h('h2', null, 'Causal graph'),
+        h('p', { class: 'muted' }, selected === null
+          ? 'Select an event in the timeline to see what proposed it, what decided it and what authorised it.'
+          : `Event #${selected} is not in the timeline yet.`));
+      return;
+    }
+    const link = (id) => {
+      const p = parseId(id);
+      return p && p.run === run
+        ? h('a', { class: 'mono', href: runHref(run, p.seq), onclick: (ev) => { ev.preventDefault(); select(p.seq); } }, `#${p.seq}`)
+        : h('span', { class: 'mono' }, id);
+    };
+    let payload;
+    try { payload = JSON.stringify(e.payload ?? {}, null, 2); } catch { payload = String(e.payload); }
+    if (payload.length > 50000) payload = `${payload.slice(0, 50000)}\n… (cut: ${payload.length} characters)`;
+    fill(inspector,
+      h('div', { class: 'section-head' },
+        h('h2', null, `#${e.run_seq} `, h('span', { class: `etype k-${kind(e.type)}` }, e.type)),
+        h('a', { href: runHref(run), onclick: (ev) => { ev.preventDefault(); selected = null; markSelected(); renderInspector(); history.replaceState(null, '', runHref(run)); } }, 'close')),
+      h('dl', { class: 'facts' },
+        h('dt', null, 'id'), h('dd', { class: 'mono' }, idOf(e)),
+        h('dt', null, 'at'), h('dd', { title: e.at }, `${stamp(e.at)}  (${clock(e.at)})`),
+        h('dt', null, 'origin'), h('dd', { class: 'mono' }, e.origin),
+        e.intent ? [h('dt', null, 'intent'), h('dd', null, h('q', null, e.intent))] : '',
+        e.authority ? [h('dt', null, 'authority'), h('dd', null, link(e.authority))] : '',
+        (e.causes ?? []).length ? [h('dt', null, 'causes'), h('dd', null, e.causes.map((c, i) => [i ? ', ' : '', link(c)]))] : '',
+        h('dt', null, 'hash'), h('dd', { class: 'mono', title: e.hash }, short(e.hash, 24)),
+        e.log_seq !== undefined ? [h('dt', null, 'log position'), h('dd', { class: 'mono' }, String(e.log_seq))] : ''),
+      h('h3', null, 'Causal graph'),
+      causalGraph(e, byId, select),
+      h('details', { class: 'payload' }, h('summary', null, 'Payload'), h('pre', null, payload)));
+  }
+
+  refresh();
+  stream();
+  return {
+    unmount() {
+      alive = false;
+      abort.abort();
+      clearTimeout(timer);
+    },
+    /** Same run, another event: select it without reloading. */
+    update(p) {
+      if (p.run !== run) return false;
+      if ((p.seq ?? null) !== selected) {
+        if (p.seq === undefined) { selected = null; markSelected(); renderInspector(); } else select(p.seq);
+      }
+      return true;
+    },
+    get info() { return info; },
+  };
+}

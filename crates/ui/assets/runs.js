@@ -1,0 +1,152 @@
+// The runs list: state, events, cost spent against budget, effects, denials; and the
+// approvals waiting for an operator.
+
+import { get, seg } from './api.js';
+import { h, fill, bytes, micros, stamp, ago, runHref } from './dom.js';
+import { approvalCard, tickExpiries } from './approvals.js';
+
+const DIMS = [
+  ['tool_calls', 'tool calls', (v) => String(v)],
+  ['bytes', 'bytes', bytes],
+  ['wall_time_us', 'wall time', micros],
+  ['tokens_in', 'tokens in', (v) => String(v)],
+  ['tokens_out', 'tokens out', (v) => String(v)],
+  ['credits_micro', 'credits', (v) => (v / 1e6).toFixed(2)],
+  ['risk', 'risk', (v) => String(v)],
+];
+
+/** Cost spent against the budget, one meter per dimension that has a limit or a cost. */
+export function costMeters(cost, budget, small = false) {
+  const rows = [];
+  for (const [key, label, fmt] of DIMS) {
+    const spent = cost?.[key];
+    const limit = budget?.[key];
+    const hasLimit = typeof limit === 'number';
+    if (!hasLimit && !spent) continue;
+    const ratio = hasLimit && limit > 0 ? (spent ?? 0) / limit : 0;
+    const bar = h('span', { class: 'bar' });
+    bar.style.width = `${Math.min(100, Math.round(ratio * 100))}%`;
+    rows.push(h('div', { class: ['meter', ratio >= 1 ? 'over' : ratio >= 0.8 ? 'warn' : ''], title: `${label}: ${fmt(spent ?? 0)}${hasLimit ? ` of ${fmt(limit)}` : ' (no limit)'}` },
+      h('span', { class: 'meter-label' }, label),
+      h('span', { class: 'meter-value' }, fmt(spent ?? 0), hasLimit ? h('span', { class: 'muted' }, ` / ${fmt(limit)}`) : h('span', { class: 'muted' }, small ? '' : ' (no limit)')),
+      hasLimit ? h('span', { class: 'track' }, bar) : ''));
+  }
+  return h('div', { class: ['meters', small && 'meters-small'] }, rows.length ? rows : h('span', { class: 'muted' }, 'nothing spent'));
+}
+
+/** The run's state, with how a terminated run ended and whether it waits for an operator. */
+export function statePill(summary, waiting = false) {
+  const s = summary?.state ?? '?';
+  const by = summary?.by_type ?? {};
+  const ended = by.RunCommitted ? 'committed' : by.RunAborted ? 'aborted' : null;
+  const cls = ended === 'aborted' || s === 'ABORTED' || s === 'TERMINATED_BY_RUNTIME' ? 'bad'
+    : ended === 'committed' || s === 'COMMITTED' ? 'good'
+      : s === 'SUSPENDED' || waiting ? 'warn' : 'live';
+  return h('span', { class: ['pill', `pill-${cls}`], dataset: { state: s } },
+    s, ended && s === 'TERMINATED' ? ` · ${ended}` : '', waiting ? ' · waiting for approval' : '');
+}
+
+const budgets = new Map(); // run → Promise of {agent, driver, budget} from its RunProvisioned
+
+/** The agent, driver and budget a run was provisioned with (its event 0; never changes). */
+export function provisioned(run) {
+  if (!budgets.has(run)) {
+    budgets.set(run, get(`/events/${seg(`${run}:0`)}`).then((e) => ({
+      agent: e.payload?.agent ?? e.payload?.spec?.agent,
+      driver: e.payload?.driver ?? e.payload?.spec?.driver,
+      budget: e.payload?.spec?.budget ?? {},
+    })).catch((e) => { budgets.delete(run); throw e; }));
+  }
+  return budgets.get(run);
+}
+
+const MAX_RUNS = 500;
+
+/** The runs page. */
+export function runsView(root, ctx) {
+  const pending = h('div', { class: 'approvals' });
+  const pendingSection = h('section', { class: 'pending', hidden: true },
+    h('h2', null, 'Waiting for an operator'), pending);
+  const body = h('tbody');
+  const count = h('span', { class: 'muted' }, 'Loading…');
+  fill(root, h('section', { class: 'page' },
+    h('div', { class: 'page-head' }, h('h1', null, 'Runs'), count),
+    pendingSection,
+    h('div', { class: 'table-wrap card' },
+      h('table', { class: 'runs' },
+        h('thead', null, h('tr', null,
+          h('th', null, 'Run'), h('th', null, 'Agent'), h('th', null, 'State'),
+          h('th', { class: 'num' }, 'Events'), h('th', null, 'Cost / budget'),
+          h('th', { class: 'num' }, 'Effects'), h('th', { class: 'num' }, 'Denials'),
+          h('th', null, 'Started'), h('th', null, 'Last event'))),
+        body))));
+  const cards = new Map();
+  let alive = true;
+  const refresh = async () => {
+    let runs = [];
+    let approvals = [];
+    try {
+      let offset = 0;
+      for (;;) {
+        const page = await get(`/runs?offset=${offset}&limit=100`);
+        runs.push(...page.runs);
+        if (page.next_offset === null || page.next_offset === undefined || runs.length >= MAX_RUNS) break;
+        offset = page.next_offset;
+      }
+      approvals = (await get('/approvals')).approvals;
+    } catch (e) {
+      ctx.error(e);
+      return;
+    }
+    if (!alive) return;
+    runs = runs.reverse(); // newest first
+    const waiting = new Set(approvals.map((a) => a.run));
+    fill(count, `${runs.length} run${runs.length === 1 ? '' : 's'}${runs.length >= MAX_RUNS ? ` (the first ${MAX_RUNS})` : ''}`);
+    const rows = runs.map((s) => {
+      const agent = h('td', { class: 'agent' }, '');
+      const cost = h('td', { class: 'cost' }, costMeters(s.cost, null, true));
+      provisioned(s.run_id).then((p) => {
+        fill(agent, p.agent ?? '');
+        fill(cost, costMeters(s.cost, p.budget, true));
+      }).catch(() => {});
+      return h('tr', { dataset: { run: s.run_id }, class: 'clickable', onclick: (ev) => { if (ev.target.tagName !== 'A') location.hash = runHref(s.run_id); } },
+        h('td', null, h('a', { class: 'run-link mono', href: runHref(s.run_id) }, s.run_id)),
+        agent,
+        h('td', null, statePill(s, waiting.has(s.run_id))),
+        h('td', { class: 'num' }, String(s.events)),
+        cost,
+        h('td', { class: 'num', title: 'effect events; writes applied to the workspace at commit' }, String(s.effects),
+          s.by_type?.EffectApplied ? h('div', { class: 'muted small' }, `${s.by_type.EffectApplied} applied`) : ''),
+        h('td', { class: ['num', s.denials ? 'has-denials' : ''] }, String(s.denials)),
+        h('td', { title: s.started_at }, stamp(s.started_at)),
+        h('td', { title: s.last_at }, ago(s.last_at)));
+    });
+    fill(body, rows.length ? rows : h('tr', null, h('td', { colspan: 9, class: 'empty' }, 'No runs yet. Start one with `ice run SPEC`, through MCP, or POST /api/v1/runs.')));
+    // Approvals: keep cards already shown (and their inputs), add new ones, drop answered ones.
+    const ids = new Set(approvals.map((a) => a.id));
+    for (const [id, card] of cards) {
+      const answered = card.classList.contains('answered-yes') || card.classList.contains('answered-no');
+      if (!ids.has(id) && !answered) { card.remove(); cards.delete(id); }
+    }
+    for (const a of approvals) {
+      if (!cards.has(a.id)) {
+        const card = approvalCard(a, {
+          showRun: true,
+          onAnswered: () => {
+            ctx.refreshHeader();
+            setTimeout(refresh, 300);
+            setTimeout(() => { card.remove(); cards.delete(a.id); pendingSection.hidden = cards.size === 0; }, 2500);
+          },
+          onError: ctx.error,
+        });
+        cards.set(a.id, card);
+        pending.append(card);
+      }
+    }
+    pendingSection.hidden = cards.size === 0;
+    tickExpiries();
+  };
+  refresh();
+  const timer = setInterval(() => { if (!document.hidden) refresh(); }, 4000);
+  return { unmount: () => { alive = false; clearInterval(timer); } };
+}
