@@ -165,12 +165,66 @@ pub async fn serve(home: &Path, url: Option<&str>, a: ServeArgs) -> Result<u8> {
             }
         })
     };
-    let api = operator_api(&h, rt, addr, stop.clone())?;
+    // Telemetry is built from the log, whoever wrote to it (this node's MCP sessions and API
+    // runs, other processes, other nodes): Prometheus metrics at /metrics, and OTLP traces when
+    // the config names a collector.
+    let telemetry = ice_telemetry::Telemetry::new(ice_telemetry::TelemetryConfig {
+        otlp_endpoint: h
+            .config
+            .telemetry
+            .as_ref()
+            .and_then(|t| t.otlp_endpoint.clone()),
+        ..Default::default()
+    })
+    .map_err(|e| {
+        anyhow!(
+            "[telemetry] in {}: {e}",
+            h.dir.join("config.toml").display()
+        )
+    })?;
+    if let Some(url) = telemetry.otlp_traces_url() {
+        eprintln!("ice serve: exporting traces to {url}");
+    }
+    let tailing = tokio::spawn(tail_log(
+        rt.ledger().log().clone(),
+        telemetry.clone(),
+        stop.clone(),
+    ));
+    let api = operator_api(&h, rt, addr, stop.clone())?.merge(telemetry.metrics_router());
     gw.serve_http_with(listener, stop, &a.allow_hosts, api)
         .await?;
     recovering.abort();
+    tailing.abort();
+    telemetry.flush(std::time::Duration::from_secs(2)).await;
     gw.close_all().await;
     let size = seal(&h, rt).await?;
     eprintln!("ice serve: stopped; checkpoint signed at log size {size}");
     Ok(0)
+}
+
+/// Hand every event appended from now on to `telemetry`, until `stop`.
+async fn tail_log(
+    log: std::sync::Arc<dyn ice_log::EventLog>,
+    telemetry: ice_telemetry::Telemetry,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use ice_runtime::Observer;
+    let mut from = log.size().await.unwrap_or(0);
+    loop {
+        if let Ok(page) = log.scan(from, 1024).await {
+            for s in &page {
+                if let Ok(e) = s.event() {
+                    telemetry.recorded(&e);
+                }
+            }
+            from += page.len() as u64;
+            if page.len() == 1024 {
+                continue;
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+        }
+    }
 }

@@ -41,6 +41,17 @@ pub struct Config {
     /// `[[agents]]`: agents' tokens, refused on operator endpoints (`ice token add --agent NAME`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub agents: Vec<TokenEntry>,
+    /// `[telemetry]`: OpenTelemetry export from `ice serve` (off unless an endpoint is given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry: Option<TelemetrySection>,
+}
+
+/// `[telemetry]` of `config.toml`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySection {
+    /// The OTLP/HTTP collector (`http://127.0.0.1:4318`); traces go to `/v1/traces`.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// One token of `[[operators]]` or `[[agents]]`: whose it is and its SHA-256 (hex); the token
@@ -117,6 +128,7 @@ impl Home {
             origin,
             operators: Vec::new(),
             agents: Vec::new(),
+            telemetry: None,
         };
         let text = toml::to_string(&config).context("encoding config.toml")?;
         SqliteLog::create(&dir.join("ice.db"))

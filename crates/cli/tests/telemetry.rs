@@ -1,0 +1,154 @@
+//! `ice serve`'s telemetry, as an operator's collector and scraper see it: a run another process
+//! records shows up in `/metrics`, and its trace is exported over OTLP/HTTP to the collector the
+//! config names (a listener this test starts).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn ice(home: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ice"));
+    c.arg("--home").arg(home).env_remove("ICE_HOME");
+    c
+}
+
+/// A collector that answers 200 to everything and reports each request's line and content type.
+fn collector() -> (u16, std::sync::mpsc::Receiver<(String, String, usize)>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            if r.read_line(&mut line).is_err() {
+                continue;
+            }
+            let (mut kind, mut len) = (String::new(), 0usize);
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+                let lower = h.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-type:") {
+                    kind = v.trim().to_string();
+                }
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = r.read_exact(&mut body);
+            let _ = tx.send((line.trim().to_string(), kind, body.len()));
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    (port, rx)
+}
+
+fn get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn a_run_shows_in_metrics_and_its_trace_reaches_the_collector() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path();
+    let home = base.join("home");
+    std::fs::create_dir_all(base.join("ws")).unwrap();
+    std::fs::write(base.join("ws/hello.txt"), "hello\n").unwrap();
+    std::fs::write(
+        base.join("plan.toml"),
+        "agent = \"reader\"\n[[step]]\nintent = \"read\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\n[[step]]\nintent = \"escape\"\ncapability = \"fs.read\"\ntarget = \"../x\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        base.join("run.toml"),
+        "[run]\nid = \"traced\"\nagent = \"reader\"\nworkspace = \"ws\"\n[agent]\ndriver = \"plan\"\nplan = \"plan.toml\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        base.join("mcp.toml"),
+        "[run]\nagent = \"mcp-agent\"\nworkspace = \"ws\"\n[agent]\ndriver = \"external\"\n",
+    )
+    .unwrap();
+    assert!(ice(&home).arg("init").status().unwrap().success());
+    let (port, received) = collector();
+    let config = home.join("config.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\n"
+    ));
+    std::fs::write(&config, text).unwrap();
+
+    let mut serve = ice(&home);
+    serve
+        .args(["serve", "--listen", "127.0.0.1:0", "--run-spec"])
+        .arg(base.join("mcp.toml"));
+    let (_served, mcp) = common::serve(serve);
+    let addr = mcp
+        .strip_prefix("http://")
+        .and_then(|a| a.strip_suffix("/mcp"))
+        .unwrap()
+        .to_string();
+
+    // Another process records a run in the same log.
+    let o = ice(&home)
+        .args(["run", "--json"])
+        .arg(base.join("run.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+
+    // The scraper sees it: one permit, one denial (confinement), the run terminated.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut metrics = String::new();
+    while Instant::now() < deadline {
+        metrics = get(&addr, "/metrics");
+        if metrics.contains("ice_runs{state=\"TERMINATED\"} 1") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(metrics.contains("text/plain; version=0.0.4"), "{metrics}");
+    assert!(
+        metrics.contains("ice_runs{state=\"TERMINATED\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ice_decisions_total{outcome=\"permit\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ice_denials_total{reason=\"confinement\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# TYPE ice_effect_seconds histogram"),
+        "{metrics}"
+    );
+
+    // The collector receives the run's trace over OTLP/HTTP.
+    let (line, kind, len) = received
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the trace is exported");
+    assert_eq!(line, "POST /v1/traces HTTP/1.1");
+    assert_eq!(kind, "application/x-protobuf");
+    assert!(len > 100, "a trace with spans ({len} bytes)");
+}
