@@ -3,13 +3,17 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
+use ice_kernel::{Digest, EventId, RunId};
+use ice_log::merkle::NodeId;
+use ice_log::{AppendReceipt, EventLog, LogError, StoredCheckpoint, StoredEvent};
 use ice_mcp::Gateway;
 use ice_runtime::{Quiet, RunSpec, Runtime};
 
-use crate::run::{runtime, seal, write_report};
+use crate::run::{seal, write_report};
 
 #[derive(Args, Debug)]
 pub struct McpArgs {
@@ -40,8 +44,18 @@ async fn open(
     url: Option<&str>,
     spec: &Path,
 ) -> Result<(crate::home::Home, &'static Runtime, RunSpec)> {
+    open_over(home, url, spec, |log| log).await
+}
+
+/// [`open`] over the log as `wrap` returns it.
+async fn open_over(
+    home: &Path,
+    url: Option<&str>,
+    spec: &Path,
+    wrap: impl FnOnce(Arc<dyn EventLog>) -> Arc<dyn EventLog>,
+) -> Result<(crate::home::Home, &'static Runtime, RunSpec)> {
     let spec = RunSpec::load(spec).map_err(|e| anyhow!("{e}"))?;
-    let (h, rt) = runtime(home, url).await?;
+    let (h, rt) = crate::run::runtime_over(home, url, wrap).await?;
     for r in rt.recover(&Quiet).await? {
         eprintln!(
             "recovered run {}: {} → {} ({})",
@@ -126,7 +140,32 @@ fn operator_api(
 
 /// `ice serve`: until SIGINT or SIGTERM; then open sessions' runs are committed.
 pub async fn serve(home: &Path, url: Option<&str>, a: ServeArgs) -> Result<u8> {
-    let (h, rt, spec) = open(home, url, &a.spec).await?;
+    // Telemetry is built from the log, whoever wrote to it (this node's MCP sessions and API
+    // runs, other processes, other nodes): Prometheus metrics at /metrics, and OTLP traces when
+    // the config names a collector. This process's appends are timed as they happen.
+    let config = crate::home::Home::open(home)?;
+    let telemetry = ice_telemetry::Telemetry::new(ice_telemetry::TelemetryConfig {
+        otlp_endpoint: config
+            .config
+            .telemetry
+            .as_ref()
+            .and_then(|t| t.otlp_endpoint.clone()),
+        ..Default::default()
+    })
+    .map_err(|e| {
+        anyhow!(
+            "[telemetry] in {}: {e}",
+            config.dir.join("config.toml").display()
+        )
+    })?;
+    let timed = telemetry.clone();
+    let (h, rt, spec) = open_over(home, url, &a.spec, move |log| {
+        Arc::new(TimedLog {
+            inner: log,
+            telemetry: timed,
+        })
+    })
+    .await?;
     let gw = Gateway::new(rt, spec, true).await?;
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
@@ -165,23 +204,6 @@ pub async fn serve(home: &Path, url: Option<&str>, a: ServeArgs) -> Result<u8> {
             }
         })
     };
-    // Telemetry is built from the log, whoever wrote to it (this node's MCP sessions and API
-    // runs, other processes, other nodes): Prometheus metrics at /metrics, and OTLP traces when
-    // the config names a collector.
-    let telemetry = ice_telemetry::Telemetry::new(ice_telemetry::TelemetryConfig {
-        otlp_endpoint: h
-            .config
-            .telemetry
-            .as_ref()
-            .and_then(|t| t.otlp_endpoint.clone()),
-        ..Default::default()
-    })
-    .map_err(|e| {
-        anyhow!(
-            "[telemetry] in {}: {e}",
-            h.dir.join("config.toml").display()
-        )
-    })?;
     if let Some(url) = telemetry.otlp_traces_url() {
         eprintln!("ice serve: exporting traces to {url}");
     }
@@ -226,5 +248,82 @@ async fn tail_log(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
         }
+    }
+}
+
+/// The log, with each append's duration handed to telemetry (`ice_append_seconds`).
+struct TimedLog {
+    inner: Arc<dyn EventLog>,
+    telemetry: ice_telemetry::Telemetry,
+}
+
+#[async_trait::async_trait]
+impl EventLog for TimedLog {
+    async fn append(&self, batch: ice_kernel::SealedBatch) -> Result<AppendReceipt, LogError> {
+        let started = std::time::Instant::now();
+        let r = self.inner.append(batch).await;
+        if r.is_ok() {
+            self.telemetry.observe_append(started.elapsed());
+        }
+        r
+    }
+    async fn read_run(
+        &self,
+        run_id: &RunId,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, LogError> {
+        self.inner.read_run(run_id, from_seq, limit).await
+    }
+    async fn scan(&self, from_log_seq: u64, limit: usize) -> Result<Vec<StoredEvent>, LogError> {
+        self.inner.scan(from_log_seq, limit).await
+    }
+    async fn get(&self, id: &EventId) -> Result<Option<StoredEvent>, LogError> {
+        self.inner.get(id).await
+    }
+    async fn size(&self) -> Result<u64, LogError> {
+        self.inner.size().await
+    }
+    async fn runs(&self, offset: u64, limit: usize) -> Result<Vec<RunId>, LogError> {
+        self.inner.runs(offset, limit).await
+    }
+    async fn existing(
+        &self,
+        ids: &[EventId],
+    ) -> Result<std::collections::HashSet<EventId>, LogError> {
+        self.inner.existing(ids).await
+    }
+    async fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, LogError> {
+        self.inner.blob(digest).await
+    }
+    async fn nodes(&self, ids: &[NodeId]) -> Result<Vec<Digest>, LogError> {
+        self.inner.nodes(ids).await
+    }
+    async fn scan_nodes(
+        &self,
+        from_leaf: u64,
+        leaves: u64,
+    ) -> Result<Vec<(NodeId, Vec<u8>)>, LogError> {
+        self.inner.scan_nodes(from_leaf, leaves).await
+    }
+    async fn add_checkpoint(&self, checkpoint: StoredCheckpoint) -> Result<(), LogError> {
+        self.inner.add_checkpoint(checkpoint).await
+    }
+    async fn checkpoints(&self) -> Result<Vec<StoredCheckpoint>, LogError> {
+        self.inner.checkpoints().await
+    }
+    async fn claim_run(
+        &self,
+        run: &RunId,
+        holder: &str,
+        now_unix_ms: i64,
+        until_unix_ms: i64,
+    ) -> Result<(), LogError> {
+        self.inner
+            .claim_run(run, holder, now_unix_ms, until_unix_ms)
+            .await
+    }
+    async fn release_run(&self, run: &RunId, holder: &str) -> Result<(), LogError> {
+        self.inner.release_run(run, holder).await
     }
 }

@@ -124,8 +124,17 @@ pub(crate) fn operator(name: &Option<String>) -> String {
 }
 
 pub(crate) async fn runtime(home: &Path, url: Option<&str>) -> Result<(Home, Runtime)> {
+    runtime_over(home, url, |log| log).await
+}
+
+/// [`runtime`] over the log as `wrap` returns it (`ice serve` times its appends).
+pub(crate) async fn runtime_over(
+    home: &Path,
+    url: Option<&str>,
+    wrap: impl FnOnce(Arc<dyn ice_log::EventLog>) -> Arc<dyn ice_log::EventLog>,
+) -> Result<(Home, Runtime)> {
     let h = Home::open(home)?;
-    let log = h.log(url, Mode::ReadWrite).await?;
+    let log = wrap(h.log(url, Mode::ReadWrite).await?);
     let ledger = Arc::new(Ledger::new(log, Arc::new(SystemClock)));
     let install = Installation {
         runs_dir: h.dir.join("runs"),

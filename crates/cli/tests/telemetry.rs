@@ -144,7 +144,59 @@ fn a_run_shows_in_metrics_and_its_trace_reaches_the_collector() {
         "{metrics}"
     );
 
-    // The collector receives the run's trace over OTLP/HTTP.
+    // A run this server drives (started through the API) has its appends timed.
+    let o = ice(&home)
+        .args(["token", "add", "--operator", "alice", "--json"])
+        .output()
+        .unwrap();
+    let token: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let token = token["token"].as_str().unwrap().to_string();
+    std::fs::write(
+        base.join("run2.toml"),
+        "[run]\nid = \"served\"\nagent = \"reader\"\nworkspace = \"ws\"\n[agent]\ndriver = \"plan\"\nplan = \"plan.toml\"\n",
+    )
+    .unwrap();
+    let body = serde_json::json!({"spec": base.join("run2.toml")}).to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut answer = String::new();
+    // The server re-reads its tokens within seconds.
+    while Instant::now() < deadline {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "POST /api/v1/runs HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        answer.clear();
+        s.read_to_string(&mut answer).unwrap();
+        if answer.starts_with("HTTP/1.1 202") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    let count = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("ice_append_seconds_count "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        metrics = get(&addr, "/metrics");
+        if metrics.contains("ice_runs{state=\"TERMINATED\"} 2") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        metrics.contains("ice_runs{state=\"TERMINATED\"} 2"),
+        "{metrics}"
+    );
+    assert!(count(&metrics) > 0, "{metrics}");
+
+    // The collector receives the runs' traces over OTLP/HTTP.
     let (line, kind, len) = received
         .recv_timeout(Duration::from_secs(30))
         .expect("the trace is exported");
