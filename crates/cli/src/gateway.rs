@@ -204,6 +204,25 @@ pub async fn serve(home: &Path, url: Option<&str>, a: ServeArgs) -> Result<u8> {
             }
         })
     };
+    // `ice_runs` starts from the runs the log holds now; the tail moves them from there.
+    {
+        let log = rt.ledger().log().clone();
+        let mut seeds = Vec::new();
+        let mut offset = 0;
+        loop {
+            let ids = log.runs(offset, 1000).await?;
+            for id in &ids {
+                if let Ok(v) = ice_log::ledger::fold_run(log.as_ref(), id).await {
+                    seeds.push((id.clone(), v.summary.state));
+                }
+            }
+            if ids.len() < 1000 {
+                break;
+            }
+            offset += ids.len() as u64;
+        }
+        telemetry.seed_runs(&seeds);
+    }
     if let Some(url) = telemetry.otlp_traces_url() {
         eprintln!("ice serve: exporting traces to {url}");
     }

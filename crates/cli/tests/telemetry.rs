@@ -88,6 +88,18 @@ fn a_run_shows_in_metrics_and_its_trace_reaches_the_collector() {
     )
     .unwrap();
     assert!(ice(&home).arg("init").status().unwrap().success());
+    // A run recorded before the server starts is counted from the start.
+    std::fs::write(
+        base.join("run0.toml"),
+        "[run]\nid = \"before\"\nagent = \"reader\"\nworkspace = \"ws\"\n[agent]\ndriver = \"plan\"\nplan = \"plan.toml\"\n",
+    )
+    .unwrap();
+    let o = ice(&home)
+        .args(["run", "--json"])
+        .arg(base.join("run0.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
     let (port, received) = collector();
     let config = home.join("config.toml");
     let mut text = std::fs::read_to_string(&config).unwrap();
@@ -120,7 +132,7 @@ fn a_run_shows_in_metrics_and_its_trace_reaches_the_collector() {
     let mut metrics = String::new();
     while Instant::now() < deadline {
         metrics = get(&addr, "/metrics");
-        if metrics.contains("ice_runs{state=\"TERMINATED\"} 1") {
+        if metrics.contains("ice_runs{state=\"TERMINATED\"} 2") {
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -128,7 +140,7 @@ fn a_run_shows_in_metrics_and_its_trace_reaches_the_collector() {
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     assert!(metrics.contains("text/plain; version=0.0.4"), "{metrics}");
     assert!(
-        metrics.contains("ice_runs{state=\"TERMINATED\"} 1"),
+        metrics.contains("ice_runs{state=\"TERMINATED\"} 2"),
         "{metrics}"
     );
     assert!(
@@ -185,13 +197,13 @@ fn a_run_shows_in_metrics_and_its_trace_reaches_the_collector() {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         metrics = get(&addr, "/metrics");
-        if metrics.contains("ice_runs{state=\"TERMINATED\"} 2") {
+        if metrics.contains("ice_runs{state=\"TERMINATED\"} 3") {
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(
-        metrics.contains("ice_runs{state=\"TERMINATED\"} 2"),
+        metrics.contains("ice_runs{state=\"TERMINATED\"} 3"),
         "{metrics}"
     );
     assert!(count(&metrics) > 0, "{metrics}");
