@@ -247,7 +247,7 @@ impl EventLog for Prefix {
         &self,
         from_leaf: u64,
         leaves: u64,
-    ) -> Result<Vec<(NodeId, Vec<u8>)>, LogError> {
+    ) -> Result<Vec<(NodeId, Option<Digest>)>, LogError> {
         if from_leaf >= self.size {
             return Ok(Vec::new());
         }

@@ -617,17 +617,17 @@ async fn replay(log: &dyn EventLog) -> Result<u64> {
     let mut views: std::collections::HashMap<RunId, ice_kernel::RunView> =
         std::collections::HashMap::new();
     let mut from = 0u64;
+    let mut page = ice_log::EventPage::default();
     loop {
-        let page = log.scan(from, 8192).await?;
+        page = log.scan_page(from, 8192, false, page).await?;
         if page.is_empty() {
             break;
         }
         from += page.len() as u64;
-        for s in page {
-            let h = ice_kernel::Header::parse(&s.body)?;
+        for s in page.iter() {
+            let h = ice_kernel::Header::parse(s.body)?;
             let hash = ice_kernel::Digest(
                 s.hash
-                    .as_slice()
                     .try_into()
                     .map_err(|_| anyhow!("hash is not 32 bytes"))?,
             );
@@ -805,7 +805,7 @@ impl EventLog for MemoryLog {
         &self,
         _: u64,
         _: u64,
-    ) -> Result<Vec<(ice_log::merkle::NodeId, Vec<u8>)>, ice_log::LogError> {
+    ) -> Result<Vec<(ice_log::merkle::NodeId, Option<ice_kernel::Digest>)>, ice_log::LogError> {
         Err(ice_log::LogError::Invalid("not kept".into()))
     }
     async fn add_checkpoint(&self, _: ice_log::StoredCheckpoint) -> Result<(), ice_log::LogError> {

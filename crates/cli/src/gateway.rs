@@ -297,6 +297,17 @@ impl EventLog for TimedLog {
     async fn scan(&self, from_log_seq: u64, limit: usize) -> Result<Vec<StoredEvent>, LogError> {
         self.inner.scan(from_log_seq, limit).await
     }
+    async fn scan_page(
+        &self,
+        from_log_seq: u64,
+        limit: usize,
+        nodes: bool,
+        reuse: ice_log::EventPage,
+    ) -> Result<ice_log::EventPage, LogError> {
+        self.inner
+            .scan_page(from_log_seq, limit, nodes, reuse)
+            .await
+    }
     async fn get(&self, id: &EventId) -> Result<Option<StoredEvent>, LogError> {
         self.inner.get(id).await
     }
@@ -322,7 +333,7 @@ impl EventLog for TimedLog {
         &self,
         from_leaf: u64,
         leaves: u64,
-    ) -> Result<Vec<(NodeId, Vec<u8>)>, LogError> {
+    ) -> Result<Vec<(NodeId, Option<Digest>)>, LogError> {
         self.inner.scan_nodes(from_leaf, leaves).await
     }
     async fn add_checkpoint(&self, checkpoint: StoredCheckpoint) -> Result<(), LogError> {

@@ -419,3 +419,45 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The fast header reader (used by verify and replay) reads every body the validator
+    /// writes, and reads it exactly as the general reader does.
+    #[test]
+    fn the_fast_header_reader_reads_every_sealed_body_as_the_general_one(h in arb_history()) {
+        for e in &h.events {
+            let fast = ice_kernel::Header::parse_canonical(e.body());
+            prop_assert!(fast.is_some(), "the fast reader refused {}", String::from_utf8_lossy(e.body()));
+            let general = ice_kernel::Header::parse_general(e.body());
+            prop_assert_eq!(fast, Some(general.expect("the general reader reads it")));
+        }
+    }
+
+    /// Whatever a changed body looks like, the fast reader either declines it or agrees with
+    /// the general reader: it never accepts what the general one refuses, or reads it otherwise.
+    #[test]
+    fn the_fast_header_reader_never_disagrees_on_a_changed_body(
+        h in arb_history(),
+        pick in any::<prop::sample::Index>(),
+        at in any::<prop::sample::Index>(),
+        byte in prop_oneof![Just(b'"'), Just(b'\\'), Just(b','), Just(b'}'), Just(b'0'), Just(b'a'), Just(0x01u8), Just(0xffu8), any::<u8>()],
+        cut in any::<bool>(),
+    ) {
+        prop_assume!(!h.events.is_empty());
+        let e = &h.events[pick.index(h.events.len())];
+        let mut body = e.body().to_vec();
+        let i = at.index(body.len());
+        if cut {
+            body.truncate(i);
+        } else {
+            body[i] = byte;
+        }
+        if let Some(fast) = ice_kernel::Header::parse_canonical(&body) {
+            let general = ice_kernel::Header::parse_general(&body);
+            prop_assert!(general.is_ok(), "fast read {:?}, general refused: {:?}", fast, general);
+            prop_assert_eq!(fast, general.unwrap());
+        }
+    }
+}

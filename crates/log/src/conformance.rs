@@ -25,7 +25,7 @@ use crate::checkpoint::{Checkpoint, NoteSigner};
 use crate::ledger::{AppendError, Ledger};
 use crate::merkle::{self, Frontier};
 use crate::verify::verify;
-use crate::{EventLog, LogError, StoredCheckpoint, range_hashes, root_at};
+use crate::{EventLog, LogError, StoredCheckpoint, StoredEvent, range_hashes, root_at};
 
 /// What the suite needs of a backend.
 #[async_trait]
@@ -522,6 +522,32 @@ async fn merkle_tree_and_proofs(
         "{} stored nodes, not {want}",
         seen.len()
     );
+    // A page (what verify streams through, reusing its memory) holds exactly what `scan` and
+    // `scan_nodes` return for the same range, wherever it starts and however far it reaches.
+    let mut page = crate::EventPage::default();
+    for (from, limit) in [(0, 7), (3, 5), (n - 2, 10), (n, 3)] {
+        page = log
+            .scan_page(from, limit as usize, true, page)
+            .await
+            .map_err(|e| fail(case, e))?;
+        let rows = log.scan(from, limit).await.map_err(|e| fail(case, e))?;
+        let got: Vec<StoredEvent> = page.iter().map(|r| r.to_stored()).collect();
+        check!(case, got == rows, "scan_page({from}, {limit}) differs from scan");
+        let nodes = log
+            .scan_nodes(from, limit as u64)
+            .await
+            .map_err(|e| fail(case, e))?;
+        check!(
+            case,
+            page.nodes() == nodes.as_slice(),
+            "scan_page({from}, {limit}) nodes differ from scan_nodes"
+        );
+        page = log
+            .scan_page(from, limit as usize, false, page)
+            .await
+            .map_err(|e| fail(case, e))?;
+        check!(case, page.nodes().is_empty(), "nodes given when not asked for");
+    }
     Ok(())
 }
 

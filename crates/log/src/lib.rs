@@ -22,6 +22,7 @@ pub mod ledger;
 pub mod merkle;
 pub mod migrate;
 pub mod nats;
+pub mod page;
 pub mod postgres;
 pub mod proof;
 pub mod sqlite;
@@ -33,6 +34,7 @@ use async_trait::async_trait;
 use ice_kernel::{Digest, Event, EventId, RunId, SealedBatch};
 
 pub use merkle::NodeId;
+pub use page::{EventPage, StoredRef};
 
 /// An event as stored: its global position, the indexed columns and the canonical body.
 ///
@@ -178,6 +180,30 @@ pub trait EventLog: Send + Sync {
     ) -> Result<Vec<StoredEvent>, LogError>;
     /// Events from global position `from_log_seq`, at most `limit`, in log order.
     async fn scan(&self, from_log_seq: u64, limit: usize) -> Result<Vec<StoredEvent>, LogError>;
+    /// The same as [`EventLog::scan`], in one buffer: what verification and replay stream
+    /// through. With `nodes`, the page also holds what [`EventLog::scan_nodes`] returns for the
+    /// same leaves (`from_log_seq .. from_log_seq + limit`). `reuse` is a page the caller is
+    /// done with, whose memory is reused (`EventPage::default()` for none). The default copies
+    /// the other two calls' results; a backend that can fill a page directly should.
+    async fn scan_page(
+        &self,
+        from_log_seq: u64,
+        limit: usize,
+        nodes: bool,
+        reuse: EventPage,
+    ) -> Result<EventPage, LogError> {
+        let mut page = reuse;
+        page.clear();
+        for r in self.scan(from_log_seq, limit).await? {
+            page.push(r.borrowed());
+        }
+        if nodes {
+            for n in self.scan_nodes(from_log_seq, limit as u64).await? {
+                page.push_node(n);
+            }
+        }
+        Ok(page)
+    }
     /// One event by id.
     async fn get(&self, id: &EventId) -> Result<Option<StoredEvent>, LogError>;
     /// Number of events in the log (= Merkle tree size).
@@ -197,7 +223,7 @@ pub trait EventLog: Send + Sync {
         &self,
         from_leaf: u64,
         leaves: u64,
-    ) -> Result<Vec<(NodeId, Vec<u8>)>, LogError>;
+    ) -> Result<Vec<(NodeId, Option<Digest>)>, LogError>;
     /// Store a signed checkpoint (its size must not exceed the log).
     async fn add_checkpoint(&self, checkpoint: StoredCheckpoint) -> Result<(), LogError>;
     /// Every stored checkpoint, by size.

@@ -28,6 +28,11 @@ impl NodeId {
     }
 }
 
+/// A stored node's bytes as a hash: `None` unless exactly 32 bytes (a damaged store).
+pub fn stored_hash(bytes: &[u8]) -> Option<Digest> {
+    bytes.try_into().ok().map(Digest)
+}
+
 /// Hash of leaf data (here: an event hash).
 pub fn leaf_hash(data: &[u8]) -> Digest {
     let mut h = Sha256::new();
@@ -93,8 +98,16 @@ impl Frontier {
 
     /// Append a leaf hash; returns every node completed by it, the leaf itself first.
     pub fn push(&mut self, leaf: Digest) -> Vec<(NodeId, Digest)> {
+        let mut done = Vec::with_capacity(2);
+        self.push_each(leaf, |id, h| done.push((id, h)));
+        done
+    }
+
+    /// Append a leaf hash and hand each node it completes to `done`, the leaf itself first
+    /// (what [`Frontier::push`] returns, without a vector per leaf).
+    pub fn push_each(&mut self, leaf: Digest, mut done: impl FnMut(NodeId, Digest)) {
         let index = self.size;
-        let mut done = vec![(NodeId { level: 0, index }, leaf)];
+        done(NodeId { level: 0, index }, leaf);
         let mut cur = (0u8, leaf);
         while let Some(&(lvl, left)) = self.stack.last() {
             if lvl != cur.0 {
@@ -103,17 +116,16 @@ impl Frontier {
             self.stack.pop();
             let parent = node_hash(&left, &cur.1);
             cur = (lvl + 1, parent);
-            done.push((
+            done(
                 NodeId {
                     level: cur.0,
                     index: index >> cur.0,
                 },
                 parent,
-            ));
+            );
         }
         self.stack.push(cur);
         self.size += 1;
-        done
     }
 
     /// Root hash of the tree so far.

@@ -1653,7 +1653,7 @@ impl Inner {
         &self,
         from_leaf: u64,
         leaves: u64,
-    ) -> Result<Vec<(NodeId, Vec<u8>)>, LogError> {
+    ) -> Result<Vec<(NodeId, Option<Digest>)>, LogError> {
         let end_wanted = from_leaf.saturating_add(leaves.min(MAX_READ_ROWS as u64));
         if self.read_index().size() < end_wanted {
             self.refresh().await?;
@@ -1672,7 +1672,7 @@ impl Inner {
                     .nodes
                     .get(base + level as usize)
                     .ok_or_else(|| corrupt(format!("tree node {id:?} is missing")))?;
-                out.push((id, h.0.to_vec()));
+                out.push((id, Some(*h)));
             }
         }
         Ok(out)
@@ -1935,7 +1935,7 @@ impl EventLog for NatsLog {
         &self,
         from_leaf: u64,
         leaves: u64,
-    ) -> Result<Vec<(NodeId, Vec<u8>)>, LogError> {
+    ) -> Result<Vec<(NodeId, Option<Digest>)>, LogError> {
         self.inner.scan_nodes(from_leaf, leaves).await
     }
 

@@ -1683,7 +1683,7 @@ impl EventLog for PgLog {
         &self,
         from_leaf: u64,
         leaves: u64,
-    ) -> Result<Vec<(NodeId, Vec<u8>)>, LogError> {
+    ) -> Result<Vec<(NodeId, Option<Digest>)>, LogError> {
         let from = pos(from_leaf);
         let end = pos(from_leaf.saturating_add(leaves.min(MAX_READ_ROWS as u64)));
         let rows = self
@@ -1709,7 +1709,7 @@ impl EventLog for PgLog {
                     level,
                     index: ((leaf_end + 1) >> level).wrapping_sub(1),
                 },
-                col(r, 2, "tree row")?,
+                crate::merkle::stored_hash(&col::<Vec<u8>>(r, 2, "tree row")?),
             ));
         }
         Ok(out)

@@ -21,7 +21,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 use tokio::sync::oneshot;
 
 use crate::merkle::{Frontier, NodeId, leaf_hash};
-use crate::{AppendReceipt, EventLog, LogError, StoredCheckpoint, StoredEvent};
+use crate::{
+    AppendReceipt, EventLog, EventPage, LogError, StoredCheckpoint, StoredEvent, StoredRef,
+};
 
 /// The format this code writes and reads.
 pub const FORMAT: &str = "ice-log/1";
@@ -584,11 +586,16 @@ fn append_batch(
                 se.body()
             ])
             .map_err(storage(format!("appending event {}", e.id())))?;
-        for (id, h) in state.frontier.push(leaf_hash(&e.hash.0)) {
-            ins_node
-                .execute(params![id.last_leaf() as i64, id.level, &h.0[..]])
-                .map_err(storage("appending a tree node"))?;
-        }
+        let mut stored = Ok(());
+        state.frontier.push_each(leaf_hash(&e.hash.0), |id, h| {
+            if stored.is_ok() {
+                stored = ins_node
+                    .execute(params![id.last_leaf() as i64, id.level, &h.0[..]])
+                    .map(|_| ())
+                    .map_err(storage("appending a tree node"));
+            }
+        });
+        stored?;
     }
     let tree_size = state.frontier.size();
     Ok(AppendReceipt {
@@ -645,6 +652,76 @@ fn row_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
     })
 }
 
+/// The same columns as [`row_event`], borrowed from SQLite's row (the text columns checked to
+/// be UTF-8, as reading them into `String`s checks).
+fn row_ref<'r>(r: &'r rusqlite::Row<'_>) -> rusqlite::Result<StoredRef<'r>> {
+    let text = |i: usize| -> rusqlite::Result<&'r str> {
+        let v = r.get_ref(i)?;
+        v.as_str()
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, v.data_type(), Box::new(e)))
+    };
+    let blob = |i: usize| -> rusqlite::Result<&'r [u8]> {
+        let v = r.get_ref(i)?;
+        v.as_blob()
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, v.data_type(), Box::new(e)))
+    };
+    Ok(StoredRef {
+        log_seq: r.get::<_, i64>(0)? as u64,
+        run_id: text(1)?,
+        run_seq: r.get::<_, i64>(2)? as u64,
+        event_type: text(3)?,
+        hash: blob(4)?,
+        body: blob(5)?,
+    })
+}
+
+/// The stored tree nodes completed by leaves `from_leaf .. from_leaf + leaves`, in the order
+/// they were completed, each handed to `out`.
+fn nodes_into(
+    c: &Connection,
+    from_leaf: u64,
+    leaves: u64,
+    out: &mut dyn FnMut((NodeId, Option<Digest>)),
+) -> Result<(), LogError> {
+    let end = from_leaf
+        .saturating_add(leaves.min(MAX_READ_ROWS as u64))
+        .min(i64::MAX as u64);
+    let mut s = c
+        .prepare_cached(
+            "SELECT leaf_end, level, hash FROM tree WHERE leaf_end >= ?1 AND leaf_end < ?2 ORDER BY leaf_end, level",
+        )
+        .map_err(storage("scanning the tree"))?;
+    let mut rows = s
+        .query(params![from_leaf as i64, end as i64])
+        .map_err(storage("scanning the tree"))?;
+    while let Some(r) = rows.next().map_err(storage("scanning the tree"))? {
+        let leaf_end = r.get::<_, i64>(0).map_err(storage("scanning the tree"))? as u64;
+        let level = r.get::<_, i64>(1).map_err(storage("scanning the tree"))?;
+        if !(0..64).contains(&level) {
+            return Err(LogError::Corrupt {
+                what: format!("tree row at leaf {leaf_end} has level {level}"),
+            });
+        }
+        let level = level as u8;
+        // A stored value that is not 32 bytes is kept as `None`: verification reports it as a
+        // node that does not match.
+        let hash = r
+            .get_ref(2)
+            .map_err(storage("scanning the tree"))?
+            .as_blob()
+            .ok()
+            .and_then(crate::merkle::stored_hash);
+        // The inverse of NodeId::last_leaf; a row whose key is not a node's last leaf maps to a
+        // node verification will not expect, and is reported there.
+        let id = NodeId {
+            level,
+            index: ((leaf_end + 1) >> level).wrapping_sub(1),
+        };
+        out((id, hash));
+    }
+    Ok(())
+}
+
 const COLS: &str = "log_seq, run_id, run_seq, type, hash, body";
 
 fn clamp(limit: usize) -> i64 {
@@ -683,11 +760,43 @@ impl EventLog for SqliteLog {
                     "SELECT {COLS} FROM events WHERE log_seq >= ?1 ORDER BY log_seq LIMIT ?2"
                 ))
                 .map_err(storage("scanning the log"))?;
-            let rows = s
-                .query_map(params![from_log_seq as i64, clamp(limit)], row_event)
+            let mut rows = s
+                .query(params![from_log_seq as i64, clamp(limit)])
                 .map_err(storage("scanning the log"))?;
-            rows.collect::<Result<Vec<_>, _>>()
-                .map_err(storage("scanning the log"))
+            let mut out = Vec::with_capacity(limit.min(MAX_READ_ROWS));
+            while let Some(r) = rows.next().map_err(storage("scanning the log"))? {
+                out.push(row_event(r).map_err(storage("scanning the log"))?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn scan_page(
+        &self,
+        from_log_seq: u64,
+        limit: usize,
+        nodes: bool,
+        reuse: EventPage,
+    ) -> Result<EventPage, LogError> {
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached(&format!(
+                    "SELECT {COLS} FROM events WHERE log_seq >= ?1 ORDER BY log_seq LIMIT ?2"
+                ))
+                .map_err(storage("scanning the log"))?;
+            let mut rows = s
+                .query(params![from_log_seq as i64, clamp(limit)])
+                .map_err(storage("scanning the log"))?;
+            let mut page = reuse;
+            page.clear();
+            while let Some(r) = rows.next().map_err(storage("scanning the log"))? {
+                page.push(row_ref(r).map_err(storage("scanning the log"))?);
+            }
+            if nodes {
+                nodes_into(c, from_log_seq, limit as u64, &mut |n| page.push_node(n))?;
+            }
+            Ok(page)
         })
         .await
     }
@@ -786,34 +895,10 @@ impl EventLog for SqliteLog {
         &self,
         from_leaf: u64,
         leaves: u64,
-    ) -> Result<Vec<(NodeId, Vec<u8>)>, LogError> {
-        let end = from_leaf
-            .saturating_add(leaves.min(MAX_READ_ROWS as u64))
-            .min(i64::MAX as u64);
+    ) -> Result<Vec<(NodeId, Option<Digest>)>, LogError> {
         self.read(move |c| {
-            let mut s = c
-                .prepare_cached(
-                    "SELECT leaf_end, level, hash FROM tree WHERE leaf_end >= ?1 AND leaf_end < ?2 ORDER BY leaf_end, level",
-                )
-                .map_err(storage("scanning the tree"))?;
-            let rows = s
-                .query_map(params![from_leaf as i64, end as i64], |r| {
-                    let leaf_end = r.get::<_, i64>(0)? as u64;
-                    let level = r.get::<_, i64>(1)?;
-                    Ok((leaf_end, level, r.get::<_, Vec<u8>>(2)?))
-                })
-                .map_err(storage("scanning the tree"))?;
             let mut out = Vec::new();
-            for r in rows {
-                let (leaf_end, level, h) = r.map_err(storage("scanning the tree"))?;
-                if !(0..64).contains(&level) {
-                    return Err(LogError::Corrupt { what: format!("tree row at leaf {leaf_end} has level {level}") });
-                }
-                let level = level as u8;
-                // The inverse of NodeId::last_leaf; a row whose key is not a node's last leaf
-                // maps to a node verification will not expect, and is reported there.
-                out.push((NodeId { level, index: ((leaf_end + 1) >> level).wrapping_sub(1) }, h));
-            }
+            nodes_into(c, from_leaf, leaves, &mut |n| out.push(n))?;
             Ok(out)
         })
         .await

@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, NoteVerifier};
 use crate::merkle::{Frontier, NodeId, leaf_hash};
-use crate::{EventLog, LogError, StoredEvent};
+use crate::{EventLog, EventPage, LogError, StoredRef};
 
 /// Events read per page.
 const PAGE: usize = 8192;
@@ -121,8 +121,11 @@ pub async fn verify_with(
     // other). Checkpoints were read first, so none covers more than this.
     let size = log.size().await?;
     let take = |from: u64| size.saturating_sub(from).min(PAGE as u64);
-    let mut page = log.scan(0, take(0) as usize).await?;
-    let mut nodes = log.scan_nodes(0, take(0)).await?;
+    let mut page = log
+        .scan_page(0, take(0) as usize, true, EventPage::default())
+        .await?;
+    // The page before this one, whose memory the next read reuses.
+    let mut spare = EventPage::default();
     loop {
         let n = page.len() as u64;
         let from = v.next + n;
@@ -130,15 +133,13 @@ pub async fn verify_with(
         let (next, outcome) = tokio::join!(
             async {
                 if n > 0 && take(from) > 0 {
-                    Some((
-                        log.scan(from, take(from) as usize).await,
-                        log.scan_nodes(from, take(from)).await,
-                    ))
+                    let reuse = std::mem::take(&mut spare);
+                    Some(log.scan_page(from, take(from) as usize, true, reuse).await)
                 } else {
                     None
                 }
             },
-            v.check_page(log, &page, nodes)
+            v.check_page(log, &page)
         );
         if !outcome? {
             v.report.events = v.next;
@@ -147,10 +148,7 @@ pub async fn verify_with(
         v.report.events = v.next;
         progress(v.next);
         match next {
-            Some((p, ns)) => {
-                page = p?;
-                nodes = ns?;
-            }
+            Some(p) => spare = std::mem::replace(&mut page, p?),
             None => break,
         }
     }
@@ -229,14 +227,10 @@ impl Verifier {
 
     /// Check one page of events and the tree nodes their leaves completed. `Ok(false)` once a
     /// failure is recorded.
-    async fn check_page(
-        &mut self,
-        log: &dyn EventLog,
-        rows: &[StoredEvent],
-        nodes: Vec<(NodeId, Vec<u8>)>,
-    ) -> Result<bool, LogError> {
-        let mut nodes = nodes.into_iter();
-        for row in rows {
+    async fn check_page(&mut self, log: &dyn EventLog, rows: &EventPage) -> Result<bool, LogError> {
+        let mut nodes = rows.nodes().iter().copied();
+        let blob_key = memchr::memmem::Finder::new(b"\"$blob\"");
+        for row in rows.iter() {
             let label = || Some(format!("{}:{}", row.run_id, row.run_seq));
             if let Some((id, problem)) = self.check_event(row) {
                 let at = if row.log_seq == self.next {
@@ -248,24 +242,29 @@ impl Verifier {
                 return Ok(false);
             }
             // Blobs the event references must be stored and intact.
-            if memchr::memmem::find(&row.body, b"\"$blob\"").is_some()
+            if blob_key.find(row.body).is_some()
                 && let Some(p) = self.check_blobs(log, row).await?
             {
                 self.fail(Some(row.log_seq), label(), p);
                 return Ok(false);
             }
-            let hash: [u8; 32] = row.hash.as_slice().try_into().unwrap_or([0; 32]);
-            let completed = self.frontier.push(leaf_hash(&hash));
+            let hash: [u8; 32] = row.hash.try_into().unwrap_or([0; 32]);
             // The stored tree (which proofs are built from, and whose leaves record the order
             // the events were appended in) must be the tree of these events.
-            for (id, h) in completed {
-                let ok = matches!(nodes.next(), Some((sid, sh)) if sid == id && sh == h.0);
-                if !ok {
-                    self.fail(Some(row.log_seq), label(), tree_mismatch(id));
-                    return Ok(false);
+            let mut mismatch = None;
+            let mut checked = 0;
+            self.frontier.push_each(leaf_hash(&hash), |id, h| {
+                let ok = matches!(nodes.next(), Some((sid, sh)) if sid == id && sh == Some(h));
+                if !ok && mismatch.is_none() {
+                    mismatch = Some(id);
                 }
-                self.report.tree_nodes_checked += 1;
+                checked += 1;
+            });
+            if let Some(id) = mismatch {
+                self.fail(Some(row.log_seq), label(), tree_mismatch(id));
+                return Ok(false);
             }
+            self.report.tree_nodes_checked += checked;
             self.next += 1;
             if let Some(&(size, root)) = self.checkpoints.front()
                 && size == self.next
@@ -311,7 +310,7 @@ impl Verifier {
     }
 
     /// Check one stored event against its position, hash and the law. Returns the failure.
-    fn check_event(&mut self, row: &StoredEvent) -> Option<(Option<String>, String)> {
+    fn check_event(&mut self, row: StoredRef<'_>) -> Option<(Option<String>, String)> {
         let label = || format!("{}:{}", row.run_id, row.run_seq);
         if row.log_seq != self.next {
             return Some((
@@ -322,24 +321,26 @@ impl Verifier {
                 ),
             ));
         }
-        let Ok(hash) = <[u8; 32]>::try_from(row.hash.as_slice()) else {
+        let Ok(hash) = <[u8; 32]>::try_from(row.hash) else {
             return Some((
                 Some(label()),
                 format!("hash column is {} bytes, not 32", row.hash.len()),
             ));
         };
         let hash = Digest(hash);
-        let mut head = match self.heads.remove(row.run_id.as_str()) {
-            Some(h) => h,
-            None => match RunId::new(row.run_id.as_str()) {
-                Ok(r) => RunHead::new(r),
+        // Taken out while it is checked (the others answer cause lookups), and put back under
+        // the same key: no id is copied per event.
+        let (key, mut head) = match self.heads.remove_entry(row.run_id) {
+            Some(kh) => kh,
+            None => match RunId::new(row.run_id) {
+                Ok(r) => (r.clone(), RunHead::new(r)),
                 Err(e) => return Some((Some(label()), format!("run id column: {e}"))),
             },
         };
         let outcome = if self.deep {
             deep_check(&mut head, row, hash, &self.heads)
         } else {
-            match head.admit_stored(&row.body, hash, &Seen(&self.heads)) {
+            match head.admit_stored(row.body, hash, &Seen(&self.heads)) {
                 Ok(h)
                     if h.run_id != row.run_id
                         || h.run_seq != row.run_seq
@@ -351,7 +352,6 @@ impl Verifier {
                 Err(e) => Err(e.to_string()),
             }
         };
-        let key = head.run_id.clone();
         self.heads.insert(key, head);
         outcome.err().map(|p| (Some(label()), p))
     }
@@ -359,7 +359,7 @@ impl Verifier {
     async fn check_blobs(
         &mut self,
         log: &dyn EventLog,
-        row: &StoredEvent,
+        row: StoredRef<'_>,
     ) -> Result<Option<String>, LogError> {
         let event = row.event()?;
         let refs = match blob_refs(&event.payload) {
@@ -451,7 +451,7 @@ async fn locate(log: &dyn EventLog, from: u64, to: u64) -> Result<Option<(u64, S
     while at < to {
         let n = (to - at).min(PAGE as u64);
         let rows = log.scan(at, n as usize).await?;
-        let leaves: HashMap<u64, Vec<u8>> = log
+        let leaves: HashMap<u64, Option<Digest>> = log
             .scan_nodes(at, n)
             .await?
             .into_iter()
@@ -460,7 +460,7 @@ async fn locate(log: &dyn EventLog, from: u64, to: u64) -> Result<Option<(u64, S
             .collect();
         for r in &rows {
             let hash: [u8; 32] = r.hash.as_slice().try_into().unwrap_or([0; 32]);
-            if leaves.get(&r.log_seq).map(|h| h.as_slice()) != Some(&leaf_hash(&hash).0[..]) {
+            if leaves.get(&r.log_seq) != Some(&Some(leaf_hash(&hash))) {
                 return Ok(Some((r.log_seq, format!("{}:{}", r.run_id, r.run_seq))));
             }
         }
@@ -475,7 +475,7 @@ async fn locate(log: &dyn EventLog, from: u64, to: u64) -> Result<Option<(u64, S
 /// The deep check: parse the whole event, run every rule, re-derive the canonical encoding.
 fn deep_check(
     head: &mut RunHead,
-    row: &StoredEvent,
+    row: StoredRef<'_>,
     hash: Digest,
     heads: &HashMap<RunId, RunHead>,
 ) -> Result<(), String> {
@@ -488,7 +488,7 @@ fn deep_check(
     }
     debug_assert_eq!(event.hash, hash);
     let sealed = head.admit(event, &Seen(heads)).map_err(|e| e.to_string())?;
-    if sealed.body() != row.body.as_slice() {
+    if sealed.body() != row.body {
         return Err("the stored body is not the canonical encoding of the event".into());
     }
     Ok(())
