@@ -4,8 +4,9 @@
 //! `CapabilityUsed`, and ended by `CapabilityRevoked` or `CapabilityExpired`. [`GrantBook`] folds
 //! one run's events into its grants; folding the same events always gives the same book.
 //! [`GrantBook::check_use`] checks a use at the moment it happens (spec §5: same run, not
-//! revoked, not expired, uses left, capability, scope covers the target, run EXECUTING) and is
-//! the only way to obtain an [`Authorization`], which the effects layer requires before it acts.
+//! revoked, not expired, uses left, capability, scope covers the target, run EXECUTING) and,
+//! with [`GrantBook::check_new_use`] (the same checks on a grant about to be recorded), is the
+//! only way to obtain an [`Authorization`], which the effects layer requires before it acts.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -280,6 +281,29 @@ pub struct Grant {
 }
 
 impl Grant {
+    /// The grant a `CapabilityGranted` event with this id, run, payload and time makes.
+    fn issued(id: EventId, run: RunId, p: CapabilityGrantedPayload, at: Timestamp) -> Grant {
+        Grant {
+            id,
+            run,
+            agent: p.agent,
+            capability: p.capability,
+            resource: p.resource,
+            scope: p.scope,
+            effect: p.effect,
+            issued_at: at,
+            expires_at: p.expires_at,
+            max_uses: p.max_uses,
+            uses: 0,
+            constraints: p.constraints,
+            approval: p.approval,
+            request: p.request,
+            policy_version: p.policy_version,
+            policies: p.policies,
+            status: GrantStatus::Live,
+        }
+    }
+
     /// Uses left.
     pub fn uses_left(&self) -> u64 {
         self.max_uses.saturating_sub(self.uses)
@@ -384,7 +408,8 @@ impl GrantRefusal {
 /// Proof that one use of a grant was checked at the moment of use: the value the effects layer
 /// requires before it acts.
 ///
-/// Its fields are private and it can be made only by [`GrantBook::check_use`]; it has no
+/// Its fields are private and it can be made only by [`GrantBook::check_use`] (or
+/// [`GrantBook::check_new_use`], the same check on a grant about to be recorded); it has no
 /// `Default`, no `Deserialize` and no public constructor, so code outside this crate cannot make
 /// one:
 ///
@@ -549,25 +574,7 @@ impl GrantBook {
                 },
             ));
         }
-        let grant = Grant {
-            id: event.id(),
-            run: event.run_id.clone(),
-            agent: p.agent,
-            capability: p.capability,
-            resource: p.resource,
-            scope: p.scope,
-            effect: p.effect,
-            issued_at: event.at,
-            expires_at: p.expires_at,
-            max_uses: p.max_uses,
-            uses: 0,
-            constraints: p.constraints,
-            approval: p.approval,
-            request: p.request,
-            policy_version: p.policy_version,
-            policies: p.policies,
-            status: GrantStatus::Live,
-        };
+        let grant = Grant::issued(event.id(), event.run_id.clone(), p, event.at);
         // Event ids are unique in a verified log; a repeat would be a second fold of the event.
         self.grants.insert(grant.id.clone(), grant);
         Ok(())
@@ -687,6 +694,48 @@ impl GrantBook {
         Ok(Authorization::new(found, resource))
     }
 
+    /// [`Self::check_use`] for the first use of a grant that is not recorded yet: the grant
+    /// `granted` will make once its `CapabilityGranted` is folded as event `id` of `run`.
+    ///
+    /// The runtime records an in-process read's whole call in one batch after the read
+    /// (request, grant, reservation, use, effect, settlement), so the use of a new grant is
+    /// checked, at the moment of use, before the grant is in the book. The checks and their
+    /// order are those of [`Self::check_use`] on the grant as the fold would make it; `id` must
+    /// be an id of `run` that this book (of `run`) does not hold yet, else `grant_wrong_run` or
+    /// `grant_unknown`. The book is not changed.
+    #[expect(
+        clippy::result_large_err,
+        reason = "a refusal is the cold path, and carries the typed facts CapabilityDenied records"
+    )]
+    #[allow(clippy::too_many_arguments)]
+    pub fn check_new_use(
+        &self,
+        id: &EventId,
+        granted: &CapabilityGrantedPayload,
+        run: &RunId,
+        capability: &str,
+        resource: &Resource,
+        now: Timestamp,
+        state: RunState,
+    ) -> Result<Authorization, GrantRefusal> {
+        if id.run_id != *run {
+            return Err(GrantRefusal::WrongRun {
+                grant: id.clone(),
+                grant_run: id.run_id.clone(),
+                run: run.clone(),
+            });
+        }
+        if self.run != *run || self.grants.contains_key(id) {
+            return Err(GrantRefusal::Unknown { grant: id.clone() });
+        }
+        let grant = Grant::issued(id.clone(), run.clone(), granted.clone(), now);
+        check_grant(&grant, capability, resource, Some(now))?;
+        if state != RunState::Executing {
+            return Err(GrantRefusal::RunNotExecuting { state });
+        }
+        Ok(Authorization::new(&grant, resource))
+    }
+
     /// Every check of [`Self::check_use`] but the run's state; expiry by time only when `now` is
     /// given (the fold of a recorded use does not re-check it).
     #[expect(
@@ -714,55 +763,72 @@ impl GrantBook {
             .get(id)
             .filter(|_| self.run == *run)
             .ok_or_else(|| GrantRefusal::Unknown { grant: id.clone() })?;
-        match &grant.status {
-            GrantStatus::Revoked { reason, .. } => {
-                return Err(GrantRefusal::Revoked {
-                    grant: id.clone(),
-                    reason: reason.clone(),
-                });
-            }
-            GrantStatus::Expired { at } => {
-                return Err(GrantRefusal::Expired {
-                    grant: id.clone(),
-                    expires_at: grant.expires_at,
-                    now: now.unwrap_or(*at),
-                });
-            }
-            GrantStatus::Live => {}
+        check_grant(grant, capability, resource, now)?;
+        Ok(grant)
+    }
+}
+
+/// The checks of a use that depend on the grant alone, in [`GrantBook::check_use`]'s order:
+/// not revoked, not expired (by time only when `now` is given), uses left, capability, scope.
+#[expect(
+    clippy::result_large_err,
+    reason = "a refusal is the cold path, and carries the typed facts CapabilityDenied records"
+)]
+fn check_grant(
+    grant: &Grant,
+    capability: &str,
+    resource: &Resource,
+    now: Option<Timestamp>,
+) -> Result<(), GrantRefusal> {
+    let id = &grant.id;
+    match &grant.status {
+        GrantStatus::Revoked { reason, .. } => {
+            return Err(GrantRefusal::Revoked {
+                grant: id.clone(),
+                reason: reason.clone(),
+            });
         }
-        if let Some(now) = now
-            && now >= grant.expires_at
-        {
+        GrantStatus::Expired { at } => {
             return Err(GrantRefusal::Expired {
                 grant: id.clone(),
                 expires_at: grant.expires_at,
-                now,
+                now: now.unwrap_or(*at),
             });
         }
-        if grant.uses_left() == 0 {
-            return Err(GrantRefusal::UsedUp {
-                grant: id.clone(),
-                max_uses: grant.max_uses,
-            });
-        }
-        if grant.capability != capability {
-            return Err(GrantRefusal::WrongCapability {
-                grant: id.clone(),
-                granted: grant.capability.clone(),
-                asked: truncated(capability),
-            });
-        }
-        let covered = resource.kind() == grant.resource.kind()
-            && Scope::for_target(capability, resource).is_ok_and(|t| grant.scope.covers(&t));
-        if !covered {
-            return Err(GrantRefusal::OutOfScope {
-                grant: id.clone(),
-                scope: grant.scope.clone(),
-                target: resource.clone(),
-            });
-        }
-        Ok(grant)
+        GrantStatus::Live => {}
     }
+    if let Some(now) = now
+        && now >= grant.expires_at
+    {
+        return Err(GrantRefusal::Expired {
+            grant: id.clone(),
+            expires_at: grant.expires_at,
+            now,
+        });
+    }
+    if grant.uses_left() == 0 {
+        return Err(GrantRefusal::UsedUp {
+            grant: id.clone(),
+            max_uses: grant.max_uses,
+        });
+    }
+    if grant.capability != capability {
+        return Err(GrantRefusal::WrongCapability {
+            grant: id.clone(),
+            granted: grant.capability.clone(),
+            asked: truncated(capability),
+        });
+    }
+    let covered = resource.kind() == grant.resource.kind()
+        && Scope::for_target(capability, resource).is_ok_and(|t| grant.scope.covers(&t));
+    if !covered {
+        return Err(GrantRefusal::OutOfScope {
+            grant: id.clone(),
+            scope: grant.scope.clone(),
+            target: resource.clone(),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

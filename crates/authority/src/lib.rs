@@ -8,8 +8,9 @@
 //!   by action and resource type (and by the agent and resource entity a scope names), deciding
 //!   `Deny`, `Permit` or `PermitWithApproval`.
 //! - [`grant`]: grants as a fold over a run's capability events ([`GrantBook`]), hierarchical
-//!   [`Scope`]s, and [`GrantBook::check_use`], the check at the moment of use and the only
-//!   source of an [`Authorization`], which the effects layer requires before it acts.
+//!   [`Scope`]s, and [`GrantBook::check_use`] (with [`GrantBook::check_new_use`] for a grant
+//!   about to be recorded), the check at the moment of use and the only source of an
+//!   [`Authorization`], which the effects layer requires before it acts.
 //! - [`budget`]: a run's budget ([`BudgetLedger`]): reserve before, settle after, refuse what
 //!   does not fit; a fold over `BudgetReserved` and `BudgetSettled`.
 //! - [`approval`]: approvals bound to the digest of one exact request ([`request_digest`]),

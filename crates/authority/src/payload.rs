@@ -331,7 +331,9 @@ macro_rules! event_payload {
 
             /// Read and check a payload of this event type.
             pub fn from_payload(payload: &Payload) -> Result<Self, PayloadError> {
-                let parsed: Self = serde_json::from_value(Value::Object(payload.clone()))
+                // Read from the payload in place: a fold reads every such event, and copying
+                // the payload first would cost a deep clone each time.
+                let parsed = Self::deserialize(payload)
                     .map_err(|e| invalid(Self::EVENT_TYPE, e.to_string()))?;
                 parsed
                     .check()

@@ -856,3 +856,126 @@ proptest! {
         }
     }
 }
+
+/// `check_new_use` checks a grant about to be recorded exactly as `check_use` checks it once its
+/// `CapabilityGranted` is folded: the same authorization, the same refusals.
+#[test]
+fn a_grant_about_to_be_recorded_is_checked_as_it_will_be_folded() {
+    type Case = (
+        &'static str,
+        &'static str,
+        u64,
+        &'static str,
+        &'static str,
+        i64,
+    );
+    let cases: [Case; 6] = [
+        // scope, capability asked, max uses, target, run state, now (s)
+        ("fs.write:src", "fs.write", 1, "src/lib.rs", "executing", 1),
+        ("fs.write:src", "fs.write", 1, "srcx/lib.rs", "executing", 1),
+        ("fs.write:src", "fs.read", 1, "src/lib.rs", "executing", 1),
+        ("fs.write:src", "fs.write", 1, "src/lib.rs", "executing", 60),
+        (
+            "fs.write:src:lib.rs",
+            "fs.write",
+            2,
+            "src/lib.rs",
+            "suspended",
+            1,
+        ),
+        ("fs.write", "fs.write", 3, "a/b/c.rs", "executing", 59),
+    ];
+    for (scope_text, capability, uses, target, state, now) in cases {
+        let mut run = TestRun::executing("run-new");
+        let request = run.request("coder", "fs.write", target);
+        // The run's state as the caller reports it (the kernel records no grant while the run
+        // is suspended, so the state is passed, not made).
+        let state_now = if state == "suspended" {
+            RunState::Suspended
+        } else {
+            run.state()
+        };
+        // The grant is for the file its scope names (or src/lib.rs); the use asks for `target`.
+        let granted_path = scope_text
+            .strip_prefix("fs.write:")
+            .filter(|s| s.contains(':'))
+            .map_or("src/lib.rs".to_string(), |s| s.replace(':', "/"));
+        let payload = granted(
+            "fs.write",
+            path(&granted_path),
+            scope_text,
+            uses,
+            at(60),
+            request,
+        );
+        let before = fold(&run.id(), &run.events);
+        let id = EventId::new(run.id(), run.head.next_seq);
+        let ahead = before.check_new_use(
+            &id,
+            &payload,
+            &run.id(),
+            capability,
+            &path(target),
+            at(now),
+            state_now,
+        );
+        // The same grant recorded and folded, then checked.
+        let recorded = run.seal(
+            ice_kernel::Draft::new(
+                EventType::CapabilityGranted.name(),
+                ice_kernel::Origin::Runtime,
+            )
+            .intent("grant")
+            .authority(payload.authority())
+            .payload(serde_json::Value::Object(payload.to_payload())),
+        );
+        assert_eq!(recorded.id(), id);
+        let after = fold(&run.id(), &run.events);
+        let folded = after.check_use(
+            &id,
+            &run.id(),
+            capability,
+            &path(target),
+            at(now),
+            state_now,
+        );
+        assert_eq!(
+            ahead, folded,
+            "{scope_text} {capability} {target} {state} {now}"
+        );
+    }
+    // An id the book already holds, or of another run, is not a new grant.
+    let (run, book, grant) = run_with_grant("run-1", "fs.write:src", 5);
+    let payload = granted(
+        "fs.write",
+        path("src/lib.rs"),
+        "fs.write:src",
+        5,
+        at(60),
+        run.events[3].id(),
+    );
+    let held = book.check_new_use(
+        &grant,
+        &payload,
+        &run.id(),
+        "fs.write",
+        &path("src/lib.rs"),
+        at(1),
+        run.state(),
+    );
+    assert_eq!(held.map_err(|r| r.code()), Err(DenialCode::GrantUnknown));
+    let other = EventId::new(run_id("run-2"), 9);
+    let foreign = book.check_new_use(
+        &other,
+        &payload,
+        &run.id(),
+        "fs.write",
+        &path("src/lib.rs"),
+        at(1),
+        run.state(),
+    );
+    assert_eq!(
+        foreign.map_err(|r| r.code()),
+        Err(DenialCode::GrantWrongRun)
+    );
+}

@@ -527,12 +527,16 @@ async fn merkle_tree_and_proofs(
     let mut page = crate::EventPage::default();
     for (from, limit) in [(0, 7), (3, 5), (n - 2, 10), (n, 3)] {
         page = log
-            .scan_page(from, limit as usize, true, page)
+            .scan_page(from, limit, true, page)
             .await
             .map_err(|e| fail(case, e))?;
         let rows = log.scan(from, limit).await.map_err(|e| fail(case, e))?;
         let got: Vec<StoredEvent> = page.iter().map(|r| r.to_stored()).collect();
-        check!(case, got == rows, "scan_page({from}, {limit}) differs from scan");
+        check!(
+            case,
+            got == rows,
+            "scan_page({from}, {limit}) differs from scan"
+        );
         let nodes = log
             .scan_nodes(from, limit as u64)
             .await
@@ -543,10 +547,14 @@ async fn merkle_tree_and_proofs(
             "scan_page({from}, {limit}) nodes differ from scan_nodes"
         );
         page = log
-            .scan_page(from, limit as usize, false, page)
+            .scan_page(from, limit, false, page)
             .await
             .map_err(|e| fail(case, e))?;
-        check!(case, page.nodes().is_empty(), "nodes given when not asked for");
+        check!(
+            case,
+            page.nodes().is_empty(),
+            "nodes given when not asked for"
+        );
     }
     Ok(())
 }

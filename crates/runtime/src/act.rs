@@ -314,6 +314,17 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(shown).into_owned()
 }
 
+/// Whether an effect only reads the run's staged view of the workspace (`fs.read` of a file,
+/// `fs.list` of a directory): performed in process, under the run's lock, it changes nothing
+/// inside ICE (the stage is only read) or outside it. Such a call is recorded whole after it
+/// happens (see the executor's module documentation); every other one is written ahead.
+pub fn reads_only(capability: &str, target: &Target) -> bool {
+    matches!(
+        (capability, target),
+        ("fs.read", Target::Path(_)) | ("fs.list", Target::Dir(_))
+    )
+}
+
 /// A filesystem effect, on the stage.
 pub fn perform_fs(
     staging: &mut Staging,
@@ -327,17 +338,29 @@ pub fn perform_fs(
         ("fs.read", Target::Path(p)) => {
             let read = stage.read(auth, p, reserved.bytes).map_err(fs_refusal)?;
             let n = read.content.len() as u64;
+            // The evidence has hashed the content already.
+            let digest = read
+                .evidence
+                .outputs
+                .iter()
+                .find(|o| o.name == "content" && o.bytes == n)
+                .map_or_else(|| Digest::of(&read.content), |o| o.digest);
+            // Built field by field: `json!` would copy each value it is given once more.
+            let mut payload = Map::new();
+            payload.insert("path".into(), Value::String(p.clone()));
+            payload.insert("bytes".into(), n.into());
+            payload.insert("size".into(), read.size.into());
+            payload.insert("truncated".into(), read.truncated.into());
+            payload.insert("digest".into(), Value::String(digest.to_hex()));
+            payload.insert("evidence".into(), read.evidence.to_json());
+            let mut output = Map::new();
+            output.insert("content".into(), Value::String(text(&read.content)));
+            output.insert("bytes".into(), n.into());
+            output.insert("truncated".into(), read.truncated.into());
             Ok(Performed {
                 event_type: EventType::FileRead,
-                payload: obj(json!({
-                    "path": p,
-                    "bytes": n,
-                    "size": read.size,
-                    "truncated": read.truncated,
-                    "digest": Digest::of(&read.content).to_hex(),
-                    "evidence": read.evidence.to_json(),
-                })),
-                output: json!({"content": text(&read.content), "bytes": n, "truncated": read.truncated}),
+                payload,
+                output: Value::Object(output),
                 actual: Cost {
                     bytes: n,
                     ..Cost::default()
@@ -351,15 +374,20 @@ pub fn perform_fs(
                 .iter()
                 .map(|e| json!({"name": e.name, "kind": e.kind.as_str(), "size": e.size}))
                 .collect();
+            let mut payload = Map::new();
+            payload.insert("dir".into(), Value::String(d.clone()));
+            payload.insert("entries".into(), entries.len().into());
+            payload.insert("digest".into(), Value::String(listing.digest().to_hex()));
+            payload.insert(
+                "evidence".into(),
+                listing.evidence(Some(&auth.grant().to_string())).to_json(),
+            );
+            let mut output = Map::new();
+            output.insert("entries".into(), Value::Array(entries));
             Ok(Performed {
                 event_type: EventType::FileRead,
-                payload: obj(json!({
-                    "dir": d,
-                    "entries": entries.len(),
-                    "digest": listing.digest().to_hex(),
-                    "evidence": listing.evidence(Some(&auth.grant().to_string())).to_json(),
-                })),
-                output: json!({"entries": entries}),
+                payload,
+                output: Value::Object(output),
                 actual: Cost::default(),
             })
         }

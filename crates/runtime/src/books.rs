@@ -198,7 +198,7 @@ impl Books {
                 }
             }
             EventType::EffectStaged => {
-                let op: StagedPayload = serde_json::from_value(Value::Object(e.payload.clone()))
+                let op = StagedPayload::deserialize(&e.payload)
                     .map_err(|err| fail(format!("EffectStaged: {err}")))?;
                 let staged = ice_effects::StagedOp::from_json(&op.staged)
                     .map_err(|err| fail(format!("EffectStaged op: {err}")))?;

@@ -1,5 +1,42 @@
 //! The run executor: every phase of the lifecycle, the governed call, validation, commit,
 //! abort, suspension and teardown.
+//!
+//! # Recording a governed call
+//!
+//! Every call is decided the same way (the target checked, a live grant or a policy decision,
+//! an approval if the policy asks for one, the budget reservation checked before the effect,
+//! the grant checked at the moment of use, every refusal recorded), and leaves the same events
+//! in the same order: the request, the grant if a new one is issued, `BudgetReserved`,
+//! `CapabilityUsed`, the effect event, `BudgetSettled` (or, when the adapter fails,
+//! `BudgetSettled` at the call's fixed cost and `CapabilityDenied`). How those events are
+//! batched depends on what the effect touches:
+//!
+//! - **Written ahead**: everything that acts outside the run (`http.request`, `mcp.call`,
+//!   `process.exec`) and staged writes (`fs.write`, `fs.delete`). The request, grant,
+//!   reservation and use are durable before the effect happens; the effect and settlement are
+//!   recorded after it. A crash in between leaves a recorded use without its effect record,
+//!   never an effect without its authority on record.
+//! - **Recorded whole, after the read**: in-process reads of the run's staged view
+//!   (`fs.read`, `fs.list`), performed under the run's lock. The grant is checked at the
+//!   moment of use (a new grant as it will be once recorded: `GrantBook::check_new_use`) and
+//!   the reservation before the read; then the read happens, and the whole call is ONE
+//!   append. This is sound because a read changes nothing, inside ICE or outside it: if the
+//!   process dies before the append, nothing happened in the world and the agent saw
+//!   nothing; if the append fails, the agent gets the error, never the output (it is handed
+//!   over only after the batch is durable). Reading again is sound too, so a conflict (an
+//!   operator wrote to the run) or an effect record the law cannot carry makes the call check
+//!   and read again before recording.
+//!
+//! Staged writes stay written ahead although a stage is rebuilt from the log after a restart
+//! (`Stage::from_ops` over the recorded `EffectStaged` ops, in `operator.rs`): in process the
+//! stage is changed by the write itself, so an append that failed after it would leave the
+//! live stage holding a write the log does not, and commit applies the live stage.
+//!
+//! A request the law will not record (a number JSON cannot carry exactly, a reserved key, an
+//! oversized intent) is found by the validator on the first batch that would record it, and
+//! its refusal is recorded instead (`Ctx::unrecordable_request`); an effect record the law
+//! cannot carry is found the same way and recorded with the result withheld (`withhold`). In
+//! both cases nothing of the refused batch was recorded, and no probe is sealed beforehand.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,7 +52,7 @@ use ice_authority::{
     approval::request_digest,
 };
 use ice_kernel::{
-    Agent, AgentView, CapabilityProposal, Cost, Draft, Event, EventId, EventType, Origin, Outcome,
+    Agent, AgentView, CapabilityProposal, Cost, Draft, EventId, EventType, Origin, Outcome,
     Proposal, RunId, RunState, Timestamp, ToolOffer,
 };
 use ice_log::LogError;
@@ -169,39 +206,48 @@ impl Ctx<'_> {
     }
 
     /// Append drafts built for the run's next position; on a conflict (an operator wrote to
-    /// the run meanwhile) fold what they wrote and build again.
+    /// the run meanwhile) fold what they wrote and build again. Returns the ids recorded.
     pub(crate) async fn append(
         &self,
         live: &mut Live,
         build: impl Fn(u64) -> Vec<Draft>,
-    ) -> Result<Vec<Event>, RuntimeError> {
+    ) -> Result<Vec<EventId>, RuntimeError> {
+        let mut attempts = 0;
+        loop {
+            match self.try_append(live, build(live.books.next_seq())).await {
+                Err(e) if is_conflict(&e) && attempts < 8 => {
+                    attempts += 1;
+                    self.catch_up(live).await?;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    /// Seal `drafts` and append them as one batch at the run's end, then fold them into the
+    /// books. Returns the ids recorded. A refusal comes back as the ledger gave it
+    /// ([`RuntimeError::Append`]: a conflict, or a draft the validator rejects, with its index),
+    /// and then nothing was recorded.
+    pub(crate) async fn try_append(
+        &self,
+        live: &mut Live,
+        drafts: Vec<Draft>,
+    ) -> Result<Vec<EventId>, RuntimeError> {
         if self._lock.lost() {
             return Err(RuntimeError::Claimed(format!(
                 "run {} was taken over by another ICE node (this node could not renew its claim in time); nothing more is recorded here",
                 self.run
             )));
         }
-        let mut attempts = 0;
-        loop {
-            let drafts = build(live.books.next_seq());
-            match self.rt.ledger.append(&self.run, drafts).await {
-                Ok((_, batch)) => {
-                    let mut out = Vec::with_capacity(batch.events().len());
-                    for s in batch.events() {
-                        let e = s.event();
-                        live.books.apply(e)?;
-                        self.observer.recorded(e);
-                        out.push(e.clone());
-                    }
-                    return Ok(out);
-                }
-                Err(AppendError::Log(LogError::Conflict { .. })) if attempts < 8 => {
-                    attempts += 1;
-                    self.catch_up(live).await?;
-                }
-                Err(e) => return Err(e.into()),
-            }
+        let (_, batch) = self.rt.ledger.append(&self.run, drafts).await?;
+        let mut out = Vec::with_capacity(batch.events().len());
+        for s in batch.events() {
+            let e = s.event();
+            live.books.apply(e)?;
+            self.observer.recorded(e);
+            out.push(e.id());
         }
+        Ok(out)
     }
 
     /// Fold events others (operators) appended to the run since we last looked.
@@ -242,7 +288,8 @@ impl Ctx<'_> {
 
     /// Whether the validator would accept `draft` as the run's next event: an agent's proposal
     /// that breaks the law (a number JSON cannot carry exactly, a reserved key, an oversized
-    /// intent) is answered, never allowed to stop the run.
+    /// intent) is answered, never allowed to stop the run. This seals a probe; a governed call
+    /// needs none (see `unrecordable_request` and `withhold`).
     pub(crate) fn unrecordable(&self, live: &Live, draft: &Draft) -> Option<String> {
         let mut probe = live.books.head.clone();
         let at = probe.last_at.unwrap_or_else(|| self.now());
@@ -250,6 +297,48 @@ impl Ctx<'_> {
             .seal(draft.clone(), at, &ice_kernel::NoOtherRuns)
             .err()
             .map(|e| e.to_string())
+    }
+
+    /// Answer `err`, the failure of an append whose first draft was the agent's request, when
+    /// it is the validator's refusal of that request: a request the law will not record (a
+    /// number JSON cannot carry exactly, a reserved key, an oversized intent) is refused and
+    /// the refusal recorded in its place (no request event: the outcome names the denial),
+    /// never allowed to stop the run. Nothing of the refused batch was recorded. Any other error
+    /// is returned as it is.
+    ///
+    /// This is the exact check: the validator itself, on the batch that would record the
+    /// request, so no probe is sealed beforehand. Whatever the runtime decided or read before
+    /// (a policy decision, a grant it meant to issue, a read whose output nobody saw) leaves no
+    /// trace.
+    async fn unrecordable_request(
+        &self,
+        live: &mut Live,
+        r: &CapabilityProposal,
+        err: RuntimeError,
+    ) -> Result<CallEnd, RuntimeError> {
+        let RuntimeError::Append(AppendError::Rejected { index: 0, error }) = err else {
+            return Err(err);
+        };
+        let d = Self::denial(
+            r,
+            None,
+            DenialCode::InvalidTarget,
+            format!("the request cannot be recorded: {error}"),
+        );
+        let p = Value::Object(d.to_payload());
+        let rec = self
+            .append(live, |_| {
+                vec![rt_draft(EventType::CapabilityDenied, p.clone())]
+            })
+            .await?;
+        Ok(CallEnd {
+            outcome: Outcome::Denied {
+                request: rec[0].clone(),
+                reason: d.reason.as_str().to_string(),
+                detail: d.detail,
+            },
+            exhausted: None,
+        })
     }
 
     /// Record a denial of the request `request` (already recorded).
@@ -308,30 +397,8 @@ impl Ctx<'_> {
             });
         }
         let capability = r.capability.clone();
-        // 0. A request the law will not record is refused, and the refusal recorded.
-        if let Some(why) = self.unrecordable(live, &request_draft(agent, r)) {
-            let d = Self::denial(
-                r,
-                None,
-                DenialCode::InvalidTarget,
-                format!("the request cannot be recorded: {why}"),
-            );
-            let p = Value::Object(d.to_payload());
-            let rec = self
-                .append(live, |_| {
-                    vec![rt_draft(EventType::CapabilityDenied, p.clone())]
-                })
-                .await?;
-            return Ok(CallEnd {
-                outcome: Outcome::Denied {
-                    // No request event exists: the outcome names the denial.
-                    request: rec[0].id(),
-                    reason: d.reason.as_str().to_string(),
-                    detail: d.detail,
-                },
-                exhausted: None,
-            });
-        }
+        // A request the law will not record is refused where it would be recorded (see
+        // `unrecordable_request`): the validator's check, not a probe sealed here.
         // 1. The target, checked and in canonical form.
         let (resource, effect, target) = match act::resolve_target(
             &self.rt.registry,
@@ -434,9 +501,13 @@ impl Ctx<'_> {
                                 .cause(req),
                         ]
                     })
-                    .await?;
-                let req = rec[0].id();
-                let approval = rec[1].id();
+                    .await;
+                let rec = match rec {
+                    Ok(rec) => rec,
+                    Err(e) => return self.unrecordable_request(live, r, e).await,
+                };
+                let req = rec[0].clone();
+                let approval = rec[1].clone();
                 guard.in_flight += 1;
                 drop(guard);
                 self.observer.waiting(&format!(
@@ -519,8 +590,10 @@ impl Ctx<'_> {
             Some(req) => req,
             None => {
                 let draft = request_draft(agent, r);
-                let rec = self.append(live, |_| vec![draft.clone()]).await?;
-                rec[0].id()
+                match self.append(live, |_| vec![draft.clone()]).await {
+                    Ok(rec) => rec[0].clone(),
+                    Err(e) => return self.unrecordable_request(live, r, e).await,
+                }
             }
         };
         let outcome = self.deny(live, denial, &req).await?;
@@ -563,8 +636,11 @@ impl Ctx<'_> {
         }
     }
 
-    /// Reserve the budget, record the request and grant, check the grant at the moment of use,
-    /// record the use, act, and settle.
+    /// Reserve the budget, check the grant at the moment of use, act, settle, recording every
+    /// step. How the call is recorded depends on what the effect touches (see the module
+    /// documentation, "Recording a governed call"):
+    /// an in-process read is recorded whole in one batch after it ([`Self::read_call`]);
+    /// anything else is written ahead ([`Self::written_ahead_call`]).
     #[allow(clippy::too_many_arguments)]
     async fn proceed(
         &self,
@@ -576,71 +652,349 @@ impl Ctx<'_> {
         grant: Grant,
         recorded: Option<EventId>,
     ) -> Result<CallEnd, RuntimeError> {
-        let live = &mut *guard;
-        let capability = r.capability.clone();
-        let amount = act::estimate(&capability, &r.arguments, &live.books.budget.left());
-        let reservation = format!("r{}", live.books.reservations + 1);
-        // a. A reservation that does not fit is refused before any grant is issued or used.
-        if let Err(refusal) = live.books.budget.check_reserve(&reservation, amount) {
-            let d = Self::denial(
-                r,
-                Some(resource),
-                DenialCode::BudgetExhausted,
-                refusal.to_string(),
-            );
+        if act::reads_only(&r.capability, target) {
             return self
-                .refuse(live, agent, r, recorded, d, Some(refusal.to_string()))
+                .read_call(&mut guard, agent, r, resource, target, &grant, recorded)
                 .await;
         }
-        let intent = r.intent.clone();
+        self.written_ahead_call(guard, agent, r, resource, target, grant, recorded)
+            .await
+    }
+
+    /// The budget check of a call: the amount to reserve and the reservation's id, or why it
+    /// is refused (a reservation that does not fit is refused before any grant is issued or
+    /// used).
+    fn reserve_check(live: &Live, r: &CapabilityProposal) -> Result<(Cost, String), String> {
+        let amount = act::estimate(&r.capability, &r.arguments, &live.books.budget.left());
+        let reservation = format!("r{}", live.books.reservations + 1);
+        match live.books.budget.check_reserve(&reservation, amount) {
+            Ok(_) => Ok((amount, reservation)),
+            Err(refusal) => Err(refusal.to_string()),
+        }
+    }
+
+    /// Check one use of `grant` for `r` on `resource`, now.
+    fn check_grant(
+        &self,
+        live: &Live,
+        r: &CapabilityProposal,
+        resource: &Resource,
+        grant: &EventId,
+    ) -> Result<ice_authority::Authorization, Box<ice_authority::GrantRefusal>> {
+        live.books
+            .grants
+            .check_use(
+                grant,
+                &self.run,
+                &r.capability,
+                resource,
+                self.now(),
+                live.books.state(),
+            )
+            .map_err(Box::new)
+    }
+
+    /// `BudgetReserved` of `amount` as `reservation`, caused by the request `req`.
+    fn reserve_draft(reservation: &str, amount: Cost, req: &EventId) -> Draft {
+        rt_draft(
+            EventType::BudgetReserved,
+            Value::Object(
+                BudgetReservedPayload {
+                    reservation: reservation.to_string(),
+                    amount,
+                }
+                .to_payload(),
+            ),
+        )
+        .cause(req.clone())
+    }
+
+    /// `CapabilityUsed` of `grant` for `r` on `resource`, caused by the request and the grant.
+    fn use_draft(
+        r: &CapabilityProposal,
+        resource: &Resource,
+        req: &EventId,
+        grant: &EventId,
+    ) -> Draft {
+        Draft::new(EventType::CapabilityUsed.name(), Origin::Runtime)
+            .intent(r.intent.clone())
+            .authority(grant.to_string())
+            .payload(Value::Object(
+                CapabilityUsedPayload {
+                    grant: grant.clone(),
+                    capability: r.capability.clone(),
+                    resource: resource.clone(),
+                }
+                .to_payload(),
+            ))
+            .cause(req.clone())
+            .cause(grant.clone())
+    }
+
+    /// `CapabilityGranted` for the grant `p`, caused by the request and the operator's answer
+    /// to its approval, if any. A grant without approval answers the request `req`.
+    fn grant_draft(
+        p: &CapabilityGrantedPayload,
+        answer: &Option<EventId>,
+        req: &EventId,
+    ) -> (Draft, CapabilityGrantedPayload) {
+        let mut p = p.clone();
+        if p.approval.is_none() {
+            p.request = req.clone();
+        }
+        let mut d = rt_draft(EventType::CapabilityGranted, Value::Object(p.to_payload()))
+            .authority(p.authority())
+            .cause(req.clone());
+        if let Some(a) = answer {
+            d = d.cause(a.clone());
+        }
+        (d, p)
+    }
+
+    /// The effect event of a performed call.
+    fn effect_draft(
+        r: &CapabilityProposal,
+        p: &act::Performed,
+        payload: Map<String, Value>,
+        grant: &EventId,
+        cost: Cost,
+        req: &EventId,
+        used: &EventId,
+    ) -> Draft {
+        let mut d = Draft::new(p.event_type.name(), Origin::Runtime)
+            .intent(r.intent.clone())
+            .authority(grant.to_string())
+            .cost(cost)
+            .cause(req.clone())
+            .cause(used.clone());
+        d.payload = payload;
+        d
+    }
+
+    /// An in-process read (`fs.read`, `fs.list` on the run's staged view): checked like any
+    /// call, then performed under the run's lock, then recorded whole in ONE batch: the request
+    /// (unless recorded), the grant (if new), `BudgetReserved`, `CapabilityUsed`, the effect
+    /// (or, if the read failed, `BudgetSettled` at the fixed cost and the `CapabilityDenied`),
+    /// `BudgetSettled`. The output reaches the agent only once that batch is durable; if the
+    /// append fails, the call fails with nothing shown and nothing recorded. See the module
+    /// documentation, "Recording a governed call".
+    #[allow(clippy::too_many_arguments)]
+    async fn read_call(
+        &self,
+        live: &mut Live,
+        agent: &str,
+        r: &CapabilityProposal,
+        resource: &Resource,
+        target: &act::Target,
+        grant: &Grant,
+        recorded: Option<EventId>,
+    ) -> Result<CallEnd, RuntimeError> {
+        // Set when the validator refused the effect record: the read is then recorded with its
+        // output withheld (see `withhold`).
+        let mut withheld: Option<String> = None;
+        let mut conflicts = 0;
+        loop {
+            // a. The budget, before the read.
+            let (amount, reservation) = match Self::reserve_check(live, r) {
+                Ok(x) => x,
+                Err(why) => {
+                    let d =
+                        Self::denial(r, Some(resource), DenialCode::BudgetExhausted, why.clone());
+                    return self.refuse(live, agent, r, recorded, d, Some(why)).await;
+                }
+            };
+            // b. The call's events take the run's next positions, in this order.
+            let mut pos = live.books.next_seq();
+            let mut drafts = Vec::with_capacity(7);
+            let req = match &recorded {
+                Some(req) => req.clone(),
+                None => {
+                    drafts.push(request_draft(agent, r));
+                    pos += 1;
+                    self.eid(pos - 1)
+                }
+            };
+            // c. The grant, checked at the moment of use: a live one, or the new one (checked
+            //    as it will be once recorded, in this batch).
+            let (grant_id, auth) = match grant {
+                Grant::Existing(g) => match self.check_grant(live, r, resource, g) {
+                    Ok(a) => (g.clone(), a),
+                    Err(refusal) => {
+                        let mut d =
+                            Self::denial(r, Some(resource), refusal.code(), refusal.to_string());
+                        d.grant = Some(g.clone());
+                        return self.refuse(live, agent, r, recorded, d, None).await;
+                    }
+                },
+                Grant::New(p, answer) => {
+                    let id = self.eid(pos);
+                    pos += 1;
+                    let (draft, p) = Self::grant_draft(p, answer, &req);
+                    let checked = live.books.grants.check_new_use(
+                        &id,
+                        &p,
+                        &self.run,
+                        &r.capability,
+                        resource,
+                        self.now(),
+                        live.books.state(),
+                    );
+                    match checked {
+                        Ok(a) => {
+                            drafts.push(draft);
+                            (id, a)
+                        }
+                        Err(refusal) => {
+                            // As for any new grant whose use is refused: the request and the
+                            // grant are recorded, then the denial.
+                            let rec = self
+                                .append(live, |next| {
+                                    let (mut v, req) = self.request_unless(
+                                        &recorded,
+                                        &request_draft(agent, r),
+                                        next,
+                                    );
+                                    v.push(Self::grant_draft(&p, answer, &req).0);
+                                    v
+                                })
+                                .await;
+                            let rec = match rec {
+                                Ok(rec) => rec,
+                                Err(e) if recorded.is_none() => {
+                                    return self.unrecordable_request(live, r, e).await;
+                                }
+                                Err(e) => return Err(e),
+                            };
+                            let req = recorded.clone().unwrap_or_else(|| rec[0].clone());
+                            let grant = rec.last().expect("grant recorded").clone();
+                            let mut d = Self::denial(
+                                r,
+                                Some(resource),
+                                refusal.code(),
+                                refusal.to_string(),
+                            );
+                            d.grant = Some(grant);
+                            return self.refuse(live, agent, r, Some(req), d, None).await;
+                        }
+                    }
+                }
+            };
+            // d. The reservation and the use.
+            drafts.push(Self::reserve_draft(&reservation, amount, &req));
+            let used = self.eid(pos + 1);
+            drafts.push(Self::use_draft(r, resource, &req, &grant_id));
+            // e. Read, under the run's lock (the stage is only read).
+            let started = Instant::now();
+            let performed = act::perform_fs(&mut live.stage, &auth, target, &r.arguments, &amount);
+            let wall = started.elapsed().as_micros() as u64;
+            let settle = |actual: Cost| settle_draft(&reservation, actual, &req);
+            // f. The effect and the settlement (or the failure, settled at the call's fixed
+            //    cost, and its denial), in the same batch.
+            let (effect_index, outcome) = match performed {
+                Ok(mut p) => {
+                    // What the agent is shown is recorded with the effect (I-002).
+                    p.payload.insert("output".into(), p.output.clone());
+                    if let Some(why) = &withheld {
+                        withhold(&mut p, why);
+                    }
+                    let actual = Cost {
+                        tool_calls: amount.tool_calls,
+                        ..p.actual
+                    };
+                    let cost = Cost {
+                        wall_time_us: wall,
+                        ..actual
+                    };
+                    let payload = std::mem::take(&mut p.payload);
+                    drafts.push(Self::effect_draft(
+                        r, &p, payload, &grant_id, cost, &req, &used,
+                    ));
+                    drafts.push(settle(actual));
+                    let outcome = Outcome::Done {
+                        request: req.clone(),
+                        output: p.output,
+                    };
+                    (Some(drafts.len() - 2), outcome)
+                }
+                Err((code, detail)) => {
+                    drafts.push(settle(Cost {
+                        tool_calls: amount.tool_calls,
+                        ..Cost::default()
+                    }));
+                    let mut d = Self::denial(r, Some(resource), code, detail);
+                    d.grant = Some(grant_id.clone());
+                    d.request = Some(req.clone());
+                    let outcome = Outcome::Denied {
+                        request: req.clone(),
+                        reason: d.reason.as_str().to_string(),
+                        detail: d.detail.clone(),
+                    };
+                    drafts.push(
+                        rt_draft(EventType::CapabilityDenied, Value::Object(d.to_payload()))
+                            .cause(req.clone()),
+                    );
+                    (None, outcome)
+                }
+            };
+            match self.try_append(live, drafts).await {
+                Ok(_) => {
+                    return Ok(CallEnd {
+                        outcome,
+                        exhausted: None,
+                    });
+                }
+                // The effect record is one the law cannot carry: read again and record it
+                // with the output withheld (a read changes nothing, so reading twice is sound;
+                // nothing of the refused batch was recorded or shown).
+                Err(RuntimeError::Append(AppendError::Rejected { index, error }))
+                    if Some(index) == effect_index && withheld.is_none() =>
+                {
+                    withheld = Some(error.to_string());
+                }
+                // Someone else wrote to the run: fold it, then check, read and record again at
+                // the new positions (the grant's id, which the read's evidence names, may move).
+                Err(e) if is_conflict(&e) && conflicts < 8 => {
+                    conflicts += 1;
+                    self.catch_up(live).await?;
+                }
+                Err(e) if recorded.is_none() => {
+                    return self.unrecordable_request(live, r, e).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A call that acts outside the run (network, tool servers, processes) or changes its stage
+    /// (staged writes), written ahead: the request (unless recorded), the grant (if new), the
+    /// reservation and the use are durable before the effect; then the effect and the
+    /// settlement are recorded. See the module documentation, "Recording a governed call".
+    #[allow(clippy::too_many_arguments)]
+    async fn written_ahead_call(
+        &self,
+        mut guard: tokio::sync::MutexGuard<'_, Live>,
+        agent: &str,
+        r: &CapabilityProposal,
+        resource: &Resource,
+        target: &act::Target,
+        grant: Grant,
+        recorded: Option<EventId>,
+    ) -> Result<CallEnd, RuntimeError> {
+        let live = &mut *guard;
+        // a. A reservation that does not fit is refused before any grant is issued or used.
+        let (amount, reservation) = match Self::reserve_check(live, r) {
+            Ok(x) => x,
+            Err(why) => {
+                let d = Self::denial(r, Some(resource), DenialCode::BudgetExhausted, why.clone());
+                return self.refuse(live, agent, r, recorded, d, Some(why)).await;
+            }
+        };
         let draft = request_draft(agent, r);
-        // The reservation and the use, caused by the request `req` and the grant `grant`.
-        let reserve_and_use = |req: &EventId, grant: &EventId| {
-            vec![
-                rt_draft(
-                    EventType::BudgetReserved,
-                    Value::Object(
-                        BudgetReservedPayload {
-                            reservation: reservation.clone(),
-                            amount,
-                        }
-                        .to_payload(),
-                    ),
-                )
-                .cause(req.clone()),
-                Draft::new(EventType::CapabilityUsed.name(), Origin::Runtime)
-                    .intent(intent.clone())
-                    .authority(grant.to_string())
-                    .payload(Value::Object(
-                        CapabilityUsedPayload {
-                            grant: grant.clone(),
-                            capability: capability.clone(),
-                            resource: resource.clone(),
-                        }
-                        .to_payload(),
-                    ))
-                    .cause(req.clone())
-                    .cause(grant.clone()),
-            ]
-        };
-        let check = |live: &Live, grant: &EventId| {
-            live.books
-                .grants
-                .check_use(
-                    grant,
-                    &self.run,
-                    &capability,
-                    resource,
-                    self.now(),
-                    live.books.state(),
-                )
-                .map_err(Box::new)
-        };
         let (req, grant, auth, used) = match &grant {
             // b. A live grant: checked at the moment of use, then the request (if not yet
             //    recorded), the reservation and the use are recorded together.
             Grant::Existing(g) => {
-                let auth = match check(live, g) {
+                let auth = match self.check_grant(live, r, resource, g) {
                     Ok(a) => a,
                     Err(refusal) => {
                         let mut d =
@@ -652,12 +1006,20 @@ impl Ctx<'_> {
                 let rec = self
                     .append(live, |next| {
                         let (mut v, req) = self.request_unless(&recorded, &draft, next);
-                        v.extend(reserve_and_use(&req, g));
+                        v.push(Self::reserve_draft(&reservation, amount, &req));
+                        v.push(Self::use_draft(r, resource, &req, g));
                         v
                     })
-                    .await?;
-                let req = recorded.clone().unwrap_or_else(|| rec[0].id());
-                let used = rec.last().expect("use recorded").id();
+                    .await;
+                let rec = match rec {
+                    Ok(rec) => rec,
+                    Err(e) if recorded.is_none() => {
+                        return self.unrecordable_request(live, r, e).await;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let req = recorded.clone().unwrap_or_else(|| rec[0].clone());
+                let used = rec.last().expect("use recorded").clone();
                 (req, g.clone(), auth, used)
             }
             // b'. A new grant: the request (if not yet recorded) and the grant are recorded,
@@ -666,24 +1028,20 @@ impl Ctx<'_> {
                 let rec = self
                     .append(live, |next| {
                         let (mut v, req) = self.request_unless(&recorded, &draft, next);
-                        let mut p = (**p).clone();
-                        if p.approval.is_none() {
-                            p.request = req.clone();
-                        }
-                        let mut d =
-                            rt_draft(EventType::CapabilityGranted, Value::Object(p.to_payload()))
-                                .authority(p.authority())
-                                .cause(req);
-                        if let Some(a) = answer {
-                            d = d.cause(a.clone());
-                        }
-                        v.push(d);
+                        v.push(Self::grant_draft(p, answer, &req).0);
                         v
                     })
-                    .await?;
-                let req = recorded.clone().unwrap_or_else(|| rec[0].id());
-                let grant = rec.last().expect("grant recorded").id();
-                let auth = match check(live, &grant) {
+                    .await;
+                let rec = match rec {
+                    Ok(rec) => rec,
+                    Err(e) if recorded.is_none() => {
+                        return self.unrecordable_request(live, r, e).await;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let req = recorded.clone().unwrap_or_else(|| rec[0].clone());
+                let grant = rec.last().expect("grant recorded").clone();
+                let auth = match self.check_grant(live, r, resource, &grant) {
                     Ok(a) => a,
                     Err(refusal) => {
                         let mut d =
@@ -692,8 +1050,15 @@ impl Ctx<'_> {
                         return self.refuse(live, agent, r, Some(req), d, None).await;
                     }
                 };
-                let rec = self.append(live, |_| reserve_and_use(&req, &grant)).await?;
-                let used = rec[1].id();
+                let rec = self
+                    .append(live, |_| {
+                        vec![
+                            Self::reserve_draft(&reservation, amount, &req),
+                            Self::use_draft(r, resource, &req, &grant),
+                        ]
+                    })
+                    .await?;
+                let used = rec[1].clone();
                 (req, grant, auth, used)
             }
         };
@@ -743,35 +1108,10 @@ impl Ctx<'_> {
         let settle = |actual: Cost| settle_draft(&reservation, actual, &req);
         // f. Record the effect and settle. A result the log cannot carry (a number JSON cannot
         //    hold exactly, a reserved key, too large) is withheld from the agent, and the record
-        //    says why instead.
-        // What the agent is shown is recorded with the effect (I-002), so a replay gives the
-        // driver exactly what it saw without touching the world again.
-        let performed = performed.map(|mut p| {
-            p.payload.insert("output".into(), p.output.clone());
-            let probe = Draft::new(p.event_type.name(), Origin::Runtime)
-                .intent(intent.clone())
-                .authority(grant.to_string())
-                .payload(Value::Object(p.payload.clone()));
-            if let Some(why) = self.unrecordable(live, &probe) {
-                let detail = format!("the result cannot be recorded, so it is withheld: {}", cut(&why, 400));
-                for k in ["result", "arguments", "output"] {
-                    if let Some(v) = p.payload.remove(k) {
-                        let text = v.to_string();
-                        p.payload.insert(
-                            format!("{k}_withheld"),
-                            json!({"sha256": ice_kernel::Digest::of(text.as_bytes()).to_hex(), "bytes": text.len()}),
-                        );
-                    }
-                }
-                p.payload.insert("error".into(), json!({"kind": "unrecordable", "detail": detail}));
-                p.payload.insert("is_error".into(), Value::Bool(true));
-                p.output = act::tool_error_result(&detail);
-                p.payload.insert("output".into(), p.output.clone());
-            }
-            p
-        });
+        //    says why instead: the validator's refusal of the effect record (nothing of that
+        //    batch is recorded) is the check, then the record is made again without the result.
         match performed {
-            Ok(p) => {
+            Ok(mut p) => {
                 let actual = Cost {
                     tool_calls: amount.tool_calls,
                     ..p.actual
@@ -780,20 +1120,31 @@ impl Ctx<'_> {
                     wall_time_us: wall,
                     ..actual
                 };
-                let payload = Value::Object(p.payload.clone());
-                self.append(live, |_| {
-                    vec![
-                        Draft::new(p.event_type.name(), Origin::Runtime)
-                            .intent(intent.clone())
-                            .authority(grant.to_string())
-                            .payload(payload.clone())
-                            .cost(cost)
-                            .cause(req.clone())
-                            .cause(used.clone()),
+                // What the agent is shown is recorded with the effect (I-002), so a replay
+                // gives the driver exactly what it saw without touching the world again.
+                p.payload.insert("output".into(), p.output.clone());
+                let (mut withheld, mut attempts) = (false, 0);
+                loop {
+                    // The ledger takes the drafts: a retry needs the payload again.
+                    let drafts = vec![
+                        Self::effect_draft(r, &p, p.payload.clone(), &grant, cost, &req, &used),
                         settle(actual),
-                    ]
-                })
-                .await?;
+                    ];
+                    match self.try_append(live, drafts).await {
+                        Ok(_) => break,
+                        Err(RuntimeError::Append(AppendError::Rejected { index: 0, error }))
+                            if !withheld =>
+                        {
+                            withhold(&mut p, &error.to_string());
+                            withheld = true;
+                        }
+                        Err(e) if is_conflict(&e) && attempts < 8 => {
+                            attempts += 1;
+                            self.catch_up(live).await?;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
                 Ok(CallEnd {
                     outcome: Outcome::Done {
                         request: req,
@@ -844,6 +1195,40 @@ impl Ctx<'_> {
             tokio::time::sleep(left.min(Duration::from_millis(50))).await;
         }
     }
+}
+
+/// Whether an append failed on a conflict: someone else wrote to the run meanwhile.
+fn is_conflict(e: &RuntimeError) -> bool {
+    matches!(
+        e,
+        RuntimeError::Append(AppendError::Log(LogError::Conflict { .. }))
+    )
+}
+
+/// Withhold a result the log cannot carry exactly (the validator refused its record): the
+/// record keeps, for each field left out, the digest and size of its JSON text, and says why;
+/// the agent is shown an error instead of the result.
+fn withhold(p: &mut act::Performed, why: &str) {
+    let detail = format!(
+        "the result cannot be recorded, so it is withheld: {}",
+        cut(why, 400)
+    );
+    for k in ["result", "arguments", "output"] {
+        if let Some(v) = p.payload.remove(k) {
+            let text = v.to_string();
+            p.payload.insert(
+                format!("{k}_withheld"),
+                json!({"sha256": ice_kernel::Digest::of(text.as_bytes()).to_hex(), "bytes": text.len()}),
+            );
+        }
+    }
+    p.payload.insert(
+        "error".into(),
+        json!({"kind": "unrecordable", "detail": detail}),
+    );
+    p.payload.insert("is_error".into(), Value::Bool(true));
+    p.output = act::tool_error_result(&detail);
+    p.payload.insert("output".into(), p.output.clone());
 }
 
 /// The grant a call will use.
@@ -1038,7 +1423,7 @@ impl Ctx<'_> {
                     vec![rt_draft(EventType::BudgetReserved, p.clone())]
                 })
                 .await?;
-            (reservation, rec[0].id())
+            (reservation, rec[0].clone())
         };
         let started = Instant::now();
         let inferred = blocking(|| agent.infer(view));

@@ -860,10 +860,18 @@ impl Drive<'_> {
         }
         let req = e.id();
         let asked_at = e.at;
+        // The live run decided between the event before the request and the request's record
+        // (for an in-process read, recorded whole after the read, a little later than for a
+        // call written ahead): a grant that expired in that interval may have been reused.
+        let since = self
+            .i
+            .checked_sub(1)
+            .and_then(|p| self.events.get(p))
+            .map_or(asked_at, |p| p.at);
         self.report.proposals += 1;
         self.fold();
         // What the runtime would decide now, from the replayed books.
-        let expected = self.decide(r, asked_at);
+        let expected = self.decide(r, since, asked_at);
         // What it recorded: the first decision event answering this request.
         let recorded = self.events[self.i..].iter().find(|x| {
             let answers = x.causes.contains(&req)
@@ -877,6 +885,18 @@ impl Drive<'_> {
                         | Some(EventType::CapabilityUsed)
                 )
         });
+        // A grant that lapsed while the live run decided: its reuse is one answer, the
+        // decision without it the other.
+        let expected = match expected {
+            Expect::Either(g, other) => {
+                let reuse = Expect::Reuse(g);
+                match recorded {
+                    Some(got) if mismatch(&reuse, got).is_none() => reuse,
+                    _ => *other,
+                }
+            }
+            e => e,
+        };
         match (&expected, recorded) {
             (_, None) => {
                 self.report.unchecked.push(format!(
@@ -927,8 +947,14 @@ impl Drive<'_> {
         false
     }
 
-    /// The decision the runtime would make for `r` from the replayed books.
-    fn decide(&self, r: &CapabilityProposal, at: ice_kernel::Timestamp) -> Expect {
+    /// The decision the runtime would make for `r` from the replayed books, at a time between
+    /// `since` and `at` (the record does not say when exactly).
+    fn decide(
+        &self,
+        r: &CapabilityProposal,
+        since: ice_kernel::Timestamp,
+        at: ice_kernel::Timestamp,
+    ) -> Expect {
         let Some(spec) = &self.books.spec else {
             return Expect::Unchecked("no recorded spec".into());
         };
@@ -938,13 +964,32 @@ impl Drive<'_> {
                 Ok(x) => x,
                 Err((code, _)) => return Expect::Denied(code),
             };
-        if let Some(g) = self
-            .books
-            .grants
-            .find_covering(&r.capability, &resource, at)
-        {
-            return Expect::Reuse(g.id.clone());
+        let covering = |t| {
+            self.books
+                .grants
+                .find_covering(&r.capability, &resource, t)
+                .map(|g| g.id.clone())
+        };
+        let (then, now) = (covering(since), covering(at));
+        let decided = match &now {
+            Some(g) => Expect::Reuse(g.clone()),
+            None => self.policy_decision(r, resource, &target),
+        };
+        // Time only ends grants: one that covered the target at `since` and no longer does at
+        // `at` has expired in between (no event separates the two), and may have been reused.
+        match then {
+            Some(g) if now.as_ref() != Some(&g) => Expect::Either(g, Box::new(decided)),
+            _ => decided,
         }
+    }
+
+    /// What the policy decides for `r` on `resource`, from the replayed books.
+    fn policy_decision(
+        &self,
+        r: &CapabilityProposal,
+        resource: ice_authority::Resource,
+        target: &act::Target,
+    ) -> Expect {
         let Some(policy) = &self.policy else {
             return Expect::Unchecked("the run's policy files are not in the record".into());
         };
@@ -956,12 +1001,12 @@ impl Drive<'_> {
                 v.to_hex()
             ));
         }
-        let args = act::policy_arguments(&r.capability, &r.arguments, &target);
+        let args = act::policy_arguments(&r.capability, &r.arguments, target);
         let builder = Request::builder(&self.run, &self.agent, &r.capability, resource)
             .intent(&r.intent)
             .arguments(&args)
             .budget_left(self.books.budget.left());
-        let request = match act::classed(builder, &target).build(&self.rt.registry) {
+        let request = match act::classed(builder, target).build(&self.rt.registry) {
             Ok(q) => q,
             Err(_) => return Expect::Denied(DenialCode::InvalidTarget),
         };
@@ -985,6 +1030,9 @@ enum Expect {
     Policy(&'static str, Vec<String>),
     /// Cannot be re-made, and why.
     Unchecked(String),
+    /// This grant covered the target when the live run may have decided, and had expired by
+    /// the request's record: its reuse, or the other decision.
+    Either(EventId, Box<Expect>),
 }
 
 fn mismatch(want: &Expect, got: &Event) -> Option<String> {
@@ -1046,6 +1094,9 @@ fn mismatch(want: &Expect, got: &Event) -> Option<String> {
             })
         }
         Expect::Unchecked(_) => None,
+        Expect::Either(g, other) => {
+            mismatch(&Expect::Reuse(g.clone()), got).and_then(|_| mismatch(other, got))
+        }
     }
 }
 
