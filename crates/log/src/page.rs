@@ -75,15 +75,6 @@ pub struct EventPage {
 }
 
 impl EventPage {
-    /// An empty page with room for about `rows` events of `bytes` bytes in all.
-    pub fn with_capacity(rows: usize, bytes: usize) -> EventPage {
-        EventPage {
-            buf: Vec::with_capacity(bytes),
-            rows: Vec::with_capacity(rows),
-            nodes: Vec::new(),
-        }
-    }
-
     /// Add a row (copying its columns into the page).
     pub fn push(&mut self, r: StoredRef<'_>) {
         let mut ends = [0; 4];
@@ -151,20 +142,6 @@ impl EventPage {
     }
 }
 
-impl From<Vec<StoredEvent>> for EventPage {
-    fn from(rows: Vec<StoredEvent>) -> EventPage {
-        let bytes = rows
-            .iter()
-            .map(|r| r.run_id.len() + r.event_type.len() + r.hash.len() + r.body.len())
-            .sum();
-        let mut page = EventPage::with_capacity(rows.len(), bytes);
-        for r in &rows {
-            page.push(r.borrowed());
-        }
-        page
-    }
-}
-
 impl StoredEvent {
     /// Borrowed view of the same columns.
     pub fn borrowed(&self) -> StoredRef<'_> {
@@ -199,11 +176,16 @@ mod tests {
                 body: format!("{{\"n\":{i}}}").into_bytes(),
             })
             .collect();
-        let page = EventPage::from(rows.clone());
+        let mut page = EventPage::default();
+        for r in &rows {
+            page.push(r.borrowed());
+        }
         assert_eq!(page.len(), 5);
         let back: Vec<StoredEvent> = page.iter().map(|r| r.to_stored()).collect();
         assert_eq!(back, rows);
         assert!(page.get(5).is_none());
         assert!(EventPage::default().is_empty());
+        page.clear();
+        assert!(page.is_empty() && page.get(0).is_none());
     }
 }

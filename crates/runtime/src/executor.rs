@@ -310,15 +310,24 @@ impl Ctx<'_> {
     /// request, so no probe is sealed beforehand. Whatever the runtime decided or read before
     /// (a policy decision, a grant it meant to issue, a read whose output nobody saw) leaves no
     /// trace.
+    /// `request_first` says whether the refused batch began with the request (when the request
+    /// was recorded earlier, a refusal of the batch's first event is not about it).
     async fn unrecordable_request(
         &self,
         live: &mut Live,
         r: &CapabilityProposal,
+        request_first: bool,
         err: RuntimeError,
     ) -> Result<CallEnd, RuntimeError> {
         let RuntimeError::Append(AppendError::Rejected { index: 0, error }) = err else {
             return Err(err);
         };
+        if !request_first {
+            return Err(RuntimeError::Append(AppendError::Rejected {
+                index: 0,
+                error,
+            }));
+        }
         let d = Self::denial(
             r,
             None,
@@ -504,7 +513,7 @@ impl Ctx<'_> {
                     .await;
                 let rec = match rec {
                     Ok(rec) => rec,
-                    Err(e) => return self.unrecordable_request(live, r, e).await,
+                    Err(e) => return self.unrecordable_request(live, r, true, e).await,
                 };
                 let req = rec[0].clone();
                 let approval = rec[1].clone();
@@ -592,7 +601,7 @@ impl Ctx<'_> {
                 let draft = request_draft(agent, r);
                 match self.append(live, |_| vec![draft.clone()]).await {
                     Ok(rec) => rec[0].clone(),
-                    Err(e) => return self.unrecordable_request(live, r, e).await,
+                    Err(e) => return self.unrecordable_request(live, r, true, e).await,
                 }
             }
         };
@@ -860,10 +869,11 @@ impl Ctx<'_> {
                                 .await;
                             let rec = match rec {
                                 Ok(rec) => rec,
-                                Err(e) if recorded.is_none() => {
-                                    return self.unrecordable_request(live, r, e).await;
+                                Err(e) => {
+                                    return self
+                                        .unrecordable_request(live, r, recorded.is_none(), e)
+                                        .await;
                                 }
-                                Err(e) => return Err(e),
                             };
                             let req = recorded.clone().unwrap_or_else(|| rec[0].clone());
                             let grant = rec.last().expect("grant recorded").clone();
@@ -957,10 +967,11 @@ impl Ctx<'_> {
                     conflicts += 1;
                     self.catch_up(live).await?;
                 }
-                Err(e) if recorded.is_none() => {
-                    return self.unrecordable_request(live, r, e).await;
+                Err(e) => {
+                    return self
+                        .unrecordable_request(live, r, recorded.is_none(), e)
+                        .await;
                 }
-                Err(e) => return Err(e),
             }
         }
     }
@@ -1013,10 +1024,11 @@ impl Ctx<'_> {
                     .await;
                 let rec = match rec {
                     Ok(rec) => rec,
-                    Err(e) if recorded.is_none() => {
-                        return self.unrecordable_request(live, r, e).await;
+                    Err(e) => {
+                        return self
+                            .unrecordable_request(live, r, recorded.is_none(), e)
+                            .await;
                     }
-                    Err(e) => return Err(e),
                 };
                 let req = recorded.clone().unwrap_or_else(|| rec[0].clone());
                 let used = rec.last().expect("use recorded").clone();
@@ -1034,10 +1046,11 @@ impl Ctx<'_> {
                     .await;
                 let rec = match rec {
                     Ok(rec) => rec,
-                    Err(e) if recorded.is_none() => {
-                        return self.unrecordable_request(live, r, e).await;
+                    Err(e) => {
+                        return self
+                            .unrecordable_request(live, r, recorded.is_none(), e)
+                            .await;
                     }
-                    Err(e) => return Err(e),
                 };
                 let req = recorded.clone().unwrap_or_else(|| rec[0].clone());
                 let grant = rec.last().expect("grant recorded").clone();
