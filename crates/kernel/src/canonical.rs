@@ -66,6 +66,21 @@ pub fn write_object(m: &Map<String, Value>, out: &mut Vec<u8>) {
         for (i, (k, x)) in m.iter().enumerate() {
             member(out, i, k, x);
         }
+    } else if m.len() <= SMALL_OBJECT {
+        // Sorted on the stack: payloads are small objects, often in insertion order.
+        let mut entries: [Option<(&String, &Value)>; SMALL_OBJECT] = [None; SMALL_OBJECT];
+        for (e, kv) in entries.iter_mut().zip(m.iter()) {
+            *e = Some(kv);
+        }
+        let entries = &mut entries[..m.len()];
+        // Keys are distinct, so an unstable sort gives the one order.
+        entries.sort_unstable_by(|a, b| match (a, b) {
+            (Some(a), Some(b)) => key_order(a.0, b.0),
+            _ => std::cmp::Ordering::Equal,
+        });
+        for (i, (k, x)) in entries.iter().flatten().enumerate() {
+            member(out, i, k, x);
+        }
     } else {
         let mut entries: Vec<(&String, &Value)> = m.iter().collect();
         entries.sort_by(|a, b| key_order(a.0, b.0));
@@ -76,10 +91,22 @@ pub fn write_object(m: &Map<String, Value>, out: &mut Vec<u8>) {
     out.push(b'}');
 }
 
+/// Objects up to this many members are sorted without allocating.
+const SMALL_OBJECT: usize = 16;
+
 /// RFC 8785's member order: by UTF-16 code units. For keys whose characters are all below
 /// U+E000 that is byte order (UTF-8 preserves code point order, and such characters are one
 /// UTF-16 unit each); only keys with characters from U+E000 up need the UTF-16 comparison.
 fn key_order(a: &str, b: &str) -> std::cmp::Ordering {
+    let (x, y) = (a.as_bytes(), b.as_bytes());
+    // The common case first: keys that first differ at an ASCII byte in both. That byte starts
+    // a character in both, after the same characters, and ASCII is one UTF-16 unit of the same
+    // value; a key that is a prefix of the other comes first in both orders.
+    match x.iter().zip(y).position(|(p, q)| p != q) {
+        None => return x.len().cmp(&y.len()),
+        Some(i) if x[i] < 0x80 && y[i] < 0x80 => return x[i].cmp(&y[i]),
+        Some(_) => {}
+    }
     // Bytes 0xEE and above start characters at or above U+E000.
     if a.bytes().all(|c| c < 0xEE) && b.bytes().all(|c| c < 0xEE) {
         a.as_bytes().cmp(b.as_bytes())
@@ -90,9 +117,12 @@ fn key_order(a: &str, b: &str) -> std::cmp::Ordering {
 
 fn write_number(n: &Number, out: &mut Vec<u8>) {
     if let Some(u) = n.as_u64() {
-        out.extend_from_slice(itoa(u as u128, false).as_bytes());
+        write_u64(u, out);
     } else if let Some(i) = n.as_i64() {
-        out.extend_from_slice(itoa(i.unsigned_abs() as u128, i < 0).as_bytes());
+        if i < 0 {
+            out.push(b'-');
+        }
+        write_u64(i.unsigned_abs(), out);
     } else if let Some(f) = n.as_f64() {
         // serde_json holds only finite floats.
         let mut buf = ryu_js::Buffer::new();
@@ -100,15 +130,11 @@ fn write_number(n: &Number, out: &mut Vec<u8>) {
     }
 }
 
-fn itoa(mut u: u128, negative: bool) -> String {
-    // Integers within ±2^64: ECMAScript prints them as digits when |n| < 10^21. serde_json
-    // integers beyond 2^53 lose precision in ECMAScript; the validator refuses them anyway.
-    if u >= 1_000_000_000_000_000_000_000 {
-        let mut buf = ryu_js::Buffer::new();
-        let f = if negative { -(u as f64) } else { u as f64 };
-        return buf.format_finite(f).to_string();
-    }
-    let mut digits = [0u8; 40];
+/// Append an unsigned integer as ECMAScript prints it: plain decimal digits below 10^21, which
+/// every `u64` is (integers beyond 2^53 lose precision in ECMAScript; the validator refuses
+/// them anyway).
+pub fn write_u64(mut u: u64, out: &mut Vec<u8>) {
+    let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
         i -= 1;
@@ -118,21 +144,32 @@ fn itoa(mut u: u128, negative: bool) -> String {
             break;
         }
     }
-    let mut s = String::with_capacity(41 - i);
-    if negative {
-        s.push('-');
-    }
-    s.push_str(std::str::from_utf8(&digits[i..]).unwrap_or("0"));
-    s
+    out.extend_from_slice(&digits[i..]);
 }
 
 /// Append a string with RFC 8785's escapes: `"` and `\`, the short forms for backspace, tab,
 /// line feed, form feed and carriage return, `\u00xx` (lowercase) for other control characters;
 /// everything else as UTF-8.
 pub fn write_str(s: &str, out: &mut Vec<u8>) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(s.len() + 2);
     out.push(b'"');
+    write_str_contents(s, out);
+    out.push(b'"');
+}
+
+/// [`write_str`] without the quotes: the escaped characters alone, so a string can be written
+/// in parts (escaping is character by character, so the parts' escapes are the whole's).
+pub fn write_str_contents(s: &str, out: &mut Vec<u8>) {
     let bytes = s.as_bytes();
+    // Most strings need no escape: one pass that vectorises (a fold, not a search) decides.
+    let clean = !bytes.iter().fold(false, |esc, &c| {
+        esc | (c < 0x20) | (c == b'"') | (c == b'\\')
+    });
+    if clean {
+        out.extend_from_slice(bytes);
+        return;
+    }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let esc: &[u8] = match b {
@@ -163,5 +200,4 @@ pub fn write_str(s: &str, out: &mut Vec<u8>) {
         start = i + 1;
     }
     out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
 }

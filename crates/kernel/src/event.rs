@@ -169,40 +169,48 @@ impl Event {
     /// Written field by field in the RFC's key order (the field names are ASCII, so that is
     /// byte order); the tests check it against `serde_jcs` for every event they make.
     pub fn canonical_body(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256);
-        self.write_body(&self.payload, &mut out);
-        out
+        self.canonical_body_and_payload_len().0
     }
 
-    fn write_body(&self, payload: &Payload, out: &mut Vec<u8>) {
-        use crate::canonical::{write_object, write_str};
-        // Keys are written in RFC 8785 order; every key but the first is preceded by a comma.
-        let field = |out: &mut Vec<u8>, name: &str| {
-            if out.len() > 1 {
-                out.push(b',');
-            }
-            out.push(b'"');
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b"\":");
-        };
+    /// [`Event::canonical_body`] and the length of the canonical payload inside it, measured
+    /// while writing (the validator's inline-payload limit needs it).
+    pub fn canonical_body_and_payload_len(&self) -> (Vec<u8>, usize) {
+        // Room for the fixed fields, so a typical body is written without growing.
+        let texts = self.intent.as_ref().map_or(0, String::len)
+            + self.authority.as_ref().map_or(0, String::len)
+            + self.causes.len() * (self.run_id.as_str().len() + 20);
+        let mut out = Vec::with_capacity(512 + texts);
+        let payload_len = self.write_body(&self.payload, &mut out);
+        (out, payload_len)
+    }
+
+    /// Write the body with `payload` in place of the event's; returns the payload's length.
+    fn write_body(&self, payload: &Payload, out: &mut Vec<u8>) -> usize {
+        use crate::canonical::{write_object, write_str, write_str_contents, write_u64};
+        // Keys are written in RFC 8785 order (the field names are ASCII, so byte order), each
+        // with its comma and quotes in one constant. Timestamps, digests and numbers need no
+        // escaping and are written straight from their digits.
         out.push(b'{');
-        field(out, "at");
-        write_str(&self.at.to_string(), out);
+        out.extend_from_slice(b"\"at\":\"");
+        out.extend_from_slice(&self.at.to_text());
+        out.push(b'"');
         if let Some(a) = &self.authority {
-            field(out, "authority");
+            out.extend_from_slice(b",\"authority\":");
             write_str(a, out);
         }
-        field(out, "causes");
-        out.push(b'[');
+        out.extend_from_slice(b",\"causes\":[");
         for (i, c) in self.causes.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            write_str(&c.to_string(), out);
+            // `run_id:run_seq`, as `EventId`'s `Display` writes it.
+            out.push(b'"');
+            write_str_contents(c.run_id.as_str(), out);
+            out.push(b':');
+            write_u64(c.run_seq, out);
+            out.push(b'"');
         }
-        out.push(b']');
-        field(out, "cost");
-        out.push(b'{');
+        out.extend_from_slice(b"],\"cost\":{");
         let mut first = true;
         for (name, v) in self.cost.fields_in_key_order() {
             if v == 0 {
@@ -212,28 +220,43 @@ impl Event {
                 out.push(b',');
             }
             first = false;
-            write_str(name, out);
-            out.push(b':');
-            out.extend_from_slice(v.to_string().as_bytes());
+            out.push(b'"');
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"\":");
+            write_u64(v, out);
         }
         out.push(b'}');
         if let Some(i) = &self.intent {
-            field(out, "intent");
+            out.extend_from_slice(b",\"intent\":");
             write_str(i, out);
         }
-        field(out, "origin");
-        write_str(&self.origin.to_string(), out);
-        field(out, "payload");
+        // The origin as its `Display` writes it: `runtime`, `agent:<id>`, `operator:<id>`.
+        out.extend_from_slice(b",\"origin\":\"");
+        match &self.origin {
+            Origin::Runtime => out.extend_from_slice(b"runtime"),
+            Origin::Agent(id) => {
+                out.extend_from_slice(b"agent:");
+                write_str_contents(id, out);
+            }
+            Origin::Operator(id) => {
+                out.extend_from_slice(b"operator:");
+                write_str_contents(id, out);
+            }
+        }
+        out.extend_from_slice(b"\",\"payload\":");
+        let payload_at = out.len();
         write_object(payload, out);
-        field(out, "prev");
-        write_str(&self.prev.to_hex(), out);
-        field(out, "run_id");
+        let payload_len = out.len() - payload_at;
+        out.extend_from_slice(b",\"prev\":\"");
+        out.extend_from_slice(&self.prev.hex_text());
+        out.extend_from_slice(b"\",\"run_id\":");
         write_str(self.run_id.as_str(), out);
-        field(out, "run_seq");
-        out.extend_from_slice(self.run_seq.to_string().as_bytes());
-        field(out, "type");
+        out.extend_from_slice(b",\"run_seq\":");
+        write_u64(self.run_seq, out);
+        out.extend_from_slice(b",\"type\":");
         write_str(&self.event_type, out);
         out.push(b'}');
+        payload_len
     }
 
     /// The canonical encoding by way of `serde_jcs`, the reference the fast writer is tested
@@ -257,6 +280,7 @@ impl Event {
 
     /// Length of the canonical payload inside a canonical body of `body_len` bytes, found by
     /// encoding the event with an empty payload (`{}`): the two encodings differ only there.
+    /// (Sealing measures it while writing, with [`Event::canonical_body_and_payload_len`].)
     pub fn canonical_payload_len(&self, body_len: usize) -> usize {
         let mut shell = Vec::with_capacity(256);
         self.write_body(&Payload::new(), &mut shell);

@@ -23,7 +23,28 @@ impl Digest {
 
     /// Lowercase hex form.
     pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
+        let t = self.hex_text();
+        String::from_utf8_lossy(&t).into_owned()
+    }
+
+    /// Lowercase hex form as ASCII bytes, from a table of byte pairs (no allocation): every
+    /// event's encoding carries one.
+    pub fn hex_text(&self) -> [u8; 64] {
+        const PAIRS: [[u8; 2]; 256] = {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            let mut t = [[0u8; 2]; 256];
+            let mut i = 0;
+            while i < 256 {
+                t[i] = [HEX[i >> 4], HEX[i & 0xf]];
+                i += 1;
+            }
+            t
+        };
+        let mut out = [0u8; 64];
+        for (o, b) in out.chunks_exact_mut(2).zip(self.0) {
+            o.copy_from_slice(&PAIRS[b as usize]);
+        }
+        out
     }
 
     /// Parse exactly 64 lowercase hex characters.
@@ -64,19 +85,21 @@ impl Digest {
 
 impl fmt::Debug for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Digest({})", self.to_hex())
+        write!(f, "Digest({self})")
     }
 }
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
+        let t = self.hex_text();
+        f.write_str(std::str::from_utf8(&t).map_err(|_| fmt::Error)?)
     }
 }
 
 impl Serialize for Digest {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_hex())
+        let t = self.hex_text();
+        s.serialize_str(std::str::from_utf8(&t).map_err(serde::ser::Error::custom)?)
     }
 }
 
@@ -258,6 +281,19 @@ fn check_principal(kind: &str, id: &str) -> Result<(), String> {
     Ok(())
 }
 
+impl Origin {
+    /// Whether the origin reads back from its text form: `Ok` exactly when
+    /// `self.to_string().parse::<Origin>()` succeeds (and then it gives `self`), with the same
+    /// error otherwise; without writing the text.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Origin::Runtime => Ok(()),
+            Origin::Agent(id) => check_principal("agent", id),
+            Origin::Operator(id) => check_principal("operator", id),
+        }
+    }
+}
+
 impl FromStr for Origin {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -300,6 +336,25 @@ impl std::borrow::Borrow<str> for RunId {
 #[cfg(test)]
 mod tests {
     use super::Digest;
+
+    #[test]
+    fn hex_is_every_byte_as_two_lowercase_digits() {
+        for seed in 0u8..=255 {
+            let d = Digest(std::array::from_fn(|i| {
+                seed.wrapping_mul(31)
+                    .wrapping_add((i as u8).wrapping_mul(97))
+            }));
+            let expected: String = d.0.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(d.hex_text().as_slice(), expected.as_bytes());
+            assert_eq!(d.to_hex(), expected);
+            assert_eq!(d.to_string(), expected);
+            assert_eq!(format!("{d:?}"), format!("Digest({expected})"));
+            assert_eq!(
+                serde_json::to_string(&d).unwrap(),
+                format!("\"{expected}\"")
+            );
+        }
+    }
 
     #[test]
     fn digests_read_back_from_hex_and_nothing_else_reads() {

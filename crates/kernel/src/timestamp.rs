@@ -114,20 +114,39 @@ impl Timestamp {
     }
 }
 
-impl fmt::Display for Timestamp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Timestamp {
+    /// The one text form, `YYYY-MM-DDTHH:MM:SS.ffffffZ`, as ASCII bytes: written digit by digit
+    /// into a fixed array, since every event's encoding carries one.
+    pub fn to_text(&self) -> [u8; 27] {
         let days = self.unix_us.div_euclid(US_PER_DAY);
         let rem = self.unix_us.rem_euclid(US_PER_DAY);
         let (y, m, d) = civil_from_days(days);
         let secs = rem / 1_000_000;
-        write!(
-            f,
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
-            secs / 3600,
-            secs / 60 % 60,
-            secs % 60,
-            rem % 1_000_000
-        )
+        let mut t = *b"0000-00-00T00:00:00.000000Z";
+        // Writes `v` as `width` decimal digits ending just before `end` (zero-padded; `v` has
+        // no more digits than that: the year is 1970 to 9999).
+        let mut put = |end: usize, width: usize, mut v: i64| {
+            for c in t[end - width..end].iter_mut().rev() {
+                *c = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(4, 4, y);
+        put(7, 2, m);
+        put(10, 2, d);
+        put(13, 2, secs / 3600);
+        put(16, 2, secs / 60 % 60);
+        put(19, 2, secs % 60);
+        put(26, 6, rem % 1_000_000);
+        t
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = self.to_text();
+        // Digits and ASCII punctuation only.
+        f.write_str(std::str::from_utf8(&t).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -171,6 +190,40 @@ mod tests {
             let t = Timestamp::parse(s).unwrap();
             assert_eq!(t.unix_us(), us, "{s}");
             assert_eq!(t.to_string(), s);
+        }
+    }
+
+    /// The text form as `format!` writes it from the parts: what `to_text` replaced.
+    fn formatted(t: Timestamp) -> String {
+        let days = t.unix_us.div_euclid(US_PER_DAY);
+        let rem = t.unix_us.rem_euclid(US_PER_DAY);
+        let (y, m, d) = civil_from_days(days);
+        let secs = rem / 1_000_000;
+        format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60,
+            rem % 1_000_000
+        )
+    }
+
+    #[test]
+    fn the_text_form_is_written_digit_by_digit_as_format_writes_it() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut instants = vec![0, 1, 999_999, 1_000_000, US_PER_DAY - 1, MAX_UNIX_US];
+        for _ in 0..200_000 {
+            // xorshift: instants spread over the whole range, every digit position exercised.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            instants.push((x % (MAX_UNIX_US as u64 + 1)) as i64);
+        }
+        for us in instants {
+            let t = Timestamp::from_unix_us(us).unwrap();
+            let text = t.to_text();
+            assert_eq!(std::str::from_utf8(&text).unwrap(), formatted(t), "{us}");
+            assert_eq!(t.to_string(), formatted(t), "{us}");
         }
     }
 

@@ -134,6 +134,40 @@ fn structure(field: &'static str, problem: impl Into<String>) -> ValidationError
     }
 }
 
+/// Where an event claims to stand: the fields rules 5 to 7 read.
+struct Place<'a> {
+    run_id: &'a str,
+    run_seq: u64,
+    at: Timestamp,
+    causes: &'a [EventId],
+    prev: Digest,
+}
+
+/// Rule 2: the type is in the taxonomy and the event has the fields the type requires.
+fn check_type(
+    name: &str,
+    has_intent: bool,
+    has_authority: bool,
+) -> Result<EventType, ValidationError> {
+    let t = EventType::from_name(name).ok_or_else(|| ValidationError::UnknownType {
+        name: name.to_string(),
+        version: TAXONOMY_VERSION,
+    })?;
+    if t.requires_intent() && !has_intent {
+        return Err(ValidationError::MissingField {
+            event_type: t,
+            field: "intent",
+        });
+    }
+    if t.requires_authority() && !has_authority {
+        return Err(ValidationError::MissingField {
+            event_type: t,
+            field: "authority",
+        });
+    }
+    Ok(t)
+}
+
 /// Answers whether an event of *another* run exists. Causes in the event's own run are checked
 /// against the run's head; the caller looks up the others (I/O is not the kernel's) and passes
 /// the answers in.
@@ -282,7 +316,26 @@ impl RunHead {
         )?;
         blob::blob_refs(&event.payload).map_err(|e| structure("payload", e))?;
         check_reserved(&event.payload, true)?;
-        self.check_header(&Header::of(event), others)
+        // Rules 2 to 7 as `check_header` runs them on `Header::of(event)`, without writing the
+        // origin out to read it back: `Origin::check` fails exactly when that reading would.
+        let t = check_type(
+            &event.event_type,
+            event.intent.is_some(),
+            event.authority.is_some(),
+        )?;
+        event.origin.check().map_err(|e| structure("origin", e))?;
+        self.check_place(
+            t,
+            &event.origin,
+            &Place {
+                run_id: event.run_id.as_str(),
+                run_seq: event.run_seq,
+                at: event.at,
+                causes: &event.causes,
+                prev: event.prev,
+            },
+            others,
+        )
     }
 
     /// Rules 2 to 7 (taxonomy, origin law, run state, time order, causes, chain) on a header.
@@ -293,31 +346,39 @@ impl RunHead {
         others: &dyn CauseIndex,
     ) -> Result<(EventType, Lifecycle), ValidationError> {
         // 2. taxonomy
-        let t = EventType::from_name(h.event_type).ok_or_else(|| ValidationError::UnknownType {
-            name: h.event_type.to_string(),
-            version: TAXONOMY_VERSION,
-        })?;
-        if t.requires_intent() && !h.has_intent {
-            return Err(ValidationError::MissingField {
-                event_type: t,
-                field: "intent",
-            });
-        }
-        if t.requires_authority() && !h.has_authority {
-            return Err(ValidationError::MissingField {
-                event_type: t,
-                field: "authority",
-            });
-        }
+        let t = check_type(h.event_type, h.has_intent, h.has_authority)?;
         // 3. origin law
-        let cat = t.category();
         let origin: Origin = h
             .origin
             .parse()
             .map_err(|e: String| structure("origin", e))?;
-        if !cat.allows(&origin) {
+        self.check_place(
+            t,
+            &origin,
+            &Place {
+                run_id: h.run_id,
+                run_seq: h.run_seq,
+                at: h.at,
+                causes: &h.causes,
+                prev: h.prev,
+            },
+            others,
+        )
+    }
+
+    /// Rules 3 (once the origin is read) to 7 on an event of type `t` from `origin`.
+    fn check_place(
+        &self,
+        t: EventType,
+        origin: &Origin,
+        h: &Place<'_>,
+        others: &dyn CauseIndex,
+    ) -> Result<(EventType, Lifecycle), ValidationError> {
+        // 3. origin law
+        let cat = t.category();
+        if !cat.allows(origin) {
             return Err(ValidationError::OriginForbidden {
-                origin,
+                origin: origin.clone(),
                 event_type: t,
                 allowed: cat.origin_row(),
             });
@@ -402,8 +463,7 @@ impl RunHead {
         event: Event,
         others: &dyn CauseIndex,
     ) -> Result<SealedEvent, ValidationError> {
-        let body = event.canonical_body();
-        let payload_len = event.canonical_payload_len(body.len());
+        let (body, payload_len) = event.canonical_body_and_payload_len();
         let (t, next) = self.check_with(&event, Some(payload_len), others)?;
         let computed = Digest::of(&body);
         if computed != event.hash {
@@ -466,8 +526,7 @@ impl RunHead {
             prev: self.last_hash,
             hash: Digest::GENESIS,
         };
-        let body = event.canonical_body();
-        let payload_len = event.canonical_payload_len(body.len());
+        let (body, payload_len) = event.canonical_body_and_payload_len();
         let (t, next) = self.check_with(&event, Some(payload_len), others)?;
         event.hash = Digest::of(&body);
         self.advance(&event, next);
@@ -681,11 +740,20 @@ fn check_structure(
             format!("{} causes; at most {MAX_CAUSES}", causes.len()),
         ));
     }
-    let mut seen = HashSet::with_capacity(causes.len());
-    for c in causes {
-        if !seen.insert(c) {
-            return Err(structure("causes", format!("{c} is named twice")));
-        }
+    // The first cause that repeats an earlier one is named. Events name few causes: those are
+    // compared pairwise, without building a set.
+    let repeat = if causes.len() <= 8 {
+        causes
+            .iter()
+            .enumerate()
+            .find(|&(i, c)| causes[..i].contains(c))
+            .map(|(_, c)| c)
+    } else {
+        let mut seen = HashSet::with_capacity(causes.len());
+        causes.iter().find(|&c| !seen.insert(c))
+    };
+    if let Some(c) = repeat {
+        return Err(structure("causes", format!("{c} is named twice")));
     }
     for (name, v) in cost.fields() {
         if v > MAX_SAFE_INTEGER {

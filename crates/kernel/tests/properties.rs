@@ -461,3 +461,185 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The event body against an independent encoding
+// ---------------------------------------------------------------------------------------------
+
+/// A time as its text form, written here by `format!` from its parts (not by the kernel), and
+/// the kernel's reading of that text.
+fn arb_time() -> impl Strategy<Value = (String, ice_kernel::Timestamp)> {
+    let parts = (
+        prop_oneof![Just(1970i64), Just(9999), 1970i64..=9999],
+        1i64..=12,
+        1i64..=31,
+        0i64..24,
+        0i64..60,
+        0i64..60,
+        prop_oneof![Just(0i64), Just(999_999), 0i64..1_000_000],
+    );
+    parts.prop_filter_map("a real date", |(y, mo, d, h, mi, s, us)| {
+        let text = format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{us:06}Z");
+        let t = ice_kernel::Timestamp::parse(&text).ok()?;
+        Some((text, t))
+    })
+}
+
+fn arb_run_id() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[A-Za-z0-9._-]{1,12}",
+        "[A-Za-z0-9._-]{120,128}",
+        Just("prop-run".to_string()),
+    ]
+}
+
+fn arb_seq() -> impl Strategy<Value = u64> {
+    prop_oneof![0u64..20, 0..=MAX_SAFE_INTEGER, Just(MAX_SAFE_INTEGER)]
+}
+
+/// Any origin the type can hold, ids the law would refuse included: the writer must encode
+/// whatever it is handed exactly as the reference does.
+fn arb_origin() -> impl Strategy<Value = Origin> {
+    prop_oneof![
+        Just(Origin::Runtime),
+        prop_oneof!["[a-z0-9@._-]{1,10}", arb_text()].prop_map(Origin::Agent),
+        prop_oneof!["[a-z0-9@._-]{1,10}", arb_text()].prop_map(Origin::Operator),
+    ]
+}
+
+/// An event with every field drawn independently (not sealed: no law applies), and its
+/// canonical body built by `serde_jcs` from a JSON value whose strings are written here:
+/// the time by `format!`, the digest's hex byte by byte, ids and origins by `format!`.
+#[derive(Debug)]
+struct Drawn {
+    event: Event,
+    reference: Vec<u8>,
+}
+
+fn arb_drawn_event() -> impl Strategy<Value = Drawn> {
+    (
+        (
+            arb_run_id(),
+            arb_seq(),
+            arb_text(),
+            arb_origin(),
+            arb_time(),
+        ),
+        (
+            prop::option::of(arb_text()),
+            prop::option::of(arb_text()),
+            prop_oneof![
+                arb_payload(),
+                prop::collection::btree_map(arb_tricky_key(), arb_json(), 0..6)
+                    .prop_map(|m| m.into_iter().collect()),
+                // In any insertion order, which the map keeps when serde_json's
+                // `preserve_order` is on (as in the workspace build): unsorted objects, small
+                // and large.
+                prop::collection::vec((arb_tricky_key(), arb_json()), 0..24)
+                    .prop_map(|v| v.into_iter().collect()),
+            ],
+            prop::collection::vec((arb_run_id(), arb_seq()), 0..4),
+            arb_cost(),
+            any::<[u8; 32]>(),
+        ),
+    )
+        .prop_map(
+            |(
+                (run, run_seq, event_type, origin, (at_text, at)),
+                (intent, authority, payload, causes, cost, prev),
+            )| {
+                let cause_text: Vec<String> =
+                    causes.iter().map(|(r, s)| format!("{r}:{s}")).collect();
+                let origin_text = match &origin {
+                    Origin::Runtime => "runtime".to_string(),
+                    Origin::Agent(id) => format!("agent:{id}"),
+                    Origin::Operator(id) => format!("operator:{id}"),
+                };
+                let prev_text: String = prev.iter().map(|b| format!("{b:02x}")).collect();
+                let mut cost_obj = Map::new();
+                for (name, v) in [
+                    ("wall_time_us", cost.wall_time_us),
+                    ("tokens_in", cost.tokens_in),
+                    ("tokens_out", cost.tokens_out),
+                    ("tool_calls", cost.tool_calls),
+                    ("bytes", cost.bytes),
+                    ("credits_micro", cost.credits_micro),
+                    ("risk", cost.risk),
+                ] {
+                    if v != 0 {
+                        cost_obj.insert(name.to_string(), json!(v));
+                    }
+                }
+                let mut obj = json!({
+                    "run_id": run,
+                    "run_seq": run_seq,
+                    "type": event_type,
+                    "origin": origin_text,
+                    "at": at_text,
+                    "payload": payload,
+                    "causes": cause_text,
+                    "cost": cost_obj,
+                    "prev": prev_text,
+                });
+                if let Some(i) = &intent {
+                    obj["intent"] = json!(i);
+                }
+                if let Some(a) = &authority {
+                    obj["authority"] = json!(a);
+                }
+                let run_id = run_id(&run);
+                let event = Event {
+                    run_id,
+                    run_seq,
+                    event_type,
+                    origin,
+                    at,
+                    intent,
+                    authority,
+                    payload,
+                    causes: causes
+                        .into_iter()
+                        .map(|(r, s)| EventId::new(common::run_id(&r), s))
+                        .collect(),
+                    cost,
+                    prev: Digest(prev),
+                    hash: Digest::GENESIS,
+                };
+                Drawn {
+                    event,
+                    reference: serde_jcs::to_vec(&obj).expect("the reference encodes"),
+                }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// The body the validator hashes is, byte for byte, `serde_jcs` of the same fields written
+    /// out independently; the payload length measured while writing it is the payload's own
+    /// canonical length; and the slower measure agrees.
+    #[test]
+    fn the_event_body_agrees_with_an_independent_encoding(d in arb_drawn_event()) {
+        let (body, payload_len) = d.event.canonical_body_and_payload_len();
+        prop_assert_eq!(String::from_utf8_lossy(&body), String::from_utf8_lossy(&d.reference));
+        prop_assert_eq!(&d.event.canonical_body(), &body);
+        prop_assert_eq!(&d.event.canonical_body_reference(), &body);
+        let direct = serde_jcs::to_vec(&d.event.payload).expect("payload encodes").len();
+        prop_assert_eq!(payload_len, direct);
+        prop_assert_eq!(d.event.canonical_payload_len(body.len()), direct);
+        prop_assert_eq!(d.event.compute_hash(), Digest::of(&d.reference));
+    }
+
+    /// `Origin::check` (what sealing runs) fails exactly when reading the origin's text back
+    /// (what the header path runs) fails, with the same message, and reading back gives the
+    /// same origin.
+    #[test]
+    fn checking_an_origin_agrees_with_reading_its_text_back(o in arb_origin()) {
+        let read: Result<Origin, String> = o.to_string().parse();
+        prop_assert_eq!(o.check(), read.clone().map(|_| ()));
+        if let Ok(r) = read {
+            prop_assert_eq!(r, o);
+        }
+    }
+}
