@@ -152,13 +152,16 @@ mod fast {
         /// A string without escapes (its opening quote already read), up to its closing quote.
         fn plain_str(&mut self) -> Option<&'a str> {
             let rest = &self.b[self.at..];
-            let end = rest
+            let end = memchr::memchr(b'"', rest)?;
+            // No escape or control character before it (a fold, not a search: it vectorises).
+            let raw = &rest[..end];
+            if raw
                 .iter()
-                .position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
-            if rest[end] != b'"' {
+                .fold(false, |bad, &c| bad | (c == b'\\') | (c < 0x20))
+            {
                 return None;
             }
-            let s = std::str::from_utf8(&rest[..end]).ok()?;
+            let s = std::str::from_utf8(raw).ok()?;
             self.at += end + 1;
             Some(s)
         }
@@ -254,7 +257,7 @@ mod fast {
         const PREV: &[u8] = b",\"prev\":\"";
         let mut end = b.len();
         let prev_at = loop {
-            end = b[..end].iter().rposition(|&c| c == b',')?;
+            end = memchr::memrchr(b',', &b[..end])?;
             if b[end..].starts_with(PREV) {
                 break end;
             }
