@@ -243,6 +243,10 @@ impl EventLog for Prefix {
         self.log.nodes(ids).await
     }
 
+    fn tree_floor(&self) -> u8 {
+        self.log.tree_floor()
+    }
+
     async fn scan_nodes(
         &self,
         from_leaf: u64,

@@ -460,8 +460,9 @@ fn cpu_seconds() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// Rows as stored, for the raw baselines: (log_seq, run_id, run_seq, type, hash, body).
-type Row = (i64, String, i64, String, Vec<u8>, Vec<u8>);
+/// Rows as stored, for the raw baselines: (log_seq, run_id, run_seq, type, hash, log_prev,
+/// body).
+type Row = (i64, String, i64, String, Vec<u8>, Vec<u8>, Vec<u8>);
 
 /// ICE: `c` tasks, each on its own run, each append one durable event through the ledger.
 async fn append_ice(path: &Path, c: usize, total: u64) -> Result<(f64, Vec<Row>)> {
@@ -470,23 +471,25 @@ async fn append_ice(path: &Path, c: usize, total: u64) -> Result<(f64, Vec<Row>)
     // The appended rows, byte for byte, for the baselines.
     let mut rows = Vec::new();
     let mut from = 0;
+    let mut page = ice_log::EventPage::default();
     loop {
-        let page = log.scan(from, 10_000).await?;
+        page = log.scan_page(from, 10_000, false, page).await?;
         if page.is_empty() {
             break;
         }
         from += page.len() as u64;
         rows.extend(
-            page.into_iter()
+            page.iter()
                 .filter(|e| e.event_type == "InferenceStep")
                 .map(|e| {
                     (
                         e.log_seq as i64,
-                        e.run_id,
+                        e.run_id.to_string(),
                         e.run_seq as i64,
-                        e.event_type,
-                        e.hash,
-                        e.body,
+                        e.event_type.to_string(),
+                        e.hash.to_vec(),
+                        e.log_prev.unwrap_or_default().to_vec(),
+                        e.body.to_vec(),
                     )
                 }),
         );
@@ -530,9 +533,8 @@ fn raw_conn(path: &Path) -> Result<Connection> {
     Ok(c)
 }
 
-const RAW_SCHEMA: &str = "CREATE TABLE events(log_seq INTEGER PRIMARY KEY, run_id TEXT NOT NULL, run_seq INTEGER NOT NULL, type TEXT NOT NULL, hash BLOB NOT NULL, body BLOB NOT NULL, UNIQUE(run_id, run_seq));";
-const RAW_INSERT: &str =
-    "INSERT INTO events(log_seq, run_id, run_seq, type, hash, body) VALUES(?1, ?2, ?3, ?4, ?5, ?6)";
+const RAW_SCHEMA: &str = "CREATE TABLE events(log_seq INTEGER PRIMARY KEY, run_id TEXT NOT NULL, run_seq INTEGER NOT NULL, type TEXT NOT NULL, hash BLOB NOT NULL, log_prev BLOB NOT NULL, body BLOB NOT NULL, UNIQUE(run_id, run_seq));";
+const RAW_INSERT: &str = "INSERT INTO events(log_seq, run_id, run_seq, type, hash, log_prev, body) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)";
 
 /// Baseline: `c` threads, each with its own connection, one row per transaction.
 fn append_raw(path: &Path, c: usize, rows: &[Row]) -> Result<f64> {
@@ -549,7 +551,7 @@ fn append_raw(path: &Path, c: usize, rows: &[Row]) -> Result<f64> {
                     let conn = raw_conn(path)?;
                     let mut st = conn.prepare(RAW_INSERT)?;
                     for r in chunk {
-                        st.execute(params![r.0, r.1, r.2, r.3, r.4, r.5])?;
+                        st.execute(params![r.0, r.1, r.2, r.3, r.4, r.5, r.6])?;
                     }
                     Ok(())
                 })
@@ -574,7 +576,7 @@ fn append_raw_batched(path: &Path, c: usize, rows: &[Row]) -> Result<f64> {
         {
             let mut st = tx.prepare_cached(RAW_INSERT)?;
             for r in chunk {
-                st.execute(params![r.0, r.1, r.2, r.3, r.4, r.5])?;
+                st.execute(params![r.0, r.1, r.2, r.3, r.4, r.5, r.6])?;
             }
         }
         tx.commit()?;
@@ -800,6 +802,9 @@ impl EventLog for MemoryLog {
         _: &[ice_log::merkle::NodeId],
     ) -> Result<Vec<ice_kernel::Digest>, ice_log::LogError> {
         Err(ice_log::LogError::Invalid("not kept".into()))
+    }
+    fn tree_floor(&self) -> u8 {
+        0
     }
     async fn scan_nodes(
         &self,

@@ -329,6 +329,10 @@ impl EventLog for TimedLog {
     async fn nodes(&self, ids: &[NodeId]) -> Result<Vec<Digest>, LogError> {
         self.inner.nodes(ids).await
     }
+    fn tree_floor(&self) -> u8 {
+        self.inner.tree_floor()
+    }
+
     async fn scan_nodes(
         &self,
         from_leaf: u64,

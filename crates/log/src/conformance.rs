@@ -506,16 +506,25 @@ async fn merkle_tree_and_proofs(
         merkle::verify_consistency(m, &roots[m as usize], n, &root, &proof)
             .map_err(|e| fail(case, format!("consistency {m} → {n}: {e}")))?;
     }
-    // The stored nodes, paged by whole leaves, are each node of the tree exactly once.
+    // The stored nodes, paged by whole leaves, are each node of the tree at or above the
+    // backend's floor exactly once.
+    let floor = log.tree_floor();
     let mut seen = HashSet::new();
     let mut from = 0;
     while from < n {
         for (id, _) in log.scan_nodes(from, 5).await.map_err(|e| fail(case, e))? {
             check!(case, seen.insert(id), "node {id:?} listed twice");
+            check!(
+                case,
+                id.level >= floor,
+                "node {id:?} is below the tree floor {floor}"
+            );
         }
         from += 5;
     }
-    let want: usize = (1..=n).map(|k| k.trailing_zeros() as usize + 1).sum();
+    let want: usize = (1..=n)
+        .map(|k| (k.trailing_zeros() as usize + 1).saturating_sub(floor as usize))
+        .sum();
     check!(
         case,
         seen.len() == want,

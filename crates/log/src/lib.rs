@@ -214,11 +214,20 @@ pub trait EventLog: Send + Sync {
     async fn existing(&self, ids: &[EventId]) -> Result<HashSet<EventId>, LogError>;
     /// A blob's bytes.
     async fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, LogError>;
-    /// Stored perfect-subtree hashes (missing ones are errors).
+    /// Perfect-subtree hashes (missing ones are errors). Nodes below [`EventLog::tree_floor`]
+    /// are computed from the stored event hashes they cover.
     async fn nodes(&self, ids: &[NodeId]) -> Result<Vec<Digest>, LogError>;
+    /// The lowest level of the tree this backend stores: every perfect subtree of at least
+    /// this level is stored once complete; the ones below are computed on demand from the
+    /// event hashes (at most `2^floor - 1` of them per node). 0 stores every node, leaves
+    /// included. A backend with a floor above 0 links each event to the one before it in the
+    /// log ([`StoredRef::log_prev`]), which is what records the order of events inside a
+    /// subtree it does not store. A required method, so a wrapper cannot forget to pass it on.
+    fn tree_floor(&self) -> u8;
     /// Stored tree nodes completed by leaves `from_leaf .. from_leaf + leaves`, in the order
-    /// they were completed (by last leaf, then level). Whole leaves only, so a caller paging
-    /// through never splits the nodes of one leaf.
+    /// they were completed (by last leaf, then level): only nodes at or above
+    /// [`EventLog::tree_floor`]. Whole leaves only, so a caller paging through never splits
+    /// the nodes of one leaf.
     async fn scan_nodes(
         &self,
         from_leaf: u64,

@@ -1649,6 +1649,10 @@ impl Inner {
             .collect()
     }
 
+    fn tree_floor(&self) -> u8 {
+        0
+    }
+
     async fn scan_nodes(
         &self,
         from_leaf: u64,
@@ -1929,6 +1933,10 @@ impl EventLog for NatsLog {
 
     async fn nodes(&self, ids: &[NodeId]) -> Result<Vec<Digest>, LogError> {
         self.inner.nodes(ids).await
+    }
+
+    fn tree_floor(&self) -> u8 {
+        self.inner.tree_floor()
     }
 
     async fn scan_nodes(

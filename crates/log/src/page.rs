@@ -23,6 +23,10 @@ pub struct StoredRef<'a> {
     pub hash: &'a [u8],
     /// Canonical encoding of the event without its hash.
     pub body: &'a [u8],
+    /// The stored hash of the event before this one in the log (the genesis value at
+    /// `log_seq` 0), for backends that link events in log order (see
+    /// [`crate::EventLog::tree_floor`]); `None` where the backend keeps no such link.
+    pub log_prev: Option<&'a [u8]>,
 }
 
 impl StoredRef<'_> {
@@ -60,15 +64,19 @@ impl StoredRef<'_> {
 struct Row {
     log_seq: u64,
     run_seq: u64,
-    /// Where the row's run id, type, hash and body end in the buffer (each starts where the
-    /// one before it ends; the run id where the previous row's body ends).
-    ends: [usize; 4],
+    /// Where the row's run id and type end in the text buffer, and its hash, log link and
+    /// body in the byte buffer (each starts where the one before it ends; the first where the
+    /// previous row's last ends).
+    ends: [usize; 5],
+    linked: bool,
 }
 
 /// Stored events in log order, in one buffer, and (when asked for) the stored tree nodes their
 /// leaves completed.
 #[derive(Clone, Debug, Default)]
 pub struct EventPage {
+    /// The text columns (kept as a `String`: checked to be UTF-8 once, when pushed).
+    text: String,
     buf: Vec<u8>,
     rows: Vec<Row>,
     nodes: Vec<(NodeId, Option<Digest>)>,
@@ -77,10 +85,14 @@ pub struct EventPage {
 impl EventPage {
     /// Add a row (copying its columns into the page).
     pub fn push(&mut self, r: StoredRef<'_>) {
-        let mut ends = [0; 4];
-        for (end, col) in
-            ends.iter_mut()
-                .zip([r.run_id.as_bytes(), r.event_type.as_bytes(), r.hash, r.body])
+        let mut ends = [0; 5];
+        self.text.push_str(r.run_id);
+        ends[0] = self.text.len();
+        self.text.push_str(r.event_type);
+        ends[1] = self.text.len();
+        for (end, col) in ends[2..]
+            .iter_mut()
+            .zip([r.hash, r.log_prev.unwrap_or_default(), r.body])
         {
             self.buf.extend_from_slice(col);
             *end = self.buf.len();
@@ -89,11 +101,13 @@ impl EventPage {
             log_seq: r.log_seq,
             run_seq: r.run_seq,
             ends,
+            linked: r.log_prev.is_some(),
         });
     }
 
     /// Empty it, keeping its memory.
     pub fn clear(&mut self) {
+        self.text.clear();
         self.buf.clear();
         self.rows.clear();
         self.nodes.clear();
@@ -122,17 +136,24 @@ impl EventPage {
     /// The `i`-th event.
     pub fn get(&self, i: usize) -> Option<StoredRef<'_>> {
         let row = self.rows.get(i)?;
-        let start = if i == 0 { 0 } else { self.rows[i - 1].ends[3] };
-        let [a, b, c, d] = row.ends;
-        // Both text columns were whole `str`s when pushed, and the buffer is only appended to.
-        let text = |from: usize, to: usize| std::str::from_utf8(&self.buf[from..to]).unwrap_or("");
+        let (t0, b0) = match i {
+            0 => (0, 0),
+            _ => {
+                let prev = &self.rows[i - 1].ends;
+                (prev[1], prev[4])
+            }
+        };
+        let [a, b, c, d, e] = row.ends;
+        // Both text columns were whole `str`s when pushed: their ends are char boundaries.
+        let text = |from: usize, to: usize| self.text.get(from..to).unwrap_or("");
         Some(StoredRef {
             log_seq: row.log_seq,
-            run_id: text(start, a),
+            run_id: text(t0, a),
             run_seq: row.run_seq,
             event_type: text(a, b),
-            hash: &self.buf[b..c],
-            body: &self.buf[c..d],
+            hash: &self.buf[b0..c],
+            log_prev: row.linked.then(|| &self.buf[c..d]),
+            body: &self.buf[d..e],
         })
     }
 
@@ -152,6 +173,7 @@ impl StoredEvent {
             event_type: &self.event_type,
             hash: &self.hash,
             body: &self.body,
+            log_prev: None,
         }
     }
 }
@@ -183,6 +205,21 @@ mod tests {
         assert_eq!(page.len(), 5);
         let back: Vec<StoredEvent> = page.iter().map(|r| r.to_stored()).collect();
         assert_eq!(back, rows);
+        assert!(page.iter().all(|r| r.log_prev.is_none()));
+        // A linked row keeps its link, an unlinked one next to it stays unlinked.
+        let link = [9u8; 32];
+        page.push(StoredRef {
+            log_prev: Some(&link),
+            ..rows[0].borrowed()
+        });
+        page.push(rows[1].borrowed());
+        assert_eq!(page.get(5).unwrap().log_prev, Some(&link[..]));
+        assert_eq!(page.get(5).unwrap().to_stored(), rows[0]);
+        assert_eq!(page.get(6).unwrap().log_prev, None);
+        page.clear();
+        for r in &rows {
+            page.push(r.borrowed());
+        }
         assert!(page.get(5).is_none());
         assert!(EventPage::default().is_empty());
         page.clear();

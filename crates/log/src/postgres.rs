@@ -64,7 +64,10 @@ use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use crate::merkle::{Frontier, NodeId, leaf_hash};
-use crate::sqlite::{FORMAT, MAX_READ_ROWS};
+use crate::sqlite::MAX_READ_ROWS;
+
+/// The format of a PostgreSQL log's schema (every tree node stored, as SQLite's first format).
+pub const FORMAT: &str = "ice-log/1";
 use crate::{AppendReceipt, EventLog, LogError, StoredCheckpoint, StoredEvent};
 
 /// The schema used when none is given.
@@ -1677,6 +1680,10 @@ impl EventLog for PgLog {
                 digest_of(h, || format!("tree node {id:?}"))
             })
             .collect()
+    }
+
+    fn tree_floor(&self) -> u8 {
+        0
     }
 
     async fn scan_nodes(

@@ -3,11 +3,26 @@
 //! its caller's thread; otherwise it queues for the writer thread, which commits all queued
 //! appends as one group, so many appenders share one sync.
 //!
-//! Tables: `events` (the record: position, indexed columns, hash, canonical body), `tree`
-//! (every complete perfect Merkle subtree, keyed by the leaf that completed it), `blobs`
-//! (content-addressed payload fields), `checkpoints` (signed notes), `meta` (format). Triggers
-//! refuse UPDATE and DELETE on the record tables: the file is append-only even to a careless
-//! tool, and `verify` detects what a deliberate one does.
+//! Tables (format `ice-log/2`):
+//! - `events`: the record: position, indexed columns, hash, `log_prev` (the hash of the event
+//!   before it in the log: a chain over the whole log, which records the order events were
+//!   appended in), canonical body;
+//! - `tree`: every complete perfect Merkle subtree of at least the file's tree floor (8 unless
+//!   created otherwise), keyed by the leaf that completed it. A node below the floor covers
+//!   fewer than 256 events and is computed from their hashes when a proof needs it, so an
+//!   append writes a tree row once per 256 events instead of two per event, and `verify` reads
+//!   one row per event;
+//! - `head`: one row, the log's size and last hash as of the last commit (a tail of events
+//!   deleted by a careless tool is a log shorter than its head says);
+//! - `blobs` (content-addressed payload fields), `checkpoints` (signed notes), `meta` (format,
+//!   tree floor).
+//!
+//! Triggers refuse UPDATE and DELETE on the record tables, and a shrinking head: the file is
+//! append-only even to a careless tool, and `verify` detects what a deliberate one does.
+//!
+//! Files of the first format, `ice-log/1` (every tree node stored, leaves included; no
+//! `log_prev`, no `head`), are still read and appended to as they are; `ice migrate` copies one
+//! into a new file of the current format.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -25,8 +40,15 @@ use crate::{
     AppendReceipt, EventLog, EventPage, LogError, StoredCheckpoint, StoredEvent, StoredRef,
 };
 
-/// The format this code writes and reads.
-pub const FORMAT: &str = "ice-log/1";
+/// The format this code writes (and reads).
+pub const FORMAT: &str = "ice-log/2";
+/// The first format, which this code still reads and appends to.
+pub const FORMAT_1: &str = "ice-log/1";
+/// The tree floor of a new file (see [`EventLog::tree_floor`]).
+pub const DEFAULT_TREE_FLOOR: u8 = 8;
+/// The highest tree floor a file may have: a node below it is computed from at most this many
+/// events' hashes (`2^16`) when a proof needs it.
+pub const MAX_TREE_FLOOR: u8 = 16;
 /// Most append requests committed in one group.
 pub const MAX_GROUP_REQUESTS: usize = 1024;
 /// Most rows one read returns.
@@ -42,9 +64,14 @@ CREATE TABLE events(
   run_seq INTEGER NOT NULL,
   type TEXT NOT NULL,
   hash BLOB NOT NULL,
+  log_prev BLOB NOT NULL,
   body BLOB NOT NULL,
   UNIQUE(run_id, run_seq)
 );
+CREATE TABLE head(one INTEGER PRIMARY KEY CHECK (one = 0), size INTEGER NOT NULL, last BLOB NOT NULL);
+INSERT INTO head(one, size, last) VALUES(0, 0, zeroblob(32));
+CREATE TRIGGER head_only_grows BEFORE UPDATE ON head WHEN NEW.size < OLD.size BEGIN SELECT RAISE(ABORT, 'the event log only grows'); END;
+CREATE TRIGGER head_no_delete BEFORE DELETE ON head BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
 CREATE INDEX events_run_start ON events(log_seq) WHERE run_seq = 0;
 CREATE TABLE tree(leaf_end INTEGER NOT NULL, level INTEGER NOT NULL, hash BLOB NOT NULL,
   PRIMARY KEY(leaf_end, level)) WITHOUT ROWID;
@@ -85,9 +112,30 @@ enum WriteReq {
     Checkpoint(StoredCheckpoint, oneshot::Sender<Result<(), LogError>>),
 }
 
+/// How a file stores the tree and the log's order, by its format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Layout {
+    /// The lowest stored tree level.
+    floor: u8,
+    /// `ice-log/2`: events carry `log_prev` and the `head` row holds the size.
+    linked: bool,
+}
+
+impl Layout {
+    /// The columns every event read selects, in [`row_event`]'s order.
+    fn cols(self) -> &'static str {
+        if self.linked {
+            "log_seq, run_id, run_seq, type, hash, log_prev, body"
+        } else {
+            "log_seq, run_id, run_seq, type, hash, NULL, body"
+        }
+    }
+}
+
 /// The embedded SQLite log.
 pub struct SqliteLog {
     path: PathBuf,
+    layout: Layout,
     writer: Option<mpsc::SyncSender<WriteReq>>,
     writer_thread: Option<JoinHandle<()>>,
     /// The write connection and the tree's right edge; held by whoever commits.
@@ -118,18 +166,35 @@ fn not_a_log(path: &Path, e: rusqlite::Error, _ctx: String) -> LogError {
     }
 }
 
-fn check_format(conn: &Connection, path: &Path) -> Result<(), LogError> {
-    let v: Option<String> = conn
-        .query_row("SELECT value FROM meta WHERE key='format'", [], |r| {
-            r.get(0)
-        })
-        .optional()
-        .map_err(|e| not_a_log(path, e, String::new()))?;
-    match v {
-        Some(f) if f == FORMAT => Ok(()),
+fn check_format(conn: &Connection, path: &Path) -> Result<Layout, LogError> {
+    let meta = |key: &str| -> Result<Option<String>, LogError> {
+        conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(|e| not_a_log(path, e, String::new()))
+    };
+    match meta("format")? {
+        Some(f) if f == FORMAT => {
+            let floor = meta("tree_floor")?.unwrap_or_default();
+            match floor.parse::<u8>() {
+                Ok(floor) if floor <= MAX_TREE_FLOOR => Ok(Layout {
+                    floor,
+                    linked: true,
+                }),
+                _ => Err(LogError::NotALog {
+                    path: path.display().to_string(),
+                    reason: format!(
+                        "its tree floor {floor:?} is not a level from 0 to {MAX_TREE_FLOOR}"
+                    ),
+                }),
+            }
+        }
+        Some(f) if f == FORMAT_1 => Ok(Layout {
+            floor: 0,
+            linked: false,
+        }),
         Some(f) => Err(LogError::NotALog {
             path: path.display().to_string(),
-            reason: format!("format {f:?}; this ice reads {FORMAT:?}"),
+            reason: format!("format {f:?}; this ice reads {FORMAT:?} and {FORMAT_1:?}"),
         }),
         None => Err(LogError::NotALog {
             path: path.display().to_string(),
@@ -139,8 +204,20 @@ fn check_format(conn: &Connection, path: &Path) -> Result<(), LogError> {
 }
 
 impl SqliteLog {
-    /// Create a new, empty log file. Fails if the file exists.
+    /// Create a new, empty log file (tree floor [`DEFAULT_TREE_FLOOR`]). Fails if the file
+    /// exists.
     pub fn create(path: &Path) -> Result<SqliteLog, LogError> {
+        SqliteLog::create_with_tree_floor(path, DEFAULT_TREE_FLOOR)
+    }
+
+    /// Create a new, empty log file that stores the tree's nodes from level `floor` up (see
+    /// [`EventLog::tree_floor`]; at most [`MAX_TREE_FLOOR`]). Fails if the file exists.
+    pub fn create_with_tree_floor(path: &Path, floor: u8) -> Result<SqliteLog, LogError> {
+        if floor > MAX_TREE_FLOOR {
+            return Err(LogError::Invalid(format!(
+                "tree floor {floor}: the highest is {MAX_TREE_FLOOR}"
+            )));
+        }
         if path.exists() {
             return Err(LogError::Invalid(format!(
                 "{} already exists",
@@ -163,6 +240,11 @@ impl SqliteLog {
             [ice_kernel::TAXONOMY_VERSION.to_string()],
         )
         .map_err(storage("creating schema"))?;
+        tx.execute(
+            "INSERT INTO meta(key, value) VALUES('tree_floor', ?1)",
+            [floor.to_string()],
+        )
+        .map_err(storage("creating schema"))?;
         tx.commit().map_err(storage("creating schema"))?;
         drop(conn);
         SqliteLog::open(path, Mode::ReadWrite)
@@ -177,7 +259,7 @@ impl SqliteLog {
             });
         }
         let reader = open_reader(path)?;
-        check_format(&reader, path)?;
+        let layout = check_format(&reader, path)?;
         let (writer, writer_thread, core) = match mode {
             Mode::ReadOnly => (None, None, None),
             Mode::ReadWrite => {
@@ -187,7 +269,7 @@ impl SqliteLog {
                 )
                 .map_err(|e| not_a_log(path, e, String::new()))?;
                 apply_write_pragmas(&conn, path)?;
-                let state = WriterState::load(&conn)?;
+                let state = WriterState::load(&conn, layout)?;
                 let core = Arc::new(Mutex::new(Core { conn, state }));
                 let (tx, rx) = mpsc::sync_channel(WRITE_QUEUE);
                 let thread_core = core.clone();
@@ -203,6 +285,7 @@ impl SqliteLog {
         };
         Ok(SqliteLog {
             path: path.to_path_buf(),
+            layout,
             writer,
             writer_thread,
             core,
@@ -317,23 +400,55 @@ fn open_reader(path: &Path) -> Result<Connection, LogError> {
     Ok(conn)
 }
 
-/// What the writer keeps in memory: the tree's right edge (O(log n) hashes).
+/// What the writer keeps in memory: the tree's right edge (O(log n) hashes) and the last
+/// event's hash (the next event's `log_prev`).
 #[derive(Clone)]
 struct WriterState {
+    layout: Layout,
     frontier: Frontier,
+    last: Digest,
+}
+
+/// The log's size as of the last commit: the head row (`ice-log/2`), or one past the last
+/// stored position (`ice-log/1`).
+fn log_size(conn: &Connection, layout: Layout) -> Result<u64, LogError> {
+    Ok(log_head(conn, layout)?.0)
+}
+
+fn log_head(conn: &Connection, layout: Layout) -> Result<(u64, Digest), LogError> {
+    if !layout.linked {
+        let size = conn
+            .prepare_cached("SELECT COALESCE(MAX(log_seq) + 1, 0) FROM events")
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
+            .map_err(storage("reading the log size"))?;
+        return Ok((size as u64, Digest::GENESIS));
+    }
+    let head: Option<(i64, Vec<u8>)> = conn
+        .prepare_cached("SELECT size, last FROM head WHERE one = 0")
+        .and_then(|mut s| s.query_row([], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .map_err(storage("reading the log's head"))?;
+    match head {
+        Some((size, last)) if size >= 0 && last.len() == 32 => Ok((
+            size as u64,
+            Digest(last.as_slice().try_into().unwrap_or([0; 32])),
+        )),
+        Some((size, last)) => Err(LogError::Corrupt {
+            what: format!(
+                "the head record says size {size} with a last hash of {} bytes",
+                last.len()
+            ),
+        }),
+        None => Err(LogError::Corrupt {
+            what: "the head record (the log's size) is missing".into(),
+        }),
+    }
 }
 
 impl WriterState {
-    fn load(conn: &Connection) -> Result<WriterState, LogError> {
-        let size: u64 = conn
-            .query_row(
-                "SELECT COALESCE(MAX(log_seq) + 1, 0) FROM events",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map_err(storage("reading the log size"))? as u64;
+    fn load(conn: &Connection, layout: Layout) -> Result<WriterState, LogError> {
+        let (size, last) = log_head(conn, layout)?;
         let mut missing = None;
-        let frontier = Frontier::from_nodes(size, |id| match get_node(conn, id) {
+        let frontier = Frontier::from_nodes(size, |id| match node_at(conn, layout, id) {
             Ok(Some(h)) => Some(h),
             _ => {
                 missing = Some(id);
@@ -341,7 +456,11 @@ impl WriterState {
             }
         });
         match frontier {
-            Some(frontier) => Ok(WriterState { frontier }),
+            Some(frontier) => Ok(WriterState {
+                layout,
+                frontier,
+                last,
+            }),
             None => Err(LogError::Corrupt {
                 what: format!(
                     "tree node {missing:?} of a log of {size} events is missing; run `ice verify`"
@@ -349,6 +468,46 @@ impl WriterState {
             }),
         }
     }
+}
+
+/// A perfect subtree's hash: read where it is stored (at or above the floor), computed from
+/// the hashes of the events it covers below it. `None` if it is not stored, or an event it
+/// covers is missing.
+fn node_at(conn: &Connection, layout: Layout, id: NodeId) -> Result<Option<Digest>, LogError> {
+    if id.level >= layout.floor {
+        return get_node(conn, id);
+    }
+    let (lo, n) = (id.index << id.level, 1u64 << id.level);
+    let mut s = conn
+        .prepare_cached(
+            "SELECT log_seq, hash FROM events WHERE log_seq >= ?1 ORDER BY log_seq LIMIT ?2",
+        )
+        .map_err(storage("reading event hashes for a tree node"))?;
+    let mut rows = s
+        .query(params![lo as i64, n as i64])
+        .map_err(storage("reading event hashes for a tree node"))?;
+    let mut sub = Frontier::new();
+    while let Some(r) = rows
+        .next()
+        .map_err(storage("reading event hashes for a tree node"))?
+    {
+        let seq = r
+            .get::<_, i64>(0)
+            .map_err(storage("reading event hashes for a tree node"))?;
+        if seq as u64 != lo + sub.size() {
+            return Ok(None);
+        }
+        let hash = r
+            .get_ref(1)
+            .ok()
+            .and_then(|v| v.as_blob().ok())
+            .and_then(crate::merkle::stored_hash)
+            .ok_or_else(|| LogError::Corrupt {
+                what: format!("the hash of the event at log_seq {seq} is not 32 bytes"),
+            })?;
+        sub.push_each(leaf_hash(&hash.0), |_, _| {});
+    }
+    Ok((sub.size() == n).then(|| sub.root()))
 }
 
 fn get_node(conn: &Connection, id: NodeId) -> Result<Option<Digest>, LogError> {
@@ -413,12 +572,8 @@ fn commit_group(conn: &mut Connection, state: &mut WriterState, group: Vec<Write
             .map_err(storage("beginning a commit"))?;
         // Holding the write lock now. Another process may have appended since this writer last
         // committed (two `ice` processes on one home): continue from the log as it is.
-        let size: i64 = tx
-            .prepare_cached("SELECT COALESCE(MAX(log_seq) + 1, 0) FROM events")
-            .and_then(|mut s| s.query_row([], |r| r.get(0)))
-            .map_err(storage("reading the log size"))?;
-        if size as u64 != state.frontier.size() {
-            *state = WriterState::load(&tx)?;
+        if log_size(&tx, state.layout)? != state.frontier.size() {
+            *state = WriterState::load(&tx, state.layout)?;
         }
         // A group of one (the idle case) needs no savepoint: if its append fails, the whole
         // transaction is rolled back instead, which parses and runs two statements fewer.
@@ -541,8 +696,13 @@ fn append_batch(
         }
     }
     let first_log_seq = state.frontier.size();
+    let (linked, floor) = (state.layout.linked, state.layout.floor);
     let mut ins_event = conn
-        .prepare_cached("INSERT INTO events(log_seq, run_id, run_seq, type, hash, body) VALUES(?1, ?2, ?3, ?4, ?5, ?6)")
+        .prepare_cached(if linked {
+            "INSERT INTO events(log_seq, run_id, run_seq, type, hash, log_prev, body) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+        } else {
+            "INSERT INTO events(log_seq, run_id, run_seq, type, hash, body) VALUES(?1, ?2, ?3, ?4, ?5, ?6)"
+        })
         .map_err(storage("appending an event"))?;
     let mut ins_node = conn
         .prepare_cached("INSERT INTO tree(leaf_end, level, hash) VALUES(?1, ?2, ?3)")
@@ -576,8 +736,18 @@ fn append_batch(
             }
         }
         let log_seq = state.frontier.size();
-        ins_event
-            .execute(params![
+        if linked {
+            ins_event.execute(params![
+                log_seq as i64,
+                run,
+                e.run_seq as i64,
+                &e.event_type,
+                &e.hash.0[..],
+                &state.last.0[..],
+                se.body()
+            ])
+        } else {
+            ins_event.execute(params![
                 log_seq as i64,
                 run,
                 e.run_seq as i64,
@@ -585,10 +755,12 @@ fn append_batch(
                 &e.hash.0[..],
                 se.body()
             ])
-            .map_err(storage(format!("appending event {}", e.id())))?;
+        }
+        .map_err(storage(format!("appending event {}", e.id())))?;
+        state.last = e.hash;
         let mut stored = Ok(());
         state.frontier.push_each(leaf_hash(&e.hash.0), |id, h| {
-            if stored.is_ok() {
+            if id.level >= floor && stored.is_ok() {
                 stored = ins_node
                     .execute(params![id.last_leaf() as i64, id.level, &h.0[..]])
                     .map(|_| ())
@@ -598,6 +770,11 @@ fn append_batch(
         stored?;
     }
     let tree_size = state.frontier.size();
+    if linked {
+        conn.prepare_cached("UPDATE head SET size = ?1, last = ?2 WHERE one = 0")
+            .and_then(|mut s| s.execute(params![tree_size as i64, &state.last.0[..]]))
+            .map_err(storage("recording the log's head"))?;
+    }
     Ok(AppendReceipt {
         first_log_seq,
         count: tree_size - first_log_seq,
@@ -641,6 +818,7 @@ fn add_checkpoint(
     }
 }
 
+/// An event row, selected as [`Layout::cols`] lists its columns.
 fn row_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
     Ok(StoredEvent {
         log_seq: r.get::<_, i64>(0)? as u64,
@@ -648,7 +826,7 @@ fn row_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
         run_seq: r.get::<_, i64>(2)? as u64,
         event_type: r.get(3)?,
         hash: r.get(4)?,
-        body: r.get(5)?,
+        body: r.get(6)?,
     })
 }
 
@@ -671,7 +849,11 @@ fn row_ref<'r>(r: &'r rusqlite::Row<'_>) -> rusqlite::Result<StoredRef<'r>> {
         run_seq: r.get::<_, i64>(2)? as u64,
         event_type: text(3)?,
         hash: blob(4)?,
-        body: blob(5)?,
+        log_prev: match r.get_ref(5)? {
+            rusqlite::types::ValueRef::Null => None,
+            _ => Some(blob(5)?),
+        },
+        body: blob(6)?,
     })
 }
 
@@ -722,8 +904,6 @@ fn nodes_into(
     Ok(())
 }
 
-const COLS: &str = "log_seq, run_id, run_seq, type, hash, body";
-
 fn clamp(limit: usize) -> i64 {
     limit.min(MAX_READ_ROWS) as i64
 }
@@ -741,10 +921,11 @@ impl EventLog for SqliteLog {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, LogError> {
         let run = run_id.as_str().to_string();
+        let cols = self.layout.cols();
         self.read(move |c| {
             let mut s = c
                 .prepare_cached(&format!(
-                    "SELECT {COLS} FROM events WHERE run_id = ?1 AND run_seq >= ?2 ORDER BY run_seq LIMIT ?3"
+                    "SELECT {cols} FROM events WHERE run_id = ?1 AND run_seq >= ?2 ORDER BY run_seq LIMIT ?3"
                 ))
                 .map_err(storage("reading a run"))?;
             let rows = s.query_map(params![run, from_seq as i64, clamp(limit)], row_event).map_err(storage("reading a run"))?;
@@ -754,10 +935,11 @@ impl EventLog for SqliteLog {
     }
 
     async fn scan(&self, from_log_seq: u64, limit: usize) -> Result<Vec<StoredEvent>, LogError> {
+        let cols = self.layout.cols();
         self.read(move |c| {
             let mut s = c
                 .prepare_cached(&format!(
-                    "SELECT {COLS} FROM events WHERE log_seq >= ?1 ORDER BY log_seq LIMIT ?2"
+                    "SELECT {cols} FROM events WHERE log_seq >= ?1 ORDER BY log_seq LIMIT ?2"
                 ))
                 .map_err(storage("scanning the log"))?;
             let mut rows = s
@@ -779,10 +961,11 @@ impl EventLog for SqliteLog {
         nodes: bool,
         reuse: EventPage,
     ) -> Result<EventPage, LogError> {
+        let cols = self.layout.cols();
         self.read(move |c| {
             let mut s = c
                 .prepare_cached(&format!(
-                    "SELECT {COLS} FROM events WHERE log_seq >= ?1 ORDER BY log_seq LIMIT ?2"
+                    "SELECT {cols} FROM events WHERE log_seq >= ?1 ORDER BY log_seq LIMIT ?2"
                 ))
                 .map_err(storage("scanning the log"))?;
             let mut rows = s
@@ -803,9 +986,10 @@ impl EventLog for SqliteLog {
 
     async fn get(&self, id: &EventId) -> Result<Option<StoredEvent>, LogError> {
         let (run, seq) = (id.run_id.as_str().to_string(), id.run_seq as i64);
+        let cols = self.layout.cols();
         self.read(move |c| {
             c.prepare_cached(&format!(
-                "SELECT {COLS} FROM events WHERE run_id = ?1 AND run_seq = ?2"
+                "SELECT {cols} FROM events WHERE run_id = ?1 AND run_seq = ?2"
             ))
             .and_then(|mut s| s.query_row(params![run, seq], row_event).optional())
             .map_err(storage("reading an event"))
@@ -814,16 +998,8 @@ impl EventLog for SqliteLog {
     }
 
     async fn size(&self) -> Result<u64, LogError> {
-        self.read(|c| {
-            c.query_row(
-                "SELECT COALESCE(MAX(log_seq) + 1, 0) FROM events",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|n| n as u64)
-            .map_err(storage("reading the log size"))
-        })
-        .await
+        let layout = self.layout;
+        self.read(move |c| log_size(c, layout)).await
     }
 
     async fn runs(&self, offset: u64, limit: usize) -> Result<Vec<RunId>, LogError> {
@@ -879,16 +1055,21 @@ impl EventLog for SqliteLog {
 
     async fn nodes(&self, ids: &[NodeId]) -> Result<Vec<Digest>, LogError> {
         let ids = ids.to_vec();
+        let layout = self.layout;
         self.read(move |c| {
             ids.iter()
                 .map(|id| {
-                    get_node(c, *id)?.ok_or_else(|| LogError::Corrupt {
+                    node_at(c, layout, *id)?.ok_or_else(|| LogError::Corrupt {
                         what: format!("tree node {id:?} is missing"),
                     })
                 })
                 .collect()
         })
         .await
+    }
+
+    fn tree_floor(&self) -> u8 {
+        self.layout.floor
     }
 
     async fn scan_nodes(

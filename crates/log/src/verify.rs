@@ -8,9 +8,11 @@
 //!
 //! Two depths:
 //! - default: each event's stored body must hash to its hash; its header (ids, type, origin,
-//!   time, causes, `prev`) must pass the validator's sequence rules; every stored tree node
-//!   (whose leaves record the order events were appended in), every checkpoint and every blob
-//!   must match. Every stored byte is covered by a hash that is checked.
+//!   time, causes, `prev`) must pass the validator's sequence rules; the order of the log must
+//!   be the order events were appended in (each event's `log_prev` link, where the backend
+//!   keeps one, names the event before it; otherwise the stored leaves record it); every stored
+//!   tree node, every checkpoint and every blob must match; the log must be as long as the
+//!   backend says it is. Every stored byte is covered by a hash that is checked.
 //! - deep: additionally decodes every payload, re-runs the structural rules, and requires the
 //!   stored body to be exactly the RFC 8785 encoding of the event (an independent re-derivation
 //!   of every hash from the fields).
@@ -110,7 +112,10 @@ pub async fn verify_with(
         checkpoints: VecDeque::new(),
         matched: 0,
         heads: HashMap::new(),
+        current: None,
         frontier: Frontier::new(),
+        floor: log.tree_floor(),
+        last: Digest::GENESIS,
         next: 0,
     };
     if !v.load_checkpoints(log, verifier).await? {
@@ -152,7 +157,7 @@ pub async fn verify_with(
             None => break,
         }
     }
-    v.finish(log).await?;
+    v.finish(log, size).await?;
     Ok(v.report)
 }
 
@@ -163,7 +168,13 @@ struct Verifier {
     /// Size of the last checkpoint matched so far (where a rewrite can start at the earliest).
     matched: u64,
     heads: HashMap<RunId, RunHead>,
+    /// The run of the last event checked, and its head (not in `heads` meanwhile).
+    current: Option<(RunId, RunHead)>,
     frontier: Frontier,
+    /// The lowest tree level the log stores.
+    floor: u8,
+    /// The hash column of the last event checked (what the next one's `log_prev` must be).
+    last: Digest,
     next: u64,
 }
 
@@ -249,11 +260,30 @@ impl Verifier {
                 return Ok(false);
             }
             let hash: [u8; 32] = row.hash.try_into().unwrap_or([0; 32]);
-            // The stored tree (which proofs are built from, and whose leaves record the order
-            // the events were appended in) must be the tree of these events.
+            // The log's order is the order of appending: the event links to the one before it.
+            if let Some(link) = row.log_prev
+                && link != self.last.0
+            {
+                self.fail(
+                    Some(row.log_seq),
+                    label(),
+                    format!(
+                        "event at log_seq {} does not follow the event before it in the log (its log_prev names another event): events were moved, removed or inserted",
+                        row.log_seq
+                    ),
+                );
+                return Ok(false);
+            }
+            self.last = Digest(hash);
+            // The stored tree (which proofs are built from; with a floor of 0 its leaves record
+            // the order the events were appended in) must be the tree of these events.
             let mut mismatch = None;
             let mut checked = 0;
+            let floor = self.floor;
             self.frontier.push_each(leaf_hash(&hash), |id, h| {
+                if id.level < floor {
+                    return;
+                }
                 let ok = matches!(nodes.next(), Some((sid, sh)) if sid == id && sh == Some(h));
                 if !ok && mismatch.is_none() {
                     mismatch = Some(id);
@@ -271,27 +301,18 @@ impl Verifier {
             {
                 self.checkpoints.pop_front();
                 if self.frontier.root() != root {
-                    // Name the first event that differs from what was appended, by the leaf
-                    // hashes the log stored when it appended them.
-                    let (from, to) = (self.matched, size);
-                    let (at, id, what) = match locate(log, from, to).await? {
-                        Some((seq, id)) => (
-                            Some(seq),
-                            Some(id.clone()),
-                            format!(
-                                "event {id} at log_seq {seq} is not the event that was appended there (its leaf hash differs), so the root of the first {size} events does not match the signed checkpoint: the log was rewritten"
-                            ),
+                    // Every stored node and link agreed with the events so far, so the events,
+                    // links and nodes were rewritten together: only the signed root says where
+                    // (somewhere after the last checkpoint that matched).
+                    let from = self.matched;
+                    self.fail(
+                        Some(size - 1),
+                        None,
+                        format!(
+                            "the root of the first {size} events does not match the signed checkpoint of that size: the log was rewritten between log_seq {from} and {}",
+                            size - 1
                         ),
-                        None => (
-                            Some(size - 1),
-                            None,
-                            format!(
-                                "the root of the first {size} events does not match the signed checkpoint of that size: the log was rewritten between log_seq {from} and {}",
-                                size - 1
-                            ),
-                        ),
-                    };
-                    self.fail(at, id, what);
+                    );
                     return Ok(false);
                 }
                 self.matched = size;
@@ -299,10 +320,12 @@ impl Verifier {
             }
         }
         if let Some((id, _)) = nodes.next() {
+            // A node over leaves past the last event: those events are missing (the first of
+            // them is the first affected), or the node was added.
             self.fail(
-                Some(id.last_leaf()),
+                Some(id.last_leaf().min(self.next)),
                 None,
-                format!("the stored tree has a node ({id:?}) that no event completed: the tree or the events were altered"),
+                format!("the stored tree has a node ({id:?}) that no event completed: events from log_seq {} on are missing, or the tree was altered", self.next),
             );
             return Ok(false);
         }
@@ -328,14 +351,23 @@ impl Verifier {
             ));
         };
         let hash = Digest(hash);
-        // Taken out while it is checked (the others answer cause lookups), and put back under
-        // the same key: no id is copied per event.
-        let (key, mut head) = match self.heads.remove_entry(row.run_id) {
-            Some(kh) => kh,
-            None => match RunId::new(row.run_id) {
-                Ok(r) => (r.clone(), RunHead::new(r)),
-                Err(e) => return Some((Some(label()), format!("run id column: {e}"))),
-            },
+        // The run's head is out of the map while its events are checked (the others answer
+        // cause lookups), and goes back when an event of another run comes: a run's events
+        // mostly come in batches, and no id is copied or hashed per event.
+        let (key, mut head) = match self.current.take() {
+            Some((k, h)) if k.as_str() == row.run_id => (k, h),
+            other => {
+                if let Some((k, h)) = other {
+                    self.heads.insert(k, h);
+                }
+                match self.heads.remove_entry(row.run_id) {
+                    Some(kh) => kh,
+                    None => match RunId::new(row.run_id) {
+                        Ok(r) => (r.clone(), RunHead::new(r)),
+                        Err(e) => return Some((Some(label()), format!("run id column: {e}"))),
+                    },
+                }
+            }
         };
         let outcome = if self.deep {
             deep_check(&mut head, row, hash, &self.heads)
@@ -352,7 +384,7 @@ impl Verifier {
                 Err(e) => Err(e.to_string()),
             }
         };
-        self.heads.insert(key, head);
+        self.current = Some((key, head));
         outcome.err().map(|p| (Some(label()), p))
     }
 
@@ -395,13 +427,21 @@ impl Verifier {
         Ok(None)
     }
 
-    async fn finish(&mut self, log: &dyn EventLog) -> Result<(), LogError> {
+    async fn finish(&mut self, log: &dyn EventLog, size: u64) -> Result<(), LogError> {
         let next = self.next;
         if let Some(&(size, _)) = self.checkpoints.front() {
             self.fail(
                 Some(next),
                 None,
                 format!("the log ends at {next} events but a signed checkpoint covers {size}: events from log_seq {next} on are missing (truncated)"),
+            );
+            return Ok(());
+        }
+        if next < size {
+            self.fail(
+                Some(next),
+                None,
+                format!("the log says it holds {size} events but they end at {next}: events from log_seq {next} on are missing (truncated)"),
             );
             return Ok(());
         }
@@ -417,6 +457,9 @@ impl Verifier {
                 format!("the stored tree has nodes beyond the last event ({id:?}): events from log_seq {next} on were removed"),
             );
             return Ok(());
+        }
+        if let Some((k, h)) = self.current.take() {
+            self.heads.insert(k, h);
         }
         self.report.runs = self.heads.len() as u64;
         self.report.root = self.frontier.root().to_hex();
@@ -443,33 +486,6 @@ fn tree_mismatch(id: NodeId) -> String {
             id.level
         )
     }
-}
-
-/// The first event in `from..to` whose hash is not the leaf the log stored when appending it.
-async fn locate(log: &dyn EventLog, from: u64, to: u64) -> Result<Option<(u64, String)>, LogError> {
-    let mut at = from;
-    while at < to {
-        let n = (to - at).min(PAGE as u64);
-        let rows = log.scan(at, n as usize).await?;
-        let leaves: HashMap<u64, Option<Digest>> = log
-            .scan_nodes(at, n)
-            .await?
-            .into_iter()
-            .filter(|(id, _)| id.level == 0)
-            .map(|(id, h)| (id.index, h))
-            .collect();
-        for r in &rows {
-            let hash: [u8; 32] = r.hash.as_slice().try_into().unwrap_or([0; 32]);
-            if leaves.get(&r.log_seq) != Some(&Some(leaf_hash(&hash))) {
-                return Ok(Some((r.log_seq, format!("{}:{}", r.run_id, r.run_seq))));
-            }
-        }
-        if rows.len() < n as usize {
-            break;
-        }
-        at += n;
-    }
-    Ok(None)
 }
 
 /// The deep check: parse the whole event, run every rule, re-derive the canonical encoding.

@@ -333,3 +333,103 @@ async fn two_writers_on_one_file_take_turns_without_forking() {
     assert!(report.ok(), "{:?}", report.failure);
     assert_eq!(report.events, 46);
 }
+
+/// A log of the first format, `ice-log/1` (every tree node stored, leaves included; no log
+/// links, no head record), as an earlier `ice` wrote it: the quickstart's runaway run, 63
+/// events, and a checkpoint it signed at 63. It still opens read-only, verifies against its
+/// signed checkpoint, proves an event; opened to write, it takes appends in its own format and
+/// still verifies, under a new checkpoint consistent with the old one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_log_of_the_first_format_still_reads_verifies_proves_and_appends() {
+    use ice_log::checkpoint::{Checkpoint, NoteSigner, NoteVerifier};
+    let fixture = |f: &str| format!("{}/tests/fixtures/{f}", env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ice.db");
+    std::fs::copy(fixture("ice-log-1.db"), &path).unwrap();
+    let verifier = NoteVerifier::parse(
+        std::fs::read_to_string(fixture("ice-log-1.pub"))
+            .unwrap()
+            .trim(),
+    )
+    .unwrap();
+
+    let log = open_ro(&path);
+    assert_eq!(log.tree_floor(), 0);
+    let r = ice_log::verify::verify(&log, Some(&verifier), |_| {})
+        .await
+        .unwrap();
+    assert!(r.ok(), "{:?}", r.failure);
+    assert_eq!((r.events, r.checkpoints_verified), (63, 1));
+    assert_eq!(
+        r.tree_nodes_checked, 120,
+        "every node of 63 leaves is stored"
+    );
+    let old = log.checkpoints().await.unwrap().pop().unwrap();
+    let first = log
+        .scan(0, 1)
+        .await
+        .unwrap()
+        .remove(0)
+        .event()
+        .unwrap()
+        .id();
+    let proof = ice_log::proof::prove_inclusion(&log, &first, &old.note)
+        .await
+        .unwrap();
+    proof.verify(&verifier).unwrap();
+    drop(log);
+
+    let log = Arc::new(SqliteLog::open(&path, Mode::ReadWrite).unwrap());
+    let ledger = ice_log::ledger::Ledger::new(log.clone(), Arc::new(TestClock::new()));
+    ledger.append(&run_id("later"), opening()).await.unwrap();
+    let n = log.size().await.unwrap();
+    assert_eq!(n, 63 + opening().len() as u64);
+    // Its nodes are stored as the first format stores them: every one, leaves included.
+    assert_eq!(
+        log.scan_nodes(63, 100).await.unwrap().len() as u64,
+        (64..=n)
+            .map(|k| u64::from(k.trailing_zeros()) + 1)
+            .sum::<u64>()
+    );
+    let signer = NoteSigner::parse(
+        std::fs::read_to_string(fixture("ice-log-1.key"))
+            .unwrap()
+            .trim(),
+    )
+    .unwrap();
+    let note = Checkpoint {
+        origin: signer.name().into(),
+        size: n,
+        root: root_at(log.as_ref(), n).await.unwrap(),
+    }
+    .sign(&signer)
+    .unwrap();
+    log.add_checkpoint(StoredCheckpoint {
+        size: n,
+        note: note.clone(),
+    })
+    .await
+    .unwrap();
+    let r = ice_log::verify::verify(log.as_ref(), Some(&verifier), |_| {})
+        .await
+        .unwrap();
+    assert!(r.ok(), "{:?}", r.failure);
+    assert_eq!((r.events, r.checkpoints_verified), (n, 2));
+    ice_log::proof::prove_consistency(log.as_ref(), &old.note, &note)
+        .await
+        .unwrap()
+        .verify(&verifier)
+        .unwrap();
+    drop(ledger);
+    drop(log);
+    let meta: String = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("SELECT value FROM meta WHERE key = 'format'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(
+        meta, "ice-log/1",
+        "appending does not change a file's format"
+    );
+}

@@ -118,6 +118,9 @@ impl EventLog for Tap {
     {
         self.inner.nodes(ids)
     }
+    fn tree_floor(&self) -> u8 {
+        self.inner.tree_floor()
+    }
     fn scan_nodes<'a, 't>(
         &'a self,
         from_leaf: u64,

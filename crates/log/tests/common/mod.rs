@@ -134,9 +134,14 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn new() -> Fixture {
+        Fixture::with_tree_floor(ice_log::sqlite::DEFAULT_TREE_FLOOR)
+    }
+
+    /// A log that stores the tree's nodes from level `floor` up.
+    pub fn with_tree_floor(floor: u8) -> Fixture {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("log.db");
-        let log = Arc::new(SqliteLog::create(&path).expect("create log"));
+        let log = Arc::new(SqliteLog::create_with_tree_floor(&path, floor).expect("create log"));
         let ledger = Ledger::new(log.clone(), Arc::new(TestClock::new()));
         Fixture {
             dir,
