@@ -219,13 +219,16 @@ impl SealedEvent {
 }
 
 /// Events of one run, sealed in order by one [`RunHead`], ready to append at `first_seq`.
+///
+/// Immutable once sealed, and shared: a clone (the caller keeps the batch a log takes) copies
+/// no event.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SealedBatch {
     run_id: RunId,
     first_seq: u64,
     prev: Digest,
-    events: Vec<SealedEvent>,
-    blobs: Vec<Blob>,
+    events: std::sync::Arc<[SealedEvent]>,
+    blobs: std::sync::Arc<[Blob]>,
 }
 
 impl SealedBatch {
@@ -575,8 +578,8 @@ impl RunHead {
             run_id: self.run_id.clone(),
             first_seq,
             prev,
-            events,
-            blobs,
+            events: events.into(),
+            blobs: blobs.into(),
         })
     }
 
@@ -606,8 +609,8 @@ impl RunHead {
             run_id,
             first_seq,
             prev,
-            events,
-            blobs,
+            events: events.into(),
+            blobs: blobs.into(),
         })
     }
 
