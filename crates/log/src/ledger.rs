@@ -91,7 +91,42 @@ impl Ledger {
         run_id: &RunId,
         drafts: Vec<Draft>,
     ) -> Result<(AppendReceipt, SealedBatch), AppendError> {
+        self.append_to(run_id, None, drafts).await
+    }
+
+    /// The same as [`Ledger::append`], only if the run ends at `first_seq`: the position the
+    /// caller built `drafts` for (their causes name events by position). If the run has moved
+    /// (another writer, in this process or not, appended since the caller looked), nothing is
+    /// written and the error is [`LogError::Conflict`] (with the `prev` this ledger knows the
+    /// run to end at): fold what was appended and build the drafts again.
+    pub async fn append_at(
+        &self,
+        run_id: &RunId,
+        first_seq: u64,
+        drafts: Vec<Draft>,
+    ) -> Result<(AppendReceipt, SealedBatch), AppendError> {
+        self.append_to(run_id, Some(first_seq), drafts).await
+    }
+
+    async fn append_to(
+        &self,
+        run_id: &RunId,
+        first_seq: Option<u64>,
+        drafts: Vec<Draft>,
+    ) -> Result<(AppendReceipt, SealedBatch), AppendError> {
         let mut head = self.head(run_id).await?;
+        if let Some(expected) = first_seq
+            && expected != head.next_seq
+        {
+            // The cached head may itself be stale: the next append folds the run afresh.
+            self.forget(run_id);
+            return Err(AppendError::Log(LogError::Conflict {
+                run_id: run_id.to_string(),
+                expected,
+                expected_prev: head.last_hash,
+                actual: head.next_seq,
+            }));
+        }
         let others: Vec<EventId> = drafts
             .iter()
             .flat_map(|d| d.causes.iter())

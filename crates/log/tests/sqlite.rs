@@ -433,3 +433,57 @@ async fn a_log_of_the_first_format_still_reads_verifies_proves_and_appends() {
         "appending does not change a file's format"
     );
 }
+
+/// `append_at` writes only at the position the caller built its drafts for: once another
+/// writer (here another ledger over the same log) has moved the run, it writes nothing and
+/// says where the run is; folding again lets it continue.
+#[tokio::test(flavor = "multi_thread")]
+async fn append_at_writes_only_at_the_position_the_drafts_were_built_for() {
+    let fx = Fixture::new();
+    let run = run_id("at");
+    let n = opening().len() as u64;
+    let (r, _) = fx.ledger.append_at(&run, 0, opening()).await.unwrap();
+    assert_eq!(r.count, n);
+    // A position other than the run's end is refused before anything is sealed or written.
+    for wrong in [0, n + 1] {
+        match fx.ledger.append_at(&run, wrong, vec![working(0, 1)]).await {
+            Err(AppendError::Log(LogError::Conflict {
+                expected, actual, ..
+            })) => assert_eq!((expected, actual), (wrong, n)),
+            other => panic!("append_at({wrong}) on a run at {n}: {other:?}"),
+        }
+    }
+    assert_eq!(fx.log().size().await.unwrap(), n);
+    fx.ledger
+        .append_at(&run, n, vec![working(0, 1)])
+        .await
+        .unwrap();
+    // Another writer appends; this ledger's cached head is now behind the log, and the log
+    // refuses the batch sealed on it.
+    let other = ice_log::ledger::Ledger::new(fx.log.clone(), Arc::new(TestClock::new()));
+    other.append(&run, vec![working(1, 2)]).await.unwrap();
+    let refused = fx.ledger.append_at(&run, n + 1, vec![working(2, 3)]).await;
+    assert!(
+        matches!(refused, Err(AppendError::Log(LogError::Conflict { actual, .. })) if actual == n + 2),
+        "{refused:?}"
+    );
+    // Built for the run's real end, the batch goes in (the stale head was dropped).
+    let (r, batch) = fx
+        .ledger
+        .append_at(&run, n + 2, vec![working(2, 3)])
+        .await
+        .unwrap();
+    assert_eq!((r.first_log_seq, batch.first_seq()), (n + 2, n + 2));
+    // A caller whose view is behind this ledger's (an in-process writer got there first) is
+    // refused by the ledger itself, before anything is sealed.
+    match fx.ledger.append_at(&run, n + 2, vec![working(3, 4)]).await {
+        Err(AppendError::Log(LogError::Conflict {
+            expected, actual, ..
+        })) => {
+            assert_eq!((expected, actual), (n + 2, n + 3))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(fx.log().size().await.unwrap(), n + 3);
+    assert!(verify_log(fx.log()).await.ok());
+}

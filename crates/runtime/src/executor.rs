@@ -239,7 +239,12 @@ impl Ctx<'_> {
                 self.run
             )));
         }
-        let (_, batch) = self.rt.ledger.append(&self.run, drafts).await?;
+        // At the position the drafts were built for (their causes name events by position).
+        let (_, batch) = self
+            .rt
+            .ledger
+            .append_at(&self.run, live.books.next_seq(), drafts)
+            .await?;
         let mut out = Vec::with_capacity(batch.events().len());
         for s in batch.events() {
             let e = s.event();
