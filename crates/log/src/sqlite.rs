@@ -24,7 +24,7 @@
 //! `log_prev`, no `head`), are still read and appended to as they are; `ice migrate` copies one
 //! into a new file of the current format.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
@@ -270,7 +270,11 @@ impl SqliteLog {
                 .map_err(|e| not_a_log(path, e, String::new()))?;
                 apply_write_pragmas(&conn, path)?;
                 let state = WriterState::load(&conn, layout)?;
-                let core = Arc::new(Mutex::new(Core { conn, state }));
+                let core = Arc::new(Mutex::new(Core {
+                    conn,
+                    state,
+                    tips: Tips::default(),
+                }));
                 let (tx, rx) = mpsc::sync_channel(WRITE_QUEUE);
                 let thread_core = core.clone();
                 let handle = std::thread::Builder::new()
@@ -339,8 +343,8 @@ impl SqliteLog {
             Some(core) => match core.try_lock() {
                 Ok(mut c) => {
                     let commit = move || {
-                        let Core { conn, state } = &mut *c;
-                        commit_group(conn, state, vec![req]);
+                        let Core { conn, state, tips } = &mut *c;
+                        commit_group(conn, state, tips, vec![req]);
                     };
                     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
                         // Let the runtime move its other tasks elsewhere meanwhile.
@@ -534,6 +538,32 @@ fn get_node(conn: &Connection, id: NodeId) -> Result<Option<Digest>, LogError> {
 struct Core {
     conn: Connection,
     state: WriterState,
+    tips: Tips,
+}
+
+/// Most run tips the writer remembers; past this it starts over (a tip not remembered is read
+/// from the log, so this bounds memory, not correctness).
+const MAX_TIPS: usize = 10_000;
+
+/// Where each run this writer appended to ends (next `run_seq`, last hash): the check that a
+/// batch continues its run then reads nothing. Only what this writer appended is remembered
+/// (as it is appended, so later batches of the same group see it, as they see its rows), and
+/// all of it is forgotten when the log moved under the writer (another process appended) or a
+/// group's transaction failed.
+#[derive(Default)]
+struct Tips(HashMap<String, (u64, Digest)>);
+
+impl Tips {
+    fn remember(&mut self, batch: &SealedBatch) {
+        if let Some(last) = batch.events().last() {
+            let e = last.event();
+            if self.0.len() >= MAX_TIPS && !self.0.contains_key(batch.run_id().as_str()) {
+                self.0.clear();
+            }
+            self.0
+                .insert(batch.run_id().as_str().to_string(), (e.run_seq + 1, e.hash));
+        }
+    }
 }
 
 fn writer_loop(core: Arc<Mutex<Core>>, rx: mpsc::Receiver<WriteReq>) {
@@ -548,8 +578,8 @@ fn writer_loop(core: Arc<Mutex<Core>>, rx: mpsc::Receiver<WriteReq>) {
         // A poisoned lock means a commit panicked mid-way; its transaction rolled back when the
         // connection's guard dropped, and the next group re-reads the log's size anyway.
         let mut c = core.lock().unwrap_or_else(|p| p.into_inner());
-        let Core { conn, state } = &mut *c;
-        commit_group(conn, state, group);
+        let Core { conn, state, tips } = &mut *c;
+        commit_group(conn, state, tips, group);
     }
 }
 
@@ -563,7 +593,12 @@ enum Reply {
 
 /// One transaction, one sync, for every request in the group. Each request runs in its own
 /// savepoint, so a conflicting batch fails alone and leaves nothing behind.
-fn commit_group(conn: &mut Connection, state: &mut WriterState, group: Vec<WriteReq>) {
+fn commit_group(
+    conn: &mut Connection,
+    state: &mut WriterState,
+    tips: &mut Tips,
+    group: Vec<WriteReq>,
+) {
     let saved = state.clone();
     let mut replies = Vec::with_capacity(group.len());
     let outcome = (|| -> Result<(), LogError> {
@@ -574,6 +609,7 @@ fn commit_group(conn: &mut Connection, state: &mut WriterState, group: Vec<Write
         // committed (two `ice` processes on one home): continue from the log as it is.
         if log_size(&tx, state.layout)? != state.frontier.size() {
             *state = WriterState::load(&tx, state.layout)?;
+            tips.0.clear();
         }
         // A group of one (the idle case) needs no savepoint: if its append fails, the whole
         // transaction is rolled back instead, which parses and runs two statements fewer.
@@ -583,9 +619,10 @@ fn commit_group(conn: &mut Connection, state: &mut WriterState, group: Vec<Write
             match req {
                 WriteReq::Append(batch, reply) if single => {
                     let mut next = state.clone();
-                    let r = append_batch(&tx, &mut next, &batch);
+                    let r = append_batch(&tx, &mut next, tips, &batch);
                     if r.is_ok() {
                         *state = next;
+                        tips.remember(&batch);
                     } else {
                         roll_back = true;
                     }
@@ -594,10 +631,12 @@ fn commit_group(conn: &mut Connection, state: &mut WriterState, group: Vec<Write
                 WriteReq::Append(batch, reply) => {
                     let mut sp = tx.savepoint().map_err(storage("beginning an append"))?;
                     let mut next = state.clone();
-                    let r = append_batch(&sp, &mut next, &batch);
+                    let r = append_batch(&sp, &mut next, tips, &batch);
                     if r.is_ok() {
                         sp.commit().map_err(storage("finishing an append"))?;
                         *state = next;
+                        // Later batches of the group see it, as they see its rows.
+                        tips.remember(&batch);
                     } else {
                         sp.rollback().map_err(storage("undoing a failed append"))?;
                     }
@@ -618,6 +657,7 @@ fn commit_group(conn: &mut Connection, state: &mut WriterState, group: Vec<Write
     if let Err(e) = outcome {
         // Nothing of the group is on disk: every request fails, and the writer forgets it all.
         *state = saved;
+        tips.0.clear();
         for r in replies {
             match r {
                 Reply::Append(tx, _) => {
@@ -645,29 +685,16 @@ fn commit_group(conn: &mut Connection, state: &mut WriterState, group: Vec<Write
 fn append_batch(
     conn: &Connection,
     state: &mut WriterState,
+    tips: &Tips,
     batch: &SealedBatch,
 ) -> Result<AppendReceipt, LogError> {
     if batch.is_empty() {
         return Err(LogError::Invalid("an empty batch".into()));
     }
     let run = batch.run_id().as_str();
-    let tip: Option<(i64, Vec<u8>)> = conn
-        .prepare_cached(
-            "SELECT run_seq, hash FROM events WHERE run_id = ?1 ORDER BY run_seq DESC LIMIT 1",
-        )
-        .and_then(|mut s| {
-            s.query_row([run], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()
-        })
-        .map_err(storage(format!("reading the tip of run {run}")))?;
-    let (actual_next, actual_prev) = match tip {
-        None => (0u64, Digest::GENESIS),
-        Some((seq, h)) => (
-            seq as u64 + 1,
-            Digest(h.as_slice().try_into().map_err(|_| LogError::Corrupt {
-                what: format!("hash of {run}:{seq}"),
-            })?),
-        ),
+    let (actual_next, actual_prev) = match tips.0.get(run) {
+        Some(&tip) => tip,
+        None => read_tip(conn, run)?,
     };
     if batch.first_seq() != actual_next || batch.prev() != actual_prev {
         return Err(LogError::Conflict {
@@ -779,6 +806,28 @@ fn append_batch(
         first_log_seq,
         count: tree_size - first_log_seq,
         tree_size,
+    })
+}
+
+/// Where run `run` ends in the log: its next `run_seq` and its last event's hash.
+fn read_tip(conn: &Connection, run: &str) -> Result<(u64, Digest), LogError> {
+    let tip: Option<(i64, Vec<u8>)> = conn
+        .prepare_cached(
+            "SELECT run_seq, hash FROM events WHERE run_id = ?1 ORDER BY run_seq DESC LIMIT 1",
+        )
+        .and_then(|mut s| {
+            s.query_row([run], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
+        .map_err(storage(format!("reading the tip of run {run}")))?;
+    Ok(match tip {
+        None => (0u64, Digest::GENESIS),
+        Some((seq, h)) => (
+            seq as u64 + 1,
+            Digest(h.as_slice().try_into().map_err(|_| LogError::Corrupt {
+                what: format!("hash of {run}:{seq}"),
+            })?),
+        ),
     })
 }
 
