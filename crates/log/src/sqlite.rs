@@ -555,14 +555,20 @@ struct Tips(HashMap<String, (u64, Digest)>);
 
 impl Tips {
     fn remember(&mut self, batch: &SealedBatch) {
-        if let Some(last) = batch.events().last() {
-            let e = last.event();
-            if self.0.len() >= MAX_TIPS && !self.0.contains_key(batch.run_id().as_str()) {
-                self.0.clear();
-            }
-            self.0
-                .insert(batch.run_id().as_str().to_string(), (e.run_seq + 1, e.hash));
+        let Some(last) = batch.events().last() else {
+            return;
+        };
+        let (run, e) = (batch.run_id().as_str(), last.event());
+        let tip = (e.run_seq + 1, e.hash);
+        // A run already remembered (the usual case) costs no key copy.
+        if let Some(t) = self.0.get_mut(run) {
+            *t = tip;
+            return;
         }
+        if self.0.len() >= MAX_TIPS {
+            self.0.clear();
+        }
+        self.0.insert(run.to_string(), tip);
     }
 }
 
@@ -957,6 +963,30 @@ fn clamp(limit: usize) -> i64 {
     limit.min(MAX_READ_ROWS) as i64
 }
 
+/// Each event row from `from_log_seq` on, at most `limit`, in log order, handed to `each`
+/// (what `scan` and `scan_page` read, into their different containers).
+fn scan_rows(
+    c: &Connection,
+    layout: Layout,
+    from_log_seq: u64,
+    limit: usize,
+    each: &mut dyn FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<()>,
+) -> Result<(), LogError> {
+    let mut s = c
+        .prepare_cached(&format!(
+            "SELECT {} FROM events WHERE log_seq >= ?1 ORDER BY log_seq LIMIT ?2",
+            layout.cols()
+        ))
+        .map_err(storage("scanning the log"))?;
+    let mut rows = s
+        .query(params![from_log_seq as i64, clamp(limit)])
+        .map_err(storage("scanning the log"))?;
+    while let Some(r) = rows.next().map_err(storage("scanning the log"))? {
+        each(r).map_err(storage("scanning the log"))?;
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl EventLog for SqliteLog {
     async fn append(&self, batch: SealedBatch) -> Result<AppendReceipt, LogError> {
@@ -984,20 +1014,13 @@ impl EventLog for SqliteLog {
     }
 
     async fn scan(&self, from_log_seq: u64, limit: usize) -> Result<Vec<StoredEvent>, LogError> {
-        let cols = self.layout.cols();
+        let layout = self.layout;
         self.read(move |c| {
-            let mut s = c
-                .prepare_cached(&format!(
-                    "SELECT {cols} FROM events WHERE log_seq >= ?1 ORDER BY log_seq LIMIT ?2"
-                ))
-                .map_err(storage("scanning the log"))?;
-            let mut rows = s
-                .query(params![from_log_seq as i64, clamp(limit)])
-                .map_err(storage("scanning the log"))?;
             let mut out = Vec::with_capacity(limit.min(MAX_READ_ROWS));
-            while let Some(r) = rows.next().map_err(storage("scanning the log"))? {
-                out.push(row_event(r).map_err(storage("scanning the log"))?);
-            }
+            scan_rows(c, layout, from_log_seq, limit, &mut |r| {
+                out.push(row_event(r)?);
+                Ok(())
+            })?;
             Ok(out)
         })
         .await
@@ -1010,21 +1033,14 @@ impl EventLog for SqliteLog {
         nodes: bool,
         reuse: EventPage,
     ) -> Result<EventPage, LogError> {
-        let cols = self.layout.cols();
+        let layout = self.layout;
         self.read(move |c| {
-            let mut s = c
-                .prepare_cached(&format!(
-                    "SELECT {cols} FROM events WHERE log_seq >= ?1 ORDER BY log_seq LIMIT ?2"
-                ))
-                .map_err(storage("scanning the log"))?;
-            let mut rows = s
-                .query(params![from_log_seq as i64, clamp(limit)])
-                .map_err(storage("scanning the log"))?;
             let mut page = reuse;
             page.clear();
-            while let Some(r) = rows.next().map_err(storage("scanning the log"))? {
-                page.push(row_ref(r).map_err(storage("scanning the log"))?);
-            }
+            scan_rows(c, layout, from_log_seq, limit, &mut |r| {
+                page.push(row_ref(r)?);
+                Ok(())
+            })?;
             if nodes {
                 nodes_into(c, from_log_seq, limit as u64, &mut |n| page.push_node(n))?;
             }
