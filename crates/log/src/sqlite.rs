@@ -32,7 +32,7 @@ use std::thread::JoinHandle;
 use async_trait::async_trait;
 use ice_kernel::blob::blob_refs;
 use ice_kernel::{Digest, EventId, RunId, SealedBatch};
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use crate::merkle::{Frontier, NodeId, leaf_hash};
@@ -70,7 +70,7 @@ CREATE TABLE events(
 );
 CREATE TABLE head(one INTEGER PRIMARY KEY CHECK (one = 0), size INTEGER NOT NULL, last BLOB NOT NULL);
 INSERT INTO head(one, size, last) VALUES(0, 0, zeroblob(32));
-CREATE TRIGGER head_only_grows BEFORE UPDATE ON head WHEN NEW.size < OLD.size BEGIN SELECT RAISE(ABORT, 'the event log only grows'); END;
+CREATE TRIGGER head_only_grows BEFORE UPDATE ON head WHEN NEW.size < OLD.size BEGIN SELECT RAISE(FAIL, 'the event log only grows'); END;
 CREATE TRIGGER head_no_delete BEFORE DELETE ON head BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
 CREATE INDEX events_run_start ON events(log_seq) WHERE run_seq = 0;
 CREATE TABLE tree(leaf_end INTEGER NOT NULL, level INTEGER NOT NULL, hash BLOB NOT NULL,
@@ -597,24 +597,72 @@ enum Reply {
     Checkpoint(oneshot::Sender<Result<(), LogError>>, Result<(), LogError>),
 }
 
+/// The writer's transaction. Its statements (`BEGIN IMMEDIATE`, `COMMIT`, the savepoints) are
+/// prepared once per connection and kept, not parsed again for every commit as
+/// `Connection::transaction` would. Dropped unfinished (an error or a panic mid-way), it rolls
+/// back, so the connection is never left inside a transaction.
+struct WriteTx<'c> {
+    conn: &'c Connection,
+    open: bool,
+}
+
+impl<'c> WriteTx<'c> {
+    fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+        conn.prepare_cached(sql)?.execute([]).map(|_| ())
+    }
+
+    fn begin(conn: &'c Connection) -> rusqlite::Result<WriteTx<'c>> {
+        Self::run(conn, "BEGIN IMMEDIATE")?;
+        Ok(WriteTx { conn, open: true })
+    }
+
+    fn savepoint(&self) -> rusqlite::Result<()> {
+        Self::run(self.conn, "SAVEPOINT append")
+    }
+
+    fn release(&self) -> rusqlite::Result<()> {
+        Self::run(self.conn, "RELEASE append")
+    }
+
+    /// Undo everything since the savepoint, and end it.
+    fn roll_back_savepoint(&self) -> rusqlite::Result<()> {
+        Self::run(self.conn, "ROLLBACK TO append")?;
+        self.release()
+    }
+
+    fn commit(mut self) -> rusqlite::Result<()> {
+        Self::run(self.conn, "COMMIT")?;
+        self.open = false;
+        Ok(())
+    }
+
+    fn rollback(mut self) -> rusqlite::Result<()> {
+        self.open = false;
+        Self::run(self.conn, "ROLLBACK")
+    }
+}
+
+impl Drop for WriteTx<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            // Outside a transaction already (a failed COMMIT may have ended it) this fails
+            // harmlessly.
+            let _ = Self::run(self.conn, "ROLLBACK");
+        }
+    }
+}
+
 /// One transaction, one sync, for every request in the group. Each request runs in its own
 /// savepoint, so a conflicting batch fails alone and leaves nothing behind.
-fn commit_group(
-    conn: &mut Connection,
-    state: &mut WriterState,
-    tips: &mut Tips,
-    group: Vec<WriteReq>,
-) {
+fn commit_group(conn: &Connection, state: &mut WriterState, tips: &mut Tips, group: Vec<WriteReq>) {
     let saved = state.clone();
     let mut replies = Vec::with_capacity(group.len());
     let outcome = (|| -> Result<(), LogError> {
-        let mut tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(storage("beginning a commit"))?;
+        let tx = WriteTx::begin(conn).map_err(storage("beginning a commit"))?;
         // Holding the write lock now. Another process may have appended since this writer last
         // committed (two `ice` processes on one home): continue from the log as it is.
-        if log_size(&tx, state.layout)? != state.frontier.size() {
-            *state = WriterState::load(&tx, state.layout)?;
+        if log_size(tx.conn, state.layout)? != state.frontier.size() {
+            *state = WriterState::load(tx.conn, state.layout)?;
             tips.0.clear();
         }
         // A group of one (the idle case) needs no savepoint: if its append fails, the whole
@@ -625,7 +673,7 @@ fn commit_group(
             match req {
                 WriteReq::Append(batch, reply) if single => {
                     let mut next = state.clone();
-                    let r = append_batch(&tx, &mut next, tips, &batch);
+                    let r = append_batch(tx.conn, &mut next, tips, &batch);
                     if r.is_ok() {
                         *state = next;
                         tips.remember(&batch);
@@ -635,21 +683,22 @@ fn commit_group(
                     replies.push(Reply::Append(reply, r));
                 }
                 WriteReq::Append(batch, reply) => {
-                    let mut sp = tx.savepoint().map_err(storage("beginning an append"))?;
+                    tx.savepoint().map_err(storage("beginning an append"))?;
                     let mut next = state.clone();
-                    let r = append_batch(&sp, &mut next, tips, &batch);
+                    let r = append_batch(tx.conn, &mut next, tips, &batch);
                     if r.is_ok() {
-                        sp.commit().map_err(storage("finishing an append"))?;
+                        tx.release().map_err(storage("finishing an append"))?;
                         *state = next;
                         // Later batches of the group see it, as they see its rows.
                         tips.remember(&batch);
                     } else {
-                        sp.rollback().map_err(storage("undoing a failed append"))?;
+                        tx.roll_back_savepoint()
+                            .map_err(storage("undoing a failed append"))?;
                     }
                     replies.push(Reply::Append(reply, r));
                 }
                 WriteReq::Checkpoint(cp, reply) => {
-                    let r = add_checkpoint(&tx, state, &cp);
+                    let r = add_checkpoint(tx.conn, state, &cp);
                     replies.push(Reply::Checkpoint(reply, r));
                 }
             }
@@ -804,7 +853,7 @@ fn append_batch(
     }
     let tree_size = state.frontier.size();
     if linked {
-        conn.prepare_cached("UPDATE head SET size = ?1, last = ?2 WHERE one = 0")
+        conn.prepare_cached("UPDATE OR FAIL head SET size = ?1, last = ?2 WHERE one = 0")
             .and_then(|mut s| s.execute(params![tree_size as i64, &state.last.0[..]]))
             .map_err(storage("recording the log's head"))?;
     }

@@ -487,3 +487,61 @@ async fn append_at_writes_only_at_the_position_the_drafts_were_built_for() {
     assert_eq!(fx.log().size().await.unwrap(), n + 3);
     assert!(verify_log(fx.log()).await.ok());
 }
+
+/// The file itself refuses, with the reason, statements that would rewrite or shrink the log
+/// (a tool, a script or a person editing it by hand), and a refused statement changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_file_refuses_changes_that_rewrite_or_shrink_the_log() {
+    let fx = Fixture::new();
+    let a = run_id("a");
+    fx.ledger.append(&a, opening()).await.unwrap();
+    fx.ledger.append(&a, vec![working(0, 0)]).await.unwrap();
+    let (_dir, path) = fx.close();
+    let bytes_before = {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.query_row("SELECT size, last FROM head", [], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })
+        .unwrap()
+    };
+    assert_eq!(bytes_before.0, 5);
+    let c = rusqlite::Connection::open(&path).unwrap();
+    for (sql, why) in [
+        (
+            "UPDATE head SET size = size - 1",
+            "the event log only grows",
+        ),
+        ("DELETE FROM head", "the event log is append-only"),
+        (
+            "UPDATE events SET body = x'00' WHERE log_seq = 4",
+            "the event log is append-only",
+        ),
+        (
+            "DELETE FROM events WHERE log_seq = 4",
+            "the event log is append-only",
+        ),
+    ] {
+        match c.execute(sql, []) {
+            Err(e) => assert!(e.to_string().contains(why), "{sql}: {e}"),
+            Ok(n) => panic!("{sql} changed {n} row(s)"),
+        }
+        // Refused inside a transaction too, with nothing of it kept.
+        c.execute_batch("BEGIN").unwrap();
+        assert!(c.execute(sql, []).is_err(), "{sql}");
+        c.execute_batch("COMMIT").unwrap();
+    }
+    let head = c
+        .query_row("SELECT size, last FROM head", [], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })
+        .unwrap();
+    assert_eq!(head, bytes_before);
+    drop(c);
+    let log = open_ro(&path);
+    let report = ice_log::verify::verify(&log, None, |_| {}).await.unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.events, 5);
+    // A head that grows is what every append records.
+    let rw = SqliteLog::open(&path, Mode::ReadWrite).unwrap();
+    assert_eq!(rw.size().await.unwrap(), 5);
+}
