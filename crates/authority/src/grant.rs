@@ -8,7 +8,7 @@
 //! with [`GrantBook::check_new_use`] (the same checks on a grant about to be recorded), is the
 //! only way to obtain an [`Authorization`], which the effects layer requires before it acts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -503,6 +503,12 @@ impl Authorization {
 pub struct GrantBook {
     run: RunId,
     grants: BTreeMap<EventId, Grant>,
+    /// The grants still recorded live with uses left: what a use can find, so a run that has
+    /// made thousands of single-use grants does not search them all at every call. Derived
+    /// from `grants`, kept as each event is folded.
+    usable: BTreeSet<EventId>,
+    /// The grants still recorded live, by `expires_at`: what can fall due to expire.
+    by_expiry: BTreeSet<(Timestamp, EventId)>,
 }
 
 impl GrantBook {
@@ -511,7 +517,15 @@ impl GrantBook {
         GrantBook {
             run,
             grants: BTreeMap::new(),
+            usable: BTreeSet::new(),
+            by_expiry: BTreeSet::new(),
         }
+    }
+
+    /// A grant that ends live (revoked or recorded expired) leaves both indexes.
+    fn end(&mut self, id: &EventId, expires_at: Timestamp) {
+        self.usable.remove(id);
+        self.by_expiry.remove(&(expires_at, id.clone()));
     }
 
     /// The run.
@@ -548,6 +562,8 @@ impl GrantBook {
                     policy_version: p.policy_version,
                     at: event.at,
                 };
+                let expires_at = grant.expires_at;
+                self.end(&p.grant, expires_at);
                 Ok(())
             }
             Some(EventType::CapabilityExpired) => {
@@ -555,6 +571,8 @@ impl GrantBook {
                     .map_err(|e| BookError::new(event, e))?;
                 let grant = self.live_grant_mut(event, &p.grant)?;
                 grant.status = GrantStatus::Expired { at: event.at };
+                let expires_at = grant.expires_at;
+                self.end(&p.grant, expires_at);
                 Ok(())
             }
             _ => Ok(()),
@@ -576,6 +594,10 @@ impl GrantBook {
         }
         let grant = Grant::issued(event.id(), event.run_id.clone(), p, event.at);
         // Event ids are unique in a verified log; a repeat would be a second fold of the event.
+        if grant.uses_left() > 0 {
+            self.usable.insert(grant.id.clone());
+        }
+        self.by_expiry.insert((grant.expires_at, grant.id.clone()));
         self.grants.insert(grant.id.clone(), grant);
         Ok(())
     }
@@ -599,6 +621,9 @@ impl GrantBook {
             .map_err(|refusal| BookError::new(event, BookProblem::UseRefused(refusal)))?;
         if let Some(grant) = self.grants.get_mut(&p.grant) {
             grant.uses += 1;
+            if grant.uses_left() == 0 {
+                self.usable.remove(&p.grant);
+            }
         }
         Ok(())
     }
@@ -633,15 +658,24 @@ impl GrantBook {
     /// The grants usable at `now` ([`Grant::is_live`]), in the order they were made. A policy
     /// change re-evaluates these.
     pub fn live(&self, now: Timestamp) -> impl Iterator<Item = &Grant> {
-        self.grants.values().filter(move |g| g.is_live(now))
+        self.usable
+            .iter()
+            .filter_map(|id| self.grants.get(id))
+            .filter(move |g| g.is_live(now))
     }
 
     /// Grants still recorded as live whose `expires_at` has passed at `now`: the runtime records
     /// a `CapabilityExpired` for each.
     pub fn due_to_expire(&self, now: Timestamp) -> impl Iterator<Item = &Grant> {
-        self.grants
-            .values()
-            .filter(move |g| g.status == GrantStatus::Live && now >= g.expires_at)
+        // In the order they were made, as before the index by expiry.
+        let mut due: Vec<&EventId> = self
+            .by_expiry
+            .iter()
+            .take_while(|(expires_at, _)| now >= *expires_at)
+            .map(|(_, id)| id)
+            .collect();
+        due.sort();
+        due.into_iter().filter_map(|id| self.grants.get(id))
     }
 
     /// A grant usable at `now` for `capability` on `resource`: live, of that capability, of the

@@ -979,3 +979,73 @@ fn a_grant_about_to_be_recorded_is_checked_as_it_will_be_folded() {
         Err(DenialCode::GrantWrongRun)
     );
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// However grants are made, used, revoked and expired, what a use can find (`live`) and
+    /// what falls due (`due_to_expire`) are exactly the book's grants that the definitions
+    /// name, in the order they were made: the book's indexes never drift from its grants.
+    #[test]
+    fn the_live_and_due_grants_are_exactly_those_the_definitions_name(
+        steps in proptest::collection::vec((0u8..4, 0usize..8, 1u64..4, 1i64..40), 1..40),
+        probes in proptest::collection::vec(0i64..50, 1..6),
+    ) {
+        let mut run = TestRun::executing("run-1");
+        let mut book = GrantBook::new(run.id());
+        let mut made: Vec<EventId> = Vec::new();
+        for (op, pick, uses, expires) in steps {
+            let chosen = (!made.is_empty()).then(|| made[pick % made.len()].clone());
+            match (op, chosen) {
+                (0, _) | (_, None) => {
+                    let request = run.request("coder", "fs.write", "src/a.rs");
+                    let p = granted("fs.write", path("src/a.rs"), "fs.write:src", uses, at(expires), request);
+                    let e = run.grant(&p);
+                    book.apply(&e).expect("grant");
+                    made.push(e.id());
+                }
+                (1, Some(g)) => {
+                    // A use is recorded only once checked (before the run's clock passes the
+                    // grant's expiry in this test: uses are checked at `at(0)`).
+                    if book.check_use(&g, &run.id(), "fs.write", &path("src/a.rs"), at(0), run.state()).is_ok() {
+                        let e = use_event(&mut run, &g, "fs.write", path("src/a.rs"));
+                        book.apply(&e).expect("use");
+                    }
+                }
+                (kind, Some(g)) => {
+                    if book.get(&g).map(|x| &x.status) == Some(&GrantStatus::Live) {
+                        let e = if kind == 2 {
+                            run.runtime(
+                                EventType::CapabilityRevoked,
+                                CapabilityRevokedPayload { grant: g.clone(), reason: "r".into(), policy_version: None }.to_payload(),
+                                None,
+                            )
+                        } else {
+                            run.runtime(
+                                EventType::CapabilityExpired,
+                                CapabilityExpiredPayload { grant: g.clone() }.to_payload(),
+                                None,
+                            )
+                        };
+                        book.apply(&e).expect("end");
+                    }
+                }
+            }
+            for &t in &probes {
+                let now = at(t);
+                let live: Vec<EventId> = book.live(now).map(|g| g.id.clone()).collect();
+                let want: Vec<EventId> = book.iter().filter(|g| g.is_live(now)).map(|g| g.id.clone()).collect();
+                prop_assert_eq!(live, want);
+                let due: Vec<EventId> = book.due_to_expire(now).map(|g| g.id.clone()).collect();
+                let want: Vec<EventId> = book
+                    .iter()
+                    .filter(|g| g.status == GrantStatus::Live && now >= g.expires_at)
+                    .map(|g| g.id.clone())
+                    .collect();
+                prop_assert_eq!(due, want);
+            }
+        }
+        // And a fold of the same events builds the same book, indexes included.
+        prop_assert_eq!(fold(&run.id(), &run.events), book);
+    }
+}
