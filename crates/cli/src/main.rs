@@ -108,6 +108,11 @@ enum Command {
     Token(token::TokenArgs),
 }
 
+/// Small allocations dominate a governed call (events, payloads, grants); mimalloc serves
+/// them markedly faster than the system allocator.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // Like other Unix tools, end quietly when the reader of our output goes away
     // (`ice log | head`), instead of failing on a broken pipe.
