@@ -191,7 +191,9 @@ impl CauseIndex for NoOtherRuns {
     }
 }
 
-/// An event that passed the validator, with the canonical bytes its hash covers.
+/// An event that passed the validator, with the canonical bytes its hash covers. Only the
+/// kernel makes one (sealing a draft, admitting a checked event), so its hash is always the
+/// SHA-256 of its body: a log can store it without hashing it again.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SealedEvent {
     event: Event,
