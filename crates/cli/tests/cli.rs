@@ -479,6 +479,17 @@ fn bench_prints_each_figure_beside_its_baseline() {
     }
     assert!(v["verify"]["baseline_events_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["verify_memory"]["big_peak_rss_kib"].as_i64().unwrap() > 0);
+    // The governed call beside both of its baselines: the read alone, and plain SQLite
+    // committing the rows each call recorded (found call by call in the log, or it fails).
+    let g = &v["governed_call"];
+    let f = |k: &str| {
+        g[k].as_f64()
+            .unwrap_or_else(|| panic!("governed_call.{k}: {g}"))
+    };
+    assert!(f("plain_commit_p50_us") > 0.0);
+    assert!(f("governed_p50_us") > f("direct_p50_us"));
+    assert!(f("added_beyond_read_p50_us") > f("added_p50_us"));
+    assert!(f("added_p50_no_log_write_us") > 0.0);
 }
 
 #[test]
