@@ -462,15 +462,7 @@ async fn governed_calls(
                     _ => {}
                 }
                 if let Some(call) = calls_rows.last_mut() {
-                    call.push((
-                        e.log_seq as i64,
-                        e.run_id.to_string(),
-                        e.run_seq as i64,
-                        e.event_type.to_string(),
-                        e.hash.to_vec(),
-                        e.log_prev.unwrap_or_default().to_vec(),
-                        e.body.to_vec(),
-                    ));
+                    call.push(row_of(&e));
                 }
             }
         }
@@ -542,6 +534,19 @@ fn cpu_seconds() -> f64 {
 /// body).
 type Row = (i64, String, i64, String, Vec<u8>, Vec<u8>, Vec<u8>);
 
+/// A stored event as a baseline's row, byte for byte.
+fn row_of(e: &ice_log::StoredRef<'_>) -> Row {
+    (
+        e.log_seq as i64,
+        e.run_id.to_string(),
+        e.run_seq as i64,
+        e.event_type.to_string(),
+        e.hash.to_vec(),
+        e.log_prev.unwrap_or_default().to_vec(),
+        e.body.to_vec(),
+    )
+}
+
 /// ICE: `c` tasks, each on its own run, each append one durable event through the ledger.
 async fn append_ice(path: &Path, c: usize, total: u64) -> Result<(f64, Vec<Row>)> {
     let log = Arc::new(SqliteLog::create(path)?);
@@ -559,17 +564,7 @@ async fn append_ice(path: &Path, c: usize, total: u64) -> Result<(f64, Vec<Row>)
         rows.extend(
             page.iter()
                 .filter(|e| e.event_type == "InferenceStep")
-                .map(|e| {
-                    (
-                        e.log_seq as i64,
-                        e.run_id.to_string(),
-                        e.run_seq as i64,
-                        e.event_type.to_string(),
-                        e.hash.to_vec(),
-                        e.log_prev.unwrap_or_default().to_vec(),
-                        e.body.to_vec(),
-                    )
-                }),
+                .map(|e| row_of(&e)),
         );
     }
     Ok((rate, rows))
