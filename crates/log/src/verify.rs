@@ -458,6 +458,25 @@ impl Verifier {
             );
             return Ok(());
         }
+        // Events stored past the log's size: its head was moved back over a tail that is still
+        // there (readers that stop at the head would not see it), unless the log grew to cover
+        // them while it was verified (the head moves in the same commit as the events).
+        if let Some(e) = log.scan(next, 1).await?.first() {
+            let now = log.size().await?;
+            if e.log_seq >= now {
+                self.fail(
+                    Some(next),
+                    None,
+                    format!(
+                        "the log says it holds {now} events but event {}:{} is stored at log_seq {}: its head was moved back, hiding events from log_seq {next} on",
+                        e.run_id,
+                        e.run_seq,
+                        e.log_seq
+                    ),
+                );
+                return Ok(());
+            }
+        }
         if let Some((k, h)) = self.current.take() {
             self.heads.insert(k, h);
         }

@@ -352,6 +352,13 @@ proptest! {
             })
             .await;
             both_at(&found, k, &format!("truncated at {k}"));
+            // The head moved back over a tail that is still stored (hidden from readers that
+            // stop at the head): found at the first hidden event.
+            let found = damaged(&built, "head-moved-back.db", |c| {
+                c.execute("UPDATE head SET size = ?1", [k as i64]).unwrap();
+            })
+            .await;
+            both_at(&found, k, &format!("head moved back to {k}"));
             if plan.checkpoint {
                 let found = damaged(&built, "truncated-tree.db", |c| {
                     c.execute("DELETE FROM events WHERE log_seq >= ?1", [k as i64]).unwrap();

@@ -228,7 +228,8 @@ pub fn tamper_connection(path: &Path) -> rusqlite::Connection {
         "DROP TRIGGER IF EXISTS events_no_update; DROP TRIGGER IF EXISTS events_no_delete;
          DROP TRIGGER IF EXISTS tree_no_update; DROP TRIGGER IF EXISTS tree_no_delete;
          DROP TRIGGER IF EXISTS blobs_no_update; DROP TRIGGER IF EXISTS blobs_no_delete;
-         DROP TRIGGER IF EXISTS checkpoints_no_update; DROP TRIGGER IF EXISTS checkpoints_no_delete;",
+         DROP TRIGGER IF EXISTS checkpoints_no_update; DROP TRIGGER IF EXISTS checkpoints_no_delete;
+         DROP TRIGGER IF EXISTS head_only_grows; DROP TRIGGER IF EXISTS head_no_delete;",
     )
     .expect("drop triggers");
     c
