@@ -375,6 +375,13 @@ impl SpanBuilder {
                     }
                     (OpenKind::Request, t) if crate::metrics::is_effect(t) => {
                         open.effect = true;
+                        // The effect took its own time before it was recorded (a read is
+                        // recorded in one batch with its request, all at one instant): the
+                        // span covers at least that time, ending when it was recorded.
+                        if let Some(s) = at.checked_sub(Duration::from_micros(e.cost.wall_time_us))
+                        {
+                            open.start = open.start.min(s);
+                        }
                         set(&mut open.attributes, "ice.outcome", "done");
                         set(&mut open.attributes, "ice.effect", t.name());
                         set(

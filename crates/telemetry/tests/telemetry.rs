@@ -436,7 +436,21 @@ async fn a_run_is_a_trace_with_its_decisions_and_effects() {
                 .find(|s| s.span_id == event_span_id(&req.id()).to_bytes().to_vec())
                 .unwrap_or_else(|| panic!("{run}: a span for request {id}"));
             assert_eq!(str_attr(&span.attributes, "ice.event_id").unwrap(), id);
-            assert_eq!(span.start_time_unix_nano, nanos(req));
+            // It starts at the request, or earlier by the time its effect took when the effect
+            // was recorded in the same instant (a read, recorded with its request).
+            let effect_ns: u64 = events
+                .iter()
+                .filter(|e| e.causes.contains(&req.id()))
+                .map(|e| e.cost.wall_time_us * 1000)
+                .max()
+                .unwrap_or(0);
+            assert!(
+                span.start_time_unix_nano <= nanos(req)
+                    && span.start_time_unix_nano >= nanos(req) - effect_ns,
+                "{run}: span of {id} starts at {}, the request at {}",
+                span.start_time_unix_nano,
+                nanos(req)
+            );
             assert_eq!(
                 span.name,
                 format!("request {}", req.payload["capability"].as_str().unwrap())
@@ -515,9 +529,16 @@ async fn a_run_is_a_trace_with_its_decisions_and_effects() {
         str_attr(&read.attributes, "ice.effect.event_id").unwrap(),
         event_id_of(effect)
     );
+    let wall_us = int_attr(&effect.attributes, "ice.cost.wall_time_us").expect("the effect's time");
+    // The read and its records share one instant; the span still covers the read's own time.
+    let span_ns = read.end_time_unix_nano - read.start_time_unix_nano;
     assert!(
-        int_attr(&effect.attributes, "ice.cost.wall_time_us").is_some(),
-        "the effect's time"
+        span_ns >= wall_us as u64 * 1000,
+        "span {span_ns} ns, read {wall_us} µs"
+    );
+    assert!(
+        wall_us == 0 || span_ns > 0,
+        "a read that took time has a span of zero length"
     );
     assert_eq!(read.end_time_unix_nano, {
         let settled = find_event(read, "BudgetSettled")[0];
