@@ -98,10 +98,16 @@ impl Credentials {
 
     /// How many operator tokens there are.
     pub fn operators(&self) -> usize {
-        self.entries
-            .iter()
-            .filter(|e| e.role == Role::Operator)
-            .count()
+        self.count(Role::Operator)
+    }
+
+    /// How many agent tokens there are.
+    pub fn agents(&self) -> usize {
+        self.count(Role::Agent)
+    }
+
+    fn count(&self, role: Role) -> usize {
+        self.entries.iter().filter(|e| e.role == role).count()
     }
 
     /// Whose token `token` is. Every stored digest is compared, in constant time, whatever
@@ -169,22 +175,11 @@ fn authenticate(state: &Shared, headers: &axum::http::HeaderMap) -> Result<Opera
             state.token_hint
         )));
     }
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
+    let Some(token) = bearer(headers)? else {
         return Err(ApiError::unauthenticated(
             "the operator API needs `Authorization: Bearer TOKEN` with an operator's token",
         ));
     };
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| {
-            let (scheme, rest) = v.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-        })
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| {
-            ApiError::unauthenticated("the Authorization header must be `Bearer TOKEN`")
-        })?;
     match creds.identify(token) {
         Some((Role::Operator, name)) => Ok(Operator(name.to_string())),
         Some((Role::Agent, name)) => Err(ApiError::forbidden(format!(
@@ -193,5 +188,153 @@ fn authenticate(state: &Shared, headers: &axum::http::HeaderMap) -> Result<Opera
         None => Err(ApiError::unauthenticated(
             "the token is not one of this installation's (tokens are added with `ice token add`)",
         )),
+    }
+}
+
+/// The bearer token of a request: `None` without an `Authorization` header, an error when the
+/// header is not `Bearer TOKEN`.
+fn bearer(headers: &axum::http::HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            let (scheme, rest) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        })
+        .filter(|t| !t.is_empty())
+        .map(Some)
+        .ok_or_else(|| ApiError::unauthenticated("the Authorization header must be `Bearer TOKEN`"))
+}
+
+/// Who may open MCP sessions (`/mcp` of `ice serve`), decided per request from its headers
+/// and the tokens `store` holds now:
+/// - an agent's token: that agent (`Ok(Some(name))`); its sessions' runs are recorded as
+///   `agent:NAME`;
+/// - no `Authorization` header, while the installation has no agent token and `anonymous`
+///   (the server listens on loopback only): `Ok(None)`, the run spec's agent;
+/// - otherwise refused: 401 without a token (or with an unknown one), 403 with an operator's
+///   (operators decide; they do not propose). `hint` is the command that adds an agent token.
+pub fn agent_of(
+    store: &CredentialStore,
+    anonymous: bool,
+    hint: &str,
+    headers: &axum::http::HeaderMap,
+) -> Result<Option<String>, ApiError> {
+    let creds = store.get();
+    match bearer(headers)? {
+        None if anonymous && creds.agents() == 0 => Ok(None),
+        None if creds.agents() == 0 => Err(ApiError::unauthenticated(format!(
+            "this server listens beyond loopback, so MCP needs an agent's token and this installation has none; add one with `{hint}` and send it as `Authorization: Bearer TOKEN`"
+        ))),
+        None => Err(ApiError::unauthenticated(format!(
+            "MCP here needs `Authorization: Bearer TOKEN` with an agent's token (`{hint}` makes one)"
+        ))),
+        Some(token) => match creds.identify(token) {
+            Some((Role::Agent, name)) => Ok(Some(name.to_string())),
+            Some((Role::Operator, name)) => Err(ApiError::forbidden(format!(
+                "this is operator {name:?}'s token; operators decide through the operator API, they do not propose through MCP (use an agent's token)"
+            ))),
+            None => Err(ApiError::unauthenticated(
+                "the token is not one of this installation's (tokens are added with `ice token add`)",
+            )),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{HeaderMap, HeaderValue, StatusCode};
+
+    fn with(token: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(t) = token {
+            h.insert(header::AUTHORIZATION, HeaderValue::from_str(t).unwrap());
+        }
+        h
+    }
+
+    fn store(agents: &[(&str, &str)], operators: &[(&str, &str)]) -> Arc<CredentialStore> {
+        let mut c = Credentials::new();
+        for (name, token) in agents {
+            c.add(Role::Agent, name, &token_digest(token)).unwrap();
+        }
+        for (name, token) in operators {
+            c.add(Role::Operator, name, &token_digest(token)).unwrap();
+        }
+        CredentialStore::new(c)
+    }
+
+    fn status(r: Result<Option<String>, ApiError>) -> Result<Option<String>, StatusCode> {
+        r.map_err(|e| e.status)
+    }
+
+    #[test]
+    fn mcp_sessions_need_an_agents_token_unless_none_exists_on_loopback() {
+        let none = store(&[], &[("alice", "op-token")]);
+        // No agent token yet: anonymous on loopback only.
+        assert_eq!(status(agent_of(&none, true, "hint", &with(None))), Ok(None));
+        assert_eq!(
+            status(agent_of(&none, false, "hint", &with(None))),
+            Err(StatusCode::UNAUTHORIZED)
+        );
+        // A header is always checked, whatever else holds.
+        assert_eq!(
+            status(agent_of(
+                &none,
+                true,
+                "hint",
+                &with(Some("Bearer op-token"))
+            )),
+            Err(StatusCode::FORBIDDEN)
+        );
+        assert_eq!(
+            status(agent_of(&none, true, "hint", &with(Some("Bearer nope")))),
+            Err(StatusCode::UNAUTHORIZED)
+        );
+        let some = store(&[("claude", "agent-token")], &[("alice", "op-token")]);
+        for anonymous in [true, false] {
+            assert_eq!(
+                status(agent_of(&some, anonymous, "hint", &with(None))),
+                Err(StatusCode::UNAUTHORIZED)
+            );
+            assert_eq!(
+                status(agent_of(
+                    &some,
+                    anonymous,
+                    "hint",
+                    &with(Some("bearer  agent-token "))
+                )),
+                Ok(Some("claude".into()))
+            );
+            assert_eq!(
+                status(agent_of(
+                    &some,
+                    anonymous,
+                    "hint",
+                    &with(Some("agent-token"))
+                )),
+                Err(StatusCode::UNAUTHORIZED),
+                "not `Bearer TOKEN`"
+            );
+            assert_eq!(
+                status(agent_of(
+                    &some,
+                    anonymous,
+                    "hint",
+                    &with(Some("Bearer op-token"))
+                )),
+                Err(StatusCode::FORBIDDEN)
+            );
+        }
+        // Tokens added while serving count from then on.
+        none.replace(some.get());
+        assert_eq!(
+            status(agent_of(&none, true, "hint", &with(None))),
+            Err(StatusCode::UNAUTHORIZED)
+        );
     }
 }

@@ -132,3 +132,9 @@ impl From<ice_log::LogError> for ApiError {
         }
     }
 }
+
+impl From<ApiError> for Response {
+    fn from(e: ApiError) -> Response {
+        e.into_response()
+    }
+}

@@ -42,7 +42,7 @@ use ice_log::checkpoint::{NoteSigner, NoteVerifier};
 use ice_runtime::{RunSpec, Runtime};
 use tokio_util::sync::CancellationToken;
 
-pub use auth::{CredentialStore, Credentials, Operator, Role, check_name, token_digest};
+pub use auth::{CredentialStore, Credentials, Operator, Role, agent_of, check_name, token_digest};
 /// The router type [`router`] returns (axum's), for hosts that serve it.
 pub use axum::Router;
 pub use error::ApiError;

@@ -87,11 +87,10 @@ fn operator_api(
     h: &crate::home::Home,
     rt: &'static Runtime,
     addr: std::net::SocketAddr,
+    store: Arc<ice_api::CredentialStore>,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<ice_api::Router> {
-    let creds = h.credentials()?;
-    let n = creds.operators();
-    let store = ice_api::CredentialStore::new(creds);
+    let n = store.get().operators();
     let hint = format!("ice token add --operator NAME --home {}", h.dir.display());
     if n == 0 {
         eprintln!(
@@ -105,9 +104,28 @@ fn operator_api(
             ice_ui::UI_PATH
         );
     }
+    let signer = h.signer()?;
+    let verifier = h.verifier()?;
+    let agents: ice_api::AgentFactory = std::sync::Arc::new(|spec: &RunSpec| {
+        crate::agents::load_agent(spec).map_err(|e| format!("{e:#}"))
+    });
+    let state = ice_api::ApiState::new(rt, signer, verifier, store, agents)
+        .with_stop(stop)
+        .with_token_hint(hint);
+    // The operator web UI (`/ui/`, static files only; its data comes from the API above).
+    Ok(ice_api::router(state).merge(ice_ui::router()))
+}
+
+/// The tokens of the installation's config, read again when the config changes (`ice token
+/// add` while serving), until `stop`.
+fn credential_store(
+    h: &crate::home::Home,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<Arc<ice_api::CredentialStore>> {
+    let store = ice_api::CredentialStore::new(h.credentials()?);
     let dir = h.dir.clone();
     let watched = store.clone();
-    let watching = stop.clone();
+    let watching = stop;
     tokio::spawn(async move {
         let file = dir.join("config.toml");
         let stamp = |f: &Path| std::fs::metadata(f).and_then(|m| m.modified()).ok();
@@ -124,18 +142,39 @@ fn operator_api(
             seen = now;
             match crate::home::Home::open(&dir).and_then(|h| h.credentials()) {
                 Ok(c) => watched.replace(c),
-                Err(e) => eprintln!("ice serve: keeping the operator tokens it had: {e:#}"),
+                Err(e) => eprintln!("ice serve: keeping the tokens it had: {e:#}"),
             }
         }
     });
-    let agents: ice_api::AgentFactory = std::sync::Arc::new(|spec: &RunSpec| {
-        crate::agents::load_agent(spec).map_err(|e| format!("{e:#}"))
-    });
-    let state = ice_api::ApiState::new(rt, h.signer()?, h.verifier()?, store, agents)
-        .with_stop(stop)
-        .with_token_hint(hint);
-    // The operator web UI (`/ui/`, static files only; its data comes from the API above).
-    Ok(ice_api::router(state).merge(ice_ui::router()))
+    Ok(store)
+}
+
+/// Who may open MCP sessions at `/mcp` (see [`ice_api::agent_of`]): agents with a token;
+/// without a header, anyone while the installation has no agent token and `addr` is a
+/// loopback address.
+fn mcp_auth(
+    h: &crate::home::Home,
+    addr: std::net::SocketAddr,
+    store: Arc<ice_api::CredentialStore>,
+) -> ice_mcp::McpAuth {
+    let anonymous = addr.ip().is_loopback();
+    let hint = format!("ice token add --agent NAME --home {}", h.dir.display());
+    match (store.get().agents(), anonymous) {
+        (0, true) => eprintln!(
+            "ice serve: MCP accepts any local client, as the run spec's agent, until an agent token exists: {hint}"
+        ),
+        (0, false) => eprintln!(
+            "ice serve: MCP refuses every request until an agent token exists (this address is reachable beyond loopback): {hint}"
+        ),
+        (n, _) => eprintln!(
+            "ice serve: MCP needs an agent's token ({n} configured); each session's run is its agent's"
+        ),
+    }
+    Arc::new(move |headers| {
+        ice_api::agent_of(&store, anonymous, &hint, headers)
+            .map(|who| who.map(ice_mcp::AgentIdentity))
+            .map_err(|e| Box::new(e.into()))
+    })
 }
 
 /// `ice serve`: until SIGINT or SIGTERM; then open sessions' runs are committed.
@@ -231,8 +270,10 @@ pub async fn serve(home: &Path, url: Option<&str>, a: ServeArgs) -> Result<u8> {
         telemetry.clone(),
         stop.clone(),
     ));
-    let api = operator_api(&h, rt, addr, stop.clone())?.merge(telemetry.metrics_router());
-    gw.serve_http_with(listener, stop, &a.allow_hosts, api)
+    let store = credential_store(&h, stop.clone())?;
+    let auth = mcp_auth(&h, addr, store.clone());
+    let api = operator_api(&h, rt, addr, store, stop.clone())?.merge(telemetry.metrics_router());
+    gw.serve_http_with(listener, stop, &a.allow_hosts, api, Some(auth))
         .await?;
     recovering.abort();
     tailing.abort();

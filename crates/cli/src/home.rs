@@ -38,7 +38,8 @@ pub struct Config {
     /// as its SHA-256 (`ice token add --operator NAME`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub operators: Vec<TokenEntry>,
-    /// `[[agents]]`: agents' tokens, refused on operator endpoints (`ice token add --agent NAME`).
+    /// `[[agents]]`: agents' tokens, for MCP at `/mcp` (refused on operator endpoints;
+    /// `ice token add --agent NAME`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub agents: Vec<TokenEntry>,
     /// `[telemetry]`: OpenTelemetry export from `ice serve` (off unless an endpoint is given).
@@ -217,8 +218,8 @@ impl Home {
         read_verifier(&self.dir.join("keys/checkpoint.pub"))
     }
 
-    /// The tokens `[[operators]]` and `[[agents]]` list, for the operator API; a bad entry is an
-    /// error naming config.toml.
+    /// The tokens `[[operators]]` and `[[agents]]` list, for the operator API and `/mcp`; a bad
+    /// entry is an error naming config.toml.
     pub fn credentials(&self) -> Result<ice_api::Credentials> {
         let mut c = ice_api::Credentials::new();
         for (role, entries) in [

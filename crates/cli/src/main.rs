@@ -103,8 +103,9 @@ enum Command {
     Replay(replay::ReplayArgs),
     /// Measure ICE against baselines measured in the same run.
     Bench(bench::BenchArgs),
-    /// Tokens for the operator HTTP API (`ice serve`): `token add --operator NAME` (or
-    /// `--agent NAME`) makes one, stores only its SHA-256 in config.toml and prints it once.
+    /// Tokens for `ice serve` (operators: the HTTP API; agents: MCP at /mcp): `token add
+    /// --operator NAME` (or `--agent NAME`) makes one, stores only its SHA-256 in config.toml
+    /// and prints it once.
     Token(token::TokenArgs),
 }
 

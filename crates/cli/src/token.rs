@@ -1,5 +1,5 @@
-//! `ice token add --operator NAME | --agent NAME`: a new bearer token for the operator HTTP API
-//! (`ice serve`). The token is 32 random bytes (base64url), printed once; config.toml keeps
+//! `ice token add --operator NAME | --agent NAME`: a new bearer token for `ice serve`: an
+//! operator's for the operator HTTP API, an agent's for MCP at `/mcp`. The token is 32 random bytes (base64url), printed once; config.toml keeps
 //! only its SHA-256, under `[[operators]]` or `[[agents]]`.
 
 use std::io::Write;
@@ -21,9 +21,9 @@ pub struct TokenArgs {
 #[derive(Subcommand)]
 enum TokenCommand {
     /// Make a token for an operator (who may call the operator API; their actions are
-    /// recorded as operator:NAME) or an agent (refused on operator endpoints). The token is
-    /// printed once; config.toml keeps only its SHA-256. A running `ice serve` picks it up
-    /// within seconds.
+    /// recorded as operator:NAME) or an agent (who opens MCP sessions at /mcp as agent:NAME;
+    /// refused on operator endpoints). The token is printed once; config.toml keeps only its
+    /// SHA-256. A running `ice serve` picks it up within seconds.
     Add(AddArgs),
 }
 

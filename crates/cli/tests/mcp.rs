@@ -558,9 +558,11 @@ fn serve(f: &Fixture) -> (Served, String) {
 /// [`serve`] with more arguments.
 fn serve_with(f: &Fixture, extra: &[&str]) -> (Served, String) {
     let mut c = Command::new(ice_bin());
-    c.arg("--home")
-        .arg(&f.home)
-        .args(["serve", "--listen", "127.0.0.1:0", "--run-spec"])
+    c.arg("--home").arg(&f.home).arg("serve");
+    if !extra.contains(&"--listen") {
+        c.args(["--listen", "127.0.0.1:0"]);
+    }
+    c.arg("--run-spec")
         .arg(&f.spec)
         .args(extra)
         .env_remove("ICE_HOME");
@@ -1064,4 +1066,211 @@ fn ice_serve_refuses_unknown_host_names_unless_allowed() {
         "an allowed name is served"
     );
     assert_eq!(status_for_host(&url, "localhost"), 200);
+}
+
+/// A new bearer token of `role` (`agent` or `operator`) named `name`.
+fn token(f: &Fixture, role: &str, name: &str) -> String {
+    let o = ice(
+        &f.home,
+        &["token", "add", &format!("--{role}"), name, "--json"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["token"].as_str().unwrap().to_string()
+}
+
+/// A raw POST of `body` to `url` (a `/mcp` URL) with `headers`: the status, the response's
+/// headers and its body, as text.
+fn raw_post(url: &str, headers: &[(&str, &str)], body: &Value) -> (u16, String, String) {
+    use std::io::Read;
+    let addr = url
+        .strip_prefix("http://")
+        .and_then(|r| r.split('/').next())
+        .unwrap();
+    let body = body.to_string();
+    let mut extra = String::new();
+    for (k, v) in headers {
+        extra.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST /mcp HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nMCP-Protocol-Version: 2025-11-25\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let resp = String::from_utf8_lossy(&resp).to_string();
+    let (head, rest) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {resp:?}"));
+    (status, head.to_ascii_lowercase(), rest.to_string())
+}
+
+fn initialize() -> Value {
+    json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}})
+}
+
+#[test]
+fn with_agent_tokens_each_mcp_session_is_its_authenticated_agents_and_no_one_elses() {
+    // The policy knows agents by the names their tokens prove.
+    let f = fixture_with(
+        "agents-1",
+        "2s",
+        "",
+        r#"permit(principal == Agent::"claude", action == Action::"mcp.call", resource == Tool::"everything/echo");"#,
+    );
+    let claude = token(&f, "agent", "claude");
+    let other = token(&f, "agent", "other");
+    let alice = token(&f, "operator", "alice");
+    let (mut server, url) = serve(&f);
+    let bearer = |t: &str| format!("Bearer {t}");
+
+    // Refused before any run exists: no token, a token that is not one, an operator's token.
+    let (status, head, body) = raw_post(&url, &[], &initialize());
+    assert_eq!(status, 401, "{body}");
+    assert!(head.contains("www-authenticate: bearer"), "{head}");
+    assert!(body.contains("agent's token"), "{body}");
+    assert!(body.contains("ice token add --agent"), "{body}");
+    let (status, _, body) = raw_post(
+        &url,
+        &[("Authorization", &bearer("not-a-token"))],
+        &initialize(),
+    );
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("not one of this installation's"), "{body}");
+    let (status, _, body) = raw_post(&url, &[("Authorization", &bearer(&alice))], &initialize());
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("operator \\\"alice\\\"") || body.contains("operator \"alice\""),
+        "{body}"
+    );
+    let (status, _, body) = raw_post(&url, &[("Authorization", "Basic abc")], &initialize());
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("Bearer TOKEN"), "{body}");
+    assert!(runs(&f).is_empty(), "a refused request makes no run");
+
+    // An agent with its token: its session's run is that agent's, and says it was proven.
+    let a = common::agent_http_as(
+        &url,
+        Some(&claude),
+        "legacy",
+        &json!([
+            {"op": "list"},
+            {"op": "call", "name": "everything__echo", "args": {"message": "hello as claude"}},
+        ]),
+    );
+    let (ra, oa) = finish_agent(a);
+    assert!(oa.status.success(), "{}", text(&oa));
+    assert!(
+        first_text(&ra["steps"][1]["result"]).contains("hello as claude"),
+        "{ra:#}"
+    );
+
+    // Another agent is itself to the policy, which permits it nothing.
+    let b = common::agent_http_as(
+        &url,
+        Some(&other),
+        "legacy",
+        &json!([{"op": "call", "name": "everything__echo", "args": {"message": "hello as other"}}]),
+    );
+    let (rb, ob) = finish_agent(b);
+    assert!(ob.status.success(), "{}", text(&ob));
+    assert_eq!(rb["steps"][0]["result"]["isError"], true, "{rb:#}");
+    assert_eq!(
+        rb["steps"][0]["result"]["structuredContent"]["ice"]["denied"], "policy_denied",
+        "{rb:#}"
+    );
+
+    // Another agent cannot use claude's session, even knowing its id.
+    let (status, head, body) =
+        raw_post(&url, &[("Authorization", &bearer(&claude))], &initialize());
+    assert_eq!(status, 200, "{body}");
+    let session = head
+        .lines()
+        .find_map(|l| l.strip_prefix("mcp-session-id:"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| panic!("a session id: {head}"));
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}});
+    let (_, _, body) = raw_post(
+        &url,
+        &[
+            ("Authorization", &bearer(&other)),
+            ("Mcp-Session-Id", &session),
+        ],
+        &list,
+    );
+    assert!(body.contains("belongs to agent"), "{body}");
+    assert!(body.contains("claude"), "{body}");
+    let (_, _, body) = raw_post(&url, &[("Mcp-Session-Id", &session)], &list);
+    assert!(body.contains("agent's token"), "no token at all: {body}");
+    // Its owner still can.
+    let (_, _, body) = raw_post(
+        &url,
+        &[
+            ("Authorization", &bearer(&claude)),
+            ("Mcp-Session-Id", &session),
+        ],
+        &list,
+    );
+    assert!(body.contains("everything__echo"), "{body}");
+
+    let _ = Command::new("kill").arg(server.0.id().to_string()).status();
+    assert!(server.0.wait().unwrap().success());
+    let all = runs(&f);
+    assert_eq!(all.len(), 3, "{all:#?}");
+    let mut agents = Vec::new();
+    for r in &all {
+        let ev = events(&f, r["run_id"].as_str().unwrap());
+        let provisioned = &of_type(&ev, "RunProvisioned")[0]["payload"];
+        let agent = provisioned["agent"].as_str().unwrap().to_string();
+        assert_eq!(
+            provisioned["client"]["authenticated_agent"], agent,
+            "{provisioned:#}"
+        );
+        for e in of_type(&ev, "CapabilityRequested") {
+            assert_eq!(e["origin"], format!("agent:{agent}"), "{e:#}");
+        }
+        agents.push(agent);
+    }
+    agents.sort();
+    assert_eq!(agents, ["claude", "claude", "other"]);
+    verify(&f);
+}
+
+#[test]
+fn without_agent_tokens_only_a_loopback_server_takes_anonymous_sessions() {
+    // On loopback, with no agent token yet: anyone local, as the spec's agent (recorded so).
+    let f = fixture("agents-2", "2s");
+    let (mut server, url) = serve(&f);
+    let (status, _, body) = raw_post(&url, &[], &initialize());
+    assert_eq!(status, 200, "{body}");
+    let _ = Command::new("kill").arg(server.0.id().to_string()).status();
+    assert!(server.0.wait().unwrap().success());
+    let all = runs(&f);
+    assert_eq!(all.len(), 1, "{all:#?}");
+    let ev = events(&f, all[0]["run_id"].as_str().unwrap());
+    let provisioned = &of_type(&ev, "RunProvisioned")[0]["payload"];
+    assert_eq!(provisioned["agent"], "assistant", "{provisioned:#}");
+    assert_eq!(
+        provisioned["client"]["authenticated_agent"],
+        Value::Null,
+        "{provisioned:#}"
+    );
+    // Listening beyond loopback: nothing without an agent's token.
+    let g = fixture("agents-3", "2s");
+    let (_open, wide) = serve_with(&g, &["--listen", "0.0.0.0:0"]);
+    let port = wide.rsplit(':').next().unwrap().trim_end_matches("/mcp");
+    let local = format!("http://127.0.0.1:{port}/mcp");
+    let (status, _, body) = raw_post(&local, &[], &initialize());
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("beyond loopback"), "{body}");
+    assert!(runs(&g).is_empty());
 }

@@ -28,6 +28,21 @@ pub const INTENT_META_KEY: &str = "ice/intent";
 /// How long an HTTP session may stay idle before it is closed and its run aborted.
 const HTTP_IDLE: Duration = Duration::from_secs(30 * 60);
 
+/// The agent an HTTP request to [`MCP_PATH`] was authenticated as: put in the request's
+/// extensions by the [`McpAuth`] check, read by the session's handler. The first request of a
+/// session binds the session (and its run) to that agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentIdentity(pub String);
+
+/// The check in front of [`MCP_PATH`]: from a request's headers, the agent it comes from
+/// (`Ok(Some)`), an anonymous request that may pass and acts as the run spec's agent
+/// (`Ok(None)`), or the response that refuses it.
+pub type McpAuth = Arc<
+    dyn Fn(&axum::http::HeaderMap) -> Result<Option<AgentIdentity>, Box<axum::response::Response>>
+        + Send
+        + Sync,
+>;
+
 /// Why the gateway could not start or serve.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -140,19 +155,22 @@ impl Gateway {
         stop: CancellationToken,
         extra_hosts: &[String],
     ) -> Result<(), GatewayError> {
-        self.serve_http_with(listener, stop, extra_hosts, axum::Router::new())
+        self.serve_http_with(listener, stop, extra_hosts, axum::Router::new(), None)
             .await
     }
 
     /// [`Self::serve_http`], with `extra` (ICE's operator API) served beside [`MCP_PATH`] on the
     /// same listener, behind the same `Host` check: a request naming another host is refused
-    /// (403) before it reaches `extra`'s routes or fallback.
+    /// (403) before it reaches `extra`'s routes or fallback. With `auth`, every request to
+    /// [`MCP_PATH`] passes that check first (after the `Host` check), and each session's run is
+    /// its authenticated agent's; without it, every session's agent is the run spec's.
     pub async fn serve_http_with(
         self: &Arc<Self>,
         listener: tokio::net::TcpListener,
         stop: CancellationToken,
         extra_hosts: &[String],
         extra: axum::Router,
+        auth: Option<McpAuth>,
     ) -> Result<(), GatewayError> {
         use rmcp::transport::streamable_http_server::{
             StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
@@ -173,6 +191,7 @@ impl Gateway {
         }
         config.allowed_hosts.extend(extra_hosts.iter().cloned());
         let allowed: Arc<[String]> = config.allowed_hosts.clone().into();
+        let config_hosts = allowed.clone();
         let extra = extra.layer(axum::middleware::from_fn(
             move |req: axum::extract::Request, next: axum::middleware::Next| {
                 let allowed = allowed.clone();
@@ -186,9 +205,32 @@ impl Gateway {
         ));
         let service =
             StreamableHttpService::new(move || Ok(gw.handler()), Arc::new(sessions), config);
-        let app = axum::Router::new()
-            .nest_service(MCP_PATH, service)
-            .merge(extra);
+        let mut mcp = axum::Router::new().nest_service(MCP_PATH, service);
+        if let Some(auth) = auth {
+            // rmcp checks `Host` inside the service; this layer is outside it, so the same
+            // check runs here first: a rebinding page learns nothing from the token check.
+            let allowed: Arc<[String]> = config_hosts.clone();
+            mcp = mcp.layer(axum::middleware::from_fn(
+                move |mut req: axum::extract::Request, next: axum::middleware::Next| {
+                    let (auth, allowed) = (auth.clone(), allowed.clone());
+                    async move {
+                        if let Some(refused) = host_refusal(&req, &allowed) {
+                            return refused;
+                        }
+                        match auth(req.headers()) {
+                            Ok(who) => {
+                                if let Some(who) = who {
+                                    req.extensions_mut().insert(who);
+                                }
+                                next.run(req).await
+                            }
+                            Err(refused) => *refused,
+                        }
+                    }
+                },
+            ));
+        }
+        let app = mcp.merge(extra);
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await
@@ -210,14 +252,27 @@ impl Gateway {
         if self.fresh_ids {
             spec.id = None;
         }
+        let bound = slot.agent.lock().ok().and_then(|a| a.clone()).flatten();
+        let agent = match &bound {
+            Some(AgentIdentity(name)) => name.clone(),
+            None => self.spec.agent.clone(),
+        };
+        // The record says whether the agent's identity was proven by a token.
+        let mut client = slot.client.lock().ok().and_then(|c| c.clone());
+        if let Some(Value::Object(c)) = &mut client {
+            c.insert(
+                "authenticated_agent".into(),
+                bound.map_or(Value::Null, |AgentIdentity(n)| Value::String(n)),
+            );
+        }
         let session = self
             .rt
             .open_session_with_tools(
                 spec,
-                &self.spec.agent.clone(),
+                &agent,
                 self.router as &dyn Observer,
                 self.tools.clone(),
-                slot.client.lock().ok().and_then(|c| c.clone()),
+                client,
             )
             .await
             .map_err(|e| {
@@ -259,6 +314,9 @@ struct Slot {
     /// When the session last made a request (an HTTP session idle for [`HTTP_IDLE`] is
     /// abandoned: its run aborts).
     last_active: StdMutex<Option<std::time::Instant>>,
+    /// Who the session belongs to, bound by its first request: an authenticated agent, or
+    /// `Some(None)` for an anonymous session (the run spec's agent).
+    agent: StdMutex<Option<Option<AgentIdentity>>>,
 }
 
 impl Slot {
@@ -337,7 +395,45 @@ pub struct IceMcp {
 }
 
 impl IceMcp {
-    fn remember_peer(&self, context: &RequestContext<RoleServer>) {
+    /// Bind the session to the agent of its first request; refuse a later request that comes
+    /// from another agent (or without the identity the session was opened with).
+    fn check_agent(&self, context: &RequestContext<RoleServer>) -> Result<(), ErrorData> {
+        let who = context
+            .extensions
+            .get::<axum::http::request::Parts>()
+            .and_then(|p| p.extensions.get::<AgentIdentity>())
+            .cloned();
+        let Ok(mut bound) = self.slot.agent.lock() else {
+            return Err(ErrorData::internal_error(
+                "the session's agent binding is unusable",
+                None,
+            ));
+        };
+        match &*bound {
+            None => {
+                *bound = Some(who);
+                Ok(())
+            }
+            Some(owner) if *owner == who => Ok(()),
+            Some(owner) => {
+                let name = |a: &Option<AgentIdentity>| match a {
+                    Some(AgentIdentity(n)) => format!("agent {n:?}"),
+                    None => "an anonymous client".to_string(),
+                };
+                Err(ErrorData::invalid_request(
+                    format!(
+                        "this MCP session belongs to {}; a request from {} cannot use it",
+                        name(owner),
+                        name(&who)
+                    ),
+                    None,
+                ))
+            }
+        }
+    }
+
+    fn remember_peer(&self, context: &RequestContext<RoleServer>) -> Result<(), ErrorData> {
+        self.check_agent(context)?;
         if let Ok(mut t) = self.slot.last_active.lock() {
             *t = Some(std::time::Instant::now());
         }
@@ -360,6 +456,7 @@ impl IceMcp {
         {
             *name = operator_id(&info.name);
         }
+        Ok(())
     }
 
     /// Which configured server and tool an agent-facing name stands for.
@@ -390,7 +487,7 @@ impl ServerHandler for IceMcp {
                 "lifecycle": "initialize",
             }));
         }
-        self.remember_peer(&context);
+        self.remember_peer(&context)?;
         self.gw.open(&self.slot).await?;
         Ok(result)
     }
@@ -410,7 +507,7 @@ impl ServerHandler for IceMcp {
         _request: Option<PaginatedRequestParams>,
         context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        self.remember_peer(&context);
+        self.remember_peer(&context)?;
         let session = self.gw.open(&self.slot).await?;
         let mut tools = Vec::new();
         for (t, class) in session.permitted_tools().await {
@@ -448,7 +545,7 @@ impl ServerHandler for IceMcp {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        self.remember_peer(&context);
+        self.remember_peer(&context)?;
         let session = self.gw.open(&self.slot).await?;
         let name = request.name.to_string();
         let intent = context

@@ -26,4 +26,4 @@
 
 mod handler;
 
-pub use handler::{Gateway, GatewayError, IceMcp, MCP_PATH, tool_name};
+pub use handler::{AgentIdentity, Gateway, GatewayError, IceMcp, MCP_PATH, McpAuth, tool_name};

@@ -39,9 +39,22 @@ pub fn text(o: &Output) -> String {
 
 /// Start the test agent against the MCP server at `url` (protocol `mode`) with `script`.
 pub fn agent_http(url: &str, mode: &str, script: &serde_json::Value) -> Child {
-    let mut child = Command::new(python())
-        .arg(agent_script())
-        .args(["--mode", mode, "--url", url])
+    agent_http_as(url, None, mode, script)
+}
+
+/// [`agent_http`], sending `token` as `Authorization: Bearer TOKEN` when given.
+pub fn agent_http_as(
+    url: &str,
+    token: Option<&str>,
+    mode: &str,
+    script: &serde_json::Value,
+) -> Child {
+    let mut c = Command::new(python());
+    c.arg(agent_script()).args(["--mode", mode, "--url", url]);
+    if let Some(t) = token {
+        c.args(["--token", t]);
+    }
+    let mut child = c
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

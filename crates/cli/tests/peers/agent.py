@@ -1,7 +1,7 @@
 """A real MCP client (PyPI `mcp` 2.3.0, not written here) driving ICE's gateway for the tests.
 
-usage: agent.py --stdio PROGRAM ARG... | --url URL    [--mode legacy|2026-07-28|auto]
-                [--elicit approve|deny|none]          < script.json
+usage: agent.py --stdio PROGRAM ARG... | --url URL [--token TOKEN]
+                [--mode legacy|2026-07-28|auto] [--elicit approve|deny|none]   < script.json
 
 The script is a JSON list of steps: {"op": "list"} or
 {"op": "call", "name": N, "args": {...}, "intent": "..."} or {"op": "sleep", "s": 0.5}.
@@ -16,12 +16,15 @@ import sys
 
 from mcp import Client, types
 from mcp.client.stdio import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
 
 def parse():
     p = argparse.ArgumentParser()
     p.add_argument("--url")
+    p.add_argument("--token", help="sent as Authorization: Bearer TOKEN (HTTP only)")
     p.add_argument("--mode", default="auto")
     p.add_argument("--elicit", default="none")
     p.add_argument("--stdio", nargs=argparse.REMAINDER)
@@ -41,7 +44,10 @@ async def main():
             return types.ElicitResult(action="accept", content={"approve": False, "reason": "test user says no"})
         return types.ElicitResult(action="decline")
 
-    if a.url:
+    if a.url and a.token:
+        headers = {"Authorization": f"Bearer {a.token}"}
+        server = streamable_http_client(a.url, http_client=create_mcp_http_client(headers=headers))
+    elif a.url:
         server = a.url
     else:
         server = StdioServerParameters(command=a.stdio[0], args=a.stdio[1:])
