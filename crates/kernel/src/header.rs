@@ -131,6 +131,9 @@ mod fast {
     use crate::timestamp::Timestamp;
 
     struct Cursor<'a> {
+        /// The whole body, checked to be UTF-8 once (strings are cut from it at quotes, which
+        /// are always character boundaries).
+        s: &'a str,
         b: &'a [u8],
         at: usize,
     }
@@ -161,7 +164,7 @@ mod fast {
             {
                 return None;
             }
-            let s = std::str::from_utf8(raw).ok()?;
+            let s = self.s.get(self.at..self.at + end)?;
             self.at += end + 1;
             Some(s)
         }
@@ -196,7 +199,9 @@ mod fast {
     ];
 
     pub(super) fn parse(b: &[u8]) -> Option<Header<'_>> {
-        let mut c = Cursor { b, at: 0 };
+        // Not UTF-8: the general reader names what is wrong.
+        let s = std::str::from_utf8(b).ok()?;
+        let mut c = Cursor { s, b, at: 0 };
         c.lit(b"{\"at\":\"")?;
         let at = Timestamp::parse(c.plain_str()?).ok()?;
         let has_authority = c.try_lit(b",\"authority\":\"");
@@ -265,7 +270,7 @@ mod fast {
         if prev_at < payload_start {
             return None;
         }
-        let mut t = Cursor { b, at: prev_at };
+        let mut t = Cursor { s, b, at: prev_at };
         t.lit(PREV)?;
         let prev = Digest::from_hex(t.plain_str()?).ok()?;
         t.lit(b",\"run_id\":\"")?;

@@ -7,6 +7,11 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::limits::{MAX_ID_LEN, MAX_SAFE_INTEGER};
 
+/// SHA-256's initial state (FIPS 180-4, 5.3.3).
+const SHA256_IV: [u32; 8] = [
+    0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
+];
+
 /// A SHA-256 digest. Serialised as 64 lowercase hex characters.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Digest(pub [u8; 32]);
@@ -15,10 +20,40 @@ impl Digest {
     /// The `prev` of every run's first event (`run_seq` 0): 32 zero bytes.
     pub const GENESIS: Digest = Digest([0u8; 32]);
 
-    /// SHA-256 of `bytes`.
+    /// SHA-256 of `bytes`. The whole blocks are compressed where they lie and only the tail is
+    /// copied (every event's body is hashed when it is written and again by `verify`).
     pub fn of(bytes: &[u8]) -> Digest {
-        use sha2::Digest as _;
-        Digest(sha2::Sha256::digest(bytes).into())
+        let (blocks, tail) = bytes.as_chunks::<64>();
+        let mut state = SHA256_IV;
+        sha2::block_api::compress256(&mut state, blocks);
+        // The tail, 0x80, zeros, and the length in bits: one block, or two when the tail
+        // leaves no room for the length.
+        let mut last = [[0u8; 64]; 2];
+        let flat = last.as_flattened_mut();
+        flat[..tail.len()].copy_from_slice(tail);
+        flat[tail.len()] = 0x80;
+        let n = if tail.len() < 56 { 1 } else { 2 };
+        let bits = (bytes.len() as u64).wrapping_mul(8).to_be_bytes();
+        flat[n * 64 - 8..n * 64].copy_from_slice(&bits);
+        sha2::block_api::compress256(&mut state, &last[..n]);
+        Digest::from_state(state)
+    }
+
+    /// SHA-256 of a message already padded into whole blocks (0x80, zeros, the length in bits
+    /// as 8 big-endian bytes): for short fixed-size messages, such as the Merkle tree's leaf and
+    /// node hashes, built in place without a hasher's buffering.
+    pub fn of_padded(blocks: &[[u8; 64]]) -> Digest {
+        let mut state = SHA256_IV;
+        sha2::block_api::compress256(&mut state, blocks);
+        Digest::from_state(state)
+    }
+
+    fn from_state(state: [u32; 8]) -> Digest {
+        let mut out = [0u8; 32];
+        for (o, w) in out.chunks_exact_mut(4).zip(state) {
+            o.copy_from_slice(&w.to_be_bytes());
+        }
+        Digest(out)
     }
 
     /// Lowercase hex form.

@@ -643,3 +643,37 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+
+    /// `Digest::of` (whole blocks in place, the padded tail copied) is SHA-256 as the `sha2`
+    /// hasher computes it, at every length, the block and padding boundaries included.
+    #[test]
+    fn digest_of_is_sha256_at_every_length(
+        bytes in prop::collection::vec(any::<u8>(), 0..300),
+        cut in 0usize..300,
+    ) {
+        use sha2::Digest as _;
+        let bytes = &bytes[..cut.min(bytes.len())];
+        let want: [u8; 32] = sha2::Sha256::digest(bytes).into();
+        prop_assert_eq!(Digest::of(bytes).0, want);
+    }
+}
+
+#[test]
+fn digest_of_known_answers() {
+    // FIPS 180-2 examples: "abc" and the two-block 56-byte message.
+    assert_eq!(
+        Digest::of(b"abc").to_hex(),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    assert_eq!(
+        Digest::of(b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq").to_hex(),
+        "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"
+    );
+    assert_eq!(
+        Digest::of(b"").to_hex(),
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    );
+}

@@ -35,19 +35,30 @@ pub fn stored_hash(bytes: &[u8]) -> Option<Digest> {
 
 /// Hash of leaf data (here: an event hash).
 pub fn leaf_hash(data: &[u8]) -> Digest {
+    // An event's leaf is 0x00 and its 32-byte hash: one padded block, built in place.
+    if let Ok(h) = <&[u8; 32]>::try_from(data) {
+        let mut b = [0u8; 64];
+        b[1..33].copy_from_slice(h);
+        b[33] = 0x80;
+        b[56..].copy_from_slice(&(33u64 * 8).to_be_bytes());
+        return Digest::of_padded(&[b]);
+    }
     let mut h = Sha256::new();
     h.update([0u8]);
     h.update(data);
     Digest(h.finalize().into())
 }
 
-/// Hash of an interior node.
+/// Hash of an interior node: 0x01, left, right (65 bytes: two padded blocks, built in place).
 pub fn node_hash(left: &Digest, right: &Digest) -> Digest {
-    let mut h = Sha256::new();
-    h.update([1u8]);
-    h.update(left.0);
-    h.update(right.0);
-    Digest(h.finalize().into())
+    let mut b = [[0u8; 64]; 2];
+    let flat = b.as_flattened_mut();
+    flat[0] = 1;
+    flat[1..33].copy_from_slice(&left.0);
+    flat[33..65].copy_from_slice(&right.0);
+    flat[65] = 0x80;
+    flat[120..].copy_from_slice(&(65u64 * 8).to_be_bytes());
+    Digest::of_padded(&b)
 }
 
 /// Root of the empty tree: SHA-256 of the empty string.
@@ -311,6 +322,27 @@ pub fn verify_consistency(
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    /// The in-place leaf and node hashes are RFC 6962's, as a general SHA-256 hasher computes
+    /// them.
+    #[test]
+    fn leaf_and_node_hashes_built_in_place_are_the_hashers() {
+        let general = |parts: &[&[u8]]| {
+            let mut h = Sha256::new();
+            for p in parts {
+                h.update(p);
+            }
+            Digest(h.finalize().into())
+        };
+        for i in 0..200u32 {
+            let a = Digest::of(&i.to_be_bytes());
+            let b = Digest::of(&(i + 1000).to_be_bytes());
+            assert_eq!(leaf_hash(&a.0), general(&[&[0], &a.0]));
+            assert_eq!(node_hash(&a, &b), general(&[&[1], &a.0, &b.0]));
+            let short = &a.0[..(i % 32) as usize];
+            assert_eq!(leaf_hash(short), general(&[&[0], short]));
+        }
+    }
 
     fn tree(n: u64) -> (Frontier, HashMap<NodeId, Digest>, Vec<Vec<u8>>) {
         let mut f = Frontier::new();

@@ -940,11 +940,11 @@ fn row_ref<'r>(r: &'r rusqlite::Row<'_>) -> rusqlite::Result<StoredRef<'r>> {
         v.as_str()
             .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, v.data_type(), Box::new(e)))
     };
-    let blob = |i: usize| -> rusqlite::Result<&'r [u8]> {
-        let v = r.get_ref(i)?;
+    let blob_of = |i: usize, v: rusqlite::types::ValueRef<'r>| -> rusqlite::Result<&'r [u8]> {
         v.as_blob()
             .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, v.data_type(), Box::new(e)))
     };
+    let blob = |i: usize| blob_of(i, r.get_ref(i)?);
     Ok(StoredRef {
         log_seq: r.get::<_, i64>(0)? as u64,
         run_id: text(1)?,
@@ -953,7 +953,7 @@ fn row_ref<'r>(r: &'r rusqlite::Row<'_>) -> rusqlite::Result<StoredRef<'r>> {
         hash: blob(4)?,
         log_prev: match r.get_ref(5)? {
             rusqlite::types::ValueRef::Null => None,
-            _ => Some(blob(5)?),
+            v => Some(blob_of(5, v)?),
         },
         body: blob(6)?,
     })
