@@ -115,6 +115,8 @@ pub struct Runtime {
     pub(crate) install: Installation,
     /// This process's name as a run writer on a shared log (host, process, random).
     pub(crate) node: String,
+    /// The memory book, kept up to date from the log as it is used.
+    pub(crate) memory: Arc<tokio::sync::Mutex<memory::MemoryCache>>,
 }
 
 impl Runtime {
@@ -132,6 +134,7 @@ impl Runtime {
             schema: Arc::new(schema),
             install,
             node: node_id(),
+            memory: Arc::default(),
         })
     }
 

@@ -501,6 +501,35 @@ pub struct MemoryFoldError {
     pub problem: String,
 }
 
+/// Fold the log's events from `from` on into `book` (copied first only if another holder
+/// still shares it and a memory event comes); returns the position after the last event
+/// read. On an error `book` may hold part of what it read.
+async fn catch_up(
+    book: &mut Arc<MemoryBook>,
+    log: &dyn EventLog,
+    mut from: u64,
+) -> Result<u64, MemoryError> {
+    loop {
+        let page = log.scan(from, PAGE).await?;
+        let Some(last) = page.last() else {
+            return Ok(from);
+        };
+        from = last.log_seq + 1;
+        for s in page.iter().filter(|s| folds(&s.event_type)) {
+            Arc::make_mut(book).apply(&s.event()?)?;
+        }
+    }
+}
+
+/// The memory book as of the log's head when it was last asked for, and where in the log that
+/// was: each use folds only the events appended since (by this process or any other writer of
+/// the log), not the whole log again.
+#[derive(Debug, Default)]
+pub(crate) struct MemoryCache {
+    book: Arc<MemoryBook>,
+    next: u64,
+}
+
 /// Every memory of a log, folded from its `Memory*` and `MemoryMounted` events in log order.
 /// Pure: the same events give the same book.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -712,18 +741,9 @@ impl MemoryBook {
 
     /// Fold the whole log, streaming it page by page (only memory records are kept).
     pub async fn load(log: &dyn EventLog) -> Result<MemoryBook, MemoryError> {
-        let mut book = MemoryBook::new();
-        let mut from = 0u64;
-        loop {
-            let page = log.scan(from, PAGE).await?;
-            if page.is_empty() {
-                return Ok(book);
-            }
-            from += page.len() as u64;
-            for s in page.iter().filter(|s| folds(&s.event_type)) {
-                book.apply(&s.event()?)?;
-            }
-        }
+        let mut book = Arc::new(MemoryBook::new());
+        catch_up(&mut book, log, 0).await?;
+        Ok(Arc::unwrap_or_clone(book))
     }
 
     /// A memory by id.
@@ -1159,9 +1179,27 @@ impl Runtime {
             .collect())
     }
 
-    /// The memory book, folded from the whole log.
+    /// The memory book, folded from the whole log (a copy of [`Self::memory_book`]).
     pub async fn memories(&self) -> Result<MemoryBook, MemoryError> {
-        MemoryBook::load(self.ledger.log().as_ref()).await
+        Ok(Arc::unwrap_or_clone(self.memory_book().await?))
+    }
+
+    /// The memory book as of the log's head now: the one kept from the last call, brought up
+    /// to date with the events appended since. A fold error drops what was kept, so the next
+    /// call folds the whole log again (and reports the error again if it is in the log).
+    pub(crate) async fn memory_book(&self) -> Result<Arc<MemoryBook>, MemoryError> {
+        let mut cache = self.memory.lock().await;
+        let from = cache.next;
+        match catch_up(&mut cache.book, self.ledger.log().as_ref(), from).await {
+            Ok(next) => {
+                cache.next = next;
+                Ok(cache.book.clone())
+            }
+            Err(e) => {
+                *cache = MemoryCache::default();
+                Err(e)
+            }
+        }
     }
 
     /// A memory's content (fetched from the blob store when it was large).
@@ -1262,7 +1300,7 @@ pub(crate) async fn promote_at_commit(ctx: &Ctx<'_>, live: &mut Live) -> Result<
         (None, Vec::new())
     } else {
         let guard = ctx.rt.lock_registry().await?;
-        let book = MemoryBook::load(log.as_ref()).await?;
+        let book = ctx.rt.memory_book().await?;
         let tainted: Vec<(EventId, EventId, String)> = derived_from
             .iter()
             .filter_map(|d| book.get(d))
@@ -1336,7 +1374,7 @@ pub(crate) async fn mount(
     }
     let guard = rt.lock_registry().await?;
     let log = rt.ledger.log().clone();
-    let book = MemoryBook::load(log.as_ref()).await?;
+    let book = rt.memory_book().await?;
     let now = rt.clock.now();
     let expired: HashMap<EventId, EventId> = rt
         .record_expiries(&book, now, &format!("found at mount by run {run}"))
@@ -1605,7 +1643,7 @@ impl Runtime {
         let digest = content_digest(&content);
         let derived_from = mounted_ids(&events);
         let _guard = self.lock_registry().await?;
-        let book = MemoryBook::load(log.as_ref()).await?;
+        let book = self.memory_book().await?;
         for d in &derived_from {
             if let Some(r) = book.get(d)
                 && r.status == MemoryStatus::Invalidated
@@ -1706,7 +1744,7 @@ impl Runtime {
         }
         let operator = operator_origin(operator)?;
         let _guard = self.lock_registry().await?;
-        let book = self.memories().await?;
+        let book = self.memory_book().await?;
         let now = self.clock.now();
         let refuse_if_left = |id: &EventId| -> Result<&MemoryRecord, MemoryError> {
             let r = book

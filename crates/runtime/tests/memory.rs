@@ -55,8 +55,15 @@ fn mounted(events: &[Event]) -> &Event {
     of_type(events, EventType::MemoryMounted)[0]
 }
 
+/// The runtime's memory book (kept between uses and brought up to date from the log), checked
+/// to be the book folded from the whole log.
 async fn book(h: &H) -> MemoryBook {
-    h.rt.memories().await.unwrap()
+    let kept = h.rt.memories().await.unwrap();
+    let folded = MemoryBook::load(h.rt.ledger().log().as_ref())
+        .await
+        .unwrap();
+    assert_eq!(kept, folded, "the kept memory book is the log's");
+    kept
 }
 
 /// Run a spec and return its report, asserting it committed.
@@ -625,4 +632,40 @@ async fn bad_memory_sections_are_refused_with_their_place() {
         assert!(err.at.is_some(), "{err}");
         assert!(err.to_string().contains(want), "{err} (wanted {want:?})");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kept_memory_book_sees_what_other_writers_of_the_log_append() {
+    let h = H::new(POLICY);
+    committed(&h, "w1", "", READ_HELLO).await;
+    assert!(book(&h).await.is_empty());
+    // Another runtime on the same log (another process, or another node of a shared log)
+    // promotes a memory: this runtime's kept book learns it from the log.
+    let other = ice_runtime::Runtime::new(
+        h.rt.ledger().clone(),
+        Arc::new(ice_log::clock::SystemClock),
+        ice_runtime::Installation {
+            runs_dir: h.base.join("home/runs"),
+            policy_dir: h.policies.clone(),
+        },
+    )
+    .unwrap();
+    let read = of_type(&h.events("w1").await, EventType::FileRead)[0].id();
+    let promoted = other.promote_memory(&request(&read)).await.unwrap();
+    let b = book(&h).await;
+    assert_eq!(b.len(), 1);
+    assert_eq!(
+        b.get(&promoted.memory).map(|r| r.status.clone()),
+        Some(MemoryStatus::Active)
+    );
+    // And its transitions, whoever records them.
+    other
+        .transition_memory(&promoted.memory, MemoryAction::Deprecate, "stale", "alice")
+        .await
+        .unwrap();
+    let b = book(&h).await;
+    assert_eq!(
+        b.get(&promoted.memory).map(|r| r.status.clone()),
+        Some(MemoryStatus::Deprecated)
+    );
 }
