@@ -1082,6 +1082,16 @@ fn token(f: &Fixture, role: &str, name: &str) -> String {
 /// A raw POST of `body` to `url` (a `/mcp` URL) with `headers`: the status, the response's
 /// headers and its body, as text.
 fn raw_post(url: &str, headers: &[(&str, &str)], body: &Value) -> (u16, String, String) {
+    raw_request("POST", url, headers, body)
+}
+
+/// [`raw_post`] with another method.
+fn raw_request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &Value,
+) -> (u16, String, String) {
     use std::io::Read;
     let addr = url
         .strip_prefix("http://")
@@ -1095,7 +1105,7 @@ fn raw_post(url: &str, headers: &[(&str, &str)], body: &Value) -> (u16, String, 
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(
         s,
-        "POST /mcp HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nMCP-Protocol-Version: 2025-11-25\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} /mcp HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nMCP-Protocol-Version: 2025-11-25\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -1199,16 +1209,17 @@ fn with_agent_tokens_each_mcp_session_is_its_authenticated_agents_and_no_one_els
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|| panic!("a session id: {head}"));
     let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}});
-    let (_, _, body) = raw_post(
-        &url,
-        &[
-            ("Authorization", &bearer(&other)),
-            ("Mcp-Session-Id", &session),
-        ],
-        &list,
-    );
-    assert!(body.contains("belongs to agent"), "{body}");
-    assert!(body.contains("claude"), "{body}");
+    let theirs = [
+        ("Authorization", bearer(&other)),
+        ("Mcp-Session-Id", session.clone()),
+    ];
+    let theirs: Vec<(&str, &str)> = theirs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    for method in ["POST", "GET", "DELETE"] {
+        let (status, _, body) = raw_request(method, &url, &theirs, &list);
+        assert_eq!(status, 403, "{method}: {body}");
+        assert!(body.contains("belongs to agent"), "{method}: {body}");
+        assert!(body.contains("claude"), "{method}: {body}");
+    }
     let (_, _, body) = raw_post(&url, &[("Mcp-Session-Id", &session)], &list);
     assert!(body.contains("agent's token"), "no token at all: {body}");
     // Its owner still can.

@@ -207,26 +207,12 @@ impl Gateway {
             StreamableHttpService::new(move || Ok(gw.handler()), Arc::new(sessions), config);
         let mut mcp = axum::Router::new().nest_service(MCP_PATH, service);
         if let Some(auth) = auth {
-            // rmcp checks `Host` inside the service; this layer is outside it, so the same
-            // check runs here first: a rebinding page learns nothing from the token check.
+            let owners = Arc::new(Owners::default());
             let allowed: Arc<[String]> = config_hosts.clone();
             mcp = mcp.layer(axum::middleware::from_fn(
-                move |mut req: axum::extract::Request, next: axum::middleware::Next| {
-                    let (auth, allowed) = (auth.clone(), allowed.clone());
-                    async move {
-                        if let Some(refused) = host_refusal(&req, &allowed) {
-                            return refused;
-                        }
-                        match auth(req.headers()) {
-                            Ok(who) => {
-                                if let Some(who) = who {
-                                    req.extensions_mut().insert(who);
-                                }
-                                next.run(req).await
-                            }
-                            Err(refused) => *refused,
-                        }
-                    }
+                move |req: axum::extract::Request, next: axum::middleware::Next| {
+                    let (auth, allowed, owners) = (auth.clone(), allowed.clone(), owners.clone());
+                    async move { guard(req, next, &auth, &allowed, &owners).await }
                 },
             ));
         }
@@ -415,20 +401,14 @@ impl IceMcp {
                 Ok(())
             }
             Some(owner) if *owner == who => Ok(()),
-            Some(owner) => {
-                let name = |a: &Option<AgentIdentity>| match a {
-                    Some(AgentIdentity(n)) => format!("agent {n:?}"),
-                    None => "an anonymous client".to_string(),
-                };
-                Err(ErrorData::invalid_request(
-                    format!(
-                        "this MCP session belongs to {}; a request from {} cannot use it",
-                        name(owner),
-                        name(&who)
-                    ),
-                    None,
-                ))
-            }
+            Some(owner) => Err(ErrorData::invalid_request(
+                format!(
+                    "this MCP session belongs to {}; a request from {} cannot use it",
+                    who_is(owner),
+                    who_is(&who)
+                ),
+                None,
+            )),
         }
     }
 
@@ -597,6 +577,118 @@ impl ServerHandler for IceMcp {
     }
 }
 
+/// Which agent each HTTP session belongs to (by `Mcp-Session-Id`), with when it was last used:
+/// every request naming a session, whatever its method (a `GET` stream, a `DELETE`, a `POST`),
+/// must come from the agent that opened it.
+#[derive(Default)]
+struct Owners(StdMutex<HashMap<String, (Option<AgentIdentity>, std::time::Instant)>>);
+
+impl Owners {
+    /// The owner of `session`, if it is known (and marks it used).
+    fn owner(&self, session: &str) -> Option<Option<AgentIdentity>> {
+        let mut map = self.0.lock().ok()?;
+        let entry = map.get_mut(session)?;
+        entry.1 = std::time::Instant::now();
+        Some(entry.0.clone())
+    }
+
+    fn insert(&self, session: String, who: Option<AgentIdentity>) {
+        if let Ok(mut map) = self.0.lock() {
+            // A session idle past HTTP_IDLE is closed by the transport: forget it.
+            if map.len() >= 1024 && map.len().is_power_of_two() {
+                map.retain(|_, (_, used)| used.elapsed() < HTTP_IDLE);
+            }
+            map.insert(session, (who, std::time::Instant::now()));
+        }
+    }
+
+    fn remove(&self, session: &str) {
+        if let Ok(mut map) = self.0.lock() {
+            map.remove(session);
+        }
+    }
+}
+
+/// Who a session's owner or requester is, in a message.
+fn who_is(a: &Option<AgentIdentity>) -> String {
+    match a {
+        Some(AgentIdentity(n)) => format!("agent {n:?}"),
+        None => "an anonymous client".to_string(),
+    }
+}
+
+/// In front of [`MCP_PATH`] when `ice serve` authenticates agents: the `Host` check first (rmcp
+/// makes it inside the service, but this runs before it, so a rebinding page learns nothing
+/// from the token check), then `auth`, then the session's owner; the request then carries its
+/// [`AgentIdentity`] for the handler. A session a response opens is recorded as the
+/// requester's; one a `DELETE` closes is forgotten.
+async fn guard(
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+    auth: &McpAuth,
+    allowed: &[String],
+    owners: &Owners,
+) -> axum::response::Response {
+    const SESSION: &str = "mcp-session-id";
+    if let Some(refused) = host_refusal(&req, allowed) {
+        return refused;
+    }
+    let who = match auth(req.headers()) {
+        Ok(who) => who,
+        Err(refused) => return *refused,
+    };
+    let session = req
+        .headers()
+        .get(SESSION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if let Some(owner) = session.as_deref().and_then(|s| owners.owner(s))
+        && owner != who
+    {
+        let message = format!(
+            "this MCP session belongs to {}; a request from {} cannot use it",
+            who_is(&owner),
+            who_is(&who)
+        );
+        return json_error(axum::http::StatusCode::FORBIDDEN, "forbidden", &message);
+    }
+    let closing = req.method() == axum::http::Method::DELETE;
+    if let Some(w) = &who {
+        req.extensions_mut().insert(w.clone());
+    }
+    let response = next.run(req).await;
+    match &session {
+        None => {
+            if let Some(opened) = response
+                .headers()
+                .get(SESSION)
+                .and_then(|v| v.to_str().ok())
+            {
+                owners.insert(opened.to_string(), who);
+            }
+        }
+        Some(s) if closing && response.status().is_success() => owners.remove(s),
+        Some(_) => {}
+    }
+    response
+}
+
+/// A JSON error response: `{"error": {"code", "message"}}`.
+fn json_error(
+    status: axum::http::StatusCode,
+    code: &str,
+    message: &str,
+) -> axum::response::Response {
+    let body = json!({"error": {"code": code, "message": message}});
+    let mut r = axum::response::Response::new(axum::body::Body::from(body.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
 /// Why a request to the routes served beside MCP is refused by the DNS-rebinding check (the
 /// same rule rmcp applies to `/mcp`: the `Host` header, or the URI's authority, must be one of
 /// `allowed`, where an entry without a port allows any port; an empty list allows all), as a
@@ -606,16 +698,8 @@ fn host_refusal(
     allowed: &[String],
 ) -> Option<axum::response::Response> {
     use axum::http::{StatusCode, header, uri::Authority};
-    let refuse = |status: StatusCode, message: &str| {
-        let body = json!({"error": {"code": "host_not_allowed", "message": message}});
-        let mut r = axum::response::Response::new(axum::body::Body::from(body.to_string()));
-        *r.status_mut() = status;
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/json"),
-        );
-        Some(r)
-    };
+    let refuse =
+        |status: StatusCode, message: &str| Some(json_error(status, "host_not_allowed", message));
     if allowed.is_empty() {
         return None;
     }
