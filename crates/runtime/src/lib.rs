@@ -117,6 +117,8 @@ pub struct Runtime {
     pub(crate) node: String,
     /// The memory book, kept up to date from the log as it is used.
     pub(crate) memory: Arc<tokio::sync::Mutex<memory::MemoryCache>>,
+    /// The runs that have not ended, kept up to date from the log as it is used.
+    pub(crate) unfinished: Arc<tokio::sync::Mutex<operator::Unfinished>>,
 }
 
 impl Runtime {
@@ -135,6 +137,7 @@ impl Runtime {
             install,
             node: node_id(),
             memory: Arc::default(),
+            unfinished: Arc::default(),
         })
     }
 

@@ -694,7 +694,7 @@ impl Runtime {
     ) -> Result<Vec<PendingApproval>, RuntimeError> {
         let runs = match only {
             Some(r) => vec![r.clone()],
-            None => all_runs(self).await?,
+            None => self.unfinished_runs().await?,
         };
         let now = self.clock.now();
         let mut out = Vec::new();
@@ -809,7 +809,7 @@ impl Runtime {
     /// module documentation), with events.
     pub async fn recover(&self, observer: &dyn Observer) -> Result<Vec<Recovered>, RuntimeError> {
         let mut out = Vec::new();
-        for run in all_runs(self).await? {
+        for run in self.unfinished_runs().await? {
             let head = self.ledger.head(&run).await?;
             let state = head.state();
             if !state.is_non_terminal() || state == RunState::Suspended {
@@ -1218,13 +1218,49 @@ fn operator_origin(operator: &str) -> Result<Origin, RuntimeError> {
         .map_err(|e| RuntimeError::Invalid(format!("operator {operator:?}: {e}")))
 }
 
-async fn all_runs(rt: &Runtime) -> Result<Vec<RunId>, RuntimeError> {
-    let mut out = Vec::new();
-    loop {
-        let page = rt.ledger.log().runs(out.len() as u64, 1000).await?;
-        if page.is_empty() {
-            return Ok(out);
+/// The runs that may still have work ahead of them, as of the log position `next`: those that
+/// started and have not (yet) committed, aborted or been terminated. Kept by the runtime and
+/// brought up to date from the log's tail, so crash recovery and the approvals listing look
+/// at these runs, not at every run the log holds.
+#[derive(Debug, Default)]
+pub(crate) struct Unfinished {
+    runs: std::collections::BTreeSet<RunId>,
+    next: u64,
+}
+
+impl Runtime {
+    /// The runs that have not ended (a state from `CREATED` to `VALIDATING`, `SUSPENDED`
+    /// included), in id order, as of the log's head now, whoever wrote them. Each call reads
+    /// only the events appended since the last (the first call in a process reads the log
+    /// once).
+    pub async fn unfinished_runs(&self) -> Result<Vec<RunId>, RuntimeError> {
+        const PAGE: usize = 4096;
+        let mut u = self.unfinished.lock().await;
+        loop {
+            let page = self.ledger.log().scan(u.next, PAGE).await?;
+            let Some(last) = page.last() else {
+                return Ok(u.runs.iter().cloned().collect());
+            };
+            u.next = last.log_seq + 1;
+            for e in &page {
+                match EventType::from_name(&e.event_type) {
+                    // The state machine never leaves these for a live state.
+                    Some(
+                        EventType::RunCommitted
+                        | EventType::RunAborted
+                        | EventType::RunTerminatedByRuntime
+                        | EventType::RunTerminated,
+                    ) => {
+                        u.runs.retain(|r| r.as_str() != e.run_id);
+                    }
+                    _ if e.run_seq == 0 => {
+                        if let Ok(r) = RunId::new(e.run_id.clone()) {
+                            u.runs.insert(r);
+                        }
+                    }
+                    _ => {}
+                }
+            }
         }
-        out.extend(page);
     }
 }

@@ -491,3 +491,63 @@ async fn a_proposal_the_law_cannot_record_is_refused_not_fatal() {
     );
     assert_eq!(of_type(&events, EventType::FileRead).len(), 1);
 }
+
+/// Every run's id whose head says it has not ended: what `unfinished_runs` must equal.
+async fn unfinished_by_folding(h: &H) -> Vec<RunId> {
+    let log = h.rt.ledger().log().clone();
+    let mut out = Vec::new();
+    for run in log.runs(0, 1000).await.unwrap() {
+        let view = ice_log::ledger::fold_run(log.as_ref(), &run).await.unwrap();
+        if view.summary.state.is_non_terminal() {
+            out.push(run);
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unfinished_runs_are_those_whose_state_has_not_ended() {
+    let h = H::new(POLICY);
+    let read = "[[step]]\nintent = \"read\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\n";
+    let check = |want: &[&str]| {
+        let want: Vec<RunId> = want.iter().map(|r| RunId::new(*r).unwrap()).collect();
+        want
+    };
+    assert_eq!(h.rt.unfinished_runs().await.unwrap(), check(&[]));
+    // Committed: ended.
+    let (spec, mut agent) = h.spec("done", "a", "", read);
+    h.run(spec, &mut agent).await;
+    // Suspended on an exhausted budget: not ended.
+    let (spec, mut agent) = h.spec(
+        "waits",
+        "a",
+        "[budget]\ntool_calls = 0\non_exhaustion = \"suspend\"\n",
+        read,
+    );
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.state, RunState::Suspended);
+    // Executing (a session still open): not ended.
+    let (spec, _) = h.spec("open", "a", "", read);
+    let session =
+        h.rt.open_session(spec, "a", &ice_runtime::Quiet)
+            .await
+            .unwrap();
+    assert_eq!(
+        h.rt.unfinished_runs().await.unwrap(),
+        check(&["open", "waits"])
+    );
+    assert_eq!(unfinished_by_folding(&h).await, check(&["open", "waits"]));
+    // Killed by an operator, and committed: both ended.
+    h.rt.kill(
+        &RunId::new("waits").unwrap(),
+        "alice",
+        "not needed",
+        &ice_runtime::Quiet,
+    )
+    .await
+    .unwrap();
+    session.finish().await.unwrap();
+    assert_eq!(h.rt.unfinished_runs().await.unwrap(), check(&[]));
+    assert_eq!(unfinished_by_folding(&h).await, check(&[]));
+}
