@@ -105,7 +105,7 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Tokens for `ice serve` (operators: the HTTP API; agents: MCP at /mcp): `token add
     /// --operator NAME` (or `--agent NAME`) makes one, stores only its SHA-256 in config.toml
-    /// and prints it once.
+    /// and prints it once; `token list` shows them; `token revoke` removes a name's tokens.
     Token(token::TokenArgs),
 }
 

@@ -1,5 +1,6 @@
 //! `ice token add --operator NAME | --agent NAME`: a new bearer token for `ice serve`: an
-//! operator's for the operator HTTP API, an agent's for MCP at `/mcp`. The token is 32 random bytes (base64url), printed once; config.toml keeps
+//! operator's for the operator HTTP API, an agent's for MCP at `/mcp`. `ice token list` shows
+//! the tokens config.toml holds; `ice token revoke` removes a name's. The token is 32 random bytes (base64url), printed once; config.toml keeps
 //! only its SHA-256, under `[[operators]]` or `[[agents]]`.
 
 use std::io::Write;
@@ -25,6 +26,30 @@ enum TokenCommand {
     /// refused on operator endpoints). The token is printed once; config.toml keeps only its
     /// SHA-256. A running `ice serve` picks it up within seconds.
     Add(AddArgs),
+    /// List the tokens config.toml holds: role, name and the start of each SHA-256 (the
+    /// tokens themselves are never stored).
+    List(ListArgs),
+    /// Remove every token of an operator or an agent from config.toml. A running `ice serve`
+    /// refuses them within seconds, on open MCP sessions too.
+    Revoke(RevokeArgs),
+}
+
+#[derive(Args)]
+struct ListArgs {
+    /// Print JSON: a list of {role, name, token_sha256}.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("who").required(true).args(["operator", "agent"])))]
+struct RevokeArgs {
+    /// The operator whose tokens to remove.
+    #[arg(long, value_name = "NAME")]
+    operator: Option<String>,
+    /// The agent whose tokens to remove.
+    #[arg(long, value_name = "NAME")]
+    agent: Option<String>,
 }
 
 #[derive(Args)]
@@ -44,7 +69,88 @@ struct AddArgs {
 pub fn run(home: &Path, a: TokenArgs) -> Result<u8> {
     match a.command {
         TokenCommand::Add(a) => add(home, a),
+        TokenCommand::List(a) => list(home, a),
+        TokenCommand::Revoke(a) => revoke(home, a),
     }
+}
+
+fn list(home: &Path, a: ListArgs) -> Result<u8> {
+    let h = Home::open(home)?;
+    let rows: Vec<(&str, &crate::home::TokenEntry)> = h
+        .config
+        .operators
+        .iter()
+        .map(|e| ("operator", e))
+        .chain(h.config.agents.iter().map(|e| ("agent", e)))
+        .collect();
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(role, e)| json!({"role": role, "name": e.name, "token_sha256": e.token_sha256}))
+            .collect();
+        let _ = writeln!(out, "{}", serde_json::Value::Array(v));
+    } else if rows.is_empty() {
+        eprintln!("no tokens: `ice token add --operator NAME | --agent NAME` makes one");
+    } else {
+        for (role, e) in rows {
+            let short: String = e.token_sha256.chars().take(12).collect();
+            let _ = writeln!(out, "{role:<9} {:<24} sha256:{short}…", e.name);
+        }
+    }
+    Ok(0)
+}
+
+fn revoke(home: &Path, a: RevokeArgs) -> Result<u8> {
+    let (table, role, name) = match (&a.operator, &a.agent) {
+        (Some(n), None) => ("operators", "operator", n),
+        (None, Some(n)) => ("agents", "agent", n),
+        _ => bail!("name either --operator NAME or --agent NAME"),
+    };
+    let h = Home::open(home)?;
+    let file = h.dir.join("config.toml");
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let mut doc: toml_edit::DocumentMut = text
+        .parse()
+        .with_context(|| format!("{} is not valid TOML", file.display()))?;
+    // Edited in place, so the rest of the file (and how it is written) stays as it is.
+    let mut removed = 0;
+    if let Some(tables) = doc
+        .get_mut(table)
+        .and_then(toml_edit::Item::as_array_of_tables_mut)
+    {
+        let before = tables.len();
+        tables.retain(|t| t.get("name").and_then(toml_edit::Item::as_str) != Some(name.as_str()));
+        removed = before - tables.len();
+        if tables.is_empty() {
+            doc.remove(table);
+        }
+    }
+    if removed == 0 {
+        bail!(
+            "{} holds no token of {role} {name:?} (`ice token list` shows those it holds)",
+            file.display()
+        );
+    }
+    let new = doc.to_string();
+    let check: Config = toml::from_str(&new)
+        .with_context(|| format!("{} would not stay a valid ICE config", file.display()))?;
+    let left = match role {
+        "operator" => &check.operators,
+        _ => &check.agents,
+    };
+    if left.iter().any(|e| &e.name == name) {
+        bail!("{}: the token was not removed", file.display());
+    }
+    let tmp = h.dir.join("config.toml.tmp");
+    std::fs::write(&tmp, &new).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &file).with_context(|| format!("replacing {}", file.display()))?;
+    eprintln!(
+        "removed {removed} token(s) of {role} {name} from {}; a running `ice serve` refuses them within seconds",
+        file.display()
+    );
+    Ok(0)
 }
 
 fn add(home: &Path, a: AddArgs) -> Result<u8> {

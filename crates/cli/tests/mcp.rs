@@ -1233,6 +1233,38 @@ fn with_agent_tokens_each_mcp_session_is_its_authenticated_agents_and_no_one_els
     );
     assert!(body.contains("everything__echo"), "{body}");
 
+    // A revoked token is refused within seconds, on the session it opened too.
+    let listed = ice(&f.home, &["token", "list", "--json"]);
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 3, "{listed:#}");
+    let o = ice(&f.home, &["token", "revoke", "--agent", "claude"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let owner = [
+        ("Authorization", bearer(&claude)),
+        ("Mcp-Session-Id", session.clone()),
+    ];
+    let owner: Vec<(&str, &str)> = owner.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (status, _, body) = raw_post(&url, &owner, &list);
+        if status == 401 {
+            assert!(body.contains("not one of this installation's"), "{body}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a revoked token still works: {status} {body}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let again = ice(&f.home, &["token", "revoke", "--agent", "claude"]);
+    assert!(!again.status.success());
+    assert!(
+        text(&again).contains("holds no token of agent"),
+        "{}",
+        text(&again)
+    );
+
     let _ = Command::new("kill").arg(server.0.id().to_string()).status();
     assert!(server.0.wait().unwrap().success());
     let all = runs(&f);
