@@ -396,3 +396,50 @@ fn bad_run_specs_and_plans_are_refused_with_file_and_line() {
     let o = ice(&home, &["runs", "--json"]);
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
 }
+
+#[test]
+fn a_run_killed_after_it_ended_but_before_its_teardown_is_torn_down_by_recovery() {
+    let (_dir, home, qs) = setup(1);
+    let plan = "agent = \"coder\"\n\n[[step]]\nintent = \"w\"\ncapability = \"fs.write\"\ntarget = \"hello.txt\"\narguments = { content = \"hello, governed world\\n\" }\n";
+    std::fs::write(qs.join("plan.toml"), plan).unwrap();
+    let mut child = ice_cmd(&home)
+        .args(["run", qs.join("run.toml").to_str().unwrap()])
+        .env("ICE_TEST_PAUSE_BEFORE_TEARDOWN", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "the run ended without pausing"
+        );
+        if line.contains("ICE_TEST: paused before teardown") {
+            break;
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let last = |home: &Path| {
+        let o = ice(home, &["log", "--run", "quickstart", "--json"]);
+        let lines: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        lines.last().unwrap()["type"].as_str().unwrap().to_string()
+    };
+    assert_eq!(last(&home), "RunCommitted");
+    // Start-up recovery (before the next run) tears it down.
+    let o = ice(&home, &["run", qs.join("runaway.toml").to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        err.contains("recovered run quickstart") && err.contains("teardown finished"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(last(&home), "RunTerminated");
+    assert_eq!(code(&ice(&home, &["verify"])), 0);
+}

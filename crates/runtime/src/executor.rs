@@ -1772,6 +1772,13 @@ impl Ctx<'_> {
         live: &mut Live,
         outcome: &str,
     ) -> Result<(), RuntimeError> {
+        // Crash tests only: ICE_TEST_PAUSE_BEFORE_TEARDOWN=1 stops an ended run here (committed,
+        // aborted or terminated by the runtime, not yet torn down) so the test can kill the
+        // process there.
+        if std::env::var("ICE_TEST_PAUSE_BEFORE_TEARDOWN").is_ok_and(|v| v == "1") {
+            eprintln!("ICE_TEST: paused before teardown ({outcome})");
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
         let released = json!({"stage": "released"});
         let done = json!({"outcome": outcome, "projection": live.books.projection()});
         self.append(live, |_| {

@@ -812,7 +812,9 @@ impl Runtime {
         for run in self.unfinished_runs().await? {
             let head = self.ledger.head(&run).await?;
             let state = head.state();
-            if !state.is_non_terminal() || state == RunState::Suspended {
+            // Suspended runs wait for an operator; every other state but TERMINATED has work
+            // left (an ended run that was not torn down is torn down here).
+            if matches!(state, RunState::Terminated | RunState::Suspended) {
                 continue;
             }
             let ctx = match self.attach(&run, observer).await {
@@ -1219,9 +1221,9 @@ fn operator_origin(operator: &str) -> Result<Origin, RuntimeError> {
 }
 
 /// The runs that may still have work ahead of them, as of the log position `next`: those that
-/// started and have not (yet) committed, aborted or been terminated. Kept by the runtime and
-/// brought up to date from the log's tail, so crash recovery and the approvals listing look
-/// at these runs, not at every run the log holds.
+/// started and have no `RunTerminated` (torn down) yet. Kept by the runtime and brought up to
+/// date from the log's tail, so crash recovery and the approvals listing look at these runs,
+/// not at every run the log holds.
 #[derive(Debug, Default)]
 pub(crate) struct Unfinished {
     runs: std::collections::BTreeSet<RunId>,
@@ -1229,10 +1231,10 @@ pub(crate) struct Unfinished {
 }
 
 impl Runtime {
-    /// The runs that have not ended (a state from `CREATED` to `VALIDATING`, `SUSPENDED`
-    /// included), in id order, as of the log's head now, whoever wrote them. Each call reads
-    /// only the events appended since the last (the first call in a process reads the log
-    /// once).
+    /// The runs not yet torn down (any state but `TERMINATED`: live, suspended, or ended and
+    /// waiting for their teardown), in id order, as of the log's head now, whoever wrote them.
+    /// Each call reads only the events appended since the last (the first call in a process
+    /// reads the log once).
     pub async fn unfinished_runs(&self) -> Result<Vec<RunId>, RuntimeError> {
         const PAGE: usize = 4096;
         let mut u = self.unfinished.lock().await;
@@ -1244,13 +1246,8 @@ impl Runtime {
             u.next = last.log_seq + 1;
             for e in &page {
                 match EventType::from_name(&e.event_type) {
-                    // The state machine never leaves these for a live state.
-                    Some(
-                        EventType::RunCommitted
-                        | EventType::RunAborted
-                        | EventType::RunTerminatedByRuntime
-                        | EventType::RunTerminated,
-                    ) => {
+                    // The state machine's last state: nothing follows it.
+                    Some(EventType::RunTerminated) => {
                         u.runs.retain(|r| r.as_str() != e.run_id);
                     }
                     _ if e.run_seq == 0 => {

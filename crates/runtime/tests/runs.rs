@@ -492,13 +492,13 @@ async fn a_proposal_the_law_cannot_record_is_refused_not_fatal() {
     assert_eq!(of_type(&events, EventType::FileRead).len(), 1);
 }
 
-/// Every run's id whose head says it has not ended: what `unfinished_runs` must equal.
+/// Every run's id whose head says it is not torn down: what `unfinished_runs` must equal.
 async fn unfinished_by_folding(h: &H) -> Vec<RunId> {
     let log = h.rt.ledger().log().clone();
     let mut out = Vec::new();
     for run in log.runs(0, 1000).await.unwrap() {
         let view = ice_log::ledger::fold_run(log.as_ref(), &run).await.unwrap();
-        if view.summary.state.is_non_terminal() {
+        if view.summary.state != RunState::Terminated {
             out.push(run);
         }
     }
