@@ -143,6 +143,14 @@ impl CredentialStore {
         }
     }
 
+    /// How many agent tokens there are now.
+    pub fn agents(&self) -> usize {
+        match self.0.read() {
+            Ok(g) => g.agents(),
+            Err(p) => p.into_inner().agents(),
+        }
+    }
+
     /// The credentials now.
     pub fn get(&self) -> Credentials {
         match self.0.read() {
@@ -214,7 +222,8 @@ fn bearer(headers: &axum::http::HeaderMap) -> Result<Option<&str>, ApiError> {
 /// - an agent's token: that agent (`Ok(Some(name))`); its sessions' runs are recorded as
 ///   `agent:NAME`;
 /// - no `Authorization` header, while the installation has no agent token and `anonymous`
-///   (the server listens on loopback only): `Ok(None)`, the run spec's agent;
+///   (the caller's rule: `ice serve` allows it on loopback until an agent token has existed):
+///   `Ok(None)`, the run spec's agent;
 /// - otherwise refused: 401 without a token (or with an unknown one), 403 with an operator's
 ///   (operators decide; they do not propose). `hint` is the command that adds an agent token.
 pub fn agent_of(
@@ -227,7 +236,7 @@ pub fn agent_of(
     match bearer(headers)? {
         None if anonymous && creds.agents() == 0 => Ok(None),
         None if creds.agents() == 0 => Err(ApiError::unauthenticated(format!(
-            "this server listens beyond loopback, so MCP needs an agent's token and this installation has none; add one with `{hint}` and send it as `Authorization: Bearer TOKEN`"
+            "MCP here needs an agent's token and this installation has none; add one with `{hint}` and send it as `Authorization: Bearer TOKEN` (anonymous clients are taken only by a server on loopback that has never had an agent token)"
         ))),
         None => Err(ApiError::unauthenticated(format!(
             "MCP here needs `Authorization: Bearer TOKEN` with an agent's token (`{hint}` makes one)"

@@ -128,7 +128,14 @@ fn credential_store(
     let watching = stop;
     tokio::spawn(async move {
         let file = dir.join("config.toml");
-        let stamp = |f: &Path| std::fs::metadata(f).and_then(|m| m.modified()).ok();
+        // Time, size and inode: `token add` and `revoke` replace the file by renaming, and two
+        // edits within the file system's time granularity still differ in one of these.
+        let stamp = |f: &Path| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(f)
+                .ok()
+                .map(|m| (m.modified().ok(), m.len(), m.ino()))
+        };
         let mut seen = stamp(&file);
         loop {
             tokio::select! {
@@ -159,7 +166,7 @@ fn mcp_auth(
 ) -> ice_mcp::McpAuth {
     let anonymous = addr.ip().is_loopback();
     let hint = format!("ice token add --agent NAME --home {}", h.dir.display());
-    match (store.get().agents(), anonymous) {
+    match (store.agents(), anonymous) {
         (0, true) => eprintln!(
             "ice serve: MCP accepts any local client, as the run spec's agent, until an agent token exists: {hint}"
         ),
@@ -170,7 +177,15 @@ fn mcp_auth(
             "ice serve: MCP needs an agent's token ({n} configured); each session's run is its agent's"
         ),
     }
+    // Once an agent token has existed, anonymous clients stay refused for good, even if every
+    // agent token is revoked: a revoked token's holder must not get back in by sending none.
+    let had_agents = std::sync::atomic::AtomicBool::new(false);
     Arc::new(move |headers| {
+        use std::sync::atomic::Ordering::Relaxed;
+        if store.agents() > 0 {
+            had_agents.store(true, Relaxed);
+        }
+        let anonymous = anonymous && !had_agents.load(Relaxed);
         ice_api::agent_of(&store, anonymous, &hint, headers)
             .map(|who| who.map(ice_mcp::AgentIdentity))
             .map_err(|e| Box::new(e.into()))

@@ -109,43 +109,42 @@ fn revoke(home: &Path, a: RevokeArgs) -> Result<u8> {
     };
     let h = Home::open(home)?;
     let file = h.dir.join("config.toml");
-    let text =
-        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    let mut doc: toml_edit::DocumentMut = text
-        .parse()
-        .with_context(|| format!("{} is not valid TOML", file.display()))?;
-    // Edited in place, so the rest of the file (and how it is written) stays as it is.
     let mut removed = 0;
-    if let Some(tables) = doc
-        .get_mut(table)
-        .and_then(toml_edit::Item::as_array_of_tables_mut)
-    {
-        let before = tables.len();
-        tables.retain(|t| t.get("name").and_then(toml_edit::Item::as_str) != Some(name.as_str()));
-        removed = before - tables.len();
-        if tables.is_empty() {
-            doc.remove(table);
+    edit_config(&h.dir, |text| {
+        let mut doc: toml_edit::DocumentMut = text
+            .parse()
+            .with_context(|| format!("{} is not valid TOML", file.display()))?;
+        // Edited in place, so the rest of the file (and how it is written) stays as it is.
+        if let Some(tables) = doc
+            .get_mut(table)
+            .and_then(toml_edit::Item::as_array_of_tables_mut)
+        {
+            let before = tables.len();
+            tables
+                .retain(|t| t.get("name").and_then(toml_edit::Item::as_str) != Some(name.as_str()));
+            removed = before - tables.len();
+            if tables.is_empty() {
+                doc.remove(table);
+            }
         }
-    }
-    if removed == 0 {
-        bail!(
-            "{} holds no token of {role} {name:?} (`ice token list` shows those it holds)",
-            file.display()
-        );
-    }
-    let new = doc.to_string();
-    let check: Config = toml::from_str(&new)
-        .with_context(|| format!("{} would not stay a valid ICE config", file.display()))?;
-    let left = match role {
-        "operator" => &check.operators,
-        _ => &check.agents,
-    };
-    if left.iter().any(|e| &e.name == name) {
-        bail!("{}: the token was not removed", file.display());
-    }
-    let tmp = h.dir.join("config.toml.tmp");
-    std::fs::write(&tmp, &new).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &file).with_context(|| format!("replacing {}", file.display()))?;
+        if removed == 0 {
+            bail!(
+                "{} holds no token of {role} {name:?} (`ice token list` shows those it holds)",
+                file.display()
+            );
+        }
+        let new = doc.to_string();
+        let check: Config = toml::from_str(&new)
+            .with_context(|| format!("{} would not stay a valid ICE config", file.display()))?;
+        let left = match role {
+            "operator" => &check.operators,
+            _ => &check.agents,
+        };
+        if left.iter().any(|e| &e.name == name) {
+            bail!("{}: the token was not removed", file.display());
+        }
+        Ok(new)
+    })?;
     eprintln!(
         "removed {removed} token(s) of {role} {name} from {}; a running `ice serve` refuses them within seconds",
         file.display()
@@ -166,36 +165,34 @@ fn add(home: &Path, a: AddArgs) -> Result<u8> {
     let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
     let digest = ice_api::token_digest(&token);
     let file = h.dir.join("config.toml");
-    let text =
-        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    // Appended as text, so whatever else the file says (and how) stays as it is.
-    let table = match role {
-        ice_api::Role::Operator => "operators",
-        ice_api::Role::Agent => "agents",
-    };
-    let mut new = text.clone();
-    if !new.is_empty() && !new.ends_with('\n') {
-        new.push('\n');
-    }
-    new.push_str(&format!(
-        "\n[[{table}]]\nname = \"{name}\"\ntoken_sha256 = \"{digest}\"\n"
-    ));
-    let check: Config = toml::from_str(&new)
-        .with_context(|| format!("{} would not stay a valid ICE config", file.display()))?;
-    if !check
-        .operators
-        .iter()
-        .chain(&check.agents)
-        .any(|e| e.token_sha256 == digest)
-    {
-        bail!(
-            "{}: the new token did not land in the config",
-            file.display()
-        );
-    }
-    let tmp = h.dir.join("config.toml.tmp");
-    std::fs::write(&tmp, &new).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &file).with_context(|| format!("replacing {}", file.display()))?;
+    edit_config(&h.dir, |text| {
+        // Appended as text, so whatever else the file says (and how) stays as it is.
+        let table = match role {
+            ice_api::Role::Operator => "operators",
+            ice_api::Role::Agent => "agents",
+        };
+        let mut new = text.to_string();
+        if !new.is_empty() && !new.ends_with('\n') {
+            new.push('\n');
+        }
+        new.push_str(&format!(
+            "\n[[{table}]]\nname = \"{name}\"\ntoken_sha256 = \"{digest}\"\n"
+        ));
+        let check: Config = toml::from_str(&new)
+            .with_context(|| format!("{} would not stay a valid ICE config", file.display()))?;
+        if !check
+            .operators
+            .iter()
+            .chain(&check.agents)
+            .any(|e| e.token_sha256 == digest)
+        {
+            bail!(
+                "{}: the new token did not land in the config",
+                file.display()
+            );
+        }
+        Ok(new)
+    })?;
     let mut out = std::io::stdout().lock();
     if a.json {
         let _ = writeln!(
@@ -212,4 +209,34 @@ fn add(home: &Path, a: AddArgs) -> Result<u8> {
         );
     }
     Ok(0)
+}
+
+/// Replace config.toml with what `edit` makes of its text, under an exclusive lock on
+/// `config.toml.lock` (so concurrent `token add` and `token revoke` cannot undo each other),
+/// through a temporary file of this process that keeps the original's permissions, renamed
+/// over it (readers see the old file or the new one, never half of one).
+fn edit_config(dir: &Path, edit: impl FnOnce(&str) -> Result<String>) -> Result<()> {
+    let file = dir.join("config.toml");
+    let lock_path = dir.join("config.toml.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    lock.lock()
+        .with_context(|| format!("locking {}", lock_path.display()))?;
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let new = edit(&text)?;
+    let tmp = dir.join(format!("config.toml.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, &new).with_context(|| format!("writing {}", tmp.display()))?;
+    let kept = std::fs::metadata(&file)
+        .and_then(|m| std::fs::set_permissions(&tmp, m.permissions()))
+        .and_then(|()| std::fs::rename(&tmp, &file));
+    if let Err(e) = kept {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("replacing {}", file.display()));
+    }
+    Ok(())
 }

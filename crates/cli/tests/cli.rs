@@ -559,3 +559,65 @@ fn a_reader_that_goes_away_ends_ice_quietly() {
         );
     }
 }
+
+#[test]
+fn concurrent_token_edits_keep_every_change_and_the_files_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("h");
+    assert!(ice(&home, &["init"]).status.success());
+    let config = home.join("config.toml");
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(
+        ice(&home, &["token", "add", "--agent", "a0"])
+            .status
+            .success()
+    );
+    // Fifteen adds and a revoke at once, each a read-modify-write of config.toml: none may undo
+    // another.
+    let bin = env!("CARGO_BIN_EXE_ice");
+    let spawned: Vec<_> = (1..16)
+        .map(|i| {
+            Command::new(bin)
+                .arg("--home")
+                .arg(&home)
+                .args(["token", "add", "--agent", &format!("a{i}")])
+                .env_remove("ICE_HOME")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let revoke = Command::new(bin)
+        .arg("--home")
+        .arg(&home)
+        .args(["token", "revoke", "--agent", "a0"])
+        .env_remove("ICE_HOME")
+        .spawn()
+        .unwrap();
+    for mut c in spawned.into_iter().chain([revoke]) {
+        assert!(c.wait().unwrap().success());
+    }
+    let o = ice(&home, &["token", "list", "--json"]);
+    let listed: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut names: Vec<String> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    let mut want: Vec<String> = (1..16).map(|i| format!("a{i}")).collect();
+    want.sort();
+    assert_eq!(names, want);
+    let mode = std::fs::metadata(&config).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "config.toml keeps its permissions");
+    // Nothing temporary is left behind.
+    let left: Vec<_> = std::fs::read_dir(&home)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -1233,6 +1233,18 @@ fn with_agent_tokens_each_mcp_session_is_its_authenticated_agents_and_no_one_els
     );
     assert!(body.contains("everything__echo"), "{body}");
 
+    // A session id that no session has is refused, whoever asks.
+    let (status, _, body) = raw_post(
+        &url,
+        &[
+            ("Authorization", &bearer(&claude)),
+            ("Mcp-Session-Id", "not-a-session"),
+        ],
+        &list,
+    );
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no open MCP session"), "{body}");
+
     // A revoked token is refused within seconds, on the session it opened too.
     let listed = ice(&f.home, &["token", "list", "--json"]);
     let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
@@ -1295,18 +1307,37 @@ fn without_agent_tokens_only_a_loopback_server_takes_anonymous_sessions() {
     let (mut server, url) = serve(&f);
     let (status, _, body) = raw_post(&url, &[], &initialize());
     assert_eq!(status, 200, "{body}");
+    // Once an agent token has existed, revoking it does not let anonymous clients back in.
+    token(&f, "agent", "first");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while raw_post(&url, &[], &initialize()).0 != 401 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new token was not picked up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let o = ice(&f.home, &["token", "revoke", "--agent", "first"]);
+    assert!(o.status.success(), "{}", text(&o));
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let (status, _, body) = raw_post(&url, &[], &initialize());
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("has never had an agent token"), "{body}");
     let _ = Command::new("kill").arg(server.0.id().to_string()).status();
     assert!(server.0.wait().unwrap().success());
+    // The first initialize (and any made before the token was picked up) were anonymous runs.
     let all = runs(&f);
-    assert_eq!(all.len(), 1, "{all:#?}");
-    let ev = events(&f, all[0]["run_id"].as_str().unwrap());
-    let provisioned = &of_type(&ev, "RunProvisioned")[0]["payload"];
-    assert_eq!(provisioned["agent"], "assistant", "{provisioned:#}");
-    assert_eq!(
-        provisioned["client"]["authenticated_agent"],
-        Value::Null,
-        "{provisioned:#}"
-    );
+    assert!(!all.is_empty());
+    for r in &all {
+        let ev = events(&f, r["run_id"].as_str().unwrap());
+        let provisioned = &of_type(&ev, "RunProvisioned")[0]["payload"];
+        assert_eq!(provisioned["agent"], "assistant", "{provisioned:#}");
+        assert_eq!(
+            provisioned["client"]["authenticated_agent"],
+            Value::Null,
+            "{provisioned:#}"
+        );
+    }
     // Listening beyond loopback: nothing without an agent's token.
     let g = fixture("agents-3", "2s");
     let (_open, wide) = serve_with(&g, &["--listen", "0.0.0.0:0"]);
@@ -1314,6 +1345,6 @@ fn without_agent_tokens_only_a_loopback_server_takes_anonymous_sessions() {
     let local = format!("http://127.0.0.1:{port}/mcp");
     let (status, _, body) = raw_post(&local, &[], &initialize());
     assert_eq!(status, 401, "{body}");
-    assert!(body.contains("beyond loopback"), "{body}");
+    assert!(body.contains("only by a server on loopback"), "{body}");
     assert!(runs(&g).is_empty());
 }

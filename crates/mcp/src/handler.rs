@@ -203,8 +203,9 @@ impl Gateway {
                 }
             },
         ));
+        let sessions = Arc::new(sessions);
         let service =
-            StreamableHttpService::new(move || Ok(gw.handler()), Arc::new(sessions), config);
+            StreamableHttpService::new(move || Ok(gw.handler()), sessions.clone(), config);
         let mut mcp = axum::Router::new().nest_service(MCP_PATH, service);
         if let Some(auth) = auth {
             let owners = Arc::new(Owners::default());
@@ -212,7 +213,8 @@ impl Gateway {
             mcp = mcp.layer(axum::middleware::from_fn(
                 move |req: axum::extract::Request, next: axum::middleware::Next| {
                     let (auth, allowed, owners) = (auth.clone(), allowed.clone(), owners.clone());
-                    async move { guard(req, next, &auth, &allowed, &owners).await }
+                    let sessions = sessions.clone();
+                    async move { guard(req, next, &auth, &allowed, &owners, &*sessions).await }
                 },
             ));
         }
@@ -577,28 +579,61 @@ impl ServerHandler for IceMcp {
     }
 }
 
-/// Which agent each HTTP session belongs to (by `Mcp-Session-Id`), with when it was last used:
-/// every request naming a session, whatever its method (a `GET` stream, a `DELETE`, a `POST`),
-/// must come from the agent that opened it.
+/// Which agent each HTTP session belongs to (by `Mcp-Session-Id`), recorded when the session
+/// opens: every request naming a session, whatever its method (a `GET` stream, a `DELETE`, a
+/// `POST` request or response), must come from the agent that opened it, and a session id this
+/// map does not hold is refused. Entries go when a `DELETE` closes the session, or when the map
+/// has grown and the transport no longer has the session.
 #[derive(Default)]
-struct Owners(StdMutex<HashMap<String, (Option<AgentIdentity>, std::time::Instant)>>);
+struct Owners(StdMutex<HashMap<String, Option<AgentIdentity>>>);
+
+/// What [`Owners`] says of a session id.
+enum Owner {
+    Known(Option<AgentIdentity>),
+    Unknown,
+    Unusable,
+}
 
 impl Owners {
-    /// The owner of `session`, if it is known (and marks it used).
-    fn owner(&self, session: &str) -> Option<Option<AgentIdentity>> {
-        let mut map = self.0.lock().ok()?;
-        let entry = map.get_mut(session)?;
-        entry.1 = std::time::Instant::now();
-        Some(entry.0.clone())
+    fn owner(&self, session: &str) -> Owner {
+        match self.0.lock() {
+            Ok(map) => match map.get(session) {
+                Some(who) => Owner::Known(who.clone()),
+                None => Owner::Unknown,
+            },
+            Err(_) => Owner::Unusable,
+        }
     }
 
-    fn insert(&self, session: String, who: Option<AgentIdentity>) {
-        if let Ok(mut map) = self.0.lock() {
-            // A session idle past HTTP_IDLE is closed by the transport: forget it.
-            if map.len() >= 1024 && map.len().is_power_of_two() {
-                map.retain(|_, (_, used)| used.elapsed() < HTTP_IDLE);
+    /// Record `session` as `who`'s; when the map has grown to a power of two (from 1024 on),
+    /// first forget the sessions `sessions` no longer has (ended by idleness or by the
+    /// transport).
+    async fn insert<M: rmcp::transport::streamable_http_server::SessionManager>(
+        &self,
+        session: String,
+        who: Option<AgentIdentity>,
+        sessions: &M,
+    ) {
+        let held: Vec<String> = match self.0.lock() {
+            Ok(map) if map.len() >= 1024 && map.len().is_power_of_two() => {
+                map.keys().cloned().collect()
             }
-            map.insert(session, (who, std::time::Instant::now()));
+            _ => Vec::new(),
+        };
+        let mut gone = Vec::new();
+        for id in held {
+            if !matches!(
+                sessions.has_session(&Arc::from(id.as_str())).await,
+                Ok(true)
+            ) {
+                gone.push(id);
+            }
+        }
+        if let Ok(mut map) = self.0.lock() {
+            for id in &gone {
+                map.remove(id);
+            }
+            map.insert(session, who);
         }
     }
 
@@ -622,12 +657,13 @@ fn who_is(a: &Option<AgentIdentity>) -> String {
 /// from the token check), then `auth`, then the session's owner; the request then carries its
 /// [`AgentIdentity`] for the handler. A session a response opens is recorded as the
 /// requester's; one a `DELETE` closes is forgotten.
-async fn guard(
+async fn guard<M: rmcp::transport::streamable_http_server::SessionManager>(
     mut req: axum::extract::Request,
     next: axum::middleware::Next,
     auth: &McpAuth,
     allowed: &[String],
     owners: &Owners,
+    sessions: &M,
 ) -> axum::response::Response {
     const SESSION: &str = "mcp-session-id";
     if let Some(refused) = host_refusal(&req, allowed) {
@@ -642,15 +678,32 @@ async fn guard(
         .get(SESSION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    if let Some(owner) = session.as_deref().and_then(|s| owners.owner(s))
-        && owner != who
-    {
-        let message = format!(
-            "this MCP session belongs to {}; a request from {} cannot use it",
-            who_is(&owner),
-            who_is(&who)
-        );
-        return json_error(axum::http::StatusCode::FORBIDDEN, "forbidden", &message);
+    if let Some(id) = &session {
+        match owners.owner(id) {
+            Owner::Known(owner) if owner == who => {}
+            Owner::Known(owner) => {
+                let message = format!(
+                    "this MCP session belongs to {}; a request from {} cannot use it",
+                    who_is(&owner),
+                    who_is(&who)
+                );
+                return json_error(axum::http::StatusCode::FORBIDDEN, "forbidden", &message);
+            }
+            Owner::Unknown => {
+                return json_error(
+                    axum::http::StatusCode::NOT_FOUND,
+                    "unknown_session",
+                    "no open MCP session has this Mcp-Session-Id (it ended, or never existed): start a new one with initialize",
+                );
+            }
+            Owner::Unusable => {
+                return json_error(
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the record of MCP sessions is unusable; restart ice serve",
+                );
+            }
+        }
     }
     let closing = req.method() == axum::http::Method::DELETE;
     if let Some(w) = &who {
@@ -664,7 +717,7 @@ async fn guard(
                 .get(SESSION)
                 .and_then(|v| v.to_str().ok())
             {
-                owners.insert(opened.to_string(), who);
+                owners.insert(opened.to_string(), who, sessions).await;
             }
         }
         Some(s) if closing && response.status().is_success() => owners.remove(s),
