@@ -272,7 +272,9 @@ async fn conflict_writes_nothing(
         .await
         .map_err(|e| fail(case, e))?;
     let before = log.size().await.map_err(|e| fail(case, e))?;
-    match second.append(&r, vec![step(2), step(3)]).await {
+    // Pinned to where it believes the run ends (an unpinned append would be sealed again after
+    // the first client's event: the ledger retries conflicts).
+    match second.append_at(&r, 4, vec![step(2), step(3)]).await {
         Err(AppendError::Log(LogError::Conflict {
             expected, actual, ..
         })) => {
@@ -342,8 +344,10 @@ async fn racers_on_one_run(
         for (i, c) in clients.iter().enumerate() {
             let c = c.clone();
             let r = r.clone();
+            // Pinned to the position they all learned: exactly one may take it.
             tasks.push(tokio::spawn(async move {
-                c.append(&r, vec![step(round * 10 + i as u64)]).await
+                c.append_at(&r, 4 + round, vec![step(round * 10 + i as u64)])
+                    .await
             }));
         }
         let mut wins = 0;

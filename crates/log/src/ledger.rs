@@ -17,6 +17,8 @@ use crate::{AppendReceipt, EventLog, LogError, StoredEvent};
 /// Most run heads a ledger keeps in memory; past this the cache starts over (heads reload
 /// from the log on demand, so this bounds memory, not correctness).
 const MAX_CACHED_HEADS: usize = 10_000;
+/// How many times an unpinned append is tried when other writers keep moving the run.
+const CONFLICT_RETRIES: usize = 8;
 /// Page size when folding a run from the log.
 const PAGE: usize = 4096;
 
@@ -91,6 +93,15 @@ impl Ledger {
         run_id: &RunId,
         drafts: Vec<Draft>,
     ) -> Result<(AppendReceipt, SealedBatch), AppendError> {
+        // Not pinned to a position: when another writer (the run's own process, say, while an
+        // operator kills or answers it) appended first, the drafts are sealed again after its
+        // events, and validated again (a run that ended meanwhile refuses what no longer fits).
+        for _ in 1..CONFLICT_RETRIES {
+            match self.append_to(run_id, None, drafts.clone()).await {
+                Err(AppendError::Log(LogError::Conflict { .. })) => continue,
+                other => return other,
+            }
+        }
         self.append_to(run_id, None, drafts).await
     }
 

@@ -228,7 +228,11 @@ async fn a_ledger_that_loses_a_race_reloads_and_continues() {
     // Both ledgers now cache the head at run_seq 4.
     assert_eq!(l2.head(&run).await.unwrap().next_seq, 4);
     l1.append(&run, vec![working(0, 1)]).await.unwrap();
-    let err = l2.append(&run, vec![working(0, 2)]).await.unwrap_err();
+    // Pinned to the position it knew, l2's batch conflicts and nothing is written.
+    let err = l2
+        .append_at(&run, 4, vec![working(0, 2)])
+        .await
+        .unwrap_err();
     assert!(
         matches!(
             err,
@@ -244,6 +248,17 @@ async fn a_ledger_that_loses_a_race_reloads_and_continues() {
     let (r, _) = l2.append(&run, vec![working(0, 2)]).await.unwrap();
     assert_eq!(r.first_log_seq, 5);
     assert_eq!(l2.head(&run).await.unwrap().next_seq, 6);
+    // Not pinned, a batch sealed on a stale head is sealed again after the other writer's
+    // events (the ledger retries the conflict): l2 still believes the run ends at 6.
+    l1.append(&run, vec![working(0, 3)]).await.unwrap();
+    assert_eq!(
+        l2.head(&run).await.unwrap().next_seq,
+        6,
+        "l2's head is stale"
+    );
+    let (r, batch) = l2.append(&run, vec![working(0, 4)]).await.unwrap();
+    assert_eq!(r.first_log_seq, 7);
+    assert_eq!(batch.events()[0].event().run_seq, 7);
     assert_verifies(fx.log()).await;
 }
 

@@ -389,7 +389,7 @@ async fn a_conflicting_append_fails_whole_and_writes_nothing() {
     l1.append(&run, vec![working(0, 1)]).await.unwrap();
     // A batch of two (one with a blob) at a position that is taken.
     let err = l2
-        .append(&run, vec![working(0, 2), big("l2", 0)])
+        .append_at(&run, 4, vec![working(0, 2), big("l2", 0)])
         .await
         .unwrap_err();
     match &err {

@@ -790,19 +790,9 @@ impl Runtime {
             ))
         };
         let draft = draft.cause(approval.clone());
-        // The run's process may append at the same moment: retry on a conflict.
-        for _ in 0..8 {
-            match self.ledger.append(run, vec![draft.clone()]).await {
-                Ok(_) => return Ok(()),
-                Err(ice_log::ledger::AppendError::Log(ice_log::LogError::Conflict { .. })) => {
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(RuntimeError::Invalid(format!(
-            "run {run} kept moving; try again"
-        )))
+        // The run's process may append at the same moment: the ledger seals it again after.
+        self.ledger.append(run, vec![draft]).await?;
+        Ok(())
     }
 
     /// Start-up recovery: move every run no live process drives to a defined state (see the
@@ -1248,7 +1238,7 @@ impl Runtime {
                 match EventType::from_name(&e.event_type) {
                     // The state machine's last state: nothing follows it.
                     Some(EventType::RunTerminated) => {
-                        u.runs.retain(|r| r.as_str() != e.run_id);
+                        u.runs.remove(e.run_id.as_str());
                     }
                     _ if e.run_seq == 0 => {
                         if let Ok(r) = RunId::new(e.run_id.clone()) {
