@@ -1179,15 +1179,11 @@ impl Runtime {
             .collect())
     }
 
-    /// The memory book, folded from the whole log (a copy of [`Self::memory_book`]).
-    pub async fn memories(&self) -> Result<MemoryBook, MemoryError> {
-        Ok(Arc::unwrap_or_clone(self.memory_book().await?))
-    }
-
-    /// The memory book as of the log's head now: the one kept from the last call, brought up
-    /// to date with the events appended since. A fold error drops what was kept, so the next
-    /// call folds the whole log again (and reports the error again if it is in the log).
-    pub(crate) async fn memory_book(&self) -> Result<Arc<MemoryBook>, MemoryError> {
+    /// The memory book as of the log's head now (the fold of the whole log): the one kept from
+    /// the last call, brought up to date with the events appended since, shared, not copied.
+    /// A fold error drops what was kept, so the next call folds the whole log again (and
+    /// reports the error again if it is in the log).
+    pub async fn memories(&self) -> Result<Arc<MemoryBook>, MemoryError> {
         let mut cache = self.memory.lock().await;
         let from = cache.next;
         match catch_up(&mut cache.book, self.ledger.log().as_ref(), from).await {
@@ -1300,7 +1296,7 @@ pub(crate) async fn promote_at_commit(ctx: &Ctx<'_>, live: &mut Live) -> Result<
         (None, Vec::new())
     } else {
         let guard = ctx.rt.lock_registry().await?;
-        let book = ctx.rt.memory_book().await?;
+        let book = ctx.rt.memories().await?;
         let tainted: Vec<(EventId, EventId, String)> = derived_from
             .iter()
             .filter_map(|d| book.get(d))
@@ -1374,7 +1370,7 @@ pub(crate) async fn mount(
     }
     let guard = rt.lock_registry().await?;
     let log = rt.ledger.log().clone();
-    let book = rt.memory_book().await?;
+    let book = rt.memories().await?;
     let now = rt.clock.now();
     let expired: HashMap<EventId, EventId> = rt
         .record_expiries(&book, now, &format!("found at mount by run {run}"))
@@ -1643,7 +1639,7 @@ impl Runtime {
         let digest = content_digest(&content);
         let derived_from = mounted_ids(&events);
         let _guard = self.lock_registry().await?;
-        let book = self.memory_book().await?;
+        let book = self.memories().await?;
         for d in &derived_from {
             if let Some(r) = book.get(d)
                 && r.status == MemoryStatus::Invalidated
@@ -1744,7 +1740,7 @@ impl Runtime {
         }
         let operator = operator_origin(operator)?;
         let _guard = self.lock_registry().await?;
-        let book = self.memory_book().await?;
+        let book = self.memories().await?;
         let now = self.clock.now();
         let refuse_if_left = |id: &EventId| -> Result<&MemoryRecord, MemoryError> {
             let r = book

@@ -62,8 +62,8 @@ async fn book(h: &H) -> MemoryBook {
     let folded = MemoryBook::load(h.rt.ledger().log().as_ref())
         .await
         .unwrap();
-    assert_eq!(kept, folded, "the kept memory book is the log's");
-    kept
+    assert_eq!(*kept, folded, "the kept memory book is the log's");
+    folded
 }
 
 /// Run a spec and return its report, asserting it committed.
