@@ -255,9 +255,20 @@ fn killed_in_commit(pause_after: &str) -> (tempfile::TempDir, PathBuf, PathBuf) 
     // No approvals in this plan: only the file steps.
     let plan = "agent = \"coder\"\n\n[[step]]\nintent = \"w\"\ncapability = \"fs.write\"\ntarget = \"hello.txt\"\narguments = { content = \"hello, governed world\\n\" }\n\n[[step]]\nintent = \"w2\"\ncapability = \"fs.write\"\ntarget = \"b.txt\"\narguments = { content = \"b\\n\" }\n\n[[step]]\nintent = \"w3\"\ncapability = \"fs.write\"\ntarget = \"c.txt\"\narguments = { content = \"c\\n\" }\n";
     std::fs::write(qs.join("plan.toml"), plan).unwrap();
-    let mut child = ice_cmd(&home)
+    kill_when_paused(
+        &home,
+        &qs,
+        ("ICE_TEST_PAUSE_IN_COMMIT", pause_after),
+        "paused in commit",
+    );
+    (dir, home, qs)
+}
+
+/// Run the quickstart spec with the test hook `env` set, and SIGKILL it once it says `marker`.
+fn kill_when_paused(home: &Path, qs: &Path, env: (&str, &str), marker: &str) {
+    let mut child = ice_cmd(home)
         .args(["run", qs.join("run.toml").to_str().unwrap()])
-        .env("ICE_TEST_PAUSE_IN_COMMIT", pause_after)
+        .env(env.0, env.1)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -270,13 +281,12 @@ fn killed_in_commit(pause_after: &str) -> (tempfile::TempDir, PathBuf, PathBuf) 
             err.read_line(&mut line).unwrap() > 0,
             "the run ended without pausing"
         );
-        if line.contains("ICE_TEST: paused in commit") {
+        if line.contains(marker) {
             break;
         }
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    (dir, home, qs)
 }
 
 fn workspace_files(qs: &Path) -> Vec<(String, String)> {
@@ -402,27 +412,12 @@ fn a_run_killed_after_it_ended_but_before_its_teardown_is_torn_down_by_recovery(
     let (_dir, home, qs) = setup(1);
     let plan = "agent = \"coder\"\n\n[[step]]\nintent = \"w\"\ncapability = \"fs.write\"\ntarget = \"hello.txt\"\narguments = { content = \"hello, governed world\\n\" }\n";
     std::fs::write(qs.join("plan.toml"), plan).unwrap();
-    let mut child = ice_cmd(&home)
-        .args(["run", qs.join("run.toml").to_str().unwrap()])
-        .env("ICE_TEST_PAUSE_BEFORE_TEARDOWN", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(
-            err.read_line(&mut line).unwrap() > 0,
-            "the run ended without pausing"
-        );
-        if line.contains("ICE_TEST: paused before teardown") {
-            break;
-        }
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_when_paused(
+        &home,
+        &qs,
+        ("ICE_TEST_PAUSE_BEFORE_TEARDOWN", "1"),
+        "paused before teardown",
+    );
     let last = |home: &Path| {
         let o = ice(home, &["log", "--run", "quickstart", "--json"]);
         let lines: Vec<Value> = String::from_utf8_lossy(&o.stdout)
