@@ -115,17 +115,35 @@ fn revoke(home: &Path, a: RevokeArgs) -> Result<u8> {
             .parse()
             .with_context(|| format!("{} is not valid TOML", file.display()))?;
         // Edited in place, so the rest of the file (and how it is written) stays as it is.
-        if let Some(tables) = doc
-            .get_mut(table)
+        // `[[agents]]` tables (as `token add` writes them) or an inline array of tables.
+        let mut item = doc.get_mut(table);
+        let left = if let Some(tables) = item
+            .as_deref_mut()
             .and_then(toml_edit::Item::as_array_of_tables_mut)
         {
             let before = tables.len();
             tables
                 .retain(|t| t.get("name").and_then(toml_edit::Item::as_str) != Some(name.as_str()));
             removed = before - tables.len();
-            if tables.is_empty() {
-                doc.remove(table);
-            }
+            tables.len()
+        } else if let Some(list) = item
+            .and_then(toml_edit::Item::as_value_mut)
+            .and_then(toml_edit::Value::as_array_mut)
+        {
+            let before = list.len();
+            list.retain(|v| {
+                v.as_inline_table()
+                    .and_then(|t| t.get("name"))
+                    .and_then(toml_edit::Value::as_str)
+                    != Some(name.as_str())
+            });
+            removed = before - list.len();
+            list.len()
+        } else {
+            1
+        };
+        if left == 0 {
+            doc.remove(table);
         }
         if removed == 0 {
             bail!(

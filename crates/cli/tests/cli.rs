@@ -621,3 +621,31 @@ fn concurrent_token_edits_keep_every_change_and_the_files_permissions() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+#[test]
+fn revoking_removes_tokens_written_as_an_inline_list_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("h");
+    assert!(ice(&home, &["init"]).status.success());
+    let config = home.join("config.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    let d = |c: char| c.to_string().repeat(64);
+    text.push_str(&format!(
+        "agents = [{{ name = \"x\", token_sha256 = \"{}\" }}, {{ name = \"y\", token_sha256 = \"{}\" }}]\n",
+        d('a'),
+        d('b')
+    ));
+    std::fs::write(&config, text).unwrap();
+    let o = ice(&home, &["token", "revoke", "--agent", "x"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = ice(&home, &["token", "list", "--json"]);
+    let listed: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        listed,
+        json!([{"role": "agent", "name": "y", "token_sha256": d('b')}])
+    );
+    let o = ice(&home, &["token", "revoke", "--agent", "y"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!std::fs::read_to_string(&config).unwrap().contains("agents"));
+    assert_eq!(code(&ice(&home, &["token", "revoke", "--agent", "y"])), 1);
+}
