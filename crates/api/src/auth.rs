@@ -106,6 +106,15 @@ impl Credentials {
         self.count(Role::Agent)
     }
 
+    /// The names of the agents that have a token.
+    pub fn agent_names(&self) -> std::collections::BTreeSet<String> {
+        self.entries
+            .iter()
+            .filter(|e| e.role == Role::Agent)
+            .map(|e| e.name.clone())
+            .collect()
+    }
+
     fn count(&self, role: Role) -> usize {
         self.entries.iter().filter(|e| e.role == role).count()
     }

@@ -117,10 +117,12 @@ fn operator_api(
 }
 
 /// The tokens of the installation's config, read again when the config changes (`ice token
-/// add` while serving), until `stop`.
+/// add` while serving), until `stop`. `revoked` is called with each agent that had a token and
+/// has none any more.
 fn credential_store(
     h: &crate::home::Home,
     stop: tokio_util::sync::CancellationToken,
+    revoked: impl Fn(String) + Send + 'static,
 ) -> Result<Arc<ice_api::CredentialStore>> {
     let store = ice_api::CredentialStore::new(h.credentials()?);
     let dir = h.dir.clone();
@@ -148,7 +150,14 @@ fn credential_store(
             }
             seen = now;
             match crate::home::Home::open(&dir).and_then(|h| h.credentials()) {
-                Ok(c) => watched.replace(c),
+                Ok(c) => {
+                    let before = watched.get().agent_names();
+                    let after = c.agent_names();
+                    watched.replace(c);
+                    for gone in before.difference(&after) {
+                        revoked(gone.clone());
+                    }
+                }
                 Err(e) => eprintln!("ice serve: keeping the tokens it had: {e:#}"),
             }
         }
@@ -285,7 +294,21 @@ pub async fn serve(home: &Path, url: Option<&str>, a: ServeArgs) -> Result<u8> {
         telemetry.clone(),
         stop.clone(),
     ));
-    let store = credential_store(&h, stop.clone())?;
+    // An agent whose last token is revoked loses its open sessions: their runs are aborted.
+    let ending = gw.clone();
+    let store = credential_store(&h, stop.clone(), move |agent| {
+        let gw = ending.clone();
+        tokio::spawn(async move {
+            let n = gw
+                .end_sessions_of(&agent, &format!("agent {agent}'s token was revoked"))
+                .await;
+            if n > 0 {
+                eprintln!(
+                    "ice serve: agent {agent}'s token was revoked; aborted its {n} open run(s)"
+                );
+            }
+        });
+    })?;
     let auth = mcp_auth(&h, addr, store.clone());
     let api = operator_api(&h, rt, addr, store, stop.clone())?.merge(telemetry.metrics_router());
     gw.serve_http_with(listener, stop, &a.allow_hosts, api, Some(auth))

@@ -1269,6 +1269,31 @@ fn with_agent_tokens_each_mcp_session_is_its_authenticated_agents_and_no_one_els
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    // And the runs of the sessions it had open are aborted, saying why.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let revoked = loop {
+        let found = runs(&f).into_iter().find_map(|r| {
+            let run = r["run_id"].as_str().unwrap().to_string();
+            let ev = events(&f, &run);
+            of_type(&ev, "AbortReasonDeclared")
+                .first()
+                .map(|e| (run.clone(), e["payload"].clone()))
+        });
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoked agent's open run was not aborted"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(revoked.1["reason"], "agent_revoked", "{:#}", revoked.1);
+    let ev = events(&f, &revoked.0);
+    assert_eq!(
+        of_type(&ev, "RunProvisioned")[0]["payload"]["agent"],
+        "claude"
+    );
     let again = ice(&f.home, &["token", "revoke", "--agent", "claude"]);
     assert!(!again.status.success());
     assert!(

@@ -125,6 +125,28 @@ impl Gateway {
         }
     }
 
+    /// Abort the run of every open session `agent` opened (its token was revoked): reason
+    /// `agent_revoked`, with `detail`. Returns how many runs were ended.
+    pub async fn end_sessions_of(&self, agent: &str, detail: &str) -> usize {
+        let slots: Vec<Arc<Slot>> = match self.slots.lock() {
+            Ok(s) => s.iter().filter_map(std::sync::Weak::upgrade).collect(),
+            Err(_) => Vec::new(),
+        };
+        let mut ended = 0;
+        for slot in slots {
+            let owner = slot.agent.lock().ok().and_then(|a| a.clone()).flatten();
+            if owner.is_some_and(|AgentIdentity(a)| a == agent)
+                && matches!(
+                    slot.end(Some(("agent_revoked", detail.to_string()))).await,
+                    Ok(Some(_))
+                )
+            {
+                ended += 1;
+            }
+        }
+        ended
+    }
+
     /// Serve one MCP session over this process's stdin and stdout; when the client closes the
     /// session, validate and commit its run (or abort it if the session failed) and report.
     /// Returns `None` when the client left before its session made a run.
@@ -141,7 +163,7 @@ impl Gateway {
         };
         let report = match outcome {
             Ok(()) => slot.end(None).await?,
-            Err(why) => slot.end(Some(why)).await?,
+            Err(why) => slot.end(Some(("session_failed", why))).await?,
         };
         Ok(report)
     }
@@ -315,8 +337,12 @@ impl Slot {
         }
     }
 
-    /// End the session's run: commit when `failure` is `None`, abort otherwise.
-    async fn end(&self, failure: Option<String>) -> Result<Option<RunReport>, RuntimeError> {
+    /// End the session's run: commit when `failure` is `None`, abort otherwise (with its
+    /// reason code and detail).
+    async fn end(
+        &self,
+        failure: Option<(&'static str, String)>,
+    ) -> Result<Option<RunReport>, RuntimeError> {
         self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
         self.unregister();
         let Some(session) = self.session.lock().await.take() else {
@@ -327,10 +353,10 @@ impl Slot {
 }
 
 /// End a session's run once no call holds it (each call is bounded by its timeout): commit
-/// when `failure` is `None`, abort otherwise.
+/// when `failure` is `None`, abort otherwise (with its reason code and detail).
 async fn end_run(
     mut session: Arc<Session<'static>>,
-    failure: Option<String>,
+    failure: Option<(&'static str, String)>,
 ) -> Result<RunReport, RuntimeError> {
     let session = loop {
         match Arc::try_unwrap(session) {
@@ -343,7 +369,7 @@ async fn end_run(
     };
     match failure {
         None => session.finish().await,
-        Some(why) => session.abort("session_failed", &why).await,
+        Some((code, why)) => session.abort(code, &why).await,
     }
 }
 
@@ -362,9 +388,12 @@ impl Drop for Slot {
             .and_then(|t| *t)
             .is_some_and(|t| t.elapsed() >= HTTP_IDLE);
         let failure = idle.then(|| {
-            format!(
-                "the MCP session was idle for {} minutes and was closed",
-                HTTP_IDLE.as_secs() / 60
+            (
+                "session_failed",
+                format!(
+                    "the MCP session was idle for {} minutes and was closed",
+                    HTTP_IDLE.as_secs() / 60
+                ),
             )
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
