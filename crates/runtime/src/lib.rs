@@ -219,3 +219,28 @@ pub async fn read_run(
         }
     }
 }
+
+/// Hand every event stored from `*next` on to `each`, in log order, a page at a time, moving
+/// `*next` past each page handed over whole: how the views the runtime keeps (the memory book,
+/// the unfinished runs) catch up with the log's tail. Rows are read into one reused page, not
+/// an allocation per event.
+pub(crate) async fn follow<E: From<ice_log::LogError>>(
+    log: &dyn ice_log::EventLog,
+    next: &mut u64,
+    mut each: impl FnMut(ice_log::StoredRef<'_>) -> Result<(), E>,
+) -> Result<(), E> {
+    const PAGE: usize = 4096;
+    let mut page = ice_log::EventPage::default();
+    loop {
+        page = log.scan_page(*next, PAGE, false, page).await?;
+        let mut last = None;
+        for row in page.iter() {
+            each(row)?;
+            last = Some(row.log_seq);
+        }
+        match last {
+            Some(seq) => *next = seq + 1,
+            None => return Ok(()),
+        }
+    }
+}

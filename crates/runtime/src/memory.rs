@@ -66,8 +66,6 @@ pub const MAX_MOUNTED: usize = 1000;
 const REGISTRY_WAIT: Duration = Duration::from_secs(30);
 /// Memory events per appended batch at commit.
 const PROMOTIONS_PER_BATCH: usize = 256;
-/// Page size when scanning the log.
-const PAGE: usize = 4096;
 /// `run_seq` of the first memory event of a maintenance run (after the six context events).
 const MAINTENANCE_FIRST_SEQ: u64 = 6;
 
@@ -501,24 +499,21 @@ pub struct MemoryFoldError {
     pub problem: String,
 }
 
-/// Fold the log's events from `from` on into `book` (copied first only if another holder
-/// still shares it and a memory event comes); returns the position after the last event
-/// read. On an error `book` may hold part of what it read.
+/// Fold the log's events from `*next` on into `book` (copied first only if another holder
+/// still shares it and a memory event comes), moving `*next` past them. On an error `book` may
+/// hold part of what it read.
 async fn catch_up(
     book: &mut Arc<MemoryBook>,
     log: &dyn EventLog,
-    mut from: u64,
-) -> Result<u64, MemoryError> {
-    loop {
-        let page = log.scan(from, PAGE).await?;
-        let Some(last) = page.last() else {
-            return Ok(from);
-        };
-        from = last.log_seq + 1;
-        for s in page.iter().filter(|s| folds(&s.event_type)) {
+    next: &mut u64,
+) -> Result<(), MemoryError> {
+    crate::follow(log, next, |s| {
+        if folds(s.event_type) {
             Arc::make_mut(book).apply(&s.event()?)?;
         }
-    }
+        Ok(())
+    })
+    .await
 }
 
 /// The memory book as of the log's head when it was last asked for, and where in the log that
@@ -742,7 +737,7 @@ impl MemoryBook {
     /// Fold the whole log, streaming it page by page (only memory records are kept).
     pub async fn load(log: &dyn EventLog) -> Result<MemoryBook, MemoryError> {
         let mut book = Arc::new(MemoryBook::new());
-        catch_up(&mut book, log, 0).await?;
+        catch_up(&mut book, log, &mut 0).await?;
         Ok(Arc::unwrap_or_clone(book))
     }
 
@@ -1185,12 +1180,9 @@ impl Runtime {
     /// reports the error again if it is in the log).
     pub async fn memories(&self) -> Result<Arc<MemoryBook>, MemoryError> {
         let mut cache = self.memory.lock().await;
-        let from = cache.next;
-        match catch_up(&mut cache.book, self.ledger.log().as_ref(), from).await {
-            Ok(next) => {
-                cache.next = next;
-                Ok(cache.book.clone())
-            }
+        let MemoryCache { book, next } = &mut *cache;
+        match catch_up(book, self.ledger.log().as_ref(), next).await {
+            Ok(()) => Ok(cache.book.clone()),
             Err(e) => {
                 *cache = MemoryCache::default();
                 Err(e)

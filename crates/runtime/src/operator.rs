@@ -1226,28 +1226,24 @@ impl Runtime {
     /// Each call reads only the events appended since the last (the first call in a process
     /// reads the log once).
     pub async fn unfinished_runs(&self) -> Result<Vec<RunId>, RuntimeError> {
-        const PAGE: usize = 4096;
         let mut u = self.unfinished.lock().await;
-        loop {
-            let page = self.ledger.log().scan(u.next, PAGE).await?;
-            let Some(last) = page.last() else {
-                return Ok(u.runs.iter().cloned().collect());
-            };
-            u.next = last.log_seq + 1;
-            for e in &page {
-                match EventType::from_name(&e.event_type) {
-                    // The state machine's last state: nothing follows it.
-                    Some(EventType::RunTerminated) => {
-                        u.runs.remove(e.run_id.as_str());
-                    }
-                    _ if e.run_seq == 0 => {
-                        if let Ok(r) = RunId::new(e.run_id.clone()) {
-                            u.runs.insert(r);
-                        }
-                    }
-                    _ => {}
+        let Unfinished { runs, next } = &mut *u;
+        crate::follow(self.ledger.log().as_ref(), next, |e| {
+            match EventType::from_name(e.event_type) {
+                // The state machine's last state: nothing follows it.
+                Some(EventType::RunTerminated) => {
+                    runs.remove(e.run_id);
                 }
+                _ if e.run_seq == 0 => {
+                    if let Ok(r) = RunId::new(e.run_id) {
+                        runs.insert(r);
+                    }
+                }
+                _ => {}
             }
-        }
+            Ok::<_, RuntimeError>(())
+        })
+        .await?;
+        Ok(runs.iter().cloned().collect())
     }
 }
