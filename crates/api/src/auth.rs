@@ -154,17 +154,19 @@ impl CredentialStore {
 
     /// How many agent tokens there are now.
     pub fn agents(&self) -> usize {
-        match self.0.read() {
-            Ok(g) => g.agents(),
-            Err(p) => p.into_inner().agents(),
-        }
+        self.with(Credentials::agents)
     }
 
-    /// The credentials now.
+    /// The credentials now (a copy).
     pub fn get(&self) -> Credentials {
+        self.with(Credentials::clone)
+    }
+
+    /// `f` of the credentials now, read in place (what every request's check does: no copy).
+    pub fn with<R>(&self, f: impl FnOnce(&Credentials) -> R) -> R {
         match self.0.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
+            Ok(g) => f(&g),
+            Err(p) => f(&p.into_inner()),
         }
     }
 }
@@ -185,11 +187,19 @@ pub(crate) async fn operators_only(
 }
 
 fn authenticate(state: &Shared, headers: &axum::http::HeaderMap) -> Result<Operator, ApiError> {
-    let creds = state.credentials.get();
+    state
+        .credentials
+        .with(|creds| operator_of(creds, &state.token_hint, headers))
+}
+
+fn operator_of(
+    creds: &Credentials,
+    token_hint: &str,
+    headers: &axum::http::HeaderMap,
+) -> Result<Operator, ApiError> {
     if creds.operators() == 0 {
         return Err(ApiError::unauthenticated(format!(
-            "this installation has no operator token yet, so the operator API refuses every request; add one with `{}` and pass it as `Authorization: Bearer TOKEN`",
-            state.token_hint
+            "this installation has no operator token yet, so the operator API refuses every request; add one with `{token_hint}` and pass it as `Authorization: Bearer TOKEN`"
         )));
     }
     let Some(token) = bearer(headers)? else {
@@ -241,8 +251,8 @@ pub fn agent_of(
     hint: &str,
     headers: &axum::http::HeaderMap,
 ) -> Result<Option<String>, ApiError> {
-    let creds = store.get();
-    match bearer(headers)? {
+    let token = bearer(headers)?;
+    store.with(|creds| match token {
         None if anonymous && creds.agents() == 0 => Ok(None),
         None if creds.agents() == 0 => Err(ApiError::unauthenticated(format!(
             "MCP here needs an agent's token and this installation has none; add one with `{hint}` and send it as `Authorization: Bearer TOKEN` (anonymous clients are taken only by a server on loopback that has never had an agent token)"
@@ -259,7 +269,7 @@ pub fn agent_of(
                 "the token is not one of this installation's (tokens are added with `ice token add`)",
             )),
         },
-    }
+    })
 }
 
 #[cfg(test)]

@@ -90,7 +90,7 @@ fn operator_api(
     store: Arc<ice_api::CredentialStore>,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<ice_api::Router> {
-    let n = store.get().operators();
+    let n = store.with(ice_api::Credentials::operators);
     let hint = format!("ice token add --operator NAME --home {}", h.dir.display());
     if n == 0 {
         eprintln!(
@@ -151,7 +151,7 @@ fn credential_store(
             seen = now;
             match crate::home::Home::open(&dir).and_then(|h| h.credentials()) {
                 Ok(c) => {
-                    let before = watched.get().agent_names();
+                    let before = watched.with(ice_api::Credentials::agent_names);
                     let after = c.agent_names();
                     watched.replace(c);
                     for gone in before.difference(&after) {

@@ -213,10 +213,10 @@ impl Gateway {
         }
         config.allowed_hosts.extend(extra_hosts.iter().cloned());
         let allowed: Arc<[String]> = config.allowed_hosts.clone().into();
-        let config_hosts = allowed.clone();
+        let for_extra = allowed.clone();
         let extra = extra.layer(axum::middleware::from_fn(
             move |req: axum::extract::Request, next: axum::middleware::Next| {
-                let allowed = allowed.clone();
+                let allowed = for_extra.clone();
                 async move {
                     match host_refusal(&req, &allowed) {
                         Some(refused) => refused,
@@ -231,7 +231,6 @@ impl Gateway {
         let mut mcp = axum::Router::new().nest_service(MCP_PATH, service);
         if let Some(auth) = auth {
             let owners = Arc::new(Owners::default());
-            let allowed: Arc<[String]> = config_hosts.clone();
             mcp = mcp.layer(axum::middleware::from_fn(
                 move |req: axum::extract::Request, next: axum::middleware::Next| {
                     let (auth, allowed, owners) = (auth.clone(), allowed.clone(), owners.clone());
@@ -432,14 +431,7 @@ impl IceMcp {
                 Ok(())
             }
             Some(owner) if *owner == who => Ok(()),
-            Some(owner) => Err(ErrorData::invalid_request(
-                format!(
-                    "this MCP session belongs to {}; a request from {} cannot use it",
-                    who_is(owner),
-                    who_is(&who)
-                ),
-                None,
-            )),
+            Some(owner) => Err(ErrorData::invalid_request(not_yours(owner, &who), None)),
         }
     }
 
@@ -673,12 +665,17 @@ impl Owners {
     }
 }
 
-/// Who a session's owner or requester is, in a message.
-fn who_is(a: &Option<AgentIdentity>) -> String {
-    match a {
+/// Why a request from `who` may not use a session `owner` opened.
+fn not_yours(owner: &Option<AgentIdentity>, who: &Option<AgentIdentity>) -> String {
+    let name = |a: &Option<AgentIdentity>| match a {
         Some(AgentIdentity(n)) => format!("agent {n:?}"),
         None => "an anonymous client".to_string(),
-    }
+    };
+    format!(
+        "this MCP session belongs to {}; a request from {} cannot use it",
+        name(owner),
+        name(who)
+    )
 }
 
 /// In front of [`MCP_PATH`] when `ice serve` authenticates agents: the `Host` check first (rmcp
@@ -711,11 +708,7 @@ async fn guard<M: rmcp::transport::streamable_http_server::SessionManager>(
         match owners.owner(id) {
             Owner::Known(owner) if owner == who => {}
             Owner::Known(owner) => {
-                let message = format!(
-                    "this MCP session belongs to {}; a request from {} cannot use it",
-                    who_is(&owner),
-                    who_is(&who)
-                );
+                let message = not_yours(&owner, &who);
                 return json_error(axum::http::StatusCode::FORBIDDEN, "forbidden", &message);
             }
             Owner::Unknown => {
