@@ -13,9 +13,9 @@ use std::fmt;
 use std::str::FromStr;
 
 use ice_kernel::{Event, EventId, EventType, RunId, RunState, Timestamp};
-use serde_json::{Map, Value};
 
 use crate::capability::{EffectClass, check_capability_name, truncated};
+use crate::constraint::Constraints;
 use crate::limits::MAX_SCOPE_LEN;
 use crate::payload::{
     BookError, BookProblem, CapabilityExpiredPayload, CapabilityGrantedPayload,
@@ -266,8 +266,8 @@ pub struct Grant {
     pub max_uses: u64,
     /// How many uses are recorded.
     pub uses: u64,
-    /// Constraints the effects layer enforces.
-    pub constraints: Map<String, Value>,
+    /// Limits on each use, which the effects layer enforces.
+    pub constraints: Constraints,
     /// The approval that authorised it, if one did.
     pub approval: Option<EventId>,
     /// The `CapabilityRequested` it answers.
@@ -439,7 +439,7 @@ pub struct Authorization {
     resource: Resource,
     scope: Scope,
     effect: EffectClass,
-    constraints: Map<String, Value>,
+    constraints: Constraints,
 }
 
 impl Authorization {
@@ -452,7 +452,7 @@ impl Authorization {
             resource: resource.clone(),
             scope: grant.scope.clone(),
             effect: grant.effect,
-            constraints: grant.constraints.clone(),
+            constraints: grant.constraints,
         }
     }
 
@@ -491,9 +491,9 @@ impl Authorization {
         self.effect
     }
 
-    /// The grant's constraints, for the effects layer to enforce.
-    pub fn constraints(&self) -> &Map<String, Value> {
-        &self.constraints
+    /// The grant's limits on this use, for the effects layer to enforce.
+    pub fn constraints(&self) -> Constraints {
+        self.constraints
     }
 }
 

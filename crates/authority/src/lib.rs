@@ -7,6 +7,8 @@
 //! - [`policy`]: Cedar policies loaded from files and validated against [`schema`], pre-selected
 //!   by action and resource type (and by the agent and resource entity a scope names), deciding
 //!   `Deny`, `Permit` or `PermitWithApproval`.
+//! - [`constraint`]: the limits a grant puts on each use ([`Constraints`]: `max_bytes`,
+//!   `timeout_ms`), set by the permitting policies' annotations, enforced by the effects layer.
 //! - [`grant`]: grants as a fold over a run's capability events ([`GrantBook`]), hierarchical
 //!   [`Scope`]s, and [`GrantBook::check_use`] (with [`GrantBook::check_new_use`] for a grant
 //!   about to be recorded), the check at the moment of use and the only source of an
@@ -50,6 +52,7 @@
 pub mod approval;
 pub mod budget;
 pub mod capability;
+pub mod constraint;
 pub mod diagnostic;
 pub mod grant;
 mod index;
@@ -65,6 +68,7 @@ pub use budget::{BudgetLedger, BudgetLimits, BudgetRefusal};
 pub use capability::{
     Capability, CapabilityError, Classifier, EffectClass, Registry, RegistryBuilder, ResourceKind,
 };
+pub use constraint::Constraints;
 pub use diagnostic::{Diagnostic, Location, Severity};
 pub use grant::{Authorization, Grant, GrantBook, GrantRefusal, GrantStatus, Scope, ScopeError};
 pub use payload::{

@@ -46,6 +46,7 @@ use serde_json::{Map, Value};
 
 use crate::budget::{BudgetRefusal, check_reservation_id};
 use crate::capability::{EffectClass, check_capability_name, truncated};
+use crate::constraint::Constraints;
 use crate::grant::{GrantRefusal, Scope};
 use crate::policy::PolicyVersion;
 use crate::request::Resource;
@@ -74,6 +75,8 @@ pub enum DenialCode {
     GrantOutOfScope,
     /// The grant is for another capability.
     GrantWrongCapability,
+    /// The use would go past a limit the grant puts on each use (its constraints).
+    GrantConstraint,
     /// The run is not EXECUTING.
     RunNotExecuting,
     /// No operator decided the approval in time (the runtime stopped waiting).
@@ -96,7 +99,7 @@ pub enum DenialCode {
 
 impl DenialCode {
     /// Every code.
-    pub const ALL: [DenialCode; 19] = [
+    pub const ALL: [DenialCode; 20] = [
         DenialCode::PolicyDenied,
         DenialCode::InvalidTarget,
         DenialCode::UnknownCapability,
@@ -107,6 +110,7 @@ impl DenialCode {
         DenialCode::GrantUsedUp,
         DenialCode::GrantOutOfScope,
         DenialCode::GrantWrongCapability,
+        DenialCode::GrantConstraint,
         DenialCode::RunNotExecuting,
         DenialCode::ApprovalTimeout,
         DenialCode::ApprovalDenied,
@@ -131,6 +135,7 @@ impl DenialCode {
             DenialCode::GrantUsedUp => "grant_used_up",
             DenialCode::GrantOutOfScope => "grant_out_of_scope",
             DenialCode::GrantWrongCapability => "grant_wrong_capability",
+            DenialCode::GrantConstraint => "grant_constraint",
             DenialCode::RunNotExecuting => "run_not_executing",
             DenialCode::ApprovalTimeout => "approval_timeout",
             DenialCode::ApprovalDenied => "approval_denied",
@@ -375,8 +380,8 @@ pub struct CapabilityGrantedPayload {
     pub expires_at: Timestamp,
     /// How many uses it allows (at least 1).
     pub max_uses: u64,
-    /// Constraints the effects layer enforces (a JSON object; may be empty).
-    pub constraints: Map<String, Value>,
+    /// Limits on each use, which the effects layer enforces (`{}`: none).
+    pub constraints: Constraints,
     /// The policy set version that permitted it.
     pub policy_version: PolicyVersion,
     /// The policies that determined the permit.
@@ -417,6 +422,7 @@ impl CapabilityGrantedPayload {
         if self.max_uses == 0 {
             return Err("max_uses must be at least 1".to_string());
         }
+        self.constraints.check()?;
         Ok(())
     }
 }

@@ -17,6 +17,10 @@
 //! `@external("permit")`; any other satisfied permit needs approval (spec I-006: external effects
 //! need an approval or an explicit policy permit for external effects).
 //!
+//! A permitted decision carries the [`Constraints`] of every satisfied permit (the tightest
+//! value of each), which the runtime records in the grant: `@max_bytes("N")` and
+//! `@timeout_ms("N")` on a permit bound each use of what it permits (see [`crate::constraint`]).
+//!
 //! # Pre-selection
 //!
 //! At load time every policy is indexed by the actions and resource entity types its scope
@@ -42,6 +46,7 @@ use ice_kernel::Digest;
 use sha2::{Digest as _, Sha256};
 
 use crate::capability::EffectClass;
+use crate::constraint::{Constraints, MAX_BYTES_ANNOTATION, TIMEOUT_MS_ANNOTATION};
 use crate::diagnostic::{Diagnostic, Location, Severity, from_cedar};
 use crate::index::PolicyIndex;
 use crate::limits::{MAX_POLICIES, MAX_POLICY_FILE_BYTES, MAX_POLICY_FILES, MAX_POLICY_ID_LEN};
@@ -54,6 +59,17 @@ pub const APPROVAL_ANNOTATION: &str = "approval";
 pub const EXTERNAL_ANNOTATION: &str = "external";
 /// The annotation that names a policy: `@id("...")`.
 pub const ID_ANNOTATION: &str = "id";
+
+/// Every annotation ICE acts on (others are kept as documentation, with a warning).
+const ACTED_ON: [&str; 5] = [
+    ID_ANNOTATION,
+    APPROVAL_ANNOTATION,
+    EXTERNAL_ANNOTATION,
+    MAX_BYTES_ANNOTATION,
+    TIMEOUT_MS_ANNOTATION,
+];
+/// The annotations ICE acts on that are not constraints (checked above).
+const KNOWN_ANNOTATIONS: [&str; 3] = [ID_ANNOTATION, APPROVAL_ANNOTATION, EXTERNAL_ANNOTATION];
 
 /// One policy file's name and text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,6 +170,8 @@ pub struct PolicyInfo {
     pub approval_required: bool,
     /// It carries `@external("permit")`.
     pub permits_external: bool,
+    /// The limits its annotations put on each use of what it permits.
+    pub constraints: Constraints,
 }
 
 /// A policy that failed to evaluate for a request.
@@ -232,6 +250,9 @@ pub struct Decision {
     pub errors: Vec<PolicyError>,
     /// The version of the policy set that decided.
     pub policy_version: PolicyVersion,
+    /// For a permit, the limits on each use of the grant it gives: the tightest of every
+    /// satisfied permit's. None for a deny.
+    pub constraints: Constraints,
 }
 
 impl Decision {
@@ -308,11 +329,12 @@ impl fmt::Display for Explanation {
         for p in &self.policies {
             let mut notes = Vec::new();
             if p.approval_required {
-                notes.push("@approval(\"required\")");
+                notes.push("@approval(\"required\")".to_string());
             }
             if p.permits_external {
-                notes.push("@external(\"permit\")");
+                notes.push("@external(\"permit\")".to_string());
             }
+            notes.extend(p.constraints.annotations());
             writeln!(
                 f,
                 "  {} {} at {}:{} {}",
@@ -322,6 +344,9 @@ impl fmt::Display for Explanation {
                 p.location,
                 notes.join(" ")
             )?;
+        }
+        if !self.decision.constraints.is_empty() {
+            writeln!(f, "constraints: {}", self.decision.constraints)?;
         }
         for e in &self.decision.errors {
             writeln!(f, "  error in {}: {}", e.policy, e.message)?;
@@ -618,6 +643,30 @@ fn parse_file(
                     .to_string(),
             );
         }
+        let mut constraints = Constraints::NONE;
+        let mut warnings = Vec::new();
+        for (name, value) in policy.annotations() {
+            match constraints.set_from_annotation(name, value) {
+                Ok(true) if effect == PolicyEffect::Forbid => refuse(
+                    &format!("@{name}"),
+                    format!("@{name} limits what a permit allows; a forbid always denies"),
+                ),
+                Ok(true) => {}
+                Err(problem) => refuse(&format!("@{name}"), problem),
+                Ok(false) if KNOWN_ANNOTATIONS.contains(&name) => {}
+                Ok(false) => warnings.push(diag(
+                    Severity::Warning,
+                    file,
+                    at(&format!("@{name}")),
+                    Some(&id),
+                    format!(
+                        "@{name} is not an annotation ICE acts on (it acts on @{}); it is ignored",
+                        ACTED_ON.join(", @")
+                    ),
+                )),
+            }
+        }
+        out.extend(warnings);
         if !ok {
             continue;
         }
@@ -630,6 +679,7 @@ fn parse_file(
                 effect,
                 approval_required: approval.is_some(),
                 permits_external: external.is_some(),
+                constraints,
             },
         });
     }
@@ -889,6 +939,8 @@ struct Outcome {
     with_approval: Vec<String>,
     failed_forbids: Vec<String>,
     errors: Vec<PolicyError>,
+    /// The tightest constraints of the satisfied permits.
+    constraints: Constraints,
 }
 
 impl Outcome {
@@ -919,6 +971,7 @@ impl Outcome {
             match info.effect {
                 PolicyEffect::Forbid => self.forbids.push(info.id.clone()),
                 PolicyEffect::Permit => {
+                    self.constraints = self.constraints.tightest(info.constraints);
                     let needs_approval = info.approval_required
                         || (request.effect() == EffectClass::External && !info.permits_external);
                     if needs_approval {
@@ -960,10 +1013,15 @@ impl Outcome {
         } else {
             Verdict::Deny(DenyReason::NoPermit)
         };
+        let constraints = match verdict {
+            Verdict::Permit { .. } | Verdict::PermitWithApproval { .. } => self.constraints,
+            Verdict::Deny(_) => Constraints::NONE,
+        };
         Decision {
             verdict,
             errors: self.errors,
             policy_version: set.version,
+            constraints,
         }
     }
 }

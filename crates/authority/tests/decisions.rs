@@ -417,3 +417,45 @@ fn explain_names_the_deciding_policies_and_where_they_are() {
     assert!(shown.contains("forbid p.cedar#2 at p.cedar:3:1"), "{shown}");
     assert!(shown.contains("Agent::\"coder\""), "{shown}");
 }
+
+#[test]
+fn a_permit_carries_the_tightest_constraints_of_every_satisfied_permit() {
+    let set = policies(
+        "@max_bytes(\"100\") permit(principal, action == Action::\"fs.write\", resource);\n\
+         @max_bytes(\"10\") @timeout_ms(\"50\") permit(principal, action == Action::\"fs.write\", resource in Dir::\"src\");\n\
+         permit(principal, action == Action::\"fs.read\", resource);\n\
+         @max_bytes(\"1\") @approval(\"required\") permit(principal, action == Action::\"fs.write\", resource in Dir::\"src\");\n\
+         forbid(principal, action, resource in Dir::\"secrets\");\n",
+    );
+    let src = set.decide(&write("coder", "src/lib.rs"));
+    assert_eq!(src.kind(), DecisionKind::Permit);
+    // The approval-needing permit matched too: its tighter limit is not loosened by the others.
+    assert_eq!(
+        src.constraints,
+        ice_authority::Constraints {
+            max_bytes: Some(1),
+            timeout_ms: Some(50)
+        }
+    );
+    let docs = set.decide(&write("coder", "docs/a.md"));
+    assert_eq!(docs.constraints.max_bytes, Some(100));
+    assert_eq!(docs.constraints.timeout_ms, None);
+    let read = set.decide(&request(
+        "coder",
+        "fs.read",
+        Resource::path("src/lib.rs").expect("path"),
+    ));
+    assert_eq!(read.kind(), DecisionKind::Permit);
+    assert!(read.constraints.is_empty());
+    let denied = set.decide(&write("coder", "secrets/k"));
+    assert_eq!(denied.kind(), DecisionKind::Deny);
+    assert!(denied.constraints.is_empty());
+    // Pre-selection does not change them.
+    assert_eq!(set.decide_unindexed(&write("coder", "src/lib.rs")), src);
+    let shown = set.explain(&write("coder", "src/lib.rs")).to_string();
+    assert!(
+        shown.contains("@max_bytes(\"10\") @timeout_ms(\"50\")")
+            && shown.contains("constraints: each use at most 1 bytes, at most 50 ms"),
+        "{shown}"
+    );
+}

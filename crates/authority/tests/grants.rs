@@ -90,7 +90,7 @@ fn a_use_inside_the_scope_is_authorized_with_the_grants_terms() {
         assert_eq!(auth.resource(), &path(target));
         assert_eq!(auth.scope(), &scope("fs.write:src"));
         assert_eq!(auth.effect(), EffectClass::InternalWrite);
-        assert_eq!(auth.constraints().get("max_bytes"), Some(&json!(1024)));
+        assert_eq!(auth.constraints().max_bytes, Some(1024));
     }
     let g = book.get(&grant).expect("grant folded");
     assert_eq!(g.issued_at, run.events[4].at);

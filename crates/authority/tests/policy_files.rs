@@ -284,3 +284,62 @@ fn an_oversized_policy_file_is_refused_before_it_is_parsed() {
     let err = PolicySet::load_dir(dir.path(), &schema).expect_err("too big");
     assert!(err.to_string().contains("over the limit"), "{err}");
 }
+
+#[test]
+fn constraint_annotations_need_a_positive_whole_number_and_a_permit() {
+    let errs = errors(&[source(
+        "c.cedar",
+        "@max_bytes(\"ten\")\npermit(principal, action, resource);\n@timeout_ms(\"0\") permit(principal, action, resource);\n@max_bytes(\"10\") forbid(principal, action, resource);\n",
+    )]);
+    assert_eq!(errs.len(), 3, "{errs:?}");
+    assert_eq!(errs[0].location, Some(Location { line: 1, column: 1 }));
+    assert!(
+        errs[0].message.contains("@max_bytes(\"ten\")"),
+        "{}",
+        errs[0].message
+    );
+    assert_eq!(errs[1].location, Some(Location { line: 3, column: 1 }));
+    assert!(
+        errs[1].message.contains("@timeout_ms(\"0\")"),
+        "{}",
+        errs[1].message
+    );
+    assert_eq!(errs[2].location, Some(Location { line: 4, column: 1 }));
+    assert!(errs[2].message.contains("forbid"), "{}", errs[2].message);
+    let ok = errors(&[source(
+        "c.cedar",
+        "@max_bytes(\"10\") @timeout_ms(\"250\") permit(principal, action, resource);",
+    )]);
+    assert!(ok.is_empty(), "{ok:?}");
+}
+
+#[test]
+fn an_annotation_ice_does_not_act_on_is_a_warning_not_silence() {
+    let schema = Schema::ice().expect("ICE schema parses");
+    let found = PolicySet::check(
+        &[source(
+            "w.cedar",
+            "@max_byte(\"10\")\npermit(principal, action, resource);",
+        )],
+        &schema,
+    );
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].severity, Severity::Warning);
+    assert!(
+        found[0]
+            .message
+            .contains("@max_byte is not an annotation ICE acts on")
+            && found[0].message.contains("@max_bytes"),
+        "{}",
+        found[0].message
+    );
+    // A warning does not stop the set from loading.
+    PolicySet::from_sources(
+        &[source(
+            "w.cedar",
+            "@note(\"x\") permit(principal, action, resource);",
+        )],
+        &schema,
+    )
+    .expect("loads with a warning");
+}

@@ -69,6 +69,10 @@ pub const STARTER_POLICY: &str = r#"// ICE policies: the starter policy `ice ini
 //        - a request whose effect class is external needs an approval unless the permit that
 //          matches it is annotated @external("permit").
 //   3. If nothing matches, the request is denied: deny is the default.
+// A permit can also limit each use of the grant it gives: @max_bytes("N") (the content
+// written or read, request and response bodies, tool arguments and result, command output)
+// and @timeout_ms("N") (http.request, mcp.call, process.exec). Where several permits match,
+// the tightest limit of each applies.
 // @id("...") names a policy in decisions; a policy without one is named FILE#N (the N-th
 // policy in FILE). Every decision names the policy version, a SHA-256 of these files, that
 // made it.
@@ -114,8 +118,11 @@ when { resource.path like ".env*" || resource.path like "*/.env*" };
 //   @id("coder-writes-src")
 //   permit (principal == Agent::"coder", action == Action::"fs.write", resource in Dir::"src");
 //
-// Any agent may GET or HEAD (effect class read) over https from docs.rs and its subdomains:
+// Any agent may GET or HEAD (effect class read) over https from docs.rs and its subdomains,
+// each response cut at 1 MiB, each request given at most 10 s:
 //   @id("read-docs-rs")
+//   @max_bytes("1048576")
+//   @timeout_ms("10000")
 //   permit (principal, action == Action::"http.request", resource in Domain::"docs.rs")
 //   when {
 //     context.effect == EffectClass::"read" &&
@@ -638,6 +645,7 @@ fn explain(home: &Path, a: ExplainArgs) -> Result<u8> {
             "total": total,
             "policy_dir": dir,
             "policy_version": decision.policy_version.to_string(),
+            "constraints": decision.constraints,
         });
         println!("{doc}");
         return Ok(0);
@@ -674,6 +682,13 @@ fn explain(home: &Path, a: ExplainArgs) -> Result<u8> {
         "considered {considered} of {} (pre-selected by action, resource type, agent and resource)",
         plural(*total, "policy", "policies")
     );
+    if !decision.constraints.is_empty() {
+        let _ = writeln!(
+            out,
+            "limits:   {} (the tightest of every matching permit's @max_bytes, @timeout_ms)",
+            decision.constraints
+        );
+    }
     let _ = writeln!(out, "policy version: {}", decision.policy_version);
     print!("{out}");
     Ok(0)

@@ -545,3 +545,60 @@ fn an_empty_policy_directory_is_valid_and_denies_everything() {
     );
     assert!(stdout(&o).contains("every request will be denied"));
 }
+
+#[test]
+fn explain_shows_the_limits_a_permit_puts_on_each_use() {
+    let (_d, home) = home();
+    std::fs::write(
+        home.join("policies/limits.cedar"),
+        "@id(\"small-writes\")\n@max_bytes(\"4096\")\n@timeout_ms(\"500\")\npermit (principal, action == Action::\"fs.write\", resource in Dir::\"src\");\n",
+    )
+    .unwrap();
+    let args = [
+        "--agent",
+        "coder",
+        "--action",
+        "fs.write",
+        "--resource",
+        "src/lib.rs",
+    ];
+    let o = explain(&home, &args);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("decision: permit\n"), "{out}");
+    assert!(
+        out.contains("limits:   each use at most 4096 bytes, at most 500 ms"),
+        "{out}"
+    );
+    let doc = explain_json(&home, &args);
+    assert_eq!(
+        doc["constraints"],
+        serde_json::json!({"max_bytes": 4096, "timeout_ms": 500})
+    );
+    // Elsewhere only the starter's approval permit matches: no limits.
+    let doc = explain_json(
+        &home,
+        &[
+            "--agent",
+            "coder",
+            "--action",
+            "fs.write",
+            "--resource",
+            "docs/a.md",
+        ],
+    );
+    assert_eq!(doc["constraints"], serde_json::json!({}));
+    // A bad value is an error `ice policy check` locates.
+    std::fs::write(
+        home.join("policies/limits.cedar"),
+        "@max_bytes(\"4 KiB\")\npermit (principal, action == Action::\"fs.write\", resource);\n",
+    )
+    .unwrap();
+    let o = ice(&home, &["policy", "check"]);
+    assert_eq!(code(&o), 1, "{}", stdout(&o));
+    let all = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(
+        all.contains("limits.cedar:1:1") && all.contains("@max_bytes(\"4 KiB\") is not understood"),
+        "{all}"
+    );
+}

@@ -11,6 +11,8 @@
 //! Only the authority crate can make an [`Authorization`] (from `GrantBook::check_use`), so no
 //! caller of an adapter can forge one.
 
+use std::time::Duration;
+
 use ice_authority::{Authorization, EffectClass, Resource};
 use ice_kernel::RunId;
 
@@ -44,6 +46,24 @@ pub enum AuthorizationError {
         needed: EffectClass,
         /// The class the authorization was given for.
         granted: EffectClass,
+    },
+    /// The use would go past a limit the grant puts on each use (a constraint set by the
+    /// policy that permitted it); nothing was done.
+    #[error(
+        "refused: grant {grant} allows at most {limit} bytes per use ({constraint}); {what} is \
+         {bytes} bytes"
+    )]
+    Constraint {
+        /// The grant event behind the authorization.
+        grant: String,
+        /// The constraint (`max_bytes`).
+        constraint: &'static str,
+        /// Its value.
+        limit: u64,
+        /// What was measured against it (`the content`).
+        what: String,
+        /// Its size.
+        bytes: u64,
     },
     /// The authorization belongs to another run.
     #[error("refused: grant {grant} belongs to run {granted_run}, not {run}")]
@@ -102,6 +122,41 @@ pub(crate) fn require_run(auth: &Authorization, run: &RunId) -> Result<(), Autho
     Ok(())
 }
 
+/// Refuse unless `bytes` (of `what`) fit in the grant's `max_bytes`, if it has one.
+pub(crate) fn require_bytes(
+    auth: &Authorization,
+    what: &str,
+    bytes: u64,
+) -> Result<(), AuthorizationError> {
+    match auth.constraints().max_bytes {
+        Some(limit) if bytes > limit => Err(AuthorizationError::Constraint {
+            grant: auth.grant().to_string(),
+            constraint: ice_authority::constraint::MAX_BYTES_ANNOTATION,
+            limit,
+            what: what.to_string(),
+            bytes,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The most bytes this use may move after `already` have been: `limit`, or less where the
+/// grant's `max_bytes` says so.
+pub(crate) fn cap_bytes(auth: &Authorization, already: u64, limit: u64) -> u64 {
+    match auth.constraints().max_bytes {
+        Some(max) => limit.min(max.saturating_sub(already)),
+        None => limit,
+    }
+}
+
+/// The longest this use may run: `limit`, or less where the grant's `timeout_ms` says so.
+pub(crate) fn cap_time(auth: &Authorization, limit: Duration) -> Duration {
+    match auth.constraints().timeout_ms {
+        Some(ms) => limit.min(Duration::from_millis(ms)),
+        None => limit,
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
     //! Authorizations made the only way they can be: a grant recorded in a run's log (events
@@ -109,13 +164,13 @@ pub(crate) mod testing {
     //! use by `GrantBook::check_use`.
 
     use ice_authority::{
-        Authorization, CapabilityGrantedPayload, EffectClass, GrantBook, PolicyVersion, Resource,
-        Scope,
+        Authorization, CapabilityGrantedPayload, Constraints, EffectClass, GrantBook,
+        PolicyVersion, Resource, Scope,
     };
     use ice_kernel::{
         Digest, Draft, EventType, NoOtherRuns, Origin, RunHead, RunId, RunState, Timestamp,
     };
-    use serde_json::{Map, Value, json};
+    use serde_json::{Value, json};
 
     /// `capability` on `resource` in run `run`, from a grant whose scope is `scope` (the
     /// resource's own scope when `None`).
@@ -125,6 +180,27 @@ pub(crate) mod testing {
         resource: Resource,
         scope: Option<&str>,
         effect: EffectClass,
+    ) -> Authorization {
+        authorize_with(run, capability, resource, scope, effect, Constraints::NONE)
+    }
+
+    /// `capability` on `resource` in run `run-1`, from a grant with these constraints.
+    pub(crate) fn constrained(
+        capability: &str,
+        resource: Resource,
+        effect: EffectClass,
+        constraints: Constraints,
+    ) -> Authorization {
+        authorize_with("run-1", capability, resource, None, effect, constraints)
+    }
+
+    fn authorize_with(
+        run: &str,
+        capability: &str,
+        resource: Resource,
+        scope: Option<&str>,
+        effect: EffectClass,
+        constraints: Constraints,
     ) -> Authorization {
         let run_id = RunId::new(run).expect("run id");
         let mut head = RunHead::new(run_id.clone());
@@ -168,7 +244,7 @@ pub(crate) mod testing {
             effect,
             expires_at: Timestamp::from_unix_us(T0_US + 3_600_000_000).expect("time"),
             max_uses: 10,
-            constraints: Map::new(),
+            constraints,
             policy_version: PolicyVersion(Digest([1; 32])),
             policies: vec!["test.cedar#1".into()],
             approval: None,

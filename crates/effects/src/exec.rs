@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use ice_authority::{Authorization, EffectClass, Resource};
 use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
 
-use crate::auth::{AuthorizationError, require};
+use crate::auth::{AuthorizationError, cap_bytes, cap_time, require};
 use crate::evidence::{Detail, Digested, Evidence};
 use crate::limits::MAX_EXEC_ARGS;
 
@@ -134,7 +134,14 @@ impl From<AuthorizationError> for ExecError {
 pub fn run(auth: &Authorization, spec: &ExecSpec) -> Result<ExecOutput, ExecError> {
     let program = check_spec(spec)?;
     require(auth, "process.exec", &program)?;
-    execute(spec, program, Some(auth), "agent")
+    // The grant's constraints can only tighten the spec's limits: its `timeout_ms` bounds the
+    // run, its `max_bytes` the output kept (stdout first, then stderr).
+    let bounded = ExecSpec {
+        timeout: cap_time(auth, spec.timeout),
+        max_output_bytes: cap_bytes(auth, 0, spec.max_output_bytes),
+        ..spec.clone()
+    };
+    execute(&bounded, program, Some(auth), "agent")
 }
 
 /// Run one of the run spec's validation checks. The operator wrote it; no agent asked for it,
@@ -293,7 +300,13 @@ fn execute(
         .recv_timeout(deadline.saturating_duration_since(Instant::now()))
         .is_ok();
     let (stdout, stdout_truncated) = take(&stdout, stdout_finished, limit);
-    let (stderr, stderr_truncated) = take(&stderr, stderr_finished, limit);
+    let (mut stderr, mut stderr_truncated) = take(&stderr, stderr_finished, limit);
+    // A grant's `max_bytes` bounds both streams together: stderr gets what stdout left.
+    let room = auth.map_or(u64::MAX, |a| cap_bytes(a, stdout.len() as u64, u64::MAX));
+    if stderr.len() as u64 > room {
+        stderr.truncate(room as usize);
+        stderr_truncated = true;
+    }
 
     let mut invocation = vec![spec.program.clone()];
     invocation.extend(spec.args.iter().cloned());

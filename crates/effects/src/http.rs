@@ -39,7 +39,9 @@ use serde_json::json;
 use ureq::http;
 use url::Url;
 
-use crate::auth::{AuthorizationError, require, require_effect};
+use crate::auth::{
+    AuthorizationError, cap_bytes, cap_time, require, require_bytes, require_effect,
+};
 use crate::evidence::{Detail, Digested, Evidence};
 use crate::limits::{MAX_HTTP_HEADERS, MAX_URL_LEN};
 
@@ -289,7 +291,9 @@ impl HttpClient {
     }
 
     /// Send `request` under `auth` (`http.request` on exactly the URL's parsed host, with an
-    /// effect class that covers the method). Everything is checked before any connection.
+    /// effect class that covers the method). Everything is checked before any connection. The
+    /// grant's constraints tighten the client's limits: a body over its `max_bytes` is refused,
+    /// the response is cut at what is left of it, and its `timeout_ms` bounds the request.
     pub fn request(
         &self,
         auth: &Authorization,
@@ -311,6 +315,7 @@ impl HttpClient {
                 "a {method} request has no body"
             )));
         }
+        require_bytes(auth, "the request body", request.body.len() as u64)?;
         if request.headers.len() > MAX_HTTP_HEADERS {
             return Err(HttpError::Request(format!(
                 "more than {MAX_HTTP_HEADERS} headers"
@@ -334,6 +339,18 @@ impl HttpClient {
         let built = builder
             .body(request.body.clone())
             .map_err(|e| HttpError::Request(e.to_string()))?;
+        // The grant's constraints can only tighten the client's limits.
+        let timeout = cap_time(auth, self.limits.timeout);
+        let limit = cap_bytes(
+            auth,
+            request.body.len() as u64,
+            self.limits.max_response_bytes,
+        );
+        let built = self
+            .agent
+            .configure_request(built)
+            .timeout_global(Some(timeout))
+            .build();
         // Assert in pairs: the client's own reading of the URL must name the same host and
         // port the authorization was checked against.
         let uri_host = built.uri().host().map(Resource::host);
@@ -354,7 +371,7 @@ impl HttpClient {
         let transport = |e: ureq::Error| match e {
             ureq::Error::Timeout(_) => HttpError::Timeout {
                 url: url.clone(),
-                timeout: self.limits.timeout,
+                timeout,
             },
             other => HttpError::Transport {
                 url: url.clone(),
@@ -386,7 +403,6 @@ impl HttpClient {
         } else {
             None
         };
-        let limit = self.limits.max_response_bytes;
         let mut body = Vec::new();
         let reader = response
             .into_body()

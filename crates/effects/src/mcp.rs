@@ -74,7 +74,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::auth::{AuthorizationError, require, require_effect, require_run};
+use crate::auth::{
+    AuthorizationError, cap_bytes, cap_time, require, require_bytes, require_effect, require_run,
+};
 
 /// How many times a minute a server that keeps dying is restarted before calls are refused.
 pub const MAX_RESTARTS_PER_MINUTE: usize = 5;
@@ -502,7 +504,21 @@ impl ToolServers {
         if let Some(hint) = spec.hint {
             require_effect(auth, hint)?;
         }
-        state.perform(&conn, tool, arguments).await
+        // The grant's constraints can only tighten the server's bounds: arguments over its
+        // `max_bytes` are refused before sending, the result gets what they left, and its
+        // `timeout_ms` bounds the call.
+        let sent = json_size(&arguments) as u64;
+        require_bytes(auth, "the arguments", sent)?;
+        let bounds = Bounds {
+            timeout: cap_time(auth, state.config.call_timeout),
+            max_result_bytes: usize::try_from(cap_bytes(
+                auth,
+                sent,
+                state.config.max_result_bytes as u64,
+            ))
+            .unwrap_or(usize::MAX),
+        };
+        state.perform(&conn, tool, arguments, bounds).await
     }
 
     /// Stop every server: close its session and stdin, then `SIGTERM` and `SIGKILL` its process
@@ -709,12 +725,13 @@ impl ServerState {
         Ok(conn)
     }
 
-    /// One `tools/call` on `conn`.
+    /// One `tools/call` on `conn`, within `bounds`.
     async fn perform(
         &self,
         conn: &Connection,
         tool: &str,
         arguments: Map<String, Value>,
+        bounds: Bounds,
     ) -> Result<ToolCallOutput, ToolCallError> {
         let started = Instant::now();
         let params = CallToolRequestParams::new(tool.to_string()).with_arguments(arguments);
@@ -722,13 +739,13 @@ impl ServerState {
             .service
             .call_tool_with_mrtr_max_rounds(params, MAX_INPUT_ROUNDS);
         // Dropping the call on timeout makes rmcp send notifications/cancelled for it.
-        let answer = match tokio::time::timeout(self.config.call_timeout, calling).await {
+        let answer = match tokio::time::timeout(bounds.timeout, calling).await {
             Ok(answer) => answer,
             Err(_) => {
                 return Err(ToolCallError::Timeout {
                     server: self.config.name.clone(),
                     tool: tool.to_string(),
-                    after: self.config.call_timeout,
+                    after: bounds.timeout,
                 });
             }
         };
@@ -740,7 +757,7 @@ impl ServerState {
         let oversized = |got: Option<usize>| ToolCallError::Oversized {
             server: self.config.name.clone(),
             tool: tool.to_string(),
-            limit: self.config.max_result_bytes,
+            limit: bounds.max_result_bytes,
             got,
         };
         let result = match answer {
@@ -803,7 +820,7 @@ impl ServerState {
         let result = serde_json::to_value(&result)
             .map_err(|e| protocol(format!("its result cannot be represented as JSON: {e}")))?;
         let bytes = json_size(&result);
-        if bytes > self.config.max_result_bytes {
+        if bytes > bounds.max_result_bytes {
             return Err(oversized(Some(bytes)));
         }
         Ok(ToolCallOutput {
@@ -839,8 +856,15 @@ fn over_http_bound(error: &rmcp::transport::DynamicTransportError) -> bool {
     false
 }
 
+/// What one call may take: the server's bounds, tightened by the grant's constraints.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    timeout: Duration,
+    max_result_bytes: usize,
+}
+
 /// The size of `value` serialized as JSON.
-fn json_size(value: &Value) -> usize {
+fn json_size(value: &impl serde::Serialize) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {

@@ -47,7 +47,7 @@ use ice_kernel::{Digest, RunId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::auth::{require, require_run};
+use crate::auth::{cap_bytes, require, require_bytes, require_run};
 use crate::evidence::{Detail, Digested, Evidence};
 use crate::limits::{MAX_JOURNAL_BYTES, MAX_STAGED_FILE_BYTES};
 use crate::workspace::{
@@ -563,6 +563,7 @@ impl Stage {
         let segs = file_segments(path).map_err(FsError::from)?;
         require(auth, "fs.write", &Resource::Path(path.to_string())).map_err(FsError::from)?;
         require_run(auth, &self.run).map_err(FsError::from)?;
+        require_bytes(auth, "the content", content.len() as u64).map_err(FsError::from)?;
         if content.len() > MAX_STAGED_FILE_BYTES {
             return Err(StageError::Fs(FsError::Limit {
                 path: path.to_string(),
@@ -623,6 +624,7 @@ impl Stage {
         let segs = file_segments(path).map_err(FsError::from)?;
         require(auth, "fs.read", &Resource::Path(path.to_string())).map_err(FsError::from)?;
         require_run(auth, &self.run).map_err(FsError::from)?;
+        let limit = cap_bytes(auth, 0, limit);
         self.check_parents(path, &segs)?;
         let (content, size, truncated, staged) = match self.view.get(path) {
             Some(Staged::Deleted) => {

@@ -36,7 +36,7 @@ use ice_kernel::Digest;
 use rustix::io::Errno;
 use sha2::Digest as _;
 
-use crate::auth::{AuthorizationError, require};
+use crate::auth::{AuthorizationError, cap_bytes, require};
 use crate::evidence::{Detail, Digested, Evidence};
 use crate::limits::MAX_LIST_ENTRIES;
 
@@ -468,11 +468,12 @@ impl Workspace {
         &self.root_path
     }
 
-    /// Read the file at `path` (`fs.read`), at most `limit` bytes; [`FileRead::truncated`] says
-    /// whether the file holds more.
+    /// Read the file at `path` (`fs.read`), at most `limit` bytes (or the grant's `max_bytes`,
+    /// if less); [`FileRead::truncated`] says whether the file holds more.
     pub fn read(&self, auth: &Authorization, path: &str, limit: u64) -> Result<FileRead, FsError> {
         file_segments(path)?;
         require(auth, "fs.read", &Resource::Path(path.to_string()))?;
+        let limit = cap_bytes(auth, 0, limit);
         let (content, size, truncated) = self.read_file(path, limit)?;
         let evidence = read_evidence(auth, path, &content, size, truncated, false);
         Ok(FileRead {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ice_authority::payload::DenialCode;
 use ice_authority::{Authorization, EffectClass, Registry, Resource, ResourceKind};
-use ice_effects::{Stage, StageError};
+use ice_effects::{AuthorizationError, Stage, StageError};
 use ice_kernel::{CapabilityProposal, Cost, Digest, EventType};
 use serde_json::{Map, Value, json};
 
@@ -300,13 +300,19 @@ impl Staging {
 }
 
 fn fs_refusal(e: StageError) -> (DenialCode, String) {
-    let confinement = matches!(&e, StageError::Fs(f) if f.is_confinement());
-    let code = if confinement {
-        DenialCode::Confinement
-    } else {
-        DenialCode::EffectFailed
+    let code = match &e {
+        StageError::Fs(ice_effects::FsError::Refused(r)) if is_constraint(r) => {
+            DenialCode::GrantConstraint
+        }
+        StageError::Fs(f) if f.is_confinement() => DenialCode::Confinement,
+        _ => DenialCode::EffectFailed,
     };
     (code, e.to_string())
+}
+
+/// Whether the effects layer refused a use for going past its grant's constraints.
+fn is_constraint(e: &AuthorizationError) -> bool {
+    matches!(e, AuthorizationError::Constraint { .. })
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -472,6 +478,9 @@ pub async fn perform_remote(
                 .map_err(|e| {
                     let code = match &e {
                         ice_effects::http::HttpError::Url(_) => DenialCode::InvalidTarget,
+                        ice_effects::http::HttpError::Refused(r) if is_constraint(r) => {
+                            DenialCode::GrantConstraint
+                        }
                         ice_effects::http::HttpError::Refused(_) => DenialCode::Confinement,
                         _ => DenialCode::EffectFailed,
                     };
@@ -552,6 +561,9 @@ pub async fn perform_tool(
                     ..Cost::default()
                 },
             })
+        }
+        Err(ToolCallError::Authorization(e)) if is_constraint(&e) => {
+            Err((DenialCode::GrantConstraint, e.to_string()))
         }
         Err(
             e @ (ToolCallError::Authorization(_)

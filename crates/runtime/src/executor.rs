@@ -462,6 +462,7 @@ impl Ctx<'_> {
         let decision = live.policy.decide(&request);
         let policies = decision.determining_policies().to_vec();
         let version = decision.policy_version;
+        let constraints = decision.constraints;
         match decision.kind() {
             DecisionKind::Deny => {
                 let mut d = Self::denial(
@@ -475,7 +476,14 @@ impl Ctx<'_> {
             }
             DecisionKind::Permit => {
                 let g = self.grant_payload(
-                    live, agent, r, &resource, effect, &version, policies, None, now,
+                    live,
+                    agent,
+                    r,
+                    &resource,
+                    effect,
+                    (&version, policies, constraints),
+                    None,
+                    now,
                 );
                 self.proceed(
                     guard,
@@ -571,8 +579,7 @@ impl Ctx<'_> {
                     r,
                     &resource,
                     effect,
-                    &version,
-                    policies,
+                    (&version, policies, constraints),
                     Some((approval, req.clone())),
                     now,
                 );
@@ -614,6 +621,8 @@ impl Ctx<'_> {
         Ok(CallEnd { outcome, exhausted })
     }
 
+    /// The grant a permit gives: `decided` is the policy version, the determining policies and
+    /// the constraints of the decision.
     #[allow(clippy::too_many_arguments)]
     fn grant_payload(
         &self,
@@ -622,11 +631,15 @@ impl Ctx<'_> {
         r: &CapabilityProposal,
         resource: &Resource,
         effect: ice_authority::EffectClass,
-        version: &ice_authority::PolicyVersion,
-        policies: Vec<String>,
+        decided: (
+            &ice_authority::PolicyVersion,
+            Vec<String>,
+            ice_authority::Constraints,
+        ),
         approval: Option<(EventId, EventId)>,
         now: Timestamp,
     ) -> CapabilityGrantedPayload {
+        let (version, policies, constraints) = decided;
         let scope = ice_authority::Scope::for_target(&r.capability, resource)
             .expect("a checked resource has a scope");
         let (approval, request) = match approval {
@@ -642,7 +655,7 @@ impl Ctx<'_> {
             effect,
             expires_at: add_ms(now, live.spec.grant_ttl_ms),
             max_uses: u64::from(live.spec.grant_uses),
-            constraints: Map::new(),
+            constraints,
             policy_version: *version,
             policies,
             approval,

@@ -1012,11 +1012,12 @@ impl Drive<'_> {
         };
         let d = policy.decide(&request);
         let policies = d.determining_policies().to_vec();
-        match d.kind() {
-            DecisionKind::Deny => Expect::Policy("deny", policies),
-            DecisionKind::Permit => Expect::Policy("permit", policies),
-            DecisionKind::PermitWithApproval => Expect::Policy("approval", policies),
-        }
+        let kind = match d.kind() {
+            DecisionKind::Deny => "deny",
+            DecisionKind::Permit => "permit",
+            DecisionKind::PermitWithApproval => "approval",
+        };
+        Expect::Policy(kind, policies, d.constraints)
     }
 }
 
@@ -1026,8 +1027,9 @@ enum Expect {
     Denied(DenialCode),
     /// An existing grant covers it.
     Reuse(EventId),
-    /// The policy decides: `deny`, `permit` or `approval`, by these policies.
-    Policy(&'static str, Vec<String>),
+    /// The policy decides: `deny`, `permit` or `approval`, by these policies, with these
+    /// constraints on the grant it gives.
+    Policy(&'static str, Vec<String>, ice_authority::Constraints),
     /// Cannot be re-made, and why.
     Unchecked(String),
     /// This grant covered the target when the live run may have decided, and had expired by
@@ -1068,7 +1070,7 @@ fn mismatch(want: &Expect, got: &Event) -> Option<String> {
                 )
             })
         }
-        Expect::Policy(kind, want_policies) => {
+        Expect::Policy(kind, want_policies, want_constraints) => {
             let recorded = match t {
                 Some(EventType::CapabilityDenied)
                     if reason == DenialCode::PolicyDenied.as_str() =>
@@ -1089,9 +1091,24 @@ fn mismatch(want: &Expect, got: &Event) -> Option<String> {
                     describe(got)
                 ));
             }
-            (sorted(policies) != sorted(want_policies.clone())).then(|| {
-                format!("the policy decides {kind} by {want_policies:?}; the run recorded it by other policies")
-            })
+            if sorted(policies) != sorted(want_policies.clone()) {
+                return Some(format!(
+                    "the policy decides {kind} by {want_policies:?}; the run recorded it by other policies"
+                ));
+            }
+            if recorded == "permit" {
+                let constraints = got.payload.get("constraints").and_then(|c| {
+                    <ice_authority::Constraints as serde::Deserialize>::deserialize(c).ok()
+                });
+                if constraints != Some(*want_constraints) {
+                    return Some(format!(
+                        "the policy gives a grant with constraints {}; the run recorded {}",
+                        serde_json::json!(want_constraints),
+                        got.payload.get("constraints").unwrap_or(&Value::Null)
+                    ));
+                }
+            }
+            None
         }
         Expect::Unchecked(_) => None,
         Expect::Either(g, other) => {

@@ -180,3 +180,40 @@ async fn a_forged_record_whose_policy_decides_otherwise_is_caught() {
         r.divergences
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_recorded_without_the_constraints_its_policy_sets_is_caught() {
+    let policy = POLICY.replace(
+        "@id(\"write\")",
+        "@id(\"write\")\n@max_bytes(\"4096\")\n@timeout_ms(\"1000\")",
+    );
+    let h = H::new(&policy);
+    let (spec, mut agent) = h.spec("r4", "coder", "", PLAN);
+    h.run(spec, &mut agent).await;
+    let run = RunId::new("r4").unwrap();
+    let mut again = plan_agent(PLAN);
+    let r = h.rt.replay_drive(&run, &mut again).await.unwrap();
+    assert!(r.divergences.is_empty(), "{:?}", r.divergences);
+    // A forger lifts the write grant's limits; everything else stays consistent.
+    forge(&h, "r4", "r4-forged", |t, p| {
+        if t == "CapabilityGranted" && p["capability"] == "fs.write" {
+            assert_eq!(
+                p["constraints"],
+                serde_json::json!({"max_bytes": 4096, "timeout_ms": 1000})
+            );
+            p["constraints"] = serde_json::json!({});
+        }
+    })
+    .await;
+    let run = RunId::new("r4-forged").unwrap();
+    let mut again = plan_agent(PLAN);
+    let r = h.rt.replay_drive(&run, &mut again).await.unwrap();
+    assert_eq!(r.divergences.len(), 1, "{:?}", r.divergences);
+    assert!(
+        r.divergences[0]
+            .what
+            .contains("the policy gives a grant with constraints {\"max_bytes\":4096,\"timeout_ms\":1000}; the run recorded {}"),
+        "{:?}",
+        r.divergences
+    );
+}

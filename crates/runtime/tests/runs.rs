@@ -551,3 +551,81 @@ async fn the_unfinished_runs_are_those_whose_state_has_not_ended() {
     assert_eq!(h.rt.unfinished_runs().await.unwrap(), check(&[]));
     assert_eq!(unfinished_by_folding(&h).await, check(&[]));
 }
+
+const CONSTRAINED_POLICY: &str = r#"
+@id("read")
+@max_bytes("3")
+permit(principal, action in [Action::"fs.read", Action::"fs.list"], resource in Dir::".");
+@id("write")
+@max_bytes("8")
+permit(principal == Agent::"coder", action in [Action::"fs.write", Action::"fs.delete"], resource in Dir::".");
+"#;
+
+const CONSTRAINED_PLAN: &str = r#"
+[[step]]
+intent = "small write"
+capability = "fs.write"
+target = "hello.txt"
+arguments = { content = "short\n" }
+
+[[step]]
+intent = "large write, same grant"
+capability = "fs.write"
+target = "hello.txt"
+arguments = { content = "far too long for the grant\n" }
+
+[[step]]
+intent = "read"
+capability = "fs.read"
+target = "config.toml"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policys_constraints_are_recorded_in_the_grant_and_bound_every_use() {
+    let h = H::new(CONSTRAINED_POLICY);
+    let (spec, plan) = h.spec("bounded", "coder", "[grants]\nuses = 5", CONSTRAINED_PLAN);
+    let mut agent = Hooked {
+        inner: plan,
+        hook: |v: &ice_kernel::AgentView| match (v.step, &v.last) {
+            (2, Some(ice_kernel::Outcome::Denied { reason, detail, .. })) => {
+                assert_eq!(reason, "grant_constraint");
+                assert!(
+                    detail.contains("at most 8 bytes per use (max_bytes)")
+                        && detail.contains("27 bytes"),
+                    "{detail}"
+                );
+            }
+            (2, other) => panic!("the large write was not refused: {other:?}"),
+            (3, _) => {}
+            _ => {}
+        },
+    };
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.outcome, RunOutcome::Committed, "{report:?}");
+    assert_eq!(h.read("hello.txt"), "short\n");
+    let events = h.events("bounded").await;
+    assert_eq!(denial_codes(&events), ["grant_constraint"]);
+    let grants = of_type(&events, EventType::CapabilityGranted);
+    assert_eq!(grants.len(), 2, "the large write reused the write grant");
+    assert_eq!(
+        grants[0].payload["constraints"],
+        serde_json::json!({"max_bytes": 8})
+    );
+    assert_eq!(
+        grants[1].payload["constraints"],
+        serde_json::json!({"max_bytes": 3})
+    );
+    // The denial names the grant it was refused under; the read was cut and says so.
+    let denied = of_type(&events, EventType::CapabilityDenied)[0];
+    assert_eq!(
+        denied.payload["grant"].as_str(),
+        Some(grants[0].id().to_string().as_str())
+    );
+    let read = of_type(&events, EventType::FileRead)[0];
+    assert_eq!(read.payload["output"]["content"], "x =");
+    assert_eq!(read.payload["truncated"], true);
+    assert_eq!(read.payload["size"], 6);
+    // The books fold the constraints back.
+    let replayed = Books::fold(RunId::new("bounded").unwrap(), events.iter()).unwrap();
+    assert_eq!(replayed, report.books);
+}

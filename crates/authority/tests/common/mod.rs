@@ -7,7 +7,7 @@ use ice_kernel::{
     Digest, Draft, Event, EventId, EventType, NoOtherRuns, Origin, Payload, RunHead, RunId,
     RunState, Timestamp, ValidationError,
 };
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 /// 2023-11-14T22:13:20Z: where test clocks start.
 pub const T0_US: i64 = 1_700_000_000_000_000;
@@ -143,8 +143,10 @@ pub fn granted(
     expires_at: Timestamp,
     request: EventId,
 ) -> CapabilityGrantedPayload {
-    let mut constraints = Map::new();
-    constraints.insert("max_bytes".into(), json!(1024));
+    let constraints = ice_authority::Constraints {
+        max_bytes: Some(1024),
+        timeout_ms: None,
+    };
     CapabilityGrantedPayload {
         capability: capability.to_string(),
         resource,

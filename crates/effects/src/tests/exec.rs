@@ -149,3 +149,48 @@ fn commands_the_adapter_does_not_run() {
         Err(ExecError::Spawn { .. })
     ));
 }
+
+#[test]
+fn a_grants_constraints_bound_the_commands_time_and_output() {
+    use crate::auth::testing::constrained;
+    let auth = |max_bytes, timeout_ms| {
+        constrained(
+            "process.exec",
+            Resource::command("sh").unwrap(),
+            EffectClass::InternalWrite,
+            ice_authority::Constraints {
+                max_bytes,
+                timeout_ms,
+            },
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // stdout and stderr together keep at most max_bytes: stdout first, stderr what is left.
+    let both = spec(
+        dir.path(),
+        "sh",
+        &["-c", "printf 0123456789; printf abcdefghij >&2"],
+    );
+    let out = run(&auth(Some(14), None), &both).unwrap();
+    assert_eq!(out.stdout, b"0123456789");
+    assert!(!out.stdout_truncated);
+    assert_eq!(out.stderr, b"abcd");
+    assert!(out.stderr_truncated);
+    // The evidence digests what was kept.
+    assert_eq!(out.evidence.outputs[1].digest, Digest::of(b"abcd"));
+    let out = run(&auth(Some(4), None), &both).unwrap();
+    assert_eq!(
+        (out.stdout.as_slice(), out.stderr.as_slice()),
+        (&b"0123"[..], &b""[..])
+    );
+    assert!(out.stdout_truncated && out.stderr_truncated);
+    // Without a constraint the spec's bounds hold.
+    let out = run(&auth(None, None), &both).unwrap();
+    assert_eq!(out.stderr, b"abcdefghij");
+    // timeout_ms ends a command the spec would have let run 20 s.
+    let slow = spec(dir.path(), "sh", &["-c", "sleep 30"]);
+    let started = Instant::now();
+    let out = run(&auth(None, Some(300)), &slow).unwrap();
+    assert!(out.timed_out);
+    assert!(started.elapsed() < Duration::from_secs(10));
+}

@@ -399,3 +399,77 @@ fn requests_the_adapter_does_not_send() {
     }
     assert_eq!(server.connections(), 0);
 }
+
+#[test]
+fn a_grants_constraints_tighten_the_clients_limits() {
+    use crate::auth::testing::constrained;
+    let server = Server::start();
+    let bounded = |max_bytes, timeout_ms| {
+        constrained(
+            "http.request",
+            Resource::host("127.0.0.1").unwrap(),
+            EffectClass::External,
+            ice_authority::Constraints {
+                max_bytes,
+                timeout_ms,
+            },
+        )
+    };
+    // A body over max_bytes is refused before any connection.
+    let post = |body: &[u8]| HttpRequest {
+        method: "POST".into(),
+        url: server.url("127.0.0.1", "/submit"),
+        headers: vec![],
+        body: body.to_vec(),
+    };
+    let err = refused(client().request(&bounded(Some(4), None), &post(b"12345")));
+    assert!(
+        matches!(
+            &err,
+            AuthorizationError::Constraint {
+                constraint: "max_bytes",
+                limit: 4,
+                bytes: 5,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains("at most 4 bytes per use (max_bytes)"),
+        "{err}"
+    );
+    assert_eq!(server.connections(), 0);
+    // The response gets what the body left: 10 - 4 = 6 of "hello POST data".
+    let response = client()
+        .request(&bounded(Some(10), None), &post(b"data"))
+        .unwrap();
+    assert_eq!(response.body, b"hello ");
+    assert!(response.body_truncated);
+    // A generous constraint leaves the client's own limit in force.
+    let small = HttpClient::new(HttpLimits {
+        timeout: Duration::from_secs(10),
+        max_response_bytes: 100,
+    });
+    let response = small
+        .request(
+            &bounded(Some(1 << 20), None),
+            &get(server.url("127.0.0.1", "/big")),
+        )
+        .unwrap();
+    assert_eq!(response.body.len(), 100);
+    // timeout_ms cuts a request the client alone would have waited 10 s for.
+    let started = std::time::Instant::now();
+    let err = client()
+        .request(
+            &bounded(None, Some(300)),
+            &get(server.url("127.0.0.1", "/slow")),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, HttpError::Timeout { timeout, .. } if timeout == Duration::from_millis(300)),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+}

@@ -632,6 +632,84 @@ async fn faulty_python_server_crash_hang_huge_garbage_and_refusals() {
         .await
         .expect("ok");
     assert_eq!(text(&out.result), "still usable");
+
+    // A grant's constraints: arguments over max_bytes are refused before sending, the result
+    // gets what they left, and timeout_ms cuts the call short.
+    let constrained = |max_bytes, timeout_ms, tool| {
+        crate::auth::testing::constrained(
+            "mcp.call",
+            Resource::tool("faulty", tool).expect("tool"),
+            EffectClass::External,
+            ice_authority::Constraints {
+                max_bytes,
+                timeout_ms,
+            },
+        )
+    };
+    let fine = || args(json!({"text": "fine"}));
+    let sent = serde_json::to_string(&fine()).unwrap().len() as u64;
+    let err = servers
+        .call(
+            &constrained(Some(sent - 1), None, "ok"),
+            &run1(),
+            "faulty",
+            "ok",
+            fine(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ToolCallError::Authorization(AuthorizationError::Constraint { bytes, .. }) if *bytes == sent
+        ),
+        "{err:?}"
+    );
+    let err = servers
+        .call(
+            &constrained(Some(sent + 5), None, "ok"),
+            &run1(),
+            "faulty",
+            "ok",
+            fine(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ToolCallError::Oversized { limit: 5, got: Some(got), .. } if got > 5),
+        "{err:?}"
+    );
+    let out = servers
+        .call(
+            &constrained(Some(sent + 4096), None, "ok"),
+            &run1(),
+            "faulty",
+            "ok",
+            fine(),
+        )
+        .await
+        .expect("within the constraint");
+    assert_eq!(text(&out.result), "fine");
+    let started = Instant::now();
+    let err = servers
+        .call(
+            &constrained(None, Some(300), "hang"),
+            &run1(),
+            "faulty",
+            "hang",
+            Map::new(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ToolCallError::Timeout { after, .. } if after == Duration::from_millis(300)),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        pid_of(call("pid", json!({})).await.expect("pid")),
+        first_pid
+    );
     assert_eq!(
         pid_of(call("pid", json!({})).await.expect("pid")),
         first_pid

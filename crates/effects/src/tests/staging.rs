@@ -550,3 +550,60 @@ fn materialize_refuses_a_hard_link_and_skips_special_files() {
     ));
     assert!(!s.base.join("copy2/src/hl").exists());
 }
+
+#[test]
+fn a_grants_max_bytes_refuses_a_larger_write_and_cuts_a_read() {
+    use crate::auth::testing::constrained;
+    use ice_authority::{Constraints, EffectClass, Resource};
+    let limit = Constraints {
+        max_bytes: Some(3),
+        timeout_ms: None,
+    };
+    let (s, mut stage) = setup();
+    let w = constrained(
+        "fs.write",
+        Resource::path("a.txt").unwrap(),
+        EffectClass::InternalWrite,
+        limit,
+    );
+    let err = stage_err_fs(stage.write(&w, "a.txt", b"four").unwrap_err());
+    let FsError::Refused(refusal) = &err else {
+        panic!("expected a refusal, got {err:?}");
+    };
+    assert!(
+        matches!(
+            **refusal,
+            AuthorizationError::Constraint {
+                limit: 3,
+                bytes: 4,
+                ..
+            }
+        ),
+        "{refusal:?}"
+    );
+    assert!(stage.diff().unwrap().is_empty(), "nothing was staged");
+    stage.write(&w, "a.txt", b"abc").unwrap();
+    // A read keeps at most max_bytes and says it was cut, from the stage and the workspace.
+    let r = constrained(
+        "fs.read",
+        Resource::path("a.txt").unwrap(),
+        EffectClass::Read,
+        limit,
+    );
+    let got = stage.read(&r, "a.txt", 100).unwrap();
+    assert_eq!(
+        (got.content.as_slice(), got.truncated),
+        (&b"abc"[..], false)
+    );
+    let r = constrained(
+        "fs.read",
+        Resource::path("b.txt").unwrap(),
+        EffectClass::Read,
+        limit,
+    );
+    let got = stage.read(&r, "b.txt", 100).unwrap();
+    assert_eq!((got.content.as_slice(), got.truncated), (&b"old"[..], true));
+    let ws = Workspace::open(&s.ws).unwrap();
+    let got = ws.read(&r, "b.txt", 100).unwrap();
+    assert_eq!((got.content.as_slice(), got.truncated), (&b"old"[..], true));
+}
