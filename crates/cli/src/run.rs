@@ -331,15 +331,10 @@ pub(crate) fn write_report(out: &mut dyn Write, r: &RunReport, json_out: bool) -
     code
 }
 
-pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
-    // Everything that can be wrong with the input is found before anything is recorded.
-    let spec = RunSpec::load(&a.spec).map_err(|e| anyhow!("{e}"))?;
-    let mut agent = crate::agents::load_agent(&spec)?;
-    let (h, rt) = runtime(home, url).await?;
-    let progress = Progress {
-        on: a.verbose || std::io::stderr().is_terminal(),
-    };
-    for r in rt.recover(&progress).await? {
+/// Start-up crash recovery, before a command starts or resumes a run: runs a stopped process
+/// left behind are moved to a defined state (each one said on stderr).
+async fn recover(rt: &Runtime, progress: &Progress) -> Result<()> {
+    for r in rt.recover(progress).await? {
         let _ = writeln!(
             std::io::stderr(),
             "recovered run {}: {} → {} ({})",
@@ -349,6 +344,18 @@ pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
             r.detail
         );
     }
+    Ok(())
+}
+
+pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
+    // Everything that can be wrong with the input is found before anything is recorded.
+    let spec = RunSpec::load(&a.spec).map_err(|e| anyhow!("{e}"))?;
+    let mut agent = crate::agents::load_agent(&spec)?;
+    let (h, rt) = runtime(home, url).await?;
+    let progress = Progress {
+        on: a.verbose || std::io::stderr().is_terminal(),
+    };
+    recover(&rt, &progress).await?;
     let report = rt.start(spec, agent.as_mut(), &progress).await?;
     let code = print_report(&report, a.json);
     seal_with_checkpoint(&h, &rt, a.json).await?;
@@ -392,6 +399,11 @@ pub async fn reconfigure(home: &Path, url: Option<&str>, a: ReconfigureArgs) -> 
         anyhow!("{}:{at} {}", a.record.display(), e.message())
     })?;
     let (h, rt) = runtime(home, url).await?;
+    let progress = Progress {
+        on: a.verbose || std::io::stderr().is_terminal(),
+    };
+    // A run whose process was killed is suspended by recovery first, so it can be reconfigured.
+    recover(&rt, &progress).await?;
     let id = rt
         .reconfigure(&run, &operator(&a.operator), &record)
         .await?;
@@ -405,9 +417,6 @@ pub async fn reconfigure(home: &Path, url: Option<&str>, a: ReconfigureArgs) -> 
         .clone()
         .ok_or_else(|| anyhow!("run {run} has no recorded spec"))?;
     let mut agent = crate::agents::load_agent(&spec)?;
-    let progress = Progress {
-        on: a.verbose || std::io::stderr().is_terminal(),
-    };
     let report = rt.resume(&run, agent.as_mut(), &progress).await?;
     let code = print_report(&report, false);
     seal_with_checkpoint(&h, &rt, false).await?;

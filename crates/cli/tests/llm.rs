@@ -464,3 +464,166 @@ fn a_memory_promoted_by_one_llm_run_is_shown_to_the_model_in_the_next() {
     assert_eq!(r["divergences"], json!([]), "{r:#}");
     assert_eq!(r["drive"]["inferences"], 1, "{r:#}");
 }
+
+#[test]
+fn a_suspended_llm_run_resumes_its_conversation_and_replays_through_the_suspension() {
+    let dir = tempfile::tempdir().unwrap();
+    let summary = json!({"path": "notes/summary.txt", "content": "one line\n"});
+    let script = json!([
+        reply(
+            "Reading.",
+            vec![call("c1", "fs_read", json!({"path": "notes/todo.txt"}))],
+            (100, 20)
+        ),
+        reply(
+            "Writing.",
+            vec![call("c2", "fs_write", summary.clone())],
+            (120, 20)
+        ),
+        reply(
+            "Retrying.",
+            vec![call("c3", "fs_write", summary)],
+            (140, 20)
+        ),
+        reply(
+            "Done: the summary is in notes/summary.txt.",
+            vec![],
+            (160, 10)
+        ),
+    ]);
+    let model = ModelServer::start(dir.path(), &script);
+    let (home, ex) = setup(dir.path(), model.port, |t| {
+        t.replace("tool_calls = 20", "tool_calls = 1")
+            .replace("on_exhaustion = \"abort\"", "on_exhaustion = \"suspend\"")
+    });
+    // The write does not fit the budget of one tool call: the run suspends on it.
+    let o = ice(
+        &home,
+        &["run", ex.join("run.toml").to_str().unwrap(), "--json"],
+    );
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert_eq!(model.requests().len(), 2);
+    let ev = events(&home, "llm-notes");
+    assert_eq!(of_type(&ev, "RunSuspended").len(), 1);
+    assert_eq!(
+        of_type(&ev, "CapabilityDenied")[0]["payload"]["reason"],
+        "budget_exhausted"
+    );
+
+    // A new process raises the budget and resumes the run: its agent is the same conversation
+    // (rebuilt from the record without calling the model), told what happened to its write.
+    let record = dir.path().join("more.toml");
+    std::fs::write(
+        &record,
+        "reason = \"room for the write\"\n[budget]\ntool_calls = 5\n",
+    )
+    .unwrap();
+    let o = ice(
+        &home,
+        &[
+            "reconfigure",
+            "llm-notes",
+            "--record",
+            record.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let requests = model.requests();
+    assert_eq!(requests.len(), 4, "the recorded calls were not sent again");
+    let messages = requests[2]["messages"].as_array().unwrap();
+    let said = |id: &str| {
+        messages
+            .iter()
+            .find(|m| m["role"] == "tool" && m["tool_call_id"] == id)
+            .and_then(|m| m["content"].as_str())
+            .unwrap_or_else(|| panic!("no answer to {id} in {messages:#?}"))
+            .to_string()
+    };
+    assert_eq!(messages[1]["role"], "user");
+    assert!(said("c1").contains("buy milk"), "{}", said("c1"));
+    assert!(
+        said("c2").starts_with("DENIED (budget_exhausted)"),
+        "{}",
+        said("c2")
+    );
+    assert_eq!(
+        std::fs::read_to_string(ex.join("workspace/notes/summary.txt")).unwrap(),
+        "one line\n"
+    );
+
+    // The whole run, suspension included, replays without the model.
+    drop(model);
+    let o = ice(&home, &["replay", "llm-notes", "--drive", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["divergences"], json!([]), "{r:#}");
+    assert_eq!(r["drive"]["inferences"], 4, "{r:#}");
+    assert_eq!(r["drive"]["unchecked"], json!([]), "{r:#}");
+}
+
+#[test]
+fn an_llm_run_killed_during_a_model_call_resumes_by_asking_the_same_question_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut slow = reply("never received", vec![], (1, 1));
+    slow["delay_ms"] = json!(60_000);
+    let script = json!([
+        reply(
+            "Reading.",
+            vec![call("c1", "fs_read", json!({"path": "notes/todo.txt"}))],
+            (100, 20)
+        ),
+        slow,
+        reply("Done: nothing to change.", vec![], (130, 10)),
+    ]);
+    let model = ModelServer::start(dir.path(), &script);
+    let (home, ex) = setup(dir.path(), model.port, |t| t);
+    let mut child = ice_cmd(&home)
+        .args(["run", ex.join("run.toml").to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed while the model is thinking about its second answer.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while model.requests().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the second model call never came"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The next command recovers it (suspended for review); the operator resumes it.
+    let record = dir.path().join("go-on.toml");
+    std::fs::write(&record, "reason = \"the host restarted\"\n").unwrap();
+    let o = ice(
+        &home,
+        &[
+            "reconfigure",
+            "llm-notes",
+            "--record",
+            record.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let requests = model.requests();
+    assert_eq!(requests.len(), 3);
+    // The interrupted question is asked again, word for word: the conversation was rebuilt.
+    assert_eq!(requests[2], requests[1]);
+    let ev = events(&home, "llm-notes");
+    assert_eq!(
+        of_type(&ev, "RunSuspended")[0]["payload"]["reason"],
+        "crash_recovery"
+    );
+    assert_eq!(of_type(&ev, "InferenceStep").len(), 2);
+    assert_eq!(of_type(&ev, "RunCommitted").len(), 1);
+    drop(model);
+    let o = ice(&home, &["replay", "llm-notes", "--drive", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["divergences"], json!([]), "{r:#}");
+    assert_eq!(r["drive"]["inferences"], 2, "{r:#}");
+    let unchecked = r["drive"]["unchecked"].to_string();
+    assert!(unchecked.contains("a model call was interrupted"), "{r:#}");
+}

@@ -416,6 +416,11 @@ pub trait Model: Send {
     fn divergences(&self) -> &[String] {
         &[]
     }
+
+    /// How many recorded replies are left unused (0 for a live model).
+    fn remaining(&self) -> usize {
+        0
+    }
 }
 
 /// SHA-256 (lowercase hex) of the request's RFC 8785 encoding: `request_digest` in the record.
@@ -689,6 +694,10 @@ impl Model for RecordedModel {
 
     fn divergences(&self) -> &[String] {
         &self.divergences
+    }
+
+    fn remaining(&self) -> usize {
+        RecordedModel::remaining(self)
     }
 }
 
@@ -1058,6 +1067,9 @@ pub struct LlmAgent {
     calls: u64,
     errors: u64,
     last_error: Option<String>,
+    /// While a resumed run re-drives the agent through its record: the live model, set aside
+    /// while `model` answers from the recording.
+    live: Option<Box<dyn Model>>,
 }
 
 impl fmt::Debug for LlmAgent {
@@ -1087,6 +1099,7 @@ impl LlmAgent {
             calls: 0,
             errors: 0,
             last_error: None,
+            live: None,
         }
     }
 
@@ -1418,6 +1431,35 @@ impl LlmAgent {
 impl Agent for LlmAgent {
     fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The conversation is rebuilt, not restarted: until [`Agent::rebuilt`], model calls are
+    /// answered from the run's recorded ones (and checked against their request digests), so
+    /// the re-drive calls no model.
+    fn rebuild_from(&mut self, recorded: Vec<Payload>) -> bool {
+        let replay: Box<dyn Model> = Box::new(RecordedModel::new(recorded));
+        let live = std::mem::replace(&mut self.model, replay);
+        self.live.get_or_insert(live);
+        true
+    }
+
+    fn rebuilt(&mut self) -> Result<(), AgentError> {
+        let Some(live) = self.live.take() else {
+            return Ok(());
+        };
+        let replay = std::mem::replace(&mut self.model, live);
+        if let Some(first) = replay.divergences().first() {
+            return Err(AgentError(format!(
+                "the recorded conversation could not be rebuilt: {first}"
+            )));
+        }
+        let left = replay.remaining();
+        if left > 0 {
+            return Err(AgentError(format!(
+                "the recorded conversation could not be rebuilt: {left} recorded model call(s) were not reached"
+            )));
+        }
+        Ok(())
     }
 
     fn propose(&mut self, view: &AgentView) -> Result<Proposal, AgentError> {

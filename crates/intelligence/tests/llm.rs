@@ -878,6 +878,76 @@ fn a_replay_reports_a_divergence_when_an_outcome_differs() {
     );
 }
 
+/// Re-drive `agent` as a resumed run does: the views and outcomes of the recorded run, up to
+/// (not including) model call `calls + 1`.
+fn redrive(agent: &mut LlmAgent, calls: usize) {
+    let mut outcomes: VecDeque<Outcome> = outcomes().into();
+    let (mut last, mut n) = (None, 0);
+    loop {
+        let v = view(last.take());
+        match agent.propose(&v).expect("the re-drive proposes") {
+            Proposal::Infer { .. } if n == calls => return,
+            Proposal::Infer { .. } => {
+                agent.infer(&v).expect("the re-drive infers");
+                n += 1;
+            }
+            Proposal::Request(_) => last = outcomes.pop_front(),
+            other => panic!("the re-drive ended early with {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_resumed_agent_rebuilds_its_conversation_from_the_record_then_asks_the_live_model() {
+    let (model, _) = script(recorded_run());
+    let mut first = LlmAgent::new("a", config(json!({})), model);
+    let (_, inferences) = drive(&mut first, outcomes());
+    let recording: Vec<Payload> = inferences.iter().map(|i| i.payload.clone()).collect();
+    // The run stopped after four model calls and the write they asked for, as its agent asked
+    // for a fifth; a new process resumes it.
+    let (live, seen) = script(vec![answer("rewrote hello.txt")]);
+    let mut resumed = LlmAgent::new("a", config(json!({})), live);
+    assert!(resumed.rebuild_from(recording[..4].to_vec()));
+    redrive(&mut resumed, 4);
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "the re-drive called no model"
+    );
+    resumed.rebuilt().expect("rebuilt");
+    // It carries on where it stopped: the fifth call, now live, is exactly the request the
+    // first agent made.
+    let v = view(None);
+    assert!(matches!(resumed.propose(&v), Ok(Proposal::Infer { .. })));
+    let fifth = resumed.infer(&v).unwrap();
+    assert_eq!(
+        request_digest(&seen.lock().unwrap()[0]),
+        recording[4]["request_digest"].as_str().unwrap()
+    );
+    assert_eq!(canonical(&fifth.payload), canonical(&recording[4]));
+    assert_eq!(resumed.model_calls(), 5);
+
+    // A recorded call the re-drive never reached, or one the record lacks, is refused.
+    let (live, _) = script(vec![]);
+    let mut short = LlmAgent::new("a", config(json!({})), live);
+    short.rebuild_from(recording[..4].to_vec());
+    redrive(&mut short, 3);
+    let e = short.rebuilt().unwrap_err();
+    assert!(
+        e.0.contains("1 recorded model call(s) were not reached"),
+        "{e}"
+    );
+    let (live, seen) = script(vec![]);
+    let mut long = LlmAgent::new("a", config(json!({})), live);
+    long.rebuild_from(recording[..2].to_vec());
+    redrive(&mut long, 3);
+    let e = long.rebuilt().unwrap_err();
+    assert!(
+        e.0.contains("could not be rebuilt: model call 3: the recording has only 2 model calls"),
+        "{e}"
+    );
+    assert!(seen.lock().unwrap().is_empty());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Configuration.
 

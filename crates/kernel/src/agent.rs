@@ -250,4 +250,21 @@ pub trait Agent: Send {
             "this agent does not call a model (it never proposes Infer)".into(),
         ))
     }
+
+    /// Before a suspended run resumes: `recorded` are the run's model calls so far (its
+    /// `InferenceStep` payloads, in order). An agent whose state lives between proposals (a
+    /// model's conversation) keeps them to answer its model calls from while the runtime
+    /// re-drives it through the run's record, and returns true; the runtime then re-drives it
+    /// and calls [`Agent::rebuilt`]. The default keeps no such state: false, and nothing is
+    /// re-driven.
+    fn rebuild_from(&mut self, _recorded: Vec<Payload>) -> bool {
+        false
+    }
+
+    /// The re-drive after [`Agent::rebuild_from`] reached the end of the record: from now on the
+    /// agent acts live. An error says its state was not rebuilt (a model call the record did
+    /// not answer, or one left unused), and the run is not resumed.
+    fn rebuilt(&mut self) -> Result<(), AgentError> {
+        Ok(())
+    }
 }

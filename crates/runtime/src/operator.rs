@@ -514,6 +514,10 @@ impl Runtime {
                     ),
                 });
             }
+            // An agent with a conversation continues it rather than starting over.
+            live.last = self
+                .rebuild_agent(run, agent, live.memories.clone())
+                .await?;
             ctx.append(live, |_| {
                 vec![
                     Draft::new(EventType::RunResumed.name(), Origin::Runtime)

@@ -15,7 +15,15 @@
 //! decision the runtime made (grant reuse, the policy decision under the policy files recorded
 //! at context time, the budget) and checks it matches the record. A model-driven agent is given
 //! a model that answers from the recorded `InferenceStep`s (the caller builds it), so nothing
-//! calls a model: this is a determinism check of ICE's own code and of the driver.
+//! calls a model: this is a determinism check of ICE's own code and of the driver. The walk
+//! goes through suspensions and resumptions: a resumed run continues the same agent, shown
+//! first the outcome it had not seen when the run stopped.
+//!
+//! The same walk brings an agent back when a suspended run resumes in a new process
+//! (`rebuild_agent`): an agent with a conversation ([`Agent::rebuild_from`]) is re-driven
+//! through the record, its model calls answered from the recorded ones, so it continues the
+//! conversation instead of starting over; a record it does not re-make is refused, never
+//! papered over.
 
 use std::collections::{HashMap, HashSet};
 
@@ -309,6 +317,72 @@ impl Runtime {
         report.divergences.extend(d.div);
         report.drive = Some(d.report);
         Ok(report)
+    }
+
+    /// Before a suspended run resumes: bring an agent that keeps state between proposals (an
+    /// LLM's conversation) back to where the run stopped, by re-driving it through the run's
+    /// record with its model calls answered from the recorded ones (see
+    /// [`Agent::rebuild_from`]). Returns the outcome the agent has not been shown yet (the
+    /// resumed run shows it first). An agent that keeps no such state is left as it is.
+    pub(crate) async fn rebuild_agent(
+        &self,
+        run: &RunId,
+        agent: &mut dyn Agent,
+        memories: Vec<MountedMemory>,
+    ) -> Result<Option<Outcome>, RuntimeError> {
+        let events = self.inlined(run).await?;
+        let recorded = events
+            .iter()
+            .filter(|e| e.event_type == EventType::InferenceStep.name())
+            .map(|e| e.payload.clone())
+            .collect();
+        if !agent.rebuild_from(recorded) {
+            return Ok(None);
+        }
+        let mut d = Drive {
+            rt: self,
+            run: run.clone(),
+            events: &events,
+            i: 0,
+            books: Books::new(run.clone()),
+            policy: None,
+            agent: String::new(),
+            tools: Vec::new(),
+            memories,
+            report: DriveReport::default(),
+            div: Vec::new(),
+        };
+        let pending = d.walk(agent);
+        let rebuilt = agent.rebuilt();
+        let refuse = |why: String| RuntimeError::State {
+            run: run.to_string(),
+            state: RunState::Suspended,
+            what: format!(
+                "the agent cannot be brought back to where the run stopped, so it is not resumed: {why}"
+            ),
+        };
+        if let Some(d) = d.div.first() {
+            let at = d
+                .event
+                .as_deref()
+                .map(|e| format!(" at {e}"))
+                .unwrap_or_default();
+            return Err(refuse(format!(
+                "re-driving it through the record diverges{at}: {}",
+                d.what
+            )));
+        }
+        rebuilt.map_err(|e| refuse(e.0))?;
+        if let Some(e) = events[d.i.min(events.len())..].iter().find(|e| {
+            matches!(e.origin, Origin::Agent(_)) || e.event_type == EventType::InferenceStep.name()
+        }) {
+            return Err(refuse(format!(
+                "the re-drive stopped before {} {}",
+                e.event_type,
+                e.id()
+            )));
+        }
+        Ok(pending)
     }
 
     /// The memories a run's `MemoryMounted` lists, as its agent was shown them (a resumed run
@@ -630,7 +704,13 @@ impl Drive<'_> {
         }
     }
 
-    fn walk(&mut self, agent: &mut dyn Agent) {
+    /// Drive `agent` through the record: each proposal is checked against what the run
+    /// recorded and answered with the recorded outcome. The walk goes on through suspensions
+    /// and resumptions (a resumed run continues the same agent) and stops at the end of the
+    /// record, at a divergence, or where the run ended. Returns the outcome the agent has not
+    /// been shown yet (the answer to its last request, when the run stopped before asking it
+    /// again), which a resumed run shows it first.
+    fn walk(&mut self, agent: &mut dyn Agent) -> Option<Outcome> {
         if agent.id() != self.agent && !self.agent.is_empty() {
             self.report.unchecked.push(format!(
                 "the driver calls itself {:?}; the run was driven as {:?}",
@@ -647,10 +727,26 @@ impl Drive<'_> {
                         .unchecked
                         .push("the record ends while the run executes (it never finished)".into());
                 }
-                return;
+                return last;
             }
             if self.books.state() != RunState::Executing {
-                return;
+                return last;
+            }
+            // Where the run stopped, it asked the agent again only if the agent failed or its
+            // model call did not fit the budget; otherwise (a request that exhausted the
+            // budget, a crash, a changed assumption, a kill) the agent was not asked, and what
+            // it was last told waits for its first proposal after a resume.
+            let suspended = self.events[self.i].event_type == EventType::RunSuspended.name();
+            if let Stop::Stopped { code, detail } = &stop {
+                let asked = code == "agent_failed"
+                    || (code == "budget_exhausted" && detail.contains("model call was not made"));
+                if !asked {
+                    if !suspended {
+                        return last;
+                    }
+                    self.fold();
+                    continue;
+                }
             }
             let view = self.view(last.take());
             let proposal = agent.propose(&view);
@@ -663,15 +759,15 @@ impl Drive<'_> {
                         ));
                     }
                     self.report.proposals += 1;
-                    return;
+                    return last;
                 }
                 (_, Err(e)) => {
                     self.diverge(format!("the driver failed where the run did not: {}", e.0));
-                    return;
+                    return last;
                 }
                 (Stop::Finished, Ok(Proposal::Finish { .. })) => {
                     self.report.proposals += 1;
-                    return;
+                    return last;
                 }
                 (Stop::Stopped { code, detail }, Ok(Proposal::Infer { reserve }))
                     if code == "budget_exhausted" && detail.contains("model call was not made") =>
@@ -685,28 +781,31 @@ impl Drive<'_> {
                     }
                     self.report.proposals += 1;
                     self.report.decisions += 1;
-                    return;
+                    if !suspended {
+                        return last;
+                    }
+                    self.fold();
                 }
                 (Stop::Stopped { code, detail }, Ok(p)) => {
                     self.report.unchecked.push(format!(
                         "the run stopped ({code}: {detail}) before the driver's next proposal ({})",
                         proposal_name(&p)
                     ));
-                    return;
+                    return last;
                 }
                 (Stop::Finished, Ok(p)) => {
                     self.diverge(format!(
                         "the driver proposes {} where the agent finished",
                         proposal_name(&p)
                     ));
-                    return;
+                    return last;
                 }
                 (Stop::Proposal, Ok(p)) => {
                     if !self.proposal(agent, &view, p, &mut last) {
-                        return;
+                        return last;
                     }
                 }
-                (Stop::End, _) => return,
+                (Stop::End, _) => return last,
             }
         }
     }
@@ -774,11 +873,21 @@ impl Drive<'_> {
                 self.report.proposals += 1;
                 self.report.decisions += 1;
                 self.fold();
-                let inference = agent.infer(view);
                 let Some(rec) = self.events.get(self.i) else {
                     self.diverge("the record ends after a model call's reservation".into());
                     return false;
                 };
+                if rec.event_type == EventType::RunSuspended.name() {
+                    // The process stopped during the model call (recovery suspended the run):
+                    // no reply was recorded, and the agent, asked again after a resume,
+                    // proposes the same call.
+                    self.report.unchecked.push(format!(
+                        "a model call was interrupted by {} (no reply was recorded)",
+                        describe(rec)
+                    ));
+                    return true;
+                }
+                let inference = agent.infer(view);
                 match inference {
                     Err(err) => {
                         if rec.event_type == EventType::InferenceStep.name() {
@@ -975,12 +1084,27 @@ impl Drive<'_> {
             Some(g) => Expect::Reuse(g.clone()),
             None => self.policy_decision(r, resource, &target),
         };
+        // A call permitted outright (or under a live grant) whose reservation does not fit the
+        // budget is refused for it, before any grant is issued or used.
+        let decided = match decided {
+            Expect::Reuse(_) | Expect::Policy("permit", ..) if !self.fits(r) => {
+                Expect::Denied(DenialCode::BudgetExhausted)
+            }
+            other => other,
+        };
         // Time only ends grants: one that covered the target at `since` and no longer does at
         // `at` has expired in between (no event separates the two), and may have been reused.
         match then {
             Some(g) if now.as_ref() != Some(&g) => Expect::Either(g, Box::new(decided)),
             _ => decided,
         }
+    }
+
+    /// Whether the reservation the runtime makes for `r` fits the replayed budget.
+    fn fits(&self, r: &CapabilityProposal) -> bool {
+        let amount = act::estimate(&r.capability, &r.arguments, &self.books.budget.left());
+        let id = format!("r{}", self.books.reservations + 1);
+        self.books.budget.check_reserve(&id, amount).is_ok()
     }
 
     /// What the policy decides for `r` on `resource`, from the replayed books.
