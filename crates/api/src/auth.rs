@@ -47,6 +47,9 @@ struct Entry {
 #[derive(Clone, Debug, Default)]
 pub struct Credentials {
     entries: Vec<Entry>,
+    /// Why no token can be checked (the configuration does not read): every request is
+    /// refused, anonymous ones included.
+    unusable: Option<String>,
 }
 
 /// SHA-256 of a token, as 64 lowercase hex characters: what the config stores.
@@ -75,6 +78,21 @@ impl Credentials {
     /// No tokens.
     pub fn new() -> Credentials {
         Credentials::default()
+    }
+
+    /// Credentials that refuse everyone, because `why` (the configuration holding the tokens
+    /// does not read): a server fails closed rather than keep tokens an operator may have
+    /// meant to revoke, or take anonymous clients.
+    pub fn unusable(why: impl Into<String>) -> Credentials {
+        Credentials {
+            entries: Vec::new(),
+            unusable: Some(why.into()),
+        }
+    }
+
+    /// Why these credentials refuse everyone, if they do.
+    pub fn unusable_reason(&self) -> Option<&str> {
+        self.unusable.as_deref()
     }
 
     /// Accept the token whose SHA-256 is `token_sha256` (64 hex characters) as `name`'s.
@@ -136,20 +154,38 @@ impl Credentials {
 /// Credentials that can be replaced while the server runs (when the installation's config
 /// changes).
 #[derive(Debug, Default)]
-pub struct CredentialStore(RwLock<Credentials>);
+pub struct CredentialStore {
+    now: RwLock<Credentials>,
+    /// Whether any credentials it held had an agent token (see [`CredentialStore::had_agents`]).
+    had_agents: std::sync::atomic::AtomicBool,
+}
 
 impl CredentialStore {
     /// A store holding `c`.
     pub fn new(c: Credentials) -> Arc<CredentialStore> {
-        Arc::new(CredentialStore(RwLock::new(c)))
+        let had = c.agents() > 0;
+        Arc::new(CredentialStore {
+            now: RwLock::new(c),
+            had_agents: had.into(),
+        })
     }
 
     /// Replace the credentials.
     pub fn replace(&self, c: Credentials) {
-        match self.0.write() {
+        if c.agents() > 0 {
+            self.had_agents
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        match self.now.write() {
             Ok(mut g) => *g = c,
             Err(p) => *p.into_inner() = c,
         }
+    }
+
+    /// Whether the store has ever held an agent token: once one existed, revoking every agent
+    /// token must not let a revoked token's holder back in by sending none.
+    pub fn had_agents(&self) -> bool {
+        self.had_agents.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many agent tokens there are now.
@@ -164,7 +200,7 @@ impl CredentialStore {
 
     /// `f` of the credentials now, read in place (what every request's check does: no copy).
     pub fn with<R>(&self, f: impl FnOnce(&Credentials) -> R) -> R {
-        match self.0.read() {
+        match self.now.read() {
             Ok(g) => f(&g),
             Err(p) => f(&p.into_inner()),
         }
@@ -197,6 +233,9 @@ fn operator_of(
     token_hint: &str,
     headers: &axum::http::HeaderMap,
 ) -> Result<Operator, ApiError> {
+    if creds.unusable.is_some() {
+        return Err(ApiError::credentials_unavailable());
+    }
     if creds.operators() == 0 {
         return Err(ApiError::unauthenticated(format!(
             "this installation has no operator token yet, so the operator API refuses every request; add one with `{token_hint}` and pass it as `Authorization: Bearer TOKEN`"
@@ -240,9 +279,10 @@ fn bearer(headers: &axum::http::HeaderMap) -> Result<Option<&str>, ApiError> {
 /// and the tokens `store` holds now:
 /// - an agent's token: that agent (`Ok(Some(name))`); its sessions' runs are recorded as
 ///   `agent:NAME`;
-/// - no `Authorization` header, while the installation has no agent token and `anonymous`
-///   (the caller's rule: `ice serve` allows it on loopback until an agent token has existed):
+/// - no `Authorization` header, while the installation has no agent token, `store` has never
+///   held one, and `anonymous` (the caller's rule: `ice serve` allows it on loopback):
 ///   `Ok(None)`, the run spec's agent;
+/// - nothing while the credentials are unusable (503, see [`Credentials::unusable`]);
 /// - otherwise refused: 401 without a token (or with an unknown one), 403 with an operator's
 ///   (operators decide; they do not propose). `hint` is the command that adds an agent token.
 pub fn agent_of(
@@ -252,7 +292,9 @@ pub fn agent_of(
     headers: &axum::http::HeaderMap,
 ) -> Result<Option<String>, ApiError> {
     let token = bearer(headers)?;
+    let anonymous = anonymous && !store.had_agents();
     store.with(|creds| match token {
+        _ if creds.unusable.is_some() => Err(ApiError::credentials_unavailable()),
         None if anonymous && creds.agents() == 0 => Ok(None),
         None if creds.agents() == 0 => Err(ApiError::unauthenticated(format!(
             "MCP here needs an agent's token and this installation has none; add one with `{hint}` and send it as `Authorization: Bearer TOKEN` (anonymous clients are taken only by a server on loopback that has never had an agent token)"
@@ -363,6 +405,42 @@ mod tests {
         assert_eq!(
             status(agent_of(&none, true, "hint", &with(None))),
             Err(StatusCode::UNAUTHORIZED)
+        );
+        // Revoking every agent token does not re-open the door to anonymous clients, even
+        // when no MCP request came while the tokens existed.
+        let revoked = store(&[("claude", "agent-token")], &[]);
+        revoked.replace(Credentials::new());
+        assert_eq!(
+            status(agent_of(&revoked, true, "hint", &with(None))),
+            Err(StatusCode::UNAUTHORIZED)
+        );
+    }
+
+    #[test]
+    fn unusable_credentials_refuse_everyone_until_replaced() {
+        let s = store(&[], &[("alice", "op-token")]);
+        s.replace(Credentials::unusable("config.toml:3: expected `=`"));
+        assert_eq!(
+            s.get().unusable_reason(),
+            Some("config.toml:3: expected `=`")
+        );
+        // Anonymous MCP clients on loopback, and every token, get 503.
+        for h in [None, Some("Bearer op-token"), Some("Bearer nope")] {
+            let e = agent_of(&s, true, "hint", &with(h)).unwrap_err();
+            assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(e.code, "credentials_unavailable");
+            let e = s.with(|c| operator_of(c, "hint", &with(h))).unwrap_err();
+            assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        }
+        // A configuration that reads again is used at once.
+        let mut c = Credentials::new();
+        c.add(Role::Operator, "alice", &token_digest("op-token"))
+            .unwrap();
+        s.replace(c);
+        assert_eq!(
+            s.with(|c| operator_of(c, "hint", &with(Some("Bearer op-token"))))
+                .map_err(|e| e.status),
+            Ok(Operator("alice".into()))
         );
     }
 }

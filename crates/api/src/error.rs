@@ -56,6 +56,16 @@ impl ApiError {
     pub fn forbidden(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
+
+    /// 503: the server cannot check credentials now (its configuration is broken); every
+    /// request is refused until an operator fixes it.
+    pub fn credentials_unavailable() -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "credentials_unavailable",
+            "the server cannot check tokens now: its installation's config.toml does not read, so every request is refused until an operator fixes it (the server's log says what is wrong)",
+        )
+    }
 }
 
 impl std::fmt::Display for ApiError {

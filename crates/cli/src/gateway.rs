@@ -139,6 +139,8 @@ fn credential_store(
                 .map(|m| (m.modified().ok(), m.len(), m.ino()))
         };
         let mut seen = stamp(&file);
+        // The agents of the last configuration that read (a broken one in between has none).
+        let mut agents = watched.with(ice_api::Credentials::agent_names);
         loop {
             tokio::select! {
                 _ = watching.cancelled() => return,
@@ -151,14 +153,21 @@ fn credential_store(
             seen = now;
             match crate::home::Home::open(&dir).and_then(|h| h.credentials()) {
                 Ok(c) => {
-                    let before = watched.with(ice_api::Credentials::agent_names);
                     let after = c.agent_names();
                     watched.replace(c);
-                    for gone in before.difference(&after) {
+                    for gone in agents.difference(&after) {
                         revoked(gone.clone());
                     }
+                    agents = after;
                 }
-                Err(e) => eprintln!("ice serve: keeping the tokens it had: {e:#}"),
+                Err(e) => {
+                    // Fail closed: a broken edit may have been meant to revoke a token.
+                    eprintln!(
+                        "ice serve: {} does not read, so every token is refused until it is fixed: {e:#}",
+                        file.display()
+                    );
+                    watched.replace(ice_api::Credentials::unusable(format!("{e:#}")));
+                }
             }
         }
     });
@@ -187,14 +196,9 @@ fn mcp_auth(
         ),
     }
     // Once an agent token has existed, anonymous clients stay refused for good, even if every
-    // agent token is revoked: a revoked token's holder must not get back in by sending none.
-    let had_agents = std::sync::atomic::AtomicBool::new(false);
+    // agent token is revoked (the store remembers): a revoked token's holder must not get back
+    // in by sending none.
     Arc::new(move |headers| {
-        use std::sync::atomic::Ordering::Relaxed;
-        if store.agents() > 0 {
-            had_agents.store(true, Relaxed);
-        }
-        let anonymous = anonymous && !had_agents.load(Relaxed);
         ice_api::agent_of(&store, anonymous, &hint, headers)
             .map(|who| who.map(ice_mcp::AgentIdentity))
             .map_err(|e| Box::new(e.into()))

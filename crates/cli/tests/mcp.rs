@@ -1373,3 +1373,39 @@ fn without_agent_tokens_only_a_loopback_server_takes_anonymous_sessions() {
     assert!(body.contains("only by a server on loopback"), "{body}");
     assert!(runs(&g).is_empty());
 }
+
+#[test]
+fn a_config_edit_that_does_not_read_refuses_every_token_until_it_is_fixed() {
+    let f = fixture("broken-config", "2s");
+    let claude = token(&f, "agent", "claude");
+    let (_server, url) = serve(&f);
+    let bearer = format!("Bearer {claude}");
+    let (status, _, body) = raw_post(&url, &[("Authorization", &bearer)], &initialize());
+    assert_eq!(status, 200, "{body}");
+    // A hand edit breaks the file (say, one meant to revoke a token): the server fails closed.
+    let config = f.home.join("config.toml");
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{good}\n[[agents]\nname = \"typo\"\n")).unwrap();
+    let wait_for = |want: u16| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let (status, _, body) = raw_post(&url, &[("Authorization", &bearer)], &initialize());
+            if status == want {
+                return body;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still {status} (waiting for {want}): {body}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    let body = wait_for(503);
+    assert!(body.contains("credentials_unavailable"), "{body}");
+    // No token and no header get in either (not even on loopback).
+    let (status, _, _) = raw_post(&url, &[], &initialize());
+    assert_eq!(status, 503);
+    // Fixed: the tokens it holds work again.
+    std::fs::write(&config, &good).unwrap();
+    wait_for(200);
+}
