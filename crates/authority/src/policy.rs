@@ -855,6 +855,36 @@ impl PolicySet {
         self.info.is_empty()
     }
 
+    /// Whether some permit policy could apply to `agent` asking for `capability`, whatever the
+    /// resource and the conditions (a scope that names another agent or other actions cannot):
+    /// what an agent is offered as a tool (a capability no permit could allow is not listed).
+    /// A forbid is not considered; a capability it always denies may still be listed.
+    pub fn may_permit(&self, agent: &str, capability: &str) -> bool {
+        self.whole.policies().any(|p| {
+            let permit = self
+                .info
+                .get(p.id())
+                .is_some_and(|i| i.effect == PolicyEffect::Permit);
+            let is_this = |uid: &cedar::EntityUid, kind: &str, id: &str| {
+                uid.type_name().to_string() == kind && uid.id().unescaped() == id
+            };
+            let principal = match p.principal_constraint() {
+                cedar::PrincipalConstraint::Eq(uid) => is_this(&uid, "Agent", agent),
+                // `in`/`is` constraints: assume they may hold (an agent has no parents today,
+                // but listing a tool that is then denied is the safe error).
+                _ => true,
+            };
+            let action = match p.action_constraint() {
+                cedar::ActionConstraint::Any => true,
+                cedar::ActionConstraint::Eq(uid) => is_this(&uid, "Action", capability),
+                cedar::ActionConstraint::In(uids) => {
+                    uids.iter().any(|u| is_this(u, "Action", capability))
+                }
+            };
+            permit && principal && action
+        })
+    }
+
     /// What is known about a policy, by id.
     pub fn policy(&self, id: &str) -> Option<&PolicyInfo> {
         self.info.get(&cedar::PolicyId::new(id))

@@ -459,3 +459,23 @@ fn a_permit_carries_the_tightest_constraints_of_every_satisfied_permit() {
         "{shown}"
     );
 }
+
+#[test]
+fn may_permit_says_whether_any_permit_could_apply_to_an_agent_and_capability() {
+    let set = policies(
+        "permit(principal == Agent::\"coder\", action in [Action::\"fs.read\", Action::\"fs.write\"], resource in Dir::\"src\") when { context.intent != \"\" };\n\
+         permit(principal, action == Action::\"fs.list\", resource);\n\
+         forbid(principal, action == Action::\"fs.delete\", resource);\n\
+         permit(principal == Agent::\"ops\", action, resource);\n",
+    );
+    assert!(set.may_permit("coder", "fs.write"));
+    assert!(set.may_permit("coder", "fs.read"));
+    assert!(set.may_permit("anyone", "fs.list"));
+    assert!(!set.may_permit("other", "fs.write"));
+    assert!(!set.may_permit("coder", "http.request"));
+    // A forbid permits nothing.
+    assert!(!set.may_permit("coder", "fs.delete"));
+    // An unconstrained action matches every capability.
+    assert!(set.may_permit("ops", "http.request"));
+    assert!(!policies("").may_permit("coder", "fs.read"));
+}

@@ -180,7 +180,12 @@ fn add(home: &Path, a: AddArgs) -> Result<u8> {
     let h = Home::open(home)?;
     let mut raw = [0u8; 32];
     getrandom::fill(&mut raw).map_err(|e| anyhow!("no randomness from the OS: {e}"))?;
-    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+    // A fixed prefix: the token never starts with `-` (which command lines would take for an
+    // option), and secret scanners can recognise it.
+    let token = format!(
+        "ice_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    );
     let digest = ice_api::token_digest(&token);
     let file = h.dir.join("config.toml");
     edit_config(&h.dir, |text| {

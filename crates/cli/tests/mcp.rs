@@ -1076,7 +1076,10 @@ fn token(f: &Fixture, role: &str, name: &str) -> String {
     );
     assert!(o.status.success(), "{}", text(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    v["token"].as_str().unwrap().to_string()
+    let t = v["token"].as_str().unwrap().to_string();
+    // Never taken for an option on a command line.
+    assert!(t.starts_with("ice_") && t.len() == 4 + 43, "{t}");
+    t
 }
 
 /// A raw POST of `body` to `url` (a `/mcp` URL) with `headers`: the status, the response's
@@ -1408,4 +1411,94 @@ fn a_config_edit_that_does_not_read_refuses_every_token_until_it_is_fixed() {
     // Fixed: the tokens it holds work again.
     std::fs::write(&config, &good).unwrap();
     wait_for(200);
+}
+
+#[test]
+fn an_mcp_client_uses_ices_own_workspace_tools_staged_until_the_session_commits() {
+    let f = fixture_with(
+        "builtin-1",
+        "2s",
+        "",
+        r#"@id("ws-read")
+permit(principal == Agent::"assistant", action in [Action::"fs.read", Action::"fs.list"], resource in Dir::".");
+@id("ws-write")
+@max_bytes("64")
+permit(principal == Agent::"assistant", action == Action::"fs.write", resource in Dir::".");"#,
+    );
+    let ws = std::fs::canonicalize(f.root.join("ws")).unwrap();
+    let notes = ws.join("notes.txt");
+    let (r, o) = agent_stdio(
+        &f,
+        "legacy",
+        "none",
+        json!([
+            {"op": "list"},
+            {"op": "call", "name": "fs_read", "args": {"path": "notes.txt"}, "intent": "look"},
+            {"op": "call", "name": "fs_write", "args": {"path": "notes.txt", "content": "rewritten through ICE\n"}},
+            {"op": "call", "name": "fs_read", "args": {"path": "notes.txt"}},
+            {"op": "call", "name": "fs_write", "args": {"path": "../escape.txt", "content": "x"}},
+            {"op": "call", "name": "fs_write", "args": {"path": "big.txt", "content": "x".repeat(65)}},
+            {"op": "call", "name": "fs_write", "args": {"path": 3}},
+            {"op": "call", "name": "fs_list", "args": {"path": "."}},
+        ]),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    // Listed: what some permit could allow this agent (no delete, no HTTP), beside the
+    // servers' tools.
+    let names: Vec<&str> = r["steps"][0]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    for want in ["fs_list", "fs_read", "fs_write", "everything__echo"] {
+        assert!(names.contains(&want), "{want} not in {names:?}");
+    }
+    for not in ["fs_delete", "http_request"] {
+        assert!(!names.contains(&not), "{not} listed: {names:?}");
+    }
+    let read = &r["steps"][1]["result"];
+    assert_eq!(first_text(read), "hello from the workspace\n", "{read:#}");
+    assert_eq!(read["structuredContent"]["truncated"], false, "{read:#}");
+    // The write is staged: the session reads it back; the workspace is untouched until commit.
+    assert_ne!(r["steps"][2]["result"]["isError"], true, "{r:#}");
+    assert_eq!(
+        first_text(&r["steps"][3]["result"]),
+        "rewritten through ICE\n"
+    );
+    // Confinement, the grant's @max_bytes, and arguments that make no request.
+    let escape = &r["steps"][4]["result"];
+    assert_eq!(
+        escape["structuredContent"]["ice"]["denied"], "confinement",
+        "{escape:#}"
+    );
+    let big = &r["steps"][5]["result"];
+    assert_eq!(
+        big["structuredContent"]["ice"]["denied"], "grant_constraint",
+        "{big:#}"
+    );
+    assert_eq!(r["steps"][6]["error"]["code"], -32602, "{r:#}");
+    assert!(
+        first_text(&r["steps"][7]["result"]).contains("notes.txt"),
+        "{r:#}"
+    );
+    // The session ended: its run validated and committed the staged write, and only it.
+    assert_eq!(
+        std::fs::read_to_string(&notes).unwrap(),
+        "rewritten through ICE\n"
+    );
+    assert!(!f.root.join("escape.txt").exists());
+    assert!(!ws.join("big.txt").exists());
+    let ev = events(&f, "builtin-1");
+    assert_eq!(of_type(&ev, "EffectStaged").len(), 1);
+    assert_eq!(of_type(&ev, "EffectApplied").len(), 1);
+    assert_eq!(of_type(&ev, "RunCommitted").len(), 1);
+    let granted = of_type(&ev, "CapabilityGranted");
+    let write = granted
+        .iter()
+        .find(|g| g["payload"]["capability"] == "fs.write")
+        .unwrap();
+    assert_eq!(write["payload"]["constraints"], json!({"max_bytes": 64}));
+    assert_eq!(of_type(&ev, "FileRead")[0]["intent"], "look");
+    verify(&f);
 }

@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 
 use ice_kernel::limits::MAX_SAFE_INTEGER;
 use ice_kernel::{
-    Agent, AgentError, AgentView, CapabilityProposal, Cost, Digest, Inference, Outcome, Payload,
-    Proposal,
+    Agent, AgentError, AgentView, BUILTIN_TOOLS, BuiltinTool, CapabilityProposal, Cost, Digest,
+    Inference, Outcome, Payload, Proposal,
 };
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value, json};
@@ -721,102 +721,6 @@ pub enum ToolBinding {
     },
 }
 
-struct Builtin {
-    function: &'static str,
-    capability: &'static str,
-    target_arg: &'static str,
-}
-
-const BUILTINS: [Builtin; 5] = [
-    Builtin {
-        function: "fs_read",
-        capability: "fs.read",
-        target_arg: "path",
-    },
-    Builtin {
-        function: "fs_list",
-        capability: "fs.list",
-        target_arg: "path",
-    },
-    Builtin {
-        function: "fs_write",
-        capability: "fs.write",
-        target_arg: "path",
-    },
-    Builtin {
-        function: "fs_delete",
-        capability: "fs.delete",
-        target_arg: "path",
-    },
-    Builtin {
-        function: "http_request",
-        capability: "http.request",
-        target_arg: "url",
-    },
-];
-
-fn builtin_spec(function: &str) -> (&'static str, Value) {
-    let path = |what: &str| json!({"type": "string", "description": what});
-    match function {
-        "fs_read" => (
-            "Read a file of the workspace.",
-            json!({
-                "type": "object",
-                "properties": {"path": path("the file's path, relative to the workspace")},
-                "required": ["path"],
-                "additionalProperties": false,
-            }),
-        ),
-        "fs_list" => (
-            "List a directory of the workspace.",
-            json!({
-                "type": "object",
-                "properties": {"path": path("the directory's path, relative to the workspace; . for its root")},
-                "required": ["path"],
-                "additionalProperties": false,
-            }),
-        ),
-        "fs_write" => (
-            "Write a file of the workspace (created or replaced whole).",
-            json!({
-                "type": "object",
-                "properties": {
-                    "path": path("the file's path, relative to the workspace"),
-                    "content": {"type": "string", "description": "the file's whole new content"},
-                },
-                "required": ["path", "content"],
-                "additionalProperties": false,
-            }),
-        ),
-        "fs_delete" => (
-            "Delete a file of the workspace.",
-            json!({
-                "type": "object",
-                "properties": {"path": path("the file's path, relative to the workspace")},
-                "required": ["path"],
-                "additionalProperties": false,
-            }),
-        ),
-        _ => (
-            "Make an HTTP request.",
-            json!({
-                "type": "object",
-                "properties": {
-                    "url": {"type": "string", "description": "the absolute http or https URL"},
-                    "method": {
-                        "type": "string",
-                        "enum": ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
-                        "description": "the method (GET when not given)",
-                    },
-                    "body": {"type": "string", "description": "the request body, if any"},
-                },
-                "required": ["url"],
-                "additionalProperties": false,
-            }),
-        ),
-    }
-}
-
 /// A function name providers accept: `[A-Za-z0-9_-]`, at most [`MAX_FUNCTION_NAME`] characters.
 pub fn sanitize_function_name(name: &str) -> String {
     name.chars()
@@ -844,13 +748,12 @@ impl Toolbox {
     /// The functions for `view`: the built-in capabilities it lists, then its MCP tools.
     pub fn for_view(view: &AgentView) -> Toolbox {
         let mut entries: Vec<(String, String, Value, ToolBinding)> = Vec::new();
-        for b in &BUILTINS {
+        for b in &BUILTIN_TOOLS {
             if view.capabilities.iter().any(|(c, _)| c == b.capability) {
-                let (description, schema) = builtin_spec(b.function);
                 entries.push((
-                    b.function.to_string(),
-                    description.to_string(),
-                    schema,
+                    b.name.to_string(),
+                    b.description().to_string(),
+                    b.input_schema(),
                     ToolBinding::Builtin {
                         capability: b.capability,
                         target_arg: b.target_arg,
@@ -929,7 +832,7 @@ impl Toolbox {
                 offered.join(", ")
             ));
         };
-        let mut args = match arguments {
+        let args = match arguments {
             Value::String(s) if s.trim().is_empty() => Map::new(),
             Value::String(s) => match serde_json::from_str::<Value>(s) {
                 Ok(Value::Object(m)) => m,
@@ -940,49 +843,17 @@ impl Toolbox {
             Value::Null => Map::new(),
             _ => return Err("the arguments must be a JSON object".into()),
         };
-        let (capability, target) = match binding {
-            ToolBinding::Mcp { target } => {
-                return Ok(CapabilityProposal {
-                    capability: "mcp.call".into(),
-                    target: target.clone(),
-                    arguments: Value::Object(args),
-                    intent: intent.to_string(),
-                });
-            }
-            ToolBinding::Builtin {
-                capability,
-                target_arg,
-            } => {
-                let target = match args.remove(*target_arg) {
-                    Some(Value::String(s)) if !s.is_empty() => s,
-                    None if *capability == "fs.list" => ".".to_string(),
-                    Some(Value::String(_)) if *capability == "fs.list" => ".".to_string(),
-                    _ => {
-                        return Err(format!("`{target_arg}` is required and must be a string"));
-                    }
-                };
-                (*capability, target)
-            }
-        };
-        let strings: &[&str] = match capability {
-            "fs.write" => &["content"],
-            "http.request" => &["method", "body"],
-            _ => &[],
-        };
-        for key in strings {
-            if args.get(*key).is_some_and(|v| !v.is_string()) {
-                return Err(format!("`{key}` must be a string"));
-            }
+        match binding {
+            ToolBinding::Mcp { target } => Ok(CapabilityProposal {
+                capability: "mcp.call".into(),
+                target: target.clone(),
+                arguments: Value::Object(args),
+                intent: intent.to_string(),
+            }),
+            ToolBinding::Builtin { capability, .. } => BuiltinTool::for_capability(capability)
+                .ok_or_else(|| format!("{capability} is not a built-in tool"))?
+                .proposal(args, intent),
         }
-        if capability == "fs.write" && !args.contains_key("content") {
-            return Err("`content` is required and must be a string".into());
-        }
-        Ok(CapabilityProposal {
-            capability: capability.to_string(),
-            target,
-            arguments: Value::Object(args),
-            intent: intent.to_string(),
-        })
     }
 }
 

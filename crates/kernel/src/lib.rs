@@ -21,6 +21,7 @@
 
 pub mod agent;
 pub mod blob;
+pub mod builtin;
 pub mod canonical;
 pub mod event;
 pub mod header;
@@ -37,6 +38,7 @@ pub use agent::{
     Thought, ToolOffer,
 };
 pub use blob::{Blob, BlobRef};
+pub use builtin::{BUILTIN_TOOLS, BuiltinTool};
 pub use event::{Cost, Draft, Event, Payload};
 pub use header::Header;
 pub use id::{Digest, EventId, Origin, RunId};

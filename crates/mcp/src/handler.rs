@@ -513,6 +513,24 @@ impl ServerHandler for IceMcp {
         self.remember_peer(&context)?;
         let session = self.gw.open(&self.slot).await?;
         let mut tools = Vec::new();
+        // ICE's own capabilities first: the workspace (staged, applied when the session's run
+        // commits) and HTTP, under the same governance.
+        for (b, class) in session.permitted_builtins().await {
+            let Value::Object(schema) = b.input_schema() else {
+                continue;
+            };
+            let mut tool = Tool::new(
+                b.name,
+                format!(
+                    "{} [ICE's own {} capability; every call is governed and recorded]",
+                    b.description(),
+                    b.capability
+                ),
+                Arc::new(schema),
+            );
+            tool.annotations = Some(annotations(class, b.capability == "http.request"));
+            tools.push(tool);
+        }
         for (t, class) in session.permitted_tools().await {
             let Value::Object(schema) = t.input_schema.clone() else {
                 continue;
@@ -532,12 +550,7 @@ impl ServerHandler for IceMcp {
                 tool.output_schema = Some(Arc::new(out.clone()));
             }
             // ICE's class, not the server's hints, is what the agent is told.
-            let read = class == ice_authority::EffectClass::Read;
-            let mut a = ToolAnnotations::new();
-            a.read_only_hint = Some(read);
-            a.destructive_hint = Some(!read);
-            a.open_world_hint = Some(class == ice_authority::EffectClass::External);
-            tool.annotations = Some(a);
+            tool.annotations = Some(annotations(class, false));
             tools.push(tool);
         }
         Ok(ListToolsResult::with_all_items(tools))
@@ -557,17 +570,32 @@ impl ServerHandler for IceMcp {
             .and_then(Value::as_str)
             .map(str::to_string)
             .unwrap_or_else(|| format!("MCP tools/call {name} (the client declared no intent)"));
-        let (target, known) = match self.resolve(&name) {
-            Some((server, tool)) => (format!("{server}/{tool}"), true),
-            None => (name.clone(), false),
+        let arguments = request.arguments.unwrap_or_default();
+        let builtin = ice_kernel::BuiltinTool::named(&name);
+        let (proposal, known) = if let Some(b) = builtin {
+            // Arguments that make no request are the client's error; nothing is proposed.
+            let p = b
+                .proposal(arguments, &intent)
+                .map_err(|why| ErrorData::invalid_params(format!("{name}: {why}"), None))?;
+            (p, true)
+        } else {
+            let (target, known) = match self.resolve(&name) {
+                Some((server, tool)) => (format!("{server}/{tool}"), true),
+                None => (name.clone(), false),
+            };
+            let p = CapabilityProposal {
+                capability: "mcp.call".into(),
+                target,
+                arguments: Value::Object(arguments),
+                intent,
+            };
+            (p, known)
         };
-        let proposal = Proposal::Request(CapabilityProposal {
-            capability: "mcp.call".into(),
-            target,
-            arguments: Value::Object(request.arguments.unwrap_or_default()),
-            intent,
-        });
+        let proposal = Proposal::Request(proposal);
         match session.propose(&proposal).await {
+            Ok(Some(Outcome::Done { output, .. })) if builtin.is_some() => {
+                Ok(builtin_result(output).into())
+            }
             Ok(Some(Outcome::Done { output, .. })) => Ok(to_result(output).into()),
             Ok(Some(Outcome::Denied {
                 request,
@@ -598,6 +626,17 @@ impl ServerHandler for IceMcp {
             Err(e) => Err(ErrorData::internal_error(format!("ICE failed: {e}"), None)),
         }
     }
+}
+
+/// What a listed tool's annotations tell the client: ICE's effect class (`open_world` for HTTP,
+/// whose class depends on the method).
+fn annotations(class: ice_authority::EffectClass, open_world: bool) -> ToolAnnotations {
+    let read = class == ice_authority::EffectClass::Read;
+    let mut a = ToolAnnotations::new();
+    a.read_only_hint = Some(read && !open_world);
+    a.destructive_hint = Some(!read);
+    a.open_world_hint = Some(open_world || class == ice_authority::EffectClass::External);
+    a
 }
 
 /// Which agent each HTTP session belongs to (by `Mcp-Session-Id`), recorded when the session
@@ -822,6 +861,18 @@ fn to_result(output: Value) -> CallToolResult {
         }
         Err(_) => CallToolResult::success(vec![ContentBlock::text(output.to_string())]),
     }
+}
+
+/// What one of ICE's own capabilities returned, as a tool result: a file's text as the text (a
+/// read's `content`), anything else as its JSON; the whole output as structured content.
+fn builtin_result(output: Value) -> CallToolResult {
+    let text = match output.get("content") {
+        Some(Value::String(content)) => content.clone(),
+        _ => output.to_string(),
+    };
+    let mut r = CallToolResult::success(vec![ContentBlock::text(text)]);
+    r.structured_content = Some(output);
+    r
 }
 
 /// A denial as a tool result the agent can read and act on.

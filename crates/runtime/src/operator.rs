@@ -995,6 +995,32 @@ impl Session<'_> {
         self.ctx.permitted_tools(&live, &self.agent)
     }
 
+    /// ICE's own capabilities this session's agent may be offered as tools: those the
+    /// registry has and some permit policy could allow it (see [`PolicySet::may_permit`]),
+    /// each with the effect class a call with no arguments has (`http.request` is then `read`,
+    /// a `POST` is `external`).
+    ///
+    /// [`PolicySet::may_permit`]: ice_authority::PolicySet::may_permit
+    pub async fn permitted_builtins(
+        &self,
+    ) -> Vec<(&'static ice_kernel::BuiltinTool, ice_authority::EffectClass)> {
+        let live = self.ctx.live.lock().await;
+        ice_kernel::BUILTIN_TOOLS
+            .iter()
+            .filter(|b| live.policy.may_permit(&self.agent, b.capability))
+            .filter_map(|b| {
+                let class = self
+                    .ctx
+                    .rt
+                    .registry
+                    .get(b.capability)?
+                    .classifier()
+                    .classify(&serde_json::json!({}));
+                Some((b, class))
+            })
+            .collect()
+    }
+
     /// The protocol version negotiated with an MCP tool server of this run.
     pub fn tool_protocol(&self, server: &str) -> Option<String> {
         self.ctx.tools.as_ref()?.protocol_version(server)

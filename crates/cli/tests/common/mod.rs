@@ -52,7 +52,7 @@ pub fn agent_http_as(
     let mut c = Command::new(python());
     c.arg(agent_script()).args(["--mode", mode, "--url", url]);
     if let Some(t) = token {
-        c.args(["--token", t]);
+        c.arg(format!("--token={t}"));
     }
     let mut child = c
         .stdin(Stdio::piped())
