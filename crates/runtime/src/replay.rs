@@ -300,19 +300,7 @@ impl Runtime {
         }
         let events = self.inlined(run).await?;
         let memories = self.mounted_memories(&events).await?;
-        let mut d = Drive {
-            rt: self,
-            run: run.clone(),
-            events: &events,
-            i: 0,
-            books: Books::new(run.clone()),
-            policy: None,
-            agent: String::new(),
-            tools: Vec::new(),
-            memories,
-            report: DriveReport::default(),
-            div: Vec::new(),
-        };
+        let mut d = Drive::new(self, run, &events, memories);
         d.walk(agent);
         report.divergences.extend(d.div);
         report.drive = Some(d.report);
@@ -339,19 +327,7 @@ impl Runtime {
         if !agent.rebuild_from(recorded) {
             return Ok(None);
         }
-        let mut d = Drive {
-            rt: self,
-            run: run.clone(),
-            events: &events,
-            i: 0,
-            books: Books::new(run.clone()),
-            policy: None,
-            agent: String::new(),
-            tools: Vec::new(),
-            memories,
-            report: DriveReport::default(),
-            div: Vec::new(),
-        };
+        let mut d = Drive::new(self, run, &events, memories);
         let pending = d.walk(agent);
         let rebuilt = agent.rebuilt();
         let refuse = |why: String| RuntimeError::State {
@@ -541,7 +517,29 @@ enum Stop {
     End,
 }
 
-impl Drive<'_> {
+impl<'a> Drive<'a> {
+    /// A walk from the start of `events`, the record of `run`.
+    fn new(
+        rt: &'a Runtime,
+        run: &RunId,
+        events: &'a [Event],
+        memories: Vec<MountedMemory>,
+    ) -> Drive<'a> {
+        Drive {
+            rt,
+            run: run.clone(),
+            events,
+            i: 0,
+            books: Books::new(run.clone()),
+            policy: None,
+            agent: String::new(),
+            tools: Vec::new(),
+            memories,
+            report: DriveReport::default(),
+            div: Vec::new(),
+        }
+    }
+
     fn diverge(&mut self, what: String) {
         let event = self.events.get(self.i).map(|e| e.id().to_string());
         self.div.push(Divergence { event, what });
