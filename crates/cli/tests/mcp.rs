@@ -1423,7 +1423,9 @@ fn an_mcp_client_uses_ices_own_workspace_tools_staged_until_the_session_commits(
 permit(principal == Agent::"assistant", action in [Action::"fs.read", Action::"fs.list"], resource in Dir::".");
 @id("ws-write")
 @max_bytes("64")
-permit(principal == Agent::"assistant", action == Action::"fs.write", resource in Dir::".");"#,
+permit(principal == Agent::"assistant", action == Action::"fs.write", resource in Dir::".");
+@id("cat")
+permit(principal == Agent::"assistant", action == Action::"process.exec", resource == Command::"cat");"#,
     );
     let ws = std::fs::canonicalize(f.root.join("ws")).unwrap();
     let notes = ws.join("notes.txt");
@@ -1440,6 +1442,8 @@ permit(principal == Agent::"assistant", action == Action::"fs.write", resource i
             {"op": "call", "name": "fs_write", "args": {"path": "big.txt", "content": "x".repeat(65)}},
             {"op": "call", "name": "fs_write", "args": {"path": 3}},
             {"op": "call", "name": "fs_list", "args": {"path": "."}},
+            {"op": "call", "name": "process_exec", "args": {"program": "cat", "args": ["notes.txt"]}},
+            {"op": "call", "name": "process_exec", "args": {"program": "rm", "args": ["notes.txt"]}},
         ]),
     );
     assert!(o.status.success(), "{}", text(&o));
@@ -1451,7 +1455,13 @@ permit(principal == Agent::"assistant", action == Action::"fs.write", resource i
         .iter()
         .map(|t| t["name"].as_str().unwrap())
         .collect();
-    for want in ["fs_list", "fs_read", "fs_write", "everything__echo"] {
+    for want in [
+        "fs_list",
+        "fs_read",
+        "fs_write",
+        "process_exec",
+        "everything__echo",
+    ] {
         assert!(names.contains(&want), "{want} not in {names:?}");
     }
     for not in ["fs_delete", "http_request"] {
@@ -1481,6 +1491,16 @@ permit(principal == Agent::"assistant", action == Action::"fs.write", resource i
     assert!(
         first_text(&r["steps"][7]["result"]).contains("notes.txt"),
         "{r:#}"
+    );
+    // A command runs on a copy of the workspace with the staged write applied; a program no
+    // policy permits is refused.
+    let cat = &r["steps"][8]["result"]["structuredContent"];
+    assert_eq!(cat["stdout"], "rewritten through ICE\n", "{r:#}");
+    assert_eq!(cat["exit"], 0, "{r:#}");
+    let rm = &r["steps"][9]["result"];
+    assert_eq!(
+        rm["structuredContent"]["ice"]["denied"], "policy_denied",
+        "{rm:#}"
     );
     // The session ended: its run validated and committed the staged write, and only it.
     assert_eq!(

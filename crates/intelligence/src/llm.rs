@@ -16,7 +16,7 @@
 //! ```
 //!
 //! The driver only proposes (A-002). It offers the model the run's built-in capabilities
-//! (`fs_read`, `fs_list`, `fs_write`, `fs_delete`, `http_request`) and the MCP tools in
+//! (`fs_read`, `fs_list`, `fs_write`, `fs_delete`, `http_request`, `process_exec`) and the MCP tools in
 //! [`AgentView::tools`] (`mcp__{server}__{tool}`) as functions; each tool call the model makes
 //! becomes a [`Proposal::Request`], and the runtime's answer goes back to the model as the tool's
 //! result. Each model call is a [`Proposal::Infer`] then [`Agent::infer`], recorded by the

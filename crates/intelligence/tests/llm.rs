@@ -282,7 +282,13 @@ fn full_loop_two_tool_calls_then_a_final_answer() {
         .collect();
     assert_eq!(
         names,
-        ["fs_read", "fs_write", "http_request", "mcp__notes__search"]
+        [
+            "fs_read",
+            "fs_write",
+            "http_request",
+            "mcp__notes__search",
+            "process_exec"
+        ]
     );
     assert_eq!(sent["tools"][0]["type"], "function");
     assert_eq!(

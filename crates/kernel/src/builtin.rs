@@ -20,7 +20,7 @@ pub struct BuiltinTool {
 }
 
 /// Every built-in tool, by name.
-pub const BUILTIN_TOOLS: [BuiltinTool; 5] = [
+pub const BUILTIN_TOOLS: [BuiltinTool; 6] = [
     BuiltinTool {
         name: "fs_delete",
         capability: "fs.delete",
@@ -46,6 +46,11 @@ pub const BUILTIN_TOOLS: [BuiltinTool; 5] = [
         capability: "http.request",
         target_arg: "url",
     },
+    BuiltinTool {
+        name: "process_exec",
+        capability: "process.exec",
+        target_arg: "program",
+    },
 ];
 
 impl BuiltinTool {
@@ -67,6 +72,10 @@ impl BuiltinTool {
             "fs.list" => "List a directory of the workspace.",
             "fs.write" => "Write a file of the workspace (created or replaced whole).",
             "fs.delete" => "Delete a file of the workspace.",
+            "process.exec" => {
+                "Run a program in a throw-away copy of the workspace with the run's staged writes \
+                 applied (what it changes there is discarded); returns its exit code and output."
+            }
             _ => "Make an HTTP request.",
         }
     }
@@ -88,6 +97,16 @@ impl BuiltinTool {
                     "content": {"type": "string", "description": "the file's whole new content"},
                 },
                 "required": ["path", "content"],
+                "additionalProperties": false,
+            }),
+            "process.exec" => json!({
+                "type": "object",
+                "properties": {
+                    "program": {"type": "string", "description": "the program: a name looked up on PATH, or a path relative to the workspace"},
+                    "args": {"type": "array", "items": {"type": "string"}, "description": "its arguments"},
+                    "timeout_ms": {"type": "integer", "minimum": 1, "maximum": 600000, "description": "how long it may run (60000 when not given)"},
+                },
+                "required": ["program"],
                 "additionalProperties": false,
             }),
             "http.request" => json!({
@@ -139,6 +158,15 @@ impl BuiltinTool {
         for key in strings {
             if arguments.get(*key).is_some_and(|v| !v.is_string()) {
                 return Err(format!("`{key}` must be a string"));
+            }
+        }
+        if self.capability == "process.exec" {
+            let strings = |v: &Value| v.as_array().is_some_and(|a| a.iter().all(Value::is_string));
+            if arguments.get("args").is_some_and(|v| !strings(v)) {
+                return Err("`args` must be an array of strings".into());
+            }
+            if arguments.get("timeout_ms").is_some_and(|v| !v.is_u64()) {
+                return Err("`timeout_ms` must be a whole number of milliseconds".into());
             }
         }
         if self.capability == "fs.write" && !arguments.contains_key("content") {
@@ -206,6 +234,25 @@ mod tests {
         );
         let list = BuiltinTool::named("fs_list").unwrap();
         assert_eq!(list.proposal(Map::new(), "").unwrap().target, ".");
+        let exec = BuiltinTool::named("process_exec").unwrap();
+        let p = exec
+            .proposal(args(json!({"program": "cargo", "args": ["test"]})), "")
+            .unwrap();
+        assert_eq!(
+            (p.capability.as_str(), p.target.as_str()),
+            ("process.exec", "cargo")
+        );
+        assert_eq!(p.arguments, json!({"args": ["test"]}));
+        assert_eq!(
+            exec.proposal(args(json!({"program": "ls", "args": [1]})), "")
+                .unwrap_err(),
+            "`args` must be an array of strings"
+        );
+        assert_eq!(
+            exec.proposal(args(json!({"program": "ls", "timeout_ms": "5"})), "")
+                .unwrap_err(),
+            "`timeout_ms` must be a whole number of milliseconds"
+        );
         let http = BuiltinTool::named("http_request").unwrap();
         assert_eq!(
             http.proposal(args(json!({"url": "https://a.example/", "method": 1})), "")
