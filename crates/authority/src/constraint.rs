@@ -79,9 +79,9 @@ impl Constraints {
             TIMEOUT_MS_ANNOTATION => &mut self.timeout_ms,
             _ => return Ok(false),
         };
-        let parsed = value
-            .parse::<u64>()
-            .ok()
+        let parsed = Some(value)
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|v| v.parse::<u64>().ok())
             .filter(|v| (1..=MAX_SAFE_INTEGER).contains(v))
             .ok_or_else(|| {
                 format!(
@@ -180,7 +180,7 @@ mod tests {
                 timeout_ms: Some(250)
             }
         );
-        for bad in ["0", "-1", "ten", "1.5", "", "9007199254740992"] {
+        for bad in ["0", "-1", "+5", " 5", "ten", "1.5", "", "9007199254740992"] {
             let e = c.set_from_annotation("max_bytes", bad).unwrap_err();
             assert!(
                 e.contains("@max_bytes") && e.contains("whole number"),

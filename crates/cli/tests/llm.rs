@@ -627,3 +627,100 @@ fn an_llm_run_killed_during_a_model_call_resumes_by_asking_the_same_question_aga
     let unchecked = r["drive"]["unchecked"].to_string();
     assert!(unchecked.contains("a model call was interrupted"), "{r:#}");
 }
+
+#[test]
+fn an_llm_run_killed_twice_during_commands_resumes_twice_and_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let sleep = |id: &str| {
+        call(
+            id,
+            "process_exec",
+            json!({"program": "sleep", "args": ["30"]}),
+        )
+    };
+    let script = json!([
+        reply("Waiting.", vec![sleep("c1")], (100, 20)),
+        reply("Waiting again.", vec![sleep("c2")], (120, 20)),
+        reply("Done: nothing to change.", vec![], (140, 10)),
+    ]);
+    let model = ModelServer::start(dir.path(), &script);
+    let (home, ex) = setup(dir.path(), model.port, |t| t);
+    std::fs::write(
+        ex.join("policies/exec.cedar"),
+        "permit(principal == Agent::\"writer\", action == Action::\"process.exec\", resource == Command::\"sleep\");\n",
+    )
+    .unwrap();
+    let record = dir.path().join("go-on.toml");
+    std::fs::write(&record, "reason = \"the host restarted\"\n").unwrap();
+    // Start (or resume) the run in a child process, and kill it once the model has been asked
+    // `calls` times and the command it asked for is running.
+    let kill_after = |args: &[&str], calls: usize| {
+        let mut child = ice_cmd(&home)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let used = events(&home, "llm-notes")
+                .iter()
+                .filter(|e| e["type"] == "CapabilityUsed")
+                .count();
+            if model.requests().len() >= calls && used >= calls {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the command never started");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+    };
+    kill_after(&["run", ex.join("run.toml").to_str().unwrap()], 1);
+    kill_after(
+        &[
+            "reconfigure",
+            "llm-notes",
+            "--record",
+            record.to_str().unwrap(),
+        ],
+        2,
+    );
+    // The second resume re-drives the agent through both interrupted commands.
+    let o = ice(
+        &home,
+        &[
+            "reconfigure",
+            "llm-notes",
+            "--record",
+            record.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let requests = model.requests();
+    assert_eq!(requests.len(), 3);
+    // Each interrupted call was answered, to the model, as having no outcome.
+    let messages = requests[2]["messages"].as_array().unwrap();
+    let tool_answers: Vec<&str> = messages
+        .iter()
+        .filter(|m| m["role"] == "tool")
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(tool_answers.len(), 2, "{messages:#?}");
+    assert!(
+        tool_answers.iter().all(|t| t.contains("no outcome")),
+        "{tool_answers:?}"
+    );
+    drop(model);
+    let o = ice(&home, &["replay", "llm-notes", "--drive", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["divergences"], json!([]), "{r:#}");
+    assert_eq!(r["drive"]["inferences"], 3, "{r:#}");
+    let unchecked = r["drive"]["unchecked"].to_string();
+    assert_eq!(
+        unchecked.matches("the call was interrupted").count(),
+        2,
+        "{r:#}"
+    );
+}

@@ -1636,6 +1636,15 @@ impl Ctx<'_> {
                 .await
                 .map(Some);
         }
+        self.revoke_not_permitted(live).await?;
+        Ok(None)
+    }
+
+    /// Re-decide every live grant under `live.policy` (a policy that changed): revoke, with
+    /// events, each one it no longer permits, or permits only under tighter constraints than
+    /// the grant carries.
+    pub(crate) async fn revoke_not_permitted(&self, live: &mut Live) -> Result<(), RuntimeError> {
+        let new_version = live.policy.version();
         let now = self.now();
         let mut revoke = Vec::new();
         for g in live.books.grants.live(now) {
@@ -1644,15 +1653,29 @@ impl Ctx<'_> {
             let keep = match request {
                 Ok(q) => {
                     let d = live.policy.decide(&q);
-                    match d.kind() {
-                        DecisionKind::Permit => None,
-                        DecisionKind::PermitWithApproval if g.approval.is_some() => None,
-                        k => Some(format!(
-                            "policy reload: the new policy ({}) decides {k} for {} on {}",
+                    let permitted = match d.kind() {
+                        DecisionKind::Permit => true,
+                        DecisionKind::PermitWithApproval => g.approval.is_some(),
+                        DecisionKind::Deny => false,
+                    };
+                    if !permitted {
+                        Some(format!(
+                            "policy reload: the new policy ({}) decides {} for {} on {}",
                             short(&new_version.to_hex()),
+                            d.kind(),
                             g.capability,
                             g.resource
-                        )),
+                        ))
+                    } else if d.constraints.tightest(g.constraints) != g.constraints {
+                        Some(format!(
+                            "policy reload: the new policy ({}) limits {} on {} more tightly ({})",
+                            short(&new_version.to_hex()),
+                            g.capability,
+                            g.resource,
+                            d.constraints
+                        ))
+                    } else {
+                        None
                     }
                 }
                 Err(e) => Some(format!("policy reload: {e}")),
@@ -1683,7 +1706,7 @@ impl Ctx<'_> {
             })
             .await?;
         }
-        Ok(None)
+        Ok(())
     }
 
     /// The first assumption that no longer holds, described.

@@ -514,6 +514,19 @@ impl Runtime {
                     ),
                 });
             }
+            // A policy changed while the run was suspended is taken on only when an operator
+            // accepted it (recorded); then the live grants are re-decided under it.
+            let now_version = live.policy.version();
+            if live.books.policy_version.is_some_and(|v| v != now_version) {
+                return Err(RuntimeError::State {
+                    run: run.to_string(),
+                    state,
+                    what: format!(
+                        "its policy changed while it was suspended (now version {}); to resume under it, record a reconfiguration with accept_policy = true",
+                        &now_version.to_hex()[..12]
+                    ),
+                });
+            }
             // An agent with a conversation continues it rather than starting over.
             live.last = self
                 .rebuild_agent(run, agent, live.memories.clone())
@@ -527,6 +540,7 @@ impl Runtime {
             })
             .await?;
             live.window_started = Instant::now();
+            ctx.revoke_not_permitted(live).await?;
         }
         let outcome = self.drive_to_end(&ctx, agent).await?;
         let books = ctx.live.into_inner().books;

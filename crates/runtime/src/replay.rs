@@ -1019,6 +1019,28 @@ impl<'a> Drive<'a> {
                     self.diverge(format!("request {req}: {why}"));
                     return false;
                 }
+                // A permit that needed an approval: the grant issued once it was given must
+                // carry the decision's constraints too.
+                if let Expect::Policy("approval", _, want) = &expected
+                    && let Some(grant) = self.events[self.i..].iter().find(|x| {
+                        x.event_type == EventType::CapabilityGranted.name()
+                            && x.payload.get("request").and_then(Value::as_str)
+                                == Some(&req.to_string())
+                    })
+                {
+                    let got = grant.payload.get("constraints").and_then(|c| {
+                        <ice_authority::Constraints as serde::Deserialize>::deserialize(c).ok()
+                    });
+                    if got != Some(*want) {
+                        self.diverge(format!(
+                            "request {req}: the approved grant {} carries constraints {}; the policy gives {}",
+                            grant.id(),
+                            grant.payload.get("constraints").unwrap_or(&Value::Null),
+                            serde_json::json!(want)
+                        ));
+                        return false;
+                    }
+                }
                 self.report.decisions += 1;
             }
         }
@@ -1048,6 +1070,16 @@ impl<'a> Drive<'a> {
                     "request {req}: its effect was recorded without the output the agent saw (an older ICE); the replay stops here"
                 ));
                 return false;
+            }
+            if xt == Some(EventType::RunSuspended) && self.books.state() == RunState::Executing {
+                // The process stopped during the call (recovery suspended the run): no outcome
+                // was recorded, and none is shown to the agent when the run resumes.
+                self.report.unchecked.push(format!(
+                    "request {req}: the call was interrupted by {} (its outcome was not recorded)",
+                    describe(x)
+                ));
+                *last = None;
+                return true;
             }
             self.fold();
         }

@@ -629,3 +629,62 @@ async fn a_policys_constraints_are_recorded_in_the_grant_and_bound_every_use() {
     let replayed = Books::fold(RunId::new("bounded").unwrap(), events.iter()).unwrap();
     assert_eq!(replayed, report.books);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_changed_while_suspended_needs_accepting_and_then_rebinds_live_grants() {
+    let h = H::new(POLICY);
+    let plan = "[[step]]\nintent = \"again\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 5\n";
+    let (spec, mut agent) = h.spec(
+        "repolicy",
+        "looper",
+        "[budget]\ntool_calls = 2\non_exhaustion = \"suspend\"\n\n[grants]\nuses = 10\n",
+        plan,
+    );
+    let report = h.run(spec, &mut agent).await;
+    assert!(matches!(report.outcome, RunOutcome::Suspended { .. }));
+    // While it waits, an operator limits reads to 3 bytes.
+    std::fs::write(
+        h.policies.join("p.cedar"),
+        POLICY.replace("@id(\"read\")", "@id(\"read\")\n@max_bytes(\"3\")"),
+    )
+    .unwrap();
+    let run = RunId::new("repolicy").unwrap();
+    let more = |accept_policy| ice_runtime::operator::ReconfigurationFile {
+        reason: "room".into(),
+        accept_policy,
+        budget: Some(toml::from_str("tool_calls = 10").unwrap()),
+        ..Default::default()
+    };
+    h.rt.reconfigure(&run, "alice", &more(false)).await.unwrap();
+    let (_, mut again) = h.spec("repolicy-2", "looper", "", plan);
+    let err =
+        h.rt.resume(&run, &mut again, &ice_runtime::Quiet)
+            .await
+            .unwrap_err();
+    assert!(err.to_string().contains("accept_policy = true"), "{err}");
+    // Accepted: the run resumes under it, and the live read grant, looser than the new policy
+    // allows, is revoked and re-decided.
+    h.rt.reconfigure(&run, "alice", &more(true)).await.unwrap();
+    let report =
+        h.rt.resume(&run, &mut again, &ice_runtime::Quiet)
+            .await
+            .unwrap();
+    assert_eq!(report.outcome, RunOutcome::Committed, "{report:?}");
+    let events = h.events("repolicy").await;
+    let revoked = of_type(&events, EventType::CapabilityRevoked);
+    assert_eq!(revoked.len(), 1, "{revoked:?}");
+    assert!(
+        revoked[0].payload["reason"]
+            .as_str()
+            .unwrap()
+            .contains("more tightly"),
+        "{:?}",
+        revoked[0].payload
+    );
+    let reads = of_type(&events, EventType::FileRead);
+    assert_eq!(
+        reads.first().unwrap().payload["output"]["content"],
+        "hello\n"
+    );
+    assert_eq!(reads.last().unwrap().payload["output"]["content"], "hel");
+}
