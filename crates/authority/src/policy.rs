@@ -666,6 +666,51 @@ fn parse_file(
                 )),
             }
         }
+        // A limit on actions that cannot exceed it is a mistake worth saying.
+        let actions: Option<Vec<String>> = match policy.action_constraint() {
+            cedar::ActionConstraint::Any => None,
+            cedar::ActionConstraint::Eq(uid) => Some(vec![uid.id().unescaped().to_string()]),
+            cedar::ActionConstraint::In(uids) => Some(
+                uids.iter()
+                    .map(|u| u.id().unescaped().to_string())
+                    .collect(),
+            ),
+        };
+        if let Some(actions) = actions {
+            let limits = |of: &[&str]| actions.iter().any(|a| of.contains(&a.as_str()));
+            let checks = [
+                (
+                    constraints.max_bytes.is_some(),
+                    MAX_BYTES_ANNOTATION,
+                    &[
+                        "fs.read",
+                        "fs.write",
+                        "http.request",
+                        "mcp.call",
+                        "process.exec",
+                    ][..],
+                ),
+                (
+                    constraints.timeout_ms.is_some(),
+                    TIMEOUT_MS_ANNOTATION,
+                    &["http.request", "mcp.call", "process.exec"][..],
+                ),
+            ];
+            for (set, name, enforced_by) in checks {
+                if set && !limits(enforced_by) {
+                    warnings.push(diag(
+                        Severity::Warning,
+                        file,
+                        at(&format!("@{name}")),
+                        Some(&id),
+                        format!(
+                            "@{name} limits nothing this permit allows (only {} enforce it)",
+                            enforced_by.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
         out.extend(warnings);
         if !ok {
             continue;

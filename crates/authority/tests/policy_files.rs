@@ -343,3 +343,36 @@ fn an_annotation_ice_does_not_act_on_is_a_warning_not_silence() {
     )
     .expect("loads with a warning");
 }
+
+#[test]
+fn a_limit_on_actions_that_cannot_exceed_it_is_a_warning() {
+    let schema = Schema::ice().expect("ICE schema parses");
+    let warnings = |text: &str| -> Vec<String> {
+        PolicySet::check(&[source("l.cedar", text)], &schema)
+            .into_iter()
+            .map(|d| {
+                assert_eq!(d.severity, Severity::Warning, "{d}");
+                d.message
+            })
+            .collect()
+    };
+    let w =
+        warnings("@timeout_ms(\"5\") permit(principal, action == Action::\"fs.read\", resource);");
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("@timeout_ms limits nothing this permit allows"),
+        "{w:?}"
+    );
+    let w = warnings(
+        "@max_bytes(\"5\") permit(principal, action in [Action::\"fs.list\", Action::\"fs.delete\"], resource);",
+    );
+    assert!(w[0].contains("@max_bytes limits nothing"), "{w:?}");
+    assert!(
+        warnings("@timeout_ms(\"5\") @max_bytes(\"5\") permit(principal, action, resource);")
+            .is_empty()
+    );
+    assert!(
+        warnings("@max_bytes(\"5\") permit(principal, action in [Action::\"fs.list\", Action::\"fs.write\"], resource);")
+            .is_empty()
+    );
+}
