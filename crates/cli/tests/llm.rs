@@ -146,6 +146,15 @@ fn events(home: &Path, run: &str) -> Vec<Value> {
         .collect()
 }
 
+/// `ice replay RUN --drive --json`, which must succeed and find no divergence; its report.
+fn replay_drive_clean(home: &Path, run: &str) -> Value {
+    let o = ice(home, &["replay", run, "--drive", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["divergences"], json!([]), "{r:#}");
+    r
+}
+
 fn of_type<'a>(events: &'a [Value], t: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["type"] == t).collect()
 }
@@ -297,10 +306,7 @@ fn an_llm_driven_run_is_governed_recorded_and_replays_without_the_model() {
     assert_eq!(r["compared"], true);
     assert_eq!(r["state"], "TERMINATED");
     assert_eq!(r["inferences"], 7);
-    let o = ice(&home, &["replay", "llm-notes", "--drive", "--json"]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(r["divergences"], json!([]), "{r:#}");
+    let r = replay_drive_clean(&home, "llm-notes");
     assert_eq!(r["drive"]["inferences"], 7, "{r:#}");
     assert_eq!(r["drive"]["decisions"], 4 + 7, "{r:#}");
     assert_eq!(r["drive"]["unchecked"], json!([]), "{r:#}");
@@ -367,10 +373,7 @@ fn exhausting_the_token_budget_stops_the_loop_before_the_model_is_called() {
     assert_eq!(abort[0]["payload"]["reason"], "budget_exhausted");
     // The replay re-makes that refusal from the record.
     drop(model);
-    let o = ice(&home, &["replay", "llm-notes", "--drive", "--json"]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(r["divergences"], json!([]), "{r:#}");
+    replay_drive_clean(&home, "llm-notes");
 }
 
 #[test]
@@ -458,10 +461,7 @@ fn a_memory_promoted_by_one_llm_run_is_shown_to_the_model_in_the_next() {
 
     // Replayed without the model, the re-driven agent is shown the same memory.
     drop(model);
-    let o = ice(&home, &["replay", "llm-notes-2", "--drive", "--json"]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(r["divergences"], json!([]), "{r:#}");
+    let r = replay_drive_clean(&home, "llm-notes-2");
     assert_eq!(r["drive"]["inferences"], 1, "{r:#}");
 }
 
@@ -553,10 +553,7 @@ fn a_suspended_llm_run_resumes_its_conversation_and_replays_through_the_suspensi
 
     // The whole run, suspension included, replays without the model.
     drop(model);
-    let o = ice(&home, &["replay", "llm-notes", "--drive", "--json"]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(r["divergences"], json!([]), "{r:#}");
+    let r = replay_drive_clean(&home, "llm-notes");
     assert_eq!(r["drive"]["inferences"], 4, "{r:#}");
     assert_eq!(r["drive"]["unchecked"], json!([]), "{r:#}");
 }
@@ -619,10 +616,7 @@ fn an_llm_run_killed_during_a_model_call_resumes_by_asking_the_same_question_aga
     assert_eq!(of_type(&ev, "InferenceStep").len(), 2);
     assert_eq!(of_type(&ev, "RunCommitted").len(), 1);
     drop(model);
-    let o = ice(&home, &["replay", "llm-notes", "--drive", "--json"]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(r["divergences"], json!([]), "{r:#}");
+    let r = replay_drive_clean(&home, "llm-notes");
     assert_eq!(r["drive"]["inferences"], 2, "{r:#}");
     let unchecked = r["drive"]["unchecked"].to_string();
     assert!(unchecked.contains("a model call was interrupted"), "{r:#}");
@@ -712,10 +706,7 @@ fn an_llm_run_killed_twice_during_commands_resumes_twice_and_replays() {
         "{tool_answers:?}"
     );
     drop(model);
-    let o = ice(&home, &["replay", "llm-notes", "--drive", "--json"]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(r["divergences"], json!([]), "{r:#}");
+    let r = replay_drive_clean(&home, "llm-notes");
     assert_eq!(r["drive"]["inferences"], 3, "{r:#}");
     let unchecked = r["drive"]["unchecked"].to_string();
     assert_eq!(
