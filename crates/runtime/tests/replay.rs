@@ -217,3 +217,46 @@ async fn a_grant_recorded_without_the_constraints_its_policy_sets_is_caught() {
         r.divergences
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_under_a_policy_reloaded_mid_run_is_unchecked_not_divergent() {
+    let reads_only = "@id(\"read\")\npermit(principal, action in [Action::\"fs.read\", Action::\"fs.list\"], resource in Dir::\".\");\n";
+    let h = H::new(reads_only);
+    let plan = "[[step]]\nintent = \"w\"\ncapability = \"fs.write\"\ntarget = \"notes.txt\"\narguments = { content = \"n\\n\" }\nrepeat = 3\n";
+    let (spec, plan_agent) = h.spec("reload-permit", "coder", "", plan);
+    let policies = h.policies.clone();
+    let mut agent = Hooked {
+        inner: plan_agent,
+        hook: move |v: &ice_kernel::AgentView| {
+            if v.step == 1 {
+                // After the first write is denied, an operator permits writes.
+                std::thread::sleep(std::time::Duration::from_millis(30));
+                std::fs::write(
+                    policies.join("p.cedar"),
+                    format!(
+                        "{reads_only}permit(principal, action == Action::\"fs.write\", resource);\n"
+                    ),
+                )
+                .unwrap();
+            }
+        },
+    };
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.outcome, ice_runtime::RunOutcome::Committed);
+    assert_eq!(h.read("notes.txt"), "n\n");
+    let run = RunId::new("reload-permit").unwrap();
+    let events = h.events("reload-permit").await;
+    // The change is noticed between steps: the second write is still decided under the old
+    // policy, the third under the new one.
+    assert_eq!(denial_codes(&events), ["policy_denied", "policy_denied"]);
+    let mut again = PlanAgent::new("coder", Plan::parse("plan.toml", plan).unwrap());
+    let r = h.rt.replay_drive(&run, &mut again).await.unwrap();
+    assert!(r.divergences.is_empty(), "{:?}", r.divergences);
+    let d = r.drive.unwrap();
+    assert!(
+        d.unchecked
+            .iter()
+            .any(|u| u.contains("the policy was reloaded during the run")),
+        "{d:?}"
+    );
+}
