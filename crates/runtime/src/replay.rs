@@ -1014,24 +1014,6 @@ impl<'a> Drive<'a> {
             (Expect::Unchecked(why), Some(_)) => {
                 self.report.unchecked.push(format!("request {req}: {why}"));
             }
-            (Expect::Policy(..), Some(got))
-                if got
-                    .payload
-                    .get("policy_version")
-                    .and_then(Value::as_str)
-                    .zip(self.policy.as_ref())
-                    .is_some_and(|(v, p)| v != p.version().to_hex()) =>
-            {
-                // Decided under a policy reloaded during the run (a reload that revoked no
-                // grant records nothing else): its files are not in the record.
-                self.report.unchecked.push(format!(
-                    "request {req}: decided under policy version {}, whose files are not in the record (the policy was reloaded during the run)",
-                    got.payload
-                        .get("policy_version")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                ));
-            }
             (want, Some(got)) => {
                 if let Some(why) = mismatch(want, got) {
                     self.diverge(format!("request {req}: {why}"));
