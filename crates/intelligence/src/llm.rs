@@ -707,13 +707,8 @@ impl Model for RecordedModel {
 /// What an offered function stands for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ToolBinding {
-    /// A built-in capability: its name and the argument that is the target.
-    Builtin {
-        /// `fs.read`, `http.request`, …
-        capability: &'static str,
-        /// The argument that becomes the target (`path`, `url`).
-        target_arg: &'static str,
-    },
+    /// One of ICE's own capabilities (its capability and target argument are the tool's).
+    Builtin(&'static BuiltinTool),
     /// An MCP tool, called through `mcp.call`.
     Mcp {
         /// `server/tool`.
@@ -754,10 +749,7 @@ impl Toolbox {
                     b.name.to_string(),
                     b.description().to_string(),
                     b.input_schema(),
-                    ToolBinding::Builtin {
-                        capability: b.capability,
-                        target_arg: b.target_arg,
-                    },
+                    ToolBinding::Builtin(b),
                 ));
             }
         }
@@ -850,9 +842,7 @@ impl Toolbox {
                 arguments: Value::Object(args),
                 intent: intent.to_string(),
             }),
-            ToolBinding::Builtin { capability, .. } => BuiltinTool::for_capability(capability)
-                .ok_or_else(|| format!("{capability} is not a built-in tool"))?
-                .proposal(args, intent),
+            ToolBinding::Builtin(b) => b.proposal(args, intent),
         }
     }
 }

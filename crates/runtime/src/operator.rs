@@ -523,7 +523,7 @@ impl Runtime {
                     state,
                     what: format!(
                         "its policy changed while it was suspended (now version {}); to resume under it, record a reconfiguration with accept_policy = true",
-                        &now_version.to_hex()[..12]
+                        crate::executor::short(&now_version.to_hex())
                     ),
                 });
             }

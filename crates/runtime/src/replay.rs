@@ -1027,19 +1027,10 @@ impl<'a> Drive<'a> {
                             && x.payload.get("request").and_then(Value::as_str)
                                 == Some(&req.to_string())
                     })
+                    && let Some(why) = constraints_mismatch(grant, want)
                 {
-                    let got = grant.payload.get("constraints").and_then(|c| {
-                        <ice_authority::Constraints as serde::Deserialize>::deserialize(c).ok()
-                    });
-                    if got != Some(*want) {
-                        self.diverge(format!(
-                            "request {req}: the approved grant {} carries constraints {}; the policy gives {}",
-                            grant.id(),
-                            grant.payload.get("constraints").unwrap_or(&Value::Null),
-                            serde_json::json!(want)
-                        ));
-                        return false;
-                    }
+                    self.diverge(format!("request {req}: {why}"));
+                    return false;
                 }
                 self.report.decisions += 1;
             }
@@ -1251,16 +1242,7 @@ fn mismatch(want: &Expect, got: &Event) -> Option<String> {
                 ));
             }
             if recorded == "permit" {
-                let constraints = got.payload.get("constraints").and_then(|c| {
-                    <ice_authority::Constraints as serde::Deserialize>::deserialize(c).ok()
-                });
-                if constraints != Some(*want_constraints) {
-                    return Some(format!(
-                        "the policy gives a grant with constraints {}; the run recorded {}",
-                        serde_json::json!(want_constraints),
-                        got.payload.get("constraints").unwrap_or(&Value::Null)
-                    ));
-                }
+                return constraints_mismatch(got, want_constraints);
             }
             None
         }
@@ -1269,6 +1251,22 @@ fn mismatch(want: &Expect, got: &Event) -> Option<String> {
             mismatch(&Expect::Reuse(g.clone()), got).and_then(|_| mismatch(other, got))
         }
     }
+}
+
+/// How the constraints recorded in `grant` (a `CapabilityGranted`) differ from `want`, the
+/// ones the policy gives, if they do.
+fn constraints_mismatch(grant: &Event, want: &ice_authority::Constraints) -> Option<String> {
+    let recorded = grant.payload.get("constraints");
+    let got = recorded
+        .and_then(|c| <ice_authority::Constraints as serde::Deserialize>::deserialize(c).ok());
+    (got != Some(*want)).then(|| {
+        format!(
+            "the policy gives a grant with constraints {}; the run recorded {} in {}",
+            serde_json::json!(want),
+            recorded.unwrap_or(&Value::Null),
+            grant.id()
+        )
+    })
 }
 
 fn denied(e: &Event, request: EventId) -> Outcome {
