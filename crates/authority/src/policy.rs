@@ -667,16 +667,7 @@ fn parse_file(
             }
         }
         // A limit on actions that cannot exceed it is a mistake worth saying.
-        let actions: Option<Vec<String>> = match policy.action_constraint() {
-            cedar::ActionConstraint::Any => None,
-            cedar::ActionConstraint::Eq(uid) => Some(vec![uid.id().unescaped().to_string()]),
-            cedar::ActionConstraint::In(uids) => Some(
-                uids.iter()
-                    .map(|u| u.id().unescaped().to_string())
-                    .collect(),
-            ),
-        };
-        if let Some(actions) = actions {
+        if let Some(actions) = actions_of(&policy) {
             let limits = |of: &[&str]| actions.iter().any(|a| of.contains(&a.as_str()));
             let checks = [
                 (
@@ -727,6 +718,17 @@ fn parse_file(
                 constraints,
             },
         });
+    }
+}
+
+/// The actions a policy's scope names (`None`: any action). ICE's schema has no action
+/// groups, so `action in [...]` is exactly the listed actions.
+fn actions_of(policy: &cedar::Policy) -> Option<Vec<String>> {
+    let name = |uid: &cedar::EntityUid| uid.id().unescaped().to_string();
+    match policy.action_constraint() {
+        cedar::ActionConstraint::Any => None,
+        cedar::ActionConstraint::Eq(uid) => Some(vec![name(&uid)]),
+        cedar::ActionConstraint::In(uids) => Some(uids.iter().map(name).collect()),
     }
 }
 
@@ -919,13 +921,8 @@ impl PolicySet {
                 // but listing a tool that is then denied is the safe error).
                 _ => true,
             };
-            let action = match p.action_constraint() {
-                cedar::ActionConstraint::Any => true,
-                cedar::ActionConstraint::Eq(uid) => is_this(&uid, "Action", capability),
-                cedar::ActionConstraint::In(uids) => {
-                    uids.iter().any(|u| is_this(u, "Action", capability))
-                }
-            };
+            // The schema has no action groups: a scope names its actions outright.
+            let action = actions_of(p).is_none_or(|a| a.iter().any(|a| a == capability));
             permit && principal && action
         })
     }
