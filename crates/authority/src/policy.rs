@@ -470,6 +470,9 @@ pub struct PolicySet {
     version: PolicyVersion,
     warnings: Vec<Diagnostic>,
     authorizer: cedar::Authorizer,
+    /// The files it was built from, by name: what a run records so that a replay can rebuild
+    /// exactly this set.
+    sources: Vec<PolicySource>,
 }
 
 /// A parsed policy before indexing.
@@ -858,9 +861,12 @@ impl PolicySet {
             return Err(LoadError::Invalid { diagnostics });
         }
         let built = PolicySet::index(whole, parsed, info, PolicyVersion::of(sources), diagnostics);
-        built.map_err(|d| LoadError::Invalid {
+        let mut set = built.map_err(|d| LoadError::Invalid {
             diagnostics: vec![d],
-        })
+        })?;
+        set.sources = sources.to_vec();
+        set.sources.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(set)
     }
 
     fn index(
@@ -879,7 +885,14 @@ impl PolicySet {
             version,
             warnings,
             authorizer: cedar::Authorizer::new(),
+            sources: Vec::new(),
         })
+    }
+
+    /// The files the set was built from, ordered by name: loading them again gives a set of
+    /// the same version.
+    pub fn sources(&self) -> &[PolicySource] {
+        &self.sources
     }
 
     /// The policy set's version (a digest of its files), for approvals to bind to.

@@ -230,6 +230,13 @@ fn load_dir_reads_only_cedar_files_in_name_order() {
     let set = PolicySet::load_dir(dir.path(), &schema).expect("loads");
     let ids: Vec<&str> = set.policies().iter().map(|p| p.id.as_str()).collect();
     assert_eq!(ids, ["a.cedar#1", "b.cedar#1"]);
+    // The set keeps the files it was read from, in name order: what a run records so that a
+    // replay rebuilds the same set.
+    let names: Vec<&str> = set.sources().iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["a.cedar", "b.cedar"]);
+    assert!(set.sources()[1].text.contains("secrets"));
+    let again = PolicySet::from_sources(set.sources(), &schema).expect("reloads");
+    assert_eq!(again.version(), set.version());
 }
 
 #[test]

@@ -213,6 +213,11 @@ fn progress_line(e: &Event) -> Option<String> {
             e.payload.get("status").cloned().unwrap_or(Value::Null)
         ),
         EventType::CapabilityRevoked => format!("{id}   ! grant revoked: {}", s(e, "reason")),
+        EventType::PolicyReloaded => format!(
+            "{id}   ! policy now version {}: {}",
+            s(e, "policy_version").get(..12).unwrap_or(""),
+            s(e, "reason")
+        ),
         EventType::InferenceStep
         | EventType::DecisionProposed
         | EventType::HypothesisGenerated

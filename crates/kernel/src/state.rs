@@ -286,6 +286,8 @@ impl Lifecycle {
                 }
             }
             E::ApprovalRequested => only_in(&[S::Executing])?,
+            // The policy changes under a run that is deciding requests: while it executes.
+            E::PolicyReloaded => only_in(&[S::Executing])?,
             E::ApprovalGranted | E::ApprovalDenied => only_in(&live)?,
             E::BudgetReserved | E::BudgetSettled => only_in(&[S::Executing, S::Validating])?,
             E::CapabilityGranted => only_in(&[S::ContextReady, S::Executing])?,

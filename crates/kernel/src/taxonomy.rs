@@ -2,14 +2,16 @@
 //!
 //! Adding, removing or renaming a type is a change of [`TAXONOMY_VERSION`] and is documented in
 //! `docs/taxonomy.md`. Version 1 is the specification's starting set plus `RunTerminatedByRuntime`,
-//! which the run state machine needs for its `→ TERMINATED_BY_RUNTIME` edge.
+//! which the run state machine needs for its `→ TERMINATED_BY_RUNTIME` edge. Version 2 adds
+//! `PolicyReloaded`: the policy a running run decides under changed, and the event holds the
+//! new files, so that a replay decides later requests under the policy the run used.
 
 use std::fmt;
 
 use crate::id::Origin;
 
 /// Version of the taxonomy this kernel enforces.
-pub const TAXONOMY_VERSION: u32 = 1;
+pub const TAXONOMY_VERSION: u32 = 2;
 
 /// The row of the taxonomy a type belongs to; the row fixes which origins may emit it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -56,7 +58,7 @@ impl Category {
 
 macro_rules! taxonomy {
     ($($name:ident => $cat:ident),* $(,)?) => {
-        /// Every event type of taxonomy v1. The set is closed: a name not here is rejected.
+        /// Every event type of the taxonomy. The set is closed: a name not here is rejected.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
         #[allow(missing_docs)]
         pub enum EventType { $($name),* }
@@ -104,6 +106,7 @@ taxonomy! {
     BudgetReserved => Runtime,
     BudgetSettled => Runtime,
     ApprovalRequested => Runtime,
+    PolicyReloaded => Runtime,
 
     ApprovalGranted => Operator,
     ApprovalDenied => Operator,

@@ -408,6 +408,9 @@ fn phase_events_happen_in_their_phase() {
             E::ResourcesReleased,
             &[Committed, Aborted, TerminatedByRuntime],
         ),
+        // Taxonomy v2: a policy reload is recorded while the run executes (a suspended run
+        // takes a new policy on only when it resumes, after RunResumed).
+        (E::PolicyReloaded, &[Executing]),
     ];
     for (t, states) in phases {
         for s in RunState::ALL {

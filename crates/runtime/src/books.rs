@@ -44,8 +44,12 @@ pub struct Books {
     /// Assumptions with the digests they must keep (from `ContextResolved`, renewed by a
     /// reconfiguration).
     pub assumptions: Vec<Assumption>,
-    /// The policy version bound at context time or by the last reconfiguration / revocation.
+    /// The policy version bound at context time or by the last reload, reconfiguration or
+    /// revocation.
     pub policy_version: Option<PolicyVersion>,
+    /// The version of the last policy whose files the record holds (`ContextResolved`,
+    /// `PolicyReloaded`): a replay can re-decide requests under this one.
+    pub policy_recorded: Option<PolicyVersion>,
     /// Agent proposals recorded so far.
     pub proposals: u64,
     /// Staged ops in order.
@@ -101,6 +105,7 @@ impl Books {
             spec: None,
             assumptions: Vec::new(),
             policy_version: None,
+            policy_recorded: None,
             proposals: 0,
             staged: Vec::new(),
             kill: None,
@@ -166,6 +171,16 @@ impl Books {
                 .map_err(|err| fail(format!("ContextResolved assumptions: {err}")))?;
                 self.policy_version = policy_version(e.payload.get("policy_version"))
                     .map_err(|err| fail(format!("ContextResolved policy_version: {err}")))?;
+                if e.payload.contains_key("policy_sources") {
+                    self.policy_recorded = self.policy_version;
+                }
+            }
+            EventType::PolicyReloaded => {
+                let v = policy_version(e.payload.get("policy_version"))
+                    .map_err(|err| fail(format!("PolicyReloaded policy_version: {err}")))?
+                    .ok_or_else(|| fail("PolicyReloaded has no policy_version".into()))?;
+                self.policy_version = Some(v);
+                self.policy_recorded = Some(v);
             }
             EventType::ExecutionWindowOpened => self.window_opened = Some(e.at),
             EventType::InferenceStep

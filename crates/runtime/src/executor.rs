@@ -48,7 +48,7 @@ use ice_authority::payload::{
     CapabilityUsedPayload, DenialCode,
 };
 use ice_authority::{
-    ApprovalStatus, BudgetLimits, DecisionKind, PolicySet, Request, Resource,
+    ApprovalStatus, BudgetLimits, DecisionKind, PolicySet, PolicyVersion, Request, Resource,
     approval::request_digest,
 };
 use ice_kernel::{
@@ -1636,76 +1636,66 @@ impl Ctx<'_> {
                 .await
                 .map(Some);
         }
-        self.revoke_not_permitted(live).await?;
+        self.take_on_policy(live, "the policy files changed while the run executed")
+            .await?;
         Ok(None)
     }
 
-    /// Re-decide every live grant under `live.policy` (a policy that changed): revoke, with
-    /// events, each one it no longer permits, or permits only under tighter constraints than
-    /// the grant carries.
-    pub(crate) async fn revoke_not_permitted(&self, live: &mut Live) -> Result<(), RuntimeError> {
+    /// Take on `live.policy` (a policy that changed): record it, with its files, unless the
+    /// record already holds them, and re-decide every live grant under it, revoking (in the
+    /// same batch) each one it no longer permits, or permits only under tighter constraints
+    /// than the grant carries.
+    pub(crate) async fn take_on_policy(
+        &self,
+        live: &mut Live,
+        why: &str,
+    ) -> Result<(), RuntimeError> {
         let new_version = live.policy.version();
         let now = self.now();
-        let mut revoke = Vec::new();
-        for g in live.books.grants.live(now) {
-            let request = Request::builder(&self.run, &g.agent, &g.capability, g.resource.clone())
-                .build(&self.rt.registry);
-            let keep = match request {
-                Ok(q) => {
-                    let d = live.policy.decide(&q);
-                    let permitted = match d.kind() {
-                        DecisionKind::Permit => true,
-                        DecisionKind::PermitWithApproval => g.approval.is_some(),
-                        DecisionKind::Deny => false,
-                    };
-                    if !permitted {
-                        Some(format!(
-                            "policy reload: the new policy ({}) decides {} for {} on {}",
-                            short(&new_version.to_hex()),
-                            d.kind(),
-                            g.capability,
-                            g.resource
-                        ))
-                    } else if d.constraints.tightest(g.constraints) != g.constraints {
-                        Some(format!(
-                            "policy reload: the new policy ({}) limits {} on {} more tightly ({})",
-                            short(&new_version.to_hex()),
-                            g.capability,
-                            g.resource,
-                            d.constraints
-                        ))
-                    } else {
-                        None
-                    }
-                }
-                Err(e) => Some(format!("policy reload: {e}")),
-            };
-            if let Some(reason) = keep {
-                revoke.push((g.id.clone(), reason));
-            }
-        }
-        if !revoke.is_empty() {
-            self.append(live, |_| {
-                revoke
-                    .iter()
-                    .map(|(g, reason)| {
-                        rt_draft(
-                            EventType::CapabilityRevoked,
-                            Value::Object(
-                                CapabilityRevokedPayload {
-                                    grant: g.clone(),
-                                    reason: reason.clone(),
-                                    policy_version: Some(new_version),
-                                }
-                                .to_payload(),
-                            ),
-                        )
-                        .cause(g.clone())
-                    })
-                    .collect()
+        let revoke: Vec<(EventId, String)> = live
+            .books
+            .grants
+            .live(now)
+            .filter_map(|g| {
+                reload_verdict(&self.rt.registry, &self.run, &live.policy, g)
+                    .map(|why| (g.id.clone(), why))
             })
-            .await?;
+            .collect();
+        let reload = (live.books.policy_recorded != Some(new_version)).then(|| {
+            rt_draft(
+                EventType::PolicyReloaded,
+                reloaded_payload(&live.policy, live.books.policy_version, why),
+            )
+        });
+        if reload.is_none() && revoke.is_empty() {
+            return Ok(());
         }
+        self.append(live, |next| {
+            let cause = reload.as_ref().map(|_| self.eid(next));
+            reload
+                .iter()
+                .cloned()
+                .chain(revoke.iter().map(|(g, reason)| {
+                    let d = rt_draft(
+                        EventType::CapabilityRevoked,
+                        Value::Object(
+                            CapabilityRevokedPayload {
+                                grant: g.clone(),
+                                reason: reason.clone(),
+                                policy_version: Some(new_version),
+                            }
+                            .to_payload(),
+                        ),
+                    )
+                    .cause(g.clone());
+                    match &cause {
+                        Some(c) => d.cause(c.clone()),
+                        None => d,
+                    }
+                }))
+                .collect()
+        })
+        .await?;
         Ok(())
     }
 
@@ -2023,6 +2013,72 @@ impl Ctx<'_> {
 
 fn live_check_names(spec: &RunSpec) -> Vec<String> {
     spec.checks.iter().map(|c| c.name.clone()).collect()
+}
+
+/// Whether a grant stands under `policy` (a policy that changed while it was live): `None` if
+/// the policy still permits it at least as loosely, else why it is revoked. The live run and
+/// its replay both ask this.
+pub(crate) fn reload_verdict(
+    registry: &ice_authority::Registry,
+    run: &RunId,
+    policy: &PolicySet,
+    g: &ice_authority::Grant,
+) -> Option<String> {
+    let version = short_version(policy.version());
+    let q = match Request::builder(run, &g.agent, &g.capability, g.resource.clone()).build(registry)
+    {
+        Ok(q) => q,
+        Err(e) => return Some(format!("policy reload: {e}")),
+    };
+    let d = policy.decide(&q);
+    let permitted = match d.kind() {
+        DecisionKind::Permit => true,
+        DecisionKind::PermitWithApproval => g.approval.is_some(),
+        DecisionKind::Deny => false,
+    };
+    if !permitted {
+        Some(format!(
+            "policy reload: the new policy ({version}) decides {} for {} on {}",
+            d.kind(),
+            g.capability,
+            g.resource
+        ))
+    } else if d.constraints.tightest(g.constraints) != g.constraints {
+        Some(format!(
+            "policy reload: the new policy ({version}) limits {} on {} more tightly ({})",
+            g.capability, g.resource, d.constraints
+        ))
+    } else {
+        None
+    }
+}
+
+fn short_version(v: PolicyVersion) -> String {
+    short(&v.to_hex()).to_string()
+}
+
+/// The payload of `PolicyReloaded`: the new version, the one before it, and the new files.
+pub(crate) fn reloaded_payload(
+    policy: &PolicySet,
+    previous: Option<PolicyVersion>,
+    why: &str,
+) -> Value {
+    json!({
+        "policy_version": policy.version().to_hex(),
+        "previous_version": previous.map(|v| v.to_hex()),
+        "policy_sources": sources_json(policy.sources()),
+        "reason": why,
+    })
+}
+
+/// Policy files as a run records them (`ContextResolved`, `PolicyReloaded`).
+pub(crate) fn sources_json(sources: &[ice_authority::PolicySource]) -> Value {
+    Value::Array(
+        sources
+            .iter()
+            .map(|p| json!({"name": p.name, "text": p.text}))
+            .collect(),
+    )
 }
 
 pub(crate) fn short(hex: &str) -> &str {

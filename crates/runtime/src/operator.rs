@@ -368,10 +368,7 @@ impl Runtime {
                 "assumptions": serde_json::to_value(&assumptions).unwrap_or(Value::Null),
                 "policy_version": version.to_hex(),
                 "policy_dir": policy_dir.display().to_string(),
-                "policy_sources": policy_sources
-                    .iter()
-                    .map(|p| json!({"name": p.name, "text": p.text}))
-                    .collect::<Vec<_>>(),
+                "policy_sources": crate::executor::sources_json(&policy_sources),
                 "workspace": spec.workspace.display().to_string(),
             });
             ctx.append(live, |_| {
@@ -540,7 +537,13 @@ impl Runtime {
             })
             .await?;
             live.window_started = Instant::now();
-            ctx.revoke_not_permitted(live).await?;
+            // A policy the reconfiguration accepted is recorded with its files now, when it
+            // starts deciding for the run.
+            ctx.take_on_policy(
+                live,
+                &format!("the run resumed under the policy its reconfiguration {rec} accepted"),
+            )
+            .await?;
         }
         let outcome = self.drive_to_end(&ctx, agent).await?;
         let books = ctx.live.into_inner().books;

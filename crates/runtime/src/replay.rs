@@ -13,7 +13,8 @@
 //! it (built from the log: the outcome of each request is the output recorded with its effect
 //! or its denial) and checks that the driver proposes the recorded sequence, then re-makes each
 //! decision the runtime made (grant reuse, the policy decision under the policy files recorded
-//! at context time, the budget) and checks it matches the record. A model-driven agent is given
+//! at context time or by the last `PolicyReloaded`, the revocations a reload made, the budget)
+//! and checks it matches the record. A model-driven agent is given
 //! a model that answers from the recorded `InferenceStep`s (the caller builds it), so nothing
 //! calls a model: this is a determinism check of ICE's own code and of the driver. The walk
 //! goes through suspensions and resumptions: a resumed run continues the same agent, shown
@@ -559,37 +560,17 @@ impl<'a> Drive<'a> {
                     .to_string();
             }
             Some(EventType::ContextResolved) => {
-                let sources: Option<Vec<PolicySource>> = e
-                    .payload
-                    .get("policy_sources")
-                    .and_then(Value::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .map(|s| PolicySource {
-                                name: s.get("name").and_then(Value::as_str).unwrap_or("").into(),
-                                text: s.get("text").and_then(Value::as_str).unwrap_or("").into(),
-                            })
-                            .collect()
-                    });
-                match sources {
-                    Some(s) => match PolicySet::from_sources(&s, &self.rt.schema) {
-                        Ok(p) => {
-                            let want = e.payload.get("policy_version").and_then(Value::as_str);
-                            if want != Some(p.version().to_hex().as_str()) {
-                                self.diverge(format!(
-                                    "the recorded policy files hash to version {}, not the recorded {}",
-                                    p.version().to_hex(),
-                                    want.unwrap_or("(none)")
-                                ));
-                            }
-                            self.policy = Some(p);
-                        }
-                        Err(err) => self.diverge(format!("the recorded policy files no longer load: {err}")),
-                    },
-                    None => self.report.unchecked.push(
+                if e.payload.contains_key("policy_sources") {
+                    self.take_recorded_policy(e);
+                } else {
+                    self.report.unchecked.push(
                         "policy decisions: the run did not record its policy files (recorded by an older ICE)".into(),
-                    ),
+                    );
                 }
+            }
+            Some(EventType::PolicyReloaded) => {
+                self.take_recorded_policy(e);
+                self.check_reload_revocations(e);
             }
             Some(EventType::CapabilitiesBound) => {
                 self.tools = e
@@ -602,6 +583,91 @@ impl<'a> Drive<'a> {
             _ => {}
         }
         self.i += 1;
+    }
+
+    /// Load the policy files an event recorded (`ContextResolved`, `PolicyReloaded`): later
+    /// requests are re-decided under them. Files that do not load, or that hash to another
+    /// version than the event says, are a divergence.
+    fn take_recorded_policy(&mut self, e: &Event) {
+        let sources: Vec<PolicySource> = e
+            .payload
+            .get("policy_sources")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .map(|s| PolicySource {
+                        name: s.get("name").and_then(Value::as_str).unwrap_or("").into(),
+                        text: s.get("text").and_then(Value::as_str).unwrap_or("").into(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        match PolicySet::from_sources(&sources, &self.rt.schema) {
+            Ok(p) => {
+                let want = e.payload.get("policy_version").and_then(Value::as_str);
+                if want != Some(p.version().to_hex().as_str()) {
+                    self.diverge(format!(
+                        "the recorded policy files hash to version {}, not the recorded {}",
+                        p.version().to_hex(),
+                        want.unwrap_or("(none)")
+                    ));
+                }
+                self.policy = Some(p);
+            }
+            Err(err) => {
+                self.policy = None;
+                self.diverge(format!("the recorded policy files no longer load: {err}"));
+            }
+        }
+    }
+
+    /// A reload re-decides the live grants: those the new policy no longer permits (or limits
+    /// more tightly) are revoked, in the same batch, by events it caused, and no others.
+    fn check_reload_revocations(&mut self, e: &Event) {
+        let Some(policy) = &self.policy else { return };
+        let reload = e.id();
+        let mut revoked = Vec::new();
+        for x in &self.events[self.i + 1..] {
+            if x.event_type != EventType::CapabilityRevoked.name() || !x.causes.contains(&reload) {
+                break;
+            }
+            revoked.push(
+                x.payload
+                    .get("grant")
+                    .and_then(Value::as_str)
+                    .and_then(|g| g.parse::<EventId>().ok()),
+            );
+        }
+        let verdict = |g: &ice_authority::Grant| {
+            crate::executor::reload_verdict(&self.rt.registry, &self.run, policy, g)
+        };
+        let mut found = Vec::new();
+        for g in &revoked {
+            match g.as_ref().and_then(|g| self.books.grants.get(g)) {
+                None => found.push(format!(
+                    "the reload revokes {}, which is no grant of the run",
+                    g.as_ref().map_or("an unnamed grant".into(), |g| g.to_string())
+                )),
+                Some(grant) if verdict(grant).is_none() => found.push(format!(
+                    "the reload revokes grant {}, which the new policy still permits as it was given",
+                    grant.id
+                )),
+                Some(_) => {}
+            }
+        }
+        for g in self.books.grants.live(e.at) {
+            if !revoked.contains(&Some(g.id.clone()))
+                && let Some(why) = verdict(g)
+            {
+                found.push(format!(
+                    "the run kept grant {} after the reload ({why})",
+                    g.id
+                ));
+            }
+        }
+        for what in found {
+            self.diverge(what);
+        }
     }
 
     /// Fold until the next thing a proposal explains.
@@ -1021,7 +1087,7 @@ impl<'a> Drive<'a> {
                 }
                 // A permit that needed an approval: the grant issued once it was given must
                 // carry the decision's constraints too.
-                if let Expect::Policy("approval", _, want) = &expected
+                if let Expect::Policy("approval", _, want, _) = &expected
                     && let Some(grant) = self.events[self.i..].iter().find(|x| {
                         x.event_type == EventType::CapabilityGranted.name()
                             && x.payload.get("request").and_then(Value::as_str)
@@ -1142,7 +1208,7 @@ impl<'a> Drive<'a> {
             && v != policy.version()
         {
             return Expect::Unchecked(format!(
-                "decided under policy version {}, whose files are not in the record (the policy changed during the run)",
+                "decided under policy version {}, whose files are not in the record (the policy changed during a run recorded before taxonomy v2)",
                 v.to_hex()
             ));
         }
@@ -1162,7 +1228,7 @@ impl<'a> Drive<'a> {
             DecisionKind::Permit => "permit",
             DecisionKind::PermitWithApproval => "approval",
         };
-        Expect::Policy(kind, policies, d.constraints)
+        Expect::Policy(kind, policies, d.constraints, d.policy_version)
     }
 }
 
@@ -1174,7 +1240,12 @@ enum Expect {
     Reuse(EventId),
     /// The policy decides: `deny`, `permit` or `approval`, by these policies, with these
     /// constraints on the grant it gives.
-    Policy(&'static str, Vec<String>, ice_authority::Constraints),
+    Policy(
+        &'static str,
+        Vec<String>,
+        ice_authority::Constraints,
+        ice_authority::PolicyVersion,
+    ),
     /// Cannot be re-made, and why.
     Unchecked(String),
     /// This grant covered the target when the live run may have decided, and had expired by
@@ -1215,7 +1286,7 @@ fn mismatch(want: &Expect, got: &Event) -> Option<String> {
                 )
             })
         }
-        Expect::Policy(kind, want_policies, want_constraints) => {
+        Expect::Policy(kind, want_policies, want_constraints, want_version) => {
             let recorded = match t {
                 Some(EventType::CapabilityDenied)
                     if reason == DenialCode::PolicyDenied.as_str() =>
@@ -1239,6 +1310,17 @@ fn mismatch(want: &Expect, got: &Event) -> Option<String> {
             if sorted(policies) != sorted(want_policies.clone()) {
                 return Some(format!(
                     "the policy decides {kind} by {want_policies:?}; the run recorded it by other policies"
+                ));
+            }
+            // A grant or approval request names the policy version that decided it: the one
+            // the record has in force here (a change the record does not hold is a gap in it).
+            if let Some(v) = got.payload.get("policy_version")
+                && v.as_str() != Some(want_version.to_hex().as_str())
+            {
+                return Some(format!(
+                    "the run recorded this decision under policy version {}, but the record has version {} in force here (no PolicyReloaded records a change)",
+                    cut_json(v),
+                    want_version.to_hex()
                 ));
             }
             if recorded == "permit" {

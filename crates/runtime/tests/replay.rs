@@ -217,3 +217,96 @@ async fn a_grant_recorded_without_the_constraints_its_policy_sets_is_caught() {
         r.divergences
     );
 }
+
+/// The version of a policy set made of one file `p.cedar` holding `text`.
+fn version_of(text: &str) -> String {
+    let sources = vec![ice_authority::PolicySource {
+        name: "p.cedar".into(),
+        text: text.into(),
+    }];
+    let schema = ice_authority::Schema::ice().unwrap();
+    ice_authority::PolicySet::from_sources(&sources, &schema)
+        .unwrap()
+        .version()
+        .to_hex()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_recorded_under_a_policy_version_the_record_never_loaded_is_caught() {
+    let h = H::new(POLICY);
+    let (spec, mut agent) = h.spec("r5", "coder", "", PLAN);
+    h.run(spec, &mut agent).await;
+    // A forger swaps the recorded files for others that decide every request alike (so each
+    // decision matches) but are not the files the grants were decided under.
+    let other = format!("{POLICY}\n// reviewed\n");
+    let version = version_of(&other);
+    forge(&h, "r5", "r5-forged", |t, p| {
+        if t == "ContextResolved" {
+            p["policy_sources"] = serde_json::json!([{"name": "p.cedar", "text": other}]);
+            p["policy_version"] = serde_json::json!(version);
+        }
+        if t == "RunTerminated" {
+            p["projection"]["policy_version"] = serde_json::json!(version);
+        }
+    })
+    .await;
+    let run = RunId::new("r5-forged").unwrap();
+    let mut again = plan_agent(PLAN);
+    let r = h.rt.replay_drive(&run, &mut again).await.unwrap();
+    assert_eq!(r.divergences.len(), 1, "{:?}", r.divergences);
+    assert!(
+        r.divergences[0]
+            .what
+            .contains("the run recorded this decision under policy version"),
+        "{:?}",
+        r.divergences
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_recorded_files_do_not_explain_its_revocations_is_caught() {
+    let h = H::new(POLICY);
+    let plan =
+        "[[step]]\nintent = \"r\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 3\n";
+    let (spec, plan_agent) = h.spec("r6", "coder", "[grants]\nuses = 10\n", plan);
+    let policies = h.policies.clone();
+    // Reading is forbidden mid-run: the read grant is revoked with the reload.
+    let mut agent = Hooked {
+        inner: plan_agent,
+        hook: move |v: &ice_kernel::AgentView| {
+            if v.step == 1 {
+                std::thread::sleep(std::time::Duration::from_millis(30));
+                let text = format!(
+                    "{POLICY}\n@id(\"no-reading\")\nforbid(principal, action == Action::\"fs.read\", resource);\n"
+                );
+                std::fs::write(policies.join("p.cedar"), text).unwrap();
+            }
+        },
+    };
+    h.run(spec, &mut agent).await;
+    let run = RunId::new("r6").unwrap();
+    let (_, mut again) = h.spec("r6-replay", "coder", "", plan);
+    let r = h.rt.replay_drive(&run, &mut again).await.unwrap();
+    assert!(r.divergences.is_empty(), "{:?}", r.divergences);
+    // A forger makes the reload record harmless files (still self-consistent): the revocation
+    // it recorded no longer follows from them.
+    let harmless = format!("{POLICY}\n// nothing changed\n");
+    let version = version_of(&harmless);
+    forge(&h, "r6", "r6-forged", |t, p| {
+        if t == "PolicyReloaded" {
+            p["policy_sources"] = serde_json::json!([{"name": "p.cedar", "text": harmless}]);
+            p["policy_version"] = serde_json::json!(version);
+        }
+    })
+    .await;
+    let run = RunId::new("r6-forged").unwrap();
+    let (_, mut again) = h.spec("r6-replay-2", "coder", "", plan);
+    let r = h.rt.replay_drive(&run, &mut again).await.unwrap();
+    assert!(
+        r.divergences
+            .iter()
+            .any(|d| d.what.contains("which the new policy still permits")),
+        "{:?}",
+        r.divergences
+    );
+}

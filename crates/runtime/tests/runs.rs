@@ -340,6 +340,70 @@ async fn a_policy_reload_revokes_grants_no_longer_permitted() {
     assert_eq!(of_type(&events, EventType::FileRead).len(), 2);
     assert_eq!(denial_codes(&events), ["policy_denied"]);
     assert!(revoked[0].run_seq < of_type(&events, EventType::CapabilityDenied)[0].run_seq);
+    // The reload is recorded, with the new files, and the revocation is its consequence.
+    let reloads = of_type(&events, EventType::PolicyReloaded);
+    assert_eq!(reloads.len(), 1, "{events:#?}");
+    assert!(revoked[0].causes.contains(&reloads[0].id()));
+    assert_eq!(reloads[0].run_seq + 1, revoked[0].run_seq);
+    // Re-driven from the record, the run re-makes every decision, the revocation included,
+    // and the denial of read 2 under the new files.
+    let (_, mut again) = h.spec("reload-replay", "coder", "", plan);
+    let run = RunId::new("reload").unwrap();
+    let r = h.rt.replay_drive(&run, &mut again).await.unwrap();
+    assert!(r.divergences.is_empty(), "{:?}", r.divergences);
+    let d = r.drive.unwrap();
+    assert!(d.unchecked.is_empty(), "{:?}", d.unchecked);
+    assert_eq!(d.decisions, 3, "{d:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_reload_that_revokes_nothing_is_recorded_and_later_requests_replay_under_it() {
+    let h = H::new(POLICY);
+    let plan = "[[step]]\nintent = \"r\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 2\n\n[[step]]\nintent = \"w\"\ncapability = \"fs.write\"\ntarget = \"hello.txt\"\narguments = { content = \"x\" }\n";
+    let (spec, plan_agent) = h.spec("quiet-reload", "coder", "[grants]\nuses = 10\n", plan);
+    let policies = h.policies.clone();
+    // Reads stay permitted (the live read grant stands); writing becomes forbidden.
+    let new_text = format!(
+        "{POLICY}\n@id(\"no-writing\")\nforbid(principal, action == Action::\"fs.write\", resource);\n"
+    );
+    let written = new_text.clone();
+    let mut agent = Hooked {
+        inner: plan_agent,
+        hook: move |v: &ice_kernel::AgentView| {
+            if v.step == 1 {
+                std::thread::sleep(std::time::Duration::from_millis(30));
+                std::fs::write(policies.join("p.cedar"), &written).unwrap();
+            }
+        },
+    };
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.outcome, RunOutcome::Committed);
+    let events = h.events("quiet-reload").await;
+    assert!(of_type(&events, EventType::CapabilityRevoked).is_empty());
+    assert_eq!(denial_codes(&events), ["policy_denied"]);
+    assert_eq!(h.read("hello.txt"), "hello\n");
+    let reloads = of_type(&events, EventType::PolicyReloaded);
+    assert_eq!(reloads.len(), 1, "{events:#?}");
+    let reload = &reloads[0].payload;
+    let context = &of_type(&events, EventType::ContextResolved)[0].payload;
+    assert_eq!(reload["previous_version"], context["policy_version"]);
+    assert_ne!(reload["policy_version"], context["policy_version"]);
+    assert_eq!(
+        reload["policy_sources"],
+        serde_json::json!([{"name": "p.cedar", "text": new_text}])
+    );
+    assert!(reloads[0].run_seq < of_type(&events, EventType::CapabilityDenied)[0].run_seq);
+    // The replay decides the write under the reloaded files (under the files the run started
+    // with it would be permitted, and the record would look divergent).
+    let run = RunId::new("quiet-reload").unwrap();
+    let r = h.rt.replay(&run).await.unwrap();
+    assert!(r.divergences.is_empty(), "{:?}", r.divergences);
+    let (_, mut again) = h.spec("quiet-reload-replay", "coder", "", plan);
+    let r = h.rt.replay_drive(&run, &mut again).await.unwrap();
+    assert!(r.divergences.is_empty(), "{:?}", r.divergences);
+    let d = r.drive.unwrap();
+    assert!(d.unchecked.is_empty(), "{:?}", d.unchecked);
+    assert_eq!(d.decisions, 3, "{d:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -687,4 +751,15 @@ async fn a_policy_changed_while_suspended_needs_accepting_and_then_rebinds_live_
         "hello\n"
     );
     assert_eq!(reads.last().unwrap().payload["output"]["content"], "hel");
+    // The accepted policy is recorded with its files when the run resumes under it, and the
+    // revocation follows from it; a replay re-makes all of it.
+    let reloads = of_type(&events, EventType::PolicyReloaded);
+    assert_eq!(reloads.len(), 1, "{reloads:?}");
+    let resumed = of_type(&events, EventType::RunResumed);
+    assert_eq!(reloads[0].run_seq, resumed.last().unwrap().run_seq + 1);
+    assert!(revoked[0].causes.contains(&reloads[0].id()));
+    let (_, mut replayer) = h.spec("repolicy-3", "looper", "", plan);
+    let r = h.rt.replay_drive(&run, &mut replayer).await.unwrap();
+    assert!(r.divergences.is_empty(), "{:?}", r.divergences);
+    assert!(r.drive.unwrap().unchecked.is_empty());
 }

@@ -42,6 +42,7 @@ export function summary(e) {
   switch (e.type) {
     case 'RunProvisioned': return `agent ${str(p.agent)}, driver ${str(p.driver)}${p.spec?.file ? `, spec ${p.spec.file}` : ''}`;
     case 'ContextResolved': return `policy ${short(p.policy_version ?? '', 12) || 'resolved'}${Array.isArray(p.assumptions) && p.assumptions.length ? `, ${p.assumptions.length} assumption(s)` : ''}`;
+    case 'PolicyReloaded': return `policy now ${short(p.policy_version ?? '', 12)}${p.previous_version ? ` (was ${short(p.previous_version, 12)})` : ''}: ${(p.policy_sources ?? []).length} file(s)`;
     case 'CapabilitiesBound': return `${(p.capabilities ?? []).map((c) => c.name).join(', ')}${(p.tools ?? []).length ? ` + ${p.tools.length} tool(s)` : ''}`;
     case 'MemoryMounted': return `${(p.memories ?? []).length} memor${(p.memories ?? []).length === 1 ? 'y' : 'ies'} mounted`;
     case 'ExecutionWindowOpened': return `agent ${str(p.agent)} may propose`;

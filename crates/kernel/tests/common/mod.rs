@@ -10,8 +10,10 @@ use ice_kernel::{
     SealedEvent, Timestamp, ValidationError,
 };
 
-/// Spec §3, RUNTIME row (`runtime` only), plus `RunTerminatedByRuntime`, the one type taxonomy v1
-/// adds so that the spec's `→ TERMINATED_BY_RUNTIME` edge has an event.
+/// Spec §3, RUNTIME row (`runtime` only), plus `RunTerminatedByRuntime`, which taxonomy v1 adds
+/// so that the spec's `→ TERMINATED_BY_RUNTIME` edge has an event, and `PolicyReloaded`, which
+/// v2 adds so that a policy change under a running run is recorded with the new files (spec §5:
+/// a mid-run change re-evaluates live grants; I-002: policy decisions replay from the log).
 pub const RUNTIME_ROW: &[&str] = &[
     "RunProvisioned",
     "ResourcesAllocated",
@@ -33,6 +35,7 @@ pub const RUNTIME_ROW: &[&str] = &[
     "BudgetSettled",
     "ApprovalRequested",
     "RunTerminatedByRuntime",
+    "PolicyReloaded",
 ];
 
 /// Spec §3, OPERATOR row (`operator:*` only).
