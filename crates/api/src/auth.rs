@@ -19,6 +19,9 @@ pub enum Role {
     Operator,
     /// An agent: may not call operator endpoints.
     Agent,
+    /// A metrics reader (a Prometheus scraper): may read `/metrics` of `ice serve`, nothing
+    /// else.
+    Metrics,
 }
 
 impl Role {
@@ -27,7 +30,23 @@ impl Role {
         match self {
             Role::Operator => "operator",
             Role::Agent => "agent",
+            Role::Metrics => "metrics",
         }
+    }
+
+    /// What a token of this role may not do, for a refusal's message.
+    fn refused(self, name: &str, what: &str) -> ApiError {
+        ApiError::forbidden(match self {
+            Role::Operator => format!(
+                "this is operator {name:?}'s token; operators decide through the operator API, they do not propose through MCP (use an agent's token)"
+            ),
+            Role::Agent => format!(
+                "this is agent {name:?}'s token; agents cannot call {what} (they propose through MCP at /mcp)"
+            ),
+            Role::Metrics => format!(
+                "this is metrics reader {name:?}'s token; it reads /metrics and nothing else"
+            ),
+        })
     }
 }
 
@@ -57,12 +76,18 @@ pub fn token_digest(token: &str) -> String {
     hex::encode(sha2::Sha256::digest(token.as_bytes()))
 }
 
-/// Check an operator's or agent's name: it becomes the origin `operator:NAME` of what the
-/// operator records, so it follows the origin law (1 to 128 of `A-Z a-z 0-9 . _ - @`).
+/// Check a token holder's name: an operator's becomes the origin `operator:NAME` of what the
+/// operator records (an agent's `agent:NAME`), so every name follows the origin law (1 to 128
+/// of `A-Z a-z 0-9 . _ - @`).
 pub fn check_name(role: Role, name: &str) -> Result<(), String> {
-    format!("{}:{name}", role.name())
+    let origin = match role {
+        Role::Agent => "agent",
+        Role::Operator | Role::Metrics => "operator",
+    };
+    format!("{origin}:{name}")
         .parse::<ice_kernel::Origin>()
         .map(|_| ())
+        .map_err(|e| e.replacen("operator:", &format!("{}:", role.name()), 1))
 }
 
 /// Equality of two digests in time independent of where they differ.
@@ -122,6 +147,11 @@ impl Credentials {
     /// How many agent tokens there are.
     pub fn agents(&self) -> usize {
         self.count(Role::Agent)
+    }
+
+    /// How many metrics readers' tokens there are.
+    pub fn metrics_readers(&self) -> usize {
+        self.count(Role::Metrics)
     }
 
     /// The names of the agents that have a token.
@@ -248,9 +278,7 @@ fn operator_of(
     };
     match creds.identify(token) {
         Some((Role::Operator, name)) => Ok(Operator(name.to_string())),
-        Some((Role::Agent, name)) => Err(ApiError::forbidden(format!(
-            "this is agent {name:?}'s token; agents cannot call operator endpoints (they propose through MCP at /mcp)"
-        ))),
+        Some((role, name)) => Err(role.refused(name, "operator endpoints")),
         None => Err(ApiError::unauthenticated(
             "the token is not one of this installation's (tokens are added with `ice token add`)",
         )),
@@ -304,14 +332,56 @@ pub fn agent_of(
         ))),
         Some(token) => match creds.identify(token) {
             Some((Role::Agent, name)) => Ok(Some(name.to_string())),
-            Some((Role::Operator, name)) => Err(ApiError::forbidden(format!(
-                "this is operator {name:?}'s token; operators decide through the operator API, they do not propose through MCP (use an agent's token)"
-            ))),
+            Some((role, name)) => Err(role.refused(name, "MCP")),
             None => Err(ApiError::unauthenticated(
                 "the token is not one of this installation's (tokens are added with `ice token add`)",
             )),
         },
     })
+}
+
+/// Who may read `/metrics` of `ice serve`: a metrics reader's token or an operator's (what the
+/// counters tell is the installation's activity, which is not for anyone who can reach the
+/// port); nothing while the credentials are unusable (503). `hint` is the command that adds a
+/// metrics reader's token.
+pub fn metrics_reader(
+    store: &CredentialStore,
+    hint: &str,
+    headers: &axum::http::HeaderMap,
+) -> Result<(), ApiError> {
+    let token = bearer(headers)?;
+    store.with(|creds| match token {
+        _ if creds.unusable.is_some() => Err(ApiError::credentials_unavailable()),
+        None => Err(ApiError::unauthenticated(format!(
+            "/metrics needs `Authorization: Bearer TOKEN` with a metrics reader's token (`{hint}` makes one; Prometheus sends it with `authorization: {{credentials: TOKEN}}`) or an operator's"
+        ))),
+        Some(token) => match creds.identify(token) {
+            Some((Role::Metrics | Role::Operator, _)) => Ok(()),
+            Some((role, name)) => Err(role.refused(name, "/metrics")),
+            None => Err(ApiError::unauthenticated(
+                "the token is not one of this installation's (tokens are added with `ice token add`)",
+            )),
+        },
+    })
+}
+
+/// `routes` (the metrics endpoint) behind [`metrics_reader`].
+pub fn metrics_readers_only(
+    routes: axum::Router,
+    store: Arc<CredentialStore>,
+    hint: String,
+) -> axum::Router {
+    routes.layer(axum::middleware::from_fn(
+        move |req: Request, next: Next| {
+            let check = metrics_reader(&store, &hint, req.headers());
+            async move {
+                match check {
+                    Ok(()) => next.run(req).await,
+                    Err(e) => e.into_response(),
+                }
+            }
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -414,6 +484,56 @@ mod tests {
             status(agent_of(&revoked, true, "hint", &with(None))),
             Err(StatusCode::UNAUTHORIZED)
         );
+    }
+
+    #[test]
+    fn metrics_are_read_with_a_metrics_readers_or_an_operators_token_only() {
+        let s = store(&[("claude", "agent-token")], &[("alice", "op-token")]);
+        let mut c = s.get();
+        c.add(Role::Metrics, "prometheus", &token_digest("scrape-token"))
+            .unwrap();
+        s.replace(c);
+        assert_eq!(s.get().metrics_readers(), 1);
+        let read = |h| metrics_reader(&s, "hint", &with(h)).map_err(|e| e.status);
+        assert_eq!(read(Some("Bearer scrape-token")), Ok(()));
+        assert_eq!(read(Some("Bearer op-token")), Ok(()));
+        assert_eq!(read(Some("Bearer agent-token")), Err(StatusCode::FORBIDDEN));
+        assert_eq!(read(Some("Bearer nope")), Err(StatusCode::UNAUTHORIZED));
+        assert_eq!(read(None), Err(StatusCode::UNAUTHORIZED));
+        let none = metrics_reader(&s, "ice token add --metrics NAME", &with(None)).unwrap_err();
+        assert!(
+            none.message.contains("ice token add --metrics NAME"),
+            "{}",
+            none.message
+        );
+        // A metrics reader's token opens nothing else.
+        let e = s
+            .with(|c| operator_of(c, "hint", &with(Some("Bearer scrape-token"))))
+            .unwrap_err();
+        assert_eq!(e.status, StatusCode::FORBIDDEN);
+        assert!(
+            e.message.contains("metrics reader \"prometheus\""),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            status(agent_of(
+                &s,
+                true,
+                "hint",
+                &with(Some("Bearer scrape-token"))
+            )),
+            Err(StatusCode::FORBIDDEN)
+        );
+        // Unusable credentials refuse metrics too.
+        s.replace(Credentials::unusable("config.toml: bad"));
+        assert_eq!(
+            read(Some("Bearer scrape-token")),
+            Err(StatusCode::SERVICE_UNAVAILABLE)
+        );
+        // Names follow the same rule as operators'.
+        assert!(check_name(Role::Metrics, "prometheus-1").is_ok());
+        assert!(check_name(Role::Metrics, "bad name").is_err());
     }
 
     #[test]

@@ -42,7 +42,10 @@ use ice_log::checkpoint::{NoteSigner, NoteVerifier};
 use ice_runtime::{RunSpec, Runtime};
 use tokio_util::sync::CancellationToken;
 
-pub use auth::{CredentialStore, Credentials, Operator, Role, agent_of, check_name, token_digest};
+pub use auth::{
+    CredentialStore, Credentials, Operator, Role, agent_of, check_name, metrics_reader,
+    metrics_readers_only, token_digest,
+};
 /// The router type [`router`] returns (axum's), for hosts that serve it.
 pub use axum::Router;
 pub use error::ApiError;

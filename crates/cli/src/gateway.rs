@@ -314,7 +314,14 @@ pub async fn serve(home: &Path, url: Option<&str>, a: ServeArgs) -> Result<u8> {
         });
     })?;
     let auth = mcp_auth(&h, addr, store.clone());
-    let api = operator_api(&h, rt, addr, store, stop.clone())?.merge(telemetry.metrics_router());
+    // `/metrics` tells the installation's activity: a metrics reader's token (or an
+    // operator's) reads it.
+    let metrics = ice_api::metrics_readers_only(
+        telemetry.metrics_router(),
+        store.clone(),
+        format!("ice token add --metrics NAME --home {}", h.dir.display()),
+    );
+    let api = operator_api(&h, rt, addr, store, stop.clone())?.merge(metrics);
     gw.serve_http_with(listener, stop, &a.allow_hosts, api, Some(auth))
         .await?;
     recovering.abort();

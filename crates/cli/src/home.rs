@@ -42,6 +42,10 @@ pub struct Config {
     /// `ice token add --agent NAME`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub agents: Vec<TokenEntry>,
+    /// `[[metrics_readers]]`: tokens that may read `/metrics` of `ice serve` and nothing else
+    /// (a Prometheus scraper's; `ice token add --metrics NAME`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics_readers: Vec<TokenEntry>,
     /// `[telemetry]`: OpenTelemetry export from `ice serve` (off unless an endpoint is given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub telemetry: Option<TelemetrySection>,
@@ -129,6 +133,7 @@ impl Home {
             origin,
             operators: Vec::new(),
             agents: Vec::new(),
+            metrics_readers: Vec::new(),
             telemetry: None,
         };
         let text = toml::to_string(&config).context("encoding config.toml")?;
@@ -218,13 +223,14 @@ impl Home {
         read_verifier(&self.dir.join("keys/checkpoint.pub"))
     }
 
-    /// The tokens `[[operators]]` and `[[agents]]` list, for the operator API and `/mcp`; a bad
-    /// entry is an error naming config.toml.
+    /// The tokens `[[operators]]`, `[[agents]]` and `[[metrics_readers]]` list, for the
+    /// operator API, `/mcp` and `/metrics`; a bad entry is an error naming config.toml.
     pub fn credentials(&self) -> Result<ice_api::Credentials> {
         let mut c = ice_api::Credentials::new();
         for (role, entries) in [
             (ice_api::Role::Operator, &self.config.operators),
             (ice_api::Role::Agent, &self.config.agents),
+            (ice_api::Role::Metrics, &self.config.metrics_readers),
         ] {
             for e in entries {
                 c.add(role, &e.name, &e.token_sha256)

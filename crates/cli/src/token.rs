@@ -1,7 +1,9 @@
-//! `ice token add --operator NAME | --agent NAME`: a new bearer token for `ice serve`: an
-//! operator's for the operator HTTP API, an agent's for MCP at `/mcp`. `ice token list` shows
-//! the tokens config.toml holds; `ice token revoke` removes a name's. The token is 32 random bytes (base64url), printed once; config.toml keeps
-//! only its SHA-256, under `[[operators]]` or `[[agents]]`.
+//! `ice token add --operator NAME | --agent NAME | --metrics NAME`: a new bearer token for
+//! `ice serve`: an operator's for the operator HTTP API, an agent's for MCP at `/mcp`, a metrics
+//! reader's for `/metrics` (and nothing else). `ice token list` shows the tokens config.toml
+//! holds; `ice token revoke` removes a name's. The token is 32 random bytes (base64url), printed
+//! once; config.toml keeps only its SHA-256, under `[[operators]]`, `[[agents]]` or
+//! `[[metrics_readers]]`.
 
 use std::io::Write;
 use std::path::Path;
@@ -22,14 +24,15 @@ pub struct TokenArgs {
 #[derive(Subcommand)]
 enum TokenCommand {
     /// Make a token for an operator (who may call the operator API; their actions are
-    /// recorded as operator:NAME) or an agent (who opens MCP sessions at /mcp as agent:NAME;
-    /// refused on operator endpoints). The token is printed once; config.toml keeps only its
-    /// SHA-256. A running `ice serve` picks it up within seconds.
+    /// recorded as operator:NAME), an agent (who opens MCP sessions at /mcp as agent:NAME;
+    /// refused on operator endpoints) or a metrics reader (a Prometheus scraper: /metrics
+    /// only). The token is printed once; config.toml keeps only its SHA-256. A running
+    /// `ice serve` picks it up within seconds.
     Add(AddArgs),
     /// List the tokens config.toml holds: role, name and the start of each SHA-256 (the
     /// tokens themselves are never stored).
     List(ListArgs),
-    /// Remove every token of an operator or an agent from config.toml. A running `ice serve`
+    /// Remove every token of an operator, an agent or a metrics reader from config.toml. A running `ice serve`
     /// refuses them within seconds, on open MCP sessions too.
     Revoke(RevokeArgs),
 }
@@ -41,26 +44,55 @@ struct ListArgs {
     json: bool,
 }
 
+/// Whose token: exactly one of the three.
 #[derive(Args)]
-#[command(group(ArgGroup::new("who").required(true).args(["operator", "agent"])))]
-struct RevokeArgs {
-    /// The operator whose tokens to remove.
+#[command(group(ArgGroup::new("who").required(true).args(["operator", "agent", "metrics"])))]
+struct Who {
+    /// An operator's name (A-Z a-z 0-9 . _ - @).
     #[arg(long, value_name = "NAME")]
     operator: Option<String>,
-    /// The agent whose tokens to remove.
+    /// An agent's name (A-Z a-z 0-9 . _ - @).
     #[arg(long, value_name = "NAME")]
     agent: Option<String>,
+    /// A metrics reader's name (A-Z a-z 0-9 . _ - @), e.g. the Prometheus that scrapes
+    /// /metrics.
+    #[arg(long, value_name = "NAME")]
+    metrics: Option<String>,
+}
+
+impl Who {
+    /// The role, its table in config.toml, and the name.
+    fn resolve(&self) -> Result<(ice_api::Role, &'static str, &str)> {
+        match (&self.operator, &self.agent, &self.metrics) {
+            (Some(n), None, None) => Ok((ice_api::Role::Operator, "operators", n)),
+            (None, Some(n), None) => Ok((ice_api::Role::Agent, "agents", n)),
+            (None, None, Some(n)) => Ok((ice_api::Role::Metrics, "metrics_readers", n)),
+            _ => bail!("name one of --operator NAME, --agent NAME or --metrics NAME"),
+        }
+    }
+}
+
+/// The entries of `table` in a config.
+fn entries<'a>(c: &'a Config, table: &str) -> &'a [crate::home::TokenEntry] {
+    match table {
+        "operators" => &c.operators,
+        "agents" => &c.agents,
+        _ => &c.metrics_readers,
+    }
 }
 
 #[derive(Args)]
-#[command(group(ArgGroup::new("who").required(true).args(["operator", "agent"])))]
+struct RevokeArgs {
+    /// Whose tokens to remove.
+    #[command(flatten)]
+    who: Who,
+}
+
+#[derive(Args)]
 struct AddArgs {
-    /// The operator's name (A-Z a-z 0-9 . _ - @).
-    #[arg(long, value_name = "NAME")]
-    operator: Option<String>,
-    /// The agent's name (A-Z a-z 0-9 . _ - @).
-    #[arg(long, value_name = "NAME")]
-    agent: Option<String>,
+    /// Whose token it is.
+    #[command(flatten)]
+    who: Who,
     /// Print JSON: role, name, token, token_sha256.
     #[arg(long)]
     json: bool,
@@ -82,6 +114,7 @@ fn list(home: &Path, a: ListArgs) -> Result<u8> {
         .iter()
         .map(|e| ("operator", e))
         .chain(h.config.agents.iter().map(|e| ("agent", e)))
+        .chain(h.config.metrics_readers.iter().map(|e| ("metrics", e)))
         .collect();
     let mut out = std::io::stdout().lock();
     if a.json {
@@ -91,7 +124,9 @@ fn list(home: &Path, a: ListArgs) -> Result<u8> {
             .collect();
         let _ = writeln!(out, "{}", serde_json::Value::Array(v));
     } else if rows.is_empty() {
-        eprintln!("no tokens: `ice token add --operator NAME | --agent NAME` makes one");
+        eprintln!(
+            "no tokens: `ice token add --operator NAME | --agent NAME | --metrics NAME` makes one"
+        );
     } else {
         for (role, e) in rows {
             let short: String = e.token_sha256.chars().take(12).collect();
@@ -102,11 +137,8 @@ fn list(home: &Path, a: ListArgs) -> Result<u8> {
 }
 
 fn revoke(home: &Path, a: RevokeArgs) -> Result<u8> {
-    let (table, role, name) = match (&a.operator, &a.agent) {
-        (Some(n), None) => ("operators", "operator", n),
-        (None, Some(n)) => ("agents", "agent", n),
-        _ => bail!("name either --operator NAME or --agent NAME"),
-    };
+    let (role, table, name) = a.who.resolve()?;
+    let role = role.name();
     let h = Home::open(home)?;
     let file = h.dir.join("config.toml");
     let mut removed = 0;
@@ -122,8 +154,7 @@ fn revoke(home: &Path, a: RevokeArgs) -> Result<u8> {
             .and_then(toml_edit::Item::as_array_of_tables_mut)
         {
             let before = tables.len();
-            tables
-                .retain(|t| t.get("name").and_then(toml_edit::Item::as_str) != Some(name.as_str()));
+            tables.retain(|t| t.get("name").and_then(toml_edit::Item::as_str) != Some(name));
             removed = before - tables.len();
             tables.len()
         } else if let Some(list) = item
@@ -135,7 +166,7 @@ fn revoke(home: &Path, a: RevokeArgs) -> Result<u8> {
                 v.as_inline_table()
                     .and_then(|t| t.get("name"))
                     .and_then(toml_edit::Value::as_str)
-                    != Some(name.as_str())
+                    != Some(name)
             });
             removed = before - list.len();
             list.len()
@@ -154,11 +185,7 @@ fn revoke(home: &Path, a: RevokeArgs) -> Result<u8> {
         let new = doc.to_string();
         let check: Config = toml::from_str(&new)
             .with_context(|| format!("{} would not stay a valid ICE config", file.display()))?;
-        let left = match role {
-            "operator" => &check.operators,
-            _ => &check.agents,
-        };
-        if left.iter().any(|e| &e.name == name) {
+        if entries(&check, table).iter().any(|e| e.name == name) {
             bail!("{}: the token was not removed", file.display());
         }
         Ok(new)
@@ -171,12 +198,8 @@ fn revoke(home: &Path, a: RevokeArgs) -> Result<u8> {
 }
 
 fn add(home: &Path, a: AddArgs) -> Result<u8> {
-    let (role, name) = match (&a.operator, &a.agent) {
-        (Some(n), None) => (ice_api::Role::Operator, n.clone()),
-        (None, Some(n)) => (ice_api::Role::Agent, n.clone()),
-        _ => bail!("name either --operator NAME or --agent NAME"),
-    };
-    ice_api::check_name(role, &name).map_err(|e| anyhow!("--{}: {e}", role.name()))?;
+    let (role, table, name) = a.who.resolve()?;
+    ice_api::check_name(role, name).map_err(|e| anyhow!("--{}: {e}", role.name()))?;
     let h = Home::open(home)?;
     let mut raw = [0u8; 32];
     getrandom::fill(&mut raw).map_err(|e| anyhow!("no randomness from the OS: {e}"))?;
@@ -190,10 +213,6 @@ fn add(home: &Path, a: AddArgs) -> Result<u8> {
     let file = h.dir.join("config.toml");
     edit_config(&h.dir, |text| {
         // Appended as text, so whatever else the file says (and how) stays as it is.
-        let table = match role {
-            ice_api::Role::Operator => "operators",
-            ice_api::Role::Agent => "agents",
-        };
         let mut new = text.to_string();
         if !new.is_empty() && !new.ends_with('\n') {
             new.push('\n');
@@ -203,11 +222,9 @@ fn add(home: &Path, a: AddArgs) -> Result<u8> {
         ));
         let check: Config = toml::from_str(&new)
             .with_context(|| format!("{} would not stay a valid ICE config", file.display()))?;
-        if !check
-            .operators
+        if !entries(&check, table)
             .iter()
-            .chain(&check.agents)
-            .any(|e| e.token_sha256 == digest)
+            .any(|e| e.token_sha256 == digest && e.name == name)
         {
             bail!(
                 "{}: the new token did not land in the config",

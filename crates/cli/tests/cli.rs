@@ -649,3 +649,48 @@ fn revoking_removes_tokens_written_as_an_inline_list_too() {
     assert!(!std::fs::read_to_string(&config).unwrap().contains("agents"));
     assert_eq!(code(&ice(&home, &["token", "revoke", "--agent", "y"])), 1);
 }
+
+#[test]
+fn a_metrics_readers_token_is_its_own_role_listed_and_revoked_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("h");
+    assert!(ice(&home, &["init"]).status.success());
+    for (role, name) in [("--operator", "prom"), ("--metrics", "prom")] {
+        let o = ice(&home, &["token", "add", role, name, "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let text = std::fs::read_to_string(home.join("config.toml")).unwrap();
+    assert!(text.contains("[[metrics_readers]]"), "{text}");
+    let o = ice(&home, &["token", "list", "--json"]);
+    let listed: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let roles: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["operator", "metrics"]);
+    // Revoking the metrics reader leaves the operator of the same name alone.
+    let o = ice(&home, &["token", "revoke", "--metrics", "prom"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = ice(&home, &["token", "list", "--json"]);
+    let listed: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["role"], "operator");
+    assert!(
+        !std::fs::read_to_string(home.join("config.toml"))
+            .unwrap()
+            .contains("metrics_readers")
+    );
+    assert_eq!(
+        code(&ice(&home, &["token", "revoke", "--metrics", "prom"])),
+        1
+    );
+    // One role at a time, and names follow the origin rule.
+    let o = ice(&home, &["token", "add", "--metrics", "a", "--agent", "b"]);
+    assert_eq!(code(&o), 2, "{}", String::from_utf8_lossy(&o.stderr));
+    let o = ice(&home, &["token", "add", "--metrics", "bad name"]);
+    assert_ne!(code(&o), 0);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--metrics"), "{err}");
+}

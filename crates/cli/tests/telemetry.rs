@@ -53,11 +53,12 @@ fn collector() -> (u16, std::sync::mpsc::Receiver<(String, String, usize)>) {
     (port, rx)
 }
 
-fn get(addr: &str, path: &str) -> String {
+fn get(addr: &str, path: &str, token: Option<&str>) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut out = String::new();
@@ -108,6 +109,15 @@ fn a_run_shows_in_metrics_and_its_trace_reaches_the_collector() {
     ));
     std::fs::write(&config, text).unwrap();
 
+    // The scraper's token: it reads /metrics and nothing else.
+    let o = ice(&home)
+        .args(["token", "add", "--metrics", "prometheus", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    let made: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(made["role"], "metrics");
+    let scraper = made["token"].as_str().unwrap().to_string();
     let mut serve = ice(&home);
     serve
         .args(["serve", "--listen", "127.0.0.1:0", "--run-spec"])
@@ -131,7 +141,7 @@ fn a_run_shows_in_metrics_and_its_trace_reaches_the_collector() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut metrics = String::new();
     while Instant::now() < deadline {
-        metrics = get(&addr, "/metrics");
+        metrics = get(&addr, "/metrics", Some(&scraper));
         if metrics.contains("ice_runs{state=\"TERMINATED\"} 2") {
             break;
         }
@@ -139,6 +149,16 @@ fn a_run_shows_in_metrics_and_its_trace_reaches_the_collector() {
     }
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     assert!(metrics.contains("text/plain; version=0.0.4"), "{metrics}");
+    // Without a token, or with one that is not its own, the scraper learns nothing.
+    let anonymous = get(&addr, "/metrics", None);
+    assert!(anonymous.starts_with("HTTP/1.1 401"), "{anonymous}");
+    assert!(
+        anonymous.contains("ice token add --metrics NAME"),
+        "{anonymous}"
+    );
+    assert!(!anonymous.contains("ice_runs"), "{anonymous}");
+    let wrong = get(&addr, "/metrics", Some("ice_not-a-token"));
+    assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
     assert!(
         metrics.contains("ice_runs{state=\"TERMINATED\"} 2"),
         "{metrics}"
@@ -188,6 +208,10 @@ fn a_run_shows_in_metrics_and_its_trace_reaches_the_collector() {
         std::thread::sleep(Duration::from_millis(300));
     }
     assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    // The scraper's token opens nothing but /metrics.
+    let elsewhere = get(&addr, "/api/v1/runs", Some(&scraper));
+    assert!(elsewhere.starts_with("HTTP/1.1 403"), "{elsewhere}");
+    assert!(elsewhere.contains("metrics reader"), "{elsewhere}");
     let count = |m: &str| {
         m.lines()
             .find_map(|l| l.strip_prefix("ice_append_seconds_count "))
@@ -196,7 +220,8 @@ fn a_run_shows_in_metrics_and_its_trace_reaches_the_collector() {
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        metrics = get(&addr, "/metrics");
+        // An operator's token reads the metrics too.
+        metrics = get(&addr, "/metrics", Some(&token));
         if metrics.contains("ice_runs{state=\"TERMINATED\"} 3") {
             break;
         }
