@@ -9,7 +9,10 @@
 //! server may answer with an older version). The version the server settled on is recorded
 //! ([`ToolServers::protocol_version`], [`ToolCallOutput::protocol_version`]). rmcp waits up to
 //! 10 s for an answer to the probe, so a legacy server that ignores unknown requests needs a
-//! `start_timeout` above that.
+//! `start_timeout` above that. A stdio server slower than 10 s to start (a first `npx`
+//! download, a loaded machine) answers the probe after rmcp has sent `initialize`, and that
+//! late answer breaks the handshake: ICE then starts it once more and opens with `initialize`
+//! directly.
 //!
 //! [`ToolServers::call`] checks the authorization (`mcp.call` on exactly `Tool::"server/tool"`,
 //! the same run, and an effect class at least the tool's own hint) before anything is sent,
@@ -1195,6 +1198,79 @@ fn set_stage(stage: &Mutex<&'static str>, now: &'static str) {
     *stage.lock().unwrap_or_else(PoisonError::into_inner) = now;
 }
 
+/// Start a stdio server's process (in a process group of its own, with only the inherited
+/// environment ICE passes), its stdout filtered into the transport.
+fn spawn_stdio(
+    config: &ServerConfig,
+    line_bound: usize,
+    nonce: &Arc<str>,
+) -> Result<
+    (
+        AsyncRwTransport<RoleClient, tokio::io::DuplexStream, tokio::process::ChildStdin>,
+        ChildProc,
+    ),
+    McpError,
+> {
+    let ServerTransport::Stdio {
+        program,
+        args,
+        env,
+        cwd,
+    } = &config.transport
+    else {
+        return Err(McpError::Handshake {
+            server: config.name.clone(),
+            detail: "it is not a stdio server".to_string(),
+        });
+    };
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .process_group(0);
+    for name in INHERITED_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+    command.envs(env);
+    if let Some(cwd) = cwd {
+        command.current_dir(cwd);
+    }
+    let mut spawned = command.spawn().map_err(|source| McpError::Spawn {
+        server: config.name.clone(),
+        program: program.clone(),
+        source,
+    })?;
+    let (Some(stdin), Some(stdout)) = (spawned.stdin.take(), spawned.stdout.take()) else {
+        return Err(McpError::Handshake {
+            server: config.name.clone(),
+            detail: "its stdio pipes are missing".to_string(),
+        });
+    };
+    let stderr = spawned.stderr.take();
+    let child = ChildProc::supervise(spawned, stderr);
+    let (filtered_in, filtered_out) = tokio::io::duplex(PIPE_BUFFER);
+    tokio::spawn(filter_lines(stdout, filtered_in, line_bound, nonce.clone()));
+    let transport = AsyncRwTransport::new(filtered_out, stdin)
+        .with_max_line_length(line_bound.saturating_add(4096));
+    Ok((transport, child))
+}
+
+/// Whether a handshake failed because an answer to the discovery probe came after rmcp had
+/// given up on it and moved on to `initialize` (the one answer arriving in the other's place).
+fn answered_too_late(e: &rmcp::service::ClientInitializeError) -> bool {
+    matches!(
+        e,
+        rmcp::service::ClientInitializeError::ConflictInitResponseId(..)
+            | rmcp::service::ClientInitializeError::UncorrelatedErrorResponse { .. }
+    )
+}
+
 /// Spawn or connect, handshake, list tools. Everything it started is dropped (and killed) if
 /// the future is.
 async fn connect(
@@ -1213,54 +1289,45 @@ async fn connect(
         detail,
     };
     let (service, child) = match &config.transport {
-        ServerTransport::Stdio {
-            program,
-            args,
-            env,
-            cwd,
-        } => {
-            set_stage(stage, "starting its process");
-            let mut command = Command::new(program);
-            command
-                .args(args)
-                .env_clear()
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .kill_on_drop(true)
-                .process_group(0);
-            for name in INHERITED_ENV {
-                if let Some(value) = std::env::var_os(name) {
-                    command.env(name, value);
-                }
-            }
-            command.envs(env);
-            if let Some(cwd) = cwd {
-                command.current_dir(cwd);
-            }
-            let mut spawned = command.spawn().map_err(|source| McpError::Spawn {
-                server: server.clone(),
-                program: program.clone(),
-                source,
-            })?;
-            let (Some(stdin), Some(stdout)) = (spawned.stdin.take(), spawned.stdout.take()) else {
-                return Err(handshake_error("its stdio pipes are missing".to_string()));
-            };
-            let stderr = spawned.stderr.take();
-            let child = ChildProc::supervise(spawned, stderr);
-            let (filtered_in, filtered_out) = tokio::io::duplex(PIPE_BUFFER);
-            tokio::spawn(filter_lines(stdout, filtered_in, line_bound, nonce.clone()));
-            let transport = AsyncRwTransport::new(filtered_out, stdin)
-                .with_max_line_length(line_bound.saturating_add(4096));
-            set_stage(stage, "the MCP handshake");
-            match client.serve_with_lifecycle(transport, lifecycle()).await {
-                Ok(service) => (service, Some(child)),
-                Err(e) => {
-                    let detail = match child.wait_ended(EXIT_STATUS_WAIT).await {
-                        Some(how) => format!("its process {how}{}", child.stderr_note().await),
-                        None => quoted(&error_chain(&e)),
-                    };
-                    return Err(handshake_error(detail));
+        ServerTransport::Stdio { .. } => {
+            let mut mode = lifecycle();
+            let mut late = None;
+            loop {
+                set_stage(stage, "starting its process");
+                let (transport, child) = spawn_stdio(config, line_bound, nonce)?;
+                set_stage(stage, "the MCP handshake");
+                match client
+                    .clone()
+                    .serve_with_lifecycle(transport, mode.clone())
+                    .await
+                {
+                    Ok(service) => break (service, Some(child)),
+                    Err(e) if late.is_none() && answered_too_late(&e) => {
+                        // rmcp gives a `server/discover` probe 10 s, then sends `initialize`;
+                        // a server slower than that to start (a first `npx` download, a
+                        // loaded machine) answers the probe late, and that answer breaks the
+                        // handshake. Start it again and open with `initialize` directly.
+                        late = Some(error_chain(&e));
+                        child.kill();
+                        child.wait_ended(EXIT_GRACE).await;
+                        mode = ClientLifecycleMode::Initialize;
+                    }
+                    Err(e) => {
+                        let mut detail = quoted(&error_chain(&e));
+                        if let Some(how) = child.wait_ended(EXIT_STATUS_WAIT).await {
+                            detail = format!(
+                                "its process {how}{}; the handshake reported: {detail}",
+                                child.stderr_note().await
+                            );
+                        }
+                        if let Some(first) = &late {
+                            detail.push_str(&format!(
+                                "; a first start answered the discovery probe too late ({})",
+                                quoted(first)
+                            ));
+                        }
+                        return Err(handshake_error(detail));
+                    }
                 }
             }
         }
