@@ -145,40 +145,13 @@ async fn a_forged_record_whose_policy_decides_otherwise_is_caught() {
     let forged_policy = format!(
         "{POLICY}\n@id(\"no-reading\")\nforbid(principal, action == Action::\"fs.read\", resource);\n"
     );
-    let sources = vec![ice_authority::PolicySource {
-        name: "p.cedar".into(),
-        text: forged_policy.clone(),
-    }];
-    let schema = ice_authority::Schema::ice().unwrap();
-    let version = ice_authority::PolicySet::from_sources(&sources, &schema)
-        .unwrap()
-        .version()
-        .to_hex();
-    forge(&h, "r3", "r3-forged", |t, p| {
-        if t == "ContextResolved" {
-            p["policy_sources"] = serde_json::json!([{"name": "p.cedar", "text": forged_policy}]);
-            p["policy_version"] = serde_json::json!(version);
-        }
-        if t == "RunTerminated" {
-            p["projection"]["policy_version"] = serde_json::json!(version);
-        }
-    })
-    .await;
+    forge_policy_files(&h, "r3", "r3-forged", &forged_policy).await;
     let run = RunId::new("r3-forged").unwrap();
     // The plain replay sees a consistent record...
     let r = h.rt.replay(&run).await.unwrap();
     assert!(r.divergences.is_empty(), "{:?}", r.divergences);
     // ...re-making the decisions shows the recorded ones do not follow from its policy.
-    let mut again = plan_agent(PLAN);
-    let r = h.rt.replay_drive(&run, &mut again).await.unwrap();
-    assert_eq!(r.divergences.len(), 1, "{:?}", r.divergences);
-    assert!(
-        r.divergences[0]
-            .what
-            .contains("the policy decides deny now"),
-        "{:?}",
-        r.divergences
-    );
+    diverges_once(&h, &run, "the policy decides deny now").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,16 +179,7 @@ async fn a_grant_recorded_without_the_constraints_its_policy_sets_is_caught() {
     })
     .await;
     let run = RunId::new("r4-forged").unwrap();
-    let mut again = plan_agent(PLAN);
-    let r = h.rt.replay_drive(&run, &mut again).await.unwrap();
-    assert_eq!(r.divergences.len(), 1, "{:?}", r.divergences);
-    assert!(
-        r.divergences[0]
-            .what
-            .contains("the policy gives a grant with constraints {\"max_bytes\":4096,\"timeout_ms\":1000}; the run recorded {}"),
-        "{:?}",
-        r.divergences
-    );
+    diverges_once(&h, &run, "the policy gives a grant with constraints {\"max_bytes\":4096,\"timeout_ms\":1000}; the run recorded {}").await;
 }
 
 /// The version of a policy set made of one file `p.cedar` holding `text`.
@@ -231,6 +195,31 @@ fn version_of(text: &str) -> String {
         .to_hex()
 }
 
+/// Re-drive `run` (a forged record) with the test plan: exactly one divergence, saying `what`.
+async fn diverges_once(h: &H, run: &RunId, what: &str) {
+    let mut again = plan_agent(PLAN);
+    let r = h.rt.replay_drive(run, &mut again).await.unwrap();
+    assert_eq!(r.divergences.len(), 1, "{:?}", r.divergences);
+    assert!(r.divergences[0].what.contains(what), "{:?}", r.divergences);
+}
+
+/// Copy run `from` into `to` with its recorded policy files replaced by one file `p.cedar`
+/// holding `text`, under that text's version (a self-consistent record: hashes, chains and the
+/// projection all agree).
+async fn forge_policy_files(h: &H, from: &str, to: &str, text: &str) {
+    let version = version_of(text);
+    forge(h, from, to, |t, p| {
+        if t == "ContextResolved" {
+            p["policy_sources"] = serde_json::json!([{"name": "p.cedar", "text": text}]);
+            p["policy_version"] = serde_json::json!(version);
+        }
+        if t == "RunTerminated" {
+            p["projection"]["policy_version"] = serde_json::json!(version);
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decision_recorded_under_a_policy_version_the_record_never_loaded_is_caught() {
     let h = H::new(POLICY);
@@ -239,28 +228,14 @@ async fn a_decision_recorded_under_a_policy_version_the_record_never_loaded_is_c
     // A forger swaps the recorded files for others that decide every request alike (so each
     // decision matches) but are not the files the grants were decided under.
     let other = format!("{POLICY}\n// reviewed\n");
-    let version = version_of(&other);
-    forge(&h, "r5", "r5-forged", |t, p| {
-        if t == "ContextResolved" {
-            p["policy_sources"] = serde_json::json!([{"name": "p.cedar", "text": other}]);
-            p["policy_version"] = serde_json::json!(version);
-        }
-        if t == "RunTerminated" {
-            p["projection"]["policy_version"] = serde_json::json!(version);
-        }
-    })
-    .await;
+    forge_policy_files(&h, "r5", "r5-forged", &other).await;
     let run = RunId::new("r5-forged").unwrap();
-    let mut again = plan_agent(PLAN);
-    let r = h.rt.replay_drive(&run, &mut again).await.unwrap();
-    assert_eq!(r.divergences.len(), 1, "{:?}", r.divergences);
-    assert!(
-        r.divergences[0]
-            .what
-            .contains("the run recorded this decision under policy version"),
-        "{:?}",
-        r.divergences
-    );
+    diverges_once(
+        &h,
+        &run,
+        "the run recorded this decision under policy version",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -347,13 +347,19 @@ async fn a_policy_reload_revokes_grants_no_longer_permitted() {
     assert_eq!(reloads[0].run_seq + 1, revoked[0].run_seq);
     // Re-driven from the record, the run re-makes every decision, the revocation included,
     // and the denial of read 2 under the new files.
-    let (_, mut again) = h.spec("reload-replay", "coder", "", plan);
-    let run = RunId::new("reload").unwrap();
-    let r = h.rt.replay_drive(&run, &mut again).await.unwrap();
+    assert_eq!(replays_cleanly(&h, "reload", "coder", plan).await, 3);
+}
+
+/// Re-drive `run` from its record with a fresh agent following `plan`: every decision must be
+/// re-made (no divergence, nothing unchecked). Returns how many decisions were.
+async fn replays_cleanly(h: &H, run: &str, agent: &str, plan: &str) -> u64 {
+    let (_, mut again) = h.spec(&format!("{run}-replay"), agent, "", plan);
+    let id = RunId::new(run).unwrap();
+    let r = h.rt.replay_drive(&id, &mut again).await.unwrap();
     assert!(r.divergences.is_empty(), "{:?}", r.divergences);
     let d = r.drive.unwrap();
     assert!(d.unchecked.is_empty(), "{:?}", d.unchecked);
-    assert_eq!(d.decisions, 3, "{d:?}");
+    d.decisions
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -398,12 +404,7 @@ async fn a_policy_reload_that_revokes_nothing_is_recorded_and_later_requests_rep
     let run = RunId::new("quiet-reload").unwrap();
     let r = h.rt.replay(&run).await.unwrap();
     assert!(r.divergences.is_empty(), "{:?}", r.divergences);
-    let (_, mut again) = h.spec("quiet-reload-replay", "coder", "", plan);
-    let r = h.rt.replay_drive(&run, &mut again).await.unwrap();
-    assert!(r.divergences.is_empty(), "{:?}", r.divergences);
-    let d = r.drive.unwrap();
-    assert!(d.unchecked.is_empty(), "{:?}", d.unchecked);
-    assert_eq!(d.decisions, 3, "{d:?}");
+    assert_eq!(replays_cleanly(&h, "quiet-reload", "coder", plan).await, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -758,8 +759,5 @@ async fn a_policy_changed_while_suspended_needs_accepting_and_then_rebinds_live_
     let resumed = of_type(&events, EventType::RunResumed);
     assert_eq!(reloads[0].run_seq, resumed.last().unwrap().run_seq + 1);
     assert!(revoked[0].causes.contains(&reloads[0].id()));
-    let (_, mut replayer) = h.spec("repolicy-3", "looper", "", plan);
-    let r = h.rt.replay_drive(&run, &mut replayer).await.unwrap();
-    assert!(r.divergences.is_empty(), "{:?}", r.divergences);
-    assert!(r.drive.unwrap().unchecked.is_empty());
+    replays_cleanly(&h, "repolicy", "looper", plan).await;
 }
