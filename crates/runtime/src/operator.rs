@@ -538,12 +538,14 @@ impl Runtime {
             .await?;
             live.window_started = Instant::now();
             // A policy the reconfiguration accepted is recorded with its files now, when it
-            // starts deciding for the run.
-            ctx.take_on_policy(
-                live,
-                &format!("the run resumed under the policy its reconfiguration {rec} accepted"),
-            )
-            .await?;
+            // starts deciding for the run (as is the policy of a run whose context, recorded
+            // by an older ICE, did not hold its files).
+            let why = if live.books.policy_recorded.is_some() {
+                format!("the run resumed under the policy its reconfiguration {rec} accepted")
+            } else {
+                "the run resumed, and its record did not hold its policy files yet".to_string()
+            };
+            ctx.take_on_policy(live, &why).await?;
         }
         let outcome = self.drive_to_end(&ctx, agent).await?;
         let books = ctx.live.into_inner().books;
