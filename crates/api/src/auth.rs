@@ -87,7 +87,10 @@ pub fn check_name(role: Role, name: &str) -> Result<(), String> {
     format!("{origin}:{name}")
         .parse::<ice_kernel::Origin>()
         .map(|_| ())
-        .map_err(|e| e.replacen("operator:", &format!("{}:", role.name()), 1))
+        .map_err(|e| match role {
+            Role::Metrics => e.replacen("operator id", "metrics reader name", 1),
+            _ => e,
+        })
 }
 
 /// Equality of two digests in time independent of where they differ.
@@ -533,7 +536,8 @@ mod tests {
         );
         // Names follow the same rule as operators'.
         assert!(check_name(Role::Metrics, "prometheus-1").is_ok());
-        assert!(check_name(Role::Metrics, "bad name").is_err());
+        let bad = check_name(Role::Metrics, "bad name").unwrap_err();
+        assert!(bad.starts_with("metrics reader name \"bad name\""), "{bad}");
     }
 
     #[test]

@@ -692,5 +692,8 @@ fn a_metrics_readers_token_is_its_own_role_listed_and_revoked_by_name() {
     let o = ice(&home, &["token", "add", "--metrics", "bad name"]);
     assert_ne!(code(&o), 0);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("--metrics"), "{err}");
+    assert!(
+        err.contains("--metrics: metrics reader name \"bad name\""),
+        "{err}"
+    );
 }

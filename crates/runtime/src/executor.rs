@@ -1601,6 +1601,10 @@ impl Ctx<'_> {
     /// Notice a policy edit: re-evaluate live grants and revoke those no longer permitted, or
     /// suspend when the run assumed the policy would not change.
     async fn policy_check(&self, live: &mut Live) -> Result<Option<RunOutcome>, RuntimeError> {
+        // A run another call has just stopped takes no policy on (the next resume does).
+        if live.books.state() != RunState::Executing {
+            return Ok(None);
+        }
         let stamp = PolicyStamp::of(&live.policy_dir);
         if stamp == live.policy_stamp {
             return Ok(None);
@@ -1664,7 +1668,11 @@ impl Ctx<'_> {
         let reload = (live.books.policy_recorded != Some(new_version)).then(|| {
             rt_draft(
                 EventType::PolicyReloaded,
-                reloaded_payload(&live.policy, live.books.policy_version, why),
+                reloaded_payload(
+                    &live.policy,
+                    live.books.policy_recorded.or(live.books.policy_version),
+                    why,
+                ),
             )
         });
         if reload.is_none() && revoke.is_empty() {

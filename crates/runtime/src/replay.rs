@@ -499,6 +499,9 @@ struct Drive<'a> {
     i: usize,
     books: Books,
     policy: Option<PolicySet>,
+    /// Whether the run began under taxonomy v2 or later, which records every policy reload
+    /// (v1 recorded none that revoked nothing).
+    records_reloads: bool,
     agent: String,
     tools: Vec<Value>,
     memories: Vec<MountedMemory>,
@@ -533,6 +536,7 @@ impl<'a> Drive<'a> {
             i: 0,
             books: Books::new(run.clone()),
             policy: None,
+            records_reloads: false,
             agent: String::new(),
             tools: Vec::new(),
             memories,
@@ -552,6 +556,11 @@ impl<'a> Drive<'a> {
         let _ = self.books.apply(e);
         match EventType::from_name(&e.event_type) {
             Some(EventType::RunProvisioned) => {
+                self.records_reloads = e
+                    .payload
+                    .get("taxonomy")
+                    .and_then(Value::as_u64)
+                    .is_some_and(|v| v >= 2);
                 self.agent = e
                     .payload
                     .get("agent")
@@ -571,6 +580,18 @@ impl<'a> Drive<'a> {
             Some(EventType::PolicyReloaded) => {
                 self.take_recorded_policy(e);
                 self.check_reload_revocations(e);
+            }
+            Some(EventType::CapabilityRevoked) if self.records_reloads => {
+                // A revocation names the policy it was re-decided under: the one in force.
+                let named = e.payload.get("policy_version").and_then(Value::as_str);
+                if let (Some(named), Some(policy)) = (named, &self.policy)
+                    && named != policy.version().to_hex()
+                {
+                    self.diverge(format!(
+                        "a revocation names policy version {named}, but the record has version {} in force here",
+                        policy.version().to_hex()
+                    ));
+                }
             }
             Some(EventType::CapabilitiesBound) => {
                 self.tools = e
@@ -1085,6 +1106,15 @@ impl<'a> Drive<'a> {
                     self.diverge(format!("request {req}: {why}"));
                     return false;
                 }
+                if let Some(why) = version_mismatch(want, got) {
+                    if self.records_reloads {
+                        self.diverge(format!("request {req}: {why}"));
+                        return false;
+                    }
+                    self.report.unchecked.push(format!(
+                        "request {req}: {why} (the run began under taxonomy v1, which recorded no policy reload that revoked nothing)"
+                    ));
+                }
                 // A permit that needed an approval: the grant issued once it was given must
                 // carry the decision's constraints too.
                 if let Expect::Policy("approval", _, want, _) = &expected
@@ -1286,7 +1316,7 @@ fn mismatch(want: &Expect, got: &Event) -> Option<String> {
                 )
             })
         }
-        Expect::Policy(kind, want_policies, want_constraints, want_version) => {
+        Expect::Policy(kind, want_policies, want_constraints, _) => {
             let recorded = match t {
                 Some(EventType::CapabilityDenied)
                     if reason == DenialCode::PolicyDenied.as_str() =>
@@ -1312,17 +1342,6 @@ fn mismatch(want: &Expect, got: &Event) -> Option<String> {
                     "the policy decides {kind} by {want_policies:?}; the run recorded it by other policies"
                 ));
             }
-            // A grant or approval request names the policy version that decided it: the one
-            // the record has in force here (a change the record does not hold is a gap in it).
-            if let Some(v) = got.payload.get("policy_version")
-                && v.as_str() != Some(want_version.to_hex().as_str())
-            {
-                return Some(format!(
-                    "the run recorded this decision under policy version {}, but the record has version {} in force here (no PolicyReloaded records a change)",
-                    cut_json(v),
-                    want_version.to_hex()
-                ));
-            }
             if recorded == "permit" {
                 return constraints_mismatch(got, want_constraints);
             }
@@ -1333,6 +1352,23 @@ fn mismatch(want: &Expect, got: &Event) -> Option<String> {
             mismatch(&Expect::Reuse(g.clone()), got).and_then(|_| mismatch(other, got))
         }
     }
+}
+
+/// A grant or approval request names the policy version that decided it; with the decision
+/// re-made under the policy the record has in force, how the two differ, if they do (a change
+/// of policy the record does not hold).
+fn version_mismatch(want: &Expect, got: &Event) -> Option<String> {
+    let Expect::Policy(_, _, _, version) = want else {
+        return None;
+    };
+    let named = got.payload.get("policy_version")?;
+    (named.as_str() != Some(version.to_hex().as_str())).then(|| {
+        format!(
+            "the run recorded this decision under policy version {}, but the record has version {} in force here (no PolicyReloaded records a change)",
+            cut_json(named),
+            version.to_hex()
+        )
+    })
 }
 
 /// How the constraints recorded in `grant` (a `CapabilityGranted`) differ from `want`, the

@@ -229,6 +229,33 @@ async fn a_decision_recorded_under_a_policy_version_the_record_never_loaded_is_c
     // decision matches) but are not the files the grants were decided under.
     let other = format!("{POLICY}\n// reviewed\n");
     forge_policy_files(&h, "r5", "r5-forged", &other).await;
+    // A run that began under taxonomy v1 could not record a reload that revoked nothing: the
+    // same mismatch there is unchecked, and says why.
+    let version = version_of(&other);
+    forge(&h, "r5", "r5-v1", |t, p| {
+        if t == "RunProvisioned" {
+            p["taxonomy"] = serde_json::json!(1);
+        }
+        if t == "ContextResolved" {
+            p["policy_sources"] = serde_json::json!([{"name": "p.cedar", "text": other}]);
+            p["policy_version"] = serde_json::json!(version);
+        }
+        if t == "RunTerminated" {
+            p["projection"]["policy_version"] = serde_json::json!(version);
+        }
+    })
+    .await;
+    let mut again = plan_agent(PLAN);
+    let r =
+        h.rt.replay_drive(&RunId::new("r5-v1").unwrap(), &mut again)
+            .await
+            .unwrap();
+    assert!(r.divergences.is_empty(), "{:?}", r.divergences);
+    let unchecked = r.drive.unwrap().unchecked;
+    assert!(
+        unchecked.iter().any(|u| u.contains("taxonomy v1")),
+        "{unchecked:?}"
+    );
     let run = RunId::new("r5-forged").unwrap();
     diverges_once(
         &h,
@@ -274,6 +301,31 @@ async fn a_reload_whose_recorded_files_do_not_explain_its_revocations_is_caught(
         }
     })
     .await;
+    // A forger makes the revocation name another policy than the reload put in force (and the
+    // projection agree).
+    let context_version = h.events("r6").await[2].payload["policy_version"].clone();
+    assert!(context_version.is_string());
+    forge(&h, "r6", "r6-renamed", |t, p| {
+        if t == "CapabilityRevoked" {
+            p["policy_version"] = context_version.clone();
+        }
+        if t == "RunTerminated" {
+            p["projection"]["policy_version"] = context_version.clone();
+        }
+    })
+    .await;
+    let (_, mut again) = h.spec("r6-replay-3", "coder", "", plan);
+    let r =
+        h.rt.replay_drive(&RunId::new("r6-renamed").unwrap(), &mut again)
+            .await
+            .unwrap();
+    assert!(
+        r.divergences
+            .iter()
+            .any(|d| d.what.contains("a revocation names policy version")),
+        "{:?}",
+        r.divergences
+    );
     let run = RunId::new("r6-forged").unwrap();
     let (_, mut again) = h.spec("r6-replay-2", "coder", "", plan);
     let r = h.rt.replay_drive(&run, &mut again).await.unwrap();

@@ -758,6 +758,15 @@ async fn a_policy_changed_while_suspended_needs_accepting_and_then_rebinds_live_
     assert_eq!(reloads.len(), 1, "{reloads:?}");
     let resumed = of_type(&events, EventType::RunResumed);
     assert_eq!(reloads[0].run_seq, resumed.last().unwrap().run_seq + 1);
+    let context = &of_type(&events, EventType::ContextResolved)[0].payload;
+    assert_eq!(
+        reloads[0].payload["previous_version"],
+        context["policy_version"]
+    );
+    assert_ne!(
+        reloads[0].payload["policy_version"],
+        context["policy_version"]
+    );
     assert!(revoked[0].causes.contains(&reloads[0].id()));
     replays_cleanly(&h, "repolicy", "looper", plan).await;
 }
