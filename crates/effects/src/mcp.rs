@@ -1262,13 +1262,18 @@ fn spawn_stdio(
 }
 
 /// Whether a handshake failed because an answer to the discovery probe came after rmcp had
-/// given up on it and moved on to `initialize` (the one answer arriving in the other's place).
-fn answered_too_late(e: &rmcp::service::ClientInitializeError) -> bool {
-    matches!(
-        e,
-        rmcp::service::ClientInitializeError::ConflictInitResponseId(..)
-            | rmcp::service::ClientInitializeError::UncorrelatedErrorResponse { .. }
-    )
+/// given up on it and moved on to `initialize` (the one answer arriving in the other's place),
+/// and if so how to open the next time: a late refusal is a legacy server's (`initialize`), a
+/// late result a 2026-07-28 server's (`server/discover`, with no deadline of rmcp's own).
+fn answered_too_late(e: &rmcp::service::ClientInitializeError) -> Option<ClientLifecycleMode> {
+    use rmcp::service::ClientInitializeError as E;
+    match e {
+        E::UncorrelatedErrorResponse { .. } => Some(ClientLifecycleMode::Initialize),
+        E::ConflictInitResponseId(..) => Some(ClientLifecycleMode::Discover {
+            preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+        }),
+        _ => None,
+    }
 }
 
 /// Spawn or connect, handshake, list tools. Everything it started is dropped (and killed) if
@@ -1302,15 +1307,15 @@ async fn connect(
                     .await
                 {
                     Ok(service) => break (service, Some(child)),
-                    Err(e) if late.is_none() && answered_too_late(&e) => {
+                    Err(e) if late.is_none() && answered_too_late(&e).is_some() => {
                         // rmcp gives a `server/discover` probe 10 s, then sends `initialize`;
                         // a server slower than that to start (a first `npx` download, a
                         // loaded machine) answers the probe late, and that answer breaks the
-                        // handshake. Start it again and open with `initialize` directly.
+                        // handshake. Start it again and open the way its answer showed.
+                        mode = answered_too_late(&e).unwrap_or(ClientLifecycleMode::Initialize);
                         late = Some(error_chain(&e));
                         child.kill();
                         child.wait_ended(EXIT_GRACE).await;
-                        mode = ClientLifecycleMode::Initialize;
                     }
                     Err(e) => {
                         let mut detail = quoted(&error_chain(&e));

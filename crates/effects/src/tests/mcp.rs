@@ -861,38 +861,58 @@ async fn a_legacy_python_server_gets_initialize_and_its_tool_list_changes_are_fo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_legacy_server_slower_to_start_than_the_discovery_probe_still_starts() {
-    // The first start sleeps past rmcp's 10 s `server/discover` probe (as a first `npx`
-    // download or a loaded machine does): the probe's late refusal then arrives where the
-    // `initialize` answer was expected. ICE starts it again and opens with `initialize`.
+async fn a_server_slower_to_start_than_the_discovery_probe_still_starts() {
+    // Each first start sleeps past rmcp's 10 s `server/discover` probe (as a first `npx`
+    // download or a loaded machine does): the probe's late answer then arrives where the
+    // `initialize` answer was expected. ICE starts the server again and opens the way that
+    // answer showed: `initialize` after a legacy server's refusal, `server/discover` after a
+    // 2026-07-28 server's result. The first process is gone.
     let dir = tempfile::tempdir().expect("tempdir");
-    let starts = dir.path().join("starts");
-    let script = format!(
-        "echo x >> {s}; if [ \"$(wc -l < {s})\" -eq 1 ]; then sleep 11; fi; exec {} {} --legacy",
-        python(),
-        need(PathBuf::from(FAULTY)),
-        s = starts.display()
-    );
-    let mut config = shell("slow", script);
-    config.start_timeout = Duration::from_secs(40);
-    let servers = ToolServers::start(vec![config]).await.expect("start");
-    assert_eq!(
-        servers.protocol_version("slow").as_deref(),
-        Some("2025-11-25")
-    );
-    let starts = std::fs::read_to_string(&starts).unwrap().lines().count();
-    assert_eq!(starts, 2, "started again once, after the late answer");
-    let out = servers
-        .call(
-            &auth("slow", "ok"),
-            &run1(),
-            "slow",
-            "ok",
-            args(json!({"text": "hi"})),
-        )
+    let slow = |name: &str, mode: &str| {
+        let pids = dir.path().join(format!("{name}.pids"));
+        let script = format!(
+            "echo $$ >> {p}; if [ \"$(wc -l < {p})\" -eq 1 ]; then sleep 11; fi; exec {} {} {mode}",
+            python(),
+            need(PathBuf::from(FAULTY)),
+            p = pids.display()
+        );
+        let mut config = shell(name, script);
+        config.start_timeout = Duration::from_secs(40);
+        (config, pids)
+    };
+    let (legacy, legacy_pids) = slow("slow-legacy", "--legacy");
+    let (modern, modern_pids) = slow("slow-modern", "");
+    let servers = ToolServers::start(vec![legacy, modern])
         .await
-        .expect("call");
-    assert_eq!(text(&out.result), "hi");
+        .expect("start");
+    for (name, pids, version) in [
+        ("slow-legacy", &legacy_pids, "2025-11-25"),
+        ("slow-modern", &modern_pids, "2026-07-28"),
+    ] {
+        assert_eq!(
+            servers.protocol_version(name).as_deref(),
+            Some(version),
+            "{name}"
+        );
+        let started: Vec<u32> = std::fs::read_to_string(pids)
+            .unwrap()
+            .lines()
+            .map(|l| l.trim().parse().unwrap())
+            .collect();
+        assert_eq!(started.len(), 2, "{name}: started again once");
+        assert_gone(started[0], "the first start").await;
+        let out = servers
+            .call(
+                &auth(name, "ok"),
+                &run1(),
+                name,
+                "ok",
+                args(json!({"text": "hi"})),
+            )
+            .await
+            .expect("call");
+        assert_eq!(text(&out.result), "hi");
+    }
     servers.shutdown().await;
 }
 
