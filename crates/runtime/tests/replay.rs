@@ -145,7 +145,14 @@ async fn a_forged_record_whose_policy_decides_otherwise_is_caught() {
     let forged_policy = format!(
         "{POLICY}\n@id(\"no-reading\")\nforbid(principal, action == Action::\"fs.read\", resource);\n"
     );
-    forge_policy_files(&h, "r3", "r3-forged", &forged_policy).await;
+    forge_policy_files(
+        &h,
+        "r3",
+        "r3-forged",
+        &forged_policy,
+        ice_kernel::TAXONOMY_VERSION,
+    )
+    .await;
     let run = RunId::new("r3-forged").unwrap();
     // The plain replay sees a consistent record...
     let r = h.rt.replay(&run).await.unwrap();
@@ -205,10 +212,13 @@ async fn diverges_once(h: &H, run: &RunId, what: &str) {
 
 /// Copy run `from` into `to` with its recorded policy files replaced by one file `p.cedar`
 /// holding `text`, under that text's version (a self-consistent record: hashes, chains and the
-/// projection all agree).
-async fn forge_policy_files(h: &H, from: &str, to: &str, text: &str) {
+/// projection all agree), saying it began under taxonomy `taxonomy`.
+async fn forge_policy_files(h: &H, from: &str, to: &str, text: &str, taxonomy: u32) {
     let version = version_of(text);
     forge(h, from, to, |t, p| {
+        if t == "RunProvisioned" {
+            p["taxonomy"] = serde_json::json!(taxonomy);
+        }
         if t == "ContextResolved" {
             p["policy_sources"] = serde_json::json!([{"name": "p.cedar", "text": text}]);
             p["policy_version"] = serde_json::json!(version);
@@ -228,23 +238,10 @@ async fn a_decision_recorded_under_a_policy_version_the_record_never_loaded_is_c
     // A forger swaps the recorded files for others that decide every request alike (so each
     // decision matches) but are not the files the grants were decided under.
     let other = format!("{POLICY}\n// reviewed\n");
-    forge_policy_files(&h, "r5", "r5-forged", &other).await;
+    forge_policy_files(&h, "r5", "r5-forged", &other, ice_kernel::TAXONOMY_VERSION).await;
     // A run that began under taxonomy v1 could not record a reload that revoked nothing: the
     // same mismatch there is unchecked, and says why.
-    let version = version_of(&other);
-    forge(&h, "r5", "r5-v1", |t, p| {
-        if t == "RunProvisioned" {
-            p["taxonomy"] = serde_json::json!(1);
-        }
-        if t == "ContextResolved" {
-            p["policy_sources"] = serde_json::json!([{"name": "p.cedar", "text": other}]);
-            p["policy_version"] = serde_json::json!(version);
-        }
-        if t == "RunTerminated" {
-            p["projection"]["policy_version"] = serde_json::json!(version);
-        }
-    })
-    .await;
+    forge_policy_files(&h, "r5", "r5-v1", &other, 1).await;
     let mut again = plan_agent(PLAN);
     let r =
         h.rt.replay_drive(&RunId::new("r5-v1").unwrap(), &mut again)
