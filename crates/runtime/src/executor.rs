@@ -1640,8 +1640,12 @@ impl Ctx<'_> {
                 .await
                 .map(Some);
         }
-        self.take_on_policy(live, "the policy files changed while the run executed")
-            .await?;
+        self.take_on_policy(
+            live,
+            "the policy files changed while the run executed",
+            Vec::new(),
+        )
+        .await?;
         Ok(None)
     }
 
@@ -1649,10 +1653,14 @@ impl Ctx<'_> {
     /// record already holds them, and re-decide every live grant under it, revoking (in the
     /// same batch) each one it no longer permits, or permits only under tighter constraints
     /// than the grant carries.
+    ///
+    /// `lead` goes first in the same batch (a resume's `RunResumed`, so that a run never
+    /// executes under a policy its record does not hold yet).
     pub(crate) async fn take_on_policy(
         &self,
         live: &mut Live,
         why: &str,
+        lead: Vec<Draft>,
     ) -> Result<(), RuntimeError> {
         let new_version = live.policy.version();
         let now = self.now();
@@ -1675,14 +1683,14 @@ impl Ctx<'_> {
                 ),
             )
         });
-        if reload.is_none() && revoke.is_empty() {
+        if lead.is_empty() && reload.is_none() && revoke.is_empty() {
             return Ok(());
         }
         self.append(live, |next| {
-            let cause = reload.as_ref().map(|_| self.eid(next));
-            reload
-                .iter()
+            let cause = reload.as_ref().map(|_| self.eid(next + lead.len() as u64));
+            lead.iter()
                 .cloned()
+                .chain(reload.iter().cloned())
                 .chain(revoke.iter().map(|(g, reason)| {
                     let d = rt_draft(
                         EventType::CapabilityRevoked,

@@ -528,24 +528,19 @@ impl Runtime {
             live.last = self
                 .rebuild_agent(run, agent, live.memories.clone())
                 .await?;
-            ctx.append(live, |_| {
-                vec![
-                    Draft::new(EventType::RunResumed.name(), Origin::Runtime)
-                        .payload(json!({"reconfiguration": rec.to_string()}))
-                        .cause(rec.clone()),
-                ]
-            })
-            .await?;
-            live.window_started = Instant::now();
-            // A policy the reconfiguration accepted is recorded with its files now, when it
-            // starts deciding for the run (as is the policy of a run whose context, recorded
-            // by an older ICE, did not hold its files).
+            // A policy the reconfiguration accepted is recorded with its files as the run
+            // resumes, in the same batch (as is the policy of a run whose context, recorded
+            // by an older ICE, did not hold its files), and live grants are re-decided.
             let why = if live.books.policy_recorded.is_some() {
                 format!("the run resumed under the policy its reconfiguration {rec} accepted")
             } else {
                 "the run resumed, and its record did not hold its policy files yet".to_string()
             };
-            ctx.take_on_policy(live, &why).await?;
+            let resumed = Draft::new(EventType::RunResumed.name(), Origin::Runtime)
+                .payload(json!({"reconfiguration": rec.to_string()}))
+                .cause(rec.clone());
+            ctx.take_on_policy(live, &why, vec![resumed]).await?;
+            live.window_started = Instant::now();
         }
         let outcome = self.drive_to_end(&ctx, agent).await?;
         let books = ctx.live.into_inner().books;
