@@ -71,8 +71,8 @@ const ACTED_ON: [&str; 5] = [
 /// The annotations ICE acts on that are not constraints (checked above).
 const KNOWN_ANNOTATIONS: [&str; 3] = [ID_ANNOTATION, APPROVAL_ANNOTATION, EXTERNAL_ANNOTATION];
 
-/// One policy file's name and text.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One policy file's name and text (as a run records it: `{"name", "text"}`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PolicySource {
     /// The file's name (within its directory), as diagnostics and policy ids show it.
     pub name: String,

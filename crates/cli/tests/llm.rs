@@ -146,6 +146,21 @@ fn events(home: &Path, run: &str) -> Vec<Value> {
         .collect()
 }
 
+/// `ice reconfigure llm-notes --record RECORD` (which recovers and resumes the run): it must
+/// succeed.
+fn reconfigure(home: &Path, record: &Path) {
+    let o = ice(
+        home,
+        &[
+            "reconfigure",
+            "llm-notes",
+            "--record",
+            record.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
 /// `ice replay RUN --drive --json`, which must succeed and find no divergence; its report.
 fn replay_drive_clean(home: &Path, run: &str) -> Value {
     let o = ice(home, &["replay", run, "--drive", "--json"]);
@@ -518,16 +533,7 @@ fn a_suspended_llm_run_resumes_its_conversation_and_replays_through_the_suspensi
         "reason = \"room for the write\"\n[budget]\ntool_calls = 5\n",
     )
     .unwrap();
-    let o = ice(
-        &home,
-        &[
-            "reconfigure",
-            "llm-notes",
-            "--record",
-            record.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    reconfigure(&home, &record);
     let requests = model.requests();
     assert_eq!(requests.len(), 4, "the recorded calls were not sent again");
     let messages = requests[2]["messages"].as_array().unwrap();
@@ -594,16 +600,7 @@ fn an_llm_run_killed_during_a_model_call_resumes_by_asking_the_same_question_aga
     // The next command recovers it (suspended for review); the operator resumes it.
     let record = dir.path().join("go-on.toml");
     std::fs::write(&record, "reason = \"the host restarted\"\n").unwrap();
-    let o = ice(
-        &home,
-        &[
-            "reconfigure",
-            "llm-notes",
-            "--record",
-            record.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    reconfigure(&home, &record);
     let requests = model.requests();
     assert_eq!(requests.len(), 3);
     // The interrupted question is asked again, word for word: the conversation was rebuilt.
@@ -681,16 +678,7 @@ fn an_llm_run_killed_twice_during_commands_resumes_twice_and_replays() {
         2,
     );
     // The second resume re-drives the agent through both interrupted commands.
-    let o = ice(
-        &home,
-        &[
-            "reconfigure",
-            "llm-notes",
-            "--record",
-            record.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    reconfigure(&home, &record);
     let requests = model.requests();
     assert_eq!(requests.len(), 3);
     // Each interrupted call was answered, to the model, as having no outcome.

@@ -2040,7 +2040,7 @@ pub(crate) fn reload_verdict(
     policy: &PolicySet,
     g: &ice_authority::Grant,
 ) -> Option<String> {
-    let version = short_version(policy.version());
+    let version = short(&policy.version().to_hex()).to_string();
     let q = match Request::builder(run, &g.agent, &g.capability, g.resource.clone()).build(registry)
     {
         Ok(q) => q,
@@ -2069,10 +2069,6 @@ pub(crate) fn reload_verdict(
     }
 }
 
-fn short_version(v: PolicyVersion) -> String {
-    short(&v.to_hex()).to_string()
-}
-
 /// The payload of `PolicyReloaded`: the new version, the one before it, and the new files.
 pub(crate) fn reloaded_payload(
     policy: &PolicySet,
@@ -2082,19 +2078,9 @@ pub(crate) fn reloaded_payload(
     json!({
         "policy_version": policy.version().to_hex(),
         "previous_version": previous.map(|v| v.to_hex()),
-        "policy_sources": sources_json(policy.sources()),
+        "policy_sources": policy.sources(),
         "reason": why,
     })
-}
-
-/// Policy files as a run records them (`ContextResolved`, `PolicyReloaded`).
-pub(crate) fn sources_json(sources: &[ice_authority::PolicySource]) -> Value {
-    Value::Array(
-        sources
-            .iter()
-            .map(|p| json!({"name": p.name, "text": p.text}))
-            .collect(),
-    )
 }
 
 pub(crate) fn short(hex: &str) -> &str {

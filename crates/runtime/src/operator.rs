@@ -106,30 +106,13 @@ impl Runtime {
             .unwrap_or_else(|| self.install.policy_dir.clone())
     }
 
+    /// The spec's policy (which keeps the files it was built from: recorded at context time,
+    /// so a replay can re-decide the run's requests under exactly this policy).
     fn load_policy(&self, spec: &RunSpec) -> Result<(PolicySet, std::path::PathBuf), RuntimeError> {
-        self.load_policy_sources(spec)
-            .map(|(set, dir, _)| (set, dir))
-    }
-
-    /// The spec's policy, with the files it was built from (recorded at context time, so a
-    /// replay can re-decide the run's requests under exactly this policy).
-    fn load_policy_sources(
-        &self,
-        spec: &RunSpec,
-    ) -> Result<
-        (
-            PolicySet,
-            std::path::PathBuf,
-            Vec<ice_authority::PolicySource>,
-        ),
-        RuntimeError,
-    > {
         let dir = self.policy_dir(spec);
-        let bad =
-            |e: ice_authority::LoadError| RuntimeError::Policy(format!("{}: {e}", dir.display()));
-        let sources = ice_authority::policy::read_policy_dir(&dir).map_err(bad)?;
-        let set = PolicySet::from_sources(&sources, &self.schema).map_err(bad)?;
-        Ok((set, dir, sources))
+        let set = PolicySet::load_dir(&dir, &self.schema)
+            .map_err(|e| RuntimeError::Policy(format!("{}: {e}", dir.display())))?;
+        Ok((set, dir))
     }
 
     fn open_stage(
@@ -268,7 +251,7 @@ impl Runtime {
                 ),
             }));
         }
-        let (policy, policy_dir, policy_sources) = self.load_policy_sources(&spec)?;
+        let (policy, policy_dir) = self.load_policy(&spec)?;
         let mut assumptions = Vec::new();
         for a in &spec.assumptions {
             assumptions.push(match a {
@@ -368,7 +351,7 @@ impl Runtime {
                 "assumptions": serde_json::to_value(&assumptions).unwrap_or(Value::Null),
                 "policy_version": version.to_hex(),
                 "policy_dir": policy_dir.display().to_string(),
-                "policy_sources": crate::executor::sources_json(&policy_sources),
+                "policy_sources": live.policy.sources(),
                 "workspace": spec.workspace.display().to_string(),
             });
             ctx.append(live, |_| {

@@ -35,6 +35,7 @@ use ice_kernel::{
     Agent, AgentView, CapabilityProposal, Cost, Digest, Event, EventId, EventType, MountedMemory,
     Origin, Outcome, Proposal, RunHead, RunId, RunState, ToolOffer,
 };
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::act::{self, ToolLookup};
@@ -610,19 +611,19 @@ impl<'a> Drive<'a> {
     /// requests are re-decided under them. Files that do not load, or that hash to another
     /// version than the event says, are a divergence.
     fn take_recorded_policy(&mut self, e: &Event) {
-        let sources: Vec<PolicySource> = e
+        let sources = e
             .payload
             .get("policy_sources")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .map(|s| PolicySource {
-                        name: s.get("name").and_then(Value::as_str).unwrap_or("").into(),
-                        text: s.get("text").and_then(Value::as_str).unwrap_or("").into(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+            .map(|v| Vec::<PolicySource>::deserialize(v).map_err(|err| err.to_string()))
+            .unwrap_or_else(|| Err("missing".into()));
+        let sources = match sources {
+            Ok(s) => s,
+            Err(err) => {
+                self.policy = None;
+                self.diverge(format!("the recorded policy files do not read: {err}"));
+                return;
+            }
+        };
         match PolicySet::from_sources(&sources, &self.rt.schema) {
             Ok(p) => {
                 let want = e.payload.get("policy_version").and_then(Value::as_str);
