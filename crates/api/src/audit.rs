@@ -8,7 +8,9 @@ use axum::http::{StatusCode, Uri};
 use axum::response::Response;
 use ice_kernel::{Digest, EventId, RunId, SealedBatch};
 use ice_log::checkpoint::Checkpoint;
-use ice_log::{AppendReceipt, EventLog, LogError, NodeId, StoredCheckpoint, StoredEvent, root_at};
+use ice_log::{
+    AppendReceipt, EventLog, Extent, LogError, NodeId, StoredCheckpoint, StoredEvent, root_at,
+};
 use serde_json::{Value, json};
 
 use crate::ApiState;
@@ -245,6 +247,12 @@ impl EventLog for Prefix {
 
     fn tree_floor(&self) -> u8 {
         self.log.tree_floor()
+    }
+
+    async fn extent(&self) -> Result<Option<Extent>, LogError> {
+        // As stored now: verification judges the edges against the size read with them, so
+        // what was appended after this prefix is not mistaken for rows outside the log.
+        self.log.extent().await
     }
 
     async fn scan_nodes(

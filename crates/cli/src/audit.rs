@@ -60,15 +60,51 @@ pub async fn verify(home: &Path, url: Option<&str>, a: VerifyArgs) -> Result<u8>
         Some(p) => read_verifier(p)?,
         None => h.verifier()?,
     };
-    let log = h.log(url, Mode::ReadOnly).await?;
+    // Damage that stops the store from being read at all is a verdict too (exit 5), not a
+    // failure to run: the log is invalid.
+    let corrupt = |e: &anyhow::Error| {
+        e.chain()
+            .find_map(|c| match c.downcast_ref::<ice_log::LogError>() {
+                Some(ice_log::LogError::Corrupt { what }) => Some(what.clone()),
+                _ => None,
+            })
+    };
+    let invalid = |what: String, json: bool| {
+        if json {
+            println!(
+                "{}",
+                json!({"failure": {"log_seq": null, "event_id": null, "problem": format!("the store is damaged: {what}")}})
+            );
+        } else {
+            println!("INVALID: the store is damaged: {what}");
+        }
+        Ok(EXIT_INVALID)
+    };
+    let log = match h.log(url, Mode::ReadOnly).await {
+        Ok(log) => log,
+        Err(e) => match corrupt(&e) {
+            Some(what) => return invalid(what, a.json),
+            None => return Err(e),
+        },
+    };
     let tty = std::io::stderr().is_terminal() && !a.json;
     let started = std::time::Instant::now();
-    let report = ice_log::verify::verify_with(log.as_ref(), Some(&verifier), a.deep, |n| {
+    let report = match ice_log::verify::verify_with(log.as_ref(), Some(&verifier), a.deep, |n| {
         if tty {
             eprint!("\rverifying… {n} events");
         }
     })
-    .await?;
+    .await
+    {
+        Ok(r) => r,
+        Err(ice_log::LogError::Corrupt { what }) => {
+            if tty {
+                eprint!("\r\x1b[K");
+            }
+            return invalid(what, a.json);
+        }
+        Err(e) => return Err(e.into()),
+    };
     if tty {
         eprint!("\r\x1b[K");
     }

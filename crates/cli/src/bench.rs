@@ -879,6 +879,9 @@ impl EventLog for MemoryLog {
     fn tree_floor(&self) -> u8 {
         0
     }
+    async fn extent(&self) -> Result<Option<ice_log::Extent>, ice_log::LogError> {
+        Ok(None)
+    }
     async fn scan_nodes(
         &self,
         _: u64,

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, anyhow};
 use clap::Args;
 use ice_kernel::{Digest, EventId, RunId};
 use ice_log::merkle::NodeId;
-use ice_log::{AppendReceipt, EventLog, LogError, StoredCheckpoint, StoredEvent};
+use ice_log::{AppendReceipt, EventLog, Extent, LogError, StoredCheckpoint, StoredEvent};
 use ice_mcp::Gateway;
 use ice_runtime::{Quiet, RunSpec, Runtime};
 
@@ -421,6 +421,9 @@ impl EventLog for TimedLog {
     }
     fn tree_floor(&self) -> u8 {
         self.inner.tree_floor()
+    }
+    async fn extent(&self) -> Result<Option<Extent>, LogError> {
+        self.inner.extent().await
     }
 
     async fn scan_nodes(

@@ -118,7 +118,7 @@ pub enum ChainError {
         got: Digest,
     },
     /// `hash` is not the hash of the event's canonical encoding.
-    #[error("hash is {stored} but the canonical encoding hashes to {computed}")]
+    #[error("hash is {stored} but the stored event hashes to {computed}")]
     HashMismatch {
         /// The event's `hash`.
         stored: Digest,

@@ -90,6 +90,23 @@ pub struct AppendReceipt {
     pub tree_size: u64,
 }
 
+/// The edges of what a backend stores, read at one moment: what verification checks so that
+/// no stored row lies outside the log it verified (rows there are read by nothing that
+/// verifies, yet a backend's other readers may see them, or a later append trip over them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// The log's size at that moment.
+    pub size: u64,
+    /// The lowest and the highest position of any stored event row (`None`: no rows).
+    /// Signed, as stored: a row outside `0..size` is not part of the log.
+    pub events: Option<(i64, i64)>,
+    /// The lowest and the highest last leaf of any stored tree node (`None`: none).
+    pub nodes: Option<(i64, i64)>,
+    /// The hash the log's head records as its last event's (what the next append links to),
+    /// where the backend keeps one.
+    pub last: Option<Digest>,
+}
+
 /// A checkpoint note as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredCheckpoint {
@@ -233,6 +250,10 @@ pub trait EventLog: Send + Sync {
         from_leaf: u64,
         leaves: u64,
     ) -> Result<Vec<(NodeId, Option<Digest>)>, LogError>;
+    /// The edges of what is stored, read at one moment (see [`Extent`]). `None` from a backend
+    /// whose positions, tree and head are all derived from its events, so nothing can be
+    /// stored outside them. A required method, so a wrapper cannot forget to pass it on.
+    async fn extent(&self) -> Result<Option<Extent>, LogError>;
     /// Store a signed checkpoint (its size must not exceed the log).
     async fn add_checkpoint(&self, checkpoint: StoredCheckpoint) -> Result<(), LogError>;
     /// Every stored checkpoint, by size.

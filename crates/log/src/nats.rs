@@ -113,7 +113,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::merkle::{Frontier, NodeId, leaf_hash};
 use crate::sqlite::MAX_READ_ROWS;
-use crate::{AppendReceipt, EventLog, LogError, StoredCheckpoint, StoredEvent};
+use crate::{AppendReceipt, EventLog, Extent, LogError, StoredCheckpoint, StoredEvent};
 
 /// The format this code writes and reads (the events stream's description names it).
 pub const FORMAT: &str = "ice-log-nats/1";
@@ -1937,6 +1937,11 @@ impl EventLog for NatsLog {
 
     fn tree_floor(&self) -> u8 {
         self.inner.tree_floor()
+    }
+
+    async fn extent(&self) -> Result<Option<Extent>, LogError> {
+        // Positions, the tree and the head are all derived from the stream's own order.
+        Ok(None)
     }
 
     async fn scan_nodes(

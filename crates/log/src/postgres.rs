@@ -68,7 +68,7 @@ use crate::sqlite::MAX_READ_ROWS;
 
 /// The format of a PostgreSQL log's schema (every tree node stored, as SQLite's first format).
 pub const FORMAT: &str = "ice-log/1";
-use crate::{AppendReceipt, EventLog, LogError, StoredCheckpoint, StoredEvent};
+use crate::{AppendReceipt, EventLog, Extent, LogError, StoredCheckpoint, StoredEvent};
 
 /// The schema used when none is given.
 pub const DEFAULT_SCHEMA: &str = "public";
@@ -160,6 +160,7 @@ struct Statements {
     claim: Statement,
     claim_get: Statement,
     release: Statement,
+    extent: Statement,
 }
 
 impl Statements {
@@ -243,6 +244,12 @@ impl Statements {
             ),
             format!("SELECT holder, until_unix_ms FROM {s}.claims WHERE run_id = $1"),
             format!("DELETE FROM {s}.claims WHERE run_id = $1 AND holder = $2"),
+            // One statement, one snapshot; each edge is an index lookup.
+            format!(
+                "SELECT (SELECT size FROM {s}.head WHERE id = 0), \
+                 (SELECT MIN(log_seq) FROM {s}.events), (SELECT MAX(log_seq) FROM {s}.events), \
+                 (SELECT MIN(leaf_end) FROM {s}.tree), (SELECT MAX(leaf_end) FROM {s}.tree)"
+            ),
         ];
         // Sent together: one round trip, not twenty.
         let mut st = try_join_all(sql.iter().map(|q| client.prepare(q)))
@@ -271,6 +278,7 @@ impl Statements {
             claim: next(),
             claim_get: next(),
             release: next(),
+            extent: next(),
         })
     }
 }
@@ -1767,6 +1775,40 @@ impl EventLog for PgLog {
                 ),
             }),
         }
+    }
+
+    async fn extent(&self) -> Result<Option<Extent>, LogError> {
+        let row = self
+            .inner
+            .with_shared("reading the log's edges", |c| {
+                Box::pin(async move { c.client.query_one(&c.st.extent, &[]).await })
+            })
+            .await?;
+        let int = |i: usize| -> Result<Option<i64>, LogError> {
+            row.try_get(i).map_err(|e| LogError::Corrupt {
+                what: format!("the log's edges do not read: {e}"),
+            })
+        };
+        let size = match int(0)? {
+            Some(n) if n >= 0 => n as u64,
+            Some(n) => {
+                return Err(LogError::Corrupt {
+                    what: format!("the head row says size {n}"),
+                });
+            }
+            None => {
+                return Err(LogError::Corrupt {
+                    what: "the head row (the log's size) is missing".into(),
+                });
+            }
+        };
+        Ok(Some(Extent {
+            size,
+            events: int(1)?.zip(int(2)?),
+            nodes: int(3)?.zip(int(4)?),
+            // The head keeps no last hash here: each append reads the last event itself.
+            last: None,
+        }))
     }
 
     async fn checkpoints(&self) -> Result<Vec<StoredCheckpoint>, LogError> {

@@ -37,7 +37,7 @@ use tokio::sync::oneshot;
 
 use crate::merkle::{Frontier, NodeId, leaf_hash};
 use crate::{
-    AppendReceipt, EventLog, EventPage, LogError, StoredCheckpoint, StoredEvent, StoredRef,
+    AppendReceipt, EventLog, EventPage, Extent, LogError, StoredCheckpoint, StoredEvent, StoredRef,
 };
 
 /// The format this code writes (and reads).
@@ -1193,6 +1193,66 @@ impl EventLog for SqliteLog {
             let mut out = Vec::new();
             nodes_into(c, from_leaf, leaves, &mut |n| out.push(n))?;
             Ok(out)
+        })
+        .await
+    }
+
+    async fn extent(&self) -> Result<Option<Extent>, LogError> {
+        let layout = self.layout;
+        self.read(move |c| {
+            // One statement: one snapshot of all of it. Each edge is an index lookup.
+            let head = if layout.linked {
+                "(SELECT size FROM head WHERE one = 0), (SELECT last FROM head WHERE one = 0)"
+            } else {
+                "(SELECT COALESCE(MAX(log_seq) + 1, 0) FROM events), NULL"
+            };
+            let sql = format!(
+                "SELECT {head}, (SELECT MIN(log_seq) FROM events), (SELECT MAX(log_seq) FROM events), \
+                 (SELECT MIN(leaf_end) FROM tree), (SELECT MAX(leaf_end) FROM tree)"
+            );
+            let row = c
+                .query_row(&sql, [], |r| {
+                    let int = |i: usize| r.get::<_, Option<i64>>(i);
+                    Ok((
+                        int(0)?,
+                        r.get::<_, Option<Vec<u8>>>(1)?,
+                        int(2)?,
+                        int(3)?,
+                        int(4)?,
+                        int(5)?,
+                    ))
+                })
+                .map_err(|e| LogError::Corrupt {
+                    what: format!("the log's edges (head, lowest and highest event and tree rows) do not read: {e}"),
+                })?;
+            let (size, last, ev_lo, ev_hi, node_lo, node_hi) = row;
+            let size = match size {
+                Some(n) if n >= 0 => n as u64,
+                Some(n) => {
+                    return Err(LogError::Corrupt {
+                        what: format!("the head record says size {n}"),
+                    });
+                }
+                None => {
+                    return Err(LogError::Corrupt {
+                        what: "the head record (the log's size) is missing".into(),
+                    });
+                }
+            };
+            let last = match last {
+                None => None,
+                Some(b) => Some(Digest(<[u8; 32]>::try_from(b.as_slice()).map_err(|_| {
+                    LogError::Corrupt {
+                        what: format!("the head record's last hash is {} bytes, not 32", b.len()),
+                    }
+                })?)),
+            };
+            Ok(Some(Extent {
+                size,
+                events: ev_lo.zip(ev_hi),
+                nodes: node_lo.zip(node_hi),
+                last,
+            }))
         })
         .await
     }

@@ -393,7 +393,10 @@ impl Verifier {
         log: &dyn EventLog,
         row: StoredRef<'_>,
     ) -> Result<Option<String>, LogError> {
-        let event = row.event()?;
+        let event = match row.event() {
+            Ok(e) => e,
+            Err(e) => return Ok(Some(format!("the event does not read: {e}"))),
+        };
         let refs = match blob_refs(&event.payload) {
             Ok(r) => r,
             Err(e) => return Ok(Some(e)),
@@ -477,19 +480,86 @@ impl Verifier {
                 return Ok(());
             }
         }
+        if let Some(problem) = self.check_extent(log).await? {
+            self.fail(None, None, problem);
+            return Ok(());
+        }
         if let Some((k, h)) = self.current.take() {
             self.heads.insert(k, h);
         }
         self.report.runs = self.heads.len() as u64;
         self.report.root = self.frontier.root().to_hex();
-        let signed = self.report.latest_checkpoint.unwrap_or(0);
-        if next > signed {
-            self.report.warnings.push(format!(
+        match self.report.latest_checkpoint {
+            Some(signed) if next > signed => self.report.warnings.push(format!(
                 "{} event(s) after the latest checkpoint (size {signed}) are not yet covered by a signature; run `ice checkpoint`",
                 next - signed
-            ));
+            )),
+            None if next > 0 => self.report.warnings.push(format!(
+                "no signed checkpoint: none of the {next} event(s) is covered by a signature yet; run `ice checkpoint`"
+            )),
+            _ => {}
         }
         Ok(())
+    }
+}
+
+impl Verifier {
+    /// Nothing may be stored outside the log just verified: no event row before position 0 or
+    /// past the head (the backend's other readers would see events no verification covers), no
+    /// tree node past the last event (the append that completes that node would fail on it),
+    /// and the head must name the last event as the one the next append links to. The edges
+    /// are judged against the size read with them: what was appended meanwhile is no problem.
+    async fn check_extent(&self, log: &dyn EventLog) -> Result<Option<String>, LogError> {
+        let Some(x) = log.extent().await? else {
+            return Ok(None);
+        };
+        let next = self.next;
+        if x.size < next {
+            return Ok(Some(format!(
+                "the log's head says it holds {} events, but {next} were verified: the head was moved back",
+                x.size
+            )));
+        }
+        if let Some((lo, hi)) = x.events {
+            if lo < 0 {
+                return Ok(Some(format!(
+                    "event rows are stored at negative positions (the lowest at log_seq {lo}): they are no part of the log, yet readers of runs would see them; they were inserted"
+                )));
+            }
+            if hi >= x.size as i64 {
+                return Ok(Some(format!(
+                    "an event row is stored at log_seq {hi}, past the log's head ({} events): the head was moved back over it, or it was inserted",
+                    x.size
+                )));
+            }
+        }
+        if let Some((lo, hi)) = x.nodes {
+            if lo < 0 {
+                return Ok(Some(format!(
+                    "the stored tree has a node at leaf {lo}, before the first event: it was inserted"
+                )));
+            }
+            if hi >= x.size as i64 {
+                return Ok(Some(format!(
+                    "the stored tree has a node ending at leaf {hi}, past the log's last event (log_seq {}): it was inserted, and the append that reaches it would fail on it",
+                    x.size as i64 - 1
+                )));
+            }
+        }
+        if let Some(last) = x.last
+            && x.size == next
+            && last != self.last
+        {
+            return Ok(Some(format!(
+                "the log's head names {} as its last event's hash, but the last event{} hashes to {}: the next append would link to an event that is not there",
+                last.to_hex(),
+                next.checked_sub(1)
+                    .map(|s| format!(" (log_seq {s})"))
+                    .unwrap_or_default(),
+                self.last.to_hex()
+            )));
+        }
+        Ok(None)
     }
 }
 

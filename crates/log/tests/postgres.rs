@@ -746,6 +746,36 @@ async fn checkpoints_are_stored_once_and_prove_events_offline() {
     let r = verify(log.as_ref(), Some(&v), |_| {}).await.unwrap();
     assert!(r.ok(), "{:?}", r.failure);
     assert_eq!((r.checkpoints_verified, r.latest_checkpoint), (2, Some(47)));
+
+    // Rows outside the log, added by someone with access to the database, are caught: a tree
+    // node past the last event, an event at a negative position (which readers of runs see).
+    let raw = pg.raw().await;
+    let q = pg.q();
+    raw.batch_execute(&format!(
+        "INSERT INTO {q}.tree(leaf_end, level, hash) VALUES (1023, 9, '\\x00'::bytea)"
+    ))
+    .await
+    .unwrap();
+    let r = verify(log.as_ref(), Some(&v), |_| {}).await.unwrap();
+    let f = r
+        .failure
+        .expect("a tree node past the last event is caught");
+    assert!(f.problem.contains("node ending at leaf 1023"), "{f:?}");
+    raw.batch_execute(&format!(
+        "ALTER TABLE {q}.events DROP CONSTRAINT events_log_seq_check; \
+         INSERT INTO {q}.events SELECT -7, 'ghost', 0, type, hash, body FROM {q}.events WHERE log_seq = 0"
+    ))
+    .await
+    .unwrap();
+    let r = verify(log.as_ref(), Some(&v), |_| {}).await.unwrap();
+    let f = r
+        .failure
+        .expect("an event row at a negative position is caught");
+    assert!(
+        f.problem
+            .contains("negative positions (the lowest at log_seq -7)"),
+        "{f:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

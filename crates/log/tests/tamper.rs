@@ -476,3 +476,56 @@ async fn two_runs_events_swapped_are_caught_without_a_checkpoint() {
     });
     assert_eq!(f.log_seq, Some(8), "{f:?}");
 }
+
+/// Rows stored outside the log a verification covers: an event row at a negative position
+/// (the backend's readers of runs would see it), a tree node past the last event (the append
+/// that completes that node would fail on it) or before the first, and a head whose last hash
+/// is not the last event's (the next append would link to it). Each is caught at both depths.
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_outside_the_log_and_a_wrong_head_are_caught() {
+    let built = build(&Plan {
+        runs: vec![(vec![0, 1, 2, 3], true), (vec![4, 5], false)],
+        picks: vec![1, 2, 3, 4, 5, 6, 7, 8],
+        checkpoint: true,
+        floor: 1,
+    })
+    .await;
+    let cases: [(&str, &str, &str); 5] = [
+        (
+            "ghost.db",
+            "INSERT INTO events(log_seq, run_id, run_seq, type, hash, log_prev, body)
+             SELECT -1000, 'ghost', 0, type, hash, log_prev, body FROM events WHERE log_seq = 0",
+            "negative positions (the lowest at log_seq -1000)",
+        ),
+        (
+            "future-node.db",
+            "INSERT INTO tree(leaf_end, level, hash) VALUES (511, 8, zeroblob(32))",
+            "node ending at leaf 511, past the log's last event",
+        ),
+        (
+            "early-node.db",
+            "INSERT INTO tree(leaf_end, level, hash) VALUES (-3, 1, zeroblob(32))",
+            "node at leaf -3, before the first event",
+        ),
+        (
+            "head-last.db",
+            "UPDATE head SET last = zeroblob(32)",
+            "the next append would link to an event that is not there",
+        ),
+        (
+            "hidden.db",
+            "INSERT INTO events(log_seq, run_id, run_seq, type, hash, log_prev, body)
+             SELECT 100000, 'hidden', 0, type, hash, log_prev, body FROM events WHERE log_seq = 0",
+            "is stored at log_seq 100000",
+        ),
+    ];
+    for (name, sql, want) in cases {
+        let found = damaged(&built, name, |c| c.execute_batch(sql).unwrap()).await;
+        let default = found
+            .default
+            .unwrap_or_else(|| panic!("{name}: `verify` accepted it: deep said {:?}", found.deep));
+        for f in [default, found.deep] {
+            assert!(f.problem.contains(want), "{name}: {f:?}");
+        }
+    }
+}

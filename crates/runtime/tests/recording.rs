@@ -16,7 +16,7 @@ use ice_kernel::{
 use ice_log::clock::SystemClock;
 use ice_log::ledger::Ledger;
 use ice_log::sqlite::SqliteLog;
-use ice_log::{AppendReceipt, EventLog, LogError, NodeId, StoredCheckpoint, StoredEvent};
+use ice_log::{AppendReceipt, EventLog, Extent, LogError, NodeId, StoredCheckpoint, StoredEvent};
 use ice_runtime::{Installation, Quiet, RunOutcome, RuntimeError, Session};
 use serde_json::json;
 
@@ -120,6 +120,13 @@ impl EventLog for Tap {
     }
     fn tree_floor(&self) -> u8 {
         self.inner.tree_floor()
+    }
+    fn extent<'a, 't>(&'a self) -> Fut<'t, Option<Extent>>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.extent()
     }
     fn scan_nodes<'a, 't>(
         &'a self,
