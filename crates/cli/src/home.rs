@@ -216,7 +216,20 @@ impl Home {
         let p = self.dir.join("keys/checkpoint.key");
         let s = std::fs::read_to_string(&p)
             .with_context(|| format!("reading the signing key {}", p.display()))?;
-        NoteSigner::parse(&s).map_err(|e| anyhow!("{}: {e}", p.display()))
+        let signer = NoteSigner::parse(&s).map_err(|e| anyhow!("{}: {e}", p.display()))?;
+        // A checkpoint is kept forever: one signed by a key whose public half auditors do not
+        // have would make the log fail verification for good. Sign only with the home's pair.
+        let public = self.dir.join("keys/checkpoint.pub");
+        let theirs = self.verifier()?.to_string();
+        let ours = signer.verifier().to_string();
+        if ours != theirs {
+            bail!(
+                "{} is not the signing half of {} (it verifies as {ours}, the home's public key is {theirs}): a checkpoint it signed would not verify, so nothing was signed; put back the key that matches",
+                p.display(),
+                public.display()
+            );
+        }
+        Ok(signer)
     }
 
     pub fn verifier(&self) -> Result<NoteVerifier> {

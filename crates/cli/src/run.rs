@@ -357,6 +357,9 @@ pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
     let spec = RunSpec::load(&a.spec).map_err(|e| anyhow!("{e}"))?;
     let mut agent = crate::agents::load_agent(&spec)?;
     let (h, rt) = runtime(home, url).await?;
+    // The run ends with a signed checkpoint: a key that cannot sign one is found now, before
+    // the run acts, not after.
+    h.signer()?;
     let progress = Progress {
         on: a.verbose || std::io::stderr().is_terminal(),
     };
@@ -404,6 +407,7 @@ pub async fn reconfigure(home: &Path, url: Option<&str>, a: ReconfigureArgs) -> 
         anyhow!("{}:{at} {}", a.record.display(), e.message())
     })?;
     let (h, rt) = runtime(home, url).await?;
+    h.signer()?;
     let progress = Progress {
         on: a.verbose || std::io::stderr().is_terminal(),
     };

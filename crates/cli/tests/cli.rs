@@ -212,7 +212,7 @@ fn the_audit_loop_verify_checkpoint_prove_verify_proof() {
     let o = ice(&home, &["verify"]);
     assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
     assert!(
-        stdout(&o).contains("not yet covered by a signature"),
+        stdout(&o).contains("no signed checkpoint: none of the"),
         "{}",
         stdout(&o)
     );
@@ -695,5 +695,56 @@ fn a_metrics_readers_token_is_its_own_role_listed_and_revoked_by_name() {
     assert!(
         err.contains("--metrics: metrics reader name \"bad name\""),
         "{err}"
+    );
+}
+
+/// A checkpoint is kept forever: one signed by a key whose public half is not the home's would
+/// make the log fail verification for good. A mismatched pair signs nothing and says why.
+#[test]
+fn a_signing_key_that_is_not_the_homes_pair_signs_nothing() {
+    let (d, home) = seeded();
+    let other = d.path().join("other");
+    assert_eq!(code(&ice(&other, &["init", "--origin", "ice.test/cli"])), 0);
+    std::fs::copy(
+        other.join("keys/checkpoint.key"),
+        home.join("keys/checkpoint.key"),
+    )
+    .unwrap();
+    let o = ice(&home, &["checkpoint"]);
+    assert_eq!(code(&o), 1, "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stderr(&o).contains("checkpoint.key is not the signing half of")
+            && stderr(&o).contains("nothing was signed"),
+        "{}",
+        stderr(&o)
+    );
+    // Nothing was stored: the log still verifies, with no checkpoint.
+    let o = ice(&home, &["verify"]);
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("0 checkpoint(s) verified"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+/// Damage that stops the store from being read is a verdict of `verify` (exit 5, naming what
+/// is damaged), not a failure to run.
+#[test]
+fn a_store_too_damaged_to_read_is_invalid_not_an_error() {
+    let (_d, home) = seeded();
+    let c = rusqlite::Connection::open(home.join("ice.db")).unwrap();
+    c.execute_batch(
+        "DROP TRIGGER head_no_delete; DELETE FROM head; PRAGMA wal_checkpoint(TRUNCATE);",
+    )
+    .unwrap();
+    drop(c);
+    let o = ice(&home, &["verify"]);
+    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o)
+            .contains("INVALID: the store is damaged: the head record (the log's size) is missing"),
+        "{}",
+        stdout(&o)
     );
 }
