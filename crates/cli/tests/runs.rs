@@ -402,6 +402,30 @@ fn bad_run_specs_and_plans_are_refused_with_file_and_line() {
         "{}",
         text(&o)
     );
+    // A run's id names its directory under the home and is typed into commands.
+    for (id, why) in [
+        ("..", "would name a directory above the run's own"),
+        (".", "would name a directory above the run's own"),
+        ("-1", "commands would read it as an option"),
+    ] {
+        std::fs::write(
+            qs.join("run.toml"),
+            format!("[run]\nid = \"{id}\"\nagent = \"coder\"\nworkspace = \"workspace\"\n[agent]\ndriver = \"plan\"\nplan = \"plan.toml\"\n"),
+        )
+        .unwrap();
+        let o = ice(&home, &["run", qs.join("run.toml").to_str().unwrap()]);
+        assert_eq!(code(&o), 1, "{id}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("run.toml:1:1") && err.contains(why),
+            "{id}: {}",
+            text(&o)
+        );
+        assert!(
+            !home.join("lock").exists(),
+            "{id}: nothing is created in the home"
+        );
+    }
     // Nothing was recorded.
     let o = ice(&home, &["runs", "--json"]);
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");

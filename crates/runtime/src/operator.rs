@@ -251,6 +251,17 @@ impl Runtime {
                 ),
             }));
         }
+        if spec.workspace.starts_with(&home) {
+            return Err(RuntimeError::Spec(crate::SpecError {
+                file: spec.file.display().to_string(),
+                at: None,
+                problem: format!(
+                    "[run] workspace {} is inside this ICE installation ({}), beside its keys, policies and log, which an agent must not reach; use a workspace outside the home",
+                    spec.workspace.display(),
+                    home.display()
+                ),
+            }));
+        }
         let (policy, policy_dir) = self.load_policy(&spec)?;
         let mut assumptions = Vec::new();
         for a in &spec.assumptions {

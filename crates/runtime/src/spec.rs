@@ -533,10 +533,26 @@ impl RunSpec {
         let run_at = raw.run.span().start;
         let run = raw.run.into_inner();
         let id = match &run.id {
-            Some(id) => Some(
-                RunId::new(id.clone())
-                    .map_err(|e| err(Some(run_at), format!("[run] id {id:?}: {e}")))?,
-            ),
+            Some(id) => {
+                let run_id = RunId::new(id.clone())
+                    .map_err(|e| err(Some(run_at), format!("[run] id {id:?}: {e}")))?;
+                // The id names the run's directory and is typed into commands.
+                if id.chars().all(|c| c == '.') {
+                    return Err(err(
+                        Some(run_at),
+                        format!("[run] id {id:?} would name a directory above the run's own"),
+                    ));
+                }
+                if id.starts_with('-') {
+                    return Err(err(
+                        Some(run_at),
+                        format!(
+                            "[run] id {id:?} starts with '-': commands would read it as an option"
+                        ),
+                    ));
+                }
+                Some(run_id)
+            }
             None => None,
         };
         if format!("agent:{}", run.agent)

@@ -534,6 +534,26 @@ async fn a_workspace_holding_the_installation_is_refused() {
         "{err}"
     );
     assert!(h.events("wide").await.is_empty());
+
+    // Nor may a workspace lie inside the installation (its keys, policies, log or runs).
+    let keys = h.base.join("home/keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    std::fs::write(keys.join("checkpoint.key"), "PRIVATE").unwrap();
+    std::fs::write(
+        &spec_file,
+        "[run]\nid = \"inside\"\nagent = \"coder\"\nworkspace = \"home/keys\"\npolicy = \"policies\"\n[agent]\ndriver = \"plan\"\nplan = \"wide-plan.toml\"\n",
+    )
+    .unwrap();
+    let spec = ice_runtime::RunSpec::load(&spec_file).unwrap();
+    let err =
+        h.rt.start(spec, &mut agent, &ice_runtime::Quiet)
+            .await
+            .unwrap_err();
+    assert!(
+        err.to_string().contains("is inside this ICE installation"),
+        "{err}"
+    );
+    assert!(h.events("inside").await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
