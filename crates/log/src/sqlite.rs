@@ -475,6 +475,26 @@ impl WriterState {
     }
 }
 
+/// Whether the blob `digest` is stored (`false`: it is not); an error if what is stored under
+/// that name is not the bytes it names (the store was altered: nothing may be appended that
+/// refers to it).
+fn stored_blob_intact(conn: &Connection, digest: &Digest) -> Result<bool, LogError> {
+    let bytes: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT bytes FROM blobs WHERE digest = ?1")
+        .and_then(|mut s| s.query_row([&digest.0[..]], |r| r.get(0)).optional())
+        .map_err(storage("looking up a blob"))?;
+    match bytes {
+        None => Ok(false),
+        Some(b) if Digest::of(&b) == *digest => Ok(true),
+        Some(b) => Err(LogError::Corrupt {
+            what: format!(
+                "blob {digest} is stored with {} bytes that do not hash to its name: the store was altered; nothing was appended (run `ice verify`)",
+                b.len()
+            ),
+        }),
+    }
+}
+
 /// A perfect subtree's hash: read where it is stored (at or above the floor), computed from
 /// the hashes of the events it covers below it. `None` if it is not stored, or an event it
 /// covers is missing.
@@ -773,8 +793,14 @@ fn append_batch(
                     b.digest
                 )));
             }
-            ins.execute(params![&b.digest.0[..], &b.bytes])
+            let added = ins
+                .execute(params![&b.digest.0[..], &b.bytes])
                 .map_err(storage("storing a blob"))?;
+            // Already stored: under that name must be these very bytes, or the event would
+            // name bytes the store does not hold (and the real ones would be lost).
+            if added == 0 {
+                stored_blob_intact(conn, &b.digest)?;
+            }
             have.insert(b.digest);
         }
     }
@@ -797,16 +823,7 @@ fn append_batch(
         let e = se.event();
         for r in blob_refs(&e.payload).map_err(LogError::Invalid)? {
             if !have.contains(&r.digest) {
-                let stored: bool = conn
-                    .query_row(
-                        "SELECT 1 FROM blobs WHERE digest = ?1",
-                        [&r.digest.0[..]],
-                        |_| Ok(true),
-                    )
-                    .optional()
-                    .map_err(storage("looking up a blob"))?
-                    .unwrap_or(false);
-                if !stored {
+                if !stored_blob_intact(conn, &r.digest)? {
                     return Err(LogError::Invalid(format!(
                         "event {} references blob {} that is not stored",
                         e.id(),

@@ -161,3 +161,42 @@ async fn a_missing_or_resized_blob_fails_verification_naming_its_event() {
     assert_eq!(f.event_id.as_deref(), Some("blobs:5"), "{f:?}");
     assert!(f.problem.contains("missing"), "{f:?}");
 }
+
+/// Bytes planted under a blob's name before any event needs it (a plain insert, which the
+/// append-only triggers allow) must not stand in for the real ones: an append that carries or
+/// references that blob fails, names it, and writes nothing, so the real bytes are not lost
+/// and no honest event is made to point at garbage.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blob_planted_under_a_future_name_is_refused_not_used() {
+    let fx = Fixture::new();
+    let run = run_id("victim");
+    fx.ledger.append(&run, opening()).await.unwrap();
+    let big = encoded_len(BLOB_FIELD_THRESHOLD_BYTES + 100);
+    let digest = Digest::of(&serde_json::to_vec(&big).unwrap());
+    let c = rusqlite::Connection::open(&fx.path).unwrap();
+    c.execute(
+        "INSERT INTO blobs(digest, bytes) VALUES (?1, ?2)",
+        params![&digest.0[..], b"garbage".to_vec()],
+    )
+    .unwrap();
+    drop(c);
+    let before = fx.log().size().await.unwrap();
+    let err = fx
+        .ledger
+        .append(&run, vec![tool_output(big)])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!(
+            "blob {digest} is stored with 7 bytes that do not hash to its name"
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        fx.log().size().await.unwrap(),
+        before,
+        "nothing was appended"
+    );
+    assert_verifies(fx.log()).await;
+}
