@@ -265,6 +265,16 @@ timeout = "10s"
         calls.try_recv().is_err(),
         "nothing is called before approval"
     );
+    // An operator edits the policy while the run waits: the run takes the new version on at
+    // its next decision (the locked write after the approved call), and the timeline says so.
+    std::fs::write(
+        &policy,
+        format!(
+            "{}\n// reviewed while the greeting run waited for its approval\n",
+            std::fs::read_to_string(&policy).unwrap()
+        ),
+    )
+    .unwrap();
     let ready = started.elapsed();
 
     // The browser.

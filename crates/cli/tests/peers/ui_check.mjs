@@ -139,6 +139,12 @@ try {
   const seqs = await timeline.locator('tr.ev').evaluateAll((rows) => rows.map((r) => Number(r.dataset.seq)));
   if (seqs.some((s, i) => s !== i)) fail(`the timeline should list every event once, in order: ${seqs.join(',')}`);
   step(`the run continued live to RunCommitted: ${after} events (${after - before} new), no reload`);
+  // The policy was edited while the run waited: the timeline shows the run taking it on.
+  const reload = timeline.locator('tr[data-type="PolicyReloaded"]');
+  if ((await reload.count()) !== 1) fail(`the timeline should show the one policy reload: ${await timeline.innerText()}`);
+  const reloadText = await reload.innerText();
+  if (!/policy now [0-9a-f]{12}… \(was [0-9a-f]{12}…\): 1 file\(s\)/.test(reloadText)) fail(`the policy reload should name the new and the previous version and the files: ${reloadText}`);
+  step(`the timeline shows the policy edit the run took on: ${reloadText.replace(/\s+/g, ' ').trim()}`);
 
   // ------------------------------------------------------------------ the causal graph of the effect
   await timeline.locator('tr[data-type="APIRequestExecuted"]').click();
