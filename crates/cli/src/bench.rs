@@ -140,7 +140,9 @@ pub async fn run(a: BenchArgs) -> Result<u8> {
         }
     };
     if matches!(a.what, What::All | What::Append) {
-        for c in [1usize, a.concurrency] {
+        let mut levels = vec![1usize, a.concurrency];
+        levels.dedup();
+        for c in levels {
             let mut ice = Vec::new();
             let mut raw = Vec::new();
             let mut batched = Vec::new();

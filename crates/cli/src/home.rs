@@ -325,14 +325,14 @@ pub async fn open_log_url(url: &str, mode: Mode, base: Option<&Path>) -> Result<
         let log =
             ice_log::postgres::PgLog::connect(&conn, Some(schema.as_deref().unwrap_or("ice")))
                 .await
-                .with_context(|| format!("opening the log {}", redact(url)))?;
+                .map_err(|e| opening_failed(url, e.into()))?;
         return Ok(Arc::new(log));
     }
     if url.starts_with("nats://") {
         let (conn, prefix) = split_param(url, "prefix");
         let log = ice_log::nats::NatsLog::connect(&conn, prefix.as_deref().unwrap_or("ice"))
             .await
-            .with_context(|| format!("opening the log {}", redact(url)))?;
+            .map_err(|e| opening_failed(url, e.into()))?;
         return Ok(Arc::new(log));
     }
     bail!("log URL {url:?} is not of a known form; use sqlite:PATH, postgres://… or nats://…")
@@ -362,16 +362,44 @@ fn split_param(url: &str, name: &str) -> (String, Option<String>) {
     (conn, value)
 }
 
-/// A URL with any password replaced, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let userinfo = &url[s + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_string(),
+/// Opening a shared log failed: the error, with the URL's password kept out of every part of
+/// it (the client libraries' own messages repeat the URL they were given).
+fn opening_failed(url: &str, e: anyhow::Error) -> anyhow::Error {
+    let mut text = format!("{e:#}");
+    for secret in secrets(url) {
+        text = text.replace(&secret, "***");
+    }
+    anyhow!("opening the log {}: {text}", redact(url))
+}
+
+/// The passwords a log URL carries: in its user info (`user:PASSWORD@`) and as a `password=`
+/// query parameter.
+fn secrets(url: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if let (Some(s), Some(at)) = (url.find("://"), url.rfind('@'))
+        && at > s
+        && let Some((_, pw)) = url[s + 3..at].split_once(':')
+        && !pw.is_empty()
+    {
+        out.push(pw.to_string());
+    }
+    if let Some((_, query)) = url.split_once('?') {
+        for kv in query.split('&') {
+            if let Some(("password", pw)) = kv.split_once('=')
+                && !pw.is_empty()
+            {
+                out.push(pw.to_string());
             }
         }
-        _ => url.to_string(),
     }
+    out
+}
+
+/// A URL with any password replaced, for messages.
+fn redact(url: &str) -> String {
+    let mut text = url.to_string();
+    for secret in secrets(url) {
+        text = text.replace(&secret, "***");
+    }
+    text
 }

@@ -748,3 +748,24 @@ fn a_store_too_damaged_to_read_is_invalid_not_an_error() {
         stdout(&o)
     );
 }
+
+/// A log URL's password never reaches a message, not even inside the client library's own
+/// error (which repeats the URL it was given).
+#[test]
+fn a_log_urls_password_stays_out_of_error_messages() {
+    let (_d, home) = seeded();
+    for url in [
+        "nats://u:secretpw@127.0.0.1:1",
+        "postgres://u:secretpw@127.0.0.1:1/test",
+        "postgres://u@127.0.0.1:1/test?password=secretpw",
+    ] {
+        let o = ice(&home, &["--log", url, "runs"]);
+        assert_eq!(code(&o), 1, "{url}: {}{}", stdout(&o), stderr(&o));
+        let all = format!("{}{}", stdout(&o), stderr(&o));
+        assert!(!all.contains("secretpw"), "{url}: {all}");
+        assert!(
+            all.contains("opening the log") && all.contains("***"),
+            "{url}: {all}"
+        );
+    }
+}

@@ -248,6 +248,33 @@ async fn append_and_read(_: &dyn Backend, log: Arc<dyn EventLog>, _: &str) -> Re
     let existing = log.existing(&ids).await.map_err(|e| fail(case, e))?;
     let want: HashSet<EventId> = [ids[0].clone(), ids[2].clone()].into_iter().collect();
     check!(case, existing == want, "existing {existing:?}");
+    // Positions past the largest a store can hold are past the end, on every backend.
+    for from in [1u64 << 63, u64::MAX] {
+        let past = log.scan(from, 10).await.map_err(|e| fail(case, e))?;
+        check!(
+            case,
+            past.is_empty(),
+            "scan from {from} gave {} events",
+            past.len()
+        );
+        let past = log
+            .read_run(&a, from, 10)
+            .await
+            .map_err(|e| fail(case, e))?;
+        check!(
+            case,
+            past.is_empty(),
+            "run a from {from} gave {} events",
+            past.len()
+        );
+        let past = log.runs(from, 10).await.map_err(|e| fail(case, e))?;
+        check!(case, past.is_empty(), "runs from {from}: {past:?}");
+        let past = log
+            .get(&EventId::new(a.clone(), from))
+            .await
+            .map_err(|e| fail(case, e))?;
+        check!(case, past.is_none(), "get a:{from} gave {past:?}");
+    }
     Ok(())
 }
 

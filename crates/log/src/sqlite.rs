@@ -822,14 +822,12 @@ fn append_batch(
     for se in batch.events() {
         let e = se.event();
         for r in blob_refs(&e.payload).map_err(LogError::Invalid)? {
-            if !have.contains(&r.digest) {
-                if !stored_blob_intact(conn, &r.digest)? {
-                    return Err(LogError::Invalid(format!(
-                        "event {} references blob {} that is not stored",
-                        e.id(),
-                        r.digest
-                    )));
-                }
+            if !have.contains(&r.digest) && !stored_blob_intact(conn, &r.digest)? {
+                return Err(LogError::Invalid(format!(
+                    "event {} references blob {} that is not stored",
+                    e.id(),
+                    r.digest
+                )));
             }
         }
         let log_seq = state.frontier.size();
@@ -993,7 +991,7 @@ fn nodes_into(
         )
         .map_err(storage("scanning the tree"))?;
     let mut rows = s
-        .query(params![from_leaf as i64, end as i64])
+        .query(params![pos(from_leaf), end as i64])
         .map_err(storage("scanning the tree"))?;
     while let Some(r) = rows.next().map_err(storage("scanning the tree"))? {
         let leaf_end = r.get::<_, i64>(0).map_err(storage("scanning the tree"))? as u64;
@@ -1027,6 +1025,12 @@ fn clamp(limit: usize) -> i64 {
     limit.min(MAX_READ_ROWS) as i64
 }
 
+/// A position or offset as SQLite stores it: past the largest it can store is past the end
+/// (a plain cast would wrap to a negative number and read from the start).
+fn pos(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
 /// Each event row from `from_log_seq` on, at most `limit`, in log order, handed to `each`
 /// (what `scan` and `scan_page` read, into their different containers).
 fn scan_rows(
@@ -1043,7 +1047,7 @@ fn scan_rows(
         ))
         .map_err(storage("scanning the log"))?;
     let mut rows = s
-        .query(params![from_log_seq as i64, clamp(limit)])
+        .query(params![pos(from_log_seq), clamp(limit)])
         .map_err(storage("scanning the log"))?;
     while let Some(r) = rows.next().map_err(storage("scanning the log"))? {
         each(r).map_err(storage("scanning the log"))?;
@@ -1071,7 +1075,7 @@ impl EventLog for SqliteLog {
                     "SELECT {cols} FROM events WHERE run_id = ?1 AND run_seq >= ?2 ORDER BY run_seq LIMIT ?3"
                 ))
                 .map_err(storage("reading a run"))?;
-            let rows = s.query_map(params![run, from_seq as i64, clamp(limit)], row_event).map_err(storage("reading a run"))?;
+            let rows = s.query_map(params![run, pos(from_seq), clamp(limit)], row_event).map_err(storage("reading a run"))?;
             rows.collect::<Result<Vec<_>, _>>().map_err(storage("reading a run"))
         })
         .await
@@ -1114,7 +1118,7 @@ impl EventLog for SqliteLog {
     }
 
     async fn get(&self, id: &EventId) -> Result<Option<StoredEvent>, LogError> {
-        let (run, seq) = (id.run_id.as_str().to_string(), id.run_seq as i64);
+        let (run, seq) = (id.run_id.as_str().to_string(), pos(id.run_seq));
         let cols = self.layout.cols();
         self.read(move |c| {
             c.prepare_cached(&format!(
@@ -1137,7 +1141,7 @@ impl EventLog for SqliteLog {
                 .prepare_cached("SELECT run_id FROM events WHERE run_seq = 0 ORDER BY log_seq LIMIT ?1 OFFSET ?2")
                 .map_err(storage("listing runs"))?;
             let rows = s
-                .query_map(params![clamp(limit), offset as i64], |r| r.get::<_, String>(0))
+                .query_map(params![clamp(limit), pos(offset)], |r| r.get::<_, String>(0))
                 .map_err(storage("listing runs"))?;
             let mut out = Vec::new();
             for r in rows {
