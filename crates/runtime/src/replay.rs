@@ -30,7 +30,7 @@ use std::collections::{HashMap, HashSet};
 
 use ice_authority::payload::DenialCode;
 use ice_authority::{DecisionKind, EffectClass, PolicySet, PolicySource, Request};
-use ice_kernel::blob::{blob_refs, inline};
+use ice_kernel::blob::{BLOB_KEY, blob_refs};
 use ice_kernel::{
     Agent, AgentView, CapabilityProposal, Cost, Digest, Event, EventId, EventType, MountedMemory,
     Origin, Outcome, Proposal, RunHead, RunId, RunState, ToolOffer,
@@ -132,6 +132,7 @@ impl Runtime {
         let mut books = Books::new(run.clone());
         let mut snapshot: Option<Value> = None;
         let mut recorded: Option<Value> = None;
+        let mut unreadable = false;
         let mut inferences = 0u64;
         let mut blobs = 0u64;
         // Reservation event → (the inference's usage, the inference event).
@@ -147,27 +148,25 @@ impl Runtime {
                 div.push(at(format!("the record does not replay: {err}")));
                 break;
             }
-            match blob_refs(&e.payload) {
-                Ok(refs) => {
-                    for r in refs {
-                        blobs += 1;
-                        match log.blob(&r.digest).await? {
-                            None => div.push(at(format!(
-                                "payload field {:?} names blob {} that is not stored",
-                                r.field,
-                                r.digest.to_hex()
-                            ))),
-                            Some(b) if Digest::of(&b) != r.digest => div.push(at(format!(
-                                "blob {} of payload field {:?} was altered",
-                                r.digest.to_hex(),
-                                r.field
-                            ))),
-                            Some(_) => {}
-                        }
-                    }
-                }
-                Err(err) => div.push(at(format!("blob references: {err}"))),
+            // Every comparison below reads the payload with its blobs put back (a large field,
+            // the recorded projection among them, is a reference in the event): a blob that is
+            // not stored or was altered is a divergence, and its field is read as unrecorded.
+            let resolved = resolve(log.as_ref(), &e.payload).await?;
+            blobs += resolved.refs;
+            for problem in &resolved.problems {
+                div.push(at(problem.clone()));
             }
+            let inlined;
+            let e = match resolved.payload {
+                Some(payload) => {
+                    inlined = Event {
+                        payload,
+                        ..e.clone()
+                    };
+                    &inlined
+                }
+                None => e,
+            };
             let t = EventType::from_name(&e.event_type);
             if t == Some(EventType::ResourcesReleased) && snapshot.is_none() {
                 snapshot = Some(books.projection());
@@ -221,12 +220,19 @@ impl Runtime {
                 }
                 Some(EventType::RunTerminated) => {
                     recorded = e.payload.get("projection").cloned();
+                    // A projection still a blob reference (its blob missing, altered or the
+                    // reference malformed) was recorded, but there is nothing to compare with:
+                    // the blob's divergence says why.
+                    unreadable = recorded
+                        .as_ref()
+                        .and_then(Value::as_object)
+                        .is_some_and(|m| m.contains_key(BLOB_KEY));
                 }
                 _ => {}
             }
         }
         let projection = snapshot.clone().unwrap_or_else(|| books.projection());
-        if let (Some(want), Some(got)) = (&recorded, &snapshot) {
+        if let (Some(want), Some(got), false) = (&recorded, &snapshot, unreadable) {
             compare(want, got, "", &mut div);
         }
         Ok(ReplayReport {
@@ -248,7 +254,8 @@ impl Runtime {
         &self,
         run: &RunId,
     ) -> Result<Vec<Map<String, Value>>, RuntimeError> {
-        let events = self.inlined(run).await?;
+        // A blob that cannot be put back is left a reference here: the replay reports it.
+        let (events, _) = self.inlined(run).await?;
         Ok(events
             .into_iter()
             .filter(|e| e.event_type == EventType::InferenceStep.name())
@@ -259,30 +266,35 @@ impl Runtime {
     /// The spec a run was provisioned with; `None` for a run no agent drove (a memory
     /// maintenance run).
     pub async fn recorded_spec(&self, run: &RunId) -> Result<Option<crate::RunSpec>, RuntimeError> {
-        Ok(self.books(run).await?.spec)
+        // Folded with its blobs put back: a large spec is a blob reference in `RunProvisioned`.
+        let (events, problems) = self.inlined(run).await?;
+        if let Some(p) = problems.first() {
+            return Err(RuntimeError::Invalid(p.what.clone()));
+        }
+        Ok(Books::fold(run.clone(), events.iter())?.spec)
     }
 
-    /// A run's events with every blob reference replaced by its content.
-    async fn inlined(&self, run: &RunId) -> Result<Vec<Event>, RuntimeError> {
+    /// A run's events with every blob reference replaced by its content, each blob checked
+    /// against its reference; and what could not be put back (a blob not stored, altered, or
+    /// not one JSON value), where the field keeps its reference.
+    async fn inlined(&self, run: &RunId) -> Result<(Vec<Event>, Vec<Divergence>), RuntimeError> {
         let log = self.ledger.log().clone();
         let mut events = crate::read_run(log.as_ref(), run).await?;
         if events.is_empty() {
             return Err(RuntimeError::NoRun(run.to_string()));
         }
-        let mut fetched: HashMap<Digest, Vec<u8>> = HashMap::new();
-        for e in &events {
-            for r in blob_refs(&e.payload).unwrap_or_default() {
-                if let std::collections::hash_map::Entry::Vacant(v) = fetched.entry(r.digest)
-                    && let Some(b) = log.blob(&r.digest).await?
-                {
-                    v.insert(b);
-                }
+        let mut problems = Vec::new();
+        for e in &mut events {
+            let resolved = resolve(log.as_ref(), &e.payload).await?;
+            problems.extend(resolved.problems.into_iter().map(|what| Divergence {
+                event: Some(e.id().to_string()),
+                what,
+            }));
+            if let Some(payload) = resolved.payload {
+                e.payload = payload;
             }
         }
-        for e in &mut events {
-            e.payload = inline(&e.payload, |d| fetched.get(d).cloned());
-        }
-        Ok(events)
+        Ok((events, problems))
     }
 
     /// Replay a run (as [`Self::replay`]) and re-drive its agent from the record. See the
@@ -300,8 +312,27 @@ impl Runtime {
             });
             return Ok(report);
         }
-        let events = self.inlined(run).await?;
-        let memories = self.mounted_memories(&events).await?;
+        let not_driven = |report: &mut ReplayReport, divergences: Vec<Divergence>| {
+            report.divergences.extend(divergences);
+            report.drive = Some(DriveReport {
+                unchecked: vec!["the agent was not re-driven: the record itself diverges".into()],
+                ..DriveReport::default()
+            });
+        };
+        // The replay checked every blob; one that changed since is reported the same way.
+        let (events, problems) = self.inlined(run).await?;
+        if !problems.is_empty() {
+            not_driven(&mut report, problems);
+            return Ok(report);
+        }
+        let memories = match self.mounted_memories(&events).await {
+            Ok(m) => m,
+            Err(RuntimeError::Invalid(what)) => {
+                not_driven(&mut report, vec![Divergence { event: None, what }]);
+                return Ok(report);
+            }
+            Err(e) => return Err(e),
+        };
         let mut d = Drive::new(self, run, &events, memories);
         d.walk(agent);
         report.divergences.extend(d.div);
@@ -320,7 +351,18 @@ impl Runtime {
         agent: &mut dyn Agent,
         memories: Vec<MountedMemory>,
     ) -> Result<Option<Outcome>, RuntimeError> {
-        let events = self.inlined(run).await?;
+        let (events, problems) = self.inlined(run).await?;
+        if let Some(p) = problems.first() {
+            return Err(RuntimeError::State {
+                run: run.to_string(),
+                state: RunState::Suspended,
+                what: format!(
+                    "the agent cannot be brought back to where the run stopped, so it is not resumed: at {}: {}",
+                    p.event.as_deref().unwrap_or("?"),
+                    p.what
+                ),
+            });
+        }
         let recorded = events
             .iter()
             .filter(|e| e.event_type == EventType::InferenceStep.name())
@@ -400,13 +442,13 @@ impl Runtime {
             .await?
             .ok_or_else(|| bad("its MemoryPromoted event is not in the log"))?;
         let mut e = stored.event()?;
-        let mut fetched = HashMap::new();
-        for r in blob_refs(&e.payload).unwrap_or_default() {
-            if let Some(b) = self.ledger.log().blob(&r.digest).await? {
-                fetched.insert(r.digest, b);
-            }
+        let resolved = resolve(self.ledger.log().as_ref(), &e.payload).await?;
+        if let Some(p) = resolved.problems.first() {
+            return Err(bad(&format!("its MemoryPromoted event {}: {p}", e.id())));
         }
-        e.payload = inline(&e.payload, |d| fetched.get(d).cloned());
+        if let Some(payload) = resolved.payload {
+            e.payload = payload;
+        }
         let content = e.payload.get("content").cloned().unwrap_or(Value::Null);
         let digest = item
             .get("digest")
@@ -432,6 +474,70 @@ impl Runtime {
                 .unwrap_or(1.0),
         })
     }
+}
+
+/// A payload with its blobs put back (see [`resolve`]).
+struct Resolved {
+    /// The payload with every field whose blob checks out put back; `None` when it has no
+    /// blob reference (the payload as stored is the whole of it).
+    payload: Option<Map<String, Value>>,
+    /// Blob references found.
+    refs: u64,
+    /// What could not be put back, and why, naming the field and the blob (that field keeps
+    /// its reference).
+    problems: Vec<String>,
+}
+
+/// Put back the payload fields the kernel moved to blobs (`{"$blob": digest, "size": n}`), from
+/// the log. A blob is put back only if it is stored, hashes to its reference's digest, has the
+/// size the reference records, and is one JSON value; otherwise the field keeps its reference
+/// and the problem is returned (never an error: the caller reports it as a divergence).
+async fn resolve(
+    log: &dyn ice_log::EventLog,
+    payload: &Map<String, Value>,
+) -> Result<Resolved, RuntimeError> {
+    let mut out = Resolved {
+        payload: None,
+        refs: 0,
+        problems: Vec::new(),
+    };
+    let refs = match blob_refs(payload) {
+        Ok(refs) => refs,
+        Err(err) => {
+            out.problems.push(format!("blob references: {err}"));
+            return Ok(out);
+        }
+    };
+    for r in refs {
+        out.refs += 1;
+        let hex = r.digest.to_hex();
+        let field = &r.field;
+        let value = match log.blob(&r.digest).await? {
+            None => Err(format!(
+                "payload field {field:?} names blob {hex} that is not stored"
+            )),
+            Some(b) if Digest::of(&b) != r.digest => {
+                Err(format!("blob {hex} of payload field {field:?} was altered"))
+            }
+            Some(b) if b.len() as u64 != r.size => Err(format!(
+                "blob {hex} of payload field {field:?} is {} bytes; its reference says {}",
+                b.len(),
+                r.size
+            )),
+            Some(b) => serde_json::from_slice::<Value>(&b).map_err(|err| {
+                format!("blob {hex} of payload field {field:?} is not one JSON value: {err}")
+            }),
+        };
+        match value {
+            Ok(v) => {
+                out.payload
+                    .get_or_insert_with(|| payload.clone())
+                    .insert(r.field, v);
+            }
+            Err(problem) => out.problems.push(problem),
+        }
+    }
+    Ok(out)
 }
 
 /// Compare a recorded projection with a rebuilt one, naming each field that differs.

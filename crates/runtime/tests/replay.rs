@@ -334,3 +334,315 @@ async fn a_reload_whose_recorded_files_do_not_explain_its_revocations_is_caught(
         r.divergences
     );
 }
+
+/// A plan whose run records a projection larger than the blob threshold: `reads` reads of a
+/// file whose path is about 2.5 KB long, each under a grant of its own (one use), so the
+/// projection lists `reads` grants naming that path.
+fn long_path_plan(h: &H, reads: u32) -> String {
+    let dir = (0..12)
+        .map(|i| format!("{i:02}{}", "d".repeat(198)))
+        .collect::<Vec<_>>()
+        .join("/");
+    std::fs::create_dir_all(h.ws.join(&dir)).unwrap();
+    let target = format!("{dir}/data.txt");
+    std::fs::write(h.ws.join(&target), "data\n").unwrap();
+    format!(
+        "[[step]]\nintent = \"read\"\ncapability = \"fs.read\"\ntarget = \"{target}\"\nrepeat = {reads}\n"
+    )
+}
+
+/// The blob reference `RunTerminated` keeps for its projection (the test checks the run did
+/// move it to a blob).
+async fn projection_blob(h: &H, run: &str) -> ice_kernel::Digest {
+    let events = h.events(run).await;
+    let done = of_type(&events, ice_kernel::EventType::RunTerminated)[0];
+    let refs = ice_kernel::blob::blob_refs(&done.payload).unwrap();
+    let r = refs
+        .iter()
+        .find(|r| r.field == "projection")
+        .unwrap_or_else(|| panic!("the projection is inline: {:?}", done.payload));
+    assert!(r.size > ice_kernel::limits::BLOB_FIELD_THRESHOLD_BYTES as u64);
+    r.digest
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_projection_moved_to_a_blob_replays_without_divergence() {
+    let h = H::new(POLICY);
+    let plan = long_path_plan(&h, 8);
+    let (spec, mut agent) = h.spec("big", "coder", "", &plan);
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.outcome, ice_runtime::RunOutcome::Committed);
+    projection_blob(&h, "big").await;
+    let run = RunId::new("big").unwrap();
+
+    let r = h.rt.replay(&run).await.unwrap();
+    assert!(r.divergences.is_empty(), "{:?}", r.divergences);
+    assert!(r.compared, "the run recorded its projection");
+    assert!(r.blobs >= 1);
+    assert_eq!(r.projection["grants"].as_array().unwrap().len(), 8);
+
+    let (_, mut again) = h.spec("big-replay", "coder", "", &plan);
+    let r = h.rt.replay_drive(&run, &mut again).await.unwrap();
+    assert!(r.divergences.is_empty(), "{:?}", r.divergences);
+    let d = r.drive.unwrap();
+    // Eight reads and the finish; a decision re-made for each read.
+    assert_eq!(d.proposals, 9, "{d:?}");
+    assert_eq!(d.decisions, 8, "{d:?}");
+    assert!(d.unchecked.is_empty(), "{:?}", d.unchecked);
+}
+
+/// How [`Tampered`] answers for one blob.
+#[derive(Clone, Copy)]
+enum Tamper {
+    Missing(ice_kernel::Digest),
+    Altered(ice_kernel::Digest),
+}
+
+/// A log that passes everything to SQLite but answers for one blob as if it had been lost or
+/// altered on disk (SQLite's triggers keep the test from doing it to the file).
+struct Tampered {
+    inner: ice_log::sqlite::SqliteLog,
+    tamper: std::sync::Mutex<Option<Tamper>>,
+}
+
+/// What an `EventLog` method returns.
+type Fut<'t, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, ice_log::LogError>> + Send + 't>>;
+
+// `EventLog` is an `async_trait`; its methods are written out here as the macro expands them
+// (a boxed future per call), so this test needs no dependency of its own.
+impl ice_log::EventLog for Tampered {
+    fn append<'a, 't>(&'a self, batch: ice_kernel::SealedBatch) -> Fut<'t, ice_log::AppendReceipt>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.append(batch)
+    }
+    fn read_run<'a, 'b, 't>(
+        &'a self,
+        run_id: &'b RunId,
+        from_seq: u64,
+        limit: usize,
+    ) -> Fut<'t, Vec<ice_log::StoredEvent>>
+    where
+        'a: 't,
+        'b: 't,
+        Self: 't,
+    {
+        self.inner.read_run(run_id, from_seq, limit)
+    }
+    fn scan<'a, 't>(&'a self, from_log_seq: u64, limit: usize) -> Fut<'t, Vec<ice_log::StoredEvent>>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.scan(from_log_seq, limit)
+    }
+    fn get<'a, 'b, 't>(
+        &'a self,
+        id: &'b ice_kernel::EventId,
+    ) -> Fut<'t, Option<ice_log::StoredEvent>>
+    where
+        'a: 't,
+        'b: 't,
+        Self: 't,
+    {
+        self.inner.get(id)
+    }
+    fn size<'a, 't>(&'a self) -> Fut<'t, u64>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.size()
+    }
+    fn runs<'a, 't>(&'a self, offset: u64, limit: usize) -> Fut<'t, Vec<RunId>>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.runs(offset, limit)
+    }
+    fn existing<'a, 'b, 't>(
+        &'a self,
+        ids: &'b [ice_kernel::EventId],
+    ) -> Fut<'t, std::collections::HashSet<ice_kernel::EventId>>
+    where
+        'a: 't,
+        'b: 't,
+        Self: 't,
+    {
+        self.inner.existing(ids)
+    }
+    fn blob<'a, 'b, 't>(&'a self, digest: &'b ice_kernel::Digest) -> Fut<'t, Option<Vec<u8>>>
+    where
+        'a: 't,
+        'b: 't,
+        Self: 't,
+    {
+        let tamper = *self.tamper.lock().unwrap();
+        Box::pin(async move {
+            let bytes = self.inner.blob(digest).await?;
+            Ok(match tamper {
+                Some(Tamper::Missing(d)) if d == *digest => None,
+                Some(Tamper::Altered(d)) if d == *digest => bytes.map(|b| {
+                    // Still one JSON value, of the same length: only the digest tells.
+                    String::from_utf8(b)
+                        .unwrap()
+                        .replacen("\"live\"", "\"gone\"", 1)
+                        .into_bytes()
+                }),
+                _ => bytes,
+            })
+        })
+    }
+    fn nodes<'a, 'b, 't>(&'a self, ids: &'b [ice_log::NodeId]) -> Fut<'t, Vec<ice_kernel::Digest>>
+    where
+        'a: 't,
+        'b: 't,
+        Self: 't,
+    {
+        self.inner.nodes(ids)
+    }
+    fn tree_floor(&self) -> u8 {
+        self.inner.tree_floor()
+    }
+    fn extent<'a, 't>(&'a self) -> Fut<'t, Option<ice_log::Extent>>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.extent()
+    }
+    fn scan_nodes<'a, 't>(
+        &'a self,
+        from_leaf: u64,
+        leaves: u64,
+    ) -> Fut<'t, Vec<(ice_log::NodeId, Option<ice_kernel::Digest>)>>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.scan_nodes(from_leaf, leaves)
+    }
+    fn add_checkpoint<'a, 't>(&'a self, checkpoint: ice_log::StoredCheckpoint) -> Fut<'t, ()>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.add_checkpoint(checkpoint)
+    }
+    fn checkpoints<'a, 't>(&'a self) -> Fut<'t, Vec<ice_log::StoredCheckpoint>>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.checkpoints()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_altered_projection_blob_is_a_divergence_that_names_it() {
+    let h = H::new(POLICY);
+    let home = h.base.join("home");
+    let log = std::sync::Arc::new(Tampered {
+        inner: ice_log::sqlite::SqliteLog::create(&home.join("tampered.db")).unwrap(),
+        tamper: std::sync::Mutex::new(None),
+    });
+    let clock = std::sync::Arc::new(ice_log::clock::SystemClock);
+    let rt = ice_runtime::Runtime::new(
+        std::sync::Arc::new(ice_log::ledger::Ledger::new(log.clone(), clock.clone())),
+        clock,
+        ice_runtime::Installation {
+            runs_dir: home.join("runs"),
+            policy_dir: h.policies.clone(),
+        },
+    )
+    .unwrap();
+    let plan = long_path_plan(&h, 8);
+    let (spec, mut agent) = h.spec("lost", "coder", "", &plan);
+    let report = rt
+        .start(spec, &mut agent, &ice_runtime::Quiet)
+        .await
+        .unwrap();
+    assert_eq!(report.outcome, ice_runtime::RunOutcome::Committed);
+    let run = RunId::new("lost").unwrap();
+    let events = ice_runtime::read_run(rt.ledger().log().as_ref(), &run)
+        .await
+        .unwrap();
+    let done = of_type(&events, ice_kernel::EventType::RunTerminated)[0];
+    let digest = ice_kernel::blob::blob_refs(&done.payload)
+        .unwrap()
+        .into_iter()
+        .find(|r| r.field == "projection")
+        .expect("the projection is moved to a blob")
+        .digest;
+    let r = rt.replay(&run).await.unwrap();
+    assert!(r.divergences.is_empty(), "{:?}", r.divergences);
+
+    for (tamper, what) in [
+        (Tamper::Missing(digest), "that is not stored"),
+        (Tamper::Altered(digest), "was altered"),
+    ] {
+        *log.tamper.lock().unwrap() = Some(tamper);
+        let r = rt.replay(&run).await.unwrap();
+        // One divergence, at the event, naming the blob: not a field-by-field comparison of
+        // the reference with the rebuilt projection.
+        assert_eq!(r.divergences.len(), 1, "{:?}", r.divergences);
+        let d = &r.divergences[0];
+        assert!(d.what.contains(&digest.to_hex()), "{d:?}");
+        assert!(d.what.contains("projection"), "{d:?}");
+        assert!(d.what.contains(what), "{d:?}");
+        assert_eq!(d.event.as_deref(), Some(done.id().to_string().as_str()));
+        // Re-driving the agent reports it the same way, without driving it.
+        let (_, mut again) = h.spec("lost-replay", "coder", "", &plan);
+        let r = rt.replay_drive(&run, &mut again).await.unwrap();
+        assert_eq!(r.divergences.len(), 1, "{:?}", r.divergences);
+        assert!(r.divergences[0].what.contains(&digest.to_hex()));
+        assert_eq!(r.drive.unwrap().proposals, 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_spec_moved_to_a_blob_is_read_back_for_the_replay_and_the_re_drive() {
+    let h = H::new(POLICY);
+    let check = "[[check]]\nname = \"long\"\nrun = [\"test\", \"-n\", \"x\"]\n";
+    let plan = "[[step]]\nintent = \"read\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\n";
+    let (spec, mut agent) = h.spec("spec", "coder", check, plan);
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.outcome, ice_runtime::RunOutcome::Committed);
+    // The same record with the check's argument over the blob threshold: `RunProvisioned`
+    // keeps its spec as a blob reference. (Recorded through the ledger: the executor itself
+    // does not yet start a run whose spec is that large.)
+    let long = "x".repeat(ice_kernel::limits::BLOB_FIELD_THRESHOLD_BYTES + 1);
+    forge(&h, "spec", "spec-long", |t, p| {
+        if t == "RunProvisioned" {
+            let run = &mut p["spec"]["checks"][0]["run"];
+            assert_eq!(run[2], "x", "{run}");
+            run[2] = serde_json::json!(long);
+        }
+    })
+    .await;
+    let events = h.events("spec-long").await;
+    let provisioned = of_type(&events, ice_kernel::EventType::RunProvisioned)[0];
+    assert!(
+        ice_kernel::blob::blob_refs(&provisioned.payload)
+            .unwrap()
+            .iter()
+            .any(|r| r.field == "spec"),
+        "the spec is inline"
+    );
+    let run = RunId::new("spec-long").unwrap();
+
+    let r = h.rt.replay(&run).await.unwrap();
+    assert!(r.divergences.is_empty(), "{:?}", r.divergences);
+    assert!(r.compared);
+    // What `ice replay --drive` builds the driver from.
+    let spec = h.rt.recorded_spec(&run).await.unwrap().expect("a spec");
+    assert_eq!(spec.checks[0].run[2], long);
+    let (_, mut again) = h.spec("spec-replay", "coder", "", plan);
+    let r = h.rt.replay_drive(&run, &mut again).await.unwrap();
+    assert!(r.divergences.is_empty(), "{:?}", r.divergences);
+    assert_eq!(r.drive.unwrap().decisions, 1);
+}
