@@ -501,13 +501,24 @@ fn a_client_that_supports_elicitation_answers_approvals_itself() {
     let ev = events(&f, "elicit-1");
     let granted = of_type(&ev, "ApprovalGranted");
     assert_eq!(granted.len(), 1);
-    assert!(
-        granted[0]["origin"]
-            .as_str()
-            .unwrap()
-            .starts_with("operator:mcp-client."),
+    // Recorded as the stdio client's user, not under the name the client gave itself.
+    assert_eq!(
+        granted[0]["origin"], "operator:user-of-stdio-client",
         "{:#}",
         granted[0]
+    );
+    assert!(
+        r["elicited"][0]
+            .as_str()
+            .unwrap()
+            .contains("operator:user-of-stdio-client"),
+        "{r:#}"
+    );
+    // Over stdio the spec's unset `[approvals] elicitation` means on, and the run records so.
+    assert_eq!(
+        ev[0]["payload"]["spec"]["approval_elicitation"], true,
+        "{:#}",
+        ev[0]
     );
     assert_eq!(of_type(&ev, "ToolInvoked").len(), 1);
 
@@ -548,6 +559,161 @@ fn a_client_that_supports_elicitation_answers_approvals_itself() {
         r["steps"][0]["result"]["structuredContent"]["ice"]["denied"], "approval_timeout",
         "{r:#}"
     );
+}
+
+/// Agent `claude` may look at the server's environment, each time with an operator's approval.
+const CLAUDE_ENV: &str = r#"
+@id("claude-env-needs-approval")
+@approval("required")
+permit(principal == Agent::"claude", action == Action::"mcp.call", resource == Tool::"everything/get-env");
+"#;
+
+/// Start the Python agent over HTTP at `url` with `token`, answering elicitations with
+/// `elicit` and naming itself `client_name` in `clientInfo`.
+fn spawn_agent_http(
+    url: &str,
+    token: &str,
+    elicit: &str,
+    client_name: &str,
+    script: Value,
+) -> std::process::Child {
+    let mut c = Command::new(python());
+    c.arg(agent_script())
+        .args(["--mode", "legacy", "--url", url, "--elicit", elicit])
+        .arg(format!("--token={token}"))
+        .arg(format!("--client-name={client_name}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("python runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.to_string().as_bytes())
+        .unwrap();
+    child
+}
+
+/// Wait for a pending approval of any run.
+fn any_pending_approval(f: &Fixture) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let o = ice(&f.home, &["approvals", "--json"]);
+        if o.status.success() {
+            let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+            if let Some(first) = v.as_array().and_then(|a| a.first()) {
+                return first.clone();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no approval appeared: {}",
+            text(&o)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// The events of the one run `f`'s installation holds.
+fn only_run_events(f: &Fixture) -> Vec<Value> {
+    let all = runs(f);
+    assert_eq!(all.len(), 1, "{all:#?}");
+    events(f, all[0]["run_id"].as_str().unwrap())
+}
+
+#[test]
+fn over_http_an_agent_cannot_approve_its_own_calls_by_elicitation() {
+    // The spec does not mention elicitation: over HTTP that means off.
+    let f = fixture_with("self-approve", "3s", "", CLAUDE_ENV);
+    let claude = token(&f, "agent", "claude");
+    let (_server, url) = serve(&f);
+    // The agent's client supports elicitation, would approve anything, and calls itself alice.
+    let child = spawn_agent_http(
+        &url,
+        &claude,
+        "approve",
+        "alice",
+        json!([
+            {"op": "call", "name": "everything__get-env", "args": {}},
+            {"op": "call", "name": "everything__get-env", "args": {}},
+        ]),
+    );
+    // The first call waits for an operator, who approves it.
+    let pending = any_pending_approval(&f);
+    assert_eq!(pending["capability"], "mcp.call", "{pending:#}");
+    let id = pending["id"].as_str().unwrap().to_string();
+    let o = ice(&f.home, &["approve", &id, "--operator", "bob"]);
+    assert!(o.status.success(), "approved by the operator: {}", text(&o));
+    // Nobody answers the second: denied at the timeout, the agent's eagerness notwithstanding.
+    let (r, o) = finish_agent(child);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        r["elicited"].as_array().unwrap().len(),
+        0,
+        "the agent's own client is never asked: {r:#}"
+    );
+    let first = &r["steps"][0]["result"];
+    assert_ne!(first["isError"], true, "{r:#}");
+    assert!(first_text(first).contains("PATH"), "{r:#}");
+    assert_eq!(
+        r["steps"][1]["result"]["structuredContent"]["ice"]["denied"], "approval_timeout",
+        "{r:#}"
+    );
+    let ev = only_run_events(&f);
+    assert_eq!(ev[0]["payload"]["spec"]["approval_elicitation"], false);
+    assert_eq!(ev[0]["payload"]["agent"], "claude", "{:#}", ev[0]);
+    let granted = of_type(&ev, "ApprovalGranted");
+    assert_eq!(granted.len(), 1, "{granted:#?}");
+    assert_eq!(granted[0]["origin"], "operator:bob");
+    assert_eq!(of_type(&ev, "ApprovalRequested").len(), 2);
+    assert_eq!(of_type(&ev, "ToolInvoked").len(), 1);
+    for e in &ev {
+        assert!(
+            !e["origin"].as_str().unwrap_or("").contains("alice"),
+            "a name the client chose is no one's origin: {e:#}"
+        );
+    }
+}
+
+#[test]
+fn over_http_elicitation_is_opt_in_and_records_the_authenticated_agent() {
+    let f = fixture_with("opt-in", "10s", "", CLAUDE_ENV);
+    let spec = std::fs::read_to_string(&f.spec)
+        .unwrap()
+        .replace("timeout = \"10s\"", "timeout = \"10s\"\nelicitation = true");
+    std::fs::write(&f.spec, spec).unwrap();
+    let claude = token(&f, "agent", "claude");
+    let (_server, url) = serve(&f);
+    let child = spawn_agent_http(
+        &url,
+        &claude,
+        "approve",
+        "alice",
+        json!([{"op": "call", "name": "everything__get-env", "args": {}}]),
+    );
+    let (r, o) = finish_agent(child);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(r["elicited"].as_array().unwrap().len(), 1, "{r:#}");
+    let asked = r["elicited"][0].as_str().unwrap();
+    assert!(asked.contains("everything/get-env"), "{asked}");
+    assert!(asked.contains("operator:user-of-agent.claude"), "{asked}");
+    assert_ne!(r["steps"][0]["result"]["isError"], true, "{r:#}");
+    let ev = only_run_events(&f);
+    assert_eq!(ev[0]["payload"]["spec"]["approval_elicitation"], true);
+    // What the client said of itself is kept as client-reported, beside the proven agent.
+    let client = &ev[0]["payload"]["client"];
+    assert_eq!(client["name"], "alice", "{client:#}");
+    assert_eq!(client["authenticated_agent"], "claude", "{client:#}");
+    // The approver is the agent the token proved, not the client's name.
+    let granted = of_type(&ev, "ApprovalGranted");
+    assert_eq!(granted.len(), 1, "{granted:#?}");
+    assert_eq!(
+        granted[0]["origin"], "operator:user-of-agent.claude",
+        "{:#}",
+        granted[0]
+    );
+    assert_eq!(of_type(&ev, "ToolInvoked").len(), 1);
 }
 
 /// `ice serve` on a free port; returns the process and the MCP URL.

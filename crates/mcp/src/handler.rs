@@ -101,9 +101,18 @@ impl Gateway {
         }))
     }
 
-    /// A handler for one new MCP session.
+    /// A handler for one new MCP session over a transport whose client may be the agent itself
+    /// (as over HTTP): approvals are elicited from the client only when the run spec opts in
+    /// (`[approvals] elicitation = true`).
     pub fn handler(self: &Arc<Self>) -> IceMcp {
-        let slot = Arc::new(Slot::default());
+        self.handler_on(Transport::Http)
+    }
+
+    /// A handler for one new MCP session over `transport`.
+    fn handler_on(self: &Arc<Self>, transport: Transport) -> IceMcp {
+        let mut slot = Slot::default();
+        slot.transport = transport;
+        let slot = Arc::new(slot);
         if let Ok(mut slots) = self.slots.lock() {
             slots.retain(|s| s.strong_count() > 0);
             slots.push(Arc::downgrade(&slot));
@@ -151,7 +160,7 @@ impl Gateway {
     /// session, validate and commit its run (or abort it if the session failed) and report.
     /// Returns `None` when the client left before its session made a run.
     pub async fn serve_stdio(self: &Arc<Self>) -> Result<Option<RunReport>, GatewayError> {
-        let handler = self.handler();
+        let handler = self.handler_on(Transport::Stdio);
         let slot = handler.slot.clone();
         let outcome = match handler.serve(rmcp::transport::stdio()).await {
             Ok(running) => running
@@ -266,6 +275,15 @@ impl Gateway {
             Some(AgentIdentity(name)) => name.clone(),
             None => self.spec.agent.clone(),
         };
+        // Whether the session's client answers approvals: as the spec says, else by transport
+        // (a stdio client is the user's app; over HTTP the client is the agent). The run's
+        // recorded spec says which.
+        let elicit = self
+            .spec
+            .approval_elicitation
+            .unwrap_or(slot.transport == Transport::Stdio);
+        spec.approval_elicitation = Some(elicit);
+        let answerer = elicitation_answerer(slot.transport, bound.as_ref());
         // The record says whether the agent's identity was proven by a token.
         let mut client = slot.client.lock().ok().and_then(|c| c.clone());
         if let Some(Value::Object(c)) = &mut client {
@@ -288,23 +306,29 @@ impl Gateway {
                 ErrorData::internal_error(format!("ICE could not open a run: {e}"), None)
             })?;
         let session = Arc::new(session);
-        let (tx, rx) = mpsc::unbounded_channel();
-        // With `[approvals] elicitation = false` only operators answer: nothing is routed.
-        if self.spec.approval_elicitation {
+        // Without elicitation only operators answer: nothing is routed to the client.
+        if elicit {
+            let (tx, rx) = mpsc::unbounded_channel();
             self.router.register(session.run().clone(), tx);
+            if let Ok(mut r) = slot.registered.lock() {
+                *r = Some((self.router, session.run().clone()));
+            }
+            tokio::spawn(elicit_approvals(self.rt, rx, slot.peer.clone(), answerer));
         }
-        if let Ok(mut r) = slot.registered.lock() {
-            *r = Some((self.router, session.run().clone()));
-        }
-        tokio::spawn(elicit_approvals(
-            self.rt,
-            rx,
-            slot.peer.clone(),
-            slot.operator_name.clone(),
-        ));
         *guard = Some(session.clone());
         Ok(session)
     }
+}
+
+/// How a session reaches ICE, which decides whether its client is asked to answer approvals
+/// when the run spec does not say, and who such an answer is recorded as.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Transport {
+    /// `ice mcp`: the client launched ICE as a process of its user (a person's app).
+    Stdio,
+    /// `ice serve`: the client holds an agent's token (or none, on loopback); it is the agent.
+    #[default]
+    Http,
 }
 
 /// One MCP session's run, opened on first use.
@@ -312,10 +336,10 @@ impl Gateway {
 struct Slot {
     session: Mutex<Option<Arc<Session<'static>>>>,
     ended: std::sync::atomic::AtomicBool,
+    /// How the session's client reaches ICE.
+    transport: Transport,
     /// The agent's peer, for elicitation (the latest request's).
     peer: Arc<StdMutex<Option<Peer<RoleServer>>>>,
-    /// Who answers approvals by elicitation: `operator:<this>`.
-    operator_name: Arc<StdMutex<String>>,
     /// What the client said of itself: name, version, protocol version and style.
     client: StdMutex<Option<Value>>,
     /// The approval router this session's run is registered with (removed when it ends).
@@ -454,10 +478,6 @@ impl IceMcp {
                 "protocol_version": context.protocol_version().map(|v| v.to_string()),
                 "lifecycle": "per-request metadata",
             }));
-        }
-        if let (Some(info), Ok(mut name)) = (context.client_info(), self.slot.operator_name.lock())
-        {
-            *name = operator_id(&info.name);
         }
         Ok(())
     }
@@ -886,23 +906,30 @@ fn denied(request: &EventId, reason: &str, detail: &str) -> CallToolResult {
     r
 }
 
-/// An operator id made of an MCP client's name (`operator:mcp-client.<name>`).
-fn operator_id(client: &str) -> String {
-    let clean: String = client
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
+/// Who an approval answered by MCP elicitation is recorded as (`operator:<this>`): made of what
+/// ICE itself established about the session (its transport and the agent its token proved),
+/// never of what the client says of itself (`clientInfo`, which it chooses freely and which
+/// stays in the run's `RunProvisioned.client` as client-reported).
+///
+/// - stdio (`ice mcp`): `user-of-stdio-client`, the user of the app that launched ICE;
+/// - HTTP with an agent's token: `user-of-agent.<agent>`, whoever holds that agent's token
+///   (over HTTP that is the agent itself, which is why elicitation there is opt-in);
+/// - HTTP without a token (loopback, no agent token yet): `user-of-anonymous-http-client`.
+fn elicitation_answerer(transport: Transport, agent: Option<&AgentIdentity>) -> String {
+    match (transport, agent) {
+        (Transport::Stdio, _) => "user-of-stdio-client".into(),
+        (Transport::Http, None) => "user-of-anonymous-http-client".into(),
+        (Transport::Http, Some(AgentIdentity(name))) => {
+            let id = format!("user-of-agent.{name}");
+            if ice_kernel::Origin::Operator(id.clone()).check().is_ok() {
+                id
             } else {
-                '-'
+                // A name the origin rules do not take whole (too long): its digest stands in.
+                let digest = ice_kernel::Digest::of(name.as_bytes()).to_hex();
+                format!("user-of-agent.sha256-{}", &digest[..32])
             }
-        })
-        .take(48)
-        .collect();
-    format!(
-        "mcp-client.{}",
-        if clean.is_empty() { "unnamed" } else { &clean }
-    )
+        }
+    }
 }
 
 /// Passes each run's `ApprovalRequested` events to the session that owns the run.
@@ -939,14 +966,15 @@ impl Observer for ApprovalRouter {
     }
 }
 
-/// For each approval the session's run asks for: when the agent's client supports elicitation,
-/// ask its user; record the answer as that operator's. Otherwise (or when the user declines to
-/// answer) the call keeps waiting for `ice approve` until the spec's timeout.
+/// For each approval the session's run asks for (only for sessions whose client may answer:
+/// see [`Gateway::handler`]): when the client supports elicitation, ask it; record the answer
+/// as `operator:<answerer>` (from [`elicitation_answerer`]). Otherwise (or when the client
+/// declines to answer) the call keeps waiting for an operator until the spec's timeout.
 async fn elicit_approvals(
     rt: &'static Runtime,
     mut rx: mpsc::UnboundedReceiver<Event>,
     peer: Arc<StdMutex<Option<Peer<RoleServer>>>>,
-    operator: Arc<StdMutex<String>>,
+    answerer: String,
 ) {
     while let Some(event) = rx.recv().await {
         let Some(peer) = peer.lock().ok().and_then(|p| p.clone()) else {
@@ -955,12 +983,12 @@ async fn elicit_approvals(
         if peer.supported_elicitation_modes().is_empty() {
             continue;
         }
-        let operator = operator.lock().map(|o| o.clone()).unwrap_or_default();
+        let operator = answerer.clone();
         tokio::spawn(async move {
             let id = event.id();
             let p = &event.payload;
             let what = format!(
-                "ICE: agent {} asks to call {} {} with arguments {} (approval {id}). Approve this one call?",
+                "ICE: agent {} asks to call {} {} with arguments {} (approval {id}). Approve this one call? (Your answer is recorded as operator:{operator}.)",
                 p.get("agent").and_then(Value::as_str).unwrap_or("?"),
                 p.get("capability").and_then(Value::as_str).unwrap_or("?"),
                 p.get("resource")
@@ -1012,4 +1040,36 @@ fn cut(s: &str, n: usize) -> String {
         end -= 1;
     }
     format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn elicited_answers_are_recorded_as_what_ice_authenticated() {
+        let valid = |id: &str| ice_kernel::Origin::Operator(id.into()).check().is_ok();
+        let claude = AgentIdentity("claude".into());
+        assert_eq!(
+            elicitation_answerer(Transport::Stdio, None),
+            "user-of-stdio-client"
+        );
+        assert_eq!(
+            elicitation_answerer(Transport::Http, Some(&claude)),
+            "user-of-agent.claude"
+        );
+        assert_eq!(
+            elicitation_answerer(Transport::Http, None),
+            "user-of-anonymous-http-client"
+        );
+        // An agent name too long to prefix whole still gives a valid, distinct operator id.
+        let long = AgentIdentity("a".repeat(128));
+        let longer = AgentIdentity(format!("{}b", "a".repeat(127)));
+        let (x, y) = (
+            elicitation_answerer(Transport::Http, Some(&long)),
+            elicitation_answerer(Transport::Http, Some(&longer)),
+        );
+        assert!(valid(&x) && valid(&y) && x != y, "{x} {y}");
+        assert!(x.starts_with("user-of-agent.sha256-"), "{x}");
+    }
 }

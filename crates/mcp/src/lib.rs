@@ -11,8 +11,13 @@
 //! - A denial comes back as a tool result with `isError: true` whose text says why (the agent
 //!   can read it and act on it), with the denial's details under `structuredContent.ice`.
 //! - A call that needs approval waits (bounded by the spec's `[approvals] timeout`) for an
-//!   operator (`ice approve`, or MCP elicitation to the agent's user when its client supports
-//!   it) and is recorded either way.
+//!   operator (`ice approve`, the HTTP API, the web UI) and is recorded either way. The
+//!   session's own client is also asked, by MCP elicitation when it supports it, if the run
+//!   spec's `[approvals] elicitation` says so; unset, that is on over stdio (`ice mcp`: the
+//!   client is its user's app) and off over HTTP (`ice serve`: the client holding an agent's
+//!   token is the agent, and would approve its own calls). An elicited answer is recorded as
+//!   `operator:user-of-stdio-client` or `operator:user-of-agent.<authenticated agent>`, never
+//!   under a name the client gives itself.
 //! - A session's run is opened at `initialize` (or at the first request of a client without
 //!   one), recording who the client is and the protocol it negotiated. When the session ends,
 //!   the run is validated and committed; a stdio session that fails, or an HTTP session left

@@ -23,8 +23,12 @@
 //!
 //! [approvals]
 //! timeout = "30s"              # a request waiting for an operator is denied after this
-//! elicitation = true           # MCP gateway: ask the agent's user (if its client supports
-//!                              # elicitation); false: only operators (`ice approve`) answer
+//! elicitation = false          # MCP gateway: whether the session's own MCP client may answer
+//!                              # approvals (MCP elicitation, if the client supports it).
+//!                              # Default: on for `ice mcp` (stdio: the client is the user's
+//!                              # app), off for `ice serve` (HTTP: the client holding an agent
+//!                              # token is the agent, and could approve its own calls); when
+//!                              # off only operators (`ice approve`, the API, the web UI) answer
 //!
 //! [[assume]]
 //! file = "config.toml"         # this file keeps its content (sha256 = "…" pins a digest;
@@ -218,9 +222,12 @@ pub struct RunSpec {
     pub grant_uses: u32,
     /// How long a request waits for an operator, in milliseconds.
     pub approval_timeout_ms: u64,
-    /// Whether the MCP gateway may ask the agent's user to answer approvals (MCP elicitation).
-    #[serde(default = "yes")]
-    pub approval_elicitation: bool,
+    /// Whether the MCP gateway may ask the session's MCP client to answer approvals (MCP
+    /// elicitation): `[approvals] elicitation`. `None` when the spec does not say: the gateway
+    /// then decides by transport (on over stdio, `ice mcp`; off over HTTP, `ice serve`, where
+    /// the client is the agent itself) and records its choice in the run's spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_elicitation: Option<bool>,
     /// Assumptions.
     pub assumptions: Vec<Assumption>,
     /// Validation checks.
@@ -342,10 +349,6 @@ struct RawGrants {
 struct RawApprovals {
     timeout: Option<String>,
     elicitation: Option<bool>,
-}
-
-fn yes() -> bool {
-    true
 }
 
 fn plan_driver() -> String {
@@ -712,7 +715,7 @@ impl RunSpec {
             }
         }
         let mut approval_timeout_ms = 60_000u64;
-        let mut approval_elicitation = true;
+        let mut approval_elicitation = None;
         if let Some(a) = raw.approvals {
             let at = a.span().start;
             let a = a.into_inner();
@@ -721,7 +724,7 @@ impl RunSpec {
                     .map_err(|e| err(Some(at), format!("[approvals] timeout: {e}")))?
                     .as_millis() as u64;
             }
-            approval_elicitation = a.elicitation.unwrap_or(true);
+            approval_elicitation = a.elicitation;
         }
         let mut assumptions = Vec::new();
         for a in raw.assume {

@@ -1,7 +1,8 @@
 """A real MCP client (PyPI `mcp` 2.3.0, not written here) driving ICE's gateway for the tests.
 
 usage: agent.py --stdio PROGRAM ARG... | --url URL [--token TOKEN]
-                [--mode legacy|2026-07-28|auto] [--elicit approve|deny|none]   < script.json
+                [--mode legacy|2026-07-28|auto] [--elicit approve|deny|none]
+                [--client-name NAME]   < script.json
 
 The script is a JSON list of steps: {"op": "list"} or
 {"op": "call", "name": N, "args": {...}, "intent": "..."} or {"op": "sleep", "s": 0.5}.
@@ -27,6 +28,7 @@ def parse():
     p.add_argument("--token", help="sent as Authorization: Bearer TOKEN (HTTP only)")
     p.add_argument("--mode", default="auto")
     p.add_argument("--elicit", default="none")
+    p.add_argument("--client-name", help="the name the client gives itself (clientInfo)")
     p.add_argument("--stdio", nargs=argparse.REMAINDER)
     return p.parse_args()
 
@@ -54,6 +56,8 @@ async def main():
     kwargs = {"mode": a.mode, "cache": None}
     if a.elicit != "none":
         kwargs["elicitation_callback"] = on_elicit
+    if a.client_name:
+        kwargs["client_info"] = types.Implementation(name=a.client_name, version="0")
     out = {"steps": []}
     async with Client(server, **kwargs) as client:
         out["protocol_version"] = client.protocol_version
