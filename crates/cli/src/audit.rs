@@ -270,7 +270,7 @@ pub fn verify_proof(home: &Path, a: VerifyProofArgs) -> Result<u8> {
             h.verifier()?
         }
     };
-    let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let bytes = crate::home::read_regular(&a.file, ice_log::proof::MAX_PROOF_BYTES as u64)?;
     let outcome = ProofFile::parse(&bytes).and_then(|p| p.verify(&verifier));
     match outcome {
         Ok(v) => {

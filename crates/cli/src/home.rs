@@ -306,6 +306,24 @@ fn write_private(path: &Path, content: &str) -> Result<()> {
     std::fs::write(path, content).with_context(|| format!("writing {}", path.display()))
 }
 
+/// The bytes of a file given on the command line: a regular file of at most `max` bytes (a
+/// device or a pipe has no size to check and may never end).
+pub fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{}: not a regular file", path.display());
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max + 1).read_to_end(&mut bytes))
+        .with_context(|| format!("reading {}", path.display()))?;
+    if bytes.len() as u64 > max {
+        bail!("{}: more than {max} bytes", path.display());
+    }
+    Ok(bytes)
+}
+
 /// Open a log by URL: `sqlite:PATH` (relative to `base`, the home, when given),
 /// `postgres://USER@HOST:PORT/DB[?schema=NAME]` (tables in schema NAME, default `ice`), or
 /// `nats://HOST:PORT[?prefix=NAME]` (streams and buckets named from NAME, default `ice`).

@@ -390,8 +390,8 @@ pub(crate) async fn seal(h: &Home, rt: &Runtime) -> Result<u64> {
 
 pub async fn reconfigure(home: &Path, url: Option<&str>, a: ReconfigureArgs) -> Result<u8> {
     let run = RunId::new(a.run.clone()).map_err(|e| anyhow!("run {:?}: {e}", a.run))?;
-    let text = std::fs::read_to_string(&a.record)
-        .with_context(|| format!("reading {}", a.record.display()))?;
+    let text = String::from_utf8(crate::home::read_regular(&a.record, 1 << 20)?)
+        .map_err(|_| anyhow!("{}: not UTF-8 text", a.record.display()))?;
     let record: ReconfigurationFile = toml::from_str(&text).map_err(|e| {
         let at = e
             .span()

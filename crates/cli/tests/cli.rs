@@ -769,3 +769,28 @@ fn a_log_urls_password_stays_out_of_error_messages() {
         );
     }
 }
+
+/// A device or a pipe given where a file is expected has no size to check and may never end:
+/// refused at once, naming it, instead of being read until memory runs out.
+#[test]
+fn a_device_given_for_a_file_is_refused_not_read_forever() {
+    let (_d, home) = seeded();
+    for args in [
+        vec!["run", "/dev/zero"],
+        vec!["verify-proof", "/dev/zero"],
+        vec!["reconfigure", "alpha", "--record", "/dev/zero"],
+    ] {
+        let started = std::time::Instant::now();
+        let o = ice(&home, &args);
+        assert_eq!(code(&o), 1, "{args:?}: {}{}", stdout(&o), stderr(&o));
+        assert!(
+            stderr(&o).contains("/dev/zero") && stderr(&o).contains("not a regular file"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "{args:?}"
+        );
+    }
+}

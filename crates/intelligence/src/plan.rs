@@ -293,6 +293,15 @@ impl Plan {
             problem: e.to_string(),
         };
         let meta = std::fs::metadata(path).map_err(io)?;
+        // A device or a pipe has no size to check and may never end.
+        if !meta.is_file() {
+            return Err(PlanError {
+                file,
+                line: None,
+                column: None,
+                problem: "not a regular file".into(),
+            });
+        }
         if meta.len() > MAX_PLAN_BYTES {
             return Err(PlanError {
                 file,

@@ -499,6 +499,14 @@ impl RunSpec {
             problem: e.to_string(),
         };
         let meta = std::fs::metadata(path).map_err(io)?;
+        // A device or a pipe has no size to check and may never end.
+        if !meta.is_file() {
+            return Err(SpecError {
+                file,
+                at: None,
+                problem: "not a regular file".into(),
+            });
+        }
         if meta.len() > MAX_SPEC_BYTES {
             return Err(SpecError {
                 file,
