@@ -57,6 +57,7 @@ pub mod diagnostic;
 pub mod grant;
 mod index;
 pub mod limits;
+mod nesting;
 pub mod payload;
 pub mod policy;
 pub mod request;

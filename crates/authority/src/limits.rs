@@ -9,6 +9,32 @@ pub const MAX_POLICY_FILE_BYTES: usize = 1024 * 1024;
 pub const MAX_POLICIES: usize = 10_000;
 /// Longest policy id given with `@id("...")`, in bytes.
 pub const MAX_POLICY_ID_LEN: usize = 128;
+/// Deepest nesting in a policy file of brackets (`(`, `[`, `{`) and `if`-expressions (open until
+/// the end of their `else` branch), counting the policy's own `(...)` and `when { ... }`;
+/// brackets inside strings and comments do not count.
+///
+/// Cedar turns its parse tree into a syntax tree recursively, about ten calls for each bracket
+/// (14 KiB of stack in a release build, 18 KiB in the test profile): 144 nested brackets (114
+/// in tests) overflow a 2 MiB stack, the size of a tokio worker's, where `ice serve` and the
+/// runtime load and decide policies; 583 (462) overflow the main thread's 8 MiB. 32 levels take
+/// at most about 600 KiB; real policies nest a handful of levels deep.
+pub const MAX_POLICY_NESTING: usize = 32;
+/// Deepest expression in a policy: an upper bound on the depth of the syntax tree Cedar builds,
+/// counting every operator, attribute access, method call, bracket and `if` along the path it is
+/// on (`&&` and `||` once per operand; the rules are in `src/nesting.rs`).
+///
+/// Cedar validates, evaluates and drops a policy's tree recursively. Its evaluator needs about
+/// 4.3 KiB of stack per level and gives up with "recursion limit reached" (a failed policy)
+/// when less than 100 KiB is left: at 458 levels on a 2 MiB stack (465 in a release build).
+/// Its validator (about 2.3 KiB per level) silently stops checking types at 843 levels, and
+/// dropping the tree overflows the stack outright at about 32,600 levels (130,900 on 8 MiB),
+/// which a chain of `+ 1` reaches in 130 KB. 128 levels still allow a `||` chain of about 120
+/// conditions. Policies at both limits load, validate and decide in 768 KiB of stack (test
+/// profile), well within a 2 MiB worker's.
+pub const MAX_POLICY_EXPRESSION_DEPTH: usize = 128;
+/// Deepest nesting in a schema file of brackets (`(`, `[`, `{`) and the `<` of `Set<...>`.
+/// Cedar parses a schema recursively too: 475 nested record types overflow a 2 MiB stack.
+pub const MAX_SCHEMA_NESTING: usize = 32;
 
 /// Longest workspace path, in bytes.
 pub const MAX_PATH_LEN: usize = 4096;

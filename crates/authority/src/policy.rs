@@ -50,6 +50,7 @@ use crate::constraint::{Constraints, MAX_BYTES_ANNOTATION, TIMEOUT_MS_ANNOTATION
 use crate::diagnostic::{Diagnostic, Location, Severity, from_cedar};
 use crate::index::PolicyIndex;
 use crate::limits::{MAX_POLICIES, MAX_POLICY_FILE_BYTES, MAX_POLICY_FILES, MAX_POLICY_ID_LEN};
+use crate::nesting;
 use crate::request::Request;
 use crate::schema::Schema;
 
@@ -519,6 +520,21 @@ fn parse_file(
                 text.len()
             ),
         ));
+        return;
+    }
+    // Cedar parses, evaluates and drops policies recursively: a text nested too deeply would
+    // overflow the stack (and abort ICE) before Cedar could say anything about it.
+    if let Err(deep) = nesting::check_policy_text(text) {
+        out.push(Diagnostic {
+            help: Some(deep.help),
+            ..diag(
+                Severity::Error,
+                file,
+                Some(Location::of_offset(text, deep.offset)),
+                None,
+                deep.message,
+            )
+        });
         return;
     }
     let set = match cedar::PolicySet::from_str(text) {

@@ -2,7 +2,8 @@
 
 use cedar_policy as cedar;
 
-use crate::diagnostic::{Diagnostic, Severity, from_cedar};
+use crate::diagnostic::{Diagnostic, Location, Severity, from_cedar};
+use crate::nesting;
 
 /// ICE's schema, `crates/authority/schema/ice.cedarschema`, built into the binary.
 pub const ICE_SCHEMA_TEXT: &str = include_str!("../schema/ice.cedarschema");
@@ -33,8 +34,23 @@ impl Schema {
         Schema::parse(ICE_SCHEMA_FILE, ICE_SCHEMA_TEXT)
     }
 
-    /// Parse a schema in Cedar's schema syntax; `file` names it in diagnostics.
+    /// Parse a schema in Cedar's schema syntax; `file` names it in diagnostics. A schema nested
+    /// deeper than [`MAX_SCHEMA_NESTING`](crate::limits::MAX_SCHEMA_NESTING) is refused before
+    /// Cedar parses it (recursively).
     pub fn parse(file: &str, text: &str) -> Result<Schema, SchemaError> {
+        if let Err(deep) = nesting::check_schema_text(text) {
+            return Err(SchemaError {
+                file: file.to_string(),
+                diagnostics: vec![Diagnostic {
+                    severity: Severity::Error,
+                    file: file.to_string(),
+                    location: Some(Location::of_offset(text, deep.offset)),
+                    policy: None,
+                    message: deep.message,
+                    help: Some(deep.help),
+                }],
+            });
+        }
         match cedar::Schema::from_cedarschema_str(text) {
             Ok((cedar, warnings)) => {
                 let warnings = warnings

@@ -383,3 +383,269 @@ fn a_limit_on_actions_that_cannot_exceed_it_is_a_warning() {
             .is_empty()
     );
 }
+
+/// The nesting error among these diagnostics, if any.
+fn too_deep(diagnostics: &[ice_authority::Diagnostic]) -> Option<&ice_authority::Diagnostic> {
+    diagnostics.iter().find(|d| {
+        d.severity == Severity::Error
+            && (d.message.contains("nest more than") || d.message.contains("levels deep"))
+    })
+}
+
+/// The location of the `n`-th (from 1) occurrence of `needle` in `text`.
+fn nth(text: &str, needle: &str, n: usize) -> Location {
+    nth_after(text, "", needle, n)
+}
+
+/// The location of the `n`-th (from 1) occurrence of `needle` after the first of `after`.
+fn nth_after(text: &str, after: &str, needle: &str, n: usize) -> Location {
+    let start = text.find(after).expect("occurs") + after.len();
+    let (offset, _) = text[start..]
+        .match_indices(needle)
+        .nth(n - 1)
+        .expect("occurs");
+    Location::of_offset(text, start + offset)
+}
+
+fn nested(open: &str, inner: &str, close: &str, n: usize) -> String {
+    format!("{}{inner}{}", open.repeat(n), close.repeat(n))
+}
+
+#[test]
+fn a_policy_nested_beyond_the_limit_is_refused_where_it_crosses_the_limit() {
+    use ice_authority::limits::MAX_POLICY_NESTING;
+    assert_eq!(MAX_POLICY_NESTING, 32);
+    // `when {` is the first level, so the 32nd `(` of the condition is the 33rd.
+    for (open, close) in [("(", ")"), ("[", "]"), ("{a: ", "}")] {
+        for n in [MAX_POLICY_NESTING, 160, 575, 5_000] {
+            let text = format!(
+                "// deep\npermit(principal, action, resource)\nwhen {{ {} }};\n",
+                nested(open, "true", close, n)
+            );
+            let errs = errors(&[source("deep.cedar", &text)]);
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            let e = too_deep(&errs).expect("refused for its nesting");
+            assert_eq!(e.file, "deep.cedar");
+            let at = nth_after(&text, "when {", open, MAX_POLICY_NESTING);
+            assert_eq!(at.line, 3);
+            assert_eq!(e.location, Some(at), "{e}");
+            let shown = e.to_string();
+            assert!(
+                shown.starts_with(&format!("deep.cedar:3:{}: error: ", at.column))
+                    && shown.contains("more than 32 deep"),
+                "{shown}"
+            );
+        }
+    }
+    // Loading the directory says the same, and nothing overflows.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = format!(
+        "permit(principal, action, resource) when {{ {} }};",
+        nested("(", "true", ")", 575)
+    );
+    std::fs::write(dir.path().join("deep.cedar"), &text).expect("write");
+    let schema = Schema::ice().expect("ICE schema parses");
+    let err = PolicySet::load_dir(dir.path(), &schema).expect_err("too deep");
+    let at = nth(&text, "(", MAX_POLICY_NESTING + 1);
+    assert!(
+        err.to_string()
+            .contains(&format!("deep.cedar:1:{}: error: ", at.column)),
+        "{err}"
+    );
+}
+
+#[test]
+fn if_expressions_count_as_nesting() {
+    // An `else if` chain nests without brackets.
+    let chain = |n: usize| {
+        format!(
+            "permit(principal, action, resource)\nwhen {{ {}true }};",
+            "if context.intent == \"x\" then false else ".repeat(n)
+        )
+    };
+    assert!(errors(&[source("ifs.cedar", &chain(31))]).is_empty());
+    for n in [32, 2_000] {
+        let text = chain(n);
+        let errs = errors(&[source("ifs.cedar", &text)]);
+        let e = too_deep(&errs).expect("refused for its nesting");
+        assert_eq!(e.location, Some(nth(&text, "if ", 32)), "{e}");
+        assert!(e.message.contains("if-expressions"), "{e}");
+    }
+}
+
+#[test]
+fn an_expression_deeper_than_the_limit_is_refused_where_it_crosses_the_limit() {
+    use ice_authority::limits::MAX_POLICY_EXPRESSION_DEPTH;
+    assert_eq!(MAX_POLICY_EXPRESSION_DEPTH, 128);
+    // A chain of `+` is as deep as it is long (Cedar's tree leans left); 32,575 of them (130 KB)
+    // overflowed a 2 MiB stack when the policy was dropped. Scope and `when` take 6 levels, the
+    // comparison 1.
+    let sum = |n: usize| {
+        format!(
+            "permit(principal, action, resource) when {{ 1{} > 0 }};",
+            " + 1".repeat(n)
+        )
+    };
+    assert!(errors(&[source("sum.cedar", &sum(121))]).is_empty());
+    for n in [122, 123, 40_000] {
+        let text = sum(n);
+        let errs = errors(&[source("sum.cedar", &text)]);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        let e = too_deep(&errs).expect("refused for its depth");
+        // The 123rd `+` makes 129 levels (with its right operand still to come); with 122, the
+        // `>` does.
+        let at = if n == 122 {
+            nth(&text, ">", 1)
+        } else {
+            nth(&text, "+", 123)
+        };
+        assert_eq!(e.location, Some(at), "{e}");
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with("sum.cedar:1:") && shown.contains("more than 128 levels deep"),
+            "{shown}"
+        );
+    }
+    // `||` chains count once per operand, not once per token.
+    let any_of = |n: usize| {
+        let names: Vec<String> = (0..n)
+            .map(|i| format!("context.intent == \"i{i}\""))
+            .collect();
+        format!(
+            "permit(principal, action, resource) when {{ {} }};",
+            names.join(" || ")
+        )
+    };
+    assert!(errors(&[source("or.cedar", &any_of(121))]).is_empty());
+    assert!(too_deep(&errors(&[source("or.cedar", &any_of(122))])).is_some());
+}
+
+#[test]
+fn brackets_in_strings_and_comments_do_not_count() {
+    let many = "([{".repeat(200);
+    let text = format!(
+        "// {many}\n@note(\"{many}\")\npermit(principal, action, resource)\n// {many}\nwhen {{ context.intent != \"\\\"{many}\\\\\" && context.intent like \"*{many}*\" }}; // {many}\r{}",
+        "forbid(principal, action, resource) when { context.intent == \"((\" };"
+    );
+    let schema = Schema::ice().expect("ICE schema parses");
+    let set = PolicySet::from_sources(&[source("s.cedar", &text)], &schema)
+        .unwrap_or_else(|e| panic!("loads: {e}"));
+    assert_eq!(set.len(), 2);
+    // An unterminated string hides the rest of the file: Cedar reports the string.
+    let errs = errors(&[source(
+        "u.cedar",
+        &format!("permit(principal, action, resource) when {{ \"{many} }};"),
+    )]);
+    assert!(!errs.is_empty() && too_deep(&errs).is_none(), "{errs:?}");
+}
+
+#[test]
+fn policies_at_the_limits_load_and_decide_on_a_2_mib_stack() {
+    use ice_authority::{DecisionKind, Registry, Request, Resource};
+    // Each policy is at a limit: one more level would be refused (checked below).
+    let deep_set = nested("[", "1", "]", 31);
+    let deep_record = nested("{a: ", "true", "}", 31);
+    let policies = [
+        format!(
+            "@id(\"parens\") permit(principal, action, resource) when {{ {} }};",
+            nested("(", "true", ")", 31)
+        ),
+        format!(
+            "@id(\"sets\") permit(principal, action, resource) when {{ {deep_set} == {deep_set} }};"
+        ),
+        format!(
+            "@id(\"records\") permit(principal, action, resource) when {{ {deep_record} == {deep_record} }};"
+        ),
+        format!(
+            "@id(\"ifs\") permit(principal, action, resource) when {{ {}true }};",
+            "if context.intent == \"x\" then false else ".repeat(31)
+        ),
+        format!(
+            "@id(\"sum\") permit(principal, action, resource) when {{ 1{} > 0 }};",
+            " + 1".repeat(121)
+        ),
+        format!(
+            "@id(\"all\") permit(principal, action, resource) when {{ context.intent == \"y\"{} }};",
+            " && context.intent == \"y\"".repeat(120)
+        ),
+        format!(
+            "@id(\"mixed\") permit(principal, action, resource) when {{ {} }};",
+            nested("(1 + ", "1", ")", 30) + &" + 1".repeat(61) + " > 0"
+        ),
+    ];
+    for p in &policies {
+        assert!(errors(&[source("p.cedar", p)]).is_empty(), "{p}");
+        // One level more is refused.
+        let more = p
+            .replacen("when { ", "when { (", 1)
+            .replacen(" };", ") };", 1);
+        assert!(
+            too_deep(&errors(&[source("p.cedar", &more)])).is_some(),
+            "{more}"
+        );
+    }
+    let text = policies.join("\n");
+    let worker = std::thread::Builder::new()
+        .name("two-mib".into())
+        .stack_size(2 * 1024 * 1024)
+        .spawn(move || {
+            let schema = Schema::ice().expect("ICE schema parses");
+            let set = PolicySet::from_sources(&[source("limits.cedar", &text)], &schema)
+                .unwrap_or_else(|e| panic!("loads: {e}"));
+            let run = ice_kernel::RunId::new("run-1").expect("run id");
+            let request = Request::builder(
+                &run,
+                "coder",
+                "fs.read",
+                Resource::path("src/lib.rs").expect("path"),
+            )
+            .intent("y")
+            .build(&Registry::standard())
+            .expect("request builds");
+            let decision = set.decide(&request);
+            assert_eq!(decision.kind(), DecisionKind::Permit, "{decision}");
+            assert!(decision.errors.is_empty(), "{:?}", decision.errors);
+            assert_eq!(
+                decision.determining_policies(),
+                ["all", "ifs", "mixed", "parens", "records", "sets", "sum"]
+            );
+            assert_eq!(set.decide_unindexed(&request), decision);
+            drop(set);
+        })
+        .expect("spawn");
+    worker.join().expect("no overflow, no panic");
+}
+
+#[test]
+fn a_schema_nested_beyond_the_limit_is_refused_where_it_crosses_the_limit() {
+    use ice_authority::limits::MAX_SCHEMA_NESTING;
+    // 475 nested record types overflowed a 2 MiB stack while Cedar parsed the schema.
+    for n in [MAX_SCHEMA_NESTING, 600] {
+        let text = format!(
+            "entity A = {{\n  a: {}\n}};\n",
+            nested("{ a: ", "String", " }", n)
+        );
+        let err = Schema::parse("deep.cedarschema", &text).expect_err("too deep");
+        let d = &err.diagnostics[0];
+        // The entity's `{` is the first level.
+        assert_eq!(
+            d.location,
+            Some(nth(&text, "{ a", MAX_SCHEMA_NESTING)),
+            "{d}"
+        );
+        assert!(
+            d.to_string().starts_with("deep.cedarschema:2:")
+                && d.message.contains("more than 32 deep"),
+            "{d}"
+        );
+    }
+    let sets = |n: usize| {
+        format!(
+            "entity A = {{ a: {}String{} }};",
+            "Set<".repeat(n),
+            ">".repeat(n)
+        )
+    };
+    Schema::parse("s.cedarschema", &sets(MAX_SCHEMA_NESTING - 1)).expect("at the limit");
+    Schema::parse("s.cedarschema", &sets(MAX_SCHEMA_NESTING)).expect_err("over the limit");
+}
