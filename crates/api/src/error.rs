@@ -102,7 +102,8 @@ impl From<RuntimeError> for ApiError {
             RuntimeError::State { .. }
             | RuntimeError::Busy(_)
             | RuntimeError::Claimed(_)
-            | RuntimeError::Exists(_) => ApiError::conflict(message),
+            | RuntimeError::Exists(_)
+            | RuntimeError::Decided { .. } => ApiError::conflict(message),
             RuntimeError::Invalid(_) | RuntimeError::Spec(_) => {
                 ApiError::bad_request("bad_request", message)
             }

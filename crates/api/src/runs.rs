@@ -376,19 +376,16 @@ async fn answer(
     let id: EventId = event_id(&id, "approval")?;
     let b: ReasonBody = read_json(&headers, body).await?.unwrap_or_default();
     let books = s.runtime.books(&id.run_id).await?;
-    let Some(a) = books.approvals.get(&id) else {
+    if books.approvals.get(&id).is_none() {
         return Err(ApiError::not_found(format!(
             "{id} is not an approval request of run {} (see GET {}/approvals)",
             id.run_id,
             crate::BASE_PATH
         )));
-    };
-    if !matches!(a.status, ice_authority::ApprovalStatus::Pending) {
-        return Err(ApiError::conflict(format!(
-            "approval {id} was already answered ({:?})",
-            a.status
-        )));
     }
+    // Whether it still takes an answer is the runtime's to decide, at the position it appends
+    // at: answered already (by anyone, meanwhile included), closed by the run, or of a killed
+    // run is `RuntimeError::Decided`, a 409 naming who answered first.
     s.runtime
         .answer_approval(&id, &operator, grant, &b.reason)
         .await

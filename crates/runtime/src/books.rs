@@ -68,8 +68,13 @@ pub struct Books {
     pub denials: u64,
     /// Number of reservations made (for the next id).
     pub reservations: u64,
-    /// The operator's answer (`ApprovalGranted` / `ApprovalDenied` event) to each approval.
+    /// The operator's answer (`ApprovalGranted` / `ApprovalDenied` event) to each approval:
+    /// its one answer (the fold refuses a second, see [`Books::apply`]).
     pub answers: BTreeMap<EventId, EventId>,
+    /// Approvals the runtime stopped waiting for: each one's first `CapabilityDenied` naming it
+    /// (the call it was for was refused: denied, timed out, the run killed) and that denial's
+    /// reason code. No operator's answer is taken after it.
+    pub closed: BTreeMap<EventId, (EventId, String)>,
 }
 
 /// Why an event could not be folded.
@@ -80,6 +85,14 @@ pub struct FoldError {
     pub event: EventId,
     /// What is wrong.
     pub problem: String,
+}
+
+/// The approval an event's payload names (`approval`), if it names one.
+fn approval_named(e: &Event) -> Option<EventId> {
+    e.payload
+        .get("approval")
+        .and_then(Value::as_str)
+        .and_then(|a| a.parse::<EventId>().ok())
 }
 
 pub(crate) fn limits_of(b: &BudgetSpec) -> BudgetLimits {
@@ -116,6 +129,7 @@ impl Books {
             denials: 0,
             reservations: 0,
             answers: BTreeMap::new(),
+            closed: BTreeMap::new(),
         }
     }
 
@@ -135,11 +149,32 @@ impl Books {
     }
 
     /// Fold one event (of this run, in order).
+    ///
+    /// An approval request has one answer: an `ApprovalGranted` or `ApprovalDenied` for an
+    /// approval that already has one, or that the runtime already closed (a `CapabilityDenied`
+    /// naming it), is refused, and the books are unchanged. The runtime never records such an
+    /// answer ([`crate::Runtime::answer_approval`] appends only at the position it checked),
+    /// so a record holding one was written past it, and a replay reports it.
     pub fn apply(&mut self, e: &Event) -> Result<(), FoldError> {
         let fail = |problem: String| FoldError {
             event: e.id(),
             problem,
         };
+        if let Some(EventType::ApprovalGranted | EventType::ApprovalDenied) =
+            EventType::from_name(&e.event_type)
+            && let Some(a) = approval_named(e)
+        {
+            if let Some(first) = self.answers.get(&a) {
+                return Err(fail(format!(
+                    "approval {a} was already answered by event {first}: a request has one answer"
+                )));
+            }
+            if let Some((denial, code)) = self.closed.get(&a) {
+                return Err(fail(format!(
+                    "approval {a} was already closed by the runtime's denial {denial} ({code}): it takes no answer after that"
+                )));
+            }
+        }
         self.head.apply(e).map_err(|err| fail(err.to_string()))?;
         self.grants.apply(e).map_err(|err| fail(err.to_string()))?;
         self.approvals
@@ -192,6 +227,15 @@ impl Books {
             | EventType::CapabilityRequested => self.proposals += 1,
             EventType::CapabilityDenied => {
                 self.denials += 1;
+                if let Some(a) = approval_named(e) {
+                    let code = e
+                        .payload
+                        .get("reason")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string();
+                    self.closed.entry(a).or_insert((e.id(), code));
+                }
                 // A request the law could not record is answered by a denial that names no
                 // request event: it still counts as one of the agent's proposals.
                 if !e.payload.contains_key("request") {
@@ -228,12 +272,7 @@ impl Books {
             }
             EventType::EffectApplied => self.applied += 1,
             EventType::ApprovalGranted | EventType::ApprovalDenied => {
-                if let Some(a) = e
-                    .payload
-                    .get("approval")
-                    .and_then(Value::as_str)
-                    .and_then(|a| a.parse::<EventId>().ok())
-                {
+                if let Some(a) = approval_named(e) {
                     self.answers.insert(a, e.id());
                 }
             }

@@ -89,6 +89,19 @@ pub enum RuntimeError {
     /// A run id is taken.
     #[error("run {0} already exists; give another [run] id or leave it out")]
     Exists(String),
+    /// An approval request already has its one answer: an operator's, or the runtime's when
+    /// it stopped waiting (a timeout, a kill). Nothing was recorded for this answer.
+    #[error(
+        "approval {approval} was already answered by {by}: {answer}; this answer was not recorded"
+    )]
+    Decided {
+        /// The approval request.
+        approval: String,
+        /// How it was decided (`granted (event …)`, `denied (event …): <reason>`, `closed, …`).
+        answer: String,
+        /// Who decided it first (`operator:<id>`, `runtime`).
+        by: String,
+    },
     /// Bad input to an operator command.
     #[error("{0}")]
     Invalid(String),

@@ -21,6 +21,8 @@ use ice_authority::{ApprovalStatus, PolicySet};
 use ice_effects::mcp::{ToolServers, ToolSpec};
 use ice_effects::{Recovery, Stage, Workspace};
 use ice_kernel::{Agent, Digest, Draft, EventId, EventType, Origin, RunId, RunState};
+use ice_log::LogError;
+use ice_log::ledger::AppendError;
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
@@ -723,10 +725,16 @@ impl Runtime {
                 continue;
             }
             let books = Books::fold(run.clone(), events.iter())?;
-            if !books.state().is_non_terminal() {
+            // A killed run answers no more approvals (it closes them as it stops).
+            if !books.state().is_non_terminal() || books.kill.is_some() {
                 continue;
             }
-            for a in books.approvals.pending(now) {
+            // Nor does one the runtime already closed (the call it was for was refused).
+            for a in books
+                .approvals
+                .pending(now)
+                .filter(|a| !books.closed.contains_key(&a.id))
+            {
                 let intent = events
                     .get(a.request.run_seq as usize)
                     .and_then(|e| e.intent.clone())
@@ -748,7 +756,15 @@ impl Runtime {
         Ok(out)
     }
 
-    /// An operator grants (`Ok(true)`) or denies an approval.
+    /// An operator grants (`grant`) or denies an approval.
+    ///
+    /// An approval request takes one answer. The answer is appended only at the run's position
+    /// the check below was made at ([`ice_log::ledger::Ledger::append_at`]): if anything was
+    /// appended to the run meanwhile (another operator's answer, in this process or another;
+    /// the run's own events: a timeout, a kill), the append fails with a conflict, writes
+    /// nothing, and the run's new events are folded and the answer checked again. Refused
+    /// ([`RuntimeError::Decided`], nothing recorded): an approval already answered, closed by
+    /// the runtime (the call it was for was refused), or of a run an operator killed.
     pub async fn answer_approval(
         &self,
         approval: &EventId,
@@ -757,54 +773,27 @@ impl Runtime {
         reason: &str,
     ) -> Result<(), RuntimeError> {
         let run = &approval.run_id;
-        let books = self.books(run).await?;
-        let Some(a) = books.approvals.get(approval) else {
-            return Err(RuntimeError::Invalid(format!(
-                "{approval} is not an approval request of run {run}"
-            )));
-        };
-        if !matches!(a.status, ApprovalStatus::Pending) {
-            return Err(RuntimeError::Invalid(format!(
-                "approval {approval} was already answered ({:?})",
-                a.status
-            )));
-        }
-        if self.clock.now() >= a.expires_at {
-            return Err(RuntimeError::Invalid(format!(
-                "approval {approval} expired at {}",
-                a.expires_at
-            )));
-        }
         let origin = operator_origin(operator)?;
-        let draft = if grant {
-            books
-                .approvals
-                .check_grant(approval, &a.digest)
-                .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
-            Draft::new(EventType::ApprovalGranted.name(), origin).payload(Value::Object(
-                ApprovalGrantedPayload {
-                    approval: approval.clone(),
-                    digest: a.digest,
+        let mut books = self.books(run).await?;
+        let mut attempts = 0;
+        loop {
+            let draft = answer_draft(&books, approval, &origin, grant, reason, self.clock.now())?;
+            match self
+                .ledger
+                .append_at(run, books.next_seq(), vec![draft])
+                .await
+            {
+                Err(AppendError::Log(LogError::Conflict { .. }))
+                    if attempts < ANSWER_CONFLICT_RETRIES =>
+                {
+                    attempts += 1;
+                    // Fold what was appended since (by anyone), then decide again.
+                    catch_up(self, run, &mut books).await?;
                 }
-                .to_payload(),
-            ))
-        } else {
-            Draft::new(EventType::ApprovalDenied.name(), origin).payload(Value::Object(
-                ApprovalDeniedPayload {
-                    approval: approval.clone(),
-                    reason: if reason.is_empty() {
-                        "denied by operator".into()
-                    } else {
-                        reason.to_string()
-                    },
-                }
-                .to_payload(),
-            ))
-        };
-        let draft = draft.cause(approval.clone());
-        // The run's process may append at the same moment: the ledger seals it again after.
-        self.ledger.append(run, vec![draft]).await?;
-        Ok(())
+                Err(e) => return Err(e.into()),
+                Ok(_) => return Ok(()),
+            }
+        }
     }
 
     /// Start-up recovery: move every run no live process drives to a defined state (see the
@@ -1240,6 +1229,139 @@ fn bound_tools(
         }
     }
     out
+}
+
+/// How many times an operator's answer is checked again when the run keeps moving under it
+/// (each retry means someone else appended to the run).
+const ANSWER_CONFLICT_RETRIES: usize = 32;
+
+/// Fold into `books` the events appended to `run` since they were folded.
+async fn catch_up(rt: &Runtime, run: &RunId, books: &mut Books) -> Result<(), RuntimeError> {
+    loop {
+        let page = rt.ledger.log().read_run(run, books.next_seq(), 256).await?;
+        if page.is_empty() {
+            return Ok(());
+        }
+        for s in &page {
+            books.apply(&s.event()?)?;
+        }
+    }
+}
+
+/// The operator's answer to `approval` as the next event of its run, if the run as `books`
+/// folds it still takes one (see [`Runtime::answer_approval`]).
+fn answer_draft(
+    books: &Books,
+    approval: &EventId,
+    origin: &Origin,
+    grant: bool,
+    reason: &str,
+    now: ice_kernel::Timestamp,
+) -> Result<Draft, RuntimeError> {
+    let run = books.run();
+    let Some(a) = books.approvals.get(approval) else {
+        return Err(RuntimeError::Invalid(format!(
+            "{approval} is not an approval request of run {run}"
+        )));
+    };
+    let decided = |answer: String, by: String| RuntimeError::Decided {
+        approval: approval.to_string(),
+        answer,
+        by,
+    };
+    // Answered first by an operator: name who, and how.
+    let first = books
+        .answers
+        .get(approval)
+        .map(|e| format!(" (event {e})"))
+        .unwrap_or_default();
+    match &a.status {
+        ApprovalStatus::Pending => {}
+        ApprovalStatus::Granted { by, .. } => {
+            return Err(decided(format!("granted{first}"), by.to_string()));
+        }
+        ApprovalStatus::Mismatch { by, .. } => {
+            return Err(decided(
+                format!("granted for another request digest{first}"),
+                by.to_string(),
+            ));
+        }
+        ApprovalStatus::Denied { by, reason, .. } => {
+            return Err(decided(format!("denied{first}: {reason}"), by.to_string()));
+        }
+        ApprovalStatus::Used { by, grant } => {
+            return Err(decided(
+                format!("granted{first}, and used since by grant {grant}"),
+                by.to_string(),
+            ));
+        }
+    }
+    let because = |reason: &str| {
+        if reason.is_empty() {
+            String::new()
+        } else {
+            format!(": {reason}")
+        }
+    };
+    if let Some((denial, code)) = books.closed.get(approval) {
+        let why = match &books.kill {
+            Some((by, reason)) => format!(", after {by} killed the run{}", because(reason)),
+            None => String::new(),
+        };
+        return Err(decided(
+            format!("closed, the call it was for was refused ({code}, event {denial}){why}"),
+            "runtime".into(),
+        ));
+    }
+    if let Some((by, reason)) = &books.kill {
+        return Err(decided(
+            format!("closed, the run was killed{}", because(reason)),
+            by.clone(),
+        ));
+    }
+    let state = books.state();
+    if !matches!(
+        state,
+        RunState::Executing | RunState::Suspended | RunState::Validating
+    ) {
+        return Err(RuntimeError::State {
+            run: run.to_string(),
+            state,
+            what: format!("approval {approval} can no longer be answered"),
+        });
+    }
+    if now >= a.expires_at {
+        return Err(RuntimeError::Invalid(format!(
+            "approval {approval} expired at {}",
+            a.expires_at
+        )));
+    }
+    let draft = if grant {
+        books
+            .approvals
+            .check_grant(approval, &a.digest)
+            .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        Draft::new(EventType::ApprovalGranted.name(), origin.clone()).payload(Value::Object(
+            ApprovalGrantedPayload {
+                approval: approval.clone(),
+                digest: a.digest,
+            }
+            .to_payload(),
+        ))
+    } else {
+        Draft::new(EventType::ApprovalDenied.name(), origin.clone()).payload(Value::Object(
+            ApprovalDeniedPayload {
+                approval: approval.clone(),
+                reason: if reason.is_empty() {
+                    "denied by operator".into()
+                } else {
+                    reason.to_string()
+                },
+            }
+            .to_payload(),
+        ))
+    };
+    Ok(draft.cause(approval.clone()))
 }
 
 fn operator_origin(operator: &str) -> Result<Origin, RuntimeError> {

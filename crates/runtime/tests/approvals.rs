@@ -1,0 +1,447 @@
+//! One approval request, one answer: concurrent and late answers are refused and record
+//! nothing, whether they come from one process or from several on the same log; and the
+//! run's fold (what `ice replay` rebuilds) refuses a record that holds a second answer.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ice_authority::payload::{ApprovalDeniedPayload, ApprovalGrantedPayload};
+use ice_kernel::{
+    CapabilityProposal, Draft, Event, EventId, EventType, Origin, Outcome, Proposal, RunId,
+};
+use ice_log::clock::SystemClock;
+use ice_log::ledger::Ledger;
+use ice_log::sqlite::{Mode, SqliteLog};
+use ice_runtime::{Books, Installation, Quiet, RunSpec, Runtime, RuntimeError};
+use serde_json::{Value, json};
+
+/// A local endpoint that answers every request with 200 (what an approved call reaches).
+fn endpoint() -> u16 {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                );
+            });
+        }
+    });
+    port
+}
+
+/// A run whose agent `coder` will ask to call the endpoint (the policy wants an approval).
+struct Fixture {
+    dir: tempfile::TempDir,
+    rt: Arc<Runtime>,
+    spec: RunSpec,
+    run: RunId,
+    call: Proposal,
+}
+
+fn fixture(id: &str) -> Fixture {
+    let port = endpoint();
+    let h = H::new(POLICY);
+    let (spec, _) = h.spec(id, "coder", "[approvals]\ntimeout = \"60s\"\n", "");
+    let H { dir, rt, .. } = h;
+    Fixture {
+        dir,
+        rt: Arc::new(rt),
+        spec,
+        run: RunId::new(id).unwrap(),
+        call: Proposal::Request(CapabilityProposal {
+            capability: "http.request".into(),
+            target: format!("http://127.0.0.1:{port}/notify"),
+            arguments: json!({"method": "GET"}),
+            intent: "notify".into(),
+        }),
+    }
+}
+
+/// Another process on the same installation: its own connection to the same SQLite file,
+/// its own ledger (and cached run heads).
+fn another_process(base: &Path) -> Arc<Runtime> {
+    let home = base.join("home");
+    let log = Arc::new(SqliteLog::open(&home.join("ice.db"), Mode::ReadWrite).unwrap());
+    let ledger = Arc::new(Ledger::new(log, Arc::new(SystemClock)));
+    Arc::new(
+        Runtime::new(
+            ledger,
+            Arc::new(SystemClock),
+            Installation {
+                runs_dir: home.join("runs"),
+                policy_dir: base.join("policies"),
+            },
+        )
+        .unwrap(),
+    )
+}
+
+/// The run's pending approval, once it asks.
+async fn pending(rt: &Runtime, run: &RunId) -> EventId {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(a) = rt.pending_approvals(Some(run)).await.unwrap().first() {
+            return a.id.parse().unwrap();
+        }
+        assert!(Instant::now() < deadline, "no approval requested by {run}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn events(rt: &Runtime, run: &RunId) -> Vec<Event> {
+    ice_runtime::read_run(rt.ledger().log().as_ref(), run)
+        .await
+        .unwrap()
+}
+
+/// The operators' answers recorded for `approval`.
+fn answers<'a>(events: &'a [Event], approval: &EventId) -> Vec<&'a Event> {
+    events
+        .iter()
+        .filter(|e| {
+            (e.event_type == EventType::ApprovalGranted.name()
+                || e.event_type == EventType::ApprovalDenied.name())
+                && e.payload.get("approval") == Some(&Value::String(approval.to_string()))
+        })
+        .collect()
+}
+
+/// `n` operators answer at once (even: approve, odd: deny), each from its own task, spread
+/// over `rts` (one runtime: one process; several: several processes on one log).
+async fn answer_at_once(
+    rts: &[Arc<Runtime>],
+    approval: &EventId,
+    n: usize,
+) -> Vec<(usize, bool, Result<(), RuntimeError>)> {
+    let start = Arc::new(tokio::sync::Barrier::new(n));
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let rt = rts[i % rts.len()].clone();
+            let start = start.clone();
+            let approval = approval.clone();
+            let grant = i % 2 == 0;
+            tokio::spawn(async move {
+                start.wait().await;
+                let r = rt
+                    .answer_approval(&approval, &format!("op{i}"), grant, "no")
+                    .await;
+                (i, grant, r)
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// Exactly one answer recorded, by the one call that succeeded; every other call refused,
+/// naming who answered first.
+fn exactly_one(
+    events: &[Event],
+    approval: &EventId,
+    results: &[(usize, bool, Result<(), RuntimeError>)],
+) {
+    let recorded = answers(events, approval);
+    assert_eq!(
+        recorded.len(),
+        1,
+        "one approval request got {} answers: {:?}",
+        recorded.len(),
+        recorded
+            .iter()
+            .map(|e| (&e.event_type, e.origin.to_string()))
+            .collect::<Vec<_>>()
+    );
+    let first = recorded[0];
+    let ok: Vec<_> = results.iter().filter(|r| r.2.is_ok()).collect();
+    assert_eq!(ok.len(), 1, "{} answers were accepted", ok.len());
+    let (i, grant, _) = ok[0];
+    assert_eq!(first.origin.to_string(), format!("operator:op{i}"));
+    assert_eq!(
+        first.event_type,
+        if *grant {
+            EventType::ApprovalGranted.name()
+        } else {
+            EventType::ApprovalDenied.name()
+        }
+    );
+    for (_, _, r) in results.iter().filter(|r| r.2.is_err()) {
+        match r {
+            Err(RuntimeError::Decided {
+                approval: a, by, ..
+            }) => {
+                assert_eq!(a, &approval.to_string());
+                assert_eq!(by, &first.origin.to_string());
+            }
+            other => panic!("a concurrent answer was not refused as decided: {other:?}"),
+        }
+    }
+}
+
+async fn concurrent_round(id: &str, processes: usize) {
+    let f = fixture(id);
+    let mut rts = vec![f.rt.clone()];
+    for _ in 1..processes {
+        rts.push(another_process(f.dir.path()));
+    }
+    let session =
+        f.rt.open_session(f.spec.clone(), "coder", &Quiet)
+            .await
+            .unwrap();
+    let (outcome, (approval, results)) = tokio::join!(session.propose(&f.call), async {
+        let approval = pending(&f.rt, &f.run).await;
+        let results = answer_at_once(&rts, &approval, 8).await;
+        (approval, results)
+    });
+    let outcome = outcome.unwrap().unwrap();
+    let report = session.finish().await.unwrap();
+    let events = events(&f.rt, &f.run).await;
+    exactly_one(&events, &approval, &results);
+    // The run went the way the one recorded answer said.
+    let granted = answers(&events, &approval)[0].event_type == EventType::ApprovalGranted.name();
+    match (&outcome, granted) {
+        (Outcome::Done { .. }, true) => {}
+        (Outcome::Denied { reason, .. }, false) => assert_eq!(reason, "approval_denied"),
+        other => panic!("the call ended {other:?}"),
+    }
+    // Nothing was recorded after the run stopped waiting either.
+    assert!(
+        f.rt.pending_approvals(Some(&f.run))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The record folds and replays to what the run had.
+    assert_eq!(
+        Books::fold(f.run.clone(), events.iter()).unwrap(),
+        report.books
+    );
+    let replay = f.rt.replay(&f.run).await.unwrap();
+    assert!(replay.divergences.is_empty(), "{:?}", replay.divergences);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_answers_in_one_process_record_exactly_one() {
+    for round in 0..4 {
+        concurrent_round(&format!("one-{round}"), 1).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_answers_from_several_processes_record_exactly_one() {
+    for round in 0..4 {
+        concurrent_round(&format!("many-{round}"), 3).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_answer_after_the_first_is_refused_and_records_nothing() {
+    let f = fixture("late");
+    let other = another_process(f.dir.path());
+    let session =
+        f.rt.open_session(f.spec.clone(), "coder", &Quiet)
+            .await
+            .unwrap();
+    let (outcome, approval) = tokio::join!(session.propose(&f.call), async {
+        let approval = pending(&f.rt, &f.run).await;
+        f.rt.answer_approval(&approval, "alice", true, "")
+            .await
+            .unwrap();
+        approval
+    });
+    assert!(matches!(outcome.unwrap(), Some(Outcome::Done { .. })));
+    let before = events(&f.rt, &f.run).await;
+    // A denial after the grant, a second grant, from this process or another: refused.
+    for (rt, who, grant) in [
+        (&f.rt, "bob", false),
+        (&f.rt, "carol", true),
+        (&other, "dave", false),
+    ] {
+        match rt.answer_approval(&approval, who, grant, "too late").await {
+            Err(RuntimeError::Decided { by, answer, .. }) => {
+                assert_eq!(by, "operator:alice");
+                assert!(answer.contains("granted"), "{answer}");
+            }
+            other => panic!("a late answer by {who} was not refused: {other:?}"),
+        }
+    }
+    let after = events(&f.rt, &f.run).await;
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "a refused answer appended something"
+    );
+    assert_eq!(answers(&after, &approval).len(), 1);
+    let report = session.finish().await.unwrap();
+    assert_eq!(
+        Books::fold(f.run.clone(), after.iter()).unwrap().approvals,
+        report.books.approvals
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_answer_after_a_kill_closed_the_request_is_refused() {
+    let f = fixture("killed");
+    let other = another_process(f.dir.path());
+    let session =
+        f.rt.open_session(f.spec.clone(), "coder", &Quiet)
+            .await
+            .unwrap();
+    let (outcome, (approval, early)) = tokio::join!(session.propose(&f.call), async {
+        let approval = pending(&f.rt, &f.run).await;
+        f.rt.kill(&f.run, "bob", "enough", &Quiet).await.unwrap();
+        // Right after the kill: the run may or may not have closed the request yet.
+        let early = f.rt.answer_approval(&approval, "alice", true, "").await;
+        (approval, early)
+    });
+    match outcome.unwrap() {
+        Some(Outcome::Denied { reason, .. }) => assert_eq!(reason, "approval_denied"),
+        other => panic!("the call waiting for approval ended {other:?}"),
+    }
+    match early {
+        Err(RuntimeError::Decided { by, .. }) => {
+            assert!(by == "operator:bob" || by == "runtime", "{by}")
+        }
+        other => panic!("an answer after a kill was not refused: {other:?}"),
+    }
+    // The run closed the request (its denial names the approval); it is no longer pending.
+    let before = events(&f.rt, &f.run).await;
+    assert!(
+        of_type(&before, EventType::CapabilityDenied)
+            .iter()
+            .any(|e| e.payload.get("approval") == Some(&Value::String(approval.to_string())))
+    );
+    assert!(
+        f.rt.pending_approvals(Some(&f.run))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    for (rt, who, grant) in [(&f.rt, "alice", true), (&other, "carol", false)] {
+        match rt.answer_approval(&approval, who, grant, "").await {
+            Err(RuntimeError::Decided { .. }) => {}
+            other => panic!("an answer by {who} after the kill was not refused: {other:?}"),
+        }
+    }
+    let after = events(&f.rt, &f.run).await;
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "a refused answer appended something"
+    );
+    assert!(answers(&after, &approval).is_empty());
+    let report = session.finish().await.unwrap();
+    assert!(
+        matches!(report.outcome, ice_runtime::RunOutcome::Aborted { .. }),
+        "{:?}",
+        report.outcome
+    );
+}
+
+/// Append `draft` past the runtime, straight through the ledger (as a forger, or an ICE
+/// from before answers were checked, could): the kernel's law does not read payloads, so the
+/// log takes it; the run's books refuse to fold it, `ice replay` reports it, and the runtime
+/// records no answer on top of it.
+async fn forged_answer_is_caught(f: &Fixture, approval: &EventId, draft: Draft) {
+    let (_, batch) =
+        f.rt.ledger()
+            .append(&f.run, vec![draft.cause(approval.clone())])
+            .await
+            .unwrap();
+    let forged = batch.events()[0].event().id();
+    let events = events(&f.rt, &f.run).await;
+    let err = Books::fold(f.run.clone(), events.iter()).unwrap_err();
+    assert_eq!(err.event, forged);
+    assert!(err.problem.contains("already"), "{}", err.problem);
+    let replay = f.rt.replay(&f.run).await.unwrap();
+    assert!(
+        replay
+            .divergences
+            .iter()
+            .any(|d| d.event.as_deref() == Some(forged.to_string().as_str())),
+        "{:?}",
+        replay.divergences
+    );
+    assert!(
+        f.rt.answer_approval(approval, "erin", false, "")
+            .await
+            .is_err()
+    );
+    assert_eq!(events.len(), self::events(&f.rt, &f.run).await.len());
+}
+
+fn mallory() -> Origin {
+    "operator:mallory".parse().unwrap()
+}
+
+/// A denial recorded after a grant: two contradictory answers to one request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_recorded_answer_does_not_fold_or_replay() {
+    let f = fixture("forged");
+    let session =
+        f.rt.open_session(f.spec.clone(), "coder", &Quiet)
+            .await
+            .unwrap();
+    let (outcome, approval) = tokio::join!(session.propose(&f.call), async {
+        let approval = pending(&f.rt, &f.run).await;
+        f.rt.answer_approval(&approval, "alice", true, "")
+            .await
+            .unwrap();
+        approval
+    });
+    assert!(matches!(outcome.unwrap(), Some(Outcome::Done { .. })));
+    let draft = Draft::new(EventType::ApprovalDenied.name(), mallory()).payload(Value::Object(
+        ApprovalDeniedPayload {
+            approval: approval.clone(),
+            reason: "changed my mind".into(),
+        }
+        .to_payload(),
+    ));
+    forged_answer_is_caught(&f, &approval, draft).await;
+    drop(session);
+}
+
+/// A grant recorded after the run closed the request (killed while it waited).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_answer_recorded_after_the_run_closed_the_request_does_not_fold() {
+    let f = fixture("forged-kill");
+    let session =
+        f.rt.open_session(f.spec.clone(), "coder", &Quiet)
+            .await
+            .unwrap();
+    let (outcome, approval) = tokio::join!(session.propose(&f.call), async {
+        let approval = pending(&f.rt, &f.run).await;
+        f.rt.kill(&f.run, "bob", "enough", &Quiet).await.unwrap();
+        approval
+    });
+    assert!(matches!(outcome.unwrap(), Some(Outcome::Denied { .. })));
+    let digest =
+        f.rt.books(&f.run)
+            .await
+            .unwrap()
+            .approvals
+            .get(&approval)
+            .unwrap()
+            .digest;
+    let draft = Draft::new(EventType::ApprovalGranted.name(), mallory()).payload(Value::Object(
+        ApprovalGrantedPayload {
+            approval: approval.clone(),
+            digest,
+        }
+        .to_payload(),
+    ));
+    forged_answer_is_caught(&f, &approval, draft).await;
+    drop(session);
+}
