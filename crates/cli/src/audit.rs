@@ -49,9 +49,31 @@ pub struct VerifyArgs {
     /// encoding (slower; the default already checks every stored byte against its hash).
     #[arg(long)]
     deep: bool,
+    /// Also check against a signed checkpoint kept outside the log (what `ice checkpoint`
+    /// printed, as text or `--json`): the log must have grown from it. The log's own
+    /// checkpoints are stored beside its events; a copy kept elsewhere cannot be removed with
+    /// them. Repeatable.
+    #[arg(long = "checkpoint", value_name = "FILE")]
+    checkpoints: Vec<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// A checkpoint note from a file: the note itself, or `ice checkpoint --json`'s object.
+fn read_note(path: &Path) -> Result<String> {
+    let bytes = crate::home::read_regular(path, 64 << 10)?;
+    let text =
+        String::from_utf8(bytes).map_err(|_| anyhow!("{}: not UTF-8 text", path.display()))?;
+    if text.trim_start().starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow!("{}: not a checkpoint note, nor JSON: {e}", path.display()))?;
+        return v["note"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("{}: a JSON object without a \"note\"", path.display()));
+    }
+    Ok(text)
 }
 
 pub async fn verify(home: &Path, url: Option<&str>, a: VerifyArgs) -> Result<u8> {
@@ -80,6 +102,11 @@ pub async fn verify(home: &Path, url: Option<&str>, a: VerifyArgs) -> Result<u8>
         }
         Ok(EXIT_INVALID)
     };
+    let kept = a
+        .checkpoints
+        .iter()
+        .map(|p| read_note(p))
+        .collect::<Result<Vec<_>>>()?;
     let log = match h.log(url, Mode::ReadOnly).await {
         Ok(log) => log,
         Err(e) => match corrupt(&e) {
@@ -89,22 +116,23 @@ pub async fn verify(home: &Path, url: Option<&str>, a: VerifyArgs) -> Result<u8>
     };
     let tty = std::io::stderr().is_terminal() && !a.json;
     let started = std::time::Instant::now();
-    let report = match ice_log::verify::verify_with(log.as_ref(), Some(&verifier), a.deep, |n| {
-        if tty {
-            eprint!("\rverifying… {n} events");
-        }
-    })
-    .await
-    {
-        Ok(r) => r,
-        Err(ice_log::LogError::Corrupt { what }) => {
+    let report =
+        match ice_log::verify::verify_against(log.as_ref(), Some(&verifier), a.deep, &kept, |n| {
             if tty {
-                eprint!("\r\x1b[K");
+                eprint!("\rverifying… {n} events");
             }
-            return invalid(what, a.json);
-        }
-        Err(e) => return Err(e.into()),
-    };
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(ice_log::LogError::Corrupt { what }) => {
+                if tty {
+                    eprint!("\r\x1b[K");
+                }
+                return invalid(what, a.json);
+            }
+            Err(e) => return Err(e.into()),
+        };
     if tty {
         eprint!("\r\x1b[K");
     }

@@ -794,3 +794,68 @@ fn a_device_given_for_a_file_is_refused_not_read_forever() {
         );
     }
 }
+
+/// The log's own checkpoints are stored beside its events: whoever truncates the events can
+/// remove those too, and `verify` alone then sees a shorter, consistent log. A checkpoint kept
+/// elsewhere (`verify --checkpoint`, as `ice checkpoint` printed it) still catches it.
+#[test]
+fn a_checkpoint_kept_outside_the_log_catches_a_truncation_that_removed_the_stored_ones() {
+    let (d, home) = seeded();
+    let o = ice(&home, &["checkpoint", "--json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let kept_json = d.path().join("kept.json");
+    std::fs::write(&kept_json, stdout(&o)).unwrap();
+    let note: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let kept_note = d.path().join("kept.note");
+    std::fs::write(&kept_note, note["note"].as_str().unwrap()).unwrap();
+    for kept in [&kept_json, &kept_note] {
+        let o = ice(&home, &["verify", "--checkpoint", kept.to_str().unwrap()]);
+        assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    }
+
+    // Cut the last run away, with the stored checkpoint and the tree above it.
+    let c = rusqlite::Connection::open(home.join("ice.db")).unwrap();
+    c.execute_batch(
+        "DROP TRIGGER events_no_delete; DROP TRIGGER tree_no_delete;
+         DROP TRIGGER checkpoints_no_delete; DROP TRIGGER head_only_grows;
+         DELETE FROM events WHERE log_seq >= 5; DELETE FROM tree WHERE leaf_end >= 5;
+         DELETE FROM checkpoints;
+         UPDATE head SET size = 5, last = (SELECT hash FROM events WHERE log_seq = 4);
+         PRAGMA wal_checkpoint(TRUNCATE);",
+    )
+    .unwrap();
+    drop(c);
+    let o = ice(&home, &["verify"]);
+    assert_eq!(
+        code(&o),
+        0,
+        "alone, verify sees a consistent shorter log: {}",
+        stdout(&o)
+    );
+    for kept in [&kept_json, &kept_note] {
+        let o = ice(&home, &["verify", "--checkpoint", kept.to_str().unwrap()]);
+        assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+        assert!(
+            stdout(&o).contains("the log ends at 5 events but the signed checkpoint given to check against covers 10"),
+            "{}",
+            stdout(&o)
+        );
+    }
+
+    // A kept note must be signed by the log's key.
+    let other = d.path().join("other");
+    assert_eq!(code(&ice(&other, &["init", "--origin", "ice.test/cli"])), 0);
+    let o = ice(&other, &["checkpoint"]);
+    let foreign = d.path().join("foreign.note");
+    std::fs::write(&foreign, stdout(&o)).unwrap();
+    let o = ice(
+        &home,
+        &["verify", "--checkpoint", foreign.to_str().unwrap()],
+    );
+    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("checkpoint 1 given to check against"),
+        "{}",
+        stdout(&o)
+    );
+}

@@ -101,6 +101,22 @@ pub async fn verify_with(
     log: &dyn EventLog,
     verifier: Option<&NoteVerifier>,
     deep: bool,
+    progress: impl FnMut(u64),
+) -> Result<VerifyReport, LogError> {
+    verify_against(log, verifier, deep, &[], progress).await
+}
+
+/// [`verify_with`], also against `kept`: signed checkpoint notes kept outside the log (an
+/// auditor's copy, a witness's). The log's own checkpoints live in the same store as its
+/// events, so whoever can rewrite the events can also remove the checkpoints that would give
+/// the rewrite away; a note kept elsewhere cannot be removed that way. Each must be signed by
+/// `verifier`'s key, and the log must have grown from it: its first `size` events must have
+/// that root.
+pub async fn verify_against(
+    log: &dyn EventLog,
+    verifier: Option<&NoteVerifier>,
+    deep: bool,
+    kept: &[String],
     mut progress: impl FnMut(u64),
 ) -> Result<VerifyReport, LogError> {
     let mut v = Verifier {
@@ -118,7 +134,7 @@ pub async fn verify_with(
         last: Digest::GENESIS,
         next: 0,
     };
-    if !v.load_checkpoints(log, verifier).await? {
+    if !v.load_checkpoints(log, verifier).await? || !v.add_kept(verifier, kept) {
         return Ok(v.report);
     }
     // The log as it is now: events appended while it is verified are left for the next run
@@ -164,7 +180,8 @@ pub async fn verify_with(
 struct Verifier {
     report: VerifyReport,
     deep: bool,
-    checkpoints: VecDeque<(u64, Digest)>,
+    /// Checkpoints to match, by size: (size, root, whether it was kept outside the log).
+    checkpoints: VecDeque<(u64, Digest, bool)>,
     /// Size of the last checkpoint matched so far (where a rewrite can start at the earliest).
     matched: u64,
     heads: HashMap<RunId, RunHead>,
@@ -205,7 +222,7 @@ impl Verifier {
                 None => Checkpoint::parse_unverified(&cp.note),
             };
             match parsed {
-                Ok(c) if c.size == cp.size => self.checkpoints.push_back((c.size, c.root)),
+                Ok(c) if c.size == cp.size => self.checkpoints.push_back((c.size, c.root, false)),
                 Ok(c) => {
                     self.fail(
                         None,
@@ -221,7 +238,52 @@ impl Verifier {
             }
         }
         self.report.latest_checkpoint = self.checkpoints.back().map(|c| c.0);
-        while let Some(&(0, root)) = self.checkpoints.front() {
+        Ok(true)
+    }
+
+    /// Checkpoints kept outside the log join the stored ones (signed by `verifier`'s key; one
+    /// the log also stores must name the same root). `false` once a failure is recorded.
+    fn add_kept(&mut self, verifier: Option<&NoteVerifier>, kept: &[String]) -> bool {
+        for (i, note) in kept.iter().enumerate() {
+            let which = format!("checkpoint {} given to check against", i + 1);
+            let Some(verifier) = verifier else {
+                self.fail(
+                    None,
+                    None,
+                    format!("{which}: no verifier key to check its signature with"),
+                );
+                return false;
+            };
+            let c = match Checkpoint::open(note, verifier) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.fail(None, None, format!("{which}: {e}"));
+                    return false;
+                }
+            };
+            let at = self
+                .checkpoints
+                .partition_point(|&(size, _, _)| size < c.size);
+            match self.checkpoints.get_mut(at) {
+                Some(same) if same.0 == c.size => {
+                    if same.1 != c.root {
+                        self.fail(
+                            None,
+                            None,
+                            format!(
+                                "{which} (size {}) and the log's own signed checkpoint of that size name different roots: the log was rewritten and its checkpoint signed again",
+                                c.size
+                            ),
+                        );
+                        return false;
+                    }
+                    same.2 = true;
+                }
+                _ => self.checkpoints.insert(at, (c.size, c.root, true)),
+            }
+        }
+        self.report.latest_checkpoint = self.checkpoints.back().map(|c| c.0);
+        while let Some(&(0, root, _)) = self.checkpoints.front() {
             self.checkpoints.pop_front();
             if root != crate::merkle::empty_root() {
                 self.fail(
@@ -229,11 +291,11 @@ impl Verifier {
                     None,
                     "the signed checkpoint of size 0 does not have the empty tree's root".into(),
                 );
-                return Ok(false);
+                return false;
             }
             self.report.checkpoints_verified += 1;
         }
-        Ok(true)
+        true
     }
 
     /// Check one page of events and the tree nodes their leaves completed. `Ok(false)` once a
@@ -296,7 +358,7 @@ impl Verifier {
             }
             self.report.tree_nodes_checked += checked;
             self.next += 1;
-            if let Some(&(size, root)) = self.checkpoints.front()
+            if let Some(&(size, root, kept)) = self.checkpoints.front()
                 && size == self.next
             {
                 self.checkpoints.pop_front();
@@ -309,7 +371,8 @@ impl Verifier {
                         Some(size - 1),
                         None,
                         format!(
-                            "the root of the first {size} events does not match the signed checkpoint of that size: the log was rewritten between log_seq {from} and {}",
+                            "the root of the first {size} events does not match the signed checkpoint of that size{}: the log was rewritten between log_seq {from} and {}",
+                            if kept { " (the one given to check against)" } else { "" },
                             size - 1
                         ),
                     );
@@ -432,11 +495,16 @@ impl Verifier {
 
     async fn finish(&mut self, log: &dyn EventLog, size: u64) -> Result<(), LogError> {
         let next = self.next;
-        if let Some(&(size, _)) = self.checkpoints.front() {
+        if let Some(&(size, _, kept)) = self.checkpoints.front() {
+            let which = if kept {
+                "the signed checkpoint given to check against"
+            } else {
+                "a signed checkpoint"
+            };
             self.fail(
                 Some(next),
                 None,
-                format!("the log ends at {next} events but a signed checkpoint covers {size}: events from log_seq {next} on are missing (truncated)"),
+                format!("the log ends at {next} events but {which} covers {size}: events from log_seq {next} on are missing (truncated)"),
             );
             return Ok(());
         }
