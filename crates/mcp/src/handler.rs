@@ -28,6 +28,122 @@ pub const INTENT_META_KEY: &str = "ice/intent";
 /// How long an HTTP session may stay idle before it is closed and its run aborted.
 const HTTP_IDLE: Duration = Duration::from_secs(30 * 60);
 
+/// How long an HTTP connection has to deliver a complete request header before it is closed:
+/// for its first request, from the moment it is accepted; for each later one, from the moment the
+/// previous response ended (an idle keep-alive connection). 20 s is far more than any working
+/// client needs to send a header, and short enough that sockets which send nothing (or trickle a
+/// header) cannot pile up: each holds one of [`MAX_CONNECTIONS`] for at most this long. It never
+/// cuts a response being written, however long: an SSE stream (`GET /mcp`, a run's event
+/// stream) is not waiting for a header.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How many HTTP connections one listener serves at once (fewer when the process's file-handle
+/// limit is low: at most half of it, the rest being left to the log, tool servers and outbound
+/// requests). A connection past the cap is not accepted until another closes: it waits in the
+/// kernel's accept queue, holding no file handle of this process, so existing clients keep
+/// being served and the process never runs out of handles. 1024 is far beyond what an operator
+/// API, a UI and a few agents' MCP sessions use.
+pub const MAX_CONNECTIONS: u32 = 1024;
+
+/// How long the accept loop waits after an accept error other than a failed handshake (such as
+/// running out of file handles anyway) before it tries again, instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The protections of [`Gateway::serve_http_with`]'s connection loop.
+#[derive(Clone, Copy, Debug)]
+struct HttpLimits {
+    header_read_timeout: Duration,
+    max_connections: u32,
+}
+
+impl HttpLimits {
+    /// [`HEADER_READ_TIMEOUT`], and [`MAX_CONNECTIONS`] or half the soft file-handle limit,
+    /// whichever is lower.
+    fn for_this_process() -> Self {
+        let half_of_handles = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .map_or(u64::MAX, |n| n / 2);
+        let cap = u64::from(MAX_CONNECTIONS).min(half_of_handles).max(1);
+        HttpLimits {
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            max_connections: u32::try_from(cap).unwrap_or(MAX_CONNECTIONS),
+        }
+    }
+}
+
+/// Serve `app` over HTTP/1.1 on `listener` until `stop` is cancelled, then stop accepting, let
+/// every connection finish its in-flight request (idle ones close at once) and return when all
+/// have closed. Unlike `axum::serve`, a connection that does not send a complete request header
+/// within `limits.header_read_timeout` is closed, and at most `limits.max_connections` are open
+/// at once.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    stop: CancellationToken,
+    limits: HttpLimits,
+) -> Result<(), GatewayError> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections as usize));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    loop {
+        // A slot first: past the cap, connections stay in the kernel's queue, not accepted.
+        let slot = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            slot = slots.clone().acquire_owned() => slot.map_err(|e| {
+                GatewayError::Transport(format!("HTTP server: {e}"))
+            })?,
+        };
+        let accepted = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _peer)) => tcp,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                continue;
+            }
+            Err(_) => {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                }
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = http
+            .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+            .with_upgrades();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            // The slot is held until the connection has closed.
+            let _slot = slot;
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                () = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    // Every connection's task holds a slot until it ends: all slots back means all have closed.
+    let _all = slots
+        .acquire_many(limits.max_connections)
+        .await
+        .map_err(|e| GatewayError::Transport(format!("HTTP server: {e}")))?;
+    Ok(())
+}
+
 /// The agent an HTTP request to [`MCP_PATH`] was authenticated as: put in the request's
 /// extensions by the [`McpAuth`] check, read by the session's handler. The first request of a
 /// session binds the session (and its run) to that agent.
@@ -195,6 +311,11 @@ impl Gateway {
     /// (403) before it reaches `extra`'s routes or fallback. With `auth`, every request to
     /// [`MCP_PATH`] passes that check first (after the `Host` check), and each session's run is
     /// its authenticated agent's; without it, every session's agent is the run spec's.
+    ///
+    /// A connection that does not send a complete request header within
+    /// [`HEADER_READ_TIMEOUT`] (the first, or the next on an idle keep-alive connection) is
+    /// closed, and at most [`MAX_CONNECTIONS`] are served at once (the rest wait to be
+    /// accepted). When `stop` is cancelled, in-flight requests finish before this returns.
     pub async fn serve_http_with(
         self: &Arc<Self>,
         listener: tokio::net::TcpListener,
@@ -249,10 +370,7 @@ impl Gateway {
             ));
         }
         let app = mcp.merge(extra);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-            .map_err(|e| GatewayError::Transport(format!("HTTP server: {e}")))
+        serve_connections(listener, app, stop, HttpLimits::for_this_process()).await
     }
 
     async fn open(&self, slot: &Slot) -> Result<Arc<Session<'static>>, ErrorData> {
@@ -1071,5 +1189,187 @@ mod tests {
         );
         assert!(valid(&x) && valid(&y) && x != y, "{x} {y}");
         assert!(x.starts_with("user-of-agent.sha256-"), "{x}");
+    }
+
+    mod connections {
+        use super::super::{GatewayError, HttpLimits, serve_connections};
+        use std::net::SocketAddr;
+        use std::time::{Duration, Instant};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::net::TcpStream;
+        use tokio::task::JoinHandle;
+        use tokio_util::sync::CancellationToken;
+
+        /// A bound far above every limit under test: a step that should end but hangs fails.
+        const PATIENCE: Duration = Duration::from_secs(10);
+
+        fn app() -> axum::Router {
+            use axum::routing::get;
+            axum::Router::new()
+                .route("/ok", get(|| async { "ok" }))
+                .route(
+                    "/slow",
+                    get(|| async {
+                        tokio::time::sleep(Duration::from_millis(800)).await;
+                        "slow"
+                    }),
+                )
+                .route(
+                    // An SSE-like response: a chunk every 300 ms for 3 s.
+                    "/stream",
+                    get(|| async {
+                        let chunks = futures_util::stream::unfold(0u32, |i| async move {
+                            if i == 10 {
+                                return None;
+                            }
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            Some((
+                                Ok::<_, std::convert::Infallible>(format!("data: {i}\n\n")),
+                                i + 1,
+                            ))
+                        });
+                        axum::body::Body::from_stream(chunks)
+                    }),
+                )
+        }
+
+        async fn start(
+            header_read_timeout: Duration,
+            max_connections: u32,
+        ) -> (
+            SocketAddr,
+            CancellationToken,
+            JoinHandle<Result<(), GatewayError>>,
+        ) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let stop = CancellationToken::new();
+            let limits = HttpLimits {
+                header_read_timeout,
+                max_connections,
+            };
+            let server = tokio::spawn(serve_connections(listener, app(), stop.clone(), limits));
+            (addr, stop, server)
+        }
+
+        /// Everything the server sends on `tcp` until it closes the connection.
+        async fn until_closed(tcp: &mut TcpStream) -> String {
+            let mut got = Vec::new();
+            match tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut got)).await {
+                Ok(_) => String::from_utf8_lossy(&got).into_owned(),
+                Err(_) => panic!("the server kept the connection open"),
+            }
+        }
+
+        async fn request(tcp: &mut TcpStream, path: &str, close: bool) {
+            let connection = if close { "close" } else { "keep-alive" };
+            let head = format!(
+                "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: {connection}\r\n\r\n"
+            );
+            tcp.write_all(head.as_bytes()).await.unwrap();
+        }
+
+        async fn get(addr: SocketAddr, path: &str) -> String {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            request(&mut tcp, path, true).await;
+            until_closed(&mut tcp).await
+        }
+
+        #[tokio::test]
+        async fn a_connection_without_a_complete_header_is_closed_while_others_are_served() {
+            let timeout = Duration::from_secs(2);
+            let (addr, stop, server) = start(timeout, 64).await;
+            let began = Instant::now();
+            let mut silent = TcpStream::connect(addr).await.unwrap();
+            let mut half = TcpStream::connect(addr).await.unwrap();
+            half.write_all(b"GET /ok HTTP/1.1\r\nHost: loc")
+                .await
+                .unwrap();
+            // An idle keep-alive connection: one request answered, then nothing.
+            let mut idle = TcpStream::connect(addr).await.unwrap();
+            request(&mut idle, "/ok", false).await;
+            let mut answer = [0u8; 512];
+            let n = tokio::time::timeout(PATIENCE, idle.read(&mut answer))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(answer[..n].starts_with(b"HTTP/1.1 200"), "{answer:?}");
+            // Meanwhile, ordinary requests on other connections are answered at once.
+            let ok = get(addr, "/ok").await;
+            assert!(ok.starts_with("HTTP/1.1 200") && ok.ends_with("ok"), "{ok}");
+            assert!(began.elapsed() < timeout, "{:?}", began.elapsed());
+            // A response streamed for longer than the timeout is not cut.
+            let streamed = get(addr, "/stream").await;
+            assert!(streamed.contains("data: 9"), "{streamed}");
+            // The three are closed once the timeout has run (the idle one answered, then closed).
+            until_closed(&mut silent).await;
+            until_closed(&mut half).await;
+            let rest = until_closed(&mut idle).await;
+            assert!(!rest.contains("HTTP/1.1 200"), "{rest}");
+            assert!(began.elapsed() >= timeout, "{:?}", began.elapsed());
+            assert!(get(addr, "/ok").await.starts_with("HTTP/1.1 200"));
+            stop.cancel();
+            tokio::time::timeout(PATIENCE, server)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+        }
+
+        #[tokio::test]
+        async fn connections_past_the_cap_wait_until_one_closes() {
+            // A long header timeout: only the cap is under test.
+            let (addr, stop, server) = start(Duration::from_secs(60), 2).await;
+            let first = TcpStream::connect(addr).await.unwrap();
+            let _second = TcpStream::connect(addr).await.unwrap();
+            let mut third = TcpStream::connect(addr).await.unwrap();
+            request(&mut third, "/ok", true).await;
+            let mut got = Vec::new();
+            let early =
+                tokio::time::timeout(Duration::from_millis(700), third.read_to_end(&mut got)).await;
+            assert!(
+                early.is_err() && got.is_empty(),
+                "served past the cap: {got:?}"
+            );
+            // One closes: the waiting request is served, and so are later ones.
+            drop(first);
+            let answer = until_closed(&mut third).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok"),
+                "{answer}"
+            );
+            assert!(get(addr, "/ok").await.starts_with("HTTP/1.1 200"));
+            // Stopping does not wait for connections still queued past the cap or idle.
+            stop.cancel();
+            tokio::time::timeout(PATIENCE, server)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+        }
+
+        #[tokio::test]
+        async fn stopping_lets_in_flight_requests_finish() {
+            let (addr, stop, server) = start(Duration::from_secs(60), 64).await;
+            let mut slow = TcpStream::connect(addr).await.unwrap();
+            request(&mut slow, "/slow", true).await;
+            let _idle = TcpStream::connect(addr).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            stop.cancel();
+            let answer = until_closed(&mut slow).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 200") && answer.ends_with("slow"),
+                "{answer}"
+            );
+            tokio::time::timeout(PATIENCE, server)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert!(
+                TcpStream::connect(addr).await.is_err(),
+                "still accepting after stop"
+            );
+        }
     }
 }
