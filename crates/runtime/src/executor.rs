@@ -248,7 +248,21 @@ impl Ctx<'_> {
         let mut out = Vec::with_capacity(batch.events().len());
         for s in batch.events() {
             let e = s.event();
-            live.books.apply(e)?;
+            // The books read the run's spec field by field: one the kernel moved to a blob
+            // (over the threshold) is folded as it was given (the batch carries the bytes).
+            if e.event_type == "RunProvisioned" && !batch.blobs().is_empty() {
+                let mut whole = e.clone();
+                whole.payload = ice_kernel::blob::inline(&e.payload, |d| {
+                    batch
+                        .blobs()
+                        .iter()
+                        .find(|b| b.digest == *d)
+                        .map(|b| b.bytes.clone())
+                });
+                live.books.apply(&whole)?;
+            } else {
+                live.books.apply(e)?;
+            }
             self.observer.recorded(e);
             out.push(e.id());
         }

@@ -216,7 +216,9 @@ fn node_id() -> String {
     format!("{host}-{}-{}", std::process::id(), hex::encode(b))
 }
 
-/// Every event of a run, in order.
+/// Every event of a run, in order. The run's spec (in `RunProvisioned`), which the books fold
+/// reads field by field, is read back whole if the kernel moved it to a blob (a spec over the
+/// blob threshold); other large fields (tool outputs, file contents) stay references.
 pub async fn read_run(
     log: &dyn ice_log::EventLog,
     run: &RunId,
@@ -228,9 +230,46 @@ pub async fn read_run(
             return Ok(out);
         }
         for s in &page {
-            out.push(s.event()?);
+            let mut e = s.event()?;
+            if e.event_type == "RunProvisioned" {
+                e.payload = inline_blobs(log, &e).await?;
+            }
+            out.push(e);
         }
     }
+}
+
+/// `e`'s payload with every blobbed field read back from the log; a blob that is missing or
+/// does not hash to its name is an error naming it (verify reports where).
+async fn inline_blobs(
+    log: &dyn ice_log::EventLog,
+    e: &Event,
+) -> Result<ice_kernel::Payload, ice_log::LogError> {
+    let refs =
+        ice_kernel::blob::blob_refs(&e.payload).map_err(|what| ice_log::LogError::Corrupt {
+            what: format!("event {}: {what}", e.id()),
+        })?;
+    let mut found = std::collections::HashMap::new();
+    for r in refs {
+        match log.blob(&r.digest).await? {
+            Some(b) if ice_kernel::Digest::of(&b) == r.digest => {
+                found.insert(r.digest, b);
+            }
+            _ => {
+                return Err(ice_log::LogError::Corrupt {
+                    what: format!(
+                        "event {}: blob {} (payload field {:?}) is missing or altered; run `ice verify`",
+                        e.id(),
+                        r.digest,
+                        r.field
+                    ),
+                });
+            }
+        }
+    }
+    Ok(ice_kernel::blob::inline(&e.payload, |d| {
+        found.get(d).cloned()
+    }))
 }
 
 /// Hand every event stored from `*next` on to `each`, in log order, a page at a time, moving

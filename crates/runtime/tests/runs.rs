@@ -790,3 +790,38 @@ async fn a_policy_changed_while_suspended_needs_accepting_and_then_rebinds_live_
     assert!(revoked[0].causes.contains(&reloads[0].id()));
     replays_cleanly(&h, "repolicy", "looper", plan).await;
 }
+
+/// A run spec over the blob threshold is recorded with its body in a blob (the kernel moves any
+/// payload field over 16 KiB): the run still starts, its books fold, and it commits and replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_spec_larger_than_the_blob_threshold_runs_and_replays() {
+    let h = H::new(POLICY);
+    let long = "x".repeat(20_000);
+    let plan = "[[step]]\nintent = \"look\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\n";
+    let (spec, mut agent) = h.spec(
+        "big-spec",
+        "coder",
+        &format!("[[check]]\nname = \"long\"\nrun = [\"test\", \"-n\", \"{long}\"]\n"),
+        plan,
+    );
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.outcome, RunOutcome::Committed, "{report:?}");
+    let raw =
+        h.rt.ledger()
+            .log()
+            .read_run(&RunId::new("big-spec").unwrap(), 0, 1)
+            .await
+            .unwrap();
+    let first = raw[0].event().unwrap();
+    assert!(
+        !ice_kernel::blob::blob_refs(&first.payload)
+            .unwrap()
+            .is_empty(),
+        "the spec was moved to a blob: {:?}",
+        first.payload.keys().collect::<Vec<_>>()
+    );
+    let books = h.rt.books(&RunId::new("big-spec").unwrap()).await.unwrap();
+    assert!(books.spec.is_some());
+    let r = h.rt.replay(&RunId::new("big-spec").unwrap()).await.unwrap();
+    assert!(r.divergences.is_empty(), "{:?}", r.divergences);
+}
