@@ -413,6 +413,12 @@ fn parse_server(name: &str, raw: RawServer, base: &Path) -> Result<ToolServerSpe
     let at = format!("[servers.{name}]");
     ice_authority::Resource::tool(name, "tool")
         .map_err(|e| format!("{at}: {name:?} is not a usable server name: {e}"))?;
+    // Tools are offered as SERVER__TOOL and routed back by the first `__`.
+    if name.contains("__") {
+        return Err(format!(
+            "{at}: a server name may not contain \"__\" (tools are offered as SERVER__TOOL, so a call could not be told apart from one to another server)"
+        ));
+    }
     match (&raw.url, raw.command.is_empty()) {
         (Some(_), false) => return Err(format!("{at}: give either `command` or `url`, not both")),
         (None, true) => {
@@ -714,6 +720,13 @@ impl RunSpec {
                 grant_ttl_ms = parse_duration(t)
                     .map_err(|e| err(Some(at), format!("[grants] ttl: {e}")))?
                     .as_millis() as u64;
+                if grant_ttl_ms == 0 {
+                    return Err(err(
+                        Some(at),
+                        "[grants] ttl must be more than 0 (every grant would expire before its use)"
+                            .into(),
+                    ));
+                }
             }
             if let Some(u) = g.uses {
                 if u == 0 {

@@ -495,6 +495,8 @@ fn bad_run_specs_name_file_line_and_problem() {
         (format!("{head}[budget]\nwall_tme = \"1s\"\n"), "run.toml:9:1: unknown field `wall_tme`"),
         (format!("{head}[[check]]\nname = \"c\"\nrun = []\n"), "run.toml:8:1: [[check]] \"c\": `run` needs a program"),
         (format!("{head}[[assume]]\nfile = \"../x\"\n"), "[[assume]] file"),
+        (format!("{head}[grants]\nttl = \"0s\"\n"), "run.toml:8:1: [grants] ttl must be more than 0"),
+        (format!("{head}[servers.a__b]\ncommand = [\"x\"]\n"), "[servers.a__b]: a server name may not contain \"__\""),
         (format!("{head}[[assume]]\nfile = \"x\"\npolicy_version = \"current\"\n"), "either `file`"),
         ("[run]\nagent = \"a b\"\nworkspace = \"ws\"\n[agent]\ndriver = \"plan\"\nplan = \"plan.toml\"\n".to_string(), "run.toml:1:1: [run] agent \"a b\""),
         ("[run]\nagent = \"a\"\nworkspace = \"nope\"\n[agent]\ndriver = \"plan\"\nplan = \"plan.toml\"\n".to_string(), "[run] workspace \"nope\""),
