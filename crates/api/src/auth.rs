@@ -255,6 +255,15 @@ pub(crate) async fn operators_only(
     }
 }
 
+/// Whether the token of a request that is still being answered (a live stream) is still an
+/// operator's: revoking it ends what it opened.
+pub(crate) fn still_operator(
+    state: &Shared,
+    headers: &axum::http::HeaderMap,
+) -> Result<Operator, ApiError> {
+    authenticate(state, headers)
+}
+
 fn authenticate(state: &Shared, headers: &axum::http::HeaderMap) -> Result<Operator, ApiError> {
     state
         .credentials

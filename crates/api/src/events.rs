@@ -118,6 +118,8 @@ pub(crate) async fn stream(
         buffered: VecDeque::new(),
         ended,
         stop: s.stop.clone(),
+        state: s.clone(),
+        headers,
     };
     Ok(Sse::new(events(cursor))
         .keep_alive(KeepAlive::default())
@@ -131,12 +133,23 @@ struct Cursor {
     buffered: VecDeque<StoredEvent>,
     ended: bool,
     stop: CancellationToken,
+    /// The server's state and the request's headers: the token that opened the stream is
+    /// checked again before each event and each wait, so a revoked one stops it.
+    state: Shared,
+    headers: HeaderMap,
 }
 
 fn events(cursor: Cursor) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     stream::unfold(Some(cursor), |c| async move {
         let mut c = c?;
         loop {
+            if let Err(e) = crate::auth::still_operator(&c.state, &c.headers) {
+                let err = SseEvent::default().event("error").data(
+                    json!({"error": {"code": e.code, "message": format!("this stream ends: {}", e.message)}})
+                        .to_string(),
+                );
+                return Some((Ok(err), None));
+            }
             if c.ended {
                 let end = SseEvent::default()
                     .event("end")

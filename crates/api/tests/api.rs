@@ -64,6 +64,7 @@ struct Api {
     http: reqwest::Client,
     verifier: NoteVerifier,
     stop: CancellationToken,
+    credentials: Arc<CredentialStore>,
 }
 
 impl Drop for Api {
@@ -115,11 +116,12 @@ impl Api {
             .add(Role::Agent, "coder", &token_digest(AGENT_TOKEN))
             .unwrap();
         let stop = CancellationToken::new();
+        let credentials = CredentialStore::new(creds);
         let state = ApiState::new(
             rt,
             signer,
             verifier.clone(),
-            CredentialStore::new(creds),
+            credentials.clone(),
             Arc::new(plan_agents),
         )
         .with_stop(stop.clone())
@@ -140,6 +142,7 @@ impl Api {
             http: reqwest::Client::new(),
             verifier,
             stop,
+            credentials,
         }
     }
 
@@ -864,4 +867,45 @@ fn the_router_and_the_openapi_document_agree() {
             }
         }
     }
+}
+
+/// Revoking an operator's token ends the live streams it opened, not only its next requests.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_operators_open_stream_ends() {
+    let api = Api::start(true).await;
+    let spec = api.spec("waiter", "", WRITE_PLAN);
+    let run = api.start_run(&spec).await;
+    api.pending(&run).await;
+    let mut resp = api
+        .http
+        .get(api.url(&format!("/runs/{run}/events/stream")))
+        .header("authorization", format!("Bearer {OPERATOR_TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut text = String::new();
+    // The events so far arrive; then the token is revoked while the run still waits.
+    while !text.contains("ApprovalRequested") {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), resp.chunk())
+            .await
+            .expect("events arrive")
+            .unwrap()
+            .expect("the stream is open");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    api.credentials.replace(Credentials::new());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, resp.chunk()).await {
+            Ok(Ok(Some(c))) => text.push_str(&String::from_utf8_lossy(&c)),
+            Ok(_) => break,
+            Err(_) => panic!("the stream of a revoked token stayed open:\n{text}"),
+        }
+    }
+    assert!(
+        text.contains("event: error") && text.contains("this stream ends"),
+        "{text}"
+    );
 }
