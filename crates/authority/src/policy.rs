@@ -508,7 +508,9 @@ fn parse_file(
     out: &mut Vec<Diagnostic>,
 ) {
     let file = source.name.as_str();
-    let text = source.text.as_str();
+    // A byte-order mark (some editors write one) is not Cedar; the file's text, and so the
+    // policy version, keep it.
+    let text = source.text.strip_prefix('\u{feff}').unwrap_or(&source.text);
     if text.len() > MAX_POLICY_FILE_BYTES {
         out.push(diag(
             Severity::Error,

@@ -649,3 +649,27 @@ fn a_schema_nested_beyond_the_limit_is_refused_where_it_crosses_the_limit() {
     Schema::parse("s.cedarschema", &sets(MAX_SCHEMA_NESTING - 1)).expect("at the limit");
     Schema::parse("s.cedarschema", &sets(MAX_SCHEMA_NESTING)).expect_err("over the limit");
 }
+
+/// Some editors start a UTF-8 file with a byte-order mark: not Cedar, so it is skipped (a
+/// file saved that way loads as it reads), while the file's text keeps it (the version is of
+/// the file as it is).
+#[test]
+fn a_byte_order_mark_at_the_start_of_a_file_is_not_a_syntax_error() {
+    let schema = Schema::ice().expect("ICE schema parses");
+    let plain = source("a.cedar", "permit(principal, action, resource);\n");
+    let marked = source("a.cedar", "\u{feff}permit(principal, action, resource);\n");
+    let set = PolicySet::from_sources(&[marked.clone()], &schema)
+        .unwrap_or_else(|e| panic!("a file with a BOM loads: {e:?}"));
+    let other = PolicySet::from_sources(&[plain], &schema).unwrap();
+    assert_ne!(set.version(), other.version());
+    // A syntax error after the mark is still placed on its line and column.
+    let errs = errors(&[source(
+        "b.cedar",
+        "\u{feff}permit(principal, action, resource)\nfoo;\n",
+    )]);
+    assert!(
+        errs.iter()
+            .any(|d| d.file == "b.cedar" && d.location.is_some_and(|l| l.line == 2)),
+        "{errs:?}"
+    );
+}

@@ -305,7 +305,7 @@ async fn promote(home: &Path, url: Option<&str>, a: PromoteArgs) -> Result<u8> {
             confidence: a.confidence,
             ttl_ms,
             reason: a.reason,
-            operator: crate::run::operator(&a.operator),
+            operator: crate::run::operator(&a.operator)?,
         })
         .await?;
     let size = crate::run::seal(&h, &rt).await?;
@@ -349,7 +349,7 @@ async fn transition(
     let id = memory_id(&a.id, "memory")?;
     let (h, rt) = crate::run::runtime(home, url).await?;
     let report = rt
-        .transition_memory(&id, action, &a.reason, &crate::run::operator(&a.operator))
+        .transition_memory(&id, action, &a.reason, &crate::run::operator(&a.operator)?)
         .await?;
     let size = crate::run::seal(&h, &rt).await?;
     if a.json {

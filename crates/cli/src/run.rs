@@ -106,13 +106,18 @@ pub struct KillArgs {
     reason: String,
 }
 
-/// The operator's name for the record: `--operator`, else `$USER`, made a valid id.
-pub(crate) fn operator(name: &Option<String>) -> String {
-    let n = name
-        .clone()
-        .or_else(|| std::env::var("USER").ok())
-        .unwrap_or_else(|| "operator".into());
-    n.chars()
+/// The operator's name for the record: `--operator` as given (a name the record cannot carry
+/// is refused, as `ice token add` refuses it), else `$USER` made a valid id.
+pub(crate) fn operator(name: &Option<String>) -> Result<String> {
+    if let Some(n) = name {
+        format!("operator:{n}")
+            .parse::<ice_kernel::Origin>()
+            .map_err(|e| anyhow!("--operator {n:?}: {e}"))?;
+        return Ok(n.clone());
+    }
+    let n = std::env::var("USER").unwrap_or_else(|_| "operator".into());
+    let n: String = n
+        .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "._-@".contains(c) {
                 c
@@ -120,7 +125,8 @@ pub(crate) fn operator(name: &Option<String>) -> String {
                 '-'
             }
         })
-        .collect()
+        .collect();
+    Ok(if n.is_empty() { "operator".into() } else { n })
 }
 
 pub(crate) async fn runtime(home: &Path, url: Option<&str>) -> Result<(Home, Runtime)> {
@@ -414,7 +420,7 @@ pub async fn reconfigure(home: &Path, url: Option<&str>, a: ReconfigureArgs) -> 
     // A run whose process was killed is suspended by recovery first, so it can be reconfigured.
     recover(&rt, &progress).await?;
     let id = rt
-        .reconfigure(&run, &operator(&a.operator), &record)
+        .reconfigure(&run, &operator(&a.operator)?, &record)
         .await?;
     println!("recorded reconfiguration {id}");
     if a.no_resume {
@@ -437,7 +443,7 @@ pub async fn kill(home: &Path, url: Option<&str>, a: KillArgs) -> Result<u8> {
     let (h, rt) = runtime(home, url).await?;
     let progress = Progress { on: false };
     let state = rt
-        .kill(&run, &operator(&a.operator), &a.reason, &progress)
+        .kill(&run, &operator(&a.operator)?, &a.reason, &progress)
         .await?;
     if state.is_non_terminal() {
         println!("kill requested; the process driving run {run} stops it before its next step");
@@ -490,7 +496,7 @@ pub async fn answer(home: &Path, url: Option<&str>, a: AnswerArgs, grant: bool) 
         .parse()
         .map_err(|e| anyhow!("approval {:?}: {e}", a.approval))?;
     let (_h, rt) = runtime(home, url).await?;
-    rt.answer_approval(&id, &operator(&a.operator), grant, &a.reason)
+    rt.answer_approval(&id, &operator(&a.operator)?, grant, &a.reason)
         .await?;
     println!("{} {id}", if grant { "approved" } else { "denied" });
     Ok(0)

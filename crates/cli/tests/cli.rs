@@ -859,3 +859,19 @@ fn a_checkpoint_kept_outside_the_log_catches_a_truncation_that_removed_the_store
         stdout(&o)
     );
 }
+
+/// An operator's name given with --operator is recorded as given or refused, never quietly
+/// changed (`ice token add` refuses the same names).
+#[test]
+fn an_operator_name_the_record_cannot_carry_is_refused_not_rewritten() {
+    let (_d, home) = seeded();
+    let before = stdout(&ice(&home, &["log", "--json"])).lines().count();
+    let o = ice(&home, &["kill", "alpha", "--operator", "a:b"]);
+    assert_eq!(code(&o), 1, "{}{}", stdout(&o), stderr(&o));
+    assert!(stderr(&o).contains("--operator \"a:b\""), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&ice(&home, &["log", "--json"])).lines().count(),
+        before,
+        "nothing was recorded"
+    );
+}

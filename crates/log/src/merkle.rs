@@ -282,7 +282,7 @@ pub fn verify_inclusion(
     let outs: Vec<_> = proof.iter().map(to_output).collect();
     let proof = InclusionProof::<Sha256>::from_digests(outs.iter());
     root.verify_inclusion(&leaf_data, index, &proof)
-        .map_err(|e| format!("inclusion proof does not verify: {e:?}"))
+        .map_err(|e| format!("inclusion proof does not verify: {e}"))
 }
 
 /// Check that the tree (`size1`, `root1`) is a prefix of (`size2`, `root2`).
@@ -315,7 +315,7 @@ pub fn verify_consistency(
     let outs: Vec<_> = proof.iter().map(to_output).collect();
     let proof = ConsistencyProof::<Sha256>::from_digests(outs.iter());
     new.verify_consistency(&old, &proof)
-        .map_err(|e| format!("consistency proof does not verify: {e:?}"))
+        .map_err(|e| format!("consistency proof does not verify: {e}"))
 }
 
 #[cfg(test)]
