@@ -658,7 +658,7 @@ fn a_byte_order_mark_at_the_start_of_a_file_is_not_a_syntax_error() {
     let schema = Schema::ice().expect("ICE schema parses");
     let plain = source("a.cedar", "permit(principal, action, resource);\n");
     let marked = source("a.cedar", "\u{feff}permit(principal, action, resource);\n");
-    let set = PolicySet::from_sources(&[marked.clone()], &schema)
+    let set = PolicySet::from_sources(&[marked], &schema)
         .unwrap_or_else(|e| panic!("a file with a BOM loads: {e:?}"));
     let other = PolicySet::from_sources(&[plain], &schema).unwrap();
     assert_ne!(set.version(), other.version());
