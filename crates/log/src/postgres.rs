@@ -178,7 +178,11 @@ impl Statements {
                 "SELECT u.leaf_end, u.level, t.hash FROM unnest($1::int8[], $2::int2[]) AS u(leaf_end, level) \
                  JOIN {s}.tree t ON t.leaf_end = u.leaf_end AND t.level = u.level"
             ),
-            format!("SELECT digest FROM {s}.blobs WHERE digest = ANY($1::bytea[])"),
+            // Whether each is stored, and intact: bytes planted under a blob's name before an
+            // event needs it must not stand in for the real ones.
+            format!(
+                "SELECT digest, sha256(bytes) = digest FROM {s}.blobs WHERE digest = ANY($1::bytea[])"
+            ),
             // Everything an append group writes, in one statement; the head row is locked by
             // this transaction, so the size it sets is the one the log_seqs were counted from.
             format!(
@@ -835,13 +839,20 @@ impl Writer {
         let (client, st) = (&conn.client, &conn.st);
 
         // Blobs the batches reference but do not carry: they must be stored already, and
-        // stored blobs never go away, so this needs no lock.
+        // stored blobs never go away, so this needs no lock. Those they carry too: one already
+        // stored under that name must be intact, or the append would keep the other bytes.
         let mut needed: Vec<&[u8]> = group
             .iter()
             .flat_map(|p| p.events.iter())
             .filter_map(|c| c.as_ref().ok())
             .flatten()
             .map(|d| &d.0[..])
+            .chain(
+                group
+                    .iter()
+                    .flat_map(|p| p.batch.blobs().iter())
+                    .map(|b| &b.digest.0[..]),
+            )
             .collect();
         needed.sort_unstable();
         needed.dedup();
@@ -854,7 +865,19 @@ impl Writer {
                             Ok(d) => d,
                             Err(error) => return corrupt(error),
                         };
+                        let intact: bool = match col(&r, 1, "blob row") {
+                            Ok(i) => i,
+                            Err(error) => return corrupt(error),
+                        };
                         if let Ok(d) = <[u8; 32]>::try_from(d.as_slice()) {
+                            if !intact {
+                                return corrupt(LogError::Corrupt {
+                                    what: format!(
+                                        "blob {} is stored with bytes that do not hash to its name: the store was altered; nothing was appended (run `ice verify`)",
+                                        Digest(d)
+                                    ),
+                                });
+                            }
                             stored_blobs.insert(Digest(d));
                         }
                     }

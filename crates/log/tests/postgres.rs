@@ -553,6 +553,30 @@ async fn large_fields_become_blobs_and_bad_blobs_are_refused() {
     assert_eq!(log.size().await.unwrap(), 4);
     assert_eq!(log.blob(&blob.digest).await.unwrap(), None);
 
+    // Bytes planted under the blob's name (a plain insert) do not stand in for the real ones:
+    // the append that carries the blob fails, names it, and writes nothing.
+    let raw = pg.raw().await;
+    let q = pg.q();
+    raw.execute(
+        &format!("INSERT INTO {q}.blobs(digest, bytes) VALUES ($1, $2)"),
+        &[&&blob.digest.0[..], &&b"garbage"[..]],
+    )
+    .await
+    .unwrap();
+    match log.append(sealed.clone()).await {
+        Err(LogError::Corrupt { what }) => assert!(
+            what.contains(&blob.digest.to_string()) && what.contains("do not hash to its name"),
+            "{what}"
+        ),
+        other => panic!("a planted blob was used: {other:?}"),
+    }
+    assert_eq!(log.size().await.unwrap(), 4);
+    raw.batch_execute(&format!(
+        "DROP TRIGGER blobs_append_only ON {q}.blobs; DELETE FROM {q}.blobs"
+    ))
+    .await
+    .unwrap();
+
     let r = log.append(sealed.clone()).await.unwrap();
     assert_eq!((r.first_log_seq, r.count), (4, 1));
     head = head_of(&run, &[&opened, &sealed]);
