@@ -379,7 +379,9 @@ async fn governed_calls(
     let ws = base.join("workspace");
     std::fs::create_dir_all(&ws)?;
     std::fs::create_dir_all(base.join("policies"))?;
-    std::fs::create_dir_all(base.join("runs"))?;
+    // The installation beside the workspace, not around it (a run refuses a workspace inside
+    // its home).
+    std::fs::create_dir_all(base.join("home/runs"))?;
     std::fs::write(ws.join("noop.txt"), "sixteen bytes!!\n")?;
     std::fs::write(
         base.join("policies/p.cedar"),
@@ -397,7 +399,7 @@ async fn governed_calls(
     let log: Arc<dyn EventLog> = if in_memory {
         Arc::new(MemoryLog::default())
     } else {
-        Arc::new(SqliteLog::create(&base.join("ice.db"))?)
+        Arc::new(SqliteLog::create(&base.join("home/ice.db"))?)
     };
     let ledger = Arc::new(Ledger::new(
         log.clone(),
@@ -407,7 +409,7 @@ async fn governed_calls(
         ledger,
         Arc::new(ice_log::clock::SystemClock),
         ice_runtime::Installation {
-            runs_dir: base.join("runs"),
+            runs_dir: base.join("home/runs"),
             policy_dir: base.join("policies"),
         },
     )?;
