@@ -147,6 +147,15 @@ pub async fn verify(home: &Path, url: Option<&str>, a: VerifyArgs) -> Result<u8>
         };
         println!("INVALID{at}: {}", f.problem);
         println!("({} events before it verified)", report.events);
+        if f.problem.contains("has no signature by key") {
+            println!(
+                "(the key checked with is {}: if that is not this log's verifier key, the log may be intact; check with the right one, --key FILE)",
+                a.key
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "the home's keys/checkpoint.pub".into())
+            );
+        }
     } else {
         println!(
             "ok: {} events in {} runs; root {}; {} checkpoint(s) verified{}; {} tree nodes, {} blob(s){} checked in {:.2}s",

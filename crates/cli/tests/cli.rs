@@ -875,3 +875,25 @@ fn an_operator_name_the_record_cannot_carry_is_refused_not_rewritten() {
         "nothing was recorded"
     );
 }
+
+/// Checked with another log's key, the stored checkpoints do not verify: `verify` says so
+/// (exit 5) and says which key it used, since the log itself may well be intact.
+#[test]
+fn verify_with_another_logs_key_names_the_key_it_used() {
+    let (d, home) = seeded();
+    assert_eq!(code(&ice(&home, &["checkpoint"])), 0);
+    let other = d.path().join("other");
+    assert_eq!(
+        code(&ice(&other, &["init", "--origin", "ice.test/other"])),
+        0
+    );
+    let key = other.join("keys/checkpoint.pub");
+    let o = ice(&home, &["verify", "--key", key.to_str().unwrap()]);
+    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains(&format!("the key checked with is {}", key.display()))
+            && stdout(&o).contains("the log may be intact"),
+        "{}",
+        stdout(&o)
+    );
+}
