@@ -255,16 +255,12 @@ pub(crate) async fn operators_only(
     }
 }
 
-/// Whether the token of a request that is still being answered (a live stream) is still an
-/// operator's: revoking it ends what it opened.
-pub(crate) fn still_operator(
+/// The operator a request's token names, as the credentials are now (a live stream asks again
+/// before each event, so revoking the token ends what it opened).
+pub(crate) fn authenticate(
     state: &Shared,
     headers: &axum::http::HeaderMap,
 ) -> Result<Operator, ApiError> {
-    authenticate(state, headers)
-}
-
-fn authenticate(state: &Shared, headers: &axum::http::HeaderMap) -> Result<Operator, ApiError> {
     state
         .credentials
         .with(|creds| operator_of(creds, &state.token_hint, headers))

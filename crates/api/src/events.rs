@@ -143,7 +143,7 @@ fn events(cursor: Cursor) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     stream::unfold(Some(cursor), |c| async move {
         let mut c = c?;
         loop {
-            if let Err(e) = crate::auth::still_operator(&c.state, &c.headers) {
+            if let Err(e) = crate::auth::authenticate(&c.state, &c.headers) {
                 let err = SseEvent::default().event("error").data(
                     json!({"error": {"code": e.code, "message": format!("this stream ends: {}", e.message)}})
                         .to_string(),

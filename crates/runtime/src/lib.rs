@@ -239,37 +239,23 @@ pub async fn read_run(
     }
 }
 
-/// `e`'s payload with every blobbed field read back from the log; a blob that is missing or
-/// does not hash to its name is an error naming it (verify reports where).
+/// `e`'s payload with every blobbed field read back from the log (as replay reads them); a
+/// blob that is missing or does not match its reference is an error naming it.
 async fn inline_blobs(
     log: &dyn ice_log::EventLog,
     e: &Event,
 ) -> Result<ice_kernel::Payload, ice_log::LogError> {
-    let refs =
-        ice_kernel::blob::blob_refs(&e.payload).map_err(|what| ice_log::LogError::Corrupt {
-            what: format!("event {}: {what}", e.id()),
-        })?;
-    let mut found = std::collections::HashMap::new();
-    for r in refs {
-        match log.blob(&r.digest).await? {
-            Some(b) if ice_kernel::Digest::of(&b) == r.digest => {
-                found.insert(r.digest, b);
-            }
-            _ => {
-                return Err(ice_log::LogError::Corrupt {
-                    what: format!(
-                        "event {}: blob {} (payload field {:?}) is missing or altered; run `ice verify`",
-                        e.id(),
-                        r.digest,
-                        r.field
-                    ),
-                });
-            }
-        }
+    let resolved = replay::resolve(log, &e.payload).await?;
+    if !resolved.problems.is_empty() {
+        return Err(ice_log::LogError::Corrupt {
+            what: format!(
+                "event {}: {}; run `ice verify`",
+                e.id(),
+                resolved.problems.join("; ")
+            ),
+        });
     }
-    Ok(ice_kernel::blob::inline(&e.payload, |d| {
-        found.get(d).cloned()
-    }))
+    Ok(resolved.payload.unwrap_or_else(|| e.payload.clone()))
 }
 
 /// Hand every event stored from `*next` on to `each`, in log order, a page at a time, moving

@@ -477,25 +477,25 @@ impl Runtime {
 }
 
 /// A payload with its blobs put back (see [`resolve`]).
-struct Resolved {
+pub(crate) struct Resolved {
     /// The payload with every field whose blob checks out put back; `None` when it has no
     /// blob reference (the payload as stored is the whole of it).
-    payload: Option<Map<String, Value>>,
+    pub(crate) payload: Option<Map<String, Value>>,
     /// Blob references found.
     refs: u64,
     /// What could not be put back, and why, naming the field and the blob (that field keeps
     /// its reference).
-    problems: Vec<String>,
+    pub(crate) problems: Vec<String>,
 }
 
 /// Put back the payload fields the kernel moved to blobs (`{"$blob": digest, "size": n}`), from
 /// the log. A blob is put back only if it is stored, hashes to its reference's digest, has the
 /// size the reference records, and is one JSON value; otherwise the field keeps its reference
 /// and the problem is returned (never an error: the caller reports it as a divergence).
-async fn resolve(
+pub(crate) async fn resolve(
     log: &dyn ice_log::EventLog,
     payload: &Map<String, Value>,
-) -> Result<Resolved, RuntimeError> {
+) -> Result<Resolved, ice_log::LogError> {
     let mut out = Resolved {
         payload: None,
         refs: 0,
