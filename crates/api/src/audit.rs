@@ -8,9 +8,7 @@ use axum::http::{StatusCode, Uri};
 use axum::response::Response;
 use ice_kernel::{Digest, EventId, RunId, SealedBatch};
 use ice_log::checkpoint::Checkpoint;
-use ice_log::{
-    AppendReceipt, EventLog, Extent, LogError, NodeId, StoredCheckpoint, StoredEvent, root_at,
-};
+use ice_log::{AppendReceipt, EventLog, Extent, LogError, NodeId, StoredCheckpoint, StoredEvent};
 use serde_json::{Value, json};
 
 use crate::ApiState;
@@ -18,25 +16,18 @@ use crate::Shared;
 use crate::error::ApiError;
 use crate::io::{PathParam, Query, event_id, json_response, ok};
 
-/// Sign the log's current tree head with the installation's key and store the checkpoint.
+/// Sign the log's current tree head with the installation's key and store the checkpoint,
+/// after checking everything the latest checkpoint does not cover yet (refused: 409).
 pub(crate) async fn sign_checkpoint(s: &ApiState) -> Result<Value, ApiError> {
     let log = s.runtime.ledger().log();
-    let size = log.size().await?;
-    let root = root_at(log.as_ref(), size).await?;
-    let cp = Checkpoint {
-        origin: s.signer.name().to_string(),
-        size,
-        root,
-    };
-    let note = cp
-        .sign(&s.signer)
-        .map_err(|e| ApiError::internal(format!("signing a checkpoint: {e}")))?;
-    log.add_checkpoint(StoredCheckpoint {
-        size,
-        note: note.clone(),
-    })
-    .await?;
-    Ok(json!({"size": size, "root": root.to_hex(), "note": note}))
+    let signed = ice_log::verify::sign_checkpoint(log.as_ref(), &s.signer)
+        .await
+        .map_err(|e| match e {
+            ice_log::verify::SignError::Log(e) => e.into(),
+            e @ ice_log::verify::SignError::Refused(_) => ApiError::conflict(e.to_string()),
+            e @ ice_log::verify::SignError::Sign(_) => ApiError::internal(e.to_string()),
+        })?;
+    Ok(json!({"size": signed.size, "root": signed.root.to_hex(), "note": signed.note}))
 }
 
 fn checkpoint_json(c: &StoredCheckpoint) -> Value {

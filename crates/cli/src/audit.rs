@@ -6,10 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use ice_kernel::EventId;
-use ice_log::checkpoint::Checkpoint;
 use ice_log::proof::{ProofFile, prove_consistency, prove_inclusion};
 use ice_log::sqlite::Mode;
-use ice_log::{StoredCheckpoint, root_at};
+
 use serde_json::json;
 
 use crate::EXIT_INVALID;
@@ -190,39 +189,27 @@ pub struct CheckpointArgs {
     json: bool,
 }
 
-/// Sign the log's current tree head with the home's key and store the checkpoint.
+/// Sign the log's current tree head with the home's key and store the checkpoint, after
+/// checking everything the latest checkpoint does not cover yet (a refusal is exit 5).
 pub async fn sign_checkpoint(
     h: &Home,
     log: &dyn ice_log::EventLog,
-) -> Result<(u64, ice_kernel::Digest, String)> {
+) -> Result<ice_log::verify::Signed> {
     let signer = h.signer()?;
-    let size = log.size().await?;
-    let root = root_at(log, size).await?;
-    let cp = Checkpoint {
-        origin: signer.name().to_string(),
-        size,
-        root,
-    };
-    let note = cp.sign(&signer).map_err(|e| anyhow!("{e}"))?;
-    log.add_checkpoint(StoredCheckpoint {
-        size,
-        note: note.clone(),
-    })
-    .await?;
-    Ok((size, root, note))
+    Ok(ice_log::verify::sign_checkpoint(log, &signer).await?)
 }
 
 pub async fn checkpoint(home: &Path, url: Option<&str>, a: CheckpointArgs) -> Result<u8> {
     let h = Home::open(home)?;
     let log = h.log(url, Mode::ReadWrite).await?;
-    let (size, root, note) = sign_checkpoint(&h, log.as_ref()).await?;
+    let signed = sign_checkpoint(&h, log.as_ref()).await?;
     if a.json {
         println!(
             "{}",
-            json!({"size": size, "root": root.to_hex(), "note": note})
+            json!({"size": signed.size, "root": signed.root.to_hex(), "note": signed.note})
         );
     } else {
-        print!("{note}");
+        print!("{}", signed.note);
     }
     Ok(0)
 }

@@ -2,7 +2,8 @@
 //!
 //! Exit codes (stable, for scripts): 0 success; 1 error (bad input, I/O, internal); 2 usage;
 //! 3 a run ended aborted or failed validation; 4 a run is suspended or waiting for an operator;
-//! 5 `verify` or `verify-proof` found the log or a proof invalid.
+//! 5 `verify` or `verify-proof` found the log or a proof invalid, or a checkpoint was refused
+//! because what it would cover does not verify.
 
 mod agents;
 mod audit;
@@ -167,7 +168,14 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            // A checkpoint refused because the log does not verify is a verdict on the log.
+            let refused = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<ice_log::verify::SignError>(),
+                    Some(ice_log::verify::SignError::Refused(_))
+                )
+            });
+            ExitCode::from(if refused { EXIT_INVALID } else { 1 })
         }
     }
 }

@@ -388,10 +388,10 @@ async fn seal_with_checkpoint(h: &Home, rt: &Runtime, quiet: bool) -> Result<()>
 
 /// Sign a checkpoint of the log as it is now; returns its size.
 pub(crate) async fn seal(h: &Home, rt: &Runtime) -> Result<u64> {
-    let (size, _, _) = crate::audit::sign_checkpoint(h, rt.ledger().log().as_ref())
+    let signed = crate::audit::sign_checkpoint(h, rt.ledger().log().as_ref())
         .await
         .context("signing a checkpoint after the run")?;
-    Ok(size)
+    Ok(signed.size)
 }
 
 pub async fn reconfigure(home: &Path, url: Option<&str>, a: ReconfigureArgs) -> Result<u8> {

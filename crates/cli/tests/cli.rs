@@ -897,3 +897,81 @@ fn verify_with_another_logs_key_names_the_key_it_used() {
         stdout(&o)
     );
 }
+
+/// A checkpoint vouches for the events it covers, so `ice checkpoint` checks what the latest
+/// one does not cover yet as deeply as `verify --deep` before signing. An event forged after
+/// it, with its hash, tree nodes and the head made to agree (which the default `verify`
+/// accepts: only its encoding gives it away), is refused with exit 5, and nothing is signed.
+#[test]
+fn a_forged_event_after_the_last_checkpoint_is_never_signed() {
+    let (_d, home) = seeded();
+    // No checkpoint yet: all ten events are new; the last one (beta:4) is forged.
+    let db = home.join("ice.db");
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.execute_batch("DROP TRIGGER events_no_update; DROP TRIGGER tree_no_update;")
+        .unwrap();
+    let hashes: Vec<Vec<u8>> = c
+        .prepare("SELECT hash FROM events ORDER BY log_seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(hashes.len(), 10);
+    let body: Vec<u8> = c
+        .query_row("SELECT body FROM events WHERE log_seq = 9", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let mut event: Value = serde_json::from_slice(&body).unwrap();
+    event["intent"] = json!("write a file, with feeling");
+    let forged = serde_json::to_vec_pretty(&event).unwrap();
+    let hash = ice_kernel::Digest::of(&forged);
+    let mut tree = ice_log::merkle::Frontier::new();
+    for h in &hashes[..9] {
+        tree.push(ice_log::merkle::leaf_hash(h));
+    }
+    let nodes = tree.push(ice_log::merkle::leaf_hash(&hash.0));
+    c.execute(
+        "UPDATE events SET body = ?1, hash = ?2 WHERE log_seq = 9",
+        rusqlite::params![forged, hash.0.to_vec()],
+    )
+    .unwrap();
+    for (id, h) in nodes {
+        c.execute(
+            "UPDATE tree SET hash = ?1 WHERE leaf_end = 9 AND level = ?2",
+            rusqlite::params![h.0.to_vec(), id.level as i64],
+        )
+        .unwrap();
+    }
+    c.execute(
+        "UPDATE head SET last = ?1",
+        rusqlite::params![hash.0.to_vec()],
+    )
+    .unwrap();
+    drop(c);
+
+    let o = ice(&home, &["verify"]);
+    assert_eq!(
+        code(&o),
+        0,
+        "the default depth does not decode payloads: {}",
+        stdout(&o)
+    );
+    let o = ice(&home, &["checkpoint"]);
+    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stderr(&o).contains(
+            "refusing to sign a checkpoint over events that do not verify: log_seq 9 (beta:4)"
+        ) && stderr(&o).contains("nothing was signed"),
+        "{}",
+        stderr(&o)
+    );
+    let o = ice(&home, &["verify", "--deep"]);
+    assert_eq!(code(&o), 5, "{}", stdout(&o));
+    let checkpoints: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("SELECT count(*) FROM checkpoints", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(checkpoints, 0, "nothing was signed");
+}

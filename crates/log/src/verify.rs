@@ -23,7 +23,7 @@ use ice_kernel::blob::blob_refs;
 use ice_kernel::{CauseIndex, Digest, EventId, RunHead, RunId};
 use serde::Serialize;
 
-use crate::checkpoint::{Checkpoint, NoteVerifier};
+use crate::checkpoint::{Checkpoint, NoteSigner, NoteVerifier};
 use crate::merkle::{Frontier, NodeId, leaf_hash};
 use crate::{EventLog, EventPage, LogError, StoredRef};
 
@@ -84,6 +84,25 @@ impl CauseIndex for Seen<'_> {
     }
 }
 
+/// Where a run's causes in other runs are not in question (events a signed checkpoint covers).
+struct AnyCause;
+
+impl CauseIndex for AnyCause {
+    fn contains(&self, _: &EventId) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.log_seq, &self.event_id) {
+            (Some(at), Some(id)) => write!(f, "log_seq {at} ({id}): {}", self.problem),
+            (Some(at), None) => write!(f, "log_seq {at}: {}", self.problem),
+            (None, _) => f.write_str(&self.problem),
+        }
+    }
+}
+
 /// Verify the whole log at the default depth. See [`verify_with`].
 pub async fn verify(
     log: &dyn EventLog,
@@ -133,6 +152,7 @@ pub async fn verify_against(
         floor: log.tree_floor(),
         last: Digest::GENESIS,
         next: 0,
+        base: 0,
     };
     if !v.load_checkpoints(log, verifier).await? || !v.add_kept(verifier, kept) {
         return Ok(v.report);
@@ -141,39 +161,9 @@ pub async fn verify_against(
     // (reading events and tree nodes in separate calls would otherwise see one and not the
     // other). Checkpoints were read first, so none covers more than this.
     let size = log.size().await?;
-    let take = |from: u64| size.saturating_sub(from).min(PAGE as u64);
-    let mut page = log
-        .scan_page(0, take(0) as usize, true, EventPage::default())
-        .await?;
-    // The page before this one, whose memory the next read reuses.
-    let mut spare = EventPage::default();
-    loop {
-        let n = page.len() as u64;
-        let from = v.next + n;
-        // Read the next page while this one is checked.
-        let (next, outcome) = tokio::join!(
-            async {
-                if n > 0 && take(from) > 0 {
-                    let reuse = std::mem::take(&mut spare);
-                    Some(log.scan_page(from, take(from) as usize, true, reuse).await)
-                } else {
-                    None
-                }
-            },
-            v.check_page(log, &page)
-        );
-        if !outcome? {
-            v.report.events = v.next;
-            return Ok(v.report);
-        }
-        v.report.events = v.next;
-        progress(v.next);
-        match next {
-            Some(p) => spare = std::mem::replace(&mut page, p?),
-            None => break,
-        }
+    if v.stream(log, size, &mut progress).await? {
+        v.finish(log, size).await?;
     }
-    v.finish(log, size).await?;
     Ok(v.report)
 }
 
@@ -193,6 +183,9 @@ struct Verifier {
     /// The hash column of the last event checked (what the next one's `log_prev` must be).
     last: Digest,
     next: u64,
+    /// Where checking started: 0, or the size of the checkpoint [`verify_tail`] starts from
+    /// (runs are then read up to it the first time one of their events is checked or cited).
+    base: u64,
 }
 
 impl Verifier {
@@ -202,6 +195,48 @@ impl Verifier {
             event_id,
             problem,
         });
+    }
+
+    /// Check the events from `self.next` up to `size`, a page at a time, reading the next page
+    /// while this one is checked. `Ok(false)` once a failure is recorded.
+    async fn stream(
+        &mut self,
+        log: &dyn EventLog,
+        size: u64,
+        progress: &mut impl FnMut(u64),
+    ) -> Result<bool, LogError> {
+        let take = |from: u64| size.saturating_sub(from).min(PAGE as u64);
+        let start = self.next;
+        let mut page = log
+            .scan_page(start, take(start) as usize, true, EventPage::default())
+            .await?;
+        // The page before this one, whose memory the next read reuses.
+        let mut spare = EventPage::default();
+        loop {
+            let n = page.len() as u64;
+            let from = self.next + n;
+            // Read the next page while this one is checked.
+            let (next, outcome) = tokio::join!(
+                async {
+                    if n > 0 && take(from) > 0 {
+                        let reuse = std::mem::take(&mut spare);
+                        Some(log.scan_page(from, take(from) as usize, true, reuse).await)
+                    } else {
+                        None
+                    }
+                },
+                self.check_page(log, &page)
+            );
+            self.report.events = self.next - self.base;
+            if !outcome? {
+                return Ok(false);
+            }
+            progress(self.next);
+            match next {
+                Some(p) => spare = std::mem::replace(&mut page, p?),
+                None => return Ok(true),
+            }
+        }
     }
 
     /// Checkpoints first: their claims are what the events are checked against.
@@ -301,6 +336,9 @@ impl Verifier {
     /// Check one page of events and the tree nodes their leaves completed. `Ok(false)` once a
     /// failure is recorded.
     async fn check_page(&mut self, log: &dyn EventLog, rows: &EventPage) -> Result<bool, LogError> {
+        if self.base > 0 && !self.load_heads(log, rows).await? {
+            return Ok(false);
+        }
         let mut nodes = rows.nodes().iter().copied();
         let blob_key = memchr::memmem::Finder::new(b"\"$blob\"");
         for row in rows.iter() {
@@ -449,6 +487,63 @@ impl Verifier {
         };
         self.current = Some((key, head));
         outcome.err().map(|p| (Some(label()), p))
+    }
+
+    /// Checking from a checkpoint on: the head, as of that checkpoint, of every run that the
+    /// page's events belong to or cite and that was not read yet. `Ok(false)` once a failure is
+    /// recorded.
+    async fn load_heads(&mut self, log: &dyn EventLog, rows: &EventPage) -> Result<bool, LogError> {
+        let mut wanted: Vec<RunId> = Vec::new();
+        for row in rows.iter() {
+            let mut want = |run: &str| {
+                let known = self.heads.contains_key(run)
+                    || self
+                        .current
+                        .as_ref()
+                        .is_some_and(|(k, _)| k.as_str() == run)
+                    || wanted.iter().any(|w| w.as_str() == run);
+                if !known && let Ok(r) = RunId::new(run) {
+                    wanted.push(r);
+                }
+            };
+            want(row.run_id);
+            // A payload that does not read is reported when the event is checked.
+            if let Ok(e) = row.event() {
+                for c in &e.causes {
+                    want(c.run_id.as_str());
+                }
+            }
+        }
+        for run in wanted {
+            let mut head = RunHead::new(run.clone());
+            let mut from = 0;
+            'run: loop {
+                let events = log.read_run(&run, from, PAGE).await?;
+                let n = events.len();
+                for e in events {
+                    if e.log_seq >= self.base {
+                        break 'run;
+                    }
+                    // Covered by the checkpoint's signature: read to learn the run's head
+                    // (what its next event must follow), which checks its chain as well.
+                    let hash = <[u8; 32]>::try_from(e.hash.as_slice()).unwrap_or([0; 32]);
+                    if let Err(p) = head.admit_stored(&e.body, Digest(hash), &AnyCause) {
+                        self.fail(
+                            Some(e.log_seq),
+                            Some(format!("{}:{}", e.run_id, e.run_seq)),
+                            p.to_string(),
+                        );
+                        return Ok(false);
+                    }
+                }
+                if n < PAGE {
+                    break;
+                }
+                from += n as u64;
+            }
+            self.heads.insert(run, head);
+        }
+        Ok(true)
     }
 
     async fn check_blobs(
@@ -665,4 +760,170 @@ fn deep_check(
         return Err("the stored body is not the canonical encoding of the event".into());
     }
     Ok(())
+}
+
+/// What [`verify_tail`] checked: the report (its `events` are those after the checkpoint), and
+/// the size and root of the log it read.
+#[derive(Clone, Debug)]
+pub struct Tail {
+    /// The report; `failure` says what is wrong.
+    pub report: VerifyReport,
+    /// The size of the log checked.
+    pub size: u64,
+    /// Its Merkle root, computed from the events (equal to the stored tree's, when `report` is ok).
+    pub root: Digest,
+}
+
+/// Verify what the latest stored checkpoint does not cover yet, as deeply as
+/// [`verify_with`]`(deep = true)` checks every event: the latest checkpoint must open with
+/// `verifier` and name the stored tree's root at its size; every event after it must hash to
+/// its hash, decode, be its own canonical encoding, pass the law against the heads its runs had
+/// at the checkpoint, and sit where the stored tree and `log_prev` links say. The cost is that
+/// of the new events and of reading the runs they belong to or cite, not of the whole log.
+/// This is what is checked before a checkpoint is signed ([`sign_checkpoint`]).
+pub async fn verify_tail(log: &dyn EventLog, verifier: &NoteVerifier) -> Result<Tail, LogError> {
+    let mut v = Verifier {
+        report: VerifyReport {
+            deep: true,
+            ..VerifyReport::default()
+        },
+        deep: true,
+        checkpoints: VecDeque::new(),
+        matched: 0,
+        heads: HashMap::new(),
+        current: None,
+        frontier: Frontier::new(),
+        floor: log.tree_floor(),
+        last: Digest::GENESIS,
+        next: 0,
+        base: 0,
+    };
+    let done = |v: Verifier, size: u64| Tail {
+        root: v.frontier.root(),
+        report: v.report,
+        size,
+    };
+    let latest = log.checkpoints().await?.pop();
+    let size = log.size().await?;
+    if let Some(cp) = latest {
+        let c = match Checkpoint::open(&cp.note, verifier) {
+            Ok(c) if c.size == cp.size => c,
+            Ok(c) => {
+                v.fail(
+                    None,
+                    None,
+                    format!(
+                        "the latest checkpoint is stored at size {} but says size {}",
+                        cp.size, c.size
+                    ),
+                );
+                return Ok(done(v, size));
+            }
+            Err(e) => {
+                v.fail(
+                    None,
+                    None,
+                    format!("the latest checkpoint (size {}): {e}", cp.size),
+                );
+                return Ok(done(v, size));
+            }
+        };
+        v.report.latest_checkpoint = Some(c.size);
+        if size < c.size {
+            v.fail(
+                Some(size),
+                None,
+                format!("the log ends at {size} events but a signed checkpoint covers {}: events from log_seq {size} on are missing (truncated)", c.size),
+            );
+            return Ok(done(v, size));
+        }
+        if c.size > 0 {
+            let ids = crate::merkle::range_nodes(0, c.size);
+            let stored: HashMap<NodeId, Digest> =
+                ids.iter().copied().zip(log.nodes(&ids).await?).collect();
+            let frontier = Frontier::from_nodes(c.size, |id| stored.get(&id).copied());
+            let last = log.scan(c.size - 1, 1).await?;
+            match (frontier, last.first()) {
+                (Some(f), Some(e)) if f.root() == c.root && e.log_seq == c.size - 1 => {
+                    v.frontier = f;
+                    v.last = Digest(<[u8; 32]>::try_from(e.hash.as_slice()).unwrap_or([0; 32]));
+                }
+                _ => {
+                    v.fail(
+                        Some(c.size - 1),
+                        None,
+                        format!("the stored tree of the first {} events does not have the root of the signed checkpoint of that size: the log was rewritten before it", c.size),
+                    );
+                    return Ok(done(v, size));
+                }
+            }
+            v.next = c.size;
+            v.base = c.size;
+            v.matched = c.size;
+        }
+        v.report.checkpoints_verified = 1;
+    }
+    if v.stream(log, size, &mut |_| {}).await? {
+        v.finish(log, size).await?;
+    }
+    v.report.warnings.clear();
+    if let Some((k, h)) = v.current.take() {
+        v.heads.insert(k, h);
+    }
+    v.report.runs = v.heads.len() as u64;
+    v.report.root = v.frontier.root().to_hex();
+    Ok(done(v, size))
+}
+
+/// Why no checkpoint was signed.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    /// The log could not be read or the checkpoint stored.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// What the checkpoint would cover does not verify: a signature would vouch for it.
+    #[error(
+        "refusing to sign a checkpoint over events that do not verify: {0}; nothing was signed (`ice verify --deep` shows the whole log)"
+    )]
+    Refused(Failure),
+    /// The signer failed.
+    #[error("signing the checkpoint: {0}")]
+    Sign(#[from] crate::checkpoint::CheckpointError),
+}
+
+/// A checkpoint signed and stored by [`sign_checkpoint`].
+#[derive(Clone, Debug)]
+pub struct Signed {
+    /// Events it covers.
+    pub size: u64,
+    /// Their Merkle root.
+    pub root: Digest,
+    /// The signed note.
+    pub note: String,
+}
+
+/// Sign the log's current tree head with `signer` and store the checkpoint, after checking
+/// everything since the latest checkpoint ([`verify_tail`], with `signer`'s own public key): a
+/// signature is an attestation, and is never put on events verification would reject.
+pub async fn sign_checkpoint(log: &dyn EventLog, signer: &NoteSigner) -> Result<Signed, SignError> {
+    let tail = verify_tail(log, &signer.verifier()).await?;
+    if let Some(f) = tail.report.failure {
+        return Err(SignError::Refused(f));
+    }
+    let cp = Checkpoint {
+        origin: signer.name().to_string(),
+        size: tail.size,
+        root: tail.root,
+    };
+    let note = cp.sign(signer)?;
+    log.add_checkpoint(crate::StoredCheckpoint {
+        size: tail.size,
+        note: note.clone(),
+    })
+    .await?;
+    Ok(Signed {
+        size: tail.size,
+        root: tail.root,
+        note,
+    })
 }

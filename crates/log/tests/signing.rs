@@ -1,0 +1,215 @@
+//! A checkpoint is a signature over the log: it is signed only over what verification accepts.
+//! `verify::sign_checkpoint` checks everything the latest checkpoint does not cover yet, as
+//! deeply as `verify --deep`, at the cost of the new events (not the whole log), and refuses to
+//! sign over a forged event or a log rewritten under its last checkpoint.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use ice_kernel::Draft;
+use ice_log::checkpoint::NoteSigner;
+use ice_log::merkle::{Frontier, leaf_hash};
+use ice_log::sqlite::{Mode, SqliteLog};
+use ice_log::verify::{SignError, sign_checkpoint, verify_tail, verify_with};
+use ice_log::{EventLog, root_at};
+use rusqlite::params;
+use serde_json::{Value, json};
+
+fn signer() -> NoteSigner {
+    NoteSigner::from_seed("ice.test/signing", [7u8; 32]).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_checkpoint_is_signed_after_checking_only_what_is_new() {
+    let fx = Fixture::new();
+    let s = signer();
+    let (a, b, c) = (run_id("a"), run_id("b"), run_id("c"));
+    fx.ledger.append(&a, opening()).await.unwrap();
+    fx.ledger.append(&b, opening()).await.unwrap();
+    let first = sign_checkpoint(fx.log(), &s).await.unwrap();
+    assert_eq!(first.size, 8);
+    assert_eq!(first.root, root_at(fx.log(), 8).await.unwrap());
+
+    // After it: more of `a` and `b` (whose heads are read from before the checkpoint), an event
+    // of `b` citing one of `a` from before it, and a new run `c`.
+    fx.ledger
+        .append(&a, vec![working(0, 1), working(5, 2)])
+        .await
+        .unwrap();
+    let mut cites = working(1, 3);
+    cites.causes.push(event_id("a:2"));
+    fx.ledger.append(&b, vec![cites]).await.unwrap();
+    fx.ledger.append(&c, opening()).await.unwrap();
+    let tail = verify_tail(fx.log(), &s.verifier()).await.unwrap();
+    assert!(tail.report.ok(), "{:?}", tail.report.failure);
+    assert_eq!(
+        tail.report.events, 7,
+        "only the events after the checkpoint"
+    );
+    assert_eq!(tail.report.runs, 3);
+    assert!(tail.report.deep);
+    let second = sign_checkpoint(fx.log(), &s).await.unwrap();
+    assert_eq!(second.size, 15);
+    assert_eq!(second.root, root_at(fx.log(), 15).await.unwrap());
+
+    // Nothing new: signing again covers the same events.
+    let again = sign_checkpoint(fx.log(), &s).await.unwrap();
+    assert_eq!((again.size, again.root), (second.size, second.root));
+
+    let report = verify_with(fx.log(), Some(&s.verifier()), true, |_| {})
+        .await
+        .unwrap();
+    assert!(report.ok(), "{:?}", report.failure);
+    assert_eq!(report.checkpoints_verified, 2);
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+}
+
+/// A closed log of two runs, a checkpoint after the first 8 events and 3 events after it.
+async fn signed_then_grown() -> (tempfile::TempDir, PathBuf) {
+    let fx = Fixture::with_tree_floor(1);
+    let s = signer();
+    fx.ledger.append(&run_id("a"), opening()).await.unwrap();
+    fx.ledger.append(&run_id("b"), opening()).await.unwrap();
+    sign_checkpoint(fx.log(), &s).await.unwrap();
+    let more: Vec<Draft> = vec![working(0, 1), working(3, 2), working(4, 3)];
+    fx.ledger.append(&run_id("a"), more).await.unwrap();
+    fx.close()
+}
+
+/// A copy of the log file (the WAL folded in first, so the file is the whole log).
+fn copy(src: &Path, name: &str) -> PathBuf {
+    let c = rusqlite::Connection::open(src).unwrap();
+    c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);").unwrap();
+    drop(c);
+    let dst = src.with_file_name(name);
+    std::fs::copy(src, &dst).unwrap();
+    dst
+}
+
+/// Play an attacker with write access to the file: replace the last event's body with
+/// `forge(body)` and make everything the default verification checks agree with it (its hash,
+/// the stored tree nodes its leaf completes, the head's last hash). Only its decoding or its
+/// canonical encoding give it away.
+fn forge_last(path: &Path, forge: impl FnOnce(Value) -> Vec<u8>) -> u64 {
+    let c = tamper_connection(path);
+    let hashes: Vec<Vec<u8>> = c
+        .prepare("SELECT hash FROM events ORDER BY log_seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let last = hashes.len() as u64 - 1;
+    let body: Vec<u8> = c
+        .query_row(
+            "SELECT body FROM events WHERE log_seq = ?1",
+            [last as i64],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let forged = forge(serde_json::from_slice(&body).unwrap());
+    let hash = ice_kernel::Digest::of(&forged);
+    c.execute(
+        "UPDATE events SET body = ?1, hash = ?2 WHERE log_seq = ?3",
+        params![forged, hash.0.to_vec(), last as i64],
+    )
+    .unwrap();
+    let mut f = Frontier::new();
+    for h in &hashes[..last as usize] {
+        f.push(leaf_hash(h));
+    }
+    for (id, h) in f.push(leaf_hash(&hash.0)) {
+        c.execute(
+            "UPDATE tree SET hash = ?1 WHERE leaf_end = ?2 AND level = ?3",
+            params![h.0.to_vec(), last as i64, id.level as i64],
+        )
+        .unwrap();
+    }
+    c.execute("UPDATE head SET last = ?1", params![hash.0.to_vec()])
+        .unwrap();
+    last
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forged_event_after_the_last_checkpoint_is_not_signed() {
+    let (_dir, path) = signed_then_grown().await;
+    let s = signer();
+    type Forge = Box<dyn FnOnce(Value) -> Vec<u8>>;
+    let forgeries: [(&str, Forge); 2] = [
+        (
+            // The same event, spaced out: not its canonical encoding.
+            "spaced.db",
+            Box::new(|v| serde_json::to_vec_pretty(&v).unwrap()),
+        ),
+        (
+            // A payload the event's type does not have.
+            "payload.db",
+            Box::new(|mut v| {
+                v["payload"] = json!("not the payload of a tool call");
+                serde_json::to_vec(&v).unwrap()
+            }),
+        ),
+    ];
+    for (name, forge) in forgeries {
+        let copy = copy(&path, name);
+        let last = forge_last(&copy, forge);
+        let log = SqliteLog::open(&copy, Mode::ReadWrite).unwrap();
+        let deep = verify_with(&log, Some(&s.verifier()), true, |_| {})
+            .await
+            .unwrap();
+        let found = deep.failure.expect("deep verification finds the forgery");
+        assert_eq!(found.log_seq, Some(last), "{name}: {found:?}");
+
+        let err = sign_checkpoint(&log, &s).await.unwrap_err();
+        let SignError::Refused(f) = &err else {
+            panic!("{name}: not refused: {err}");
+        };
+        assert_eq!(f.log_seq, Some(last), "{name}: {f:?}");
+        assert_eq!(f.event_id.as_deref(), Some("a:6"), "{name}: {f:?}");
+        let message = err.to_string();
+        assert!(message.contains("nothing was signed"), "{message}");
+        assert_eq!(
+            log.checkpoints().await.unwrap().len(),
+            1,
+            "{name}: a checkpoint was stored"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_log_rewritten_under_its_checkpoint_or_cut_short_is_not_signed() {
+    let (_dir, path) = signed_then_grown().await;
+    let s = signer();
+    let cases: [(&str, &str, &str); 3] = [
+        (
+            "rewritten.db",
+            // The node over the first 8 leaves, which the checkpoint's root is made of.
+            "UPDATE tree SET hash = zeroblob(32) WHERE leaf_end = 7 AND level = 3",
+            "the log was rewritten before it",
+        ),
+        (
+            "note.db",
+            "UPDATE checkpoints SET note = replace(note, 'ice.test/signing', 'ice.test/other')",
+            "the latest checkpoint (size 8)",
+        ),
+        (
+            "short.db",
+            "DELETE FROM events WHERE log_seq >= 5; DELETE FROM tree WHERE leaf_end >= 5;
+             UPDATE head SET size = 5",
+            "a signed checkpoint covers 8",
+        ),
+    ];
+    for (name, sql, want) in cases {
+        let copy = copy(&path, name);
+        tamper_connection(&copy).execute_batch(sql).unwrap();
+        let log = SqliteLog::open(&copy, Mode::ReadWrite).unwrap();
+        let err = sign_checkpoint(&log, &s).await.unwrap_err();
+        assert!(
+            matches!(err, SignError::Refused(_)) && err.to_string().contains(want),
+            "{name}: {err}"
+        );
+        assert_eq!(log.checkpoints().await.unwrap().len(), 1, "{name}");
+    }
+}
