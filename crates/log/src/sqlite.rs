@@ -189,10 +189,36 @@ fn check_format(conn: &Connection, path: &Path) -> Result<Layout, LogError> {
                 }),
             }
         }
-        Some(f) if f == FORMAT_1 => Ok(Layout {
-            floor: 0,
-            linked: false,
-        }),
+        Some(f) if f == FORMAT_1 => {
+            // A current file whose format record was set back to the first format would be
+            // read without its `log_prev` links and head (a cut tail would pass unnoticed).
+            let head: bool = conn
+                .query_row(
+                    "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'head'",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(|e| not_a_log(path, e, String::new()))?;
+            let linked: bool = conn
+                .query_row(
+                    "SELECT count(*) > 0 FROM pragma_table_info('events') WHERE name = 'log_prev'",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(|e| not_a_log(path, e, String::new()))?;
+            if head || linked {
+                return Err(LogError::Corrupt {
+                    what: format!(
+                        "{}: its format record says {FORMAT_1:?}, but it has the tables of {FORMAT:?} (the head record, each event's log_prev link): the format record was altered, which would skip those checks",
+                        path.display()
+                    ),
+                });
+            }
+            Ok(Layout {
+                floor: 0,
+                linked: false,
+            })
+        }
         Some(f) => Err(LogError::NotALog {
             path: path.display().to_string(),
             reason: format!("format {f:?}; this ice reads {FORMAT:?} and {FORMAT_1:?}"),

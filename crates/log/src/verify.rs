@@ -384,14 +384,14 @@ impl Verifier {
                 if id.level < floor {
                     return;
                 }
-                let ok = matches!(nodes.next(), Some((sid, sh)) if sid == id && sh == Some(h));
-                if !ok && mismatch.is_none() {
-                    mismatch = Some(id);
+                let stored = nodes.next();
+                if mismatch.is_none() {
+                    mismatch = tree_mismatch(id, h, stored);
                 }
                 checked += 1;
             });
-            if let Some(id) = mismatch {
-                self.fail(Some(row.log_seq), label(), tree_mismatch(id));
+            if let Some(problem) = mismatch {
+                self.fail(Some(row.log_seq), label(), problem);
                 return Ok(false);
             }
             self.report.tree_nodes_checked += checked;
@@ -726,17 +726,34 @@ impl Verifier {
     }
 }
 
-fn tree_mismatch(id: NodeId) -> String {
-    let (lo, hi) = (id.index << id.level, id.last_leaf());
-    if id.level == 0 {
-        format!(
+/// What is wrong with the stored tree where the events complete node `id` with hash `h` and
+/// the next stored node (in `scan_nodes` order: by last leaf, then level) is `stored`; `None`
+/// if they agree.
+fn tree_mismatch(
+    id: NodeId,
+    h: Digest,
+    stored: Option<(NodeId, Option<Digest>)>,
+) -> Option<String> {
+    let span = |id: NodeId| (id.index << id.level, id.last_leaf());
+    let (lo, hi) = span(id);
+    let order = |n: NodeId| (n.last_leaf(), n.level);
+    match stored {
+        Some((sid, sh)) if sid == id && sh == Some(h) => None,
+        Some((sid, _)) if sid == id && id.level == 0 => Some(format!(
             "the stored Merkle leaf for log_seq {lo} does not match the event there: it was altered, moved or swapped since it was appended"
-        )
-    } else {
-        format!(
-            "the stored Merkle tree does not match the events at log_seq {lo}..={hi} (level {} node): an event there was altered, moved or swapped since it was appended",
+        )),
+        Some((sid, _)) if sid == id => Some(format!(
+            "the stored Merkle tree does not match the events at log_seq {lo}..={hi} (level {} node): an event there was altered, moved or swapped since it was appended, or the node itself was",
             id.level
-        )
+        )),
+        Some((sid, _)) if order(sid) < order(id) => Some(format!(
+            "the stored tree has a level {} node that the events do not make, before the node over log_seq {lo}..={hi} they make next: it was inserted",
+            sid.level
+        )),
+        _ => Some(format!(
+            "the stored tree has no node over log_seq {lo}..={hi} at level {}, which the events complete: it was deleted",
+            id.level
+        )),
     }
 }
 

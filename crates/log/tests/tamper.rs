@@ -407,6 +407,30 @@ async fn a_changed_tree_node_or_checkpoint_is_detected() {
         found.deep
     );
 
+    // A node deleted, and one inserted where no subtree ends, are named as what they are.
+    for (name, sql, want) in [
+        (
+            "deleted-node.db",
+            "DELETE FROM tree WHERE leaf_end = 3 AND level = 1",
+            "the stored tree has no node over log_seq 2..=3 at level 1, which the events complete: it was deleted",
+        ),
+        (
+            "inserted-node.db",
+            "INSERT INTO tree(leaf_end, level, hash) VALUES (4, 1, zeroblob(32))",
+            "the stored tree has a level 1 node that the events do not make, before the node over log_seq 4..=5 they make next: it was inserted",
+        ),
+    ] {
+        let found = damaged(&built, name, |c| c.execute_batch(sql).unwrap()).await;
+        let f = both_at(
+            &found,
+            if name.starts_with("deleted") { 3 } else { 5 },
+            name,
+        );
+        for f in [f, found.deep] {
+            assert!(f.problem.contains(want), "{name}: {f:?}");
+        }
+    }
+
     let found = damaged(&built, "note.db", |c| {
         c.execute(
             "UPDATE checkpoints SET note = replace(note, 'ice.test', 'ice.evil')",
@@ -527,5 +551,38 @@ async fn rows_outside_the_log_and_a_wrong_head_are_caught() {
         for f in [default, found.deep] {
             assert!(f.problem.contains(want), "{name}: {f:?}");
         }
+    }
+}
+
+/// Setting a current file's format record back to `ice-log/1` would have it read without its
+/// `log_prev` links and head record, so a tail cut with it would pass `verify` with no
+/// checkpoint to say otherwise. The altered record is refused as damage, naming it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_format_record_set_back_to_the_first_format_is_damage() {
+    let built = build(&Plan {
+        runs: vec![(vec![0, 1, 2], true)],
+        picks: vec![1, 2, 3],
+        checkpoint: false,
+        floor: 0,
+    })
+    .await;
+    let path = copy_log(&built.path, "downgraded.db");
+    tamper_connection(&path)
+        .execute_batch(
+            "UPDATE meta SET value = 'ice-log/1' WHERE key = 'format';
+             DELETE FROM events WHERE log_seq >= 5; DELETE FROM tree WHERE leaf_end >= 5;",
+        )
+        .unwrap();
+    for mode in [
+        ice_log::sqlite::Mode::ReadOnly,
+        ice_log::sqlite::Mode::ReadWrite,
+    ] {
+        let err = ice_log::sqlite::SqliteLog::open(&path, mode)
+            .err()
+            .unwrap_or_else(|| panic!("{mode:?}: the downgraded file opened"));
+        assert!(
+            matches!(&err, ice_log::LogError::Corrupt { what } if what.contains("the format record was altered")),
+            "{mode:?}: {err}"
+        );
     }
 }
