@@ -9,11 +9,13 @@
 //!
 //! - `ApprovalRequested` (runtime) opens a [`ApprovalStatus::Pending`] approval; its event id is
 //!   the approval's id.
-//! - `ApprovalGranted` (operator) with the request's digest grants it; with another digest it
-//!   records [`ApprovalStatus::Mismatch`], which authorises nothing (the CLI refuses such a grant
-//!   before recording it, with [`ApprovalBook::check_grant`]; a later grant with the right digest
-//!   still grants). A grant of an approval already granted, denied or used changes nothing.
-//! - `ApprovalDenied` (operator) denies it unless it was already used; a denial is final.
+//! - An approval takes exactly one answer, `ApprovalGranted` or `ApprovalDenied` (operator),
+//!   and only while pending: a second answer, or an answer after use, is refused by the fold
+//!   (a record holding one was written past the runtime, which checks first).
+//! - `ApprovalGranted` with the request's digest grants it; with another digest it records
+//!   [`ApprovalStatus::Mismatch`], which authorises nothing and is final (the CLI refuses such
+//!   a grant before recording it, with [`ApprovalBook::check_grant`]).
+//! - `ApprovalDenied` denies it; a denial is final.
 //! - `CapabilityGranted` (runtime) citing the approval marks it [`ApprovalStatus::Used`].
 //!
 //! Expiry is by time: at or after `expires_at` a pending approval is no longer listed by
@@ -295,8 +297,9 @@ impl ApprovalBook {
 
     /// Whether an operator may grant `approval` by confirming `digest`; the CLI calls this before
     /// it records an `ApprovalGranted`. Refuses another run's or an unknown approval, one already
-    /// granted, denied or used, and a digest other than the request's. Expiry is not checked
-    /// here: [`Self::authorize`] refuses an expired approval at use.
+    /// answered (granted, denied, granted for another request) or used, and a digest other than
+    /// the request's. Expiry is not checked here: [`Self::authorize`] refuses an expired approval
+    /// at use.
     pub fn check_grant(&self, approval: &EventId, digest: &Digest) -> Result<(), ApprovalRefusal> {
         let found = self.find(approval)?;
         let id = approval.clone();
@@ -310,7 +313,14 @@ impl ApprovalBook {
                 grant: grant.clone(),
             }),
             ApprovalStatus::Granted { .. } => Err(ApprovalRefusal::AlreadyGranted { approval: id }),
-            ApprovalStatus::Pending | ApprovalStatus::Mismatch { .. } => {
+            ApprovalStatus::Mismatch {
+                digest: granted, ..
+            } => Err(ApprovalRefusal::Mismatch {
+                approval: id,
+                expected: found.digest,
+                got: *granted,
+            }),
+            ApprovalStatus::Pending => {
                 if *digest != found.digest {
                     return Err(ApprovalRefusal::Mismatch {
                         approval: id,
@@ -378,8 +388,9 @@ impl ApprovalBook {
     /// - a payload that breaks the contract;
     /// - an `ApprovalRequested` whose digest is not [`request_digest`] of its own fields (checked
     ///   when its arguments are inline, not moved to a blob);
-    /// - an `ApprovalGranted` or `ApprovalDenied` naming an approval this run never requested
-    ///   (the CLI checks first);
+    /// - an `ApprovalGranted` or `ApprovalDenied` naming an approval this run never requested,
+    ///   or one that is no longer pending (already answered or used: one answer per request;
+    ///   the runtime checks first);
     /// - a `CapabilityGranted` citing an approval this run never requested, one not granted (or
     ///   already used), or one for another capability or resource.
     pub fn apply(&mut self, event: &Event) -> Result<(), BookError> {
@@ -425,39 +436,29 @@ impl ApprovalBook {
             }
             Some(EventType::ApprovalGranted) => {
                 let p = ApprovalGrantedPayload::from_event(event).map_err(|e| fail(e.into()))?;
-                let approval = self.known_mut(event, &p.approval)?;
-                if matches!(
-                    approval.status,
-                    ApprovalStatus::Pending | ApprovalStatus::Mismatch { .. }
-                ) {
-                    approval.status = if p.digest == approval.digest {
-                        ApprovalStatus::Granted {
-                            by: event.origin.clone(),
-                            at: event.at,
-                        }
-                    } else {
-                        ApprovalStatus::Mismatch {
-                            by: event.origin.clone(),
-                            digest: p.digest,
-                            at: event.at,
-                        }
-                    };
-                }
+                let approval = self.pending_mut(event, &p.approval)?;
+                approval.status = if p.digest == approval.digest {
+                    ApprovalStatus::Granted {
+                        by: event.origin.clone(),
+                        at: event.at,
+                    }
+                } else {
+                    ApprovalStatus::Mismatch {
+                        by: event.origin.clone(),
+                        digest: p.digest,
+                        at: event.at,
+                    }
+                };
                 Ok(())
             }
             Some(EventType::ApprovalDenied) => {
                 let p = ApprovalDeniedPayload::from_event(event).map_err(|e| fail(e.into()))?;
-                let approval = self.known_mut(event, &p.approval)?;
-                if !matches!(
-                    approval.status,
-                    ApprovalStatus::Used { .. } | ApprovalStatus::Denied { .. }
-                ) {
-                    approval.status = ApprovalStatus::Denied {
-                        by: event.origin.clone(),
-                        reason: p.reason,
-                        at: event.at,
-                    };
-                }
+                let approval = self.pending_mut(event, &p.approval)?;
+                approval.status = ApprovalStatus::Denied {
+                    by: event.origin.clone(),
+                    reason: p.reason,
+                    at: event.at,
+                };
                 Ok(())
             }
             Some(EventType::CapabilityGranted) => {
@@ -490,6 +491,22 @@ impl ApprovalBook {
             }
             _ => Ok(()),
         }
+    }
+
+    /// The approval `event` answers, which must still be pending: a request has one answer.
+    fn pending_mut(&mut self, event: &Event, id: &EventId) -> Result<&mut Approval, BookError> {
+        let approval = self.known_mut(event, id)?;
+        if approval.status != ApprovalStatus::Pending {
+            let status = approval.status.name().to_string();
+            return Err(BookError::new(
+                event,
+                BookProblem::ApprovalAnswered {
+                    approval: id.clone(),
+                    status,
+                },
+            ));
+        }
+        Ok(approval)
     }
 
     fn known_mut(&mut self, event: &Event, id: &EventId) -> Result<&mut Approval, BookError> {

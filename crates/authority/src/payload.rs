@@ -257,6 +257,14 @@ pub enum BookProblem {
     /// The event names an approval this run never requested.
     #[error("names approval {0}, which this run never requested")]
     UnknownApproval(EventId),
+    /// An answer to an approval that is no longer pending: a request has one answer.
+    #[error("answers approval {approval}, which is already {status}: a request has one answer")]
+    ApprovalAnswered {
+        /// The approval.
+        approval: EventId,
+        /// Its status.
+        status: String,
+    },
     /// A grant cites an approval that is not granted (or is already used).
     #[error("cites approval {approval}, which is {status}")]
     ApprovalNotGranted {

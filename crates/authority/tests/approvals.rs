@@ -342,28 +342,42 @@ fn a_denied_approval_authorises_nothing() {
             .map_err(|r| r.code()),
         Err(DenialCode::ApprovalDenied)
     );
-    // A grant recorded after the denial (the CLI would refuse it) changes nothing.
+    // A request has one answer: a grant recorded after the denial (the runtime never records
+    // one) is refused by the fold, and the book is unchanged.
     let e = operator_grants(&mut s.run, &s.approval, s.digest);
-    s.book.apply(&e).expect("folds");
+    let err = s.book.apply(&e).expect_err("a second answer");
+    assert!(
+        matches!(
+            &*err.problem,
+            BookProblem::ApprovalAnswered { approval, status }
+                if *approval == s.approval && status == "denied"
+        ),
+        "{err}"
+    );
     assert_eq!(
         refusal(&s, &s.digest, at(1)).code(),
         DenialCode::ApprovalDenied
     );
 
-    // A denial after a grant, before use, withdraws it.
+    // Nor does a denial after a grant withdraw it: the operator answered once.
     let mut s = requested("run-2");
     let e = operator_grants(&mut s.run, &s.approval, s.digest);
     s.book.apply(&e).expect("grant folds");
     let e = operator_denies(&mut s.run, &s.approval, "changed my mind");
-    s.book.apply(&e).expect("denial folds");
-    assert_eq!(
-        refusal(&s, &s.digest, at(1)).code(),
-        DenialCode::ApprovalDenied
+    let err = s.book.apply(&e).expect_err("a second answer");
+    assert!(
+        err.to_string()
+            .contains("which is already granted: a request has one answer"),
+        "{err}"
     );
-    assert!(matches!(
-        &s.book.get(&s.approval).expect("approval").status,
-        ApprovalStatus::Denied { reason, .. } if reason == "changed my mind"
-    ));
+    assert_eq!(s.book.authorize(&s.approval, &s.digest, at(1)), Ok(()));
+
+    // Nor is a used approval answered again.
+    let e = grant_with(&mut s.run, &s.approval, s.resource.clone());
+    s.book.apply(&e).expect("the grant uses it");
+    let e = operator_denies(&mut s.run, &s.approval, "too late");
+    let err = s.book.apply(&e).expect_err("an answer after use");
+    assert!(err.to_string().contains("already used"), "{err}");
 }
 
 #[test]
@@ -393,11 +407,27 @@ fn a_grant_of_another_digest_is_recorded_as_a_mismatch_and_authorises_nothing() 
         *s.book.apply(&e).expect_err("not granted").problem,
         BookProblem::ApprovalNotGranted { .. }
     ));
-    // The operator grants the right digest: now it authorises.
-    assert_eq!(s.book.check_grant(&s.approval, &s.digest), Ok(()));
+    // It was the operator's one answer: granting the right digest now is refused up front
+    // and by the fold; the agent must ask again (a new request).
+    assert_eq!(
+        s.book.check_grant(&s.approval, &s.digest),
+        Err(ApprovalRefusal::Mismatch {
+            approval: s.approval.clone(),
+            expected: s.digest,
+            got: wrong
+        })
+    );
     let e = operator_grants(&mut s.run, &s.approval, s.digest);
-    s.book.apply(&e).expect("grant folds");
-    assert_eq!(s.book.authorize(&s.approval, &s.digest, at(1)), Ok(()));
+    assert!(matches!(
+        *s.book.apply(&e).expect_err("a second answer").problem,
+        BookProblem::ApprovalAnswered { .. }
+    ));
+    assert_eq!(
+        s.book
+            .authorize(&s.approval, &s.digest, at(1))
+            .map_err(|r| r.code()),
+        Err(DenialCode::ApprovalMismatch)
+    );
 }
 
 #[test]
