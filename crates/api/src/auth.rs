@@ -93,6 +93,25 @@ pub fn check_name(role: Role, name: &str) -> Result<(), String> {
         })
 }
 
+/// What is wrong with a `token_sha256` that is not 64 hex characters. The value is quoted
+/// (with its length), unless it may be a token itself (`ice_…`, what `ice token add` prints),
+/// which is never repeated.
+fn bad_digest(value: &str) -> String {
+    if value.trim().starts_with("ice_") {
+        return "token_sha256 holds what looks like a token itself (it starts with \"ice_\"; not repeated here), not its SHA-256 (64 hex characters); config.toml keeps only the digest, and anyone who read this file has the token, so remove the entry and make a new token with `ice token add`".to_string();
+    }
+    let n = value.chars().count();
+    let shown = if n > 80 {
+        let head: String = value.chars().take(16).collect();
+        format!("\"{}…\"", head.escape_debug())
+    } else {
+        format!("{value:?}")
+    };
+    format!(
+        "token_sha256 {shown} ({n} characters) is not the SHA-256 of a token (64 hex characters)"
+    )
+}
+
 /// Equality of two digests in time independent of where they differ.
 fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
     let mut diff = 0u8;
@@ -124,15 +143,32 @@ impl Credentials {
     }
 
     /// Accept the token whose SHA-256 is `token_sha256` (64 hex characters) as `name`'s.
+    ///
+    /// Refused: a name the record cannot carry, a `token_sha256` that is not 64 hex
+    /// characters, and a digest some entry already has (a token identifies one holder: two
+    /// entries with one token would make whose call it is, and which role it has, depend on
+    /// the order of the file). One name may hold several tokens (rotation).
     pub fn add(&mut self, role: Role, name: &str, token_sha256: &str) -> Result<(), String> {
+        let who = format!("{} {name:?}", role.name());
         check_name(role, name)?;
         let raw = token_sha256.trim().to_ascii_lowercase();
         let mut digest = [0u8; 32];
         if raw.len() != 64 || hex::decode_to_slice(&raw, &mut digest).is_err() {
-            return Err(format!(
-                "{} {name:?}: token_sha256 must be 64 hex characters (the SHA-256 of the token)",
-                role.name()
-            ));
+            return Err(format!("{who}: {}", bad_digest(token_sha256)));
+        }
+        if let Some(other) = self.entries.iter().find(|e| e.digest == digest) {
+            return Err(if other.role == role && other.name == name {
+                format!(
+                    "{who}: the same token_sha256 is listed twice for this {}; remove one of the two entries",
+                    role.name()
+                )
+            } else {
+                format!(
+                    "{who}: token_sha256 is also {} {:?}'s; a token has one holder, so each needs a token of its own (remove one entry, and make a new token with `ice token add`)",
+                    other.role.name(),
+                    other.name
+                )
+            });
         }
         self.entries.push(Entry {
             role,
@@ -543,6 +579,51 @@ mod tests {
         assert!(check_name(Role::Metrics, "prometheus-1").is_ok());
         let bad = check_name(Role::Metrics, "bad name").unwrap_err();
         assert!(bad.starts_with("metrics reader name \"bad name\""), "{bad}");
+    }
+
+    #[test]
+    fn a_digest_that_is_not_64_hex_characters_or_is_anothers_is_refused() {
+        let mut c = Credentials::new();
+        for (bad, want) in [
+            (
+                "zz",
+                "token_sha256 \"zz\" (2 characters) is not the SHA-256",
+            ),
+            ("", "token_sha256 \"\" (0 characters)"),
+            (&"g".repeat(64), "(64 characters) is not the SHA-256"),
+            (&"a".repeat(63), "(63 characters)"),
+            (&"a".repeat(200), "\"aaaaaaaaaaaaaaaa…\" (200 characters)"),
+        ] {
+            let e = c.add(Role::Operator, "alice", bad).unwrap_err();
+            assert!(e.starts_with("operator \"alice\": "), "{e}");
+            assert!(e.contains(want), "{bad:?}: {e}");
+        }
+        // A token pasted where its digest belongs is not repeated in the message.
+        let e = c
+            .add(Role::Agent, "claude", "ice_SECRETSECRETSECRET")
+            .unwrap_err();
+        assert!(e.contains("looks like a token itself"), "{e}");
+        assert!(!e.contains("SECRET"), "{e}");
+        assert_eq!(c.operators() + c.agents(), 0, "nothing bad was taken");
+        // Upper case and surrounding blanks are the same digest.
+        let d = token_digest("t1");
+        c.add(Role::Operator, "alice", &format!(" {} ", d.to_uppercase()))
+            .unwrap();
+        // One token, one holder: the same digest again is refused, in any role.
+        let e = c.add(Role::Operator, "alice", &d).unwrap_err();
+        assert!(e.contains("listed twice"), "{e}");
+        let e = c.add(Role::Agent, "bob", &d).unwrap_err();
+        assert!(
+            e.contains("agent \"bob\": token_sha256 is also operator \"alice\"'s"),
+            "{e}"
+        );
+        let e = c.add(Role::Operator, "carol", &d).unwrap_err();
+        assert!(e.contains("also operator \"alice\"'s"), "{e}");
+        // One holder may have several tokens (rotation).
+        c.add(Role::Operator, "alice", &token_digest("t2")).unwrap();
+        assert_eq!(c.operators(), 2);
+        assert_eq!(c.identify("t1"), Some((Role::Operator, "alice")));
+        assert_eq!(c.agents(), 0);
     }
 
     #[test]

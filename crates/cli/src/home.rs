@@ -149,8 +149,26 @@ impl Home {
         })
     }
 
-    /// Open an existing home; refuses a directory that is not one.
+    /// Open an existing home; refuses a directory that is not one, and a config.toml with a
+    /// token entry that cannot be used (see [`Home::credentials`]): every command that reads
+    /// the config says so, not only `ice serve`, which uses the tokens.
     pub fn open(dir: &Path) -> Result<Home> {
+        let h = Home::open_unchecked_tokens(dir)?;
+        h.credentials()?;
+        Ok(h)
+    }
+
+    /// [`Home::open`] without checking the token entries: for `ice token revoke`, which may
+    /// be how an operator removes a bad one.
+    pub fn open_unchecked_tokens(dir: &Path) -> Result<Home> {
+        if let Ok(m) = std::fs::metadata(dir)
+            && !m.is_dir()
+        {
+            bail!(
+                "{} is not a directory, so not an ICE home; point --home / ICE_HOME at the installation's directory",
+                dir.display()
+            );
+        }
         let cfg = dir.join("config.toml");
         let text = match std::fs::read_to_string(&cfg) {
             Ok(t) => t,
@@ -237,17 +255,36 @@ impl Home {
     }
 
     /// The tokens `[[operators]]`, `[[agents]]` and `[[metrics_readers]]` list, for the
-    /// operator API, `/mcp` and `/metrics`; a bad entry is an error naming config.toml.
+    /// operator API, `/mcp` and `/metrics`. An entry that cannot be used (a bad name, a
+    /// `token_sha256` that is not 64 hex characters, a token another entry has: see
+    /// [`ice_api::Credentials::add`]) is an error naming config.toml, the entry and what is
+    /// wrong.
     pub fn credentials(&self) -> Result<ice_api::Credentials> {
+        let file = self.dir.join("config.toml");
         let mut c = ice_api::Credentials::new();
-        for (role, entries) in [
-            (ice_api::Role::Operator, &self.config.operators),
-            (ice_api::Role::Agent, &self.config.agents),
-            (ice_api::Role::Metrics, &self.config.metrics_readers),
+        for (role, table, flag, entries) in [
+            (
+                ice_api::Role::Operator,
+                "operators",
+                "operator",
+                &self.config.operators,
+            ),
+            (ice_api::Role::Agent, "agents", "agent", &self.config.agents),
+            (
+                ice_api::Role::Metrics,
+                "metrics_readers",
+                "metrics",
+                &self.config.metrics_readers,
+            ),
         ] {
-            for e in entries {
-                c.add(role, &e.name, &e.token_sha256)
-                    .map_err(|why| anyhow!("{}: {why}", self.dir.join("config.toml").display()))?;
+            for (i, e) in entries.iter().enumerate() {
+                c.add(role, &e.name, &e.token_sha256).map_err(|why| {
+                    anyhow!(
+                        "{}: [[{table}]] entry {}: {why}; fix or remove the entry (`ice token revoke --{flag} NAME` removes every token of NAME)",
+                        file.display(),
+                        i + 1
+                    )
+                })?;
             }
         }
         Ok(c)

@@ -139,7 +139,8 @@ fn list(home: &Path, a: ListArgs) -> Result<u8> {
 fn revoke(home: &Path, a: RevokeArgs) -> Result<u8> {
     let (role, table, name) = a.who.resolve()?;
     let role = role.name();
-    let h = Home::open(home)?;
+    // A bad entry does not stop its own removal (every other command refuses the config).
+    let h = Home::open_unchecked_tokens(home)?;
     let file = h.dir.join("config.toml");
     let mut removed = 0;
     edit_config(&h.dir, |text| {
@@ -194,6 +195,9 @@ fn revoke(home: &Path, a: RevokeArgs) -> Result<u8> {
         "removed {removed} token(s) of {role} {name} from {}; a running `ice serve` refuses them within seconds",
         file.display()
     );
+    if let Err(e) = Home::open(&h.dir) {
+        eprintln!("ice token revoke: the config still has a problem: {e:#}");
+    }
     Ok(0)
 }
 

@@ -975,3 +975,82 @@ fn a_forged_event_after_the_last_checkpoint_is_never_signed() {
         .unwrap();
     assert_eq!(checkpoints, 0, "nothing was signed");
 }
+
+/// A token entry that cannot be used is refused by every command that reads config.toml (not
+/// only by `ice serve`, which uses the tokens), naming the file, the entry and what is wrong;
+/// `ice token revoke` can still remove it.
+#[test]
+fn a_bad_token_entry_in_config_toml_is_refused_by_every_command_that_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("h");
+    assert!(ice(&home, &["init"]).status.success());
+    let config = home.join("config.toml");
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "{good}\n[[agents]]\nname = \"claude\"\ntoken_sha256 = \"{}\"\n\n[[agents]]\nname = \"bob\"\ntoken_sha256 = \"zz\"\n",
+            "c".repeat(64)
+        ),
+    )
+    .unwrap();
+    let bad = std::fs::read_to_string(&config).unwrap();
+    let want = format!(
+        "{}: [[agents]] entry 2: agent \"bob\": token_sha256 \"zz\" (2 characters) is not the SHA-256 of a token (64 hex characters)",
+        config.display()
+    );
+    for args in [
+        &["token", "list"][..],
+        &["token", "list", "--json"],
+        &["token", "add", "--operator", "alice"],
+        &["runs"],
+        &["log"],
+        &["verify"],
+        &["checkpoint"],
+        &["approvals"],
+        &["policy", "check"],
+    ] {
+        let o = ice(&home, args);
+        assert_eq!(code(&o), 1, "{args:?}: {}{}", stdout(&o), stderr(&o));
+        assert!(stderr(&o).contains(&want), "{args:?}: {}", stderr(&o));
+        assert!(stdout(&o).is_empty(), "{args:?}: {}", stdout(&o));
+    }
+    assert_eq!(
+        std::fs::read_to_string(&config).unwrap(),
+        bad,
+        "nothing was added"
+    );
+    // The bad entry's own removal is not refused; the config then reads again.
+    let o = ice(&home, &["token", "revoke", "--agent", "bob"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = ice(&home, &["token", "list", "--json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let listed: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["name"], "claude");
+
+    // A bad name, and one token listed for two holders, are refused the same way.
+    for (extra, want) in [
+        (
+            format!(
+                "[[operators]]\nname = \"a b\"\ntoken_sha256 = \"{}\"\n",
+                "d".repeat(64)
+            ),
+            "[[operators]] entry 1: operator id \"a b\"".to_string(),
+        ),
+        (
+            format!(
+                "[[metrics_readers]]\nname = \"prom\"\ntoken_sha256 = \"{}\"\n",
+                "C".repeat(64)
+            ),
+            "[[metrics_readers]] entry 1: metrics \"prom\": token_sha256 is also agent \"claude\"'s"
+                .to_string(),
+        ),
+    ] {
+        std::fs::write(&config, format!("{good}\n[[agents]]\nname = \"claude\"\ntoken_sha256 = \"{}\"\n\n{extra}", "c".repeat(64))).unwrap();
+        let o = ice(&home, &["token", "list"]);
+        assert_eq!(code(&o), 1, "{}", stderr(&o));
+        assert!(stderr(&o).contains(&want), "{want}: {}", stderr(&o));
+        assert!(stderr(&o).contains("config.toml: "), "{}", stderr(&o));
+    }
+}
