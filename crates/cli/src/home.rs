@@ -89,22 +89,35 @@ pub fn resolve(flag: Option<&Path>) -> PathBuf {
 impl Home {
     /// Create a new home: config, keys and an empty log.
     pub fn init(dir: &Path, origin: Option<String>) -> Result<Home> {
-        if dir.join("config.toml").exists() {
-            bail!(
-                "{} is already an ICE home (config.toml exists); nothing was changed",
-                dir.display()
-            );
-        }
-        if dir.exists()
-            && dir
-                .read_dir()
-                .map(|mut d| d.next().is_some())
-                .unwrap_or(true)
-        {
-            bail!(
-                "{} exists and is not empty; `ice init` only creates a new home",
-                dir.display()
-            );
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => {
+                if dir.join("config.toml").exists() {
+                    bail!(
+                        "{} is already an ICE home (config.toml exists); nothing was changed",
+                        dir.display()
+                    );
+                }
+                let mut entries = dir
+                    .read_dir()
+                    .with_context(|| format!("reading the directory {}", dir.display()))?;
+                if entries.next().is_some() {
+                    bail!(
+                        "{} exists and is not empty; `ice init` only creates a new home",
+                        dir.display()
+                    );
+                }
+            }
+            Ok(m) => bail!(
+                "{} is {}, not a directory; `ice init --home DIR` creates a new home in DIR, a directory that does not exist yet or is empty; nothing was changed",
+                dir.display(),
+                if m.is_file() {
+                    "a file"
+                } else {
+                    "not a regular file or directory"
+                }
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
         }
         let origin = match origin {
             Some(o) => o,

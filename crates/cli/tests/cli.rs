@@ -1054,3 +1054,32 @@ fn a_bad_token_entry_in_config_toml_is_refused_by_every_command_that_reads_it() 
         assert!(stderr(&o).contains("config.toml: "), "{}", stderr(&o));
     }
 }
+
+/// `ice init --home FILE` says FILE is a file, not that a directory is not empty.
+#[test]
+fn init_on_a_file_says_it_is_a_file_not_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, "mine\n").unwrap();
+    let o = ice(&file, &["init"]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("{} is a file, not a directory", file.display())),
+        "{err}"
+    );
+    assert!(!err.contains("not empty"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine\n");
+    // Other commands say it is not a directory, hence not a home.
+    let o = ice(&file, &["runs"]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("is not a directory, so not an ICE home"),
+        "{}",
+        stderr(&o)
+    );
+    // A non-empty directory is still "not empty".
+    let o = ice(dir.path(), &["init"]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("is not empty"), "{}", stderr(&o));
+}
