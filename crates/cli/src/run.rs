@@ -139,6 +139,9 @@ pub(crate) async fn runtime_over(
     url: Option<&str>,
     wrap: impl FnOnce(Arc<dyn ice_log::EventLog>) -> Arc<dyn ice_log::EventLog>,
 ) -> Result<(Home, Runtime)> {
+    // A bad ICE_CLAIM_TTL_MS is refused before anything is opened (every run lock would
+    // refuse it anyway; this says so once, up front, for every command that drives runs).
+    ice_runtime::lock::claim_ttl_setting().map_err(|e| anyhow!("{e}"))?;
     let h = Home::open(home)?;
     let log = wrap(h.log(url, Mode::ReadWrite).await?);
     let ledger = Arc::new(Ledger::new(log, Arc::new(SystemClock)));

@@ -1083,3 +1083,49 @@ fn init_on_a_file_says_it_is_a_file_not_a_directory() {
     assert_eq!(code(&o), 1, "{}", stderr(&o));
     assert!(stderr(&o).contains("is not empty"), "{}", stderr(&o));
 }
+
+/// A bad `ICE_CLAIM_TTL_MS` is refused by the commands that drive runs, naming the variable
+/// and the value; nothing is recorded.
+#[test]
+fn a_bad_claim_ttl_in_the_environment_is_refused_not_ignored() {
+    let (_d, home) = seeded();
+    let before = stdout(&ice(&home, &["log", "--json"])).lines().count();
+    for (value, why) in [
+        ("abc", "is not a whole number of milliseconds"),
+        ("-1", "is not a whole number of milliseconds"),
+        ("0", "a claim lifetime of 0 ms is out of range"),
+        ("99999999999", "out of range"),
+    ] {
+        for args in [&["kill", "alpha"][..], &["approvals"]] {
+            let o = Command::new(env!("CARGO_BIN_EXE_ice"))
+                .arg("--home")
+                .arg(&home)
+                .args(args)
+                .env_remove("ICE_HOME")
+                .env("ICE_CLAIM_TTL_MS", value)
+                .output()
+                .unwrap();
+            assert_eq!(code(&o), 1, "{value} {args:?}: {}", stderr(&o));
+            let err = stderr(&o);
+            assert!(
+                err.contains(&format!("ICE_CLAIM_TTL_MS={value:?}")) && err.contains(why),
+                "{value} {args:?}: {err}"
+            );
+        }
+    }
+    assert_eq!(
+        stdout(&ice(&home, &["log", "--json"])).lines().count(),
+        before,
+        "nothing was recorded"
+    );
+    // A good value is taken.
+    let o = Command::new(env!("CARGO_BIN_EXE_ice"))
+        .arg("--home")
+        .arg(&home)
+        .args(["approvals"])
+        .env_remove("ICE_HOME")
+        .env("ICE_CLAIM_TTL_MS", "1500")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}

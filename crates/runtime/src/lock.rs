@@ -22,14 +22,59 @@ use ice_log::{EventLog, LogError};
 /// and for operators who want faster takeover of a dead node's runs).
 pub const CLAIM_TTL: Duration = Duration::from_secs(15);
 
-/// The claim lifetime in force.
+/// The environment variable that sets the claim lifetime, in milliseconds.
+pub const CLAIM_TTL_VAR: &str = "ICE_CLAIM_TTL_MS";
+
+/// The shortest and the longest claim lifetime `ICE_CLAIM_TTL_MS` may set, in milliseconds.
+/// Below 300 ms a renewal (every third of the lifetime) competes with the log's own latency;
+/// above an hour a dead node's runs wait too long to be taken over.
+pub const CLAIM_TTL_RANGE_MS: std::ops::RangeInclusive<u64> = 300..=3_600_000;
+
+/// The claim lifetime `value` (of `ICE_CLAIM_TTL_MS`) sets: unset or empty, [`CLAIM_TTL`];
+/// otherwise a whole number of milliseconds within [`CLAIM_TTL_RANGE_MS`]. Anything else is
+/// refused with the variable, the value and what is wrong, never replaced by the default: a
+/// node that quietly used another lifetime than its operator set would renew, or take over
+/// other nodes' runs, on another schedule than the one they believe in.
+pub fn parse_claim_ttl(value: Option<&std::ffi::OsStr>) -> Result<Duration, String> {
+    let Some(raw) = value.filter(|v| !v.is_empty()) else {
+        return Ok(CLAIM_TTL);
+    };
+    let (lo, hi) = (CLAIM_TTL_RANGE_MS.start(), CLAIM_TTL_RANGE_MS.end());
+    let want = format!(
+        "give a whole number of milliseconds from {lo} to {hi} (default {}), or unset it",
+        CLAIM_TTL.as_millis()
+    );
+    let Some(text) = raw.to_str() else {
+        return Err(format!(
+            "{CLAIM_TTL_VAR}={raw:?} is not valid UTF-8; {want}"
+        ));
+    };
+    match text.parse::<u64>() {
+        Ok(ms) if CLAIM_TTL_RANGE_MS.contains(&ms) => Ok(Duration::from_millis(ms)),
+        Ok(ms) => Err(format!(
+            "{CLAIM_TTL_VAR}={text:?}: a claim lifetime of {ms} ms is out of range; {want}"
+        )),
+        Err(_) if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) => Err(format!(
+            "{CLAIM_TTL_VAR}={text:?}: a claim lifetime of {text} ms is out of range; {want}"
+        )),
+        Err(_) => Err(format!(
+            "{CLAIM_TTL_VAR}={text:?} is not a whole number of milliseconds; {want}"
+        )),
+    }
+}
+
+/// The claim lifetime the environment sets ([`parse_claim_ttl`] of `ICE_CLAIM_TTL_MS`); an
+/// error for a bad value. ICE's commands check it when they open the runtime, and
+/// [`RunLock::take`] refuses to lock a run under a bad one.
+pub fn claim_ttl_setting() -> Result<Duration, String> {
+    parse_claim_ttl(std::env::var_os(CLAIM_TTL_VAR).as_deref())
+}
+
+/// The claim lifetime in force, for a caller that has already checked
+/// [`claim_ttl_setting`] (as every command does before it opens the runtime): a bad value
+/// gives [`CLAIM_TTL`] here, but no run is locked, and so nothing is driven, under it.
 pub fn claim_ttl() -> Duration {
-    std::env::var("ICE_CLAIM_TTL_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .filter(|ms| (300..=3_600_000).contains(ms))
-        .map(Duration::from_millis)
-        .unwrap_or(CLAIM_TTL)
+    claim_ttl_setting().unwrap_or(CLAIM_TTL)
 }
 
 /// A held run lock (file lock and, on a shared log, the run's claim); released when dropped.
@@ -106,7 +151,7 @@ impl RunLock {
             Ok(None) => return Err(LockError::Busy),
             Err(e) => return Err(LockError::Io(format!("{}: {e}", dir.display()))),
         };
-        let every = claim_ttl();
+        let every = claim_ttl_setting().map_err(LockError::Io)?;
         let ttl = every.as_millis() as i64;
         let now = unix_ms(clock.as_ref());
         match log.claim_run(run, holder, now, now + ttl).await {
@@ -168,6 +213,50 @@ impl Drop for Claim {
             h.spawn(async move {
                 let _ = log.release_run(&run, &holder).await;
             });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn a_claim_lifetime_is_a_whole_number_of_milliseconds_in_range_or_refused() {
+        let ttl = |v: &str| parse_claim_ttl(Some(OsStr::new(v)));
+        assert_eq!(parse_claim_ttl(None), Ok(CLAIM_TTL));
+        assert_eq!(ttl(""), Ok(CLAIM_TTL), "empty is unset");
+        assert_eq!(ttl("300"), Ok(Duration::from_millis(300)));
+        assert_eq!(ttl("1500"), Ok(Duration::from_millis(1500)));
+        assert_eq!(ttl("3600000"), Ok(Duration::from_secs(3600)));
+        for (bad, why) in [
+            ("abc", "is not a whole number of milliseconds"),
+            ("-5", "is not a whole number of milliseconds"),
+            ("1.5", "is not a whole number of milliseconds"),
+            ("15s", "is not a whole number of milliseconds"),
+            (" 1500", "is not a whole number of milliseconds"),
+            ("0", "a claim lifetime of 0 ms is out of range"),
+            ("299", "of 299 ms is out of range"),
+            ("3600001", "of 3600001 ms is out of range"),
+            (
+                "99999999999999999999999",
+                "of 99999999999999999999999 ms is out of range",
+            ),
+        ] {
+            let e = ttl(bad).unwrap_err();
+            assert!(
+                e.starts_with(&format!("ICE_CLAIM_TTL_MS={bad:?}")),
+                "{bad:?}: {e}"
+            );
+            assert!(e.contains(why), "{bad:?}: {e}");
+            assert!(e.contains("from 300 to 3600000 (default 15000)"), "{e}");
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStrExt;
+            let e = parse_claim_ttl(Some(OsStr::from_bytes(b"\xff"))).unwrap_err();
+            assert!(e.contains("not valid UTF-8"), "{e}");
         }
     }
 }
