@@ -266,8 +266,14 @@ pub(crate) fn write_report(out: &mut dyn Write, r: &RunReport, json_out: bool) -
         RunOutcome::Aborted { reason } => ("aborted", reason.clone()),
         RunOutcome::Suspended { reason } => ("suspended", reason.clone()),
     };
-    let budget: Vec<Value> = r
-        .limits
+    // The wall-time limit is the spec's (the execution window's, which the runtime checks
+    // between steps), not the budget ledger's, which has none: shown from the spec, so a run
+    // with only a wall-time budget is not said to have none.
+    let mut limits = r.limits;
+    if let Some(us) = r.books.spec.as_ref().and_then(|s| s.budget.wall_time_us) {
+        limits.wall_time_us = Some(us);
+    }
+    let budget: Vec<Value> = limits
         .fields()
         .into_iter()
         .zip(r.spent.fields())

@@ -462,3 +462,55 @@ fn a_run_killed_after_it_ended_but_before_its_teardown_is_torn_down_by_recovery(
     assert_eq!(last(&home), "RunTerminated");
     assert_eq!(code(&ice(&home, &["verify"])), 0);
 }
+
+/// A run whose only budget is its wall time is shown with that limit, not as having none;
+/// a wall time of 0 is refused when the spec is loaded.
+#[test]
+fn a_wall_time_budget_is_shown_in_the_summary_and_zero_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let o = ice(&home, &["init", "--origin", "ice.test/runs"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(work.join("ws")).unwrap();
+    std::fs::write(work.join("plan.toml"), "[[step]]\nfinish = \"done\"\n").unwrap();
+    let spec = work.join("run.toml");
+    let write = |id: &str, wall: &str| {
+        std::fs::write(
+            &spec,
+            format!("[run]\nid = \"{id}\"\nagent = \"coder\"\nworkspace = \"ws\"\n[agent]\ndriver = \"plan\"\nplan = \"plan.toml\"\n[budget]\nwall_time = \"{wall}\"\n"),
+        )
+        .unwrap();
+    };
+    write("timed", "60s");
+    let o = ice(&home, &["run", spec.to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("budget:"))
+        .unwrap_or_else(|| panic!("{}", text(&o)));
+    assert!(!line.contains("none set"), "{line}");
+    assert!(line.contains("wall_time_us 0/60000000"), "{line}");
+    write("timed-json", "2m");
+    let o = ice(&home, &["run", spec.to_str().unwrap(), "--json"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        doc["budget"],
+        serde_json::json!([{"attribute": "wall_time_us", "spent": 0, "limit": 120_000_000u64}]),
+        "{doc}"
+    );
+    write("untimed", "0s");
+    let o = ice(&home, &["run", spec.to_str().unwrap()]);
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("run.toml:8:1: [budget] wall_time must be more than 0"),
+        "{}",
+        text(&o)
+    );
+    let o = ice(&home, &["runs", "--json"]);
+    let runs: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(runs.len(), 2, "nothing recorded for the refused spec");
+}

@@ -444,9 +444,20 @@ fn parse_server(name: &str, raw: RawServer, base: &Path) -> Result<ToolServerSpe
     }
     let ms = |v: &Option<String>, what: &str, default: u64| -> Result<u64, String> {
         match v {
-            Some(t) => Ok(parse_duration(t)
+            Some(t) => match parse_duration(t)
                 .map_err(|e| format!("{at} {what}: {e}"))?
-                .as_millis() as u64),
+                .as_millis() as u64
+            {
+                0 => Err(format!(
+                    "{at} {what} must be more than 0 (the server could never {})",
+                    if what == "start_timeout" {
+                        "start"
+                    } else {
+                        "answer a call"
+                    }
+                )),
+                ms => Ok(ms),
+            },
             None => Ok(default),
         }
     };
@@ -584,6 +595,20 @@ impl RunSpec {
                 ),
             ));
         }
+        // An empty path would quietly mean this file's directory: say so instead.
+        for (what, value) in [
+            ("workspace", Some(&run.workspace)),
+            ("policy", run.policy.as_ref()),
+        ] {
+            if value.is_some_and(|v| v.trim().is_empty()) {
+                return Err(err(
+                    Some(run_at),
+                    format!(
+                        "[run] {what} is empty; name a directory (relative to this file; \".\" is this file's own)"
+                    ),
+                ));
+            }
+        }
         let workspace = base.join(&run.workspace);
         if !workspace.is_dir() {
             return Err(err(
@@ -685,11 +710,20 @@ impl RunSpec {
                 tool_calls: b.tool_calls,
                 bytes: b.bytes,
                 wall_time_us: match &b.wall_time {
-                    Some(w) => Some(
-                        parse_duration(w)
-                            .map_err(|e| err(Some(at), format!("[budget] wall_time: {e}")))?
-                            .as_micros() as u64,
-                    ),
+                    Some(w) => match parse_duration(w)
+                        .map_err(|e| err(Some(at), format!("[budget] wall_time: {e}")))?
+                        .as_micros() as u64
+                    {
+                        // Unlike a limit of 0 tool calls or bytes (a run that may not use
+                        // any), no time at all stops the run before its first step.
+                        0 => {
+                            return Err(err(
+                                Some(at),
+                                "[budget] wall_time must be more than 0 (the run would be out of time before its first step); leave it out for no limit".into(),
+                            ));
+                        }
+                        us => Some(us),
+                    },
                     None => None,
                 },
                 tokens_in: b.tokens_in,
@@ -744,6 +778,12 @@ impl RunSpec {
                 approval_timeout_ms = parse_duration(t)
                     .map_err(|e| err(Some(at), format!("[approvals] timeout: {e}")))?
                     .as_millis() as u64;
+                if approval_timeout_ms == 0 {
+                    return Err(err(
+                        Some(at),
+                        "[approvals] timeout must be more than 0 (every request would be denied before an operator could answer it; a policy's forbid refuses calls outright)".into(),
+                    ));
+                }
             }
             approval_elicitation = a.elicitation;
         }
@@ -786,6 +826,21 @@ impl RunSpec {
         for c in raw.check {
             let at = c.span().start;
             let c = c.into_inner();
+            if c.name.trim().is_empty() {
+                return Err(err(
+                    Some(at),
+                    "[[check]] `name` is empty; give each check a name (its results are recorded and shown by it)".into(),
+                ));
+            }
+            if checks.iter().any(|k: &Check| k.name == c.name) {
+                return Err(err(
+                    Some(at),
+                    format!(
+                        "[[check]] {:?}: another check has this name; give each its own (its results are recorded and shown by it)",
+                        c.name
+                    ),
+                ));
+            }
             if c.run.is_empty() || c.run[0].is_empty() {
                 return Err(err(
                     Some(at),
@@ -798,6 +853,15 @@ impl RunSpec {
                     .as_millis() as u64,
                 None => 60_000,
             };
+            if timeout_ms == 0 {
+                return Err(err(
+                    Some(at),
+                    format!(
+                        "[[check]] {:?} timeout must be more than 0 (the check could never pass)",
+                        c.name
+                    ),
+                ));
+            }
             checks.push(Check {
                 name: c.name,
                 run: c.run,
