@@ -124,9 +124,9 @@ impl From<MemoryError> for ApiError {
         let message = e.to_string();
         match e {
             MemoryError::Unknown(_) | MemoryError::NoEvent(_) => ApiError::not_found(message),
-            MemoryError::NotCommitted { .. } | MemoryError::AlreadyTransitioned { .. } => {
-                ApiError::conflict(message)
-            }
+            MemoryError::NotCommitted { .. }
+            | MemoryError::AlreadyTransitioned { .. }
+            | MemoryError::AlreadyActive { .. } => ApiError::conflict(message),
             MemoryError::NotDomain { .. } => ApiError::conflict(message),
             MemoryError::Invalid(_) => ApiError::bad_request("bad_request", message),
             MemoryError::Fold(_) => ApiError::internal(message),

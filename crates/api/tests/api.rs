@@ -503,6 +503,23 @@ async fn a_run_started_streamed_approved_verified_and_proven() {
         .await;
     assert_eq!(status, 201, "{promoted}");
     let memory = promoted["memory"].as_str().unwrap().to_string();
+    // The same event, kind and scope again: it is already that active memory, a conflict.
+    let (status, v) = api
+        .post(
+            "/memories",
+            json!({"event": read_id, "kind": "file", "scope": "project", "reason": "again"}),
+        )
+        .await;
+    assert_eq!(
+        (status, &v["error"]["code"]),
+        (409, &json!("conflict")),
+        "{v}"
+    );
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("already active memory") && message.contains(&memory),
+        "{v}"
+    );
     let (status, list) = api.get("/memories").await;
     assert_eq!(status, 200);
     assert_eq!(list["memories"][0]["id"], memory.as_str());

@@ -843,6 +843,21 @@ pub enum MemoryError {
         /// Why.
         reason: String,
     },
+    /// The event is already an active memory of the same kind, scope and content: promoting
+    /// it again would make a duplicate.
+    #[error(
+        "{source_event} is already active memory {memory} (kind {kind}, scope {scope}); it is not promoted twice"
+    )]
+    AlreadyActive {
+        /// The event whose promotion was refused.
+        source_event: EventId,
+        /// The active memory it already is.
+        memory: EventId,
+        /// Its kind.
+        kind: String,
+        /// Its scope.
+        scope: String,
+    },
     /// Bad input.
     #[error("{0}")]
     Invalid(String),
@@ -1652,10 +1667,12 @@ impl Runtime {
                 && r.scope == req.scope
                 && r.digest == digest
         }) {
-            return Err(MemoryError::Invalid(format!(
-                "{} is already active memory {} (kind {}, scope {})",
-                req.source, dup.id, dup.kind, dup.scope
-            )));
+            return Err(MemoryError::AlreadyActive {
+                source_event: req.source.clone(),
+                memory: dup.id.clone(),
+                kind: dup.kind.clone(),
+                scope: dup.scope.clone(),
+            });
         }
         let now = self.clock.now();
         let due: Vec<&MemoryRecord> = book.due_to_expire(now);
