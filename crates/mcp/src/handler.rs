@@ -19,6 +19,8 @@ use serde_json::{Value, json};
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::http::json_error;
+
 /// Where `ice serve` mounts the streamable-HTTP endpoint.
 pub const MCP_PATH: &str = "/mcp";
 
@@ -37,6 +39,15 @@ const HTTP_IDLE: Duration = Duration::from_secs(30 * 60);
 /// stream) is not waiting for a header.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How long a request's body has, from the moment its header was read, to arrive in full (the
+/// bytes its `Content-Length` or chunks promise). Past it the request is answered 408 with a
+/// JSON error and its connection closed, so a client that sends a header and part of a body and
+/// then goes silent (or trickles it) holds a connection no longer than one that sends no
+/// header. 20 s, like [`HEADER_READ_TIMEOUT`]: a request body here is at most a 1 MiB operator
+/// API body or one MCP message, which any working client sends in far less. A handler that
+/// never reads a body is not timed; a response is never cut.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// How many HTTP connections one listener serves at once (fewer when the process's file-handle
 /// limit is low: at most half of it, the rest being left to the log, tool servers and outbound
 /// requests). A connection past the cap is not accepted until another closes: it waits in the
@@ -53,12 +64,13 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Clone, Copy, Debug)]
 struct HttpLimits {
     header_read_timeout: Duration,
+    body_read_timeout: Duration,
     max_connections: u32,
 }
 
 impl HttpLimits {
-    /// [`HEADER_READ_TIMEOUT`], and [`MAX_CONNECTIONS`] or half the soft file-handle limit,
-    /// whichever is lower.
+    /// [`HEADER_READ_TIMEOUT`], [`BODY_READ_TIMEOUT`], and [`MAX_CONNECTIONS`] or half the
+    /// soft file-handle limit, whichever is lower.
     fn for_this_process() -> Self {
         let half_of_handles = rustix::process::getrlimit(rustix::process::Resource::Nofile)
             .current
@@ -66,6 +78,7 @@ impl HttpLimits {
         let cap = u64::from(MAX_CONNECTIONS).min(half_of_handles).max(1);
         HttpLimits {
             header_read_timeout: HEADER_READ_TIMEOUT,
+            body_read_timeout: BODY_READ_TIMEOUT,
             max_connections: u32::try_from(cap).unwrap_or(MAX_CONNECTIONS),
         }
     }
@@ -74,8 +87,10 @@ impl HttpLimits {
 /// Serve `app` over HTTP/1.1 on `listener` until `stop` is cancelled, then stop accepting, let
 /// every connection finish its in-flight request (idle ones close at once) and return when all
 /// have closed. Unlike `axum::serve`, a connection that does not send a complete request header
-/// within `limits.header_read_timeout` is closed, and at most `limits.max_connections` are open
-/// at once.
+/// within `limits.header_read_timeout` is closed, a request whose body does not arrive in full
+/// within `limits.body_read_timeout` of its header is answered 408 and its connection closed,
+/// and at most `limits.max_connections` are open at once. Error answers carry the JSON error
+/// shape (`http::finish`, `http::ParseErrorBodies`), hyper's own ones included.
 async fn serve_connections(
     listener: tokio::net::TcpListener,
     app: axum::Router,
@@ -119,10 +134,26 @@ async fn serve_connections(
                 }
             }
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let conn = http
-            .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-            .with_upgrades();
+        let routes = hyper_util::service::TowerToHyperService::new(app.clone());
+        let body_limit = limits.body_read_timeout;
+        let service =
+            hyper::service::service_fn(move |req: axum::http::Request<hyper::body::Incoming>| {
+                let routes = routes.clone();
+                async move {
+                    let asked = crate::http::Asked {
+                        method: req.method().clone(),
+                        uri: req.uri().clone(),
+                        body_expired: Arc::default(),
+                        body_limit,
+                    };
+                    let expired = asked.body_expired.clone();
+                    let req = req.map(|b| crate::http::DeadlineBody::new(b, body_limit, expired));
+                    let response = hyper::service::Service::call(&routes, req).await?;
+                    Ok::<_, std::convert::Infallible>(crate::http::finish(response, &asked))
+                }
+            });
+        let io = hyper_util::rt::TokioIo::new(crate::http::ParseErrorBodies::new(tcp));
+        let conn = http.serve_connection(io, service).with_upgrades();
         let stop = stop.clone();
         tokio::spawn(async move {
             // The slot is held until the connection has closed.
@@ -925,22 +956,6 @@ async fn guard<M: rmcp::transport::streamable_http_server::SessionManager>(
     response
 }
 
-/// A JSON error response: `{"error": {"code", "message"}}`.
-fn json_error(
-    status: axum::http::StatusCode,
-    code: &str,
-    message: &str,
-) -> axum::response::Response {
-    let body = json!({"error": {"code": code, "message": message}});
-    let mut r = axum::response::Response::new(axum::body::Body::from(body.to_string()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        axum::http::header::CONTENT_TYPE,
-        axum::http::HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
 /// Why a request to the routes served beside MCP is refused by the DNS-rebinding check (the
 /// same rule rmcp applies to `/mcp`: the `Host` header, or the URI's authority, must be one of
 /// `allowed`, where an entry without a port allows any port; an empty list allows all), as a
@@ -1208,6 +1223,10 @@ mod tests {
             axum::Router::new()
                 .route("/ok", get(|| async { "ok" }))
                 .route(
+                    "/echo",
+                    axum::routing::post(|body: axum::body::Bytes| async move { body }),
+                )
+                .route(
                     "/slow",
                     get(|| async {
                         tokio::time::sleep(Duration::from_millis(800)).await;
@@ -1241,13 +1260,24 @@ mod tests {
             CancellationToken,
             JoinHandle<Result<(), GatewayError>>,
         ) {
+            start_with(HttpLimits {
+                header_read_timeout,
+                body_read_timeout: Duration::from_secs(60),
+                max_connections,
+            })
+            .await
+        }
+
+        async fn start_with(
+            limits: HttpLimits,
+        ) -> (
+            SocketAddr,
+            CancellationToken,
+            JoinHandle<Result<(), GatewayError>>,
+        ) {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let stop = CancellationToken::new();
-            let limits = HttpLimits {
-                header_read_timeout,
-                max_connections,
-            };
             let server = tokio::spawn(serve_connections(listener, app(), stop.clone(), limits));
             (addr, stop, server)
         }
@@ -1308,6 +1338,143 @@ mod tests {
             assert!(!rest.contains("HTTP/1.1 200"), "{rest}");
             assert!(began.elapsed() >= timeout, "{:?}", began.elapsed());
             assert!(get(addr, "/ok").await.starts_with("HTTP/1.1 200"));
+            stop.cancel();
+            tokio::time::timeout(PATIENCE, server)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+        }
+
+        /// The status and the JSON body of a whole answer.
+        fn json_answer(answer: &str) -> (u16, serde_json::Value) {
+            let status = answer
+                .split(' ')
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+            let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains("content-type: application/json"),
+                "{answer}"
+            );
+            let body = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"));
+            (status, body)
+        }
+
+        #[tokio::test]
+        async fn a_body_that_stops_partway_is_answered_408_and_its_connection_closed() {
+            let limit = Duration::from_secs(2);
+            let (addr, stop, server) = start_with(HttpLimits {
+                header_read_timeout: Duration::from_secs(60),
+                body_read_timeout: limit,
+                max_connections: 64,
+            })
+            .await;
+            let began = Instant::now();
+            // A header promising 100 bytes, 10 of them, then silence.
+            let mut stalled = TcpStream::connect(addr).await.unwrap();
+            stalled
+                .write_all(
+                    b"POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n0123456789",
+                )
+                .await
+                .unwrap();
+            // A body sent slowly but whole within the limit is served.
+            let mut slow = TcpStream::connect(addr).await.unwrap();
+            slow.write_all(
+                b"POST /echo HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 10\r\n\r\n01234",
+            )
+            .await
+            .unwrap();
+            tokio::time::sleep(limit / 2).await;
+            slow.write_all(b"56789").await.unwrap();
+            let answer = until_closed(&mut slow).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 200") && answer.ends_with("0123456789"),
+                "{answer}"
+            );
+            // The stalled one: 408 with a JSON error once the limit has run, then closed.
+            let answer = until_closed(&mut stalled).await;
+            assert!(began.elapsed() >= limit, "{:?}", began.elapsed());
+            let (status, body) = json_answer(&answer);
+            assert_eq!(status, 408, "{answer}");
+            assert_eq!(body["error"]["code"], "request_timeout", "{answer}");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("did not arrive in full within 2 s"),
+                "{answer}"
+            );
+            assert!(get(addr, "/ok").await.starts_with("HTTP/1.1 200"));
+            stop.cancel();
+            tokio::time::timeout(PATIENCE, server)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+        }
+
+        #[tokio::test]
+        async fn refusals_before_any_route_carry_a_json_error() {
+            let (addr, stop, server) = start(Duration::from_secs(60), 64).await;
+            let ask = |raw: Vec<u8>| async move {
+                let mut tcp = TcpStream::connect(addr).await.unwrap();
+                tcp.write_all(&raw).await.unwrap();
+                until_closed(&mut tcp).await
+            };
+            // A URI past hyper's limit: 414.
+            let long = format!(
+                "GET /ok?{} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                "a".repeat(70_000)
+            );
+            let answer = ask(long.into_bytes()).await;
+            let (status, body) = json_answer(&answer);
+            assert_eq!(
+                (status, &body["error"]["code"]),
+                (414, &"uri_too_long".into())
+            );
+            // More header fields than hyper reads: 431.
+            let mut many = String::from("GET /ok HTTP/1.1\r\nHost: localhost\r\n");
+            for i in 0..150 {
+                many.push_str(&format!("X-Field-{i}: {i}\r\n"));
+            }
+            many.push_str("\r\n");
+            let answer = ask(many.into_bytes()).await;
+            let (status, body) = json_answer(&answer);
+            assert_eq!(
+                (status, &body["error"]["code"]),
+                (431, &"headers_too_large".into()),
+                "{answer}"
+            );
+            // A malformed header line: 400.
+            let answer = ask(b"GET /ok HTTP/1.1\r\nHost localhost\r\n\r\n".to_vec()).await;
+            let (status, body) = json_answer(&answer);
+            assert_eq!(
+                (status, &body["error"]["code"]),
+                (400, &"malformed_request".into())
+            );
+            // A method the route does not take: 405 naming it, with Allow.
+            let answer = ask(
+                b"DELETE /ok HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".to_vec(),
+            )
+            .await;
+            let (status, body) = json_answer(&answer);
+            assert_eq!(status, 405, "{answer}");
+            assert_eq!(body["error"]["code"], "method_not_allowed");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains("DELETE is not allowed on /ok") && message.contains("GET"),
+                "{answer}"
+            );
+            assert!(
+                answer.to_ascii_lowercase().contains("allow: get"),
+                "{answer}"
+            );
+            // Ordinary answers are untouched, and the server is still serving.
+            assert!(get(addr, "/ok").await.ends_with("\r\n\r\nok"));
             stop.cancel();
             tokio::time::timeout(PATIENCE, server)
                 .await

@@ -30,5 +30,6 @@
 #![warn(missing_docs)]
 
 mod handler;
+mod http;
 
 pub use handler::{AgentIdentity, Gateway, GatewayError, IceMcp, MCP_PATH, McpAuth, tool_name};
