@@ -17,7 +17,9 @@
 //!   name, so the log records it as `operator:NAME`.
 //! - **Errors.** `{"error": {"code", "message"}}`: malformed JSON or a body of the wrong shape
 //!   400, a body over 1 MiB 413, a body that is not declared JSON 415, a bad id 400, an
-//!   unknown one 404, an action the run's (or memory's) state refuses 409.
+//!   unknown one 404, a method the path does not take 405, more than one `Authorization`
+//!   header 400, an action the run's (or memory's) state refuses 409 (promoting an event that
+//!   is already that active memory included).
 //! - **Runs started here** are driven on the server by the driver their spec names (plan or
 //!   LLM, through the [`AgentFactory`] the host gives); the response (202) comes once the run
 //!   has recorded its first event, and a checkpoint is signed when it stops.
@@ -71,6 +73,51 @@ pub struct ApiState {
     pub(crate) agents: AgentFactory,
     pub(crate) stop: CancellationToken,
     pub(crate) token_hint: String,
+    pub(crate) driving: RunsInFlight,
+}
+
+/// The runs the API is driving on the server (started or resumed through it), so a server that
+/// stops can wait until they have recorded their last events before it signs its final
+/// checkpoint ([`RunsInFlight::settled`]).
+#[derive(Clone)]
+pub struct RunsInFlight(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Default for RunsInFlight {
+    fn default() -> Self {
+        RunsInFlight(Arc::new(tokio::sync::watch::channel(0).0))
+    }
+}
+
+impl RunsInFlight {
+    /// One more run being driven, until the returned guard drops.
+    pub(crate) fn begin(&self) -> Driving {
+        self.0.send_modify(|n| *n += 1);
+        Driving(self.0.clone())
+    }
+
+    /// How many runs are being driven now.
+    pub fn now(&self) -> usize {
+        *self.0.borrow()
+    }
+
+    /// Wait, at most `limit`, until no run is being driven; returns how many still were when
+    /// `limit` ran out (0: all of them have stopped and recorded their last events).
+    pub async fn settled(&self, limit: std::time::Duration) -> usize {
+        let mut rx = self.0.subscribe();
+        match tokio::time::timeout(limit, rx.wait_for(|n| *n == 0)).await {
+            Ok(_) => 0,
+            Err(_) => self.now(),
+        }
+    }
+}
+
+/// A run being driven (see [`RunsInFlight`]).
+pub(crate) struct Driving(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Drop for Driving {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl ApiState {
@@ -91,7 +138,14 @@ impl ApiState {
             agents,
             stop: CancellationToken::new(),
             token_hint: "ice token add --operator NAME".into(),
+            driving: RunsInFlight::default(),
         }
+    }
+
+    /// The runs this API drives on the server (those it starts or resumes), to wait for when
+    /// the server stops.
+    pub fn runs_in_flight(&self) -> RunsInFlight {
+        self.driving.clone()
     }
 
     /// Live event streams end when `stop` is cancelled (so a server can shut down gracefully).
@@ -109,6 +163,87 @@ impl ApiState {
 }
 
 pub(crate) type Shared = Arc<ApiState>;
+
+/// Refuse a request that carries more than one `Authorization` header (400, naming it): which
+/// of its tokens would count is anyone's guess (a proxy may keep the first, a server the last),
+/// so ICE takes neither. Every place `ice serve` reads a token (the operator API, `/mcp`,
+/// `/metrics`) checks this first.
+pub fn single_authorization(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let n = headers
+        .get_all(axum::http::header::AUTHORIZATION)
+        .iter()
+        .count();
+    if n > 1 {
+        return Err(ApiError::bad_request(
+            "duplicate_header",
+            format!(
+                "the request has {n} Authorization headers; send exactly one (`Authorization: Bearer TOKEN`)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `routes` behind [`single_authorization`]: a request with more than one `Authorization`
+/// header is refused before anything reads a token.
+pub fn single_authorization_only(routes: Router) -> Router {
+    routes.layer(axum::middleware::from_fn(refuse_repeated_authorization))
+}
+
+async fn refuse_repeated_authorization(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match single_authorization(req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A 405 (the path exists, the method does not) as the API's JSON error, naming the method, the
+/// path and the methods it takes (axum's own has an empty body; it adds the `Allow` header
+/// after this).
+async fn method_not_allowed_as_json(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let response = next.run(req).await;
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED {
+        return response;
+    }
+    let takes: Vec<String> = routes()
+        .into_iter()
+        .filter(|(_, p)| path_matches(p, &path))
+        .map(|(m, _)| m)
+        .collect();
+    let takes = if takes.is_empty() {
+        "other methods".to_string()
+    } else {
+        takes.join(", ")
+    };
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{method} is not allowed on {path}; it takes {takes} (see {BASE_PATH}{OPENAPI_PATH})"
+        ),
+    )
+    .into_response()
+}
+
+/// Whether `path` is one of `route`'s (a `{param}` segment matches any one segment).
+fn path_matches(route: &str, path: &str) -> bool {
+    let (mut r, mut p) = (route.split('/'), path.split('/'));
+    loop {
+        match (r.next(), p.next()) {
+            (None, None) => return true,
+            (Some(a), Some(b)) if a == b || (a.starts_with('{') && !b.is_empty()) => {}
+            _ => return false,
+        }
+    }
+}
 
 /// Every operator endpoint: method, path under [`BASE_PATH`], handler.
 fn table() -> Vec<(&'static str, &'static str, MethodRouter<Shared>)> {
@@ -166,15 +301,18 @@ pub fn router(state: ApiState) -> Router {
     for (_, path, handler) in table() {
         ops = ops.route(path, handler);
     }
+    // Layers run outside in: one Authorization header at most, then the token check.
     let api = ops
         .route_layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             auth::operators_only,
         ))
+        .route_layer(axum::middleware::from_fn(refuse_repeated_authorization))
         .route(OPENAPI_PATH, get(openapi));
     Router::new()
         .nest(BASE_PATH, api)
         .fallback(no_route)
+        .layer(axum::middleware::from_fn(method_not_allowed_as_json))
         .with_state(shared)
 }
 

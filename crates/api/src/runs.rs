@@ -175,12 +175,14 @@ pub(crate) async fn start(
     let (observer, rx) = Started::new();
     let rt = s.runtime;
     let st = s.clone();
+    let driving = s.driving.begin();
     let task = tokio::spawn(async move {
         let by = format!("operator:{operator}")
             .parse::<ice_kernel::Origin>()
             .ok();
         let result = rt.start_by(spec, agent.as_mut(), &observer, by).await;
         stopped(&st, &format!("started by operator:{operator}"), &result).await;
+        drop(driving);
         result
     });
     let run = handshake(rx, task).await?;
@@ -315,9 +317,11 @@ pub(crate) async fn reconfigure(
     let (observer, rx) = Started::new();
     let st = s.clone();
     let resumed = run.clone();
+    let driving = s.driving.begin();
     let task = tokio::spawn(async move {
         let result = rt.resume(&resumed, agent.as_mut(), &observer).await;
         stopped(&st, &format!("resumed by operator:{operator}"), &result).await;
+        drop(driving);
         result
     });
     match handshake(rx, task).await {

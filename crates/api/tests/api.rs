@@ -340,6 +340,33 @@ async fn operators_only_unauthenticated_401_agents_403() {
             .unwrap()
             .starts_with("Bearer")
     );
+    // Two Authorization headers: refused whichever comes first, even when both are the
+    // operator's (which token counts would be anyone's guess).
+    for pair in [
+        [OPERATOR_TOKEN, AGENT_TOKEN],
+        [AGENT_TOKEN, OPERATOR_TOKEN],
+        [OPERATOR_TOKEN, OPERATOR_TOKEN],
+        [OPERATOR_TOKEN, "not-a-known-token"],
+    ] {
+        let resp = api
+            .http
+            .get(api.url("/runs"))
+            .header("authorization", format!("Bearer {}", pair[0]))
+            .header("authorization", format!("Bearer {}", pair[1]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 400, "{pair:?}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "duplicate_header", "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("2 Authorization headers"),
+            "{v}"
+        );
+    }
     // The operator passes; the OpenAPI document is public.
     assert_eq!(api.get("/runs").await.0, 200);
     let (status, doc) = api.call("GET", "/openapi.json", None, None).await;
@@ -817,10 +844,34 @@ async fn bad_input_gets_clear_4xx_answers() {
     // Unknown endpoints and methods.
     let (status, v) = api.get("/nothing/here").await;
     assert_eq!((status, code(&v)), (404, "not_found".into()), "{v}");
-    let (status, _) = api
+    let (status, v) = api
         .call("DELETE", "/runs", Some(OPERATOR_TOKEN), None)
         .await;
-    assert_eq!(status, 405);
+    assert_eq!(
+        (status, code(&v)),
+        (405, "method_not_allowed".into()),
+        "{v}"
+    );
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("DELETE is not allowed on /api/v1/runs") && message.contains("GET, POST"),
+        "{v}"
+    );
+    let (status, v) = api
+        .call("PUT", "/memories/r:1/deprecate", Some(OPERATOR_TOKEN), None)
+        .await;
+    assert_eq!(
+        (status, code(&v)),
+        (405, "method_not_allowed".into()),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("takes POST"),
+        "{v}"
+    );
 
     // Nothing above broke the server or the log.
     let (_, report) = api.get("/verify").await;

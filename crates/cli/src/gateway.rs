@@ -33,8 +33,14 @@ pub struct ServeArgs {
     pub spec: PathBuf,
     /// A host name clients may use to reach this server (`Host` header), besides loopback and
     /// the listening address; repeat for more (DNS-rebinding protection refuses others).
-    #[arg(long = "allow-host", value_name = "NAME[:PORT]")]
+    #[arg(long = "allow-host", value_name = "NAME[:PORT]", value_parser = allowed_host)]
     pub allow_hosts: Vec<String>,
+}
+
+/// An `--allow-host` value (see [`ice_mcp::check_allowed_host`]): an empty one, or one that
+/// is not a host name, would silently allow nothing, so it is a usage error naming the flag.
+fn allowed_host(s: &str) -> Result<String, String> {
+    ice_mcp::check_allowed_host(s).map(|()| s.trim().to_string())
 }
 
 /// Load the spec and the runtime, recover what an earlier crash left, and leak the runtime:
@@ -89,7 +95,7 @@ fn operator_api(
     addr: std::net::SocketAddr,
     store: Arc<ice_api::CredentialStore>,
     stop: tokio_util::sync::CancellationToken,
-) -> Result<ice_api::Router> {
+) -> Result<(ice_api::Router, ice_api::RunsInFlight)> {
     let n = store.with(ice_api::Credentials::operators);
     let hint = format!("ice token add --operator NAME --home {}", h.dir.display());
     if n == 0 {
@@ -112,8 +118,9 @@ fn operator_api(
     let state = ice_api::ApiState::new(rt, signer, verifier, store, agents)
         .with_stop(stop)
         .with_token_hint(hint);
+    let driving = state.runs_in_flight();
     // The operator web UI (`/ui/`, static files only; its data comes from the API above).
-    Ok(ice_api::router(state).merge(ice_ui::router()))
+    Ok((ice_api::router(state).merge(ice_ui::router()), driving))
 }
 
 /// The tokens of the installation's config, read again when the config changes (`ice token
@@ -199,11 +206,19 @@ fn mcp_auth(
     // agent token is revoked (the store remembers): a revoked token's holder must not get back
     // in by sending none.
     Arc::new(move |headers| {
+        ice_api::single_authorization(headers).map_err(|e| Box::new(e.into()))?;
         ice_api::agent_of(&store, anonymous, &hint, headers)
             .map(|who| who.map(ice_mcp::AgentIdentity))
             .map_err(|e| Box::new(e.into()))
     })
 }
+
+/// How long `ice serve`, stopping, waits for runs to record their last events (open sessions'
+/// runs ending, runs the API drives finishing) before it signs its final checkpoint. A run
+/// ends once the calls holding it return (each bounded by its own timeout), so this is a
+/// bound for the rare call still out, well inside a service manager's stop timeout (systemd's
+/// default is 90 s).
+const RECORDING_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// `ice serve`: until SIGINT or SIGTERM; then open sessions' runs are committed.
 pub async fn serve(home: &Path, url: Option<&str>, a: ServeArgs) -> Result<u8> {
@@ -316,18 +331,31 @@ pub async fn serve(home: &Path, url: Option<&str>, a: ServeArgs) -> Result<u8> {
     let auth = mcp_auth(&h, addr, store.clone());
     // `/metrics` tells the installation's activity: a metrics reader's token (or an
     // operator's) reads it.
-    let metrics = ice_api::metrics_readers_only(
+    let metrics = ice_api::single_authorization_only(ice_api::metrics_readers_only(
         telemetry.metrics_router(),
         store.clone(),
         format!("ice token add --metrics NAME --home {}", h.dir.display()),
-    );
-    let api = operator_api(&h, rt, addr, store, stop.clone())?.merge(metrics);
+    ));
+    let (api, driving) = operator_api(&h, rt, addr, store, stop.clone())?;
+    let api = api.merge(metrics);
     gw.serve_http_with(listener, stop, &a.allow_hosts, api, Some(auth))
         .await?;
     recovering.abort();
     tailing.abort();
+    // The final checkpoint must cover every run's last events: open sessions' runs are ended
+    // (and those of sessions closed as the transport stopped finish ending), and runs the API
+    // drives finish, before it is signed; all within RECORDING_GRACE.
+    let (sessions, driven) = tokio::join!(
+        gw.close_all(RECORDING_GRACE),
+        driving.settled(RECORDING_GRACE)
+    );
+    if sessions + driven > 0 {
+        eprintln!(
+            "ice serve: {sessions} session run(s) and {driven} API-driven run(s) were still recording after {} s; the final checkpoint does not cover what they record from now on (a run this process leaves unfinished is recovered when ICE next opens the log)",
+            RECORDING_GRACE.as_secs()
+        );
+    }
     telemetry.flush(std::time::Duration::from_secs(2)).await;
-    gw.close_all().await;
     let size = seal(&h, rt).await?;
     eprintln!("ice serve: stopped; checkpoint signed at log size {size}");
     Ok(0)

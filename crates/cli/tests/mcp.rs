@@ -1688,3 +1688,260 @@ permit(principal == Agent::"assistant", action == Action::"process.exec", resour
     assert_eq!(of_type(&ev, "FileRead")[0]["intent"], "look");
     verify(&f);
 }
+
+/// A raw HTTP/1.1 request to the server of `url` (`ice serve`'s MCP URL): `method` `target`
+/// with `headers` and `body`; the status, the head (lowercased) and the body, as text.
+fn raw_at(
+    url: &str,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
+    use std::io::Read;
+    let addr = url
+        .strip_prefix("http://")
+        .and_then(|r| r.split('/').next())
+        .unwrap();
+    let mut extra = String::new();
+    for (k, v) in headers {
+        extra.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        s,
+        "{method} {target} HTTP/1.1\r\nHost: localhost\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let resp = String::from_utf8_lossy(&resp).to_string();
+    let (head, rest) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {resp:?}"));
+    (status, head.to_ascii_lowercase(), rest.to_string())
+}
+
+/// The `{"error": {"code", "message"}}` of a JSON error answer.
+fn json_error_of(head: &str, body: &str) -> (String, String) {
+    assert!(
+        head.contains("content-type: application/json"),
+        "{head}\n\n{body}"
+    );
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    (
+        v["error"]["code"].as_str().unwrap_or_default().to_string(),
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+#[test]
+fn ice_serve_refuses_two_authorization_headers_wherever_it_reads_a_token() {
+    let f = fixture("two-tokens", "2s");
+    let claude = token(&f, "agent", "claude");
+    let alice = token(&f, "operator", "alice");
+    let (_server, url) = serve(&f);
+    let (claude, alice) = (format!("Bearer {claude}"), format!("Bearer {alice}"));
+    let init = initialize().to_string();
+    let mcp_headers = |first: &str, second: &str| {
+        vec![
+            ("Authorization", first.to_string()),
+            ("Authorization", second.to_string()),
+            ("Content-Type", "application/json".to_string()),
+            ("Accept", "application/json, text/event-stream".to_string()),
+            ("MCP-Protocol-Version", "2025-11-25".to_string()),
+        ]
+    };
+    for (method, target, body) in [
+        ("POST", "/mcp", init.as_str()),
+        ("GET", "/api/v1/runs", ""),
+        ("GET", "/metrics", ""),
+    ] {
+        // Whichever comes first, and even when both would be accepted alone.
+        for (first, second) in [(&claude, &alice), (&alice, &claude), (&alice, &alice)] {
+            let headers = mcp_headers(first, second);
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let (status, head, answer) = raw_at(&url, method, target, &headers, body);
+            assert_eq!(status, 400, "{method} {target}: {answer}");
+            let (code, message) = json_error_of(&head, &answer);
+            assert_eq!(code, "duplicate_header", "{method} {target}: {answer}");
+            assert!(
+                message.contains("2 Authorization headers"),
+                "{method} {target}: {answer}"
+            );
+        }
+    }
+    assert!(runs(&f).is_empty(), "a refused request makes no run");
+    // One header of each is served as before.
+    let one = |t: &str| {
+        vec![
+            ("Authorization", t.to_string()),
+            ("Content-Type", "application/json".to_string()),
+            ("Accept", "application/json, text/event-stream".to_string()),
+        ]
+    };
+    for (method, target, token, body) in [
+        ("POST", "/mcp", &claude, init.as_str()),
+        ("GET", "/api/v1/runs", &alice, ""),
+        ("GET", "/metrics", &alice, ""),
+    ] {
+        let headers = one(token);
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (status, _, answer) = raw_at(&url, method, target, &headers, body);
+        assert_eq!(status, 200, "{method} {target}: {answer}");
+    }
+}
+
+#[test]
+fn ice_serve_answers_405_414_and_431_with_a_json_error() {
+    let f = fixture("refusals-json", "2s");
+    let alice = format!("Bearer {}", token(&f, "operator", "alice"));
+    let (_server, url) = serve(&f);
+    let auth = [("Authorization", alice.as_str())];
+    // A method a path does not take: the API's, MCP's and the UI's 405s name it, and `Allow`.
+    // (No agent token exists, so /mcp takes anonymous loopback clients, without a header.)
+    for (method, target, allow) in [
+        ("DELETE", "/api/v1/runs", "get,head,post"),
+        ("PUT", "/mcp", "get, post, delete"),
+        ("POST", "/ui/", "get,head"),
+    ] {
+        let headers: &[(&str, &str)] = if target == "/mcp" { &[] } else { &auth };
+        let (status, head, body) = raw_at(&url, method, target, headers, "");
+        assert_eq!(status, 405, "{method} {target}: {body}");
+        let (code, message) = json_error_of(&head, &body);
+        assert_eq!(code, "method_not_allowed", "{body}");
+        assert!(
+            message.contains(&format!("{method} is not allowed on {target}")),
+            "{body}"
+        );
+        assert!(
+            head.contains(&format!("allow: {allow}")),
+            "{method} {target}: {head}"
+        );
+    }
+    // A URI longer than the server reads: 414, on the API and on MCP alike.
+    for target in ["/api/v1/runs", "/mcp"] {
+        let long = format!("{target}?{}", "x".repeat(70_000));
+        let (status, head, body) = raw_at(&url, "GET", &long, &[], "");
+        assert_eq!(status, 414, "{body}");
+        let (code, message) = json_error_of(&head, &body);
+        assert_eq!(code, "uri_too_long", "{body}");
+        assert!(message.contains("URI"), "{body}");
+    }
+    // More header fields than the server reads: 431.
+    let many: Vec<(String, String)> = (0..150)
+        .map(|i| (format!("X-Field-{i}"), i.to_string()))
+        .collect();
+    let mut headers: Vec<(&str, &str)> =
+        many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    headers.extend(auth);
+    let (status, head, body) = raw_at(&url, "GET", "/api/v1/runs", &headers, "");
+    assert_eq!(status, 431, "{body}");
+    let (code, message) = json_error_of(&head, &body);
+    assert_eq!(code, "headers_too_large", "{body}");
+    assert!(message.contains("header"), "{body}");
+    // The server is still serving.
+    let (status, _, body) = raw_at(&url, "GET", "/api/v1/runs", &auth, "");
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn ice_serve_refuses_an_empty_or_malformed_allowed_host() {
+    let f = fixture("hosts-2", "2s");
+    for bad in [
+        "",
+        "  ",
+        "http://ice.example",
+        "ice.example/mcp",
+        "ice.example:",
+    ] {
+        let mut child = Command::new(ice_bin())
+            .arg("--home")
+            .arg(&f.home)
+            .args(["serve", "--listen", "127.0.0.1:0", "--run-spec"])
+            .arg(&f.spec)
+            .args(["--allow-host", bad])
+            .env_remove("ICE_HOME")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("ice serve --allow-host {bad:?} started serving");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(2), "--allow-host {bad:?}: {err}");
+        assert!(err.contains("--allow-host"), "--allow-host {bad:?}: {err}");
+        assert!(
+            err.contains("host name"),
+            "--allow-host {bad:?} says what is wrong: {err}"
+        );
+    }
+}
+
+#[test]
+fn stopping_ice_serve_signs_its_last_checkpoint_after_every_run_has_recorded() {
+    let f = fixture("stopping", "2s");
+    let (mut server, url) = serve(&f);
+    // Sessions whose runs are open (anonymous, on loopback).
+    let sessions = 8;
+    let mut ids = Vec::new();
+    for _ in 0..sessions {
+        let (status, head, body) = raw_post(&url, &[], &initialize());
+        assert_eq!(status, 200, "{body}");
+        let id = head
+            .lines()
+            .find_map(|l| l.strip_prefix("mcp-session-id:"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|| panic!("a session id: {head}"));
+        ids.push(id);
+    }
+    let open = runs(&f);
+    assert_eq!(open.len(), sessions, "{open:#?}");
+    // Half are closed by their clients just before the server is told to stop (their runs
+    // end in the background as the transport drops them); the rest are still open then.
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}});
+    for id in &ids[..sessions / 2] {
+        let (status, _, body) = raw_request("DELETE", &url, &[("Mcp-Session-Id", id)], &list);
+        assert!((200..300).contains(&status), "{status}: {body}");
+    }
+    let _ = Command::new("kill").arg(server.0.id().to_string()).status();
+    let status = server.0.wait().unwrap();
+    assert!(
+        status.success(),
+        "ice serve exits cleanly on SIGTERM: {status:?}"
+    );
+    // Every run ended, and the final checkpoint covers its last event.
+    for r in &runs(&f) {
+        let run = r["run_id"].as_str().unwrap();
+        let ev = events(&f, run);
+        assert_eq!(ev.last().unwrap()["type"], "RunTerminated", "run {run}");
+    }
+    let o = ice(&f.home, &["verify", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        report["latest_checkpoint"], report["events"],
+        "events were recorded after the final checkpoint: {report:#}"
+    );
+}

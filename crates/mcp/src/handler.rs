@@ -217,6 +217,48 @@ pub struct Gateway {
     fresh_ids: bool,
     /// Every session's slot, to end their runs when the gateway stops.
     slots: StdMutex<Vec<std::sync::Weak<Slot>>>,
+    /// The session runs being ended right now (in the background too), so a stopping server
+    /// signs its last checkpoint only after they have recorded their last events.
+    endings: Endings,
+}
+
+/// How many session runs are being ended (validated, committed or aborted) right now: each
+/// ending holds an [`Ending`] until its run's last event is recorded or it failed.
+#[derive(Clone)]
+struct Endings(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Default for Endings {
+    fn default() -> Self {
+        Endings(Arc::new(tokio::sync::watch::channel(0).0))
+    }
+}
+
+impl Endings {
+    /// One more run being ended, until the returned guard drops.
+    fn begin(&self) -> Ending {
+        self.0.send_modify(|n| *n += 1);
+        Ending(self.0.clone())
+    }
+
+    /// How many are being ended now.
+    fn now(&self) -> usize {
+        *self.0.borrow()
+    }
+
+    /// Until none is being ended.
+    async fn none_left(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+}
+
+/// A run being ended (see [`Endings`]).
+struct Ending(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl Gateway {
@@ -245,6 +287,7 @@ impl Gateway {
             router,
             fresh_ids,
             slots: StdMutex::new(Vec::new()),
+            endings: Endings::default(),
         }))
     }
 
@@ -259,6 +302,7 @@ impl Gateway {
     fn handler_on(self: &Arc<Self>, transport: Transport) -> IceMcp {
         let mut slot = Slot::default();
         slot.transport = transport;
+        slot.endings = self.endings.clone();
         let slot = Arc::new(slot);
         if let Ok(mut slots) = self.slots.lock() {
             slots.retain(|s| s.strong_count() > 0);
@@ -270,14 +314,28 @@ impl Gateway {
         }
     }
 
-    /// End every open session's run (validate and commit), for a gateway that is stopping.
-    pub async fn close_all(&self) {
+    /// For a gateway that has stopped serving: end every open session's run (validate and
+    /// commit), and wait until every run it is ending has recorded its last event: these, and
+    /// those of sessions the transport closed as it stopped (which end in the background).
+    /// Each waits for the calls that hold its session (bounded by their own timeouts), so the
+    /// whole wait is bounded by `limit`. Returns how many runs were still being ended when
+    /// `limit` ran out (0: everything is recorded, a checkpoint signed now covers it all).
+    pub async fn close_all(&self, limit: Duration) -> usize {
         let slots: Vec<Arc<Slot>> = match self.slots.lock() {
             Ok(s) => s.iter().filter_map(std::sync::Weak::upgrade).collect(),
             Err(_) => Vec::new(),
         };
         for slot in slots {
-            let _ = slot.end(None).await;
+            // Counted before the task runs, so the wait below cannot miss it.
+            let ending = self.endings.begin();
+            tokio::spawn(async move {
+                let _ = slot.end(None).await;
+                drop(ending);
+            });
+        }
+        match tokio::time::timeout(limit, self.endings.none_left()).await {
+            Ok(()) => 0,
+            Err(_) => self.endings.now(),
         }
     }
 
@@ -372,7 +430,13 @@ impl Gateway {
                 format!("localhost:{}", addr.port()),
             ];
         }
-        config.allowed_hosts.extend(extra_hosts.iter().cloned());
+        for h in extra_hosts {
+            check_allowed_host(h)
+                .map_err(|e| GatewayError::Transport(format!("an allowed host name: {e}")))?;
+        }
+        config
+            .allowed_hosts
+            .extend(extra_hosts.iter().map(|h| h.trim().to_string()));
         let allowed: Arc<[String]> = config.allowed_hosts.clone().into();
         let for_extra = allowed.clone();
         let extra = extra.layer(axum::middleware::from_fn(
@@ -499,6 +563,8 @@ struct Slot {
     /// Who the session belongs to, bound by its first request: an authenticated agent, or
     /// `Some(None)` for an anonymous session (the run spec's agent).
     agent: StdMutex<Option<Option<AgentIdentity>>>,
+    /// The gateway's count of runs being ended, which this session's ending joins.
+    endings: Endings,
 }
 
 impl Slot {
@@ -515,6 +581,7 @@ impl Slot {
         &self,
         failure: Option<(&'static str, String)>,
     ) -> Result<Option<RunReport>, RuntimeError> {
+        let _ending = self.endings.begin();
         self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
         self.unregister();
         let Some(session) = self.session.lock().await.take() else {
@@ -569,8 +636,12 @@ impl Drop for Slot {
             )
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            // Counted now, so a gateway that is stopping waits for this run's last events
+            // before it signs its final checkpoint.
+            let ending = self.endings.begin();
             handle.spawn(async move {
                 let _ = end_run(session, failure).await;
+                drop(ending);
             });
         }
     }
@@ -1000,6 +1071,29 @@ fn host_refusal(
             StatusCode::FORBIDDEN,
             "the Host header names a host this server does not serve (DNS-rebinding protection); start `ice serve` with --allow-host NAME to allow it",
         )
+    }
+}
+
+/// Check one extra host name a server is to allow (`ice serve --allow-host`): a host name or
+/// address with an optional port, as a client puts it in its `Host` header (`ice.example`,
+/// `ice.example:7411`, `[::1]:7411`). An empty value, or one with a scheme, path, user or
+/// spaces, would match no request and silently allow nothing; the error says what is wrong.
+pub fn check_allowed_host(value: &str) -> Result<(), String> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Err("the host name is empty; give the name clients use to reach this server, such as ice.example or ice.example:7411".into());
+    }
+    let refuse = |why: &str| {
+        Err(format!(
+            "{v:?} {why}; give a host name with an optional port, such as ice.example or ice.example:7411"
+        ))
+    };
+    if v.contains(['/', '@', '?', '#']) || v.contains(char::is_whitespace) {
+        return refuse("is not a host name (no scheme, path, user or spaces)");
+    }
+    match axum::http::uri::Authority::try_from(v) {
+        Ok(a) if !a.host().is_empty() && (a.port().is_some() || !v.ends_with(':')) => Ok(()),
+        _ => refuse("is not a host name"),
     }
 }
 

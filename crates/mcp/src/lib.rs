@@ -32,4 +32,6 @@
 mod handler;
 mod http;
 
-pub use handler::{AgentIdentity, Gateway, GatewayError, IceMcp, MCP_PATH, McpAuth, tool_name};
+pub use handler::{
+    AgentIdentity, Gateway, GatewayError, IceMcp, MCP_PATH, McpAuth, check_allowed_host, tool_name,
+};
