@@ -332,6 +332,8 @@ fn operator_of(
 /// The bearer token of a request: `None` without an `Authorization` header, an error when the
 /// header is not `Bearer TOKEN`.
 fn bearer(headers: &axum::http::HeaderMap) -> Result<Option<&str>, ApiError> {
+    // Every reader of a token refuses two: which one counted would be the server's choice.
+    crate::single_authorization(headers)?;
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Ok(None);
     };
@@ -454,6 +456,27 @@ mod tests {
 
     fn status(r: Result<Option<String>, ApiError>) -> Result<Option<String>, StatusCode> {
         r.map_err(|e| e.status)
+    }
+
+    /// Whoever reads a token through this module refuses a request that carries two, even
+    /// when the first alone would be accepted.
+    #[test]
+    fn two_authorization_headers_are_refused_by_every_token_reader() {
+        let s = store(&[("bob", "agent-token")], &[("alice", "op-token")]);
+        let mut h = with(Some("Bearer agent-token"));
+        h.append(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer op-token"),
+        );
+        assert_eq!(
+            status(agent_of(&s, true, "hint", &h)),
+            Err(StatusCode::BAD_REQUEST)
+        );
+        let e = s
+            .with(|c| operator_of(c, "hint", &h))
+            .expect_err("two headers");
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(e.to_string().contains("2 Authorization headers"), "{e}");
     }
 
     #[test]
