@@ -138,22 +138,7 @@ pub async fn verify_against(
     kept: &[String],
     mut progress: impl FnMut(u64),
 ) -> Result<VerifyReport, LogError> {
-    let mut v = Verifier {
-        report: VerifyReport {
-            deep,
-            ..VerifyReport::default()
-        },
-        deep,
-        checkpoints: VecDeque::new(),
-        matched: 0,
-        heads: HashMap::new(),
-        current: None,
-        frontier: Frontier::new(),
-        floor: log.tree_floor(),
-        last: Digest::GENESIS,
-        next: 0,
-        base: 0,
-    };
+    let mut v = Verifier::new(log, deep);
     if !v.load_checkpoints(log, verifier).await? || !v.add_kept(verifier, kept) {
         return Ok(v.report);
     }
@@ -189,6 +174,26 @@ struct Verifier {
 }
 
 impl Verifier {
+    /// Checking from the start of the log; [`verify_tail`] moves the start to a checkpoint.
+    fn new(log: &dyn EventLog, deep: bool) -> Verifier {
+        Verifier {
+            report: VerifyReport {
+                deep,
+                ..VerifyReport::default()
+            },
+            deep,
+            checkpoints: VecDeque::new(),
+            matched: 0,
+            heads: HashMap::new(),
+            current: None,
+            frontier: Frontier::new(),
+            floor: log.tree_floor(),
+            last: Digest::GENESIS,
+            next: 0,
+            base: 0,
+        }
+    }
+
     fn fail(&mut self, log_seq: Option<u64>, event_id: Option<String>, problem: String) {
         self.report.failure = Some(Failure {
             log_seq,
@@ -799,22 +804,7 @@ pub struct Tail {
 /// of the new events and of reading the runs they belong to or cite, not of the whole log.
 /// This is what is checked before a checkpoint is signed ([`sign_checkpoint`]).
 pub async fn verify_tail(log: &dyn EventLog, verifier: &NoteVerifier) -> Result<Tail, LogError> {
-    let mut v = Verifier {
-        report: VerifyReport {
-            deep: true,
-            ..VerifyReport::default()
-        },
-        deep: true,
-        checkpoints: VecDeque::new(),
-        matched: 0,
-        heads: HashMap::new(),
-        current: None,
-        frontier: Frontier::new(),
-        floor: log.tree_floor(),
-        last: Digest::GENESIS,
-        next: 0,
-        base: 0,
-    };
+    let mut v = Verifier::new(log, true);
     let done = |v: Verifier, size: u64| Tail {
         root: v.frontier.root(),
         report: v.report,

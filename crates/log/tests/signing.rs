@@ -78,16 +78,6 @@ async fn signed_then_grown() -> (tempfile::TempDir, PathBuf) {
     fx.close()
 }
 
-/// A copy of the log file (the WAL folded in first, so the file is the whole log).
-fn copy(src: &Path, name: &str) -> PathBuf {
-    let c = rusqlite::Connection::open(src).unwrap();
-    c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);").unwrap();
-    drop(c);
-    let dst = src.with_file_name(name);
-    std::fs::copy(src, &dst).unwrap();
-    dst
-}
-
 /// Play an attacker with write access to the file: replace the last event's body with
 /// `forge(body)` and make everything the default verification checks agree with it (its hash,
 /// the stored tree nodes its leaf completes, the head's last hash). Only its decoding or its
@@ -153,7 +143,7 @@ async fn a_forged_event_after_the_last_checkpoint_is_not_signed() {
         ),
     ];
     for (name, forge) in forgeries {
-        let copy = copy(&path, name);
+        let copy = copy_log(&path, name);
         let last = forge_last(&copy, forge);
         let log = SqliteLog::open(&copy, Mode::ReadWrite).unwrap();
         let deep = verify_with(&log, Some(&s.verifier()), true, |_| {})
@@ -202,7 +192,7 @@ async fn a_log_rewritten_under_its_checkpoint_or_cut_short_is_not_signed() {
         ),
     ];
     for (name, sql, want) in cases {
-        let copy = copy(&path, name);
+        let copy = copy_log(&path, name);
         tamper_connection(&copy).execute_batch(sql).unwrap();
         let log = SqliteLog::open(&copy, Mode::ReadWrite).unwrap();
         let err = sign_checkpoint(&log, &s).await.unwrap_err();

@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use common::*;
 use ice_kernel::{EventId, Projection, RunId, RunView};
@@ -150,16 +150,6 @@ async fn build(plan: &Plan) -> Built {
         size,
         live,
     }
-}
-
-/// A copy of the log file to damage (the WAL folded in first, so the file is the whole log).
-fn copy_log(src: &Path, name: &str) -> PathBuf {
-    let c = rusqlite::Connection::open(src).unwrap();
-    c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);").unwrap();
-    drop(c);
-    let dst = src.with_file_name(name);
-    std::fs::copy(src, &dst).unwrap();
-    dst
 }
 
 fn flip_byte(c: &rusqlite::Connection, column: &str, log_seq: u64, byte: u64, xor: u8) {

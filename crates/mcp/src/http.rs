@@ -357,11 +357,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ParseErrorBodies<T> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.replacing.is_some() {
-            match this.drain(cx) {
-                Poll::Ready(Ok(_)) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
+            std::task::ready!(this.drain(cx))?;
         }
         Pin::new(&mut this.inner).poll_flush(cx)
     }
@@ -369,11 +365,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ParseErrorBodies<T> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.replacing.is_some() {
-            match this.drain(cx) {
-                Poll::Ready(Ok(_)) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
+            std::task::ready!(this.drain(cx))?;
         }
         Pin::new(&mut this.inner).poll_shutdown(cx)
     }

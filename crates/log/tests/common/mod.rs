@@ -220,6 +220,18 @@ pub async fn replay(log: &dyn EventLog) -> std::collections::BTreeMap<RunId, Run
     views
 }
 
+/// A copy of the log file beside it, to damage (the WAL folded in first, so the file is the
+/// whole log).
+pub fn copy_log(src: &Path, name: &str) -> PathBuf {
+    let c = rusqlite::Connection::open(src).expect("raw open");
+    c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+        .expect("fold the WAL in");
+    drop(c);
+    let dst = src.with_file_name(name);
+    std::fs::copy(src, &dst).expect("copy the log");
+    dst
+}
+
 /// A raw read-write connection to the file, with the append-only triggers removed, for tests
 /// that play the attacker.
 pub fn tamper_connection(path: &Path) -> rusqlite::Connection {
