@@ -111,10 +111,17 @@ impl From<RuntimeError> for ApiError {
             RuntimeError::Append(ice_log::ledger::AppendError::Log(
                 ice_log::LogError::Conflict { .. },
             )) => ApiError::conflict(format!("{message}; try again")),
-            RuntimeError::Log(_)
-            | RuntimeError::Append(_)
-            | RuntimeError::Fold(_)
-            | RuntimeError::Io(_) => ApiError::internal(message),
+            // The run's record holds an event its fold refuses (say, a second answer to one
+            // approval, which logs from before answers were checked can hold): not ICE failing
+            // now but the record conflicting with the law the books keep, so a 409 that names
+            // the event rather than a bare 500.
+            RuntimeError::Fold(f) => ApiError::conflict(format!(
+                "run {}: its record holds event {} that the run's fold refuses: {}; the run cannot be shown or acted on (`ice explain {}` shows the event; `ice replay {}` reports it)",
+                f.event.run_id, f.event, f.problem, f.event, f.event.run_id
+            )),
+            RuntimeError::Log(_) | RuntimeError::Append(_) | RuntimeError::Io(_) => {
+                ApiError::internal(message)
+            }
         }
     }
 }

@@ -65,6 +65,7 @@ struct Api {
     verifier: NoteVerifier,
     stop: CancellationToken,
     credentials: Arc<CredentialStore>,
+    rt: &'static Runtime,
 }
 
 impl Drop for Api {
@@ -143,6 +144,7 @@ impl Api {
             verifier,
             stop,
             credentials,
+            rt,
         }
     }
 
@@ -976,4 +978,81 @@ async fn a_revoked_operators_open_stream_ends() {
         text.contains("event: error") && text.contains("this stream ends"),
         "{text}"
     );
+}
+
+/// A run whose record holds a second answer to one approval (logs written before answers were
+/// checked can: the chain verifies) answers `GET /runs/RUN` with a 409 naming the refused
+/// event, and does not keep another run's approval from being listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_with_a_second_recorded_answer_is_named_and_others_are_listed() {
+    use ice_authority::payload::ApprovalDeniedPayload;
+    use ice_kernel::{CapabilityProposal, Draft, EventType, Outcome, Proposal};
+    let api = Api::start(true).await;
+    let spec = RunSpec::load(&api.spec("damaged", "", WRITE_PLAN)).unwrap();
+    let session = api
+        .rt
+        .open_session(spec, "coder", &ice_runtime::Quiet)
+        .await
+        .unwrap();
+    let damaged = session.run().clone();
+    let write = Proposal::Request(CapabilityProposal {
+        capability: "fs.write".into(),
+        target: "notes.txt".into(),
+        arguments: json!({"content": "noted\n"}),
+        intent: "write notes".into(),
+    });
+    let (outcome, approval) = tokio::join!(session.propose(&write), async {
+        let approval = api.pending(damaged.as_str()).await;
+        let (status, v) = api
+            .post(&format!("/approvals/{approval}/approve"), json!({}))
+            .await;
+        assert_eq!(status, 200, "{v}");
+        approval
+    });
+    assert!(matches!(outcome.unwrap(), Some(Outcome::Done { .. })));
+    // A second answer, past the runtime: the ledger takes it (the law does not read payloads).
+    let approval: ice_kernel::EventId = approval.parse().unwrap();
+    let draft = Draft::new(
+        EventType::ApprovalDenied.name(),
+        "operator:mallory".parse().unwrap(),
+    )
+    .payload(Value::Object(
+        ApprovalDeniedPayload {
+            approval: approval.clone(),
+            reason: "changed my mind".into(),
+        }
+        .to_payload(),
+    ))
+    .cause(approval.clone());
+    let (_, batch) = api.rt.ledger().append(&damaged, vec![draft]).await.unwrap();
+    let forged = batch.events()[0].event().id().to_string();
+
+    // Another run waits for an operator: listed, the damaged run left out.
+    let run = api.start_run(&api.spec("healthy", "", WRITE_PLAN)).await;
+    let waiting = api.pending(&run).await;
+    let (status, v) = api.get("/approvals").await;
+    assert_eq!(status, 200, "{v}");
+    let ids: Vec<&str> = v["approvals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [waiting.as_str()], "{v}");
+    // The damaged run itself: a 409 that names the refused event.
+    for path in [
+        format!("/runs/{damaged}"),
+        format!("/approvals?run={damaged}"),
+    ] {
+        let (status, v) = api.get(&path).await;
+        assert_eq!(status, 409, "{path}: {v}");
+        assert_eq!(v["error"]["code"], "conflict", "{v}");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(m.contains(&forged) && m.contains("already answered"), "{m}");
+    }
+    let (status, v) = api
+        .post(&format!("/approvals/{waiting}/deny"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    drop(session);
 }

@@ -471,7 +471,18 @@ pub async fn approvals(home: &Path, url: Option<&str>, a: ApprovalsArgs) -> Resu
         .transpose()
         .map_err(|e| anyhow!("--run: {e}"))?;
     let (_h, rt) = runtime(home, url).await?;
-    let pending = rt.pending_approvals(run.as_ref()).await?;
+    // A run whose record does not fold is left out and named; asked about it alone, its fold
+    // error is the answer.
+    let pending = match run.as_ref() {
+        Some(r) => rt.pending_approvals(Some(r)).await?,
+        None => {
+            let listing = rt.approval_listing(None).await?;
+            for p in &listing.problems {
+                eprintln!("warning: {p}");
+            }
+            listing.approvals
+        }
+    };
     let mut out = std::io::stdout().lock();
     if a.json {
         let _ = writeln!(out, "{}", serde_json::to_string(&pending)?);
@@ -614,6 +625,23 @@ pub async fn explain(home: &Path, url: Option<&str>, a: ExplainArgs) -> Result<u
             roles.insert(e.run_seq, "run start");
         }
     }
+    // An event the run's fold refuses (say, a second answer to one approval, which logs
+    // from before answers were checked can hold): the record holds it, the books do not.
+    let refused = ice_runtime::Books::fold(id.run_id.clone(), events.iter()).err();
+    if let Some(f) = &refused
+        && !seen.contains(&f.event.run_seq)
+        && f.event.run_seq <= target.run_seq
+        && let Some(e) = events.get(f.event.run_seq as usize)
+    {
+        seen.push(e.run_seq);
+        roles.insert(e.run_seq, "refused by the fold");
+    }
+    let refused_problem = |e: &Event| {
+        refused
+            .as_ref()
+            .filter(|f| f.event.run_seq == e.run_seq)
+            .map(|f| f.problem.clone())
+    };
     seen.sort_unstable();
     let chain: Vec<&Event> = seen
         .iter()
@@ -630,6 +658,9 @@ pub async fn explain(home: &Path, url: Option<&str>, a: ExplainArgs) -> Result<u
                         "role".into(),
                         json!(roles.get(&e.run_seq).copied().unwrap_or("")),
                     );
+                    if let Some(why) = refused_problem(e) {
+                        m.insert("refused_by_fold".into(), json!(why));
+                    }
                 }
                 v
             })
@@ -650,6 +681,12 @@ pub async fn explain(home: &Path, url: Option<&str>, a: ExplainArgs) -> Result<u
             who,
             roles.get(&e.run_seq).copied().unwrap_or("")
         );
+        if let Some(why) = refused_problem(e) {
+            let _ = writeln!(
+                out,
+                "           REFUSED by the run's fold (the log holds it; the run's books do not): {why}"
+            );
+        }
         if let Some(i) = &e.intent {
             let _ = writeln!(out, "           intent:    {i}");
         }

@@ -514,3 +514,129 @@ fn a_wall_time_budget_is_shown_in_the_summary_and_zero_is_refused() {
     let runs: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(runs.len(), 2, "nothing recorded for the refused spec");
 }
+
+/// A run whose record holds a second answer to one approval (logs written before answers were
+/// checked can; the chain verifies): `ice approvals` leaves it out with a warning naming it
+/// and the refused event, and `ice explain` on that event says the fold refuses it.
+#[test]
+fn a_run_with_a_second_recorded_answer_is_left_out_of_approvals_and_explained() {
+    use std::sync::Arc;
+
+    use ice_authority::payload::ApprovalDeniedPayload;
+    use ice_kernel::{CapabilityProposal, Draft, EventType, Outcome, Proposal};
+    use ice_log::clock::SystemClock;
+    use ice_log::ledger::Ledger;
+    use ice_log::sqlite::{Mode, SqliteLog};
+    use ice_runtime::{Installation, Quiet, RunSpec, Runtime};
+
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path();
+    let home = base.join("home");
+    let o = ice(&home, &["init", "--origin", "ice.test/runs"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    std::fs::create_dir_all(base.join("policies")).unwrap();
+    std::fs::write(
+        base.join("policies/p.cedar"),
+        "@id(\"write-with-approval\")\n@approval(\"required\")\npermit(principal == Agent::\"coder\", action == Action::\"fs.write\", resource in Dir::\".\");\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(base.join("workspace")).unwrap();
+    std::fs::write(
+        base.join("plan.toml"),
+        "agent = \"coder\"\n[[step]]\nfinish = \"done\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        base.join("run.toml"),
+        "[run]\nid = \"damaged\"\nagent = \"coder\"\nworkspace = \"workspace\"\npolicy = \"policies\"\n\n[agent]\ndriver = \"plan\"\nplan = \"plan.toml\"\n\n[approvals]\ntimeout = \"60s\"\n",
+    )
+    .unwrap();
+    let forged = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let log = Arc::new(SqliteLog::open(&home.join("ice.db"), Mode::ReadWrite).unwrap());
+        let ledger = Arc::new(Ledger::new(log, Arc::new(SystemClock)));
+        let rt = Runtime::new(
+            ledger,
+            Arc::new(SystemClock),
+            Installation {
+                runs_dir: home.join("runs"),
+                policy_dir: base.join("policies"),
+            },
+        )
+        .unwrap();
+        let spec = RunSpec::load(&base.join("run.toml")).unwrap();
+        let session = rt.open_session(spec, "coder", &Quiet).await.unwrap();
+        let run = session.run().clone();
+        let write = Proposal::Request(CapabilityProposal {
+            capability: "fs.write".into(),
+            target: "notes.txt".into(),
+            arguments: serde_json::json!({"content": "noted\n"}),
+            intent: "write notes".into(),
+        });
+        let (outcome, approval) = tokio::join!(session.propose(&write), async {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let approval: ice_kernel::EventId = loop {
+                if let Some(a) = rt.pending_approvals(Some(&run)).await.unwrap().first() {
+                    break a.id.parse().unwrap();
+                }
+                assert!(Instant::now() < deadline, "no approval requested");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            rt.answer_approval(&approval, "alice", true, "")
+                .await
+                .unwrap();
+            approval
+        });
+        assert!(matches!(outcome.unwrap(), Some(Outcome::Done { .. })));
+        // A second answer, past the runtime (the law does not read payloads).
+        let draft = Draft::new(
+            EventType::ApprovalDenied.name(),
+            "operator:mallory".parse().unwrap(),
+        )
+        .payload(Value::Object(
+            ApprovalDeniedPayload {
+                approval: approval.clone(),
+                reason: "changed my mind".into(),
+            }
+            .to_payload(),
+        ))
+        .cause(approval);
+        let (_, batch) = rt.ledger().append(&run, vec![draft]).await.unwrap();
+        drop(session);
+        batch.events()[0].event().id().to_string()
+    });
+    let o = ice(&home, &["approvals"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("run damaged left out") && err.contains(&forged),
+        "{}",
+        text(&o)
+    );
+    let o = ice(&home, &["approvals", "--json"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&o.stdout).unwrap(),
+        serde_json::json!([])
+    );
+    let o = ice(&home, &["explain", &forged]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("REFUSED by the run's fold") && out.contains("already answered"),
+        "{}",
+        text(&o)
+    );
+    let o = ice(&home, &["explain", &forged, "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let refused: Vec<&Value> = v["chain"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e.get("refused_by_fold").is_some())
+        .collect();
+    assert_eq!(refused.len(), 1, "{v}");
+    assert_eq!(
+        refused[0]["run_seq"],
+        forged.rsplit(':').next().unwrap().parse::<u64>().unwrap()
+    );
+}

@@ -33,6 +33,40 @@ use crate::executor::{Ctx, Live, PolicyStamp, RunOutcome, RunReport, report};
 use crate::spec::{Assumption, BudgetSpec, RunSpec};
 use crate::{Observer, Runtime, RuntimeError};
 
+/// What [`Runtime::approval_listing`] finds: the approvals waiting, and the runs it could not
+/// list.
+#[derive(Debug, Serialize)]
+pub struct ApprovalListing {
+    /// Approvals waiting for an operator.
+    pub approvals: Vec<PendingApproval>,
+    /// Runs left out because their record does not fold.
+    pub problems: Vec<RunProblem>,
+}
+
+/// A run whose record does not fold: the event its fold refuses, and why.
+#[derive(Debug, Serialize)]
+pub struct RunProblem {
+    /// The run.
+    pub run: String,
+    /// The refused event.
+    pub event: String,
+    /// Why it is refused.
+    pub problem: String,
+    /// The fold error itself.
+    #[serde(skip)]
+    pub error: crate::FoldError,
+}
+
+impl std::fmt::Display for RunProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "run {} left out: its record does not fold at event {}: {} (`ice explain {}` shows it)",
+            self.run, self.event, self.problem, self.event
+        )
+    }
+}
+
 /// An approval waiting for an operator.
 #[derive(Clone, Debug, Serialize)]
 pub struct PendingApproval {
@@ -702,16 +736,38 @@ impl Runtime {
     }
 
     /// Approvals waiting for an operator, across runs (or in one run).
+    ///
+    /// Across runs, a run whose record does not fold (say, a second answer to one approval,
+    /// which logs written before answers were checked can hold) is left out and the others are
+    /// listed: [`Runtime::approval_listing`] says which runs were left out and why. Asked about
+    /// that one run (`only`), the fold error is the answer.
     pub async fn pending_approvals(
         &self,
         only: Option<&RunId>,
     ) -> Result<Vec<PendingApproval>, RuntimeError> {
+        let listing = self.approval_listing(only).await?;
+        if only.is_some()
+            && let Some(p) = listing.problems.into_iter().next()
+        {
+            return Err(RuntimeError::Fold(p.error));
+        }
+        Ok(listing.approvals)
+    }
+
+    /// Approvals waiting for an operator, across runs (or in one run), and the runs left out
+    /// because their record does not fold: each is named with the event its fold refuses, and
+    /// does not keep the other runs' approvals from being listed.
+    pub async fn approval_listing(
+        &self,
+        only: Option<&RunId>,
+    ) -> Result<ApprovalListing, RuntimeError> {
         let runs = match only {
             Some(r) => vec![r.clone()],
             None => self.unfinished_runs().await?,
         };
         let now = self.clock.now();
         let mut out = Vec::new();
+        let mut problems = Vec::new();
         for run in runs {
             // Only live runs can wait; the head is a fold of headers, far cheaper than events.
             if !self.ledger.head(&run).await?.state().is_non_terminal() {
@@ -724,7 +780,18 @@ impl Runtime {
             {
                 continue;
             }
-            let books = Books::fold(run.clone(), events.iter())?;
+            let books = match Books::fold(run.clone(), events.iter()) {
+                Ok(b) => b,
+                Err(error) => {
+                    problems.push(RunProblem {
+                        run: run.to_string(),
+                        event: error.event.to_string(),
+                        problem: error.problem.clone(),
+                        error,
+                    });
+                    continue;
+                }
+            };
             // A killed run answers no more approvals (it closes them as it stops).
             if !books.state().is_non_terminal() || books.kill.is_some() {
                 continue;
@@ -753,7 +820,10 @@ impl Runtime {
                 });
             }
         }
-        Ok(out)
+        Ok(ApprovalListing {
+            approvals: out,
+            problems,
+        })
     }
 
     /// An operator grants (`grant`) or denies an approval.

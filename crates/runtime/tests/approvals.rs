@@ -445,3 +445,72 @@ async fn an_answer_recorded_after_the_run_closed_the_request_does_not_fold() {
     forged_answer_is_caught(&f, &approval, draft).await;
     drop(session);
 }
+
+/// A run whose record holds a second answer (a log written before answers were checked can)
+/// does not keep the other runs' approvals from being listed: it is left out, and the
+/// listing names it and the event its fold refuses; asked about that run alone, the answer
+/// is the fold error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_with_a_second_recorded_answer_does_not_hide_other_runs_approvals() {
+    let f = fixture("damaged");
+    let session =
+        f.rt.open_session(f.spec.clone(), "coder", &Quiet)
+            .await
+            .unwrap();
+    let (outcome, approval) = tokio::join!(session.propose(&f.call), async {
+        let approval = pending(&f.rt, &f.run).await;
+        f.rt.answer_approval(&approval, "alice", true, "")
+            .await
+            .unwrap();
+        approval
+    });
+    assert!(matches!(outcome.unwrap(), Some(Outcome::Done { .. })));
+    let draft = Draft::new(EventType::ApprovalDenied.name(), mallory()).payload(Value::Object(
+        ApprovalDeniedPayload {
+            approval: approval.clone(),
+            reason: "changed my mind".into(),
+        }
+        .to_payload(),
+    ));
+    let (_, batch) =
+        f.rt.ledger()
+            .append(&f.run, vec![draft.cause(approval.clone())])
+            .await
+            .unwrap();
+    let forged = batch.events()[0].event().id();
+
+    // Another run waits for an operator meanwhile.
+    let mut spec = f.spec.clone();
+    let other = RunId::new("healthy").unwrap();
+    spec.id = Some(other.clone());
+    let waiting = f.rt.open_session(spec, "coder", &Quiet).await.unwrap();
+    let (_, listed) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(60), waiting.propose(&f.call)),
+        async {
+            let a = pending(&f.rt, &other).await;
+            let all = f.rt.pending_approvals(None).await.unwrap();
+            let listing = f.rt.approval_listing(None).await.unwrap();
+            f.rt.answer_approval(&a, "alice", false, "done looking")
+                .await
+                .unwrap();
+            (a, all, listing)
+        }
+    );
+    let (a, all, listing) = listed;
+    let ids: Vec<&str> = all.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids, vec![a.to_string().as_str()]);
+    assert_eq!(listing.approvals.len(), 1);
+    assert_eq!(listing.problems.len(), 1, "{:?}", listing.problems);
+    let p = &listing.problems[0];
+    assert_eq!(p.run, "damaged");
+    assert_eq!(p.event, forged.to_string());
+    assert!(p.problem.contains("already answered"), "{}", p.problem);
+    assert!(p.to_string().contains(&forged.to_string()), "{p}");
+    // Asked about the damaged run alone: the error names the refused event.
+    match f.rt.pending_approvals(Some(&f.run)).await {
+        Err(RuntimeError::Fold(e)) => assert_eq!(e.event, forged),
+        other => panic!("{other:?}"),
+    }
+    drop(waiting);
+    drop(session);
+}
