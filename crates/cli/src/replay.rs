@@ -28,7 +28,7 @@ pub struct ReplayArgs {
 
 pub async fn replay(home: &Path, url: Option<&str>, a: ReplayArgs) -> Result<u8> {
     let run = RunId::new(a.run.clone()).map_err(|e| anyhow!("run id {:?}: {e}", a.run))?;
-    let (_h, rt) = crate::run::runtime(home, url).await?;
+    let (_h, rt) = crate::run::runtime_unclaimed(home, url).await?;
     let mut report = if a.drive {
         let recorded = rt.recorded_inferences(&run).await?;
         let replayer = match rt.recorded_spec(&run).await {

@@ -129,8 +129,19 @@ pub(crate) fn operator(name: &Option<String>) -> Result<String> {
     Ok(if n.is_empty() { "operator".into() } else { n })
 }
 
+/// The runtime for a command that drives runs (takes or renews run claims: `run`,
+/// `reconfigure`, `kill`, the memory actions, `mcp`, `serve`): a bad `ICE_CLAIM_TTL_MS` is
+/// refused first.
 pub(crate) async fn runtime(home: &Path, url: Option<&str>) -> Result<(Home, Runtime)> {
     runtime_over(home, url, |log| log).await
+}
+
+/// The runtime for a command that drives no run and takes no claim (`approvals`, `approve`,
+/// `deny`, `diff`, `replay`): `ICE_CLAIM_TTL_MS` is not its business, as it is not that of
+/// `runs`, `verify` or `checkpoint`, so a bad value does not refuse it (a run lock taken through
+/// it would still refuse a bad value: [`ice_runtime::lock::RunLock::take`]).
+pub(crate) async fn runtime_unclaimed(home: &Path, url: Option<&str>) -> Result<(Home, Runtime)> {
+    open_runtime(home, url, |log| log).await
 }
 
 /// [`runtime`] over the log as `wrap` returns it (`ice serve` times its appends).
@@ -142,6 +153,14 @@ pub(crate) async fn runtime_over(
     // A bad ICE_CLAIM_TTL_MS is refused before anything is opened (every run lock would
     // refuse it anyway; this says so once, up front, for every command that drives runs).
     ice_runtime::lock::claim_ttl_setting().map_err(|e| anyhow!("{e}"))?;
+    open_runtime(home, url, wrap).await
+}
+
+async fn open_runtime(
+    home: &Path,
+    url: Option<&str>,
+    wrap: impl FnOnce(Arc<dyn ice_log::EventLog>) -> Arc<dyn ice_log::EventLog>,
+) -> Result<(Home, Runtime)> {
     let h = Home::open(home)?;
     let log = wrap(h.log(url, Mode::ReadWrite).await?);
     let ledger = Arc::new(Ledger::new(log, Arc::new(SystemClock)));
@@ -470,7 +489,7 @@ pub async fn approvals(home: &Path, url: Option<&str>, a: ApprovalsArgs) -> Resu
         .map(RunId::new)
         .transpose()
         .map_err(|e| anyhow!("--run: {e}"))?;
-    let (_h, rt) = runtime(home, url).await?;
+    let (_h, rt) = runtime_unclaimed(home, url).await?;
     // A run whose record does not fold is left out and named; asked about it alone, its fold
     // error is the answer.
     let pending = match run.as_ref() {
@@ -515,7 +534,7 @@ pub async fn answer(home: &Path, url: Option<&str>, a: AnswerArgs, grant: bool) 
         .approval
         .parse()
         .map_err(|e| anyhow!("approval {:?}: {e}", a.approval))?;
-    let (_h, rt) = runtime(home, url).await?;
+    let (_h, rt) = runtime_unclaimed(home, url).await?;
     rt.answer_approval(&id, &operator(&a.operator)?, grant, &a.reason)
         .await?;
     println!("{} {id}", if grant { "approved" } else { "denied" });
@@ -524,7 +543,7 @@ pub async fn answer(home: &Path, url: Option<&str>, a: AnswerArgs, grant: bool) 
 
 pub async fn diff(home: &Path, url: Option<&str>, a: DiffArgs) -> Result<u8> {
     let run = RunId::new(a.run.clone()).map_err(|e| anyhow!("run {:?}: {e}", a.run))?;
-    let (_h, rt) = runtime(home, url).await?;
+    let (_h, rt) = runtime_unclaimed(home, url).await?;
     let changes = rt.diff(&run).await?;
     let mut out = std::io::stdout().lock();
     if a.json {
