@@ -20,13 +20,14 @@ use crate::io::{PathParam, Query, event_id, json_response, ok};
 /// after checking everything the latest checkpoint does not cover yet (refused: 409).
 pub(crate) async fn sign_checkpoint(s: &ApiState) -> Result<Value, ApiError> {
     let log = s.runtime.ledger().log();
-    let signed = ice_log::verify::sign_checkpoint(log.as_ref(), &s.signer)
-        .await
-        .map_err(|e| match e {
-            ice_log::verify::SignError::Log(e) => e.into(),
-            e @ ice_log::verify::SignError::Refused(_) => ApiError::conflict(e.to_string()),
-            e @ ice_log::verify::SignError::Sign(_) => ApiError::internal(e.to_string()),
-        })?;
+    let signed =
+        ice_log::verify::sign_checkpoint_with(log.as_ref(), &s.signer, Some(&s.signer_memory))
+            .await
+            .map_err(|e| match e {
+                ice_log::verify::SignError::Log(e) => e.into(),
+                e @ ice_log::verify::SignError::Refused(_) => ApiError::conflict(e.to_string()),
+                e @ ice_log::verify::SignError::Sign(_) => ApiError::internal(e.to_string()),
+            })?;
     Ok(json!({"size": signed.size, "root": signed.root.to_hex(), "note": signed.note}))
 }
 

@@ -74,6 +74,8 @@ pub struct ApiState {
     pub(crate) stop: CancellationToken,
     pub(crate) token_hint: String,
     pub(crate) driving: RunsInFlight,
+    /// What the last checkpoint's check read, so the next one reads only what is new.
+    pub(crate) signer_memory: ice_log::verify::SignerMemory,
 }
 
 /// The runs the API is driving on the server (started or resumed through it), so a server that
@@ -139,6 +141,7 @@ impl ApiState {
             stop: CancellationToken::new(),
             token_hint: "ice token add --operator NAME".into(),
             driving: RunsInFlight::default(),
+            signer_memory: ice_log::verify::SignerMemory::default(),
         }
     }
 

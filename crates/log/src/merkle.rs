@@ -24,7 +24,10 @@ pub struct NodeId {
 impl NodeId {
     /// Index of the last leaf the node covers: the leaf whose append completed it.
     pub fn last_leaf(&self) -> u64 {
-        ((self.index + 1) << self.level) - 1
+        // Total for any id, even one read from a damaged store (an index no tree of 2^64 leaves
+        // has): past the end of such a tree it is u64::MAX.
+        let end = ((u128::from(self.index) + 1) << self.level.min(64)) - 1;
+        u64::try_from(end).unwrap_or(u64::MAX)
     }
 }
 

@@ -17,7 +17,7 @@
 //!   stored body to be exactly the RFC 8785 encoding of the event (an independent re-derivation
 //!   of every hash from the fields).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use ice_kernel::blob::blob_refs;
 use ice_kernel::{CauseIndex, Digest, EventId, RunHead, RunId};
@@ -81,6 +81,15 @@ impl CauseIndex for Seen<'_> {
         self.0
             .get(&id.run_id)
             .is_some_and(|h| id.run_seq < h.next_seq)
+    }
+}
+
+/// [`Seen`], and events of runs not read, looked up and found before where checking started.
+struct SeenOrBefore<'a>(&'a HashMap<RunId, RunHead>, &'a HashSet<EventId>);
+
+impl CauseIndex for SeenOrBefore<'_> {
+    fn contains(&self, id: &EventId) -> bool {
+        Seen(self.0).contains(id) || (!self.0.contains_key(&id.run_id) && self.1.contains(id))
     }
 }
 
@@ -169,8 +178,10 @@ struct Verifier {
     last: Digest,
     next: u64,
     /// Where checking started: 0, or the size of the checkpoint [`verify_tail`] starts from
-    /// (runs are then read up to it the first time one of their events is checked or cited).
+    /// (a run is then read up to it the first time one of its events is checked).
     base: u64,
+    /// Checking from a checkpoint on: causes in runs not read, found stored before `base`.
+    before: HashSet<EventId>,
 }
 
 impl Verifier {
@@ -191,6 +202,7 @@ impl Verifier {
             last: Digest::GENESIS,
             next: 0,
             base: 0,
+            before: HashSet::new(),
         }
     }
 
@@ -476,9 +488,14 @@ impl Verifier {
             }
         };
         let outcome = if self.deep {
-            deep_check(&mut head, row, hash, &self.heads)
+            deep_check(
+                &mut head,
+                row,
+                hash,
+                &SeenOrBefore(&self.heads, &self.before),
+            )
         } else {
-            match head.admit_stored(row.body, hash, &Seen(&self.heads)) {
+            match head.admit_stored(row.body, hash, &SeenOrBefore(&self.heads, &self.before)) {
                 Ok(h)
                     if h.run_id != row.run_id
                         || h.run_seq != row.run_seq
@@ -494,29 +511,21 @@ impl Verifier {
         outcome.err().map(|p| (Some(label()), p))
     }
 
-    /// Checking from a checkpoint on: the head, as of that checkpoint, of every run that the
-    /// page's events belong to or cite and that was not read yet. `Ok(false)` once a failure is
-    /// recorded.
+    /// Checking from a checkpoint on: the head, as of that checkpoint, of every run the page's
+    /// events belong to that was not read yet; and for causes in runs that were not read (and
+    /// have no events since the checkpoint before the citing one), whether the event is stored
+    /// before the checkpoint. `Ok(false)` once a failure is recorded.
     async fn load_heads(&mut self, log: &dyn EventLog, rows: &EventPage) -> Result<bool, LogError> {
+        let known = |v: &Verifier, run: &str| {
+            v.heads.contains_key(run) || v.current.as_ref().is_some_and(|(k, _)| k.as_str() == run)
+        };
         let mut wanted: Vec<RunId> = Vec::new();
         for row in rows.iter() {
-            let mut want = |run: &str| {
-                let known = self.heads.contains_key(run)
-                    || self
-                        .current
-                        .as_ref()
-                        .is_some_and(|(k, _)| k.as_str() == run)
-                    || wanted.iter().any(|w| w.as_str() == run);
-                if !known && let Ok(r) = RunId::new(run) {
-                    wanted.push(r);
-                }
-            };
-            want(row.run_id);
-            // A payload that does not read is reported when the event is checked.
-            if let Ok(e) = row.event() {
-                for c in &e.causes {
-                    want(c.run_id.as_str());
-                }
+            if !known(self, row.run_id)
+                && !wanted.iter().any(|w| w.as_str() == row.run_id)
+                && let Ok(r) = RunId::new(row.run_id)
+            {
+                wanted.push(r);
             }
         }
         for run in wanted {
@@ -547,6 +556,20 @@ impl Verifier {
                 from += n as u64;
             }
             self.heads.insert(run, head);
+        }
+        // Causes in runs with no events on this page or since the checkpoint: looked up one by
+        // one (a run need not be read whole to know one of its events is there).
+        for row in rows.iter() {
+            // A payload that does not read is reported when the event is checked.
+            let Ok(e) = row.event() else { continue };
+            for c in e.causes {
+                if !known(self, c.run_id.as_str())
+                    && !self.before.contains(&c)
+                    && log.get(&c).await?.is_some_and(|s| s.log_seq < self.base)
+                {
+                    self.before.insert(c);
+                }
+            }
         }
         Ok(true)
     }
@@ -751,7 +774,7 @@ fn tree_mismatch(
             "the stored Merkle tree does not match the events at log_seq {lo}..={hi} (level {} node): an event there was altered, moved or swapped since it was appended, or the node itself was",
             id.level
         )),
-        Some((sid, _)) if order(sid) < order(id) => Some(format!(
+        Some((sid, _)) if order(sid) < order(id) || sid.last_leaf() == u64::MAX => Some(format!(
             "the stored tree has a level {} node that the events do not make, before the node over log_seq {lo}..={hi} they make next: it was inserted",
             sid.level
         )),
@@ -767,7 +790,7 @@ fn deep_check(
     head: &mut RunHead,
     row: StoredRef<'_>,
     hash: Digest,
-    heads: &HashMap<RunId, RunHead>,
+    seen: &dyn CauseIndex,
 ) -> Result<(), String> {
     let event = row.event().map_err(|e| e.to_string())?;
     if event.run_id.as_str() != row.run_id
@@ -777,7 +800,7 @@ fn deep_check(
         return Err("the indexed columns disagree with the stored event".into());
     }
     debug_assert_eq!(event.hash, hash);
-    let sealed = head.admit(event, &Seen(heads)).map_err(|e| e.to_string())?;
+    let sealed = head.admit(event, seen).map_err(|e| e.to_string())?;
     if sealed.body() != row.body {
         return Err("the stored body is not the canonical encoding of the event".into());
     }
@@ -794,6 +817,8 @@ pub struct Tail {
     pub size: u64,
     /// Its Merkle root, computed from the events (equal to the stored tree's, when `report` is ok).
     pub root: Digest,
+    /// The heads of the runs read, as of `size` (what a [`SignerMemory`] keeps).
+    heads: HashMap<RunId, RunHead>,
 }
 
 /// Verify what the latest stored checkpoint does not cover yet, as deeply as
@@ -804,11 +829,38 @@ pub struct Tail {
 /// of the new events and of reading the runs they belong to or cite, not of the whole log.
 /// This is what is checked before a checkpoint is signed ([`sign_checkpoint`]).
 pub async fn verify_tail(log: &dyn EventLog, verifier: &NoteVerifier) -> Result<Tail, LogError> {
+    verify_tail_with(log, verifier, None).await
+}
+
+/// What a long-lived signer keeps between signatures: the heads of the runs it has read, as of
+/// the size it checked last. When the latest checkpoint is the one it then signed,
+/// [`verify_tail_with`] starts from them and reads none of those runs again, so a signature
+/// costs the events since, even while a long run stays open.
+#[derive(Default)]
+pub struct SignerMemory(std::sync::Mutex<Option<Remembered>>);
+
+struct Remembered {
+    size: u64,
+    root: Digest,
+    heads: HashMap<RunId, RunHead>,
+}
+
+/// Runs a [`SignerMemory`] keeps at most (beyond that it starts again from the log).
+const REMEMBERED_RUNS: usize = 100_000;
+
+/// [`verify_tail`], starting from the heads `memory` kept when it signed the latest checkpoint
+/// ([`sign_checkpoint_with`] keeps them).
+pub async fn verify_tail_with(
+    log: &dyn EventLog,
+    verifier: &NoteVerifier,
+    memory: Option<&SignerMemory>,
+) -> Result<Tail, LogError> {
     let mut v = Verifier::new(log, true);
     let done = |v: Verifier, size: u64| Tail {
         root: v.frontier.root(),
         report: v.report,
         size,
+        heads: v.heads,
     };
     let latest = log.checkpoints().await?.pop();
     let size = log.size().await?;
@@ -867,6 +919,12 @@ pub async fn verify_tail(log: &dyn EventLog, verifier: &NoteVerifier) -> Result<
             v.next = c.size;
             v.base = c.size;
             v.matched = c.size;
+            if let Some(m) = memory
+                && let Some(r) = m.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
+                && (r.size, r.root) == (c.size, c.root)
+            {
+                v.heads = r.heads.clone();
+            }
         }
         v.report.checkpoints_verified = 1;
     }
@@ -890,7 +948,7 @@ pub enum SignError {
     Log(#[from] LogError),
     /// What the checkpoint would cover does not verify: a signature would vouch for it.
     #[error(
-        "refusing to sign a checkpoint over events that do not verify: {0}; nothing was signed (`ice verify --deep` shows the whole log)"
+        "refusing to sign a checkpoint: the log does not verify since its latest checkpoint: {0}; nothing was signed (`ice verify --deep` checks the whole log)"
     )]
     Refused(Failure),
     /// The signer failed.
@@ -913,7 +971,17 @@ pub struct Signed {
 /// everything since the latest checkpoint ([`verify_tail`], with `signer`'s own public key): a
 /// signature is an attestation, and is never put on events verification would reject.
 pub async fn sign_checkpoint(log: &dyn EventLog, signer: &NoteSigner) -> Result<Signed, SignError> {
-    let tail = verify_tail(log, &signer.verifier()).await?;
+    sign_checkpoint_with(log, signer, None).await
+}
+
+/// [`sign_checkpoint`] for a signer that signs again and again (a server): `memory` carries
+/// what the last check read into the next one ([`verify_tail_with`]).
+pub async fn sign_checkpoint_with(
+    log: &dyn EventLog,
+    signer: &NoteSigner,
+    memory: Option<&SignerMemory>,
+) -> Result<Signed, SignError> {
+    let tail = verify_tail_with(log, &signer.verifier(), memory).await?;
     if let Some(f) = tail.report.failure {
         return Err(SignError::Refused(f));
     }
@@ -928,6 +996,14 @@ pub async fn sign_checkpoint(log: &dyn EventLog, signer: &NoteSigner) -> Result<
         note: note.clone(),
     })
     .await?;
+    if let Some(m) = memory {
+        *m.0.lock().unwrap_or_else(|p| p.into_inner()) = (tail.heads.len() <= REMEMBERED_RUNS)
+            .then_some(Remembered {
+                size: tail.size,
+                root: tail.root,
+                heads: tail.heads,
+            });
+    }
     Ok(Signed {
         size: tail.size,
         root: tail.root,

@@ -12,7 +12,10 @@ use ice_kernel::Draft;
 use ice_log::checkpoint::NoteSigner;
 use ice_log::merkle::{Frontier, leaf_hash};
 use ice_log::sqlite::{Mode, SqliteLog};
-use ice_log::verify::{SignError, sign_checkpoint, verify_tail, verify_with};
+use ice_log::verify::{
+    SignError, SignerMemory, sign_checkpoint, sign_checkpoint_with, verify_tail, verify_tail_with,
+    verify_with,
+};
 use ice_log::{EventLog, root_at};
 use rusqlite::params;
 use serde_json::{Value, json};
@@ -54,6 +57,16 @@ async fn each_checkpoint_is_signed_after_checking_only_what_is_new() {
     assert_eq!(second.size, 15);
     assert_eq!(second.root, root_at(fx.log(), 15).await.unwrap());
 
+    // A cause in a run with nothing new is looked up, not read: only `c` is read.
+    let mut cites = working(1, 4);
+    cites.causes.push(event_id("a:1"));
+    fx.ledger.append(&c, vec![cites]).await.unwrap();
+    let tail = verify_tail(fx.log(), &s.verifier()).await.unwrap();
+    assert!(tail.report.ok(), "{:?}", tail.report.failure);
+    assert_eq!((tail.report.events, tail.report.runs), (1, 1));
+    let second = sign_checkpoint(fx.log(), &s).await.unwrap();
+    assert_eq!(second.size, 16);
+
     // Nothing new: signing again covers the same events.
     let again = sign_checkpoint(fx.log(), &s).await.unwrap();
     assert_eq!((again.size, again.root), (second.size, second.root));
@@ -62,7 +75,7 @@ async fn each_checkpoint_is_signed_after_checking_only_what_is_new() {
         .await
         .unwrap();
     assert!(report.ok(), "{:?}", report.failure);
-    assert_eq!(report.checkpoints_verified, 2);
+    assert_eq!(report.checkpoints_verified, 3);
     assert!(report.warnings.is_empty(), "{:?}", report.warnings);
 }
 
@@ -202,4 +215,61 @@ async fn a_log_rewritten_under_its_checkpoint_or_cut_short_is_not_signed() {
         );
         assert_eq!(log.checkpoints().await.unwrap().len(), 1, "{name}");
     }
+}
+
+/// A signer that signs again and again (a server) remembers the heads of the runs it read, so
+/// the next signature does not read a long run's history again: only what is new.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signer_that_remembers_reads_only_what_is_new() {
+    let fx = Fixture::new();
+    let s = signer();
+    let memory = SignerMemory::default();
+    let long = run_id("long");
+    fx.ledger.append(&long, opening()).await.unwrap();
+    let work: Vec<Draft> = (0..20).map(|i| working(0, i)).collect();
+    fx.ledger.append(&long, work).await.unwrap();
+    sign_checkpoint_with(fx.log(), &s, Some(&memory))
+        .await
+        .unwrap();
+
+    fx.ledger.append(&long, vec![working(5, 99)]).await.unwrap();
+    let mut cites = opening();
+    cites[0].causes.push(event_id("long:3"));
+    fx.ledger.append(&run_id("other"), cites).await.unwrap();
+    // Damage under the checkpoint, in the long run's history: a check that reads that history
+    // again sees it; one that remembers does not read it (the whole log's verification does).
+    tamper_connection(&fx.path)
+        .execute_batch(
+            "UPDATE events SET body = CAST(replace(CAST(body AS TEXT), 'thought 0', 'thought 9') AS BLOB) WHERE log_seq = 4",
+        )
+        .unwrap();
+    let fresh = verify_tail(fx.log(), &s.verifier()).await.unwrap();
+    assert_eq!(
+        fresh.report.failure.map(|f| f.log_seq),
+        Some(Some(4)),
+        "a fresh check reads the long run from its start"
+    );
+    let remembered = verify_tail_with(fx.log(), &s.verifier(), Some(&memory))
+        .await
+        .unwrap();
+    assert!(
+        remembered.report.ok(),
+        "the remembered heads are used: {:?}",
+        remembered.report.failure
+    );
+    assert_eq!(remembered.report.events, 5);
+    let next = sign_checkpoint_with(fx.log(), &s, Some(&memory))
+        .await
+        .unwrap();
+    assert_eq!(next.size, 29);
+    // It is kept by each signature: the next check again reads only what is new.
+    fx.ledger
+        .append(&long, vec![working(5, 100)])
+        .await
+        .unwrap();
+    let tail = verify_tail_with(fx.log(), &s.verifier(), Some(&memory))
+        .await
+        .unwrap();
+    assert!(tail.report.ok(), "{:?}", tail.report.failure);
+    assert_eq!(tail.report.events, 1);
 }

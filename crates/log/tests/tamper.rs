@@ -409,13 +409,20 @@ async fn a_changed_tree_node_or_checkpoint_is_detected() {
             "INSERT INTO tree(leaf_end, level, hash) VALUES (4, 1, zeroblob(32))",
             "the stored tree has a level 1 node that the events do not make, before the node over log_seq 4..=5 they make next: it was inserted",
         ),
+        (
+            // A row no subtree could be stored under (1024 leaves ending at leaf 5).
+            "impossible-node.db",
+            "INSERT INTO tree(leaf_end, level, hash) VALUES (5, 10, zeroblob(32))",
+            "the stored tree has a level 10 node that the events do not make",
+        ),
     ] {
         let found = damaged(&built, name, |c| c.execute_batch(sql).unwrap()).await;
-        let f = both_at(
-            &found,
-            if name.starts_with("deleted") { 3 } else { 5 },
-            name,
-        );
+        let at = match name {
+            "deleted-node.db" => 3,
+            "inserted-node.db" => 5,
+            _ => 7,
+        };
+        let f = both_at(&found, at, name);
         for f in [f, found.deep] {
             assert!(f.problem.contains(want), "{name}: {f:?}");
         }
