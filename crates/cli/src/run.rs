@@ -292,10 +292,21 @@ pub(crate) fn write_report(out: &mut dyn Write, r: &RunReport, json_out: bool) -
     if let Some(us) = r.books.spec.as_ref().and_then(|s| s.budget.wall_time_us) {
         limits.wall_time_us = Some(us);
     }
+    // Against that limit, what it counts: the execution window's elapsed time (its last
+    // opening, as the record's times say), not the time spent inside effects, which the budget
+    // ledger sums and which is 0 for a run that spent its time thinking.
+    let mut spent = r.spent;
+    if limits.wall_time_us.is_some()
+        && let Some(us) = r
+            .books
+            .window_elapsed_us(ice_kernel::Clock::now(&SystemClock))
+    {
+        spent.wall_time_us = us;
+    }
     let budget: Vec<Value> = limits
         .fields()
         .into_iter()
-        .zip(r.spent.fields())
+        .zip(spent.fields())
         .filter(|((_, l), (_, s))| l.is_some() || *s > 0)
         .map(|((n, l), (_, s))| json!({"attribute": n, "spent": s, "limit": l}))
         .collect();
@@ -344,14 +355,19 @@ pub(crate) fn write_report(out: &mut dyn Write, r: &RunReport, json_out: bool) -
         let _ = write!(out, " none set");
     }
     for b in &budget {
+        let attribute = b["attribute"].as_str().unwrap_or("");
         let _ = write!(
             out,
-            " {} {}/{}",
-            b["attribute"].as_str().unwrap_or(""),
+            " {attribute} {}/{}{}",
             b["spent"],
             b["limit"]
                 .as_u64()
-                .map_or("∞".to_string(), |l| l.to_string())
+                .map_or("∞".to_string(), |l| l.to_string()),
+            if attribute == "wall_time_us" && !b["limit"].is_null() {
+                " (execution window elapsed)"
+            } else {
+                ""
+            }
         );
     }
     let _ = writeln!(out);
