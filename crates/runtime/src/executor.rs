@@ -171,6 +171,65 @@ pub(crate) struct Ctx<'a> {
     pub(crate) tools: Option<std::sync::Arc<ice_effects::mcp::ToolServers>>,
 }
 
+/// A process that stops waiting for approvals (`ice serve` stopping): why, once set, and the
+/// runs whose wait it interrupted, each suspended at its next step boundary.
+pub(crate) struct Interrupts {
+    /// Why approval waits stop (`None` while they may wait). A wait that begins after it is set
+    /// stops at once.
+    why: tokio::sync::watch::Sender<Option<String>>,
+    /// The runs whose approval request was closed by it, and why: each is suspended before its
+    /// next step, or instead of validating.
+    runs: std::sync::Mutex<std::collections::HashMap<RunId, String>>,
+}
+
+impl Default for Interrupts {
+    fn default() -> Self {
+        Interrupts {
+            why: tokio::sync::watch::Sender::new(None),
+            runs: std::sync::Mutex::default(),
+        }
+    }
+}
+
+impl Interrupts {
+    /// Why approval waits stop, if they do.
+    fn why(&self) -> Option<String> {
+        self.why.borrow().clone()
+    }
+
+    /// `run`'s approval wait was interrupted because `why`.
+    fn mark(&self, run: &RunId, why: &str) {
+        if let Ok(mut runs) = self.runs.lock() {
+            runs.insert(run.clone(), why.to_string());
+        }
+    }
+
+    /// Whether `run`'s approval wait was interrupted (and why); the mark is taken.
+    fn take(&self, run: &RunId) -> Option<String> {
+        self.runs.lock().ok().and_then(|mut runs| runs.remove(run))
+    }
+}
+
+impl Runtime {
+    /// Stop every approval wait of the runs this process drives, now and from now on (for a
+    /// server that is stopping: `why` says so). Each waiting request is closed as a kill closes
+    /// it (`CapabilityDenied` naming the approval, `approval_denied`, with `why`), so no answer
+    /// can be recorded for it any more, and its run is suspended before its next step or
+    /// instead of validating (`RunSuspended`, reason `interrupted`): the run was stopped from
+    /// outside mid-task, as crash recovery suspends a run whose process stopped, and an
+    /// operator decides whether to resume it or kill it. Runs not waiting for an approval are
+    /// not affected. Idempotent: the first `why` is kept.
+    pub fn interrupt_approval_waits(&self, why: &str) {
+        self.interrupts.why.send_if_modified(|w| {
+            if w.is_some() {
+                return false;
+            }
+            *w = Some(why.to_string());
+            true
+        });
+    }
+}
+
 /// What a governed call left behind.
 pub(crate) struct CallEnd {
     pub(crate) outcome: Outcome,
@@ -579,6 +638,14 @@ impl Ctx<'_> {
                         DenialCode::ApprovalDenied,
                         "the run was killed while waiting for approval".to_string(),
                     )),
+                    ApprovalWait::Interrupted(why) => {
+                        // Closed here; the run is suspended before its next step.
+                        self.rt.interrupts.mark(&self.run, &why);
+                        Some((
+                            DenialCode::ApprovalDenied,
+                            format!("approval {approval} was closed unanswered: {why}"),
+                        ))
+                    }
                 };
                 if let Some((code, detail)) = refusal {
                     let mut d = Self::denial(r, Some(&resource), code, detail);
@@ -1218,6 +1285,7 @@ impl Ctx<'_> {
         timeout: Duration,
     ) -> Result<ApprovalWait, RuntimeError> {
         let deadline = Instant::now() + timeout;
+        let mut interrupted = self.rt.interrupts.why.subscribe();
         loop {
             {
                 let mut live = self.live.lock().await;
@@ -1233,11 +1301,18 @@ impl Ctx<'_> {
                     _ => {}
                 }
             }
+            // An answer recorded before the interruption was taken above; none can be now.
+            if let Some(why) = self.rt.interrupts.why() {
+                return Ok(ApprovalWait::Interrupted(why));
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Ok(ApprovalWait::TimedOut);
             }
-            tokio::time::sleep(left.min(Duration::from_millis(50))).await;
+            tokio::select! {
+                () = tokio::time::sleep(left.min(Duration::from_millis(50))) => {}
+                _ = interrupted.changed() => {}
+            }
         }
     }
 }
@@ -1294,6 +1369,8 @@ enum ApprovalWait {
     Denied(String),
     TimedOut,
     Killed,
+    /// This process stopped waiting for approvals ([`Runtime::interrupt_approval_waits`]).
+    Interrupted(String),
 }
 
 /// Whether the policy could permit `agent` to call an MCP tool now (a live grant covers it, or
@@ -1566,6 +1643,9 @@ impl Ctx<'_> {
             };
             return self.abort(live, "killed", &detail).await.map(Some);
         }
+        if let Some(why) = self.rt.interrupts.take(&self.run) {
+            return self.interrupted(live, &why).await.map(Some);
+        }
         if let Some(limit) = live.spec.budget.wall_time_us {
             let used = live.window_started.elapsed().as_micros() as u64;
             if used > limit {
@@ -1783,6 +1863,15 @@ impl Ctx<'_> {
         }
     }
 
+    /// Suspend a run whose approval wait this process interrupted
+    /// ([`Runtime::interrupt_approval_waits`]).
+    async fn interrupted(&self, live: &mut Live, why: &str) -> Result<RunOutcome, RuntimeError> {
+        let detail = format!(
+            "an approval wait was interrupted ({why}); an operator may reconfigure and resume the run, or kill it"
+        );
+        self.suspend(live, "interrupted", &detail).await
+    }
+
     pub(crate) async fn suspend(
         &self,
         live: &mut Live,
@@ -1857,6 +1946,9 @@ impl Ctx<'_> {
             return self
                 .abort(live, "killed", &format!("killed by {who} {why}"))
                 .await;
+        }
+        if let Some(why) = self.rt.interrupts.take(&self.run) {
+            return self.interrupted(live, &why).await;
         }
         let started = json!({"checks": live_check_names(&live.spec)});
         self.append(live, |_| {

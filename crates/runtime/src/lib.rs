@@ -132,6 +132,9 @@ pub struct Runtime {
     pub(crate) memory: Arc<tokio::sync::Mutex<memory::MemoryCache>>,
     /// The runs that have not ended, kept up to date from the log as it is used.
     pub(crate) unfinished: Arc<tokio::sync::Mutex<operator::Unfinished>>,
+    /// Whether this process has stopped waiting for approvals, and which runs that interrupted
+    /// ([`Runtime::interrupt_approval_waits`]).
+    pub(crate) interrupts: Arc<executor::Interrupts>,
 }
 
 impl Runtime {
@@ -151,6 +154,7 @@ impl Runtime {
             node: node_id(),
             memory: Arc::default(),
             unfinished: Arc::default(),
+            interrupts: Arc::default(),
         })
     }
 
