@@ -215,13 +215,31 @@ fn mcp_auth(
 
 /// How long `ice serve`, stopping, waits for runs to record their last events (open sessions'
 /// runs ending, runs the API drives finishing) before it signs its final checkpoint. A run
-/// ends once the calls holding it return (each bounded by its own timeout), so this is a
-/// bound for the rare call still out, well inside a service manager's stop timeout (systemd's
+/// ends once the calls holding it return (approval waits end at once when the server stops;
+/// other calls are bounded by their own timeouts), so this is a bound for the rare call still
+/// out, well inside a service manager's stop timeout (systemd's
 /// default is 90 s).
 const RECORDING_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// `ice serve`: until SIGINT or SIGTERM; then open sessions' runs are committed.
+/// [`RECORDING_GRACE`], or `ICE_SERVE_GRACE_MS` milliseconds (1 to 600000) when that is set:
+/// a knob for tests, which cannot wait 30 s to see what is left unrecorded.
+fn recording_grace() -> Result<std::time::Duration> {
+    match std::env::var("ICE_SERVE_GRACE_MS") {
+        Err(std::env::VarError::NotPresent) => Ok(RECORDING_GRACE),
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(ms @ 1..=600_000) => Ok(std::time::Duration::from_millis(ms)),
+            _ => Err(anyhow!(
+                "ICE_SERVE_GRACE_MS is {v:?}: give milliseconds from 1 to 600000, or unset it (30 s)"
+            )),
+        },
+        Err(e) => Err(anyhow!("ICE_SERVE_GRACE_MS: {e}")),
+    }
+}
+
+/// `ice serve`: until SIGINT or SIGTERM; then approval waits end (their runs are suspended) and
+/// open sessions' runs are committed.
 pub async fn serve(home: &Path, url: Option<&str>, a: ServeArgs) -> Result<u8> {
+    let grace = recording_grace()?;
     // Telemetry is built from the log, whoever wrote to it (this node's MCP sessions and API
     // runs, other processes, other nodes): Prometheus metrics at /metrics, and OTLP traces when
     // the config names a collector. This process's appends are timed as they happen.
@@ -263,6 +281,9 @@ pub async fn serve(home: &Path, url: Option<&str>, a: ServeArgs) -> Result<u8> {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
+        // No run waits for an operator any more: each waiting request is closed (its call
+        // denied, naming the approval) and its run suspended, so nothing holds the stop up.
+        rt.interrupt_approval_waits("ice serve is stopping, so the wait for an answer ended");
         on_signal.cancel();
     });
     // On a shared log another node may die mid-run: once its claims lapse, this node recovers
@@ -345,14 +366,11 @@ pub async fn serve(home: &Path, url: Option<&str>, a: ServeArgs) -> Result<u8> {
     // The final checkpoint must cover every run's last events: open sessions' runs are ended
     // (and those of sessions closed as the transport stopped finish ending), and runs the API
     // drives finish, before it is signed; all within RECORDING_GRACE.
-    let (sessions, driven) = tokio::join!(
-        gw.close_all(RECORDING_GRACE),
-        driving.settled(RECORDING_GRACE)
-    );
+    let (sessions, driven) = tokio::join!(gw.close_all(grace), driving.settled(grace));
     if sessions + driven > 0 {
         eprintln!(
             "ice serve: {sessions} session run(s) and {driven} API-driven run(s) were still recording after {} s; the final checkpoint does not cover what they record from now on (a run this process leaves unfinished is recovered when ICE next opens the log)",
-            RECORDING_GRACE.as_secs()
+            grace.as_secs_f64()
         );
     }
     telemetry.flush(std::time::Duration::from_secs(2)).await;

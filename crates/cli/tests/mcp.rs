@@ -1864,6 +1864,9 @@ fn ice_serve_refuses_an_empty_or_malformed_allowed_host() {
         "http://ice.example",
         "ice.example/mcp",
         "ice.example:",
+        "ice.example:99999",
+        "ice.example:0",
+        "*.example.com",
     ] {
         let mut child = Command::new(ice_bin())
             .arg("--home")
@@ -1943,5 +1946,242 @@ fn stopping_ice_serve_signs_its_last_checkpoint_after_every_run_has_recorded() {
     assert_eq!(
         report["latest_checkpoint"], report["events"],
         "events were recorded after the final checkpoint: {report:#}"
+    );
+}
+
+/// [`serve_with`], with `env` set and ice serve's stderr (after its first line) kept.
+fn serve_keeping_stderr(
+    f: &Fixture,
+    env: &[(&str, &str)],
+) -> (Served, String, std::sync::Arc<std::sync::Mutex<String>>) {
+    use std::io::BufRead;
+    let mut child = Command::new(ice_bin())
+        .arg("--home")
+        .arg(&f.home)
+        .args(["serve", "--listen", "127.0.0.1:0", "--run-spec"])
+        .arg(&f.spec)
+        .envs(env.iter().copied())
+        .env_remove("ICE_HOME")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let served = Served(child);
+    let url = line
+        .trim()
+        .strip_prefix("ice serve: MCP at ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+        .to_string();
+    let kept = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let into = kept.clone();
+    std::thread::spawn(move || {
+        for l in err.lines().map_while(Result::ok) {
+            let mut k = into.lock().unwrap();
+            k.push_str(&l);
+            k.push('\n');
+        }
+    });
+    (served, url, kept)
+}
+
+/// Every pending approval, once there are `n`.
+fn pending_approvals(f: &Fixture, n: usize) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let o = ice(&f.home, &["approvals", "--json"]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        if let Some(a) = v.as_array().filter(|a| a.len() >= n) {
+            return a.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} approvals did not appear: {}",
+            text(&o)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// SIGTERM to `server`; how long it took to exit (cleanly).
+fn stop(server: &mut Served) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.0.id().to_string()])
+        .status();
+    let status = server.0.wait().unwrap();
+    assert!(
+        status.success(),
+        "ice serve exits cleanly on SIGTERM: {status:?}"
+    );
+    started.elapsed()
+}
+
+#[test]
+fn stopping_ice_serve_closes_approval_waits_and_suspends_their_runs_at_once() {
+    // The plan run the API starts asks to notify a local endpoint, with an operator's approval.
+    let notify = r#"
+@id("notify-needs-approval")
+@approval("required")
+permit(principal == Agent::"assistant", action == Action::"http.request", resource == Host::"127.0.0.1");
+"#;
+    let f = fixture_with("stop-waiting", "120s", "", notify);
+    std::fs::write(
+        f.root.join("plan.toml"),
+        "[[step]]\nintent = \"notify\"\ncapability = \"http.request\"\ntarget = \"http://127.0.0.1:9/notify\"\narguments = { method = \"GET\" }\n\n[[step]]\nintent = \"note\"\ncapability = \"fs.read\"\ntarget = \"notes.txt\"\n",
+    )
+    .unwrap();
+    let plan_spec = f.root.join("plan-run.toml");
+    std::fs::write(
+        &plan_spec,
+        "[run]\nagent = \"assistant\"\nworkspace = \"ws\"\npolicy = \"policies\"\n\n[agent]\ndriver = \"plan\"\nplan = \"plan.toml\"\n\n[approvals]\ntimeout = \"120s\"\n",
+    )
+    .unwrap();
+    let alice = format!("Bearer {}", token(&f, "operator", "alice"));
+    let (mut server, url, stderr) = serve_keeping_stderr(&f, &[]);
+    // An MCP session's call waits for an operator.
+    let mut agent = common::agent_http(
+        &url,
+        "legacy",
+        &json!([{"op": "call", "name": "everything__get-env", "args": {}}]),
+    );
+    // So does the plan run started through the API.
+    let body = json!({"spec": plan_spec.display().to_string()}).to_string();
+    let (status, _, answer) = raw_at(
+        &url,
+        "POST",
+        "/api/v1/runs",
+        &[
+            ("Authorization", alice.as_str()),
+            ("Content-Type", "application/json"),
+        ],
+        &body,
+    );
+    assert_eq!(status, 202, "{answer}");
+    let waiting = pending_approvals(&f, 2);
+    assert_eq!(waiting.len(), 2, "{waiting:#?}");
+    // Stopping does not wait for the approvals' 120 s (nor for the 30 s grace).
+    let took = stop(&mut server);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(
+        took < std::time::Duration::from_secs(15),
+        "ice serve took {took:?} to stop"
+    );
+    let err = stderr.lock().unwrap().clone();
+    assert!(!err.contains("still recording"), "{err}");
+    for pending in &waiting {
+        let approval = pending["id"].as_str().unwrap();
+        let run = pending["run"].as_str().unwrap();
+        let ev = events(&f, run);
+        // The request was closed, naming the approval and why.
+        let denied: Vec<_> = of_type(&ev, "CapabilityDenied")
+            .into_iter()
+            .filter(|e| e["payload"]["approval"] == approval)
+            .collect();
+        assert_eq!(denied.len(), 1, "run {run}: {ev:#?}");
+        assert_eq!(denied[0]["payload"]["reason"], "approval_denied");
+        assert!(
+            denied[0]["payload"]["detail"]
+                .as_str()
+                .unwrap()
+                .contains("ice serve is stopping"),
+            "{:#}",
+            denied[0]
+        );
+        // The run was suspended, as crash recovery would have, not committed: nothing after.
+        let last = ev.last().unwrap();
+        assert_eq!(last["type"], "RunSuspended", "run {run}: {last:#}");
+        assert_eq!(last["payload"]["reason"], "interrupted", "{last:#}");
+        assert!(of_type(&ev, "ValidationStarted").is_empty(), "run {run}");
+        // No answer can be recorded for it any more.
+        let o = ice(&f.home, &["approve", approval, "--operator", "bob"]);
+        assert!(!o.status.success(), "approved after the stop: {}", text(&o));
+        assert_eq!(events(&f, run).len(), ev.len(), "run {run}");
+        // The record replays to the books the run kept, and its decisions are re-made.
+        for args in [vec!["replay", run], vec!["replay", run, "--drive"]] {
+            let o = ice(&f.home, &args);
+            assert!(o.status.success(), "{args:?}: {}", text(&o));
+        }
+    }
+    // The plan did not take its next step.
+    let plan_run = waiting
+        .iter()
+        .find(|p| p["capability"] == "http.request")
+        .expect("the plan run's approval");
+    let ev = events(&f, plan_run["run"].as_str().unwrap());
+    assert_eq!(of_type(&ev, "CapabilityRequested").len(), 1, "{ev:#?}");
+    // The final checkpoint covers both runs' ends.
+    let o = ice(&f.home, &["verify", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        report["latest_checkpoint"], report["events"],
+        "events were recorded after the final checkpoint: {report:#}"
+    );
+}
+
+#[test]
+fn stopping_ice_serve_counts_each_run_still_recording_once() {
+    let f = fixture("stop-count", "2s");
+    // A grace shorter than the call in flight, so the run is still recording when it ends.
+    let (mut server, url, stderr) = serve_keeping_stderr(&f, &[("ICE_SERVE_GRACE_MS", "500")]);
+    let mut agent = common::agent_http(
+        &url,
+        "legacy",
+        &json!([{"op": "call", "name": "everything__trigger-long-running-operation", "args": {"duration": 8, "steps": 4}}]),
+    );
+    wait_for_use(&f, "everything/trigger-long-running-operation");
+    stop(&mut server);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let err = stderr.lock().unwrap().clone();
+    assert!(
+        err.contains("1 session run(s) and 0 API-driven run(s) were still recording after 0.5 s"),
+        "{err}"
+    );
+}
+
+#[test]
+fn ice_serve_refuses_a_bad_recording_grace() {
+    let f = fixture("stop-grace", "2s");
+    for bad in ["0", "x", "600001"] {
+        let o = Command::new(ice_bin())
+            .arg("--home")
+            .arg(&f.home)
+            .args(["serve", "--listen", "127.0.0.1:0", "--run-spec"])
+            .arg(&f.spec)
+            .env("ICE_SERVE_GRACE_MS", bad)
+            .env_remove("ICE_HOME")
+            .output()
+            .unwrap();
+        assert!(
+            !o.status.success(),
+            "ICE_SERVE_GRACE_MS={bad}: {}",
+            text(&o)
+        );
+        assert!(text(&o).contains("ICE_SERVE_GRACE_MS"), "{}", text(&o));
+    }
+}
+
+#[test]
+fn ice_serve_answers_mcp_transport_refusals_with_a_json_error() {
+    let f = fixture("mcp-refusals", "2s");
+    let (_server, url) = serve(&f);
+    // A stream asked for without a session: rmcp's refusal, in the JSON error shape.
+    let (status, head, body) = raw_at(&url, "GET", "/mcp", &[("Accept", "text/event-stream")], "");
+    assert_eq!(status, 400, "{head}\n\n{body}");
+    let (code, message) = json_error_of(&head, &body);
+    assert_eq!(code, "bad_request", "{body}");
+    assert!(message.contains("Session ID is required"), "{body}");
+    // A 405's message lists what the path takes, one space after each comma.
+    let (status, head, body) = raw_at(&url, "PUT", "/mcp", &[], "");
+    assert_eq!(status, 405, "{body}");
+    let (_, message) = json_error_of(&head, &body);
+    assert!(
+        message.ends_with("it takes GET, POST, DELETE"),
+        "{message:?}"
     );
 }

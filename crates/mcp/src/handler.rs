@@ -320,17 +320,24 @@ impl Gateway {
     /// Each waits for the calls that hold its session (bounded by their own timeouts), so the
     /// whole wait is bounded by `limit`. Returns how many runs were still being ended when
     /// `limit` ran out (0: everything is recorded, a checkpoint signed now covers it all).
+    ///
+    /// First, every approval wait of this process's runs is stopped
+    /// (`Runtime::interrupt_approval_waits`): a call waiting for an operator is answered with a
+    /// denial naming its approval, and its run is suspended instead of committed, so no call
+    /// holds a session for the rest of its approval timeout.
     pub async fn close_all(&self, limit: Duration) -> usize {
+        self.rt
+            .interrupt_approval_waits("the server is stopping, so the wait for an answer ended");
         let slots: Vec<Arc<Slot>> = match self.slots.lock() {
             Ok(s) => s.iter().filter_map(std::sync::Weak::upgrade).collect(),
             Err(_) => Vec::new(),
         };
         for slot in slots {
-            // Counted before the task runs, so the wait below cannot miss it.
+            // Counted before the task runs, so the wait below cannot miss it; the ending
+            // holds this count (one per run), not one of its own.
             let ending = self.endings.begin();
             tokio::spawn(async move {
-                let _ = slot.end(None).await;
-                drop(ending);
+                let _ = slot.end_counted(None, ending).await;
             });
         }
         match tokio::time::timeout(limit, self.endings.none_left()).await {
@@ -453,7 +460,10 @@ impl Gateway {
         let sessions = Arc::new(sessions);
         let service =
             StreamableHttpService::new(move || Ok(gw.handler()), sessions.clone(), config);
-        let mut mcp = axum::Router::new().nest_service(MCP_PATH, service);
+        // rmcp's own refusals (plain text) get the JSON error shape.
+        let mut mcp = axum::Router::new()
+            .nest_service(MCP_PATH, service)
+            .layer(axum::middleware::map_response(crate::http::json_refusal));
         if let Some(auth) = auth {
             let owners = Arc::new(Owners::default());
             mcp = mcp.layer(axum::middleware::from_fn(
@@ -581,7 +591,15 @@ impl Slot {
         &self,
         failure: Option<(&'static str, String)>,
     ) -> Result<Option<RunReport>, RuntimeError> {
-        let _ending = self.endings.begin();
+        self.end_counted(failure, self.endings.begin()).await
+    }
+
+    /// [`Self::end`], counted among the runs being ended by `_ending` (until it returns).
+    async fn end_counted(
+        &self,
+        failure: Option<(&'static str, String)>,
+        _ending: Ending,
+    ) -> Result<Option<RunReport>, RuntimeError> {
         self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
         self.unregister();
         let Some(session) = self.session.lock().await.take() else {
@@ -1091,8 +1109,22 @@ pub fn check_allowed_host(value: &str) -> Result<(), String> {
     if v.contains(['/', '@', '?', '#']) || v.contains(char::is_whitespace) {
         return refuse("is not a host name (no scheme, path, user or spaces)");
     }
+    if v.contains('*') {
+        return refuse(
+            "is a wildcard, which is not supported: a request's Host must equal an allowed name; give each name with its own --allow-host",
+        );
+    }
     match axum::http::uri::Authority::try_from(v) {
-        Ok(a) if !a.host().is_empty() && (a.port().is_some() || !v.ends_with(':')) => Ok(()),
+        Ok(a) if !a.host().is_empty() && !v.ends_with(':') => {
+            // After the host, only `:PORT`, with a port a client can connect to.
+            match v.get(a.host().len()..).and_then(|r| r.strip_prefix(':')) {
+                None => Ok(()),
+                Some(p) if p.parse::<u16>().is_ok_and(|p| p != 0) => Ok(()),
+                Some(p) => refuse(&format!(
+                    "has port {p}, which no client can connect to (a port is from 1 to 65535)"
+                )),
+            }
+        }
         _ => refuse("is not a host name"),
     }
 }
@@ -1298,6 +1330,90 @@ mod tests {
         );
         assert!(valid(&x) && valid(&y) && x != y, "{x} {y}");
         assert!(x.starts_with("user-of-agent.sha256-"), "{x}");
+    }
+
+    #[test]
+    fn an_allowed_host_needs_a_port_a_client_can_use_and_no_wildcard() {
+        for good in [
+            "ice.example",
+            "ice.example:7411",
+            "ice.example:1",
+            "ice.example:65535",
+            "[::1]:7411",
+            "10.0.0.1",
+        ] {
+            assert_eq!(check_allowed_host(good), Ok(()), "{good}");
+        }
+        for (bad, says) in [
+            ("ice.example:99999", "port 99999"),
+            ("ice.example:65536", "port 65536"),
+            ("ice.example:0", "port 0"),
+            ("[::1]:70000", "port 70000"),
+            ("*.example.com", "wildcard"),
+            ("*", "wildcard"),
+            ("ice.*.example:7411", "wildcard"),
+        ] {
+            let why = check_allowed_host(bad).expect_err(bad);
+            assert!(why.contains(says), "{bad}: {why}");
+            assert!(why.contains("host name"), "{bad}: {why}");
+        }
+    }
+
+    #[test]
+    fn a_405_lists_the_methods_with_single_spaces() {
+        for allow in ["GET, POST, DELETE", "GET,POST,DELETE", "GET ,POST,  DELETE"] {
+            assert_eq!(crate::http::list_methods(allow), "GET, POST, DELETE");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_plain_text_refusal_gets_the_json_error_shape() {
+        use axum::http::{StatusCode, header};
+        let plain = |status: StatusCode, text: &'static str| {
+            let mut r = axum::response::Response::new(axum::body::Body::from(text));
+            *r.status_mut() = status;
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".parse().unwrap(),
+            );
+            r
+        };
+        let body = |r: axum::response::Response| async move {
+            assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+            assert!(r.headers().get(header::CONTENT_LENGTH).is_none());
+            let b = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+            serde_json::from_slice::<Value>(&b).unwrap()
+        };
+        let r = crate::http::json_refusal(plain(
+            StatusCode::BAD_REQUEST,
+            "Bad Request: Session ID is required",
+        ))
+        .await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            body(r).await,
+            json!({"error": {"code": "bad_request", "message": "Bad Request: Session ID is required"}})
+        );
+        let mut untyped = plain(StatusCode::NOT_ACCEPTABLE, "");
+        untyped.headers_mut().remove(header::CONTENT_TYPE);
+        let r = crate::http::json_refusal(untyped).await;
+        assert_eq!(
+            body(r).await,
+            json!({"error": {"code": "not_acceptable", "message": "Not Acceptable"}})
+        );
+        // Successes, JSON, and 405s (which `finish` words) pass as they are.
+        for r in [
+            plain(StatusCode::OK, "fine"),
+            plain(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed"),
+            json_error(StatusCode::FORBIDDEN, "forbidden", "no"),
+        ] {
+            let (status, ct) = (r.status(), r.headers()[header::CONTENT_TYPE].clone());
+            let out = crate::http::json_refusal(r).await;
+            assert_eq!(
+                (out.status(), &out.headers()[header::CONTENT_TYPE]),
+                (status, &ct)
+            );
+        }
     }
 
     mod connections {

@@ -140,7 +140,7 @@ pub(crate) fn finish(response: Response<Body>, asked: &Asked) -> Response<Body> 
             .as_ref()
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty())
-            .map_or_else(|| "no method".to_string(), |v| v.replace(',', ", "));
+            .map_or_else(|| "no method".to_string(), list_methods);
         let mut r = json_error(
             status,
             "method_not_allowed",
@@ -176,6 +176,58 @@ pub(crate) fn finish(response: Response<Body>, asked: &Asked) -> Response<Body> 
         return Response::from_parts(parts, body);
     }
     response
+}
+
+/// An `Allow` header's methods as a message lists them: `GET, POST, DELETE` (whether the header
+/// separates them with `,` or `, `).
+pub(crate) fn list_methods(allow: &str) -> String {
+    allow
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The most of a plain-text error body [`json_refusal`] reads (rmcp's are one short line).
+const PLAIN_ERROR_MAX: usize = 16 * 1024;
+
+/// An error answer from MCP's transport (rmcp writes its refusals as text, such as 400
+/// "Bad Request: Session ID is required" to a `GET /mcp` without a session), in the JSON error
+/// shape every other refusal has: the code from the status, the message its text. A 405 is left
+/// to [`finish`] (which names the method and what `Allow`s); success, JSON and streamed answers
+/// pass as they are.
+pub(crate) async fn json_refusal(response: Response<Body>) -> Response<Body> {
+    let status = response.status();
+    // rmcp's refusals are text, some without a `Content-Type`.
+    let plain = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_none_or(|v| v.to_str().is_ok_and(|v| v.starts_with("text/plain")));
+    if !(status.is_client_error() || status.is_server_error())
+        || status == StatusCode::METHOD_NOT_ALLOWED
+        || !plain
+    {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let reason = status.canonical_reason().unwrap_or("error");
+    let text = axum::body::to_bytes(body, PLAIN_ERROR_MAX)
+        .await
+        .ok()
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| reason.to_string());
+    let code = reason.to_ascii_lowercase().replace([' ', '-'], "_");
+    let fresh = json_error(status, &code, &text);
+    let (fresh_parts, body) = fresh.into_parts();
+    let mut parts = parts;
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        fresh_parts.headers[header::CONTENT_TYPE].clone(),
+    );
+    Response::from_parts(parts, body)
 }
 
 /// The largest head hyper's own error answers have (status line, `content-length: 0`, `date`).
