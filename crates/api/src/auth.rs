@@ -93,14 +93,34 @@ pub fn check_name(role: Role, name: &str) -> Result<(), String> {
         })
 }
 
+/// Whether `value` holds something that may be a credential: `ice_` in any case (what `ice
+/// token add` prints, quoted, upper-cased or after `Bearer`), or a `Bearer` or `token` word.
+/// Such a value is never repeated in a message.
+fn looks_like_token(value: &str) -> bool {
+    let v = value.to_ascii_lowercase();
+    v.contains("ice_") || v.contains("bearer") || v.contains("token")
+}
+
 /// What is wrong with a `token_sha256` that is not 64 hex characters. The value is quoted
-/// (with its length), unless it may be a token itself (`ice_…`, what `ice token add` prints),
-/// which is never repeated.
+/// (with its length) only when it cannot be a secret: hex digits and blanks (a digest cut
+/// short or too long), or at most 8 characters with nothing token-like. Anything else (a
+/// token pasted where its digest belongs, in any case or quoting, or any other string) is
+/// described by its length and what is wrong, never repeated.
 fn bad_digest(value: &str) -> String {
-    if value.trim().starts_with("ice_") {
-        return "token_sha256 holds what looks like a token itself (it starts with \"ice_\"; not repeated here), not its SHA-256 (64 hex characters); config.toml keeps only the digest, and anyone who read this file has the token, so remove the entry and make a new token with `ice token add`".to_string();
-    }
     let n = value.chars().count();
+    if looks_like_token(value) {
+        return format!(
+            "token_sha256 holds what looks like a token itself ({n} characters, not repeated here), not its SHA-256 (64 hex characters); config.toml keeps only the digest, and anyone who read this file has the token, so remove the entry (`ice token revoke`) and make a new token with `ice token add`"
+        );
+    }
+    let hexish = value
+        .chars()
+        .all(|c| c.is_ascii_hexdigit() || c.is_ascii_whitespace());
+    if !hexish && n > 8 {
+        return format!(
+            "token_sha256 ({n} characters, not repeated here in case it is a secret) is not the SHA-256 of a token (64 hex characters): it holds characters that are not hex digits"
+        );
+    }
     let shown = if n > 80 {
         let head: String = value.chars().take(16).collect();
         format!("\"{}…\"", head.escape_debug())
@@ -613,7 +633,10 @@ mod tests {
                 "token_sha256 \"zz\" (2 characters) is not the SHA-256",
             ),
             ("", "token_sha256 \"\" (0 characters)"),
-            (&"g".repeat(64), "(64 characters) is not the SHA-256"),
+            (
+                &"g".repeat(64),
+                "(64 characters, not repeated here in case it is a secret) is not the SHA-256 of a token (64 hex characters): it holds characters that are not hex digits",
+            ),
             (&"a".repeat(63), "(63 characters)"),
             (&"a".repeat(200), "\"aaaaaaaaaaaaaaaa…\" (200 characters)"),
         ] {
@@ -621,12 +644,30 @@ mod tests {
             assert!(e.starts_with("operator \"alice\": "), "{e}");
             assert!(e.contains(want), "{bad:?}: {e}");
         }
-        // A token pasted where its digest belongs is not repeated in the message.
-        let e = c
-            .add(Role::Agent, "claude", "ice_SECRETSECRETSECRET")
-            .unwrap_err();
-        assert!(e.contains("looks like a token itself"), "{e}");
-        assert!(!e.contains("SECRET"), "{e}");
+        // A token pasted where its digest belongs is not repeated in the message, however it
+        // is written; nor is any other string that could be a secret.
+        for (bad, like) in [
+            ("ice_SECRETSECRETSECRET", true),
+            ("Bearer ice_SECRETSECRETSECRET", true),
+            ("'ice_SECRETSECRETSECRET'", true),
+            ("\"ice_SECRETSECRETSECRET\"", true),
+            ("ICE_SECRETSECRETSECRET", true),
+            ("Ice_SECRETSECRETSECRET", true),
+            ("the token: xice_SECRETSECRETSECRET", true),
+            (" ice_SECRETSECRETSECRET ", true),
+            ("Bearer SECRETSECRETSECRET", true),
+            ("sk-SECRETSECRETSECRET", false),
+        ] {
+            let e = c.add(Role::Agent, "claude", bad).unwrap_err();
+            let n = bad.chars().count();
+            assert!(e.contains(&format!("{n} characters")), "{bad:?}: {e}");
+            assert_eq!(
+                e.contains("looks like a token itself"),
+                like,
+                "{bad:?}: {e}"
+            );
+            assert!(!e.contains("SECRET"), "{bad:?}: {e}");
+        }
         assert_eq!(c.operators() + c.agents(), 0, "nothing bad was taken");
         // Upper case and surrounding blanks are the same digest.
         let d = token_digest("t1");

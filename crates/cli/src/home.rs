@@ -171,9 +171,15 @@ impl Home {
         Ok(h)
     }
 
-    /// [`Home::open`] without checking the token entries: for `ice token revoke`, which may
-    /// be how an operator removes a bad one.
-    pub fn open_unchecked_tokens(dir: &Path) -> Result<Home> {
+    /// The home directory, for `ice token revoke`, which edits config.toml as TOML: it is an
+    /// ICE home's (a directory with a config.toml), whatever its entries hold, since a bad
+    /// entry's removal may be what makes the config read again.
+    pub fn dir_for_edit(dir: &Path) -> Result<PathBuf> {
+        Home::config_text(dir)?;
+        Ok(dir.to_path_buf())
+    }
+
+    fn config_text(dir: &Path) -> Result<String> {
         if let Ok(m) = std::fs::metadata(dir)
             && !m.is_dir()
         {
@@ -183,7 +189,7 @@ impl Home {
             );
         }
         let cfg = dir.join("config.toml");
-        let text = match std::fs::read_to_string(&cfg) {
+        Ok(match std::fs::read_to_string(&cfg) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
                 "{} is not an ICE home (no config.toml); create one with `ice init --home {}` or point --home / ICE_HOME at one",
@@ -191,9 +197,15 @@ impl Home {
                 dir.display()
             ),
             Err(e) => return Err(e).with_context(|| format!("reading {}", cfg.display())),
-        };
-        let config: Config = toml::from_str(&text)
-            .with_context(|| format!("{} is not a valid ICE config", cfg.display()))?;
+        })
+    }
+
+    /// [`Home::open`] without checking the token entries.
+    pub fn open_unchecked_tokens(dir: &Path) -> Result<Home> {
+        let cfg = dir.join("config.toml");
+        let text = Home::config_text(dir)?;
+        let config: Config =
+            toml::from_str(&text).map_err(|e| config_error(&cfg, &text, e.message(), e.span()))?;
         if config.home_format != HOME_FORMAT {
             bail!(
                 "{}: home_format {} is not supported (this ice reads {HOME_FORMAT})",
@@ -470,4 +482,65 @@ fn redact(url: &str) -> String {
         text = text.replace(&secret, "***");
     }
     text
+}
+
+/// Whether `text` holds something that may be a credential (`ice_` in any case, what `ice
+/// token add` prints; a `Bearer` or `token` word, which every `token_sha256` line has).
+fn token_like(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    t.contains("ice_") || t.contains("bearer") || t.contains("token")
+}
+
+/// `config.toml` is not a valid ICE config: the file, line and column, what is wrong, and the
+/// line itself unless it may hold a token. (The TOML reader's own rendering repeats the line,
+/// and `token_sha256 = ice_…`, a token pasted unquoted where its digest belongs, is such an
+/// error: the token would be printed by every command.)
+pub(crate) fn config_error(
+    file: &Path,
+    text: &str,
+    message: &str,
+    span: Option<std::ops::Range<usize>>,
+) -> anyhow::Error {
+    let message: Vec<String> = message
+        .trim()
+        .split(' ')
+        .map(|w| {
+            if w.to_ascii_lowercase().contains("ice_") {
+                format!("[{} characters not shown]", w.chars().count())
+            } else {
+                w.to_string()
+            }
+        })
+        .collect();
+    let message = message.join(" ").replace('\n', "; ");
+    let Some(at) = span.map(|s| s.start.min(text.len())) else {
+        return anyhow!("{} is not a valid ICE config: {message}", file.display());
+    };
+    let at = (0..=at)
+        .rev()
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(0);
+    let before = &text[..at];
+    let line_no = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = text[start..at].chars().count() + 1;
+    let line = text[start..].lines().next().unwrap_or("");
+    let shown = if !token_like(line) {
+        line.to_string()
+    } else if let Some((key, value)) = line.split_once('=') {
+        format!(
+            "{}= … ({} characters, not shown: it may be a token)",
+            key,
+            value.trim().chars().count()
+        )
+    } else {
+        format!(
+            "({} characters, not shown: it may hold a token)",
+            line.chars().count()
+        )
+    };
+    anyhow!(
+        "{}:{line_no}:{col}: not a valid ICE config: {message}\n    {shown}",
+        file.display()
+    )
 }

@@ -139,14 +139,16 @@ fn list(home: &Path, a: ListArgs) -> Result<u8> {
 fn revoke(home: &Path, a: RevokeArgs) -> Result<u8> {
     let (role, table, name) = a.who.resolve()?;
     let role = role.name();
-    // A bad entry does not stop its own removal (every other command refuses the config).
-    let h = Home::open_unchecked_tokens(home)?;
-    let file = h.dir.join("config.toml");
+    // A bad entry does not stop its own removal (every other command refuses the config),
+    // even one whose token_sha256 is missing or not a string, which keeps config.toml from
+    // reading as an ICE config at all: the file is edited as TOML.
+    let dir = Home::dir_for_edit(home)?;
+    let file = dir.join("config.toml");
     let mut removed = 0;
-    edit_config(&h.dir, |text| {
-        let mut doc: toml_edit::DocumentMut = text
-            .parse()
-            .with_context(|| format!("{} is not valid TOML", file.display()))?;
+    edit_config(&dir, |text| {
+        let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| {
+            crate::home::config_error(&file, text, e.message(), e.span())
+        })?;
         // Edited in place, so the rest of the file (and how it is written) stays as it is.
         // `[[agents]]` tables (as `token add` writes them) or an inline array of tables.
         let mut item = doc.get_mut(table);
@@ -184,10 +186,24 @@ fn revoke(home: &Path, a: RevokeArgs) -> Result<u8> {
             );
         }
         let new = doc.to_string();
-        let check: Config = toml::from_str(&new)
-            .with_context(|| format!("{} would not stay a valid ICE config", file.display()))?;
-        if entries(&check, table).iter().any(|e| e.name == name) {
-            bail!("{}: the token was not removed", file.display());
+        // What was a valid ICE config stays one; one that was not (the entry removed may have
+        // been why) is written if removing the entry is all that changed, and checked below.
+        match toml::from_str::<Config>(&new) {
+            Ok(check) => {
+                if entries(&check, table).iter().any(|e| e.name == name) {
+                    bail!("{}: the token was not removed", file.display());
+                }
+            }
+            Err(e) if toml::from_str::<Config>(text).is_ok() => {
+                return Err(crate::home::config_error(
+                    &file,
+                    &new,
+                    e.message(),
+                    e.span(),
+                ))
+                .with_context(|| format!("{} would not stay a valid ICE config", file.display()));
+            }
+            Err(_) => {}
         }
         Ok(new)
     })?;
@@ -195,7 +211,7 @@ fn revoke(home: &Path, a: RevokeArgs) -> Result<u8> {
         "removed {removed} token(s) of {role} {name} from {}; a running `ice serve` refuses them within seconds",
         file.display()
     );
-    if let Err(e) = Home::open(&h.dir) {
+    if let Err(e) = Home::open(&dir) {
         eprintln!("ice token revoke: the config still has a problem: {e:#}");
     }
     Ok(0)

@@ -1163,3 +1163,88 @@ fn a_bad_claim_ttl_in_the_environment_is_refused_not_ignored() {
         .unwrap();
     assert_eq!(code(&o), 0, "{}", stderr(&o));
 }
+
+/// A token pasted where its digest belongs is never printed, however it is written (quoted,
+/// upper-cased, after `Bearer`, inside other text, or unquoted, which makes config.toml fail
+/// to parse): every command says which line, its length and what is wrong.
+#[test]
+fn a_token_in_config_toml_is_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("h");
+    assert!(ice(&home, &["init"]).status.success());
+    let config = home.join("config.toml");
+    let good = std::fs::read_to_string(&config).unwrap();
+    let secret = "ice_SECRETxSECRETxSECRETxSECRETxSECRETxSECRETx";
+    let head = format!("{good}\n[[agents]]\nname = \"bob\"\n");
+    let at = format!(":{}:16: not a valid ICE config", head.lines().count() + 1);
+    for (value, want) in [
+        (format!("\"Bearer {secret}\""), "looks like a token itself"),
+        (format!("\"'{secret}'\""), "looks like a token itself"),
+        (
+            format!("\"{}\"", secret.to_ascii_uppercase()),
+            "looks like a token itself",
+        ),
+        (format!("\"my {secret} here\""), "looks like a token itself"),
+        (format!("'{secret}'"), "looks like a token itself"),
+        (secret.to_string(), at.as_str()),
+        (format!("{secret} # pasted"), at.as_str()),
+    ] {
+        std::fs::write(&config, format!("{head}token_sha256 = {value}\n")).unwrap();
+        for args in [&["runs"][..], &["approvals"], &["token", "list"]] {
+            let o = ice(&home, args);
+            assert_eq!(code(&o), 1, "{value} {args:?}: {}", stderr(&o));
+            let err = stderr(&o);
+            assert!(err.contains(want), "{value} {args:?}: {err}");
+            assert!(
+                !err.to_ascii_lowercase().contains("secretx"),
+                "{value} {args:?}: {err}"
+            );
+            assert!(!stdout(&o).to_ascii_lowercase().contains("secretx"));
+        }
+    }
+    // The parse error still says where, and what the line is when it holds no token.
+    std::fs::write(&config, format!("{good}\nlog = = 1\n")).unwrap();
+    let o = ice(&home, &["runs"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("log = = 1"), "{}", stderr(&o));
+}
+
+/// `ice token revoke` removes an entry whose `token_sha256` is missing or not a string (the
+/// config does not read as an ICE config then): the file is edited as TOML.
+#[test]
+fn token_revoke_removes_an_entry_whose_digest_is_missing_or_not_a_string() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("h");
+    assert!(ice(&home, &["init"]).status.success());
+    let config = home.join("config.toml");
+    let good = std::fs::read_to_string(&config).unwrap();
+    for entry in ["token_sha256 = 5\n", "", "token_sha256 = [1]\n"] {
+        std::fs::write(
+            &config,
+            format!(
+                "{good}\n[[agents]]\nname = \"claude\"\ntoken_sha256 = \"{}\"\n\n[[agents]]\nname = \"bob\"\n{entry}",
+                "c".repeat(64)
+            ),
+        )
+        .unwrap();
+        let o = ice(&home, &["runs"]);
+        assert_eq!(code(&o), 1, "{entry:?}: {}", stderr(&o));
+        let o = ice(&home, &["token", "revoke", "--agent", "bob"]);
+        assert_eq!(code(&o), 0, "{entry:?}: {}", stderr(&o));
+        let o = ice(&home, &["token", "list", "--json"]);
+        assert_eq!(code(&o), 0, "{entry:?}: {}", stderr(&o));
+        let listed: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+        assert_eq!(listed[0]["name"], "claude");
+    }
+    // A name that is not there: said, nothing written.
+    let before = std::fs::read_to_string(&config).unwrap();
+    let o = ice(&home, &["token", "revoke", "--agent", "nobody"]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stderr(&o).contains("holds no token of agent \"nobody\""),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), before);
+}
