@@ -832,6 +832,16 @@ impl RunSpec {
                     "[[check]] `name` is empty; give each check a name (its results are recorded and shown by it)".into(),
                 ));
             }
+            if c.name.trim() != c.name {
+                return Err(err(
+                    Some(at),
+                    format!(
+                        "[[check]] {:?}: the name starts or ends with blanks; write it without them ({:?}), since names that differ only in blanks cannot be told apart where results are shown",
+                        c.name,
+                        c.name.trim()
+                    ),
+                ));
+            }
             if checks.iter().any(|k: &Check| k.name == c.name) {
                 return Err(err(
                     Some(at),

@@ -74,7 +74,7 @@ fn a_wall_time_budget_is_kept_and_zero_limits_that_mean_none_allowed_stay_accept
 }
 
 #[test]
-fn empty_names_and_paths_and_repeated_check_names_are_refused() {
+fn empty_names_and_paths_and_repeated_or_blank_edged_check_names_are_refused() {
     let d = dir();
     let plan = "[agent]\ndriver = \"plan\"\nplan = \"plan.toml\"\n";
     let cases = [
@@ -95,6 +95,18 @@ fn empty_names_and_paths_and_repeated_check_names_are_refused() {
                 "{HEAD}[[check]]\nname = \"c\"\nrun = [\"true\"]\n[[check]]\nname = \"c\"\nrun = [\"false\"]\n"
             ),
             "run.toml:11:1: [[check]] \"c\": another check has this name",
+        ),
+        // Names that differ only in blanks cannot be told apart: a blank at either end is
+        // refused, so "a" and "a " are never two checks.
+        (
+            format!(
+                "{HEAD}[[check]]\nname = \"a\"\nrun = [\"true\"]\n[[check]]\nname = \"a \"\nrun = [\"false\"]\n"
+            ),
+            "run.toml:11:1: [[check]] \"a \": the name starts or ends with blanks; write it without them (\"a\")",
+        ),
+        (
+            format!("{HEAD}[[check]]\nname = \"\\tb\"\nrun = [\"true\"]\n"),
+            "run.toml:8:1: [[check]] \"\\tb\": the name starts or ends with blanks",
         ),
     ];
     for (text, want) in cases {
