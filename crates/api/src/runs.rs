@@ -343,8 +343,18 @@ pub(crate) async fn approvals(State(s): State<Shared>, uri: Uri) -> Result<Respo
     {
         return Err(ApiError::not_found(format!("no run {r}")));
     }
-    let pending = s.runtime.pending_approvals(run.as_ref()).await?;
-    Ok(ok(json!({"approvals": pending})))
+    // Across runs, a run whose record does not fold is left out and named, hiding no other
+    // run's approvals; for that run alone, its fold error is the answer (409).
+    let listing = match &run {
+        Some(r) => ice_runtime::ApprovalListing {
+            approvals: s.runtime.pending_approvals(Some(r)).await?,
+            problems: Vec::new(),
+        },
+        None => s.runtime.approval_listing(None).await?,
+    };
+    Ok(ok(
+        json!({"approvals": listing.approvals, "problems": listing.problems}),
+    ))
 }
 
 /// `POST /approvals/{id}/approve`.

@@ -1039,6 +1039,18 @@ async fn a_run_with_a_second_recorded_answer_is_named_and_others_are_listed() {
         .map(|a| a["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, [waiting.as_str()], "{v}");
+    // ... and named, with the event its fold refuses.
+    let problems = v["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{v}");
+    assert_eq!(problems[0]["run"], damaged.to_string(), "{v}");
+    assert_eq!(problems[0]["event"], forged.as_str(), "{v}");
+    assert!(
+        problems[0]["problem"]
+            .as_str()
+            .unwrap()
+            .contains("already answered"),
+        "{v}"
+    );
     // The damaged run itself: a 409 that names the refused event.
     for path in [
         format!("/runs/{damaged}"),
