@@ -12,7 +12,8 @@
 //!   be the order events were appended in (each event's `log_prev` link, where the backend
 //!   keeps one, names the event before it; otherwise the stored leaves record it); every stored
 //!   tree node, every checkpoint and every blob must match; the log must be as long as the
-//!   backend says it is. Every stored byte is covered by a hash that is checked.
+//!   backend says it is. Every stored event, tree node, checkpoint and referenced
+//!   blob is covered by a hash that is checked (a blob row no event references is not read).
 //! - deep: additionally decodes every payload, re-runs the structural rules, and requires the
 //!   stored body to be exactly the RFC 8785 encoding of the event (an independent re-derivation
 //!   of every hash from the fields).
