@@ -247,6 +247,10 @@ impl EventLog for Prefix {
         self.log.extent().await
     }
 
+    async fn altered_blob(&self) -> Result<Option<String>, LogError> {
+        self.log.altered_blob().await
+    }
+
     async fn scan_nodes(
         &self,
         from_leaf: u64,

@@ -886,6 +886,9 @@ impl EventLog for MemoryLog {
     async fn extent(&self) -> Result<Option<ice_log::Extent>, ice_log::LogError> {
         Ok(None)
     }
+    async fn altered_blob(&self) -> Result<Option<String>, ice_log::LogError> {
+        Ok(None)
+    }
     async fn scan_nodes(
         &self,
         _: u64,

@@ -472,6 +472,10 @@ impl EventLog for TimedLog {
         self.inner.extent().await
     }
 
+    async fn altered_blob(&self) -> Result<Option<String>, LogError> {
+        self.inner.altered_blob().await
+    }
+
     async fn scan_nodes(
         &self,
         from_leaf: u64,

@@ -254,6 +254,12 @@ pub trait EventLog: Send + Sync {
     /// whose positions, tree and head are all derived from its events, so nothing can be
     /// stored outside them. A required method, so a wrapper cannot forget to pass it on.
     async fn extent(&self) -> Result<Option<Extent>, LogError>;
+    /// The name (hex) of the first stored blob row whose bytes do not hash to it, whether an
+    /// event references it or not: verification checks every blob row with it. `None` when all
+    /// are intact, and from a backend that keeps no blob rows apart from its events (NATS: a
+    /// blob travels in its batch's message). Required, like [`EventLog::extent`], so wrappers
+    /// pass it on.
+    async fn altered_blob(&self) -> Result<Option<String>, LogError>;
     /// Store a signed checkpoint (its size must not exceed the log).
     async fn add_checkpoint(&self, checkpoint: StoredCheckpoint) -> Result<(), LogError>;
     /// Every stored checkpoint, by size.

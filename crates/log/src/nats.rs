@@ -1944,6 +1944,11 @@ impl EventLog for NatsLog {
         Ok(None)
     }
 
+    async fn altered_blob(&self) -> Result<Option<String>, LogError> {
+        // No blob rows of its own: a blob is part of its batch's message.
+        Ok(None)
+    }
+
     async fn scan_nodes(
         &self,
         from_leaf: u64,

@@ -1244,6 +1244,29 @@ impl EventLog for SqliteLog {
         .await
     }
 
+    async fn altered_blob(&self) -> Result<Option<String>, LogError> {
+        self.read(move |c| {
+            // Row by row, in the reader: memory stays one blob, however many there are.
+            let mut s = c
+                .prepare("SELECT digest, bytes FROM blobs ORDER BY digest")
+                .map_err(storage("reading blobs"))?;
+            let mut rows = s.query([]).map_err(storage("reading blobs"))?;
+            while let Some(r) = rows.next().map_err(storage("reading blobs"))? {
+                let name = r.get_ref(0).map_err(storage("reading blobs"))?;
+                let name = name.as_blob().unwrap_or_default();
+                let bytes = r.get_ref(1).map_err(storage("reading blobs"))?;
+                let intact = bytes
+                    .as_blob()
+                    .is_ok_and(|b| Digest::of(b).0.as_slice() == name);
+                if !intact {
+                    return Ok(Some(name.iter().map(|b| format!("{b:02x}")).collect()));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
     async fn extent(&self) -> Result<Option<Extent>, LogError> {
         let layout = self.layout;
         self.read(move |c| {

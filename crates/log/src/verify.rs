@@ -12,8 +12,8 @@
 //!   be the order events were appended in (each event's `log_prev` link, where the backend
 //!   keeps one, names the event before it; otherwise the stored leaves record it); every stored
 //!   tree node, every checkpoint and every blob must match; the log must be as long as the
-//!   backend says it is. Every stored event, tree node, checkpoint and referenced
-//!   blob is covered by a hash that is checked (a blob row no event references is not read).
+//!   backend says it is. Every stored byte is covered by a hash that is checked (blob rows
+//!   no event references included).
 //! - deep: additionally decodes every payload, re-runs the structural rules, and requires the
 //!   stored body to be exactly the RFC 8785 encoding of the event (an independent re-derivation
 //!   of every hash from the fields).
@@ -674,6 +674,15 @@ impl Verifier {
         }
         if let Some(problem) = self.check_extent(log).await? {
             self.fail(None, None, problem);
+            return Ok(());
+        }
+        // Blob rows no event references (a referenced one was checked with its event).
+        if let Some(name) = log.altered_blob().await? {
+            self.fail(
+                None,
+                None,
+                format!("the stored blob {name} does not hash to its name, and no event references it: its bytes were altered or planted (an append that referenced it would be refused)"),
+            );
             return Ok(());
         }
         if let Some((k, h)) = self.current.take() {

@@ -146,6 +146,44 @@ async fn a_tampered_blob_fails_verification_naming_its_event() {
     assert!(f.problem.contains("altered"), "{f:?}");
 }
 
+/// Every blob row is checked, not only those events reference: bytes planted or altered under a
+/// name no event uses yet are reported at both depths; an intact unreferenced row is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_altered_blob_no_event_references_fails_verification() {
+    let (_dir, path, _) = log_with_a_blob().await;
+    let spare = b"bytes no event references";
+    let name = Digest::of(spare);
+    let c = tamper_connection(&path);
+    c.execute(
+        "INSERT INTO blobs(digest, bytes) VALUES (?1, ?2)",
+        params![&name.0[..], &spare[..]],
+    )
+    .unwrap();
+    drop(c);
+    let r = verify_log(&open_ro(&path)).await;
+    assert!(r.ok(), "an intact row is no problem: {:?}", r.failure);
+
+    let planted = Digest::of(b"what a future event will carry");
+    let c = tamper_connection(&path);
+    c.execute(
+        "INSERT INTO blobs(digest, bytes) VALUES (?1, ?2)",
+        params![&planted.0[..], &b"something else"[..]],
+    )
+    .unwrap();
+    drop(c);
+    let log = open_ro(&path);
+    for deep in [false, true] {
+        let r = ice_log::verify::verify_with(&log, None, deep, |_| {})
+            .await
+            .unwrap();
+        let f = r.failure.expect("an altered blob row is caught");
+        assert!(
+            f.problem.contains(&planted.to_hex()) && f.problem.contains("no event references it"),
+            "deep {deep}: {f:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_missing_or_resized_blob_fails_verification_naming_its_event() {
     let (_dir, path, digest) = log_with_a_blob().await;
@@ -198,5 +236,13 @@ async fn a_blob_planted_under_a_future_name_is_refused_not_used() {
         before,
         "nothing was appended"
     );
-    assert_verifies(fx.log()).await;
+    // The events are intact; the planted row is what verification reports.
+    let f = verify_log(fx.log())
+        .await
+        .failure
+        .expect("the planted row is reported");
+    assert!(
+        f.problem.contains(&digest.to_hex()) && f.problem.contains("no event references it"),
+        "{f:?}"
+    );
 }

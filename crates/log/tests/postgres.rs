@@ -771,10 +771,32 @@ async fn checkpoints_are_stored_once_and_prove_events_offline() {
     assert!(r.ok(), "{:?}", r.failure);
     assert_eq!((r.checkpoints_verified, r.latest_checkpoint), (2, Some(47)));
 
-    // Rows outside the log, added by someone with access to the database, are caught: a tree
-    // node past the last event, an event at a negative position (which readers of runs see).
+    // A blob row no event references, whose bytes are not what its name says, is caught.
     let raw = pg.raw().await;
     let q = pg.q();
+    raw.batch_execute(&format!(
+        "INSERT INTO {q}.blobs(digest, bytes) VALUES (sha256('\\x01'::bytea), '\\x02'::bytea)"
+    ))
+    .await
+    .unwrap();
+    let r = verify(log.as_ref(), Some(&v), |_| {}).await.unwrap();
+    let f = r.failure.expect("an altered blob row is caught");
+    assert!(
+        f.problem.contains(&ice_kernel::Digest::of(&[1u8]).to_hex())
+            && f.problem.contains("no event references it"),
+        "{f:?}"
+    );
+    raw.batch_execute(&format!(
+        "ALTER TABLE {q}.blobs DISABLE TRIGGER blobs_append_only; \
+         DELETE FROM {q}.blobs WHERE digest = sha256('\\x01'::bytea)"
+    ))
+    .await
+    .unwrap();
+    let r = verify(log.as_ref(), Some(&v), |_| {}).await.unwrap();
+    assert!(r.ok(), "{:?}", r.failure);
+
+    // Rows outside the log, added by someone with access to the database, are caught: a tree
+    // node past the last event, an event at a negative position (which readers of runs see).
     raw.batch_execute(&format!(
         "INSERT INTO {q}.tree(leaf_end, level, hash) VALUES (1023, 9, '\\x00'::bytea)"
     ))

@@ -128,6 +128,14 @@ impl EventLog for Tap {
     {
         self.inner.extent()
     }
+
+    fn altered_blob<'a, 't>(&'a self) -> Fut<'t, Option<String>>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.altered_blob()
+    }
     fn scan_nodes<'a, 't>(
         &'a self,
         from_leaf: u64,

@@ -515,6 +515,14 @@ impl ice_log::EventLog for Tampered {
     {
         self.inner.extent()
     }
+
+    fn altered_blob<'a, 't>(&'a self) -> Fut<'t, Option<String>>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.altered_blob()
+    }
     fn scan_nodes<'a, 't>(
         &'a self,
         from_leaf: u64,
