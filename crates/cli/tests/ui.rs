@@ -228,6 +228,8 @@ timeout = "10s"
         .args(["serve", "--listen", "127.0.0.1:0", "--run-spec"])
         .arg(base.join("mcp.toml"));
     let (served, mcp) = common::serve(serve);
+    // Written beside the server, as another process with the file could.
+    seed_a_run_that_does_not_fold(&home);
     let root = mcp.strip_suffix("/mcp").unwrap().to_string();
     let addr = root.strip_prefix("http://").unwrap().to_string();
 
@@ -399,6 +401,37 @@ timeout = "10s"
 }
 
 /// The workspace's `target/` directory.
+/// A run whose record does not fold (its provisioning carries no run spec), with an approval
+/// request: the approvals page must name it as left out, not hide it or fail.
+fn seed_a_run_that_does_not_fold(home: &Path) {
+    use ice_kernel::{Draft, Origin, RunId};
+    use ice_log::clock::SystemClock;
+    use ice_log::ledger::Ledger;
+    use ice_log::sqlite::{Mode, SqliteLog};
+    use std::sync::Arc;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let log = Arc::new(SqliteLog::open(&home.join("ice.db"), Mode::ReadWrite).unwrap());
+        let ledger = Ledger::new(log, Arc::new(SystemClock));
+        let runtime = |t: &str| Draft::new(t, Origin::Runtime);
+        ledger
+            .append(
+                &RunId::new("damaged").unwrap(),
+                vec![
+                    runtime("RunProvisioned")
+                        .payload(serde_json::json!({"spec": "not a run spec"})),
+                    runtime("ResourcesAllocated"),
+                    runtime("ContextResolved"),
+                    runtime("ExecutionWindowOpened"),
+                    runtime("ApprovalRequested")
+                        .payload(serde_json::json!({"capability": "fs.write"})),
+                ],
+            )
+            .await
+            .unwrap();
+    });
+}
+
 fn workspace_target() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)

@@ -1,7 +1,7 @@
 // Pending approvals: the exact request each one is about, and Approve / Deny.
 
 import { get, post, seg, ApiError } from './api.js';
-import { h, fill, stamp, runHref, compact } from './dom.js';
+import { h, fill, stamp, runHref, parseId, compact } from './dom.js';
 
 const requests = new Map(); // approval id → Promise of its CapabilityRequested event (or null)
 
@@ -103,10 +103,12 @@ function pretty(v) {
 export function approvalsView(root, ctx) {
   const list = h('div', { class: 'approvals' });
   const note = h('p', { class: 'muted' }, 'Loading…');
+  // Runs the listing had to leave out (their record does not fold): named, never hidden.
+  const leftOut = h('ul', { id: 'approvals-left-out', class: 'problems', hidden: true });
   fill(root, h('section', { class: 'page' },
     h('h1', null, 'Pending approvals'),
     h('p', { class: 'lead' }, 'Requests the policy would permit only with an operator\'s approval. An approval authorises exactly the call shown (its digest), once, before it expires.'),
-    note, list));
+    note, leftOut, list));
   const shown = new Map();
   const refresh = async () => {
     let r;
@@ -129,6 +131,16 @@ export function approvalsView(root, ctx) {
       list.append(card);
     }
     fill(note, r.approvals.length ? `${r.approvals.length} waiting.` : 'Nothing is waiting for an operator.');
+    const problems = r.problems ?? [];
+    leftOut.hidden = problems.length === 0;
+    fill(leftOut, problems.map((p) => {
+      const at = parseId(p.event);
+      return h('li', { class: 'problem', dataset: { run: p.run } },
+        'Run ', h('a', { href: runHref(p.run) }, p.run),
+        ' is left out: its record does not fold at event ',
+        at ? h('a', { href: runHref(at.run, at.seq) }, p.event) : p.event, `: ${p.problem}. `,
+        h('span', { class: 'mono' }, `ice explain ${p.event}`), ' shows it.');
+    }));
     tickExpiries();
   };
   refresh();

@@ -173,6 +173,17 @@ try {
   await page.screenshot({ path: opt.screenshot, fullPage: true });
   step(`screenshot saved: ${opt.screenshot}`);
 
+  // ------------------------------------------------------------------ a run the listing leaves out
+  await page.goto(`${opt.url}/ui/#/approvals`);
+  const leftOut = page.locator('#approvals-left-out li', { hasText: 'is left out' });
+  await leftOut.waitFor();
+  const leftOutText = await leftOut.innerText();
+  if (!leftOutText.includes('Run damaged is left out') || !leftOutText.includes('ice explain damaged:0')) {
+    fail(`the run left out of the approvals is not named: ${leftOutText}`);
+  }
+  step('a run whose record does not fold is named on the approvals page, not hidden');
+  checkProblems();
+
   // ------------------------------------------------------------------ a token that stops working
   await page.evaluate(() => sessionStorage.setItem('ice.operator.token', 'revoked'));
   await page.goto(`${opt.url}/ui/#/approvals`);
