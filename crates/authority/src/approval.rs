@@ -124,6 +124,29 @@ impl ApprovalStatus {
     }
 }
 
+impl Approval {
+    /// Why it can no longer be granted nor authorise anything, if it is over: denied, used, or
+    /// answered with another request's digest (each a final answer).
+    fn ended(&self) -> Option<ApprovalRefusal> {
+        match &self.status {
+            ApprovalStatus::Denied { reason, .. } => Some(ApprovalRefusal::Denied {
+                approval: self.id.clone(),
+                reason: reason.clone(),
+            }),
+            ApprovalStatus::Used { grant, .. } => Some(ApprovalRefusal::Used {
+                approval: self.id.clone(),
+                grant: grant.clone(),
+            }),
+            ApprovalStatus::Mismatch { digest, .. } => Some(ApprovalRefusal::Mismatch {
+                approval: self.id.clone(),
+                expected: self.digest,
+                got: *digest,
+            }),
+            ApprovalStatus::Pending | ApprovalStatus::Granted { .. } => None,
+        }
+    }
+}
+
 /// One approval, as the fold of its events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Approval {
@@ -303,24 +326,12 @@ impl ApprovalBook {
     pub fn check_grant(&self, approval: &EventId, digest: &Digest) -> Result<(), ApprovalRefusal> {
         let found = self.find(approval)?;
         let id = approval.clone();
+        if let Some(refusal) = found.ended() {
+            return Err(refusal);
+        }
         match &found.status {
-            ApprovalStatus::Denied { reason, .. } => Err(ApprovalRefusal::Denied {
-                approval: id,
-                reason: reason.clone(),
-            }),
-            ApprovalStatus::Used { grant, .. } => Err(ApprovalRefusal::Used {
-                approval: id,
-                grant: grant.clone(),
-            }),
             ApprovalStatus::Granted { .. } => Err(ApprovalRefusal::AlreadyGranted { approval: id }),
-            ApprovalStatus::Mismatch {
-                digest: granted, ..
-            } => Err(ApprovalRefusal::Mismatch {
-                approval: id,
-                expected: found.digest,
-                got: *granted,
-            }),
-            ApprovalStatus::Pending => {
+            _ => {
                 if *digest != found.digest {
                     return Err(ApprovalRefusal::Mismatch {
                         approval: id,
@@ -346,24 +357,12 @@ impl ApprovalBook {
     ) -> Result<(), ApprovalRefusal> {
         let found = self.find(approval)?;
         let id = approval.clone();
+        if let Some(refusal) = found.ended() {
+            return Err(refusal);
+        }
         match &found.status {
-            ApprovalStatus::Denied { reason, .. } => Err(ApprovalRefusal::Denied {
-                approval: id,
-                reason: reason.clone(),
-            }),
-            ApprovalStatus::Used { grant, .. } => Err(ApprovalRefusal::Used {
-                approval: id,
-                grant: grant.clone(),
-            }),
             ApprovalStatus::Pending => Err(ApprovalRefusal::Pending { approval: id }),
-            ApprovalStatus::Mismatch {
-                digest: granted, ..
-            } => Err(ApprovalRefusal::Mismatch {
-                approval: id,
-                expected: found.digest,
-                got: *granted,
-            }),
-            ApprovalStatus::Granted { .. } => {
+            _ => {
                 if now >= found.expires_at {
                     return Err(ApprovalRefusal::Expired {
                         approval: id,

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use ice_authority::payload::{ApprovalDeniedPayload, ApprovalGrantedPayload};
@@ -84,24 +84,6 @@ fn another_process(base: &Path) -> Arc<Runtime> {
         )
         .unwrap(),
     )
-}
-
-/// The run's pending approval, once it asks.
-async fn pending(rt: &Runtime, run: &RunId) -> EventId {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(a) = rt.pending_approvals(Some(run)).await.unwrap().first() {
-            return a.id.parse().unwrap();
-        }
-        assert!(Instant::now() < deadline, "no approval requested by {run}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn events(rt: &Runtime, run: &RunId) -> Vec<Event> {
-    ice_runtime::read_run(rt.ledger().log().as_ref(), run)
-        .await
-        .unwrap()
 }
 
 /// The operators' answers recorded for `approval`.
@@ -386,14 +368,12 @@ fn mallory() -> Origin {
     "operator:mallory".parse().unwrap()
 }
 
-/// A denial recorded after a grant: two contradictory answers to one request.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_second_recorded_answer_does_not_fold_or_replay() {
-    let f = fixture("forged");
-    let session =
-        f.rt.open_session(f.spec.clone(), "coder", &Quiet)
-            .await
-            .unwrap();
+/// The session's call, approved through the runtime and made; and a denial of that approval
+/// by someone else, not recorded yet: a second answer.
+async fn granted_then_a_forged_denial(
+    f: &Fixture,
+    session: &ice_runtime::Session<'_>,
+) -> (EventId, Draft) {
     let (outcome, approval) = tokio::join!(session.propose(&f.call), async {
         let approval = pending(&f.rt, &f.run).await;
         f.rt.answer_approval(&approval, "alice", true, "")
@@ -409,6 +389,18 @@ async fn a_second_recorded_answer_does_not_fold_or_replay() {
         }
         .to_payload(),
     ));
+    (approval, draft)
+}
+
+/// A denial recorded after a grant: two contradictory answers to one request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_recorded_answer_does_not_fold_or_replay() {
+    let f = fixture("forged");
+    let session =
+        f.rt.open_session(f.spec.clone(), "coder", &Quiet)
+            .await
+            .unwrap();
+    let (approval, draft) = granted_then_a_forged_denial(&f, &session).await;
     forged_answer_is_caught(&f, &approval, draft).await;
     drop(session);
 }
@@ -457,21 +449,7 @@ async fn a_run_with_a_second_recorded_answer_does_not_hide_other_runs_approvals(
         f.rt.open_session(f.spec.clone(), "coder", &Quiet)
             .await
             .unwrap();
-    let (outcome, approval) = tokio::join!(session.propose(&f.call), async {
-        let approval = pending(&f.rt, &f.run).await;
-        f.rt.answer_approval(&approval, "alice", true, "")
-            .await
-            .unwrap();
-        approval
-    });
-    assert!(matches!(outcome.unwrap(), Some(Outcome::Done { .. })));
-    let draft = Draft::new(EventType::ApprovalDenied.name(), mallory()).payload(Value::Object(
-        ApprovalDeniedPayload {
-            approval: approval.clone(),
-            reason: "changed my mind".into(),
-        }
-        .to_payload(),
-    ));
+    let (approval, draft) = granted_then_a_forged_denial(&f, &session).await;
     let (_, batch) =
         f.rt.ledger()
             .append(&f.run, vec![draft.cause(approval.clone())])

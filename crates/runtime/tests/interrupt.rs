@@ -8,29 +8,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ice_kernel::{CapabilityProposal, Event, EventId, EventType, Outcome, Proposal, RunId};
+use ice_kernel::{CapabilityProposal, EventId, EventType, Outcome, Proposal, RunId};
 use ice_runtime::{Quiet, RunOutcome, Runtime, RuntimeError};
 use serde_json::json;
 
 const WHY: &str = "the server is stopping";
-
-/// The run's pending approval, once it asks.
-async fn pending(rt: &Runtime, run: &RunId) -> EventId {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(a) = rt.pending_approvals(Some(run)).await.unwrap().first() {
-            return a.id.parse().unwrap();
-        }
-        assert!(Instant::now() < deadline, "no approval requested by {run}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn events(rt: &Runtime, run: &RunId) -> Vec<Event> {
-    ice_runtime::read_run(rt.ledger().log().as_ref(), run)
-        .await
-        .unwrap()
-}
 
 /// The request was closed by a denial naming it, the run ended suspended (`interrupted`), and
 /// an operator's late answer is refused and records nothing.

@@ -128,3 +128,24 @@ impl<F: FnMut(&AgentView) + Send> Agent for Hooked<F> {
 pub fn path(p: &Path) -> String {
     p.display().to_string()
 }
+
+/// The run's pending approval, once it asks.
+pub async fn pending(rt: &Runtime, run: &RunId) -> ice_kernel::EventId {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Some(a) = rt.pending_approvals(Some(run)).await.unwrap().first() {
+            return a.id.parse().unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no approval requested by {run}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+pub async fn events(rt: &Runtime, run: &RunId) -> Vec<Event> {
+    ice_runtime::read_run(rt.ledger().log().as_ref(), run)
+        .await
+        .unwrap()
+}
