@@ -206,6 +206,84 @@ pub fn tool_name(server: &str, tool: &str) -> String {
     format!("{server}__{tool}")
 }
 
+/// What an agent-facing name stands for.
+#[derive(Debug, PartialEq, Eq)]
+enum Named {
+    /// Exactly one tool: `(server, tool)`.
+    Tool(String, String),
+    /// Several tools would be offered under the name (each as `server/tool`): none is called,
+    /// and none is listed under it.
+    Ambiguous(Vec<String>),
+    /// No configured server's tool.
+    Unknown,
+}
+
+/// The agent-facing names of the tool servers' tools, built from their current catalog: a name
+/// is routed back to the tool it was made from by an exact lookup, never by guessing where a
+/// server's name ends in it (with servers `a` and `a_`, `a___x` is `a_`'s tool `x` when that is
+/// what the catalog holds, not `a`'s tool `_x`).
+struct ToolNames {
+    /// The configured servers' names.
+    servers: Vec<String>,
+    /// Each name the catalog's tools are offered under, with the `(server, tool)`s offered
+    /// under it (more than one: the name is ambiguous).
+    offered: HashMap<String, Vec<(String, String)>>,
+}
+
+impl ToolNames {
+    fn new<'a>(
+        servers: impl IntoIterator<Item = &'a str>,
+        catalog: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Self {
+        let mut offered: HashMap<String, Vec<(String, String)>> = HashMap::new();
+        for (server, tool) in catalog {
+            let tools = offered.entry(tool_name(server, tool)).or_default();
+            if !tools.iter().any(|(s, t)| s == server && t == tool) {
+                tools.push((server.to_string(), tool.to_string()));
+            }
+        }
+        ToolNames {
+            servers: servers.into_iter().map(str::to_string).collect(),
+            offered,
+        }
+    }
+
+    /// Which tool `name` stands for: the catalog's tool offered under it; for a name the
+    /// catalog does not offer (a tool the server does not have, or no longer), the one
+    /// configured server whose name and `__` begin it.
+    fn resolve(&self, name: &str) -> Named {
+        let named = |(s, t): &(String, String)| format!("{s}/{t}");
+        let fits: Vec<(String, String)> = match self.offered.get(name) {
+            Some(tools) => tools.clone(),
+            None => self
+                .servers
+                .iter()
+                .filter_map(|s| {
+                    name.strip_prefix(s.as_str())?
+                        .strip_prefix("__")
+                        .filter(|t| !t.is_empty())
+                        .map(|t| (s.clone(), t.to_string()))
+                })
+                .collect(),
+        };
+        match <[_; 1]>::try_from(fits) {
+            Ok([(server, tool)]) => Named::Tool(server, tool),
+            Err(fits) if fits.is_empty() => Named::Unknown,
+            Err(fits) => Named::Ambiguous(fits.iter().map(named).collect()),
+        }
+    }
+
+    /// Whether `tool` of `server` may be listed under its agent-facing name: the name stands
+    /// for it and nothing else.
+    fn lists(&self, server: &str, tool: &str) -> Result<(), String> {
+        match self.resolve(&tool_name(server, tool)) {
+            Named::Tool(s, t) if s == server && t == tool => Ok(()),
+            Named::Ambiguous(all) => Err(format!("it is the name of {}", all.join(" and "))),
+            _ => Err("the tool servers' catalog changed while it was listed".into()),
+        }
+    }
+}
+
 /// The gateway of one ICE process: the runtime, the run spec every session's run is made from,
 /// and the tool servers those runs share.
 pub struct Gateway {
@@ -720,13 +798,18 @@ impl IceMcp {
         Ok(())
     }
 
-    /// Which configured server and tool an agent-facing name stands for.
-    fn resolve(&self, name: &str) -> Option<(String, String)> {
-        self.gw.spec.servers.iter().find_map(|s| {
-            name.strip_prefix(&format!("{}__", s.name))
-                .filter(|t| !t.is_empty())
-                .map(|t| (s.name.clone(), t.to_string()))
-        })
+    /// The agent-facing names of the tool servers' current catalog.
+    fn tool_names(&self) -> ToolNames {
+        let catalog = self
+            .gw
+            .tools
+            .as_deref()
+            .map(ToolServers::tools)
+            .unwrap_or_default();
+        ToolNames::new(
+            self.gw.spec.servers.iter().map(|s| s.name.as_str()),
+            catalog.iter().map(|t| (t.server.as_str(), t.name.as_str())),
+        )
     }
 }
 
@@ -789,12 +872,26 @@ impl ServerHandler for IceMcp {
             tool.annotations = Some(annotations(class, b.capability == "http.request"));
             tools.push(tool);
         }
+        // A tool is listed only under a name that is routed back to it and to nothing else.
+        let names = self.tool_names();
+        let mut listed = std::collections::HashSet::new();
         for (t, class) in session.permitted_tools().await {
             let Value::Object(schema) = t.input_schema.clone() else {
                 continue;
             };
+            let name = tool_name(&t.server, &t.name);
+            if let Err(why) = names.lists(&t.server, &t.name) {
+                eprintln!(
+                    "ice: tools/list leaves out tool {:?} of server {:?}: its name {name:?} would not reach it alone ({why})",
+                    t.name, t.server
+                );
+                continue;
+            }
+            if !listed.insert(name.clone()) {
+                continue;
+            }
             let mut tool = Tool::new(
-                tool_name(&t.server, &t.name),
+                name,
                 format!(
                     "{} [via ICE: tool {} of server {}; effect class {class}; every call is governed and recorded]",
                     t.description.clone().unwrap_or_default(),
@@ -830,16 +927,24 @@ impl ServerHandler for IceMcp {
             .unwrap_or_else(|| format!("MCP tools/call {name} (the client declared no intent)"));
         let arguments = request.arguments.unwrap_or_default();
         let builtin = ice_kernel::BuiltinTool::named(&name);
-        let (proposal, known) = if let Some(b) = builtin {
+        // Why the name is no tool's, when it is not: a protocol error (the attempt is recorded).
+        let (proposal, not_a_tool) = if let Some(b) = builtin {
             // Arguments that make no request are the client's error; nothing is proposed.
             let p = b
                 .proposal(arguments, &intent)
                 .map_err(|why| ErrorData::invalid_params(format!("{name}: {why}"), None))?;
-            (p, true)
+            (p, None)
         } else {
-            let (target, known) = match self.resolve(&name) {
-                Some((server, tool)) => (format!("{server}/{tool}"), true),
-                None => (name.clone(), false),
+            let (target, not_a_tool) = match self.tool_names().resolve(&name) {
+                Named::Tool(server, tool) => (format!("{server}/{tool}"), None),
+                Named::Unknown => (name.clone(), Some(format!("unknown tool {name:?}"))),
+                Named::Ambiguous(all) => (
+                    name.clone(),
+                    Some(format!(
+                        "tool name {name:?} is ambiguous: it is the name of {}, so none is called",
+                        all.join(" and ")
+                    )),
+                ),
             };
             let p = CapabilityProposal {
                 capability: "mcp.call".into(),
@@ -847,7 +952,7 @@ impl ServerHandler for IceMcp {
                 arguments: Value::Object(arguments),
                 intent,
             };
-            (p, known)
+            (p, not_a_tool)
         };
         let proposal = Proposal::Request(proposal);
         match session.propose(&proposal).await {
@@ -860,10 +965,10 @@ impl ServerHandler for IceMcp {
                 reason,
                 detail,
             })) => {
-                if !known {
+                if let Some(not_a_tool) = not_a_tool {
                     // An unknown tool is a protocol error (the attempt is still recorded).
                     return Err(ErrorData::invalid_params(
-                        format!("unknown tool {name:?}: {detail} (recorded as {request})"),
+                        format!("{not_a_tool}: {detail} (recorded as {request})"),
                         Some(json!({"ice": {"denied": reason, "request": request.to_string()}})),
                     ));
                 }
@@ -1304,6 +1409,48 @@ fn cut(s: &str, n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tool(server: &str, tool: &str) -> Named {
+        Named::Tool(server.into(), tool.into())
+    }
+
+    #[test]
+    fn a_listed_tool_name_is_routed_back_to_the_one_tool_it_was_made_from() {
+        // Servers "a" and "a_" (a spec that `RunSpec::load` refuses, built here by hand): "a_"'s
+        // tool "x" is offered as "a___x", which "a" and "__" begin too.
+        let names = ToolNames::new(["a", "a_"], [("a", "y"), ("a_", "x")]);
+        assert_eq!(names.resolve("a___x"), tool("a_", "x"));
+        assert_eq!(names.lists("a_", "x"), Ok(()));
+        assert_eq!(names.resolve("a__y"), tool("a", "y"));
+        // A name the catalog does not offer goes to the one server whose name begins it, which
+        // then refuses it (the tool does not exist); when two servers' names could begin it,
+        // or none, it is no tool's.
+        assert_eq!(names.resolve("a__z"), tool("a", "z"));
+        assert_eq!(
+            names.resolve("a___z"),
+            Named::Ambiguous(vec!["a/_z".into(), "a_/z".into()])
+        );
+        for unknown in ["b__x", "a__", "a_", "ax", "fs_read"] {
+            assert_eq!(names.resolve(unknown), Named::Unknown, "{unknown}");
+        }
+        // "a" with a tool "_x" of its own: both are offered as "a___x", so neither is listed and
+        // a call reaches neither.
+        let names = ToolNames::new(["a", "a_"], [("a", "_x"), ("a_", "x"), ("a", "y")]);
+        let both = Named::Ambiguous(vec!["a/_x".into(), "a_/x".into()]);
+        assert_eq!(names.resolve("a___x"), both);
+        for (server, t) in [("a", "_x"), ("a_", "x")] {
+            let why = names.lists(server, t).unwrap_err();
+            assert_eq!(why, "it is the name of a/_x and a_/x");
+        }
+        assert_eq!(names.lists("a", "y"), Ok(()));
+        // A tool the catalog holds twice is still one tool.
+        let names = ToolNames::new(["a"], [("a", "x"), ("a", "x")]);
+        assert_eq!(names.resolve("a__x"), tool("a", "x"));
+        // Tool names may hold "__" themselves: the catalog says which server's they are.
+        let names = ToolNames::new(["a", "b"], [("a", "b__c"), ("b", "c")]);
+        assert_eq!(names.resolve("a__b__c"), tool("a", "b__c"));
+        assert_eq!(names.resolve("b__c"), tool("b", "c"));
+    }
 
     #[test]
     fn elicited_answers_are_recorded_as_what_ice_authenticated() {

@@ -413,10 +413,17 @@ fn parse_server(name: &str, raw: RawServer, base: &Path) -> Result<ToolServerSpe
     let at = format!("[servers.{name}]");
     ice_authority::Resource::tool(name, "tool")
         .map_err(|e| format!("{at}: {name:?} is not a usable server name: {e}"))?;
-    // Tools are offered as SERVER__TOOL and routed back by the first `__`.
+    // Tools are offered as SERVER__TOOL. With no `__` inside a server's name and no `_` at its
+    // end, no two servers' tools are offered under one name: were a name both SHORT__... and
+    // LONG__..., LONG would be SHORT followed by `_` (ending in `_`) or by `__` (holding it).
     if name.contains("__") {
         return Err(format!(
             "{at}: a server name may not contain \"__\" (tools are offered as SERVER__TOOL, so a call could not be told apart from one to another server)"
+        ));
+    }
+    if let Some(stem) = name.strip_suffix('_') {
+        return Err(format!(
+            "{at}: a server name may not end with \"_\" (tools are offered as SERVER__TOOL, so tool \"x\" of server {name:?} would be offered as \"{name}__x\", which also reads as tool \"_x\" of server {stem:?}, and a call could not be told apart from one to another server)"
         ));
     }
     match (&raw.url, raw.command.is_empty()) {

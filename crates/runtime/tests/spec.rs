@@ -121,3 +121,38 @@ fn empty_names_and_paths_and_repeated_or_blank_edged_check_names_are_refused() {
     .unwrap();
     assert!(spec.workspace.is_dir());
 }
+
+#[test]
+fn a_server_name_ending_in_an_underscore_is_refused_so_every_offered_tool_name_has_one_reading() {
+    let d = dir();
+    // Tools are offered as SERVER__TOOL: "a___x" would be tool "x" of "a_" and tool "_x" of "a".
+    for (name, want) in [
+        (
+            "a_",
+            "[servers.a_]: a server name may not end with \"_\" (tools are offered as SERVER__TOOL, so tool \"x\" of server \"a_\" would be offered as \"a___x\", which also reads as tool \"_x\" of server \"a\"",
+        ),
+        ("_", "[servers._]: a server name may not end with \"_\""),
+        (
+            "db_x_",
+            "[servers.db_x_]: a server name may not end with \"_\"",
+        ),
+    ] {
+        let text = format!("{HEAD}[servers.{name}]\ncommand = [\"x\"]\n");
+        let e = load(&d, &text).unwrap_err();
+        assert!(
+            e.contains(&format!("run.toml:8:1: {want}")),
+            "{text}\n got: {e}\nwant: {want}"
+        );
+    }
+    // An underscore elsewhere, even at the start, gives no second reading and is kept.
+    let spec = load(
+        &d,
+        &format!(
+            "{HEAD}[servers.a]\ncommand = [\"x\"]\n[servers.a_b]\ncommand = [\"x\"]\n[servers._c]\ncommand = [\"x\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut names: Vec<&str> = spec.servers.iter().map(|s| s.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["_c", "a", "a_b"]);
+}
