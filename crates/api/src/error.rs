@@ -135,7 +135,10 @@ impl From<MemoryError> for ApiError {
             | MemoryError::AlreadyTransitioned { .. }
             | MemoryError::AlreadyActive { .. } => ApiError::conflict(message),
             MemoryError::NotDomain { .. } => ApiError::conflict(message),
-            MemoryError::Invalid(_) => ApiError::bad_request("bad_request", message),
+            // The message names the field as the request body spells it (`ttl_ms`, `reason`).
+            MemoryError::Field { .. } | MemoryError::Invalid(_) => {
+                ApiError::bad_request("bad_request", message)
+            }
             MemoryError::Fold(_) => ApiError::internal(message),
             MemoryError::Runtime(e) => e.into(),
         }

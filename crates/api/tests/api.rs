@@ -880,6 +880,140 @@ async fn bad_input_gets_clear_4xx_answers() {
     assert_eq!(report["ok"], true, "{report}");
 }
 
+/// A 400 `bad_request` whose message names the body's field `field` (as `` `ttl_ms` ``) and
+/// none of the CLI's flags: the runtime's refusals speak of what the API's caller sent.
+fn refused_naming(status: u16, v: &Value, field: &str) {
+    assert_eq!(status, 400, "{field}: {v}");
+    assert_eq!(v["error"]["code"], "bad_request", "{field}: {v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("`{field}`")),
+        "names `{field}`: {v}"
+    );
+    for flag in [
+        "--ttl",
+        "--reason",
+        "--by",
+        "--kind",
+        "--scope",
+        "--confidence",
+    ] {
+        assert!(!message.contains(flag), "names the CLI's {flag}: {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_refusals_name_the_body_fields_not_cli_flags() {
+    let api = Api::start(true).await;
+    let spec = api.spec("reads", "", READS_PLAN);
+    let run = api.start_run(&spec).await;
+    api.state(&run, "TERMINATED").await;
+    let (status, page) = api.get(&format!("/runs/{run}/events")).await;
+    assert_eq!(status, 200, "{page}");
+    let reads: Vec<String> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "FileRead")
+        .map(|e| format!("{run}:{}", e["run_seq"]))
+        .collect();
+    assert_eq!(reads.len(), 3, "{page}");
+    let promotion = |changes: Value| {
+        let mut body =
+            json!({"event": reads[0], "kind": "file", "scope": "project", "reason": "r"});
+        for (k, v) in changes.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+
+    // Promotions the runtime refuses before reading the log: each names its field.
+    for (changes, field) in [
+        (json!({"ttl_ms": 0}), "ttl_ms"),
+        (json!({"ttl_ms": 36_500_u64 * 86_400_000 + 1}), "ttl_ms"),
+        (json!({"reason": ""}), "reason"),
+        (json!({"reason": "  "}), "reason"),
+        (json!({"kind": "no spaces"}), "kind"),
+        (json!({"scope": ""}), "scope"),
+        (json!({"confidence": 2.0}), "confidence"),
+    ] {
+        let (status, v) = api.post("/memories", promotion(changes)).await;
+        refused_naming(status, &v, field);
+    }
+    let (_, list) = api.get("/memories?all=true").await;
+    assert_eq!(list["memories"], json!([]), "a refusal writes nothing");
+
+    // Transitions: an empty reason, and a `by` that is not active (deprecated, or expired).
+    let mut ids = Vec::new();
+    for (read, scope, ttl) in [
+        (&reads[0], "a", None),
+        (&reads[1], "b", None),
+        (&reads[2], "c", Some(1)),
+    ] {
+        let (status, v) = api
+            .post(
+                "/memories",
+                json!({"event": read, "kind": "file", "scope": scope, "reason": "kept", "ttl_ms": ttl}),
+            )
+            .await;
+        assert_eq!(status, 201, "{v}");
+        ids.push(v["memory"].as_str().unwrap().to_string());
+    }
+    let (a, b, c) = (&ids[0], &ids[1], &ids[2]);
+    for (action, body) in [
+        ("deprecate", json!({"reason": ""})),
+        ("invalidate", json!({"reason": " "})),
+        ("supersede", json!({"reason": "", "by": b})),
+    ] {
+        let (status, v) = api.post(&format!("/memories/{a}/{action}"), body).await;
+        refused_naming(status, &v, "reason");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with(action), "{v}");
+    }
+    // C is past its expiry, not yet recorded: refused as expired.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (status, v) = api
+        .post(
+            &format!("/memories/{a}/supersede"),
+            json!({"reason": "newer", "by": c}),
+        )
+        .await;
+    refused_naming(status, &v, "by");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired at"),
+        "{v}"
+    );
+    // B deprecated (which records C's expiry): both are refused as having left active.
+    let (status, v) = api
+        .post(
+            &format!("/memories/{b}/deprecate"),
+            json!({"reason": "old"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    for (by, status_now) in [(b, "is deprecated"), (c, "is expired")] {
+        let (status, v) = api
+            .post(
+                &format!("/memories/{a}/supersede"),
+                json!({"reason": "newer", "by": by}),
+            )
+            .await;
+        refused_naming(status, &v, "by");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(status_now),
+            "{v}"
+        );
+    }
+    // A stays active through all of it.
+    let (_, shown) = api.get(&format!("/memories/{a}")).await;
+    assert_eq!(shown["status"], "active", "{shown}");
+    let (_, report) = api.get("/verify").await;
+    assert_eq!(report["ok"], true, "{report}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_reads_the_log_as_of_the_request_while_runs_append() {
     let api = Api::start(true).await;

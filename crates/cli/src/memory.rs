@@ -13,8 +13,8 @@ use ice_kernel::{Clock, EventId};
 use ice_log::clock::SystemClock;
 use ice_log::sqlite::Mode;
 use ice_runtime::memory::{
-    MemoryAction, MemoryBook, MemoryRecord, MemoryStatus, PromoteRequest, TransitionReport,
-    parse_ttl, resolve_content,
+    MemoryAction, MemoryBook, MemoryError, MemoryField, MemoryRecord, MemoryStatus, PromoteRequest,
+    TransitionReport, parse_ttl, resolve_content,
 };
 use serde_json::{Value, json};
 
@@ -128,6 +128,27 @@ pub async fn run(home: &Path, url: Option<&str>, a: MemoryArgs) -> Result<u8> {
     }
 }
 
+/// The flag that sets a field of a memory request.
+fn flag(field: MemoryField) -> &'static str {
+    match field {
+        MemoryField::Kind => "--kind",
+        MemoryField::Scope => "--scope",
+        MemoryField::Confidence => "--confidence",
+        MemoryField::TtlMs => "--ttl",
+        MemoryField::Reason => "--reason",
+        MemoryField::By => "--by",
+    }
+}
+
+/// The runtime's refusal as the command line reads it: a refused field is named by its flag
+/// (the runtime names it as its request does, `ttl_ms`, as the API's callers send it).
+fn refusal(e: MemoryError) -> anyhow::Error {
+    match e {
+        MemoryError::Field { .. } => anyhow!(e.message_naming(|f| flag(f).to_string())),
+        other => other.into(),
+    }
+}
+
 fn memory_id(s: &str, what: &str) -> Result<EventId> {
     s.parse()
         .map_err(|e| anyhow!("{what} {s:?} is not a memory id (RUN_ID:RUN_SEQ): {e}"))
@@ -215,7 +236,7 @@ async fn show(home: &Path, url: Option<&str>, a: ShowArgs) -> Result<u8> {
     let book = MemoryBook::load(log.as_ref()).await?;
     let r = book
         .get(&id)
-        .ok_or_else(|| ice_runtime::memory::MemoryError::Unknown(id.clone()))?;
+        .ok_or_else(|| MemoryError::Unknown(id.clone()))?;
     let content = resolve_content(log.as_ref(), r).await?;
     let now = SystemClock.now();
     let derived: Vec<String> = book.derived(&id).iter().map(ToString::to_string).collect();
@@ -307,7 +328,8 @@ async fn promote(home: &Path, url: Option<&str>, a: PromoteArgs) -> Result<u8> {
             reason: a.reason,
             operator: crate::run::operator(&a.operator)?,
         })
-        .await?;
+        .await
+        .map_err(refusal)?;
     let size = crate::run::seal(&h, &rt).await?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -350,7 +372,8 @@ async fn transition(
     let (h, rt) = crate::run::runtime(home, url).await?;
     let report = rt
         .transition_memory(&id, action, &a.reason, &crate::run::operator(&a.operator)?)
-        .await?;
+        .await
+        .map_err(refusal)?;
     let size = crate::run::seal(&h, &rt).await?;
     if a.json {
         let mut v = serde_json::to_value(&report)?;

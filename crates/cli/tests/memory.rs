@@ -228,6 +228,32 @@ fn memories_are_promoted_mounted_and_invalidated_with_their_descendants() {
         ],
     );
     assert!(err.contains("--ttl"), "{err}");
+    // The runtime's refusals of a field name the flag that set it (not the API's `reason`).
+    for (flag, value, says) in [
+        (
+            "--reason",
+            " ",
+            "a promotion needs a --reason (it is recorded)",
+        ),
+        ("--kind", "no spaces", "--kind: \"no spaces\" contains ' '"),
+        ("--scope", "", "--scope: \"\" must be 1 to 128 characters"),
+        (
+            "--confidence",
+            "2",
+            "--confidence: 2 is not a number from 0 to 1",
+        ),
+    ] {
+        let mut args = vec!["memory", "promote", read.as_str()];
+        for (f, v) in [("--kind", "k"), ("--scope", "s"), ("--reason", "r")] {
+            if f != flag {
+                args.extend([f, v]);
+            }
+        }
+        args.extend([flag, value]);
+        let err = refused(home, &args);
+        assert!(err.contains(says), "{flag}: {err}");
+        assert!(!err.contains('`'), "{flag}: {err}");
+    }
     assert_eq!(size(home), before);
     // A run that aborts: its facts cannot be promoted.
     assert_eq!(
@@ -332,6 +358,14 @@ fn supersede_and_deprecate() {
         &["memory", "supersede", old, "--by", old, "--reason", "x"],
     );
     assert!(err.contains("itself"), "{err}");
+    let err = refused(
+        home,
+        &["memory", "supersede", old, "--by", new, "--reason", " "],
+    );
+    assert!(
+        err.contains("supersede needs a --reason (it is recorded)"),
+        "{err}"
+    );
     let out = json(
         home,
         &[
@@ -350,6 +384,42 @@ fn supersede_and_deprecate() {
     assert_eq!(shown["status"], "superseded");
     assert_eq!(shown["by"], new.as_str());
     assert_eq!(shown["transition"]["reason"], "newer");
+    // Only an active memory supersedes: one that left active, or one past its expiry, is
+    // refused, and the refusal names --by.
+    let err = refused(
+        home,
+        &["memory", "supersede", new, "--by", old, "--reason", "x"],
+    );
+    assert!(
+        err.contains(&format!("--by {old} is superseded by {new} (event ")),
+        "{err}"
+    );
+    let read = env.event("first", "FileRead", Some("hello.txt"));
+    let brief = json(
+        home,
+        &[
+            "memory",
+            "promote",
+            &read,
+            "--kind",
+            "note",
+            "--scope",
+            "brief",
+            "--ttl",
+            "1ms",
+            "--reason",
+            "short-lived",
+            "--json",
+        ],
+    );
+    let brief = brief["memory"].as_str().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let err = refused(
+        home,
+        &["memory", "supersede", new, "--by", brief, "--reason", "x"],
+    );
+    assert!(err.contains(&format!("--by {brief} expired at ")), "{err}");
+    assert!(!err.contains('`'), "{err}");
     let o = ice(home, &["memory", "deprecate", new, "--reason", "stale"]);
     assert_eq!(code(&o), 0, "{}", text(&o));
     let err = refused(home, &["memory", "invalidate", new, "--reason", "x"]);

@@ -858,6 +858,17 @@ pub enum MemoryError {
         /// Its scope.
         scope: String,
     },
+    /// A field of the request is refused. The message names the field as the request spells
+    /// it (`ttl_ms`, `reason`, `by`, …: [`MemoryField::name`]), which is also how the API's
+    /// bodies spell it; a front end whose callers name it otherwise (the CLI's `--ttl`) words
+    /// the message with [`MemoryError::message_naming`].
+    #[error("{}", problem.describe(&format!("`{}`", field.name())))]
+    Field {
+        /// The field.
+        field: MemoryField,
+        /// What is wrong with it.
+        problem: FieldProblem,
+    },
     /// Bad input.
     #[error("{0}")]
     Invalid(String),
@@ -867,6 +878,105 @@ pub enum MemoryError {
     /// The log, the validator or a lock failed.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+}
+
+impl MemoryError {
+    /// The error's message with the field it refuses (if any) called what `name` calls it:
+    /// the CLI passes its flags (`--ttl` for [`MemoryField::TtlMs`]). Any other error's
+    /// message is its `Display`.
+    pub fn message_naming(&self, name: impl Fn(MemoryField) -> String) -> String {
+        match self {
+            MemoryError::Field { field, problem } => problem.describe(&name(*field)),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// A field of a memory operation's request: of [`PromoteRequest`], or an argument of
+/// [`Runtime::transition_memory`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryField {
+    /// The memory's kind.
+    Kind,
+    /// The memory's scope.
+    Scope,
+    /// The memory's confidence.
+    Confidence,
+    /// The memory's time to live, in milliseconds.
+    TtlMs,
+    /// Why (recorded).
+    Reason,
+    /// The memory that supersedes another.
+    By,
+}
+
+impl MemoryField {
+    /// The field's name in a request: `kind`, `scope`, `confidence`, `ttl_ms`, `reason`, `by`.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemoryField::Kind => "kind",
+            MemoryField::Scope => "scope",
+            MemoryField::Confidence => "confidence",
+            MemoryField::TtlMs => "ttl_ms",
+            MemoryField::Reason => "reason",
+            MemoryField::By => "by",
+        }
+    }
+}
+
+/// What is wrong with a [`MemoryField`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum FieldProblem {
+    /// The value does not check; why.
+    Invalid(String),
+    /// A time to live (ms) that is not from 1 ms to 100 years ([`MAX_TTL_MS`]).
+    TtlOutOfRange(u64),
+    /// Empty (or only whitespace) where the operation records it.
+    Missing {
+        /// The operation: `a promotion`, `invalidate`, `deprecate`, `supersede`.
+        operation: &'static str,
+    },
+    /// The memory named is no longer active, so it cannot supersede another.
+    NotActive {
+        /// The memory named.
+        memory: EventId,
+        /// Its status.
+        status: MemoryStatus,
+        /// The event that moved it out of `active`.
+        event: EventId,
+    },
+    /// The memory named is past its expiry, so it cannot supersede another.
+    Expired {
+        /// The memory named.
+        memory: EventId,
+        /// When it expired.
+        at: Timestamp,
+    },
+}
+
+impl FieldProblem {
+    /// The problem in words, calling the field `field` (`` `ttl_ms` ``, `--ttl`).
+    pub fn describe(&self, field: &str) -> String {
+        match self {
+            FieldProblem::Invalid(why) => format!("{field}: {why}"),
+            FieldProblem::TtlOutOfRange(ms) => {
+                format!("{field} must be from 1 ms to 100 years, not {ms} ms")
+            }
+            FieldProblem::Missing { operation } => {
+                format!("{operation} needs a {field} (it is recorded)")
+            }
+            FieldProblem::NotActive {
+                memory,
+                status,
+                event,
+            } => format!(
+                "{field} {memory} is {status} (event {event}); a memory is superseded only by an active one"
+            ),
+            FieldProblem::Expired { memory, at } => format!(
+                "{field} {memory} expired at {at}; a memory is superseded only by an active one"
+            ),
+        }
+    }
 }
 
 impl From<ice_log::LogError> for MemoryError {
@@ -1589,21 +1699,23 @@ impl Runtime {
     /// memory its run mounted (what it derives from) was invalidated, or when the same event is
     /// already an active memory of that kind and scope.
     pub async fn promote_memory(&self, req: &PromoteRequest) -> Result<PromoteReport, MemoryError> {
-        check_kind(&req.kind).map_err(|e| MemoryError::Invalid(format!("--kind: {e}")))?;
-        check_scope(&req.scope).map_err(|e| MemoryError::Invalid(format!("--scope: {e}")))?;
-        check_confidence(req.confidence)
-            .map_err(|e| MemoryError::Invalid(format!("--confidence: {e}")))?;
+        let refuse = |field, problem| MemoryError::Field { field, problem };
+        let invalid = |field| move |e| refuse(field, FieldProblem::Invalid(e));
+        check_kind(&req.kind).map_err(invalid(MemoryField::Kind))?;
+        check_scope(&req.scope).map_err(invalid(MemoryField::Scope))?;
+        check_confidence(req.confidence).map_err(invalid(MemoryField::Confidence))?;
         if let Some(ms) = req.ttl_ms
             && (ms == 0 || ms > MAX_TTL_MS)
         {
-            return Err(MemoryError::Invalid(format!(
-                "--ttl must be from 1 ms to 100 years, not {ms} ms"
-            )));
+            return Err(refuse(MemoryField::TtlMs, FieldProblem::TtlOutOfRange(ms)));
         }
         let reason = req.reason.trim();
         if reason.is_empty() {
-            return Err(MemoryError::Invalid(
-                "a promotion needs a --reason (it is recorded)".into(),
+            return Err(refuse(
+                MemoryField::Reason,
+                FieldProblem::Missing {
+                    operation: "a promotion",
+                },
             ));
         }
         let operator = operator_origin(&req.operator)?;
@@ -1742,10 +1854,12 @@ impl Runtime {
     ) -> Result<TransitionReport, MemoryError> {
         let reason = reason.trim();
         if reason.is_empty() {
-            return Err(MemoryError::Invalid(format!(
-                "{} needs a --reason (it is recorded)",
-                action.op()
-            )));
+            return Err(MemoryError::Field {
+                field: MemoryField::Reason,
+                problem: FieldProblem::Missing {
+                    operation: action.op(),
+                },
+            });
         }
         let operator = operator_origin(operator)?;
         let _guard = self.lock_registry().await?;
@@ -1773,18 +1887,26 @@ impl Runtime {
                 )));
             }
             let b = refuse_if_left(by).map_err(|e| match e {
-                MemoryError::AlreadyTransitioned { status, event, .. } => {
-                    MemoryError::Invalid(format!(
-                        "--by {by} is {status} (event {event}); a memory is superseded only by an active one"
-                    ))
-                }
+                MemoryError::AlreadyTransitioned { status, event, .. } => MemoryError::Field {
+                    field: MemoryField::By,
+                    problem: FieldProblem::NotActive {
+                        memory: by.clone(),
+                        status,
+                        event,
+                    },
+                },
                 other => other,
             })?;
-            if b.expired_at(now) {
-                return Err(MemoryError::Invalid(format!(
-                    "--by {by} expired at {}; a memory is superseded only by an active one",
-                    b.expires_at.map(|t| t.to_string()).unwrap_or_default()
-                )));
+            if let Some(at) = b.expires_at
+                && b.expired_at(now)
+            {
+                return Err(MemoryError::Field {
+                    field: MemoryField::By,
+                    problem: FieldProblem::Expired {
+                        memory: by.clone(),
+                        at,
+                    },
+                });
             }
         }
         let found = format!("found by {operator}'s {} of {memory}", action.op());
