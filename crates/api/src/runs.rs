@@ -214,7 +214,18 @@ pub(crate) async fn kill(
 ) -> Result<Response, ApiError> {
     let run = run_id(&run)?;
     let b: ReasonBody = read_json(&headers, body).await?.unwrap_or_default();
-    let state = s.runtime.kill(&run, &operator, &b.reason, &Quiet).await?;
+    let killed = s.runtime.kill(&run, &operator, &b.reason, &Quiet).await?;
+    let state = killed.state;
+    if let Some(n) = killed.commit_completed {
+        let _ = crate::audit::sign_checkpoint(&s).await;
+        return Ok(ok(json!({
+            "run": run.as_str(),
+            "state": state.name(),
+            "killed": false,
+            "commit_completed": n,
+            "detail": "the run's commit had passed its commit point when its process stopped: it was completed and recorded, not aborted",
+        })));
+    }
     if state.is_non_terminal() {
         return Ok(json_response(
             StatusCode::ACCEPTED,

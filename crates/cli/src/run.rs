@@ -486,10 +486,16 @@ pub async fn kill(home: &Path, url: Option<&str>, a: KillArgs) -> Result<u8> {
     let run = RunId::new(a.run.clone()).map_err(|e| anyhow!("run {:?}: {e}", a.run))?;
     let (h, rt) = runtime(home, url).await?;
     let progress = Progress { on: false };
-    let state = rt
+    let killed = rt
         .kill(&run, &operator(&a.operator)?, &a.reason, &progress)
         .await?;
-    if state.is_non_terminal() {
+    let state = killed.state;
+    if let Some(n) = killed.commit_completed {
+        println!(
+            "run {run} was not killed: its commit had passed the commit point when its process stopped, so it was completed ({n} change(s) applied) and recorded: {state}"
+        );
+        seal_with_checkpoint(&h, &rt, false).await?;
+    } else if state.is_non_terminal() {
         println!("kill requested; the process driving run {run} stops it before its next step");
     } else {
         println!("run {run} killed: {state}");

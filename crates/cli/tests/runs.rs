@@ -378,6 +378,74 @@ fn sigkill_before_the_commit_point_leaves_nothing_applied_and_says_so() {
     assert_eq!(code(&ice(&home, &["verify"])), 0);
 }
 
+/// The types of run `quickstart`'s events, in order.
+fn run_types(home: &Path) -> Vec<String> {
+    let o = ice(home, &["log", "--run", "quickstart", "--json"]);
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+fn all_three_applied() -> Vec<(String, String)> {
+    vec![
+        (
+            "hello.txt".to_string(),
+            "hello, governed world\n".to_string(),
+        ),
+        ("b.txt".to_string(), "b\n".to_string()),
+        ("c.txt".to_string(), "c\n".to_string()),
+    ]
+}
+
+#[test]
+fn sigkill_after_the_last_change_was_applied_then_recovery_records_the_commit() {
+    // Every change is in the workspace, the commit is not yet recorded: recovery must not take
+    // it for a commit that never started (abort, "nothing was applied").
+    let (_dir, home, qs) = killed_in_commit("applied");
+    assert_eq!(workspace_files(&qs), all_three_applied());
+    let o = ice(&home, &["run", qs.join("runaway.toml").to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("recovered run quickstart"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(workspace_files(&qs), all_three_applied());
+    let types = run_types(&home);
+    assert!(types.contains(&"RunCommitted".to_string()), "{types:?}");
+    assert!(!types.contains(&"RunAborted".to_string()), "{types:?}");
+    assert_eq!(types.iter().filter(|t| *t == "EffectApplied").count(), 3);
+    assert_eq!(code(&ice(&home, &["verify"])), 0);
+}
+
+#[test]
+fn killing_a_run_stopped_past_its_commit_point_completes_the_commit() {
+    // Stopped after the first of three changes: the commit point was passed, so a kill cannot
+    // undo it; discarding the journal would leave the workspace part-way under a log that says
+    // nothing reached it.
+    let (_dir, home, qs) = killed_in_commit("1");
+    let o = ice(&home, &["kill", "quickstart", "--reason", "stop"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout)
+            .contains("was not killed: its commit had passed the commit point"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(workspace_files(&qs), all_three_applied());
+    let types = run_types(&home);
+    assert!(types.contains(&"RunKillRequested".to_string()), "{types:?}");
+    assert!(types.contains(&"RunCommitted".to_string()), "{types:?}");
+    assert!(!types.contains(&"RunAborted".to_string()), "{types:?}");
+    assert_eq!(types.last().map(String::as_str), Some("RunTerminated"));
+    assert_eq!(code(&ice(&home, &["verify"])), 0);
+}
+
 #[test]
 fn bad_run_specs_and_plans_are_refused_with_file_and_line() {
     let (_dir, home, qs) = setup(1);

@@ -47,7 +47,7 @@ pub use mcp::{
 };
 pub use staging::{
     Change, ChangeKind, CommitPoint, CommitReport, Materialized, Recovery, Stage, StageError,
-    StagedEffect, StagedOp, recover,
+    StagedEffect, StagedOp, commit_pending, recover, release, roll_forward,
 };
 pub use workspace::{
     Confinement, ConfinementError, Entry, EntryKind, FileRead, FileState, FsError, Listing, Stat,

@@ -26,7 +26,9 @@
 //! 3. each change is applied: new content written to a temporary file beside the target,
 //!    synced, renamed over it, and the directory synced (or the file removed and the directory
 //!    synced), each target's confinement checked again as it is applied;
-//! 4. the journal is removed (and synced), then the stage directory.
+//! 4. the journal is removed (and synced), then the stage directory ([`Stage::apply_with_hook`]
+//!    leaves this step to a caller that records the commit elsewhere: it calls [`release`]
+//!    once that record is durable, so a journal never disappears before its record exists).
 //!
 //! Every change is idempotent ("set this path to content X", "make this path absent"), so
 //! [`recover`] after a crash rolls a journalled commit forward from the start, and a commit
@@ -436,6 +438,20 @@ impl Stage {
             problem: format!("cannot be opened: {e}"),
         })?;
         hash_reader(file).map_err(store_err(&path, "read"))
+    }
+
+    /// Forget every op after the first `len` (say, a write whose record could not be made):
+    /// the view becomes what those `len` ops stage. Their content stays in the store.
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.ops.len() {
+            return;
+        }
+        let kept: Vec<StagedOp> = self.ops.drain(..len).collect();
+        self.ops.clear();
+        self.view.clear();
+        for op in kept {
+            self.record(op);
+        }
     }
 
     fn record(&mut self, op: StagedOp) {
@@ -866,6 +882,21 @@ impl Stage {
         self,
         hook: &mut dyn FnMut(CommitPoint<'_>),
     ) -> Result<CommitReport, StageError> {
+        let dir = self.dir.clone();
+        let report = self.apply_with_hook(hook)?;
+        finish(&dir)?;
+        Ok(report)
+    }
+
+    /// [`Stage::commit_with_hook`] without its last step: the journal stays in the stage
+    /// directory once every change is applied, so a caller that records the commit elsewhere
+    /// removes it ([`release`]) only after that record is durable. Until then a crash leaves
+    /// the journal, and [`roll_forward`] completes the commit again (its changes are
+    /// idempotent) rather than anyone taking it for a commit that never happened.
+    pub fn apply_with_hook(
+        self,
+        hook: &mut dyn FnMut(CommitPoint<'_>),
+    ) -> Result<CommitReport, StageError> {
         let changes = self.diff()?;
         hook(CommitPoint::Prepared { changes: &changes });
         let journal = Journal {
@@ -886,7 +917,6 @@ impl Stage {
             })?;
             hook(CommitPoint::Applied { index, change });
         }
-        finish(&self.dir)?;
         Ok(CommitReport {
             changes: journal.changes,
         })
@@ -962,11 +992,44 @@ fn finish(dir: &Path) -> Result<(), StageError> {
     std::fs::remove_dir_all(dir).map_err(store_err(dir, "remove"))
 }
 
+/// Whether the stage directory holds a commit journal: a commit passed its commit point and
+/// did not finish. Such a commit can only be completed ([`recover`]), never discarded.
+pub fn commit_pending(stage_dir: impl AsRef<Path>) -> bool {
+    stage_dir.as_ref().join(JOURNAL).exists()
+}
+
 /// After a crash: if the stage directory holds a commit journal, roll that commit forward
 /// (apply every change again; they are idempotent) and finish it; otherwise report nothing
 /// pending, touching neither the workspace nor the stage (a partly written journal, never
 /// renamed into place, is removed).
 pub fn recover(stage_dir: impl AsRef<Path>, workspace: &Workspace) -> Result<Recovery, StageError> {
+    let dir = stage_dir.as_ref();
+    let rec = roll_forward(dir, workspace)?;
+    if matches!(rec, Recovery::RolledForward { .. }) {
+        finish(dir)?;
+    }
+    Ok(rec)
+}
+
+/// Remove a stage directory once its commit is recorded: the journal first (durably), then
+/// the rest. A directory that is already gone is not an error.
+pub fn release(stage_dir: impl AsRef<Path>) -> Result<(), StageError> {
+    let dir = stage_dir.as_ref();
+    if dir.join(JOURNAL).exists() {
+        return finish(dir);
+    }
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(store_err(dir, "remove")(e)),
+        _ => Ok(()),
+    }
+}
+
+/// [`recover`] without its last step: the journal's changes are applied (again) and the
+/// journal is kept until the caller has recorded the commit and calls [`release`].
+pub fn roll_forward(
+    stage_dir: impl AsRef<Path>,
+    workspace: &Workspace,
+) -> Result<Recovery, StageError> {
     let dir = stage_dir.as_ref();
     let path = dir.join(JOURNAL);
     if !path.exists() {
@@ -985,7 +1048,6 @@ pub fn recover(stage_dir: impl AsRef<Path>, workspace: &Workspace) -> Result<Rec
             source: Box::new(source),
         })?;
     }
-    finish(dir)?;
     Ok(Recovery::RolledForward {
         changes: journal.changes,
     })

@@ -286,9 +286,23 @@ impl Staging {
         }
     }
 
+    /// How many ops the live stage holds.
+    pub(crate) fn op_count(&self) -> usize {
+        self.stage.as_ref().map_or(0, |s| s.ops().len())
+    }
+
+    /// Forget the ops after the first `len` (a write whose record failed).
+    pub(crate) fn truncate(&mut self, len: usize) {
+        if let Some(s) = self.stage.as_mut() {
+            s.truncate(len);
+        }
+    }
+
+    /// Remove the run's stage directory (a commit journal first, durably): only once the
+    /// run's end is recorded, so a journal never disappears before its commit is on record.
     pub(crate) fn remove_store(&mut self) {
         self.stage = None;
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = ice_effects::release(&self.dir);
     }
 
     fn get(&mut self) -> Result<&mut Stage, (DenialCode, String)> {
@@ -741,15 +755,18 @@ pub async fn run_checks(staging: &Staging, checks: &[Check]) -> Vec<Result<Value
 }
 
 /// Apply the staged writes to the workspace (crash-safe: the journal is the commit point).
+/// The journal stays until the commit is recorded and the run torn down
+/// ([`Staging::remove_store`]): a crash before the record leaves it for recovery to roll
+/// forward and record, never a workspace changed under a log that says nothing was.
 pub fn commit(staging: &mut Staging) -> Result<Vec<ice_effects::Change>, RuntimeError> {
     let Some(stage) = staging.stage.take() else {
         return Err(RuntimeError::Io("the run's stage is closed".into()));
     };
     // Crash tests only: ICE_TEST_PAUSE_IN_COMMIT=N stops the commit after N applied changes
-    // (0: before the journal is written) so the test can kill the process there.
-    let pause: Option<usize> = std::env::var("ICE_TEST_PAUSE_IN_COMMIT")
-        .ok()
-        .and_then(|v| v.parse().ok());
+    // (0: before the journal is written; `applied`: once every change is applied, before the
+    // commit is recorded) so the test can kill the process there.
+    let var = std::env::var("ICE_TEST_PAUSE_IN_COMMIT").ok();
+    let pause: Option<usize> = var.as_deref().and_then(|v| v.parse().ok());
     let mut hook = |p: ice_effects::CommitPoint<'_>| {
         let at = match p {
             ice_effects::CommitPoint::Prepared { .. } => Some(0),
@@ -765,7 +782,11 @@ pub fn commit(staging: &mut Staging) -> Result<Vec<ice_effects::Change>, Runtime
         }
     };
     let report = stage
-        .commit_with_hook(&mut hook)
+        .apply_with_hook(&mut hook)
         .map_err(|e| RuntimeError::Io(format!("commit: {e}")))?;
+    if var.as_deref() == Some("applied") {
+        eprintln!("ICE_TEST: paused in commit after every change was applied");
+        std::thread::sleep(Duration::from_secs(3600));
+    }
     Ok(report.changes)
 }

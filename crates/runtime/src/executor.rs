@@ -29,8 +29,9 @@
 //!
 //! Staged writes stay written ahead although a stage is rebuilt from the log after a restart
 //! (`Stage::from_ops` over the recorded `EffectStaged` ops, in `operator.rs`): in process the
-//! stage is changed by the write itself, so an append that failed after it would leave the
-//! live stage holding a write the log does not, and commit applies the live stage.
+//! stage is changed by the write itself, and commit applies the live stage: an append that
+//! fails after it makes the stage forget the write again (`Stage::truncate`, under the lock
+//! held from the write to its record), so the live stage never holds a write the log does not.
 //!
 //! A request the law will not record (a number JSON cannot carry exactly, a reserved key, an
 //! oversized intent) is found by the validator on the first batch that would record it, and
@@ -249,6 +250,15 @@ fn settle_draft(reservation: &str, actual: Cost, cause: &EventId) -> Draft {
         ),
     )
     .cause(cause.clone())
+}
+
+/// A kill's reason detail: who killed the run, and why when they said.
+pub(crate) fn kill_detail(who: &str, why: &str) -> String {
+    if why.is_empty() {
+        format!("killed by {who}")
+    } else {
+        format!("killed by {who}: {why}")
+    }
 }
 
 fn rt_draft(t: EventType, payload: Value) -> Draft {
@@ -1177,6 +1187,11 @@ impl Ctx<'_> {
         // e. Act. Filesystem effects touch only the stage (under the lock); network and process
         //    effects run without it.
         let started = Instant::now();
+        // A filesystem effect changes the live stage under the lock, which is held until the
+        // effect is recorded: if that record fails, the stage forgets it again (commit applies
+        // the live stage, which must hold only what the log says was staged).
+        let fs_effect = matches!(target, act::Target::Path(_) | act::Target::Dir(_));
+        let staged_before = guard.stage.op_count();
         let performed = match target {
             act::Target::Http(_) => {
                 guard.in_flight += 1;
@@ -1252,9 +1267,19 @@ impl Ctx<'_> {
                         }
                         Err(e) if is_conflict(&e) && attempts < 8 => {
                             attempts += 1;
-                            self.catch_up(live).await?;
+                            if let Err(e) = self.catch_up(live).await {
+                                if fs_effect {
+                                    live.stage.truncate(staged_before);
+                                }
+                                return Err(e);
+                            }
                         }
-                        Err(e) => return Err(e),
+                        Err(e) => {
+                            if fs_effect {
+                                live.stage.truncate(staged_before);
+                            }
+                            return Err(e);
+                        }
                     }
                 }
                 Ok(CallEnd {
@@ -1636,12 +1661,10 @@ impl Ctx<'_> {
             self.catch_up(live).await?;
         }
         if let Some((who, why)) = live.books.kill.clone() {
-            let detail = if why.is_empty() {
-                format!("killed by {who}")
-            } else {
-                format!("killed by {who}: {why}")
-            };
-            return self.abort(live, "killed", &detail).await.map(Some);
+            return self
+                .abort(live, "killed", &kill_detail(&who, &why))
+                .await
+                .map(Some);
         }
         if let Some(why) = self.rt.interrupts.take(&self.run) {
             return self.interrupted(live, &why).await.map(Some);
@@ -1895,6 +1918,18 @@ impl Ctx<'_> {
         code: &str,
         detail: &str,
     ) -> Result<RunOutcome, RuntimeError> {
+        // A commit past its commit point can only be completed: discarding its stage would
+        // leave a workspace part-way changed under a log that says nothing reached it.
+        if ice_effects::commit_pending(&live.stage.dir) {
+            return Err(RuntimeError::State {
+                run: self.run.to_string(),
+                state: live.books.state(),
+                what: format!(
+                    "its commit passed the commit point and was interrupted (journal in {}); it cannot be aborted ({code}), only completed, which crash recovery does (ice run, resume or serve start it)",
+                    live.stage.dir.display()
+                ),
+            });
+        }
         let staged = live.books.staged_view().len();
         live.stage.discard();
         let a = json!({"reason": code, "discarded": staged});
@@ -1943,9 +1978,7 @@ impl Ctx<'_> {
         let live = &mut *guard;
         self.catch_up(live).await?;
         if let Some((who, why)) = live.books.kill.clone() {
-            return self
-                .abort(live, "killed", &format!("killed by {who} {why}"))
-                .await;
+            return self.abort(live, "killed", &kill_detail(&who, &why)).await;
         }
         if let Some(why) = self.rt.interrupts.take(&self.run) {
             return self.interrupted(live, &why).await;
@@ -2023,6 +2056,30 @@ impl Ctx<'_> {
         }
         self.commit(live).await?;
         Ok(RunOutcome::Committed)
+    }
+
+    /// A commit that passed its commit point and was interrupted (its journal is in the stage
+    /// directory): apply its changes again (they are idempotent), record them and the commit,
+    /// and tear the run down. `Ok(None)` when no commit is pending.
+    pub(crate) async fn complete_interrupted_commit(
+        &self,
+        live: &mut Live,
+    ) -> Result<Option<usize>, RuntimeError> {
+        if !ice_effects::commit_pending(&live.stage.dir) {
+            return Ok(None);
+        }
+        let ws = ice_effects::Workspace::open(&live.spec.workspace)
+            .map_err(|e| RuntimeError::Io(format!("workspace: {e}")))?;
+        match ice_effects::roll_forward(&live.stage.dir, &ws)
+            .map_err(|e| RuntimeError::Io(format!("recovery: {e}")))?
+        {
+            ice_effects::Recovery::RolledForward { changes } => {
+                live.stage.stage = None;
+                self.record_commit(live, &changes, true).await?;
+                Ok(Some(changes.len()))
+            }
+            ice_effects::Recovery::NothingPending => Ok(None),
+        }
     }
 
     /// Apply the staged writes (crash-safe, see the effects layer's journal) and record them.

@@ -30,7 +30,7 @@ use ice_log::ledger::Ledger;
 
 pub use books::{Books, FoldError, StagedOp};
 pub use executor::{RunOutcome, RunReport};
-pub use operator::{ApprovalListing, PendingApproval, Recovered, RunProblem, Session};
+pub use operator::{ApprovalListing, Killed, PendingApproval, Recovered, RunProblem, Session};
 pub use spec::{Assumption, BudgetSpec, Check, OnExhaustion, RunSpec, SpecError};
 
 /// Something that wants to see each event a run records, as it is recorded (progress lines).

@@ -19,7 +19,7 @@ use std::time::Instant;
 use ice_authority::payload::{ApprovalDeniedPayload, ApprovalGrantedPayload};
 use ice_authority::{ApprovalStatus, PolicySet};
 use ice_effects::mcp::{ToolServers, ToolSpec};
-use ice_effects::{Recovery, Stage, Workspace};
+use ice_effects::{Stage, Workspace};
 use ice_kernel::{Agent, Digest, Draft, EventId, EventType, Origin, RunId, RunState};
 use ice_log::LogError;
 use ice_log::ledger::AppendError;
@@ -32,6 +32,24 @@ use crate::books::Books;
 use crate::executor::{Ctx, Live, PolicyStamp, RunOutcome, RunReport, report};
 use crate::spec::{Assumption, BudgetSpec, RunSpec};
 use crate::{Observer, Runtime, RuntimeError};
+
+/// Why a stopped run is attached: to drive it on (its policy must load), or to end it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Attach {
+    Drive,
+    End,
+}
+
+/// What [`Runtime::kill`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Killed {
+    /// The run's state now: still non-terminal when a live process drives it (it stops the
+    /// run before its next step).
+    pub state: RunState,
+    /// The run's commit had passed its commit point when its process stopped: it could not be
+    /// aborted, and was completed (this many changes) and recorded instead.
+    pub commit_completed: Option<usize>,
+}
 
 /// What [`Runtime::approval_listing`] finds: the approvals waiting, and the runs it could not
 /// list.
@@ -111,8 +129,8 @@ pub struct Recovered {
 /// reason = "config.toml was updated on purpose; continue against the new content"
 /// accept_files = true          # re-baseline file assumptions to their current digests
 /// accept_policy = true         # re-baseline the policy version assumption
-/// [budget]                     # optional: new limits (same keys as the run spec's [budget])
-/// tool_calls = 40
+/// [budget]                     # optional: new limits (same keys as the run spec's [budget]);
+/// tool_calls = 40              # a key left out keeps its current limit
 /// ```
 #[derive(Clone, Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -451,11 +469,15 @@ impl Runtime {
         }
     }
 
-    /// Take a stopped run's lock and rebuild its live state from the log.
+    /// Take a stopped run's lock and rebuild its live state from the log. To end a run
+    /// (`Attach::End`: kill, recovery) its policy need not load: nothing is decided while a
+    /// run is aborted, terminated or its journalled commit completed, and a policy directory
+    /// that broke must not keep an operator from stopping the run.
     async fn attach<'a>(
         &'a self,
         run: &RunId,
         observer: &'a dyn Observer,
+        purpose: Attach,
     ) -> Result<Ctx<'a>, RuntimeError> {
         let dir = self.run_dir(run);
         let lock = self.lock_run(run).await?;
@@ -466,7 +488,15 @@ impl Runtime {
             .ok_or_else(|| RuntimeError::Invalid(format!("run {run} has no recorded spec")))?;
         let recorded = crate::read_run(self.ledger.log().as_ref(), run).await?;
         let memories = self.mounted_memories(&recorded).await?;
-        let (policy, policy_dir) = self.load_policy(&spec)?;
+        let (policy, policy_dir) = match (self.load_policy(&spec), purpose) {
+            (Ok(p), _) => p,
+            (Err(e), Attach::Drive) => return Err(e),
+            (Err(_), Attach::End) => (
+                PolicySet::from_sources(&[], &self.schema)
+                    .map_err(|e| RuntimeError::Policy(e.to_string()))?,
+                self.policy_dir(&spec),
+            ),
+        };
         let stage = if books.state().is_non_terminal() {
             match self.open_stage(run, &spec, Some(&books)) {
                 Ok(s) => s,
@@ -511,7 +541,7 @@ impl Runtime {
         agent: &mut dyn Agent,
         observer: &dyn Observer,
     ) -> Result<RunReport, RuntimeError> {
-        let mut ctx = self.attach(run, observer).await?;
+        let mut ctx = self.attach(run, observer, Attach::Drive).await?;
         let spec = ctx.live.lock().await.spec.clone();
         ctx.tools = start_tools(&spec).await?;
         {
@@ -647,13 +677,36 @@ impl Runtime {
             let probe = format!(
                 "[run]\nagent = \"x\"\nworkspace = \".\"\n[agent]\ndriver = \"external\"\n{text}"
             );
+            // Checked as a run spec's [budget] is; the probe's workspace is any directory that
+            // exists (the run's own may be gone, and is not what is being checked).
             let parsed = RunSpec::parse(
                 std::path::Path::new("reconfiguration"),
                 &probe,
-                &spec.workspace,
+                &std::env::temp_dir(),
             )
             .map_err(|e| RuntimeError::Invalid(format!("[budget]: {}", e.problem)))?;
-            let budget: BudgetSpec = parsed.budget;
+            // The keys given replace those limits; every other limit (and what exhaustion does)
+            // stays as it is: a record that raises one limit does not lift the others.
+            let given: BudgetSpec = parsed.budget;
+            let mut budget: BudgetSpec = spec.budget;
+            for key in b.keys() {
+                match key.as_str() {
+                    "tool_calls" => budget.tool_calls = given.tool_calls,
+                    "bytes" => budget.bytes = given.bytes,
+                    "wall_time" => budget.wall_time_us = given.wall_time_us,
+                    "tokens_in" => budget.tokens_in = given.tokens_in,
+                    "tokens_out" => budget.tokens_out = given.tokens_out,
+                    "credits_micro" => budget.credits_micro = given.credits_micro,
+                    "risk" => budget.risk = given.risk,
+                    "on_exhaustion" => budget.on_exhaustion = given.on_exhaustion,
+                    // The parse above refuses any other key.
+                    other => {
+                        return Err(RuntimeError::Invalid(format!(
+                            "[budget]: unknown key {other:?}"
+                        )));
+                    }
+                }
+            }
             new.insert(
                 "budget".into(),
                 serde_json::to_value(budget).unwrap_or(Value::Null),
@@ -687,14 +740,15 @@ impl Runtime {
     }
 
     /// Record an operator's request to kill a run. If no process is driving it, the run is
-    /// aborted (or terminated) here and now.
+    /// aborted (or terminated) here and now; a run whose commit passed its commit point and
+    /// was interrupted cannot be aborted: its commit is completed instead (and said so).
     pub async fn kill(
         &self,
         run: &RunId,
         operator: &str,
         reason: &str,
         observer: &dyn Observer,
-    ) -> Result<RunState, RuntimeError> {
+    ) -> Result<Killed, RuntimeError> {
         let books = self.books(run).await?;
         if !books.state().is_non_terminal() {
             return Err(RuntimeError::State {
@@ -713,11 +767,19 @@ impl Runtime {
                 ],
             )
             .await?;
-        match self.attach(run, observer).await {
+        match self.attach(run, observer, Attach::End).await {
             Ok(ctx) => {
                 let mut g = ctx.live.lock().await;
                 let live = &mut *g;
-                let detail = format!("killed by operator:{operator}: {reason}");
+                let detail = crate::executor::kill_detail(&format!("operator:{operator}"), reason);
+                if live.books.state() == RunState::Validating
+                    && let Some(changes) = ctx.complete_interrupted_commit(live).await?
+                {
+                    return Ok(Killed {
+                        state: live.books.state(),
+                        commit_completed: Some(changes),
+                    });
+                }
                 match live.books.state() {
                     RunState::Executing | RunState::Suspended | RunState::Validating => {
                         ctx.abort(live, "killed", &detail).await?;
@@ -727,10 +789,16 @@ impl Runtime {
                     }
                     _ => {}
                 }
-                Ok(live.books.state())
+                Ok(Killed {
+                    state: live.books.state(),
+                    commit_completed: None,
+                })
             }
             // A live process drives it: it sees the request before its next step.
-            Err(RuntimeError::Busy(_)) => Ok(books.state()),
+            Err(RuntimeError::Busy(_)) => Ok(Killed {
+                state: books.state(),
+                commit_completed: None,
+            }),
             Err(e) => Err(e),
         }
     }
@@ -878,7 +946,7 @@ impl Runtime {
             if matches!(state, RunState::Terminated | RunState::Suspended) {
                 continue;
             }
-            let ctx = match self.attach(&run, observer).await {
+            let ctx = match self.attach(&run, observer, Attach::End).await {
                 Ok(c) => c,
                 // Driven by another process, or another node's claim is live.
                 Err(RuntimeError::Busy(_) | RuntimeError::Claimed(_)) => continue,
@@ -916,20 +984,11 @@ impl Runtime {
                     "suspended for operator review".to_string()
                 }
                 RunState::Validating => {
-                    let ws = Workspace::open(&live.spec.workspace)
-                        .map_err(|e| RuntimeError::Io(format!("workspace: {e}")))?;
-                    let rec = ice_effects::recover(&live.stage.dir, &ws)
-                        .map_err(|e| RuntimeError::Io(format!("recovery: {e}")))?;
-                    match rec {
-                        Recovery::RolledForward { changes } => {
-                            live.stage.stage = None;
-                            ctx.record_commit(live, &changes, true).await?;
-                            format!(
-                                "committed: the interrupted commit was completed ({} change(s))",
-                                changes.len()
-                            )
-                        }
-                        Recovery::NothingPending => {
+                    match ctx.complete_interrupted_commit(live).await? {
+                        Some(changes) => format!(
+                            "committed: the interrupted commit was completed ({changes} change(s))"
+                        ),
+                        None => {
                             ctx.abort(
                                 live,
                                 "crash_recovery",

@@ -26,6 +26,8 @@ struct Tap {
     inner: SqliteLog,
     batches: Mutex<Vec<Vec<u64>>>,
     fail_next: AtomicBool,
+    /// Fail the next append whose batch holds an event of this type.
+    fail_type: Mutex<Option<&'static str>>,
 }
 
 // `EventLog` is an `async_trait`; its methods are written out here as the macro expands them
@@ -37,7 +39,16 @@ impl EventLog for Tap {
         Self: 't,
     {
         Box::pin(async move {
-            if self.fail_next.swap(false, Ordering::SeqCst) {
+            let typed = {
+                let mut t = self.fail_type.lock().unwrap();
+                let hit =
+                    t.is_some_and(|ty| batch.events().iter().any(|e| e.event().event_type == ty));
+                if hit {
+                    *t = None;
+                }
+                hit
+            };
+            if self.fail_next.swap(false, Ordering::SeqCst) || typed {
                 return Err(LogError::Storage {
                     context: "committing to disk".into(),
                     message: "injected failure".into(),
@@ -174,6 +185,7 @@ fn tapped(h: &H) -> (ice_runtime::Runtime, Arc<Tap>) {
         inner: SqliteLog::create(&home.join("tap.db")).unwrap(),
         batches: Mutex::new(Vec::new()),
         fail_next: AtomicBool::new(false),
+        fail_type: Mutex::new(None),
     });
     let ledger = Arc::new(Ledger::new(tap.clone(), Arc::new(SystemClock)));
     let rt = ice_runtime::Runtime::new(
@@ -402,6 +414,48 @@ async fn a_read_whose_record_fails_shows_the_agent_nothing() {
     assert_eq!(report.books.proposals, 2);
     let r = rt.replay(&run).await.unwrap();
     assert!(r.divergences.is_empty(), "{:?}", r.divergences);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_write_whose_record_fails_never_reaches_the_workspace() {
+    let h = H::new(POLICY);
+    let (rt, tap) = tapped(&h);
+    let (spec, _) = h.spec("unrecorded", "coder", "[grants]\nuses = 5", "");
+    let s = rt.open_session(spec, "coder", &Quiet).await.unwrap();
+    let run = RunId::new("unrecorded").unwrap();
+    // The write changes the stage, then the batch recording it fails (a full disk, a lost
+    // database): the agent gets the error, and the stage forgets the write.
+    *tap.fail_type.lock().unwrap() = Some(EventType::EffectStaged.name());
+    let write = request(
+        "fs.write",
+        "hello.txt",
+        json!({"content": "never recorded\n"}),
+    );
+    let (out, _) = call(&s, &tap, &write).await;
+    match out {
+        Err(RuntimeError::Append(e)) => assert!(e.to_string().contains("injected failure"), "{e}"),
+        other => panic!("the call must fail: {other:?}"),
+    }
+    // The run's view is the log's: the read sees the workspace's content.
+    let read = request("fs.read", "hello.txt", json!({}));
+    let (out, _) = call(&s, &tap, &read).await;
+    match out {
+        Ok(Some(Outcome::Done { output, .. })) => {
+            assert_eq!(output["content"], "hello\n", "{output}")
+        }
+        other => panic!("the read must answer: {other:?}"),
+    }
+    // A later write is staged, recorded and committed as usual.
+    let other = request("fs.write", "new.txt", json!({"content": "recorded\n"}));
+    let (out, _) = call(&s, &tap, &other).await;
+    assert!(matches!(out, Ok(Some(Outcome::Done { .. }))), "{out:?}");
+    let report = s.finish().await.unwrap();
+    assert_eq!(report.outcome, RunOutcome::Committed, "{report:?}");
+    assert_eq!(h.read("hello.txt"), "hello\n");
+    assert_eq!(h.read("new.txt"), "recorded\n");
+    let all = ice_runtime::read_run(tap.as_ref(), &run).await.unwrap();
+    assert_eq!(of_type(&all, EventType::EffectStaged).len(), 1);
+    assert_eq!(of_type(&all, EventType::EffectApplied).len(), 1);
 }
 
 /// An MCP tool server over stdio for the test below, run by re-executing this test binary with

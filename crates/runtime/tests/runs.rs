@@ -234,6 +234,43 @@ async fn exhaustion_can_suspend_instead() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconfigured_budget_changes_only_the_limits_it_names() {
+    let h = H::new(POLICY);
+    let plan = "[[step]]\nintent = \"again\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 5\n";
+    let (spec, mut agent) = h.spec(
+        "partial",
+        "looper",
+        "[budget]\ntool_calls = 2\nbytes = 100000\nwall_time = \"1h\"\non_exhaustion = \"suspend\"\n",
+        plan,
+    );
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.state, RunState::Suspended);
+    let rec = ice_runtime::operator::ReconfigurationFile {
+        reason: "two more calls, nothing else".into(),
+        budget: Some(toml::from_str("tool_calls = 10").unwrap()),
+        ..Default::default()
+    };
+    let run = RunId::new("partial").unwrap();
+    h.rt.reconfigure(&run, "alice", &rec).await.unwrap();
+    let budget = h.rt.books(&run).await.unwrap().spec.unwrap().budget;
+    assert_eq!(budget.tool_calls, Some(10));
+    assert_eq!(budget.bytes, Some(100_000));
+    assert_eq!(budget.wall_time_us, Some(3_600_000_000));
+    assert_eq!(
+        budget.on_exhaustion,
+        ice_runtime::spec::OnExhaustion::Suspend
+    );
+    // A key given replaces that limit; a bad value is refused naming it.
+    let bad = ice_runtime::operator::ReconfigurationFile {
+        reason: "x".into(),
+        budget: Some(toml::from_str("wall_time = \"0s\"").unwrap()),
+        ..Default::default()
+    };
+    let e = h.rt.reconfigure(&run, "alice", &bad).await.unwrap_err();
+    assert!(e.to_string().contains("wall_time"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_assumption_suspends_and_resume_needs_a_record() {
     let h = H::new(POLICY);
     let plan =
@@ -408,6 +445,34 @@ async fn a_policy_reload_that_revokes_nothing_is_recorded_and_later_requests_rep
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_policy_no_longer_loads_can_still_be_killed() {
+    let h = H::new(POLICY);
+    let plan = "[[step]]\nintent = \"w\"\ncapability = \"fs.write\"\ntarget = \"hello.txt\"\narguments = { content = \"x\" }\n\n[[step]]\nintent = \"r\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 3\n";
+    let (spec, mut agent) = h.spec(
+        "broken-policy",
+        "coder",
+        "[budget]\ntool_calls = 2\non_exhaustion = \"suspend\"\n",
+        plan,
+    );
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.state, RunState::Suspended);
+    // The policy directory breaks while the run waits for an operator.
+    std::fs::write(h.policies.join("broken.cedar"), "permit(").unwrap();
+    let run = RunId::new("broken-policy").unwrap();
+    let killed =
+        h.rt.kill(&run, "bob", "enough", &ice_runtime::Quiet)
+            .await
+            .unwrap();
+    assert_eq!(killed.state, RunState::Terminated);
+    assert_eq!(h.read("hello.txt"), "hello\n");
+    let events = h.events("broken-policy").await;
+    assert_eq!(of_type(&events, EventType::RunKillRequested).len(), 1);
+    assert_eq!(of_type(&events, EventType::RunAborted).len(), 1);
+    let reason = &of_type(&events, EventType::AbortReasonDeclared)[0].payload;
+    assert_eq!(reason["detail"], "killed by operator:bob: enough");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_aborts_a_suspended_run() {
     let h = H::new(POLICY);
     let plan = "[[step]]\nintent = \"w\"\ncapability = \"fs.write\"\ntarget = \"hello.txt\"\narguments = { content = \"x\" }\n\n[[step]]\nintent = \"r\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 3\n";
@@ -420,11 +485,12 @@ async fn kill_aborts_a_suspended_run() {
     let report = h.run(spec, &mut agent).await;
     assert_eq!(report.state, RunState::Suspended);
     let run = RunId::new("killed").unwrap();
-    let state =
+    let killed =
         h.rt.kill(&run, "bob", "enough", &ice_runtime::Quiet)
             .await
             .unwrap();
-    assert_eq!(state, RunState::Terminated);
+    assert_eq!(killed.state, RunState::Terminated);
+    assert_eq!(killed.commit_completed, None);
     assert_eq!(h.read("hello.txt"), "hello\n");
     let events = h.events("killed").await;
     assert_eq!(

@@ -607,3 +607,55 @@ fn a_grants_max_bytes_refuses_a_larger_write_and_cuts_a_read() {
     let got = ws.read(&r, "b.txt", 100).unwrap();
     assert_eq!((got.content.as_slice(), got.truncated), (&b"old"[..], true));
 }
+
+#[test]
+fn apply_keeps_the_journal_until_release_and_roll_forward_completes_it_again() {
+    let (s, mut stage) = setup();
+    stage_some(&mut stage);
+    let ws = || Workspace::open(&s.ws).unwrap();
+    let report = stage.apply_with_hook(&mut |_| {}).unwrap();
+    assert_eq!(report.changes.len(), 3);
+    assert_eq!(std::fs::read(s.ws.join("a.txt")).unwrap(), b"new a");
+    // Applied, not yet released: the commit is still pending, and rolling it forward again
+    // (a crash before the caller recorded it) changes nothing and keeps the journal.
+    assert!(crate::commit_pending(s.stage_dir()));
+    let after = tree(&s.ws);
+    match crate::roll_forward(s.stage_dir(), &ws()).unwrap() {
+        Recovery::RolledForward { changes } => assert_eq!(changes, report.changes),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(tree(&s.ws), after);
+    assert!(crate::commit_pending(s.stage_dir()));
+    crate::release(s.stage_dir()).unwrap();
+    assert!(!crate::commit_pending(s.stage_dir()));
+    assert!(!s.stage_dir().exists());
+    // Releasing what is gone is not an error.
+    crate::release(s.stage_dir()).unwrap();
+    assert_eq!(
+        recover(s.stage_dir(), &ws()).unwrap(),
+        Recovery::NothingPending
+    );
+}
+
+#[test]
+fn a_truncated_stage_forgets_the_later_ops() {
+    let (s, mut stage) = setup();
+    stage.write(&write("a.txt"), "a.txt", b"first").unwrap();
+    stage.write(&write("a.txt"), "a.txt", b"second").unwrap();
+    stage.delete(&delete("b.txt"), "b.txt").unwrap();
+    stage.truncate(1);
+    assert_eq!(stage.ops().len(), 1);
+    let a = stage.read(&read("a.txt"), "a.txt", 100).unwrap();
+    assert_eq!(a.content, b"first");
+    assert_eq!(
+        stage.read(&read("b.txt"), "b.txt", 100).unwrap().content,
+        b"old b"
+    );
+    // Truncating to more ops than it holds changes nothing.
+    stage.truncate(5);
+    assert_eq!(stage.ops().len(), 1);
+    let changes = stage.commit().unwrap().changes;
+    assert_eq!(changes.len(), 1);
+    assert_eq!(std::fs::read(s.ws.join("a.txt")).unwrap(), b"first");
+    assert_eq!(std::fs::read(s.ws.join("b.txt")).unwrap(), b"old b");
+}
