@@ -115,6 +115,10 @@ pub(crate) async fn stream(
         log,
         run,
         next: from,
+        // Asked to start past the run's end: the events before `from` are not sent, but they
+        // are still looked at as they come, so the run's end (if it comes among them) ends
+        // the stream.
+        skipped: view.summary.events.min(from),
         buffered: VecDeque::new(),
         ended,
         stop: s.stop.clone(),
@@ -130,6 +134,8 @@ struct Cursor {
     log: Arc<dyn EventLog>,
     run: RunId,
     next: u64,
+    /// Below `next`, the events not sent were looked at up to here (for the run's end).
+    skipped: u64,
     buffered: VecDeque<StoredEvent>,
     ended: bool,
     stop: CancellationToken,
@@ -181,6 +187,34 @@ fn events(cursor: Cursor) -> impl Stream<Item = Result<SseEvent, Infallible>> {
                 Ok(page) if !page.is_empty() => {
                     c.next += page.len() as u64;
                     c.buffered.extend(page);
+                }
+                Ok(_) if c.skipped < c.next => {
+                    // Nothing from `next` on: look at the events the client skipped.
+                    let take = (c.next - c.skipped).min(256) as usize;
+                    match c.log.read_run(&c.run, c.skipped, take).await {
+                        Ok(skipped) if !skipped.is_empty() => {
+                            c.skipped += skipped.len() as u64;
+                            if skipped
+                                .iter()
+                                .any(|e| e.event_type == EventType::RunTerminated.name())
+                            {
+                                c.ended = true;
+                            }
+                        }
+                        Ok(_) => {
+                            tokio::select! {
+                                _ = c.stop.cancelled() => return None,
+                                _ = tokio::time::sleep(POLL) => {}
+                            }
+                        }
+                        Err(e) => {
+                            let err = SseEvent::default().event("error").data(
+                                json!({"error": {"code": "internal", "message": e.to_string()}})
+                                    .to_string(),
+                            );
+                            return Some((Ok(err), None));
+                        }
+                    }
                 }
                 Ok(_) => {
                     tokio::select! {

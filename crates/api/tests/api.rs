@@ -625,10 +625,24 @@ async fn deny_kill_and_reconfigure_are_the_operators() {
     // Kill: a run the server drives (waiting for an approval) stops; nothing it staged lands.
     let run = api.start_run(&spec).await;
     api.pending(&run).await;
+    // A stream asked to start past the live run's end sends nothing, and ends with the run.
+    let past_end = tokio::spawn(tokio::time::timeout(
+        Duration::from_secs(30),
+        stream(
+            api.http.clone(),
+            api.url(&format!("/runs/{run}/events/stream?from=1000")),
+        ),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let (status, v) = api
         .post(&format!("/runs/{run}/kill"), json!({"reason": "enough"}))
         .await;
     assert_eq!(status, 202, "{v}");
+    let (sent, ended) = past_end
+        .await
+        .unwrap()
+        .expect("the stream past the run's end ends when the run does");
+    assert_eq!((sent.len(), ended), (0, true));
     let v = api.state(&run, "TERMINATED").await;
     assert!(v["kill"]["by"].as_str().unwrap().contains("alice"), "{v}");
     let (_, page) = api.get(&format!("/runs/{run}/events?limit=1000")).await;
