@@ -703,3 +703,118 @@ fn an_llm_run_killed_twice_during_commands_resumes_twice_and_replays() {
         "{r:#}"
     );
 }
+
+/// A whole chat completion sent as it is (the scripted server adds `usage` to every `message`
+/// entry; this one has none unless `body` does).
+fn raw_reply(body: Value) -> Value {
+    json!({"raw": body.to_string()})
+}
+
+fn completion(message: Value, finish: &str) -> Value {
+    json!({
+        "id": "chatcmpl-raw", "object": "chat.completion", "created": 1700000000, "model": "m",
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+    })
+}
+
+#[test]
+fn a_token_budget_stops_a_model_that_reports_no_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let read = |id: &str| {
+        raw_reply(completion(
+            json!({"role": "assistant", "content": "Reading.", "tool_calls": [
+                call(id, "fs_read", json!({"path": "notes/todo.txt"}))]}),
+            "tool_calls",
+        ))
+    };
+    let script = json!([
+        read("c1"),
+        read("c2"),
+        read("c3"),
+        read("c4"),
+        raw_reply(completion(
+            json!({"role": "assistant", "content": "Done."}),
+            "stop"
+        )),
+    ]);
+    let model = ModelServer::start(dir.path(), &script);
+    let (home, ex) = setup(dir.path(), model.port, |t| {
+        t.replace("tokens_out = 4_000", "tokens_out = 3000")
+            .replace("max_tokens = 256", "max_tokens = 1024")
+    });
+    let o = ice(
+        &home,
+        &["run", ex.join("run.toml").to_str().unwrap(), "--json"],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    // Each call without reported usage is costed at its reservation (1024 out): the third
+    // (2048 spent + 1024 reserved > 3000) does not fit.
+    assert_eq!(model.requests().len(), 2);
+    let ev = events(&home, "llm-notes");
+    let steps = of_type(&ev, "InferenceStep");
+    assert_eq!(steps.len(), 2);
+    let reserved: Vec<&Value> = of_type(&ev, "BudgetReserved")
+        .into_iter()
+        .filter(|r| r["payload"]["amount"]["tokens_out"] == 1024)
+        .collect();
+    assert_eq!(
+        reserved.len(),
+        2,
+        "the third call was refused before its reservation"
+    );
+    for (s, r) in steps.iter().zip(&reserved) {
+        assert_eq!(s["cost"]["tokens_out"], 1024);
+        assert_eq!(s["cost"]["tokens_in"], r["payload"]["amount"]["tokens_in"]);
+        assert_eq!(
+            s["payload"]["usage"]["unreported"],
+            json!(["prompt_tokens", "completion_tokens"])
+        );
+    }
+    let settled = of_type(&ev, "BudgetSettled");
+    assert!(
+        settled
+            .iter()
+            .filter(|e| e["payload"]["actual"]["tokens_out"] == 1024)
+            .count()
+            == 2,
+        "{settled:#?}"
+    );
+    let abort = of_type(&ev, "AbortReasonDeclared");
+    assert_eq!(abort[0]["payload"]["reason"], "budget_exhausted");
+    assert!(
+        abort[0]["payload"].to_string().contains("tokens_out"),
+        "{:#}",
+        abort[0]
+    );
+    drop(model);
+    replay_drive_clean(&home, "llm-notes");
+}
+
+#[test]
+fn a_reply_using_the_reserved_blob_key_is_recorded_and_the_run_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut marked = completion(
+        json!({"role": "assistant", "content": "Reading.", "tool_calls": [{
+            "id": "c1", "type": "function",
+            "function": {"name": "fs_read", "arguments": {"path": "notes/todo.txt", "$blob": "x"}}}]}),
+        "tool_calls",
+    );
+    marked["usage"] = json!({"prompt_tokens": 100, "completion_tokens": 20});
+    marked["system_fingerprint"] = json!({"$blob": "0".repeat(64), "size": 1});
+    let script = json!([
+        raw_reply(marked),
+        reply("Done: nothing to change.", vec![], (130, 10)),
+    ]);
+    let model = ModelServer::start(dir.path(), &script);
+    let (home, ex) = setup(dir.path(), model.port, |t| t);
+    let o = ice(
+        &home,
+        &["run", ex.join("run.toml").to_str().unwrap(), "--json"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(model.requests().len(), 2);
+    let ev = events(&home, "llm-notes");
+    assert_eq!(of_type(&ev, "InferenceStep").len(), 2);
+    drop(model);
+    replay_drive_clean(&home, "llm-notes");
+}

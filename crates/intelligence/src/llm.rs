@@ -22,7 +22,14 @@
 //! result. Each model call is a [`Proposal::Infer`] then [`Agent::infer`], recorded by the
 //! runtime as `InferenceStep` with the full reply (or the error), so a run can be replayed
 //! without the model: [`RecordedModel`] answers from the recorded payloads and reports where the
-//! replayed conversation diverges from the recording.
+//! replayed conversation diverges from the recording. The driver acts on the reply as the log
+//! will read it back (see `recordable`), so a live run and its replay see the same values.
+//!
+//! A call is costed the token usage the reply reports; a figure it does not report (missing,
+//! or not a whole number) is costed at the call's reservation and named in the payload's
+//! `usage.unreported`, so a token budget still stops an endpoint that omits its usage. At most
+//! [`MAX_TOOL_CALLS_PER_REPLY`] tool calls are read from one reply; the rest are refused, the
+//! refusal recorded (`tool_calls_over_limit`) and the model told once.
 //!
 //! Everything the driver sends is a pure function of the configuration, the view at the first
 //! proposal, the replies and the outcomes: the next request (and its digest) never depends on
@@ -33,6 +40,7 @@ use std::fmt;
 use std::io::Read;
 use std::time::{Duration, Instant};
 
+use ice_kernel::blob::BLOB_KEY;
 use ice_kernel::limits::MAX_SAFE_INTEGER;
 use ice_kernel::{
     Agent, AgentError, AgentView, BUILTIN_TOOLS, BuiltinTool, CapabilityProposal, Cost, Digest,
@@ -67,6 +75,8 @@ pub const MAX_TOOL_RESULT_BYTES: usize = 64 * 1024;
 pub const MAX_FUNCTION_NAME: usize = 64;
 /// Deepest nesting of a reply kept as structure; deeper parts are recorded as their JSON text.
 pub const MAX_REPLY_DEPTH: usize = 48;
+/// Most tool calls read from one reply; the rest are refused, once, and the model told so.
+pub const MAX_TOOL_CALLS_PER_REPLY: usize = 128;
 
 /// ICE's fixed system preamble.
 pub const PREAMBLE: &str = "You are an agent running inside ICE, a governed execution runtime. \
@@ -808,8 +818,15 @@ impl Toolbox {
         toolbox
     }
 
+    /// The offered function names, sorted, comma-separated.
+    pub fn names(&self) -> String {
+        let names: Vec<&str> = self.bindings.keys().map(String::as_str).collect();
+        names.join(", ")
+    }
+
     /// The capability request a call of `function` with `arguments` (the model's JSON text, or
-    /// an object) stands for, or why it cannot be made.
+    /// an object) stands for, or why it cannot be made. An unknown function's error names only
+    /// that function ([`Toolbox::names`] lists the offered ones).
     pub fn proposal(
         &self,
         function: &str,
@@ -817,12 +834,7 @@ impl Toolbox {
         intent: &str,
     ) -> Result<CapabilityProposal, String> {
         let Some(binding) = self.bindings.get(function) else {
-            let offered: Vec<&str> = self.bindings.keys().map(String::as_str).collect();
-            return Err(format!(
-                "no function {:?} is offered; the functions are: {}",
-                cut(function, 100),
-                offered.join(", ")
-            ));
+            return Err(format!("no function {:?} is offered", cut(function, 100)));
         };
         let args = match arguments {
             Value::String(s) if s.trim().is_empty() => Map::new(),
@@ -866,27 +878,30 @@ fn compact(v: &Value) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The reply as recordable JSON: numbers outside what the log carries exactly become strings,
-/// and structure nested deeper than [`MAX_REPLY_DEPTH`] becomes its JSON text. Idempotent, so a
-/// recorded reply replays to the same value.
+/// The reply as the log will read it back, so that what the driver acts on live is what a
+/// replay or a resume acts on: a whole-number float within ±(2^53-1) becomes that integer (RFC
+/// 8785 writes `12.0` as `12`, which reads back as an integer); numbers outside what the log
+/// carries exactly become strings; an object using the reserved key `$blob` (which the log
+/// refuses in a draft) and structure nested deeper than [`MAX_REPLY_DEPTH`] become their JSON
+/// text. Idempotent, so a recorded reply replays to the same value.
 fn recordable(v: Value, depth: usize) -> Value {
     match v {
-        Value::Number(n) => {
-            let exact = match (n.as_i64(), n.as_u64(), n.as_f64()) {
-                (Some(i), _, _) => i.unsigned_abs() <= MAX_SAFE_INTEGER,
-                (None, Some(u), _) => u <= MAX_SAFE_INTEGER,
-                (None, None, Some(f)) => !(f.abs() > MAX_SAFE_INTEGER as f64 && f.abs() < 1e21),
-                _ => false,
-            };
-            if exact {
-                Value::Number(n)
-            } else {
-                Value::String(n.to_string())
+        Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(i), _, _) if i.unsigned_abs() <= MAX_SAFE_INTEGER => Value::Number(n),
+            (None, Some(u), _) if u <= MAX_SAFE_INTEGER => Value::Number(n),
+            (None, None, Some(f)) if f.fract() == 0.0 && f.abs() <= MAX_SAFE_INTEGER as f64 => {
+                // Exact: |f| < 2^53, a whole number (and -0.0 is 0, as RFC 8785 writes it).
+                Value::from(f as i64)
             }
-        }
+            (None, None, Some(f)) if !(f.abs() > MAX_SAFE_INTEGER as f64 && f.abs() < 1e21) => {
+                Value::Number(n)
+            }
+            _ => Value::String(n.to_string()),
+        },
         v @ (Value::Array(_) | Value::Object(_)) if depth >= MAX_REPLY_DEPTH => {
             Value::String(compact(&v))
         }
+        Value::Object(m) if m.contains_key(BLOB_KEY) => Value::String(compact(&Value::Object(m))),
         Value::Array(a) => Value::Array(a.into_iter().map(|x| recordable(x, depth + 1)).collect()),
         Value::Object(m) => Value::Object(
             m.into_iter()
@@ -924,6 +939,9 @@ pub struct LlmAgent {
     messages: Vec<Value>,
     queue: VecDeque<Queued>,
     awaiting: Option<String>,
+    /// Messages for the model once every queued call is answered (tool messages must follow
+    /// their assistant message at once).
+    pending: Vec<Value>,
     next: Next,
     calls: u64,
     errors: u64,
@@ -956,6 +974,7 @@ impl LlmAgent {
             messages: Vec::new(),
             queue: VecDeque::new(),
             awaiting: None,
+            pending: Vec::new(),
             next: Next::Infer,
             calls: 0,
             errors: 0,
@@ -1011,6 +1030,18 @@ impl LlmAgent {
             r.insert("temperature".into(), json!(t));
         }
         Value::Object(r)
+    }
+
+    /// What a call with `request` reserves: `max_tokens` out, an estimate of the prompt in
+    /// (a token per 3 bytes of the request). It is also what the call is costed when the
+    /// provider does not report its usage.
+    fn reservation(&self, request: &Value) -> Cost {
+        let bytes = serde_json::to_vec(request).map_or(0, |b| b.len() as u64);
+        Cost {
+            tokens_in: bytes.div_ceil(3).min(MAX_SAFE_INTEGER),
+            tokens_out: self.config.max_tokens,
+            ..Cost::default()
+        }
     }
 
     fn start(&mut self, view: &AgentView) {
@@ -1126,10 +1157,15 @@ impl LlmAgent {
             self.next = Next::Refused(cut(&why, 1000));
             return format!("model call {n}/{max}: the model refused");
         }
-        let calls: Vec<Value> = match message.get("tool_calls") {
-            Some(Value::Array(a)) => a.clone(),
-            _ => Vec::new(),
+        // At most MAX_TOOL_CALLS_PER_REPLY calls are read; the rest are refused below, once.
+        let (calls, asked): (Vec<Value>, usize) = match message.get("tool_calls") {
+            Some(Value::Array(a)) => (
+                a.iter().take(MAX_TOOL_CALLS_PER_REPLY).cloned().collect(),
+                a.len(),
+            ),
+            _ => (Vec::new(), 0),
         };
+        let over = asked - calls.len();
         let mut assistant = Map::new();
         assistant.insert("role".into(), json!("assistant"));
         if calls.is_empty() {
@@ -1175,10 +1211,19 @@ impl LlmAgent {
             Some(cut(content.trim(), MAX_INTENT_CHARS))
         };
         let toolbox = self.toolbox.clone().unwrap_or_default();
+        // Every id the model gave: a made-up id takes none of them, so each call keeps the
+        // model's id unless an earlier call of the reply already used it.
+        let given: BTreeSet<String> = calls
+            .iter()
+            .filter_map(|c| c.get("id").and_then(Value::as_str))
+            .map(str::to_string)
+            .collect();
         let mut seen = BTreeSet::new();
         let mut echoed = Vec::with_capacity(calls.len());
         let mut queued = Vec::new();
-        let mut rejected = Vec::new();
+        let mut rejected: Vec<(String, String, String)> = Vec::new();
+        // The call whose answer names the offered functions (the first to an unknown one).
+        let mut listed: Option<String> = None;
         for (i, call) in calls.into_iter().enumerate() {
             let mut call = match call {
                 Value::Object(m) => m,
@@ -1191,7 +1236,11 @@ impl LlmAgent {
             let id = match call.get("id").and_then(Value::as_str) {
                 Some(id) if !id.is_empty() && !seen.contains(id) => id.to_string(),
                 _ => {
-                    let id = format!("call_{n}_{}", i + 1);
+                    // `call_{n}_{i+1}`, or the next number no call of the reply uses.
+                    let id = (i + 1..)
+                        .map(|k| format!("call_{n}_{k}"))
+                        .find(|id| !seen.contains(id) && !given.contains(id))
+                        .expect("an unused id");
                     call.insert("id".into(), json!(id));
                     id
                 }
@@ -1215,7 +1264,12 @@ impl LlmAgent {
                     call_id: id.clone(),
                     proposal,
                 }),
-                Err(problem) => rejected.push((id.clone(), name, problem)),
+                Err(problem) => {
+                    if listed.is_none() && !toolbox.bindings.contains_key(&name) {
+                        listed = Some(id.clone());
+                    }
+                    rejected.push((id.clone(), name, problem));
+                }
             }
             echoed.push(Value::Object(call));
         }
@@ -1225,11 +1279,34 @@ impl LlmAgent {
         );
         assistant.insert("tool_calls".into(), Value::Array(echoed));
         self.messages.push(Value::Object(assistant));
-        for (id, _, problem) in &rejected {
+        // The offered functions are named once per reply: in the answer to the first call of
+        // an unknown function; the answers to later ones point there.
+        for (id, name, problem) in &rejected {
+            let unknown = !toolbox.bindings.contains_key(name);
+            let problem = match &listed {
+                Some(first) if unknown && first == id => {
+                    format!("{problem}; the functions are: {}", toolbox.names())
+                }
+                Some(first) if unknown => {
+                    format!("{problem} (the functions are named in the answer to call {first})")
+                }
+                _ => problem.clone(),
+            };
             self.answer(
                 id,
                 format!("ERROR: this call was not made: {problem}. Correct it and call again."),
             );
+        }
+        if over > 0 {
+            self.pending.push(json!({
+                "role": "user",
+                "content": format!(
+                    "Your reply asked for {asked} tool calls; at most {MAX_TOOL_CALLS_PER_REPLY} \
+                     are read from one reply, so the last {over} were not made. Make the ones you \
+                     still need in a later reply."
+                ),
+            }));
+            payload.insert("tool_calls_over_limit".into(), json!(over));
         }
         let usable = queued.len();
         self.queue.extend(queued);
@@ -1267,20 +1344,37 @@ impl LlmAgent {
             self.failed("truncated", &detail);
             return format!("model call {n}/{max}: reply cut at max_tokens");
         }
-        if !rejected.is_empty() {
-            let detail = format!(
-                "{} of {} tool calls rejected: {}",
-                rejected.len(),
-                rejected.len() + usable,
-                cut(&rejected[0].2, 300)
-            );
-            payload.insert(
-                "error".into(),
-                json!({"kind": "rejected_tool_calls", "detail": detail}),
-            );
-            self.failed("rejected_tool_calls", &detail);
+        if over > 0 || !rejected.is_empty() {
+            let mut details = Vec::new();
+            if over > 0 {
+                details.push(format!(
+                    "the reply asked for {asked} tool calls; at most {MAX_TOOL_CALLS_PER_REPLY} \
+                     are read from one reply, so {over} were refused"
+                ));
+            }
+            if !rejected.is_empty() {
+                details.push(format!(
+                    "{} of {} tool calls rejected: {}",
+                    rejected.len(),
+                    rejected.len() + usable,
+                    cut(&rejected[0].2, 300)
+                ));
+            }
+            let kind = if over > 0 {
+                "too_many_tool_calls"
+            } else {
+                "rejected_tool_calls"
+            };
+            let detail = details.join("; ");
+            payload.insert("error".into(), json!({"kind": kind, "detail": detail}));
+            self.failed(kind, &detail);
+            let refused = if over > 0 {
+                format!(", {over} refused (over {MAX_TOOL_CALLS_PER_REPLY} in one reply)")
+            } else {
+                String::new()
+            };
             return format!(
-                "model call {n}/{max}: {usable} tool call(s), {} rejected",
+                "model call {n}/{max}: {usable} tool call(s), {} rejected{refused}",
                 rejected.len()
             );
         }
@@ -1336,6 +1430,7 @@ impl Agent for LlmAgent {
             self.awaiting = Some(q.call_id);
             return Ok(Proposal::Request(q.proposal));
         }
+        self.messages.append(&mut self.pending);
         match &self.next {
             Next::Finish(summary) => {
                 return Ok(Proposal::Finish {
@@ -1360,13 +1455,8 @@ impl Agent for LlmAgent {
                 self.last_error.as_deref().unwrap_or("unknown")
             )));
         }
-        let bytes = serde_json::to_vec(&self.request()).map_or(0, |b| b.len() as u64);
         Ok(Proposal::Infer {
-            reserve: Cost {
-                tokens_in: bytes.div_ceil(3),
-                tokens_out: self.config.max_tokens,
-                ..Cost::default()
-            },
+            reserve: self.reservation(&self.request()),
         })
     }
 
@@ -1374,6 +1464,7 @@ impl Agent for LlmAgent {
         self.start(view);
         let request = self.request();
         let digest = request_digest(&request);
+        let reserved = self.reservation(&request);
         self.calls += 1;
         let n = self.calls;
         let max = self.config.max_steps;
@@ -1419,21 +1510,35 @@ impl Agent for LlmAgent {
                 let body = recordable(body, 1);
                 payload.insert("status".into(), json!(status));
                 payload.insert("latency_ms".into(), json!(latency_ms));
+                // A figure the provider did not report as a whole number ≥ 0 (`recordable` made
+                // `12.0` 12, and anything past 2^53-1 a string) is costed at the reservation
+                // (`max_tokens` out, the request's estimate in), never as 0: a budget must stop
+                // an endpoint that omits its usage (I-005). The payload's figures are what the
+                // call is costed (as the event's cost); `unreported` names those that are the
+                // reservation's rather than the provider's.
                 let reported = |name: &str| {
                     body.get("usage")
                         .and_then(|u| u.get(name))
-                        .filter(|v| v.is_u64())
-                        .cloned()
-                        .unwrap_or(Value::Null)
+                        .and_then(Value::as_u64)
                 };
                 let (prompt, completion) =
                     (reported("prompt_tokens"), reported("completion_tokens"));
-                usage.tokens_in = prompt.as_u64().unwrap_or(0).min(MAX_SAFE_INTEGER);
-                usage.tokens_out = completion.as_u64().unwrap_or(0).min(MAX_SAFE_INTEGER);
-                payload.insert(
-                    "usage".into(),
-                    json!({"prompt_tokens": prompt, "completion_tokens": completion}),
-                );
+                usage.tokens_in = prompt.unwrap_or(reserved.tokens_in);
+                usage.tokens_out = completion.unwrap_or(reserved.tokens_out);
+                let mut figures = Map::new();
+                figures.insert("prompt_tokens".into(), json!(usage.tokens_in));
+                figures.insert("completion_tokens".into(), json!(usage.tokens_out));
+                let unreported: Vec<&str> = [
+                    ("prompt_tokens", prompt.is_none()),
+                    ("completion_tokens", completion.is_none()),
+                ]
+                .into_iter()
+                .filter_map(|(name, missing)| missing.then_some(name))
+                .collect();
+                if !unreported.is_empty() {
+                    figures.insert("unreported".into(), json!(unreported));
+                }
+                payload.insert("usage".into(), Value::Object(figures));
                 let intent = self.judge(&body, &mut payload, n);
                 payload.insert("reply".into(), body);
                 intent

@@ -1238,3 +1238,301 @@ fn the_api_key_is_sent_but_never_recorded() {
     };
     assert!(!summary.contains(KEY));
 }
+
+// ---------------------------------------------------------------------------------------------
+// What the log carries: usage, numbers, reserved keys, many calls.
+
+/// A chat completion with no `usage` at all.
+fn body_without_usage(message: Value, finish: &str) -> Value {
+    let mut b = body(message, finish, (0, 0));
+    b.as_object_mut().unwrap().remove("usage");
+    b
+}
+
+fn ok(body: Value) -> ModelReply {
+    ModelReply::Ok {
+        status: 200,
+        body,
+        latency_ms: 5,
+    }
+}
+
+/// Seal `inference` as the runtime records it (an `InferenceStep` of a run in its execution
+/// window) and read the payload back from the event's canonical body and its blobs: exactly
+/// what a replay or a resume is given. An error is the kernel's refusal.
+fn logged(inference: &Inference) -> Result<Payload, String> {
+    use ice_kernel::{Draft, Event, NoOtherRuns, Origin, RunHead, Timestamp};
+    let mut head = RunHead::new(RunId::new("r").unwrap());
+    let at = Timestamp::from_unix_us(1).unwrap();
+    for t in ["RunProvisioned", "ContextResolved", "ExecutionWindowOpened"] {
+        head.seal(Draft::new(t, Origin::Runtime), at, &NoOtherRuns)
+            .unwrap();
+    }
+    let (sealed, blobs) = head
+        .seal(inference.draft("a"), at, &NoOtherRuns)
+        .map_err(|e| e.to_string())?;
+    let e = sealed.into_event();
+    let back = Event::from_body(&e.canonical_body(), e.hash).map_err(|e| e.to_string())?;
+    Ok(ice_kernel::blob::inline(&back.payload, |d| {
+        blobs
+            .iter()
+            .find(|b| &b.digest == d)
+            .map(|b| b.bytes.clone())
+    }))
+}
+
+/// Drive a live agent on `replies`, then replay it from what the log reads back of each of its
+/// inferences: both must propose, record and cost the same, with no divergence.
+fn live_and_replayed_agree(replies: Vec<ModelReply>, outcomes: Vec<Outcome>) -> Vec<Inference> {
+    let (model, _) = script(replies);
+    let mut live = LlmAgent::new("a", config(json!({})), model);
+    let (live_proposals, live_inferences) = drive(&mut live, outcomes.clone());
+    let recording: Vec<Payload> = live_inferences
+        .iter()
+        .map(|i| logged(i).unwrap_or_else(|e| panic!("the log refuses {:?}: {e}", i.intent)))
+        .collect();
+    let mut again = LlmAgent::new(
+        "a",
+        config(json!({})),
+        Box::new(RecordedModel::new(recording.clone())),
+    );
+    let (proposals, inferences) = drive(&mut again, outcomes);
+    assert!(again.divergences().is_empty(), "{:?}", again.divergences());
+    assert_eq!(proposals, live_proposals);
+    assert_eq!(inferences.len(), live_inferences.len());
+    for ((a, b), rec) in live_inferences.iter().zip(&inferences).zip(&recording) {
+        assert_eq!(canonical(&a.payload), canonical(&b.payload));
+        assert_eq!(canonical(&a.payload), canonical(rec));
+        assert_eq!(a.intent, b.intent);
+        assert_eq!(a.usage, b.usage);
+    }
+    live_inferences
+}
+
+#[test]
+fn usage_the_provider_does_not_report_is_costed_at_the_reservation() {
+    let message = json!({"role": "assistant", "content": null, "tool_calls": [call("c1", "fs_read", r#"{"path":"a"}"#)]});
+    let mut fractional = body(message.clone(), "tool_calls", (0, 0));
+    fractional["usage"] = json!({"prompt_tokens": 12.5, "completion_tokens": -3});
+    let mut partial = body(message.clone(), "tool_calls", (0, 0));
+    partial["usage"] = json!({"prompt_tokens": 40, "completion_tokens": "7"});
+    let (model, _) = script(vec![
+        ok(body_without_usage(message, "tool_calls")),
+        ok(fractional),
+        ok(partial),
+        ok(json!({"error": {"message": "overloaded"}})),
+        answer("done"),
+    ]);
+    let mut agent = LlmAgent::new("a", config(json!({"max_errors": 5})), model);
+    let mut last = None;
+    let mut costs = Vec::new();
+    loop {
+        let v = view(last.take());
+        match agent.propose(&v).unwrap() {
+            Proposal::Infer { reserve } => {
+                let i = agent.infer(&v).unwrap();
+                costs.push((reserve, i));
+            }
+            Proposal::Request(_) => last = Some(done(json!({}))),
+            Proposal::Finish { .. } => break,
+            Proposal::Think { .. } => unreachable!(),
+        }
+    }
+    assert_eq!(costs.len(), 5);
+    let both = json!(["prompt_tokens", "completion_tokens"]);
+    for (n, unreported) in [(0, both.clone()), (1, both.clone()), (3, both)] {
+        let (reserve, i) = &costs[n];
+        assert!(reserve.tokens_in > 0 && reserve.tokens_out == 100);
+        assert_eq!(
+            (i.usage.tokens_in, i.usage.tokens_out),
+            (reserve.tokens_in, reserve.tokens_out),
+            "call {n}"
+        );
+        assert_eq!(
+            i.payload["usage"],
+            json!({"prompt_tokens": reserve.tokens_in, "completion_tokens": 100, "unreported": unreported}),
+            "call {n}"
+        );
+    }
+    // One figure reported, the other not: each on its own.
+    let (reserve, i) = &costs[2];
+    assert_eq!(
+        (i.usage.tokens_in, i.usage.tokens_out),
+        (40, reserve.tokens_out)
+    );
+    assert_eq!(
+        i.payload["usage"],
+        json!({"prompt_tokens": 40, "completion_tokens": 100, "unreported": ["completion_tokens"]})
+    );
+    // A reported figure is taken as it is, and the payload says nothing more.
+    let (_, i) = &costs[4];
+    assert_eq!((i.usage.tokens_in, i.usage.tokens_out), (80, 10));
+    assert_eq!(
+        i.payload["usage"],
+        json!({"prompt_tokens": 80, "completion_tokens": 10})
+    );
+}
+
+#[test]
+fn whole_number_floats_are_the_same_value_live_and_in_replay() {
+    let mut first = body(
+        json!({"role": "assistant", "content": "list it", "tool_calls": [{
+            "id": "c1", "type": "function",
+            "function": {"name": "process_exec", "arguments": {"program": "ls", "timeout_ms": 5000.0}},
+        }]}),
+        "tool_calls",
+        (0, 0),
+    );
+    first["usage"] = json!({"prompt_tokens": 12.0, "completion_tokens": 3.0, "total_tokens": 15.0});
+    first["created"] = json!(1.7e9);
+    first["choices"][0]["index"] = json!(-0.0);
+    let inferences = live_and_replayed_agree(vec![ok(first), answer("done")], vec![]);
+    // Live, the call is made (5000.0 is 5000, as the log will write it) and the usage counts.
+    assert_eq!(inferences[0].intent, "model call 1/16: 1 tool call(s)");
+    assert_eq!(
+        (
+            inferences[0].usage.tokens_in,
+            inferences[0].usage.tokens_out
+        ),
+        (12, 3)
+    );
+    let reply = &inferences[0].payload["reply"];
+    assert!(reply["usage"]["prompt_tokens"].is_u64());
+    assert!(reply["created"].is_u64());
+    assert!(reply["choices"][0]["index"].is_u64());
+    assert!(
+        reply["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]["timeout_ms"]
+            .is_u64()
+    );
+}
+
+#[test]
+fn a_reserved_blob_key_in_a_reply_is_recorded_and_never_refused() {
+    let args = json!({"path": "a", "$blob": "0".repeat(64), "size": 3});
+    let in_args = tool_reply(
+        Some("read it"),
+        vec![
+            json!({"id": "c1", "type": "function", "function": {"name": "fs_read", "arguments": args}}),
+        ],
+    );
+    let mut at_top = body(
+        json!({"role": "assistant", "content": "hi"}),
+        "stop",
+        (5, 5),
+    );
+    at_top["$blob"] = json!("x");
+    let mut in_usage = body(
+        json!({"role": "assistant", "content": null, "tool_calls": [call("c2", "fs_read", r#"{"path":"b"}"#)]}),
+        "tool_calls",
+        (5, 5),
+    );
+    in_usage["usage"]["$blob"] = json!({"size": 1});
+    let inferences = live_and_replayed_agree(
+        vec![ok(at_top), in_args, ok(in_usage), answer("done")],
+        vec![],
+    );
+    assert_eq!(inferences.len(), 4);
+    // A reply that is itself marked is unusable: a malformed reply, counted as one.
+    assert_eq!(inferences[0].payload["error"]["kind"], "malformed_reply");
+    // Arguments so marked are kept as their JSON text: still the call the model made.
+    assert!(inferences[1].payload["reply"]["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"].is_string());
+    assert!(inferences[1].payload.get("error").is_none());
+    // Usage so marked is not reported usage.
+    assert_eq!(
+        inferences[2].payload["usage"]["unreported"],
+        json!(["prompt_tokens", "completion_tokens"])
+    );
+    for i in &inferences {
+        assert!(!ice_kernel::blob::uses_reserved_key(&Value::Object(
+            i.payload.clone()
+        )));
+    }
+}
+
+#[test]
+fn a_reply_with_too_many_tool_calls_is_read_up_to_the_limit_and_says_so_once() {
+    let total = 1000;
+    let calls: Vec<Value> = (0..total)
+        .map(|i| call(&format!("c{i}"), &format!("nope_{i}"), "{}"))
+        .collect();
+    let (model, seen) = script(vec![tool_reply(None, calls), answer("gave up")]);
+    let mut agent = LlmAgent::new("a", config(json!({})), model);
+    let (_, inferences) = drive(&mut agent, vec![]);
+    let limit = llm::MAX_TOOL_CALLS_PER_REPLY;
+    assert_eq!(limit, 128);
+    let p = &inferences[0].payload;
+    assert_eq!(p["error"]["kind"], "too_many_tool_calls");
+    let detail = p["error"]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("1000") && detail.contains("872"),
+        "{detail}"
+    );
+    assert_eq!(p["tool_calls_over_limit"], 872);
+    assert_eq!(p["rejected_tool_calls"].as_array().unwrap().len(), limit);
+    assert!(
+        inferences[0].intent.contains("872"),
+        "{}",
+        inferences[0].intent
+    );
+    logged(&inferences[0]).unwrap();
+    // The recorded rejections do not list the offered functions.
+    let rejected = serde_json::to_string(&p["rejected_tool_calls"]).unwrap();
+    assert!(!rejected.contains("fs_read"), "{rejected}");
+    assert!(rejected.len() < 16 * 1024, "{} bytes", rejected.len());
+
+    // The next request: the calls read are echoed and answered, the functions named once, and
+    // the model is told once how many calls were not made.
+    let sent = seen.lock().unwrap()[1].clone();
+    let messages = sent["messages"].as_array().unwrap();
+    assert_eq!(messages[2]["tool_calls"].as_array().unwrap().len(), limit);
+    let answers: Vec<&str> = messages
+        .iter()
+        .filter(|m| m["role"] == "tool")
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(answers.len(), limit);
+    let text = serde_json::to_string(&messages[2..]).unwrap();
+    assert_eq!(text.matches("fs_read").count(), 1, "{text}");
+    assert!(text.len() < 64 * 1024, "{} bytes", text.len());
+    let note = messages.last().unwrap();
+    assert_eq!(note["role"], "user");
+    let note = note["content"].as_str().unwrap();
+    assert!(note.contains("1000") && note.contains("872"), "{note}");
+}
+
+#[test]
+fn a_made_up_tool_call_id_never_repeats_one_the_model_used() {
+    let (model, seen) = script(vec![
+        tool_reply(
+            None,
+            vec![
+                call("call_1_2", "fs_read", r#"{"path":"a"}"#),
+                call("call_1_2", "fs_read", r#"{"path":"b"}"#),
+                call("call_1_3", "fs_read", r#"{"path":"c"}"#),
+            ],
+        ),
+        answer("ok"),
+    ]);
+    let mut agent = LlmAgent::new("a", config(json!({})), model);
+    drive(&mut agent, vec![]);
+    let sent = seen.lock().unwrap()[1].clone();
+    let echoed: Vec<&str> = sent["messages"][2]["tool_calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    let answered: Vec<&str> = sent["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "tool")
+        .map(|m| m["tool_call_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(echoed, answered);
+    let unique: std::collections::BTreeSet<&str> = echoed.iter().copied().collect();
+    assert_eq!(unique.len(), 3, "{echoed:?}");
+    assert_eq!(echoed[0], "call_1_2");
+    assert_eq!(echoed[2], "call_1_3");
+    assert_eq!(echoed[1], "call_1_4");
+}

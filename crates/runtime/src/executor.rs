@@ -1541,8 +1541,10 @@ impl Ctx<'_> {
     }
 
     /// One model call (I-005): reserve what it may cost, let the agent call its model, record
-    /// the `InferenceStep` and settle the reservation with the usage the provider reported. A
-    /// reservation that does not fit stops the run as the spec's `on_exhaustion` says.
+    /// the `InferenceStep` and settle the reservation with the usage the agent reports (the
+    /// provider's figures; a driver costs a figure its provider did not report at the
+    /// reservation, never 0, or a budget could not stop it). A reservation that does not fit
+    /// stops the run as the spec's `on_exhaustion` says.
     async fn inference(
         &self,
         agent: &mut dyn Agent,
