@@ -2,8 +2,11 @@
 //! driven by npm `playwright-core`, both installed by scripts/deps; this test installs
 //! nothing): a run started through the API waits for an approval; the browser opens the run,
 //! sees its timeline, approves the request, watches the run commit live, and opens the causal
-//! graph of the effect (tests/peers/ui_check.mjs). A screenshot is saved under the test's
-//! directory and copied to `target/ui-screenshot.png`.
+//! graph of the effect (tests/peers/ui_check.mjs). More runs than the runs page lists are
+//! written first (it must list the newest), and a second run keeps its spec, a request's
+//! arguments and its failed validation's results as blobs (the page must still show every
+//! event and its inspector, and say what it cannot show). A screenshot is saved under the
+//! test's directory and copied to `target/ui-screenshot.png`.
 
 mod common;
 
@@ -228,7 +231,10 @@ timeout = "10s"
         .args(["serve", "--listen", "127.0.0.1:0", "--run-spec"])
         .arg(base.join("mcp.toml"));
     let (served, mcp) = common::serve(serve);
-    // Written beside the server, as another process with the file could.
+    // Written beside the server, as another process with the file could: more runs than the
+    // runs page lists (it must list the newest, and say how many older ones it leaves out),
+    // and a run whose record does not fold.
+    seed_finished_runs(&home, SEEDED_RUNS);
     seed_a_run_that_does_not_fold(&home);
     let root = mcp.strip_suffix("/mcp").unwrap().to_string();
     let addr = root.strip_prefix("http://").unwrap().to_string();
@@ -277,6 +283,11 @@ timeout = "10s"
         ),
     )
     .unwrap();
+    // A second run whose record keeps large payload fields as blobs: a spec over the blob
+    // threshold (its checks carry long arguments), a write over it (the request's
+    // `arguments`), and two checks that print enough and fail (the `ValidationFailed`
+    // event's `results`). It aborts on its own; the page must still explain it.
+    let blob_run = start_a_run_with_blobs(&addr, &token, base);
     let ready = started.elapsed();
 
     // The browser.
@@ -290,6 +301,10 @@ timeout = "10s"
         .arg("--url")
         .arg(&root)
         .args(["--run", &run])
+        .args(["--blob-run", &blob_run])
+        .args(["--oldest-run", &seeded_run(0)])
+        // Every run in the log: the seeded ones, the damaged one, and the two started here.
+        .args(["--runs", &(SEEDED_RUNS + 3).to_string()])
         .arg("--screenshot")
         .arg(&shot)
         .arg("--chromium")
@@ -351,10 +366,12 @@ timeout = "10s"
     let kept = workspace_target().join("ui-screenshot.png");
     std::fs::create_dir_all(kept.parent().unwrap()).unwrap();
     std::fs::copy(&shot, &kept).unwrap();
-    let _ = std::fs::copy(
-        shots.join("ui-pending.png"),
-        workspace_target().join("ui-screenshot-pending.png"),
-    );
+    for (shot, kept) in [("ui-pending.png", "pending"), ("ui-blobs.png", "blobs")] {
+        let _ = std::fs::copy(
+            shots.join(shot),
+            workspace_target().join(format!("ui-screenshot-{kept}.png")),
+        );
+    }
 
     // What the browser did happened: approved by alice, the call made once, the run committed
     // and its write landed.
@@ -400,7 +417,172 @@ timeout = "10s"
     );
 }
 
-/// The workspace's `target/` directory.
+/// How many finished runs are written before the test's own: more than the runs page lists.
+const SEEDED_RUNS: usize = 505;
+
+fn seeded_run(i: usize) -> String {
+    format!("seeded-{i:04}")
+}
+
+/// `n` short runs, each provisioned and terminated by the runtime, written in one go.
+fn seed_finished_runs(home: &Path, n: usize) {
+    use ice_kernel::{Draft, Origin, RunId};
+    use ice_log::clock::SystemClock;
+    use ice_log::ledger::Ledger;
+    use ice_log::sqlite::{Mode, SqliteLog};
+    use std::sync::Arc;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let log = Arc::new(SqliteLog::open(&home.join("ice.db"), Mode::ReadWrite).unwrap());
+        let ledger = Ledger::new(log, Arc::new(SystemClock));
+        let runtime = |t: &str| Draft::new(t, Origin::Runtime);
+        for i in 0..n {
+            ledger
+                .append(
+                    &RunId::new(seeded_run(i)).unwrap(),
+                    vec![
+                        runtime("RunProvisioned")
+                            .payload(serde_json::json!({"agent": "seeded", "driver": "plan"})),
+                        runtime("RunTerminatedByRuntime")
+                            .payload(serde_json::json!({"reason": "seeded by the test"})),
+                        runtime("RunTerminated"),
+                    ],
+                )
+                .await
+                .unwrap();
+        }
+    });
+}
+
+/// Start (through the API) a run whose spec, one request's arguments and its validation
+/// results are all over the blob threshold, and wait until it has ended. Returns its id.
+fn start_a_run_with_blobs(addr: &str, token: &str, base: &Path) -> String {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart");
+    let dir = base.join("blobs");
+    copy_dir(&example.join("workspace"), &dir.join("workspace"));
+    copy_dir(&example.join("policies"), &dir.join("policies"));
+    let content: String = (0..1500).map(|i| format!("line {i:05}\n")).collect();
+    assert!(content.len() > 16 * 1024);
+    std::fs::write(
+        dir.join("plan.toml"),
+        format!(
+            r#"agent = "coder"
+
+[[step]]
+intent = "write a large file"
+capability = "fs.write"
+target = "big.txt"
+arguments = {{ content = {content} }}
+
+[[step]]
+finish = "wrote it"
+"#,
+            content = toml_string(&content)
+        ),
+    )
+    .unwrap();
+    // Each check prints 4 KiB (all that is kept) to stdout and to stderr, and fails; its last
+    // argument (the script's $0) is there to make the spec large.
+    let check = |name: &str| {
+        format!(
+            r#"
+[[check]]
+name = "{name}"
+run = ["sh", "-c", {script}, "{padding}"]
+timeout = "10s"
+"#,
+            script = toml_string(
+                r"head -c 5000 /dev/zero | tr '\0' o; head -c 5000 /dev/zero | tr '\0' e >&2; exit 1"
+            ),
+            padding = "p".repeat(9000),
+        )
+    };
+    std::fs::write(
+        dir.join("run.toml"),
+        format!(
+            r#"[run]
+agent = "coder"
+workspace = "workspace"
+policy = "policies"
+
+[agent]
+driver = "plan"
+plan = "plan.toml"
+
+[budget]
+tool_calls = 7
+bytes = 1_000_000
+wall_time = "300s"
+on_exhaustion = "abort"
+{}{}"#,
+            check("loud check one"),
+            check("loud check two")
+        ),
+    )
+    .unwrap();
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/api/v1/runs",
+        token,
+        Some(&serde_json::json!({"spec": dir.join("run.toml")})),
+    );
+    assert_eq!(status, 202, "{body}");
+    let run = serde_json::from_str::<Value>(&body).unwrap()["run"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = http(addr, "GET", &format!("/api/v1/runs/{run}"), token, None);
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        if v["summary"]["state"] == "TERMINATED" {
+            assert_eq!(v["summary"]["by_type"]["ValidationFailed"], 1, "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the run with blobs did not end: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The fields the page must cope with are references in what the API returns.
+    let (_, body) = http(
+        addr,
+        "GET",
+        &format!("/api/v1/runs/{run}/events?limit=1000"),
+        token,
+        None,
+    );
+    let events: Value = serde_json::from_str(&body).unwrap();
+    let field = |t: &str, f: &str| {
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["type"] == t)
+            .map(|e| e["payload"][f].clone())
+            .unwrap_or_else(|| panic!("no {t} in {body}"))
+    };
+    for (t, f) in [
+        ("RunProvisioned", "spec"),
+        ("CapabilityRequested", "arguments"),
+        ("ValidationFailed", "results"),
+    ] {
+        assert!(
+            field(t, f)["$blob"].is_string(),
+            "{t}'s {f} is not a blob: {body}"
+        );
+    }
+    run
+}
+
+/// A TOML basic string.
+fn toml_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap()
+}
+
 /// A run whose record does not fold (its provisioning carries no run spec), with an approval
 /// request: the approvals page must name it as left out, not hide it or fail.
 fn seed_a_run_that_does_not_fold(home: &Path) {
@@ -432,6 +614,7 @@ fn seed_a_run_that_does_not_fold(home: &Path) {
     });
 }
 
+/// The workspace's `target/` directory.
 fn workspace_target() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)

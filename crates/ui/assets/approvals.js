@@ -2,6 +2,7 @@
 
 import { get, post, seg, ApiError } from './api.js';
 import { h, fill, stamp, runHref, parseId, compact } from './dom.js';
+import { blobRef, blobWords } from './events.js';
 
 const requests = new Map(); // approval id → Promise of its CapabilityRequested event (or null)
 
@@ -38,10 +39,15 @@ export function approvalCard(a, { byId, showRun = false, onAnswered, onError }) 
   const target = h('span', { class: 'mono' }, '…');
   const origin = h('span', null, a.agent ? `agent:${a.agent}` : '');
   const requestLink = h('span', { class: 'mono' }, '');
+  const args = h('pre', { class: 'args' }, pretty(a.arguments));
   requestOf(a.id, byId).then((req) => {
-    fill(target, req?.payload?.target ?? '(not recorded)');
+    const t = req?.payload?.target;
+    fill(target, t === undefined || t === null ? '(not recorded)' : typeof t === 'string' ? t
+      : blobRef(t) ? `(not shown: ${blobWords(blobRef(t))})` : compact(t));
     if (req) {
       fill(origin, req.origin);
+      const blob = blobRef(a.arguments);
+      if (blob) fill(args, `(not shown: ${blobWords(blob)}; \`ice show ${req.run_id}:${req.run_seq} --blobs\` prints them)`);
       fill(requestLink, h('a', { href: runHref(req.run_id, req.run_seq) }, `${req.run_id}:${req.run_seq}`));
     }
   }).catch((e) => fill(target, `(could not load the request: ${e instanceof ApiError ? e.describe() : e})`));
@@ -64,7 +70,7 @@ export function approvalCard(a, { byId, showRun = false, onAnswered, onError }) 
       h('dt', null, 'capability'), h('dd', { class: 'mono' }, a.capability),
       h('dt', null, 'target'), h('dd', null, target),
       h('dt', null, 'resource'), h('dd', { class: 'mono' }, a.resource),
-      h('dt', null, 'arguments'), h('dd', null, h('pre', { class: 'args' }, pretty(a.arguments))),
+      h('dt', null, 'arguments'), h('dd', null, args),
       h('dt', null, 'digest'), h('dd', { class: 'mono digest', title: 'SHA-256 of the exact call: an approval authorises this call only, once' }, a.digest),
       h('dt', null, 'asked by'), h('dd', null, (a.policies ?? []).join(', ') || '—'),
       h('dt', null, 'expires'), h('dd', null, stamp(a.expires_at)),
@@ -96,6 +102,8 @@ export function approvalCard(a, { byId, showRun = false, onAnswered, onError }) 
 
 function pretty(v) {
   if (v === undefined || v === null) return '—';
+  // Over the kernel's threshold, the request's arguments are kept as a blob the API does not serve.
+  if (blobRef(v)) return `(not shown: ${blobWords(blobRef(v))})`;
   try { return JSON.stringify(v, null, 2); } catch { return compact(v); }
 }
 

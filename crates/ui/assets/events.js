@@ -30,46 +30,111 @@ export function kind(type) {
 /** The event's id, RUN:SEQ. */
 export const idOf = (e) => `${e.run_id}:${e.run_seq}`;
 
-const str = (v) => (v === undefined || v === null ? '' : typeof v === 'string' ? v : compact(v, 80));
-const resource = (r) => (r && typeof r === 'object' ? `${r.kind ?? ''} ${r.id ?? ''}`.trim() : str(r));
-const amount = (a) => Object.entries(a ?? {})
-  .map(([k, v]) => (k === 'bytes' ? bytes(v) : k === 'wall_time_us' ? micros(v) : `${v} ${k.replace(/_/g, ' ')}`))
-  .join(', ');
+/**
+ * A blob reference — a payload field over the kernel's threshold (16 KiB) that the log keeps
+ * outside the event, `{"$blob": "<sha256 hex>", "size": N}` — as {digest, size}; else null.
+ * The API returns events with their references, and serves no blobs: `ice show ID --blobs`
+ * prints them.
+ */
+export function blobRef(v) {
+  if (!v || typeof v !== 'object' || Array.isArray(v) || typeof v.$blob !== 'string') return null;
+  return { digest: v.$blob, size: typeof v.size === 'number' ? v.size : null };
+}
 
-/** One line saying what the event records. */
+/** "stored as a blob, 17012 bytes": what the page shows instead of a blob's value. */
+export function blobWords(ref) {
+  return `stored as a blob${ref.size === null ? '' : `, ${ref.size} bytes`}`;
+}
+
+/** The payload's top-level fields kept as blobs: [{field, digest, size}]. */
+export function blobFields(payload) {
+  if (!payload || typeof payload !== 'object') return [];
+  return Object.entries(payload).flatMap(([field, v]) => {
+    const b = blobRef(v);
+    return b ? [{ field, ...b }] : [];
+  });
+}
+
+const notShown = (v) => `(${blobWords(blobRef(v))})`;
+/** An object with its blob references put as words, for compact(). */
+const plain = (o) => (o && typeof o === 'object' && !Array.isArray(o)
+  ? Object.fromEntries(Object.entries(o).map(([k, v]) => [k, blobRef(v) ? notShown(v) : v])) : o);
+const str = (v) => (v === undefined || v === null ? '' : typeof v === 'string' ? v
+  : blobRef(v) ? notShown(v) : compact(plain(v), 80));
+const resource = (r) => (blobRef(r) ? notShown(r) : r && typeof r === 'object' ? `${r.kind ?? ''} ${r.id ?? ''}`.trim() : str(r));
+const amount = (a) => (blobRef(a) ? notShown(a) : a && typeof a === 'object' ? Object.entries(a)
+  .map(([k, v]) => (k === 'bytes' ? bytes(v) : k === 'wall_time_us' ? micros(v) : `${str(v)} ${k.replace(/_/g, ' ')}`))
+  .join(', ') : str(a));
+/** A list field: its items, or null when it is a blob (or not a list). */
+const list = (v) => (Array.isArray(v) ? v : v === undefined || v === null ? [] : null);
+/** "3 file(s)", or what the list is instead ("files stored as a blob, N bytes"). */
+const count = (v, one, many = `${one}s`) => {
+  const l = list(v);
+  if (l) return `${l.length} ${l.length === 1 ? one : many}`;
+  return blobRef(v) ? `${many} ${blobWords(blobRef(v))}` : `${many}: ${str(v)}`;
+};
+/** The list's items through f, joined; what the list is instead when it is not one. */
+const names = (v, f = str, sep = ', ') => {
+  const l = list(v);
+  if (l) return l.map((x) => (x && typeof x === 'object' ? str(f(x)) : str(x))).join(sep);
+  return str(v);
+};
+const has = (v) => v !== undefined && v !== null && !(Array.isArray(v) && !v.length);
+
+/**
+ * One line saying what the event records. Never throws: a field kept as a blob is named as
+ * such (never read as if it were the value), and an event that still cannot be summarised says
+ * so — its row and inspector stay.
+ */
 export function summary(e) {
-  const p = e.payload ?? {};
-  switch (e.type) {
-    case 'RunProvisioned': return `agent ${str(p.agent)}, driver ${str(p.driver)}${p.spec?.file ? `, spec ${p.spec.file}` : ''}`;
-    case 'ContextResolved': return `policy ${short(p.policy_version ?? '', 12) || 'resolved'}${Array.isArray(p.assumptions) && p.assumptions.length ? `, ${p.assumptions.length} assumption(s)` : ''}`;
-    case 'PolicyReloaded': return `policy now ${short(p.policy_version ?? '', 12)}${p.previous_version ? ` (was ${short(p.previous_version, 12)})` : ''}: ${(p.policy_sources ?? []).length} file(s)`;
-    case 'CapabilitiesBound': return `${(p.capabilities ?? []).map((c) => c.name).join(', ')}${(p.tools ?? []).length ? ` + ${p.tools.length} tool(s)` : ''}`;
-    case 'MemoryMounted': return `${(p.memories ?? []).length} memor${(p.memories ?? []).length === 1 ? 'y' : 'ies'} mounted`;
+  try {
+    return summarise(e);
+  } catch (err) {
+    return `(no summary: ${err?.message ?? err})`;
+  }
+}
+
+function summarise(e) {
+  const p = e?.payload && typeof e.payload === 'object' ? e.payload : {};
+  switch (e?.type) {
+    case 'RunProvisioned': return `agent ${str(p.agent)}, driver ${str(p.driver)}${blobRef(p.spec) ? `, spec ${blobWords(blobRef(p.spec))}` : typeof p.spec?.file === 'string' ? `, spec ${p.spec.file}` : ''}`;
+    case 'ContextResolved': return `policy ${short(str(p.policy_version), 12) || 'resolved'}${has(p.assumptions) ? `, ${count(p.assumptions, 'assumption(s)', 'assumption(s)')}` : ''}`;
+    case 'PolicyReloaded': return `policy now ${short(str(p.policy_version), 12)}${p.previous_version ? ` (was ${short(str(p.previous_version), 12)})` : ''}: ${count(p.policy_sources, 'file(s)', 'file(s)')}`;
+    case 'CapabilitiesBound': return `${names(p.capabilities, (c) => c.name)}${has(p.tools) ? ` + ${count(p.tools, 'tool(s)', 'tool(s)')}` : ''}`;
+    case 'MemoryMounted': return `${count(p.memories, 'memory', 'memories')} mounted`;
     case 'ExecutionWindowOpened': return `agent ${str(p.agent)} may propose`;
-    case 'CapabilityRequested': return `${str(p.capability)} ${str(p.target)}${p.arguments && Object.keys(p.arguments).length ? ` ${compact(p.arguments, 70)}` : ''}`;
-    case 'CapabilityGranted': return `grant ${str(p.scope)}${p.approval ? `, approved (${p.approval})` : ''}${(p.policies ?? []).length ? ` by ${p.policies.join(', ')}` : ''}, ${p.max_uses ?? '?'} use(s)`;
-    case 'CapabilityDenied': return `denied ${str(p.capability)} ${str(p.target)}: ${str(p.reason)}${p.detail ? ` (${p.detail})` : ''}`;
+    case 'CapabilityRequested': return `${str(p.capability)} ${str(p.target)}${blobRef(p.arguments) ? ` arguments ${blobWords(blobRef(p.arguments))}` : p.arguments && typeof p.arguments === 'object' && Object.keys(p.arguments).length ? ` ${compact(plain(p.arguments), 70)}` : ''}`;
+    case 'CapabilityGranted': return `grant ${str(p.scope)}${p.approval ? `, approved (${str(p.approval)})` : ''}${has(p.policies) ? ` by ${names(p.policies)}` : ''}, ${str(p.max_uses ?? '?')} use(s)`;
+    case 'CapabilityDenied': return `denied ${str(p.capability)} ${str(p.target)}: ${str(p.reason)}${p.detail ? ` (${str(p.detail)})` : ''}`;
     case 'CapabilityUsed': return `${str(p.capability)} on ${resource(p.resource)} under grant ${str(p.grant)}`;
-    case 'ApprovalRequested': return `${str(p.capability)} on ${resource(p.resource)} needs an operator (${(p.policies ?? []).join(', ')})`;
+    case 'ApprovalRequested': return `${str(p.capability)} on ${resource(p.resource)} needs an operator (${names(p.policies)})`;
     case 'ApprovalGranted': return `approved ${str(p.approval)}`;
-    case 'ApprovalDenied': return `denied ${str(p.approval)}${p.reason ? `: ${p.reason}` : ''}`;
+    case 'ApprovalDenied': return `denied ${str(p.approval)}${p.reason ? `: ${str(p.reason)}` : ''}`;
     case 'BudgetReserved': return `reserve ${amount(p.amount)}`;
     case 'BudgetSettled': return `settle ${amount(p.actual)}`;
     case 'FileRead': return `${str(p.path)}${typeof p.bytes === 'number' ? ` (${bytes(p.bytes)})` : ''}`;
-    case 'EffectStaged': return `staged ${str(p.staged?.op ?? 'write')} ${str(p.path)}${typeof p.bytes === 'number' ? ` (${bytes(p.bytes)})` : ''}`;
+    case 'EffectStaged': return `staged ${blobRef(p.staged) ? `(${blobWords(blobRef(p.staged))})` : str(p.staged?.op ?? 'write')} ${str(p.path)}${typeof p.bytes === 'number' ? ` (${bytes(p.bytes)})` : ''}`;
     case 'EffectApplied': return `${str(p.change)} ${str(p.path)}`;
     case 'FileWritten': return `${str(p.path)}`;
-    case 'APIRequestExecuted': return `${str(p.method)} ${str(p.url ?? p.evidence?.http?.url)} → ${str(p.status ?? p.output?.status)}`;
-    case 'ToolInvoked': return `${str(p.server)}/${str(p.tool)}${p.is_error ? ' (error)' : ''}`;
-    case 'InferenceStep': return `${str(p.model)}${p.usage ? ` ${compact(p.usage, 60)}` : ''}`;
+    case 'APIRequestExecuted': {
+      const url = p.url ?? (blobRef(p.evidence) ? p.evidence : p.evidence?.http?.url);
+      const status = p.status ?? (blobRef(p.output) ? p.output : p.output?.status);
+      return `${str(p.method)} ${str(url)} → ${str(status)}`;
+    }
+    case 'ToolInvoked': return `${str(p.server)}/${str(p.tool)}${p.is_error === true ? ' (error)' : ''}`;
+    case 'InferenceStep': return `${str(p.model)}${p.usage ? ` ${blobRef(p.usage) ? notShown(p.usage) : compact(plain(p.usage), 60)}` : ''}`;
     case 'PlanStepProposed': case 'DecisionProposed': case 'HypothesisGenerated':
-    case 'UncertaintyDeclared': case 'AssumptionDeclared': return str(p.text ?? p.thought ?? compact(p, 100));
-    case 'ValidationStarted': return `checks: ${(p.checks ?? []).join(', ') || 'authority, budget, assumptions'}`;
-    case 'ValidationPassed': return `${(p.results ?? []).length} check(s) passed`;
-    case 'ValidationFailed': return `failed: ${(p.results ?? []).filter((r) => !r.passed).map((r) => r.check).join(', ') || str(p.reason)}`;
-    case 'RunCommitted': return `${p.applied ?? 0} change(s) applied`;
+    case 'UncertaintyDeclared': case 'AssumptionDeclared': return str(p.text ?? p.thought ?? compact(plain(p), 100));
+    case 'ValidationStarted': return `checks: ${names(p.checks) || 'authority, budget, assumptions'}`;
+    case 'ValidationPassed': return `${count(p.results, 'check(s)', 'check(s)')} passed`;
+    case 'ValidationFailed': {
+      const results = list(p.results);
+      if (!results) return `failed: the check results are not shown (${blobRef(p.results) ? blobWords(blobRef(p.results)) : `not a list: ${str(p.results)}`})${p.reason ? `: ${str(p.reason)}` : ''}`;
+      return `failed: ${results.filter((r) => !r?.passed).map((r) => str(r?.check)).join(', ') || str(p.reason)}`;
+    }
+    case 'RunCommitted': return `${str(p.applied ?? 0)} change(s) applied`;
     case 'RunAborted': case 'AbortReasonDeclared': case 'RunSuspended': case 'RunKillRequested':
-      return `${str(p.reason)}${p.detail ? `: ${p.detail}` : ''}`;
+      return `${str(p.reason)}${p.detail ? `: ${str(p.detail)}` : ''}`;
     case 'RunResumed': return str(p.reconfiguration ?? p.reason ?? '');
     case 'ReconfigurationRecorded': return `${str(p.reason)}`;
     case 'RunTerminated': return `outcome: ${str(p.outcome)}`;
@@ -166,6 +231,7 @@ export function causalGraph(target, byId, onSelect) {
   const rows = events.map((e) => {
     const mine = links(e);
     const isTarget = idOf(e) === idOf(target);
+    const what = summary(e);
     return h('li', {
       class: ['graph-row', `k-${kind(e.type)}`, isTarget && 'graph-target'],
       dataset: { seq: e.run_seq, type: e.type },
@@ -174,13 +240,13 @@ export function causalGraph(target, byId, onSelect) {
       h('a', { href: runHref(e.run_id, e.run_seq), class: 'seq', onclick: onSelect && ((ev) => { ev.preventDefault(); onSelect(e.run_seq); }) }, `#${e.run_seq}`),
       h('span', { class: 'etype' }, e.type),
       h('span', { class: 'role' }, isTarget ? `${role(e)} — explained` : role(e))),
-    h('div', { class: 'graph-sub', title: summary(e) },
+    h('div', { class: 'graph-sub', title: what },
       h('span', { class: 'origin' }, e.origin), ' · ',
       mine.length
         ? mine.map((l, j) => [j ? '; ' : '', `${l.via.join(' + ')} `, h('span', { class: 'mono' }, `#${parseId(l.id)?.seq ?? l.id}`)])
         : (e.intent ? '' : 'no links: a fact of the run itself'),
       e.intent ? [mine.length ? ' — ' : '', h('q', null, e.intent)] : '',
-      ' ', h('span', { class: 'muted' }, summary(e))));
+      ' ', h('span', { class: 'muted' }, what)));
   });
   const authorityNotEvents = events
     .map((e) => e.authority)
@@ -196,6 +262,7 @@ export function causalGraph(target, byId, onSelect) {
 
 /** The timeline's row for one event. */
 export function timelineRow(e, onSelect) {
+  const what = summary(e);
   return h('tr', {
     class: ['ev', `k-${kind(e.type)}`],
     dataset: { seq: e.run_seq, type: e.type },
@@ -209,5 +276,5 @@ export function timelineRow(e, onSelect) {
   h('td', { class: 'origin' }, e.origin),
   h('td', { class: 'what' },
     e.intent ? h('div', { class: 'intent' }, h('q', null, e.intent)) : '',
-    h('div', { class: 'summary', title: summary(e) }, summary(e))));
+    h('div', { class: 'summary', title: what }, what)));
 }

@@ -5,11 +5,15 @@ import { get, seg, follow, ApiError } from './api.js';
 import { h, fill, stamp, clock, short, runHref, parseId } from './dom.js';
 import { costMeters, statePill, provisioned } from './runs.js';
 import { approvalCard, tickExpiries } from './approvals.js';
-import { causalGraph, timelineRow, links, idOf, kind } from './events.js';
+import { causalGraph, timelineRow, links, idOf, kind, summary, blobRef, blobWords, blobFields } from './events.js';
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-/** The content an `fs.write` staged, from the agent's request (walking back from `eventId`). */
+/**
+ * The content an `fs.write` staged, from the agent's request (walking back from `eventId`):
+ * {request, content} (content as recorded: text, or absent), {request, blob} when the
+ * request's arguments are kept as a blob, or null when the request is not in `byId`.
+ */
 function stagedText(eventId, byId) {
   const seen = new Set();
   const queue = [eventId];
@@ -19,10 +23,14 @@ function stagedText(eventId, byId) {
     seen.add(id);
     const e = byId.get(id);
     if (!e) continue;
-    if (e.type === 'CapabilityRequested') return e.payload?.arguments?.content;
+    if (e.type === 'CapabilityRequested') {
+      const args = e.payload?.arguments;
+      const blob = blobRef(args);
+      return blob ? { request: id, blob } : { request: id, content: args?.content };
+    }
     for (const l of links(e)) queue.push(l.id);
   }
-  return undefined;
+  return null;
 }
 
 export function runView(root, ctx, params) {
@@ -70,8 +78,24 @@ export function runView(root, ctx, params) {
 
   // ------------------------------------------------------------------ live events
   let pendingRows = null;
+  // Never throws: a throw here would end the stream with the event already in `byId`, so the
+  // reconnect would skip it and its row would never appear. An event the page cannot draw
+  // still gets a row, saying so.
   const onEvent = (e) => {
-    if (!e || e.run_id !== run || byId.has(idOf(e))) return;
+    if (!e || typeof e !== 'object' || e.run_id !== run) return;
+    if (!Number.isSafeInteger(e.run_seq) || e.run_seq < 0) {
+      ctx.error(new Error(`an event of run ${run} in the stream has no valid run_seq (${String(e.run_seq)}); it is not shown`));
+      return;
+    }
+    if (byId.has(idOf(e))) return;
+    let row;
+    try {
+      row = timelineRow(e, select);
+    } catch (err) {
+      row = h('tr', { class: 'ev k-bad', dataset: { seq: e.run_seq, type: String(e.type) }, onclick: () => select(e.run_seq) },
+        h('td', { class: 'seq' }, String(e.run_seq)), h('td', null, ''), h('td', { class: 'etype' }, String(e.type)),
+        h('td', null, ''), h('td', { class: 'what problem' }, `(this event cannot be shown: ${err?.message ?? err})`));
+    }
     events[e.run_seq] = e;
     byId.set(idOf(e), e);
     if (!pendingRows) {
@@ -81,15 +105,19 @@ export function runView(root, ctx, params) {
         pendingRows = null;
         markSelected();
         // The diff shows staged text from the requests' events: draw it again with the new ones.
-        if (info) renderDiff(info.changes ?? []);
+        if (info) guarded('the changes', () => renderDiff(info.changes ?? []));
       });
     }
-    pendingRows.append(timelineRow(e, select));
+    pendingRows.append(row);
     fill(eventCount, `${byId.size} event${byId.size === 1 ? '' : 's'}`);
     // An event's causes all precede it, so only the selected event's own arrival changes the graph.
     if (e.run_seq === selected) renderInspector();
     soon();
   };
+  /** Run a drawing step; a failure is reported, never thrown into the event stream. */
+  function guarded(what, f) {
+    try { f(); } catch (err) { ctx.error(new Error(`drawing ${what} failed: ${err?.message ?? err}`)); }
+  }
 
   const stream = async () => {
     let failures = 0;
@@ -166,10 +194,15 @@ export function runView(root, ctx, params) {
     }
   }
 
+  /** The budget in force (see costMeters): the spec's, as the last reconfiguration left it. */
   function budgetNow(prov) {
-    let budget = prov?.budget ?? {};
+    let budget = prov ? prov.budget : { notShown: 'the run\'s first event could not be loaded' };
     for (const e of events) {
-      if (e?.type === 'ReconfigurationRecorded' && e.payload?.new?.budget) budget = e.payload.new.budget;
+      if (e?.type !== 'ReconfigurationRecorded') continue;
+      const nw = e.payload?.new;
+      const ref = blobRef(nw) ?? blobRef(nw?.budget);
+      if (ref) budget = { notShown: `reconfiguration #${e.run_seq} is ${blobWords(ref)}` };
+      else if (nw?.budget && typeof nw.budget === 'object') budget = nw.budget;
     }
     return budget;
   }
@@ -236,7 +269,8 @@ export function runView(root, ctx, params) {
       h('p', { class: 'muted' }, explain),
       changes.map((c) => {
         const sign = c.change === 'added' ? 'A' : c.change === 'deleted' ? 'D' : 'M';
-        const text = c.change === 'deleted' ? undefined : stagedText(c.event, byId);
+        const staged = c.change === 'deleted' ? null : stagedText(c.event, byId);
+        const text = staged?.content;
         let body;
         if (typeof text === 'string') {
           const lines = text.split('\n');
@@ -246,8 +280,13 @@ export function runView(root, ctx, params) {
             lines.length > 200 ? h('span', { class: 'muted' }, `… ${lines.length - 200} more lines\n`) : '');
         } else if (c.change === 'deleted') {
           body = h('pre', { class: 'patch' }, h('span', { class: 'del' }, '- (the file is deleted)\n'));
+        } else if (staged?.blob) {
+          body = h('p', { class: 'muted blob-note' }, `content not shown: the request's arguments are ${blobWords(staged.blob)} (`,
+            h('span', { class: 'mono' }, `ice show ${staged.request} --blobs`), ' prints them)');
+        } else if (staged) {
+          body = h('p', { class: 'muted' }, 'content: not recorded as text in the request');
         } else {
-          body = h('p', { class: 'muted' }, text === undefined ? 'content: not in the loaded events' : 'content kept as a blob (see the request event)');
+          body = h('p', { class: 'muted' }, 'content: not in the loaded events');
         }
         const at = parseId(c.event);
         return h('div', { class: 'change', dataset: { path: c.path } },
@@ -275,7 +314,17 @@ export function runView(root, ctx, params) {
     if (selected !== null) rows.querySelector(`tr[data-seq="${Number(selected)}"]`)?.classList.add('selected');
   }
 
+  /** Draw the inspector; if the event cannot be drawn, say so there (never throw). */
   function renderInspector() {
+    try {
+      drawInspector();
+    } catch (err) {
+      fill(inspector, h('h2', null, `#${selected}`),
+        h('p', { class: 'problem' }, `This event cannot be shown: ${err?.message ?? err}`));
+    }
+  }
+
+  function drawInspector() {
     const e = selected === null ? null : byId.get(`${run}:${selected}`);
     if (!e) {
       fill(inspector,
@@ -294,6 +343,21 @@ export function runView(root, ctx, params) {
     let payload;
     try { payload = JSON.stringify(e.payload ?? {}, null, 2); } catch { payload = String(e.payload); }
     if (payload.length > 50000) payload = `${payload.slice(0, 50000)}\n… (cut: ${payload.length} characters)`;
+    // Fields over the kernel's threshold are references in the payload: say so, and how to read them.
+    const blobs = blobFields(e.payload);
+    const blobNote = blobs.length
+      ? h('div', { class: 'blob-fields' },
+        h('p', { class: 'muted' }, `Stored as blobs, not shown here (the API serves the references only): `,
+          h('span', { class: 'mono' }, `ice show ${idOf(e)} --blobs`), ' prints them.'),
+        h('ul', null, blobs.map((b) => h('li', { dataset: { field: b.field } },
+          h('span', { class: 'mono' }, b.field), `: ${blobWords(b)} `, h('span', { class: 'mono muted', title: b.digest }, short(b.digest, 16))))))
+      : '';
+    let graph;
+    try {
+      graph = causalGraph(e, byId, select);
+    } catch (err) {
+      graph = h('p', { class: 'problem' }, `The causal graph cannot be drawn: ${err?.message ?? err}`);
+    }
     fill(inspector,
       h('div', { class: 'section-head' },
         h('h2', null, `#${e.run_seq} `, h('span', { class: `etype k-${kind(e.type)}` }, e.type)),
@@ -306,9 +370,11 @@ export function runView(root, ctx, params) {
         e.authority ? [h('dt', null, 'authority'), h('dd', null, link(e.authority))] : '',
         (e.causes ?? []).length ? [h('dt', null, 'causes'), h('dd', null, e.causes.map((c, i) => [i ? ', ' : '', link(c)]))] : '',
         h('dt', null, 'hash'), h('dd', { class: 'mono', title: e.hash }, short(e.hash, 24)),
-        e.log_seq !== undefined ? [h('dt', null, 'log position'), h('dd', { class: 'mono' }, String(e.log_seq))] : ''),
+        e.log_seq !== undefined ? [h('dt', null, 'log position'), h('dd', { class: 'mono' }, String(e.log_seq))] : '',
+        h('dt', null, 'summary'), h('dd', { class: 'event-summary' }, summary(e))),
       h('h3', null, 'Causal graph'),
-      causalGraph(e, byId, select),
+      graph,
+      blobNote,
       h('details', { class: 'payload' }, h('summary', null, 'Payload'), h('pre', null, payload)));
   }
 

@@ -4,6 +4,7 @@
 import { get, seg } from './api.js';
 import { h, fill, bytes, micros, stamp, ago, runHref } from './dom.js';
 import { approvalCard, tickExpiries } from './approvals.js';
+import { blobRef, blobWords } from './events.js';
 
 const DIMS = [
   ['tool_calls', 'tool calls', (v) => String(v)],
@@ -15,23 +16,33 @@ const DIMS = [
   ['risk', 'risk', (v) => String(v)],
 ];
 
-/** Cost spent against the budget, one meter per dimension that has a limit or a cost. */
+/**
+ * Cost spent against the budget, one meter per dimension that has a limit or a cost. `budget`
+ * is the limits ({tool_calls: 20, …}; a dimension without one has no limit), null while it is
+ * loading, or {notShown: 'why'} when the page cannot know it: then no meter claims "no limit".
+ */
 export function costMeters(cost, budget, small = false) {
+  const unknown = typeof budget?.notShown === 'string' ? budget.notShown : null;
   const rows = [];
   for (const [key, label, fmt] of DIMS) {
     const spent = cost?.[key];
-    const limit = budget?.[key];
+    const limit = unknown ? undefined : budget?.[key];
     const hasLimit = typeof limit === 'number';
     if (!hasLimit && !spent) continue;
     const ratio = hasLimit && limit > 0 ? (spent ?? 0) / limit : 0;
     const bar = h('span', { class: 'bar' });
     bar.style.width = `${Math.min(100, Math.round(ratio * 100))}%`;
-    rows.push(h('div', { class: ['meter', ratio >= 1 ? 'over' : ratio >= 0.8 ? 'warn' : ''], title: `${label}: ${fmt(spent ?? 0)}${hasLimit ? ` of ${fmt(limit)}` : ' (no limit)'}` },
+    const of = hasLimit ? ` of ${fmt(limit)}` : unknown ? ` (limit not shown: ${unknown})` : budget ? ' (no limit)' : '';
+    rows.push(h('div', { class: ['meter', ratio >= 1 ? 'over' : ratio >= 0.8 ? 'warn' : ''], title: `${label}: ${fmt(spent ?? 0)}${of}` },
       h('span', { class: 'meter-label' }, label),
-      h('span', { class: 'meter-value' }, fmt(spent ?? 0), hasLimit ? h('span', { class: 'muted' }, ` / ${fmt(limit)}`) : h('span', { class: 'muted' }, small ? '' : ' (no limit)')),
+      h('span', { class: 'meter-value' }, fmt(spent ?? 0),
+        hasLimit ? h('span', { class: 'muted' }, ` / ${fmt(limit)}`)
+          : h('span', { class: 'muted' }, small ? '' : unknown ? ' (limit not shown)' : budget ? ' (no limit)' : '')),
       hasLimit ? h('span', { class: 'track' }, bar) : ''));
   }
-  return h('div', { class: ['meters', small && 'meters-small'] }, rows.length ? rows : h('span', { class: 'muted' }, 'nothing spent'));
+  return h('div', { class: ['meters', small && 'meters-small'] },
+    rows.length ? rows : h('span', { class: 'muted' }, 'nothing spent'),
+    unknown ? h('div', { class: 'muted small budget-not-shown', title: unknown }, `budget not shown: ${unknown}`) : '');
 }
 
 /** The run's state, with how a terminated run ended and whether it waits for an operator. */
@@ -48,19 +59,91 @@ export function statePill(summary, waiting = false) {
 
 const budgets = new Map(); // run → Promise of {agent, driver, budget} from its RunProvisioned
 
+/** The budget a run's recorded spec sets (see costMeters), or {notShown} when it cannot be read. */
+export function specBudget(spec) {
+  const ref = blobRef(spec);
+  if (ref) return { notShown: `the run's spec is ${blobWords(ref)}` };
+  if (!spec || typeof spec !== 'object') return { notShown: 'the run records no spec' };
+  const b = spec.budget;
+  if (blobRef(b)) return { notShown: `its budget is ${blobWords(blobRef(b))}` };
+  if (!b || typeof b !== 'object' || Array.isArray(b)) return { notShown: 'the run\'s spec records no budget' };
+  return b;
+}
+
 /** The agent, driver and budget a run was provisioned with (its event 0; never changes). */
 export function provisioned(run) {
   if (!budgets.has(run)) {
-    budgets.set(run, get(`/events/${seg(`${run}:0`)}`).then((e) => ({
-      agent: e.payload?.agent ?? e.payload?.spec?.agent,
-      driver: e.payload?.driver ?? e.payload?.spec?.driver,
-      budget: e.payload?.spec?.budget ?? {},
-    })).catch((e) => { budgets.delete(run); throw e; }));
+    budgets.set(run, get(`/events/${seg(`${run}:0`)}`).then((e) => {
+      const p = e.payload ?? {};
+      const text = (v) => (typeof v === 'string' ? v : undefined);
+      return {
+        agent: text(p.agent) ?? text(p.spec?.agent),
+        driver: text(p.driver) ?? text(p.spec?.driver),
+        budget: specBudget(p.spec),
+      };
+    }).catch((e) => { budgets.delete(run); throw e; }));
   }
   return budgets.get(run);
 }
 
+/** Most runs the page lists: the newest. */
 const MAX_RUNS = 500;
+
+/**
+ * Whether the log has a run at `offset` (the API lists runs oldest first): 0 no, 1 yes and it
+ * is the last, 2 yes and more follow. A page of one run, so the server folds one run.
+ */
+async function probe(offset) {
+  const page = await get(`/runs?offset=${offset}&limit=1`);
+  if (!page.runs?.length) return 0;
+  return page.next_offset === null || page.next_offset === undefined ? 1 : 2;
+}
+
+/**
+ * How many runs the log holds. The API gives no total, so: look where the last count ended
+ * (`hint`), gallop forward while runs follow, then bisect — one-run pages, a few per call.
+ */
+async function countRuns(hint) {
+  let lo = -1; // a run exists at every offset up to lo
+  let hi = null; // none at hi
+  let k = Math.max(0, hint - 1);
+  let step = 1;
+  for (;;) {
+    const r = await probe(k);
+    if (r === 1) return k + 1;
+    if (r === 0) hi = k; else lo = k + 1;
+    if (hi === null) {
+      k = lo + step;
+      step *= 2;
+    } else if (hi - lo <= 1) {
+      return hi;
+    } else {
+      k = Math.floor((lo + hi) / 2);
+    }
+  }
+}
+
+let counted = 0; // runs the last listing found: where the next count starts looking
+
+/**
+ * The newest runs (at most MAX_RUNS, oldest first, as the API lists them) and how many runs
+ * the log holds in all.
+ */
+async function newestRuns() {
+  const start = Math.max(0, (await countRuns(counted)) - MAX_RUNS);
+  const runs = [];
+  let offset = start;
+  for (;;) {
+    const page = await get(`/runs?offset=${offset}&limit=${MAX_RUNS}`);
+    runs.push(...page.runs);
+    // Runs started since the count follow: take them too, and keep the newest.
+    if (!page.runs.length || page.next_offset === null || page.next_offset === undefined) break;
+    offset = page.next_offset;
+  }
+  const total = start + runs.length;
+  counted = total;
+  return { runs: runs.slice(-MAX_RUNS), total };
+}
 
 /** The runs page. */
 export function runsView(root, ctx) {
@@ -68,7 +151,7 @@ export function runsView(root, ctx) {
   const pendingSection = h('section', { class: 'pending', hidden: true },
     h('h2', null, 'Waiting for an operator'), pending);
   const body = h('tbody');
-  const count = h('span', { class: 'muted' }, 'Loading…');
+  const count = h('span', { class: 'muted', id: 'runs-count' }, 'Loading…');
   fill(root, h('section', { class: 'page' },
     h('div', { class: 'page-head' }, h('h1', null, 'Runs'), count),
     pendingSection,
@@ -83,16 +166,11 @@ export function runsView(root, ctx) {
   const cards = new Map();
   let alive = true;
   const refresh = async () => {
-    let runs = [];
-    let approvals = [];
+    let runs;
+    let total;
+    let approvals;
     try {
-      let offset = 0;
-      for (;;) {
-        const page = await get(`/runs?offset=${offset}&limit=100`);
-        runs.push(...page.runs);
-        if (page.next_offset === null || page.next_offset === undefined || runs.length >= MAX_RUNS) break;
-        offset = page.next_offset;
-      }
+      ({ runs, total } = await newestRuns());
       approvals = (await get('/approvals')).approvals;
     } catch (e) {
       ctx.error(e);
@@ -101,7 +179,10 @@ export function runsView(root, ctx) {
     if (!alive) return;
     runs = runs.reverse(); // newest first
     const waiting = new Set(approvals.map((a) => a.run));
-    fill(count, `${runs.length} run${runs.length === 1 ? '' : 's'}${runs.length >= MAX_RUNS ? ` (the first ${MAX_RUNS})` : ''}`);
+    const older = total - runs.length;
+    fill(count, `${total} run${total === 1 ? '' : 's'}`, older > 0
+      ? h('span', { class: 'runs-older' }, ` — the ${runs.length} newest shown; ${older} older run${older === 1 ? ' is' : 's are'} not shown (\`ice runs\` lists every run)`)
+      : '');
     const rows = runs.map((s) => {
       const agent = h('td', { class: 'agent' }, '');
       const cost = h('td', { class: 'cost' }, costMeters(s.cost, null, true));

@@ -2,9 +2,13 @@
 // `playwright-core`, both installed by scripts/deps), as a person would use it: a wrong token
 // is refused and asked again; with the right one, open the run, see its timeline, approve the
 // pending request and watch the run continue to its commit without reloading; open the causal
-// graph of the effect and find the grant and the approval in it; save a screenshot.
+// graph of the effect and find the grant and the approval in it; save a screenshot. With more
+// runs than the runs page lists, it lists the newest and says how many it leaves out. A run
+// whose spec, request arguments and validation results are kept as blobs still shows every
+// event, why it failed, and its inspector. The page's summaries cope with a blob in any field.
 //
 //   ICE_TOKEN=OPERATOR_TOKEN node ui_check.mjs --url http://127.0.0.1:PORT --run RUN \
+//     --blob-run RUN2 --oldest-run RUN0 --runs TOTAL \
 //     --screenshot OUT.png --chromium /usr/bin/chromium --node-modules .deps/node/node_modules
 //
 // Exits 0 when every check passed; otherwise prints what failed (and saves OUT.failed.png).
@@ -17,6 +21,9 @@ const { values: opt } = parseArgs({
   options: {
     url: { type: 'string' },
     run: { type: 'string' },
+    'blob-run': { type: 'string' },
+    'oldest-run': { type: 'string' },
+    runs: { type: 'string' },
     screenshot: { type: 'string' },
     chromium: { type: 'string' },
     'node-modules': { type: 'string' },
@@ -27,7 +34,7 @@ if (!opt.token) {
   console.error('ui_check: the operator token goes in $ICE_TOKEN');
   process.exit(2);
 }
-for (const k of ['url', 'run', 'screenshot', 'chromium', 'node-modules']) {
+for (const k of ['url', 'run', 'blob-run', 'oldest-run', 'runs', 'screenshot', 'chromium', 'node-modules']) {
   if (!opt[k]) {
     console.error(`ui_check: --${k} is required`);
     process.exit(2);
@@ -95,6 +102,26 @@ try {
   await page.locator(`.pending article.approval[data-run="${opt.run}"]`).waitFor();
   await page.locator('#approvals-badge', { hasText: '1' }).waitFor();
   step('the runs list shows the run executing, its cost, and the approval waiting');
+
+  // More runs than the page lists: the newest, newest first, and how many older ones are left out.
+  const listed = page.locator('table.runs tbody tr[data-run]');
+  const blobRow = page.locator(`table.runs tr[data-run="${opt['blob-run']}"]`);
+  await blobRow.waitFor();
+  const firstListed = await listed.first().getAttribute('data-run');
+  if (firstListed !== opt['blob-run']) fail(`the newest run (${opt['blob-run']}) should come first, not ${firstListed}`);
+  if (await page.locator(`table.runs tr[data-run="${opt['oldest-run']}"]`).count()) fail(`the oldest run ${opt['oldest-run']} is listed: the page should list the newest`);
+  const shownRuns = await listed.count();
+  const total = Number(opt.runs);
+  const older = total - shownRuns;
+  if (!(older > 0)) fail(`the page lists ${shownRuns} of ${total} runs: the test needs more runs than it lists`);
+  const countText = await page.locator('#runs-count').innerText();
+  if (!countText.includes(`${total} runs`) || !countText.includes(`${older} older runs are not shown`)) fail(`the runs page should say ${older} of ${total} runs are not shown: ${countText}`);
+  step(`the runs list shows the ${shownRuns} newest runs and says ${older} older ones are not shown`);
+  // That run's spec is kept as a blob: its budget is said to be unknown, never "no limit".
+  await blobRow.locator('.budget-not-shown').waitFor();
+  const blobMeters = await blobRow.locator('.meter').evaluateAll((ms) => ms.map((m) => m.title));
+  if (!blobMeters.length || blobMeters.some((t) => /no limit/.test(t) || !/limit not shown: the run's spec is stored as a blob, \d+ bytes/.test(t))) fail(`the cost of a run whose spec is a blob should not claim "no limit": ${JSON.stringify(blobMeters)}`);
+  step(`a run whose spec is a blob: its cost says the limit is not shown (${blobMeters[0]})`);
 
   // ------------------------------------------------------------------ the run and its timeline
   await row.locator('a.run-link').click();
@@ -172,6 +199,118 @@ try {
   await page.evaluate(() => window.scrollTo(0, 0));
   await page.screenshot({ path: opt.screenshot, fullPage: true });
   step(`screenshot saved: ${opt.screenshot}`);
+
+  // ------------------------------------------------------------------ a run whose fields are blobs
+  // Its spec, the write's arguments and the validation results are kept as blobs: the live
+  // stream still shows every event (the failed validation among them), the page says what is
+  // not shown instead of a wrong value, and the failed validation's inspector opens.
+  const blobRun = opt['blob-run'];
+  await page.goto(`${opt.url}/ui/#/runs/${encodeURIComponent(blobRun)}`);
+  await page.locator(`.run-page[data-run="${blobRun}"]`).waitFor();
+  await page.locator('#live', { hasText: 'run ended' }).waitFor({ timeout: 30000 });
+  const failed = timeline.locator('tr[data-type="ValidationFailed"]');
+  if ((await failed.count()) !== 1) fail(`the failed validation should have its row: ${await timeline.innerText()}`);
+  const failedText = await failed.innerText();
+  if (!/failed: the check results are not shown \(stored as a blob, \d+ bytes\)/.test(failedText)) fail(`the failed validation's row should say its results are a blob: ${failedText}`);
+  const blobSeqs = await timeline.locator('tr.ev').evaluateAll((rows) => rows.map((r) => Number(r.dataset.seq)));
+  if (blobSeqs.some((s, i) => s !== i)) fail(`the timeline should list every event once, in order: ${blobSeqs.join(',')}`);
+  const lastType = await timeline.locator('tr.ev').last().getAttribute('data-type');
+  if (lastType !== 'RunTerminated') fail(`the timeline should end with RunTerminated, not ${lastType}`);
+  const aborted = await timeline.locator('tr[data-type="AbortReasonDeclared"]').innerText();
+  if (!aborted.includes('check "loud check one" failed')) fail(`the abort should name the failed check: ${aborted}`);
+  const requested = await timeline.locator('tr[data-type="CapabilityRequested"]').innerText();
+  if (!/fs\.write .*big\.txt arguments stored as a blob, \d+ bytes/.test(requested)) fail(`the request should say its arguments are a blob: ${requested}`);
+  const costCard = await page.locator('.cost-card').innerText();
+  if (/no limit/.test(costCard) || !/budget not shown: the run's spec is stored as a blob, \d+ bytes/.test(costCard)) fail(`the budget of a run whose spec is a blob should be said unknown: ${costCard}`);
+  const bigChange = page.locator('#diff .change[data-path="big.txt"]');
+  await bigChange.waitFor();
+  const bigText = await bigChange.innerText();
+  if (!/content not shown: the request's arguments are stored as a blob, \d+ bytes \(ice show \S+:\d+ --blobs prints them\)/.test(bigText)) fail(`the staged write's content should be said to be a blob: ${bigText}`);
+  step(`a run whose fields are blobs shows all ${blobSeqs.length} events live; the failed validation's row says ${failedText.replace(/\s+/g, ' ').trim()}`);
+
+  // Its inspector, opened from a link to it (the event arrives while the inspector waits for it).
+  const failedSeq = await failed.getAttribute('data-seq');
+  await page.goto(`${opt.url}/ui/#/runs/${encodeURIComponent(blobRun)}/${failedSeq}`);
+  await page.reload();
+  const inspector = page.locator('#inspector');
+  await inspector.locator(`#causal-graph[data-event="${blobRun}:${failedSeq}"]`).waitFor();
+  await page.locator('#live', { hasText: 'run ended' }).waitFor({ timeout: 30000 });
+  const inspected = await inspector.innerText();
+  if (!inspected.includes('ValidationFailed') || !inspected.includes(`ice show ${blobRun}:${failedSeq} --blobs`) || !/results: stored as a blob, \d+ bytes/.test(inspected)) fail(`the inspector should open on the failed validation and name its blob: ${inspected}`);
+  if ((await timeline.locator('tr[data-type="ValidationFailed"]').count()) !== 1) fail('with the inspector open on it, the failed validation should still have its row');
+  step('the failed validation\'s inspector opens and names the field kept as a blob');
+  checkProblems();
+  await page.screenshot({ path: opt.screenshot.replace(/\.png$/, '') + '-blobs.png', fullPage: true });
+
+  // The page's own functions, with a blob reference in every field they read.
+  const unit = await page.evaluate(async () => {
+    const ev = await import('/ui/events.js');
+    const runs = await import('/ui/runs.js');
+    const ap = await import('/ui/approvals.js');
+    const out = [];
+    const ref = { $blob: 'ab'.repeat(32), size: 20000 };
+    const fields = ['agent', 'driver', 'spec', 'policy_version', 'previous_version', 'assumptions', 'policy_sources',
+      'capabilities', 'tools', 'memories', 'capability', 'target', 'arguments', 'scope', 'approval', 'policies',
+      'max_uses', 'reason', 'detail', 'resource', 'grant', 'amount', 'actual', 'path', 'bytes', 'staged', 'change',
+      'method', 'url', 'evidence', 'status', 'output', 'server', 'tool', 'model', 'usage', 'text', 'thought',
+      'checks', 'results', 'applied', 'reconfiguration', 'outcome', 'stage', 'memory', 'kind', 'new', 'request'];
+    const types = ['RunProvisioned', 'ContextResolved', 'PolicyReloaded', 'CapabilitiesBound', 'MemoryMounted',
+      'ExecutionWindowOpened', 'CapabilityRequested', 'CapabilityGranted', 'CapabilityDenied', 'CapabilityUsed',
+      'ApprovalRequested', 'ApprovalGranted', 'ApprovalDenied', 'BudgetReserved', 'BudgetSettled', 'FileRead',
+      'EffectStaged', 'EffectApplied', 'FileWritten', 'APIRequestExecuted', 'ToolInvoked', 'InferenceStep',
+      'PlanStepProposed', 'DecisionProposed', 'HypothesisGenerated', 'UncertaintyDeclared', 'AssumptionDeclared',
+      'ValidationStarted', 'ValidationPassed', 'ValidationFailed', 'RunCommitted', 'RunAborted', 'AbortReasonDeclared',
+      'RunSuspended', 'RunKillRequested', 'RunResumed', 'ReconfigurationRecorded', 'RunTerminated',
+      'ResourcesAllocated', 'ResourcesReleased', 'MemoryPromoted', 'SomethingNew'];
+    const event = (type, payload) => ({ run_id: 'u', run_seq: 1, type, origin: 'runtime', at: '2026-01-01T00:00:00Z', causes: [], payload });
+    const bad = (s) => typeof s !== 'string' || /\$blob|undefined|NaN|\[object Object\]/.test(s);
+    for (const type of types) {
+      // Every field a blob; then each field alone a blob.
+      const all = ev.summary(event(type, Object.fromEntries(fields.map((f) => [f, ref]))));
+      if (bad(all)) out.push(`${type} with every field a blob: ${all}`);
+      for (const f of fields) {
+        const one = ev.summary(event(type, { [f]: ref }));
+        if (bad(one)) out.push(`${type} with ${f} a blob: ${one}`);
+      }
+      const row = ev.timelineRow(event(type, Object.fromEntries(fields.map((f) => [f, ref]))), () => {});
+      if (row.dataset.type !== type) out.push(`${type}: no timeline row`);
+    }
+    const must = [
+      ['ValidationFailed', 'results', /stored as a blob, 20000 bytes/],
+      ['ValidationPassed', 'results', /stored as a blob, 20000 bytes/],
+      ['CapabilityRequested', 'arguments', /arguments stored as a blob, 20000 bytes/],
+      ['CapabilitiesBound', 'capabilities', /stored as a blob, 20000 bytes/],
+      ['ApprovalRequested', 'policies', /stored as a blob, 20000 bytes/],
+      ['BudgetReserved', 'amount', /stored as a blob, 20000 bytes/],
+      ['RunProvisioned', 'spec', /spec stored as a blob, 20000 bytes/],
+    ];
+    for (const [type, f, re] of must) {
+      const s = ev.summary(event(type, { [f]: ref }));
+      if (!re.test(s)) out.push(`${type} with ${f} a blob should say so: ${s}`);
+    }
+    // An event whose payload cannot even be read still summarises, and gets its row.
+    const hostile = new Proxy({}, { get() { throw new Error('unreadable'); }, ownKeys() { throw new Error('unreadable'); } });
+    let s;
+    try { s = ev.summary(event('ValidationFailed', hostile)); } catch (e) { s = `threw ${e}`; }
+    if (!/no summary: unreadable/.test(s)) out.push(`an unreadable payload: ${s}`);
+    try { ev.timelineRow(event('ValidationFailed', hostile), () => {}); } catch (e) { out.push(`an unreadable payload has no row: ${e}`); }
+    // A budget that cannot be read is never "no limit".
+    for (const spec of [ref, { budget: ref }, undefined, 'not a spec']) {
+      const m = runs.costMeters({ tool_calls: 3 }, runs.specBudget(spec)).textContent;
+      if (/no limit/.test(m) || !/limit not shown/.test(m)) out.push(`budget of spec ${JSON.stringify(spec)}: ${m}`);
+    }
+    const fine = runs.costMeters({ tool_calls: 3 }, runs.specBudget({ budget: { tool_calls: 20, bytes: null } })).textContent;
+    if (!/3 \/ 20/.test(fine)) out.push(`a readable budget: ${fine}`);
+    // An approval whose request's arguments are a blob says so, not the reference.
+    const card = ap.approvalCard({ id: 'u:2', run: 'u', capability: 'fs.write', resource: 'File::"x"', arguments: ref, digest: 'd', expires_at: '2026-01-01T00:00:00Z', policies: [] },
+      { byId: new Map([['u:2', { payload: { request: 'u:1' } }], ['u:1', { run_id: 'u', run_seq: 1, origin: 'agent:a', payload: { target: ref } }]]) });
+    await new Promise((r) => setTimeout(r, 50));
+    const cardText = card.textContent;
+    if (/\$blob/.test(cardText) || !/arguments\(not shown: stored as a blob, 20000 bytes; `ice show u:1 --blobs` prints them\)/.test(cardText) || /object Object/.test(cardText)) out.push(`an approval with blob arguments: ${cardText}`);
+    return out;
+  });
+  if (unit.length) fail(`the page's functions do not cope with blobs:\n  ${unit.join('\n  ')}`);
+  step('the page\'s summaries, budgets and approval cards cope with a blob in any field');
 
   // ------------------------------------------------------------------ a run the listing leaves out
   await page.goto(`${opt.url}/ui/#/approvals`);
