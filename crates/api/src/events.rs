@@ -1,4 +1,5 @@
-//! Events: a page of a run's, one by id, and a live stream of a run's over server-sent events.
+//! Events: a page of a run's, one by id, and a live stream of a run's over server-sent events;
+//! and the blobs large payload fields are kept in.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -80,6 +81,36 @@ pub(crate) async fn one(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no event {id} in the log")))?;
     Ok(ok(event_json(&stored)?))
+}
+
+/// `GET /blobs/{digest}`: a payload field kept as a blob (an event shows it as
+/// `{"$blob": DIGEST, "size": N}`), as the JSON value it holds. The bytes are checked against
+/// their digest before they are shown.
+pub(crate) async fn blob(
+    State(s): State<Shared>,
+    PathParam(digest): PathParam,
+) -> Result<Response, ApiError> {
+    let d = ice_kernel::Digest::from_hex(&digest).map_err(|e| {
+        ApiError::bad_request("invalid_id", format!("blob: not a SHA-256 digest: {e}"))
+    })?;
+    let bytes = s
+        .runtime
+        .ledger()
+        .log()
+        .blob(&d)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no blob {d} in the log")))?;
+    let found = ice_kernel::Digest::of(&bytes);
+    if found != d {
+        return Err(ApiError::internal(format!(
+            "blob {d} is damaged: its bytes hash to {found} (`ice verify` names what else is)"
+        )));
+    }
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::internal(format!("blob {d} does not hold a JSON value: {e}")))?;
+    Ok(ok(
+        json!({"digest": d.to_hex(), "size": bytes.len(), "value": value}),
+    ))
 }
 
 /// `GET /runs/{run}/events/stream?from=`: server-sent events, one per event of the run (its

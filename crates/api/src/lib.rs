@@ -259,6 +259,7 @@ fn table() -> Vec<(&'static str, &'static str, MethodRouter<Shared>)> {
         ("GET", "/runs/{run}/events", get(events::page)),
         ("GET", "/runs/{run}/events/stream", get(events::stream)),
         ("GET", "/events/{id}", get(events::one)),
+        ("GET", "/blobs/{digest}", get(events::blob)),
         ("GET", "/approvals", get(runs::approvals)),
         ("POST", "/approvals/{id}/approve", post(runs::approve)),
         ("POST", "/approvals/{id}/deny", post(runs::deny)),

@@ -596,6 +596,57 @@ async fn a_run_started_streamed_approved_verified_and_proven() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_sees_the_whole_of_a_large_request_before_approving_it() {
+    let api = Api::start(true).await;
+    // Arguments over the blob threshold: the request shows them as a reference.
+    let content: String = (0..2000).map(|i| format!("line {i:05}\n")).collect();
+    let plan = WRITE_PLAN.replace(
+        "arguments = { content = \"noted\\n\" }",
+        &format!(
+            "arguments = {{ content = {} }}",
+            serde_json::to_string(&content).unwrap()
+        ),
+    );
+    assert_ne!(plan, WRITE_PLAN);
+    let run = api.start_run(&api.spec("large", "", &plan)).await;
+    let approval = api.pending(&run).await;
+    let (status, v) = api.get(&format!("/events/{approval}")).await;
+    assert_eq!(status, 200, "{v}");
+    let request: ice_kernel::EventId = v["payload"]["request"].as_str().unwrap().parse().unwrap();
+    let (_, req) = api.get(&format!("/events/{request}")).await;
+    let reference = &req["payload"]["arguments"];
+    let digest = reference["$blob"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{req}"));
+    let (status, blob) = api.get(&format!("/blobs/{digest}")).await;
+    assert_eq!(status, 200, "{blob}");
+    assert_eq!(blob["digest"], digest);
+    assert_eq!(blob["size"], reference["size"]);
+    assert_eq!(blob["value"]["content"], content.as_str());
+    // Bad and unknown digests.
+    let (status, v) = api.get("/blobs/not-a-digest").await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("invalid_id")),
+        "{v}"
+    );
+    let (status, _) = api.get(&format!("/blobs/{}", "0".repeat(64))).await;
+    assert_eq!(status, 404);
+    // Only operators read blobs.
+    let (status, _) = api
+        .call("GET", &format!("/blobs/{digest}"), None, None)
+        .await;
+    assert_eq!(status, 401);
+    let (status, v) = api
+        .post(
+            &format!("/approvals/{approval}/deny"),
+            json!({"reason": "too big"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deny_kill_and_reconfigure_are_the_operators() {
     let api = Api::start(true).await;
 
