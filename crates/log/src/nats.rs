@@ -15,7 +15,16 @@
 //!
 //! `<run>` is the run id with `_` written `_u` and `.` written `_d` (a subject token cannot
 //! hold a dot, and the mapping must stay one-to-one so two runs never share a subject).
-//! [`destroy`] removes all four.
+//! [`destroy`] removes all four. [`NatsLog::connect`] creates what is missing;
+//! [`NatsLog::connect_existing`] (for readers) creates nothing and refuses a prefix that names
+//! no complete ICE log with [`LogError::NotALog`].
+//!
+//! # Server URL
+//!
+//! `nats://HOST:PORT`, with optional user info: `USER:PASSWORD@` or `TOKEN@` (async-nats
+//! itself ignores user info; this backend hands it to the client as credentials). Only the
+//! URL with its secrets replaced by `***` ([`redact_url`]) is kept: it is what
+//! [`NatsLog::url`] returns and what errors name.
 //!
 //! # Order and atomicity
 //!
@@ -48,6 +57,10 @@
 //! async-nats reconnects by itself; a publish it had buffered while disconnected may still reach
 //! the server after that error, so a `Storage` error on append means "outcome unknown": reload
 //! the run (as [`crate::ledger::Ledger`] does after any error). A batch is never half-written.
+//! Every append error after such a lost answer says the batch may still be stored, whatever
+//! failed next; and an append whose batch the server did acknowledge but whose position this
+//! node then failed to read (the messages of other nodes before it) fails saying that the
+//! batch IS stored, as which stream message.
 //!
 //! # Reads and the in-memory index
 //!
@@ -101,6 +114,7 @@
 //!   would (history 1, rollups allowed, direct get).
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -202,6 +216,156 @@ impl Names {
     fn subject(&self, run: &str) -> String {
         format!("{}.ev.{}", self.prefix, run_token(run))
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server URLs: what is dialled, what authenticates, and what may be shown.
+
+/// What the user info of a server URL authenticates with (nats-server's reading of it).
+enum Credentials {
+    None,
+    UserPassword(String, String),
+    /// User info without a `:` is a token.
+    Token(String),
+}
+
+/// A server URL taken apart. Deliberately not `Debug`: it holds the secrets.
+struct ServerUrl {
+    /// The URL without its user info (async-nats ignores it; `credentials` carries it).
+    dial: String,
+    credentials: Credentials,
+    /// The URL with every secret replaced by `***`: the only form kept and shown.
+    shown: String,
+    /// The secrets as they appear in the URL and decoded, longest first (scrubbed from the
+    /// client's messages).
+    secrets: Vec<String>,
+}
+
+/// Query parameters whose values are never shown (matched without case, in part: `password`,
+/// `pass`, `token`, `auth_token`, `secret`, `jwt`, `nkey`, `seed`, `creds`, …).
+fn secret_param(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    [
+        "pass", "pwd", "token", "secret", "jwt", "key", "seed", "cred", "auth",
+    ]
+    .iter()
+    .any(|s| n.contains(s))
+}
+
+/// `%XX` escapes decoded (as a URL's user info is written); the text itself if that is not
+/// UTF-8.
+fn percent_decode(s: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push(h * 16 + l);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| s.to_string())
+}
+
+impl ServerUrl {
+    fn parse(url: &str) -> ServerUrl {
+        let start = url.find("://").map_or(0, |i| i + 3);
+        let end = url[start..]
+            .find(['?', '#'])
+            .map_or(url.len(), |i| start + i);
+        let mut secrets = Vec::new();
+        let mut secret = |raw: &str| {
+            if !raw.is_empty() {
+                secrets.push(raw.to_string());
+                secrets.push(percent_decode(raw));
+            }
+        };
+        // The last `@` before the query ends the user info (a password may hold an `@`).
+        let (dial, mut shown, credentials) = match url[start..end].rfind('@') {
+            None => (
+                url[..end].to_string(),
+                url[..end].to_string(),
+                Credentials::None,
+            ),
+            Some(at) => {
+                let (info, host) = (&url[start..start + at], &url[start + at + 1..end]);
+                let dial = format!("{}{host}", &url[..start]);
+                match info.split_once(':') {
+                    Some((user, password)) => {
+                        secret(password);
+                        (
+                            dial,
+                            format!("{}{user}:***@{host}", &url[..start]),
+                            Credentials::UserPassword(
+                                percent_decode(user),
+                                percent_decode(password),
+                            ),
+                        )
+                    }
+                    None if info.is_empty() => (dial.clone(), dial, Credentials::None),
+                    None => {
+                        secret(info);
+                        (
+                            dial,
+                            format!("{}***@{host}", &url[..start]),
+                            Credentials::Token(percent_decode(info)),
+                        )
+                    }
+                }
+            }
+        };
+        let tail = &url[end..];
+        let (query, fragment) = match tail.strip_prefix('?') {
+            Some(q) => q.split_at(q.find('#').unwrap_or(q.len())),
+            None => ("", tail),
+        };
+        if tail.starts_with('?') {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, v)) if secret_param(k) && !v.is_empty() => {
+                        secret(v);
+                        format!("{k}=***")
+                    }
+                    _ => kv.to_string(),
+                })
+                .collect();
+            shown.push('?');
+            shown.push_str(&params.join("&"));
+        }
+        shown.push_str(fragment);
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
+        ServerUrl {
+            dial: format!("{dial}{tail}"),
+            credentials,
+            shown,
+            secrets,
+        }
+    }
+
+    /// `text` with every secret of the URL replaced by `***`.
+    fn scrub(&self, text: &str) -> String {
+        let mut text = text.to_string();
+        for s in &self.secrets {
+            text = text.replace(s.as_str(), "***");
+        }
+        text
+    }
+}
+
+/// A NATS server URL as it may be shown: the password of its user info (`USER:***@`), a token
+/// given as user info (`***@`) and the values of query parameters that name a password, token,
+/// key or secret replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    ServerUrl::parse(url).shown
 }
 
 /// A run id as one subject token (and key-value key): `_` → `_u`, `.` → `_d`; one-to-one.
@@ -649,6 +813,8 @@ struct Inner {
     inflight: Mutex<Inflight>,
     /// Signalled whenever a publish's outcome is recorded.
     resolved: tokio::sync::Notify,
+    /// Test fault: see [`NatsLog::fail_next_server_read`].
+    fail_next_server_read: AtomicBool,
 }
 
 /// This node's publishes whose outcome no task has recorded yet, by send order. The server
@@ -688,6 +854,10 @@ impl NatsLog {
     /// log named by `prefix` (1 to 64 characters of `[A-Za-z0-9_-]`), creating its stream and
     /// buckets if they do not exist yet. Reads the whole stream once to build the index.
     ///
+    /// User info in the URL authenticates: `nats://USER:PASSWORD@HOST:PORT` or
+    /// `nats://TOKEN@HOST:PORT` (percent-encoded where needed). No error and no
+    /// [`NatsLog::url`] shows a password or token (see [`redact_url`]).
+    ///
     /// Fails with [`LogError::Storage`] if the server cannot be reached or has no JetStream,
     /// and with [`LogError::NotALog`] if a stream of that name exists but is not an ICE log.
     pub async fn connect(url: &str, prefix: &str) -> Result<NatsLog, LogError> {
@@ -696,6 +866,37 @@ impl NatsLog {
 
     /// [`NatsLog::connect`] with explicit timeouts.
     pub async fn connect_with(url: &str, prefix: &str, opts: Options) -> Result<NatsLog, LogError> {
+        NatsLog::open(url, prefix, opts, true).await
+    }
+
+    /// Open the log named by `prefix` only if it exists: creates nothing on the server. For
+    /// readers (verifying, exporting, copying from), where a mistyped prefix must not make an
+    /// empty log that then reads as a valid one.
+    ///
+    /// Fails with [`LogError::NotALog`] if the server holds no ICE log of that prefix (its
+    /// events stream does not exist), if that stream is not an ICE log, or if the log is
+    /// incomplete (one of its buckets is missing); with [`LogError::Storage`] as
+    /// [`NatsLog::connect`] does. The log opened is not read-only: it appends as one opened
+    /// by [`NatsLog::connect`] does.
+    pub async fn connect_existing(url: &str, prefix: &str) -> Result<NatsLog, LogError> {
+        NatsLog::connect_existing_with(url, prefix, Options::default()).await
+    }
+
+    /// [`NatsLog::connect_existing`] with explicit timeouts.
+    pub async fn connect_existing_with(
+        url: &str,
+        prefix: &str,
+        opts: Options,
+    ) -> Result<NatsLog, LogError> {
+        NatsLog::open(url, prefix, opts, false).await
+    }
+
+    async fn open(
+        url: &str,
+        prefix: &str,
+        opts: Options,
+        create: bool,
+    ) -> Result<NatsLog, LogError> {
         let names = Names::new(prefix)?;
         if opts.append_deadline >= DUPLICATE_WINDOW / 2 {
             return Err(LogError::Invalid(format!(
@@ -703,26 +904,33 @@ impl NatsLog {
                 opts.append_deadline, DUPLICATE_WINDOW
             )));
         }
-        let (client, js) = connect_client(url, prefix, &opts).await?;
-        let stream = ensure_stream(&js, &names).await?;
-        let records = match js.get_object_store(&names.records).await {
-            Ok(s) => s,
-            Err(_) => js
-                .create_object_store(object_store::Config {
-                    bucket: names.records.clone(),
-                    description: Some(format!("ICE log {prefix}: large batch records")),
-                    storage: stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(nats_err)
-                .map_err(storage(format!("creating object store {}", names.records)))?,
+        let server = ServerUrl::parse(url);
+        let (client, js) = connect_client(&server, prefix, &opts).await?;
+        let location = format!("NATS at {} (prefix {prefix})", server.shown);
+        let (stream, records, checkpoints, claims) = if create {
+            let stream = ensure_stream(&js, &names, &location).await?;
+            let records = match js.get_object_store(&names.records).await {
+                Ok(s) => s,
+                Err(_) => js
+                    .create_object_store(object_store::Config {
+                        bucket: names.records.clone(),
+                        description: Some(format!("ICE log {prefix}: large batch records")),
+                        storage: stream::StorageType::File,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(nats_err)
+                    .map_err(storage(format!("creating object store {}", names.records)))?,
+            };
+            let checkpoints = ensure_kv(&js, &names.checkpoints, "checkpoints").await?;
+            let claims = ensure_kv(&js, &names.claims, "run writer claims").await?;
+            (stream, records, checkpoints, claims)
+        } else {
+            open_existing(&js, &names, &location).await?
         };
-        let checkpoints = ensure_kv(&js, &names.checkpoints, "checkpoints").await?;
-        let claims = ensure_kv(&js, &names.claims, "run writer claims").await?;
         let log = NatsLog {
             inner: Arc::new(Inner {
-                url: url.to_string(),
+                url: server.shown,
                 names,
                 opts,
                 client,
@@ -738,6 +946,7 @@ impl NatsLog {
                 sending: tokio::sync::Mutex::new(()),
                 inflight: Mutex::new(Inflight::default()),
                 resolved: tokio::sync::Notify::new(),
+                fail_next_server_read: AtomicBool::new(false),
             }),
         };
         log.inner.refresh().await?;
@@ -749,9 +958,18 @@ impl NatsLog {
         &self.inner.names.prefix
     }
 
-    /// The server URL this log was opened with.
+    /// The server URL this log was opened with, without its secrets (see [`redact_url`]).
     pub fn url(&self) -> &str {
         &self.inner.url
+    }
+
+    /// Fault injection for tests: the next read of messages from the server (not from this
+    /// node's memory) fails as if the server had stopped answering.
+    #[doc(hidden)]
+    pub fn fail_next_server_read(&self) {
+        self.inner
+            .fail_next_server_read
+            .store(true, Ordering::SeqCst);
     }
 
     /// Delete this log's stream and buckets: everything it stored, for every node.
@@ -764,24 +982,33 @@ impl NatsLog {
 /// not anyone has it open. Deleting what does not exist is not an error.
 pub async fn destroy(url: &str, prefix: &str) -> Result<(), LogError> {
     let names = Names::new(prefix)?;
-    let (_client, js) = connect_client(url, prefix, &Options::default()).await?;
+    let (_client, js) = connect_client(&ServerUrl::parse(url), prefix, &Options::default()).await?;
     delete_all(&js, &names).await
 }
 
 async fn connect_client(
-    url: &str,
+    server: &ServerUrl,
     prefix: &str,
     opts: &Options,
 ) -> Result<(async_nats::Client, jetstream::Context), LogError> {
-    let client = async_nats::ConnectOptions::new()
+    let options = async_nats::ConnectOptions::new()
         .name(format!("ice-log {prefix}"))
         .connection_timeout(opts.connect_timeout)
-        .request_timeout(Some(opts.request_timeout))
-        .connect(url)
+        .request_timeout(Some(opts.request_timeout));
+    // async-nats ignores user info in a URL: pass it on as what it means to nats-server.
+    let options = match &server.credentials {
+        Credentials::None => options,
+        Credentials::UserPassword(user, password) => {
+            options.user_and_password(user.clone(), password.clone())
+        }
+        Credentials::Token(token) => options.token(token.clone()),
+    };
+    let client = options
+        .connect(server.dial.as_str())
         .await
         .map_err(|e| LogError::Storage {
-            context: format!("connecting to NATS at {url}"),
-            message: e.to_string(),
+            context: format!("connecting to NATS at {}", server.shown),
+            message: server.scrub(&e.to_string()),
         })?;
     let js = jetstream::ContextBuilder::new()
         .timeout(opts.request_timeout)
@@ -815,21 +1042,124 @@ fn stream_description() -> String {
     format!("ICE event log ({FORMAT})")
 }
 
-async fn ensure_stream(js: &jetstream::Context, names: &Names) -> Result<stream::Stream, LogError> {
-    let check = |s: stream::Stream| -> Result<stream::Stream, LogError> {
-        let info = s.cached_info();
-        let want = stream_description();
-        if info.config.description.as_deref() != Some(want.as_str()) {
-            return Err(LogError::NotALog {
-                path: format!("NATS stream {}", names.stream),
-                reason: format!(
-                    "its description is {:?}, not {want:?}",
-                    info.config.description
-                ),
-            });
-        }
-        Ok(s)
+/// The stream, if it is an ICE log's events stream.
+fn check_stream(
+    s: stream::Stream,
+    names: &Names,
+    location: &str,
+) -> Result<stream::Stream, LogError> {
+    let info = s.cached_info();
+    let want = stream_description();
+    if info.config.description.as_deref() != Some(want.as_str()) {
+        return Err(LogError::NotALog {
+            path: location.to_string(),
+            reason: format!(
+                "stream {} is not an ICE log: its description is {:?}, not {want:?}",
+                names.stream, info.config.description
+            ),
+        });
+    }
+    Ok(s)
+}
+
+/// The stream named `name`, or `None` if the server has no such stream.
+async fn find_stream(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<Option<stream::Stream>, LogError> {
+    match js.get_stream(name).await {
+        Ok(s) => Ok(Some(s)),
+        Err(e) => match e.kind() {
+            jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            _ => Err(LogError::Storage {
+                context: format!("looking up stream {name}"),
+                message: e.to_string(),
+            }),
+        },
+    }
+}
+
+/// An existing log's stream and buckets; creates nothing.
+async fn open_existing(
+    js: &jetstream::Context,
+    names: &Names,
+    location: &str,
+) -> Result<
+    (
+        stream::Stream,
+        object_store::ObjectStore,
+        kv::Store,
+        kv::Store,
+    ),
+    LogError,
+> {
+    let not_a_log = |reason: String| LogError::NotALog {
+        path: location.to_string(),
+        reason,
     };
+    let stream = match find_stream(js, &names.stream).await? {
+        Some(s) => check_stream(s, names, location)?,
+        None => {
+            return Err(not_a_log(format!(
+                "no ICE log with prefix {} (stream {} does not exist)",
+                names.prefix, names.stream
+            )));
+        }
+    };
+    // Written by every node that opens the log for writing, right after the events stream: a
+    // log without them is incomplete (or was being deleted).
+    for (what, bucket, backing) in [
+        (
+            "object store",
+            &names.records,
+            format!("OBJ_{}", names.records),
+        ),
+        (
+            "key-value bucket",
+            &names.checkpoints,
+            format!("KV_{}", names.checkpoints),
+        ),
+        (
+            "key-value bucket",
+            &names.claims,
+            format!("KV_{}", names.claims),
+        ),
+    ] {
+        if find_stream(js, &backing).await?.is_none() {
+            return Err(not_a_log(format!(
+                "the log is incomplete: its {what} {bucket} (stream {backing}) does not exist"
+            )));
+        }
+    }
+    let records = js
+        .get_object_store(&names.records)
+        .await
+        .map_err(nats_err)
+        .map_err(storage(format!("opening object store {}", names.records)))?;
+    let kv = |bucket: &String| {
+        let bucket = bucket.clone();
+        async move {
+            js.get_key_value(bucket.as_str())
+                .await
+                .map_err(nats_err)
+                .map_err(storage(format!("opening key-value bucket {bucket}")))
+        }
+    };
+    let checkpoints = kv(&names.checkpoints).await?;
+    let claims = kv(&names.claims).await?;
+    Ok((stream, records, checkpoints, claims))
+}
+
+async fn ensure_stream(
+    js: &jetstream::Context,
+    names: &Names,
+    location: &str,
+) -> Result<stream::Stream, LogError> {
+    let check = |s: stream::Stream| check_stream(s, names, location);
     if let Ok(s) = js.get_stream(&names.stream).await {
         return check(s);
     }
@@ -902,6 +1232,35 @@ async fn ensure_kv(
                 Ok(()) => e.to_string(),
             },
         })
+}
+
+/// The `Nats-Msg-Id` of a batch: its last event's hash and its length.
+fn message_id(batch: &SealedBatch) -> String {
+    let n = batch.events().len();
+    match batch.events().last() {
+        Some(e) => format!("{}-{n}", e.event().hash.to_hex()),
+        None => format!("empty-{n}"),
+    }
+}
+
+/// The warning of every append error after a publish whose answer was lost.
+fn may_be_stored(msg_id: &str) -> String {
+    format!(
+        "the batch may still be stored (message id {msg_id}): reload the run before appending again"
+    )
+}
+
+/// The message of an append whose publish failed for a reason not worth retrying; after an
+/// earlier attempt whose answer was lost (`maybe_sent`), that attempt may still be stored.
+fn publish_failed(error: &str, maybe_sent: bool, msg_id: &str) -> String {
+    if maybe_sent {
+        format!(
+            "{error}; an earlier attempt's answer was lost, so {}",
+            may_be_stored(msg_id)
+        )
+    } else {
+        error.to_string()
+    }
 }
 
 /// Whether a publish failure may mean the message never got an answer (so it is sent again
@@ -1010,6 +1369,17 @@ impl Inner {
         }
         missing.sort_unstable();
         missing.dedup();
+        if self.fail_next_server_read.swap(false, Ordering::SeqCst) {
+            return Err(LogError::Storage {
+                context: format!(
+                    "reading {} message(s) from {} of stream {}",
+                    missing.len(),
+                    missing[0],
+                    self.names.stream
+                ),
+                message: "(test) the server did not answer".into(),
+            });
+        }
         let raw: Vec<(u64, String, Vec<u8>)> = if missing.len() <= DIRECT_GETS {
             let gets = missing.iter().map(|&seq| async move {
                 let m = self.stream.direct_get(seq).await.map_err(|e| {
@@ -1280,8 +1650,7 @@ impl Inner {
         } else {
             self.store_record(&encoded).await?
         };
-        let last = batch.events()[batch.events().len() - 1].event();
-        let msg_id = format!("{}-{}", last.hash.to_hex(), batch.events().len());
+        let msg_id = message_id(&batch);
         let subject = self.names.subject(run);
         let publish = jetstream::message::PublishMessage::build()
             .payload(payload.into())
@@ -1313,7 +1682,11 @@ impl Inner {
             match result {
                 Ok(ack) => {
                     if ack.duplicate && !maybe_sent {
-                        // This very batch was stored before this call: its place is taken.
+                        // This very batch was stored before this call (by another node, or
+                        // by an earlier call whose outcome was unknown): its place is taken,
+                        // and this call wrote nothing. A conflict, as when the index already
+                        // shows the run past the batch's start (as it does once the
+                        // duplicate window has passed), and as in the embedded log.
                         drop(sent);
                         self.refresh().await?;
                         let actual = self.read_index().tip(run).next_seq;
@@ -1327,10 +1700,17 @@ impl Inner {
                 }
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                     // Another message of this run came first.
-                    self.refresh().await?;
+                    let refreshed = self.refresh().await;
                     drop(sent);
-                    if maybe_sent && let Some(seq) = self.holds(&batch).await? {
-                        return self.receipt(&batch, seq).await;
+                    if let Err(e) = refreshed {
+                        return Err(self.unknown_if(maybe_sent, &batch, e));
+                    }
+                    if maybe_sent {
+                        match self.holds(&batch).await {
+                            Ok(Some(seq)) => return self.receipt(&batch, seq).await,
+                            Ok(None) => {}
+                            Err(e) => return Err(self.unknown_if(true, &batch, e)),
+                        }
                     }
                     let now = self.read_index().tip(run);
                     if now.next_seq != batch.first_seq() || now.last_hash != batch.prev() {
@@ -1338,12 +1718,16 @@ impl Inner {
                     }
                     republished += 1;
                     if republished > MAX_REPUBLISH {
-                        return Err(LogError::Storage {
-                            context: format!("appending to run {run}"),
-                            message: format!(
-                                "the server refused {republished} times that the run's subject {subject} ends where this node reads it ends"
-                            ),
-                        });
+                        return Err(self.unknown_if(
+                            maybe_sent,
+                            &batch,
+                            LogError::Storage {
+                                context: self.append_context(&batch),
+                                message: format!(
+                                    "the server refused {republished} times that the run's subject {subject} ends where this node reads it ends"
+                                ),
+                            },
+                        ));
                     }
                     tip = now;
                 }
@@ -1352,31 +1736,60 @@ impl Inner {
                     maybe_sent = true;
                     if Instant::now() >= deadline {
                         return Err(LogError::Storage {
-                            context: format!(
-                                "appending {} events to run {run} on NATS at {} (stream {})",
-                                batch.events().len(),
-                                self.url,
-                                self.names.stream
-                            ),
+                            context: self.append_context(&batch),
                             message: format!(
-                                "{e}; gave up after {:?}; the batch may still be stored (message id {msg_id}): reload the run before appending again",
-                                self.opts.append_deadline
+                                "{e}; gave up after {:?}; {}",
+                                self.opts.append_deadline,
+                                may_be_stored(&msg_id)
                             ),
                         });
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => {
+                    drop(sent);
                     return Err(LogError::Storage {
-                        context: format!(
-                            "appending {} events to run {run} (stream {})",
-                            batch.events().len(),
-                            self.names.stream
-                        ),
-                        message: e.to_string(),
+                        context: self.append_context(&batch),
+                        message: publish_failed(&e.to_string(), maybe_sent, &msg_id),
                     });
                 }
             }
+        }
+    }
+
+    /// What an append of `batch` was: names the server (without secrets) and the stream.
+    fn append_context(&self, batch: &SealedBatch) -> String {
+        format!(
+            "appending {} events to run {} on NATS at {} (stream {})",
+            batch.events().len(),
+            batch.run_id(),
+            self.url,
+            self.names.stream
+        )
+    }
+
+    /// An append failed after a publish whose answer was lost (`maybe_sent`): the batch may
+    /// be stored, whatever failed next, and the error says so.
+    fn unknown_if(&self, maybe_sent: bool, batch: &SealedBatch, e: LogError) -> LogError {
+        if !maybe_sent {
+            return e;
+        }
+        let note = may_be_stored(&message_id(batch));
+        match e {
+            LogError::Storage { context, message } if context == self.append_context(batch) => {
+                LogError::Storage {
+                    context,
+                    message: format!("{message}; {note}"),
+                }
+            }
+            LogError::Storage { context, message } => LogError::Storage {
+                context: self.append_context(batch),
+                message: format!("{context}: {message}; {note}"),
+            },
+            LogError::Corrupt { what } => LogError::Corrupt {
+                what: format!("{what} (while appending: {note})"),
+            },
+            e => e,
         }
     }
 
@@ -1440,7 +1853,27 @@ impl Inner {
     /// After the server stored the batch as message `seq`: index up to it and report where
     /// the events landed.
     async fn receipt(&self, batch: &SealedBatch, seq: u64) -> Result<AppendReceipt, LogError> {
-        self.catch_up(seq).await?;
+        // The batch is stored: a failure to read what precedes it must not read as if the
+        // append had failed before writing.
+        self.catch_up(seq).await.map_err(|e| {
+            let stored = format!(
+                "the batch IS stored, as message {seq} of stream {} (message id {})",
+                self.names.stream,
+                message_id(batch)
+            );
+            match e {
+                LogError::Storage { context, message } => LogError::Storage {
+                    context: self.append_context(batch),
+                    message: format!(
+                        "{stored}, but then {context} failed: {message}; its position in the log is not known here: reload the run (do not append the batch again)"
+                    ),
+                },
+                LogError::Corrupt { what } => LogError::Corrupt {
+                    what: format!("{what} (found after {stored})"),
+                },
+                e => e,
+            }
+        })?;
         let index = self.read_index();
         let m = seq
             .checked_sub(1)
@@ -2026,6 +2459,66 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn urls_are_shown_without_their_secrets() {
+        for (url, shown) in [
+            ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+            ("127.0.0.1:4222", "127.0.0.1:4222"),
+            ("nats://u:pw@h:4222", "nats://u:***@h:4222"),
+            ("nats://u:p@ss@h", "nats://u:***@h"),
+            ("nats://u:p%40ss@h", "nats://u:***@h"),
+            ("nats://tok@h:4222", "nats://***@h:4222"),
+            ("u:pw@h:4222", "u:***@h:4222"),
+            (
+                "nats://h?password=x1&token=x2&Auth_Token=x3&nkey=x4&name=n&prefix=p",
+                "nats://h?password=***&token=***&Auth_Token=***&nkey=***&name=n&prefix=p",
+            ),
+            ("nats://u:pw@h?token=t#f", "nats://u:***@h?token=***#f"),
+            ("nats://h?token=", "nats://h?token="),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn user_info_becomes_credentials_and_leaves_the_dialled_url() {
+        let s = ServerUrl::parse("nats://ice:p%40ss%3Aw@127.0.0.1:4222?token=qq");
+        assert_eq!(s.dial, "nats://127.0.0.1:4222?token=qq");
+        assert!(
+            matches!(&s.credentials, Credentials::UserPassword(u, p) if u == "ice" && p == "p@ss:w")
+        );
+        assert_eq!(
+            s.scrub("bad login p%40ss%3Aw / p@ss:w / qq at nats://ice:p@ss:w@127.0.0.1"),
+            "bad login *** / *** / *** at nats://ice:***@127.0.0.1"
+        );
+        let t = ServerUrl::parse("nats://s3cr%2Ft@h");
+        assert_eq!(t.dial, "nats://h");
+        assert!(matches!(&t.credentials, Credentials::Token(k) if k == "s3cr/t"));
+        let e = ServerUrl::parse("nats://@h:1");
+        assert_eq!(
+            (e.dial.as_str(), e.shown.as_str()),
+            ("nats://h:1", "nats://h:1")
+        );
+        assert!(matches!(e.credentials, Credentials::None));
+        let n = ServerUrl::parse("nats://h:1");
+        assert!(matches!(n.credentials, Credentials::None));
+        assert!(n.secrets.is_empty());
+        assert_eq!(n.scrub("text"), "text");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("%ff"), "%ff");
+    }
+
+    #[test]
+    fn a_failed_publish_after_a_lost_answer_says_the_batch_may_be_stored() {
+        let m = publish_failed("publish failed: x", true, "ab-2");
+        assert!(m.starts_with("publish failed: x; "), "{m}");
+        assert!(m.contains("may still be stored (message id ab-2)"), "{m}");
+        assert_eq!(
+            publish_failed("publish failed: x", false, "ab-2"),
+            "publish failed: x"
+        );
     }
 
     #[test]

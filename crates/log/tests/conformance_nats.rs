@@ -1,5 +1,7 @@
 //! The conformance suite (`ice_log::conformance`) against NATS JetStream (the machine's server
-//! at 127.0.0.1:4222, or ICE_TEST_NATS_URL). Each case gets its own prefix and removes it.
+//! at 127.0.0.1:4222, or ICE_TEST_NATS_URL). Each case gets its own prefix and removes it;
+//! `fresh` creates the log with `NatsLog::connect`, `reopen` opens it with
+//! `NatsLog::connect_existing`.
 
 use std::sync::Arc;
 
@@ -31,8 +33,12 @@ impl Backend for Nats {
         Ok((Arc::new(log), prefix))
     }
 
+    /// Another node opens the log as a reader would: only if it exists (so every case also
+    /// checks that `connect_existing` finds what `connect` made).
     async fn reopen(&self, prefix: &str) -> Result<Arc<dyn EventLog>, LogError> {
-        Ok(Arc::new(NatsLog::connect(&self.url, prefix).await?))
+        Ok(Arc::new(
+            NatsLog::connect_existing(&self.url, prefix).await?,
+        ))
     }
 
     async fn destroy(&self, prefix: &str) {

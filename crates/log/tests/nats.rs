@@ -946,14 +946,21 @@ struct OwnServer {
     child: std::process::Child,
     port: u16,
     dir: std::path::PathBuf,
+    /// Further arguments (authorization).
+    args: Vec<String>,
 }
 
 impl OwnServer {
     fn start(port: u16, dir: &std::path::Path) -> OwnServer {
+        OwnServer::start_with(port, dir, &[])
+    }
+
+    fn start_with(port: u16, dir: &std::path::Path, args: &[&str]) -> OwnServer {
         let bin = std::env::var("ICE_TEST_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
         let child = std::process::Command::new(&bin)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(dir)
+            .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -969,6 +976,7 @@ impl OwnServer {
             child,
             port,
             dir: dir.to_path_buf(),
+            args: args.iter().map(|a| a.to_string()).collect(),
         }
     }
 
@@ -994,7 +1002,9 @@ impl OwnServer {
 
     fn restart(&mut self) {
         self.kill();
-        *self = OwnServer::start(self.port, &self.dir.clone());
+        let args = self.args.clone();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        *self = OwnServer::start_with(self.port, &self.dir.clone(), &args);
     }
 }
 
@@ -1264,4 +1274,297 @@ async fn durable_append_rate_against_raw_jetstream() {
     js.delete_stream(&raw_stream).await.unwrap();
     assert_eq!(log.size().await.unwrap(), (APPENDS * 2 * ROUNDS) as u64);
     assert_verifies(log.as_ref()).await;
+}
+
+/// `nats://USER:PASSWORD@HOST` and `nats://TOKEN@HOST` authenticate (the client library itself
+/// ignores user info in a URL), and a refused login names the server, not the password.
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_in_the_url_authenticate_and_are_never_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = OwnServer::start_with(
+        free_port(),
+        dir.path(),
+        &["--user", "ice", "--pass", "s3cret-pw"],
+    );
+    let host = format!("127.0.0.1:{}", server.port);
+    let good = format!("nats://ice:s3cret-pw@{host}");
+    let log = NatsLog::connect(&good, "auth")
+        .await
+        .expect("the URL's user and password authenticate");
+    assert!(!log.url().contains("s3cret-pw"), "{}", log.url());
+    assert!(log.url().contains(&host), "{}", log.url());
+    let ledger = Ledger::new(Arc::new(log), Arc::new(TestClock::new()));
+    ledger.append(&run_id("a"), opening()).await.unwrap();
+    for (url, secret) in [
+        (format!("nats://ice:wrong-pw@{host}"), "wrong-pw"),
+        (format!("nats://{host}"), "s3cret-pw"),
+    ] {
+        match NatsLog::connect(&url, "auth").await {
+            Err(e @ LogError::Storage { .. }) => {
+                let text = format!("{e} {e:?}");
+                assert!(!text.contains(secret), "{text}");
+                assert!(text.contains(&host), "{text}");
+            }
+            other => panic!("connecting with {url:?} gave {:?}", other.err()),
+        }
+    }
+    NatsLog::connect_existing(&good, "auth")
+        .await
+        .unwrap()
+        .destroy()
+        .await
+        .unwrap();
+    drop(server);
+
+    let server = OwnServer::start_with(free_port(), dir.path(), &["--auth", "t0ken-xyz"]);
+    let host = format!("127.0.0.1:{}", server.port);
+    let log = NatsLog::connect(&format!("nats://t0ken-xyz@{host}"), "token")
+        .await
+        .expect("the URL's token authenticates");
+    assert!(!log.url().contains("t0ken-xyz"), "{}", log.url());
+    log.destroy().await.unwrap();
+    match NatsLog::connect(&format!("nats://bad-t0ken@{host}"), "token").await {
+        Err(e) => assert!(!format!("{e} {e:?}").contains("bad-t0ken"), "{e}"),
+        Ok(_) => panic!("a wrong token was accepted"),
+    }
+}
+
+/// The names of the streams on the server whose names hold `prefix`, sorted.
+async fn streams_of(url: &str, prefix: &str) -> Vec<String> {
+    use futures_util::StreamExt;
+    let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+    let mut v: Vec<String> = js
+        .stream_names()
+        .filter_map(|n| async move { n.ok() })
+        .filter(|n| std::future::ready(n.contains(prefix)))
+        .collect()
+        .await;
+    v.sort();
+    v
+}
+
+/// `url` with the user info `u:secretpw@` (the shared server needs none and ignores it).
+fn with_password(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) if !rest.contains('@') => format!("{scheme}://u:secretpw@{rest}"),
+        _ => url.to_string(),
+    }
+}
+
+/// Opening for reading: an existing log opens with the same events; a missing, foreign or
+/// incomplete one is `NotALog` and nothing is created.
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_existing_opens_only_an_existing_log_and_creates_nothing() {
+    let shared = Shared::new();
+    let p = shared.prefix.clone();
+    let secret_url = with_password(&shared.url);
+    match NatsLog::connect_existing(&secret_url, &p).await {
+        Err(LogError::NotALog { path, reason }) => {
+            assert!(!path.contains("secretpw"), "{path}");
+            assert!(path.contains(&p), "{path}");
+            assert!(
+                path.contains(shared.url.split("://").last().unwrap()),
+                "{path}"
+            );
+            assert!(
+                reason.contains(&format!("no ICE log with prefix {p}")),
+                "{reason}"
+            );
+            assert!(
+                reason.contains(&format!("{p}_EVENTS does not exist")),
+                "{reason}"
+            );
+        }
+        other => panic!("opening a missing log gave {:?}", other.err()),
+    }
+    assert!(
+        streams_of(&shared.url, &p).await.is_empty(),
+        "a read-only open created {:?}",
+        streams_of(&shared.url, &p).await
+    );
+
+    // An existing log: the same events, checkpoints and runs as the node that wrote them.
+    let writer = shared.node().await;
+    for b in workload().into_iter().take(9) {
+        writer.append(b).await.unwrap();
+    }
+    let signer = NoteSigner::from_seed("ice.test/nats", [7u8; 32]).unwrap();
+    let size = writer.size().await.unwrap();
+    let note = Checkpoint {
+        origin: signer.name().into(),
+        size,
+        root: root_at(writer.as_ref(), size).await.unwrap(),
+    }
+    .sign(&signer)
+    .unwrap();
+    writer
+        .add_checkpoint(StoredCheckpoint { size, note })
+        .await
+        .unwrap();
+    let reader = NatsLog::connect_existing_with(
+        &secret_url,
+        &p,
+        Options {
+            request_timeout: Duration::from_secs(2),
+            ..Options::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(!reader.url().contains("secretpw"), "{}", reader.url());
+    assert_eq!(all_events(&reader).await, all_events(writer.as_ref()).await);
+    assert_eq!(
+        reader.checkpoints().await.unwrap(),
+        writer.checkpoints().await.unwrap()
+    );
+    assert_eq!(
+        reader.runs(0, 100).await.unwrap(),
+        writer.runs(0, 100).await.unwrap()
+    );
+    assert_verifies(&reader).await;
+    let before = streams_of(&shared.url, &p).await;
+    assert_eq!(before.len(), 4, "{before:?}");
+
+    // An incomplete log (a bucket is gone): refused, and the bucket is not made again.
+    let js = async_nats::jetstream::new(async_nats::connect(shared.url.as_str()).await.unwrap());
+    js.delete_stream(format!("KV_{p}_CLAIMS")).await.unwrap();
+    match NatsLog::connect_existing(&shared.url, &p).await {
+        Err(LogError::NotALog { reason, .. }) => {
+            assert!(reason.contains(&format!("{p}_CLAIMS")), "{reason}")
+        }
+        other => panic!("opening an incomplete log gave {:?}", other.err()),
+    }
+    assert_eq!(streams_of(&shared.url, &p).await.len(), 3);
+    // Opening it for writing completes it.
+    drop(NatsLog::connect(&shared.url, &p).await.unwrap());
+    assert_eq!(streams_of(&shared.url, &p).await, before);
+
+    // A stream of that name that is not an ICE log.
+    let foreign = fresh_prefix();
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: format!("{foreign}_EVENTS"),
+        subjects: vec![format!("{foreign}.other")],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let opened = NatsLog::connect_existing(&shared.url, &foreign).await;
+    let left = streams_of(&shared.url, &foreign).await;
+    nats::destroy(&shared.url, &foreign).await.unwrap();
+    match opened {
+        Err(LogError::NotALog { reason, .. }) => {
+            assert!(reason.contains("is not an ICE log"), "{reason}")
+        }
+        other => panic!("opening a foreign stream gave {:?}", other.err()),
+    }
+    assert_eq!(left, vec![format!("{foreign}_EVENTS")]);
+    // A prefix that cannot name NATS objects is refused as by `connect`.
+    assert!(matches!(
+        NatsLog::connect_existing(&shared.url, "a.b").await,
+        Err(LogError::Invalid(_))
+    ));
+}
+
+/// The URL's password is kept out of every error and of `url()`: here an append that gives
+/// up with the server gone (its context names the server).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_append_names_the_server_but_not_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = OwnServer::start(free_port(), dir.path());
+    let host = format!("127.0.0.1:{}", server.port);
+    let opts = Options {
+        request_timeout: Duration::from_millis(300),
+        append_deadline: Duration::from_secs(1),
+        ..Options::default()
+    };
+    let log = Arc::new(
+        NatsLog::connect_with(&format!("nats://u:secretpw@{host}"), "leak", opts)
+            .await
+            .expect("connect to our own server"),
+    );
+    assert_eq!(log.url(), format!("nats://u:***@{host}"));
+    let ledger = Ledger::new(log.clone(), Arc::new(TestClock::new()));
+    ledger.append(&run_id("r"), opening()).await.unwrap();
+    server.kill();
+    match ledger.append(&run_id("r"), vec![working(0, 1)]).await {
+        Err(AppendError::Log(e @ LogError::Storage { .. })) => {
+            let text = format!("{e} {e:?}");
+            assert!(!text.contains("secretpw"), "{text}");
+            assert!(
+                text.contains(&format!("on NATS at nats://u:***@{host}")),
+                "{text}"
+            );
+            assert!(text.contains("may still be stored"), "{text}");
+        }
+        other => panic!("an append with the server down gave {other:?}"),
+    }
+    // Nor does a failed connection show it.
+    match NatsLog::connect(&format!("nats://u:secretpw@{host}"), "leak").await {
+        Err(e) => {
+            let text = format!("{e} {e:?}");
+            assert!(!text.contains("secretpw"), "{text}");
+            assert!(text.contains(&host), "{text}");
+        }
+        Ok(_) => panic!("connected to a stopped server"),
+    }
+}
+
+/// The server stores a batch, then reading the other node's message before it fails: the
+/// error says the batch is stored and where, not that the append failed; it is there after.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stored_batch_whose_position_cannot_be_read_is_reported_as_stored() {
+    let shared = Shared::new();
+    let a = shared.node().await;
+    let b = shared.node().await;
+    let run = run_id("kept");
+    let mut head = RunHead::new(run.clone());
+    a.append(head.seal_batch(opening(), at(1), &NoOtherRuns).unwrap())
+        .await
+        .unwrap();
+    // Another node appends to another run: `a` must read that message to place its own.
+    let mut other = RunHead::new(run_id("other"));
+    b.append(other.seal_batch(opening(), at(2), &NoOtherRuns).unwrap())
+        .await
+        .unwrap();
+    let batch = head
+        .seal_batch(vec![working(0, 1), working(1, 2)], at(3), &NoOtherRuns)
+        .unwrap();
+    a.fail_next_server_read();
+    match a.append(batch.clone()).await {
+        Err(LogError::Storage { context, message }) => {
+            assert!(
+                context.contains("appending 2 events to run kept"),
+                "{context}"
+            );
+            assert!(
+                message.contains(&format!(
+                    "the batch IS stored, as message 3 of stream {}_EVENTS",
+                    shared.prefix
+                )),
+                "{message}"
+            );
+            assert!(
+                message.contains("(test) the server did not answer"),
+                "{message}"
+            );
+            assert!(
+                message.contains("do not append the batch again"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a storage error saying the batch is stored, got {other:?}"),
+    }
+    // It is: every node reads it, and offering it again is a conflict.
+    assert_eq!(b.read_run(&run, 0, 100).await.unwrap().len(), 6);
+    assert_eq!(a.read_run(&run, 0, 100).await.unwrap().len(), 6);
+    assert!(matches!(
+        a.append(batch).await,
+        Err(LogError::Conflict {
+            expected: 4,
+            actual: 6,
+            ..
+        })
+    ));
+    assert_eq!(a.size().await.unwrap(), 10);
+    assert_verifies(a.as_ref()).await;
 }
