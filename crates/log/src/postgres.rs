@@ -4,6 +4,9 @@
 //! [`PgLog::connect`] takes a connection URL and a schema (default `public`), creates the tables
 //! if the schema holds none of them, and refuses ([`LogError::NotALog`]) a schema whose `meta`
 //! table does not say `ice-log/1` or that holds tables of the same names without one.
+//! [`PgLog::connect_existing`] opens only a log that is already there: it creates and changes
+//! nothing, and a schema without one is [`LogError::NotALog`] (for read-only uses, where a
+//! mistyped schema must not become a new, empty log).
 //!
 //! Tables, as in [`crate::sqlite`]: `events` (the record: `log_seq`, indexed columns, hash,
 //! canonical body), `tree` (every complete perfect Merkle subtree, keyed by the leaf that
@@ -44,6 +47,19 @@
 //! still commit), re-reads the batch's first event and answers from what is stored: the receipt
 //! if it landed, [`LogError::Storage`] saying that nothing was written if it did not.
 //!
+//! **Time bounds** ([`Options`]). A server that stops answering (frozen, or cut off by the
+//! network without the connection being closed) makes every call fail with
+//! [`LogError::Storage`] saying what timed out, never hang. Opening a session (TCP connect,
+//! startup, authentication, session setup) is bounded by [`Options::connect_timeout`] per host;
+//! a read, a claim or a checkpoint by [`Options::request_timeout`] in all (waiting for the
+//! shared session, reconnecting and its one retry included). An append has
+//! [`Options::request_timeout`] for everything up to its commit's answer; one that times out
+//! before its `COMMIT` was sent wrote nothing and says so, one whose `COMMIT` (or one-statement
+//! write) got no answer in time is an unknown outcome, settled as a lost commit reply is, within
+//! one more [`Options::request_timeout`]. Appends queued behind a commit wait for it first. A
+//! session that timed out is closed at once and never used again (it may be half-way through an
+//! exchange with the server).
+//!
 //! **Durability.** A commit returns after PostgreSQL reports it committed; writer sessions run
 //! with `synchronous_commit` at least `on` (a server default of `off` or `local` is raised).
 //!
@@ -59,6 +75,7 @@ use futures_util::future::{BoxFuture, try_join_all};
 use ice_kernel::blob::blob_refs;
 use ice_kernel::{Digest, EventId, RunId, SealedBatch};
 use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::time::{Instant, timeout_at};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
@@ -79,9 +96,19 @@ pub const MAX_GROUP_REQUESTS: usize = 1024;
 pub const MAX_GROUP_BYTES: usize = 32 << 20;
 /// Most queued append requests before appenders wait (back-pressure, not unbounded memory).
 const WRITE_QUEUE: usize = 4096;
-/// How long an unreachable server may take to answer a connection attempt (unless the URL
-/// sets `connect_timeout`).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of [`Options::connect_timeout`]: how long opening a session may take (TCP connect,
+/// startup, authentication, session setup), per host of the URL.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of [`Options::request_timeout`]: how long one call may wait for the server.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a session that is no longer used may take to close politely (the server's answers
+/// to what it still had under way, then a Terminate message) before it is cut.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Most bytes of blobs one request hashes when checking them (`altered_blob`): one request's
+/// work stays bounded however large the store grows.
+const BLOB_CHECK_BYTES: i64 = 64 << 20;
+/// Most blobs one such request looks at.
+const BLOB_CHECK_ROWS: i64 = 4096;
 /// A writer session idle inside a transaction this long (its node hung while holding the
 /// log's write lock) is ended by the server, so one stuck node cannot stop every other.
 const IDLE_IN_TRANSACTION_MS: u32 = 30_000;
@@ -255,8 +282,12 @@ impl Statements {
                  (SELECT MIN(log_seq) FROM {s}.events), (SELECT MAX(log_seq) FROM {s}.events), \
                  (SELECT MIN(leaf_end) FROM {s}.tree), (SELECT MAX(leaf_end) FROM {s}.tree)"
             ),
+            // The blobs after $1, in name order: up to $2 of them and, past the first, up to $3
+            // bytes (sizes are read from the row headers; only the chosen rows are hashed).
             format!(
-                "SELECT encode(digest, 'hex') FROM {s}.blobs WHERE sha256(bytes) <> digest ORDER BY digest LIMIT 1"
+                "SELECT digest, sha256(bytes) = digest FROM (SELECT digest, bytes, \
+                 sum(octet_length(bytes)) OVER (ORDER BY digest ROWS UNBOUNDED PRECEDING) - octet_length(bytes) AS before \
+                 FROM {s}.blobs WHERE digest > $1 ORDER BY digest LIMIT $2) b WHERE before < $3 ORDER BY digest"
             ),
         ];
         // Sent together: one round trip, not twenty.
@@ -292,6 +323,43 @@ impl Statements {
     }
 }
 
+/// The task that drives one session's connection.
+struct Driver {
+    task: tokio::task::AbortHandle,
+    /// Set when the session is cut: it is not used again, whatever the client says.
+    killed: AtomicBool,
+    /// Dropped with the session: the task then lets the connection close politely, but for at
+    /// most [`CLOSE_GRACE`] (a server that stopped answering never lets it).
+    _dropped: oneshot::Sender<()>,
+}
+
+impl Driver {
+    fn spawn<F: std::future::Future + Send + 'static>(connection: F) -> Driver {
+        let (dropped, gone) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            // Ends when the client is dropped or the server closes the session; the client
+            // then reports itself closed and the next call reconnects.
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = &mut connection => return,
+                _ = gone => {}
+            }
+            let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
+        });
+        Driver {
+            task: task.abort_handle(),
+            killed: AtomicBool::new(false),
+            _dropped: dropped,
+        }
+    }
+
+    /// Cut the session now: its socket is closed, every request still waiting on it fails.
+    fn kill(&self) {
+        self.killed.store(true, Ordering::SeqCst);
+        self.task.abort();
+    }
+}
+
 /// One session with the server, its prepared statements, and which server process it is.
 struct Conn {
     client: Client,
@@ -299,6 +367,35 @@ struct Conn {
     /// `pg_backend_pid()` and the process's start time: enough to find it again, and to be
     /// sure it is that process and not a later one with the same pid.
     backend: (i32, String),
+    driver: Driver,
+}
+
+impl Conn {
+    /// Whether the session may take a request: not closed, and not cut after a timeout.
+    fn usable(&self) -> bool {
+        !self.driver.killed.load(Ordering::SeqCst) && !self.client.is_closed()
+    }
+
+    fn kill(&self) {
+        self.driver.kill();
+    }
+}
+
+/// A duration as messages give it.
+fn dur(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+/// What a request that got no answer in time says.
+fn no_answer(bound: Duration) -> String {
+    format!(
+        "timed out: the server did not answer within {}; ICE closed the session",
+        dur(bound)
+    )
 }
 
 /// Whether an error means the session is gone (rather than that a statement failed).
@@ -433,27 +530,74 @@ struct Inner {
     quoted: String,
     schema: String,
     location: String,
+    opts: Options,
+    /// How long opening a session may take: the connect timeout for each host of the URL.
+    startup: Duration,
     shared: Mutex<Option<Arc<Conn>>>,
     lose_next_commit_reply: AtomicBool,
 }
 
 impl Inner {
-    async fn open(&self, purpose: &str, writer: bool) -> Result<Conn, LogError> {
-        let ctx = || format!("connecting to {} {purpose}", self.location);
-        let (client, connection) = self
-            .config
-            .connect(NoTls)
-            .await
-            .map_err(|e| storage(ctx(), &e))?;
-        tokio::spawn(async move {
-            // Ends when the client is dropped or the server closes the session; the client
-            // then reports itself closed and the next call reconnects.
-            let _ = connection.await;
-        });
-        self.prepare(client, purpose, writer).await
+    fn connecting(&self, purpose: &str) -> String {
+        if purpose.is_empty() {
+            format!("connecting to {}", self.location)
+        } else {
+            format!("connecting to {} {purpose}", self.location)
+        }
     }
 
-    async fn prepare(&self, client: Client, purpose: &str, writer: bool) -> Result<Conn, LogError> {
+    fn connect_timed_out(&self, purpose: &str, started: Instant) -> LogError {
+        LogError::Storage {
+            context: self.connecting(purpose),
+            message: format!(
+                "timed out after {}: the server did not complete the connection (TCP connect, \
+                 startup, authentication, session setup)",
+                dur(started.elapsed())
+            ),
+        }
+    }
+
+    /// A new session, past startup and authentication, by `limit`.
+    async fn session(
+        &self,
+        purpose: &str,
+        started: Instant,
+        limit: Instant,
+    ) -> Result<(Client, Driver), LogError> {
+        match timeout_at(limit, self.config.connect(NoTls)).await {
+            Ok(Ok((client, connection))) => Ok((client, Driver::spawn(connection))),
+            Ok(Err(e)) => Err(storage(self.connecting(purpose), &e)),
+            Err(_) => Err(self.connect_timed_out(purpose, started)),
+        }
+    }
+
+    /// A new session with ICE's statements prepared, within the connect timeout and by
+    /// `deadline`.
+    async fn open(&self, purpose: &str, writer: bool, deadline: Instant) -> Result<Conn, LogError> {
+        let started = Instant::now();
+        let limit = deadline.min(started + self.startup);
+        let (client, driver) = self.session(purpose, started, limit).await?;
+        match timeout_at(limit, self.prepare(&client, purpose, writer)).await {
+            Ok(Ok((st, backend))) => Ok(Conn {
+                client,
+                st,
+                backend,
+                driver,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                driver.kill();
+                Err(self.connect_timed_out(purpose, started))
+            }
+        }
+    }
+
+    async fn prepare(
+        &self,
+        client: &Client,
+        purpose: &str,
+        writer: bool,
+    ) -> Result<(Statements, (i32, String)), LogError> {
         let ctx = || format!("preparing statements on {} {purpose}", self.location);
         if writer {
             client
@@ -473,7 +617,7 @@ impl Inner {
         }
         let (st, who) = tokio::join!(
             biased;
-            Statements::prepare(&client, &self.quoted),
+            Statements::prepare(client, &self.quoted),
             client.query_one(
                 "SELECT pg_backend_pid(), backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
                 &[],
@@ -485,44 +629,45 @@ impl Inner {
             col(&who, 0, "pg_stat_activity")?,
             col(&who, 1, "pg_stat_activity")?,
         );
-        Ok(Conn {
-            client,
-            st,
-            backend,
-        })
+        Ok((st, backend))
     }
 
-    /// The shared session for reads and single-statement writes, reconnected if closed.
-    async fn shared(&self) -> Result<Arc<Conn>, LogError> {
-        let mut g = self.shared.lock().await;
+    /// The shared session for reads and single-statement writes, reconnected if closed or
+    /// cut, by `deadline`.
+    async fn shared(&self, deadline: Instant) -> Result<Arc<Conn>, LogError> {
+        let Ok(mut g) = timeout_at(deadline, self.shared.lock()).await else {
+            return Err(LogError::Storage {
+                context: format!("waiting for the session to {}", self.location),
+                message: format!(
+                    "timed out: another call was connecting, and no session was ready within {}",
+                    dur(self.opts.request_timeout)
+                ),
+            });
+        };
         if let Some(c) = g.as_ref()
-            && !c.client.is_closed()
+            && c.usable()
         {
             return Ok(c.clone());
         }
         *g = None;
-        let c = Arc::new(self.open("to read the log", false).await?);
+        let c = Arc::new(self.open("to read the log", false, deadline).await?);
         *g = Some(c.clone());
         Ok(c)
     }
 
-    async fn discard(&self, c: &Arc<Conn>) {
-        let mut g = self.shared.lock().await;
-        if g.as_ref().is_some_and(|x| Arc::ptr_eq(x, c)) {
-            *g = None;
-        }
-    }
-
     /// Run `f` on the shared session; if the session turns out to be gone, once more on a new
-    /// one. Only for operations that are safe to repeat (reads, idempotent writes).
+    /// one. Only for operations that are safe to repeat (reads, idempotent writes). All of it
+    /// within the request timeout: past it the session is cut (it may be half-way through an
+    /// exchange) and the call fails.
     async fn with_shared<'f, T>(
         &self,
         context: &str,
         f: impl Fn(Arc<Conn>) -> BoxFuture<'f, Result<T, tokio_postgres::Error>>,
     ) -> Result<T, LogError> {
+        let deadline = Instant::now() + self.opts.request_timeout;
         let mut retried = false;
         loop {
-            let c = self.shared().await.map_err(|e| match e {
+            let c = self.shared(deadline).await.map_err(|e| match e {
                 LogError::Storage {
                     context: c,
                     message,
@@ -532,18 +677,25 @@ impl Inner {
                 },
                 e => e,
             })?;
-            match f(c.clone()).await {
-                Ok(v) => return Ok(v),
-                Err(e) => {
+            match timeout_at(deadline, f(c.clone())).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => {
                     let gone = lost(&e, &c.client);
                     if gone {
-                        self.discard(&c).await;
-                    }
-                    if gone && !retried {
-                        retried = true;
-                        continue;
+                        c.kill();
+                        if !retried && Instant::now() < deadline {
+                            retried = true;
+                            continue;
+                        }
                     }
                     return Err(storage(format!("{context} in {}", self.location), &e));
+                }
+                Err(_) => {
+                    c.kill();
+                    return Err(LogError::Storage {
+                        context: format!("{context} in {}", self.location),
+                        message: no_answer(self.opts.request_timeout),
+                    });
                 }
             }
         }
@@ -714,13 +866,43 @@ enum Attempt {
         error: LogError,
         lost: bool,
     },
-    /// The session was lost after the write and `COMMIT` were sent.
+    /// The write and `COMMIT` (or the one-statement write) were sent and no answer came: the
+    /// session was lost, or the server did not answer in time.
     Unknown {
         planned: Vec<Result<AppendReceipt, LogError>>,
         frontier: Frontier,
         old_backend: (i32, String),
+        /// Whether no answer came in time (else the session was lost).
+        timed_out: bool,
         message: String,
     },
+}
+
+/// The answer to one request of an attempt, before anything that could commit was sent.
+fn answered<T>(
+    r: Result<Result<T, tokio_postgres::Error>, tokio::time::error::Elapsed>,
+    phase: &str,
+    conn: &Conn,
+    bound: Duration,
+) -> Result<T, Attempt> {
+    match r {
+        Ok(r) => r.map_err(|e| failed(phase, &e, &conn.client)),
+        Err(_) => Err(timed_out(conn, phase, bound)),
+    }
+}
+
+/// A request that got no answer by the deadline, before anything that could commit was sent:
+/// the session is cut (the server rolls back what it had begun), nothing was written.
+fn timed_out(conn: &Conn, phase: &str, bound: Duration) -> Attempt {
+    conn.kill();
+    Attempt::Failed {
+        phase: phase.into(),
+        error: LogError::Storage {
+            context: String::new(),
+            message: no_answer(bound),
+        },
+        lost: true,
+    }
 }
 
 fn failed(phase: &str, e: &tokio_postgres::Error, client: &Client) -> Attempt {
@@ -776,9 +958,11 @@ impl Writer {
     }
 
     async fn commit_group(&mut self, group: &[Prepared]) -> Vec<Result<AppendReceipt, LogError>> {
+        // Everything up to the commit's answer, the retry included, by this deadline.
+        let deadline = Instant::now() + self.inner.opts.request_timeout;
         let mut retried = false;
         loop {
-            match self.attempt(group).await {
+            match self.attempt(group, deadline).await {
                 Attempt::Done(results, frontier) => {
                     if frontier.is_some() {
                         self.frontier = frontier;
@@ -788,8 +972,9 @@ impl Writer {
                 Attempt::Failed { phase, error, lost } => {
                     if lost {
                         self.conn = None;
-                        // Nothing was sent that could commit: safe to try once more.
-                        if !retried {
+                        // Nothing was sent that could commit: safe to try once more, in the
+                        // time left.
+                        if !retried && Instant::now() < deadline {
                             retried = true;
                             continue;
                         }
@@ -813,21 +998,31 @@ impl Writer {
                     planned,
                     frontier,
                     old_backend,
+                    timed_out,
                     message,
                 } => {
                     self.conn = None;
+                    let why = if timed_out {
+                        format!(
+                            "the server did not answer the commit within {}",
+                            dur(self.inner.opts.request_timeout)
+                        )
+                    } else {
+                        "the connection was lost while committing".into()
+                    };
                     return self
-                        .resolve(group, planned, frontier, old_backend, message)
+                        .resolve(group, planned, frontier, old_backend, why, message)
                         .await;
                 }
             }
         }
     }
 
-    async fn attempt(&mut self, group: &[Prepared]) -> Attempt {
-        if self.conn.as_ref().is_none_or(|c| c.client.is_closed()) {
+    async fn attempt(&mut self, group: &[Prepared], deadline: Instant) -> Attempt {
+        let bound = self.inner.opts.request_timeout;
+        if self.conn.as_ref().is_none_or(|c| !c.usable()) {
             self.conn = None;
-            match self.inner.open("to append", true).await {
+            match self.inner.open("to append", true, deadline).await {
                 Ok(c) => self.conn = Some(c),
                 Err(error) => {
                     return Attempt::Failed {
@@ -863,8 +1058,9 @@ impl Writer {
         needed.dedup();
         let mut stored_blobs: HashSet<Digest> = HashSet::new();
         if !needed.is_empty() {
-            match client.query(&st.blobs_have, &[&needed]).await {
-                Ok(rows) => {
+            match timeout_at(deadline, client.query(&st.blobs_have, &[&needed])).await {
+                Err(_) => return timed_out(conn, "looking up stored blobs", bound),
+                Ok(Ok(rows)) => {
                     for r in rows {
                         let d: Vec<u8> = match col(&r, 0, "blob row") {
                             Ok(d) => d,
@@ -887,7 +1083,7 @@ impl Writer {
                         }
                     }
                 }
-                Err(e) => return failed("looking up stored blobs", &e, client),
+                Ok(Err(e)) => return failed("looking up stored blobs", &e, client),
             }
         }
 
@@ -922,8 +1118,9 @@ impl Writer {
                     &expected,
                 ]);
                 // Sent whole, the statement may commit whatever follows; a session known to be
-                // gone (the server ended it since the check above) is replaced first instead.
-                if client.is_closed() {
+                // gone (the server ended it since the check above) is replaced first instead,
+                // and past the deadline nothing is sent.
+                if !conn.usable() {
                     return Attempt::Failed {
                         phase: "sending the events".into(),
                         error: LogError::Storage {
@@ -933,8 +1130,11 @@ impl Writer {
                         lost: true,
                     };
                 }
-                match client.query_one(&st.fast_write, &params).await {
-                    Ok(row) if row.try_get::<_, i64>(0).is_ok_and(|n| n == 1) => {
+                if Instant::now() >= deadline {
+                    return timed_out(conn, "sending the events", bound);
+                }
+                match timeout_at(deadline, client.query_one(&st.fast_write, &params)).await {
+                    Ok(Ok(row)) if row.try_get::<_, i64>(0).is_ok_and(|n| n == 1) => {
                         if self
                             .inner
                             .lose_next_commit_reply
@@ -944,22 +1144,35 @@ impl Writer {
                                 planned: results,
                                 frontier,
                                 old_backend: conn.backend.clone(),
+                                timed_out: false,
                                 message: "(test) the reply to the commit was lost".into(),
                             };
                         }
                         return Attempt::Done(results, Some(frontier));
                     }
                     // Another writer was here: the careful way, from now on.
-                    Ok(_) => self.solo = false,
-                    Err(e) if lost(&e, client) => {
+                    Ok(Ok(_)) => self.solo = false,
+                    Ok(Err(e)) if lost(&e, client) => {
+                        conn.kill();
                         return Attempt::Unknown {
                             planned: results,
                             frontier,
                             old_backend: conn.backend.clone(),
+                            timed_out: false,
                             message: message(&e),
                         };
                     }
-                    Err(e) => return failed("writing the events", &e, client),
+                    Ok(Err(e)) => return failed("writing the events", &e, client),
+                    Err(_) => {
+                        conn.kill();
+                        return Attempt::Unknown {
+                            planned: results,
+                            frontier,
+                            old_backend: conn.backend.clone(),
+                            timed_out: true,
+                            message: no_answer(bound),
+                        };
+                    }
                 }
             }
         }
@@ -972,14 +1185,14 @@ impl Writer {
         let tips_params: [&(dyn ToSql + Sync); 1] = [&runs];
         let (begin, head, tips) = tokio::join!(
             biased;
-            client.batch_execute("BEGIN"),
-            client.query_opt(&st.lock, &[]),
-            client.query(&st.tips, &tips_params),
+            timeout_at(deadline, client.batch_execute("BEGIN")),
+            timeout_at(deadline, client.query_opt(&st.lock, &[])),
+            timeout_at(deadline, client.query(&st.tips, &tips_params)),
         );
         let outcome = (|| -> Result<_, Attempt> {
-            begin.map_err(|e| failed("beginning a transaction", &e, client))?;
-            let head = head.map_err(|e| failed("waiting for the log's write lock", &e, client))?;
-            let tips = tips.map_err(|e| failed("reading the runs' tips", &e, client))?;
+            answered(begin, "beginning a transaction", conn, bound)?;
+            let head = answered(head, "waiting for the log's write lock", conn, bound)?;
+            let tips = answered(tips, "reading the runs' tips", conn, bound)?;
             let head = head.ok_or_else(|| {
                 corrupt(LogError::Corrupt {
                     what: "the head row (the log's size) is missing".into(),
@@ -1003,28 +1216,34 @@ impl Writer {
         })();
         let (size, mut tip_of) = match outcome {
             Ok(v) => v,
-            Err(a) => return self.abandon(a).await,
+            Err(a) => return self.abandon(a, deadline).await,
         };
 
         // The tree's right edge: another node may have appended since this one last did.
         self.solo = self.frontier.as_ref().is_some_and(|f| f.size() == size);
         let mut frontier = match &self.frontier {
             Some(f) if f.size() == size => f.clone(),
-            _ => match load_frontier(client, st, size).await {
+            _ => match load_frontier(conn, size, deadline, bound).await {
                 Ok(f) => f,
-                Err(a) => return self.abandon(a).await,
+                Err(a) => return self.abandon(a, deadline).await,
             },
         };
 
         let (rows, results) = plan(group, &mut tip_of, &stored_blobs, &mut frontier);
         if rows.log_seqs.is_empty() {
-            return match client.batch_execute("ROLLBACK").await {
-                Ok(()) => Attempt::Done(results, None),
-                Err(_) => {
+            return match timeout_at(deadline, client.batch_execute("ROLLBACK")).await {
+                Ok(Ok(())) => Attempt::Done(results, None),
+                _ => {
+                    // Not committed: cut, the session rolls back.
+                    conn.kill();
                     self.conn = None;
                     Attempt::Done(results, None)
                 }
             };
+        }
+        if Instant::now() >= deadline {
+            let a = timed_out(conn, "writing the events", bound);
+            return self.abandon(a, deadline).await;
         }
 
         // Write and commit, sent together. If the write fails the transaction is aborted and
@@ -1033,27 +1252,49 @@ impl Writer {
         let params = rows.params(&new_size);
         let (write, commit) = tokio::join!(
             biased;
-            client.execute(&st.write, &params),
-            client.batch_execute("COMMIT"),
+            timeout_at(deadline, client.execute(&st.write, &params)),
+            timeout_at(deadline, client.batch_execute("COMMIT")),
         );
-        let unknown = |message: String| Attempt::Unknown {
+        let unknown = |timed_out: bool, message: String| Attempt::Unknown {
             planned: results.clone(),
             frontier: frontier.clone(),
             old_backend: conn.backend.clone(),
+            timed_out,
             message,
         };
+        let lost_reply = [
+            write.as_ref().ok().and_then(|r| r.as_ref().err()),
+            commit.as_ref().ok().and_then(|r| r.as_ref().err()),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|e| lost(e, client))
+        .map(message);
+        if let Some(m) = lost_reply {
+            conn.kill();
+            return unknown(false, m);
+        }
         match (write, commit) {
-            (Err(e), _) | (Ok(_), Err(e)) if lost(&e, client) => unknown(message(&e)),
-            (_, Err(e)) if lost(&e, client) => unknown(message(&e)),
-            (Err(e), _) => failed("writing the events", &e, client),
-            (Ok(_), Err(e)) => failed("committing", &e, client),
-            (Ok(_), Ok(())) => {
+            // The write failed: the transaction is aborted, its COMMIT can only roll back.
+            (Ok(Err(e)), commit) => {
+                if commit.is_err() {
+                    conn.kill();
+                }
+                failed("writing the events", &e, client)
+            }
+            // Sent, and no answer in time: it may have committed.
+            (Err(_), _) | (_, Err(_)) => {
+                conn.kill();
+                unknown(true, no_answer(bound))
+            }
+            (Ok(Ok(_)), Ok(Err(e))) => failed("committing", &e, client),
+            (Ok(Ok(_)), Ok(Ok(()))) => {
                 if self
                     .inner
                     .lose_next_commit_reply
                     .swap(false, Ordering::SeqCst)
                 {
-                    return unknown("(test) the reply to COMMIT was lost".into());
+                    return unknown(false, "(test) the reply to COMMIT was lost".into());
                 }
                 Attempt::Done(results, Some(frontier))
             }
@@ -1061,13 +1302,20 @@ impl Writer {
     }
 
     /// End the transaction of a failed attempt (nothing was written) and pass the failure on.
-    async fn abandon(&mut self, a: Attempt) -> Attempt {
+    /// A session that cannot roll back by `deadline` is cut (the server rolls back).
+    async fn abandon(&mut self, a: Attempt, deadline: Instant) -> Attempt {
         let gone = matches!(a, Attempt::Failed { lost: true, .. });
-        if !gone
-            && let Some(c) = &self.conn
-            && c.client.batch_execute("ROLLBACK").await.is_ok()
-        {
-            return a;
+        if let Some(c) = &self.conn {
+            if !gone
+                && c.usable()
+                && matches!(
+                    timeout_at(deadline, c.client.batch_execute("ROLLBACK")).await,
+                    Ok(Ok(()))
+                )
+            {
+                return a;
+            }
+            c.kill();
         }
         self.conn = None;
         a
@@ -1080,10 +1328,13 @@ impl Writer {
         planned: Vec<Result<AppendReceipt, LogError>>,
         frontier: Frontier,
         old_backend: (i32, String),
+        why: String,
         lost_message: String,
     ) -> Vec<Result<AppendReceipt, LogError>> {
         let loc = self.inner.location.clone();
-        let found = self.find_out(group, &planned, &old_backend).await;
+        // A bound of its own: the attempt may have used all of its time.
+        let deadline = Instant::now() + self.inner.opts.request_timeout;
+        let found = self.find_out(group, &planned, &old_backend, deadline).await;
         match found {
             Ok(true) => {
                 self.frontier = Some(frontier);
@@ -1097,15 +1348,18 @@ impl Writer {
                         Err(LogError::Storage {
                             context: p.context(
                                 &loc,
-                                "the connection was lost while committing; ICE reconnected and \
-                                 re-read the run: the batch is not stored, nothing was written",
+                                &format!(
+                                    "{why}; ICE reconnected, made sure the old session had ended \
+                                     and re-read the run: the batch is not stored, nothing was \
+                                     written"
+                                ),
                             ),
                             message: lost_message.clone(),
                         })
                     })
                 })
                 .collect(),
-            Err(why) => group
+            Err(unknown) => group
                 .iter()
                 .zip(planned)
                 .map(|(p, r)| {
@@ -1114,9 +1368,8 @@ impl Writer {
                             context: p.context(
                                 &loc,
                                 &format!(
-                                    "the connection was lost while committing, and ICE could not \
-                                     find out whether the batch is stored ({why}); read the run \
-                                     before appending to it again"
+                                    "{why}, and ICE could not find out whether the batch is \
+                                     stored ({unknown}); read the run before appending to it again"
                                 ),
                             ),
                             message: lost_message.clone(),
@@ -1132,31 +1385,43 @@ impl Writer {
         group: &[Prepared],
         planned: &[Result<AppendReceipt, LogError>],
         old_backend: &(i32, String),
+        deadline: Instant,
     ) -> Result<bool, String> {
+        let bound = self.inner.opts.request_timeout;
         let conn = self
             .inner
-            .open("to find out whether a commit landed", true)
+            .open("to find out whether a commit landed", true, deadline)
             .await
             .map_err(|e| e.to_string())?;
         let client = &conn.client;
+        // Each request by the deadline; past it the new session is cut too.
+        let gave_up = || {
+            conn.kill();
+            no_answer(bound)
+        };
         // Fence: while the old server process lives it could still commit. End it and wait
         // until it is gone; from then on what is stored is final.
         let (pid, start) = old_backend;
-        let deadline = tokio::time::Instant::now() + FENCE_TIMEOUT;
+        let fence_started = Instant::now();
+        let fence_deadline = deadline.min(fence_started + FENCE_TIMEOUT);
         loop {
-            let rows = client
-                .query(
+            let rows = timeout_at(
+                deadline,
+                client.query(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1 AND backend_start::text = $2",
                     &[pid, start],
-                )
-                .await
-                .map_err(|e| message(&e))?;
+                ),
+            )
+            .await
+            .map_err(|_| gave_up())?
+            .map_err(|e| message(&e))?;
             if rows.is_empty() {
                 break;
             }
-            if tokio::time::Instant::now() > deadline {
+            if Instant::now() > fence_deadline {
                 return Err(format!(
-                    "the old session (server process {pid}) did not end within {FENCE_TIMEOUT:?}"
+                    "the old session (server process {pid}) did not end within {}",
+                    dur(fence_started.elapsed())
                 ));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1166,13 +1431,16 @@ impl Writer {
         for (p, r) in group.iter().zip(planned) {
             let Ok(receipt) = r else { continue };
             let first = &p.batch.events()[0];
-            let row = client
-                .query_opt(
+            let row = timeout_at(
+                deadline,
+                client.query_opt(
                     &conn.st.landed,
                     &[&p.batch.run_id().as_str(), &(p.batch.first_seq() as i64)],
-                )
-                .await
-                .map_err(|e| message(&e))?;
+                ),
+            )
+            .await
+            .map_err(|_| gave_up())?
+            .map_err(|e| message(&e))?;
             let here = match row {
                 None => false,
                 Some(row) => {
@@ -1205,7 +1473,12 @@ fn corrupt(error: LogError) -> Attempt {
 }
 
 /// Rebuild the tree's right edge for a log of `size` events from its stored nodes.
-async fn load_frontier(client: &Client, st: &Statements, size: u64) -> Result<Frontier, Attempt> {
+async fn load_frontier(
+    conn: &Conn,
+    size: u64,
+    deadline: Instant,
+    bound: Duration,
+) -> Result<Frontier, Attempt> {
     // One perfect subtree per set bit of the size, largest first (as Frontier::from_nodes
     // asks for them).
     let mut ids = Vec::new();
@@ -1222,10 +1495,16 @@ async fn load_frontier(client: &Client, st: &Statements, size: u64) -> Result<Fr
     let keys: Vec<(i64, i16)> = ids.iter().filter_map(node_key).collect();
     let ends: Vec<i64> = keys.iter().map(|k| k.0).collect();
     let levels: Vec<i16> = keys.iter().map(|k| k.1).collect();
-    let rows = client
-        .query(&st.tree_nodes, &[&ends, &levels])
-        .await
-        .map_err(|e| failed("reading the tree's right edge", &e, client))?;
+    let rows = answered(
+        timeout_at(
+            deadline,
+            conn.client.query(&conn.st.tree_nodes, &[&ends, &levels]),
+        )
+        .await,
+        "reading the tree's right edge",
+        conn,
+        bound,
+    )?;
     let mut map = HashMap::new();
     for r in &rows {
         let end: i64 = col(r, 0, "tree row").map_err(corrupt)?;
@@ -1296,6 +1575,28 @@ fn judge(
     Ok(())
 }
 
+/// The time bounds of a [`PgLog`] (the module's **Time bounds** says what each covers).
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// How long opening a session may take, per host the URL names: TCP connect, startup,
+    /// authentication and session setup. A `connect_timeout` in the URL (whole seconds) takes
+    /// its place.
+    pub connect_timeout: Duration,
+    /// How long a call may wait for the server: a read, a claim or a checkpoint in all; an
+    /// append up to its commit's answer, and as long again to find out whether a commit that
+    /// got no answer landed.
+    pub request_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            connect_timeout: CONNECT_TIMEOUT,
+            request_timeout: REQUEST_TIMEOUT,
+        }
+    }
+}
+
 /// A log in a PostgreSQL schema, shared by every ICE node that connects to it.
 pub struct PgLog {
     inner: Arc<Inner>,
@@ -1325,22 +1626,71 @@ impl Drop for Committing<'_> {
 impl PgLog {
     /// Connect to the log in `schema` (default [`DEFAULT_SCHEMA`]) of the database at `url`
     /// (`postgres://user[:password]@host[:port]/database[?param=value…]`, no TLS), creating
-    /// the schema and its tables if it holds none of them.
+    /// the schema and its tables if it holds none of them, with the default [`Options`].
     ///
     /// Refused with [`LogError::NotALog`] if the schema holds ICE's table names without ICE's
     /// format record, or a format this code does not read; [`LogError::Invalid`] for a
     /// malformed URL or schema name (1–63 ASCII letters, digits, `_`); [`LogError::Storage`]
-    /// if the server cannot be reached. Must be called within a Tokio runtime: the writer task
-    /// and the connections' tasks are spawned on it.
+    /// if the server cannot be reached or does not answer in time. Must be called within a
+    /// Tokio runtime: the writer task and the connections' tasks are spawned on it.
     pub async fn connect(url: &str, schema: Option<&str>) -> Result<PgLog, LogError> {
+        Self::open(url, schema, Options::default(), true).await
+    }
+
+    /// [`PgLog::connect`] with other time bounds.
+    pub async fn connect_with(
+        url: &str,
+        schema: Option<&str>,
+        opts: Options,
+    ) -> Result<PgLog, LogError> {
+        Self::open(url, schema, opts, true).await
+    }
+
+    /// Open the log that is already in `schema` (default [`DEFAULT_SCHEMA`]) of the database
+    /// at `url`, creating and changing nothing (no schema, table, row or migration): the way
+    /// to open a log only to read it. A schema that does not exist or holds none of the log's
+    /// tables is [`LogError::NotALog`], whose `path` names the server, database and schema
+    /// (never the password); otherwise as [`PgLog::connect`].
+    pub async fn connect_existing(url: &str, schema: Option<&str>) -> Result<PgLog, LogError> {
+        Self::open(url, schema, Options::default(), false).await
+    }
+
+    /// [`PgLog::connect_existing`] with other time bounds.
+    pub async fn connect_existing_with(
+        url: &str,
+        schema: Option<&str>,
+        opts: Options,
+    ) -> Result<PgLog, LogError> {
+        Self::open(url, schema, opts, false).await
+    }
+
+    async fn open(
+        url: &str,
+        schema: Option<&str>,
+        opts: Options,
+        create: bool,
+    ) -> Result<PgLog, LogError> {
         let schema = schema.unwrap_or(DEFAULT_SCHEMA);
         check_schema_name(schema)?;
+        if opts.connect_timeout.is_zero() || opts.request_timeout.is_zero() {
+            return Err(LogError::Invalid(
+                "PostgreSQL timeouts must be longer than zero".into(),
+            ));
+        }
         let mut config: Config = url.parse().map_err(|e: tokio_postgres::Error| {
             LogError::Invalid(format!("PostgreSQL URL: {}", message(&e)))
         })?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
-        }
+        // tokio-postgres bounds only the TCP connect with it; ICE bounds the whole opening of
+        // a session by it too, per host the URL names (they are tried in turn).
+        let per_host = *config
+            .get_connect_timeout()
+            .unwrap_or(&opts.connect_timeout);
+        config.connect_timeout(per_host);
+        let hosts = config
+            .get_hosts()
+            .len()
+            .max(config.get_hostaddrs().len())
+            .max(1);
         if config.get_application_name().is_none() {
             config.application_name("ice-log");
         }
@@ -1348,23 +1698,47 @@ impl PgLog {
             location: describe(&config, schema),
             quoted: quote_ident(schema),
             schema: schema.to_string(),
+            startup: per_host.saturating_mul(u32::try_from(hosts).unwrap_or(u32::MAX)),
+            opts,
             config,
             shared: Mutex::new(None),
             lose_next_commit_reply: AtomicBool::new(false),
         });
-        let ctx = || format!("connecting to {}", inner.location);
-        let (client, connection) = inner
-            .config
-            .connect(NoTls)
-            .await
-            .map_err(|e| storage(ctx(), &e))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        setup(&client, &inner).await?;
-        let conn = inner.prepare(client, "to read the log", false).await?;
-        check_size(&conn, &inner).await?;
-        *inner.shared.lock().await = Some(Arc::new(conn));
+        let started = Instant::now();
+        let (client, driver) = inner.session("", started, started + inner.startup).await?;
+        let deadline = Instant::now() + inner.opts.request_timeout;
+        let opened = timeout_at(deadline, async {
+            if create {
+                setup(&client, &inner).await?;
+            } else {
+                check_existing(&client, &inner).await?;
+            }
+            let (st, backend) = inner.prepare(&client, "to read the log", false).await?;
+            check_size(&client, &inner).await?;
+            Ok::<_, LogError>((st, backend))
+        })
+        .await;
+        let (st, backend) = match opened {
+            Ok(r) => r?,
+            Err(_) => {
+                driver.kill();
+                let what = if create {
+                    "creating or opening"
+                } else {
+                    "opening"
+                };
+                return Err(LogError::Storage {
+                    context: format!("{what} the log in {}", inner.location),
+                    message: no_answer(inner.opts.request_timeout),
+                });
+            }
+        };
+        *inner.shared.lock().await = Some(Arc::new(Conn {
+            client,
+            st,
+            backend,
+            driver,
+        }));
         let (queue, rx) = mpsc::channel(WRITE_QUEUE);
         let core = Arc::new(Mutex::new(Writer {
             inner: inner.clone(),
@@ -1399,10 +1773,6 @@ impl PgLog {
 /// Create the tables if the schema holds none of them; check the format if it holds them.
 async fn setup(client: &Client, inner: &Inner) -> Result<(), LogError> {
     let ctx = || format!("creating or opening the log in {}", inner.location);
-    let not_a_log = |reason: String| LogError::NotALog {
-        path: inner.location.clone(),
-        reason,
-    };
     let s = &inner.quoted;
     client
         .batch_execute("BEGIN")
@@ -1417,32 +1787,13 @@ async fn setup(client: &Client, inner: &Inner) -> Result<(), LogError> {
             )
             .await
             .map_err(|e| storage(ctx(), &e))?;
-        let exists = client
-            .query_opt(
-                "SELECT 1 FROM pg_namespace WHERE nspname = $1",
-                &[&inner.schema],
-            )
-            .await
-            .map_err(|e| storage(ctx(), &e))?
-            .is_some();
-        if !exists {
+        if !schema_exists(client, inner, &ctx).await? {
             client
                 .batch_execute(&format!("CREATE SCHEMA {s}"))
                 .await
                 .map_err(|e| storage(ctx(), &e))?;
         }
-        let names: Vec<&str> = TABLES.to_vec();
-        let present: Vec<String> = client
-            .query(
-                "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE n.nspname = $1 AND c.relname = ANY($2::text[]) ORDER BY 1",
-                &[&inner.schema, &names],
-            )
-            .await
-            .map_err(|e| storage(ctx(), &e))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let present = present_tables(client, inner, &ctx).await?;
         if present.is_empty() {
             client
                 .batch_execute(&ddl(s))
@@ -1450,54 +1801,16 @@ async fn setup(client: &Client, inner: &Inner) -> Result<(), LogError> {
                 .map_err(|e| storage(ctx(), &e))?;
             client
                 .execute(
-                    &format!("INSERT INTO {s}.meta(key, value) VALUES ('format', $1), ('taxonomy', $2)"),
+                    &format!(
+                        "INSERT INTO {s}.meta(key, value) VALUES ('format', $1), ('taxonomy', $2)"
+                    ),
                     &[&FORMAT, &ice_kernel::TAXONOMY_VERSION.to_string()],
                 )
                 .await
                 .map_err(|e| storage(ctx(), &e))?;
             return Ok(());
         }
-        if !present.iter().any(|t| t == "meta") {
-            return Err(not_a_log(format!(
-                "the schema holds tables named like an ICE log's ({}) but no meta table with its format",
-                present.join(", ")
-            )));
-        }
-        let format = client
-            .query_opt(&format!("SELECT value FROM {s}.meta WHERE key = 'format'"), &[])
-            .await
-            .map_err(|e| not_a_log(format!("its meta table is not an ICE log's: {}", message(&e))))?;
-        let format: Option<String> = match format {
-            None => None,
-            Some(r) => Some(
-                r.try_get(0)
-                    .map_err(|e| not_a_log(format!("its meta table is not an ICE log's: {}", message(&e))))?,
-            ),
-        };
-        match format {
-            Some(f) if f == FORMAT => {}
-            Some(f) => {
-                return Err(not_a_log(format!(
-                    "format {f:?}; this ice reads {FORMAT:?}"
-                )));
-            }
-            None => return Err(not_a_log("no format record".into())),
-        }
-        let missing: Vec<&str> = TABLES
-            .iter()
-            .copied()
-            .filter(|t| !present.iter().any(|p| p == t))
-            .collect();
-        if !missing.is_empty() {
-            return Err(LogError::Corrupt {
-                what: format!(
-                    "{}: tables {} are missing",
-                    inner.location,
-                    missing.join(", ")
-                ),
-            });
-        }
-        Ok(())
+        check_format(client, inner, &present).await
     }
     .await;
     match result {
@@ -1512,17 +1825,143 @@ async fn setup(client: &Client, inner: &Inner) -> Result<(), LogError> {
     }
 }
 
+/// Check that the schema holds a log, without creating or changing anything: one read-only
+/// transaction, rolled back.
+async fn check_existing(client: &Client, inner: &Inner) -> Result<(), LogError> {
+    let ctx = || format!("opening the log in {}", inner.location);
+    let no_log = |why: &str| LogError::NotALog {
+        path: inner.location.clone(),
+        reason: format!("no ICE log in schema {}: {why}", inner.schema),
+    };
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(|e| storage(ctx(), &e))?;
+    let result = async {
+        if !schema_exists(client, inner, &ctx).await? {
+            return Err(no_log("the database has no such schema"));
+        }
+        let present = present_tables(client, inner, &ctx).await?;
+        if present.is_empty() {
+            return Err(no_log("it holds none of the log's tables"));
+        }
+        check_format(client, inner, &present).await
+    }
+    .await;
+    let end = client.batch_execute("ROLLBACK").await;
+    match (result, end) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Err(e)) => Err(storage(ctx(), &e)),
+        (Ok(()), Ok(())) => Ok(()),
+    }
+}
+
+async fn schema_exists(
+    client: &Client,
+    inner: &Inner,
+    ctx: &impl Fn() -> String,
+) -> Result<bool, LogError> {
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM pg_namespace WHERE nspname = $1",
+            &[&inner.schema],
+        )
+        .await
+        .map_err(|e| storage(ctx(), &e))?
+        .is_some())
+}
+
+/// Which of ICE's relation names the schema holds.
+async fn present_tables(
+    client: &Client,
+    inner: &Inner,
+    ctx: &impl Fn() -> String,
+) -> Result<Vec<String>, LogError> {
+    let names: Vec<&str> = TABLES.to_vec();
+    Ok(client
+        .query(
+            "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = ANY($2::text[]) ORDER BY 1",
+            &[&inner.schema, &names],
+        )
+        .await
+        .map_err(|e| storage(ctx(), &e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// A schema that holds some of ICE's table names: they must be an ICE log of this format,
+/// whole.
+async fn check_format(client: &Client, inner: &Inner, present: &[String]) -> Result<(), LogError> {
+    let not_a_log = |reason: String| LogError::NotALog {
+        path: inner.location.clone(),
+        reason,
+    };
+    let s = &inner.quoted;
+    if !present.iter().any(|t| t == "meta") {
+        return Err(not_a_log(format!(
+            "the schema holds tables named like an ICE log's ({}) but no meta table with its format",
+            present.join(", ")
+        )));
+    }
+    let format = client
+        .query_opt(
+            &format!("SELECT value FROM {s}.meta WHERE key = 'format'"),
+            &[],
+        )
+        .await
+        .map_err(|e| {
+            not_a_log(format!(
+                "its meta table is not an ICE log's: {}",
+                message(&e)
+            ))
+        })?;
+    let format: Option<String> = match format {
+        None => None,
+        Some(r) => Some(r.try_get(0).map_err(|e| {
+            not_a_log(format!(
+                "its meta table is not an ICE log's: {}",
+                message(&e)
+            ))
+        })?),
+    };
+    match format {
+        Some(f) if f == FORMAT => {}
+        Some(f) => {
+            return Err(not_a_log(format!(
+                "format {f:?}; this ice reads {FORMAT:?}"
+            )));
+        }
+        None => return Err(not_a_log("no format record".into())),
+    }
+    let missing: Vec<&str> = TABLES
+        .iter()
+        .copied()
+        .filter(|t| !present.iter().any(|p| p == t))
+        .collect();
+    if !missing.is_empty() {
+        return Err(LogError::Corrupt {
+            what: format!(
+                "{}: tables {} are missing",
+                inner.location,
+                missing.join(", ")
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The head row and the events must agree on the log's size. Both are read by one statement,
 /// so they come from one snapshot: other nodes may be appending while this one connects.
-async fn check_size(conn: &Conn, inner: &Inner) -> Result<(), LogError> {
+async fn check_size(client: &Client, inner: &Inner) -> Result<(), LogError> {
     let ctx = || format!("reading the size of the log in {}", inner.location);
     let q = &inner.quoted;
     let both = format!(
         "SELECT (SELECT size FROM {q}.head WHERE id = 0), \
                 (SELECT COALESCE(MAX(log_seq) + 1, 0) FROM {q}.events)"
     );
-    let row = conn
-        .client
+    let row = client
         .query_one(&both, &[])
         .await
         .map_err(|e| storage(ctx(), &e))?;
@@ -1806,14 +2245,40 @@ impl EventLog for PgLog {
     }
 
     async fn altered_blob(&self) -> Result<Option<String>, LogError> {
-        // The server hashes the rows: nothing but a name crosses the connection.
-        let row = self
-            .inner
-            .with_shared("checking blobs", |c| {
-                Box::pin(async move { c.client.query_opt(&c.st.altered_blob, &[]).await })
-            })
-            .await?;
-        row.map(|r| col(&r, 0, "blob name")).transpose()
+        // The server hashes the rows: only names cross the connection. In steps of at most
+        // BLOB_CHECK_BYTES, each one request within the request timeout, however large the
+        // store (blobs are never removed, so the steps together see every blob stored before
+        // the first).
+        let mut after: Vec<u8> = Vec::new();
+        loop {
+            let from = &after;
+            let rows = self
+                .inner
+                .with_shared("checking blobs", |c| {
+                    Box::pin(async move {
+                        c.client
+                            .query(
+                                &c.st.altered_blob,
+                                &[from, &BLOB_CHECK_ROWS, &BLOB_CHECK_BYTES],
+                            )
+                            .await
+                    })
+                })
+                .await?;
+            let mut last = None;
+            for r in &rows {
+                let name: Vec<u8> = col(r, 0, "blob row")?;
+                let intact: bool = col(r, 1, "blob row")?;
+                if !intact {
+                    return Ok(Some(hex::encode(name)));
+                }
+                last = Some(name);
+            }
+            match last {
+                Some(name) => after = name,
+                None => return Ok(None),
+            }
+        }
     }
 
     async fn extent(&self) -> Result<Option<Extent>, LogError> {

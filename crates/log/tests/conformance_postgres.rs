@@ -1,6 +1,7 @@
 //! The conformance suite (`ice_log::conformance`) against PostgreSQL (the machine's server at
 //! 127.0.0.1:5432, database `test`, or ICE_TEST_POSTGRES_URL). Each case gets its own schema
-//! and drops it.
+//! and drops it; `fresh` creates the log with `PgLog::connect`, `reopen` opens it with
+//! `PgLog::connect_existing`.
 
 use std::sync::Arc;
 
@@ -32,8 +33,12 @@ impl Backend for Postgres {
         Ok((Arc::new(log), schema))
     }
 
+    /// Another node opens the log as a reader would: only if it is there (so every case also
+    /// checks that `connect_existing` opens what `connect` made).
     async fn reopen(&self, schema: &str) -> Result<Arc<dyn EventLog>, LogError> {
-        Ok(Arc::new(PgLog::connect(&self.url, Some(schema)).await?))
+        Ok(Arc::new(
+            PgLog::connect_existing(&self.url, Some(schema)).await?,
+        ))
     }
 
     async fn destroy(&self, schema: &str) {

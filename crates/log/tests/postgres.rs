@@ -12,7 +12,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -20,7 +20,7 @@ use ice_kernel::{Blob, Draft, EventId, NoOtherRuns, RunHead, RunId, SealedBatch,
 use ice_log::checkpoint::{Checkpoint, NoteSigner};
 use ice_log::ledger::{AppendError, Ledger, fold_run, read_whole_run};
 use ice_log::merkle::{self, NodeId};
-use ice_log::postgres::PgLog;
+use ice_log::postgres::{CONNECT_TIMEOUT, Options, PgLog};
 use ice_log::proof::{prove_consistency, prove_inclusion};
 use ice_log::sqlite::SqliteLog;
 use ice_log::verify::verify;
@@ -1456,11 +1456,18 @@ async fn a_schema_that_is_not_an_ice_log_is_refused_and_left_alone() {
             .await
             .unwrap();
         let before: Vec<String> = tables(&raw, &pg.schema).await;
+        // Refused alike whether the log may be created or must exist.
+        let existing = PgLog::connect_existing(&pg.node_url(), Some(&pg.schema))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{setup}: accepted by connect_existing"));
+        assert_eq!(tables(&raw, &pg.schema).await, before, "{setup}: changed");
         let err = PgLog::connect(&pg.node_url(), Some(&pg.schema))
             .await
             .err()
             .unwrap_or_else(|| panic!("{setup}: accepted"));
         assert_eq!(tables(&raw, &pg.schema).await, before, "{setup}: changed");
+        assert_eq!(existing, err, "{setup}");
         match err {
             LogError::NotALog { path, reason } => {
                 assert!(path.contains(&pg.schema), "{path}");
@@ -1740,4 +1747,559 @@ async fn bench_durable_appends_against_raw_inserts() {
         ice16n / raw16n
     );
     assert_verifies(one.as_ref()).await;
+}
+
+/// A TCP forwarder in front of the server, to play a server or network that stops answering.
+/// `stall` holds every connection, open or new: nothing is forwarded either way and nothing is
+/// closed (a frozen server, a partition). `stall_replies` holds only the server's replies on
+/// the connections open now (new ones are forwarded): the replies to what those sent are lost.
+/// `resume` cuts the held connections, dropping what they held (the partition heals after the
+/// sessions died), and forwards new ones again.
+struct Proxy {
+    port: u16,
+    state: Arc<ProxyState>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    /// The generation of connections accepted from now on.
+    generation: AtomicU64,
+    stall_all: AtomicBool,
+    /// Connections of earlier generations have their replies held.
+    stall_replies_below: AtomicU64,
+    /// Connections of earlier generations are closed.
+    cut_below: AtomicU64,
+}
+
+impl Proxy {
+    fn start() -> Proxy {
+        let upstream: tokio_postgres::Config = server_url().parse().unwrap();
+        let host = match upstream.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            other => panic!("the proxy needs a TCP server address, not {other:?}"),
+        };
+        let upstream = (host, upstream.get_ports().first().copied().unwrap_or(5432));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(ProxyState::default());
+        let st = state.clone();
+        // Lives as long as the test process (a test's proxy is cut when it is dropped).
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let generation = st.generation.load(Ordering::SeqCst);
+                let Ok(server) = std::net::TcpStream::connect((upstream.0.as_str(), upstream.1))
+                else {
+                    continue;
+                };
+                for (from, to, reply) in [
+                    (
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        false,
+                    ),
+                    (server, client, true),
+                ] {
+                    let st = st.clone();
+                    std::thread::spawn(move || pump(from, to, reply, generation, &st));
+                }
+            }
+        });
+        Proxy { port, state }
+    }
+
+    /// The URL a node of `pg` connects with through this proxy.
+    fn url(&self, pg: &Pg) -> String {
+        let c: tokio_postgres::Config = pg.url.parse().unwrap();
+        let password = c
+            .get_password()
+            .map(|p| format!(":{}", String::from_utf8_lossy(p)))
+            .unwrap_or_default();
+        format!(
+            "postgres://{}{password}@127.0.0.1:{}/{}?application_name={}",
+            c.get_user().unwrap_or("postgres"),
+            self.port,
+            c.get_dbname().unwrap_or("postgres"),
+            pg.app
+        )
+    }
+
+    fn stall(&self) {
+        self.state.stall_all.store(true, Ordering::SeqCst);
+    }
+
+    fn stall_replies(&self) {
+        let g = self.state.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.state.stall_replies_below.store(g, Ordering::SeqCst);
+    }
+
+    fn resume(&self) {
+        let g = self.state.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.state.cut_below.store(g, Ordering::SeqCst);
+        self.state.stall_all.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.resume();
+    }
+}
+
+/// Forward one direction of one connection until either side closes or the proxy cuts it.
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    reply: bool,
+    generation: u64,
+    st: &ProxyState,
+) {
+    use std::io::{Read, Write};
+    let cut = || st.cut_below.load(Ordering::SeqCst) > generation;
+    let held = || {
+        st.stall_all.load(Ordering::SeqCst)
+            || (reply && st.stall_replies_below.load(Ordering::SeqCst) > generation)
+    };
+    from.set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    'forward: while !cut() {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            Err(_) => break,
+        };
+        while held() {
+            if cut() {
+                break 'forward;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if cut() || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// Room for a loaded machine on top of a time bound (a call that hangs takes forever, not this).
+const SLACK: Duration = Duration::from_secs(5);
+
+/// Await `f`, which must be done within `bound` (plus [`SLACK`]); fails, not hangs, if not.
+async fn within<T>(bound: Duration, f: impl std::future::Future<Output = T>) -> T {
+    let t = Instant::now();
+    let out = tokio::time::timeout(bound + SLACK + Duration::from_secs(30), f)
+        .await
+        .unwrap_or_else(|_| panic!("still waiting after {:?}", t.elapsed()));
+    assert!(
+        t.elapsed() <= bound + SLACK,
+        "took {:?}, bound {bound:?}",
+        t.elapsed()
+    );
+    out
+}
+
+fn timeouts(bound: Duration) -> Options {
+    Options {
+        connect_timeout: bound,
+        request_timeout: bound,
+    }
+}
+
+/// `url` with a password in it (the test server trusts, so any will do), and that password.
+fn with_password(url: &str) -> (String, String) {
+    let c: tokio_postgres::Config = url.parse().unwrap();
+    if let Some(p) = c.get_password() {
+        return (url.to_string(), String::from_utf8_lossy(p).into_owned());
+    }
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (user, host) = rest.split_once('@').unwrap();
+    (
+        format!("{scheme}://{user}:s3cret-pw@{host}"),
+        "s3cret-pw".into(),
+    )
+}
+
+/// A listener that never accepts: the kernel completes the TCP handshake, the server never
+/// says a word. Connecting fails within the connect timeout (the default one, a shorter one
+/// from Options, or the URL's `connect_timeout`), naming where and what, never the password.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_never_answers_fails_the_connect_within_its_bound() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let url = format!("postgres://postgres:s3cret-pw@127.0.0.1:{port}/test");
+    let check = |err: LogError| match &err {
+        LogError::Storage { context, message } => {
+            assert!(
+                context.contains(&format!(
+                    "connecting to postgres://postgres@127.0.0.1:{port}/test (schema"
+                )),
+                "{err}"
+            );
+            assert!(message.contains("timed out after"), "{err}");
+            assert!(message.contains("did not complete the connection"), "{err}");
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
+        other => panic!("{other:?}"),
+    };
+    let t = Instant::now();
+    check(
+        within(CONNECT_TIMEOUT, PgLog::connect(&url, None))
+            .await
+            .err()
+            .unwrap(),
+    );
+    assert!(t.elapsed() >= CONNECT_TIMEOUT - Duration::from_millis(100));
+    let short = Duration::from_secs(1);
+    check(
+        within(
+            short,
+            PgLog::connect_existing_with(&url, Some("x"), timeouts(short)),
+        )
+        .await
+        .err()
+        .unwrap(),
+    );
+    check(
+        within(
+            short,
+            PgLog::connect(&format!("{url}?connect_timeout=1"), None),
+        )
+        .await
+        .err()
+        .unwrap(),
+    );
+    drop(listener);
+}
+
+/// A node connects through a proxy and appends; then the proxy stops forwarding, closing
+/// nothing (a frozen server, a partition). Every call fails within its bound with an error
+/// that says what timed out; an append whose write got no answer says it does not know
+/// whether it landed, never that nothing was written. Once the network is back, the log holds
+/// exactly what was acknowledged, verifies, and the node carries on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_stops_answering_fails_each_call_within_its_bound() {
+    const BOUND: Duration = Duration::from_secs(2);
+    let pg = Pg::new().await;
+    let proxy = Proxy::start();
+    let log = PgLog::connect_with(&proxy.url(&pg), Some(&pg.schema), timeouts(BOUND))
+        .await
+        .unwrap();
+    let run = run_id("stalled");
+    let mut head = RunHead::new(run.clone());
+    // Twice: the second commit found the log as the first left it, so the writer's next
+    // append is one statement, sent whole (a commit).
+    log.append(head.seal_batch(opening(), at(0), &NoOtherRuns).unwrap())
+        .await
+        .unwrap();
+    log.append(
+        head.seal_batch(vec![working(0, 1)], at(1), &NoOtherRuns)
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let acknowledged = all_events(&log).await;
+    assert_eq!(acknowledged.len(), 5);
+    let next = head
+        .seal_batch(vec![working(1, 2)], at(2), &NoOtherRuns)
+        .unwrap();
+
+    proxy.stall();
+    let timed_out = |err: &LogError, what: &str| match err {
+        LogError::Storage { context, message } => {
+            assert!(context.contains(what), "{err}");
+            assert!(message.contains("timed out"), "{err}");
+        }
+        other => panic!("{what}: {other:?}"),
+    };
+    // A read on the open session: cut after the bound.
+    let err = within(BOUND, log.size()).await.unwrap_err();
+    timed_out(&err, "reading the log size in postgres://");
+    assert!(
+        err.to_string().contains("did not answer within 2 s"),
+        "{err}"
+    );
+    // An append on the writer's open session: its write got no answer, and finding out
+    // whether it landed needs the server too.
+    let err = within(2 * BOUND, log.append(next.clone()))
+        .await
+        .unwrap_err();
+    timed_out(&err, "appending 1 event(s) to run stalled");
+    let text = err.to_string();
+    assert!(
+        text.contains("did not answer the commit within 2 s")
+            && text.contains("could not find out whether the batch is stored")
+            && !text.contains("nothing was written"),
+        "{text}"
+    );
+    // Calls that need a new session: connecting times out.
+    let err = within(BOUND, log.claim_run(&run, "node-a", 0, 10))
+        .await
+        .unwrap_err();
+    timed_out(&err, "claiming a run: connecting to");
+    let err = within(BOUND, log.read_run(&run, 0, 100)).await.unwrap_err();
+    timed_out(&err, "reading a run: connecting to");
+    let err = within(BOUND, log.append(next.clone())).await.unwrap_err();
+    timed_out(&err, "connecting; nothing was written");
+
+    proxy.resume();
+    assert_eq!(log.size().await.unwrap(), 5);
+    assert_eq!(all_events(&log).await, acknowledged);
+    let r = log.append(next).await.unwrap();
+    assert_eq!((r.first_log_seq, r.tree_size), (5, 6));
+    log.claim_run(&run, "node-a", 0, 10).await.unwrap();
+    assert_verifies(&log).await;
+    let direct = pg.log().await;
+    let stored = all_events(&direct).await;
+    assert_eq!(stored.len(), 6);
+    assert_eq!(stored[..5], acknowledged[..]);
+    assert_eq!(all_events(&log).await, stored);
+}
+
+/// The server commits an append but its answer never comes (the open sessions' replies are
+/// held; new sessions work): after the bound the writer cuts the session, ends its server
+/// process, re-reads the run, finds the batch and returns its receipt. A read on a session
+/// whose replies are held fails within the bound; the next one reconnects.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_whose_answer_never_comes_is_answered_from_the_log() {
+    const BOUND: Duration = Duration::from_secs(2);
+    let pg = Pg::new().await;
+    let proxy = Proxy::start();
+    let log = PgLog::connect_with(&proxy.url(&pg), Some(&pg.schema), timeouts(BOUND))
+        .await
+        .unwrap();
+    let run = run_id("unanswered");
+    let mut head = RunHead::new(run.clone());
+    // Three events, then one: the writer saw no other, so its next append is one statement.
+    let mut drafts = opening();
+    let last = drafts.pop().unwrap();
+    log.append(head.seal_batch(drafts, at(0), &NoOtherRuns).unwrap())
+        .await
+        .unwrap();
+    log.append(head.seal_batch(vec![last], at(0), &NoOtherRuns).unwrap())
+        .await
+        .unwrap();
+    proxy.stall_replies();
+    // (A batch without blobs: one carrying or naming blobs first looks them up, and that
+    // request's answer would be held, before anything is written.)
+    let next = head
+        .seal_batch(vec![working(0, 1), working(1, 2)], at(1), &NoOtherRuns)
+        .unwrap();
+    let t = Instant::now();
+    let r = within(2 * BOUND, log.append(next.clone())).await.unwrap();
+    assert!(t.elapsed() >= BOUND, "the answer came after all");
+    assert_eq!((r.first_log_seq, r.count, r.tree_size), (4, 2, 6));
+    let err = within(BOUND, log.size()).await.unwrap_err();
+    assert!(err.to_string().contains("timed out"), "{err}");
+    assert_eq!(log.size().await.unwrap(), 6);
+    let stored = read_whole_run(&log, &run).await.unwrap();
+    assert_eq!(stored[4].hash, next.events()[0].event().hash.0.to_vec());
+    let r = log
+        .append(
+            head.seal_batch(vec![working(2, 3)], at(2), &NoOtherRuns)
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.first_log_seq, 6);
+    assert_verifies(&log).await;
+}
+
+/// The server takes longer than the bound over an append's write (a trigger the test adds
+/// holds it), on the careful path and then the one-statement path: each time the writer cuts
+/// the session, ends its server process, re-reads the run and says the batch is not stored;
+/// it is not, and the next append lands where it should.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_held_past_its_bound_is_settled_from_the_log() {
+    const BOUND: Duration = Duration::from_secs(2);
+    let pg = Pg::new().await;
+    let raw = pg.raw().await;
+    let log = PgLog::connect_with(&pg.node_url(), Some(&pg.schema), timeouts(BOUND))
+        .await
+        .unwrap();
+    let key: i64 = 0x1ce_0000_0000 + NEXT.fetch_add(1, Ordering::SeqCst) as i64;
+    let s = pg.q();
+    raw.batch_execute(&format!(
+        "CREATE FUNCTION {s}.hold() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_advisory_xact_lock_shared({key}); RETURN NULL; END $$; \
+         CREATE TRIGGER hold AFTER INSERT ON {s}.events FOR EACH STATEMENT EXECUTE FUNCTION {s}.hold();"
+    ))
+    .await
+    .unwrap();
+    let run = run_id("held");
+    let mut head = RunHead::new(run.clone());
+    let batches = [
+        head.seal_batch(opening(), at(0), &NoOtherRuns).unwrap(),
+        head.seal_batch(vec![working(0, 1)], at(1), &NoOtherRuns)
+            .unwrap(),
+    ];
+    // A fresh writer takes the careful path; after its first commit, the one-statement path.
+    for (i, batch) in batches.iter().enumerate() {
+        raw.execute("SELECT pg_advisory_lock($1)", &[&key])
+            .await
+            .unwrap();
+        let err = within(2 * BOUND, log.append(batch.clone()))
+            .await
+            .unwrap_err();
+        match &err {
+            LogError::Storage { context, message } => {
+                assert!(
+                    context.contains("did not answer the commit within 2 s"),
+                    "{context}"
+                );
+                assert!(context.contains("the batch is not stored"), "{context}");
+                assert!(context.contains("nothing was written"), "{context}");
+                assert!(message.contains("timed out"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let before = if i == 0 { 0 } else { 4 };
+        assert_eq!(log.size().await.unwrap(), before);
+        raw.execute("SELECT pg_advisory_unlock($1)", &[&key])
+            .await
+            .unwrap();
+        let r = log.append(batch.clone()).await.unwrap();
+        assert_eq!(r.first_log_seq, before);
+    }
+    raw.batch_execute(&format!("DROP TRIGGER hold ON {s}.events"))
+        .await
+        .unwrap();
+    assert_eq!(log.size().await.unwrap(), 5);
+    assert_verifies(&log).await;
+}
+
+/// `connect_existing` opens a log that is there and nothing else: a schema that does not
+/// exist, or holds none of the log's tables, is refused as not a log (naming where, never the
+/// password) and left as it was; an existing log reads the same through it, unchanged.
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_existing_opens_only_a_log_that_is_there_and_creates_nothing() {
+    let pg = Pg::new().await;
+    let raw = pg.raw().await;
+    let (url, password) = with_password(&pg.node_url());
+    let schemas = || async {
+        raw.query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
+            &[&pg.schema],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+    };
+    let relations = || async {
+        raw.query(
+            "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 ORDER BY 1",
+            &[&pg.schema],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect::<Vec<_>>()
+    };
+    let refused = |err: Option<LogError>, why: &str| match err {
+        Some(LogError::NotALog { path, reason }) => {
+            assert!(
+                path.contains(&format!("(schema {})", pg.schema)) && path.contains("/test"),
+                "{path}"
+            );
+            assert!(!path.contains(&password) && !reason.contains(&password));
+            assert!(
+                reason.contains(&format!("no ICE log in schema {}", pg.schema)),
+                "{reason}"
+            );
+            assert!(reason.contains(why), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    };
+    // No such schema: refused, and still none.
+    refused(
+        PgLog::connect_existing(&url, Some(&pg.schema)).await.err(),
+        "no such schema",
+    );
+    assert_eq!(schemas().await, 0);
+    // An empty schema: refused, and still empty.
+    raw.batch_execute(&format!("CREATE SCHEMA {}", pg.q()))
+        .await
+        .unwrap();
+    refused(
+        PgLog::connect_existing(&url, Some(&pg.schema)).await.err(),
+        "none of the log's tables",
+    );
+    assert_eq!(relations().await, Vec::<String>::new());
+
+    // A log with events, blobs and a checkpoint.
+    let log = Arc::new(pg.log().await);
+    let l = ledger(&log);
+    l.append(&run_id("a"), opening()).await.unwrap();
+    l.append(&run_id("a"), vec![big("a", 0)]).await.unwrap();
+    checkpoint(log.as_ref(), &signer()).await;
+    let state = || async {
+        let q = pg.q();
+        let row = raw
+            .query_one(
+                &format!(
+                    "SELECT (SELECT string_agg(key || '=' || value, ',' ORDER BY key) FROM {q}.meta), \
+                     (SELECT size FROM {q}.head), (SELECT count(*) FROM {q}.events), \
+                     (SELECT count(*) FROM {q}.tree), (SELECT count(*) FROM {q}.blobs), \
+                     (SELECT count(*) FROM {q}.checkpoints), (SELECT count(*) FROM {q}.claims)"
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        (
+            relations().await,
+            row.get::<_, String>(0),
+            (1..7).map(|i| row.get::<_, i64>(i)).collect::<Vec<_>>(),
+        )
+    };
+    let before = state().await;
+    let existing = PgLog::connect_existing(&url, Some(&pg.schema))
+        .await
+        .unwrap();
+    assert_eq!(all_events(&existing).await, all_events(log.as_ref()).await);
+    assert_eq!(
+        existing.checkpoints().await.unwrap(),
+        log.checkpoints().await.unwrap()
+    );
+    let r = verify(&existing, Some(&signer().verifier()), |_| {})
+        .await
+        .unwrap();
+    assert!(r.ok(), "{:?}", r.failure);
+    assert_eq!(state().await, before);
+}
+
+/// The check for altered blob rows goes through the store a bounded page at a time (so no one
+/// request outlasts its bound on a large store): intact pages pass, and an altered row past
+/// the first page is found.
+#[tokio::test(flavor = "multi_thread")]
+async fn altered_blob_rows_are_found_past_the_first_page() {
+    let pg = Pg::new().await;
+    let log = pg.log().await;
+    let raw = pg.raw().await;
+    let q = pg.q();
+    raw.batch_execute(&format!(
+        "INSERT INTO {q}.blobs(digest, bytes) SELECT sha256(b), b \
+         FROM (SELECT int4send(g) AS b FROM generate_series(1, 10000) g) s"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(log.altered_blob().await.unwrap(), None);
+    let last = "ff".repeat(32);
+    raw.batch_execute(&format!(
+        "INSERT INTO {q}.blobs(digest, bytes) VALUES ('\\x{last}'::bytea, '\\x00'::bytea)"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(log.altered_blob().await.unwrap(), Some(last));
 }
