@@ -3,10 +3,13 @@
 //! nothing): a run started through the API waits for an approval; the browser opens the run,
 //! sees its timeline, approves the request, watches the run commit live, and opens the causal
 //! graph of the effect (tests/peers/ui_check.mjs). More runs than the runs page lists are
-//! written first (it must list the newest), and a second run keeps its spec, a request's
+//! written first (it must list the newest); a second run keeps its spec, a request's
 //! arguments and its failed validation's results as blobs (the page must still show every
-//! event and its inspector, and say what it cannot show). A screenshot is saved under the
-//! test's directory and copied to `target/ui-screenshot.png`.
+//! event and its inspector, fetch and show those values — the real budget, the staged file's
+//! content, the results — and say plainly when a fetch fails); a third waits for approval of a
+//! call whose arguments are a blob (the card must show the whole call before Approve works;
+//! the browser denies it). A screenshot is saved under the test's directory and copied to
+//! `target/ui-screenshot.png`.
 
 mod common;
 
@@ -283,10 +286,14 @@ timeout = "10s"
         ),
     )
     .unwrap();
+    // A run that waits for approval of a call whose arguments are over the blob threshold: the
+    // operator must see the whole call before approving it (the browser denies it).
+    let approval_run = start_a_run_asking_approval_of_blob_arguments(&addr, &token, base, port);
     // A second run whose record keeps large payload fields as blobs: a spec over the blob
     // threshold (its checks carry long arguments), a write over it (the request's
     // `arguments`), and two checks that print enough and fail (the `ValidationFailed`
-    // event's `results`). It aborts on its own; the page must still explain it.
+    // event's `results`). It aborts on its own; the page must still explain it. Started last,
+    // it is the newest run.
     let blob_run = start_a_run_with_blobs(&addr, &token, base);
     let ready = started.elapsed();
 
@@ -302,9 +309,10 @@ timeout = "10s"
         .arg(&root)
         .args(["--run", &run])
         .args(["--blob-run", &blob_run])
+        .args(["--blob-approval-run", &approval_run])
         .args(["--oldest-run", &seeded_run(0)])
-        // Every run in the log: the seeded ones, the damaged one, and the two started here.
-        .args(["--runs", &(SEEDED_RUNS + 3).to_string()])
+        // Every run in the log: the seeded ones, the damaged one, and the three started here.
+        .args(["--runs", &(SEEDED_RUNS + 4).to_string()])
         .arg("--screenshot")
         .arg(&shot)
         .arg("--chromium")
@@ -366,7 +374,11 @@ timeout = "10s"
     let kept = workspace_target().join("ui-screenshot.png");
     std::fs::create_dir_all(kept.parent().unwrap()).unwrap();
     std::fs::copy(&shot, &kept).unwrap();
-    for (shot, kept) in [("ui-pending.png", "pending"), ("ui-blobs.png", "blobs")] {
+    for (shot, kept) in [
+        ("ui-pending.png", "pending"),
+        ("ui-blobs.png", "blobs"),
+        ("ui-blob-approval.png", "blob-approval"),
+    ] {
         let _ = std::fs::copy(
             shots.join(shot),
             workspace_target().join(format!("ui-screenshot-{kept}.png")),
@@ -400,6 +412,23 @@ timeout = "10s"
         c
     });
     assert!(log.contains("operator:alice"), "{log}");
+    // The call with blob arguments was denied in the browser, once it had been shown whole.
+    let denied = ok({
+        let mut c = ice(&home);
+        c.args([
+            "log",
+            "--run",
+            &approval_run,
+            "--type",
+            "ApprovalDenied",
+            "--json",
+        ]);
+        c
+    });
+    assert!(
+        denied.contains("operator:alice") && denied.contains("too long to send"),
+        "{denied}"
+    );
 
     // The server took everything the page did, and still serves; the log verifies.
     let (status, _) = http(&addr, "GET", "/ui/", &token, None);
@@ -411,7 +440,7 @@ timeout = "10s"
     });
     drop(served);
     eprintln!(
-        "web UI check passed: run ready in {ready:?}, browser {browsed:?}, total {:?}; screenshot {}",
+        "{stdout}web UI check passed: run ready in {ready:?}, browser {browsed:?}, total {:?}; screenshot {}",
         started.elapsed(),
         kept.display()
     );
@@ -574,6 +603,99 @@ on_exhaustion = "abort"
             field(t, f)["$blob"].is_string(),
             "{t}'s {f} is not a blob: {body}"
         );
+    }
+    run
+}
+
+/// Start (through the API) a run whose one call needs an operator's approval and carries
+/// arguments over the blob threshold, and wait until its approval is pending with the
+/// arguments as a blob reference. Returns its id.
+fn start_a_run_asking_approval_of_blob_arguments(
+    addr: &str,
+    token: &str,
+    base: &Path,
+    port: u16,
+) -> String {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart");
+    let dir = base.join("blob-approval");
+    copy_dir(&example.join("workspace"), &dir.join("workspace"));
+    copy_dir(&example.join("policies"), &dir.join("policies"));
+    // Markers at both ends: the card must show all of it.
+    let body: String = std::iter::once("BEGIN big notice\n".to_string())
+        .chain((0..1200).map(|i| format!("notice line {i:05}\n")))
+        .chain(std::iter::once("END big notice\n".to_string()))
+        .collect();
+    assert!(body.len() > 16 * 1024);
+    std::fs::write(
+        dir.join("plan.toml"),
+        format!(
+            r#"agent = "coder"
+
+[[step]]
+intent = "send the team the whole report"
+capability = "http.request"
+target = "http://127.0.0.1:{port}/notify"
+arguments = {{ method = "POST", body = {body} }}
+
+[[step]]
+finish = "reported"
+"#,
+            body = toml_string(&body)
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("run.toml"),
+        r#"[run]
+agent = "coder"
+workspace = "workspace"
+policy = "policies"
+
+[agent]
+driver = "plan"
+plan = "plan.toml"
+
+[budget]
+tool_calls = 5
+
+[approvals]
+timeout = "300s"
+"#,
+    )
+    .unwrap();
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/api/v1/runs",
+        token,
+        Some(&serde_json::json!({"spec": dir.join("run.toml")})),
+    );
+    assert_eq!(status, 202, "{body}");
+    let run = serde_json::from_str::<Value>(&body).unwrap()["run"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = http(
+            addr,
+            "GET",
+            &format!("/api/v1/approvals?run={run}"),
+            token,
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        if let Some(a) = v["approvals"].as_array().and_then(|a| a.first()) {
+            // What the page is given is a reference; what it must show is the value.
+            assert!(a["arguments"]["$blob"].is_string(), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no approval request appeared: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
     run
 }

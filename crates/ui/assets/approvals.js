@@ -1,8 +1,8 @@
 // Pending approvals: the exact request each one is about, and Approve / Deny.
 
-import { get, post, seg, ApiError } from './api.js';
+import { get, post, seg } from './api.js';
 import { h, fill, stamp, runHref, parseId, compact } from './dom.js';
-import { blobRef, blobWords } from './events.js';
+import { blobRef, blobWords, whenBlob, pretty, describe } from './events.js';
 
 const requests = new Map(); // approval id → Promise of its CapabilityRequested event (or null)
 
@@ -34,30 +34,88 @@ export function tickExpiries(now = Date.now()) {
 /**
  * One pending approval, as a card: the exact call (capability, target, arguments, the digest
  * an approval binds to, expiry, the policies that asked) and the buttons that answer it.
+ *
+ * An argument list or target over the kernel's threshold is a blob reference in the record:
+ * the card fetches it (GET /blobs/{digest}) and shows it in full. An operator never approves
+ * what they cannot see: until every such field is shown, Approve waits (Deny does not), and
+ * the card says it is loading, or why it could not load it, how to read it on the server
+ * (`ice show REQUEST --blobs`), and offers to try again.
  */
 export function approvalCard(a, { byId, showRun = false, onAnswered, onError }) {
-  const target = h('span', { class: 'mono' }, '…');
+  const approve = h('button', { type: 'button', class: 'approve primary' }, 'Approve');
+  const deny = h('button', { type: 'button', class: 'deny danger' }, 'Deny');
+  const unseen = new Set(); // the call's blob fields not shown yet
+  let answering = false;
+  const syncApprove = () => {
+    approve.disabled = answering || unseen.size > 0;
+    if (unseen.size) {
+      approve.title = `Approve waits until the ${[...unseen].join(' and ')} ${unseen.size > 1 ? 'are' : 'is'} shown: an approval authorises exactly the call shown`;
+    } else {
+      approve.removeAttribute('title');
+    }
+  };
+  let request = null; // RUN:SEQ of the agent's request, once loaded
+  const requestKnown = []; // redraws that name the request
+
+  /**
+   * A field of the call kept as a blob, fetched and drawn into `box` (`draw(value)` gives the
+   * element showing it); Approve waits for it.
+   */
+  const blobField = (what, ref, box, draw) => {
+    unseen.add(what);
+    syncApprove();
+    const words = blobWords(ref);
+    const load = (retry) => {
+      box.dataset.blob = 'loading';
+      fill(box, h('p', { class: 'blob-status muted' }, `Loading the ${what} (${words})…`));
+      whenBlob(ref, (v) => {
+        box.dataset.blob = 'shown';
+        fill(box,
+          h('p', { class: 'blob-status muted' }, `${words[0].toUpperCase()}${words.slice(1)}; fetched from the log and shown in full:`),
+          draw(v));
+        unseen.delete(what);
+        syncApprove();
+      }, (e) => {
+        box.dataset.blob = 'failed';
+        const again = h('button', { type: 'button', class: 'link retry' }, 'Try again');
+        again.addEventListener('click', () => load(true));
+        const say = () => fill(box, h('p', { class: 'blob-status' },
+          h('span', { class: 'problem' }, `The ${what} could not be loaded, so this call cannot be approved here: ${describe(e)}.`),
+          ` The ${what} ${what.endsWith('s') ? 'are' : 'is'} ${words}; `,
+          h('span', { class: 'mono' }, `ice show ${request ?? 'REQUEST'} --blobs`),
+          ` prints ${what.endsWith('s') ? 'them' : 'it'}${request ? '' : ' (REQUEST: the event this approval is about)'}. `,
+          again));
+        say();
+        if (!request) requestKnown.push(() => { if (box.dataset.blob === 'failed') say(); });
+      }, { retry });
+    };
+    load(false);
+  };
+
+  const target = h('div', { class: 'mono target' }, '…');
   const origin = h('span', null, a.agent ? `agent:${a.agent}` : '');
   const requestLink = h('span', { class: 'mono' }, '');
-  const args = h('pre', { class: 'args' }, pretty(a.arguments));
+  const args = h('div', { class: 'args-box' });
+  const argsBlob = blobRef(a.arguments);
+  if (argsBlob) blobField('arguments', argsBlob, args, (v) => h('pre', { class: 'args blob-value' }, pretty(v)));
+  else fill(args, h('pre', { class: 'args' }, pretty(a.arguments)));
   requestOf(a.id, byId).then((req) => {
     const t = req?.payload?.target;
-    fill(target, t === undefined || t === null ? '(not recorded)' : typeof t === 'string' ? t
-      : blobRef(t) ? `(not shown: ${blobWords(blobRef(t))})` : compact(t));
+    const tBlob = blobRef(t);
+    if (tBlob) blobField('target', tBlob, target, (v) => h('pre', { class: 'args blob-value' }, pretty(v, true)));
+    else fill(target, t === undefined || t === null ? '(not recorded)' : typeof t === 'string' ? t : compact(t));
     if (req) {
+      request = `${req.run_id}:${req.run_seq}`;
       fill(origin, req.origin);
-      const blob = blobRef(a.arguments);
-      if (blob) fill(args, `(not shown: ${blobWords(blob)}; \`ice show ${req.run_id}:${req.run_seq} --blobs\` prints them)`);
-      fill(requestLink, h('a', { href: runHref(req.run_id, req.run_seq) }, `${req.run_id}:${req.run_seq}`));
+      fill(requestLink, h('a', { href: runHref(req.run_id, req.run_seq) }, request));
+      for (const f of requestKnown.splice(0)) f();
     }
-  }).catch((e) => fill(target, `(could not load the request: ${e instanceof ApiError ? e.describe() : e})`));
+  }).catch((e) => fill(target, `(could not load the request: ${describe(e)})`));
   const reason = h('input', {
     type: 'text', class: 'reason', placeholder: 'reason (recorded with a denial)', 'aria-label': 'Reason',
     maxlength: 500,
   });
   const outcome = h('p', { class: 'outcome', role: 'status' });
-  const approve = h('button', { type: 'button', class: 'approve primary' }, 'Approve');
-  const deny = h('button', { type: 'button', class: 'deny danger' }, 'Deny');
   const card = h('article', { class: 'approval card', dataset: { approval: a.id, run: a.run } },
     h('header', null,
       h('strong', null, 'Approval requested'),
@@ -78,7 +136,10 @@ export function approvalCard(a, { byId, showRun = false, onAnswered, onError }) 
     h('footer', null, approve, reason, deny),
     outcome);
   const answer = async (yes) => {
-    approve.disabled = deny.disabled = reason.disabled = true;
+    if (yes && unseen.size) return; // Approve waits until the whole call is shown
+    answering = true;
+    syncApprove();
+    deny.disabled = reason.disabled = true;
     fill(outcome, yes ? 'Approving…' : 'Denying…');
     try {
       const r = yes
@@ -90,21 +151,16 @@ export function approvalCard(a, { byId, showRun = false, onAnswered, onError }) 
       fill(outcome, `${r.answer} by ${r.operator}`, yes ? ' — the run continues.' : '.');
       onAnswered?.(a, r);
     } catch (e) {
-      approve.disabled = deny.disabled = reason.disabled = false;
-      fill(outcome, h('span', { class: 'problem' }, e instanceof ApiError ? e.describe() : String(e)));
+      answering = false;
+      syncApprove();
+      deny.disabled = reason.disabled = false;
+      fill(outcome, h('span', { class: 'problem' }, describe(e)));
       onError?.(e);
     }
   };
   approve.addEventListener('click', () => answer(true));
   deny.addEventListener('click', () => answer(false));
   return card;
-}
-
-function pretty(v) {
-  if (v === undefined || v === null) return '—';
-  // Over the kernel's threshold, the request's arguments are kept as a blob the API does not serve.
-  if (blobRef(v)) return `(not shown: ${blobWords(blobRef(v))})`;
-  try { return JSON.stringify(v, null, 2); } catch { return compact(v); }
 }
 
 /** The approvals page: every pending approval, all runs. */

@@ -2,6 +2,7 @@
 // authority), and the causal graph of one event.
 
 import { h, svg, compact, bytes, micros, short, clock, runHref, parseId } from './dom.js';
+import { blobValue, blobKnown, ApiError } from './api.js';
 
 const KINDS = {
   request: ['CapabilityRequested'],
@@ -33,17 +34,48 @@ export const idOf = (e) => `${e.run_id}:${e.run_seq}`;
 /**
  * A blob reference — a payload field over the kernel's threshold (16 KiB) that the log keeps
  * outside the event, `{"$blob": "<sha256 hex>", "size": N}` — as {digest, size}; else null.
- * The API returns events with their references, and serves no blobs: `ice show ID --blobs`
- * prints them.
+ * The API returns events with their references; GET /blobs/{digest} serves the value (see
+ * whenBlob), and `ice show ID --blobs` prints it on the server's machine.
  */
 export function blobRef(v) {
   if (!v || typeof v !== 'object' || Array.isArray(v) || typeof v.$blob !== 'string') return null;
   return { digest: v.$blob, size: typeof v.size === 'number' ? v.size : null };
 }
 
-/** "stored as a blob, 17012 bytes": what the page shows instead of a blob's value. */
+/** "stored as a blob, 17012 bytes": what the page says of a blob (in summaries, while loading). */
 export function blobWords(ref) {
   return `stored as a blob${ref.size === null ? '' : `, ${ref.size} bytes`}`;
+}
+
+/** An error as one line for people. */
+export function describe(e) {
+  return e instanceof ApiError ? e.describe() : String(e?.message ?? e);
+}
+
+/**
+ * Show a blob's value, fetched on demand and cached by digest (api.js): `shown(value)` at once
+ * when the page has it already, else when it arrives; `failed(error)` when it cannot be had.
+ * The caller draws "loading" first (this may replace it before returning). Never throws, and
+ * neither callback's failure escapes (a redraw must never break a render or the live stream).
+ */
+export function whenBlob(ref, shown, failed, { retry = false } = {}) {
+  const safe = (f, x) => {
+    try { f(x); } catch (err) { console.error('drawing a blob failed', err); }
+  };
+  try {
+    const now = retry ? null : blobKnown(ref.digest);
+    if (now) { if (now.ok) safe(shown, now.value); else safe(failed, now.error); return; }
+    blobValue(ref.digest, { retry }).then((v) => safe(shown, v), (e) => safe(failed, e));
+  } catch (e) {
+    safe(failed, e);
+  }
+}
+
+/** A JSON value for people, whole: indented JSON (a string as itself when `raw`). */
+export function pretty(v, raw = false) {
+  if (v === undefined || v === null) return '—';
+  if (raw && typeof v === 'string') return v;
+  try { return JSON.stringify(v, null, 2) ?? String(v); } catch { return compact(v, Infinity); }
 }
 
 /** The payload's top-level fields kept as blobs: [{field, digest, size}]. */

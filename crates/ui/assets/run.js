@@ -1,13 +1,27 @@
 // One run: its state and cost, pending approvals, staged diff, and its timeline, live, with
 // the causal graph of the selected event.
 
-import { get, seg, follow, ApiError } from './api.js';
+import { get, seg, follow, blobKnown, ApiError } from './api.js';
 import { h, fill, stamp, clock, short, runHref, parseId } from './dom.js';
 import { costMeters, statePill, provisioned } from './runs.js';
 import { approvalCard, tickExpiries } from './approvals.js';
-import { causalGraph, timelineRow, links, idOf, kind, summary, blobRef, blobWords, blobFields } from './events.js';
+import { causalGraph, timelineRow, links, idOf, kind, summary, blobRef, blobWords, blobFields, whenBlob, pretty, describe } from './events.js';
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** Staged writes whose content the diff fetches by itself; the rest wait for a click. */
+const AUTO_BLOB_WRITES = 10;
+/** Most characters of a blob's value the inspector shows. */
+const BLOB_SHOWN = 200000;
+
+/** A file's new text as added lines (the first 200). */
+function patch(text) {
+  const lines = text.split('\n');
+  if (lines.length && lines[lines.length - 1] === '') lines.pop();
+  return h('pre', { class: 'patch' },
+    lines.slice(0, 200).map((l) => h('span', { class: 'add' }, `+ ${l}\n`)),
+    lines.length > 200 ? h('span', { class: 'muted' }, `… ${lines.length - 200} more lines\n`) : '');
+}
 
 /**
  * The content an `fs.write` staged, from the agent's request (walking back from `eventId`):
@@ -160,6 +174,7 @@ export function runView(root, ctx, params) {
 
   // ------------------------------------------------------------------ summary, approvals, diff
   let timer = null;
+  let headRetry = null;
   function soon() {
     if (timer) return;
     timer = setTimeout(() => { timer = null; refresh(); }, 250);
@@ -177,7 +192,12 @@ export function runView(root, ctx, params) {
       ]);
       if (!alive) return;
       info = shown;
-      renderHead(shown, pending.approvals, prov);
+      const budget = renderHead(shown, pending.approvals, prov);
+      // A budget whose blob could not be fetched: ask again later (a run that has ended
+      // draws its head no more by itself). api.js keeps a failure for 10 s.
+      if (budget?.failed && !headRetry) {
+        headRetry = setTimeout(() => { headRetry = null; if (alive) soon(); }, 12000);
+      }
       renderApprovals(pending.approvals);
       renderDiff(shown.changes ?? []);
     } catch (e) {
@@ -194,19 +214,47 @@ export function runView(root, ctx, params) {
     }
   }
 
+  /**
+   * A blob's value if the page has it ({value}); else {notShown} saying why, and (once per
+   * blob) a fetch that draws the head again when it settles.
+   */
+  const headBlobs = new Set();
+  function blobNow(ref, what) {
+    const known = blobKnown(ref.digest);
+    if (known?.ok) return { value: known.value };
+    if (known) return { notShown: `${what} is ${blobWords(ref)} and could not be loaded (${describe(known.error)})`, failed: true };
+    if (!headBlobs.has(ref.digest)) {
+      headBlobs.add(ref.digest);
+      const done = () => { headBlobs.delete(ref.digest); if (alive) soon(); };
+      whenBlob(ref, done, done);
+    }
+    return { notShown: `${what} is ${blobWords(ref)}; loading it…` };
+  }
+
   /** The budget in force (see costMeters): the spec's, as the last reconfiguration left it. */
   function budgetNow(prov) {
     let budget = prov ? prov.budget : { notShown: 'the run\'s first event could not be loaded' };
     for (const e of events) {
       if (e?.type !== 'ReconfigurationRecorded') continue;
-      const nw = e.payload?.new;
-      const ref = blobRef(nw) ?? blobRef(nw?.budget);
-      if (ref) budget = { notShown: `reconfiguration #${e.run_seq} is ${blobWords(ref)}` };
-      else if (nw?.budget && typeof nw.budget === 'object') budget = nw.budget;
+      let nw = e.payload?.new;
+      const what = `reconfiguration #${e.run_seq}`;
+      if (blobRef(nw)) {
+        const got = blobNow(blobRef(nw), what);
+        if (got.notShown) { budget = got; continue; }
+        nw = got.value;
+      }
+      let b = nw?.budget;
+      if (blobRef(b)) {
+        const got = blobNow(blobRef(b), `the budget of ${what}`);
+        if (got.notShown) { budget = got; continue; }
+        b = got.value;
+      }
+      if (b && typeof b === 'object' && !Array.isArray(b)) budget = b;
     }
     return budget;
   }
 
+  /** The run's state, facts, counters and cost; returns the budget it showed. */
   function renderHead(shown, pending, prov) {
     const s = shown.summary;
     fill(pill, statePill(s, pending.length > 0));
@@ -228,7 +276,9 @@ export function runView(root, ctx, params) {
       counter('denials', s.denials, s.denials ? 'bad' : ''),
       counter('grants', shown.books?.grants?.length ?? 0),
       counter('approvals', shown.books?.approvals?.length ?? 0));
-    fill(meters, h('h2', null, 'Cost / budget'), costMeters(s.cost, budgetNow(prov)));
+    const budget = budgetNow(prov);
+    fill(meters, h('h2', null, 'Cost / budget'), costMeters(s.cost, budget));
+    return budget;
   }
 
   const cards = new Map();
@@ -254,6 +304,46 @@ export function runView(root, ctx, params) {
     tickExpiries();
   }
 
+  /**
+   * The content of a write whose request's arguments are a blob: fetched (the first
+   * AUTO_BLOB_WRITES of the diff by themselves, the others on a click) and shown as the patch;
+   * while it loads, or if it cannot be had, the box says so.
+   */
+  const wantedBlobs = new Set(); // digests of writes whose content the diff shows
+  function stagedBlob(staged, auto) {
+    const ref = staged.blob;
+    const words = blobWords(ref);
+    const box = h('div', { class: 'blob-content' });
+    const hint = () => [h('span', { class: 'mono' }, `ice show ${staged.request} --blobs`), ' prints them'];
+    const load = (retry) => {
+      wantedBlobs.add(ref.digest);
+      box.dataset.blob = 'loading';
+      fill(box, h('p', { class: 'muted blob-note' }, `Loading the content: the request's arguments are ${words}…`));
+      whenBlob(ref, (v) => {
+        box.dataset.blob = 'shown';
+        const text = v && typeof v === 'object' ? v.content : undefined;
+        fill(box, typeof text === 'string' ? patch(text)
+          : h('p', { class: 'muted' }, `content: not recorded as text in the request's arguments (${words})`));
+      }, (e) => {
+        box.dataset.blob = 'failed';
+        const again = h('button', { type: 'button', class: 'link retry' }, 'Try again');
+        again.addEventListener('click', () => load(true));
+        fill(box, h('p', { class: 'blob-note' },
+          h('span', { class: 'problem' }, `The content could not be loaded: ${describe(e)}.`),
+          ` The request's arguments are ${words}; `, hint(), '. ', again));
+      }, { retry });
+    };
+    if (auto || wantedBlobs.has(ref.digest) || blobKnown(ref.digest)) {
+      load(false);
+    } else {
+      box.dataset.blob = 'not-loaded';
+      const show = h('button', { type: 'button', class: 'link load' }, 'Show the content');
+      show.addEventListener('click', () => load(false));
+      fill(box, h('p', { class: 'muted blob-note' }, `The request's arguments are ${words}. `, show, ' (or ', hint(), ')'));
+    }
+    return box;
+  }
+
   function renderDiff(changes) {
     if (!changes.length) {
       fill(diff, h('p', { class: 'muted' }, 'No staged writes: this run changed nothing in its workspace (so far).'));
@@ -265,6 +355,7 @@ export function runView(root, ctx, params) {
       applied: 'Applied to the workspace when the run committed.',
       discarded: 'Discarded: the run ended without committing, so none of this reached the workspace.',
     }[status] ?? '';
+    let blobWrites = 0;
     fill(diff,
       h('p', { class: 'muted' }, explain),
       changes.map((c) => {
@@ -273,16 +364,11 @@ export function runView(root, ctx, params) {
         const text = staged?.content;
         let body;
         if (typeof text === 'string') {
-          const lines = text.split('\n');
-          if (lines.length && lines[lines.length - 1] === '') lines.pop();
-          body = h('pre', { class: 'patch' },
-            lines.slice(0, 200).map((l) => h('span', { class: 'add' }, `+ ${l}\n`)),
-            lines.length > 200 ? h('span', { class: 'muted' }, `… ${lines.length - 200} more lines\n`) : '');
+          body = patch(text);
         } else if (c.change === 'deleted') {
           body = h('pre', { class: 'patch' }, h('span', { class: 'del' }, '- (the file is deleted)\n'));
         } else if (staged?.blob) {
-          body = h('p', { class: 'muted blob-note' }, `content not shown: the request's arguments are ${blobWords(staged.blob)} (`,
-            h('span', { class: 'mono' }, `ice show ${staged.request} --blobs`), ' prints them)');
+          body = stagedBlob(staged, blobWrites++ < AUTO_BLOB_WRITES);
         } else if (staged) {
           body = h('p', { class: 'muted' }, 'content: not recorded as text in the request');
         } else {
@@ -343,14 +429,41 @@ export function runView(root, ctx, params) {
     let payload;
     try { payload = JSON.stringify(e.payload ?? {}, null, 2); } catch { payload = String(e.payload); }
     if (payload.length > 50000) payload = `${payload.slice(0, 50000)}\n… (cut: ${payload.length} characters)`;
-    // Fields over the kernel's threshold are references in the payload: say so, and how to read them.
+    // Fields over the kernel's threshold are references in the payload: fetch this event's
+    // (cached by digest), show each value, and summarise the event again with them.
+    const summaryEl = h('dd', { class: 'event-summary' }, summary(e));
     const blobs = blobFields(e.payload);
+    const resolved = {};
+    const blobItem = (b) => {
+      const value = h('div', { class: 'blob-value-box' });
+      const li = h('li', { dataset: { field: b.field } },
+        h('span', { class: 'mono' }, b.field), `: ${blobWords(b)} `, h('span', { class: 'mono muted', title: b.digest }, short(b.digest, 16)),
+        value);
+      const load = (retry) => {
+        li.dataset.blob = 'loading';
+        fill(value, h('p', { class: 'muted blob-status' }, 'loading…'));
+        whenBlob(b, (v) => {
+          li.dataset.blob = 'shown';
+          let text = pretty(v);
+          if (text.length > BLOB_SHOWN) text = `${text.slice(0, BLOB_SHOWN)}\n… (cut: ${text.length} characters; ice show ${idOf(e)} --blobs prints it all)`;
+          fill(value, h('pre', { class: 'blob-value' }, text));
+          resolved[b.field] = v;
+          fill(summaryEl, summary({ ...e, payload: { ...e.payload, ...resolved } }));
+        }, (err) => {
+          li.dataset.blob = 'failed';
+          const again = h('button', { type: 'button', class: 'link retry' }, 'Try again');
+          again.addEventListener('click', () => load(true));
+          fill(value, h('p', { class: 'blob-status' }, h('span', { class: 'problem' }, `could not be loaded: ${describe(err)}`), ' ', again));
+        }, { retry });
+      };
+      load(false);
+      return li;
+    };
     const blobNote = blobs.length
       ? h('div', { class: 'blob-fields' },
-        h('p', { class: 'muted' }, `Stored as blobs, not shown here (the API serves the references only): `,
-          h('span', { class: 'mono' }, `ice show ${idOf(e)} --blobs`), ' prints them.'),
-        h('ul', null, blobs.map((b) => h('li', { dataset: { field: b.field } },
-          h('span', { class: 'mono' }, b.field), `: ${blobWords(b)} `, h('span', { class: 'mono muted', title: b.digest }, short(b.digest, 16))))))
+        h('p', { class: 'muted' }, 'Fields stored as blobs, outside the event (fetched from the log; ',
+          h('span', { class: 'mono' }, `ice show ${idOf(e)} --blobs`), ' prints them too):'),
+        h('ul', null, blobs.map(blobItem)))
       : '';
     let graph;
     try {
@@ -371,7 +484,7 @@ export function runView(root, ctx, params) {
         (e.causes ?? []).length ? [h('dt', null, 'causes'), h('dd', null, e.causes.map((c, i) => [i ? ', ' : '', link(c)]))] : '',
         h('dt', null, 'hash'), h('dd', { class: 'mono', title: e.hash }, short(e.hash, 24)),
         e.log_seq !== undefined ? [h('dt', null, 'log position'), h('dd', { class: 'mono' }, String(e.log_seq))] : '',
-        h('dt', null, 'summary'), h('dd', { class: 'event-summary' }, summary(e))),
+        h('dt', null, 'summary'), summaryEl),
       h('h3', null, 'Causal graph'),
       graph,
       blobNote,
@@ -385,6 +498,7 @@ export function runView(root, ctx, params) {
       alive = false;
       abort.abort();
       clearTimeout(timer);
+      clearTimeout(headRetry);
     },
     /** Same run, another event: select it without reloading. */
     update(p) {

@@ -1,10 +1,10 @@
 // The runs list: state, events, cost spent against budget, effects, denials; and the
 // approvals waiting for an operator.
 
-import { get, seg } from './api.js';
+import { get, seg, blobValue } from './api.js';
 import { h, fill, bytes, micros, stamp, ago, runHref } from './dom.js';
 import { approvalCard, tickExpiries } from './approvals.js';
-import { blobRef, blobWords } from './events.js';
+import { blobRef, blobWords, describe } from './events.js';
 
 const DIMS = [
   ['tool_calls', 'tool calls', (v) => String(v)],
@@ -57,7 +57,7 @@ export function statePill(summary, waiting = false) {
     s, ended && s === 'TERMINATED' ? ` · ${ended}` : '', waiting ? ' · waiting for approval' : '');
 }
 
-const budgets = new Map(); // run → Promise of {agent, driver, budget} from its RunProvisioned
+const firsts = new Map(); // run → Promise of its RunProvisioned event (event 0; never changes)
 
 /** The budget a run's recorded spec sets (see costMeters), or {notShown} when it cannot be read. */
 export function specBudget(spec) {
@@ -70,20 +70,38 @@ export function specBudget(spec) {
   return b;
 }
 
-/** The agent, driver and budget a run was provisioned with (its event 0; never changes). */
-export function provisioned(run) {
-  if (!budgets.has(run)) {
-    budgets.set(run, get(`/events/${seg(`${run}:0`)}`).then((e) => {
-      const p = e.payload ?? {};
-      const text = (v) => (typeof v === 'string' ? v : undefined);
-      return {
-        agent: text(p.agent) ?? text(p.spec?.agent),
-        driver: text(p.driver) ?? text(p.spec?.driver),
-        budget: specBudget(p.spec),
-      };
-    }).catch((e) => { budgets.delete(run); throw e; }));
+/**
+ * The agent, driver and budget a run was provisioned with (its event 0, fetched once). A spec
+ * kept as a blob is fetched (once: blobs are cached by digest) to read its budget; if it
+ * cannot be, the budget is {notShown} saying why, and a later call tries again.
+ */
+export async function provisioned(run) {
+  if (!firsts.has(run)) {
+    firsts.set(run, get(`/events/${seg(`${run}:0`)}`).catch((e) => { firsts.delete(run); throw e; }));
   }
-  return budgets.get(run);
+  const e = await firsts.get(run);
+  const p = e?.payload && typeof e.payload === 'object' ? e.payload : {};
+  let spec = p.spec;
+  let budget;
+  const ref = blobRef(spec);
+  if (ref) {
+    try {
+      spec = await blobValue(ref.digest);
+      budget = specBudget(spec);
+    } catch (err) {
+      spec = null;
+      // `failed`: a page that keeps showing it asks again later (the blob may be had then).
+      budget = { notShown: `the run's spec is ${blobWords(ref)} and could not be loaded (${describe(err)})`, failed: true };
+    }
+  } else {
+    budget = specBudget(spec);
+  }
+  const text = (v) => (typeof v === 'string' ? v : undefined);
+  return {
+    agent: text(p.agent) ?? text(spec?.agent),
+    driver: text(p.driver) ?? text(spec?.driver),
+    budget,
+  };
 }
 
 /** Most runs the page lists: the newest. */

@@ -4,7 +4,10 @@
 //! with their state, cost against budget and effects; a run's timeline, live; the causal graph
 //! of an event (what proposed it, what decided it, what authorised it); pending approvals with
 //! the exact request, to approve or deny; the run's staged diff; and, in the header, whether
-//! the log verifies and its latest signed checkpoint.
+//! the log verifies and its latest signed checkpoint. Payload fields the log keeps as blobs are
+//! fetched (`/api/v1/blobs/{digest}`, cached by digest) where they are shown: a pending
+//! approval's arguments (Approve waits until the whole call is shown), a staged write's
+//! content, the inspected event's fields, a run's budget from a spec kept as a blob.
 //!
 //! - **No build step.** Plain HTML, CSS and JavaScript modules (no framework, no bundler) in
 //!   `crates/ui/assets/`, compiled into the binary with `include_bytes!`: what the repository

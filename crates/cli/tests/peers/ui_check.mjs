@@ -5,10 +5,13 @@
 // graph of the effect and find the grant and the approval in it; save a screenshot. With more
 // runs than the runs page lists, it lists the newest and says how many it leaves out. A run
 // whose spec, request arguments and validation results are kept as blobs still shows every
-// event, why it failed, and its inspector. The page's summaries cope with a blob in any field.
+// event, why it failed, and its inspector; the page fetches those blobs and shows the real
+// budget, the staged file's content and the results, and says so plainly when it cannot. An
+// approval whose arguments are a blob shows the whole call before Approve works. The page's
+// summaries cope with a blob in any field.
 //
 //   ICE_TOKEN=OPERATOR_TOKEN node ui_check.mjs --url http://127.0.0.1:PORT --run RUN \
-//     --blob-run RUN2 --oldest-run RUN0 --runs TOTAL \
+//     --blob-run RUN2 --blob-approval-run RUN3 --oldest-run RUN0 --runs TOTAL \
 //     --screenshot OUT.png --chromium /usr/bin/chromium --node-modules .deps/node/node_modules
 //
 // Exits 0 when every check passed; otherwise prints what failed (and saves OUT.failed.png).
@@ -22,6 +25,7 @@ const { values: opt } = parseArgs({
     url: { type: 'string' },
     run: { type: 'string' },
     'blob-run': { type: 'string' },
+    'blob-approval-run': { type: 'string' },
     'oldest-run': { type: 'string' },
     runs: { type: 'string' },
     screenshot: { type: 'string' },
@@ -34,7 +38,7 @@ if (!opt.token) {
   console.error('ui_check: the operator token goes in $ICE_TOKEN');
   process.exit(2);
 }
-for (const k of ['url', 'run', 'blob-run', 'oldest-run', 'runs', 'screenshot', 'chromium', 'node-modules']) {
+for (const k of ['url', 'run', 'blob-run', 'blob-approval-run', 'oldest-run', 'runs', 'screenshot', 'chromium', 'node-modules']) {
   if (!opt[k]) {
     console.error(`ui_check: --${k} is required`);
     process.exit(2);
@@ -100,7 +104,8 @@ try {
   if (!/EXECUTING/.test(rowText) || !/waiting for approval/.test(rowText)) fail(`the run's row should say it is executing and waiting for approval: ${rowText}`);
   if (!/tool calls/.test(rowText)) fail(`the run's row should show its cost against the budget: ${rowText}`);
   await page.locator(`.pending article.approval[data-run="${opt.run}"]`).waitFor();
-  await page.locator('#approvals-badge', { hasText: '1' }).waitFor();
+  // Two approvals wait: this run's, and the one whose arguments are a blob.
+  await page.locator('#approvals-badge', { hasText: '2' }).waitFor();
   step('the runs list shows the run executing, its cost, and the approval waiting');
 
   // More runs than the page lists: the newest, newest first, and how many older ones are left out.
@@ -117,11 +122,12 @@ try {
   const countText = await page.locator('#runs-count').innerText();
   if (!countText.includes(`${total} runs`) || !countText.includes(`${older} older runs are not shown`)) fail(`the runs page should say ${older} of ${total} runs are not shown: ${countText}`);
   step(`the runs list shows the ${shownRuns} newest runs and says ${older} older ones are not shown`);
-  // That run's spec is kept as a blob: its budget is said to be unknown, never "no limit".
-  await blobRow.locator('.budget-not-shown').waitFor();
+  // That run's spec is kept as a blob: the page fetches it and shows the spec's real limits.
+  await blobRow.locator('.meter', { hasText: '/ 7' }).waitFor();
   const blobMeters = await blobRow.locator('.meter').evaluateAll((ms) => ms.map((m) => m.title));
-  if (!blobMeters.length || blobMeters.some((t) => /no limit/.test(t) || !/limit not shown: the run's spec is stored as a blob, \d+ bytes/.test(t))) fail(`the cost of a run whose spec is a blob should not claim "no limit": ${JSON.stringify(blobMeters)}`);
-  step(`a run whose spec is a blob: its cost says the limit is not shown (${blobMeters[0]})`);
+  if (!blobMeters.some((t) => /^tool calls: \d+ of 7$/.test(t)) || blobMeters.some((t) => /no limit|not shown/.test(t))
+    || (await blobRow.locator('.budget-not-shown').count())) fail(`the cost of a run whose spec is a blob should show the spec's limits: ${JSON.stringify(blobMeters)}`);
+  step(`a run whose spec is a blob: its cost shows the spec's limits, fetched (${blobMeters.join('; ')})`);
 
   // ------------------------------------------------------------------ the run and its timeline
   await row.locator('a.run-link').click();
@@ -202,31 +208,72 @@ try {
 
   // ------------------------------------------------------------------ a run whose fields are blobs
   // Its spec, the write's arguments and the validation results are kept as blobs: the live
-  // stream still shows every event (the failed validation among them), the page says what is
-  // not shown instead of a wrong value, and the failed validation's inspector opens.
+  // stream still shows every event (the failed validation among them), the page fetches the
+  // blobs it shows (the budget, the staged content, the inspected event's fields) and says
+  // plainly when it cannot, and the failed validation's inspector opens.
   const blobRun = opt['blob-run'];
+  const timelineRows = async () => {
+    const blobSeqs = await timeline.locator('tr.ev').evaluateAll((rows) => rows.map((r) => Number(r.dataset.seq)));
+    if (blobSeqs.some((s, i) => s !== i)) fail(`the timeline should list every event once, in order: ${blobSeqs.join(',')}`);
+    const lastType = await timeline.locator('tr.ev').last().getAttribute('data-type');
+    if (lastType !== 'RunTerminated') fail(`the timeline should end with RunTerminated, not ${lastType}`);
+    return blobSeqs;
+  };
+  // First with every blob fetch failing: the page says what it could not load, and where to
+  // read it; the live stream still shows every event. (A reload: no blob is in memory yet.)
+  const offline = JSON.stringify({ error: { code: 'unavailable', message: 'blobs are offline for this check' } });
+  await page.route('**/api/v1/blobs/**', (route) => route.fulfill({ status: 503, contentType: 'application/json', body: offline }));
   await page.goto(`${opt.url}/ui/#/runs/${encodeURIComponent(blobRun)}`);
+  await page.reload();
+  await page.locator(`.run-page[data-run="${blobRun}"]`).waitFor();
+  await page.locator('#live', { hasText: 'run ended' }).waitFor({ timeout: 30000 });
+  await timelineRows();
+  const bigChange = page.locator('#diff .change[data-path="big.txt"]');
+  const bigFailed = bigChange.locator('.blob-content[data-blob="failed"]');
+  await bigFailed.waitFor();
+  const bigFailedText = await bigFailed.innerText();
+  if (!/The content could not be loaded: 503 unavailable: blobs are offline for this check\. The request's arguments are stored as a blob, \d+ bytes; ice show \S+:\d+ --blobs prints them/.test(bigFailedText)) fail(`a staged write whose content cannot be fetched should say so and how to read it: ${bigFailedText}`);
+  await page.locator('.cost-card .budget-not-shown').waitFor();
+  const offlineCost = await page.locator('.cost-card').innerText();
+  if (/no limit/.test(offlineCost) || !/budget not shown: the run's spec is stored as a blob, \d+ bytes and could not be loaded \(503 unavailable/.test(offlineCost)) fail(`a budget whose spec cannot be fetched should be said unknown, and why: ${offlineCost}`);
+  await timeline.locator('tr[data-type="ValidationFailed"]').click();
+  const offlineResults = page.locator('#inspector li[data-field="results"][data-blob="failed"]');
+  await offlineResults.waitFor();
+  if (!/could not be loaded: 503 unavailable/.test(await offlineResults.innerText())) fail(`the inspector should say a blob field could not be loaded: ${await offlineResults.innerText()}`);
+  checkProblems();
+  step('with blob fetches failing, the diff, the budget and the inspector say what could not be loaded; every event is shown');
+  // The server answers again: "Try again" shows the content.
+  await page.unroute('**/api/v1/blobs/**');
+  await bigFailed.locator('button.retry').click();
+  await bigChange.locator('.blob-content[data-blob="shown"] pre.patch', { hasText: '+ line 00000' }).waitFor();
+  step('once the server answers, "Try again" shows the staged content');
+
+  // Then as it is: its spec, the write's arguments and the validation results are kept as
+  // blobs; the live stream shows every event (the failed validation among them), and the page
+  // fetches the blobs it shows — the budget, the staged content — instead of naming them.
+  await page.reload();
   await page.locator(`.run-page[data-run="${blobRun}"]`).waitFor();
   await page.locator('#live', { hasText: 'run ended' }).waitFor({ timeout: 30000 });
   const failed = timeline.locator('tr[data-type="ValidationFailed"]');
   if ((await failed.count()) !== 1) fail(`the failed validation should have its row: ${await timeline.innerText()}`);
   const failedText = await failed.innerText();
   if (!/failed: the check results are not shown \(stored as a blob, \d+ bytes\)/.test(failedText)) fail(`the failed validation's row should say its results are a blob: ${failedText}`);
-  const blobSeqs = await timeline.locator('tr.ev').evaluateAll((rows) => rows.map((r) => Number(r.dataset.seq)));
-  if (blobSeqs.some((s, i) => s !== i)) fail(`the timeline should list every event once, in order: ${blobSeqs.join(',')}`);
-  const lastType = await timeline.locator('tr.ev').last().getAttribute('data-type');
-  if (lastType !== 'RunTerminated') fail(`the timeline should end with RunTerminated, not ${lastType}`);
+  const blobSeqs = await timelineRows();
   const aborted = await timeline.locator('tr[data-type="AbortReasonDeclared"]').innerText();
   if (!aborted.includes('check "loud check one" failed')) fail(`the abort should name the failed check: ${aborted}`);
   const requested = await timeline.locator('tr[data-type="CapabilityRequested"]').innerText();
   if (!/fs\.write .*big\.txt arguments stored as a blob, \d+ bytes/.test(requested)) fail(`the request should say its arguments are a blob: ${requested}`);
+  // The budget: the spec's own limits, fetched.
+  await page.locator('.cost-card .meter', { hasText: '/ 7' }).waitFor();
   const costCard = await page.locator('.cost-card').innerText();
-  if (/no limit/.test(costCard) || !/budget not shown: the run's spec is stored as a blob, \d+ bytes/.test(costCard)) fail(`the budget of a run whose spec is a blob should be said unknown: ${costCard}`);
-  const bigChange = page.locator('#diff .change[data-path="big.txt"]');
-  await bigChange.waitFor();
-  const bigText = await bigChange.innerText();
-  if (!/content not shown: the request's arguments are stored as a blob, \d+ bytes \(ice show \S+:\d+ --blobs prints them\)/.test(bigText)) fail(`the staged write's content should be said to be a blob: ${bigText}`);
-  step(`a run whose fields are blobs shows all ${blobSeqs.length} events live; the failed validation's row says ${failedText.replace(/\s+/g, ' ').trim()}`);
+  if (/no limit|not shown/.test(costCard) || !costCard.includes('/ 7') || !costCard.includes('/ 5 min') || !costCard.includes('/ 1 MB')) fail(`the budget of a run whose spec is a blob should show the spec's limits: ${costCard}`);
+  // The diff: the staged file's content, fetched from the request's arguments.
+  const bigPatch = bigChange.locator('.blob-content[data-blob="shown"] pre.patch');
+  await bigPatch.waitFor();
+  const bigText = await bigPatch.innerText();
+  if (!bigText.includes('+ line 00000') || !bigText.includes('+ line 00199') || !bigText.includes('… 1300 more lines') || /stored as a blob/.test(bigText)) fail(`the staged write should show the file's content: ${bigText.slice(0, 300)}…`);
+  checkProblems();
+  step(`a run whose fields are blobs shows all ${blobSeqs.length} events live; its budget (${costCard.replace(/\s+/g, ' ').trim()}) and the staged big.txt are fetched and shown`);
 
   // Its inspector, opened from a link to it (the event arrives while the inspector waits for it).
   const failedSeq = await failed.getAttribute('data-seq');
@@ -238,7 +285,17 @@ try {
   const inspected = await inspector.innerText();
   if (!inspected.includes('ValidationFailed') || !inspected.includes(`ice show ${blobRun}:${failedSeq} --blobs`) || !/results: stored as a blob, \d+ bytes/.test(inspected)) fail(`the inspector should open on the failed validation and name its blob: ${inspected}`);
   if ((await timeline.locator('tr[data-type="ValidationFailed"]').count()) !== 1) fail('with the inspector open on it, the failed validation should still have its row');
-  step('the failed validation\'s inspector opens and names the field kept as a blob');
+  // It fetches the event's blob field and shows its value, and summarises the event with it.
+  const results = inspector.locator('li[data-field="results"][data-blob="shown"] pre.blob-value');
+  await results.waitFor();
+  const resultsText = await results.innerText();
+  let resultsValue;
+  try { resultsValue = JSON.parse(resultsText); } catch { fail(`the inspector should show the results' value as JSON: ${resultsText.slice(0, 300)}…`); }
+  const checks = Array.isArray(resultsValue) ? resultsValue.filter((r) => r?.passed === false).map((r) => r.check) : [];
+  if (!checks.includes('loud check one') || !checks.includes('loud check two')) fail(`the inspector should show the checks' results: ${resultsText.slice(0, 300)}…`);
+  const inspectedSummary = await inspector.locator('.event-summary').innerText();
+  if (inspectedSummary !== 'failed: loud check one, loud check two') fail(`with its results fetched, the inspector should summarise the failed validation: ${inspectedSummary}`);
+  step(`the failed validation's inspector opens, fetches its results (${checks.length} failed checks) and summarises them`);
   checkProblems();
   await page.screenshot({ path: opt.screenshot.replace(/\.png$/, '') + '-blobs.png', fullPage: true });
 
@@ -301,16 +358,68 @@ try {
     }
     const fine = runs.costMeters({ tool_calls: 3 }, runs.specBudget({ budget: { tool_calls: 20, bytes: null } })).textContent;
     if (!/3 \/ 20/.test(fine)) out.push(`a readable budget: ${fine}`);
-    // An approval whose request's arguments are a blob says so, not the reference.
+    // An approval whose request's arguments and target are blobs the log does not hold: the
+    // card says they could not be loaded and how to read them, never the reference, and
+    // Approve waits.
     const card = ap.approvalCard({ id: 'u:2', run: 'u', capability: 'fs.write', resource: 'File::"x"', arguments: ref, digest: 'd', expires_at: '2026-01-01T00:00:00Z', policies: [] },
       { byId: new Map([['u:2', { payload: { request: 'u:1' } }], ['u:1', { run_id: 'u', run_seq: 1, origin: 'agent:a', payload: { target: ref } }]]) });
-    await new Promise((r) => setTimeout(r, 50));
+    for (let i = 0; i < 100 && card.querySelectorAll('[data-blob="failed"]').length < 2; i++) await new Promise((r) => setTimeout(r, 50));
     const cardText = card.textContent;
-    if (/\$blob/.test(cardText) || !/arguments\(not shown: stored as a blob, 20000 bytes; `ice show u:1 --blobs` prints them\)/.test(cardText) || /object Object/.test(cardText)) out.push(`an approval with blob arguments: ${cardText}`);
+    for (const what of ['arguments', 'target']) {
+      if (!new RegExp(`The ${what} could not be loaded, so this call cannot be approved here: 404 not_found: [^.]*\\. The ${what} (are|is) stored as a blob, 20000 bytes; ice show u:1 --blobs prints`).test(cardText)) out.push(`an approval whose ${what} is a blob the log does not hold: ${cardText}`);
+    }
+    if (/\$blob|object Object/.test(cardText)) out.push(`an approval with blob arguments shows the reference: ${cardText}`);
+    if (!card.querySelector('button.approve').disabled || !/waits until the arguments and target are shown/.test(card.querySelector('button.approve').title)) out.push('Approve should wait until the arguments and target are shown');
     return out;
   });
   if (unit.length) fail(`the page's functions do not cope with blobs:\n  ${unit.join('\n  ')}`);
   step('the page\'s summaries, budgets and approval cards cope with a blob in any field');
+
+  // ------------------------------------------------------------------ an approval whose arguments are a blob
+  // The card fetches them and shows the whole call; until then Approve waits and the card says
+  // why: loading, then (the server failing) what failed and how to read them; "Try again"
+  // shows them once the server answers. (A reload: no blob is in memory yet.)
+  const approvalRun = opt['blob-approval-run'];
+  let release;
+  const gate = new Promise((r) => { release = r; });
+  await page.route('**/api/v1/blobs/**', async (route) => {
+    await gate;
+    await route.fulfill({ status: 503, contentType: 'application/json', body: offline });
+  });
+  await page.goto(`${opt.url}/ui/#/approvals`);
+  await page.reload();
+  const bigCard = page.locator(`article.approval[data-run="${approvalRun}"]`);
+  const bigArgs = bigCard.locator('.args-box');
+  const approveBig = bigCard.locator('button.approve');
+  await bigCard.locator('.args-box[data-blob="loading"]').waitFor();
+  const loadingText = await bigArgs.innerText();
+  if (!/^Loading the arguments \(stored as a blob, \d+ bytes\)…$/.test(loadingText.trim())) fail(`while its arguments load, the card should say so: ${loadingText}`);
+  if (!(await approveBig.isDisabled())) fail('Approve should wait while the arguments load');
+  await bigCard.locator('dd a', { hasText: `${approvalRun}:` }).waitFor(); // the request, which the failure names
+  release();
+  await bigCard.locator('.args-box[data-blob="failed"]').waitFor();
+  const failedArgs = await bigArgs.innerText();
+  if (!/The arguments could not be loaded, so this call cannot be approved here: 503 unavailable: blobs are offline for this check\. The arguments are stored as a blob, \d+ bytes; ice show \S+:\d+ --blobs prints them\./.test(failedArgs)) fail(`a card whose arguments cannot be fetched should say so and how to read them: ${failedArgs}`);
+  if (/\$blob/.test(await bigCard.innerText())) fail('the card shows the blob reference');
+  if (!(await approveBig.isDisabled()) || (await bigCard.locator('button.deny').isDisabled())) fail('with its arguments not shown, Approve should wait and Deny should not');
+  step('an approval whose arguments are a blob: Approve waits while they load, and when they cannot be, the card says why and how to read them');
+  await page.unroute('**/api/v1/blobs/**');
+  await bigArgs.locator('button.retry').click();
+  const bigArgsShown = bigCard.locator('.args-box[data-blob="shown"] pre.args');
+  await bigArgsShown.waitFor();
+  const shownArgs = await bigArgsShown.innerText();
+  let argsValue;
+  try { argsValue = JSON.parse(shownArgs); } catch { fail(`the card should show the arguments as JSON: ${shownArgs.slice(0, 300)}…`); }
+  const body = argsValue?.body ?? '';
+  if (argsValue?.method !== 'POST' || !body.startsWith('BEGIN big notice\n') || !body.endsWith('notice line 01199\nEND big notice\n') || body.split('\n').length !== 1203) fail(`the card should show the whole call: ${shownArgs.slice(0, 300)}…`);
+  if (!(await approveBig.isEnabled())) fail('with the whole call shown, Approve should work');
+  checkProblems();
+  step(`once the server answers, the card shows the whole call (${shownArgs.length} characters) and Approve works`);
+  await bigCard.screenshot({ path: opt.screenshot.replace(/\.png$/, '') + '-blob-approval.png' });
+  await bigCard.locator('input.reason').fill('too long to send');
+  await bigCard.locator('button.deny').click();
+  await bigCard.locator('.outcome', { hasText: 'denied by operator:alice' }).waitFor();
+  step('the operator denies it');
 
   // ------------------------------------------------------------------ a run the listing leaves out
   await page.goto(`${opt.url}/ui/#/approvals`);
