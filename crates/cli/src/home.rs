@@ -389,7 +389,9 @@ pub fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>> {
 /// Open a log by URL: `sqlite:PATH` (relative to `base`, the home, when given),
 /// `postgres://USER@HOST:PORT/DB[?schema=NAME]` (tables in schema NAME, default `ice`), or
 /// `nats://HOST:PORT[?prefix=NAME]` (streams and buckets named from NAME, default `ice`).
-/// A shared backend is created on first use.
+/// A shared backend is created on first use by a command that writes; opened to read
+/// (`Mode::ReadOnly`: `verify`, `migrate --from`, …) it must already hold a log, and nothing is
+/// created (a mistyped schema or prefix is an error, not an empty log that verifies).
 pub async fn open_log_url(url: &str, mode: Mode, base: Option<&Path>) -> Result<Arc<dyn EventLog>> {
     if let Some(path) = url.strip_prefix("sqlite:") {
         let p = Path::new(path);
@@ -402,17 +404,22 @@ pub async fn open_log_url(url: &str, mode: Mode, base: Option<&Path>) -> Result<
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let (conn, schema) = split_param(url, "schema");
-        let log =
-            ice_log::postgres::PgLog::connect(&conn, Some(schema.as_deref().unwrap_or("ice")))
-                .await
-                .map_err(|e| opening_failed(url, e.into()))?;
+        let schema = Some(schema.as_deref().unwrap_or("ice"));
+        let log = match mode {
+            Mode::ReadOnly => ice_log::postgres::PgLog::connect_existing(&conn, schema).await,
+            Mode::ReadWrite => ice_log::postgres::PgLog::connect(&conn, schema).await,
+        }
+        .map_err(|e| opening_failed(url, e.into()))?;
         return Ok(Arc::new(log));
     }
     if url.starts_with("nats://") {
         let (conn, prefix) = split_param(url, "prefix");
-        let log = ice_log::nats::NatsLog::connect(&conn, prefix.as_deref().unwrap_or("ice"))
-            .await
-            .map_err(|e| opening_failed(url, e.into()))?;
+        let prefix = prefix.as_deref().unwrap_or("ice");
+        let log = match mode {
+            Mode::ReadOnly => ice_log::nats::NatsLog::connect_existing(&conn, prefix).await,
+            Mode::ReadWrite => ice_log::nats::NatsLog::connect(&conn, prefix).await,
+        }
+        .map_err(|e| opening_failed(url, e.into()))?;
         return Ok(Arc::new(log));
     }
     bail!("log URL {url:?} is not of a known form; use sqlite:PATH, postgres://… or nats://…")
@@ -452,23 +459,27 @@ fn opening_failed(url: &str, e: anyhow::Error) -> anyhow::Error {
     anyhow!("opening the log {}: {text}", redact(url))
 }
 
-/// The passwords a log URL carries: in its user info (`user:PASSWORD@`) and as a `password=`
-/// query parameter.
+/// The secrets a log URL carries: in its user info (`user:PASSWORD@`, or a NATS `TOKEN@`) and
+/// as a `password=`, `token=` or `secret=` query parameter.
 fn secrets(url: &str) -> Vec<String> {
     let mut out = Vec::new();
     if let (Some(s), Some(at)) = (url.find("://"), url.rfind('@'))
         && at > s
-        && let Some((_, pw)) = url[s + 3..at].split_once(':')
-        && !pw.is_empty()
     {
-        out.push(pw.to_string());
+        let info = &url[s + 3..at];
+        match info.split_once(':') {
+            Some((_, pw)) if !pw.is_empty() => out.push(pw.to_string()),
+            None if url.starts_with("nats://") && !info.is_empty() => out.push(info.to_string()),
+            _ => {}
+        }
     }
     if let Some((_, query)) = url.split_once('?') {
         for kv in query.split('&') {
-            if let Some(("password", pw)) = kv.split_once('=')
-                && !pw.is_empty()
+            if let Some((k, v)) = kv.split_once('=')
+                && matches!(k, "password" | "token" | "secret")
+                && !v.is_empty()
             {
-                out.push(pw.to_string());
+                out.push(v.to_string());
             }
         }
     }

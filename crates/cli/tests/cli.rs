@@ -756,6 +756,7 @@ fn a_log_urls_password_stays_out_of_error_messages() {
     let (_d, home) = seeded();
     for url in [
         "nats://u:secretpw@127.0.0.1:1",
+        "nats://secretpw@127.0.0.1:1",
         "postgres://u:secretpw@127.0.0.1:1/test",
         "postgres://u@127.0.0.1:1/test?password=secretpw",
     ] {

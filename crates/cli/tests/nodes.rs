@@ -373,3 +373,68 @@ fn ice_migrate_copies_a_log_between_backends_hash_for_hash() {
     assert!(!o.status.success(), "{}", text(&o));
     assert_eq!(hashes(&home, &pg), original);
 }
+
+/// A command that only reads (verify, migrate --from) given a shared log URL that names no
+/// log (a mistyped schema or prefix) fails, naming it, and creates nothing: before, it created
+/// an empty log there, which then verified ("ok: 0 events").
+#[test]
+fn reading_a_shared_log_that_does_not_exist_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let o = Command::new(ice_bin())
+        .arg("--home")
+        .arg(&home)
+        .args(["init", "--origin", "ice.test/missing"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let schema = Schema(format!("ice_missing_{}", tag()));
+    let nats_prefix = format!("missing{}", tag());
+    for url in [
+        format!("{}?schema={}", pg_base(), schema.0),
+        format!("nats://127.0.0.1:4222?prefix={nats_prefix}"),
+    ] {
+        // Twice: had the first created the log, the second would find it and pass.
+        for _ in 0..2 {
+            let o = Command::new(ice_bin())
+                .arg("--home")
+                .arg(&home)
+                .args(["--log", &url, "verify"])
+                .output()
+                .unwrap();
+            assert_ne!(o.status.code(), Some(0), "{url}: {}", text(&o));
+            assert!(text(&o).contains("not an ICE log"), "{url}: {}", text(&o));
+        }
+        let to = dir.path().join(format!("copy-{}.db", tag()));
+        let o = Command::new(ice_bin())
+            .args(["migrate", "--from", &url, "--to"])
+            .arg(format!("sqlite:{}", to.display()))
+            .output()
+            .unwrap();
+        assert_ne!(o.status.code(), Some(0), "{url}: {}", text(&o));
+        assert!(text(&o).contains("not an ICE log"), "{url}: {}", text(&o));
+    }
+    let o = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "test",
+            "-tA",
+            "-c",
+        ])
+        .arg(format!(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = '{}'",
+            schema.0
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "0",
+        "{}",
+        text(&o)
+    );
+}

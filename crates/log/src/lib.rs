@@ -119,9 +119,11 @@ pub struct StoredCheckpoint {
 /// Errors of the log.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LogError {
-    /// Someone else appended to the run first; nothing was written. Reload the run and retry.
+    /// The run is not where the batch expected (someone appended first, possibly this same
+    /// batch in an earlier attempt whose answer was lost); this append wrote nothing. Reload
+    /// the run and retry.
     #[error(
-        "conflict on run {run_id}: the batch expected to start at run_seq {expected} after {expected_prev}, but the run is at run_seq {actual}; nothing was written"
+        "conflict on run {run_id}: the batch expected to start at run_seq {expected} after {expected_prev}, but the run is at run_seq {actual}; this append wrote nothing (the events at that position, possibly this very batch, were appended before it): read the run"
     )]
     Conflict {
         /// The run.
