@@ -27,7 +27,10 @@
 //!
 //! A call is costed the token usage the reply reports; a figure it does not report (missing,
 //! or not a whole number) is costed at the call's reservation and named in the payload's
-//! `usage.unreported`, so a token budget still stops an endpoint that omits its usage. At most
+//! `usage.unreported`, so a token budget still stops an endpoint that omits its usage. A call
+//! that failed after the provider may have generated its tokens (a timeout, a 2xx body that is
+//! not JSON or too large) is costed at its reservation too; a refused or unreachable one is
+//! costed nothing. At most
 //! [`MAX_TOOL_CALLS_PER_REPLY`] tool calls are read from one reply; the rest are refused, the
 //! refusal recorded (`tool_calls_over_limit`) and the model told once.
 //!
@@ -373,6 +376,16 @@ impl FailureKind {
             FailureKind::Oversized => "oversized",
             FailureKind::ReplayDivergence => "replay_divergence",
         }
+    }
+
+    /// Whether the provider may have generated (and billed) the call's tokens: it timed out
+    /// while answering, or answered 2xx with a body ICE could not use. A non-2xx status, a
+    /// connection that failed and a replay divergence generated none that ICE can know of.
+    pub fn may_have_generated(self) -> bool {
+        matches!(
+            self,
+            FailureKind::Timeout | FailureKind::MalformedJson | FailureKind::Oversized
+        )
     }
 
     /// The kind recorded as `name`.
@@ -1495,10 +1508,26 @@ impl Agent for LlmAgent {
                 }
                 payload.insert("error".into(), Value::Object(error));
                 payload.insert("finish_reason".into(), Value::Null);
-                payload.insert(
-                    "usage".into(),
-                    json!({"prompt_tokens": null, "completion_tokens": null}),
-                );
+                // A call that timed out, or answered 2xx with a body ICE could not use, may
+                // have had its tokens generated (and billed): it is costed at the reservation,
+                // as an answer without usage is. A refused or unreachable call generated none.
+                if f.kind.may_have_generated() {
+                    usage.tokens_in = reserved.tokens_in;
+                    usage.tokens_out = reserved.tokens_out;
+                    payload.insert(
+                        "usage".into(),
+                        json!({
+                            "prompt_tokens": usage.tokens_in,
+                            "completion_tokens": usage.tokens_out,
+                            "unreported": ["prompt_tokens", "completion_tokens"],
+                        }),
+                    );
+                } else {
+                    payload.insert(
+                        "usage".into(),
+                        json!({"prompt_tokens": null, "completion_tokens": null}),
+                    );
+                }
                 self.failed(f.kind.as_str(), &f.detail);
                 format!("model call {n}/{max} failed: {}", f.kind)
             }

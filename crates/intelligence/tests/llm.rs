@@ -540,6 +540,53 @@ fn consecutive_errors_exhaust_max_errors() {
 }
 
 #[test]
+fn a_call_that_may_have_generated_tokens_is_costed_at_the_reservation() {
+    let (model, _) = script(vec![
+        failure(FailureKind::Timeout, "timed out", None),
+        failure(FailureKind::MalformedJson, "not JSON", None),
+        failure(FailureKind::Oversized, "too big", None),
+        failure(FailureKind::HttpStatus, "HTTP 429: slow down", Some(429)),
+        failure(FailureKind::Transport, "connection refused", None),
+        answer("done"),
+    ]);
+    let mut agent = LlmAgent::new("a", config(json!({"max_errors": 9})), model);
+    let mut costs = Vec::new();
+    loop {
+        let v = view(None);
+        match agent.propose(&v).unwrap() {
+            Proposal::Infer { reserve } => {
+                let i = agent.infer(&v).unwrap();
+                costs.push((reserve, i));
+            }
+            Proposal::Finish { .. } => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(costs.len(), 6);
+    for (reserve, i) in &costs[..3] {
+        assert!(reserve.tokens_out > 0);
+        assert_eq!(
+            (i.usage.tokens_in, i.usage.tokens_out),
+            (reserve.tokens_in, reserve.tokens_out),
+            "{}",
+            i.intent
+        );
+        assert_eq!(
+            i.payload["usage"]["unreported"],
+            json!(["prompt_tokens", "completion_tokens"])
+        );
+        assert_eq!(i.payload["usage"]["completion_tokens"], reserve.tokens_out);
+    }
+    for (_, i) in &costs[3..5] {
+        assert_eq!(i.usage, Cost::default(), "{}", i.intent);
+        assert_eq!(
+            i.payload["usage"],
+            json!({"prompt_tokens": null, "completion_tokens": null})
+        );
+    }
+}
+
+#[test]
 fn a_good_reply_resets_the_error_count() {
     let (model, _) = script(vec![
         failure(FailureKind::Timeout, "t", None),
