@@ -123,6 +123,16 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // Commands ICE runs (`process.exec`, validation checks, MCP tool servers) run as its user:
+    // without this, any of them could read ICE's environment (model API keys, log URLs) from
+    // /proc/PPID/environ, reach its open files (the real workspace, the log) through
+    // /proc/PPID/fd, or attach a debugger. Not dumpable, this process's /proc entries belong
+    // to root and ptrace is refused to the same user. (Children get back the default at exec.)
+    #[cfg(target_os = "linux")]
+    // SAFETY: a prctl with plain integer arguments, before any thread starts.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

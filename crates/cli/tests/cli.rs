@@ -1249,3 +1249,76 @@ fn token_revoke_removes_an_entry_whose_digest_is_missing_or_not_a_string() {
     );
     assert_eq!(std::fs::read_to_string(&config).unwrap(), before);
 }
+
+/// A command ICE runs (an agent's `process.exec`, a validation check, a tool server) runs as
+/// ICE's user: it must not read ICE's environment (model API keys, log URLs) from
+/// /proc/PPID/environ. A process of the same user that is not ICE (`sleep`) shows the check can
+/// see an environment at all.
+#[test]
+fn another_process_of_the_same_user_cannot_read_ices_environment() {
+    use std::os::unix::fs::PermissionsExt;
+    let (d, home) = seeded();
+    // As root, both sides run as `nobody` (root reads every process's files); otherwise as the
+    // user running the test.
+    let root = unsafe { libc::geteuid() } == 0;
+    let as_user = |program: &str| {
+        let mut c = if root {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", program]);
+            c
+        } else {
+            Command::new(program)
+        };
+        c.env("ICE_TEST_SECRET", "s3cr3t-in-the-environment");
+        c
+    };
+    if root {
+        for entry in walk(d.path()) {
+            let mode = if entry.is_dir() { 0o777 } else { 0o666 };
+            std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+    }
+    let readable = |pid: u32| {
+        let o = as_user("cat")
+            .arg(format!("/proc/{pid}/environ"))
+            .output()
+            .unwrap();
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("s3cr3t")
+    };
+    let mut control = as_user("sleep").arg("30").spawn().unwrap();
+    let mut ice = as_user(env!("CARGO_BIN_EXE_ice"))
+        .arg("--home")
+        .arg(&home)
+        .args(["log", "--follow"])
+        .env_remove("ICE_HOME")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (control_seen, ice_seen) = (readable(control.id()), readable(ice.id()));
+    let _ = control.kill();
+    let _ = ice.kill();
+    let _ = control.wait();
+    let status = ice.wait().unwrap();
+    assert!(
+        control_seen,
+        "the check cannot read a same-user process's environment here"
+    );
+    assert!(
+        !ice_seen,
+        "ICE's environment was readable by another process of its user ({status})"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
