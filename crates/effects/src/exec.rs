@@ -14,7 +14,7 @@
 //! # What is confined, honestly
 //!
 //! Only the working directory and the environment. The command starts in the given directory
-//! with the environment cleared except `PATH` (the runtime's), `HOME` (set to that directory) and
+//! with the environment cleared except `PATH` (the runtime's absolute entries), `HOME` (set to that directory) and
 //! `LANG` (the runtime's, or `C.UTF-8`); stdin is empty. It runs as the runtime's user, with that
 //! user's access to the whole filesystem and to the network: **nothing here isolates the network
 //! or the filesystem**, so a command can read or write outside its directory and reach any host.
@@ -48,6 +48,24 @@ const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 
 /// The `PATH` a command gets when the runtime itself has none.
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// The `PATH` a command gets: the runtime's absolute entries only. An empty or relative entry
+/// (`.`, `bin`, a trailing `:`) would be looked up in the command's directory, a copy of the
+/// workspace the agent writes: a grant on `pytest` would run the agent's own `bin/pytest`.
+pub fn child_path(runtime: Option<std::ffi::OsString>) -> std::ffi::OsString {
+    let kept: Vec<PathBuf> = runtime
+        .as_deref()
+        .map(|p| {
+            std::env::split_paths(p)
+                .filter(|d| d.is_absolute())
+                .collect()
+        })
+        .unwrap_or_default();
+    if kept.is_empty() {
+        return DEFAULT_PATH.into();
+    }
+    std::env::join_paths(kept).unwrap_or_else(|_| DEFAULT_PATH.into())
+}
 
 /// A command to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,10 +250,7 @@ fn execute(
         .args(&spec.args)
         .current_dir(&spec.dir)
         .env_clear()
-        .env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
-        )
+        .env("PATH", child_path(std::env::var_os("PATH")))
         .env("HOME", &spec.dir)
         .env(
             "LANG",

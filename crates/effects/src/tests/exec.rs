@@ -194,3 +194,27 @@ fn a_grants_constraints_bound_the_commands_time_and_output() {
     assert!(out.timed_out);
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+#[test]
+fn a_command_gets_only_the_absolute_entries_of_the_runtimes_path() {
+    use crate::exec::child_path;
+    use std::ffi::OsString;
+    let p = |s: &str| Some(OsString::from(s));
+    assert_eq!(
+        child_path(p(".:bin::/opt/tools/bin:/usr/bin:")),
+        OsString::from("/opt/tools/bin:/usr/bin")
+    );
+    assert_eq!(
+        child_path(p("/usr/local/bin:/usr/bin")),
+        OsString::from("/usr/local/bin:/usr/bin")
+    );
+    // Nothing usable left, or no PATH at all: the default.
+    assert_eq!(
+        child_path(p(".:bin:")),
+        OsString::from("/usr/local/bin:/usr/bin:/bin")
+    );
+    assert_eq!(
+        child_path(None),
+        OsString::from("/usr/local/bin:/usr/bin:/bin")
+    );
+}
