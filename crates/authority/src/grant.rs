@@ -681,11 +681,50 @@ impl GrantBook {
     /// A grant usable at `now` for `capability` on `resource`: live, of that capability, of the
     /// resource's kind, its scope covering the target. Of several, the one with the narrowest
     /// scope (most segments), then the earliest.
+    ///
+    /// This says only what a grant covers, not that a call may use it: the runtime uses
+    /// [`Self::find_reusable`], after the policy has permitted the call.
     pub fn find_covering(
         &self,
         capability: &str,
         resource: &Resource,
         now: Timestamp,
+    ) -> Option<&Grant> {
+        self.narrowest(capability, resource, now, |_| true)
+    }
+
+    /// The live grant a call the policy has just permitted outright may use instead of a new
+    /// one: as [`Self::find_covering`], and also for `agent`, carrying exactly `constraints`
+    /// (the limits the permit gives now, so a reused grant never limits a call more loosely, or
+    /// otherwise, than its own decision), and issued without an approval (a grant an operator
+    /// approved serves only the call that was approved). Of several, the narrowest, then the
+    /// earliest.
+    ///
+    /// A grant never stands in for a decision: the policy decides every call, and a grant is
+    /// reused only for a call it permits without approval. A grant's scope is wider than the
+    /// target the policy decided on when it was issued (a directory's subtree, every port of a
+    /// host), which is why a reuse needs the policy's permit for the call at hand.
+    pub fn find_reusable(
+        &self,
+        agent: &str,
+        capability: &str,
+        resource: &Resource,
+        constraints: &Constraints,
+        now: Timestamp,
+    ) -> Option<&Grant> {
+        self.narrowest(capability, resource, now, |g| {
+            g.agent == agent && g.approval.is_none() && g.constraints == *constraints
+        })
+    }
+
+    /// The live grant of `capability` covering `resource` at `now` that `also` accepts, with
+    /// the narrowest scope, then the earliest.
+    fn narrowest(
+        &self,
+        capability: &str,
+        resource: &Resource,
+        now: Timestamp,
+        also: impl Fn(&Grant) -> bool,
     ) -> Option<&Grant> {
         let target = Scope::for_target(capability, resource).ok()?;
         let mut best: Option<&Grant> = None;
@@ -694,6 +733,7 @@ impl GrantBook {
                 && grant.resource.kind() == resource.kind()
                 && grant.scope.covers(&target)
                 && best.is_none_or(|b| grant.scope.segments.len() > b.scope.segments.len())
+                && also(grant)
             {
                 best = Some(grant);
             }

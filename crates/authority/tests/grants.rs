@@ -471,6 +471,75 @@ fn find_covering_picks_a_live_grant_with_the_narrowest_scope() {
     assert_eq!(book.live(at(1)).count(), 2);
 }
 
+/// What a permitted call may reuse: a covering live grant for the same agent, with exactly the
+/// permit's constraints, never one given on an approval (that one serves its own call alone).
+#[test]
+fn find_reusable_takes_only_a_grant_of_the_agent_with_the_permits_constraints_and_no_approval() {
+    let mut run = TestRun::executing("run-1");
+    let limits = ice_authority::Constraints {
+        max_bytes: Some(1024),
+        timeout_ms: None,
+    };
+    // Given on an approval, narrowest of all: never reused.
+    let r0 = run.request("coder", "fs.write", "src/a.rs");
+    let mut approved = granted(
+        "fs.write",
+        path("src/a.rs"),
+        "fs.write:src:a.rs",
+        1,
+        at(60),
+        r0.clone(),
+    );
+    approved.approval = Some(EventId::new(run.id(), 2));
+    approved.request = r0;
+    let approved = run.grant(&approved).id();
+    // Another agent's grant, narrower than the plain one.
+    let r1 = run.request("coder", "fs.write", "src");
+    let mut others = granted("fs.write", path("src/a.rs"), "fs.write:src", 5, at(60), r1);
+    others.agent = "reviewer".to_string();
+    let others = run.grant(&others).id();
+    // The plain one: the coder's, with the permit's limits.
+    let r2 = run.request("coder", "fs.write", "src");
+    let plain = run
+        .grant(&granted(
+            "fs.write",
+            path("src/a.rs"),
+            "fs.write",
+            5,
+            at(60),
+            r2,
+        ))
+        .id();
+    let book = fold(&run.id(), &run.events);
+    let target = path("src/a.rs");
+    assert_eq!(
+        book.find_covering("fs.write", &target, at(1))
+            .map(|g| g.id.clone()),
+        Some(approved.clone()),
+        "find_covering says what covers, whatever the grant"
+    );
+    let reusable = |agent: &str, c: &ice_authority::Constraints| {
+        book.find_reusable(agent, "fs.write", &target, c, at(1))
+            .map(|g| g.id.clone())
+    };
+    assert_eq!(reusable("coder", &limits), Some(plain.clone()));
+    assert_eq!(reusable("reviewer", &limits), Some(others));
+    // Another permit's limits (tighter or looser): a new grant, not this one.
+    let tighter = ice_authority::Constraints {
+        max_bytes: Some(8),
+        timeout_ms: None,
+    };
+    assert_eq!(reusable("coder", &tighter), None);
+    assert_eq!(reusable("coder", &ice_authority::Constraints::NONE), None);
+    assert_eq!(reusable("nobody", &limits), None);
+    assert_eq!(
+        book.find_reusable("coder", "fs.write", &target, &limits, at(60)),
+        None,
+        "expired"
+    );
+    assert!(book.get(&approved).is_some());
+}
+
 #[test]
 fn the_fold_refuses_events_that_break_the_contract_and_changes_nothing() {
     let (mut run, mut book, grant) = run_with_grant("run-1", "fs.write:src", 5);

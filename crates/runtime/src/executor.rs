@@ -1,15 +1,41 @@
 //! The run executor: every phase of the lifecycle, the governed call, validation, commit,
 //! abort, suspension and teardown.
 //!
+//! # The policy decides every call
+//!
+//! A grant never authorises what the policy would not. Every call, the first under a grant or
+//! the tenth, is decided by the policy on its own request (agent, capability, target,
+//! arguments, intent, budget left; Cedar decides in microseconds):
+//!
+//! - **deny**: the call is refused as `policy_denied`, whatever grant covers its target;
+//! - **permit with approval**: an approval is asked for this exact request (its digest binds
+//!   the arguments), even if a live grant covers the target: a grant never stands in for an
+//!   approval. The grant the approval gives allows ONE use (`max_uses = 1`, whatever
+//!   `[grants] uses` says) and is never reused, so an approval authorises exactly one call;
+//! - **permit**: a live grant may serve the call instead of a new one
+//!   (`GrantBook::find_reusable`: same agent, same capability, its scope covering the target,
+//!   carrying exactly the constraints this permit gives, not issued on an approval), its
+//!   revocation, expiry and uses checked at the moment of use as for any grant; else a new
+//!   grant is issued with the spec's `[grants] uses`.
+//!
+//! A grant's scope is wider than the target the policy decided on (a directory's subtree,
+//! every port of a host), so the scope bounds what a grant can serve; the policy's permit for
+//! the call at hand is what lets it serve it. A reuse records no decision event (the request,
+//! then its reservation and the use of the live grant); `ice replay` re-decides it under the
+//! policy in force and expects the reuse exactly when the policy permits outright and the same
+//! grant is reusable.
+//!
 //! # Recording a governed call
 //!
-//! Every call is decided the same way (the target checked, a live grant or a policy decision,
-//! an approval if the policy asks for one, the budget reservation checked before the effect,
-//! the grant checked at the moment of use, every refusal recorded), and leaves the same events
-//! in the same order: the request, the grant if a new one is issued, `BudgetReserved`,
-//! `CapabilityUsed`, the effect event, `BudgetSettled` (or, when the adapter fails,
-//! `BudgetSettled` at the call's fixed cost and `CapabilityDenied`). How those events are
-//! batched depends on what the effect touches:
+//! Every call is decided the same way (the target checked, the policy's decision, an approval
+//! if the policy asks for one, a live grant reused or a new one issued on a permit, the budget
+//! reservation checked before the effect, the grant checked at the moment of use, every
+//! refusal recorded), and leaves the same events in the same order: the request, the approval
+//! request and the operator's answer if the policy asks for one, the grant if a new one is
+//! issued, `BudgetReserved`, `CapabilityUsed`, the effect event, `BudgetSettled` (or, when the
+//! adapter fails, `BudgetSettled` at the call's fixed cost and `CapabilityDenied`). A denial
+//! by the policy records the request and its `CapabilityDenied`, nothing else. How those
+//! events are batched depends on what the effect touches:
 //!
 //! - **Written ahead**: everything that acts outside the run (`http.request`, `mcp.call`,
 //!   `process.exec`) and staged writes (`fs.write`, `fs.delete`). The request, grant,
@@ -510,25 +536,8 @@ impl Ctx<'_> {
             }
         };
         let now = self.now();
-        // 2. A live grant that covers the target, or a policy decision.
-        if let Some(g) = live
-            .books
-            .grants
-            .find_covering(&capability, &resource, now)
-            .map(|g| g.id.clone())
-        {
-            return self
-                .proceed(
-                    guard,
-                    agent,
-                    r,
-                    &resource,
-                    &target,
-                    Grant::Existing(g),
-                    None,
-                )
-                .await;
-        }
+        // 2. The policy decides, every call (a grant never stands in for a decision; see the
+        //    module documentation, "The policy decides every call").
         let policy_args = act::policy_arguments(&capability, &r.arguments, &target);
         let builder = Request::builder(&self.run, agent, &capability, resource.clone())
             .intent(&r.intent)
@@ -558,6 +567,26 @@ impl Ctx<'_> {
                 self.refuse(live, agent, r, None, d, None).await
             }
             DecisionKind::Permit => {
+                // A live grant this permit may use (for this agent, with this decision's
+                // constraints, not issued on an approval), else a new one.
+                if let Some(g) = live
+                    .books
+                    .grants
+                    .find_reusable(agent, &capability, &resource, &constraints, now)
+                    .map(|g| g.id.clone())
+                {
+                    return self
+                        .proceed(
+                            guard,
+                            agent,
+                            r,
+                            &resource,
+                            &target,
+                            Grant::Existing(g),
+                            None,
+                        )
+                        .await;
+                }
                 let g = self.grant_payload(
                     live,
                     agent,
@@ -580,7 +609,9 @@ impl Ctx<'_> {
                 .await
             }
             DecisionKind::PermitWithApproval => {
-                // Record the request and the approval request; wait for an operator.
+                // Record the request and the approval request; wait for an operator. A live
+                // grant that covers the target changes nothing: an approval is asked for this
+                // exact request, and the grant it gives serves this call alone.
                 let digest =
                     request_digest(&self.run, &capability, &resource, &r.arguments, &version);
                 let timeout = Duration::from_millis(live.spec.approval_timeout_ms);
@@ -713,7 +744,9 @@ impl Ctx<'_> {
     }
 
     /// The grant a permit gives: `decided` is the policy version, the determining policies and
-    /// the constraints of the decision.
+    /// the constraints of the decision. A grant given on an operator's approval allows one use
+    /// whatever the spec's `[grants] uses` says (an approval authorises exactly one call);
+    /// otherwise it allows the spec's number of uses, each for a call the policy permits.
     #[allow(clippy::too_many_arguments)]
     fn grant_payload(
         &self,
@@ -733,10 +766,14 @@ impl Ctx<'_> {
         let (version, policies, constraints) = decided;
         let scope = ice_authority::Scope::for_target(&r.capability, resource)
             .expect("a checked resource has a scope");
-        let (approval, request) = match approval {
-            Some((a, req)) => (Some(a), req),
+        let (approval, request, max_uses) = match approval {
+            Some((a, req)) => (Some(a), req, 1),
             // The request's id is filled in when its batch is built.
-            None => (None, EventId::new(self.run.clone(), 0)),
+            None => (
+                None,
+                EventId::new(self.run.clone(), 0),
+                u64::from(live.spec.grant_uses),
+            ),
         };
         CapabilityGrantedPayload {
             capability: r.capability.clone(),
@@ -745,7 +782,7 @@ impl Ctx<'_> {
             agent: agent.to_string(),
             effect,
             expires_at: add_ms(now, live.spec.grant_ttl_ms),
-            max_uses: u64::from(live.spec.grant_uses),
+            max_uses,
             constraints,
             policy_version: *version,
             policies,
@@ -1398,9 +1435,10 @@ enum ApprovalWait {
     Interrupted(String),
 }
 
-/// Whether the policy could permit `agent` to call an MCP tool now (a live grant covers it, or
-/// the policy does not deny every call to it): the tools an agent is offered. The live run and
-/// a replay decide this with the same function.
+/// Whether the policy could permit `agent` to call an MCP tool now (it does not deny every
+/// call to it): the tools an agent is offered. A live grant for the tool does not count: the
+/// policy decides every call, so a tool it denies is not offered whatever grant is live. The
+/// live run and a replay decide this with the same function.
 pub(crate) fn tool_permitted(
     registry: &ice_authority::Registry,
     policy: &PolicySet,
@@ -1411,18 +1449,10 @@ pub(crate) fn tool_permitted(
         ice_authority::EffectClass,
         Option<ice_authority::EffectClass>,
     ),
-    now: Timestamp,
 ) -> bool {
     let Ok(resource) = Resource::tool(server, tool) else {
         return false;
     };
-    if books
-        .grants
-        .find_covering("mcp.call", &resource, now)
-        .is_some()
-    {
-        return true;
-    }
     let target = act::Target::Tool {
         server: server.to_string(),
         tool: tool.to_string(),
@@ -1643,7 +1673,6 @@ impl Ctx<'_> {
                 agent,
                 (&t.server, &t.name),
                 (assigned, t.hint),
-                self.now(),
             );
             if permitted {
                 out.push((t, class));

@@ -841,9 +841,8 @@ impl<'a> Drive<'a> {
     }
 
     fn view(&self, last: Option<Outcome>) -> AgentView {
-        // The time the live run decided at is not recorded; the next event's time is the
-        // closest the record gives (a grant expiring within that gap could be judged apart).
-        let now = self.events[self.i.min(self.events.len() - 1)].at;
+        // The tools offered depend on the policy and the books only (not on live grants), so
+        // the record re-makes them exactly.
         let mut tools = Vec::new();
         if let (Some(policy), Some(spec)) = (&self.policy, &self.books.spec) {
             for t in &self.tools {
@@ -867,7 +866,6 @@ impl<'a> Drive<'a> {
                     &self.agent,
                     (server, tool),
                     (assigned, class("hint")),
-                    now,
                 ) {
                     tools.push(ToolOffer {
                         target: name.to_string(),
@@ -1230,7 +1228,8 @@ impl<'a> Drive<'a> {
                             && x.payload.get("request").and_then(Value::as_str)
                                 == Some(&req.to_string())
                     })
-                    && let Some(why) = constraints_mismatch(grant, want)
+                    && let Some(why) =
+                        constraints_mismatch(grant, want).or_else(|| approved_uses_mismatch(grant))
                 {
                     self.diverge(format!("request {req}: {why}"));
                     return false;
@@ -1297,27 +1296,33 @@ impl<'a> Drive<'a> {
                 Ok(x) => x,
                 Err((code, _)) => return Expect::Denied(code),
             };
-        let covering = |t| {
-            self.books
+        // The policy decides every call; only a call it permits outright may reuse a live
+        // grant (for the same agent, with the decision's constraints, not issued on an
+        // approval), as the live run chooses it.
+        let decided = self.policy_decision(r, resource.clone(), &target);
+        let reusable = |t| match &decided {
+            Expect::Policy("permit", _, constraints, _) => self
+                .books
                 .grants
-                .find_covering(&r.capability, &resource, t)
-                .map(|g| g.id.clone())
+                .find_reusable(&self.agent, &r.capability, &resource, constraints, t)
+                .map(|g| g.id.clone()),
+            _ => None,
         };
-        let (then, now) = (covering(since), covering(at));
+        let (then, now) = (reusable(since), reusable(at));
         let decided = match &now {
             Some(g) => Expect::Reuse(g.clone()),
-            None => self.policy_decision(r, resource, &target),
+            None => decided,
         };
-        // A call permitted outright (or under a live grant) whose reservation does not fit the
-        // budget is refused for it, before any grant is issued or used.
+        // A call permitted outright (reusing a live grant or not) whose reservation does not
+        // fit the budget is refused for it, before any grant is issued or used.
         let decided = match decided {
             Expect::Reuse(_) | Expect::Policy("permit", ..) if !self.fits(r) => {
                 Expect::Denied(DenialCode::BudgetExhausted)
             }
             other => other,
         };
-        // Time only ends grants: one that covered the target at `since` and no longer does at
-        // `at` has expired in between (no event separates the two), and may have been reused.
+        // Time only ends grants: one the permit could reuse at `since` and no longer at `at`
+        // has expired in between (no event separates the two), and may have been reused.
         match then {
             Some(g) if now.as_ref() != Some(&g) => Expect::Either(g, Box::new(decided)),
             _ => decided,
@@ -1373,7 +1378,7 @@ impl<'a> Drive<'a> {
 enum Expect {
     /// Refused before the policy (target, capability) with this code.
     Denied(DenialCode),
-    /// An existing grant covers it.
+    /// The policy permits it outright, and this live grant serves it.
     Reuse(EventId),
     /// The policy decides: `deny`, `permit` or `approval`, by these policies, with these
     /// constraints on the grant it gives.
@@ -1489,6 +1494,19 @@ fn constraints_mismatch(grant: &Event, want: &ice_authority::Constraints) -> Opt
             "the policy gives a grant with constraints {}; the run recorded {} in {}",
             serde_json::json!(want),
             recorded.unwrap_or(&Value::Null),
+            grant.id()
+        )
+    })
+}
+
+/// A grant given on an operator's approval allows exactly one use (an approval authorises one
+/// call); how `grant` (a `CapabilityGranted` on an approval) differs, if it does.
+fn approved_uses_mismatch(grant: &Event) -> Option<String> {
+    let uses = grant.payload.get("max_uses");
+    (uses.and_then(Value::as_u64) != Some(1)).then(|| {
+        format!(
+            "a grant given on an approval allows one use; the run recorded {} in {}",
+            uses.unwrap_or(&Value::Null),
             grant.id()
         )
     })
