@@ -19,7 +19,8 @@
 //!
 //! [grants]
 //! ttl = "10m"                  # a grant expires this long after it is issued
-//! uses = 1                     # how many uses one grant allows
+//! uses = 1                     # how many calls one grant may serve; each is still decided by
+//!                              # the policy, and a grant given on an approval allows one
 //!
 //! [approvals]
 //! timeout = "30s"              # a request waiting for an operator is denied after this
