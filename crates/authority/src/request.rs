@@ -164,9 +164,26 @@ fn check_name(kind: ResourceKind, what: &str, name: &str, max: usize) -> Result<
     no_control(kind, name)
 }
 
+/// The IPv4 address an IPv6 address stands for, if it embeds one: IPv4-mapped
+/// (`::ffff:a.b.c.d`, which a dual-stack socket connects to as the IPv4 address) and
+/// IPv4-compatible (`::a.b.c.d`, deprecated by RFC 4291), but not `::` (unspecified) or `::1`
+/// (loopback), which are IPv6 addresses of their own.
+fn embedded_ipv4(ip: &Ipv6Addr) -> Option<Ipv4Addr> {
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    match ip.segments() {
+        [0, 0, 0, 0, 0, 0, 0, 0 | 1] => None,
+        [0, 0, 0, 0, 0, 0, _, _] => ip.to_ipv4(),
+        _ => None,
+    }
+}
+
 /// Canonicalise a host: lower case, one trailing dot removed; IP addresses in their standard
-/// text form; names as letter-digit-hyphen labels (underscores allowed), in ASCII (give IDNA
-/// names in their punycode form).
+/// text form, an IPv6 address that embeds an IPv4 one as that IPv4 address (one name per
+/// address, so `forbid resource == Host::"169.254.169.254"` also holds for
+/// `[::ffff:169.254.169.254]`); names as letter-digit-hyphen labels (underscores allowed), in
+/// ASCII (give IDNA names in their punycode form).
 fn canonical_host(host: &str) -> Result<String, ResourceError> {
     let bad = |problem: &str| ResourceError {
         kind: ResourceKind::Host,
@@ -178,7 +195,10 @@ fn canonical_host(host: &str) -> Result<String, ResourceError> {
     }
     let bracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
     if let Ok(ip) = Ipv6Addr::from_str(bracketed.unwrap_or(host)) {
-        return Ok(ip.to_string());
+        return Ok(match embedded_ipv4(&ip) {
+            Some(v4) => v4.to_string(),
+            None => ip.to_string(),
+        });
     }
     let lower = host.to_ascii_lowercase();
     let name = lower.strip_suffix('.').unwrap_or(&lower);
@@ -394,6 +414,13 @@ impl<'de> serde::Deserialize<'de> for Resource {
             ))
         })?;
         let resource = Resource::parse(kind, &record.id).map_err(D::Error::custom)?;
+        // Before IPv4-embedding IPv6 addresses were named by their IPv4 address, their IPv6 form
+        // was canonical: a record of one still reads, as it was written.
+        if let Resource::Host(_) = resource
+            && Ipv6Addr::from_str(&record.id).is_ok_and(|ip| ip.to_string() == record.id)
+        {
+            return Ok(Resource::Host(record.id.into_owned()));
+        }
         if resource.entity_id() != record.id {
             return Err(D::Error::custom(format!(
                 "{kind} {:?} is not in canonical form; write {:?}",

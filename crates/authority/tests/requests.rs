@@ -198,6 +198,99 @@ fn hosts_are_canonical() {
     }
 }
 
+/// One name per address: an IPv6 address that embeds an IPv4 address (IPv4-mapped, which a
+/// dual-stack socket connects to as the IPv4 address, and the deprecated IPv4-compatible form)
+/// is the Host of that IPv4 address; `::` and `::1` stay IPv6.
+#[test]
+fn an_ipv6_address_that_embeds_an_ipv4_address_is_that_ipv4_host() {
+    let host = |h: &str| Resource::host(h).map(|r| r.entity_id());
+    for mapped in [
+        "::ffff:169.254.169.254",
+        "[::ffff:169.254.169.254]",
+        "::FFFF:a9fe:a9fe",
+        "0:0:0:0:0:ffff:a9fe:a9fe",
+        "::169.254.169.254",
+        "[::a9fe:a9fe]",
+    ] {
+        assert_eq!(host(mapped), Ok("169.254.169.254".to_string()), "{mapped}");
+    }
+    assert_eq!(host("::ffff:127.0.0.1"), Ok("127.0.0.1".to_string()));
+    assert_eq!(host("::1"), Ok("::1".to_string()));
+    assert_eq!(host("::"), Ok("::".to_string()));
+    assert_eq!(host("::2"), Ok("0.0.0.2".to_string()));
+    assert_eq!(
+        host("2001:db8::a9fe:a9fe"),
+        Ok("2001:db8::a9fe:a9fe".to_string())
+    );
+    assert_eq!(
+        host("64:ff9b::a9fe:a9fe"),
+        Ok("64:ff9b::a9fe:a9fe".to_string())
+    );
+}
+
+/// `forbid resource == Host::"169.254.169.254"` holds for the IPv4-mapped IPv6 form too.
+#[test]
+fn a_forbid_on_an_ipv4_host_holds_for_its_ipv4_mapped_form() {
+    let schema = Schema::ice().expect("schema");
+    let set = PolicySet::from_sources(
+        &[PolicySource {
+            name: "p.cedar".into(),
+            text: r#"
+permit(principal, action == Action::"http.request", resource);
+@id("no-metadata")
+forbid(principal, action == Action::"http.request", resource == Host::"169.254.169.254");
+"#
+            .into(),
+        }],
+        &schema,
+    )
+    .expect("loads");
+    let decide = |host: &str| {
+        let arguments = json!({ "method": "GET" });
+        let request = Request::builder(
+            &run(),
+            "a",
+            "http.request",
+            Resource::host(host).expect("host"),
+        )
+        .arguments(&arguments)
+        .build(&Registry::standard())
+        .expect("builds");
+        let d = set.decide(&request);
+        (d.kind(), d.determining_policies().to_vec())
+    };
+    for host in [
+        "169.254.169.254",
+        "[::ffff:169.254.169.254]",
+        "::ffff:a9fe:a9fe",
+        "::169.254.169.254",
+    ] {
+        assert_eq!(
+            decide(host),
+            (DecisionKind::Deny, vec!["no-metadata".to_string()]),
+            "{host}"
+        );
+    }
+    assert_eq!(decide("::1").0, DecisionKind::Permit);
+}
+
+/// A record written when the IPv4-mapped form was a Host of its own still reads, as written;
+/// any other non-canonical host is refused.
+#[test]
+fn a_recorded_ipv4_mapped_host_still_reads() {
+    let read = |id: &str| serde_json::from_value::<Resource>(json!({"kind": "host", "id": id}));
+    assert_eq!(
+        read("::ffff:169.254.169.254").expect("reads"),
+        Resource::Host("::ffff:169.254.169.254".into())
+    );
+    assert_eq!(
+        read("169.254.169.254").expect("reads"),
+        Resource::host("[::ffff:169.254.169.254]").expect("host")
+    );
+    assert!(read("0::1").is_err());
+    assert!(read("Example.com").is_err());
+}
+
 #[test]
 fn a_host_is_in_its_own_domain_and_its_parents_and_an_ip_in_none() {
     let schema = Schema::ice().expect("schema");

@@ -51,9 +51,11 @@ pub const STARTER_POLICY: &str = r#"// ICE policies: the starter policy `ice ini
 //   context    context.run (the run's id), context.intent (what the agent says it is doing),
 //              context.effect (the effect class the runtime assigned: EffectClass::"read",
 //              EffectClass::"internal-write" or EffectClass::"external"), context.arguments
-//              (the call's arguments: `bytes` for fs.*; `method`, `url`, `scheme`, `port`,
-//              `path` for http.request; `args` for process.exec) and context.budget (what is
-//              left of the run's budget). Optional fields need `has` before use:
+//              (the call's arguments: `bytes` for fs.*; `method`, `url`, `scheme`, `host`,
+//              `port`, `path`, `query` for http.request, all from the URL as ICE parsed it
+//              and will send it, so `..` and `%2e%2e` are already resolved and `port` is 443
+//              for https://host/; `args` for process.exec) and context.budget (what is left of
+//              the run's budget). Optional fields need `has` before use:
 //              `context.arguments has method && context.arguments.method == "GET"`.
 // Effect classes belong to the runtime: fs.read and fs.list are read; fs.write, fs.delete and
 // process.exec are internal-write (they change the run's staged copy, which ICE can discard);
@@ -129,8 +131,9 @@ when { resource.path like ".env*" || resource.path like "*/.env*" };
 //     context.arguments has scheme && context.arguments.scheme == "https"
 //   };
 //
-// The agent "deployer" may POST to api.example.com without an approval each time (an external
-// effect, so the permit must say @external("permit")):
+// The agent "deployer" may POST to api.example.com under /v1/deploy/ without an approval each
+// time (an external effect, so the permit must say @external("permit")). The path is the one
+// sent, dot segments resolved, so /v1/deploy/../admin is /v1/admin and does not match:
 //   @id("deployer-posts")
 //   @external("permit")
 //   permit (
@@ -138,7 +141,16 @@ when { resource.path like ".env*" || resource.path like "*/.env*" };
 //     action == Action::"http.request",
 //     resource == Host::"api.example.com"
 //   )
-//   when { context.arguments has method && context.arguments.method == "POST" };
+//   when {
+//     context.arguments has method && context.arguments.method == "POST" &&
+//     context.arguments has path && context.arguments.path like "/v1/deploy/*"
+//   };
+//
+// No agent reaches any host on a port other than 443 (port is the one contacted: the URL's,
+// else the scheme's default):
+//   @id("https-port-only")
+//   forbid (principal, action == Action::"http.request", resource)
+//   when { context.arguments has port && context.arguments.port != 443 };
 //
 // Run `cargo test` as a validation check:
 //   @id("cargo-test")
@@ -221,7 +233,10 @@ struct ExplainArgs {
     #[arg(long, value_name = "CAP")]
     action: String,
     /// The target: a workspace path relative to the workspace (src/lib.rs; . for the root
-    /// directory), a host name (api.example.com), a tool as server/tool, or a program (cargo).
+    /// directory), a host name (api.example.com) or, for http.request, the URL
+    /// (https://api.example.com/v1/x: its host is the resource and url, scheme, host, port, path
+    /// and query come from it as the runtime derives them), a tool as server/tool, or a program
+    /// (cargo).
     #[arg(long, value_name = "R")]
     resource: String,
     /// The kind of the target (default: the kind the capability acts on).
@@ -566,6 +581,63 @@ fn reason(decision: &Decision) -> &'static str {
     }
 }
 
+/// The `http.request` call being explained, parsed as the runtime parses an agent's URL, when
+/// it names one (`--resource URL`, or `--arg url=URL` with `--resource` its host): its host is
+/// then the resource, and the arguments Cedar sees are the runtime's
+/// ([`ice_effects::http::policy_arguments`]), so explain decides as a live run would. An
+/// argument given that the runtime would not give, or gives another value, is refused.
+fn http_call(
+    action: &str,
+    kind: ResourceKind,
+    resource: &str,
+    given: &Value,
+) -> Result<Option<ice_effects::http::HttpTarget>> {
+    if action != "http.request" || kind != ResourceKind::Host {
+        return Ok(None);
+    }
+    let in_args = match given.get("url") {
+        None => None,
+        Some(Value::String(u)) => Some(u.as_str()),
+        Some(_) => bail!("--arg url: must be a string (the URL)"),
+    };
+    let as_url = resource.contains("://").then_some(resource);
+    let url = match (as_url, in_args) {
+        (Some(r), Some(u)) if r != u => {
+            bail!("--resource {r:?} and --arg url {u:?} name different URLs; give one")
+        }
+        (Some(u), _) | (None, Some(u)) => u,
+        (None, None) => return Ok(None),
+    };
+    let target = ice_effects::http::parse_target(url).map_err(|e| anyhow!("the URL: {e}"))?;
+    if as_url.is_none() {
+        let host = Resource::parse(kind, resource).map_err(|e| anyhow!("--resource: {e}"))?;
+        if &host != target.host() {
+            bail!(
+                "--resource names {host} but the URL's host is {}; the runtime decides on the URL's host",
+                target.host()
+            );
+        }
+    }
+    let derived = ice_effects::http::policy_arguments(&target, given);
+    if let Value::Object(map) = given {
+        for (key, value) in map {
+            if key == "url" || key == "method" {
+                continue;
+            }
+            match derived.get(key) {
+                Some(d) if d == value => {}
+                Some(d) => bail!(
+                    "--arg {key}: the runtime gives context.arguments.{key} from the URL, as {d}; leave it out"
+                ),
+                None => bail!(
+                    "--arg {key}: the runtime gives http.request no argument {key:?} (it gives method, url, scheme, host, port, path, query)"
+                ),
+            }
+        }
+    }
+    Ok(Some(target))
+}
+
 fn explain(home: &Path, a: ExplainArgs) -> Result<u8> {
     let registry = Registry::standard();
     let Some(capability) = registry.get(&a.action) else {
@@ -577,9 +649,19 @@ fn explain(home: &Path, a: ExplainArgs) -> Result<u8> {
         );
     };
     let kind = a.kind.map_or(capability.resource(), ResourceKind::from);
-    let resource = Resource::parse(kind, &a.resource).map_err(|e| anyhow!("--resource: {e}"))?;
     let run = RunId::new(a.run.as_str()).map_err(|e| anyhow!("--run: {e}"))?;
-    let args = arguments(&a.args, a.args_json.as_deref())?;
+    let given = arguments(&a.args, a.args_json.as_deref())?;
+    let http = http_call(&a.action, kind, &a.resource, &given)?;
+    let (resource, args) = match &http {
+        Some(t) => (
+            t.host().clone(),
+            ice_effects::http::policy_arguments(t, &given),
+        ),
+        None => (
+            Resource::parse(kind, &a.resource).map_err(|e| anyhow!("--resource: {e}"))?,
+            given,
+        ),
+    };
     let request = Request::builder(&run, &a.agent, &a.action, resource)
         .intent(a.intent.as_deref().unwrap_or_default())
         .arguments(&args)
@@ -637,6 +719,7 @@ fn explain(home: &Path, a: ExplainArgs) -> Result<u8> {
                 "run": request.run().as_str(),
                 "intent": a.intent.unwrap_or_default(),
                 "arguments": args,
+                "url_given": http.as_ref().map(|t| t.given()),
                 "cedar": cedar_request,
             },
             "policies": deciding,
@@ -654,6 +737,28 @@ fn explain(home: &Path, a: ExplainArgs) -> Result<u8> {
     let _ = writeln!(out, "decision: {}", decision.kind());
     let _ = writeln!(out, "why:      {}", summary(decision));
     let _ = writeln!(out, "request:  {cedar_request} (run {run})");
+    match &http {
+        Some(t) if t.given() != t.as_str() => {
+            let _ = writeln!(
+                out,
+                "url:      {} (as parsed and sent; given as {:?})",
+                t.as_str(),
+                t.given()
+            );
+        }
+        Some(t) => {
+            let _ = writeln!(out, "url:      {}", t.as_str());
+        }
+        None if a.action == "http.request" => {
+            let _ = writeln!(
+                out,
+                "note:     no URL given, so the arguments are only what you gave; the runtime \
+                 always gives url, scheme, host, port, path and query from the URL (give \
+                 --resource URL or --arg url=URL)"
+            );
+        }
+        None => {}
+    }
     let _ = writeln!(
         out,
         "effect:   {effect} (assigned by the runtime: {} is {})",
@@ -726,6 +831,62 @@ mod tests {
         assert_eq!(uncommented.matches("permit (").count(), 5);
         let text = format!("{STARTER_POLICY}\n{uncommented}");
         assert_eq!(diagnostics(&text), []);
+    }
+
+    /// The starter's HTTP examples, uncommented, decide as they say once the runtime fills
+    /// `scheme`, `port` and `path` from the URL (as explain now does, with the runtime's own
+    /// function): the https example permits, the port forbid fires, and a `..` cannot walk
+    /// out of the deployer's path.
+    #[test]
+    fn the_starter_http_examples_decide_as_they_say() {
+        let examples = STARTER_POLICY.split_once("EXAMPLES").unwrap().1;
+        let uncommented: String = examples
+            .lines()
+            .filter_map(|l| l.strip_prefix("//   "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let source = PolicySource {
+            name: STARTER_POLICY_FILE.to_string(),
+            text: format!("{STARTER_POLICY}\n{uncommented}"),
+        };
+        let set = PolicySet::from_sources(&[source], &Schema::ice().unwrap()).unwrap();
+        let registry = Registry::standard();
+        let run = RunId::new("explain").unwrap();
+        let decide = |agent: &str, url: &str, method: &str| {
+            let given = json!({ "method": method });
+            let target = http_call("http.request", ResourceKind::Host, url, &given)
+                .unwrap()
+                .unwrap();
+            let args = ice_effects::http::policy_arguments(&target, &given);
+            let request = Request::builder(&run, agent, "http.request", target.host().clone())
+                .arguments(&args)
+                .build(&registry)
+                .unwrap();
+            let d = set.decide(&request);
+            (d.kind().to_string(), d.determining_policies().to_vec())
+        };
+        let said = |kind: &str, id: &str| (kind.to_string(), vec![id.to_string()]);
+        assert_eq!(
+            decide("coder", "https://docs.rs/serde", "GET"),
+            said("permit", "read-docs-rs")
+        );
+        assert_eq!(
+            decide("coder", "http://docs.rs/serde", "GET"),
+            said("deny", "https-port-only")
+        );
+        assert_eq!(
+            decide("deployer", "https://api.example.com/v1/deploy/x", "POST"),
+            said("permit", "deployer-posts")
+        );
+        assert_eq!(
+            decide(
+                "deployer",
+                "https://api.example.com/v1/deploy/../admin",
+                "POST"
+            )
+            .1,
+            Vec::<String>::new()
+        );
     }
 
     #[test]

@@ -602,3 +602,187 @@ fn explain_shows_the_limits_a_permit_puts_on_each_use() {
         "{all}"
     );
 }
+
+/// `ice policy explain` decides an HTTP call on what the runtime would decide it on: the URL
+/// parsed as the runtime parses an agent's, its host the resource, and `context.arguments`
+/// exactly what the runtime gives ([`ice_effects::http::policy_arguments`], the function the
+/// runtime calls), so a `..` cannot walk out of a URL policy here either, `port` and `scheme` are
+/// filled, and an IPv4-mapped address is its IPv4 host.
+#[test]
+fn explain_decides_an_http_call_on_the_url_as_the_runtime_does() {
+    let http = r#"
+@id("my-repos")
+permit (principal, action == Action::"http.request", resource == Host::"api.example.com")
+when {
+  context.arguments has url && context.arguments.url like "https://api.example.com/repos/me/*"
+};
+
+@id("https-anywhere")
+permit (principal, action == Action::"http.request", resource)
+when { context.arguments has scheme && context.arguments.scheme == "https" };
+
+@id("only-443")
+forbid (principal, action == Action::"http.request", resource)
+when { context.arguments has port && context.arguments.port != 443 };
+
+@id("no-metadata")
+forbid (principal, action == Action::"http.request", resource == Host::"169.254.169.254");
+"#;
+    let (_d, dir) = policy_dir(&[("http.cedar", http)]);
+    let dir_arg = dir.to_str().unwrap();
+    let ask = |extra: &[&str]| {
+        let mut args = vec![
+            "--dir",
+            dir_arg,
+            "--agent",
+            "coder",
+            "--action",
+            "http.request",
+        ];
+        args.extend_from_slice(extra);
+        explain_json(&dir, &args)
+    };
+    let runtime_arguments = |url: &str| {
+        let target = ice_effects::http::parse_target(url).unwrap();
+        ice_effects::http::policy_arguments(&target, &serde_json::json!({}))
+    };
+    let policies = |v: &Value| -> Vec<String> {
+        v["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    // The URL as the resource: its host is the resource; the arguments are the runtime's.
+    let url = "https://API.example.com/repos/me/x?y=1";
+    let v = ask(&["--resource", url]);
+    assert_eq!(v["decision"], "permit", "{v}");
+    assert_eq!(v["request"]["resource"]["id"], "api.example.com");
+    assert_eq!(v["request"]["arguments"], runtime_arguments(url));
+    assert_eq!(
+        v["request"]["arguments"],
+        serde_json::json!({
+            "method": "GET", "url": "https://api.example.com/repos/me/x?y=1",
+            "scheme": "https", "host": "api.example.com", "port": 443,
+            "path": "/repos/me/x", "query": "y=1",
+        })
+    );
+
+    // Dot segments are resolved before the policy reads the URL, given either way.
+    for given in [
+        "https://api.example.com/repos/me/../../admin",
+        "https://api.example.com/repos/me/%2e%2e/%2e%2e/admin",
+    ] {
+        for v in [
+            ask(&["--resource", given]),
+            ask(&[
+                "--resource",
+                "api.example.com",
+                "--arg",
+                &format!("url={given}"),
+            ]),
+        ] {
+            assert_eq!(
+                v["request"]["arguments"]["url"],
+                "https://api.example.com/admin"
+            );
+            assert_eq!(v["request"]["arguments"]["path"], "/admin");
+            assert_eq!(v["request"]["url_given"], given);
+            // Not my-repos; only the https permit matches.
+            assert_eq!(policies(&v), ["https-anywhere"], "{v}");
+        }
+    }
+
+    // The effective port: a forbid on it fires.
+    let v = ask(&["--resource", "https://api.example.com:8443/repos/me/x"]);
+    assert_eq!(
+        (&v["decision"], &v["reason"]),
+        (&"deny".into(), &"forbidden".into())
+    );
+    assert_eq!(policies(&v), ["only-443"]);
+    assert_eq!(v["request"]["arguments"]["port"], 8443);
+
+    // The IPv4-mapped form is the IPv4 host.
+    let v = ask(&[
+        "--resource",
+        "https://[::ffff:169.254.169.254]/latest/meta-data",
+    ]);
+    assert_eq!(v["request"]["resource"]["id"], "169.254.169.254");
+    assert_eq!(
+        v["request"]["arguments"]["url"],
+        "https://169.254.169.254/latest/meta-data"
+    );
+    assert_eq!(
+        (&v["decision"], &v["reason"]),
+        (&"deny".into(), &"forbidden".into())
+    );
+    assert_eq!(policies(&v), ["no-metadata"]);
+
+    // The text form shows both URLs.
+    let o = explain(
+        &dir,
+        &[
+            "--dir",
+            dir_arg,
+            "--agent",
+            "coder",
+            "--action",
+            "http.request",
+            "--resource",
+            "https://api.example.com/repos/me/../../admin",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("url:      https://api.example.com/admin (as parsed and sent; given as \"https://api.example.com/repos/me/../../admin\")"),
+        "{out}"
+    );
+
+    // What the runtime would not decide on is refused, naming why.
+    let refused = |extra: &[&str], needle: &str| {
+        let mut args = vec![
+            "policy",
+            "explain",
+            "--dir",
+            dir_arg,
+            "--agent",
+            "coder",
+            "--action",
+            "http.request",
+        ];
+        args.extend_from_slice(extra);
+        let o = ice(&dir, &args);
+        assert_eq!(code(&o), 1, "{extra:?}: {}", stdout(&o));
+        assert!(stderr(&o).contains(needle), "{extra:?}: {}", stderr(&o));
+    };
+    refused(
+        &[
+            "--resource",
+            "evil.example",
+            "--arg",
+            "url=https://api.example.com/",
+        ],
+        "the URL's host is Host::\"api.example.com\"",
+    );
+    refused(
+        &["--resource", "https://api.example.com/", "--arg", "port=80"],
+        "--arg port",
+    );
+    refused(
+        &["--resource", "https://api.example.com/", "--arg", "body=x"],
+        "no argument \"body\"",
+    );
+    refused(
+        &[
+            "--resource",
+            "https://api.example.com/",
+            "--arg",
+            "url=https://api.example.com/x",
+        ],
+        "name different URLs",
+    );
+    refused(&["--resource", "ftp://api.example.com/"], "the URL");
+}

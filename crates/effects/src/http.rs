@@ -1,9 +1,15 @@
 //! The HTTP adapter (`http.request`).
 //!
-//! A URL is parsed once, the WHATWG way ([`url`] crate), and everything after that is decided on
-//! the parsed form: the host a policy and a grant name is the host the parser found
-//! ([`ice_authority::Resource::host`] of it), and the request sent is the parser's own
-//! serialisation of the URL, so what is checked is what is contacted. Numeric IPv4 forms
+//! A URL is parsed once, the WHATWG way ([`url`] crate), into an [`HttpTarget`], and everything
+//! after that is decided on the parsed form: the host a policy and a grant name is the host the
+//! parser found ([`ice_authority::Resource::host`] of it), the facts a policy reads
+//! ([`policy_arguments`]: `url`, `scheme`, `host`, `port`, `path`, `query`) come from that same
+//! parse, and [`HttpClient::send`] sends that target's serialisation, so what is checked is what
+//! is contacted, byte for byte. The parser resolves dot segments (`/a/../b`, `/a/%2e%2e/b`) and
+//! reads `\` as `/`: a policy on `url` or `path` sees the path the server will receive, never
+//! the text the agent typed. The URL names its host as the resource does: one trailing dot is
+//! dropped, and an IPv6 address that embeds an IPv4 one (`[::ffff:10.0.0.1]`) is named, and
+//! sent, as that IPv4 address, so a policy sees one name per address. Numeric IPv4 forms
 //! (`http://2130706433/`, `http://0x7f.1/`, `http://127.1/`) arrive as dotted quads, percent-
 //! encoded hosts are decoded, upper case and one trailing dot are folded, and a fragment is
 //! never part of the host (`http://evil.com#@allowed.com` is `evil.com`). URLs with user
@@ -96,17 +102,30 @@ fn cut(url: &str) -> String {
     url[..end].to_string()
 }
 
-/// A parsed request target: the URL (fragment removed) and its host as a resource.
+/// A parsed request target: the URL (fragment removed) and its host as a resource, and the
+/// text it was parsed from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpTarget {
     url: Url,
     host: Resource,
+    given: String,
 }
 
 impl HttpTarget {
     /// The URL as it will be sent (the parser's serialisation, without fragment).
     pub fn url(&self) -> &Url {
         &self.url
+    }
+
+    /// The URL as it will be sent, as text: what a policy decides on and the request carries.
+    pub fn as_str(&self) -> &str {
+        self.url.as_str()
+    }
+
+    /// The text this target was parsed from, as the agent gave it (for the record: it may differ
+    /// from [`HttpTarget::as_str`], which is what was decided on and sent).
+    pub fn given(&self) -> &str {
+        &self.given
     }
 
     /// The host as a resource (`Host::"127.0.0.1"`): what a grant must name.
@@ -154,8 +173,72 @@ pub fn parse_target(url: &str) -> Result<HttpTarget, UrlError> {
         host: host_text.clone(),
         problem: e.problem,
     })?;
+    // The URL names its host as the resource does, so `url`, `host` and the connection all say
+    // one name: a name without its trailing dot, and an IPv6 address that embeds an IPv4 one
+    // as that IPv4 address (see `Resource::host`).
+    let named = host.entity_id();
+    let rewritten = match (parsed.host(), named.parse::<std::net::Ipv4Addr>()) {
+        (Some(url::Host::Ipv6(_)), Ok(v4)) => parsed.set_ip_host(std::net::IpAddr::V4(v4)),
+        (Some(url::Host::Domain(d)), _) if d != named => {
+            parsed.set_host(Some(&named)).map_err(|_| ())
+        }
+        _ => Ok(()),
+    };
+    let same = match parsed.host() {
+        Some(url::Host::Domain(d)) => d == named,
+        Some(url::Host::Ipv4(ip)) => ip.to_string() == named,
+        Some(url::Host::Ipv6(ip)) => ip.to_string() == named,
+        None => false,
+    };
+    if rewritten.is_err() || !same {
+        return Err(UrlError::Host {
+            url: cut(url),
+            host: host_text,
+            problem: format!("cannot be written as {named}"),
+        });
+    }
     parsed.set_fragment(None);
-    Ok(HttpTarget { url: parsed, host })
+    if parsed.as_str().len() > MAX_URL_LEN {
+        return Err(UrlError::Parse {
+            url: cut(url),
+            problem: format!("longer than {MAX_URL_LEN} bytes once parsed"),
+        });
+    }
+    Ok(HttpTarget {
+        url: parsed,
+        host,
+        given: url.to_string(),
+    })
+}
+
+/// The method of an `http.request` call from its arguments, as the runtime sends it and a policy
+/// sees it: `method` in upper case, `GET` when absent.
+pub fn method_of(arguments: &serde_json::Value) -> String {
+    arguments
+        .get("method")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("GET")
+        .to_ascii_uppercase()
+}
+
+/// What a policy sees of an `http.request` call (`context.arguments`, as ICE's schema declares
+/// it), all from the one parse that is also sent: `method` ([`method_of`] the call's
+/// arguments), `url` (the serialisation [`HttpClient::send`] sends, not the text the agent
+/// gave), `scheme` (`http` or `https`), `host` (the host as the resource names it: lower case,
+/// IPv6 without brackets), `port` (the port contacted: the URL's, else the scheme's default),
+/// `path` (percent-encoded as sent, dot segments resolved) and `query` (after the `?`, as sent;
+/// empty when there is none). The runtime and `ice policy explain` both build a request's
+/// arguments with this function.
+pub fn policy_arguments(target: &HttpTarget, arguments: &serde_json::Value) -> serde_json::Value {
+    json!({
+        "method": method_of(arguments),
+        "url": target.as_str(),
+        "scheme": target.url.scheme(),
+        "host": target.host.entity_id(),
+        "port": target.port(),
+        "path": target.url.path(),
+        "query": target.url.query().unwrap_or(""),
+    })
 }
 
 /// Limits of one client's requests.
@@ -291,17 +374,37 @@ impl HttpClient {
     }
 
     /// Send `request` under `auth` (`http.request` on exactly the URL's parsed host, with an
-    /// effect class that covers the method). Everything is checked before any connection. The
-    /// grant's constraints tighten the client's limits: a body over its `max_bytes` is refused,
-    /// the response is cut at what is left of it, and its `timeout_ms` bounds the request.
+    /// effect class that covers the method): [`parse_target`] its URL, then [`HttpClient::send`].
     pub fn request(
         &self,
         auth: &Authorization,
         request: &HttpRequest,
     ) -> Result<HttpResponse, HttpError> {
         let target = parse_target(&request.url)?;
+        self.send(
+            auth,
+            &target,
+            &request.method,
+            &request.headers,
+            &request.body,
+        )
+    }
+
+    /// Send `method` to `target` (parsed once, before a policy decided on it) under `auth`
+    /// (`http.request` on exactly the target's host, with an effect class that covers the
+    /// method). The request line carries [`HttpTarget::as_str`], exactly what the policy saw.
+    /// Everything is checked before any connection. The grant's constraints tighten the client's
+    /// limits: a body over its `max_bytes` is refused, the response is cut at what is left of it,
+    /// and its `timeout_ms` bounds the request.
+    pub fn send(
+        &self,
+        auth: &Authorization,
+        target: &HttpTarget,
+        method: &str,
+        headers: &[(String, String)],
+        request_body: &[u8],
+    ) -> Result<HttpResponse, HttpError> {
         require(auth, "http.request", target.host())?;
-        let method = request.method.as_str();
         let effect = method_effect(method);
         require_effect(auth, effect)?;
         if !METHODS.contains(&method) {
@@ -310,21 +413,19 @@ impl HttpClient {
                 METHODS.join(", ")
             )));
         }
-        if matches!(method, "GET" | "HEAD") && !request.body.is_empty() {
+        if matches!(method, "GET" | "HEAD") && !request_body.is_empty() {
             return Err(HttpError::Request(format!(
                 "a {method} request has no body"
             )));
         }
-        require_bytes(auth, "the request body", request.body.len() as u64)?;
-        if request.headers.len() > MAX_HTTP_HEADERS {
+        require_bytes(auth, "the request body", request_body.len() as u64)?;
+        if headers.len() > MAX_HTTP_HEADERS {
             return Err(HttpError::Request(format!(
                 "more than {MAX_HTTP_HEADERS} headers"
             )));
         }
-        let mut builder = http::Request::builder()
-            .method(method)
-            .uri(target.url().as_str());
-        for (name, value) in &request.headers {
+        let mut builder = http::Request::builder().method(method).uri(target.as_str());
+        for (name, value) in headers {
             if forbidden_header(name) {
                 return Err(HttpError::Request(format!(
                     "header {name:?} is set by the adapter, not the request"
@@ -337,13 +438,13 @@ impl HttpClient {
             builder = builder.header(name, value);
         }
         let built = builder
-            .body(request.body.clone())
+            .body(request_body.to_vec())
             .map_err(|e| HttpError::Request(e.to_string()))?;
         // The grant's constraints can only tighten the client's limits.
         let timeout = cap_time(auth, self.limits.timeout);
         let limit = cap_bytes(
             auth,
-            request.body.len() as u64,
+            request_body.len() as u64,
             self.limits.max_response_bytes,
         );
         let built = self
@@ -352,15 +453,19 @@ impl HttpClient {
             .timeout_global(Some(timeout))
             .build();
         // Assert in pairs: the client's own reading of the URL must name the same host and
-        // port the authorization was checked against.
+        // port the authorization was checked against, and the same path and query the policy
+        // decided on (the request line it will send).
         let uri_host = built.uri().host().map(Resource::host);
         let uri_port = built.uri().port_u16().or(match built.uri().scheme_str() {
             Some("https") => Some(443),
             Some("http") => Some(80),
             _ => None,
         });
+        let sent_path = built.uri().path_and_query().map(|p| p.as_str());
+        let decided_path = &target.url()[url::Position::BeforePath..url::Position::AfterQuery];
         if !matches!(&uri_host, Some(Ok(h)) if h == target.host())
             || uri_port != Some(target.port())
+            || sent_path != Some(decided_path)
         {
             return Err(HttpError::Request(format!(
                 "the client reads {} differently from the URL parser",
@@ -378,7 +483,7 @@ impl HttpClient {
                 source: Box::new(other),
             },
         };
-        let response = if request.body.is_empty() {
+        let response = if request_body.is_empty() {
             self.agent.run(built.map(|_| ()))
         } else {
             self.agent.run(built)
@@ -422,7 +527,7 @@ impl HttpClient {
             capability: "http.request".into(),
             target: target.host().clone(),
             grant: Some(auth.grant().to_string()),
-            inputs: vec![Digested::of("request_body", &request.body)],
+            inputs: vec![Digested::of("request_body", request_body)],
             outputs: vec![Digested::of("response_body", &body)],
             detail: Detail::Http {
                 method: method.to_string(),

@@ -35,8 +35,9 @@ pub enum Target {
     Path(String),
     /// A workspace directory.
     Dir(String),
-    /// A URL whose host is the resource.
-    Http(String),
+    /// A URL whose host is the resource, parsed once: the policy decides on its serialisation
+    /// and the adapter sends that same serialisation (the agent's text is kept for the record).
+    Http(ice_effects::http::HttpTarget),
     /// A program.
     Command(String),
     /// A tool on a configured MCP tool server, with ICE's class for it and the server's hint.
@@ -129,7 +130,7 @@ pub fn resolve_target(
         ResourceKind::Host => {
             let t = ice_effects::http::parse_target(&r.target)
                 .map_err(|e| (DenialCode::InvalidTarget, e.to_string()))?;
-            (t.host().clone(), Target::Http(r.target.clone()))
+            (t.host().clone(), Target::Http(t))
         }
         ResourceKind::Command => {
             let res = Resource::command(&r.target)
@@ -201,18 +202,12 @@ pub fn policy_arguments(capability: &str, arguments: &Value, target: &Target) ->
     match capability {
         "fs.write" => json!({"bytes": content_of(arguments).len() as i64}),
         "fs.read" | "fs.list" | "fs.delete" => json!({}),
-        "http.request" => {
-            let method = arguments
-                .get("method")
-                .and_then(Value::as_str)
-                .unwrap_or("GET")
-                .to_ascii_uppercase();
-            let url = match target {
-                Target::Http(u) => u.clone(),
-                _ => String::new(),
-            };
-            json!({"method": method, "url": url})
-        }
+        // Everything from the one parse the adapter sends (never the agent's text), as the
+        // schema declares it: method, url, scheme, host, port, path, query.
+        "http.request" => match target {
+            Target::Http(t) => ice_effects::http::policy_arguments(t, arguments),
+            _ => json!({"method": ice_effects::http::method_of(arguments)}),
+        },
         "process.exec" => json!({"args": args_of(arguments)}),
         // A tool's own arguments are not declared to Cedar (see the schema's ToolContext).
         "mcp.call" => json!({}),
@@ -458,11 +453,7 @@ pub async fn perform_remote(
 ) -> Result<Performed, (DenialCode, String)> {
     match (auth.capability(), target) {
         ("http.request", Target::Http(url)) => {
-            let method = arguments
-                .get("method")
-                .and_then(Value::as_str)
-                .unwrap_or("GET")
-                .to_ascii_uppercase();
+            let method = ice_effects::http::method_of(arguments);
             let body = arguments
                 .get("body")
                 .and_then(Value::as_str)
@@ -474,38 +465,39 @@ pub async fn perform_remote(
                 timeout: HTTP_TIMEOUT,
                 max_response_bytes: limit,
             });
-            let request = ice_effects::http::HttpRequest {
-                method: method.clone(),
-                url: url.clone(),
-                headers: Vec::new(),
-                body: body.clone(),
-            };
+            // The target the policy decided on, sent as it is (not parsed again).
+            let (target, sent) = (url.clone(), method.clone());
             let auth = auth.clone();
-            let response = tokio::task::spawn_blocking(move || client.request(&auth, &request))
-                .await
-                .map_err(|e| {
-                    (
-                        DenialCode::EffectFailed,
-                        format!("the HTTP call failed: {e}"),
-                    )
-                })?
-                .map_err(|e| {
-                    let code = match &e {
-                        ice_effects::http::HttpError::Url(_) => DenialCode::InvalidTarget,
-                        ice_effects::http::HttpError::Refused(r) if is_constraint(r) => {
-                            DenialCode::GrantConstraint
-                        }
-                        ice_effects::http::HttpError::Refused(_) => DenialCode::Confinement,
-                        _ => DenialCode::EffectFailed,
-                    };
-                    (code, e.to_string())
-                })?;
+            let request_body = body.clone();
+            let response = tokio::task::spawn_blocking(move || {
+                client.send(&auth, &target, &sent, &[], &request_body)
+            })
+            .await
+            .map_err(|e| {
+                (
+                    DenialCode::EffectFailed,
+                    format!("the HTTP call failed: {e}"),
+                )
+            })?
+            .map_err(|e| {
+                let code = match &e {
+                    ice_effects::http::HttpError::Url(_) => DenialCode::InvalidTarget,
+                    ice_effects::http::HttpError::Refused(r) if is_constraint(r) => {
+                        DenialCode::GrantConstraint
+                    }
+                    ice_effects::http::HttpError::Refused(_) => DenialCode::Confinement,
+                    _ => DenialCode::EffectFailed,
+                };
+                (code, e.to_string())
+            })?;
             let n = response.body.len() as u64 + body.len() as u64;
             Ok(Performed {
                 event_type: EventType::APIRequestExecuted,
+                // `url` is what was decided on and sent; `target` the agent's text for it.
                 payload: obj(json!({
                     "method": method,
-                    "url": url,
+                    "url": url.as_str(),
+                    "target": url.given(),
                     "status": response.status,
                     "bytes": response.body.len(),
                     "truncated": response.body_truncated,

@@ -11,7 +11,9 @@ use ice_kernel::Digest;
 
 use crate::Authorization;
 use crate::auth::testing::{authorize, read};
-use crate::http::{HttpClient, HttpError, HttpLimits, HttpRequest, UrlError, parse_target};
+use crate::http::{
+    HttpClient, HttpError, HttpLimits, HttpRequest, UrlError, parse_target, policy_arguments,
+};
 use crate::{AuthorizationError, Detail};
 
 /// One request as the test server saw it.
@@ -300,7 +302,7 @@ fn url_tricks_map_to_the_host_they_name_or_are_refused() {
     ok("http:///allowed.com/", "allowed.com");
     ok("http://[::1]/", "::1");
     ok("http://[0:0:0:0:0:0:0:1]:8080/", "::1");
-    ok("http://[::ffff:127.0.0.1]/", "::ffff:127.0.0.1");
+    ok("http://[::ffff:127.0.0.1]/", "127.0.0.1");
     ok("http://2130706433/", "127.0.0.1");
     ok("http://0x7f.1/", "127.0.0.1");
     ok("http://127.1/", "127.0.0.1");
@@ -326,6 +328,124 @@ fn url_tricks_map_to_the_host_they_name_or_are_refused() {
             .url()
             .as_str(),
         "http://a.example/p"
+    );
+}
+
+/// What a policy sees of a URL is the parse that is sent: dot segments (plain, percent-encoded,
+/// behind backslashes) are resolved before a policy reads `url` or `path`, and the server gets
+/// exactly that path, never the agent's text.
+#[test]
+fn a_policy_sees_the_url_that_is_sent() {
+    let server = Server::start();
+    let auth = host_auth("127.0.0.1", EffectClass::Read);
+    let c = client();
+    let base = format!("http://127.0.0.1:{}", server.port);
+    for given in [
+        "/repos/me/../../admin",
+        "/repos/me/%2e%2e/%2E%2E/admin",
+        "/repos/me/.%2e/%2e./admin",
+        "/repos/me\\..\\..\\admin",
+        "/repos/./me/../../admin#/repos/me/x",
+    ] {
+        let url = format!("{base}{given}");
+        let target = parse_target(&url).unwrap();
+        assert_eq!(target.given(), url);
+        assert_eq!(target.as_str(), format!("{base}/admin"), "{given}");
+        let args = policy_arguments(&target, &serde_json::json!({}));
+        assert_eq!(args["url"], format!("{base}/admin"), "{given}");
+        assert_eq!(args["path"], "/admin", "{given}");
+        // Sent as it was decided on: the adapter does not parse the agent's text again.
+        let response = c.send(&auth, &target, "GET", &[], &[]).unwrap();
+        assert_eq!(response.status, 200);
+        match &response.evidence.detail {
+            Detail::Http { url, .. } => assert_eq!(url, target.as_str()),
+            other => panic!("{other:?}"),
+        }
+    }
+    let seen = server.seen();
+    assert_eq!(seen.len(), 5);
+    assert!(seen.iter().all(|s| s.path == "/admin"), "{seen:?}");
+}
+
+/// Every field of `context.arguments` for an HTTP call comes from the parse, as the schema
+/// declares it: the effective port (explicit, else the scheme's), the path and query as sent,
+/// the method in upper case (GET when absent).
+#[test]
+fn policy_arguments_are_derived_from_the_parse() {
+    let args =
+        |url: &str, call: serde_json::Value| policy_arguments(&parse_target(url).unwrap(), &call);
+    assert_eq!(
+        args(
+            "HTTPS://API.Example.com./v1/a/../b?x=1&y=%20#frag",
+            serde_json::json!({"method": "post", "body": "{}"})
+        ),
+        serde_json::json!({
+            "method": "POST",
+            "url": "https://api.example.com/v1/b?x=1&y=%20",
+            "scheme": "https",
+            "host": "api.example.com",
+            "port": 443,
+            "path": "/v1/b",
+            "query": "x=1&y=%20",
+        })
+    );
+    let a = args("http://api.example.com", serde_json::json!({}));
+    assert_eq!(
+        (&a["method"], &a["port"], &a["path"], &a["query"]),
+        (&"GET".into(), &80.into(), &"/".into(), &"".into())
+    );
+    // An explicit port, even the default one (which the serialisation drops).
+    let a = args("https://api.example.com:8443/", serde_json::json!({}));
+    assert_eq!(a["port"], 8443);
+    let a = args("https://api.example.com:443/", serde_json::json!({}));
+    assert_eq!(
+        (&a["port"], &a["url"]),
+        (&443.into(), &"https://api.example.com/".into())
+    );
+    // IPv6 hosts as the resource names them (no brackets), brackets kept in the URL.
+    let a = args("http://[::1]:8080/x", serde_json::json!({}));
+    assert_eq!(
+        (&a["host"], &a["url"]),
+        (&"::1".into(), &"http://[::1]:8080/x".into())
+    );
+}
+
+/// An IPv6 address that embeds an IPv4 address is named, checked and contacted as that IPv4
+/// address: `[::ffff:127.0.0.1]` is `Host::"127.0.0.1"`, and the URL sent says 127.0.0.1.
+#[test]
+fn an_ipv4_mapped_address_is_its_ipv4_address() {
+    let server = Server::start();
+    for host in [
+        "[::ffff:127.0.0.1]",
+        "[::ffff:7f00:1]",
+        "[0:0:0:0:0:ffff:127.0.0.1]",
+    ] {
+        let url = server.url(host, "/m");
+        let target = parse_target(&url).unwrap();
+        assert_eq!(target.host(), &Resource::Host("127.0.0.1".into()), "{host}");
+        assert_eq!(target.as_str(), server.url("127.0.0.1", "/m"), "{host}");
+        let args = policy_arguments(&target, &serde_json::json!({}));
+        assert_eq!(args["host"], "127.0.0.1");
+        // An authorization on the IPv4 host covers it; one on another host does not.
+        let response = client()
+            .request(
+                &host_auth("127.0.0.1", EffectClass::Read),
+                &get(url.clone()),
+            )
+            .unwrap();
+        assert_eq!(response.status, 200);
+        let e = refused(client().request(&host_auth("::1", EffectClass::Read), &get(url)));
+        assert!(matches!(e, AuthorizationError::Mismatch { .. }), "{e:?}");
+    }
+    assert_eq!(server.seen().len(), 3);
+    // Loopback and unspecified IPv6 stay themselves.
+    assert_eq!(
+        parse_target("http://[::1]/").unwrap().host(),
+        &Resource::Host("::1".into())
+    );
+    assert_eq!(
+        parse_target("http://[::]/").unwrap().host(),
+        &Resource::Host("::".into())
     );
 }
 

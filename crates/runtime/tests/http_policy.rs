@@ -1,0 +1,268 @@
+//! HTTP calls are decided on exactly what is sent: a policy on `context.arguments.url` or `path`
+//! sees the URL as parsed (dot segments resolved), the server receives that same URL, and
+//! `scheme`, `host`, `port`, `path` and `query` are filled from it as the schema declares them.
+//! An IPv4-mapped IPv6 address is the IPv4 host it stands for.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use ice_kernel::{CapabilityProposal, EventType, Outcome, Proposal};
+use serde_json::json;
+
+/// A local HTTP server that records each request line's target and answers 200 `ok`.
+fn endpoint() -> (u16, Arc<Mutex<Vec<String>>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    std::thread::spawn(move || {
+        for stream in l.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let s = s.clone();
+            std::thread::spawn(move || {
+                // A TLS client hello has no line end: do not hold it for the client's timeout.
+                let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(1)));
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                let _ = reader.read_line(&mut line);
+                // Read the headers up to the blank line (GETs carry no body).
+                loop {
+                    let mut header = String::new();
+                    match reader.read_line(&mut header) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) if header.trim_end().is_empty() => break,
+                        Ok(_) => {}
+                    }
+                }
+                if let Some(target) = line.split_whitespace().nth(1) {
+                    s.lock().unwrap().push(target.to_string());
+                }
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                );
+            });
+        }
+    });
+    (port, seen)
+}
+
+fn get(url: &str) -> Proposal {
+    Proposal::Request(CapabilityProposal {
+        capability: "http.request".into(),
+        target: url.to_string(),
+        arguments: json!({"method": "GET"}),
+        intent: "fetch".into(),
+    })
+}
+
+/// Open a session of agent `fetcher` under `policy`, make each proposal, finish; the outcomes
+/// and the run's events.
+async fn calls(
+    id: &str,
+    policy: &str,
+    proposals: &[Proposal],
+) -> (Vec<Outcome>, Vec<ice_kernel::Event>) {
+    let h = H::new(policy);
+    let (spec, _) = h.spec(id, "fetcher", "", "");
+    let session =
+        h.rt.open_session(spec, "fetcher", &ice_runtime::Quiet)
+            .await
+            .unwrap();
+    let mut outcomes = Vec::new();
+    for p in proposals {
+        outcomes.push(session.propose(p).await.unwrap().expect("an outcome"));
+    }
+    session.finish().await.unwrap();
+    let events = h.events(id).await;
+    (outcomes, events)
+}
+
+fn denied_by(o: &Outcome) -> Option<(&str, &str)> {
+    match o {
+        Outcome::Denied { reason, detail, .. } => Some((reason.as_str(), detail.as_str())),
+        Outcome::Done { .. } => None,
+    }
+}
+
+/// The finding: `permit … when { context.arguments.url like "…/repos/me/*" }` used to match the
+/// agent's text `…/repos/me/../../admin`, and the server received `GET /admin`. The policy now
+/// sees `…/admin` and denies it; nothing reaches the server but the permitted path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_cannot_walk_out_of_a_url_policy() {
+    let (port, seen) = endpoint();
+    let base = format!("http://127.0.0.1:{port}");
+    let policy = format!(
+        r#"
+@id("my-repos")
+permit(principal == Agent::"fetcher", action == Action::"http.request", resource == Host::"127.0.0.1")
+when {{ context.arguments has url && context.arguments.url like "{base}/repos/me/*" }};
+"#
+    );
+    let escapes = [
+        format!("{base}/repos/me/../../admin"),
+        format!("{base}/repos/me/%2e%2e/%2E%2E/admin"),
+        format!("{base}/repos/me/.%2e/%2e./admin"),
+        format!("{base}/repos/me\\..\\..\\admin"),
+        format!("{base}/repos/me/x/../../../admin?as=/repos/me/y"),
+    ];
+    let mut proposals: Vec<Proposal> = escapes.iter().map(|u| get(u)).collect();
+    proposals.push(get(&format!("{base}/repos/me/./a/../b")));
+    let (outcomes, events) = calls("dots", &policy, &proposals).await;
+    for (url, o) in escapes.iter().zip(&outcomes) {
+        let (reason, _) = denied_by(o).unwrap_or_else(|| panic!("{url} was permitted: {o:?}"));
+        assert_eq!(reason, "policy_denied", "{url}");
+    }
+    assert!(
+        matches!(outcomes[5], Outcome::Done { .. }),
+        "{:?}",
+        outcomes[5]
+    );
+    // The server received only the permitted request, as the policy saw it.
+    assert_eq!(*seen.lock().unwrap(), ["/repos/me/b"]);
+    // The record shows both what was decided on and sent, and what the agent wrote.
+    let executed = of_type(&events, EventType::APIRequestExecuted);
+    assert_eq!(executed.len(), 1);
+    assert_eq!(executed[0].payload["url"], format!("{base}/repos/me/b"));
+    assert_eq!(
+        executed[0].payload["target"],
+        format!("{base}/repos/me/./a/../b")
+    );
+    assert_eq!(
+        executed[0].payload["evidence"]["http"]["url"],
+        format!("{base}/repos/me/b"),
+        "{:?}",
+        executed[0].payload
+    );
+    let denials = of_type(&events, EventType::CapabilityDenied);
+    assert_eq!(denials.len(), 5);
+}
+
+/// `scheme`, `host`, `port`, `path` and `query` are filled as the schema declares them: a
+/// permit on all of them permits, and the server gets exactly that path and query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_declared_http_argument_is_filled() {
+    let (port, seen) = endpoint();
+    let policy = format!(
+        r#"
+@id("exact")
+permit(principal, action == Action::"http.request", resource == Host::"127.0.0.1")
+when {{
+  context.arguments has method && context.arguments.method == "GET" &&
+  context.arguments has scheme && context.arguments.scheme == "http" &&
+  context.arguments has host && context.arguments.host == "127.0.0.1" &&
+  context.arguments has port && context.arguments.port == {port} &&
+  context.arguments has path && context.arguments.path == "/v1/items" &&
+  context.arguments has query && context.arguments.query == "page=2"
+}};
+"#
+    );
+    let (outcomes, _) = calls(
+        "filled",
+        &policy,
+        &[
+            get(&format!("HTTP://127.0.0.1:{port}/v1/x/../items?page=2#top")),
+            get(&format!("http://127.0.0.1:{port}/v1/items?page=3")),
+        ],
+    )
+    .await;
+    assert!(
+        matches!(outcomes[0], Outcome::Done { .. }),
+        "{:?}",
+        outcomes[0]
+    );
+    assert_eq!(denied_by(&outcomes[1]).map(|d| d.0), Some("policy_denied"));
+    assert_eq!(*seen.lock().unwrap(), ["/v1/items?page=2"]);
+}
+
+/// A forbid guarded with `has port` fires (it never did: `port` was never filled), with the
+/// effective port: the URL's, else the scheme's default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_forbid_fires() {
+    let (port, seen) = endpoint();
+    let policy = r#"
+@id("any-host")
+permit(principal, action == Action::"http.request", resource);
+@id("only-443")
+forbid(principal, action == Action::"http.request", resource)
+when { context.arguments has port && context.arguments.port != 443 };
+"#;
+    let (outcomes, events) = calls(
+        "port",
+        policy,
+        &[get(&format!("http://127.0.0.1:{port}/x"))],
+    )
+    .await;
+    assert_eq!(denied_by(&outcomes[0]).map(|d| d.0), Some("policy_denied"));
+    let denial = of_type(&events, EventType::CapabilityDenied)[0];
+    assert_eq!(denial.payload["policies"], json!(["only-443"]));
+    assert!(seen.lock().unwrap().is_empty());
+}
+
+/// The starter's example, `context.arguments.scheme == "https"`, permits an https URL (it never
+/// did: `scheme` was never filled) and not an http one. (The test server speaks plain HTTP, so
+/// the permitted call is granted and then fails at TLS.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_scheme_permit_permits() {
+    let (port, _seen) = endpoint();
+    let policy = r#"
+@id("https-only")
+permit(principal, action == Action::"http.request", resource == Host::"127.0.0.1")
+when {
+  context.effect == EffectClass::"read" &&
+  context.arguments has scheme && context.arguments.scheme == "https"
+};
+"#;
+    let (outcomes, events) = calls(
+        "scheme",
+        policy,
+        &[
+            get(&format!("https://127.0.0.1:{port}/x")),
+            get(&format!("http://127.0.0.1:{port}/x")),
+        ],
+    )
+    .await;
+    let granted = of_type(&events, EventType::CapabilityGranted);
+    assert_eq!(granted.len(), 1, "{outcomes:?}");
+    assert_eq!(granted[0].payload["policies"], json!(["https-only"]));
+    assert_ne!(
+        denied_by(&outcomes[0]).map(|d| d.0),
+        Some("policy_denied"),
+        "{:?}",
+        outcomes[0]
+    );
+    assert_eq!(denied_by(&outcomes[1]).map(|d| d.0), Some("policy_denied"));
+}
+
+/// `forbid resource == Host::"127.0.0.1"` holds for `[::ffff:127.0.0.1]`, which a dual-stack
+/// socket connects to as 127.0.0.1; nothing reaches the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv4_mapped_address_is_denied_by_the_ipv4_forbid() {
+    let (port, seen) = endpoint();
+    let policy = r#"
+@id("any-host")
+permit(principal, action == Action::"http.request", resource);
+@id("no-loopback")
+forbid(principal, action == Action::"http.request", resource == Host::"127.0.0.1");
+"#;
+    let urls = [
+        format!("http://[::ffff:127.0.0.1]:{port}/"),
+        format!("http://[::ffff:7f00:1]:{port}/"),
+        format!("http://[0:0:0:0:0:ffff:7f00:0001]:{port}/"),
+    ];
+    let proposals: Vec<Proposal> = urls.iter().map(|u| get(u)).collect();
+    let (outcomes, events) = calls("mapped", policy, &proposals).await;
+    for (url, o) in urls.iter().zip(&outcomes) {
+        assert_eq!(denied_by(o).map(|d| d.0), Some("policy_denied"), "{url}");
+    }
+    for d in of_type(&events, EventType::CapabilityDenied) {
+        assert_eq!(d.payload["policies"], json!(["no-loopback"]));
+        assert_eq!(
+            d.payload["resource"],
+            json!({"kind": "host", "id": "127.0.0.1"})
+        );
+    }
+    assert!(seen.lock().unwrap().is_empty());
+}
