@@ -612,8 +612,19 @@ impl Ctx<'_> {
                 // Record the request and the approval request; wait for an operator. A live
                 // grant that covers the target changes nothing: an approval is asked for this
                 // exact request, and the grant it gives serves this call alone.
-                let digest =
-                    request_digest(&self.run, &capability, &resource, &r.arguments, &version);
+                // What the operator is shown and the approval binds: the arguments, and for an
+                // HTTP call the URL as decided and sent (the resource is only its host).
+                let mut shown = act::obj(r.arguments.clone());
+                if let act::Target::Http(t) = &target {
+                    shown.insert("url".into(), Value::String(t.as_str().to_string()));
+                }
+                let digest = request_digest(
+                    &self.run,
+                    &capability,
+                    &resource,
+                    &Value::Object(shown.clone()),
+                    &version,
+                );
                 let timeout = Duration::from_millis(live.spec.approval_timeout_ms);
                 let expires_at = add_ms(now, live.spec.approval_timeout_ms);
                 let draft = request_draft(agent, r);
@@ -624,7 +635,7 @@ impl Ctx<'_> {
                             digest,
                             capability: capability.clone(),
                             resource: resource.clone(),
-                            arguments: act::obj(r.arguments.clone()),
+                            arguments: shown.clone(),
                             agent: agent.to_string(),
                             policy_version: version,
                             policies: policies.clone(),

@@ -266,3 +266,61 @@ forbid(principal, action == Action::"http.request", resource == Host::"127.0.0.1
     }
     assert!(seen.lock().unwrap().is_empty());
 }
+
+/// An approval of an HTTP call shows the operator the URL as it will be sent (the resource is
+/// only its host) and binds to it: its digest covers the URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_approval_shows_and_binds_the_url_as_sent() {
+    let (port, seen) = endpoint();
+    let base = format!("http://127.0.0.1:{port}");
+    let policy = r#"
+@id("ask")
+@approval("required")
+permit(principal == Agent::"fetcher", action == Action::"http.request", resource == Host::"127.0.0.1");
+"#;
+    let h = H::new(policy);
+    let (spec, _) = h.spec("asked", "fetcher", "", "");
+    let session =
+        h.rt.open_session(spec, "fetcher", &ice_runtime::Quiet)
+            .await
+            .unwrap();
+    let run = ice_kernel::RunId::new("asked").unwrap();
+    let url = format!("{base}/repos/me/../../admin");
+    let operator = async {
+        let approval = pending(&h.rt, &run).await;
+        let events = events(&h.rt, &run).await;
+        let asked = events
+            .iter()
+            .find(|e| e.event_type == EventType::ApprovalRequested.name())
+            .unwrap();
+        assert_eq!(asked.payload["arguments"]["url"], format!("{base}/admin"));
+        let p =
+            ice_authority::payload::ApprovalRequestedPayload::from_payload(&asked.payload).unwrap();
+        let digest_of = |arguments: serde_json::Map<String, serde_json::Value>| {
+            ice_authority::request_digest(
+                &run,
+                &p.capability,
+                &p.resource,
+                &serde_json::Value::Object(arguments),
+                &p.policy_version,
+            )
+        };
+        assert_eq!(p.digest, digest_of(p.arguments.clone()));
+        let mut without_url = p.arguments.clone();
+        without_url.remove("url");
+        assert_ne!(
+            p.digest,
+            digest_of(without_url),
+            "the digest must cover the URL"
+        );
+        h.rt.answer_approval(&approval, "alice", true, "fine")
+            .await
+            .unwrap();
+    };
+    let proposal = get(&url);
+    let (out, ()) = tokio::join!(session.propose(&proposal), operator);
+    let out = out.unwrap().unwrap();
+    assert!(matches!(out, Outcome::Done { .. }), "{out:?}");
+    assert_eq!(seen.lock().unwrap().as_slice(), ["/admin"]);
+    session.finish().await.unwrap();
+}
