@@ -149,7 +149,10 @@ try {
   for (const want of ['http.request', '127.0.0.1', 'POST', 'hello.txt changed', 'notify-needs-approval', 'expires']) {
     if (!cardText.includes(want)) fail(`the approval should show the exact request (${want}): ${cardText}`);
   }
-  await card.locator('dd', { hasText: '/notify' }).waitFor();
+  // The target as the agent gave it, and the URL as it will be sent among the arguments the
+  // approval binds to.
+  await card.locator('dd .target', { hasText: '/notify' }).waitFor();
+  await card.locator('dd pre.args', { hasText: '/notify' }).waitFor();
   if (!/[0-9a-f]{64}/.test(cardText)) fail(`the approval should show the digest it binds to: ${cardText}`);
   const diff = page.locator('#diff');
   await diff.locator('.change[data-path="hello.txt"] pre.patch', { hasText: '+ hello, governed world' }).waitFor();
