@@ -470,6 +470,22 @@ async fn a_run_whose_policy_no_longer_loads_can_still_be_killed() {
     assert_eq!(of_type(&events, EventType::RunAborted).len(), 1);
     let reason = &of_type(&events, EventType::AbortReasonDeclared)[0].payload;
     assert_eq!(reason["detail"], "killed by operator:bob: enough");
+    // Ending the run decided nothing: no policy reload and no grant revoked on its way out.
+    let after_kill: Vec<&str> = events
+        .iter()
+        .skip_while(|e| e.event_type != EventType::RunKillRequested.name())
+        .map(|e| e.event_type.as_str())
+        .collect();
+    assert_eq!(
+        after_kill,
+        [
+            "RunKillRequested",
+            "RunAborted",
+            "AbortReasonDeclared",
+            "ResourcesReleased",
+            "RunTerminated"
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
