@@ -283,7 +283,12 @@ impl Staging {
 
     /// How many ops the live stage holds.
     pub(crate) fn op_count(&self) -> usize {
-        self.stage.as_ref().map_or(0, |s| s.ops().len())
+        self.ops().len()
+    }
+
+    /// The live stage's ops (none when it is closed).
+    pub(crate) fn ops(&self) -> &[ice_effects::StagedOp] {
+        self.stage.as_ref().map_or(&[], |s| s.ops())
     }
 
     /// Forget the ops after the first `len` (a write whose record failed).

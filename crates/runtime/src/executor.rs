@@ -57,7 +57,9 @@
 //! (`Stage::from_ops` over the recorded `EffectStaged` ops, in `operator.rs`): in process the
 //! stage is changed by the write itself, and commit applies the live stage: an append that
 //! fails after it makes the stage forget the write again (`Stage::truncate`, under the lock
-//! held from the write to its record), so the live stage never holds a write the log does not.
+//! held from the write to its record), so the live stage never holds a write the log does not;
+//! and since a failed append may still have stored the batch (a lost answer), `finish`
+//! rebuilds the stage from the log's staged ops when the two differ, before validating.
 //!
 //! A request the law will not record (a number JSON cannot carry exactly, a reserved key, an
 //! oversized intent) is found by the validator on the first batch that would record it, and
@@ -2024,6 +2026,16 @@ impl Ctx<'_> {
         }
         if let Some(why) = self.rt.interrupts.take(&self.run) {
             return self.interrupted(live, &why).await;
+        }
+        // What is validated and committed is what the log says was staged. They differ only
+        // when a write's record failed in a way that may still have stored it (a lost answer:
+        // the live stage forgot the write, the log has it): the stage is rebuilt from the log.
+        let recorded: Vec<ice_effects::StagedOp> =
+            live.books.staged.iter().map(|o| o.op.clone()).collect();
+        if live.stage.ops() != recorded.as_slice() {
+            live.stage = self
+                .rt
+                .open_stage(&self.run, &live.spec, Some(&live.books))?;
         }
         let started = json!({"checks": live_check_names(&live.spec)});
         self.append(live, |_| {

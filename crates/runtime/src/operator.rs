@@ -169,7 +169,7 @@ impl Runtime {
         Ok((set, dir))
     }
 
-    fn open_stage(
+    pub(crate) fn open_stage(
         &self,
         run: &RunId,
         spec: &RunSpec,

@@ -28,6 +28,8 @@ struct Tap {
     fail_next: AtomicBool,
     /// Fail the next append whose batch holds an event of this type.
     fail_type: Mutex<Option<&'static str>>,
+    /// Store the next batch holding an event of this type, then fail as if its answer was lost.
+    lose_answer_type: Mutex<Option<&'static str>>,
 }
 
 // `EventLog` is an `async_trait`; its methods are written out here as the macro expands them
@@ -54,9 +56,24 @@ impl EventLog for Tap {
                     message: "injected failure".into(),
                 });
             }
+            let lost = {
+                let mut t = self.lose_answer_type.lock().unwrap();
+                let hit =
+                    t.is_some_and(|ty| batch.events().iter().any(|e| e.event().event_type == ty));
+                if hit {
+                    *t = None;
+                }
+                hit
+            };
             let seqs = batch.events().iter().map(|e| e.event().run_seq).collect();
             let receipt = self.inner.append(batch).await?;
             self.batches.lock().unwrap().push(seqs);
+            if lost {
+                return Err(LogError::Storage {
+                    context: "committing to the server".into(),
+                    message: "injected: the answer was lost; the batch may still be stored".into(),
+                });
+            }
             Ok(receipt)
         })
     }
@@ -186,6 +203,7 @@ fn tapped(h: &H) -> (ice_runtime::Runtime, Arc<Tap>) {
         batches: Mutex::new(Vec::new()),
         fail_next: AtomicBool::new(false),
         fail_type: Mutex::new(None),
+        lose_answer_type: Mutex::new(None),
     });
     let ledger = Arc::new(Ledger::new(tap.clone(), Arc::new(SystemClock)));
     let rt = ice_runtime::Runtime::new(
@@ -456,6 +474,36 @@ async fn a_staged_write_whose_record_fails_never_reaches_the_workspace() {
     let all = ice_runtime::read_run(tap.as_ref(), &run).await.unwrap();
     assert_eq!(of_type(&all, EventType::EffectStaged).len(), 1);
     assert_eq!(of_type(&all, EventType::EffectApplied).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_write_stored_despite_a_lost_answer_is_committed_as_recorded() {
+    let h = H::new(POLICY);
+    let (rt, tap) = tapped(&h);
+    let (spec, _) = h.spec("lost-answer", "coder", "[grants]\nuses = 5", "");
+    let s = rt.open_session(spec, "coder", &Quiet).await.unwrap();
+    let run = RunId::new("lost-answer").unwrap();
+    // The batch recording the write is stored, but its answer is lost: the call fails, and the
+    // log holds the write all the same.
+    *tap.lose_answer_type.lock().unwrap() = Some(EventType::EffectStaged.name());
+    let write = request(
+        "fs.write",
+        "hello.txt",
+        json!({"content": "stored after all\n"}),
+    );
+    let (out, _) = call(&s, &tap, &write).await;
+    assert!(out.is_err(), "{out:?}");
+    let other = request("fs.write", "new.txt", json!({"content": "recorded\n"}));
+    let (out, _) = call(&s, &tap, &other).await;
+    assert!(matches!(out, Ok(Some(Outcome::Done { .. }))), "{out:?}");
+    let report = s.finish().await.unwrap();
+    assert_eq!(report.outcome, RunOutcome::Committed, "{report:?}");
+    // What the log says was staged is what reached the workspace.
+    let all = ice_runtime::read_run(tap.as_ref(), &run).await.unwrap();
+    assert_eq!(of_type(&all, EventType::EffectStaged).len(), 2);
+    assert_eq!(of_type(&all, EventType::EffectApplied).len(), 2);
+    assert_eq!(h.read("hello.txt"), "stored after all\n");
+    assert_eq!(h.read("new.txt"), "recorded\n");
 }
 
 /// An MCP tool server over stdio for the test below, run by re-executing this test binary with
