@@ -463,10 +463,14 @@ fn opening_failed(url: &str, e: anyhow::Error) -> anyhow::Error {
 /// as a `password=`, `token=` or `secret=` query parameter.
 fn secrets(url: &str) -> Vec<String> {
     let mut out = Vec::new();
-    if let (Some(s), Some(at)) = (url.find("://"), url.rfind('@'))
-        && at > s
+    // The user info is in the authority: after `://`, before the path or query (an `@` in
+    // the query is not one).
+    if let Some(s) = url.find("://")
+        && let authority = &url[s + 3..]
+        && let authority = &authority[..authority.find(['/', '?']).unwrap_or(authority.len())]
+        && let Some(at) = authority.rfind('@')
     {
-        let info = &url[s + 3..at];
+        let info = &authority[..at];
         match info.split_once(':') {
             Some((_, pw)) if !pw.is_empty() => out.push(pw.to_string()),
             None if url.starts_with("nats://") && !info.is_empty() => out.push(info.to_string()),
@@ -554,4 +558,30 @@ pub(crate) fn config_error(
         "{}:{line_no}:{col}: not a valid ICE config: {message}\n    {shown}",
         file.display()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn a_log_urls_secrets_are_redacted_and_nothing_else() {
+        for (url, shown) in [
+            (
+                "postgres://u:pw@h:5432/db?user=a@b",
+                "postgres://u:***@h:5432/db?user=a@b",
+            ),
+            (
+                "postgres://u@h/db?password=pw",
+                "postgres://u@h/db?password=***",
+            ),
+            ("nats://tok@h:4222?prefix=p", "nats://***@h:4222?prefix=p"),
+            ("nats://u:pw@h:4222", "nats://u:***@h:4222"),
+            // An `@` after the authority is not user information.
+            ("nats://h:4222?prefix=a@b", "nats://h:4222?prefix=a@b"),
+            ("postgres://u@h/db?note=x@y", "postgres://u@h/db?note=x@y"),
+        ] {
+            assert_eq!(redact(url), shown, "{url}");
+        }
+    }
 }
