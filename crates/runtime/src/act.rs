@@ -281,11 +281,6 @@ impl Staging {
         }
     }
 
-    /// How many ops the live stage holds.
-    pub(crate) fn op_count(&self) -> usize {
-        self.ops().len()
-    }
-
     /// The live stage's ops (none when it is closed).
     pub(crate) fn ops(&self) -> &[ice_effects::StagedOp] {
         self.stage.as_ref().map_or(&[], |s| s.ops())

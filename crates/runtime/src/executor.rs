@@ -1240,8 +1240,8 @@ impl Ctx<'_> {
         // A filesystem effect changes the live stage under the lock, which is held until the
         // effect is recorded: if that record fails, the stage forgets it again (commit applies
         // the live stage, which must hold only what the log says was staged).
-        let fs_effect = matches!(target, act::Target::Path(_) | act::Target::Dir(_));
-        let staged_before = guard.stage.op_count();
+        let staged_before = matches!(target, act::Target::Path(_) | act::Target::Dir(_))
+            .then(|| guard.stage.ops().len());
         let performed = match target {
             act::Target::Http(_) => {
                 guard.in_flight += 1;
@@ -1300,37 +1300,37 @@ impl Ctx<'_> {
                 // What the agent is shown is recorded with the effect (I-002), so a replay
                 // gives the driver exactly what it saw without touching the world again.
                 p.payload.insert("output".into(), p.output.clone());
-                let (mut withheld, mut attempts) = (false, 0);
-                loop {
-                    // The ledger takes the drafts: a retry needs the payload again.
-                    let drafts = vec![
-                        Self::effect_draft(r, &p, p.payload.clone(), &grant, cost, &req, &used),
-                        settle(actual),
-                    ];
-                    match self.try_append(live, drafts).await {
-                        Ok(_) => break,
-                        Err(RuntimeError::Append(AppendError::Rejected { index: 0, error }))
-                            if !withheld =>
-                        {
-                            withhold(&mut p, &error.to_string());
-                            withheld = true;
-                        }
-                        Err(e) if is_conflict(&e) && attempts < 8 => {
-                            attempts += 1;
-                            if let Err(e) = self.catch_up(live).await {
-                                if fs_effect {
-                                    live.stage.truncate(staged_before);
-                                }
-                                return Err(e);
+                let recorded: Result<(), RuntimeError> = async {
+                    let (mut withheld, mut attempts) = (false, 0);
+                    loop {
+                        // The ledger takes the drafts: a retry needs the payload again.
+                        let drafts = vec![
+                            Self::effect_draft(r, &p, p.payload.clone(), &grant, cost, &req, &used),
+                            settle(actual),
+                        ];
+                        match self.try_append(live, drafts).await {
+                            Ok(_) => return Ok(()),
+                            Err(RuntimeError::Append(AppendError::Rejected {
+                                index: 0,
+                                error,
+                            })) if !withheld => {
+                                withhold(&mut p, &error.to_string());
+                                withheld = true;
                             }
-                        }
-                        Err(e) => {
-                            if fs_effect {
-                                live.stage.truncate(staged_before);
+                            Err(e) if is_conflict(&e) && attempts < 8 => {
+                                attempts += 1;
+                                self.catch_up(live).await?;
                             }
-                            return Err(e);
+                            Err(e) => return Err(e),
                         }
                     }
+                }
+                .await;
+                if let Err(e) = recorded {
+                    if let Some(n) = staged_before {
+                        live.stage.truncate(n);
+                    }
+                    return Err(e);
                 }
                 Ok(CallEnd {
                     outcome: Outcome::Done {

@@ -32,6 +32,16 @@ struct Tap {
     lose_answer_type: Mutex<Option<&'static str>>,
 }
 
+/// Whether `batch` holds an event of the type `armed` names; if so, disarm it (it fires once).
+fn takes(armed: &Mutex<Option<&'static str>>, batch: &SealedBatch) -> bool {
+    let mut t = armed.lock().unwrap();
+    let hit = t.is_some_and(|ty| batch.events().iter().any(|e| e.event().event_type == ty));
+    if hit {
+        *t = None;
+    }
+    hit
+}
+
 // `EventLog` is an `async_trait`; its methods are written out here as the macro expands them
 // (a boxed future per call), so this test needs no dependency of its own.
 impl EventLog for Tap {
@@ -41,30 +51,14 @@ impl EventLog for Tap {
         Self: 't,
     {
         Box::pin(async move {
-            let typed = {
-                let mut t = self.fail_type.lock().unwrap();
-                let hit =
-                    t.is_some_and(|ty| batch.events().iter().any(|e| e.event().event_type == ty));
-                if hit {
-                    *t = None;
-                }
-                hit
-            };
+            let typed = takes(&self.fail_type, &batch);
             if self.fail_next.swap(false, Ordering::SeqCst) || typed {
                 return Err(LogError::Storage {
                     context: "committing to disk".into(),
                     message: "injected failure".into(),
                 });
             }
-            let lost = {
-                let mut t = self.lose_answer_type.lock().unwrap();
-                let hit =
-                    t.is_some_and(|ty| batch.events().iter().any(|e| e.event().event_type == ty));
-                if hit {
-                    *t = None;
-                }
-                hit
-            };
+            let lost = takes(&self.lose_answer_type, &batch);
             let seqs = batch.events().iter().map(|e| e.event().run_seq).collect();
             let receipt = self.inner.append(batch).await?;
             self.batches.lock().unwrap().push(seqs);
