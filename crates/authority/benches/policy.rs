@@ -8,14 +8,16 @@
 //!
 //! - ICE decide: `PolicySet::decide` on a built request (pre-selection, evaluation, verdict).
 //! - ICE build+decide: the request built from its parts first (checks, effect class, conversion
-//!   to Cedar's form, resource entity with its ancestors), as the runtime will do per call.
+//!   to Cedar's form, resource entity with its ancestors), for a resource not seen before.
+//! - cached entity: the same, the resource's entity taken from an `EntityCache` that has seen
+//!   it, as the runtime does for a resource named again.
 //! - baseline: `Authorizer::is_authorized` on the same Cedar request against the whole set.
 
 use std::hint::black_box;
 use std::time::Instant;
 
 use cedar_policy as cedar;
-use ice_authority::{PolicySet, PolicySource, Registry, Request, Resource, Schema};
+use ice_authority::{EntityCache, PolicySet, PolicySource, Registry, Request, Resource, Schema};
 use ice_kernel::RunId;
 use serde_json::{Value, json};
 
@@ -73,17 +75,21 @@ struct Spec {
 }
 
 impl Spec {
-    fn build(&self, run: &RunId, registry: &Registry) -> Request {
-        Request::builder(run, &self.agent, self.capability, self.resource.clone())
+    fn build(&self, run: &RunId, registry: &Registry, cache: Option<&EntityCache>) -> Request {
+        let builder = Request::builder(run, &self.agent, self.capability, self.resource.clone())
             .intent("check and fix the build")
             .arguments(&self.arguments)
             .budget_left(ice_authority::BudgetLeft {
                 bytes: Some(1 << 20),
                 tool_calls: Some(10),
                 ..Default::default()
-            })
-            .build(registry)
-            .expect("request builds")
+            });
+        match cache {
+            Some(cache) => builder.entity_cache(cache),
+            None => builder,
+        }
+        .build(registry)
+        .expect("request builds")
     }
 }
 
@@ -186,10 +192,11 @@ fn main() {
         "policy decision latency, µs (p50 / p99 of {SAMPLES} single decisions, 20 requests over all capability types)"
     );
     println!(
-        "{:>8}  {:>17}  {:>19}  {:>28}  {:>9}  {:>11}",
+        "{:>8}  {:>17}  {:>19}  {:>19}  {:>28}  {:>9}  {:>11}",
         "policies",
         "ICE decide",
         "ICE build+decide",
+        "cached entity",
         "baseline: Authorizer, whole",
         "ratio p50",
         "considered"
@@ -204,7 +211,10 @@ fn main() {
             .unwrap_or_else(|e| panic!("generated policies load: {e}"));
         assert_eq!(set.len(), n);
         let specs = specs(n);
-        let reqs: Vec<Request> = specs.iter().map(|s| s.build(&run, &registry)).collect();
+        let reqs: Vec<Request> = specs
+            .iter()
+            .map(|s| s.build(&run, &registry, None))
+            .collect();
         // The same decisions both ways, before timing anything.
         let mut considered = 0;
         let mut kinds = std::collections::BTreeMap::new();
@@ -221,7 +231,12 @@ fn main() {
             black_box(set.decide(black_box(&reqs[i % reqs.len()])));
         });
         let ice_full = measure(|i| {
-            let request = specs[i % specs.len()].build(&run, &registry);
+            let request = specs[i % specs.len()].build(&run, &registry, None);
+            black_box(set.decide(&request));
+        });
+        let cache = EntityCache::default();
+        let ice_cached = measure(|i| {
+            let request = specs[i % specs.len()].build(&run, &registry, Some(&cache));
             black_box(set.decide(&request));
         });
         let whole = set.cedar();
@@ -230,12 +245,14 @@ fn main() {
             black_box(authorizer.is_authorized(black_box(request), whole, entities));
         });
         println!(
-            "{:>8}  {:>7.2} / {:>7.2}  {:>8.2} / {:>8.2}  {:>13.2} / {:>12.2}  {:>9.2}  {:>11.1}",
+            "{:>8}  {:>7.2} / {:>7.2}  {:>8.2} / {:>8.2}  {:>8.2} / {:>8.2}  {:>13.2} / {:>12.2}  {:>9.2}  {:>11.1}",
             n,
             ice.p50_us,
             ice.p99_us,
             ice_full.p50_us,
             ice_full.p99_us,
+            ice_cached.p50_us,
+            ice_cached.p99_us,
             baseline.p50_us,
             baseline.p99_us,
             baseline.p50_us / ice.p50_us,

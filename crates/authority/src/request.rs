@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use cedar_policy as cedar;
 use ice_kernel::{Origin, RunId};
@@ -438,6 +438,84 @@ impl fmt::Display for Resource {
     }
 }
 
+/// A resource as Cedar sees it: its entity (with its ancestors as parents) in an entity set of
+/// its own, and the policy index's anchor keys. It depends on the resource alone.
+#[derive(Debug)]
+struct ResourceEntity {
+    entities: cedar::Entities,
+    anchors: Vec<String>,
+}
+
+impl ResourceEntity {
+    fn build(resource: &Resource) -> Result<ResourceEntity, RequestError> {
+        let (entity, anchors) = resource.entity()?;
+        let entities = cedar::Entities::from_entities([entity], None)
+            .map_err(|e| RequestError::Cedar(e.to_string()))?;
+        Ok(ResourceEntity { entities, anchors })
+    }
+}
+
+/// Resource entities built for earlier requests, so a request on a resource named recently
+/// skips building its entity set again (Cedar computes the set's transitive closure, the
+/// largest part of building a request). An entity depends on its resource alone, so one cache
+/// may serve every run; at its capacity it starts again empty, which bounds its memory.
+#[derive(Debug)]
+pub struct EntityCache {
+    map: Mutex<HashMap<Resource, Arc<ResourceEntity>>>,
+    capacity: usize,
+}
+
+impl EntityCache {
+    /// A cache of at most `capacity` resources (at least 1).
+    pub fn new(capacity: usize) -> EntityCache {
+        EntityCache {
+            map: Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// How many resources it holds.
+    pub fn len(&self) -> usize {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get_or_build(&self, resource: &Resource) -> Result<Arc<ResourceEntity>, RequestError> {
+        // A panic elsewhere while the lock was held leaves only built entries or none: the map
+        // is still sound, so a poisoned lock is taken as it is.
+        if let Some(hit) = self
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(resource)
+        {
+            return Ok(hit.clone());
+        }
+        // Built outside the lock: two requests building the same entity at once both succeed.
+        let built = Arc::new(ResourceEntity::build(resource)?);
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= self.capacity {
+            map.clear();
+        }
+        map.insert(resource.clone(), built.clone());
+        Ok(built)
+    }
+}
+
+impl Default for EntityCache {
+    /// A cache of 4096 resources.
+    fn default() -> EntityCache {
+        EntityCache::new(4096)
+    }
+}
+
 /// What is left of a run's budget, per cost attribute (names and units as the event's `cost`);
 /// `None` where the run has no budget on that attribute. Values above `i64::MAX` reach Cedar as
 /// `i64::MAX`, which no comparison a policy can write tells apart from unlimited.
@@ -679,9 +757,16 @@ pub struct RequestBuilder<'a> {
     budget_left: BudgetLeft,
     effect_hint: Option<EffectClass>,
     assigned: Option<EffectClass>,
+    cache: Option<&'a EntityCache>,
 }
 
 impl<'a> RequestBuilder<'a> {
+    /// Take the resource's entity from `cache` (or build it and keep it there).
+    pub fn entity_cache(mut self, cache: &'a EntityCache) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
     /// The agent's declared intent for this call.
     pub fn intent(mut self, intent: &'a str) -> Self {
         self.intent = intent;
@@ -761,9 +846,10 @@ impl<'a> RequestBuilder<'a> {
             None,
         )
         .map_err(|e| RequestError::Cedar(e.to_string()))?;
-        let (entity, anchors) = self.resource.entity()?;
-        let entities = cedar::Entities::from_entities([entity], None)
-            .map_err(|e| RequestError::Cedar(e.to_string()))?;
+        let resource_entity = match self.cache {
+            Some(cache) => cache.get_or_build(&self.resource)?,
+            None => Arc::new(ResourceEntity::build(&self.resource)?),
+        };
         Ok(Request {
             run: self.run.clone(),
             agent: self.agent.to_string(),
@@ -771,8 +857,7 @@ impl<'a> RequestBuilder<'a> {
             resource: self.resource,
             effect,
             cedar_request,
-            entities,
-            anchors,
+            resource_entity,
         })
     }
 }
@@ -799,8 +884,7 @@ pub struct Request {
     resource: Resource,
     effect: EffectClass,
     cedar_request: cedar::Request,
-    entities: cedar::Entities,
-    anchors: Vec<String>,
+    resource_entity: Arc<ResourceEntity>,
 }
 
 impl Request {
@@ -821,6 +905,7 @@ impl Request {
             budget_left: BudgetLeft::default(),
             effect_hint: None,
             assigned: None,
+            cache: None,
         }
     }
 
@@ -851,12 +936,12 @@ impl Request {
 
     /// The index keys of the resource and its ancestors.
     pub(crate) fn anchors(&self) -> &[String] {
-        &self.anchors
+        &self.resource_entity.anchors
     }
 
     /// The Cedar request and entities this was converted to, for tools and benchmarks that call
     /// Cedar directly.
     pub fn cedar(&self) -> (&cedar::Request, &cedar::Entities) {
-        (&self.cedar_request, &self.entities)
+        (&self.cedar_request, &self.resource_entity.entities)
     }
 }

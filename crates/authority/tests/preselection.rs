@@ -5,8 +5,8 @@
 use std::collections::HashSet;
 
 use ice_authority::{
-    BudgetLeft, Decision, DenyReason, PolicySet, PolicySource, Registry, Request, Resource, Schema,
-    Verdict,
+    BudgetLeft, Decision, DenyReason, EntityCache, PolicySet, PolicySource, Registry, Request,
+    Resource, Schema, Verdict,
 };
 use ice_kernel::RunId;
 use proptest::prelude::*;
@@ -148,6 +148,11 @@ fn kind_of_action(action: &str) -> usize {
 }
 
 fn build_request(spec: &RequestSpec) -> Request {
+    build_request_with(spec, None)
+}
+
+/// The request, its resource's entity taken from `cache` when one is given.
+fn build_request_with(spec: &RequestSpec, cache: Option<&EntityCache>) -> Request {
     let run = RunId::new("run-1").expect("run id");
     let agent = ["a1", "a2", "a3"][spec.agent % 3];
     let (capability, kind) = if spec.action < ACTIONS.len() {
@@ -162,7 +167,7 @@ fn build_request(spec: &RequestSpec) -> Request {
     } else {
         "fix a bug"
     };
-    Request::builder(&run, agent, capability, resource_for(kind, spec.resource))
+    let builder = Request::builder(&run, agent, capability, resource_for(kind, spec.resource))
         .arguments(if capability == "http.request" {
             &arguments
         } else {
@@ -173,9 +178,13 @@ fn build_request(spec: &RequestSpec) -> Request {
             tokens_in: spec.tokens,
             tool_calls: spec.tool_calls,
             ..BudgetLeft::default()
-        })
-        .build(&Registry::standard())
-        .expect("request builds")
+        });
+    match cache {
+        Some(cache) => builder.entity_cache(cache),
+        None => builder,
+    }
+    .build(&Registry::standard())
+    .expect("request builds")
 }
 
 /// Load the policies that are valid against the schema (each alone), as one set.
@@ -278,11 +287,16 @@ proptest! {
         requests in prop::collection::vec(arb_request(), 1..30),
     ) {
         let set = load_valid(&policies);
+        // Small, so it fills and starts again within a case.
+        let cache = EntityCache::new(3);
         for spec in &requests {
             let request = build_request(spec);
             let fast = set.decide(&request);
             let reference = set.decide_unindexed(&request);
-            prop_assert_eq!(fast, reference, "request {:?}", spec);
+            prop_assert_eq!(&fast, &reference, "request {:?}", spec);
+            let cached = set.decide(&build_request_with(spec, Some(&cache)));
+            prop_assert_eq!(cached, fast, "the entity cache changed the decision for {:?}", spec);
+            prop_assert!(cache.len() <= 3);
         }
     }
 }
@@ -317,13 +331,15 @@ fn preselection_agrees_on_every_policy_form_and_request_shape() {
     assert!(set.len() > 60, "only {} policies were valid", set.len());
     let mut seen = HashSet::new();
     let mut decisions = 0;
+    // Holds every resource of the table, so later requests take their entities from it.
+    let cache = EntityCache::new(64);
     for agent in 0..3 {
         for action in 0..=ACTIONS.len() {
             for resource in 0..20 {
                 for (method, intent) in [(true, false), (false, true)] {
                     for tokens in [None, Some(10), Some(u64::MAX)] {
                         for tool_calls in [None, Some(1)] {
-                            let request = build_request(&RequestSpec {
+                            let spec = RequestSpec {
                                 agent,
                                 action,
                                 resource,
@@ -331,8 +347,15 @@ fn preselection_agrees_on_every_policy_form_and_request_shape() {
                                 intent,
                                 tokens,
                                 tool_calls,
-                            });
+                            };
+                            let request = build_request(&spec);
                             let decision = assert_same(&set, &request);
+                            let cached = build_request_with(&spec, Some(&cache));
+                            assert_eq!(
+                                set.decide(&cached),
+                                decision,
+                                "the entity cache changed the decision for {spec:?}"
+                            );
                             decisions += 1;
                             seen.insert(match decision.verdict {
                                 Verdict::Permit { .. } => "permit",

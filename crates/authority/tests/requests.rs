@@ -2,8 +2,8 @@
 //! checked and canonical; a request names a resource of its capability's kind.
 
 use ice_authority::{
-    ArgumentProblem, DecisionKind, PolicySet, PolicySource, Registry, Request, RequestError,
-    Resource, ResourceKind, Schema,
+    ArgumentProblem, DecisionKind, EntityCache, PolicySet, PolicySource, Registry, Request,
+    RequestError, Resource, ResourceKind, Schema,
 };
 use ice_kernel::RunId;
 use proptest::prelude::*;
@@ -378,4 +378,49 @@ fn agent_ids_and_intents_are_checked() {
         Request::builder(&run(), "a", "FS.READ", path()).build(&registry),
         Err(RequestError::Capability(_))
     ));
+}
+
+/// The entity cache is keyed by the whole resource: a file and a directory of the same name
+/// (the same Cedar entity id) each get their own entity, with their own type and ancestors,
+/// and the cache stays within its capacity.
+#[test]
+fn the_entity_cache_keeps_resources_of_one_name_apart_and_stays_bounded() {
+    let schema = Schema::ice().expect("schema");
+    let set = PolicySet::from_sources(
+        &[PolicySource {
+            name: "p.cedar".into(),
+            text: "permit(principal, action, resource in Dir::\".\") when { resource.path == \"src/a\" };".into(),
+        }],
+        &schema,
+    )
+    .expect("policy loads");
+    let registry = Registry::standard();
+    let cache = EntityCache::new(2);
+    let decide = |capability: &str, resource: Resource| {
+        let request = Request::builder(&run(), "coder", capability, resource)
+            .entity_cache(&cache)
+            .build(&registry)
+            .expect("request builds");
+        set.decide(&request).kind()
+    };
+    for _ in 0..2 {
+        assert_eq!(
+            decide("fs.list", Resource::dir("src/a").expect("dir")),
+            DecisionKind::Permit
+        );
+        assert_eq!(
+            decide("fs.read", Resource::path("src/a").expect("path")),
+            DecisionKind::Permit
+        );
+    }
+    assert_eq!(cache.len(), 2);
+    assert_eq!(
+        decide("fs.read", Resource::path("src/b").expect("path")),
+        DecisionKind::Deny
+    );
+    assert!(cache.len() <= 2, "the cache grew past its capacity");
+    assert_eq!(
+        decide("fs.read", Resource::path("src/a").expect("path")),
+        DecisionKind::Permit
+    );
 }

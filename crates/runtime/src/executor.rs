@@ -544,7 +544,8 @@ impl Ctx<'_> {
         let builder = Request::builder(&self.run, agent, &capability, resource.clone())
             .intent(&r.intent)
             .arguments(&policy_args)
-            .budget_left(live.books.budget.left());
+            .budget_left(live.books.budget.left())
+            .entity_cache(&self.rt.entities);
         let built = act::classed(builder, &target).build(&self.rt.registry);
         let request = match built {
             Ok(q) => q,

@@ -124,6 +124,8 @@ pub struct Runtime {
     pub(crate) ledger: Arc<Ledger>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) registry: Arc<Registry>,
+    /// Resources' Cedar entities, built once and shared by every run's requests.
+    pub(crate) entities: Arc<ice_authority::EntityCache>,
     pub(crate) schema: Arc<Schema>,
     pub(crate) install: Installation,
     /// This process's name as a run writer on a shared log (host, process, random).
@@ -149,6 +151,7 @@ impl Runtime {
             ledger,
             clock,
             registry: Arc::new(Registry::standard()),
+            entities: Arc::default(),
             schema: Arc::new(schema),
             install,
             node: node_id(),

@@ -1358,7 +1358,8 @@ impl<'a> Drive<'a> {
         let builder = Request::builder(&self.run, &self.agent, &r.capability, resource)
             .intent(&r.intent)
             .arguments(&args)
-            .budget_left(self.books.budget.left());
+            .budget_left(self.books.budget.left())
+            .entity_cache(&self.rt.entities);
         let request = match act::classed(builder, target).build(&self.rt.registry) {
             Ok(q) => q,
             Err(_) => return Expect::Denied(DenialCode::InvalidTarget),
