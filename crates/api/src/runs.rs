@@ -204,7 +204,16 @@ struct ReasonBody {
     reason: String,
 }
 
-/// `POST /runs/{run}/kill {"reason"}`: the runtime's kill, as the operator.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct KillBody {
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    abandon_commit: bool,
+}
+
+/// `POST /runs/{run}/kill {"reason", "abandon_commit"}`: the runtime's kill, as the operator.
 pub(crate) async fn kill(
     State(s): State<Shared>,
     Extension(Operator(operator)): Extension<Operator>,
@@ -213,9 +222,25 @@ pub(crate) async fn kill(
     body: Body,
 ) -> Result<Response, ApiError> {
     let run = run_id(&run)?;
-    let b: ReasonBody = read_json(&headers, body).await?.unwrap_or_default();
-    let killed = s.runtime.kill(&run, &operator, &b.reason, &Quiet).await?;
+    let b: KillBody = read_json(&headers, body).await?.unwrap_or_default();
+    let killed = if b.abandon_commit {
+        s.runtime
+            .kill_abandoning_commit(&run, &operator, &b.reason, &Quiet)
+            .await?
+    } else {
+        s.runtime.kill(&run, &operator, &b.reason, &Quiet).await?
+    };
     let state = killed.state;
+    if let Some(kept) = &killed.commit_abandoned {
+        let _ = crate::audit::sign_checkpoint(&s).await;
+        return Ok(ok(json!({
+            "run": run.as_str(),
+            "state": state.name(),
+            "killed": true,
+            "commit_abandoned": kept.display().to_string(),
+            "detail": "the run's commit had passed its commit point and could not be completed: it was abandoned and the run terminated; the workspace may hold part of it",
+        })));
+    }
     if let Some(n) = killed.commit_completed {
         let _ = crate::audit::sign_checkpoint(&s).await;
         return Ok(ok(json!({

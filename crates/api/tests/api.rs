@@ -714,9 +714,22 @@ async fn deny_kill_and_reconfigure_are_the_operators() {
         .find(|e| e["type"] == "RunKillRequested")
         .unwrap();
     assert_eq!(kill["origin"], "operator:alice");
-    // A terminated run cannot be killed again, nor reconfigured.
+    // A terminated run cannot be killed again (abandoning a commit or not), nor reconfigured;
+    // a body with a field the operation does not take is refused before anything is done.
     let (status, v) = api.post(&format!("/runs/{run}/kill"), json!({})).await;
     assert_eq!(status, 409, "{v}");
+    let (status, v) = api
+        .post(
+            &format!("/runs/{run}/kill"),
+            json!({"reason": "again", "abandon_commit": true}),
+        )
+        .await;
+    assert_eq!(status, 409, "{v}");
+    let (status, v) = api
+        .post(&format!("/runs/{run}/kill"), json!({"abandon": true}))
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v.to_string().contains("abandon"), "{v}");
     let (status, v) = api
         .post(&format!("/runs/{run}/reconfigure"), json!({"reason": "x"}))
         .await;

@@ -104,6 +104,12 @@ pub struct KillArgs {
     /// Why (recorded).
     #[arg(long, default_value = "")]
     reason: String,
+    /// If the run stopped past its commit point and its commit cannot be completed (its
+    /// workspace is gone, say), give the commit up: the run is terminated with a record of
+    /// the failure and of every change the commit named (the workspace may hold any part of
+    /// them), and its stage is kept in the run's directory.
+    #[arg(long)]
+    abandon_commit: bool,
 }
 
 /// The operator's name for the record: `--operator` as given (a name the record cannot carry
@@ -486,11 +492,21 @@ pub async fn kill(home: &Path, url: Option<&str>, a: KillArgs) -> Result<u8> {
     let run = RunId::new(a.run.clone()).map_err(|e| anyhow!("run {:?}: {e}", a.run))?;
     let (h, rt) = runtime(home, url).await?;
     let progress = Progress { on: false };
-    let killed = rt
-        .kill(&run, &operator(&a.operator)?, &a.reason, &progress)
-        .await?;
+    let operator = operator(&a.operator)?;
+    let killed = if a.abandon_commit {
+        rt.kill_abandoning_commit(&run, &operator, &a.reason, &progress)
+            .await?
+    } else {
+        rt.kill(&run, &operator, &a.reason, &progress).await?
+    };
     let state = killed.state;
-    if let Some(n) = killed.commit_completed {
+    if let Some(kept) = &killed.commit_abandoned {
+        println!(
+            "run {run} killed: {state}; its commit had passed the commit point and could not be completed, so it was abandoned (the workspace may hold part of it; `ice log --run {run}` lists its changes); its stage is kept at {}",
+            kept.display()
+        );
+        seal_with_checkpoint(&h, &rt, false).await?;
+    } else if let Some(n) = killed.commit_completed {
         println!(
             "run {run} was not killed: its commit had passed the commit point when its process stopped, so it was completed ({n} change(s) applied) and recorded: {state}"
         );

@@ -447,6 +447,77 @@ fn killing_a_run_stopped_past_its_commit_point_completes_the_commit() {
 }
 
 #[test]
+fn a_commit_that_cannot_be_completed_is_abandoned_only_when_the_operator_says_so() {
+    // Stopped past its commit point; then its workspace disappears, so the commit can be
+    // neither completed nor undone.
+    let (_dir, home, qs) = killed_in_commit("1");
+    std::fs::remove_dir_all(qs.join("workspace")).unwrap();
+    let o = ice(&home, &["kill", "quickstart", "--reason", "stop"]);
+    assert_ne!(code(&o), 0, "{}", text(&o));
+    assert!(
+        text(&o).contains("cannot be aborted") && text(&o).contains("--abandon-commit"),
+        "{}",
+        text(&o)
+    );
+    let types = run_types(&home);
+    assert!(!types.contains(&"RunTerminated".to_string()), "{types:?}");
+    assert_eq!(code(&ice(&home, &["verify"])), 0);
+
+    let o = ice(
+        &home,
+        &["kill", "quickstart", "--reason", "gone", "--abandon-commit"],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(text(&o).contains("abandoned"), "{}", text(&o));
+    let types = run_types(&home);
+    assert!(
+        types.contains(&"RunTerminatedByRuntime".to_string()),
+        "{types:?}"
+    );
+    assert!(!types.contains(&"RunCommitted".to_string()), "{types:?}");
+    assert!(!types.contains(&"RunAborted".to_string()), "{types:?}");
+    assert_eq!(types.last().map(String::as_str), Some("RunTerminated"));
+    // The record names every change the commit would have made, and the stage is kept.
+    let o = ice(
+        &home,
+        &[
+            "log",
+            "--run",
+            "quickstart",
+            "--type",
+            "RunTerminatedByRuntime",
+            "--json",
+        ],
+    );
+    let e: Value = serde_json::from_slice(o.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    let abandoned = &e["payload"]["abandoned_commit"];
+    let paths: Vec<&str> = abandoned["changes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{e}"))
+        .iter()
+        .map(|c| c["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["b.txt", "c.txt", "hello.txt"], "{e}");
+    let kept = PathBuf::from(abandoned["kept_at"].as_str().unwrap());
+    assert!(kept.starts_with(home.join("runs")), "{kept:?}");
+    assert!(kept.join("journal.json").exists(), "{kept:?}");
+    assert!(!home.join("runs/quickstart/stage").exists());
+    assert_eq!(code(&ice(&home, &["verify"])), 0);
+    // The record replays as it was written, re-driven decisions included.
+    for args in [
+        &["replay", "quickstart"][..],
+        &["replay", "--drive", "quickstart"][..],
+    ] {
+        let o = ice(&home, args);
+        assert_eq!(code(&o), 0, "{args:?}: {}", text(&o));
+    }
+    // Ended: nothing more to kill.
+    let o = ice(&home, &["kill", "quickstart", "--abandon-commit"]);
+    assert_ne!(code(&o), 0, "{}", text(&o));
+    assert!(text(&o).contains("already ended"), "{}", text(&o));
+}
+
+#[test]
 fn bad_run_specs_and_plans_are_refused_with_file_and_line() {
     let (_dir, home, qs) = setup(1);
     std::fs::write(

@@ -46,8 +46,8 @@ pub use mcp::{
     hint_from_annotations,
 };
 pub use staging::{
-    Change, ChangeKind, CommitPoint, CommitReport, Materialized, Recovery, Stage, StageError,
-    StagedEffect, StagedOp, commit_pending, recover, release, roll_forward,
+    AbandonedCommit, Change, ChangeKind, CommitPoint, CommitReport, Materialized, Recovery, Stage,
+    StageError, StagedEffect, StagedOp, abandon, commit_pending, recover, release, roll_forward,
 };
 pub use workspace::{
     Confinement, ConfinementError, Entry, EntryKind, FileRead, FileState, FsError, Listing, Stat,

@@ -1024,6 +1024,50 @@ pub fn release(stage_dir: impl AsRef<Path>) -> Result<(), StageError> {
     }
 }
 
+/// A commit given up by [`abandon`].
+#[derive(Debug)]
+pub struct AbandonedCommit {
+    /// Where the stage directory (journal and staged contents) now is.
+    pub kept_at: PathBuf,
+    /// The changes the journal said the commit applies, or why the journal could not be read.
+    pub changes: Result<Vec<Change>, String>,
+}
+
+/// Give up a commit that passed its commit point and cannot be completed (its workspace is
+/// gone, say): the workspace may hold any part of it. Nothing is deleted: the whole stage
+/// directory, journal and staged contents, is moved (durably) to `keep_as`, which must not
+/// exist, so the operator keeps what the commit would have written and nothing completes it
+/// later by accident. Fails, moving nothing, if no commit is pending.
+pub fn abandon(
+    stage_dir: impl AsRef<Path>,
+    keep_as: impl AsRef<Path>,
+) -> Result<AbandonedCommit, StageError> {
+    let (dir, keep_as) = (stage_dir.as_ref(), keep_as.as_ref());
+    let path = dir.join(JOURNAL);
+    if !path.exists() {
+        return Err(StageError::Journal {
+            path,
+            problem: "no commit is pending: nothing to abandon".to_string(),
+        });
+    }
+    let changes = read_journal(&path)
+        .map(|j| j.changes)
+        .map_err(|e| e.to_string());
+    if keep_as.exists() {
+        return Err(store_err(keep_as, "keep the abandoned commit at")(
+            io::Error::new(io::ErrorKind::AlreadyExists, "the path exists"),
+        ));
+    }
+    std::fs::rename(dir, keep_as).map_err(store_err(keep_as, "move the stage to"))?;
+    for parent in [keep_as.parent(), dir.parent()].into_iter().flatten() {
+        sync_dir(parent)?;
+    }
+    Ok(AbandonedCommit {
+        kept_at: keep_as.to_path_buf(),
+        changes,
+    })
+}
+
 /// [`recover`] without its last step: the journal's changes are applied (again) and the
 /// journal is kept until the caller has recorded the commit and calls [`release`].
 pub fn roll_forward(

@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | CREATED, PROVISIONED, CONTEXT_READY | TERMINATED_BY_RUNTIME → TERMINATED | nothing executed; the state machine has no abort edge here |
 //! | EXECUTING | SUSPENDED (`crash_recovery`) | an operator decides: reconfigure and resume, or kill |
-//! | VALIDATING with a durable commit journal | COMMITTED → TERMINATED | the commit point was passed: roll forward |
+//! | VALIDATING with a durable commit journal | COMMITTED → TERMINATED | the commit point was passed: roll forward (if that fails, the run is reported and left; an operator fixes the cause, or gives the commit up with [`Runtime::kill_abandoning_commit`]) |
 //! | VALIDATING without one | ABORTED → TERMINATED | validation was interrupted; staged writes discarded |
 //! | COMMITTED, ABORTED, TERMINATED_BY_RUNTIME | TERMINATED | teardown finished |
 //! | SUSPENDED | unchanged | already waiting for an operator |
@@ -41,7 +41,7 @@ enum Attach {
 }
 
 /// What [`Runtime::kill`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Killed {
     /// The run's state now: still non-terminal when a live process drives it (it stops the
     /// run before its next step).
@@ -49,6 +49,9 @@ pub struct Killed {
     /// The run's commit had passed its commit point when its process stopped: it could not be
     /// aborted, and was completed (this many changes) and recorded instead.
     pub commit_completed: Option<usize>,
+    /// Such a commit could not be completed and the operator abandoned it
+    /// ([`Runtime::kill_abandoning_commit`]): where its stage directory was kept.
+    pub commit_abandoned: Option<std::path::PathBuf>,
 }
 
 /// What [`Runtime::approval_listing`] finds: the approvals waiting, and the runs it could not
@@ -741,13 +744,41 @@ impl Runtime {
 
     /// Record an operator's request to kill a run. If no process is driving it, the run is
     /// aborted (or terminated) here and now; a run whose commit passed its commit point and
-    /// was interrupted cannot be aborted: its commit is completed instead (and said so).
+    /// was interrupted cannot be aborted: its commit is completed instead (and said so). If
+    /// that commit cannot be completed (its workspace is gone, say), the kill fails and says
+    /// so; [`Runtime::kill_abandoning_commit`] ends such a run anyway.
     pub async fn kill(
         &self,
         run: &RunId,
         operator: &str,
         reason: &str,
         observer: &dyn Observer,
+    ) -> Result<Killed, RuntimeError> {
+        self.kill_with(run, operator, reason, observer, false).await
+    }
+
+    /// [`Runtime::kill`], and if the run's interrupted commit cannot be completed, give it up:
+    /// the run is terminated by the runtime with a record of the failure and of every change
+    /// the commit's journal names (the workspace may hold any part of them), and the stage
+    /// directory, journal and staged contents included, is kept beside the run's directory
+    /// for the operator (`Killed::commit_abandoned`). A commit that can be completed still is.
+    pub async fn kill_abandoning_commit(
+        &self,
+        run: &RunId,
+        operator: &str,
+        reason: &str,
+        observer: &dyn Observer,
+    ) -> Result<Killed, RuntimeError> {
+        self.kill_with(run, operator, reason, observer, true).await
+    }
+
+    async fn kill_with(
+        &self,
+        run: &RunId,
+        operator: &str,
+        reason: &str,
+        observer: &dyn Observer,
+        abandon: bool,
     ) -> Result<Killed, RuntimeError> {
         let books = self.books(run).await?;
         if !books.state().is_non_terminal() {
@@ -772,13 +803,30 @@ impl Runtime {
                 let mut g = ctx.live.lock().await;
                 let live = &mut *g;
                 let detail = crate::executor::kill_detail(&format!("operator:{operator}"), reason);
-                if live.books.state() == RunState::Validating
-                    && let Some(changes) = ctx.complete_interrupted_commit(live).await?
-                {
-                    return Ok(Killed {
-                        state: live.books.state(),
-                        commit_completed: Some(changes),
-                    });
+                if live.books.state() == RunState::Validating {
+                    match ctx.complete_interrupted_commit(live).await {
+                        Ok(Some(changes)) => {
+                            return Ok(Killed {
+                                state: live.books.state(),
+                                commit_completed: Some(changes),
+                                commit_abandoned: None,
+                            });
+                        }
+                        Ok(None) => {}
+                        Err(e) if abandon => {
+                            let kept = ctx.abandon_commit(live, &detail, &e).await?;
+                            return Ok(Killed {
+                                state: live.books.state(),
+                                commit_completed: None,
+                                commit_abandoned: Some(kept),
+                            });
+                        }
+                        Err(e) => {
+                            return Err(RuntimeError::Io(format!(
+                                "run {run} passed its commit point, so it cannot be aborted, and its commit could not be completed: {e}. Fix the cause and kill it again, or give the commit up with `ice kill {run} --abandon-commit` (the workspace may then hold part of it)"
+                            )));
+                        }
+                    }
                 }
                 match live.books.state() {
                     RunState::Executing | RunState::Suspended | RunState::Validating => {
@@ -792,12 +840,14 @@ impl Runtime {
                 Ok(Killed {
                     state: live.books.state(),
                     commit_completed: None,
+                    commit_abandoned: None,
                 })
             }
             // A live process drives it: it sees the request before its next step.
             Err(RuntimeError::Busy(_)) => Ok(Killed {
                 state: books.state(),
                 commit_completed: None,
+                commit_abandoned: None,
             }),
             Err(e) => Err(e),
         }
@@ -1018,6 +1068,14 @@ impl Runtime {
             let detail = match detail {
                 Ok(d) if d.is_empty() => continue,
                 Ok(d) => d,
+                Err(e)
+                    if state == RunState::Validating
+                        && ice_effects::commit_pending(&live.stage.dir) =>
+                {
+                    format!(
+                        "not recovered: its commit passed its commit point and could not be completed: {e}; fix the cause, or give the commit up with `ice kill {run} --abandon-commit`"
+                    )
+                }
                 Err(e) => format!("not recovered: {e}"),
             };
             out.push(Recovered {
@@ -1277,6 +1335,63 @@ impl Session<'_> {
 }
 
 impl Ctx<'_> {
+    /// Give up an interrupted commit that could not be completed (`failure`): keep its stage
+    /// directory beside the run's directory, record what the journal says the commit would
+    /// have applied, and terminate the run. Returns where the stage was kept.
+    pub(crate) async fn abandon_commit(
+        &self,
+        live: &mut Live,
+        detail: &str,
+        failure: &RuntimeError,
+    ) -> Result<std::path::PathBuf, RuntimeError> {
+        let run_dir = self.rt.run_dir(&self.run);
+        let keep_as = (1..)
+            .map(|n| match n {
+                1 => run_dir.join("abandoned-commit"),
+                n => run_dir.join(format!("abandoned-commit-{n}")),
+            })
+            .find(|p| !p.exists())
+            .unwrap_or_else(|| run_dir.join("abandoned-commit"));
+        live.stage.stage = None;
+        let abandoned = ice_effects::abandon(&live.stage.dir, &keep_as)
+            .map_err(|e| RuntimeError::Io(format!("abandoning the commit: {e}")))?;
+        let changes = match &abandoned.changes {
+            Ok(changes) => Value::Array(
+                changes
+                    .iter()
+                    .map(|c| {
+                        json!({
+                            "path": c.path,
+                            "change": c.kind.as_str(),
+                            "before": c.before.map(|s| s.digest.to_hex()),
+                            "after": c.after.map(|s| s.digest.to_hex()),
+                        })
+                    })
+                    .collect(),
+            ),
+            Err(problem) => Value::String(format!("the journal could not be read: {problem}")),
+        };
+        let p = json!({
+            "reason": format!(
+                "{detail}; the commit had passed its commit point and could not be completed ({failure}); the operator abandoned it: the workspace may hold any part of the changes listed"
+            ),
+            "abandoned_commit": {
+                "failure": failure.to_string(),
+                "changes": changes,
+                "kept_at": abandoned.kept_at.display().to_string(),
+            },
+        });
+        self.append(live, |_| {
+            vec![
+                Draft::new(EventType::RunTerminatedByRuntime.name(), Origin::Runtime)
+                    .payload(p.clone()),
+            ]
+        })
+        .await?;
+        self.teardown(live, "terminated by runtime").await?;
+        Ok(abandoned.kept_at)
+    }
+
     pub(crate) async fn terminate_by_runtime(
         &self,
         live: &mut Live,

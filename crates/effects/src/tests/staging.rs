@@ -659,3 +659,32 @@ fn a_truncated_stage_forgets_the_later_ops() {
     assert_eq!(std::fs::read(s.ws.join("a.txt")).unwrap(), b"first");
     assert_eq!(std::fs::read(s.ws.join("b.txt")).unwrap(), b"old b");
 }
+
+#[test]
+fn an_abandoned_commit_is_moved_aside_whole_and_never_rolled_forward() {
+    let (s, mut stage) = setup();
+    stage_some(&mut stage);
+    let report = stage.apply_with_hook(&mut |_| {}).unwrap();
+    let keep = s.stage_dir().with_file_name("kept");
+    // The place to keep it must be free; nothing moves otherwise.
+    std::fs::create_dir(&keep).unwrap();
+    std::fs::write(keep.join("x"), b"x").unwrap();
+    assert!(crate::abandon(s.stage_dir(), &keep).is_err());
+    assert!(crate::commit_pending(s.stage_dir()));
+    std::fs::remove_dir_all(&keep).unwrap();
+    let abandoned = crate::abandon(s.stage_dir(), &keep).unwrap();
+    assert_eq!(abandoned.kept_at, keep);
+    assert_eq!(abandoned.changes.unwrap(), report.changes);
+    assert!(!s.stage_dir().exists());
+    assert!(!crate::commit_pending(s.stage_dir()));
+    assert!(crate::commit_pending(&keep), "the journal is kept");
+    let ws = Workspace::open(&s.ws).unwrap();
+    assert_eq!(
+        recover(s.stage_dir(), &ws).unwrap(),
+        Recovery::NothingPending
+    );
+    // With no commit pending there is nothing to abandon.
+    let err = crate::abandon(s.stage_dir(), s.stage_dir().with_file_name("k2")).unwrap_err();
+    assert!(err.to_string().contains("no commit is pending"), "{err}");
+    assert!(!s.stage_dir().with_file_name("k2").exists());
+}
