@@ -458,28 +458,53 @@ impl ResourceEntity {
 /// Resource entities built for earlier requests, so a request on a resource named recently
 /// skips building its entity set again (Cedar computes the set's transitive closure, the
 /// largest part of building a request). An entity depends on its resource alone, so one cache
-/// may serve every run; at its capacity it starts again empty, which bounds its memory.
+/// may serve every run. Its memory is bounded by entries and by bytes: an entity over
+/// [`EntityCache::MAX_ENTRY_BYTES`] (a deep path names many ancestors, each with its whole
+/// path) is built for its request and not kept, and at either limit the cache starts again
+/// empty.
 #[derive(Debug)]
 pub struct EntityCache {
-    map: Mutex<HashMap<Resource, Arc<ResourceEntity>>>,
+    inner: Mutex<CacheInner>,
     capacity: usize,
+    max_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct CacheInner {
+    map: HashMap<Resource, Arc<ResourceEntity>>,
+    bytes: usize,
+}
+
+impl ResourceEntity {
+    /// What keeping it costs, roughly: its ids (each ancestor's id is in the entity's parents
+    /// and in the anchors) and a fixed overhead per entity.
+    fn weight(&self) -> usize {
+        256 + 2 * self.anchors.iter().map(|a| a.len() + 64).sum::<usize>()
+    }
 }
 
 impl EntityCache {
-    /// A cache of at most `capacity` resources (at least 1).
-    pub fn new(capacity: usize) -> EntityCache {
+    /// The largest entity kept, in [`ResourceEntity::weight`] bytes.
+    pub const MAX_ENTRY_BYTES: usize = 64 * 1024;
+
+    /// A cache of at most `capacity` resources (at least 1) and about `max_bytes` bytes.
+    pub fn new(capacity: usize, max_bytes: usize) -> EntityCache {
         EntityCache {
-            map: Mutex::new(HashMap::new()),
+            inner: Mutex::new(CacheInner::default()),
             capacity: capacity.max(1),
+            max_bytes,
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
+        // A panic elsewhere while the lock was held leaves the map and its byte count as they
+        // were or updated together: still sound, so a poisoned lock is taken as it is.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// How many resources it holds.
     pub fn len(&self) -> usize {
-        self.map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.lock().map.len()
     }
 
     /// Whether it holds none.
@@ -487,32 +512,46 @@ impl EntityCache {
         self.len() == 0
     }
 
+    /// About how many bytes its entities take.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
     fn get_or_build(&self, resource: &Resource) -> Result<Arc<ResourceEntity>, RequestError> {
-        // A panic elsewhere while the lock was held leaves only built entries or none: the map
-        // is still sound, so a poisoned lock is taken as it is.
-        if let Some(hit) = self
-            .map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(resource)
-        {
+        if let Some(hit) = self.lock().map.get(resource) {
             return Ok(hit.clone());
         }
         // Built outside the lock: two requests building the same entity at once both succeed.
         let built = Arc::new(ResourceEntity::build(resource)?);
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        if map.len() >= self.capacity {
-            map.clear();
+        let weight = built.weight();
+        if weight > Self::MAX_ENTRY_BYTES || weight > self.max_bytes {
+            return Ok(built);
         }
-        map.insert(resource.clone(), built.clone());
+        let dropped = {
+            let mut inner = self.lock();
+            let full = inner.map.len() >= self.capacity || inner.bytes + weight > self.max_bytes;
+            let dropped = if full {
+                inner.bytes = 0;
+                std::mem::take(&mut inner.map)
+            } else {
+                HashMap::new()
+            };
+            if let Some(old) = inner.map.insert(resource.clone(), built.clone()) {
+                inner.bytes = inner.bytes.saturating_sub(old.weight());
+            }
+            inner.bytes += weight;
+            dropped
+        };
+        // Freed after the lock is let go.
+        drop(dropped);
         Ok(built)
     }
 }
 
 impl Default for EntityCache {
-    /// A cache of 4096 resources.
+    /// A cache of 4096 resources and about 16 MiB.
     fn default() -> EntityCache {
-        EntityCache::new(4096)
+        EntityCache::new(4096, 16 << 20)
     }
 }
 

@@ -288,7 +288,7 @@ proptest! {
     ) {
         let set = load_valid(&policies);
         // Small, so it fills and starts again within a case.
-        let cache = EntityCache::new(3);
+        let cache = EntityCache::new(3, 1 << 20);
         for spec in &requests {
             let request = build_request(spec);
             let fast = set.decide(&request);
@@ -332,7 +332,7 @@ fn preselection_agrees_on_every_policy_form_and_request_shape() {
     let mut seen = HashSet::new();
     let mut decisions = 0;
     // Holds every resource of the table, so later requests take their entities from it.
-    let cache = EntityCache::new(64);
+    let cache = EntityCache::new(64, 1 << 20);
     for agent in 0..3 {
         for action in 0..=ACTIONS.len() {
             for resource in 0..20 {

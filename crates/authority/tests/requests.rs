@@ -395,7 +395,7 @@ fn the_entity_cache_keeps_resources_of_one_name_apart_and_stays_bounded() {
     )
     .expect("policy loads");
     let registry = Registry::standard();
-    let cache = EntityCache::new(2);
+    let cache = EntityCache::new(2, 1 << 20);
     let decide = |capability: &str, resource: Resource| {
         let request = Request::builder(&run(), "coder", capability, resource)
             .entity_cache(&cache)
@@ -423,4 +423,42 @@ fn the_entity_cache_keeps_resources_of_one_name_apart_and_stays_bounded() {
         decide("fs.read", Resource::path("src/a").expect("path")),
         DecisionKind::Permit
     );
+}
+
+/// An agent chooses its paths: a deep one (each ancestor's id holds its whole path) is built
+/// for its request and not kept, and the cache's bytes stay within its bound.
+#[test]
+fn the_entity_cache_keeps_neither_huge_entities_nor_more_than_its_bytes() {
+    let schema = Schema::ice().expect("schema");
+    let set = PolicySet::from_sources(
+        &[PolicySource {
+            name: "p.cedar".into(),
+            text: "permit(principal, action, resource in Dir::\"a/a\");".into(),
+        }],
+        &schema,
+    )
+    .expect("policy loads");
+    let registry = Registry::standard();
+    let cache = EntityCache::new(100, 2_000);
+    let decide = |path: &str| {
+        let request = Request::builder(
+            &run(),
+            "coder",
+            "fs.read",
+            Resource::path(path).expect("path"),
+        )
+        .entity_cache(&cache)
+        .build(&registry)
+        .expect("request builds");
+        set.decide(&request).kind()
+    };
+    let deep = format!("{}f", "a/".repeat(1_500));
+    assert_eq!(decide(&deep), DecisionKind::Permit);
+    assert!(cache.is_empty(), "a huge entity was kept");
+    for i in 0..20 {
+        assert_eq!(decide(&format!("a/a/{i}")), DecisionKind::Permit);
+        assert_eq!(decide(&format!("b/{i}")), DecisionKind::Deny);
+        assert!(!cache.is_empty());
+        assert!(cache.bytes() <= 2_000, "{} bytes", cache.bytes());
+    }
 }
