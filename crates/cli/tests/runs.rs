@@ -266,8 +266,18 @@ fn killed_in_commit(pause_after: &str) -> (tempfile::TempDir, PathBuf, PathBuf) 
 
 /// Run the quickstart spec with the test hook `env` set, and SIGKILL it once it says `marker`.
 fn kill_when_paused(home: &Path, qs: &Path, env: (&str, &str), marker: &str) {
+    sigkill_when_paused(
+        home,
+        &["run", qs.join("run.toml").to_str().unwrap()],
+        env,
+        marker,
+    );
+}
+
+/// Run `ice ARGS` with the test hook `env` set, and SIGKILL it once it says `marker`.
+fn sigkill_when_paused(home: &Path, args: &[&str], env: (&str, &str), marker: &str) {
     let mut child = ice_cmd(home)
-        .args(["run", qs.join("run.toml").to_str().unwrap()])
+        .args(args)
         .env(env.0, env.1)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -463,12 +473,29 @@ fn a_commit_that_cannot_be_completed_is_abandoned_only_when_the_operator_says_so
     assert!(!types.contains(&"RunTerminated".to_string()), "{types:?}");
     assert_eq!(code(&ice(&home, &["verify"])), 0);
 
-    let o = ice(
+    // The operator gives the commit up, and that process is SIGKILLed once the run's end is
+    // recorded, before its teardown: the stage (journal included) is still where it was.
+    sigkill_when_paused(
         &home,
         &["kill", "quickstart", "--reason", "gone", "--abandon-commit"],
+        ("ICE_TEST_PAUSE_BEFORE_TEARDOWN", "1"),
+        "paused before teardown",
     );
-    assert_eq!(code(&o), 0, "{}", text(&o));
-    assert!(text(&o).contains("abandoned"), "{}", text(&o));
+    let types = run_types(&home);
+    assert_eq!(
+        types.last().map(String::as_str),
+        Some("RunTerminatedByRuntime")
+    );
+    assert!(home.join("runs/quickstart/stage/journal.json").exists());
+    // Start-up recovery (before the next run, in a workspace made anew) finishes the
+    // teardown, and keeps the stage rather than deleting it.
+    std::fs::create_dir(qs.join("workspace")).unwrap();
+    let o = ice(&home, &["run", qs.join("runaway.toml").to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("recovered run quickstart"),
+        "{}",
+        text(&o)
+    );
     let types = run_types(&home);
     assert!(
         types.contains(&"RunTerminatedByRuntime".to_string()),
@@ -503,6 +530,19 @@ fn a_commit_that_cannot_be_completed_is_abandoned_only_when_the_operator_says_so
     assert!(kept.join("journal.json").exists(), "{kept:?}");
     assert!(!home.join("runs/quickstart/stage").exists());
     assert_eq!(code(&ice(&home, &["verify"])), 0);
+    // `ice diff` shows the changes as abandoned (the workspace may hold them), not discarded,
+    // with their content from the kept stage.
+    let o = ice(&home, &["diff", "quickstart", "--json"]);
+    let diff: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|_| panic!("{}", text(&o)));
+    let statuses: Vec<&str> = diff
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["abandoned"; 3], "{diff}");
+    let o = ice(&home, &["diff", "quickstart"]);
+    assert!(text(&o).contains("hello, governed world"), "{}", text(&o));
     // The record replays as it was written, re-driven decisions included.
     for args in [
         &["replay", "quickstart"][..],

@@ -47,7 +47,8 @@ pub use mcp::{
 };
 pub use staging::{
     AbandonedCommit, Change, ChangeKind, CommitPoint, CommitReport, Materialized, Recovery, Stage,
-    StageError, StagedEffect, StagedOp, abandon, commit_pending, recover, release, roll_forward,
+    StageError, StagedEffect, StagedOp, abandon, commit_pending, pending_changes, recover, release,
+    roll_forward,
 };
 pub use workspace::{
     Confinement, ConfinementError, Entry, EntryKind, FileRead, FileState, FsError, Listing, Stat,

@@ -1033,11 +1033,25 @@ pub struct AbandonedCommit {
     pub changes: Result<Vec<Change>, String>,
 }
 
+/// The changes of the commit pending in a stage directory, as its journal names them, without
+/// applying anything. Fails if no commit is pending or its journal cannot be read.
+pub fn pending_changes(stage_dir: impl AsRef<Path>) -> Result<Vec<Change>, StageError> {
+    let path = stage_dir.as_ref().join(JOURNAL);
+    if !path.exists() {
+        return Err(StageError::Journal {
+            path,
+            problem: "no commit is pending".to_string(),
+        });
+    }
+    read_journal(&path).map(|j| j.changes)
+}
+
 /// Give up a commit that passed its commit point and cannot be completed (its workspace is
 /// gone, say): the workspace may hold any part of it. Nothing is deleted: the whole stage
 /// directory, journal and staged contents, is moved (durably) to `keep_as`, which must not
 /// exist, so the operator keeps what the commit would have written and nothing completes it
-/// later by accident. Fails, moving nothing, if no commit is pending.
+/// later by accident. Fails before moving anything if no commit is pending or `keep_as`
+/// exists; a failure to sync the directories after the move is reported, the move stands.
 pub fn abandon(
     stage_dir: impl AsRef<Path>,
     keep_as: impl AsRef<Path>,

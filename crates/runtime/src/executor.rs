@@ -2004,6 +2004,7 @@ impl Ctx<'_> {
             eprintln!("ICE_TEST: paused before teardown ({outcome})");
             std::thread::sleep(std::time::Duration::from_secs(3600));
         }
+        let committed = live.books.state() == RunState::Committed;
         let released = json!({"stage": "released"});
         let done = json!({"outcome": outcome, "projection": live.books.projection()});
         self.append(live, |_| {
@@ -2013,7 +2014,17 @@ impl Ctx<'_> {
             ]
         })
         .await?;
-        live.stage.remove_store();
+        if !committed && ice_effects::commit_pending(&live.stage.dir) {
+            // A commit journal outlives only a commit given up by an operator
+            // (`abandon_commit`): what it would have written is kept, never deleted.
+            live.stage.stage = None;
+            let keep_as = abandoned_stage_dir(&self.rt.run_dir(&self.run));
+            // If it cannot be moved, it stays where it is: kept all the same, and nothing
+            // rolls a terminated run's journal forward.
+            let _ = ice_effects::abandon(&live.stage.dir, &keep_as);
+        } else {
+            live.stage.remove_store();
+        }
         Ok(())
     }
 
@@ -2120,20 +2131,40 @@ impl Ctx<'_> {
         &self,
         live: &mut Live,
     ) -> Result<Option<usize>, RuntimeError> {
-        if !ice_effects::commit_pending(&live.stage.dir) {
-            return Ok(None);
+        match self.try_complete_interrupted_commit(live).await? {
+            Completion::Done(n) => Ok(n),
+            Completion::CannotApply(e) => Err(e),
         }
-        let ws = ice_effects::Workspace::open(&live.spec.workspace)
-            .map_err(|e| RuntimeError::Io(format!("workspace: {e}")))?;
-        match ice_effects::roll_forward(&live.stage.dir, &ws)
-            .map_err(|e| RuntimeError::Io(format!("recovery: {e}")))?
-        {
-            ice_effects::Recovery::RolledForward { changes } => {
+    }
+
+    /// [`Ctx::complete_interrupted_commit`], telling apart a commit whose changes cannot be
+    /// applied (its workspace is gone, say: only an operator can give it up) from any later
+    /// failure, when the changes are applied and only their record failed.
+    pub(crate) async fn try_complete_interrupted_commit(
+        &self,
+        live: &mut Live,
+    ) -> Result<Completion, RuntimeError> {
+        if !ice_effects::commit_pending(&live.stage.dir) {
+            return Ok(Completion::Done(None));
+        }
+        let ws = match ice_effects::Workspace::open(&live.spec.workspace) {
+            Ok(ws) => ws,
+            Err(e) => {
+                return Ok(Completion::CannotApply(RuntimeError::Io(format!(
+                    "workspace: {e}"
+                ))));
+            }
+        };
+        match ice_effects::roll_forward(&live.stage.dir, &ws) {
+            Err(e) => Ok(Completion::CannotApply(RuntimeError::Io(format!(
+                "recovery: {e}"
+            )))),
+            Ok(ice_effects::Recovery::RolledForward { changes }) => {
                 live.stage.stage = None;
                 self.record_commit(live, &changes, true).await?;
-                Ok(Some(changes.len()))
+                Ok(Completion::Done(Some(changes.len())))
             }
-            ice_effects::Recovery::NothingPending => Ok(None),
+            Ok(ice_effects::Recovery::NothingPending) => Ok(Completion::Done(None)),
         }
     }
 
@@ -2345,4 +2376,24 @@ pub(crate) async fn report(
         limits: *books.budget.limits(),
         books,
     })
+}
+
+/// What completing an interrupted commit came to.
+pub(crate) enum Completion {
+    /// Completed and recorded (this many changes), or none was pending.
+    Done(Option<usize>),
+    /// Its changes cannot be applied: why.
+    CannotApply(RuntimeError),
+}
+
+/// Where an abandoned commit's stage is kept: `abandoned-commit` in the run's directory (or
+/// `abandoned-commit-N`, the first that is free).
+pub(crate) fn abandoned_stage_dir(run_dir: &std::path::Path) -> std::path::PathBuf {
+    (1..10_000)
+        .map(|n| match n {
+            1 => run_dir.join("abandoned-commit"),
+            n => run_dir.join(format!("abandoned-commit-{n}")),
+        })
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| run_dir.join("abandoned-commit-last"))
 }

@@ -29,7 +29,7 @@ use tokio::sync::Mutex;
 
 use crate::act::Staging;
 use crate::books::Books;
-use crate::executor::{Ctx, Live, PolicyStamp, RunOutcome, RunReport, report};
+use crate::executor::{Completion, Ctx, Live, PolicyStamp, RunOutcome, RunReport, report};
 use crate::spec::{Assumption, BudgetSpec, RunSpec};
 use crate::{Observer, Runtime, RuntimeError};
 
@@ -804,16 +804,16 @@ impl Runtime {
                 let live = &mut *g;
                 let detail = crate::executor::kill_detail(&format!("operator:{operator}"), reason);
                 if live.books.state() == RunState::Validating {
-                    match ctx.complete_interrupted_commit(live).await {
-                        Ok(Some(changes)) => {
+                    match ctx.try_complete_interrupted_commit(live).await? {
+                        Completion::Done(Some(changes)) => {
                             return Ok(Killed {
                                 state: live.books.state(),
                                 commit_completed: Some(changes),
                                 commit_abandoned: None,
                             });
                         }
-                        Ok(None) => {}
-                        Err(e) if abandon => {
+                        Completion::Done(None) => {}
+                        Completion::CannotApply(e) if abandon => {
                             let kept = ctx.abandon_commit(live, &detail, &e).await?;
                             return Ok(Killed {
                                 state: live.books.state(),
@@ -821,10 +821,14 @@ impl Runtime {
                                 commit_abandoned: Some(kept),
                             });
                         }
-                        Err(e) => {
-                            return Err(RuntimeError::Io(format!(
-                                "run {run} passed its commit point, so it cannot be aborted, and its commit could not be completed: {e}. Fix the cause and kill it again, or give the commit up with `ice kill {run} --abandon-commit` (the workspace may then hold part of it)"
-                            )));
+                        Completion::CannotApply(e) => {
+                            return Err(RuntimeError::State {
+                                run: run.to_string(),
+                                state: live.books.state(),
+                                what: format!(
+                                    "it passed its commit point, so it cannot be aborted, and its commit could not be completed: {e}. Fix the cause and kill it again, or give the commit up (`ice kill {run} --abandon-commit`, or \"abandon_commit\": true in the API's kill); the workspace may then hold part of it"
+                                ),
+                            });
                         }
                     }
                 }
@@ -1111,7 +1115,14 @@ impl Runtime {
                 })
                 .collect());
         }
+        // A commit an operator gave up (`abandon_commit`) may have reached the workspace in
+        // part: its changes are "abandoned", not "discarded".
+        let abandoned = events.iter().any(|e| {
+            e.event_type == EventType::RunTerminatedByRuntime.name()
+                && e.payload.contains_key("abandoned_commit")
+        });
         let status = match books.state() {
+            _ if abandoned => "abandoned",
             RunState::Aborted | RunState::Terminated | RunState::TerminatedByRuntime => "discarded",
             _ => "staged",
         };
@@ -1137,14 +1148,24 @@ impl Runtime {
         Ok(out)
     }
 
-    /// Content of a staged write (for `ice diff` to show text), if still in the stage store.
+    /// Content of a staged write (for `ice diff` to show text), if still in the stage store or
+    /// in the stage of a commit an operator gave up.
     pub fn staged_content(&self, run: &RunId, digest: &Digest) -> Option<Vec<u8>> {
-        let p = self
-            .run_dir(run)
-            .join("stage")
-            .join("objects")
-            .join(digest.to_hex());
-        std::fs::read(p).ok()
+        let dir = self.run_dir(run);
+        let object = |stage: std::path::PathBuf| {
+            std::fs::read(stage.join("objects").join(digest.to_hex())).ok()
+        };
+        object(dir.join("stage")).or_else(|| {
+            std::fs::read_dir(&dir)
+                .ok()?
+                .flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with("abandoned-commit")
+                })
+                .find_map(|e| object(e.path()))
+        })
     }
 }
 
@@ -1335,27 +1356,19 @@ impl Session<'_> {
 }
 
 impl Ctx<'_> {
-    /// Give up an interrupted commit that could not be completed (`failure`): keep its stage
-    /// directory beside the run's directory, record what the journal says the commit would
-    /// have applied, and terminate the run. Returns where the stage was kept.
+    /// Give up an interrupted commit that could not be completed (`failure`): record what
+    /// its journal says it would have applied and terminate the run; teardown then keeps the
+    /// stage, journal included, beside the run's directory (never deleted: see
+    /// [`Ctx::teardown`]). The record comes first: if the process stops after it, recovery
+    /// finishes the teardown and keeps the stage the same way. Returns where it is kept.
     pub(crate) async fn abandon_commit(
         &self,
         live: &mut Live,
         detail: &str,
         failure: &RuntimeError,
     ) -> Result<std::path::PathBuf, RuntimeError> {
-        let run_dir = self.rt.run_dir(&self.run);
-        let keep_as = (1..)
-            .map(|n| match n {
-                1 => run_dir.join("abandoned-commit"),
-                n => run_dir.join(format!("abandoned-commit-{n}")),
-            })
-            .find(|p| !p.exists())
-            .unwrap_or_else(|| run_dir.join("abandoned-commit"));
-        live.stage.stage = None;
-        let abandoned = ice_effects::abandon(&live.stage.dir, &keep_as)
-            .map_err(|e| RuntimeError::Io(format!("abandoning the commit: {e}")))?;
-        let changes = match &abandoned.changes {
+        let keep_as = crate::executor::abandoned_stage_dir(&self.rt.run_dir(&self.run));
+        let changes = match ice_effects::pending_changes(&live.stage.dir) {
             Ok(changes) => Value::Array(
                 changes
                     .iter()
@@ -1378,9 +1391,10 @@ impl Ctx<'_> {
             "abandoned_commit": {
                 "failure": failure.to_string(),
                 "changes": changes,
-                "kept_at": abandoned.kept_at.display().to_string(),
+                "kept_at": keep_as.display().to_string(),
             },
         });
+        live.stage.stage = None;
         self.append(live, |_| {
             vec![
                 Draft::new(EventType::RunTerminatedByRuntime.name(), Origin::Runtime)
@@ -1389,7 +1403,7 @@ impl Ctx<'_> {
         })
         .await?;
         self.teardown(live, "terminated by runtime").await?;
-        Ok(abandoned.kept_at)
+        Ok(keep_as)
     }
 
     pub(crate) async fn terminate_by_runtime(

@@ -665,6 +665,10 @@ fn an_abandoned_commit_is_moved_aside_whole_and_never_rolled_forward() {
     let (s, mut stage) = setup();
     stage_some(&mut stage);
     let report = stage.apply_with_hook(&mut |_| {}).unwrap();
+    assert_eq!(
+        crate::pending_changes(s.stage_dir()).unwrap(),
+        report.changes
+    );
     let keep = s.stage_dir().with_file_name("kept");
     // The place to keep it must be free; nothing moves otherwise.
     std::fs::create_dir(&keep).unwrap();
@@ -683,7 +687,8 @@ fn an_abandoned_commit_is_moved_aside_whole_and_never_rolled_forward() {
         recover(s.stage_dir(), &ws).unwrap(),
         Recovery::NothingPending
     );
-    // With no commit pending there is nothing to abandon.
+    // With no commit pending there is nothing to abandon, and no changes pending.
+    assert!(crate::pending_changes(s.stage_dir()).is_err());
     let err = crate::abandon(s.stage_dir(), s.stage_dir().with_file_name("k2")).unwrap_err();
     assert!(err.to_string().contains("no commit is pending"), "{err}");
     assert!(!s.stage_dir().with_file_name("k2").exists());
