@@ -23,12 +23,8 @@
 //! `GET` authorization cannot make a `POST`). Redirects are **not followed**: a 3xx is
 //! returned as the response (its `Location` in the evidence), since following it would contact
 //! a host nobody authorised. No proxy from the environment is used: the connection goes to the
-//! authorised host itself. Names are resolved by the system resolver; a client made
-//! [`HttpClient::with_admission`] puts every address a name resolves to before an admission
-//! check (the runtime's: no policy forbids that address as a host), refuses the request if any
-//! is refused, and connects only to the addresses it checked, so a name cannot lead past a
-//! policy that forbids an address (`169.254.169.254`, say), nor be re-resolved to another
-//! between the check and the connection.
+//! authorised host itself. Names are resolved by the system resolver, so a grant on a name
+//! trusts what that name resolves to.
 //!
 //! # Client
 //!
@@ -42,15 +38,11 @@
 //! only ever reused for the same scheme, host and port.
 
 use std::io::Read;
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ice_authority::{Authorization, Classifier, EffectClass, Resource};
 use serde_json::json;
 use ureq::http;
-use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
-use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 use url::Url;
 
 use crate::auth::{
@@ -317,16 +309,6 @@ pub enum HttpError {
         /// The limit.
         timeout: Duration,
     },
-    /// The host's name resolves to an address the admission check refused; nothing was sent.
-    #[error("{host} resolves to {address}, which is refused: {why}")]
-    AddressRefused {
-        /// The host's name.
-        host: String,
-        /// The address refused.
-        address: std::net::IpAddr,
-        /// Why.
-        why: String,
-    },
     /// The connection, TLS or HTTP exchange failed.
     #[error("{url}: {source}")]
     Transport {
@@ -367,62 +349,12 @@ fn forbidden_header(name: &str) -> bool {
 pub struct HttpClient {
     agent: ureq::Agent,
     limits: HttpLimits,
-    /// The address the admission check refused, if it refused one.
-    refused: Arc<Mutex<Option<(String, IpAddr, String)>>>,
-}
-
-/// An admission check on the addresses a host's name resolves to: `Err(why)` refuses one.
-pub type Admission = Arc<dyn Fn(IpAddr) -> Result<(), String> + Send + Sync>;
-
-/// The system resolver, with every address it returns put before an admission check; the
-/// client connects only to what it returns.
-struct AdmittingResolver {
-    inner: DefaultResolver,
-    admit: Admission,
-    refused: Arc<Mutex<Option<(String, IpAddr, String)>>>,
-}
-
-impl std::fmt::Debug for AdmittingResolver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AdmittingResolver").finish_non_exhaustive()
-    }
-}
-
-impl Resolver for AdmittingResolver {
-    fn resolve(
-        &self,
-        uri: &http::Uri,
-        config: &ureq::config::Config,
-        timeout: NextTimeout,
-    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
-        let addrs = self.inner.resolve(uri, config, timeout)?;
-        for addr in addrs.iter() {
-            if let Err(why) = (self.admit)(addr.ip()) {
-                let host = uri.host().unwrap_or_default().to_string();
-                let message = format!("{host} resolves to {}, which is refused: {why}", addr.ip());
-                *self.refused.lock().unwrap_or_else(PoisonError::into_inner) =
-                    Some((host, addr.ip(), why));
-                return Err(ureq::Error::Io(std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    message,
-                )));
-            }
-        }
-        Ok(addrs)
-    }
 }
 
 impl HttpClient {
     /// A client with these limits: no redirects followed, status codes returned as responses,
     /// no proxy.
     pub fn new(limits: HttpLimits) -> HttpClient {
-        HttpClient::with_admission(limits, Arc::new(|_| Ok(())))
-    }
-
-    /// [`HttpClient::new`], with every address a host's name resolves to put before `admit`:
-    /// a request whose host resolves to any address it refuses fails with
-    /// [`HttpError::AddressRefused`] before anything is sent.
-    pub fn with_admission(limits: HttpLimits, admit: Admission) -> HttpClient {
         let config = ureq::Agent::config_builder()
             .timeout_global(Some(limits.timeout))
             .max_redirects(0)
@@ -430,16 +362,9 @@ impl HttpClient {
             .proxy(None)
             .user_agent(concat!("ice/", env!("CARGO_PKG_VERSION")))
             .build();
-        let refused = Arc::new(Mutex::new(None));
-        let resolver = AdmittingResolver {
-            inner: DefaultResolver::default(),
-            admit,
-            refused: refused.clone(),
-        };
         HttpClient {
-            agent: ureq::Agent::with_parts(config, DefaultConnector::new(), resolver),
+            agent: ureq::Agent::new_with_config(config),
             limits,
-            refused,
         }
     }
 
@@ -563,17 +488,7 @@ impl HttpClient {
         } else {
             self.agent.run(built)
         }
-        .map_err(|e| {
-            match self
-                .refused
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take()
-            {
-                Some((host, address, why)) => HttpError::AddressRefused { host, address, why },
-                None => transport(e),
-            }
-        })?;
+        .map_err(transport)?;
         let status = response.status().as_u16();
         let headers: Vec<(String, String)> = response
             .headers()

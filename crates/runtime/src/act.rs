@@ -444,51 +444,12 @@ fn staged_performed(path: &str, staged: ice_effects::StagedEffect, bytes: u64) -
     }
 }
 
-/// What decides whether an HTTP call may connect to an address its host's name resolves to:
-/// the run's policy, asked about the same call with the address as its host. Only a forbid
-/// refuses (the name's permit stands for the addresses it resolves to).
-pub struct AddressAdmission {
-    pub policy: std::sync::Arc<ice_authority::PolicySet>,
-    pub registry: std::sync::Arc<Registry>,
-    pub entities: std::sync::Arc<ice_authority::EntityCache>,
-    pub run: ice_kernel::RunId,
-    pub agent: String,
-    pub intent: String,
-    pub arguments: Value,
-    pub budget_left: ice_authority::BudgetLeft,
-}
-
-impl AddressAdmission {
-    /// `Err(why)` if the policy forbids `address` as the call's host.
-    pub fn check(&self, address: std::net::IpAddr) -> Result<(), String> {
-        let resource =
-            Resource::host(&address.to_string()).map_err(|e| format!("address {address}: {e}"))?;
-        let request =
-            ice_authority::Request::builder(&self.run, &self.agent, "http.request", resource)
-                .intent(&self.intent)
-                .arguments(&self.arguments)
-                .budget_left(self.budget_left)
-                .entity_cache(&self.entities)
-                .build(&self.registry)
-                .map_err(|e| format!("address {address}: {e}"))?;
-        let decision = self.policy.decide(&request);
-        match decision.verdict {
-            ice_authority::Verdict::Deny(
-                ice_authority::DenyReason::Forbidden { .. }
-                | ice_authority::DenyReason::ForbidFailed { .. },
-            ) => Err(format!("the policy forbids it as a host ({decision})")),
-            _ => Ok(()),
-        }
-    }
-}
-
-/// A network or process effect. An HTTP call connects only to addresses `admission` admits.
+/// A network or process effect.
 pub async fn perform_remote(
     auth: &Authorization,
     target: &Target,
     arguments: &Value,
     reserved: &Cost,
-    admission: AddressAdmission,
 ) -> Result<Performed, (DenialCode, String)> {
     match (auth.capability(), target) {
         ("http.request", Target::Http(url)) => {
@@ -500,14 +461,10 @@ pub async fn perform_remote(
                 .as_bytes()
                 .to_vec();
             let limit = reserved.bytes.saturating_sub(body.len() as u64);
-            let limits = ice_effects::http::HttpLimits {
+            let client = ice_effects::http::HttpClient::new(ice_effects::http::HttpLimits {
                 timeout: HTTP_TIMEOUT,
                 max_response_bytes: limit,
-            };
-            let client = ice_effects::http::HttpClient::with_admission(
-                limits,
-                std::sync::Arc::new(move |ip| admission.check(ip)),
-            );
+            });
             // The target the policy decided on, sent as it is (not parsed again).
             let (target, sent) = (url.clone(), method.clone());
             let auth = auth.clone();
@@ -529,7 +486,6 @@ pub async fn perform_remote(
                         DenialCode::GrantConstraint
                     }
                     ice_effects::http::HttpError::Refused(_) => DenialCode::Confinement,
-                    ice_effects::http::HttpError::AddressRefused { .. } => DenialCode::PolicyDenied,
                     _ => DenialCode::EffectFailed,
                 };
                 (code, e.to_string())

@@ -1245,22 +1245,9 @@ impl Ctx<'_> {
             .then(|| guard.stage.ops().len());
         let performed = match target {
             act::Target::Http(_) => {
-                // Every address the host's name resolves to is put before the policy: none
-                // may be one it forbids as a host (a name cannot lead past a forbid on an
-                // address). Decided with the policy in force now, as the call was.
-                let admission = act::AddressAdmission {
-                    policy: guard.policy.clone(),
-                    registry: self.rt.registry.clone(),
-                    entities: self.rt.entities.clone(),
-                    run: self.run.clone(),
-                    agent: agent.to_string(),
-                    intent: r.intent.clone(),
-                    arguments: act::policy_arguments(&r.capability, &r.arguments, target),
-                    budget_left: guard.books.budget.left(),
-                };
                 guard.in_flight += 1;
                 drop(guard);
-                let p = act::perform_remote(&auth, target, &r.arguments, &amount, admission).await;
+                let p = act::perform_remote(&auth, target, &r.arguments, &amount).await;
                 guard = self.live.lock().await;
                 guard.in_flight -= 1;
                 p
