@@ -175,19 +175,7 @@ fn the_quickstart_run_commits_with_an_operator_in_another_process() {
     assert!(req.ends_with("hello.txt changed"), "{req}");
     assert!(seen.try_recv().is_err());
     // The approval was recorded by the operator, and explain links the call to it.
-    let log = ice(
-        &home,
-        &[
-            "log",
-            "--run",
-            "quickstart",
-            "--type",
-            "APIRequestExecuted",
-            "--json",
-        ],
-    );
-    let call: Value =
-        serde_json::from_slice(log.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    let call = first_event(&home, "APIRequestExecuted").expect("an APIRequestExecuted event");
     let id = format!("quickstart:{}", call["run_seq"]);
     let o = ice(&home, &["explain", &id, "--json"]);
     assert_eq!(code(&o), 0, "{}", text(&o));
@@ -340,18 +328,7 @@ fn sigkill_during_commit_then_recovery_leaves_everything_applied_and_says_so() {
             ("c.txt".to_string(), "c\n".to_string()),
         ]
     );
-    let o = ice(
-        &home,
-        &[
-            "log",
-            "--run",
-            "quickstart",
-            "--type",
-            "RunCommitted",
-            "--json",
-        ],
-    );
-    let e: Value = serde_json::from_slice(o.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    let e = first_event(&home, "RunCommitted").expect("a RunCommitted event");
     assert_eq!(e["payload"]["completed_by_recovery"], true);
     assert_eq!(code(&ice(&home, &["verify"])), 0);
 }
@@ -373,19 +350,19 @@ fn sigkill_before_the_commit_point_leaves_nothing_applied_and_says_so() {
             ("c.txt".to_string(), "<absent>".to_string()),
         ]
     );
-    let o = ice(
-        &home,
-        &[
-            "log",
-            "--run",
-            "quickstart",
-            "--type",
-            "RunAborted",
-            "--json",
-        ],
-    );
-    assert!(!o.stdout.is_empty(), "{}", text(&o));
+    assert!(first_event(&home, "RunAborted").is_some());
     assert_eq!(code(&ice(&home, &["verify"])), 0);
+}
+
+/// The first event of type `ty` in run `quickstart`, as `ice log --json` prints it.
+fn first_event(home: &Path, ty: &str) -> Option<Value> {
+    let o = ice(
+        home,
+        &["log", "--run", "quickstart", "--type", ty, "--json"],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let line = o.stdout.split(|b| *b == b'\n').next()?;
+    (!line.is_empty()).then(|| serde_json::from_slice(line).unwrap())
 }
 
 /// The types of run `quickstart`'s events, in order.
@@ -505,18 +482,7 @@ fn a_commit_that_cannot_be_completed_is_abandoned_only_when_the_operator_says_so
     assert!(!types.contains(&"RunAborted".to_string()), "{types:?}");
     assert_eq!(types.last().map(String::as_str), Some("RunTerminated"));
     // The record names every change the commit would have made, and the stage is kept.
-    let o = ice(
-        &home,
-        &[
-            "log",
-            "--run",
-            "quickstart",
-            "--type",
-            "RunTerminatedByRuntime",
-            "--json",
-        ],
-    );
-    let e: Value = serde_json::from_slice(o.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    let e = first_event(&home, "RunTerminatedByRuntime").expect("a RunTerminatedByRuntime event");
     let abandoned = &e["payload"]["abandoned_commit"];
     let paths: Vec<&str> = abandoned["changes"]
         .as_array()

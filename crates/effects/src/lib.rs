@@ -46,8 +46,8 @@ pub use mcp::{
     hint_from_annotations,
 };
 pub use staging::{
-    AbandonedCommit, Change, ChangeKind, CommitPoint, CommitReport, Materialized, Recovery, Stage,
-    StageError, StagedEffect, StagedOp, abandon, commit_pending, pending_changes, recover, release,
+    Change, ChangeKind, CommitPoint, CommitReport, Materialized, Recovery, Stage, StageError,
+    StagedEffect, StagedOp, abandon, commit_pending, pending_changes, recover, release,
     roll_forward,
 };
 pub use workspace::{

@@ -1024,15 +1024,6 @@ pub fn release(stage_dir: impl AsRef<Path>) -> Result<(), StageError> {
     }
 }
 
-/// A commit given up by [`abandon`].
-#[derive(Debug)]
-pub struct AbandonedCommit {
-    /// Where the stage directory (journal and staged contents) now is.
-    pub kept_at: PathBuf,
-    /// The changes the journal said the commit applies, or why the journal could not be read.
-    pub changes: Result<Vec<Change>, String>,
-}
-
 /// The changes of the commit pending in a stage directory, as its journal names them, without
 /// applying anything. Fails if no commit is pending or its journal cannot be read.
 pub fn pending_changes(stage_dir: impl AsRef<Path>) -> Result<Vec<Change>, StageError> {
@@ -1052,21 +1043,14 @@ pub fn pending_changes(stage_dir: impl AsRef<Path>) -> Result<Vec<Change>, Stage
 /// exist, so the operator keeps what the commit would have written and nothing completes it
 /// later by accident. Fails before moving anything if no commit is pending or `keep_as`
 /// exists; a failure to sync the directories after the move is reported, the move stands.
-pub fn abandon(
-    stage_dir: impl AsRef<Path>,
-    keep_as: impl AsRef<Path>,
-) -> Result<AbandonedCommit, StageError> {
+pub fn abandon(stage_dir: impl AsRef<Path>, keep_as: impl AsRef<Path>) -> Result<(), StageError> {
     let (dir, keep_as) = (stage_dir.as_ref(), keep_as.as_ref());
-    let path = dir.join(JOURNAL);
-    if !path.exists() {
+    if !commit_pending(dir) {
         return Err(StageError::Journal {
-            path,
+            path: dir.join(JOURNAL),
             problem: "no commit is pending: nothing to abandon".to_string(),
         });
     }
-    let changes = read_journal(&path)
-        .map(|j| j.changes)
-        .map_err(|e| e.to_string());
     if keep_as.exists() {
         return Err(store_err(keep_as, "keep the abandoned commit at")(
             io::Error::new(io::ErrorKind::AlreadyExists, "the path exists"),
@@ -1076,10 +1060,7 @@ pub fn abandon(
     for parent in [keep_as.parent(), dir.parent()].into_iter().flatten() {
         sync_dir(parent)?;
     }
-    Ok(AbandonedCommit {
-        kept_at: keep_as.to_path_buf(),
-        changes,
-    })
+    Ok(())
 }
 
 /// [`recover`] without its last step: the journal's changes are applied (again) and the

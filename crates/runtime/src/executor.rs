@@ -2196,13 +2196,11 @@ impl Ctx<'_> {
                         op.map_or_else(|| "apply a staged write".to_string(), |o| o.intent.clone()),
                     )
                     .authority(op.map_or_else(|| "run-commit".to_string(), |o| o.grant.clone()))
-                    .payload(json!({
-                        "path": c.path,
-                        "change": c.kind.as_str(),
-                        "before": c.before.map(|s| s.digest.to_hex()),
-                        "after": c.after.map(|s| s.digest.to_hex()),
-                        "evidence": c.evidence().to_json(),
-                    }));
+                    .payload({
+                        let mut p = change_fields(c);
+                        p.insert("evidence".into(), c.evidence().to_json());
+                        Value::Object(p)
+                    });
                 if let Some(o) = op {
                     d = d.cause(o.event.clone());
                 }
@@ -2386,14 +2384,28 @@ pub(crate) enum Completion {
     CannotApply(RuntimeError),
 }
 
-/// Where an abandoned commit's stage is kept: `abandoned-commit` in the run's directory (or
+/// A change as the log names it: its path, kind and before/after digests.
+pub(crate) fn change_fields(c: &ice_effects::Change) -> serde_json::Map<String, Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("path".into(), json!(c.path));
+    m.insert("change".into(), json!(c.kind.as_str()));
+    m.insert("before".into(), json!(c.before.map(|s| s.digest.to_hex())));
+    m.insert("after".into(), json!(c.after.map(|s| s.digest.to_hex())));
+    m
+}
+
+/// The name an abandoned commit's stage is kept under in the run's directory (with `-N` after
+/// the first).
+pub(crate) const ABANDONED_STAGE: &str = "abandoned-commit";
+
+/// Where an abandoned commit's stage is kept: [`ABANDONED_STAGE`] in the run's directory (or
 /// `abandoned-commit-N`, the first that is free).
 pub(crate) fn abandoned_stage_dir(run_dir: &std::path::Path) -> std::path::PathBuf {
     (1..10_000)
         .map(|n| match n {
-            1 => run_dir.join("abandoned-commit"),
-            n => run_dir.join(format!("abandoned-commit-{n}")),
+            1 => run_dir.join(ABANDONED_STAGE),
+            n => run_dir.join(format!("{ABANDONED_STAGE}-{n}")),
         })
         .find(|p| !p.exists())
-        .unwrap_or_else(|| run_dir.join("abandoned-commit-last"))
+        .unwrap_or_else(|| run_dir.join(format!("{ABANDONED_STAGE}-last")))
 }

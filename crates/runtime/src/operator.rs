@@ -1162,7 +1162,7 @@ impl Runtime {
                 .filter(|e| {
                     e.file_name()
                         .to_string_lossy()
-                        .starts_with("abandoned-commit")
+                        .starts_with(crate::executor::ABANDONED_STAGE)
                 })
                 .find_map(|e| object(e.path()))
         })
@@ -1372,14 +1372,7 @@ impl Ctx<'_> {
             Ok(changes) => Value::Array(
                 changes
                     .iter()
-                    .map(|c| {
-                        json!({
-                            "path": c.path,
-                            "change": c.kind.as_str(),
-                            "before": c.before.map(|s| s.digest.to_hex()),
-                            "after": c.after.map(|s| s.digest.to_hex()),
-                        })
-                    })
+                    .map(|c| Value::Object(crate::executor::change_fields(c)))
                     .collect(),
             ),
             Err(problem) => Value::String(format!("the journal could not be read: {problem}")),
