@@ -19,26 +19,6 @@ use ice_log::sqlite::{Mode, SqliteLog};
 use ice_runtime::{Books, Installation, Quiet, RunSpec, Runtime, RuntimeError};
 use serde_json::{Value, json};
 
-/// A local endpoint that answers every request with 200 (what an approved call reaches).
-fn endpoint() -> u16 {
-    use std::io::{Read, Write};
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf);
-                let _ = s.write_all(
-                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
-                );
-            });
-        }
-    });
-    port
-}
-
 /// A run whose agent `coder` will ask to call the endpoint (the policy wants an approval).
 struct Fixture {
     dir: tempfile::TempDir,
@@ -49,7 +29,7 @@ struct Fixture {
 }
 
 fn fixture(id: &str) -> Fixture {
-    let port = endpoint();
+    let port = ok_endpoint();
     let h = H::new(POLICY);
     let (spec, _) = h.spec(id, "coder", "[approvals]\ntimeout = \"60s\"\n", "");
     let H { dir, rt, .. } = h;

@@ -136,29 +136,9 @@ async fn two_approved_writes_each_get_their_own_single_use_grant() {
     replays_cleanly(&h, "approve-twice", "coder", TWO_WRITES).await;
 }
 
-/// A local endpoint that answers every request with 200.
-fn endpoint() -> u16 {
-    use std::io::{Read, Write};
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf);
-                let _ = s.write_all(
-                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
-                );
-            });
-        }
-    });
-    port
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_approved_http_call_does_not_authorise_another_path_or_body_on_the_host() {
-    let port = endpoint();
+    let port = ok_endpoint();
     // POLICY: an http.request to 127.0.0.1 needs an operator's approval.
     let h = H::new(POLICY);
     let plan = format!(

@@ -149,3 +149,23 @@ pub async fn events(rt: &Runtime, run: &RunId) -> Vec<Event> {
         .await
         .unwrap()
 }
+
+/// A local HTTP endpoint on 127.0.0.1 that answers every request with 200 `ok`; its port.
+pub fn ok_endpoint() -> u16 {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                );
+            });
+        }
+    });
+    port
+}
