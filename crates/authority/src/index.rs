@@ -3,7 +3,8 @@
 //!
 //! Each policy is filed under:
 //! - every action its scope allows (a policy for any action is filed under every action some
-//!   policy names, and under "any other action");
+//!   policy names but `http.connect`, which only policies naming it decide, and under "any
+//!   other action");
 //! - every resource entity type its scope allows;
 //! - its principal anchor: the agent its scope names (`principal == Agent::"a"`, or `in`, which
 //!   is the same because the runtime gives agents no parents), or none;
@@ -22,7 +23,7 @@ use std::collections::HashMap;
 use cedar_policy as cedar;
 
 use crate::capability::ResourceKind;
-use crate::request::{Request, ancestor_types, anchor_key};
+use crate::request::{HTTP_CONNECT, Request, ancestor_types, anchor_key};
 
 /// Where a policy can apply, read off its scope.
 struct Scope {
@@ -168,8 +169,10 @@ impl PolicyIndex {
         };
         let mut by_action = HashMap::with_capacity(actions.len());
         for action in actions {
+            // A connection check is decided only by the policies written for it.
+            let any = action != HTTP_CONNECT;
             let groups = group(&|s: &Scope| match &s.actions {
-                None => true,
+                None => any,
                 Some(list) => list.iter().any(|a| a == action),
             })?;
             by_action.insert(action.to_string(), groups);
@@ -187,10 +190,12 @@ impl PolicyIndex {
         request: &Request,
         mut each: impl FnMut(&'a cedar::PolicySet),
     ) {
-        let per_kind = self
-            .by_action
-            .get(request.capability())
-            .unwrap_or(&self.any_action);
+        let per_kind = match self.by_action.get(request.capability()) {
+            Some(groups) => groups,
+            // No policy names a connection check: none applies to it.
+            None if request.capability() == HTTP_CONNECT => return,
+            None => &self.any_action,
+        };
         // Every list has one entry per resource kind.
         let Some(groups) = per_kind.get(request.resource().kind().index()) else {
             return;

@@ -83,7 +83,7 @@ pub use policy::{
     PolicyInfo, PolicySet, PolicySource, PolicyVersion, Verdict,
 };
 pub use request::{
-    ArgumentError, ArgumentProblem, BudgetLeft, EntityCache, Request, RequestBuilder, RequestError,
-    Resource, ResourceError,
+    ArgumentError, ArgumentProblem, BudgetLeft, EntityCache, HTTP_CONNECT, Request, RequestBuilder,
+    RequestError, Resource, ResourceError,
 };
 pub use schema::{Schema, SchemaError};

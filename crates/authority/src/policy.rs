@@ -51,7 +51,7 @@ use crate::diagnostic::{Diagnostic, Location, Severity, from_cedar};
 use crate::index::PolicyIndex;
 use crate::limits::{MAX_POLICIES, MAX_POLICY_FILE_BYTES, MAX_POLICY_FILES, MAX_POLICY_ID_LEN};
 use crate::nesting;
-use crate::request::Request;
+use crate::request::{HTTP_CONNECT, Request};
 use crate::schema::Schema;
 
 /// The annotation that makes a permit need an operator's approval: `@approval("required")`.
@@ -466,6 +466,9 @@ pub fn read_policy_dir(dir: &Path) -> Result<Vec<PolicySource>, LoadError> {
 #[derive(Debug)]
 pub struct PolicySet {
     whole: cedar::PolicySet,
+    /// The policies whose scope names [`HTTP_CONNECT`]: the only ones a connection check
+    /// evaluates (what [`PolicySet::decide_unindexed`] gives such a check).
+    connect: cedar::PolicySet,
     index: PolicyIndex,
     info: HashMap<cedar::PolicyId, PolicyInfo>,
     version: PolicyVersion,
@@ -689,6 +692,17 @@ fn parse_file(
         }
         // A limit on actions that cannot exceed it is a mistake worth saying.
         if let Some(actions) = actions_of(&policy) {
+            if effect == PolicyEffect::Permit && actions.iter().any(|a| a == HTTP_CONNECT) {
+                warnings.push(diag(
+                    Severity::Warning,
+                    file,
+                    at(HTTP_CONNECT),
+                    Some(&id),
+                    format!(
+                        "a permit has no effect on {HTTP_CONNECT}: a connection is refused by a forbid naming it, and otherwise made (the call was permitted as http.request)"
+                    ),
+                ));
+            }
             let limits = |of: &[&str]| actions.iter().any(|a| of.contains(&a.as_str()));
             let checks = [
                 (
@@ -896,8 +910,16 @@ impl PolicySet {
     ) -> Result<PolicySet, Diagnostic> {
         let policies: Vec<cedar::Policy> = parsed.into_iter().map(|p| p.policy).collect();
         let index = PolicyIndex::build(&policies).map_err(internal)?;
+        let connect = cedar::PolicySet::from_policies(
+            policies
+                .iter()
+                .filter(|p| actions_of(p).is_some_and(|a| a.iter().any(|a| a == HTTP_CONNECT)))
+                .cloned(),
+        )
+        .map_err(|e| internal(e.to_string()))?;
         Ok(PolicySet {
             whole,
+            connect,
             index,
             info,
             version,
@@ -975,6 +997,40 @@ impl PolicySet {
         &self.whole
     }
 
+    /// Whether some forbid's scope names [`HTTP_CONNECT`]: otherwise no connection can be
+    /// refused, and an HTTP call need not check the addresses it connects to.
+    pub fn checks_connections(&self) -> bool {
+        self.connect.policies().any(|p| {
+            self.info
+                .get(p.id())
+                .is_some_and(|i| i.effect == PolicyEffect::Forbid)
+        })
+    }
+
+    /// Decide a connection check (a request built with
+    /// [`RequestBuilder::connecting_to`](crate::RequestBuilder::connecting_to)): `Some` deny
+    /// if a forbid whose scope names [`HTTP_CONNECT`] holds, or fails to evaluate (a broken
+    /// forbid refuses, as everywhere); `None` if the connection may be made. Permits play no
+    /// part, and a policy for any action does not apply: its author wrote it about calls, not
+    /// about the addresses their hosts resolve to.
+    pub fn refuses_connection(&self, request: &Request) -> Option<Decision> {
+        if request.capability() != HTTP_CONNECT {
+            return Some(Decision {
+                verdict: Verdict::Deny(DenyReason::NoPermit),
+                errors: Vec::new(),
+                policy_version: self.version,
+                constraints: Constraints::NONE,
+            });
+        }
+        let decision = self.decide(request);
+        match decision.verdict {
+            Verdict::Deny(DenyReason::Forbidden { .. } | DenyReason::ForbidFailed { .. }) => {
+                Some(decision)
+            }
+            _ => None,
+        }
+    }
+
     /// Decide a request, evaluating only the pre-selected policies.
     pub fn decide(&self, request: &Request) -> Decision {
         self.explain_inner(request).0
@@ -984,7 +1040,12 @@ impl PolicySet {
     /// reference [`PolicySet::decide`] is tested against.
     pub fn decide_unindexed(&self, request: &Request) -> Decision {
         let mut outcome = Outcome::default();
-        outcome.add(self, &self.whole, request);
+        let set = if request.capability() == HTTP_CONNECT {
+            &self.connect
+        } else {
+            &self.whole
+        };
+        outcome.add(self, set, request);
         outcome.decide(self)
     }
 

@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
@@ -80,6 +80,12 @@ pub(crate) fn ancestor_types(kind: ResourceKind) -> &'static [&'static str] {
 pub(crate) fn anchor_key(entity_type: &str, id: &str) -> String {
     format!("{entity_type}\0{id}")
 }
+
+/// The action of an HTTP call's connection checks: decided for each address its host resolves
+/// to, before connecting, by the forbids whose scope names it (see
+/// [`PolicySet::refuses_connection`](crate::PolicySet::refuses_connection)). Not a capability
+/// an agent can ask for.
+pub const HTTP_CONNECT: &str = "http.connect";
 
 /// The target of a request, checked and in canonical form.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -797,6 +803,7 @@ pub struct RequestBuilder<'a> {
     effect_hint: Option<EffectClass>,
     assigned: Option<EffectClass>,
     cache: Option<&'a EntityCache>,
+    address: Option<IpAddr>,
 }
 
 impl<'a> RequestBuilder<'a> {
@@ -836,11 +843,28 @@ impl<'a> RequestBuilder<'a> {
         self
     }
 
+    /// Make this `http.request` call's connection check instead: the request for
+    /// [`HTTP_CONNECT`] on the same host, with the same context and `context.address` the
+    /// address about to be contacted (an IPv6 address that embeds an IPv4 one given as that
+    /// IPv4 address). Decide it with [`PolicySet::refuses_connection`](crate::PolicySet::refuses_connection).
+    pub fn connecting_to(mut self, address: IpAddr) -> Self {
+        self.address = Some(address);
+        self
+    }
+
     /// Check every part, classify the effect with the registry, and convert to Cedar's form.
     pub fn build(self, registry: &Registry) -> Result<Request, RequestError> {
         let names = &*NAMES;
         Origin::from_str(&format!("agent:{}", self.agent)).map_err(RequestError::Agent)?;
         check_capability_name(self.capability)?;
+        if self.address.is_some()
+            && (self.capability != "http.request" || self.resource.kind() != ResourceKind::Host)
+        {
+            return Err(RequestError::Cedar(format!(
+                "a connection check is made of an http.request call on a host, not of {} on {}",
+                self.capability, self.resource
+            )));
+        }
         if let Some(capability) = registry.get(self.capability)
             && capability.resource() != self.resource.kind()
         {
@@ -857,7 +881,7 @@ impl<'a> RequestBuilder<'a> {
         let arguments = self.arguments.unwrap_or(&empty);
         let effect =
             registry.classify_assigned(self.capability, arguments, self.assigned, self.effect_hint);
-        let context = cedar::Context::from_pairs([
+        let mut pairs = vec![
             (
                 "run".to_string(),
                 cedar::RestrictedExpression::new_string(self.run.as_str().to_string()),
@@ -875,11 +899,26 @@ impl<'a> RequestBuilder<'a> {
             ),
             ("budget".to_string(), self.budget_left.to_cedar()?),
             ("arguments".to_string(), arguments_to_cedar(arguments)?),
-        ])
-        .map_err(|e| RequestError::Cedar(e.to_string()))?;
+        ];
+        let capability = match self.address {
+            Some(address) => {
+                let address = match address {
+                    IpAddr::V6(v6) => embedded_ipv4(&v6).map_or(address, IpAddr::V4),
+                    v4 => v4,
+                };
+                pairs.push((
+                    "address".to_string(),
+                    cedar::RestrictedExpression::new_ip(address.to_string()),
+                ));
+                HTTP_CONNECT
+            }
+            None => self.capability,
+        };
+        let context =
+            cedar::Context::from_pairs(pairs).map_err(|e| RequestError::Cedar(e.to_string()))?;
         let cedar_request = cedar::Request::new(
             uid(&names.agent, self.agent),
-            uid(&names.action, self.capability),
+            uid(&names.action, capability),
             uid(self.resource.kind_type_name(), &self.resource.entity_id()),
             context,
             None,
@@ -892,7 +931,7 @@ impl<'a> RequestBuilder<'a> {
         Ok(Request {
             run: self.run.clone(),
             agent: self.agent.to_string(),
-            capability: self.capability.to_string(),
+            capability: capability.to_string(),
             resource: self.resource,
             effect,
             cedar_request,
@@ -945,6 +984,7 @@ impl Request {
             effect_hint: None,
             assigned: None,
             cache: None,
+            address: None,
         }
     }
 

@@ -22,7 +22,8 @@ use crate::home::{Home, create_policy_dir};
 pub const STARTER_POLICY_FILE: &str = "default.cedar";
 
 /// The starter policy: reads anywhere in the workspace, writes and deletes with an operator's
-/// approval, never `.env` files or `.git`; nothing else (no network, commands or tools). Its
+/// approval, never `.env` files or `.git`; no connection to this machine or a private network
+/// (once some HTTP call is permitted); nothing else (no network, commands or tools). Its
 /// comments explain how ICE's Cedar policies work; its examples are checked by a test.
 pub const STARTER_POLICY: &str = r#"// ICE policies: the starter policy `ice init` wrote. Edit it, or add more *.cedar files to
 // this directory: ICE reads every *.cedar file here (not subdirectories), in name order, as one
@@ -112,6 +113,28 @@ forbid (
   resource
 )
 when { resource.path like ".env*" || resource.path like "*/.env*" };
+
+// Once an HTTP call is permitted, every address its host resolves to is checked before anything
+// is sent (action "http.connect": context.address is the IP address, the resource and the rest
+// of the context are the call's). Only forbids that name http.connect take part; the call's
+// other policies are not asked again. This one keeps calls off this machine, the private
+// networks and the cloud metadata address, whatever name leads there; a call to a name that
+// resolves to one of them is refused and nothing is sent. To let an agent reach a service on
+// the private network, add an `unless { resource == Host::"…" }` naming it.
+@id("no-private-addresses")
+forbid (principal, action == Action::"http.connect", resource)
+when {
+  context.address.isLoopback() ||
+  context.address.isInRange(ip("0.0.0.0/8")) ||
+  context.address.isInRange(ip("10.0.0.0/8")) ||
+  context.address.isInRange(ip("100.64.0.0/10")) ||
+  context.address.isInRange(ip("172.16.0.0/12")) ||
+  context.address.isInRange(ip("192.168.0.0/16")) ||
+  context.address.isInRange(ip("169.254.0.0/16")) ||
+  context.address.isInRange(ip("::/128")) ||
+  context.address.isInRange(ip("fc00::/7")) ||
+  context.address.isInRange(ip("fe80::/10"))
+};
 
 // Nothing else is permitted: no network, no commands, no MCP tools. EXAMPLES (to use one,
 // remove the leading `//` from its lines, then run `ice policy check`):
@@ -255,6 +278,10 @@ struct ExplainArgs {
     /// The run the request is made in (context.run).
     #[arg(long, value_name = "RUN", default_value = "explain")]
     run: String,
+    /// For http.request: also decide the call's connection check (http.connect) to this
+    /// address, as the runtime does for each address the host resolves to. Repeatable.
+    #[arg(long = "address", value_name = "IP")]
+    addresses: Vec<std::net::IpAddr>,
     /// The policy directory to decide with (default: the home's policies/). With it, no ICE
     /// home is needed.
     #[arg(long, value_name = "DIR")]
@@ -662,10 +689,24 @@ fn explain(home: &Path, a: ExplainArgs) -> Result<u8> {
             given,
         ),
     };
-    let request = Request::builder(&run, &a.agent, &a.action, resource)
+    if !a.addresses.is_empty() && (a.action != "http.request" || kind != ResourceKind::Host) {
+        bail!("--address: only an http.request call on a host connects to an address");
+    }
+    let builder = Request::builder(&run, &a.agent, &a.action, resource)
         .intent(a.intent.as_deref().unwrap_or_default())
-        .arguments(&args)
-        .build(&registry)
+        .arguments(&args);
+    let request = builder.clone().build(&registry).map_err(request_error)?;
+    let connections = a
+        .addresses
+        .iter()
+        .map(|ip| {
+            builder
+                .clone()
+                .connecting_to(*ip)
+                .build(&registry)
+                .map(|r| (*ip, r))
+        })
+        .collect::<Result<Vec<_>, _>>()
         .map_err(request_error)?;
     let schema = schema()?;
     let (dir, set) = match a.dir {
@@ -681,6 +722,11 @@ fn explain(home: &Path, a: ExplainArgs) -> Result<u8> {
         }
     };
     let explanation = set.explain(&request);
+    // Each address: the forbids that refuse connecting to it (none: it may be connected to).
+    let connections: Vec<(std::net::IpAddr, Option<Decision>)> = connections
+        .iter()
+        .map(|(ip, r)| (*ip, set.refuses_connection(r)))
+        .collect();
     let Explanation {
         decision,
         request: cedar_request,
@@ -729,6 +775,12 @@ fn explain(home: &Path, a: ExplainArgs) -> Result<u8> {
             "policy_dir": dir,
             "policy_version": decision.policy_version.to_string(),
             "constraints": decision.constraints,
+            "connections": connections.iter().map(|(ip, refused)| json!({
+                "address": ip.to_string(),
+                "refused": refused.is_some(),
+                "policies": refused.as_ref().map_or(&[][..], |d| d.determining_policies()),
+                "why": refused.as_ref().map_or("no forbid naming http.connect holds", summary),
+            })).collect::<Vec<_>>(),
         });
         println!("{doc}");
         return Ok(0);
@@ -793,6 +845,20 @@ fn explain(home: &Path, a: ExplainArgs) -> Result<u8> {
             "limits:   {} (the tightest of every matching permit's @max_bytes, @timeout_ms)",
             decision.constraints
         );
+    }
+    for (ip, refused) in &connections {
+        let _ = match refused {
+            Some(d) => writeln!(
+                out,
+                "connect:  {ip}: refused, {} ({})",
+                summary(d),
+                d.determining_policies().join(", ")
+            ),
+            None => writeln!(
+                out,
+                "connect:  {ip}: allowed (no forbid naming http.connect holds)"
+            ),
+        };
     }
     let _ = writeln!(out, "policy version: {}", decision.policy_version);
     print!("{out}");
@@ -887,6 +953,67 @@ mod tests {
             .1,
             Vec::<String>::new()
         );
+    }
+
+    /// The starter's connection forbid refuses this machine, the private networks and the
+    /// metadata address, in IPv4 and IPv6 and IPv4-mapped forms, and nothing public.
+    #[test]
+    fn the_starter_keeps_http_calls_off_private_addresses() {
+        let source = PolicySource {
+            name: STARTER_POLICY_FILE.to_string(),
+            text: STARTER_POLICY.to_string(),
+        };
+        let set = PolicySet::from_sources(&[source], &Schema::ice().unwrap()).unwrap();
+        assert!(set.checks_connections());
+        let registry = Registry::standard();
+        let run = RunId::new("starter").unwrap();
+        let given = json!({ "method": "GET" });
+        let target = http_call(
+            "http.request",
+            ResourceKind::Host,
+            "https://api.example.com/x",
+            &given,
+        )
+        .unwrap()
+        .unwrap();
+        let args = ice_effects::http::policy_arguments(&target, &given);
+        let refused = |address: &str| {
+            let request = Request::builder(
+                &run,
+                "coder",
+                "http.request",
+                Resource::host("api.example.com").unwrap(),
+            )
+            .arguments(&args)
+            .connecting_to(address.parse().unwrap())
+            .build(&registry)
+            .unwrap();
+            set.refuses_connection(&request)
+                .map(|d| d.determining_policies().to_vec())
+        };
+        for address in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "10.20.30.40",
+            "100.64.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:192.168.0.1",
+        ] {
+            assert_eq!(
+                refused(address),
+                Some(vec!["no-private-addresses".to_string()]),
+                "{address}"
+            );
+        }
+        for address in ["8.8.8.8", "172.32.0.1", "2606:4700::1111"] {
+            assert_eq!(refused(address), None, "{address}");
+        }
     }
 
     #[test]

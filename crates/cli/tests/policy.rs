@@ -79,7 +79,7 @@ fn init_writes_a_starter_policy_that_checks_clean() {
     assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
     let out = stdout(&o);
     assert!(
-        out.contains("4 policies in 1 file, policy version sha256:"),
+        out.contains("5 policies in 1 file, policy version sha256:"),
         "{out}"
     );
     assert!(!out.contains("warning"), "{out}");
@@ -91,7 +91,7 @@ fn init_writes_a_starter_policy_that_checks_clean() {
     assert_eq!(v["diagnostics"].as_array().unwrap().len(), 0);
     assert!(v["policy_version"].as_str().unwrap().starts_with("sha256:"));
     let policies = v["policies"].as_array().unwrap();
-    assert_eq!(policies.len(), 4);
+    assert_eq!(policies.len(), 5);
     let write = policies
         .iter()
         .find(|p| p["id"] == "write-with-approval")
@@ -785,4 +785,75 @@ forbid (principal, action == Action::"http.request", resource == Host::"169.254.
         "name different URLs",
     );
     refused(&["--resource", "ftp://api.example.com/"], "the URL");
+}
+
+/// `--address` decides the call's connection checks too: the starter policy refuses this
+/// machine and the private networks, and a policy for any action is not asked about addresses.
+#[test]
+fn explain_decides_the_connection_to_each_address_given() {
+    let (_d, home) = home();
+    let (_p, dir) = policy_dir(&[(
+        "extra.cedar",
+        r#"
+@id("fetch-example")
+permit(principal == Agent::"fetcher", action == Action::"http.request", resource == Host::"api.example.com");
+@id("only-example")
+forbid(principal, action, resource) unless { resource == Host::"api.example.com" };
+"#,
+    )]);
+    std::fs::copy(
+        home.join("policies/default.cedar"),
+        dir.join("default.cedar"),
+    )
+    .unwrap();
+    let dir_arg = dir.to_str().unwrap();
+    let args = [
+        "--agent",
+        "fetcher",
+        "--action",
+        "http.request",
+        "--resource",
+        "https://api.example.com/v1",
+        "--dir",
+        dir_arg,
+        "--address",
+        "169.254.169.254",
+        "--address",
+        "93.184.215.14",
+    ];
+    let v = explain_json(&home, &args);
+    assert_eq!(v["decision"], "permit", "{v}");
+    assert_eq!(v["connections"][0]["address"], "169.254.169.254");
+    assert_eq!(v["connections"][0]["refused"], true);
+    assert_eq!(
+        v["connections"][0]["policies"],
+        serde_json::json!(["no-private-addresses"])
+    );
+    assert_eq!(v["connections"][1]["refused"], false, "{v}");
+    let o = explain(&home, &args);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("connect:  169.254.169.254: refused") && out.contains("no-private-addresses"),
+        "{out}"
+    );
+    assert!(out.contains("connect:  93.184.215.14: allowed"), "{out}");
+    // Only an HTTP call connects to an address.
+    let o = explain(
+        &home,
+        &[
+            "--agent",
+            "fetcher",
+            "--action",
+            "fs.read",
+            "--resource",
+            "a.txt",
+            "--dir",
+            dir_arg,
+            "--address",
+            "127.0.0.1",
+        ],
+    );
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("--address"), "{}", stderr(&o));
 }

@@ -84,6 +84,9 @@ pub enum Detail {
         location: Option<String>,
         /// Whether the response body was cut at the limit.
         body_truncated: bool,
+        /// The addresses the host resolved to, each checked before any connection, in the
+        /// resolver's order (the connection went to the first that answered).
+        addresses: Vec<String>,
     },
     /// A command run.
     Exec {
@@ -185,12 +188,14 @@ impl Evidence {
                 status,
                 location,
                 body_truncated,
+                addresses,
             } => {
                 let mut http = json!({
                     "method": method,
                     "url": url,
                     "status": status,
                     "body_truncated": body_truncated,
+                    "addresses": addresses,
                 });
                 if let (Some(location), Some(map)) = (location, http.as_object_mut()) {
                     map.insert("location".into(), json!(location));

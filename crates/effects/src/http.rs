@@ -23,8 +23,13 @@
 //! `GET` authorization cannot make a `POST`). Redirects are **not followed**: a 3xx is
 //! returned as the response (its `Location` in the evidence), since following it would contact
 //! a host nobody authorised. No proxy from the environment is used: the connection goes to the
-//! authorised host itself. Names are resolved by the system resolver, so a grant on a name
-//! trusts what that name resolves to.
+//! authorised host itself. Names are resolved by the system resolver; a client made
+//! [`HttpClient::with_admission`] puts every address the host resolves to (an IP literal
+//! resolves to itself) before an admission check (the runtime's: the run's `http.connect`
+//! forbids), refuses the request if any is refused, and connects only to the addresses it
+//! checked, so a name cannot lead past a policy that forbids an address (`169.254.169.254`,
+//! say), nor be re-resolved to another between the check and the connection. The addresses
+//! are in the evidence (`http.addresses`).
 //!
 //! # Client
 //!
@@ -34,15 +39,19 @@
 //! than a C compiler (`ring`); it exposes exactly the knobs this adapter needs (a global
 //! timeout, zero redirects returned as responses, status codes not turned into errors, no
 //! proxy). It is blocking: the tokio runtime calls [`HttpClient::request`] from
-//! `spawn_blocking`. Each [`HttpClient`] keeps its own connection pool; a pooled connection is
-//! only ever reused for the same scheme, host and port.
+//! `spawn_blocking`. Each request makes its own connection (and resolves the name once, through
+//! the admission check); nothing is pooled between requests.
 
 use std::io::Read;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ice_authority::{Authorization, Classifier, EffectClass, Resource};
 use serde_json::json;
 use ureq::http;
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 use url::Url;
 
 use crate::auth::{
@@ -309,6 +318,16 @@ pub enum HttpError {
         /// The limit.
         timeout: Duration,
     },
+    /// The host's name resolves to an address the admission check refused; nothing was sent.
+    #[error("{host} resolves to {address}, which is refused: {why}")]
+    AddressRefused {
+        /// The host's name.
+        host: String,
+        /// The address refused.
+        address: std::net::IpAddr,
+        /// Why.
+        why: String,
+    },
     /// The connection, TLS or HTTP exchange failed.
     #[error("{url}: {source}")]
     Transport {
@@ -345,16 +364,82 @@ fn forbidden_header(name: &str) -> bool {
 }
 
 /// An HTTP client bound to limits; requests go through [`HttpClient::request`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpClient {
-    agent: ureq::Agent,
+    config: ureq::config::Config,
     limits: HttpLimits,
+    admit: Admission,
+}
+
+impl std::fmt::Debug for HttpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpClient")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An admission check on the addresses a host's name resolves to: `Err(why)` refuses one.
+pub type Admission = Arc<dyn Fn(IpAddr) -> Result<(), String> + Send + Sync>;
+
+/// What one request's resolution found: every address checked, and the one refused.
+#[derive(Default)]
+struct Resolution {
+    addresses: Vec<IpAddr>,
+    refused: Option<(String, IpAddr, String)>,
+}
+
+/// The system resolver, with every address it returns put before an admission check; the
+/// request connects only to what it returns. One per request, so what it records is that
+/// request's.
+struct AdmittingResolver {
+    inner: DefaultResolver,
+    admit: Admission,
+    seen: Arc<Mutex<Resolution>>,
+}
+
+impl std::fmt::Debug for AdmittingResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdmittingResolver").finish_non_exhaustive()
+    }
+}
+
+impl Resolver for AdmittingResolver {
+    fn resolve(
+        &self,
+        uri: &http::Uri,
+        config: &ureq::config::Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let addrs = self.inner.resolve(uri, config, timeout)?;
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        for addr in addrs.iter() {
+            seen.addresses.push(addr.ip());
+            if let Err(why) = (self.admit)(addr.ip()) {
+                let host = uri.host().unwrap_or_default().to_string();
+                let message = format!("{host} resolves to {}, which is refused: {why}", addr.ip());
+                seen.refused = Some((host, addr.ip(), why));
+                return Err(ureq::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    message,
+                )));
+            }
+        }
+        Ok(addrs)
+    }
 }
 
 impl HttpClient {
     /// A client with these limits: no redirects followed, status codes returned as responses,
     /// no proxy.
     pub fn new(limits: HttpLimits) -> HttpClient {
+        HttpClient::with_admission(limits, Arc::new(|_| Ok(())))
+    }
+
+    /// [`HttpClient::new`], with every address a host's name resolves to put before `admit`:
+    /// a request whose host resolves to any address it refuses fails with
+    /// [`HttpError::AddressRefused`] before anything is sent.
+    pub fn with_admission(limits: HttpLimits, admit: Admission) -> HttpClient {
         let config = ureq::Agent::config_builder()
             .timeout_global(Some(limits.timeout))
             .max_redirects(0)
@@ -363,8 +448,9 @@ impl HttpClient {
             .user_agent(concat!("ice/", env!("CARGO_PKG_VERSION")))
             .build();
         HttpClient {
-            agent: ureq::Agent::new_with_config(config),
+            config,
             limits,
+            admit,
         }
     }
 
@@ -447,8 +533,16 @@ impl HttpClient {
             request_body.len() as u64,
             self.limits.max_response_bytes,
         );
-        let built = self
-            .agent
+        // An agent of its own: its resolver records this request's addresses, and it connects
+        // only to those (nothing resolves the name again between the check and the connection).
+        let seen = Arc::new(Mutex::new(Resolution::default()));
+        let resolver = AdmittingResolver {
+            inner: DefaultResolver::default(),
+            admit: self.admit.clone(),
+            seen: seen.clone(),
+        };
+        let agent = ureq::Agent::with_parts(self.config.clone(), DefaultConnector::new(), resolver);
+        let built = agent
             .configure_request(built)
             .timeout_global(Some(timeout))
             .build();
@@ -483,12 +577,16 @@ impl HttpClient {
                 source: Box::new(other),
             },
         };
-        let response = if request_body.is_empty() {
-            self.agent.run(built.map(|_| ()))
+        let sent = if request_body.is_empty() {
+            agent.run(built.map(|_| ()))
         } else {
-            self.agent.run(built)
-        }
-        .map_err(transport)?;
+            agent.run(built)
+        };
+        let resolution = std::mem::take(&mut *seen.lock().unwrap_or_else(PoisonError::into_inner));
+        let response = sent.map_err(|e| match resolution.refused {
+            Some((host, address, why)) => HttpError::AddressRefused { host, address, why },
+            None => transport(e),
+        })?;
         let status = response.status().as_u16();
         let headers: Vec<(String, String)> = response
             .headers()
@@ -535,6 +633,11 @@ impl HttpClient {
                 status,
                 location,
                 body_truncated,
+                addresses: resolution
+                    .addresses
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
             },
         };
         Ok(HttpResponse {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ice_authority::payload::DenialCode;
-use ice_authority::{Authorization, EffectClass, Registry, Resource, ResourceKind};
+use ice_authority::{Authorization, EffectClass, HTTP_CONNECT, Registry, Resource, ResourceKind};
 use ice_effects::{AuthorizationError, Stage, StageError};
 use ice_kernel::{CapabilityProposal, Cost, Digest, EventType};
 use serde_json::{Map, Value, json};
@@ -444,12 +444,62 @@ fn staged_performed(path: &str, staged: ice_effects::StagedEffect, bytes: u64) -
     }
 }
 
-/// A network or process effect.
+/// The connection checks of an HTTP call: each address its host resolves to is decided
+/// (`http.connect`, [`ice_authority::PolicySet::refuses_connection`]) with the call's own
+/// principal, resource and context, by the policy that permitted the call.
+pub struct ConnectionCheck {
+    pub policy: std::sync::Arc<ice_authority::PolicySet>,
+    pub registry: std::sync::Arc<Registry>,
+    pub entities: std::sync::Arc<ice_authority::EntityCache>,
+    pub run: ice_kernel::RunId,
+    pub agent: String,
+    pub resource: Resource,
+    pub intent: String,
+    /// What the policy read as `context.arguments` for the call.
+    pub arguments: Value,
+    pub budget_left: ice_authority::BudgetLeft,
+    /// Where the forbids that refused a connection are left, for the denial's record.
+    pub refused_by: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ConnectionCheck {
+    /// `Err(why)` if a forbid refuses a connection to `address`: the policies and the version.
+    pub fn check(&self, address: std::net::IpAddr) -> Result<(), String> {
+        let request = ice_authority::Request::builder(
+            &self.run,
+            &self.agent,
+            "http.request",
+            self.resource.clone(),
+        )
+        .intent(&self.intent)
+        .arguments(&self.arguments)
+        .budget_left(self.budget_left)
+        .entity_cache(&self.entities)
+        .connecting_to(address)
+        .build(&self.registry)
+        .map_err(|e| format!("the connection check could not be made: {e}"))?;
+        match self.policy.refuses_connection(&request) {
+            Some(decision) => {
+                *self
+                    .refused_by
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    decision.determining_policies().to_vec();
+                Err(format!("{HTTP_CONNECT} {decision}"))
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+/// A network or process effect. An HTTP call connects only to addresses `connections` (if
+/// any) lets it.
 pub async fn perform_remote(
     auth: &Authorization,
     target: &Target,
     arguments: &Value,
     reserved: &Cost,
+    connections: Option<ConnectionCheck>,
 ) -> Result<Performed, (DenialCode, String)> {
     match (auth.capability(), target) {
         ("http.request", Target::Http(url)) => {
@@ -461,10 +511,17 @@ pub async fn perform_remote(
                 .as_bytes()
                 .to_vec();
             let limit = reserved.bytes.saturating_sub(body.len() as u64);
-            let client = ice_effects::http::HttpClient::new(ice_effects::http::HttpLimits {
+            let limits = ice_effects::http::HttpLimits {
                 timeout: HTTP_TIMEOUT,
                 max_response_bytes: limit,
-            });
+            };
+            let client = match connections {
+                Some(check) => ice_effects::http::HttpClient::with_admission(
+                    limits,
+                    std::sync::Arc::new(move |ip| check.check(ip)),
+                ),
+                None => ice_effects::http::HttpClient::new(limits),
+            };
             // The target the policy decided on, sent as it is (not parsed again).
             let (target, sent) = (url.clone(), method.clone());
             let auth = auth.clone();
@@ -486,6 +543,7 @@ pub async fn perform_remote(
                         DenialCode::GrantConstraint
                     }
                     ice_effects::http::HttpError::Refused(_) => DenialCode::Confinement,
+                    ice_effects::http::HttpError::AddressRefused { .. } => DenialCode::PolicyDenied,
                     _ => DenialCode::EffectFailed,
                 };
                 (code, e.to_string())

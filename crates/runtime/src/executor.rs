@@ -1243,11 +1243,31 @@ impl Ctx<'_> {
         // the live stage, which must hold only what the log says was staged).
         let staged_before = matches!(target, act::Target::Path(_) | act::Target::Dir(_))
             .then(|| guard.stage.ops().len());
+        // The forbids that refused a connection, if one was refused.
+        let refused_by: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
         let performed = match target {
             act::Target::Http(_) => {
+                // Every address the host resolves to is decided before anything is sent
+                // (`http.connect`), by the policy that decided the call, with its context.
+                let connections = guard
+                    .policy
+                    .checks_connections()
+                    .then(|| act::ConnectionCheck {
+                        policy: guard.policy.clone(),
+                        registry: self.rt.registry.clone(),
+                        entities: self.rt.entities.clone(),
+                        run: self.run.clone(),
+                        agent: agent.to_string(),
+                        resource: resource.clone(),
+                        intent: r.intent.clone(),
+                        arguments: act::policy_arguments(&r.capability, &r.arguments, target),
+                        budget_left: guard.books.budget.left(),
+                        refused_by: refused_by.clone(),
+                    });
                 guard.in_flight += 1;
                 drop(guard);
-                let p = act::perform_remote(&auth, target, &r.arguments, &amount).await;
+                let p =
+                    act::perform_remote(&auth, target, &r.arguments, &amount, connections).await;
                 guard = self.live.lock().await;
                 guard.in_flight -= 1;
                 p
@@ -1350,6 +1370,13 @@ impl Ctx<'_> {
                 self.append(live, |_| vec![settle(actual)]).await?;
                 let mut d = Self::denial(r, Some(resource), code, detail);
                 d.grant = Some(grant);
+                if code == DenialCode::PolicyDenied {
+                    d.policies = std::mem::take(
+                        &mut *refused_by
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner),
+                    );
+                }
                 self.refuse(live, agent, r, Some(req), d, None).await
             }
         }

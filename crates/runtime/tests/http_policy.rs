@@ -324,3 +324,86 @@ permit(principal == Agent::"fetcher", action == Action::"http.request", resource
     assert_eq!(seen.lock().unwrap().as_slice(), ["/admin"]);
     session.finish().await.unwrap();
 }
+
+/// A name cannot lead past a forbid on addresses: every address the host resolves to is decided
+/// (`http.connect`) before anything is sent. Only forbids naming `http.connect` take part, so an
+/// allowlist written for every action still lets the call through, and the record names the
+/// address and the forbid. The run replays without a divergence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_resolves_to_a_forbidden_address_is_never_contacted() {
+    let (port, seen) = endpoint();
+    let allow = r#"
+@id("local-names")
+permit(principal == Agent::"fetcher", action == Action::"http.request", resource)
+when { resource == Host::"localhost" || resource == Host::"127.0.0.1" };
+
+@id("only-local")
+forbid(principal, action, resource)
+unless { resource == Host::"localhost" || resource == Host::"127.0.0.1" };
+"#;
+    let no_loopback = format!(
+        "{allow}\n@id(\"no-loopback\")\nforbid(principal, action == Action::\"http.connect\", resource) when {{ context.address.isLoopback() }};\n"
+    );
+    let h = H::new(&no_loopback);
+    let (spec, _) = h.spec("resolved-forbidden", "fetcher", "", "");
+    let session =
+        h.rt.open_session(spec, "fetcher", &ice_runtime::Quiet)
+            .await
+            .unwrap();
+    for host in ["localhost", "127.0.0.1"] {
+        let outcome = session
+            .propose(&get(&format!("http://{host}:{port}/a")))
+            .await
+            .unwrap()
+            .expect("an outcome");
+        let (reason, detail) =
+            denied_by(&outcome).unwrap_or_else(|| panic!("{host}: permitted: {outcome:?}"));
+        assert_eq!(reason, "policy_denied", "{detail}");
+        assert!(
+            detail.contains(&format!("{host} resolves to"))
+                && detail.contains("http.connect")
+                && detail.contains("no-loopback"),
+            "{detail}"
+        );
+    }
+    session.finish().await.unwrap();
+    assert!(seen.lock().unwrap().is_empty(), "the server was contacted");
+    let events = h.events("resolved-forbidden").await;
+    assert!(of_type(&events, EventType::APIRequestExecuted).is_empty());
+    // Each call was permitted and its grant used: the refusal is the connection's, recorded.
+    assert_eq!(of_type(&events, EventType::CapabilityUsed).len(), 2);
+    assert_eq!(denial_codes(&events), ["policy_denied", "policy_denied"]);
+    for denied in of_type(&events, EventType::CapabilityDenied) {
+        assert_eq!(denied.payload["policies"], json!(["no-loopback"]));
+    }
+    let id = ice_kernel::RunId::new("resolved-forbidden").unwrap();
+    let replayed = h.rt.replay(&id).await.unwrap();
+    assert!(
+        replayed.divergences.is_empty(),
+        "{:?}",
+        replayed.divergences
+    );
+
+    // A forbid on other addresses: the allowlist for every action is not asked about the
+    // address, so the call goes through, and the evidence names the address contacted.
+    let elsewhere = format!(
+        "{allow}\n@id(\"no-metadata\")\nforbid(principal, action == Action::\"http.connect\", resource) when {{ context.address.isInRange(ip(\"169.254.0.0/16\")) }};\n"
+    );
+    let (outcomes, events) = calls(
+        "resolved-allowed",
+        &elsewhere,
+        &[get(&format!("http://127.0.0.1:{port}/b"))],
+    )
+    .await;
+    assert!(
+        matches!(outcomes[0], Outcome::Done { .. }),
+        "{:?}",
+        outcomes[0]
+    );
+    assert_eq!(*seen.lock().unwrap(), ["/b"]);
+    let executed = of_type(&events, EventType::APIRequestExecuted);
+    assert_eq!(
+        executed[0].payload["evidence"]["http"]["addresses"],
+        json!(["127.0.0.1"])
+    );
+}

@@ -593,3 +593,56 @@ fn a_grants_constraints_tighten_the_clients_limits() {
     );
     assert!(started.elapsed() < Duration::from_secs(2));
 }
+
+#[test]
+fn an_address_the_admission_check_refuses_is_never_contacted() {
+    let server = Server::start();
+    let limits = HttpLimits {
+        timeout: Duration::from_secs(10),
+        max_response_bytes: 1 << 20,
+    };
+    let asked = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let a = asked.clone();
+    let refusing = HttpClient::with_admission(
+        limits,
+        std::sync::Arc::new(move |ip: std::net::IpAddr| {
+            a.lock().unwrap().push(ip);
+            if ip.is_loopback() {
+                Err("loopback is off limits".to_string())
+            } else {
+                Ok(())
+            }
+        }),
+    );
+    for host in ["localhost", "127.0.0.1"] {
+        let auth = host_auth(host, EffectClass::Read);
+        match refusing.request(&auth, &get(server.url(host, "/x"))) {
+            Err(HttpError::AddressRefused {
+                host: h,
+                address,
+                why,
+            }) => {
+                assert_eq!(h, host);
+                assert!(address.is_loopback(), "{address}");
+                assert_eq!(why, "loopback is off limits");
+            }
+            other => panic!("{host}: expected a refused address, got {other:?}"),
+        }
+    }
+    assert!(!asked.lock().unwrap().is_empty());
+    assert_eq!(server.connections(), 0, "a refused address was contacted");
+    // An admitting check changes nothing.
+    let admitting =
+        HttpClient::with_admission(limits, std::sync::Arc::new(|_: std::net::IpAddr| Ok(())));
+    let auth = host_auth("127.0.0.1", EffectClass::Read);
+    let response = admitting
+        .request(&auth, &get(server.url("127.0.0.1", "/y")))
+        .unwrap();
+    assert_eq!(response.status, 200);
+    // The evidence names the address contacted.
+    assert_eq!(
+        response.evidence.to_json()["http"]["addresses"],
+        serde_json::json!(["127.0.0.1"])
+    );
+    assert_eq!(server.connections(), 1);
+}
