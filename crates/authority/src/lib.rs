@@ -84,6 +84,6 @@ pub use policy::{
 };
 pub use request::{
     ArgumentError, ArgumentProblem, BudgetLeft, EntityCache, HTTP_CONNECT, Request, RequestBuilder,
-    RequestError, Resource, ResourceError,
+    RequestError, Resource, ResourceError, connection_address,
 };
 pub use schema::{Schema, SchemaError};

@@ -512,6 +512,9 @@ pub struct CapabilityDeniedPayload {
     /// The policies that determined a policy denial (may be empty; absent reads as empty).
     #[serde(default)]
     pub policies: Vec<String>,
+    /// For a connection the policy refused (`http.connect`): the address, as decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
     /// The grant whose use was refused, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<EventId>,

@@ -690,6 +690,21 @@ fn parse_file(
                 )),
             }
         }
+        // Only a connection check has `context.address`: a policy whose scope does not name it
+        // can test for it (`context has address && …`) and validate, but never applies.
+        if !actions_of(&policy).is_some_and(|a| a.iter().any(|a| a == HTTP_CONNECT))
+            && reads_context_address(&policy)
+        {
+            warnings.push(diag(
+                Severity::Warning,
+                file,
+                at("address"),
+                Some(&id),
+                format!(
+                    "reads context.address, which only {HTTP_CONNECT} has, but its scope does not name Action::\"{HTTP_CONNECT}\": it never applies to an address; write `action == Action::\"{HTTP_CONNECT}\"`"
+                ),
+            ));
+        }
         // A limit on actions that cannot exceed it is a mistake worth saying.
         if let Some(actions) = actions_of(&policy) {
             if effect == PolicyEffect::Permit && actions.iter().any(|a| a == HTTP_CONNECT) {
@@ -754,6 +769,32 @@ fn parse_file(
             },
         });
     }
+}
+
+/// Whether a policy's conditions read or test `context.address` (in Cedar's JSON form: an
+/// attribute access or `has` on the variable `context` with attribute `address`).
+fn reads_context_address(policy: &cedar::Policy) -> bool {
+    fn walk(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::Object(map) => {
+                let on_context = [".", "has"].iter().any(|op| {
+                    map.get(*op).is_some_and(|access| {
+                        access.get("attr").and_then(serde_json::Value::as_str) == Some("address")
+                            && access.get("left").and_then(|l| l.get("Var"))
+                                == Some(&serde_json::Value::from("context"))
+                    })
+                });
+                on_context || map.values().any(walk)
+            }
+            serde_json::Value::Array(items) => items.iter().any(walk),
+            _ => false,
+        }
+    }
+    policy
+        .to_json()
+        .ok()
+        .and_then(|json| json.get("conditions").map(walk))
+        .unwrap_or(false)
 }
 
 /// The actions a policy's scope names (`None`: any action). ICE's schema has no action
@@ -1037,15 +1078,30 @@ impl PolicySet {
     }
 
     /// Decide a request by evaluating every policy, without pre-selection. Slower; it is the
-    /// reference [`PolicySet::decide`] is tested against.
+    /// reference [`PolicySet::decide`] is tested against. A connection check evaluates every
+    /// policy whose scope names [`HTTP_CONNECT`], picked here from each scope afresh.
     pub fn decide_unindexed(&self, request: &Request) -> Decision {
         let mut outcome = Outcome::default();
-        let set = if request.capability() == HTTP_CONNECT {
-            &self.connect
+        if request.capability() == HTTP_CONNECT {
+            let names_connect = |uid: &cedar::EntityUid| {
+                uid.type_name().to_string() == "Action" && uid.id().unescaped() == HTTP_CONNECT
+            };
+            let written_for_it = self
+                .whole
+                .policies()
+                .filter(|p| match p.action_constraint() {
+                    cedar::ActionConstraint::Any => false,
+                    cedar::ActionConstraint::Eq(uid) => names_connect(&uid),
+                    cedar::ActionConstraint::In(uids) => uids.iter().any(names_connect),
+                });
+            match cedar::PolicySet::from_policies(written_for_it.cloned()) {
+                Ok(set) => outcome.add(self, &set, request),
+                // Cannot happen (the ids were unique in the whole set); fail closed if it does.
+                Err(e) => outcome.failed_forbids.push(format!("<policy set>: {e}")),
+            }
         } else {
-            &self.whole
-        };
-        outcome.add(self, set, request);
+            outcome.add(self, &self.whole, request);
+        }
         outcome.decide(self)
     }
 

@@ -185,6 +185,22 @@ fn embedded_ipv4(ip: &Ipv6Addr) -> Option<Ipv4Addr> {
     }
 }
 
+/// The address a connection check decides: an IPv6 address that reaches an IPv4 one is that
+/// IPv4 address, so one set of IPv4 ranges covers it. Besides the forms [`embedded_ipv4`]
+/// reads, that is the NAT64 well-known prefix `64:ff9b::/96` (RFC 6052), which a NAT64
+/// gateway translates to the IPv4 address in its last 32 bits (a private one included).
+pub fn connection_address(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V6(v6) => match v6.segments() {
+            [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => {
+                IpAddr::V4(Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo)))
+            }
+            _ => embedded_ipv4(&v6).map_or(address, IpAddr::V4),
+        },
+        v4 => v4,
+    }
+}
+
 /// Canonicalise a host: lower case, one trailing dot removed; IP addresses in their standard
 /// text form, an IPv6 address that embeds an IPv4 one as that IPv4 address (one name per
 /// address, so `forbid resource == Host::"169.254.169.254"` also holds for
@@ -845,8 +861,7 @@ impl<'a> RequestBuilder<'a> {
 
     /// Make this `http.request` call's connection check instead: the request for
     /// [`HTTP_CONNECT`] on the same host, with the same context and `context.address` the
-    /// address about to be contacted (an IPv6 address that embeds an IPv4 one given as that
-    /// IPv4 address). Decide it with [`PolicySet::refuses_connection`](crate::PolicySet::refuses_connection).
+    /// address about to be contacted, as [`connection_address`] gives it. Decide it with [`PolicySet::refuses_connection`](crate::PolicySet::refuses_connection).
     pub fn connecting_to(mut self, address: IpAddr) -> Self {
         self.address = Some(address);
         self
@@ -902,10 +917,7 @@ impl<'a> RequestBuilder<'a> {
         ];
         let capability = match self.address {
             Some(address) => {
-                let address = match address {
-                    IpAddr::V6(v6) => embedded_ipv4(&v6).map_or(address, IpAddr::V4),
-                    v4 => v4,
-                };
+                let address = connection_address(address);
                 pairs.push((
                     "address".to_string(),
                     cedar::RestrictedExpression::new_ip(address.to_string()),

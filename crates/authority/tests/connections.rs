@@ -113,6 +113,9 @@ fn only_forbids_naming_the_connection_check_refuse_an_address() {
         "::ffff:169.254.169.254",
         "::ffff:127.0.0.1",
         "::10.0.0.1",
+        // NAT64's well-known prefix reaches the IPv4 address in its last 32 bits.
+        "64:ff9b::7f00:1",
+        "64:ff9b::a9fe:a9fe",
     ] {
         assert_eq!(
             refused(&set, &connection("api.example.com", 80, address, none)),
@@ -128,8 +131,8 @@ fn only_forbids_naming_the_connection_check_refuse_an_address() {
         ),
         None
     );
-    // Public IPv6, and an IPv6 address that only looks like it embeds one.
-    for address in ["2606:4700::1111", "64:ff9b::7f00:1"] {
+    // Public IPv6, a public address through NAT64, and a prefix that is not NAT64's.
+    for address in ["2606:4700::1111", "64:ff9b::808:808", "64:ff9c::7f00:1"] {
         assert_eq!(
             refused(&set, &connection("api.example.com", 443, address, none)),
             None,
@@ -274,4 +277,39 @@ fn only_an_http_call_on_a_host_has_a_connection_check() {
     .build(&Registry::standard())
     .expect("request");
     assert!(set.refuses_connection(&read).is_some());
+}
+
+/// A policy for any action is not asked about addresses, even one that would hold for every
+/// connection check; it is warned about, since it can never apply to one.
+#[test]
+fn a_policy_for_any_action_is_not_asked_about_addresses() {
+    let set = policies(
+        r#"
+@id("everything-with-an-address")
+forbid(principal, action, resource) when { context has address };
+@id("loopback-connections")
+forbid(principal, action in [Action::"http.request", Action::"http.connect"], resource)
+when { context has address && context.address.isLoopback() };
+"#,
+    );
+    let warned: Vec<_> = set
+        .warnings()
+        .iter()
+        .filter_map(|d| d.policy.as_deref())
+        .collect();
+    assert_eq!(
+        warned,
+        ["everything-with-an-address"],
+        "{:?}",
+        set.warnings()
+    );
+    let none = BudgetLeft::default();
+    assert_eq!(
+        refused(&set, &connection("example.com", 80, "8.8.8.8", none)),
+        None
+    );
+    assert_eq!(
+        refused(&set, &connection("example.com", 80, "127.0.0.1", none)),
+        Some(vec!["loopback-connections".to_string()])
+    );
 }

@@ -1,6 +1,7 @@
 //! Pre-selection by action and resource type never changes a decision: for any policy set and
-//! any request, `decide` (pre-selected) equals `decide_unindexed` (every policy evaluated),
-//! verdict, determining policies, errors and version alike.
+//! any request, `decide` (pre-selected) equals `decide_unindexed` (every policy evaluated; for
+//! a connection check, every policy whose scope names `http.connect`), verdict, determining
+//! policies, errors and version alike.
 
 use std::collections::HashSet;
 
@@ -12,7 +13,7 @@ use ice_kernel::RunId;
 use proptest::prelude::*;
 use serde_json::json;
 
-const ACTIONS: [&str; 7] = [
+const ACTIONS: [&str; 8] = [
     "fs.read",
     "fs.list",
     "fs.write",
@@ -20,6 +21,8 @@ const ACTIONS: [&str; 7] = [
     "http.request",
     "process.exec",
     "mcp.call",
+    // Not a capability: a request for it is an http.request call's connection check.
+    "http.connect",
 ];
 
 const PRINCIPALS: [&str; 6] = [
@@ -56,7 +59,7 @@ const RESOURCES: [&str; 22] = [
     "resource is Host in Domain::\"example.org\"",
 ];
 
-const CONDITIONS: [&str; 7] = [
+const CONDITIONS: [&str; 9] = [
     "",
     " when { context.effect == EffectClass::\"external\" }",
     " when { context.effect != EffectClass::\"read\" }",
@@ -65,6 +68,9 @@ const CONDITIONS: [&str; 7] = [
     " unless { context.intent like \"*deploy*\" }",
     " when { context.run == \"run-1\" }",
     " when { context.budget has tool_calls && context.budget.tool_calls < 3 }",
+    // Only a connection check has an address.
+    " when { context has address && context.address.isLoopback() }",
+    " unless { context has address && context.address.isInRange(ip(\"10.0.0.0/8\")) }",
 ];
 
 const ANNOTATIONS: [&str; 3] = ["", "@approval(\"required\") ", "@external(\"permit\") "];
@@ -141,7 +147,7 @@ fn kind_of_action(action: &str) -> usize {
     match action {
         "fs.read" | "fs.write" | "fs.delete" => 0,
         "fs.list" => 1,
-        "http.request" => 2,
+        "http.request" | "http.connect" => 2,
         "mcp.call" => 3,
         _ => 4,
     }
@@ -167,8 +173,10 @@ fn build_request_with(spec: &RequestSpec, cache: Option<&EntityCache>) -> Reques
     } else {
         "fix a bug"
     };
-    let builder = Request::builder(&run, agent, capability, resource_for(kind, spec.resource))
-        .arguments(if capability == "http.request" {
+    let connect = capability == "http.connect";
+    let asked = if connect { "http.request" } else { capability };
+    let builder = Request::builder(&run, agent, asked, resource_for(kind, spec.resource))
+        .arguments(if asked == "http.request" {
             &arguments
         } else {
             &no_arguments
@@ -179,9 +187,19 @@ fn build_request_with(spec: &RequestSpec, cache: Option<&EntityCache>) -> Reques
             tool_calls: spec.tool_calls,
             ..BudgetLeft::default()
         });
-    match cache {
+    let builder = match cache {
         Some(cache) => builder.entity_cache(cache),
         None => builder,
+    };
+    let addresses = ["127.0.0.1", "10.1.2.3", "8.8.8.8", "::ffff:10.0.0.1", "::1"];
+    if connect {
+        builder.connecting_to(
+            addresses[spec.resource % addresses.len()]
+                .parse()
+                .expect("address"),
+        )
+    } else {
+        builder
     }
     .build(&Registry::standard())
     .expect("request builds")
@@ -313,6 +331,8 @@ fn preselection_agrees_on_every_policy_form_and_request_shape() {
             Some(vec![0, 4]),
             Some(vec![5]),
             Some(vec![6, 1]),
+            Some(vec![7]),
+            Some(vec![4, 7]),
         ]
         .into_iter()
         .enumerate()
@@ -331,6 +351,7 @@ fn preselection_agrees_on_every_policy_form_and_request_shape() {
     assert!(set.len() > 60, "only {} policies were valid", set.len());
     let mut seen = HashSet::new();
     let mut decisions = 0;
+    let mut connect_refusals = HashSet::new();
     // Holds every resource of the table, so later requests take their entities from it.
     let cache = EntityCache::new(64, 1 << 20);
     for agent in 0..3 {
@@ -357,6 +378,9 @@ fn preselection_agrees_on_every_policy_form_and_request_shape() {
                                 "the entity cache changed the decision for {spec:?}"
                             );
                             decisions += 1;
+                            if ACTIONS.get(action) == Some(&"http.connect") {
+                                connect_refusals.insert(set.refuses_connection(&request).is_some());
+                            }
                             seen.insert(match decision.verdict {
                                 Verdict::Permit { .. } => "permit",
                                 Verdict::PermitWithApproval { .. } => "approval",
@@ -370,7 +394,12 @@ fn preselection_agrees_on_every_policy_form_and_request_shape() {
             }
         }
     }
-    assert_eq!(decisions, 3 * 8 * 20 * 2 * 3 * 2);
+    assert_eq!(decisions, 3 * 9 * 20 * 2 * 3 * 2);
+    assert_eq!(
+        connect_refusals.len(),
+        2,
+        "connection checks were only ever {connect_refusals:?}"
+    );
     for kind in [
         "permit",
         "approval",
@@ -410,6 +439,6 @@ fn preselection_considers_fewer_policies() {
         tool_calls: None,
     });
     let explanation = set.explain(&request);
-    assert_eq!(explanation.total, 28);
+    assert_eq!(explanation.total, 32);
     assert_eq!(explanation.considered, 4);
 }

@@ -117,23 +117,32 @@ when { resource.path like ".env*" || resource.path like "*/.env*" };
 // Once an HTTP call is permitted, every address its host resolves to is checked before anything
 // is sent (action "http.connect": context.address is the IP address, the resource and the rest
 // of the context are the call's). Only forbids that name http.connect take part; the call's
-// other policies are not asked again. This one keeps calls off this machine, the private
-// networks and the cloud metadata address, whatever name leads there; a call to a name that
-// resolves to one of them is refused and nothing is sent. To let an agent reach a service on
-// the private network, add an `unless { resource == Host::"…" }` naming it.
+// other policies are not asked again. This one keeps calls off loopback, the private, shared
+// and link-local networks, the cloud metadata addresses and reserved ranges, whatever name
+// leads there (an IPv6 address reaching an IPv4 one, mapped or through NAT64's 64:ff9b::/96,
+// is checked as that IPv4 address); a call to a name that resolves to one of them is refused
+// and nothing is sent. It cannot know this machine's own public addresses: name them here if
+// agents must not reach them. To let an agent reach a service on a private network, add
+// `unless { resource == Host::"…" }` naming it.
 @id("no-private-addresses")
 forbid (principal, action == Action::"http.connect", resource)
 when {
   context.address.isLoopback() ||
+  context.address.isMulticast() ||
   context.address.isInRange(ip("0.0.0.0/8")) ||
   context.address.isInRange(ip("10.0.0.0/8")) ||
   context.address.isInRange(ip("100.64.0.0/10")) ||
-  context.address.isInRange(ip("172.16.0.0/12")) ||
-  context.address.isInRange(ip("192.168.0.0/16")) ||
+  context.address.isInRange(ip("168.63.129.16/32")) ||
   context.address.isInRange(ip("169.254.0.0/16")) ||
+  context.address.isInRange(ip("172.16.0.0/12")) ||
+  context.address.isInRange(ip("192.0.0.0/24")) ||
+  context.address.isInRange(ip("192.168.0.0/16")) ||
+  context.address.isInRange(ip("198.18.0.0/15")) ||
+  context.address.isInRange(ip("240.0.0.0/4")) ||
   context.address.isInRange(ip("::/128")) ||
   context.address.isInRange(ip("fc00::/7")) ||
-  context.address.isInRange(ip("fe80::/10"))
+  context.address.isInRange(ip("fe80::/10")) ||
+  context.address.isInRange(ip("fec0::/10"))
 };
 
 // Nothing else is permitted: no network, no commands, no MCP tools. EXAMPLES (to use one,
@@ -1004,6 +1013,14 @@ mod tests {
             "fd00::1",
             "fe80::1",
             "::ffff:192.168.0.1",
+            "64:ff9b::a00:5",
+            "168.63.129.16",
+            "192.0.0.192",
+            "198.18.0.1",
+            "255.255.255.255",
+            "224.0.0.1",
+            "ff02::1",
+            "fec0::1",
         ] {
             assert_eq!(
                 refused(address),
@@ -1011,7 +1028,12 @@ mod tests {
                 "{address}"
             );
         }
-        for address in ["8.8.8.8", "172.32.0.1", "2606:4700::1111"] {
+        for address in [
+            "8.8.8.8",
+            "172.32.0.1",
+            "2606:4700::1111",
+            "64:ff9b::808:808",
+        ] {
             assert_eq!(refused(address), None, "{address}");
         }
     }

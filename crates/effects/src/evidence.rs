@@ -84,8 +84,9 @@ pub enum Detail {
         location: Option<String>,
         /// Whether the response body was cut at the limit.
         body_truncated: bool,
-        /// The addresses the host resolved to, each checked before any connection, in the
-        /// resolver's order (the connection went to the first that answered).
+        /// The addresses the host resolved to, in the resolver's order (the connection went to
+        /// the first that answered), each put before the client's admission check, if it has
+        /// one, before any connection was made.
         addresses: Vec<String>,
     },
     /// A command run.

@@ -379,7 +379,9 @@ impl std::fmt::Debug for HttpClient {
     }
 }
 
-/// An admission check on the addresses a host's name resolves to: `Err(why)` refuses one.
+/// An admission check on the addresses a host's name resolves to: `Err(why)` refuses one. An
+/// IPv6 address that reaches an IPv4 one is given as that IPv4 address
+/// ([`ice_authority::connection_address`]).
 pub type Admission = Arc<dyn Fn(IpAddr) -> Result<(), String> + Send + Sync>;
 
 /// What one request's resolution found: every address checked, and the one refused.
@@ -415,7 +417,8 @@ impl Resolver for AdmittingResolver {
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         for addr in addrs.iter() {
             seen.addresses.push(addr.ip());
-            if let Err(why) = (self.admit)(addr.ip()) {
+            // Checked as the IPv4 address it reaches, if it reaches one (`::ffff:127.0.0.1`).
+            if let Err(why) = (self.admit)(ice_authority::connection_address(addr.ip())) {
                 let host = uri.host().unwrap_or_default().to_string();
                 let message = format!("{host} resolves to {}, which is refused: {why}", addr.ip());
                 seen.refused = Some((host, addr.ip(), why));

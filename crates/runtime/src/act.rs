@@ -444,11 +444,10 @@ fn staged_performed(path: &str, staged: ice_effects::StagedEffect, bytes: u64) -
     }
 }
 
-/// The connection checks of an HTTP call: each address its host resolves to is decided
-/// (`http.connect`, [`ice_authority::PolicySet::refuses_connection`]) with the call's own
-/// principal, resource and context, by the policy that permitted the call.
-pub struct ConnectionCheck {
-    pub policy: std::sync::Arc<ice_authority::PolicySet>,
+/// An HTTP call, as its connection checks see it: each address its host resolves to is
+/// decided (`http.connect`, [`ice_authority::PolicySet::refuses_connection`]) with the call's
+/// own principal, resource and context. The live run and the replay decide through it alike.
+pub struct ConnectionCall {
     pub registry: std::sync::Arc<Registry>,
     pub entities: std::sync::Arc<ice_authority::EntityCache>,
     pub run: ice_kernel::RunId,
@@ -457,14 +456,17 @@ pub struct ConnectionCheck {
     pub intent: String,
     /// What the policy read as `context.arguments` for the call.
     pub arguments: Value,
+    /// The budget left once the call's reservation was made.
     pub budget_left: ice_authority::BudgetLeft,
-    /// Where the forbids that refused a connection are left, for the denial's record.
-    pub refused_by: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
-impl ConnectionCheck {
-    /// `Err(why)` if a forbid refuses a connection to `address`: the policies and the version.
-    pub fn check(&self, address: std::net::IpAddr) -> Result<(), String> {
+impl ConnectionCall {
+    /// The forbids of `policy` that refuse connecting to `address` (`None`: none does).
+    pub fn decide(
+        &self,
+        policy: &ice_authority::PolicySet,
+        address: std::net::IpAddr,
+    ) -> Result<Option<ice_authority::Decision>, ice_authority::RequestError> {
         let request = ice_authority::Request::builder(
             &self.run,
             &self.agent,
@@ -476,15 +478,40 @@ impl ConnectionCheck {
         .budget_left(self.budget_left)
         .entity_cache(&self.entities)
         .connecting_to(address)
-        .build(&self.registry)
-        .map_err(|e| format!("the connection check could not be made: {e}"))?;
-        match self.policy.refuses_connection(&request) {
+        .build(&self.registry)?;
+        Ok(policy.refuses_connection(&request))
+    }
+}
+
+/// A refused connection, for the denial's record: the address as decided, and the forbids that
+/// refused it.
+pub type RefusedConnection = std::sync::Arc<std::sync::Mutex<Option<(String, Vec<String>)>>>;
+
+/// The live run's connection checks of one call, under the policy that decided it.
+pub struct ConnectionCheck {
+    pub call: ConnectionCall,
+    pub policy: std::sync::Arc<ice_authority::PolicySet>,
+    /// Where a refused connection is left for the denial's record: the address as decided,
+    /// and the forbids that refused it.
+    pub refused_by: RefusedConnection,
+}
+
+impl ConnectionCheck {
+    /// `Err(why)` if a forbid refuses a connection to `address` (or the check cannot be made).
+    pub fn check(&self, address: std::net::IpAddr) -> Result<(), String> {
+        let refusal = self
+            .call
+            .decide(&self.policy, address)
+            .map_err(|e| format!("the connection check could not be made: {e}"))?;
+        match refusal {
             Some(decision) => {
                 *self
                     .refused_by
                     .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                    decision.determining_policies().to_vec();
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((
+                    ice_authority::connection_address(address).to_string(),
+                    decision.determining_policies().to_vec(),
+                ));
                 Err(format!("{HTTP_CONNECT} {decision}"))
             }
             None => Ok(()),

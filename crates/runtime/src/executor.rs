@@ -500,6 +500,7 @@ impl Ctx<'_> {
             reason,
             detail,
             policies: Vec::new(),
+            address: None,
             grant: None,
             approval: None,
             request: None,
@@ -1243,8 +1244,8 @@ impl Ctx<'_> {
         // the live stage, which must hold only what the log says was staged).
         let staged_before = matches!(target, act::Target::Path(_) | act::Target::Dir(_))
             .then(|| guard.stage.ops().len());
-        // The forbids that refused a connection, if one was refused.
-        let refused_by: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        // The connection refused (the address as decided) and the forbids that refused it.
+        let refused_by = act::RefusedConnection::default();
         let performed = match target {
             act::Target::Http(_) => {
                 // Every address the host resolves to is decided before anything is sent
@@ -1253,15 +1254,17 @@ impl Ctx<'_> {
                     .policy
                     .checks_connections()
                     .then(|| act::ConnectionCheck {
+                        call: act::ConnectionCall {
+                            registry: self.rt.registry.clone(),
+                            entities: self.rt.entities.clone(),
+                            run: self.run.clone(),
+                            agent: agent.to_string(),
+                            resource: resource.clone(),
+                            intent: r.intent.clone(),
+                            arguments: act::policy_arguments(&r.capability, &r.arguments, target),
+                            budget_left: guard.books.budget.left(),
+                        },
                         policy: guard.policy.clone(),
-                        registry: self.rt.registry.clone(),
-                        entities: self.rt.entities.clone(),
-                        run: self.run.clone(),
-                        agent: agent.to_string(),
-                        resource: resource.clone(),
-                        intent: r.intent.clone(),
-                        arguments: act::policy_arguments(&r.capability, &r.arguments, target),
-                        budget_left: guard.books.budget.left(),
                         refused_by: refused_by.clone(),
                     });
                 guard.in_flight += 1;
@@ -1368,14 +1371,21 @@ impl Ctx<'_> {
                     ..Cost::default()
                 };
                 self.append(live, |_| vec![settle(actual)]).await?;
+                // A refused connection is the policy's only when forbids refused it; a check
+                // that could not be made failed the effect (closed, all the same).
+                let refusing = refused_by
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                let code = match (code, &refusing) {
+                    (DenialCode::PolicyDenied, None) => DenialCode::EffectFailed,
+                    (other, _) => other,
+                };
                 let mut d = Self::denial(r, Some(resource), code, detail);
                 d.grant = Some(grant);
-                if code == DenialCode::PolicyDenied {
-                    d.policies = std::mem::take(
-                        &mut *refused_by
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner),
-                    );
+                if let Some((address, policies)) = refusing {
+                    d.address = Some(address);
+                    d.policies = policies;
                 }
                 self.refuse(live, agent, r, Some(req), d, None).await
             }

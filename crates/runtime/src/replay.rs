@@ -13,8 +13,10 @@
 //! it (built from the log: the outcome of each request is the output recorded with its effect
 //! or its denial) and checks that the driver proposes the recorded sequence, then re-makes each
 //! decision the runtime made (grant reuse, the policy decision under the policy files recorded
-//! at context time or by the last `PolicyReloaded`, the revocations a reload made, the budget)
-//! and checks it matches the record. A model-driven agent is given
+//! at context time or by the last `PolicyReloaded`, the revocations a reload made, the budget,
+//! and each HTTP call's connection checks: every address its evidence lists, and the address a
+//! refusal names, decided again with the budget left after the call's reservation) and checks
+//! it matches the record. A model-driven agent is given
 //! a model that answers from the recorded `InferenceStep`s (the caller builds it), so nothing
 //! calls a model: this is a determinism check of ICE's own code and of the driver. The walk
 //! goes through suspensions and resumptions: a resumed run continues the same agent, shown
@@ -612,6 +614,9 @@ struct Drive<'a> {
     agent: String,
     tools: Vec<Value>,
     memories: Vec<MountedMemory>,
+    /// Each HTTP call's request, with the budget left once its reservation was made (what its
+    /// connection checks saw), from its `CapabilityUsed` on.
+    http_calls: HashMap<EventId, ice_authority::BudgetLeft>,
     report: DriveReport,
     div: Vec<Divergence>,
 }
@@ -647,6 +652,7 @@ impl<'a> Drive<'a> {
             agent: String::new(),
             tools: Vec::new(),
             memories,
+            http_calls: HashMap::new(),
             report: DriveReport::default(),
             div: Vec::new(),
         }
@@ -700,6 +706,18 @@ impl<'a> Drive<'a> {
                     ));
                 }
             }
+            Some(EventType::CapabilityUsed)
+                if e.payload.get("capability").and_then(Value::as_str) == Some("http.request") =>
+            {
+                if let Some(req) = e.causes.first() {
+                    self.http_calls
+                        .insert(req.clone(), self.books.budget.left());
+                }
+            }
+            Some(EventType::APIRequestExecuted) => self.check_connections_made(e),
+            Some(EventType::CapabilityDenied) if e.payload.contains_key("address") => {
+                self.check_connection_refused(e);
+            }
             Some(EventType::CapabilitiesBound) => {
                 self.tools = e
                     .payload
@@ -711,6 +729,149 @@ impl<'a> Drive<'a> {
             _ => {}
         }
         self.i += 1;
+    }
+
+    /// The connection checks of the HTTP call whose request is `req`, as the live run made
+    /// them: its proposal from the record, resolved as the runtime resolves it, and the budget
+    /// left once its reservation was made.
+    fn connection_call(&self, req: &EventId) -> Result<act::ConnectionCall, String> {
+        let requested = self
+            .events
+            .get(usize::try_from(req.run_seq).unwrap_or(usize::MAX))
+            .filter(|x| x.id() == *req)
+            .or_else(|| self.events.iter().find(|x| x.id() == *req))
+            .ok_or_else(|| format!("its request {req} is not in the record"))?;
+        let text = |k: &str| {
+            requested
+                .payload
+                .get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let proposal = CapabilityProposal {
+            capability: text("capability"),
+            target: text("target"),
+            arguments: requested
+                .payload
+                .get("arguments")
+                .cloned()
+                .unwrap_or_default(),
+            intent: requested.intent.clone().unwrap_or_default(),
+        };
+        let spec = self.books.spec.as_ref().ok_or("no recorded spec")?;
+        let (resource, _, target) = act::resolve_target(
+            &self.rt.registry,
+            &proposal,
+            &spec.servers,
+            &Bound(&self.tools),
+        )
+        .map_err(|(_, why)| format!("its target does not resolve: {why}"))?;
+        let budget_left = *self
+            .http_calls
+            .get(req)
+            .ok_or_else(|| format!("no grant use of request {req} is recorded"))?;
+        Ok(act::ConnectionCall {
+            registry: self.rt.registry.clone(),
+            entities: self.rt.entities.clone(),
+            run: self.run.clone(),
+            agent: self.agent.clone(),
+            resource,
+            intent: proposal.intent.clone(),
+            arguments: act::policy_arguments(&proposal.capability, &proposal.arguments, &target),
+            budget_left,
+        })
+    }
+
+    /// An HTTP call that was made: under a policy that checks connections, each address its
+    /// evidence lists must be one the recorded policy lets it connect to.
+    fn check_connections_made(&mut self, e: &Event) {
+        let Some(policy) = self.policy.as_ref().filter(|p| p.checks_connections()) else {
+            return;
+        };
+        let addresses = e
+            .payload
+            .get("evidence")
+            .and_then(|v| v.get("http"))
+            .and_then(|v| v.get("addresses"))
+            .and_then(Value::as_array);
+        let (Some(addresses), Some(req)) = (addresses, e.causes.first()) else {
+            self.report.unchecked.push(format!(
+                "connection checks of {}: the call's record does not list the addresses it resolved to",
+                e.id()
+            ));
+            return;
+        };
+        let call = match self.connection_call(req) {
+            Ok(c) => c,
+            Err(why) => {
+                self.diverge(format!("the connection checks cannot be re-made: {why}"));
+                return;
+            }
+        };
+        let mut problems = Vec::new();
+        let mut decided = 0;
+        for a in addresses {
+            let Some(ip) = a.as_str().and_then(|t| t.parse::<std::net::IpAddr>().ok()) else {
+                problems.push(format!("the recorded address {a} does not read"));
+                continue;
+            };
+            match call.decide(policy, ip) {
+                Ok(None) => decided += 1,
+                Ok(Some(d)) => problems.push(format!(
+                    "the recorded policy refuses connecting to {ip} ({d}); the run connected"
+                )),
+                Err(err) => problems.push(format!("the connection check of {ip}: {err}")),
+            }
+        }
+        self.report.decisions += decided;
+        for p in problems {
+            self.diverge(p);
+        }
+    }
+
+    /// A connection the live run refused: the recorded policy must refuse it too, by the same
+    /// forbids.
+    fn check_connection_refused(&mut self, e: &Event) {
+        let Some(policy) = &self.policy else {
+            self.report.unchecked.push(format!(
+                "the refused connection of {}: the run's policy files are not in the record",
+                e.id()
+            ));
+            return;
+        };
+        let address = e.payload.get("address").and_then(Value::as_str);
+        let req = e
+            .payload
+            .get("request")
+            .and_then(Value::as_str)
+            .and_then(|r| r.parse::<EventId>().ok());
+        let recorded: Vec<String> = e
+            .payload
+            .get("policies")
+            .and_then(|p| serde_json::from_value(p.clone()).ok())
+            .unwrap_or_default();
+        let (Some(ip), Some(req)) = (address.and_then(|a| a.parse().ok()), req) else {
+            self.diverge("a refused connection names no readable address or request".into());
+            return;
+        };
+        let refusal = self.connection_call(&req).and_then(|call| {
+            call.decide(policy, ip)
+                .map_err(|err| format!("the connection check of {ip}: {err}"))
+        });
+        match refusal {
+            Ok(Some(d)) if d.determining_policies() == recorded.as_slice() => {
+                self.report.decisions += 1;
+            }
+            Ok(Some(d)) => self.diverge(format!(
+                "the recorded policy refuses connecting to {ip} by {:?}; the run recorded {recorded:?}",
+                d.determining_policies()
+            )),
+            Ok(None) => self.diverge(format!(
+                "the recorded policy lets the call connect to {ip}; the run refused it ({recorded:?})"
+            )),
+            Err(why) => self.diverge(format!("the connection check cannot be re-made: {why}")),
+        }
     }
 
     /// Load the policy files an event recorded (`ContextResolved`, `PolicyReloaded`): later

@@ -325,14 +325,42 @@ permit(principal == Agent::"fetcher", action == Action::"http.request", resource
     session.finish().await.unwrap();
 }
 
-/// A name cannot lead past a forbid on addresses: every address the host resolves to is decided
-/// (`http.connect`) before anything is sent. Only forbids naming `http.connect` take part, so an
-/// allowlist written for every action still lets the call through, and the record names the
-/// address and the forbid. The run replays without a divergence.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_host_that_resolves_to_a_forbidden_address_is_never_contacted() {
-    let (port, seen) = endpoint();
-    let allow = r#"
+/// A plan of one GET per URL.
+fn gets(urls: &[String]) -> String {
+    urls.iter()
+        .map(|u| {
+            format!(
+                "[[step]]\nintent = \"fetch\"\ncapability = \"http.request\"\ntarget = \"{u}\"\narguments = {{ method = \"GET\" }}\n\n"
+            )
+        })
+        .collect()
+}
+
+/// Run `plan` as agent `fetcher` under `policy`; its events, after checking that the run
+/// replays, re-driven, without a divergence, and how many decisions that re-made.
+async fn run_and_replay(id: &str, policy: &str, plan: &str) -> (Vec<ice_kernel::Event>, u64) {
+    let h = H::new(policy);
+    let (spec, mut agent) = h.spec(id, "fetcher", "", plan);
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(
+        report.outcome,
+        ice_runtime::RunOutcome::Committed,
+        "{report:?}"
+    );
+    let (_, mut again) = h.spec(&format!("{id}-again"), "fetcher", "", plan);
+    let run = ice_kernel::RunId::new(id).unwrap();
+    let replayed = h.rt.replay_drive(&run, &mut again).await.unwrap();
+    assert!(
+        replayed.divergences.is_empty(),
+        "{:?}",
+        replayed.divergences
+    );
+    let drive = replayed.drive.unwrap();
+    assert!(drive.unchecked.is_empty(), "{:?}", drive.unchecked);
+    (h.events(id).await, drive.decisions)
+}
+
+const LOCAL_CALLS: &str = r#"
 @id("local-names")
 permit(principal == Agent::"fetcher", action == Action::"http.request", resource)
 when { resource == Host::"localhost" || resource == Host::"127.0.0.1" };
@@ -341,69 +369,74 @@ when { resource == Host::"localhost" || resource == Host::"127.0.0.1" };
 forbid(principal, action, resource)
 unless { resource == Host::"localhost" || resource == Host::"127.0.0.1" };
 "#;
-    let no_loopback = format!(
-        "{allow}\n@id(\"no-loopback\")\nforbid(principal, action == Action::\"http.connect\", resource) when {{ context.address.isLoopback() }};\n"
+
+/// A name cannot lead past a forbid on addresses: every address the host resolves to is decided
+/// (`http.connect`) before anything is sent, the denial names the address and the forbid, and
+/// the replay re-makes those decisions from the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_resolves_to_a_forbidden_address_is_never_contacted() {
+    let (port, seen) = endpoint();
+    let policy = format!(
+        "{LOCAL_CALLS}\n@id(\"no-loopback\")\nforbid(principal, action == Action::\"http.connect\", resource) when {{ context.address.isLoopback() }};\n"
     );
-    let h = H::new(&no_loopback);
-    let (spec, _) = h.spec("resolved-forbidden", "fetcher", "", "");
-    let session =
-        h.rt.open_session(spec, "fetcher", &ice_runtime::Quiet)
-            .await
-            .unwrap();
-    for host in ["localhost", "127.0.0.1"] {
-        let outcome = session
-            .propose(&get(&format!("http://{host}:{port}/a")))
-            .await
-            .unwrap()
-            .expect("an outcome");
-        let (reason, detail) =
-            denied_by(&outcome).unwrap_or_else(|| panic!("{host}: permitted: {outcome:?}"));
-        assert_eq!(reason, "policy_denied", "{detail}");
+    let plan = gets(&[
+        format!("http://localhost:{port}/a"),
+        format!("http://127.0.0.1:{port}/a"),
+    ]);
+    let (events, decisions) = run_and_replay("resolved-forbidden", &policy, &plan).await;
+    assert!(seen.lock().unwrap().is_empty(), "the server was contacted");
+    assert!(of_type(&events, EventType::APIRequestExecuted).is_empty());
+    // Each call was permitted and its grant used: the refusal is the connection's.
+    assert_eq!(of_type(&events, EventType::CapabilityUsed).len(), 2);
+    assert_eq!(denial_codes(&events), ["policy_denied", "policy_denied"]);
+    let denied = of_type(&events, EventType::CapabilityDenied);
+    for (d, host) in denied.iter().zip(["localhost", "127.0.0.1"]) {
+        assert_eq!(d.payload["policies"], json!(["no-loopback"]));
+        let address = d.payload["address"].as_str().unwrap();
+        let ip: std::net::IpAddr = address.parse().unwrap();
+        assert!(ip.is_loopback(), "{address}");
+        let detail = d.payload["detail"].as_str().unwrap();
         assert!(
-            detail.contains(&format!("{host} resolves to"))
-                && detail.contains("http.connect")
-                && detail.contains("no-loopback"),
+            detail.contains(&format!("{host} resolves to")) && detail.contains("http.connect"),
             "{detail}"
         );
     }
-    session.finish().await.unwrap();
-    assert!(seen.lock().unwrap().is_empty(), "the server was contacted");
-    let events = h.events("resolved-forbidden").await;
-    assert!(of_type(&events, EventType::APIRequestExecuted).is_empty());
-    // Each call was permitted and its grant used: the refusal is the connection's, recorded.
-    assert_eq!(of_type(&events, EventType::CapabilityUsed).len(), 2);
-    assert_eq!(denial_codes(&events), ["policy_denied", "policy_denied"]);
-    for denied in of_type(&events, EventType::CapabilityDenied) {
-        assert_eq!(denied.payload["policies"], json!(["no-loopback"]));
-    }
-    let id = ice_kernel::RunId::new("resolved-forbidden").unwrap();
-    let replayed = h.rt.replay(&id).await.unwrap();
-    assert!(
-        replayed.divergences.is_empty(),
-        "{:?}",
-        replayed.divergences
-    );
+    // Two calls and their two refused connections.
+    assert_eq!(decisions, 4);
+}
 
-    // A forbid on other addresses: the allowlist for every action is not asked about the
-    // address, so the call goes through, and the evidence names the address contacted.
-    let elsewhere = format!(
-        "{allow}\n@id(\"no-metadata\")\nforbid(principal, action == Action::\"http.connect\", resource) when {{ context.address.isInRange(ip(\"169.254.0.0/16\")) }};\n"
+/// Only forbids naming `http.connect` take part: a call whose addresses none refuses goes
+/// through, its evidence names the address, and the replay re-decides it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_no_connection_forbid_refuses_goes_through() {
+    let (port, seen) = endpoint();
+    let policy = format!(
+        "{LOCAL_CALLS}\n@id(\"no-metadata\")\nforbid(principal, action == Action::\"http.connect\", resource) when {{ context.address.isInRange(ip(\"169.254.0.0/16\")) }};\n"
     );
-    let (outcomes, events) = calls(
-        "resolved-allowed",
-        &elsewhere,
-        &[get(&format!("http://127.0.0.1:{port}/b"))],
-    )
-    .await;
-    assert!(
-        matches!(outcomes[0], Outcome::Done { .. }),
-        "{:?}",
-        outcomes[0]
-    );
+    let plan = gets(&[format!("http://127.0.0.1:{port}/b")]);
+    let (events, decisions) = run_and_replay("resolved-allowed", &policy, &plan).await;
     assert_eq!(*seen.lock().unwrap(), ["/b"]);
     let executed = of_type(&events, EventType::APIRequestExecuted);
     assert_eq!(
         executed[0].payload["evidence"]["http"]["addresses"],
         json!(["127.0.0.1"])
     );
+    // The call, and its one connection.
+    assert_eq!(decisions, 2);
+}
+
+/// A connection forbid that fails to evaluate refuses, as every broken forbid does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_forbid_that_fails_to_evaluate_refuses() {
+    let (port, seen) = endpoint();
+    let policy = format!(
+        "{LOCAL_CALLS}\n@id(\"overflows\")\nforbid(principal, action == Action::\"http.connect\", resource) when {{ context.arguments has port && context.arguments.port * 9223372036854775807 > 1 }};\n"
+    );
+    let plan = gets(&[format!("http://127.0.0.1:{port}/c")]);
+    let (events, _) = run_and_replay("broken-connection-forbid", &policy, &plan).await;
+    assert!(seen.lock().unwrap().is_empty(), "the server was contacted");
+    assert_eq!(denial_codes(&events), ["policy_denied"]);
+    let denied = of_type(&events, EventType::CapabilityDenied);
+    assert_eq!(denied[0].payload["policies"], json!(["overflows"]));
+    assert_eq!(denied[0].payload["address"], "127.0.0.1");
 }

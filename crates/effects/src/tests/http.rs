@@ -631,18 +631,32 @@ fn an_address_the_admission_check_refuses_is_never_contacted() {
     }
     assert!(!asked.lock().unwrap().is_empty());
     assert_eq!(server.connections(), 0, "a refused address was contacted");
-    // An admitting check changes nothing.
-    let admitting =
-        HttpClient::with_admission(limits, std::sync::Arc::new(|_: std::net::IpAddr| Ok(())));
+    // An admitting check changes nothing; the name is resolved, and the address checked,
+    // exactly once per request (the same client, twice).
+    let checks = std::sync::Arc::new(Mutex::new(0));
+    let c = checks.clone();
+    let admitting = HttpClient::with_admission(
+        limits,
+        std::sync::Arc::new(move |_: std::net::IpAddr| {
+            *c.lock().unwrap() += 1;
+            Ok(())
+        }),
+    );
     let auth = host_auth("127.0.0.1", EffectClass::Read);
-    let response = admitting
-        .request(&auth, &get(server.url("127.0.0.1", "/y")))
-        .unwrap();
-    assert_eq!(response.status, 200);
+    let mut response = None;
+    for n in 1..=2 {
+        let r = admitting
+            .request(&auth, &get(server.url("127.0.0.1", "/y")))
+            .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(*checks.lock().unwrap(), n);
+        response = Some(r);
+    }
+    let response = response.unwrap();
     // The evidence names the address contacted.
     assert_eq!(
         response.evidence.to_json()["http"]["addresses"],
         serde_json::json!(["127.0.0.1"])
     );
-    assert_eq!(server.connections(), 1);
+    assert_eq!(server.connections(), 2);
 }
