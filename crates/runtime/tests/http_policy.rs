@@ -370,15 +370,20 @@ forbid(principal, action, resource)
 unless { resource == Host::"localhost" || resource == Host::"127.0.0.1" };
 "#;
 
+/// [`LOCAL_CALLS`] and a forbid `id` on connections `when { condition }`.
+fn with_connection_forbid(id: &str, condition: &str) -> String {
+    format!(
+        "{LOCAL_CALLS}\n@id({id:?})\nforbid(principal, action == Action::\"http.connect\", resource) when {{ {condition} }};\n"
+    )
+}
+
 /// A name cannot lead past a forbid on addresses: every address the host resolves to is decided
 /// (`http.connect`) before anything is sent, the denial names the address and the forbid, and
 /// the replay re-makes those decisions from the record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_that_resolves_to_a_forbidden_address_is_never_contacted() {
     let (port, seen) = endpoint();
-    let policy = format!(
-        "{LOCAL_CALLS}\n@id(\"no-loopback\")\nforbid(principal, action == Action::\"http.connect\", resource) when {{ context.address.isLoopback() }};\n"
-    );
+    let policy = with_connection_forbid("no-loopback", r#"context.address.isLoopback()"#);
     let plan = gets(&[
         format!("http://localhost:{port}/a"),
         format!("http://127.0.0.1:{port}/a"),
@@ -410,8 +415,9 @@ async fn a_host_that_resolves_to_a_forbidden_address_is_never_contacted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_no_connection_forbid_refuses_goes_through() {
     let (port, seen) = endpoint();
-    let policy = format!(
-        "{LOCAL_CALLS}\n@id(\"no-metadata\")\nforbid(principal, action == Action::\"http.connect\", resource) when {{ context.address.isInRange(ip(\"169.254.0.0/16\")) }};\n"
+    let policy = with_connection_forbid(
+        "no-metadata",
+        r#"context.address.isInRange(ip("169.254.0.0/16"))"#,
     );
     let plan = gets(&[format!("http://127.0.0.1:{port}/b")]);
     let (events, decisions) = run_and_replay("resolved-allowed", &policy, &plan).await;
@@ -429,8 +435,9 @@ async fn a_call_no_connection_forbid_refuses_goes_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_forbid_that_fails_to_evaluate_refuses() {
     let (port, seen) = endpoint();
-    let policy = format!(
-        "{LOCAL_CALLS}\n@id(\"overflows\")\nforbid(principal, action == Action::\"http.connect\", resource) when {{ context.arguments has port && context.arguments.port * 9223372036854775807 > 1 }};\n"
+    let policy = with_connection_forbid(
+        "overflows",
+        r#"context.arguments has port && context.arguments.port * 9223372036854775807 > 1"#,
     );
     let plan = gets(&[format!("http://127.0.0.1:{port}/c")]);
     let (events, _) = run_and_replay("broken-connection-forbid", &policy, &plan).await;
