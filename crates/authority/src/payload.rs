@@ -515,6 +515,10 @@ pub struct CapabilityDeniedPayload {
     /// For a connection the policy refused (`http.connect`): the address, as decided.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// For an HTTP call that failed or was refused after resolving its host: the addresses
+    /// let through before it failed, as decided.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
     /// The grant whose use was refused, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<EventId>,
@@ -528,7 +532,25 @@ pub struct CapabilityDeniedPayload {
 
 impl CapabilityDeniedPayload {
     fn check(&self) -> Result<(), String> {
-        Ok(())
+        let decided = |a: &str| match a.parse::<std::net::IpAddr>() {
+            Ok(ip) if crate::request::connection_address(ip) == ip => Ok(()),
+            Ok(ip) => Err(format!(
+                "address {a:?} is not as decided (it is {})",
+                crate::request::connection_address(ip)
+            )),
+            Err(_) => Err(format!("address {a:?} is not an IP address")),
+        };
+        if let Some(a) = &self.address {
+            if self.reason != DenialCode::PolicyDenied {
+                return Err(format!(
+                    "a refused address comes with reason {}, not {}",
+                    DenialCode::PolicyDenied.as_str(),
+                    self.reason.as_str()
+                ));
+            }
+            decided(a)?;
+        }
+        self.addresses.iter().try_for_each(|a| decided(a))
     }
 }
 event_payload!(CapabilityDeniedPayload, CapabilityDenied);

@@ -188,7 +188,10 @@ fn embedded_ipv4(ip: &Ipv6Addr) -> Option<Ipv4Addr> {
 /// The address a connection check decides: an IPv6 address that reaches an IPv4 one is that
 /// IPv4 address, so one set of IPv4 ranges covers it. Besides the forms [`embedded_ipv4`]
 /// reads, that is the NAT64 well-known prefix `64:ff9b::/96` (RFC 6052), which a NAT64
-/// gateway translates to the IPv4 address in its last 32 bits (a private one included).
+/// gateway translates to the IPv4 address in its last 32 bits (a private one included). Other
+/// NAT64 prefixes (`64:ff9b:1::/48`, a network's own) cannot be told from IPv6 addresses and
+/// stay as they are. A host resource is not mapped this way: the URL goes to the host it
+/// names, and a NAT64 address is not its IPv4 address on the wire.
 pub fn connection_address(address: IpAddr) -> IpAddr {
     match address {
         IpAddr::V6(v6) => match v6.segments() {

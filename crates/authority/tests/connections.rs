@@ -313,3 +313,37 @@ when { context has address && context.address.isLoopback() };
         Some(vec!["loopback-connections".to_string()])
     );
 }
+
+/// A denial names a refused address only for a policy denial, and every address it names in
+/// the form the check decided it in.
+#[test]
+fn a_denial_names_addresses_as_decided() {
+    use ice_authority::CapabilityDeniedPayload;
+    let payload = |extra: serde_json::Value| {
+        let mut p = json!({
+            "capability": "http.request",
+            "target": "http://example.com/",
+            "reason": "policy_denied",
+            "detail": "refused",
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            p[k] = v.clone();
+        }
+        p.as_object().unwrap().clone()
+    };
+    let read = |extra| CapabilityDeniedPayload::from_payload(&payload(extra));
+    let ok = read(json!({"address": "127.0.0.1", "addresses": ["8.8.8.8", "2606:4700::1111"]}))
+        .expect("as decided");
+    assert_eq!(ok.address.as_deref(), Some("127.0.0.1"));
+    for bad in [
+        json!({"address": "::ffff:127.0.0.1"}),
+        json!({"address": "64:ff9b::7f00:1"}),
+        json!({"address": "localhost"}),
+        json!({"addresses": ["::ffff:10.0.0.1"]}),
+        json!({"address": "127.0.0.1", "reason": "effect_failed"}),
+    ] {
+        assert!(read(bad.clone()).is_err(), "{bad}");
+    }
+    // A failed call lists where it went without a refused address.
+    read(json!({"addresses": ["127.0.0.1"], "reason": "effect_failed"})).expect("failed call");
+}

@@ -119,9 +119,10 @@ when { resource.path like ".env*" || resource.path like "*/.env*" };
 // of the context are the call's). Only forbids that name http.connect take part; the call's
 // other policies are not asked again. This one keeps calls off loopback, the private, shared
 // and link-local networks, the cloud metadata addresses and reserved ranges, whatever name
-// leads there (an IPv6 address reaching an IPv4 one, mapped or through NAT64's 64:ff9b::/96,
-// is checked as that IPv4 address); a call to a name that resolves to one of them is refused
-// and nothing is sent. It cannot know this machine's own public addresses: name them here if
+// leads there (an IPv6 address reaching an IPv4 one, mapped or through NAT64's well-known
+// 64:ff9b::/96, is checked as that IPv4 address; the local-use NAT64 prefix 64:ff9b:1::/48 is
+// refused whole, and a NAT64 prefix of your own network must be named here); a call to a name
+// that resolves to one of them is refused and nothing is sent. It cannot know this machine's own public addresses: name them here if
 // agents must not reach them. To let an agent reach a service on a private network, add
 // `unless { resource == Host::"…" }` naming it.
 @id("no-private-addresses")
@@ -137,9 +138,9 @@ when {
   context.address.isInRange(ip("172.16.0.0/12")) ||
   context.address.isInRange(ip("192.0.0.0/24")) ||
   context.address.isInRange(ip("192.168.0.0/16")) ||
-  context.address.isInRange(ip("198.18.0.0/15")) ||
   context.address.isInRange(ip("240.0.0.0/4")) ||
   context.address.isInRange(ip("::/128")) ||
+  context.address.isInRange(ip("64:ff9b:1::/48")) ||
   context.address.isInRange(ip("fc00::/7")) ||
   context.address.isInRange(ip("fe80::/10")) ||
   context.address.isInRange(ip("fec0::/10"))
@@ -786,6 +787,7 @@ fn explain(home: &Path, a: ExplainArgs) -> Result<u8> {
             "constraints": decision.constraints,
             "connections": connections.iter().map(|(ip, refused)| json!({
                 "address": ip.to_string(),
+                "decided_as": ice_authority::connection_address(*ip).to_string(),
                 "refused": refused.is_some(),
                 "policies": refused.as_ref().map_or(&[][..], |d| d.determining_policies()),
                 "why": refused.as_ref().map_or("no forbid naming http.connect holds", summary),
@@ -856,6 +858,12 @@ fn explain(home: &Path, a: ExplainArgs) -> Result<u8> {
         );
     }
     for (ip, refused) in &connections {
+        let decided = ice_authority::connection_address(*ip);
+        let ip = if decided == *ip {
+            ip.to_string()
+        } else {
+            format!("{ip} (decided as {decided})")
+        };
         let _ = match refused {
             Some(d) => writeln!(
                 out,
@@ -1016,7 +1024,7 @@ mod tests {
             "64:ff9b::a00:5",
             "168.63.129.16",
             "192.0.0.192",
-            "198.18.0.1",
+            "64:ff9b:1::a00:1",
             "255.255.255.255",
             "224.0.0.1",
             "ff02::1",

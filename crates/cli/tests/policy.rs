@@ -820,6 +820,8 @@ forbid(principal, action, resource) unless { resource == Host::"api.example.com"
         "169.254.169.254",
         "--address",
         "93.184.215.14",
+        "--address",
+        "64:ff9b::a9fe:a9fe",
     ];
     let v = explain_json(&home, &args);
     assert_eq!(v["decision"], "permit", "{v}");
@@ -830,6 +832,9 @@ forbid(principal, action, resource) unless { resource == Host::"api.example.com"
         serde_json::json!(["no-private-addresses"])
     );
     assert_eq!(v["connections"][1]["refused"], false, "{v}");
+    // Through NAT64's well-known prefix, the metadata address is that address.
+    assert_eq!(v["connections"][2]["decided_as"], "169.254.169.254");
+    assert_eq!(v["connections"][2]["refused"], true, "{v}");
     let o = explain(&home, &args);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let out = stdout(&o);
@@ -838,6 +843,10 @@ forbid(principal, action, resource) unless { resource == Host::"api.example.com"
         "{out}"
     );
     assert!(out.contains("connect:  93.184.215.14: allowed"), "{out}");
+    assert!(
+        out.contains("connect:  64:ff9b::a9fe:a9fe (decided as 169.254.169.254): refused"),
+        "{out}"
+    );
     // Only an HTTP call connects to an address.
     let o = explain(
         &home,

@@ -483,50 +483,63 @@ impl ConnectionCall {
     }
 }
 
-/// A refused connection, for the denial's record: the address as decided, and the forbids that
-/// refused it.
-pub type RefusedConnection = std::sync::Arc<std::sync::Mutex<Option<(String, Vec<String>)>>>;
+/// What one HTTP call's resolution let through and refused, for the record of a call that
+/// failed: each address as decided ([`ice_authority::connection_address`]).
+#[derive(Debug, Default)]
+pub struct Connections {
+    /// The addresses let through, in the resolver's order.
+    pub allowed: Vec<String>,
+    /// The address refused, and the forbids that refused it.
+    pub refused: Option<(String, Vec<String>)>,
+}
 
-/// The live run's connection checks of one call, under the policy that decided it.
+/// Shared between the HTTP client's resolver and the call that records the outcome.
+pub type ConnectionRecord = std::sync::Arc<std::sync::Mutex<Connections>>;
+
+/// The live run's connection checks of one call, under the policy that decided it (none when
+/// no forbid names `http.connect`: every address is let through, and still recorded).
 pub struct ConnectionCheck {
     pub call: ConnectionCall,
-    pub policy: std::sync::Arc<ice_authority::PolicySet>,
-    /// Where a refused connection is left for the denial's record: the address as decided,
-    /// and the forbids that refused it.
-    pub refused_by: RefusedConnection,
+    pub policy: Option<std::sync::Arc<ice_authority::PolicySet>>,
+    pub record: ConnectionRecord,
 }
 
 impl ConnectionCheck {
     /// `Err(why)` if a forbid refuses a connection to `address` (or the check cannot be made).
     pub fn check(&self, address: std::net::IpAddr) -> Result<(), String> {
-        let refusal = self
-            .call
-            .decide(&self.policy, address)
-            .map_err(|e| format!("the connection check could not be made: {e}"))?;
+        let decided = ice_authority::connection_address(address).to_string();
+        let refusal = match &self.policy {
+            Some(policy) => self
+                .call
+                .decide(policy, address)
+                .map_err(|e| format!("the connection check could not be made: {e}"))?,
+            None => None,
+        };
+        let mut record = self
+            .record
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match refusal {
             Some(decision) => {
-                *self
-                    .refused_by
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((
-                    ice_authority::connection_address(address).to_string(),
-                    decision.determining_policies().to_vec(),
-                ));
+                record.refused = Some((decided, decision.determining_policies().to_vec()));
                 Err(format!("{HTTP_CONNECT} {decision}"))
             }
-            None => Ok(()),
+            None => {
+                record.allowed.push(decided);
+                Ok(())
+            }
         }
     }
 }
 
-/// A network or process effect. An HTTP call connects only to addresses `connections` (if
-/// any) lets it.
+/// A network or process effect. An HTTP call connects only to addresses `connections` lets
+/// it.
 pub async fn perform_remote(
     auth: &Authorization,
     target: &Target,
     arguments: &Value,
     reserved: &Cost,
-    connections: Option<ConnectionCheck>,
+    connections: ConnectionCheck,
 ) -> Result<Performed, (DenialCode, String)> {
     match (auth.capability(), target) {
         ("http.request", Target::Http(url)) => {
@@ -542,13 +555,10 @@ pub async fn perform_remote(
                 timeout: HTTP_TIMEOUT,
                 max_response_bytes: limit,
             };
-            let client = match connections {
-                Some(check) => ice_effects::http::HttpClient::with_admission(
-                    limits,
-                    std::sync::Arc::new(move |ip| check.check(ip)),
-                ),
-                None => ice_effects::http::HttpClient::new(limits),
-            };
+            let client = ice_effects::http::HttpClient::with_admission(
+                limits,
+                std::sync::Arc::new(move |ip| connections.check(ip)),
+            );
             // The target the policy decided on, sent as it is (not parsed again).
             let (target, sent) = (url.clone(), method.clone());
             let auth = auth.clone();

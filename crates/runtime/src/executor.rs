@@ -501,6 +501,7 @@ impl Ctx<'_> {
             detail,
             policies: Vec::new(),
             address: None,
+            addresses: Vec::new(),
             grant: None,
             approval: None,
             request: None,
@@ -1244,33 +1245,32 @@ impl Ctx<'_> {
         // the live stage, which must hold only what the log says was staged).
         let staged_before = matches!(target, act::Target::Path(_) | act::Target::Dir(_))
             .then(|| guard.stage.ops().len());
-        // The connection refused (the address as decided) and the forbids that refused it.
-        let refused_by = act::RefusedConnection::default();
+        // What an HTTP call's resolution let through and refused.
+        let connections = act::ConnectionRecord::default();
         let performed = match target {
             act::Target::Http(_) => {
                 // Every address the host resolves to is decided before anything is sent
                 // (`http.connect`), by the policy that decided the call, with its context.
-                let connections = guard
-                    .policy
-                    .checks_connections()
-                    .then(|| act::ConnectionCheck {
-                        call: act::ConnectionCall {
-                            registry: self.rt.registry.clone(),
-                            entities: self.rt.entities.clone(),
-                            run: self.run.clone(),
-                            agent: agent.to_string(),
-                            resource: resource.clone(),
-                            intent: r.intent.clone(),
-                            arguments: act::policy_arguments(&r.capability, &r.arguments, target),
-                            budget_left: guard.books.budget.left(),
-                        },
-                        policy: guard.policy.clone(),
-                        refused_by: refused_by.clone(),
-                    });
+                let check = act::ConnectionCheck {
+                    call: act::ConnectionCall {
+                        registry: self.rt.registry.clone(),
+                        entities: self.rt.entities.clone(),
+                        run: self.run.clone(),
+                        agent: agent.to_string(),
+                        resource: resource.clone(),
+                        intent: r.intent.clone(),
+                        arguments: act::policy_arguments(&r.capability, &r.arguments, target),
+                        budget_left: guard.books.budget.left(),
+                    },
+                    policy: guard
+                        .policy
+                        .checks_connections()
+                        .then(|| guard.policy.clone()),
+                    record: connections.clone(),
+                };
                 guard.in_flight += 1;
                 drop(guard);
-                let p =
-                    act::perform_remote(&auth, target, &r.arguments, &amount, connections).await;
+                let p = act::perform_remote(&auth, target, &r.arguments, &amount, check).await;
                 guard = self.live.lock().await;
                 guard.in_flight -= 1;
                 p
@@ -1373,17 +1373,21 @@ impl Ctx<'_> {
                 self.append(live, |_| vec![settle(actual)]).await?;
                 // A refused connection is the policy's only when forbids refused it; a check
                 // that could not be made failed the effect (closed, all the same).
-                let refusing = refused_by
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .take();
-                let code = match (code, &refusing) {
+                // The addresses let through are recorded too: a call that failed after connecting
+                // (a timeout after a POST was sent) says where it went.
+                let seen = std::mem::take(
+                    &mut *connections
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                );
+                let code = match (code, &seen.refused) {
                     (DenialCode::PolicyDenied, None) => DenialCode::EffectFailed,
                     (other, _) => other,
                 };
                 let mut d = Self::denial(r, Some(resource), code, detail);
                 d.grant = Some(grant);
-                if let Some((address, policies)) = refusing {
+                d.addresses = seen.allowed;
+                if let Some((address, policies)) = seen.refused {
                     d.address = Some(address);
                     d.policies = policies;
                 }

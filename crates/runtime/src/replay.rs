@@ -715,8 +715,21 @@ impl<'a> Drive<'a> {
                 }
             }
             Some(EventType::APIRequestExecuted) => self.check_connections_made(e),
-            Some(EventType::CapabilityDenied) if e.payload.contains_key("address") => {
-                self.check_connection_refused(e);
+            Some(EventType::CapabilityDenied)
+                if e.payload.contains_key("address") || e.payload.contains_key("addresses") =>
+            {
+                let req = e
+                    .payload
+                    .get("request")
+                    .and_then(Value::as_str)
+                    .and_then(|r| r.parse::<EventId>().ok());
+                if e.payload.contains_key("addresses") {
+                    let addresses = e.payload.get("addresses").and_then(Value::as_array);
+                    self.check_let_through(e, req.as_ref(), addresses);
+                }
+                if e.payload.contains_key("address") {
+                    self.check_connection_refused(e);
+                }
             }
             Some(EventType::CapabilitiesBound) => {
                 self.tools = e
@@ -740,7 +753,13 @@ impl<'a> Drive<'a> {
             .get(usize::try_from(req.run_seq).unwrap_or(usize::MAX))
             .filter(|x| x.id() == *req)
             .or_else(|| self.events.iter().find(|x| x.id() == *req))
+            .filter(|x| x.event_type == EventType::CapabilityRequested.name())
             .ok_or_else(|| format!("its request {req} is not in the record"))?;
+        // The principal is the agent that asked (a resumed run's driver may be named anew).
+        let ice_kernel::Origin::Agent(agent) = &requested.origin else {
+            return Err(format!("its request {req} is not an agent's"));
+        };
+        let agent = agent.clone();
         let text = |k: &str| {
             requested
                 .payload
@@ -775,7 +794,7 @@ impl<'a> Drive<'a> {
             registry: self.rt.registry.clone(),
             entities: self.rt.entities.clone(),
             run: self.run.clone(),
-            agent: self.agent.clone(),
+            agent,
             resource,
             intent: proposal.intent.clone(),
             arguments: act::policy_arguments(&proposal.capability, &proposal.arguments, &target),
@@ -786,16 +805,35 @@ impl<'a> Drive<'a> {
     /// An HTTP call that was made: under a policy that checks connections, each address its
     /// evidence lists must be one the recorded policy lets it connect to.
     fn check_connections_made(&mut self, e: &Event) {
-        let Some(policy) = self.policy.as_ref().filter(|p| p.checks_connections()) else {
-            return;
-        };
         let addresses = e
             .payload
             .get("evidence")
             .and_then(|v| v.get("http"))
             .and_then(|v| v.get("addresses"))
             .and_then(Value::as_array);
-        let (Some(addresses), Some(req)) = (addresses, e.causes.first()) else {
+        self.check_let_through(e, e.causes.first(), addresses);
+    }
+
+    /// The addresses an HTTP call's resolution let through (`addresses`, of the call `req`
+    /// that `e` records) must be ones the recorded policy lets it connect to, when that policy
+    /// checks connections.
+    fn check_let_through(
+        &mut self,
+        e: &Event,
+        req: Option<&EventId>,
+        addresses: Option<&Vec<Value>>,
+    ) {
+        let Some(policy) = &self.policy else {
+            self.report.unchecked.push(format!(
+                "connection checks of {}: the run's policy files are not in the record",
+                e.id()
+            ));
+            return;
+        };
+        if !policy.checks_connections() {
+            return;
+        }
+        let (Some(addresses), Some(req)) = (addresses, req) else {
             self.report.unchecked.push(format!(
                 "connection checks of {}: the call's record does not list the addresses it resolved to",
                 e.id()
@@ -819,7 +857,7 @@ impl<'a> Drive<'a> {
             match call.decide(policy, ip) {
                 Ok(None) => decided += 1,
                 Ok(Some(d)) => problems.push(format!(
-                    "the recorded policy refuses connecting to {ip} ({d}); the run connected"
+                    "the recorded policy refuses connecting to {ip} ({d}); the run let it through"
                 )),
                 Err(err) => problems.push(format!("the connection check of {ip}: {err}")),
             }

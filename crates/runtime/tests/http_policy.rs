@@ -447,3 +447,33 @@ async fn a_connection_forbid_that_fails_to_evaluate_refuses() {
     assert_eq!(denied[0].payload["policies"], json!(["overflows"]));
     assert_eq!(denied[0].payload["address"], "127.0.0.1");
 }
+
+/// A call that fails after its connection was let through (the server hangs up) says where it
+/// went: its denial lists the addresses, and the replay re-decides them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_fails_after_connecting_records_where_it_went() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let accepted = Arc::new(Mutex::new(0));
+    let a = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in l.incoming() {
+            // Hang up without answering.
+            drop(stream);
+            *a.lock().unwrap() += 1;
+        }
+    });
+    let policy = with_connection_forbid(
+        "no-metadata",
+        r#"context.address.isInRange(ip("169.254.0.0/16"))"#,
+    );
+    let plan = gets(&[format!("http://127.0.0.1:{port}/d")]);
+    let (events, decisions) = run_and_replay("failed-after-connecting", &policy, &plan).await;
+    assert_eq!(*accepted.lock().unwrap(), 1);
+    assert_eq!(denial_codes(&events), ["effect_failed"]);
+    let denied = of_type(&events, EventType::CapabilityDenied);
+    assert_eq!(denied[0].payload["addresses"], json!(["127.0.0.1"]));
+    assert!(denied[0].payload.get("address").is_none());
+    // The call, and the connection it made.
+    assert_eq!(decisions, 2);
+}
