@@ -477,3 +477,50 @@ async fn a_call_that_fails_after_connecting_records_where_it_went() {
     // The call, and the connection it made.
     assert_eq!(decisions, 2);
 }
+
+/// A connection forbid added while the run goes applies once the run takes the reload on: the
+/// calls before it (no forbid names `http.connect`, so nothing is checked) go through, the one
+/// after is refused, and the replay re-makes each under the policy in force at it. (The file is
+/// written while the second call is proposed; the run notices it between steps.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_forbid_added_mid_run_applies_from_the_next_call() {
+    let (port, seen) = endpoint();
+    let h = H::new(LOCAL_CALLS);
+    let plan = gets(&[
+        format!("http://127.0.0.1:{port}/first"),
+        format!("http://127.0.0.1:{port}/second"),
+        format!("http://127.0.0.1:{port}/third"),
+    ]);
+    let (spec, plan_agent) = h.spec("reload-connect", "fetcher", "", &plan);
+    let policies = h.policies.clone();
+    let stricter = with_connection_forbid("no-loopback", "context.address.isLoopback()");
+    let mut agent = Hooked {
+        inner: plan_agent,
+        hook: move |v: &ice_kernel::AgentView| {
+            if v.step == 1 {
+                std::thread::sleep(std::time::Duration::from_millis(30));
+                std::fs::write(policies.join("p.cedar"), &stricter).unwrap();
+            }
+        },
+    };
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.outcome, ice_runtime::RunOutcome::Committed);
+    assert_eq!(*seen.lock().unwrap(), ["/first", "/second"]);
+    let events = h.events("reload-connect").await;
+    assert_eq!(of_type(&events, EventType::PolicyReloaded).len(), 1);
+    assert_eq!(of_type(&events, EventType::APIRequestExecuted).len(), 2);
+    assert_eq!(denial_codes(&events), ["policy_denied"]);
+    let denied = of_type(&events, EventType::CapabilityDenied);
+    assert_eq!(denied[0].payload["policies"], json!(["no-loopback"]));
+    let (_, mut again) = h.spec("reload-connect-again", "fetcher", "", &plan);
+    let run = ice_kernel::RunId::new("reload-connect").unwrap();
+    let replayed = h.rt.replay_drive(&run, &mut again).await.unwrap();
+    assert!(
+        replayed.divergences.is_empty(),
+        "{:?}",
+        replayed.divergences
+    );
+    // Three calls, and the refused connection (the others were not checked: no forbid named
+    // http.connect then).
+    assert_eq!(replayed.drive.unwrap().decisions, 4);
+}
