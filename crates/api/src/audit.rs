@@ -215,6 +215,14 @@ impl EventLog for Prefix {
         self.log.runs(offset, limit).await
     }
 
+    async fn runs_newest_first(&self, offset: u64, limit: usize) -> Result<Vec<RunId>, LogError> {
+        self.log.runs_newest_first(offset, limit).await
+    }
+
+    async fn run_count(&self) -> Result<u64, LogError> {
+        self.log.run_count().await
+    }
+
     async fn existing(&self, ids: &[EventId]) -> Result<HashSet<EventId>, LogError> {
         let mut found = self.log.existing(ids).await?;
         let mut beyond = Vec::new();

@@ -22,13 +22,30 @@ use crate::io::{PathParam, Query, event_id, json_response, ok, read_json, requir
 /// Most runs one page lists.
 const MAX_PAGE: u64 = 1000;
 
-/// `GET /runs?offset=&limit=`: run summaries in order of first appearance.
+/// `GET /runs?offset=&limit=&order=`: run summaries in order of first appearance (`order=oldest`,
+/// the default) or newest first (`order=newest`), and how many runs the log holds.
 pub(crate) async fn list(State(s): State<Shared>, uri: Uri) -> Result<Response, ApiError> {
-    let q = Query::parse(&uri, &["offset", "limit"])?;
+    let q = Query::parse(&uri, &["offset", "limit", "order"])?;
     let offset = q.int("offset", 0, u64::MAX >> 11)?.unwrap_or(0);
     let limit = q.int("limit", 1, MAX_PAGE)?.unwrap_or(100);
+    let newest = match q.str("order") {
+        None | Some("oldest") => false,
+        Some("newest") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("query parameter order={other:?} must be oldest or newest"),
+            ));
+        }
+    };
     let log = s.runtime.ledger().log();
-    let ids = log.runs(offset, limit as usize + 1).await?;
+    // Counted first: a run started while the page is read is in the page, not the count.
+    let total = log.run_count().await?;
+    let ids = if newest {
+        log.runs_newest_first(offset, limit as usize + 1).await?
+    } else {
+        log.runs(offset, limit as usize + 1).await?
+    };
     let more = ids.len() as u64 > limit;
     let mut runs = Vec::new();
     for id in ids.iter().take(limit as usize) {
@@ -38,6 +55,7 @@ pub(crate) async fn list(State(s): State<Shared>, uri: Uri) -> Result<Response, 
     Ok(ok(json!({
         "runs": runs,
         "next_offset": more.then(|| offset + limit),
+        "total": total,
     })))
 }
 

@@ -765,6 +765,52 @@ async fn deny_kill_and_reconfigure_are_the_operators() {
     );
 }
 
+/// Runs are listed oldest or newest first, with how many there are, and paged either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_are_listed_in_either_order_with_their_total() {
+    let api = Api::start(true).await;
+    let mut started = Vec::new();
+    for name in ["first", "second", "third"] {
+        let spec = api.spec(name, "", READS_PLAN);
+        let run = api.start_run(&spec).await;
+        api.state(&run, "TERMINATED").await;
+        started.push(run);
+    }
+    let ids = |v: &Value| -> Vec<String> {
+        v["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["run_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (status, v) = api.get("/runs").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(ids(&v), started);
+    assert_eq!(v["total"], 3);
+    let (_, v) = api.get("/runs?order=oldest&limit=2").await;
+    assert_eq!(ids(&v), started[..2]);
+    let newest: Vec<String> = started.iter().rev().cloned().collect();
+    let (_, v) = api.get("/runs?order=newest").await;
+    assert_eq!(ids(&v), newest);
+    assert_eq!(v["total"], 3);
+    assert_eq!(v["next_offset"], Value::Null);
+    let (_, v) = api.get("/runs?order=newest&limit=1").await;
+    assert_eq!(ids(&v), newest[..1]);
+    assert_eq!(v["next_offset"], 1);
+    let (_, v) = api.get("/runs?order=newest&offset=1&limit=5").await;
+    assert_eq!(ids(&v), newest[1..]);
+    let (status, v) = api.get("/runs?order=sideways").await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("oldest or newest"),
+        "{v}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_clear_4xx_answers() {
     let api = Api::start(true).await;

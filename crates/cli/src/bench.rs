@@ -865,6 +865,12 @@ impl EventLog for MemoryLog {
     async fn runs(&self, _: u64, _: usize) -> Result<Vec<RunId>, ice_log::LogError> {
         Ok(Vec::new())
     }
+    async fn runs_newest_first(&self, _: u64, _: usize) -> Result<Vec<RunId>, ice_log::LogError> {
+        Ok(Vec::new())
+    }
+    async fn run_count(&self) -> Result<u64, ice_log::LogError> {
+        Ok(0)
+    }
     async fn existing(
         &self,
         _: &[ice_kernel::EventId],

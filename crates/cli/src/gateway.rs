@@ -453,6 +453,12 @@ impl EventLog for TimedLog {
     async fn runs(&self, offset: u64, limit: usize) -> Result<Vec<RunId>, LogError> {
         self.inner.runs(offset, limit).await
     }
+    async fn runs_newest_first(&self, offset: u64, limit: usize) -> Result<Vec<RunId>, LogError> {
+        self.inner.runs_newest_first(offset, limit).await
+    }
+    async fn run_count(&self) -> Result<u64, LogError> {
+        self.inner.run_count().await
+    }
     async fn existing(
         &self,
         ids: &[EventId],

@@ -239,6 +239,31 @@ async fn append_and_read(_: &dyn Backend, log: Arc<dyn EventLog>, _: &str) -> Re
     check!(case, runs == [a.clone(), b.clone()], "runs {runs:?}");
     let runs = log.runs(1, 10).await.map_err(|e| fail(case, e))?;
     check!(case, runs == [b.clone()], "runs from 1: {runs:?}");
+    let newest = log
+        .runs_newest_first(0, 10)
+        .await
+        .map_err(|e| fail(case, e))?;
+    check!(
+        case,
+        newest == [b.clone(), a.clone()],
+        "newest first {newest:?}"
+    );
+    let newest = log
+        .runs_newest_first(1, 10)
+        .await
+        .map_err(|e| fail(case, e))?;
+    check!(
+        case,
+        newest == [a.clone()],
+        "newest first from 1: {newest:?}"
+    );
+    let newest = log
+        .runs_newest_first(0, 1)
+        .await
+        .map_err(|e| fail(case, e))?;
+    check!(case, newest == [b.clone()], "the newest: {newest:?}");
+    let count = log.run_count().await.map_err(|e| fail(case, e))?;
+    check!(case, count == 2, "run count {count}");
     let ids = [
         EventId::new(a.clone(), 0),
         EventId::new(a.clone(), 9),
@@ -269,6 +294,11 @@ async fn append_and_read(_: &dyn Backend, log: Arc<dyn EventLog>, _: &str) -> Re
         );
         let past = log.runs(from, 10).await.map_err(|e| fail(case, e))?;
         check!(case, past.is_empty(), "runs from {from}: {past:?}");
+        let past = log
+            .runs_newest_first(from, 10)
+            .await
+            .map_err(|e| fail(case, e))?;
+        check!(case, past.is_empty(), "newest runs from {from}: {past:?}");
         let past = log
             .get(&EventId::new(a.clone(), from))
             .await
@@ -437,6 +467,18 @@ async fn many_runs_many_clients(
     }
     let runs = log.runs(0, 100).await.map_err(|e| fail(case, e))?;
     check!(case, runs.len() == 12, "{} runs", runs.len());
+    let count = log.run_count().await.map_err(|e| fail(case, e))?;
+    check!(case, count == 12, "run count {count}");
+    let mut newest = log
+        .runs_newest_first(0, 100)
+        .await
+        .map_err(|e| fail(case, e))?;
+    newest.reverse();
+    check!(
+        case,
+        newest == runs,
+        "newest first is not the reverse: {newest:?}"
+    );
     Ok(())
 }
 

@@ -229,6 +229,11 @@ pub trait EventLog: Send + Sync {
     async fn size(&self) -> Result<u64, LogError>;
     /// Run ids, in order of first appearance, from the `offset`-th, at most `limit`.
     async fn runs(&self, offset: u64, limit: usize) -> Result<Vec<RunId>, LogError>;
+    /// Run ids, newest first (the reverse of [`EventLog::runs`]), from the `offset`-th, at
+    /// most `limit`.
+    async fn runs_newest_first(&self, offset: u64, limit: usize) -> Result<Vec<RunId>, LogError>;
+    /// How many runs the log holds (each run counts from its first event).
+    async fn run_count(&self) -> Result<u64, LogError>;
     /// Which of `ids` exist.
     async fn existing(&self, ids: &[EventId]) -> Result<HashSet<EventId>, LogError>;
     /// A blob's bytes.

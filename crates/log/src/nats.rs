@@ -2356,6 +2356,24 @@ impl EventLog for NatsLog {
             .collect())
     }
 
+    async fn runs_newest_first(&self, offset: u64, limit: usize) -> Result<Vec<RunId>, LogError> {
+        self.inner.refresh().await?;
+        let index = self.inner.read_index();
+        Ok(index
+            .runs
+            .iter()
+            .rev()
+            .skip(offset.min(usize::MAX as u64) as usize)
+            .take(limit.min(MAX_READ_ROWS))
+            .map(|r| r.id.clone())
+            .collect())
+    }
+
+    async fn run_count(&self) -> Result<u64, LogError> {
+        self.inner.refresh().await?;
+        Ok(self.inner.read_index().runs.len() as u64)
+    }
+
     async fn existing(&self, ids: &[EventId]) -> Result<HashSet<EventId>, LogError> {
         self.inner.existing(ids).await
     }

@@ -189,6 +189,8 @@ struct Statements {
     release: Statement,
     extent: Statement,
     altered_blob: Statement,
+    runs_newest: Statement,
+    run_count: Statement,
 }
 
 impl Statements {
@@ -289,6 +291,10 @@ impl Statements {
                  sum(octet_length(bytes)) OVER (ORDER BY digest ROWS UNBOUNDED PRECEDING) - octet_length(bytes) AS before \
                  FROM {s}.blobs WHERE digest > $1 ORDER BY digest LIMIT $2) b WHERE before < $3 ORDER BY digest"
             ),
+            format!(
+                "SELECT run_id FROM {s}.events WHERE run_seq = 0 ORDER BY log_seq DESC LIMIT $1 OFFSET $2"
+            ),
+            format!("SELECT count(*) FROM {s}.events WHERE run_seq = 0"),
         ];
         // Sent together: one round trip, not twenty.
         let mut st = try_join_all(sql.iter().map(|q| client.prepare(q)))
@@ -319,6 +325,8 @@ impl Statements {
             release: next(),
             extent: next(),
             altered_blob: next(),
+            runs_newest: next(),
+            run_count: next(),
         })
     }
 }
@@ -2080,6 +2088,35 @@ impl EventLog for PgLog {
                 })
             })
             .collect()
+    }
+
+    async fn runs_newest_first(&self, offset: u64, limit: usize) -> Result<Vec<RunId>, LogError> {
+        let (lim, off) = (clamp(limit), pos(offset));
+        let rows = self
+            .inner
+            .with_shared("listing runs", |c| {
+                Box::pin(async move { c.client.query(&c.st.runs_newest, &[&lim, &off]).await })
+            })
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let s: String = col(r, 0, "run id column")?;
+                RunId::new(s).map_err(|e| LogError::Corrupt {
+                    what: format!("run id column: {e}"),
+                })
+            })
+            .collect()
+    }
+
+    async fn run_count(&self) -> Result<u64, LogError> {
+        let row = self
+            .inner
+            .with_shared("counting runs", |c| {
+                Box::pin(async move { c.client.query_one(&c.st.run_count, &[]).await })
+            })
+            .await?;
+        let n: i64 = col(&row, 0, "run count")?;
+        Ok(n.max(0) as u64)
     }
 
     async fn existing(&self, ids: &[EventId]) -> Result<HashSet<EventId>, LogError> {

@@ -1179,6 +1179,35 @@ impl EventLog for SqliteLog {
         .await
     }
 
+    async fn runs_newest_first(&self, offset: u64, limit: usize) -> Result<Vec<RunId>, LogError> {
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached("SELECT run_id FROM events WHERE run_seq = 0 ORDER BY log_seq DESC LIMIT ?1 OFFSET ?2")
+                .map_err(storage("listing runs"))?;
+            let rows = s
+                .query_map(params![clamp(limit), pos(offset)], |r| r.get::<_, String>(0))
+                .map_err(storage("listing runs"))?;
+            let mut out = Vec::new();
+            for r in rows {
+                let s = r.map_err(storage("listing runs"))?;
+                out.push(RunId::new(s).map_err(|e| LogError::Corrupt { what: format!("run id column: {e}") })?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn run_count(&self) -> Result<u64, LogError> {
+        self.read(|c| {
+            // Counted on the partial index of runs' first events.
+            c.prepare_cached("SELECT count(*) FROM events WHERE run_seq = 0")
+                .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
+                .map(|n| n.max(0) as u64)
+                .map_err(storage("counting runs"))
+        })
+        .await
+    }
+
     async fn existing(&self, ids: &[EventId]) -> Result<HashSet<EventId>, LogError> {
         let ids = ids.to_vec();
         self.read(move |c| {

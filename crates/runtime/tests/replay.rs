@@ -464,6 +464,20 @@ impl ice_log::EventLog for Tampered {
     {
         self.inner.runs(offset, limit)
     }
+    fn runs_newest_first<'a, 't>(&'a self, offset: u64, limit: usize) -> Fut<'t, Vec<RunId>>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.runs_newest_first(offset, limit)
+    }
+    fn run_count<'a, 't>(&'a self) -> Fut<'t, u64>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.run_count()
+    }
     fn existing<'a, 'b, 't>(
         &'a self,
         ids: &'b [ice_kernel::EventId],

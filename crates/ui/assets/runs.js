@@ -107,60 +107,11 @@ export async function provisioned(run) {
 /** Most runs the page lists: the newest. */
 const MAX_RUNS = 500;
 
-/**
- * Whether the log has a run at `offset` (the API lists runs oldest first): 0 no, 1 yes and it
- * is the last, 2 yes and more follow. A page of one run, so the server folds one run.
- */
-async function probe(offset) {
-  const page = await get(`/runs?offset=${offset}&limit=1`);
-  if (!page.runs?.length) return 0;
-  return page.next_offset === null || page.next_offset === undefined ? 1 : 2;
-}
-
-/**
- * How many runs the log holds. The API gives no total, so: look where the last count ended
- * (`hint`), gallop forward while runs follow, then bisect — one-run pages, a few per call.
- */
-async function countRuns(hint) {
-  let lo = -1; // a run exists at every offset up to lo
-  let hi = null; // none at hi
-  let k = Math.max(0, hint - 1);
-  let step = 1;
-  for (;;) {
-    const r = await probe(k);
-    if (r === 1) return k + 1;
-    if (r === 0) hi = k; else lo = k + 1;
-    if (hi === null) {
-      k = lo + step;
-      step *= 2;
-    } else if (hi - lo <= 1) {
-      return hi;
-    } else {
-      k = Math.floor((lo + hi) / 2);
-    }
-  }
-}
-
-let counted = 0; // runs the last listing found: where the next count starts looking
-
-/**
- * The newest runs (at most MAX_RUNS, oldest first, as the API lists them) and how many runs
- * the log holds in all.
- */
+/** The newest runs (at most MAX_RUNS), newest first, and how many runs the log holds in all. */
 async function newestRuns() {
-  const start = Math.max(0, (await countRuns(counted)) - MAX_RUNS);
-  const runs = [];
-  let offset = start;
-  for (;;) {
-    const page = await get(`/runs?offset=${offset}&limit=${MAX_RUNS}`);
-    runs.push(...page.runs);
-    // Runs started since the count follow: take them too, and keep the newest.
-    if (!page.runs.length || page.next_offset === null || page.next_offset === undefined) break;
-    offset = page.next_offset;
-  }
-  const total = start + runs.length;
-  counted = total;
-  return { runs: runs.slice(-MAX_RUNS), total };
+  const page = await get(`/runs?order=newest&limit=${MAX_RUNS}`);
+  // A run started after the count was taken may be in the page.
+  return { runs: page.runs, total: Math.max(page.total ?? 0, page.runs.length) };
 }
 
 /** The runs page. */
@@ -195,7 +146,6 @@ export function runsView(root, ctx) {
       return;
     }
     if (!alive) return;
-    runs = runs.reverse(); // newest first
     const waiting = new Set(approvals.map((a) => a.run));
     const older = total - runs.length;
     fill(count, `${total} run${total === 1 ? '' : 's'}`, older > 0
