@@ -1995,6 +1995,39 @@ async fn check_size(client: &Client, inner: &Inner) -> Result<(), LogError> {
     Ok(())
 }
 
+impl PgLog {
+    /// Runs by their first event, in log order or newest first.
+    async fn list_runs(
+        &self,
+        newest: bool,
+        offset: u64,
+        limit: usize,
+    ) -> Result<Vec<RunId>, LogError> {
+        let (lim, off) = (clamp(limit), pos(offset));
+        let rows = self
+            .inner
+            .with_shared("listing runs", |c| {
+                Box::pin(async move {
+                    let st = if newest {
+                        &c.st.runs_newest
+                    } else {
+                        &c.st.runs
+                    };
+                    c.client.query(st, &[&lim, &off]).await
+                })
+            })
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let s: String = col(r, 0, "run id column")?;
+                RunId::new(s).map_err(|e| LogError::Corrupt {
+                    what: format!("run id column: {e}"),
+                })
+            })
+            .collect()
+    }
+}
+
 #[async_trait]
 impl EventLog for PgLog {
     async fn append(&self, batch: SealedBatch) -> Result<AppendReceipt, LogError> {
@@ -2073,39 +2106,11 @@ impl EventLog for PgLog {
     }
 
     async fn runs(&self, offset: u64, limit: usize) -> Result<Vec<RunId>, LogError> {
-        let (lim, off) = (clamp(limit), pos(offset));
-        let rows = self
-            .inner
-            .with_shared("listing runs", |c| {
-                Box::pin(async move { c.client.query(&c.st.runs, &[&lim, &off]).await })
-            })
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let s: String = col(r, 0, "run id column")?;
-                RunId::new(s).map_err(|e| LogError::Corrupt {
-                    what: format!("run id column: {e}"),
-                })
-            })
-            .collect()
+        self.list_runs(false, offset, limit).await
     }
 
     async fn runs_newest_first(&self, offset: u64, limit: usize) -> Result<Vec<RunId>, LogError> {
-        let (lim, off) = (clamp(limit), pos(offset));
-        let rows = self
-            .inner
-            .with_shared("listing runs", |c| {
-                Box::pin(async move { c.client.query(&c.st.runs_newest, &[&lim, &off]).await })
-            })
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let s: String = col(r, 0, "run id column")?;
-                RunId::new(s).map_err(|e| LogError::Corrupt {
-                    what: format!("run id column: {e}"),
-                })
-            })
-            .collect()
+        self.list_runs(true, offset, limit).await
     }
 
     async fn run_count(&self) -> Result<u64, LogError> {

@@ -1081,6 +1081,36 @@ fn scan_rows(
     Ok(())
 }
 
+impl SqliteLog {
+    /// Runs by their first event, in log order (`ASC`) or newest first (`DESC`).
+    async fn list_runs(
+        &self,
+        order: &'static str,
+        offset: u64,
+        limit: usize,
+    ) -> Result<Vec<RunId>, LogError> {
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached(&format!(
+                    "SELECT run_id FROM events WHERE run_seq = 0 ORDER BY log_seq {order} LIMIT ?1 OFFSET ?2"
+                ))
+                .map_err(storage("listing runs"))?;
+            let rows = s
+                .query_map(params![clamp(limit), pos(offset)], |r| r.get::<_, String>(0))
+                .map_err(storage("listing runs"))?;
+            let mut out = Vec::new();
+            for r in rows {
+                let s = r.map_err(storage("listing runs"))?;
+                out.push(RunId::new(s).map_err(|e| LogError::Corrupt {
+                    what: format!("run id column: {e}"),
+                })?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
 #[async_trait]
 impl EventLog for SqliteLog {
     async fn append(&self, batch: SealedBatch) -> Result<AppendReceipt, LogError> {
@@ -1162,39 +1192,11 @@ impl EventLog for SqliteLog {
     }
 
     async fn runs(&self, offset: u64, limit: usize) -> Result<Vec<RunId>, LogError> {
-        self.read(move |c| {
-            let mut s = c
-                .prepare_cached("SELECT run_id FROM events WHERE run_seq = 0 ORDER BY log_seq LIMIT ?1 OFFSET ?2")
-                .map_err(storage("listing runs"))?;
-            let rows = s
-                .query_map(params![clamp(limit), pos(offset)], |r| r.get::<_, String>(0))
-                .map_err(storage("listing runs"))?;
-            let mut out = Vec::new();
-            for r in rows {
-                let s = r.map_err(storage("listing runs"))?;
-                out.push(RunId::new(s).map_err(|e| LogError::Corrupt { what: format!("run id column: {e}") })?);
-            }
-            Ok(out)
-        })
-        .await
+        self.list_runs("ASC", offset, limit).await
     }
 
     async fn runs_newest_first(&self, offset: u64, limit: usize) -> Result<Vec<RunId>, LogError> {
-        self.read(move |c| {
-            let mut s = c
-                .prepare_cached("SELECT run_id FROM events WHERE run_seq = 0 ORDER BY log_seq DESC LIMIT ?1 OFFSET ?2")
-                .map_err(storage("listing runs"))?;
-            let rows = s
-                .query_map(params![clamp(limit), pos(offset)], |r| r.get::<_, String>(0))
-                .map_err(storage("listing runs"))?;
-            let mut out = Vec::new();
-            for r in rows {
-                let s = r.map_err(storage("listing runs"))?;
-                out.push(RunId::new(s).map_err(|e| LogError::Corrupt { what: format!("run id column: {e}") })?);
-            }
-            Ok(out)
-        })
-        .await
+        self.list_runs("DESC", offset, limit).await
     }
 
     async fn run_count(&self) -> Result<u64, LogError> {
