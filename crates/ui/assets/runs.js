@@ -195,7 +195,19 @@ export function runsView(root, ctx) {
     pendingSection.hidden = cards.size === 0;
     tickExpiries();
   };
-  refresh();
-  const timer = setInterval(() => { if (!document.hidden) refresh(); }, 4000);
+  // One refresh at a time: on a slow server, a listing that takes longer than the interval must
+  // not pile more listings (each folds up to MAX_RUNS runs) onto it.
+  let busy = false;
+  const tick = async () => {
+    if (busy || document.hidden || !alive) return;
+    busy = true;
+    try {
+      await refresh();
+    } finally {
+      busy = false;
+    }
+  };
+  tick();
+  const timer = setInterval(tick, 4000);
   return { unmount: () => { alive = false; clearInterval(timer); } };
 }
