@@ -466,9 +466,8 @@ pub fn read_policy_dir(dir: &Path) -> Result<Vec<PolicySource>, LoadError> {
 #[derive(Debug)]
 pub struct PolicySet {
     whole: cedar::PolicySet,
-    /// The policies whose scope names [`HTTP_CONNECT`]: the only ones a connection check
-    /// evaluates (what [`PolicySet::decide_unindexed`] gives such a check).
-    connect: cedar::PolicySet,
+    /// Whether some forbid's scope names [`HTTP_CONNECT`] (worked out once, at load).
+    checks_connections: bool,
     index: PolicyIndex,
     info: HashMap<cedar::PolicyId, PolicyInfo>,
     version: PolicyVersion,
@@ -692,9 +691,7 @@ fn parse_file(
         }
         // Only a connection check has `context.address`: a policy whose scope does not name it
         // can test for it (`context has address && …`) and validate, but never applies.
-        if !actions_of(&policy).is_some_and(|a| a.iter().any(|a| a == HTTP_CONNECT))
-            && reads_context_address(&policy)
-        {
+        if !names_connect(&policy) && reads_context_address(&policy) {
             warnings.push(diag(
                 Severity::Warning,
                 file,
@@ -769,6 +766,11 @@ fn parse_file(
             },
         });
     }
+}
+
+/// Whether a policy's scope names [`HTTP_CONNECT`] (a policy for any action does not).
+fn names_connect(policy: &cedar::Policy) -> bool {
+    actions_of(policy).is_some_and(|a| a.iter().any(|a| a == HTTP_CONNECT))
 }
 
 /// Whether a policy's conditions read or test `context.address` (in Cedar's JSON form: an
@@ -951,16 +953,12 @@ impl PolicySet {
     ) -> Result<PolicySet, Diagnostic> {
         let policies: Vec<cedar::Policy> = parsed.into_iter().map(|p| p.policy).collect();
         let index = PolicyIndex::build(&policies).map_err(internal)?;
-        let connect = cedar::PolicySet::from_policies(
-            policies
-                .iter()
-                .filter(|p| actions_of(p).is_some_and(|a| a.iter().any(|a| a == HTTP_CONNECT)))
-                .cloned(),
-        )
-        .map_err(|e| internal(e.to_string()))?;
+        let checks_connections = policies
+            .iter()
+            .any(|p| p.effect() == cedar::Effect::Forbid && names_connect(p));
         Ok(PolicySet {
             whole,
-            connect,
+            checks_connections,
             index,
             info,
             version,
@@ -1041,11 +1039,7 @@ impl PolicySet {
     /// Whether some forbid's scope names [`HTTP_CONNECT`]: otherwise no connection can be
     /// refused, and an HTTP call need not check the addresses it connects to.
     pub fn checks_connections(&self) -> bool {
-        self.connect.policies().any(|p| {
-            self.info
-                .get(p.id())
-                .is_some_and(|i| i.effect == PolicyEffect::Forbid)
-        })
+        self.checks_connections
     }
 
     /// Decide a connection check (a request built with
