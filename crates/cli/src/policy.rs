@@ -54,8 +54,9 @@ pub const STARTER_POLICY: &str = r#"// ICE policies: the starter policy `ice ini
 //              EffectClass::"internal-write" or EffectClass::"external"), context.arguments
 //              (the call's arguments: `bytes` for fs.*; `method`, `url`, `scheme`, `host`,
 //              `port`, `path`, `query` for http.request, all from the URL as ICE parsed it
-//              and will send it, so `..` and `%2e%2e` are already resolved and `port` is 443
-//              for https://host/; `args` for process.exec) and context.budget (what is left of
+//              and will send it, so `..` and `%2e%2e` are already resolved, `%61` is `a`,
+//              other escapes are upper case (`%2F`) and `port` is 443 for https://host/;
+//              `args` for process.exec) and context.budget (what is left of
 //              the run's budget). Optional fields need `has` before use:
 //              `context.arguments has method && context.arguments.method == "GET"`.
 // Effect classes belong to the runtime: fs.read and fs.list are read; fs.write, fs.delete and
@@ -144,6 +145,19 @@ when {
   context.address.isInRange(ip("fc00::/7")) ||
   context.address.isInRange(ip("fe80::/10")) ||
   context.address.isInRange(ip("fec0::/10"))
+};
+
+// A call's path is the one sent: dot segments resolved, escaped unreserved characters decoded
+// (/%61dmin is /admin), other escapes in upper case. An escaped slash or backslash (%2F, %5C)
+// is part of a segment to ICE, but some servers decode it before routing, so that
+// /v1/deploy/..%2Fadmin would pass a permit for /v1/deploy/* and reach /v1/admin. This
+// refuses such paths. An API that needs them (project ids like group%2Fproject, say) can be
+// let through with `unless { resource == Host::"…" }`.
+@id("no-encoded-slashes")
+forbid (principal, action == Action::"http.request", resource)
+when {
+  context.arguments has path &&
+  (context.arguments.path like "*%2F*" || context.arguments.path like "*%5C*")
 };
 
 // Nothing else is permitted: no network, no commands, no MCP tools. EXAMPLES (to use one,
@@ -970,6 +984,33 @@ mod tests {
             .1,
             Vec::<String>::new()
         );
+        // An escaped unreserved character is the character: not a way around a path.
+        assert_eq!(
+            decide(
+                "deployer",
+                "https://api.example.com/v1/%64eploy/%2e%2e/%61dmin",
+                "POST"
+            )
+            .1,
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            decide("deployer", "https://api.example.com/v1/%64eploy/x", "POST"),
+            said("permit", "deployer-posts")
+        );
+        // An escaped slash, which a server may decode before routing, is refused.
+        for url in [
+            "https://api.example.com/v1/deploy/..%2Fadmin",
+            "https://api.example.com/v1/deploy/..%2fadmin",
+            "https://api.example.com/v1/deploy/..%5cadmin",
+            "https://api.example.com/v1/deploy/%2E%2E%2Fadmin",
+        ] {
+            assert_eq!(
+                decide("deployer", url, "POST"),
+                said("deny", "no-encoded-slashes"),
+                "{url}"
+            );
+        }
     }
 
     /// The starter's connection forbid refuses this machine, the private networks and the

@@ -79,7 +79,7 @@ fn init_writes_a_starter_policy_that_checks_clean() {
     assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
     let out = stdout(&o);
     assert!(
-        out.contains("5 policies in 1 file, policy version sha256:"),
+        out.contains("6 policies in 1 file, policy version sha256:"),
         "{out}"
     );
     assert!(!out.contains("warning"), "{out}");
@@ -91,7 +91,7 @@ fn init_writes_a_starter_policy_that_checks_clean() {
     assert_eq!(v["diagnostics"].as_array().unwrap().len(), 0);
     assert!(v["policy_version"].as_str().unwrap().starts_with("sha256:"));
     let policies = v["policies"].as_array().unwrap();
-    assert_eq!(policies.len(), 5);
+    assert_eq!(policies.len(), 6);
     let write = policies
         .iter()
         .find(|p| p["id"] == "write-with-approval")

@@ -6,8 +6,12 @@
 //! ([`policy_arguments`]: `url`, `scheme`, `host`, `port`, `path`, `query`) come from that same
 //! parse, and [`HttpClient::send`] sends that target's serialisation, so what is checked is what
 //! is contacted, byte for byte. The parser resolves dot segments (`/a/../b`, `/a/%2e%2e/b`) and
-//! reads `\` as `/`: a policy on `url` or `path` sees the path the server will receive, never
-//! the text the agent typed. The URL names its host as the resource does: one trailing dot is
+//! reads `\` as `/`; an escaped unreserved character (`%61dmin`) is decoded and every other
+//! escape is written in upper case (`%2f` is `%2F`), in the path and the query: a policy on
+//! `url`, `path` or `query` sees what the server will receive, in one spelling, never the text
+//! the agent typed. An escaped `/` or `\` (`%2F`, `%5C`) stays escaped: it is not a segment
+//! separator to the URL, though some servers decode it before routing (the starter policy
+//! refuses such paths). The URL names its host as the resource does: one trailing dot is
 //! dropped, and an IPv6 address that embeds an IPv4 one (`[::ffff:10.0.0.1]`) is named, and
 //! sent, as that IPv4 address, so a policy sees one name per address. Numeric IPv4 forms
 //! (`http://2130706433/`, `http://0x7f.1/`, `http://127.1/`) arrive as dotted quads, percent-
@@ -207,6 +211,19 @@ pub fn parse_target(url: &str) -> Result<HttpTarget, UrlError> {
         });
     }
     parsed.set_fragment(None);
+    // One spelling per path and query: an escaped unreserved character (`%61dmin`) is that
+    // character (RFC 3986 §6.2.2.2: the server reads the two alike, so a policy must too), and
+    // every other escape is written in upper case (`%2f` is `%2F`). Setting the path again
+    // resolves any dot segment the decoding spelled out.
+    let path = normalize_escapes(parsed.path());
+    if path != parsed.path() {
+        parsed.set_path(&path);
+    }
+    if let Some(query) = parsed.query().map(normalize_escapes)
+        && Some(query.as_str()) != parsed.query()
+    {
+        parsed.set_query(Some(&query));
+    }
     if parsed.as_str().len() > MAX_URL_LEN {
         return Err(UrlError::Parse {
             url: cut(url),
@@ -218,6 +235,41 @@ pub fn parse_target(url: &str) -> Result<HttpTarget, UrlError> {
         host,
         given: url.to_string(),
     })
+}
+
+/// `text` with each percent-escape of an unreserved character (`A-Z a-z 0-9 - . _ ~`) decoded
+/// and every other escape's hex digits in upper case; anything that is not an escape is kept.
+fn normalize_escapes(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            )
+        {
+            let c = (h * 16 + l) as u8;
+            if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                out.push(c as char);
+            } else {
+                out.push('%');
+                out.push_str(&format!("{c:02X}"));
+            }
+            i += 3;
+            continue;
+        }
+        // Not an escape: copy up to the next `%` (always a character boundary).
+        let next = b[i + 1..]
+            .iter()
+            .position(|&c| c == b'%')
+            .map_or(b.len(), |k| i + 1 + k);
+        out.push_str(&text[i..next]);
+        i = next;
+    }
+    out
 }
 
 /// The method of an `http.request` call from its arguments, as the runtime sends it and a policy

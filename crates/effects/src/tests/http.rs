@@ -367,6 +367,57 @@ fn a_policy_sees_the_url_that_is_sent() {
     assert!(seen.iter().all(|s| s.path == "/admin"), "{seen:?}");
 }
 
+/// One spelling per path and query: an escaped unreserved character is decoded (a server reads
+/// `/%61dmin` as `/admin`, so a policy on `/admin` must see it as that), every other escape is
+/// written in upper case, and the server gets exactly that spelling.
+#[test]
+fn escapes_have_one_spelling() {
+    let server = Server::start();
+    let auth = host_auth("127.0.0.1", EffectClass::Read);
+    let c = client();
+    let base = format!("http://127.0.0.1:{}", server.port);
+    for (given, path, query) in [
+        ("/%61dmin", "/admin", ""),
+        ("/%41%44%4d%49%4E/%7e%2d%2E%5f", "/ADMIN/~-._", ""),
+        ("/a%2fb%5cc", "/a%2Fb%5Cc", ""),
+        ("/a/%2E%2E%2Fb", "/a/..%2Fb", ""),
+        ("/a/%2e%2E%2e", "/a/...", ""),
+        ("/x%zz%4/y%", "/x%zz%4/y%", ""),
+        ("/caf%c3%a9", "/caf%C3%A9", ""),
+        ("/q?role=%61dmin&to=%2f%3d", "/q", "role=admin&to=%2F%3D"),
+    ] {
+        let target = parse_target(&format!("{base}{given}")).unwrap();
+        let args = policy_arguments(&target, &serde_json::json!({}));
+        assert_eq!(args["path"], path, "{given}");
+        assert_eq!(args["query"], query, "{given}");
+        let sent = if query.is_empty() {
+            format!("{base}{path}")
+        } else {
+            format!("{base}{path}?{query}")
+        };
+        assert_eq!(target.as_str(), sent, "{given}");
+        assert_eq!(args["url"], sent, "{given}");
+        // Parsing the spelling again changes nothing.
+        assert_eq!(parse_target(&sent).unwrap().as_str(), sent, "{given}");
+        let response = c.send(&auth, &target, "GET", &[], &[]).unwrap();
+        assert_eq!(response.status, 200, "{given}");
+    }
+    let seen: Vec<String> = server.seen().into_iter().map(|s| s.path).collect();
+    assert_eq!(
+        seen,
+        [
+            "/admin",
+            "/ADMIN/~-._",
+            "/a%2Fb%5Cc",
+            "/a/..%2Fb",
+            "/a/...",
+            "/x%zz%4/y%",
+            "/caf%C3%A9",
+            "/q?role=admin&to=%2F%3D"
+        ]
+    );
+}
+
 /// Every field of `context.arguments` for an HTTP call comes from the parse, as the schema
 /// declares it: the effective port (explicit, else the scheme's), the path and query as sent,
 /// the method in upper case (GET when absent).
