@@ -33,6 +33,20 @@ pub use executor::{RunOutcome, RunReport};
 pub use operator::{ApprovalListing, Killed, PendingApproval, Recovered, RunProblem, Session};
 pub use spec::{Assumption, BudgetSpec, Check, OnExhaustion, RunSpec, SpecError};
 
+/// The version of the rules by which the runtime turns a request into a decision: how the
+/// Cedar request is built from a call (its resource, context and arguments), when a live grant
+/// may stand in, and which checks a permitted call still passes. Every run records it
+/// (`RunProvisioned.decision_rules`). `replay --drive` re-makes a run's decisions by the rules
+/// of the ICE that replays; for a run recorded under other rules (or before runs recorded
+/// them) a decision that comes out differently is listed as not checked, saying why, instead
+/// of as a divergence. Bump it with any change that can decide a recorded request otherwise.
+///
+/// 1: the policy decides every call (a live grant only stands in for issuing a new grant);
+/// HTTP calls are decided on the URL as sent (dot segments resolved, escapes in one spelling:
+/// `%61` is `a`, others in upper case); every address an HTTP host resolves to passes the
+/// policy's connection checks (`http.connect`).
+pub const DECISION_RULES: u64 = 1;
+
 /// Something that wants to see each event a run records, as it is recorded (progress lines).
 pub trait Observer: Send + Sync {
     /// An event of the run was recorded.

@@ -431,6 +431,7 @@ impl Runtime {
                         "client": client.clone(),
                         "started_by": started_by.as_ref().map(|o| o.to_string()),
                         "taxonomy": ice_kernel::TAXONOMY_VERSION,
+                        "decision_rules": crate::DECISION_RULES,
                     })),
                     Draft::new(EventType::ResourcesAllocated.name(), Origin::Runtime)
                         .payload(json!({"stage": dir.join("stage").display().to_string()})),

@@ -89,6 +89,9 @@ pub struct DriveReport {
     pub decisions: u64,
     /// What could not be re-checked, and why (never silently skipped).
     pub unchecked: Vec<String>,
+    /// The decision rules the run recorded (`None`: recorded before runs recorded them); the
+    /// decisions were re-made by [`crate::DECISION_RULES`].
+    pub decision_rules: Option<u64>,
 }
 
 impl Runtime {
@@ -611,6 +614,9 @@ struct Drive<'a> {
     /// Whether the run began under taxonomy v2 or later, which records every policy reload
     /// (v1 recorded none that revoked nothing).
     records_reloads: bool,
+    /// The decision rules the run recorded (`None`: recorded before runs recorded them); see
+    /// [`crate::DECISION_RULES`].
+    rules: Option<u64>,
     agent: String,
     tools: Vec<Value>,
     memories: Vec<MountedMemory>,
@@ -649,6 +655,7 @@ impl<'a> Drive<'a> {
             books: Books::new(run.clone()),
             policy: None,
             records_reloads: false,
+            rules: Some(crate::DECISION_RULES),
             agent: String::new(),
             tools: Vec::new(),
             memories,
@@ -663,6 +670,40 @@ impl<'a> Drive<'a> {
         self.div.push(Divergence { event, what });
     }
 
+    /// A re-made decision differs from the record. Under the run's own decision rules that is
+    /// a divergence (`true`: the walk stops); under other rules it may be the rules' change, so
+    /// it is listed as not checked, saying so, and the walk follows the record (`false`).
+    fn decision_differs(&mut self, what: String) -> bool {
+        if self.rules == Some(crate::DECISION_RULES) {
+            self.diverge(what);
+            return true;
+        }
+        let at = self
+            .events
+            .get(self.i)
+            .map(|e| format!(" (at {})", e.id()))
+            .unwrap_or_default();
+        self.report.unchecked.push(format!(
+            "{what}{at}: {}, so the difference may be the rules' change",
+            self.rules_text()
+        ));
+        false
+    }
+
+    /// Under which rules the run was recorded, against this ICE's.
+    fn rules_text(&self) -> String {
+        match self.rules {
+            Some(r) => format!(
+                "the run was recorded under decision rules {r}; this ICE decides by rules {}",
+                crate::DECISION_RULES
+            ),
+            None => format!(
+                "the run was recorded before ICE recorded its decision rules; this ICE decides by rules {}",
+                crate::DECISION_RULES
+            ),
+        }
+    }
+
     fn fold(&mut self) {
         let e = &self.events[self.i];
         // The replay already folded these events once; this cannot fail differently.
@@ -674,6 +715,15 @@ impl<'a> Drive<'a> {
                     .get("taxonomy")
                     .and_then(Value::as_u64)
                     .is_some_and(|v| v >= 2);
+                self.rules = e.payload.get("decision_rules").and_then(Value::as_u64);
+                self.report.decision_rules = self.rules;
+                if self.rules != Some(crate::DECISION_RULES) {
+                    let note = format!(
+                        "decisions: {}; a decision that comes out otherwise is listed here, not as a divergence",
+                        self.rules_text()
+                    );
+                    self.report.unchecked.push(note);
+                }
                 self.agent = e
                     .payload
                     .get("agent")
@@ -847,24 +897,34 @@ impl<'a> Drive<'a> {
                 return;
             }
         };
+        // Each problem, and whether it is a decision that came out otherwise.
         let mut problems = Vec::new();
         let mut decided = 0;
         for a in addresses {
             let Some(ip) = a.as_str().and_then(|t| t.parse::<std::net::IpAddr>().ok()) else {
-                problems.push(format!("the recorded address {a} does not read"));
+                problems.push((false, format!("the recorded address {a} does not read")));
                 continue;
             };
             match call.decide(policy, ip) {
                 Ok(None) => decided += 1,
-                Ok(Some(d)) => problems.push(format!(
-                    "the recorded policy refuses connecting to {ip} ({d}); the run let it through"
+                Ok(Some(d)) => problems.push((
+                    true,
+                    format!(
+                        "the recorded policy refuses connecting to {ip} ({d}); the run let it through"
+                    ),
                 )),
-                Err(err) => problems.push(format!("the connection check of {ip}: {err}")),
+                Err(err) => {
+                    problems.push((false, format!("the connection check of {ip}: {err}")))
+                }
             }
         }
         self.report.decisions += decided;
-        for p in problems {
-            self.diverge(p);
+        for (decision, p) in problems {
+            if decision {
+                self.decision_differs(p);
+            } else {
+                self.diverge(p);
+            }
         }
     }
 
@@ -901,13 +961,17 @@ impl<'a> Drive<'a> {
             Ok(Some(d)) if d.determining_policies() == recorded.as_slice() => {
                 self.report.decisions += 1;
             }
-            Ok(Some(d)) => self.diverge(format!(
-                "the recorded policy refuses connecting to {ip} by {:?}; the run recorded {recorded:?}",
-                d.determining_policies()
-            )),
-            Ok(None) => self.diverge(format!(
-                "the recorded policy lets the call connect to {ip}; the run refused it ({recorded:?})"
-            )),
+            Ok(Some(d)) => {
+                self.decision_differs(format!(
+                    "the recorded policy refuses connecting to {ip} by {:?}; the run recorded {recorded:?}",
+                    d.determining_policies()
+                ));
+            }
+            Ok(None) => {
+                self.decision_differs(format!(
+                    "the recorded policy lets the call connect to {ip}; the run refused it ({recorded:?})"
+                ));
+            }
             Err(why) => self.diverge(format!("the connection check cannot be re-made: {why}")),
         }
     }
@@ -1407,33 +1471,38 @@ impl<'a> Drive<'a> {
             }
             (want, Some(got)) => {
                 if let Some(why) = mismatch(want, got) {
-                    self.diverge(format!("request {req}: {why}"));
-                    return false;
-                }
-                if let Some(why) = version_mismatch(want, got) {
-                    if self.records_reloads {
-                        self.diverge(format!("request {req}: {why}"));
+                    // Under other rules the walk follows the record.
+                    if self.decision_differs(format!("request {req}: {why}")) {
                         return false;
                     }
-                    self.report.unchecked.push(format!(
-                        "request {req}: {why} (the run began under taxonomy v1, which recorded no policy reload that revoked nothing)"
-                    ));
+                } else {
+                    if let Some(why) = version_mismatch(want, got) {
+                        if self.records_reloads {
+                            self.diverge(format!("request {req}: {why}"));
+                            return false;
+                        }
+                        self.report.unchecked.push(format!(
+                            "request {req}: {why} (the run began under taxonomy v1, which recorded no policy reload that revoked nothing)"
+                        ));
+                    }
+                    // A permit that needed an approval: the grant issued once it was given
+                    // must carry the decision's constraints too.
+                    if let Expect::Policy("approval", _, want, _) = &expected
+                        && let Some(grant) = self.events[self.i..].iter().find(|x| {
+                            x.event_type == EventType::CapabilityGranted.name()
+                                && x.payload.get("request").and_then(Value::as_str)
+                                    == Some(&req.to_string())
+                        })
+                        && let Some(why) = constraints_mismatch(grant, want)
+                            .or_else(|| approved_uses_mismatch(grant))
+                    {
+                        if self.decision_differs(format!("request {req}: {why}")) {
+                            return false;
+                        }
+                    } else {
+                        self.report.decisions += 1;
+                    }
                 }
-                // A permit that needed an approval: the grant issued once it was given must
-                // carry the decision's constraints too.
-                if let Expect::Policy("approval", _, want, _) = &expected
-                    && let Some(grant) = self.events[self.i..].iter().find(|x| {
-                        x.event_type == EventType::CapabilityGranted.name()
-                            && x.payload.get("request").and_then(Value::as_str)
-                                == Some(&req.to_string())
-                    })
-                    && let Some(why) =
-                        constraints_mismatch(grant, want).or_else(|| approved_uses_mismatch(grant))
-                {
-                    self.diverge(format!("request {req}: {why}"));
-                    return false;
-                }
-                self.report.decisions += 1;
             }
         }
         // Fold to the request's outcome: its effect, or its denial.

@@ -69,6 +69,7 @@ async fn a_replay_rebuilds_the_recorded_projection_and_re_makes_every_decision()
     assert_eq!(d.proposals, 7, "{d:?}");
     assert_eq!(d.decisions, 5, "{d:?}");
     assert!(d.unchecked.is_empty(), "{:?}", d.unchecked);
+    assert_eq!(d.decision_rules, Some(ice_runtime::DECISION_RULES));
 
     // A different agent proposes something else: the replay names where it departs.
     let other = PLAN.replace(
@@ -110,13 +111,27 @@ async fn a_policy_that_decides_differently_now_is_a_divergence() {
 /// Copy run `from` into a new run `to` through the ledger (as a forger with write access
 /// would), changing each event's payload with `edit`.
 async fn forge(h: &H, from: &str, to: &str, edit: impl Fn(&str, &mut serde_json::Value)) {
+    forge_replacing(h, from, to, &[], edit).await
+}
+
+/// [`forge`], with each `(old, new)` of `replace` replaced in every payload and authority too.
+async fn forge_replacing(
+    h: &H,
+    from: &str,
+    to: &str,
+    replace: &[(&str, &str)],
+    edit: impl Fn(&str, &mut serde_json::Value),
+) {
     let events = h.events(from).await;
     let to_id = RunId::new(to).unwrap();
     let mut drafts = Vec::new();
     for e in events {
-        let text = serde_json::Value::Object(e.payload.clone())
+        let mut text = serde_json::Value::Object(e.payload.clone())
             .to_string()
             .replace(&format!("\"{from}:"), &format!("\"{to}:"));
+        for (old, new) in replace {
+            text = text.replace(old, new);
+        }
         let mut payload: serde_json::Value = serde_json::from_str(&text).unwrap();
         edit(&e.event_type, &mut payload);
         let mut d = ice_kernel::Draft::new(e.event_type.clone(), e.origin.clone()).payload(payload);
@@ -124,7 +139,11 @@ async fn forge(h: &H, from: &str, to: &str, edit: impl Fn(&str, &mut serde_json:
             d = d.intent(i);
         }
         if let Some(a) = e.authority {
-            d = d.authority(a.replace(&format!("{from}:"), &format!("{to}:")));
+            let mut a = a.replace(&format!("{from}:"), &format!("{to}:"));
+            for (old, new) in replace {
+                a = a.replace(old, new);
+            }
+            d = d.authority(a);
         }
         for c in e.causes {
             d = d.cause(ice_kernel::EventId::new(to_id.clone(), c.run_seq));
@@ -187,6 +206,104 @@ async fn a_grant_recorded_without_the_constraints_its_policy_sets_is_caught() {
     .await;
     let run = RunId::new("r4-forged").unwrap();
     diverges_once(&h, &run, "the policy gives a grant with constraints {\"max_bytes\":4096,\"timeout_ms\":1000}; the run recorded {}").await;
+}
+
+/// A run recorded under other decision rules (or before runs recorded them) may have been
+/// decided otherwise by the ICE of its day: a decision that comes out differently now is listed
+/// as not checked, saying why, and the walk goes on; under the run's own rules it is a
+/// divergence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_recorded_under_other_decision_rules_lists_a_different_decision_as_unchecked() {
+    let h = H::new(POLICY);
+    let (spec, mut agent) = h.spec("r6", "coder", "", PLAN);
+    h.run(spec, &mut agent).await;
+    let recorded = h.events("r6").await;
+    let recorded_version = recorded[2].payload["policy_version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        recorded[0].payload["decision_rules"],
+        serde_json::json!(ice_runtime::DECISION_RULES)
+    );
+    // The same record with a policy that denies the first read: this ICE decides it otherwise.
+    let forged_policy = format!(
+        "{POLICY}\n@id(\"no-reading\")\nforbid(principal, action == Action::\"fs.read\", resource);\n"
+    );
+    forge_policy_files(
+        &h,
+        "r6",
+        "r6-now",
+        &forged_policy,
+        ice_kernel::TAXONOMY_VERSION,
+    )
+    .await;
+    diverges_once(
+        &h,
+        &RunId::new("r6-now").unwrap(),
+        "the policy decides deny now",
+    )
+    .await;
+    for (run, rules, says) in [
+        (
+            "r6-older",
+            Some(0),
+            "the run was recorded under decision rules 0; this ICE decides by rules",
+        ),
+        (
+            "r6-unrecorded",
+            None,
+            "the run was recorded before ICE recorded its decision rules",
+        ),
+    ] {
+        let version = version_of(&forged_policy);
+        let text = forged_policy.clone();
+        // Every decision names the forged files' version, as the ICE of its day would have.
+        let replace = [(recorded_version.as_str(), version.as_str())];
+        forge_replacing(&h, "r6", run, &replace, |t, p| {
+            if t == "RunProvisioned" {
+                match rules {
+                    Some(r) => p["decision_rules"] = serde_json::json!(r),
+                    None => {
+                        p.as_object_mut().unwrap().remove("decision_rules");
+                    }
+                }
+            }
+            if t == "ContextResolved" {
+                p["policy_sources"] = serde_json::json!([{"name": "p.cedar", "text": text}]);
+            }
+        })
+        .await;
+        let mut again = plan_agent(PLAN);
+        let r =
+            h.rt.replay_drive(&RunId::new(run).unwrap(), &mut again)
+                .await
+                .unwrap();
+        assert!(r.divergences.is_empty(), "{run}: {:?}", r.divergences);
+        let d = r.drive.unwrap();
+        assert_eq!(d.decision_rules, rules, "{run}");
+        // The walk went on past the decisions that differ: every proposal was re-driven, and
+        // the two reads the forged policy denies are the decisions not counted.
+        assert_eq!(d.proposals, 7, "{run}: {d:?}");
+        assert_eq!(d.decisions, 3, "{run}: {d:?}");
+        let differing: Vec<&String> = d
+            .unchecked
+            .iter()
+            .filter(|u| u.contains("the policy decides deny now"))
+            .collect();
+        assert_eq!(differing.len(), 2, "{run}: {:?}", d.unchecked);
+        assert!(
+            differing
+                .iter()
+                .all(|u| u.contains(says) && u.contains("may be the rules' change")),
+            "{run}: {differing:?}"
+        );
+        assert!(
+            d.unchecked[0].starts_with("decisions: ") && d.unchecked[0].contains(says),
+            "{run}: {:?}",
+            d.unchecked
+        );
+    }
 }
 
 /// The version of a policy set made of one file `p.cedar` holding `text`.
