@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
+use common::token;
 use serde_json::Value;
 
 fn ice() -> Command {
@@ -24,34 +23,7 @@ fn ok(mut c: Command) -> String {
 
 /// One HTTP/1.1 request over a fresh connection: status and body.
 fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: 0\r\n");
-    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
-        req.push_str(&format!("Host: {addr}\r\n"));
-    }
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {resp:?}"));
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    (status, body.to_string())
-}
-
-fn token(home: &Path, role: &str, name: &str) -> String {
-    let mut c = ice();
-    c.arg("--home")
-        .arg(home)
-        .args(["token", "add", &format!("--{role}"), name, "--json"]);
-    let v: Value = serde_json::from_str(&ok(c)).unwrap();
-    v["token"].as_str().unwrap().to_string()
+    common::http(addr, method, path, headers, "")
 }
 
 #[test]
@@ -225,7 +197,7 @@ fn the_operator_api_matches_its_openapi_description() {
     // Every operation but the document itself is tested.
     let doc: Value = serde_json::from_str(
         &std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json"),
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json"),
         )
         .unwrap(),
     )

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod common;
+
 fn ice_cmd(home: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ice"));
     c.arg("--home").arg(home).env_remove("ICE_HOME");
@@ -521,6 +523,79 @@ fn a_commit_that_cannot_be_completed_is_abandoned_only_when_the_operator_says_so
     let o = ice(&home, &["kill", "quickstart", "--abandon-commit"]);
     assert_ne!(code(&o), 0, "{}", text(&o));
     assert!(text(&o).contains("already ended"), "{}", text(&o));
+}
+
+/// The same over the operator API: `POST /api/v1/runs/{run}/kill` refuses to abort a commit
+/// past its commit point that cannot be completed, and with `abandon_commit` gives it up,
+/// terminates the run and says where the stage was kept.
+#[test]
+fn the_api_abandons_a_commit_only_when_the_operator_says_so() {
+    let (dir, home, qs) = killed_in_commit("1");
+    std::fs::remove_dir_all(qs.join("workspace")).unwrap();
+    let operator = common::token(&home, "operator", "alice");
+    std::fs::create_dir_all(dir.path().join("ws")).unwrap();
+    let spec = dir.path().join("mcp.toml");
+    std::fs::write(
+        &spec,
+        "[run]\nagent = \"mcp-agent\"\nworkspace = \"ws\"\n[agent]\ndriver = \"external\"\n",
+    )
+    .unwrap();
+    let mut serve = ice_cmd(&home);
+    serve
+        .current_dir(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0", "--run-spec"])
+        .arg(&spec);
+    let (_served, mcp) = common::serve(serve);
+    let addr = mcp
+        .strip_prefix("http://")
+        .and_then(|a| a.strip_suffix("/mcp"))
+        .unwrap()
+        .to_string();
+    let bearer = format!("Bearer {operator}");
+    let kill = |body: &str| {
+        common::http(
+            &addr,
+            "POST",
+            "/api/v1/runs/quickstart/kill",
+            &[("Authorization", &bearer)],
+            body,
+        )
+    };
+    // Start-up recovery could neither complete nor undo the commit: the run is still there.
+    let types = run_types(&home);
+    assert!(!types.contains(&"RunTerminated".to_string()), "{types:?}");
+    let (status, body) = kill(r#"{"reason": "stop"}"#);
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("abandon_commit"), "{body}");
+    let types = run_types(&home);
+    assert!(!types.contains(&"RunTerminated".to_string()), "{types:?}");
+
+    let (status, body) = kill(r#"{"reason": "gone", "abandon_commit": true}"#);
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["run"], "quickstart", "{v}");
+    assert_eq!(v["state"], "TERMINATED", "{v}");
+    assert_eq!(v["killed"], true, "{v}");
+    let kept = PathBuf::from(v["commit_abandoned"].as_str().unwrap());
+    assert!(kept.starts_with(home.join("runs")), "{kept:?}");
+    assert!(kept.join("journal.json").exists(), "{kept:?}");
+    let types = run_types(&home);
+    assert!(
+        types.contains(&"RunTerminatedByRuntime".to_string()),
+        "{types:?}"
+    );
+    assert!(!types.contains(&"RunCommitted".to_string()), "{types:?}");
+    assert_eq!(types.last().map(String::as_str), Some("RunTerminated"));
+    let e = first_event(&home, "RunTerminatedByRuntime").expect("a RunTerminatedByRuntime event");
+    assert_eq!(
+        e["payload"]["abandoned_commit"]["kept_at"], v["commit_abandoned"],
+        "{e}"
+    );
+    assert_eq!(code(&ice(&home, &["verify"])), 0);
+    // Ended: nothing more to kill.
+    let (status, body) = kill(r#"{"abandon_commit": true}"#);
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("already ended"), "{body}");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! What the gateway tests share: starting `ice serve` and stopping it with the test.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
@@ -88,18 +88,77 @@ pub fn serve(mut command: Command) -> (Served, String) {
         .spawn()
         .expect("ice serve starts");
     let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    err.read_line(&mut line).expect("ice serve's first line");
     let served = Served(child);
-    let url = line
-        .trim()
-        .strip_prefix("ice serve: MCP at ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-        .to_string();
+    // Start-up recovery may report first.
+    let mut before = String::new();
+    let url = loop {
+        let mut line = String::new();
+        let n = err.read_line(&mut line).expect("ice serve's stderr");
+        assert!(n > 0, "ice serve stopped before serving: {before}");
+        if let Some(url) = line.trim().strip_prefix("ice serve: MCP at ") {
+            break url.to_string();
+        }
+        assert!(
+            line.starts_with("recovered run "),
+            "unexpected line: {line:?}"
+        );
+        before.push_str(&line);
+    };
     // Keep draining stderr so the server never blocks on it.
     std::thread::spawn(move || {
         let mut rest = String::new();
         let _ = std::io::Read::read_to_string(&mut err, &mut rest);
     });
     (served, url)
+}
+
+/// One HTTP/1.1 request to `addr` (with a `Host` header naming `addr` unless `headers` has
+/// one), carrying `body` as JSON when it is not empty: the answer's status and body.
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {resp:?}"));
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_string())
+}
+
+/// A new token for `name` in the installation at `home` (`role`: `operator` or `agent`).
+pub fn token(home: &Path, role: &str, name: &str) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_ice"))
+        .env_remove("ICE_HOME")
+        .arg("--home")
+        .arg(home)
+        .args(["token", "add", &format!("--{role}"), name, "--json"])
+        .output()
+        .expect("ice token add runs");
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["token"].as_str().unwrap().to_string()
 }
