@@ -215,14 +215,23 @@ pub fn parse_target(url: &str) -> Result<HttpTarget, UrlError> {
     // character (RFC 3986 §6.2.2.2: the server reads the two alike, so a policy must too), and
     // every other escape is written in upper case (`%2f` is `%2F`). Setting the path again
     // resolves any dot segment the decoding spelled out.
-    let path = normalize_escapes(parsed.path());
+    // A `%` that does not start an escape is refused: decoding the escapes after it could
+    // make it one (`/%6%31dmin` would read `/%61dmin`, which a server reads as `/admin`).
+    let stray = |part: &str| UrlError::Parse {
+        url: cut(url),
+        problem: format!(
+            "its {part} has a `%` that is not followed by two hex digits (write a literal `%` as `%25`)"
+        ),
+    };
+    let path = normalize_escapes(parsed.path()).ok_or_else(|| stray("path"))?;
     if path != parsed.path() {
         parsed.set_path(&path);
     }
-    if let Some(query) = parsed.query().map(normalize_escapes)
-        && Some(query.as_str()) != parsed.query()
-    {
-        parsed.set_query(Some(&query));
+    if let Some(query) = parsed.query() {
+        let query = normalize_escapes(query).ok_or_else(|| stray("query"))?;
+        if Some(query.as_str()) != parsed.query() {
+            parsed.set_query(Some(&query));
+        }
     }
     if parsed.as_str().len() > MAX_URL_LEN {
         return Err(UrlError::Parse {
@@ -238,19 +247,16 @@ pub fn parse_target(url: &str) -> Result<HttpTarget, UrlError> {
 }
 
 /// `text` with each percent-escape of an unreserved character (`A-Z a-z 0-9 - . _ ~`) decoded
-/// and every other escape's hex digits in upper case; anything that is not an escape is kept.
-fn normalize_escapes(text: &str) -> String {
+/// and every other escape's hex digits in upper case; `None` if a `%` does not start an escape.
+fn normalize_escapes(text: &str) -> Option<String> {
     let b = text.as_bytes();
     let mut out = String::with_capacity(text.len());
     let mut i = 0;
     while i < b.len() {
         let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%'
-            && let (Some(h), Some(l)) = (
-                b.get(i + 1).copied().and_then(hex),
-                b.get(i + 2).copied().and_then(hex),
-            )
-        {
+        if b[i] == b'%' {
+            let h = b.get(i + 1).copied().and_then(hex)?;
+            let l = b.get(i + 2).copied().and_then(hex)?;
             let c = (h * 16 + l) as u8;
             if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
                 out.push(c as char);
@@ -269,7 +275,7 @@ fn normalize_escapes(text: &str) -> String {
         out.push_str(&text[i..next]);
         i = next;
     }
-    out
+    Some(out)
 }
 
 /// The method of an `http.request` call from its arguments, as the runtime sends it and a policy
