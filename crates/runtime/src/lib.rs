@@ -36,7 +36,8 @@ pub use spec::{Assumption, BudgetSpec, Check, OnExhaustion, RunSpec, SpecError};
 /// The version of the rules by which the runtime turns a request into a decision: how the
 /// Cedar request is built from a call (its resource, context and arguments), when a live grant
 /// may stand in, and which checks a permitted call still passes. Every run records it
-/// (`RunProvisioned.decision_rules`). `replay --drive` re-makes a run's decisions by the rules
+/// (`RunProvisioned.decision_rules`, and `RunResumed.decision_rules`: a run resumed by another
+/// ICE decides by that ICE's rules from then on). `replay --drive` re-makes a run's decisions by the rules
 /// of the ICE that replays; for a run recorded under other rules (or before runs recorded
 /// them) a decision that comes out differently is listed as not checked, saying why, instead
 /// of as a divergence. Bump it with any change that can decide a recorded request otherwise.

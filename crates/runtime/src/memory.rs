@@ -1220,6 +1220,7 @@ impl Runtime {
                         "reason": reason,
                         "subject": subject,
                         "taxonomy": ice_kernel::TAXONOMY_VERSION,
+                        "decision_rules": crate::DECISION_RULES,
                     }),
                 ),
                 rt(EventType::ResourcesAllocated, json!({"kind": "memory"})),

@@ -601,7 +601,10 @@ impl Runtime {
                 "the run resumed, and its record did not hold its policy files yet".to_string()
             };
             let resumed = Draft::new(EventType::RunResumed.name(), Origin::Runtime)
-                .payload(json!({"reconfiguration": rec.to_string()}))
+                .payload(json!({
+                    "reconfiguration": rec.to_string(),
+                    "decision_rules": crate::DECISION_RULES,
+                }))
                 .cause(rec.clone());
             ctx.take_on_policy(live, &why, vec![resumed]).await?;
             live.window_started = Instant::now();

@@ -89,8 +89,9 @@ pub struct DriveReport {
     pub decisions: u64,
     /// What could not be re-checked, and why (never silently skipped).
     pub unchecked: Vec<String>,
-    /// The decision rules the run recorded (`None`: recorded before runs recorded them); the
-    /// decisions were re-made by [`crate::DECISION_RULES`].
+    /// The decision rules the run recorded when it began (`None`: recorded before runs recorded
+    /// them; a resumption may record others from then on); the decisions were re-made by
+    /// [`crate::DECISION_RULES`].
     pub decision_rules: Option<u64>,
 }
 
@@ -690,6 +691,18 @@ impl<'a> Drive<'a> {
         false
     }
 
+    /// Say, once the rules in force differ from this ICE's, that decisions which come out
+    /// otherwise are listed as not checked.
+    fn note_rules(&mut self) {
+        if self.rules != Some(crate::DECISION_RULES) {
+            let note = format!(
+                "decisions: {}; a decision that comes out otherwise is listed here, not as a divergence",
+                self.rules_text()
+            );
+            self.report.unchecked.push(note);
+        }
+    }
+
     /// Under which rules the run was recorded, against this ICE's.
     fn rules_text(&self) -> String {
         match self.rules {
@@ -717,19 +730,21 @@ impl<'a> Drive<'a> {
                     .is_some_and(|v| v >= 2);
                 self.rules = e.payload.get("decision_rules").and_then(Value::as_u64);
                 self.report.decision_rules = self.rules;
-                if self.rules != Some(crate::DECISION_RULES) {
-                    let note = format!(
-                        "decisions: {}; a decision that comes out otherwise is listed here, not as a divergence",
-                        self.rules_text()
-                    );
-                    self.report.unchecked.push(note);
-                }
+                self.note_rules();
                 self.agent = e
                     .payload
                     .get("agent")
                     .and_then(Value::as_str)
                     .unwrap_or_default()
                     .to_string();
+            }
+            // A run resumed by another ICE decides from then on by that ICE's rules.
+            Some(EventType::RunResumed) => {
+                let rules = e.payload.get("decision_rules").and_then(Value::as_u64);
+                if rules.is_some() && rules != self.rules {
+                    self.rules = rules;
+                    self.note_rules();
+                }
             }
             Some(EventType::ContextResolved) => {
                 if e.payload.contains_key("policy_sources") {
@@ -1032,16 +1047,23 @@ impl<'a> Drive<'a> {
         let verdict = |g: &ice_authority::Grant| {
             crate::executor::reload_verdict(&self.rt.registry, &self.run, policy, g)
         };
+        // Each finding, and whether it is a decision re-made (which other rules may explain).
         let mut found = Vec::new();
         for g in &revoked {
             match g.as_ref().and_then(|g| self.books.grants.get(g)) {
-                None => found.push(format!(
-                    "the reload revokes {}, which is no grant of the run",
-                    g.as_ref().map_or("an unnamed grant".into(), |g| g.to_string())
+                None => found.push((
+                    false,
+                    format!(
+                        "the reload revokes {}, which is no grant of the run",
+                        g.as_ref().map_or("an unnamed grant".into(), |g| g.to_string())
+                    ),
                 )),
-                Some(grant) if verdict(grant).is_none() => found.push(format!(
-                    "the reload revokes grant {}, which the new policy still permits as it was given",
-                    grant.id
+                Some(grant) if verdict(grant).is_none() => found.push((
+                    true,
+                    format!(
+                        "the reload revokes grant {}, which the new policy still permits as it was given",
+                        grant.id
+                    ),
                 )),
                 Some(_) => {}
             }
@@ -1050,14 +1072,18 @@ impl<'a> Drive<'a> {
             if !revoked.contains(&Some(g.id.clone()))
                 && let Some(why) = verdict(g)
             {
-                found.push(format!(
-                    "the run kept grant {} after the reload ({why})",
-                    g.id
+                found.push((
+                    true,
+                    format!("the run kept grant {} after the reload ({why})", g.id),
                 ));
             }
         }
-        for what in found {
-            self.diverge(what);
+        for (decision, what) in found {
+            if decision {
+                self.decision_differs(what);
+            } else {
+                self.diverge(what);
+            }
         }
     }
 
@@ -1470,10 +1496,18 @@ impl<'a> Drive<'a> {
                 self.report.unchecked.push(format!("request {req}: {why}"));
             }
             (want, Some(got)) => {
-                if let Some(why) = mismatch(want, got) {
-                    // Under other rules the walk follows the record.
-                    if self.decision_differs(format!("request {req}: {why}")) {
-                        return false;
+                if let Some(m) = mismatch(want, got) {
+                    match m {
+                        // Under other rules the walk follows the record.
+                        Mismatch::Decision(why) => {
+                            if self.decision_differs(format!("request {req}: {why}")) {
+                                return false;
+                            }
+                        }
+                        Mismatch::Record(why) => {
+                            self.diverge(format!("request {req}: {why}"));
+                            return false;
+                        }
                     }
                 } else {
                     if let Some(why) = version_mismatch(want, got) {
@@ -1496,9 +1530,10 @@ impl<'a> Drive<'a> {
                         && let Some(why) = constraints_mismatch(grant, want)
                             .or_else(|| approved_uses_mismatch(grant))
                     {
-                        if self.decision_differs(format!("request {req}: {why}")) {
-                            return false;
-                        }
+                        // The record disagrees with itself (the decision it made gave other
+                        // limits): no change of rules explains that.
+                        self.diverge(format!("request {req}: {why}"));
+                        return false;
                     } else {
                         self.report.decisions += 1;
                     }
@@ -1664,7 +1699,16 @@ enum Expect {
     Either(EventId, Box<Expect>),
 }
 
-fn mismatch(want: &Expect, got: &Event) -> Option<String> {
+/// How a recorded decision differs from the one re-made.
+enum Mismatch {
+    /// The decision comes out otherwise (which other decision rules may explain).
+    Decision(String),
+    /// The record disagrees with itself: the decision it names gives other limits than it
+    /// recorded, whatever the rules.
+    Record(String),
+}
+
+fn mismatch(want: &Expect, got: &Event) -> Option<Mismatch> {
     let t = EventType::from_name(&got.event_type);
     let reason = got
         .payload
@@ -1683,18 +1727,18 @@ fn mismatch(want: &Expect, got: &Event) -> Option<String> {
     match want {
         Expect::Denied(code) => (t != Some(EventType::CapabilityDenied) || reason != code.as_str())
             .then(|| {
-                format!(
+                Mismatch::Decision(format!(
                     "the replay refuses it ({code}); the run recorded {}",
                     describe(got)
-                )
+                ))
             }),
         Expect::Reuse(g) => {
             let grant = got.payload.get("grant").and_then(Value::as_str);
             (grant != Some(&g.to_string())).then(|| {
-                format!(
+                Mismatch::Decision(format!(
                     "the replay reuses grant {g}; the run recorded {}",
                     describe(got)
-                )
+                ))
             })
         }
         Expect::Policy(kind, want_policies, want_constraints, _) => {
@@ -1713,18 +1757,18 @@ fn mismatch(want: &Expect, got: &Event) -> Option<String> {
                 _ => "other",
             };
             if recorded != *kind {
-                return Some(format!(
+                return Some(Mismatch::Decision(format!(
                     "the policy decides {kind} now; the run recorded {}",
                     describe(got)
-                ));
+                )));
             }
             if sorted(policies) != sorted(want_policies.clone()) {
-                return Some(format!(
+                return Some(Mismatch::Decision(format!(
                     "the policy decides {kind} by {want_policies:?}; the run recorded it by other policies"
-                ));
+                )));
             }
             if recorded == "permit" {
-                return constraints_mismatch(got, want_constraints);
+                return constraints_mismatch(got, want_constraints).map(Mismatch::Record);
             }
             None
         }

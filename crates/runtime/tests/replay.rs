@@ -206,6 +206,19 @@ async fn a_grant_recorded_without_the_constraints_its_policy_sets_is_caught() {
     .await;
     let run = RunId::new("r4-forged").unwrap();
     diverges_once(&h, &run, "the policy gives a grant with constraints {\"max_bytes\":4096,\"timeout_ms\":1000}; the run recorded {}").await;
+    // Claiming older decision rules changes nothing: no rules explain a grant recorded with
+    // other limits than the decision it names.
+    forge(&h, "r4", "r4-older", |t, p| {
+        if t == "RunProvisioned" {
+            p.as_object_mut().unwrap().remove("decision_rules");
+        }
+        if t == "CapabilityGranted" && p["capability"] == "fs.write" {
+            p["constraints"] = serde_json::json!({});
+        }
+    })
+    .await;
+    let run = RunId::new("r4-older").unwrap();
+    diverges_once(&h, &run, "the policy gives a grant with constraints").await;
 }
 
 /// A run recorded under other decision rules (or before runs recorded them) may have been
@@ -302,6 +315,24 @@ async fn a_run_recorded_under_other_decision_rules_lists_a_different_decision_as
             d.unchecked[0].starts_with("decisions: ") && d.unchecked[0].contains(says),
             "{run}: {:?}",
             d.unchecked
+        );
+        // Other rules explain a decision, not a driver that proposes something else.
+        let other = PLAN.replace(
+            "content = \"hello, governed world\\n\"",
+            "content = \"other\\n\"",
+        );
+        let mut different = plan_agent(&other);
+        let r =
+            h.rt.replay_drive(&RunId::new(run).unwrap(), &mut different)
+                .await
+                .unwrap();
+        assert_eq!(r.divergences.len(), 1, "{run}: {:?}", r.divergences);
+        assert!(
+            r.divergences[0]
+                .what
+                .contains("the driver requests fs.write"),
+            "{run}: {:?}",
+            r.divergences
         );
     }
 }
