@@ -2,7 +2,7 @@
 // waiting), errors, and the views by location hash: #/runs, #/runs/RUN[/SEQ], #/approvals.
 
 import { token, get, post, onAuthFailure, ApiError } from './api.js';
-import { h, fill, short, clock, compact } from './dom.js';
+import { h, fill, short, clock, compact, oneAtATime } from './dom.js';
 import { runsView } from './runs.js';
 import { runView } from './run.js';
 import { approvalsView, tickExpiries } from './approvals.js';
@@ -39,7 +39,8 @@ window.addEventListener('unhandledrejection', (ev) => showError(ev.reason));
 
 // ---------------------------------------------------------------- header
 
-async function verify() {
+// One verification at a time (it reads the whole log).
+const verify = oneAtATime(async () => {
   const pill = $('verify-status');
   pill.className = 'pill pill-muted';
   fill(pill, 'verifying the log…');
@@ -62,7 +63,7 @@ async function verify() {
     pill.title = e instanceof ApiError ? e.describe() : String(e);
     showError(e);
   }
-}
+});
 
 async function checkpoint() {
   const pill = $('checkpoint-status');
@@ -95,10 +96,8 @@ async function approvalsBadge() {
   }
 }
 
-function refreshHeader() {
-  approvalsBadge();
-  checkpoint();
-}
+// One header refresh at a time.
+const refreshHeader = oneAtATime(() => Promise.all([approvalsBadge(), checkpoint()]));
 
 // ---------------------------------------------------------------- views
 

@@ -1,7 +1,7 @@
 // Pending approvals: the exact request each one is about, and Approve / Deny.
 
 import { get, post, seg } from './api.js';
-import { h, fill, stamp, runHref, parseId, compact } from './dom.js';
+import { h, fill, stamp, runHref, parseId, compact, oneAtATime } from './dom.js';
 import { blobRef, blobWords, whenBlob, pretty, describe } from './events.js';
 
 const requests = new Map(); // approval id → Promise of its CapabilityRequested event (or null)
@@ -174,7 +174,8 @@ export function approvalsView(root, ctx) {
     h('p', { class: 'lead' }, 'Requests the policy would permit only with an operator\'s approval. An approval authorises exactly the call shown (its digest), once, before it expires.'),
     note, leftOut, list));
   const shown = new Map();
-  const refresh = async () => {
+  // One refresh at a time: a slow answer must not pile more requests onto the server.
+  const refresh = oneAtATime(async () => {
     let r;
     try { r = await get('/approvals'); } catch (e) { ctx.error(e); return; }
     const ids = new Set(r.approvals.map((a) => a.id));
@@ -206,7 +207,7 @@ export function approvalsView(root, ctx) {
         h('span', { class: 'mono' }, `ice explain ${p.event}`), ' shows it.');
     }));
     tickExpiries();
-  };
+  });
   refresh();
   const timer = setInterval(() => { if (!document.hidden) refresh(); }, 3000);
   return { unmount: () => clearInterval(timer) };

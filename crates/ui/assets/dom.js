@@ -126,3 +126,28 @@ export function parseId(id) {
   const m = /^(.+):(\d+)$/.exec(String(id ?? ''));
   return m ? { run: m[1], seq: Number(m[2]) } : null;
 }
+
+/** `fn` (async), run one call at a time: a call made while one is under way runs once more when
+ * it ends (however many calls came meanwhile), so a refresh on a timer never piles requests
+ * onto a slow server, and a refresh asked for after something changed is never lost. */
+export function oneAtATime(fn) {
+  let running = null;
+  let again = false;
+  return () => {
+    if (running) {
+      again = true;
+      return running;
+    }
+    running = (async () => {
+      try {
+        do {
+          again = false;
+          await fn();
+        } while (again);
+      } finally {
+        running = null;
+      }
+    })();
+    return running;
+  };
+}

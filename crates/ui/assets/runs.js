@@ -2,7 +2,7 @@
 // approvals waiting for an operator.
 
 import { get, seg, blobValue } from './api.js';
-import { h, fill, bytes, micros, stamp, ago, runHref } from './dom.js';
+import { h, fill, bytes, micros, stamp, ago, runHref, oneAtATime } from './dom.js';
 import { approvalCard, tickExpiries } from './approvals.js';
 import { blobRef, blobWords, describe } from './events.js';
 
@@ -134,7 +134,9 @@ export function runsView(root, ctx) {
         body))));
   const cards = new Map();
   let alive = true;
-  const refresh = async () => {
+  // One refresh at a time: on a slow server, a listing that takes longer than the interval must
+  // not pile more listings (each folds up to MAX_RUNS runs) onto it.
+  const refresh = oneAtATime(async () => {
     let runs;
     let total;
     let approvals;
@@ -194,18 +196,9 @@ export function runsView(root, ctx) {
     }
     pendingSection.hidden = cards.size === 0;
     tickExpiries();
-  };
-  // One refresh at a time: on a slow server, a listing that takes longer than the interval must
-  // not pile more listings (each folds up to MAX_RUNS runs) onto it.
-  let busy = false;
-  const tick = async () => {
-    if (busy || document.hidden || !alive) return;
-    busy = true;
-    try {
-      await refresh();
-    } finally {
-      busy = false;
-    }
+  });
+  const tick = () => {
+    if (!document.hidden && alive) refresh();
   };
   tick();
   const timer = setInterval(tick, 4000);

@@ -1,0 +1,58 @@
+//! The page's helpers that hold no DOM, run by Node (which the MCP peer tests need too).
+
+use std::path::Path;
+use std::process::Command;
+
+/// Run `script` as an ES module next to the page's assets; its standard output.
+fn node(script: &str) -> String {
+    let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
+    let o = Command::new("node")
+        .arg("--input-type=module")
+        .arg("-e")
+        .arg(script.replace(
+            "ASSETS",
+            &format!("file://{}", assets.canonicalize().unwrap().display()),
+        ))
+        .output()
+        .expect("node runs (Node 20, as for the MCP peers)");
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// A refresh on a timer never runs twice at once, and calls made while one runs are folded
+/// into one more run after it, so the last change is still shown.
+#[test]
+fn one_at_a_time_never_overlaps_and_never_drops_the_last_call() {
+    let out = node(
+        r#"
+import { oneAtATime } from 'ASSETS/dom.js';
+let running = 0, most = 0, runs = 0;
+const slow = oneAtATime(async () => {
+  running += 1; runs += 1; most = Math.max(most, running);
+  await new Promise((r) => setTimeout(r, 20));
+  running -= 1;
+});
+// Ten calls while the first runs: one more run after it, not ten, and never two at once.
+const first = slow();
+for (let i = 0; i < 10; i++) slow();
+await first;
+console.log(`runs=${runs} most=${most}`);
+// Idle again: the next call runs at once.
+await slow();
+console.log(`runs=${runs} most=${most}`);
+// A run that throws does not wedge it.
+let failing = true;
+const flaky = oneAtATime(async () => { if (failing) throw new Error('x'); runs += 1; });
+await flaky().catch(() => {});
+failing = false;
+await flaky();
+console.log(`runs=${runs}`);
+"#,
+    );
+    assert_eq!(out, "runs=2 most=1\nruns=3 most=1\nruns=4\n");
+}
