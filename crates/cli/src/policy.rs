@@ -148,16 +148,22 @@ when {
 };
 
 // A call's path is the one sent: dot segments resolved, escaped unreserved characters decoded
-// (/%61dmin is /admin), other escapes in upper case. An escaped slash or backslash (%2F, %5C)
-// is part of a segment to ICE, but some servers decode it before routing, so that
-// /v1/deploy/..%2Fadmin would pass a permit for /v1/deploy/* and reach /v1/admin. This
-// refuses such paths. An API that needs them (project ids like group%2Fproject, say) can be
-// let through with `unless { resource == Host::"…" }`.
-@id("no-encoded-slashes")
+// (/%61dmin is /admin), other escapes in upper case. Some servers read more into a path than
+// that: they decode an escaped slash or backslash (%2F, %5C) before routing, decode twice
+// (%252F), or drop a segment's ;parameters before resolving dots (/..;/), so that
+// /v1/deploy/..%2Fadmin or /v1/deploy/..;/admin would pass a permit for /v1/deploy/* and reach
+// /v1/admin. This refuses such paths: an escaped slash or backslash, an escaped % (a literal
+// % in a path), and a dot segment with parameters. An API that needs one of them (project ids
+// like group%2Fproject, say) can be let through with `unless { resource == Host::"…" }`.
+@id("no-ambiguous-paths")
 forbid (principal, action == Action::"http.request", resource)
 when {
   context.arguments has path &&
-  (context.arguments.path like "*%2F*" || context.arguments.path like "*%5C*")
+  (context.arguments.path like "*%2F*" ||
+   context.arguments.path like "*%5C*" ||
+   context.arguments.path like "*%25*" ||
+   context.arguments.path like "*/..;*" ||
+   context.arguments.path like "*/.;*")
 };
 
 // Nothing else is permitted: no network, no commands, no MCP tools. EXAMPLES (to use one,
@@ -990,18 +996,33 @@ mod tests {
             said("permit", "deployer-posts")
         );
         // An escaped slash, which a server may decode before routing, is refused.
+        // So are a path a server decodes twice and a dot segment with parameters.
         for url in [
             "https://api.example.com/v1/deploy/..%2Fadmin",
             "https://api.example.com/v1/deploy/..%2fadmin",
             "https://api.example.com/v1/deploy/..%5cadmin",
             "https://api.example.com/v1/deploy/%2E%2E%2Fadmin",
+            "https://api.example.com/v1/deploy/..%252Fadmin",
+            "https://api.example.com/v1/deploy/..%252fadmin",
+            "https://api.example.com/v1/deploy/..;/admin",
+            "https://api.example.com/v1/deploy/.;x=1/..;x=2/admin",
+            "https://api.example.com/v1/deploy/%2e%2e;/admin",
         ] {
             assert_eq!(
                 decide("deployer", url, "POST"),
-                said("deny", "no-encoded-slashes"),
+                said("deny", "no-ambiguous-paths"),
                 "{url}"
             );
         }
+        // A parameter on a plain segment is nobody's business.
+        assert_eq!(
+            decide(
+                "deployer",
+                "https://api.example.com/v1/deploy/x;v=2",
+                "POST"
+            ),
+            said("permit", "deployer-posts")
+        );
     }
 
     /// The starter's connection forbid refuses this machine, the private networks and the

@@ -9,11 +9,12 @@
 //! reads `\` as `/`; an escaped unreserved character (`%61dmin`) is decoded and every other
 //! escape is written in upper case (`%2f` is `%2F`), in the path and the query: a policy on
 //! `url`, `path` or `query` sees what the server will receive, in one spelling, never the text
-//! the agent typed. An escaped `/` or `\` (`%2F`, `%5C`) stays escaped: it is not a segment
-//! separator to the URL, though some servers decode it before routing (the starter policy
-//! refuses such paths). The URL names its host as the resource does: one trailing dot is
-//! dropped, and an IPv6 address that embeds an IPv4 one (`[::ffff:10.0.0.1]`) is named, and
-//! sent, as that IPv4 address, so a policy sees one name per address. Numeric IPv4 forms
+//! the agent typed. A `%` that does not start an escape is refused. An escaped `/` or `\`
+//! (`%2F`, `%5C`) stays escaped: it is not a segment separator to the URL, though some servers
+//! decode it before routing (the starter policy refuses such paths, with other ambiguous ones).
+//! The URL names its host as the resource does: one trailing dot is dropped, and an IPv6
+//! address that embeds an IPv4 one (`[::ffff:10.0.0.1]`) is named, and sent, as that IPv4
+//! address, so a policy sees one name per address. Numeric IPv4 forms
 //! (`http://2130706433/`, `http://0x7f.1/`, `http://127.1/`) arrive as dotted quads, percent-
 //! encoded hosts are decoded, upper case and one trailing dot are folded, and a fragment is
 //! never part of the host (`http://evil.com#@allowed.com` is `evil.com`). URLs with user
