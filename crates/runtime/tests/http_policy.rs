@@ -431,6 +431,70 @@ async fn a_call_no_connection_forbid_refuses_goes_through() {
     assert_eq!(decisions, 2);
 }
 
+/// A connection the run let through but a re-made check refuses: under the run's own decision
+/// rules a divergence; under other rules (a run recorded before ICE checked connections, say)
+/// it is listed as not checked, naming both rules, and nothing diverges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_re_decided_under_other_rules_is_not_called_a_divergence() {
+    let (port, _seen) = endpoint();
+    let allowing = with_connection_forbid(
+        "no-metadata",
+        r#"context.address.isInRange(ip("169.254.0.0/16"))"#,
+    );
+    let h = H::new(&allowing);
+    let plan = gets(&[format!("http://127.0.0.1:{port}/c")]);
+    let (spec, mut agent) = h.spec("conn", "fetcher", "", &plan);
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.outcome, ice_runtime::RunOutcome::Committed);
+    let events = h.events("conn").await;
+    let recorded_version = events[2].payload["policy_version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The same record under a policy that refuses loopback connections.
+    let refusing = with_connection_forbid("no-loopback", "context.address.isLoopback()");
+    let version = version_of(&refusing);
+    for (run, rules) in [("conn-now", true), ("conn-older", false)] {
+        let text = refusing.clone();
+        forge_replacing(
+            &h,
+            "conn",
+            run,
+            &[(recorded_version.as_str(), version.as_str())],
+            |t, p| {
+                if t == "RunProvisioned" && !rules {
+                    p.as_object_mut().unwrap().remove("decision_rules");
+                }
+                if t == "ContextResolved" {
+                    p["policy_sources"] = json!([{"name": "p.cedar", "text": text}]);
+                }
+            },
+        )
+        .await;
+        let (_, mut again) = h.spec(&format!("{run}-again"), "fetcher", "", &plan);
+        let r =
+            h.rt.replay_drive(&ice_kernel::RunId::new(run).unwrap(), &mut again)
+                .await
+                .unwrap();
+        let d = r.drive.unwrap();
+        let says = "the recorded policy refuses connecting to 127.0.0.1";
+        if rules {
+            assert_eq!(r.divergences.len(), 1, "{:?}", r.divergences);
+            assert!(r.divergences[0].what.contains(says), "{:?}", r.divergences);
+        } else {
+            assert!(r.divergences.is_empty(), "{:?}", r.divergences);
+            assert!(
+                d.unchecked
+                    .iter()
+                    .any(|u| u.contains(says)
+                        && u.contains("before ICE recorded its decision rules")),
+                "{:?}",
+                d.unchecked
+            );
+        }
+    }
+}
+
 /// A connection forbid that fails to evaluate refuses, as every broken forbid does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_forbid_that_fails_to_evaluate_refuses() {

@@ -169,3 +169,61 @@ pub fn ok_endpoint() -> u16 {
     });
     port
 }
+
+/// Copy run `from` into a new run `to` through the ledger (as a forger with write access
+/// would), changing each event's payload with `edit`.
+pub async fn forge(h: &H, from: &str, to: &str, edit: impl Fn(&str, &mut serde_json::Value)) {
+    forge_replacing(h, from, to, &[], edit).await
+}
+
+/// [`forge`], with each `(old, new)` of `replace` replaced in every payload and authority too.
+pub async fn forge_replacing(
+    h: &H,
+    from: &str,
+    to: &str,
+    replace: &[(&str, &str)],
+    edit: impl Fn(&str, &mut serde_json::Value),
+) {
+    let events = h.events(from).await;
+    let to_id = RunId::new(to).unwrap();
+    let mut drafts = Vec::new();
+    for e in events {
+        let mut text = serde_json::Value::Object(e.payload.clone())
+            .to_string()
+            .replace(&format!("\"{from}:"), &format!("\"{to}:"));
+        for (old, new) in replace {
+            text = text.replace(old, new);
+        }
+        let mut payload: serde_json::Value = serde_json::from_str(&text).unwrap();
+        edit(&e.event_type, &mut payload);
+        let mut d = ice_kernel::Draft::new(e.event_type.clone(), e.origin.clone()).payload(payload);
+        if let Some(i) = e.intent {
+            d = d.intent(i);
+        }
+        if let Some(a) = e.authority {
+            let mut a = a.replace(&format!("{from}:"), &format!("{to}:"));
+            for (old, new) in replace {
+                a = a.replace(old, new);
+            }
+            d = d.authority(a);
+        }
+        for c in e.causes {
+            d = d.cause(ice_kernel::EventId::new(to_id.clone(), c.run_seq));
+        }
+        drafts.push(d.cost(e.cost));
+    }
+    h.rt.ledger().append(&to_id, drafts).await.unwrap();
+}
+
+/// The version of a policy set made of one file `p.cedar` holding `text`.
+pub fn version_of(text: &str) -> String {
+    let sources = vec![ice_authority::PolicySource {
+        name: "p.cedar".into(),
+        text: text.into(),
+    }];
+    let schema = ice_authority::Schema::ice().unwrap();
+    ice_authority::PolicySet::from_sources(&sources, &schema)
+        .unwrap()
+        .version()
+        .to_hex()
+}
