@@ -153,7 +153,8 @@ when {
 // (%252F), or drop a segment's ;parameters before resolving dots (/..;/), so that
 // /v1/deploy/..%2Fadmin or /v1/deploy/..;/admin would pass a permit for /v1/deploy/* and reach
 // /v1/admin. This refuses such paths: an escaped slash or backslash, an escaped % (a literal
-// % in a path), and a dot segment with parameters. An API that needs one of them (project ids
+// % in a path), and a dot segment with parameters, its ; escaped or not (a proxy that decodes
+// once turns /..%3B/ into /..;/ for the server behind it). An API that needs one of them (project ids
 // like group%2Fproject, say) can be let through with `unless { resource == Host::"…" }`.
 @id("no-ambiguous-paths")
 forbid (principal, action == Action::"http.request", resource)
@@ -163,7 +164,9 @@ when {
    context.arguments.path like "*%5C*" ||
    context.arguments.path like "*%25*" ||
    context.arguments.path like "*/..;*" ||
-   context.arguments.path like "*/.;*")
+   context.arguments.path like "*/.;*" ||
+   context.arguments.path like "*/..%3B*" ||
+   context.arguments.path like "*/.%3B*")
 };
 
 // Nothing else is permitted: no network, no commands, no MCP tools. EXAMPLES (to use one,
@@ -990,7 +993,17 @@ mod tests {
             .1,
             Vec::<String>::new()
         );
-        // An escaped unreserved character is the character: the permit sees its path.
+        // An escaped unreserved character is the character: not a way around a path...
+        assert_eq!(
+            decide(
+                "deployer",
+                "https://api.example.com/v1/%64eploy/%2e%2e/%61dmin",
+                "POST"
+            )
+            .1,
+            Vec::<String>::new()
+        );
+        // ...and the permit sees its path.
         assert_eq!(
             decide("deployer", "https://api.example.com/v1/%64eploy/x", "POST"),
             said("permit", "deployer-posts")
@@ -1007,6 +1020,8 @@ mod tests {
             "https://api.example.com/v1/deploy/..;/admin",
             "https://api.example.com/v1/deploy/.;x=1/..;x=2/admin",
             "https://api.example.com/v1/deploy/%2e%2e;/admin",
+            "https://api.example.com/v1/deploy/..%3B/admin",
+            "https://api.example.com/v1/deploy/.%3b/..%3b/admin",
         ] {
             assert_eq!(
                 decide("deployer", url, "POST"),

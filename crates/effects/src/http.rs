@@ -220,9 +220,7 @@ pub fn parse_target(url: &str) -> Result<HttpTarget, UrlError> {
     // make it one (`/%6%31dmin` would read `/%61dmin`, which a server reads as `/admin`).
     let stray = |part: &str| UrlError::Parse {
         url: cut(url),
-        problem: format!(
-            "its {part} has a `%` that is not followed by two hex digits (write a literal `%` as `%25`)"
-        ),
+        problem: format!("its {part} has a `%` that is not followed by two hex digits"),
     };
     let path = normalize_escapes(parsed.path()).ok_or_else(|| stray("path"))?;
     if path != parsed.path() {
