@@ -203,9 +203,9 @@ $('verify-status').addEventListener('click', () => { if (started) verify(); });
 window.addEventListener('hashchange', show);
 
 setInterval(tickExpiries, 1000);
-setInterval(() => { if (started && !document.hidden) refreshHeader(); }, 5000);
+setInterval(() => { if (started && !document.hidden) refreshHeader.ifIdle(); }, 5000);
 // Verifying reads the whole log: again every five minutes (and after each run that ends here).
-setInterval(() => { if (started && !document.hidden) verify(); }, 300000);
+setInterval(() => { if (started && !document.hidden) verify.ifIdle(); }, 300000);
 
 // Boot: a token this tab already has is checked first.
 (async () => {

@@ -209,6 +209,6 @@ export function approvalsView(root, ctx) {
     tickExpiries();
   });
   refresh();
-  const timer = setInterval(() => { if (!document.hidden) refresh(); }, 3000);
+  const timer = setInterval(() => { if (!document.hidden) refresh.ifIdle(); }, 3000);
   return { unmount: () => clearInterval(timer) };
 }

@@ -128,17 +128,20 @@ export function parseId(id) {
 }
 
 /** `fn` (async), run one call at a time: a call made while one is under way runs once more when
- * it ends (however many calls came meanwhile), so a refresh on a timer never piles requests
- * onto a slow server, and a refresh asked for after something changed is never lost. */
+ * it ends (however many calls came meanwhile), so a refresh asked for after something changed
+ * is never lost. `.ifIdle()` runs it only if none is under way: what a timer calls, so that on
+ * a server slower than the timer the refreshes still leave it a pause. */
 export function oneAtATime(fn) {
   let running = null;
   let again = false;
-  return () => {
+  const run = () => {
     if (running) {
       again = true;
       return running;
     }
     running = (async () => {
+      // Not before `running` is set: a `fn` that throws at once must still clear it.
+      await null;
       try {
         do {
           again = false;
@@ -150,4 +153,6 @@ export function oneAtATime(fn) {
     })();
     return running;
   };
+  run.ifIdle = () => running ?? run();
+  return run;
 }

@@ -198,7 +198,7 @@ export function runsView(root, ctx) {
     tickExpiries();
   });
   const tick = () => {
-    if (!document.hidden && alive) refresh();
+    if (!document.hidden && alive) refresh.ifIdle();
   };
   tick();
   const timer = setInterval(tick, 4000);

@@ -39,6 +39,7 @@ const slow = oneAtATime(async () => {
 });
 // Ten calls while the first runs: one more run after it, not ten, and never two at once.
 const first = slow();
+await new Promise((r) => setTimeout(r, 5));
 for (let i = 0; i < 10; i++) slow();
 await first;
 console.log(`runs=${runs} most=${most}`);
@@ -52,7 +53,32 @@ await flaky().catch(() => {});
 failing = false;
 await flaky();
 console.log(`runs=${runs}`);
+// What a timer calls does nothing while a run is under way: no run is queued behind it.
+let ticks = 0;
+const timed = oneAtATime(async () => {
+  ticks += 1;
+  await new Promise((r) => setTimeout(r, 20));
+});
+const t = timed.ifIdle();
+timed.ifIdle();
+timed.ifIdle();
+await t;
+await new Promise((r) => setTimeout(r, 50));
+console.log(`ticks=${ticks}`);
+// A function that throws at once (not async) does not wedge it either.
+let calls = 0;
+const sync = oneAtATime(() => {
+  calls += 1;
+  if (calls === 1) throw new Error('at once');
+  return Promise.resolve();
+});
+await sync().catch(() => {});
+await sync();
+console.log(`calls=${calls}`);
 "#,
     );
-    assert_eq!(out, "runs=2 most=1\nruns=3 most=1\nruns=4\n");
+    assert_eq!(
+        out,
+        "runs=2 most=1\nruns=3 most=1\nruns=4\nticks=1\ncalls=2\n"
+    );
 }
