@@ -579,6 +579,7 @@ fn the_api_abandons_a_commit_only_when_the_operator_says_so() {
     let kept = PathBuf::from(v["commit_abandoned"].as_str().unwrap());
     assert!(kept.starts_with(home.join("runs")), "{kept:?}");
     assert!(kept.join("journal.json").exists(), "{kept:?}");
+    assert!(!home.join("runs/quickstart/stage").exists());
     let types = run_types(&home);
     assert!(
         types.contains(&"RunTerminatedByRuntime".to_string()),
