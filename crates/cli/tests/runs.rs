@@ -546,11 +546,7 @@ fn the_api_abandons_a_commit_only_when_the_operator_says_so() {
         .args(["serve", "--listen", "127.0.0.1:0", "--run-spec"])
         .arg(&spec);
     let (_served, mcp) = common::serve(serve);
-    let addr = mcp
-        .strip_prefix("http://")
-        .and_then(|a| a.strip_suffix("/mcp"))
-        .unwrap()
-        .to_string();
+    let addr = common::addr_of(&mcp);
     let bearer = format!("Bearer {operator}");
     let kill = |body: &str| {
         common::http(

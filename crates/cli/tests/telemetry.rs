@@ -123,11 +123,7 @@ fn a_run_shows_in_metrics_and_its_trace_reaches_the_collector() {
         .args(["serve", "--listen", "127.0.0.1:0", "--run-spec"])
         .arg(base.join("mcp.toml"));
     let (_served, mcp) = common::serve(serve);
-    let addr = mcp
-        .strip_prefix("http://")
-        .and_then(|a| a.strip_suffix("/mcp"))
-        .unwrap()
-        .to_string();
+    let addr = common::addr_of(&mcp);
 
     // Another process records a run in the same log.
     let o = ice(&home)

@@ -112,6 +112,14 @@ pub fn serve(mut command: Command) -> (Served, String) {
     (served, url)
 }
 
+/// The `HOST:PORT` a served MCP URL (`http://HOST:PORT/mcp`) is at: where the operator API is.
+pub fn addr_of(mcp: &str) -> String {
+    mcp.strip_prefix("http://")
+        .and_then(|a| a.strip_suffix("/mcp"))
+        .unwrap_or_else(|| panic!("not a served MCP URL: {mcp}"))
+        .to_string()
+}
+
 /// One HTTP/1.1 request to `addr` (with a `Host` header naming `addr` unless `headers` has
 /// one), carrying `body` as JSON when it is not empty: the answer's status and body.
 pub fn http(
