@@ -764,3 +764,103 @@ async fn a_run_spec_moved_to_a_blob_is_read_back_for_the_replay_and_the_re_drive
     assert!(r.divergences.is_empty(), "{:?}", r.divergences);
     assert_eq!(r.drive.unwrap().decisions, 1);
 }
+
+/// A run resumed by an ICE with other decision rules decides by those from then on: the
+/// resumption records them, so a decision before it that comes out otherwise is not checked,
+/// and one after it is a divergence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumption_records_the_decision_rules_the_run_continues_under() {
+    let h = H::new(POLICY);
+    let plan =
+        "[[step]]\nintent = \"r\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 3\n";
+    let (spec, first) = h.spec(
+        "resumed",
+        "coder",
+        "[[assume]]\nfile = \"config.toml\"\n",
+        plan,
+    );
+    let ws = h.ws.clone();
+    let mut agent = Hooked {
+        inner: first,
+        hook: move |v: &ice_kernel::AgentView| {
+            if v.step == 1 {
+                std::fs::write(ws.join("config.toml"), "x = 2\n").unwrap();
+            }
+        },
+    };
+    let report = h.run(spec, &mut agent).await;
+    assert!(
+        matches!(report.outcome, ice_runtime::RunOutcome::Suspended { .. }),
+        "{report:?}"
+    );
+    let run = RunId::new("resumed").unwrap();
+    let accept = ice_runtime::operator::ReconfigurationFile {
+        reason: "the config change is intended".into(),
+        accept_files: true,
+        ..Default::default()
+    };
+    h.rt.reconfigure(&run, "alice", &accept).await.unwrap();
+    let (_, mut again) = h.spec("resumed-again", "coder", "", plan);
+    let report =
+        h.rt.resume(&run, &mut again, &ice_runtime::Quiet)
+            .await
+            .unwrap();
+    assert_eq!(report.outcome, ice_runtime::RunOutcome::Committed);
+    let events = h.events("resumed").await;
+    let resumed = events
+        .iter()
+        .find(|e| e.event_type == "RunResumed")
+        .expect("a RunResumed event");
+    assert_eq!(
+        resumed.payload["decision_rules"],
+        serde_json::json!(ice_runtime::DECISION_RULES)
+    );
+    // Began under unrecorded rules, resumed under this ICE's, with a policy that now denies
+    // every read: the two reads before the suspension are not checked, the one after the
+    // resumption diverges.
+    let recorded_version = events[2].payload["policy_version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let denying = format!(
+        "{POLICY}\n@id(\"no-reading\")\nforbid(principal, action == Action::\"fs.read\", resource);\n"
+    );
+    let version = version_of(&denying);
+    let text = denying.clone();
+    forge_replacing(
+        &h,
+        "resumed",
+        "resumed-forged",
+        &[(recorded_version.as_str(), version.as_str())],
+        |t, p| {
+            if t == "RunProvisioned" {
+                p.as_object_mut().unwrap().remove("decision_rules");
+            }
+            if t == "ContextResolved" {
+                p["policy_sources"] = serde_json::json!([{"name": "p.cedar", "text": text}]);
+            }
+        },
+    )
+    .await;
+    let mut replayed = plan_agent(plan);
+    let r =
+        h.rt.replay_drive(&RunId::new("resumed-forged").unwrap(), &mut replayed)
+            .await
+            .unwrap();
+    let d = r.drive.unwrap();
+    assert_eq!(d.decision_rules, None);
+    let before: Vec<&String> = d
+        .unchecked
+        .iter()
+        .filter(|u| u.contains("the policy decides deny now"))
+        .collect();
+    assert_eq!(before.len(), 2, "{:?}", d.unchecked);
+    assert_eq!(r.divergences.len(), 1, "{:?}", r.divergences);
+    assert!(
+        r.divergences[0]
+            .what
+            .contains("the policy decides deny now"),
+        "{:?}",
+        r.divergences
+    );
+}
