@@ -66,6 +66,34 @@ let page;
 try {
   const context = await browser.newContext({ viewport: { width: 1480, height: 1000 }, deviceScaleFactor: 1 });
   page = await context.newPage();
+  // Blob fetches are made to fail inside the page (a fetch shim that runs before the page's own
+  // code, switched by sessionStorage so it holds across reloads), not by Playwright's request
+  // interception: a route active across a navigation can stall the new document's other
+  // requests in Chromium (playwright#19678, chromium#1279953), which left this check waiting
+  // on an unstyled page.
+  await page.addInitScript((body) => {
+    // about:blank has no storage of its own: nothing to switch there.
+    try { sessionStorage.getItem('x'); } catch { return; }
+    const real = window.fetch.bind(window);
+    const gated = sessionStorage.getItem('ice-check-blobs-gate') === '1';
+    const gate = gated ? new Promise((r) => { window.iceCheckReleaseBlobs = r; }) : null;
+    window.fetch = async (input, init) => {
+      const url = typeof input === 'string' ? input : input.url;
+      if (sessionStorage.getItem('ice-check-blobs-offline') === '1' && url.includes('/api/v1/blobs/')) {
+        if (gate) await gate;
+        return new Response(body, { status: 503, headers: { 'Content-Type': 'application/json' } });
+      }
+      return real(input, init);
+    };
+  }, JSON.stringify({ error: { code: 'unavailable', message: 'blobs are offline for this check' } }));
+  const blobsOffline = (gated = false) => page.evaluate((g) => {
+    sessionStorage.setItem('ice-check-blobs-offline', '1');
+    if (g) sessionStorage.setItem('ice-check-blobs-gate', '1');
+  }, gated);
+  const blobsOnline = () => page.evaluate(() => {
+    sessionStorage.removeItem('ice-check-blobs-offline');
+    sessionStorage.removeItem('ice-check-blobs-gate');
+  });
   page.setDefaultTimeout(20000);
   page.on('pageerror', (e) => problems.push(`uncaught error in the page: ${e.message}`));
   page.on('console', (m) => {
@@ -224,8 +252,7 @@ try {
   };
   // First with every blob fetch failing: the page says what it could not load, and where to
   // read it; the live stream still shows every event. (A reload: no blob is in memory yet.)
-  const offline = JSON.stringify({ error: { code: 'unavailable', message: 'blobs are offline for this check' } });
-  await page.route('**/api/v1/blobs/**', (route) => route.fulfill({ status: 503, contentType: 'application/json', body: offline }));
+  await blobsOffline();
   await page.goto(`${opt.url}/ui/#/runs/${encodeURIComponent(blobRun)}`);
   await page.reload();
   await page.locator(`.run-page[data-run="${blobRun}"]`).waitFor();
@@ -246,7 +273,7 @@ try {
   checkProblems();
   step('with blob fetches failing, the diff, the budget and the inspector say what could not be loaded; every event is shown');
   // The server answers again: "Try again" shows the content.
-  await page.unroute('**/api/v1/blobs/**');
+  await blobsOnline();
   await bigFailed.locator('button.retry').click();
   await bigChange.locator('.blob-content[data-blob="shown"] pre.patch', { hasText: '+ line 00000' }).waitFor();
   step('once the server answers, "Try again" shows the staged content');
@@ -383,12 +410,7 @@ try {
   // why: loading, then (the server failing) what failed and how to read them; "Try again"
   // shows them once the server answers. (A reload: no blob is in memory yet.)
   const approvalRun = opt['blob-approval-run'];
-  let release;
-  const gate = new Promise((r) => { release = r; });
-  await page.route('**/api/v1/blobs/**', async (route) => {
-    await gate;
-    await route.fulfill({ status: 503, contentType: 'application/json', body: offline });
-  });
+  await blobsOffline(true);
   await page.goto(`${opt.url}/ui/#/approvals`);
   await page.reload();
   const bigCard = page.locator(`article.approval[data-run="${approvalRun}"]`);
@@ -399,14 +421,14 @@ try {
   if (!/^Loading the arguments \(stored as a blob, \d+ bytes\)…$/.test(loadingText.trim())) fail(`while its arguments load, the card should say so: ${loadingText}`);
   if (!(await approveBig.isDisabled())) fail('Approve should wait while the arguments load');
   await bigCard.locator('dd a', { hasText: `${approvalRun}:` }).waitFor(); // the request, which the failure names
-  release();
+  await page.evaluate(() => window.iceCheckReleaseBlobs());
   await bigCard.locator('.args-box[data-blob="failed"]').waitFor();
   const failedArgs = await bigArgs.innerText();
   if (!/The arguments could not be loaded, so this call cannot be approved here: 503 unavailable: blobs are offline for this check\. The arguments are stored as a blob, \d+ bytes; ice show \S+:\d+ --blobs prints them\./.test(failedArgs)) fail(`a card whose arguments cannot be fetched should say so and how to read them: ${failedArgs}`);
   if (/\$blob/.test(await bigCard.innerText())) fail('the card shows the blob reference');
   if (!(await approveBig.isDisabled()) || (await bigCard.locator('button.deny').isDisabled())) fail('with its arguments not shown, Approve should wait and Deny should not');
   step('an approval whose arguments are a blob: Approve waits while they load, and when they cannot be, the card says why and how to read them');
-  await page.unroute('**/api/v1/blobs/**');
+  await blobsOnline();
   await bigArgs.locator('button.retry').click();
   const bigArgsShown = bigCard.locator('.args-box[data-blob="shown"] pre.args');
   await bigArgsShown.waitFor();
