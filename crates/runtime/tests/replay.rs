@@ -771,28 +771,8 @@ async fn a_run_spec_moved_to_a_blob_is_read_back_for_the_replay_and_the_re_drive
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumption_records_the_decision_rules_the_run_continues_under() {
     let h = H::new(POLICY);
-    let plan =
-        "[[step]]\nintent = \"r\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 3\n";
-    let (spec, first) = h.spec(
-        "resumed",
-        "coder",
-        "[[assume]]\nfile = \"config.toml\"\n",
-        plan,
-    );
-    let ws = h.ws.clone();
-    let mut agent = Hooked {
-        inner: first,
-        hook: move |v: &ice_kernel::AgentView| {
-            if v.step == 1 {
-                std::fs::write(ws.join("config.toml"), "x = 2\n").unwrap();
-            }
-        },
-    };
-    let report = h.run(spec, &mut agent).await;
-    assert!(
-        matches!(report.outcome, ice_runtime::RunOutcome::Suspended { .. }),
-        "{report:?}"
-    );
+    let plan = THREE_READS;
+    suspend_on_changed_assumption(&h, "resumed").await;
     let run = RunId::new("resumed").unwrap();
     let accept = ice_runtime::operator::ReconfigurationFile {
         reason: "the config change is intended".into(),

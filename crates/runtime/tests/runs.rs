@@ -273,28 +273,8 @@ async fn a_reconfigured_budget_changes_only_the_limits_it_names() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_assumption_suspends_and_resume_needs_a_record() {
     let h = H::new(POLICY);
-    let plan =
-        "[[step]]\nintent = \"r\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 3\n";
-    let (spec, plan_agent) = h.spec(
-        "assumes",
-        "coder",
-        "[[assume]]\nfile = \"config.toml\"\n",
-        plan,
-    );
-    let ws = h.ws.clone();
-    let mut agent = Hooked {
-        inner: plan_agent,
-        hook: move |v: &ice_kernel::AgentView| {
-            if v.step == 1 {
-                std::fs::write(ws.join("config.toml"), "x = 2\n").unwrap();
-            }
-        },
-    };
-    let report = h.run(spec, &mut agent).await;
-    assert!(
-        matches!(report.outcome, RunOutcome::Suspended { .. }),
-        "{report:?}"
-    );
+    let plan = THREE_READS;
+    suspend_on_changed_assumption(&h, "assumes").await;
     let run = RunId::new("assumes").unwrap();
     // Resuming without a reconfiguration record is refused.
     let (_, mut again) = h.spec("assumes2", "coder", "", plan);

@@ -227,3 +227,32 @@ pub fn version_of(text: &str) -> String {
         .version()
         .to_hex()
 }
+
+/// Three reads of hello.txt, as a plan.
+pub const THREE_READS: &str =
+    "[[step]]\nintent = \"r\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 3\n";
+
+/// Run [`THREE_READS`] as `coder` in run `id`, which assumes config.toml; the file changes
+/// before the second step, so the run suspends (asserted).
+pub async fn suspend_on_changed_assumption(h: &H, id: &str) {
+    let (spec, first) = h.spec(
+        id,
+        "coder",
+        "[[assume]]\nfile = \"config.toml\"\n",
+        THREE_READS,
+    );
+    let ws = h.ws.clone();
+    let mut agent = Hooked {
+        inner: first,
+        hook: move |v: &AgentView| {
+            if v.step == 1 {
+                std::fs::write(ws.join("config.toml"), "x = 2\n").unwrap();
+            }
+        },
+    };
+    let report = h.run(spec, &mut agent).await;
+    assert!(
+        matches!(report.outcome, ice_runtime::RunOutcome::Suspended { .. }),
+        "{report:?}"
+    );
+}
