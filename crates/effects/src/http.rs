@@ -260,8 +260,10 @@ fn normalize_escapes(text: &str) -> Option<String> {
             if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
                 out.push(c as char);
             } else {
+                const HEX: &[u8; 16] = b"0123456789ABCDEF";
                 out.push('%');
-                out.push_str(&format!("{c:02X}"));
+                out.push(char::from(HEX[usize::from(c >> 4)]));
+                out.push(char::from(HEX[usize::from(c & 15)]));
             }
             i += 3;
             continue;

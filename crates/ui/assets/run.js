@@ -2,7 +2,7 @@
 // the causal graph of the selected event.
 
 import { get, seg, follow, blobKnown, ApiError } from './api.js';
-import { h, fill, stamp, clock, short, runHref, parseId } from './dom.js';
+import { h, fill, stamp, clock, short, runHref, parseId, oneAtATime } from './dom.js';
 import { costMeters, statePill, provisioned } from './runs.js';
 import { approvalCard, tickExpiries } from './approvals.js';
 import { causalGraph, timelineRow, links, idOf, kind, summary, blobRef, blobWords, blobFields, whenBlob, pretty, describe } from './events.js';
@@ -179,11 +179,9 @@ export function runView(root, ctx, params) {
     if (timer) return;
     timer = setTimeout(() => { timer = null; refresh(); }, 250);
   }
-  let refreshing = false;
-  let again = false;
-  async function refresh() {
-    if (refreshing) { again = true; return; }
-    refreshing = true;
+  // One refresh at a time; one asked for meanwhile runs once it ends.
+  const refresh = oneAtATime(async () => {
+    if (!alive) return;
     try {
       const [shown, pending, prov] = await Promise.all([
         get(`/runs/${seg(run)}`),
@@ -208,11 +206,8 @@ export function runView(root, ctx, params) {
           h('p', { class: 'crumbs' }, h('a', { href: '#/runs' }, '← Runs')),
           h('div', { class: 'card' }, h('h1', { class: 'mono' }, run), h('p', { class: 'problem' }, e.describe()))));
       }
-    } finally {
-      refreshing = false;
-      if (again && alive) { again = false; soon(); }
     }
-  }
+  });
 
   /**
    * A blob's value if the page has it ({value}); else {notShown} saying why, and (once per
