@@ -148,7 +148,8 @@ when {
 };
 
 // A call's path is the one sent: dot segments resolved, escaped unreserved characters decoded
-// (/%61dmin is /admin), other escapes in upper case. Some servers read more into a path than
+// (/%61dmin is /admin), other escapes in upper case; a path escaping an overlong UTF-8
+// sequence (%C0%AE, which old servers read as .) is refused before any policy. Some servers read more into a path than
 // that: they decode an escaped slash or backslash (%2F, %5C) before routing, decode twice
 // (%252F), or drop a segment's ;parameters before resolving dots (/..;/), so that
 // /v1/deploy/..%2Fadmin or /v1/deploy/..;/admin would pass a permit for /v1/deploy/* and reach

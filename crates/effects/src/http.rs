@@ -223,6 +223,14 @@ pub fn parse_target(url: &str) -> Result<HttpTarget, UrlError> {
         problem: format!("its {part} has a `%` that is not followed by two hex digits"),
     };
     let path = normalize_escapes(parsed.path()).ok_or_else(|| stray("path"))?;
+    if let Some(seq) = overlong_escape(&path) {
+        return Err(UrlError::Parse {
+            url: cut(url),
+            problem: format!(
+                "its path escapes an overlong UTF-8 sequence (`{seq}`), which some servers read as an ASCII character (`%C0%AE` as `.`) that a policy on the path would not see"
+            ),
+        });
+    }
     if path != parsed.path() {
         parsed.set_path(&path);
     }
@@ -242,6 +250,22 @@ pub fn parse_target(url: &str) -> Result<HttpTarget, UrlError> {
         url: parsed,
         host,
         given: url.to_string(),
+    })
+}
+
+/// The first escaped byte sequence in `path` (whose escapes [`normalize_escapes`] wrote in upper
+/// case) that is the start of an overlong UTF-8 encoding: `C0` or `C1` (never valid: each spells
+/// an ASCII character in two bytes), `E0` then `80`–`9F`, or `F0` then `80`–`8F` (characters
+/// written in more bytes than they need). Refused in the path only: a query may carry arbitrary
+/// escaped bytes (binary ids), and nothing resolves dot segments in it.
+fn overlong_escape(path: &str) -> Option<&str> {
+    path.match_indices('%').find_map(|(i, _)| {
+        let rest = &path[i..];
+        let overlong = ["%C0", "%C1"].iter().any(|p| rest.starts_with(p))
+            || ["%E0%8", "%E0%9", "%F0%8"]
+                .iter()
+                .any(|p| rest.starts_with(p));
+        overlong.then(|| rest.get(..6).unwrap_or(&rest[..3]))
     })
 }
 

@@ -421,6 +421,36 @@ fn escapes_have_one_spelling() {
             other => panic!("{given}: {other:?}"),
         }
     }
+    // An overlong UTF-8 sequence in the path is refused, in either case of its hex digits: an
+    // old server reads `%C0%AE` as `.`, so `/v1/deploy/%C0%AE%C0%AE/admin` would be `/admin`.
+    for (given, seq) in [
+        ("/v1/deploy/%C0%AE%C0%AE/admin", "%C0%AE"),
+        ("/v1/deploy/%c0%ae%c0%ae/admin", "%C0%AE"),
+        ("/a%C1%9Cb", "%C1%9C"),
+        ("/a%e0%80%aeb", "%E0%80"),
+        ("/a%E0%9F%BFb", "%E0%9F"),
+        ("/a%F0%80%80%AEb", "%F0%80"),
+        ("/end%C0", "%C0"),
+    ] {
+        match parse_target(&format!("{base}{given}")) {
+            Err(UrlError::Parse { problem, .. }) => {
+                assert!(
+                    problem.contains("overlong UTF-8") && problem.contains(&format!("`{seq}`")),
+                    "{given}: {problem}"
+                )
+            }
+            other => panic!("{given}: {other:?}"),
+        }
+    }
+    // Well-formed multi-byte characters, and any escaped bytes in a query, are not overlong.
+    for given in [
+        "/caf%C3%A9/%E0%A4%85/%F0%9F%98%80",
+        "/a%E0%A0%80b",
+        "/a%F0%90%80%80b",
+        "/announce?info_hash=%C0%AE%E0%80%F0%8F",
+    ] {
+        assert!(parse_target(&format!("{base}{given}")).is_ok(), "{given}");
+    }
     let seen: Vec<String> = server.seen().into_iter().map(|s| s.path).collect();
     assert_eq!(
         seen,
