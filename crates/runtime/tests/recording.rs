@@ -11,19 +11,18 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use ice_kernel::{
-    CapabilityProposal, Digest, Event, EventId, EventType, Outcome, Proposal, RunId, SealedBatch,
+    CapabilityProposal, Event, EventId, EventType, Outcome, Proposal, RunId, SealedBatch,
 };
 use ice_log::clock::SystemClock;
 use ice_log::ledger::Ledger;
 use ice_log::sqlite::SqliteLog;
-use ice_log::{AppendReceipt, EventLog, Extent, LogError, NodeId, StoredCheckpoint, StoredEvent};
+use ice_log::{AppendReceipt, EventLog, LogError};
 use ice_runtime::{Installation, Quiet, RunOutcome, RuntimeError, Session};
 use serde_json::json;
 
-/// A log that passes everything to SQLite, remembers the run positions of each batch appended,
-/// and fails the next append when told to (as a full disk or a lost database would).
+/// What a [`HookedLog`] does to appends here: remembers the run positions of each batch
+/// appended, and fails the next append when told to (as a full disk or a lost database would).
 struct Tap {
-    inner: SqliteLog,
     batches: Mutex<Vec<Vec<u64>>>,
     fail_next: AtomicBool,
     /// Fail the next append whose batch holds an event of this type.
@@ -42,14 +41,8 @@ fn takes(armed: &Mutex<Option<&'static str>>, batch: &SealedBatch) -> bool {
     hit
 }
 
-// `EventLog` is an `async_trait`; its methods are written out here as the macro expands them
-// (a boxed future per call), so this test needs no dependency of its own.
-impl EventLog for Tap {
-    fn append<'a, 't>(&'a self, batch: SealedBatch) -> Fut<'t, AppendReceipt>
-    where
-        'a: 't,
-        Self: 't,
-    {
+impl Hooks for Tap {
+    fn append<'t>(&'t self, inner: &'t SqliteLog, batch: SealedBatch) -> Fut<'t, AppendReceipt> {
         Box::pin(async move {
             let typed = takes(&self.fail_type, &batch);
             if self.fail_next.swap(false, Ordering::SeqCst) || typed {
@@ -60,7 +53,7 @@ impl EventLog for Tap {
             }
             let lost = takes(&self.lose_answer_type, &batch);
             let seqs = batch.events().iter().map(|e| e.event().run_seq).collect();
-            let receipt = self.inner.append(batch).await?;
+            let receipt = inner.append(batch).await?;
             self.batches.lock().unwrap().push(seqs);
             if lost {
                 return Err(LogError::Storage {
@@ -71,147 +64,19 @@ impl EventLog for Tap {
             Ok(receipt)
         })
     }
-    fn read_run<'a, 'b, 't>(
-        &'a self,
-        run_id: &'b RunId,
-        from_seq: u64,
-        limit: usize,
-    ) -> Fut<'t, Vec<StoredEvent>>
-    where
-        'a: 't,
-        'b: 't,
-        Self: 't,
-    {
-        self.inner.read_run(run_id, from_seq, limit)
-    }
-    fn scan<'a, 't>(&'a self, from_log_seq: u64, limit: usize) -> Fut<'t, Vec<StoredEvent>>
-    where
-        'a: 't,
-        Self: 't,
-    {
-        self.inner.scan(from_log_seq, limit)
-    }
-    fn get<'a, 'b, 't>(&'a self, id: &'b EventId) -> Fut<'t, Option<StoredEvent>>
-    where
-        'a: 't,
-        'b: 't,
-        Self: 't,
-    {
-        self.inner.get(id)
-    }
-    fn size<'a, 't>(&'a self) -> Fut<'t, u64>
-    where
-        'a: 't,
-        Self: 't,
-    {
-        self.inner.size()
-    }
-    fn runs<'a, 't>(&'a self, offset: u64, limit: usize) -> Fut<'t, Vec<RunId>>
-    where
-        'a: 't,
-        Self: 't,
-    {
-        self.inner.runs(offset, limit)
-    }
-    fn runs_newest_first<'a, 't>(&'a self, offset: u64, limit: usize) -> Fut<'t, Vec<RunId>>
-    where
-        'a: 't,
-        Self: 't,
-    {
-        self.inner.runs_newest_first(offset, limit)
-    }
-    fn run_count<'a, 't>(&'a self) -> Fut<'t, u64>
-    where
-        'a: 't,
-        Self: 't,
-    {
-        self.inner.run_count()
-    }
-    fn existing<'a, 'b, 't>(
-        &'a self,
-        ids: &'b [EventId],
-    ) -> Fut<'t, std::collections::HashSet<EventId>>
-    where
-        'a: 't,
-        'b: 't,
-        Self: 't,
-    {
-        self.inner.existing(ids)
-    }
-    fn blob<'a, 'b, 't>(&'a self, digest: &'b Digest) -> Fut<'t, Option<Vec<u8>>>
-    where
-        'a: 't,
-        'b: 't,
-        Self: 't,
-    {
-        self.inner.blob(digest)
-    }
-    fn nodes<'a, 'b, 't>(&'a self, ids: &'b [NodeId]) -> Fut<'t, Vec<Digest>>
-    where
-        'a: 't,
-        'b: 't,
-        Self: 't,
-    {
-        self.inner.nodes(ids)
-    }
-    fn tree_floor(&self) -> u8 {
-        self.inner.tree_floor()
-    }
-    fn extent<'a, 't>(&'a self) -> Fut<'t, Option<Extent>>
-    where
-        'a: 't,
-        Self: 't,
-    {
-        self.inner.extent()
-    }
-
-    fn altered_blob<'a, 't>(&'a self) -> Fut<'t, Option<String>>
-    where
-        'a: 't,
-        Self: 't,
-    {
-        self.inner.altered_blob()
-    }
-    fn scan_nodes<'a, 't>(
-        &'a self,
-        from_leaf: u64,
-        leaves: u64,
-    ) -> Fut<'t, Vec<(NodeId, Option<Digest>)>>
-    where
-        'a: 't,
-        Self: 't,
-    {
-        self.inner.scan_nodes(from_leaf, leaves)
-    }
-    fn add_checkpoint<'a, 't>(&'a self, checkpoint: StoredCheckpoint) -> Fut<'t, ()>
-    where
-        'a: 't,
-        Self: 't,
-    {
-        self.inner.add_checkpoint(checkpoint)
-    }
-    fn checkpoints<'a, 't>(&'a self) -> Fut<'t, Vec<StoredCheckpoint>>
-    where
-        'a: 't,
-        Self: 't,
-    {
-        self.inner.checkpoints()
-    }
 }
 
-/// What an `EventLog` method returns.
-type Fut<'t, T> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, LogError>> + Send + 't>>;
-
 /// A runtime over a [`Tap`], in `h`'s installation.
-fn tapped(h: &H) -> (ice_runtime::Runtime, Arc<Tap>) {
+fn tapped(h: &H) -> (ice_runtime::Runtime, Arc<HookedLog<Tap>>) {
     let home = h.base.join("home");
-    let tap = Arc::new(Tap {
+    let tap = Arc::new(HookedLog {
         inner: SqliteLog::create(&home.join("tap.db")).unwrap(),
-        batches: Mutex::new(Vec::new()),
-        fail_next: AtomicBool::new(false),
-        fail_type: Mutex::new(None),
-        lose_answer_type: Mutex::new(None),
+        hooks: Tap {
+            batches: Mutex::new(Vec::new()),
+            fail_next: AtomicBool::new(false),
+            fail_type: Mutex::new(None),
+            lose_answer_type: Mutex::new(None),
+        },
     });
     let ledger = Arc::new(Ledger::new(tap.clone(), Arc::new(SystemClock)));
     let rt = ice_runtime::Runtime::new(
@@ -238,12 +103,12 @@ fn request(capability: &str, target: &str, arguments: serde_json::Value) -> Prop
 /// Propose `p`, and return its outcome with the batches it appended (each as its events).
 async fn call(
     s: &Session<'_>,
-    tap: &Tap,
+    tap: &HookedLog<Tap>,
     p: &Proposal,
 ) -> (Result<Option<Outcome>, RuntimeError>, Vec<Vec<Event>>) {
-    let before = tap.batches.lock().unwrap().len();
+    let before = tap.hooks.batches.lock().unwrap().len();
     let out = s.propose(p).await;
-    let batches: Vec<Vec<u64>> = tap.batches.lock().unwrap()[before..].to_vec();
+    let batches: Vec<Vec<u64>> = tap.hooks.batches.lock().unwrap()[before..].to_vec();
     let events = ice_runtime::read_run(tap, s.run()).await.unwrap();
     let batches = batches
         .into_iter()
@@ -402,7 +267,7 @@ async fn a_read_whose_record_fails_shows_the_agent_nothing() {
     let s = rt.open_session(spec, "coder", &Quiet).await.unwrap();
     let run = RunId::new("lost").unwrap();
     let read = request("fs.read", "hello.txt", json!({}));
-    let events = |tap: Arc<Tap>, run: RunId| async move {
+    let events = |tap: Arc<HookedLog<Tap>>, run: RunId| async move {
         ice_runtime::read_run(tap.as_ref(), &run).await.unwrap()
     };
 
@@ -414,7 +279,7 @@ async fn a_read_whose_record_fails_shows_the_agent_nothing() {
             assert!(matches!(out, Ok(Some(Outcome::Done { .. }))));
         }
         let before = events(tap.clone(), run.clone()).await;
-        tap.fail_next.store(true, Ordering::SeqCst);
+        tap.hooks.fail_next.store(true, Ordering::SeqCst);
         let (out, batches) = call(&s, &tap, &read).await;
         match out {
             Err(RuntimeError::Append(e)) => {
@@ -451,7 +316,7 @@ async fn a_staged_write_whose_record_fails_never_reaches_the_workspace() {
     let run = RunId::new("unrecorded").unwrap();
     // The write changes the stage, then the batch recording it fails (a full disk, a lost
     // database): the agent gets the error, and the stage forgets the write.
-    *tap.fail_type.lock().unwrap() = Some(EventType::EffectStaged.name());
+    *tap.hooks.fail_type.lock().unwrap() = Some(EventType::EffectStaged.name());
     let write = request(
         "fs.write",
         "hello.txt",
@@ -493,7 +358,7 @@ async fn a_staged_write_stored_despite_a_lost_answer_is_committed_as_recorded() 
     let run = RunId::new("lost-answer").unwrap();
     // The batch recording the write is stored, but its answer is lost: the call fails, and the
     // log holds the write all the same.
-    *tap.lose_answer_type.lock().unwrap() = Some(EventType::EffectStaged.name());
+    *tap.hooks.lose_answer_type.lock().unwrap() = Some(EventType::EffectStaged.name());
     let write = request(
         "fs.write",
         "hello.txt",

@@ -488,106 +488,21 @@ enum Tamper {
     Altered(ice_kernel::Digest),
 }
 
-/// A log that passes everything to SQLite but answers for one blob as if it had been lost or
+/// What a [`HookedLog`] does to blobs here: answers for one as if it had been lost or
 /// altered on disk (SQLite's triggers keep the test from doing it to the file).
 struct Tampered {
-    inner: ice_log::sqlite::SqliteLog,
     tamper: std::sync::Mutex<Option<Tamper>>,
 }
 
-/// What an `EventLog` method returns.
-type Fut<'t, T> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, ice_log::LogError>> + Send + 't>>;
-
-// `EventLog` is an `async_trait`; its methods are written out here as the macro expands them
-// (a boxed future per call), so this test needs no dependency of its own.
-impl ice_log::EventLog for Tampered {
-    fn append<'a, 't>(&'a self, batch: ice_kernel::SealedBatch) -> Fut<'t, ice_log::AppendReceipt>
-    where
-        'a: 't,
-        Self: 't,
-    {
-        self.inner.append(batch)
-    }
-    fn read_run<'a, 'b, 't>(
-        &'a self,
-        run_id: &'b RunId,
-        from_seq: u64,
-        limit: usize,
-    ) -> Fut<'t, Vec<ice_log::StoredEvent>>
-    where
-        'a: 't,
-        'b: 't,
-        Self: 't,
-    {
-        self.inner.read_run(run_id, from_seq, limit)
-    }
-    fn scan<'a, 't>(&'a self, from_log_seq: u64, limit: usize) -> Fut<'t, Vec<ice_log::StoredEvent>>
-    where
-        'a: 't,
-        Self: 't,
-    {
-        self.inner.scan(from_log_seq, limit)
-    }
-    fn get<'a, 'b, 't>(
-        &'a self,
-        id: &'b ice_kernel::EventId,
-    ) -> Fut<'t, Option<ice_log::StoredEvent>>
-    where
-        'a: 't,
-        'b: 't,
-        Self: 't,
-    {
-        self.inner.get(id)
-    }
-    fn size<'a, 't>(&'a self) -> Fut<'t, u64>
-    where
-        'a: 't,
-        Self: 't,
-    {
-        self.inner.size()
-    }
-    fn runs<'a, 't>(&'a self, offset: u64, limit: usize) -> Fut<'t, Vec<RunId>>
-    where
-        'a: 't,
-        Self: 't,
-    {
-        self.inner.runs(offset, limit)
-    }
-    fn runs_newest_first<'a, 't>(&'a self, offset: u64, limit: usize) -> Fut<'t, Vec<RunId>>
-    where
-        'a: 't,
-        Self: 't,
-    {
-        self.inner.runs_newest_first(offset, limit)
-    }
-    fn run_count<'a, 't>(&'a self) -> Fut<'t, u64>
-    where
-        'a: 't,
-        Self: 't,
-    {
-        self.inner.run_count()
-    }
-    fn existing<'a, 'b, 't>(
-        &'a self,
-        ids: &'b [ice_kernel::EventId],
-    ) -> Fut<'t, std::collections::HashSet<ice_kernel::EventId>>
-    where
-        'a: 't,
-        'b: 't,
-        Self: 't,
-    {
-        self.inner.existing(ids)
-    }
-    fn blob<'a, 'b, 't>(&'a self, digest: &'b ice_kernel::Digest) -> Fut<'t, Option<Vec<u8>>>
-    where
-        'a: 't,
-        'b: 't,
-        Self: 't,
-    {
+impl Hooks for Tampered {
+    fn blob<'t>(
+        &'t self,
+        inner: &'t ice_log::sqlite::SqliteLog,
+        digest: &'t ice_kernel::Digest,
+    ) -> Fut<'t, Option<Vec<u8>>> {
         let tamper = *self.tamper.lock().unwrap();
         Box::pin(async move {
-            let bytes = self.inner.blob(digest).await?;
+            let bytes = ice_log::EventLog::blob(inner, digest).await?;
             Ok(match tamper {
                 Some(Tamper::Missing(d)) if d == *digest => None,
                 Some(Tamper::Altered(d)) if d == *digest => bytes.map(|b| {
@@ -601,66 +516,17 @@ impl ice_log::EventLog for Tampered {
             })
         })
     }
-    fn nodes<'a, 'b, 't>(&'a self, ids: &'b [ice_log::NodeId]) -> Fut<'t, Vec<ice_kernel::Digest>>
-    where
-        'a: 't,
-        'b: 't,
-        Self: 't,
-    {
-        self.inner.nodes(ids)
-    }
-    fn tree_floor(&self) -> u8 {
-        self.inner.tree_floor()
-    }
-    fn extent<'a, 't>(&'a self) -> Fut<'t, Option<ice_log::Extent>>
-    where
-        'a: 't,
-        Self: 't,
-    {
-        self.inner.extent()
-    }
-
-    fn altered_blob<'a, 't>(&'a self) -> Fut<'t, Option<String>>
-    where
-        'a: 't,
-        Self: 't,
-    {
-        self.inner.altered_blob()
-    }
-    fn scan_nodes<'a, 't>(
-        &'a self,
-        from_leaf: u64,
-        leaves: u64,
-    ) -> Fut<'t, Vec<(ice_log::NodeId, Option<ice_kernel::Digest>)>>
-    where
-        'a: 't,
-        Self: 't,
-    {
-        self.inner.scan_nodes(from_leaf, leaves)
-    }
-    fn add_checkpoint<'a, 't>(&'a self, checkpoint: ice_log::StoredCheckpoint) -> Fut<'t, ()>
-    where
-        'a: 't,
-        Self: 't,
-    {
-        self.inner.add_checkpoint(checkpoint)
-    }
-    fn checkpoints<'a, 't>(&'a self) -> Fut<'t, Vec<ice_log::StoredCheckpoint>>
-    where
-        'a: 't,
-        Self: 't,
-    {
-        self.inner.checkpoints()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_or_altered_projection_blob_is_a_divergence_that_names_it() {
     let h = H::new(POLICY);
     let home = h.base.join("home");
-    let log = std::sync::Arc::new(Tampered {
+    let log = std::sync::Arc::new(HookedLog {
         inner: ice_log::sqlite::SqliteLog::create(&home.join("tampered.db")).unwrap(),
-        tamper: std::sync::Mutex::new(None),
+        hooks: Tampered {
+            tamper: std::sync::Mutex::new(None),
+        },
     });
     let clock = std::sync::Arc::new(ice_log::clock::SystemClock);
     let rt = ice_runtime::Runtime::new(
@@ -697,7 +563,7 @@ async fn a_missing_or_altered_projection_blob_is_a_divergence_that_names_it() {
         (Tamper::Missing(digest), "that is not stored"),
         (Tamper::Altered(digest), "was altered"),
     ] {
-        *log.tamper.lock().unwrap() = Some(tamper);
+        *log.hooks.tamper.lock().unwrap() = Some(tamper);
         let r = rt.replay(&run).await.unwrap();
         // One divergence, at the event, naming the blob: not a field-by-field comparison of
         // the reference with the rebuilt projection.

@@ -4,10 +4,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ice_intelligence::{Plan, PlanAgent};
-use ice_kernel::{Agent, AgentError, AgentView, Event, EventType, Proposal, RunId};
+use ice_kernel::{
+    Agent, AgentError, AgentView, Digest, Event, EventId, EventType, Proposal, RunId, SealedBatch,
+};
 use ice_log::clock::SystemClock;
 use ice_log::ledger::Ledger;
 use ice_log::sqlite::SqliteLog;
+use ice_log::{AppendReceipt, EventLog, Extent, LogError, NodeId, StoredCheckpoint, StoredEvent};
 use ice_runtime::{Installation, Quiet, RunReport, RunSpec, Runtime};
 
 pub const POLICY: &str = r#"
@@ -255,4 +258,165 @@ pub async fn suspend_on_changed_assumption(h: &H, id: &str) {
         matches!(report.outcome, ice_runtime::RunOutcome::Suspended { .. }),
         "{report:?}"
     );
+}
+
+/// What an `EventLog` method returns.
+pub type Fut<'t, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, LogError>> + Send + 't>>;
+
+/// What a test's log changes of SQLite's answers; every other call passes through.
+pub trait Hooks: Send + Sync + 'static {
+    /// Append `batch` (to `inner`, unless the test says otherwise).
+    fn append<'t>(&'t self, inner: &'t SqliteLog, batch: SealedBatch) -> Fut<'t, AppendReceipt> {
+        inner.append(batch)
+    }
+    /// The blob stored under `digest` (as `inner` has it, unless the test says otherwise).
+    fn blob<'t>(&'t self, inner: &'t SqliteLog, digest: &'t Digest) -> Fut<'t, Option<Vec<u8>>> {
+        inner.blob(digest)
+    }
+}
+
+/// A log that passes everything to SQLite except what its hooks change (a failure to inject,
+/// an answer to tamper with).
+pub struct HookedLog<K> {
+    pub inner: SqliteLog,
+    pub hooks: K,
+}
+
+// `EventLog` is an `async_trait`; its methods are written out here as the macro expands them
+// (a boxed future per call), so this test needs no dependency of its own.
+impl<K: Hooks> EventLog for HookedLog<K> {
+    fn append<'a, 't>(&'a self, batch: SealedBatch) -> Fut<'t, AppendReceipt>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.hooks.append(&self.inner, batch)
+    }
+    fn read_run<'a, 'b, 't>(
+        &'a self,
+        run_id: &'b RunId,
+        from_seq: u64,
+        limit: usize,
+    ) -> Fut<'t, Vec<StoredEvent>>
+    where
+        'a: 't,
+        'b: 't,
+        Self: 't,
+    {
+        self.inner.read_run(run_id, from_seq, limit)
+    }
+    fn scan<'a, 't>(&'a self, from_log_seq: u64, limit: usize) -> Fut<'t, Vec<StoredEvent>>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.scan(from_log_seq, limit)
+    }
+    fn get<'a, 'b, 't>(&'a self, id: &'b EventId) -> Fut<'t, Option<StoredEvent>>
+    where
+        'a: 't,
+        'b: 't,
+        Self: 't,
+    {
+        self.inner.get(id)
+    }
+    fn size<'a, 't>(&'a self) -> Fut<'t, u64>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.size()
+    }
+    fn runs<'a, 't>(&'a self, offset: u64, limit: usize) -> Fut<'t, Vec<RunId>>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.runs(offset, limit)
+    }
+    fn runs_newest_first<'a, 't>(&'a self, offset: u64, limit: usize) -> Fut<'t, Vec<RunId>>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.runs_newest_first(offset, limit)
+    }
+    fn run_count<'a, 't>(&'a self) -> Fut<'t, u64>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.run_count()
+    }
+    fn existing<'a, 'b, 't>(
+        &'a self,
+        ids: &'b [EventId],
+    ) -> Fut<'t, std::collections::HashSet<EventId>>
+    where
+        'a: 't,
+        'b: 't,
+        Self: 't,
+    {
+        self.inner.existing(ids)
+    }
+    fn blob<'a, 'b, 't>(&'a self, digest: &'b Digest) -> Fut<'t, Option<Vec<u8>>>
+    where
+        'a: 't,
+        'b: 't,
+        Self: 't,
+    {
+        self.hooks.blob(&self.inner, digest)
+    }
+    fn nodes<'a, 'b, 't>(&'a self, ids: &'b [NodeId]) -> Fut<'t, Vec<Digest>>
+    where
+        'a: 't,
+        'b: 't,
+        Self: 't,
+    {
+        self.inner.nodes(ids)
+    }
+    fn tree_floor(&self) -> u8 {
+        self.inner.tree_floor()
+    }
+    fn extent<'a, 't>(&'a self) -> Fut<'t, Option<Extent>>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.extent()
+    }
+
+    fn altered_blob<'a, 't>(&'a self) -> Fut<'t, Option<String>>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.altered_blob()
+    }
+    fn scan_nodes<'a, 't>(
+        &'a self,
+        from_leaf: u64,
+        leaves: u64,
+    ) -> Fut<'t, Vec<(NodeId, Option<Digest>)>>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.scan_nodes(from_leaf, leaves)
+    }
+    fn add_checkpoint<'a, 't>(&'a self, checkpoint: StoredCheckpoint) -> Fut<'t, ()>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.add_checkpoint(checkpoint)
+    }
+    fn checkpoints<'a, 't>(&'a self) -> Fut<'t, Vec<StoredCheckpoint>>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.checkpoints()
+    }
 }
