@@ -396,7 +396,8 @@ fn first_error(diagnostics: &[Diagnostic]) -> String {
         .unwrap_or_default()
 }
 
-/// Read the `*.cedar` files of a directory (not its subdirectories), in name order. This is the
+/// Read the `*.cedar` files of a directory (not its subdirectories), in name order; an entry
+/// named `*.cedar` that is not a regular file (a dangling link, a directory) is an error. This is the
 /// only I/O the authority layer does.
 pub fn read_policy_dir(dir: &Path) -> Result<Vec<PolicySource>, LoadError> {
     let io = |what, path: &Path| {
@@ -410,8 +411,18 @@ pub fn read_policy_dir(dir: &Path) -> Result<Vec<PolicySource>, LoadError> {
         if path.extension().and_then(|e| e.to_str()) != Some("cedar") {
             continue;
         }
+        // A policy file that cannot be read as one (a dangling link, a directory, a pipe) is an
+        // error, never skipped: skipping it would drop its forbids without a word.
         if !path.is_file() {
-            continue;
+            return Err(LoadError::Invalid {
+                diagnostics: vec![diag(
+                    Severity::Error,
+                    &path.display().to_string(),
+                    None,
+                    None,
+                    "is not a regular file (a link to nothing, a directory, a pipe or a device): its policies cannot be read; remove it or rename it to something other than *.cedar".into(),
+                )],
+            });
         }
         let len = std::fs::metadata(&path)
             .map_err(io("reading the policy file", &path))?

@@ -225,7 +225,8 @@ fn load_dir_reads_only_cedar_files_in_name_order() {
     )
     .expect("write");
     std::fs::write(dir.path().join("notes.txt"), "not a policy (").expect("write");
-    std::fs::create_dir(dir.path().join("sub.cedar")).expect("mkdir");
+    std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
+    std::fs::write(dir.path().join("sub").join("c.cedar"), "forbid(").expect("write");
     let schema = Schema::ice().expect("ICE schema parses");
     let set = PolicySet::load_dir(dir.path(), &schema).expect("loads");
     let ids: Vec<&str> = set.policies().iter().map(|p| p.id.as_str()).collect();
@@ -290,6 +291,40 @@ fn an_oversized_policy_file_is_refused_before_it_is_parsed() {
     let schema = Schema::ice().expect("ICE schema parses");
     let err = PolicySet::load_dir(dir.path(), &schema).expect_err("too big");
     assert!(err.to_string().contains("over the limit"), "{err}");
+}
+
+/// A `*.cedar` entry that is not a readable file is refused, not skipped: skipping a dangling
+/// link or a directory would drop its forbids without a word.
+#[test]
+fn a_policy_entry_that_is_not_a_regular_file_is_refused() {
+    let schema = Schema::ice().expect("ICE schema parses");
+    for make in ["dangling link", "directory"] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(
+            dir.path().join("10-permit.cedar"),
+            "permit(principal, action, resource);\n",
+        )
+        .expect("write");
+        let entry = dir.path().join("20-locked.cedar");
+        match make {
+            "dangling link" => {
+                std::os::unix::fs::symlink(dir.path().join("gone.cedar"), &entry).expect("link")
+            }
+            _ => std::fs::create_dir(&entry).expect("dir"),
+        }
+        let err = PolicySet::load_dir(dir.path(), &schema).expect_err(make);
+        let shown = err.to_string();
+        assert!(
+            shown.contains("20-locked.cedar") && shown.contains("not a regular file"),
+            "{make}: {shown}"
+        );
+    }
+    // A link to a policy file is read through.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let real = dir.path().join("real.txt");
+    std::fs::write(&real, "forbid(principal, action, resource);\n").expect("write");
+    std::os::unix::fs::symlink(&real, dir.path().join("linked.cedar")).expect("link");
+    PolicySet::load_dir(dir.path(), &schema).expect("a link to a file loads");
 }
 
 #[test]
