@@ -411,34 +411,27 @@ pub fn read_policy_dir(dir: &Path) -> Result<Vec<PolicySource>, LoadError> {
         if path.extension().and_then(|e| e.to_str()) != Some("cedar") {
             continue;
         }
+        let refuse = |message: String| LoadError::Invalid {
+            diagnostics: vec![diag(
+                Severity::Error,
+                &path.display().to_string(),
+                None,
+                None,
+                message,
+            )],
+        };
         // A policy file that cannot be read as one (a dangling link, a directory, a pipe) is an
         // error, never skipped: skipping it would drop its forbids without a word.
-        if !path.is_file() {
-            return Err(LoadError::Invalid {
-                diagnostics: vec![diag(
-                    Severity::Error,
-                    &path.display().to_string(),
-                    None,
-                    None,
-                    "is not a regular file (a link to nothing, a directory, a pipe or a device): its policies cannot be read; remove it or rename it to something other than *.cedar".into(),
-                )],
-            });
-        }
-        let len = std::fs::metadata(&path)
-            .map_err(io("reading the policy file", &path))?
-            .len();
+        let Some(meta) = std::fs::metadata(&path).ok().filter(|m| m.is_file()) else {
+            return Err(refuse(
+                "is not a regular file (a link to nothing, a directory, a pipe or a device): its policies cannot be read; remove it or rename it to something other than *.cedar".into(),
+            ));
+        };
+        let len = meta.len();
         if len > MAX_POLICY_FILE_BYTES as u64 {
-            return Err(LoadError::Invalid {
-                diagnostics: vec![diag(
-                    Severity::Error,
-                    &path.display().to_string(),
-                    None,
-                    None,
-                    format!(
-                        "{len} bytes is over the limit of {MAX_POLICY_FILE_BYTES} for a policy file"
-                    ),
-                )],
-            });
+            return Err(refuse(format!(
+                "{len} bytes is over the limit of {MAX_POLICY_FILE_BYTES} for a policy file"
+            )));
         }
         files.push(path);
         if files.len() > MAX_POLICY_FILES {

@@ -261,10 +261,9 @@ pub fn parse_target(url: &str) -> Result<HttpTarget, UrlError> {
 fn overlong_escape(path: &str) -> Option<&str> {
     path.match_indices('%').find_map(|(i, _)| {
         let rest = &path[i..];
-        let overlong = ["%C0", "%C1"].iter().any(|p| rest.starts_with(p))
-            || ["%E0%8", "%E0%9", "%F0%8"]
-                .iter()
-                .any(|p| rest.starts_with(p));
+        let overlong = ["%C0", "%C1", "%E0%8", "%E0%9", "%F0%8"]
+            .iter()
+            .any(|p| rest.starts_with(p));
         overlong.then(|| rest.get(..6).unwrap_or(&rest[..3]))
     })
 }
