@@ -57,7 +57,8 @@ use crate::request::Resource;
 pub enum DenialCode {
     /// The policy denied the request.
     PolicyDenied,
-    /// The target could not be parsed as a resource of the capability's kind.
+    /// The target could not be parsed as a resource of the capability's kind, or the
+    /// arguments are not what the capability takes (one missing, of the wrong type, unknown).
     InvalidTarget,
     /// The registry does not know the capability.
     UnknownCapability,

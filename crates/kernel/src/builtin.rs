@@ -19,6 +19,9 @@ pub struct BuiltinTool {
     pub target_arg: &'static str,
 }
 
+/// The longest a `process.exec` call may ask to run (its schema's `timeout_ms` maximum).
+pub const MAX_TIMEOUT_MS: u64 = 600_000;
+
 /// Every built-in tool, by name.
 pub const BUILTIN_TOOLS: [BuiltinTool; 6] = [
     BuiltinTool {
@@ -104,7 +107,7 @@ impl BuiltinTool {
                 "properties": {
                     "program": {"type": "string", "description": "the program: a name looked up on PATH, or a path relative to the workspace"},
                     "args": {"type": "array", "items": {"type": "string"}, "description": "its arguments"},
-                    "timeout_ms": {"type": "integer", "minimum": 1, "maximum": 600000, "description": "how long it may run (60000 when not given)"},
+                    "timeout_ms": {"type": "integer", "minimum": 1, "maximum": MAX_TIMEOUT_MS, "description": "how long it may run (60000 when not given)"},
                 },
                 "required": ["program"],
                 "additionalProperties": false,
@@ -132,24 +135,58 @@ impl BuiltinTool {
         }
     }
 
-    /// The capability request a call with `arguments` stands for, or why the arguments do not
-    /// make one (the target argument missing or not a string, a string argument that is not).
-    pub fn proposal(
-        &self,
-        mut arguments: Map<String, Value>,
-        intent: &str,
-    ) -> Result<CapabilityProposal, String> {
-        let target = match arguments.remove(self.target_arg) {
-            Some(Value::String(s)) if !s.is_empty() => s,
-            None if self.capability == "fs.list" => ".".to_string(),
-            Some(Value::String(_)) if self.capability == "fs.list" => ".".to_string(),
-            _ => {
-                return Err(format!(
-                    "`{}` is required and must be a string",
-                    self.target_arg
-                ));
+    /// Whether the arguments of a request for this capability (its target given apart) are
+    /// what [`Self::input_schema`] allows, or what is wrong with them: a required argument
+    /// missing, one of the wrong type or out of range, one the schema does not name. The
+    /// runtime checks every request for a built-in capability with this before anything
+    /// decides on it, so a write whose `content` is missing or misspelled is refused, never
+    /// performed as an empty file.
+    pub fn check_arguments(&self, arguments: &Map<String, Value>) -> Result<(), String> {
+        self.check_types(arguments)?;
+        let schema = self.input_schema();
+        let known: Vec<&str> = schema["properties"]
+            .as_object()
+            .map(|p| p.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        let takes = || {
+            let others: Vec<String> = known
+                .iter()
+                .filter(|k| **k != self.target_arg)
+                .map(|k| format!("`{k}`"))
+                .collect();
+            if others.is_empty() {
+                "it takes no other argument".to_string()
+            } else {
+                format!("its other arguments are {}", others.join(", "))
             }
         };
+        for key in arguments.keys() {
+            if key == self.target_arg {
+                return Err(format!(
+                    "`{key}` is the request's target, given apart from its arguments"
+                ));
+            }
+            if !known.contains(&key.as_str()) {
+                return Err(format!(
+                    "`{key}` is not an argument of {} ({})",
+                    self.capability,
+                    takes()
+                ));
+            }
+        }
+        if let Some(t) = arguments.get("timeout_ms").and_then(Value::as_u64)
+            && !(1..=MAX_TIMEOUT_MS).contains(&t)
+        {
+            return Err(format!(
+                "`timeout_ms` must be from 1 to {MAX_TIMEOUT_MS} milliseconds, not {t}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The checks of argument types every caller makes (the model's and MCP clients' calls,
+    /// through [`Self::proposal`], and the runtime's, through [`Self::check_arguments`]).
+    fn check_types(&self, arguments: &Map<String, Value>) -> Result<(), String> {
         let strings: &[&str] = match self.capability {
             "fs.write" => &["content"],
             "http.request" => &["method", "body"],
@@ -172,6 +209,28 @@ impl BuiltinTool {
         if self.capability == "fs.write" && !arguments.contains_key("content") {
             return Err("`content` is required and must be a string".into());
         }
+        Ok(())
+    }
+
+    /// The capability request a call with `arguments` stands for, or why the arguments do not
+    /// make one (the target argument missing or not a string, a string argument that is not).
+    pub fn proposal(
+        &self,
+        mut arguments: Map<String, Value>,
+        intent: &str,
+    ) -> Result<CapabilityProposal, String> {
+        let target = match arguments.remove(self.target_arg) {
+            Some(Value::String(s)) if !s.is_empty() => s,
+            None if self.capability == "fs.list" => ".".to_string(),
+            Some(Value::String(_)) if self.capability == "fs.list" => ".".to_string(),
+            _ => {
+                return Err(format!(
+                    "`{}` is required and must be a string",
+                    self.target_arg
+                ));
+            }
+        };
+        self.check_types(&arguments)?;
         Ok(CapabilityProposal {
             capability: self.capability.to_string(),
             target,
@@ -203,6 +262,73 @@ mod tests {
             assert!(schema["properties"][b.target_arg].is_object());
         }
         assert_eq!(BuiltinTool::named("mcp_call"), None);
+    }
+
+    #[test]
+    fn the_runtime_refuses_arguments_the_schema_does_not_take() {
+        let check =
+            |name: &str, v: Value| BuiltinTool::named(name).unwrap().check_arguments(&args(v));
+        assert_eq!(check("fs_write", json!({"content": ""})), Ok(()));
+        assert_eq!(
+            check("fs_write", json!({"contents": "x"})),
+            Err("`content` is required and must be a string".into())
+        );
+        assert_eq!(
+            check("fs_write", json!({"content": "x", "mode": 7})),
+            Err("`mode` is not an argument of fs.write (its other arguments are `content`)".into())
+        );
+        assert_eq!(
+            check("fs_read", json!({"x": 1})),
+            Err("`x` is not an argument of fs.read (it takes no other argument)".into())
+        );
+        assert_eq!(
+            check("fs_read", json!({"path": "a"})),
+            Err("`path` is the request's target, given apart from its arguments".into())
+        );
+        assert_eq!(check("fs_list", json!({})), Ok(()));
+        assert_eq!(
+            check(
+                "process_exec",
+                json!({"args": ["-l"], "timeout_ms": 600000})
+            ),
+            Ok(())
+        );
+        for t in [0, MAX_TIMEOUT_MS + 1] {
+            assert_eq!(
+                check("process_exec", json!({"timeout_ms": t})),
+                Err(format!(
+                    "`timeout_ms` must be from 1 to 600000 milliseconds, not {t}"
+                ))
+            );
+        }
+        assert_eq!(
+            check("process_exec", json!({"args": "-l"})),
+            Err("`args` must be an array of strings".into())
+        );
+        assert_eq!(
+            check("http_request", json!({"method": "POST", "body": "{}"})),
+            Ok(())
+        );
+        assert_eq!(
+            check("http_request", json!({"method": null})),
+            Err("`method` must be a string".into())
+        );
+        // What a model or MCP client may send, the runtime takes (the schemas agree).
+        for b in &BUILTIN_TOOLS {
+            let schema = b.input_schema();
+            let mut full = Map::new();
+            for (key, p) in schema["properties"].as_object().unwrap() {
+                if key != b.target_arg {
+                    let v = match p["type"].as_str() {
+                        Some("array") => json!(["a"]),
+                        Some("integer") => json!(1),
+                        _ => json!("GET"),
+                    };
+                    full.insert(key.clone(), v);
+                }
+            }
+            assert_eq!(b.check_arguments(&full), Ok(()), "{}", b.name);
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::Duration;
 use ice_authority::payload::DenialCode;
 use ice_authority::{Authorization, EffectClass, HTTP_CONNECT, Registry, Resource, ResourceKind};
 use ice_effects::{AuthorizationError, Stage, StageError};
+use ice_kernel::builtin::{BuiltinTool, MAX_TIMEOUT_MS};
 use ice_kernel::{CapabilityProposal, Cost, Digest, EventType};
 use serde_json::{Map, Value, json};
 
@@ -99,11 +100,16 @@ pub fn resolve_target(
             format!("no capability type {:?} is registered", r.capability),
         ));
     };
-    if !r.arguments.is_object() {
+    let Value::Object(arguments) = &r.arguments else {
         return Err((
             DenialCode::InvalidTarget,
             "the arguments must be a JSON object".into(),
         ));
+    };
+    if let Some(builtin) = BuiltinTool::for_capability(&r.capability) {
+        builtin
+            .check_arguments(arguments)
+            .map_err(|e| (DenialCode::InvalidTarget, format!("{}: {e}", r.capability)))?;
     }
     let escape = |t: &str| t.starts_with('/') || t.split('/').any(|s| s == "..");
     let (resource, target) = match cap.resource() {
@@ -407,7 +413,14 @@ pub fn perform_fs(
             })
         }
         ("fs.write", Target::Path(p)) => {
-            let content = content_of(arguments).as_bytes();
+            // Checked by `resolve_target`; never written as an empty file when absent.
+            let Some(content) = arguments.get("content").and_then(Value::as_str) else {
+                return Err((
+                    DenialCode::InvalidTarget,
+                    "fs.write: `content` is required and must be a string".into(),
+                ));
+            };
+            let content = content.as_bytes();
             let staged = stage.write(auth, p, content).map_err(fs_refusal)?;
             Ok(staged_performed(p, staged, content.len() as u64))
         }
@@ -733,7 +746,7 @@ pub async fn perform_exec(
         .get("timeout_ms")
         .and_then(Value::as_u64)
         .unwrap_or(60_000)
-        .min(600_000);
+        .min(MAX_TIMEOUT_MS);
     let spec = ice_effects::exec::ExecSpec {
         program: program.to_string(),
         args: args_of(arguments),

@@ -641,6 +641,91 @@ async fn a_proposal_the_law_cannot_record_is_refused_not_fatal() {
     assert_eq!(of_type(&events, EventType::FileRead).len(), 1);
 }
 
+/// The finding: a write whose `content` was missing, misspelled or not a string wrote an
+/// empty file, and the run committed it. A request whose arguments are not what its built-in
+/// capability takes is refused before anything decides on it, naming what is wrong, and the
+/// run goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_arguments_its_capability_does_not_take_is_refused() {
+    let h = H::new(POLICY);
+    let step = |target: &str, capability: &str, arguments: &str| {
+        format!(
+            "[[step]]\nintent = \"x\"\ncapability = \"{capability}\"\ntarget = \"{target}\"\narguments = {arguments}\n\n"
+        )
+    };
+    let cases = [
+        ("empty.txt", "fs.write", "{}", "`content` is required"),
+        (
+            "typo.txt",
+            "fs.write",
+            "{ contents = \"x\" }",
+            "`content` is required",
+        ),
+        (
+            "number.txt",
+            "fs.write",
+            "{ content = 3 }",
+            "`content` must be a string",
+        ),
+        (
+            "hello.txt",
+            "fs.write",
+            "{ content = \"x\", mode = \"755\" }",
+            "`mode` is not an argument of fs.write (its other arguments are `content`)",
+        ),
+        (
+            "hello.txt",
+            "fs.read",
+            "{ path = \"config.toml\" }",
+            "`path` is the request's target",
+        ),
+        (
+            "ls",
+            "process.exec",
+            "{ args = \"-la\" }",
+            "`args` must be an array of strings",
+        ),
+        (
+            "ls",
+            "process.exec",
+            "{ timeout_ms = 0 }",
+            "`timeout_ms` must be from 1 to 600000",
+        ),
+        (
+            "http://127.0.0.1:9/x",
+            "http.request",
+            "{ method = 1 }",
+            "`method` must be a string",
+        ),
+    ];
+    let mut plan: String = cases.iter().map(|(t, c, a, _)| step(t, c, a)).collect();
+    plan.push_str(&step("ok.txt", "fs.write", "{ content = \"fine\\n\" }"));
+    let (spec, mut agent) = h.spec("args", "coder", "[budget]\ntool_calls = 20\n", &plan);
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.outcome, RunOutcome::Committed, "{report:?}");
+    let events = h.events("args").await;
+    let denied = of_type(&events, EventType::CapabilityDenied);
+    assert_eq!(denied.len(), cases.len());
+    for (d, (target, capability, _, why)) in denied.iter().zip(&cases) {
+        assert_eq!(d.payload["reason"], "invalid_target", "{d:?}");
+        let detail = d.payload["detail"].as_str().unwrap();
+        assert!(detail.starts_with(&format!("{capability}: ")), "{detail}");
+        assert!(detail.contains(why), "{target}: {detail}");
+    }
+    // Nothing was written but the one well-formed write.
+    for absent in ["empty.txt", "typo.txt", "number.txt"] {
+        assert!(!h.ws.join(absent).exists(), "{absent}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(h.ws.join("hello.txt")).unwrap(),
+        "hello\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(h.ws.join("ok.txt")).unwrap(),
+        "fine\n"
+    );
+}
+
 /// Every run's id whose head says it is not torn down: what `unfinished_runs` must equal.
 async fn unfinished_by_folding(h: &H) -> Vec<RunId> {
     let log = h.rt.ledger().log().clone();
