@@ -57,8 +57,8 @@ pub(crate) async fn page(
     let log = s.runtime.ledger().log();
     existing_run(log.as_ref(), &run).await?;
     let page = log.read_run(&run, from, limit as usize).await?;
+    let next = ice_log::after_page(run.as_str(), from, &page)?;
     let events = page.iter().map(event_json).collect::<Result<Vec<_>, _>>()?;
-    let next = from + page.len() as u64;
     Ok(ok(json!({
         "run": run.as_str(),
         "from": from,
@@ -216,8 +216,19 @@ fn events(cursor: Cursor) -> impl Stream<Item = Result<SseEvent, Infallible>> {
             }
             match c.log.read_run(&c.run, c.next, 256).await {
                 Ok(page) if !page.is_empty() => {
-                    c.next += page.len() as u64;
-                    c.buffered.extend(page);
+                    match ice_log::after_page(c.run.as_str(), c.next, &page) {
+                        Ok(next) => {
+                            c.next = next;
+                            c.buffered.extend(page);
+                        }
+                        Err(e) => {
+                            let err = SseEvent::default().event("error").data(
+                                json!({"error": {"code": "internal", "message": e.to_string()}})
+                                    .to_string(),
+                            );
+                            return Some((Ok(err), None));
+                        }
+                    }
                 }
                 Ok(_) if c.skipped < c.next => {
                     // Nothing from `next` on: look at the events the client skipped.

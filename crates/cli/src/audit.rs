@@ -61,9 +61,7 @@ pub struct VerifyArgs {
 
 /// A checkpoint note from a file: the note itself, or `ice checkpoint --json`'s object.
 fn read_note(path: &Path) -> Result<String> {
-    let bytes = crate::home::read_regular(path, 64 << 10)?;
-    let text =
-        String::from_utf8(bytes).map_err(|_| anyhow!("{}: not UTF-8 text", path.display()))?;
+    let text = crate::home::read_text(path, 64 << 10)?;
     if text.trim_start().starts_with('{') {
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| anyhow!("{}: not a checkpoint note, nor JSON: {e}", path.display()))?;
@@ -82,11 +80,15 @@ pub async fn verify(home: &Path, url: Option<&str>, a: VerifyArgs) -> Result<u8>
         None => h.verifier()?,
     };
     // Damage that stops the store from being read at all is a verdict too (exit 5), not a
-    // failure to run: the log is invalid.
+    // failure to run: the log is invalid. So is a file there that is not a log at all (its
+    // first page overwritten); a store that is not there is not a verdict.
     let corrupt = |e: &anyhow::Error| {
         e.chain()
             .find_map(|c| match c.downcast_ref::<ice_log::LogError>() {
                 Some(ice_log::LogError::Corrupt { what }) => Some(what.clone()),
+                Some(e @ ice_log::LogError::NotALog { path, .. }) if Path::new(path).is_file() => {
+                    Some(e.to_string())
+                }
                 _ => None,
             })
     };

@@ -189,15 +189,14 @@ impl Home {
             );
         }
         let cfg = dir.join("config.toml");
-        Ok(match std::fs::read_to_string(&cfg) {
-            Ok(t) => t,
+        match std::fs::metadata(&cfg) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
                 "{} is not an ICE home (no config.toml); create one with `ice init --home {}` or point --home / ICE_HOME at one",
                 dir.display(),
                 dir.display()
             ),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", cfg.display())),
-        })
+            _ => read_text(&cfg, MAX_CONFIG_BYTES),
+        }
     }
 
     /// [`Home::open`] without checking the token entries.
@@ -257,8 +256,7 @@ impl Home {
 
     pub fn signer(&self) -> Result<NoteSigner> {
         let p = self.dir.join("keys/checkpoint.key");
-        let s = std::fs::read_to_string(&p)
-            .with_context(|| format!("reading the signing key {}", p.display()))?;
+        let s = read_text(&p, MAX_KEY_BYTES).context("reading the signing key")?;
         let signer = NoteSigner::parse(&s).map_err(|e| anyhow!("{}: {e}", p.display()))?;
         // A checkpoint is kept forever: one signed by a key whose public half auditors do not
         // have would make the log fail verification for good. Sign only with the home's pair.
@@ -342,8 +340,7 @@ pub fn create_policy_dir(dir: &Path) -> Result<PathBuf> {
 }
 
 pub fn read_verifier(path: &Path) -> Result<NoteVerifier> {
-    let s = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the verifier key {}", path.display()))?;
+    let s = read_text(path, MAX_KEY_BYTES).context("reading the verifier key")?;
     NoteVerifier::parse(&s).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
@@ -368,8 +365,19 @@ fn write_private(path: &Path, content: &str) -> Result<()> {
     std::fs::write(path, content).with_context(|| format!("writing {}", path.display()))
 }
 
-/// The bytes of a file given on the command line: a regular file of at most `max` bytes (a
-/// device or a pipe has no size to check and may never end).
+/// The most a home's config.toml may hold.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// The most a key file (`keys/checkpoint.key`, `.pub`, `--key`) may hold.
+pub const MAX_KEY_BYTES: u64 = 64 << 10;
+
+/// [`read_regular`] as UTF-8 text.
+pub fn read_text(path: &Path, max: u64) -> Result<String> {
+    String::from_utf8(read_regular(path, max)?)
+        .map_err(|_| anyhow!("{}: not UTF-8 text", path.display()))
+}
+
+/// The bytes of a file ICE reads (given on the command line, or one of the home's): a regular
+/// file of at most `max` bytes (a device or a pipe has no size to check and may never end).
 pub fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>> {
     use std::io::Read;
     let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;

@@ -117,7 +117,7 @@ pub async fn log(home: &Path, url: Option<&str>, a: LogArgs) -> Result<u8> {
         let page = match &run {
             Some(r) => {
                 let p = log.read_run(r, next_run, PAGE).await?;
-                next_run += p.len() as u64;
+                next_run = ice_log::after_page(r.as_str(), next_run, &p)?;
                 p.into_iter()
                     .filter(|e| e.log_seq >= a.from)
                     .collect::<Vec<_>>()

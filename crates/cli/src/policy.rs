@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use ice_authority::policy::read_policy_dir;
 use ice_authority::{
@@ -348,12 +348,17 @@ fn schema() -> Result<Schema> {
 /// The policy directory to use: the one given, which must exist, else the home's.
 fn policy_dir(home: &Path, given: Option<PathBuf>) -> Result<PathBuf> {
     match given {
-        Some(dir) => {
-            if !dir.is_dir() {
-                bail!("policy directory {} does not exist", dir.display());
+        Some(dir) => match std::fs::metadata(&dir) {
+            Ok(m) if m.is_dir() => Ok(dir),
+            Ok(_) => bail!(
+                "{} is not a directory: give the directory that holds the *.cedar files",
+                dir.display()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                bail!("policy directory {} does not exist", dir.display())
             }
-            Ok(dir)
-        }
+            Err(e) => Err(e).with_context(|| format!("reading {}", dir.display())),
+        },
         None => Home::open(home)?.existing_policy_dir(),
     }
 }

@@ -286,8 +286,7 @@ fn edit_config(dir: &Path, edit: impl FnOnce(&str) -> Result<String>) -> Result<
         .with_context(|| format!("opening {}", lock_path.display()))?;
     lock.lock()
         .with_context(|| format!("locking {}", lock_path.display()))?;
-    let text =
-        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let text = crate::home::read_text(&file, crate::home::MAX_CONFIG_BYTES)?;
     let new = edit(&text)?;
     let tmp = dir.join(format!("config.toml.{}.tmp", std::process::id()));
     std::fs::write(&tmp, &new).with_context(|| format!("writing {}", tmp.display()))?;

@@ -384,8 +384,10 @@ fn a_corrupt_or_missing_database_is_a_clear_error_and_is_not_modified() {
     std::fs::write(&db, &bytes).unwrap();
     for args in [&["verify"][..], &["log"], &["checkpoint"]] {
         let o = ice(&home, args);
-        assert_eq!(code(&o), 1, "{args:?}");
-        let e = stderr(&o);
+        // For verify the damage is its verdict (exit 5, on stdout); for the others, an error.
+        let verdict = args == ["verify"];
+        assert_eq!(code(&o), if verdict { 5 } else { 1 }, "{args:?}");
+        let e = if verdict { stdout(&o) } else { stderr(&o) };
         assert!(
             e.contains("ice.db") && e.contains("not an ICE log"),
             "{args:?}: {e}"
@@ -732,13 +734,15 @@ fn a_signing_key_that_is_not_the_homes_pair_signs_nothing() {
 /// is damaged), not a failure to run.
 #[test]
 fn a_store_too_damaged_to_read_is_invalid_not_an_error() {
-    let (_d, home) = seeded();
-    let c = rusqlite::Connection::open(home.join("ice.db")).unwrap();
-    c.execute_batch(
-        "DROP TRIGGER head_no_delete; DELETE FROM head; PRAGMA wal_checkpoint(TRUNCATE);",
-    )
-    .unwrap();
-    drop(c);
+    let damaged = |sql: &str| {
+        let (d, home) = seeded();
+        let c = rusqlite::Connection::open(home.join("ice.db")).unwrap();
+        c.execute_batch(sql).unwrap();
+        c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);").unwrap();
+        drop(c);
+        (d, home)
+    };
+    let (_d, home) = damaged("DROP TRIGGER head_no_delete; DELETE FROM head;");
     let o = ice(&home, &["verify"]);
     assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
     assert!(
@@ -746,6 +750,168 @@ fn a_store_too_damaged_to_read_is_invalid_not_an_error() {
             .contains("INVALID: the store is damaged: the head record (the log's size) is missing"),
         "{}",
         stdout(&o)
+    );
+    // A body SQLite holds as text, not bytes: the row cannot be read as an event; the verdict
+    // names where.
+    let (_d, home) = damaged(
+        "DROP TRIGGER events_no_update; UPDATE events SET body = CAST(body AS TEXT) WHERE log_seq = 3;",
+    );
+    let o = ice(&home, &["verify"]);
+    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o)
+            .contains("INVALID: the store is damaged: scanning the log at the row of log_seq 3"),
+        "{}",
+        stdout(&o)
+    );
+    // The file's first page overwritten: it is no longer a database at all.
+    let (_d, home) = damaged("");
+    let db = home.join("ice.db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    bytes[..100].fill(0x5a);
+    std::fs::write(&db, &bytes).unwrap();
+    let o = ice(&home, &["verify"]);
+    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("INVALID: the store is damaged:")
+            && stdout(&o).contains("not an ICE log"),
+        "{}",
+        stdout(&o)
+    );
+    // No store at all is not a verdict on one.
+    std::fs::remove_file(&db).unwrap();
+    let o = ice(&home, &["verify"]);
+    assert_eq!(code(&o), 1, "{}{}", stdout(&o), stderr(&o));
+}
+
+/// `ice` with a deadline: a command that does not finish in `limit` is killed and the test
+/// fails (a hang is a defect, not a slow test).
+fn ice_within(home: &Path, args: &[&str], limit: std::time::Duration) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_ice"))
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env_remove("ICE_HOME")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ice runs");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(o) => o.expect("ice runs"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("`ice {}` did not finish within {limit:?}", args.join(" "));
+        }
+    }
+}
+
+/// The finding: a pipe in place of a home's file (config.toml, a key) or of `--key` made ice
+/// wait forever for a writer, or read without end. Each is refused as not a regular file.
+#[test]
+fn a_pipe_in_place_of_a_file_ice_reads_is_refused_not_waited_on() {
+    let limit = std::time::Duration::from_secs(60);
+    let fifo = |p: &Path| {
+        let _ = std::fs::remove_file(p);
+        let ok = Command::new("mkfifo").arg(p).status().unwrap().success();
+        assert!(ok, "mkfifo {}", p.display());
+    };
+    let (d, home) = seeded();
+    assert_eq!(code(&ice(&home, &["checkpoint"])), 0);
+    let proof = d.path().join("p.json");
+    let o = ice(&home, &["prove", "beta:3", "-o", proof.to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let pipe = d.path().join("key.pipe");
+    fifo(&pipe);
+    let o = ice_within(
+        &home,
+        &[
+            "verify-proof",
+            proof.to_str().unwrap(),
+            "--key",
+            pipe.to_str().unwrap(),
+        ],
+        limit,
+    );
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("key.pipe: not a regular file"),
+        "{}",
+        stderr(&o)
+    );
+    for (file, args) in [
+        ("keys/checkpoint.key", &["checkpoint"][..]),
+        ("keys/checkpoint.pub", &["verify"]),
+        ("config.toml", &["runs"]),
+    ] {
+        let (_d, home) = seeded();
+        fifo(&home.join(file));
+        let o = ice_within(&home, args, limit);
+        assert_eq!(code(&o), 1, "{file}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(&format!("{file}: not a regular file")),
+            "{file}: {}",
+            stderr(&o)
+        );
+    }
+}
+
+/// The finding: with a gap in a run's positions in the store (an event's `run_seq` column
+/// rewritten), every command that reads the run whole read its last page again and again,
+/// without end and with memory growing. Now each says which event is out of place and ends.
+#[test]
+fn a_run_with_an_event_missing_is_reported_not_read_forever() {
+    let (_d, home) = seeded();
+    let c = rusqlite::Connection::open(home.join("ice.db")).unwrap();
+    c.execute_batch(
+        "DROP TRIGGER events_no_update; UPDATE events SET run_seq = 7 WHERE run_id = 'beta' AND run_seq = 3;",
+    )
+    .unwrap();
+    drop(c);
+    let limit = std::time::Duration::from_secs(60);
+    for args in [
+        &["log", "--run", "beta"][..],
+        &["explain", "beta:4"],
+        &["replay", "beta"],
+        &["diff", "beta"],
+        &["kill", "beta"],
+    ] {
+        let o = ice_within(&home, args, limit);
+        assert_ne!(code(&o), 0, "{args:?}: {}{}", stdout(&o), stderr(&o));
+        assert!(
+            stderr(&o).contains(
+                "run beta: event at log_seq 9 is stored at run position 4, where 3 was expected"
+            ),
+            "{args:?}: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+    }
+    let o = ice_within(&home, &["verify"], limit);
+    assert_eq!(code(&o), 5, "{}", stdout(&o));
+
+    // The same for the log's order: a row moved to the last position SQLite can hold made
+    // `ice memory list` (which follows the log) read that row forever.
+    let (_d, home) = seeded();
+    let c = rusqlite::Connection::open(home.join("ice.db")).unwrap();
+    c.execute_batch(
+        "DROP TRIGGER events_no_update; UPDATE events SET log_seq = 9223372036854775807 WHERE log_seq = 9;",
+    )
+    .unwrap();
+    drop(c);
+    let o = ice_within(&home, &["memory", "list"], limit);
+    assert_ne!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stderr(&o).contains(
+            "the event row at log_seq 9223372036854775807 is where log_seq 9 was expected"
+        ),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
     );
 }
 

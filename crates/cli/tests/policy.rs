@@ -514,6 +514,22 @@ fn a_home_without_a_policy_directory_says_how_to_create_one() {
         assert!(err.contains("does not exist"), "{err}");
         assert!(err.contains("ice policy init"), "{err}");
     }
+    // A directory given that is a file, or is not there, is named as such.
+    let file = home.join("config.toml");
+    let o = ice(&home, &["policy", "check", file.to_str().unwrap()]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stderr(&o).contains(&format!("{} is not a directory", file.display())),
+        "{}",
+        stderr(&o)
+    );
+    let o = ice(&home, &["policy", "check", "/no/such/dir"]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stderr(&o).contains("policy directory /no/such/dir does not exist"),
+        "{}",
+        stderr(&o)
+    );
     let o = ice(&home, &["policy", "init"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert!(home.join("policies/default.cedar").is_file());

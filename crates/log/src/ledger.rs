@@ -178,6 +178,7 @@ pub async fn fold_run(log: &dyn EventLog, run_id: &RunId) -> Result<RunView, Log
     loop {
         let page = log.read_run(run_id, from, PAGE).await?;
         let n = page.len();
+        let next = crate::after_page(run_id.as_str(), from, &page)?;
         for s in &page {
             let h = ice_kernel::Header::parse(&s.body).map_err(|e| LogError::Corrupt {
                 what: format!("event at log_seq {}: body does not parse: {e}", s.log_seq),
@@ -204,7 +205,7 @@ pub async fn fold_run(log: &dyn EventLog, run_id: &RunId) -> Result<RunView, Log
         if n < PAGE {
             return Ok(view);
         }
-        from += n as u64;
+        from = next;
     }
 }
 
@@ -218,6 +219,7 @@ pub async fn read_whole_run(
     loop {
         let page = log.read_run(run_id, out.len() as u64, PAGE).await?;
         let n = page.len();
+        crate::after_page(run_id.as_str(), out.len() as u64, &page)?;
         out.extend(page);
         if n < PAGE {
             return Ok(out);

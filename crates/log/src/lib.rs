@@ -79,6 +79,27 @@ impl StoredEvent {
     }
 }
 
+/// Where to read `run` on from after `page`, a page of [`EventLog::read_run`] from `from`,
+/// having checked that it holds the run's events `from, from + 1, …` with none missing or
+/// repeated. Every reader that pages through a run goes on from here: a gap in a run (a row
+/// deleted from the store) is an error naming where, never a page read again and again.
+pub fn after_page(run: &str, from: u64, page: &[StoredEvent]) -> Result<u64, LogError> {
+    let mut want = from;
+    for s in page {
+        if s.run_seq != want {
+            return Err(LogError::Corrupt {
+                what: format!(
+                    "run {run}: event at log_seq {} is stored at run position {}, where {want} \
+                     was expected (an event of the run is missing or repeated); run `ice verify`",
+                    s.log_seq, s.run_seq
+                ),
+            });
+        }
+        want += 1;
+    }
+    Ok(want)
+}
+
 /// What a successful append returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AppendReceipt {

@@ -99,9 +99,33 @@ pub enum Mode {
 fn storage(context: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> LogError {
     // Converted only on the error path: most contexts are static text, and this runs for
     // every statement of every commit.
-    move |e| LogError::Storage {
-        context: context.into(),
-        message: e.to_string(),
+    move |e| {
+        if damaged(&e) {
+            LogError::Corrupt {
+                what: format!("{}: {e}", context.into()),
+            }
+        } else {
+            LogError::Storage {
+                context: context.into(),
+                message: e.to_string(),
+            }
+        }
+    }
+}
+
+/// Whether SQLite's error says the file is damaged (a malformed page, a value of another type
+/// than ICE stores in that column), not that the engine failed (I/O, a lock, a full disk):
+/// damage is a verdict on the log (`ice verify` exits 5), a failure is not.
+fn damaged(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode;
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => {
+            matches!(f.code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+        }
+        rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..) => true,
+        _ => false,
     }
 }
 
@@ -1076,7 +1100,12 @@ fn scan_rows(
         .query(params![pos(from_log_seq), clamp(limit)])
         .map_err(storage("scanning the log"))?;
     while let Some(r) = rows.next().map_err(storage("scanning the log"))? {
-        each(r).map_err(storage("scanning the log"))?;
+        if let Err(e) = each(r) {
+            let at = r
+                .get::<_, i64>(0)
+                .map_or_else(|_| String::new(), |s| format!(" at the row of log_seq {s}"));
+            return Err(storage(format!("scanning the log{at}"))(e));
+        }
     }
     Ok(())
 }

@@ -378,6 +378,7 @@ impl Ctx<'_> {
             if page.is_empty() {
                 return Ok(());
             }
+            ice_log::after_page(self.run.as_str(), live.books.next_seq(), &page)?;
             // Someone else wrote to the run: the ledger's cached head is stale.
             self.rt.ledger.forget(&self.run);
             for s in &page {

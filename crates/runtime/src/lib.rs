@@ -46,7 +46,13 @@ pub use spec::{Assumption, BudgetSpec, Check, OnExhaustion, RunSpec, SpecError};
 /// HTTP calls are decided on the URL as sent (dot segments resolved, escapes in one spelling:
 /// `%61` is `a`, others in upper case); every address an HTTP host resolves to passes the
 /// policy's connection checks (`http.connect`).
-pub const DECISION_RULES: u64 = 1;
+///
+/// 2: a request for a built-in capability is refused (`invalid_target`) before anything
+/// decides on it when its arguments are not what the capability's schema takes: a write
+/// with no `content` (or a misspelled one), an argument of the wrong type, one the schema
+/// does not name, a `timeout_ms` out of range. (Rules 1 wrote an empty file for a write with
+/// no `content`, and read a `method` that is not a string as GET.)
+pub const DECISION_RULES: u64 = 2;
 
 /// Something that wants to see each event a run records, as it is recorded (progress lines).
 pub trait Observer: Send + Sync {
@@ -251,6 +257,7 @@ pub async fn read_run(
         if page.is_empty() {
             return Ok(out);
         }
+        ice_log::after_page(run.as_str(), out.len() as u64, &page)?;
         for s in &page {
             let mut e = s.event()?;
             if e.event_type == "RunProvisioned" {
@@ -293,14 +300,25 @@ pub(crate) async fn follow<E: From<ice_log::LogError>>(
     let mut page = ice_log::EventPage::default();
     loop {
         page = log.scan_page(*next, PAGE, false, page).await?;
-        let mut last = None;
+        if page.is_empty() {
+            return Ok(());
+        }
+        let mut want = *next;
         for row in page.iter() {
+            // Positions are dense: a row elsewhere (a gap, or one stored far past the log's
+            // end) is damage, said as such, never a page read again and again.
+            if row.log_seq != want {
+                return Err(ice_log::LogError::Corrupt {
+                    what: format!(
+                        "the event row at log_seq {} is where log_seq {want} was expected (a row is missing or stored out of place); run `ice verify`",
+                        row.log_seq
+                    ),
+                }
+                .into());
+            }
             each(row)?;
-            last = Some(row.log_seq);
+            want += 1;
         }
-        match last {
-            Some(seq) => *next = seq + 1,
-            None => return Ok(()),
-        }
+        *next = want;
     }
 }

@@ -1497,6 +1497,7 @@ async fn catch_up(rt: &Runtime, run: &RunId, books: &mut Books) -> Result<(), Ru
         if page.is_empty() {
             return Ok(());
         }
+        ice_log::after_page(run.as_str(), books.next_seq(), &page)?;
         for s in &page {
             books.apply(&s.event()?)?;
         }

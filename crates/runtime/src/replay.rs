@@ -105,6 +105,7 @@ impl Runtime {
             if page.is_empty() {
                 break;
             }
+            ice_log::after_page(run.as_str(), stored.len() as u64, &page)?;
             stored.extend(page);
         }
         if stored.is_empty() {
