@@ -84,12 +84,54 @@ fn line(s: &StoredEvent) -> Result<String> {
     ))
 }
 
+/// Text for a terminal, at most `n` characters of it (see [`shown`]).
 pub(crate) fn truncate(s: &str, n: usize) -> String {
+    let s = shown(s);
     if s.chars().count() <= n {
-        s.to_string()
+        s.into_owned()
     } else {
         format!("{}…", s.chars().take(n).collect::<String>())
     }
+}
+
+/// `s` as a terminal should show text an agent, a model or a peer wrote (an intent, a target, a
+/// tool's answer): control characters (newline and tab too, DEL, C1) and the invisible
+/// bidirectional and zero-width format characters written as `\u{…}`, so no recorded text
+/// can move the cursor, clear the screen, draw a line of its own or reorder what is shown
+/// beside an approval.
+pub(crate) fn shown(s: &str) -> std::borrow::Cow<'_, str> {
+    escaped(s, false)
+}
+
+/// A line of a file's text as a terminal should show it: [`shown`], with tabs kept.
+pub(crate) fn shown_line(s: &str) -> std::borrow::Cow<'_, str> {
+    escaped(s, true)
+}
+
+fn escaped(s: &str, keep_tabs: bool) -> std::borrow::Cow<'_, str> {
+    let hidden = |c: char| {
+        (c.is_control() && !(keep_tabs && c == '\t'))
+            || matches!(
+                c,
+                '\u{061c}'
+                    | '\u{200b}'..='\u{200f}'
+                    | '\u{2028}'..='\u{202e}'
+                    | '\u{2060}'..='\u{2069}'
+                    | '\u{feff}'
+            )
+    };
+    if !s.chars().any(hidden) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if hidden(c) {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 pub async fn log(home: &Path, url: Option<&str>, a: LogArgs) -> Result<u8> {
@@ -139,7 +181,7 @@ pub async fn log(home: &Path, url: Option<&str>, a: LogArgs) -> Result<u8> {
             let text = if a.json {
                 serde_json::to_string(&event_json(s)?)?
             } else {
-                line(s)?
+                shown(&line(s)?).into_owned()
             };
             if writeln!(out, "{text}").is_err() {
                 return Ok(0); // the reader went away (e.g. `| head`)
@@ -233,4 +275,25 @@ pub async fn runs(home: &Path, url: Option<&str>, a: RunsArgs) -> Result<u8> {
         let _ = writeln!(out, "{}", serde_json::to_string(&all)?);
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_for_a_terminal_has_nothing_that_moves_the_cursor_or_reorders() {
+        assert!(matches!(
+            shown("plain: ünïcode ✓"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            shown("a\u{1b}[2J\r\n\tb\u{9b}c\u{7f}\u{202e}d\u{2066}\u{200b}\u{feff}"),
+            "a\\u{1b}[2J\\u{d}\\u{a}\\u{9}b\\u{9b}c\\u{7f}\\u{202e}d\\u{2066}\\u{200b}\\u{feff}"
+        );
+        // A file's line keeps its tabs only.
+        assert_eq!(shown_line("\tx\u{1b}[31m\r"), "\tx\\u{1b}[31m\\u{d}");
+        // Truncation counts what is shown.
+        assert_eq!(truncate("\u{1b}abc", 7), "\\u{1b}a…");
+    }
 }

@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::path::Path;
 
+use crate::inspect::shown;
 use anyhow::{Result, anyhow};
 use clap::Args;
 use ice_kernel::RunId;
@@ -100,7 +101,7 @@ fn print(out: &mut dyn Write, r: &ReplayReport) -> Result<()> {
             d.proposals, d.inferences, d.decisions
         )?;
         for u in &d.unchecked {
-            writeln!(out, "  not checked: {u}")?;
+            writeln!(out, "  not checked: {}", shown(u))?;
         }
     }
     if r.divergences.is_empty() {
@@ -109,8 +110,8 @@ fn print(out: &mut dyn Write, r: &ReplayReport) -> Result<()> {
         writeln!(out, "{} divergence(s):", r.divergences.len())?;
         for d in &r.divergences {
             match &d.event {
-                Some(e) => writeln!(out, "  at {e}: {}", d.what)?,
-                None => writeln!(out, "  {}", d.what)?,
+                Some(e) => writeln!(out, "  at {e}: {}", shown(&d.what))?,
+                None => writeln!(out, "  {}", shown(&d.what))?,
             }
         }
     }

@@ -17,7 +17,7 @@ use ice_runtime::{Installation, Observer, RunOutcome, RunReport, RunSpec, Runtim
 use serde_json::{Value, json};
 
 use crate::home::Home;
-use crate::inspect::truncate;
+use crate::inspect::{shown, shown_line, truncate};
 
 /// Exit code: the run ended aborted or failed validation.
 const EXIT_ABORTED: u8 = 3;
@@ -189,13 +189,13 @@ impl Observer for Progress {
             return;
         }
         if let Some(line) = progress_line(e) {
-            let _ = writeln!(std::io::stderr(), "{line}");
+            let _ = writeln!(std::io::stderr(), "{}", shown(&line));
         }
     }
 
     fn waiting(&self, what: &str) {
         if self.on {
-            let _ = writeln!(std::io::stderr(), "  … waiting for {what}");
+            let _ = writeln!(std::io::stderr(), "  … waiting for {}", shown(what));
         }
     }
 }
@@ -554,9 +554,9 @@ pub async fn approvals(home: &Path, url: Option<&str>, a: ApprovalsArgs) -> Resu
             "{}  {} {} by agent:{}  \"{}\"\n    arguments {}  digest {}  expires {}\n    answer: ice approve {} | ice deny {}",
             p.id,
             p.capability,
-            p.resource,
+            shown(&p.resource.to_string()),
             p.agent,
-            p.intent,
+            shown(&p.intent),
             truncate(&p.arguments.to_string(), 160),
             &p.digest[..16],
             p.expires_at,
@@ -610,7 +610,7 @@ pub async fn diff(home: &Path, url: Option<&str>, a: DiffArgs) -> Result<u8> {
             && let Ok(text) = std::str::from_utf8(&bytes)
         {
             for l in text.lines().take(40) {
-                let _ = writeln!(out, "    + {l}");
+                let _ = writeln!(out, "    + {}", shown_line(l));
             }
         }
     }
@@ -745,7 +745,7 @@ pub async fn explain(home: &Path, url: Option<&str>, a: ExplainArgs) -> Result<u
             );
         }
         if let Some(i) = &e.intent {
-            let _ = writeln!(out, "           intent:    {i}");
+            let _ = writeln!(out, "           intent:    {}", shown(i));
         }
         if let Some(au) = &e.authority {
             let _ = writeln!(out, "           authority: {au}");

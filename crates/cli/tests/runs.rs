@@ -239,6 +239,54 @@ fn the_quickstart_run_commits_with_an_operator_in_another_process() {
     assert_eq!(code(&o), 5, "{}", text(&o));
 }
 
+/// The finding: an agent's intent (and any text it wrote) reached the operator's terminal
+/// raw, so an escape sequence could clear the screen and draw a harmless-looking line beside
+/// an approval. Every human-readable view shows control and bidirectional characters escaped.
+#[test]
+fn text_an_agent_wrote_cannot_drive_the_operators_terminal() {
+    let (_dir, home, qs) = setup(1);
+    let plan = "agent = \"coder\"\n\n[[step]]\nintent = \"\\u001B[2J\\u001B[1;1Hinnocent\\rOVERWRITE\\u009B31m\\nfake line \\u202Eevil\"\ncapability = \"fs.write\"\ntarget = \"hello.txt\"\narguments = { content = \"ok governed\\u001B[31m\\tred\\n\" }\n";
+    std::fs::write(qs.join("plan.toml"), plan).unwrap();
+    let o = ice(
+        &home,
+        &["run", "--verbose", qs.join("run.toml").to_str().unwrap()],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let escaped =
+        "\\u{1b}[2J\\u{1b}[1;1Hinnocent\\u{d}OVERWRITE\\u{9b}31m\\u{a}fake line \\u{202e}evil";
+    let raw = |b: &[u8]| {
+        let t = String::from_utf8_lossy(b);
+        t.contains('\u{1b}') || t.contains('\u{9b}') || t.contains('\u{202e}') || t.contains('\r')
+    };
+    assert!(
+        !raw(&o.stderr) && String::from_utf8_lossy(&o.stderr).contains(escaped),
+        "{}",
+        text(&o)
+    );
+    let o = ice(&home, &["log", "--run", "quickstart"]);
+    assert!(!raw(&o.stdout), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("\\u{1b}[2J"),
+        "{}",
+        text(&o)
+    );
+    let requested = first_event(&home, "CapabilityRequested").unwrap();
+    let id = format!("quickstart:{}", requested["run_seq"]);
+    let o = ice(&home, &["explain", &id]);
+    assert!(
+        !raw(&o.stdout) && String::from_utf8_lossy(&o.stdout).contains(escaped),
+        "{}",
+        text(&o)
+    );
+    // The machine-readable forms keep the text as recorded.
+    let o = ice(&home, &["log", "--run", "quickstart", "--json"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("\\u001b[2J"),
+        "{}",
+        text(&o)
+    );
+}
+
 /// Run the quickstart spec with a pause inside the commit, SIGKILL it there, recover.
 fn killed_in_commit(pause_after: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let (dir, home, qs) = setup(1);
