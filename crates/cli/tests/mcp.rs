@@ -1044,6 +1044,110 @@ fn answer(answers: &[Value], id: i64) -> &Value {
         .unwrap_or_else(|| panic!("no answer to request {id}: {answers:#?}"))
 }
 
+/// The finding: a client that cancelled a call waiting for approval (or went away) left the
+/// approval pending; once an operator approved it, the call ran and its write was applied at
+/// commit, with nobody to receive the result. A cancellation withdraws the request: the
+/// approval is closed unanswered, the call denied, nothing performed, and the run goes on.
+#[test]
+fn a_call_cancelled_while_it_waits_for_approval_is_withdrawn_not_performed() {
+    let f = fixture("withdraw-1", "60s");
+    let mut child = Command::new(ice_bin())
+        .arg("--home")
+        .arg(&f.home)
+        .args(["mcp", "--run-spec"])
+        .arg(&f.spec)
+        .env_remove("ICE_HOME")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        while stdout.read_line(&mut line).unwrap_or(0) > 0 {
+            let _ = tx.send(serde_json::from_str(&line).unwrap_or(Value::Null));
+            line.clear();
+        }
+    });
+    let mut send = move |v: Value| {
+        stdin.write_all(v.to_string().as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+    };
+    let answer_to = |id: i64| loop {
+        let v = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no answer to request {id}"));
+        if v["id"] == id {
+            return v;
+        }
+    };
+    send(
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}),
+    );
+    answer_to(1);
+    send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+    send(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "everything__get-env", "arguments": {}}}));
+    let pending = pending_approval(&f, "withdraw-1");
+    let approval = pending["id"].as_str().unwrap().to_string();
+    send(
+        json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+        "params": {"requestId": 2, "reason": "the user pressed stop"}}),
+    );
+    // The approval leaves the list, and can no longer be given.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let o = ice(&f.home, &["approvals", "--run", "withdraw-1", "--json"]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        if v.as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still pending: {}",
+            text(&o)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let o = ice(&f.home, &["approve", &approval, "--operator", "alice"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    // The session goes on.
+    send(json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+        "params": {"name": "everything__echo", "arguments": {"message": "still here"}}}));
+    assert_eq!(
+        answer_to(3)["result"]["content"][0]["text"],
+        "Echo: still here"
+    );
+    drop(send); // closes the session's stdin
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let ev = events(&f, "withdraw-1");
+    let denied = of_type(&ev, "CapabilityDenied");
+    assert_eq!(denied.len(), 1, "{denied:#?}");
+    assert_eq!(denied[0]["payload"]["reason"], "approval_denied");
+    assert_eq!(denied[0]["payload"]["approval"], approval.as_str());
+    assert!(
+        denied[0]["payload"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("the agent withdrew the request"),
+        "{:#}",
+        denied[0]
+    );
+    assert!(of_type(&ev, "ApprovalGranted").is_empty());
+    let invoked = of_type(&ev, "ToolInvoked");
+    assert_eq!(invoked.len(), 1, "only the echo ran: {invoked:#?}");
+    assert_eq!(invoked[0]["payload"]["tool"], "echo");
+    assert_eq!(of_type(&ev, "RunCommitted").len(), 1);
+    verify(&f);
+}
+
 #[test]
 fn malformed_and_oversized_agent_messages_get_errors_not_a_crash() {
     let f = fixture("garbage-1", "2s");

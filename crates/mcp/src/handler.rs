@@ -955,7 +955,12 @@ impl ServerHandler for IceMcp {
             (p, not_a_tool)
         };
         let proposal = Proposal::Request(proposal);
-        match session.propose(&proposal).await {
+        // A cancelled call (or the session's end) withdraws a request still waiting for an
+        // operator's approval.
+        match session
+            .propose_withdrawable(&proposal, Some(&context.ct))
+            .await
+        {
             Ok(Some(Outcome::Done { output, .. })) if builtin.is_some() => {
                 Ok(builtin_result(output).into())
             }

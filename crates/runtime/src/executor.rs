@@ -88,6 +88,7 @@ use ice_log::LogError;
 use ice_log::ledger::AppendError;
 use serde_json::{Map, Value, json};
 use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 
 use crate::act;
 use crate::books::Books;
@@ -514,6 +515,7 @@ impl Ctx<'_> {
         &self,
         agent: &str,
         r: &CapabilityProposal,
+        withdrawn: Option<&CancellationToken>,
     ) -> Result<CallEnd, RuntimeError> {
         let mut guard = self.live.lock().await;
         let live = &mut *guard;
@@ -668,7 +670,7 @@ impl Ctx<'_> {
                     cut(&r.target, 120),
                     timeout.as_secs_f64()
                 ));
-                let answered = self.wait_for_approval(&approval, timeout).await;
+                let answered = self.wait_for_approval(&approval, timeout, withdrawn).await;
                 let mut guard = self.live.lock().await;
                 guard.in_flight -= 1;
                 let answered = answered?;
@@ -695,6 +697,12 @@ impl Ctx<'_> {
                     ApprovalWait::Killed => Some((
                         DenialCode::ApprovalDenied,
                         "the run was killed while waiting for approval".to_string(),
+                    )),
+                    ApprovalWait::Withdrawn => Some((
+                        DenialCode::ApprovalDenied,
+                        format!(
+                            "approval {approval} was closed unanswered: the agent withdrew the request (its client cancelled the call or ended the session)"
+                        ),
                     )),
                     ApprovalWait::Interrupted(why) => {
                         // Closed here; the run is suspended before its next step.
@@ -1401,7 +1409,10 @@ impl Ctx<'_> {
         &self,
         approval: &EventId,
         timeout: Duration,
+        withdrawn: Option<&CancellationToken>,
     ) -> Result<ApprovalWait, RuntimeError> {
+        let never = CancellationToken::new();
+        let withdrawn = withdrawn.unwrap_or(&never);
         let deadline = Instant::now() + timeout;
         let mut interrupted = self.rt.interrupts.why.subscribe();
         loop {
@@ -1423,6 +1434,9 @@ impl Ctx<'_> {
             if let Some(why) = self.rt.interrupts.why() {
                 return Ok(ApprovalWait::Interrupted(why));
             }
+            if withdrawn.is_cancelled() {
+                return Ok(ApprovalWait::Withdrawn);
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Ok(ApprovalWait::TimedOut);
@@ -1430,6 +1444,7 @@ impl Ctx<'_> {
             tokio::select! {
                 () = tokio::time::sleep(left.min(Duration::from_millis(50))) => {}
                 _ = interrupted.changed() => {}
+                () = withdrawn.cancelled() => {}
             }
         }
     }
@@ -1489,6 +1504,9 @@ enum ApprovalWait {
     Killed,
     /// This process stopped waiting for approvals ([`Runtime::interrupt_approval_waits`]).
     Interrupted(String),
+    /// The agent withdrew the request before it was answered (its MCP client cancelled the
+    /// call, or its session ended): the approval is closed, the call denied, the run goes on.
+    Withdrawn,
 }
 
 /// Whether the policy could permit `agent` to call an MCP tool now (it does not deny every
@@ -1614,7 +1632,7 @@ impl Ctx<'_> {
                     }
                 }
                 Proposal::Request(r) => {
-                    let end = self.governed_call(&agent_id, r).await?;
+                    let end = self.governed_call(&agent_id, r, None).await?;
                     let mut live = self.live.lock().await;
                     live.last = Some(end.outcome);
                     if let Some(why) = end.exhausted {

@@ -1242,6 +1242,19 @@ impl Session<'_> {
         &self,
         proposal: &ice_kernel::Proposal,
     ) -> Result<Option<ice_kernel::Outcome>, RuntimeError> {
+        self.propose_withdrawable(proposal, None).await
+    }
+
+    /// [`Self::propose`], for an agent that may withdraw a request while it waits for an
+    /// operator's approval (an MCP client's cancellation, or its session's end): once
+    /// `withdrawn` is cancelled, an approval not yet answered is closed and the call is denied
+    /// (`approval_denied`, saying the agent withdrew it), and nothing of it is performed. An
+    /// answer recorded before the withdrawal stands.
+    pub async fn propose_withdrawable(
+        &self,
+        proposal: &ice_kernel::Proposal,
+        withdrawn: Option<&tokio_util::sync::CancellationToken>,
+    ) -> Result<Option<ice_kernel::Outcome>, RuntimeError> {
         self.check_open().await?;
         {
             let mut g = self.ctx.live.lock().await;
@@ -1267,7 +1280,7 @@ impl Session<'_> {
                 Ok(None)
             }
             ice_kernel::Proposal::Request(r) => {
-                let end = self.ctx.governed_call(&self.agent, r).await?;
+                let end = self.ctx.governed_call(&self.agent, r, withdrawn).await?;
                 if let Some(why) = &end.exhausted
                     && !self
                         .stopping
