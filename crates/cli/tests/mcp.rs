@@ -2289,3 +2289,87 @@ fn ice_serve_answers_mcp_transport_refusals_with_a_json_error() {
         "{message:?}"
     );
 }
+
+/// The finding: one agent's token could open sessions without end (each holding a run, its
+/// lock and a workspace handle) and hold every connection with `GET` streams, locking out the
+/// other agents and the operators; revoking the token left its streams open. Sessions and
+/// requests in flight are bounded per agent, and a revoked token's streams end.
+#[test]
+fn one_agent_cannot_hold_every_session_and_a_revoked_tokens_streams_end() {
+    let f = fixture("capped", "4s");
+    let hog = token(&f, "agent", "hog");
+    let other = token(&f, "agent", "other");
+    let (_server, url) = serve(&f);
+    let auth = |t: &str| format!("Bearer {t}");
+    let session_of = |head: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix("mcp-session-id: "))
+            .unwrap_or_else(|| panic!("no session id: {head}"))
+            .trim()
+            .to_string()
+    };
+    let mut first = None;
+    for i in 0..32 {
+        let (status, head, body) = raw_post(&url, &[("Authorization", &auth(&hog))], &initialize());
+        assert_eq!(status, 200, "session {i}: {body}");
+        first.get_or_insert_with(|| session_of(&head));
+    }
+    let (status, _, body) = raw_post(&url, &[("Authorization", &auth(&hog))], &initialize());
+    assert_eq!(status, 429, "{body}");
+    let refusal: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(refusal["error"]["code"], "too_many_sessions", "{body}");
+    assert!(
+        refusal["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("agent \"hog\" already holds 32 open MCP sessions"),
+        "{body}"
+    );
+    // Another agent is still served.
+    let (status, _, body) = raw_post(&url, &[("Authorization", &auth(&other))], &initialize());
+    assert_eq!(status, 200, "{body}");
+    // Ending a session makes room for one more.
+    let first = first.unwrap();
+    let (status, _, body) = raw_request(
+        "DELETE",
+        &url,
+        &[("Authorization", &auth(&hog)), ("Mcp-Session-Id", &first)],
+        &Value::Null,
+    );
+    assert!(status < 300, "{status} {body}");
+    let (status, head, body) = raw_post(&url, &[("Authorization", &auth(&hog))], &initialize());
+    assert_eq!(status, 200, "{first}: {body}");
+    let session = session_of(&head);
+
+    // A stream the agent holds open ends once its token is revoked.
+    let addr = url
+        .strip_prefix("http://")
+        .and_then(|r| r.split('/').next())
+        .unwrap()
+        .to_string();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "GET /mcp HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\nMCP-Protocol-Version: 2025-11-25\r\nAuthorization: {}\r\nMcp-Session-Id: {session}\r\n\r\n",
+        auth(&hog)
+    )
+    .unwrap();
+    let mut reader = std::io::BufReader::new(s);
+    let mut status_line = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut status_line).unwrap();
+    assert!(status_line.contains(" 200 "), "{status_line}");
+    let o = ice(&f.home, &["token", "revoke", "--agent", "hog"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let revoked = std::time::Instant::now();
+    reader
+        .get_ref()
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let ended = std::io::Read::read_to_end(&mut reader, &mut rest);
+    assert!(
+        ended.is_ok(),
+        "the stream was still open 30 s after the token was revoked: {ended:?}"
+    );
+    assert!(revoked.elapsed() < std::time::Duration::from_secs(30));
+}

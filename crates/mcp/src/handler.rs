@@ -56,6 +56,25 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(20);
 /// API, a UI and a few agents' MCP sessions use.
 pub const MAX_CONNECTIONS: u32 = 1024;
 
+/// How many MCP sessions one agent (one token; without tokens, all clients together) may hold
+/// open over HTTP at once. Each session holds a run (its lock, its workspace) until it ends or
+/// idles out, so without a bound one agent could hold memory and file handles without end and
+/// lock every other agent out. An `initialize` past it is refused 429, naming the limit.
+pub const MAX_SESSIONS_PER_AGENT: usize = 32;
+
+/// How many MCP sessions all agents together may hold open over HTTP at once (fewer when the
+/// process's file-handle limit is low: an eighth of it). Past it an `initialize` is refused 503.
+pub const MAX_SESSIONS: usize = 256;
+
+/// How many `/mcp` requests one agent may have in flight at once, open streams included (a
+/// `GET` stream, a call waiting for approval). Past it a request is refused 429 at once, so one
+/// agent cannot take the connections every client shares ([`MAX_CONNECTIONS`]).
+pub const MAX_REQUESTS_PER_AGENT: usize = 64;
+
+/// How often a response still streaming to an agent checks its token again: a revoked token's
+/// streams end within this.
+const RECHECK: Duration = Duration::from_secs(1);
+
 /// How long the accept loop waits after an accept error other than a failed handshake (such as
 /// running out of file handles anyway) before it tries again, instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -178,7 +197,7 @@ async fn serve_connections(
 /// The agent an HTTP request to [`MCP_PATH`] was authenticated as: put in the request's
 /// extensions by the [`McpAuth`] check, read by the session's handler. The first request of a
 /// session binds the session (and its run) to that agent.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct AgentIdentity(pub String);
 
 /// The check in front of [`MCP_PATH`]: from a request's headers, the agent it comes from
@@ -542,16 +561,18 @@ impl Gateway {
         let mut mcp = axum::Router::new()
             .nest_service(MCP_PATH, service)
             .layer(axum::middleware::map_response(crate::http::json_refusal));
-        if let Some(auth) = auth {
-            let owners = Arc::new(Owners::default());
-            mcp = mcp.layer(axum::middleware::from_fn(
+        let owners = Arc::new(Owners::default());
+        let admission = Arc::new(Admission::for_this_process());
+        mcp =
+            mcp.layer(axum::middleware::from_fn(
                 move |req: axum::extract::Request, next: axum::middleware::Next| {
                     let (auth, allowed, owners) = (auth.clone(), allowed.clone(), owners.clone());
-                    let sessions = sessions.clone();
-                    async move { guard(req, next, &auth, &allowed, &owners, &*sessions).await }
+                    let (sessions, admission) = (sessions.clone(), admission.clone());
+                    async move {
+                        guard(req, next, auth, &allowed, &owners, &admission, &*sessions).await
+                    }
                 },
             ));
-        }
         let app = mcp.merge(extra);
         serve_connections(listener, app, stop, HttpLimits::for_this_process()).await
     }
@@ -1070,6 +1091,133 @@ impl Owners {
             map.remove(session);
         }
     }
+
+    /// How many open sessions `who` holds, and all agents together, after forgetting the
+    /// sessions `sessions` no longer has.
+    async fn held<M: rmcp::transport::streamable_http_server::SessionManager>(
+        &self,
+        who: &Option<AgentIdentity>,
+        sessions: &M,
+    ) -> (usize, usize) {
+        let known: Vec<(String, Option<AgentIdentity>)> = match self.0.lock() {
+            Ok(map) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Err(_) => Vec::new(),
+        };
+        let (mut mine, mut all) = (0, 0);
+        let mut gone = Vec::new();
+        for (id, owner) in known {
+            if matches!(
+                sessions.has_session(&Arc::from(id.as_str())).await,
+                Ok(true)
+            ) {
+                all += 1;
+                if &owner == who {
+                    mine += 1;
+                }
+            } else {
+                gone.push(id);
+            }
+        }
+        if let Ok(mut map) = self.0.lock() {
+            for id in &gone {
+                map.remove(id);
+            }
+        }
+        (mine, all)
+    }
+}
+
+/// The bounds on what agents hold of the MCP endpoint ([`MAX_SESSIONS_PER_AGENT`],
+/// [`MAX_SESSIONS`], [`MAX_REQUESTS_PER_AGENT`]) and each agent's requests in flight.
+struct Admission {
+    sessions_per_agent: usize,
+    sessions: usize,
+    requests_per_agent: usize,
+    in_flight: Arc<StdMutex<HashMap<Option<AgentIdentity>, usize>>>,
+}
+
+impl Admission {
+    fn for_this_process() -> Self {
+        let eighth_of_handles = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .map_or(u64::MAX, |n| n / 8);
+        Admission {
+            sessions_per_agent: MAX_SESSIONS_PER_AGENT,
+            sessions: usize::try_from(eighth_of_handles)
+                .unwrap_or(MAX_SESSIONS)
+                .clamp(1, MAX_SESSIONS),
+            requests_per_agent: MAX_REQUESTS_PER_AGENT,
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// A request of `who`'s in flight until the returned mark is dropped; `None` when `who`
+    /// already has as many as it may.
+    fn enter(&self, who: &Option<AgentIdentity>) -> Option<InFlight> {
+        let mut map = self.in_flight.lock().ok()?;
+        let n = map.entry(who.clone()).or_insert(0);
+        if *n >= self.requests_per_agent {
+            return None;
+        }
+        *n += 1;
+        Some(InFlight {
+            who: who.clone(),
+            map: self.in_flight.clone(),
+        })
+    }
+}
+
+/// One request in flight (its response streaming included), counted until dropped.
+struct InFlight {
+    who: Option<AgentIdentity>,
+    map: Arc<StdMutex<HashMap<Option<AgentIdentity>, usize>>>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.map.lock()
+            && let Some(n) = map.get_mut(&self.who)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.who);
+            }
+        }
+    }
+}
+
+/// `body`, counted as in flight while it streams, and ended once `still_allowed` says the
+/// token that opened it no longer authenticates (checked every [`RECHECK`]).
+fn held_body(
+    body: axum::body::Body,
+    mark: InFlight,
+    still_allowed: Option<Box<dyn Fn() -> bool + Send + Sync>>,
+) -> axum::body::Body {
+    use axum::body::HttpBody;
+    use futures_util::StreamExt;
+    if body.size_hint().exact().is_some() {
+        // Whole already (a JSON answer, an error): nothing streams; its length is kept.
+        return body;
+    }
+    let state = (
+        body.into_data_stream(),
+        mark,
+        still_allowed,
+        tokio::time::interval(RECHECK),
+    );
+    let stream = futures_util::stream::unfold(state, |mut st| async move {
+        loop {
+            tokio::select! {
+                item = st.0.next() => return item.map(|i| (i, st)),
+                _ = st.3.tick(), if st.2.is_some() => {
+                    if !st.2.as_ref().is_some_and(|allowed| allowed()) {
+                        return None;
+                    }
+                }
+            }
+        }
+    });
+    axum::body::Body::from_stream(stream)
 }
 
 /// Why a request from `who` may not use a session `owner` opened.
@@ -1093,16 +1241,17 @@ fn not_yours(owner: &Option<AgentIdentity>, who: &Option<AgentIdentity>) -> Stri
 async fn guard<M: rmcp::transport::streamable_http_server::SessionManager>(
     mut req: axum::extract::Request,
     next: axum::middleware::Next,
-    auth: &McpAuth,
+    auth: Option<McpAuth>,
     allowed: &[String],
     owners: &Owners,
+    admission: &Admission,
     sessions: &M,
 ) -> axum::response::Response {
     const SESSION: &str = "mcp-session-id";
     if let Some(refused) = host_refusal(&req, allowed) {
         return refused;
     }
-    let who = match auth(req.headers()) {
+    let who = match auth.as_ref().map_or(Ok(None), |auth| auth(req.headers())) {
         Ok(who) => who,
         Err(refused) => return *refused,
     };
@@ -1134,11 +1283,62 @@ async fn guard<M: rmcp::transport::streamable_http_server::SessionManager>(
             }
         }
     }
+    let whose = || match &who {
+        Some(AgentIdentity(n)) => format!("agent {n:?}"),
+        None => "this endpoint's clients (no agent tokens are configured)".to_string(),
+    };
+    if session.is_none() && req.method() == axum::http::Method::POST {
+        let (mine, all) = owners.held(&who, sessions).await;
+        if mine >= admission.sessions_per_agent {
+            let message = format!(
+                "{} already holds {mine} open MCP sessions, the most one agent may: end one (DELETE {MCP_PATH} with its Mcp-Session-Id) or let one idle out",
+                whose()
+            );
+            return json_error(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "too_many_sessions",
+                &message,
+            );
+        }
+        if all >= admission.sessions {
+            let message = format!(
+                "ICE holds {all} open MCP sessions, the most it serves at once; try again when one ends"
+            );
+            return json_error(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_sessions",
+                &message,
+            );
+        }
+    }
+    let Some(mark) = admission.enter(&who) else {
+        let message = format!(
+            "{} already has {} requests to {MCP_PATH} in flight (open streams included), the most one agent may",
+            whose(),
+            admission.requests_per_agent
+        );
+        return json_error(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            &message,
+        );
+    };
+    // A response still streaming ends once the token that opened it is revoked.
+    let still_allowed: Option<Box<dyn Fn() -> bool + Send + Sync>> = match (&auth, &who) {
+        (Some(auth), Some(_)) => {
+            let (auth, headers, who) = (auth.clone(), req.headers().clone(), who.clone());
+            Some(Box::new(move || auth(&headers).is_ok_and(|now| now == who)))
+        }
+        _ => None,
+    };
     let closing = req.method() == axum::http::Method::DELETE;
     if let Some(w) = &who {
         req.extensions_mut().insert(w.clone());
     }
-    let response = next.run(req).await;
+    let response = next
+        .run(req)
+        .await
+        .map(|body| held_body(body, mark, still_allowed));
     match &session {
         None => {
             if let Some(opened) = response
@@ -1509,6 +1709,25 @@ mod tests {
             assert!(why.contains(says), "{bad}: {why}");
             assert!(why.contains("host name"), "{bad}: {why}");
         }
+    }
+
+    #[test]
+    fn each_agent_has_its_own_bound_on_requests_in_flight_freed_as_they_end() {
+        let a = Admission {
+            sessions_per_agent: 1,
+            sessions: 1,
+            requests_per_agent: 2,
+            in_flight: Arc::default(),
+        };
+        let hog = Some(AgentIdentity("hog".into()));
+        let first = a.enter(&hog).unwrap();
+        let _second = a.enter(&hog).unwrap();
+        assert!(a.enter(&hog).is_none(), "a third is refused");
+        // Another agent, and clients without a token, count on their own.
+        let _other = a.enter(&Some(AgentIdentity("other".into()))).unwrap();
+        let _anonymous = a.enter(&None).unwrap();
+        drop(first);
+        assert!(a.enter(&hog).is_some(), "an ended request makes room");
     }
 
     #[test]
