@@ -38,9 +38,29 @@ fn checkpoint_json(c: &StoredCheckpoint) -> Value {
     json!({"size": c.size, "root": root, "note": c.note})
 }
 
+/// A request body where a route takes none (nothing, or an empty JSON object) is refused, not
+/// ignored: a client that sent options there would otherwise believe they were applied.
+fn no_body(body: &[u8], route: &str, options: &str) -> Result<(), ApiError> {
+    let empty = body.iter().all(u8::is_ascii_whitespace)
+        || serde_json::from_slice::<Value>(body)
+            .is_ok_and(|v| v.as_object().is_some_and(|o| o.is_empty()));
+    if empty {
+        return Ok(());
+    }
+    Err(ApiError::bad_request(
+        "bad_request",
+        format!("{route} takes no fields in a request body{options}"),
+    ))
+}
+
 /// `GET|POST /verify?deep=`: verify the whole log (hashes, chains, law, Merkle tree,
 /// checkpoints, blobs); the report says whether it is valid (200 either way).
-pub(crate) async fn verify(State(s): State<Shared>, uri: Uri) -> Result<Response, ApiError> {
+pub(crate) async fn verify(
+    State(s): State<Shared>,
+    uri: Uri,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    no_body(&body, "/verify", " (its option is the query's: ?deep=true)")?;
     let q = Query::parse(&uri, &["deep"])?;
     let deep = q.bool("deep")?.unwrap_or(false);
     let log = s.runtime.ledger().log();
@@ -68,7 +88,11 @@ pub(crate) async fn checkpoints(State(s): State<Shared>) -> Result<Response, Api
 }
 
 /// `POST /checkpoints`: sign one now (201).
-pub(crate) async fn sign(State(s): State<Shared>) -> Result<Response, ApiError> {
+pub(crate) async fn sign(
+    State(s): State<Shared>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    no_body(&body, "POST /checkpoints", "")?;
     let v = sign_checkpoint(&s).await?;
     Ok(json_response(StatusCode::CREATED, &v))
 }

@@ -508,6 +508,17 @@ async fn a_run_started_streamed_approved_verified_and_proven() {
     let (status, report) = api.get("/verify?deep=true").await;
     assert_eq!((status, &report["ok"]), (200, &json!(true)));
     assert!(report["checkpoints_verified"].as_u64().unwrap() >= 1);
+    // Options sent in a body the route does not read are refused, not silently ignored.
+    let (status, refused) = api.post("/verify", json!({"deep": true})).await;
+    assert_eq!(status, 400, "{refused}");
+    assert!(
+        refused["error"]["message"].as_str().unwrap().contains(
+            "/verify takes no fields in a request body (its option is the query's: ?deep=true)"
+        ),
+        "{refused}"
+    );
+    let (status, refused) = api.post("/checkpoints", json!({"x": 1})).await;
+    assert_eq!(status, 400, "{refused}");
     let (status, first) = api
         .call("POST", "/checkpoints", Some(OPERATOR_TOKEN), None)
         .await;

@@ -1336,6 +1336,29 @@ fn ice_serve_refuses_unknown_host_names_unless_allowed() {
         "an allowed name is served"
     );
     assert_eq!(status_for_host(&url, "localhost"), 200);
+    // A second Host header is refused (RFC 9112 §3.2), and a target in absolute form names
+    // the host whatever the Host header says, at /mcp and at the operator API alike.
+    let addr = common::addr_of(&url);
+    for path in ["/mcp", "/api/v1/runs"] {
+        let (status, body) = common::http(
+            &addr,
+            "GET",
+            path,
+            &[("Host", "localhost"), ("Host", "evil.example")],
+            "",
+        );
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(body.contains("more than one Host header"), "{body}");
+        let (status, body) = common::http(
+            &addr,
+            "GET",
+            &format!("http://evil.example{path}"),
+            &[("Host", "localhost")],
+            "",
+        );
+        assert_eq!(status, 403, "{path}: {body}");
+        assert!(body.contains("host_not_allowed"), "{body}");
+    }
 }
 
 /// A new bearer token of `role` (`agent` or `operator`) named `name`.

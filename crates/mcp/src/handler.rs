@@ -1374,15 +1374,21 @@ fn host_refusal(
             .trim_matches(']')
             .to_ascii_lowercase()
     };
-    let (host, port) = match req.headers().get(header::HOST) {
-        Some(v) => match v.to_str().ok().and_then(|s| Authority::try_from(s).ok()) {
+    // RFC 9112 §3.2: more than one Host is refused, and a request target in absolute form
+    // names the host whatever its Host header says.
+    if req.headers().get_all(header::HOST).iter().count() > 1 {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "the request has more than one Host header",
+        );
+    }
+    let (host, port) = match (req.uri().authority(), req.headers().get(header::HOST)) {
+        (Some(a), _) => (normal(a.host()), a.port_u16()),
+        (None, Some(v)) => match v.to_str().ok().and_then(|s| Authority::try_from(s).ok()) {
             Some(a) => (normal(a.host()), a.port_u16()),
             None => return refuse(StatusCode::BAD_REQUEST, "the Host header is malformed"),
         },
-        None => match req.uri().authority() {
-            Some(a) => (normal(a.host()), a.port_u16()),
-            None => return refuse(StatusCode::BAD_REQUEST, "the request names no Host"),
-        },
+        (None, None) => return refuse(StatusCode::BAD_REQUEST, "the request names no Host"),
     };
     let ok = allowed.iter().any(|a| {
         let a = a.trim();
