@@ -866,12 +866,10 @@ fn a_pipe_in_place_of_a_file_ice_reads_is_refused_not_waited_on() {
 #[test]
 fn a_run_with_an_event_missing_is_reported_not_read_forever() {
     let (_d, home) = seeded();
-    let c = rusqlite::Connection::open(home.join("ice.db")).unwrap();
-    c.execute_batch(
-        "DROP TRIGGER events_no_update; UPDATE events SET run_seq = 7 WHERE run_id = 'beta' AND run_seq = 3;",
-    )
-    .unwrap();
-    drop(c);
+    tamper(
+        &home.join("ice.db"),
+        "UPDATE events SET run_seq = 7 WHERE run_id = 'beta' AND run_seq = 3;",
+    );
     let limit = std::time::Duration::from_secs(60);
     for args in [
         &["log", "--run", "beta"][..],
@@ -897,12 +895,10 @@ fn a_run_with_an_event_missing_is_reported_not_read_forever() {
     // The same for the log's order: a row moved to the last position SQLite can hold made
     // `ice memory list` (which follows the log) read that row forever.
     let (_d, home) = seeded();
-    let c = rusqlite::Connection::open(home.join("ice.db")).unwrap();
-    c.execute_batch(
-        "DROP TRIGGER events_no_update; UPDATE events SET log_seq = 9223372036854775807 WHERE log_seq = 9;",
-    )
-    .unwrap();
-    drop(c);
+    tamper(
+        &home.join("ice.db"),
+        "UPDATE events SET log_seq = 9223372036854775807 WHERE log_seq = 9;",
+    );
     let o = ice_within(&home, &["memory", "list"], limit);
     assert_ne!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
     assert!(

@@ -973,8 +973,14 @@ fn ice_proxies_a_tool_server_over_streamable_http() {
     verify(&f);
 }
 
-/// Raw JSON-RPC lines to `ice mcp`; returns every line it answered.
-fn raw_session(f: &Fixture, lines: &[String]) -> (Vec<Value>, Output) {
+/// `ice mcp` on the fixture's spec: the process, its stdin, and each line it writes.
+fn stdio_gateway(
+    f: &Fixture,
+) -> (
+    std::process::Child,
+    std::process::ChildStdin,
+    std::sync::mpsc::Receiver<String>,
+) {
     let mut child = Command::new(ice_bin())
         .arg("--home")
         .arg(&f.home)
@@ -986,7 +992,7 @@ fn raw_session(f: &Fixture, lines: &[String]) -> (Vec<Value>, Output) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
+    let stdin = child.stdin.take().unwrap();
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -997,6 +1003,12 @@ fn raw_session(f: &Fixture, lines: &[String]) -> (Vec<Value>, Output) {
             line.clear();
         }
     });
+    (child, stdin, rx)
+}
+
+/// Raw JSON-RPC lines to `ice mcp`; returns every line it answered.
+fn raw_session(f: &Fixture, lines: &[String]) -> (Vec<Value>, Output) {
+    let (child, mut stdin, rx) = stdio_gateway(f);
     let mut answers = Vec::new();
     let parse = |a: &str| {
         serde_json::from_str::<Value>(a)
@@ -1051,37 +1063,17 @@ fn answer(answers: &[Value], id: i64) -> &Value {
 #[test]
 fn a_call_cancelled_while_it_waits_for_approval_is_withdrawn_not_performed() {
     let f = fixture("withdraw-1", "60s");
-    let mut child = Command::new(ice_bin())
-        .arg("--home")
-        .arg(&f.home)
-        .args(["mcp", "--run-spec"])
-        .arg(&f.spec)
-        .env_remove("ICE_HOME")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel::<Value>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut line = String::new();
-        while stdout.read_line(&mut line).unwrap_or(0) > 0 {
-            let _ = tx.send(serde_json::from_str(&line).unwrap_or(Value::Null));
-            line.clear();
-        }
-    });
+    let (child, mut stdin, rx) = stdio_gateway(&f);
     let mut send = move |v: Value| {
         stdin.write_all(v.to_string().as_bytes()).unwrap();
         stdin.write_all(b"\n").unwrap();
         stdin.flush().unwrap();
     };
     let answer_to = |id: i64| loop {
-        let v = rx
+        let line = rx
             .recv_timeout(std::time::Duration::from_secs(30))
             .unwrap_or_else(|_| panic!("no answer to request {id}"));
+        let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
         if v["id"] == id {
             return v;
         }
