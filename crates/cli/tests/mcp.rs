@@ -1169,6 +1169,11 @@ fn malformed_and_oversized_agent_messages_get_errors_not_a_crash() {
             json!({"name": "everything__echo", "arguments": {"message": "n", "n": u64::MAX}}),
         ),
         json!({"jsonrpc": "2.0", "id": 6, "method": "no/such/method", "params": {}}).to_string(),
+        // A blank intent is no intent, not a reason to refuse the call.
+        call(
+            8,
+            json!({"name": "everything__echo", "arguments": {"message": "blank"}, "_meta": {"ice/intent": "  "}}),
+        ),
         call(
             7,
             json!({"name": "everything__echo", "arguments": {"message": "still here"}}),
@@ -1189,6 +1194,8 @@ fn malformed_and_oversized_agent_messages_get_errors_not_a_crash() {
     assert_eq!(five["isError"], true, "{five:#}");
     assert!(first_text(five).contains("outside ±(2^53-1)"), "{five:#}");
     assert_eq!(answer(&answers, 6)["error"]["code"], -32601);
+    let eight = &answer(&answers, 8)["result"];
+    assert_eq!(first_text(eight), "Echo: blank", "{eight:#}");
     let seven = answer(&answers, 7);
     assert_eq!(
         seven["result"]["content"][0]["text"], "Echo: still here",

@@ -944,6 +944,8 @@ impl ServerHandler for IceMcp {
             .meta
             .get(INTENT_META_KEY)
             .and_then(Value::as_str)
+            // A blank intent declares nothing (the law records none): the default says so.
+            .filter(|i| !i.trim().is_empty())
             .map(str::to_string)
             .unwrap_or_else(|| format!("MCP tools/call {name} (the client declared no intent)"));
         let arguments = request.arguments.unwrap_or_default();
