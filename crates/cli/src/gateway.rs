@@ -221,6 +221,13 @@ fn mcp_auth(
 /// default is 90 s).
 const RECORDING_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How long a stopping `ice serve` waits for the `tools/call`s in flight to answer (the calls
+/// whose approval wait it closed answer at once; a tool still running may take this long).
+const CALLS_ANSWER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long it then gives the answers to reach their clients' streams before it stops serving.
+const ANSWERS_SENT: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// [`RECORDING_GRACE`], or `ICE_SERVE_GRACE_MS` milliseconds (1 to 600000) when that is set:
 /// a knob for tests, which cannot wait 30 s to see what is left unrecorded.
 fn recording_grace() -> Result<std::time::Duration> {
@@ -274,6 +281,7 @@ pub async fn serve(home: &Path, url: Option<&str>, a: ServeArgs) -> Result<u8> {
     eprintln!("ice serve: MCP at http://{addr}{}", ice_mcp::MCP_PATH);
     let stop = tokio_util::sync::CancellationToken::new();
     let on_signal = stop.clone();
+    let answering = gw.clone();
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("a SIGTERM handler");
@@ -284,6 +292,10 @@ pub async fn serve(home: &Path, url: Option<&str>, a: ServeArgs) -> Result<u8> {
         // No run waits for an operator any more: each waiting request is closed (its call
         // denied, naming the approval) and its run suspended, so nothing holds the stop up.
         rt.interrupt_approval_waits("ice serve is stopping, so the wait for an answer ended");
+        // The closed calls answer their clients (at most a few seconds, for calls still
+        // running), and the answers reach the sessions' streams, before serving stops.
+        answering.calls_answered(CALLS_ANSWER).await;
+        tokio::time::sleep(ANSWERS_SENT).await;
         on_signal.cancel();
     });
     // On a shared log another node may die mid-run: once its claims lapse, this node recovers

@@ -2190,11 +2190,25 @@ permit(principal == Agent::"assistant", action == Action::"http.request", resour
     assert_eq!(waiting.len(), 2, "{waiting:#?}");
     // Stopping does not wait for the approvals' 120 s (nor for the 30 s grace).
     let took = stop(&mut server);
-    let _ = agent.kill();
-    let _ = agent.wait();
     assert!(
         took < std::time::Duration::from_secs(15),
         "ice serve took {took:?} to stop"
+    );
+    // The MCP client waiting for its call got the denial (found by a probe: it got nothing).
+    let _ = agent.stdin.take();
+    let o = agent.wait_with_output().unwrap();
+    let report: Value =
+        serde_json::from_slice(o.stdout.split(|b| *b == b'\n').next().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("the agent reported nothing ({e}): {}", text(&o)));
+    let result = &report["steps"][0]["result"];
+    assert_eq!(result["isError"], true, "{report:#}");
+    assert_eq!(
+        result["structuredContent"]["ice"]["denied"], "approval_denied",
+        "{report:#}"
+    );
+    assert!(
+        first_text(result).contains("ice serve is stopping"),
+        "{report:#}"
     );
     let err = stderr.lock().unwrap().clone();
     assert!(!err.contains("still recording"), "{err}");

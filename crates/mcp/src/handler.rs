@@ -317,6 +317,9 @@ pub struct Gateway {
     /// The session runs being ended right now (in the background too), so a stopping server
     /// signs its last checkpoint only after they have recorded their last events.
     endings: Endings,
+    /// The `tools/call` requests being answered right now (a stopping server lets the calls it
+    /// closed answer their clients before it stops serving).
+    calls: Endings,
 }
 
 /// How many session runs are being ended (validated, committed or aborted) right now: each
@@ -385,6 +388,7 @@ impl Gateway {
             fresh_ids,
             slots: StdMutex::new(Vec::new()),
             endings: Endings::default(),
+            calls: Endings::default(),
         }))
     }
 
@@ -440,6 +444,16 @@ impl Gateway {
         match tokio::time::timeout(limit, self.endings.none_left()).await {
             Ok(()) => 0,
             Err(_) => self.endings.now(),
+        }
+    }
+
+    /// Until no `tools/call` is being answered, or `limit` passed: a stopping server calls this
+    /// after `Runtime::interrupt_approval_waits`, so each call it closed answers its client
+    /// with its denial before the sessions' streams close. How many calls were still running.
+    pub async fn calls_answered(&self, limit: Duration) -> usize {
+        match tokio::time::timeout(limit, self.calls.none_left()).await {
+            Ok(()) => 0,
+            Err(_) => self.calls.now(),
         }
     }
 
@@ -937,6 +951,7 @@ impl ServerHandler for IceMcp {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
+        let _answering = self.gw.calls.begin();
         self.remember_peer(&context)?;
         let session = self.gw.open(&self.slot).await?;
         let name = request.name.to_string();

@@ -76,8 +76,9 @@ async def main():
                     out["steps"].append({})
             except MCPError as e:
                 out["steps"].append({"error": {"code": e.error.code, "message": e.error.message}})
-    out["elicited"] = elicited
-    print(json.dumps(out))
+        # Reported before the session is closed: a server that stopped cannot take the close.
+        out["elicited"] = elicited
+        print(json.dumps(out), flush=True)
 
 
 asyncio.run(main())
