@@ -1151,6 +1151,9 @@ struct Admission {
     sessions: usize,
     requests_per_agent: usize,
     in_flight: Arc<StdMutex<HashMap<Option<AgentIdentity>, usize>>>,
+    /// Sessions being opened (an `initialize` admitted, its session not yet recorded), so
+    /// requests racing each other cannot all pass the caps.
+    opening: Arc<StdMutex<HashMap<Option<AgentIdentity>, usize>>>,
 }
 
 impl Admission {
@@ -1165,7 +1168,54 @@ impl Admission {
                 .clamp(1, MAX_SESSIONS),
             requests_per_agent: MAX_REQUESTS_PER_AGENT,
             in_flight: Arc::default(),
+            opening: Arc::default(),
         }
+    }
+
+    /// A session `who` may open, held until the returned mark drops (once its session is
+    /// recorded), given that it holds `mine` of the `all` open ones; or why not.
+    fn open(
+        &self,
+        who: &Option<AgentIdentity>,
+        mine: usize,
+        all: usize,
+    ) -> Result<InFlight, Box<axum::response::Response>> {
+        let Ok(mut map) = self.opening.lock() else {
+            return Err(Box::new(json_error(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the record of MCP sessions being opened is unusable; restart ice serve",
+            )));
+        };
+        let mine = mine + map.get(who).copied().unwrap_or(0);
+        let all = all + map.values().sum::<usize>();
+        if mine >= self.sessions_per_agent {
+            let whose = match who {
+                Some(AgentIdentity(n)) => format!("agent {n:?}"),
+                None => "this endpoint's clients (no agent tokens are configured)".to_string(),
+            };
+            return Err(Box::new(json_error(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "too_many_sessions",
+                &format!(
+                    "{whose} already holds {mine} open MCP sessions, the most one agent may: end one (DELETE {MCP_PATH} with its Mcp-Session-Id) or let one idle out"
+                ),
+            )));
+        }
+        if all >= self.sessions {
+            return Err(Box::new(json_error(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_sessions",
+                &format!(
+                    "ICE holds {all} open MCP sessions, the most it serves at once; try again when one ends"
+                ),
+            )));
+        }
+        *map.entry(who.clone()).or_insert(0) += 1;
+        Ok(InFlight {
+            who: who.clone(),
+            map: self.opening.clone(),
+        })
     }
 
     /// A request of `who`'s in flight until the returned mark is dropped; `None` when `who`
@@ -1184,7 +1234,9 @@ impl Admission {
     }
 }
 
-/// One request in flight (its response streaming included), counted until dropped.
+/// One request in flight (its response streaming included), or one session being opened,
+/// counted until dropped.
+#[derive(Debug)]
 struct InFlight {
     who: Option<AgentIdentity>,
     map: Arc<StdMutex<HashMap<Option<AgentIdentity>, usize>>>,
@@ -1203,11 +1255,34 @@ impl Drop for InFlight {
     }
 }
 
+/// `req` back, if it is a `DELETE` or a POST whose body (at most 64 KiB) is one JSON-RPC
+/// message that is not a request (a notification or a response): what an agent at its bound
+/// on requests in flight may still send.
+async fn not_a_request(req: axum::extract::Request) -> Result<axum::extract::Request, ()> {
+    if req.method() == axum::http::Method::DELETE {
+        return Ok(req);
+    }
+    if req.method() != axum::http::Method::POST {
+        return Err(());
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 << 10).await.map_err(|_| ())?;
+    let message: Value = serde_json::from_slice(&bytes).map_err(|_| ())?;
+    let request = message.get("method").is_some() && message.get("id").is_some();
+    if !message.is_object() || request {
+        return Err(());
+    }
+    Ok(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+}
+
 /// `body`, counted as in flight while it streams, and ended once `still_allowed` says the
 /// token that opened it no longer authenticates (checked every [`RECHECK`]).
 fn held_body(
     body: axum::body::Body,
-    mark: InFlight,
+    mark: Option<InFlight>,
     still_allowed: Option<Box<dyn Fn() -> bool + Send + Sync>>,
 ) -> axum::body::Body {
     use axum::body::HttpBody;
@@ -1304,41 +1379,39 @@ async fn guard<M: rmcp::transport::streamable_http_server::SessionManager>(
         Some(AgentIdentity(n)) => format!("agent {n:?}"),
         None => "this endpoint's clients (no agent tokens are configured)".to_string(),
     };
-    if session.is_none() && req.method() == axum::http::Method::POST {
+    let _opening = if session.is_none() && req.method() == axum::http::Method::POST {
         let (mine, all) = owners.held(&who, sessions).await;
-        if mine >= admission.sessions_per_agent {
-            let message = format!(
-                "{} already holds {mine} open MCP sessions, the most one agent may: end one (DELETE {MCP_PATH} with its Mcp-Session-Id) or let one idle out",
-                whose()
-            );
-            return json_error(
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                "too_many_sessions",
-                &message,
-            );
+        match admission.open(&who, mine, all) {
+            Ok(opening) => Some(opening),
+            Err(refused) => return *refused,
         }
-        if all >= admission.sessions {
-            let message = format!(
-                "ICE holds {all} open MCP sessions, the most it serves at once; try again when one ends"
-            );
-            return json_error(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                "too_many_sessions",
-                &message,
-            );
+    } else {
+        None
+    };
+    let mark = match admission.enter(&who) {
+        Some(mark) => Some(mark),
+        None => {
+            // At the bound, what ends work is still taken (uncounted): closing a session, and
+            // a message that is not a request (a cancellation, an answer to an elicitation).
+            match not_a_request(req).await {
+                Ok(r) => {
+                    req = r;
+                    None
+                }
+                Err(()) => {
+                    let message = format!(
+                        "{} already has {} requests to {MCP_PATH} in flight (open streams included), the most one agent may",
+                        whose(),
+                        admission.requests_per_agent
+                    );
+                    return json_error(
+                        axum::http::StatusCode::TOO_MANY_REQUESTS,
+                        "too_many_requests",
+                        &message,
+                    );
+                }
+            }
         }
-    }
-    let Some(mark) = admission.enter(&who) else {
-        let message = format!(
-            "{} already has {} requests to {MCP_PATH} in flight (open streams included), the most one agent may",
-            whose(),
-            admission.requests_per_agent
-        );
-        return json_error(
-            axum::http::StatusCode::TOO_MANY_REQUESTS,
-            "too_many_requests",
-            &message,
-        );
     };
     // A response still streaming ends once the token that opened it is revoked.
     let still_allowed: Option<Box<dyn Fn() -> bool + Send + Sync>> = match (&auth, &who) {
@@ -1741,6 +1814,7 @@ mod tests {
             sessions: 1,
             requests_per_agent: 2,
             in_flight: Arc::default(),
+            opening: Arc::default(),
         };
         let hog = Some(AgentIdentity("hog".into()));
         let first = a.enter(&hog).unwrap();
@@ -1751,6 +1825,49 @@ mod tests {
         let _anonymous = a.enter(&None).unwrap();
         drop(first);
         assert!(a.enter(&hog).is_some(), "an ended request makes room");
+        // A session being opened counts until it is recorded: two racing `initialize`s
+        // cannot both pass the bound.
+        let opening = a.open(&hog, 0, 0).unwrap();
+        assert_eq!(a.open(&hog, 0, 0).unwrap_err().status(), 429);
+        assert_eq!(a.open(&None, 0, 0).unwrap_err().status(), 503, "all: 1");
+        drop(opening);
+        assert!(a.open(&hog, 0, 0).is_ok());
+    }
+
+    #[tokio::test]
+    async fn at_the_bound_only_what_ends_work_is_still_taken() {
+        let post = |body: &str| {
+            axum::http::Request::post("/mcp")
+                .body(axum::body::Body::from(body.to_string()))
+                .unwrap()
+        };
+        let delete = axum::http::Request::delete("/mcp")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        assert!(not_a_request(delete).await.is_ok());
+        let cancel =
+            r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":2}}"#;
+        let passed = not_a_request(post(cancel)).await.unwrap();
+        let body = axum::body::to_bytes(passed.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(body, cancel.as_bytes(), "the body is passed on whole");
+        assert!(
+            not_a_request(post(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#))
+                .await
+                .is_ok()
+        );
+        for refused in [
+            r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{}}"#,
+            r#"[{"jsonrpc":"2.0","method":"notifications/cancelled"}]"#,
+            "not json",
+        ] {
+            assert!(not_a_request(post(refused)).await.is_err(), "{refused}");
+        }
+        let get = axum::http::Request::get("/mcp")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        assert!(not_a_request(get).await.is_err());
     }
 
     #[test]
