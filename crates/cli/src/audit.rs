@@ -80,15 +80,13 @@ pub async fn verify(home: &Path, url: Option<&str>, a: VerifyArgs) -> Result<u8>
         None => h.verifier()?,
     };
     // Damage that stops the store from being read at all is a verdict too (exit 5), not a
-    // failure to run: the log is invalid. So is a file there that is not a log at all (its
-    // first page overwritten); a store that is not there is not a verdict.
+    // failure to run: the log is invalid (SQLite finding the file damaged, its first page
+    // overwritten included, is `Corrupt`). A store that is not there, or cannot be opened,
+    // is not a verdict.
     let corrupt = |e: &anyhow::Error| {
         e.chain()
             .find_map(|c| match c.downcast_ref::<ice_log::LogError>() {
                 Some(ice_log::LogError::Corrupt { what }) => Some(what.clone()),
-                Some(e @ ice_log::LogError::NotALog { path, .. }) if Path::new(path).is_file() => {
-                    Some(e.to_string())
-                }
                 _ => None,
             })
     };

@@ -65,7 +65,10 @@ async fn open_over(
     for r in rt.recover(&Quiet).await? {
         eprintln!(
             "recovered run {}: {} → {} ({})",
-            r.run, r.from, r.to, r.detail
+            r.run,
+            r.from,
+            r.to,
+            crate::inspect::shown(&r.detail)
         );
     }
     Ok((h, Box::leak(Box::new(rt)), spec))
@@ -312,7 +315,10 @@ pub async fn serve(home: &Path, url: Option<&str>, a: ServeArgs) -> Result<u8> {
                     for r in done {
                         eprintln!(
                             "recovered run {}: {} → {} ({})",
-                            r.run, r.from, r.to, r.detail
+                            r.run,
+                            r.from,
+                            r.to,
+                            crate::inspect::shown(&r.detail)
                         );
                     }
                 }
@@ -400,13 +406,17 @@ async fn tail_log(
     use ice_runtime::Observer;
     let mut from = log.size().await.unwrap_or(0);
     loop {
-        if let Ok(page) = log.scan(from, 1024).await {
+        // A page out of place (a damaged store) is not counted again and again: the tail
+        // waits for the log to be repaired, and `ice verify` names the damage.
+        if let Ok(page) = log.scan(from, 1024).await
+            && let Ok(next) = ice_log::after_scan(from, &page)
+        {
             for s in &page {
                 if let Ok(e) = s.event() {
                     telemetry.recorded(&e);
                 }
             }
-            from += page.len() as u64;
+            from = next;
             if page.len() == 1024 {
                 continue;
             }

@@ -166,7 +166,7 @@ pub async fn log(home: &Path, url: Option<&str>, a: LogArgs) -> Result<u8> {
             }
             None => {
                 let p = log.scan(next_log, PAGE).await?;
-                next_log += p.len() as u64;
+                next_log = ice_log::after_scan(next_log, &p)?;
                 p
             }
         };

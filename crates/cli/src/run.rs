@@ -338,7 +338,7 @@ pub(crate) fn write_report(out: &mut dyn Write, r: &RunReport, json_out: bool) -
         if why.is_empty() {
             String::new()
         } else {
-            format!(" — {why}")
+            format!(" — {}", shown(&why))
         }
     );
     let _ = writeln!(out, "  state:    {}  ({} events)", r.state, r.events);
@@ -354,7 +354,7 @@ pub(crate) fn write_report(out: &mut dyn Write, r: &RunReport, json_out: bool) -
     );
     let _ = writeln!(out, "  denials:  {}", r.denials.len());
     for (id, code, detail) in &r.denials {
-        let _ = writeln!(out, "    {id}  {code}: {detail}");
+        let _ = writeln!(out, "    {id}  {code}: {}", shown(detail));
     }
     let _ = write!(out, "  budget:  ");
     if budget.is_empty() {
@@ -402,7 +402,7 @@ async fn recover(rt: &Runtime, progress: &Progress) -> Result<()> {
             r.run,
             r.from,
             r.to,
-            r.detail
+            shown(&r.detail)
         );
     }
     Ok(())

@@ -899,16 +899,18 @@ fn a_run_with_an_event_missing_is_reported_not_read_forever() {
         &home.join("ice.db"),
         "UPDATE events SET log_seq = 9223372036854775807 WHERE log_seq = 9;",
     );
-    let o = ice_within(&home, &["memory", "list"], limit);
-    assert_ne!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
-    assert!(
-        stderr(&o).contains(
-            "the event row at log_seq 9223372036854775807 is where log_seq 9 was expected"
-        ),
-        "{}{}",
-        stdout(&o),
-        stderr(&o)
-    );
+    for args in [&["memory", "list"][..], &["log"]] {
+        let o = ice_within(&home, args, limit);
+        assert_ne!(code(&o), 0, "{args:?}: {}{}", stdout(&o), stderr(&o));
+        assert!(
+            stderr(&o).contains(
+                "the event row at log_seq 9223372036854775807 is where log_seq 9 was expected"
+            ),
+            "{args:?}: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+    }
 }
 
 /// A log URL's password never reaches a message, not even inside the client library's own

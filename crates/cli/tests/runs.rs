@@ -245,7 +245,7 @@ fn the_quickstart_run_commits_with_an_operator_in_another_process() {
 #[test]
 fn text_an_agent_wrote_cannot_drive_the_operators_terminal() {
     let (_dir, home, qs) = setup(1);
-    let plan = "agent = \"coder\"\n\n[[step]]\nintent = \"\\u001B[2J\\u001B[1;1Hinnocent\\rOVERWRITE\\u009B31m\\nfake line \\u202Eevil\"\ncapability = \"fs.write\"\ntarget = \"hello.txt\"\narguments = { content = \"ok governed\\u001B[31m\\tred\\n\" }\n";
+    let plan = "agent = \"coder\"\n\n[[step]]\nintent = \"\\u001B[2J\\u001B[1;1Hinnocent\\rOVERWRITE\\u009B31m\\nfake line \\u202Eevil\"\ncapability = \"fs.write\"\ntarget = \"hello.txt\"\narguments = { content = \"ok governed\\u001B[31m\\tred\\n\" }\n\n[[step]]\nintent = \"odd key\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\narguments = { \"\\u001B[2Jkey\" = 1 }\n";
     std::fs::write(qs.join("plan.toml"), plan).unwrap();
     let o = ice(
         &home,
@@ -260,6 +260,14 @@ fn text_an_agent_wrote_cannot_drive_the_operators_terminal() {
     };
     assert!(
         !raw(&o.stderr) && String::from_utf8_lossy(&o.stderr).contains(escaped),
+        "{}",
+        text(&o)
+    );
+    // The summary's denials (the refused argument's name is the agent's) are escaped too.
+    assert!(!raw(&o.stdout), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout)
+            .contains("`\\u{1b}[2Jkey` is not an argument of fs.read"),
         "{}",
         text(&o)
     );

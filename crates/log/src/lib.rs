@@ -100,6 +100,29 @@ pub fn after_page(run: &str, from: u64, page: &[StoredEvent]) -> Result<u64, Log
     Ok(want)
 }
 
+/// Where to scan the log on from after `page`, a page of [`EventLog::scan`] from `from`,
+/// having checked that it holds positions `from, from + 1, …` (log positions are dense: a row
+/// missing or stored out of place is damage, an error naming it).
+pub fn after_scan(from: u64, page: &[StoredEvent]) -> Result<u64, LogError> {
+    let mut want = from;
+    for s in page {
+        if s.log_seq != want {
+            return Err(misplaced(s.log_seq, want));
+        }
+        want += 1;
+    }
+    Ok(want)
+}
+
+/// The error for an event row at `log_seq` read where `want` was expected.
+pub fn misplaced(log_seq: u64, want: u64) -> LogError {
+    LogError::Corrupt {
+        what: format!(
+            "the event row at log_seq {log_seq} is where log_seq {want} was expected (a row is missing or stored out of place); run `ice verify`"
+        ),
+    }
+}
+
 /// What a successful append returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AppendReceipt {

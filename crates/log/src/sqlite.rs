@@ -185,6 +185,17 @@ fn apply_write_pragmas(conn: &Connection, path: &Path) -> Result<(), LogError> {
 }
 
 fn not_a_log(path: &Path, e: rusqlite::Error, _ctx: String) -> LogError {
+    // A file SQLite finds damaged (its header or a page overwritten) is a damaged log, not
+    // someone else's file: a verdict for `ice verify`. A file it cannot open (permissions,
+    // a read-only directory for the WAL's index) is neither.
+    if damaged(&e) {
+        return LogError::Corrupt {
+            what: format!(
+                "{}: not an ICE log, or one too damaged to read: {e}",
+                path.display()
+            ),
+        };
+    }
     LogError::NotALog {
         path: path.display().to_string(),
         reason: e.to_string(),

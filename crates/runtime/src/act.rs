@@ -88,7 +88,28 @@ impl ToolLookup for Option<&ToolServers> {
     }
 }
 
+/// Arguments a built-in capability does not take are refused here (decision rules 2), before
+/// the target is resolved.
 pub fn resolve_target(
+    registry: &Registry,
+    r: &CapabilityProposal,
+    servers: &[ToolServerSpec],
+    tools: &dyn ToolLookup,
+) -> Result<(Resource, EffectClass, Target), (DenialCode, String)> {
+    if let (Some(builtin), Value::Object(arguments)) =
+        (BuiltinTool::for_capability(&r.capability), &r.arguments)
+        && registry.get(&r.capability).is_some()
+    {
+        builtin
+            .check_arguments(arguments)
+            .map_err(|e| (DenialCode::InvalidTarget, format!("{}: {e}", r.capability)))?;
+    }
+    resolve_resource(registry, r, servers, tools)
+}
+
+/// [`resolve_target`] without the check of a built-in capability's arguments: what a replay
+/// needs to re-make the connection checks of a call the run's own rules let through.
+pub fn resolve_resource(
     registry: &Registry,
     r: &CapabilityProposal,
     servers: &[ToolServerSpec],
@@ -100,16 +121,11 @@ pub fn resolve_target(
             format!("no capability type {:?} is registered", r.capability),
         ));
     };
-    let Value::Object(arguments) = &r.arguments else {
+    if !r.arguments.is_object() {
         return Err((
             DenialCode::InvalidTarget,
             "the arguments must be a JSON object".into(),
         ));
-    };
-    if let Some(builtin) = BuiltinTool::for_capability(&r.capability) {
-        builtin
-            .check_arguments(arguments)
-            .map_err(|e| (DenialCode::InvalidTarget, format!("{}: {e}", r.capability)))?;
     }
     let escape = |t: &str| t.starts_with('/') || t.split('/').any(|s| s == "..");
     let (resource, target) = match cap.resource() {

@@ -308,13 +308,7 @@ pub(crate) async fn follow<E: From<ice_log::LogError>>(
             // Positions are dense: a row elsewhere (a gap, or one stored far past the log's
             // end) is damage, said as such, never a page read again and again.
             if row.log_seq != want {
-                return Err(ice_log::LogError::Corrupt {
-                    what: format!(
-                        "the event row at log_seq {} is where log_seq {want} was expected (a row is missing or stored out of place); run `ice verify`",
-                        row.log_seq
-                    ),
-                }
-                .into());
+                return Err(ice_log::misplaced(row.log_seq, want).into());
             }
             each(row)?;
             want += 1;

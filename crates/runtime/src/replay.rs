@@ -845,7 +845,9 @@ impl<'a> Drive<'a> {
             intent: requested.intent.clone().unwrap_or_default(),
         };
         let spec = self.books.spec.as_ref().ok_or("no recorded spec")?;
-        let (resource, _, target) = act::resolve_target(
+        // The call was performed under the run's rules: its connections are re-checked
+        // whatever this ICE's rules say of its arguments (that is the decision's business).
+        let (resource, _, target) = act::resolve_resource(
             &self.rt.registry,
             &proposal,
             &spec.servers,
