@@ -600,7 +600,7 @@ pub async fn diff(home: &Path, url: Option<&str>, a: DiffArgs) -> Result<u8> {
                 Some("deleted") => "D",
                 _ => "M",
             },
-            c["path"].as_str().unwrap_or(""),
+            shown(c["path"].as_str().unwrap_or("")),
             c["status"].as_str().unwrap_or(""),
             c["event"].as_str().unwrap_or("")
         );

@@ -2378,34 +2378,70 @@ fn one_agent_cannot_hold_every_session_and_a_revoked_tokens_streams_end() {
     let session = session_of(&head);
 
     // A stream the agent holds open ends once its token is revoked.
+    let stream = open_stream(&url, Some(&auth(&hog)), &session);
+    let o = ice(&f.home, &["token", "revoke", "--agent", "hog"]);
+    assert!(o.status.success(), "{}", text(&o));
+    ends_within_30s(stream, "the token was revoked");
+}
+
+/// A `GET /mcp` event stream of `session` (with `authorization`, if given), its status read.
+fn open_stream(
+    url: &str,
+    authorization: Option<&str>,
+    session: &str,
+) -> std::io::BufReader<std::net::TcpStream> {
     let addr = url
         .strip_prefix("http://")
         .and_then(|r| r.split('/').next())
         .unwrap()
         .to_string();
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    let authorization = authorization
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "GET /mcp HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\nMCP-Protocol-Version: 2025-11-25\r\nAuthorization: {}\r\nMcp-Session-Id: {session}\r\n\r\n",
-        auth(&hog)
+        "GET /mcp HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\nMCP-Protocol-Version: 2025-11-25\r\n{authorization}Mcp-Session-Id: {session}\r\n\r\n"
     )
     .unwrap();
     let mut reader = std::io::BufReader::new(s);
     let mut status_line = String::new();
     std::io::BufRead::read_line(&mut reader, &mut status_line).unwrap();
     assert!(status_line.contains(" 200 "), "{status_line}");
-    let o = ice(&f.home, &["token", "revoke", "--agent", "hog"]);
-    assert!(o.status.success(), "{}", text(&o));
-    let revoked = std::time::Instant::now();
     reader
-        .get_ref()
-        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
-        .unwrap();
-    let mut rest = Vec::new();
-    let ended = std::io::Read::read_to_end(&mut reader, &mut rest);
-    assert!(
-        ended.is_ok(),
-        "the stream was still open 30 s after the token was revoked: {ended:?}"
+}
+
+/// The server ends `stream` within 30 s (of `what`).
+fn ends_within_30s(mut stream: std::io::BufReader<std::net::TcpStream>, what: &str) {
+    // A deadline on the whole read (keep-alive comments would reset a socket timeout).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut rest = Vec::new();
+        let _ = tx.send(std::io::Read::read_to_end(&mut stream, &mut rest).is_ok());
+    });
+    let ended = rx.recv_timeout(std::time::Duration::from_secs(30));
+    assert_eq!(
+        ended,
+        Ok(true),
+        "the stream was still open 30 s after {what}"
     );
-    assert!(revoked.elapsed() < std::time::Duration::from_secs(30));
+}
+
+/// From the review: an anonymous stream on a server without agent tokens stayed open after
+/// the first token was added (from then on anonymous requests are refused).
+#[test]
+fn an_anonymous_stream_ends_once_agent_tokens_exist() {
+    let f = fixture("anon-stream", "4s");
+    let (_server, url) = serve(&f);
+    let (status, head, body) = raw_post(&url, &[], &initialize());
+    assert_eq!(status, 200, "{body}");
+    let session = head
+        .lines()
+        .find_map(|l| l.strip_prefix("mcp-session-id: "))
+        .unwrap_or_else(|| panic!("no session id: {head}"))
+        .trim()
+        .to_string();
+    let stream = open_stream(&url, None, &session);
+    token(&f, "agent", "first");
+    ends_within_30s(stream, "the first agent token was added");
 }

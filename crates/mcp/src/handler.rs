@@ -1414,8 +1414,9 @@ async fn guard<M: rmcp::transport::streamable_http_server::SessionManager>(
         }
     };
     // A response still streaming ends once the token that opened it is revoked.
+    // (An anonymous stream, on a server without agent tokens, ends once the first is added.)
     let still_allowed: Option<Box<dyn Fn() -> bool + Send + Sync>> = match (&auth, &who) {
-        (Some(auth), Some(_)) => {
+        (Some(auth), _) => {
             let (auth, headers, who) = (auth.clone(), req.headers().clone(), who.clone());
             Some(Box::new(move || auth(&headers).is_ok_and(|now| now == who)))
         }
