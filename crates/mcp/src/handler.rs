@@ -1190,10 +1190,7 @@ impl Admission {
         let mine = mine + map.get(who).copied().unwrap_or(0);
         let all = all + map.values().sum::<usize>();
         if mine >= self.sessions_per_agent {
-            let whose = match who {
-                Some(AgentIdentity(n)) => format!("agent {n:?}"),
-                None => "this endpoint's clients (no agent tokens are configured)".to_string(),
-            };
+            let whose = whose(who);
             return Err(Box::new(json_error(
                 axum::http::StatusCode::TOO_MANY_REQUESTS,
                 "too_many_sessions",
@@ -1231,6 +1228,14 @@ impl Admission {
             who: who.clone(),
             map: self.in_flight.clone(),
         })
+    }
+}
+
+/// Whose bounds a refusal speaks of: the agent's, or (without agent tokens) every client's.
+fn whose(who: &Option<AgentIdentity>) -> String {
+    match who {
+        Some(AgentIdentity(n)) => format!("agent {n:?}"),
+        None => "this endpoint's clients (no agent tokens are configured)".to_string(),
     }
 }
 
@@ -1375,10 +1380,6 @@ async fn guard<M: rmcp::transport::streamable_http_server::SessionManager>(
             }
         }
     }
-    let whose = || match &who {
-        Some(AgentIdentity(n)) => format!("agent {n:?}"),
-        None => "this endpoint's clients (no agent tokens are configured)".to_string(),
-    };
     let _opening = if session.is_none() && req.method() == axum::http::Method::POST {
         let (mine, all) = owners.held(&who, sessions).await;
         match admission.open(&who, mine, all) {
@@ -1401,7 +1402,7 @@ async fn guard<M: rmcp::transport::streamable_http_server::SessionManager>(
                 Err(()) => {
                     let message = format!(
                         "{} already has {} requests to {MCP_PATH} in flight (open streams included), the most one agent may",
-                        whose(),
+                        whose(&who),
                         admission.requests_per_agent
                     );
                     return json_error(
