@@ -156,21 +156,26 @@ pub async fn log(home: &Path, url: Option<&str>, a: LogArgs) -> Result<u8> {
     let mut next_log = a.from;
     let mut next_run = 0u64;
     loop {
-        let page = match &run {
+        // Whether the page read was full is decided before `--from` filters a run's page: a
+        // full page of a run's events all before `--from` is not its last.
+        let (page, full) = match &run {
             Some(r) => {
                 let p = log.read_run(r, next_run, PAGE).await?;
                 next_run = ice_log::after_page(r.as_str(), next_run, &p)?;
-                p.into_iter()
+                let full = p.len() == PAGE;
+                let p = p
+                    .into_iter()
                     .filter(|e| e.log_seq >= a.from)
-                    .collect::<Vec<_>>()
+                    .collect::<Vec<_>>();
+                (p, full)
             }
             None => {
                 let p = log.scan(next_log, PAGE).await?;
                 next_log = ice_log::after_scan(next_log, &p)?;
-                p
+                let full = p.len() == PAGE;
+                (p, full)
             }
         };
-        let full = page.len() == PAGE;
         for s in page
             .iter()
             .filter(|s| a.types.is_empty() || a.types.contains(&s.event_type))
@@ -222,7 +227,10 @@ pub async fn show(home: &Path, url: Option<&str>, a: ShowArgs) -> Result<u8> {
     if a.json {
         println!("{}", serde_json::to_string(&v)?);
     } else {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        // JSON escapes C0 controls inside strings, but not C1 or the bidirectional characters.
+        for line in serde_json::to_string_pretty(&v)?.lines() {
+            println!("{}", shown(line));
+        }
     }
     Ok(0)
 }

@@ -19,7 +19,7 @@ use ice_runtime::memory::{
 use serde_json::{Value, json};
 
 use crate::home::Home;
-use crate::inspect::truncate;
+use crate::inspect::{shown, truncate};
 
 #[derive(Args)]
 pub struct MemoryArgs {
@@ -256,9 +256,9 @@ async fn show(home: &Path, url: Option<&str>, a: ShowArgs) -> Result<u8> {
     };
     let ids = |v: &[EventId]| list(&v.iter().map(ToString::to_string).collect::<Vec<_>>());
     println!("memory {}", r.id);
-    println!("  kind:         {}", r.kind);
-    println!("  scope:        {}", r.scope);
-    println!("  status:       {}", status_text(r, now));
+    println!("  kind:         {}", shown(&r.kind));
+    println!("  scope:        {}", shown(&r.scope));
+    println!("  status:       {}", shown(&status_text(r, now)));
     if let Some(t) = &r.transition {
         println!(
             "                by {} at {}{}: {}",
@@ -266,15 +266,17 @@ async fn show(home: &Path, url: Option<&str>, a: ShowArgs) -> Result<u8> {
             t.at,
             t.operator
                 .as_deref()
-                .map(|o| format!(" ({o})"))
+                .map(|o| format!(" ({})", shown(o)))
                 .unwrap_or_default(),
-            t.reason
+            shown(&t.reason)
         );
     }
     println!("  confidence:   {}", r.confidence);
     println!(
         "  promoted:     {} by {}: {}",
-        r.promoted_at, r.promoted_by, r.reason
+        r.promoted_at,
+        shown(&r.promoted_by),
+        shown(&r.reason)
     );
     println!(
         "  expires:      {}",
@@ -300,8 +302,9 @@ async fn show(home: &Path, url: Option<&str>, a: ShowArgs) -> Result<u8> {
     println!("  schema:       v{}", r.schema_version);
     println!("  digest:       sha256:{}", r.digest);
     println!("  content:");
+    // JSON escapes C0 controls inside strings, but not C1 or the bidirectional characters.
     for line in serde_json::to_string_pretty(&content)?.lines() {
-        println!("    {line}");
+        println!("    {}", shown(line));
     }
     Ok(0)
 }

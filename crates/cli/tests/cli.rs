@@ -156,6 +156,50 @@ fn home_comes_from_ice_home_when_no_flag() {
     assert_eq!(runs[0]["events"], 5);
 }
 
+/// `--from` within a run longer than a page: the first page read holds nothing from `--from`
+/// on, and is still not the run's last.
+#[test]
+fn log_of_a_run_from_a_position_past_its_first_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    assert_eq!(code(&ice(&home, &["init"])), 0);
+    let total = 4_200u64;
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let log = Arc::new(SqliteLog::open(&home.join("ice.db"), Mode::ReadWrite).unwrap());
+        let ledger = Ledger::new(log, Arc::new(SystemClock));
+        let run = RunId::new("long").unwrap();
+        let opening = ["RunProvisioned", "ContextResolved", "ExecutionWindowOpened"];
+        ledger
+            .append(&run, opening.into_iter().map(rt).collect())
+            .await
+            .unwrap();
+        let mut n = opening.len() as u64;
+        while n < total {
+            let batch = (total - n).min(700);
+            let steps = (0..batch)
+                .map(|i| {
+                    Draft::new("InferenceStep", Origin::Agent("a1".into()))
+                        .intent("think")
+                        .payload(json!({"step": n + i}))
+                })
+                .collect();
+            ledger.append(&run, steps).await.unwrap();
+            n += batch;
+        }
+    });
+    let o = ice(&home, &["log", "--json", "--run", "long", "--from", "4150"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let seqs: Vec<u64> = stdout(&o)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["log_seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, (4150..total).collect::<Vec<_>>());
+}
+
 #[test]
 fn log_filters_by_run_and_type_and_prints_json_lines() {
     let (_d, home) = seeded();

@@ -80,7 +80,8 @@ impl Env {
         assert_eq!(code(&o), 0, "{}", text(&o));
         std::fs::create_dir_all(base.join("workspace")).unwrap();
         std::fs::write(base.join("workspace/hello.txt"), "hello\n").unwrap();
-        std::fs::write(base.join("workspace/config.toml"), "x = 1\n").unwrap();
+        // A bidirectional override in a file's text, to see it escaped where a terminal shows it.
+        std::fs::write(base.join("workspace/config.toml"), "x = 1 # \u{202e}\n").unwrap();
         std::fs::create_dir_all(base.join("policies")).unwrap();
         std::fs::write(base.join("policies/p.cedar"), POLICY).unwrap();
         std::fs::write(base.join("plan.toml"), PLAN).unwrap();
@@ -183,6 +184,18 @@ fn memories_are_promoted_mounted_and_invalidated_with_their_descendants() {
     assert_eq!(b["derived_from"][0], a);
     assert!(b["expires_at"].is_string());
     let b = b["id"].as_str().unwrap().to_string();
+    let human = ice(home, &["memory", "show", &b]);
+    assert_eq!(code(&human), 0);
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        !human.contains('\u{202e}') && human.contains("x = 1 # \\u{202e}"),
+        "{human}"
+    );
+    assert!(
+        json(home, &["memory", "show", &b, "--json"])
+            .to_string()
+            .contains('\u{202e}')
+    );
     // An operator promotes the second run's read of hello.txt: C, derived from A as well.
     let read = env.event("second", "FileRead", Some("hello.txt"));
     let c = json(

@@ -286,7 +286,21 @@ fn text_an_agent_wrote_cannot_drive_the_operators_terminal() {
         "{}",
         text(&o)
     );
+    // `ice show` prints the event as JSON, which escapes C0 controls but not C1 or bidi.
+    let o = ice(&home, &["show", &id]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(
+        !raw(&o.stdout) && String::from_utf8_lossy(&o.stdout).contains("\\u{202e}evil"),
+        "{}",
+        text(&o)
+    );
     // The machine-readable forms keep the text as recorded.
+    let o = ice(&home, &["show", &id, "--json"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains('\u{202e}'),
+        "{}",
+        text(&o)
+    );
     let o = ice(&home, &["log", "--run", "quickstart", "--json"]);
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("\\u001b[2J"),
