@@ -427,8 +427,8 @@ impl From<AuthorizationError> for HttpError {
     }
 }
 
-/// Methods the adapter sends. `CONNECT` (a tunnel) and `TRACE` are not among them.
-const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+/// Methods the adapter sends: the ones the kernel's schema names.
+const METHODS: [&str; 7] = ice_kernel::builtin::HTTP_METHODS;
 
 /// Request headers the adapter sets itself or refuses outright.
 fn forbidden_header(name: &str) -> bool {

@@ -22,6 +22,10 @@ pub struct BuiltinTool {
 /// The longest a `process.exec` call may ask to run (its schema's `timeout_ms` maximum).
 pub const MAX_TIMEOUT_MS: u64 = 600_000;
 
+/// The methods an `http.request` may ask for (in any case; sent in upper case). `CONNECT` (a
+/// tunnel) and `TRACE` are not among them.
+pub const HTTP_METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+
 /// Every built-in tool, by name.
 pub const BUILTIN_TOOLS: [BuiltinTool; 6] = [
     BuiltinTool {
@@ -118,7 +122,7 @@ impl BuiltinTool {
                     "url": {"type": "string", "description": "the absolute http or https URL"},
                     "method": {
                         "type": "string",
-                        "enum": ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                        "enum": HTTP_METHODS,
                         "description": "the method (GET when not given)",
                     },
                     "body": {"type": "string", "description": "the request body, if any"},
@@ -173,6 +177,14 @@ impl BuiltinTool {
                     takes()
                 ));
             }
+        }
+        if let Some(m) = arguments.get("method").and_then(Value::as_str)
+            && !HTTP_METHODS.iter().any(|k| k.eq_ignore_ascii_case(m))
+        {
+            return Err(format!(
+                "`method` {m:?} is not one of {} (in any case)",
+                HTTP_METHODS.join(", ")
+            ));
         }
         if let Some(t) = arguments.get("timeout_ms").and_then(Value::as_u64)
             && !(1..=MAX_TIMEOUT_MS).contains(&t)
@@ -313,6 +325,15 @@ mod tests {
             check("http_request", json!({"method": null})),
             Err("`method` must be a string".into())
         );
+        assert_eq!(check("http_request", json!({"method": "patch"})), Ok(()));
+        for m in ["CONNECT", "TRACE", "", "GET "] {
+            assert_eq!(
+                check("http_request", json!({"method": m})),
+                Err(format!(
+                    "`method` {m:?} is not one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS (in any case)"
+                ))
+            );
+        }
         // What a model or MCP client may send, the runtime takes (the schemas agree).
         for b in &BUILTIN_TOOLS {
             let schema = b.input_schema();

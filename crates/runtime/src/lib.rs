@@ -52,7 +52,10 @@ pub use spec::{Assumption, BudgetSpec, Check, OnExhaustion, RunSpec, SpecError};
 /// with no `content` (or a misspelled one), an argument of the wrong type, one the schema
 /// does not name, a `timeout_ms` out of range. (Rules 1 wrote an empty file for a write with
 /// no `content`, and read a `method` that is not a string as GET.)
-pub const DECISION_RULES: u64 = 2;
+///
+/// 3: an `http.request` whose `method` is not one the schema names (in any case) is refused
+/// the same way. (Rules 2 decided on it, and the adapter refused to send it after the grant.)
+pub const DECISION_RULES: u64 = 3;
 
 /// Something that wants to see each event a run records, as it is recorded (progress lines).
 pub trait Observer: Send + Sync {

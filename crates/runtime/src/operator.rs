@@ -680,6 +680,15 @@ impl Runtime {
             }
         }
         if let Some(b) = &record.budget {
+            // Every limit is one value; a table would be written as a section of its own below
+            // and be refused as if it were not in [budget] at all.
+            if let Some((key, _)) = b.iter().find(|(_, v)| {
+                v.is_table() || v.as_array().is_some_and(|a| a.iter().any(|v| v.is_table()))
+            }) {
+                return Err(RuntimeError::Invalid(format!(
+                    "[budget]: `{key}` is a table; each limit is a single value"
+                )));
+            }
             let text = format!("[budget]\n{}", toml::to_string(b).unwrap_or_default());
             let probe = format!(
                 "[run]\nagent = \"x\"\nworkspace = \".\"\n[agent]\ndriver = \"external\"\n{text}"

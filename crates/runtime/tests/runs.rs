@@ -268,6 +268,20 @@ async fn a_reconfigured_budget_changes_only_the_limits_it_names() {
     };
     let e = h.rt.reconfigure(&run, "alice", &bad).await.unwrap_err();
     assert!(e.to_string().contains("wall_time"), "{e}");
+    // A table where a limit goes is refused naming the key, not as a section of its own.
+    let nested = ice_runtime::operator::ReconfigurationFile {
+        reason: "x".into(),
+        budget: Some(toml::from_str("tool_calls = 3\n[bytes]\nmax = 1").unwrap()),
+        ..Default::default()
+    };
+    let e = h.rt.reconfigure(&run, "alice", &nested).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "[budget]: `bytes` is a table; each limit is a single value",
+        "{e}"
+    );
+    let budget = h.rt.books(&run).await.unwrap().spec.unwrap().budget;
+    assert_eq!(budget.tool_calls, Some(10));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -696,6 +710,12 @@ async fn a_request_whose_arguments_its_capability_does_not_take_is_refused() {
             "http.request",
             "{ method = 1 }",
             "`method` must be a string",
+        ),
+        (
+            "http://127.0.0.1:9/x",
+            "http.request",
+            "{ method = \"TRACE\" }",
+            "`method` \"TRACE\" is not one of GET, HEAD",
         ),
     ];
     let mut plan: String = cases.iter().map(|(t, c, a, _)| step(t, c, a)).collect();
