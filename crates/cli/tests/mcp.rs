@@ -1182,14 +1182,18 @@ fn malformed_and_oversized_agent_messages_get_errors_not_a_crash() {
     let (answers, o) = raw_session(&f, &lines);
     assert!(o.status.success(), "ice mcp ended cleanly: {}", text(&o));
     assert!(answer(&answers, 1)["result"]["protocolVersion"].is_string());
-    assert!(
-        answer(&answers, 3)["error"]["code"].is_i64(),
-        "{answers:#?}"
-    );
-    assert!(
-        answer(&answers, 4)["error"]["code"].is_i64(),
-        "{answers:#?}"
-    );
+    // A known method whose params do not fit is invalid params, naming what is wrong.
+    for id in [3, 4] {
+        let e = &answer(&answers, id)["error"];
+        assert_eq!(e["code"], -32602, "{answers:#?}");
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("the params of tools/call are not what MCP's schema for it takes: "),
+            "{e}"
+        );
+    }
     let five = &answer(&answers, 5)["result"];
     assert_eq!(five["isError"], true, "{five:#}");
     assert!(first_text(five).contains("outside ±(2^53-1)"), "{five:#}");
@@ -2316,6 +2320,23 @@ fn ice_serve_answers_mcp_transport_refusals_with_a_json_error() {
     let (code, message) = json_error_of(&head, &body);
     assert_eq!(code, "bad_request", "{body}");
     assert!(message.contains("Session ID is required"), "{body}");
+    // A body that is no JSON-RPC message (cut short, a batch, another version): 400, saying
+    // what a message must be, not rmcp's 415 as if the media type were wrong.
+    let headers = [
+        ("Accept", "application/json, text/event-stream"),
+        ("Content-Type", "application/json"),
+    ];
+    for bad in [
+        r#"{"jsonrpc":"2.0","id":1,"method":"initialize""#,
+        r#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#,
+        r#"{"jsonrpc":"1.0","id":1,"method":"ping"}"#,
+    ] {
+        let (status, head, body) = raw_at(&url, "POST", "/mcp", &headers, bad);
+        assert_eq!(status, 400, "{bad}: {head}\n\n{body}");
+        let (code, message) = json_error_of(&head, &body);
+        assert_eq!(code, "invalid_message", "{body}");
+        assert!(message.contains("not one JSON-RPC 2.0 message"), "{body}");
+    }
     // A 405's message lists what the path takes, one space after each comma.
     let (status, head, body) = raw_at(&url, "PUT", "/mcp", &[], "");
     assert_eq!(status, 405, "{body}");

@@ -8,10 +8,10 @@ use ice_effects::mcp::ToolServers;
 use ice_kernel::{CapabilityProposal, Event, EventId, EventType, Outcome, Proposal, RunId};
 use ice_runtime::{Observer, RunReport, RunSpec, Runtime, RuntimeError, Session};
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ElicitRequestParams,
-    ElicitationAction, ElicitationSchema, Implementation, InitializeRequestParams,
-    InitializeResult, ListToolsResult, PaginatedRequestParams, ResultType, ServerCapabilities,
-    ServerConfig, Tool, ToolAnnotations,
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, CustomRequest,
+    CustomResult, ElicitRequestParams, ElicitationAction, ElicitationSchema, Implementation,
+    InitializeRequestParams, InitializeResult, ListToolsResult, PaginatedRequestParams, ResultType,
+    ServerCapabilities, ServerConfig, Tool, ToolAnnotations,
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData, Peer, RoleServer, ServerHandler, ServiceExt};
@@ -946,6 +946,17 @@ impl ServerHandler for IceMcp {
         Ok(ListToolsResult::with_all_items(tools))
     }
 
+    /// rmcp hands here every request it could not read as one it knows, among them a known
+    /// method whose params are not what MCP's schema takes (`tools/call` with `name: 5`):
+    /// that is invalid params (-32602), saying what is wrong, not an unknown method.
+    async fn on_custom_request(
+        &self,
+        request: CustomRequest,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CustomResult, ErrorData> {
+        Err(unread_request(&request.method, request.params))
+    }
+
     async fn call_tool(
         &self,
         request: CallToolRequestParams,
@@ -1229,6 +1240,56 @@ impl Admission {
             map: self.in_flight.clone(),
         })
     }
+}
+
+/// The methods of MCP's client requests (those rmcp reads, which come to
+/// [`IceMcp::on_custom_request`] only when their params do not fit).
+const MCP_REQUEST_METHODS: [&str; 21] = [
+    "initialize",
+    "ping",
+    "server/discover",
+    "completion/complete",
+    "logging/setLevel",
+    "prompts/get",
+    "prompts/list",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "resources/directory/read",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "subscriptions/listen",
+    "tools/call",
+    "tools/list",
+    "tasks/get",
+    "tasks/update",
+    "tasks/cancel",
+    "skills/list",
+    "skills/get",
+];
+
+/// The error for a request rmcp could not read: invalid params (-32602) for one of MCP's
+/// methods (with serde's reason, for `tools/call`), method not found (-32601) for any other.
+fn unread_request(method: &str, params: Option<Value>) -> ErrorData {
+    if !MCP_REQUEST_METHODS.contains(&method) {
+        return ErrorData::new(
+            rmcp::model::ErrorCode::METHOD_NOT_FOUND,
+            format!("{method:?} is not a method ICE's MCP gateway serves"),
+            None,
+        );
+    }
+    let why = match (method, params) {
+        ("tools/call", Some(p)) => serde_json::from_value::<CallToolRequestParams>(p)
+            .err()
+            .map(|e| format!(": {e}")),
+        ("tools/call", None) => Some(": params are required".to_string()),
+        _ => None,
+    }
+    .unwrap_or_default();
+    ErrorData::invalid_params(
+        format!("the params of {method} are not what MCP's schema for it takes{why}"),
+        None,
+    )
 }
 
 /// Whose bounds a refusal speaks of: the agent's, or (without agent tokens) every client's.
@@ -1879,6 +1940,28 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_known_method_rmcp_could_not_read_is_invalid_params_not_unknown() {
+        let e = unread_request("tools/call", Some(json!({"name": 5})));
+        assert_eq!(e.code, rmcp::model::ErrorCode::INVALID_PARAMS);
+        assert!(
+            e.message
+                .starts_with("the params of tools/call are not what MCP's schema for it takes: "),
+            "{}",
+            e.message
+        );
+        let e = unread_request("tools/call", None);
+        assert!(e.message.ends_with("params are required"), "{}", e.message);
+        let e = unread_request("tools/list", Some(json!({"cursor": 5})));
+        assert_eq!(e.code, rmcp::model::ErrorCode::INVALID_PARAMS);
+        let e = unread_request("tools/destroy", None);
+        assert_eq!(e.code, rmcp::model::ErrorCode::METHOD_NOT_FOUND);
+        assert_eq!(
+            e.message,
+            "\"tools/destroy\" is not a method ICE's MCP gateway serves"
+        );
+    }
+
     #[tokio::test]
     async fn a_plain_text_refusal_gets_the_json_error_shape() {
         use axum::http::{StatusCode, header};
@@ -1907,6 +1990,28 @@ mod tests {
             body(r).await,
             json!({"error": {"code": "bad_request", "message": "Bad Request: Session ID is required"}})
         );
+        // rmcp's 415 for a body that is no JSON-RPC message is a 400 saying what one is.
+        let r = crate::http::json_refusal(plain(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "fail to deserialize request body expected value at line 1 column 1",
+        ))
+        .await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let v = body(r).await;
+        assert_eq!(v["error"]["code"], "invalid_message");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(
+            m.starts_with("the body is not one JSON-RPC 2.0 message")
+                && m.ends_with(": expected value at line 1 column 1"),
+            "{m}"
+        );
+        // rmcp's other 415 (a body not declared JSON) stays what it is.
+        let r = crate::http::json_refusal(plain(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Unsupported Media Type: Content-Type must be application/json",
+        ))
+        .await;
+        assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
         let mut untyped = plain(StatusCode::NOT_ACCEPTABLE, "");
         untyped.headers_mut().remove(header::CONTENT_TYPE);
         let r = crate::http::json_refusal(untyped).await;

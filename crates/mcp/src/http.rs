@@ -189,6 +189,9 @@ pub(crate) fn list_methods(allow: &str) -> String {
         .join(", ")
 }
 
+/// How rmcp's 415 for a body it could not decode as a JSON-RPC message begins.
+const UNDECODABLE: &str = "fail to deserialize request body";
+
 /// The most of a plain-text error body [`json_refusal`] reads (rmcp's are one short line).
 const PLAIN_ERROR_MAX: usize = 16 * 1024;
 
@@ -218,10 +221,28 @@ pub(crate) async fn json_refusal(response: Response<Body>) -> Response<Body> {
         .map(|b| String::from_utf8_lossy(&b).trim().to_string())
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| reason.to_string());
-    let code = reason.to_ascii_lowercase().replace([' ', '-'], "_");
+    // rmcp answers a body of JSON that is not one JSON-RPC message it takes (or not JSON at
+    // all) with 415, as if its media type were wrong; it is a bad request (MCP's transport
+    // says 400), and the message says what a message must be.
+    let (status, code, text) = match text.strip_prefix(UNDECODABLE) {
+        Some(why) if status == StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+            StatusCode::BAD_REQUEST,
+            "invalid_message".to_string(),
+            format!(
+                "the body is not one JSON-RPC 2.0 message (a request, a notification or a response, with \"jsonrpc\": \"2.0\"; batches are not taken): {}",
+                why.trim()
+            ),
+        ),
+        _ => (
+            status,
+            reason.to_ascii_lowercase().replace([' ', '-'], "_"),
+            text,
+        ),
+    };
     let fresh = json_error(status, &code, &text);
     let (fresh_parts, body) = fresh.into_parts();
     let mut parts = parts;
+    parts.status = status;
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.insert(
         header::CONTENT_TYPE,
