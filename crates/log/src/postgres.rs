@@ -58,7 +58,9 @@
 //! write) got no answer in time is an unknown outcome, settled as a lost commit reply is, within
 //! one more [`Options::request_timeout`]. Appends queued behind a commit wait for it first. A
 //! session that timed out is closed at once and never used again (it may be half-way through an
-//! exchange with the server).
+//! exchange with the server). Reading sessions run with `statement_timeout` at the request
+//! timeout, so the server stops a read this side gave up on (closing the session alone does not
+//! stop a server process waiting on a lock); a writer's server process is ended instead.
 //!
 //! **Durability.** A commit returns after PostgreSQL reports it committed; writer sessions run
 //! with `synchronous_commit` at least `on` (a server default of `off` or `local` is raised).
@@ -619,6 +621,21 @@ impl Inner {
                        WHERE current_setting('synchronous_commit') IN ('off', 'local'); \
                      SELECT set_config('plan_cache_mode', 'force_generic_plan', false) \
                        WHERE current_setting('server_version_num')::int >= 120000"
+                ))
+                .await
+                .map_err(|e| storage(ctx(), &e))?;
+        } else {
+            // A read past the request timeout is cut on this side by closing the session, which
+            // a server process waiting on a lock does not notice: the server stops it too.
+            // (A writer's cut session has its server process ended, and a cancelled COMMIT
+            // would be an outcome of its own; so writers keep the server's setting.)
+            client
+                .batch_execute(&format!(
+                    "SET statement_timeout = {}",
+                    self.opts
+                        .request_timeout
+                        .as_millis()
+                        .clamp(1, i32::MAX as u128)
                 ))
                 .await
                 .map_err(|e| storage(ctx(), &e))?;

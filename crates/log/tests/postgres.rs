@@ -2177,6 +2177,57 @@ async fn a_write_held_past_its_bound_is_settled_from_the_log() {
     assert_verifies(&log).await;
 }
 
+/// A read that waits past its bound (a lock another session holds) fails here, and its server
+/// process stops too (the read session's `statement_timeout`): no statement ICE gave up on
+/// goes on waiting on the server while the lock is held.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_past_its_bound_does_not_go_on_waiting_on_the_server() {
+    const BOUND: Duration = Duration::from_secs(2);
+    let pg = Pg::new().await;
+    let raw = pg.raw().await;
+    let log = Arc::new(
+        PgLog::connect_with(&pg.node_url(), Some(&pg.schema), timeouts(BOUND))
+            .await
+            .unwrap(),
+    );
+    let run = run_id("locked");
+    ledger(&log).append(&run, opening()).await.unwrap();
+    let mut holder = pg.raw().await;
+    let tx = holder.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "LOCK TABLE {}.events IN ACCESS EXCLUSIVE MODE",
+        pg.q()
+    ))
+    .await
+    .unwrap();
+    let err = within(BOUND, log.read_run(&run, 0, 10)).await.unwrap_err();
+    assert!(
+        matches!(&err, LogError::Storage { context, .. } if context.contains("reading a run")),
+        "{err}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n: i64 = raw
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                &[&pg.app],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the read ICE gave up on still waits on the server"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tx.rollback().await.unwrap();
+    assert_eq!(log.read_run(&run, 0, 10).await.unwrap().len(), 4);
+}
+
 /// `connect_existing` opens a log that is there and nothing else: a schema that does not
 /// exist, or holds none of the log's tables, is refused as not a log (naming where, never the
 /// password) and left as it was; an existing log reads the same through it, unchanged.
