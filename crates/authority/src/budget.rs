@@ -196,7 +196,9 @@ impl BudgetLedger {
     /// What outstanding reservations hold in all (saturating at `u64::MAX` per attribute).
     pub fn outstanding(&self) -> Cost {
         let sum = self.outstanding_exact();
-        cost_of(sum.map(|v| u64::try_from(v).unwrap_or(u64::MAX)))
+        // Recorded in a run's projection: at most what an event can carry.
+        let max = u128::from(ice_kernel::limits::MAX_SAFE_INTEGER);
+        cost_of(sum.map(|v| v.min(max) as u64))
     }
 
     fn outstanding_exact(&self) -> [u128; 7] {

@@ -790,6 +790,44 @@ fn a_token_budget_stops_a_model_that_reports_no_usage() {
     replay_drive_clean(&home, "llm-notes");
 }
 
+/// The finding: a model reporting usage of 2^53-1 per call (with no token limit to stop it)
+/// made the run's totals larger than an event can carry, so its `RunTerminated` could not be
+/// recorded and the run stayed COMMITTED for good. Totals saturate at 2^53-1: the run ends,
+/// verifies and replays.
+#[test]
+fn usage_reported_past_what_an_event_carries_still_lets_the_run_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let max = (1u64 << 53) - 1;
+    let script = json!([
+        reply(
+            "Reading.",
+            vec![call("c1", "fs_read", json!({"path": "notes/todo.txt"}))],
+            (max, max)
+        ),
+        reply("Done.", vec![], (max, max)),
+    ]);
+    let model = ModelServer::start(dir.path(), &script);
+    let (home, ex) = setup(dir.path(), model.port, |t| {
+        t.replace("tokens_in = 200_000\n", "")
+            .replace("tokens_out = 4_000\n", "")
+    });
+    let o = ice(
+        &home,
+        &["run", ex.join("run.toml").to_str().unwrap(), "--json"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ev = events(&home, "llm-notes");
+    let ended = of_type(&ev, "RunTerminated");
+    assert_eq!(ended.len(), 1, "{}", text(&o));
+    let spent = &ended[0]["payload"]["projection"]["spent"];
+    assert_eq!(spent["tokens_in"], max, "{spent}");
+    assert_eq!(spent["tokens_out"], max, "{spent}");
+    let v = ice(&home, &["verify"]);
+    assert_eq!(v.status.code(), Some(0), "{}", text(&v));
+    drop(model);
+    replay_drive_clean(&home, "llm-notes");
+}
+
 #[test]
 fn a_reply_using_the_reserved_blob_key_is_recorded_and_the_run_goes_on() {
     let dir = tempfile::tempdir().unwrap();

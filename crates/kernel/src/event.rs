@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::id::{Digest, EventId, Origin, RunId};
+use crate::limits::MAX_SAFE_INTEGER;
 use crate::timestamp::Timestamp;
 
 /// A JSON object: the payload of an event.
@@ -69,16 +70,19 @@ impl Cost {
         ]
     }
 
-    /// The attribute-wise sum, saturating (a sum is a report, never a hash input).
+    /// The attribute-wise sum, saturating at 2^53 - 1 ([`MAX_SAFE_INTEGER`]): sums are
+    /// recorded (a run's projection in `RunTerminated`), and an event can carry no larger
+    /// figure, so a sum past it (one a peer's reported usage can reach) must stay recordable.
     pub fn saturating_add(&self, o: &Cost) -> Cost {
+        let add = |a: u64, b: u64| a.saturating_add(b).min(MAX_SAFE_INTEGER);
         Cost {
-            wall_time_us: self.wall_time_us.saturating_add(o.wall_time_us),
-            tokens_in: self.tokens_in.saturating_add(o.tokens_in),
-            tokens_out: self.tokens_out.saturating_add(o.tokens_out),
-            tool_calls: self.tool_calls.saturating_add(o.tool_calls),
-            bytes: self.bytes.saturating_add(o.bytes),
-            credits_micro: self.credits_micro.saturating_add(o.credits_micro),
-            risk: self.risk.saturating_add(o.risk),
+            wall_time_us: add(self.wall_time_us, o.wall_time_us),
+            tokens_in: add(self.tokens_in, o.tokens_in),
+            tokens_out: add(self.tokens_out, o.tokens_out),
+            tool_calls: add(self.tool_calls, o.tool_calls),
+            bytes: add(self.bytes, o.bytes),
+            credits_micro: add(self.credits_micro, o.credits_micro),
+            risk: add(self.risk, o.risk),
         }
     }
 }
@@ -386,5 +390,25 @@ impl Draft {
     pub fn cost(mut self, cost: Cost) -> Draft {
         self.cost = cost;
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sum_of_costs_stays_a_figure_an_event_can_carry() {
+        let big = Cost {
+            tokens_in: MAX_SAFE_INTEGER,
+            bytes: MAX_SAFE_INTEGER - 1,
+            tool_calls: 2,
+            ..Cost::default()
+        };
+        let sum = big.saturating_add(&big);
+        assert_eq!(sum.tokens_in, MAX_SAFE_INTEGER);
+        assert_eq!(sum.bytes, MAX_SAFE_INTEGER);
+        assert_eq!(sum.tool_calls, 4);
+        assert_eq!(sum.risk, 0);
     }
 }
