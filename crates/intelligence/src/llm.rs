@@ -70,6 +70,10 @@ pub const MAX_MAX_ERRORS: u64 = 100;
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Largest reply body [`HttpModel`] reads.
 pub const MAX_REPLY_BYTES: u64 = 8 << 20;
+
+/// The shortest API key taken out of what is recorded; a shorter value is a placeholder
+/// (local servers take `EMPTY`, `dummy`, `ollama`), not a secret.
+pub const MIN_REDACTED_KEY_LEN: usize = 8;
 /// Longest intent taken from the model's text (characters).
 pub const MAX_INTENT_CHARS: usize = 500;
 /// Largest tool result passed back to the model (bytes of compact JSON); longer ones are cut.
@@ -516,19 +520,51 @@ impl HttpModel {
         &self.endpoint
     }
 
+    /// The key, if it is one to take out of what is recorded: a value shorter than
+    /// [`MIN_REDACTED_KEY_LEN`] is a placeholder (`EMPTY`, `dummy`, `ollama`, what local
+    /// servers take), and taking every `e` or `dummy` out of replies would change them.
+    fn secret(&self) -> Option<&str> {
+        self.key
+            .as_deref()
+            .filter(|k| k.len() >= MIN_REDACTED_KEY_LEN)
+    }
+
     fn redact(&self, text: String) -> String {
-        match &self.key {
-            Some(k) if text.contains(k.as_str()) => text.replace(k.as_str(), "[redacted]"),
+        match self.secret() {
+            Some(k) if text.contains(k) => text.replace(k, "[redacted]"),
             _ => text,
         }
     }
 
     fn redact_bytes(&self, body: Vec<u8>) -> Vec<u8> {
-        match &self.key {
+        match self.secret() {
             Some(k) if body.windows(k.len()).any(|w| w == k.as_bytes()) => self
                 .redact(String::from_utf8_lossy(&body).into_owned())
                 .into_bytes(),
             _ => body,
+        }
+    }
+
+    /// [`Self::redact`] every string of a parsed reply, object keys included: JSON can write
+    /// the key with escapes (`\u0073k-…`, `\/`) that the raw bytes do not show.
+    fn redact_value(&self, v: &mut Value) {
+        if self.secret().is_none() {
+            return;
+        }
+        match v {
+            Value::String(s) => {
+                let redacted = self.redact(std::mem::take(s));
+                *s = redacted;
+            }
+            Value::Array(a) => a.iter_mut().for_each(|v| self.redact_value(v)),
+            Value::Object(m) => {
+                let taken = std::mem::take(m);
+                for (k, mut v) in taken {
+                    self.redact_value(&mut v);
+                    m.insert(self.redact(k), v);
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -589,7 +625,14 @@ impl Model for HttpModel {
         }
         let raw = self.redact_bytes(raw);
         if !(200..300).contains(&status) {
-            let text = String::from_utf8_lossy(&raw);
+            // An error body that is JSON is shown decoded (and redacted as decoded).
+            let text = match serde_json::from_slice::<Value>(&raw) {
+                Ok(mut v) => {
+                    self.redact_value(&mut v);
+                    v.to_string()
+                }
+                Err(_) => String::from_utf8_lossy(&raw).into_owned(),
+            };
             return fail(
                 FailureKind::HttpStatus,
                 format!("HTTP {status}: {}", cut(text.trim(), 2000)),
@@ -597,11 +640,14 @@ impl Model for HttpModel {
             );
         }
         match serde_json::from_slice::<Value>(&raw) {
-            Ok(body) => ModelReply::Ok {
-                status,
-                body,
-                latency_ms: millis(started.elapsed()),
-            },
+            Ok(mut body) => {
+                self.redact_value(&mut body);
+                ModelReply::Ok {
+                    status,
+                    body,
+                    latency_ms: millis(started.elapsed()),
+                }
+            }
             Err(e) => {
                 let text = String::from_utf8_lossy(&raw);
                 fail(

@@ -1286,6 +1286,76 @@ fn the_api_key_is_sent_but_never_recorded() {
     assert!(!summary.contains(KEY));
 }
 
+/// The finding: a server that echoed the key JSON-escaped (`\u0073k-…`) got it recorded in
+/// clear, since only the raw bytes were searched. Replies are redacted as decoded too (object
+/// keys included), and so is a JSON error body.
+#[test]
+fn the_api_key_written_with_json_escapes_is_not_recorded_either() {
+    const VAR: &str = "ICE_TEST_LLM_API_KEY_escaped_91c2";
+    const KEY: &str = "sk-live/SECRETKEY123";
+    // SAFETY: this variable is set only here, before any thread of this test reads it.
+    unsafe { std::env::set_var(VAR, KEY) };
+    let escaped: String = KEY
+        .chars()
+        .map(|c| match c {
+            's' => "\\u0073".to_string(),
+            '/' => "\\/".to_string(),
+            c => c.to_string(),
+        })
+        .collect();
+    assert!(!escaped.contains(KEY));
+    let ok = format!(
+        r#"{{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{{"index":0,"message":{{"role":"assistant","content":"key: {escaped}"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":1,"completion_tokens":1}},"{escaped}":1}}"#
+    );
+    let (url, server) = serve_once(move |_| Some(http_response("200 OK", ok.as_bytes())));
+    let mut model = HttpModel::new(&http_config(&url, json!({"api_key_env": VAR}))).unwrap();
+    let got = model.complete(&json!({}));
+    server.join().unwrap();
+    let ModelReply::Ok { body, .. } = got else {
+        panic!("{got:?}")
+    };
+    let text = body.to_string();
+    assert!(!text.contains("SECRETKEY"), "{text}");
+    assert_eq!(body["choices"][0]["message"]["content"], "key: [redacted]");
+    assert_eq!(body["[redacted]"], 1, "{text}");
+    let err = format!(r#"{{"error":{{"message":"bad key {escaped}"}}}}"#);
+    let (url, server) =
+        serve_once(move |_| Some(http_response("401 Unauthorized", err.as_bytes())));
+    let mut model = HttpModel::new(&http_config(&url, json!({"api_key_env": VAR}))).unwrap();
+    let got = model.complete(&json!({}));
+    server.join().unwrap();
+    let ModelReply::Failed(f) = got else {
+        panic!("{got:?}")
+    };
+    assert!(!f.detail.contains("SECRETKEY"), "{}", f.detail);
+    assert!(f.detail.contains("bad key [redacted]"), "{}", f.detail);
+}
+
+/// The finding: a one-letter "key" (local servers take any) had every `e` taken out of the
+/// replies, breaking them. A value shorter than 8 bytes is a placeholder, not redacted.
+#[test]
+fn a_placeholder_key_leaves_replies_as_they_are() {
+    const VAR: &str = "ICE_TEST_LLM_API_KEY_placeholder_5d1e";
+    // SAFETY: this variable is set only here, before any thread of this test reads it.
+    unsafe { std::env::set_var(VAR, "EMPTY") };
+    let (url, server) = serve_once(|_| {
+        let b = body(
+            json!({"role": "assistant", "content": "EMPTY message"}),
+            "stop",
+            (1, 1),
+        );
+        Some(http_response("200 OK", b.to_string().as_bytes()))
+    });
+    let mut model = HttpModel::new(&http_config(&url, json!({"api_key_env": VAR}))).unwrap();
+    let got = model.complete(&json!({}));
+    let raw = server.join().unwrap();
+    assert!(raw.contains("Bearer EMPTY"), "{raw}");
+    let ModelReply::Ok { body, .. } = got else {
+        panic!("{got:?}")
+    };
+    assert_eq!(body["choices"][0]["message"]["content"], "EMPTY message");
+}
+
 // ---------------------------------------------------------------------------------------------
 // What the log carries: usage, numbers, reserved keys, many calls.
 
