@@ -619,6 +619,84 @@ fn an_llm_run_killed_during_a_model_call_resumes_by_asking_the_same_question_aga
     assert!(unchecked.contains("a model call was interrupted"), "{r:#}");
 }
 
+/// Wait until the model server has received `n` requests.
+fn wait_for_requests(model: &ModelServer, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while model.requests().len() < n {
+        assert!(Instant::now() < deadline, "model call {n} never came");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The finding: an operator's kill recorded while a model call ran (or a kill of a run whose
+/// process died during one) made `replay --drive` report a divergence, and so did a record
+/// ending during a model call. The kill is the operator's, recorded between the reservation and
+/// the reply: the replay goes on past it.
+#[test]
+fn a_kill_during_a_model_call_replays_without_a_divergence() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut slow = reply("Done.", vec![], (1, 1));
+    slow["delay_ms"] = json!(3_000);
+    let model = ModelServer::start(dir.path(), &json!([slow]));
+    let (home, ex) = setup(dir.path(), model.port, |t| t);
+    let child = ice_cmd(&home)
+        .args(["run", ex.join("run.toml").to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_requests(&model, 1);
+    let o = ice(&home, &["kill", "llm-notes", "--reason", "enough"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let ev = events(&home, "llm-notes");
+    assert_eq!(of_type(&ev, "RunKillRequested").len(), 1);
+    assert_eq!(of_type(&ev, "RunAborted").len(), 1);
+    drop(model);
+    replay_drive_clean(&home, "llm-notes");
+}
+
+/// The same with the run's process gone: SIGKILLed during the model call, replayed before any
+/// recovery (the record ends during the call), then killed by an operator.
+#[test]
+fn a_run_whose_process_died_during_a_model_call_replays_without_a_divergence() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut slow = reply("never received", vec![], (1, 1));
+    slow["delay_ms"] = json!(60_000);
+    let model = ModelServer::start(dir.path(), &json!([slow]));
+    let (home, ex) = setup(dir.path(), model.port, |t| t);
+    let mut child = ice_cmd(&home)
+        .args(["run", ex.join("run.toml").to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_requests(&model, 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(model);
+    let r = replay_drive_clean(&home, "llm-notes");
+    assert!(
+        r["drive"]["unchecked"]
+            .to_string()
+            .contains("the record ends during a model call"),
+        "{r:#}"
+    );
+    let o = ice(&home, &["kill", "llm-notes", "--reason", "host gone"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ev = events(&home, "llm-notes");
+    assert_eq!(of_type(&ev, "InferenceStep").len(), 0);
+    assert!(!of_type(&ev, "RunAborted").is_empty(), "{ev:#?}");
+    let r = replay_drive_clean(&home, "llm-notes");
+    assert!(
+        r["drive"]["unchecked"]
+            .to_string()
+            .contains("a model call was interrupted by"),
+        "{r:#}"
+    );
+}
+
 #[test]
 fn an_llm_run_killed_twice_during_commands_resumes_twice_and_replays() {
     let dir = tempfile::tempdir().unwrap();

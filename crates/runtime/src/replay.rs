@@ -1355,17 +1355,36 @@ impl<'a> Drive<'a> {
                 self.report.proposals += 1;
                 self.report.decisions += 1;
                 self.fold();
+                // An operator acts while the model call runs (a kill is recorded at once; the
+                // run stops once the call returns, or at once if its process is gone).
+                let mut kill = None;
+                while let Some(e) = self.events.get(self.i)
+                    && matches!(e.origin, Origin::Operator(_))
+                {
+                    if e.event_type == EventType::RunKillRequested.name() {
+                        kill = Some(describe(e));
+                    }
+                    self.fold();
+                }
                 let Some(rec) = self.events.get(self.i) else {
-                    self.diverge("the record ends after a model call's reservation".into());
+                    // The run is still waiting for the reply, or its process stopped during
+                    // the call and the run was not recovered yet.
+                    self.report
+                        .unchecked
+                        .push("the record ends during a model call (no reply was recorded)".into());
                     return false;
                 };
-                if rec.event_type == EventType::RunSuspended.name() {
-                    // The process stopped during the model call (recovery suspended the run):
-                    // no reply was recorded, and the agent, asked again after a resume,
-                    // proposes the same call.
+                let stopped = rec.event_type == EventType::RunSuspended.name()
+                    || (kill.is_some()
+                        && rec.event_type != EventType::InferenceStep.name()
+                        && rec.event_type != EventType::BudgetSettled.name());
+                if stopped {
+                    // The process stopped during the model call (recovery suspended the run,
+                    // or an operator's kill ended it): no reply was recorded, and the agent,
+                    // asked again after a resume, proposes the same call.
                     self.report.unchecked.push(format!(
                         "a model call was interrupted by {} (no reply was recorded)",
-                        describe(rec)
+                        kill.unwrap_or_else(|| describe(rec))
                     ));
                     return true;
                 }
