@@ -561,14 +561,33 @@ impl ConnectionCheck {
     }
 }
 
-/// A network or process effect. An HTTP call connects only to addresses `connections` lets
-/// it.
+/// How long an effect may run: `limit`, or what the run's wall-time budget has left if that is
+/// less (at least 1 ms); and, when the budget is what bounds it, the words for a failure.
+fn bounded(limit: Duration, time_left: Option<Duration>) -> (Duration, Option<String>) {
+    match time_left {
+        Some(left) if left < limit => {
+            let left = left.max(Duration::from_millis(1));
+            (
+                left,
+                Some(format!(
+                    " (cut at the end of the run's wall_time budget, which had {} ms left)",
+                    left.as_millis()
+                )),
+            )
+        }
+        _ => (limit, None),
+    }
+}
+
+/// A network or process effect, run no longer than `time_left` (what the run's wall-time
+/// budget has left). An HTTP call connects only to addresses `connections` lets it.
 pub async fn perform_remote(
     auth: &Authorization,
     target: &Target,
     arguments: &Value,
     reserved: &Cost,
     connections: ConnectionCheck,
+    time_left: Option<Duration>,
 ) -> Result<Performed, (DenialCode, String)> {
     match (auth.capability(), target) {
         ("http.request", Target::Http(url)) => {
@@ -580,8 +599,9 @@ pub async fn perform_remote(
                 .as_bytes()
                 .to_vec();
             let limit = reserved.bytes.saturating_sub(body.len() as u64);
+            let (timeout, cut) = bounded(HTTP_TIMEOUT, time_left);
             let limits = ice_effects::http::HttpLimits {
-                timeout: HTTP_TIMEOUT,
+                timeout,
                 max_response_bytes: limit,
             };
             let client = ice_effects::http::HttpClient::with_admission(
@@ -612,7 +632,11 @@ pub async fn perform_remote(
                     ice_effects::http::HttpError::AddressRefused { .. } => DenialCode::PolicyDenied,
                     _ => DenialCode::EffectFailed,
                 };
-                (code, e.to_string())
+                let cut = match &e {
+                    ice_effects::http::HttpError::Timeout { .. } => cut.as_deref(),
+                    _ => None,
+                };
+                (code, format!("{e}{}", cut.unwrap_or_default()))
             })?;
             let n = response.body.len() as u64 + body.len() as u64;
             Ok(Performed {
@@ -757,17 +781,19 @@ pub async fn perform_exec(
     program: &str,
     arguments: &Value,
     copy: tempfile::TempDir,
+    time_left: Option<Duration>,
 ) -> Result<Performed, (DenialCode, String)> {
-    let timeout = arguments
+    let asked = arguments
         .get("timeout_ms")
         .and_then(Value::as_u64)
         .unwrap_or(60_000)
         .min(MAX_TIMEOUT_MS);
+    let (timeout, _) = bounded(Duration::from_millis(asked), time_left);
     let spec = ice_effects::exec::ExecSpec {
         program: program.to_string(),
         args: args_of(arguments),
         dir: copy.path().join("workspace"),
-        timeout: Duration::from_millis(timeout),
+        timeout,
         max_output_bytes: MAX_CHECK_OUTPUT as u64,
     };
     let auth = auth.clone();

@@ -1256,6 +1256,12 @@ impl Ctx<'_> {
             .then(|| guard.stage.ops().len());
         // What an HTTP call's resolution let through and refused.
         let connections = act::ConnectionRecord::default();
+        // An effect may run no longer than the wall-time budget has left (I-005: time is
+        // spent while it runs, and only checked between steps).
+        let time_left = guard.spec.budget.wall_time_us.map(|limit| {
+            let used = guard.window_started.elapsed().as_micros() as u64;
+            Duration::from_micros(limit.saturating_sub(used))
+        });
         let performed = match target {
             act::Target::Http(_) => {
                 // Every address the host resolves to is decided before anything is sent
@@ -1279,7 +1285,8 @@ impl Ctx<'_> {
                 };
                 guard.in_flight += 1;
                 drop(guard);
-                let p = act::perform_remote(&auth, target, &r.arguments, &amount, check).await;
+                let p = act::perform_remote(&auth, target, &r.arguments, &amount, check, time_left)
+                    .await;
                 guard = self.live.lock().await;
                 guard.in_flight -= 1;
                 p
@@ -1304,7 +1311,7 @@ impl Ctx<'_> {
                 Ok(copy) => {
                     guard.in_flight += 1;
                     drop(guard);
-                    let p = act::perform_exec(&auth, program, &r.arguments, copy).await;
+                    let p = act::perform_exec(&auth, program, &r.arguments, copy, time_left).await;
                     guard = self.live.lock().await;
                     guard.in_flight -= 1;
                     p

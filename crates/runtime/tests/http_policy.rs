@@ -588,3 +588,51 @@ async fn a_connection_forbid_added_mid_run_applies_from_the_next_call() {
     // http.connect then).
     assert_eq!(replayed.drive.unwrap().decisions, 4);
 }
+
+/// The finding: an HTTP call to a server that never answers ran its full 30 s whatever the
+/// run's wall-time budget had left (only checked between steps), so a run with a 2 s budget
+/// spent 30. A call runs no longer than the budget has left; the run then stops on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_call_runs_no_longer_than_the_wall_time_budget_has_left() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in l.incoming() {
+            // Keep the connection open and never answer.
+            held.push(stream);
+        }
+    });
+    let policy = with_connection_forbid(
+        "no-metadata",
+        r#"context.address.isInRange(ip("169.254.0.0/16"))"#,
+    );
+    let h = H::new(&policy);
+    let plan = gets(&[format!("http://127.0.0.1:{port}/hang")]);
+    let (spec, mut agent) = h.spec(
+        "hangs",
+        "fetcher",
+        "[budget]\nwall_time = \"2s\"\non_exhaustion = \"abort\"\n",
+        &plan,
+    );
+    let started = std::time::Instant::now();
+    let report = h.run(spec, &mut agent).await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(12),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(report.outcome, ice_runtime::RunOutcome::Aborted { .. }),
+        "{report:?}"
+    );
+    let events = h.events("hangs").await;
+    let denied = of_type(&events, EventType::CapabilityDenied);
+    let detail = denied[0].payload["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("cut at the end of the run's wall_time budget"),
+        "{detail}"
+    );
+    let abort = of_type(&events, EventType::AbortReasonDeclared);
+    assert_eq!(abort[0].payload["reason"], "budget_exhausted", "{abort:?}");
+}
