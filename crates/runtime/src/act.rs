@@ -604,6 +604,7 @@ pub async fn perform_remote(
                 timeout,
                 max_response_bytes: limit,
             };
+            let record = connections.record.clone();
             let client = ice_effects::http::HttpClient::with_admission(
                 limits,
                 std::sync::Arc::new(move |ip| connections.check(ip)),
@@ -636,7 +637,20 @@ pub async fn perform_remote(
                     ice_effects::http::HttpError::Timeout { .. } => cut.as_deref(),
                     _ => None,
                 };
-                (code, format!("{e}{}", cut.unwrap_or_default()))
+                // Past a connection, the request may have been sent in part or whole: whoever
+                // reads the denial (the agent first) must not take it that nothing happened.
+                let connected = matches!(
+                    e,
+                    ice_effects::http::HttpError::Timeout { .. }
+                        | ice_effects::http::HttpError::Transport { .. }
+                ) && record.lock().is_ok_and(|r| !r.allowed.is_empty());
+                let reached = if connected {
+                    "; the connection was made, so the request may have reached the server: \
+                     what it did with it is unknown"
+                } else {
+                    ""
+                };
+                (code, format!("{e}{}{reached}", cut.unwrap_or_default()))
             })?;
             let n = response.body.len() as u64 + body.len() as u64;
             Ok(Performed {

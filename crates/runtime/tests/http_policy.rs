@@ -538,6 +538,12 @@ async fn a_call_that_fails_after_connecting_records_where_it_went() {
     let denied = of_type(&events, EventType::CapabilityDenied);
     assert_eq!(denied[0].payload["addresses"], json!(["127.0.0.1"]));
     assert!(denied[0].payload.get("address").is_none());
+    // Whoever reads the denial is told the request may have reached the server.
+    let detail = denied[0].payload["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("the request may have reached the server"),
+        "{detail}"
+    );
     // The call, and the connection it made.
     assert_eq!(decisions, 2);
 }
@@ -630,7 +636,8 @@ async fn an_http_call_runs_no_longer_than_the_wall_time_budget_has_left() {
     let denied = of_type(&events, EventType::CapabilityDenied);
     let detail = denied[0].payload["detail"].as_str().unwrap();
     assert!(
-        detail.contains("cut at the end of the run's wall_time budget"),
+        detail.contains("cut at the end of the run's wall_time budget")
+            && detail.contains("the request may have reached the server"),
         "{detail}"
     );
     let abort = of_type(&events, EventType::AbortReasonDeclared);
