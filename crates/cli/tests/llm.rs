@@ -657,6 +657,41 @@ fn a_kill_during_a_model_call_replays_without_a_divergence() {
     replay_drive_clean(&home, "llm-notes");
 }
 
+/// The finding: a model call ran its full timeout (20 s here) past a wall-time budget of 2 s.
+/// The call is cut where the budget ends, and the run stops on the exhausted budget.
+#[test]
+fn a_model_call_runs_no_longer_than_the_wall_time_budget_has_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut slow = reply("too late", vec![], (1, 1));
+    slow["delay_ms"] = json!(20_000);
+    let model = ModelServer::start(dir.path(), &json!([slow]));
+    let (home, ex) = setup(dir.path(), model.port, |t| {
+        t.replace("wall_time = \"120s\"", "wall_time = \"2s\"")
+            .replace("timeout = \"60s\"", "timeout = \"30s\"")
+    });
+    let started = Instant::now();
+    let o = ice(&home, &["run", ex.join("run.toml").to_str().unwrap()]);
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let ev = events(&home, "llm-notes");
+    let steps = of_type(&ev, "InferenceStep");
+    assert!(
+        steps[0]["payload"]
+            .to_string()
+            .contains("cut at the end of the run's wall_time budget"),
+        "{:#}",
+        steps[0]
+    );
+    let abort = of_type(&ev, "AbortReasonDeclared");
+    assert_eq!(abort[0]["payload"]["reason"], "budget_exhausted", "{ev:#?}");
+    drop(model);
+    replay_drive_clean(&home, "llm-notes");
+}
+
 /// The same with the run's process gone: SIGKILLed during the model call, replayed before any
 /// recovery (the record ends during the call), then killed by an operator.
 #[test]

@@ -439,6 +439,12 @@ pub trait Model: Send {
     /// Answer one request (the JSON body of `POST /chat/completions`).
     fn complete(&mut self, request: &Value) -> ModelReply;
 
+    /// Bound the next calls to `within` (what the run's wall-time budget has left), where
+    /// that is less than the model's own timeout. A recording ignores it.
+    fn bound(&mut self, within: Option<Duration>) {
+        let _ = within;
+    }
+
     /// Where a replay departed from its recording (empty for a live model).
     fn divergences(&self) -> &[String] {
         &[]
@@ -466,6 +472,10 @@ pub struct HttpModel {
     agent: ureq::Agent,
     endpoint: String,
     key: Option<String>,
+    /// The configured time limit of one call.
+    timeout: Duration,
+    /// What the run's wall-time budget had left when the agent was last shown a view.
+    within: Option<Duration>,
 }
 
 impl fmt::Debug for HttpModel {
@@ -512,6 +522,8 @@ impl HttpModel {
             agent: ureq::Agent::new_with_config(agent_config),
             endpoint: config.endpoint(),
             key,
+            timeout: config.timeout,
+            within: None,
         })
     }
 
@@ -570,6 +582,10 @@ impl HttpModel {
 }
 
 impl Model for HttpModel {
+    fn bound(&mut self, within: Option<Duration>) {
+        self.within = within;
+    }
+
     fn complete(&mut self, request: &Value) -> ModelReply {
         let started = Instant::now();
         let fail = |kind: FailureKind, detail: String, status: Option<u16>| {
@@ -593,6 +609,24 @@ impl Model for HttpModel {
             .post(&self.endpoint)
             .header("content-type", "application/json")
             .header("accept", "application/json");
+        // The run's wall-time budget ends before the model's own timeout would.
+        let budget_cut = self.within.filter(|w| *w < self.timeout);
+        if let Some(w) = budget_cut {
+            call = call
+                .config()
+                .timeout_global(Some(w.max(Duration::from_millis(1))))
+                .build();
+        }
+        let from_ureq = |e: ureq::Error| match (e, budget_cut) {
+            (ureq::Error::Timeout(t), Some(w)) => (
+                FailureKind::Timeout,
+                format!(
+                    "timed out ({t}), cut at the end of the run's wall_time budget, which had {} ms left",
+                    w.as_millis()
+                ),
+            ),
+            (e, _) => from_ureq(e),
+        };
         if let Some(k) = &self.key {
             call = call.header("authorization", format!("Bearer {k}"));
         }
@@ -1527,6 +1561,8 @@ impl Agent for LlmAgent {
         self.calls += 1;
         let n = self.calls;
         let max = self.config.max_steps;
+        self.model
+            .bound(view.time_left_ms.map(Duration::from_millis));
         let reply = self.model.complete(&request);
         let mut payload = Payload::new();
         payload.insert("model".into(), json!(self.config.model));

@@ -139,6 +139,7 @@ fn view(last: Option<Outcome>) -> AgentView {
             input_schema: json!({"type": "object", "properties": {"q": {"type": "string"}}}),
             effect: "read".into(),
         }],
+        time_left_ms: None,
     }
 }
 
@@ -1223,6 +1224,31 @@ fn http_model_times_out() {
     assert_eq!(f.kind, FailureKind::Timeout, "{}", f.detail);
     assert!(started.elapsed() < Duration::from_millis(2900));
     assert!(f.latency_ms >= 900, "{}", f.latency_ms);
+}
+
+/// The finding: a model call ran its full timeout whatever the run's wall-time budget had
+/// left. Bounded, it is cut at the budget's end, and says so.
+#[test]
+fn http_model_is_cut_at_the_end_of_the_wall_time_budget() {
+    let (url, _server) = serve_once(|_| None);
+    let mut model = HttpModel::new(&http_config(&url, json!({"timeout": "20s"}))).unwrap();
+    model.bound(Some(Duration::from_millis(800)));
+    let started = std::time::Instant::now();
+    let ModelReply::Failed(f) = model.complete(&json!({})) else {
+        panic!()
+    };
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(f.kind, FailureKind::Timeout, "{}", f.detail);
+    assert!(
+        f.detail
+            .contains("cut at the end of the run's wall_time budget, which had 800 ms left"),
+        "{}",
+        f.detail
+    );
 }
 
 #[test]

@@ -33,6 +33,7 @@ fn view(step: u64) -> AgentView {
         last: None,
         memories: vec![],
         tools: vec![],
+        time_left_ms: None,
     }
 }
 

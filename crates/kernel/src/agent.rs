@@ -215,6 +215,9 @@ pub struct AgentView {
     /// The tools the run may call through `mcp.call`: `(server/tool, description, input
     /// schema)`, so a model-driven agent can offer them as functions.
     pub tools: Vec<ToolOffer>,
+    /// What the run's wall-time budget has left, in milliseconds, if it has one: a driver
+    /// bounds its model calls by it (the runtime checks the budget only between proposals).
+    pub time_left_ms: Option<u64>,
 }
 
 /// An MCP tool the run may call, as offered to the agent.

@@ -1258,10 +1258,7 @@ impl Ctx<'_> {
         let connections = act::ConnectionRecord::default();
         // An effect may run no longer than the wall-time budget has left (I-005: time is
         // spent while it runs, and only checked between steps).
-        let time_left = guard.spec.budget.wall_time_us.map(|limit| {
-            let used = guard.window_started.elapsed().as_micros() as u64;
-            Duration::from_micros(limit.saturating_sub(used))
-        });
+        let time_left = wall_time_left(&guard);
         let performed = match target {
             act::Target::Http(_) => {
                 // Every address the host resolves to is decided before anything is sent
@@ -1607,6 +1604,7 @@ impl Ctx<'_> {
                             effect: class.as_str().to_string(),
                         })
                         .collect(),
+                    time_left_ms: wall_time_left(live).map(|d| d.as_millis() as u64),
                 }
             };
             let proposal = match blocking(|| agent.propose(&view)) {
@@ -2475,4 +2473,13 @@ pub(crate) fn abandoned_stage_dir(run_dir: &std::path::Path) -> std::path::PathB
         })
         .find(|p| !p.exists())
         .unwrap_or_else(|| run_dir.join(format!("{ABANDONED_STAGE}-last")))
+}
+
+/// What the run's wall-time budget has left, if it has one (the execution window's time, as
+/// the checks between steps measure it).
+fn wall_time_left(live: &Live) -> Option<Duration> {
+    live.spec.budget.wall_time_us.map(|limit| {
+        let used = live.window_started.elapsed().as_micros() as u64;
+        Duration::from_micros(limit.saturating_sub(used))
+    })
 }

@@ -1183,6 +1183,8 @@ impl<'a> Drive<'a> {
             last,
             memories: self.memories.clone(),
             tools,
+            // Not what the run had: a recording answers whatever the bound.
+            time_left_ms: None,
         }
     }
 
