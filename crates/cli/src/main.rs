@@ -177,7 +177,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", bounded_message(&format!("{e:#}")));
             // A checkpoint refused because the log does not verify is a verdict on the log.
             let refused = e.chain().any(|c| {
                 matches!(
@@ -188,4 +188,23 @@ fn main() -> ExitCode {
             ExitCode::from(if refused { EXIT_INVALID } else { 1 })
         }
     }
+}
+
+/// The most of an error message printed: an error that quotes what it was given (a run id of
+/// 100 000 characters) says what was wrong without echoing all of it. Its start and its end
+/// (where the reason usually is) are kept.
+const MAX_ERROR_CHARS: usize = 2000;
+
+fn bounded_message(m: &str) -> std::borrow::Cow<'_, str> {
+    let n = m.chars().count();
+    if n <= MAX_ERROR_CHARS {
+        return std::borrow::Cow::Borrowed(m);
+    }
+    let keep = MAX_ERROR_CHARS / 2;
+    let head: String = m.chars().take(keep).collect();
+    let tail: String = m.chars().skip(n - keep).collect();
+    let left_out = m.len() - head.len() - tail.len();
+    std::borrow::Cow::Owned(format!(
+        "{head}… ({left_out} bytes of this message left out) …{tail}"
+    ))
 }

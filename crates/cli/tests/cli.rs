@@ -156,6 +156,32 @@ fn home_comes_from_ice_home_when_no_flag() {
     assert_eq!(runs[0]["events"], 5);
 }
 
+/// The finding: an error quoting what it was given echoed a 100 000-character id in full
+/// (twice, for `explain`). An error message is printed up to 2000 characters.
+#[test]
+fn an_error_about_a_huge_argument_does_not_echo_all_of_it() {
+    let (_d, home) = seeded();
+    let huge = "a".repeat(100_000);
+    for cmd in ["replay", "diff", "explain", "show", "kill"] {
+        let o = ice(&home, &[cmd, &huge]);
+        assert_eq!(code(&o), 1, "{cmd}");
+        let err = stderr(&o);
+        assert!(err.len() < 2_200 * 4, "{cmd}: {} bytes", err.len());
+        assert!(err.starts_with("error: "), "{cmd}: {err:.200}");
+        assert!(
+            err.contains("bytes of this message left out"),
+            "{cmd}: {err:.200}"
+        );
+        // The reason, at the end, is kept.
+        let reason = err.trim_end();
+        assert!(
+            reason.ends_with("characters, got 100000")
+                || reason.ends_with("is not of the form RUN_ID:RUN_SEQ"),
+            "{cmd}: {err}"
+        );
+    }
+}
+
 /// `--from` within a run longer than a page: the first page read holds nothing from `--from`
 /// on, and is still not the run's last.
 #[test]
