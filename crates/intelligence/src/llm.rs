@@ -382,14 +382,20 @@ impl FailureKind {
         }
     }
 
-    /// Whether the provider may have generated (and billed) the call's tokens: it timed out
-    /// while answering, or answered 2xx with a body ICE could not use. A non-2xx status, a
-    /// connection that failed and a replay divergence generated none that ICE can know of.
-    pub fn may_have_generated(self) -> bool {
-        matches!(
-            self,
-            FailureKind::Timeout | FailureKind::MalformedJson | FailureKind::Oversized
-        )
+    /// Whether the provider may have generated (and billed) the call's tokens, given the
+    /// reply's status (`None` when none arrived): it timed out before or while answering 2xx,
+    /// or answered 2xx with a body ICE could not use (not JSON, too large, cut off). A non-2xx
+    /// status, a connection that failed and a replay divergence generated none that ICE can
+    /// know of.
+    pub fn may_have_generated(self, status: Option<u16>) -> bool {
+        let success = status.is_some_and(|s| (200..300).contains(&s));
+        match self {
+            FailureKind::Timeout | FailureKind::MalformedJson | FailureKind::Oversized => {
+                status.is_none() || success
+            }
+            FailureKind::Transport => success,
+            FailureKind::HttpStatus | FailureKind::ReplayDivergence => false,
+        }
     }
 
     /// The kind recorded as `name`.
@@ -1593,7 +1599,7 @@ impl Agent for LlmAgent {
                 // A call that timed out, or answered 2xx with a body ICE could not use, may
                 // have had its tokens generated (and billed): it is costed at the reservation,
                 // as an answer without usage is. A refused or unreachable call generated none.
-                if f.kind.may_have_generated() {
+                if f.kind.may_have_generated(f.status) {
                     usage.tokens_in = reserved.tokens_in;
                     usage.tokens_out = reserved.tokens_out;
                     payload.insert(

@@ -544,10 +544,14 @@ fn consecutive_errors_exhaust_max_errors() {
 fn a_call_that_may_have_generated_tokens_is_costed_at_the_reservation() {
     let (model, _) = script(vec![
         failure(FailureKind::Timeout, "timed out", None),
-        failure(FailureKind::MalformedJson, "not JSON", None),
-        failure(FailureKind::Oversized, "too big", None),
+        failure(FailureKind::MalformedJson, "not JSON", Some(200)),
+        failure(FailureKind::Oversized, "too big", Some(200)),
+        // A 2xx body cut off mid-way: the answer was generated.
+        failure(FailureKind::Transport, "body cut off", Some(200)),
         failure(FailureKind::HttpStatus, "HTTP 429: slow down", Some(429)),
         failure(FailureKind::Transport, "connection refused", None),
+        // A non-2xx reply too large to read generated nothing, as any non-2xx.
+        failure(FailureKind::Oversized, "too big", Some(503)),
         answer("done"),
     ]);
     let mut agent = LlmAgent::new("a", config(json!({"max_errors": 9})), model);
@@ -563,8 +567,8 @@ fn a_call_that_may_have_generated_tokens_is_costed_at_the_reservation() {
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!(costs.len(), 6);
-    for (reserve, i) in &costs[..3] {
+    assert_eq!(costs.len(), 8);
+    for (reserve, i) in &costs[..4] {
         assert!(reserve.tokens_out > 0);
         assert_eq!(
             (i.usage.tokens_in, i.usage.tokens_out),
@@ -578,7 +582,7 @@ fn a_call_that_may_have_generated_tokens_is_costed_at_the_reservation() {
         );
         assert_eq!(i.payload["usage"]["completion_tokens"], reserve.tokens_out);
     }
-    for (_, i) in &costs[3..5] {
+    for (_, i) in &costs[4..7] {
         assert_eq!(i.usage, Cost::default(), "{}", i.intent);
         assert_eq!(
             i.payload["usage"],
