@@ -244,7 +244,16 @@ fn progress_line(e: &Event) -> Option<String> {
             "{id}   = {} {} → {}",
             s(e, "method"),
             s(e, "url"),
-            e.payload.get("status").cloned().unwrap_or(Value::Null)
+            match e.payload.get("outcome").and_then(Value::as_str) {
+                // Sent, and no whole answer came back.
+                Some("unknown") => format!("no whole answer, outcome unknown: {}", s(e, "error")),
+                _ => e
+                    .payload
+                    .get("status")
+                    .cloned()
+                    .unwrap_or(Value::Null)
+                    .to_string(),
+            }
         ),
         EventType::CapabilityRevoked => format!("{id}   ! grant revoked: {}", s(e, "reason")),
         EventType::PolicyReloaded => format!(

@@ -78,8 +78,9 @@ pub enum Detail {
         method: String,
         /// The URL, as parsed and sent (no fragment).
         url: String,
-        /// The response status.
-        status: u16,
+        /// The response status; `None` when the request was sent (a connection was made) but
+        /// no response came back whole: what the server did with it is unknown.
+        status: Option<u16>,
         /// The `Location` of a redirect response (not followed).
         location: Option<String>,
         /// Whether the response body was cut at the limit.

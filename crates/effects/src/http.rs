@@ -56,7 +56,9 @@ use ice_authority::{Authorization, Classifier, EffectClass, Resource};
 use serde_json::json;
 use ureq::http;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
-use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
+use ureq::unversioned::transport::{
+    ConnectionDetails, Connector, DefaultConnector, NextTimeout, Transport,
+};
 use url::Url;
 
 use crate::auth::{
@@ -410,6 +412,16 @@ pub enum HttpError {
         /// Why.
         why: String,
     },
+    /// The request failed after its connection was made: it may have reached the server in
+    /// part or whole, and what the server did with it is unknown. `evidence` is what was sent
+    /// and where (with the response's status if one came before the failure).
+    #[error("{error}")]
+    Unanswered {
+        /// The failure (a timeout or a transport error).
+        error: Box<HttpError>,
+        /// The request's evidence.
+        evidence: Box<Evidence>,
+    },
     /// The connection, TLS or HTTP exchange failed.
     #[error("{url}: {source}")]
     Transport {
@@ -419,6 +431,26 @@ pub enum HttpError {
         #[source]
         source: Box<ureq::Error>,
     },
+}
+
+/// The last link of the client's connector chain: notes that a connection was made (TCP, and
+/// TLS for https) and passes it on.
+#[derive(Debug)]
+struct Connected(Arc<std::sync::atomic::AtomicBool>);
+
+impl<In: Transport> Connector<In> for Connected {
+    type Out = In;
+
+    fn connect(
+        &self,
+        _: &ConnectionDetails,
+        chained: Option<In>,
+    ) -> Result<Option<In>, ureq::Error> {
+        if chained.is_some() {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(chained)
+    }
 }
 
 impl From<AuthorizationError> for HttpError {
@@ -626,7 +658,14 @@ impl HttpClient {
             admit: self.admit.clone(),
             seen: seen.clone(),
         };
-        let agent = ureq::Agent::with_parts(self.config.clone(), DefaultConnector::new(), resolver);
+        // Whether a connection was made: past it, a failure may follow a request the server
+        // received.
+        let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let agent = ureq::Agent::with_parts(
+            self.config.clone(),
+            DefaultConnector::new().chain(Connected(connected.clone())),
+            resolver,
+        );
         let built = agent
             .configure_request(built)
             .timeout_global(Some(timeout))
@@ -668,9 +707,42 @@ impl HttpClient {
             agent.run(built)
         };
         let resolution = std::mem::take(&mut *seen.lock().unwrap_or_else(PoisonError::into_inner));
+        let addresses: Vec<String> = resolution
+            .addresses
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        // The evidence of a request that went out, with what came back of a response.
+        let evidence =
+            |status: Option<u16>, location: Option<String>, body: &[u8], cut: bool| Evidence {
+                effect,
+                capability: "http.request".into(),
+                target: target.host().clone(),
+                grant: Some(auth.grant().to_string()),
+                inputs: vec![Digested::of("request_body", request_body)],
+                outputs: vec![Digested::of("response_body", body)],
+                detail: Detail::Http {
+                    method: method.to_string(),
+                    url: url.clone(),
+                    status,
+                    location,
+                    body_truncated: cut,
+                    addresses: addresses.clone(),
+                },
+            };
+        let unanswered = |e: HttpError, status: Option<u16>| {
+            if connected.load(std::sync::atomic::Ordering::Relaxed) {
+                HttpError::Unanswered {
+                    error: Box::new(e),
+                    evidence: Box::new(evidence(status, None, &[], false)),
+                }
+            } else {
+                e
+            }
+        };
         let response = sent.map_err(|e| match resolution.refused {
             Some((host, address, why)) => HttpError::AddressRefused { host, address, why },
-            None => transport(e),
+            None => unanswered(transport(e), None),
         })?;
         let status = response.status().as_u16();
         let headers: Vec<(String, String)> = response
@@ -700,31 +772,12 @@ impl HttpClient {
         reader
             .take(limit.saturating_add(1))
             .read_to_end(&mut body)
-            .map_err(|e| transport(ureq::Error::from(e)))?;
+            .map_err(|e| unanswered(transport(ureq::Error::from(e)), Some(status)))?;
         let body_truncated = body.len() as u64 > limit;
         if body_truncated {
             body.truncate(limit as usize);
         }
-        let evidence = Evidence {
-            effect,
-            capability: "http.request".into(),
-            target: target.host().clone(),
-            grant: Some(auth.grant().to_string()),
-            inputs: vec![Digested::of("request_body", request_body)],
-            outputs: vec![Digested::of("response_body", &body)],
-            detail: Detail::Http {
-                method: method.to_string(),
-                url,
-                status,
-                location,
-                body_truncated,
-                addresses: resolution
-                    .addresses
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect(),
-            },
-        };
+        let evidence = evidence(Some(status), location, &body, body_truncated);
         Ok(HttpResponse {
             status,
             headers,

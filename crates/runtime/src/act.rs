@@ -561,6 +561,45 @@ impl ConnectionCheck {
     }
 }
 
+/// The record of an HTTP call that was sent (a connection was made) and then failed before a
+/// whole answer came back: an `APIRequestExecuted` whose outcome is unknown, with the
+/// request's evidence, so neither the agent nor an auditor takes it that nothing happened.
+fn unanswered(
+    method: &str,
+    url: &ice_effects::http::HttpTarget,
+    body: &[u8],
+    reserved: &Cost,
+    error: &ice_effects::http::HttpError,
+    evidence: &ice_effects::evidence::Evidence,
+    cut: Option<&str>,
+) -> Performed {
+    let error = format!("{error}{}", cut.unwrap_or_default());
+    let status = match &evidence.detail {
+        ice_effects::evidence::Detail::Http { status, .. } => *status,
+        _ => None,
+    };
+    let note = "the request was sent and no whole answer came back: it may have reached the server, and what the server did with it is unknown";
+    Performed {
+        event_type: EventType::APIRequestExecuted,
+        payload: obj(json!({
+            "method": method,
+            "url": url.as_str(),
+            "target": url.given(),
+            "status": status,
+            "outcome": "unknown",
+            "error": error,
+            "bytes": 0,
+            "truncated": false,
+            "evidence": evidence.to_json(),
+        })),
+        output: json!({"status": status, "outcome": "unknown", "error": error, "note": note}),
+        actual: Cost {
+            bytes: (body.len() as u64).min(reserved.bytes),
+            ..Cost::default()
+        },
+    }
+}
+
 /// How long an effect may run: `limit`, or what the run's wall-time budget has left if that is
 /// less (at least 1 ms); and, when the budget is what bounds it, the words for a failure.
 fn bounded(limit: Duration, time_left: Option<Duration>) -> (Duration, Option<String>) {
@@ -604,7 +643,6 @@ pub async fn perform_remote(
                 timeout,
                 max_response_bytes: limit,
             };
-            let record = connections.record.clone();
             let client = ice_effects::http::HttpClient::with_admission(
                 limits,
                 std::sync::Arc::new(move |ip| connections.check(ip)),
@@ -613,7 +651,7 @@ pub async fn perform_remote(
             let (target, sent) = (url.clone(), method.clone());
             let auth = auth.clone();
             let request_body = body.clone();
-            let response = tokio::task::spawn_blocking(move || {
+            let sent = tokio::task::spawn_blocking(move || {
                 client.send(&auth, &target, &sent, &[], &request_body)
             })
             .await
@@ -622,36 +660,39 @@ pub async fn perform_remote(
                     DenialCode::EffectFailed,
                     format!("the HTTP call failed: {e}"),
                 )
-            })?
-            .map_err(|e| {
-                let code = match &e {
-                    ice_effects::http::HttpError::Url(_) => DenialCode::InvalidTarget,
-                    ice_effects::http::HttpError::Refused(r) if is_constraint(r) => {
-                        DenialCode::GrantConstraint
-                    }
-                    ice_effects::http::HttpError::Refused(_) => DenialCode::Confinement,
-                    ice_effects::http::HttpError::AddressRefused { .. } => DenialCode::PolicyDenied,
-                    _ => DenialCode::EffectFailed,
-                };
-                let cut = match &e {
-                    ice_effects::http::HttpError::Timeout { .. } => cut.as_deref(),
-                    _ => None,
-                };
-                // Past a connection, the request may have been sent in part or whole: whoever
-                // reads the denial (the agent first) must not take it that nothing happened.
-                let connected = matches!(
-                    e,
-                    ice_effects::http::HttpError::Timeout { .. }
-                        | ice_effects::http::HttpError::Transport { .. }
-                ) && record.lock().is_ok_and(|r| !r.allowed.is_empty());
-                let reached = if connected {
-                    "; the connection was made, so the request may have reached the server: \
-                     what it did with it is unknown"
-                } else {
-                    ""
-                };
-                (code, format!("{e}{}{reached}", cut.unwrap_or_default()))
             })?;
+            let response = match sent {
+                Ok(r) => r,
+                // Sent, and then no whole answer: the effect happened as far as anyone can
+                // know, with an unknown outcome. Recorded as the call it was.
+                Err(ice_effects::http::HttpError::Unanswered { error, evidence }) => {
+                    let cut = match *error {
+                        ice_effects::http::HttpError::Timeout { .. } => cut.as_deref(),
+                        _ => None,
+                    };
+                    return Ok(unanswered(
+                        &method, url, &body, reserved, &error, &evidence, cut,
+                    ));
+                }
+                Err(e) => {
+                    let code = match &e {
+                        ice_effects::http::HttpError::Url(_) => DenialCode::InvalidTarget,
+                        ice_effects::http::HttpError::Refused(r) if is_constraint(r) => {
+                            DenialCode::GrantConstraint
+                        }
+                        ice_effects::http::HttpError::Refused(_) => DenialCode::Confinement,
+                        ice_effects::http::HttpError::AddressRefused { .. } => {
+                            DenialCode::PolicyDenied
+                        }
+                        _ => DenialCode::EffectFailed,
+                    };
+                    let cut = match &e {
+                        ice_effects::http::HttpError::Timeout { .. } => cut.as_deref(),
+                        _ => None,
+                    };
+                    return Err((code, format!("{e}{}", cut.unwrap_or_default())));
+                }
+            };
             let n = response.body.len() as u64 + body.len() as u64;
             Ok(Performed {
                 event_type: EventType::APIRequestExecuted,

@@ -512,8 +512,9 @@ async fn a_connection_forbid_that_fails_to_evaluate_refuses() {
     assert_eq!(denied[0].payload["address"], "127.0.0.1");
 }
 
-/// A call that fails after its connection was let through (the server hangs up) says where it
-/// went: its denial lists the addresses, and the replay re-decides them.
+/// A call that fails after its connection was made (the server hangs up) was sent: it is
+/// recorded as the call it was, its outcome unknown, with where it went (the replay re-decides
+/// the connection) and what was sent; the agent is told so, not that it was denied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_that_fails_after_connecting_records_where_it_went() {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -534,15 +535,20 @@ async fn a_call_that_fails_after_connecting_records_where_it_went() {
     let plan = gets(&[format!("http://127.0.0.1:{port}/d")]);
     let (events, decisions) = run_and_replay("failed-after-connecting", &policy, &plan).await;
     assert_eq!(*accepted.lock().unwrap(), 1);
-    assert_eq!(denial_codes(&events), ["effect_failed"]);
-    let denied = of_type(&events, EventType::CapabilityDenied);
-    assert_eq!(denied[0].payload["addresses"], json!(["127.0.0.1"]));
-    assert!(denied[0].payload.get("address").is_none());
-    // Whoever reads the denial is told the request may have reached the server.
-    let detail = denied[0].payload["detail"].as_str().unwrap();
+    assert!(denial_codes(&events).is_empty());
+    let sent = of_type(&events, EventType::APIRequestExecuted);
+    assert_eq!(sent.len(), 1);
+    let p = &sent[0].payload;
+    assert_eq!(p["outcome"], "unknown", "{p:?}");
+    assert_eq!(p["status"], serde_json::Value::Null, "{p:?}");
+    assert_eq!(p["evidence"]["http"]["addresses"], json!(["127.0.0.1"]));
+    assert_eq!(p["evidence"]["inputs"][0]["name"], "request_body");
     assert!(
-        detail.contains("the request may have reached the server"),
-        "{detail}"
+        p["output"]["note"]
+            .as_str()
+            .unwrap()
+            .contains("it may have reached the server"),
+        "{p:?}"
     );
     // The call, and the connection it made.
     assert_eq!(decisions, 2);
@@ -633,12 +639,13 @@ async fn an_http_call_runs_no_longer_than_the_wall_time_budget_has_left() {
         "{report:?}"
     );
     let events = h.events("hangs").await;
-    let denied = of_type(&events, EventType::CapabilityDenied);
-    let detail = denied[0].payload["detail"].as_str().unwrap();
+    let sent = of_type(&events, EventType::APIRequestExecuted);
+    let p = &sent[0].payload;
+    assert_eq!(p["outcome"], "unknown", "{p:?}");
+    let error = p["error"].as_str().unwrap();
     assert!(
-        detail.contains("cut at the end of the run's wall_time budget")
-            && detail.contains("the request may have reached the server"),
-        "{detail}"
+        error.contains("cut at the end of the run's wall_time budget"),
+        "{error}"
     );
     let abort = of_type(&events, EventType::AbortReasonDeclared);
     assert_eq!(abort[0].payload["reason"], "budget_exhausted", "{abort:?}");

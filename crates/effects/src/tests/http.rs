@@ -586,8 +586,29 @@ fn the_body_is_cut_at_the_limit_and_a_slow_server_times_out() {
     let err = small
         .request(&auth, &get(server.url("127.0.0.1", "/slow")))
         .unwrap_err();
-    assert!(matches!(err, HttpError::Timeout { .. }), "{err:?}");
+    // Connected, sent, and no answer in time: a timeout after the request went out, with the
+    // request's evidence (where it went, what was sent, no status).
+    let HttpError::Unanswered { error, evidence } = &err else {
+        panic!("{err:?}")
+    };
+    assert!(matches!(**error, HttpError::Timeout { .. }), "{err:?}");
+    let http = &evidence.to_json()["http"];
+    assert_eq!(http["status"], serde_json::Value::Null, "{http}");
+    assert_eq!(
+        http["addresses"],
+        serde_json::json!(["127.0.0.1"]),
+        "{http}"
+    );
     assert!(started.elapsed() < Duration::from_secs(3));
+    // No connection made (nothing listens): nothing was sent, a plain transport failure.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let err = small
+        .request(&auth, &get(format!("http://127.0.0.1:{port}/x")))
+        .unwrap_err();
+    assert!(matches!(err, HttpError::Transport { .. }), "{err:?}");
 }
 
 #[test]
@@ -687,7 +708,8 @@ fn a_grants_constraints_tighten_the_clients_limits() {
         )
         .unwrap_err();
     assert!(
-        matches!(err, HttpError::Timeout { timeout, .. } if timeout == Duration::from_millis(300)),
+        matches!(&err, HttpError::Unanswered { error, .. }
+            if matches!(**error, HttpError::Timeout { timeout, .. } if timeout == Duration::from_millis(300))),
         "{err:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(2));
