@@ -89,6 +89,17 @@ fn plan_agent(spec: &RunSpec) -> Result<PlanAgent> {
             spec.driver
         ));
     };
+    // A run started from a plan continues (resumed) or is re-driven (replayed) by that same
+    // plan, or not at all: a file changed since would drive it to other proposals.
+    if let Some(then) = &spec.plan_sha256 {
+        let now = ice_runtime::spec::plan_digest(plan_file).map_err(|e| anyhow!("{e}"))?;
+        if &now != then {
+            return Err(anyhow!(
+                "{}: the plan file is not the one the run was started with (sha256 {then} then, {now} now); put that plan back to drive the run",
+                plan_file.display()
+            ));
+        }
+    }
     let plan = Plan::load(plan_file).map_err(|e| anyhow!("{e}"))?;
     if let Some(a) = &plan.agent
         && a != &spec.agent

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 mod common;
 
@@ -306,6 +306,43 @@ fn text_an_agent_wrote_cannot_drive_the_operators_terminal() {
         String::from_utf8_lossy(&o.stdout).contains("\\u001b[2J"),
         "{}",
         text(&o)
+    );
+}
+
+/// The finding: `replay --drive` of a plan run read the plan file as it is now, so an edited
+/// plan showed as a divergence of the run (and a resume would follow the new plan). The run
+/// records the plan's digest; a plan that differs is not used to drive it, and says why.
+#[test]
+fn a_plan_changed_since_the_run_is_not_used_to_re_drive_it() {
+    let (_dir, home, qs) = setup(1);
+    let plan = "agent = \"coder\"\n\n[[step]]\nintent = \"w\"\ncapability = \"fs.write\"\ntarget = \"hello.txt\"\narguments = { content = \"hello, governed world\\n\" }\n";
+    std::fs::write(qs.join("plan.toml"), plan).unwrap();
+    let o = ice(&home, &["run", qs.join("run.toml").to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let provisioned = first_event(&home, "RunProvisioned").unwrap();
+    let digest = provisioned["payload"]["spec"]["plan_sha256"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{provisioned}"))
+        .to_string();
+    assert_eq!(digest.len(), 64);
+    let o = ice(&home, &["replay", "--drive", "quickstart", "--json"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["drive"]["unchecked"], json!([]), "{r:#}");
+    std::fs::write(
+        qs.join("plan.toml"),
+        plan.replace("intent = \"w\"", "intent = \"x\""),
+    )
+    .unwrap();
+    let o = ice(&home, &["replay", "--drive", "quickstart", "--json"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["divergences"], json!([]), "{r:#}");
+    let unchecked = r["drive"]["unchecked"].to_string();
+    assert!(
+        unchecked.contains("the plan file is not the one the run was started with")
+            && unchecked.contains(&digest),
+        "{r:#}"
     );
 }
 

@@ -42,7 +42,7 @@ use serde_json::Value;
 /// Most steps (counting repeats) a plan may expand to.
 pub const MAX_EXPANDED_STEPS: u64 = 1_000_000;
 /// Largest plan file read.
-pub const MAX_PLAN_BYTES: u64 = 4 << 20;
+pub use ice_kernel::limits::MAX_PLAN_BYTES;
 
 /// A plan that could not be used: where and why.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -19,3 +19,5 @@ pub const MAX_BLOB_BYTES: usize = 64 * 1024 * 1024;
 pub const MAX_JSON_DEPTH: usize = 64;
 /// Most events in one appended batch.
 pub const MAX_BATCH_EVENTS: usize = 4096;
+/// Largest plan file read (the plan driver's input, whose digest a run records).
+pub const MAX_PLAN_BYTES: u64 = 4 << 20;

@@ -208,6 +208,11 @@ pub struct RunSpec {
     pub driver: String,
     /// The plan file (the plan driver's input).
     pub plan: Option<PathBuf>,
+    /// The SHA-256 (hex) of the plan file's bytes when the spec was read: what the run was
+    /// driven by. A resume or a replay that re-drives the plan refuses a file that differs.
+    /// (Runs recorded before it was kept have none.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_sha256: Option<String>,
     /// The LLM driver's settings (`[agent.llm]`: endpoint, model, the name of the environment
     /// variable holding the API key, never the key itself), checked by the driver.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -350,6 +355,31 @@ struct RawGrants {
 struct RawApprovals {
     timeout: Option<String>,
     elicitation: Option<bool>,
+}
+
+/// The SHA-256 (hex) of a plan file's bytes, read whole (a regular file of at most
+/// [`ice_kernel::limits::MAX_PLAN_BYTES`]).
+pub fn plan_digest(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let max = ice_kernel::limits::MAX_PLAN_BYTES;
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let mut bytes = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if bytes.len() as u64 > max {
+        return Err(format!(
+            "{} is larger than a plan may be ({max} bytes)",
+            path.display()
+        ));
+    }
+    Ok(ice_kernel::Digest::of(&bytes).to_hex())
 }
 
 fn plan_driver() -> String {
@@ -659,6 +689,7 @@ impl RunSpec {
             ),
             None => None,
         };
+        let mut plan_sha256 = None;
         let plan = match (agent.driver.as_str(), agent.plan) {
             ("plan", None) => {
                 return Err(err(
@@ -677,6 +708,9 @@ impl RunSpec {
                         ),
                     ));
                 }
+                let digest = plan_digest(&plan_path)
+                    .map_err(|e| err(Some(agent_at), format!("[agent] plan {plan:?}: {e}")))?;
+                plan_sha256 = Some(digest);
                 Some(plan_path)
             }
             ("external", None) | ("llm", None) => None,
@@ -920,6 +954,7 @@ impl RunSpec {
             policy,
             driver: agent.driver,
             plan,
+            plan_sha256,
             llm,
             servers,
             budget,
