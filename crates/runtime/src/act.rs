@@ -667,7 +667,12 @@ pub async fn perform_remote(
                 // know, with an unknown outcome. Recorded as the call it was.
                 Err(ice_effects::http::HttpError::Unanswered { error, evidence }) => {
                     let cut = match *error {
-                        ice_effects::http::HttpError::Timeout { .. } => cut.as_deref(),
+                        // The budget's bound, unless the grant's own was shorter.
+                        ice_effects::http::HttpError::Timeout { timeout: t, .. }
+                            if t == timeout =>
+                        {
+                            cut.as_deref()
+                        }
                         _ => None,
                     };
                     return Ok(unanswered(
@@ -687,7 +692,11 @@ pub async fn perform_remote(
                         _ => DenialCode::EffectFailed,
                     };
                     let cut = match &e {
-                        ice_effects::http::HttpError::Timeout { .. } => cut.as_deref(),
+                        ice_effects::http::HttpError::Timeout { timeout: t, .. }
+                            if *t == timeout =>
+                        {
+                            cut.as_deref()
+                        }
                         _ => None,
                     };
                     return Err((code, format!("{e}{}", cut.unwrap_or_default())));
