@@ -234,6 +234,11 @@ impl Interrupts {
         }
     }
 
+    /// Whether `run`'s approval wait was interrupted (the mark stays).
+    fn marked(&self, run: &RunId) -> bool {
+        self.runs.lock().is_ok_and(|runs| runs.contains_key(run))
+    }
+
     /// Whether `run`'s approval wait was interrupted (and why); the mark is taken.
     fn take(&self, run: &RunId) -> Option<String> {
         self.runs.lock().ok().and_then(|mut runs| runs.remove(run))
@@ -1761,6 +1766,30 @@ impl Ctx<'_> {
     }
 
     /// Checks between two proposals: kill, deadline, grant expiry, policy change, assumptions.
+    /// Whether [`Self::between_steps`] has something to act on now: a kill recorded (this
+    /// process's or another's), an interrupted approval wait, the wall-time budget spent, or the
+    /// policy files changed. A session with calls in flight takes no new call while one is
+    /// (the checks run once they end), so an agent cannot keep a run going past a kill, its
+    /// budget or a policy edit by always keeping a call open. Catches up with the log on
+    /// [`Self::between_steps`]'s schedule, without taking its turn.
+    pub(crate) async fn checks_due(&self, live: &mut Live) -> Result<bool, RuntimeError> {
+        let poll = live.last_poll.is_none_or(|t| t.elapsed() >= POLL_EVERY);
+        if poll {
+            self.catch_up(live).await?;
+        }
+        let over_time = live
+            .spec
+            .budget
+            .wall_time_us
+            .is_some_and(|limit| live.window_started.elapsed().as_micros() as u64 > limit);
+        Ok(live.books.kill.is_some()
+            || self.rt.interrupts.marked(&self.run)
+            || over_time
+            || (poll
+                && live.books.state() == RunState::Executing
+                && PolicyStamp::of(&live.policy_dir) != live.policy_stamp))
+    }
+
     pub(crate) async fn between_steps(
         &self,
         live: &mut Live,

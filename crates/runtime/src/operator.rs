@@ -1265,16 +1265,25 @@ impl Session<'_> {
         withdrawn: Option<&tokio_util::sync::CancellationToken>,
     ) -> Result<Option<ice_kernel::Outcome>, RuntimeError> {
         self.check_open().await?;
-        {
+        // The checks may stop the run, so they wait until no call is in flight. Meanwhile a
+        // new call goes ahead only if they have nothing to act on; else it waits for the calls
+        // in flight to end and the checks to run (a kill, the wall-time budget or a policy
+        // edit applies to it, however many calls the agent keeps open).
+        loop {
             let mut g = self.ctx.live.lock().await;
             let live = &mut *g;
-            // The checks may stop the run; they wait until no call is in flight (a later
-            // proposal, or finish, runs them).
-            if live.in_flight == 0
-                && let Some(stop) = self.ctx.between_steps(live).await?
-            {
-                return Err(self.stop(stop, live.books.state()));
+            if live.in_flight == 0 {
+                if let Some(stop) = self.ctx.between_steps(live).await? {
+                    return Err(self.stop(stop, live.books.state()));
+                }
+                break;
             }
+            if !self.ctx.checks_due(live).await? {
+                break;
+            }
+            drop(g);
+            self.check_open().await?;
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         match proposal {
             ice_kernel::Proposal::Think { .. } => {

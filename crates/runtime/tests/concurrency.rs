@@ -145,3 +145,121 @@ async fn calls_in_flight_are_recorded_before_the_run_stops() {
             .unwrap();
     assert_eq!(replayed, report.books);
 }
+
+/// A local endpoint that answers each request after `pause`.
+fn paused_endpoint(pause: std::time::Duration) -> u16 {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                std::thread::sleep(pause);
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                );
+            });
+        }
+    });
+    port
+}
+
+fn write(path: &str) -> Proposal {
+    Proposal::Request(CapabilityProposal {
+        capability: "fs.write".into(),
+        target: path.into(),
+        arguments: json!({"content": "x"}),
+        intent: "write".into(),
+    })
+}
+
+/// The finding: the checks between steps (a kill, the wall-time budget, a policy edit) ran only
+/// when no call was in flight, so an agent that always kept one call open went on acting after
+/// its run was killed. A call proposed while another is in flight and a check is due waits for
+/// the checks; a kill stops it, and nothing is granted after the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kill_stops_the_next_call_even_while_another_is_in_flight() {
+    let port = paused_endpoint(std::time::Duration::from_millis(1500));
+    let policy = format!(
+        "{POLICY}\n@id(\"fetch\")\npermit(principal == Agent::\"coder\", action == Action::\"http.request\", resource == Host::\"127.0.0.1\");\n"
+    );
+    let h = H::new(&policy);
+    let (spec, _) = h.spec("held-open", "coder", "[grants]\nuses = 100\n", "");
+    let session =
+        h.rt.open_session(spec, "coder", &ice_runtime::Quiet)
+            .await
+            .unwrap();
+    let slow = Proposal::Request(CapabilityProposal {
+        capability: "http.request".into(),
+        target: format!("http://127.0.0.1:{port}/slow"),
+        arguments: json!({"method": "GET"}),
+        intent: "hold the run open".into(),
+    });
+    let run = ice_kernel::RunId::new("held-open").unwrap();
+    let later = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        h.rt.kill(&run, "alice", "enough", &ice_runtime::Quiet)
+            .await
+            .unwrap();
+        let after = session.propose(&write("after-kill.txt")).await;
+        assert!(after.is_err(), "{after:?}");
+    };
+    let (held, ()) = tokio::join!(session.propose(&slow), later);
+    assert!(matches!(held, Ok(Some(Outcome::Done { .. }))), "{held:?}");
+    let events = h.events("held-open").await;
+    let killed = of_type(&events, EventType::RunKillRequested)[0].run_seq;
+    for t in [
+        EventType::CapabilityRequested,
+        EventType::CapabilityGranted,
+        EventType::CapabilityUsed,
+        EventType::EffectStaged,
+    ] {
+        assert!(
+            of_type(&events, t).iter().all(|e| e.run_seq < killed),
+            "{t:?} after the kill"
+        );
+    }
+    assert_eq!(of_type(&events, EventType::RunAborted).len(), 1);
+    assert!(!h.ws.join("after-kill.txt").exists());
+}
+
+/// The same for the wall-time budget: while a call holds the run open past its budget (here,
+/// waiting for an approval), the next call waits for the checks, which stop the run on the
+/// exhausted budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_wall_time_budget_stops_the_next_call_even_while_another_is_in_flight() {
+    // The holder waits for an approval nobody gives (POLICY: an HTTP call needs one), which
+    // the wall-time budget does not cut.
+    let port = paused_endpoint(std::time::Duration::from_millis(10));
+    let h = H::new(POLICY);
+    let (spec, _) = h.spec(
+        "over-time",
+        "coder",
+        "[budget]\nwall_time = \"1s\"\non_exhaustion = \"abort\"\n\n[approvals]\ntimeout = \"3s\"\n",
+        "",
+    );
+    let session =
+        h.rt.open_session(spec, "coder", &ice_runtime::Quiet)
+            .await
+            .unwrap();
+    let slow = Proposal::Request(CapabilityProposal {
+        capability: "http.request".into(),
+        target: format!("http://127.0.0.1:{port}/slow"),
+        arguments: json!({"method": "GET"}),
+        intent: "hold the run open".into(),
+    });
+    let later = async {
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        let after = session.propose(&write("late.txt")).await;
+        assert!(after.is_err(), "{after:?}");
+    };
+    let (_held, ()) = tokio::join!(session.propose(&slow), later);
+    let events = h.events("over-time").await;
+    assert_eq!(of_type(&events, EventType::EffectStaged).len(), 0);
+    let abort = of_type(&events, EventType::AbortReasonDeclared);
+    assert_eq!(abort[0].payload["reason"], "budget_exhausted", "{abort:?}");
+    assert!(!h.ws.join("late.txt").exists());
+}
