@@ -138,12 +138,21 @@ pub struct RunReport {
     pub books: Books,
 }
 
-/// Stamp of a policy directory's files, to notice edits cheaply.
+/// Stamp of a policy directory's files, to notice edits cheaply: for each `*.cedar` entry, the
+/// file it names as the loader reads it (a symbolic link followed: its target's size, time and
+/// inode; a link to nothing stamped as such), and the entry itself (a link pointed elsewhere).
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub(crate) struct PolicyStamp(Vec<(String, u64, i128)>);
+pub(crate) struct PolicyStamp(Vec<(String, [i128; 4])>);
 
 impl PolicyStamp {
     pub(crate) fn of(dir: &std::path::Path) -> PolicyStamp {
+        use std::os::unix::fs::MetadataExt;
+        let time = |m: &std::fs::Metadata| {
+            m.modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos() as i128)
+        };
         let mut v = Vec::new();
         if let Ok(rd) = std::fs::read_dir(dir) {
             for e in rd.flatten() {
@@ -151,14 +160,12 @@ impl PolicyStamp {
                 if !name.ends_with(".cedar") {
                     continue;
                 }
-                if let Ok(m) = e.metadata() {
-                    let mtime = m
-                        .modified()
-                        .ok()
-                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                        .map_or(0, |d| d.as_nanos() as i128);
-                    v.push((name, m.len(), mtime));
-                }
+                let own = e.metadata().map_or(-1, |m| time(&m));
+                let stamp = match std::fs::metadata(e.path()) {
+                    Ok(m) => [m.len() as i128, time(&m), m.ino() as i128, own],
+                    Err(_) => [-1, -1, -1, own],
+                };
+                v.push((name, stamp));
             }
         }
         v.sort();

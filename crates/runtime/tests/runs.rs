@@ -381,6 +381,42 @@ async fn a_policy_reload_revokes_grants_no_longer_permitted() {
     assert_eq!(replays_cleanly(&h, "reload", "coder", plan).await, 3);
 }
 
+/// The finding: a policy file that is a symbolic link was stamped by the link's own size and
+/// time, so an edit of the file it points to was never noticed while the run went on. The
+/// stamp follows the link as the loader does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_of_a_policy_file_behind_a_symbolic_link_is_taken_on() {
+    let h = H::new(POLICY);
+    let real = h.dir.path().join("real.cedar");
+    std::fs::write(&real, POLICY).unwrap();
+    std::fs::remove_file(h.policies.join("p.cedar")).unwrap();
+    std::os::unix::fs::symlink(&real, h.policies.join("p.cedar")).unwrap();
+    let plan =
+        "[[step]]\nintent = \"r\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 3\n";
+    let (spec, plan_agent) = h.spec("linked", "coder", "[grants]\nuses = 10\n", plan);
+    let mut agent = Hooked {
+        inner: plan_agent,
+        hook: move |v: &ice_kernel::AgentView| {
+            if v.step == 1 {
+                let text = POLICY.replace("@id(\"read\")\npermit(principal, action in [Action::\"fs.read\", Action::\"fs.list\"], resource in Dir::\".\");", "");
+                assert_ne!(text, POLICY);
+                std::thread::sleep(std::time::Duration::from_millis(30));
+                std::fs::write(&real, text).unwrap();
+            }
+        },
+    };
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.outcome, RunOutcome::Committed);
+    let events = h.events("linked").await;
+    assert_eq!(
+        of_type(&events, EventType::PolicyReloaded).len(),
+        1,
+        "{events:#?}"
+    );
+    assert_eq!(of_type(&events, EventType::CapabilityRevoked).len(), 1);
+    assert_eq!(denial_codes(&events), ["policy_denied"]);
+}
+
 /// Re-drive `run` from its record with a fresh agent following `plan`: every decision must be
 /// re-made (no divergence, nothing unchecked). Returns how many decisions were.
 async fn replays_cleanly(h: &H, run: &str, agent: &str, plan: &str) -> u64 {
