@@ -846,7 +846,10 @@ pub async fn perform_exec(
     arguments: &Value,
     copy: tempfile::TempDir,
     time_left: Option<Duration>,
+    reserved: &Cost,
 ) -> Result<Performed, (DenialCode, String)> {
+    // What the agent is given (stdout and stderr together) is at most what the call reserved.
+    let cap = reserved.bytes;
     let asked = arguments
         .get("timeout_ms")
         .and_then(Value::as_u64)
@@ -858,7 +861,7 @@ pub async fn perform_exec(
         args: args_of(arguments),
         dir: copy.path().join("workspace"),
         timeout,
-        max_output_bytes: MAX_CHECK_OUTPUT as u64,
+        max_output_bytes: (MAX_CHECK_OUTPUT as u64).min(cap),
     };
     let auth = auth.clone();
     let o = tokio::task::spawn_blocking(move || {
@@ -874,18 +877,33 @@ pub async fn perform_exec(
         )
     })?
     .map_err(|e| (DenialCode::EffectFailed, e.to_string()))?;
-    let n = (o.stdout.len() + o.stderr.len()) as u64;
+    let (mut stdout, mut stderr) = (o.stdout, o.stderr);
+    // stdout first, then what the reservation has left for stderr.
+    let cut = (stdout.len() + stderr.len()) as u64 > cap;
+    stdout.truncate(cap.min(stdout.len() as u64) as usize);
+    stderr.truncate(
+        cap.saturating_sub(stdout.len() as u64)
+            .min(stderr.len() as u64) as usize,
+    );
+    let n = (stdout.len() + stderr.len()) as u64;
     Ok(Performed {
         event_type: EventType::ToolInvoked,
-        payload: obj(json!({
-            "program": program,
-            "args": args_of(arguments),
-            "exit": o.exit_code,
-            "timed_out": o.timed_out,
-            "evidence": o.evidence.to_json(),
-        })),
+        payload: {
+            let mut p = obj(json!({
+                "program": program,
+                "args": args_of(arguments),
+                "exit": o.exit_code,
+                "timed_out": o.timed_out,
+                "evidence": o.evidence.to_json(),
+            }));
+            if cut {
+                // The evidence's digests are of what was read; the agent was given this much.
+                p.insert("output_cut_at".into(), json!(cap));
+            }
+            p
+        },
         output: json!({"exit": o.exit_code, "timed_out": o.timed_out,
-                       "stdout": text(&o.stdout), "stderr": text(&o.stderr)}),
+                       "stdout": text(&stdout), "stderr": text(&stderr)}),
         actual: Cost {
             bytes: n,
             ..Cost::default()

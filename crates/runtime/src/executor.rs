@@ -1320,7 +1320,9 @@ impl Ctx<'_> {
                 Ok(copy) => {
                     guard.in_flight += 1;
                     drop(guard);
-                    let p = act::perform_exec(&auth, program, &r.arguments, copy, time_left).await;
+                    let p =
+                        act::perform_exec(&auth, program, &r.arguments, copy, time_left, &amount)
+                            .await;
                     guard = self.live.lock().await;
                     guard.in_flight -= 1;
                     p

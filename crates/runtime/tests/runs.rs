@@ -1030,3 +1030,58 @@ async fn a_run_spec_larger_than_the_blob_threshold_runs_and_replays() {
     let r = h.rt.replay(&RunId::new("big-spec").unwrap()).await.unwrap();
     assert!(r.divergences.is_empty(), "{:?}", r.divergences);
 }
+
+/// The finding: a command's output was kept up to 4 KiB per stream whatever its call reserved,
+/// so with 100 bytes of budget left the agent was given 3 893 bytes (the overshoot larger than
+/// the reservation, I-005). The output given is at most what the call reserved, and the record
+/// says where it was cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commands_output_is_cut_at_what_its_call_reserved() {
+    let policy = format!(
+        "{POLICY}\n@id(\"seq\")\npermit(principal == Agent::\"coder\", action == Action::\"process.exec\", resource == Command::\"seq\");\n"
+    );
+    let h = H::new(&policy);
+    let plan = "[[step]]\nintent = \"count\"\ncapability = \"process.exec\"\ntarget = \"seq\"\narguments = { args = [\"1\", \"1000\"] }\n";
+    let (spec, mut agent) = h.spec("counted", "coder", "[budget]\nbytes = 100\n", plan);
+    let report = h.run(spec, &mut agent).await;
+    let events = h.events("counted").await;
+    let ran = of_type(&events, EventType::ToolInvoked);
+    assert_eq!(ran.len(), 1, "{report:?}");
+    let p = &ran[0].payload;
+    assert_eq!(p["evidence"]["exec"]["stdout_truncated"], true, "{p:?}");
+    let shown = p["output"]["stdout"].as_str().unwrap();
+    assert_eq!(shown.len(), 100, "{shown}");
+    assert!(shown.starts_with("1\n2\n3\n"), "{shown}");
+    let settled = of_type(&events, EventType::BudgetSettled);
+    assert!(
+        settled
+            .iter()
+            .all(|s| s.payload["actual"]["bytes"].as_u64().unwrap_or(0) <= 100),
+        "{settled:?}"
+    );
+    assert_eq!(report.spent.bytes, 100);
+}
+
+/// The same when both streams write: stdout first, then what the reservation leaves for
+/// stderr; the record says where the output given was cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commands_two_streams_together_are_cut_at_what_its_call_reserved() {
+    let policy = format!(
+        "{POLICY}\n@id(\"sh\")\npermit(principal == Agent::\"coder\", action == Action::\"process.exec\", resource == Command::\"sh\");\n"
+    );
+    let h = H::new(&policy);
+    let plan = "[[step]]\nintent = \"both\"\ncapability = \"process.exec\"\ntarget = \"sh\"\narguments = { args = [\"-c\", \"printf '%060d' 0; printf '%060d' 1 >&2\"] }\n";
+    let (spec, mut agent) = h.spec("streams", "coder", "[budget]\nbytes = 100\n", plan);
+    h.run(spec, &mut agent).await;
+    let events = h.events("streams").await;
+    let ran = of_type(&events, EventType::ToolInvoked);
+    assert_eq!(ran.len(), 1);
+    let p = &ran[0].payload;
+    assert_eq!(
+        p.get("output_cut_at"),
+        Some(&serde_json::json!(100)),
+        "{p:?}"
+    );
+    assert_eq!(p["output"]["stdout"].as_str().unwrap().len(), 60, "{p:?}");
+    assert_eq!(p["output"]["stderr"].as_str().unwrap().len(), 40, "{p:?}");
+}
