@@ -2178,6 +2178,20 @@ impl Ctx<'_> {
             .zip(spent.fields())
             .find(|((_, lim), (_, s))| lim.is_some_and(|l| *s > l))
             .map(|((n, l), (_, s))| format!("{n}: spent {s} of {}", l.unwrap_or(0)));
+        // Wall time is spent by the window, not settled by calls: the record's own times say
+        // how long the window ran.
+        let now = self.now();
+        let over = over.or_else(|| {
+            let limit = live.spec.budget.wall_time_us?;
+            let used = live.books.window_elapsed_us(now)?;
+            (used > limit).then(|| {
+                format!(
+                    "wall_time: the execution window ran {}ms of {}ms",
+                    used / 1000,
+                    limit / 1000
+                )
+            })
+        });
         match over {
             None => results.push(json!({"check": "budget", "passed": true})),
             Some(why) => {

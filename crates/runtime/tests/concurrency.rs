@@ -263,3 +263,38 @@ async fn the_wall_time_budget_stops_the_next_call_even_while_another_is_in_fligh
     assert_eq!(abort[0].payload["reason"], "budget_exhausted", "{abort:?}");
     assert!(!h.ws.join("late.txt").exists());
 }
+
+/// The finding: validation's budget check compared only what calls settled, and wall time is
+/// spent by the window, not settled: a session that finished past its wall-time budget was
+/// validated as within budget and committed. The window's recorded time is checked too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_finished_past_its_wall_time_budget_fails_validation() {
+    let h = H::new(POLICY);
+    let (spec, _) = h.spec(
+        "finished-late",
+        "coder",
+        "[budget]\nwall_time = \"1s\"\non_exhaustion = \"abort\"\n",
+        "",
+    );
+    let session =
+        h.rt.open_session(spec, "coder", &ice_runtime::Quiet)
+            .await
+            .unwrap();
+    let done = session.propose(&write("early.txt")).await;
+    assert!(matches!(done, Ok(Some(Outcome::Done { .. }))), "{done:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let report = session.finish().await.unwrap();
+    assert!(
+        !matches!(report.outcome, ice_runtime::RunOutcome::Committed),
+        "{report:?}"
+    );
+    let events = h.events("finished-late").await;
+    let failed = of_type(&events, EventType::ValidationFailed);
+    assert!(
+        serde_json::Value::Object(failed[0].payload.clone())
+            .to_string()
+            .contains("wall_time: the execution window ran"),
+        "{failed:?}"
+    );
+    assert!(!h.ws.join("early.txt").exists());
+}
