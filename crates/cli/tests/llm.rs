@@ -619,6 +619,26 @@ fn an_llm_run_killed_during_a_model_call_resumes_by_asking_the_same_question_aga
     assert!(unchecked.contains("a model call was interrupted"), "{r:#}");
 }
 
+/// `ice run` of the example started in the background against a model that answers "Done."
+/// after `delay_ms`, once the model has the run's first request: the model, the home, the run.
+fn running_on_a_slow_model(
+    dir: &Path,
+    delay_ms: u64,
+) -> (ModelServer, PathBuf, std::process::Child) {
+    let mut slow = reply("Done.", vec![], (1, 1));
+    slow["delay_ms"] = json!(delay_ms);
+    let model = ModelServer::start(dir, &json!([slow]));
+    let (home, ex) = setup(dir, model.port, |t| t);
+    let child = ice_cmd(&home)
+        .args(["run", ex.join("run.toml").to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_requests(&model, 1);
+    (model, home, child)
+}
+
 /// Wait until the model server has received `n` requests.
 fn wait_for_requests(model: &ModelServer, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -635,17 +655,7 @@ fn wait_for_requests(model: &ModelServer, n: usize) {
 #[test]
 fn a_kill_during_a_model_call_replays_without_a_divergence() {
     let dir = tempfile::tempdir().unwrap();
-    let mut slow = reply("Done.", vec![], (1, 1));
-    slow["delay_ms"] = json!(3_000);
-    let model = ModelServer::start(dir.path(), &json!([slow]));
-    let (home, ex) = setup(dir.path(), model.port, |t| t);
-    let child = ice_cmd(&home)
-        .args(["run", ex.join("run.toml").to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_requests(&model, 1);
+    let (model, home, child) = running_on_a_slow_model(dir.path(), 3_000);
     let o = ice(&home, &["kill", "llm-notes", "--reason", "enough"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let out = child.wait_with_output().unwrap();
@@ -697,17 +707,7 @@ fn a_model_call_runs_no_longer_than_the_wall_time_budget_has_left() {
 #[test]
 fn a_run_whose_process_died_during_a_model_call_replays_without_a_divergence() {
     let dir = tempfile::tempdir().unwrap();
-    let mut slow = reply("never received", vec![], (1, 1));
-    slow["delay_ms"] = json!(60_000);
-    let model = ModelServer::start(dir.path(), &json!([slow]));
-    let (home, ex) = setup(dir.path(), model.port, |t| t);
-    let mut child = ice_cmd(&home)
-        .args(["run", ex.join("run.toml").to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_requests(&model, 1);
+    let (model, home, mut child) = running_on_a_slow_model(dir.path(), 60_000);
     child.kill().unwrap();
     child.wait().unwrap();
     drop(model);

@@ -146,25 +146,22 @@ async fn calls_in_flight_are_recorded_before_the_run_stops() {
     assert_eq!(replayed, report.books);
 }
 
-/// A local endpoint that answers each request after `pause`.
-fn paused_endpoint(pause: std::time::Duration) -> u16 {
-    use std::io::{Read, Write};
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf);
-                std::thread::sleep(pause);
-                let _ = s.write_all(
-                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
-                );
-            });
-        }
-    });
-    port
+/// A session of agent `coder` on run `id` with `extra` spec sections.
+async fn session<'h>(h: &'h H, id: &str, extra: &str) -> ice_runtime::Session<'h> {
+    let (spec, _) = h.spec(id, "coder", extra, "");
+    h.rt.open_session(spec, "coder", &ice_runtime::Quiet)
+        .await
+        .unwrap()
+}
+
+/// A GET that holds the run open while it waits (for a slow server or an approval).
+fn slow_get(port: u16) -> Proposal {
+    Proposal::Request(CapabilityProposal {
+        capability: "http.request".into(),
+        target: format!("http://127.0.0.1:{port}/slow"),
+        arguments: json!({"method": "GET"}),
+        intent: "hold the run open".into(),
+    })
 }
 
 fn write(path: &str) -> Proposal {
@@ -182,22 +179,13 @@ fn write(path: &str) -> Proposal {
 /// the checks; a kill stops it, and nothing is granted after the kill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_kill_stops_the_next_call_even_while_another_is_in_flight() {
-    let port = paused_endpoint(std::time::Duration::from_millis(1500));
+    let port = ok_endpoint_after(std::time::Duration::from_millis(1500));
     let policy = format!(
         "{POLICY}\n@id(\"fetch\")\npermit(principal == Agent::\"coder\", action == Action::\"http.request\", resource == Host::\"127.0.0.1\");\n"
     );
     let h = H::new(&policy);
-    let (spec, _) = h.spec("held-open", "coder", "[grants]\nuses = 100\n", "");
-    let session =
-        h.rt.open_session(spec, "coder", &ice_runtime::Quiet)
-            .await
-            .unwrap();
-    let slow = Proposal::Request(CapabilityProposal {
-        capability: "http.request".into(),
-        target: format!("http://127.0.0.1:{port}/slow"),
-        arguments: json!({"method": "GET"}),
-        intent: "hold the run open".into(),
-    });
+    let session = session(&h, "held-open", "[grants]\nuses = 100\n").await;
+    let slow = slow_get(port);
     let run = ice_kernel::RunId::new("held-open").unwrap();
     let later = async {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -233,24 +221,15 @@ async fn a_kill_stops_the_next_call_even_while_another_is_in_flight() {
 async fn the_wall_time_budget_stops_the_next_call_even_while_another_is_in_flight() {
     // The holder waits for an approval nobody gives (POLICY: an HTTP call needs one), which
     // the wall-time budget does not cut.
-    let port = paused_endpoint(std::time::Duration::from_millis(10));
+    let port = ok_endpoint();
     let h = H::new(POLICY);
-    let (spec, _) = h.spec(
+    let session = session(
+        &h,
         "over-time",
-        "coder",
         "[budget]\nwall_time = \"1s\"\non_exhaustion = \"abort\"\n\n[approvals]\ntimeout = \"3s\"\n",
-        "",
-    );
-    let session =
-        h.rt.open_session(spec, "coder", &ice_runtime::Quiet)
-            .await
-            .unwrap();
-    let slow = Proposal::Request(CapabilityProposal {
-        capability: "http.request".into(),
-        target: format!("http://127.0.0.1:{port}/slow"),
-        arguments: json!({"method": "GET"}),
-        intent: "hold the run open".into(),
-    });
+    )
+    .await;
+    let slow = slow_get(port);
     let later = async {
         tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
         let after = session.propose(&write("late.txt")).await;
@@ -270,16 +249,12 @@ async fn the_wall_time_budget_stops_the_next_call_even_while_another_is_in_fligh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_finished_past_its_wall_time_budget_fails_validation() {
     let h = H::new(POLICY);
-    let (spec, _) = h.spec(
+    let session = session(
+        &h,
         "finished-late",
-        "coder",
         "[budget]\nwall_time = \"1s\"\non_exhaustion = \"abort\"\n",
-        "",
-    );
-    let session =
-        h.rt.open_session(spec, "coder", &ice_runtime::Quiet)
-            .await
-            .unwrap();
+    )
+    .await;
     let done = session.propose(&write("early.txt")).await;
     assert!(matches!(done, Ok(Some(Outcome::Done { .. }))), "{done:?}");
     tokio::time::sleep(std::time::Duration::from_millis(1200)).await;

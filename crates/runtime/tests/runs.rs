@@ -1033,18 +1033,11 @@ async fn a_run_spec_larger_than_the_blob_threshold_runs_and_replays() {
 
 /// The finding: a command's output was kept up to 4 KiB per stream whatever its call reserved,
 /// so with 100 bytes of budget left the agent was given 3 893 bytes (the overshoot larger than
-/// the reservation, I-005). The output given is at most what the call reserved, and the record
-/// says where it was cut.
+/// the reservation, I-005). The output given is at most what the call reserved, and the
+/// evidence says it was cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commands_output_is_cut_at_what_its_call_reserved() {
-    let policy = format!(
-        "{POLICY}\n@id(\"seq\")\npermit(principal == Agent::\"coder\", action == Action::\"process.exec\", resource == Command::\"seq\");\n"
-    );
-    let h = H::new(&policy);
-    let plan = "[[step]]\nintent = \"count\"\ncapability = \"process.exec\"\ntarget = \"seq\"\narguments = { args = [\"1\", \"1000\"] }\n";
-    let (spec, mut agent) = h.spec("counted", "coder", "[budget]\nbytes = 100\n", plan);
-    let report = h.run(spec, &mut agent).await;
-    let events = h.events("counted").await;
+    let (report, events) = run_with_100_bytes("counted", "seq", r#"["1", "1000"]"#).await;
     let ran = of_type(&events, EventType::ToolInvoked);
     assert_eq!(ran.len(), 1, "{report:?}");
     let p = &ran[0].payload;
@@ -1066,14 +1059,12 @@ async fn a_commands_output_is_cut_at_what_its_call_reserved() {
 /// stderr; the record says where the output given was cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commands_two_streams_together_are_cut_at_what_its_call_reserved() {
-    let policy = format!(
-        "{POLICY}\n@id(\"sh\")\npermit(principal == Agent::\"coder\", action == Action::\"process.exec\", resource == Command::\"sh\");\n"
-    );
-    let h = H::new(&policy);
-    let plan = "[[step]]\nintent = \"both\"\ncapability = \"process.exec\"\ntarget = \"sh\"\narguments = { args = [\"-c\", \"printf '%060d' 0; printf '%060d' 1 >&2\"] }\n";
-    let (spec, mut agent) = h.spec("streams", "coder", "[budget]\nbytes = 100\n", plan);
-    h.run(spec, &mut agent).await;
-    let events = h.events("streams").await;
+    let (_, events) = run_with_100_bytes(
+        "streams",
+        "sh",
+        r#"["-c", "printf '%060d' 0; printf '%060d' 1 >&2"]"#,
+    )
+    .await;
     let ran = of_type(&events, EventType::ToolInvoked);
     assert_eq!(ran.len(), 1);
     let p = &ran[0].payload;
@@ -1084,4 +1075,23 @@ async fn a_commands_two_streams_together_are_cut_at_what_its_call_reserved() {
     );
     assert_eq!(p["output"]["stdout"].as_str().unwrap().len(), 60, "{p:?}");
     assert_eq!(p["output"]["stderr"].as_str().unwrap().len(), 40, "{p:?}");
+}
+
+/// Run `id`: one `process.exec` of `command` with `args` (a TOML array), permitted, with a
+/// budget of 100 bytes; its report and events.
+async fn run_with_100_bytes(
+    id: &str,
+    command: &str,
+    args: &str,
+) -> (ice_runtime::RunReport, Vec<ice_kernel::Event>) {
+    let policy = format!(
+        "{POLICY}\n@id(\"exec\")\npermit(principal == Agent::\"coder\", action == Action::\"process.exec\", resource == Command::\"{command}\");\n"
+    );
+    let h = H::new(&policy);
+    let plan = format!(
+        "[[step]]\nintent = \"run\"\ncapability = \"process.exec\"\ntarget = \"{command}\"\narguments = {{ args = {args} }}\n"
+    );
+    let (spec, mut agent) = h.spec(id, "coder", "[budget]\nbytes = 100\n", &plan);
+    let report = h.run(spec, &mut agent).await;
+    (report, h.events(id).await)
 }

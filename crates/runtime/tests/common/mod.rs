@@ -155,6 +155,11 @@ pub async fn events(rt: &Runtime, run: &RunId) -> Vec<Event> {
 
 /// A local HTTP endpoint on 127.0.0.1 that answers every request with 200 `ok`; its port.
 pub fn ok_endpoint() -> u16 {
+    ok_endpoint_after(std::time::Duration::ZERO)
+}
+
+/// [`ok_endpoint`], answering each request after `pause`.
+pub fn ok_endpoint_after(pause: std::time::Duration) -> u16 {
     use std::io::{Read, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
@@ -164,6 +169,7 @@ pub fn ok_endpoint() -> u16 {
             std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 let _ = s.read(&mut buf);
+                std::thread::sleep(pause);
                 let _ = s.write_all(
                     b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
                 );
