@@ -651,18 +651,32 @@ fn wait_for_requests(model: &ModelServer, n: usize) {
 /// The finding: an operator's kill recorded while a model call ran (or a kill of a run whose
 /// process died during one) made `replay --drive` report a divergence, and so did a record
 /// ending during a model call. The kill is the operator's, recorded between the reservation and
-/// the reply: the replay goes on past it.
+/// the reply: the replay goes on past it. And the kill does not wait out the call (60 s here):
+/// the call is given up and recorded as interrupted.
 #[test]
 fn a_kill_during_a_model_call_replays_without_a_divergence() {
     let dir = tempfile::tempdir().unwrap();
-    let (model, home, child) = running_on_a_slow_model(dir.path(), 3_000);
+    let (model, home, child) = running_on_a_slow_model(dir.path(), 60_000);
     let o = ice(&home, &["kill", "llm-notes", "--reason", "enough"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // The kill does not wait out the model call: the call is given up.
+    let killed = Instant::now();
     let out = child.wait_with_output().unwrap();
+    assert!(
+        killed.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        killed.elapsed()
+    );
     assert_eq!(out.status.code(), Some(3));
     let ev = events(&home, "llm-notes");
     assert_eq!(of_type(&ev, "RunKillRequested").len(), 1);
     assert_eq!(of_type(&ev, "RunAborted").len(), 1);
+    let steps = of_type(&ev, "InferenceStep");
+    assert_eq!(
+        steps[0]["payload"]["error"]["kind"], "interrupted",
+        "{:#}",
+        steps[0]
+    );
     drop(model);
     replay_drive_clean(&home, "llm-notes");
 }

@@ -47,7 +47,7 @@ use ice_kernel::blob::BLOB_KEY;
 use ice_kernel::limits::MAX_SAFE_INTEGER;
 use ice_kernel::{
     Agent, AgentError, AgentView, BUILTIN_TOOLS, BuiltinTool, CapabilityProposal, Cost, Digest,
-    Inference, Outcome, Payload, Proposal,
+    Inference, Interrupt, Outcome, Payload, Proposal,
 };
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value, json};
@@ -74,6 +74,9 @@ pub const MAX_REPLY_BYTES: u64 = 8 << 20;
 /// The shortest API key taken out of what is recorded; a shorter value is a placeholder
 /// (local servers take `EMPTY`, `dummy`, `ollama`), not a secret.
 pub const MIN_REDACTED_KEY_LEN: usize = 8;
+
+/// How often a model call waiting for its answer looks at its interrupt.
+const INTERRUPT_POLL: Duration = Duration::from_millis(50);
 /// Longest intent taken from the model's text (characters).
 pub const MAX_INTENT_CHARS: usize = 500;
 /// Largest tool result passed back to the model (bytes of compact JSON); longer ones are cut.
@@ -357,17 +360,20 @@ pub enum FailureKind {
     Oversized,
     /// Replay: the request differs from the recorded one, or the recording ran out.
     ReplayDivergence,
+    /// Given up while it waited: the run was killed or stopped meanwhile.
+    Interrupted,
 }
 
 impl FailureKind {
     /// Every kind.
-    pub const ALL: [FailureKind; 6] = [
+    pub const ALL: [FailureKind; 7] = [
         FailureKind::HttpStatus,
         FailureKind::Timeout,
         FailureKind::Transport,
         FailureKind::MalformedJson,
         FailureKind::Oversized,
         FailureKind::ReplayDivergence,
+        FailureKind::Interrupted,
     ];
 
     /// The name recorded in `error.kind`.
@@ -379,6 +385,7 @@ impl FailureKind {
             FailureKind::MalformedJson => "malformed_json",
             FailureKind::Oversized => "oversized",
             FailureKind::ReplayDivergence => "replay_divergence",
+            FailureKind::Interrupted => "interrupted",
         }
     }
 
@@ -390,9 +397,12 @@ impl FailureKind {
     pub fn may_have_generated(self, status: Option<u16>) -> bool {
         let success = status.is_some_and(|s| (200..300).contains(&s));
         match self {
-            FailureKind::Timeout | FailureKind::MalformedJson | FailureKind::Oversized => {
-                status.is_none() || success
-            }
+            // A call given up may have been answered meanwhile: it is charged as one that
+            // timed out.
+            FailureKind::Timeout
+            | FailureKind::Interrupted
+            | FailureKind::MalformedJson
+            | FailureKind::Oversized => status.is_none() || success,
             FailureKind::Transport => success,
             FailureKind::HttpStatus | FailureKind::ReplayDivergence => false,
         }
@@ -451,6 +461,11 @@ pub trait Model: Send {
         let _ = within;
     }
 
+    /// The flag this model watches while it waits for an answer, if it can give a call up.
+    fn interrupt(&self) -> Option<Interrupt> {
+        None
+    }
+
     /// Where a replay departed from its recording (empty for a live model).
     fn divergences(&self) -> &[String] {
         &[]
@@ -482,6 +497,8 @@ pub struct HttpModel {
     timeout: Duration,
     /// What the run's wall-time budget had left when the agent was last shown a view.
     within: Option<Duration>,
+    /// Raised by the runtime to give the call under way up.
+    interrupt: Interrupt,
 }
 
 impl fmt::Debug for HttpModel {
@@ -530,6 +547,7 @@ impl HttpModel {
             key,
             timeout: config.timeout,
             within: None,
+            interrupt: Interrupt::new(),
         })
     }
 
@@ -592,6 +610,10 @@ impl Model for HttpModel {
         self.within = within;
     }
 
+    fn interrupt(&self) -> Option<Interrupt> {
+        Some(self.interrupt.clone())
+    }
+
     fn complete(&mut self, request: &Value) -> ModelReply {
         let started = Instant::now();
         let fail = |kind: FailureKind, detail: String, status: Option<u16>| {
@@ -636,26 +658,58 @@ impl Model for HttpModel {
         if let Some(k) = &self.key {
             call = call.header("authorization", format!("Bearer {k}"));
         }
-        let response = match call.send(&body[..]) {
-            Ok(r) => r,
-            Err(e) => {
-                let (kind, detail) = from_ureq(e);
-                return fail(kind, detail, None);
+        // The exchange runs on a thread of its own, so the call can be given up when the
+        // runtime raises the interrupt (the thread ends by itself, within the timeout).
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let exchange = match call.send(&body[..]) {
+                Err(e) => Err((None, e)),
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let mut raw = Vec::new();
+                    let read = response
+                        .into_body()
+                        .into_with_config()
+                        .limit(u64::MAX)
+                        .reader()
+                        .take(MAX_REPLY_BYTES + 1)
+                        .read_to_end(&mut raw);
+                    match read {
+                        Ok(_) => Ok((status, raw)),
+                        Err(e) => Err((Some(status), ureq::Error::from(e))),
+                    }
+                }
+            };
+            let _ = tx.send(exchange);
+        });
+        let exchange = loop {
+            match rx.recv_timeout(INTERRUPT_POLL) {
+                Ok(x) => break x,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if self.interrupt.is_raised() {
+                        return fail(
+                            FailureKind::Interrupted,
+                            "the call was given up: the run was stopped while it waited".into(),
+                            None,
+                        );
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return fail(
+                        FailureKind::Transport,
+                        "the model call's thread ended without an answer".into(),
+                        None,
+                    );
+                }
             }
         };
-        let status = response.status().as_u16();
-        let mut raw = Vec::new();
-        let read = response
-            .into_body()
-            .into_with_config()
-            .limit(u64::MAX)
-            .reader()
-            .take(MAX_REPLY_BYTES + 1)
-            .read_to_end(&mut raw);
-        if let Err(e) = read {
-            let (kind, detail) = from_ureq(ureq::Error::from(e));
-            return fail(kind, detail, Some(status));
-        }
+        let (status, raw) = match exchange {
+            Ok(x) => x,
+            Err((status, e)) => {
+                let (kind, detail) = from_ureq(e);
+                return fail(kind, detail, status);
+            }
+        };
         if raw.len() as u64 > MAX_REPLY_BYTES {
             return fail(
                 FailureKind::Oversized,
@@ -1485,6 +1539,10 @@ impl LlmAgent {
 impl Agent for LlmAgent {
     fn id(&self) -> &str {
         &self.id
+    }
+
+    fn interrupt(&self) -> Option<Interrupt> {
+        self.model.interrupt()
     }
 
     /// The conversation is rebuilt, not restarted: until [`Agent::rebuilt`], model calls are

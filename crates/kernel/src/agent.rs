@@ -233,6 +233,34 @@ pub struct ToolOffer {
     pub effect: String,
 }
 
+/// A flag the runtime raises while an agent calls its model, to ask it to give the call up (the
+/// run was killed or is being stopped). Shared state only: raising it does no I/O, and an agent
+/// that never looks at it is simply not interrupted.
+#[derive(Clone, Debug, Default)]
+pub struct Interrupt(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Interrupt {
+    /// A flag not raised.
+    pub fn new() -> Interrupt {
+        Interrupt::default()
+    }
+
+    /// Ask for the call under way to be given up.
+    pub fn raise(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Lower it (before a call).
+    pub fn clear(&self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether it is raised.
+    pub fn is_raised(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// Why an agent could not propose.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -252,6 +280,13 @@ pub trait Agent: Send {
         Err(AgentError(
             "this agent does not call a model (it never proposes Infer)".into(),
         ))
+    }
+
+    /// The flag this agent watches during [`Agent::infer`], if it can give a model call up
+    /// when asked: the runtime raises it when the run is killed meanwhile, and the call ends
+    /// (as an inference that says it was interrupted) instead of running to its timeout.
+    fn interrupt(&self) -> Option<Interrupt> {
+        None
     }
 
     /// Before a suspended run resumes: `recorded` are the run's model calls so far (its

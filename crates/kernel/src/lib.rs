@@ -34,8 +34,8 @@ pub mod timestamp;
 pub mod validate;
 
 pub use agent::{
-    Agent, AgentError, AgentView, CapabilityProposal, Inference, MountedMemory, Outcome, Proposal,
-    Thought, ToolOffer,
+    Agent, AgentError, AgentView, CapabilityProposal, Inference, Interrupt, MountedMemory, Outcome,
+    Proposal, Thought, ToolOffer,
 };
 pub use blob::{Blob, BlobRef};
 pub use builtin::{BUILTIN_TOOLS, BuiltinTool};

@@ -1698,7 +1698,7 @@ impl Ctx<'_> {
             (reservation, rec[0].clone())
         };
         let started = Instant::now();
-        let inferred = blocking(|| agent.infer(view));
+        let inferred = self.infer_watched(agent, view);
         let wall = started.elapsed().as_micros() as u64;
         let mut guard = self.live.lock().await;
         let live = &mut *guard;
@@ -1775,6 +1775,49 @@ impl Ctx<'_> {
     }
 
     /// Checks between two proposals: kill, deadline, grant expiry, policy change, assumptions.
+    /// `agent.infer(view)`, given up (through the agent's [`ice_kernel::Interrupt`], if it
+    /// has one) once the run is killed or its approval waits interrupted meanwhile: a kill
+    /// does not wait out a model call. On a runtime with one thread the call is not watched.
+    fn infer_watched(
+        &self,
+        agent: &mut dyn Agent,
+        view: &AgentView,
+    ) -> Result<ice_kernel::Inference, ice_kernel::AgentError> {
+        let handle = tokio::runtime::Handle::try_current()
+            .ok()
+            .filter(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let (Some(flag), Some(handle)) = (agent.interrupt(), handle) else {
+            return blocking(|| agent.infer(view));
+        };
+        flag.clear();
+        blocking(|| {
+            std::thread::scope(|s| {
+                let call = s.spawn(|| agent.infer(view));
+                while !call.is_finished() {
+                    std::thread::sleep(POLL_EVERY.max(Duration::from_millis(50)));
+                    if !flag.is_raised() && handle.block_on(self.stop_pending()) {
+                        flag.raise();
+                    }
+                }
+                call.join().unwrap_or_else(|_| {
+                    Err(ice_kernel::AgentError(
+                        "the agent's model call panicked".into(),
+                    ))
+                })
+            })
+        })
+    }
+
+    /// Whether the run was killed (by this process or, as the log says, another) or its
+    /// approval waits interrupted.
+    async fn stop_pending(&self) -> bool {
+        let mut live = self.live.lock().await;
+        if self.catch_up(&mut live).await.is_err() {
+            return false;
+        }
+        live.books.kill.is_some() || self.rt.interrupts.marked(&self.run)
+    }
+
     /// Whether [`Self::between_steps`] has something to act on now: a kill recorded (this
     /// process's or another's), an interrupted approval wait, the wall-time budget spent, or the
     /// policy files changed. A session with calls in flight takes no new call while one is
