@@ -2466,3 +2466,38 @@ fn an_anonymous_stream_ends_once_agent_tokens_exist() {
     token(&f, "agent", "first");
     ends_within_30s(stream, "the first agent token was added");
 }
+
+/// An MCP tool call runs no longer than the run's wall-time budget has left (its server's
+/// `call_timeout` is 20 s here, the budget 2 s): the call is cut, recorded with the timeout, and
+/// the run stops on the exhausted budget.
+#[test]
+fn a_tool_call_runs_no_longer_than_the_wall_time_budget_has_left() {
+    let f = fixture_with(
+        "walltime-tool",
+        "2s",
+        "[budget]\nwall_time = \"2s\"\non_exhaustion = \"abort\"\n",
+        "",
+    );
+    let started = std::time::Instant::now();
+    let (_r, o) = agent_stdio(
+        &f,
+        "legacy",
+        "none",
+        json!([{"op": "call", "name": "everything__trigger-long-running-operation", "args": {"duration": 10, "steps": 5}}]),
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "took {:?}: {}",
+        started.elapsed(),
+        text(&o)
+    );
+    let ev = events(&f, "walltime-tool");
+    let invoked = of_type(&ev, "ToolInvoked");
+    assert_eq!(invoked.len(), 1, "{ev:#?}");
+    assert_eq!(
+        invoked[0]["payload"]["error"]["kind"], "timeout",
+        "{:#}",
+        invoked[0]
+    );
+    assert_eq!(of_type(&ev, "RunCommitted").len(), 0, "{ev:#?}");
+}

@@ -487,6 +487,21 @@ impl ToolServers {
         tool: &str,
         arguments: Map<String, Value>,
     ) -> Result<ToolCallOutput, ToolCallError> {
+        self.call_within(auth, run, server, tool, arguments, None)
+            .await
+    }
+
+    /// [`Self::call`], bounded also by `within` (what the run's wall-time budget has left),
+    /// when that is less than the server's and the grant's bounds.
+    pub async fn call_within(
+        &self,
+        auth: &Authorization,
+        run: &RunId,
+        server: &str,
+        tool: &str,
+        arguments: Map<String, Value>,
+        within: Option<Duration>,
+    ) -> Result<ToolCallOutput, ToolCallError> {
         let resource = Resource::tool(server, tool).map_err(|_| match self.server(server) {
             None => ToolCallError::UnknownServer(server.to_string()),
             Some(_) => ToolCallError::UnknownTool {
@@ -512,8 +527,9 @@ impl ToolServers {
         // `timeout_ms` bounds the call.
         let sent = json_size(&arguments) as u64;
         require_bytes(auth, "the arguments", sent)?;
+        let timeout = cap_time(auth, state.config.call_timeout);
         let bounds = Bounds {
-            timeout: cap_time(auth, state.config.call_timeout),
+            timeout: within.map_or(timeout, |w| timeout.min(w.max(Duration::from_millis(1)))),
             max_result_bytes: usize::try_from(cap_bytes(
                 auth,
                 sent,

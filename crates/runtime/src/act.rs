@@ -742,6 +742,7 @@ pub async fn perform_tool(
     target: &Target,
     arguments: &Value,
     reserved: &Cost,
+    time_left: Option<Duration>,
 ) -> Result<Performed, (DenialCode, String)> {
     let Target::Tool { server, tool, .. } = target else {
         return Err((DenialCode::EffectFailed, "not a tool target".into()));
@@ -763,7 +764,10 @@ pub async fn perform_tool(
         "tool": tool,
         "arguments": arguments,
     }));
-    match tools.call(auth, run, server, tool, args).await {
+    match tools
+        .call_within(auth, run, server, tool, args, time_left)
+        .await
+    {
         Ok(out) => {
             payload.insert("result".into(), out.result.clone());
             payload.insert("is_error".into(), Value::Bool(out.is_error));

@@ -1304,9 +1304,16 @@ impl Ctx<'_> {
                 Some(tools) => {
                     guard.in_flight += 1;
                     drop(guard);
-                    let p =
-                        act::perform_tool(&tools, &self.run, &auth, target, &r.arguments, &amount)
-                            .await;
+                    let p = act::perform_tool(
+                        &tools,
+                        &self.run,
+                        &auth,
+                        target,
+                        &r.arguments,
+                        &amount,
+                        time_left,
+                    )
+                    .await;
                     guard = self.live.lock().await;
                     guard.in_flight -= 1;
                     p
