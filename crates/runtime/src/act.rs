@@ -661,20 +661,20 @@ pub async fn perform_remote(
                     format!("the HTTP call failed: {e}"),
                 )
             })?;
+            // A timeout is put down to the budget when the budget's bound is the one that
+            // fired, not a grant's shorter `timeout_ms`.
+            let budget_cut = |e: &ice_effects::http::HttpError| match e {
+                ice_effects::http::HttpError::Timeout { timeout: t, .. } if *t == timeout => {
+                    cut.as_deref()
+                }
+                _ => None,
+            };
             let response = match sent {
                 Ok(r) => r,
                 // Sent, and then no whole answer: the effect happened as far as anyone can
                 // know, with an unknown outcome. Recorded as the call it was.
                 Err(ice_effects::http::HttpError::Unanswered { error, evidence }) => {
-                    let cut = match *error {
-                        // The budget's bound, unless the grant's own was shorter.
-                        ice_effects::http::HttpError::Timeout { timeout: t, .. }
-                            if t == timeout =>
-                        {
-                            cut.as_deref()
-                        }
-                        _ => None,
-                    };
+                    let cut = budget_cut(&error);
                     return Ok(unanswered(
                         &method, url, &body, reserved, &error, &evidence, cut,
                     ));
@@ -691,15 +691,7 @@ pub async fn perform_remote(
                         }
                         _ => DenialCode::EffectFailed,
                     };
-                    let cut = match &e {
-                        ice_effects::http::HttpError::Timeout { timeout: t, .. }
-                            if *t == timeout =>
-                        {
-                            cut.as_deref()
-                        }
-                        _ => None,
-                    };
-                    return Err((code, format!("{e}{}", cut.unwrap_or_default())));
+                    return Err((code, format!("{e}{}", budget_cut(&e).unwrap_or_default())));
                 }
             };
             let n = response.body.len() as u64 + body.len() as u64;

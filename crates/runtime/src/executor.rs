@@ -1781,7 +1781,6 @@ impl Ctx<'_> {
         out
     }
 
-    /// Checks between two proposals: kill, deadline, grant expiry, policy change, assumptions.
     /// `agent.infer(view)`, given up (through the agent's [`ice_kernel::Interrupt`], if it
     /// has one) once the run is killed or its approval waits interrupted meanwhile: a kill
     /// does not wait out a model call. On a runtime with one thread the call is not watched.
@@ -1836,19 +1835,15 @@ impl Ctx<'_> {
         if poll {
             self.catch_up(live).await?;
         }
-        let over_time = live
-            .spec
-            .budget
-            .wall_time_us
-            .is_some_and(|limit| live.window_started.elapsed().as_micros() as u64 > limit);
         Ok(live.books.kill.is_some()
             || self.rt.interrupts.marked(&self.run)
-            || over_time
+            || wall_time_over(live).is_some()
             || (poll
                 && live.books.state() == RunState::Executing
                 && PolicyStamp::of(&live.policy_dir) != live.policy_stamp))
     }
 
+    /// Checks between two proposals: kill, deadline, grant expiry, policy change, assumptions.
     pub(crate) async fn between_steps(
         &self,
         live: &mut Live,
@@ -1867,16 +1862,13 @@ impl Ctx<'_> {
         if let Some(why) = self.rt.interrupts.take(&self.run) {
             return self.interrupted(live, &why).await.map(Some);
         }
-        if let Some(limit) = live.spec.budget.wall_time_us {
-            let used = live.window_started.elapsed().as_micros() as u64;
-            if used > limit {
-                let why = format!(
-                    "wall_time: the execution window has run {}ms, over its budget of {}ms",
-                    used / 1000,
-                    limit / 1000
-                );
-                return self.exhausted(live, &why).await.map(Some);
-            }
+        if let Some((used, limit)) = wall_time_over(live) {
+            let why = format!(
+                "wall_time: the execution window has run {}ms, over its budget of {}ms",
+                used / 1000,
+                limit / 1000
+            );
+            return self.exhausted(live, &why).await.map(Some);
         }
         let now = self.now();
         let due: Vec<EventId> = live
@@ -2577,11 +2569,19 @@ pub(crate) fn abandoned_stage_dir(run_dir: &std::path::Path) -> std::path::PathB
         .unwrap_or_else(|| run_dir.join(format!("{ABANDONED_STAGE}-last")))
 }
 
-/// What the run's wall-time budget has left, if it has one (the execution window's time, as
-/// the checks between steps measure it).
+/// The run's wall-time budget, if it has one, and what its execution window has used of it,
+/// in microseconds: `(used, limit)`.
+fn wall_time_used(live: &Live) -> Option<(u64, u64)> {
+    let limit = live.spec.budget.wall_time_us?;
+    Some((live.window_started.elapsed().as_micros() as u64, limit))
+}
+
+/// `(used, limit)` once the window has run past the wall-time budget.
+fn wall_time_over(live: &Live) -> Option<(u64, u64)> {
+    wall_time_used(live).filter(|(used, limit)| used > limit)
+}
+
+/// What the run's wall-time budget has left, if it has one.
 fn wall_time_left(live: &Live) -> Option<Duration> {
-    live.spec.budget.wall_time_us.map(|limit| {
-        let used = live.window_started.elapsed().as_micros() as u64;
-        Duration::from_micros(limit.saturating_sub(used))
-    })
+    wall_time_used(live).map(|(used, limit)| Duration::from_micros(limit.saturating_sub(used)))
 }

@@ -340,20 +340,7 @@ async fn a_policy_reload_revokes_grants_no_longer_permitted() {
     let plan =
         "[[step]]\nintent = \"r\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 3\n";
     let (spec, plan_agent) = h.spec("reload", "coder", "[grants]\nuses = 10\n", plan);
-    let policies = h.policies.clone();
-    let mut agent = Hooked {
-        inner: plan_agent,
-        hook: move |v: &ice_kernel::AgentView| {
-            if v.step == 1 {
-                // Reads are no longer permitted.
-                let text = POLICY.replace("@id(\"read\")\npermit(principal, action in [Action::\"fs.read\", Action::\"fs.list\"], resource in Dir::\".\");", "");
-                assert_ne!(text, POLICY);
-                // Edits are looked for at most every 25 ms between steps.
-                std::thread::sleep(std::time::Duration::from_millis(30));
-                std::fs::write(policies.join("p.cedar"), text).unwrap();
-            }
-        },
-    };
+    let mut agent = reads_withdrawn_at_step_1(plan_agent, h.policies.join("p.cedar"));
     let report = h.run(spec, &mut agent).await;
     assert_eq!(report.outcome, RunOutcome::Committed);
     let events = h.events("reload").await;
@@ -394,17 +381,7 @@ async fn an_edit_of_a_policy_file_behind_a_symbolic_link_is_taken_on() {
     let plan =
         "[[step]]\nintent = \"r\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 3\n";
     let (spec, plan_agent) = h.spec("linked", "coder", "[grants]\nuses = 10\n", plan);
-    let mut agent = Hooked {
-        inner: plan_agent,
-        hook: move |v: &ice_kernel::AgentView| {
-            if v.step == 1 {
-                let text = POLICY.replace("@id(\"read\")\npermit(principal, action in [Action::\"fs.read\", Action::\"fs.list\"], resource in Dir::\".\");", "");
-                assert_ne!(text, POLICY);
-                std::thread::sleep(std::time::Duration::from_millis(30));
-                std::fs::write(&real, text).unwrap();
-            }
-        },
-    };
+    let mut agent = reads_withdrawn_at_step_1(plan_agent, real);
     let report = h.run(spec, &mut agent).await;
     assert_eq!(report.outcome, RunOutcome::Committed);
     let events = h.events("linked").await;
@@ -415,6 +392,26 @@ async fn an_edit_of_a_policy_file_behind_a_symbolic_link_is_taken_on() {
     );
     assert_eq!(of_type(&events, EventType::CapabilityRevoked).len(), 1);
     assert_eq!(denial_codes(&events), ["policy_denied"]);
+}
+
+/// `plan_agent`, which before its step 1 rewrites the policy file `file` as POLICY without
+/// the rule permitting reads.
+fn reads_withdrawn_at_step_1(
+    plan_agent: ice_intelligence::PlanAgent,
+    file: std::path::PathBuf,
+) -> Hooked<impl FnMut(&ice_kernel::AgentView) + Send> {
+    Hooked {
+        inner: plan_agent,
+        hook: move |v: &ice_kernel::AgentView| {
+            if v.step == 1 {
+                let text = POLICY.replace("@id(\"read\")\npermit(principal, action in [Action::\"fs.read\", Action::\"fs.list\"], resource in Dir::\".\");", "");
+                assert_ne!(text, POLICY);
+                // Edits are looked for at most every 25 ms between steps.
+                std::thread::sleep(std::time::Duration::from_millis(30));
+                std::fs::write(&file, text).unwrap();
+            }
+        },
+    }
 }
 
 /// Re-drive `run` from its record with a fresh agent following `plan`: every decision must be
