@@ -379,6 +379,25 @@ fn supersede_and_deprecate() {
         err.contains("supersede needs a --reason (it is recorded)"),
         "{err}"
     );
+    // The finding (memory probe): a reason over 16 KiB went to the blob store, where the
+    // memory fold could not read it, and every memory command failed from then on. A reason
+    // is at most 4096 bytes; a longer one is refused and nothing is recorded.
+    let long = "R".repeat(17_000);
+    let read = env.event("first", "FileRead", Some("hello.txt"));
+    for args in [
+        vec!["memory", "deprecate", old.as_str(), "--reason", &long],
+        vec![
+            "memory", "promote", &read, "--kind", "k", "--scope", "s", "--reason", &long,
+        ],
+    ] {
+        let err = refused(home, &args);
+        assert!(err.contains("a reason is at most 4096 bytes"), "{err}");
+    }
+    assert_eq!(
+        ids(&json(home, &["memory", "list", "--json"])).len(),
+        2,
+        "the memory book still folds, and nothing was added"
+    );
     let out = json(
         home,
         &[

@@ -1754,7 +1754,10 @@ async fn elicit_approvals(
                 .get("reason")
                 .and_then(Value::as_str)
                 .unwrap_or("answered through MCP elicitation");
-            let _ = rt.answer_approval(&id, &operator, approve, reason).await;
+            // The client's answer stands whatever the length of its reason: a reason longer
+            // than the record carries is cut (the `…` room included), not refused.
+            let reason = cut(reason, ice_kernel::limits::MAX_TEXT_LEN - 3);
+            let _ = rt.answer_approval(&id, &operator, approve, &reason).await;
         });
     }
 }

@@ -645,8 +645,13 @@ impl Ctx<'_> {
                     &Value::Object(shown.clone()),
                     &version,
                 );
-                let timeout = Duration::from_millis(live.spec.approval_timeout_ms);
-                let expires_at = add_ms(now, live.spec.approval_timeout_ms);
+                // The wait ends at the approval timeout, or earlier where the run's wall-time
+                // budget ends: an approval nobody answers does not hold the run past its
+                // budget. The request records when it really expires.
+                let configured = Duration::from_millis(live.spec.approval_timeout_ms);
+                let budget_left = wall_time_left(live).filter(|left| *left < configured);
+                let timeout = budget_left.map_or(configured, |l| l.max(Duration::from_millis(1)));
+                let expires_at = add_ms(now, timeout.as_millis() as u64);
                 let draft = request_draft(agent, r);
                 let rec = self
                     .append(live, |next| {
@@ -698,6 +703,14 @@ impl Ctx<'_> {
                     ApprovalWait::Denied(reason) => Some((
                         DenialCode::ApprovalDenied,
                         format!("operator denied approval {approval}: {reason}"),
+                    )),
+                    ApprovalWait::TimedOut if budget_left.is_some() => Some((
+                        DenialCode::BudgetExhausted,
+                        format!(
+                            "nobody answered approval {approval} before the run's wall_time budget ran out ({} ms were left when it was asked; the approval timeout is {}s)",
+                            timeout.as_millis(),
+                            configured.as_secs_f64()
+                        ),
                     )),
                     ApprovalWait::TimedOut => Some((
                         DenialCode::ApprovalTimeout,

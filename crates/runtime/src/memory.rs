@@ -954,6 +954,19 @@ pub enum FieldProblem {
     },
 }
 
+/// A reason is recorded in the event's payload as a string, where the folds read it: one
+/// longer than [`ice_kernel::limits::MAX_TEXT_LEN`] is refused (past the blob threshold it would
+/// be moved to the blob store, and the record would no longer fold).
+pub(crate) fn reason_too_long(reason: &str) -> Option<FieldProblem> {
+    let max = ice_kernel::limits::MAX_TEXT_LEN;
+    (reason.len() > max).then(|| {
+        FieldProblem::Invalid(format!(
+            "{} bytes; a reason is at most {max} bytes",
+            reason.len()
+        ))
+    })
+}
+
 impl FieldProblem {
     /// The problem in words, calling the field `field` (`` `ttl_ms` ``, `--ttl`).
     pub fn describe(&self, field: &str) -> String {
@@ -1719,6 +1732,9 @@ impl Runtime {
                 },
             ));
         }
+        if let Some(p) = reason_too_long(reason) {
+            return Err(refuse(MemoryField::Reason, p));
+        }
         let operator = operator_origin(&req.operator)?;
         let log = self.ledger.log().clone();
         let stored = log
@@ -1860,6 +1876,12 @@ impl Runtime {
                 problem: FieldProblem::Missing {
                     operation: action.op(),
                 },
+            });
+        }
+        if let Some(problem) = reason_too_long(reason) {
+            return Err(MemoryError::Field {
+                field: MemoryField::Reason,
+                problem,
             });
         }
         let operator = operator_origin(operator)?;

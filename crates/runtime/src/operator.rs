@@ -983,6 +983,18 @@ impl Runtime {
         let mut attempts = 0;
         loop {
             let draft = answer_draft(&books, approval, &origin, grant, reason, self.clock.now())?;
+            // An answer serves only the process waiting for it. If none drives the run any
+            // more (the one that asked stopped, and took the wait with it), an answer would be
+            // recorded for a call nothing will make: it is refused, and says what to do.
+            if attempts == 0 && !self.driven(run).await? {
+                return Err(RuntimeError::State {
+                    run: run.to_string(),
+                    state: books.state(),
+                    what: format!(
+                        "nobody waits for approval {approval} any more: no process drives the run (the one that asked for it stopped). Start-up recovery (`ice serve`, or the next `ice run`) suspends the run; then resume it with `ice reconfigure`, and its agent asks again, or end it with `ice kill`"
+                    ),
+                });
+            }
             match self
                 .ledger
                 .append_at(run, books.next_seq(), vec![draft])
@@ -998,6 +1010,16 @@ impl Runtime {
                 Err(e) => return Err(e.into()),
                 Ok(_) => return Ok(()),
             }
+        }
+    }
+
+    /// Whether a live process drives `run`: it holds the run's lock on this machine, or its
+    /// claim in a shared log. Found out by trying to take the lock (released at once).
+    async fn driven(&self, run: &RunId) -> Result<bool, RuntimeError> {
+        match self.lock_run(run).await {
+            Ok(_free) => Ok(false),
+            Err(RuntimeError::Busy(_) | RuntimeError::Claimed(_)) => Ok(true),
+            Err(e) => Err(e),
         }
     }
 
@@ -1546,6 +1568,9 @@ fn answer_draft(
     now: ice_kernel::Timestamp,
 ) -> Result<Draft, RuntimeError> {
     let run = books.run();
+    if let Some(p) = crate::memory::reason_too_long(reason) {
+        return Err(RuntimeError::Invalid(p.describe("the reason")));
+    }
     let Some(a) = books.approvals.get(approval) else {
         return Err(RuntimeError::Invalid(format!(
             "{approval} is not an approval request of run {run}"

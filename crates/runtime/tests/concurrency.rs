@@ -214,13 +214,13 @@ async fn a_kill_stops_the_next_call_even_while_another_is_in_flight() {
     assert!(!h.ws.join("after-kill.txt").exists());
 }
 
-/// The same for the wall-time budget: while a call holds the run open past its budget (here,
-/// waiting for an approval), the next call waits for the checks, which stop the run on the
-/// exhausted budget.
+/// The same for the wall-time budget: a call proposed while another holds the run open (here,
+/// waiting for an approval) around the end of the budget is stopped by the checks, with the
+/// run, on the exhausted budget. (The holder's wait itself ends with the budget: see
+/// `an_approval_wait_ends_with_the_wall_time_budget`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_wall_time_budget_stops_the_next_call_even_while_another_is_in_flight() {
-    // The holder waits for an approval nobody gives (POLICY: an HTTP call needs one), which
-    // the wall-time budget does not cut.
+    // The holder waits for an approval nobody gives (POLICY: an HTTP call needs one).
     let port = ok_endpoint();
     let h = H::new(POLICY);
     let session = session(
@@ -241,6 +241,89 @@ async fn the_wall_time_budget_stops_the_next_call_even_while_another_is_in_fligh
     let abort = of_type(&events, EventType::AbortReasonDeclared);
     assert_eq!(abort[0].payload["reason"], "budget_exhausted", "{abort:?}");
     assert!(!h.ws.join("late.txt").exists());
+}
+
+/// The finding: an approval wait was bounded by the approval timeout alone, so a run whose
+/// wall-time budget ended while an approval nobody answered was pending went on waiting (here
+/// 20 s on a 1 s budget). The wait now ends with the budget: the request records the earlier
+/// expiry, the call is denied as `budget_exhausted`, an answer after that is refused, and the
+/// run stops on the exhausted budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_wait_ends_with_the_wall_time_budget() {
+    let port = ok_endpoint();
+    let h = H::new(POLICY);
+    let session = session(
+        &h,
+        "wait-in-budget",
+        "[budget]\nwall_time = \"1s\"\non_exhaustion = \"abort\"\n\n[approvals]\ntimeout = \"20s\"\n",
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let denied = session.propose(&slow_get(port)).await;
+    let waited = started.elapsed();
+    assert!(
+        waited < std::time::Duration::from_secs(5),
+        "the approval wait took {waited:?} on a 1 s budget"
+    );
+    let Ok(Some(Outcome::Denied { reason, detail, .. })) = &denied else {
+        panic!("{denied:?}");
+    };
+    assert_eq!(reason, "budget_exhausted", "{detail}");
+    assert!(detail.contains("wall_time budget ran out"), "{detail}");
+    let events = h.events("wait-in-budget").await;
+    let asked = of_type(&events, EventType::ApprovalRequested)[0];
+    let expires =
+        ice_kernel::Timestamp::parse(asked.payload["expires_at"].as_str().unwrap()).unwrap();
+    let window = expires.unix_us() - asked.at.unix_us();
+    assert!(
+        (0..=1_000_000).contains(&window),
+        "the request expires {window} µs after it was asked"
+    );
+    // Too late to answer, and the run stops on its budget.
+    let late = h.rt.answer_approval(&asked.id(), "alice", true, "").await;
+    assert!(late.is_err(), "{late:?}");
+    let next = session.propose(&write("after.txt")).await;
+    assert!(next.is_err(), "{next:?}");
+    let events = h.events("wait-in-budget").await;
+    let abort = of_type(&events, EventType::AbortReasonDeclared);
+    assert_eq!(abort[0].payload["reason"], "budget_exhausted", "{abort:?}");
+    assert!(!h.ws.join("after.txt").exists());
+}
+
+/// The finding (authority probe): an approval could be answered after the process waiting for
+/// it had stopped; `ApprovalGranted` was recorded for a call nothing would make. An answer now
+/// needs a process that drives the run (holds its lock); otherwise it is refused, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_nobody_waits_for_any_more_cannot_be_answered() {
+    let port = ok_endpoint();
+    let h = H::new(POLICY);
+    let run = ice_kernel::RunId::new("orphaned").unwrap();
+    let session = session(&h, "orphaned", "[approvals]\ntimeout = \"60s\"\n").await;
+    let call = slow_get(port);
+    let approval = tokio::select! {
+        r = session.propose(&call) => panic!("decided without an operator: {r:?}"),
+        a = pending(&h.rt, &run) => a,
+    };
+    // A reason longer than the record carries (it would go to the blob store, where the
+    // approval fold cannot read it, and the run would no longer fold) is refused.
+    let long =
+        h.rt.answer_approval(&approval, "alice", false, &"N".repeat(17_000))
+            .await;
+    assert!(
+        long.as_ref()
+            .is_err_and(|e| e.to_string().contains("a reason is at most 4096 bytes")),
+        "{long:?}"
+    );
+    // The process that asked stops: its wait and its lock of the run go with it.
+    drop(session);
+    let answer = h.rt.answer_approval(&approval, "alice", true, "").await;
+    let Err(e) = answer else {
+        panic!("an answer was recorded for a call nothing will make");
+    };
+    assert!(e.to_string().contains("nobody waits for approval"), "{e}");
+    let events = h.events("orphaned").await;
+    assert!(of_type(&events, EventType::ApprovalGranted).is_empty());
+    assert!(of_type(&events, EventType::ApprovalDenied).is_empty());
 }
 
 /// The finding: validation's budget check compared only what calls settled, and wall time is
