@@ -283,6 +283,10 @@ impl EventLog for Prefix {
         self.log.altered_blob().await
     }
 
+    async fn index_problem(&self) -> Result<Option<String>, LogError> {
+        self.log.index_problem().await
+    }
+
     async fn scan_nodes(
         &self,
         from_leaf: u64,

@@ -327,14 +327,26 @@ pub struct MigrateArgs {
     /// An empty log to copy into (an absent sqlite:PATH is created).
     #[arg(long, value_name = "URL")]
     to: String,
+    /// Verifier key file to check the copied checkpoints' signatures with (default: the
+    /// home's `keys/checkpoint.pub`, if there is one).
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
 }
 
 /// `ice migrate`: copy a whole log (events in order, blobs, checkpoints) into an empty one on
-/// another backend, then verify the copy. Exit 5 if the copy does not verify.
-pub async fn migrate(a: MigrateArgs) -> Result<u8> {
+/// another backend, then verify the copy, checkpoint signatures included when a key is at
+/// hand. Exit 5 if the copy does not verify.
+pub async fn migrate(home: &Path, a: MigrateArgs) -> Result<u8> {
+    // The key before anything is written: a key that cannot be read stops the copy.
+    let home_key = home.join("keys/checkpoint.pub");
+    let verifier = match &a.key {
+        Some(p) => Some(read_verifier(p)?),
+        None if home_key.is_file() => Some(read_verifier(&home_key)?),
+        None => None,
+    };
     let from = crate::home::open_log_url(&a.from, Mode::ReadOnly, None).await?;
     let to: std::sync::Arc<dyn ice_log::EventLog> = match a.to.strip_prefix("sqlite:") {
         Some(p) if !Path::new(p).exists() => std::sync::Arc::new(
@@ -344,29 +356,45 @@ pub async fn migrate(a: MigrateArgs) -> Result<u8> {
         _ => crate::home::open_log_url(&a.to, Mode::ReadWrite, None).await?,
     };
     let verbose = !a.json && std::io::stderr().is_terminal();
+    let mut copied = 0;
     let report = ice_log::migrate::copy_log(from.as_ref(), to.as_ref(), |n| {
+        copied = n;
         if verbose {
             eprint!("\rcopied {n} events");
         }
     })
-    .await
-    .context("copying the log")?;
+    .await;
     if verbose {
         eprintln!();
     }
-    let v = ice_log::verify::verify(to.as_ref(), None, |_| {})
+    // A copy that stopped part way leaves what it wrote: say so, or the next attempt finds a
+    // destination that is not empty (and that alone would verify, as a shorter log).
+    let report = report.with_context(|| {
+        format!(
+            "copying the log (the destination now holds a partial copy, about {copied} events: it is not the source; remove it before copying again)"
+        )
+    })?;
+    let v = ice_log::verify::verify(to.as_ref(), verifier.as_ref(), |_| {})
         .await
         .context("verifying the copy")?;
     if a.json {
         println!(
             "{}",
-            json!({"copied": report, "verified": v.ok(), "root": v.root, "failure": v.failure})
+            json!({"copied": report, "verified": v.ok(), "root": v.root, "failure": v.failure, "warnings": v.warnings})
         );
     } else {
         println!(
             "copied {} events of {} runs, {} blobs, {} checkpoints",
             report.events, report.runs, report.blobs, report.checkpoints
         );
+        for w in &v.warnings {
+            println!("warning: {w}");
+        }
+        if verifier.is_none() {
+            println!(
+                "warning: to check them, give --key FILE (the source installation's keys/checkpoint.pub)"
+            );
+        }
         match &v.failure {
             None => println!("the copy verifies: root {}", v.root),
             Some(f) => println!(

@@ -895,6 +895,11 @@ impl EventLog for MemoryLog {
     async fn altered_blob(&self) -> Result<Option<String>, ice_log::LogError> {
         Ok(None)
     }
+    async fn index_problem(&self) -> Result<Option<String>, ice_log::LogError> {
+        // Kept in memory: no indexes apart from its rows.
+        Ok(None)
+    }
+
     async fn scan_nodes(
         &self,
         _: u64,

@@ -504,6 +504,10 @@ impl EventLog for TimedLog {
         self.inner.altered_blob().await
     }
 
+    async fn index_problem(&self) -> Result<Option<String>, LogError> {
+        self.inner.index_problem().await
+    }
+
     async fn scan_nodes(
         &self,
         from_leaf: u64,

@@ -156,7 +156,7 @@ fn main() -> ExitCode {
             Command::Checkpoint(a) => audit::checkpoint(&home, log_url, a).await,
             Command::Prove(a) => audit::prove(&home, log_url, a).await,
             Command::VerifyProof(a) => audit::verify_proof(&home, a),
-            Command::Migrate(a) => audit::migrate(a).await,
+            Command::Migrate(a) => audit::migrate(&home, a).await,
             Command::Policy(a) => policy::run(&home, a),
             Command::Run(a) => run::run(&home, log_url, a).await,
             Command::Diff(a) => run::diff(&home, log_url, a).await,

@@ -441,6 +441,150 @@ fn verify_exits_5_naming_the_first_bad_event_and_changes_nothing() {
     assert_eq!(r["failure"]["event_id"], "beta:3");
 }
 
+/// The finding (audit probe): `ice migrate` verified the copy without a key, so a log whose
+/// checkpoint signature was forged was copied and reported as verifying. The copy is checked
+/// with `--key`, else the home's key; with neither, the output says signatures were not
+/// checked.
+#[test]
+fn migrate_checks_the_copied_checkpoints_signatures() {
+    let (d, home) = seeded();
+    assert_eq!(code(&ice(&home, &["checkpoint"])), 0);
+    let db = home.join("ice.db");
+    // Five characters of the signature, just before the note's final newline, change.
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.execute_batch(
+        "DROP TRIGGER checkpoints_no_update;
+         UPDATE checkpoints SET note = substr(note, 1, length(note) - 6) || 'AAAAA' || substr(note, length(note));",
+    )
+    .unwrap();
+    drop(c);
+    let from = format!("sqlite:{}", db.display());
+    let copy = |name: &str| format!("sqlite:{}", d.path().join(name).display());
+    let o = ice(&home, &["migrate", "--from", &from, "--to", &copy("a.db")]);
+    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("does NOT verify"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("signature"), "{}", stdout(&o));
+    // From outside an installation: with the key given, the same verdict; without one, the
+    // copy verifies as far as it can be checked, and the output says what was not.
+    let elsewhere = d.path().join("not-a-home");
+    let key = home.join("keys/checkpoint.pub");
+    let key = key.to_str().unwrap();
+    let o = ice(
+        &elsewhere,
+        &[
+            "migrate",
+            "--from",
+            &from,
+            "--to",
+            &copy("b.db"),
+            "--key",
+            key,
+        ],
+    );
+    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+    let o = ice(
+        &elsewhere,
+        &["migrate", "--from", &from, "--to", &copy("c.db")],
+    );
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("signatures were not checked") && stdout(&o).contains("--key"),
+        "{}",
+        stdout(&o)
+    );
+    let o = ice(
+        &elsewhere,
+        &["migrate", "--from", &from, "--to", &copy("d.db"), "--json"],
+    );
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(
+        v["warnings"]
+            .to_string()
+            .contains("signatures were not checked"),
+        "{v}"
+    );
+}
+
+/// The finding (audit probe): `verify` reads the event table in log order, not its indexes,
+/// and the readers trusted the indexes: with two index entries' row pointers swapped, `verify`
+/// said ok while `ice show alpha:2` printed alpha:3. Readers now refuse a row that is not the
+/// one asked for, and `verify --deep` runs SQLite's integrity check of the indexes.
+#[test]
+fn altered_indexes_are_refused_by_readers_and_caught_by_deep_verify() {
+    let (_d, home) = seeded();
+    let db = home.join("ice.db");
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+        .unwrap();
+    // The `(run_id, run_seq)` index entries of alpha:2 and alpha:3 (a record header of four
+    // bytes, the run id, then run_seq and the row id as one-byte integers): swap the row ids.
+    let mut bytes = std::fs::read(&db).unwrap();
+    let entry = |seq: u8| [&b"\x04\x17\x01\x01alpha"[..], &[seq, seq]].concat();
+    let find = |b: &[u8], pat: &[u8]| {
+        let at: Vec<usize> = (0..=b.len() - pat.len())
+            .filter(|&i| &b[i..i + pat.len()] == pat)
+            .collect();
+        assert_eq!(at.len(), 1, "{pat:?} found {} times", at.len());
+        at[0] + pat.len() - 1
+    };
+    let (two, three) = (find(&bytes, &entry(2)), find(&bytes, &entry(3)));
+    bytes[two] = 3;
+    bytes[three] = 2;
+    std::fs::write(&db, &bytes).unwrap();
+    let o = ice(&home, &["show", "alpha:2"]);
+    assert_ne!(code(&o), 0, "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("indexes were altered"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let o = ice(&home, &["verify", "--deep"]);
+    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("integrity check"), "{}", stdout(&o));
+}
+
+/// The finding (audit probe): in a file whose table was rebuilt to allow them, a NULL
+/// `log_prev` skipped the log-order link check and a row with a NULL `log_seq` (in no scan)
+/// passed `verify`. The first is an event without its link; the second a row outside the log.
+#[test]
+fn rows_without_their_link_or_position_fail_verify() {
+    let rebuild = |home: &Path, then: &str| {
+        let c = rusqlite::Connection::open(home.join("ice.db")).unwrap();
+        c.execute_batch(&format!(
+            "DROP TRIGGER events_no_update; DROP TRIGGER events_no_delete;
+             CREATE TABLE loose(log_seq INTEGER, run_id TEXT, run_seq INTEGER, type TEXT, hash BLOB, log_prev BLOB, body BLOB);
+             INSERT INTO loose SELECT * FROM events;
+             DROP TABLE events;
+             ALTER TABLE loose RENAME TO events;
+             {then}"
+        ))
+        .unwrap();
+    };
+    let (_d, home) = seeded();
+    rebuild(
+        &home,
+        "UPDATE events SET log_prev = NULL WHERE log_seq = 6;",
+    );
+    let o = ice(&home, &["verify"]);
+    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("at log_seq 6"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("no log_prev link"), "{}", stdout(&o));
+    let (_d, home) = seeded();
+    rebuild(
+        &home,
+        "INSERT INTO events SELECT NULL, 'zz', 0, type, hash, log_prev, body FROM events WHERE log_seq = 0;",
+    );
+    let o = ice(&home, &["verify"]);
+    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("11 event rows are stored"),
+        "{}",
+        stdout(&o)
+    );
+}
+
 #[test]
 fn a_corrupt_or_missing_database_is_a_clear_error_and_is_not_modified() {
     let (_d, home) = seeded();

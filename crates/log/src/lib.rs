@@ -149,6 +149,9 @@ pub struct Extent {
     /// The hash the log's head records as its last event's (what the next append links to),
     /// where the backend keeps one.
     pub last: Option<Digest>,
+    /// How many event rows are stored, where the backend counts them cheaply (a row whose
+    /// position is missing is in no scan, but is in this count).
+    pub rows: Option<u64>,
 }
 
 /// A checkpoint note as stored.
@@ -311,6 +314,11 @@ pub trait EventLog: Send + Sync {
     /// blob travels in its batch's message). Required, like [`EventLog::extent`], so wrappers
     /// pass it on.
     async fn altered_blob(&self) -> Result<Option<String>, LogError>;
+    /// What is wrong with the store's own indexes (which lookups by run and by id go
+    /// through, and which a scan in log order does not read), from the store's own check;
+    /// `None` when they agree with the rows, or where the backend has nothing to check.
+    /// `verify --deep` asks; it reads the whole store. Required, so wrappers pass it on.
+    async fn index_problem(&self) -> Result<Option<String>, LogError>;
     /// Store a signed checkpoint (its size must not exceed the log).
     async fn add_checkpoint(&self, checkpoint: StoredCheckpoint) -> Result<(), LogError>;
     /// Every stored checkpoint, by size.

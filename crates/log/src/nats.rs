@@ -2400,6 +2400,11 @@ impl EventLog for NatsLog {
         Ok(None)
     }
 
+    async fn index_problem(&self) -> Result<Option<String>, LogError> {
+        // A stream of messages: lookups by run read the messages' own subjects.
+        Ok(None)
+    }
+
     async fn scan_nodes(
         &self,
         from_leaf: u64,

@@ -124,7 +124,8 @@ fn damaged(e: &rusqlite::Error) -> bool {
         }
         rusqlite::Error::InvalidColumnType(..)
         | rusqlite::Error::FromSqlConversionFailure(..)
-        | rusqlite::Error::IntegralValueOutOfRange(..) => true,
+        | rusqlite::Error::IntegralValueOutOfRange(..)
+        | rusqlite::Error::Utf8Error(..) => true,
         _ => false,
     }
 }
@@ -1008,9 +1009,50 @@ fn row_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
     })
 }
 
+/// An index lookup that found another row than the one it was asked for: the file's indexes
+/// were altered (verification reads the table in log order, not its indexes; `--deep` checks
+/// them too). Refused, so no reader serves another event than the one asked for.
+fn index_altered(run: &str, wanted: &str, found_run: &str, found_seq: i64) -> LogError {
+    LogError::Corrupt {
+        what: format!(
+            "looking up {wanted} of run {run}, the index led to the row of {found_run}:{found_seq}: the file's indexes were altered (`ice verify --deep` checks them)"
+        ),
+    }
+}
+
+/// The stored event in `body` must be `run:seq`. Judged by the body (which verification
+/// checks against its hash), not by the `run_id` and `run_seq` columns: SQLite reads those
+/// from the index a lookup went through, which is what is in question.
+fn check_body_is(run: &str, seq: u64, body: &[u8]) -> Result<(), LogError> {
+    let h = ice_kernel::Header::parse(body).map_err(|e| LogError::Corrupt {
+        what: format!("the stored event read as {run}:{seq} does not parse: {e}"),
+    })?;
+    if h.run_id != run || h.run_seq != seq {
+        return Err(index_altered(
+            run,
+            &format!("{run}:{seq}"),
+            h.run_id,
+            h.run_seq as i64,
+        ));
+    }
+    Ok(())
+}
+
+/// Rows read through the `(run_id, run_seq)` index from `from_seq` on must be run `run`'s, in
+/// order, without a gap.
+fn check_run_rows(run: &str, from_seq: u64, rows: &[StoredEvent]) -> Result<(), LogError> {
+    for (i, e) in rows.iter().enumerate() {
+        check_body_is(run, from_seq + i as u64, &e.body)?;
+    }
+    Ok(())
+}
+
 /// The same columns as [`row_event`], borrowed from SQLite's row (the text columns checked to
 /// be UTF-8, as reading them into `String`s checks).
-fn row_ref<'r>(r: &'r rusqlite::Row<'_>) -> rusqlite::Result<StoredRef<'r>> {
+/// In a file whose events are linked (`linked`), a NULL `log_prev` is read as an empty link,
+/// which matches no event: verification reports it, instead of skipping the link check as for
+/// a file of the format before links.
+fn row_ref<'r>(r: &'r rusqlite::Row<'_>, linked: bool) -> rusqlite::Result<StoredRef<'r>> {
     let text = |i: usize| -> rusqlite::Result<&'r str> {
         let v = r.get_ref(i)?;
         v.as_str()
@@ -1028,6 +1070,7 @@ fn row_ref<'r>(r: &'r rusqlite::Row<'_>) -> rusqlite::Result<StoredRef<'r>> {
         event_type: text(3)?,
         hash: blob(4)?,
         log_prev: match r.get_ref(5)? {
+            rusqlite::types::ValueRef::Null if linked => Some(&[]),
             rusqlite::types::ValueRef::Null => None,
             v => Some(blob_of(5, v)?),
         },
@@ -1132,15 +1175,25 @@ impl SqliteLog {
         self.read(move |c| {
             let mut s = c
                 .prepare_cached(&format!(
-                    "SELECT run_id FROM events WHERE run_seq = 0 ORDER BY log_seq {order} LIMIT ?1 OFFSET ?2"
+                    "SELECT run_id, run_seq, log_seq FROM events WHERE run_seq = 0 ORDER BY log_seq {order} LIMIT ?1 OFFSET ?2"
                 ))
                 .map_err(storage("listing runs"))?;
             let rows = s
-                .query_map(params![clamp(limit), pos(offset)], |r| r.get::<_, String>(0))
+                .query_map(params![clamp(limit), pos(offset)], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                })
                 .map_err(storage("listing runs"))?;
             let mut out = Vec::new();
+            let mut last: Option<i64> = None;
             for r in rows {
-                let s = r.map_err(storage("listing runs"))?;
+                let (s, seq, at) = r.map_err(storage("listing runs"))?;
+                // Each row the index of runs' first events leads to must be a first event, each
+                // once, in log order.
+                let in_order = last.is_none_or(|l| if order == "ASC" { at > l } else { at < l });
+                if seq != 0 || !in_order {
+                    return Err(index_altered(&s, "the first event", &s, seq));
+                }
+                last = Some(at);
                 out.push(RunId::new(s).map_err(|e| LogError::Corrupt {
                     what: format!("run id column: {e}"),
                 })?);
@@ -1172,7 +1225,9 @@ impl EventLog for SqliteLog {
                 ))
                 .map_err(storage("reading a run"))?;
             let rows = s.query_map(params![run, pos(from_seq), clamp(limit)], row_event).map_err(storage("reading a run"))?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(storage("reading a run"))
+            let rows = rows.collect::<Result<Vec<_>, _>>().map_err(storage("reading a run"))?;
+            check_run_rows(&run, from_seq, &rows)?;
+            Ok(rows)
         })
         .await
     }
@@ -1202,7 +1257,7 @@ impl EventLog for SqliteLog {
             let mut page = reuse;
             page.clear();
             scan_rows(c, layout, from_log_seq, limit, &mut |r| {
-                page.push(row_ref(r)?);
+                page.push(row_ref(r, layout.linked)?);
                 Ok(())
             })?;
             if nodes {
@@ -1221,7 +1276,12 @@ impl EventLog for SqliteLog {
                 "SELECT {cols} FROM events WHERE run_id = ?1 AND run_seq = ?2"
             ))
             .and_then(|mut s| s.query_row(params![run, seq], row_event).optional())
-            .map_err(storage("reading an event"))
+            .map_err(storage("reading an event"))?
+            .map(|e| {
+                check_run_rows(&run, seq as u64, std::slice::from_ref(&e))?;
+                Ok(e)
+            })
+            .transpose()
         })
         .await
     }
@@ -1254,13 +1314,18 @@ impl EventLog for SqliteLog {
         let ids = ids.to_vec();
         self.read(move |c| {
             let mut s = c
-                .prepare_cached("SELECT 1 FROM events WHERE run_id = ?1 AND run_seq = ?2")
+                .prepare_cached("SELECT body FROM events WHERE run_id = ?1 AND run_seq = ?2")
                 .map_err(storage("looking up causes"))?;
             let mut out = HashSet::new();
             for id in ids {
-                if s.exists(params![id.run_id.as_str(), id.run_seq as i64])
-                    .map_err(storage("looking up causes"))?
-                {
+                let found = s
+                    .query_row(params![id.run_id.as_str(), id.run_seq as i64], |r| {
+                        r.get::<_, Vec<u8>>(0)
+                    })
+                    .optional()
+                    .map_err(storage("looking up causes"))?;
+                if let Some(body) = found {
+                    check_body_is(id.run_id.as_str(), id.run_seq, &body)?;
                     out.insert(id);
                 }
             }
@@ -1315,6 +1380,28 @@ impl EventLog for SqliteLog {
         .await
     }
 
+    async fn index_problem(&self) -> Result<Option<String>, LogError> {
+        self.read(move |c| {
+            // SQLite's own check of every index against its table (and of the file's pages).
+            let mut s = c
+                .prepare("PRAGMA integrity_check(8)")
+                .map_err(storage("checking the indexes"))?;
+            let found = s
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(storage("checking the indexes"))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(storage("checking the indexes"))?;
+            Ok(match found.as_slice() {
+                [ok] if ok == "ok" => None,
+                problems => Some(format!(
+                    "SQLite's integrity check of the file: {}: its indexes or pages were altered",
+                    problems.join("; ")
+                )),
+            })
+        })
+        .await
+    }
+
     async fn altered_blob(&self) -> Result<Option<String>, LogError> {
         self.read(move |c| {
             // Row by row, in the reader: memory stays one blob, however many there are.
@@ -1349,7 +1436,7 @@ impl EventLog for SqliteLog {
             };
             let sql = format!(
                 "SELECT {head}, (SELECT MIN(log_seq) FROM events), (SELECT MAX(log_seq) FROM events), \
-                 (SELECT MIN(leaf_end) FROM tree), (SELECT MAX(leaf_end) FROM tree)"
+                 (SELECT MIN(leaf_end) FROM tree), (SELECT MAX(leaf_end) FROM tree), (SELECT count(*) FROM events)"
             );
             let row = c
                 .query_row(&sql, [], |r| {
@@ -1361,12 +1448,13 @@ impl EventLog for SqliteLog {
                         int(3)?,
                         int(4)?,
                         int(5)?,
+                        int(6)?,
                     ))
                 })
                 .map_err(|e| LogError::Corrupt {
                     what: format!("the log's edges (head, lowest and highest event and tree rows) do not read: {e}"),
                 })?;
-            let (size, last, ev_lo, ev_hi, node_lo, node_hi) = row;
+            let (size, last, ev_lo, ev_hi, node_lo, node_hi, rows) = row;
             let size = match size {
                 Some(n) if n >= 0 => n as u64,
                 Some(n) => {
@@ -1393,6 +1481,7 @@ impl EventLog for SqliteLog {
                 events: ev_lo.zip(ev_hi),
                 nodes: node_lo.zip(node_hi),
                 last,
+                rows: rows.map(|n| n.max(0) as u64),
             }))
         })
         .await

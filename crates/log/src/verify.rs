@@ -385,10 +385,17 @@ impl Verifier {
                 self.fail(
                     Some(row.log_seq),
                     label(),
-                    format!(
-                        "event at log_seq {} does not follow the event before it in the log (its log_prev names another event): events were moved, removed or inserted",
-                        row.log_seq
-                    ),
+                    if link.is_empty() {
+                        format!(
+                            "event at log_seq {} has no log_prev link (the column is empty or NULL): it was altered",
+                            row.log_seq
+                        )
+                    } else {
+                        format!(
+                            "event at log_seq {} does not follow the event before it in the log (its log_prev names another event): events were moved, removed or inserted",
+                            row.log_seq
+                        )
+                    },
                 );
                 return Ok(false);
             }
@@ -685,6 +692,13 @@ impl Verifier {
             );
             return Ok(());
         }
+        // Deep: the store's own indexes, which lookups by run and by id go through.
+        if self.deep
+            && let Some(problem) = log.index_problem().await?
+        {
+            self.fail(None, None, problem);
+            return Ok(());
+        }
         if let Some((k, h)) = self.current.take() {
             self.heads.insert(k, h);
         }
@@ -733,6 +747,14 @@ impl Verifier {
                     x.size
                 )));
             }
+        }
+        if let Some(rows) = x.rows
+            && x.size == next
+            && rows != next
+        {
+            return Ok(Some(format!(
+                "{rows} event rows are stored, but the log holds {next} events: rows at no position in the log (a NULL log_seq) were inserted, the table rebuilt to allow them"
+            )));
         }
         if let Some((lo, hi)) = x.nodes {
             if lo < 0 {

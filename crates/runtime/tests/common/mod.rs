@@ -400,6 +400,13 @@ impl<K: Hooks> EventLog for HookedLog<K> {
     {
         self.inner.altered_blob()
     }
+    fn index_problem<'a, 't>(&'a self) -> Fut<'t, Option<String>>
+    where
+        'a: 't,
+        Self: 't,
+    {
+        self.inner.index_problem()
+    }
     fn scan_nodes<'a, 't>(
         &'a self,
         from_leaf: u64,
