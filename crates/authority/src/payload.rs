@@ -650,7 +650,9 @@ event_payload!(ApprovalGrantedPayload, ApprovalGranted);
 pub struct ApprovalDeniedPayload {
     /// The approval (the `ApprovalRequested` event's id).
     pub approval: EventId,
-    /// Why.
+    /// Why (read back as a stand-in if it went to the blob store: see
+    /// [`ice_kernel::blob::text_or_blob`]).
+    #[serde(deserialize_with = "ice_kernel::blob::text_or_blob")]
     pub reason: String,
 }
 
@@ -675,5 +677,36 @@ mod tests {
             assert_eq!(json, Value::String(code.as_str().to_string()));
         }
         assert!("grant_gone".parse::<DenialCode>().is_err());
+    }
+
+    /// The finding (memory probe): a denial reason over the blob threshold was moved to the
+    /// blob store, and its reference did not read back as the string the fold expects, so the
+    /// run's books never folded again (nothing could kill or recover the run). Such a record
+    /// reads back with a stand-in that names the blob.
+    #[test]
+    fn a_denial_reason_moved_to_the_blob_store_reads_back() {
+        let digest = "ab".repeat(32);
+        let p: ApprovalDeniedPayload = serde_json::from_value(serde_json::json!({
+            "approval": "r:7",
+            "reason": {"$blob": digest, "size": 17002},
+        }))
+        .unwrap();
+        assert_eq!(
+            p.reason,
+            format!("[text of 17002 bytes, kept in blob {digest}]")
+        );
+        let plain: ApprovalDeniedPayload =
+            serde_json::from_value(serde_json::json!({"approval": "r:7", "reason": "no"})).unwrap();
+        assert_eq!(plain.reason, "no");
+        for bad in [
+            serde_json::json!({"$blob": "zz", "size": 1}),
+            serde_json::json!({"size": 1}),
+            serde_json::json!(5),
+        ] {
+            let r = serde_json::from_value::<ApprovalDeniedPayload>(
+                serde_json::json!({"approval": "r:7", "reason": bad}),
+            );
+            assert!(r.is_err(), "{bad}: {r:?}");
+        }
     }
 }

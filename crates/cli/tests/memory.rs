@@ -451,6 +451,16 @@ fn supersede_and_deprecate() {
         &["memory", "supersede", new, "--by", brief, "--reason", "x"],
     );
     assert!(err.contains(&format!("--by {brief} expired at ")), "{err}");
+    // The finding (memory probe): the same event, kind and scope promoted again after the
+    // memory expired was refused as "already active" until something recorded the expiry.
+    let again = json(
+        home,
+        &[
+            "memory", "promote", &read, "--kind", "note", "--scope", "brief", "--reason", "again",
+            "--json",
+        ],
+    );
+    assert_ne!(again["memory"].as_str().unwrap(), brief, "{again}");
     assert!(!err.contains('`'), "{err}");
     let o = ice(home, &["memory", "deprecate", new, "--reason", "stale"]);
     assert_eq!(code(&o), 0, "{}", text(&o));

@@ -145,3 +145,29 @@ pub fn inline(payload: &Payload, mut fetch: impl FnMut(&Digest) -> Option<Vec<u8
     }
     out
 }
+
+/// Deserialize a text field that the kernel may have moved to the blob store: the text itself,
+/// or, for a reference, a stand-in naming the blob (`[text of N bytes, kept in blob DIGEST]`).
+/// For folds that read a field such as a reason as text: a record whose text went to the store
+/// (possible before such fields were capped) still folds, and the blob still holds the text.
+pub fn text_or_blob<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum TextOrRef {
+        Text(String),
+        Ref {
+            #[serde(rename = "$blob")]
+            blob: String,
+            size: u64,
+        },
+    }
+    match <TextOrRef as serde::Deserialize>::deserialize(d)? {
+        TextOrRef::Text(t) => Ok(t),
+        TextOrRef::Ref { blob, size } => match Digest::from_hex(&blob) {
+            Ok(_) => Ok(format!("[text of {size} bytes, kept in blob {blob}]")),
+            Err(e) => Err(serde::de::Error::custom(format!(
+                "a blob reference whose digest is not one: {e}"
+            ))),
+        },
+    }
+}

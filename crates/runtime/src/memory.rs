@@ -550,14 +550,16 @@ struct PromotedPayload {
     #[serde(default)]
     expires_at: Option<Timestamp>,
     promoted_by: String,
-    #[serde(default)]
+    // Reasons read back as stand-ins where they went to the blob store (before reasons were
+    // capped): the memory book still folds.
+    #[serde(default, deserialize_with = "ice_kernel::blob::text_or_blob")]
     reason: String,
 }
 
 #[derive(Deserialize)]
 struct TransitionPayload {
     memory: EventId,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "ice_kernel::blob::text_or_blob")]
     reason: String,
     #[serde(default)]
     operator: Option<String>,
@@ -1789,8 +1791,12 @@ impl Runtime {
                 )));
             }
         }
+        // A memory past its expiry is no longer active, recorded or not: promoting the event
+        // again is no duplicate.
+        let at = self.clock.now();
         if let Some(dup) = book.iter().find(|r| {
             r.status == MemoryStatus::Active
+                && !r.expired_at(at)
                 && r.sources.contains(&req.source)
                 && r.kind == req.kind
                 && r.scope == req.scope
@@ -2035,5 +2041,36 @@ impl Runtime {
                 .map(|(r, e)| (r.id.clone(), e.id()))
                 .collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The finding (memory probe): a reason over the blob threshold was moved to the blob store
+    /// and its reference did not read as text, so the memory book stopped folding and every
+    /// memory command failed for good. Such records read back with a stand-in naming the blob.
+    #[test]
+    fn reasons_moved_to_the_blob_store_still_fold() {
+        let digest = "cd".repeat(32);
+        let reason = serde_json::json!({"$blob": digest, "size": 17_002});
+        let t: TransitionPayload = serde_json::from_value(serde_json::json!({
+            "memory": "maint-1:3",
+            "reason": reason,
+        }))
+        .unwrap();
+        assert_eq!(
+            t.reason,
+            format!("[text of 17002 bytes, kept in blob {digest}]")
+        );
+        let p: PromotedPayload = serde_json::from_value(serde_json::json!({
+            "schema_version": 1, "kind": "file", "content": "x", "digest": "ab".repeat(32),
+            "confidence": 0.5, "sources": ["src:10"], "source_run": "src",
+            "source_type": "FileRead", "scope": "project", "promoted_by": "operator:alice",
+            "reason": reason,
+        }))
+        .unwrap();
+        assert!(p.reason.starts_with("[text of 17002 bytes"), "{}", p.reason);
     }
 }
