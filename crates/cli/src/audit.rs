@@ -73,6 +73,15 @@ fn read_note(path: &Path) -> Result<String> {
     Ok(text)
 }
 
+/// The damage an error reports (a `LogError::Corrupt` anywhere in its chain), if any.
+fn corrupt_in(e: &anyhow::Error) -> Option<String> {
+    e.chain()
+        .find_map(|c| match c.downcast_ref::<ice_log::LogError>() {
+            Some(ice_log::LogError::Corrupt { what }) => Some(what.clone()),
+            _ => None,
+        })
+}
+
 pub async fn verify(home: &Path, url: Option<&str>, a: VerifyArgs) -> Result<u8> {
     let h = Home::open(home)?;
     let verifier = match &a.key {
@@ -83,13 +92,7 @@ pub async fn verify(home: &Path, url: Option<&str>, a: VerifyArgs) -> Result<u8>
     // failure to run: the log is invalid (SQLite finding the file damaged, its first page
     // overwritten included, is `Corrupt`). A store that is not there, or cannot be opened,
     // is not a verdict.
-    let corrupt = |e: &anyhow::Error| {
-        e.chain()
-            .find_map(|c| match c.downcast_ref::<ice_log::LogError>() {
-                Some(ice_log::LogError::Corrupt { what }) => Some(what.clone()),
-                _ => None,
-            })
-    };
+    let corrupt = corrupt_in;
     let invalid = |what: String, json: bool| {
         if json {
             println!(
@@ -201,8 +204,23 @@ pub async fn sign_checkpoint(
 
 pub async fn checkpoint(home: &Path, url: Option<&str>, a: CheckpointArgs) -> Result<u8> {
     let h = Home::open(home)?;
-    let log = h.log(url, Mode::ReadWrite).await?;
-    let signed = sign_checkpoint(&h, log.as_ref()).await?;
+    // A store too damaged to open or to check is a verdict, as for `verify`: nothing is
+    // signed, exit 5.
+    let damaged = |e: anyhow::Error| match corrupt_in(&e) {
+        Some(what) => {
+            eprintln!("error: the store is damaged, nothing was signed: {what}");
+            Ok(EXIT_INVALID)
+        }
+        None => Err(e),
+    };
+    let log = match h.log(url, Mode::ReadWrite).await {
+        Ok(log) => log,
+        Err(e) => return damaged(e),
+    };
+    let signed = match sign_checkpoint(&h, log.as_ref()).await {
+        Ok(s) => s,
+        Err(e) => return damaged(e),
+    };
     if a.json {
         println!(
             "{}",

@@ -460,11 +460,25 @@ fn split_param(url: &str, name: &str) -> (String, Option<String>) {
 /// Opening a shared log failed: the error, with the URL's password kept out of every part of
 /// it (the client libraries' own messages repeat the URL they were given).
 fn opening_failed(url: &str, e: anyhow::Error) -> anyhow::Error {
-    let mut text = format!("{e:#}");
-    for secret in secrets(url) {
-        text = text.replace(&secret, "***");
+    let hide = |mut text: String| {
+        for secret in secrets(url) {
+            text = text.replace(&secret, "***");
+        }
+        text
+    };
+    let place = format!("opening the log {}", redact(url));
+    // Damage stays a `LogError::Corrupt` (its text kept clear of secrets too), so that
+    // `verify` and `checkpoint` give their verdict on it (exit 5), as for the embedded log.
+    let damage = e
+        .chain()
+        .find_map(|c| match c.downcast_ref::<ice_log::LogError>() {
+            Some(ice_log::LogError::Corrupt { what }) => Some(what.clone()),
+            _ => None,
+        });
+    if let Some(what) = damage {
+        return anyhow::Error::new(ice_log::LogError::Corrupt { what: hide(what) }).context(place);
     }
-    anyhow!("opening the log {}: {text}", redact(url))
+    anyhow!("{place}: {}", hide(format!("{e:#}")))
 }
 
 /// The secrets a log URL carries: in its user info (`user:PASSWORD@`, or a NATS `TOKEN@`) and

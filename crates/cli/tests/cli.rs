@@ -585,6 +585,35 @@ fn rows_without_their_link_or_position_fail_verify() {
     );
 }
 
+/// The findings (audit probe): a checkpoint note that is not UTF-8 made `verify` exit 1 (an
+/// error) instead of 5 (the log is invalid), and a head moved past the last event made
+/// `ice checkpoint` exit 1 at opening. Both are verdicts on the store: exit 5, nothing signed.
+#[test]
+fn damage_found_by_checkpoint_or_in_a_note_is_a_verdict() {
+    let (_d, home) = seeded();
+    assert_eq!(code(&ice(&home, &["checkpoint"])), 0);
+    let c = rusqlite::Connection::open(home.join("ice.db")).unwrap();
+    c.execute_batch(
+        "DROP TRIGGER checkpoints_no_update; UPDATE checkpoints SET note = CAST(x'ff00fe' AS TEXT);",
+    )
+    .unwrap();
+    drop(c);
+    let o = ice(&home, &["verify"]);
+    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+    let (_d, home) = seeded();
+    let c = rusqlite::Connection::open(home.join("ice.db")).unwrap();
+    c.execute_batch("UPDATE head SET size = 11;").unwrap();
+    drop(c);
+    let o = ice(&home, &["checkpoint"]);
+    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+    assert!(stderr(&o).contains("nothing was signed"), "{}", stderr(&o));
+    let c = rusqlite::Connection::open(home.join("ice.db")).unwrap();
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM checkpoints", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 0);
+}
+
 #[test]
 fn a_corrupt_or_missing_database_is_a_clear_error_and_is_not_modified() {
     let (_d, home) = seeded();
