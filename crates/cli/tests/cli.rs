@@ -614,6 +614,33 @@ fn damage_found_by_checkpoint_or_in_a_note_is_a_verdict() {
     assert_eq!(n, 0);
 }
 
+/// The finding (audit probe): a checkpoint row stored twice (the table rebuilt without its
+/// key) was reported as events missing ("truncated"); it is reported as what it is.
+#[test]
+fn a_checkpoint_stored_twice_is_named_as_such() {
+    let (_d, home) = seeded();
+    assert_eq!(code(&ice(&home, &["checkpoint"])), 0);
+    let c = rusqlite::Connection::open(home.join("ice.db")).unwrap();
+    c.execute_batch(
+        "DROP TRIGGER checkpoints_no_update; DROP TRIGGER checkpoints_no_delete;
+         CREATE TABLE loose(size INTEGER, note TEXT);
+         INSERT INTO loose SELECT size, note FROM checkpoints;
+         INSERT INTO loose SELECT size, note FROM checkpoints;
+         DROP TABLE checkpoints;
+         ALTER TABLE loose RENAME TO checkpoints;",
+    )
+    .unwrap();
+    drop(c);
+    let o = ice(&home, &["verify"]);
+    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("checkpoint of size 10 after one of size 10"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(!stdout(&o).contains("truncated"), "{}", stdout(&o));
+}
+
 #[test]
 fn a_corrupt_or_missing_database_is_a_clear_error_and_is_not_modified() {
     let (_d, home) = seeded();

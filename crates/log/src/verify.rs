@@ -269,7 +269,21 @@ impl Verifier {
                 .warnings
                 .push("no verifier key given: checkpoint signatures were not checked".into());
         }
-        for cp in &stored {
+        for (i, cp) in stored.iter().enumerate() {
+            // One checkpoint per size (the store's key): a second one means the checkpoints
+            // were altered, whatever they say.
+            if i > 0 && stored[i - 1].size >= cp.size {
+                self.fail(
+                    None,
+                    None,
+                    format!(
+                        "the log stores a checkpoint of size {} after one of size {}: checkpoints are kept one per size, in order; the checkpoints were altered",
+                        cp.size,
+                        stored[i - 1].size
+                    ),
+                );
+                return Ok(false);
+            }
             let parsed = match verifier {
                 Some(v) => Checkpoint::open(&cp.note, v),
                 None => Checkpoint::parse_unverified(&cp.note),
@@ -392,7 +406,7 @@ impl Verifier {
                         )
                     } else {
                         format!(
-                            "event at log_seq {} does not follow the event before it in the log (its log_prev names another event): events were moved, removed or inserted",
+                            "event at log_seq {} does not follow the event before it in the log (its log_prev names another event): events were moved, removed or inserted, or the event before it was altered and its hash computed again",
                             row.log_seq
                         )
                     },
