@@ -80,6 +80,9 @@ pub fn token_digest(token: &str) -> String {
 /// operator records (an agent's `agent:NAME`), so every name follows the origin law (1 to 128
 /// of `A-Z a-z 0-9 . _ - @`).
 pub fn check_name(role: Role, name: &str) -> Result<(), String> {
+    if role == Role::Operator {
+        check_operator_name(name)?;
+    }
     let origin = match role {
         Role::Agent => "agent",
         Role::Operator | Role::Metrics => "operator",
@@ -91,6 +94,21 @@ pub fn check_name(role: Role, name: &str) -> Result<(), String> {
             Role::Metrics => e.replacen("operator id", "metrics reader name", 1),
             _ => e,
         })
+}
+
+/// The names ICE records for the user of an MCP client who answers an approval by elicitation
+/// begin with this (`operator:user-of-stdio-client`, `operator:user-of-agent.NAME`); no
+/// operator is given such a name, so that a record never confuses the two.
+pub const ELICITATION_PREFIX: &str = "user-of-";
+
+/// Refuse an operator name that ICE gives the users of MCP clients ([`ELICITATION_PREFIX`]).
+pub fn check_operator_name(name: &str) -> Result<(), String> {
+    if name.starts_with(ELICITATION_PREFIX) {
+        return Err(format!(
+            "operator name {name:?} begins with {ELICITATION_PREFIX:?}, which ICE records for the user of an MCP client answering by elicitation; choose another"
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `value` holds something that may be a credential: `ice_` in any case (what `ice

@@ -45,8 +45,8 @@ use ice_runtime::{RunSpec, Runtime};
 use tokio_util::sync::CancellationToken;
 
 pub use auth::{
-    CredentialStore, Credentials, Operator, Role, agent_of, check_name, metrics_reader,
-    metrics_readers_only, token_digest,
+    CredentialStore, Credentials, ELICITATION_PREFIX, Operator, Role, agent_of, check_name,
+    check_operator_name, metrics_reader, metrics_readers_only, token_digest,
 };
 /// The router type [`router`] returns (axum's), for hosts that serve it.
 pub use axum::Router;

@@ -119,6 +119,7 @@ pub(crate) fn operator(name: &Option<String>) -> Result<String> {
         format!("operator:{n}")
             .parse::<ice_kernel::Origin>()
             .map_err(|e| anyhow!("--operator {n:?}: {e}"))?;
+        ice_api::check_operator_name(n).map_err(|e| anyhow!("--operator: {e}"))?;
         return Ok(n.clone());
     }
     let n = std::env::var("USER").unwrap_or_else(|_| "operator".into());
@@ -132,7 +133,11 @@ pub(crate) fn operator(name: &Option<String>) -> Result<String> {
             }
         })
         .collect();
-    Ok(if n.is_empty() { "operator".into() } else { n })
+    if n.is_empty() {
+        return Ok("operator".into());
+    }
+    ice_api::check_operator_name(&n).map_err(|e| anyhow!("$USER: {e}; give --operator NAME"))?;
+    Ok(n)
 }
 
 /// The runtime for a command that drives runs (takes or renews run claims: `run`,

@@ -641,6 +641,24 @@ fn a_checkpoint_stored_twice_is_named_as_such() {
     assert!(!stdout(&o).contains("truncated"), "{}", stdout(&o));
 }
 
+/// The finding (memory and API probe): an operator could be named `user-of-agent.claude`, and
+/// the approvals that operator gave were recorded exactly as the answers of the user of agent
+/// claude's MCP client (elicitation). Operator names beginning with `user-of-` are refused.
+#[test]
+fn operators_cannot_take_the_names_of_mcp_clients_users() {
+    let (_d, home) = seeded();
+    for name in ["user-of-agent.claude", "user-of-stdio-client"] {
+        let o = ice(&home, &["token", "add", "--operator", name]);
+        assert_ne!(code(&o), 0, "{}", stdout(&o));
+        assert!(stderr(&o).contains("user-of-"), "{}", stderr(&o));
+        let o = ice(&home, &["approve", "alpha:4", "--operator", name]);
+        assert_ne!(code(&o), 0, "{}", stdout(&o));
+        assert!(stderr(&o).contains("choose another"), "{}", stderr(&o));
+    }
+    let o = ice(&home, &["token", "list", "--json"]);
+    assert!(!stdout(&o).contains("user-of-"), "{}", stdout(&o));
+}
+
 #[test]
 fn a_corrupt_or_missing_database_is_a_clear_error_and_is_not_modified() {
     let (_d, home) = seeded();
