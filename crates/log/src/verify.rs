@@ -425,7 +425,9 @@ impl Verifier {
                 }
                 let stored = nodes.next();
                 if mismatch.is_none() {
-                    mismatch = tree_mismatch(id, h, stored);
+                    mismatch = stored
+                        .and_then(|(sid, _)| below_floor(sid, floor))
+                        .or_else(|| tree_mismatch(id, h, stored));
                 }
                 checked += 1;
             });
@@ -460,6 +462,10 @@ impl Verifier {
             }
         }
         if let Some((id, _)) = nodes.next() {
+            if let Some(problem) = below_floor(id, self.floor) {
+                self.fail(Some(id.index << id.level), None, problem);
+                return Ok(false);
+            }
             // A node over leaves past the last event: those events are missing (the first of
             // them is the first affected), or the node was added.
             self.fail(
@@ -798,6 +804,19 @@ impl Verifier {
         }
         Ok(None)
     }
+}
+
+/// A stored node below the lowest level the log says it stores: the floor it records was
+/// raised, or the node inserted (either way, not events missing).
+fn below_floor(id: NodeId, floor: u8) -> Option<String> {
+    (id.level < floor).then(|| {
+        format!(
+            "the stored tree has a level {} node (over log_seq {}..={}) below the lowest level the log records that it stores ({floor}): the recorded level was changed, or the node was inserted",
+            id.level,
+            id.index << id.level,
+            id.last_leaf()
+        )
+    })
 }
 
 /// What is wrong with the stored tree where the events complete node `id` with hash `h` and

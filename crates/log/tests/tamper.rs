@@ -428,6 +428,22 @@ async fn a_changed_tree_node_or_checkpoint_is_detected() {
         }
     }
 
+    // The finding (audit probe): the lowest stored level the log records, raised, was reported
+    // as events missing; it is named as a stored node below that level.
+    let found = damaged(&built, "floor.db", |c| {
+        c.execute_batch("UPDATE meta SET value = '3' WHERE key = 'tree_floor'")
+            .unwrap();
+    })
+    .await;
+    for f in [found.default.expect("raised floor"), found.deep] {
+        assert!(
+            f.problem
+                .contains("below the lowest level the log records that it stores (3)"),
+            "{f:?}"
+        );
+        assert!(!f.problem.contains("missing"), "{f:?}");
+    }
+
     let found = damaged(&built, "note.db", |c| {
         c.execute(
             "UPDATE checkpoints SET note = replace(note, 'ice.test', 'ice.evil')",
