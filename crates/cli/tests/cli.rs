@@ -21,6 +21,13 @@ fn ice(home: &Path, args: &[&str]) -> Output {
         .expect("ice runs")
 }
 
+/// Run `ice` with `args`, expect exit 5 (the log is invalid), and give its output.
+fn invalid(home: &Path, args: &[&str]) -> String {
+    let o = ice(home, args);
+    assert_eq!(code(&o), 5, "ice {args:?}: {}{}", stdout(&o), stderr(&o));
+    stdout(&o)
+}
+
 fn code(o: &Output) -> i32 {
     o.status.code().expect("exited")
 }
@@ -535,14 +542,13 @@ fn altered_indexes_are_refused_by_readers_and_caught_by_deep_verify() {
     let o = ice(&home, &["show", "alpha:2"]);
     assert_ne!(code(&o), 0, "{}", stdout(&o));
     assert!(
-        stderr(&o).contains("indexes were altered"),
+        stderr(&o).contains("the file's indexes, or that row's columns, were altered"),
         "{}{}",
         stdout(&o),
         stderr(&o)
     );
-    let o = ice(&home, &["verify", "--deep"]);
-    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
-    assert!(stdout(&o).contains("integrity check"), "{}", stdout(&o));
+    let out = invalid(&home, &["verify", "--deep"]);
+    assert!(out.contains("integrity check"), "{out}");
 }
 
 /// The finding (audit probe): in a file whose table was rebuilt to allow them, a NULL
@@ -567,22 +573,16 @@ fn rows_without_their_link_or_position_fail_verify() {
         &home,
         "UPDATE events SET log_prev = NULL WHERE log_seq = 6;",
     );
-    let o = ice(&home, &["verify"]);
-    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
-    assert!(stdout(&o).contains("at log_seq 6"), "{}", stdout(&o));
-    assert!(stdout(&o).contains("no log_prev link"), "{}", stdout(&o));
+    let out = invalid(&home, &["verify"]);
+    assert!(out.contains("at log_seq 6"), "{out}");
+    assert!(out.contains("no log_prev link"), "{out}");
     let (_d, home) = seeded();
     rebuild(
         &home,
         "INSERT INTO events SELECT NULL, 'zz', 0, type, hash, log_prev, body FROM events WHERE log_seq = 0;",
     );
-    let o = ice(&home, &["verify"]);
-    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
-    assert!(
-        stdout(&o).contains("11 event rows are stored"),
-        "{}",
-        stdout(&o)
-    );
+    let out = invalid(&home, &["verify"]);
+    assert!(out.contains("11 event rows are stored"), "{out}");
 }
 
 /// The findings (audit probe): a checkpoint note that is not UTF-8 made `verify` exit 1 (an
@@ -598,8 +598,7 @@ fn damage_found_by_checkpoint_or_in_a_note_is_a_verdict() {
     )
     .unwrap();
     drop(c);
-    let o = ice(&home, &["verify"]);
-    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+    invalid(&home, &["verify"]);
     let (_d, home) = seeded();
     let c = rusqlite::Connection::open(home.join("ice.db")).unwrap();
     c.execute_batch("UPDATE head SET size = 11;").unwrap();
@@ -631,14 +630,12 @@ fn a_checkpoint_stored_twice_is_named_as_such() {
     )
     .unwrap();
     drop(c);
-    let o = ice(&home, &["verify"]);
-    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+    let out = invalid(&home, &["verify"]);
     assert!(
-        stdout(&o).contains("checkpoint of size 10 after one of size 10"),
-        "{}",
-        stdout(&o)
+        out.contains("checkpoint of size 10 after one of size 10"),
+        "{out}"
     );
-    assert!(!stdout(&o).contains("truncated"), "{}", stdout(&o));
+    assert!(!out.contains("truncated"), "{out}");
 }
 
 /// The finding (memory and API probe): an operator could be named `user-of-agent.claude`, and
@@ -672,10 +669,15 @@ fn a_corrupt_or_missing_database_is_a_clear_error_and_is_not_modified() {
     std::fs::write(&db, &bytes).unwrap();
     for args in [&["verify"][..], &["log"], &["checkpoint"]] {
         let o = ice(&home, args);
-        // For verify the damage is its verdict (exit 5, on stdout); for the others, an error.
-        let verdict = args == ["verify"];
+        // For verify and checkpoint the damage is a verdict (exit 5; verify's on stdout); for
+        // the others, an error.
+        let verdict = args != ["log"];
         assert_eq!(code(&o), if verdict { 5 } else { 1 }, "{args:?}");
-        let e = if verdict { stdout(&o) } else { stderr(&o) };
+        let e = if args == ["verify"] {
+            stdout(&o)
+        } else {
+            stderr(&o)
+        };
         assert!(
             e.contains("ice.db") && e.contains("not an ICE log"),
             "{args:?}: {e}"
