@@ -443,6 +443,24 @@ async fn answer(
 ) -> Result<Response, ApiError> {
     let id: EventId = event_id(&id, "approval")?;
     let b: ReasonBody = read_json(&headers, body).await?.unwrap_or_default();
+    // What the body says that cannot be recorded is the request's fault (400), not the
+    // approval's state: an approval records no reason, and a reason is at most 4096 bytes.
+    if grant && !b.reason.is_empty() {
+        return Err(ApiError::bad_request(
+            "bad_request",
+            "`reason`: an approval records no reason (a denial does); leave it out",
+        ));
+    }
+    let max = ice_kernel::limits::MAX_TEXT_LEN;
+    if b.reason.len() > max {
+        return Err(ApiError::bad_request(
+            "bad_request",
+            format!(
+                "`reason`: {} bytes; a reason is at most {max} bytes",
+                b.reason.len()
+            ),
+        ));
+    }
     let books = s.runtime.books(&id.run_id).await?;
     if books.approvals.get(&id).is_none() {
         return Err(ApiError::not_found(format!(

@@ -419,10 +419,28 @@ async fn a_run_started_streamed_approved_verified_and_proven() {
         api.url(&format!("/runs/{run}/events/stream")),
     ));
     let approval = api.pending(&run).await;
+    // An approval records no reason: one given is refused, not dropped unsaid (probe finding);
+    // so is a denial's reason longer than the record carries.
     let (status, v) = api
         .post(
             &format!("/approvals/{approval}/approve"),
             json!({"reason": "fine"}),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v.to_string().contains("records no reason"), "{v}");
+    let (status, v) = api
+        .post(
+            &format!("/approvals/{approval}/deny"),
+            json!({"reason": "N".repeat(4097)}),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v.to_string().contains("at most 4096 bytes"), "{v}");
+    let (status, v) = api
+        .post(
+            &format!("/approvals/{approval}/approve"),
+            json!({"reason": ""}),
         )
         .await;
     assert_eq!(status, 200, "{v}");
