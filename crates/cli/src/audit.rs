@@ -255,9 +255,27 @@ pub async fn prove(home: &Path, url: Option<&str>, a: ProveArgs) -> Result<u8> {
     let latest = cps
         .last()
         .ok_or_else(|| anyhow!("the log has no checkpoint yet; run `ice checkpoint` first"))?;
+    // A proof is only as good as the checkpoint it ends in: one whose signature does not
+    // check with the home's key is refused here rather than written into a proof that
+    // `verify-proof` would refuse later.
+    let verifier = h.verifier()?;
+    let unsigned = |cp: &ice_log::StoredCheckpoint| {
+        ice_log::checkpoint::Checkpoint::open(&cp.note, &verifier)
+            .err()
+            .map(|e| {
+                format!(
+                    "the checkpoint of size {} stored in the log does not verify with the home's key: {e}; no proof was written (run `ice verify`)",
+                    cp.size
+                )
+            })
+    };
     let (file, default_name) = match (&a.id, a.from) {
         (Some(id), _) => {
             let id: EventId = id.parse().map_err(|e| anyhow!("{e}"))?;
+            if let Some(why) = unsigned(latest) {
+                eprintln!("error: {why}");
+                return Ok(EXIT_INVALID);
+            }
             let f = prove_inclusion(log.as_ref(), &id, &latest.note).await?;
             (f, format!("proof-{}-{}.json", id.run_id, id.run_seq))
         }
@@ -275,6 +293,10 @@ pub async fn prove(home: &Path, url: Option<&str>, a: ProveArgs) -> Result<u8> {
                 Some(t) => find(t)?,
                 None => latest,
             };
+            if let Some(why) = unsigned(old).or_else(|| unsigned(new)) {
+                eprintln!("error: {why}");
+                return Ok(EXIT_INVALID);
+            }
             let f = prove_consistency(log.as_ref(), &old.note, &new.note).await?;
             (
                 f,

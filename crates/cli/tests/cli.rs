@@ -465,6 +465,12 @@ fn migrate_checks_the_copied_checkpoints_signatures() {
     )
     .unwrap();
     drop(c);
+    // `ice prove` refuses to write a proof ending in that checkpoint (audit probe).
+    let proof = d.path().join("proof.json");
+    let o = ice(&home, &["prove", "alpha:1", "-o", proof.to_str().unwrap()]);
+    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+    assert!(stderr(&o).contains("does not verify"), "{}", stderr(&o));
+    assert!(!proof.exists());
     let from = format!("sqlite:{}", db.display());
     let copy = |name: &str| format!("sqlite:{}", d.path().join(name).display());
     let o = ice(&home, &["migrate", "--from", &from, "--to", &copy("a.db")]);
