@@ -535,4 +535,7 @@ impl EventLog for TimedLog {
     async fn release_run(&self, run: &RunId, holder: &str) -> Result<(), LogError> {
         self.inner.release_run(run, holder).await
     }
+    fn claims_lapse(&self) -> bool {
+        self.inner.claims_lapse()
+    }
 }

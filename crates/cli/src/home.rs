@@ -410,6 +410,18 @@ pub async fn open_log_url(url: &str, mode: Mode, base: Option<&Path>) -> Result<
         let log = SqliteLog::open(&p, mode).with_context(|| format!("opening the log {url}"))?;
         return Ok(Arc::new(log));
     }
+    // A second `@` in the authority leaves where the password ends to each client library's
+    // reading (one took part of a password for the host, and printed it): refused, and the
+    // URL not repeated.
+    if let Some(s) = url.find("://") {
+        let authority = &url[s + 3..];
+        let authority = &authority[..authority.find(['/', '?']).unwrap_or(authority.len())];
+        if authority.matches('@').count() > 1 {
+            bail!(
+                "the log URL has more than one `@` before its host: write an `@` inside a user name or password as %40"
+            );
+        }
+    }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let (conn, schema) = split_param(url, "schema");
         let schema = Some(schema.as_deref().unwrap_or("ice"));
@@ -430,7 +442,11 @@ pub async fn open_log_url(url: &str, mode: Mode, base: Option<&Path>) -> Result<
         .map_err(|e| opening_failed(url, e.into()))?;
         return Ok(Arc::new(log));
     }
-    bail!("log URL {url:?} is not of a known form; use sqlite:PATH, postgres://… or nats://…")
+    // Not repeated: a connection string of another form (`host=… password=…`) may hold a
+    // password where no pattern here would find it.
+    bail!(
+        "the log URL is not of a known form; use sqlite:PATH, postgres://… or nats://… (it is not repeated here, as it may hold a password)"
+    )
 }
 
 /// `url` without its query parameter `name`, and that parameter's value.

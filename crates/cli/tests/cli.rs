@@ -747,6 +747,21 @@ fn a_log_url_of_an_unknown_kind_is_refused() {
     let o = ice(&home, &["--log", "mysql://x", "log"]);
     assert_eq!(code(&o), 1);
     assert!(stderr(&o).contains("not of a known form"), "{}", stderr(&o));
+    // The finding (multi-node probe): a password in a URL of another form, or one holding an
+    // unescaped `@`, was printed. Neither is repeated now.
+    for url in [
+        "host=127.0.0.1 user=postgres password=s3cretPW dbname=test",
+        "postgres://postgres:s3cret@PW@127.0.0.1:5432/test?schema=x",
+        "nats://user:s3cret@PW@127.0.0.1:4222",
+    ] {
+        let o = ice(&home, &["--log", url, "verify"]);
+        assert_eq!(code(&o), 1, "{url}: {}", stderr(&o));
+        let said = format!("{}{}", stdout(&o), stderr(&o));
+        assert!(
+            !said.contains("s3cret") && !said.contains("PW"),
+            "{url}: {said}"
+        );
+    }
 }
 
 #[test]

@@ -340,6 +340,12 @@ pub trait EventLog: Send + Sync {
     async fn release_run(&self, _run: &RunId, _holder: &str) -> Result<(), LogError> {
         Ok(())
     }
+    /// Whether claims here are shared between nodes and lapse: a claim not renewed within its
+    /// lifetime may have been taken by another node (and released since), so its holder has
+    /// lost the run whatever a later renewal says. `false` where every claim is granted.
+    fn claims_lapse(&self) -> bool {
+        false
+    }
 }
 
 /// The root of the first `size` events.

@@ -2436,6 +2436,10 @@ impl EventLog for NatsLog {
     async fn release_run(&self, run: &RunId, holder: &str) -> Result<(), LogError> {
         self.inner.release_run(run, holder).await
     }
+
+    fn claims_lapse(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

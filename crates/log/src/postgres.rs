@@ -2465,4 +2465,8 @@ impl EventLog for PgLog {
             .await
             .map(|_| ())
     }
+
+    fn claims_lapse(&self) -> bool {
+        true
+    }
 }

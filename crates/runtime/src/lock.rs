@@ -12,7 +12,7 @@
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use ice_kernel::{Clock, RunId};
@@ -87,6 +87,10 @@ pub struct RunLock {
 struct Claim {
     renew: tokio::task::JoinHandle<()>,
     lost: Arc<AtomicBool>,
+    /// When the claim was last taken or renewed (unix ms), where claims lapse: past that plus
+    /// the lifetime, another node may have taken the run (and released it since), so the run is
+    /// lost whatever a later renewal says (a node paused longer than the lifetime, say).
+    lapses: Option<(Arc<AtomicI64>, i64, Arc<dyn Clock>)>,
     log: Arc<dyn EventLog>,
     run: RunId,
     holder: String,
@@ -160,16 +164,30 @@ impl RunLock {
             Err(e) => return Err(LockError::Io(format!("claiming run {run}: {e}"))),
         }
         let lost = Arc::new(AtomicBool::new(false));
+        let renewed = Arc::new(AtomicI64::new(now));
+        let lapses = log
+            .claims_lapse()
+            .then(|| (renewed.clone(), ttl, clock.clone()));
         let renew = {
             let (log, run, holder, lost) =
                 (log.clone(), run.clone(), holder.to_string(), lost.clone());
+            let lapse = lapses.is_some();
             tokio::spawn(async move {
                 let mut last_ok = now;
                 loop {
                     tokio::time::sleep(every / 3).await;
                     let now = unix_ms(clock.as_ref());
+                    // Not renewed within its lifetime: the claim lapsed, and another node may
+                    // have driven the run meanwhile. Taking it again would make two writers.
+                    if lapse && now - last_ok >= ttl {
+                        lost.store(true, Ordering::SeqCst);
+                        return;
+                    }
                     match log.claim_run(&run, &holder, now, now + ttl).await {
-                        Ok(()) => last_ok = now,
+                        Ok(()) => {
+                            last_ok = now;
+                            renewed.store(now, Ordering::SeqCst);
+                        }
                         Err(LogError::Claimed { .. }) => {
                             lost.store(true, Ordering::SeqCst);
                             return;
@@ -187,6 +205,7 @@ impl RunLock {
         lock.claim = Some(Claim {
             renew,
             lost,
+            lapses,
             log,
             run: run.clone(),
             holder: holder.to_string(),
@@ -196,9 +215,20 @@ impl RunLock {
 
     /// Whether this node lost the run's claim (another node may be driving it now).
     pub fn lost(&self) -> bool {
-        self.claim
-            .as_ref()
-            .is_some_and(|c| c.lost.load(Ordering::SeqCst))
+        self.claim.as_ref().is_some_and(|c| {
+            if c.lost.load(Ordering::SeqCst) {
+                return true;
+            }
+            // Checked here too, not only by the renewal: a node that wakes from a pause may
+            // append before its renewal task runs.
+            let lapsed = c.lapses.as_ref().is_some_and(|(renewed, ttl, clock)| {
+                unix_ms(clock.as_ref()) - renewed.load(Ordering::SeqCst) >= *ttl
+            });
+            if lapsed {
+                c.lost.store(true, Ordering::SeqCst);
+            }
+            lapsed
+        })
     }
 }
 

@@ -575,6 +575,23 @@ impl Runtime {
                     ),
                 });
             }
+            // The changes it staged must be here: on a shared log, the node that staged them
+            // keeps them in its own home. Refused before anything is recorded, so the run stays
+            // suspended for the node that can resume it (or for a kill).
+            if live.stage.stage.is_none() {
+                let why = self
+                    .open_stage(run, &live.spec, Some(&live.books))
+                    .err()
+                    .map_or_else(|| "it could not be opened".to_string(), |e| e.to_string());
+                return Err(RuntimeError::State {
+                    run: run.to_string(),
+                    state,
+                    what: format!(
+                        "its stage (the changes it staged, kept in {}) cannot be used here: {why}; resume it on the node whose home holds its stage, or kill it",
+                        live.stage.dir.display()
+                    ),
+                });
+            }
             // A policy changed while the run was suspended is taken on only when an operator
             // accepted it (recorded); then the live grants are re-decided under it.
             let now_version = live.policy.version();
@@ -860,8 +877,9 @@ impl Runtime {
                     commit_abandoned: None,
                 })
             }
-            // A live process drives it: it sees the request before its next step.
-            Err(RuntimeError::Busy(_)) => Ok(Killed {
+            // A live process (here, or on another node) drives it: it sees the request
+            // before its next step.
+            Err(RuntimeError::Busy(_) | RuntimeError::Claimed(_)) => Ok(Killed {
                 state: books.state(),
                 commit_completed: None,
                 commit_abandoned: None,
@@ -1051,6 +1069,12 @@ impl Runtime {
             };
             let mut g = ctx.live.lock().await;
             let live = &mut *g;
+            // The state as of holding the run's lock: the process that drove it may have moved
+            // it on (to its end, say) between the look above and the lock.
+            let state = live.books.state();
+            if matches!(state, RunState::Terminated | RunState::Suspended) {
+                continue;
+            }
             // One run that cannot be recovered (say, its commit keeps failing to apply) is
             // reported and left as it is; it does not stop the others or the command.
             let detail: Result<String, RuntimeError> = async {

@@ -356,3 +356,48 @@ async fn a_run_finished_past_its_wall_time_budget_fails_validation() {
     );
     assert!(!h.ws.join("early.txt").exists());
 }
+
+/// The finding (multi-node probe, High): a node paused for longer than its claim's lifetime
+/// renewed the claim when it woke (the node that had recovered the run meanwhile had released
+/// it), and went on appending to a run another node had suspended and resumed: two writers.
+/// On a log whose claims lapse, a claim not renewed within its lifetime is lost for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_not_renewed_within_its_lifetime_is_lost_for_good() {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    struct Shared;
+    impl Hooks for Shared {
+        fn claims_lapse(&self) -> bool {
+            true
+        }
+    }
+    struct Manual(AtomicI64);
+    impl ice_kernel::Clock for Manual {
+        fn now(&self) -> ice_kernel::Timestamp {
+            ice_kernel::Timestamp::from_unix_us(self.0.load(Ordering::SeqCst)).unwrap()
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = std::sync::Arc::new(HookedLog {
+        inner: ice_log::sqlite::SqliteLog::create(&dir.path().join("log.db")).unwrap(),
+        hooks: Shared,
+    });
+    let clock = std::sync::Arc::new(Manual(AtomicI64::new(1_800_000_000_000_000)));
+    let run = ice_kernel::RunId::new("paused").unwrap();
+    let lock = ice_runtime::lock::RunLock::take(
+        &dir.path().join("run"),
+        log,
+        clock.clone(),
+        &run,
+        "node-a",
+    )
+    .await
+    .unwrap();
+    assert!(!lock.lost());
+    // The node pauses past the claim's lifetime: the claim lapsed, whoever holds it now.
+    let ttl = ice_runtime::lock::claim_ttl().as_micros() as i64;
+    clock.0.fetch_add(ttl, Ordering::SeqCst);
+    assert!(lock.lost(), "a claim that lapsed is still held");
+    // For good: the clock going back (or a renewal that would succeed) changes nothing.
+    clock.0.fetch_sub(ttl, Ordering::SeqCst);
+    assert!(lock.lost());
+}

@@ -1092,3 +1092,51 @@ async fn run_with_100_bytes(
     let report = h.run(spec, &mut agent).await;
     (report, h.events(id).await)
 }
+
+/// The finding (multi-node probe): resuming on one node a run whose changes another node had
+/// staged recorded `RunResumed`, then failed on the missing stage and left the run EXECUTING
+/// with nothing driving it. The stage is checked before anything is recorded: the run stays
+/// suspended, for the node that holds its stage (here the stage is removed, as it would be
+/// absent on another node's home).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_stage_is_not_here_is_not_resumed() {
+    let h = H::new(POLICY);
+    let plan = "[[step]]\nintent = \"w\"\ncapability = \"fs.write\"\ntarget = \"staged.txt\"\narguments = { content = \"x\" }\n[[step]]\nintent = \"r\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 2\n";
+    let (spec, first) = h.spec(
+        "elsewhere",
+        "coder",
+        "[[assume]]\nfile = \"config.toml\"\n",
+        plan,
+    );
+    let ws = h.ws.clone();
+    let mut agent = Hooked {
+        inner: first,
+        hook: move |v: &ice_kernel::AgentView| {
+            if v.step == 1 {
+                std::fs::write(ws.join("config.toml"), "x = 2\n").unwrap();
+            }
+        },
+    };
+    let report = h.run(spec, &mut agent).await;
+    assert!(
+        matches!(report.outcome, RunOutcome::Suspended { .. }),
+        "{report:?}"
+    );
+    let run = RunId::new("elsewhere").unwrap();
+    std::fs::remove_dir_all(h.base.join("home/runs/elsewhere/stage")).unwrap();
+    let ok = ice_runtime::operator::ReconfigurationFile {
+        reason: "resume it".into(),
+        accept_files: true,
+        ..Default::default()
+    };
+    h.rt.reconfigure(&run, "alice", &ok).await.unwrap();
+    let (_, mut again) = h.spec("elsewhere2", "coder", "", plan);
+    let err =
+        h.rt.resume(&run, &mut again, &ice_runtime::Quiet)
+            .await
+            .unwrap_err();
+    assert!(err.to_string().contains("cannot be used here"), "{err}");
+    let events = h.events("elsewhere").await;
+    assert!(of_type(&events, EventType::RunResumed).is_empty());
+    assert_eq!(h.rt.books(&run).await.unwrap().state(), RunState::Suspended);
+}

@@ -280,6 +280,10 @@ pub trait Hooks: Send + Sync + 'static {
     fn blob<'t>(&'t self, inner: &'t SqliteLog, digest: &'t Digest) -> Fut<'t, Option<Vec<u8>>> {
         inner.blob(digest)
     }
+    /// Whether claims lapse, as on a shared log (SQLite's do not, unless the test says so).
+    fn claims_lapse(&self) -> bool {
+        false
+    }
 }
 
 /// A log that passes everything to SQLite except what its hooks change (a failure to inject,
@@ -399,6 +403,9 @@ impl<K: Hooks> EventLog for HookedLog<K> {
         Self: 't,
     {
         self.inner.altered_blob()
+    }
+    fn claims_lapse(&self) -> bool {
+        self.hooks.claims_lapse()
     }
     fn index_problem<'a, 't>(&'a self) -> Fut<'t, Option<String>>
     where
