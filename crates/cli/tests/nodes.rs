@@ -253,6 +253,42 @@ fn two_nodes_share_one_log(url: &str) {
         "Echo: on node b"
     );
 
+    // A kill from node B of a run node A drives is recorded and succeeds; node A ends the run
+    // at its next step. (It exited 1, "being written by", though the kill had been recorded:
+    // multi-node probe.)
+    let mut doomed = common::agent_http(
+        &url_a,
+        "legacy",
+        &json!([
+            {"op": "call", "name": "everything__echo", "args": {"message": "doomed"}},
+            {"op": "sleep", "s": 3},
+            {"op": "call", "name": "everything__echo", "args": {"message": "after the kill"}},
+            {"op": "sleep", "s": 60},
+        ]),
+    );
+    let mut run_d = String::new();
+    wait_until("the doomed run's call", 30, || {
+        let events = nodes[1].lines(&["log", "--type", "ToolInvoked", "--json"]);
+        let found = events.as_array().unwrap().iter().find(|e| {
+            let r = e["run_id"].as_str().unwrap();
+            r != run_a && nodes[1].state_of(r) == "EXECUTING"
+        });
+        match found {
+            Some(e) => {
+                run_d = e["run_id"].as_str().unwrap().to_string();
+                true
+            }
+            None => false,
+        }
+    });
+    let o = nodes[1].ice(&["kill", &run_d, "--reason", "from node b"]);
+    assert!(o.status.success(), "{}", text(&o));
+    wait_until("node a to end the killed run", 30, || {
+        nodes[1].state_of(&run_d) != "EXECUTING"
+    });
+    let _ = doomed.kill();
+    let _ = doomed.wait();
+
     // Node A dies mid-run. Once its claim lapses, node B recovers the run.
     let _ = serve_a.0.kill();
     let _ = serve_a.0.wait();
