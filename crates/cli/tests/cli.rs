@@ -407,6 +407,14 @@ fn the_audit_loop_verify_checkpoint_prove_verify_proof() {
     assert_eq!(v["tree_size"], 11);
 }
 
+/// Fold the log's write-ahead file into it, so its bytes are all in the one file.
+fn fold_wal(db: &Path) {
+    rusqlite::Connection::open(db)
+        .unwrap()
+        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+        .unwrap();
+}
+
 fn tamper(db: &Path, sql: &str) {
     let c = rusqlite::Connection::open(db).unwrap();
     c.execute_batch("DROP TRIGGER events_no_update;").unwrap();
@@ -424,10 +432,7 @@ fn verify_exits_5_naming_the_first_bad_event_and_changes_nothing() {
         "UPDATE events SET body = CAST(replace(CAST(body AS TEXT), 'plan for beta', 'plan for bet4') AS BLOB) WHERE log_seq = 8;",
     );
     // Fold everything into the main file so the before/after comparison sees all bytes.
-    rusqlite::Connection::open(&db)
-        .unwrap()
-        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
-        .unwrap();
+    fold_wal(&db);
     let before = std::fs::read(&db).unwrap();
     let o = ice(&home, &["verify"]);
     assert_eq!(code(&o), 5, "{}", stdout(&o));
@@ -526,10 +531,7 @@ fn migrate_checks_the_copied_checkpoints_signatures() {
 fn altered_indexes_are_refused_by_readers_and_caught_by_deep_verify() {
     let (_d, home) = seeded();
     let db = home.join("ice.db");
-    rusqlite::Connection::open(&db)
-        .unwrap()
-        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
-        .unwrap();
+    fold_wal(&db);
     // The `(run_id, run_seq)` index entries of alpha:2 and alpha:3 (a record header of four
     // bytes, the run id, then run_seq and the row id as one-byte integers): swap the row ids.
     let mut bytes = std::fs::read(&db).unwrap();
@@ -666,10 +668,7 @@ fn operators_cannot_take_the_names_of_mcp_clients_users() {
 fn a_corrupt_or_missing_database_is_a_clear_error_and_is_not_modified() {
     let (_d, home) = seeded();
     let db = home.join("ice.db");
-    rusqlite::Connection::open(&db)
-        .unwrap()
-        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
-        .unwrap();
+    fold_wal(&db);
     let mut bytes = std::fs::read(&db).unwrap();
     bytes[..16].copy_from_slice(b"this is no db!!\0");
     std::fs::write(&db, &bytes).unwrap();
@@ -697,10 +696,7 @@ fn a_corrupt_or_missing_database_is_a_clear_error_and_is_not_modified() {
     // Truncated to half.
     let (_d2, home2) = seeded();
     let db2 = home2.join("ice.db");
-    rusqlite::Connection::open(&db2)
-        .unwrap()
-        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
-        .unwrap();
+    fold_wal(&db2);
     let full = std::fs::read(&db2).unwrap();
     std::fs::write(&db2, &full[..full.len() / 2]).unwrap();
     let _ = std::fs::remove_file(home2.join("ice.db-wal"));
