@@ -474,3 +474,52 @@ fn reading_a_shared_log_that_does_not_exist_creates_nothing() {
         text(&o)
     );
 }
+
+/// The finding (audit probe): on PostgreSQL, a head moved back over events was reported by
+/// `verify` as an error opening the log (exit 1): the opening error kept only the text of the
+/// backend's `Corrupt`. It is a verdict on the log, as on the embedded one (exit 5).
+#[test]
+fn a_postgres_head_moved_back_is_a_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let o = Command::new(ice_bin())
+        .arg("--home")
+        .arg(&home)
+        .args(["init", "--origin", "ice.test/head"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let schema = Schema(format!("ice_head_{}", tag()));
+    let node = Node {
+        home,
+        url: format!("{}?schema={}", pg_base(), schema.0),
+    };
+    let qs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart");
+    let o = node.ice(&["run", qs.join("runaway.toml").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let o = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "test",
+            "-q",
+            "-c",
+        ])
+        .arg(format!(
+            "ALTER TABLE {0}.head DISABLE TRIGGER ALL; UPDATE {0}.head SET size = size - 5;",
+            schema.0
+        ))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let o = node.ice(&["verify"]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("the head row says the log holds"),
+        "{}",
+        text(&o)
+    );
+}
