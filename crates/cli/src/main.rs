@@ -177,7 +177,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {}", bounded_message(&format!("{e:#}")));
+            eprintln!("error: {}", bounded_message(&chain_message(&e)));
             // A checkpoint refused because the log does not verify is a verdict on the log.
             let refused = e.chain().any(|c| {
                 matches!(
@@ -194,6 +194,23 @@ fn main() -> ExitCode {
 /// 100 000 characters) says what was wrong without echoing all of it. Its start and its end
 /// (where the reason usually is) are kept.
 const MAX_ERROR_CHARS: usize = 2000;
+
+/// An error and its causes, each joined by `: ` (as `{e:#}` does), leaving out a cause whose
+/// text the message already ends with: an error that shows its source in its own text (`log:
+/// {0}`) and also chains it would otherwise say the same thing twice.
+fn chain_message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.is_empty() {
+            out = text;
+        } else if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
 
 fn bounded_message(m: &str) -> std::borrow::Cow<'_, str> {
     let n = m.chars().count();

@@ -1195,6 +1195,14 @@ fn a_run_with_an_event_missing_is_reported_not_read_forever() {
             stdout(&o),
             stderr(&o)
         );
+        // Said once (multi-node probe: an error that shows its cause and also chains it was
+        // printed with the cause twice).
+        assert_eq!(
+            stderr(&o).matches("is stored at run position 4").count(),
+            1,
+            "{args:?}: {}",
+            stderr(&o)
+        );
     }
     let o = ice_within(&home, &["verify"], limit);
     assert_eq!(code(&o), 5, "{}", stdout(&o));
