@@ -1005,11 +1005,16 @@ impl Runtime {
             // more (the one that asked stopped, and took the wait with it), an answer would be
             // recorded for a call nothing will make: it is refused, and says what to do.
             if attempts == 0 && !self.driven(run).await? {
+                let next = if books.state() == RunState::Suspended {
+                    "Resume it with `ice reconfigure`, and its agent asks again, or end it with `ice kill`"
+                } else {
+                    "Start-up recovery (`ice serve`, or the next `ice run`) suspends the run; then resume it with `ice reconfigure`, and its agent asks again, or end it with `ice kill`"
+                };
                 return Err(RuntimeError::State {
                     run: run.to_string(),
                     state: books.state(),
                     what: format!(
-                        "nobody waits for approval {approval} any more: no process drives the run (the one that asked for it stopped). Start-up recovery (`ice serve`, or the next `ice run`) suspends the run; then resume it with `ice reconfigure`, and its agent asks again, or end it with `ice kill`"
+                        "nobody waits for approval {approval} any more: no process drives the run (the one that asked for it stopped). {next}"
                     ),
                 });
             }
