@@ -451,15 +451,8 @@ async fn answer(
             "`reason`: an approval records no reason (a denial does); leave it out",
         ));
     }
-    let max = ice_kernel::limits::MAX_TEXT_LEN;
-    if b.reason.len() > max {
-        return Err(ApiError::bad_request(
-            "bad_request",
-            format!(
-                "`reason`: {} bytes; a reason is at most {max} bytes",
-                b.reason.len()
-            ),
-        ));
+    if let Some(p) = ice_runtime::memory::reason_too_long(&b.reason) {
+        return Err(ApiError::bad_request("bad_request", p.describe("`reason`")));
     }
     let books = s.runtime.books(&id.run_id).await?;
     if books.approvals.get(&id).is_none() {

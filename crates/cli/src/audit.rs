@@ -12,7 +12,7 @@ use ice_log::sqlite::Mode;
 use serde_json::json;
 
 use crate::EXIT_INVALID;
-use crate::home::{Home, read_verifier};
+use crate::home::{Home, corrupt_in, read_verifier};
 
 pub fn init(dir: &Path, origin: Option<String>, json: bool) -> Result<u8> {
     let h = Home::init(dir, origin)?;
@@ -71,15 +71,6 @@ fn read_note(path: &Path) -> Result<String> {
             .ok_or_else(|| anyhow!("{}: a JSON object without a \"note\"", path.display()));
     }
     Ok(text)
-}
-
-/// The damage an error reports (a `LogError::Corrupt` anywhere in its chain), if any.
-fn corrupt_in(e: &anyhow::Error) -> Option<String> {
-    e.chain()
-        .find_map(|c| match c.downcast_ref::<ice_log::LogError>() {
-            Some(ice_log::LogError::Corrupt { what }) => Some(what.clone()),
-            _ => None,
-        })
 }
 
 pub async fn verify(home: &Path, url: Option<&str>, a: VerifyArgs) -> Result<u8> {

@@ -473,6 +473,15 @@ fn split_param(url: &str, name: &str) -> (String, Option<String>) {
     (conn, value)
 }
 
+/// The damage an error reports (a `LogError::Corrupt` anywhere in its chain), if any.
+pub(crate) fn corrupt_in(e: &anyhow::Error) -> Option<String> {
+    e.chain()
+        .find_map(|c| match c.downcast_ref::<ice_log::LogError>() {
+            Some(ice_log::LogError::Corrupt { what }) => Some(what.clone()),
+            _ => None,
+        })
+}
+
 /// Opening a shared log failed: the error, with the URL's password kept out of every part of
 /// it (the client libraries' own messages repeat the URL they were given).
 fn opening_failed(url: &str, e: anyhow::Error) -> anyhow::Error {
@@ -485,13 +494,7 @@ fn opening_failed(url: &str, e: anyhow::Error) -> anyhow::Error {
     let place = format!("opening the log {}", redact(url));
     // Damage stays a `LogError::Corrupt` (its text kept clear of secrets too), so that
     // `verify` and `checkpoint` give their verdict on it (exit 5), as for the embedded log.
-    let damage = e
-        .chain()
-        .find_map(|c| match c.downcast_ref::<ice_log::LogError>() {
-            Some(ice_log::LogError::Corrupt { what }) => Some(what.clone()),
-            _ => None,
-        });
-    if let Some(what) = damage {
+    if let Some(what) = corrupt_in(&e) {
         return anyhow::Error::new(ice_log::LogError::Corrupt { what: hide(what) }).context(place);
     }
     anyhow!("{place}: {}", hide(format!("{e:#}")))

@@ -112,6 +112,18 @@ fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A new installation at `home`, with `origin`.
+fn init_home(home: &Path, origin: &str) -> PathBuf {
+    let o = Command::new(ice_bin())
+        .arg("--home")
+        .arg(home)
+        .args(["init", "--origin", origin])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    home.to_path_buf()
+}
+
 fn tag() -> String {
     let mut b = [0u8; 6];
     getrandom::fill(&mut b).unwrap();
@@ -153,19 +165,9 @@ fn two_nodes_share_one_log(url: &str) {
     let url = url.to_string();
     let nodes: Vec<Node> = ["a", "b"]
         .iter()
-        .map(|n| {
-            let home = root.join(format!("node-{n}"));
-            let o = Command::new(ice_bin())
-                .arg("--home")
-                .arg(&home)
-                .args(["init", "--origin", "ice.test/nodes"])
-                .output()
-                .unwrap();
-            assert!(o.status.success(), "{}", text(&o));
-            Node {
-                home,
-                url: url.clone(),
-            }
+        .map(|n| Node {
+            home: init_home(&root.join(format!("node-{n}")), "ice.test/nodes"),
+            url: url.clone(),
         })
         .collect();
     // Both nodes sign checkpoints with one key (they are one log).
@@ -349,14 +351,7 @@ fn hashes(home: &Path, url: &str) -> Vec<(String, u64, String)> {
 #[test]
 fn ice_migrate_copies_a_log_between_backends_hash_for_hash() {
     let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("home");
-    let o = Command::new(ice_bin())
-        .arg("--home")
-        .arg(&home)
-        .args(["init", "--origin", "ice.test/migrate"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
+    let home = init_home(&dir.path().join("home"), "ice.test/migrate");
     // A real run (the quickstart's runaway: reads until its budget stops it) on the embedded log.
     let qs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart");
     let o = Command::new(ice_bin())
@@ -416,14 +411,7 @@ fn ice_migrate_copies_a_log_between_backends_hash_for_hash() {
 #[test]
 fn reading_a_shared_log_that_does_not_exist_creates_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("home");
-    let o = Command::new(ice_bin())
-        .arg("--home")
-        .arg(&home)
-        .args(["init", "--origin", "ice.test/missing"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
+    let home = init_home(&dir.path().join("home"), "ice.test/missing");
     let schema = Schema(format!("ice_missing_{}", tag()));
     let nats_prefix = format!("missing{}", tag());
     for url in [
@@ -481,14 +469,7 @@ fn reading_a_shared_log_that_does_not_exist_creates_nothing() {
 #[test]
 fn a_postgres_head_moved_back_is_a_verdict() {
     let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("home");
-    let o = Command::new(ice_bin())
-        .arg("--home")
-        .arg(&home)
-        .args(["init", "--origin", "ice.test/head"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
+    let home = init_home(&dir.path().join("home"), "ice.test/head");
     let schema = Schema(format!("ice_head_{}", tag()));
     let node = Node {
         home,

@@ -602,7 +602,7 @@ fn unanswered(
 
 /// How long an effect may run: `limit`, or what the run's wall-time budget has left if that is
 /// less (at least 1 ms); and, when the budget is what bounds it, the words for a failure.
-fn bounded(limit: Duration, time_left: Option<Duration>) -> (Duration, Option<String>) {
+pub(crate) fn bounded(limit: Duration, time_left: Option<Duration>) -> (Duration, Option<String>) {
     match time_left {
         Some(left) if left < limit => {
             let left = left.max(Duration::from_millis(1));

@@ -649,8 +649,7 @@ impl Ctx<'_> {
                 // budget ends: an approval nobody answers does not hold the run past its
                 // budget. The request records when it really expires.
                 let configured = Duration::from_millis(live.spec.approval_timeout_ms);
-                let budget_left = wall_time_left(live).filter(|left| *left < configured);
-                let timeout = budget_left.map_or(configured, |l| l.max(Duration::from_millis(1)));
+                let (timeout, budget_cut) = act::bounded(configured, wall_time_left(live));
                 let expires_at = add_ms(now, timeout.as_millis() as u64);
                 let draft = request_draft(agent, r);
                 let rec = self
@@ -704,7 +703,7 @@ impl Ctx<'_> {
                         DenialCode::ApprovalDenied,
                         format!("operator denied approval {approval}: {reason}"),
                     )),
-                    ApprovalWait::TimedOut if budget_left.is_some() => Some((
+                    ApprovalWait::TimedOut if budget_cut.is_some() => Some((
                         DenialCode::BudgetExhausted,
                         format!(
                             "nobody answered approval {approval} before the run's wall_time budget ran out ({} ms were left when it was asked; the approval timeout is {}s)",

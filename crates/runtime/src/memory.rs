@@ -959,7 +959,7 @@ pub enum FieldProblem {
 /// A reason is recorded in the event's payload as a string, where the folds read it: one
 /// longer than [`ice_kernel::limits::MAX_TEXT_LEN`] is refused (past the blob threshold it would
 /// be moved to the blob store, and the record would no longer fold).
-pub(crate) fn reason_too_long(reason: &str) -> Option<FieldProblem> {
+pub fn reason_too_long(reason: &str) -> Option<FieldProblem> {
     let max = ice_kernel::limits::MAX_TEXT_LEN;
     (reason.len() > max).then(|| {
         FieldProblem::Invalid(format!(

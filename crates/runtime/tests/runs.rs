@@ -1102,26 +1102,7 @@ async fn run_with_100_bytes(
 async fn a_run_whose_stage_is_not_here_is_not_resumed() {
     let h = H::new(POLICY);
     let plan = "[[step]]\nintent = \"w\"\ncapability = \"fs.write\"\ntarget = \"staged.txt\"\narguments = { content = \"x\" }\n[[step]]\nintent = \"r\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 2\n";
-    let (spec, first) = h.spec(
-        "elsewhere",
-        "coder",
-        "[[assume]]\nfile = \"config.toml\"\n",
-        plan,
-    );
-    let ws = h.ws.clone();
-    let mut agent = Hooked {
-        inner: first,
-        hook: move |v: &ice_kernel::AgentView| {
-            if v.step == 1 {
-                std::fs::write(ws.join("config.toml"), "x = 2\n").unwrap();
-            }
-        },
-    };
-    let report = h.run(spec, &mut agent).await;
-    assert!(
-        matches!(report.outcome, RunOutcome::Suspended { .. }),
-        "{report:?}"
-    );
+    suspend_on_changed_assumption_with(&h, "elsewhere", plan).await;
     let run = RunId::new("elsewhere").unwrap();
     std::fs::remove_dir_all(h.base.join("home/runs/elsewhere/stage")).unwrap();
     let ok = ice_runtime::operator::ReconfigurationFile {

@@ -244,12 +244,13 @@ pub const THREE_READS: &str =
 /// Run [`THREE_READS`] as `coder` in run `id`, which assumes config.toml; the file changes
 /// before the second step, so the run suspends (asserted).
 pub async fn suspend_on_changed_assumption(h: &H, id: &str) {
-    let (spec, first) = h.spec(
-        id,
-        "coder",
-        "[[assume]]\nfile = \"config.toml\"\n",
-        THREE_READS,
-    );
+    suspend_on_changed_assumption_with(h, id, THREE_READS).await;
+}
+
+/// [`suspend_on_changed_assumption`], with `plan` (of at least two steps) in place of
+/// [`THREE_READS`].
+pub async fn suspend_on_changed_assumption_with(h: &H, id: &str, plan: &str) {
+    let (spec, first) = h.spec(id, "coder", "[[assume]]\nfile = \"config.toml\"\n", plan);
     let ws = h.ws.clone();
     let mut agent = Hooked {
         inner: first,
