@@ -147,7 +147,8 @@ async fn transition(
     Ok(ok(transitioned(&report)?))
 }
 
-/// `POST /memories/{id}/invalidate {"reason"}`: with every active memory derived from it.
+/// `POST /memories/{id}/invalidate {"reason"}`: with every memory derived from it not
+/// invalidated yet (also for a memory that expired, or was deprecated or superseded).
 pub(crate) async fn invalidate(
     State(s): State<Shared>,
     Extension(Operator(operator)): Extension<Operator>,

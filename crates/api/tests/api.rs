@@ -595,13 +595,31 @@ async fn a_run_started_streamed_approved_verified_and_proven() {
     assert_eq!(v["status"], "deprecated");
     let (status, v) = api
         .post(
+            &format!("/memories/{memory}/deprecate"),
+            json!({"reason": "again"}),
+        )
+        .await;
+    assert_eq!(status, 409, "a memory leaves active once: {v}");
+    // Found wrong after it was deprecated: invalidated, once, the deprecation kept.
+    let (status, v) = api
+        .post(
             &format!("/memories/{memory}/invalidate"),
             json!({"reason": "wrong"}),
         )
         .await;
-    assert_eq!(status, 409, "a memory leaves active once: {v}");
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["status"], "invalidated");
+    let (status, v) = api
+        .post(
+            &format!("/memories/{memory}/invalidate"),
+            json!({"reason": "wrong again"}),
+        )
+        .await;
+    assert_eq!(status, 409, "a memory is invalidated once: {v}");
     let (_, list) = api.get("/memories?all=true").await;
-    assert_eq!(list["memories"][0]["status"], "deprecated");
+    assert_eq!(list["memories"][0]["status"], "invalidated");
+    assert_eq!(list["memories"][0]["earlier"]["status"], "deprecated");
+    assert_eq!(list["memories"][0]["earlier"]["reason"], "outdated");
 
     // A consistency proof between two checkpoints (the promotion signed a later one).
     let (_, cps) = api.get("/checkpoints").await;

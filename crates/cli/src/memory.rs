@@ -35,8 +35,8 @@ enum MemoryCommand {
     Show(ShowArgs),
     /// Promote a DOMAIN event of a committed run to memory (as operator:NAME).
     Promote(PromoteArgs),
-    /// Invalidate a memory and every active memory derived from it; prints the runs that
-    /// mounted them.
+    /// Invalidate a memory (also one that expired, or was deprecated or superseded) and every
+    /// memory derived from it not invalidated yet; prints the runs that mounted them.
     Invalidate(TransitionArgs),
     /// Mark a memory superseded by another, active one (--by).
     Supersede(SupersedeArgs),
@@ -259,7 +259,7 @@ async fn show(home: &Path, url: Option<&str>, a: ShowArgs) -> Result<u8> {
     println!("  kind:         {}", shown(&r.kind));
     println!("  scope:        {}", shown(&r.scope));
     println!("  status:       {}", shown(&status_text(r, now)));
-    if let Some(t) = &r.transition {
+    let by = |t: &ice_runtime::memory::Transition| {
         println!(
             "                by {} at {}{}: {}",
             t.event,
@@ -270,6 +270,13 @@ async fn show(home: &Path, url: Option<&str>, a: ShowArgs) -> Result<u8> {
                 .unwrap_or_default(),
             shown(&t.reason)
         );
+    };
+    if let Some(t) = &r.transition {
+        by(t);
+    }
+    if let Some(e) = &r.earlier {
+        println!("                after it was {}", e.status);
+        by(&e.transition);
     }
     println!("  confidence:   {}", r.confidence);
     println!(

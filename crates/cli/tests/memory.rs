@@ -464,8 +464,19 @@ fn supersede_and_deprecate() {
     assert!(!err.contains('`'), "{err}");
     let o = ice(home, &["memory", "deprecate", new, "--reason", "stale"]);
     assert_eq!(code(&o), 0, "{}", text(&o));
-    let err = refused(home, &["memory", "invalidate", new, "--reason", "x"]);
+    let err = refused(home, &["memory", "deprecate", new, "--reason", "x"]);
     assert!(err.contains("deprecated"), "{err}");
+    // Found wrong after it was deprecated: invalidated, and `show` gives both.
+    let o = ice(home, &["memory", "invalidate", new, "--reason", "wrong"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let o = ice(home, &["memory", "show", new]);
+    let shown = text(&o);
+    assert!(
+        shown.contains("invalidated") && shown.contains("after it was deprecated"),
+        "{shown}"
+    );
+    let err = refused(home, &["memory", "invalidate", new, "--reason", "x"]);
+    assert!(err.contains("invalidated"), "{err}");
     let err = refused(home, &["memory", "deprecate", "not-an-id", "--reason", "x"]);
     assert!(err.contains("not a memory id"), "{err}");
     // A mount that names them finds nothing to mount.

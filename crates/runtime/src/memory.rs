@@ -9,9 +9,10 @@
 //!   (provenance), the memories mounted by the run its sources come from (`derived_from`, the
 //!   lineage), scope, expiry and schema version.
 //! - Lifecycle: `active → expired | deprecated | superseded(by) | invalidated`, each once, with a
-//!   reason, as an event ([`Runtime::transition_memory`]). Invalidating a memory invalidates
-//!   every still-active memory derived from it, transitively, and names the runs that mounted
-//!   them.
+//!   reason, as an event ([`Runtime::transition_memory`]); a memory that left as outdated
+//!   (expired, deprecated, superseded) can still be invalidated once, when it turns out wrong.
+//!   Invalidating a memory invalidates every memory derived from it, transitively, that is not
+//!   invalidated yet, and names the runs that mounted them.
 //! - A run mounts the active, unexpired memories its spec's `[memory] mount` names, at context
 //!   time; `MemoryMounted` lists their ids, digests and kinds, and what was skipped and why.
 //!
@@ -424,7 +425,18 @@ pub struct Transition {
     pub origin: Option<EventId>,
 }
 
-/// One memory, folded from its `MemoryPromoted` event, its transition and the runs that
+/// How a memory invalidated later had first left `active`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Earlier {
+    /// Its status then (`expired`, `deprecated` or `superseded`).
+    #[serde(flatten)]
+    pub status: MemoryStatus,
+    /// The event that recorded it.
+    #[serde(flatten)]
+    pub transition: Transition,
+}
+
+/// One memory, folded from its `MemoryPromoted` event, its transitions and the runs that
 /// mounted it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MemoryRecord {
@@ -465,8 +477,13 @@ pub struct MemoryRecord {
     /// Its lifecycle status.
     #[serde(flatten)]
     pub status: MemoryStatus,
-    /// The event that moved it out of `active`.
+    /// The event that gave it its status: the one that moved it out of `active`, or, for a
+    /// memory invalidated after it left `active` another way, the invalidation.
     pub transition: Option<Transition>,
+    /// For a memory invalidated after it had expired, been deprecated or been superseded: that
+    /// first exit from `active`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub earlier: Option<Earlier>,
     /// The runs that mounted it, in log order.
     pub mounted_by: Vec<RunId>,
 }
@@ -655,6 +672,7 @@ impl MemoryBook {
                         reason: p.reason,
                         status: MemoryStatus::Active,
                         transition: None,
+                        earlier: None,
                         mounted_by: Vec::new(),
                     },
                 );
@@ -684,20 +702,33 @@ impl MemoryBook {
                 let r = self.records.get_mut(&p.memory).ok_or_else(|| {
                     fail(format!("{t} names {}, which is not a memory", p.memory))
                 })?;
-                if let Some(first) = &r.transition {
+                // A memory leaves `active` once. One that left it as outdated (expired,
+                // deprecated, superseded) may still be found wrong, once: its content is judged,
+                // not its currency, and what was derived from it must be flagged.
+                if let Some(first) = &r.transition
+                    && (status != MemoryStatus::Invalidated
+                        || r.status == MemoryStatus::Invalidated)
+                {
                     return Err(fail(format!(
-                        "memory {} already left active ({} by {}); a memory leaves active only once",
+                        "memory {} already left active ({} by {}); a memory leaves active only once, and is invalidated at most once",
                         p.memory, r.status, first.event
                     )));
                 }
-                r.status = status;
-                r.transition = Some(Transition {
+                let now = Transition {
                     event: e.id(),
                     at: e.at,
                     reason: p.reason,
                     operator: p.operator,
                     origin: p.origin,
-                });
+                };
+                if let Some(first) = r.transition.replace(now) {
+                    r.earlier = Some(Earlier {
+                        status: std::mem::replace(&mut r.status, status),
+                        transition: first,
+                    });
+                } else {
+                    r.status = status;
+                }
             }
             EventType::MemoryMounted => {
                 let Some(list) = e.payload.get("memories") else {
@@ -1636,7 +1667,9 @@ pub struct PromoteReport {
 /// A lifecycle transition an operator asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MemoryAction {
-    /// The memory is wrong: invalidate it and every active memory derived from it.
+    /// The memory is wrong: invalidate it and every memory derived from it (transitively) that
+    /// is not invalidated yet. Allowed also for a memory that already expired, was deprecated
+    /// or was superseded: being outdated does not make it right.
     Invalidate,
     /// The memory is outdated.
     Deprecate,
@@ -1862,12 +1895,16 @@ impl Runtime {
         })
     }
 
-    /// An operator moves a memory out of `active`: invalidate (cascading to every active memory
-    /// derived from it, transitively), deprecate, or supersede by another active memory. A
-    /// memory leaves `active` once: a second transition is refused, naming the first. The
-    /// check and the record happen under the registry lock, against the log re-read under it.
-    /// Memories found past their expiry are recorded as expired in the same maintenance run
-    /// (and if the named memory is one of them, the transition is refused).
+    /// An operator moves a memory out of `active`: invalidate (cascading to every memory derived
+    /// from it, transitively, that is not invalidated yet), deprecate, or supersede by another
+    /// active memory. A memory leaves `active` once: a second deprecation or supersession is
+    /// refused, naming the first. A memory that left `active` as outdated (expired, deprecated,
+    /// superseded) can still be invalidated, once, so that what was derived from it is flagged;
+    /// its first exit stays in its record ([`MemoryRecord::earlier`]). The check and the
+    /// record happen under the registry lock, against the log re-read under it. Memories found
+    /// past their expiry are recorded as expired in the same maintenance run (and if the named
+    /// memory is one of them, a deprecation or supersession is refused; an invalidation is
+    /// recorded after its expiry).
     pub async fn transition_memory(
         &self,
         memory: &EventId,
@@ -1894,28 +1931,33 @@ impl Runtime {
         let _guard = self.lock_registry().await?;
         let book = self.memories().await?;
         let now = self.clock.now();
-        let refuse_if_left = |id: &EventId| -> Result<&MemoryRecord, MemoryError> {
-            let r = book
-                .get(id)
-                .ok_or_else(|| MemoryError::Unknown(id.clone()))?;
-            if let Some(t) = &r.transition {
-                return Err(MemoryError::AlreadyTransitioned {
-                    memory: id.clone(),
-                    status: r.status.clone(),
-                    event: t.event.clone(),
-                    reason: t.reason.clone(),
-                });
-            }
-            Ok(r)
-        };
-        let target = refuse_if_left(memory)?;
+        let refuse_if_left =
+            |id: &EventId, invalidating: bool| -> Result<&MemoryRecord, MemoryError> {
+                let r = book
+                    .get(id)
+                    .ok_or_else(|| MemoryError::Unknown(id.clone()))?;
+                // A memory that left `active` as outdated may still be found wrong (once).
+                if let Some(t) = &r.transition
+                    && (!invalidating || r.status == MemoryStatus::Invalidated)
+                {
+                    return Err(MemoryError::AlreadyTransitioned {
+                        memory: id.clone(),
+                        status: r.status.clone(),
+                        event: t.event.clone(),
+                        reason: t.reason.clone(),
+                    });
+                }
+                Ok(r)
+            };
+        let invalidating = action == MemoryAction::Invalidate;
+        let target = refuse_if_left(memory, invalidating)?;
         if let MemoryAction::Supersede { by } = &action {
             if by == memory {
                 return Err(MemoryError::Invalid(format!(
                     "memory {memory} cannot supersede itself"
                 )));
             }
-            let b = refuse_if_left(by).map_err(|e| match e {
+            let b = refuse_if_left(by, false).map_err(|e| match e {
                 MemoryError::AlreadyTransitioned { status, event, .. } => MemoryError::Field {
                     field: MemoryField::By,
                     problem: FieldProblem::NotActive {
@@ -1939,7 +1981,9 @@ impl Runtime {
             }
         }
         let found = format!("found by {operator}'s {} of {memory}", action.op());
-        if target.expired_at(now) {
+        // Found past its expiry: recorded as expired, and only invalidation goes on (below, in
+        // the same maintenance run, after the expiry).
+        if target.due_to_expire(now) && !invalidating {
             let expired = self.record_expiries(&book, now, &found).await?;
             let event = expired
                 .iter()
@@ -1957,14 +2001,14 @@ impl Runtime {
             });
         }
         let due: Vec<&MemoryRecord> = book.due_to_expire(now);
-        let due_ids: HashSet<&EventId> = due.iter().map(|r| &r.id).collect();
-        let cascade: Vec<(EventId, EventId)> = if action == MemoryAction::Invalidate {
+        // Every memory derived from it, whatever its status, unless already invalidated (those
+        // past their expiry are recorded as expired first, in the same run).
+        let cascade: Vec<(EventId, EventId)> = if invalidating {
             book.descendants(memory)
                 .into_iter()
                 .filter(|(d, _)| {
                     book.get(d)
-                        .is_some_and(|r| r.status == MemoryStatus::Active)
-                        && !due_ids.contains(d)
+                        .is_some_and(|r| r.status != MemoryStatus::Invalidated)
                 })
                 .collect()
         } else {

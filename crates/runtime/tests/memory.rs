@@ -268,9 +268,8 @@ async fn a_memory_leaves_active_once() {
             .await
             .unwrap();
     assert_eq!(dep.status, "deprecated");
-    // A second transition is refused and names the first.
+    // A second deprecation or supersession is refused and names the first.
     for action in [
-        MemoryAction::Invalidate,
         MemoryAction::Deprecate,
         MemoryAction::Supersede { by: c.clone() },
     ] {
@@ -293,15 +292,38 @@ async fn a_memory_leaves_active_once() {
             .await
             .unwrap_err();
     assert!(err.to_string().contains("deprecated"), "{err}");
+    // Found wrong after it was deprecated: invalidated, once; the deprecation stays in its
+    // record.
+    let inv =
+        h.rt.transition_memory(&a, MemoryAction::Invalidate, "wrong after all", "bob")
+            .await
+            .unwrap();
+    assert_eq!(inv.status, "invalidated");
+    let r = book(&h).await.get(&a).unwrap().clone();
+    assert_eq!(r.status, MemoryStatus::Invalidated);
+    assert_eq!(r.transition.as_ref().unwrap().event, inv.memory.event);
+    let earlier = r.earlier.as_ref().unwrap();
+    assert_eq!(earlier.status, MemoryStatus::Deprecated);
+    assert_eq!(earlier.transition.event, dep.memory.event);
+    for action in [MemoryAction::Invalidate, MemoryAction::Deprecate] {
+        match h.rt.transition_memory(&a, action, "again", "bob").await {
+            Err(MemoryError::AlreadyTransitioned { event, status, .. }) => {
+                assert_eq!(event, inv.memory.event);
+                assert_eq!(status, MemoryStatus::Invalidated);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
     let nobody: EventId = "nope:1".parse().unwrap();
     assert!(matches!(
         h.rt.transition_memory(&nobody, MemoryAction::Deprecate, "x", "bob")
             .await,
         Err(MemoryError::Unknown(_))
     ));
-    // Two concurrent transitions of one memory: exactly one passes.
+    // Two concurrent exits from active of one memory: exactly one passes; and so for two
+    // concurrent invalidations.
     let (x, y) = tokio::join!(
-        h.rt.transition_memory(&c, MemoryAction::Invalidate, "wrong", "alice"),
+        h.rt.transition_memory(&c, MemoryAction::Deprecate, "outdated", "alice"),
         h.rt.transition_memory(&c, MemoryAction::Deprecate, "old", "bob"),
     );
     assert_eq!(x.is_ok() as u8 + y.is_ok() as u8, 1, "x = {x:?}\ny = {y:?}");
@@ -310,7 +332,13 @@ async fn a_memory_leaves_active_once() {
         matches!(err, MemoryError::AlreadyTransitioned { .. }),
         "{err:?}"
     );
-    // Each memory has exactly one transition event in the log.
+    let (x, y) = tokio::join!(
+        h.rt.transition_memory(&c, MemoryAction::Invalidate, "wrong", "alice"),
+        h.rt.transition_memory(&c, MemoryAction::Invalidate, "false", "bob"),
+    );
+    assert_eq!(x.is_ok() as u8 + y.is_ok() as u8, 1, "x = {x:?}\ny = {y:?}");
+    // Each memory has exactly two transition events in the log: its deprecation and its
+    // invalidation.
     let mut transitions = 0;
     for run in all_runs(&h).await {
         transitions += memory_events(&h.events(&run).await)
@@ -318,7 +346,7 @@ async fn a_memory_leaves_active_once() {
             .filter(|e| e.event_type != "MemoryPromoted")
             .count();
     }
-    assert_eq!(transitions, 2);
+    assert_eq!(transitions, 4);
     verify(&h).await;
 }
 
@@ -377,12 +405,18 @@ async fn an_expired_memory_does_not_mount() {
         expiries += of_type(&h.events(&run).await, EventType::MemoryExpired).len();
     }
     assert_eq!(expiries, 1);
-    // A transition of an expired memory is refused, naming the expiry.
+    // Deprecating an expired memory is refused, naming the expiry; invalidating it is not.
     let err =
-        h.rt.transition_memory(&id, MemoryAction::Invalidate, "late", "alice")
+        h.rt.transition_memory(&id, MemoryAction::Deprecate, "late", "alice")
             .await
             .unwrap_err();
     assert!(err.to_string().contains(&t.event.to_string()), "{err}");
+    h.rt.transition_memory(&id, MemoryAction::Invalidate, "wrong", "alice")
+        .await
+        .unwrap();
+    let r = book(&h).await.get(&id).unwrap().clone();
+    assert_eq!(r.status, MemoryStatus::Invalidated);
+    assert_eq!(r.earlier.unwrap().transition.event, t.event);
     verify(&h).await;
 }
 
@@ -514,6 +548,106 @@ async fn invalidation_cascades_to_derived_memories() {
     let r2_read = of_type(&h.events("r2").await, EventType::FileRead)[0].id();
     let err = h.rt.promote_memory(&request(&r2_read)).await.unwrap_err();
     assert!(err.to_string().contains("invalidated"), "{err}");
+    verify(&h).await;
+}
+
+/// Probe finding (session 20): a memory that had left `active` (deprecated, expired) could not
+/// be invalidated, so the memories derived from it stayed active and mountable when it turned
+/// out wrong, and facts of runs that had mounted it could still be promoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_found_wrong_after_it_left_active_takes_what_derived_from_it_along() {
+    let h = H::new(POLICY);
+    // A (project) from r1, and E (expiring in 1 ms, unrecorded) from r0.
+    committed(&h, "r1", &rule("project", "hello.txt", ""), READ_HELLO).await;
+    let a = book(&h).await.iter().next().unwrap().id.clone();
+    // r2 mounts A; its rules promote B and D from it.
+    let mount = "[memory]\nmount = { scopes = [\"project\"] }\n";
+    let extra = format!(
+        "{mount}\n{}\n{}",
+        rule("derived", "config.toml", ""),
+        rule("short", "config.toml", "ttl = \"1ms\"")
+    );
+    committed(&h, "r2", &extra, READ_CONFIG).await;
+    let b0 = book(&h).await;
+    let of_scope = |scope: &str| b0.iter().find(|r| r.scope == scope).unwrap().id.clone();
+    let (b, d) = (of_scope("derived"), of_scope("short"));
+    assert_eq!(b0.derived(&a), &[b.clone(), d.clone()]);
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // A is deprecated (outdated); later it turns out wrong.
+    let dep =
+        h.rt.transition_memory(&a, MemoryAction::Deprecate, "outdated", "alice")
+            .await
+            .unwrap();
+    assert!(dep.cascaded.is_empty());
+    // (D's expiry, found then, was recorded in the same maintenance run.)
+    assert_eq!(dep.expired.len(), 1);
+    assert_eq!(dep.expired[0].0, d);
+    let rep =
+        h.rt.transition_memory(&a, MemoryAction::Invalidate, "it was wrong", "bob")
+            .await
+            .unwrap();
+    // B (active) and D (expired) go with it.
+    let cascaded: Vec<&EventId> = rep.cascaded.iter().map(|t| &t.memory).collect();
+    assert_eq!(cascaded, vec![&b, &d]);
+    assert!(rep.expired.is_empty());
+    assert_eq!(rep.memory.mounted_by, vec![RunId::new("r2").unwrap()]);
+    let after = book(&h).await;
+    for id in [&a, &b, &d] {
+        assert_eq!(
+            after.get(id).unwrap().status,
+            MemoryStatus::Invalidated,
+            "{id}"
+        );
+    }
+    assert_eq!(
+        after.get(&a).unwrap().earlier.as_ref().unwrap().status,
+        MemoryStatus::Deprecated
+    );
+    assert_eq!(
+        after.get(&d).unwrap().earlier.as_ref().unwrap().status,
+        MemoryStatus::Expired
+    );
+    assert!(after.get(&b).unwrap().earlier.is_none());
+    // B no longer mounts; r2's facts can no longer be promoted (it mounted A).
+    let (spec, mut agent, seen) = watching(
+        &h,
+        "r3",
+        "[memory]\nmount = { scopes = [\"derived\"] }\n",
+        READ_HELLO,
+    );
+    h.run(spec, &mut agent).await;
+    assert!(seen.lock().unwrap().is_empty());
+    let r2_read = of_type(&h.events("r2").await, EventType::FileRead)[0].id();
+    let err = h.rt.promote_memory(&request(&r2_read)).await.unwrap_err();
+    assert!(err.to_string().contains("invalidated"), "{err}");
+    // A memory past its expiry, not yet recorded, found wrong: its expiry, then its
+    // invalidation, in one maintenance run.
+    committed(
+        &h,
+        "r4",
+        &rule("brief", "hello.txt", "ttl = \"1ms\""),
+        READ_HELLO,
+    )
+    .await;
+    let e = book(&h)
+        .await
+        .iter()
+        .find(|r| r.scope == "brief")
+        .unwrap()
+        .id
+        .clone();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let rep =
+        h.rt.transition_memory(&e, MemoryAction::Invalidate, "wrong", "bob")
+            .await
+            .unwrap();
+    assert_eq!(rep.expired.len(), 1);
+    assert_eq!(rep.expired[0].0, e);
+    let r = book(&h).await.get(&e).unwrap().clone();
+    assert_eq!(r.status, MemoryStatus::Invalidated);
+    let earlier = r.earlier.unwrap();
+    assert_eq!(earlier.status, MemoryStatus::Expired);
+    assert_eq!(earlier.transition.event.run_id, rep.run);
     verify(&h).await;
 }
 
