@@ -77,8 +77,8 @@ use ice_authority::payload::{
     CapabilityUsedPayload, DenialCode,
 };
 use ice_authority::{
-    ApprovalStatus, BudgetLimits, DecisionKind, PolicySet, PolicyVersion, Request, Resource,
-    approval::request_digest,
+    ApprovalStatus, BudgetLimits, Constraints, DecisionKind, PolicySet, PolicyVersion, Request,
+    Resource, approval::request_digest,
 };
 use ice_kernel::{
     Agent, AgentView, CapabilityProposal, Cost, Draft, EventId, EventType, Origin, Outcome,
@@ -139,10 +139,13 @@ pub struct RunReport {
 }
 
 /// Stamp of a policy directory's files, to notice edits cheaply: for each `*.cedar` entry, the
-/// file it names as the loader reads it (a symbolic link followed: its target's size, time and
-/// inode; a link to nothing stamped as such), and the entry itself (a link pointed elsewhere).
+/// file it names as the loader reads it (a symbolic link followed: its target's size, times
+/// and inode; a link to nothing stamped as such), and the entry itself (a link pointed
+/// elsewhere). The times include the inode's change time, which every write moves and no
+/// tool can set back: a file rewritten in place at the same size with its modification time
+/// restored (`cp -p`, `rsync -t --inplace`, `touch -r`) is still noticed.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub(crate) struct PolicyStamp(Vec<(String, [i128; 4])>);
+pub(crate) struct PolicyStamp(Vec<(String, [i128; 6])>);
 
 impl PolicyStamp {
     pub(crate) fn of(dir: &std::path::Path) -> PolicyStamp {
@@ -160,10 +163,20 @@ impl PolicyStamp {
                 if !name.ends_with(".cedar") {
                     continue;
                 }
-                let own = e.metadata().map_or(-1, |m| time(&m));
+                let changed = |m: &std::fs::Metadata| {
+                    i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec())
+                };
+                let (own, own_changed) = e.metadata().map_or((-1, -1), |m| (time(&m), changed(&m)));
                 let stamp = match std::fs::metadata(e.path()) {
-                    Ok(m) => [m.len() as i128, time(&m), m.ino() as i128, own],
-                    Err(_) => [-1, -1, -1, own],
+                    Ok(m) => [
+                        m.len() as i128,
+                        time(&m),
+                        m.ino() as i128,
+                        changed(&m),
+                        own,
+                        own_changed,
+                    ],
+                    Err(_) => [-1, -1, -1, -1, own, own_changed],
                 };
                 v.push((name, stamp));
             }
@@ -572,8 +585,8 @@ impl Ctx<'_> {
             }
         };
         let decision = live.policy.decide(&request);
-        let policies = decision.determining_policies().to_vec();
-        let version = decision.policy_version;
+        let mut policies = decision.determining_policies().to_vec();
+        let mut version = decision.policy_version;
         let constraints = decision.constraints;
         match decision.kind() {
             DecisionKind::Deny => {
@@ -695,7 +708,12 @@ impl Ctx<'_> {
                 let refusal = match answered {
                     ApprovalWait::Granted => {
                         match live.books.approvals.authorize(&approval, &digest, now) {
-                            Ok(()) => None,
+                            // The policy may have changed while the operator was asked.
+                            Ok(()) => {
+                                let decided = (&mut version, &mut policies, &constraints);
+                                self.policy_after_wait(live, &request, &approval, decided)
+                                    .await?
+                            }
                             Err(e) => Some((e.code(), e.to_string())),
                         }
                     }
@@ -1915,6 +1933,87 @@ impl Ctx<'_> {
                 .map(Some);
         }
         Ok(None)
+    }
+
+    /// After an operator granted approval `approval`: the policy files may have changed during
+    /// the wait (minutes, perhaps), and the approval does not outrank the policy in force when
+    /// the call is made. Unchanged, or changed to a policy that decides `request` as before
+    /// (permitted, with or without approval, under the same constraints), the call goes on
+    /// (`None`); the new policy is taken on first (`PolicyReloaded`, live grants re-decided),
+    /// and `decided`'s version and policies become the new decision's (the grant, or the
+    /// denial, names them).
+    /// Otherwise the call is refused, saying why: the new policy denies it or decides it under
+    /// other limits (the agent may ask again), or it does not load or the run assumed it would
+    /// not change (the run is then suspended before its next step, as any step would find).
+    async fn policy_after_wait(
+        &self,
+        live: &mut Live,
+        request: &Request,
+        approval: &EventId,
+        decided: (&mut PolicyVersion, &mut Vec<String>, &Constraints),
+    ) -> Result<Option<(DenialCode, String)>, RuntimeError> {
+        let (version, policies, constraints) = decided;
+        let stamp = PolicyStamp::of(&live.policy_dir);
+        if stamp == live.policy_stamp {
+            return Ok(None);
+        }
+        let during = format!("the policy files changed while approval {approval} was awaited");
+        let new = match PolicySet::load_dir(&live.policy_dir, &self.rt.schema) {
+            Ok(p) => p,
+            Err(e) => {
+                // The next step's check suspends the run (it looks at once).
+                live.last_poll = None;
+                return Ok(Some((
+                    DenialCode::PolicyDenied,
+                    format!(
+                        "{during} and no longer load, so the call is not made: {e}; the run is suspended"
+                    ),
+                )));
+            }
+        };
+        if new.version() == live.policy.version() {
+            live.policy_stamp = stamp;
+            return Ok(None);
+        }
+        let (old_version, new_version) = (live.policy.version(), new.version());
+        let change = format!(
+            "{during} (version {} to {})",
+            short(&old_version.to_hex()),
+            short(&new_version.to_hex())
+        );
+        if live
+            .books
+            .assumptions
+            .iter()
+            .any(|a| matches!(a, Assumption::PolicyVersion { .. }))
+        {
+            live.last_poll = None;
+            return Ok(Some((
+                DenialCode::PolicyDenied,
+                format!(
+                    "{change}, and the run assumed it would not change: the call is not made; the run is suspended"
+                ),
+            )));
+        }
+        live.policy_stamp = stamp;
+        live.policy = Arc::new(new);
+        self.take_on_policy(live, &during, Vec::new()).await?;
+        let now = live.policy.decide(request);
+        *version = now.policy_version;
+        *policies = now.determining_policies().to_vec();
+        Ok(match now.kind() {
+            DecisionKind::Deny => Some((
+                DenialCode::PolicyDenied,
+                format!("{change}, and the policy now in force denies the call: {now}"),
+            )),
+            _ if now.constraints != *constraints => Some((
+                DenialCode::PolicyDenied,
+                format!(
+                    "{change}, and the policy now in force permits the call under other limits than the approval was asked under ({now}): the call is not made; ask again"
+                ),
+            )),
+            _ => None,
+        })
     }
 
     /// Notice a policy edit: re-evaluate live grants and revoke those no longer permitted, or

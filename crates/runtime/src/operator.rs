@@ -164,12 +164,19 @@ impl Runtime {
     }
 
     /// The spec's policy (which keeps the files it was built from: recorded at context time,
-    /// so a replay can re-decide the run's requests under exactly this policy).
-    fn load_policy(&self, spec: &RunSpec) -> Result<(PolicySet, std::path::PathBuf), RuntimeError> {
+    /// so a replay can re-decide the run's requests under exactly this policy), its directory,
+    /// and the stamp of the directory's files taken just before they were read: an edit made
+    /// after that (while the run starts, say) differs from the stamp, so the run's first check
+    /// takes it on. A stamp taken later would hide it for good.
+    fn load_policy(
+        &self,
+        spec: &RunSpec,
+    ) -> Result<(PolicySet, std::path::PathBuf, PolicyStamp), RuntimeError> {
         let dir = self.policy_dir(spec);
+        let stamp = PolicyStamp::of(&dir);
         let set = PolicySet::load_dir(&dir, &self.schema)
             .map_err(|e| RuntimeError::Policy(format!("{}: {e}", dir.display())))?;
-        Ok((set, dir))
+        Ok((set, dir, stamp))
     }
 
     pub(crate) fn open_stage(
@@ -319,7 +326,7 @@ impl Runtime {
                 ),
             }));
         }
-        let (policy, policy_dir) = self.load_policy(&spec)?;
+        let (policy, policy_dir, policy_stamp) = self.load_policy(&spec)?;
         let mut assumptions = Vec::new();
         for a in &spec.assumptions {
             assumptions.push(match a {
@@ -374,7 +381,6 @@ impl Runtime {
         let dir = self.run_dir(&run);
         let lock = self.lock_run(&run).await?;
         let stage = self.open_stage(&run, &spec, None)?;
-        let policy_stamp = PolicyStamp::of(&policy_dir);
         let version = policy.version();
         // Governed memory: the active, unexpired memories the spec mounts (the registry stays
         // locked until `MemoryMounted` is recorded below).
@@ -492,13 +498,14 @@ impl Runtime {
             .ok_or_else(|| RuntimeError::Invalid(format!("run {run} has no recorded spec")))?;
         let recorded = crate::read_run(self.ledger.log().as_ref(), run).await?;
         let memories = self.mounted_memories(&recorded).await?;
-        let (policy, policy_dir) = match (self.load_policy(&spec), purpose) {
+        let (policy, policy_dir, policy_stamp) = match (self.load_policy(&spec), purpose) {
             (Ok(p), _) => p,
             (Err(e), Attach::Drive) => return Err(e),
             (Err(_), Attach::End) => (
                 PolicySet::from_sources(&[], &self.schema)
                     .map_err(|e| RuntimeError::Policy(e.to_string()))?,
                 self.policy_dir(&spec),
+                PolicyStamp::default(),
             ),
         };
         let stage = if books.state().is_non_terminal() {
@@ -519,7 +526,7 @@ impl Runtime {
             books,
             spec,
             policy: Arc::new(policy),
-            policy_stamp: PolicyStamp::of(&policy_dir),
+            policy_stamp,
             policy_dir,
             stage,
             last: None,

@@ -401,3 +401,88 @@ async fn a_claim_not_renewed_within_its_lifetime_is_lost_for_good() {
     clock.0.fetch_sub(ttl, Ordering::SeqCst);
     assert!(lock.lost());
 }
+
+/// Waits for `run`'s approval, edits the policy file to `policy` (a write that moves its
+/// modification time), answers yes as alice, and returns what the call came to.
+async fn approve_after_editing(h: &H, id: &str, policy: &str) -> Option<Outcome> {
+    let port = ok_endpoint();
+    let run = ice_kernel::RunId::new(id).unwrap();
+    let session = session(h, id, "[approvals]\ntimeout = \"60s\"\n").await;
+    let call = slow_get(port);
+    let outcome = {
+        let asked = session.propose(&call);
+        tokio::pin!(asked);
+        let approval = tokio::select! {
+            r = &mut asked => panic!("decided without an operator: {r:?}"),
+            a = pending(&h.rt, &run) => a,
+        };
+        std::fs::write(h.policies.join("p.cedar"), policy).unwrap();
+        h.rt.answer_approval(&approval, "alice", true, "")
+            .await
+            .unwrap();
+        asked.await.unwrap()
+    };
+    session.finish().await.unwrap();
+    outcome
+}
+
+/// The finding (policy probe): a call waiting for approval was decided before the wait and
+/// carried out after it under that decision, even when the policy files had meanwhile changed
+/// to forbid it. An approval does not outrank the policy in force when the call is made: the
+/// policy is taken on after the wait and the call refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_approved_after_the_policy_came_to_forbid_it_is_not_made() {
+    let h = H::new(POLICY);
+    let forbidding = format!(
+        "{POLICY}\n@id(\"no-http\")\nforbid(principal, action == Action::\"http.request\", resource);\n"
+    );
+    let outcome = approve_after_editing(&h, "edited-wait", &forbidding).await;
+    let Some(Outcome::Denied { reason, detail, .. }) = &outcome else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(reason, "policy_denied", "{detail}");
+    assert!(
+        detail.contains("changed while approval") && detail.contains("no-http"),
+        "{detail}"
+    );
+    let events = h.events("edited-wait").await;
+    assert!(of_type(&events, EventType::CapabilityGranted).is_empty());
+    assert!(of_type(&events, EventType::APIRequestExecuted).is_empty());
+    // The new policy is in the record before the refusal it explains.
+    let granted = of_type(&events, EventType::ApprovalGranted)[0].run_seq;
+    let reloaded = of_type(&events, EventType::PolicyReloaded)[0].run_seq;
+    let denied = of_type(&events, EventType::CapabilityDenied)[0].run_seq;
+    assert!(granted < reloaded && reloaded < denied, "{events:#?}");
+    let denial = of_type(&events, EventType::CapabilityDenied)[0];
+    assert_eq!(denial.payload["policies"], serde_json::json!(["no-http"]));
+    let replay =
+        h.rt.replay(&ice_kernel::RunId::new("edited-wait").unwrap())
+            .await
+            .unwrap();
+    assert!(replay.divergences.is_empty(), "{:?}", replay.divergences);
+}
+
+/// The other side: an edit that leaves the call decided as before (here, a rule added for
+/// something else) does not void the approval; the new policy is recorded before the grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_approved_after_an_unrelated_policy_edit_is_made() {
+    let h = H::new(POLICY);
+    let unrelated = format!(
+        "{POLICY}\n@id(\"no-deletes\")\nforbid(principal, action == Action::\"fs.delete\", resource);\n"
+    );
+    let outcome = approve_after_editing(&h, "unrelated-wait", &unrelated).await;
+    assert!(matches!(outcome, Some(Outcome::Done { .. })), "{outcome:?}");
+    let events = h.events("unrelated-wait").await;
+    let reloaded = of_type(&events, EventType::PolicyReloaded)[0].run_seq;
+    let granted = of_type(&events, EventType::CapabilityGranted)[0].run_seq;
+    assert!(reloaded < granted, "{events:#?}");
+    // The grant names the policy it was issued under: the new one.
+    let new_version = &of_type(&events, EventType::PolicyReloaded)[0].payload["policy_version"];
+    let grant = of_type(&events, EventType::CapabilityGranted)[0];
+    assert_eq!(&grant.payload["policy_version"], new_version);
+    let replay =
+        h.rt.replay(&ice_kernel::RunId::new("unrelated-wait").unwrap())
+            .await
+            .unwrap();
+    assert!(replay.divergences.is_empty(), "{:?}", replay.divergences);
+}

@@ -394,6 +394,54 @@ async fn an_edit_of_a_policy_file_behind_a_symbolic_link_is_taken_on() {
     assert_eq!(denial_codes(&events), ["policy_denied"]);
 }
 
+/// The finding (policy probe): the stamp of the policy files was their size, modification
+/// time and inode, so a file rewritten in place at the same size with its modification time
+/// put back (`cp -p`, `rsync -t --inplace`, `touch -r`) was never taken on. The inode's change
+/// time, which no tool sets back, is in the stamp.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_size_policy_edit_with_its_time_put_back_is_taken_on() {
+    let h = H::new(POLICY);
+    let plan =
+        "[[step]]\nintent = \"r\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 3\n";
+    let (spec, plan_agent) = h.spec("same-size", "coder", "", plan);
+    let file = h.policies.join("p.cedar");
+    let mut agent = Hooked {
+        inner: plan_agent,
+        hook: move |v: &ice_kernel::AgentView| {
+            if v.step == 1 {
+                let read = "@id(\"read\")\npermit(principal, action in [Action::\"fs.read\"";
+                let text = POLICY.replace(read, &read.replace("permit", "forbid"));
+                assert_eq!(text.len(), POLICY.len());
+                assert_ne!(text, POLICY);
+                let before = std::fs::metadata(&file).unwrap().modified().unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(30));
+                std::fs::write(&file, text).unwrap();
+                std::fs::File::options()
+                    .write(true)
+                    .open(&file)
+                    .unwrap()
+                    .set_modified(before)
+                    .unwrap();
+                assert_eq!(
+                    std::fs::metadata(&file).unwrap().modified().unwrap(),
+                    before
+                );
+            }
+        },
+    };
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.outcome, RunOutcome::Committed);
+    let events = h.events("same-size").await;
+    assert_eq!(
+        of_type(&events, EventType::PolicyReloaded).len(),
+        1,
+        "{events:#?}"
+    );
+    // Read 1 was decided before the edit was looked for (between steps); read 2 after.
+    assert_eq!(of_type(&events, EventType::FileRead).len(), 2);
+    assert_eq!(denial_codes(&events), ["policy_denied"]);
+}
+
 /// `plan_agent`, which before its step 1 rewrites the policy file `file` as POLICY without
 /// the rule permitting reads.
 fn reads_withdrawn_at_step_1(
