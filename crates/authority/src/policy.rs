@@ -51,7 +51,7 @@ use crate::diagnostic::{Diagnostic, Location, Severity, from_cedar};
 use crate::index::PolicyIndex;
 use crate::limits::{MAX_POLICIES, MAX_POLICY_FILE_BYTES, MAX_POLICY_FILES, MAX_POLICY_ID_LEN};
 use crate::nesting;
-use crate::request::{HTTP_CONNECT, Request};
+use crate::request::{HTTP_CONNECT, Request, literal_problem};
 use crate::schema::Schema;
 
 /// The annotation that makes a permit need an operator's approval: `@approval("required")`.
@@ -691,6 +691,19 @@ fn parse_file(
                         ACTED_ON.join(", @")
                     ),
                 )),
+            }
+        }
+        // An entity the runtime never builds (a host in capitals, a directory with a trailing
+        // slash) matches nothing: a forbid naming it protects nothing.
+        for uid in policy.entity_literals() {
+            if let Some(problem) = literal_problem(&uid) {
+                warnings.push(diag(
+                    Severity::Warning,
+                    file,
+                    at(uid.id().unescaped()),
+                    Some(&id),
+                    format!("{uid} {problem}"),
+                ));
             }
         }
         // Only a connection check has `context.address`: a policy whose scope does not name it

@@ -76,6 +76,44 @@ pub(crate) fn ancestor_types(kind: ResourceKind) -> &'static [&'static str] {
     }
 }
 
+/// Why an entity literal of a policy (`Host::"Evil.COM"`, `Dir::"./secret"`) names nothing the
+/// runtime ever builds, so that a policy testing for it never applies; `None` where it can
+/// match (or is of a type the runtime does not build from requests).
+pub(crate) fn literal_problem(uid: &cedar::EntityUid) -> Option<String> {
+    let ty = uid.type_name().to_string();
+    let id = uid.id().unescaped();
+    let never = |e: ResourceError| Some(format!("never matches: {}", e.problem));
+    let canonical = |kind: &str, c: &str| {
+        (c != id).then(|| {
+            format!("never matches: the runtime names it {kind}::{c:?}; write that instead")
+        })
+    };
+    match ty.as_str() {
+        "Path" => Resource::path(id).err().and_then(never),
+        "Dir" => Resource::dir(id).err().and_then(never),
+        "Host" => match canonical_host(id) {
+            Err(e) => never(e),
+            Ok(c) => canonical("Host", &c),
+        },
+        "Domain" => match canonical_host(id) {
+            Err(e) => never(e),
+            Ok(c) if Ipv4Addr::from_str(&c).is_ok() || Ipv6Addr::from_str(&c).is_ok() => Some(
+                format!("never matches: an address is in no domain; write Host::{c:?}"),
+            ),
+            Ok(c) => canonical("Domain", &c),
+        },
+        "Tool" => Resource::parse(ResourceKind::Tool, id)
+            .err()
+            .and_then(never),
+        "ToolServer" => Resource::tool(id, "x").err().and_then(never),
+        "Command" => Resource::command(id).err().and_then(never),
+        "Agent" => Origin::from_str(&format!("agent:{id}"))
+            .err()
+            .map(|e| format!("never matches: not an agent id ICE accepts ({e})")),
+        _ => None,
+    }
+}
+
 /// The key under which the policy index files a resource anchor: entity type and id.
 pub(crate) fn anchor_key(entity_type: &str, id: &str) -> String {
     format!("{entity_type}\0{id}")
@@ -209,7 +247,7 @@ pub fn connection_address(address: IpAddr) -> IpAddr {
 /// address, so `forbid resource == Host::"169.254.169.254"` also holds for
 /// `[::ffff:169.254.169.254]`); names as letter-digit-hyphen labels (underscores allowed), in
 /// ASCII (give IDNA names in their punycode form).
-fn canonical_host(host: &str) -> Result<String, ResourceError> {
+pub(crate) fn canonical_host(host: &str) -> Result<String, ResourceError> {
     let bad = |problem: &str| ResourceError {
         kind: ResourceKind::Host,
         value: truncated(host),

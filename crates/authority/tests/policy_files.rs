@@ -708,3 +708,47 @@ fn a_byte_order_mark_at_the_start_of_a_file_is_not_a_syntax_error() {
         "{errs:?}"
     );
 }
+
+/// The finding (policy probe): a policy naming an entity in a form the runtime never builds
+/// (a host in capitals or with a trailing dot, a directory with `./` or a trailing slash, an
+/// absolute path, an agent id ICE refuses) passed `ice policy check` and silently matched
+/// nothing: a forbid written so protected nothing. Each is a warning naming the form to write.
+#[test]
+fn an_entity_the_runtime_never_builds_is_a_warning() {
+    let schema = Schema::ice().expect("ICE schema parses");
+    let text = r#"
+forbid(principal, action == Action::"http.request", resource in Domain::"Evil.COM");
+forbid(principal, action == Action::"http.request", resource == Host::"evil.com.");
+forbid(principal, action == Action::"http.request", resource == Host::"[::ffff:10.0.0.1]");
+forbid(principal, action == Action::"http.request", resource in Domain::"10.0.0.1");
+forbid(principal, action == Action::"fs.read", resource in Dir::"./secret");
+forbid(principal, action == Action::"fs.read", resource in Dir::"secret/");
+forbid(principal, action == Action::"fs.read", resource == Path::"/secret/a");
+forbid(principal == Agent::"bad agent", action, resource);
+forbid(principal, action, resource) when { resource in Dir::"../up" };
+permit(principal, action == Action::"http.request", resource in Domain::"example.com");
+permit(principal == Agent::"coder", action == Action::"fs.read", resource in Dir::"src/a");
+"#;
+    let found = PolicySet::check(&[source("e.cedar", text)], &schema);
+    let messages: Vec<&str> = found.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(found.len(), 9, "{messages:#?}");
+    for d in &found {
+        assert_eq!(d.severity, Severity::Warning, "{d}");
+        assert!(d.message.contains("never matches"), "{d}");
+    }
+    let want = [
+        (2, "Domain::\"evil.com\""),
+        (3, "Host::\"evil.com\""),
+        (4, "Host::\"10.0.0.1\""),
+        (5, "an address is in no domain"),
+    ];
+    for (line, text) in want {
+        let d = found
+            .iter()
+            .find(|d| d.location.as_ref().is_some_and(|l| l.line == line))
+            .unwrap_or_else(|| panic!("no warning on line {line}: {messages:#?}"));
+        assert!(d.message.contains(text), "line {line}: {d}");
+    }
+    // Warnings: the set still loads (a policy set that loaded before still does).
+    PolicySet::from_sources(&[source("e.cedar", text)], &schema).expect("loads with warnings");
+}
