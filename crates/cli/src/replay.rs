@@ -30,11 +30,18 @@ pub struct ReplayArgs {
 pub async fn replay(home: &Path, url: Option<&str>, a: ReplayArgs) -> Result<u8> {
     let run = RunId::new(a.run.clone()).map_err(|e| anyhow!("run id {:?}: {e}", a.run))?;
     let (_h, rt) = crate::run::runtime_unclaimed(home, url).await?;
+    // A run no agent in ICE drove (an operator's memory action, an agent driven from outside
+    // ICE) has nothing to re-drive: its replay from the log is the whole check.
+    let mut agentless = false;
     let mut report = if a.drive {
         let recorded = rt.recorded_inferences(&run).await?;
         let replayer = match rt.recorded_spec(&run).await {
-            Ok(Some(spec)) => crate::agents::replayer(&spec, recorded),
+            Ok(Some(spec)) => {
+                agentless = !matches!(spec.driver.as_str(), "plan" | "llm");
+                crate::agents::replayer(&spec, recorded)
+            }
             Ok(None) => {
+                agentless = true;
                 Err("no agent drove this run (it records an operator's memory action)".into())
             }
             Err(e) => Err(format!("the run's spec cannot be read back: {e}")),
@@ -63,16 +70,31 @@ pub async fn replay(home: &Path, url: Option<&str>, a: ReplayArgs) -> Result<u8>
         rt.replay(&run).await?
     };
     report.divergences.dedup();
-    let code = if report.divergences.is_empty() {
-        0
-    } else {
+    // Asked to re-drive the run, and nothing was (the plan changed, the spec does not read
+    // back, the record ends in a model call): not a pass, whatever the rest found.
+    let not_driven = report.drive.as_ref().and_then(|d| {
+        (!agentless && d.proposals == 0 && d.decisions == 0)
+            .then(|| d.unchecked.first().cloned())
+            .flatten()
+    });
+    let code = if !report.divergences.is_empty() {
         EXIT_DIVERGED
+    } else if not_driven.is_some() {
+        1
+    } else {
+        0
     };
     let mut out = std::io::stdout().lock();
     if a.json {
         writeln!(out, "{}", json!(report))?;
     } else {
         print(&mut out, &report)?;
+    }
+    if let Some(why) = not_driven {
+        eprintln!(
+            "error: --drive re-drove nothing, so no decision was re-made: {}",
+            shown(&why)
+        );
     }
     Ok(code)
 }
@@ -105,7 +127,12 @@ fn print(out: &mut dyn Write, r: &ReplayReport) -> Result<()> {
         }
     }
     if r.divergences.is_empty() {
-        writeln!(out, "no divergence")?;
+        // What replay compares: the run with its own record. Whether the record is the one
+        // that was written (not rewritten and re-hashed) is `ice verify`'s question.
+        writeln!(
+            out,
+            "no divergence (the run agrees with its record; `ice verify` checks the record against the signed checkpoints)"
+        )?;
     } else {
         writeln!(out, "{} divergence(s):", r.divergences.len())?;
         for d in &r.divergences {

@@ -334,8 +334,15 @@ fn a_plan_changed_since_the_run_is_not_used_to_re_drive_it() {
         plan.replace("intent = \"w\"", "intent = \"x\""),
     )
     .unwrap();
+    // No divergence, but nothing was re-driven either: not a pass (the probe's finding: it
+    // exited 0, "no divergence", as if every decision had been re-made).
     let o = ice(&home, &["replay", "--drive", "quickstart", "--json"]);
-    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(
+        text(&o).contains("--drive re-drove nothing, so no decision was re-made"),
+        "{}",
+        text(&o)
+    );
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["divergences"], json!([]), "{r:#}");
     let unchecked = r["drive"]["unchecked"].to_string();
@@ -344,6 +351,9 @@ fn a_plan_changed_since_the_run_is_not_used_to_re_drive_it() {
             && unchecked.contains(&digest),
         "{r:#}"
     );
+    // Without --drive, the replay from the log alone still passes.
+    let o = ice(&home, &["replay", "quickstart"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
 }
 
 /// Run the quickstart spec with a pause inside the commit, SIGKILL it there, recover.
