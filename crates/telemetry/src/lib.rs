@@ -130,7 +130,7 @@ impl Telemetry {
         let (tx, endpoint) = match &config.otlp_endpoint {
             None => (None, None),
             Some(endpoint) => {
-                let url = traces_url(endpoint)?;
+                let (url, shown) = traces_url(endpoint)?;
                 let exporter = exporter(&url, &config)?;
                 let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
                 let c = counters.clone();
@@ -144,7 +144,7 @@ impl Telemetry {
                             rt.block_on(export_loop(exporter, rx, c));
                         }
                     })?;
-                (Some(tx), Some(url))
+                (Some(tx), Some(shown))
             }
         };
         Ok(Telemetry {
@@ -162,7 +162,8 @@ impl Telemetry {
         Telemetry::new(TelemetryConfig::default()).expect("no exporter to set up")
     }
 
-    /// The URL traces are posted to, if export is on.
+    /// The URL traces are posted to, if export is on, as it may be shown: its password and
+    /// query values, if any, replaced by `***`.
     pub fn otlp_traces_url(&self) -> Option<&str> {
         self.inner.endpoint.as_deref()
     }
@@ -284,28 +285,48 @@ impl Observer for Tee<'_> {
     }
 }
 
-/// The URL to post traces to: the endpoint with `/v1/traces` added (the OTLP/HTTP convention
-/// for a base endpoint) unless it already ends with it.
-fn traces_url(endpoint: &str) -> Result<String, TelemetryError> {
+/// The URL to post traces to: the endpoint with `/v1/traces` added to its path (the OTLP/HTTP
+/// convention for a base endpoint) unless the path already ends with it; a query is kept as
+/// it is. Returned with the form of it that may be shown ([`shown_url`]).
+fn traces_url(endpoint: &str) -> Result<(String, String), TelemetryError> {
     let e = endpoint.trim();
-    let rest = e
-        .strip_prefix("http://")
-        .or_else(|| e.strip_prefix("https://"))
-        .ok_or_else(|| {
-            TelemetryError::Config(format!(
-                "otlp_endpoint {e:?} must be an http:// or https:// URL"
-            ))
-        })?;
-    if rest.is_empty() || rest.starts_with('/') {
+    // Not echoed: an endpoint can carry a password or a key.
+    let mut url = url::Url::parse(e)
+        .map_err(|err| TelemetryError::Config(format!("otlp_endpoint is not a URL: {err}")))?;
+    let problem = if !matches!(url.scheme(), "http" | "https") {
+        Some("must be an http:// or https:// URL")
+    } else if url.host_str().is_none_or(str::is_empty) {
+        Some("names no host")
+    } else if url.fragment().is_some() {
+        Some("has a fragment (#…), which no collector receives")
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
         return Err(TelemetryError::Config(format!(
-            "otlp_endpoint {e:?} names no host"
+            "otlp_endpoint {:?} {problem}",
+            shown_url(&url)
         )));
     }
-    if e.ends_with("/v1/traces") {
-        Ok(e.to_string())
-    } else {
-        Ok(format!("{}/v1/traces", e.trim_end_matches('/')))
+    if !url.path().ends_with("/v1/traces") {
+        let path = format!("{}/v1/traces", url.path().trim_end_matches('/'));
+        url.set_path(&path);
     }
+    Ok((url.to_string(), shown_url(&url)))
+}
+
+/// `url` as it may be printed: a password in its user info and every query value replaced by
+/// `***` (a hosted collector's key travels in one or the other).
+fn shown_url(url: &url::Url) -> String {
+    let mut shown = url.clone();
+    if shown.password().is_some() {
+        let _ = shown.set_password(Some("***"));
+    }
+    if shown.query().is_some() {
+        let pairs: Vec<String> = url.query_pairs().map(|(k, _)| format!("{k}=***")).collect();
+        shown.set_query(Some(&pairs.join("&")));
+    }
+    shown.to_string()
 }
 
 fn exporter(

@@ -1080,3 +1080,64 @@ async fn no_endpoint_exports_nothing_and_a_dead_or_stuck_collector_never_blocks(
     );
     drop(stuck);
 }
+
+/// The findings (replay and telemetry probe): `ice serve` printed the collector's URL with its
+/// password, and an endpoint with a query (`?api_key=…`, how hosted collectors take a key)
+/// had `/v1/traces` appended after the query, corrupting the key and leaving the path `/`.
+/// The path gets `/v1/traces`, the query is sent as it is, and the URL shown hides both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoints_key_is_sent_where_it_belongs_and_never_shown() {
+    let queries = Arc::new(Mutex::new(Vec::<Option<String>>::new()));
+    let store = queries.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |uri: axum::http::Uri| {
+            let store = store.clone();
+            async move {
+                store.lock().unwrap().push(uri.query().map(str::to_string));
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/x-protobuf")],
+                    Vec::<u8>::new(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let t = Telemetry::new(TelemetryConfig {
+        otlp_endpoint: Some(format!("http://alice:S3CRET@{addr}/?api_key=K3Y")),
+        ..TelemetryConfig::default()
+    })
+    .unwrap();
+    let shown = t.otlp_traces_url().unwrap().to_string();
+    assert_eq!(
+        shown,
+        format!("http://alice:***@{addr}/v1/traces?api_key=***")
+    );
+    assert!(!format!("{t:?}").contains("S3CRET"), "{t:?}");
+    let h = H::new();
+    let (spec, mut plan) = h.plan_run("keyed");
+    h.run(spec, &mut plan, &t).await;
+    assert!(t.flush(Duration::from_secs(10)).await, "flushed");
+    let got = queries.lock().unwrap().clone();
+    assert!(!got.is_empty(), "nothing reached /v1/traces");
+    assert!(
+        got.iter().all(|q| q.as_deref() == Some("api_key=K3Y")),
+        "{got:?}"
+    );
+    // Refused without echoing the URL's secrets.
+    for (bad, why) in [
+        ("ftp://u:S3CRET@h/", "http:// or https://"),
+        ("http://u:S3CRET@h/#x", "fragment"),
+        ("not a url S3CRET", "not a URL"),
+    ] {
+        let e = Telemetry::new(TelemetryConfig {
+            otlp_endpoint: Some(bad.into()),
+            ..TelemetryConfig::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(why) && !e.contains("S3CRET"), "{bad}: {e}");
+    }
+}
