@@ -408,9 +408,7 @@ pub fn read_policy_dir(dir: &Path) -> Result<Vec<PolicySource>, LoadError> {
     for entry in std::fs::read_dir(dir).map_err(io("reading the policy directory", dir))? {
         let entry = entry.map_err(io("reading the policy directory", dir))?;
         let path = entry.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("cedar") {
-            continue;
-        }
+        let ext = path.extension().map(|e| e.to_string_lossy().into_owned());
         let refuse = |message: String| LoadError::Invalid {
             diagnostics: vec![diag(
                 Severity::Error,
@@ -420,6 +418,16 @@ pub fn read_policy_dir(dir: &Path) -> Result<Vec<PolicySource>, LoadError> {
                 message,
             )],
         };
+        match ext.as_deref() {
+            Some("cedar") => {}
+            // `DENY.CEDAR` is meant as a policy file; skipped, its forbids would go unread.
+            Some(e) if e.eq_ignore_ascii_case("cedar") => {
+                return Err(refuse(format!(
+                    "ends in .{e}, not .cedar: ICE reads only *.cedar files, so its policies would be left out; rename it to *.cedar or move it out of the directory"
+                )));
+            }
+            _ => continue,
+        }
         // A policy file that cannot be read as one (a dangling link, a directory, a pipe) is an
         // error, never skipped: skipping it would drop its forbids without a word.
         let Some(meta) = std::fs::metadata(&path).ok().filter(|m| m.is_file()) else {

@@ -752,3 +752,32 @@ permit(principal == Agent::"coder", action == Action::"fs.read", resource in Dir
     // Warnings: the set still loads (a policy set that loaded before still does).
     PolicySet::from_sources(&[source("e.cedar", text)], &schema).expect("loads with warnings");
 }
+
+/// The finding (policy probe): `deny.CEDAR` in the policy directory was skipped without a
+/// word, its forbids with it. A file whose extension is `cedar` in another case is refused.
+#[test]
+fn a_policy_file_with_its_extension_in_capitals_is_refused_not_skipped() {
+    let schema = Schema::ice().expect("ICE schema parses");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.cedar"),
+        "permit(principal, action, resource);",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("deny.CEDAR"),
+        "forbid(principal, action, resource);",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not a policy").unwrap();
+    let err = PolicySet::load_dir(dir.path(), &schema)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("deny.CEDAR") && err.contains("not .cedar"),
+        "{err}"
+    );
+    std::fs::rename(dir.path().join("deny.CEDAR"), dir.path().join("deny.cedar")).unwrap();
+    let set = PolicySet::load_dir(dir.path(), &schema).unwrap();
+    assert_eq!(set.len(), 2);
+}

@@ -599,6 +599,20 @@ fn request_error(e: RequestError) -> anyhow::Error {
 
 /// Why one deciding policy counts the way it does in this decision.
 fn why(p: &PolicyInfo, decision: &Decision, effect: EffectClass) -> String {
+    let forbid = p.effect == ice_authority::PolicyEffect::Forbid;
+    // A policy listed because it failed (the explanation lists those after the deciding
+    // ones) did not match: say what its failure counts for, not what the decision was.
+    if decision.errors.iter().any(|e| e.policy == p.id) {
+        return if forbid {
+            "this forbid failed to evaluate, and a forbid that fails denies (ICE fails closed)"
+        } else {
+            "this permit failed to evaluate, so it permits nothing"
+        }
+        .to_string();
+    }
+    if !forbid && matches!(decision.verdict, Verdict::Deny(_)) {
+        return "this permit matched, but the request is denied all the same".to_string();
+    }
     match &decision.verdict {
         Verdict::Deny(DenyReason::ForbidFailed { .. }) => {
             "this forbid failed to evaluate, and a forbid that fails denies (ICE fails closed)"

@@ -495,8 +495,18 @@ pub async fn reconfigure(home: &Path, url: Option<&str>, a: ReconfigureArgs) -> 
         .spec
         .clone()
         .ok_or_else(|| anyhow!("run {run} has no recorded spec"))?;
-    let mut agent = crate::agents::load_agent(&spec)?;
-    let report = rt.resume(&run, agent.as_mut(), &progress).await?;
+    // The reconfiguration is recorded whatever follows: an error here says so, and what the run
+    // is left as.
+    let not_resumed = |e: anyhow::Error| {
+        e.context(format!(
+            "reconfiguration {id} is recorded, but run {run} was not resumed and stays suspended; record another reconfiguration (ice reconfigure {run} --record FILE) that addresses this"
+        ))
+    };
+    let mut agent = crate::agents::load_agent(&spec).map_err(not_resumed)?;
+    let report = rt
+        .resume(&run, agent.as_mut(), &progress)
+        .await
+        .map_err(|e| not_resumed(e.into()))?;
     let code = print_report(&report, false);
     seal_with_checkpoint(&h, &rt, false).await?;
     Ok(code)

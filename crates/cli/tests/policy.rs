@@ -882,3 +882,76 @@ forbid(principal, action, resource) unless { resource == Host::"api.example.com"
     assert_eq!(code(&o), 1);
     assert!(stderr(&o).contains("--address"), "{}", stderr(&o));
 }
+
+/// The finding (policy probe): `explain` gave each listed policy the decision's reason, so a
+/// permit that failed to evaluate read "this permit matched and needs no approval" beside its
+/// error, and a permit in a denial read "this forbid matched". Each now says what it is.
+#[test]
+fn explain_says_what_a_policy_that_failed_counts_for() {
+    let (_d, home) = home();
+    let broken = "context.arguments has bytes && context.arguments.bytes + 9223372036854775807 > 0";
+    let text = format!(
+        "@id(\"reads\")\npermit(principal, action == Action::\"fs.read\", resource);\n\
+         @id(\"broken-permit\")\npermit(principal, action == Action::\"fs.read\", resource) when {{ {broken} }};\n\
+         @id(\"broken-forbid\")\nforbid(principal, action == Action::\"fs.read\", resource in Dir::\"f\") when {{ {broken} }};\n"
+    );
+    let (_p, dir) = policy_dir(&[("p.cedar", &text)]);
+    let dir = dir.to_str().unwrap();
+    let why_of = |resource: &str| -> (Value, Vec<(String, String)>) {
+        let v = explain_json(
+            &home,
+            &[
+                "--dir",
+                dir,
+                "--agent",
+                "coder",
+                "--action",
+                "fs.read",
+                "--resource",
+                resource,
+                "--arg",
+                "bytes=1",
+            ],
+        );
+        let whys = v["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["id"].as_str().unwrap().to_string(),
+                    p["why"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        (v["decision"].clone(), whys)
+    };
+    let (decision, whys) = why_of("z");
+    assert_eq!(decision, "permit");
+    let of = |whys: &[(String, String)], id: &str| {
+        whys.iter()
+            .find(|(i, _)| i == id)
+            .map(|(_, w)| w.clone())
+            .unwrap_or_else(|| panic!("{id} not listed: {whys:?}"))
+    };
+    assert!(
+        of(&whys, "reads").contains("this permit matched"),
+        "{whys:?}"
+    );
+    assert_eq!(
+        of(&whys, "broken-permit"),
+        "this permit failed to evaluate, so it permits nothing"
+    );
+    let (decision, whys) = why_of("f/x");
+    assert_eq!(decision, "deny");
+    assert!(of(&whys, "broken-forbid").contains("this forbid failed to evaluate"));
+    assert_eq!(
+        of(&whys, "broken-permit"),
+        "this permit failed to evaluate, so it permits nothing"
+    );
+    for (id, why) in &whys {
+        if id != "broken-forbid" {
+            assert!(!why.contains("forbid matched"), "{id}: {why}");
+        }
+    }
+}

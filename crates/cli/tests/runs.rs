@@ -1013,3 +1013,53 @@ fn a_run_with_a_second_recorded_answer_is_left_out_of_approvals_and_explained() 
         forged.rsplit(':').next().unwrap().parse::<u64>().unwrap()
     );
 }
+
+/// The finding (policy probe): `ice reconfigure` printed "recorded reconfiguration …", then
+/// failed to resume (the policy had changed and the record did not accept it) with an error
+/// that did not say the record stays and the run is still suspended.
+#[test]
+fn a_reconfiguration_that_cannot_resume_the_run_says_it_is_recorded_and_the_run_suspended() {
+    let (_dir, home, qs) = setup(1);
+    std::fs::write(
+        qs.join("plan2.toml"),
+        "agent = \"coder\"\n\n[[step]]\nintent = \"r\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\nrepeat = 2\n",
+    )
+    .unwrap();
+    std::fs::write(
+        qs.join("run2.toml"),
+        "[run]\nid = \"budgeted\"\nagent = \"coder\"\nworkspace = \"workspace\"\npolicy = \"policies\"\n\n[agent]\ndriver = \"plan\"\nplan = \"plan2.toml\"\n\n[budget]\ntool_calls = 1\non_exhaustion = \"suspend\"\n",
+    )
+    .unwrap();
+    let o = ice(&home, &["run", qs.join("run2.toml").to_str().unwrap()]);
+    assert_eq!(code(&o), 4, "{}", text(&o));
+    let policy = qs.join("policies/quickstart.cedar");
+    let edited = std::fs::read_to_string(&policy).unwrap() + "\n// edited while suspended\n";
+    std::fs::write(&policy, edited).unwrap();
+    let record = qs.join("more.toml");
+    std::fs::write(
+        &record,
+        "reason = \"more calls\"\n\n[budget]\ntool_calls = 5\n",
+    )
+    .unwrap();
+    let o = ice(
+        &home,
+        &[
+            "reconfigure",
+            "budgeted",
+            "--record",
+            record.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert!(
+        text(&o).contains("is recorded, but run budgeted was not resumed and stays suspended"),
+        "{}",
+        text(&o)
+    );
+    let o = ice(&home, &["runs", "--json"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("SUSPENDED"),
+        "{}",
+        text(&o)
+    );
+}

@@ -160,7 +160,9 @@ impl PolicyStamp {
         if let Ok(rd) = std::fs::read_dir(dir) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if !name.ends_with(".cedar") {
+                // Case aside: a `*.CEDAR` file is refused by the loader, so adding one is an edit.
+                let ext = name.rsplit_once('.').map(|(_, e)| e);
+                if !ext.is_some_and(|e| e.eq_ignore_ascii_case("cedar")) {
                     continue;
                 }
                 let changed = |m: &std::fs::Metadata| {
