@@ -155,8 +155,12 @@ when {
 // /v1/deploy/..%2Fadmin or /v1/deploy/..;/admin would pass a permit for /v1/deploy/* and reach
 // /v1/admin. This refuses such paths: an escaped slash or backslash, an escaped % (a literal
 // % in a path), and a dot segment with parameters, its ; escaped or not (a proxy that decodes
-// once turns /..%3B/ into /..;/ for the server behind it). An API that needs one of them (project ids
-// like group%2Fproject, say) can be let through with `unless { resource == Host::"…" }`.
+// once turns /..%3B/ into /..;/ for the server behind it), and an empty segment (// or /;/,
+// which servers that merge slashes or drop parameters read as /: //admin past a forbid on
+// /admin*). An API that needs one of them (project ids like group%2Fproject, say) can be let
+// through with `unless { resource == Host::"…" }`. Servers that ignore case read /ADMIN as
+// /admin too: keep a server's paths out with a permit for the ones allowed rather than a
+// forbid for the others.
 @id("no-ambiguous-paths")
 forbid (principal, action == Action::"http.request", resource)
 when {
@@ -167,7 +171,10 @@ when {
    context.arguments.path like "*/..;*" ||
    context.arguments.path like "*/.;*" ||
    context.arguments.path like "*/..%3B*" ||
-   context.arguments.path like "*/.%3B*")
+   context.arguments.path like "*/.%3B*" ||
+   context.arguments.path like "*//*" ||
+   context.arguments.path like "*/;*" ||
+   context.arguments.path like "*/%3B*")
 };
 
 // Nothing else is permitted: no network, no commands, no MCP tools. EXAMPLES (to use one,
@@ -1042,6 +1049,10 @@ mod tests {
             "https://api.example.com/v1/deploy/%2e%2e;/admin",
             "https://api.example.com/v1/deploy/..%3B/admin",
             "https://api.example.com/v1/deploy/.%3b/..%3b/admin",
+            "https://api.example.com//v1/deploy/x",
+            "https://api.example.com/v1/deploy//x",
+            "https://api.example.com/v1/deploy/;/x",
+            "https://api.example.com/v1/deploy/%3B/x",
         ] {
             assert_eq!(
                 decide("deployer", url, "POST"),
