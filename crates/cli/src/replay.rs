@@ -33,6 +33,8 @@ pub async fn replay(home: &Path, url: Option<&str>, a: ReplayArgs) -> Result<u8>
     // A run no agent in ICE drove (an operator's memory action, an agent driven from outside
     // ICE) has nothing to re-drive: its replay from the log is the whole check.
     let mut agentless = false;
+    // Why the run's driver could not be built to re-drive it, when it should have been.
+    let mut not_driven: Option<String> = None;
     let mut report = if a.drive {
         let recorded = rt.recorded_inferences(&run).await?;
         let replayer = match rt.recorded_spec(&run).await {
@@ -58,6 +60,9 @@ pub async fn replay(home: &Path, url: Option<&str>, a: ReplayArgs) -> Result<u8>
                 report
             }
             Err(why) => {
+                if !agentless {
+                    not_driven = Some(why.clone());
+                }
                 let mut report = rt.replay(&run).await?;
                 report.drive = Some(ice_runtime::replay::DriveReport {
                     unchecked: vec![why],
@@ -70,13 +75,8 @@ pub async fn replay(home: &Path, url: Option<&str>, a: ReplayArgs) -> Result<u8>
         rt.replay(&run).await?
     };
     report.divergences.dedup();
-    // Asked to re-drive the run, and nothing was (the plan changed, the spec does not read
-    // back, the record ends in a model call): not a pass, whatever the rest found.
-    let not_driven = report.drive.as_ref().and_then(|d| {
-        (!agentless && d.proposals == 0 && d.decisions == 0)
-            .then(|| d.unchecked.first().cloned())
-            .flatten()
-    });
+    // Asked to re-drive the run, and its driver could not be built (the plan changed, the
+    // spec does not read back): not a pass, whatever the rest found.
     let code = if !report.divergences.is_empty() {
         EXIT_DIVERGED
     } else if not_driven.is_some() {

@@ -496,17 +496,28 @@ pub async fn reconfigure(home: &Path, url: Option<&str>, a: ReconfigureArgs) -> 
         .clone()
         .ok_or_else(|| anyhow!("run {run} has no recorded spec"))?;
     // The reconfiguration is recorded whatever follows: an error here says so, and what the run
-    // is left as.
-    let not_resumed = |e: anyhow::Error| {
-        e.context(format!(
+    // was left as (read back: a resume that failed after `RunResumed` left it running).
+    let left = |e: anyhow::Error, state: Option<ice_kernel::RunState>| {
+        match state {
+        Some(ice_kernel::RunState::Suspended) | None => e.context(format!(
             "reconfiguration {id} is recorded, but run {run} was not resumed and stays suspended; record another reconfiguration (ice reconfigure {run} --record FILE) that addresses this"
-        ))
+        )),
+        Some(s) => e.context(format!(
+            "reconfiguration {id} is recorded and run {run} was resumed, but driving it failed; it is {s} (`ice runs`, `ice log --run {run}`)"
+        )),
+    }
     };
-    let mut agent = crate::agents::load_agent(&spec).map_err(not_resumed)?;
-    let report = rt
-        .resume(&run, agent.as_mut(), &progress)
-        .await
-        .map_err(|e| not_resumed(e.into()))?;
+    let mut agent = match crate::agents::load_agent(&spec) {
+        Ok(a) => a,
+        Err(e) => return Err(left(e, None)),
+    };
+    let report = match rt.resume(&run, agent.as_mut(), &progress).await {
+        Ok(r) => r,
+        Err(e) => {
+            let state = rt.books(&run).await.ok().map(|b| b.state());
+            return Err(left(e.into(), state));
+        }
+    };
     let code = print_report(&report, false);
     seal_with_checkpoint(&h, &rt, false).await?;
     Ok(code)

@@ -1955,51 +1955,56 @@ impl Ctx<'_> {
         decided: (&mut PolicyVersion, &mut Vec<String>, &Constraints),
     ) -> Result<Option<(DenialCode, String)>, RuntimeError> {
         let (version, policies, constraints) = decided;
-        let stamp = PolicyStamp::of(&live.policy_dir);
-        if stamp == live.policy_stamp {
-            return Ok(None);
-        }
         let during = format!("the policy files changed while approval {approval} was awaited");
-        let new = match PolicySet::load_dir(&live.policy_dir, &self.rt.schema) {
-            Ok(p) => p,
-            Err(e) => {
-                // The next step's check suspends the run (it looks at once).
-                live.last_poll = None;
-                return Ok(Some((
-                    DenialCode::PolicyDenied,
-                    format!(
-                        "{during} and no longer load, so the call is not made: {e}; the run is suspended"
-                    ),
-                )));
+        let stamp = PolicyStamp::of(&live.policy_dir);
+        if stamp != live.policy_stamp {
+            let new = match PolicySet::load_dir(&live.policy_dir, &self.rt.schema) {
+                Ok(p) => p,
+                Err(e) => {
+                    // The next step's check suspends the run (it looks at once).
+                    live.last_poll = None;
+                    return Ok(Some((
+                        DenialCode::PolicyDenied,
+                        format!(
+                            "{during} and no longer load, so the call is not made: {e}; the run is suspended"
+                        ),
+                    )));
+                }
+            };
+            if new.version() != live.policy.version() {
+                if live
+                    .books
+                    .assumptions
+                    .iter()
+                    .any(|a| matches!(a, Assumption::PolicyVersion { .. }))
+                {
+                    live.last_poll = None;
+                    return Ok(Some((
+                        DenialCode::PolicyDenied,
+                        format!(
+                            "{during} (version {} to {}), and the run assumed it would not change: the call is not made; the run is suspended",
+                            short(&live.policy.version().to_hex()),
+                            short(&new.version().to_hex())
+                        ),
+                    )));
+                }
+                live.policy_stamp = stamp;
+                live.policy = Arc::new(new);
+                self.take_on_policy(live, &during, Vec::new()).await?;
+            } else {
+                live.policy_stamp = stamp;
             }
-        };
-        if new.version() == live.policy.version() {
-            live.policy_stamp = stamp;
+        }
+        // Whoever took the new policy on (this call, or another of the run's calls while this
+        // one waited), the policy in force may not be the one that decided the request.
+        if live.policy.version() == *version {
             return Ok(None);
         }
-        let (old_version, new_version) = (live.policy.version(), new.version());
         let change = format!(
             "{during} (version {} to {})",
-            short(&old_version.to_hex()),
-            short(&new_version.to_hex())
+            short(&version.to_hex()),
+            short(&live.policy.version().to_hex())
         );
-        if live
-            .books
-            .assumptions
-            .iter()
-            .any(|a| matches!(a, Assumption::PolicyVersion { .. }))
-        {
-            live.last_poll = None;
-            return Ok(Some((
-                DenialCode::PolicyDenied,
-                format!(
-                    "{change}, and the run assumed it would not change: the call is not made; the run is suspended"
-                ),
-            )));
-        }
-        live.policy_stamp = stamp;
-        live.policy = Arc::new(new);
-        self.take_on_policy(live, &during, Vec::new()).await?;
         let now = live.policy.decide(request);
         *version = now.policy_version;
         *policies = now.determining_policies().to_vec();

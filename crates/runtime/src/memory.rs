@@ -862,16 +862,17 @@ pub enum MemoryError {
         /// How it ended (or that it has not).
         detail: String,
     },
-    /// The memory already left `active`.
+    /// The memory already left `active` (and, for an invalidation, is already invalidated).
     #[error(
-        "memory {memory} already left active: it is {status} (event {event}: {reason}); a memory leaves active only once"
+        "memory {memory} already left active: it is {status} (event {event}: {reason}); a memory leaves active only once, and is invalidated at most once"
     )]
     AlreadyTransitioned {
         /// The memory.
         memory: EventId,
         /// Its status.
         status: MemoryStatus,
-        /// The event that moved it out of `active`.
+        /// The event that gave it that status (for a memory invalidated after it left `active`
+        /// another way, the invalidation).
         event: EventId,
         /// Why.
         reason: String,

@@ -486,3 +486,50 @@ async fn a_call_approved_after_an_unrelated_policy_edit_is_made() {
             .unwrap();
     assert!(replay.divergences.is_empty(), "{:?}", replay.divergences);
 }
+
+/// The review's finding: with two calls waiting for approval when the policy came to forbid
+/// them, the first to wake took the new policy on and was refused, and the second, finding
+/// the files as last stamped, was carried out under the decision made before its wait. Each
+/// call compares the policy in force with the one that decided it, whoever took it on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_calls_approved_after_the_policy_came_to_forbid_them_are_both_refused() {
+    let h = H::new(POLICY);
+    let port = ok_endpoint();
+    let run = ice_kernel::RunId::new("two-waits").unwrap();
+    let session = session(&h, "two-waits", "[approvals]\ntimeout = \"60s\"\n").await;
+    let (a, b) = (slow_get(port), slow_get(port));
+    let forbidding = format!(
+        "{POLICY}\n@id(\"no-http\")\nforbid(principal, action == Action::\"http.request\", resource);\n"
+    );
+    let operator = async {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let waiting = loop {
+            let p = h.rt.pending_approvals(Some(&run)).await.unwrap();
+            if p.len() == 2 {
+                break p;
+            }
+            assert!(std::time::Instant::now() < deadline, "{p:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        std::fs::write(h.policies.join("p.cedar"), &forbidding).unwrap();
+        for w in waiting {
+            h.rt.answer_approval(&w.id.parse().unwrap(), "alice", true, "")
+                .await
+                .unwrap();
+        }
+    };
+    let (x, y, ()) = tokio::join!(session.propose(&a), session.propose(&b), operator);
+    for outcome in [x, y] {
+        let outcome = outcome.unwrap();
+        let Some(Outcome::Denied { reason, detail, .. }) = &outcome else {
+            panic!("{outcome:?}");
+        };
+        assert_eq!(reason, "policy_denied", "{detail}");
+        assert!(detail.contains("changed while approval"), "{detail}");
+    }
+    session.finish().await.unwrap();
+    let events = h.events("two-waits").await;
+    assert!(of_type(&events, EventType::CapabilityGranted).is_empty());
+    assert!(of_type(&events, EventType::APIRequestExecuted).is_empty());
+    assert_eq!(of_type(&events, EventType::PolicyReloaded).len(), 1);
+}

@@ -130,8 +130,12 @@ impl Telemetry {
         let (tx, endpoint) = match &config.otlp_endpoint {
             None => (None, None),
             Some(endpoint) => {
-                let (url, shown) = traces_url(endpoint)?;
-                let exporter = exporter(&url, &config)?;
+                let Target {
+                    url,
+                    shown,
+                    basic_auth,
+                } = traces_url(endpoint)?;
+                let exporter = exporter(&url, &config, basic_auth)?;
                 let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
                 let c = counters.clone();
                 std::thread::Builder::new()
@@ -285,10 +289,19 @@ impl Observer for Tee<'_> {
     }
 }
 
+/// Where traces go: the URL to post to, the form of it that may be shown ([`shown_url`]), and
+/// the `Authorization` header its user info stands for.
+struct Target {
+    url: String,
+    shown: String,
+    basic_auth: Option<String>,
+}
+
 /// The URL to post traces to: the endpoint with `/v1/traces` added to its path (the OTLP/HTTP
 /// convention for a base endpoint) unless the path already ends with it; a query is kept as
-/// it is. Returned with the form of it that may be shown ([`shown_url`]).
-fn traces_url(endpoint: &str) -> Result<(String, String), TelemetryError> {
+/// it is. User info (`https://USER:KEY@host/`) is sent as HTTP Basic authentication, not in the
+/// URL (the HTTP client would drop it without a word).
+fn traces_url(endpoint: &str) -> Result<Target, TelemetryError> {
     let e = endpoint.trim();
     // Not echoed: an endpoint can carry a password or a key.
     let mut url = url::Url::parse(e)
@@ -308,23 +321,51 @@ fn traces_url(endpoint: &str) -> Result<(String, String), TelemetryError> {
             shown_url(&url)
         )));
     }
-    if !url.path().ends_with("/v1/traces") {
-        let path = format!("{}/v1/traces", url.path().trim_end_matches('/'));
-        url.set_path(&path);
+    let base = url.path().trim_end_matches('/').to_string();
+    if base.ends_with("/v1/traces") {
+        url.set_path(&base);
+    } else {
+        url.set_path(&format!("{base}/v1/traces"));
     }
-    Ok((url.to_string(), shown_url(&url)))
+    let shown = shown_url(&url);
+    let basic_auth = (!url.username().is_empty() || url.password().is_some()).then(|| {
+        use base64::Engine;
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let pair = format!(
+            "{}:{}",
+            decode(url.username()),
+            decode(url.password().unwrap_or_default())
+        );
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(pair)
+        )
+    });
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    Ok(Target {
+        url: url.to_string(),
+        shown,
+        basic_auth,
+    })
 }
 
-/// `url` as it may be printed: a password in its user info and every query value replaced by
-/// `***` (a hosted collector's key travels in one or the other).
+/// `url` as it may be printed: its user info and its query replaced by `***` (a hosted
+/// collector's key travels in one or the other, as a name, a password or a query value).
 fn shown_url(url: &url::Url) -> String {
     let mut shown = url.clone();
+    if !shown.username().is_empty() {
+        let _ = shown.set_username("***");
+    }
     if shown.password().is_some() {
         let _ = shown.set_password(Some("***"));
     }
     if shown.query().is_some() {
-        let pairs: Vec<String> = url.query_pairs().map(|(k, _)| format!("{k}=***")).collect();
-        shown.set_query(Some(&pairs.join("&")));
+        shown.set_query(Some("***"));
     }
     shown.to_string()
 }
@@ -332,9 +373,18 @@ fn shown_url(url: &url::Url) -> String {
 fn exporter(
     url: &str,
     config: &TelemetryConfig,
+    basic_auth: Option<String>,
 ) -> Result<opentelemetry_otlp::SpanExporter, TelemetryError> {
     use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
-    let headers: HashMap<String, String> = config.headers.iter().cloned().collect();
+    let mut headers: HashMap<String, String> = config.headers.iter().cloned().collect();
+    // A header given explicitly wins over the URL's user info.
+    if let Some(auth) = basic_auth
+        && !headers
+            .keys()
+            .any(|k| k.eq_ignore_ascii_case("authorization"))
+    {
+        headers.insert("authorization".into(), auth);
+    }
     let mut exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(Protocol::HttpBinary)

@@ -1087,34 +1087,42 @@ async fn no_endpoint_exports_nothing_and_a_dead_or_stuck_collector_never_blocks(
 /// The path gets `/v1/traces`, the query is sent as it is, and the URL shown hides both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoints_key_is_sent_where_it_belongs_and_never_shown() {
-    let queries = Arc::new(Mutex::new(Vec::<Option<String>>::new()));
+    type Seen = (Option<String>, Option<String>);
+    let queries = Arc::new(Mutex::new(Vec::<Seen>::new()));
     let store = queries.clone();
     let app = axum::Router::new().route(
         "/v1/traces",
-        axum::routing::post(move |uri: axum::http::Uri| {
-            let store = store.clone();
-            async move {
-                store.lock().unwrap().push(uri.query().map(str::to_string));
-                (
-                    [(axum::http::header::CONTENT_TYPE, "application/x-protobuf")],
-                    Vec::<u8>::new(),
-                )
-            }
-        }),
+        axum::routing::post(
+            move |uri: axum::http::Uri, headers: axum::http::HeaderMap| {
+                let store = store.clone();
+                async move {
+                    let auth = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    store
+                        .lock()
+                        .unwrap()
+                        .push((uri.query().map(str::to_string), auth));
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/x-protobuf")],
+                        Vec::<u8>::new(),
+                    )
+                }
+            },
+        ),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    // The user info is percent-encoded in a URL (%40 is @); the header carries it decoded.
     let t = Telemetry::new(TelemetryConfig {
-        otlp_endpoint: Some(format!("http://alice:S3CRET@{addr}/?api_key=K3Y")),
+        otlp_endpoint: Some(format!("http://alice:S3CRET%40x@{addr}/?api_key=K3Y")),
         ..TelemetryConfig::default()
     })
     .unwrap();
     let shown = t.otlp_traces_url().unwrap().to_string();
-    assert_eq!(
-        shown,
-        format!("http://alice:***@{addr}/v1/traces?api_key=***")
-    );
+    assert_eq!(shown, format!("http://***:***@{addr}/v1/traces?***"));
     assert!(!format!("{t:?}").contains("S3CRET"), "{t:?}");
     let h = H::new();
     let (spec, mut plan) = h.plan_run("keyed");
@@ -1122,10 +1130,36 @@ async fn an_endpoints_key_is_sent_where_it_belongs_and_never_shown() {
     assert!(t.flush(Duration::from_secs(10)).await, "flushed");
     let got = queries.lock().unwrap().clone();
     assert!(!got.is_empty(), "nothing reached /v1/traces");
+    // alice:S3CRET@x, in base64.
+    let basic = "Basic YWxpY2U6UzNDUkVUQHg=";
     assert!(
-        got.iter().all(|q| q.as_deref() == Some("api_key=K3Y")),
+        got.iter()
+            .all(|(q, auth)| q.as_deref() == Some("api_key=K3Y") && auth.as_deref() == Some(basic)),
         "{got:?}"
     );
+    // A key with no value, or as the user name, is not shown either; a trailing slash after
+    // /v1/traces is not a second /v1/traces.
+    for (endpoint, want) in [
+        (
+            "http://127.0.0.1:9/?S3CRET",
+            "http://127.0.0.1:9/v1/traces?***",
+        ),
+        (
+            "http://S3CRET@127.0.0.1:9/",
+            "http://***@127.0.0.1:9/v1/traces",
+        ),
+        (
+            "http://127.0.0.1:9/v1/traces/",
+            "http://127.0.0.1:9/v1/traces",
+        ),
+    ] {
+        let t = Telemetry::new(TelemetryConfig {
+            otlp_endpoint: Some(endpoint.into()),
+            ..TelemetryConfig::default()
+        })
+        .unwrap();
+        assert_eq!(t.otlp_traces_url(), Some(want), "{endpoint}");
+    }
     // Refused without echoing the URL's secrets.
     for (bad, why) in [
         ("ftp://u:S3CRET@h/", "http:// or https://"),
