@@ -296,6 +296,16 @@ impl fmt::Display for Decision {
                 policies.join(", ")
             )?,
         }
+        // A policy that failed to evaluate decided nothing, but a denial that says only "no
+        // permit matched" would hide that a permit meant to match failed.
+        if !self.errors.is_empty() {
+            let failed: Vec<String> = self
+                .errors
+                .iter()
+                .map(|e| format!("{} ({})", e.policy, e.message))
+                .collect();
+            write!(f, "; failed to evaluate: {}", failed.join("; "))?;
+        }
         write!(f, " (policy version {})", self.policy_version)
     }
 }

@@ -297,6 +297,17 @@ fn a_permit_that_fails_to_evaluate_does_not_permit() {
     let decision = set.decide(&big);
     assert_eq!(decision.verdict, Verdict::Deny(DenyReason::NoPermit));
     assert_eq!(decision.errors.len(), 1);
+    // What a denial records says so (the policy probe: "no permit policy matched" alone hid
+    // that the permit meant to match had failed).
+    let said = decision.to_string();
+    assert!(
+        said.contains("no permit policy matched")
+            && said.contains(&format!(
+                "failed to evaluate: {} (",
+                decision.errors[0].policy
+            )),
+        "{said}"
+    );
 }
 
 #[test]
