@@ -319,6 +319,11 @@ struct ExplainArgs {
     /// The run the request is made in (context.run).
     #[arg(long, value_name = "RUN", default_value = "explain")]
     run: String,
+    /// What is left of the run's budget (context.budget.NAME), as a run gives it: NAME is
+    /// wall_time_us, tokens_in, tokens_out, tool_calls, bytes, credits_micro or risk.
+    /// Repeatable; without it context.budget is empty, as for a run with no budget.
+    #[arg(long = "budget-left", value_name = "NAME=N")]
+    budget_left: Vec<String>,
     /// For http.request: also decide the call's connection check (http.connect) to this
     /// address, as the runtime does for each address the host resolves to. Repeatable.
     #[arg(long = "address", value_name = "IP")]
@@ -592,6 +597,35 @@ fn arguments(pairs: &[String], object: Option<&str>) -> Result<Value> {
     Ok(Value::Object(map))
 }
 
+/// `--budget-left NAME=N`, each at most once.
+fn budget_left(pairs: &[String]) -> Result<ice_authority::BudgetLeft> {
+    let mut left = ice_authority::BudgetLeft::default();
+    for pair in pairs {
+        let Some((name, n)) = pair.split_once('=') else {
+            bail!("--budget-left {pair:?}: expected NAME=N");
+        };
+        let n: u64 = n.trim().parse().map_err(|_| {
+            anyhow!("--budget-left {pair:?}: {n:?} is not a whole number of units left")
+        })?;
+        let slot = match name.trim() {
+            "wall_time_us" => &mut left.wall_time_us,
+            "tokens_in" => &mut left.tokens_in,
+            "tokens_out" => &mut left.tokens_out,
+            "tool_calls" => &mut left.tool_calls,
+            "bytes" => &mut left.bytes,
+            "credits_micro" => &mut left.credits_micro,
+            "risk" => &mut left.risk,
+            other => bail!(
+                "--budget-left {pair:?}: {other:?} is not a budget attribute (wall_time_us, tokens_in, tokens_out, tool_calls, bytes, credits_micro, risk)"
+            ),
+        };
+        if slot.replace(n).is_some() {
+            bail!("--budget-left {pair:?}: {name:?} is given twice");
+        }
+    }
+    Ok(left)
+}
+
 /// What was wrong with the request, named by the flag that gave it.
 fn request_error(e: RequestError) -> anyhow::Error {
     match e {
@@ -754,7 +788,8 @@ fn explain(home: &Path, a: ExplainArgs) -> Result<u8> {
     }
     let builder = Request::builder(&run, &a.agent, &a.action, resource)
         .intent(a.intent.as_deref().unwrap_or_default())
-        .arguments(&args);
+        .arguments(&args)
+        .budget_left(budget_left(&a.budget_left)?);
     let request = builder.clone().build(&registry).map_err(request_error)?;
     let connections = a
         .addresses

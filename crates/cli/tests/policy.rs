@@ -955,3 +955,42 @@ fn explain_says_what_a_policy_that_failed_counts_for() {
         }
     }
 }
+
+/// The finding (policy probe): `explain` had no way to give the budget a run gives
+/// (`context.budget`), so a policy on it decided otherwise than in a run, without a word.
+#[test]
+fn explain_decides_with_the_budget_left_it_is_given() {
+    let (_d, home) = home();
+    let text = "@id(\"while-calls-last\")\npermit(principal, action == Action::\"fs.read\", resource) when { context.budget has tool_calls && context.budget.tool_calls > 2 };\n";
+    let (_p, dir) = policy_dir(&[("p.cedar", text)]);
+    let dir = dir.to_str().unwrap();
+    let base = [
+        "--dir",
+        dir,
+        "--agent",
+        "coder",
+        "--action",
+        "fs.read",
+        "--resource",
+        "a.txt",
+    ];
+    let decide = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        explain_json(&home, &args)["decision"].clone()
+    };
+    assert_eq!(decide(&[]), "deny");
+    assert_eq!(decide(&["--budget-left", "tool_calls=5"]), "permit");
+    assert_eq!(decide(&["--budget-left", "tool_calls=1"]), "deny");
+    for (bad, why) in [
+        ("tool_call=5", "not a budget attribute"),
+        ("tool_calls=-1", "not a whole number"),
+        ("tool_calls", "expected NAME=N"),
+    ] {
+        let mut args = base.to_vec();
+        args.extend_from_slice(&["--budget-left", bad]);
+        let o = explain(&home, &args);
+        assert_eq!(code(&o), 1, "{bad}");
+        assert!(stderr(&o).contains(why), "{bad}: {}", stderr(&o));
+    }
+}
