@@ -254,12 +254,29 @@ pub async fn serve(home: &Path, url: Option<&str>, a: ServeArgs) -> Result<u8> {
     // runs, other processes, other nodes): Prometheus metrics at /metrics, and OTLP traces when
     // the config names a collector. This process's appends are timed as they happen.
     let config = crate::home::Home::open(home)?;
+    let section = config.config.telemetry.clone().unwrap_or_default();
+    let mut headers = Vec::new();
+    for (name, var) in &section.headers_env {
+        let value = std::env::var(var).map_err(|_| {
+            anyhow!(
+                "[telemetry] headers_env in {}: header {name:?} is to be read from ${var}, which is not set (or not UTF-8)",
+                config.dir.join("config.toml").display()
+            )
+        })?;
+        // A header's name is a token; its value visible ASCII, spaces and tabs (RFC 9110).
+        let token = |c: u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c);
+        let visible = |c: u8| c == b'\t' || (b' '..=b'~').contains(&c);
+        if name.is_empty() || !name.bytes().all(token) || !value.bytes().all(visible) {
+            return Err(anyhow!(
+                "[telemetry] headers_env in {}: {name:?} with the value of ${var} is not a valid HTTP header (its name, or its value)",
+                config.dir.join("config.toml").display()
+            ));
+        }
+        headers.push((name.clone(), value));
+    }
     let telemetry = ice_telemetry::Telemetry::new(ice_telemetry::TelemetryConfig {
-        otlp_endpoint: config
-            .config
-            .telemetry
-            .as_ref()
-            .and_then(|t| t.otlp_endpoint.clone()),
+        otlp_endpoint: section.otlp_endpoint.clone(),
+        headers,
         ..Default::default()
     })
     .map_err(|e| {

@@ -57,6 +57,10 @@ pub struct Config {
 pub struct TelemetrySection {
     /// The OTLP/HTTP collector (`http://127.0.0.1:4318`); traces go to `/v1/traces`.
     pub otlp_endpoint: Option<String>,
+    /// Headers sent with each export, each read from an environment variable when `ice serve`
+    /// starts (`{ "x-api-key" = "OTLP_KEY" }`): a collector's key stays out of config.toml.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub headers_env: std::collections::BTreeMap<String, String>,
 }
 
 /// One token of `[[operators]]` or `[[agents]]`: whose it is and its SHA-256 (hex); the token

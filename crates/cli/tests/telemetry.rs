@@ -16,8 +16,11 @@ fn ice(home: &Path) -> Command {
     c
 }
 
+/// What the collector saw of a request: its line, content type, body length and `x-collector-key`.
+type Seen = (String, String, usize, String);
+
 /// A collector that answers 200 to everything and reports each request's line and content type.
-fn collector() -> (u16, std::sync::mpsc::Receiver<(String, String, usize)>) {
+fn collector() -> (u16, std::sync::mpsc::Receiver<Seen>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -29,7 +32,7 @@ fn collector() -> (u16, std::sync::mpsc::Receiver<(String, String, usize)>) {
             if r.read_line(&mut line).is_err() {
                 continue;
             }
-            let (mut kind, mut len) = (String::new(), 0usize);
+            let (mut kind, mut len, mut key) = (String::new(), 0usize, String::new());
             loop {
                 let mut h = String::new();
                 if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
@@ -42,10 +45,13 @@ fn collector() -> (u16, std::sync::mpsc::Receiver<(String, String, usize)>) {
                 if let Some(v) = lower.strip_prefix("content-length:") {
                     len = v.trim().parse().unwrap_or(0);
                 }
+                if lower.starts_with("x-collector-key:") {
+                    key = h["x-collector-key:".len()..].trim().to_string();
+                }
             }
             let mut body = vec![0u8; len];
             let _ = r.read_exact(&mut body);
-            let _ = tx.send((line.trim().to_string(), kind, body.len()));
+            let _ = tx.send((line.trim().to_string(), kind, body.len(), key));
             let _ =
                 s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
         }
@@ -105,7 +111,7 @@ fn a_run_shows_in_metrics_and_its_trace_reaches_the_collector() {
     let config = home.join("config.toml");
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.push_str(&format!(
-        "\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\n"
+        "\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\nheaders_env = {{ \"x-collector-key\" = \"ICE_TEST_OTLP_KEY\" }}\n"
     ));
     std::fs::write(&config, text).unwrap();
 
@@ -118,10 +124,24 @@ fn a_run_shows_in_metrics_and_its_trace_reaches_the_collector() {
     let made: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(made["role"], "metrics");
     let scraper = made["token"].as_str().unwrap().to_string();
+    // The collector's key is read from the environment (unset: serve refuses to start).
+    let o = ice(&home)
+        .args(["serve", "--listen", "127.0.0.1:0", "--run-spec"])
+        .arg(base.join("mcp.toml"))
+        .env_remove("ICE_TEST_OTLP_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", common::text(&o));
+    assert!(
+        common::text(&o).contains("$ICE_TEST_OTLP_KEY, which is not set"),
+        "{}",
+        common::text(&o)
+    );
     let mut serve = ice(&home);
     serve
         .args(["serve", "--listen", "127.0.0.1:0", "--run-spec"])
-        .arg(base.join("mcp.toml"));
+        .arg(base.join("mcp.toml"))
+        .env("ICE_TEST_OTLP_KEY", "K3Y-123");
     let (_served, mcp) = common::serve(serve);
     let addr = common::addr_of(&mcp);
 
@@ -230,9 +250,10 @@ fn a_run_shows_in_metrics_and_its_trace_reaches_the_collector() {
     assert!(count(&metrics) > 0, "{metrics}");
 
     // The collector receives the runs' traces over OTLP/HTTP.
-    let (line, kind, len) = received
+    let (line, kind, len, key) = received
         .recv_timeout(Duration::from_secs(30))
         .expect("the trace is exported");
+    assert_eq!(key, "K3Y-123");
     assert_eq!(line, "POST /v1/traces HTTP/1.1");
     assert_eq!(kind, "application/x-protobuf");
     assert!(len > 100, "a trace with spans ({len} bytes)");
