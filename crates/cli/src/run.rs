@@ -598,6 +598,13 @@ pub async fn approvals(home: &Path, url: Option<&str>, a: ApprovalsArgs) -> Resu
             p.id,
             p.id
         );
+        if p.waiting == Some(false) {
+            let _ = writeln!(
+                out,
+                "    nobody waits for it: the process that asked stopped, so an answer is refused; recovery (any ice command that drives runs) suspends run {}, then resume or kill it",
+                p.run
+            );
+        }
     }
     Ok(0)
 }

@@ -141,6 +141,23 @@ impl RunLock {
         }
     }
 
+    /// Whether a process on this machine holds the run's file lock in `dir` (it drives the
+    /// run), found without taking it: a shared lock is tried on the lock file and let go at
+    /// once. `Some(false)` where there is no lock file (nothing here ever drove the run);
+    /// `None` where the file cannot be read.
+    pub fn held(dir: &Path) -> Option<bool> {
+        let file = match std::fs::File::open(dir.join("lock")) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(false),
+            Err(_) => return None,
+        };
+        match file.try_lock_shared() {
+            Ok(()) => Some(false),
+            Err(TryLockError::WouldBlock) => Some(true),
+            Err(TryLockError::Error(_)) => None,
+        }
+    }
+
     /// Take the file lock, then claim the run in the log for `holder` and keep renewing the
     /// claim while the lock is held.
     pub async fn take(

@@ -111,6 +111,12 @@ pub struct PendingApproval {
     pub policies: Vec<String>,
     /// The agent's intent.
     pub intent: String,
+    /// Whether a process waits for the answer: `false` when the process that asked stopped
+    /// (answering is refused; recovery suspends the run, which is then resumed or killed);
+    /// absent where it cannot be told from here (a log shared with other nodes, whose
+    /// processes may be waiting).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<bool>,
 }
 
 /// What recovery did to one run.
@@ -956,6 +962,14 @@ impl Runtime {
             if !books.state().is_non_terminal() || books.kill.is_some() {
                 continue;
             }
+            // Whether the process that asked still waits: its run's file lock is held (seen
+            // without taking it). On a shared log another node may be waiting: not told.
+            let held = crate::lock::RunLock::held(&self.run_dir(&run));
+            let waiting = match held {
+                Some(true) => Some(true),
+                _ if self.ledger.log().claims_lapse() => None,
+                other => other,
+            };
             // Nor does one the runtime already closed (the call it was for was refused).
             for a in books
                 .approvals
@@ -977,6 +991,7 @@ impl Runtime {
                     expires_at: a.expires_at.to_string(),
                     policies: a.policies.clone(),
                     intent,
+                    waiting,
                 });
             }
         }

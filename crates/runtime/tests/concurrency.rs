@@ -314,8 +314,14 @@ async fn an_approval_nobody_waits_for_any_more_cannot_be_answered() {
             .is_err_and(|e| e.to_string().contains("a reason is at most 4096 bytes")),
         "{long:?}"
     );
+    // The listing says a process waits for it...
+    let listed = h.rt.pending_approvals(Some(&run)).await.unwrap();
+    assert_eq!(listed[0].waiting, Some(true), "{listed:?}");
     // The process that asked stops: its wait and its lock of the run go with it.
     drop(session);
+    // ...and, once it stopped, that nobody does (an answer would be refused).
+    let listed = h.rt.pending_approvals(Some(&run)).await.unwrap();
+    assert_eq!(listed[0].waiting, Some(false), "{listed:?}");
     let answer = h.rt.answer_approval(&approval, "alice", true, "").await;
     let Err(e) = answer else {
         panic!("an answer was recorded for a call nothing will make");

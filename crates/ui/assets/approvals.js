@@ -123,6 +123,9 @@ export function approvalCard(a, { byId, showRun = false, onAnswered, onError }) 
       h('span', { class: 'mono muted' }, ` ${a.id}`),
       h('span', { class: 'expires', dataset: { expires: a.expires_at } }, '')),
     a.intent ? h('p', { class: 'intent' }, h('q', null, a.intent)) : '',
+    a.waiting === false
+      ? h('p', { class: 'orphaned' }, 'Nobody waits for this answer: the process that asked stopped, so an answer is refused. Recovery suspends the run; then resume or kill it.')
+      : '',
     h('dl', { class: 'facts' },
       h('dt', null, 'who'), h('dd', null, origin),
       h('dt', null, 'capability'), h('dd', { class: 'mono' }, a.capability),
