@@ -1063,3 +1063,44 @@ fn a_reconfiguration_that_cannot_resume_the_run_says_it_is_recorded_and_the_run_
         text(&o)
     );
 }
+
+/// An approval whose waiting process died is listed as such (session 20 left it listed like
+/// any other, answering refused): `ice approvals` says nobody waits and what happens next.
+#[test]
+fn an_approval_whose_process_died_is_listed_as_waited_for_by_nobody() {
+    let (port, _seen) = endpoint();
+    let (_dir, home, qs) = setup(port);
+    let spec = qs.join("run.toml");
+    let t = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("timeout = \"2s\"", "timeout = \"60s\"");
+    std::fs::write(&spec, t).unwrap();
+    let mut child = ice_cmd(&home)
+        .args(["run", spec.to_str().unwrap(), "--json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        if let Some(p) = pending(&home).first() {
+            assert_eq!(p["waiting"], true, "{p}");
+            break p["id"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no approval was asked for");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let listed = pending(&home);
+    assert_eq!(listed[0]["id"], id.as_str());
+    assert_eq!(listed[0]["waiting"], false, "{listed:?}");
+    let o = ice(&home, &["approvals"]);
+    assert!(
+        text(&o).contains("nobody waits for it: the process that asked stopped"),
+        "{}",
+        text(&o)
+    );
+    let o = ice(&home, &["approve", &id, "--operator", "alice"]);
+    assert_ne!(code(&o), 0, "{}", text(&o));
+}
