@@ -80,7 +80,7 @@ pub use payload::{
 };
 pub use policy::{
     Decision, DecisionKind, DenyReason, Explanation, LoadError, PolicyEffect, PolicyError,
-    PolicyInfo, PolicySet, PolicySource, PolicyVersion, Verdict,
+    PolicyInfo, PolicySet, PolicySource, PolicyVersion, Verdict, is_policy_file_name,
 };
 pub use request::{
     ArgumentError, ArgumentProblem, BudgetLeft, EntityCache, HTTP_CONNECT, Request, RequestBuilder,

@@ -310,7 +310,7 @@ fn invalid(event_type: EventType, problem: impl Into<String>) -> PayloadError {
     }
 }
 
-fn check_agent(agent: &str) -> Result<(), String> {
+pub(crate) fn check_agent(agent: &str) -> Result<(), String> {
     Origin::from_str(&format!("agent:{agent}"))
         .map(|_| ())
         .map_err(|e| format!("agent: {e}"))

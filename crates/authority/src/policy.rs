@@ -406,6 +406,15 @@ fn first_error(diagnostics: &[Diagnostic]) -> String {
         .unwrap_or_default()
 }
 
+/// Whether the loader looks at a directory entry of this name: `*.cedar`, and in another case
+/// (`DENY.CEDAR`, which it refuses rather than skip). What notices edits of a policy directory
+/// must look at the same entries.
+pub fn is_policy_file_name(name: &std::ffi::OsStr) -> bool {
+    Path::new(name)
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("cedar"))
+}
+
 /// Read the `*.cedar` files of a directory (not its subdirectories), in name order; an entry
 /// named `*.cedar` that is not a regular file (a dangling link, a directory) is an error. This is the
 /// only I/O the authority layer does.
@@ -418,7 +427,9 @@ pub fn read_policy_dir(dir: &Path) -> Result<Vec<PolicySource>, LoadError> {
     for entry in std::fs::read_dir(dir).map_err(io("reading the policy directory", dir))? {
         let entry = entry.map_err(io("reading the policy directory", dir))?;
         let path = entry.path();
-        let ext = path.extension().map(|e| e.to_string_lossy().into_owned());
+        if !is_policy_file_name(&entry.file_name()) {
+            continue;
+        }
         let refuse = |message: String| LoadError::Invalid {
             diagnostics: vec![diag(
                 Severity::Error,
@@ -428,15 +439,12 @@ pub fn read_policy_dir(dir: &Path) -> Result<Vec<PolicySource>, LoadError> {
                 message,
             )],
         };
-        match ext.as_deref() {
-            Some("cedar") => {}
-            // `DENY.CEDAR` is meant as a policy file; skipped, its forbids would go unread.
-            Some(e) if e.eq_ignore_ascii_case("cedar") => {
-                return Err(refuse(format!(
-                    "ends in .{e}, not .cedar: ICE reads only *.cedar files, so its policies would be left out; rename it to *.cedar or move it out of the directory"
-                )));
-            }
-            _ => continue,
+        // `DENY.CEDAR` is meant as a policy file; skipped, its forbids would go unread.
+        if let Some(e) = path.extension().filter(|e| *e != "cedar") {
+            return Err(refuse(format!(
+                "ends in .{}, not .cedar: ICE reads only *.cedar files, so its policies would be left out; rename it to *.cedar or move it out of the directory",
+                e.to_string_lossy()
+            )));
         }
         // A policy file that cannot be read as one (a dangling link, a directory, a pipe) is an
         // error, never skipped: skipping it would drop its forbids without a word.

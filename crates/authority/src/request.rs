@@ -107,7 +107,7 @@ pub(crate) fn literal_problem(uid: &cedar::EntityUid) -> Option<String> {
             .and_then(never),
         "ToolServer" => Resource::tool(id, "x").err().and_then(never),
         "Command" => Resource::command(id).err().and_then(never),
-        "Agent" => Origin::from_str(&format!("agent:{id}"))
+        "Agent" => crate::payload::check_agent(id)
             .err()
             .map(|e| format!("never matches: not an agent id ICE accepts ({e})")),
         _ => None,

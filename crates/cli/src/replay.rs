@@ -30,23 +30,23 @@ pub struct ReplayArgs {
 pub async fn replay(home: &Path, url: Option<&str>, a: ReplayArgs) -> Result<u8> {
     let run = RunId::new(a.run.clone()).map_err(|e| anyhow!("run id {:?}: {e}", a.run))?;
     let (_h, rt) = crate::run::runtime_unclaimed(home, url).await?;
-    // A run no agent in ICE drove (an operator's memory action, an agent driven from outside
-    // ICE) has nothing to re-drive: its replay from the log is the whole check.
-    let mut agentless = false;
     // Why the run's driver could not be built to re-drive it, when it should have been.
     let mut not_driven: Option<String> = None;
     let mut report = if a.drive {
         let recorded = rt.recorded_inferences(&run).await?;
+        // Why nothing is re-driven, and whether that is a failure: a run no agent in ICE
+        // drove (an operator's memory action, an agent driven from outside ICE) has nothing to
+        // re-drive, and its replay from the log is the whole check.
         let replayer = match rt.recorded_spec(&run).await {
             Ok(Some(spec)) => {
-                agentless = !matches!(spec.driver.as_str(), "plan" | "llm");
-                crate::agents::replayer(&spec, recorded)
+                let drivable = matches!(spec.driver.as_str(), "plan" | "llm");
+                crate::agents::replayer(&spec, recorded).map_err(|why| (why, drivable))
             }
-            Ok(None) => {
-                agentless = true;
-                Err("no agent drove this run (it records an operator's memory action)".into())
-            }
-            Err(e) => Err(format!("the run's spec cannot be read back: {e}")),
+            Ok(None) => Err((
+                "no agent drove this run (it records an operator's memory action)".into(),
+                false,
+            )),
+            Err(e) => Err((format!("the run's spec cannot be read back: {e}"), true)),
         };
         match replayer {
             Ok(mut r) => {
@@ -59,8 +59,8 @@ pub async fn replay(home: &Path, url: Option<&str>, a: ReplayArgs) -> Result<u8>
                 }
                 report
             }
-            Err(why) => {
-                if !agentless {
+            Err((why, failure)) => {
+                if failure {
                     not_driven = Some(why.clone());
                 }
                 let mut report = rt.replay(&run).await?;

@@ -159,12 +159,11 @@ impl PolicyStamp {
         let mut v = Vec::new();
         if let Ok(rd) = std::fs::read_dir(dir) {
             for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                // Case aside: a `*.CEDAR` file is refused by the loader, so adding one is an edit.
-                let ext = name.rsplit_once('.').map(|(_, e)| e);
-                if !ext.is_some_and(|e| e.eq_ignore_ascii_case("cedar")) {
+                // The entries the loader looks at (a `*.CEDAR` it refuses: adding one is an edit).
+                if !ice_authority::is_policy_file_name(&e.file_name()) {
                     continue;
                 }
+                let name = e.file_name().to_string_lossy().into_owned();
                 let changed = |m: &std::fs::Metadata| {
                     i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec())
                 };
@@ -186,6 +185,16 @@ impl PolicyStamp {
         v.sort();
         PolicyStamp(v)
     }
+}
+
+/// What [`Ctx::reload_policy`] found.
+enum Reload {
+    /// The files did not change, or still make the policy in force.
+    Unchanged,
+    /// A new policy was taken on.
+    TakenOn,
+    /// The new files cannot be taken on: the run is to be suspended with `code`, for `why`.
+    Refused { code: &'static str, why: String },
 }
 
 /// A run being driven by this process.
@@ -1956,44 +1965,13 @@ impl Ctx<'_> {
     ) -> Result<Option<(DenialCode, String)>, RuntimeError> {
         let (version, policies, constraints) = decided;
         let during = format!("the policy files changed while approval {approval} was awaited");
-        let stamp = PolicyStamp::of(&live.policy_dir);
-        if stamp != live.policy_stamp {
-            let new = match PolicySet::load_dir(&live.policy_dir, &self.rt.schema) {
-                Ok(p) => p,
-                Err(e) => {
-                    // The next step's check suspends the run (it looks at once).
-                    live.last_poll = None;
-                    return Ok(Some((
-                        DenialCode::PolicyDenied,
-                        format!(
-                            "{during} and no longer load, so the call is not made: {e}; the run is suspended"
-                        ),
-                    )));
-                }
-            };
-            if new.version() != live.policy.version() {
-                if live
-                    .books
-                    .assumptions
-                    .iter()
-                    .any(|a| matches!(a, Assumption::PolicyVersion { .. }))
-                {
-                    live.last_poll = None;
-                    return Ok(Some((
-                        DenialCode::PolicyDenied,
-                        format!(
-                            "{during} (version {} to {}), and the run assumed it would not change: the call is not made; the run is suspended",
-                            short(&live.policy.version().to_hex()),
-                            short(&new.version().to_hex())
-                        ),
-                    )));
-                }
-                live.policy_stamp = stamp;
-                live.policy = Arc::new(new);
-                self.take_on_policy(live, &during, Vec::new()).await?;
-            } else {
-                live.policy_stamp = stamp;
-            }
+        if let Reload::Refused { why, .. } = self.reload_policy(live, &during).await? {
+            // The next step's check suspends the run (it looks at once).
+            live.last_poll = None;
+            return Ok(Some((
+                DenialCode::PolicyDenied,
+                format!("{during}, and {why}: the call is not made; the run is suspended"),
+            )));
         }
         // Whoever took the new policy on (this call, or another of the run's calls while this
         // one waited), the policy in force may not be the one that decided the request.
@@ -2030,48 +2008,56 @@ impl Ctx<'_> {
         if live.books.state() != RunState::Executing {
             return Ok(None);
         }
+        match self
+            .reload_policy(live, "the policy files changed while the run executed")
+            .await?
+        {
+            Reload::Refused { code, why } => self.suspend(live, code, &why).await.map(Some),
+            Reload::Unchanged | Reload::TakenOn => Ok(None),
+        }
+    }
+
+    /// Look for an edit of the policy files and take a new policy on (recorded, live grants
+    /// re-decided: [`Self::take_on_policy`], `why` saying what happened). A policy that does
+    /// not load, or that the run assumed would not change, is not taken on (nor its stamp):
+    /// the caller refuses, and the run is suspended with the code given.
+    async fn reload_policy(&self, live: &mut Live, why: &str) -> Result<Reload, RuntimeError> {
         let stamp = PolicyStamp::of(&live.policy_dir);
         if stamp == live.policy_stamp {
-            return Ok(None);
+            return Ok(Reload::Unchanged);
         }
-        live.policy_stamp = stamp;
-        let loaded = PolicySet::load_dir(&live.policy_dir, &self.rt.schema);
-        let new = match loaded {
+        let new = match PolicySet::load_dir(&live.policy_dir, &self.rt.schema) {
             Ok(p) => p,
             Err(e) => {
-                let why = format!("the policy changed and no longer loads: {e}");
-                return self.suspend(live, "policy_invalid", &why).await.map(Some);
+                return Ok(Reload::Refused {
+                    code: "policy_invalid",
+                    why: format!("the policy changed and no longer loads: {e}"),
+                });
             }
         };
         if new.version() == live.policy.version() {
-            return Ok(None);
+            live.policy_stamp = stamp;
+            return Ok(Reload::Unchanged);
         }
-        let old_version = live.policy.version();
-        let new_version = new.version();
-        let pinned = live
+        if live
             .books
             .assumptions
             .iter()
-            .any(|a| matches!(a, Assumption::PolicyVersion { .. }));
-        live.policy = Arc::new(new);
-        if pinned {
-            let why = format!(
-                "the policy changed from version {} to {} and the run assumed it would not",
-                short(&old_version.to_hex()),
-                short(&new_version.to_hex())
-            );
-            return self
-                .suspend(live, "assumption_invalidated", &why)
-                .await
-                .map(Some);
+            .any(|a| matches!(a, Assumption::PolicyVersion { .. }))
+        {
+            return Ok(Reload::Refused {
+                code: "assumption_invalidated",
+                why: format!(
+                    "the policy changed from version {} to {} and the run assumed it would not",
+                    short(&live.policy.version().to_hex()),
+                    short(&new.version().to_hex())
+                ),
+            });
         }
-        self.take_on_policy(
-            live,
-            "the policy files changed while the run executed",
-            Vec::new(),
-        )
-        .await?;
-        Ok(None)
+        live.policy_stamp = stamp;
+        live.policy = Arc::new(new);
+        self.take_on_policy(live, why, Vec::new()).await?;
+        Ok(Reload::TakenOn)
     }
 
     /// Take on `live.policy` (a policy that changed): record it, with its files, unless the

@@ -376,6 +376,15 @@ fn exporter(
     basic_auth: Option<String>,
 ) -> Result<opentelemetry_otlp::SpanExporter, TelemetryError> {
     use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
+    // Checked here, where a bad one would otherwise be dropped or fail each export unsaid.
+    if let Some((name, _)) = config.headers.iter().find(|(n, v)| {
+        axum::http::HeaderName::from_bytes(n.as_bytes()).is_err()
+            || axum::http::HeaderValue::from_str(v).is_err()
+    }) {
+        return Err(TelemetryError::Config(format!(
+            "header {name:?} is not a valid HTTP header (its name, or its value)"
+        )));
+    }
     let mut headers: HashMap<String, String> = config.headers.iter().cloned().collect();
     // A header given explicitly wins over the URL's user info.
     if let Some(auth) = basic_auth

@@ -1174,4 +1174,16 @@ async fn an_endpoints_key_is_sent_where_it_belongs_and_never_shown() {
         .to_string();
         assert!(e.contains(why) && !e.contains("S3CRET"), "{bad}: {e}");
     }
+    // A header that is not valid HTTP is refused, its value not repeated.
+    let e = Telemetry::new(TelemetryConfig {
+        otlp_endpoint: Some("http://127.0.0.1:9/".into()),
+        headers: vec![("x-key".into(), "S3CRET\nx".into())],
+        ..TelemetryConfig::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("\"x-key\" is not a valid HTTP header") && !e.contains("S3CRET"),
+        "{e}"
+    );
 }
