@@ -28,6 +28,7 @@ pub mod header;
 pub mod id;
 pub mod limits;
 pub mod projection;
+mod sha256x2;
 pub mod state;
 pub mod taxonomy;
 pub mod timestamp;
@@ -47,5 +48,6 @@ pub use state::{Lifecycle, RunState, StateError, ValidationOutcome};
 pub use taxonomy::{Category, EventType, TAXONOMY_VERSION};
 pub use timestamp::{Clock, Timestamp};
 pub use validate::{
-    CauseIndex, ChainError, NoOtherRuns, RunHead, SealedBatch, SealedEvent, ValidationError,
+    CauseIndex, ChainError, HashedBody, NoOtherRuns, RunHead, SealedBatch, SealedEvent,
+    ValidationError,
 };

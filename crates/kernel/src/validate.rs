@@ -276,6 +276,50 @@ pub struct RunHead {
     pub lifecycle: Lifecycle,
 }
 
+/// A stored event's body and its SHA-256, computed from it here (a caller cannot pair a body
+/// with a digest of its own choosing): what [`RunHead::admit_hashed`] checks against the
+/// stored hash.
+#[derive(Clone, Copy, Debug)]
+pub struct HashedBody<'b> {
+    body: &'b [u8],
+    computed: Digest,
+}
+
+impl<'b> HashedBody<'b> {
+    /// Hash one body.
+    pub fn new(body: &'b [u8]) -> HashedBody<'b> {
+        HashedBody {
+            body,
+            computed: Digest::of(body),
+        }
+    }
+
+    /// Hash two bodies at once ([`Digest::of_two`]).
+    pub fn two(a: &'b [u8], b: &'b [u8]) -> [HashedBody<'b>; 2] {
+        let [da, db] = Digest::of_two(a, b);
+        [
+            HashedBody {
+                body: a,
+                computed: da,
+            },
+            HashedBody {
+                body: b,
+                computed: db,
+            },
+        ]
+    }
+
+    /// The body.
+    pub fn body(&self) -> &'b [u8] {
+        self.body
+    }
+
+    /// Its SHA-256.
+    pub fn digest(&self) -> Digest {
+        self.computed
+    }
+}
+
 impl RunHead {
     /// The head of a run with no events (state CREATED).
     pub fn new(run_id: RunId) -> RunHead {
@@ -448,9 +492,20 @@ impl RunHead {
         hash: Digest,
         others: &dyn CauseIndex,
     ) -> Result<Header<'b>, ValidationError> {
+        self.admit_hashed(HashedBody::new(body), hash, others)
+    }
+
+    /// [`RunHead::admit_stored`] with the body's SHA-256 already computed (two bodies are
+    /// hashed at once by [`HashedBody::two`]).
+    pub fn admit_hashed<'b>(
+        &mut self,
+        body: HashedBody<'b>,
+        hash: Digest,
+        others: &dyn CauseIndex,
+    ) -> Result<Header<'b>, ValidationError> {
+        let HashedBody { body, computed } = body;
         let h = Header::parse(body)
             .map_err(|e| structure("event", format!("stored body does not parse: {e}")))?;
-        let computed = Digest::of(body);
         if computed != hash {
             return Err(ValidationError::Chain(ChainError::HashMismatch {
                 stored: hash,

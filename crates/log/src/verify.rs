@@ -21,7 +21,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use ice_kernel::blob::blob_refs;
-use ice_kernel::{CauseIndex, Digest, EventId, RunHead, RunId};
+use ice_kernel::{CauseIndex, Digest, EventId, HashedBody, RunHead, RunId};
 use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, NoteSigner, NoteVerifier};
@@ -373,9 +373,21 @@ impl Verifier {
         }
         let mut nodes = rows.nodes().iter().copied();
         let blob_key = memchr::memmem::Finder::new(b"\"$blob\"");
-        for row in rows.iter() {
+        // Bodies are hashed two at a time (`HashedBody::two`): the second one waits here.
+        let mut hashed: Option<HashedBody<'_>> = None;
+        let mut it = rows.iter().peekable();
+        while let Some(row) = it.next() {
             let label = || Some(format!("{}:{}", row.run_id, row.run_seq));
-            if let Some((id, problem)) = self.check_event(row) {
+            let body = match (hashed.take(), it.peek()) {
+                (Some(h), _) => h,
+                (None, Some(next)) => {
+                    let [this, next] = HashedBody::two(row.body, next.body);
+                    hashed = Some(next);
+                    this
+                }
+                (None, None) => HashedBody::new(row.body),
+            };
+            if let Some((id, problem)) = self.check_event(row, body) {
                 let at = if row.log_seq == self.next {
                     Some(row.log_seq)
                 } else {
@@ -479,7 +491,11 @@ impl Verifier {
     }
 
     /// Check one stored event against its position, hash and the law. Returns the failure.
-    fn check_event(&mut self, row: StoredRef<'_>) -> Option<(Option<String>, String)> {
+    fn check_event(
+        &mut self,
+        row: StoredRef<'_>,
+        body: HashedBody<'_>,
+    ) -> Option<(Option<String>, String)> {
         let label = || format!("{}:{}", row.run_id, row.run_seq);
         if row.log_seq != self.next {
             return Some((
@@ -523,7 +539,7 @@ impl Verifier {
                 &SeenOrBefore(&self.heads, &self.before),
             )
         } else {
-            match head.admit_stored(row.body, hash, &SeenOrBefore(&self.heads, &self.before)) {
+            match head.admit_hashed(body, hash, &SeenOrBefore(&self.heads, &self.before)) {
                 Ok(h)
                     if h.run_id != row.run_id
                         || h.run_seq != row.run_seq
