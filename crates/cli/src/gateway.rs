@@ -78,7 +78,37 @@ async fn open_over(
 pub async fn mcp(home: &Path, url: Option<&str>, a: McpArgs) -> Result<u8> {
     let (h, rt, spec) = open(home, url, &a.spec).await?;
     let gw = Gateway::new(rt, spec, false).await?;
-    let report = gw.serve_stdio().await?;
+    // SIGINT or SIGTERM (a client stopping its server, a terminal's Ctrl-C): a call waiting
+    // for an operator is denied at once, naming the approval, and its run suspended; the
+    // session stops, and the run ends as when the client leaves (committed, or suspended) once
+    // the calls in flight return, with a checkpoint signed. A second signal stops at once:
+    // the run is then left to recovery, which suspends it.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let on_signal = stop.clone();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing a SIGTERM handler")?;
+    let signals = tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        rt.interrupt_approval_waits("ice mcp is stopping, so the wait for an answer ended");
+        on_signal.cancel();
+        eprintln!(
+            "ice mcp: stopping: the session's run ends once the calls in flight return (a second signal stops at once, and recovery then suspends the run)"
+        );
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!(
+            "ice mcp: stopped at once: the run is left as it is; the next ICE command that opens the log recovers it (suspends it for an operator to resume or kill)"
+        );
+        std::process::exit(130);
+    });
+    let report = gw.serve_stdio_until(stop).await;
+    signals.abort();
+    let report = report?;
     let Some(report) = report else {
         eprintln!("ice mcp: the client left before making a run");
         return Ok(0);

@@ -174,6 +174,10 @@ fn main() -> ExitCode {
             Command::Token(a) => token::run(&home, a),
         }
     });
+    // Every command has awaited what it must before returning. A read of stdin that will
+    // never finish (`ice mcp` stopped by a signal while its client keeps the pipe open) would
+    // otherwise hold the process open: the runtime waits a bounded time for such work.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

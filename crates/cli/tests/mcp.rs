@@ -2501,3 +2501,147 @@ fn a_tool_call_runs_no_longer_than_the_wall_time_budget_has_left() {
     );
     assert_eq!(of_type(&ev, "RunCommitted").len(), 0, "{ev:#?}");
 }
+
+/// Send `signal` to `child`, and wait (at most 20 s) for it to exit.
+fn signal_and_wait(child: &mut std::process::Child, signal: &str) -> std::process::ExitStatus {
+    let _ = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("ice mcp did not exit within 20 s of {signal}: {err}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The probe's finding: `ice mcp` had no signal handling, so an MCP client stopping its
+/// server (SIGTERM, as the SDKs do once stdin is closed) killed it mid-run: the run stayed
+/// EXECUTING with nothing recorded, an approval wait stayed listed, and no checkpoint covered
+/// the session's last events. A signal now ends the session as a client's leaving does: the
+/// run commits and a checkpoint covers it.
+#[test]
+fn ice_mcp_stopped_by_a_signal_ends_its_run_and_signs_a_checkpoint() {
+    for (run, signal) in [("stop-term", "-TERM"), ("stop-int", "-INT")] {
+        let f = fixture(run, "60s");
+        let (mut child, mut stdin, rx) = stdio_gateway(&f);
+        let mut send = |v: Value| {
+            stdin.write_all(v.to_string().as_bytes()).unwrap();
+            stdin.write_all(b"\n").unwrap();
+            stdin.flush().unwrap();
+        };
+        let answer_to = |id: i64| loop {
+            let line = rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no answer to request {id}"));
+            let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+            if v["id"] == id {
+                return v;
+            }
+        };
+        send(
+            json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}),
+        );
+        answer_to(1);
+        send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+        send(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+            "params": {"name": "everything__echo", "arguments": {"message": "before the stop"}}}));
+        assert_eq!(
+            answer_to(2)["result"]["content"][0]["text"],
+            "Echo: before the stop"
+        );
+        // The client keeps its stdin open: only the signal ends the session.
+        let status = signal_and_wait(&mut child, signal);
+        assert!(status.success(), "{run}: {status:?}");
+        drop(stdin);
+        let ev = events(&f, run);
+        assert_eq!(of_type(&ev, "ToolInvoked").len(), 1, "{run}: {ev:#?}");
+        assert_eq!(of_type(&ev, "RunCommitted").len(), 1, "{run}: {ev:#?}");
+        assert_eq!(ev.last().unwrap()["type"], "RunTerminated", "{run}");
+        let o = ice(&f.home, &["verify", "--json"]);
+        assert!(o.status.success(), "{}", text(&o));
+        let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(
+            report["latest_checkpoint"], report["events"],
+            "{run}: events were recorded after the last checkpoint: {report:#}"
+        );
+    }
+}
+
+/// A signal while a call waits for an operator: the call is denied at once, naming the
+/// approval (the client gets the denial), the approval leaves the list, and the run is
+/// suspended for an operator to resume or kill, as when `ice serve` stops.
+#[test]
+fn ice_mcp_stopped_while_a_call_waits_for_approval_denies_it_and_suspends_the_run() {
+    let run = "stop-waiting-stdio";
+    let f = fixture(run, "120s");
+    let (mut child, mut stdin, rx) = stdio_gateway(&f);
+    let mut send = |v: Value| {
+        stdin.write_all(v.to_string().as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+    };
+    send(
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}),
+    );
+    send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+    send(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "everything__get-env", "arguments": {}}}));
+    let pending = pending_approval(&f, run);
+    let approval = pending["id"].as_str().unwrap().to_string();
+    let started = std::time::Instant::now();
+    let status = signal_and_wait(&mut child, "-TERM");
+    // Not the approval's 120 s.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(status.code(), Some(4), "suspended: {status:?}");
+    drop(stdin);
+    // The client got the denial.
+    let denial = loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("an answer to the waiting call");
+        let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        if v["id"] == 2 {
+            break v;
+        }
+    };
+    assert_eq!(denial["result"]["isError"], true, "{denial:#}");
+    assert!(
+        first_text(&denial["result"]).contains("ice mcp is stopping"),
+        "{denial:#}"
+    );
+    let ev = events(&f, run);
+    let denied = of_type(&ev, "CapabilityDenied");
+    assert_eq!(denied.len(), 1, "{ev:#?}");
+    assert_eq!(denied[0]["payload"]["approval"], approval.as_str());
+    assert!(of_type(&ev, "ToolInvoked").is_empty(), "{ev:#?}");
+    let o = ice(&f.home, &["approvals", "--json"]);
+    let listed: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    assert_eq!(listed, json!([]), "{}", text(&o));
+    let o = ice(&f.home, &["runs", "--json"]);
+    let runs: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let state = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["run_id"] == run)
+        .map(|r| r["state"].clone());
+    assert_eq!(state, Some(json!("SUSPENDED")), "{runs:#}");
+    verify(&f);
+}

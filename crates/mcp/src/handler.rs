@@ -483,15 +483,38 @@ impl Gateway {
     /// session, validate and commit its run (or abort it if the session failed) and report.
     /// Returns `None` when the client left before its session made a run.
     pub async fn serve_stdio(self: &Arc<Self>) -> Result<Option<RunReport>, GatewayError> {
+        self.serve_stdio_until(CancellationToken::new()).await
+    }
+
+    /// [`Self::serve_stdio`], also ending when `stop` is cancelled (`ice mcp` stopped by a
+    /// signal): the session stops reading, the answers of calls that finish within rmcp's
+    /// drain still reach the client, and the run ends as when the client leaves, once the
+    /// calls holding it return.
+    pub async fn serve_stdio_until(
+        self: &Arc<Self>,
+        stop: CancellationToken,
+    ) -> Result<Option<RunReport>, GatewayError> {
         let handler = self.handler_on(Transport::Stdio);
         let slot = handler.slot.clone();
-        let outcome = match handler.serve(rmcp::transport::stdio()).await {
-            Ok(running) => running
-                .waiting()
-                .await
-                .map(|_| ())
-                .map_err(|e| format!("the MCP session failed: {e}")),
-            Err(e) => Err(format!("the MCP session did not start: {e}")),
+        let started = tokio::select! {
+            s = handler.serve(rmcp::transport::stdio()) => Some(s),
+            _ = stop.cancelled() => None,
+        };
+        let outcome = match started {
+            None => Err("ice mcp was stopped before the MCP session started".to_string()),
+            Some(Ok(running)) => {
+                let serving = running.cancellation_token();
+                let stopping = tokio::spawn(async move {
+                    stop.cancelled().await;
+                    serving.cancel();
+                });
+                let waited = running.waiting().await;
+                stopping.abort();
+                waited
+                    .map(|_| ())
+                    .map_err(|e| format!("the MCP session failed: {e}"))
+            }
+            Some(Err(e)) => Err(format!("the MCP session did not start: {e}")),
         };
         let report = match outcome {
             Ok(()) => slot.end(None).await?,
