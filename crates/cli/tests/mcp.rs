@@ -2645,3 +2645,125 @@ fn ice_mcp_stopped_while_a_call_waits_for_approval_denies_it_and_suspends_the_ru
     assert_eq!(state, Some(json!("SUSPENDED")), "{runs:#}");
     verify(&f);
 }
+
+/// The probe's finding: a `bytes` budget did not bound tool results. A call reserved at most
+/// what the budget had left but was given whatever its server sent (up to the server's
+/// `max_result_bytes`), and the books settled the reservation, not what was moved: a budget of
+/// 60 000 bytes let 100 000 through and recorded less. A call's result now gets no more than
+/// its reservation leaves after its arguments; a larger one is refused (recorded, the agent
+/// told why), and what is settled is what was moved. A server whose results may be larger than
+/// 1 MiB gets them, where no budget says otherwise.
+#[test]
+fn a_bytes_budget_bounds_tool_results_and_the_books_say_what_was_moved() {
+    let run = "bytes-budget";
+    let extra = r#"
+[servers.big]
+command = ["node", BIG_FS, BIG_WS]
+max_result_bytes = 4194304
+[servers.big.tools]
+read_text_file = "read"
+"#;
+    let big_reads = r#"
+@id("big-reads")
+permit(principal == Agent::"assistant", action == Action::"mcp.call", resource in ToolServer::"big")
+when { context.effect == EffectClass::"read" };
+"#;
+    let f = fixture_with(run, "2s", "", big_reads);
+    // The second server (the same filesystem server, allowed larger results) and a budget.
+    let ws = std::fs::canonicalize(f.root.join("ws")).unwrap();
+    let q = |p: &Path| serde_json::to_string(&p.display().to_string()).unwrap();
+    let spec = std::fs::read_to_string(&f.spec).unwrap();
+    let budgeted = f.root.join("budgeted.toml");
+    std::fs::write(
+        &budgeted,
+        format!(
+            "{}\n[budget]\nbytes = 60000\non_exhaustion = \"abort\"\n",
+            spec.replace(&format!("id = \"{run}\""), "id = \"bytes-budget-2\"")
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &f.spec,
+        format!(
+            "{spec}{}",
+            extra
+                .replace("BIG_FS", &q(&npm_server("server-filesystem")))
+                .replace("BIG_WS", &q(&ws))
+        ),
+    )
+    .unwrap();
+    std::fs::write(ws.join("big.txt"), "x".repeat(100_000)).unwrap();
+    std::fs::write(ws.join("huge.txt"), "y".repeat(1_500_000)).unwrap();
+    let read = |name: &str, file: &str| json!({"op": "call", "name": name, "args": {"path": ws.join(file).display().to_string()}});
+
+    // Without a bytes budget: a 1.5 MB result from the server allowed 4 MiB reaches the agent.
+    let (r, o) = agent_stdio(
+        &f,
+        "legacy",
+        "none",
+        json!([read("big__read_text_file", "huge.txt")]),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let got = first_text(&r["steps"][0]["result"]);
+    assert!(
+        r["steps"][0]["result"]["isError"] != true,
+        "{}",
+        &got[..got.len().min(500)]
+    );
+    assert_eq!(got.len(), 1_500_000);
+
+    // With 60 000 bytes: the 100 000-byte file is refused, a small one still fits.
+    let g = Fixture {
+        _dir: tempfile::tempdir().unwrap(),
+        root: f.root.clone(),
+        home: f.home.clone(),
+        spec: budgeted,
+    };
+    let (r, o) = agent_stdio(
+        &g,
+        "legacy",
+        "none",
+        json!([
+            read("fs__read_text_file", "big.txt"),
+            read("fs__read_text_file", "notes.txt")
+        ]),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let refused = &r["steps"][0]["result"];
+    assert_eq!(refused["isError"], true, "{r:#}");
+    assert!(
+        first_text(refused).contains("bytes budget"),
+        "the agent is told what limited it: {refused:#}"
+    );
+    assert_eq!(
+        first_text(&r["steps"][1]["result"]),
+        "hello from the workspace\n",
+        "{r:#}"
+    );
+    let ev = events(&g, "bytes-budget-2");
+    let invoked = of_type(&ev, "ToolInvoked");
+    assert_eq!(
+        invoked[0]["payload"]["error"]["kind"], "oversized",
+        "{:#}",
+        invoked[0]
+    );
+    // What was settled is what was moved: the arguments of the refused call, then the
+    // arguments and the result of the small one; never more than the budget.
+    let settled: Vec<u64> = of_type(&ev, "BudgetSettled")
+        .iter()
+        .filter_map(|e| e["payload"]["actual"]["bytes"].as_u64())
+        .collect();
+    assert_eq!(settled.len(), 2, "{settled:?}");
+    assert!(settled[0] < 1000, "only the arguments moved: {settled:?}");
+    assert_eq!(
+        settled[1],
+        invoked[1]["payload"]["bytes"].as_u64().unwrap()
+            + serde_json::to_string(&invoked[1]["payload"]["arguments"])
+                .unwrap()
+                .len() as u64,
+        "{:#}",
+        invoked[1]
+    );
+    assert!(settled.iter().sum::<u64>() <= 60_000, "{settled:?}");
+    verify(&g);
+}

@@ -248,10 +248,13 @@ pub enum ToolCallError {
         /// What happened to the server.
         detail: String,
     },
-    /// The result is larger than the server's `max_result_bytes`.
+    /// The result is larger than the call could take: the least of the server's
+    /// `max_result_bytes`, what the grant's `max_bytes` left, and what the run's bytes budget
+    /// reserved for it.
     #[error(
         "tool server {server:?} answered the call to {tool:?} with a result over the limit of \
-         {limit} bytes ({})", got_text(*.got)
+         {limit} bytes ({}); the limit is the least of the server's max_result_bytes, what the \
+         grant's max_bytes leaves and what the run's bytes budget reserved for the call", got_text(*.got)
     )]
     Oversized {
         /// The server.
@@ -347,6 +350,15 @@ pub enum McpError {
         /// The server.
         server: String,
     },
+}
+
+/// What the run's budget leaves one tool call ([`ToolServers::call_within`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CallLimits {
+    /// What the run's wall-time budget has left.
+    pub time: Option<Duration>,
+    /// The most result bytes the run's bytes budget reserved for the call.
+    pub result_bytes: Option<u64>,
 }
 
 /// The longest line read from a stdio server whose results are bounded by `max_result_bytes`:
@@ -487,12 +499,13 @@ impl ToolServers {
         tool: &str,
         arguments: Map<String, Value>,
     ) -> Result<ToolCallOutput, ToolCallError> {
-        self.call_within(auth, run, server, tool, arguments, None)
+        self.call_within(auth, run, server, tool, arguments, CallLimits::default())
             .await
     }
 
-    /// [`Self::call`], bounded also by `within` (what the run's wall-time budget has left),
-    /// when that is less than the server's and the grant's bounds.
+    /// [`Self::call`], bounded also by the run's `limits`, when those are less than the
+    /// server's and the grant's bounds: a larger result is refused
+    /// ([`ToolCallError::Oversized`]).
     pub async fn call_within(
         &self,
         auth: &Authorization,
@@ -500,8 +513,12 @@ impl ToolServers {
         server: &str,
         tool: &str,
         arguments: Map<String, Value>,
-        within: Option<Duration>,
+        limits: CallLimits,
     ) -> Result<ToolCallOutput, ToolCallError> {
+        let CallLimits {
+            time: within,
+            result_bytes: result_within,
+        } = limits;
         let resource = Resource::tool(server, tool).map_err(|_| match self.server(server) {
             None => ToolCallError::UnknownServer(server.to_string()),
             Some(_) => ToolCallError::UnknownTool {
@@ -530,11 +547,10 @@ impl ToolServers {
         let timeout = cap_time(auth, state.config.call_timeout);
         let bounds = Bounds {
             timeout: within.map_or(timeout, |w| timeout.min(w.max(Duration::from_millis(1)))),
-            max_result_bytes: usize::try_from(cap_bytes(
-                auth,
-                sent,
-                state.config.max_result_bytes as u64,
-            ))
+            max_result_bytes: usize::try_from(
+                cap_bytes(auth, sent, state.config.max_result_bytes as u64)
+                    .min(result_within.unwrap_or(u64::MAX)),
+            )
             .unwrap_or(usize::MAX),
         };
         state.perform(&conn, tool, arguments, bounds).await
@@ -556,6 +572,11 @@ impl ToolServers {
             }
         }
         while stopping.join_next().await.is_some() {}
+    }
+
+    /// The most bytes `server`'s results may have (its `max_result_bytes`).
+    pub fn max_result_bytes(&self, server: &str) -> Option<u64> {
+        Some(self.server(server)?.config.max_result_bytes as u64)
     }
 
     fn server(&self, name: &str) -> Option<&Arc<ServerState>> {

@@ -23,8 +23,8 @@ pub const MAX_HTTP_BYTES: u64 = 1 << 20;
 pub const MAX_SHOWN_BYTES: usize = 64 << 10;
 /// Time limit of one HTTP request.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most result bytes one `mcp.call` is budgeted for (a server's own `max_result_bytes` bounds
-/// what it may return; bytes spent are capped at the reservation).
+/// Most result bytes one `mcp.call` is budgeted for when its server's `max_result_bytes` is
+/// not known (its default).
 pub const MAX_TOOL_BYTES: u64 = 1 << 20;
 /// Most bytes of a check's output kept in its event.
 pub const MAX_CHECK_OUTPUT: usize = 4 << 10;
@@ -257,8 +257,15 @@ fn args_of(arguments: &Value) -> Vec<String> {
 }
 
 /// What a call reserves: one tool call, and the most bytes it can move (bounded by what the
-/// budget has left, so reads never spend past it).
-pub fn estimate(capability: &str, arguments: &Value, left: &ice_authority::BudgetLeft) -> Cost {
+/// budget has left, so reads never spend past it). A tool call may receive `tool_result_max`
+/// bytes (its server's `max_result_bytes`; [`MAX_TOOL_BYTES`] when `None`); the call is then
+/// given no more than its reservation leaves after its arguments.
+pub fn estimate(
+    capability: &str,
+    arguments: &Value,
+    left: &ice_authority::BudgetLeft,
+    tool_result_max: Option<u64>,
+) -> Cost {
     // The most a call may move: `max`, or what the budget has left when that is less. A call
     // that needs at least `min` bytes reserves `min` when less is left, which will not fit.
     let bounded = |min: u64, max: u64| match left.bytes {
@@ -279,7 +286,10 @@ pub fn estimate(capability: &str, arguments: &Value, left: &ice_authority::Budge
         "process.exec" => bounded(1, 2 * MAX_CHECK_OUTPUT as u64),
         "mcp.call" => {
             let sent = serde_json::to_string(arguments).map_or(0, |a| a.len() as u64);
-            bounded(sent + 1, sent + MAX_TOOL_BYTES)
+            bounded(
+                sent + 1,
+                sent.saturating_add(tool_result_max.unwrap_or(MAX_TOOL_BYTES)),
+            )
         }
         _ => 0,
     };
@@ -756,8 +766,21 @@ pub async fn perform_tool(
         "tool": tool,
         "arguments": arguments,
     }));
+    // The result gets what the reservation leaves after the arguments (the bytes budget
+    // bounds what the call moves, as it does an HTTP response).
+    let result_within = reserved.bytes.saturating_sub(sent);
     match tools
-        .call_within(auth, run, server, tool, args, time_left)
+        .call_within(
+            auth,
+            run,
+            server,
+            tool,
+            args,
+            ice_effects::mcp::CallLimits {
+                time: time_left,
+                result_bytes: Some(result_within),
+            },
+        )
         .await
     {
         Ok(out) => {

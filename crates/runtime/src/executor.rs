@@ -897,8 +897,23 @@ impl Ctx<'_> {
     /// The budget check of a call: the amount to reserve and the reservation's id, or why it
     /// is refused (a reservation that does not fit is refused before any grant is issued or
     /// used).
-    fn reserve_check(live: &Live, r: &CapabilityProposal) -> Result<(Cost, String), String> {
-        let amount = act::estimate(&r.capability, &r.arguments, &live.books.budget.left());
+    fn reserve_check(
+        &self,
+        live: &Live,
+        r: &CapabilityProposal,
+        target: &act::Target,
+    ) -> Result<(Cost, String), String> {
+        // A tool call reserves what its server may answer with (its `max_result_bytes`).
+        let tool_result_max = match (target, &self.tools) {
+            (act::Target::Tool { server, .. }, Some(tools)) => tools.max_result_bytes(server),
+            _ => None,
+        };
+        let amount = act::estimate(
+            &r.capability,
+            &r.arguments,
+            &live.books.budget.left(),
+            tool_result_max,
+        );
         let reservation = format!("r{}", live.books.reservations + 1);
         match live.books.budget.check_reserve(&reservation, amount) {
             Ok(_) => Ok((amount, reservation)),
@@ -1028,7 +1043,7 @@ impl Ctx<'_> {
         let mut conflicts = 0;
         loop {
             // a. The budget, before the read.
-            let (amount, reservation) = match Self::reserve_check(live, r) {
+            let (amount, reservation) = match self.reserve_check(live, r, target) {
                 Ok(x) => x,
                 Err(why) => {
                     let d =
@@ -1217,7 +1232,7 @@ impl Ctx<'_> {
     ) -> Result<CallEnd, RuntimeError> {
         let live = &mut *guard;
         // a. A reservation that does not fit is refused before any grant is issued or used.
-        let (amount, reservation) = match Self::reserve_check(live, r) {
+        let (amount, reservation) = match self.reserve_check(live, r, target) {
             Ok(x) => x,
             Err(why) => {
                 let d = Self::denial(r, Some(resource), DenialCode::BudgetExhausted, why.clone());

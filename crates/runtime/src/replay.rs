@@ -1658,7 +1658,9 @@ impl<'a> Drive<'a> {
 
     /// Whether the reservation the runtime makes for `r` fits the replayed budget.
     fn fits(&self, r: &CapabilityProposal) -> bool {
-        let amount = act::estimate(&r.capability, &r.arguments, &self.books.budget.left());
+        // Whether it fits depends on the least the call needs, not on the most it may move
+        // (which, for a tool call, is its server's `max_result_bytes`): no server is asked.
+        let amount = act::estimate(&r.capability, &r.arguments, &self.books.budget.left(), None);
         let id = format!("r{}", self.books.reservations + 1);
         self.books.budget.check_reserve(&id, amount).is_ok()
     }

@@ -43,7 +43,8 @@
 //! env = { LOG = "1" }          # optional, with `cwd` (relative to this file)
 //! start_timeout = "20s"        # start and handshake
 //! call_timeout = "30s"         # one tools/call
-//! max_result_bytes = 1048576   # a larger result is refused
+//! max_result_bytes = 1048576   # a larger result is refused (as is one larger than what
+//!                              # a `bytes` budget reserved for the call)
 //! [servers.everything.tools]   # ICE's effect class of each tool; a tool not named here is
 //! echo = "read"                # "external"; the server's annotations can raise a class only
 //!
