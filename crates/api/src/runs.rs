@@ -75,7 +75,7 @@ pub(crate) async fn show(
         "agent": spec.map(|s| s.agent.clone()),
         "driver": spec.map(|s| s.driver.clone()),
         "summary": view.summary,
-        "books": books.projection(),
+        "books": books.view(),
         "kill": books.kill.as_ref().map(|(by, why)| json!({"by": by, "reason": why})),
         "suspension": books.suspension,
         "changes": changes,

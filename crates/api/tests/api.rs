@@ -743,6 +743,13 @@ async fn deny_kill_and_reconfigure_are_the_operators() {
     assert_eq!((sent.len(), ended), (0, true));
     let v = api.state(&run, "TERMINATED").await;
     assert!(v["kill"]["by"].as_str().unwrap().contains("alice"), "{v}");
+    // The approval the kill closed unanswered is shown closed, naming the denial that closed
+    // it, not pending (found by a probe).
+    let approvals = v["books"]["approvals"].as_array().unwrap();
+    assert_eq!(approvals.len(), 1, "{v:#}");
+    assert_eq!(approvals[0]["status"], "closed", "{v:#}");
+    assert!(approvals[0]["closed_by"].is_string(), "{v:#}");
+    assert!(approvals[0]["reason"].is_string(), "{v:#}");
     let (_, page) = api.get(&format!("/runs/{run}/events?limit=1000")).await;
     let t: Vec<&str> = page["events"]
         .as_array()

@@ -358,6 +358,31 @@ impl Books {
         Ok(b)
     }
 
+    /// [`Books::projection`] as shown to an operator (the API's run view): an approval the
+    /// runtime closed without an answer (its call denied, timed out or withdrawn, the run
+    /// stopped) is `closed`, naming the denial that closed it and why, rather than `pending`.
+    /// (The projection itself keeps its recorded form, so runs recorded before stay replayable.)
+    pub fn view(&self) -> Value {
+        let mut v = self.projection();
+        if let Some(list) = v.get_mut("approvals").and_then(Value::as_array_mut) {
+            for a in list {
+                let closed = a
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .and_then(|id| id.parse::<EventId>().ok())
+                    .and_then(|id| self.closed.get(&id));
+                if let Some((denial, code)) = closed
+                    && a.get("status").and_then(Value::as_str) == Some("pending")
+                {
+                    a["status"] = Value::from("closed");
+                    a["closed_by"] = Value::from(denial.to_string());
+                    a["reason"] = Value::from(code.as_str());
+                }
+            }
+        }
+        v
+    }
+
     /// What the books hold, as plain data: the run's projection as `ice replay` compares it.
     /// The runtime records it in `RunTerminated` (the books as of the events before the
     /// teardown), so a replay that folds the log to something else is reported, naming the
