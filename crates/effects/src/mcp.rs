@@ -352,6 +352,10 @@ pub enum McpError {
     },
 }
 
+/// How long a streamable-HTTP server that let a call time out has to answer a `ping` before
+/// its session is taken as lost.
+const PING_WAIT: Duration = Duration::from_secs(2);
+
 /// What the run's budget leaves one tool call ([`ToolServers::call_within`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CallLimits {
@@ -668,6 +672,29 @@ impl ServerState {
         self.live().tools.iter().find(|t| t.name == tool).cloned()
     }
 
+    /// A call that got no answer within `after`. A streamable-HTTP server has no process to
+    /// watch: one that stopped or restarted (forgetting the session) leaves every later call
+    /// waiting out its whole timeout. So it is pinged; if it does not answer that either, the
+    /// session is lost: the call is `ServerGone` and the next call connects afresh. A slow tool
+    /// on a server that still answers is a timeout, as on stdio.
+    async fn timed_out(&self, conn: &Connection, tool: &str, after: Duration) -> ToolCallError {
+        if conn.child.is_none() && !conn.answers_ping().await {
+            conn.mark_dead();
+            return self.gone(
+                tool,
+                format!(
+                    "it did not answer within {} ms, nor a ping after that: the connection to it is lost (the server stopped, or restarted and forgot the session); it is connected afresh for the next call",
+                    after.as_millis()
+                ),
+            );
+        }
+        ToolCallError::Timeout {
+            server: self.config.name.clone(),
+            tool: tool.to_string(),
+            after,
+        }
+    }
+
     fn gone(&self, tool: &str, detail: String) -> ToolCallError {
         ToolCallError::ServerGone {
             server: self.config.name.clone(),
@@ -781,13 +808,7 @@ impl ServerState {
         // Dropping the call on timeout makes rmcp send notifications/cancelled for it.
         let answer = match tokio::time::timeout(bounds.timeout, calling).await {
             Ok(answer) => answer,
-            Err(_) => {
-                return Err(ToolCallError::Timeout {
-                    server: self.config.name.clone(),
-                    tool: tool.to_string(),
-                    after: bounds.timeout,
-                });
-            }
+            Err(_) => return Err(self.timed_out(conn, tool, bounds.timeout).await),
         };
         let protocol = |detail: String| ToolCallError::Protocol {
             server: self.config.name.clone(),
@@ -821,11 +842,7 @@ impl ServerState {
                 return Err(self.gone(tool, format!("{detail}; it is restarted for the next call")));
             }
             Err(ServiceError::Timeout { timeout }) => {
-                return Err(ToolCallError::Timeout {
-                    server: self.config.name.clone(),
-                    tool: tool.to_string(),
-                    after: timeout,
-                });
+                return Err(self.timed_out(conn, tool, timeout).await);
             }
             Err(ServiceError::UnexpectedResponse) => {
                 return Err(protocol(
@@ -1022,6 +1039,18 @@ impl Connection {
 
     fn mark_dead(&self) {
         self.dead.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the server answers a `ping` within [`PING_WAIT`].
+    async fn answers_ping(&self) -> bool {
+        let ping = rmcp::model::ClientRequest::PingRequest(rmcp::model::PingRequest {
+            method: Default::default(),
+            extensions: Default::default(),
+        });
+        matches!(
+            tokio::time::timeout(PING_WAIT, self.service.send_request(ping)).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Stop at once: end the session and kill the process group.

@@ -481,6 +481,75 @@ async fn everything_over_streamable_http_and_reconnects_after_it_restarts() {
     peer.kill().await.expect("kill");
 }
 
+/// The probe's finding: a streamable-HTTP server restarted between two calls (forgetting the
+/// session) left every later call waiting out its whole timeout, for good: nothing marked the
+/// session lost, as there is no process to watch. A call that times out now pings the server;
+/// one that does not answer the ping either is `ServerGone` and the next call connects afresh.
+/// A slow tool on a server that still answers stays a timeout (its session kept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_server_restarted_between_calls_is_connected_afresh() {
+    let port = free_port();
+    let mut peer = http_everything(port).await;
+    let config = ServerConfig {
+        name: "web".to_string(),
+        transport: ServerTransport::Http {
+            url: format!("http://127.0.0.1:{port}/mcp"),
+        },
+        start_timeout: Duration::from_secs(20),
+        call_timeout: Duration::from_secs(3),
+        max_result_bytes: 1024 * 1024,
+    };
+    let servers = ToolServers::start(vec![config]).await.expect("start");
+    let call = |tool: &'static str, arguments: Value| {
+        let servers = &servers;
+        async move {
+            servers
+                .call(&auth("web", tool), &run1(), "web", tool, args(arguments))
+                .await
+        }
+    };
+    let echo = |message: &'static str| call("echo", json!({ "message": message }));
+    assert_eq!(
+        text(&echo("first").await.expect("call").result),
+        "Echo: first"
+    );
+
+    // A slow tool on a live server: a timeout, and the session is kept.
+    let slow = call(
+        "trigger-long-running-operation",
+        json!({"duration": 10, "steps": 5}),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(slow, ToolCallError::Timeout { .. }), "{slow:?}");
+    assert_eq!(
+        text(&echo("still").await.expect("call").result),
+        "Echo: still"
+    );
+
+    // Restarted between two calls: the first after it is lost, the next one gets through.
+    peer.kill().await.expect("kill");
+    let _ = peer.wait().await;
+    let mut peer = http_everything(port).await;
+    let lost = echo("after the restart").await;
+    match lost {
+        Ok(out) => assert_eq!(text(&out.result), "Echo: after the restart"),
+        Err(ToolCallError::ServerGone { detail, .. }) => {
+            assert!(detail.contains("ping"), "{detail}");
+            let out = echo("again").await.expect("the next call connects afresh");
+            assert_eq!(text(&out.result), "Echo: again");
+        }
+        Err(e) => panic!("neither answered nor taken as lost: {e:?}"),
+    }
+    assert_eq!(
+        text(&echo("and on").await.expect("call").result),
+        "Echo: and on"
+    );
+
+    servers.shutdown().await;
+    peer.kill().await.expect("kill");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faulty_python_server_crash_hang_huge_garbage_and_refusals() {
     let marker_dir = tempfile::tempdir().expect("tempdir");
