@@ -2767,3 +2767,66 @@ when { context.effect == EffectClass::"read" };
     assert!(settled.iter().sum::<u64>() <= 60_000, "{settled:?}");
     verify(&g);
 }
+
+/// The probe's finding: a client that closed its HTTP session (`DELETE /mcp`) while a call
+/// waited for an operator left the approval open for seconds (until the transport cancelled
+/// the call), and an operator's approval in that window still ran the call, for nobody. The
+/// close now withdraws the request at once: the approval leaves the list, and answering it
+/// is refused.
+#[test]
+fn closing_an_http_session_withdraws_its_calls_waiting_for_approval_at_once() {
+    let f = fixture("delete-waiting", "120s");
+    let (mut server, url) = serve(&f);
+    let (status, head, body) = raw_post(&url, &[], &initialize());
+    assert_eq!(status, 200, "{body}");
+    let id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("mcp-session-id:"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| panic!("a session id: {head}"));
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let (status, _, body) = raw_post(&url, &[("Mcp-Session-Id", &id)], &initialized);
+    assert!((200..300).contains(&status), "{status}: {body}");
+    let call = {
+        let (url, id) = (url.clone(), id.clone());
+        std::thread::spawn(move || {
+            raw_post(
+                &url,
+                &[("Mcp-Session-Id", &id)],
+                &json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                    "params": {"name": "everything__get-env", "arguments": {}}}),
+            )
+        })
+    };
+    let pending = any_pending_approval(&f);
+    let approval = pending["id"].as_str().unwrap().to_string();
+    let (status, _, body) = raw_request("DELETE", &url, &[("Mcp-Session-Id", &id)], &json!({}));
+    assert!((200..300).contains(&status), "{status}: {body}");
+    // At once: well within the transport's two or more seconds of draining.
+    let started = std::time::Instant::now();
+    loop {
+        let o = ice(&f.home, &["approvals", "--json"]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        if v.as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(1500),
+            "still pending {:?} after the session was closed: {}",
+            started.elapsed(),
+            text(&o)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let o = ice(&f.home, &["approve", &approval, "--operator", "alice"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let _ = call.join();
+    stop(&mut server);
+    let run = pending["run"].as_str().unwrap();
+    let ev = events(&f, run);
+    assert!(of_type(&ev, "ToolInvoked").is_empty(), "{ev:#?}");
+    let denied = of_type(&ev, "CapabilityDenied");
+    assert_eq!(denied.len(), 1, "{ev:#?}");
+    assert_eq!(denied[0]["payload"]["approval"], approval.as_str());
+    verify(&f);
+}

@@ -415,6 +415,24 @@ impl Gateway {
         }
     }
 
+    /// The client closed HTTP session `id` (`DELETE`): withdraw its calls still waiting for
+    /// an operator's approval now.
+    fn session_closed(&self, id: &str) {
+        let slots: Vec<Arc<Slot>> = match self.slots.lock() {
+            Ok(s) => s.iter().filter_map(std::sync::Weak::upgrade).collect(),
+            Err(_) => return,
+        };
+        for slot in slots {
+            if slot
+                .session_id
+                .lock()
+                .is_ok_and(|s| s.as_deref() == Some(id))
+            {
+                slot.closing.cancel();
+            }
+        }
+    }
+
     /// For a gateway that has stopped serving: end every open session's run (validate and
     /// commit), and wait until every run it is ending has recorded its last event: these, and
     /// those of sessions the transport closed as it stopped (which end in the background).
@@ -600,16 +618,26 @@ impl Gateway {
             .layer(axum::middleware::map_response(crate::http::json_refusal));
         let owners = Arc::new(Owners::default());
         let admission = Arc::new(Admission::for_this_process());
-        mcp =
-            mcp.layer(axum::middleware::from_fn(
-                move |req: axum::extract::Request, next: axum::middleware::Next| {
-                    let (auth, allowed, owners) = (auth.clone(), allowed.clone(), owners.clone());
-                    let (sessions, admission) = (sessions.clone(), admission.clone());
-                    async move {
-                        guard(req, next, auth, &allowed, &owners, &admission, &*sessions).await
-                    }
-                },
-            ));
+        let closed = self.clone();
+        mcp = mcp.layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let (auth, allowed, owners) = (auth.clone(), allowed.clone(), owners.clone());
+                let (sessions, admission) = (sessions.clone(), admission.clone());
+                let closed = closed.clone();
+                async move {
+                    let on_close = |id: &str| closed.session_closed(id);
+                    let gates = Gates {
+                        auth,
+                        allowed: &allowed,
+                        owners: &owners,
+                        admission: &admission,
+                        sessions: &*sessions,
+                        on_close: &on_close,
+                    };
+                    guard(req, next, gates).await
+                }
+            },
+        ));
         let app = mcp.merge(extra);
         serve_connections(listener, app, stop, HttpLimits::for_this_process()).await
     }
@@ -711,6 +739,12 @@ struct Slot {
     agent: StdMutex<Option<Option<AgentIdentity>>>,
     /// The gateway's count of runs being ended, which this session's ending joins.
     endings: Endings,
+    /// The HTTP session's `Mcp-Session-Id` (from its requests after `initialize`).
+    session_id: StdMutex<Option<String>>,
+    /// Cancelled when the client closes the HTTP session (`DELETE`): its calls still waiting
+    /// for an operator are withdrawn at once, not once the transport gets round to cancelling
+    /// them (seconds later, in which an approval would still have run the call).
+    closing: CancellationToken,
 }
 
 impl Slot {
@@ -835,6 +869,16 @@ impl IceMcp {
 
     fn remember_peer(&self, context: &RequestContext<RoleServer>) -> Result<(), ErrorData> {
         self.check_agent(context)?;
+        if let Some(id) = context
+            .extensions
+            .get::<axum::http::request::Parts>()
+            .and_then(|p| p.headers.get("mcp-session-id"))
+            .and_then(|v| v.to_str().ok())
+            && let Ok(mut known) = self.slot.session_id.lock()
+            && known.is_none()
+        {
+            *known = Some(id.to_string());
+        }
         if let Ok(mut t) = self.slot.last_active.lock() {
             *t = Some(std::time::Instant::now());
         }
@@ -1027,12 +1071,21 @@ impl ServerHandler for IceMcp {
             (p, not_a_tool)
         };
         let proposal = Proposal::Request(proposal);
-        // A cancelled call (or the session's end) withdraws a request still waiting for an
-        // operator's approval.
-        match session
-            .propose_withdrawable(&proposal, Some(&context.ct))
-            .await
-        {
+        // A cancelled call (or the session's end, or its client closing it) withdraws a
+        // request still waiting for an operator's approval.
+        let withdraw = self.slot.closing.child_token();
+        let linked = {
+            let (call, withdraw) = (context.ct.clone(), withdraw.clone());
+            tokio::spawn(async move {
+                call.cancelled().await;
+                withdraw.cancel();
+            })
+        };
+        let proposed = session
+            .propose_withdrawable(&proposal, Some(&withdraw))
+            .await;
+        linked.abort();
+        match proposed {
             Ok(Some(Outcome::Done { output, .. })) if builtin.is_some() => {
                 Ok(builtin_result(output).into())
             }
@@ -1419,15 +1472,30 @@ fn not_yours(owner: &Option<AgentIdentity>, who: &Option<AgentIdentity>) -> Stri
 /// from the token check), then `auth`, then the session's owner; the request then carries its
 /// [`AgentIdentity`] for the handler. A session a response opens is recorded as the
 /// requester's; one a `DELETE` closes is forgotten.
+/// What [`guard`] checks a request against, and whom it tells of a closed session.
+struct Gates<'a, M> {
+    auth: Option<McpAuth>,
+    allowed: &'a [String],
+    owners: &'a Owners,
+    admission: &'a Admission,
+    sessions: &'a M,
+    /// Called with a session's id once a `DELETE` closed it.
+    on_close: &'a (dyn Fn(&str) + Send + Sync),
+}
+
 async fn guard<M: rmcp::transport::streamable_http_server::SessionManager>(
     mut req: axum::extract::Request,
     next: axum::middleware::Next,
-    auth: Option<McpAuth>,
-    allowed: &[String],
-    owners: &Owners,
-    admission: &Admission,
-    sessions: &M,
+    gates: Gates<'_, M>,
 ) -> axum::response::Response {
+    let Gates {
+        auth,
+        allowed,
+        owners,
+        admission,
+        sessions,
+        on_close,
+    } = gates;
     const SESSION: &str = "mcp-session-id";
     if let Some(refused) = host_refusal(&req, allowed) {
         return refused;
@@ -1525,7 +1593,10 @@ async fn guard<M: rmcp::transport::streamable_http_server::SessionManager>(
                 owners.insert(opened.to_string(), who, sessions).await;
             }
         }
-        Some(s) if closing && response.status().is_success() => owners.remove(s),
+        Some(s) if closing && response.status().is_success() => {
+            owners.remove(s);
+            on_close(s);
+        }
         Some(_) => {}
     }
     response
