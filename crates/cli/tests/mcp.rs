@@ -2801,7 +2801,8 @@ fn closing_an_http_session_withdraws_its_calls_waiting_for_approval_at_once() {
     let pending = any_pending_approval(&f);
     let approval = pending["id"].as_str().unwrap().to_string();
     let (status, _, body) = raw_request("DELETE", &url, &[("Mcp-Session-Id", &id)], &json!({}));
-    assert!((200..300).contains(&status), "{status}: {body}");
+    // 204: what clients take as "closed" (rmcp's 202 made the Python SDK warn of a failure).
+    assert_eq!(status, 204, "{body}");
     // At once: well within the transport's two or more seconds of draining.
     let started = std::time::Instant::now();
     loop {
@@ -2828,5 +2829,50 @@ fn closing_an_http_session_withdraws_its_calls_waiting_for_approval_at_once() {
     let denied = of_type(&ev, "CapabilityDenied");
     assert_eq!(denied.len(), 1, "{ev:#?}");
     assert_eq!(denied[0]["payload"]["approval"], approval.as_str());
+    verify(&f);
+}
+
+/// The probe's finding: a second `initialize` in a session was accepted and renegotiated the
+/// protocol version, while the run's record (`RunProvisioned.client`) kept the first. A session
+/// has one handshake: the second is refused and the session goes on as negotiated.
+#[test]
+fn a_second_initialize_in_a_session_is_refused() {
+    let f = fixture("reinit-1", "2s");
+    let again = json!({"jsonrpc": "2.0", "id": 2, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "other", "version": "9"}}});
+    let (answers, o) = raw_session(
+        &f,
+        &[
+            initialize().to_string(),
+            json!({"jsonrpc": "2.0", "method": "notifications/initialized"}).to_string(),
+            again.to_string(),
+            json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                "params": {"name": "everything__echo", "arguments": {"message": "on"}}})
+            .to_string(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        answer(&answers, 1)["result"]["protocolVersion"],
+        "2025-11-25"
+    );
+    let refused = answer(&answers, 2);
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("already initialized")),
+        "{refused:#}"
+    );
+    assert_eq!(
+        answer(&answers, 3)["result"]["content"][0]["text"],
+        "Echo: on"
+    );
+    let ev = events(&f, "reinit-1");
+    let provisioned = of_type(&ev, "RunProvisioned");
+    assert_eq!(
+        provisioned[0]["payload"]["client"]["protocol_version"], "2025-11-25",
+        "{:#}",
+        provisioned[0]
+    );
     verify(&f);
 }

@@ -923,6 +923,21 @@ impl ServerHandler for IceMcp {
         request: InitializeRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<InitializeResult, ErrorData> {
+        // One handshake per session: a second would renegotiate what the run recorded
+        // (`RunProvisioned.client`) and the record would no longer match the session.
+        let initialized = self
+            .slot
+            .client
+            .lock()
+            .ok()
+            .and_then(|c| c.as_ref().map(|c| c["lifecycle"] == "initialize"))
+            .unwrap_or(false);
+        if initialized {
+            return Err(ErrorData::invalid_request(
+                "this session is already initialized: a session has one initialize (start a new session to negotiate again)",
+                None,
+            ));
+        }
         context.peer.set_peer_info(request.clone());
         let result = self.negotiate_initialize(&request)?;
         if let Ok(mut c) = self.slot.client.lock() {
@@ -1085,6 +1100,11 @@ impl ServerHandler for IceMcp {
             .propose_withdrawable(&proposal, Some(&withdraw))
             .await;
         linked.abort();
+        // The session was busy until now (a long call, an approval wait): its idleness counts
+        // from here, not from when the call was made.
+        if let Ok(mut t) = self.slot.last_active.lock() {
+            *t = Some(std::time::Instant::now());
+        }
         match proposed {
             Ok(Some(Outcome::Done { output, .. })) if builtin.is_some() => {
                 Ok(builtin_result(output).into())
@@ -1598,6 +1618,12 @@ async fn guard<M: rmcp::transport::streamable_http_server::SessionManager>(
             on_close(s);
         }
         Some(_) => {}
+    }
+    // rmcp accepts a `DELETE` with 202; clients (the official Python SDK) take only 200 or
+    // 204 as "the session is closed" and warn of a failed termination otherwise.
+    let mut response = response;
+    if closing && response.status() == axum::http::StatusCode::ACCEPTED {
+        *response.status_mut() = axum::http::StatusCode::NO_CONTENT;
     }
     response
 }
