@@ -2876,3 +2876,74 @@ fn a_second_initialize_in_a_session_is_refused() {
     );
     verify(&f);
 }
+
+/// The probe's finding: an MCP session's run left by a killed `ice mcp` (recovered: suspended)
+/// was met with advice that could not work: `ice approve` said to resume it with `ice
+/// reconfigure` "and its agent asks again", and `ice reconfigure` recorded a reconfiguration,
+/// then failed and advised recording another. No agent in ICE can resume an external agent's
+/// session: both now say to kill the run, and `reconfigure` records nothing.
+#[test]
+fn an_ended_mcp_sessions_run_is_pointed_to_kill_not_reconfigure() {
+    let run = "ended-session";
+    let f = fixture(run, "120s");
+    let (mut child, mut stdin, _rx) = stdio_gateway(&f);
+    for v in [
+        initialize(),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+            "params": {"name": "everything__get-env", "arguments": {}}}),
+    ] {
+        stdin.write_all(v.to_string().as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+    }
+    let pending = pending_approval(&f, run);
+    let approval = pending["id"].as_str().unwrap().to_string();
+    child.kill().unwrap();
+    let _ = child.wait();
+    drop(stdin);
+    let o = ice(&f.home, &["approve", &approval, "--operator", "alice"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("ice kill") && !text(&o).contains("ice reconfigure"),
+        "{}",
+        text(&o)
+    );
+    let record = f.root.join("rec.toml");
+    std::fs::write(&record, "reason = \"try again\"\n").unwrap();
+    let o = ice(
+        &f.home,
+        &[
+            "reconfigure",
+            run,
+            "--record",
+            record.to_str().unwrap(),
+            "--operator",
+            "alice",
+        ],
+    );
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("ice kill {run}")),
+        "{}",
+        text(&o)
+    );
+    let ev = events(&f, run);
+    assert!(
+        of_type(&ev, "ReconfigurationRecorded").is_empty(),
+        "nothing recorded: {ev:#?}"
+    );
+    let o = ice(
+        &f.home,
+        &[
+            "kill",
+            run,
+            "--operator",
+            "alice",
+            "--reason",
+            "session gone",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    verify(&f);
+}

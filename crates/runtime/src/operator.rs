@@ -668,6 +668,17 @@ impl Runtime {
             .spec
             .clone()
             .ok_or_else(|| RuntimeError::Invalid(format!("run {run} has no recorded spec")))?;
+        // An external agent's run (an MCP session) has no agent in ICE to resume it, and its
+        // session is gone: no reconfiguration can let it go on.
+        if spec.driver == "external" {
+            return Err(RuntimeError::State {
+                run: run.to_string(),
+                state: books.state(),
+                what: format!(
+                    "run {run} was an external agent's MCP session, which has ended: no agent in ICE can resume it, whatever is reconfigured. End it with `ice kill {run}`; the agent's next session is a new run"
+                ),
+            });
+        }
         let mut new = serde_json::Map::new();
         let mut evidence = serde_json::Map::new();
         if record.accept_files || record.accept_policy {
@@ -1027,7 +1038,10 @@ impl Runtime {
             // more (the one that asked stopped, and took the wait with it), an answer would be
             // recorded for a call nothing will make: it is refused, and says what to do.
             if attempts == 0 && !self.driven(run).await? {
-                let next = if books.state() == RunState::Suspended {
+                let external = books.spec.as_ref().is_some_and(|s| s.driver == "external");
+                let next = if external {
+                    "It was an external agent's MCP session, which has ended: end the run with `ice kill` (the agent's next session is a new run, and asks again)"
+                } else if books.state() == RunState::Suspended {
                     "Resume it with `ice reconfigure`, and its agent asks again, or end it with `ice kill`"
                 } else {
                     "Start-up recovery (`ice serve`, or the next `ice run`) suspends the run; then resume it with `ice reconfigure`, and its agent asks again, or end it with `ice kill`"
