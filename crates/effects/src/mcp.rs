@@ -248,6 +248,19 @@ pub enum ToolCallError {
         /// What happened to the server.
         detail: String,
     },
+    /// The server is not running and is not (re)started now (it keeps dying, it could not
+    /// be restarted, or the servers were shut down): the call was not sent.
+    #[error(
+        "tool server {server:?} is not running, so the call to {tool:?} was not sent: {detail}"
+    )]
+    NotRunning {
+        /// The server.
+        server: String,
+        /// The tool.
+        tool: String,
+        /// Why it is not running.
+        detail: String,
+    },
     /// The result is larger than the call could take: the least of the server's
     /// `max_result_bytes`, what the grant's `max_bytes` left, and what the run's bytes budget
     /// reserved for it.
@@ -703,11 +716,19 @@ impl ServerState {
         }
     }
 
+    fn not_running(&self, tool: &str, detail: String) -> ToolCallError {
+        ToolCallError::NotRunning {
+            server: self.config.name.clone(),
+            tool: tool.to_string(),
+            detail,
+        }
+    }
+
     /// The live session, if any.
     fn alive(&self, tool: &str) -> Result<Option<Arc<Connection>>, ToolCallError> {
         let live = self.live();
         if live.shut_down {
-            return Err(self.gone(tool, "the tool servers have been shut down".to_string()));
+            return Err(self.not_running(tool, "the tool servers have been shut down".to_string()));
         }
         Ok(live.conn.clone().filter(|c| c.is_alive()))
     }
@@ -734,7 +755,7 @@ impl ServerState {
                 .front()
                 .map(|t| self.policy.window.saturating_sub(now.duration_since(*t)))
                 .unwrap_or_default();
-            return Err(self.gone(
+            return Err(self.not_running(
                 tool,
                 format!(
                     "it keeps dying (restarted {} time(s) in the last {}s) and is not restarted \
@@ -750,9 +771,9 @@ impl ServerState {
         if let Some(old) = old {
             old.abort();
         }
-        self.establish()
-            .await
-            .map_err(|e| self.gone(tool, format!("it stopped and could not be restarted ({e})")))
+        self.establish().await.map_err(|e| {
+            self.not_running(tool, format!("it stopped and could not be restarted ({e})"))
+        })
     }
 
     /// Start a session (within `start_timeout`) and make it the current one.
@@ -839,7 +860,14 @@ impl ServerState {
             Err(e @ (ServiceError::TransportClosed | ServiceError::TransportSend(_))) => {
                 conn.mark_dead();
                 let detail = conn.gone_detail(&e).await;
-                return Err(self.gone(tool, format!("{detail}; it is restarted for the next call")));
+                return Err(self.gone(
+                    tool,
+                    format!(
+                        "{detail}; ICE restarts it for the next call (at most {} times in {}s)",
+                        self.policy.max_restarts,
+                        self.policy.window.as_secs()
+                    ),
+                ));
             }
             Err(ServiceError::Timeout { timeout }) => {
                 return Err(self.timed_out(conn, tool, timeout).await);

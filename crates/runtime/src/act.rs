@@ -805,6 +805,7 @@ pub async fn perform_tool(
         Err(
             e @ (ToolCallError::Authorization(_)
             | ToolCallError::UnknownServer(_)
+            | ToolCallError::NotRunning { .. }
             | ToolCallError::UnknownTool { .. }),
         ) => Err((DenialCode::EffectFailed, e.to_string())),
         Err(e) => {

@@ -280,7 +280,7 @@ async fn everything_over_stdio_lists_and_calls_like_a_direct_client() {
         )
         .await
         .unwrap_err();
-    assert!(matches!(err, ToolCallError::ServerGone { .. }), "{err}");
+    assert!(matches!(err, ToolCallError::NotRunning { .. }), "{err}");
 }
 
 /// `futures::future::join_all` without the dependency: run the futures concurrently on this task.
@@ -803,8 +803,8 @@ async fn faulty_python_server_crash_hang_huge_garbage_and_refusals() {
     assert_eq!(
         message,
         "tool server \"faulty\" could not answer the call to \"crash\": its process exited with \
-         status 3 before answering (its stderr ended with: faulty: crashing on purpose); it is \
-         restarted for the next call"
+         status 3 before answering (its stderr ended with: faulty: crashing on purpose); ICE \
+         restarts it for the next call (at most 5 times in 60s)"
     );
     assert_eq!(
         text(&other.expect("other server").result),
@@ -852,11 +852,11 @@ async fn a_server_that_keeps_dying_is_not_restarted_forever_and_drop_kills_it() 
     let err = call("pid").await.unwrap_err();
     let message = err.to_string();
     assert!(
-        matches!(err, ToolCallError::ServerGone { .. }) && message.contains("keeps dying"),
+        matches!(err, ToolCallError::NotRunning { .. }) && message.contains("keeps dying"),
         "{message}"
     );
     assert!(
-        message.starts_with("tool server \"flaky\" could not answer the call to \"pid\": it keeps dying (restarted 1 time(s) in the last 60s)"),
+        message.starts_with("tool server \"flaky\" is not running, so the call to \"pid\" was not sent: it keeps dying (restarted 1 time(s) in the last 60s)"),
         "{message}"
     );
 
