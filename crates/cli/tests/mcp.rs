@@ -1049,6 +1049,26 @@ fn raw_session(f: &Fixture, lines: &[String]) -> (Vec<Value>, Output) {
     (answers, o)
 }
 
+/// Write one JSON-RPC message, as a line, to `ice mcp`'s stdin.
+fn send_line(stdin: &mut std::process::ChildStdin, v: &Value) {
+    stdin.write_all(v.to_string().as_bytes()).unwrap();
+    stdin.write_all(b"\n").unwrap();
+    stdin.flush().unwrap();
+}
+
+/// The answer to request `id` among `ice mcp`'s next output lines (within 30 s each).
+fn answer_from(rx: &std::sync::mpsc::Receiver<String>, id: i64) -> Value {
+    loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no answer to request {id}"));
+        let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        if v["id"] == id {
+            return v;
+        }
+    }
+}
+
 fn answer(answers: &[Value], id: i64) -> &Value {
     answers
         .iter()
@@ -1064,20 +1084,8 @@ fn answer(answers: &[Value], id: i64) -> &Value {
 fn a_call_cancelled_while_it_waits_for_approval_is_withdrawn_not_performed() {
     let f = fixture("withdraw-1", "60s");
     let (child, mut stdin, rx) = stdio_gateway(&f);
-    let mut send = move |v: Value| {
-        stdin.write_all(v.to_string().as_bytes()).unwrap();
-        stdin.write_all(b"\n").unwrap();
-        stdin.flush().unwrap();
-    };
-    let answer_to = |id: i64| loop {
-        let line = rx
-            .recv_timeout(std::time::Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("no answer to request {id}"));
-        let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-        if v["id"] == id {
-            return v;
-        }
-    };
+    let mut send = move |v: Value| send_line(&mut stdin, &v);
+    let answer_to = |id: i64| answer_from(&rx, id);
     send(
         json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}),
@@ -2535,20 +2543,8 @@ fn ice_mcp_stopped_by_a_signal_ends_its_run_and_signs_a_checkpoint() {
     for (run, signal) in [("stop-term", "-TERM"), ("stop-int", "-INT")] {
         let f = fixture(run, "60s");
         let (mut child, mut stdin, rx) = stdio_gateway(&f);
-        let mut send = |v: Value| {
-            stdin.write_all(v.to_string().as_bytes()).unwrap();
-            stdin.write_all(b"\n").unwrap();
-            stdin.flush().unwrap();
-        };
-        let answer_to = |id: i64| loop {
-            let line = rx
-                .recv_timeout(std::time::Duration::from_secs(30))
-                .unwrap_or_else(|_| panic!("no answer to request {id}"));
-            let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-            if v["id"] == id {
-                return v;
-            }
-        };
+        let mut send = |v: Value| send_line(&mut stdin, &v);
+        let answer_to = |id: i64| answer_from(&rx, id);
         send(
             json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
             "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}),
@@ -2587,11 +2583,7 @@ fn ice_mcp_stopped_while_a_call_waits_for_approval_denies_it_and_suspends_the_ru
     let run = "stop-waiting-stdio";
     let f = fixture(run, "120s");
     let (mut child, mut stdin, rx) = stdio_gateway(&f);
-    let mut send = |v: Value| {
-        stdin.write_all(v.to_string().as_bytes()).unwrap();
-        stdin.write_all(b"\n").unwrap();
-        stdin.flush().unwrap();
-    };
+    let mut send = |v: Value| send_line(&mut stdin, &v);
     send(
         json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}),
@@ -2612,15 +2604,7 @@ fn ice_mcp_stopped_while_a_call_waits_for_approval_denies_it_and_suspends_the_ru
     assert_eq!(status.code(), Some(4), "suspended: {status:?}");
     drop(stdin);
     // The client got the denial.
-    let denial = loop {
-        let line = rx
-            .recv_timeout(std::time::Duration::from_secs(5))
-            .expect("an answer to the waiting call");
-        let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-        if v["id"] == 2 {
-            break v;
-        }
-    };
+    let denial = answer_from(&rx, 2);
     assert_eq!(denial["result"]["isError"], true, "{denial:#}");
     assert!(
         first_text(&denial["result"]).contains("ice mcp is stopping"),
@@ -2893,9 +2877,7 @@ fn an_ended_mcp_sessions_run_is_pointed_to_kill_not_reconfigure() {
         json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
             "params": {"name": "everything__get-env", "arguments": {}}}),
     ] {
-        stdin.write_all(v.to_string().as_bytes()).unwrap();
-        stdin.write_all(b"\n").unwrap();
-        stdin.flush().unwrap();
+        send_line(&mut stdin, &v);
     }
     let pending = pending_approval(&f, run);
     let approval = pending["id"].as_str().unwrap().to_string();

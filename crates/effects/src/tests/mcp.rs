@@ -430,20 +430,26 @@ async fn http_everything(port: u16) -> tokio::process::Child {
     child
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn everything_over_streamable_http_and_reconnects_after_it_restarts() {
-    let port = free_port();
-    let mut peer = http_everything(port).await;
-    let config = ServerConfig {
+/// The server "web" at `port` over streamable HTTP, with `call_timeout`.
+fn http_config(port: u16, call_timeout: Duration) -> ServerConfig {
+    ServerConfig {
         name: "web".to_string(),
         transport: ServerTransport::Http {
             url: format!("http://127.0.0.1:{port}/mcp"),
         },
         start_timeout: Duration::from_secs(20),
-        call_timeout: Duration::from_secs(10),
+        call_timeout,
         max_result_bytes: 1024 * 1024,
-    };
-    let servers = ToolServers::start(vec![config]).await.expect("start");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_over_streamable_http_and_reconnects_after_it_restarts() {
+    let port = free_port();
+    let mut peer = http_everything(port).await;
+    let servers = ToolServers::start(vec![http_config(port, Duration::from_secs(10))])
+        .await
+        .expect("start");
     assert_eq!(
         servers.protocol_version("web").as_deref(),
         Some("2025-11-25")
@@ -490,16 +496,9 @@ async fn everything_over_streamable_http_and_reconnects_after_it_restarts() {
 async fn an_http_server_restarted_between_calls_is_connected_afresh() {
     let port = free_port();
     let mut peer = http_everything(port).await;
-    let config = ServerConfig {
-        name: "web".to_string(),
-        transport: ServerTransport::Http {
-            url: format!("http://127.0.0.1:{port}/mcp"),
-        },
-        start_timeout: Duration::from_secs(20),
-        call_timeout: Duration::from_secs(3),
-        max_result_bytes: 1024 * 1024,
-    };
-    let servers = ToolServers::start(vec![config]).await.expect("start");
+    let servers = ToolServers::start(vec![http_config(port, Duration::from_secs(3))])
+        .await
+        .expect("start");
     let call = |tool: &'static str, arguments: Value| {
         let servers = &servers;
         async move {
