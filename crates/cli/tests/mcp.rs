@@ -1049,6 +1049,18 @@ fn raw_session(f: &Fixture, lines: &[String]) -> (Vec<Value>, Output) {
     (answers, o)
 }
 
+/// `f`'s log verifies and its latest checkpoint covers every event (nothing was recorded after
+/// the last one was signed).
+fn checkpoint_covers_all(f: &Fixture) {
+    let o = ice(&f.home, &["verify", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        report["latest_checkpoint"], report["events"],
+        "events were recorded after the last checkpoint: {report:#}"
+    );
+}
+
 /// Write one JSON-RPC message, as a line, to `ice mcp`'s stdin.
 fn send_line(stdin: &mut std::process::ChildStdin, v: &Value) {
     stdin.write_all(v.to_string().as_bytes()).unwrap();
@@ -2078,13 +2090,7 @@ fn stopping_ice_serve_signs_its_last_checkpoint_after_every_run_has_recorded() {
         let ev = events(&f, run);
         assert_eq!(ev.last().unwrap()["type"], "RunTerminated", "run {run}");
     }
-    let o = ice(&f.home, &["verify", "--json"]);
-    assert!(o.status.success(), "{}", text(&o));
-    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(
-        report["latest_checkpoint"], report["events"],
-        "events were recorded after the final checkpoint: {report:#}"
-    );
+    checkpoint_covers_all(&f);
 }
 
 /// [`serve_with`], with `env` set and ice serve's stderr (after its first line) kept.
@@ -2266,13 +2272,7 @@ permit(principal == Agent::"assistant", action == Action::"http.request", resour
     let ev = events(&f, plan_run["run"].as_str().unwrap());
     assert_eq!(of_type(&ev, "CapabilityRequested").len(), 1, "{ev:#?}");
     // The final checkpoint covers both runs' ends.
-    let o = ice(&f.home, &["verify", "--json"]);
-    assert!(o.status.success(), "{}", text(&o));
-    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(
-        report["latest_checkpoint"], report["events"],
-        "events were recorded after the final checkpoint: {report:#}"
-    );
+    checkpoint_covers_all(&f);
 }
 
 #[test]
@@ -2565,13 +2565,7 @@ fn ice_mcp_stopped_by_a_signal_ends_its_run_and_signs_a_checkpoint() {
         assert_eq!(of_type(&ev, "ToolInvoked").len(), 1, "{run}: {ev:#?}");
         assert_eq!(of_type(&ev, "RunCommitted").len(), 1, "{run}: {ev:#?}");
         assert_eq!(ev.last().unwrap()["type"], "RunTerminated", "{run}");
-        let o = ice(&f.home, &["verify", "--json"]);
-        assert!(o.status.success(), "{}", text(&o));
-        let report: Value = serde_json::from_slice(&o.stdout).unwrap();
-        assert_eq!(
-            report["latest_checkpoint"], report["events"],
-            "{run}: events were recorded after the last checkpoint: {report:#}"
-        );
+        checkpoint_covers_all(&f);
     }
 }
 
