@@ -1049,6 +1049,14 @@ fn raw_session(f: &Fixture, lines: &[String]) -> (Vec<Value>, Output) {
     (answers, o)
 }
 
+/// The `Mcp-Session-Id` an HTTP response's (lowercased) head gives.
+fn session_id(head: &str) -> String {
+    head.lines()
+        .find_map(|l| l.strip_prefix("mcp-session-id:"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| panic!("no session id: {head}"))
+}
+
 /// `f`'s log verifies and its latest checkpoint covers every event (nothing was recorded after
 /// the last one was signed).
 fn checkpoint_covers_all(f: &Fixture) {
@@ -1522,11 +1530,7 @@ fn with_agent_tokens_each_mcp_session_is_its_authenticated_agents_and_no_one_els
     let (status, head, body) =
         raw_post(&url, &[("Authorization", &bearer(&claude))], &initialize());
     assert_eq!(status, 200, "{body}");
-    let session = head
-        .lines()
-        .find_map(|l| l.strip_prefix("mcp-session-id:"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|| panic!("a session id: {head}"));
+    let session = session_id(&head);
     let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}});
     let theirs = [
         ("Authorization", bearer(&other)),
@@ -2062,11 +2066,7 @@ fn stopping_ice_serve_signs_its_last_checkpoint_after_every_run_has_recorded() {
     for _ in 0..sessions {
         let (status, head, body) = raw_post(&url, &[], &initialize());
         assert_eq!(status, 200, "{body}");
-        let id = head
-            .lines()
-            .find_map(|l| l.strip_prefix("mcp-session-id:"))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|| panic!("a session id: {head}"));
+        let id = session_id(&head);
         ids.push(id);
     }
     let open = runs(&f);
@@ -2366,18 +2366,11 @@ fn one_agent_cannot_hold_every_session_and_a_revoked_tokens_streams_end() {
     let other = token(&f, "agent", "other");
     let (_server, url) = serve(&f);
     let auth = |t: &str| format!("Bearer {t}");
-    let session_of = |head: &str| {
-        head.lines()
-            .find_map(|l| l.strip_prefix("mcp-session-id: "))
-            .unwrap_or_else(|| panic!("no session id: {head}"))
-            .trim()
-            .to_string()
-    };
     let mut first = None;
     for i in 0..32 {
         let (status, head, body) = raw_post(&url, &[("Authorization", &auth(&hog))], &initialize());
         assert_eq!(status, 200, "session {i}: {body}");
-        first.get_or_insert_with(|| session_of(&head));
+        first.get_or_insert_with(|| session_id(&head));
     }
     let (status, _, body) = raw_post(&url, &[("Authorization", &auth(&hog))], &initialize());
     assert_eq!(status, 429, "{body}");
@@ -2404,7 +2397,7 @@ fn one_agent_cannot_hold_every_session_and_a_revoked_tokens_streams_end() {
     assert!(status < 300, "{status} {body}");
     let (status, head, body) = raw_post(&url, &[("Authorization", &auth(&hog))], &initialize());
     assert_eq!(status, 200, "{first}: {body}");
-    let session = session_of(&head);
+    let session = session_id(&head);
 
     // A stream the agent holds open ends once its token is revoked.
     let stream = open_stream(&url, Some(&auth(&hog)), &session);
@@ -2464,12 +2457,7 @@ fn an_anonymous_stream_ends_once_agent_tokens_exist() {
     let (_server, url) = serve(&f);
     let (status, head, body) = raw_post(&url, &[], &initialize());
     assert_eq!(status, 200, "{body}");
-    let session = head
-        .lines()
-        .find_map(|l| l.strip_prefix("mcp-session-id: "))
-        .unwrap_or_else(|| panic!("no session id: {head}"))
-        .trim()
-        .to_string();
+    let session = session_id(&head);
     let stream = open_stream(&url, None, &session);
     token(&f, "agent", "first");
     ends_within_30s(stream, "the first agent token was added");
@@ -2757,11 +2745,7 @@ fn closing_an_http_session_withdraws_its_calls_waiting_for_approval_at_once() {
     let (mut server, url) = serve(&f);
     let (status, head, body) = raw_post(&url, &[], &initialize());
     assert_eq!(status, 200, "{body}");
-    let id = head
-        .lines()
-        .find_map(|l| l.strip_prefix("mcp-session-id:"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|| panic!("a session id: {head}"));
+    let id = session_id(&head);
     let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
     let (status, _, body) = raw_post(&url, &[("Mcp-Session-Id", &id)], &initialized);
     assert!((200..300).contains(&status), "{status}: {body}");
