@@ -102,7 +102,7 @@ pub async fn mcp(home: &Path, url: Option<&str>, a: McpArgs) -> Result<u8> {
             _ = term.recv() => {}
         }
         eprintln!(
-            "ice mcp: stopped at once: the run is left as it is; the next ICE command that opens the log recovers it (suspends it for an operator to resume or kill)"
+            "ice mcp: stopped at once: the run is left as it is; the next ICE command that opens the log recovers it (suspends it; end it with ice kill)"
         );
         std::process::exit(130);
     });

@@ -35,8 +35,9 @@
 //! reaches ICE's stdout, which may itself be an MCP channel). When a server dies, calls in
 //! flight get [`ToolCallError::ServerGone`] and the next call restarts it (new handshake, tools
 //! listed again); a server is restarted at most [`MAX_RESTARTS_PER_MINUTE`] times a minute,
-//! after which calls get `ServerGone` saying it keeps dying. An HTTP server whose connection
-//! fails is reconnected the same way. [`ToolServers::shutdown`] closes each server's stdin,
+//! after which calls are not sent and get [`ToolCallError::NotRunning`] saying it keeps dying.
+//! An HTTP server whose connection fails is reconnected the same way (one that lets a call time
+//! out and then answers no `ping` either is taken as having lost the session). [`ToolServers::shutdown`] closes each server's stdin,
 //! then sends `SIGTERM` and finally `SIGKILL` to its process group; dropping [`ToolServers`]
 //! kills the process groups at once. One server's failure never affects another's calls.
 //!
@@ -575,7 +576,7 @@ impl ToolServers {
 
     /// Stop every server: close its session and stdin, then `SIGTERM` and `SIGKILL` its process
     /// group if it does not exit. Returns when every child has exited. Later calls get
-    /// [`ToolCallError::ServerGone`].
+    /// [`ToolCallError::NotRunning`].
     pub async fn shutdown(&self) {
         let mut stopping = tokio::task::JoinSet::new();
         for state in &self.servers {
@@ -691,13 +692,17 @@ impl ServerState {
     /// session is lost: the call is `ServerGone` and the next call connects afresh. A slow tool
     /// on a server that still answers is a timeout, as on stdio.
     async fn timed_out(&self, conn: &Connection, tool: &str, after: Duration) -> ToolCallError {
-        if conn.child.is_none() && !conn.answers_ping().await {
+        // The ping is bounded by half the call's own bound (which the run's time budget may
+        // have cut), so it adds little past it.
+        let wait = PING_WAIT.min(after / 2);
+        if conn.child.is_none() && !conn.answers_ping(wait).await {
             conn.mark_dead();
             return self.gone(
                 tool,
                 format!(
-                    "it did not answer within {} ms, nor a ping after that: the connection to it is lost (the server stopped, or restarted and forgot the session); it is connected afresh for the next call",
-                    after.as_millis()
+                    "it did not answer within {} ms, nor a ping within {} ms after that: its session is taken as lost (the server stopped, restarted and forgot the session, or is too busy to answer anything) and the next call connects afresh",
+                    after.as_millis(),
+                    wait.as_millis()
                 ),
             );
         }
@@ -1069,15 +1074,16 @@ impl Connection {
         self.dead.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Whether the server answers a `ping` within [`PING_WAIT`].
-    async fn answers_ping(&self) -> bool {
+    /// Whether the server answers a `ping` within `wait` (an error answer is an answer: a
+    /// server that does not implement `ping` is there all the same).
+    async fn answers_ping(&self, wait: Duration) -> bool {
         let ping = rmcp::model::ClientRequest::PingRequest(rmcp::model::PingRequest {
             method: Default::default(),
             extensions: Default::default(),
         });
         matches!(
-            tokio::time::timeout(PING_WAIT, self.service.send_request(ping)).await,
-            Ok(Ok(_))
+            tokio::time::timeout(wait, self.service.send_request(ping)).await,
+            Ok(Ok(_) | Err(ServiceError::McpError(_)))
         )
     }
 

@@ -380,6 +380,8 @@ impl Verifier {
             let label = || Some(format!("{}:{}", row.run_id, row.run_seq));
             let body = match (hashed.take(), it.peek()) {
                 (Some(h), _) => h,
+                // `--deep` re-derives every hash from the decoded event: no pairing.
+                (None, _) if self.deep => HashedBody::new(row.body),
                 (None, Some(next)) => {
                     let [this, next] = HashedBody::two(row.body, next.body);
                     hashed = Some(next);

@@ -30,6 +30,9 @@ pub const INTENT_META_KEY: &str = "ice/intent";
 /// How long an HTTP session may stay idle before it is closed and its run aborted.
 const HTTP_IDLE: Duration = Duration::from_secs(30 * 60);
 
+/// How long a stdio handshake under way when `ice mcp` is told to stop may still take.
+const HANDSHAKE_GRACE: Duration = Duration::from_secs(5);
+
 /// How long an HTTP connection has to deliver a complete request header before it is closed:
 /// for its first request, from the moment it is accepted; for each later one, from the moment the
 /// previous response ended (an idle keep-alive connection). 20 s is far more than any working
@@ -514,12 +517,22 @@ impl Gateway {
     ) -> Result<Option<RunReport>, GatewayError> {
         let handler = self.handler_on(Transport::Stdio);
         let slot = handler.slot.clone();
+        // A handshake under way when `stop` comes gets a few seconds to finish (it may be
+        // recording the run's opening events); a client that never completes one does not
+        // hold the stop up longer.
+        let serving = handler.serve(rmcp::transport::stdio());
+        tokio::pin!(serving);
         let started = tokio::select! {
-            s = handler.serve(rmcp::transport::stdio()) => Some(s),
-            _ = stop.cancelled() => None,
+            s = &mut serving => Some(s),
+            _ = async {
+                stop.cancelled().await;
+                tokio::time::sleep(HANDSHAKE_GRACE).await;
+            } => None,
         };
         let outcome = match started {
-            None => Err("ice mcp was stopped before the MCP session started".to_string()),
+            None => {
+                Err("ice mcp was stopped before the client completed its handshake".to_string())
+            }
             Some(Ok(running)) => {
                 let serving = running.cancellation_token();
                 let stopping = tokio::spawn(async move {
@@ -1101,8 +1114,12 @@ impl ServerHandler for IceMcp {
             .await;
         linked.abort();
         // The session was busy until now (a long call, an approval wait): its idleness counts
-        // from here, not from when the call was made.
-        if let Ok(mut t) = self.slot.last_active.lock() {
+        // from here, not from when the call was made. Not when the transport cancelled the
+        // call (the session idled out, its client silent): that session is abandoned, and its
+        // run must be aborted as such, not committed.
+        if !context.ct.is_cancelled()
+            && let Ok(mut t) = self.slot.last_active.lock()
+        {
             *t = Some(std::time::Instant::now());
         }
         match proposed {

@@ -2198,9 +2198,14 @@ impl Ctx<'_> {
     /// Suspend a run whose approval wait this process interrupted
     /// ([`Runtime::interrupt_approval_waits`]).
     async fn interrupted(&self, live: &mut Live, why: &str) -> Result<RunOutcome, RuntimeError> {
-        let detail = format!(
-            "an approval wait was interrupted ({why}); an operator may reconfigure and resume the run, or kill it"
-        );
+        // An external agent's session (MCP) has no agent in ICE to resume it: only killing
+        // the run ends it (reconfiguration is refused for it).
+        let next = if live.spec.driver == "external" {
+            "the agent's session has ended, so an operator can only kill the run (its next session is a new run)"
+        } else {
+            "an operator may reconfigure and resume the run, or kill it"
+        };
+        let detail = format!("an approval wait was interrupted ({why}); {next}");
         self.suspend(live, "interrupted", &detail).await
     }
 
