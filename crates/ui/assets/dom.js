@@ -35,8 +35,20 @@ function safeHref(v) {
 function add(el, children) {
   for (const c of children.flat(Infinity)) {
     if (c === null || c === undefined || c === false) continue;
-    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    el.append(c instanceof Node ? c : document.createTextNode(visible(String(c))));
   }
+}
+
+// Characters that show nothing, or reorder what follows (bidirectional controls): in a call an
+// operator approves, `report\u202efdp.exe` would read as `reportexe.pdf`. Tabs and newlines
+// stay; letters of right-to-left scripts are not controls and stay too.
+const HIDDEN = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]/g;
+
+/** Text as shown: every invisible or reordering character written out as `\u{…}` (as `ice`
+ * prints it), so what an operator reads is what the record holds. Every string the page
+ * shows passes through here. */
+export function visible(s) {
+  return s.replace(HIDDEN, (c) => `\\u{${c.codePointAt(0).toString(16)}}`);
 }
 
 /** Replace an element's children. */

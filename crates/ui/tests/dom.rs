@@ -82,3 +82,26 @@ console.log(`calls=${calls}`);
         "runs=2 most=1\nruns=3 most=1\nruns=4\nticks=1\ncalls=2\n"
     );
 }
+
+/// The probe's finding: a target holding U+202E (right-to-left override) read in the approval
+/// card as another file (`report\u{202e}fdp.exe` showed as `reportexe.pdf`). Every string the
+/// page shows goes through `visible`, which writes such characters out; letters of
+/// right-to-left scripts, tabs and newlines are kept.
+#[test]
+fn invisible_and_reordering_characters_are_shown_written_out() {
+    let out = node(
+        r#"
+import { visible } from 'ASSETS/dom.js';
+const cases = [
+  'report\u202efdp.exe', 'a\u200bb', 'x\u2066y\u2069', '\ufeffbom', 'bell\u0007', 'cr\rlf',
+  'tab\tand\nnewline', 'שלום עולם', 'plain',
+];
+console.log(JSON.stringify(cases.map(visible)));
+"#,
+    );
+    // As JSON: a written-out character is a backslash (`\\`), a kept tab or newline `\t`, `\n`.
+    assert_eq!(
+        out.trim(),
+        r#"["report\\u{202e}fdp.exe","a\\u{200b}b","x\\u{2066}y\\u{2069}","\\u{feff}bom","bell\\u{7}","cr\\u{d}lf","tab\tand\nnewline","שלום עולם","plain"]"#
+    );
+}
