@@ -76,6 +76,9 @@ pub(crate) async fn show(
         "driver": spec.map(|s| s.driver.clone()),
         "summary": view.summary,
         "books": books.view(),
+        // What a `wall_time` budget is enforced on: the execution window's elapsed time
+        // (since its last opening; up to its close once closed), in µs.
+        "window_elapsed_us": books.window_elapsed_us(ice_kernel::Clock::now(&ice_log::clock::SystemClock)),
         "kill": books.kill.as_ref().map(|(by, why)| json!({"by": by, "reason": why})),
         "suspension": books.suspension,
         "changes": changes,

@@ -745,6 +745,15 @@ async fn deny_kill_and_reconfigure_are_the_operators() {
     assert!(v["kill"]["by"].as_str().unwrap().contains("alice"), "{v}");
     // The approval the kill closed unanswered is shown closed, naming the denial that closed
     // it, not pending (found by a probe).
+    // The window's elapsed time (what a wall_time budget is spent by) is in the view: the run
+    // waited at least the 300 ms above, though no call recorded any time (found by a probe:
+    // the page's meter showed the calls' time, 0).
+    assert!(
+        v["window_elapsed_us"]
+            .as_u64()
+            .is_some_and(|us| us >= 300_000),
+        "{v:#}"
+    );
     let approvals = v["books"]["approvals"].as_array().unwrap();
     assert_eq!(approvals.len(), 1, "{v:#}");
     assert_eq!(approvals[0]["status"], "closed", "{v:#}");

@@ -272,7 +272,11 @@ export function runView(root, ctx, params) {
       counter('grants', shown.books?.grants?.length ?? 0),
       counter('approvals', shown.books?.approvals?.length ?? 0));
     const budget = budgetNow(prov);
-    fill(meters, h('h2', null, 'Cost / budget'), costMeters(s.cost, budget));
+    // A wall_time budget is spent by the execution window's elapsed time, not by the time
+    // recorded on single calls: the meter shows what the budget is enforced on.
+    const elapsed = shown.window_elapsed_us;
+    const cost = typeof elapsed === 'number' ? { ...s.cost, wall_time_us: elapsed } : s.cost;
+    fill(meters, h('h2', null, 'Cost / budget'), costMeters(cost, budget));
     return budget;
   }
 
