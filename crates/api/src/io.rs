@@ -169,7 +169,9 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             "the request body must be a JSON object",
         ));
     }
-    serde_json::from_value(value)
+    // From the bytes, not the parsed value: a field given twice (`{"reason": "a", "reason":
+    // "b"}`) is refused, where the value would have kept the last silently.
+    serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request("invalid_body", format!("the request body: {e}")))
 }
 

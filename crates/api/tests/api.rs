@@ -901,6 +901,25 @@ async fn bad_input_gets_clear_4xx_answers() {
             .unwrap()
             .contains("not valid JSON")
     );
+    // A field given twice is refused, naming it (found by a probe: the last one was taken).
+    let resp = api
+        .http
+        .post(api.url("/runs"))
+        .header("authorization", format!("Bearer {OPERATOR_TOKEN}"))
+        .header("content-type", "application/json")
+        .body("{\"spec\": \"a.toml\", \"spec\": \"b.toml\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let v: Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+    assert_eq!(code(&v), "invalid_body", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("duplicate field `spec`")),
+        "{v}"
+    );
     let (status, v) = api.post("/runs", json!({"spec": 7})).await;
     assert_eq!((status, code(&v)), (400, "invalid_body".into()), "{v}");
     let (status, v) = api.post("/runs", json!({"spek": "x"})).await;
