@@ -113,7 +113,7 @@ export function approvalCard(a, { byId, showRun = false, onAnswered, onError }) 
   }).catch((e) => fill(target, `(could not load the request: ${describe(e)})`));
   const reason = h('input', {
     type: 'text', class: 'reason', placeholder: 'reason (recorded with a denial)', 'aria-label': 'Reason',
-    maxlength: 500,
+    maxlength: 4096, // the API takes 4 096 bytes (fewer characters beyond ASCII; it says so if over)
   });
   const outcome = h('p', { class: 'outcome', role: 'status' });
   const card = h('article', { class: 'approval card', dataset: { approval: a.id, run: a.run } },
