@@ -364,23 +364,32 @@ impl Books {
     /// (The projection itself keeps its recorded form, so runs recorded before stay replayable.)
     pub fn view(&self) -> Value {
         let mut v = self.projection();
-        if let Some(list) = v.get_mut("approvals").and_then(Value::as_array_mut) {
-            for a in list {
-                let closed = a
-                    .get("id")
-                    .and_then(Value::as_str)
-                    .and_then(|id| id.parse::<EventId>().ok())
-                    .and_then(|id| self.closed.get(&id));
-                if let Some((denial, code)) = closed
-                    && a.get("status").and_then(Value::as_str) == Some("pending")
-                {
-                    a["status"] = Value::from("closed");
-                    a["closed_by"] = Value::from(denial.to_string());
-                    a["reason"] = Value::from(code.as_str());
-                }
-            }
-        }
+        v["approvals"] = Value::Array(self.approvals_json(true));
         v
+    }
+
+    /// Each approval and its status; with `closed`, a pending one the runtime closed unanswered
+    /// is `closed`, naming the denial that closed it and its reason code ([`Books::view`]).
+    fn approvals_json(&self, closed: bool) -> Vec<Value> {
+        self.approvals
+            .iter()
+            .map(|a| {
+                let status = match &a.status {
+                    ice_authority::ApprovalStatus::Pending => "pending",
+                    ice_authority::ApprovalStatus::Granted { .. } => "granted",
+                    ice_authority::ApprovalStatus::Mismatch { .. } => "mismatch",
+                    ice_authority::ApprovalStatus::Denied { .. } => "denied",
+                    ice_authority::ApprovalStatus::Used { .. } => "used",
+                };
+                match self.closed.get(&a.id) {
+                    Some((denial, code)) if closed && status == "pending" => serde_json::json!({
+                        "id": a.id.to_string(), "status": "closed",
+                        "closed_by": denial.to_string(), "reason": code,
+                    }),
+                    _ => serde_json::json!({"id": a.id.to_string(), "status": status}),
+                }
+            })
+            .collect()
     }
 
     /// What the books hold, as plain data: the run's projection as `ice replay` compares it.
@@ -408,20 +417,7 @@ impl Books {
                 })
             })
             .collect();
-        let approvals: Vec<Value> = self
-            .approvals
-            .iter()
-            .map(|a| {
-                let status = match &a.status {
-                    ice_authority::ApprovalStatus::Pending => "pending",
-                    ice_authority::ApprovalStatus::Granted { .. } => "granted",
-                    ice_authority::ApprovalStatus::Mismatch { .. } => "mismatch",
-                    ice_authority::ApprovalStatus::Denied { .. } => "denied",
-                    ice_authority::ApprovalStatus::Used { .. } => "used",
-                };
-                serde_json::json!({"id": a.id.to_string(), "status": status})
-            })
-            .collect();
+        let approvals = self.approvals_json(false);
         let staged: BTreeMap<String, Value> = self
             .staged_view()
             .into_iter()
