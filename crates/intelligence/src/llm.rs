@@ -70,6 +70,11 @@ pub const MAX_MAX_ERRORS: u64 = 100;
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Largest reply body [`HttpModel`] reads.
 pub const MAX_REPLY_BYTES: u64 = 8 << 20;
+/// Largest request sent: the conversation (every reply's text and every tool result so far is
+/// sent back each call) ends the run rather than grow past it. No provider takes a prompt this
+/// large (the largest context windows hold a few million tokens), and memory stays bounded
+/// whatever `max_steps` allows.
+pub const MAX_REQUEST_BYTES: u64 = 16 << 20;
 
 /// The shortest API key taken out of what is recorded; a shorter value is a placeholder
 /// (local servers take `EMPTY`, `dummy`, `ollama`), not a secret.
@@ -77,6 +82,8 @@ pub const MIN_REDACTED_KEY_LEN: usize = 8;
 
 /// How often a model call waiting for its answer looks at its interrupt.
 const INTERRUPT_POLL: Duration = Duration::from_millis(50);
+/// Longest wait a server's `Retry-After` (on 429 or 503) gets before the next call.
+pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(60);
 /// Longest intent taken from the model's text (characters).
 pub const MAX_INTENT_CHARS: usize = 500;
 /// Largest tool result passed back to the model (bytes of compact JSON); longer ones are cut.
@@ -499,6 +506,8 @@ pub struct HttpModel {
     within: Option<Duration>,
     /// Raised by the runtime to give the call under way up.
     interrupt: Interrupt,
+    /// Not before then: the last reply was 429 or 503 with a `Retry-After`.
+    retry_at: std::cell::Cell<Option<Instant>>,
 }
 
 impl fmt::Debug for HttpModel {
@@ -548,6 +557,7 @@ impl HttpModel {
             timeout: config.timeout,
             within: None,
             interrupt: Interrupt::new(),
+            retry_at: std::cell::Cell::new(None),
         })
     }
 
@@ -582,27 +592,64 @@ impl HttpModel {
     }
 
     /// [`Self::redact`] every string of a parsed reply, object keys included: JSON can write
-    /// the key with escapes (`\u0073k-…`, `\/`) that the raw bytes do not show.
+    /// the key with escapes (`\u0073k-…`, `\/`) that the raw bytes do not show. A string that
+    /// is itself JSON text (a tool call's `arguments`, which the agent decodes later) is
+    /// redacted as decoded too, for the same reason, and written back if that changed it.
     fn redact_value(&self, v: &mut Value) {
-        if self.secret().is_none() {
-            return;
-        }
-        match v {
-            Value::String(s) => {
-                let redacted = self.redact(std::mem::take(s));
-                *s = redacted;
-            }
-            Value::Array(a) => a.iter_mut().for_each(|v| self.redact_value(v)),
-            Value::Object(m) => {
-                let taken = std::mem::take(m);
-                for (k, mut v) in taken {
-                    self.redact_value(&mut v);
-                    m.insert(self.redact(k), v);
-                }
-            }
-            _ => {}
+        if self.secret().is_some() {
+            self.redact_found(v);
         }
     }
+
+    /// [`Self::redact_value`]; whether anything was redacted.
+    fn redact_found(&self, v: &mut Value) -> bool {
+        let Some(secret) = self.secret() else {
+            return false;
+        };
+        match v {
+            Value::String(s) => {
+                let mut found = s.contains(secret);
+                if found {
+                    *s = s.replace(secret, "[redacted]");
+                }
+                // Escapes are only there to decode if a backslash is.
+                if s.contains('\\')
+                    && matches!(s.trim_start().as_bytes().first(), Some(b'{' | b'[' | b'"'))
+                    && let Ok(mut inner) = serde_json::from_str::<Value>(s)
+                    && self.redact_found(&mut inner)
+                {
+                    *s = inner.to_string();
+                    found = true;
+                }
+                found
+            }
+            Value::Array(a) => a
+                .iter_mut()
+                .fold(false, |found, v| self.redact_found(v) | found),
+            Value::Object(m) => {
+                let mut found = false;
+                let taken = std::mem::take(m);
+                for (k, mut v) in taken {
+                    found |= self.redact_found(&mut v);
+                    let k = if k.contains(secret) {
+                        found = true;
+                        k.replace(secret, "[redacted]")
+                    } else {
+                        k
+                    };
+                    m.insert(k, v);
+                }
+                found
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A `Retry-After` of whole seconds (the form model providers send; an HTTP date is not read).
+fn retry_after(headers: &ureq::http::HeaderMap) -> Option<Duration> {
+    let v = headers.get("retry-after")?.to_str().ok()?.trim();
+    v.parse::<u64>().ok().map(Duration::from_secs)
 }
 
 impl Model for HttpModel {
@@ -615,6 +662,28 @@ impl Model for HttpModel {
     }
 
     fn complete(&mut self, request: &Value) -> ModelReply {
+        // A server that asked to be left alone for a while (429, 503) is, up to
+        // MAX_RETRY_WAIT and what the run's wall-time budget has left; a stop ends the wait.
+        if let Some(at) = self.retry_at.take() {
+            let mut wait = at.saturating_duration_since(Instant::now());
+            if let Some(w) = self.within {
+                wait = wait.min(w);
+            }
+            let until = Instant::now() + wait;
+            while Instant::now() < until {
+                if self.interrupt.is_raised() {
+                    return ModelReply::Failed(ModelFailure {
+                        kind: FailureKind::Interrupted,
+                        detail: "the call was given up: the run was stopped while it waited for the server's Retry-After".into(),
+                        status: None,
+                        latency_ms: 0,
+                    });
+                }
+                std::thread::sleep(
+                    INTERRUPT_POLL.min(until.saturating_duration_since(Instant::now())),
+                );
+            }
+        }
         let started = Instant::now();
         let fail = |kind: FailureKind, detail: String, status: Option<u16>| {
             ModelReply::Failed(ModelFailure {
@@ -666,6 +735,7 @@ impl Model for HttpModel {
                 Err(e) => Err((None, e)),
                 Ok(response) => {
                     let status = response.status().as_u16();
+                    let retry_after = retry_after(response.headers());
                     let mut raw = Vec::new();
                     let read = response
                         .into_body()
@@ -675,7 +745,7 @@ impl Model for HttpModel {
                         .take(MAX_REPLY_BYTES + 1)
                         .read_to_end(&mut raw);
                     match read {
-                        Ok(_) => Ok((status, raw)),
+                        Ok(_) => Ok((status, retry_after, raw)),
                         Err(e) => Err((Some(status), ureq::Error::from(e))),
                     }
                 }
@@ -703,7 +773,7 @@ impl Model for HttpModel {
                 }
             }
         };
-        let (status, raw) = match exchange {
+        let (status, retry_after, raw) = match exchange {
             Ok(x) => x,
             Err((status, e)) => {
                 let (kind, detail) = from_ureq(e);
@@ -718,6 +788,18 @@ impl Model for HttpModel {
             );
         }
         let raw = self.redact_bytes(raw);
+        let waits = match retry_after {
+            Some(wait) if matches!(status, 429 | 503) => {
+                let wait = wait.min(MAX_RETRY_WAIT);
+                self.retry_at.set(Some(Instant::now() + wait));
+                format!(
+                    " (it asked to be called again after {} s: the next call waits that long, up to {} s)",
+                    wait.as_secs(),
+                    MAX_RETRY_WAIT.as_secs()
+                )
+            }
+            _ => String::new(),
+        };
         if !(200..300).contains(&status) {
             // An error body that is JSON is shown decoded (and redacted as decoded).
             let text = match serde_json::from_slice::<Value>(&raw) {
@@ -729,7 +811,7 @@ impl Model for HttpModel {
             };
             return fail(
                 FailureKind::HttpStatus,
-                format!("HTTP {status}: {}", cut(text.trim(), 2000)),
+                format!("HTTP {status}{waits}: {}", cut(text.trim(), 2000)),
                 Some(status),
             );
         }
@@ -1612,8 +1694,16 @@ impl Agent for LlmAgent {
                 self.last_error.as_deref().unwrap_or("unknown")
             )));
         }
+        let request = self.request();
+        let bytes = serde_json::to_vec(&request).map_or(0, |b| b.len() as u64);
+        if bytes > MAX_REQUEST_BYTES {
+            return Err(AgentError(format!(
+                "the conversation has grown to {bytes} bytes, more than a request may be \
+                 ({MAX_REQUEST_BYTES}): the model is not called again"
+            )));
+        }
         Ok(Proposal::Infer {
-            reserve: self.reservation(&self.request()),
+            reserve: self.reservation(&request),
         })
     }
 

@@ -629,6 +629,40 @@ fn max_steps_ends_the_loop() {
     assert!(err.contains("max_steps = 2"), "{err}");
 }
 
+/// The probe's finding: every reply's text is sent back with each later call, so replies of
+/// a few MiB made each request larger than the last (212 MB by call 30; memory several times
+/// that) for as long as `max_steps` allowed. The run ends once the conversation would be sent
+/// larger than `MAX_REQUEST_BYTES`, before any such request is sent.
+#[test]
+fn a_conversation_grown_past_the_request_limit_ends_the_loop() {
+    let big = "x".repeat(7 << 20);
+    let replies = (0..10)
+        .map(|i| {
+            tool_reply(
+                Some(&big),
+                vec![call(&format!("c{i}"), "fs_read", r#"{"path":"a"}"#)],
+            )
+        })
+        .collect();
+    let (model, seen) = script(replies);
+    let mut agent = LlmAgent::new("a", config(json!({"max_steps": 10})), model);
+    let (proposals, inferences) = drive(&mut agent, vec![]);
+    let sent = seen.lock().unwrap();
+    assert!(inferences.len() < 4, "{} calls", inferences.len());
+    for r in sent.iter() {
+        assert!(
+            serde_json::to_vec(r).unwrap().len() as u64 <= llm::MAX_REQUEST_BYTES,
+            "a request over the limit was sent"
+        );
+    }
+    let err = proposals.last().unwrap().clone().unwrap_err();
+    assert!(
+        err.contains("the conversation has grown to")
+            && err.contains(&llm::MAX_REQUEST_BYTES.to_string()),
+        "{err}"
+    );
+}
+
 #[test]
 fn malformed_arguments_and_unknown_functions_are_rejected_and_the_model_is_told() {
     let (model, seen) = script(vec![
@@ -1348,6 +1382,31 @@ fn the_api_key_written_with_json_escapes_is_not_recorded_either() {
     assert!(!text.contains("SECRETKEY"), "{text}");
     assert_eq!(body["choices"][0]["message"]["content"], "key: [redacted]");
     assert_eq!(body["[redacted]"], 1, "{text}");
+    // The probe's finding: a tool call's `arguments` is JSON text inside a string, decoded by
+    // the agent after the reply was redacted, so escapes in it carried the key through (into
+    // the proposal's arguments and a denial's detail). It is redacted as decoded too.
+    let arguments = format!(r#"{{"path":"../{escaped}","content":"{escaped}","{escaped}":1}}"#);
+    assert!(!arguments.contains(KEY));
+    let call = json!({"id": "c1", "type": "function", "function": {"name": "fs_write", "arguments": arguments}});
+    let ok = json!({"id": "x", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [call]},
+            "finish_reason": "tool_calls"}]})
+    .to_string();
+    let (url, server) = serve_once(move |_| Some(http_response("200 OK", ok.as_bytes())));
+    let mut model = HttpModel::new(&http_config(&url, json!({"api_key_env": VAR}))).unwrap();
+    let got = model.complete(&json!({}));
+    server.join().unwrap();
+    let ModelReply::Ok { body, .. } = got else {
+        panic!("{got:?}")
+    };
+    let arguments = body["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+        .as_str()
+        .unwrap();
+    let decoded: Value = serde_json::from_str(arguments).unwrap();
+    assert!(!decoded.to_string().contains("SECRETKEY"), "{decoded}");
+    assert_eq!(decoded["content"], "[redacted]", "{decoded}");
+    assert_eq!(decoded["path"], "../[redacted]", "{decoded}");
+    assert_eq!(decoded["[redacted]"], 1, "{decoded}");
     let err = format!(r#"{{"error":{{"message":"bad key {escaped}"}}}}"#);
     let (url, server) =
         serve_once(move |_| Some(http_response("401 Unauthorized", err.as_bytes())));
@@ -1682,4 +1741,99 @@ fn a_made_up_tool_call_id_never_repeats_one_the_model_used() {
     assert_eq!(echoed[0], "call_1_2");
     assert_eq!(echoed[2], "call_1_3");
     assert_eq!(echoed[1], "call_1_4");
+}
+
+/// The probe's finding: a 429 or 503 with `Retry-After` was retried at once, so a provider
+/// that was only rate limiting made the run fail `max_errors` times within a fraction of a
+/// second. The next call now waits what the server asked (up to `MAX_RETRY_WAIT` and the time
+/// the run has left), and the recorded error says so; a stop ends the wait at once.
+#[test]
+fn a_retry_after_is_waited_for_before_the_next_call() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "http://127.0.0.1:{}/v1",
+        listener.local_addr().unwrap().port()
+    );
+    let server = thread::spawn(move || {
+        let mut at = Vec::new();
+        let ok = body(
+            json!({"role": "assistant", "content": "hi"}),
+            "stop",
+            (1, 1),
+        )
+        .to_string();
+        for i in 0..2 {
+            let (mut s, _) = listener.accept().unwrap();
+            read_request(&mut s);
+            at.push(std::time::Instant::now());
+            let reply = if i == 0 {
+                let mut r = http_response("429 Too Many Requests", br#"{"error":"slow down"}"#);
+                let head = b"HTTP/1.1 429 Too Many Requests\r\n";
+                r.splice(
+                    ..head.len(),
+                    b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\n"
+                        .iter()
+                        .copied(),
+                );
+                r
+            } else {
+                http_response("200 OK", ok.as_bytes())
+            };
+            let _ = s.write_all(&reply);
+        }
+        at
+    });
+    let mut model = HttpModel::new(&http_config(&url, json!({}))).unwrap();
+    let ModelReply::Failed(f) = model.complete(&json!({})) else {
+        panic!("the 429 is a failure")
+    };
+    assert_eq!(f.status, Some(429));
+    assert!(f.detail.contains("called again after 1 s"), "{}", f.detail);
+    let got = model.complete(&json!({}));
+    assert!(matches!(got, ModelReply::Ok { .. }), "{got:?}");
+    let at = server.join().unwrap();
+    let waited = at[1] - at[0];
+    assert!(
+        waited >= Duration::from_millis(950),
+        "retried after {waited:?}"
+    );
+
+    // A stop while it waits ends the wait at once.
+    let (url, server) = serve_once(|_| {
+        let mut r = http_response("503 Service Unavailable", b"{}");
+        let head = b"HTTP/1.1 503 Service Unavailable\r\n";
+        r.splice(
+            ..head.len(),
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 3600\r\n"
+                .iter()
+                .copied(),
+        );
+        Some(r)
+    });
+    let mut model = HttpModel::new(&http_config(&url, json!({}))).unwrap();
+    let ModelReply::Failed(f) = model.complete(&json!({})) else {
+        panic!("the 503 is a failure")
+    };
+    server.join().unwrap();
+    assert!(
+        f.detail.contains("called again after 60 s"),
+        "capped: {}",
+        f.detail
+    );
+    let interrupt = model.interrupt().unwrap();
+    let raise = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(300));
+        interrupt.raise();
+    });
+    let started = std::time::Instant::now();
+    let ModelReply::Failed(f) = model.complete(&json!({})) else {
+        panic!("given up")
+    };
+    raise.join().unwrap();
+    assert_eq!(f.kind, FailureKind::Interrupted, "{f:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }
