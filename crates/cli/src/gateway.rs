@@ -104,6 +104,9 @@ pub async fn mcp(home: &Path, url: Option<&str>, a: McpArgs) -> Result<u8> {
         eprintln!(
             "ice mcp: stopped at once: the run is left as it is; the next ICE command that opens the log recovers it (suspends it; end it with ice kill)"
         );
+        // Exiting runs no destructor: the tool servers (in process groups of their own) would
+        // outlive this process.
+        ice_effects::kill_tool_servers();
         std::process::exit(130);
     });
     let report = gw.serve_stdio_until(stop).await;

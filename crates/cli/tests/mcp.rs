@@ -2557,6 +2557,83 @@ fn ice_mcp_stopped_by_a_signal_ends_its_run_and_signs_a_checkpoint() {
     }
 }
 
+/// Live processes (not zombies) as (pid, parent, process group), from /proc.
+fn processes() -> Vec<(u32, u32, u32)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid pgrp …": the name may hold spaces and parentheses.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.len() > 3 && f[0] != "Z" {
+            out.push((pid, f[1].parse().unwrap_or(0), f[2].parse().unwrap_or(0)));
+        }
+    }
+    out
+}
+
+/// The probe's finding: a second signal made `ice mcp` exit at once (as it says), but its
+/// stdio tool servers, in process groups of their own, kept running. They are killed with it.
+#[test]
+fn a_second_signal_stops_ice_mcp_and_its_tool_servers_at_once() {
+    let run = "stop-twice";
+    let f = fixture(run, "60s");
+    let (mut child, mut stdin, rx) = stdio_gateway(&f);
+    let mut send = |v: Value| send_line(&mut stdin, &v);
+    send(
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}),
+    );
+    answer_from(&rx, 1);
+    send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+    send(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "everything__trigger-long-running-operation", "arguments": {"duration": 60, "steps": 5}}}));
+    wait_for_use(&f, "everything/trigger-long-running-operation");
+    let gateway = child.id();
+    let groups: Vec<u32> = processes()
+        .into_iter()
+        .filter(|&(_, parent, _)| parent == gateway)
+        .map(|(pid, _, _)| pid)
+        .collect();
+    assert!(!groups.is_empty(), "no tool server runs under ice mcp");
+    let _ = Command::new("kill")
+        .args(["-TERM", &gateway.to_string()])
+        .status();
+    // The first signal waits for the call in flight (a minute): still running.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "ice mcp stopped at the first signal"
+    );
+    let status = signal_and_wait(&mut child, "-TERM");
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    drop(stdin);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left: Vec<_> = processes()
+            .into_iter()
+            .filter(|(_, _, group)| groups.contains(group))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tool server processes outlived ice mcp: {left:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // The run is left to recovery, which suspends it; the log verifies.
+    verify(&f);
+}
+
 /// A signal while a call waits for an operator: the call is denied at once, naming the
 /// approval (the client gets the denial), the approval leaves the list, and the run is
 /// suspended for an operator to resume or kill, as when `ice serve` stops.

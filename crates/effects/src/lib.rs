@@ -43,7 +43,7 @@ pub use http::{
 pub use ice_authority::Authorization;
 pub use mcp::{
     McpError, ServerConfig, ServerTransport, ToolCallError, ToolCallOutput, ToolServers, ToolSpec,
-    hint_from_annotations,
+    hint_from_annotations, kill_tool_servers,
 };
 pub use staging::{
     Change, ChangeKind, CommitPoint, CommitReport, Materialized, Recovery, Stage, StageError,

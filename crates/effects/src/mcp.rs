@@ -54,7 +54,7 @@
 //! server sends makes this module panic.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
@@ -1128,6 +1128,21 @@ impl Connection {
 }
 
 /// A stdio server's process, supervised by a task that reaps it.
+/// The process groups of the stdio tool servers this process started that have not ended
+/// (each server leads its own group): what [`kill_tool_servers`] stops.
+static LIVE_GROUPS: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+/// Kill every stdio tool server this process started that still runs, with whatever each
+/// started in its process group. For a process about to exit at once (`std::process::exit`,
+/// a second signal): no destructor runs then, and the servers, in process groups of their
+/// own (so a terminal's Ctrl-C does not reach them), would outlive it.
+pub fn kill_tool_servers() {
+    let groups = std::mem::take(&mut *LIVE_GROUPS.lock().unwrap_or_else(PoisonError::into_inner));
+    for pid in groups {
+        signal_group(Some(pid), rustix::process::Signal::KILL);
+    }
+}
+
 struct ChildProc {
     pid: Option<u32>,
     /// How the process ended, once it has.
@@ -1141,6 +1156,12 @@ struct ChildProc {
 impl ChildProc {
     fn supervise(mut child: Child, stderr: Option<ChildStderr>) -> ChildProc {
         let pid = child.id();
+        if let Some(pid) = pid {
+            LIVE_GROUPS
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(pid);
+        }
         let (ended_tx, ended) = watch::channel(None);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let tail = Arc::new(Mutex::new(Vec::new()));
@@ -1174,6 +1195,12 @@ impl ChildProc {
             };
             // Whatever it started in its group goes with it.
             signal_group(pid, rustix::process::Signal::KILL);
+            if let Some(pid) = pid {
+                LIVE_GROUPS
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&pid);
+            }
             let _ = ended_tx.send(Some(describe_exit(status)));
         });
         ChildProc {
