@@ -25,7 +25,8 @@ pub(crate) async fn sign_checkpoint(s: &ApiState) -> Result<Value, ApiError> {
             .await
             .map_err(|e| match e {
                 ice_log::verify::SignError::Log(e) => e.into(),
-                e @ ice_log::verify::SignError::Refused(_) => ApiError::conflict(e.to_string()),
+                e @ (ice_log::verify::SignError::Refused(_)
+                | ice_log::verify::SignError::Diverged { .. }) => ApiError::conflict(e.to_string()),
                 e @ ice_log::verify::SignError::Sign(_) => ApiError::internal(e.to_string()),
             })?;
     Ok(json!({"size": signed.size, "root": signed.root.to_hex(), "note": signed.note}))
@@ -64,6 +65,12 @@ pub(crate) async fn verify(
     let q = Query::parse(&uri, &["deep"])?;
     let deep = q.bool("deep")?.unwrap_or(false);
     let log = s.runtime.ledger().log();
+    // The checkpoint this installation signed last, kept outside the log (read before the
+    // log's size: it covers no more than the log holds then).
+    let kept: Vec<_> = match s.signer_memory.record() {
+        Some(r) => r.kept()?.into_iter().collect(),
+        None => Vec::new(),
+    };
     // The log as of now: runs may append while it is read, and a reading that saw some of a
     // concurrent append would report what is only a moment's difference as damage.
     let size = log.size().await?;
@@ -71,7 +78,7 @@ pub(crate) async fn verify(
         log: log.clone(),
         size,
     };
-    let report = ice_log::verify::verify_with(&view, Some(&s.verifier), deep, |_| {})
+    let report = ice_log::verify::verify_kept(&view, Some(&s.verifier), deep, &kept, |_| {})
         .await
         .map_err(|e| ApiError::internal(format!("verifying: {e}")))?;
     let mut v = serde_json::to_value(&report).map_err(|e| ApiError::internal(e.to_string()))?;

@@ -151,6 +151,13 @@ impl ApiState {
         self.driving.clone()
     }
 
+    /// Keep the last checkpoint signed in `record` (outside the log): no checkpoint is signed
+    /// over a log that did not grow from it, and `/verify` checks the log against it.
+    pub fn with_signed_record(mut self, record: ice_log::verify::SignedRecord) -> ApiState {
+        self.signer_memory = ice_log::verify::SignerMemory::keeping(record);
+        self
+    }
+
     /// Live event streams end when `stop` is cancelled (so a server can shut down gracefully).
     pub fn with_stop(mut self, stop: CancellationToken) -> ApiState {
         self.stop = stop;

@@ -51,7 +51,8 @@ pub struct VerifyArgs {
     /// Also check against a signed checkpoint kept outside the log (what `ice checkpoint`
     /// printed, as text or `--json`): the log must have grown from it. The log's own
     /// checkpoints are stored beside its events; a copy kept elsewhere cannot be removed with
-    /// them. Repeatable.
+    /// them. Repeatable. (The checkpoint this installation signed last, which it keeps in
+    /// keys/last-checkpoint, is checked against too, unless --key is given.)
     #[arg(long = "checkpoint", value_name = "FILE")]
     checkpoints: Vec<PathBuf>,
     /// Print the report as JSON.
@@ -95,11 +96,36 @@ pub async fn verify(home: &Path, url: Option<&str>, a: VerifyArgs) -> Result<u8>
         }
         Ok(EXIT_INVALID)
     };
-    let kept = a
+    let given = a
         .checkpoints
         .iter()
         .map(|p| read_note(p))
         .collect::<Result<Vec<_>>>()?;
+    let mut kept: Vec<ice_log::verify::KeptNote> = given
+        .iter()
+        .enumerate()
+        .map(|(i, note)| ice_log::verify::KeptNote {
+            note: note.clone(),
+            from: if given.len() == 1 {
+                format!(
+                    "the signed checkpoint given to check against ({})",
+                    a.checkpoints[i].display()
+                )
+            } else {
+                format!(
+                    "signed checkpoint {} given to check against ({})",
+                    i + 1,
+                    a.checkpoints[i].display()
+                )
+            },
+        })
+        .collect();
+    // The checkpoint this installation signed last, kept outside the log, unless another key
+    // is given (it is signed with the home's). Read before the log is: it covers no more than
+    // the log holds then.
+    if a.key.is_none() {
+        kept.extend(h.signed_record().kept()?);
+    }
     let log = match h.log(url, Mode::ReadOnly).await {
         Ok(log) => log,
         Err(e) => match corrupt(&e) {
@@ -110,7 +136,7 @@ pub async fn verify(home: &Path, url: Option<&str>, a: VerifyArgs) -> Result<u8>
     let tty = std::io::stderr().is_terminal() && !a.json;
     let started = std::time::Instant::now();
     let report =
-        match ice_log::verify::verify_against(log.as_ref(), Some(&verifier), a.deep, &kept, |n| {
+        match ice_log::verify::verify_kept(log.as_ref(), Some(&verifier), a.deep, &kept, |n| {
             if tty {
                 eprint!("\rverifying… {n} events");
             }
@@ -190,7 +216,8 @@ pub async fn sign_checkpoint(
     log: &dyn ice_log::EventLog,
 ) -> Result<ice_log::verify::Signed> {
     let signer = h.signer()?;
-    Ok(ice_log::verify::sign_checkpoint(log, &signer).await?)
+    let memory = ice_log::verify::SignerMemory::keeping(h.signed_record());
+    Ok(ice_log::verify::sign_checkpoint_with(log, &signer, Some(&memory)).await?)
 }
 
 pub async fn checkpoint(home: &Path, url: Option<&str>, a: CheckpointArgs) -> Result<u8> {

@@ -152,6 +152,7 @@ fn operator_api(
         crate::agents::load_agent(spec).map_err(|e| format!("{e:#}"))
     });
     let state = ice_api::ApiState::new(rt, signer, verifier, store, agents)
+        .with_signed_record(h.signed_record())
         .with_stop(stop)
         .with_token_hint(hint);
     let driving = state.runs_in_flight();

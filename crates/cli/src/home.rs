@@ -281,6 +281,13 @@ impl Home {
         read_verifier(&self.dir.join("keys/checkpoint.pub"))
     }
 
+    /// Where this installation keeps the last checkpoint it signed, outside the log (see
+    /// [`ice_log::verify::SignedRecord`]): signing refuses a log that did not grow from it, and
+    /// `ice verify` checks against it.
+    pub fn signed_record(&self) -> ice_log::verify::SignedRecord {
+        ice_log::verify::SignedRecord::at(self.dir.join("keys/last-checkpoint"))
+    }
+
     /// The tokens `[[operators]]`, `[[agents]]` and `[[metrics_readers]]` list, for the
     /// operator API, `/mcp` and `/metrics`. An entry that cannot be used (a bad name, a
     /// `token_sha256` that is not 64 hex characters, a token another entry has: see

@@ -186,7 +186,10 @@ fn main() -> ExitCode {
             let refused = e.chain().any(|c| {
                 matches!(
                     c.downcast_ref::<ice_log::verify::SignError>(),
-                    Some(ice_log::verify::SignError::Refused(_))
+                    Some(
+                        ice_log::verify::SignError::Refused(_)
+                            | ice_log::verify::SignError::Diverged { .. }
+                    )
                 )
             });
             ExitCode::from(if refused { EXIT_INVALID } else { 1 })

@@ -1275,9 +1275,11 @@ fn a_device_given_for_a_file_is_refused_not_read_forever() {
     }
 }
 
-/// The log's own checkpoints are stored beside its events: whoever truncates the events can
-/// remove those too, and `verify` alone then sees a shorter, consistent log. A checkpoint kept
-/// elsewhere (`verify --checkpoint`, as `ice checkpoint` printed it) still catches it.
+/// The log's own checkpoints are stored beside its events: whoever truncates or rewrites the
+/// events can remove those too. The checkpoint the installation signed last, which it keeps
+/// outside the log (keys/last-checkpoint), catches it: `verify` fails and `checkpoint` refuses
+/// to sign. A checkpoint kept elsewhere (`verify --checkpoint`, as `ice checkpoint` printed it)
+/// catches it too.
 #[test]
 fn a_checkpoint_kept_outside_the_log_catches_a_truncation_that_removed_the_stored_ones() {
     let (d, home) = seeded();
@@ -1288,35 +1290,121 @@ fn a_checkpoint_kept_outside_the_log_catches_a_truncation_that_removed_the_store
     let note: Value = serde_json::from_str(&stdout(&o)).unwrap();
     let kept_note = d.path().join("kept.note");
     std::fs::write(&kept_note, note["note"].as_str().unwrap()).unwrap();
+    let record = home.join("keys/last-checkpoint");
+    assert_eq!(
+        std::fs::read_to_string(&record).unwrap(),
+        note["note"].as_str().unwrap(),
+        "the home keeps the note it signed"
+    );
     for kept in [&kept_json, &kept_note] {
         let o = ice(&home, &["verify", "--checkpoint", kept.to_str().unwrap()]);
         assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
     }
 
     // Cut the last run away, with the stored checkpoint and the tree above it.
-    let c = rusqlite::Connection::open(home.join("ice.db")).unwrap();
-    c.execute_batch(
-        "DROP TRIGGER events_no_delete; DROP TRIGGER tree_no_delete;
-         DROP TRIGGER checkpoints_no_delete; DROP TRIGGER head_only_grows;
-         DELETE FROM events WHERE log_seq >= 5; DELETE FROM tree WHERE leaf_end >= 5;
-         DELETE FROM checkpoints;
-         UPDATE head SET size = 5, last = (SELECT hash FROM events WHERE log_seq = 4);
-         PRAGMA wal_checkpoint(TRUNCATE);",
-    )
-    .unwrap();
-    drop(c);
+    let cut = |home: &Path| {
+        let c = rusqlite::Connection::open(home.join("ice.db")).unwrap();
+        c.execute_batch(
+            "DROP TRIGGER IF EXISTS events_no_delete; DROP TRIGGER IF EXISTS tree_no_delete;
+             DROP TRIGGER IF EXISTS checkpoints_no_delete; DROP TRIGGER IF EXISTS head_only_grows;
+             DELETE FROM events WHERE log_seq >= 5; DELETE FROM tree WHERE leaf_end >= 5;
+             DELETE FROM checkpoints;
+             UPDATE head SET size = 5, last = (SELECT hash FROM events WHERE log_seq = 4);
+             PRAGMA wal_checkpoint(TRUNCATE);",
+        )
+        .unwrap();
+    };
+    cut(&home);
+    let stored = |home: &Path| -> (i64, i64) {
+        let c = rusqlite::Connection::open(home.join("ice.db")).unwrap();
+        let n = |t: &str| {
+            c.query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        (n("events"), n("checkpoints"))
+    };
     let o = ice(&home, &["verify"]);
+    assert_eq!(code(&o), 5, "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains(
+            "the log ends at 5 events but the checkpoint this installation signed last (kept in"
+        ) && stdout(&o).contains("covers 10"),
+        "{}",
+        stdout(&o)
+    );
+    let o = ice(&home, &["checkpoint"]);
+    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stderr(&o).contains("refusing to sign a checkpoint")
+            && stderr(&o).contains(
+                "the log holds 5 events, but this installation signed a checkpoint of 10"
+            ),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(stored(&home), (5, 0), "nothing was signed");
+
+    // The cut log grown back past 10 with other events: the first 10 no longer have the root
+    // signed for them.
+    let rt_ = tokio::runtime::Runtime::new().unwrap();
+    rt_.block_on(async {
+        let log = Arc::new(SqliteLog::open(&home.join("ice.db"), Mode::ReadWrite).unwrap());
+        let ledger = Ledger::new(log, Arc::new(SystemClock));
+        let run = RunId::new("gamma").unwrap();
+        let drafts = ["RunProvisioned", "ContextResolved", "ExecutionWindowOpened"]
+            .into_iter()
+            .map(rt)
+            .chain((0..4).map(|i| {
+                Draft::new("InferenceStep", Origin::Agent("a1".into()))
+                    .intent("think")
+                    .payload(json!({"output": format!("step {i}")}))
+            }))
+            .collect();
+        ledger.append(&run, drafts).await.unwrap();
+    });
+    let o = ice(&home, &["verify"]);
+    assert_eq!(code(&o), 5, "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("the root of the first 10 events does not match the signed checkpoint of that size (the checkpoint this installation signed last"),
+        "{}",
+        stdout(&o)
+    );
+    let o = ice(&home, &["checkpoint"]);
+    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stderr(&o)
+            .contains("the first 10 events do not have the root this installation signed for them"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(stored(&home), (12, 0), "nothing was signed");
+
+    // Given a key (an auditor's), the home's record is not used; a kept note still catches it.
+    let key = home.join("keys/checkpoint.pub");
+    let o = ice(&home, &["verify", "--key", key.to_str().unwrap()]);
     assert_eq!(
         code(&o),
         0,
-        "alone, verify sees a consistent shorter log: {}",
+        "alone, with the stored checkpoints removed, verify sees a consistent log: {}",
         stdout(&o)
     );
     for kept in [&kept_json, &kept_note] {
-        let o = ice(&home, &["verify", "--checkpoint", kept.to_str().unwrap()]);
+        let o = ice(
+            &home,
+            &[
+                "verify",
+                "--key",
+                key.to_str().unwrap(),
+                "--checkpoint",
+                kept.to_str().unwrap(),
+            ],
+        );
         assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
         assert!(
-            stdout(&o).contains("the log ends at 5 events but the signed checkpoint given to check against covers 10"),
+            stdout(&o).contains(&format!(
+                "(the signed checkpoint given to check against ({}))",
+                kept.display()
+            )),
             "{}",
             stdout(&o)
         );
@@ -1334,10 +1422,28 @@ fn a_checkpoint_kept_outside_the_log_catches_a_truncation_that_removed_the_store
     );
     assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
     assert!(
-        stdout(&o).contains("checkpoint 1 given to check against"),
+        stdout(&o).contains("the signed checkpoint given to check against (")
+            && stdout(&o).contains("foreign.note"),
         "{}",
         stdout(&o)
     );
+    // So must the home's record: one replaced by another key's note is refused, not trusted.
+    std::fs::copy(other.join("keys/last-checkpoint"), &record).unwrap();
+    let o = ice(&home, &["verify"]);
+    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("the checkpoint this installation signed last"),
+        "{}",
+        stdout(&o)
+    );
+    let o = ice(&home, &["checkpoint"]);
+    assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+    // Moved aside (the documented way out, for a log restored from an older copy), signing
+    // trusts what the log holds again.
+    std::fs::remove_file(&record).unwrap();
+    let o = ice(&home, &["checkpoint"]);
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    assert!(record.exists());
 }
 
 /// An operator's name given with --operator is recorded as given or refused, never quietly

@@ -146,6 +146,39 @@ pub async fn verify_against(
     verifier: Option<&NoteVerifier>,
     deep: bool,
     kept: &[String],
+    progress: impl FnMut(u64),
+) -> Result<VerifyReport, LogError> {
+    let kept: Vec<KeptNote> = kept
+        .iter()
+        .enumerate()
+        .map(|(i, note)| KeptNote {
+            note: note.clone(),
+            from: if kept.len() == 1 {
+                "the signed checkpoint given to check against".into()
+            } else {
+                format!("signed checkpoint {} given to check against", i + 1)
+            },
+        })
+        .collect();
+    verify_kept(log, verifier, deep, &kept, progress).await
+}
+
+/// A signed checkpoint note kept outside the log, and where it came from (said in what
+/// verification reports about it: "the signed checkpoint given to check against").
+#[derive(Clone, Debug)]
+pub struct KeptNote {
+    /// The signed note.
+    pub note: String,
+    /// Where it was kept, as a noun phrase.
+    pub from: String,
+}
+
+/// [`verify_against`], with each kept note saying where it came from.
+pub async fn verify_kept(
+    log: &dyn EventLog,
+    verifier: Option<&NoteVerifier>,
+    deep: bool,
+    kept: &[KeptNote],
     mut progress: impl FnMut(u64),
 ) -> Result<VerifyReport, LogError> {
     let mut v = Verifier::new(log, deep);
@@ -165,8 +198,11 @@ pub async fn verify_against(
 struct Verifier {
     report: VerifyReport,
     deep: bool,
-    /// Checkpoints to match, by size: (size, root, whether it was kept outside the log).
-    checkpoints: VecDeque<(u64, Digest, bool)>,
+    /// Checkpoints to match, by size: (size, root, which kept note it is, if it was kept
+    /// outside the log: an index into `kept_from`).
+    checkpoints: VecDeque<(u64, Digest, Option<usize>)>,
+    /// Where each kept note came from ([`KeptNote::from`]).
+    kept_from: Vec<String>,
     /// Size of the last checkpoint matched so far (where a rewrite can start at the earliest).
     matched: u64,
     heads: HashMap<RunId, RunHead>,
@@ -195,6 +231,7 @@ impl Verifier {
             },
             deep,
             checkpoints: VecDeque::new(),
+            kept_from: Vec::new(),
             matched: 0,
             heads: HashMap::new(),
             current: None,
@@ -289,7 +326,7 @@ impl Verifier {
                 None => Checkpoint::parse_unverified(&cp.note),
             };
             match parsed {
-                Ok(c) if c.size == cp.size => self.checkpoints.push_back((c.size, c.root, false)),
+                Ok(c) if c.size == cp.size => self.checkpoints.push_back((c.size, c.root, None)),
                 Ok(c) => {
                     self.fail(
                         None,
@@ -310,9 +347,10 @@ impl Verifier {
 
     /// Checkpoints kept outside the log join the stored ones (signed by `verifier`'s key; one
     /// the log also stores must name the same root). `false` once a failure is recorded.
-    fn add_kept(&mut self, verifier: Option<&NoteVerifier>, kept: &[String]) -> bool {
-        for (i, note) in kept.iter().enumerate() {
-            let which = format!("checkpoint {} given to check against", i + 1);
+    fn add_kept(&mut self, verifier: Option<&NoteVerifier>, kept: &[KeptNote]) -> bool {
+        for KeptNote { note, from: which } in kept {
+            let index = self.kept_from.len();
+            self.kept_from.push(which.clone());
             let Some(verifier) = verifier else {
                 self.fail(
                     None,
@@ -344,9 +382,10 @@ impl Verifier {
                         );
                         return false;
                     }
-                    same.2 = true;
+                    // Named after the first note that gave it.
+                    same.2.get_or_insert(index);
                 }
-                _ => self.checkpoints.insert(at, (c.size, c.root, true)),
+                _ => self.checkpoints.insert(at, (c.size, c.root, Some(index))),
             }
         }
         self.report.latest_checkpoint = self.checkpoints.back().map(|c| c.0);
@@ -465,7 +504,7 @@ impl Verifier {
                         None,
                         format!(
                             "the root of the first {size} events does not match the signed checkpoint of that size{}: the log was rewritten between log_seq {from} and {}",
-                            if kept { " (the one given to check against)" } else { "" },
+                            kept.map_or_else(String::new, |i| format!(" ({})", self.kept_from[i])),
                             size - 1
                         ),
                     );
@@ -665,11 +704,7 @@ impl Verifier {
     async fn finish(&mut self, log: &dyn EventLog, size: u64) -> Result<(), LogError> {
         let next = self.next;
         if let Some(&(size, _, kept)) = self.checkpoints.front() {
-            let which = if kept {
-                "the signed checkpoint given to check against"
-            } else {
-                "a signed checkpoint"
-            };
+            let which = kept.map_or("a signed checkpoint", |i| self.kept_from[i].as_str());
             self.fail(
                 Some(next),
                 None,
@@ -915,12 +950,203 @@ pub async fn verify_tail(log: &dyn EventLog, verifier: &NoteVerifier) -> Result<
     verify_tail_with(log, verifier, None).await
 }
 
-/// What a long-lived signer keeps between signatures: the heads of the runs it has read, as of
-/// the size it checked last. When the latest checkpoint is the one it then signed,
+/// What a signer keeps between signatures: the heads of the runs it has read, as of the size
+/// it checked last (in memory: when the latest checkpoint is the one it then signed,
 /// [`verify_tail_with`] starts from them and reads none of those runs again, so a signature
-/// costs the events since, even while a long run stays open.
+/// costs the events since, even while a long run stays open); and, with
+/// [`SignerMemory::keeping`], the last checkpoint it signed, in a file outside the log.
 #[derive(Default)]
-pub struct SignerMemory(std::sync::Mutex<Option<Remembered>>);
+pub struct SignerMemory {
+    heads: std::sync::Mutex<Option<Remembered>>,
+    record: Option<SignedRecord>,
+}
+
+impl SignerMemory {
+    /// A memory that also keeps the last checkpoint signed in `record`: no checkpoint is signed
+    /// over a log that did not grow from it.
+    pub fn keeping(record: SignedRecord) -> SignerMemory {
+        SignerMemory {
+            heads: Default::default(),
+            record: Some(record),
+        }
+    }
+
+    /// Where it keeps the last checkpoint signed, if it does.
+    pub fn record(&self) -> Option<&SignedRecord> {
+        self.record.as_ref()
+    }
+}
+
+/// The last checkpoint a signer signed, kept in a file outside the log (beside its key).
+///
+/// The log's own checkpoints are stored with its events, so whoever can rewrite the events can
+/// also delete the checkpoints that would give the rewrite away; a signer that checked only what
+/// the log holds would then sign the rewritten events. With its own copy it refuses to sign a
+/// log whose first events no longer have the root it signed for them, and `ice verify` checks
+/// the log against it (a [`KeptNote`]).
+#[derive(Clone, Debug)]
+pub struct SignedRecord {
+    path: std::path::PathBuf,
+}
+
+/// Largest record file read (a signed note is a few hundred bytes).
+const MAX_RECORD_BYTES: u64 = 64 << 10;
+
+impl SignedRecord {
+    /// The record kept at `path`.
+    pub fn at(path: impl Into<std::path::PathBuf>) -> SignedRecord {
+        SignedRecord { path: path.into() }
+    }
+
+    /// Where it is kept.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// The record as a [`KeptNote`] to verify against, if one was kept.
+    pub fn kept(&self) -> Result<Option<KeptNote>, LogError> {
+        Ok(self.read()?.map(|note| KeptNote {
+            note,
+            from: format!(
+                "the checkpoint this installation signed last (kept in {})",
+                self.path.display()
+            ),
+        }))
+    }
+
+    /// The note kept, if any (none before the first signature).
+    pub fn read(&self) -> Result<Option<String>, LogError> {
+        let fail = |what: String| LogError::Storage {
+            context: format!(
+                "reading the last signed checkpoint, {}",
+                self.path.display()
+            ),
+            message: what,
+        };
+        let meta = match std::fs::symlink_metadata(&self.path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        if !meta.is_file() {
+            return Err(fail("it is not a regular file".into()));
+        }
+        if meta.len() > MAX_RECORD_BYTES {
+            return Err(fail(format!(
+                "it holds {} bytes, more than a signed note ever does ({MAX_RECORD_BYTES})",
+                meta.len()
+            )));
+        }
+        let bytes = std::fs::read(&self.path).map_err(|e| fail(e.to_string()))?;
+        String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| fail("it is not UTF-8 text".into()))
+    }
+
+    /// Keep `note`, a checkpoint of `size` events just signed, durably (written aside, synced,
+    /// renamed into place) unless the note kept already covers more (another process signing
+    /// with the same key got there first: the log grew from both).
+    fn keep(&self, note: &str, size: u64, verifier: &NoteVerifier) -> Result<(), LogError> {
+        let fail = |what: String| LogError::Storage {
+            context: format!(
+                "keeping the checkpoint just signed (it is signed and stored in the log) in {}",
+                self.path.display()
+            ),
+            message: what,
+        };
+        if let Some(old) = self.read()?
+            && let Ok(c) = Checkpoint::open(&old, verifier)
+            && c.size > size
+        {
+            return Ok(());
+        }
+        let dir = self
+            .path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        // A name of its own per write: signers in one process (a server's) may keep at once.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let temp = dir.join(format!(
+            ".{}.{}.{}",
+            self.path
+                .file_name()
+                .map_or_else(|| "record".into(), |n| n.to_string_lossy()),
+            std::process::id(),
+            WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&temp)?;
+            f.write_all(note.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&temp, &self.path)?;
+            std::fs::File::open(dir)?.sync_all()
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&temp);
+            fail(e.to_string())
+        })
+    }
+
+    /// Whether the log grew from the checkpoint kept: it holds at least as many events, and its
+    /// stored tree (checked against the events since the latest checkpoint by
+    /// [`verify_tail_with`] first) gives the first `size` of them the root signed. The failure
+    /// if not.
+    async fn extended_by(
+        &self,
+        note: &str,
+        log: &dyn EventLog,
+        verifier: &NoteVerifier,
+        size: u64,
+    ) -> Result<Option<Failure>, LogError> {
+        let at = self.path.display();
+        let refuse = |log_seq: Option<u64>, problem: String| {
+            Ok(Some(Failure {
+                log_seq,
+                event_id: None,
+                problem,
+            }))
+        };
+        let c = match Checkpoint::open(note, verifier) {
+            Ok(c) => c,
+            Err(e) => {
+                return refuse(
+                    None,
+                    format!(
+                        "the checkpoint this installation signed last (kept in {at}) does not open with its key: {e}"
+                    ),
+                );
+            }
+        };
+        if c.size > size {
+            return refuse(
+                Some(size),
+                format!(
+                    "the log holds {size} events, but this installation signed a checkpoint of {} (kept in {at}): events from log_seq {size} on were removed, and the log's checkpoints with them",
+                    c.size
+                ),
+            );
+        }
+        if c.size == 0 {
+            return Ok(None);
+        }
+        let ids = crate::merkle::range_nodes(0, c.size);
+        let stored: HashMap<NodeId, Digest> =
+            ids.iter().copied().zip(log.nodes(&ids).await?).collect();
+        let root = Frontier::from_nodes(c.size, |id| stored.get(&id).copied()).map(|f| f.root());
+        if root != Some(c.root) {
+            return refuse(
+                Some(c.size - 1),
+                format!(
+                    "the first {} events do not have the root this installation signed for them (kept in {at}): the log was rewritten before log_seq {}, and the checkpoints that would show it removed or replaced",
+                    c.size, c.size
+                ),
+            );
+        }
+        Ok(None)
+    }
+}
 
 struct Remembered {
     size: u64,
@@ -1003,7 +1229,7 @@ pub async fn verify_tail_with(
             v.base = c.size;
             v.matched = c.size;
             if let Some(m) = memory
-                && let Some(r) = m.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
+                && let Some(r) = m.heads.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
                 && (r.size, r.root) == (c.size, c.root)
             {
                 v.heads = r.heads.clone();
@@ -1034,6 +1260,18 @@ pub enum SignError {
         "refusing to sign a checkpoint: the log does not verify since its latest checkpoint: {0}; nothing was signed (`ice verify --deep` checks the whole log)"
     )]
     Refused(Failure),
+    /// The log did not grow from the last checkpoint this signer signed (kept in `record`,
+    /// outside the log): its events were removed or rewritten, and its checkpoints with them.
+    #[error(
+        "refusing to sign a checkpoint: {failure}; nothing was signed (if this log is meant to replace the one signed, restored from an older copy say, move {} aside first: checks then trust what the log holds)",
+        record.display()
+    )]
+    Diverged {
+        /// What does not match.
+        failure: Failure,
+        /// Where the signer keeps its last checkpoint.
+        record: std::path::PathBuf,
+    },
     /// The signer failed.
     #[error("signing the checkpoint: {0}")]
     Sign(#[from] crate::checkpoint::CheckpointError),
@@ -1064,9 +1302,20 @@ pub async fn sign_checkpoint_with(
     signer: &NoteSigner,
     memory: Option<&SignerMemory>,
 ) -> Result<Signed, SignError> {
-    let tail = verify_tail_with(log, &signer.verifier(), memory).await?;
+    let record = memory.and_then(|m| m.record.as_ref());
+    let kept = record.map(SignedRecord::read).transpose()?.flatten();
+    let verifier = signer.verifier();
+    let tail = verify_tail_with(log, &verifier, memory).await?;
     if let Some(f) = tail.report.failure {
         return Err(SignError::Refused(f));
+    }
+    if let (Some(record), Some(note)) = (record, &kept)
+        && let Some(failure) = record.extended_by(note, log, &verifier, tail.size).await?
+    {
+        return Err(SignError::Diverged {
+            failure,
+            record: record.path.clone(),
+        });
     }
     let cp = Checkpoint {
         origin: signer.name().to_string(),
@@ -1079,8 +1328,11 @@ pub async fn sign_checkpoint_with(
         note: note.clone(),
     })
     .await?;
+    if let Some(record) = record {
+        record.keep(&note, tail.size, &verifier)?;
+    }
     if let Some(m) = memory {
-        *m.0.lock().unwrap_or_else(|p| p.into_inner()) = (tail.heads.len() <= REMEMBERED_RUNS)
+        *m.heads.lock().unwrap_or_else(|p| p.into_inner()) = (tail.heads.len() <= REMEMBERED_RUNS)
             .then_some(Remembered {
                 size: tail.size,
                 root: tail.root,

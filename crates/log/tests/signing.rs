@@ -13,8 +13,8 @@ use ice_log::checkpoint::NoteSigner;
 use ice_log::merkle::{Frontier, leaf_hash};
 use ice_log::sqlite::{Mode, SqliteLog};
 use ice_log::verify::{
-    SignError, SignerMemory, sign_checkpoint, sign_checkpoint_with, verify_tail, verify_tail_with,
-    verify_with,
+    SignError, SignedRecord, SignerMemory, sign_checkpoint, sign_checkpoint_with, verify_tail,
+    verify_tail_with, verify_with,
 };
 use ice_log::{EventLog, root_at};
 use rusqlite::params;
@@ -272,4 +272,41 @@ async fn a_signer_that_remembers_reads_only_what_is_new() {
         .unwrap();
     assert!(tail.report.ok(), "{:?}", tail.report.failure);
     assert_eq!(tail.report.events, 1);
+}
+
+/// A signer keeping its last checkpoint outside the log (`SignerMemory::keeping`) keeps each
+/// one it signs; a record it cannot read (here a directory in its place) stops it, naming the
+/// record, with nothing signed: it never signs without the check the record is for.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signer_keeps_each_checkpoint_it_signs_and_stops_on_a_record_it_cannot_read() {
+    let fx = Fixture::new();
+    let s = signer();
+    fx.ledger.append(&run_id("a"), opening()).await.unwrap();
+    let path = fx.dir.path().join("last-checkpoint");
+    let memory = SignerMemory::keeping(SignedRecord::at(&path));
+    let first = sign_checkpoint_with(fx.log(), &s, Some(&memory))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), first.note);
+    fx.ledger.append(&run_id("b"), opening()).await.unwrap();
+    let second = sign_checkpoint_with(fx.log(), &s, Some(&memory))
+        .await
+        .unwrap();
+    assert!(second.size > first.size);
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), second.note);
+    let kept = memory.record().unwrap().kept().unwrap().unwrap();
+    assert_eq!(kept.note, second.note);
+
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    fx.ledger.append(&run_id("c"), opening()).await.unwrap();
+    let err = sign_checkpoint_with(fx.log(), &s, Some(&memory))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(&path.display().to_string())
+            && err.to_string().contains("not a regular file"),
+        "{err}"
+    );
+    assert_eq!(fx.log().checkpoints().await.unwrap().len(), 2);
 }
