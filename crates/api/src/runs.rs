@@ -48,9 +48,13 @@ pub(crate) async fn list(State(s): State<Shared>, uri: Uri) -> Result<Response, 
     };
     let more = ids.len() as u64 > limit;
     let mut runs = Vec::new();
+    let now = ice_kernel::Clock::now(&ice_log::clock::SystemClock);
     for id in ids.iter().take(limit as usize) {
         let view = ice_log::ledger::fold_run(log.as_ref(), id).await?;
-        runs.push(serde_json::to_value(&view.summary).unwrap_or(Value::Null));
+        let mut run = serde_json::to_value(&view.summary).unwrap_or(Value::Null);
+        // What a `wall_time` budget is spent by (as on `GET /runs/{run}`).
+        run["window_elapsed_us"] = json!(view.summary.window.elapsed_us(now));
+        runs.push(run);
     }
     Ok(ok(json!({
         "runs": runs,

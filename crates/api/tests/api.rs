@@ -754,6 +754,19 @@ async fn deny_kill_and_reconfigure_are_the_operators() {
             .is_some_and(|us| us >= 300_000),
         "{v:#}"
     );
+    // The runs list gives the same closed window (its meters showed the calls' time too).
+    let (_, list) = api.get("/runs?limit=1000").await;
+    let listed = list["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["run_id"] == run.as_str())
+        .unwrap_or_else(|| panic!("{list:#}"));
+    assert_eq!(
+        listed["window_elapsed_us"], v["window_elapsed_us"],
+        "{listed:#}"
+    );
+    assert!(listed["window"]["closed_at"].is_string(), "{listed:#}");
     let approvals = v["books"]["approvals"].as_array().unwrap();
     assert_eq!(approvals.len(), 1, "{v:#}");
     assert_eq!(approvals[0]["status"], "closed", "{v:#}");

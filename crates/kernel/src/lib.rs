@@ -43,7 +43,7 @@ pub use builtin::{BUILTIN_TOOLS, BuiltinTool};
 pub use event::{Cost, Draft, Event, Payload};
 pub use header::Header;
 pub use id::{Digest, EventId, Origin, RunId};
-pub use projection::{Projection, RunSummary, RunView};
+pub use projection::{Projection, RunSummary, RunView, Window};
 pub use state::{Lifecycle, RunState, StateError, ValidationOutcome};
 pub use taxonomy::{Category, EventType, TAXONOMY_VERSION};
 pub use timestamp::{Clock, Timestamp};

@@ -50,6 +50,53 @@ pub struct RunSummary {
     pub denials: u64,
     /// Events per type.
     pub by_type: BTreeMap<String, u64>,
+    /// The execution window's current (or last) opening, what a wall-time budget is spent by.
+    #[serde(default)]
+    pub window: Window,
+}
+
+/// The execution window's current (or last) opening (spec §4): when it opened
+/// (`ExecutionWindowOpened`, or `RunResumed` after a suspension: a wall-time limit counts from
+/// there) and, once it closed, when (`ValidationStarted`, `RunSuspended`, `RunAborted`,
+/// `RunTerminatedByRuntime`). A wall-time budget is spent by its elapsed time, not by the time
+/// recorded on single calls.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Window {
+    /// When it (last) opened; `None` before it first opens.
+    pub opened_at: Option<Timestamp>,
+    /// When that opening closed; `None` while it is open.
+    pub closed_at: Option<Timestamp>,
+}
+
+impl Window {
+    /// Take an event of type `t` at `at` into account.
+    pub fn apply(&mut self, t: EventType, at: Timestamp) {
+        match t {
+            EventType::ExecutionWindowOpened | EventType::RunResumed => {
+                *self = Window {
+                    opened_at: Some(at),
+                    closed_at: None,
+                }
+            }
+            EventType::ValidationStarted
+            | EventType::RunSuspended
+            | EventType::RunAborted
+            | EventType::RunTerminatedByRuntime
+                if self.opened_at.is_some() && self.closed_at.is_none() =>
+            {
+                self.closed_at = Some(at);
+            }
+            _ => {}
+        }
+    }
+
+    /// How long it has been open, in microseconds: its opening up to when it closed, or up to
+    /// `now` while it is open. `None` before it first opens.
+    pub fn elapsed_us(&self, now: Timestamp) -> Option<u64> {
+        let opened = self.opened_at?;
+        let end = self.closed_at.unwrap_or(now);
+        Some(end.unix_us().saturating_sub(opened.unix_us()).max(0) as u64)
+    }
 }
 
 impl RunSummary {
@@ -67,6 +114,7 @@ impl RunSummary {
             effects: 0,
             denials: 0,
             by_type: BTreeMap::new(),
+            window: Window::default(),
         }
     }
 }
@@ -113,6 +161,7 @@ impl RunView {
         s.last_at = Some(h.at);
         s.head = hash;
         s.cost = s.cost.saturating_add(&h.cost);
+        s.window.apply(t, h.at);
         if matches!(
             t.category(),
             Category::Cognitive | Category::CapabilityRequest

@@ -514,3 +514,33 @@ proptest! {
         prop_assert_eq!(run.head, end);
     }
 }
+
+/// The execution window a wall-time budget is spent by: it opens at `ExecutionWindowOpened`,
+/// closes at a suspension, reopens (counting afresh) at `RunResumed`, and closes for good when
+/// validation starts or the run is stopped; events in between change nothing.
+#[test]
+fn the_execution_window_opens_closes_and_reopens_on_resume() {
+    use ice_kernel::{Timestamp, Window};
+    let at = |s: i64| Timestamp::from_unix_us(1_700_000_000_000_000 + s * 1_000_000).unwrap();
+    let mut w = Window::default();
+    assert_eq!(w.elapsed_us(at(100)), None);
+    w.apply(EventType::RunProvisioned, at(0));
+    assert_eq!(w.elapsed_us(at(100)), None);
+    w.apply(EventType::ExecutionWindowOpened, at(1));
+    w.apply(EventType::CapabilityRequested, at(2));
+    assert_eq!(w.elapsed_us(at(5)), Some(4_000_000));
+    w.apply(EventType::RunSuspended, at(6));
+    assert_eq!(w.elapsed_us(at(100)), Some(5_000_000));
+    w.apply(EventType::RunResumed, at(50));
+    assert_eq!(w.elapsed_us(at(53)), Some(3_000_000));
+    w.apply(EventType::ValidationStarted, at(60));
+    // Closed once: a later stop does not move its end.
+    w.apply(EventType::RunTerminatedByRuntime, at(70));
+    assert_eq!(w.elapsed_us(at(100)), Some(10_000_000));
+    for stop in [EventType::RunAborted, EventType::RunTerminatedByRuntime] {
+        let mut w = Window::default();
+        w.apply(EventType::ExecutionWindowOpened, at(1));
+        w.apply(stop, at(3));
+        assert_eq!(w.elapsed_us(at(100)), Some(2_000_000), "{stop:?}");
+    }
+}

@@ -62,11 +62,8 @@ pub struct Books {
     pub reconfiguration: Option<(EventId, Value)>,
     /// When the execution window opened.
     pub window_opened: Option<Timestamp>,
-    /// The execution window's current (or last) opening: when it opened
-    /// (`ExecutionWindowOpened`, or `RunResumed` after a suspension: the wall-time limit counts
-    /// from there) and, once it closed, when (`ValidationStarted`, `RunSuspended`, `RunAborted`,
-    /// `RunTerminatedByRuntime`). See [`Books::window_elapsed_us`].
-    pub window: Option<(Timestamp, Option<Timestamp>)>,
+    /// The execution window's current (or last) opening. See [`Books::window_elapsed_us`].
+    pub window: ice_kernel::Window,
     /// Effects applied at commit.
     pub applied: u64,
     /// Denials.
@@ -130,7 +127,7 @@ impl Books {
             suspension: None,
             reconfiguration: None,
             window_opened: None,
-            window: None,
+            window: ice_kernel::Window::default(),
             applied: 0,
             denials: 0,
             reservations: 0,
@@ -189,6 +186,7 @@ impl Books {
         let Some(t) = EventType::from_name(&e.event_type) else {
             return Ok(());
         };
+        self.window.apply(t, e.at);
         match t {
             EventType::RunProvisioned
                 if e.payload.get("kind").and_then(Value::as_str) == Some("memory") =>
@@ -223,14 +221,7 @@ impl Books {
                 self.policy_version = Some(v);
                 self.policy_recorded = Some(v);
             }
-            EventType::ExecutionWindowOpened => {
-                self.window_opened = Some(e.at);
-                self.window = Some((e.at, None));
-            }
-            EventType::RunResumed => self.window = Some((e.at, None)),
-            EventType::ValidationStarted
-            | EventType::RunAborted
-            | EventType::RunTerminatedByRuntime => self.close_window(e.at),
+            EventType::ExecutionWindowOpened => self.window_opened = Some(e.at),
             EventType::InferenceStep
             | EventType::DecisionProposed
             | EventType::HypothesisGenerated
@@ -299,7 +290,6 @@ impl Books {
                 self.kill = Some((e.origin.to_string(), reason));
             }
             EventType::RunSuspended => {
-                self.close_window(e.at);
                 self.suspension = Some(Value::Object(e.payload.clone()));
                 self.reconfiguration = None;
             }
@@ -330,20 +320,12 @@ impl Books {
         Ok(())
     }
 
-    fn close_window(&mut self, at: Timestamp) {
-        if let Some((_, closed @ None)) = &mut self.window {
-            *closed = Some(at);
-        }
-    }
-
     /// How long the execution window has been open, in microseconds, as the record's times
     /// say: its current (or last) opening up to when it closed, or up to `now` while it is
     /// open. This is what the spec's wall-time limit applies to (the runtime checks it between
     /// steps); `None` before the window first opens.
     pub fn window_elapsed_us(&self, now: Timestamp) -> Option<u64> {
-        let (opened, closed) = self.window?;
-        let end = closed.unwrap_or(now);
-        Some(end.unix_us().saturating_sub(opened.unix_us()).max(0) as u64)
+        self.window.elapsed_us(now)
     }
 
     /// Fold a whole run.

@@ -3,7 +3,7 @@
 
 import { get, seg, follow, blobKnown, ApiError } from './api.js';
 import { h, fill, stamp, clock, short, runHref, parseId, oneAtATime } from './dom.js';
-import { costMeters, statePill, provisioned } from './runs.js';
+import { budgetCost, costMeters, statePill, provisioned } from './runs.js';
 import { approvalCard, tickExpiries } from './approvals.js';
 import { causalGraph, timelineRow, links, idOf, kind, summary, blobRef, blobWords, blobFields, whenBlob, pretty, describe } from './events.js';
 
@@ -272,11 +272,7 @@ export function runView(root, ctx, params) {
       counter('grants', shown.books?.grants?.length ?? 0),
       counter('approvals', shown.books?.approvals?.length ?? 0));
     const budget = budgetNow(prov);
-    // A wall_time budget is spent by the execution window's elapsed time, not by the time
-    // recorded on single calls: the meter shows what the budget is enforced on.
-    const elapsed = shown.window_elapsed_us;
-    const cost = typeof elapsed === 'number' ? { ...s.cost, wall_time_us: elapsed } : s.cost;
-    fill(meters, h('h2', null, 'Cost / budget'), costMeters(cost, budget));
+    fill(meters, h('h2', null, 'Cost / budget'), costMeters(budgetCost(s.cost, shown.window_elapsed_us), budget));
     return budget;
   }
 

@@ -17,6 +17,14 @@ const DIMS = [
 ];
 
 /**
+ * Cost as a budget spends it: a wall_time budget is spent by the execution window's elapsed
+ * time (the API's `window_elapsed_us`), not by the time recorded on single calls.
+ */
+export function budgetCost(cost, windowElapsedUs) {
+  return typeof windowElapsedUs === 'number' ? { ...cost, wall_time_us: windowElapsedUs } : cost;
+}
+
+/**
  * Cost spent against the budget, one meter per dimension that has a limit or a cost. `budget`
  * is the limits ({tool_calls: 20, …}; a dimension without one has no limit), null while it is
  * loading, or {notShown: 'why'} when the page cannot know it: then no meter claims "no limit".
@@ -155,10 +163,11 @@ export function runsView(root, ctx) {
       : '');
     const rows = runs.map((s) => {
       const agent = h('td', { class: 'agent' }, '');
-      const cost = h('td', { class: 'cost' }, costMeters(s.cost, null, true));
+      const spent = budgetCost(s.cost, s.window_elapsed_us);
+      const cost = h('td', { class: 'cost' }, costMeters(spent, null, true));
       provisioned(s.run_id).then((p) => {
         fill(agent, p.agent ?? '');
-        fill(cost, costMeters(s.cost, p.budget, true));
+        fill(cost, costMeters(spent, p.budget, true));
       }).catch(() => {});
       return h('tr', { dataset: { run: s.run_id }, class: 'clickable', onclick: (ev) => { if (ev.target.tagName !== 'A') location.hash = runHref(s.run_id); } },
         h('td', null, h('a', { class: 'run-link mono', href: runHref(s.run_id) }, s.run_id)),
