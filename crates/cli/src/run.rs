@@ -640,6 +640,7 @@ pub async fn diff(home: &Path, url: Option<&str>, a: DiffArgs) -> Result<u8> {
             match c["change"].as_str() {
                 Some("added") => "A",
                 Some("deleted") => "D",
+                Some("unchanged") => "=",
                 _ => "M",
             },
             shown(c["path"].as_str().unwrap_or("")),

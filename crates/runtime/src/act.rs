@@ -133,9 +133,10 @@ pub fn resolve_resource(
             if escape(&r.target) {
                 return Err((
                     DenialCode::Confinement,
+                    // The target is in the request; a long one is not repeated whole.
                     format!(
                         "{:?} leaves the workspace (absolute paths and .. segments are refused)",
-                        r.target
+                        crate::executor::cut(&r.target, 512)
                     ),
                 ));
             }

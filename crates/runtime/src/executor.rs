@@ -2637,11 +2637,18 @@ pub(crate) async fn report(
                     .and_then(Value::as_str)
                     .unwrap_or("")
                     .to_string(),
-                e.payload
-                    .get("detail")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string(),
+                match e.payload.get("detail") {
+                    Some(Value::String(d)) => d.clone(),
+                    // A detail over the blob threshold is kept as a blob: say so, not nothing.
+                    Some(d) => match (d.get(ice_kernel::blob::BLOB_KEY), d.get("size")) {
+                        (Some(Value::String(digest)), Some(size)) => format!(
+                            "(its detail, {size} bytes, is kept as blob {digest}: `ice show {}`)",
+                            e.id()
+                        ),
+                        _ => d.to_string(),
+                    },
+                    None => String::new(),
+                },
             )
         })
         .collect();

@@ -1203,8 +1203,11 @@ impl Runtime {
             .iter()
             .filter(|e| e.event_type == EventType::EffectApplied.name())
             .collect();
-        if !applied.is_empty() {
-            return Ok(applied
+        let committed = events
+            .iter()
+            .any(|e| e.event_type == EventType::RunCommitted.name());
+        if committed || !applied.is_empty() {
+            let mut out: Vec<Value> = applied
                 .iter()
                 .map(|e| {
                     let mut p = e.payload.clone();
@@ -1213,7 +1216,28 @@ impl Runtime {
                     p.remove("evidence");
                     Value::Object(p)
                 })
-                .collect());
+                .collect();
+            // A staged write the commit did not apply: the workspace already held what it
+            // staged (another run or a person had made the same change), so nothing changed.
+            let done: std::collections::HashSet<&str> = applied
+                .iter()
+                .filter_map(|e| e.payload.get("path").and_then(Value::as_str))
+                .collect();
+            for (path, op) in books.staged_view() {
+                if done.contains(path.as_str()) {
+                    continue;
+                }
+                let digest = op.after.map(|d| d.to_hex());
+                out.push(json!({
+                    "path": path,
+                    "change": "unchanged",
+                    "before": digest,
+                    "after": digest,
+                    "status": "unchanged",
+                    "event": op.event.to_string(),
+                }));
+            }
+            return Ok(out);
         }
         // A commit an operator gave up (`abandon_commit`) may have reached the workspace in
         // part: its changes are "abandoned", not "discarded".

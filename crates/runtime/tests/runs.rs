@@ -153,6 +153,83 @@ async fn a_run_reads_stages_validates_and_commits() {
     assert_eq!(replayed.budget.spent().tool_calls, 5);
 }
 
+/// A staged write whose content the workspace already holds at commit is not applied; the
+/// diff says so ("unchanged") rather than calling it discarded or leaving it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_write_the_workspace_already_held_shows_as_unchanged() {
+    let h = H::new(POLICY);
+    let same = "[[step]]\nintent = \"w\"\ncapability = \"fs.write\"\ntarget = \"hello.txt\"\narguments = { content = \"hello\\n\" }\n";
+    let new = format!(
+        "{same}\n[[step]]\nintent = \"n\"\ncapability = \"fs.write\"\ntarget = \"new.txt\"\narguments = {{ content = \"n\\n\" }}\n"
+    );
+    for (run, plan, want) in [
+        (
+            "same",
+            same.to_string(),
+            vec![("hello.txt", "unchanged", "unchanged")],
+        ),
+        (
+            "mixed",
+            new,
+            vec![
+                ("new.txt", "added", "applied"),
+                ("hello.txt", "unchanged", "unchanged"),
+            ],
+        ),
+    ] {
+        let (spec, mut agent) = h.spec(run, "coder", "", &plan);
+        let report = h.run(spec, &mut agent).await;
+        assert_eq!(report.outcome, RunOutcome::Committed, "{report:?}");
+        let diff = h.rt.diff(&RunId::new(run).unwrap()).await.unwrap();
+        let got: Vec<(&str, &str, &str)> = diff
+            .iter()
+            .map(|c| {
+                (
+                    c["path"].as_str().unwrap(),
+                    c["change"].as_str().unwrap(),
+                    c["status"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(got, want, "{run}: {diff:?}");
+        let unchanged = diff.iter().find(|c| c["path"] == "hello.txt").unwrap();
+        assert_eq!(unchanged["before"], unchanged["after"], "{unchanged}");
+        assert!(unchanged["event"].as_str().unwrap().starts_with(run));
+    }
+    assert_eq!(h.read("hello.txt"), "hello\n");
+    assert_eq!(h.read("new.txt"), "n\n");
+}
+
+/// The probe's finding: a denial whose detail was long enough to be kept as a blob showed in
+/// the run's summary with no reason at all, and a path that leaves the workspace was repeated
+/// whole in its denial (3 MB for a 3 MB path). The path is cut; a detail kept as a blob is
+/// named as one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_denial_details_are_cut_or_named_in_the_summary() {
+    let h = H::new(POLICY);
+    let long = "p".repeat(40_000);
+    let plan = format!(
+        "[[step]]\nintent = \"escape\"\ncapability = \"fs.read\"\ntarget = \"../{long}\"\n\n[[step]]\nintent = \"odd\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\narguments = {{ {long} = 1 }}\n"
+    );
+    let (spec, mut agent) = h.spec("long-denials", "coder", "", &plan);
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.denials.len(), 2, "{:?}", report.denials);
+    let (_, code, detail) = &report.denials[0];
+    assert_eq!(code, "confinement");
+    assert!(
+        detail.contains("leaves the workspace") && detail.len() < 1_000,
+        "{} bytes: {}",
+        detail.len(),
+        &detail[..detail.len().min(200)]
+    );
+    let (id, _, detail) = &report.denials[1];
+    assert!(
+        detail.contains("kept as blob") && detail.contains(&format!("ice show {id}")),
+        "{}",
+        &detail[..detail.len().min(300)]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_validation_aborts_and_discards() {
     let h = H::new(POLICY);

@@ -344,17 +344,18 @@ export function runView(root, ctx, params) {
       fill(diff, h('p', { class: 'muted' }, 'No staged writes: this run changed nothing in its workspace (so far).'));
       return;
     }
-    const status = changes[0].status;
-    const explain = {
+    const explain = [...new Set(changes.map((c) => c.status))].map((status) => ({
       staged: 'Staged: the workspace does not change until the run validates and commits.',
       applied: 'Applied to the workspace when the run committed.',
+      unchanged: 'Unchanged (=): the workspace already held what the run staged when it committed, so nothing was written.',
       discarded: 'Discarded: the run ended without committing, so none of this reached the workspace.',
-    }[status] ?? '';
+      abandoned: 'Abandoned: an operator gave up this run\'s commit, which may have reached the workspace in part.',
+    }[status] ?? '')).filter(Boolean).join(' ');
     let blobWrites = 0;
     fill(diff,
       h('p', { class: 'muted' }, explain),
       changes.map((c) => {
-        const sign = c.change === 'added' ? 'A' : c.change === 'deleted' ? 'D' : 'M';
+        const sign = c.change === 'added' ? 'A' : c.change === 'deleted' ? 'D' : c.change === 'unchanged' ? '=' : 'M';
         const staged = c.change === 'deleted' ? null : stagedText(c.event, byId);
         const text = staged?.content;
         let body;
@@ -372,9 +373,9 @@ export function runView(root, ctx, params) {
         const at = parseId(c.event);
         return h('div', { class: 'change', dataset: { path: c.path } },
           h('div', { class: 'change-head' },
-            h('span', { class: ['change-sign', `sign-${sign}`] }, sign),
+            h('span', { class: ['change-sign', `sign-${sign === '=' ? 'same' : sign}`] }, sign),
             h('span', { class: 'mono path' }, c.path),
-            h('span', { class: `pill pill-${c.status === 'applied' ? 'good' : c.status === 'discarded' ? 'bad' : 'warn'}` }, c.status),
+            h('span', { class: `pill pill-${c.status === 'applied' || c.status === 'unchanged' ? 'good' : c.status === 'discarded' ? 'bad' : 'warn'}` }, c.status),
             at ? h('a', { class: 'mono', href: runHref(at.run, at.seq), onclick: (ev) => { ev.preventDefault(); select(at.seq); } }, `#${at.seq}`) : '',
             h('span', { class: 'mono muted digests' }, `${c.before ? short(c.before, 10) : '∅'} → ${c.after ? short(c.after, 10) : '∅'}`)),
           body);
