@@ -434,10 +434,83 @@ pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
         on: a.verbose || std::io::stderr().is_terminal(),
     };
     recover(&rt, &progress).await?;
-    let report = rt.start(spec, agent.as_mut(), &progress).await?;
+    let watching = Watching {
+        inner: &progress,
+        run: std::sync::Mutex::new(None),
+    };
+    // SIGINT or SIGTERM (Ctrl-C, a supervisor stopping it): the run is killed as `ice kill`
+    // kills it (recorded, waits and model calls given up, aborted), then reported and sealed
+    // with a checkpoint. A second signal stops at once; recovery then suspends the run.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing a SIGTERM handler")?;
+    let started = rt.start(spec, agent.as_mut(), &watching);
+    tokio::pin!(started);
+    let signal = tokio::select! {
+        r = &mut started => Err(r),
+        _ = tokio::signal::ctrl_c() => Ok("SIGINT"),
+        _ = term.recv() => Ok("SIGTERM"),
+    };
+    let report = match signal {
+        Err(report) => report?,
+        Ok(name) => {
+            let run = watching
+                .run
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let Some(run) = run else {
+                eprintln!("ice run: stopped by {name} before the run recorded anything");
+                return Ok(130);
+            };
+            eprintln!(
+                "ice run: {name}: killing run {run} (a second signal stops at once, and recovery then suspends the run)"
+            );
+            let reason = format!("ice run was stopped by {name}");
+            let who = operator(&None)?;
+            let again = async {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                eprintln!(
+                    "ice run: stopped at once: the run is left as it is; the next ICE command that opens the log recovers it (suspends it)"
+                );
+                ice_effects::kill_tool_servers();
+                std::process::exit(130);
+            };
+            let (report, killed) = tokio::select! {
+                both = async { tokio::join!(&mut started, rt.kill(&run, &who, &reason, &ice_runtime::Quiet)) } => both,
+                () = again => unreachable!(),
+            };
+            if let Err(e) = killed {
+                eprintln!("ice run: the kill was not recorded: {e}");
+            }
+            report?
+        }
+    };
     let code = print_report(&report, a.json);
     seal_with_checkpoint(&h, &rt, a.json).await?;
     Ok(code)
+}
+
+/// The progress observer, noting the run's id from its first event (what a signal kills).
+struct Watching<'a> {
+    inner: &'a Progress,
+    run: std::sync::Mutex<Option<RunId>>,
+}
+
+impl Observer for Watching<'_> {
+    fn recorded(&self, e: &Event) {
+        self.run
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(|| e.run_id.clone());
+        self.inner.recorded(e);
+    }
+
+    fn waiting(&self, what: &str) {
+        self.inner.waiting(what);
+    }
 }
 
 /// After a run stops, sign a checkpoint of the log: from then on, removing or rewriting any of
@@ -601,8 +674,8 @@ pub async fn approvals(home: &Path, url: Option<&str>, a: ApprovalsArgs) -> Resu
         if p.waiting == Some(false) {
             let _ = writeln!(
                 out,
-                "    nobody waits for it: the process that asked stopped, so an answer is refused; recovery (any ice command that drives runs) suspends run {}, then resume or kill it",
-                p.run
+                "    nobody waits for it: the process that asked stopped, so an answer is refused. {}",
+                p.advice.as_deref().unwrap_or("")
             );
         }
     }

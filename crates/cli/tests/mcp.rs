@@ -2939,6 +2939,21 @@ fn an_ended_mcp_sessions_run_is_pointed_to_kill_not_reconfigure() {
     child.kill().unwrap();
     let _ = child.wait();
     drop(stdin);
+    // The listing says so too (it said "resume or kill it").
+    let o = ice(&f.home, &["approvals", "--run", run, "--json"]);
+    let listed: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(listed[0]["waiting"], false, "{listed:#}");
+    let advice = listed[0]["advice"].as_str().unwrap_or_default();
+    assert!(
+        advice.contains("ice kill") && !advice.contains("ice reconfigure"),
+        "{listed:#}"
+    );
+    let o = ice(&f.home, &["approvals", "--run", run]);
+    assert!(
+        text(&o).contains("ice kill") && !text(&o).contains("reconfigure"),
+        "{}",
+        text(&o)
+    );
     let o = ice(&f.home, &["approve", &approval, "--operator", "alice"]);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(

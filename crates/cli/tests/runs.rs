@@ -1095,12 +1095,74 @@ fn an_approval_whose_process_died_is_listed_as_waited_for_by_nobody() {
     let listed = pending(&home);
     assert_eq!(listed[0]["id"], id.as_str());
     assert_eq!(listed[0]["waiting"], false, "{listed:?}");
+    // It says what can be done about this run (a run ICE drives: resume or kill it).
+    assert!(
+        listed[0]["advice"]
+            .as_str()
+            .is_some_and(|a| a.contains("ice reconfigure") && a.contains("ice kill")),
+        "{listed:?}"
+    );
     let o = ice(&home, &["approvals"]);
     assert!(
         text(&o).contains("nobody waits for it: the process that asked stopped"),
         "{}",
         text(&o)
     );
+    assert!(text(&o).contains("ice reconfigure"), "{}", text(&o));
     let o = ice(&home, &["approve", &id, "--operator", "alice"]);
     assert_ne!(code(&o), 0, "{}", text(&o));
+}
+
+/// The probe's finding: `ice run` had no signal handling, so SIGTERM or Ctrl-C while a run
+/// waited (for the model, an approval) left it EXECUTING with nothing recorded and no
+/// checkpoint. A signal now kills the run as `ice kill` does (recorded, the wait given up,
+/// aborted), and the run is reported and sealed: exit 3.
+#[test]
+fn a_signal_kills_the_run_ice_run_drives_and_seals_it() {
+    let (port, _seen) = endpoint();
+    let (_dir, home, qs) = setup(port);
+    let spec = qs.join("run.toml");
+    let t = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("timeout = \"2s\"", "timeout = \"60s\"");
+    std::fs::write(&spec, t).unwrap();
+    let child = ice_cmd(&home)
+        .args(["run", spec.to_str().unwrap(), "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pending(&home).is_empty() {
+        assert!(Instant::now() < deadline, "no approval was asked for");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let started = Instant::now();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(o.status.code(), Some(3), "aborted: {:?}", o.status);
+    let kill = first_event(&home, "RunKillRequested").expect("the kill is recorded");
+    assert!(
+        kill["payload"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("SIGTERM"),
+        "{kill}"
+    );
+    let types = run_types(&home);
+    assert!(types.contains(&"RunAborted".to_string()), "{types:?}");
+    assert_eq!(types.last().map(String::as_str), Some("RunTerminated"));
+    assert!(pending(&home).is_empty(), "the approval was closed");
+    // Sealed: a checkpoint covers every event.
+    let o = ice(&home, &["verify", "--json"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["latest_checkpoint"], v["events"], "{v}");
 }

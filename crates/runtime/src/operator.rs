@@ -117,6 +117,21 @@ pub struct PendingApproval {
     /// processes may be waiting).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting: Option<bool>,
+    /// When nobody waits (`waiting` is `false`): what an operator can do about the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advice: Option<String>,
+}
+
+/// What an operator can do about a run whose approval nobody waits for any more (the process
+/// that asked stopped): an external agent's session cannot be resumed by ICE, only ended.
+fn unwaited_advice(books: &Books) -> &'static str {
+    if books.spec.as_ref().is_some_and(|s| s.driver == "external") {
+        "It was an external agent's MCP session, which has ended: end the run with `ice kill` (the agent's next session is a new run, and asks again)"
+    } else if books.state() == RunState::Suspended {
+        "Resume it with `ice reconfigure`, and its agent asks again, or end it with `ice kill`"
+    } else {
+        "Start-up recovery (`ice serve`, or the next `ice run`) suspends the run; then resume it with `ice reconfigure`, and its agent asks again, or end it with `ice kill`"
+    }
 }
 
 /// What recovery did to one run.
@@ -1003,6 +1018,7 @@ impl Runtime {
                     policies: a.policies.clone(),
                     intent,
                     waiting,
+                    advice: (waiting == Some(false)).then(|| unwaited_advice(&books).to_string()),
                 });
             }
         }
@@ -1038,14 +1054,7 @@ impl Runtime {
             // more (the one that asked stopped, and took the wait with it), an answer would be
             // recorded for a call nothing will make: it is refused, and says what to do.
             if attempts == 0 && !self.driven(run).await? {
-                let external = books.spec.as_ref().is_some_and(|s| s.driver == "external");
-                let next = if external {
-                    "It was an external agent's MCP session, which has ended: end the run with `ice kill` (the agent's next session is a new run, and asks again)"
-                } else if books.state() == RunState::Suspended {
-                    "Resume it with `ice reconfigure`, and its agent asks again, or end it with `ice kill`"
-                } else {
-                    "Start-up recovery (`ice serve`, or the next `ice run`) suspends the run; then resume it with `ice reconfigure`, and its agent asks again, or end it with `ice kill`"
-                };
+                let next = unwaited_advice(&books);
                 return Err(RuntimeError::State {
                     run: run.to_string(),
                     state: books.state(),

@@ -124,7 +124,7 @@ export function approvalCard(a, { byId, showRun = false, onAnswered, onError }) 
       h('span', { class: 'expires', dataset: { expires: a.expires_at } }, '')),
     a.intent ? h('p', { class: 'intent' }, h('q', null, a.intent)) : '',
     a.waiting === false
-      ? h('p', { class: 'orphaned' }, 'Nobody waits for this answer: the process that asked stopped, so an answer is refused. Recovery suspends the run; then resume or kill it.')
+      ? h('p', { class: 'orphaned' }, `Nobody waits for this answer: the process that asked stopped, so an answer is refused. ${typeof a.advice === 'string' ? a.advice : ''}`)
       : '',
     h('dl', { class: 'facts' },
       h('dt', null, 'who'), h('dd', null, origin),
