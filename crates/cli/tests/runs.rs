@@ -1064,23 +1064,30 @@ fn a_reconfiguration_that_cannot_resume_the_run_says_it_is_recorded_and_the_run_
     );
 }
 
-/// An approval whose waiting process died is listed as such (session 20 left it listed like
-/// any other, answering refused): `ice approvals` says nobody waits and what happens next.
-#[test]
-fn an_approval_whose_process_died_is_listed_as_waited_for_by_nobody() {
+/// `ice run` of the quickstart, its approvals given 60 s, started in the background (stdout
+/// as given): it soon waits for an operator.
+fn quickstart_waiting(stdout: Stdio) -> (tempfile::TempDir, PathBuf, std::process::Child) {
     let (port, _seen) = endpoint();
-    let (_dir, home, qs) = setup(port);
+    let (dir, home, qs) = setup(port);
     let spec = qs.join("run.toml");
     let t = std::fs::read_to_string(&spec)
         .unwrap()
         .replace("timeout = \"2s\"", "timeout = \"60s\"");
     std::fs::write(&spec, t).unwrap();
-    let mut child = ice_cmd(&home)
+    let child = ice_cmd(&home)
         .args(["run", spec.to_str().unwrap(), "--json"])
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    (dir, home, child)
+}
+
+/// An approval whose waiting process died is listed as such (session 20 left it listed like
+/// any other, answering refused): `ice approvals` says nobody waits and what happens next.
+#[test]
+fn an_approval_whose_process_died_is_listed_as_waited_for_by_nobody() {
+    let (_dir, home, mut child) = quickstart_waiting(Stdio::null());
     let deadline = Instant::now() + Duration::from_secs(60);
     let id = loop {
         if let Some(p) = pending(&home).first() {
@@ -1119,19 +1126,7 @@ fn an_approval_whose_process_died_is_listed_as_waited_for_by_nobody() {
 /// aborted), and the run is reported and sealed: exit 3.
 #[test]
 fn a_signal_kills_the_run_ice_run_drives_and_seals_it() {
-    let (port, _seen) = endpoint();
-    let (_dir, home, qs) = setup(port);
-    let spec = qs.join("run.toml");
-    let t = std::fs::read_to_string(&spec)
-        .unwrap()
-        .replace("timeout = \"2s\"", "timeout = \"60s\"");
-    std::fs::write(&spec, t).unwrap();
-    let child = ice_cmd(&home)
-        .args(["run", spec.to_str().unwrap(), "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (_dir, home, child) = quickstart_waiting(Stdio::piped());
     let deadline = Instant::now() + Duration::from_secs(60);
     while pending(&home).is_empty() {
         assert!(Instant::now() < deadline, "no approval was asked for");
