@@ -123,8 +123,11 @@ pub async fn verify(home: &Path, url: Option<&str>, a: VerifyArgs) -> Result<u8>
     // The checkpoint this installation signed last, kept outside the log, unless another key
     // is given (it is signed with the home's). Read before the log is: it covers no more than
     // the log holds then.
-    if a.key.is_none() {
-        kept.extend(h.signed_record().kept()?);
+    if a.key.is_none()
+        && url.is_none_or(|u| u == h.config.log)
+        && let Some(record) = h.signed_record()
+    {
+        kept.extend(record.kept()?);
     }
     let log = match h.log(url, Mode::ReadOnly).await {
         Ok(log) => log,
@@ -216,7 +219,10 @@ pub async fn sign_checkpoint(
     log: &dyn ice_log::EventLog,
 ) -> Result<ice_log::verify::Signed> {
     let signer = h.signer()?;
-    let memory = ice_log::verify::SignerMemory::keeping(h.signed_record());
+    let memory = h
+        .signed_record()
+        .map(ice_log::verify::SignerMemory::keeping)
+        .unwrap_or_default();
     Ok(ice_log::verify::sign_checkpoint_with(log, &signer, Some(&memory)).await?)
 }
 

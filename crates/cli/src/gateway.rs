@@ -151,10 +151,11 @@ fn operator_api(
     let agents: ice_api::AgentFactory = std::sync::Arc::new(|spec: &RunSpec| {
         crate::agents::load_agent(spec).map_err(|e| format!("{e:#}"))
     });
-    let state = ice_api::ApiState::new(rt, signer, verifier, store, agents)
-        .with_signed_record(h.signed_record())
-        .with_stop(stop)
-        .with_token_hint(hint);
+    let mut state = ice_api::ApiState::new(rt, signer, verifier, store, agents);
+    if let Some(record) = h.signed_record() {
+        state = state.with_signed_record(record);
+    }
+    let state = state.with_stop(stop).with_token_hint(hint);
     let driving = state.runs_in_flight();
     // The operator web UI (`/ui/`, static files only; its data comes from the API above).
     Ok((ice_api::router(state).merge(ice_ui::router()), driving))

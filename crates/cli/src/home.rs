@@ -77,6 +77,9 @@ pub struct TokenEntry {
 pub struct Home {
     pub dir: PathBuf,
     pub config: Config,
+    /// Whether a log other than the configured one was opened (`--log`): the checkpoint this
+    /// installation keeps is its own log's, not that one's.
+    other_log: std::sync::atomic::AtomicBool,
 }
 
 /// Resolve the home directory from the flag, the environment, or the default.
@@ -163,6 +166,7 @@ impl Home {
         Ok(Home {
             dir: dir.to_path_buf(),
             config,
+            other_log: Default::default(),
         })
     }
 
@@ -219,11 +223,16 @@ impl Home {
         Ok(Home {
             dir: dir.to_path_buf(),
             config,
+            other_log: Default::default(),
         })
     }
 
     /// Open the log named by `url` (or the config's), read-only or for appends.
     pub async fn log(&self, url: Option<&str>, mode: Mode) -> Result<Arc<dyn EventLog>> {
+        if url.is_some_and(|u| u != self.config.log) {
+            self.other_log
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         let url = url.unwrap_or(&self.config.log);
         open_log_url(url, mode, Some(&self.dir)).await
     }
@@ -284,8 +293,11 @@ impl Home {
     /// Where this installation keeps the last checkpoint it signed, outside the log (see
     /// [`ice_log::verify::SignedRecord`]): signing refuses a log that did not grow from it, and
     /// `ice verify` checks against it.
-    pub fn signed_record(&self) -> ice_log::verify::SignedRecord {
-        ice_log::verify::SignedRecord::at(self.dir.join("keys/last-checkpoint"))
+    /// `None` once a log other than the configured one was opened (`--log URL`): the record is
+    /// that log's only.
+    pub fn signed_record(&self) -> Option<ice_log::verify::SignedRecord> {
+        (!self.other_log.load(std::sync::atomic::Ordering::SeqCst))
+            .then(|| ice_log::verify::SignedRecord::at(self.dir.join("keys/last-checkpoint")))
     }
 
     /// The tokens `[[operators]]`, `[[agents]]` and `[[metrics_readers]]` list, for the

@@ -443,6 +443,9 @@ pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
     // with a checkpoint. A second signal stops at once; recovery then suspends the run.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing a SIGTERM handler")?;
+    // Who a signal's kill is recorded as: found now, so a name the record refuses does not
+    // stop the kill later.
+    let who = operator(&None)?;
     let started = rt.start(spec, agent.as_mut(), &watching);
     tokio::pin!(started);
     let signal = tokio::select! {
@@ -453,20 +456,10 @@ pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
     let report = match signal {
         Err(report) => report?,
         Ok(name) => {
-            let run = watching
-                .run
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            let Some(run) = run else {
-                eprintln!("ice run: stopped by {name} before the run recorded anything");
-                return Ok(130);
-            };
             eprintln!(
-                "ice run: {name}: killing run {run} (a second signal stops at once, and recovery then suspends the run)"
+                "ice run: {name}: killing the run (a second signal stops at once, and recovery then suspends the run)"
             );
             let reason = format!("ice run was stopped by {name}");
-            let who = operator(&None)?;
             let again = async {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}
@@ -478,14 +471,33 @@ pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
                 ice_effects::kill_tool_servers();
                 std::process::exit(130);
             };
-            let (report, killed) = tokio::select! {
-                both = async { tokio::join!(&mut started, rt.kill(&run, &who, &reason, &ice_runtime::Quiet)) } => both,
-                () = again => unreachable!(),
+            let stopping = async {
+                // The run's id comes with its first event, which may still be on its way.
+                let run = loop {
+                    if let Some(r) = watching
+                        .run
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone()
+                    {
+                        break r;
+                    }
+                    tokio::select! {
+                        r = &mut started => return r,
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+                    }
+                };
+                let kill = async {
+                    if let Err(e) = rt.kill(&run, &who, &reason, &ice_runtime::Quiet).await {
+                        eprintln!("ice run: the kill of run {run} was not recorded: {e}");
+                    }
+                };
+                tokio::join!(&mut started, kill).0
             };
-            if let Err(e) = killed {
-                eprintln!("ice run: the kill was not recorded: {e}");
+            tokio::select! {
+                report = stopping => report?,
+                () = again => unreachable!("a second signal exits"),
             }
-            report?
         }
     };
     let code = print_report(&report, a.json);

@@ -1314,6 +1314,27 @@ fn a_checkpoint_kept_outside_the_log_catches_a_truncation_that_removed_the_store
         )
         .unwrap();
     };
+    // Another log opened with --log (an older copy, cut short) is not held to the record,
+    // which is this installation's log's, nor does signing it move the record (found by a
+    // review: a scratch log's seal made the home's own log fail as rewritten).
+    let copy = d.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    rusqlite::Connection::open(home.join("ice.db"))
+        .unwrap()
+        .execute("VACUUM INTO ?1", [copy.join("ice.db").to_str().unwrap()])
+        .unwrap();
+    cut(&copy);
+    let other = format!("sqlite:{}", copy.join("ice.db").display());
+    for args in [["verify"], ["checkpoint"]] {
+        let mut all = vec!["--log", other.as_str()];
+        all.extend(args);
+        let o = ice(&home, &all);
+        assert_eq!(code(&o), 0, "{args:?}: {}{}", stdout(&o), stderr(&o));
+    }
+    assert_eq!(
+        std::fs::read_to_string(&record).unwrap(),
+        note["note"].as_str().unwrap()
+    );
     cut(&home);
     let stored = |home: &Path| -> (i64, i64) {
         let c = rusqlite::Connection::open(home.join("ice.db")).unwrap();

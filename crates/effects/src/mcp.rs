@@ -1127,7 +1127,6 @@ impl Connection {
     }
 }
 
-/// A stdio server's process, supervised by a task that reaps it.
 /// The process groups of the stdio tool servers this process started that have not ended
 /// (each server leads its own group): what [`kill_tool_servers`] stops.
 static LIVE_GROUPS: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
@@ -1143,6 +1142,7 @@ pub fn kill_tool_servers() {
     }
 }
 
+/// A stdio server's process, supervised by a task that reaps it.
 struct ChildProc {
     pid: Option<u32>,
     /// How the process ended, once it has.

@@ -612,6 +612,15 @@ impl HttpModel {
                 if found {
                     *s = s.replace(secret, "[redacted]");
                 }
+                // A URL with the key written in percent-escapes (`%73k-…`) is decoded when it is
+                // normalised: the decoded text is redacted and kept.
+                if s.contains('%') {
+                    let decoded = percent_decoded(s);
+                    if decoded.contains(secret) {
+                        *s = decoded.replace(secret, "[redacted]");
+                        found = true;
+                    }
+                }
                 // Escapes are only there to decode if a backslash is.
                 if s.contains('\\')
                     && matches!(s.trim_start().as_bytes().first(), Some(b'{' | b'[' | b'"'))
@@ -646,6 +655,31 @@ impl HttpModel {
     }
 }
 
+/// `s` with every `%XX` escape decoded (bytes that are not UTF-8 replaced).
+fn percent_decoded(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// A `Retry-After` of whole seconds (the form model providers send; an HTTP date is not read).
 fn retry_after(headers: &ureq::http::HeaderMap) -> Option<Duration> {
     let v = headers.get("retry-after")?.to_str().ok()?.trim();
@@ -669,6 +703,8 @@ impl Model for HttpModel {
             if let Some(w) = self.within {
                 wait = wait.min(w);
             }
+            // The call after the wait gets only what the run's budget still has.
+            self.within = self.within.map(|w| w.saturating_sub(wait));
             let until = Instant::now() + wait;
             while Instant::now() < until {
                 if self.interrupt.is_raised() {

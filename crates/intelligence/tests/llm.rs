@@ -1407,6 +1407,23 @@ fn the_api_key_written_with_json_escapes_is_not_recorded_either() {
     assert_eq!(decoded["content"], "[redacted]", "{decoded}");
     assert_eq!(decoded["path"], "../[redacted]", "{decoded}");
     assert_eq!(decoded["[redacted]"], 1, "{decoded}");
+    // Nor in percent-escapes, which a URL's normalisation decodes (found by a review).
+    let pct: String = KEY.bytes().map(|c| format!("%{c:02X}")).collect();
+    let ok = json!({"id": "x", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("https://h.example/{pct}")},
+            "finish_reason": "stop"}]})
+    .to_string();
+    let (url, server) = serve_once(move |_| Some(http_response("200 OK", ok.as_bytes())));
+    let mut model = HttpModel::new(&http_config(&url, json!({"api_key_env": VAR}))).unwrap();
+    let got = model.complete(&json!({}));
+    server.join().unwrap();
+    let ModelReply::Ok { body, .. } = got else {
+        panic!("{got:?}")
+    };
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "https://h.example/[redacted]"
+    );
     let err = format!(r#"{{"error":{{"message":"bad key {escaped}"}}}}"#);
     let (url, server) =
         serve_once(move |_| Some(http_response("401 Unauthorized", err.as_bytes())));

@@ -1054,6 +1054,12 @@ impl SignedRecord {
             ),
             message: what,
         };
+        // Signers in one process (a server's runs ending together) keep one at a time, so the
+        // larger checkpoint is not replaced by a smaller one read before it was kept. (Across
+        // processes the record may still step back to a smaller checkpoint, from which the log
+        // also grew; the next signature moves it on.)
+        static KEEPING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = KEEPING.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(old) = self.read()?
             && let Ok(c) = Checkpoint::open(&old, verifier)
             && c.size > size
