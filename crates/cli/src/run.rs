@@ -443,9 +443,9 @@ pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
     // with a checkpoint. A second signal stops at once; recovery then suspends the run.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing a SIGTERM handler")?;
-    // Who a signal's kill is recorded as: found now, so a name the record refuses does not
-    // stop the kill later.
-    let who = operator(&None)?;
+    // Who a signal's kill is recorded as ($USER, or "operator" if the record cannot carry it):
+    // found now, so nothing about it can stop the kill later.
+    let who = operator(&None).unwrap_or_else(|_| "operator".into());
     let started = rt.start(spec, agent.as_mut(), &watching);
     tokio::pin!(started);
     let signal = tokio::select! {
