@@ -104,20 +104,9 @@ pub async fn verify(home: &Path, url: Option<&str>, a: VerifyArgs) -> Result<u8>
     let mut kept: Vec<ice_log::verify::KeptNote> = given
         .iter()
         .enumerate()
-        .map(|(i, note)| ice_log::verify::KeptNote {
-            note: note.clone(),
-            from: if given.len() == 1 {
-                format!(
-                    "the signed checkpoint given to check against ({})",
-                    a.checkpoints[i].display()
-                )
-            } else {
-                format!(
-                    "signed checkpoint {} given to check against ({})",
-                    i + 1,
-                    a.checkpoints[i].display()
-                )
-            },
+        .map(|(i, note)| {
+            let source = a.checkpoints[i].display().to_string();
+            ice_log::verify::KeptNote::given(note.clone(), i, given.len(), Some(&source))
         })
         .collect();
     // The checkpoint this installation signed last, kept outside the log, unless another key

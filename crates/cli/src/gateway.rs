@@ -97,17 +97,11 @@ pub async fn mcp(home: &Path, url: Option<&str>, a: McpArgs) -> Result<u8> {
         eprintln!(
             "ice mcp: stopping: the session's run ends once the calls in flight return (a second signal stops at once, and recovery then suspends the run)"
         );
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        eprintln!(
-            "ice mcp: stopped at once: the run is left as it is; the next ICE command that opens the log recovers it (suspends it; end it with ice kill)"
-        );
-        // Exiting runs no destructor: the tool servers (in process groups of their own) would
-        // outlive this process.
-        ice_effects::kill_tool_servers();
-        std::process::exit(130);
+        crate::run::exit_on_next_signal(
+            &mut term,
+            "ice mcp: stopped at once: the run is left as it is; the next ICE command that opens the log recovers it (suspends it; end it with ice kill)",
+        )
+        .await;
     });
     let report = gw.serve_stdio_until(stop).await;
     signals.abort();

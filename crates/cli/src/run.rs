@@ -460,17 +460,10 @@ pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
                 "ice run: {name}: killing the run (a second signal stops at once, and recovery then suspends the run)"
             );
             let reason = format!("ice run was stopped by {name}");
-            let again = async {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-                eprintln!(
-                    "ice run: stopped at once: the run is left as it is; the next ICE command that opens the log recovers it (suspends it)"
-                );
-                ice_effects::kill_tool_servers();
-                std::process::exit(130);
-            };
+            let again = exit_on_next_signal(
+                &mut term,
+                "ice run: stopped at once: the run is left as it is; the next ICE command that opens the log recovers it (suspends it)",
+            );
             let stopping = async {
                 // The run's id comes with its first event, which may still be on its way.
                 let run = loop {
@@ -503,6 +496,19 @@ pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
     let code = print_report(&report, a.json);
     seal_with_checkpoint(&h, &rt, a.json).await?;
     Ok(code)
+}
+
+/// Wait for the next SIGINT or SIGTERM, then say `what` and exit at once (130). Exiting runs no
+/// destructor: the tool servers, in process groups of their own, are killed first, or they
+/// would outlive this process.
+pub(crate) async fn exit_on_next_signal(term: &mut tokio::signal::unix::Signal, what: &str) {
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("{what}");
+    ice_effects::kill_tool_servers();
+    std::process::exit(130);
 }
 
 /// The progress observer, noting the run's id from its first event (what a signal kills).

@@ -1350,6 +1350,18 @@ fn the_api_key_is_sent_but_never_recorded() {
     assert!(!summary.contains(KEY));
 }
 
+/// One model call, with the key in `var`, to a server answering `response`: the reply's body.
+fn reply_with_key(var: &str, response: Vec<u8>) -> Value {
+    let (url, server) = serve_once(move |_| Some(response));
+    let mut model = HttpModel::new(&http_config(&url, json!({"api_key_env": var}))).unwrap();
+    let got = model.complete(&json!({}));
+    server.join().unwrap();
+    let ModelReply::Ok { body, .. } = got else {
+        panic!("{got:?}")
+    };
+    body
+}
+
 /// The finding: a server that echoed the key JSON-escaped (`\u0073k-…`) got it recorded in
 /// clear, since only the raw bytes were searched. Replies are redacted as decoded too (object
 /// keys included), and so is a JSON error body.
@@ -1371,13 +1383,7 @@ fn the_api_key_written_with_json_escapes_is_not_recorded_either() {
     let ok = format!(
         r#"{{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{{"index":0,"message":{{"role":"assistant","content":"key: {escaped}"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":1,"completion_tokens":1}},"{escaped}":1}}"#
     );
-    let (url, server) = serve_once(move |_| Some(http_response("200 OK", ok.as_bytes())));
-    let mut model = HttpModel::new(&http_config(&url, json!({"api_key_env": VAR}))).unwrap();
-    let got = model.complete(&json!({}));
-    server.join().unwrap();
-    let ModelReply::Ok { body, .. } = got else {
-        panic!("{got:?}")
-    };
+    let body = reply_with_key(VAR, http_response("200 OK", ok.as_bytes()));
     let text = body.to_string();
     assert!(!text.contains("SECRETKEY"), "{text}");
     assert_eq!(body["choices"][0]["message"]["content"], "key: [redacted]");
@@ -1392,13 +1398,7 @@ fn the_api_key_written_with_json_escapes_is_not_recorded_either() {
         "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [call]},
             "finish_reason": "tool_calls"}]})
     .to_string();
-    let (url, server) = serve_once(move |_| Some(http_response("200 OK", ok.as_bytes())));
-    let mut model = HttpModel::new(&http_config(&url, json!({"api_key_env": VAR}))).unwrap();
-    let got = model.complete(&json!({}));
-    server.join().unwrap();
-    let ModelReply::Ok { body, .. } = got else {
-        panic!("{got:?}")
-    };
+    let body = reply_with_key(VAR, http_response("200 OK", ok.as_bytes()));
     let arguments = body["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
         .as_str()
         .unwrap();
@@ -1413,13 +1413,7 @@ fn the_api_key_written_with_json_escapes_is_not_recorded_either() {
         "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("https://h.example/{pct}")},
             "finish_reason": "stop"}]})
     .to_string();
-    let (url, server) = serve_once(move |_| Some(http_response("200 OK", ok.as_bytes())));
-    let mut model = HttpModel::new(&http_config(&url, json!({"api_key_env": VAR}))).unwrap();
-    let got = model.complete(&json!({}));
-    server.join().unwrap();
-    let ModelReply::Ok { body, .. } = got else {
-        panic!("{got:?}")
-    };
+    let body = reply_with_key(VAR, http_response("200 OK", ok.as_bytes()));
     assert_eq!(
         body["choices"][0]["message"]["content"],
         "https://h.example/[redacted]"

@@ -151,14 +151,7 @@ pub async fn verify_against(
     let kept: Vec<KeptNote> = kept
         .iter()
         .enumerate()
-        .map(|(i, note)| KeptNote {
-            note: note.clone(),
-            from: if kept.len() == 1 {
-                "the signed checkpoint given to check against".into()
-            } else {
-                format!("signed checkpoint {} given to check against", i + 1)
-            },
-        })
+        .map(|(i, note)| KeptNote::given(note.clone(), i, kept.len(), None))
         .collect();
     verify_kept(log, verifier, deep, &kept, progress).await
 }
@@ -171,6 +164,24 @@ pub struct KeptNote {
     pub note: String,
     /// Where it was kept, as a noun phrase.
     pub from: String,
+}
+
+impl KeptNote {
+    /// The `index`th of `count` notes given to check against, read from `source` if said.
+    pub fn given(note: String, index: usize, count: usize, source: Option<&str>) -> KeptNote {
+        let which = if count == 1 {
+            "the signed checkpoint given to check against".to_string()
+        } else {
+            format!("signed checkpoint {} given to check against", index + 1)
+        };
+        KeptNote {
+            note,
+            from: match source {
+                Some(s) => format!("{which} ({s})"),
+                None => which,
+            },
+        }
+    }
 }
 
 /// [`verify_against`], with each kept note saying where it came from.
