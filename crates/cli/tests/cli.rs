@@ -1928,3 +1928,46 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+#[test]
+fn a_kept_checkpoint_replaced_by_what_cannot_be_one_is_a_verdict() {
+    // Replacing the record with something that is not a note must not turn `verify`'s verdict
+    // into an error that could be taken for a broken tool (found in session 23's review).
+    let (_d, home) = seeded();
+    let o = ice(&home, &["checkpoint"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let record = home.join("keys/last-checkpoint");
+    let replace_with_dir = |p: &Path| {
+        std::fs::remove_file(p).unwrap();
+        std::fs::create_dir(p).unwrap();
+    };
+    let replace_with_bytes = |p: &Path| std::fs::write(p, [0xff, 0xfe, 0x00]).unwrap();
+    for (replace, why) in [
+        (
+            &replace_with_bytes as &dyn Fn(&Path),
+            "it is not UTF-8 text",
+        ),
+        (&replace_with_dir, "it is not a regular file"),
+    ] {
+        replace(&record);
+        let o = ice(&home, &["verify"]);
+        assert_eq!(code(&o), 5, "{}{}", stdout(&o), stderr(&o));
+        assert!(
+            stdout(&o).contains("the checkpoint this installation signed last (kept in")
+                && stdout(&o).contains(&format!("cannot be read: {why}")),
+            "{}",
+            stdout(&o)
+        );
+        let o = ice(&home, &["verify", "--json"]);
+        assert_eq!(code(&o), 5, "{}", stderr(&o));
+        let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert!(
+            v["failure"]["problem"].as_str().unwrap().contains(why),
+            "{v}"
+        );
+        // Signing over it is refused (the record is not replaced by a new one), exit non-zero.
+        let o = ice(&home, &["checkpoint"]);
+        assert_ne!(code(&o), 0, "{}", stdout(&o));
+        assert!(stderr(&o).contains(why), "{}", stderr(&o));
+    }
+}

@@ -164,6 +164,9 @@ pub struct KeptNote {
     pub note: String,
     /// Where it was kept, as a noun phrase.
     pub from: String,
+    /// Why the note could not be read, if it could not (a record that is not a regular file,
+    /// too large, or not text): checking against it then fails, naming this.
+    pub unreadable: Option<String>,
 }
 
 impl KeptNote {
@@ -180,6 +183,7 @@ impl KeptNote {
                 Some(s) => format!("{which} ({s})"),
                 None => which,
             },
+            unreadable: None,
         }
     }
 }
@@ -359,9 +363,24 @@ impl Verifier {
     /// Checkpoints kept outside the log join the stored ones (signed by `verifier`'s key; one
     /// the log also stores must name the same root). `false` once a failure is recorded.
     fn add_kept(&mut self, verifier: Option<&NoteVerifier>, kept: &[KeptNote]) -> bool {
-        for KeptNote { note, from: which } in kept {
+        for KeptNote {
+            note,
+            from: which,
+            unreadable,
+        } in kept
+        {
             let index = self.kept_from.len();
             self.kept_from.push(which.clone());
+            if let Some(why) = unreadable {
+                self.fail(
+                    None,
+                    None,
+                    format!(
+                        "{which} cannot be read: {why}, so the log cannot be checked against it"
+                    ),
+                );
+                return false;
+            }
             let Some(verifier) = verifier else {
                 self.fail(
                     None,
@@ -1014,44 +1033,89 @@ impl SignedRecord {
         &self.path
     }
 
-    /// The record as a [`KeptNote`] to verify against, if one was kept.
+    /// The record as a [`KeptNote`] to verify against, if one was kept. A record whose content
+    /// cannot be a signed note (not a regular file, too large, not text) is a note that fails
+    /// the check ([`KeptNote::unreadable`]): someone may have replaced it to stop the check. A
+    /// record that cannot be read at all (permissions, I/O) is an error.
     pub fn kept(&self) -> Result<Option<KeptNote>, LogError> {
-        Ok(self.read()?.map(|note| KeptNote {
-            note,
-            from: format!(
-                "the checkpoint this installation signed last (kept in {})",
-                self.path.display()
-            ),
+        let from = format!(
+            "the checkpoint this installation signed last (kept in {})",
+            self.path.display()
+        );
+        Ok(self.load()?.map(|read| match read {
+            Ok(note) => KeptNote {
+                note,
+                from,
+                unreadable: None,
+            },
+            Err(why) => KeptNote {
+                note: String::new(),
+                from,
+                unreadable: Some(why),
+            },
         }))
     }
 
-    /// The note kept, if any (none before the first signature).
+    /// The file whose lock signers in any process hold while they keep a checkpoint.
+    pub fn lock_path(&self) -> std::path::PathBuf {
+        let mut name = self
+            .path
+            .file_name()
+            .map_or_else(|| "record".into(), |n| n.to_os_string());
+        name.push(".lock");
+        self.path.with_file_name(name)
+    }
+
+    /// Hold the record's lock (blocking until no other signer holds it); released when the
+    /// returned file is closed.
+    fn lock(&self) -> std::io::Result<std::fs::File> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.lock_path())?;
+        f.lock()?;
+        Ok(f)
+    }
+
+    /// The note kept, if any (none before the first signature); a record that cannot be one
+    /// is an error.
     pub fn read(&self) -> Result<Option<String>, LogError> {
-        let fail = |what: String| LogError::Storage {
+        self.load()?
+            .map(|read| read.map_err(|why| self.read_failed(why)))
+            .transpose()
+    }
+
+    fn read_failed(&self, what: String) -> LogError {
+        LogError::Storage {
             context: format!(
                 "reading the last signed checkpoint, {}",
                 self.path.display()
             ),
             message: what,
-        };
+        }
+    }
+
+    /// The record: none, its text, or why its content cannot be a note.
+    fn load(&self) -> Result<Option<Result<String, String>>, LogError> {
         let meta = match std::fs::symlink_metadata(&self.path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(fail(e.to_string())),
+            Err(e) => return Err(self.read_failed(e.to_string())),
         };
         if !meta.is_file() {
-            return Err(fail("it is not a regular file".into()));
+            return Ok(Some(Err("it is not a regular file".into())));
         }
         if meta.len() > MAX_RECORD_BYTES {
-            return Err(fail(format!(
+            return Ok(Some(Err(format!(
                 "it holds {} bytes, more than a signed note ever does ({MAX_RECORD_BYTES})",
                 meta.len()
-            )));
+            ))));
         }
-        let bytes = std::fs::read(&self.path).map_err(|e| fail(e.to_string()))?;
-        String::from_utf8(bytes)
-            .map(Some)
-            .map_err(|_| fail("it is not UTF-8 text".into()))
+        let bytes = std::fs::read(&self.path).map_err(|e| self.read_failed(e.to_string()))?;
+        Ok(Some(
+            String::from_utf8(bytes).map_err(|_| "it is not UTF-8 text".to_string()),
+        ))
     }
 
     /// Keep `note`, a checkpoint of `size` events just signed, durably (written aside, synced,
@@ -1065,12 +1129,15 @@ impl SignedRecord {
             ),
             message: what,
         };
-        // Signers in one process (a server's runs ending together) keep one at a time, so the
-        // larger checkpoint is not replaced by a smaller one read before it was kept. (Across
-        // processes the record may still step back to a smaller checkpoint, from which the log
-        // also grew; the next signature moves it on.)
+        // Signers keep one at a time, so the larger checkpoint is not replaced by a smaller one
+        // read before it was kept: in one process (a server's runs ending together) by a mutex,
+        // across processes (an `ice checkpoint` beside a server) by a lock on a file beside the
+        // record, held until the new record is in place.
         static KEEPING: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _one = KEEPING.lock().unwrap_or_else(|p| p.into_inner());
+        let _all = self
+            .lock()
+            .map_err(|e| fail(format!("locking {}: {e}", self.lock_path().display())))?;
         if let Some(old) = self.read()?
             && let Ok(c) = Checkpoint::open(&old, verifier)
             && c.size > size
@@ -1346,7 +1413,15 @@ pub async fn sign_checkpoint_with(
     })
     .await?;
     if let Some(record) = record {
-        record.keep(&note, tail.size, &verifier)?;
+        // Off the async threads: it may wait for another process's signer, and it syncs.
+        let (record, kept_note, verifier, size) =
+            (record.clone(), note.clone(), verifier.clone(), tail.size);
+        tokio::task::spawn_blocking(move || record.keep(&kept_note, size, &verifier))
+            .await
+            .map_err(|e| LogError::Storage {
+                context: "keeping the checkpoint just signed".into(),
+                message: e.to_string(),
+            })??;
     }
     if let Some(m) = memory {
         *m.heads.lock().unwrap_or_else(|p| p.into_inner()) = (tail.heads.len() <= REMEMBERED_RUNS)

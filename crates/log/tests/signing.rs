@@ -310,3 +310,42 @@ async fn a_signer_keeps_each_checkpoint_it_signs_and_stops_on_a_record_it_cannot
     );
     assert_eq!(fx.log().checkpoints().await.unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn a_signer_waits_for_another_process_keeping_the_record() {
+    // Another process (here a thread holding the same file lock) is keeping a checkpoint: the
+    // record must not change under it, or a larger checkpoint could be replaced by a smaller.
+    let fx = Fixture::new();
+    let s = signer();
+    fx.ledger.append(&run_id("a"), opening()).await.unwrap();
+    let path = fx.dir.path().join("last-checkpoint");
+    let record = SignedRecord::at(&path);
+    let lock_path = record.lock_path();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let watch = path.clone();
+    let holder = std::thread::spawn(move || {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .unwrap();
+        f.lock().unwrap();
+        ready_tx.send(()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        let seen = std::fs::read_to_string(&watch).ok();
+        drop(f);
+        seen
+    });
+    ready_rx.recv().unwrap();
+    let memory = SignerMemory::keeping(record);
+    let signed = sign_checkpoint_with(fx.log(), &s, Some(&memory))
+        .await
+        .unwrap();
+    let seen_while_locked = holder.join().unwrap();
+    assert_eq!(
+        seen_while_locked, None,
+        "the record changed while it was locked"
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), signed.note);
+}
