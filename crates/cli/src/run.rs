@@ -494,7 +494,16 @@ pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
         }
     };
     let code = print_report(&report, a.json);
-    seal_with_checkpoint(&h, &rt, a.json).await?;
+    // Signing reads what the last checkpoint does not cover, which takes a while on a large
+    // log: SIGINT and SIGTERM are ICE's to handle now, so a signal then stops at once rather
+    // than going unheard. The run is recorded in full either way.
+    tokio::select! {
+        sealed = seal_with_checkpoint(&h, &rt, a.json) => sealed?,
+        () = exit_on_next_signal(
+            &mut term,
+            "ice run: stopped while sealing the run with a checkpoint: the run is recorded in full, but may be left unsealed (`ice checkpoint` seals it)",
+        ) => unreachable!("a signal exits"),
+    }
     Ok(code)
 }
 

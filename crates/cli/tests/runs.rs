@@ -1067,6 +1067,14 @@ fn a_reconfiguration_that_cannot_resume_the_run_says_it_is_recorded_and_the_run_
 /// `ice run` of the quickstart, its approvals given 60 s, started in the background (stdout
 /// as given): it soon waits for an operator.
 fn quickstart_waiting(stdout: Stdio) -> (tempfile::TempDir, PathBuf, std::process::Child) {
+    quickstart_waiting_with(stdout, Stdio::null())
+}
+
+/// [`quickstart_waiting`], its stderr as given too.
+fn quickstart_waiting_with(
+    stdout: Stdio,
+    stderr: Stdio,
+) -> (tempfile::TempDir, PathBuf, std::process::Child) {
     let (port, _seen) = endpoint();
     let (dir, home, qs) = setup(port);
     let spec = qs.join("run.toml");
@@ -1077,7 +1085,7 @@ fn quickstart_waiting(stdout: Stdio) -> (tempfile::TempDir, PathBuf, std::proces
     let child = ice_cmd(&home)
         .args(["run", spec.to_str().unwrap(), "--json"])
         .stdout(stdout)
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     (dir, home, child)
@@ -1160,4 +1168,67 @@ fn a_signal_kills_the_run_ice_run_drives_and_seals_it() {
     assert_eq!(code(&o), 0, "{}", text(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["latest_checkpoint"], v["events"], "{v}");
+}
+
+/// Sealing after the run (signing a checkpoint: reading what the last one does not cover, and
+/// keeping the note) can take a while; a signal then went unheard (session 23's review). Here
+/// the sealing waits for the record's lock, which the test holds: a second signal stops it.
+#[test]
+fn a_signal_while_ice_run_seals_stops_it_at_once() {
+    let (_dir, home, mut child) = quickstart_waiting_with(Stdio::null(), Stdio::piped());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pending(&home).is_empty() {
+        assert!(Instant::now() < deadline, "no approval was asked for");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(home.join("keys/last-checkpoint.lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    let signal = |child: &std::process::Child| {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+    };
+    signal(&child);
+    // The run is killed and its checkpoint stored; keeping it waits for the lock.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = ice(&home, &["verify", "--json"]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if run_types(&home).last().map(String::as_str) == Some("RunTerminated")
+            && v["latest_checkpoint"] == v["events"]
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the run was not sealed: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(child.try_wait().unwrap().is_none(), "it waits for the lock");
+    signal(&child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            drop(lock);
+            panic!("a signal while sealing went unheard");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("stopped while sealing"), "{err}");
+    drop(lock);
+    // Everything recorded verifies, and signing again completes the seal.
+    let o = ice(&home, &["checkpoint"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let o = ice(&home, &["verify"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
 }
