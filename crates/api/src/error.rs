@@ -103,7 +103,8 @@ impl From<RuntimeError> for ApiError {
             | RuntimeError::Busy(_)
             | RuntimeError::Claimed(_)
             | RuntimeError::Exists(_)
-            | RuntimeError::Decided { .. } => ApiError::conflict(message),
+            | RuntimeError::Decided { .. }
+            | RuntimeError::CommitRefused(_) => ApiError::conflict(message),
             RuntimeError::Invalid(_) | RuntimeError::Spec(_) => {
                 ApiError::bad_request("bad_request", message)
             }

@@ -54,7 +54,8 @@ use crate::evidence::{Detail, Digested, Evidence};
 use crate::limits::{MAX_JOURNAL_BYTES, MAX_STAGED_FILE_BYTES};
 use crate::workspace::{
     Confinement, ConfinementError, Entry, EntryKind, FileRead, FileState, FsError, Listing, Stat,
-    Workspace, authorize_stat, dir_segments, file_segments, hash_reader, read_evidence,
+    Workspace, authorize_stat, check_unreserved, dir_segments, file_segments, hash_reader,
+    read_evidence,
 };
 
 const OBJECTS: &str = "objects";
@@ -298,6 +299,22 @@ pub enum StageError {
         /// What is wrong.
         problem: String,
     },
+    /// A path the commit would change was changed in the workspace by someone else since the
+    /// run first read or staged it: the commit is refused before its commit point (nothing is
+    /// applied), so that other change is not silently overwritten.
+    #[error(
+        "{path:?} changed in the workspace while the run worked on it: it was {} when the run first read or staged it and is {} now, so that change is kept and the commit is refused before anything is applied",
+        state_text(seen),
+        state_text(now)
+    )]
+    Conflict {
+        /// The workspace path.
+        path: String,
+        /// Its content when the run first looked at it (`None`: absent).
+        seen: Option<FileState>,
+        /// Its content now.
+        now: Option<FileState>,
+    },
     /// Applying a change after the commit point failed; the journal is kept and [`recover`]
     /// will try again.
     #[error("commit: applying change {index} ({path:?}) failed; the journal is kept: {source}")]
@@ -310,6 +327,13 @@ pub enum StageError {
         #[source]
         source: Box<FsError>,
     },
+}
+
+fn state_text(state: &Option<FileState>) -> String {
+    match state {
+        Some(s) => format!("{} ({} bytes)", s.digest, s.size),
+        None => "absent".into(),
+    }
 }
 
 fn store_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> StageError {
@@ -347,6 +371,10 @@ pub struct Stage {
     run: RunId,
     ops: Vec<StagedOp>,
     view: BTreeMap<String, Staged>,
+    /// Each path's content in the workspace when the run first read or staged it (`None`:
+    /// absent), to refuse a commit over someone else's change made since ([`Stage::prepare`]).
+    /// Kept in memory: a stage rebuilt from its ops after a restart knows none.
+    seen: std::sync::Mutex<BTreeMap<String, Option<FileState>>>,
 }
 
 impl Stage {
@@ -387,6 +415,7 @@ impl Stage {
             run,
             ops: Vec::new(),
             view: BTreeMap::new(),
+            seen: Default::default(),
         };
         for op in ops {
             file_segments(op.path()).map_err(FsError::from)?;
@@ -466,6 +495,26 @@ impl Stage {
         self.ops.push(op);
     }
 
+    /// Note the workspace's content at `path` as the run first sees it, unless already noted.
+    /// (A path it cannot state, a parent that is a file say, is left unnoted: the commit
+    /// checks it again anyway.)
+    fn note_seen(&self, path: &str) {
+        if self.lock_seen().contains_key(path) || self.view.contains_key(path) {
+            return;
+        }
+        if let Ok(state) = self.workspace.check_writable(path) {
+            self.seen_is(path, state);
+        }
+    }
+
+    fn seen_is(&self, path: &str, state: Option<FileState>) {
+        self.lock_seen().entry(path.to_string()).or_insert(state);
+    }
+
+    fn lock_seen(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Option<FileState>>> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Store `content` durably under its digest.
     fn store(&self, content: &[u8]) -> Result<FileState, StageError> {
         let state = FileState {
@@ -503,13 +552,11 @@ impl Stage {
         let mut in_workspace = true;
         for i in 0..segs.len() - 1 {
             let prefix = segs[..=i].join("/");
-            match self.view.get(&prefix) {
-                Some(Staged::Written(_)) => return Err(FsError::NotADirectory { path: prefix }),
-                Some(Staged::Deleted) => {
-                    in_workspace = false;
-                    continue;
-                }
-                None => {}
+            // A file the run deletes is still a file where the workspace has it: a commit
+            // cannot turn it into a directory (it would delete and create in one step), so
+            // writing beneath it is refused like writing beneath any file.
+            if let Some(Staged::Written(_)) = self.view.get(&prefix) {
+                return Err(FsError::NotADirectory { path: prefix });
             }
             if !in_workspace {
                 continue;
@@ -533,6 +580,7 @@ impl Stage {
     /// it is not a directory there, and in the workspace it is absent or a regular file with
     /// one link.
     fn check_file_target(&self, path: &str, segs: &[&str]) -> Result<(), FsError> {
+        check_unreserved(path, segs)?;
         self.check_parents(path, segs)?;
         if self.implies_dir(path) {
             return Err(FsError::IsADirectory {
@@ -590,6 +638,7 @@ impl Stage {
             }));
         }
         self.check_file_target(path, &segs)?;
+        self.note_seen(path);
         let state = self.store(content)?;
         let op = StagedOp::Write {
             path: path.to_string(),
@@ -610,6 +659,7 @@ impl Stage {
         require(auth, "fs.delete", &Resource::Path(path.to_string())).map_err(FsError::from)?;
         require_run(auth, &self.run).map_err(FsError::from)?;
         self.check_file_target(path, &segs)?;
+        self.note_seen(path);
         let exists = match self.view.get(path) {
             Some(Staged::Written(_)) => true,
             Some(Staged::Deleted) => false,
@@ -663,6 +713,15 @@ impl Stage {
             }
             None => {
                 let (content, size, truncated) = self.workspace.read_file(path, limit)?;
+                if !truncated {
+                    self.seen_is(
+                        path,
+                        Some(FileState {
+                            digest: Digest::of(&content),
+                            size,
+                        }),
+                    );
+                }
                 (content, size, truncated, false)
             }
         };
@@ -897,7 +956,40 @@ impl Stage {
         self,
         hook: &mut dyn FnMut(CommitPoint<'_>),
     ) -> Result<CommitReport, StageError> {
+        let changes = self.prepare()?;
+        self.apply_prepared(changes, hook)
+    }
+
+    /// What a commit would apply, checked before its commit point: the diff ([`Stage::diff`]),
+    /// refused if a path changed in the workspace since the run first read or staged it
+    /// ([`StageError::Conflict`]), or if something other than a file stands where a write's
+    /// temporary goes. An error here leaves the workspace and the stage as they were.
+    pub fn prepare(&self) -> Result<Vec<Change>, StageError> {
         let changes = self.diff()?;
+        let seen = self.lock_seen();
+        for c in &changes {
+            if let Some(first) = seen.get(&c.path)
+                && *first != c.before
+            {
+                return Err(StageError::Conflict {
+                    path: c.path.clone(),
+                    seen: *first,
+                    now: c.before,
+                });
+            }
+            if c.after.is_some() {
+                self.workspace.check_temp_slot(&c.path)?;
+            }
+        }
+        Ok(changes)
+    }
+
+    /// [`Stage::apply_with_hook`] with the changes [`Stage::prepare`] gave.
+    pub fn apply_prepared(
+        self,
+        changes: Vec<Change>,
+        hook: &mut dyn FnMut(CommitPoint<'_>),
+    ) -> Result<CommitReport, StageError> {
         hook(CommitPoint::Prepared { changes: &changes });
         let journal = Journal {
             format: JOURNAL_FORMAT.into(),
@@ -1078,14 +1170,31 @@ pub fn roll_forward(
         }
         return Ok(Recovery::NothingPending);
     }
-    let journal = read_journal(&path)?;
+    let mut journal = read_journal(&path)?;
     let objects = dir.join(OBJECTS);
-    for (index, change) in journal.changes.iter().enumerate() {
-        apply_change(workspace, &objects, change, true).map_err(|source| StageError::Apply {
+    for (index, change) in journal.changes.iter_mut().enumerate() {
+        let path = change.path.clone();
+        let failed = |source| StageError::Apply {
             index,
-            path: change.path.clone(),
+            path,
             source: Box::new(source),
-        })?;
+        };
+        // What this change replaces now: the journal's `before` if the crash came before it
+        // was applied, its `after` if after. Anything else was put there since the crash, and
+        // is what the completed commit replaces: the record says so.
+        let now = match workspace.check_writable(&change.path) {
+            Ok(now) => now,
+            Err(e) => return Err(failed(e)),
+        };
+        if now != change.after && now != change.before {
+            change.before = now;
+            change.kind = match (&change.before, &change.after) {
+                (None, _) => ChangeKind::Added,
+                (Some(_), Some(_)) => ChangeKind::Modified,
+                (Some(_), None) => ChangeKind::Deleted,
+            };
+        }
+        apply_change(workspace, &objects, change, true).map_err(failed)?;
     }
     Ok(Recovery::RolledForward {
         changes: journal.changes,

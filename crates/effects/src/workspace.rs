@@ -67,6 +67,31 @@ pub enum Confinement {
     /// Resolution led outside the workspace (reported by the sandbox beneath the walk).
     #[error("leads outside the workspace")]
     Escape,
+    /// A component is a name ICE keeps for its own commit temporaries.
+    #[error(
+        "{component:?} is a name ICE keeps for its commit temporaries (`{TEMP_PREFIX}…`); no run writes or deletes it"
+    )]
+    Reserved {
+        /// The path up to and including that component.
+        component: String,
+    },
+}
+
+/// How the names of a commit's temporaries begin ([`temp_name`]): no run may stage a path with
+/// a component so named, or it could stand where a commit's temporary goes.
+pub(crate) const TEMP_PREFIX: &str = ".ice-commit-";
+
+/// Refuse a path with a component named like a commit temporary.
+pub(crate) fn check_unreserved(path: &str, segs: &[&str]) -> Result<(), ConfinementError> {
+    match segs.iter().position(|s| s.starts_with(TEMP_PREFIX)) {
+        Some(i) => Err(ConfinementError {
+            path: path.to_string(),
+            problem: Confinement::Reserved {
+                component: segs[..=i].join("/"),
+            },
+        }),
+        None => Ok(()),
+    }
 }
 
 /// A path refused by confinement: it names, or would reach, something the workspace rules
@@ -426,7 +451,7 @@ pub(crate) fn hash_reader(mut reader: impl Read) -> io::Result<FileState> {
 /// path, so recovery after a crash reuses (and so removes) any temporary a crash left.
 fn temp_name(path: &str) -> String {
     let digest = Digest::of(path.as_bytes()).to_hex();
-    format!(".ice-commit-{}.tmp", &digest[..16])
+    format!("{TEMP_PREFIX}{}.tmp", &digest[..16])
 }
 
 /// Counts of what a copy made.
@@ -676,6 +701,30 @@ impl Workspace {
         self.file_state(path)
     }
 
+    /// Check that a commit can write `path` through its temporary: nothing is at the
+    /// temporary's name, or a regular file (one a crash left, which the commit replaces). Run
+    /// before the commit point, so a directory or link standing there (put by someone outside
+    /// the run) refuses the commit before anything is applied, not half-way through.
+    pub(crate) fn check_temp_slot(&self, path: &str) -> Result<(), FsError> {
+        let temp = match path.rsplit_once('/') {
+            Some((dir, _)) => format!("{dir}/{}", temp_name(path)),
+            None => temp_name(path),
+        };
+        match self.kind_of(&temp) {
+            Ok(None | Some(EntryKind::File)) | Err(FsError::NotADirectory { .. }) => Ok(()),
+            Ok(Some(kind)) => Err(FsError::Confinement(ConfinementError {
+                path: path.to_string(),
+                problem: Confinement::Reserved {
+                    component: format!(
+                        "{temp} (a {} where the commit's temporary goes)",
+                        kind.as_str()
+                    ),
+                },
+            })),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Set the file at `path` to the content of `source` (a file outside the workspace, whose
     /// content must have the digest and size `expected`), creating parent directories. The
     /// content goes to a temporary file in the same directory, which is synced and then renamed
@@ -696,12 +745,14 @@ impl Workspace {
         let parent = self.open_parent(path, &segs, true, durable)?;
         let last = segs.len() - 1;
         let name = segs[last];
-        let mode = match parent.symlink_metadata(name) {
+        let (mode, owner) = match parent.symlink_metadata(name) {
             Ok(meta) => {
                 check_regular(path, &meta)?;
-                meta.mode() & 0o7777
+                // Permission bits only: content the run wrote does not inherit setuid, setgid
+                // or sticky (as a write into the file would have cleared setuid).
+                (meta.mode() & 0o777, Some((meta.uid(), meta.gid())))
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => 0o666,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (0o666, None),
             Err(e) => return Err(classify(&parent, path, &segs, last, e)),
         };
         let temp = temp_name(path);
@@ -716,6 +767,16 @@ impl Workspace {
         let mut out = parent
             .open_with(&temp, &options)
             .map_err(FsError::io(path, "create temporary"))?;
+        // The replaced file's owner stays its owner (a commit by a root process would
+        // otherwise hand a user's file to root); a process that may not give files away keeps
+        // its own ownership, as an editor saving the file would.
+        if let Some((uid, gid)) = owner {
+            let _ = rustix::fs::fchown(
+                &out,
+                Some(rustix::process::Uid::from_raw(uid)),
+                Some(rustix::process::Gid::from_raw(gid)),
+            );
+        }
         let mut input =
             std::fs::File::open(source).map_err(FsError::io(path, "open staged content"))?;
         let written = copy_hashing(&mut input, &mut out).map_err(FsError::io(path, "write"))?;

@@ -1003,14 +1003,26 @@ pub async fn run_checks(staging: &Staging, checks: &[Check]) -> Vec<Result<Value
 /// The journal stays until the commit is recorded and the run torn down
 /// ([`Staging::remove_store`]): a crash before the record leaves it for recovery to roll
 /// forward and record, never a workspace changed under a log that says nothing was.
+///
+/// A commit refused before its commit point (a path someone else changed meanwhile, one that
+/// cannot be written) is [`RuntimeError::CommitRefused`]: the stage is kept, to be discarded
+/// by the abort that follows, and the workspace is as it was.
 pub fn commit(staging: &mut Staging) -> Result<Vec<ice_effects::Change>, RuntimeError> {
+    let Some(stage) = staging.stage.as_ref() else {
+        return Err(RuntimeError::Io("the run's stage is closed".into()));
+    };
+    let changes = stage
+        .prepare()
+        .map_err(|e| RuntimeError::CommitRefused(e.to_string()))?;
     let Some(stage) = staging.stage.take() else {
         return Err(RuntimeError::Io("the run's stage is closed".into()));
     };
-    // Crash tests only: ICE_TEST_PAUSE_IN_COMMIT=N stops the commit after N applied changes
-    // (0: before the journal is written; `applied`: once every change is applied, before the
-    // commit is recorded) so the test can kill the process there.
-    let var = std::env::var("ICE_TEST_PAUSE_IN_COMMIT").ok();
+    // Crash tests only (debug builds): ICE_TEST_PAUSE_IN_COMMIT=N stops the commit after N
+    // applied changes (0: before the journal is written; `applied`: once every change is
+    // applied, before the commit is recorded) so the test can kill the process there.
+    let var = std::env::var("ICE_TEST_PAUSE_IN_COMMIT")
+        .ok()
+        .filter(|_| cfg!(debug_assertions));
     let pause: Option<usize> = var.as_deref().and_then(|v| v.parse().ok());
     let mut hook = |p: ice_effects::CommitPoint<'_>| {
         let at = match p {
@@ -1027,7 +1039,7 @@ pub fn commit(staging: &mut Staging) -> Result<Vec<ice_effects::Change>, Runtime
         }
     };
     let report = stage
-        .apply_with_hook(&mut hook)
+        .apply_prepared(changes, &mut hook)
         .map_err(|e| RuntimeError::Io(format!("commit: {e}")))?;
     if var.as_deref() == Some("applied") {
         eprintln!("ICE_TEST: paused in commit after every change was applied");

@@ -2403,8 +2403,19 @@ impl Ctx<'_> {
         if let Some(why) = failed {
             return self.abort(live, "validation_failed", &why).await;
         }
-        self.commit(live).await?;
-        Ok(RunOutcome::Committed)
+        match self.commit(live).await {
+            // Nothing was applied: the run ends aborted, saying why, rather than stuck
+            // validating with a commit that never started.
+            Err(RuntimeError::CommitRefused(why)) => {
+                self.abort(
+                    live,
+                    "commit_refused",
+                    &format!("the commit was refused before it changed anything: {why}"),
+                )
+                .await
+            }
+            r => r.map(|()| RunOutcome::Committed),
+        }
     }
 
     /// A commit that passed its commit point and was interrupted (its journal is in the stage

@@ -132,6 +132,10 @@ pub enum RuntimeError {
     /// A file-system or effects problem the run cannot continue past.
     #[error("{0}")]
     Io(String),
+    /// The commit was refused before its commit point: the workspace is unchanged (someone
+    /// else changed a path the run changes, or a path cannot be written).
+    #[error("the commit was refused before it changed anything: {0}")]
+    CommitRefused(String),
 }
 
 /// Where the runtime keeps per-run files inside an installation.

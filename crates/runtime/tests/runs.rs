@@ -1246,3 +1246,67 @@ async fn a_run_whose_stage_is_not_here_is_not_resumed() {
     assert!(of_type(&events, EventType::RunResumed).is_empty());
     assert_eq!(h.rt.books(&run).await.unwrap().state(), RunState::Suspended);
 }
+
+/// The probe's finding: a file someone else edited while the run worked on it was overwritten
+/// by the commit, with nothing recorded. Now the commit is refused before it applies anything,
+/// and the run ends aborted saying which path changed (it was left stuck validating when a
+/// commit failed before its commit point).
+#[tokio::test]
+async fn a_commit_over_someone_elses_edit_is_refused_and_the_run_aborts() {
+    let h = H::new(POLICY);
+    let plan = r#"
+[[step]]
+intent = "read"
+capability = "fs.read"
+target = "hello.txt"
+
+[[step]]
+intent = "rewrite"
+capability = "fs.write"
+target = "hello.txt"
+arguments = { content = "the agent's\n" }
+
+[[step]]
+intent = "add"
+capability = "fs.write"
+target = "added.txt"
+arguments = { content = "new\n" }
+"#;
+    let (spec, plan_agent) = h.spec("raced", "coder", "", plan);
+    let ws = h.ws.clone();
+    let mut agent = Hooked {
+        inner: plan_agent,
+        hook: move |v: &ice_kernel::AgentView| {
+            if v.step == 1 {
+                std::fs::write(ws.join("hello.txt"), "a human's edit\n").unwrap();
+            }
+        },
+    };
+    let report = h.run(spec, &mut agent).await;
+    match &report.outcome {
+        RunOutcome::Aborted { reason } => assert!(
+            reason.starts_with(
+                "the commit was refused before it changed anything: \"hello.txt\" changed"
+            ),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(report.state, RunState::Terminated);
+    assert_eq!(h.read("hello.txt"), "a human's edit\n");
+    assert!(!h.ws.join("added.txt").exists());
+    let events = h.events("raced").await;
+    assert!(of_type(&events, EventType::EffectApplied).is_empty());
+    assert_eq!(
+        of_type(&events, EventType::RunAborted)[0].payload["reason"],
+        "commit_refused"
+    );
+    let why = of_type(&events, EventType::AbortReasonDeclared)[0].payload["detail"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        why.contains("\"hello.txt\" changed in the workspace while the run worked on it"),
+        "{why}"
+    );
+}

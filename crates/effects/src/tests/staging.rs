@@ -693,3 +693,194 @@ fn an_abandoned_commit_is_moved_aside_whole_and_never_rolled_forward() {
     assert!(err.to_string().contains("no commit is pending"), "{err}");
     assert!(!s.stage_dir().with_file_name("k2").exists());
 }
+
+/// The probe's finding: a commit's temporary has a name that can be worked out from the path,
+/// and a run could stage a directory under it, so the commit failed half-way (after its commit
+/// point) and the run was stuck. Such names are ICE's own: no run stages them.
+#[test]
+fn a_run_cannot_stage_a_name_kept_for_commit_temporaries() {
+    let (_s, mut stage) = setup();
+    for path in [
+        ".ice-commit-734cad14909bedfa.tmp",
+        ".ice-commit-734cad14909bedfa.tmp/x",
+        "src/.ice-commit-anything",
+    ] {
+        let err = stage_err_fs(stage.write(&write(path), path, b"x").unwrap_err());
+        assert!(
+            matches!(
+                &err,
+                FsError::Confinement(ConfinementError {
+                    problem: Confinement::Reserved { .. },
+                    ..
+                })
+            ),
+            "{path}: {err:?}"
+        );
+        assert!(err.to_string().contains("commit temporaries"), "{err}");
+    }
+    let err = stage_err_fs(
+        stage
+            .delete(&delete("src/.ice-commit-x.tmp"), "src/.ice-commit-x.tmp")
+            .unwrap_err(),
+    );
+    assert!(
+        matches!(
+            err,
+            FsError::Confinement(ConfinementError {
+                problem: Confinement::Reserved { .. },
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    assert!(stage.ops().is_empty());
+}
+
+/// Something other than a file where a write's temporary goes (put there by someone outside
+/// the run) refuses the commit before its commit point: nothing applied, no journal.
+#[test]
+fn a_directory_where_a_commit_temporary_goes_refuses_the_commit_before_anything_is_applied() {
+    let (s, mut stage) = setup();
+    stage_some(&mut stage);
+    let temp = format!(".ice-commit-{}.tmp", &Digest::of(b"a.txt").to_hex()[..16]);
+    std::fs::create_dir(s.ws.join(&temp)).unwrap();
+    let before = tree(&s.ws);
+    let err = stage.prepare().unwrap_err();
+    assert!(err.to_string().contains(&temp), "{err}");
+    let err = stage.commit().unwrap_err();
+    assert!(matches!(err, StageError::Fs(_)), "{err:?}");
+    assert_eq!(tree(&s.ws), before, "nothing was applied");
+    assert!(!crate::commit_pending(s.stage_dir()));
+}
+
+/// The probe's finding: someone else's edit made while the run worked was overwritten by the
+/// commit with nothing to show it. A path changed since the run first read or staged it
+/// refuses the commit before its commit point.
+#[test]
+fn a_commit_over_a_change_made_since_the_run_looked_is_refused_and_applies_nothing() {
+    // Changed after the run read it (and before it wrote it).
+    let (s, mut stage) = setup();
+    stage.read(&read("a.txt"), "a.txt", 100).unwrap();
+    std::fs::write(s.ws.join("a.txt"), b"human edit").unwrap();
+    stage.write(&write("a.txt"), "a.txt", b"new a").unwrap();
+    stage.write(&write("zz.txt"), "zz.txt", b"z").unwrap();
+    let err = stage.commit().unwrap_err();
+    match &err {
+        StageError::Conflict { path, seen, now } => {
+            assert_eq!(path, "a.txt");
+            assert_eq!(seen.unwrap().digest, Digest::of(b"old a"));
+            assert_eq!(now.unwrap().digest, Digest::of(b"human edit"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains("so that change is kept"), "{err}");
+    assert_eq!(std::fs::read(s.ws.join("a.txt")).unwrap(), b"human edit");
+    assert!(!s.ws.join("zz.txt").exists(), "nothing was applied");
+
+    // Changed after the run staged it; a file that appeared where the run adds one; a file
+    // removed that the run deletes.
+    let (s, mut stage) = setup();
+    stage.write(&write("b.txt"), "b.txt", b"new b").unwrap();
+    std::fs::write(s.ws.join("b.txt"), b"human edit").unwrap();
+    assert!(matches!(
+        stage.prepare().unwrap_err(),
+        StageError::Conflict { .. }
+    ));
+    let (s, mut stage) = setup();
+    stage.write(&write("new.txt"), "new.txt", b"mine").unwrap();
+    std::fs::write(s.ws.join("new.txt"), b"theirs").unwrap();
+    assert!(matches!(
+        stage.prepare().unwrap_err(),
+        StageError::Conflict { seen: None, .. }
+    ));
+    let (s, mut stage) = setup();
+    stage.delete(&delete("a.txt"), "a.txt").unwrap();
+    std::fs::write(s.ws.join("a.txt"), b"edited").unwrap();
+    assert!(matches!(
+        stage.prepare().unwrap_err(),
+        StageError::Conflict { .. }
+    ));
+
+    // Unchanged paths commit as before; a change the run never looked at is no conflict.
+    let (s, mut stage) = setup();
+    stage.read(&read("a.txt"), "a.txt", 100).unwrap();
+    stage.write(&write("a.txt"), "a.txt", b"new a").unwrap();
+    std::fs::write(s.ws.join("b.txt"), b"human edit").unwrap();
+    stage.commit().unwrap();
+    assert_eq!(std::fs::read(s.ws.join("a.txt")).unwrap(), b"new a");
+    assert_eq!(std::fs::read(s.ws.join("b.txt")).unwrap(), b"human edit");
+}
+
+/// Recovery completes a commit past its commit point whatever is found; what it replaced is
+/// what was there, not what the journal expected (the probe's finding: a file changed between
+/// the crash and recovery was recorded as the journal's `before`).
+#[test]
+fn roll_forward_records_what_it_actually_replaced() {
+    let (s, mut stage) = setup();
+    stage.write(&write("a.txt"), "a.txt", b"new a").unwrap();
+    stage.write(&write("added.txt"), "added.txt", b"n").unwrap();
+    let mut crashed = false;
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        stage
+            .commit_with_hook(&mut |p| {
+                if matches!(p, CommitPoint::JournalDurable) {
+                    crashed = true;
+                    panic!("crash after the commit point");
+                }
+            })
+            .unwrap()
+    }));
+    assert!(crashed && crate::commit_pending(s.stage_dir()));
+    std::fs::write(s.ws.join("a.txt"), b"edited after the crash").unwrap();
+    std::fs::write(s.ws.join("added.txt"), b"appeared").unwrap();
+    let ws = Workspace::open(&s.ws).unwrap();
+    match crate::roll_forward(s.stage_dir(), &ws).unwrap() {
+        Recovery::RolledForward { changes } => {
+            assert_eq!(changes[0].path, "a.txt");
+            assert_eq!(
+                changes[0].before.unwrap().digest,
+                Digest::of(b"edited after the crash")
+            );
+            assert_eq!(changes[1].path, "added.txt");
+            assert_eq!(changes[1].kind, ChangeKind::Modified);
+            assert_eq!(changes[1].before.unwrap().digest, Digest::of(b"appeared"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(std::fs::read(s.ws.join("a.txt")).unwrap(), b"new a");
+}
+
+/// A file the run deletes cannot become a directory in the same commit (the commit would
+/// fail on it after staging accepted it): writing beneath it is refused when staged.
+#[test]
+fn writing_beneath_a_file_the_run_deletes_is_refused_when_staged() {
+    let (_s, mut stage) = setup();
+    stage.delete(&delete("a.txt"), "a.txt").unwrap();
+    let err = stage_err_fs(
+        stage
+            .write(&write("a.txt/b.txt"), "a.txt/b.txt", b"x")
+            .unwrap_err(),
+    );
+    assert!(
+        matches!(err, FsError::NotADirectory { ref path } if path == "a.txt"),
+        "{err:?}"
+    );
+    // A new file staged and deleted again was never in the workspace: a directory may go there.
+    stage.write(&write("n"), "n", b"x").unwrap();
+    stage.delete(&delete("n"), "n").unwrap();
+    stage.write(&write("n/b.txt"), "n/b.txt", b"x").unwrap();
+}
+
+/// Rewriting a setuid file keeps its permission bits, not setuid or setgid.
+#[test]
+fn a_rewritten_file_does_not_keep_setuid_or_setgid() {
+    let (s, mut stage) = setup();
+    std::fs::set_permissions(s.ws.join("a.txt"), std::fs::Permissions::from_mode(0o6755)).unwrap();
+    stage.write(&write("a.txt"), "a.txt", b"new a").unwrap();
+    stage.commit().unwrap();
+    let mode = std::fs::metadata(s.ws.join("a.txt"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o755);
+}
