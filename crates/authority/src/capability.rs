@@ -340,7 +340,7 @@ impl RegistryBuilder {
     /// more can be added.
     pub fn standard() -> RegistryBuilder {
         use Classifier::{Assigned, Fixed, HttpMethod};
-        use EffectClass::{InternalWrite, Read};
+        use EffectClass::{External, InternalWrite, Read};
         let standard: [(&str, ResourceKind, Classifier, &str); 7] = [
             (
                 "fs.read",
@@ -372,17 +372,19 @@ impl RegistryBuilder {
                 HttpMethod,
                 "an HTTP request to a host; GET and HEAD read, other methods are external",
             ),
-            // process.exec runs a run's validation checks. The runtime runs them against a
-            // throw-away copy of the workspace with the staged writes applied, confined to that
-            // copy, so what they change is ICE-controlled and discarded: internal-write, not
-            // read (they can change the copy) and not external (the copy is not the world).
-            // A command that reaches the network is outside this class's promise; the effects
-            // layer must confine it, and a policy can raise the bar with `context.effect`.
+            // process.exec runs a program in a throw-away copy of the workspace with the
+            // staged writes applied. That copy is only where it starts: the command runs as
+            // ICE's user, with that user's reach (every file it may open, ICE's own home
+            // included, the network, other processes), and nothing isolates it. What it does
+            // cannot be discarded, so it is external: a permit needs an operator's approval for
+            // each call unless it says @external("permit"). (Found by a probe: classed
+            // internal-write, a narrow permit such as `make test` on a Makefile the agent
+            // wrote let the command write the real workspace and approve its own requests.)
             (
                 "process.exec",
                 ResourceKind::Command,
-                Fixed(InternalWrite),
-                "run a command against a staged copy of the workspace (validation checks)",
+                Fixed(External),
+                "run a program, starting in a copy of the staged workspace (not isolated: it has ICE's user's access)",
             ),
             (
                 "mcp.call",
@@ -439,7 +441,7 @@ impl Registry {
     /// | `fs.write` | `Path` | internal-write |
     /// | `fs.delete` | `Path` | internal-write |
     /// | `http.request` | `Host` | read for GET/HEAD, external otherwise |
-    /// | `process.exec` | `Command` | internal-write (runs against a staged copy) |
+    /// | `process.exec` | `Command` | external (starts in a staged copy, but is not isolated) |
     /// | `mcp.call` | `Tool` | as configured per tool, external otherwise |
     pub fn standard() -> Registry {
         RegistryBuilder::standard().build()

@@ -16,7 +16,8 @@ fn standard_capabilities_have_their_classes() {
     assert_eq!(class("fs.list"), EffectClass::Read);
     assert_eq!(class("fs.write"), EffectClass::InternalWrite);
     assert_eq!(class("fs.delete"), EffectClass::InternalWrite);
-    assert_eq!(class("process.exec"), EffectClass::InternalWrite);
+    // A command is not isolated (it runs with ICE's user's access): external.
+    assert_eq!(class("process.exec"), EffectClass::External);
     assert_eq!(class("mcp.call"), EffectClass::External);
     let names: Vec<&str> = registry.iter().map(Capability::name).collect();
     assert_eq!(

@@ -314,6 +314,7 @@ fn a_permit_that_fails_to_evaluate_does_not_permit() {
 fn policies_see_the_context() {
     let set = policies(
         r#"
+        @external("permit")
         permit(principal, action == Action::"process.exec", resource == Command::"cargo")
         when {
             context.run == "run-1" && context.intent like "*validation*" &&

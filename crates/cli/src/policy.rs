@@ -59,10 +59,11 @@ pub const STARTER_POLICY: &str = r#"// ICE policies: the starter policy `ice ini
 //              `args` for process.exec) and context.budget (what is left of
 //              the run's budget). Optional fields need `has` before use:
 //              `context.arguments has method && context.arguments.method == "GET"`.
-// Effect classes belong to the runtime: fs.read and fs.list are read; fs.write, fs.delete and
-// process.exec are internal-write (they change the run's staged copy, which ICE can discard);
-// http.request is read for GET and HEAD and external for any other method; mcp.call is
-// external.
+// Effect classes belong to the runtime: fs.read and fs.list are read; fs.write and fs.delete
+// are internal-write (they change the run's staged copy, which ICE can discard); http.request
+// is read for GET and HEAD and external for any other method; mcp.call is external, and so is
+// process.exec: the command starts in a copy of the workspace, but runs as ICE's user with all
+// of that user's access (files, ICE's own home, the network); nothing isolates it.
 //
 // HOW ICE DECIDES
 //   1. A matching `forbid` denies, whatever else matches. A forbid that fails to evaluate
@@ -216,8 +217,12 @@ when {
 //   forbid (principal, action == Action::"http.request", resource)
 //   when { context.arguments has port && context.arguments.port != 443 };
 //
-// Run `cargo test` as a validation check:
+// Let the agent run `cargo test` without asking each time. A command is external and not
+// isolated, so this trusts whatever code the test run executes, including code the agent
+// staged (build scripts, tests): permit only programs you would let the agent run as you.
+// (A run spec's [[check]] commands are the operator's and need no permit.)
 //   @id("cargo-test")
+//   @external("permit")
 //   permit (principal, action == Action::"process.exec", resource == Command::"cargo")
 //   when { context.arguments has args && context.arguments.args.contains("test") };
 //

@@ -516,7 +516,7 @@ pub(crate) async fn exit_on_next_signal(term: &mut tokio::signal::unix::Signal, 
         _ = term.recv() => {}
     }
     eprintln!("{what}");
-    ice_effects::kill_tool_servers();
+    ice_effects::kill_child_processes();
     std::process::exit(130);
 }
 

@@ -765,7 +765,7 @@ fn an_llm_run_killed_twice_during_commands_resumes_twice_and_replays() {
     let (home, ex) = setup(dir.path(), model.port, |t| t);
     std::fs::write(
         ex.join("policies/exec.cedar"),
-        "permit(principal == Agent::\"writer\", action == Action::\"process.exec\", resource == Command::\"sleep\");\n",
+        "@external(\"permit\")\npermit(principal == Agent::\"writer\", action == Action::\"process.exec\", resource == Command::\"sleep\");\n",
     )
     .unwrap();
     let record = dir.path().join("go-on.toml");

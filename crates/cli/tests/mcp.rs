@@ -1745,6 +1745,7 @@ permit(principal == Agent::"assistant", action in [Action::"fs.read", Action::"f
 @max_bytes("64")
 permit(principal == Agent::"assistant", action == Action::"fs.write", resource in Dir::".");
 @id("cat")
+@external("permit")
 permit(principal == Agent::"assistant", action == Action::"process.exec", resource == Command::"cat");"#,
     );
     let ws = std::fs::canonicalize(f.root.join("ws")).unwrap();

@@ -32,6 +32,7 @@ use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,6 +43,9 @@ use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
 use crate::auth::{AuthorizationError, cap_bytes, cap_time, require};
 use crate::evidence::{Detail, Digested, Evidence};
 use crate::limits::MAX_EXEC_ARGS;
+
+/// How often a running command checks whether it is to be stopped ([`run_until`]).
+pub const STOP_POLL: Duration = Duration::from_millis(50);
 
 /// How long output is still collected after the command's process group is gone.
 const OUTPUT_GRACE: Duration = Duration::from_secs(2);
@@ -91,6 +95,8 @@ pub struct ExecOutput {
     pub signal: Option<i32>,
     /// Whether it was killed for running out of time.
     pub timed_out: bool,
+    /// Whether it was killed because it was told to stop ([`run_until`]).
+    pub stopped: bool,
     /// Its stdout, up to the limit.
     pub stdout: Vec<u8>,
     /// Whether stdout was cut (or not complete when collection stopped).
@@ -150,6 +156,17 @@ impl From<AuthorizationError> for ExecError {
 /// Run a command an agent requested, under `auth` (`process.exec` on exactly
 /// `spec.program`).
 pub fn run(auth: &Authorization, spec: &ExecSpec) -> Result<ExecOutput, ExecError> {
+    run_until(auth, spec, &AtomicBool::new(false))
+}
+
+/// [`run`], stopped early once `stop` is set (the run was killed, ICE is stopping): the
+/// command's process group is killed within [`STOP_POLL`] and the output says so
+/// ([`ExecOutput::stopped`]).
+pub fn run_until(
+    auth: &Authorization,
+    spec: &ExecSpec,
+    stop: &AtomicBool,
+) -> Result<ExecOutput, ExecError> {
     let program = check_spec(spec)?;
     require(auth, "process.exec", &program)?;
     // The grant's constraints can only tighten the spec's limits: its `timeout_ms` bounds the
@@ -159,14 +176,14 @@ pub fn run(auth: &Authorization, spec: &ExecSpec) -> Result<ExecOutput, ExecErro
         max_output_bytes: cap_bytes(auth, 0, spec.max_output_bytes),
         ..spec.clone()
     };
-    execute(&bounded, program, Some(auth), "agent")
+    execute(&bounded, program, Some(auth), "agent", stop)
 }
 
 /// Run one of the run spec's validation checks. The operator wrote it; no agent asked for it,
 /// so it takes no authorization (the runtime records it under the run's own authority).
 pub fn run_check(spec: &ExecSpec) -> Result<ExecOutput, ExecError> {
     let program = check_spec(spec)?;
-    execute(spec, program, None, "check")
+    execute(spec, program, None, "check", &AtomicBool::new(false))
 }
 
 fn check_spec(spec: &ExecSpec) -> Result<Resource, ExecError> {
@@ -237,6 +254,7 @@ fn execute(
     program: Resource,
     auth: Option<&Authorization>,
     origin: &'static str,
+    stop: &AtomicBool,
 ) -> Result<ExecOutput, ExecError> {
     let name = spec.program.clone();
     let executable: PathBuf =
@@ -266,6 +284,7 @@ fn execute(
         source,
     })?;
     let pid = Pid::from_child(&child);
+    crate::mcp::track_group(child.id());
     let limit = spec.max_output_bytes;
     let (stdout, stdout_done) = match child.stdout.take() {
         Some(pipe) => capture(pipe, limit),
@@ -291,17 +310,30 @@ fn execute(
         };
         let _ = exited_tx.send(result);
     });
-    let timed_out = match exited_rx.recv_timeout(spec.timeout) {
-        Ok(result) => {
-            result.map_err(|e| ExecError::Wait {
-                program: name.clone(),
-                source: e.into(),
-            })?;
-            false
+    let deadline = started + spec.timeout;
+    let (timed_out, stopped) = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match exited_rx.recv_timeout(left.min(STOP_POLL)) {
+            Ok(result) => {
+                if let Err(e) = result {
+                    kill_group(pid);
+                    crate::mcp::untrack_group(child.id());
+                    return Err(ExecError::Wait {
+                        program: name.clone(),
+                        source: e.into(),
+                    });
+                }
+                break (false, false);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) if stop.load(Ordering::SeqCst) => {
+                break (false, true);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {}
+            Err(_) => break (true, false),
         }
-        Err(_) => true,
     };
     kill_group(pid);
+    crate::mcp::untrack_group(child.id());
     let status = child.wait().map_err(|source| ExecError::Wait {
         program: name.clone(),
         source,
@@ -352,6 +384,7 @@ fn execute(
         exit_code: status.code(),
         signal: status.signal(),
         timed_out,
+        stopped,
         stdout,
         stdout_truncated,
         stderr,

@@ -35,7 +35,7 @@ mod tests;
 
 pub use auth::AuthorizationError;
 pub use evidence::{Detail, Digested, Evidence};
-pub use exec::{ExecError, ExecOutput, ExecSpec, run, run_check};
+pub use exec::{ExecError, ExecOutput, ExecSpec, run, run_check, run_until};
 pub use http::{
     HttpClient, HttpError, HttpLimits, HttpRequest, HttpResponse, HttpTarget, UrlError,
     parse_target,
@@ -43,7 +43,7 @@ pub use http::{
 pub use ice_authority::Authorization;
 pub use mcp::{
     McpError, ServerConfig, ServerTransport, ToolCallError, ToolCallOutput, ToolServers, ToolSpec,
-    hint_from_annotations, kill_tool_servers,
+    hint_from_annotations, kill_child_processes,
 };
 pub use staging::{
     Change, ChangeKind, CommitPoint, CommitReport, Materialized, Recovery, Stage, StageError,

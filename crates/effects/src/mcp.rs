@@ -1127,15 +1127,31 @@ impl Connection {
     }
 }
 
-/// The process groups of the stdio tool servers this process started that have not ended
-/// (each server leads its own group): what [`kill_tool_servers`] stops.
+/// The process groups of the stdio tool servers and the commands this process started that
+/// have not ended (each leads its own group): what [`kill_child_processes`] stops.
 static LIVE_GROUPS: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
 
-/// Kill every stdio tool server this process started that still runs, with whatever each
-/// started in its process group. For a process about to exit at once (`std::process::exit`,
-/// a second signal): no destructor runs then, and the servers, in process groups of their
-/// own (so a terminal's Ctrl-C does not reach them), would outlive it.
-pub fn kill_tool_servers() {
+/// Note a process group this process started (a command's), for [`kill_child_processes`].
+pub(crate) fn track_group(pid: u32) {
+    LIVE_GROUPS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(pid);
+}
+
+/// Forget a process group once it is killed or gone.
+pub(crate) fn untrack_group(pid: u32) {
+    LIVE_GROUPS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&pid);
+}
+
+/// Kill every stdio tool server and every command this process started that still runs,
+/// with whatever each started in its process group. For a process about to exit at once
+/// (`std::process::exit`, a second signal): no destructor runs then, and those processes, in
+/// process groups of their own (so a terminal's Ctrl-C does not reach them), would outlive it.
+pub fn kill_child_processes() {
     let groups = std::mem::take(&mut *LIVE_GROUPS.lock().unwrap_or_else(PoisonError::into_inner));
     for pid in groups {
         signal_group(Some(pid), rustix::process::Signal::KILL);

@@ -859,8 +859,12 @@ pub fn prepare_exec(staging: &Staging) -> Result<tempfile::TempDir, (DenialCode,
     Ok(copy)
 }
 
+/// What the record of a command killed part-way says.
+const STOPPED_COMMAND: &str = "the run was stopped while the command ran (killed, or ICE stopping): its process group was killed part-way, so what it did before is unknown";
+
 /// `process.exec`: run the authorised program in a throw-away copy of the staged workspace
-/// (what it changes there is discarded with the copy).
+/// (what it changes there is discarded with the copy). Once `stop` is set (the run is being
+/// killed, ICE is stopping) the command's process group is killed, and the record says so.
 pub async fn perform_exec(
     auth: &Authorization,
     program: &str,
@@ -868,6 +872,7 @@ pub async fn perform_exec(
     copy: tempfile::TempDir,
     time_left: Option<Duration>,
     reserved: &Cost,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<Performed, (DenialCode, String)> {
     // What the agent is given (stdout and stderr together) is at most what the call reserved.
     let cap = reserved.bytes;
@@ -886,7 +891,7 @@ pub async fn perform_exec(
     };
     let auth = auth.clone();
     let o = tokio::task::spawn_blocking(move || {
-        let r = ice_effects::exec::run(&auth, &spec);
+        let r = ice_effects::exec::run_until(&auth, &spec, &stop);
         drop(copy);
         r
     })
@@ -917,14 +922,24 @@ pub async fn perform_exec(
                 "timed_out": o.timed_out,
                 "evidence": o.evidence.to_json(),
             }));
+            if o.stopped {
+                // Killed part-way: what it did before is unknown to ICE.
+                p.insert("stopped".into(), json!(STOPPED_COMMAND));
+            }
             if cut {
                 // The evidence's digests are of what was read; the agent was given this much.
                 p.insert("output_cut_at".into(), json!(cap));
             }
             p
         },
-        output: json!({"exit": o.exit_code, "timed_out": o.timed_out,
-                       "stdout": text(&stdout), "stderr": text(&stderr)}),
+        output: {
+            let mut out = json!({"exit": o.exit_code, "timed_out": o.timed_out,
+                                 "stdout": text(&stdout), "stderr": text(&stderr)});
+            if o.stopped {
+                out["stopped"] = json!(STOPPED_COMMAND);
+            }
+            out
+        },
         actual: Cost {
             bytes: n,
             ..Cost::default()

@@ -1383,9 +1383,29 @@ impl Ctx<'_> {
                 Ok(copy) => {
                     guard.in_flight += 1;
                     drop(guard);
-                    let p =
-                        act::perform_exec(&auth, program, &r.arguments, copy, time_left, &amount)
-                            .await;
+                    // A kill (recorded by anyone) or ICE stopping kills the command too: it
+                    // would otherwise run on to its timeout, or outlive ICE.
+                    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let exec = act::perform_exec(
+                        &auth,
+                        program,
+                        &r.arguments,
+                        copy,
+                        time_left,
+                        &amount,
+                        stop.clone(),
+                    );
+                    tokio::pin!(exec);
+                    let p = loop {
+                        tokio::select! {
+                            p = &mut exec => break p,
+                            () = tokio::time::sleep(Duration::from_millis(100)) => {
+                                if self.stop_asked().await {
+                                    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                                }
+                            }
+                        }
+                    };
                     guard = self.live.lock().await;
                     guard.in_flight -= 1;
                     p
@@ -1484,6 +1504,16 @@ impl Ctx<'_> {
                 self.refuse(live, agent, r, Some(req), d, None).await
             }
         }
+    }
+
+    /// Whether the run is to stop now: a kill is recorded (by this process or another), or
+    /// ICE is stopping. A log that cannot be read now answers no (the call goes on to its end).
+    async fn stop_asked(&self) -> bool {
+        if self.rt.interrupts.why().is_some() {
+            return true;
+        }
+        let mut live = self.live.lock().await;
+        self.catch_up(&mut live).await.is_ok() && live.books.kill.is_some()
     }
 
     async fn wait_for_approval(

@@ -1207,7 +1207,7 @@ async fn run_with_100_bytes(
     args: &str,
 ) -> (ice_runtime::RunReport, Vec<ice_kernel::Event>) {
     let policy = format!(
-        "{POLICY}\n@id(\"exec\")\npermit(principal == Agent::\"coder\", action == Action::\"process.exec\", resource == Command::\"{command}\");\n"
+        "{POLICY}\n@id(\"exec\")\n@external(\"permit\")\npermit(principal == Agent::\"coder\", action == Action::\"process.exec\", resource == Command::\"{command}\");\n"
     );
     let h = H::new(&policy);
     let plan = format!(
@@ -1309,4 +1309,64 @@ arguments = { content = "new\n" }
         why.contains("\"hello.txt\" changed in the workspace while the run worked on it"),
         "{why}"
     );
+}
+
+/// The probe's finding: a kill did not stop a command that was running; it ran on to its end
+/// (or its timeout), and outlived a process that exited. Now the kill kills its process group
+/// within moments, and the record says the command was stopped part-way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_stops_a_running_command() {
+    let policy = format!(
+        "{POLICY}\n@id(\"exec\")\n@external(\"permit\")\npermit(principal == Agent::\"coder\", action == Action::\"process.exec\", resource == Command::\"sh\");\n"
+    );
+    let h = H::new(&policy);
+    let pid_file = h.base.join("pid");
+    let plan = format!(
+        "[[step]]\nintent = \"long job\"\ncapability = \"process.exec\"\ntarget = \"sh\"\narguments = {{ args = [\"-c\", \"echo $$ > {}; exec sleep 30\"], timeout_ms = 60000 }}\n",
+        pid_file.display()
+    );
+    let (spec, mut agent) = h.spec("long", "coder", "", &plan);
+    let started = std::time::Instant::now();
+    let run = RunId::new("long").unwrap();
+    let killer = async {
+        let pid = loop {
+            if let Some(pid) = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|t| t.trim().parse::<u32>().ok())
+            {
+                break pid;
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(20));
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        h.rt.kill(&run, "alice", "enough", &ice_runtime::Quiet)
+            .await
+            .unwrap();
+        pid
+    };
+    let (report, pid) = tokio::join!(h.run(spec, &mut agent), killer);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "the command ran on: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(report.outcome, RunOutcome::Aborted { .. }),
+        "{report:?}"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the command still runs"
+    );
+    let events = h.events("long").await;
+    let invoked = of_type(&events, EventType::ToolInvoked);
+    assert_eq!(invoked.len(), 1, "the command's end is recorded");
+    assert!(
+        invoked[0].payload["stopped"]
+            .as_str()
+            .is_some_and(|s| s.contains("killed part-way")),
+        "{:?}",
+        invoked[0].payload
+    );
+    assert_eq!(invoked[0].payload["timed_out"], false);
 }
