@@ -887,14 +887,23 @@ impl Workspace {
                         .open_with(&name, &read_options())
                         .map_err(FsError::io(&path, "open"))?;
                     let meta = file.metadata().map_err(FsError::io(&path, "stat"))?;
-                    check_regular(&path, &meta)?;
+                    // A file with other hard links is copied like any other: the copy is a
+                    // file of its own, so nothing done to it reaches the other names (the
+                    // probe found one pnpm-style link stopping every command and check).
+                    if !meta.is_file() {
+                        return Err(FsError::confinement(
+                            &path,
+                            Confinement::Special(special_name(&meta)),
+                        ));
+                    }
                     let mut out = std::fs::OpenOptions::new()
                         .write(true)
                         .create_new(true)
                         .open(&target)
                         .map_err(FsError::io(&path, "create copy"))?;
                     io::copy(&mut file.into_std(), &mut out).map_err(FsError::io(&path, "copy"))?;
-                    out.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))
+                    // Permission bits only: no setuid or setgid copy of a file.
+                    out.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o777))
                         .map_err(FsError::io(&path, "set permissions"))?;
                     counts.files += 1;
                 }

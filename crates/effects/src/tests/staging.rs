@@ -525,7 +525,7 @@ fn a_stage_directory_inside_the_workspace_is_refused() {
 }
 
 #[test]
-fn materialize_refuses_a_hard_link_and_skips_special_files() {
+fn materialize_copies_a_hard_linked_file_as_a_file_of_its_own_and_skips_special_files() {
     let (s, stage) = setup();
     rustix::fs::mknodat(
         rustix::fs::CWD,
@@ -539,16 +539,20 @@ fn materialize_refuses_a_hard_link_and_skips_special_files() {
     assert_eq!(made.skipped, ["fifo"]);
     assert!(!s.base.join("copy1/fifo").exists());
 
+    // A hard-linked file (pnpm's store, say) does not stop the copy: it is copied, and the
+    // copy is a file of its own, so a command writing it changes no other name of the file.
     std::fs::hard_link(s.outside.join("secret.txt"), s.ws.join("src/hl")).unwrap();
-    let err = stage.materialize(s.base.join("copy2")).unwrap_err();
-    assert!(matches!(
-        stage_err_fs(err),
-        FsError::Confinement(ConfinementError {
-            problem: Confinement::HardLink { links: 2 },
-            ..
-        })
-    ));
-    assert!(!s.base.join("copy2/src/hl").exists());
+    let original = std::fs::read(s.outside.join("secret.txt")).unwrap();
+    stage.materialize(s.base.join("copy2")).unwrap();
+    let copy = s.base.join("copy2/src/hl");
+    assert_eq!(std::fs::read(&copy).unwrap(), original);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&copy).unwrap().nlink(), 1);
+    std::fs::write(&copy, b"changed in the copy").unwrap();
+    assert_eq!(
+        std::fs::read(s.outside.join("secret.txt")).unwrap(),
+        original
+    );
 }
 
 #[test]
