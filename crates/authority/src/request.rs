@@ -168,6 +168,22 @@ fn no_control(kind: ResourceKind, s: &str) -> Result<(), ResourceError> {
     }
 }
 
+/// A character that is not shown, or reorders what is shown around it: zero-width characters,
+/// the soft hyphen, bidirectional marks, embeddings, overrides and isolates, the BOM.
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
+}
+
 /// Check a relative workspace path: `/`-separated, no empty, `.` or `..` segment, not absolute,
 /// no backslash, no control character. The authority names targets; it does not resolve them,
 /// so a path that would need resolving (`src/../secret`) is refused rather than guessed at.
@@ -181,6 +197,12 @@ fn check_relative_path(kind: ResourceKind, path: &str) -> Result<(), ResourceErr
         return Err(bad(&format!("must be 1 to {MAX_PATH_LEN} bytes")));
     }
     no_control(kind, path)?;
+    if let Some(c) = path.chars().find(|&c| invisible(c)) {
+        return Err(bad(&format!(
+            "contains the invisible formatting character U+{:04X}, which would show the path as another (an operator reads paths in approvals and diffs)",
+            c as u32
+        )));
+    }
     if path.starts_with('/') {
         return Err(bad("is absolute; give a path relative to the workspace"));
     }

@@ -164,8 +164,28 @@ fn paths_that_need_resolving_are_refused() {
     ] {
         assert!(Resource::path(bad).is_err(), "{bad:?} accepted");
     }
+    // Characters that hide or reorder what an operator reads (the probe's `evil\u{202e}txt.sh`
+    // shows as `evilhs.txt`; `locked\u{200b}/x` looks like `locked/x`).
+    for bad in [
+        "evil\u{202e}txt.sh",
+        "locked\u{200b}/release.txt",
+        "a\u{2066}b",
+        "\u{feff}a",
+        "soft\u{ad}hyphen",
+    ] {
+        let e = Resource::path(bad).expect_err(bad);
+        assert!(
+            e.to_string().contains("invisible formatting character"),
+            "{e}"
+        );
+        assert!(
+            Resource::dir(bad).is_err(),
+            "{bad:?} accepted as a directory"
+        );
+    }
     assert!(Resource::path("src/lib.rs").is_ok());
     assert!(Resource::path("..hidden/file").is_ok());
+    assert!(Resource::path("docs/résumé café/日本語.md").is_ok());
     assert!(Resource::dir(".").is_ok());
     assert!(Resource::dir("src/..").is_err());
     let e = Resource::path("src/../secret").expect_err("dot-dot");
