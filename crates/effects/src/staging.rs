@@ -712,7 +712,17 @@ impl Stage {
                 (content, state.size, truncated, true)
             }
             None => {
-                let (content, size, truncated) = self.workspace.read_file(path, limit)?;
+                let (content, size, truncated) = match self.workspace.read_file(path, limit) {
+                    Ok(read) => read,
+                    Err(e) => {
+                        // Seen absent: a file someone adds before the run writes its own there
+                        // is a change the commit must not overwrite unseen.
+                        if matches!(e, FsError::NotFound { .. }) {
+                            self.seen_is(path, None);
+                        }
+                        return Err(e.into());
+                    }
+                };
                 if !truncated {
                     self.seen_is(
                         path,

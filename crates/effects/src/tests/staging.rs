@@ -805,6 +805,18 @@ fn a_commit_over_a_change_made_since_the_run_looked_is_refused_and_applies_nothi
         StageError::Conflict { .. }
     ));
 
+    // Read as absent, then added by someone else before the run writes its own.
+    let (s, mut stage) = setup();
+    assert!(stage.read(&read("late.txt"), "late.txt", 100).is_err());
+    std::fs::write(s.ws.join("late.txt"), b"theirs").unwrap();
+    stage
+        .write(&write("late.txt"), "late.txt", b"mine")
+        .unwrap();
+    assert!(matches!(
+        stage.prepare().unwrap_err(),
+        StageError::Conflict { seen: None, .. }
+    ));
+
     // Unchanged paths commit as before; a change the run never looked at is no conflict.
     let (s, mut stage) = setup();
     stage.read(&read("a.txt"), "a.txt", 100).unwrap();
