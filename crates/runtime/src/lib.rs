@@ -55,7 +55,11 @@ pub use spec::{Assumption, BudgetSpec, Check, OnExhaustion, RunSpec, SpecError};
 ///
 /// 3: an `http.request` whose `method` is not one the schema names (in any case) is refused
 /// the same way. (Rules 2 decided on it, and the adapter refused to send it after the grant.)
-pub const DECISION_RULES: u64 = 3;
+///
+/// 4: `process.exec` is external (nothing isolates a command), so a permit needs an operator's
+/// approval for each call unless it says `@external("permit")`. (Rules 3 classed it
+/// internal-write, and a plain permit let it run.)
+pub const DECISION_RULES: u64 = 4;
 
 /// Something that wants to see each event a run records, as it is recorded (progress lines).
 pub trait Observer: Send + Sync {
