@@ -84,6 +84,6 @@ pub use policy::{
 };
 pub use request::{
     ArgumentError, ArgumentProblem, BudgetLeft, EntityCache, HTTP_CONNECT, Request, RequestBuilder,
-    RequestError, Resource, ResourceError, connection_address,
+    RequestError, Resource, ResourceError, check_visible, connection_address,
 };
 pub use schema::{Schema, SchemaError};

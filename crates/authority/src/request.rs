@@ -168,20 +168,44 @@ fn no_control(kind: ResourceKind, s: &str) -> Result<(), ResourceError> {
     }
 }
 
-/// A character that is not shown, or reorders what is shown around it: zero-width characters,
-/// the soft hyphen, bidirectional marks, embeddings, overrides and isolates, the BOM.
+/// A character that is not shown, or reorders or hides what is shown around it: the soft
+/// hyphen, the zero-width space, bidirectional marks, embeddings, overrides and isolates, word
+/// joiners and invisible operators, line and paragraph separators, the BOM, interlinear
+/// annotation marks and tag characters. (The zero-width joiner and non-joiner are left out:
+/// names in several scripts, and emoji, need them.)
 fn invisible(c: char) -> bool {
     matches!(
         c,
         '\u{00AD}'
             | '\u{061C}'
             | '\u{180E}'
-            | '\u{200B}'..='\u{200F}'
-            | '\u{202A}'..='\u{202E}'
+            | '\u{200B}'
+            | '\u{200E}'
+            | '\u{200F}'
+            | '\u{2028}'..='\u{202E}'
             | '\u{2060}'..='\u{2064}'
             | '\u{2066}'..='\u{2069}'
             | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{E0000}'..='\u{E007F}'
     )
+}
+
+/// Refuse a target an agent names that holds a character [`invisible`] would hide: an
+/// operator reading it in an approval or a diff would see another name. Checked on what agents
+/// propose (not on what records hold: a path recorded before this check stays readable).
+pub fn check_visible(kind: ResourceKind, target: &str) -> Result<(), ResourceError> {
+    match target.chars().find(|&c| invisible(c)) {
+        Some(c) => Err(ResourceError {
+            kind,
+            value: truncated(target),
+            problem: format!(
+                "contains the invisible formatting character U+{:04X}, which would show an operator another name",
+                c as u32
+            ),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Check a relative workspace path: `/`-separated, no empty, `.` or `..` segment, not absolute,
@@ -197,12 +221,6 @@ fn check_relative_path(kind: ResourceKind, path: &str) -> Result<(), ResourceErr
         return Err(bad(&format!("must be 1 to {MAX_PATH_LEN} bytes")));
     }
     no_control(kind, path)?;
-    if let Some(c) = path.chars().find(|&c| invisible(c)) {
-        return Err(bad(&format!(
-            "contains the invisible formatting character U+{:04X}, which would show the path as another (an operator reads paths in approvals and diffs)",
-            c as u32
-        )));
-    }
     if path.starts_with('/') {
         return Err(bad("is absolute; give a path relative to the workspace"));
     }

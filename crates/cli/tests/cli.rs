@@ -1942,12 +1942,19 @@ fn a_kept_checkpoint_replaced_by_what_cannot_be_one_is_a_verdict() {
         std::fs::create_dir(p).unwrap();
     };
     let replace_with_bytes = |p: &Path| std::fs::write(p, [0xff, 0xfe, 0x00]).unwrap();
+    // A link to an endless file: never followed, never read (the review's finding: the
+    // record was checked, then read following links, with no limit).
+    let replace_with_link = |p: &Path| {
+        std::fs::remove_dir(p).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", p).unwrap();
+    };
     for (replace, why) in [
         (
             &replace_with_bytes as &dyn Fn(&Path),
             "it is not UTF-8 text",
         ),
         (&replace_with_dir, "it is not a regular file"),
+        (&replace_with_link, "it is a symbolic link"),
     ] {
         replace(&record);
         let o = ice(&home, &["verify"]);

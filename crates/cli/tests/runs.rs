@@ -420,6 +420,10 @@ fn workspace_files(qs: &Path) -> Vec<(String, String)> {
 }
 
 #[test]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "pauses the ice binary with its debug-only test hooks"
+)]
 fn sigkill_during_commit_then_recovery_leaves_everything_applied_and_says_so() {
     let (_dir, home, qs) = killed_in_commit("1");
     // Killed after the first of three changes was applied.
@@ -453,6 +457,10 @@ fn sigkill_during_commit_then_recovery_leaves_everything_applied_and_says_so() {
 }
 
 #[test]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "pauses the ice binary with its debug-only test hooks"
+)]
 fn sigkill_before_the_commit_point_leaves_nothing_applied_and_says_so() {
     let (_dir, home, qs) = killed_in_commit("0");
     let o = ice(&home, &["run", qs.join("runaway.toml").to_str().unwrap()]);
@@ -510,6 +518,10 @@ fn all_three_applied() -> Vec<(String, String)> {
 }
 
 #[test]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "pauses the ice binary with its debug-only test hooks"
+)]
 fn sigkill_after_the_last_change_was_applied_then_recovery_records_the_commit() {
     // Every change is in the workspace, the commit is not yet recorded: recovery must not take
     // it for a commit that never started (abort, "nothing was applied").
@@ -530,6 +542,10 @@ fn sigkill_after_the_last_change_was_applied_then_recovery_records_the_commit() 
 }
 
 #[test]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "pauses the ice binary with its debug-only test hooks"
+)]
 fn killing_a_run_stopped_past_its_commit_point_completes_the_commit() {
     // Stopped after the first of three changes: the commit point was passed, so a kill cannot
     // undo it; discarding the journal would leave the workspace part-way under a log that says
@@ -553,6 +569,10 @@ fn killing_a_run_stopped_past_its_commit_point_completes_the_commit() {
 }
 
 #[test]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "pauses the ice binary with its debug-only test hooks"
+)]
 fn a_commit_that_cannot_be_completed_is_abandoned_only_when_the_operator_says_so() {
     // Stopped past its commit point; then its workspace disappears, so the commit can be
     // neither completed nor undone.
@@ -646,6 +666,10 @@ fn a_commit_that_cannot_be_completed_is_abandoned_only_when_the_operator_says_so
 /// past its commit point that cannot be completed, and with `abandon_commit` gives it up,
 /// terminates the run and says where the stage was kept.
 #[test]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "pauses the ice binary with its debug-only test hooks"
+)]
 fn the_api_abandons_a_commit_only_when_the_operator_says_so() {
     let (dir, home, qs) = killed_in_commit("1");
     std::fs::remove_dir_all(qs.join("workspace")).unwrap();
@@ -766,6 +790,10 @@ fn bad_run_specs_and_plans_are_refused_with_file_and_line() {
 }
 
 #[test]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "pauses the ice binary with its debug-only test hooks"
+)]
 fn a_run_killed_after_it_ended_but_before_its_teardown_is_torn_down_by_recovery() {
     let (_dir, home, qs) = setup(1);
     let plan = "agent = \"coder\"\n\n[[step]]\nintent = \"w\"\ncapability = \"fs.write\"\ntarget = \"hello.txt\"\narguments = { content = \"hello, governed world\\n\" }\n";

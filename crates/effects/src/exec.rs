@@ -284,7 +284,6 @@ fn execute(
         source,
     })?;
     let pid = Pid::from_child(&child);
-    crate::mcp::track_group(child.id());
     let limit = spec.max_output_bytes;
     let (stdout, stdout_done) = match child.stdout.take() {
         Some(pipe) => capture(pipe, limit),
@@ -294,6 +293,8 @@ fn execute(
         Some(pipe) => capture(pipe, limit),
         None => return Err(wait_err(&name, "stderr was not captured")),
     };
+    // From here every way out kills the group and forgets it.
+    crate::mcp::track_group(child.id());
 
     // Wait for the leader to exit without reaping it, so its pid (the group's id) cannot be
     // reused before the group is killed.
@@ -359,7 +360,8 @@ fn execute(
     invocation.extend(spec.args.iter().cloned());
     let invocation = serde_json::to_vec(&invocation).unwrap_or_default();
     let evidence = Evidence {
-        effect: auth.map_or(EffectClass::InternalWrite, Authorization::effect),
+        // An operator's check is a command like any other: not isolated, so external.
+        effect: auth.map_or(EffectClass::External, Authorization::effect),
         capability: "process.exec".into(),
         target: program,
         grant: auth.map(|a| a.grant().to_string()),

@@ -1182,20 +1182,20 @@ pub fn roll_forward(
     }
     let mut journal = read_journal(&path)?;
     let objects = dir.join(OBJECTS);
+    let failed = |index: usize, path: &str, source| StageError::Apply {
+        index,
+        path: path.to_string(),
+        source: Box::new(source),
+    };
+    // What each change replaces now: the journal's `before` if the crash came before it was
+    // applied, its `after` if after. Anything else was put there since the crash, and is what
+    // the completed commit replaces: the journal is rewritten to say so before anything is
+    // applied, so a second crash does not lose it.
+    let mut corrected = false;
     for (index, change) in journal.changes.iter_mut().enumerate() {
-        let path = change.path.clone();
-        let failed = |source| StageError::Apply {
-            index,
-            path,
-            source: Box::new(source),
-        };
-        // What this change replaces now: the journal's `before` if the crash came before it
-        // was applied, its `after` if after. Anything else was put there since the crash, and
-        // is what the completed commit replaces: the record says so.
-        let now = match workspace.check_writable(&change.path) {
-            Ok(now) => now,
-            Err(e) => return Err(failed(e)),
-        };
+        let now = workspace
+            .check_writable(&change.path)
+            .map_err(|e| failed(index, &change.path, e))?;
         if now != change.after && now != change.before {
             change.before = now;
             change.kind = match (&change.before, &change.after) {
@@ -1203,8 +1203,15 @@ pub fn roll_forward(
                 (Some(_), Some(_)) => ChangeKind::Modified,
                 (Some(_), None) => ChangeKind::Deleted,
             };
+            corrected = true;
         }
-        apply_change(workspace, &objects, change, true).map_err(failed)?;
+    }
+    if corrected {
+        write_journal(dir, &journal)?;
+    }
+    for (index, change) in journal.changes.iter().enumerate() {
+        apply_change(workspace, &objects, change, true)
+            .map_err(|e| failed(index, &change.path, e))?;
     }
     Ok(Recovery::RolledForward {
         changes: journal.changes,

@@ -836,8 +836,9 @@ impl Workspace {
 
     /// Copy the whole workspace into the empty directory `dest` (a path the runtime owns):
     /// directories, regular files with their permissions, and symbolic links as links (their
-    /// targets copied as text, never followed). Hard-linked files are refused as when read;
-    /// other special files are skipped and their paths returned.
+    /// targets copied as text, never followed). A hard-linked file is copied as a file of its
+    /// own; special files are skipped and their paths returned. Permission bits are copied,
+    /// never setuid or setgid.
     pub(crate) fn copy_into(&self, dest: &Path) -> Result<(CopyCounts, Vec<String>), FsError> {
         let mut counts = CopyCounts::default();
         let mut skipped = Vec::new();

@@ -1098,21 +1098,46 @@ impl SignedRecord {
 
     /// The record: none, its text, or why its content cannot be a note.
     fn load(&self) -> Result<Option<Result<String, String>>, LogError> {
-        let meta = match std::fs::symlink_metadata(&self.path) {
-            Ok(m) => m,
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Opened without following a link or waiting on a FIFO, then looked at: what is read
+        // is what was checked, and never more than a note's size.
+        let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(flags.bits() as i32)
+            .open(&self.path)
+        {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+                return Ok(Some(
+                    Err("it is a symbolic link, not a regular file".into()),
+                ));
+            }
             Err(e) => return Err(self.read_failed(e.to_string())),
         };
+        let meta = file
+            .metadata()
+            .map_err(|e| self.read_failed(e.to_string()))?;
         if !meta.is_file() {
             return Ok(Some(Err("it is not a regular file".into())));
         }
+        let too_big = |n: u64| {
+            Ok(Some(Err(format!(
+                "it holds {n} bytes, more than a signed note ever does ({MAX_RECORD_BYTES})"
+            ))))
+        };
         if meta.len() > MAX_RECORD_BYTES {
-            return Ok(Some(Err(format!(
-                "it holds {} bytes, more than a signed note ever does ({MAX_RECORD_BYTES})",
-                meta.len()
-            ))));
+            return too_big(meta.len());
         }
-        let bytes = std::fs::read(&self.path).map_err(|e| self.read_failed(e.to_string()))?;
+        let mut bytes = Vec::new();
+        file.take(MAX_RECORD_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| self.read_failed(e.to_string()))?;
+        if bytes.len() as u64 > MAX_RECORD_BYTES {
+            return too_big(bytes.len() as u64);
+        }
         Ok(Some(
             String::from_utf8(bytes).map_err(|_| "it is not UTF-8 text".to_string()),
         ))

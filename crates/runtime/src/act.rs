@@ -104,6 +104,13 @@ pub fn resolve_target(
             .check_arguments(arguments)
             .map_err(|e| (DenialCode::InvalidTarget, format!("{}: {e}", r.capability)))?;
     }
+    // A path an operator would read as another (decision rules 4).
+    if let Some(cap) = registry.get(&r.capability)
+        && matches!(cap.resource(), ResourceKind::Path | ResourceKind::Dir)
+    {
+        ice_authority::check_visible(cap.resource(), &r.target)
+            .map_err(|e| (DenialCode::InvalidTarget, format!("{}: {e}", r.capability)))?;
+    }
     resolve_resource(registry, r, servers, tools)
 }
 
@@ -860,11 +867,11 @@ pub fn prepare_exec(staging: &Staging) -> Result<tempfile::TempDir, (DenialCode,
 }
 
 /// What the record of a command killed part-way says.
-const STOPPED_COMMAND: &str = "the run was stopped while the command ran (killed, or ICE stopping): its process group was killed part-way, so what it did before is unknown";
+const STOPPED_COMMAND: &str = "the run was killed while the command ran: its process group was killed part-way, so what it did before is unknown";
 
 /// `process.exec`: run the authorised program in a throw-away copy of the staged workspace
 /// (what it changes there is discarded with the copy). Once `stop` is set (the run is being
-/// killed, ICE is stopping) the command's process group is killed, and the record says so.
+/// killed) the command's process group is killed, and the record says so.
 pub async fn perform_exec(
     auth: &Authorization,
     program: &str,
@@ -1026,9 +1033,22 @@ pub fn commit(staging: &mut Staging) -> Result<Vec<ice_effects::Change>, Runtime
     let Some(stage) = staging.stage.as_ref() else {
         return Err(RuntimeError::Io("the run's stage is closed".into()));
     };
-    let changes = stage
-        .prepare()
-        .map_err(|e| RuntimeError::CommitRefused(e.to_string()))?;
+    let changes = stage.prepare().map_err(|e| {
+        // What the workspace will not take (someone else's change, a confinement refusal, a
+        // file where a directory must go) is the commit's refusal: the run ends. A failure to
+        // read (EIO, EMFILE, a workspace briefly gone) may pass: the run stays validating,
+        // its stage kept, as before any commit was tried.
+        use ice_effects::{FsError, StageError};
+        match &e {
+            StageError::Conflict { .. }
+            | StageError::Fs(
+                FsError::Confinement(_)
+                | FsError::NotADirectory { .. }
+                | FsError::IsADirectory { .. },
+            ) => RuntimeError::CommitRefused(e.to_string()),
+            _ => RuntimeError::Io(format!("commit: {e}")),
+        }
+    })?;
     let Some(stage) = staging.stage.take() else {
         return Err(RuntimeError::Io("the run's stage is closed".into()));
     };

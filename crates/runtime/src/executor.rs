@@ -1383,8 +1383,8 @@ impl Ctx<'_> {
                 Ok(copy) => {
                     guard.in_flight += 1;
                     drop(guard);
-                    // A kill (recorded by anyone) or ICE stopping kills the command too: it
-                    // would otherwise run on to its timeout, or outlive ICE.
+                    // A kill (recorded by anyone) kills the command too: it would otherwise run
+                    // on to its timeout.
                     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
                     let exec = act::perform_exec(
                         &auth,
@@ -1506,12 +1506,11 @@ impl Ctx<'_> {
         }
     }
 
-    /// Whether the run is to stop now: a kill is recorded (by this process or another), or
-    /// ICE is stopping. A log that cannot be read now answers no (the call goes on to its end).
+    /// Whether the run is to stop now: a kill is recorded (by this process or another). ICE
+    /// stopping is not one: calls in flight are waited for then (a second signal exits at
+    /// once, killing every command started). A log that cannot be read now answers no (the
+    /// call goes on to its end).
     async fn stop_asked(&self) -> bool {
-        if self.rt.interrupts.why().is_some() {
-            return true;
-        }
         let mut live = self.live.lock().await;
         self.catch_up(&mut live).await.is_ok() && live.books.kill.is_some()
     }
@@ -2296,10 +2295,12 @@ impl Ctx<'_> {
         live: &mut Live,
         outcome: &str,
     ) -> Result<(), RuntimeError> {
-        // Crash tests only: ICE_TEST_PAUSE_BEFORE_TEARDOWN=1 stops an ended run here (committed,
-        // aborted or terminated by the runtime, not yet torn down) so the test can kill the
-        // process there.
-        if std::env::var("ICE_TEST_PAUSE_BEFORE_TEARDOWN").is_ok_and(|v| v == "1") {
+        // Crash tests only (debug builds): ICE_TEST_PAUSE_BEFORE_TEARDOWN=1 stops an ended run
+        // here (committed, aborted or terminated by the runtime, not yet torn down) so the
+        // test can kill the process there.
+        if cfg!(debug_assertions)
+            && std::env::var("ICE_TEST_PAUSE_BEFORE_TEARDOWN").is_ok_and(|v| v == "1")
+        {
             eprintln!("ICE_TEST: paused before teardown ({outcome})");
             std::thread::sleep(std::time::Duration::from_secs(3600));
         }

@@ -58,7 +58,9 @@ pub use spec::{Assumption, BudgetSpec, Check, OnExhaustion, RunSpec, SpecError};
 ///
 /// 4: `process.exec` is external (nothing isolates a command), so a permit needs an operator's
 /// approval for each call unless it says `@external("permit")`. (Rules 3 classed it
-/// internal-write, and a plain permit let it run.)
+/// internal-write, and a plain permit let it run.) A file or directory target holding an
+/// invisible formatting character (a bidirectional override, a zero-width space: what would
+/// show an operator another name) is refused (`invalid_target`).
 pub const DECISION_RULES: u64 = 4;
 
 /// Something that wants to see each event a run records, as it is recorded (progress lines).

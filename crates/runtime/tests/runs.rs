@@ -827,6 +827,13 @@ async fn a_request_whose_arguments_its_capability_does_not_take_is_refused() {
     };
     let cases = [
         ("empty.txt", "fs.write", "{}", "`content` is required"),
+        // A name an operator would read as another (shown as `evilhs.txt`).
+        (
+            "evil\\u202Etxt.sh",
+            "fs.write",
+            "{ content = \"x\" }",
+            "contains the invisible formatting character U+202E",
+        ),
         (
             "typo.txt",
             "fs.write",

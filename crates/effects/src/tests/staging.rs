@@ -864,6 +864,15 @@ fn roll_forward_records_what_it_actually_replaced() {
         other => panic!("{other:?}"),
     }
     assert_eq!(std::fs::read(s.ws.join("a.txt")).unwrap(), b"new a");
+    // Rolled forward again (a second crash before the commit was recorded): what was replaced
+    // is still what the first recovery found, not the journal's first guess.
+    match crate::roll_forward(s.stage_dir(), &ws).unwrap() {
+        Recovery::RolledForward { changes } => assert_eq!(
+            changes[0].before.unwrap().digest,
+            Digest::of(b"edited after the crash")
+        ),
+        other => panic!("{other:?}"),
+    }
 }
 
 /// A file the run deletes cannot become a directory in the same commit (the commit would
