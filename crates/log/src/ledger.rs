@@ -3,7 +3,10 @@
 //! A [`Ledger`] keeps each run's [`RunHead`] (a fold of its events), looks up causes in other
 //! runs, takes the time from an injected clock, lets the kernel seal the drafts, and appends
 //! the sealed batch at the run's expected position. If another writer got there first the
-//! append fails with [`LogError::Conflict`], the cached head is dropped, and nothing was written.
+//! append fails with [`LogError::Conflict`] and nothing was written; the cached head is then
+//! brought up to date by reading only the events appended since it (a run tens of thousands of
+//! events long is not folded again from its start, or a busy run's own writer would win every
+//! race: an operator's kill could never land).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -98,11 +101,37 @@ impl Ledger {
         // events, and validated again (a run that ended meanwhile refuses what no longer fits).
         for _ in 1..CONFLICT_RETRIES {
             match self.append_to(run_id, None, drafts.clone()).await {
-                Err(AppendError::Log(LogError::Conflict { .. })) => continue,
+                Err(AppendError::Log(LogError::Conflict { .. })) => {
+                    self.catch_up(run_id).await?;
+                }
                 other => return other,
             }
         }
         self.append_to(run_id, None, drafts).await
+    }
+
+    /// Bring the cached head of `run_id` up to the log's end, reading only the events stored
+    /// after it (all of them if none is cached).
+    async fn catch_up(&self, run_id: &RunId) -> Result<RunHead, LogError> {
+        let cached = self.heads.lock().ok().and_then(|m| m.get(run_id).cloned());
+        let Some(mut head) = cached else {
+            return self.head(run_id).await;
+        };
+        loop {
+            let from = head.next_seq;
+            let page = self.log.read_run(run_id, from, PAGE).await?;
+            crate::after_page(run_id.as_str(), from, &page)?;
+            for s in &page {
+                let (h, hash) = stored_header(s)?;
+                head.apply_header(&h, hash)
+                    .map_err(|err| unlawful(&h, &err))?;
+            }
+            if page.len() < PAGE {
+                break;
+            }
+        }
+        self.remember(head.clone());
+        Ok(head)
     }
 
     /// The same as [`Ledger::append`], only if the run ends at `first_seq`: the position the
@@ -127,10 +156,14 @@ impl Ledger {
     ) -> Result<(AppendReceipt, SealedBatch), AppendError> {
         let mut head = self.head(run_id).await?;
         if let Some(expected) = first_seq
+            && expected > head.next_seq
+        {
+            // The caller has seen more of the run than the cached head: the head is stale.
+            head = self.catch_up(run_id).await?;
+        }
+        if let Some(expected) = first_seq
             && expected != head.next_seq
         {
-            // The cached head may itself be stale: the next append folds the run afresh.
-            self.forget(run_id);
             return Err(AppendError::Log(LogError::Conflict {
                 run_id: run_id.to_string(),
                 expected,
@@ -155,6 +188,7 @@ impl Ledger {
             Some(last) if last > now => last,
             _ => now,
         };
+        let base = head.clone();
         let batch = head
             .seal_batch(drafts, at, &index)
             .map_err(|(index, error)| AppendError::Rejected { index, error })?;
@@ -163,11 +197,46 @@ impl Ledger {
                 self.remember(head);
                 Ok((receipt, batch))
             }
+            // Others appended first: the head as it was is still a true prefix of the run,
+            // from which [`Ledger::catch_up`] reads on.
+            Err(e @ LogError::Conflict { .. }) => {
+                self.remember(base);
+                Err(e.into())
+            }
             Err(e) => {
                 self.forget(run_id);
                 Err(e.into())
             }
         }
+    }
+}
+
+/// A stored event's law-relevant fields and hash.
+fn stored_header(s: &StoredEvent) -> Result<(ice_kernel::Header<'_>, Digest), LogError> {
+    let h = ice_kernel::Header::parse(&s.body).map_err(|e| LogError::Corrupt {
+        what: format!("event at log_seq {}: body does not parse: {e}", s.log_seq),
+    })?;
+    let hash = Digest(
+        s.hash
+            .as_slice()
+            .try_into()
+            .map_err(|_| LogError::Corrupt {
+                what: format!(
+                    "event at log_seq {}: hash column is not 32 bytes",
+                    s.log_seq
+                ),
+            })?,
+    );
+    Ok((h, hash))
+}
+
+/// A stored event its run's law refuses.
+fn unlawful(h: &ice_kernel::Header<'_>, err: &ValidationError) -> LogError {
+    LogError::Corrupt {
+        what: format!(
+            "event {}:{} does not follow its run's law: {err}; run `ice verify`",
+            h.run_id, h.run_seq
+        ),
     }
 }
 
@@ -180,27 +249,9 @@ pub async fn fold_run(log: &dyn EventLog, run_id: &RunId) -> Result<RunView, Log
         let n = page.len();
         let next = crate::after_page(run_id.as_str(), from, &page)?;
         for s in &page {
-            let h = ice_kernel::Header::parse(&s.body).map_err(|e| LogError::Corrupt {
-                what: format!("event at log_seq {}: body does not parse: {e}", s.log_seq),
-            })?;
-            let hash = Digest(
-                s.hash
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| LogError::Corrupt {
-                        what: format!(
-                            "event at log_seq {}: hash column is not 32 bytes",
-                            s.log_seq
-                        ),
-                    })?,
-            );
+            let (h, hash) = stored_header(s)?;
             view.apply_header(&h, hash)
-                .map_err(|err| LogError::Corrupt {
-                    what: format!(
-                        "event {}:{} does not follow its run's law: {err}; run `ice verify`",
-                        h.run_id, h.run_seq
-                    ),
-                })?;
+                .map_err(|err| unlawful(&h, &err))?;
         }
         if n < PAGE {
             return Ok(view);
