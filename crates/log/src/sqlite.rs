@@ -740,6 +740,10 @@ impl Drop for WriteTx<'_> {
 fn commit_group(conn: &Connection, state: &mut WriterState, tips: &mut Tips, group: Vec<WriteReq>) {
     let saved = state.clone();
     let mut replies = Vec::with_capacity(group.len());
+    // Requests not yet taken when the group fails are answered with its error below (dropped
+    // unanswered, their callers were told the writer had stopped: a database another process
+    // held locked read as a dead writer).
+    let mut pending = group.into_iter();
     let outcome = (|| -> Result<(), LogError> {
         let tx = WriteTx::begin(conn).map_err(storage("beginning a commit"))?;
         // Holding the write lock now. Another process may have appended since this writer last
@@ -750,9 +754,9 @@ fn commit_group(conn: &Connection, state: &mut WriterState, tips: &mut Tips, gro
         }
         // A group of one (the idle case) needs no savepoint: if its append fails, the whole
         // transaction is rolled back instead, which parses and runs two statements fewer.
-        let single = group.len() == 1;
+        let single = pending.len() == 1;
         let mut roll_back = false;
-        for req in group.into_iter() {
+        for req in pending.by_ref() {
             match req {
                 WriteReq::Append(batch, reply) if single => {
                     let mut next = state.clone();
@@ -766,17 +770,28 @@ fn commit_group(conn: &Connection, state: &mut WriterState, tips: &mut Tips, gro
                     replies.push(Reply::Append(reply, r));
                 }
                 WriteReq::Append(batch, reply) => {
-                    tx.savepoint().map_err(storage("beginning an append"))?;
+                    // Answered whatever fails: the group's error replaces this result.
+                    if let Err(e) = tx.savepoint() {
+                        let e = storage("beginning an append")(e);
+                        replies.push(Reply::Append(reply, Err(e.clone())));
+                        return Err(e);
+                    }
                     let mut next = state.clone();
                     let r = append_batch(tx.conn, &mut next, tips, &batch);
+                    let settled = if r.is_ok() {
+                        tx.release().map_err(storage("finishing an append"))
+                    } else {
+                        tx.roll_back_savepoint()
+                            .map_err(storage("undoing a failed append"))
+                    };
+                    if let Err(e) = settled {
+                        replies.push(Reply::Append(reply, Err(e.clone())));
+                        return Err(e);
+                    }
                     if r.is_ok() {
-                        tx.release().map_err(storage("finishing an append"))?;
                         *state = next;
                         // Later batches of the group see it, as they see its rows.
                         tips.remember(&batch);
-                    } else {
-                        tx.roll_back_savepoint()
-                            .map_err(storage("undoing a failed append"))?;
                     }
                     replies.push(Reply::Append(reply, r));
                 }
@@ -802,6 +817,16 @@ fn commit_group(conn: &Connection, state: &mut WriterState, tips: &mut Tips, gro
                     let _ = tx.send(Err(e.clone()));
                 }
                 Reply::Checkpoint(tx, _) => {
+                    let _ = tx.send(Err(e.clone()));
+                }
+            }
+        }
+        for req in pending {
+            match req {
+                WriteReq::Append(_, tx) => {
+                    let _ = tx.send(Err(e.clone()));
+                }
+                WriteReq::Checkpoint(_, tx) => {
                     let _ = tx.send(Err(e.clone()));
                 }
             }

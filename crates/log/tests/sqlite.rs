@@ -334,6 +334,36 @@ async fn two_writers_on_one_file_take_turns_without_forking() {
     assert_eq!(report.events, 46);
 }
 
+/// The probe's finding: while another process held the file's write lock past the busy
+/// timeout, an append failed with "the log writer has stopped" (its request was dropped
+/// unanswered), which reads as a dead server. It fails with SQLite's own reason, and the
+/// writer goes on once the lock is released.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_append_blocked_by_another_process_says_why_and_the_writer_goes_on() {
+    use ice_log::ledger::Ledger;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("locked.db");
+    drop(SqliteLog::create(&path).unwrap());
+    let log = Arc::new(SqliteLog::open(&path, Mode::ReadWrite).unwrap());
+    let ledger = Ledger::new(log.clone(), Arc::new(ice_log::clock::SystemClock));
+    let run = ice_kernel::RunId::new("blocked").unwrap();
+    let open = || {
+        ["RunProvisioned", "ContextResolved", "ExecutionWindowOpened"]
+            .map(|t| ice_kernel::Draft::new(t, ice_kernel::Origin::Runtime))
+            .to_vec()
+    };
+    let holder = rusqlite::Connection::open(&path).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let err = ledger.append(&run, open()).await.unwrap_err().to_string();
+    assert!(
+        !err.contains("has stopped") && err.contains("locked"),
+        "{err}"
+    );
+    holder.execute_batch("ROLLBACK").unwrap();
+    ledger.append(&run, open()).await.unwrap();
+    assert_eq!(log.size().await.unwrap(), 3);
+}
+
 /// A log of the first format, `ice-log/1` (every tree node stored, leaves included; no log
 /// links, no head record), as an earlier `ice` wrote it: the quickstart's runaway run, 63
 /// events, and a checkpoint it signed at 63. It still opens read-only, verifies against its
