@@ -408,6 +408,20 @@ pub async fn migrate(home: &Path, a: MigrateArgs) -> Result<u8> {
         ),
         _ => crate::home::open_log_url(&a.to, Mode::ReadWrite, None).await?,
     };
+    // Refused before anything is written: said as such (the advice for a partial copy below
+    // would have the user remove a full log, the source itself if both URLs name one file).
+    let existing = to.size().await.context("reading the destination log")?;
+    if existing != 0 {
+        let same = if a.from == a.to {
+            " (it is the source: --from and --to name the same log)"
+        } else {
+            ""
+        };
+        bail!(
+            "the destination log {} already holds {existing} events{same}; a copy needs an empty one. Nothing was written.",
+            crate::home::redact(&a.to)
+        );
+    }
     let verbose = !a.json && std::io::stderr().is_terminal();
     let mut copied = 0;
     let report = ice_log::migrate::copy_log(from.as_ref(), to.as_ref(), |n| {

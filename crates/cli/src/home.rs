@@ -96,6 +96,29 @@ pub fn resolve(flag: Option<&Path>) -> PathBuf {
 impl Home {
     /// Create a new home: config, keys and an empty log.
     pub fn init(dir: &Path, origin: Option<String>) -> Result<Home> {
+        let existed = Home::check_new(dir)?;
+        Home::make(dir, origin).inspect_err(|_| {
+            // What was made goes again (the directory was empty or absent), so the same
+            // command can be run once its cause (a full disk, say) is fixed.
+            if existed {
+                if let Ok(entries) = dir.read_dir() {
+                    for e in entries.flatten() {
+                        let p = e.path();
+                        let _ = if p.is_dir() && !p.is_symlink() {
+                            std::fs::remove_dir_all(&p)
+                        } else {
+                            std::fs::remove_file(&p)
+                        };
+                    }
+                }
+            } else {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        })
+    }
+
+    /// Refuse a place that cannot become a new home; whether the (empty) directory exists.
+    fn check_new(dir: &Path) -> Result<bool> {
         match std::fs::metadata(dir) {
             Ok(m) if m.is_dir() => {
                 if dir.join("config.toml").exists() {
@@ -123,9 +146,14 @@ impl Home {
                     "not a regular file or directory"
                 }
             ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
         }
+        Ok(true)
+    }
+
+    /// Make a home in `dir`, absent or empty.
+    fn make(dir: &Path, origin: Option<String>) -> Result<Home> {
         let origin = match origin {
             Some(o) => o,
             None => {
@@ -555,7 +583,7 @@ fn secrets(url: &str) -> Vec<String> {
 }
 
 /// A URL with any password replaced, for messages.
-fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     let mut text = url.to_string();
     for secret in secrets(url) {
         text = text.replace(&secret, "***");

@@ -443,6 +443,10 @@ pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
     // with a checkpoint. A second signal stops at once; recovery then suspends the run.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing a SIGTERM handler")?;
+    // SIGHUP too: the terminal `ice run` was started from closed (its default would end the
+    // process with nothing recorded, the run left executing until some later recovery).
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing a SIGHUP handler")?;
     // Who a signal's kill is recorded as ($USER, or "operator" if the record cannot carry it):
     // found now, so nothing about it can stop the kill later.
     let who = operator(&None).unwrap_or_else(|_| "operator".into());
@@ -452,6 +456,7 @@ pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
         r = &mut started => Err(r),
         _ = tokio::signal::ctrl_c() => Ok("SIGINT"),
         _ = term.recv() => Ok("SIGTERM"),
+        _ = hup.recv() => Ok("SIGHUP"),
     };
     let report = match signal {
         Err(report) => report?,
@@ -507,13 +512,22 @@ pub async fn run(home: &Path, url: Option<&str>, a: RunArgs) -> Result<u8> {
     Ok(code)
 }
 
-/// Wait for the next SIGINT or SIGTERM, then say `what` and exit at once (130). Exiting runs no
+/// Wait for the next SIGINT, SIGTERM or SIGHUP, then say `what` and exit at once (130). Exiting runs no
 /// destructor: the tool servers, in process groups of their own, are killed first, or they
 /// would outlive this process.
 pub(crate) async fn exit_on_next_signal(term: &mut tokio::signal::unix::Signal, what: &str) {
+    let hangup = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hup) => {
+                hup.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+        () = hangup => {}
     }
     eprintln!("{what}");
     ice_effects::kill_child_processes();

@@ -289,7 +289,11 @@ fn edit_config(dir: &Path, edit: impl FnOnce(&str) -> Result<String>) -> Result<
     let text = crate::home::read_text(&file, crate::home::MAX_CONFIG_BYTES)?;
     let new = edit(&text)?;
     let tmp = dir.join(format!("config.toml.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, &new).with_context(|| format!("writing {}", tmp.display()))?;
+    if let Err(e) = std::fs::write(&tmp, &new) {
+        // A disk that filled part-way leaves no temporary behind.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", tmp.display()));
+    }
     let kept = std::fs::metadata(&file)
         .and_then(|m| std::fs::set_permissions(&tmp, m.permissions()))
         .and_then(|()| std::fs::rename(&tmp, &file));

@@ -1978,3 +1978,50 @@ fn a_kept_checkpoint_replaced_by_what_cannot_be_one_is_a_verdict() {
         assert!(stderr(&o).contains(why), "{}", stderr(&o));
     }
 }
+
+/// The probe's finding: `ice migrate` into a log that is not empty (the source itself, say)
+/// was refused with advice to remove "the partial copy" it had not written: following it
+/// would delete a whole log. The refusal says nothing was written, and names the source.
+#[test]
+fn migrate_into_a_log_that_is_not_empty_says_nothing_was_written() {
+    let (_d, home) = seeded();
+    let db = home.join("ice.db");
+    let before = std::fs::read(&db).unwrap();
+    let url = format!("sqlite:{}", db.display());
+    let o = ice(&home, &["migrate", "--from", &url, "--to", &url]);
+    assert_eq!(code(&o), 1, "{}{}", stdout(&o), stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("Nothing was written")
+            && err.contains("it is the source")
+            && !err.contains("partial copy"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&db).unwrap(), before);
+}
+
+/// The probe's finding: a log SQLite could not open for want of file descriptors was called
+/// "not an ICE log", which sends its owner looking for damage that is not there.
+#[test]
+fn a_log_that_cannot_be_opened_for_want_of_descriptors_is_not_called_foreign() {
+    let (_d, home) = seeded();
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 12; exec {} --home {} verify",
+            env!("CARGO_BIN_EXE_ice"),
+            home.display()
+        ))
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_ne!(o.status.code(), Some(0), "{all}");
+    assert_ne!(o.status.code(), Some(101), "a panic: {all}");
+    assert!(!all.contains("not an ICE log"), "{all}");
+    // With descriptors enough, the same log verifies.
+    assert_eq!(code(&ice(&home, &["verify"])), 0);
+}

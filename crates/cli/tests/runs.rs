@@ -1260,3 +1260,32 @@ fn a_signal_while_ice_run_seals_stops_it_at_once() {
     let o = ice(&home, &["verify"]);
     assert_eq!(code(&o), 0, "{}", text(&o));
 }
+
+/// The probe's finding: SIGHUP (the terminal closed) ended `ice run` at once with nothing
+/// recorded and no checkpoint, the run left executing. It is handled as SIGTERM is.
+#[test]
+fn a_hangup_kills_the_run_and_seals_it_like_sigterm() {
+    let (_dir, home, child) = quickstart_waiting(Stdio::piped());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pending(&home).is_empty() {
+        assert!(Instant::now() < deadline, "no approval was asked for");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(3), "aborted: {:?}", o.status);
+    let kill = first_event(&home, "RunKillRequested").expect("the kill is recorded");
+    assert!(
+        kill["payload"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("SIGHUP"),
+        "{kill}"
+    );
+    let o = ice(&home, &["verify", "--json"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["latest_checkpoint"], v["events"], "{v}");
+}

@@ -197,6 +197,35 @@ fn not_a_log(path: &Path, e: rusqlite::Error, _ctx: String) -> LogError {
             ),
         };
     }
+    // One SQLite could not open or read at all says nothing about what the file is: the
+    // reason is the machine's (the probe met "not an ICE log" for a lack of file
+    // descriptors, a WAL removed under a running process, a directory).
+    if let rusqlite::Error::SqliteFailure(f, _) = &e {
+        use rusqlite::ErrorCode as C;
+        if matches!(
+            f.code,
+            C::CannotOpen
+                | C::SystemIoFailure
+                | C::PermissionDenied
+                | C::ReadOnly
+                | C::DatabaseBusy
+                | C::DatabaseLocked
+                | C::OutOfMemory
+                | C::DiskFull
+        ) {
+            let hint = if path.is_dir() {
+                " (it is a directory, not a log file)"
+            } else if f.code == C::CannotOpen {
+                " (a missing or unwritable directory, permissions, or too many open files)"
+            } else {
+                ""
+            };
+            return LogError::Storage {
+                context: format!("opening the log {}", path.display()),
+                message: format!("{e}{hint}"),
+            };
+        }
+    }
     LogError::NotALog {
         path: path.display().to_string(),
         reason: e.to_string(),
@@ -318,7 +347,11 @@ impl SqliteLog {
         if !path.is_file() {
             return Err(LogError::NotALog {
                 path: path.display().to_string(),
-                reason: "no such file".into(),
+                reason: if path.is_dir() {
+                    "it is a directory, not a log file".into()
+                } else {
+                    "no such file".into()
+                },
             });
         }
         let reader = open_reader(path)?;
