@@ -1162,6 +1162,13 @@ fn an_approval_whose_process_died_is_listed_as_waited_for_by_nobody() {
 /// aborted), and the run is reported and sealed: exit 3.
 #[test]
 fn a_signal_kills_the_run_ice_run_drives_and_seals_it() {
+    a_run_waiting_for_an_approval_is_killed_and_sealed_by("TERM");
+}
+
+/// `ice run` of the quickstart, waiting for an approval, sent SIG`signal`: the kill is recorded
+/// naming the signal, the run is aborted (exit 3) within moments, the approval closed, and a
+/// checkpoint covers every event.
+fn a_run_waiting_for_an_approval_is_killed_and_sealed_by(signal: &str) {
     let (_dir, home, child) = quickstart_waiting(Stdio::piped());
     let deadline = Instant::now() + Duration::from_secs(60);
     while pending(&home).is_empty() {
@@ -1170,7 +1177,7 @@ fn a_signal_kills_the_run_ice_run_drives_and_seals_it() {
     }
     let started = Instant::now();
     let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([format!("-{signal}"), child.id().to_string()])
         .status();
     let o = child.wait_with_output().unwrap();
     assert!(
@@ -1184,7 +1191,7 @@ fn a_signal_kills_the_run_ice_run_drives_and_seals_it() {
         kill["payload"]["reason"]
             .as_str()
             .unwrap()
-            .contains("SIGTERM"),
+            .contains(&format!("SIG{signal}")),
         "{kill}"
     );
     let types = run_types(&home);
@@ -1265,27 +1272,5 @@ fn a_signal_while_ice_run_seals_stops_it_at_once() {
 /// recorded and no checkpoint, the run left executing. It is handled as SIGTERM is.
 #[test]
 fn a_hangup_kills_the_run_and_seals_it_like_sigterm() {
-    let (_dir, home, child) = quickstart_waiting(Stdio::piped());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while pending(&home).is_empty() {
-        assert!(Instant::now() < deadline, "no approval was asked for");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status();
-    let o = child.wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(3), "aborted: {:?}", o.status);
-    let kill = first_event(&home, "RunKillRequested").expect("the kill is recorded");
-    assert!(
-        kill["payload"]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("SIGHUP"),
-        "{kill}"
-    );
-    let o = ice(&home, &["verify", "--json"]);
-    assert_eq!(code(&o), 0, "{}", text(&o));
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["latest_checkpoint"], v["events"], "{v}");
+    a_run_waiting_for_an_approval_is_killed_and_sealed_by("HUP");
 }
