@@ -1274,3 +1274,72 @@ fn a_signal_while_ice_run_seals_stops_it_at_once() {
 fn a_hangup_kills_the_run_and_seals_it_like_sigterm() {
     a_run_waiting_for_an_approval_is_killed_and_sealed_by("HUP");
 }
+
+/// The probe's finding: a run killed after a write's grant was used and before its effect was
+/// recorded was recovered (suspended) and resumed with the write silently gone; the agent
+/// went on as if it had been done, and the run committed without it. Recovery now answers
+/// that request with a denial saying it was interrupted, which the resumed agent is shown
+/// first and the operator sees; nothing of it reaches the workspace.
+#[test]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "pauses the ice binary with its debug-only test hooks"
+)]
+fn a_write_interrupted_by_a_crash_is_answered_as_failed_when_the_run_is_recovered() {
+    let (_dir, home, qs) = setup(1);
+    let plan = "agent = \"coder\"\n\n[[step]]\nintent = \"w\"\ncapability = \"fs.write\"\ntarget = \"hello.txt\"\narguments = { content = \"hello, governed world\\n\" }\n\n[[step]]\nintent = \"w2\"\ncapability = \"fs.write\"\ntarget = \"b.txt\"\narguments = { content = \"b\\n\" }\n";
+    std::fs::write(qs.join("plan.toml"), plan).unwrap();
+    kill_when_paused(
+        &home,
+        &qs,
+        ("ICE_TEST_PAUSE_BEFORE_EFFECT", "1"),
+        "paused before the effect",
+    );
+    // Start-up recovery runs before the next run.
+    let o = ice(&home, &["run", qs.join("runaway.toml").to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("recovered run quickstart"),
+        "{}",
+        text(&o)
+    );
+    let types = run_types(&home);
+    let n = types.len();
+    assert_eq!(
+        &types[n - 3..],
+        ["BudgetSettled", "CapabilityDenied", "RunSuspended"],
+        "{types:?}"
+    );
+    let denied = first_event(&home, "CapabilityDenied").unwrap();
+    assert_eq!(denied["payload"]["reason"], "effect_failed", "{denied}");
+    assert!(
+        denied["payload"]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("interrupted:"),
+        "{denied}"
+    );
+    assert_eq!(code(&ice(&home, &["verify"])), 0);
+    // Resumed: the first write stays undone, so the spec's check on it fails and the run
+    // aborts, rather than committing as if it had been made.
+    let record = qs.join("go-on.toml");
+    std::fs::write(&record, "reason = \"the host restarted\"\n").unwrap();
+    let o = ice(
+        &home,
+        &[
+            "reconfigure",
+            "quickstart",
+            "--record",
+            record.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&o), 3, "{}", text(&o));
+    assert!(text(&o).contains("failed"), "{}", text(&o));
+    let ws = qs.join("workspace");
+    assert!(!ws.join("b.txt").exists());
+    assert_ne!(
+        std::fs::read_to_string(ws.join("hello.txt")).unwrap(),
+        "hello, governed world\n"
+    );
+    let o = ice(&home, &["replay", "quickstart", "--drive"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+}

@@ -1322,6 +1322,14 @@ impl Ctx<'_> {
         // the live stage, which must hold only what the log says was staged).
         let staged_before = matches!(target, act::Target::Path(_) | act::Target::Dir(_))
             .then(|| guard.stage.ops().len());
+        // Crash tests only (debug builds): ICE_TEST_PAUSE_BEFORE_EFFECT=1 stops a call here,
+        // its use recorded and its effect not, so the test can kill the process there.
+        if cfg!(debug_assertions)
+            && std::env::var("ICE_TEST_PAUSE_BEFORE_EFFECT").is_ok_and(|v| v == "1")
+        {
+            eprintln!("ICE_TEST: paused before the effect of {req}");
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
         // What an HTTP call's resolution let through and refused.
         let connections = act::ConnectionRecord::default();
         // An effect may run no longer than the wall-time budget has left (I-005: time is
@@ -1504,6 +1512,116 @@ impl Ctx<'_> {
                 self.refuse(live, agent, r, Some(req), d, None).await
             }
         }
+    }
+
+    /// At the recovery of a run the stopped process was executing: a file request whose grant
+    /// was used and whose effect was never recorded is answered now. Its reservation is settled
+    /// at the call's fixed cost and a denial recorded (`effect_failed`, saying it was
+    /// interrupted), so the resumed agent is shown that nothing was done, and the operator sees
+    /// it among the denials (before, the resumed agent went on as if it had been done, and the
+    /// run could commit without it). A file request did nothing the record does not hold: what
+    /// it staged is staged only once recorded. Other requests (HTTP, commands, tools) may have
+    /// acted, and are left as they are.
+    pub(crate) async fn answer_interrupted(&self, live: &mut Live) -> Result<(), RuntimeError> {
+        let events = crate::read_run(self.rt.ledger.log().as_ref(), &self.run).await?;
+        let Some(requested) = events
+            .iter()
+            .rev()
+            .find(|e| e.event_type == EventType::CapabilityRequested.name())
+        else {
+            return Ok(());
+        };
+        let req = requested.id();
+        let text = |k: &str| {
+            requested
+                .payload
+                .get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let r = CapabilityProposal {
+            capability: text("capability"),
+            target: text("target"),
+            arguments: requested
+                .payload
+                .get("arguments")
+                .cloned()
+                .unwrap_or(Value::Null),
+            intent: requested.intent.clone().unwrap_or_default(),
+        };
+        if !r.capability.starts_with("fs.") {
+            return Ok(());
+        }
+        let after = events.iter().filter(|x| x.run_seq > req.run_seq);
+        let cites = |x: &ice_kernel::Event| {
+            x.causes.contains(&req)
+                || x.payload.get("request").and_then(Value::as_str) == Some(&req.to_string())
+        };
+        let mut used = None;
+        let mut reservations = Vec::new();
+        for x in after {
+            let t = EventType::from_name(&x.event_type);
+            if !cites(x) {
+                continue;
+            }
+            match t {
+                Some(EventType::CapabilityUsed) => used = Some(x),
+                Some(EventType::BudgetReserved) => {
+                    if let Some(id) = x.payload.get("reservation").and_then(Value::as_str) {
+                        reservations.push(id.to_string());
+                    }
+                }
+                // Answered: an effect or a denial.
+                Some(EventType::CapabilityDenied) => return Ok(()),
+                Some(t) if t.category() == ice_kernel::Category::Domain => return Ok(()),
+                _ => {}
+            }
+        }
+        let Some(used) = used else {
+            return Ok(());
+        };
+        let grant = used
+            .payload
+            .get("grant")
+            .and_then(Value::as_str)
+            .and_then(|g| g.parse::<EventId>().ok());
+        let open: Vec<(String, Cost)> = live
+            .books
+            .budget
+            .reservations()
+            .filter(|(id, _)| reservations.iter().any(|r| r == id))
+            .map(|(id, c)| (id.to_string(), *c))
+            .collect();
+        let settles: Vec<Draft> = open
+            .iter()
+            .map(|(id, c)| {
+                settle_draft(
+                    id,
+                    Cost {
+                        tool_calls: c.tool_calls,
+                        ..Cost::default()
+                    },
+                    &req,
+                )
+            })
+            .collect();
+        if !settles.is_empty() {
+            self.append(live, |_| settles.clone()).await?;
+        }
+        let resource = match r.capability.as_str() {
+            "fs.list" => Resource::dir(&r.target).ok(),
+            _ => Resource::path(&r.target).ok(),
+        };
+        let mut d = Self::denial(
+            &r,
+            resource.as_ref(),
+            DenialCode::EffectFailed,
+            "interrupted: the process driving the run stopped after this call's grant was used and before its effect was recorded; nothing of it was staged, so nothing of it will be committed".into(),
+        );
+        d.grant = grant;
+        self.deny(live, d, &req).await?;
+        Ok(())
     }
 
     /// Whether the run is to stop now: a kill is recorded (by this process or another). ICE

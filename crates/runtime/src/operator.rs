@@ -1138,6 +1138,7 @@ impl Runtime {
                     "terminated: it stopped before executing".to_string()
                 }
                 RunState::Executing => {
+                    ctx.answer_interrupted(live).await?;
                     ctx.suspend(
                         live,
                         "crash_recovery",
