@@ -188,7 +188,6 @@ impl Ledger {
             Some(last) if last > now => last,
             _ => now,
         };
-        let base = head.clone();
         let batch = head
             .seal_batch(drafts, at, &index)
             .map_err(|(index, error)| AppendError::Rejected { index, error })?;
@@ -197,12 +196,9 @@ impl Ledger {
                 self.remember(head);
                 Ok((receipt, batch))
             }
-            // Others appended first: the head as it was is still a true prefix of the run,
-            // from which [`Ledger::catch_up`] reads on.
-            Err(e @ LogError::Conflict { .. }) => {
-                self.remember(base);
-                Err(e.into())
-            }
+            // Others appended first: the cached head (sealing worked on a copy) is still a
+            // true prefix of the run, from which [`Ledger::catch_up`] reads on.
+            Err(e @ LogError::Conflict { .. }) => Err(e.into()),
             Err(e) => {
                 self.forget(run_id);
                 Err(e.into())
