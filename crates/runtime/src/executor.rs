@@ -416,8 +416,8 @@ impl Ctx<'_> {
                 return Ok(());
             }
             ice_log::after_page(self.run.as_str(), live.books.next_seq(), &page)?;
-            // Someone else wrote to the run: the ledger's cached head is stale.
-            self.rt.ledger.forget(&self.run);
+            // Someone else wrote to the run: the ledger's cached head is stale, and the next
+            // append (pinned past it) catches it up on these events alone.
             for s in &page {
                 let e = s.event()?;
                 live.books.apply(&e)?;
@@ -1514,113 +1514,121 @@ impl Ctx<'_> {
         }
     }
 
-    /// At the recovery of a run the stopped process was executing: a file request whose grant
-    /// was used and whose effect was never recorded is answered now. Its reservation is settled
-    /// at the call's fixed cost and a denial recorded (`effect_failed`, saying it was
+    /// At the recovery of a run the stopped process was executing: each file request whose
+    /// grant was used and whose effect was never recorded is answered now. Its reservation is
+    /// settled at the call's fixed cost and a denial recorded (`effect_failed`, saying it was
     /// interrupted), so the resumed agent is shown that nothing was done, and the operator sees
     /// it among the denials (before, the resumed agent went on as if it had been done, and the
     /// run could commit without it). A file request did nothing the record does not hold: what
-    /// it staged is staged only once recorded. Other requests (HTTP, commands, tools) may have
-    /// acted, and are left as they are.
+    /// it staged is staged only once recorded. Every such request is answered, not only the
+    /// last (a session's concurrent calls may have recorded others after it, while it waited
+    /// for an approval). Other requests (HTTP, commands, tools) may have acted, and are left
+    /// as they are.
     pub(crate) async fn answer_interrupted(&self, live: &mut Live) -> Result<(), RuntimeError> {
         let events = crate::read_run(self.rt.ledger.log().as_ref(), &self.run).await?;
-        let Some(requested) = events
-            .iter()
-            .rev()
-            .find(|e| e.event_type == EventType::CapabilityRequested.name())
-        else {
-            return Ok(());
-        };
-        let req = requested.id();
-        let text = |k: &str| {
-            requested
-                .payload
-                .get(k)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string()
-        };
-        let r = CapabilityProposal {
-            capability: text("capability"),
-            target: text("target"),
-            arguments: requested
-                .payload
-                .get("arguments")
-                .cloned()
-                .unwrap_or(Value::Null),
-            intent: requested.intent.clone().unwrap_or_default(),
-        };
-        if !r.capability.starts_with("fs.") {
-            return Ok(());
+        // What each file request's later events say of it: used, its reservations, answered.
+        #[derive(Default)]
+        struct Seen {
+            used: bool,
+            grant: Option<EventId>,
+            reservations: Vec<String>,
+            answered: bool,
         }
-        let after = events.iter().filter(|x| x.run_seq > req.run_seq);
-        let cites = |x: &ice_kernel::Event| {
-            x.causes.contains(&req)
-                || x.payload.get("request").and_then(Value::as_str) == Some(&req.to_string())
-        };
-        let mut used = None;
-        let mut reservations = Vec::new();
-        for x in after {
+        let mut requests: Vec<(EventId, CapabilityProposal)> = Vec::new();
+        let mut seen: std::collections::HashMap<EventId, Seen> = Default::default();
+        for x in &events {
             let t = EventType::from_name(&x.event_type);
-            if !cites(x) {
+            if t == Some(EventType::CapabilityRequested) {
+                let text = |k: &str| {
+                    x.payload
+                        .get(k)
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                let capability = text("capability");
+                if capability.starts_with("fs.") {
+                    requests.push((
+                        x.id(),
+                        CapabilityProposal {
+                            capability,
+                            target: text("target"),
+                            arguments: x.payload.get("arguments").cloned().unwrap_or(Value::Null),
+                            intent: x.intent.clone().unwrap_or_default(),
+                        },
+                    ));
+                    seen.insert(x.id(), Seen::default());
+                }
                 continue;
             }
-            match t {
-                Some(EventType::CapabilityUsed) => used = Some(x),
-                Some(EventType::BudgetReserved) => {
-                    if let Some(id) = x.payload.get("reservation").and_then(Value::as_str) {
-                        reservations.push(id.to_string());
+            let named = x
+                .payload
+                .get("request")
+                .and_then(Value::as_str)
+                .and_then(|r| r.parse::<EventId>().ok());
+            for req in x.causes.iter().chain(named.iter()) {
+                let Some(s) = seen.get_mut(req) else {
+                    continue;
+                };
+                match t {
+                    Some(EventType::CapabilityUsed) => {
+                        s.used = true;
+                        s.grant = x
+                            .payload
+                            .get("grant")
+                            .and_then(Value::as_str)
+                            .and_then(|g| g.parse::<EventId>().ok());
                     }
+                    Some(EventType::BudgetReserved) => {
+                        if let Some(id) = x.payload.get("reservation").and_then(Value::as_str) {
+                            s.reservations.push(id.to_string());
+                        }
+                    }
+                    Some(EventType::CapabilityDenied) => s.answered = true,
+                    Some(t) if t.category() == ice_kernel::Category::Domain => s.answered = true,
+                    _ => {}
                 }
-                // Answered: an effect or a denial.
-                Some(EventType::CapabilityDenied) => return Ok(()),
-                Some(t) if t.category() == ice_kernel::Category::Domain => return Ok(()),
-                _ => {}
             }
         }
-        let Some(used) = used else {
-            return Ok(());
-        };
-        let grant = used
-            .payload
-            .get("grant")
-            .and_then(Value::as_str)
-            .and_then(|g| g.parse::<EventId>().ok());
-        let open: Vec<(String, Cost)> = live
-            .books
-            .budget
-            .reservations()
-            .filter(|(id, _)| reservations.iter().any(|r| r == id))
-            .map(|(id, c)| (id.to_string(), *c))
-            .collect();
-        let settles: Vec<Draft> = open
-            .iter()
-            .map(|(id, c)| {
-                settle_draft(
-                    id,
-                    Cost {
-                        tool_calls: c.tool_calls,
-                        ..Cost::default()
-                    },
-                    &req,
-                )
-            })
-            .collect();
-        if !settles.is_empty() {
-            self.append(live, |_| settles.clone()).await?;
+        for (req, r) in requests {
+            let Some(s) = seen.remove(&req) else {
+                continue;
+            };
+            if !s.used || s.answered {
+                continue;
+            }
+            let settles: Vec<Draft> = live
+                .books
+                .budget
+                .reservations()
+                .filter(|(id, _)| s.reservations.iter().any(|r| r == id))
+                .map(|(id, c)| {
+                    settle_draft(
+                        id,
+                        Cost {
+                            tool_calls: c.tool_calls,
+                            ..Cost::default()
+                        },
+                        &req,
+                    )
+                })
+                .collect();
+            if !settles.is_empty() {
+                self.append(live, |_| settles.clone()).await?;
+            }
+            let resource = match r.capability.as_str() {
+                "fs.list" => Resource::dir(&r.target).ok(),
+                _ => Resource::path(&r.target).ok(),
+            };
+            let mut d = Self::denial(
+                &r,
+                resource.as_ref(),
+                DenialCode::EffectFailed,
+                "interrupted: the process driving the run stopped after this call's grant was used and before its effect was recorded; nothing of it was staged, so nothing of it will be committed".into(),
+            );
+            d.grant = s.grant;
+            self.deny(live, d, &req).await?;
         }
-        let resource = match r.capability.as_str() {
-            "fs.list" => Resource::dir(&r.target).ok(),
-            _ => Resource::path(&r.target).ok(),
-        };
-        let mut d = Self::denial(
-            &r,
-            resource.as_ref(),
-            DenialCode::EffectFailed,
-            "interrupted: the process driving the run stopped after this call's grant was used and before its effect was recorded; nothing of it was staged, so nothing of it will be committed".into(),
-        );
-        d.grant = grant;
-        self.deny(live, d, &req).await?;
         Ok(())
     }
 
