@@ -101,8 +101,15 @@ impl Ledger {
         // events, and validated again (a run that ended meanwhile refuses what no longer fits).
         for _ in 1..CONFLICT_RETRIES {
             match self.append_to(run_id, None, drafts.clone()).await {
-                Err(AppendError::Log(LogError::Conflict { .. })) => {
-                    self.catch_up(run_id).await?;
+                Err(AppendError::Log(LogError::Conflict { expected, .. })) => {
+                    match self.catch_up(run_id).await {
+                        Ok(head) if head.next_seq > expected => {}
+                        // Nothing new after the refused position, or events that do not follow
+                        // the cached head: it is not the run's (the file replaced under this
+                        // process, say). The next try folds the run afresh rather than failing
+                        // the same way every time.
+                        _ => self.forget(run_id),
+                    }
                 }
                 other => return other,
             }

@@ -293,10 +293,23 @@ async fn verifying_while_others_append_never_reports_a_false_problem() {
     assert_verifies(ledger.log().as_ref()).await;
 }
 
-/// A log that notes where each `read_run` starts.
+/// A log that notes where each `read_run` starts, and whose store a test can swap.
 struct Reads {
-    inner: Arc<dyn EventLog>,
+    inner: std::sync::Mutex<Arc<dyn EventLog>>,
     from: std::sync::Mutex<Vec<u64>>,
+}
+
+impl Reads {
+    fn new(inner: Arc<dyn EventLog>) -> Reads {
+        Reads {
+            inner: std::sync::Mutex::new(inner),
+            from: Default::default(),
+        }
+    }
+
+    fn log(&self) -> Arc<dyn EventLog> {
+        self.inner.lock().unwrap().clone()
+    }
 }
 
 #[async_trait::async_trait]
@@ -305,7 +318,7 @@ impl EventLog for Reads {
         &self,
         batch: ice_kernel::SealedBatch,
     ) -> Result<ice_log::AppendReceipt, LogError> {
-        self.inner.append(batch).await
+        self.log().append(batch).await
     }
     async fn read_run(
         &self,
@@ -314,14 +327,14 @@ impl EventLog for Reads {
         limit: usize,
     ) -> Result<Vec<ice_log::StoredEvent>, LogError> {
         self.from.lock().unwrap().push(from_seq);
-        self.inner.read_run(run_id, from_seq, limit).await
+        self.log().read_run(run_id, from_seq, limit).await
     }
     async fn scan(
         &self,
         from_log_seq: u64,
         limit: usize,
     ) -> Result<Vec<ice_log::StoredEvent>, LogError> {
-        self.inner.scan(from_log_seq, limit).await
+        self.log().scan(from_log_seq, limit).await
     }
     async fn scan_page(
         &self,
@@ -330,7 +343,7 @@ impl EventLog for Reads {
         nodes: bool,
         reuse: ice_log::EventPage,
     ) -> Result<ice_log::EventPage, LogError> {
-        self.inner
+        self.log()
             .scan_page(from_log_seq, limit, nodes, reuse)
             .await
     }
@@ -338,60 +351,60 @@ impl EventLog for Reads {
         &self,
         id: &ice_kernel::EventId,
     ) -> Result<Option<ice_log::StoredEvent>, LogError> {
-        self.inner.get(id).await
+        self.log().get(id).await
     }
     async fn size(&self) -> Result<u64, LogError> {
-        self.inner.size().await
+        self.log().size().await
     }
     async fn runs(&self, offset: u64, limit: usize) -> Result<Vec<ice_kernel::RunId>, LogError> {
-        self.inner.runs(offset, limit).await
+        self.log().runs(offset, limit).await
     }
     async fn runs_newest_first(
         &self,
         offset: u64,
         limit: usize,
     ) -> Result<Vec<ice_kernel::RunId>, LogError> {
-        self.inner.runs_newest_first(offset, limit).await
+        self.log().runs_newest_first(offset, limit).await
     }
     async fn run_count(&self) -> Result<u64, LogError> {
-        self.inner.run_count().await
+        self.log().run_count().await
     }
     async fn existing(
         &self,
         ids: &[ice_kernel::EventId],
     ) -> Result<HashSet<ice_kernel::EventId>, LogError> {
-        self.inner.existing(ids).await
+        self.log().existing(ids).await
     }
     async fn blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, LogError> {
-        self.inner.blob(digest).await
+        self.log().blob(digest).await
     }
     async fn nodes(&self, ids: &[ice_log::NodeId]) -> Result<Vec<Digest>, LogError> {
-        self.inner.nodes(ids).await
+        self.log().nodes(ids).await
     }
     fn tree_floor(&self) -> u8 {
-        self.inner.tree_floor()
+        self.log().tree_floor()
     }
     async fn scan_nodes(
         &self,
         from_leaf: u64,
         leaves: u64,
     ) -> Result<Vec<(ice_log::NodeId, Option<Digest>)>, LogError> {
-        self.inner.scan_nodes(from_leaf, leaves).await
+        self.log().scan_nodes(from_leaf, leaves).await
     }
     async fn extent(&self) -> Result<Option<ice_log::Extent>, LogError> {
-        self.inner.extent().await
+        self.log().extent().await
     }
     async fn altered_blob(&self) -> Result<Option<String>, LogError> {
-        self.inner.altered_blob().await
+        self.log().altered_blob().await
     }
     async fn index_problem(&self) -> Result<Option<String>, LogError> {
-        self.inner.index_problem().await
+        self.log().index_problem().await
     }
     async fn add_checkpoint(&self, checkpoint: ice_log::StoredCheckpoint) -> Result<(), LogError> {
-        self.inner.add_checkpoint(checkpoint).await
+        self.log().add_checkpoint(checkpoint).await
     }
     async fn checkpoints(&self) -> Result<Vec<ice_log::StoredCheckpoint>, LogError> {
-        self.inner.checkpoints().await
+        self.log().checkpoints().await
     }
 }
 
@@ -402,10 +415,7 @@ impl EventLog for Reads {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_ledger_that_loses_a_race_reads_only_what_was_appended_since() {
     let fx = Fixture::new();
-    let log = Arc::new(Reads {
-        inner: fx.log.clone(),
-        from: Default::default(),
-    });
+    let log = Arc::new(Reads::new(fx.log.clone()));
     let run = run_id("busy");
     let clock = Arc::new(TestClock::new());
     let driver = Ledger::new(log.clone(), clock.clone());
@@ -448,4 +458,28 @@ async fn a_ledger_that_loses_a_race_reads_only_what_was_appended_since() {
         log.from.lock().unwrap()
     );
     assert_verifies(fx.log()).await;
+}
+
+/// The second review's finding: after a lost race the ledger trusts its cached head as a
+/// prefix of the run; when it is not (the store replaced under a running process), every
+/// append failed the same way. A catch-up that cannot follow the cached head drops it, and the
+/// next try folds the run afresh.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cached_head_that_is_not_the_runs_is_dropped_and_the_run_folded_again() {
+    let first = Fixture::new();
+    let second = Fixture::new();
+    let run = run_id("replaced");
+    let clock = Arc::new(TestClock::new());
+    let log = Arc::new(Reads::new(first.log.clone()));
+    let ledger = Ledger::new(log.clone(), clock.clone());
+    ledger.append(&run, opening()).await.unwrap();
+    // Another store holds the same run, as long, with other events (other times): the
+    // cached head's position is the run's end there, but not its last hash.
+    let other = Ledger::new(second.log.clone(), clock.clone());
+    other.append(&run, opening()).await.unwrap();
+    *log.inner.lock().unwrap() = second.log.clone();
+    let (r, batch) = ledger.append(&run, vec![working(0, 1)]).await.unwrap();
+    assert_eq!(batch.events()[0].event().run_seq, 4);
+    assert_eq!(r.first_log_seq, 4);
+    assert_verifies(second.log()).await;
 }
