@@ -315,8 +315,8 @@ fn text_an_agent_wrote_cannot_drive_the_operators_terminal() {
 #[test]
 fn a_plan_changed_since_the_run_is_not_used_to_re_drive_it() {
     let (_dir, home, qs) = setup(1);
-    let plan = "agent = \"coder\"\n\n[[step]]\nintent = \"w\"\ncapability = \"fs.write\"\ntarget = \"hello.txt\"\narguments = { content = \"hello, governed world\\n\" }\n";
-    std::fs::write(qs.join("plan.toml"), plan).unwrap();
+    let plan = writes(1);
+    std::fs::write(qs.join("plan.toml"), &plan).unwrap();
     let o = ice(&home, &["run", qs.join("run.toml").to_str().unwrap()]);
     assert_eq!(code(&o), 0, "{}", text(&o));
     let provisioned = first_event(&home, "RunProvisioned").unwrap();
@@ -356,12 +356,40 @@ fn a_plan_changed_since_the_run_is_not_used_to_re_drive_it() {
     assert_eq!(code(&o), 0, "{}", text(&o));
 }
 
+/// A plan (agent `coder`, no approvals) of the first `n` of three writes: `hello.txt`, `b.txt`,
+/// `c.txt`, with intents `w`, `w2`, `w3`.
+fn writes(n: usize) -> String {
+    let steps = [
+        ("w", "hello.txt", "hello, governed world"),
+        ("w2", "b.txt", "b"),
+        ("w3", "c.txt", "c"),
+    ];
+    let mut plan = "agent = \"coder\"\n".to_string();
+    for (intent, target, content) in &steps[..n] {
+        plan.push_str(&format!(
+            "\n[[step]]\nintent = \"{intent}\"\ncapability = \"fs.write\"\ntarget = \"{target}\"\narguments = {{ content = \"{content}\\n\" }}\n"
+        ));
+    }
+    plan
+}
+
+/// Start-up recovery runs before the next run: run the quickstart's runaway spec, which
+/// recovers run `quickstart` first and says so.
+fn recovered_by_the_next_run(home: &Path, qs: &Path) {
+    let o = ice(home, &["run", qs.join("runaway.toml").to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("recovered run quickstart"),
+        "{}",
+        text(&o)
+    );
+}
+
 /// Run the quickstart spec with a pause inside the commit, SIGKILL it there, recover.
 fn killed_in_commit(pause_after: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let (dir, home, qs) = setup(1);
     // No approvals in this plan: only the file steps.
-    let plan = "agent = \"coder\"\n\n[[step]]\nintent = \"w\"\ncapability = \"fs.write\"\ntarget = \"hello.txt\"\narguments = { content = \"hello, governed world\\n\" }\n\n[[step]]\nintent = \"w2\"\ncapability = \"fs.write\"\ntarget = \"b.txt\"\narguments = { content = \"b\\n\" }\n\n[[step]]\nintent = \"w3\"\ncapability = \"fs.write\"\ntarget = \"c.txt\"\narguments = { content = \"c\\n\" }\n";
-    std::fs::write(qs.join("plan.toml"), plan).unwrap();
+    let plan = writes(3);
+    std::fs::write(qs.join("plan.toml"), &plan).unwrap();
     kill_when_paused(
         &home,
         &qs,
@@ -433,13 +461,7 @@ fn sigkill_during_commit_then_recovery_leaves_everything_applied_and_says_so() {
         2,
         "{before:?}"
     );
-    // Start-up recovery runs before the next run.
-    let o = ice(&home, &["run", qs.join("runaway.toml").to_str().unwrap()]);
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("recovered run quickstart"),
-        "{}",
-        text(&o)
-    );
+    recovered_by_the_next_run(&home, &qs);
     assert_eq!(
         workspace_files(&qs),
         [
@@ -796,8 +818,8 @@ fn bad_run_specs_and_plans_are_refused_with_file_and_line() {
 )]
 fn a_run_killed_after_it_ended_but_before_its_teardown_is_torn_down_by_recovery() {
     let (_dir, home, qs) = setup(1);
-    let plan = "agent = \"coder\"\n\n[[step]]\nintent = \"w\"\ncapability = \"fs.write\"\ntarget = \"hello.txt\"\narguments = { content = \"hello, governed world\\n\" }\n";
-    std::fs::write(qs.join("plan.toml"), plan).unwrap();
+    let plan = writes(1);
+    std::fs::write(qs.join("plan.toml"), &plan).unwrap();
     kill_when_paused(
         &home,
         &qs,
@@ -1287,21 +1309,15 @@ fn a_hangup_kills_the_run_and_seals_it_like_sigterm() {
 )]
 fn a_write_interrupted_by_a_crash_is_answered_as_failed_when_the_run_is_recovered() {
     let (_dir, home, qs) = setup(1);
-    let plan = "agent = \"coder\"\n\n[[step]]\nintent = \"w\"\ncapability = \"fs.write\"\ntarget = \"hello.txt\"\narguments = { content = \"hello, governed world\\n\" }\n\n[[step]]\nintent = \"w2\"\ncapability = \"fs.write\"\ntarget = \"b.txt\"\narguments = { content = \"b\\n\" }\n";
-    std::fs::write(qs.join("plan.toml"), plan).unwrap();
+    let plan = writes(2);
+    std::fs::write(qs.join("plan.toml"), &plan).unwrap();
     kill_when_paused(
         &home,
         &qs,
         ("ICE_TEST_PAUSE_BEFORE_EFFECT", "1"),
         "paused before the effect",
     );
-    // Start-up recovery runs before the next run.
-    let o = ice(&home, &["run", qs.join("runaway.toml").to_str().unwrap()]);
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("recovered run quickstart"),
-        "{}",
-        text(&o)
-    );
+    recovered_by_the_next_run(&home, &qs);
     let types = run_types(&home);
     let n = types.len();
     assert_eq!(

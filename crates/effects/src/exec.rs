@@ -159,7 +159,7 @@ pub fn run(auth: &Authorization, spec: &ExecSpec) -> Result<ExecOutput, ExecErro
     run_until(auth, spec, &AtomicBool::new(false))
 }
 
-/// [`run`], stopped early once `stop` is set (the run was killed, ICE is stopping): the
+/// [`run`], stopped early once `stop` is set (the run was killed): the
 /// command's process group is killed within [`STOP_POLL`] and the output says so
 /// ([`ExecOutput::stopped`]).
 pub fn run_until(
@@ -294,7 +294,7 @@ fn execute(
         None => return Err(wait_err(&name, "stderr was not captured")),
     };
     // From here every way out kills the group and forgets it.
-    crate::mcp::track_group(child.id());
+    crate::children::track_group(child.id());
 
     // Wait for the leader to exit without reaping it, so its pid (the group's id) cannot be
     // reused before the group is killed.
@@ -318,7 +318,7 @@ fn execute(
             Ok(result) => {
                 if let Err(e) = result {
                     kill_group(pid);
-                    crate::mcp::untrack_group(child.id());
+                    crate::children::untrack_group(child.id());
                     return Err(ExecError::Wait {
                         program: name.clone(),
                         source: e.into(),
@@ -334,7 +334,7 @@ fn execute(
         }
     };
     kill_group(pid);
-    crate::mcp::untrack_group(child.id());
+    crate::children::untrack_group(child.id());
     let status = child.wait().map_err(|source| ExecError::Wait {
         program: name.clone(),
         source,

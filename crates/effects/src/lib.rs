@@ -22,6 +22,7 @@
 #![warn(missing_docs)]
 
 mod auth;
+mod children;
 pub mod evidence;
 pub mod exec;
 pub mod http;
@@ -34,6 +35,7 @@ pub mod workspace;
 mod tests;
 
 pub use auth::AuthorizationError;
+pub use children::kill_child_processes;
 pub use evidence::{Detail, Digested, Evidence};
 pub use exec::{ExecError, ExecOutput, ExecSpec, run, run_check, run_until};
 pub use http::{
@@ -43,7 +45,7 @@ pub use http::{
 pub use ice_authority::Authorization;
 pub use mcp::{
     McpError, ServerConfig, ServerTransport, ToolCallError, ToolCallOutput, ToolServers, ToolSpec,
-    hint_from_annotations, kill_child_processes,
+    hint_from_annotations,
 };
 pub use staging::{
     Change, ChangeKind, CommitPoint, CommitReport, Materialized, Recovery, Stage, StageError,

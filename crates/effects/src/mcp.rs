@@ -54,7 +54,7 @@
 //! server sends makes this module panic.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
@@ -1127,37 +1127,6 @@ impl Connection {
     }
 }
 
-/// The process groups of the stdio tool servers and the commands this process started that
-/// have not ended (each leads its own group): what [`kill_child_processes`] stops.
-static LIVE_GROUPS: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
-
-/// Note a process group this process started (a command's), for [`kill_child_processes`].
-pub(crate) fn track_group(pid: u32) {
-    LIVE_GROUPS
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(pid);
-}
-
-/// Forget a process group once it is killed or gone.
-pub(crate) fn untrack_group(pid: u32) {
-    LIVE_GROUPS
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .remove(&pid);
-}
-
-/// Kill every stdio tool server and every command this process started that still runs,
-/// with whatever each started in its process group. For a process about to exit at once
-/// (`std::process::exit`, a second signal): no destructor runs then, and those processes, in
-/// process groups of their own (so a terminal's Ctrl-C does not reach them), would outlive it.
-pub fn kill_child_processes() {
-    let groups = std::mem::take(&mut *LIVE_GROUPS.lock().unwrap_or_else(PoisonError::into_inner));
-    for pid in groups {
-        signal_group(Some(pid), rustix::process::Signal::KILL);
-    }
-}
-
 /// A stdio server's process, supervised by a task that reaps it.
 struct ChildProc {
     pid: Option<u32>,
@@ -1173,10 +1142,7 @@ impl ChildProc {
     fn supervise(mut child: Child, stderr: Option<ChildStderr>) -> ChildProc {
         let pid = child.id();
         if let Some(pid) = pid {
-            LIVE_GROUPS
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(pid);
+            crate::children::track_group(pid);
         }
         let (ended_tx, ended) = watch::channel(None);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -1212,10 +1178,7 @@ impl ChildProc {
             // Whatever it started in its group goes with it.
             signal_group(pid, rustix::process::Signal::KILL);
             if let Some(pid) = pid {
-                LIVE_GROUPS
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&pid);
+                crate::children::untrack_group(pid);
             }
             let _ = ended_tx.send(Some(describe_exit(status)));
         });

@@ -129,6 +129,18 @@ pub enum ChangeKind {
 }
 
 impl ChangeKind {
+    /// How a path whose content is `before` changes to `after` (`None`: absent); `None` if it
+    /// does not change.
+    fn between(before: &Option<FileState>, after: &Option<FileState>) -> Option<ChangeKind> {
+        match (before, after) {
+            (None, None) => None,
+            (Some(b), Some(a)) if b == a => None,
+            (None, Some(_)) => Some(ChangeKind::Added),
+            (Some(_), Some(_)) => Some(ChangeKind::Modified),
+            (Some(_), None) => Some(ChangeKind::Deleted),
+        }
+    }
+
     /// `added`, `modified` or `deleted`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -327,6 +339,23 @@ pub enum StageError {
         #[source]
         source: Box<FsError>,
     },
+}
+
+impl StageError {
+    /// Whether this is the workspace refusing the commit (someone else's change, a
+    /// confinement refusal, a file where a directory must go), which trying again will not
+    /// change; not a failure to read (EIO, EMFILE, a workspace briefly gone) that may pass.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            StageError::Conflict { .. }
+                | StageError::Fs(
+                    FsError::Confinement(_)
+                        | FsError::NotADirectory { .. }
+                        | FsError::IsADirectory { .. }
+                )
+        )
+    }
 }
 
 fn state_text(state: &Option<FileState>) -> String {
@@ -723,20 +752,17 @@ impl Stage {
                         return Err(e.into());
                     }
                 };
-                if !truncated {
-                    self.seen_is(
-                        path,
-                        Some(FileState {
-                            digest: Digest::of(&content),
-                            size,
-                        }),
-                    );
-                }
                 (content, size, truncated, false)
             }
         };
+        let evidence = read_evidence(auth, path, &content, size, truncated, staged);
+        // The digest the evidence took: the content is hashed once.
+        if let (false, false, Some(out)) = (staged, truncated, evidence.outputs.first()) {
+            let digest = out.digest;
+            self.seen_is(path, Some(FileState { digest, size }));
+        }
         Ok(FileRead {
-            evidence: read_evidence(auth, path, &content, size, truncated, staged),
+            evidence,
             path: path.to_string(),
             content,
             size,
@@ -873,12 +899,8 @@ impl Stage {
                 Staged::Written(s) => Some(*s),
                 Staged::Deleted => None,
             };
-            let kind = match (&before, &after) {
-                (None, None) => continue,
-                (Some(b), Some(a)) if b == a => continue,
-                (None, Some(_)) => ChangeKind::Added,
-                (Some(_), Some(_)) => ChangeKind::Modified,
-                (Some(_), None) => ChangeKind::Deleted,
+            let Some(kind) = ChangeKind::between(&before, &after) else {
+                continue;
             };
             changes.push(Change {
                 path: path.clone(),
@@ -1198,11 +1220,9 @@ pub fn roll_forward(
             .map_err(|e| failed(index, &change.path, e))?;
         if now != change.after && now != change.before {
             change.before = now;
-            change.kind = match (&change.before, &change.after) {
-                (None, _) => ChangeKind::Added,
-                (Some(_), Some(_)) => ChangeKind::Modified,
-                (Some(_), None) => ChangeKind::Deleted,
-            };
+            if let Some(kind) = ChangeKind::between(&change.before, &change.after) {
+                change.kind = kind;
+            }
             corrected = true;
         }
     }

@@ -712,14 +712,9 @@ impl Workspace {
         };
         match self.kind_of(&temp) {
             Ok(None | Some(EntryKind::File)) | Err(FsError::NotADirectory { .. }) => Ok(()),
-            Ok(Some(kind)) => Err(FsError::Confinement(ConfinementError {
+            Ok(Some(_)) => Err(FsError::Confinement(ConfinementError {
                 path: path.to_string(),
-                problem: Confinement::Reserved {
-                    component: format!(
-                        "{temp} (a {} where the commit's temporary goes)",
-                        kind.as_str()
-                    ),
-                },
+                problem: Confinement::Reserved { component: temp },
             })),
             Err(e) => Err(e),
         }

@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::event::{Cost, Draft, Payload};
+use crate::event::{Cost, Draft, Event, Payload};
 use crate::id::{Digest, EventId, Origin, RunId};
 use crate::taxonomy::EventType;
 
@@ -70,6 +70,26 @@ pub struct CapabilityProposal {
     pub arguments: Value,
     /// Why.
     pub intent: String,
+}
+
+impl CapabilityProposal {
+    /// The request a `CapabilityRequested` event records (what [`Proposal::draft`] wrote); a
+    /// field the record lacks is empty.
+    pub fn recorded(e: &Event) -> CapabilityProposal {
+        let text = |k: &str| {
+            e.payload
+                .get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        CapabilityProposal {
+            capability: text("capability"),
+            target: text("target"),
+            arguments: e.payload.get("arguments").cloned().unwrap_or_default(),
+            intent: e.intent.clone().unwrap_or_default(),
+        }
+    }
 }
 
 /// What an agent may propose.

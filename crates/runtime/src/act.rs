@@ -1030,27 +1030,21 @@ pub async fn run_checks(staging: &Staging, checks: &[Check]) -> Vec<Result<Value
 /// cannot be written) is [`RuntimeError::CommitRefused`]: the stage is kept, to be discarded
 /// by the abort that follows, and the workspace is as it was.
 pub fn commit(staging: &mut Staging) -> Result<Vec<ice_effects::Change>, RuntimeError> {
-    let Some(stage) = staging.stage.as_ref() else {
-        return Err(RuntimeError::Io("the run's stage is closed".into()));
-    };
-    let changes = stage.prepare().map_err(|e| {
-        // What the workspace will not take (someone else's change, a confinement refusal, a
-        // file where a directory must go) is the commit's refusal: the run ends. A failure to
-        // read (EIO, EMFILE, a workspace briefly gone) may pass: the run stays validating,
-        // its stage kept, as before any commit was tried.
-        use ice_effects::{FsError, StageError};
-        match &e {
-            StageError::Conflict { .. }
-            | StageError::Fs(
-                FsError::Confinement(_)
-                | FsError::NotADirectory { .. }
-                | FsError::IsADirectory { .. },
-            ) => RuntimeError::CommitRefused(e.to_string()),
-            _ => RuntimeError::Io(format!("commit: {e}")),
-        }
-    })?;
     let Some(stage) = staging.stage.take() else {
         return Err(RuntimeError::Io("the run's stage is closed".into()));
+    };
+    let changes = match stage.prepare() {
+        Ok(changes) => changes,
+        Err(e) => {
+            // The stage stays: an abort discards it, or a later try commits it.
+            staging.stage = Some(stage);
+            // What the workspace will not take ends the run; a failure to read may pass.
+            return Err(if e.is_refusal() {
+                RuntimeError::CommitRefused(e.to_string())
+            } else {
+                RuntimeError::Io(format!("commit: {e}"))
+            });
+        }
     };
     // Crash tests only (debug builds): ICE_TEST_PAUSE_IN_COMMIT=N stops the commit after N
     // applied changes (0: before the journal is written; `applied`: once every change is

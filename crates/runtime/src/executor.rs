@@ -1539,25 +1539,10 @@ impl Ctx<'_> {
         for x in &events {
             let t = EventType::from_name(&x.event_type);
             if t == Some(EventType::CapabilityRequested) {
-                let text = |k: &str| {
-                    x.payload
-                        .get(k)
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_string()
-                };
-                let capability = text("capability");
-                if capability.starts_with("fs.") {
-                    requests.push((
-                        x.id(),
-                        CapabilityProposal {
-                            capability,
-                            target: text("target"),
-                            arguments: x.payload.get("arguments").cloned().unwrap_or(Value::Null),
-                            intent: x.intent.clone().unwrap_or_default(),
-                        },
-                    ));
+                let r = CapabilityProposal::recorded(x);
+                if r.capability.starts_with("fs.") {
                     seen.insert(x.id(), Seen::default());
+                    requests.push((x.id(), r));
                 }
                 continue;
             }

@@ -826,24 +826,7 @@ impl<'a> Drive<'a> {
             return Err(format!("its request {req} is not an agent's"));
         };
         let agent = agent.clone();
-        let text = |k: &str| {
-            requested
-                .payload
-                .get(k)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string()
-        };
-        let proposal = CapabilityProposal {
-            capability: text("capability"),
-            target: text("target"),
-            arguments: requested
-                .payload
-                .get("arguments")
-                .cloned()
-                .unwrap_or_default(),
-            intent: requested.intent.clone().unwrap_or_default(),
-        };
+        let proposal = CapabilityProposal::recorded(requested);
         let spec = self.books.spec.as_ref().ok_or("no recorded spec")?;
         // The call was performed under the run's rules: its connections are re-checked
         // whatever this ICE's rules say of its arguments (that is the decision's business).
