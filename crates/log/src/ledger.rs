@@ -12,7 +12,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use ice_kernel::{
-    Clock, Digest, Draft, EventId, RunHead, RunId, RunView, SealedBatch, Timestamp, ValidationError,
+    ChainError, Clock, Digest, Draft, EventId, RunHead, RunId, RunView, SealedBatch, Timestamp,
+    ValidationError,
 };
 
 use crate::{AppendReceipt, EventLog, LogError, StoredEvent};
@@ -130,6 +131,7 @@ impl Ledger {
             crate::after_page(run_id.as_str(), from, &page)?;
             for s in &page {
                 let (h, hash) = stored_header(s)?;
+                linked(&head, &h)?;
                 head.apply_header(&h, hash)
                     .map_err(|err| unlawful(&h, &err))?;
             }
@@ -234,6 +236,22 @@ fn stored_header(s: &StoredEvent) -> Result<(ice_kernel::Header<'_>, Digest), Lo
 }
 
 /// A stored event its run's law refuses.
+/// A stored event names the event before it in its run (`prev`): a head folded from events
+/// that do not chain (the log altered under this process) would sign new events onto a
+/// history that is not the run's.
+fn linked(head: &RunHead, h: &ice_kernel::Header<'_>) -> Result<(), LogError> {
+    if h.prev == head.last_hash {
+        return Ok(());
+    }
+    Err(unlawful(
+        h,
+        &ValidationError::Chain(ChainError::WrongPrev {
+            expected: head.last_hash,
+            got: h.prev,
+        }),
+    ))
+}
+
 fn unlawful(h: &ice_kernel::Header<'_>, err: &ValidationError) -> LogError {
     LogError::Corrupt {
         what: format!(
@@ -253,6 +271,7 @@ pub async fn fold_run(log: &dyn EventLog, run_id: &RunId) -> Result<RunView, Log
         let next = crate::after_page(run_id.as_str(), from, &page)?;
         for s in &page {
             let (h, hash) = stored_header(s)?;
+            linked(&view.head, &h)?;
             view.apply_header(&h, hash)
                 .map_err(|err| unlawful(&h, &err))?;
         }

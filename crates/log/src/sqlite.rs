@@ -746,6 +746,25 @@ impl<'c> WriteTx<'c> {
         self.release()
     }
 
+    /// Whether the transaction is still open. SQLite ends it on its own after some errors
+    /// (a full disk, an I/O error: "it may roll back the entire transaction"); a statement
+    /// run after that would commit on its own, outside the group, though the group fails.
+    /// `after` is the last error a request of the group met, if any.
+    fn still_open(&self, after: Option<&LogError>) -> Result<(), LogError> {
+        if self.conn.is_autocommit() {
+            return Err(LogError::Storage {
+                context: "committing to disk".into(),
+                message: match after {
+                    Some(e) => format!(
+                        "SQLite rolled the transaction back after an error ({e}); nothing of it was written"
+                    ),
+                    None => "SQLite rolled the transaction back; nothing of it was written".into(),
+                },
+            });
+        }
+        Ok(())
+    }
+
     fn commit(mut self) -> rusqlite::Result<()> {
         Self::run(self.conn, "COMMIT")?;
         self.open = false;
@@ -789,7 +808,14 @@ fn commit_group(conn: &Connection, state: &mut WriterState, tips: &mut Tips, gro
         // transaction is rolled back instead, which parses and runs two statements fewer.
         let single = pending.len() == 1;
         let mut roll_back = false;
-        for req in pending.by_ref() {
+        let mut failed: Option<LogError> = None;
+        loop {
+            // Checked before each request and before the commit: a request run after SQLite
+            // ended the transaction would be written alone, and answered as failed.
+            tx.still_open(failed.as_ref())?;
+            let Some(req) = pending.next() else {
+                break;
+            };
             match req {
                 WriteReq::Append(batch, reply) if single => {
                     let mut next = state.clone();
@@ -799,6 +825,7 @@ fn commit_group(conn: &Connection, state: &mut WriterState, tips: &mut Tips, gro
                         tips.remember(&batch);
                     } else {
                         roll_back = true;
+                        failed = r.clone().err();
                     }
                     replies.push(Reply::Append(reply, r));
                 }
@@ -811,11 +838,12 @@ fn commit_group(conn: &Connection, state: &mut WriterState, tips: &mut Tips, gro
                     }
                     let mut next = state.clone();
                     let r = append_batch(tx.conn, &mut next, tips, &batch);
-                    let settled = if r.is_ok() {
-                        tx.release().map_err(storage("finishing an append"))
-                    } else {
-                        tx.roll_back_savepoint()
-                            .map_err(storage("undoing a failed append"))
+                    let settled = match &r {
+                        Ok(_) => tx.release().map_err(storage("finishing an append")),
+                        Err(e) => tx.still_open(Some(e)).and_then(|()| {
+                            tx.roll_back_savepoint()
+                                .map_err(storage("undoing a failed append"))
+                        }),
                     };
                     if let Err(e) = settled {
                         replies.push(Reply::Append(reply, Err(e.clone())));
@@ -830,6 +858,9 @@ fn commit_group(conn: &Connection, state: &mut WriterState, tips: &mut Tips, gro
                 }
                 WriteReq::Checkpoint(cp, reply) => {
                     let r = add_checkpoint(tx.conn, state, &cp);
+                    if let Err(e) = &r {
+                        failed = Some(e.clone());
+                    }
                     replies.push(Reply::Checkpoint(reply, r));
                 }
             }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::*;
 use ice_kernel::{Draft, EventId, NoOtherRuns, Origin, RunHead, ValidationError};
-use ice_log::ledger::{AppendError, fold_run, read_whole_run};
+use ice_log::ledger::{AppendError, Ledger, fold_run, read_whole_run};
 use ice_log::merkle::{Frontier, leaf_hash};
 use ice_log::sqlite::{Mode, SqliteLog};
 use ice_log::{EventLog, LogError, StoredCheckpoint, root_at};
@@ -298,7 +298,6 @@ async fn replay_rebuilds_the_live_projections_and_the_ledger_heads() {
 /// the other left it, nothing forks, and the log verifies.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_writers_on_one_file_take_turns_without_forking() {
-    use ice_log::ledger::Ledger;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("shared.db");
     drop(SqliteLog::create(&path).unwrap());
@@ -340,7 +339,6 @@ async fn two_writers_on_one_file_take_turns_without_forking() {
 /// writer goes on once the lock is released.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_append_blocked_by_another_process_says_why_and_the_writer_goes_on() {
-    use ice_log::ledger::Ledger;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("locked.db");
     drop(SqliteLog::create(&path).unwrap());
@@ -574,4 +572,122 @@ async fn the_file_refuses_changes_that_rewrite_or_shrink_the_log() {
     // A head that grows is what every append records.
     let rw = SqliteLog::open(&path, Mode::ReadWrite).unwrap();
     assert_eq!(rw.size().await.unwrap(), 5);
+}
+
+/// SQLite ends a transaction on its own after some errors (a full disk, an I/O error). A
+/// request of the group that ran after that was written alone, outside the transaction, and
+/// committed, while the group was answered as failed: the caller was told an append failed
+/// that the log holds. Simulated with a trigger that rolls the whole transaction back when a
+/// checkpoint is stored, in a group of a checkpoint and then an append.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_sqlite_ended_on_its_own_writes_nothing_more_of_the_group() {
+    let fx = Fixture::new();
+    fx.ledger.append(&run_id("a"), opening()).await.unwrap();
+    let raw = rusqlite::Connection::open(&fx.path).unwrap();
+    raw.execute_batch(
+        "CREATE TRIGGER simulated_full BEFORE INSERT ON checkpoints
+         BEGIN SELECT RAISE(ROLLBACK, 'simulated: database or disk is full'); END;",
+    )
+    .unwrap();
+    // Hold the write lock. The first append commits in its caller's task and waits for the
+    // lock; the second goes to the writer thread, which waits for the first; the next two
+    // queue up behind them, and the writer takes them as one group.
+    raw.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let ledger = Arc::new(Ledger::new(fx.log.clone(), Arc::new(TestClock::new())));
+    let mut firsts = Vec::new();
+    for r in ["first", "second"] {
+        let l = Ledger::new(fx.log.clone(), Arc::new(TestClock::new()));
+        firsts.push(tokio::spawn(async move {
+            l.append(&run_id(r), opening()).await
+        }));
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let checkpoint = {
+        let log = fx.log.clone();
+        tokio::spawn(async move {
+            log.add_checkpoint(StoredCheckpoint {
+                size: 1,
+                note: "one".into(),
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // A ledger of its own: one ledger's appends may wait for each other.
+    let after = {
+        let l = Ledger::new(fx.log.clone(), Arc::new(TestClock::new()));
+        tokio::spawn(async move { l.append(&run_id("after"), opening()).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    raw.execute_batch("COMMIT").unwrap();
+    for f in firsts {
+        f.await.unwrap().unwrap();
+    }
+    let cp = checkpoint.await.unwrap();
+    assert!(cp.is_err(), "{cp:?}");
+    let after = after.await.unwrap();
+    let stored = fx.log.read_run(&run_id("after"), 0, 100).await.unwrap();
+    // What the caller was told is what the log holds: the group failed, nothing of it stored.
+    let Err(e) = after else {
+        panic!("the append after the rolled-back checkpoint was answered as stored");
+    };
+    assert!(
+        stored.is_empty(),
+        "answered {e}, yet {} event(s) stored",
+        stored.len()
+    );
+    assert!(e.to_string().contains("rolled the transaction back"), "{e}");
+    assert!(fx.log.checkpoints().await.unwrap().is_empty());
+    // The writer goes on: the same append succeeds once the cause is gone.
+    raw.execute_batch("DROP TRIGGER simulated_full").unwrap();
+    ledger.append(&run_id("after"), opening()).await.unwrap();
+    assert_verifies(fx.log()).await;
+}
+
+/// A run's head is folded from its stored events: if they do not chain (one's `prev` is not
+/// the hash of the event before it: the log altered under the process), the fold and a
+/// catch-up after another writer's append fail, naming the event, rather than a ledger
+/// signing new events onto a history that is not the run's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_whose_stored_events_do_not_chain_is_not_folded_or_appended_to() {
+    let fx = Fixture::new();
+    let a = run_id("a");
+    fx.ledger.append(&a, opening()).await.unwrap();
+    // Another writer (another process) appends; this ledger's cached head stays at 4.
+    let other = Ledger::new(fx.log.clone(), Arc::new(TestClock::new()));
+    other
+        .append_at(&a, 4, vec![working(0, 0), working(1, 1)])
+        .await
+        .unwrap();
+    // The first of those events is altered to name another event before it.
+    let raw = tamper_connection(&fx.path);
+    let body: Vec<u8> = raw
+        .query_row(
+            "SELECT body FROM events WHERE run_id = 'a' AND run_seq = 4",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let text = String::from_utf8(body).unwrap();
+    let at = text.rfind(",\"prev\":\"").unwrap() + 9;
+    let altered = format!("{}{}{}", &text[..at], "f".repeat(64), &text[at + 64..]);
+    raw.execute(
+        "UPDATE events SET body = ?1 WHERE run_id = 'a' AND run_seq = 4",
+        [altered.into_bytes()],
+    )
+    .unwrap();
+    let e = fold_run(fx.log(), &a).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("event a:4 does not follow its run's law: chain: prev is"),
+        "{e}"
+    );
+    // The ledger that saw the run up to 4 catches up to append at 6: refused the same way.
+    let e = fx
+        .ledger
+        .append_at(&a, 6, vec![working(2, 2)])
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("event a:4"), "{e}");
+    assert_eq!(fx.log().size().await.unwrap(), 6);
 }
