@@ -115,6 +115,28 @@ enum Command {
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The async runtime, or why it could not start. Tokio panics instead of failing when the
+/// pipe its signal handling needs cannot be made (too few file descriptors left, under a
+/// tight `ulimit -n`): that is caught here, quietly, and reported as the error it is.
+fn start_runtime() -> Result<tokio::runtime::Runtime, String> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let built = std::panic::catch_unwind(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    });
+    std::panic::set_hook(hook);
+    match built {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(panic) => Err(panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "it failed".into())),
+    }
+}
+
 fn main() -> ExitCode {
     // Like other Unix tools, end quietly when the reader of our output goes away
     // (`ice log | head`), instead of failing on a broken pipe.
@@ -134,10 +156,7 @@ fn main() -> ExitCode {
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
     }
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match start_runtime() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
