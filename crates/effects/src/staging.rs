@@ -327,6 +327,15 @@ pub enum StageError {
         /// Its content now.
         now: Option<FileState>,
     },
+    /// The commit journal could not be written (a full disk, say): the commit never reached
+    /// its commit point, nothing was applied, and no journal is left for recovery to roll
+    /// forward. The stage is used up; what it held is discarded with the run.
+    #[error("commit: the journal could not be written, so nothing was applied: {source}")]
+    JournalUnwritten {
+        /// What failed.
+        #[source]
+        source: Box<StageError>,
+    },
     /// Applying a change after the commit point failed; the journal is kept and [`recover`]
     /// will try again.
     #[error("commit: applying change {index} ({path:?}) failed; the journal is kept: {source}")]
@@ -1028,7 +1037,9 @@ impl Stage {
             run: self.run.to_string(),
             changes,
         };
-        write_journal(&self.dir, &journal)?;
+        if let Err(e) = write_journal(&self.dir, &journal) {
+            return Err(unwrite_journal(&self.dir, e));
+        }
         hook(CommitPoint::JournalDurable);
         let objects = self.dir.join(OBJECTS);
         for (index, change) in journal.changes.iter().enumerate() {
@@ -1089,6 +1100,25 @@ fn write_journal(dir: &Path, journal: &Journal) -> Result<(), StageError> {
     drop(file);
     std::fs::rename(&temp, &path).map_err(store_err(&path, "rename into place"))?;
     sync_dir(dir)
+}
+
+/// After a journal failed to be written: take away whatever of it reached the directory (a
+/// renamed journal whose directory sync failed would otherwise be rolled forward by recovery,
+/// after the run was told its commit failed). [`StageError::JournalUnwritten`] once no journal
+/// is left; the write's own error when that cannot be made sure of (recovery then decides by
+/// what it finds).
+fn unwrite_journal(dir: &Path, failed: StageError) -> StageError {
+    let gone = |name: &str| match std::fs::remove_file(dir.join(name)) {
+        Ok(()) => true,
+        Err(e) => e.kind() == io::ErrorKind::NotFound,
+    };
+    if gone(JOURNAL_TEMP) && gone(JOURNAL) && sync_dir(dir).is_ok() {
+        StageError::JournalUnwritten {
+            source: Box::new(failed),
+        }
+    } else {
+        failed
+    }
 }
 
 fn apply_change(

@@ -1028,7 +1028,8 @@ pub async fn run_checks(staging: &Staging, checks: &[Check]) -> Vec<Result<Value
 ///
 /// A commit refused before its commit point (a path someone else changed meanwhile, one that
 /// cannot be written) is [`RuntimeError::CommitRefused`]: the stage is kept, to be discarded
-/// by the abort that follows, and the workspace is as it was.
+/// by the abort that follows, and the workspace is as it was. So is a journal that could not
+/// be written (a full disk): nothing was applied, and the stage, used up, goes with the run.
 pub fn commit(staging: &mut Staging) -> Result<Vec<ice_effects::Change>, RuntimeError> {
     let Some(stage) = staging.stage.take() else {
         return Err(RuntimeError::Io("the run's stage is closed".into()));
@@ -1069,7 +1070,14 @@ pub fn commit(staging: &mut Staging) -> Result<Vec<ice_effects::Change>, Runtime
     };
     let report = stage
         .apply_prepared(changes, &mut hook)
-        .map_err(|e| RuntimeError::Io(format!("commit: {e}")))?;
+        .map_err(|e| match e {
+            // Before the commit point, with no journal left: the run aborts now rather than
+            // staying in validation with its stage used up until a restart aborts it.
+            e @ ice_effects::StageError::JournalUnwritten { .. } => {
+                RuntimeError::CommitRefused(e.to_string())
+            }
+            e => RuntimeError::Io(format!("commit: {e}")),
+        })?;
     if var.as_deref() == Some("applied") {
         eprintln!("ICE_TEST: paused in commit after every change was applied");
         std::thread::sleep(Duration::from_secs(3600));

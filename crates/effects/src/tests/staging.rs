@@ -641,6 +641,50 @@ fn apply_keeps_the_journal_until_release_and_roll_forward_completes_it_again() {
     );
 }
 
+/// A journal that cannot be written (a full disk; here, its temporary file's name leads
+/// nowhere) stops the commit before its commit point: the error says so, the workspace is as
+/// it was, and no journal is left for recovery to roll forward.
+#[test]
+fn a_journal_that_cannot_be_written_applies_nothing_and_leaves_no_journal() {
+    let (s, mut stage) = setup();
+    stage_some(&mut stage);
+    let before = tree(&s.ws);
+    symlink(
+        s.stage_dir().join("no-such-dir/journal"),
+        s.stage_dir().join("journal.json.tmp"),
+    )
+    .unwrap();
+    let mut points = Vec::new();
+    let err = stage
+        .apply_with_hook(&mut |p| {
+            points.push(match p {
+                CommitPoint::Prepared { .. } => "prepared",
+                CommitPoint::JournalDurable => "durable",
+                CommitPoint::Applied { .. } => "applied",
+            })
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, StageError::JournalUnwritten { .. }),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .starts_with("commit: the journal could not be written, so nothing was applied"),
+        "{err}"
+    );
+    assert_eq!(points, ["prepared"]);
+    assert_eq!(tree(&s.ws), before);
+    assert!(!crate::commit_pending(s.stage_dir()));
+    // Nothing of it is left, not even the link.
+    assert!(std::fs::symlink_metadata(s.stage_dir().join("journal.json.tmp")).is_err());
+    assert_eq!(
+        recover(s.stage_dir(), &Workspace::open(&s.ws).unwrap()).unwrap(),
+        Recovery::NothingPending
+    );
+    assert_eq!(tree(&s.ws), before);
+}
+
 #[test]
 fn a_truncated_stage_forgets_the_later_ops() {
     let (s, mut stage) = setup();
