@@ -96,11 +96,15 @@ pub enum DenialCode {
     Confinement,
     /// The effect was attempted and failed.
     EffectFailed,
+    /// The effect was attempted, and the process driving the run stopped before its result
+    /// was recorded: whether it took place is unknown (an HTTP call, command or tool call
+    /// answered at the run's recovery).
+    OutcomeUnknown,
 }
 
 impl DenialCode {
     /// Every code.
-    pub const ALL: [DenialCode; 20] = [
+    pub const ALL: [DenialCode; 21] = [
         DenialCode::PolicyDenied,
         DenialCode::InvalidTarget,
         DenialCode::UnknownCapability,
@@ -121,6 +125,7 @@ impl DenialCode {
         DenialCode::BudgetExhausted,
         DenialCode::Confinement,
         DenialCode::EffectFailed,
+        DenialCode::OutcomeUnknown,
     ];
 
     /// The code as events spell it (`grant_out_of_scope`).
@@ -146,6 +151,7 @@ impl DenialCode {
             DenialCode::BudgetExhausted => "budget_exhausted",
             DenialCode::Confinement => "confinement",
             DenialCode::EffectFailed => "effect_failed",
+            DenialCode::OutcomeUnknown => "outcome_unknown",
         }
     }
 }

@@ -808,7 +808,37 @@ fn an_llm_run_killed_twice_during_commands_resumes_twice_and_replays() {
     reconfigure(&home, &record);
     let requests = model.requests();
     assert_eq!(requests.len(), 3);
-    // Each interrupted call was answered, to the model, as having no outcome.
+    // Each interrupted command was answered at the run's recovery: the record says its outcome
+    // is unknown (it may have acted), and so was the model told.
+    let ev = events(&home, "llm-notes");
+    let unknown: Vec<&Value> = of_type(&ev, "CapabilityDenied")
+        .into_iter()
+        .filter(|d| d["payload"]["reason"] == "outcome_unknown")
+        .collect();
+    assert_eq!(unknown.len(), 2, "{ev:#?}");
+    for d in &unknown {
+        let detail = d["payload"]["detail"].as_str().unwrap();
+        assert!(
+            detail.starts_with("interrupted:") && detail.contains("sleep"),
+            "{detail}"
+        );
+        // What the call may have spent is counted: its reservation is settled in full.
+        let request = &d["payload"]["request"];
+        let settled: Vec<&Value> = of_type(&ev, "BudgetSettled")
+            .into_iter()
+            .filter(|s| s["causes"].as_array().unwrap().contains(request))
+            .collect();
+        assert_eq!(settled.len(), 1, "{ev:#?}");
+        let reservation = &settled[0]["payload"]["reservation"];
+        let reserved = of_type(&ev, "BudgetReserved")
+            .into_iter()
+            .find(|r| &r["payload"]["reservation"] == reservation)
+            .unwrap();
+        assert_eq!(
+            settled[0]["payload"]["actual"], reserved["payload"]["amount"],
+            "{ev:#?}"
+        );
+    }
     let messages = requests[2]["messages"].as_array().unwrap();
     let tool_answers: Vec<&str> = messages
         .iter()
@@ -817,16 +847,19 @@ fn an_llm_run_killed_twice_during_commands_resumes_twice_and_replays() {
         .collect();
     assert_eq!(tool_answers.len(), 2, "{messages:#?}");
     assert!(
-        tool_answers.iter().all(|t| t.contains("no outcome")),
+        tool_answers
+            .iter()
+            .all(|t| t.starts_with("DENIED (outcome_unknown): interrupted:")),
         "{tool_answers:?}"
     );
     drop(model);
+    // Replay shows the agent the same answers, from the record.
     let r = replay_drive_clean(&home, "llm-notes");
     assert_eq!(r["drive"]["inferences"], 3, "{r:#}");
     let unchecked = r["drive"]["unchecked"].to_string();
     assert_eq!(
         unchecked.matches("the call was interrupted").count(),
-        2,
+        0,
         "{r:#}"
     );
 }

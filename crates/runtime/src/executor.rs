@@ -547,7 +547,30 @@ impl Ctx<'_> {
     }
 
     /// The governed call: record the request, decide, reserve, use the grant, act, settle.
+    /// A denial that brings the run's denials to its budget's limit ends the call exhausted:
+    /// the caller stops the run as the spec says.
     pub(crate) async fn governed_call(
+        &self,
+        agent: &str,
+        r: &CapabilityProposal,
+        withdrawn: Option<&CancellationToken>,
+    ) -> Result<CallEnd, RuntimeError> {
+        let mut end = self.decide_and_act(agent, r, withdrawn).await?;
+        if end.exhausted.is_none() && matches!(end.outcome, Outcome::Denied { .. }) {
+            let live = self.live.lock().await;
+            if let Some(max) = live.spec.budget.denials
+                && live.books.denials >= max
+            {
+                end.exhausted = Some(format!(
+                    "{} of the agent's requests were denied, and the budget allows {max} (denials)",
+                    live.books.denials
+                ));
+            }
+        }
+        Ok(end)
+    }
+
+    async fn decide_and_act(
         &self,
         agent: &str,
         r: &CapabilityProposal,
@@ -1514,16 +1537,20 @@ impl Ctx<'_> {
         }
     }
 
-    /// At the recovery of a run the stopped process was executing: each file request whose
-    /// grant was used and whose effect was never recorded is answered now. Its reservation is
-    /// settled at the call's fixed cost and a denial recorded (`effect_failed`, saying it was
-    /// interrupted), so the resumed agent is shown that nothing was done, and the operator sees
-    /// it among the denials (before, the resumed agent went on as if it had been done, and the
-    /// run could commit without it). A file request did nothing the record does not hold: what
-    /// it staged is staged only once recorded. Every such request is answered, not only the
-    /// last (a session's concurrent calls may have recorded others after it, while it waited
-    /// for an approval). Other requests (HTTP, commands, tools) may have acted, and are left
-    /// as they are.
+    /// At the recovery of a run the stopped process was executing: each request whose grant
+    /// was used and whose effect was never recorded is answered now, so the resumed agent is
+    /// shown what became of it and the operator sees it among the denials (before, a file
+    /// request's write was silently gone and the run could commit without it; an HTTP call,
+    /// command or tool call had no outcome in the record at all). Every such request is
+    /// answered, not only the last (a session's concurrent calls may have recorded others
+    /// after it, while it waited for an approval).
+    ///
+    /// - A file request did nothing the record does not hold (what it staged is staged only
+    ///   once recorded): its reservation is settled at the call's fixed cost and the denial is
+    ///   `effect_failed`, saying it was interrupted.
+    /// - Any other request left ICE before the process stopped, or may have: whether it acted
+    ///   is unknown. Its reservation is settled in full (what may have been spent is counted)
+    ///   and the denial is `outcome_unknown`, naming the target to check before repeating it.
     pub(crate) async fn answer_interrupted(&self, live: &mut Live) -> Result<(), RuntimeError> {
         let events = crate::read_run(self.rt.ledger.log().as_ref(), &self.run).await?;
         // What each file request's later events say of it: used, its reservations, answered.
@@ -1539,11 +1566,8 @@ impl Ctx<'_> {
         for x in &events {
             let t = EventType::from_name(&x.event_type);
             if t == Some(EventType::CapabilityRequested) {
-                let r = CapabilityProposal::recorded(x);
-                if r.capability.starts_with("fs.") {
-                    seen.insert(x.id(), Seen::default());
-                    requests.push((x.id(), r));
-                }
+                seen.insert(x.id(), Seen::default());
+                requests.push((x.id(), CapabilityProposal::recorded(x)));
                 continue;
             }
             let named = x
@@ -1582,35 +1606,48 @@ impl Ctx<'_> {
             if !s.used || s.answered {
                 continue;
             }
+            let file = r.capability.starts_with("fs.");
             let settles: Vec<Draft> = live
                 .books
                 .budget
                 .reservations()
                 .filter(|(id, _)| s.reservations.iter().any(|r| r == id))
                 .map(|(id, c)| {
-                    settle_draft(
-                        id,
+                    let actual = if file {
                         Cost {
                             tool_calls: c.tool_calls,
                             ..Cost::default()
-                        },
-                        &req,
-                    )
+                        }
+                    } else {
+                        *c
+                    };
+                    settle_draft(id, actual, &req)
                 })
                 .collect();
             if !settles.is_empty() {
                 self.append(live, |_| settles.clone()).await?;
             }
-            let resource = match r.capability.as_str() {
-                "fs.list" => Resource::dir(&r.target).ok(),
-                _ => Resource::path(&r.target).ok(),
+            let (resource, code, detail) = if file {
+                let resource = match r.capability.as_str() {
+                    "fs.list" => Resource::dir(&r.target).ok(),
+                    _ => Resource::path(&r.target).ok(),
+                };
+                (
+                    resource,
+                    DenialCode::EffectFailed,
+                    "interrupted: the process driving the run stopped after this call's grant was used and before its effect was recorded; nothing of it was staged, so nothing of it will be committed".to_string(),
+                )
+            } else {
+                (
+                    None,
+                    DenialCode::OutcomeUnknown,
+                    format!(
+                        "interrupted: the process driving the run stopped after this call's grant was used and before its result was recorded; the call may have reached {} and acted, or not, and the record cannot say which; check it before repeating the call (its reservation is counted as spent)",
+                        cut(&r.target, 200)
+                    ),
+                )
             };
-            let mut d = Self::denial(
-                &r,
-                resource.as_ref(),
-                DenialCode::EffectFailed,
-                "interrupted: the process driving the run stopped after this call's grant was used and before its effect was recorded; nothing of it was staged, so nothing of it will be committed".into(),
-            );
+            let mut d = Self::denial(&r, resource.as_ref(), code, detail);
             d.grant = s.grant;
             self.deny(live, d, &req).await?;
         }

@@ -770,6 +770,7 @@ impl Runtime {
                     "tokens_out" => budget.tokens_out = given.tokens_out,
                     "credits_micro" => budget.credits_micro = given.credits_micro,
                     "risk" => budget.risk = given.risk,
+                    "denials" => budget.denials = given.denials,
                     "on_exhaustion" => budget.on_exhaustion = given.on_exhaustion,
                     // The parse above refuses any other key.
                     other => {

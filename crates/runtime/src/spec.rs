@@ -12,9 +12,11 @@
 //! plan = "plan.toml"           # the MCP gateway proposes instead); relative to this file
 //!
 //! [budget]                     # any of: tool_calls, bytes, wall_time, tokens_in, tokens_out,
-//! tool_calls = 20              #         credits_micro, risk
+//! tool_calls = 20              #         credits_micro, risk, denials
 //! bytes = 1_000_000
 //! wall_time = "60s"
+//! denials = 50                 # denied requests before the run stops (every attempt is
+//!                              # recorded: this bounds what a refused agent adds to the log)
 //! on_exhaustion = "abort"      # or "suspend"
 //!
 //! [grants]
@@ -124,6 +126,12 @@ pub struct BudgetSpec {
     pub credits_micro: Option<u64>,
     /// Risk points.
     pub risk: Option<u64>,
+    /// Denied requests: once the run's denials reach this many it stops as `on_exhaustion`
+    /// says. Every attempt is recorded, so without a limit an agent that keeps asking for
+    /// what it may not have grows the log without end. (Absent from specs recorded before
+    /// it existed: read as no limit.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denials: Option<u64>,
     /// What exhaustion does.
     pub on_exhaustion: OnExhaustion,
 }
@@ -341,6 +349,7 @@ struct RawBudget {
     tokens_out: Option<u64>,
     credits_micro: Option<u64>,
     risk: Option<u64>,
+    denials: Option<u64>,
     on_exhaustion: Option<OnExhaustion>,
 }
 
@@ -773,6 +782,7 @@ impl RunSpec {
                 tokens_out: b.tokens_out,
                 credits_micro: b.credits_micro,
                 risk: b.risk,
+                denials: b.denials,
                 on_exhaustion: b.on_exhaustion.unwrap_or_default(),
             };
             let max = (1u64 << 53) - 1;
@@ -783,6 +793,7 @@ impl RunSpec {
                 ("tokens_out", budget.tokens_out),
                 ("credits_micro", budget.credits_micro),
                 ("risk", budget.risk),
+                ("denials", budget.denials),
             ] {
                 if v.is_some_and(|v| v > max) {
                     return Err(err(Some(at), format!("[budget] {name} is above 2^53 - 1")));

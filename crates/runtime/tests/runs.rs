@@ -310,6 +310,69 @@ async fn exhaustion_can_suspend_instead() {
     assert_eq!(denial_codes(&events), ["budget_exhausted"]);
 }
 
+/// Every attempt is recorded, so an agent that keeps asking for what it may not have grew
+/// the log without end: denials counted against no budget. `[budget] denials` stops the run
+/// once that many of its requests were denied; an operator may raise it and resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denials_budget_stops_an_agent_that_keeps_asking_for_what_is_denied() {
+    let h = H::new(POLICY);
+    let plan = "[[step]]\nintent = \"try\"\ncapability = \"fs.write\"\ntarget = \"locked/release.txt\"\narguments = { content = \"2.0\\n\" }\nrepeat = 1000\n";
+    let (spec, mut agent) = h.spec(
+        "refused",
+        "coder",
+        "[budget]\ndenials = 3\non_exhaustion = \"suspend\"\n",
+        plan,
+    );
+    let report = h.run(spec, &mut agent).await;
+    match &report.outcome {
+        RunOutcome::Suspended { reason } => assert!(
+            reason.contains("3 of the agent's requests were denied, and the budget allows 3"),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let events = h.events("refused").await;
+    assert_eq!(of_type(&events, EventType::CapabilityRequested).len(), 3);
+    assert_eq!(
+        denial_codes(&events),
+        ["policy_denied", "policy_denied", "policy_denied"]
+    );
+    assert_eq!(
+        of_type(&events, EventType::RunSuspended)[0].payload["reason"],
+        "budget_exhausted"
+    );
+    // Two more denials allowed: the run resumes, is refused twice more, and stops again.
+    let rec = ice_runtime::operator::ReconfigurationFile {
+        reason: "two more tries".into(),
+        budget: Some(toml::from_str("denials = 5").unwrap()),
+        ..Default::default()
+    };
+    let run = RunId::new("refused").unwrap();
+    h.rt.reconfigure(&run, "alice", &rec).await.unwrap();
+    let (_, mut agent) = h.spec("refused-again", "coder", "", plan);
+    let report =
+        h.rt.resume(&run, &mut agent, &ice_runtime::Quiet)
+            .await
+            .unwrap();
+    assert!(
+        matches!(report.outcome, RunOutcome::Suspended { .. }),
+        "{report:?}"
+    );
+    let events = h.events("refused").await;
+    assert_eq!(of_type(&events, EventType::CapabilityRequested).len(), 5);
+    assert_eq!(h.read("locked/release.txt"), "1.0\n");
+    // Without the key, nothing changes: a run's denials have no limit.
+    let (spec, mut agent) = h.spec(
+        "unlimited",
+        "coder",
+        "",
+        "[[step]]\nintent = \"try\"\ncapability = \"fs.write\"\ntarget = \"locked/release.txt\"\narguments = { content = \"2.0\\n\" }\nrepeat = 20\n",
+    );
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.outcome, RunOutcome::Committed, "{report:?}");
+    assert_eq!(denial_codes(&h.events("unlimited").await).len(), 20);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconfigured_budget_changes_only_the_limits_it_names() {
     let h = H::new(POLICY);
@@ -1252,6 +1315,61 @@ async fn a_run_whose_stage_is_not_here_is_not_resumed() {
     let events = h.events("elsewhere").await;
     assert!(of_type(&events, EventType::RunResumed).is_empty());
     assert_eq!(h.rt.books(&run).await.unwrap().state(), RunState::Suspended);
+}
+
+/// A commit whose journal cannot be written (a full disk; here, the journal's temporary
+/// file's name leads nowhere) never reaches its commit point: the run ends aborted at once,
+/// saying why, with the workspace as it was (it was left validating, its stage used up, until
+/// a restart's recovery aborted it).
+#[tokio::test]
+async fn a_commit_whose_journal_cannot_be_written_aborts_the_run_with_nothing_applied() {
+    let h = H::new(POLICY);
+    let plan = r#"
+[[step]]
+intent = "rewrite"
+capability = "fs.write"
+target = "hello.txt"
+arguments = { content = "the agent's\n" }
+
+[[step]]
+intent = "add"
+capability = "fs.write"
+target = "added.txt"
+arguments = { content = "new\n" }
+"#;
+    let (spec, plan_agent) = h.spec("unjournalled", "coder", "", plan);
+    let stage = h.base.join("home/runs/unjournalled/stage");
+    let mut agent = Hooked {
+        inner: plan_agent,
+        hook: move |v: &ice_kernel::AgentView| {
+            if v.step == 1 {
+                std::os::unix::fs::symlink(
+                    stage.join("no-such-dir/journal"),
+                    stage.join("journal.json.tmp"),
+                )
+                .unwrap();
+            }
+        },
+    };
+    let report = h.run(spec, &mut agent).await;
+    match &report.outcome {
+        RunOutcome::Aborted { reason } => assert!(
+            reason.starts_with(
+                "the commit was refused before it changed anything: commit: the journal could not be written, so nothing was applied"
+            ),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(report.state, RunState::Terminated);
+    assert_eq!(h.read("hello.txt"), "hello\n");
+    assert!(!h.ws.join("added.txt").exists());
+    let events = h.events("unjournalled").await;
+    assert!(of_type(&events, EventType::EffectApplied).is_empty());
+    assert_eq!(
+        of_type(&events, EventType::RunAborted)[0].payload["reason"],
+        "commit_refused"
+    );
 }
 
 /// The probe's finding: a file someone else edited while the run worked on it was overwritten

@@ -365,7 +365,7 @@ impl SpanBuilder {
                             "ice.denial.event_id",
                             e.id().to_string(),
                         );
-                        if reason == "effect_failed" {
+                        if reason == "effect_failed" || reason == "outcome_unknown" {
                             open.status = Status::error(format!(
                                 "{reason}: {}",
                                 cut(&str_of(e, "detail"), 256)
