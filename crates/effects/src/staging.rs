@@ -201,6 +201,11 @@ pub struct StagedEffect {
     pub op: StagedOp,
     /// Its evidence.
     pub evidence: Evidence,
+    /// The path's content in the workspace when the run first read or staged it
+    /// (`Some(None)`: absent), if it was noted: for the record, so a stage rebuilt after a
+    /// restart refuses a commit over someone else's change as the live one does
+    /// ([`Stage::remember_seen`]).
+    pub seen: Option<Option<FileState>>,
 }
 
 /// A materialised copy of the workspace with the staged diff applied.
@@ -411,7 +416,8 @@ pub struct Stage {
     view: BTreeMap<String, Staged>,
     /// Each path's content in the workspace when the run first read or staged it (`None`:
     /// absent), to refuse a commit over someone else's change made since ([`Stage::prepare`]).
-    /// Kept in memory: a stage rebuilt from its ops after a restart knows none.
+    /// Kept in memory; a stage rebuilt from its ops after a restart is told them again from
+    /// the record ([`Stage::remember_seen`]).
     seen: std::sync::Mutex<BTreeMap<String, Option<FileState>>>,
 }
 
@@ -543,6 +549,14 @@ impl Stage {
         if let Ok(state) = self.workspace.check_writable(path) {
             self.seen_is(path, state);
         }
+    }
+
+    /// Note what the run first saw at `path` (`None`: absent), as the record of an earlier
+    /// process says (a read's digest, a staged op's [`StagedEffect::seen`]), unless already
+    /// noted: a stage rebuilt after a restart then refuses a commit over a change made while
+    /// the run was stopped.
+    pub fn remember_seen(&self, path: &str, state: Option<FileState>) {
+        self.seen_is(path, state);
     }
 
     fn seen_is(&self, path: &str, state: Option<FileState>) {
@@ -687,6 +701,7 @@ impl Stage {
         Ok(StagedEffect {
             evidence: staged_evidence(auth, path, "write", Some(&state)),
             op,
+            seen: self.lock_seen().get(path).copied(),
         })
     }
 
@@ -715,6 +730,7 @@ impl Stage {
         Ok(StagedEffect {
             evidence: staged_evidence(auth, path, "delete", None),
             op,
+            seen: self.lock_seen().get(path).copied(),
         })
     }
 

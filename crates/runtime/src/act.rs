@@ -474,15 +474,21 @@ fn staged_performed(path: &str, staged: ice_effects::StagedEffect, bytes: u64) -
         ice_effects::StagedOp::Write { digest, .. } => Some(*digest),
         ice_effects::StagedOp::Delete { .. } => None,
     };
+    let mut payload = obj(json!({
+        "path": path,
+        "staged": staged.op.to_json(),
+        "after": after.map(|d| d.to_hex()),
+        "bytes": bytes,
+        "evidence": staged.evidence.to_json(),
+    }));
+    // What the run first saw there: a stage rebuilt from the record checks the commit against
+    // it as the live one does.
+    if let Some(seen) = staged.seen {
+        payload.insert("seen".into(), crate::books::seen_json(seen));
+    }
     Performed {
         event_type: EventType::EffectStaged,
-        payload: obj(json!({
-            "path": path,
-            "staged": staged.op.to_json(),
-            "after": after.map(|d| d.to_hex()),
-            "bytes": bytes,
-            "evidence": staged.evidence.to_json(),
-        })),
+        payload,
         output: json!({"staged": path, "digest": after.map(|d| d.to_hex())}),
         actual: Cost {
             bytes,

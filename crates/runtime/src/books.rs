@@ -68,6 +68,10 @@ pub struct Books {
     pub applied: u64,
     /// Denials.
     pub denials: u64,
+    /// What the run first saw at each workspace path it read (in full, from the workspace) or
+    /// staged (`None`: absent), from `FileRead` and `EffectStaged`: a stage rebuilt after a
+    /// restart refuses a commit over a change made meanwhile, as the live one does.
+    pub seen: std::collections::BTreeMap<String, Option<ice_effects::FileState>>,
     /// Number of reservations made (for the next id).
     pub reservations: u64,
     /// The operator's answer (`ApprovalGranted` / `ApprovalDenied` event) to each approval:
@@ -130,6 +134,7 @@ impl Books {
             window: ice_kernel::Window::default(),
             applied: 0,
             denials: 0,
+            seen: Default::default(),
             reservations: 0,
             answers: BTreeMap::new(),
             closed: BTreeMap::new(),
@@ -260,9 +265,19 @@ impl Books {
                     self.policy_version = v;
                 }
             }
+            EventType::FileRead => {
+                if let Some((path, state)) = read_seen(&e.payload) {
+                    self.seen.entry(path).or_insert(Some(state));
+                }
+            }
             EventType::EffectStaged => {
                 let op = StagedPayload::deserialize(&e.payload)
                     .map_err(|err| fail(format!("EffectStaged: {err}")))?;
+                if let Some(seen) = e.payload.get("seen") {
+                    let state = seen_from_json(seen)
+                        .map_err(|err| fail(format!("EffectStaged seen: {err}")))?;
+                    self.seen.entry(op.path.clone()).or_insert(state);
+                }
                 let staged = ice_effects::StagedOp::from_json(&op.staged)
                     .map_err(|err| fail(format!("EffectStaged op: {err}")))?;
                 self.staged.push(StagedOp {
@@ -437,6 +452,39 @@ fn policy_version(v: Option<&Value>) -> Result<Option<PolicyVersion>, String> {
         Some(Value::String(s)) => PolicyVersion::from_hex(s).map(Some),
         Some(other) => Err(format!("expected a hex string, got {other}")),
     }
+}
+
+/// A staged op's `seen`, as `EffectStaged` records it: `"absent"`, or the file's digest and
+/// size.
+pub(crate) fn seen_json(seen: Option<ice_effects::FileState>) -> Value {
+    match seen {
+        None => Value::String("absent".into()),
+        Some(s) => serde_json::json!({"digest": s.digest.to_hex(), "size": s.size}),
+    }
+}
+
+fn seen_from_json(v: &Value) -> Result<Option<ice_effects::FileState>, String> {
+    if v.as_str() == Some("absent") {
+        return Ok(None);
+    }
+    ice_effects::FileState::deserialize(v)
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
+/// What a `FileRead` of a whole file from the workspace saw: its path, digest and size (a
+/// listing, a cut read or a read of the run's own staged content says nothing of it).
+fn read_seen(p: &serde_json::Map<String, Value>) -> Option<(String, ice_effects::FileState)> {
+    let file = p.get("evidence")?.get("file")?;
+    if file.get("staged")?.as_bool()? || p.get("truncated")?.as_bool()? {
+        return None;
+    }
+    let digest = Digest::from_hex(p.get("digest")?.as_str()?).ok()?;
+    let size = p.get("size")?.as_u64()?;
+    Some((
+        p.get("path")?.as_str()?.to_string(),
+        ice_effects::FileState { digest, size },
+    ))
 }
 
 /// The payload of `EffectStaged`.

@@ -214,6 +214,9 @@ impl Runtime {
             .unwrap_or_default();
         let stage = Stage::from_ops(&dir, ws, run.clone(), ops)
             .map_err(|e| RuntimeError::Io(format!("stage: {e}")))?;
+        for (path, state) in books.map(|b| &b.seen).into_iter().flatten() {
+            stage.remember_seen(path, *state);
+        }
         Ok(Staging {
             stage: Some(stage),
             dir,

@@ -373,6 +373,93 @@ async fn a_denials_budget_stops_an_agent_that_keeps_asking_for_what_is_denied() 
     assert_eq!(denial_codes(&h.events("unlimited").await).len(), 20);
 }
 
+/// The probe's finding: what the run first saw at each path (to refuse a commit over someone
+/// else's change) was kept in memory only, so a run suspended, its files edited meanwhile,
+/// then resumed (its stage rebuilt from the record) committed over the edits. The record now
+/// holds it (`FileRead`'s digest; `EffectStaged`'s `seen`), and the rebuilt stage refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_run_does_not_commit_over_edits_made_while_it_was_suspended() {
+    let h = H::new(POLICY);
+    let plan = r#"
+[[step]]
+intent = "change the config, unread"
+capability = "fs.write"
+target = "config.toml"
+arguments = { content = "x = 2\n" }
+
+[[step]]
+intent = "read"
+capability = "fs.read"
+target = "hello.txt"
+
+[[step]]
+intent = "rewrite"
+capability = "fs.write"
+target = "hello.txt"
+arguments = { content = "the agent's\n" }
+
+[[step]]
+intent = "look again"
+capability = "fs.read"
+target = "hello.txt"
+repeat = 2
+"#;
+    let (spec, mut agent) = h.spec(
+        "edited",
+        "coder",
+        "[budget]\ntool_calls = 3\non_exhaustion = \"suspend\"\n",
+        plan,
+    );
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.state, RunState::Suspended, "{report:?}");
+    let run = RunId::new("edited").unwrap();
+    let rec = ice_runtime::operator::ReconfigurationFile {
+        reason: "room to finish".into(),
+        budget: Some(toml::from_str("tool_calls = 10").unwrap()),
+        ..Default::default()
+    };
+    for (file, edit) in [
+        ("config.toml", "x = 3\n"),
+        ("hello.txt", "a human's edit\n"),
+    ] {
+        // Each file in turn: one the run only wrote, one it read and then wrote.
+        std::fs::write(h.ws.join(file), edit).unwrap();
+        let (_, mut again) = h.spec("edited-again", "coder", "", plan);
+        let run_copy = if file == "config.toml" {
+            run.clone()
+        } else {
+            // A second run, suspended the same way, for the second file.
+            std::fs::write(h.ws.join("config.toml"), "x = 1\n").unwrap();
+            std::fs::write(h.ws.join("hello.txt"), "hello\n").unwrap();
+            let (spec, mut agent) = h.spec(
+                "edited2",
+                "coder",
+                "[budget]\ntool_calls = 3\non_exhaustion = \"suspend\"\n",
+                plan,
+            );
+            let report = h.run(spec, &mut agent).await;
+            assert_eq!(report.state, RunState::Suspended, "{report:?}");
+            std::fs::write(h.ws.join(file), edit).unwrap();
+            RunId::new("edited2").unwrap()
+        };
+        h.rt.reconfigure(&run_copy, "alice", &rec).await.unwrap();
+        let report =
+            h.rt.resume(&run_copy, &mut again, &ice_runtime::Quiet)
+                .await
+                .unwrap();
+        match &report.outcome {
+            RunOutcome::Aborted { reason } => assert!(
+                reason.contains(&format!(
+                    "{file:?} changed in the workspace while the run worked on it"
+                )),
+                "{reason}"
+            ),
+            other => panic!("{file}: {other:?}"),
+        }
+        assert_eq!(h.read(file), edit);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconfigured_budget_changes_only_the_limits_it_names() {
     let h = H::new(POLICY);
