@@ -822,6 +822,11 @@ fn an_llm_run_killed_twice_during_commands_resumes_twice_and_replays() {
             detail.starts_with("interrupted:") && detail.contains("sleep"),
             "{detail}"
         );
+        // The resource the grant was used on, as `CapabilityUsed` recorded it.
+        assert!(
+            d["payload"]["resource"].to_string().contains("sleep"),
+            "{d}"
+        );
         // What the call may have spent is counted: its reservation is settled in full.
         let request = &d["payload"]["request"];
         let settled: Vec<&Value> = of_type(&ev, "BudgetSettled")

@@ -1297,6 +1297,42 @@ fn a_hangup_kills_the_run_and_seals_it_like_sigterm() {
     a_run_waiting_for_an_approval_is_killed_and_sealed_by("HUP");
 }
 
+/// The review's finding: a run its process left executing (no recovery since), killed by an
+/// operator, was aborted with the call it was making left unanswered (and its reservation
+/// open). The kill answers it first, as recovery would.
+#[test]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "pauses the ice binary with its debug-only test hooks"
+)]
+fn killing_a_run_its_process_left_executing_answers_the_interrupted_call_first() {
+    let (_dir, home, qs) = setup(1);
+    std::fs::write(qs.join("plan.toml"), writes(2)).unwrap();
+    kill_when_paused(
+        &home,
+        &qs,
+        ("ICE_TEST_PAUSE_BEFORE_EFFECT", "1"),
+        "paused before the effect",
+    );
+    let o = ice(&home, &["kill", "quickstart", "--reason", "host gone"]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let types = run_types(&home);
+    let denied = types.iter().position(|t| t == "CapabilityDenied").unwrap();
+    let aborted = types.iter().position(|t| t == "RunAborted").unwrap();
+    assert!(denied < aborted, "{types:?}");
+    assert_eq!(types[denied - 1], "BudgetSettled", "{types:?}");
+    let d = first_event(&home, "CapabilityDenied").unwrap();
+    assert_eq!(d["payload"]["reason"], "effect_failed", "{d}");
+    assert!(
+        d["payload"]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("interrupted:"),
+        "{d}"
+    );
+    assert_eq!(code(&ice(&home, &["verify"])), 0);
+}
+
 /// The probe's finding: a run killed after a write's grant was used and before its effect was
 /// recorded was recovered (suspended) and resumed with the write silently gone; the agent
 /// went on as if it had been done, and the run committed without it. Recovery now answers

@@ -235,7 +235,6 @@ fn stored_header(s: &StoredEvent) -> Result<(ice_kernel::Header<'_>, Digest), Lo
     Ok((h, hash))
 }
 
-/// A stored event its run's law refuses.
 /// A stored event names the event before it in its run (`prev`): a head folded from events
 /// that do not chain (the log altered under this process) would sign new events onto a
 /// history that is not the run's.
@@ -252,6 +251,7 @@ fn linked(head: &RunHead, h: &ice_kernel::Header<'_>) -> Result<(), LogError> {
     ))
 }
 
+/// A stored event its run's law refuses.
 fn unlawful(h: &ice_kernel::Header<'_>, err: &ValidationError) -> LogError {
     LogError::Corrupt {
         what: format!(

@@ -68,6 +68,11 @@ pub struct Books {
     pub applied: u64,
     /// Denials.
     pub denials: u64,
+    /// Denials that refused what the agent asked for (the policy, a grant, an operator's
+    /// denial, confinement, the budget, …): what `[budget] denials` limits. Not an effect that
+    /// failed or whose outcome is unknown, an approval nobody answered, or one the runtime
+    /// closed (a kill, an interruption, the agent's withdrawal).
+    pub refusals: u64,
     /// What the run first saw at each workspace path it read (in full, from the workspace) or
     /// staged (`None`: absent), from `FileRead` and `EffectStaged`: a stage rebuilt after a
     /// restart refuses a commit over a change made meanwhile, as the live one does.
@@ -134,6 +139,7 @@ impl Books {
             window: ice_kernel::Window::default(),
             applied: 0,
             denials: 0,
+            refusals: 0,
             seen: Default::default(),
             reservations: 0,
             answers: BTreeMap::new(),
@@ -236,6 +242,20 @@ impl Books {
             | EventType::CapabilityRequested => self.proposals += 1,
             EventType::CapabilityDenied => {
                 self.denials += 1;
+                let refused = match e.payload.get("reason").and_then(Value::as_str) {
+                    Some(
+                        "effect_failed" | "outcome_unknown" | "run_not_executing"
+                        | "approval_timeout",
+                    ) => false,
+                    // An operator's denial, not the runtime closing the wait.
+                    Some("approval_denied") => {
+                        approval_named(e).is_some_and(|a| self.answers.contains_key(&a))
+                    }
+                    _ => true,
+                };
+                if refused {
+                    self.refusals += 1;
+                }
                 if let Some(a) = approval_named(e) {
                     let code = e
                         .payload

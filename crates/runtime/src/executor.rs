@@ -508,6 +508,19 @@ impl Ctx<'_> {
     async fn deny(
         &self,
         live: &mut Live,
+        denial: CapabilityDeniedPayload,
+        request: &EventId,
+    ) -> Result<Outcome, RuntimeError> {
+        self.deny_after(live, Vec::new(), denial, request).await
+    }
+
+    /// [`Ctx::deny`], recording `before` (a settlement) in the same batch as the denial: a
+    /// crash between them would leave a request settled and unanswered, which recovery could
+    /// only call an unknown outcome.
+    async fn deny_after(
+        &self,
+        live: &mut Live,
+        before: Vec<Draft>,
         mut denial: CapabilityDeniedPayload,
         request: &EventId,
     ) -> Result<Outcome, RuntimeError> {
@@ -515,7 +528,9 @@ impl Ctx<'_> {
         let payload = Value::Object(denial.to_payload());
         let req = request.clone();
         self.append(live, |_| {
-            vec![rt_draft(EventType::CapabilityDenied, payload.clone()).cause(req.clone())]
+            let mut drafts = before.clone();
+            drafts.push(rt_draft(EventType::CapabilityDenied, payload.clone()).cause(req.clone()));
+            drafts
         })
         .await?;
         Ok(Outcome::Denied {
@@ -547,8 +562,9 @@ impl Ctx<'_> {
     }
 
     /// The governed call: record the request, decide, reserve, use the grant, act, settle.
-    /// A denial that brings the run's denials to its budget's limit ends the call exhausted:
-    /// the caller stops the run as the spec says.
+    /// A refusal that brings the run's refusals to its `denials` budget ends the call
+    /// exhausted: the caller stops the run as the spec says. Not when the call was closed by
+    /// a kill, an interruption or the agent's withdrawal: those stop the run their own way.
     pub(crate) async fn governed_call(
         &self,
         agent: &str,
@@ -556,14 +572,19 @@ impl Ctx<'_> {
         withdrawn: Option<&CancellationToken>,
     ) -> Result<CallEnd, RuntimeError> {
         let mut end = self.decide_and_act(agent, r, withdrawn).await?;
-        if end.exhausted.is_none() && matches!(end.outcome, Outcome::Denied { .. }) {
+        if end.exhausted.is_none()
+            && matches!(end.outcome, Outcome::Denied { .. })
+            && !withdrawn.is_some_and(CancellationToken::is_cancelled)
+        {
             let live = self.live.lock().await;
             if let Some(max) = live.spec.budget.denials
-                && live.books.denials >= max
+                && live.books.refusals >= max
+                && live.books.kill.is_none()
+                && !self.rt.interrupts.marked(&self.run)
             {
                 end.exhausted = Some(format!(
-                    "{} of the agent's requests were denied, and the budget allows {max} (denials)",
-                    live.books.denials
+                    "{} of the agent's requests were refused, and the budget allows {max} (denials)",
+                    live.books.refusals
                 ));
             }
         }
@@ -1506,12 +1527,12 @@ impl Ctx<'_> {
                 })
             }
             Err((code, detail)) => {
-                // The adapter refused or failed: settle at the call's fixed cost, record why.
+                // The adapter refused or failed: settle at the call's fixed cost, record why,
+                // in one batch.
                 let actual = Cost {
                     tool_calls: amount.tool_calls,
                     ..Cost::default()
                 };
-                self.append(live, |_| vec![settle(actual)]).await?;
                 // A refused connection is the policy's only when forbids refused it; a check
                 // that could not be made failed the effect (closed, all the same).
                 // The addresses let through are recorded too: a call that failed after connecting
@@ -1532,7 +1553,11 @@ impl Ctx<'_> {
                     d.address = Some(address);
                     d.policies = policies;
                 }
-                self.refuse(live, agent, r, Some(req), d, None).await
+                let outcome = self.deny_after(live, vec![settle(actual)], d, &req).await?;
+                Ok(CallEnd {
+                    outcome,
+                    exhausted: None,
+                })
             }
         }
     }
@@ -1558,6 +1583,8 @@ impl Ctx<'_> {
         struct Seen {
             used: bool,
             grant: Option<EventId>,
+            /// The resource the grant was used on (`CapabilityUsed`).
+            resource: Option<Resource>,
             reservations: Vec<String>,
             answered: bool,
         }
@@ -1582,6 +1609,9 @@ impl Ctx<'_> {
                 match t {
                     Some(EventType::CapabilityUsed) => {
                         s.used = true;
+                        s.resource = ice_authority::CapabilityUsedPayload::from_payload(&x.payload)
+                            .ok()
+                            .map(|u| u.resource);
                         s.grant = x
                             .payload
                             .get("grant")
@@ -1639,11 +1669,16 @@ impl Ctx<'_> {
                 )
             } else {
                 (
-                    None,
+                    s.resource.clone(),
                     DenialCode::OutcomeUnknown,
                     format!(
-                        "interrupted: the process driving the run stopped after this call's grant was used and before its result was recorded; the call may have reached {} and acted, or not, and the record cannot say which; check it before repeating the call (its reservation is counted as spent)",
-                        cut(&r.target, 200)
+                        "interrupted: the process driving the run stopped after this call's grant was used and before its result was recorded; the call may have reached {} and acted, or not, and the record cannot say which; check it before repeating the call{}",
+                        cut(&r.target, 200),
+                        if settles.is_empty() {
+                            ""
+                        } else {
+                            " (its reservation is counted as spent)"
+                        }
                     ),
                 )
             };

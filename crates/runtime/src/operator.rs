@@ -906,7 +906,13 @@ impl Runtime {
                     }
                 }
                 match live.books.state() {
-                    RunState::Executing | RunState::Suspended | RunState::Validating => {
+                    RunState::Executing => {
+                        // No process drives it (one stopped without recovery since): its calls
+                        // left open are answered first, as recovery would.
+                        ctx.answer_interrupted(live).await?;
+                        ctx.abort(live, "killed", &detail).await?;
+                    }
+                    RunState::Suspended | RunState::Validating => {
                         ctx.abort(live, "killed", &detail).await?;
                     }
                     s if s.is_non_terminal() => {

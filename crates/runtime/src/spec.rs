@@ -15,8 +15,9 @@
 //! tool_calls = 20              #         credits_micro, risk, denials
 //! bytes = 1_000_000
 //! wall_time = "60s"
-//! denials = 50                 # denied requests before the run stops (every attempt is
-//!                              # recorded: this bounds what a refused agent adds to the log)
+//! denials = 50                 # refused requests before the run stops (every attempt is
+//!                              # recorded: this bounds what a refused agent adds to the log;
+//!                              # failed effects and unanswered approvals do not count)
 //! on_exhaustion = "abort"      # or "suspend"
 //!
 //! [grants]
@@ -126,10 +127,12 @@ pub struct BudgetSpec {
     pub credits_micro: Option<u64>,
     /// Risk points.
     pub risk: Option<u64>,
-    /// Denied requests: once the run's denials reach this many it stops as `on_exhaustion`
-    /// says. Every attempt is recorded, so without a limit an agent that keeps asking for
-    /// what it may not have grows the log without end. (Absent from specs recorded before
-    /// it existed: read as no limit.)
+    /// Refused requests: once this many of the run's requests were refused (by the policy, a
+    /// grant, an operator, confinement, …; not an effect that failed, an approval nobody
+    /// answered, or one closed by a kill or the agent's withdrawal) it stops as
+    /// `on_exhaustion` says. Every attempt is recorded, so without a limit an agent that keeps
+    /// asking for what it may not have grows the log without end. (Absent from specs recorded
+    /// before it existed: read as no limit.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub denials: Option<u64>,
     /// What exhaustion does.

@@ -45,10 +45,12 @@ async fn closed_and_suspended(rt: &Runtime, run: &RunId, approval: &EventId) {
 #[tokio::test]
 async fn an_interrupted_approval_wait_closes_the_request_and_suspends_the_session_run() {
     let h = H::new(POLICY);
+    // A budget of one refusal: the runtime closing the wait is not the agent being refused,
+    // so it neither counts nor stops the run as exhausted (aborting it) before the suspension.
     let (spec, _) = h.spec(
         "int-session",
         "coder",
-        "[approvals]\ntimeout = \"600s\"\n",
+        "[approvals]\ntimeout = \"600s\"\n\n[budget]\ndenials = 1\n",
         "",
     );
     let run = RunId::new("int-session").unwrap();

@@ -326,7 +326,7 @@ async fn a_denials_budget_stops_an_agent_that_keeps_asking_for_what_is_denied() 
     let report = h.run(spec, &mut agent).await;
     match &report.outcome {
         RunOutcome::Suspended { reason } => assert!(
-            reason.contains("3 of the agent's requests were denied, and the budget allows 3"),
+            reason.contains("3 of the agent's requests were refused, and the budget allows 3"),
             "{reason}"
         ),
         other => panic!("{other:?}"),
@@ -371,6 +371,20 @@ async fn a_denials_budget_stops_an_agent_that_keeps_asking_for_what_is_denied() 
     let report = h.run(spec, &mut agent).await;
     assert_eq!(report.outcome, RunOutcome::Committed, "{report:?}");
     assert_eq!(denial_codes(&h.events("unlimited").await).len(), 20);
+    // Effects that failed are not refusals: reading a missing file five times does not stop
+    // a run whose budget allows two refusals.
+    let (spec, mut agent) = h.spec(
+        "missing",
+        "coder",
+        "[budget]\ndenials = 2\n",
+        "[[step]]\nintent = \"look\"\ncapability = \"fs.read\"\ntarget = \"missing.txt\"\nrepeat = 5\n",
+    );
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.outcome, RunOutcome::Committed, "{report:?}");
+    assert_eq!(
+        denial_codes(&h.events("missing").await),
+        ["effect_failed"; 5]
+    );
 }
 
 /// The probe's finding: what the run first saw at each path (to refuse a commit over someone
