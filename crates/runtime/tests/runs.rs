@@ -1418,68 +1418,15 @@ async fn a_run_whose_stage_is_not_here_is_not_resumed() {
     assert_eq!(h.rt.books(&run).await.unwrap().state(), RunState::Suspended);
 }
 
-/// A commit whose journal cannot be written (a full disk; here, the journal's temporary
-/// file's name leads nowhere) never reaches its commit point: the run ends aborted at once,
-/// saying why, with the workspace as it was (it was left validating, its stage used up, until
-/// a restart's recovery aborted it).
-#[tokio::test]
-async fn a_commit_whose_journal_cannot_be_written_aborts_the_run_with_nothing_applied() {
-    let h = H::new(POLICY);
-    let plan = r#"
-[[step]]
-intent = "rewrite"
-capability = "fs.write"
-target = "hello.txt"
-arguments = { content = "the agent's\n" }
-
-[[step]]
-intent = "add"
-capability = "fs.write"
-target = "added.txt"
-arguments = { content = "new\n" }
-"#;
-    let (spec, plan_agent) = h.spec("unjournalled", "coder", "", plan);
-    let stage = h.base.join("home/runs/unjournalled/stage");
-    let mut agent = Hooked {
-        inner: plan_agent,
-        hook: move |v: &ice_kernel::AgentView| {
-            if v.step == 1 {
-                std::os::unix::fs::symlink(
-                    stage.join("no-such-dir/journal"),
-                    stage.join("journal.json.tmp"),
-                )
-                .unwrap();
-            }
-        },
-    };
-    let report = h.run(spec, &mut agent).await;
-    match &report.outcome {
-        RunOutcome::Aborted { reason } => assert!(
-            reason.starts_with(
-                "the commit was refused before it changed anything: commit: the journal could not be written, so nothing was applied"
-            ),
-            "{reason}"
-        ),
-        other => panic!("{other:?}"),
-    }
-    assert_eq!(report.state, RunState::Terminated);
-    assert_eq!(h.read("hello.txt"), "hello\n");
-    assert!(!h.ws.join("added.txt").exists());
-    let events = h.events("unjournalled").await;
-    assert!(of_type(&events, EventType::EffectApplied).is_empty());
-    assert_eq!(
-        of_type(&events, EventType::RunAborted)[0].payload["reason"],
-        "commit_refused"
-    );
-}
-
-/// The probe's finding: a file someone else edited while the run worked on it was overwritten
-/// by the commit, with nothing recorded. Now the commit is refused before it applies anything,
-/// and the run ends aborted saying which path changed (it was left stuck validating when a
-/// commit failed before its commit point).
-#[tokio::test]
-async fn a_commit_over_someone_elses_edit_is_refused_and_the_run_aborts() {
-    let h = H::new(POLICY);
+/// Run a plan that reads and rewrites hello.txt and adds added.txt, with `hook` called at its
+/// second step; its commit must be refused before anything is applied, the run aborted
+/// (`commit_refused`) with a reason starting `why`. Returns the run's events.
+async fn refused_commit(
+    h: &H,
+    id: &str,
+    hook: impl FnMut(&ice_kernel::AgentView) + Send,
+    why: &str,
+) -> Vec<ice_kernel::Event> {
     let plan = r#"
 [[step]]
 intent = "read"
@@ -1498,35 +1445,75 @@ capability = "fs.write"
 target = "added.txt"
 arguments = { content = "new\n" }
 "#;
-    let (spec, plan_agent) = h.spec("raced", "coder", "", plan);
-    let ws = h.ws.clone();
+    let (spec, plan_agent) = h.spec(id, "coder", "", plan);
     let mut agent = Hooked {
         inner: plan_agent,
-        hook: move |v: &ice_kernel::AgentView| {
-            if v.step == 1 {
-                std::fs::write(ws.join("hello.txt"), "a human's edit\n").unwrap();
-            }
-        },
+        hook,
     };
     let report = h.run(spec, &mut agent).await;
     match &report.outcome {
-        RunOutcome::Aborted { reason } => assert!(
-            reason.starts_with(
-                "the commit was refused before it changed anything: \"hello.txt\" changed"
-            ),
-            "{reason}"
-        ),
+        RunOutcome::Aborted { reason } => assert!(reason.starts_with(why), "{reason}"),
         other => panic!("{other:?}"),
     }
     assert_eq!(report.state, RunState::Terminated);
-    assert_eq!(h.read("hello.txt"), "a human's edit\n");
     assert!(!h.ws.join("added.txt").exists());
-    let events = h.events("raced").await;
+    let events = h.events(id).await;
     assert!(of_type(&events, EventType::EffectApplied).is_empty());
     assert_eq!(
         of_type(&events, EventType::RunAborted)[0].payload["reason"],
         "commit_refused"
     );
+    events
+}
+
+/// A commit whose journal cannot be written (a full disk; here, the journal's temporary
+/// file's name leads nowhere) never reaches its commit point: the run ends aborted at once,
+/// saying why, with the workspace as it was (it was left validating, its stage used up, until
+/// a restart's recovery aborted it).
+#[tokio::test]
+async fn a_commit_whose_journal_cannot_be_written_aborts_the_run_with_nothing_applied() {
+    let h = H::new(POLICY);
+    let stage = h.base.join("home/runs/unjournalled/stage");
+    let hook = move |v: &ice_kernel::AgentView| {
+        if v.step == 1 {
+            std::os::unix::fs::symlink(
+                stage.join("no-such-dir/journal"),
+                stage.join("journal.json.tmp"),
+            )
+            .unwrap();
+        }
+    };
+    refused_commit(
+        &h,
+        "unjournalled",
+        hook,
+        "the commit was refused before it changed anything: commit: the journal could not be written, so nothing was applied",
+    )
+    .await;
+    assert_eq!(h.read("hello.txt"), "hello\n");
+}
+
+/// The probe's finding: a file someone else edited while the run worked on it was overwritten
+/// by the commit, with nothing recorded. Now the commit is refused before it applies anything,
+/// and the run ends aborted saying which path changed (it was left stuck validating when a
+/// commit failed before its commit point).
+#[tokio::test]
+async fn a_commit_over_someone_elses_edit_is_refused_and_the_run_aborts() {
+    let h = H::new(POLICY);
+    let ws = h.ws.clone();
+    let hook = move |v: &ice_kernel::AgentView| {
+        if v.step == 1 {
+            std::fs::write(ws.join("hello.txt"), "a human's edit\n").unwrap();
+        }
+    };
+    let events = refused_commit(
+        &h,
+        "raced",
+        hook,
+        "the commit was refused before it changed anything: \"hello.txt\" changed",
+    )
+    .await;
+    assert_eq!(h.read("hello.txt"), "a human's edit\n");
     let why = of_type(&events, EventType::AbortReasonDeclared)[0].payload["detail"]
         .as_str()
         .unwrap()
