@@ -323,13 +323,17 @@ pub(crate) fn write_report(out: &mut dyn Write, r: &RunReport, json_out: bool) -
     {
         spent.wall_time_us = us;
     }
-    let budget: Vec<Value> = limits
+    let mut budget: Vec<Value> = limits
         .fields()
         .into_iter()
         .zip(spent.fields())
         .filter(|((_, l), (_, s))| l.is_some() || *s > 0)
         .map(|((n, l), (_, s))| json!({"attribute": n, "spent": s, "limit": l}))
         .collect();
+    // Refusals are no cost, but a limit on them is a budget the run is held to.
+    if let Some(l) = r.books.spec.as_ref().and_then(|s| s.budget.denials) {
+        budget.push(json!({"attribute": "denials", "spent": r.books.refusals, "limit": l}));
+    }
     if json_out {
         let doc = json!({
             "run": r.run.as_str(),

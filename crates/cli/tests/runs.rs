@@ -163,6 +163,14 @@ fn the_quickstart_run_commits_with_an_operator_in_another_process() {
         reasons,
         ["confinement", "policy_denied", "approval_timeout"]
     );
+    // Two of them refused what the agent asked for; an approval nobody answered is no refusal.
+    assert!(
+        report["budget"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!({"attribute": "denials", "spent": 2, "limit": 5})),
+        "{report}"
+    );
     assert_eq!(
         std::fs::read_to_string(qs.join("workspace/hello.txt")).unwrap(),
         "hello, governed world\n"
