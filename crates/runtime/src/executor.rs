@@ -1578,7 +1578,7 @@ impl Ctx<'_> {
     ///   and the denial is `outcome_unknown`, naming the target to check before repeating it.
     pub(crate) async fn answer_interrupted(&self, live: &mut Live) -> Result<(), RuntimeError> {
         let events = crate::read_run(self.rt.ledger.log().as_ref(), &self.run).await?;
-        // What each file request's later events say of it: used, its reservations, answered.
+        // What each request's later events say of it: used, its reservations, answered.
         #[derive(Default)]
         struct Seen {
             used: bool,
