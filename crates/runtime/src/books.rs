@@ -445,6 +445,7 @@ impl Books {
             "events": self.next_seq(),
             "proposals": self.proposals,
             "denials": self.denials,
+            "refusals": self.refusals,
             "reservations": self.reservations,
             "spent": cost(self.budget.spent()),
             "outstanding": cost(self.budget.outstanding()),

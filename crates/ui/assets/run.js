@@ -272,7 +272,8 @@ export function runView(root, ctx, params) {
       counter('grants', shown.books?.grants?.length ?? 0),
       counter('approvals', shown.books?.approvals?.length ?? 0));
     const budget = budgetNow(prov);
-    fill(meters, h('h2', null, 'Cost / budget'), costMeters(budgetCost(s.cost, shown.window_elapsed_us), budget));
+    const spent = { ...budgetCost(s.cost, shown.window_elapsed_us), denials: shown.books?.refusals ?? 0 };
+    fill(meters, h('h2', null, 'Cost / budget'), costMeters(spent, budget));
     return budget;
   }
 

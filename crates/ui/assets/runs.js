@@ -14,6 +14,8 @@ const DIMS = [
   ['tokens_out', 'tokens out', (v) => String(v)],
   ['credits_micro', 'credits', (v) => (v / 1e6).toFixed(2)],
   ['risk', 'risk', (v) => String(v)],
+  // Not a cost: the requests refused so far (`books.refusals`), against `[budget] denials`.
+  ['denials', 'refusals', (v) => String(v)],
 ];
 
 /**
@@ -167,7 +169,10 @@ export function runsView(root, ctx) {
       const cost = h('td', { class: 'cost' }, costMeters(spent, null, true));
       provisioned(s.run_id).then((p) => {
         fill(agent, p.agent ?? '');
-        fill(cost, costMeters(spent, p.budget, true));
+        // The list's summaries do not count refusals: no refusals meter here, the run's page
+        // has it.
+        const { denials: _refusalsLimit, ...budget } = p.budget ?? {};
+        fill(cost, costMeters(spent, p.budget ? budget : p.budget, true));
       }).catch(() => {});
       return h('tr', { dataset: { run: s.run_id }, class: 'clickable', onclick: (ev) => { if (ev.target.tagName !== 'A') location.hash = runHref(s.run_id); } },
         h('td', null, h('a', { class: 'run-link mono', href: runHref(s.run_id) }, s.run_id)),

@@ -388,6 +388,9 @@ try {
     }
     const fine = runs.costMeters({ tool_calls: 3 }, runs.specBudget({ budget: { tool_calls: 20, bytes: null } })).textContent;
     if (!/3 \/ 20/.test(fine)) out.push(`a readable budget: ${fine}`);
+    // A denials budget is a meter of refusals against its limit.
+    const refused = runs.costMeters({ tool_calls: 3, denials: 2 }, runs.specBudget({ budget: { denials: 5 } })).textContent;
+    if (!/refusals\s*2 \/ 5/.test(refused)) out.push(`a denials budget: ${refused}`);
     // An approval whose request's arguments and target are blobs the log does not hold: the
     // card says they could not be loaded and how to read them, never the reference, and
     // Approve waits.
