@@ -242,17 +242,20 @@ impl Books {
             | EventType::CapabilityRequested => self.proposals += 1,
             EventType::CapabilityDenied => {
                 self.denials += 1;
-                let refused = match e.payload.get("reason").and_then(Value::as_str) {
-                    Some(
-                        "effect_failed" | "outcome_unknown" | "run_not_executing"
-                        | "approval_timeout",
-                    ) => false,
-                    // An operator's denial, not the runtime closing the wait.
-                    Some("approval_denied") => {
-                        approval_named(e).is_some_and(|a| self.answers.contains_key(&a))
-                    }
-                    _ => true,
-                };
+                // An approval no operator answered, closed by the runtime (timed out, the
+                // wall-time budget ran out, a kill, an interruption, a withdrawal), is no
+                // refusal of the agent's; an operator's denial is.
+                let unanswered = approval_named(e).is_some_and(|a| !self.answers.contains_key(&a));
+                let refused = !unanswered
+                    && !matches!(
+                        e.payload.get("reason").and_then(Value::as_str),
+                        Some(
+                            "effect_failed"
+                                | "outcome_unknown"
+                                | "run_not_executing"
+                                | "approval_timeout"
+                        )
+                    );
                 if refused {
                     self.refusals += 1;
                 }
@@ -382,6 +385,9 @@ impl Books {
     pub fn view(&self) -> Value {
         let mut v = self.projection();
         v["approvals"] = Value::Array(self.approvals_json(true));
+        // What a `denials` budget counts (not in the projection, whose recorded form older
+        // runs' replays compare against).
+        v["refusals"] = self.refusals.into();
         v
     }
 
@@ -445,7 +451,6 @@ impl Books {
             "events": self.next_seq(),
             "proposals": self.proposals,
             "denials": self.denials,
-            "refusals": self.refusals,
             "reservations": self.reservations,
             "spent": cost(self.budget.spent()),
             "outstanding": cost(self.budget.outstanding()),

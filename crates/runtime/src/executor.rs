@@ -1654,9 +1654,6 @@ impl Ctx<'_> {
                     settle_draft(id, actual, &req)
                 })
                 .collect();
-            if !settles.is_empty() {
-                self.append(live, |_| settles.clone()).await?;
-            }
             let (resource, code, detail) = if file {
                 let resource = match r.capability.as_str() {
                     "fs.list" => Resource::dir(&r.target).ok(),
@@ -1684,7 +1681,8 @@ impl Ctx<'_> {
             };
             let mut d = Self::denial(&r, resource.as_ref(), code, detail);
             d.grant = s.grant;
-            self.deny(live, d, &req).await?;
+            // The settlement and the answer in one batch, as for a call that failed live.
+            self.deny_after(live, settles, d, &req).await?;
         }
         Ok(())
     }

@@ -310,6 +310,48 @@ async fn exhaustion_can_suspend_instead() {
     assert_eq!(denial_codes(&events), ["budget_exhausted"]);
 }
 
+/// The projection is recorded in `RunTerminated`, and `ice replay` compares every key of it:
+/// a key added to it makes every run recorded before report a divergence. New facts go in
+/// `Books::view` (the review's finding: `refusals` had been added to the projection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recorded_projection_keeps_its_keys_and_the_view_adds_refusals() {
+    let h = H::new(POLICY);
+    let (spec, mut agent) = h.spec(
+        "keys",
+        "coder",
+        "",
+        "[[step]]\nintent = \"read\"\ncapability = \"fs.read\"\ntarget = \"hello.txt\"\n",
+    );
+    h.run(spec, &mut agent).await;
+    let books = h.rt.books(&RunId::new("keys").unwrap()).await.unwrap();
+    let mut keys: Vec<String> = books
+        .projection()
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "applied",
+            "approvals",
+            "denials",
+            "events",
+            "grants",
+            "outstanding",
+            "policy_version",
+            "proposals",
+            "reservations",
+            "spent",
+            "staged",
+            "state"
+        ]
+    );
+    assert_eq!(books.view()["refusals"], 0);
+}
+
 /// Every attempt is recorded, so an agent that keeps asking for what it may not have grew
 /// the log without end: denials counted against no budget. `[budget] denials` stops the run
 /// once that many of its requests were denied; an operator may raise it and resume.
