@@ -535,10 +535,20 @@ pub struct CapabilityDeniedPayload {
     /// The `CapabilityRequested` refused, if the denial answers one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<EventId>,
+    /// A file read that found no file in the workspace: `"absent"`, what the run saw there (a
+    /// stage rebuilt from the record after a restart then refuses a commit over a file
+    /// someone adds there meanwhile, as the live stage does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen: Option<String>,
 }
 
 impl CapabilityDeniedPayload {
     fn check(&self) -> Result<(), String> {
+        if let Some(s) = &self.seen
+            && s != "absent"
+        {
+            return Err(format!("seen is {s:?}; the only value is \"absent\""));
+        }
         let decided = |a: &str| match a.parse::<std::net::IpAddr>() {
             Ok(ip) if crate::request::connection_address(ip) == ip => Ok(()),
             Ok(ip) => Err(format!(

@@ -559,6 +559,11 @@ impl Stage {
         self.seen_is(path, state);
     }
 
+    /// What the run first saw at `path` in the workspace (`Some(None)`: absent), if noted.
+    pub fn seen_of(&self, path: &str) -> Option<Option<FileState>> {
+        self.lock_seen().get(path).copied()
+    }
+
     fn seen_is(&self, path: &str, state: Option<FileState>) {
         self.lock_seen().entry(path.to_string()).or_insert(state);
     }

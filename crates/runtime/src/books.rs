@@ -74,7 +74,8 @@ pub struct Books {
     /// closed (a kill, an interruption, the agent's withdrawal).
     pub refusals: u64,
     /// What the run first saw at each workspace path it read (in full, from the workspace) or
-    /// staged (`None`: absent), from `FileRead` and `EffectStaged`: a stage rebuilt after a
+    /// staged (`None`: absent), from `FileRead`, `EffectStaged` and the `CapabilityDenied` of a
+    /// read that found no file (`seen: "absent"`): a stage rebuilt after a
     /// restart refuses a commit over a change made meanwhile, as the live one does.
     pub seen: std::collections::BTreeMap<String, Option<ice_effects::FileState>>,
     /// Number of reservations made (for the next id).
@@ -242,6 +243,12 @@ impl Books {
             | EventType::CapabilityRequested => self.proposals += 1,
             EventType::CapabilityDenied => {
                 self.denials += 1;
+                if e.payload.get("seen").and_then(Value::as_str) == Some("absent")
+                    && let Ok(d) = ice_authority::CapabilityDeniedPayload::from_payload(&e.payload)
+                    && let Some(ice_authority::Resource::Path(p)) = d.resource
+                {
+                    self.seen.entry(p).or_insert(None);
+                }
                 // An approval no operator answered, closed by the runtime (timed out, the
                 // wall-time budget ran out, a kill, an interruption, a withdrawal), is no
                 // refusal of the agent's; an operator's denial is.

@@ -558,6 +558,7 @@ impl Ctx<'_> {
             grant: None,
             approval: None,
             request: None,
+            seen: None,
         }
     }
 
@@ -1217,6 +1218,14 @@ impl Ctx<'_> {
                     let mut d = Self::denial(r, Some(resource), code, detail);
                     d.grant = Some(grant_id.clone());
                     d.request = Some(req.clone());
+                    // A read that found no file: what the run saw, for the record (a stage
+                    // rebuilt after a restart is told it again).
+                    if let Resource::Path(p) = resource
+                        && r.capability == "fs.read"
+                        && live.stage.stage.as_ref().and_then(|s| s.seen_of(p)) == Some(None)
+                    {
+                        d.seen = Some("absent".into());
+                    }
                     let outcome = Outcome::Denied {
                         request: req.clone(),
                         reason: d.reason.as_str().to_string(),

@@ -310,6 +310,70 @@ async fn exhaustion_can_suspend_instead() {
     assert_eq!(denial_codes(&events), ["budget_exhausted"]);
 }
 
+/// The second review's finding: a read that found no file was noted (absent) by the live
+/// stage only, so after a restart a file someone created there was overwritten by the run's
+/// write. The denial now records `seen: "absent"`, and the rebuilt stage refuses the commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_run_does_not_commit_over_a_file_created_where_it_found_none() {
+    let h = H::new(POLICY);
+    let plan = r#"
+[[step]]
+intent = "look for it"
+capability = "fs.read"
+target = "new.txt"
+
+[[step]]
+intent = "read"
+capability = "fs.read"
+target = "hello.txt"
+repeat = 2
+
+[[step]]
+intent = "create it"
+capability = "fs.write"
+target = "new.txt"
+arguments = { content = "the agent's\n" }
+"#;
+    // Two calls, then the third (the second read) is refused and the run suspends; resumed,
+    // it goes on with the write.
+    let (spec, mut agent) = h.spec(
+        "created",
+        "coder",
+        "[budget]\ntool_calls = 2\non_exhaustion = \"suspend\"\n",
+        plan,
+    );
+    let report = h.run(spec, &mut agent).await;
+    assert_eq!(report.state, RunState::Suspended, "{report:?}");
+    let events = h.events("created").await;
+    let denied = of_type(&events, EventType::CapabilityDenied);
+    assert_eq!(
+        denied[0].payload["seen"], "absent",
+        "{:?}",
+        denied[0].payload
+    );
+    std::fs::write(h.ws.join("new.txt"), "a human's file\n").unwrap();
+    let run = RunId::new("created").unwrap();
+    let rec = ice_runtime::operator::ReconfigurationFile {
+        reason: "room to finish".into(),
+        budget: Some(toml::from_str("tool_calls = 10").unwrap()),
+        ..Default::default()
+    };
+    h.rt.reconfigure(&run, "alice", &rec).await.unwrap();
+    let (_, mut again) = h.spec("created-again", "coder", "", plan);
+    let report =
+        h.rt.resume(&run, &mut again, &ice_runtime::Quiet)
+            .await
+            .unwrap();
+    match &report.outcome {
+        RunOutcome::Aborted { reason } => assert!(
+            reason.contains("\"new.txt\" changed in the workspace while the run worked on it"),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.read("new.txt"), "a human's file\n");
+}
+
 /// The projection is recorded in `RunTerminated`, and `ice replay` compares every key of it:
 /// a key added to it makes every run recorded before report a divergence. New facts go in
 /// `Books::view` (the review's finding: `refusals` had been added to the projection).
