@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use ice_kernel::{EventType, RunId, RunState};
-use ice_runtime::{Books, RunOutcome};
+use ice_runtime::{Books, RunOutcome, RunReport};
 
 const MAIN_PLAN: &str = r#"
 [[step]]
@@ -352,25 +352,8 @@ arguments = { content = "the agent's\n" }
         denied[0].payload
     );
     std::fs::write(h.ws.join("new.txt"), "a human's file\n").unwrap();
-    let run = RunId::new("created").unwrap();
-    let rec = ice_runtime::operator::ReconfigurationFile {
-        reason: "room to finish".into(),
-        budget: Some(toml::from_str("tool_calls = 10").unwrap()),
-        ..Default::default()
-    };
-    h.rt.reconfigure(&run, "alice", &rec).await.unwrap();
-    let (_, mut again) = h.spec("created-again", "coder", "", plan);
-    let report =
-        h.rt.resume(&run, &mut again, &ice_runtime::Quiet)
-            .await
-            .unwrap();
-    match &report.outcome {
-        RunOutcome::Aborted { reason } => assert!(
-            reason.contains("\"new.txt\" changed in the workspace while the run worked on it"),
-            "{reason}"
-        ),
-        other => panic!("{other:?}"),
-    }
+    let report = reconfigure_and_resume(&h, "created", "tool_calls = 10", plan).await;
+    refused_over(&report, "new.txt");
     assert_eq!(h.read("new.txt"), "a human's file\n");
 }
 
@@ -448,18 +431,7 @@ async fn a_denials_budget_stops_an_agent_that_keeps_asking_for_what_is_denied() 
         "budget_exhausted"
     );
     // Two more denials allowed: the run resumes, is refused twice more, and stops again.
-    let rec = ice_runtime::operator::ReconfigurationFile {
-        reason: "two more tries".into(),
-        budget: Some(toml::from_str("denials = 5").unwrap()),
-        ..Default::default()
-    };
-    let run = RunId::new("refused").unwrap();
-    h.rt.reconfigure(&run, "alice", &rec).await.unwrap();
-    let (_, mut agent) = h.spec("refused-again", "coder", "", plan);
-    let report =
-        h.rt.resume(&run, &mut agent, &ice_runtime::Quiet)
-            .await
-            .unwrap();
+    let report = reconfigure_and_resume(&h, "refused", "denials = 5", plan).await;
     assert!(
         matches!(report.outcome, RunOutcome::Suspended { .. }),
         "{report:?}"
@@ -524,59 +496,54 @@ capability = "fs.read"
 target = "hello.txt"
 repeat = 2
 "#;
-    let (spec, mut agent) = h.spec(
-        "edited",
-        "coder",
-        "[budget]\ntool_calls = 3\non_exhaustion = \"suspend\"\n",
-        plan,
-    );
-    let report = h.run(spec, &mut agent).await;
-    assert_eq!(report.state, RunState::Suspended, "{report:?}");
-    let run = RunId::new("edited").unwrap();
+    // Each file in its own run: one the run only wrote, one it read and then wrote.
+    for (id, file, edit) in [
+        ("edited", "config.toml", "x = 3\n"),
+        ("edited2", "hello.txt", "a human's edit\n"),
+    ] {
+        std::fs::write(h.ws.join("config.toml"), "x = 1\n").unwrap();
+        std::fs::write(h.ws.join("hello.txt"), "hello\n").unwrap();
+        let (spec, mut agent) = h.spec(
+            id,
+            "coder",
+            "[budget]\ntool_calls = 3\non_exhaustion = \"suspend\"\n",
+            plan,
+        );
+        let report = h.run(spec, &mut agent).await;
+        assert_eq!(report.state, RunState::Suspended, "{report:?}");
+        std::fs::write(h.ws.join(file), edit).unwrap();
+        let report = reconfigure_and_resume(&h, id, "tool_calls = 10", plan).await;
+        refused_over(&report, file);
+        assert_eq!(h.read(file), edit);
+    }
+}
+
+/// Record an operator's reconfiguration of suspended run `id` giving it `budget` (keys of
+/// `[budget]`), and resume it with `plan` (the plan driver goes on where the run stopped).
+async fn reconfigure_and_resume(h: &H, id: &str, budget: &str, plan: &str) -> RunReport {
     let rec = ice_runtime::operator::ReconfigurationFile {
-        reason: "room to finish".into(),
-        budget: Some(toml::from_str("tool_calls = 10").unwrap()),
+        reason: "a new budget".into(),
+        budget: Some(toml::from_str(budget).unwrap()),
         ..Default::default()
     };
-    for (file, edit) in [
-        ("config.toml", "x = 3\n"),
-        ("hello.txt", "a human's edit\n"),
-    ] {
-        // Each file in turn: one the run only wrote, one it read and then wrote.
-        std::fs::write(h.ws.join(file), edit).unwrap();
-        let (_, mut again) = h.spec("edited-again", "coder", "", plan);
-        let run_copy = if file == "config.toml" {
-            run.clone()
-        } else {
-            // A second run, suspended the same way, for the second file.
-            std::fs::write(h.ws.join("config.toml"), "x = 1\n").unwrap();
-            std::fs::write(h.ws.join("hello.txt"), "hello\n").unwrap();
-            let (spec, mut agent) = h.spec(
-                "edited2",
-                "coder",
-                "[budget]\ntool_calls = 3\non_exhaustion = \"suspend\"\n",
-                plan,
-            );
-            let report = h.run(spec, &mut agent).await;
-            assert_eq!(report.state, RunState::Suspended, "{report:?}");
-            std::fs::write(h.ws.join(file), edit).unwrap();
-            RunId::new("edited2").unwrap()
-        };
-        h.rt.reconfigure(&run_copy, "alice", &rec).await.unwrap();
-        let report =
-            h.rt.resume(&run_copy, &mut again, &ice_runtime::Quiet)
-                .await
-                .unwrap();
-        match &report.outcome {
-            RunOutcome::Aborted { reason } => assert!(
-                reason.contains(&format!(
-                    "{file:?} changed in the workspace while the run worked on it"
-                )),
-                "{reason}"
-            ),
-            other => panic!("{file}: {other:?}"),
-        }
-        assert_eq!(h.read(file), edit);
+    let run = RunId::new(id).unwrap();
+    h.rt.reconfigure(&run, "alice", &rec).await.unwrap();
+    let (_, mut again) = h.spec(&format!("{id}-again"), "coder", "", plan);
+    h.rt.resume(&run, &mut again, &ice_runtime::Quiet)
+        .await
+        .unwrap()
+}
+
+/// The run ended aborted, its commit refused because `path` changed in the workspace.
+fn refused_over(report: &RunReport, path: &str) {
+    match &report.outcome {
+        RunOutcome::Aborted { reason } => assert!(
+            reason.contains(&format!(
+                "{path:?} changed in the workspace while the run worked on it"
+            )),
+            "{reason}"
+        ),
+        other => panic!("{path}: {other:?}"),
     }
 }
 
