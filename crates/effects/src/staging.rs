@@ -706,7 +706,7 @@ impl Stage {
         Ok(StagedEffect {
             evidence: staged_evidence(auth, path, "write", Some(&state)),
             op,
-            seen: self.lock_seen().get(path).copied(),
+            seen: self.seen_of(path),
         })
     }
 
@@ -735,7 +735,7 @@ impl Stage {
         Ok(StagedEffect {
             evidence: staged_evidence(auth, path, "delete", None),
             op,
-            seen: self.lock_seen().get(path).copied(),
+            seen: self.seen_of(path),
         })
     }
 
