@@ -71,7 +71,8 @@ pub struct Books {
     /// Denials that refused what the agent asked for (the policy, a grant, an operator's
     /// denial, confinement, the budget, …): what `[budget] denials` limits. Not an effect that
     /// failed or whose outcome is unknown, an approval nobody answered, or one the runtime
-    /// closed (a kill, an interruption, the agent's withdrawal).
+    /// closed (a kill, an interruption, the agent's withdrawal), even after an operator
+    /// granted it.
     pub refusals: u64,
     /// What the run first saw at each workspace path it read (in full, from the workspace) or
     /// staged (`None`: absent), from `FileRead`, `EffectStaged` and the `CapabilityDenied` of a
@@ -251,9 +252,24 @@ impl Books {
                 }
                 // An approval no operator answered, closed by the runtime (timed out, the
                 // wall-time budget ran out, a kill, an interruption, a withdrawal), is no
-                // refusal of the agent's; an operator's denial is.
-                let unanswered = approval_named(e).is_some_and(|a| !self.answers.contains_key(&a));
+                // refusal of the agent's; an operator's denial is. Nor is an approval an
+                // operator granted that the runtime closed all the same (a kill recorded
+                // before the waiting call took the answer): its code is `approval_denied`,
+                // and nobody denied it.
+                let named = approval_named(e);
+                let unanswered = named
+                    .as_ref()
+                    .is_some_and(|a| !self.answers.contains_key(a));
+                let closed_after_grant = e.payload.get("reason").and_then(Value::as_str)
+                    == Some("approval_denied")
+                    && named.as_ref().is_some_and(|a| {
+                        matches!(
+                            self.approvals.get(a).map(|x| &x.status),
+                            Some(ice_authority::ApprovalStatus::Granted { .. })
+                        )
+                    });
                 let refused = !unanswered
+                    && !closed_after_grant
                     && !matches!(
                         e.payload.get("reason").and_then(Value::as_str),
                         Some(

@@ -1402,6 +1402,12 @@ impl Session<'_> {
         // edit applies to it, however many calls the agent keeps open).
         loop {
             let mut g = self.ctx.live.lock().await;
+            // Another proposal's checks may have stopped the run while this one waited for
+            // the lock: it is refused as any proposal after the stop is.
+            if self.has_stopped() {
+                drop(g);
+                return Err(self.stopped_error().await);
+            }
             let live = &mut *g;
             if live.in_flight == 0 {
                 if let Some(stop) = self.ctx.between_steps(live).await? {
@@ -1458,21 +1464,34 @@ impl Session<'_> {
     }
 
     async fn check_open(&self) -> Result<(), RuntimeError> {
-        if self.stopping.load(std::sync::atomic::Ordering::SeqCst)
-            || self.stopped.lock().map(|s| s.is_some()).unwrap_or(true)
-        {
-            let state = self.ctx.live.lock().await.books.state();
-            return Err(RuntimeError::State {
-                run: self.ctx.run.to_string(),
-                state,
-                what: "the run has stopped taking proposals".into(),
-            });
+        if self.has_stopped() {
+            return Err(self.stopped_error().await);
         }
         Ok(())
     }
 
+    /// Whether the run is stopping (a budget ran out: calls in flight finish first) or has
+    /// stopped: no new proposal is taken.
+    fn has_stopped(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+            || self.stopped.lock().map(|s| s.is_some()).unwrap_or(true)
+    }
+
+    async fn stopped_error(&self) -> RuntimeError {
+        let state = self.ctx.live.lock().await.books.state();
+        RuntimeError::State {
+            run: self.ctx.run.to_string(),
+            state,
+            what: "the run has stopped taking proposals".into(),
+        }
+    }
+
+    /// Record that the run stopped with `outcome` (so no call stops it a second time: a call
+    /// that exhausts a budget afterwards finds it stopping) and say so.
     fn stop(&self, outcome: RunOutcome, state: RunState) -> RuntimeError {
         let what = format!("the run stopped: {outcome:?}");
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Ok(mut s) = self.stopped.lock() {
             *s = Some(outcome);
         }

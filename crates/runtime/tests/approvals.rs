@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,10 +12,7 @@ use ice_authority::payload::{ApprovalDeniedPayload, ApprovalGrantedPayload};
 use ice_kernel::{
     CapabilityProposal, Draft, Event, EventId, EventType, Origin, Outcome, Proposal, RunId,
 };
-use ice_log::clock::SystemClock;
-use ice_log::ledger::Ledger;
-use ice_log::sqlite::{Mode, SqliteLog};
-use ice_runtime::{Books, Installation, Quiet, RunSpec, Runtime, RuntimeError};
+use ice_runtime::{Books, Quiet, RunSpec, Runtime, RuntimeError};
 use serde_json::{Value, json};
 
 /// A run whose agent `coder` will ask to call the endpoint (the policy wants an approval).
@@ -45,25 +41,6 @@ fn fixture(id: &str) -> Fixture {
             intent: "notify".into(),
         }),
     }
-}
-
-/// Another process on the same installation: its own connection to the same SQLite file,
-/// its own ledger (and cached run heads).
-fn another_process(base: &Path) -> Arc<Runtime> {
-    let home = base.join("home");
-    let log = Arc::new(SqliteLog::open(&home.join("ice.db"), Mode::ReadWrite).unwrap());
-    let ledger = Arc::new(Ledger::new(log, Arc::new(SystemClock)));
-    Arc::new(
-        Runtime::new(
-            ledger,
-            Arc::new(SystemClock),
-            Installation {
-                runs_dir: home.join("runs"),
-                policy_dir: base.join("policies"),
-            },
-        )
-        .unwrap(),
-    )
 }
 
 /// The operators' answers recorded for `approval`.
@@ -471,4 +448,37 @@ async fn a_run_with_a_second_recorded_answer_does_not_hide_other_runs_approvals(
     }
     drop(waiting);
     drop(session);
+}
+
+/// The finding: a kill recorded right after an operator granted an approval (before the call
+/// waiting on it took the answer) closes the call with an `approval_denied` denial naming an
+/// approval the operator granted, and the run counted that as one of the agent's refusals (what
+/// `[budget] denials` limits): nobody refused the agent anything. Each round answers and kills
+/// back to back; the waiting call sees the kill first in most rounds (it looks every 50 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kill_right_after_an_operator_granted_counts_no_refusal() {
+    let mut closed_after_grant = 0;
+    for round in 0..4 {
+        let f = fixture(&format!("granted-then-killed-{round}"));
+        let session =
+            f.rt.open_session(f.spec.clone(), "coder", &Quiet)
+                .await
+                .unwrap();
+        let (outcome, ()) = tokio::join!(session.propose(&f.call), async {
+            let approval = pending(&f.rt, &f.run).await;
+            f.rt.answer_approval(&approval, "alice", true, "")
+                .await
+                .unwrap();
+            f.rt.kill(&f.run, "bob", "enough", &Quiet).await.unwrap();
+        });
+        if let Some(Outcome::Denied { reason, .. }) = outcome.unwrap() {
+            assert_eq!(reason, "approval_denied");
+            closed_after_grant += 1;
+        }
+        let report = session.finish().await.unwrap();
+        assert_eq!(report.books.refusals, 0, "round {round}: {report:?}");
+        let replayed = Books::fold(f.run.clone(), events(&f.rt, &f.run).await.iter()).unwrap();
+        assert_eq!(replayed.refusals, 0);
+    }
+    eprintln!("{closed_after_grant} of 4 rounds closed the call after the grant");
 }

@@ -539,3 +539,109 @@ async fn two_calls_approved_after_the_policy_came_to_forbid_them_are_both_refuse
     assert!(of_type(&events, EventType::APIRequestExecuted).is_empty());
     assert_eq!(of_type(&events, EventType::PolicyReloaded).len(), 1);
 }
+
+/// The finding: a proposal that passed the open check while another proposal's checks were
+/// stopping the run (here, on a kill) went on to run the checks again on the stopped run, or,
+/// had its call exhausted a budget, to stop the run a second time. Every proposal made at once
+/// after a kill is refused as made on a stopped run, and the run is aborted exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proposals_made_at_once_after_a_kill_are_all_refused_and_the_run_aborts_once() {
+    for round in 0..5 {
+        let h = H::new(POLICY);
+        let id = format!("killed-at-once-{round}");
+        let session = session(&h, &id, "[grants]\nuses = 100\n").await;
+        let run = ice_kernel::RunId::new(id.as_str()).unwrap();
+        h.rt.kill(&run, "alice", "enough", &ice_runtime::Quiet)
+            .await
+            .unwrap();
+        let proposals: Vec<Proposal> = (0..20).map(|i| write(&format!("late-{i}.txt"))).collect();
+        let results =
+            futures_util::future::join_all(proposals.iter().map(|p| session.propose(p))).await;
+        for r in &results {
+            assert!(
+                matches!(r, Err(ice_runtime::RuntimeError::State { .. })),
+                "a proposal after the kill: {r:?}"
+            );
+        }
+        let report = session.finish().await.unwrap();
+        assert!(
+            matches!(&report.outcome, ice_runtime::RunOutcome::Aborted { reason } if reason.starts_with("killed")),
+            "{:?}",
+            report.outcome
+        );
+        let events = h.events(&id).await;
+        assert_eq!(of_type(&events, EventType::RunAborted).len(), 1);
+        assert!(of_type(&events, EventType::CapabilityRequested).is_empty());
+        assert!((0..20).all(|i| !h.ws.join(format!("late-{i}.txt")).exists()));
+    }
+}
+
+/// Two calls in flight when the process driving their run stops (here, the session is dropped
+/// mid-call, as a killed process would leave it): the next start's recovery answers each one
+/// (`outcome_unknown`, naming its request and target, its reservation settled in full) before
+/// it suspends the run, and the record folds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recovery_answers_every_call_the_stopped_process_had_in_flight() {
+    let port = ok_endpoint_after(std::time::Duration::from_secs(8));
+    let policy = format!(
+        "{POLICY}\n@id(\"fetch\")\npermit(principal == Agent::\"coder\", action == Action::\"http.request\", resource == Host::\"127.0.0.1\");\n"
+    );
+    let h = H::new(&policy);
+    let id = "two-in-flight";
+    {
+        let session = session(&h, id, "[grants]\nuses = 100\n[budget]\ntool_calls = 10\n").await;
+        let slow = slow_get(port);
+        let calls = futures_util::future::join(session.propose(&slow), session.propose(&slow));
+        let both_used = async {
+            while of_type(&h.events(id).await, EventType::CapabilityUsed).len() < 2 {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        };
+        tokio::select! {
+            r = calls => panic!("the slow calls ended: {r:?}"),
+            () = both_used => {}
+        }
+    }
+    let restarted = another_process(h.dir.path());
+    let recovered = restarted.recover(&ice_runtime::Quiet).await.unwrap();
+    assert_eq!(recovered.len(), 1, "{recovered:?}");
+    assert_eq!(recovered[0].to, "SUSPENDED", "{recovered:?}");
+    let events = h.events(id).await;
+    let requests = of_type(&events, EventType::CapabilityRequested);
+    let unknown = of_type(&events, EventType::CapabilityDenied);
+    assert_eq!(requests.len(), 2);
+    assert_eq!(unknown.len(), 2, "{events:#?}");
+    for r in &requests {
+        let answers: Vec<_> = unknown
+            .iter()
+            .filter(|d| d.payload["request"] == r.id().to_string())
+            .collect();
+        assert_eq!(answers.len(), 1, "request {}: {events:#?}", r.id());
+        assert_eq!(answers[0].payload["reason"], "outcome_unknown");
+        assert!(
+            answers[0].payload["detail"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("127.0.0.1:{port}/slow")),
+            "{:?}",
+            answers[0].payload
+        );
+    }
+    // Each reservation settled once, in full.
+    let reserved = of_type(&events, EventType::BudgetReserved);
+    let settled = of_type(&events, EventType::BudgetSettled);
+    assert_eq!(reserved.len(), 2);
+    assert_eq!(settled.len(), 2);
+    for s in &settled {
+        let r = reserved
+            .iter()
+            .find(|r| r.payload["reservation"] == s.payload["reservation"])
+            .unwrap();
+        assert_eq!(s.payload["actual"], r.payload["amount"]);
+    }
+    let books =
+        ice_runtime::Books::fold(ice_kernel::RunId::new(id).unwrap(), events.iter()).unwrap();
+    assert_eq!(books.state(), ice_kernel::RunState::Suspended);
+    assert_eq!(books.budget.spent().tool_calls, 2);
+    assert_eq!(books.budget.reservations().count(), 0);
+}

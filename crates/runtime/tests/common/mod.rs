@@ -441,3 +441,23 @@ impl<K: Hooks> EventLog for HookedLog<K> {
         self.inner.checkpoints()
     }
 }
+
+/// Another process on the same installation: its own connection to the same SQLite file,
+/// its own ledger (and cached run heads).
+pub fn another_process(base: &Path) -> Arc<Runtime> {
+    let home = base.join("home");
+    let log =
+        Arc::new(SqliteLog::open(&home.join("ice.db"), ice_log::sqlite::Mode::ReadWrite).unwrap());
+    let ledger = Arc::new(Ledger::new(log, Arc::new(SystemClock)));
+    Arc::new(
+        Runtime::new(
+            ledger,
+            Arc::new(SystemClock),
+            Installation {
+                runs_dir: home.join("runs"),
+                policy_dir: base.join("policies"),
+            },
+        )
+        .unwrap(),
+    )
+}
