@@ -140,7 +140,12 @@ impl Api {
         Api {
             base: format!("http://{addr}"),
             dir,
-            http: reqwest::Client::new(),
+            http: {
+                // reqwest carries no TLS crypto provider of its own here (see the workspace's
+                // Cargo.toml).
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                reqwest::Client::new()
+            },
             verifier,
             stop,
             credentials,

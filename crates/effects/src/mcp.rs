@@ -1447,6 +1447,9 @@ async fn connect(
             let transport_config = StreamableHttpClientTransportConfig::with_uri(url.as_str())
                 .max_json_response_size(line_bound)
                 .max_sse_event_size(line_bound);
+            // reqwest is built without a TLS crypto provider of its own (see the workspace's
+            // Cargo.toml): ring, unless the process installed one already.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             let transport = StreamableHttpClientTransport::from_config(transport_config);
             match client.serve_with_lifecycle(transport, lifecycle()).await {
                 Ok(service) => (service, None),

@@ -394,6 +394,9 @@ fn exporter(
     {
         headers.insert("authorization".into(), auth);
     }
+    // reqwest is built without a TLS crypto provider of its own (see the workspace's
+    // Cargo.toml): ring, unless the process installed one already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(Protocol::HttpBinary)
