@@ -201,8 +201,8 @@ pub struct StagedEffect {
     pub op: StagedOp,
     /// Its evidence.
     pub evidence: Evidence,
-    /// The path's content in the workspace when the run first read or staged it
-    /// (`Some(None)`: absent), if it was noted: for the record, so a stage rebuilt after a
+    /// The path's content in the workspace when the run last read it there before staging it,
+    /// or else when it staged it (`Some(None)`: absent), if it was noted: for the record, so a stage rebuilt after a
     /// restart refuses a commit over someone else's change as the live one does
     /// ([`Stage::remember_seen`]).
     pub seen: Option<Option<FileState>>,
@@ -317,17 +317,17 @@ pub enum StageError {
         problem: String,
     },
     /// A path the commit would change was changed in the workspace by someone else since the
-    /// run first read or staged it: the commit is refused before its commit point (nothing is
+    /// run last read it there (before staging it) or staged it: the commit is refused before its commit point (nothing is
     /// applied), so that other change is not silently overwritten.
     #[error(
-        "{path:?} changed in the workspace while the run worked on it: it was {} when the run first read or staged it and is {} now, so that change is kept and the commit is refused before anything is applied",
+        "{path:?} changed in the workspace while the run worked on it: it was {} when the run last read it there or staged it and is {} now, so that change is kept and the commit is refused before anything is applied",
         state_text(seen),
         state_text(now)
     )]
     Conflict {
         /// The workspace path.
         path: String,
-        /// Its content when the run first looked at it (`None`: absent).
+        /// Its content when the run last looked at it (`None`: absent).
         seen: Option<FileState>,
         /// Its content now.
         now: Option<FileState>,
@@ -414,8 +414,9 @@ pub struct Stage {
     run: RunId,
     ops: Vec<StagedOp>,
     view: BTreeMap<String, Staged>,
-    /// Each path's content in the workspace when the run first read or staged it (`None`:
-    /// absent), to refuse a commit over someone else's change made since ([`Stage::prepare`]).
+    /// Each path's content in the workspace when the run last read it there in full (before
+    /// staging it), or else when it first staged it (`None`: absent), to refuse a commit over
+    /// someone else's change made since ([`Stage::prepare`]).
     /// Kept in memory; a stage rebuilt from its ops after a restart is told them again from
     /// the record ([`Stage::remember_seen`]).
     seen: std::sync::Mutex<BTreeMap<String, Option<FileState>>>,
@@ -539,7 +540,7 @@ impl Stage {
         self.ops.push(op);
     }
 
-    /// Note the workspace's content at `path` as the run first sees it, unless already noted.
+    /// Note the workspace's content at `path` as the run stages it, unless already noted.
     /// (A path it cannot state, a parent that is a file say, is left unnoted: the commit
     /// checks it again anyway.)
     fn note_seen(&self, path: &str) {
@@ -551,7 +552,7 @@ impl Stage {
         }
     }
 
-    /// Note what the run first saw at `path` (`None`: absent), as the record of an earlier
+    /// Note what the run saw at `path` (`None`: absent), as the record of an earlier
     /// process says (a read's digest, a staged op's [`StagedEffect::seen`]), unless already
     /// noted: a stage rebuilt after a restart then refuses a commit over a change made while
     /// the run was stopped.
@@ -559,13 +560,22 @@ impl Stage {
         self.seen_is(path, state);
     }
 
-    /// What the run first saw at `path` in the workspace (`Some(None)`: absent), if noted.
+    /// What the run saw at `path` in the workspace (`Some(None)`: absent), if noted: what it
+    /// last read there before staging it, or else what was there when it staged it.
     pub fn seen_of(&self, path: &str) -> Option<Option<FileState>> {
         self.lock_seen().get(path).copied()
     }
 
     fn seen_is(&self, path: &str, state: Option<FileState>) {
         self.lock_seen().entry(path.to_string()).or_insert(state);
+    }
+
+    /// The run read `path` from the workspace in full (`None`: found nothing there), so it
+    /// has seen what is there now, whatever it saw before: an edit it read (an operator's, made
+    /// while the run was suspended, say) is no change made behind its back. Reads of a path
+    /// already staged see the stage, not the workspace, and change nothing here.
+    fn saw(&self, path: &str, state: Option<FileState>) {
+        self.lock_seen().insert(path.to_string(), state);
     }
 
     fn lock_seen(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Option<FileState>>> {
@@ -777,7 +787,7 @@ impl Stage {
                         // Seen absent: a file someone adds before the run writes its own there
                         // is a change the commit must not overwrite unseen.
                         if matches!(e, FsError::NotFound { .. }) {
-                            self.seen_is(path, None);
+                            self.saw(path, None);
                         }
                         return Err(e.into());
                     }
@@ -789,7 +799,7 @@ impl Stage {
         // The digest the evidence took: the content is hashed once.
         if let (false, false, Some(out)) = (staged, truncated, evidence.outputs.first()) {
             let digest = out.digest;
-            self.seen_is(path, Some(FileState { digest, size }));
+            self.saw(path, Some(FileState { digest, size }));
         }
         Ok(FileRead {
             evidence,
@@ -1023,7 +1033,7 @@ impl Stage {
     }
 
     /// What a commit would apply, checked before its commit point: the diff ([`Stage::diff`]),
-    /// refused if a path changed in the workspace since the run first read or staged it
+    /// refused if a path changed in the workspace since the run last read it or staged it
     /// ([`StageError::Conflict`]), or if something other than a file stands where a write's
     /// temporary goes. An error here leaves the workspace and the stage as they were.
     pub fn prepare(&self) -> Result<Vec<Change>, StageError> {

@@ -481,7 +481,7 @@ fn staged_performed(path: &str, staged: ice_effects::StagedEffect, bytes: u64) -
         "bytes": bytes,
         "evidence": staged.evidence.to_json(),
     }));
-    // What the run first saw there: a stage rebuilt from the record checks the commit against
+    // What the run saw there: a stage rebuilt from the record checks the commit against
     // it as the live one does.
     if let Some(seen) = staged.seen {
         payload.insert("seen".into(), crate::books::seen_json(seen));

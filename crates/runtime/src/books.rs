@@ -71,13 +71,15 @@ pub struct Books {
     /// Denials that refused what the agent asked for (the policy, a grant, an operator's
     /// denial, confinement, the budget, …): what `[budget] denials` limits. Not an effect that
     /// failed or whose outcome is unknown, an approval nobody answered, or one the runtime
-    /// closed (a kill, an interruption, the agent's withdrawal), even after an operator
-    /// granted it.
+    /// closed (a kill, an interruption, the agent's withdrawal, its expiry), even after an
+    /// operator granted it.
     pub refusals: u64,
-    /// What the run first saw at each workspace path it read (in full, from the workspace) or
-    /// staged (`None`: absent), from `FileRead`, `EffectStaged` and the `CapabilityDenied` of a
-    /// read that found no file (`seen: "absent"`): a stage rebuilt after a
-    /// restart refuses a commit over a change made meanwhile, as the live one does.
+    /// What the run saw at each workspace path: its last full read from the workspace
+    /// (`FileRead`, or the `CapabilityDenied` of a read that found no file, `seen: "absent"`),
+    /// which comes before the path is staged (a staged path is read from the stage), or else
+    /// what was there when it staged it (`EffectStaged`'s `seen`; `None`: absent). A stage
+    /// rebuilt after a restart refuses a commit over a change made meanwhile, as the live one
+    /// does; an edit the run read (an operator's, while it was suspended) is no such change.
     pub seen: std::collections::BTreeMap<String, Option<ice_effects::FileState>>,
     /// Number of reservations made (for the next id).
     pub reservations: u64,
@@ -248,7 +250,7 @@ impl Books {
                     && let Ok(d) = ice_authority::CapabilityDeniedPayload::from_payload(&e.payload)
                     && let Some(ice_authority::Resource::Path(p)) = d.resource
                 {
-                    self.seen.entry(p).or_insert(None);
+                    self.seen.insert(p, None);
                 }
                 // An approval no operator answered, closed by the runtime (timed out, the
                 // wall-time budget ran out, a kill, an interruption, a withdrawal), is no
@@ -277,6 +279,7 @@ impl Books {
                                 | "outcome_unknown"
                                 | "run_not_executing"
                                 | "approval_timeout"
+                                | "approval_expired"
                         )
                     );
                 if refused {
@@ -313,7 +316,7 @@ impl Books {
             }
             EventType::FileRead => {
                 if let Some((path, state)) = read_seen(&e.payload) {
-                    self.seen.entry(path).or_insert(Some(state));
+                    self.seen.insert(path, Some(state));
                 }
             }
             EventType::EffectStaged => {

@@ -1319,7 +1319,10 @@ impl Runtime {
 pub struct Session<'a> {
     pub(crate) ctx: Ctx<'a>,
     agent: String,
+    /// How the run stopped, once it did (a kill, a budget, an interruption, a suspension).
     stopped: std::sync::Mutex<Option<RunOutcome>>,
+    /// No new proposal is taken: the run stopped, or a call exhausted a budget and the run
+    /// stops once the calls in flight end.
     stopping: std::sync::atomic::AtomicBool,
 }
 
@@ -1446,8 +1449,14 @@ impl Session<'_> {
                     loop {
                         let mut live = self.ctx.live.lock().await;
                         if live.in_flight == 0 {
-                            let stop = self.ctx.exhausted(&mut live, why).await?;
-                            self.stop(stop, live.books.state());
+                            // Another proposal's checks may have stopped the run meanwhile (a
+                            // kill, the wall-time budget): it is not stopped a second time.
+                            let open = self.stopped.lock().map(|s| s.is_none()).unwrap_or(false)
+                                && live.books.state() == RunState::Executing;
+                            if open {
+                                let stop = self.ctx.exhausted(&mut live, why).await?;
+                                self.stop(stop, live.books.state());
+                            }
                             break;
                         }
                         drop(live);
@@ -1508,6 +1517,16 @@ impl Session<'_> {
         let stopped = self.stopped.lock().ok().and_then(|mut s| s.take());
         let outcome = match stopped {
             Some(o) => o,
+            // A budget ran out and its stop could not be recorded (the log refused the
+            // append): the run is not committed; it stays open for a restart's recovery.
+            None if self.stopping.load(std::sync::atomic::Ordering::SeqCst) => {
+                let state = self.ctx.live.lock().await.books.state();
+                return Err(RuntimeError::State {
+                    run: self.ctx.run.to_string(),
+                    state,
+                    what: "a budget ran out and the run's stop could not be recorded: it is not committed".into(),
+                });
+            }
             None => self.ctx.finish().await?,
         };
         self.into_report(outcome).await

@@ -454,11 +454,12 @@ async fn a_run_with_a_second_recorded_answer_does_not_hide_other_runs_approvals(
 /// waiting on it took the answer) closes the call with an `approval_denied` denial naming an
 /// approval the operator granted, and the run counted that as one of the agent's refusals (what
 /// `[budget] denials` limits): nobody refused the agent anything. Each round answers and kills
-/// back to back; the waiting call sees the kill first in most rounds (it looks every 50 ms).
+/// back to back; the waiting call sees the kill first in most rounds (it looks every 50 ms),
+/// and in one at least, or the test proves nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_kill_right_after_an_operator_granted_counts_no_refusal() {
     let mut closed_after_grant = 0;
-    for round in 0..4 {
+    for round in 0..8 {
         let f = fixture(&format!("granted-then-killed-{round}"));
         let session =
             f.rt.open_session(f.spec.clone(), "coder", &Quiet)
@@ -480,5 +481,8 @@ async fn a_kill_right_after_an_operator_granted_counts_no_refusal() {
         let replayed = Books::fold(f.run.clone(), events(&f.rt, &f.run).await.iter()).unwrap();
         assert_eq!(replayed.refusals, 0);
     }
-    eprintln!("{closed_after_grant} of 4 rounds closed the call after the grant");
+    assert!(
+        closed_after_grant > 0,
+        "no round saw the kill before the grant"
+    );
 }

@@ -518,6 +518,79 @@ repeat = 2
     }
 }
 
+/// The other side: an operator who edits a file while the run is suspended, and whose edit the
+/// resumed run reads before writing the file, is no change behind its back: the run saw it,
+/// and its commit goes through (it used to be refused, the first read's content winning). Not
+/// re-read, the same edit still refuses the commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_run_that_reads_an_operators_edit_before_writing_commits() {
+    let h = H::new(POLICY);
+    for (id, reread, commits) in [
+        ("reread", "hello.txt", true),
+        ("not-reread", "config.toml", false),
+    ] {
+        let plan = format!(
+            r#"
+[[step]]
+intent = "read"
+capability = "fs.read"
+target = "hello.txt"
+
+[[step]]
+intent = "the budget stops the run here"
+capability = "fs.read"
+target = "config.toml"
+
+[[step]]
+intent = "look again"
+capability = "fs.read"
+target = "{reread}"
+
+[[step]]
+intent = "rewrite"
+capability = "fs.write"
+target = "hello.txt"
+arguments = {{ content = "the agent's\n" }}
+"#
+        );
+        std::fs::write(h.ws.join("hello.txt"), "hello\n").unwrap();
+        let (spec, mut agent) = h.spec(
+            id,
+            "coder",
+            "[budget]\ntool_calls = 1\non_exhaustion = \"suspend\"\n",
+            &plan,
+        );
+        let report = h.run(spec, &mut agent).await;
+        assert_eq!(report.state, RunState::Suspended, "{report:?}");
+        std::fs::write(h.ws.join("hello.txt"), "an operator's fix\n").unwrap();
+        let report = reconfigure_and_resume(&h, id, "tool_calls = 10", &plan).await;
+        if commits {
+            assert_eq!(report.outcome, RunOutcome::Committed, "{report:?}");
+            assert_eq!(h.read("hello.txt"), "the agent's\n");
+            // The record says what it saw last, and a fold of it agrees.
+            let events = h.events(id).await;
+            let reads = of_type(&events, EventType::FileRead);
+            let last = reads
+                .iter()
+                .rev()
+                .find(|e| e.payload["path"] == "hello.txt")
+                .unwrap();
+            assert_eq!(
+                last.payload["digest"],
+                ice_kernel::Digest::of(b"an operator's fix\n").to_hex()
+            );
+            let books = Books::fold(RunId::new(id).unwrap(), events.iter()).unwrap();
+            assert_eq!(
+                books.seen["hello.txt"].map(|s| s.digest),
+                Some(ice_kernel::Digest::of(b"an operator's fix\n"))
+            );
+        } else {
+            refused_over(&report, "hello.txt");
+            assert_eq!(h.read("hello.txt"), "an operator's fix\n");
+        }
+    }
+}
+
 /// Record an operator's reconfiguration of suspended run `id` giving it `budget` (keys of
 /// `[budget]`), and resume it with `plan` (the plan driver goes on where the run stopped).
 async fn reconfigure_and_resume(h: &H, id: &str, budget: &str, plan: &str) -> RunReport {

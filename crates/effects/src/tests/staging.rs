@@ -802,8 +802,8 @@ fn a_directory_where_a_commit_temporary_goes_refuses_the_commit_before_anything_
 }
 
 /// The probe's finding: someone else's edit made while the run worked was overwritten by the
-/// commit with nothing to show it. A path changed since the run first read or staged it
-/// refuses the commit before its commit point.
+/// commit with nothing to show it. A path changed since the run last read it (before
+/// staging it) or staged it refuses the commit before its commit point.
 #[test]
 fn a_commit_over_a_change_made_since_the_run_looked_is_refused_and_applies_nothing() {
     // Changed after the run read it (and before it wrote it).
@@ -869,6 +869,35 @@ fn a_commit_over_a_change_made_since_the_run_looked_is_refused_and_applies_nothi
     stage.commit().unwrap();
     assert_eq!(std::fs::read(s.ws.join("a.txt")).unwrap(), b"new a");
     assert_eq!(std::fs::read(s.ws.join("b.txt")).unwrap(), b"human edit");
+
+    // An edit the run read again before writing is no change behind its back: the last read
+    // before staging is what the commit checks against (an absent file found later too).
+    let (s, mut stage) = setup();
+    stage.read(&read("a.txt"), "a.txt", 100).unwrap();
+    assert!(stage.read(&read("late.txt"), "late.txt", 100).is_err());
+    std::fs::write(s.ws.join("a.txt"), b"human edit").unwrap();
+    std::fs::write(s.ws.join("late.txt"), b"theirs").unwrap();
+    let again = stage.read(&read("a.txt"), "a.txt", 100).unwrap();
+    assert_eq!(again.content, b"human edit");
+    stage.read(&read("late.txt"), "late.txt", 100).unwrap();
+    stage.write(&write("a.txt"), "a.txt", b"mine").unwrap();
+    stage
+        .write(&write("late.txt"), "late.txt", b"mine too")
+        .unwrap();
+    // Once staged, a read sees the stage: an edit made after it is a change all the same.
+    stage.read(&read("a.txt"), "a.txt", 100).unwrap();
+    stage.commit().unwrap();
+    assert_eq!(std::fs::read(s.ws.join("a.txt")).unwrap(), b"mine");
+    assert_eq!(std::fs::read(s.ws.join("late.txt")).unwrap(), b"mine too");
+    let (s, mut stage) = setup();
+    stage.read(&read("a.txt"), "a.txt", 100).unwrap();
+    stage.write(&write("a.txt"), "a.txt", b"mine").unwrap();
+    std::fs::write(s.ws.join("a.txt"), b"human edit").unwrap();
+    stage.read(&read("a.txt"), "a.txt", 100).unwrap();
+    assert!(matches!(
+        stage.prepare().unwrap_err(),
+        StageError::Conflict { .. }
+    ));
 }
 
 /// Recovery completes a commit past its commit point whatever is found; what it replaced is
