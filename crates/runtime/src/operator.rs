@@ -1487,11 +1487,17 @@ impl Session<'_> {
     }
 
     async fn stopped_error(&self) -> RuntimeError {
+        self.state_error("the run has stopped taking proposals")
+            .await
+    }
+
+    /// `what` of the run, in the state it is in now.
+    async fn state_error(&self, what: &str) -> RuntimeError {
         let state = self.ctx.live.lock().await.books.state();
         RuntimeError::State {
             run: self.ctx.run.to_string(),
             state,
-            what: "the run has stopped taking proposals".into(),
+            what: what.into(),
         }
     }
 
@@ -1520,12 +1526,11 @@ impl Session<'_> {
             // A budget ran out and its stop could not be recorded (the log refused the
             // append): the run is not committed; it stays open for a restart's recovery.
             None if self.stopping.load(std::sync::atomic::Ordering::SeqCst) => {
-                let state = self.ctx.live.lock().await.books.state();
-                return Err(RuntimeError::State {
-                    run: self.ctx.run.to_string(),
-                    state,
-                    what: "a budget ran out and the run's stop could not be recorded: it is not committed".into(),
-                });
+                return Err(self
+                    .state_error(
+                        "a budget ran out and the run's stop could not be recorded: it is not committed",
+                    )
+                    .await);
             }
             None => self.ctx.finish().await?,
         };
