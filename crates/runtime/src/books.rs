@@ -257,19 +257,23 @@ impl Books {
                 // refusal of the agent's; an operator's denial is. Nor is an approval an
                 // operator granted that the runtime closed all the same (a kill recorded
                 // before the waiting call took the answer): its code is `approval_denied`,
-                // and nobody denied it.
+                // and nobody denied it. Nor a call an operator granted that the policy,
+                // changed while the operator was asked, no longer lets through (it denies the
+                // call, or no longer loads and the run is suspended): `policy_denied`, and the
+                // agent asked for what was allowed when it asked.
                 let named = approval_named(e);
                 let unanswered = named
                     .as_ref()
                     .is_some_and(|a| !self.answers.contains_key(a));
-                let closed_after_grant = e.payload.get("reason").and_then(Value::as_str)
-                    == Some("approval_denied")
-                    && named.as_ref().is_some_and(|a| {
-                        matches!(
-                            self.approvals.get(a).map(|x| &x.status),
-                            Some(ice_authority::ApprovalStatus::Granted { .. })
-                        )
-                    });
+                let closed_after_grant = matches!(
+                    e.payload.get("reason").and_then(Value::as_str),
+                    Some("approval_denied" | "policy_denied")
+                ) && named.as_ref().is_some_and(|a| {
+                    matches!(
+                        self.approvals.get(a).map(|x| &x.status),
+                        Some(ice_authority::ApprovalStatus::Granted { .. })
+                    )
+                });
                 let refused = !unanswered
                     && !closed_after_grant
                     && !matches!(

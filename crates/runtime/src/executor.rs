@@ -2529,6 +2529,12 @@ impl Ctx<'_> {
         if let Some(why) = self.rt.interrupts.take(&self.run) {
             return self.interrupted(live, &why).await;
         }
+        // The policy in force when the run ends, whatever the poll's schedule: files that no
+        // longer load, or a change the run assumed would not happen, suspend it rather than
+        // let it commit; a new policy is taken on (and recorded) before validation.
+        if let Some(stop) = self.policy_check(live).await? {
+            return Ok(stop);
+        }
         // What is validated and committed is what the log says was staged. They differ only
         // when a write's record failed in a way that may still have stored it (a lost answer:
         // the live stage forgot the write, the log has it): the stage is rebuilt from the log.

@@ -461,6 +461,14 @@ async fn a_call_approved_after_the_policy_came_to_forbid_it_is_not_made() {
     assert!(granted < reloaded && reloaded < denied, "{events:#?}");
     let denial = of_type(&events, EventType::CapabilityDenied)[0];
     assert_eq!(denial.payload["policies"], serde_json::json!(["no-http"]));
+    // The operator granted what the agent asked for: the refusal is not the agent's.
+    let run = ice_kernel::RunId::new("edited-wait").unwrap();
+    assert_eq!(
+        ice_runtime::Books::fold(run, events.iter())
+            .unwrap()
+            .refusals,
+        0
+    );
     let replay =
         h.rt.replay(&ice_kernel::RunId::new("edited-wait").unwrap())
             .await
@@ -538,6 +546,90 @@ async fn two_calls_approved_after_the_policy_came_to_forbid_them_are_both_refuse
     assert!(of_type(&events, EventType::CapabilityGranted).is_empty());
     assert!(of_type(&events, EventType::APIRequestExecuted).is_empty());
     assert_eq!(of_type(&events, EventType::PolicyReloaded).len(), 1);
+}
+
+/// The finding: a call an operator approved while the policy files came to no longer load was
+/// refused as `policy_denied` and counted as one of the agent's refusals, so a run whose budget
+/// allows one refusal ended budget-exhausted instead of being suspended for the operator to fix
+/// the files. The call is still refused; the agent is not charged; the run is suspended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_approved_while_the_policy_stopped_loading_suspends_the_run_and_charges_nobody() {
+    let h = H::new(POLICY);
+    let port = ok_endpoint();
+    let run = ice_kernel::RunId::new("broken-wait").unwrap();
+    let session = session(
+        &h,
+        "broken-wait",
+        "[approvals]\ntimeout = \"60s\"\n\n[budget]\ndenials = 1\n",
+    )
+    .await;
+    let call = slow_get(port);
+    let outcome = {
+        let asked = session.propose(&call);
+        tokio::pin!(asked);
+        let approval = tokio::select! {
+            r = &mut asked => panic!("decided without an operator: {r:?}"),
+            a = pending(&h.rt, &run) => a,
+        };
+        std::fs::write(
+            h.policies.join("p.cedar"),
+            "permit(principal, action, resource",
+        )
+        .unwrap();
+        h.rt.answer_approval(&approval, "alice", true, "")
+            .await
+            .unwrap();
+        asked.await.unwrap()
+    };
+    let Some(Outcome::Denied { reason, detail, .. }) = &outcome else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(reason, "policy_denied", "{detail}");
+    assert!(detail.contains("no longer loads"), "{detail}");
+    // The run is suspended for the policy, not stopped for the agent's refusals.
+    match session.finish().await {
+        Ok(report) => assert!(
+            matches!(&report.outcome, ice_runtime::RunOutcome::Suspended { .. }),
+            "{report:?}"
+        ),
+        Err(e) => panic!("{e}"),
+    }
+    let events = h.events("broken-wait").await;
+    let suspended = of_type(&events, EventType::RunSuspended);
+    assert_eq!(suspended.len(), 1, "{events:#?}");
+    assert_eq!(suspended[0].payload["reason"], "policy_invalid");
+    assert!(of_type(&events, EventType::RunTerminatedByRuntime).is_empty());
+    assert!(of_type(&events, EventType::RunAborted).is_empty());
+    assert!(of_type(&events, EventType::APIRequestExecuted).is_empty());
+    let books = ice_runtime::Books::fold(run, events.iter()).unwrap();
+    assert_eq!(books.refusals, 0);
+}
+
+/// The same review: finishing did not look at the policy files (only the checks between steps
+/// did, on their 100 ms schedule), so a run that assumed the policy would not change, edited
+/// just before the run finished, was validated against the policy it had loaded and committed.
+/// Finishing takes the policy in force as any step does: here the run is suspended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_finished_right_after_a_policy_edit_it_assumed_away_is_suspended() {
+    let h = H::new(POLICY);
+    let session = session(&h, "assumed", "[[assume]]\npolicy_version = \"current\"\n").await;
+    let staged = session.propose(&write("a.txt")).await.unwrap();
+    assert!(matches!(staged, Some(Outcome::Done { .. })), "{staged:?}");
+    std::fs::write(
+        h.policies.join("p.cedar"),
+        format!("{POLICY}\n@id(\"extra\")\nforbid(principal, action == Action::\"fs.delete\", resource);\n"),
+    )
+    .unwrap();
+    let report = session.finish().await.unwrap();
+    assert!(
+        matches!(&report.outcome, ice_runtime::RunOutcome::Suspended { .. }),
+        "{report:?}"
+    );
+    let events = h.events("assumed").await;
+    let suspended = of_type(&events, EventType::RunSuspended);
+    assert_eq!(suspended[0].payload["reason"], "assumption_invalidated");
+    assert!(of_type(&events, EventType::RunCommitted).is_empty());
+    assert!(!h.ws.join("a.txt").exists());
 }
 
 /// The finding: a proposal that passed the open check while another proposal's checks were
