@@ -1174,13 +1174,15 @@ impl SignedRecord {
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(std::path::Path::new("."));
+        let name = self
+            .path
+            .file_name()
+            .map_or_else(|| "record".into(), |n| n.to_string_lossy());
+        sweep_stale_writes(dir, &name);
         // A name of its own per write: signers in one process (a server's) may keep at once.
         static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let temp = dir.join(format!(
-            ".{}.{}.{}",
-            self.path
-                .file_name()
-                .map_or_else(|| "record".into(), |n| n.to_string_lossy()),
+            ".{name}.{}.{}",
             std::process::id(),
             WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
@@ -1265,6 +1267,33 @@ struct Remembered {
 
 /// Runs a [`SignerMemory`] keeps at most (beyond that it starts again from the log).
 const REMEMBERED_RUNS: usize = 100_000;
+
+/// Remove what a signer that stopped half way through keeping a record left (`.NAME.PID.N`,
+/// written aside and not yet renamed into place: a process killed in between). Called with the
+/// record's lock held, which every writer of the record holds from writing aside to renaming:
+/// whatever of that form is there now, no writer will rename. Best effort: what cannot be
+/// removed only stays.
+fn sweep_stale_writes(dir: &std::path::Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!(".{name}.");
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let ours = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|rest| rest.split_once('.'))
+            .is_some_and(|(pid, n)| {
+                [pid, n]
+                    .iter()
+                    .all(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            });
+        if ours {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
 
 /// [`verify_tail`], starting from the heads `memory` kept when it signed the latest checkpoint
 /// ([`sign_checkpoint_with`] keeps them).

@@ -311,6 +311,35 @@ async fn a_signer_keeps_each_checkpoint_it_signs_and_stops_on_a_record_it_cannot
     assert_eq!(fx.log().checkpoints().await.unwrap().len(), 2);
 }
 
+/// A signer killed between writing its record aside and renaming it into place leaves the
+/// copy (`.last-checkpoint.PID.N`); the next signer to keep the record (holding the record's
+/// lock, as every writer does until its rename) removes it, and nothing else.
+#[tokio::test(flavor = "multi_thread")]
+async fn keeping_a_record_removes_what_a_killed_signer_left_aside() {
+    let fx = Fixture::new();
+    fx.ledger.append(&run_id("a"), opening()).await.unwrap();
+    let path = fx.dir.path().join("last-checkpoint");
+    let left = fx.dir.path().join(".last-checkpoint.4242.7");
+    let others = [
+        ".last-checkpoint.notes",
+        ".last-checkpoint.12.x",
+        ".other.4242.7",
+    ]
+    .map(|n| fx.dir.path().join(n));
+    for p in others.iter().chain([&left]) {
+        std::fs::write(p, "x").unwrap();
+    }
+    let memory = SignerMemory::keeping(SignedRecord::at(&path));
+    let signed = sign_checkpoint_with(fx.log(), &signer(), Some(&memory))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), signed.note);
+    assert!(!left.exists(), "the copy left aside is still there");
+    for p in &others {
+        assert!(p.exists(), "{} was removed", p.display());
+    }
+}
+
 #[tokio::test]
 async fn a_signer_waits_for_another_process_keeping_the_record() {
     // Another process (here a thread holding the same file lock) is keeping a checkpoint: the
