@@ -55,7 +55,7 @@ use crate::limits::{MAX_JOURNAL_BYTES, MAX_STAGED_FILE_BYTES};
 use crate::workspace::{
     Confinement, ConfinementError, Entry, EntryKind, FileRead, FileState, FsError, Listing, Stat,
     Workspace, authorize_stat, check_unreserved, dir_segments, file_segments, hash_reader,
-    read_evidence,
+    read_evidence, whole_read,
 };
 
 const OBJECTS: &str = "objects";
@@ -570,11 +570,12 @@ impl Stage {
         self.lock_seen().entry(path.to_string()).or_insert(state);
     }
 
-    /// The run read `path` from the workspace in full (`None`: found nothing there), so it
-    /// has seen what is there now, whatever it saw before: an edit it read (an operator's, made
-    /// while the run was suspended, say) is no change made behind its back. Reads of a path
-    /// already staged see the stage, not the workspace, and change nothing here.
-    fn saw(&self, path: &str, state: Option<FileState>) {
+    /// The run was shown `path` read from the workspace in full ([`FileRead::seen`]; `None`:
+    /// it was told nothing is there), so it has seen what is there now, whatever it saw before:
+    /// an edit it read (an operator's, made while the run was suspended, say) is no change made
+    /// behind its back. [`Stage::read`] does not note it itself: the caller does, once the
+    /// read is on record and its output shown (a read nobody saw changes nothing here).
+    pub fn saw(&self, path: &str, state: Option<FileState>) {
         self.lock_seen().insert(path.to_string(), state);
     }
 
@@ -781,32 +782,23 @@ impl Stage {
                 (content, state.size, truncated, true)
             }
             None => {
-                let (content, size, truncated) = match self.workspace.read_file(path, limit) {
-                    Ok(read) => read,
-                    Err(e) => {
-                        // Seen absent: a file someone adds before the run writes its own there
-                        // is a change the commit must not overwrite unseen.
-                        if matches!(e, FsError::NotFound { .. }) {
-                            self.saw(path, None);
-                        }
-                        return Err(e.into());
-                    }
-                };
+                // Found nothing: once the run is told so, the caller notes the path seen
+                // absent ([`Stage::saw`]): a file someone adds before the run writes its own
+                // there is a change the commit must not overwrite unseen.
+                let (content, size, truncated) = self.workspace.read_file(path, limit)?;
                 (content, size, truncated, false)
             }
         };
         let evidence = read_evidence(auth, path, &content, size, truncated, staged);
         // The digest the evidence took: the content is hashed once.
-        if let (false, false, Some(out)) = (staged, truncated, evidence.outputs.first()) {
-            let digest = out.digest;
-            self.saw(path, Some(FileState { digest, size }));
-        }
+        let seen = whole_read(&evidence, size, truncated, staged);
         Ok(FileRead {
             evidence,
             path: path.to_string(),
             content,
             size,
             truncated,
+            seen,
         })
     }
 

@@ -60,6 +60,28 @@ pub struct Performed {
     pub payload: Map<String, Value>,
     pub output: Value,
     pub actual: Cost,
+    /// A whole file read from the workspace: its path and what was there. The stage is told
+    /// (`Stage::saw`) once the read is recorded and its output shown, not before.
+    pub seen: Option<(String, ice_effects::FileState)>,
+}
+
+/// A filesystem effect that did not take place: the denial's code and detail, and whether it
+/// was a read that found no file there (the stage is told the path was seen absent once the
+/// denial is recorded, and the denial says so).
+pub struct FsFailed {
+    pub code: DenialCode,
+    pub detail: String,
+    pub found_nothing: bool,
+}
+
+impl From<(DenialCode, String)> for FsFailed {
+    fn from((code, detail): (DenialCode, String)) -> FsFailed {
+        FsFailed {
+            code,
+            detail,
+            found_nothing: false,
+        }
+    }
 }
 
 /// Resolve the agent's target for its capability into a checked resource.
@@ -387,11 +409,22 @@ pub fn perform_fs(
     target: &Target,
     arguments: &Value,
     reserved: &Cost,
-) -> Result<Performed, (DenialCode, String)> {
+) -> Result<Performed, FsFailed> {
     let stage = staging.get()?;
     match (auth.capability(), target) {
         ("fs.read", Target::Path(p)) => {
-            let read = stage.read(auth, p, reserved.bytes).map_err(fs_refusal)?;
+            let read = stage.read(auth, p, reserved.bytes).map_err(|e| {
+                let found_nothing = matches!(
+                    e,
+                    ice_effects::StageError::Fs(ice_effects::FsError::NotFound { .. })
+                );
+                let (code, detail) = fs_refusal(e);
+                FsFailed {
+                    code,
+                    detail,
+                    found_nothing,
+                }
+            })?;
             let n = read.content.len() as u64;
             // The evidence has hashed the content already.
             let digest = read
@@ -420,6 +453,7 @@ pub fn perform_fs(
                     bytes: n,
                     ..Cost::default()
                 },
+                seen: read.seen.map(|state| (p.clone(), state)),
             })
         }
         ("fs.list", Target::Dir(d)) => {
@@ -444,6 +478,7 @@ pub fn perform_fs(
                 payload,
                 output: Value::Object(output),
                 actual: Cost::default(),
+                seen: None,
             })
         }
         ("fs.write", Target::Path(p)) => {
@@ -451,8 +486,9 @@ pub fn perform_fs(
             let Some(content) = arguments.get("content").and_then(Value::as_str) else {
                 return Err((
                     DenialCode::InvalidTarget,
-                    "fs.write: `content` is required and must be a string".into(),
-                ));
+                    "fs.write: `content` is required and must be a string".to_string(),
+                )
+                    .into());
             };
             let content = content.as_bytes();
             let staged = stage.write(auth, p, content).map_err(fs_refusal)?;
@@ -465,7 +501,8 @@ pub fn perform_fs(
         (cap, _) => Err((
             DenialCode::EffectFailed,
             format!("{cap} is not a filesystem capability"),
-        )),
+        )
+            .into()),
     }
 }
 
@@ -494,6 +531,7 @@ fn staged_performed(path: &str, staged: ice_effects::StagedEffect, bytes: u64) -
             bytes,
             ..Cost::default()
         },
+        seen: None,
     }
 }
 
@@ -621,6 +659,7 @@ fn unanswered(
             bytes: (body.len() as u64).min(reserved.bytes),
             ..Cost::default()
         },
+        seen: None,
     }
 }
 
@@ -736,6 +775,7 @@ pub async fn perform_remote(
                     bytes: n.min(reserved.bytes),
                     ..Cost::default()
                 },
+                seen: None,
             })
         }
         (cap, _) => Err((
@@ -811,6 +851,7 @@ pub async fn perform_tool(
                     bytes: (sent + out.bytes as u64).min(reserved.bytes),
                     ..Cost::default()
                 },
+                seen: None,
             })
         }
         Err(ToolCallError::Authorization(e)) if is_constraint(&e) => {
@@ -847,6 +888,7 @@ pub async fn perform_tool(
                     bytes: sent.min(reserved.bytes),
                     ..Cost::default()
                 },
+                seen: None,
             })
         }
     }
@@ -957,6 +999,7 @@ pub async fn perform_exec(
             bytes: n,
             ..Cost::default()
         },
+        seen: None,
     })
 }
 

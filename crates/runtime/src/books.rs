@@ -72,10 +72,11 @@ pub struct Books {
     /// denial, confinement, the budget, …): what `[budget] denials` limits. Not an effect that
     /// failed or whose outcome is unknown, an approval nobody answered, or one the runtime
     /// closed (a kill, an interruption, the agent's withdrawal, its expiry), even after an
-    /// operator granted it.
+    /// operator granted it, nor a call an operator granted that the policy, changed while the
+    /// operator was asked, then refused.
     pub refusals: u64,
     /// What the run saw at each workspace path: its last full read from the workspace
-    /// (`FileRead`, or the `CapabilityDenied` of a read that found no file, `seen: "absent"`),
+    /// (`FileRead`, unless its output was withheld from the agent, or the `CapabilityDenied` of a read that found no file, `seen: "absent"`),
     /// which comes before the path is staged (a staged path is read from the stage), or else
     /// what was there when it staged it (`EffectStaged`'s `seen`; `None`: absent). A stage
     /// rebuilt after a restart refuses a commit over a change made meanwhile, as the live one
@@ -531,6 +532,10 @@ fn seen_from_json(v: &Value) -> Result<Option<ice_effects::FileState>, String> {
 /// What a `FileRead` of a whole file from the workspace saw: its path, digest and size (a
 /// listing, a cut read or a read of the run's own staged content says nothing of it).
 fn read_seen(p: &serde_json::Map<String, Value>) -> Option<(String, ice_effects::FileState)> {
+    // A read whose output was withheld (the log could not carry it) was not shown to the agent.
+    if p.get("is_error").and_then(Value::as_bool) == Some(true) {
+        return None;
+    }
     let file = p.get("evidence")?.get("file")?;
     if file.get("staged")?.as_bool()? || p.get("truncated")?.as_bool()? {
         return None;

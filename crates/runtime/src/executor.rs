@@ -572,6 +572,10 @@ impl Ctx<'_> {
         r: &CapabilityProposal,
         withdrawn: Option<&CancellationToken>,
     ) -> Result<CallEnd, RuntimeError> {
+        // A denial that is no refusal of the agent's (an effect that failed, a call the operator
+        // granted and the policy then refused) does not stop the run, even with the refusals
+        // already at the budget (a run resumed without raising it): only one that counts does.
+        let refusals_before = self.live.lock().await.books.refusals;
         let mut end = self.decide_and_act(agent, r, withdrawn).await?;
         if end.exhausted.is_none()
             && matches!(end.outcome, Outcome::Denied { .. })
@@ -579,6 +583,7 @@ impl Ctx<'_> {
         {
             let live = self.live.lock().await;
             if let Some(max) = live.spec.budget.denials
+                && live.books.refusals > refusals_before
                 && live.books.refusals >= max
                 && live.books.kill.is_none()
                 && !self.rt.interrupts.marked(&self.run)
@@ -1182,6 +1187,10 @@ impl Ctx<'_> {
             let performed = act::perform_fs(&mut live.stage, &auth, target, &r.arguments, &amount);
             let wall = started.elapsed().as_micros() as u64;
             let settle = |actual: Cost| settle_draft(&reservation, actual, &req);
+            // What the run is shown of the workspace, noted by the stage once it is recorded
+            // (the commit checks against it): not before, and not a read whose output is
+            // withheld, which the agent did not see.
+            let mut shown: Option<(String, Option<ice_effects::FileState>)> = None;
             // f. The effect and the settlement (or the failure, settled at the call's fixed
             //    cost, and its denial), in the same batch.
             let (effect_index, outcome) = match performed {
@@ -1190,6 +1199,8 @@ impl Ctx<'_> {
                     p.payload.insert("output".into(), p.output.clone());
                     if let Some(why) = &withheld {
                         withhold(&mut p, why);
+                    } else {
+                        shown = p.seen.take().map(|(path, state)| (path, Some(state)));
                     }
                     let actual = Cost {
                         tool_calls: amount.tool_calls,
@@ -1210,7 +1221,11 @@ impl Ctx<'_> {
                     };
                     (Some(drafts.len() - 2), outcome)
                 }
-                Err((code, detail)) => {
+                Err(act::FsFailed {
+                    code,
+                    detail,
+                    found_nothing,
+                }) => {
                     drafts.push(settle(Cost {
                         tool_calls: amount.tool_calls,
                         ..Cost::default()
@@ -1221,10 +1236,10 @@ impl Ctx<'_> {
                     // A read that found no file: what the run saw, for the record (a stage
                     // rebuilt after a restart is told it again).
                     if let Resource::Path(p) = resource
-                        && r.capability == "fs.read"
-                        && live.stage.stage.as_ref().and_then(|s| s.seen_of(p)) == Some(None)
+                        && found_nothing
                     {
                         d.seen = Some("absent".into());
+                        shown = Some((p.clone(), None));
                     }
                     let outcome = Outcome::Denied {
                         request: req.clone(),
@@ -1240,6 +1255,11 @@ impl Ctx<'_> {
             };
             match self.try_append(live, drafts).await {
                 Ok(_) => {
+                    if let Some((path, state)) = shown
+                        && let Some(stage) = live.stage.stage.as_ref()
+                    {
+                        stage.saw(&path, state);
+                    }
                     return Ok(CallEnd {
                         outcome,
                         exhausted: None,
@@ -1473,7 +1493,8 @@ impl Ctx<'_> {
                 }
                 Err(e) => Err(e),
             },
-            _ => act::perform_fs(&mut guard.stage, &auth, target, &r.arguments, &amount),
+            _ => act::perform_fs(&mut guard.stage, &auth, target, &r.arguments, &amount)
+                .map_err(|f| (f.code, f.detail)),
         };
         let live = &mut *guard;
         let wall = started.elapsed().as_micros() as u64;
@@ -2534,6 +2555,11 @@ impl Ctx<'_> {
         // let it commit; a new policy is taken on (and recorded) before validation.
         if let Some(stop) = self.policy_check(live).await? {
             return Ok(stop);
+        }
+        // An assumption that no longer holds suspends the run, at its end as between its steps
+        // (the operator decides), rather than failing its validation.
+        if let Some(why) = self.broken_assumption(live) {
+            return self.suspend(live, "assumption_invalidated", &why).await;
         }
         // What is validated and committed is what the log says was staged. They differ only
         // when a write's record failed in a way that may still have stored it (a lost answer:

@@ -632,6 +632,29 @@ async fn a_run_finished_right_after_a_policy_edit_it_assumed_away_is_suspended()
     assert!(!h.ws.join("a.txt").exists());
 }
 
+/// The review's finding: a file the run assumed unchanged, changed just before it finished,
+/// failed its validation and aborted it (its work lost), where the same change found between
+/// two steps suspends the run for the operator to decide (spec A-004). At the end as between
+/// steps: suspended, nothing applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_finished_right_after_an_assumed_file_changed_is_suspended() {
+    let h = H::new(POLICY);
+    let session = session(&h, "assumed-file", "[[assume]]\nfile = \"config.toml\"\n").await;
+    let staged = session.propose(&write("a.txt")).await.unwrap();
+    assert!(matches!(staged, Some(Outcome::Done { .. })), "{staged:?}");
+    std::fs::write(h.ws.join("config.toml"), "x = 2\n").unwrap();
+    let report = session.finish().await.unwrap();
+    assert!(
+        matches!(&report.outcome, ice_runtime::RunOutcome::Suspended { .. }),
+        "{report:?}"
+    );
+    let events = h.events("assumed-file").await;
+    let suspended = of_type(&events, EventType::RunSuspended);
+    assert_eq!(suspended[0].payload["reason"], "assumption_invalidated");
+    assert!(of_type(&events, EventType::ValidationFailed).is_empty());
+    assert!(!h.ws.join("a.txt").exists());
+}
+
 /// The finding: a proposal that passed the open check while another proposal's checks were
 /// stopping the run (here, on a kill) went on to run the checks again on the stopped run, or,
 /// had its call exhausted a budget, to stop the run a second time. Every proposal made at once

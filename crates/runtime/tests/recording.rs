@@ -349,6 +349,45 @@ async fn a_staged_write_whose_record_fails_never_reaches_the_workspace() {
     assert_eq!(of_type(&all, EventType::EffectApplied).len(), 1);
 }
 
+/// The review's finding: a read noted what the run saw of the workspace while it read, before
+/// its batch was recorded, so a read whose record failed (the agent got an error, not the
+/// content) moved what the commit checks against: an operator's edit it read that way was
+/// overwritten by the run's write, unseen. The stage is told only once the read is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_record_failed_does_not_count_as_seen_at_commit() {
+    let h = H::new(POLICY);
+    let (rt, tap) = tapped(&h);
+    let (spec, _) = h.spec("unseen", "coder", "[grants]\nuses = 5", "");
+    let s = rt.open_session(spec, "coder", &Quiet).await.unwrap();
+    let run = RunId::new("unseen").unwrap();
+    let read = request("fs.read", "hello.txt", json!({}));
+    let (out, _) = call(&s, &tap, &read).await;
+    assert!(matches!(out, Ok(Some(Outcome::Done { .. }))), "{out:?}");
+    // An operator edits the file; the run reads it again, and that read's record fails.
+    std::fs::write(h.ws.join("hello.txt"), "the operator's edit\n").unwrap();
+    *tap.hooks.fail_type.lock().unwrap() = Some(EventType::FileRead.name());
+    let (out, _) = call(&s, &tap, &read).await;
+    assert!(matches!(out, Err(RuntimeError::Append(_))), "{out:?}");
+    // Writing over it, as if on the content it was shown first, is a conflict at commit.
+    let write = request("fs.write", "hello.txt", json!({"content": "mine\n"}));
+    let (out, _) = call(&s, &tap, &write).await;
+    assert!(matches!(out, Ok(Some(Outcome::Done { .. }))), "{out:?}");
+    let all = ice_runtime::read_run(tap.as_ref(), &run).await.unwrap();
+    let staged = of_type(&all, EventType::EffectStaged)[0];
+    assert_eq!(
+        staged.payload["seen"]["digest"],
+        ice_kernel::Digest::of(b"hello\n").to_hex(),
+        "{:?}",
+        staged.payload
+    );
+    let report = s.finish().await.unwrap();
+    assert!(
+        matches!(&report.outcome, RunOutcome::Aborted { reason } if reason.contains("commit was refused")),
+        "{report:?}"
+    );
+    assert_eq!(h.read("hello.txt"), "the operator's edit\n");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_staged_write_stored_despite_a_lost_answer_is_committed_as_recorded() {
     let h = H::new(POLICY);

@@ -465,6 +465,45 @@ async fn a_denials_budget_stops_an_agent_that_keeps_asking_for_what_is_denied() 
     );
 }
 
+/// The review's finding: the denials budget stopped the run after any denial once the refusals
+/// had reached it, not only after a refusal: a run suspended for its refusals and resumed
+/// without raising the budget was stopped again by its next failed read. Only a denial that
+/// counts as a refusal stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_refusal_stops_a_run_at_its_denials_budget() {
+    let h = H::new(POLICY);
+    let (spec, mut agent) = h.spec(
+        "at-limit",
+        "coder",
+        "[budget]\ndenials = 1\non_exhaustion = \"suspend\"\n",
+        "[[step]]\nintent = \"try\"\ncapability = \"fs.write\"\ntarget = \"locked/release.txt\"\narguments = { content = \"2.0\\n\" }\n",
+    );
+    let report = h.run(spec, &mut agent).await;
+    assert!(
+        matches!(report.outcome, RunOutcome::Suspended { .. }),
+        "{report:?}"
+    );
+    // Resumed with the same denials budget (another limit changed): reading a missing file
+    // fails, which is no refusal, and the run goes on to commit.
+    let report = reconfigure_and_resume(
+        &h,
+        "at-limit",
+        "tool_calls = 100",
+        "[[step]]\nintent = \"look\"\ncapability = \"fs.read\"\ntarget = \"missing.txt\"\nrepeat = 3\n",
+    )
+    .await;
+    assert_eq!(report.outcome, RunOutcome::Committed, "{report:?}");
+    assert_eq!(
+        denial_codes(&h.events("at-limit").await),
+        [
+            "policy_denied",
+            // The resumed plan goes on from its second step: two reads are left.
+            "effect_failed",
+            "effect_failed"
+        ]
+    );
+}
+
 /// The probe's finding: what the run first saw at each path (to refuse a commit over someone
 /// else's change) was kept in memory only, so a run suspended, its files edited meanwhile,
 /// then resumed (its stage rebuilt from the record) committed over the edits. The record now

@@ -9,7 +9,7 @@ use ice_kernel::{Digest, RunId};
 use super::{Node, Scratch, tree};
 use crate::auth::testing::{authorize_scoped, delete, list, read, write, write_in};
 use crate::staging::{ChangeKind, CommitPoint, Recovery, Stage, StageError, StagedOp, recover};
-use crate::workspace::{Confinement, ConfinementError, EntryKind, FsError, Workspace};
+use crate::workspace::{Confinement, ConfinementError, EntryKind, FileRead, FsError, Workspace};
 use crate::{AuthorizationError, Detail};
 
 fn run() -> RunId {
@@ -801,6 +801,48 @@ fn a_directory_where_a_commit_temporary_goes_refuses_the_commit_before_anything_
     assert!(!crate::commit_pending(s.stage_dir()));
 }
 
+/// Read `path` and tell the stage what the run was shown, as the runtime does once the read
+/// is recorded (a whole file read from the workspace, or nothing found there).
+fn read_shown(stage: &Stage, path: &str) -> Result<FileRead, StageError> {
+    let got = stage.read(&read(path), path, 100);
+    match &got {
+        Ok(r) => {
+            if let Some(state) = r.seen {
+                stage.saw(path, Some(state));
+            }
+        }
+        Err(StageError::Fs(FsError::NotFound { .. })) => stage.saw(path, None),
+        Err(_) => {}
+    }
+    got
+}
+
+/// The review's finding: a read noted what the run saw as it read, before its record was made
+/// or its output shown, so a read the agent never saw (its record failed, its output withheld)
+/// moved what the commit checks against, and an operator's edit it read that way was
+/// overwritten unseen. A read changes nothing until the runtime says the run was shown it.
+#[test]
+fn a_read_the_run_was_not_shown_changes_nothing_the_commit_checks() {
+    let (s, mut stage) = setup();
+    read_shown(&stage, "a.txt").unwrap();
+    std::fs::write(s.ws.join("a.txt"), b"human edit").unwrap();
+    let unseen = stage.read(&read("a.txt"), "a.txt", 100).unwrap();
+    assert_eq!(unseen.content, b"human edit");
+    assert_eq!(
+        stage.seen_of("a.txt").unwrap().unwrap().digest,
+        Digest::of(b"old a")
+    );
+    // Nor does a read that found nothing, until it is shown.
+    assert!(stage.read(&read("late.txt"), "late.txt", 100).is_err());
+    assert_eq!(stage.seen_of("late.txt"), None);
+    stage.write(&write("a.txt"), "a.txt", b"mine").unwrap();
+    assert!(matches!(
+        stage.prepare().unwrap_err(),
+        StageError::Conflict { .. }
+    ));
+    assert_eq!(std::fs::read(s.ws.join("a.txt")).unwrap(), b"human edit");
+}
+
 /// The probe's finding: someone else's edit made while the run worked was overwritten by the
 /// commit with nothing to show it. A path changed since the run last read it (before
 /// staging it) or staged it refuses the commit before its commit point.
@@ -808,7 +850,7 @@ fn a_directory_where_a_commit_temporary_goes_refuses_the_commit_before_anything_
 fn a_commit_over_a_change_made_since_the_run_looked_is_refused_and_applies_nothing() {
     // Changed after the run read it (and before it wrote it).
     let (s, mut stage) = setup();
-    stage.read(&read("a.txt"), "a.txt", 100).unwrap();
+    read_shown(&stage, "a.txt").unwrap();
     std::fs::write(s.ws.join("a.txt"), b"human edit").unwrap();
     stage.write(&write("a.txt"), "a.txt", b"new a").unwrap();
     stage.write(&write("zz.txt"), "zz.txt", b"z").unwrap();
@@ -851,7 +893,7 @@ fn a_commit_over_a_change_made_since_the_run_looked_is_refused_and_applies_nothi
 
     // Read as absent, then added by someone else before the run writes its own.
     let (s, mut stage) = setup();
-    assert!(stage.read(&read("late.txt"), "late.txt", 100).is_err());
+    assert!(read_shown(&stage, "late.txt").is_err());
     std::fs::write(s.ws.join("late.txt"), b"theirs").unwrap();
     stage
         .write(&write("late.txt"), "late.txt", b"mine")
@@ -863,7 +905,7 @@ fn a_commit_over_a_change_made_since_the_run_looked_is_refused_and_applies_nothi
 
     // Unchanged paths commit as before; a change the run never looked at is no conflict.
     let (s, mut stage) = setup();
-    stage.read(&read("a.txt"), "a.txt", 100).unwrap();
+    read_shown(&stage, "a.txt").unwrap();
     stage.write(&write("a.txt"), "a.txt", b"new a").unwrap();
     std::fs::write(s.ws.join("b.txt"), b"human edit").unwrap();
     stage.commit().unwrap();
@@ -873,27 +915,27 @@ fn a_commit_over_a_change_made_since_the_run_looked_is_refused_and_applies_nothi
     // An edit the run read again before writing is no change behind its back: the last read
     // before staging is what the commit checks against (an absent file found later too).
     let (s, mut stage) = setup();
-    stage.read(&read("a.txt"), "a.txt", 100).unwrap();
-    assert!(stage.read(&read("late.txt"), "late.txt", 100).is_err());
+    read_shown(&stage, "a.txt").unwrap();
+    assert!(read_shown(&stage, "late.txt").is_err());
     std::fs::write(s.ws.join("a.txt"), b"human edit").unwrap();
     std::fs::write(s.ws.join("late.txt"), b"theirs").unwrap();
-    let again = stage.read(&read("a.txt"), "a.txt", 100).unwrap();
+    let again = read_shown(&stage, "a.txt").unwrap();
     assert_eq!(again.content, b"human edit");
-    stage.read(&read("late.txt"), "late.txt", 100).unwrap();
+    read_shown(&stage, "late.txt").unwrap();
     stage.write(&write("a.txt"), "a.txt", b"mine").unwrap();
     stage
         .write(&write("late.txt"), "late.txt", b"mine too")
         .unwrap();
     // Once staged, a read sees the stage: an edit made after it is a change all the same.
-    stage.read(&read("a.txt"), "a.txt", 100).unwrap();
+    read_shown(&stage, "a.txt").unwrap();
     stage.commit().unwrap();
     assert_eq!(std::fs::read(s.ws.join("a.txt")).unwrap(), b"mine");
     assert_eq!(std::fs::read(s.ws.join("late.txt")).unwrap(), b"mine too");
     let (s, mut stage) = setup();
-    stage.read(&read("a.txt"), "a.txt", 100).unwrap();
+    read_shown(&stage, "a.txt").unwrap();
     stage.write(&write("a.txt"), "a.txt", b"mine").unwrap();
     std::fs::write(s.ws.join("a.txt"), b"human edit").unwrap();
-    stage.read(&read("a.txt"), "a.txt", 100).unwrap();
+    read_shown(&stage, "a.txt").unwrap();
     assert!(matches!(
         stage.prepare().unwrap_err(),
         StageError::Conflict { .. }
