@@ -187,6 +187,10 @@ impl PolicyStamp {
     }
 }
 
+/// How long a policy edit that does not load is given to settle before it is refused (a file
+/// saved in place is read half written in between).
+const POLICY_SETTLE: Duration = Duration::from_millis(250);
+
 /// What [`Ctx::reload_policy`] found.
 enum Reload {
     /// The files did not change, or still make the policy in force.
@@ -2277,17 +2281,26 @@ impl Ctx<'_> {
     /// not load, or that the run assumed would not change, is not taken on (nor its stamp):
     /// the caller refuses, and the run is suspended with the code given.
     async fn reload_policy(&self, live: &mut Live, why: &str) -> Result<Reload, RuntimeError> {
-        let stamp = PolicyStamp::of(&live.policy_dir);
+        let mut stamp = PolicyStamp::of(&live.policy_dir);
         if stamp == live.policy_stamp {
             return Ok(Reload::Unchanged);
         }
         let new = match PolicySet::load_dir(&live.policy_dir, &self.rt.schema) {
             Ok(p) => p,
-            Err(e) => {
-                return Ok(Reload::Refused {
-                    code: "policy_invalid",
-                    why: format!("the policy changed and no longer loads: {e}"),
-                });
+            // A file caught half written (an editor saving in place: truncated, then written)
+            // loads a moment later: looked at once more before the run is suspended for it.
+            Err(_) => {
+                tokio::time::sleep(POLICY_SETTLE).await;
+                stamp = PolicyStamp::of(&live.policy_dir);
+                match PolicySet::load_dir(&live.policy_dir, &self.rt.schema) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        return Ok(Reload::Refused {
+                            code: "policy_invalid",
+                            why: format!("the policy changed and no longer loads: {e}"),
+                        });
+                    }
+                }
             }
         };
         if new.version() == live.policy.version() {

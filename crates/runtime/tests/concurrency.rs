@@ -655,6 +655,44 @@ async fn a_run_finished_right_after_an_assumed_file_changed_is_suspended() {
     assert!(!h.ws.join("a.txt").exists());
 }
 
+/// The review's finding: a policy file read while an editor was saving it in place (truncated,
+/// then written) did not load, and the run was suspended for it, an MCP session for good
+/// (sessions are not resumed). A policy that does not load is looked at once more a moment
+/// later: the edit, complete by then, is taken on and the call goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_file_caught_half_saved_is_read_again_before_the_run_is_suspended() {
+    let h = H::new(POLICY);
+    let session = session(&h, "half-saved", "").await;
+    let first = session.propose(&write("a.txt")).await.unwrap();
+    assert!(matches!(first, Some(Outcome::Done { .. })), "{first:?}");
+    // Past the step checks' 100 ms schedule, so the next proposal looks at the files.
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let path = h.policies.join("p.cedar");
+    let complete = format!(
+        "{POLICY}\n@id(\"no-deletes\")\nforbid(principal, action == Action::\"fs.delete\", resource);\n"
+    );
+    std::fs::write(&path, &complete[..complete.len() / 2]).unwrap();
+    let saver = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(40));
+        std::fs::write(&path, complete).unwrap();
+    });
+    let second = session.propose(&write("b.txt")).await;
+    saver.join().unwrap();
+    assert!(
+        matches!(second, Ok(Some(Outcome::Done { .. }))),
+        "{second:?}"
+    );
+    let report = session.finish().await.unwrap();
+    assert_eq!(
+        report.outcome,
+        ice_runtime::RunOutcome::Committed,
+        "{report:?}"
+    );
+    let events = h.events("half-saved").await;
+    assert_eq!(of_type(&events, EventType::PolicyReloaded).len(), 1);
+    assert!(of_type(&events, EventType::RunSuspended).is_empty());
+}
+
 /// The finding: a proposal that passed the open check while another proposal's checks were
 /// stopping the run (here, on a kill) went on to run the checks again on the stopped run, or,
 /// had its call exhausted a budget, to stop the run a second time. Every proposal made at once
