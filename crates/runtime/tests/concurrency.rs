@@ -607,52 +607,45 @@ async fn a_call_approved_while_the_policy_stopped_loading_suspends_the_run_and_c
 
 /// The same review: finishing did not look at the policy files (only the checks between steps
 /// did, on their 100 ms schedule), so a run that assumed the policy would not change, edited
-/// just before the run finished, was validated against the policy it had loaded and committed.
-/// Finishing takes the policy in force as any step does: here the run is suspended.
+/// just before the run finished, was validated against the policy it had loaded and committed;
+/// and a file the run assumed unchanged, changed just before it finished, failed validation
+/// and aborted it, where the same change found between two steps suspends the run for the
+/// operator to decide (spec A-004). At the end as between steps: suspended, nothing applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_finished_right_after_a_policy_edit_it_assumed_away_is_suspended() {
+async fn a_run_finished_right_after_a_change_it_assumed_away_is_suspended() {
     let h = H::new(POLICY);
-    let session = session(&h, "assumed", "[[assume]]\npolicy_version = \"current\"\n").await;
-    let staged = session.propose(&write("a.txt")).await.unwrap();
-    assert!(matches!(staged, Some(Outcome::Done { .. })), "{staged:?}");
-    std::fs::write(
-        h.policies.join("p.cedar"),
-        format!("{POLICY}\n@id(\"extra\")\nforbid(principal, action == Action::\"fs.delete\", resource);\n"),
-    )
-    .unwrap();
-    let report = session.finish().await.unwrap();
-    assert!(
-        matches!(&report.outcome, ice_runtime::RunOutcome::Suspended { .. }),
-        "{report:?}"
+    let policy = format!(
+        "{POLICY}\n@id(\"extra\")\nforbid(principal, action == Action::\"fs.delete\", resource);\n"
     );
-    let events = h.events("assumed").await;
-    let suspended = of_type(&events, EventType::RunSuspended);
-    assert_eq!(suspended[0].payload["reason"], "assumption_invalidated");
-    assert!(of_type(&events, EventType::RunCommitted).is_empty());
-    assert!(!h.ws.join("a.txt").exists());
-}
-
-/// The review's finding: a file the run assumed unchanged, changed just before it finished,
-/// failed its validation and aborted it (its work lost), where the same change found between
-/// two steps suspends the run for the operator to decide (spec A-004). At the end as between
-/// steps: suspended, nothing applied.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_finished_right_after_an_assumed_file_changed_is_suspended() {
-    let h = H::new(POLICY);
-    let session = session(&h, "assumed-file", "[[assume]]\nfile = \"config.toml\"\n").await;
-    let staged = session.propose(&write("a.txt")).await.unwrap();
-    assert!(matches!(staged, Some(Outcome::Done { .. })), "{staged:?}");
-    std::fs::write(h.ws.join("config.toml"), "x = 2\n").unwrap();
-    let report = session.finish().await.unwrap();
-    assert!(
-        matches!(&report.outcome, ice_runtime::RunOutcome::Suspended { .. }),
-        "{report:?}"
-    );
-    let events = h.events("assumed-file").await;
-    let suspended = of_type(&events, EventType::RunSuspended);
-    assert_eq!(suspended[0].payload["reason"], "assumption_invalidated");
-    assert!(of_type(&events, EventType::ValidationFailed).is_empty());
-    assert!(!h.ws.join("a.txt").exists());
+    let cases = [
+        (
+            "policy_version = \"current\"",
+            h.policies.join("p.cedar"),
+            policy,
+        ),
+        (
+            "file = \"config.toml\"",
+            h.ws.join("config.toml"),
+            "x = 2\n".to_string(),
+        ),
+    ];
+    for (i, (assume, edited, edit)) in cases.into_iter().enumerate() {
+        let id = format!("assumed-{i}");
+        let session = session(&h, &id, &format!("[[assume]]\n{assume}\n")).await;
+        let staged = session.propose(&write("a.txt")).await.unwrap();
+        assert!(matches!(staged, Some(Outcome::Done { .. })), "{staged:?}");
+        std::fs::write(edited, edit).unwrap();
+        let report = session.finish().await.unwrap();
+        assert!(
+            matches!(&report.outcome, ice_runtime::RunOutcome::Suspended { .. }),
+            "{assume}: {report:?}"
+        );
+        let events = h.events(&id).await;
+        let suspended = of_type(&events, EventType::RunSuspended);
+        assert_eq!(suspended[0].payload["reason"], "assumption_invalidated");
+        assert!(of_type(&events, EventType::ValidationStarted).is_empty());
+        assert!(!h.ws.join("a.txt").exists());
+    }
 }
 
 /// The review's finding: a policy file read while an editor was saving it in place (truncated,
