@@ -750,6 +750,12 @@ impl Stage {
         })
     }
 
+    /// Whether `path` is written or deleted in this stage: a read of it sees the stage, not the
+    /// workspace (a "not found" then says nothing of the workspace).
+    pub fn is_staged(&self, path: &str) -> bool {
+        self.view.contains_key(path)
+    }
+
     /// Read `path` in the staged view (`fs.read`, this run), at most `limit` bytes.
     pub fn read(
         &self,

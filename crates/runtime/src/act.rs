@@ -413,11 +413,14 @@ pub fn perform_fs(
     let stage = staging.get()?;
     match (auth.capability(), target) {
         ("fs.read", Target::Path(p)) => {
+            // Nothing found in the workspace, not a file this run deleted in its stage.
+            let in_workspace = !stage.is_staged(p);
             let read = stage.read(auth, p, reserved.bytes).map_err(|e| {
-                let found_nothing = matches!(
-                    e,
-                    ice_effects::StageError::Fs(ice_effects::FsError::NotFound { .. })
-                );
+                let found_nothing = in_workspace
+                    && matches!(
+                        e,
+                        ice_effects::StageError::Fs(ice_effects::FsError::NotFound { .. })
+                    );
                 let (code, detail) = fs_refusal(e);
                 FsFailed {
                     code,

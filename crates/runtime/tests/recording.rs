@@ -388,6 +388,32 @@ async fn a_read_whose_record_failed_does_not_count_as_seen_at_commit() {
     assert_eq!(h.read("hello.txt"), "the operator's edit\n");
 }
 
+/// The second review's finding: a read of a file the run had deleted in its stage found
+/// nothing there and was taken for a look at the workspace ("seen absent"), so the commit,
+/// finding the file still in the workspace, was refused every time: delete, check it is gone,
+/// finish could never commit. A "not found" from the stage says nothing of the workspace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_deleted_then_read_in_the_stage_still_commits() {
+    let h = H::new(POLICY);
+    let (rt, tap) = tapped(&h);
+    let (spec, _) = h.spec("deleted", "coder", "[grants]\nuses = 5", "");
+    let s = rt.open_session(spec, "coder", &Quiet).await.unwrap();
+    let run = RunId::new("deleted").unwrap();
+    let (out, _) = call(&s, &tap, &request("fs.delete", "hello.txt", json!({}))).await;
+    assert!(matches!(out, Ok(Some(Outcome::Done { .. }))), "{out:?}");
+    let (out, _) = call(&s, &tap, &request("fs.read", "hello.txt", json!({}))).await;
+    match out {
+        Ok(Some(Outcome::Denied { reason, .. })) => assert_eq!(reason, "effect_failed"),
+        other => panic!("the read must find nothing: {other:?}"),
+    }
+    let report = s.finish().await.unwrap();
+    assert_eq!(report.outcome, RunOutcome::Committed, "{report:?}");
+    assert!(!h.ws.join("hello.txt").exists());
+    let all = ice_runtime::read_run(tap.as_ref(), &run).await.unwrap();
+    let denied = of_type(&all, EventType::CapabilityDenied)[0];
+    assert!(denied.payload.get("seen").is_none(), "{:?}", denied.payload);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_staged_write_stored_despite_a_lost_answer_is_committed_as_recorded() {
     let h = H::new(POLICY);
