@@ -62,6 +62,9 @@ const browser = await chromium.launch({
   args: ['--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu'],
 });
 const problems = []; // uncaught page errors and policy violations
+// Requests that failed or were answered with an error, said when the check fails (a page that
+// stays blank after a reload has been seen: this says whether its files were refused or lost).
+const network = [];
 let page;
 try {
   const context = await browser.newContext({ viewport: { width: 1480, height: 1000 }, deviceScaleFactor: 1 });
@@ -95,6 +98,9 @@ try {
     sessionStorage.removeItem('ice-check-blobs-gate');
   });
   page.setDefaultTimeout(20000);
+  const at = () => `${((Date.now() - started) / 1000).toFixed(1)}s`;
+  page.on('requestfailed', (r) => network.push(`${at()} ${r.method()} ${r.url()} failed: ${r.failure()?.errorText}`));
+  page.on('response', (r) => { if (r.status() >= 400) network.push(`${at()} ${r.request().method()} ${r.url()} ${r.status()}`); });
   page.on('pageerror', (e) => problems.push(`uncaught error in the page: ${e.message}`));
   page.on('console', (m) => {
     const t = m.text();
@@ -471,6 +477,7 @@ try {
   console.error(`ui_check FAILED: ${e.message}`);
   console.error(`steps done:\n  ${steps.join('\n  ')}`);
   if (problems.length) console.error(`page problems:\n  ${problems.join('\n  ')}`);
+  if (network.length) console.error(`requests refused or failed (the last 40):\n  ${network.slice(-40).join('\n  ')}`);
   if (page) await page.screenshot({ path: opt.screenshot.replace(/\.png$/, '') + '.failed.png', fullPage: true }).catch(() => {});
   await browser.close();
   process.exit(1);
