@@ -409,11 +409,23 @@ async fn a_claim_not_renewed_within_its_lifetime_is_lost_for_good() {
 }
 
 /// Waits for `run`'s approval, edits the policy file to `policy` (a write that moves its
-/// modification time), answers yes as alice, and returns what the call came to.
+/// modification time), answers yes as alice, and returns what the call came to, and how the
+/// run ended when finished then.
 async fn approve_after_editing(h: &H, id: &str, policy: &str) -> Option<Outcome> {
+    approve_after_editing_with(h, id, "", policy).await.0
+}
+
+/// [`approve_after_editing`] with `extra` spec sections, giving the finished run's report too.
+async fn approve_after_editing_with(
+    h: &H,
+    id: &str,
+    extra: &str,
+    policy: &str,
+) -> (Option<Outcome>, ice_runtime::RunReport) {
     let port = ok_endpoint();
     let run = ice_kernel::RunId::new(id).unwrap();
-    let session = session(h, id, "[approvals]\ntimeout = \"60s\"\n").await;
+    let spec = format!("[approvals]\ntimeout = \"60s\"\n\n{extra}");
+    let session = session(h, id, &spec).await;
     let call = slow_get(port);
     let outcome = {
         let asked = session.propose(&call);
@@ -428,8 +440,7 @@ async fn approve_after_editing(h: &H, id: &str, policy: &str) -> Option<Outcome>
             .unwrap();
         asked.await.unwrap()
     };
-    session.finish().await.unwrap();
-    outcome
+    (outcome, session.finish().await.unwrap())
 }
 
 /// The finding (policy probe): a call waiting for approval was decided before the wait and
@@ -555,45 +566,24 @@ async fn two_calls_approved_after_the_policy_came_to_forbid_them_are_both_refuse
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_approved_while_the_policy_stopped_loading_suspends_the_run_and_charges_nobody() {
     let h = H::new(POLICY);
-    let port = ok_endpoint();
     let run = ice_kernel::RunId::new("broken-wait").unwrap();
-    let session = session(
+    let (outcome, report) = approve_after_editing_with(
         &h,
         "broken-wait",
-        "[approvals]\ntimeout = \"60s\"\n\n[budget]\ndenials = 1\n",
+        "[budget]\ndenials = 1\n",
+        "permit(principal, action, resource",
     )
     .await;
-    let call = slow_get(port);
-    let outcome = {
-        let asked = session.propose(&call);
-        tokio::pin!(asked);
-        let approval = tokio::select! {
-            r = &mut asked => panic!("decided without an operator: {r:?}"),
-            a = pending(&h.rt, &run) => a,
-        };
-        std::fs::write(
-            h.policies.join("p.cedar"),
-            "permit(principal, action, resource",
-        )
-        .unwrap();
-        h.rt.answer_approval(&approval, "alice", true, "")
-            .await
-            .unwrap();
-        asked.await.unwrap()
-    };
     let Some(Outcome::Denied { reason, detail, .. }) = &outcome else {
         panic!("{outcome:?}");
     };
     assert_eq!(reason, "policy_denied", "{detail}");
     assert!(detail.contains("no longer loads"), "{detail}");
     // The run is suspended for the policy, not stopped for the agent's refusals.
-    match session.finish().await {
-        Ok(report) => assert!(
-            matches!(&report.outcome, ice_runtime::RunOutcome::Suspended { .. }),
-            "{report:?}"
-        ),
-        Err(e) => panic!("{e}"),
-    }
+    assert!(
+        matches!(&report.outcome, ice_runtime::RunOutcome::Suspended { .. }),
+        "{report:?}"
+    );
     let events = h.events("broken-wait").await;
     let suspended = of_type(&events, EventType::RunSuspended);
     assert_eq!(suspended.len(), 1, "{events:#?}");
