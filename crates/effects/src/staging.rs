@@ -55,7 +55,7 @@ use crate::limits::{MAX_JOURNAL_BYTES, MAX_STAGED_FILE_BYTES};
 use crate::workspace::{
     Confinement, ConfinementError, Entry, EntryKind, FileRead, FileState, FsError, Listing, Stat,
     Workspace, authorize_stat, check_unreserved, dir_segments, file_segments, hash_reader,
-    read_evidence, whole_read,
+    read_evidence,
 };
 
 const OBJECTS: &str = "objects";
@@ -570,7 +570,7 @@ impl Stage {
         self.lock_seen().entry(path.to_string()).or_insert(state);
     }
 
-    /// The run was shown `path` read from the workspace in full ([`FileRead::seen`]; `None`:
+    /// The run was shown `path` read from the workspace in full (its digest and size; `None`:
     /// it was told nothing is there), so it has seen what is there now, whatever it saw before:
     /// an edit it read (an operator's, made while the run was suspended, say) is no change made
     /// behind its back. [`Stage::read`] does not note it itself: the caller does, once the
@@ -796,15 +796,12 @@ impl Stage {
             }
         };
         let evidence = read_evidence(auth, path, &content, size, truncated, staged);
-        // The digest the evidence took: the content is hashed once.
-        let seen = whole_read(&evidence, size, truncated, staged);
         Ok(FileRead {
             evidence,
             path: path.to_string(),
             content,
             size,
             truncated,
-            seen,
         })
     }
 

@@ -299,28 +299,6 @@ pub struct FileRead {
     pub truncated: bool,
     /// The evidence of the read (the digest is of `content`, what the reader was given).
     pub evidence: Evidence,
-    /// What the read saw of the workspace's file, when it read the whole of it there (not cut
-    /// short, not the run's own staged content): its digest and size. A stage is told it
-    /// ([`crate::Stage::saw`]) only once the reader was shown the content: a read nobody saw
-    /// (its record failed, its output withheld) must not change what a commit checks against.
-    pub seen: Option<FileState>,
-}
-
-/// What a read of `size` bytes saw of the workspace's file ([`FileRead::seen`]): the digest its
-/// evidence took, unless it was cut short or read the run's staged content.
-pub(crate) fn whole_read(
-    evidence: &Evidence,
-    size: u64,
-    truncated: bool,
-    staged: bool,
-) -> Option<FileState> {
-    match (staged, truncated, evidence.outputs.first()) {
-        (false, false, Some(out)) => Some(FileState {
-            digest: out.digest,
-            size,
-        }),
-        _ => None,
-    }
 }
 
 /// A regular file's digest and size.
@@ -523,14 +501,12 @@ impl Workspace {
         let limit = cap_bytes(auth, 0, limit);
         let (content, size, truncated) = self.read_file(path, limit)?;
         let evidence = read_evidence(auth, path, &content, size, truncated, false);
-        let seen = whole_read(&evidence, size, truncated, false);
         Ok(FileRead {
             path: path.to_string(),
             content,
             size,
             truncated,
             evidence,
-            seen,
         })
     }
 

@@ -60,9 +60,6 @@ pub struct Performed {
     pub payload: Map<String, Value>,
     pub output: Value,
     pub actual: Cost,
-    /// A whole file read from the workspace: its path and what was there. The stage is told
-    /// (`Stage::saw`) once the read is recorded and its output shown, not before.
-    pub seen: Option<(String, ice_effects::FileState)>,
 }
 
 /// A filesystem effect that did not take place: the denial's code and detail, and whether it
@@ -456,7 +453,6 @@ pub fn perform_fs(
                     bytes: n,
                     ..Cost::default()
                 },
-                seen: read.seen.map(|state| (p.clone(), state)),
             })
         }
         ("fs.list", Target::Dir(d)) => {
@@ -481,7 +477,6 @@ pub fn perform_fs(
                 payload,
                 output: Value::Object(output),
                 actual: Cost::default(),
-                seen: None,
             })
         }
         ("fs.write", Target::Path(p)) => {
@@ -534,7 +529,6 @@ fn staged_performed(path: &str, staged: ice_effects::StagedEffect, bytes: u64) -
             bytes,
             ..Cost::default()
         },
-        seen: None,
     }
 }
 
@@ -662,7 +656,6 @@ fn unanswered(
             bytes: (body.len() as u64).min(reserved.bytes),
             ..Cost::default()
         },
-        seen: None,
     }
 }
 
@@ -778,7 +771,6 @@ pub async fn perform_remote(
                     bytes: n.min(reserved.bytes),
                     ..Cost::default()
                 },
-                seen: None,
             })
         }
         (cap, _) => Err((
@@ -854,7 +846,6 @@ pub async fn perform_tool(
                     bytes: (sent + out.bytes as u64).min(reserved.bytes),
                     ..Cost::default()
                 },
-                seen: None,
             })
         }
         Err(ToolCallError::Authorization(e)) if is_constraint(&e) => {
@@ -891,7 +882,6 @@ pub async fn perform_tool(
                     bytes: sent.min(reserved.bytes),
                     ..Cost::default()
                 },
-                seen: None,
             })
         }
     }
@@ -1002,7 +992,6 @@ pub async fn perform_exec(
             bytes: n,
             ..Cost::default()
         },
-        seen: None,
     })
 }
 

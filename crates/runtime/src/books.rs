@@ -531,7 +531,9 @@ fn seen_from_json(v: &Value) -> Result<Option<ice_effects::FileState>, String> {
 
 /// What a `FileRead` of a whole file from the workspace saw: its path, digest and size (a
 /// listing, a cut read or a read of the run's own staged content says nothing of it).
-fn read_seen(p: &serde_json::Map<String, Value>) -> Option<(String, ice_effects::FileState)> {
+pub(crate) fn read_seen(
+    p: &serde_json::Map<String, Value>,
+) -> Option<(String, ice_effects::FileState)> {
     // A read whose output was withheld (the log could not carry it) was not shown to the agent.
     if p.get("is_error").and_then(Value::as_bool) == Some(true) {
         return None;

@@ -91,7 +91,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::act;
-use crate::books::Books;
+use crate::books::{Books, read_seen};
 use crate::lock::RunLock;
 use crate::spec::{Assumption, OnExhaustion, RunSpec};
 use crate::{Observer, Runtime, RuntimeError};
@@ -1193,7 +1193,8 @@ impl Ctx<'_> {
             let settle = |actual: Cost| settle_draft(&reservation, actual, &req);
             // What the run is shown of the workspace, noted by the stage once it is recorded
             // (the commit checks against it): not before, and not a read whose output is
-            // withheld, which the agent did not see.
+            // withheld, which the agent did not see. Read from the record it makes, as
+            // `Books` reads it, so a stage rebuilt from the log agrees.
             let mut shown: Option<(String, Option<ice_effects::FileState>)> = None;
             // f. The effect and the settlement (or the failure, settled at the call's fixed
             //    cost, and its denial), in the same batch.
@@ -1203,9 +1204,8 @@ impl Ctx<'_> {
                     p.payload.insert("output".into(), p.output.clone());
                     if let Some(why) = &withheld {
                         withhold(&mut p, why);
-                    } else {
-                        shown = p.seen.take().map(|(path, state)| (path, Some(state)));
                     }
+                    shown = read_seen(&p.payload).map(|(path, state)| (path, Some(state)));
                     let actual = Cost {
                         tool_calls: amount.tool_calls,
                         ..p.actual

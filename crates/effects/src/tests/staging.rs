@@ -804,15 +804,18 @@ fn a_directory_where_a_commit_temporary_goes_refuses_the_commit_before_anything_
 /// Read `path` and tell the stage what the run was shown, as the runtime does once the read
 /// is recorded (a whole file read from the workspace, or nothing found there).
 fn read_shown(stage: &Stage, path: &str) -> Result<FileRead, StageError> {
+    let from_workspace = !stage.is_staged(path);
     let got = stage.read(&read(path), path, 100);
     match &got {
-        Ok(r) => {
-            if let Some(state) = r.seen {
-                stage.saw(path, Some(state));
-            }
+        Ok(r) if from_workspace && !r.truncated => {
+            let state = crate::FileState {
+                digest: Digest::of(&r.content),
+                size: r.size,
+            };
+            stage.saw(path, Some(state));
         }
-        Err(StageError::Fs(FsError::NotFound { .. })) => stage.saw(path, None),
-        Err(_) => {}
+        Err(StageError::Fs(FsError::NotFound { .. })) if from_workspace => stage.saw(path, None),
+        _ => {}
     }
     got
 }
