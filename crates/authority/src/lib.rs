@@ -73,8 +73,8 @@ pub use constraint::Constraints;
 pub use diagnostic::{Diagnostic, Location, Severity};
 pub use grant::{Authorization, Grant, GrantBook, GrantRefusal, GrantStatus, Scope, ScopeError};
 pub use payload::{
-    ApprovalDeniedPayload, ApprovalGrantedPayload, ApprovalRequestedPayload, BookError,
-    BookProblem, BudgetReservedPayload, BudgetSettledPayload, CapabilityDeniedPayload,
+    ApprovalClosed, ApprovalDeniedPayload, ApprovalGrantedPayload, ApprovalRequestedPayload,
+    BookError, BookProblem, BudgetReservedPayload, BudgetSettledPayload, CapabilityDeniedPayload,
     CapabilityExpiredPayload, CapabilityGrantedPayload, CapabilityRevokedPayload,
     CapabilityUsedPayload, DenialCode, PayloadError,
 };

@@ -82,7 +82,8 @@ pub enum DenialCode {
     RunNotExecuting,
     /// No operator decided the approval in time (the runtime stopped waiting).
     ApprovalTimeout,
-    /// An operator denied the approval.
+    /// An operator denied the approval, or (with [`CapabilityDeniedPayload::closed`]) the
+    /// runtime closed it unanswered: that field says why.
     ApprovalDenied,
     /// The approval was for another call (or is not an approval of this run).
     ApprovalMismatch,
@@ -540,10 +541,55 @@ pub struct CapabilityDeniedPayload {
     /// someone adds there meanwhile, as the live stage does).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seen: Option<String>,
+    /// With `approval_denied`: the runtime closed the approval unanswered, and why (absent:
+    /// an operator denied it, or the event was recorded before this field existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed: Option<ApprovalClosed>,
+}
+
+/// Why the runtime closed an approval nobody answered, in a `CapabilityDenied` with reason
+/// `approval_denied` (the event format: tools match on these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalClosed {
+    /// The agent withdrew its request (its MCP client cancelled the call or ended the
+    /// session): the agent's own act, so it counts as one of its refused requests.
+    Withdrawn,
+    /// The run was killed while the request waited.
+    Killed,
+    /// The run was interrupted (it is suspended before its next step).
+    Interrupted,
+}
+
+impl ApprovalClosed {
+    /// The name recorded.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalClosed::Withdrawn => "withdrawn",
+            ApprovalClosed::Killed => "killed",
+            ApprovalClosed::Interrupted => "interrupted",
+        }
+    }
 }
 
 impl CapabilityDeniedPayload {
     fn check(&self) -> Result<(), String> {
+        if let Some(c) = self.closed {
+            if self.reason != DenialCode::ApprovalDenied {
+                return Err(format!(
+                    "closed ({}) comes with reason {}, not {}",
+                    c.as_str(),
+                    DenialCode::ApprovalDenied.as_str(),
+                    self.reason.as_str()
+                ));
+            }
+            if self.approval.is_none() {
+                return Err(format!(
+                    "closed ({}) needs the approval it closed",
+                    c.as_str()
+                ));
+            }
+        }
         if let Some(s) = &self.seen
             && s != "absent"
         {

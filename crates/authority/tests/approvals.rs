@@ -662,3 +662,42 @@ fn approval_payloads_round_trip() {
         .is_ok()
     );
 }
+
+/// Why the runtime closed an approval nobody answered is recorded only on an `approval_denied`
+/// denial that names the approval, and only as one of the known reasons.
+#[test]
+fn a_closed_approval_says_why_only_where_it_can() {
+    use ice_authority::{ApprovalClosed, CapabilityDeniedPayload};
+    let approval = "run-a:3";
+    let read = |extra: serde_json::Value| {
+        let mut p = serde_json::json!({
+            "capability": "fs.write",
+            "target": "notes.txt",
+            "reason": "approval_denied",
+            "detail": "closed",
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            p[k] = v.clone();
+        }
+        CapabilityDeniedPayload::from_payload(p.as_object().unwrap())
+    };
+    let ok = read(serde_json::json!({"approval": approval, "closed": "withdrawn"})).unwrap();
+    assert_eq!(ok.closed, Some(ApprovalClosed::Withdrawn));
+    for kind in ["killed", "interrupted"] {
+        read(serde_json::json!({"approval": approval, "closed": kind})).unwrap();
+    }
+    // An operator's denial, or one recorded before the field existed: no `closed`.
+    assert_eq!(
+        read(serde_json::json!({"approval": approval}))
+            .unwrap()
+            .closed,
+        None
+    );
+    for bad in [
+        serde_json::json!({"closed": "withdrawn"}),
+        serde_json::json!({"approval": approval, "closed": "withdrawn", "reason": "policy_denied"}),
+        serde_json::json!({"approval": approval, "closed": "expired"}),
+    ] {
+        assert!(read(bad.clone()).is_err(), "{bad}");
+    }
+}

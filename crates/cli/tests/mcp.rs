@@ -1152,6 +1152,7 @@ fn a_call_cancelled_while_it_waits_for_approval_is_withdrawn_not_performed() {
     assert_eq!(denied.len(), 1, "{denied:#?}");
     assert_eq!(denied[0]["payload"]["reason"], "approval_denied");
     assert_eq!(denied[0]["payload"]["approval"], approval.as_str());
+    assert_eq!(denied[0]["payload"]["closed"], "withdrawn");
     assert!(
         denied[0]["payload"]["detail"]
             .as_str()

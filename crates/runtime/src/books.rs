@@ -254,8 +254,10 @@ impl Books {
                     self.seen.insert(p, None);
                 }
                 // An approval no operator answered, closed by the runtime (timed out, the
-                // wall-time budget ran out, a kill, an interruption, a withdrawal), is no
-                // refusal of the agent's; an operator's denial is. Nor is an approval an
+                // wall-time budget ran out, a kill, an interruption), is no refusal of the
+                // agent's; an operator's denial is, and so is the agent's own withdrawal of
+                // its request (`closed: withdrawn`): else an agent could ask for approvals and
+                // withdraw them without end, each shown to operators, none counted. Nor is an approval an
                 // operator granted that the runtime closed all the same (a kill recorded
                 // before the waiting call took the answer): its code is `approval_denied`,
                 // and nobody denied it. Nor a call an operator granted that the policy,
@@ -263,9 +265,12 @@ impl Books {
                 // call, or no longer loads and the run is suspended): `policy_denied`, and the
                 // agent asked for what was allowed when it asked.
                 let named = approval_named(e);
-                let unanswered = named
-                    .as_ref()
-                    .is_some_and(|a| !self.answers.contains_key(a));
+                let withdrawn = e.payload.get("closed").and_then(Value::as_str)
+                    == Some(ice_authority::ApprovalClosed::Withdrawn.as_str());
+                let unanswered = !withdrawn
+                    && named
+                        .as_ref()
+                        .is_some_and(|a| !self.answers.contains_key(a));
                 let closed_after_grant = matches!(
                     e.payload.get("reason").and_then(Value::as_str),
                     Some("approval_denied" | "policy_denied")

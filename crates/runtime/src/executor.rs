@@ -72,9 +72,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ice_authority::payload::{
-    ApprovalRequestedPayload, BudgetReservedPayload, BudgetSettledPayload, CapabilityDeniedPayload,
-    CapabilityExpiredPayload, CapabilityGrantedPayload, CapabilityRevokedPayload,
-    CapabilityUsedPayload, DenialCode,
+    ApprovalClosed, ApprovalRequestedPayload, BudgetReservedPayload, BudgetSettledPayload,
+    CapabilityDeniedPayload, CapabilityExpiredPayload, CapabilityGrantedPayload,
+    CapabilityRevokedPayload, CapabilityUsedPayload, DenialCode,
 };
 use ice_authority::{
     ApprovalStatus, BudgetLimits, Constraints, DecisionKind, PolicySet, PolicyVersion, Request,
@@ -563,13 +563,15 @@ impl Ctx<'_> {
             approval: None,
             request: None,
             seen: None,
+            closed: None,
         }
     }
 
     /// The governed call: record the request, decide, reserve, use the grant, act, settle.
     /// A refusal that brings the run's refusals to its `denials` budget ends the call
-    /// exhausted: the caller stops the run as the spec says. Not when the call was closed by
-    /// a kill, an interruption or the agent's withdrawal: those stop the run their own way.
+    /// exhausted: the caller stops the run as the spec says (a withdrawal too: it counts).
+    /// Not when the call was closed by a kill or an interruption: those stop the run their
+    /// own way.
     pub(crate) async fn governed_call(
         &self,
         agent: &str,
@@ -581,10 +583,7 @@ impl Ctx<'_> {
         // already at the budget (a run resumed without raising it): only one that counts does.
         let refusals_before = self.live.lock().await.books.refusals;
         let mut end = self.decide_and_act(agent, r, withdrawn).await?;
-        if end.exhausted.is_none()
-            && matches!(end.outcome, Outcome::Denied { .. })
-            && !withdrawn.is_some_and(CancellationToken::is_cancelled)
-        {
+        if end.exhausted.is_none() && matches!(end.outcome, Outcome::Denied { .. }) {
             let live = self.live.lock().await;
             if let Some(max) = live.spec.budget.denials
                 && live.books.refusals > refusals_before
@@ -770,6 +769,7 @@ impl Ctx<'_> {
                 let answered = answered?;
                 let live = &mut *guard;
                 let now = self.now();
+                let mut closed = None;
                 let refusal = match answered {
                     ApprovalWait::Granted => {
                         match live.books.approvals.authorize(&approval, &digest, now) {
@@ -801,19 +801,26 @@ impl Ctx<'_> {
                             timeout.as_secs_f64()
                         ),
                     )),
-                    ApprovalWait::Killed => Some((
-                        DenialCode::ApprovalDenied,
-                        "the run was killed while waiting for approval".to_string(),
-                    )),
-                    ApprovalWait::Withdrawn => Some((
-                        DenialCode::ApprovalDenied,
-                        format!(
-                            "approval {approval} was closed unanswered: the agent withdrew the request (its client cancelled the call or ended the session)"
-                        ),
-                    )),
+                    ApprovalWait::Killed => {
+                        closed = Some(ApprovalClosed::Killed);
+                        Some((
+                            DenialCode::ApprovalDenied,
+                            "the run was killed while waiting for approval".to_string(),
+                        ))
+                    }
+                    ApprovalWait::Withdrawn => {
+                        closed = Some(ApprovalClosed::Withdrawn);
+                        Some((
+                            DenialCode::ApprovalDenied,
+                            format!(
+                                "approval {approval} was closed unanswered: the agent withdrew the request (its client cancelled the call or ended the session)"
+                            ),
+                        ))
+                    }
                     ApprovalWait::Interrupted(why) => {
                         // Closed here; the run is suspended before its next step.
                         self.rt.interrupts.mark(&self.run, &why);
+                        closed = Some(ApprovalClosed::Interrupted);
                         Some((
                             DenialCode::ApprovalDenied,
                             format!("approval {approval} was closed unanswered: {why}"),
@@ -823,6 +830,7 @@ impl Ctx<'_> {
                 if let Some((code, detail)) = refusal {
                     let mut d = Self::denial(r, Some(&resource), code, detail);
                     d.approval = Some(approval.clone());
+                    d.closed = closed;
                     d.policies = policies;
                     return self.refuse(live, agent, r, Some(req), d, None).await;
                 }

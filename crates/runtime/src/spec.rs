@@ -17,7 +17,8 @@
 //! wall_time = "60s"
 //! denials = 50                 # refused requests before the run stops (every attempt is
 //!                              # recorded: this bounds what a refused agent adds to the log;
-//!                              # failed effects and unanswered approvals do not count)
+//!                              # failed effects and unanswered approvals do not count;
+//!                              # a request the agent withdrew while it waited does)
 //! on_exhaustion = "abort"      # or "suspend"
 //!
 //! [grants]
@@ -128,8 +129,9 @@ pub struct BudgetSpec {
     /// Risk points.
     pub risk: Option<u64>,
     /// Refused requests: once this many of the run's requests were refused (by the policy, a
-    /// grant, an operator, confinement, …; not an effect that failed, an approval nobody
-    /// answered, or one closed by a kill or the agent's withdrawal) it stops as
+    /// grant, an operator, confinement, the agent's withdrawal of a request waiting for an
+    /// approval, …; not an effect that failed, an approval nobody answered, or one closed by
+    /// a kill or an interruption) it stops as
     /// `on_exhaustion` says. Every attempt is recorded, so without a limit an agent that keeps
     /// asking for what it may not have grows the log without end. (Absent from specs recorded
     /// before it existed: read as no limit.)

@@ -25,9 +25,19 @@ struct Fixture {
 }
 
 fn fixture(id: &str) -> Fixture {
+    fixture_with(id, "")
+}
+
+/// [`fixture`] with more run-spec text.
+fn fixture_with(id: &str, extra: &str) -> Fixture {
     let port = ok_endpoint();
     let h = H::new(POLICY);
-    let (spec, _) = h.spec(id, "coder", "[approvals]\ntimeout = \"60s\"\n", "");
+    let (spec, _) = h.spec(
+        id,
+        "coder",
+        &format!("[approvals]\ntimeout = \"60s\"\n{extra}"),
+        "",
+    );
     let H { dir, rt, .. } = h;
     Fixture {
         dir,
@@ -484,5 +494,88 @@ async fn a_kill_right_after_an_operator_granted_counts_no_refusal() {
     assert!(
         closed_after_grant > 0,
         "no round saw the kill before the grant"
+    );
+}
+
+/// The review's finding: a request the agent withdrew while it waited for an approval counted
+/// as no refusal (it was "unanswered"), so an agent could ask for approvals and withdraw them
+/// without end, each round recorded and shown to operators, none counted against
+/// `[budget] denials`. A withdrawal is recorded `closed: withdrawn` and counts (the second one
+/// stops this run); a kill's closing is recorded `closed: killed` and does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn withdrawn_approval_requests_count_against_the_denials_budget() {
+    let f = fixture_with(
+        "withdrawer",
+        "\n[budget]\ndenials = 2\non_exhaustion = \"suspend\"\n",
+    );
+    let session =
+        f.rt.open_session(f.spec.clone(), "coder", &Quiet)
+            .await
+            .unwrap();
+    for round in 0..2 {
+        let withdraw = tokio_util::sync::CancellationToken::new();
+        let (outcome, ()) = tokio::join!(
+            session.propose_withdrawable(&f.call, Some(&withdraw)),
+            async {
+                pending(&f.rt, &f.run).await;
+                withdraw.cancel();
+            }
+        );
+        match outcome {
+            Ok(Some(Outcome::Denied { reason, detail, .. })) => {
+                assert_eq!(reason, "approval_denied", "round {round}");
+                assert!(detail.contains("withdrew"), "{detail}");
+            }
+            other => panic!("round {round}: {other:?}"),
+        }
+    }
+    // The second withdrawal reached the budget: the run is suspended, and takes no more.
+    assert!(session.propose(&f.call).await.is_err());
+    let withdrawn = events(&f.rt, &f.run).await;
+    let denied: Vec<_> = withdrawn
+        .iter()
+        .filter(|e| e.event_type == EventType::CapabilityDenied.name())
+        .collect();
+    assert_eq!(denied.len(), 2);
+    for d in &denied {
+        assert_eq!(d.payload["closed"], "withdrawn", "{:?}", d.payload);
+    }
+    let suspended: Vec<_> = withdrawn
+        .iter()
+        .filter(|e| e.event_type == EventType::RunSuspended.name())
+        .collect();
+    assert_eq!(suspended.len(), 1, "{withdrawn:#?}");
+    assert_eq!(suspended[0].payload["reason"], "budget_exhausted");
+    let replayed = Books::fold(f.run.clone(), withdrawn.iter()).unwrap();
+    assert_eq!(replayed.refusals, 2);
+
+    // A kill closes the wait too, recorded as such, and is no refusal.
+    let f = fixture_with("killed-while-waiting", "\n[budget]\ndenials = 1\n");
+    let session =
+        f.rt.open_session(f.spec.clone(), "coder", &Quiet)
+            .await
+            .unwrap();
+    let (outcome, ()) = tokio::join!(session.propose(&f.call), async {
+        pending(&f.rt, &f.run).await;
+        f.rt.kill(&f.run, "bob", "enough", &Quiet).await.unwrap();
+    });
+    assert!(
+        matches!(&outcome, Ok(Some(Outcome::Denied { reason, .. })) if reason == "approval_denied"),
+        "{outcome:?}"
+    );
+    let killed = events(&f.rt, &f.run).await;
+    let denied: Vec<_> = killed
+        .iter()
+        .filter(|e| e.event_type == EventType::CapabilityDenied.name())
+        .collect();
+    assert_eq!(denied.len(), 1);
+    assert_eq!(
+        denied[0].payload["closed"], "killed",
+        "{:?}",
+        denied[0].payload
+    );
+    assert_eq!(
+        Books::fold(f.run.clone(), killed.iter()).unwrap().refusals,
+        0
     );
 }
