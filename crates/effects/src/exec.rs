@@ -21,10 +21,11 @@
 //! That is why agent-requested commands need a grant on the exact program, and why the class of
 //! `process.exec` is the runtime's (a policy can require approval for it).
 //!
-//! The command runs in a process group of its own. When it exits or times out, the whole group
-//! is killed (SIGKILL), so background children it left do not outlive it or hold its output
-//! open; a process that leaves the group (`setsid`) escapes that kill, and its output after the
-//! command ends is not waited for beyond a short grace period.
+//! The command runs under a supervisor ([`crate::supervisor`]), in a process group of its own.
+//! When it exits, times out or is stopped, its group and every process it started are killed
+//! (SIGKILL), a process that left the group or the session (`setsid`, a daemon's double fork)
+//! included, so nothing it left outlives it or holds its output open; so are they when the
+//! runtime itself is killed.
 //!
 //! The functions block; the tokio runtime calls them from `spawn_blocking`.
 
@@ -278,6 +279,7 @@ fn execute(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    crate::supervisor::install(&mut command);
     let started = Instant::now();
     let mut child = command.spawn().map_err(|source| ExecError::Spawn {
         program: name.clone(),
@@ -293,8 +295,8 @@ fn execute(
         Some(pipe) => capture(pipe, limit),
         None => return Err(wait_err(&name, "stderr was not captured")),
     };
-    // From here every way out kills the group and forgets it.
-    crate::children::track_group(child.id());
+    // From here every way out ends the command and forgets it.
+    crate::children::track_supervisor(child.id());
 
     // Wait for the leader to exit without reaping it, so its pid (the group's id) cannot be
     // reused before the group is killed.
@@ -333,6 +335,12 @@ fn execute(
             Err(_) => break (true, false),
         }
     };
+    if timed_out || stopped {
+        // The supervisor kills the program and everything it started, then exits as the
+        // program did (SIGKILL). One that does not, in time, is killed with its group.
+        crate::supervisor::end(pid);
+        let _ = exited_rx.recv_timeout(crate::supervisor::END_GRACE);
+    }
     kill_group(pid);
     crate::children::untrack_group(child.id());
     let status = child.wait().map_err(|source| ExecError::Wait {

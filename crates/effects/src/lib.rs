@@ -29,6 +29,7 @@ pub mod http;
 pub mod limits;
 pub mod mcp;
 pub mod staging;
+mod supervisor;
 pub mod workspace;
 
 #[cfg(test)]

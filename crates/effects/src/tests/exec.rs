@@ -218,3 +218,141 @@ fn a_command_gets_only_the_absolute_entries_of_the_runtimes_path() {
         OsString::from("/usr/local/bin:/usr/bin:/bin")
     );
 }
+
+/// The pid a command wrote to `file` in `dir`, once it has.
+fn pid_in(dir: &std::path::Path, file: &str) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(dir.join(file))
+            && let Ok(pid) = text.trim().parse()
+        {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "{file} was not written");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether process `pid` is gone (or a zombie nobody reaped yet), within `within`.
+fn gone(pid: i32, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The state follows the command name in parentheses.
+        let state = stat.rsplit_once(") ").map(|(_, rest)| &rest[..1]);
+        if state.is_none_or(|s| s == "Z") {
+            return true;
+        }
+        if Instant::now() > deadline {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(pid).unwrap(),
+                rustix::process::Signal::KILL,
+            );
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A shell line that starts `sleep 300` in a session of its own (out of the command's process
+/// group and session: a group kill misses it), writes its pid to `escaped.pid`, and waits
+/// until the pid is written.
+const ESCAPE: &str = "setsid sh -c 'echo $$ > escaped.pid; exec sleep 300' & while [ ! -s escaped.pid ]; do sleep 0.01; done";
+
+/// The finding: a process that left the command's process group (`setsid`, as a daemon does)
+/// escaped the kill of the group and outlived the command. Under the supervisor, nothing the
+/// command started outlives it: not when it exits, not when it times out.
+#[test]
+fn a_process_the_command_moved_to_a_session_of_its_own_does_not_outlive_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_check(&spec(
+        dir.path(),
+        "sh",
+        &["-c", &format!("{ESCAPE}; echo started")],
+    ))
+    .unwrap();
+    assert!(out.success(), "{out:?}");
+    assert_eq!(out.stdout, b"started\n");
+    let escaped = pid_in(dir.path(), "escaped.pid");
+    assert!(
+        gone(escaped, Duration::from_secs(5)),
+        "the process in a session of its own outlived the command"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut slow = spec(dir.path(), "sh", &["-c", &format!("{ESCAPE}; sleep 300")]);
+    slow.timeout = Duration::from_millis(500);
+    let started = Instant::now();
+    let out = run_check(&slow).unwrap();
+    assert!(out.timed_out);
+    assert_eq!(out.signal, Some(9), "{out:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let escaped = pid_in(dir.path(), "escaped.pid");
+    assert!(
+        gone(escaped, Duration::from_secs(5)),
+        "the process in a session of its own outlived the timed-out command"
+    );
+}
+
+/// A command ended by a signal is recorded with that signal, as before there was a supervisor
+/// between it and the runtime.
+#[test]
+fn a_command_ended_by_a_signal_is_recorded_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_check(&spec(dir.path(), "sh", &["-c", "kill -TERM $$"])).unwrap();
+    assert_eq!((out.exit_code, out.signal), (None, Some(15)), "{out:?}");
+    let out = run_check(&spec(dir.path(), "sh", &["-c", "exit 0"])).unwrap();
+    assert_eq!((out.exit_code, out.signal), (Some(0), None), "{out:?}");
+}
+
+const KILLED_DIR: &str = "ICE_EFFECTS_KILLED_RUNTIME_DIR";
+
+/// The child of the next test: run a command that leaves a process in a session of its own
+/// and waits, and wait for it (until this process is killed).
+#[test]
+#[ignore = "child process of the runtime-killed test"]
+fn killed_runtime_child() {
+    let Ok(dir) = std::env::var(KILLED_DIR) else {
+        return;
+    };
+    let mut long = spec(
+        std::path::Path::new(&dir),
+        "sh",
+        &["-c", &format!("{ESCAPE}; echo $$ > program.pid; sleep 300")],
+    );
+    long.timeout = Duration::from_secs(300);
+    let _ = run_check(&long);
+}
+
+/// The finding: a command running when the runtime was killed with SIGKILL was orphaned and
+/// ran on. Its supervisor is told when the runtime is gone and kills the command and all it
+/// started.
+#[test]
+fn a_command_does_not_outlive_a_runtime_killed_with_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "tests::exec::killed_runtime_child",
+            "--ignored",
+            "--test-threads=1",
+        ])
+        .env(KILLED_DIR, dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let program = pid_in(dir.path(), "program.pid");
+    let escaped = pid_in(dir.path(), "escaped.pid");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        gone(program, Duration::from_secs(5)),
+        "the command outlived the runtime"
+    );
+    assert!(
+        gone(escaped, Duration::from_secs(5)),
+        "what the command started in a session of its own outlived the runtime"
+    );
+}

@@ -1,0 +1,228 @@
+//! A command's supervisor: a small process between the runtime and the command, so that
+//! nothing the command starts outlives it, whatever process group or session it moves to.
+//!
+//! [`install`] makes `std::process::Command` fork once more before it executes the program:
+//! the first child (the supervisor, the process the runtime waits for) is a child subreaper
+//! (`PR_SET_CHILD_SUBREAPER`), so every process the command starts that loses its parent is
+//! re-parented to it rather than to init, `setsid` or not; the second child execs the program,
+//! in a process group of its own. The supervisor waits until the program exits or it is told
+//! to end it (SIGTERM, from [`end`]), then kills the program's group and every process it
+//! adopted, until it has no child left, and exits as the program did (its exit code, or the
+//! signal that ended it).
+//!
+//! The supervisor is also told when the runtime thread that started it is gone
+//! (`PR_SET_PDEATHSIG`): a runtime killed with SIGKILL leaves no command running.
+//!
+//! Between `fork` and `exec` only async-signal-safe calls may be made (the runtime has other
+//! threads, whose locks the child inherits held). The supervisor never returns to Rust's
+//! standard library: it makes raw system calls, allocates nothing, and leaves with `_exit`. It
+//! forks with a bare `clone` (no `pthread_atfork` handler runs).
+//!
+//! What it cannot stop: a process that leaves through something else that starts processes
+//! for it (a service manager, `at`, a container engine); that is not a confinement (see
+//! [`crate::exec`]).
+
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::Duration;
+
+/// How long the supervisor takes at most to kill what the command left, once asked: past
+/// it, the runtime kills the supervisor's group itself ([`end`]).
+pub(crate) const END_GRACE: Duration = Duration::from_secs(5);
+
+/// Start `command` under a supervisor (see the module). The pid `spawn` returns is the
+/// supervisor's; its exit status is the program's.
+pub(crate) fn install(command: &mut Command) {
+    // SAFETY: the closure runs in the child between fork and exec and makes only
+    // async-signal-safe system calls (see `supervise`).
+    unsafe {
+        command.pre_exec(|| supervise());
+    }
+}
+
+/// Ask the supervisor `pid` to end its command (it kills the program and everything it
+/// started). Returns at once.
+pub(crate) fn end(pid: rustix::process::Pid) {
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+}
+
+/// In the forked child: become the supervisor, fork the program, and supervise it. Returns
+/// only in the program's process (which then execs) or with an error before it exists.
+///
+/// # Safety
+/// Called only between fork and exec (`pre_exec`).
+unsafe fn supervise() -> io::Result<()> {
+    // SAFETY: each call below is a plain system call on values owned here.
+    unsafe {
+        let runtime = libc::getppid();
+        if libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0
+            || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        // SIGTERM and SIGCHLD are taken with sigwaitinfo, never by a handler: blocked before
+        // the program exists, so none is lost.
+        let mut waited: libc::sigset_t = std::mem::zeroed();
+        let mut before: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut waited);
+        libc::sigaddset(&mut waited, libc::SIGTERM);
+        libc::sigaddset(&mut waited, libc::SIGCHLD);
+        if libc::sigprocmask(libc::SIG_BLOCK, &waited, &mut before) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // A bare fork: `clone` with no flags but the exit signal runs no atfork handler.
+        let program = libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0);
+        if program < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if program == 0 {
+            // The program: its own process group (the supervisor's is its own), the signal
+            // mask it was started with.
+            libc::sigprocmask(libc::SIG_SETMASK, &before, std::ptr::null_mut());
+            if libc::setpgid(0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            return Ok(());
+        }
+        run(program as libc::pid_t, runtime, &waited)
+    }
+}
+
+/// The supervisor proper. Never returns.
+unsafe fn run(program: libc::pid_t, runtime: libc::pid_t, waited: &libc::sigset_t) -> ! {
+    // SAFETY: plain system calls on values owned here.
+    unsafe {
+        // Its copies of the command's pipes (and of the standard library's pipe that reports
+        // a failed exec) would hold them open: the program and what it starts have theirs.
+        close_all();
+        let mut status: Option<libc::c_int> = None;
+        // The runtime may have died before the death signal was set.
+        let mut asked = libc::getppid() != runtime;
+        loop {
+            reap(program, &mut status);
+            if asked || status.is_some() {
+                break;
+            }
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            if libc::sigwaitinfo(waited, &mut info) == libc::SIGTERM {
+                asked = true;
+            }
+        }
+        // What the command left: the program's group, the program itself if it moved, then
+        // every process adopted, as each is re-parented here, until none is left.
+        libc::kill(-program, libc::SIGKILL);
+        if status.is_none() {
+            libc::kill(program, libc::SIGKILL);
+        }
+        // 2 ms at a time, for at most END_GRACE less a margin.
+        for _ in 0..2000 {
+            kill_children();
+            if reap(program, &mut status) {
+                break;
+            }
+            let pause = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 2_000_000,
+            };
+            libc::nanosleep(&pause, std::ptr::null_mut());
+        }
+        leave_as(status)
+    }
+}
+
+/// Reap every child that has ended (`status` takes the program's). `true` once there is no
+/// child left.
+unsafe fn reap(program: libc::pid_t, status: &mut Option<libc::c_int>) -> bool {
+    // SAFETY: waitpid on this process's own children.
+    unsafe {
+        loop {
+            let mut st: libc::c_int = 0;
+            match libc::waitpid(-1, &mut st, libc::WNOHANG) {
+                0 => return false,
+                p if p == program => *status = Some(st),
+                p if p > 0 => {}
+                _ => return io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD),
+            }
+        }
+    }
+}
+
+/// SIGKILL every child this process has (`/proc/thread-self/children`: the supervisor has one
+/// thread). Where the kernel does not list children, only the program's group was killed.
+unsafe fn kill_children() {
+    // SAFETY: open/read/close of a proc file into a buffer on the stack.
+    unsafe {
+        let fd = libc::open(
+            c"/proc/thread-self/children".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        );
+        if fd < 0 {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        let mut pid: libc::pid_t = 0;
+        let mut digits = false;
+        loop {
+            let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+            if n <= 0 {
+                break;
+            }
+            for &b in &buf[..n as usize] {
+                if b.is_ascii_digit() {
+                    pid = pid
+                        .saturating_mul(10)
+                        .saturating_add((b - b'0') as libc::pid_t);
+                    digits = true;
+                } else {
+                    if digits && pid > 0 {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                    pid = 0;
+                    digits = false;
+                }
+            }
+        }
+        if digits && pid > 0 {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        libc::close(fd);
+    }
+}
+
+/// Close every open file descriptor.
+unsafe fn close_all() {
+    // SAFETY: closing descriptors this process no longer uses.
+    unsafe {
+        if libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) != 0 {
+            for fd in 0..65536 {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
+/// Exit as the program did: its exit code, or the signal that ended it (raised on this
+/// process, without a core dump). A program not reaped in time was killed: SIGKILL.
+unsafe fn leave_as(status: Option<libc::c_int>) -> ! {
+    // SAFETY: plain system calls; `_exit` does not return.
+    unsafe {
+        let signal = match status {
+            Some(st) if libc::WIFEXITED(st) => libc::_exit(libc::WEXITSTATUS(st)),
+            Some(st) if libc::WIFSIGNALED(st) => libc::WTERMSIG(st),
+            _ => libc::SIGKILL,
+        };
+        let none = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::setrlimit(libc::RLIMIT_CORE, &none);
+        libc::signal(signal, libc::SIG_DFL);
+        let mut only: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut only);
+        libc::sigaddset(&mut only, signal);
+        libc::sigprocmask(libc::SIG_UNBLOCK, &only, std::ptr::null_mut());
+        libc::kill(libc::getpid(), signal);
+        libc::_exit(128 + signal)
+    }
+}
