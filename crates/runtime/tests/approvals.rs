@@ -532,18 +532,12 @@ async fn withdrawn_approval_requests_count_against_the_denials_budget() {
     // The second withdrawal reached the budget: the run is suspended, and takes no more.
     assert!(session.propose(&f.call).await.is_err());
     let withdrawn = events(&f.rt, &f.run).await;
-    let denied: Vec<_> = withdrawn
-        .iter()
-        .filter(|e| e.event_type == EventType::CapabilityDenied.name())
-        .collect();
+    let denied = of_type(&withdrawn, EventType::CapabilityDenied);
     assert_eq!(denied.len(), 2);
     for d in &denied {
         assert_eq!(d.payload["closed"], "withdrawn", "{:?}", d.payload);
     }
-    let suspended: Vec<_> = withdrawn
-        .iter()
-        .filter(|e| e.event_type == EventType::RunSuspended.name())
-        .collect();
+    let suspended = of_type(&withdrawn, EventType::RunSuspended);
     assert_eq!(suspended.len(), 1, "{withdrawn:#?}");
     assert_eq!(suspended[0].payload["reason"], "budget_exhausted");
     let replayed = Books::fold(f.run.clone(), withdrawn.iter()).unwrap();
@@ -564,10 +558,7 @@ async fn withdrawn_approval_requests_count_against_the_denials_budget() {
         "{outcome:?}"
     );
     let killed = events(&f.rt, &f.run).await;
-    let denied: Vec<_> = killed
-        .iter()
-        .filter(|e| e.event_type == EventType::CapabilityDenied.name())
-        .collect();
+    let denied = of_type(&killed, EventType::CapabilityDenied);
     assert_eq!(denied.len(), 1);
     assert_eq!(
         denied[0].payload["closed"], "killed",
