@@ -71,10 +71,15 @@ pub struct Books {
     /// Denials that refused what the agent asked for (the policy, a grant, an operator's
     /// denial, confinement, the budget, …): what `[budget] denials` limits. Not an effect that
     /// failed or whose outcome is unknown, an approval nobody answered, or one the runtime
-    /// closed (a kill, an interruption, the agent's withdrawal, its expiry), even after an
-    /// operator granted it, nor a call an operator granted that the policy, changed while the
-    /// operator was asked, then refused.
+    /// closed (a kill, an interruption, its expiry), even after an operator granted it, nor a
+    /// call an operator granted that the policy, changed while the operator was asked, then
+    /// refused. A request the agent withdrew while it waited for an approval is one.
     pub refusals: u64,
+    /// Whether the last refusal was a withdrawal (`closed: withdrawn`), and the run has not
+    /// been suspended since. A withdrawal that brings the refusals to the budget stops the run
+    /// at the agent's next request, not at once: the session may be ending (its end withdraws
+    /// the requests still waiting too), and a session's end finishes its run as usual.
+    pub last_refusal_withdrawn: bool,
     /// What the run saw at each workspace path: its last full read from the workspace
     /// (`FileRead`, unless its output was withheld from the agent, or the `CapabilityDenied` of a read that found no file, `seen: "absent"`),
     /// which comes before the path is staged (a staged path is read from the stage), or else
@@ -91,6 +96,9 @@ pub struct Books {
     /// (the call it was for was refused: denied, timed out, the run killed) and that denial's
     /// reason code. No operator's answer is taken after it.
     pub closed: BTreeMap<EventId, (EventId, String)>,
+    /// Of those, the ones whose denial says why the runtime closed it (`closed`: `withdrawn`,
+    /// `killed`, `interrupted`; absent for an operator's denial and in older records).
+    pub closed_as: BTreeMap<EventId, String>,
 }
 
 /// Why an event could not be folded.
@@ -145,10 +153,12 @@ impl Books {
             applied: 0,
             denials: 0,
             refusals: 0,
+            last_refusal_withdrawn: false,
             seen: Default::default(),
             reservations: 0,
             answers: BTreeMap::new(),
             closed: BTreeMap::new(),
+            closed_as: BTreeMap::new(),
         }
     }
 
@@ -265,8 +275,11 @@ impl Books {
                 // call, or no longer loads and the run is suspended): `policy_denied`, and the
                 // agent asked for what was allowed when it asked.
                 let named = approval_named(e);
-                let withdrawn = e.payload.get("closed").and_then(Value::as_str)
-                    == Some(ice_authority::ApprovalClosed::Withdrawn.as_str());
+                let closed_as = e.payload.get("closed").and_then(Value::as_str).filter(|_| {
+                    e.payload.get("reason").and_then(Value::as_str) == Some("approval_denied")
+                });
+                let withdrawn =
+                    closed_as == Some(ice_authority::ApprovalClosed::Withdrawn.as_str());
                 let unanswered = !withdrawn
                     && named
                         .as_ref()
@@ -294,6 +307,7 @@ impl Books {
                     );
                 if refused {
                     self.refusals += 1;
+                    self.last_refusal_withdrawn = withdrawn;
                 }
                 if let Some(a) = approval_named(e) {
                     let code = e
@@ -302,6 +316,11 @@ impl Books {
                         .and_then(Value::as_str)
                         .unwrap_or("")
                         .to_string();
+                    if !self.closed.contains_key(&a)
+                        && let Some(kind) = closed_as
+                    {
+                        self.closed_as.insert(a.clone(), kind.to_string());
+                    }
                     self.closed.entry(a).or_insert((e.id(), code));
                 }
                 // A request the law could not record is answered by a denial that names no
@@ -365,6 +384,7 @@ impl Books {
             }
             EventType::RunSuspended => {
                 self.suspension = Some(Value::Object(e.payload.clone()));
+                self.last_refusal_withdrawn = false;
                 self.reconfiguration = None;
             }
             EventType::ReconfigurationRecorded => {
@@ -441,10 +461,16 @@ impl Books {
                     ice_authority::ApprovalStatus::Used { .. } => "used",
                 };
                 match self.closed.get(&a.id) {
-                    Some((denial, code)) if closed && status == "pending" => serde_json::json!({
-                        "id": a.id.to_string(), "status": "closed",
-                        "closed_by": denial.to_string(), "reason": code,
-                    }),
+                    Some((denial, code)) if closed && status == "pending" => {
+                        let mut v = serde_json::json!({
+                            "id": a.id.to_string(), "status": "closed",
+                            "closed_by": denial.to_string(), "reason": code,
+                        });
+                        if let Some(kind) = self.closed_as.get(&a.id) {
+                            v["closed_as"] = kind.clone().into();
+                        }
+                        v
+                    }
                     _ => serde_json::json!({"id": a.id.to_string(), "status": status}),
                 }
             })

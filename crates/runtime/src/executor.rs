@@ -569,9 +569,10 @@ impl Ctx<'_> {
 
     /// The governed call: record the request, decide, reserve, use the grant, act, settle.
     /// A refusal that brings the run's refusals to its `denials` budget ends the call
-    /// exhausted: the caller stops the run as the spec says (a withdrawal too: it counts).
-    /// Not when the call was closed by a kill or an interruption: those stop the run their
-    /// own way.
+    /// exhausted: the caller stops the run as the spec says. Not when the call was closed by
+    /// a kill or an interruption (those stop the run their own way), nor by the agent's
+    /// withdrawal: it counts, and the run stops at the agent's next request
+    /// ([`withdrawals_over_budget`]).
     pub(crate) async fn governed_call(
         &self,
         agent: &str,
@@ -588,6 +589,8 @@ impl Ctx<'_> {
             if let Some(max) = live.spec.budget.denials
                 && live.books.refusals > refusals_before
                 && live.books.refusals >= max
+                // A withdrawal stops the run at the agent's next request (`Books`).
+                && !live.books.last_refusal_withdrawn
                 && live.books.kill.is_none()
                 && !self.rt.interrupts.marked(&self.run)
             {
@@ -1903,6 +1906,21 @@ pub(crate) fn cut(s: &str, max: usize) -> String {
     format!("{}…", &s[..end])
 }
 
+/// The refusals reached `[budget] denials` with a withdrawal (see
+/// [`Books::last_refusal_withdrawn`]): why the run stops before the agent's next request.
+fn withdrawals_over_budget(live: &Live) -> Option<String> {
+    let max = live.spec.budget.denials?;
+    (live.books.last_refusal_withdrawn
+        && live.books.refusals >= max
+        && live.books.state() == RunState::Executing)
+        .then(|| {
+            format!(
+                "{} of the agent's requests were refused, the last one a request it withdrew while it waited for an approval, and the budget allows {max} (denials)",
+                live.books.refusals
+            )
+        })
+}
+
 // ---------------------------------------------------------------------------------------------
 // The run loop.
 
@@ -2146,6 +2164,7 @@ impl Ctx<'_> {
         Ok(live.books.kill.is_some()
             || self.rt.interrupts.marked(&self.run)
             || wall_time_over(live).is_some()
+            || withdrawals_over_budget(live).is_some()
             || (poll
                 && live.books.state() == RunState::Executing
                 && PolicyStamp::of(&live.policy_dir) != live.policy_stamp))
@@ -2176,6 +2195,9 @@ impl Ctx<'_> {
                 used / 1000,
                 limit / 1000
             );
+            return self.exhausted(live, &why).await.map(Some);
+        }
+        if let Some(why) = withdrawals_over_budget(live) {
             return self.exhausted(live, &why).await.map(Some);
         }
         let now = self.now();

@@ -18,7 +18,8 @@
 //! denials = 50                 # refused requests before the run stops (every attempt is
 //!                              # recorded: this bounds what a refused agent adds to the log;
 //!                              # failed effects and unanswered approvals do not count;
-//!                              # a request the agent withdrew while it waited does)
+//!                              # a request the agent withdrew while it waited does,
+//!                              # and stops the run at the agent's next request)
 //! on_exhaustion = "abort"      # or "suspend"
 //!
 //! [grants]

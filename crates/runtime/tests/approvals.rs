@@ -500,8 +500,11 @@ async fn a_kill_right_after_an_operator_granted_counts_no_refusal() {
 /// The review's finding: a request the agent withdrew while it waited for an approval counted
 /// as no refusal (it was "unanswered"), so an agent could ask for approvals and withdraw them
 /// without end, each round recorded and shown to operators, none counted against
-/// `[budget] denials`. A withdrawal is recorded `closed: withdrawn` and counts (the second one
-/// stops this run); a kill's closing is recorded `closed: killed` and does not.
+/// `[budget] denials`. A withdrawal is recorded `closed: withdrawn` and counts: the second one
+/// stops this run at the agent's next request. Not at once: a session's end withdraws the
+/// requests still waiting too, and a session that ends with its refusals at the budget is
+/// finished (committed) as usual. A kill's closing is recorded `closed: killed` and does not
+/// count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn withdrawn_approval_requests_count_against_the_denials_budget() {
     let f = fixture_with(
@@ -529,7 +532,8 @@ async fn withdrawn_approval_requests_count_against_the_denials_budget() {
             other => panic!("round {round}: {other:?}"),
         }
     }
-    // The second withdrawal reached the budget: the run is suspended, and takes no more.
+    // The second withdrawal reached the budget: the agent's next request stops the run (it is
+    // suspended) and is not recorded.
     assert!(session.propose(&f.call).await.is_err());
     let withdrawn = events(&f.rt, &f.run).await;
     let denied = of_type(&withdrawn, EventType::CapabilityDenied);
@@ -540,8 +544,46 @@ async fn withdrawn_approval_requests_count_against_the_denials_budget() {
     let suspended = of_type(&withdrawn, EventType::RunSuspended);
     assert_eq!(suspended.len(), 1, "{withdrawn:#?}");
     assert_eq!(suspended[0].payload["reason"], "budget_exhausted");
+    assert_eq!(of_type(&withdrawn, EventType::CapabilityRequested).len(), 2);
     let replayed = Books::fold(f.run.clone(), withdrawn.iter()).unwrap();
     assert_eq!(replayed.refusals, 2);
+    // The run's books say how each approval was closed.
+    let view = replayed.view();
+    let closed = view["approvals"].as_array().unwrap();
+    assert_eq!(closed.len(), 2, "{view:#}");
+    for a in closed {
+        assert_eq!(
+            (&a["status"], &a["closed_as"]),
+            (&json!("closed"), &json!("withdrawn"))
+        );
+    }
+
+    // The session ends while a request waits (its end withdraws it), the refusals now at the
+    // budget: the run is committed, as a session's end commits it.
+    let f = fixture_with("withdrawn-at-the-end", "\n[budget]\ndenials = 1\n");
+    let session =
+        f.rt.open_session(f.spec.clone(), "coder", &Quiet)
+            .await
+            .unwrap();
+    let ending = tokio_util::sync::CancellationToken::new();
+    let (outcome, ()) = tokio::join!(
+        session.propose_withdrawable(&f.call, Some(&ending)),
+        async {
+            pending(&f.rt, &f.run).await;
+            ending.cancel();
+        }
+    );
+    assert!(
+        matches!(&outcome, Ok(Some(Outcome::Denied { reason, .. })) if reason == "approval_denied"),
+        "{outcome:?}"
+    );
+    let report = session.finish().await.unwrap();
+    assert_eq!(
+        report.outcome,
+        ice_runtime::RunOutcome::Committed,
+        "{report:?}"
+    );
+    assert_eq!(report.books.refusals, 1);
 
     // A kill closes the wait too, recorded as such, and is no refusal.
     let f = fixture_with("killed-while-waiting", "\n[budget]\ndenials = 1\n");
@@ -565,6 +607,8 @@ async fn withdrawn_approval_requests_count_against_the_denials_budget() {
         "{:?}",
         denied[0].payload
     );
+    let view = Books::fold(f.run.clone(), killed.iter()).unwrap().view();
+    assert_eq!(view["approvals"][0]["closed_as"], "killed", "{view:#}");
     assert_eq!(
         Books::fold(f.run.clone(), killed.iter()).unwrap().refusals,
         0
