@@ -11,7 +11,15 @@
 //! signal that ended it).
 //!
 //! The supervisor is also told when the runtime thread that started it is gone
-//! (`PR_SET_PDEATHSIG`): a runtime killed with SIGKILL leaves no command running.
+//! (`PR_SET_PDEATHSIG`): a runtime killed with SIGKILL leaves no command running. The program
+//! is killed when the supervisor is gone, however it went.
+//!
+//! The cost: `pre_exec` makes the standard library fork `ice` rather than `posix_spawn` the
+//! program, and the supervisor, which never execs, keeps a copy-on-write image of `ice` for as
+//! long as the command runs (pages `ice` writes meanwhile are copied once per command
+//! running). Where the kernel does not list a process's children
+//! (`/proc/thread-self/children`, `CONFIG_PROC_CHILDREN`), only the program's group is killed,
+//! as before.
 //!
 //! Between `fork` and `exec` only async-signal-safe calls may be made (the runtime has other
 //! threads, whose locks the child inherits held). The supervisor never returns to Rust's
@@ -61,24 +69,40 @@ unsafe fn supervise() -> io::Result<()> {
         {
             return Err(io::Error::last_os_error());
         }
-        // SIGTERM and SIGCHLD are taken with sigwaitinfo, never by a handler: blocked before
-        // the program exists, so none is lost.
+        // SIGCHLD and the signals that end the command (SIGTERM, and the terminal's, should
+        // anyone send them) are taken with sigwaitinfo, never by a handler or their default
+        // action: blocked before the program exists, so none is lost.
         let mut waited: libc::sigset_t = std::mem::zeroed();
         let mut before: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut waited);
-        libc::sigaddset(&mut waited, libc::SIGTERM);
-        libc::sigaddset(&mut waited, libc::SIGCHLD);
+        for signal in [
+            libc::SIGCHLD,
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+        ] {
+            libc::sigaddset(&mut waited, signal);
+        }
         if libc::sigprocmask(libc::SIG_BLOCK, &waited, &mut before) != 0 {
             return Err(io::Error::last_os_error());
         }
+        let supervisor = libc::getpid();
         // A bare fork: `clone` with no flags but the exit signal runs no atfork handler.
         let program = libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0);
         if program < 0 {
             return Err(io::Error::last_os_error());
         }
         if program == 0 {
-            // The program: its own process group (the supervisor's is its own), the signal
-            // mask it was started with.
+            // The program: killed if its supervisor dies (however: the runtime's last resort
+            // kills only the supervisor), in a process group of its own (the supervisor's is
+            // its own), with the signal mask it was started with.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != supervisor {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
             libc::sigprocmask(libc::SIG_SETMASK, &before, std::ptr::null_mut());
             if libc::setpgid(0, 0) != 0 {
                 return Err(io::Error::last_os_error());
@@ -96,29 +120,32 @@ unsafe fn run(program: libc::pid_t, runtime: libc::pid_t, waited: &libc::sigset_
         // Its copies of the command's pipes (and of the standard library's pipe that reports
         // a failed exec) would hold them open: the program and what it starts have theirs.
         close_all();
-        let mut status: Option<libc::c_int> = None;
         // The runtime may have died before the death signal was set.
         let mut asked = libc::getppid() != runtime;
-        loop {
-            reap(program, &mut status);
-            if asked || status.is_some() {
+        // Until the program has exited (left unreaped, so that neither its pid nor its group's
+        // id can be taken by a new process before the group is killed) or the supervisor is
+        // asked to end it; processes adopted meanwhile are reaped as they end.
+        while !exited(program) {
+            reap_others(program);
+            if asked {
                 break;
             }
             let mut info: libc::siginfo_t = std::mem::zeroed();
-            if libc::sigwaitinfo(waited, &mut info) == libc::SIGTERM {
+            let signal = libc::sigwaitinfo(waited, &mut info);
+            if signal > 0 && signal != libc::SIGCHLD {
                 asked = true;
             }
         }
         // What the command left: the program's group, the program itself if it moved, then
         // every process adopted, as each is re-parented here, until none is left.
         libc::kill(-program, libc::SIGKILL);
-        if status.is_none() {
-            libc::kill(program, libc::SIGKILL);
-        }
-        // 2 ms at a time, for at most END_GRACE less a margin.
-        for _ in 0..2000 {
-            kill_children();
-            if reap(program, &mut status) {
+        libc::kill(program, libc::SIGKILL);
+        let mut status: Option<libc::c_int> = None;
+        // 2 ms at a time, for at most END_GRACE less a margin; where the kernel does not list
+        // a process's children, 100 ms for the group to go.
+        for round in 0..2000 {
+            let listed = kill_children();
+            if reap(program, &mut status) || (!listed && round >= 50 && status.is_some()) {
                 break;
             }
             let pause = libc::timespec {
@@ -128,6 +155,46 @@ unsafe fn run(program: libc::pid_t, runtime: libc::pid_t, waited: &libc::sigset_
             libc::nanosleep(&pause, std::ptr::null_mut());
         }
         leave_as(status)
+    }
+}
+
+/// Whether the program has exited (not reaping it).
+unsafe fn exited(program: libc::pid_t) -> bool {
+    // SAFETY: waitid on this process's own child, into a value on the stack.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        libc::waitid(
+            libc::P_PID,
+            program as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        ) == 0
+            && info.si_pid() == program
+    }
+}
+
+/// Reap the children that have ended, up to the program if it has (it is left unreaped).
+unsafe fn reap_others(program: libc::pid_t) {
+    // SAFETY: waitid and waitpid on this process's own children.
+    unsafe {
+        loop {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            if libc::waitid(
+                libc::P_ALL,
+                0,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            ) != 0
+            {
+                return;
+            }
+            let pid = info.si_pid();
+            if pid == 0 || pid == program {
+                return;
+            }
+            let mut st: libc::c_int = 0;
+            libc::waitpid(pid, &mut st, libc::WNOHANG);
+        }
     }
 }
 
@@ -149,8 +216,9 @@ unsafe fn reap(program: libc::pid_t, status: &mut Option<libc::c_int>) -> bool {
 }
 
 /// SIGKILL every child this process has (`/proc/thread-self/children`: the supervisor has one
-/// thread). Where the kernel does not list children, only the program's group was killed.
-unsafe fn kill_children() {
+/// thread). `false` where the kernel does not list a process's children (then only the
+/// program's group was killed).
+unsafe fn kill_children() -> bool {
     // SAFETY: open/read/close of a proc file into a buffer on the stack.
     unsafe {
         let fd = libc::open(
@@ -158,7 +226,7 @@ unsafe fn kill_children() {
             libc::O_RDONLY | libc::O_CLOEXEC,
         );
         if fd < 0 {
-            return;
+            return false;
         }
         let mut buf = [0u8; 4096];
         let mut pid: libc::pid_t = 0;
@@ -187,6 +255,7 @@ unsafe fn kill_children() {
             libc::kill(pid, libc::SIGKILL);
         }
         libc::close(fd);
+        true
     }
 }
 

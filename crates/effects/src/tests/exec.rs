@@ -356,3 +356,42 @@ fn a_command_does_not_outlive_a_runtime_killed_with_sigkill() {
         "what the command started in a session of its own outlived the runtime"
     );
 }
+
+/// The review's finding: the runtime's last resort (its supervisor did not end the command in
+/// time) kills the supervisor's group, which holds only the supervisor: the program, in a
+/// group of its own, ran on. The program dies with its supervisor, however that goes.
+#[test]
+fn a_command_does_not_outlive_its_supervisor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let running = std::thread::spawn(move || {
+        run_check(&spec(
+            &path,
+            "sh",
+            &["-c", "echo $$ > program.pid; exec sleep 300"],
+        ))
+    });
+    let program = pid_in(dir.path(), "program.pid");
+    let stat = std::fs::read_to_string(format!("/proc/{program}/stat")).unwrap();
+    let supervisor: i32 = stat
+        .rsplit_once(") ")
+        .unwrap()
+        .1
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(supervisor, std::process::id() as i32, "no supervisor");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(supervisor).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    assert!(
+        gone(program, Duration::from_secs(5)),
+        "the program outlived its supervisor"
+    );
+    let out = running.join().unwrap().unwrap();
+    assert_eq!(out.signal, Some(9), "{out:?}");
+}
