@@ -1169,6 +1169,35 @@ fn a_call_cancelled_while_it_waits_for_approval_is_withdrawn_not_performed() {
     verify(&f);
 }
 
+/// The review's finding: a session's end withdraws the calls still waiting for an approval,
+/// and a withdrawal counts against `[budget] denials`: a client that quit with a call waiting
+/// and its refusals one short of the budget had its run aborted as budget-exhausted, not
+/// committed. The run is committed; a withdrawal stops a run only at the agent's next request.
+#[test]
+fn a_session_that_ends_while_a_call_waits_at_the_denials_budget_is_committed() {
+    let f = fixture_with("quit-waiting-1", "60s", "\n[budget]\ndenials = 1\n", "");
+    let (child, mut stdin, rx) = stdio_gateway(&f);
+    let mut send = move |v: Value| send_line(&mut stdin, &v);
+    send(
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}),
+    );
+    answer_from(&rx, 1);
+    send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+    send(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "everything__get-env", "arguments": {}}}));
+    pending_approval(&f, "quit-waiting-1");
+    drop(send); // the client quits: its session's stdin closes
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let ev = events(&f, "quit-waiting-1");
+    let denied = of_type(&ev, "CapabilityDenied");
+    assert_eq!(denied.len(), 1, "{denied:#?}");
+    assert_eq!(denied[0]["payload"]["closed"], "withdrawn");
+    assert_eq!(of_type(&ev, "RunCommitted").len(), 1, "{ev:#?}");
+    verify(&f);
+}
+
 #[test]
 fn malformed_and_oversized_agent_messages_get_errors_not_a_crash() {
     let f = fixture("garbage-1", "2s");
