@@ -339,7 +339,12 @@ fn execute(
         // The supervisor kills the program and everything it started, then exits as the
         // program did (SIGKILL). One that does not, in time, is killed with its group.
         crate::supervisor::end(pid);
-        let _ = exited_rx.recv_timeout(crate::supervisor::END_GRACE);
+        if exited_rx
+            .recv_timeout(crate::supervisor::END_GRACE)
+            .is_err()
+        {
+            crate::supervisor::kill_hard(pid);
+        }
     }
     kill_group(pid);
     crate::children::untrack_group(child.id());

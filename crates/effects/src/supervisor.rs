@@ -14,6 +14,10 @@
 //! (`PR_SET_PDEATHSIG`): a runtime killed with SIGKILL leaves no command running. The program
 //! is killed when the supervisor is gone, however it went.
 //!
+//! A set-user-ID or file-capability program loses its death signal at exec (the kernel
+//! clears it): such a program outlives a supervisor that is killed, though not one that ends
+//! it.
+//!
 //! The cost: `pre_exec` makes the standard library fork `ice` rather than `posix_spawn` the
 //! program, and the supervisor, which never execs, keeps a copy-on-write image of `ice` for as
 //! long as the command runs (pages `ice` writes meanwhile are copied once per command
@@ -44,8 +48,10 @@ pub(crate) const END_GRACE: Duration = Duration::from_secs(5);
 pub(crate) fn install(command: &mut Command) {
     // SAFETY: the closure runs in the child between fork and exec and makes only
     // async-signal-safe system calls (see `supervise`).
+    // Taken here: a child that asks after the fork gets init's pid if `ice` is gone already.
+    let runtime = std::process::id() as libc::pid_t;
     unsafe {
-        command.pre_exec(|| supervise());
+        command.pre_exec(move || supervise(runtime));
     }
 }
 
@@ -55,15 +61,33 @@ pub(crate) fn end(pid: rustix::process::Pid) {
     let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
 }
 
+/// The last resort, for a supervisor that did not end its command in time: SIGKILL each of
+/// its children (the program, with its group, and the processes it adopted), then its own
+/// group. A process that left the program's group and still has a parent other than the
+/// supervisor is missed.
+pub(crate) fn kill_hard(pid: rustix::process::Pid) {
+    let raw = pid.as_raw_nonzero().get();
+    let children =
+        std::fs::read_to_string(format!("/proc/{raw}/task/{raw}/children")).unwrap_or_default();
+    for child in children
+        .split_ascii_whitespace()
+        .filter_map(|c| c.parse::<i32>().ok())
+        .filter_map(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process_group(child, rustix::process::Signal::KILL);
+        let _ = rustix::process::kill_process(child, rustix::process::Signal::KILL);
+    }
+    let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+}
+
 /// In the forked child: become the supervisor, fork the program, and supervise it. Returns
 /// only in the program's process (which then execs) or with an error before it exists.
 ///
 /// # Safety
 /// Called only between fork and exec (`pre_exec`).
-unsafe fn supervise() -> io::Result<()> {
+unsafe fn supervise(runtime: libc::pid_t) -> io::Result<()> {
     // SAFETY: each call below is a plain system call on values owned here.
     unsafe {
-        let runtime = libc::getppid();
         if libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0
             || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0
         {
@@ -286,6 +310,9 @@ unsafe fn leave_as(status: Option<libc::c_int>) -> ! {
             rlim_max: 0,
         };
         libc::setrlimit(libc::RLIMIT_CORE, &none);
+        // Nor through a core-dump helper (which ignores the limit): the program's crash is
+        // not the runtime's.
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
         libc::signal(signal, libc::SIG_DFL);
         let mut only: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut only);

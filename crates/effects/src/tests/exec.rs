@@ -395,3 +395,50 @@ fn a_command_does_not_outlive_its_supervisor() {
     let out = running.join().unwrap().unwrap();
     assert_eq!(out.signal, Some(9), "{out:?}");
 }
+
+/// The second review's finding: when the supervisor does not end a timed-out command in time
+/// (here: it is stopped), the runtime's last resort killed only the supervisor; the program
+/// died of its death signal, but what it had started in its group ran on. The last resort
+/// kills the supervisor's children with their groups first.
+#[test]
+fn a_supervisor_that_does_not_answer_still_leaves_nothing_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut slow = spec(
+        dir.path(),
+        "sh",
+        &[
+            "-c",
+            "sleep 300 & echo $! > background.pid; echo $$ > program.pid; sleep 300",
+        ],
+    );
+    slow.timeout = Duration::from_secs(2);
+    let path = dir.path().to_path_buf();
+    let started = Instant::now();
+    let running = std::thread::spawn(move || run_check(&slow));
+    let program = pid_in(&path, "program.pid");
+    let background = pid_in(&path, "background.pid");
+    let stat = std::fs::read_to_string(format!("/proc/{program}/stat")).unwrap();
+    let supervisor: i32 = stat
+        .rsplit_once(") ")
+        .unwrap()
+        .1
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(supervisor, std::process::id() as i32, "no supervisor");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(supervisor).unwrap(),
+        rustix::process::Signal::STOP,
+    )
+    .unwrap();
+    let out = running.join().unwrap().unwrap();
+    assert!(out.timed_out, "{out:?}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(gone(program, Duration::from_secs(5)), "the program ran on");
+    assert!(
+        gone(background, Duration::from_secs(5)),
+        "what the program started ran on"
+    );
+}
