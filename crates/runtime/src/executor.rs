@@ -304,6 +304,8 @@ impl Runtime {
 pub(crate) struct CallEnd {
     pub(crate) outcome: Outcome,
     pub(crate) exhausted: Option<String>,
+    /// The call was denied because the agent withdrew it while it waited for an approval.
+    pub(crate) withdrawn: bool,
 }
 
 /// `BudgetSettled` for `reservation` at `actual`, caused by `cause`.
@@ -505,6 +507,7 @@ impl Ctx<'_> {
                 detail: d.detail,
             },
             exhausted: None,
+            withdrawn: false,
         })
     }
 
@@ -590,7 +593,7 @@ impl Ctx<'_> {
                 && live.books.refusals > refusals_before
                 && live.books.refusals >= max
                 // A withdrawal stops the run at the agent's next request (`Books`).
-                && !live.books.last_refusal_withdrawn
+                && !end.withdrawn
                 && live.books.kill.is_none()
                 && !self.rt.interrupts.marked(&self.run)
             {
@@ -882,8 +885,13 @@ impl Ctx<'_> {
                 }
             }
         };
+        let withdrawn = denial.closed == Some(ApprovalClosed::Withdrawn);
         let outcome = self.deny(live, denial, &req).await?;
-        Ok(CallEnd { outcome, exhausted })
+        Ok(CallEnd {
+            outcome,
+            exhausted,
+            withdrawn,
+        })
     }
 
     /// The grant a permit gives: `decided` is the policy version, the determining policies and
@@ -1278,6 +1286,7 @@ impl Ctx<'_> {
                     return Ok(CallEnd {
                         outcome,
                         exhausted: None,
+                        withdrawn: false,
                     });
                 }
                 // The effect record is one the law cannot carry: read again and record it
@@ -1569,6 +1578,7 @@ impl Ctx<'_> {
                         output: p.output,
                     },
                     exhausted: None,
+                    withdrawn: false,
                 })
             }
             Err((code, detail)) => {
@@ -1602,6 +1612,7 @@ impl Ctx<'_> {
                 Ok(CallEnd {
                     outcome,
                     exhausted: None,
+                    withdrawn: false,
                 })
             }
         }
