@@ -1423,6 +1423,12 @@ impl Session<'_> {
             }
             drop(g);
             self.check_open().await?;
+            // Waiting here, nothing of the request is recorded yet: a withdrawal ends it.
+            if withdrawn.is_some_and(tokio_util::sync::CancellationToken::is_cancelled) {
+                return Err(RuntimeError::Invalid(
+                    "the request was withdrawn (its client cancelled it, or the session ended) while it waited for the calls in flight to end: nothing of it was recorded or done".into(),
+                ));
+            }
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         match proposal {

@@ -614,3 +614,62 @@ async fn withdrawn_approval_requests_count_against_the_denials_budget() {
         0
     );
 }
+
+/// The second review's finding: a request made while the run's refusals stood at the budget
+/// through a withdrawal, with another call in flight, waits for that call to end (here an
+/// approval, up to its timeout) before the run is stopped, and its own withdrawal did not
+/// release it. It ends at once, nothing of it recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_waiting_behind_a_call_in_flight_can_be_withdrawn() {
+    use tokio_util::sync::CancellationToken;
+    let f = fixture_with("parked", "\n[budget]\ndenials = 1\n");
+    let session =
+        f.rt.open_session(f.spec.clone(), "coder", &Quiet)
+            .await
+            .unwrap();
+    let (stays, goes, parked) = (
+        CancellationToken::new(),
+        CancellationToken::new(),
+        CancellationToken::new(),
+    );
+    let waiting = |n: usize| {
+        let rt = f.rt.clone();
+        let run = f.run.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while rt.pending_approvals(Some(&run)).await.unwrap().len() != n {
+                assert!(std::time::Instant::now() < deadline, "not {n} pending");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let (_, _, third) = tokio::join!(
+        session.propose_withdrawable(&f.call, Some(&stays)),
+        session.propose_withdrawable(&f.call, Some(&goes)),
+        async {
+            waiting(2).await;
+            // One withdrawn: the refusals are at the budget, the other call still in flight.
+            goes.cancel();
+            waiting(1).await;
+            let third = tokio::time::timeout(Duration::from_secs(20), async {
+                let (r, ()) = tokio::join!(
+                    session.propose_withdrawable(&f.call, Some(&parked)),
+                    async {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        parked.cancel();
+                    }
+                );
+                r
+            })
+            .await;
+            stays.cancel();
+            third
+        }
+    );
+    match third {
+        Ok(Err(RuntimeError::Invalid(why))) => assert!(why.contains("withdrawn"), "{why}"),
+        other => panic!("the waiting request was not released by its withdrawal: {other:?}"),
+    }
+    let events = events(&f.rt, &f.run).await;
+    assert_eq!(of_type(&events, EventType::CapabilityRequested).len(), 2);
+}
