@@ -855,6 +855,7 @@ pub async fn perform_tool(
             e @ (ToolCallError::Authorization(_)
             | ToolCallError::UnknownServer(_)
             | ToolCallError::NotRunning { .. }
+            | ToolCallError::NotSent { .. }
             | ToolCallError::UnknownTool { .. }),
         ) => Err((DenialCode::EffectFailed, e.to_string())),
         Err(e) => {
