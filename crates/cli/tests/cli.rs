@@ -2048,3 +2048,40 @@ fn a_log_that_cannot_be_opened_for_want_of_descriptors_is_not_called_foreign() {
     // With descriptors enough, the same log verifies.
     assert_eq!(code(&ice(&home, &["verify"])), 0);
 }
+
+/// A carried gap: `ice init` removes what it made when it fails part way (so the same command
+/// can run again once the cause is fixed), and nothing else, but no test made it fail part
+/// way. Here the home's path leaves no room for `keys/checkpoint.key` (PATH_MAX): the keys
+/// directory is made, the key cannot be written.
+#[test]
+fn a_failed_init_removes_what_it_made_and_nothing_else() {
+    let base = tempfile::tempdir().unwrap();
+    // Parents the test makes (they stay), then the home: 4076 bytes, so that
+    // `HOME/keys/checkpoint.key` is 4096, one more than a path may be.
+    let mut parent = base.path().to_path_buf();
+    while parent.as_os_str().len() + 201 < 4076 - 40 {
+        parent.push("d".repeat(200));
+    }
+    std::fs::create_dir_all(&parent).unwrap();
+    let room = 4076 - parent.as_os_str().len() - 1;
+    let home = parent.join("h".repeat(room));
+    assert_eq!(home.as_os_str().len(), 4076);
+    std::fs::write(parent.join("mine.txt"), "keep\n").unwrap();
+
+    // The home did not exist: it is gone again.
+    let o = ice(&home, &["init"]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("checkpoint.key"), "{}", stderr(&o));
+    assert!(!home.exists(), "the half-made home was left");
+    // It existed, empty: it is empty again.
+    std::fs::create_dir(&home).unwrap();
+    let o = ice(&home, &["init"]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(home.is_dir());
+    assert_eq!(std::fs::read_dir(&home).unwrap().count(), 0);
+    // Nothing beside it was touched.
+    assert_eq!(
+        std::fs::read_to_string(parent.join("mine.txt")).unwrap(),
+        "keep\n"
+    );
+}
