@@ -118,9 +118,9 @@ unsafe fn supervise(runtime: libc::pid_t) -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
         if program == 0 {
-            // The program: killed if its supervisor dies (however: the runtime's last resort
-            // kills only the supervisor), in a process group of its own (the supervisor's is
-            // its own), with the signal mask it was started with.
+            // The program: killed if its supervisor dies, however it dies (the OOM killer, a
+            // stray SIGKILL), in a process group of its own (the supervisor's is its own),
+            // with the signal mask it was started with.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
