@@ -254,6 +254,24 @@ fn gone(pid: i32, within: Duration) -> bool {
     }
 }
 
+/// Send `signal` to the supervisor of the command whose program is `program` (its parent).
+fn signal_supervisor(program: i32, signal: rustix::process::Signal) {
+    let stat = std::fs::read_to_string(format!("/proc/{program}/stat")).unwrap();
+    // The parent's pid is the second field after the command name in parentheses.
+    let supervisor: i32 = stat
+        .rsplit_once(") ")
+        .unwrap()
+        .1
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(supervisor, std::process::id() as i32, "no supervisor");
+    rustix::process::kill_process(rustix::process::Pid::from_raw(supervisor).unwrap(), signal)
+        .unwrap();
+}
+
 /// A shell line that starts `sleep 300` in a session of its own (out of the command's process
 /// group and session: a group kill misses it), writes its pid to `escaped.pid`, and waits
 /// until the pid is written.
@@ -372,22 +390,7 @@ fn a_command_does_not_outlive_its_supervisor() {
         ))
     });
     let program = pid_in(dir.path(), "program.pid");
-    let stat = std::fs::read_to_string(format!("/proc/{program}/stat")).unwrap();
-    let supervisor: i32 = stat
-        .rsplit_once(") ")
-        .unwrap()
-        .1
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert_ne!(supervisor, std::process::id() as i32, "no supervisor");
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(supervisor).unwrap(),
-        rustix::process::Signal::KILL,
-    )
-    .unwrap();
+    signal_supervisor(program, rustix::process::Signal::KILL);
     assert!(
         gone(program, Duration::from_secs(5)),
         "the program outlived its supervisor"
@@ -417,22 +420,7 @@ fn a_supervisor_that_does_not_answer_still_leaves_nothing_running() {
     let running = std::thread::spawn(move || run_check(&slow));
     let program = pid_in(&path, "program.pid");
     let background = pid_in(&path, "background.pid");
-    let stat = std::fs::read_to_string(format!("/proc/{program}/stat")).unwrap();
-    let supervisor: i32 = stat
-        .rsplit_once(") ")
-        .unwrap()
-        .1
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert_ne!(supervisor, std::process::id() as i32, "no supervisor");
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(supervisor).unwrap(),
-        rustix::process::Signal::STOP,
-    )
-    .unwrap();
+    signal_supervisor(program, rustix::process::Signal::STOP);
     let out = running.join().unwrap().unwrap();
     assert!(out.timed_out, "{out:?}");
     assert!(started.elapsed() < Duration::from_secs(20));
