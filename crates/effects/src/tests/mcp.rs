@@ -89,6 +89,23 @@ fn faulty(name: &str) -> ServerConfig {
     config
 }
 
+/// Call `tool` of the server named `faulty`, under a grant for exactly that call.
+async fn call_faulty(
+    servers: &ToolServers,
+    tool: &str,
+    arguments: Value,
+) -> Result<crate::mcp::ToolCallOutput, ToolCallError> {
+    servers
+        .call(
+            &auth("faulty", tool),
+            &run1(),
+            "faulty",
+            tool,
+            args(arguments),
+        )
+        .await
+}
+
 fn auth(server: &str, tool: &str) -> Authorization {
     authorize(
         "mcp.call",
@@ -565,20 +582,7 @@ async fn faulty_python_server_crash_hang_huge_garbage_and_refusals() {
         .await
         .expect("start");
     eprintln!("started python + node servers in {:?}", started.elapsed());
-    let call = |tool: &'static str, arguments: Value| {
-        let servers = &servers;
-        async move {
-            servers
-                .call(
-                    &auth("faulty", tool),
-                    &run1(),
-                    "faulty",
-                    tool,
-                    args(arguments),
-                )
-                .await
-        }
-    };
+    let call = |tool: &'static str, arguments: Value| call_faulty(&servers, tool, arguments);
     let pid_of =
         |out: crate::mcp::ToolCallOutput| -> u64 { text(&out.result).parse().expect("a pid") };
 
@@ -835,25 +839,12 @@ async fn a_request_a_stdio_server_cannot_take_is_not_sent() {
     let servers = ToolServers::start(vec![faulty("faulty")])
         .await
         .expect("start");
-    let call = |tool: &'static str, arguments: Value| {
-        let servers = &servers;
-        async move {
-            servers
-                .call(
-                    &auth("faulty", tool),
-                    &run1(),
-                    "faulty",
-                    tool,
-                    args(arguments),
-                )
-                .await
-        }
-    };
+    let call = |tool: &'static str, arguments: Value| call_faulty(&servers, tool, arguments);
     assert_eq!(
         text(&call("deaf", json!({})).await.expect("deaf").result),
         "deaf"
     );
-    // The server is gone, its input with it; a child of its holds its output open.
+    // The server process is now a `sleep` holding its output open, its input closed.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let err = call("ok", json!({"text": "lost"})).await.unwrap_err();
     assert!(matches!(err, ToolCallError::NotSent { .. }), "{err}");
