@@ -11,9 +11,6 @@ wire side is a real third-party implementation; only the tools misbehave:
 - `huge(mb)`       answers with `mb` MiB of text (one JSON-RPC line of that size)
 - `garbage(text)`  writes a line that is not JSON to the MCP channel, then echoes `text`
 - `grow()`         adds a tool `extra` and sends `notifications/tools/list_changed`
-- `deaf()`         answers, then stops taking requests for good: a moment later the process
-                   becomes `sleep 60` holding its output open but not its input, so the
-                   client's next request cannot be written and no end of output is seen
 
 Run: python faulty_server.py [--legacy]  (stdio; stderr carries the SDK's logging). By default
 the SDK serves whichever era the client opens with (2026-07-28 after `server/discover`, else the
@@ -102,25 +99,6 @@ async def grow(ctx: Context) -> str:
     server.add_tool(extra, name="extra")
     await ctx.session.send_tool_list_changed()
     return "grown"
-
-
-@server.tool()
-def deaf() -> str:
-    """Stop taking requests for good; the output stays open."""
-    import threading
-    import time
-
-    def become_deaf() -> None:
-        time.sleep(0.3)
-        wire = _wire_fd()
-        os.set_inheritable(wire, True)
-        os.close(0)
-        # The same process, now a `sleep` holding the output and not the input (the SDK's
-        # own descriptors are closed on exec).
-        os.execv("/bin/sleep", ["sleep", "60"])
-
-    threading.Thread(target=become_deaf, daemon=True).start()
-    return "deaf"
 
 
 async def serve_legacy() -> None:

@@ -249,18 +249,6 @@ pub enum ToolCallError {
         /// What happened to the server.
         detail: String,
     },
-    /// The request could not be written to a stdio server (its input is closed: it stopped
-    /// reading, or is dying): it never reached the tool. The server is restarted for later
-    /// calls.
-    #[error("the call to {tool:?} could not be sent to tool server {server:?}: {detail}")]
-    NotSent {
-        /// The server.
-        server: String,
-        /// The tool.
-        tool: String,
-        /// Why.
-        detail: String,
-    },
     /// The server is not running and is not (re)started now (it keeps dying, it could not
     /// be restarted, or the servers were shut down): the call was not sent.
     #[error(
@@ -873,21 +861,6 @@ impl ServerState {
             }
             Err(ServiceError::TransportSend(error)) if over_http_bound(&error) => {
                 return Err(oversized(None));
-            }
-            // A request a stdio server's input did not take was not written whole: a server
-            // cannot act on part of a line. (Over HTTP a failed send may have reached it.)
-            Err(ServiceError::TransportSend(error)) if conn.child.is_some() => {
-                conn.mark_dead();
-                return Err(ToolCallError::NotSent {
-                    server: self.config.name.clone(),
-                    tool: tool.to_string(),
-                    detail: format!(
-                        "writing the request to its input failed ({}), so it never reached the tool; ICE restarts it for the next call (at most {} times in {}s)",
-                        quoted(&error_chain(&*error.error)),
-                        self.policy.max_restarts,
-                        self.policy.window.as_secs()
-                    ),
-                });
             }
             Err(e @ (ServiceError::TransportClosed | ServiceError::TransportSend(_))) => {
                 conn.mark_dead();

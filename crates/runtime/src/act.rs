@@ -855,7 +855,6 @@ pub async fn perform_tool(
             e @ (ToolCallError::Authorization(_)
             | ToolCallError::UnknownServer(_)
             | ToolCallError::NotRunning { .. }
-            | ToolCallError::NotSent { .. }
             | ToolCallError::UnknownTool { .. }),
         ) => Err((DenialCode::EffectFailed, e.to_string())),
         Err(e) => {

@@ -447,9 +447,7 @@ async fn a_staged_write_stored_despite_a_lost_answer_is_committed_as_recorded() 
 /// An MCP tool server over stdio for the test below, run by re-executing this test binary with
 /// `ICE_TEST_TOOL_SERVER` set (without it, this test does nothing). Its one tool, `big`,
 /// answers with a number JSON cannot carry exactly. It speaks the `initialize` handshake
-/// (the `server/discover` probe is refused, as a pre-2026 server does). Its tool `deaf`
-/// answers, then the process stops reading for good: it becomes `sleep 60`, its input no
-/// longer open, its output still open.
+/// (the `server/discover` probe is refused, as a pre-2026 server does).
 #[test]
 fn tool_server_for_tests() {
     use std::io::{BufRead, Write};
@@ -477,26 +475,7 @@ fn tool_server_for_tests() {
                 "name": "big",
                 "description": "a number JSON cannot carry exactly",
                 "inputSchema": {"type": "object"}
-            }, {
-                "name": "deaf",
-                "description": "stop reading requests",
-                "inputSchema": {"type": "object"}
             }]}),
-            "tools/call" if msg["params"]["name"] == "deaf" => {
-                use std::os::unix::process::CommandExt;
-                let answer = json!({"content": [{"type": "text", "text": "deaf"}]});
-                let _ = writeln!(
-                    out,
-                    "{}",
-                    json!({"jsonrpc": "2.0", "id": id, "result": answer})
-                );
-                let _ = out.flush();
-                let e = std::process::Command::new("sleep")
-                    .arg("60")
-                    .stdin(std::process::Stdio::null())
-                    .exec();
-                panic!("exec sleep: {e}");
-            }
             "tools/call" => json!({
                 "content": [{"type": "text", "text": "big"}],
                 "structuredContent": {"n": u64::MAX}
@@ -517,39 +496,6 @@ fn tool_server_for_tests() {
         let _ = out.flush();
     }
     std::process::exit(0);
-}
-
-/// A carried finding: a call whose request a stdio tool server's input did not take (it
-/// stopped reading; its output still open) was recorded `ToolInvoked` (`server_gone`), and
-/// the agent told the call reached the tool. It never did: the call is denied
-/// (`effect_failed`), nothing recorded as invoked.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_a_tool_server_could_not_be_sent_is_denied_not_invoked() {
-    let policy = format!(
-        "{POLICY}\n@id(\"odd\")\npermit(principal, action == Action::\"mcp.call\", resource == Tool::\"odd/big\");\n@id(\"deaf\")\npermit(principal, action == Action::\"mcp.call\", resource == Tool::\"odd/deaf\");\n"
-    );
-    let h = H::new(&policy);
-    let exe = std::env::current_exe().unwrap().display().to_string();
-    let servers = format!(
-        "[servers.odd]\ncommand = [{exe:?}, \"tool_server_for_tests\", \"--exact\", \"-q\"]\nenv = {{ ICE_TEST_TOOL_SERVER = \"1\" }}\n[servers.odd.tools]\nbig = \"read\"\ndeaf = \"read\"\n"
-    );
-    let (spec, _) = h.spec("deaf-tool", "coder", &servers, "");
-    let s = h.rt.open_session(spec, "coder", &Quiet).await.unwrap();
-    let out = s.propose(&request("mcp.call", "odd/deaf", json!({}))).await;
-    assert!(matches!(out, Ok(Some(Outcome::Done { .. }))), "{out:?}");
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    match s.propose(&request("mcp.call", "odd/big", json!({}))).await {
-        Ok(Some(Outcome::Denied { reason, detail, .. })) => {
-            assert_eq!(reason, "effect_failed");
-            assert!(detail.contains("never reached the tool"), "{detail}");
-        }
-        other => panic!("{other:?}"),
-    }
-    let events = h.events("deaf-tool").await;
-    let invoked = of_type(&events, EventType::ToolInvoked);
-    assert_eq!(invoked.len(), 1, "{invoked:#?}");
-    assert_eq!(invoked[0].payload["tool"], "deaf");
-    drop(s);
 }
 
 /// A call that acts outside the run is written ahead, and a result the log cannot carry is

@@ -830,31 +830,6 @@ async fn faulty_python_server_crash_hang_huge_garbage_and_refusals() {
     assert_gone(everything_pid, "server-everything after shutdown").await;
 }
 
-/// A carried finding: a request a stdio server's input did not take was recorded as a call
-/// that reached the tool and failed (`server_gone`). It was never written whole, so it never
-/// reached the tool: the call is `NotSent` (a denial, `effect_failed`, for the runtime), and
-/// the server is restarted for the next call.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_a_stdio_server_cannot_take_is_not_sent() {
-    let servers = ToolServers::start(vec![faulty("faulty")])
-        .await
-        .expect("start");
-    let call = |tool: &'static str, arguments: Value| call_faulty(&servers, tool, arguments);
-    assert_eq!(
-        text(&call("deaf", json!({})).await.expect("deaf").result),
-        "deaf"
-    );
-    // The server process is now a `sleep` holding its output open, its input closed.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let err = call("ok", json!({"text": "lost"})).await.unwrap_err();
-    assert!(matches!(err, ToolCallError::NotSent { .. }), "{err}");
-    assert!(err.to_string().contains("never reached the tool"), "{err}");
-    let out = call("ok", json!({"text": "again"}))
-        .await
-        .expect("restarted");
-    assert_eq!(text(&out.result), "again");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_keeps_dying_is_not_restarted_forever_and_drop_kills_it() {
     let policy = RestartPolicy {
