@@ -875,9 +875,15 @@ pub async fn perform_tool(
             Ok(Performed {
                 event_type: EventType::ToolInvoked,
                 payload,
-                output: tool_error_result(&format!(
-                    "the call reached {server}/{tool} but failed: {detail}"
-                )),
+                // A server lost mid-call (or a send that failed) may or may not have taken
+                // the request: the agent is not told either way for certain.
+                output: tool_error_result(&if kind == "server_gone" {
+                    format!(
+                        "the call to {server}/{tool} failed, and may have reached the tool before it did: {detail}"
+                    )
+                } else {
+                    format!("the call reached {server}/{tool} but failed: {detail}")
+                }),
                 actual: Cost {
                     bytes: sent.min(reserved.bytes),
                     ..Cost::default()
