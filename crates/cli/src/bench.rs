@@ -74,6 +74,8 @@ enum What {
     Mcp,
     /// Appends and verification on each log backend (embedded, PostgreSQL, NATS JetStream).
     Backends,
+    /// Running a command (`true`) as `process.exec` does, under its supervisor.
+    Exec,
 }
 
 /// A deterministic clock: one microsecond per reading.
@@ -320,6 +322,24 @@ pub async fn run(a: BenchArgs) -> Result<u8> {
             );
         }
     }
+    if matches!(a.what, What::All | What::Exec) {
+        let (mut ice, mut direct) = (Vec::new(), Vec::new());
+        for _ in 0..a.repeat {
+            let (i, d) = exec_latencies(&dir, 200)?;
+            ice.push(i);
+            direct.push(d);
+        }
+        let (i50, d50) = (median(ice), median(direct));
+        say(format!(
+            "process.exec of `true` (supervised, output captured): {i50:.0} µs p50 | baseline: std::process::Command output() of `true` {d50:.0} µs p50 | ratio {:.2}, added {:.0} µs",
+            i50 / d50,
+            i50 - d50
+        ));
+        figures.insert(
+            "exec".into(),
+            json!({"ice_p50_us": i50, "direct_p50_us": d50, "ratio": i50 / d50, "added_p50_us": i50 - d50}),
+        );
+    }
     if a.what == What::Backends {
         let f = crate::bench_backends::measure(&dir, &a.postgres, &a.nats, a.repeat, &say).await?;
         figures.insert("backends".into(), f);
@@ -328,6 +348,38 @@ pub async fn run(a: BenchArgs) -> Result<u8> {
         println!("{}", serde_json::Value::Object(figures));
     }
     Ok(0)
+}
+
+/// Median latencies (µs) of running `true` `n` times as `process.exec` does (a supervisor,
+/// output captured, the group killed after) and, interleaved run by run, directly with
+/// `std::process::Command::output` (spawned by `posix_spawn`, no supervisor).
+fn exec_latencies(dir: &Path, n: usize) -> Result<(f64, f64)> {
+    let spec = ice_effects::exec::ExecSpec {
+        program: "true".into(),
+        args: Vec::new(),
+        dir: dir.to_path_buf(),
+        timeout: std::time::Duration::from_secs(20),
+        max_output_bytes: 1024,
+    };
+    let (mut ice, mut direct) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let out = ice_effects::exec::run_check(&spec)?;
+        ice.push(t0.elapsed().as_secs_f64() * 1e6);
+        if !out.success() {
+            bail!("`true` failed under the supervisor: {out:?}");
+        }
+        let t0 = Instant::now();
+        let out = std::process::Command::new("true")
+            .current_dir(dir)
+            .output()
+            .context("running true directly")?;
+        direct.push(t0.elapsed().as_secs_f64() * 1e6);
+        if !out.status.success() {
+            bail!("`true` failed run directly");
+        }
+    }
+    Ok((percentile(&mut ice, 0.5), percentile(&mut direct, 0.5)))
 }
 
 /// The machine's tmpfs, if it has one.

@@ -799,6 +799,17 @@ fn bench_prints_each_figure_beside_its_baseline() {
     assert!(f("governed_p50_us") > f("direct_p50_us"));
     assert!(f("added_beyond_read_p50_us") > f("added_p50_us"));
     assert!(f("added_p50_no_log_write_us") > 0.0);
+    // A command run as process.exec runs it, beside running it directly.
+    assert!(
+        v["exec"]["ice_p50_us"].as_f64().unwrap() > 0.0,
+        "{}",
+        v["exec"]
+    );
+    assert!(
+        v["exec"]["direct_p50_us"].as_f64().unwrap() > 0.0,
+        "{}",
+        v["exec"]
+    );
 }
 
 #[test]
