@@ -978,6 +978,21 @@ fn ice_proxies_a_tool_server_over_streamable_http() {
     verify(&f);
 }
 
+/// The MCP handshake of a 2025-11-25 client over `ice mcp`'s stdio: `initialize` (its answer
+/// awaited), then `notifications/initialized`.
+fn handshake(stdin: &mut std::process::ChildStdin, rx: &std::sync::mpsc::Receiver<String>) {
+    send_line(
+        stdin,
+        &json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}),
+    );
+    answer_from(rx, 1);
+    send_line(
+        stdin,
+        &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    );
+}
+
 /// `ice mcp` on the fixture's spec: the process, its stdin, and each line it writes.
 fn stdio_gateway(
     f: &Fixture,
@@ -1109,14 +1124,9 @@ fn answer(answers: &[Value], id: i64) -> &Value {
 fn a_call_cancelled_while_it_waits_for_approval_is_withdrawn_not_performed() {
     let f = fixture("withdraw-1", "60s");
     let (child, mut stdin, rx) = stdio_gateway(&f);
+    handshake(&mut stdin, &rx);
     let mut send = move |v: Value| send_line(&mut stdin, &v);
     let answer_to = |id: i64| answer_from(&rx, id);
-    send(
-        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}),
-    );
-    answer_to(1);
-    send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
     send(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
         "params": {"name": "everything__get-env", "arguments": {}}}));
     let pending = pending_approval(&f, "withdraw-1");
@@ -1182,13 +1192,8 @@ fn a_call_cancelled_while_it_waits_for_approval_is_withdrawn_not_performed() {
 fn a_session_that_ends_while_a_call_waits_at_the_denials_budget_is_committed() {
     let f = fixture_with("quit-waiting-1", "60s", "\n[budget]\ndenials = 1\n", "");
     let (child, mut stdin, rx) = stdio_gateway(&f);
+    handshake(&mut stdin, &rx);
     let mut send = move |v: Value| send_line(&mut stdin, &v);
-    send(
-        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}),
-    );
-    answer_from(&rx, 1);
-    send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
     send(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
         "params": {"name": "everything__get-env", "arguments": {}}}));
     pending_approval(&f, "quit-waiting-1");
@@ -2569,14 +2574,9 @@ fn ice_mcp_stopped_by_a_signal_ends_its_run_and_signs_a_checkpoint() {
     for (run, signal) in [("stop-term", "-TERM"), ("stop-int", "-INT")] {
         let f = fixture(run, "60s");
         let (mut child, mut stdin, rx) = stdio_gateway(&f);
+        handshake(&mut stdin, &rx);
         let mut send = |v: Value| send_line(&mut stdin, &v);
         let answer_to = |id: i64| answer_from(&rx, id);
-        send(
-            json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}),
-        );
-        answer_to(1);
-        send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
         send(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
             "params": {"name": "everything__echo", "arguments": {"message": "before the stop"}}}));
         assert_eq!(
@@ -2624,13 +2624,8 @@ fn a_second_signal_stops_ice_mcp_and_its_tool_servers_at_once() {
     let run = "stop-twice";
     let f = fixture(run, "60s");
     let (mut child, mut stdin, rx) = stdio_gateway(&f);
+    handshake(&mut stdin, &rx);
     let mut send = |v: Value| send_line(&mut stdin, &v);
-    send(
-        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}),
-    );
-    answer_from(&rx, 1);
-    send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
     send(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
         "params": {"name": "everything__trigger-long-running-operation", "arguments": {"duration": 60, "steps": 5}}}));
     wait_for_use(&f, "everything/trigger-long-running-operation");
