@@ -32,7 +32,7 @@ pub(crate) fn track_supervisor(pid: u32) {
 }
 
 /// Forget a process once it is killed or gone.
-pub(crate) fn untrack_group(pid: u32) {
+pub(crate) fn untrack(pid: u32) {
     live().remove(&pid);
 }
 

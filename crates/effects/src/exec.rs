@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ice_authority::{Authorization, EffectClass, Resource};
-use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
+use rustix::process::{Pid, WaitId, WaitIdOptions};
 
 use crate::auth::{AuthorizationError, cap_bytes, cap_time, require};
 use crate::evidence::{Detail, Digested, Evidence};
@@ -245,11 +245,6 @@ fn take(capture: &Mutex<Capture>, finished: bool, limit: u64) -> (Vec<u8>, bool)
     (c.kept.clone(), !finished || c.total > limit)
 }
 
-fn kill_group(pid: Pid) {
-    // ESRCH (the group is already gone) is the expected case after a clean exit.
-    let _ = rustix::process::kill_process_group(pid, Signal::KILL);
-}
-
 fn execute(
     spec: &ExecSpec,
     program: Resource,
@@ -298,8 +293,8 @@ fn execute(
     // From here every way out ends the command and forgets it.
     crate::children::track_supervisor(child.id());
 
-    // Wait for the leader to exit without reaping it, so its pid (the group's id) cannot be
-    // reused before the group is killed.
+    // Wait for the supervisor to exit without reaping it, so its pid cannot be reused before
+    // the last resort (`kill_hard`) reads its children and kills its group.
     let (exited_tx, exited_rx) = mpsc::channel();
     std::thread::spawn(move || {
         let result = loop {
@@ -319,8 +314,8 @@ fn execute(
         match exited_rx.recv_timeout(left.min(STOP_POLL)) {
             Ok(result) => {
                 if let Err(e) = result {
-                    kill_group(pid);
-                    crate::children::untrack_group(child.id());
+                    crate::supervisor::kill_hard(pid);
+                    crate::children::untrack(child.id());
                     return Err(ExecError::Wait {
                         program: name.clone(),
                         source: e.into(),
@@ -335,9 +330,10 @@ fn execute(
             Err(_) => break (true, false),
         }
     };
+    // Once the program has exited, the supervisor has killed everything it started. Timed
+    // out or stopped, the supervisor kills it and all it started, then exits as the program
+    // did (SIGKILL); one that does not, in time, is killed after its children.
     if timed_out || stopped {
-        // The supervisor kills the program and everything it started, then exits as the
-        // program did (SIGKILL). One that does not, in time, is killed with its group.
         crate::supervisor::end(pid);
         if exited_rx
             .recv_timeout(crate::supervisor::END_GRACE)
@@ -346,8 +342,7 @@ fn execute(
             crate::supervisor::kill_hard(pid);
         }
     }
-    kill_group(pid);
-    crate::children::untrack_group(child.id());
+    crate::children::untrack(child.id());
     let status = child.wait().map_err(|source| ExecError::Wait {
         program: name.clone(),
         source,

@@ -1178,7 +1178,7 @@ impl ChildProc {
             // Whatever it started in its group goes with it.
             signal_group(pid, rustix::process::Signal::KILL);
             if let Some(pid) = pid {
-                crate::children::untrack_group(pid);
+                crate::children::untrack(pid);
             }
             let _ = ended_tx.send(Some(describe_exit(status)));
         });

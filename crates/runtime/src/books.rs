@@ -93,12 +93,11 @@ pub struct Books {
     /// its one answer (the fold refuses a second, see [`Books::apply`]).
     pub answers: BTreeMap<EventId, EventId>,
     /// Approvals the runtime stopped waiting for: each one's first `CapabilityDenied` naming it
-    /// (the call it was for was refused: denied, timed out, the run killed) and that denial's
-    /// reason code. No operator's answer is taken after it.
-    pub closed: BTreeMap<EventId, (EventId, String)>,
-    /// Of those, the ones whose denial says why the runtime closed it (`closed`: `withdrawn`,
-    /// `killed`, `interrupted`; absent for an operator's denial and in older records).
-    pub closed_as: BTreeMap<EventId, String>,
+    /// (the call it was for was refused: denied, timed out, the run killed), that denial's
+    /// reason code, and why the runtime closed it where the denial says (`closed`:
+    /// `withdrawn`, `killed`, `interrupted`; absent for an operator's denial and in older
+    /// records). No operator's answer is taken after it.
+    pub closed: BTreeMap<EventId, (EventId, String, Option<String>)>,
 }
 
 /// Why an event could not be folded.
@@ -158,7 +157,6 @@ impl Books {
             reservations: 0,
             answers: BTreeMap::new(),
             closed: BTreeMap::new(),
-            closed_as: BTreeMap::new(),
         }
     }
 
@@ -198,7 +196,7 @@ impl Books {
                     "approval {a} was already answered by event {first}: a request has one answer"
                 )));
             }
-            if let Some((denial, code)) = self.closed.get(&a) {
+            if let Some((denial, code, _)) = self.closed.get(&a) {
                 return Err(fail(format!(
                     "approval {a} was already closed by the runtime's denial {denial} ({code}): it takes no answer after that"
                 )));
@@ -267,10 +265,10 @@ impl Books {
                 // wall-time budget ran out, a kill, an interruption), is no refusal of the
                 // agent's; an operator's denial is, and so is the agent's own withdrawal of
                 // its request (`closed: withdrawn`): else an agent could ask for approvals and
-                // withdraw them without end, each shown to operators, none counted. Nor is an approval an
-                // operator granted that the runtime closed all the same (a kill recorded
-                // before the waiting call took the answer): its code is `approval_denied`,
-                // and nobody denied it. Nor a call an operator granted that the policy,
+                // withdraw them without end, each shown to operators, none counted. Nor is an
+                // approval an operator granted that the runtime closed all the same (a kill
+                // recorded before the waiting call took the answer): its code is
+                // `approval_denied`, and nobody denied it. Nor a call an operator granted that the policy,
                 // changed while the operator was asked, no longer lets through (it denies the
                 // call, or no longer loads and the run is suspended): `policy_denied`, and the
                 // agent asked for what was allowed when it asked.
@@ -316,12 +314,9 @@ impl Books {
                         .and_then(Value::as_str)
                         .unwrap_or("")
                         .to_string();
-                    if !self.closed.contains_key(&a)
-                        && let Some(kind) = closed_as
-                    {
-                        self.closed_as.insert(a.clone(), kind.to_string());
-                    }
-                    self.closed.entry(a).or_insert((e.id(), code));
+                    self.closed
+                        .entry(a)
+                        .or_insert((e.id(), code, closed_as.map(str::to_string)));
                 }
                 // A request the law could not record is answered by a denial that names no
                 // request event: it still counts as one of the agent's proposals.
@@ -461,13 +456,13 @@ impl Books {
                     ice_authority::ApprovalStatus::Used { .. } => "used",
                 };
                 match self.closed.get(&a.id) {
-                    Some((denial, code)) if closed && status == "pending" => {
+                    Some((denial, code, kind)) if closed && status == "pending" => {
                         let mut v = serde_json::json!({
                             "id": a.id.to_string(), "status": "closed",
                             "closed_by": denial.to_string(), "reason": code,
                         });
-                        if let Some(kind) = self.closed_as.get(&a.id) {
-                            v["closed_as"] = kind.clone().into();
+                        if let Some(kind) = kind {
+                            v["closed_as"] = kind.as_str().into();
                         }
                         v
                     }

@@ -775,7 +775,13 @@ impl Ctx<'_> {
                 let answered = answered?;
                 let live = &mut *guard;
                 let now = self.now();
-                let mut closed = None;
+                // Why the runtime, not an operator, closed the approval, if it did.
+                let closed = match &answered {
+                    ApprovalWait::Killed => Some(ApprovalClosed::Killed),
+                    ApprovalWait::Withdrawn => Some(ApprovalClosed::Withdrawn),
+                    ApprovalWait::Interrupted(_) => Some(ApprovalClosed::Interrupted),
+                    _ => None,
+                };
                 let refusal = match answered {
                     ApprovalWait::Granted => {
                         match live.books.approvals.authorize(&approval, &digest, now) {
@@ -807,26 +813,19 @@ impl Ctx<'_> {
                             timeout.as_secs_f64()
                         ),
                     )),
-                    ApprovalWait::Killed => {
-                        closed = Some(ApprovalClosed::Killed);
-                        Some((
-                            DenialCode::ApprovalDenied,
-                            "the run was killed while waiting for approval".to_string(),
-                        ))
-                    }
-                    ApprovalWait::Withdrawn => {
-                        closed = Some(ApprovalClosed::Withdrawn);
-                        Some((
-                            DenialCode::ApprovalDenied,
-                            format!(
-                                "approval {approval} was closed unanswered: the agent withdrew the request (its client cancelled the call or ended the session)"
-                            ),
-                        ))
-                    }
+                    ApprovalWait::Killed => Some((
+                        DenialCode::ApprovalDenied,
+                        "the run was killed while waiting for approval".to_string(),
+                    )),
+                    ApprovalWait::Withdrawn => Some((
+                        DenialCode::ApprovalDenied,
+                        format!(
+                            "approval {approval} was closed unanswered: the agent withdrew the request (its client cancelled the call or ended the session)"
+                        ),
+                    )),
                     ApprovalWait::Interrupted(why) => {
                         // Closed here; the run is suspended before its next step.
                         self.rt.interrupts.mark(&self.run, &why);
-                        closed = Some(ApprovalClosed::Interrupted);
                         Some((
                             DenialCode::ApprovalDenied,
                             format!("approval {approval} was closed unanswered: {why}"),

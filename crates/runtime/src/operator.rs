@@ -1773,7 +1773,7 @@ fn answer_draft(
             format!(": {reason}")
         }
     };
-    if let Some((denial, code)) = books.closed.get(approval) {
+    if let Some((denial, code, _)) = books.closed.get(approval) {
         let why = match &books.kill {
             Some((by, reason)) => format!(", after {by} killed the run{}", because(reason)),
             None => String::new(),
